@@ -1,0 +1,709 @@
+/* bindings/http_server.c: the HTTP server as Lua sees it: core.listen(opts, handler) and the
+ * exchange object ("moonlet.exchange") through which lua/moonlet/app.lua reads a request and writes
+ * its response.
+ *
+ * Ownership and waits:
+ * - A server (mlua_server_t) is C memory owned by the instance's list, not by Lua: a listening server
+ *   keeps serving when Lua drops its object. The Lua box holds a pointer that is NULLed when the
+ *   server is freed.
+ * - Each request runs its handler as a task: handler(exchange, method, target). The exchange is a
+ *   userdata pinned by a registry ref from on_request until the task ends. x->c points to the
+ *   connection while the request is active; it is NULLed when the task ends (ml_conn_finish) or the
+ *   connection closes (on_close), whichever comes first. Every method on an exchange without a
+ *   connection returns nil, "closed".
+ * - An exchange waits for one thing at a time (x->wait: body, writable, file). The core callback of
+ *   that thing (on_body, on_writable, the file callback) or on_close clears x->wait and resumes the
+ *   task; nothing else resumes it.
+ */
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "mlua.h"
+
+#define EXCHANGE_MT "moonlet.exchange"
+#define SERVER_MT "moonlet.server"
+#define WRITE_HIGH_WATER (256 * 1024)
+
+struct mlua_server_s {
+  ml_server_t *srv;
+  moonlet_t *m;
+  int handler_ref;        /* the Lua function run for each request */
+  mlua_server_t *next;    /* the instance's list */
+  mlua_server_t **box;    /* the Lua box pointing at us, NULLed when we are freed */
+  int stopping;
+};
+
+enum { WAIT_NONE = 0, WAIT_BODY, WAIT_WRITABLE, WAIT_FILE };
+
+typedef struct {
+  ml_conn_t *c;       /* NULL once the request ended or the connection closed */
+  mlua_task_t *task;  /* the handler task */
+  mlua_server_t *s;
+  int ref;            /* pins this userdata while C points at it */
+  int wait;           /* WAIT_* */
+  int status;         /* for the access log */
+  uint64_t bytes;     /* body bytes sent */
+  uv_file fd;         /* open file of a WAIT_FILE */
+} exchange_t;
+
+static exchange_t *check_x(lua_State *L) { return luaL_checkudata(L, 1, EXCHANGE_MT); }
+
+/* -- Access log ------------------------------------------------------------------------------- */
+
+static void access_log(exchange_t *x, ml_conn_t *c) {
+  moonlet_t *m = x->s->m;
+  if (!m->log.access) return;
+  const ml_request_t *r = ml_conn_request(c);
+  char peer[64], line[1024];
+  ml_conn_peer(c, peer, sizeof peer);
+  const char *ua = "-";
+  uint32_t ualen = 1;
+  for (unsigned i = 0; i < r->nheaders; i++)
+    if (r->headers[i].name_len == 10 && memcmp(r->headers[i].name, "user-agent", 10) == 0) {
+      ua = r->headers[i].value;
+      ualen = r->headers[i].value_len;
+    }
+  double ms = (double)(uv_hrtime() - r->started_ns) / 1e6;
+  snprintf(line, sizeof line, "%s \"%.*s %.*s HTTP/%d.%d\" %d %llu \"%.*s\" %.3fms", peer,
+           (int)r->method_len, r->method, (int)(r->target_len > 512 ? 512 : r->target_len),
+           r->target, r->http_major, r->http_minor, x->status, (unsigned long long)x->bytes,
+           (int)(ualen > 200 ? 200 : ualen), ua, ms);
+  ml_log_access(&m->log, line);
+}
+
+/* -- Request start and end ------------------------------------------------------------------ */
+
+static void exchange_end(exchange_t *x) {
+  ml_conn_t *c = x->c;
+  if (!c) return;
+  access_log(x, c);
+  x->c = NULL;
+  ml_conn_set_data(c, NULL);
+  ml_conn_finish(c);
+}
+
+static void handler_done(mlua_task_t *t, int ok, void *ud) {
+  exchange_t *x = ud;
+  moonlet_t *m = x->s->m;
+  if (!ok) {
+    ml_log(&m->log, ML_LOG_ERROR, "request handler failed: %s", lua_tostring(t->co, -1));
+    if (x->c && !ml_conn_response_started(x->c)) {
+      static const char hdr[] = "Content-Type: text/plain; charset=utf-8\r\n";
+      static const char body[] = "500 Internal Server Error\n";
+      ml_conn_set_close(x->c);
+      ml_conn_respond(x->c, 500, hdr, sizeof hdr - 1, body, sizeof body - 1);
+      x->status = 500;
+    } else if (x->c) {
+      ml_conn_close(x->c, 0); /* a broken stream cannot be framed */
+    }
+  }
+  exchange_end(x);
+  x->task = NULL;
+  luaL_unref(m->L, LUA_REGISTRYINDEX, x->ref);
+  x->ref = LUA_NOREF;
+}
+
+static void on_request(ml_conn_t *c, void *ud) {
+  mlua_server_t *s = ud;
+  moonlet_t *m = s->m;
+  mlua_task_t *t = mlua_task_new(m);
+  lua_State *co = t->co;
+  const ml_request_t *r = ml_conn_request(c);
+  lua_rawgeti(co, LUA_REGISTRYINDEX, s->handler_ref);
+  exchange_t *x = lua_newuserdata(co, sizeof *x);
+  luaL_getmetatable(co, EXCHANGE_MT);
+  lua_setmetatable(co, -2);
+  x->c = c;
+  x->task = t;
+  x->s = s;
+  x->wait = WAIT_NONE;
+  x->status = 0;
+  x->bytes = 0;
+  x->fd = -1;
+  lua_pushvalue(co, -1);
+  x->ref = luaL_ref(co, LUA_REGISTRYINDEX);
+  ml_conn_set_data(c, x);
+  lua_pushlstring(co, r->method, r->method_len);
+  lua_pushlstring(co, r->target, r->target_len);
+  t->done = handler_done;
+  t->done_ud = x;
+  mlua_task_start(t, 3);
+}
+
+/* -- Body ------------------------------------------------------------------------------------ */
+
+/* Pushes what a body read returns: a chunk, nil at the end, or nil, err. */
+static int push_body(lua_State *L, exchange_t *x) {
+  const char *data;
+  size_t len;
+  int st = ml_conn_body_state(x->c, &data, &len);
+  if (len > 0) {
+    lua_pushlstring(L, data, len);
+    ml_conn_body_consume(x->c, len);
+    return 1;
+  }
+  if (st == ML_BODY_DONE) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_pushstring(L, "closed");
+  return 2;
+}
+
+static void on_body(ml_conn_t *c, void *ud) {
+  (void)ud;
+  exchange_t *x = ml_conn_data(c);
+  if (!x || x->wait != WAIT_BODY) return;
+  x->wait = WAIT_NONE;
+  mlua_task_resume(x->task, push_body(x->task->co, x));
+}
+
+/* syntax: chunk, err = x:read() -- a body chunk; nil at the end; yields while none is buffered */
+static int x_read(lua_State *L) {
+  exchange_t *x = check_x(L);
+  if (!x->c) return mlua_push_error(L, UV_EPIPE);
+  if (x->wait) return luaL_error(L, "moonlet: request busy (another read or write is waiting)");
+  const char *data;
+  size_t len;
+  int st = ml_conn_body_state(x->c, &data, &len);
+  if (len > 0 || st != ML_BODY_MORE) return push_body(L, x);
+  mlua_task_t *t = mlua_task_current(L);
+  mlua_check_yieldable(L, t);
+  if (t != x->task) return luaL_error(L, "moonlet: the body is read by the request's own task");
+  ml_conn_body_want(x->c);
+  x->wait = WAIT_BODY;
+  return lua_yield(L, 0);
+}
+
+/* -- Responses ------------------------------------------------------------------------------ */
+
+typedef struct {
+  char *p;
+  size_t len, cap;
+  char stackbuf[2048];
+} hbuf_t;
+
+static void hb_add(lua_State *L, hbuf_t *b, const char *s, size_t n) {
+  if (b->len + n > b->cap) {
+    size_t cap = b->cap * 2;
+    while (cap < b->len + n) cap *= 2;
+    char *p = b->p == b->stackbuf ? malloc(cap) : realloc(b->p, cap);
+    if (!p) luaL_error(L, "moonlet: out of memory");
+    if (b->p == b->stackbuf) memcpy(p, b->stackbuf, b->len);
+    b->p = p;
+    b->cap = cap;
+  }
+  memcpy(b->p + b->len, s, n);
+  b->len += n;
+}
+
+static void hb_free(hbuf_t *b) {
+  if (b->p != b->stackbuf) free(b->p);
+}
+
+static int valid_token(const char *s, size_t n) {
+  if (n == 0) return 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    if (ch <= 32 || ch >= 127 || strchr("\"(),/:;<=>?@[\\]{}", ch)) return 0;
+  }
+  return 1;
+}
+
+static int valid_value(const char *s, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    if ((ch < 32 && ch != '\t') || ch == 127) return 0;
+  }
+  return 1;
+}
+
+static void hb_header(lua_State *L, hbuf_t *b, const char *name, size_t nlen, int vidx) {
+  size_t vlen;
+  const char *v = lua_tolstring(L, vidx, &vlen);
+  if (!v) luaL_error(L, "moonlet: header %s: value must be a string or a number", name);
+  if (!valid_value(v, vlen)) luaL_error(L, "moonlet: header %s: value holds CR, LF or a control", name);
+  hb_add(L, b, name, nlen);
+  hb_add(L, b, ": ", 2);
+  hb_add(L, b, v, vlen);
+  hb_add(L, b, "\r\n", 2);
+}
+
+/* Formats the content type (index ct, may be nil) and the headers table (index hi, may be nil; a
+ * value may be an array for repeated headers) as "Name: value\r\n" lines; raises on bad input. */
+static void format_headers(lua_State *L, hbuf_t *b, int ct, int hi) {
+  b->p = b->stackbuf;
+  b->len = 0;
+  b->cap = sizeof b->stackbuf;
+  if (!lua_isnoneornil(L, ct)) hb_header(L, b, "Content-Type", 12, ct);
+  if (lua_isnoneornil(L, hi)) return;
+  luaL_checktype(L, hi, LUA_TTABLE);
+  lua_pushnil(L);
+  while (lua_next(L, hi)) {
+    size_t nlen;
+    if (lua_type(L, -2) != LUA_TSTRING) luaL_error(L, "moonlet: header names are strings");
+    const char *name = lua_tolstring(L, -2, &nlen);
+    if (!valid_token(name, nlen)) luaL_error(L, "moonlet: invalid header name %q", name);
+    if (lua_istable(L, -1)) {
+      for (int i = 1;; i++) {
+        lua_rawgeti(L, -1, i);
+        if (lua_isnil(L, -1)) {
+          lua_pop(L, 1);
+          break;
+        }
+        hb_header(L, b, name, nlen, lua_gettop(L));
+        lua_pop(L, 1);
+      }
+    } else {
+      hb_header(L, b, name, nlen, lua_gettop(L));
+    }
+    lua_pop(L, 1);
+  }
+}
+
+static int check_status(lua_State *L, int idx) {
+  int status = (int)luaL_checkinteger(L, idx);
+  if (status < 200 || status > 999) luaL_argerror(L, idx, "status must be 200..999");
+  return status;
+}
+
+/* syntax: ok, err = x:respond(status, body, content_type, headers) */
+static int x_respond(lua_State *L) {
+  exchange_t *x = check_x(L);
+  int status = check_status(L, 2);
+  size_t blen = 0;
+  const char *body = lua_isnoneornil(L, 3) ? "" : luaL_checklstring(L, 3, &blen);
+  if (!x->c) return mlua_push_error(L, UV_EPIPE);
+  hbuf_t hb;
+  format_headers(L, &hb, 4, 5);
+  int r = ml_conn_respond(x->c, status, hb.p, hb.len, body, blen);
+  hb_free(&hb);
+  if (r == UV_EALREADY) return luaL_error(L, "moonlet: the response was already started");
+  if (r < 0) return mlua_push_error(L, r);
+  x->status = status;
+  x->bytes += blen;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* syntax: ok, err = x:start(status, content_type, headers, content_length) */
+static int x_start(lua_State *L) {
+  exchange_t *x = check_x(L);
+  int status = check_status(L, 2);
+  int64_t clen = lua_isnoneornil(L, 5) ? -1 : (int64_t)luaL_checknumber(L, 5);
+  if (!x->c) return mlua_push_error(L, UV_EPIPE);
+  hbuf_t hb;
+  format_headers(L, &hb, 3, 4);
+  int r = ml_conn_stream_start(x->c, status, hb.p, hb.len, clen);
+  hb_free(&hb);
+  if (r == UV_EALREADY) return luaL_error(L, "moonlet: the response was already started");
+  if (r < 0) return mlua_push_error(L, r);
+  x->status = status;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static void on_writable(ml_conn_t *c, void *ud) {
+  (void)ud;
+  exchange_t *x = ml_conn_data(c);
+  if (!x || x->wait != WAIT_WRITABLE) return;
+  x->wait = WAIT_NONE;
+  lua_pushboolean(x->task->co, 1);
+  mlua_task_resume(x->task, 1);
+}
+
+/* syntax: ok, err = x:write(data) -- yields while the client is more than 256 KiB behind */
+static int x_write(lua_State *L) {
+  exchange_t *x = check_x(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  if (!x->c) return mlua_push_error(L, UV_EPIPE);
+  if (x->wait) return luaL_error(L, "moonlet: request busy (another read or write is waiting)");
+  int r = ml_conn_stream_write(x->c, data, len);
+  if (r == UV_EINVAL) return luaL_error(L, "moonlet: write before start or after the end");
+  if (r == UV_E2BIG) return luaL_error(L, "moonlet: write beyond the announced Content-Length");
+  if (r < 0) return mlua_push_error(L, r);
+  x->bytes += len;
+  if (ml_conn_write_queue(x->c) > WRITE_HIGH_WATER) {
+    mlua_task_t *t = mlua_task_current(L);
+    if (t == x->task) {
+      r = ml_conn_wants_writable(x->c);
+      if (r < 0) return mlua_push_error(L, r);
+      if (r == 1) {
+        x->wait = WAIT_WRITABLE;
+        return lua_yield(L, 0);
+      }
+    }
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* syntax: ok, err = x:finish() -- ends a streamed response */
+static int x_finish(lua_State *L) {
+  exchange_t *x = check_x(L);
+  if (!x->c) return mlua_push_error(L, UV_EPIPE);
+  int r = ml_conn_stream_end(x->c);
+  if (r == UV_EINVAL) return luaL_error(L, "moonlet: finish without a started stream");
+  if (r < 0) return mlua_push_error(L, r);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static void file_done(ml_conn_t *c, int status, void *ud) {
+  (void)c;
+  exchange_t *x = ud;
+  uv_fs_t req;
+  uv_fs_close(NULL, &req, x->fd, NULL);
+  uv_fs_req_cleanup(&req);
+  x->fd = -1;
+  if (x->wait != WAIT_FILE) return;
+  x->wait = WAIT_NONE;
+  lua_State *co = x->task->co;
+  if (status < 0) {
+    mlua_task_resume(x->task, mlua_push_error(co, status));
+  } else {
+    lua_pushboolean(co, 1);
+    mlua_task_resume(x->task, 1);
+  }
+}
+
+/* syntax: ok, err = x:send_file(path, offset, length) -- after x:start with a Content-Length;
+ * the bytes go from the file to the socket without passing through Lua; yields until sent */
+static int x_send_file(lua_State *L) {
+  exchange_t *x = check_x(L);
+  const char *path = luaL_checkstring(L, 2);
+  int64_t off = (int64_t)luaL_checknumber(L, 3);
+  int64_t len = (int64_t)luaL_checknumber(L, 4);
+  if (!x->c) return mlua_push_error(L, UV_EPIPE);
+  if (x->wait) return luaL_error(L, "moonlet: request busy (another read or write is waiting)");
+  mlua_task_t *t = mlua_task_current(L);
+  mlua_check_yieldable(L, t);
+  uv_fs_t req;
+  int fd = uv_fs_open(NULL, &req, path, O_RDONLY, 0, NULL);
+  uv_fs_req_cleanup(&req);
+  if (fd < 0) return mlua_push_error(L, fd);
+  x->fd = fd;
+  int r = ml_conn_send_file(x->c, fd, off, len, file_done, x);
+  if (r < 0) {
+    uv_fs_close(NULL, &req, fd, NULL);
+    uv_fs_req_cleanup(&req);
+    x->fd = -1;
+    if (r == UV_EALREADY) {
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+    return mlua_push_error(L, r);
+  }
+  x->bytes += (uint64_t)len;
+  x->wait = WAIT_FILE;
+  return lua_yield(L, 0);
+}
+
+/* -- Request data ------------------------------------------------------------------------ */
+
+/* syntax: headers = x:headers() -- lower-case names; repeated headers joined with ", " */
+static int x_headers(lua_State *L) {
+  exchange_t *x = check_x(L);
+  if (!x->c) return mlua_push_error(L, UV_EPIPE);
+  const ml_request_t *r = ml_conn_request(x->c);
+  lua_createtable(L, 0, (int)r->nheaders);
+  for (unsigned i = 0; i < r->nheaders; i++) {
+    const ml_header_t *h = &r->headers[i];
+    lua_pushlstring(L, h->name, h->name_len);
+    lua_pushvalue(L, -1);
+    lua_rawget(L, -3);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, h->value, h->value_len);
+    } else {
+      lua_pushliteral(L, ", ");
+      lua_pushlstring(L, h->value, h->value_len);
+      lua_concat(L, 3);
+    }
+    lua_rawset(L, -3);
+  }
+  return 1;
+}
+
+/* syntax: value = x:header(lowercase_name) */
+static int x_header(lua_State *L) {
+  exchange_t *x = check_x(L);
+  size_t n;
+  const char *name = luaL_checklstring(L, 2, &n);
+  if (!x->c) return 0;
+  const ml_request_t *r = ml_conn_request(x->c);
+  for (unsigned i = 0; i < r->nheaders; i++) {
+    const ml_header_t *h = &r->headers[i];
+    if (h->name_len == n && memcmp(h->name, name, n) == 0) {
+      lua_pushlstring(L, h->value, h->value_len);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/* syntax: version, keep_alive, peer, content_length = x:info() */
+static int x_info(lua_State *L) {
+  exchange_t *x = check_x(L);
+  if (!x->c) return mlua_push_error(L, UV_EPIPE);
+  const ml_request_t *r = ml_conn_request(x->c);
+  char peer[64];
+  ml_conn_peer(x->c, peer, sizeof peer);
+  lua_pushfstring(L, "%d.%d", r->http_major, r->http_minor);
+  lua_pushboolean(L, r->keep_alive);
+  lua_pushstring(L, peer);
+  if (r->content_length >= 0) lua_pushnumber(L, (double)r->content_length);
+  else lua_pushnil(L);
+  return 4;
+}
+
+static int x_started(lua_State *L) {
+  exchange_t *x = check_x(L);
+  lua_pushboolean(L, x->c ? ml_conn_response_started(x->c) : 1);
+  return 1;
+}
+
+static int x_is_open(lua_State *L) {
+  exchange_t *x = check_x(L);
+  lua_pushboolean(L, x->c != NULL);
+  return 1;
+}
+
+/* syntax: x:set_close() -- Connection: close after this response */
+static int x_set_close(lua_State *L) {
+  exchange_t *x = check_x(L);
+  if (x->c) ml_conn_set_close(x->c);
+  return 0;
+}
+
+static void on_close(ml_conn_t *c, void *ud) {
+  (void)ud;
+  exchange_t *x = ml_conn_data(c);
+  if (!x) return;
+  x->c = NULL;
+  ml_conn_set_data(c, NULL);
+  int wait = x->wait;
+  x->wait = WAIT_NONE;
+  if (wait && wait != WAIT_FILE) { /* a file wait ends through file_done, which ran already */
+    mlua_task_resume(x->task, mlua_push_error(x->task->co, UV_EPIPE));
+  }
+}
+
+static int x_tostring(lua_State *L) {
+  exchange_t *x = check_x(L);
+  lua_pushfstring(L, "moonlet.exchange (%s)", x->c ? "open" : "closed");
+  return 1;
+}
+
+/* -- Servers ---------------------------------------------------------------------------------- */
+
+static const ml_http_callbacks_t callbacks = {on_request, on_body, on_writable, on_close};
+
+static void server_unlink(mlua_server_t *s) {
+  moonlet_t *m = s->m;
+  for (mlua_server_t **pp = &m->servers; *pp; pp = &(*pp)->next)
+    if (*pp == s) {
+      *pp = s->next;
+      break;
+    }
+}
+
+static void server_done(ml_server_t *srv, void *ud) {
+  mlua_server_t *s = ud;
+  moonlet_t *m = s->m;
+  server_unlink(s);
+  if (s->box) *s->box = NULL;
+  luaL_unref(m->L, LUA_REGISTRYINDEX, s->handler_ref);
+  ml_server_free(srv);
+  free(s);
+  if (m->stopping && !m->servers) uv_stop(m->loop);
+}
+
+static void limit_u64(lua_State *L, int idx, const char *name, uint64_t *dst, double scale) {
+  lua_getfield(L, idx, name);
+  if (!lua_isnil(L, -1)) {
+    double v = luaL_checknumber(L, -1);
+    if (v < 0) luaL_error(L, "moonlet: %s must be >= 0", name);
+    *dst = (uint64_t)(v * scale);
+  }
+  lua_pop(L, 1);
+}
+
+static void read_limits(lua_State *L, int idx, ml_http_limits_t *lim) {
+  uint64_t v;
+  ml_http_limits_default(lim);
+#define SZ(name, field) \
+  v = lim->field;       \
+  limit_u64(L, idx, name, &v, 1);  \
+  lim->field = (__typeof__(lim->field))v;
+  SZ("max_uri", max_uri)
+  SZ("max_header_bytes", max_header_bytes)
+  SZ("max_headers", max_headers)
+  SZ("max_body", max_body)
+  SZ("max_conns", max_conns)
+  SZ("keepalive_requests", keepalive_requests)
+#undef SZ
+  limit_u64(L, idx, "header_timeout", &lim->header_timeout_ms, 1000);
+  limit_u64(L, idx, "body_timeout", &lim->body_timeout_ms, 1000);
+  limit_u64(L, idx, "keepalive_timeout", &lim->keepalive_timeout_ms, 1000);
+  limit_u64(L, idx, "send_timeout", &lim->send_timeout_ms, 1000);
+  limit_u64(L, idx, "shutdown_grace", &lim->shutdown_grace_ms, 1000);
+}
+
+/* syntax: server, port = core.listen({ host =, port =, limits... }, handler) */
+static int l_listen(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_getfield(L, 1, "host");
+  const char *host = luaL_optstring(L, -1, "127.0.0.1");
+  lua_getfield(L, 1, "port");
+  int port = (int)luaL_optinteger(L, -1, 8080);
+  lua_getfield(L, 1, "backlog");
+  int backlog = (int)luaL_optinteger(L, -1, 511);
+  ml_http_limits_t lim;
+  read_limits(L, 1, &lim);
+  mlua_server_t *s = calloc(1, sizeof *s);
+  if (!s) return luaL_error(L, "moonlet: out of memory");
+  s->m = m;
+  s->srv = ml_server_new(m->loop, &lim, &m->log, &callbacks, s);
+  if (!s->srv) {
+    free(s);
+    return luaL_error(L, "moonlet: out of memory");
+  }
+  int r = ml_server_listen(s->srv, host, port, backlog);
+  if (r < 0) {
+    s->handler_ref = LUA_NOREF;
+    s->next = m->servers;
+    m->servers = s;
+    ml_server_close(s->srv, server_done, s);
+    lua_pushnil(L);
+    lua_pushfstring(L, "listen on %s:%d: %s", host, port, mlua_err_string(r));
+    return 2;
+  }
+  lua_pushvalue(L, 2);
+  s->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  s->next = m->servers;
+  m->servers = s;
+  mlua_server_t **box = lua_newuserdata(L, sizeof *box);
+  *box = s;
+  s->box = box;
+  luaL_getmetatable(L, SERVER_MT);
+  lua_setmetatable(L, -2);
+  lua_pushinteger(L, ml_server_port(s->srv, 0));
+  return 2;
+}
+
+static mlua_server_t *check_server(lua_State *L) {
+  mlua_server_t **box = luaL_checkudata(L, 1, SERVER_MT);
+  return *box;
+}
+
+/* syntax: port = server:port() */
+static int srv_port(lua_State *L) {
+  mlua_server_t *s = check_server(L);
+  if (!s) return mlua_push_error(L, UV_EPIPE);
+  lua_pushinteger(L, ml_server_port(s->srv, 0));
+  return 1;
+}
+
+/* syntax: server:set_handler(fn) -- requests from now on run fn; running ones finish on the old */
+static int srv_set_handler(lua_State *L) {
+  mlua_server_t *s = check_server(L);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  if (!s) return mlua_push_error(L, UV_EPIPE);
+  lua_pushvalue(L, 2);
+  lua_rawseti(L, LUA_REGISTRYINDEX, s->handler_ref);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* syntax: server:close() -- stops accepting and closes every connection now */
+static int srv_close(lua_State *L) {
+  mlua_server_t *s = check_server(L);
+  if (s && !s->stopping) {
+    s->stopping = 1;
+    ml_server_close(s->srv, server_done, s);
+  }
+  return 0;
+}
+
+/* syntax: server:shutdown() -- stops accepting; in-flight requests finish (bounded grace) */
+static int srv_shutdown(lua_State *L) {
+  mlua_server_t *s = check_server(L);
+  if (s && !s->stopping) {
+    s->stopping = 1;
+    ml_server_shutdown(s->srv, server_done, s);
+  }
+  return 0;
+}
+
+static int srv_gc(lua_State *L) {
+  mlua_server_t **box = luaL_checkudata(L, 1, SERVER_MT);
+  if (*box) (*box)->box = NULL; /* the server goes on; it just has no Lua object any more */
+  return 0;
+}
+
+static int srv_connections(lua_State *L) {
+  mlua_server_t *s = check_server(L);
+  lua_pushinteger(L, s ? (lua_Integer)ml_server_conn_count(s->srv) : 0);
+  return 1;
+}
+
+void mlua_http_servers_stop(moonlet_t *m) {
+  if (!m->servers) {
+    uv_stop(m->loop);
+    return;
+  }
+  for (mlua_server_t *s = m->servers, *next; s; s = next) {
+    next = s->next;
+    if (!s->stopping) {
+      s->stopping = 1;
+      ml_server_shutdown(s->srv, server_done, s);
+    }
+  }
+}
+
+void mlua_http_servers_close(moonlet_t *m) {
+  for (mlua_server_t *s = m->servers, *next; s; s = next) {
+    next = s->next;
+    s->stopping = 1;
+    ml_server_close(s->srv, server_done, s); /* a no-op when already closing */
+  }
+}
+
+void mlua_open_http_server(lua_State *L, moonlet_t *m) {
+  static const luaL_Reg xm[] = {
+      {"read", x_read},       {"respond", x_respond},     {"start", x_start},
+      {"write", x_write},     {"finish", x_finish},       {"send_file", x_send_file},
+      {"headers", x_headers}, {"header", x_header},       {"info", x_info},
+      {"started", x_started}, {"is_open", x_is_open},     {"set_close", x_set_close},
+      {NULL, NULL}};
+  static const luaL_Reg sm[] = {
+      {"port", srv_port},   {"set_handler", srv_set_handler}, {"close", srv_close},
+      {"shutdown", srv_shutdown}, {"connections", srv_connections}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"listen", l_listen}, {NULL, NULL}};
+  luaL_newmetatable(L, EXCHANGE_MT);
+  lua_pushliteral(L, EXCHANGE_MT);
+  lua_setfield(L, -2, "__name");
+  lua_newtable(L);
+  mlua_register(L, m, xm);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, x_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, SERVER_MT);
+  lua_pushliteral(L, SERVER_MT);
+  lua_setfield(L, -2, "__name");
+  lua_newtable(L);
+  mlua_register(L, m, sm);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, srv_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  mlua_register(L, m, fns);
+}

@@ -1,0 +1,97 @@
+/* bindings/mlua.h: what the binding files share: the instance struct behind moonlet_t, the task
+ * scheduler (sched.c) and small helpers. Only bindings/ includes this; core/ never sees Lua.
+ */
+#ifndef MLUA_H
+#define MLUA_H
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "../core/http.h"
+#include "../core/log.h"
+#include "../core/moonlet.h"
+
+typedef struct mlua_task_s mlua_task_t;
+typedef struct mlua_server_s mlua_server_t;
+
+/* Runs when a task's coroutine ends. ok = 1: it returned (results on t->co from index 1);
+ * ok = 0: it raised (message with traceback at the top of t->co). */
+typedef void (*mlua_task_done_cb)(mlua_task_t *t, int ok, void *ud);
+
+/* A task: one coroutine moonlet runs (a request handler, a spawned function, the main script).
+ * Task structs and their coroutines are pooled: a coroutine that returned is reused. */
+struct mlua_task_s {
+  lua_State *co;          /* the coroutine, pinned by co_ref for the life of the struct */
+  int co_ref;
+  moonlet_t *m;
+  mlua_task_done_cb done; /* NULL: nothing to report */
+  void *done_ud;
+  int resuming;           /* lua_resume of this task is on the C stack */
+  mlua_task_t *next_free; /* pool link */
+};
+
+/* A resource that holds libuv handles on behalf of Lua (a sleep's timer, a socket): linked in the
+ * instance so that moonlet_free can close each one with its own close callback. */
+typedef struct mlua_res_s {
+  struct mlua_res_s *prev, *next;
+  void (*close)(struct mlua_res_s *r); /* closes the handles; frees from their close callbacks */
+} mlua_res_t;
+
+void mlua_res_link(moonlet_t *m, mlua_res_t *r, void (*close)(mlua_res_t *));
+void mlua_res_unlink(moonlet_t *m, mlua_res_t *r);
+
+struct moonlet_s {
+  uv_loop_t *loop;
+  uv_loop_t own_loop;     /* used when the host gave none */
+  int owns_loop;
+  lua_State *L;           /* the main state; tasks are its coroutines */
+  ml_log_t log;
+  moonlet_config_t cfg;
+  mlua_task_t *free_tasks; /* the task pool */
+  unsigned free_task_count;
+  unsigned live_tasks;    /* tasks started and not yet ended */
+  mlua_server_t *servers; /* every server this instance listens with */
+  mlua_res_t *resources;  /* open resources (mlua_res_t) */
+  uv_signal_t sig_int, sig_term, sig_hup;
+  int signals_on;
+  int stopping;           /* moonlet_stop was called */
+  int exit_code;
+  int dispatch_ref;       /* registry ref of the framework's request dispatcher */
+  int traceback_ref;      /* registry ref of debug.traceback */
+};
+
+/* sched.c */
+mlua_task_t *mlua_task_new(moonlet_t *m);
+/* Starts a task: the function and its nargs arguments are on t->co. Returns after the first
+ * yield or the end of the task (then `done` has run and t is back in the pool). */
+void mlua_task_start(mlua_task_t *t, int nargs);
+/* Resumes a task parked in a wait with nargs results pushed on t->co. Only the callback of the
+ * wait the task is parked in may call this. */
+void mlua_task_resume(mlua_task_t *t, int nargs);
+/* The task running on coroutine L, or NULL (the main state, a foreign coroutine). */
+mlua_task_t *mlua_task_current(lua_State *L);
+mlua_task_t *mlua_task_at(lua_State *L, int idx); /* the task whose coroutine is at idx, or NULL */
+/* Raises unless L may yield to the scheduler. */
+void mlua_check_yieldable(lua_State *L, mlua_task_t *t);
+void mlua_sched_init(moonlet_t *m);
+void mlua_sched_free(moonlet_t *m);
+
+/* instance.c */
+moonlet_t *mlua_instance(lua_State *L); /* the instance of upvalue 1 */
+void mlua_register(lua_State *L, moonlet_t *m, const luaL_Reg *fns); /* fns with m as upvalue */
+void mlua_new_metatable(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc);
+int mlua_push_error(lua_State *L, int uv_err); /* nil, short message, code name: returns 3 */
+const char *mlua_err_string(int uv_err);      /* "timeout", "closed", "connection refused", ... */
+
+/* Module openers, one per file. */
+int luaopen_moonlet_core(lua_State *L);
+void mlua_open_time(lua_State *L, moonlet_t *m);
+void mlua_open_task(lua_State *L, moonlet_t *m);
+void mlua_open_http_server(lua_State *L, moonlet_t *m);
+void mlua_open_fs(lua_State *L, moonlet_t *m);
+void mlua_open_tcp(lua_State *L, moonlet_t *m);
+void mlua_http_servers_stop(moonlet_t *m);
+void mlua_http_servers_close(moonlet_t *m);
+
+#endif

@@ -1,0 +1,144 @@
+/* bindings/sched.c: the coroutine scheduler. Every piece of Lua that may wait (a request handler, a
+ * spawned function, the main script) runs as a task: a coroutine of the instance's main state.
+ *
+ * The rules (each binding that waits keeps them):
+ * 1. A task is resumed only by the callback of the one wait it is parked in. A wait records the task,
+ *    starts its source (timer, read, write, thread-pool work) and then `return lua_yield(L, 0)`; its
+ *    callback clears the record, stops the other sources of the same wait (I/O or timeout: exactly
+ *    one wins), pushes the results on t->co and calls mlua_task_resume.
+ * 2. A task is pinned (registry ref on its coroutine) for the life of its struct; anything a wait
+ *    lends to C (a string given to uv_write, the object it waits on) is pinned by that wait and
+ *    unpinned on every path: success, error, timeout, cancel, close.
+ * 3. A wait whose object closes wakes its task with nil, "closed": nothing is left parked forever.
+ * 4. When a task ends (returned or raised) its `done` callback runs once, then the struct goes back
+ *    to the pool. A coroutine that returned is reused for the next task (no allocation per
+ *    request); one that raised is dead and is dropped.
+ * 5. C that calls Lua code that may yield uses lua_resume through these functions, never lua_pcall.
+ */
+#include <stdlib.h>
+
+#include "mlua.h"
+
+static char tasks_key; /* registry[&tasks_key] = { [coroutine] = lightuserdata(task) } */
+
+#define POOL_MAX 256
+
+void mlua_sched_init(moonlet_t *m) {
+  lua_State *L = m->L;
+  lua_pushlightuserdata(L, &tasks_key);
+  lua_newtable(L);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+static void push_tasks(lua_State *L) {
+  lua_pushlightuserdata(L, &tasks_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+}
+
+mlua_task_t *mlua_task_new(moonlet_t *m) {
+  mlua_task_t *t = m->free_tasks;
+  if (t) {
+    m->free_tasks = t->next_free;
+    m->free_task_count--;
+  } else {
+    lua_State *L = m->L;
+    t = calloc(1, sizeof *t);
+    if (!t) luaL_error(L, "moonlet: out of memory");
+    t->m = m;
+    push_tasks(L);
+    t->co = lua_newthread(L);
+    lua_pushvalue(L, -1);
+    t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushlightuserdata(L, t);
+    lua_rawset(L, -3); /* tasks[co] = t */
+    lua_pop(L, 1);
+  }
+  t->done = NULL;
+  t->done_ud = NULL;
+  t->next_free = NULL;
+  m->live_tasks++;
+  return t;
+}
+
+mlua_task_t *mlua_task_at(lua_State *L, int idx) {
+  if (idx < 0) idx = lua_gettop(L) + idx + 1;
+  push_tasks(L);
+  lua_pushvalue(L, idx);
+  lua_rawget(L, -2);
+  mlua_task_t *t = lua_touserdata(L, -1);
+  lua_pop(L, 2);
+  return t;
+}
+
+mlua_task_t *mlua_task_current(lua_State *L) {
+  push_tasks(L);
+  lua_pushthread(L);
+  lua_rawget(L, -2);
+  mlua_task_t *t = lua_touserdata(L, -1);
+  lua_pop(L, 2);
+  return t;
+}
+
+void mlua_check_yieldable(lua_State *L, mlua_task_t *t) {
+  if (!t) luaL_error(L, "moonlet: I/O outside a moonlet task (a coroutine of your own cannot wait)");
+}
+
+static void task_release(mlua_task_t *t, int reusable) {
+  moonlet_t *m = t->m;
+  m->live_tasks--;
+  if (reusable && m->free_task_count < POOL_MAX) {
+    lua_settop(t->co, 0);
+    t->next_free = m->free_tasks;
+    m->free_tasks = t;
+    m->free_task_count++;
+    return;
+  }
+  lua_State *L = m->L;
+  push_tasks(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, t->co_ref);
+  lua_pushnil(L);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->co_ref);
+  free(t);
+}
+
+static void run(mlua_task_t *t, int nargs) {
+  lua_State *co = t->co;
+  t->resuming = 1;
+  int st = lua_resume(co, nargs);
+  t->resuming = 0;
+  if (st == LUA_YIELD) return;
+  int ok = st == 0;
+  if (!ok) { /* message + traceback of the dead coroutine */
+    moonlet_t *m = t->m;
+    const char *msg = lua_tostring(co, -1);
+    luaL_traceback(m->L, co, msg ? msg : "(error object is not a string)", 0);
+    lua_xmove(m->L, co, 1);
+  }
+  if (t->done) {
+    t->done(t, ok, t->done_ud);
+  } else if (!ok) {
+    ml_log(&t->m->log, ML_LOG_ERROR, "task failed: %s", lua_tostring(co, -1));
+  }
+  task_release(t, ok);
+}
+
+void mlua_task_start(mlua_task_t *t, int nargs) { run(t, nargs); }
+
+void mlua_task_resume(mlua_task_t *t, int nargs) { run(t, nargs); }
+
+/* Frees every task struct, parked or pooled (the coroutines go with the Lua state). Handles that
+ * parked tasks waited on must be closed first: their callbacks never resume anything then. */
+void mlua_sched_free(moonlet_t *m) {
+  lua_State *L = m->L;
+  push_tasks(L);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    free(lua_touserdata(L, -1));
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  m->free_tasks = NULL;
+  m->free_task_count = 0;
+}

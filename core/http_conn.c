@@ -1,0 +1,514 @@
+/* core/http_conn.c: the request cycle of a connection: llhttp callbacks, limits, smuggling checks,
+ * pipelining, request bodies and ml_conn_finish.
+ *
+ * Invariants:
+ * - llhttp callbacks only copy and count; they never call the upper layer. The parser pauses at the
+ *   end of the headers and at the end of the message, and conn_feed acts on those events after
+ *   llhttp_execute has returned, so the upper layer never runs inside the parser.
+ * - The request line and headers are copied once, into the connection's pooled request buffer; the
+ *   ml_request_t the upper layer sees points there until ml_conn_finish.
+ * - Once a message is complete and its handler still runs, the rest of the input is stashed and
+ *   reading stops: the next request is parsed only after ml_conn_finish (responses stay in order).
+ * - Lenient parsing is never enabled: llhttp's strict defaults refuse what request smuggling needs.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "http_internal.h"
+
+enum { PAUSE_NONE = 0, PAUSE_HEADERS, PAUSE_MESSAGE };
+
+static ml_conn_t *conn_of(llhttp_t *p) { return p->data; }
+
+/* -- Copying the request ------------------------------------------------------------------- */
+
+static int rb_append(ml_conn_t *c, const char *at, size_t len, int lower) {
+  ml_reqbuf_t *rb = c->rb;
+  if (rb->len + len + 1 > rb->cap) {
+    c->error_status = 431;
+    llhttp_set_error_reason(&c->parser, "request header section too large");
+    return HPE_USER;
+  }
+  char *dst = rb->data + rb->len;
+  if (lower) {
+    for (size_t i = 0; i < len; i++) {
+      unsigned char ch = (unsigned char)at[i];
+      dst[i] = (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
+    }
+  } else {
+    memcpy(dst, at, len);
+  }
+  rb->len += len;
+  return 0;
+}
+
+static int on_message_begin(llhttp_t *p) {
+  ml_conn_t *c = conn_of(p);
+  if (!c->rb) c->rb = ml__reqbuf_get(c->srv);
+  if (!c->rb) return -1;
+  c->rb->len = 0;
+  memset(&c->req, 0, sizeof c->req);
+  c->req.headers = c->rb->headers;
+  c->req.content_length = -1;
+  c->cur = NULL;
+  c->host_count = 0;
+  c->error_status = 0;
+  c->body_total = 0;
+  c->state = ML_CONN_HEADERS;
+  c->header_start = uv_now(c->srv->loop);
+  return 0;
+}
+
+static int on_method(llhttp_t *p, const char *at, size_t len) {
+  ml_conn_t *c = conn_of(p);
+  if (c->req.method_len == 0) c->req.method = c->rb->data + c->rb->len;
+  c->req.method_len += (uint32_t)len;
+  return rb_append(c, at, len, 0);
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t len) {
+  ml_conn_t *c = conn_of(p);
+  if (c->req.target_len == 0) c->req.target = c->rb->data + c->rb->len;
+  if (c->req.target_len + len > c->srv->lim.max_uri) {
+    c->error_status = 414;
+    llhttp_set_error_reason(p, "request-target too long");
+    return HPE_USER;
+  }
+  c->req.target_len += (uint32_t)len;
+  return rb_append(c, at, len, 0);
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len) {
+  ml_conn_t *c = conn_of(p);
+  if (!c->cur || c->cur->value) { /* a new header begins */
+    if (c->req.nheaders >= c->srv->lim.max_headers) {
+      c->error_status = 431;
+      llhttp_set_error_reason(p, "too many headers");
+      return HPE_USER;
+    }
+    c->cur = &c->req.headers[c->req.nheaders++];
+    c->cur->name = c->rb->data + c->rb->len;
+    c->cur->name_len = 0;
+    c->cur->value = NULL;
+    c->cur->value_len = 0;
+  }
+  c->cur->name_len += (uint32_t)len;
+  return rb_append(c, at, len, 1);
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len) {
+  ml_conn_t *c = conn_of(p);
+  if (!c->cur) return -1;
+  if (!c->cur->value) c->cur->value = c->rb->data + c->rb->len;
+  c->cur->value_len += (uint32_t)len;
+  return rb_append(c, at, len, 0);
+}
+
+static int name_is(const ml_header_t *h, const char *lit, size_t n) {
+  return h->name_len == n && memcmp(h->name, lit, n) == 0;
+}
+
+static int value_has_token(const ml_header_t *h, const char *tok, size_t n) {
+  const char *v = h->value, *end = h->value + h->value_len;
+  while (v < end) {
+    while (v < end && (*v == ' ' || *v == '\t' || *v == ',')) v++;
+    const char *s = v;
+    while (v < end && *v != ',') v++;
+    const char *e = v;
+    while (e > s && (e[-1] == ' ' || e[-1] == '\t')) e--;
+    if ((size_t)(e - s) == n) {
+      size_t i = 0;
+      while (i < n && (s[i] | 0x20) == tok[i]) i++;
+      if (i == n) return 1;
+    }
+  }
+  return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p) {
+  ml_conn_t *c = conn_of(p);
+  ml_header_t *h = c->cur;
+  if (!h) return 0;
+  if (!h->value) h->value = c->rb->data + c->rb->len; /* empty value */
+  while (h->value_len && (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
+    h->value_len--;
+  if (name_is(h, "host", 4)) c->host_count++;
+  else if (name_is(h, "expect", 6) && value_has_token(h, "100-continue", 12))
+    c->req.expect_continue = 1;
+  return 0;
+}
+
+static int on_headers_complete(llhttp_t *p) {
+  ml_conn_t *c = conn_of(p);
+  c->req.http_major = p->http_major;
+  c->req.http_minor = p->http_minor;
+  c->req.keep_alive = (uint8_t)llhttp_should_keep_alive(p);
+  c->req.is_head = p->method == HTTP_HEAD;
+  if (p->flags & F_CHUNKED) {
+    c->req.has_body = 1;
+  } else if (p->flags & F_CONTENT_LENGTH) {
+    c->req.content_length = (int64_t)p->content_length;
+    c->req.has_body = p->content_length > 0;
+  }
+  c->req.started_ns = uv_hrtime();
+  /* Without a body the message is complete now; llhttp's on_message_complete for it comes with the
+   * next execute (we paused here) and is skipped. */
+  c->state = c->req.has_body ? ML_CONN_BODY : ML_CONN_DONE_READ;
+  c->skip_complete = !c->req.has_body;
+  c->pause = PAUSE_HEADERS;
+  return HPE_PAUSED;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len) {
+  ml_conn_t *c = conn_of(p);
+  c->body_total += len;
+  if (c->body_total > c->srv->lim.max_body) {
+    c->error_status = 413;
+    llhttp_set_error_reason(p, "request body too large");
+    return HPE_USER;
+  }
+  if (!c->req_active) return 0; /* the handler is done: the rest of the body is dropped */
+  if (c->body_len + len > c->body_cap) {
+    size_t cap = c->body_cap ? c->body_cap : 16 * 1024;
+    while (cap < c->body_len + len) cap *= 2;
+    char *b = realloc(c->body, cap);
+    if (!b) return -1;
+    c->body = b;
+    c->body_cap = cap;
+  }
+  memcpy(c->body + c->body_len, at, len);
+  c->body_len += len;
+  c->body_event = 1;
+  return 0;
+}
+
+static int on_message_complete(llhttp_t *p) {
+  ml_conn_t *c = conn_of(p);
+  if (c->skip_complete) {
+    c->skip_complete = 0;
+    return 0;
+  }
+  c->state = ML_CONN_DONE_READ;
+  c->body_event = 1;
+  c->pause = PAUSE_MESSAGE;
+  return HPE_PAUSED;
+}
+
+void ml__conn_init_settings(llhttp_settings_t *st) {
+  llhttp_settings_init(st);
+  st->on_message_begin = on_message_begin;
+  st->on_method = on_method;
+  st->on_url = on_url;
+  st->on_header_field = on_header_field;
+  st->on_header_value = on_header_value;
+  st->on_header_value_complete = on_header_value_complete;
+  st->on_headers_complete = on_headers_complete;
+  st->on_body = on_body;
+  st->on_message_complete = on_message_complete;
+}
+
+void ml__conn_start(ml_conn_t *c) {
+  llhttp_init(&c->parser, HTTP_REQUEST, &c->srv->settings);
+  c->parser.data = c;
+  c->stream_left = -1;
+}
+
+/* -- Request lifecycle --------------------------------------------------------------------- */
+
+/* Frees what the finished request held and readies the connection for the next one. */
+static void request_reset(ml_conn_t *c) {
+  if (c->rb) {
+    ml__reqbuf_put(c->srv, c->rb);
+    c->rb = NULL;
+  }
+  free(c->body);
+  c->body = NULL;
+  c->body_len = c->body_cap = 0;
+  c->cur = NULL;
+  c->resp_started = c->resp_done = c->resp_chunked = c->resp_no_body = 0;
+  c->continue_sent = c->body_error = c->body_event = c->want_writable = 0;
+  c->stream_left = -1;
+  c->state = ML_CONN_IDLE;
+}
+
+static void deliver_body(ml_conn_t *c) {
+  if (c->body_event && c->req_active) {
+    c->body_event = 0;
+    c->srv->cb.on_body(c, c->srv->ud);
+  }
+}
+
+/* Takes the request whose headers just completed: refuses what must be refused, else hands it to
+ * the upper layer. */
+static void dispatch(ml_conn_t *c) {
+  ml_request_t *r = &c->req;
+  if (r->http_major == 1 && r->http_minor == 1 && c->host_count != 1) {
+    ml__conn_error(c, 400, c->host_count ? "repeated Host header" : "missing Host header");
+    return;
+  }
+  if (c->host_count > 1) {
+    ml__conn_error(c, 400, "repeated Host header");
+    return;
+  }
+  if (r->content_length > 0 && (uint64_t)r->content_length > c->srv->lim.max_body) {
+    ml__conn_error(c, 413, "request body too large");
+    return;
+  }
+  c->req_active = 1;
+  c->srv->cb.on_request(c, c->srv->ud);
+}
+
+static void stash(ml_conn_t *c, const char *data, size_t len) {
+  if (len == 0) return;
+  if (c->stash && data >= c->stash && data < c->stash + c->stash_len) { /* already ours */
+    c->stash_off = (size_t)(data - c->stash);
+    return;
+  }
+  char *s = malloc(len);
+  if (!s) {
+    ml_conn_close(c, 0);
+    return;
+  }
+  memcpy(s, data, len);
+  free(c->stash);
+  c->stash = s;
+  c->stash_len = len;
+  c->stash_off = 0;
+}
+
+static void stash_clear(ml_conn_t *c) {
+  free(c->stash);
+  c->stash = NULL;
+  c->stash_len = c->stash_off = 0;
+}
+
+/* Parses data[0..len) as far as the request cycle allows; stashes the rest. */
+void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
+  c->in_feed = 1;
+  while (len > 0 && !c->closing && !c->upgraded) {
+    if (c->req_active && c->state == ML_CONN_DONE_READ) { /* wait for the handler */
+      stash(c, data, len);
+      c->in_feed = 0;
+      return;
+    }
+    enum llhttp_errno err = llhttp_execute(&c->parser, data, len);
+    if (err == HPE_OK) {
+      len = 0;
+      deliver_body(c);
+      break;
+    }
+    if (err == HPE_PAUSED || err == HPE_PAUSED_UPGRADE) {
+      const char *pos = llhttp_get_error_pos(&c->parser);
+      size_t used = (size_t)(pos - data);
+      data += used;
+      len -= used;
+      int event = c->pause;
+      c->pause = PAUSE_NONE;
+      if (err == HPE_PAUSED_UPGRADE) {
+        c->upgraded = 1;
+      } else {
+        llhttp_resume(&c->parser);
+      }
+      if (event == PAUSE_HEADERS) {
+        dispatch(c);
+      } else if (event == PAUSE_MESSAGE) {
+        if (c->req_active) {
+          deliver_body(c); /* the body is complete */
+        } else {          /* the handler finished before its body: the request ends here */
+          request_reset(c);
+          c->nrequests++;
+          if (c->close_after || c->srv->draining) ml_conn_close(c, 1);
+        }
+      }
+      continue;
+    }
+    /* a parse error or a limit */
+    int status = err == HPE_USER && c->error_status ? c->error_status : 400;
+    char why[160];
+    snprintf(why, sizeof why, "%s: %s", llhttp_errno_name(err), llhttp_get_error_reason(&c->parser));
+    ml__conn_error(c, status, why);
+    break;
+  }
+  if (c->upgraded && len > 0 && !c->closing) stash(c, data, len);
+  else if (len == 0 && c->stash && !c->closing) stash_clear(c);
+  c->in_feed = 0;
+}
+
+/* Runs the input stashed while the previous request was handled (called from the prepare phase). */
+void ml__conn_run_stash(ml_conn_t *c) {
+  if (c->closing || c->upgraded || c->req_active) return;
+  if (c->stash_len > c->stash_off) {
+    char *s = c->stash;
+    size_t off = c->stash_off, len = c->stash_len;
+    c->stash = NULL; /* the stash is parsed from a buffer we own until the end of feed */
+    c->stash_len = c->stash_off = 0;
+    ml__conn_feed(c, s + off, len - off);
+    if (c->stash == NULL && c->stash_len == 0) {
+      free(s);
+    } else if (c->stash != s) {
+      free(s);
+    }
+  }
+  ml__conn_update_reading(c);
+  ml__conn_arm_timer(c);
+}
+
+void ml__conn_on_eof(ml_conn_t *c) {
+  c->read_eof = 1;
+  c->reading = 0;
+  if (c->req_active) {
+    if (c->state != ML_CONN_DONE_READ) { /* the body will never be complete */
+      c->body_error = 1;
+      c->body_event = 1;
+      c->close_after = 1;
+      deliver_body(c);
+    } else {
+      c->close_after = 1; /* answer, then close */
+    }
+    return;
+  }
+  if (c->state == ML_CONN_HEADERS || c->state == ML_CONN_BODY) {
+    ml__conn_error(c, 400, "client closed mid-request");
+    return;
+  }
+  ml_conn_close(c, c->write_queue > 0);
+}
+
+/* Answers `status` if no response was started, then closes (gracefully). */
+void ml__conn_error(ml_conn_t *c, int status, const char *why) {
+  char peer[64];
+  ml_conn_peer(c, peer, sizeof peer);
+  ml_log(c->srv->log, status >= 500 ? ML_LOG_ERROR : ML_LOG_INFO, "%d %s from %s: %s", status,
+         ml_http_reason(status), peer, why);
+  if (c->req_active) { /* the handler still runs: it hears about it as a body error */
+    c->body_error = 1;
+    c->body_event = 1;
+  }
+  if (!c->resp_started) {
+    char body[96];
+    int n = snprintf(body, sizeof body, "%d %s\n", status, ml_http_reason(status));
+    c->close_after = 1;
+    static const char hdr[] = "Content-Type: text/plain; charset=utf-8\r\n";
+    ml_conn_respond(c, status, hdr, sizeof hdr - 1, body, (size_t)n);
+  }
+  c->close_after = 1;
+  deliver_body(c);
+  ml_conn_close(c, 1);
+}
+
+void ml__conn_timeout(ml_conn_t *c) {
+  if (c->closing) {
+    ml_conn_close(c, 0);
+    return;
+  }
+  if (c->write_queue > 0) {
+    ml_log(c->srv->log, ML_LOG_INFO, "send timeout: closing");
+    ml_conn_close(c, 0);
+    return;
+  }
+  switch (c->state) {
+  case ML_CONN_HEADERS: ml__conn_error(c, 408, "header read timeout"); break;
+  case ML_CONN_BODY: ml__conn_error(c, 408, "body read timeout"); break;
+  default: ml_conn_close(c, 0); break; /* keep-alive idle */
+  }
+}
+
+/* -- Public calls -------------------------------------------------------------------------- */
+
+const ml_request_t *ml_conn_request(const ml_conn_t *c) { return &c->req; }
+void *ml_conn_data(const ml_conn_t *c) { return c->data; }
+void ml_conn_set_data(ml_conn_t *c, void *data) { c->data = data; }
+
+int ml_conn_peer(const ml_conn_t *c, char *buf, size_t len) {
+  struct sockaddr_storage ss;
+  int sl = sizeof ss;
+  buf[0] = 0;
+  int r = uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl);
+  if (r < 0) {
+    snprintf(buf, len, "?");
+    return r;
+  }
+  char ip[64];
+  if (ss.ss_family == AF_INET6) {
+    uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
+    snprintf(buf, len, "[%s]:%d", ip, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
+  } else {
+    uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
+    snprintf(buf, len, "%s:%d", ip, ntohs(((struct sockaddr_in *)&ss)->sin_port));
+  }
+  return 0;
+}
+
+int ml_conn_body_state(ml_conn_t *c, const char **data, size_t *len) {
+  *data = c->body;
+  *len = c->body_len;
+  if (c->body_error) return ML_BODY_ERROR;
+  if (c->state != ML_CONN_BODY || !c->req.has_body) return ML_BODY_DONE;
+  return ML_BODY_MORE;
+}
+
+void ml_conn_body_consume(ml_conn_t *c, size_t n) {
+  if (n >= c->body_len) {
+    c->body_len = 0;
+  } else {
+    memmove(c->body, c->body + n, c->body_len - n);
+    c->body_len -= n;
+  }
+  ml__conn_update_reading(c);
+  ml__conn_arm_timer(c);
+}
+
+void ml_conn_body_want(ml_conn_t *c) {
+  if (c->req.expect_continue && !c->continue_sent && !c->resp_started &&
+      c->state == ML_CONN_BODY) {
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    c->continue_sent = 1;
+    ml__out_append(c->srv, c, cont, sizeof cont - 1);
+    ml__conn_flush(c);
+  }
+}
+
+void ml_conn_set_close(ml_conn_t *c) { c->close_after = 1; }
+
+void ml_conn_finish(ml_conn_t *c) {
+  if (!c->req_active) return;
+  c->req_active = 0;
+  if (c->closing) return;
+  if (!c->resp_started) {
+    ml__conn_error(c, 500, "handler finished without a response");
+    return;
+  }
+  if (!c->resp_done) { /* a streamed response that never ended cannot be framed: close */
+    c->close_after = 1;
+    ml_conn_close(c, 1);
+    return;
+  }
+  if (c->req.expect_continue && !c->continue_sent && c->state == ML_CONN_BODY && c->req.has_body)
+    c->close_after = 1;
+  if (c->upgraded) c->close_after = 1; /* no protocol takes the connection over yet */ /* the client may still send the body we did not ask for */
+  if (c->close_after) {
+    ml_conn_close(c, 1);
+    return;
+  }
+  if (c->state != ML_CONN_DONE_READ) { /* the rest of the body is read and dropped */
+    free(c->body);
+    c->body = NULL;
+    c->body_len = c->body_cap = 0;
+    ml__conn_update_reading(c);
+    return;
+  }
+  request_reset(c);
+  c->nrequests++;
+  if (c->srv->draining) {
+    ml_conn_close(c, 1);
+    return;
+  }
+  if (c->in_feed) return; /* conn_feed goes on with the rest of its buffer */
+  if (c->stash_len > c->stash_off) {
+    ml__server_ready(c->srv, c);
+    return;
+  }
+  c->activity = uv_now(c->srv->loop);
+  ml__conn_update_reading(c);
+  ml__conn_arm_timer(c);
+}

@@ -1,0 +1,192 @@
+/* core/http_response.c: response heads and bodies: whole responses, streamed ones (chunked for
+ * HTTP/1.1, close-delimited for HTTP/1.0) and the keep-alive decision. Heads are formatted straight
+ * into the server's staging buffer, so a response costs no allocation.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "http_internal.h"
+
+const char *ml_http_reason(int status) {
+  switch (status) {
+  case 100: return "Continue";
+  case 101: return "Switching Protocols";
+  case 200: return "OK";
+  case 201: return "Created";
+  case 202: return "Accepted";
+  case 204: return "No Content";
+  case 206: return "Partial Content";
+  case 301: return "Moved Permanently";
+  case 302: return "Found";
+  case 303: return "See Other";
+  case 304: return "Not Modified";
+  case 307: return "Temporary Redirect";
+  case 308: return "Permanent Redirect";
+  case 400: return "Bad Request";
+  case 401: return "Unauthorized";
+  case 403: return "Forbidden";
+  case 404: return "Not Found";
+  case 405: return "Method Not Allowed";
+  case 406: return "Not Acceptable";
+  case 408: return "Request Timeout";
+  case 409: return "Conflict";
+  case 410: return "Gone";
+  case 411: return "Length Required";
+  case 412: return "Precondition Failed";
+  case 413: return "Content Too Large";
+  case 414: return "URI Too Long";
+  case 415: return "Unsupported Media Type";
+  case 416: return "Range Not Satisfiable";
+  case 417: return "Expectation Failed";
+  case 422: return "Unprocessable Content";
+  case 426: return "Upgrade Required";
+  case 429: return "Too Many Requests";
+  case 431: return "Request Header Fields Too Large";
+  case 500: return "Internal Server Error";
+  case 501: return "Not Implemented";
+  case 502: return "Bad Gateway";
+  case 503: return "Service Unavailable";
+  case 504: return "Gateway Timeout";
+  default: return "Unknown";
+  }
+}
+
+/* Whether the connection stays open after this response; sets close_after when it does not. */
+static int keep_alive(ml_conn_t *c) {
+  const ml_http_limits_t *lim = &c->srv->lim;
+  int keep = c->req.keep_alive && !c->close_after && !c->srv->draining && !c->read_eof &&
+             !c->upgraded && !(lim->keepalive_requests && c->nrequests + 1 >= lim->keepalive_requests);
+  if (!keep) c->close_after = 1;
+  return keep;
+}
+
+static int no_body_status(int status) { return status == 204 || status == 304 || status < 200; }
+
+enum { LEN_NONE = -1, LEN_CHUNKED = -2, LEN_EOF = -3 };
+
+/* Formats the head into the staging buffer. `length` >= 0 is a Content-Length, else one of LEN_*. */
+static int write_head(ml_conn_t *c, int status, const char *headers, size_t hlen, int64_t length) {
+  ml_server_t *s = c->srv;
+  size_t dlen;
+  const char *date = ml__date_header(s, &dlen);
+  const char *reason = ml_http_reason(status);
+  int keep = keep_alive(c);
+  size_t need = 64 + strlen(reason) + dlen + hlen + 64;
+  char *p = ml__out_reserve(s, c, need), *start = p;
+  if (!p) return UV_ENOMEM;
+  p += snprintf(p, 40, "HTTP/1.1 %d ", status);
+  size_t rl = strlen(reason);
+  memcpy(p, reason, rl);
+  p += rl;
+  static const char server[] = "\r\nServer: moonlet\r\n";
+  memcpy(p, server, sizeof server - 1);
+  p += sizeof server - 1;
+  memcpy(p, date, dlen);
+  p += dlen;
+  if (hlen) {
+    memcpy(p, headers, hlen);
+    p += hlen;
+  }
+  if (length >= 0) {
+    p += snprintf(p, 40, "Content-Length: %lld\r\n", (long long)length);
+  } else if (length == LEN_CHUNKED) {
+    static const char te[] = "Transfer-Encoding: chunked\r\n";
+    memcpy(p, te, sizeof te - 1);
+    p += sizeof te - 1;
+  }
+  if (!keep) {
+    static const char cl[] = "Connection: close\r\n\r\n";
+    memcpy(p, cl, sizeof cl - 1);
+    p += sizeof cl - 1;
+  } else if (c->req.http_minor == 0) {
+    static const char ka[] = "Connection: keep-alive\r\n\r\n";
+    memcpy(p, ka, sizeof ka - 1);
+    p += sizeof ka - 1;
+  } else {
+    *p++ = '\r';
+    *p++ = '\n';
+  }
+  ml__out_commit(s, (size_t)(p - start));
+  c->resp_started = 1;
+  c->resp_no_body = c->req.is_head || no_body_status(status);
+  return 0;
+}
+
+int ml_conn_respond(ml_conn_t *c, int status, const char *headers, size_t hlen, const char *body,
+                    size_t blen) {
+  if (c->closing) return UV_EPIPE;
+  if (c->resp_started) return UV_EALREADY;
+  int64_t length = no_body_status(status) ? LEN_NONE : (int64_t)blen;
+  int r = write_head(c, status, headers, hlen, length);
+  if (r < 0) return r;
+  if (blen && !c->resp_no_body) ml__out_append(c->srv, c, body, blen);
+  c->resp_done = 1;
+  return 0;
+}
+
+int ml_conn_stream_start(ml_conn_t *c, int status, const char *headers, size_t hlen,
+                         int64_t content_length) {
+  if (c->closing) return UV_EPIPE;
+  if (c->resp_started) return UV_EALREADY;
+  int64_t length;
+  if (no_body_status(status)) {
+    length = LEN_NONE;
+  } else if (content_length >= 0) {
+    length = content_length;
+  } else if (c->req.http_minor >= 1 && c->req.http_major == 1) {
+    length = LEN_CHUNKED;
+  } else {
+    c->close_after = 1; /* HTTP/1.0: the end of the body is the end of the connection */
+    length = LEN_EOF;
+  }
+  int r = write_head(c, status, headers, hlen, length);
+  if (r < 0) return r;
+  c->resp_chunked = length == LEN_CHUNKED;
+  c->stream_left = content_length >= 0 ? content_length : -1;
+  return 0;
+}
+
+int ml_conn_stream_write(ml_conn_t *c, const char *data, size_t len) {
+  if (c->closing) return UV_EPIPE;
+  if (!c->resp_started || c->resp_done) return UV_EINVAL;
+  if (len == 0 || c->resp_no_body) return 0;
+  if (c->stream_left >= 0) {
+    if ((int64_t)len > c->stream_left) return UV_E2BIG;
+    c->stream_left -= (int64_t)len;
+  }
+  if (c->resp_chunked) {
+    char *p = ml__out_reserve(c->srv, c, 24);
+    if (!p) return UV_ENOMEM;
+    ml__out_commit(c->srv, (size_t)snprintf(p, 24, "%zx\r\n", len));
+    ml__out_append(c->srv, c, data, len);
+    ml__out_append(c->srv, c, "\r\n", 2);
+  } else {
+    ml__out_append(c->srv, c, data, len);
+  }
+  return c->closing ? UV_EPIPE : 0;
+}
+
+int ml_conn_stream_end(ml_conn_t *c) {
+  if (c->closing) return UV_EPIPE;
+  if (!c->resp_started) return UV_EINVAL;
+  if (c->resp_done) return 0; /* a file body ends itself */
+  if (c->resp_chunked && !c->resp_no_body) ml__out_append(c->srv, c, "0\r\n\r\n", 5);
+  if (c->stream_left > 0 && !c->resp_no_body) c->close_after = 1; /* short body: cannot keep it */
+  c->resp_done = 1;
+  return 0;
+}
+
+size_t ml_conn_write_queue(const ml_conn_t *c) {
+  size_t staged = c->srv->out_owner == c ? c->srv->out_len : 0;
+  return c->write_queue + staged;
+}
+
+int ml_conn_wants_writable(ml_conn_t *c) {
+  ml__conn_flush(c); /* what is staged must move for the queue to drain */
+  if (c->closing) return UV_EPIPE;
+  if (c->write_queue < ML_WRITE_LOW_WATER) return 0;
+  c->want_writable = 1;
+  return 1;
+}
+
+int ml_conn_response_started(const ml_conn_t *c) { return c->resp_started; }

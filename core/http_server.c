@@ -1,0 +1,576 @@
+/* core/http_server.c: listeners, accepting, the output staging buffer, connection timers, reading,
+ * shutdown and freeing. The request cycle itself is in http_conn.c.
+ *
+ * Invariants:
+ * - A connection is freed only in conn_finalize, after the close callbacks of its tcp and timer
+ *   handles have both run and no file transfer is in flight; on_close runs just before that.
+ * - The staged output (s->out) belongs to one connection at a time (s->out_owner); handing it to
+ *   another writes it out first, and so do closing, the prepare phase and ml_server_flush.
+ * - The timer of a connection is started only when idle; when it fires it works out the deadline of
+ *   the connection's current state and re-arms for the rest, so a request costs no timer operation.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "http_internal.h"
+
+void ml_http_limits_default(ml_http_limits_t *lim) {
+  lim->max_uri = 8 * 1024;
+  lim->max_header_bytes = 32 * 1024;
+  lim->max_headers = 100;
+  lim->max_body = 1024 * 1024;
+  lim->header_timeout_ms = 60000;
+  lim->body_timeout_ms = 60000;
+  lim->keepalive_timeout_ms = 75000;
+  lim->send_timeout_ms = 60000;
+  lim->max_conns = 10240;
+  lim->keepalive_requests = 0;
+  lim->shutdown_grace_ms = 10000;
+}
+
+/* -- Request-buffer pool ------------------------------------------------------------------------ */
+
+ml_reqbuf_t *ml__reqbuf_get(ml_server_t *s) {
+  ml_reqbuf_t *rb = s->free_rb;
+  if (rb) {
+    s->free_rb = rb->next;
+    s->free_rb_count--;
+  } else {
+    size_t nh = s->lim.max_headers + 1;
+    size_t cap = s->lim.max_uri + s->lim.max_header_bytes + 64;
+    rb = malloc(sizeof *rb + nh * sizeof(ml_header_t) + cap);
+    if (!rb) return NULL;
+    rb->headers = (ml_header_t *)(rb + 1);
+    rb->data = (char *)(rb->headers + nh);
+    rb->cap = cap;
+  }
+  rb->len = 0;
+  rb->next = NULL;
+  return rb;
+}
+
+void ml__reqbuf_put(ml_server_t *s, ml_reqbuf_t *rb) {
+  if (s->free_rb_count >= 64) {
+    free(rb);
+    return;
+  }
+  rb->next = s->free_rb;
+  s->free_rb = rb;
+  s->free_rb_count++;
+}
+
+/* -- Date header ---------------------------------------------------------------------------------- */
+
+const char *ml__date_header(ml_server_t *s, size_t *len) {
+  uint64_t tick = uv_now(s->loop) / 1000;
+  if (tick != s->date_tick || s->date_len == 0) {
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    s->date_len = strftime(s->date, sizeof s->date, "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+    s->date_tick = tick;
+  }
+  *len = s->date_len;
+  return s->date;
+}
+
+/* -- Output ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+  uv_write_t req;
+  ml_conn_t *conn;
+  size_t len;
+  char data[];
+} write_req_t;
+
+static void write_cb(uv_write_t *req, int status) {
+  write_req_t *wr = (write_req_t *)req;
+  ml_conn_t *c = wr->conn;
+  c->write_queue -= wr->len;
+  free(wr);
+  if (status < 0) {
+    ml_conn_close(c, 0);
+    return;
+  }
+  c->activity = uv_now(c->srv->loop);
+  if (c->want_writable && c->write_queue < ML_WRITE_LOW_WATER && !c->closing) {
+    c->want_writable = 0;
+    c->srv->cb.on_writable(c, c->srv->ud);
+  }
+}
+
+/* Writes p[0..n) to the socket after whatever is queued: what uv_try_write does not take is copied
+ * into one write request. Returns 0 or a negative error (the connection is then closed). */
+int ml__conn_write_direct(ml_conn_t *c, const char *p, size_t n) {
+  if (c->closing && !c->lingering) return UV_EPIPE;
+  if (c->write_queue == 0) {
+    uv_buf_t b = uv_buf_init((char *)p, (unsigned)n);
+    int w = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    if (w >= 0) {
+      p += w;
+      n -= (size_t)w;
+      if (n == 0) {
+        c->activity = uv_now(c->srv->loop);
+        return 0;
+      }
+    } else if (w != UV_EAGAIN) {
+      ml_conn_close(c, 0);
+      return w;
+    }
+  }
+  write_req_t *wr = malloc(sizeof *wr + n);
+  if (!wr) {
+    ml_conn_close(c, 0);
+    return UV_ENOMEM;
+  }
+  memcpy(wr->data, p, n);
+  wr->conn = c;
+  wr->len = n;
+  uv_buf_t b = uv_buf_init(wr->data, (unsigned)n);
+  int r = uv_write(&wr->req, (uv_stream_t *)&c->tcp, &b, 1, write_cb);
+  if (r < 0) {
+    free(wr);
+    ml_conn_close(c, 0);
+    return r;
+  }
+  c->write_queue += n;
+  ml__conn_arm_timer(c);
+  return 0;
+}
+
+static void out_flush(ml_server_t *s) {
+  ml_conn_t *c = s->out_owner;
+  size_t n = s->out_len;
+  s->out_owner = NULL;
+  s->out_len = 0;
+  if (c && n) ml__conn_write_direct(c, s->out, n);
+}
+
+void ml__conn_flush(ml_conn_t *c) {
+  if (c->srv->out_owner == c) out_flush(c->srv);
+}
+
+void ml_server_flush(ml_server_t *s) { out_flush(s); }
+
+/* Returns room for n bytes of c's output in the staging buffer (commit them with ml__out_commit),
+ * or NULL when out of memory. */
+char *ml__out_reserve(ml_server_t *s, ml_conn_t *c, size_t n) {
+  if (s->out_owner != c) {
+    out_flush(s);
+    s->out_owner = c;
+  } else if (s->out_len + n > ML_OUT_FLUSH_AT && s->out_len) {
+    out_flush(s);
+    s->out_owner = c;
+  }
+  if (s->out_len + n > s->out_cap) {
+    size_t cap = s->out_cap ? s->out_cap : 16 * 1024;
+    while (cap < s->out_len + n) cap *= 2;
+    char *p = realloc(s->out, cap);
+    if (!p) return NULL;
+    s->out = p;
+    s->out_cap = cap;
+  }
+  return s->out + s->out_len;
+}
+
+void ml__out_commit(ml_server_t *s, size_t n) { s->out_len += n; }
+
+void ml__out_append(ml_server_t *s, ml_conn_t *c, const char *p, size_t n) {
+  if (n > ML_OUT_FLUSH_AT) { /* large: no copy into the staging buffer */
+    ml__conn_flush(c);
+    if (s->out_owner) out_flush(s);
+    ml__conn_write_direct(c, p, n);
+    return;
+  }
+  char *dst = ml__out_reserve(s, c, n);
+  if (!dst) {
+    ml_conn_close(c, 0);
+    return;
+  }
+  memcpy(dst, p, n);
+  s->out_len += n;
+}
+
+/* -- Ready list and prepare phase ----------------------------------------------------------- */
+
+void ml__server_ready(ml_server_t *s, ml_conn_t *c) {
+  if (c->on_ready) return;
+  c->on_ready = 1;
+  c->ready_next = s->ready;
+  s->ready = c;
+}
+
+static void prepare_cb(uv_prepare_t *h) {
+  ml_server_t *s = h->data;
+  while (s->ready) {
+    ml_conn_t *c = s->ready;
+    s->ready = c->ready_next;
+    c->on_ready = 0;
+    c->ready_next = NULL;
+    ml__conn_run_stash(c);
+  }
+  out_flush(s);
+}
+
+/* -- Timers --------------------------------------------------------------------------------------- */
+
+/* The deadline of c's current state in loop milliseconds, or 0 when nothing times out. */
+static uint64_t conn_deadline(ml_conn_t *c) {
+  const ml_http_limits_t *lim = &c->srv->lim;
+  if (c->write_queue > 0 && lim->send_timeout_ms) return c->activity + lim->send_timeout_ms;
+  if (c->lingering) return c->activity + ML_LINGER_MS;
+  switch (c->state) {
+  case ML_CONN_HEADERS:
+    return lim->header_timeout_ms ? c->header_start + lim->header_timeout_ms : 0;
+  case ML_CONN_BODY:
+    if (c->req_active && c->body_len >= ML_BODY_HIGH_WATER) return 0; /* our reader is slow */
+    return lim->body_timeout_ms ? c->activity + lim->body_timeout_ms : 0;
+  case ML_CONN_IDLE:
+    if (c->req_active || c->stash_len || c->upgraded) return 0;
+    return lim->keepalive_timeout_ms ? c->activity + lim->keepalive_timeout_ms : 0;
+  default:
+    return 0; /* the handler runs: its own waits carry their timeouts */
+  }
+}
+
+static void conn_timer_cb(uv_timer_t *t) {
+  ml_conn_t *c = t->data;
+  uint64_t now = uv_now(c->srv->loop);
+  uint64_t dl = conn_deadline(c);
+  if (dl == 0) return; /* re-armed by the next state change */
+  if (dl > now) {
+    uv_timer_start(t, conn_timer_cb, dl - now, 0);
+    return;
+  }
+  ml__conn_timeout(c);
+}
+
+void ml__conn_arm_timer(ml_conn_t *c) {
+  if (c->closing && !c->lingering) return;
+  if (uv_is_active((uv_handle_t *)&c->timer)) return;
+  uint64_t dl = conn_deadline(c);
+  if (dl == 0) return;
+  uint64_t now = uv_now(c->srv->loop);
+  uv_timer_start(&c->timer, conn_timer_cb, dl > now ? dl - now : 0, 0);
+}
+
+/* -- Reading --------------------------------------------------------------------------------- */
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  (void)suggested;
+  ml_conn_t *c = h->data;
+  *buf = uv_buf_init(c->srv->rbuf, sizeof c->srv->rbuf);
+}
+
+static void read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
+  ml_conn_t *c = st->data;
+  (void)buf;
+  if (n == 0) return;
+  c->activity = uv_now(c->srv->loop);
+  if (c->lingering) {
+    if (n < 0) ml_conn_close(c, 0);
+    return;
+  }
+  if (n < 0) {
+    if (n == UV_EOF) {
+      ml__conn_on_eof(c);
+    } else {
+      ml_conn_close(c, 0);
+    }
+    return;
+  }
+  ml__conn_feed(c, c->srv->rbuf, (size_t)n);
+  ml__conn_update_reading(c);
+  ml__conn_arm_timer(c);
+}
+
+/* Reads while the connection can take input: not while a finished message waits for its handler,
+ * not while too much body is unread, never after EOF or an upgrade. */
+void ml__conn_update_reading(ml_conn_t *c) {
+  int want;
+  if (c->lingering) {
+    want = !c->read_eof;
+  } else {
+    want = !c->closing && !c->read_eof && !c->upgraded && c->stash_len == 0 &&
+           !(c->req_active && c->state == ML_CONN_DONE_READ) &&
+           !(c->req_active && c->body_len >= ML_BODY_HIGH_WATER);
+  }
+  if (want && !c->reading) {
+    if (uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb) == 0) c->reading = 1;
+  } else if (!want && c->reading) {
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = 0;
+  }
+}
+
+/* -- Accepting -------------------------------------------------------------------------------- */
+
+static void conn_handle_closed(uv_handle_t *h) {
+  ml_conn_t *c = h->data;
+  c->open_handles--;
+  ml__conn_maybe_free(c);
+}
+
+/* Frees c once both handles are closed and no file transfer is in flight; on_close runs first. */
+void ml__conn_maybe_free(ml_conn_t *c) {
+  if (c->open_handles > 0 || c->pending_ops > 0) return;
+  ml_server_t *s = c->srv;
+  if (!c->notified) {
+    c->notified = 1;
+    if (c->data && s->cb.on_close) s->cb.on_close(c, s->ud);
+  }
+  ml__server_conn_gone(s, c);
+}
+
+static void reject_closed(uv_handle_t *h) { free(h); }
+
+static void on_connection(uv_stream_t *ls, int status) {
+  ml_server_t *s = ls->data;
+  if (status < 0) {
+    ml_log(s->log, ML_LOG_WARN, "accept: %s", uv_strerror(status));
+    return;
+  }
+  if (s->draining || s->closing) return;
+  if (s->nconns >= s->lim.max_conns) {
+    uv_tcp_t *t = malloc(sizeof *t);
+    if (!t) return;
+    uv_tcp_init(s->loop, t);
+    if (uv_accept(ls, (uv_stream_t *)t) == 0)
+      ml_log(s->log, ML_LOG_WARN, "max_conns (%u) reached: connection refused", s->lim.max_conns);
+    uv_close((uv_handle_t *)t, reject_closed);
+    return;
+  }
+  ml_conn_t *c = calloc(1, sizeof *c);
+  if (!c) return;
+  c->srv = s;
+  uv_tcp_init(s->loop, &c->tcp);
+  uv_timer_init(s->loop, &c->timer);
+  c->tcp.data = c->timer.data = c;
+  c->open_handles = 2;
+  s->open_handles++;
+  c->next = s->conns;
+  if (s->conns) s->conns->prev = c;
+  s->conns = c;
+  if (uv_accept(ls, (uv_stream_t *)&c->tcp) != 0) {
+    ml_conn_close(c, 0);
+    return;
+  }
+  c->counted = 1;
+  s->nconns++;
+  uv_tcp_nodelay(&c->tcp, 1);
+  c->activity = uv_now(s->loop);
+  ml__conn_start(c);
+  ml__conn_update_reading(c);
+  ml__conn_arm_timer(c);
+}
+
+/* -- Server ------------------------------------------------------------------------------------ */
+
+ml_server_t *ml_server_new(uv_loop_t *loop, const ml_http_limits_t *lim, const ml_log_t *log,
+                           const ml_http_callbacks_t *cb, void *ud) {
+  ml_server_t *s = calloc(1, sizeof *s);
+  if (!s) return NULL;
+  s->loop = loop;
+  if (lim) {
+    s->lim = *lim;
+  } else {
+    ml_http_limits_default(&s->lim);
+  }
+  s->log = log;
+  s->cb = *cb;
+  s->ud = ud;
+  ml__conn_init_settings(&s->settings);
+  uv_prepare_init(loop, &s->prepare);
+  s->prepare.data = s;
+  uv_prepare_start(&s->prepare, prepare_cb);
+  uv_unref((uv_handle_t *)&s->prepare);
+  uv_timer_init(loop, &s->grace_timer);
+  s->grace_timer.data = s;
+  uv_unref((uv_handle_t *)&s->grace_timer);
+  s->open_handles = 2;
+  return s;
+}
+
+ml_http_limits_t *ml_server_limits(ml_server_t *s) { return &s->lim; }
+unsigned ml_server_conn_count(const ml_server_t *s) { return s->nconns; }
+
+static void listener_closed(uv_handle_t *h) {
+  ml_server_t *s = h->data;
+  free(h);
+  s->open_handles--;
+  if (s->open_handles == 0 && s->done_cb) s->done_cb(s, s->done_ud);
+}
+
+int ml_server_listen(ml_server_t *s, const char *host, int port, int backlog) {
+  struct sockaddr_storage addr;
+  int r;
+  if (s->nlisteners >= ML_MAX_LISTENERS) return UV_ENOSPC;
+  if (strchr(host, ':')) {
+    r = uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr);
+  } else {
+    r = uv_ip4_addr(host, port, (struct sockaddr_in *)&addr);
+  }
+  if (r < 0) return r;
+  uv_tcp_t *t = malloc(sizeof *t);
+  if (!t) return UV_ENOMEM;
+  uv_tcp_init(s->loop, t);
+  t->data = s;
+  s->open_handles++;
+  r = uv_tcp_bind(t, (struct sockaddr *)&addr, 0);
+  if (r == 0) r = uv_listen((uv_stream_t *)t, backlog > 0 ? backlog : 511, on_connection);
+  if (r < 0) {
+    uv_close((uv_handle_t *)t, listener_closed);
+    return r;
+  }
+  s->listeners[s->nlisteners++] = t;
+  return 0;
+}
+
+int ml_server_port(const ml_server_t *s, int index) {
+  if (index < 0 || index >= s->nlisteners) return UV_EINVAL;
+  struct sockaddr_storage addr;
+  int len = sizeof addr;
+  int r = uv_tcp_getsockname(s->listeners[index], (struct sockaddr *)&addr, &len);
+  if (r < 0) return r;
+  if (addr.ss_family == AF_INET6) return ntohs(((struct sockaddr_in6 *)&addr)->sin6_port);
+  return ntohs(((struct sockaddr_in *)&addr)->sin_port);
+}
+
+static void server_handle_closed(uv_handle_t *h) {
+  ml_server_t *s = h->data;
+  s->open_handles--;
+  if (s->open_handles == 0 && s->done_cb) s->done_cb(s, s->done_ud);
+}
+
+void ml__server_conn_gone(ml_server_t *s, ml_conn_t *c) {
+  if (c->prev) c->prev->next = c->next;
+  else s->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  if (c->counted) s->nconns--;
+  free(c);
+  s->open_handles--;
+  if (s->draining && !s->closing && s->nconns == 0 && s->conns == NULL) {
+    ml_server_close(s, s->done_cb, s->done_ud);
+    return;
+  }
+  if (s->open_handles == 0 && s->done_cb) s->done_cb(s, s->done_ud);
+}
+
+static void close_listeners(ml_server_t *s) {
+  for (int i = 0; i < s->nlisteners; i++) uv_close((uv_handle_t *)s->listeners[i], listener_closed);
+  s->nlisteners = 0;
+}
+
+void ml_server_close(ml_server_t *s, void (*done)(ml_server_t *, void *), void *ud) {
+  if (s->closing) return;
+  s->closing = 1;
+  s->done_cb = done;
+  s->done_ud = ud;
+  out_flush(s);
+  close_listeners(s);
+  for (ml_conn_t *c = s->conns; c; c = c->next) ml_conn_close(c, 0);
+  uv_close((uv_handle_t *)&s->prepare, server_handle_closed);
+  uv_close((uv_handle_t *)&s->grace_timer, server_handle_closed);
+}
+
+static void grace_cb(uv_timer_t *t) {
+  ml_server_t *s = t->data;
+  if (s->nconns)
+    ml_log(s->log, ML_LOG_WARN, "shutdown: grace time over, closing %u connection(s)", s->nconns);
+  ml_server_close(s, s->done_cb, s->done_ud);
+}
+
+void ml_server_shutdown(ml_server_t *s, void (*done)(ml_server_t *, void *), void *ud) {
+  s->done_cb = done;
+  s->done_ud = ud;
+  if (s->draining || s->closing) return;
+  s->draining = 1;
+  close_listeners(s);
+  ml_conn_t *next;
+  for (ml_conn_t *c = s->conns; c; c = next) {
+    next = c->next;
+    if (!c->req_active) ml_conn_close(c, 1);
+    else c->close_after = 1;
+  }
+  if (s->nconns == 0 && s->conns == NULL) {
+    ml_server_close(s, done, ud);
+    return;
+  }
+  uv_ref((uv_handle_t *)&s->grace_timer);
+  uv_timer_start(&s->grace_timer, grace_cb, s->lim.shutdown_grace_ms, 0);
+}
+
+void ml_server_free(ml_server_t *s) {
+  while (s->free_rb) {
+    ml_reqbuf_t *rb = s->free_rb;
+    s->free_rb = rb->next;
+    free(rb);
+  }
+  free(s->out);
+  free(s);
+}
+
+/* -- Closing a connection ------------------------------------------------------------------ */
+
+static void shutdown_cb(uv_shutdown_t *req, int status) {
+  ml_conn_t *c = req->data;
+  free(req);
+  if (status < 0 || c->read_eof) {
+    ml_conn_close(c, 0);
+    return;
+  }
+  c->activity = uv_now(c->srv->loop);
+  ml__conn_update_reading(c);
+  uv_timer_stop(&c->timer);
+  ml__conn_arm_timer(c);
+}
+
+static void close_handles(ml_conn_t *c) {
+  if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
+  c->reading = 0;
+  if (!uv_is_closing((uv_handle_t *)&c->tcp)) uv_close((uv_handle_t *)&c->tcp, conn_handle_closed);
+  if (!uv_is_closing((uv_handle_t *)&c->timer))
+    uv_close((uv_handle_t *)&c->timer, conn_handle_closed);
+}
+
+void ml_conn_close(ml_conn_t *c, int graceful) {
+  if (c->closing) {
+    if (!graceful && c->lingering) {
+      c->lingering = 0;
+      close_handles(c);
+    }
+    return;
+  }
+  c->closing = 1;
+  if (c->on_ready) { /* unlink from the ready list */
+    ml_conn_t **pp = &c->srv->ready;
+    while (*pp && *pp != c) pp = &(*pp)->ready_next;
+    if (*pp) *pp = c->ready_next;
+    c->on_ready = 0;
+  }
+  if (graceful && uv_is_writable((uv_stream_t *)&c->tcp)) {
+    c->lingering = 1;
+    ml__conn_flush(c);
+    if (!c->closing || !c->lingering) return; /* the flush failed and closed it */
+    uv_shutdown_t *req = malloc(sizeof *req);
+    if (req) {
+      req->data = c;
+      if (uv_shutdown(req, (uv_stream_t *)&c->tcp, shutdown_cb) == 0) {
+        uv_timer_stop(&c->timer);
+        c->activity = uv_now(c->srv->loop);
+        ml__conn_arm_timer(c);
+        return;
+      }
+      free(req);
+    }
+    c->lingering = 0;
+  } else if (c->srv->out_owner == c) {
+    c->srv->out_owner = NULL;
+    c->srv->out_len = 0;
+  }
+  c->lingering = 0;
+  close_handles(c);
+}
+
+int ml_conn_is_closing(const ml_conn_t *c) { return c->closing; }

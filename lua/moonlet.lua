@@ -1,0 +1,41 @@
+-- lua/moonlet.lua: the `moonlet` module, what an app requires. It gathers the public API; each
+-- piece lives in its own module under lua/moonlet/. Requiring it has no side effects.
+local core = require "moonlet.core"
+local task = require "moonlet.task"
+
+local _M = {
+    _VERSION = core.version,
+    now = core.now,         -- syntax: t = moonlet.now()      monotonic seconds
+    time = core.time,       -- syntax: t = moonlet.time()     wall-clock seconds since the epoch
+    sleep = core.sleep,     -- syntax: moonlet.sleep(seconds) yields; others are served meanwhile
+    spawn = task.spawn,     -- syntax: t = moonlet.spawn(fn, ...); ok, ... = t:join()
+}
+
+-- syntax: app = moonlet.app()
+function _M.app(opts)
+    return require("moonlet.app").new(opts)
+end
+
+-- syntax: error(moonlet.abort(status, body, headers)) or moonlet.abort(...) raises itself:
+-- ends the request with that response, from any depth of the handler.
+function _M.abort(status, body, headers)
+    error(require("moonlet.response").abort(status, body, headers), 2)
+end
+
+local log_levels = { error = 0, warn = 1, info = 2, debug = 3 }
+-- syntax: moonlet.log("info", "message ", value, ...)
+function _M.log(level, ...)
+    local n = log_levels[level]
+    if not n then error("moonlet.log: unknown level " .. tostring(level), 2) end
+    local parts = { ... }
+    for i = 1, select("#", ...) do parts[i] = tostring(parts[i]) end
+    core.log(n, table.concat(parts))
+end
+
+_M.json = setmetatable({}, { __index = function(t, k)
+    local json = require "moonlet.json"
+    setmetatable(t, { __index = json })
+    return json[k]
+end })
+
+return _M

@@ -1,0 +1,165 @@
+-- lua/moonlet/app.lua: the app: routes, middleware, static mounts, and the dispatcher the C server
+-- calls for each request. An app is a plain value: building one has no side effects, and
+-- app:listen() (or the `moonlet` command, given a script that returns the app) serves it.
+--
+-- The dispatcher runs inside the request's task (bindings/http_server.c). It builds req and res,
+-- routes, runs the middleware chain and the handler under xpcall (LuaJIT lets handlers yield
+-- through it), and turns the result into the response: a Lua error becomes a 500 with the
+-- traceback in the log, never in the response.
+local core = require "moonlet.core"
+local router_mod = require "moonlet.router"
+local request = require "moonlet.request"
+local response = require "moonlet.response"
+local url = require "moonlet.url"
+
+local str_find, str_sub = string.find, string.sub
+local setmetatable, xpcall, traceback = setmetatable, xpcall, debug.traceback
+local req_mt, res_mt = request.mt, response.mt
+local send, is_abort = response.send, response.is_abort
+local unescape = url.unescape
+
+local _M = {}
+local methods = {}
+local mt = { __name = "moonlet.app", __index = methods }
+
+-- syntax: app = moonlet.app()
+function _M.new(opts)
+    return setmetatable({ router = router_mod.new(), middleware = {}, opts = opts or {} }, mt)
+end
+
+function _M.is_app(v)
+    return getmetatable(v) == mt
+end
+
+-- syntax: app:route(method_or_methods, pattern, handler)
+function methods:route(method, pattern, handler)
+    if type(method) == "table" then
+        for _, m in ipairs(method) do self.router:add(m:upper(), pattern, handler) end
+    else
+        self.router:add(method == "*" and "*" or method:upper(), pattern, handler)
+    end
+    return self
+end
+
+for _, m in ipairs({ "get", "post", "put", "patch", "delete", "head", "options" }) do
+    local upper = m:upper()
+    -- syntax: app:get(pattern, handler), app:post(...), ...
+    methods[m] = function(self, pattern, handler)
+        self.router:add(upper, pattern, handler)
+        return self
+    end
+end
+
+-- syntax: app:any(pattern, handler) -- every method
+function methods:any(pattern, handler)
+    self.router:add("*", pattern, handler)
+    return self
+end
+
+-- syntax: app:use(function(req, res, next) ... return next() end) -- wraps every handler, 404s too
+function methods:use(fn)
+    if type(fn) ~= "function" then error("moonlet: middleware is a function", 2) end
+    self.middleware[#self.middleware + 1] = fn
+    return self
+end
+
+-- syntax: app:static(prefix, dir, opts) -- serves files under dir at prefix (GET and HEAD)
+function methods:static(prefix, dir, opts)
+    local handler = require("moonlet.static").handler(dir, opts)
+    prefix = prefix:gsub("/+$", "")
+    self.router:add("GET", prefix .. "/*path", handler)
+    return self
+end
+
+-- syntax: app:on_error(function(req, res, err) return status, body end) -- custom 500 page
+function methods:on_error(fn)
+    self.error_handler = fn
+    return self
+end
+
+local function not_found()
+    return 404, "404 Not Found\n"
+end
+
+local function run_chain(mw, i, req, res, handler)
+    local f = mw[i]
+    if not f then return handler(req, res) end
+    return f(req, res, function() return run_chain(mw, i + 1, req, res, handler) end)
+end
+
+local function on_error(err)
+    if is_abort(err) then return err end
+    return traceback(tostring(err), 2)
+end
+
+local function fail(app, req, res, err)
+    local x = res._x
+    if is_abort(err) then
+        if res._streaming then return end
+        return send(res, err.status, err.body, err.headers)
+    end
+    core.log(0, req.method .. " " .. req.target .. ": " .. err)
+    if res._streaming or x:started() then return end -- the C side closes a broken stream
+    if app.error_handler then
+        local ok, status, body = pcall(app.error_handler, req, res, err)
+        if ok and status then return x:respond(status, body or "", "text/plain; charset=utf-8") end
+    end
+    x:set_close()
+    return x:respond(500, "500 Internal Server Error\n", "text/plain; charset=utf-8")
+end
+
+-- The function the C server runs for each request: dispatch(exchange, method, target).
+function methods:dispatcher()
+    local router, mw = self.router, self.middleware
+    local app = self
+    return function(x, method, target)
+        local path, query = target, nil
+        local q = str_find(target, "?", 1, true)
+        if q then
+            path, query = str_sub(target, 1, q - 1), str_sub(target, q + 1)
+        end
+        if str_sub(path, 1, 1) ~= "/" then -- absolute-form or "*"
+            local p = path:match("^%a[%w+.-]*://[^/]*(/.*)$")
+            path = p or "/"
+        end
+        local handler, params, allow = router:match(method, path)
+        local decoded = path
+        if str_find(path, "%", 1, true) then decoded = unescape(path) end
+        local req = setmetatable({ method = method, path = decoded, target = target,
+                                   query_string = query, params = params or {}, _x = x }, req_mt)
+        local res = setmetatable({ _x = x, _status = 200 }, res_mt)
+        if not handler then
+            if allow then
+                handler = function(_, r)
+                    r:header("Allow", allow)
+                    return 405, "405 Method Not Allowed\n"
+                end
+            else
+                handler = not_found
+            end
+        end
+        local ok, a, b, c
+        if mw[1] then
+            ok, a, b, c = xpcall(run_chain, on_error, mw, 1, req, res, handler)
+        else
+            ok, a, b, c = xpcall(handler, on_error, req, res)
+        end
+        if ok then
+            ok, a = xpcall(send, on_error, res, a, b, c)
+            if ok then return end
+        end
+        return fail(app, req, res, a)
+    end
+end
+
+-- syntax: server, port = app:listen({ host = "127.0.0.1", port = 8080, max_body = ..., ... })
+function methods:listen(opts)
+    opts = opts or {}
+    local server, port = core.listen(opts, self:dispatcher())
+    if not server then return nil, port end
+    self.servers = self.servers or {}
+    self.servers[#self.servers + 1] = server
+    return server, port
+end
+
+return _M

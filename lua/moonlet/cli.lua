@@ -1,0 +1,153 @@
+-- lua/moonlet/cli.lua: the `moonlet` command line, run by moonlet_main inside the instance's main
+-- task (so a script's top level may wait: moonlet.sleep works there).
+--   moonlet [flags] script.lua [args]   runs the script; if it returns an app, serves it
+--   moonlet test [dirs or files] [busted flags]   runs busted specs inside moonlet's runtime
+local core = require "moonlet.core"
+
+local _M = {}
+
+local USAGE = [[
+usage: moonlet [flags] script.lua [script args]
+       moonlet test [spec dirs or files] [busted flags]
+
+A script that returns an app (moonlet.app()) is served; any other script runs inside the event loop
+until it and every task it spawned are done.
+
+flags:
+  --host HOST             address to listen on (127.0.0.1)
+  --port N                port (env PORT, else 8080); 0 picks a free one
+  --access-log            one line per request on stdout
+  --log-level LEVEL       error, warn, info (default) or debug
+  --max-body BYTES        request body limit, else 413 (1048576)
+  --max-uri BYTES         request-target limit, else 414 (8192)
+  --max-header-bytes N    header section limit, else 431 (32768)
+  --max-headers N         header count limit, else 431 (100)
+  --header-timeout S      seconds to receive the headers, else 408 (60)
+  --body-timeout S        seconds between two body reads, else 408 (60)
+  --keepalive-timeout S   idle keep-alive connections are closed after S seconds (75)
+  --max-conns N           connections beyond N are refused (10240)
+  --shutdown-grace S      SIGINT/SIGTERM wait this long for in-flight requests (10)
+  -h, --help              this text
+  -v, --version           the version
+]]
+
+local value_flags = {
+    ["--host"] = "host", ["--port"] = "port", ["--log-level"] = "log_level",
+    ["--max-body"] = "max_body", ["--max-uri"] = "max_uri",
+    ["--max-header-bytes"] = "max_header_bytes", ["--max-headers"] = "max_headers",
+    ["--header-timeout"] = "header_timeout", ["--body-timeout"] = "body_timeout",
+    ["--keepalive-timeout"] = "keepalive_timeout", ["--max-conns"] = "max_conns",
+    ["--shutdown-grace"] = "shutdown_grace", ["--send-timeout"] = "send_timeout",
+}
+local numeric = {
+    port = true, max_body = true, max_uri = true, max_header_bytes = true, max_headers = true,
+    header_timeout = true, body_timeout = true, keepalive_timeout = true, max_conns = true,
+    shutdown_grace = true, send_timeout = true,
+}
+
+local function die(msg)
+    io.stderr:write("moonlet: ", msg, "\n")
+    core.set_exit_code(2)
+    return nil
+end
+
+-- Parses argv (argv[1..]); returns opts, positional or nil after an error.
+function _M.parse(argv)
+    local opts, pos = {}, {}
+    local i, n = 1, #argv
+    while i <= n do
+        local a = argv[i]
+        if #pos > 0 and opts._script_args_only then
+            pos[#pos + 1] = a
+        elseif a == "--" then
+            opts._script_args_only = true
+        elseif a == "-h" or a == "--help" then
+            opts.help = true
+        elseif a == "-v" or a == "--version" then
+            opts.version = true
+        elseif a == "--access-log" then
+            opts.access_log = true
+        elseif a:match("^%-%-[%w-]+=") then
+            local k, v = a:match("^(%-%-[%w-]+)=(.*)$")
+            local key = value_flags[k]
+            if not key then return die("unknown flag " .. k .. " (see --help)") end
+            opts[key] = v
+        elseif value_flags[a] then
+            if i == n then return die(a .. " needs a value") end
+            opts[value_flags[a]] = argv[i + 1]
+            i = i + 1
+        elseif a:sub(1, 1) == "-" and a ~= "-" and (#pos == 0 or pos[1] ~= "test") then
+            if #pos == 0 then return die("unknown flag " .. a .. " (see --help)") end
+            pos[#pos + 1] = a -- after the script: the script's own flag
+        else
+            pos[#pos + 1] = a
+        end
+        i = i + 1
+    end
+    for k in pairs(numeric) do
+        if opts[k] ~= nil then
+            local v = tonumber(opts[k])
+            if not v or v < 0 then return die("--" .. k:gsub("_", "-") .. " wants a number") end
+            opts[k] = v
+        end
+    end
+    if opts.port == nil and os.getenv("PORT") then
+        opts.port = tonumber(os.getenv("PORT"))
+        if not opts.port then return die("PORT is not a number") end
+    end
+    return opts, pos
+end
+
+local function run_tests(pos)
+    local argv = { [0] = "moonlet test" }
+    for i = 2, #pos do argv[#argv + 1] = pos[i] end
+    _G.arg = argv
+    local out = require "moonlet.busted_output"
+    local ok, err = pcall(require("busted.runner"), { standalone = false, output = "moonlet.busted_output" })
+    if not ok and err ~= nil then io.stderr:write("moonlet test: ", tostring(err), "\n") end
+    local failed = out.results.failed
+    core.set_exit_code(((not ok and err ~= nil) or failed > 0) and 1 or 0)
+    core.halt()
+end
+
+function _M.main(argv)
+    local opts, pos = _M.parse(argv)
+    if not opts then return end
+    if opts.help then io.stdout:write(USAGE); return end
+    if opts.version then io.stdout:write("moonlet ", core.version, "\n"); return end
+    if opts.log_level or opts.access_log then
+        local ok, err = pcall(core.set_log, opts.log_level, opts.access_log or nil)
+        if not ok then return die(err) end
+    end
+    if pos[1] == "test" then return run_tests(pos) end
+    local script = pos[1]
+    if not script then
+        io.stderr:write(USAGE)
+        core.set_exit_code(2)
+        return
+    end
+    local chunk, err = loadfile(script)
+    if not chunk then return die(err) end
+    local args = { [0] = script }
+    for i = 2, #pos do args[i - 1] = pos[i] end
+    _G.arg = args
+    local ok, app = xpcall(chunk, debug.traceback, unpack(args))
+    if not ok then
+        io.stderr:write("moonlet: ", tostring(app), "\n")
+        core.set_exit_code(1)
+        return
+    end
+    if not require("moonlet.app").is_app(app) then return end
+    opts.host = opts.host or "127.0.0.1"
+    opts.port = opts.port or 8080
+    local server, port = app:listen(opts)
+    if not server then
+        io.stderr:write("moonlet: ", port, "\n")
+        core.set_exit_code(1)
+        return
+    end
+    local shown = opts.host:find(":", 1, true) and "[" .. opts.host .. "]" or opts.host
+    core.log(2, ("moonlet %s serving %s on http://%s:%d"):format(core.version, script, shown, port))
+end
+
+return _M

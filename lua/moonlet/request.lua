@@ -1,0 +1,109 @@
+-- lua/moonlet/request.lua: the request object a handler receives. Plain fields are set by the
+-- dispatcher (method, path, target, query_string, params); headers, query and connection details
+-- are filled in on first use. The body is pulled from the connection: req:body() (whole) or
+-- `for chunk in req:chunks()`, each read yielding until data is there. After the handler returns
+-- the request's connection is gone: reads return nil, "closed".
+local url = require "moonlet.url"
+
+local str_lower = string.lower
+local concat = table.concat
+local rawset = rawset
+
+local _M = {}
+local methods = {}
+
+local lazy = {}
+function lazy.headers(req)
+    return req._x:headers() or {}
+end
+function lazy.query(req)
+    local first, all = url.parse_query(req.query_string)
+    rawset(req, "_query_all", all)
+    return first
+end
+local function info(req)
+    local version, keep_alive, peer, length = req._x:info()
+    rawset(req, "http_version", version)
+    rawset(req, "keep_alive", keep_alive)
+    rawset(req, "peer", peer)
+    rawset(req, "content_length", length)
+end
+function lazy.http_version(req) info(req); return req.http_version end
+function lazy.keep_alive(req) info(req); return req.keep_alive end
+function lazy.peer(req) info(req); return req.peer end
+function lazy.content_length(req) info(req); return rawget(req, "content_length") end
+
+_M.mt = {
+    __name = "moonlet.request",
+    __index = function(req, k)
+        local m = methods[k]
+        if m then return m end
+        local f = lazy[k]
+        if f then
+            local v = f(req)
+            rawset(req, k, v)
+            return v
+        end
+    end,
+}
+
+-- syntax: value = req:header(name) -- case-insensitive
+function methods:header(name)
+    local h = rawget(self, "headers")
+    if h then return h[str_lower(name)] end
+    return self._x:header(str_lower(name))
+end
+
+-- syntax: values = req:args(name) -- every value of a repeated query parameter, in order
+function methods:args(name)
+    local _ = self.query
+    return self._query_all[name] or {}
+end
+
+-- syntax: for chunk in req:chunks() do ... end -- body pieces as they arrive; raises on a broken
+-- body (client gone, timeout) so a half-read body is never mistaken for a whole one
+function methods:chunks()
+    if self._body_read then error("moonlet: the body was already read", 2) end
+    self._body_read = true
+    local x = self._x
+    return function()
+        local chunk, err = x:read()
+        if err then error("moonlet: request body: " .. err, 2) end
+        return chunk
+    end
+end
+
+-- syntax: body, err = req:body() -- the whole body ("" when none); yields until it is in
+function methods:body()
+    local body = rawget(self, "_body")
+    if body then return body end
+    if self._body_read then return nil, "the body was already streamed" end
+    self._body_read = true
+    local x, parts, n = self._x, {}, 0
+    while true do
+        local chunk, err = x:read()
+        if err then return nil, err end
+        if not chunk then break end
+        n = n + 1
+        parts[n] = chunk
+    end
+    body = n == 1 and parts[1] or concat(parts)
+    self._body = body
+    return body
+end
+
+-- syntax: value, err = req:json() -- the body decoded as JSON
+function methods:json()
+    local body, err = self:body()
+    if not body then return nil, err end
+    return require("moonlet.json").decode(body)
+end
+
+-- syntax: fields = req:form() -- an application/x-www-form-urlencoded body as a table
+function methods:form()
+    local body, err = self:body()
+    if not body then return nil, err end
+    return (url.parse_query(body))
+end
+
+return _M

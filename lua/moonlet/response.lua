@@ -1,0 +1,112 @@
+-- lua/moonlet/response.lua: the response object a handler receives, and how a handler's return
+-- values become the response. Setters chain: res:status(201):header("X-A", "b"). res:write(chunk)
+-- starts a streamed response (chunked on HTTP/1.1) and yields while the client is far behind.
+-- A handler returns body | status, body, headers: a string is sent as text/plain, a table as JSON.
+local json = require "moonlet.json"
+
+local type, setmetatable, tostring = type, setmetatable, tostring
+
+local _M = {}
+local methods = {}
+_M.mt = { __name = "moonlet.response", __index = methods }
+
+local TEXT = "text/plain; charset=utf-8"
+local JSON = "application/json"
+local short_types = {
+    text = TEXT, html = "text/html; charset=utf-8", json = JSON, css = "text/css; charset=utf-8",
+    js = "application/javascript; charset=utf-8", xml = "application/xml",
+    bin = "application/octet-stream",
+}
+
+local abort_mt = { __name = "moonlet.abort", __tostring = function(a)
+    return "moonlet.abort(" .. tostring(a.status) .. ")"
+end }
+
+-- An error object that ends a request with a given response (see moonlet.abort).
+function _M.abort(status, body, headers)
+    return setmetatable({ status = status, body = body, headers = headers }, abort_mt)
+end
+
+function _M.is_abort(v)
+    return getmetatable(v) == abort_mt
+end
+
+-- syntax: res:status(code) -> res
+function methods:status(code)
+    if type(code) ~= "number" then error("moonlet: status is a number", 2) end
+    self._status = code
+    return self
+end
+
+-- syntax: res:header(name, value) -> res -- value nil removes; a table sends the header repeatedly
+function methods:header(name, value)
+    local h = self._headers
+    if not h then h = {}; self._headers = h end
+    if name == "Content-Type" or name == "content-type" then
+        self._ctype = value
+    else
+        h[name] = value
+    end
+    return self
+end
+
+-- syntax: res:type(t) -> res -- "html", "json", "text", ... or a full media type
+function methods:type(t)
+    self._ctype = short_types[t] or t
+    return self
+end
+
+-- syntax: ok, err = res:write(chunk) -- streams; yields while the client is more than 256 KiB behind
+function methods:write(chunk)
+    local x = self._x
+    if not self._streaming then
+        self._streaming = true
+        local ok, err = x:start(self._status, self._ctype or TEXT, self._headers, self._length)
+        if not ok then return nil, err end
+    end
+    return x:write(tostring(chunk))
+end
+
+-- syntax: res:redirect(location, status) -- status 302 by default; the handler then returns
+function methods:redirect(location, status)
+    self._status = status or 302
+    self:header("Location", location)
+    return self
+end
+
+-- syntax: started = res:started()
+function methods:started()
+    return self._streaming or self._x:started()
+end
+
+-- Sends what the handler returned: body | status, body, headers (see the file head).
+function _M.send(res, a, b, c)
+    local x = res._x
+    if res._streaming then
+        if a ~= nil and type(a) ~= "number" then res:write(a) end
+        return x:finish()
+    end
+    local status, body = res._status, a
+    if type(a) == "number" then
+        status, body = a, b
+        if c then
+            for k, v in pairs(c) do res:header(k, v) end
+        end
+    end
+    local ctype = res._ctype
+    local t = type(body)
+    if t == "string" then
+        ctype = ctype or TEXT
+    elseif t == "table" then
+        body = json.encode(body)
+        ctype = ctype or JSON
+    elseif body == nil then
+        body = ""
+    else
+        body = tostring(body)
+        ctype = ctype or TEXT
+    end
+    return x:respond(status, body, ctype, res._headers)
+end
+
+return _M

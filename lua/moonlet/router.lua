@@ -1,0 +1,133 @@
+-- lua/moonlet/router.lua: routes from (method, pattern) to handlers. Patterns are literal paths
+-- ("/about"), with named parameters ("/users/:id") and a trailing splat ("/files/*path" or "/*").
+-- Literal paths are one table lookup; patterns are tried in the order they were added. Matching
+-- works on the raw path, so an encoded "/" (%2F) never splits a segment; parameters are decoded.
+local url = require "moonlet.url"
+
+local str_find, str_sub = string.find, string.sub
+local unescape, split_path = url.unescape, url.split_path
+local pairs, setmetatable, sort, concat = pairs, setmetatable, table.sort, table.concat
+
+local _M = {}
+local methods = {}
+local mt = { __name = "moonlet.router", __index = methods }
+
+-- syntax: r = router.new()
+function _M.new()
+    return setmetatable({ exact = {}, dynamic = {}, by_pattern = {} }, mt)
+end
+
+local function compile(pattern)
+    local segs = split_path(pattern)
+    local out = {}
+    for i, s in ipairs(segs) do
+        local c = str_sub(s, 1, 1)
+        if c == ":" then
+            out[i] = { param = str_sub(s, 2) }
+        elseif c == "*" then
+            if i ~= #segs then error("moonlet: a splat must end the pattern: " .. pattern, 4) end
+            local name = str_sub(s, 2)
+            out[i] = { splat = name ~= "" and name or "splat" }
+        else
+            out[i] = { literal = s }
+        end
+    end
+    return out
+end
+
+-- syntax: r:add(method, pattern, handler) -- method "GET", ... or "*" for any
+function methods:add(method, pattern, handler)
+    if type(pattern) ~= "string" or str_sub(pattern, 1, 1) ~= "/" then
+        error("moonlet: a route pattern starts with /: " .. tostring(pattern), 3)
+    end
+    if type(handler) ~= "function" then error("moonlet: a route handler is a function", 3) end
+    if not str_find(pattern, "[:*]") then
+        local e = self.exact[pattern]
+        if not e then e = {}; self.exact[pattern] = e end
+        e[method] = handler
+        return
+    end
+    local route = self.by_pattern[pattern]
+    if not route then
+        route = { segs = compile(pattern), handlers = {}, pattern = pattern }
+        self.by_pattern[pattern] = route
+        self.dynamic[#self.dynamic + 1] = route
+    end
+    route.handlers[method] = handler
+end
+
+local function pick(handlers, method)
+    return handlers[method] or (method == "HEAD" and handlers.GET) or handlers["*"]
+end
+
+local function match_segs(rsegs, psegs)
+    local params
+    for i = 1, #rsegs do
+        local rs, ps = rsegs[i], psegs[i]
+        if rs.splat then
+            local rest = concat(psegs, "/", i)
+            params = params or {}
+            params[rs.splat] = unescape(rest)
+            return params
+        end
+        if ps == nil then return nil end
+        if rs.literal then
+            if rs.literal ~= ps then return nil end
+        else
+            if ps == "" then return nil end
+            params = params or {}
+            params[rs.param] = unescape(ps)
+        end
+    end
+    if #psegs ~= #rsegs then return nil end
+    return params or {}
+end
+
+local function allow_list(found)
+    local list = {}
+    for _, handlers in ipairs(found) do
+        for m in pairs(handlers) do
+            if m == "*" then return nil end
+            list[#list + 1] = m
+            if m == "GET" then list[#list + 1] = "HEAD" end
+        end
+    end
+    local seen, uniq = {}, {}
+    for _, m in ipairs(list) do
+        if not seen[m] then seen[m] = true; uniq[#uniq + 1] = m end
+    end
+    sort(uniq)
+    return concat(uniq, ", ")
+end
+
+-- syntax: handler, params, allow = r:match(method, raw_path)
+-- handler and params on a match; nil, nil, "GET, HEAD" when the path exists for other methods only;
+-- nil when nothing matches.
+function methods:match(method, path)
+    local e = self.exact[path]
+    if not e and str_find(path, "%", 1, true) then e = self.exact[unescape(path)] end
+    local found
+    if e then
+        local h = pick(e, method)
+        if h then return h, nil end
+        found = { e }
+    end
+    local dyn = self.dynamic
+    if dyn[1] then
+        local psegs = split_path(path)
+        for i = 1, #dyn do
+            local route = dyn[i]
+            local params = match_segs(route.segs, psegs)
+            if params then
+                local h = pick(route.handlers, method)
+                if h then return h, params end
+                found = found or {}
+                found[#found + 1] = route.handlers
+            end
+        end
+    end
+    if found then return nil, nil, allow_list(found) end
+    return nil
+end
+
+return _M

@@ -1,0 +1,101 @@
+-- lua/moonlet/static.lua: static files. The path is decoded once and checked segment by segment
+-- ("..", ".", NUL and backslashes refused, encoded or not), then resolved with realpath and kept
+-- only if it is still under the root, so symlinks cannot lead out of it. Responses carry
+-- Content-Type, ETag and Last-Modified (304 on If-None-Match / If-Modified-Since), honour a single
+-- Range (206, or 416), and the bytes go from the file to the socket in C (x:send_file), never
+-- through Lua.
+local core = require "moonlet.core"
+local mime = require "moonlet.mime"
+
+local str_find, str_sub, fmt = string.find, string.sub, string.format
+local os_date, floor, tonumber = os.date, math.floor, tonumber
+
+local _M = {}
+
+local function http_date(t)
+    return os_date("!%a, %d %b %Y %H:%M:%S GMT", t)
+end
+
+local function safe_relative(rel)
+    if str_find(rel, "\0", 1, true) or str_find(rel, "\\", 1, true) then return nil end
+    for seg in rel:gmatch("[^/]+") do
+        if seg == ".." or seg == "." then return nil end
+    end
+    return rel
+end
+
+-- Returns offset, length for a single "bytes=" range, false when unsatisfiable, nil to ignore.
+local function parse_range(h, size)
+    local a, b = h:match("^%s*bytes%s*=%s*(%d*)%s*%-%s*(%d*)%s*$")
+    if not a or (a == "" and b == "") then return nil end
+    local first, last
+    if a == "" then -- suffix: the last b bytes
+        local n = tonumber(b)
+        if n == 0 then return false end
+        first, last = size - n, size - 1
+        if first < 0 then first = 0 end
+    else
+        first = tonumber(a)
+        last = b ~= "" and tonumber(b) or size - 1
+        if last >= size then last = size - 1 end
+    end
+    if first > last or first >= size then return false end
+    return first, last - first + 1
+end
+
+-- syntax: handler = static.handler(dir, { index = "index.html", max_age = seconds })
+function _M.handler(dir, opts)
+    opts = opts or {}
+    local root, err = core.realpath(dir)
+    if not root then error("moonlet: static root " .. dir .. ": " .. err, 3) end
+    local index = opts.index == nil and "index.html" or opts.index
+    local cache_control = opts.max_age and ("public, max-age=" .. floor(opts.max_age)) or nil
+
+    return function(req, res)
+        local rel = safe_relative(req.params.path or "")
+        if not rel then return 404, "404 Not Found\n" end
+        local real = core.realpath(root .. "/" .. rel)
+        if not real or (real ~= root and str_sub(real, 1, #root + 1) ~= root .. "/") then
+            return 404, "404 Not Found\n"
+        end
+        local st = core.stat(real)
+        if st and st.type == "directory" and index then
+            real = real .. "/" .. index
+            st = core.stat(real)
+        end
+        if not st or st.type ~= "file" then return 404, "404 Not Found\n" end
+
+        local etag = fmt('"%x-%x"', st.mtime, st.size)
+        local last_modified = http_date(st.mtime)
+        res:header("ETag", etag):header("Last-Modified", last_modified)
+        res:header("Accept-Ranges", "bytes")
+        if cache_control then res:header("Cache-Control", cache_control) end
+        local inm = req:header("if-none-match")
+        if inm then
+            if inm == "*" or str_find(inm, etag, 1, true) then return 304 end
+        elseif req:header("if-modified-since") == last_modified then
+            return 304
+        end
+
+        local x, size = res._x, st.size
+        local status, offset, length = 200, 0, size
+        local range = req:header("range")
+        if range and (not req:header("if-range") or req:header("if-range") == etag) then
+            local o, l = parse_range(range, size)
+            if o == false then
+                res:header("Content-Range", "bytes */" .. size)
+                return 416, ""
+            elseif o then
+                status, offset, length = 206, o, l
+                res:header("Content-Range", fmt("bytes %d-%d/%d", o, o + l - 1, size))
+            end
+        end
+        res._streaming = true
+        local ok, serr = x:start(status, mime.for_path(real), res._headers, length)
+        if not ok then return nil, serr end
+        if length > 0 then x:send_file(real, offset, length) end
+        -- returning ends the stream (response.send); a failed transfer already closed the socket
+    end
+end
+
+return _M

@@ -1,0 +1,80 @@
+-- lua/moonlet/url.lua: percent-decoding, query strings and path segments, shared by the router,
+-- requests and static files.
+local str_find, str_gsub, str_sub, str_char = string.find, string.gsub, string.sub, string.char
+local tonumber = tonumber
+
+local _M = {}
+
+local function hex_char(h)
+    return str_char(tonumber(h, 16))
+end
+
+-- syntax: s = url.unescape(s) -- %XX decoded; "+" left alone (paths)
+function _M.unescape(s)
+    if not str_find(s, "%", 1, true) then return s end
+    return (str_gsub(s, "%%(%x%x)", hex_char))
+end
+
+-- syntax: s = url.unescape_form(s) -- as unescape, and "+" is a space (query strings, forms)
+function _M.unescape_form(s)
+    if str_find(s, "+", 1, true) then s = str_gsub(s, "+", " ") end
+    return _M.unescape(s)
+end
+
+-- syntax: s = url.escape(s) -- everything but unreserved characters percent-encoded
+function _M.escape(s)
+    return (str_gsub(s, "[^%w%-%._~]", function(c) return ("%%%02X"):format(c:byte()) end))
+end
+
+-- syntax: first, all = url.parse_query(qs) -- first[k] = first value; all[k] = every value, in order
+function _M.parse_query(qs)
+    local first, all = {}, {}
+    if not qs or qs == "" then return first, all end
+    local unescape = _M.unescape_form
+    local pos, len = 1, #qs
+    while pos <= len do
+        local amp = str_find(qs, "&", pos, true) or len + 1
+        local pair = str_sub(qs, pos, amp - 1)
+        if pair ~= "" then
+            local eq = str_find(pair, "=", 1, true)
+            local k, v
+            if eq then
+                k, v = unescape(str_sub(pair, 1, eq - 1)), unescape(str_sub(pair, eq + 1))
+            else
+                k, v = unescape(pair), ""
+            end
+            if first[k] == nil then
+                first[k] = v
+                all[k] = { v }
+            else
+                local list = all[k]
+                list[#list + 1] = v
+            end
+        end
+        pos = amp + 1
+    end
+    return first, all
+end
+
+-- syntax: segs = url.split_path(path) -- "/a/b/" -> { "a", "b", "" }
+function _M.split_path(path)
+    local segs, n, pos = {}, 0, 2
+    local len = #path
+    if len < 2 then return segs end
+    while true do
+        local slash = str_find(path, "/", pos, true)
+        n = n + 1
+        if not slash then
+            segs[n] = str_sub(path, pos)
+            return segs
+        end
+        segs[n] = str_sub(path, pos, slash - 1)
+        pos = slash + 1
+        if pos > len then
+            segs[n + 1] = ""
+            return segs
+        end
+    end
+end
+
+return _M
