@@ -63,10 +63,16 @@ $(BUILD)/libmoonlet.so: $(LIB_OBJ)
 $(BUILD)/moonlet: $(BUILD)/cli/main.o $(BUILD)/libmoonlet.a
 	$(CC) -o $@ $< $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
 
+CTEST_SRC := $(wildcard spec/c/test_*.c)
+CTESTS    := $(CTEST_SRC:%.c=$(BUILD)/%)
+$(BUILD)/spec/c/%: spec/c/%.c spec/c/ctest.h $(BUILD)/libmoonlet.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -o $@ $< $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
+
 run: $(BUILD)/moonlet
 	./$(BUILD)/moonlet apps/welcome/app.lua --port $(PORT)
 
-test: $(BUILD)/moonlet
+test: $(BUILD)/moonlet $(CTESTS)
 	@BUILD=$(BUILD) SANITIZE=$(SANITIZE) sh spec/run.sh
 
 bench: $(BUILD)/moonlet

@@ -1,0 +1,203 @@
+-- lua/moonlet/test.lua: helpers for specs run by `moonlet test`: serve an app on a free port in
+-- this process, talk to it over real sockets (raw bytes or parsed HTTP/1.1 responses), wait for a
+-- condition with a deadline, and run the `moonlet` binary as a separate process.
+local core = require "moonlet.core"
+
+local str_lower, tonumber = string.lower, tonumber
+local concat = table.concat
+
+local _M = {}
+
+-- syntax: server, port = test.serve(app, opts) -- on 127.0.0.1, a free port
+function _M.serve(app, opts)
+    opts = opts or {}
+    opts.host = opts.host or "127.0.0.1"
+    opts.port = 0
+    local server, port = app:listen(opts)
+    assert(server, port)
+    return server, port
+end
+
+-- syntax: sock = test.connect(port, timeout) -- raises when the connection fails
+function _M.connect(port, timeout)
+    local sock, err = core.tcp_connect("127.0.0.1", port, timeout or 5)
+    assert(sock, err)
+    sock:settimeout(timeout or 5)
+    return sock
+end
+
+-- syntax: resp, err = test.read_response(sock, method) -- one response:
+-- { status, reason, version, headers (lower-case names; repeats joined by ", "), body, chunked }
+function _M.read_response(sock, method)
+    local line, err = sock:receive("*l")
+    if not line then return nil, err end
+    local version, status, reason = line:match("^HTTP/(%d%.%d) (%d%d%d) ?(.*)$")
+    if not version then return nil, "bad status line: " .. line end
+    local resp = { status = tonumber(status), reason = reason, version = version, headers = {} }
+    while true do
+        local h
+        h, err = sock:receive("*l")
+        if not h then return nil, err end
+        if h == "" then break end
+        local name, value = h:match("^([^:]+):%s*(.-)%s*$")
+        if not name then return nil, "bad header line: " .. h end
+        name = str_lower(name)
+        local old = resp.headers[name]
+        resp.headers[name] = old and (old .. ", " .. value) or value
+    end
+    if resp.status < 200 then return resp end -- 1xx: the caller reads the final response next
+    local hs = resp.headers
+    if method == "HEAD" or resp.status == 204 or resp.status == 304 then
+        resp.body = ""
+    elseif hs["transfer-encoding"] == "chunked" then
+        resp.chunked = true
+        local parts = {}
+        while true do
+            local size_line
+            size_line, err = sock:receive("*l")
+            if not size_line then return nil, err end
+            local size = tonumber(size_line:match("^(%x+)"), 16)
+            if not size then return nil, "bad chunk size: " .. size_line end
+            if size == 0 then
+                sock:receive("*l")
+                break
+            end
+            local data
+            data, err = sock:receive(size)
+            if not data then return nil, err end
+            parts[#parts + 1] = data
+            sock:receive("*l")
+        end
+        resp.body = concat(parts)
+        resp.chunks = parts
+    elseif hs["content-length"] then
+        local n = tonumber(hs["content-length"])
+        if n > 0 then
+            resp.body, err = sock:receive(n)
+            if not resp.body then return nil, err end
+        else
+            resp.body = ""
+        end
+    else
+        resp.body, err = sock:receive("*a")
+        if not resp.body then return nil, err end
+    end
+    return resp
+end
+
+-- syntax: text = test.format_request(method, path, { headers = {...}, body = "..." })
+function _M.format_request(method, path, opts)
+    opts = opts or {}
+    local lines = { method .. " " .. path .. " HTTP/1.1" }
+    local headers = opts.headers or {}
+    local has_host = false
+    for k, v in pairs(headers) do
+        if str_lower(k) == "host" then has_host = true end
+        lines[#lines + 1] = k .. ": " .. v
+    end
+    if not has_host then lines[#lines + 1] = "Host: 127.0.0.1" end
+    if opts.body and not headers["Content-Length"] and not headers["Transfer-Encoding"] then
+        lines[#lines + 1] = "Content-Length: " .. #opts.body
+    end
+    return concat(lines, "\r\n") .. "\r\n\r\n" .. (opts.body or "")
+end
+
+-- syntax: resp = test.request(port, method, path, opts) -- one request on a new connection
+function _M.request(port, method, path, opts)
+    local sock = _M.connect(port, opts and opts.timeout)
+    assert(sock:send(_M.format_request(method, path, opts)))
+    local resp, err = _M.read_response(sock, method)
+    sock:close()
+    assert(resp, err)
+    return resp
+end
+
+-- syntax: data, err = test.raw(port, bytes, timeout) -- sends bytes, returns all that comes back
+-- until the server closes (or nil, "timeout", partial)
+function _M.raw(port, bytes, timeout)
+    local sock = _M.connect(port, timeout or 5)
+    assert(sock:send(bytes))
+    local data, err, partial = sock:receive("*a")
+    sock:close()
+    return data, err, partial
+end
+
+-- syntax: ok = test.wait_until(fn, timeout) -- polls fn every 10 ms until it is truthy or time is up
+function _M.wait_until(fn, timeout)
+    local deadline = core.now() + (timeout or 5)
+    while core.now() < deadline do
+        local v = fn()
+        if v then return v end
+        core.sleep(0.01)
+    end
+    return fn()
+end
+
+-- syntax: bin = test.binary() -- the moonlet binary under test (env MOONLET_BIN)
+function _M.binary()
+    return os.getenv("MOONLET_BIN") or "build/moonlet"
+end
+
+local proc_mt = { __index = {} }
+
+-- syntax: p = test.start_process(args_string) -- runs `moonlet args` in the background; p.log is
+-- its stderr+stdout file; p:port() waits for its "serving ... on http://host:port" line
+function _M.start_process(args)
+    local dir = os.tmpname()
+    os.remove(dir)
+    local log, codefile = dir .. ".log", dir .. ".code"
+    local cmd = ("(%s %s >%s 2>&1; echo $? >%s) & echo $!"):format(_M.binary(), args, log, codefile)
+    local f = io.popen(cmd)
+    local shell_pid = tonumber(f:read("*l"))
+    f:close()
+    return setmetatable({ log = log, codefile = codefile, shell_pid = shell_pid }, proc_mt)
+end
+
+function proc_mt.__index:output()
+    local f = io.open(self.log)
+    if not f then return "" end
+    local s = f:read("*a")
+    f:close()
+    return s
+end
+
+function proc_mt.__index:port(timeout)
+    local port = _M.wait_until(function()
+        return tonumber(self:output():match("on http://[^:]+:(%d+)"))
+    end, timeout or 10)
+    assert(port, "the server did not start: " .. self:output())
+    return port
+end
+
+-- the moonlet process itself: the child of the subshell
+function proc_mt.__index:pid()
+    local f = io.popen("pgrep -P " .. self.shell_pid)
+    local pid = tonumber(f:read("*l"))
+    f:close()
+    return pid
+end
+
+function proc_mt.__index:signal(sig)
+    local pid = self:pid()
+    if pid then os.execute("kill -" .. sig .. " " .. pid) end
+    return pid ~= nil
+end
+
+-- syntax: code = p:wait(timeout) -- the exit code, or nil if still running at the deadline
+function proc_mt.__index:wait(timeout)
+    return _M.wait_until(function()
+        local f = io.open(self.codefile)
+        if not f then return nil end
+        local code = tonumber(f:read("*l"))
+        f:close()
+        return code
+    end, timeout or 10)
+end
+
+function proc_mt.__index:kill()
+    self:signal("KILL")
+    os.remove(self.log)
+    os.remove(self.codefile)
+end
+
+return _M
