@@ -68,6 +68,10 @@ static int on_method(llhttp_t *p, const char *at, size_t len) {
 
 static int on_url(llhttp_t *p, const char *at, size_t len) {
   ml_conn_t *c = conn_of(p);
+  if (c->req.target_len == 0 && at - c->feed_start >= 2 && at[-2] == ' ') {
+    llhttp_set_error_reason(p, "more than one space before the request-target");
+    return HPE_USER;
+  }
   if (c->req.target_len == 0) c->req.target = c->rb->data + c->rb->len;
   if (c->req.target_len + len > c->srv->lim.max_uri) {
     c->error_status = 414;
@@ -96,9 +100,19 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
   return rb_append(c, at, len, 1);
 }
 
+/* The byte before `at` in the input, or the last byte of the previous read when `at` starts it. */
+static char byte_before(const ml_conn_t *c, const char *at) {
+  return at > c->feed_start ? at[-1] : c->last_byte;
+}
+
 static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   ml_conn_t *c = conn_of(p);
   if (!c->cur) return -1;
+  if (c->cur->value_len > 0 && byte_before(c, at) == '\n') {
+    /* llhttp joins obs-fold continuation lines; RFC 9112 lets a server refuse them, and we do */
+    llhttp_set_error_reason(p, "obsolete line folding");
+    return HPE_USER;
+  }
   if (!c->cur->value) c->cur->value = c->rb->data + c->rb->len;
   c->cur->value_len += (uint32_t)len;
   return rb_append(c, at, len, 0);
@@ -291,7 +305,9 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
       c->in_feed = 0;
       return;
     }
+    c->feed_start = data;
     enum llhttp_errno err = llhttp_execute(&c->parser, data, len);
+    c->last_byte = data[len - 1];
     if (err == HPE_OK) {
       len = 0;
       deliver_body(c);

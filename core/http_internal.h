@@ -64,6 +64,8 @@ struct ml_conn_s {
   int open_handles;       /* tcp + timer until their close callbacks ran */
 
   uint8_t state;          /* ML_CONN_* */
+  const char *feed_start; /* the data of the llhttp_execute in progress (obs-fold checks) */
+  char last_byte;         /* the last byte given to llhttp_execute */
   uint8_t pause;          /* why llhttp paused: PAUSE_HEADERS or PAUSE_MESSAGE (http_conn.c) */
   unsigned req_active : 1;     /* on_request ran, ml_conn_finish not yet */
   unsigned resp_started : 1;   /* a response head was written */

@@ -1,0 +1,298 @@
+-- spec/http_spec.lua: the HTTP/1.1 server as a client sees it, over real sockets: keep-alive,
+-- pipelining, Connection: close, HTTP/1.0, HEAD, 100-continue, request bodies (Content-Length and
+-- chunked, whole or streamed), responses (Content-Length and chunked), headers, query strings,
+-- route parameters, 404/405, handler return shapes and errors.
+local moonlet = require "moonlet"
+local test = require "moonlet.test"
+
+local function serve(build, opts)
+    local app = moonlet.app()
+    build(app)
+    return test.serve(app, opts)
+end
+
+describe("moonlet.http server", function()
+    local server, port
+    before_each(function()
+        server, port = serve(function(app)
+            app:get("/", function() return "Hello, World!" end)
+            app:get("/users/:id", function(req)
+                return { id = req.params.id, q = req.query.q }
+            end)
+            app:get("/files/*path", function(req) return req.params.path end)
+            app:post("/echo", function(req, res)
+                local body = assert(req:body())
+                res:status(201):header("X-Echo", "yes")
+                return body
+            end)
+            app:post("/stream-in", function(req)
+                local sizes = {}
+                for chunk in req:chunks() do sizes[#sizes + 1] = #chunk end
+                local total = 0
+                for _, n in ipairs(sizes) do total = total + n end
+                return tostring(total)
+            end)
+            app:get("/countdown", function(_, res)
+                for i = 3, 1, -1 do
+                    res:write(i .. "\n")
+                    moonlet.sleep(0.01)
+                end
+            end)
+            app:get("/headers", function(req)
+                return { ua = req:header("User-Agent"), x = req.headers["x-multi"],
+                         method = req.method, version = req.http_version }
+            end)
+            app:get("/triple", function() return 202, "accepted", { ["X-A"] = "1" } end)
+            app:get("/error", function() error("boom in handler") end)
+            app:get("/abort", function() moonlet.abort(418, "teapot\n") end)
+            app:get("/slow", function()
+                moonlet.sleep(0.2)
+                return "slow"
+            end)
+            app:get("/nil", function() end)
+            app:get("/big", function() return string.rep("x", 3 * 1024 * 1024) end)
+            app:put("/users/:id", function(req) return "put " .. req.params.id end)
+        end)
+    end)
+    after_each(function() server:close() end)
+
+    it("answers GET / with 200, Date, Server and Content-Length", function()
+        local r = test.request(port, "GET", "/")
+        assert.same(200, r.status)
+        assert.same("Hello, World!", r.body)
+        assert.same("13", r.headers["content-length"])
+        assert.same("moonlet", r.headers["server"])
+        assert.truthy(r.headers["date"]:match("^%a%a%a, %d%d %a%a%a %d%d%d%d %d%d:%d%d:%d%d GMT$"))
+        assert.same("text/plain; charset=utf-8", r.headers["content-type"])
+    end)
+
+    it("decodes route parameters and the query string", function()
+        local r = test.request(port, "GET", "/users/a%20b?q=x+y%21&other=1")
+        assert.same(200, r.status)
+        assert.same("application/json", r.headers["content-type"])
+        local body = require("moonlet.json").decode(r.body)
+        assert.same({ id = "a b", q = "x y!" }, body)
+    end)
+
+    it("matches a splat route with nested segments", function()
+        assert.same("a/b/c.txt", test.request(port, "GET", "/files/a/b/c.txt").body)
+    end)
+
+    it("keeps the connection alive across requests", function()
+        local sock = test.connect(port)
+        for i = 1, 3 do
+            assert(sock:send(test.format_request("GET", "/users/" .. i)))
+            local r = assert(test.read_response(sock))
+            assert.same(200, r.status)
+            assert.same('{"id":"' .. i .. '"}', r.body)
+            assert.is_nil(r.headers["connection"])
+        end
+        sock:close()
+    end)
+
+    it("answers pipelined requests in request order, slow ones included", function()
+        local sock = test.connect(port)
+        local batch = test.format_request("GET", "/slow") .. test.format_request("GET", "/")
+            .. test.format_request("POST", "/echo", { body = "abc" })
+            .. test.format_request("GET", "/users/9")
+        assert(sock:send(batch))
+        local bodies = {}
+        for _ = 1, 4 do
+            local r = assert(test.read_response(sock))
+            bodies[#bodies + 1] = r.body
+        end
+        assert.same({ "slow", "Hello, World!", "abc", '{"id":"9"}' }, bodies)
+        sock:close()
+    end)
+
+    it("closes after a response to Connection: close", function()
+        local data = assert(test.raw(port, test.format_request("GET", "/",
+            { headers = { Connection = "close" } })))
+        assert.truthy(data:find("Connection: close\r\n", 1, true))
+        assert.truthy(data:find("Hello, World!$"))
+    end)
+
+    it("closes an HTTP/1.0 connection and keeps one that asks for keep-alive", function()
+        local data = assert(test.raw(port, "GET / HTTP/1.0\r\n\r\n"))
+        assert.truthy(data:find("^HTTP/1.1 200 OK\r\n"))
+        assert.truthy(data:find("Connection: close\r\n", 1, true))
+        local sock = test.connect(port)
+        assert(sock:send("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"))
+        local r = assert(test.read_response(sock))
+        assert.same("keep-alive", r.headers["connection"])
+        assert(sock:send("GET /users/1 HTTP/1.0\r\n\r\n"))
+        r = assert(test.read_response(sock))
+        assert.same('{"id":"1"}', r.body)
+        sock:close()
+    end)
+
+    it("sends HEAD responses with Content-Length and no body", function()
+        local sock = test.connect(port)
+        assert(sock:send(test.format_request("HEAD", "/") .. test.format_request("GET", "/")))
+        local r = assert(test.read_response(sock, "HEAD"))
+        assert.same(200, r.status)
+        assert.same("13", r.headers["content-length"])
+        r = assert(test.read_response(sock)) -- the next response starts right after the head
+        assert.same("Hello, World!", r.body)
+        sock:close()
+    end)
+
+    it("reads a Content-Length body and answers with status and headers set on res", function()
+        local r = test.request(port, "POST", "/echo", { body = "hello body" })
+        assert.same(201, r.status)
+        assert.same("yes", r.headers["x-echo"])
+        assert.same("hello body", r.body)
+    end)
+
+    it("reads a chunked request body", function()
+        local sock = test.connect(port)
+        assert(sock:send("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .. "5\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\n\r\n"))
+        local r = assert(test.read_response(sock))
+        assert.same("hello world", r.body)
+        sock:close()
+    end)
+
+    it("streams a large request body chunk by chunk", function()
+        local body = string.rep("0123456789", 90000) -- 900 kB, under the 1 MiB limit
+        local r = test.request(port, "POST", "/stream-in", { body = body })
+        assert.same(200, r.status)
+        assert.same(tostring(#body), r.body)
+    end)
+
+    it("sends 100 Continue before reading a body when the client expects it", function()
+        local sock = test.connect(port)
+        assert(sock:send("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+            .. "Expect: 100-continue\r\n\r\n"))
+        local r = assert(test.read_response(sock))
+        assert.same(100, r.status)
+        assert(sock:send("ping"))
+        r = assert(test.read_response(sock))
+        assert.same(201, r.status)
+        assert.same("ping", r.body)
+        sock:close()
+    end)
+
+    it("streams a response with chunked encoding while the handler sleeps", function()
+        local r = test.request(port, "GET", "/countdown")
+        assert.same(200, r.status)
+        assert.same("chunked", r.headers["transfer-encoding"])
+        assert.same({ "3\n", "2\n", "1\n" }, r.chunks)
+    end)
+
+    it("streams to an HTTP/1.0 client by closing the connection", function()
+        local data = assert(test.raw(port, "GET /countdown HTTP/1.0\r\n\r\n"))
+        assert.is_nil(data:find("chunked", 1, true))
+        assert.truthy(data:find("\r\n\r\n3\n2\n1\n$"))
+    end)
+
+    it("reads request headers case-insensitively and joins repeated ones", function()
+        local r = test.request(port, "GET", "/headers",
+            { headers = { ["uSeR-aGeNt"] = "spec/1", ["X-Multi"] = "a" } })
+        local body = require("moonlet.json").decode(r.body)
+        assert.same({ ua = "spec/1", x = "a", method = "GET", version = "1.1" }, body)
+        local sock = test.connect(port)
+        assert(sock:send("GET /headers HTTP/1.1\r\nHost: a\r\nX-Multi: a\r\nx-multi: b\r\n\r\n"))
+        r = assert(test.read_response(sock))
+        assert.same("a, b", require("moonlet.json").decode(r.body).x)
+        sock:close()
+    end)
+
+    it("takes status, body, headers from a handler's return values", function()
+        local r = test.request(port, "GET", "/triple")
+        assert.same(202, r.status)
+        assert.same("accepted", r.body)
+        assert.same("1", r.headers["x-a"])
+    end)
+
+    it("answers an empty 200 when the handler returns nothing", function()
+        local r = test.request(port, "GET", "/nil")
+        assert.same(200, r.status)
+        assert.same("", r.body)
+        assert.same("0", r.headers["content-length"])
+    end)
+
+    it("answers 404 and 405 with Allow", function()
+        assert.same(404, test.request(port, "GET", "/nowhere").status)
+        local r = test.request(port, "DELETE", "/users/1")
+        assert.same(405, r.status)
+        assert.same("GET, HEAD, PUT", r.headers["allow"])
+    end)
+
+    it("answers 500 on a handler error, hides the traceback and keeps serving", function()
+        local r = test.request(port, "GET", "/error")
+        assert.same(500, r.status)
+        assert.is_nil(r.body:find("boom", 1, true))
+        assert.is_nil(r.body:find("traceback", 1, true))
+        assert.same("Hello, World!", test.request(port, "GET", "/").body)
+    end)
+
+    it("ends a request early with moonlet.abort", function()
+        local r = test.request(port, "GET", "/abort")
+        assert.same(418, r.status)
+        assert.same("teapot\n", r.body)
+    end)
+
+    it("sends a 3 MiB response whole", function()
+        local r = test.request(port, "GET", "/big")
+        assert.same(3 * 1024 * 1024, #r.body)
+        assert.same(string.rep("x", 3 * 1024 * 1024), r.body)
+    end)
+
+    it("serves slow handlers concurrently", function()
+        local t0 = moonlet.now()
+        local tasks = {}
+        for i = 1, 10 do
+            tasks[i] = moonlet.spawn(function()
+                return test.request(port, "GET", "/slow").body
+            end)
+        end
+        for i = 1, 10 do assert.same({ true, "slow" }, { tasks[i]:join() }) end
+        -- ten 0.2 s handlers one after the other would take 2 s
+        assert.truthy(moonlet.now() - t0 < 1.0)
+    end)
+end)
+
+describe("moonlet.http server streaming", function()
+    it("wakes a writer blocked on a client that stopped reading when that client goes away", function()
+        local done = {}
+        local server, port = serve(function(app)
+            app:get("/flood", function(_, res)
+                local chunk = string.rep("y", 65536)
+                for _ = 1, 2000 do -- 128 MB: far more than the socket buffers hold
+                    local ok, err = res:write(chunk)
+                    if not ok then
+                        done.err = err
+                        return
+                    end
+                end
+                done.err = "finished"
+            end)
+        end)
+        local sock = test.connect(port)
+        assert(sock:send(test.format_request("GET", "/flood")))
+        assert(sock:receive(1000)) -- the response started
+        sock:close()
+        assert.truthy(test.wait_until(function() return done.err end, 5))
+        assert.same("closed", done.err)
+        server:close()
+    end)
+
+    it("closes the connection when a handler fails after it started streaming", function()
+        local server, port = serve(function(app)
+            app:get("/half", function(_, res)
+                res:write("partial")
+                error("failed mid-stream")
+            end)
+        end)
+        local sock = test.connect(port)
+        assert(sock:send(test.format_request("GET", "/half")))
+        local data, err, partial = sock:receive("*a")
+        sock:close()
+        local all = data or partial
+        assert.is_nil(err == "timeout" and err or nil)
+        assert.truthy(all:find("partial", 1, true))
+        assert.is_nil(all:find("0\r\n\r\n", 1, true)) -- no clean end of the chunked body
+        server:close()
+    end)
+end)
