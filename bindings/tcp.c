@@ -97,6 +97,7 @@ static void on_timeout(uv_timer_t *h) {
 }
 
 static void start_timer(sock_t *s) {
+  if (s->timeout_ms) uv_update_time(s->m->loop);
   if (s->timeout_ms) uv_timer_start(&s->timer, on_timeout, s->timeout_ms, 0);
 }
 
@@ -210,13 +211,13 @@ static int s_send(lua_State *L) {
 
 /* Pushes the result of the pending read if it can be answered now; returns the count or 0. */
 static int try_answer(lua_State *L, sock_t *s) {
-  if (s->rmode == R_BYTES && s->len >= s->rwant) {
+  if (s->rmode == R_BYTES && s->len >= s->rwant && s->rwant > 0) {
     lua_pushlstring(L, s->buf, s->rwant);
     memmove(s->buf, s->buf + s->rwant, s->len - s->rwant);
     s->len -= s->rwant;
     return 1;
   }
-  if (s->rmode == R_LINE) {
+  if (s->rmode == R_LINE && s->len > 0) {
     char *nl = memchr(s->buf, '\n', s->len);
     if (nl) {
       size_t n = (size_t)(nl - s->buf), skip = n + 1;

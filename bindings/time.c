@@ -46,6 +46,7 @@ static int l_sleep(lua_State *L) {
   s->m = m;
   uv_timer_init(m->loop, &s->timer);
   s->timer.data = s;
+  uv_update_time(m->loop); /* the loop's clock is from the start of this iteration */
   uv_timer_start(&s->timer, sleep_cb, (uint64_t)(secs * 1000.0 + 0.5), 0);
   mlua_res_link(m, &s->res, sleep_close);
   return lua_yield(L, 0);

@@ -444,6 +444,9 @@ static void server_handle_closed(uv_handle_t *h) {
 }
 
 void ml__server_conn_gone(ml_server_t *s, ml_conn_t *c) {
+  if (c->rb) ml__reqbuf_put(s, c->rb);
+  free(c->body);
+  free(c->stash);
   if (c->prev) c->prev->next = c->next;
   else s->conns = c->next;
   if (c->next) c->next->prev = c->prev;

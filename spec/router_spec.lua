@@ -1,0 +1,68 @@
+-- spec/router_spec.lua: route matching (literal, parameters, splats), HEAD through GET, the Allow
+-- list for 405, and pattern errors.
+local router = require "moonlet.router"
+
+local function h(name) return function() return name end end
+
+describe("moonlet.router", function()
+    local r
+    before_each(function()
+        r = router.new()
+        r:add("GET", "/", h("root"))
+        r:add("GET", "/users/:id", h("user"))
+        r:add("PUT", "/users/:id", h("put user"))
+        r:add("GET", "/users/:id/posts/:post", h("post"))
+        r:add("GET", "/files/*path", h("files"))
+        r:add("*", "/any", h("any"))
+        r:add("POST", "/form", h("form"))
+    end)
+
+    it("matches literal paths with one lookup", function()
+        local f, params = r:match("GET", "/")
+        assert.same("root", f())
+        assert.is_nil(params)
+    end)
+
+    it("binds and decodes named parameters", function()
+        local f, params = r:match("GET", "/users/a%20b/posts/7")
+        assert.same("post", f())
+        assert.same({ id = "a b", post = "7" }, params)
+    end)
+
+    it("does not let an encoded slash split a segment", function()
+        local f, params = r:match("GET", "/users/a%2Fb")
+        assert.same("user", f())
+        assert.same({ id = "a/b" }, params)
+    end)
+
+    it("does not match an empty parameter or extra segments", function()
+        assert.is_nil((r:match("GET", "/users/")))
+        assert.is_nil((r:match("GET", "/users/1/extra")))
+    end)
+
+    it("gives a splat the rest of the path", function()
+        local _, params = r:match("GET", "/files/a/b/c.txt")
+        assert.same({ path = "a/b/c.txt" }, params)
+        _, params = r:match("GET", "/files/")
+        assert.same({ path = "" }, params)
+    end)
+
+    it("serves HEAD with the GET handler", function()
+        assert.same("user", (r:match("HEAD", "/users/1"))())
+    end)
+
+    it("matches any method on a * route", function()
+        assert.same("any", (r:match("PATCH", "/any"))())
+    end)
+
+    it("lists the allowed methods when only the method is wrong", function()
+        assert.same({ nil, nil, "GET, HEAD, PUT" }, { r:match("DELETE", "/users/1") })
+        assert.same({ nil, nil, "POST" }, { r:match("GET", "/form") })
+        assert.same({}, { r:match("GET", "/nowhere") })
+    end)
+
+    it("refuses patterns that do not start with / and splats not at the end", function()
+        assert.has_error(function() r:add("GET", "users", h("x")) end)
+        assert.has_error(function() r:add("GET", "/a/*rest/b", h("x")) end)
+    end)
+end)

@@ -1,0 +1,84 @@
+-- spec/task_spec.lua: tasks and time: moonlet.sleep yields to the loop, moonlet.spawn runs a
+-- function in its own task, join waits for it, errors stay inside the task.
+local moonlet = require "moonlet"
+
+describe("moonlet.sleep", function()
+    it("yields to the loop and resumes after the delay", function()
+        local t0 = moonlet.now()
+        moonlet.sleep(0.05)
+        local dt = moonlet.now() - t0
+        assert.truthy(dt >= 0.045)
+    end)
+
+    it("lets other tasks run while it waits", function()
+        local order = {}
+        local t = moonlet.spawn(function()
+            order[#order + 1] = "child starts"
+            moonlet.sleep(0.01)
+            order[#order + 1] = "child ends"
+        end)
+        order[#order + 1] = "parent goes on"
+        t:join()
+        assert.same({ "child starts", "parent goes on", "child ends" }, order)
+    end)
+
+    it("runs many sleepers at once, not one after the other", function()
+        local t0 = moonlet.now()
+        local tasks = {}
+        for i = 1, 50 do tasks[i] = moonlet.spawn(moonlet.sleep, 0.1) end
+        for i = 1, 50 do assert.truthy((tasks[i]:join())) end
+        assert.truthy(moonlet.now() - t0 < 1.0) -- 50 x 0.1 s in sequence would be 5 s
+    end)
+
+    it("raises when called from a coroutine of one's own", function()
+        local co = coroutine.create(function() moonlet.sleep(0) end)
+        local ok, err = coroutine.resume(co)
+        assert.is_false(ok)
+        assert.truthy(err:find("outside a moonlet task", 1, true))
+    end)
+end)
+
+describe("moonlet.spawn", function()
+    it("returns the function's results through join", function()
+        local t = moonlet.spawn(function(a, b)
+            moonlet.sleep(0)
+            return a + b, "sum"
+        end, 2, 3)
+        assert.same({ true, 5, "sum" }, { t:join() })
+        assert.is_true(t:is_done())
+    end)
+
+    it("joins a task that already finished", function()
+        local t = moonlet.spawn(function() return 42 end)
+        assert.same({ true, 42 }, { t:join() })
+    end)
+
+    it("keeps an error inside the task and reports it to join", function()
+        local t = moonlet.spawn(function() error("task broke") end)
+        local ok, err = t:join()
+        assert.is_false(ok)
+        assert.truthy(err:find("task broke", 1, true))
+        assert.truthy(err:find("stack traceback", 1, true))
+    end)
+
+    it("lets several tasks join the same task", function()
+        local target = moonlet.spawn(function() moonlet.sleep(0.01); return "x" end)
+        local a = moonlet.spawn(function() return (select(2, target:join())) end)
+        local b = moonlet.spawn(function() return (select(2, target:join())) end)
+        assert.same({ true, "x" }, { a:join() })
+        assert.same({ true, "x" }, { b:join() })
+    end)
+
+    it("refuses a non-function", function()
+        assert.has_error(function() moonlet.spawn(42) end, "moonlet.spawn: expected a function")
+    end)
+end)
+
+describe("moonlet.now", function()
+    it("is monotonic and moonlet.time is the wall clock", function()
+        local a = moonlet.now()
+        local b = moonlet.now()
+        assert.truthy(b >= a)
+        assert.truthy(math.abs(moonlet.time() - os.time()) < 2)
+    end)
+end)
