@@ -21,9 +21,8 @@ app:get("/countdown", function(req, res)                  -- streamed with chunk
     end
 end)
 
-app:use(function(req, res, nxt)                           -- middleware wraps every handler
-    local t = moonlet.now(); local a, b, c = nxt(); res:header("X-Time", moonlet.now() - t)
-    return a, b, c
+app:use(function(req, res, next)                          -- middleware wraps every handler
+    local t = moonlet.now(); local r = next(); res:header("X-Time", moonlet.now() - t); return r
 end)
 
 app:static("/assets", "apps/welcome/public")             -- static files

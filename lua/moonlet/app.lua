@@ -56,7 +56,8 @@ function methods:any(pattern, handler)
     return self
 end
 
--- syntax: app:use(function(req, res, next) ... return next() end) -- wraps every handler, 404s too
+-- syntax: app:use(function(req, res, next) ... return next() end) -- wraps every handler, 404s too;
+-- next() runs the rest of the chain and returns the body (its status and headers are already on res)
 function methods:use(fn)
     if type(fn) ~= "function" then error("moonlet: middleware is a function", 2) end
     self.middleware[#self.middleware + 1] = fn
@@ -81,10 +82,21 @@ local function not_found()
     return 404, "404 Not Found\n"
 end
 
+-- Folds `status, body, headers` into res and returns the body, so that a middleware's
+-- `local r = next() ... return r` passes the whole response on.
+local function fold(res, a, b, c)
+    if type(a) ~= "number" then return a end
+    res._status = a
+    if c then
+        for k, v in pairs(c) do res:header(k, v) end
+    end
+    return b
+end
+
 local function run_chain(mw, i, req, res, handler)
     local f = mw[i]
     if not f then return handler(req, res) end
-    return f(req, res, function() return run_chain(mw, i + 1, req, res, handler) end)
+    return f(req, res, function() return fold(res, run_chain(mw, i + 1, req, res, handler)) end)
 end
 
 local function on_error(err)

@@ -1,0 +1,105 @@
+-- spec/app_spec.lua: the app layer: middleware order and what next() returns, middleware around
+-- 404s, abort, custom error pages, res helpers, JSON and form bodies, app:listen errors.
+local moonlet = require "moonlet"
+local test = require "moonlet.test"
+local json = require "moonlet.json"
+
+describe("moonlet.app", function()
+    local server, port, seen
+    before_each(function()
+        seen = {}
+        local app = moonlet.app()
+        app:use(function(req, res, next)
+            seen[#seen + 1] = "outer in"
+            local body = next()
+            seen[#seen + 1] = "outer out"
+            res:header("X-Outer", "1")
+            return body
+        end)
+        app:use(function(req, res, next)
+            seen[#seen + 1] = "inner in"
+            moonlet.sleep(0) -- middleware may wait too
+            return next()
+        end)
+        app:get("/", function() seen[#seen + 1] = "handler"; return 201, "made", { ["X-H"] = "h" } end)
+        app:get("/json", function(_, res) res:type("json"); return '{"raw":true}' end)
+        app:post("/json", function(req) local v = assert(req:json()); return { got = v.n + 1 } end)
+        app:post("/form", function(req) return assert(req:form()) end)
+        app:get("/redirect", function(_, res) res:redirect("/there") end)
+        app:get("/teapot", function() moonlet.abort(418, "short and stout", { ["X-Pot"] = "yes" }) end)
+        app:get("/multi", function(_, res) res:header("Set-Cookie", { "a=1", "b=2" }); return "" end)
+        app:get("/bad-header", function(_, res) res:header("X-Bad", "a\r\nInjected: yes"); return "" end)
+        app:on_error(function(_, _, err) return 503, "custom: " .. (err:match("kaput") or "?") end)
+        app:get("/kaput", function() error("kaput") end)
+        server, port = test.serve(app)
+    end)
+    after_each(function() server:close() end)
+
+    it("runs middleware in order around the handler, status and headers kept", function()
+        local r = test.request(port, "GET", "/")
+        assert.same(201, r.status)
+        assert.same("made", r.body)
+        assert.same("h", r.headers["x-h"])
+        assert.same("1", r.headers["x-outer"])
+        assert.same({ "outer in", "inner in", "handler", "outer out" }, seen)
+    end)
+
+    it("runs middleware around a 404", function()
+        local r = test.request(port, "GET", "/missing")
+        assert.same(404, r.status)
+        assert.same("1", r.headers["x-outer"])
+    end)
+
+    it("sends a string as JSON when res:type says so", function()
+        local r = test.request(port, "GET", "/json")
+        assert.same("application/json", r.headers["content-type"])
+        assert.same('{"raw":true}', r.body)
+    end)
+
+    it("decodes JSON and form bodies", function()
+        local r = test.request(port, "POST", "/json", { body = '{"n":41}' })
+        assert.same({ got = 42 }, json.decode(r.body))
+        r = test.request(port, "POST", "/form", { body = "a=1&b=x+y" })
+        assert.same({ a = "1", b = "x y" }, json.decode(r.body))
+    end)
+
+    it("redirects", function()
+        local r = test.request(port, "GET", "/redirect")
+        assert.same(302, r.status)
+        assert.same("/there", r.headers["location"])
+    end)
+
+    it("ends a request with moonlet.abort, headers included", function()
+        local r = test.request(port, "GET", "/teapot")
+        assert.same(418, r.status)
+        assert.same("short and stout", r.body)
+        assert.same("yes", r.headers["x-pot"])
+    end)
+
+    it("sends a header once per element of a table value", function()
+        local sock = test.connect(port)
+        assert(sock:send(test.format_request("GET", "/multi")))
+        local r = assert(test.read_response(sock))
+        sock:close()
+        assert.same("a=1, b=2", r.headers["set-cookie"])
+    end)
+
+    it("refuses a response header with CR or LF (500, nothing injected)", function()
+        local r = test.request(port, "GET", "/bad-header")
+        assert.same(503, r.status) -- the app's error page
+        assert.is_nil(r.headers["injected"])
+    end)
+
+    it("uses the app's error page for handler errors", function()
+        local r = test.request(port, "GET", "/kaput")
+        assert.same(503, r.status)
+        assert.same("custom: kaput", r.body)
+    end)
+
+    it("reports a port already in use from app:listen", function()
+        local other = moonlet.app()
+        local s, err = other:listen({ host = "127.0.0.1", port = port })
+        assert.is_nil(s)
+        assert.truthy(err:find("address in use", 1, true))
+    end)
+end)
