@@ -267,11 +267,11 @@ static void read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
   ml_conn_t *c = st->data;
   (void)buf;
   if (n == 0) return;
-  c->activity = uv_now(c->srv->loop);
-  if (c->lingering) {
+  if (c->lingering) { /* input is dropped; the linger deadline does not move (see conn_deadline) */
     if (n < 0) ml_conn_close(c, 0);
     return;
   }
+  c->activity = uv_now(c->srv->loop);
   if (n < 0) {
     if (n == UV_EOF) {
       ml__conn_on_eof(c);
