@@ -64,6 +64,24 @@ static int no_body_status(int status) { return status == 204 || status == 304 ||
 
 enum { LEN_NONE = -1, LEN_CHUNKED = -2, LEN_EOF = -3 };
 
+/* Writes v in decimal at p and returns the end (the hot path avoids snprintf). */
+static char *put_u64(char *p, uint64_t v) {
+  char tmp[24];
+  int n = 0;
+  do {
+    tmp[n++] = (char)('0' + v % 10);
+    v /= 10;
+  } while (v);
+  while (n) *p++ = tmp[--n];
+  return p;
+}
+
+static char *put_lit(char *p, const char *s, size_t n) {
+  memcpy(p, s, n);
+  return p + n;
+}
+#define PUT_LIT(p, lit) put_lit(p, lit, sizeof lit - 1)
+
 /* Formats the head into the staging buffer. `length` >= 0 is a Content-Length, else one of LEN_*. */
 static int write_head(ml_conn_t *c, int status, const char *headers, size_t hlen, int64_t length) {
   ml_server_t *s = c->srv;
@@ -74,13 +92,11 @@ static int write_head(ml_conn_t *c, int status, const char *headers, size_t hlen
   size_t need = 64 + strlen(reason) + dlen + hlen + 64;
   char *p = ml__out_reserve(s, c, need), *start = p;
   if (!p) return UV_ENOMEM;
-  p += snprintf(p, 40, "HTTP/1.1 %d ", status);
-  size_t rl = strlen(reason);
-  memcpy(p, reason, rl);
-  p += rl;
-  static const char server[] = "\r\nServer: moonlet\r\n";
-  memcpy(p, server, sizeof server - 1);
-  p += sizeof server - 1;
+  p = PUT_LIT(p, "HTTP/1.1 ");
+  p = put_u64(p, (uint64_t)status);
+  *p++ = ' ';
+  p = put_lit(p, reason, strlen(reason));
+  p = PUT_LIT(p, "\r\nServer: moonlet\r\n");
   memcpy(p, date, dlen);
   p += dlen;
   if (hlen) {
@@ -88,20 +104,16 @@ static int write_head(ml_conn_t *c, int status, const char *headers, size_t hlen
     p += hlen;
   }
   if (length >= 0) {
-    p += snprintf(p, 40, "Content-Length: %lld\r\n", (long long)length);
+    p = PUT_LIT(p, "Content-Length: ");
+    p = put_u64(p, (uint64_t)length);
+    p = PUT_LIT(p, "\r\n");
   } else if (length == LEN_CHUNKED) {
-    static const char te[] = "Transfer-Encoding: chunked\r\n";
-    memcpy(p, te, sizeof te - 1);
-    p += sizeof te - 1;
+    p = PUT_LIT(p, "Transfer-Encoding: chunked\r\n");
   }
   if (!keep) {
-    static const char cl[] = "Connection: close\r\n\r\n";
-    memcpy(p, cl, sizeof cl - 1);
-    p += sizeof cl - 1;
+    p = PUT_LIT(p, "Connection: close\r\n\r\n");
   } else if (c->req.http_minor == 0) {
-    static const char ka[] = "Connection: keep-alive\r\n\r\n";
-    memcpy(p, ka, sizeof ka - 1);
-    p += sizeof ka - 1;
+    p = PUT_LIT(p, "Connection: keep-alive\r\n\r\n");
   } else {
     *p++ = '\r';
     *p++ = '\n';

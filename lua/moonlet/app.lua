@@ -138,7 +138,7 @@ function methods:dispatcher()
         local decoded = path
         if str_find(path, "%", 1, true) then decoded = unescape(path) end
         local req = setmetatable({ method = method, path = decoded, target = target,
-                                   query_string = query, params = params or {}, _x = x }, req_mt)
+                                   query_string = query, params = params, _x = x }, req_mt)
         local res = setmetatable({ _x = x, _status = 200 }, res_mt)
         if not handler then
             if allow then

@@ -127,7 +127,11 @@ function _M.main(argv)
         return
     end
     local chunk, err = loadfile(script)
-    if not chunk then return die(err) end
+    if not chunk then -- a broken script, not a bad command line: 1, as for an error when it runs
+        io.stderr:write("moonlet: ", err, "\n")
+        core.set_exit_code(1)
+        return
+    end
     local args = { [0] = script }
     for i = 2, #pos do args[i - 1] = pos[i] end
     _G.arg = args

@@ -13,6 +13,9 @@ local _M = {}
 local methods = {}
 
 local lazy = {}
+function lazy.params()
+    return {} -- a literal route has none; the table is made only when asked for
+end
 function lazy.headers(req)
     return req._x:headers() or {}
 end

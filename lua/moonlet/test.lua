@@ -194,8 +194,11 @@ function proc_mt.__index:wait(timeout)
     end, timeout or 10)
 end
 
+-- syntax: p:kill() -- SIGKILL unless it ended already, then its files are removed; it waits for
+-- the subshell to record the exit code first, else that late write would leave the file behind
 function proc_mt.__index:kill()
     self:signal("KILL")
+    self:wait()
     os.remove(self.log)
     os.remove(self.codefile)
 end
