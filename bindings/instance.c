@@ -166,6 +166,7 @@ static void on_signal(uv_signal_t *h, int signum) {
 }
 
 static void signals_start(moonlet_t *m) {
+  signal(SIGPIPE, SIG_IGN); /* a write to a socket the peer closed is an EPIPE error, not a death */
   uv_signal_t *hs[] = {&m->sig_int, &m->sig_term, &m->sig_hup};
   int sigs[] = {SIGINT, SIGTERM, SIGHUP};
   for (int i = 0; i < 3; i++) {

@@ -28,7 +28,9 @@ typedef struct moonlet_config_s {
   int log_level;            /* ML_LOG_* (0 error .. 3 debug); default 2 (info) */
   void (*log_sink)(void *ud, int level, const char *line); /* NULL: stderr */
   void *log_ud;
-  int handle_signals;       /* 1: SIGINT/SIGTERM shut the servers down gracefully, SIGHUP reloads */
+  int handle_signals;       /* 1: SIGINT/SIGTERM shut the servers down gracefully, SIGHUP reloads,
+                               SIGPIPE is ignored. A host that leaves this 0 must ignore SIGPIPE
+                               itself: libuv writes to sockets with write(2). */
 } moonlet_config_t;
 
 void moonlet_config_default(moonlet_config_t *cfg);
