@@ -45,7 +45,8 @@ typedef struct {
   int wait;           /* WAIT_* */
   int status;         /* for the access log */
   uint64_t bytes;     /* body bytes sent */
-  uv_file fd;         /* open file of a WAIT_FILE */
+  uv_file fd;         /* open file of a transfer in flight */
+  int file_ref;       /* pins this userdata while a file transfer is in flight */
 } exchange_t;
 
 static exchange_t *check_x(lua_State *L) { return luaL_checkudata(L, 1, EXCHANGE_MT); }
@@ -122,6 +123,7 @@ static void on_request(ml_conn_t *c, void *ud) {
   x->status = 0;
   x->bytes = 0;
   x->fd = -1;
+  x->file_ref = LUA_NOREF;
   lua_pushvalue(co, -1);
   x->ref = luaL_ref(co, LUA_REGISTRYINDEX);
   ml_conn_set_data(c, x);
@@ -130,6 +132,14 @@ static void on_request(ml_conn_t *c, void *ud) {
   t->done = handler_done;
   t->done_ud = x;
   mlua_task_start(t, 3);
+}
+
+/* A cancelled wait: the exchange forgets it; a file transfer goes on and file_done, finding no
+ * waiter, only closes the file. */
+static void x_cancel(mlua_task_t *t, void *wait) {
+  exchange_t *x = wait;
+  (void)t;
+  x->wait = WAIT_NONE;
 }
 
 /* -- Body ------------------------------------------------------------------------------------ */
@@ -175,7 +185,7 @@ static int x_read(lua_State *L) {
   if (t != x->task) return luaL_error(L, "moonlet: the body is read by the request's own task");
   ml_conn_body_want(x->c);
   x->wait = WAIT_BODY;
-  return lua_yield(L, 0);
+  return mlua_task_wait(L, t, x_cancel, x);
 }
 
 /* -- Responses ------------------------------------------------------------------------------ */
@@ -334,7 +344,7 @@ static int x_write(lua_State *L) {
       if (r < 0) return mlua_push_error(L, r);
       if (r == 1) {
         x->wait = WAIT_WRITABLE;
-        return lua_yield(L, 0);
+        return mlua_task_wait(L, t, x_cancel, x);
       }
     }
   }
@@ -360,15 +370,18 @@ static void file_done(ml_conn_t *c, int status, void *ud) {
   uv_fs_close(NULL, &req, x->fd, NULL);
   uv_fs_req_cleanup(&req);
   x->fd = -1;
-  if (x->wait != WAIT_FILE) return;
+  lua_State *L = x->s->m->L;
+  int ref = x->file_ref;
+  x->file_ref = LUA_NOREF;
+  if (x->wait != WAIT_FILE) { /* the wait was cancelled: nobody to resume */
+    luaL_unref(L, LUA_REGISTRYINDEX, ref);
+    return;
+  }
   x->wait = WAIT_NONE;
   lua_State *co = x->task->co;
-  if (status < 0) {
-    mlua_task_resume(x->task, mlua_push_error(co, status));
-  } else {
-    lua_pushboolean(co, 1);
-    mlua_task_resume(x->task, 1);
-  }
+  int n = status < 0 ? mlua_push_error(co, status) : (lua_pushboolean(co, 1), 1);
+  luaL_unref(L, LUA_REGISTRYINDEX, ref); /* x stays alive: the resumed task holds it */
+  mlua_task_resume(x->task, n);
 }
 
 /* syntax: ok, err = x:send_file(path, offset, length) -- after x:start with a Content-Length;
@@ -399,8 +412,10 @@ static int x_send_file(lua_State *L) {
     return mlua_push_error(L, r);
   }
   x->bytes += (uint64_t)len;
+  lua_pushvalue(L, 1);
+  x->file_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   x->wait = WAIT_FILE;
-  return lua_yield(L, 0);
+  return mlua_task_wait(L, t, x_cancel, x);
 }
 
 /* -- Request data ------------------------------------------------------------------------ */

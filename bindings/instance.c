@@ -125,6 +125,29 @@ static int l_stop(lua_State *L) {
   return 0;
 }
 
+static void count_walk(uv_handle_t *h, void *arg) {
+  if (!uv_is_closing(h)) (*(int *)arg)++;
+}
+
+/* syntax: stats = core.stats() -- { handles, resources, tasks, pooled_tasks }: open libuv handles
+ * of the loop, resources holding handles for Lua, live tasks, pooled coroutines (leak checks) */
+static int l_stats(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  int handles = 0, resources = 0;
+  uv_walk(m->loop, count_walk, &handles);
+  for (mlua_res_t *r = m->resources; r; r = r->next) resources++;
+  lua_createtable(L, 0, 4);
+  lua_pushinteger(L, handles);
+  lua_setfield(L, -2, "handles");
+  lua_pushinteger(L, resources);
+  lua_setfield(L, -2, "resources");
+  lua_pushinteger(L, (lua_Integer)m->live_tasks);
+  lua_setfield(L, -2, "tasks");
+  lua_pushinteger(L, (lua_Integer)m->free_task_count);
+  lua_setfield(L, -2, "pooled_tasks");
+  return 1;
+}
+
 /* syntax: core.halt() -- closes every server now and stops the loop (end of `moonlet test`) */
 static int l_halt(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
@@ -137,7 +160,7 @@ int luaopen_moonlet_core(lua_State *L) {
   moonlet_t *m = lua_touserdata(L, lua_upvalueindex(1));
   static const luaL_Reg fns[] = {
       {"set_exit_code", l_set_exit_code}, {"log", l_log}, {"set_log", l_set_log},
-      {"stop", l_stop}, {"halt", l_halt}, {NULL, NULL}};
+      {"stop", l_stop}, {"halt", l_halt}, {"stats", l_stats}, {NULL, NULL}};
   lua_newtable(L);
   mlua_register(L, m, fns);
   lua_pushstring(L, MOONLET_VERSION);

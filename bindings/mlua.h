@@ -18,6 +18,9 @@ typedef struct mlua_server_s mlua_server_t;
 /* Runs when a task's coroutine ends. ok = 1: it returned (results on t->co from index 1);
  * ok = 0: it raised (message with traceback at the top of t->co). */
 typedef void (*mlua_task_done_cb)(mlua_task_t *t, int ok, void *ud);
+/* Takes a parked task out of its wait without resuming it: stops the wait's sources, unpins what it
+ * pinned, forgets the task. Called by mlua_task_cancel only. */
+typedef void (*mlua_cancel_cb)(mlua_task_t *t, void *wait);
 
 /* A task: one coroutine moonlet runs (a request handler, a spawned function, the main script).
  * Task structs and their coroutines are pooled: a coroutine that returned is reused. */
@@ -28,6 +31,8 @@ struct mlua_task_s {
   mlua_task_done_cb done; /* NULL: nothing to report */
   void *done_ud;
   int resuming;           /* lua_resume of this task is on the C stack */
+  mlua_cancel_cb cancel;  /* how to take it out of the wait it is parked in (NULL: not parked) */
+  void *wait;             /* that wait's object, for cancel */
   mlua_task_t *next_free; /* pool link */
 };
 
@@ -69,6 +74,14 @@ void mlua_task_start(mlua_task_t *t, int nargs);
 /* Resumes a task parked in a wait with nargs results pushed on t->co. Only the callback of the
  * wait the task is parked in may call this. */
 void mlua_task_resume(mlua_task_t *t, int nargs);
+/* Parks the running task t in a wait: records how to cancel it and yields. Use as
+ * `return mlua_task_wait(L, t, cancel, wait);` once the wait's sources are started. */
+int mlua_task_wait(lua_State *L, mlua_task_t *t, mlua_cancel_cb cancel, void *wait);
+/* Cancels a parked task: its wait's cancel callback cleans up, then the task is resumed with the
+ * single value CANCEL (a light userdata, core.CANCEL), which the Lua wrapper of the waiting call
+ * turns into the error moonlet.CANCELLED. Returns 0 when t is not parked (running or done). */
+int mlua_task_cancel(mlua_task_t *t);
+extern char mlua_cancel_key; /* &mlua_cancel_key is the CANCEL value */
 /* The task running on coroutine L, or NULL (the main state, a foreign coroutine). */
 mlua_task_t *mlua_task_current(lua_State *L);
 mlua_task_t *mlua_task_at(lua_State *L, int idx); /* the task whose coroutine is at idx, or NULL */
@@ -87,6 +100,7 @@ const char *mlua_err_string(int uv_err);      /* "timeout", "closed", "connectio
 /* Module openers, one per file. */
 int luaopen_moonlet_core(lua_State *L);
 void mlua_open_time(lua_State *L, moonlet_t *m);
+int mlua_sleep(lua_State *L);
 void mlua_open_task(lua_State *L, moonlet_t *m);
 void mlua_open_http_server(lua_State *L, moonlet_t *m);
 void mlua_open_fs(lua_State *L, moonlet_t *m);

@@ -14,12 +14,16 @@
  *    to the pool. A coroutine that returned is reused for the next task (no allocation per
  *    request); one that raised is dead and is dropped.
  * 5. C that calls Lua code that may yield uses lua_resume through these functions, never lua_pcall.
+ * 6. Every wait parks through mlua_task_wait with a cancel callback, so any parked task can be
+ *    cancelled (moonlet task:cancel, timeout, any): the callback undoes the wait without resuming,
+ *    then the task is resumed with CANCEL and its Lua wrapper raises moonlet.CANCELLED.
  */
 #include <stdlib.h>
 
 #include "mlua.h"
 
 static char tasks_key; /* registry[&tasks_key] = { [coroutine] = lightuserdata(task) } */
+char mlua_cancel_key;
 
 #define POOL_MAX 256
 
@@ -56,6 +60,8 @@ mlua_task_t *mlua_task_new(moonlet_t *m) {
   t->done = NULL;
   t->done_ud = NULL;
   t->next_free = NULL;
+  t->cancel = NULL;
+  t->wait = NULL;
   m->live_tasks++;
   return t;
 }
@@ -103,8 +109,28 @@ static void task_release(mlua_task_t *t, int reusable) {
   free(t);
 }
 
+int mlua_task_wait(lua_State *L, mlua_task_t *t, mlua_cancel_cb cancel, void *wait) {
+  t->cancel = cancel;
+  t->wait = wait;
+  return lua_yield(L, 0);
+}
+
+int mlua_task_cancel(mlua_task_t *t) {
+  if (t->resuming || !t->cancel) return 0;
+  mlua_cancel_cb cancel = t->cancel;
+  void *wait = t->wait;
+  t->cancel = NULL;
+  t->wait = NULL;
+  cancel(t, wait);
+  lua_pushlightuserdata(t->co, &mlua_cancel_key);
+  mlua_task_resume(t, 1);
+  return 1;
+}
+
 static void run(mlua_task_t *t, int nargs) {
   lua_State *co = t->co;
+  t->cancel = NULL;
+  t->wait = NULL;
   t->resuming = 1;
   int st = lua_resume(co, nargs);
   t->resuming = 0;

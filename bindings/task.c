@@ -1,18 +1,125 @@
-/* bindings/task.c: spawning tasks and the park/unpark primitive the Lua side builds joins, events
- * and queues on.
+/* bindings/task.c: spawning tasks, cancelling them, and the park/unpark primitive the Lua side
+ * builds joins, events, queues and semaphores on.
  *
  * core.spawn(fn, ...) runs fn in a new task at once, until it first waits; its errors are logged by
- * the scheduler. core.park() parks the running task until core.unpark(co, ...) wakes it with those
- * values: unpark resumes only a task that is parked (rule 1 of sched.c), and returns false for any
- * other, so a stale wake-up is harmless.
+ * the scheduler. core.park(timeout) parks the running task until core.unpark(co, ...) wakes it with
+ * those values, or until the timeout (then it returns nil, "timeout"). unpark resumes only a task
+ * that is parked through park (rule 1 of sched.c) and returns false for any other, so a stale
+ * wake-up is harmless. A park with a timeout owns a timer (park_t, a resource of the instance),
+ * closed on every path: unpark, timeout, cancel, instance freed.
  */
+#include <stdlib.h>
+
 #include "mlua.h"
 
-static char parked_key; /* registry[&parked_key] = { [coroutine] = true } while parked */
+static char parked_key; /* registry[&parked_key] = { [coroutine] = lightuserdata(park_t) or true } */
+
+typedef struct {
+  mlua_res_t res;
+  uv_timer_t timer;
+  mlua_task_t *task; /* NULL once woken or cancelled */
+  moonlet_t *m;
+} park_t;
 
 static void push_parked(lua_State *L) {
   lua_pushlightuserdata(L, &parked_key);
   lua_rawget(L, LUA_REGISTRYINDEX);
+}
+
+static void set_parked(lua_State *L, lua_State *co, void *value) {
+  push_parked(L);
+  lua_pushthread(co);
+  lua_xmove(co, L, 1);
+  if (value) lua_pushlightuserdata(L, value);
+  else lua_pushnil(L);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
+static void park_closed(uv_handle_t *h) { free(h->data); }
+
+/* Ends a timed park: unlinks and closes its timer; the struct goes in the close callback. */
+static void park_end(park_t *p) {
+  p->task = NULL;
+  mlua_res_unlink(p->m, &p->res);
+  uv_close((uv_handle_t *)&p->timer, park_closed);
+}
+
+static void park_res_close(mlua_res_t *r) {
+  park_t *p = (park_t *)r;
+  p->task = NULL;
+  uv_close((uv_handle_t *)&p->timer, park_closed);
+}
+
+static void park_timeout(uv_timer_t *h) {
+  park_t *p = h->data;
+  mlua_task_t *t = p->task;
+  set_parked(p->m->L, t->co, NULL);
+  park_end(p);
+  mlua_task_resume(t, mlua_push_error(t->co, UV_ETIMEDOUT));
+}
+
+static void park_cancel(mlua_task_t *t, void *wait) {
+  set_parked(t->m->L, t->co, NULL);
+  if (wait) park_end(wait);
+}
+
+/* Parks t; with ms >= 0 a timer ends the park with nil, "timeout". `wakeable`: unpark may end it. */
+static int park(lua_State *L, mlua_task_t *t, double secs, int wakeable) {
+  moonlet_t *m = t->m;
+  park_t *p = NULL;
+  if (secs >= 0) {
+    p = malloc(sizeof *p);
+    if (!p) return luaL_error(L, "moonlet: out of memory");
+    p->task = t;
+    p->m = m;
+    uv_timer_init(m->loop, &p->timer);
+    p->timer.data = p;
+    uv_update_time(m->loop); /* the loop's clock is from the start of this iteration */
+    uv_timer_start(&p->timer, park_timeout, (uint64_t)(secs * 1000.0 + 0.5), 0);
+    mlua_res_link(m, &p->res, park_res_close);
+  }
+  if (wakeable) set_parked(L, L, p ? (void *)p : (void *)&parked_key);
+  return mlua_task_wait(L, t, park_cancel, p);
+}
+
+/* syntax: moonlet.sleep(seconds) -- yields; other tasks run meanwhile */
+int mlua_sleep(lua_State *L) {
+  double secs = luaL_checknumber(L, 1);
+  mlua_task_t *t = mlua_task_current(L);
+  mlua_check_yieldable(L, t);
+  return park(L, t, secs < 0 ? 0 : secs, 0);
+}
+
+/* syntax: ... = core.park(timeout) -- what core.unpark passes, or nil, "timeout" */
+static int l_park(lua_State *L) {
+  double secs = lua_isnoneornil(L, 1) ? -1 : luaL_checknumber(L, 1);
+  mlua_task_t *t = mlua_task_current(L);
+  mlua_check_yieldable(L, t);
+  return park(L, t, secs < 0 && !lua_isnoneornil(L, 1) ? 0 : secs, 1);
+}
+
+/* syntax: ok = core.unpark(co, ...) */
+static int l_unpark(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTHREAD);
+  push_parked(L);
+  lua_pushvalue(L, 1);
+  lua_rawget(L, -2);
+  void *p = lua_touserdata(L, -1);
+  lua_pop(L, 2);
+  if (!p) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  mlua_task_t *t = mlua_task_at(L, 1);
+  if (!t) return luaL_error(L, "moonlet: unpark of a coroutine that is no task");
+  set_parked(L, lua_tothread(L, 1), NULL);
+  if (p != (void *)&parked_key) park_end(p);
+  int n = lua_gettop(L) - 1;
+  lua_xmove(L, t->co, n);
+  mlua_task_resume(t, n);
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 /* syntax: core.spawn(fn, ...) */
@@ -26,42 +133,11 @@ static int l_spawn(lua_State *L) {
   return 0;
 }
 
-/* syntax: ... = core.park() -- returns what core.unpark passes */
-static int l_park(lua_State *L) {
-  mlua_task_t *t = mlua_task_current(L);
-  mlua_check_yieldable(L, t);
-  push_parked(L);
-  lua_pushthread(L);
-  lua_pushboolean(L, 1);
-  lua_rawset(L, -3);
-  lua_pop(L, 1);
-  return lua_yield(L, 0);
-}
-
-/* syntax: ok = core.unpark(co, ...) */
-static int l_unpark(lua_State *L) {
+/* syntax: ok = core.cancel(co) -- false when the task is running or not parked */
+static int l_cancel(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTHREAD);
-  lua_State *co = lua_tothread(L, 1);
-  push_parked(L);
-  lua_pushvalue(L, 1);
-  lua_rawget(L, -2);
-  int parked = lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  if (!parked) {
-    lua_pop(L, 1);
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-  lua_pushvalue(L, 1);
-  lua_pushnil(L);
-  lua_rawset(L, -3);
-  lua_pop(L, 1);
   mlua_task_t *t = mlua_task_at(L, 1);
-  if (!t) return luaL_error(L, "moonlet: unpark of a coroutine that is no task");
-  int n = lua_gettop(L) - 1;
-  lua_xmove(L, co, n);
-  mlua_task_resume(t, n);
-  lua_pushboolean(L, 1);
+  lua_pushboolean(L, t && mlua_task_cancel(t));
   return 1;
 }
 
@@ -74,9 +150,11 @@ static int l_running(lua_State *L) {
 
 void mlua_open_task(lua_State *L, moonlet_t *m) {
   static const luaL_Reg fns[] = {
-      {"spawn", l_spawn}, {"park", l_park}, {"unpark", l_unpark}, {"running", l_running},
-      {NULL, NULL}};
+      {"spawn", l_spawn},   {"park", l_park},   {"unpark", l_unpark}, {"cancel", l_cancel},
+      {"running", l_running}, {"sleep", mlua_sleep}, {NULL, NULL}};
   mlua_register(L, m, fns);
+  lua_pushlightuserdata(L, &mlua_cancel_key);
+  lua_setfield(L, -2, "CANCEL");
   lua_pushlightuserdata(L, &parked_key);
   lua_newtable(L);
   lua_rawset(L, LUA_REGISTRYINDEX);

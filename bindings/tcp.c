@@ -72,6 +72,16 @@ static void sock_close(sock_t *s) {
   if (t) mlua_task_resume(t, mlua_push_error(t->co, UV_EPIPE));
 }
 
+/* A cancelled wait: a read is simply stopped; a connect or a write in flight cannot be taken back,
+ * so the socket is closed (the cancelled task is not resumed by it). */
+static void sock_cancel(mlua_task_t *t, void *wait) {
+  sock_t *s = wait;
+  (void)t;
+  int w = s->wait;
+  take_waiter(s);
+  if (w == W_CONNECT || w == W_WRITE) sock_close(s);
+}
+
 static void sock_res_close(mlua_res_t *r) {
   sock_t *s = (sock_t *)((char *)r - offsetof(sock_t, res));
   s->task = NULL; /* the instance is going away: nobody is resumed */
@@ -160,7 +170,7 @@ static int l_connect(lua_State *L) {
   s->task = t;
   s->wait = W_CONNECT;
   start_timer(s);
-  return lua_yield(L, 0);
+  return mlua_task_wait(L, t, sock_cancel, s);
 }
 
 /* -- Send -------------------------------------------------------------------------------------- */
@@ -204,7 +214,7 @@ static int s_send(lua_State *L) {
   s->task = t;
   s->wait = W_WRITE;
   start_timer(s);
-  return lua_yield(L, 0);
+  return mlua_task_wait(L, t, sock_cancel, s);
 }
 
 /* -- Receive ----------------------------------------------------------------------------------- */
@@ -297,7 +307,7 @@ static int s_receive(lua_State *L) {
   s->task = t;
   s->wait = W_READ;
   start_timer(s);
-  return lua_yield(L, 0);
+  return mlua_task_wait(L, t, sock_cancel, s);
 }
 
 /* syntax: sock:settimeout(seconds) -- for every later wait; nil or 0: none */

@@ -7,9 +7,18 @@ local _M = {
     _VERSION = core.version,
     now = core.now,         -- syntax: t = moonlet.now()      monotonic seconds
     time = core.time,       -- syntax: t = moonlet.time()     wall-clock seconds since the epoch
-    sleep = core.sleep,     -- syntax: moonlet.sleep(seconds) yields; others are served meanwhile
-    spawn = task.spawn,     -- syntax: t = moonlet.spawn(fn, ...); ok, ... = t:join()
+    sleep = task.sleep,     -- syntax: moonlet.sleep(seconds) yields; others are served meanwhile
+    spawn = task.spawn,     -- syntax: t = moonlet.spawn(fn, ...); ok, ... = t:join(); t:cancel()
+    CANCELLED = task.CANCELLED, -- the error a cancelled task raises where it waited
+    gather = task.gather,   -- syntax: results, errors = moonlet.gather({ f1, f2 } or { a = f })
+    timeout = task.timeout, -- syntax: ... = moonlet.timeout(seconds, fn, ...) or nil, "timeout"
+    any = task.any,         -- syntax: ... = moonlet.any({ f1, f2 }) -- first wins, others cancelled
 }
+
+-- syntax: q = moonlet.queue(n), s = moonlet.semaphore(n), e = moonlet.event()
+function _M.queue(n) return require("moonlet.sync").queue(n) end
+function _M.semaphore(n) return require("moonlet.sync").semaphore(n) end
+function _M.event() return require("moonlet.sync").event() end
 
 -- syntax: app = moonlet.app()
 function _M.app(opts)

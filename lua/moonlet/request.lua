@@ -4,6 +4,7 @@
 -- `for chunk in req:chunks()`, each read yielding until data is there. After the handler returns
 -- the request's connection is gone: reads return nil, "closed".
 local url = require "moonlet.url"
+local check = require("moonlet.task").check
 
 local str_lower = string.lower
 local concat = table.concat
@@ -70,7 +71,7 @@ function methods:chunks()
     self._body_read = true
     local x = self._x
     return function()
-        local chunk, err = x:read()
+        local chunk, err = check(x:read())
         if err then error("moonlet: request body: " .. err, 2) end
         return chunk
     end
@@ -84,7 +85,7 @@ function methods:body()
     self._body_read = true
     local x, parts, n = self._x, {}, 0
     while true do
-        local chunk, err = x:read()
+        local chunk, err = check(x:read())
         if err then return nil, err end
         if not chunk then break end
         n = n + 1

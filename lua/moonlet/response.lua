@@ -3,6 +3,7 @@
 -- starts a streamed response (chunked on HTTP/1.1) and yields while the client is far behind.
 -- A handler returns body | status, body, headers: a string is sent as text/plain, a table as JSON.
 local json = require "moonlet.json"
+local check = require("moonlet.task").check
 
 local type, setmetatable, tostring = type, setmetatable, tostring
 
@@ -64,7 +65,7 @@ function methods:write(chunk)
         local ok, err = x:start(self._status, self._ctype or TEXT, self._headers, self._length)
         if not ok then return nil, err end
     end
-    return x:write(tostring(chunk))
+    return check(x:write(tostring(chunk)))
 end
 
 -- syntax: res:redirect(location, status) -- status 302 by default; the handler then returns

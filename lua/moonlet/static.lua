@@ -6,6 +6,7 @@
 -- through Lua.
 local core = require "moonlet.core"
 local mime = require "moonlet.mime"
+local check = require("moonlet.task").check
 
 local str_find, str_sub, fmt = string.find, string.sub, string.format
 local os_date, floor, tonumber = os.date, math.floor, tonumber
@@ -51,16 +52,22 @@ function _M.handler(dir, opts)
     local index = opts.index == nil and "index.html" or opts.index
     local cache_control = opts.max_age and ("public, max-age=" .. floor(opts.max_age)) or nil
 
+    -- the resolved path when it exists and stays under the root, else nil
+    local function resolve(path)
+        local real = core.realpath(path)
+        if not real or (real ~= root and str_sub(real, 1, #root + 1) ~= root .. "/") then return nil end
+        return real
+    end
+
     return function(req, res)
         local rel = safe_relative(req.params.path or "")
         if not rel then return 404, "404 Not Found\n" end
-        local real = core.realpath(root .. "/" .. rel)
-        if not real or (real ~= root and str_sub(real, 1, #root + 1) ~= root .. "/") then
-            return 404, "404 Not Found\n"
-        end
+        local real = resolve(root .. "/" .. rel)
+        if not real then return 404, "404 Not Found\n" end
         local st = core.stat(real)
         if st and st.type == "directory" and index then
-            real = real .. "/" .. index
+            real = resolve(real .. "/" .. index) -- the index may be a symlink too
+            if not real then return 404, "404 Not Found\n" end
             st = core.stat(real)
         end
         if not st or st.type ~= "file" then return 404, "404 Not Found\n" end
@@ -93,7 +100,7 @@ function _M.handler(dir, opts)
         res._streaming = true
         local ok, serr = x:start(status, mime.for_path(real), res._headers, length)
         if not ok then return nil, serr end
-        if length > 0 then x:send_file(real, offset, length) end
+        if length > 0 then check(x:send_file(real, offset, length)) end
         -- returning ends the stream (response.send); a failed transfer already closed the socket
     end
 end

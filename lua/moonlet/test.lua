@@ -2,6 +2,7 @@
 -- this process, talk to it over real sockets (raw bytes or parsed HTTP/1.1 responses), wait for a
 -- condition with a deadline, and run the `moonlet` binary as a separate process.
 local core = require "moonlet.core"
+local task = require "moonlet.task"
 
 local str_lower, tonumber = string.lower, tonumber
 local concat = table.concat
@@ -128,7 +129,7 @@ function _M.wait_until(fn, timeout)
     while core.now() < deadline do
         local v = fn()
         if v then return v end
-        core.sleep(0.01)
+        task.sleep(0.01)
     end
     return fn()
 end
