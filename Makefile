@@ -7,7 +7,7 @@ PORT     ?= 8080
 BUILD    := build
 LLHTTP_SRC ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
-PKGS     := luajit libuv
+PKGS     := luajit libuv openssl zlib
 
 ifeq ($(SANITIZE),1)
 BUILD    := build-asan

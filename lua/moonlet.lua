@@ -41,10 +41,16 @@ function _M.log(level, ...)
     core.log(n, table.concat(parts))
 end
 
-_M.json = setmetatable({}, { __index = function(t, k)
-    local json = require "moonlet.json"
-    setmetatable(t, { __index = json })
-    return json[k]
+-- Sub-modules load on first use: moonlet.json, moonlet.tcp, ... (one line each here).
+local lazy = {
+    json = "moonlet.json",
+}
+setmetatable(_M, { __index = function(t, k)
+    local name = lazy[k]
+    if not name then return nil end
+    local mod = require(name)
+    rawset(t, k, mod)
+    return mod
 end })
 
 return _M

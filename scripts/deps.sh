@@ -5,7 +5,7 @@
 # conflicts with the plain libluajit-5.1 package, so one LuaJIT serves both moonlet and its rival.
 set -u
 PKGS="gcc make pkg-config libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp lua-busted lua-cjson
-      lua-check libssl-dev zlib1g-dev curl procps util-linux"
+      lua-check libssl-dev openssl zlib1g-dev curl procps util-linux"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
