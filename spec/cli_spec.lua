@@ -1,0 +1,424 @@
+-- spec/cli_spec.lua: the `moonlet` binary as a user runs it: flags, plain scripts, broken scripts,
+-- an app served on a port (flag or env PORT), the access log, handler and task errors, and the
+-- graceful stop on SIGTERM/SIGINT. Short commands run through io.popen; servers run in the
+-- background (test.start_process) and each `it` kills and waits for what it started.
+local moonlet = require "moonlet"
+local core = require "moonlet.core"
+local test = require "moonlet.test"
+
+local APP = [[
+local moonlet = require "moonlet"
+local gate = ...
+local app = moonlet.app()
+app:get("/", function() return "hello from the app" end)
+app:get("/boom", function()
+    error("kaboom")
+end)
+app:get("/spawn", function()
+    moonlet.spawn(function()
+        moonlet.sleep(0.01)
+        error("background failure")
+    end)
+    return "spawned"
+end)
+app:get("/slow", function()
+    io.stderr:write("slow: started\n")
+    while true do -- until the spec opens the gate
+        local f = io.open(gate)
+        if f then f:close(); break end
+        moonlet.sleep(0.01)
+    end
+    return "slow done"
+end)
+return app
+]]
+
+-- the line of APP holding `text`
+local function line_of(text)
+    local n = 0
+    for line in (APP .. "\n"):gmatch("(.-)\n") do
+        n = n + 1
+        if line:find(text, 1, true) then return n end
+    end
+    error("not in APP: " .. text)
+end
+
+-- busted keeps only the last function given to finally(); defer(fn) gathers them instead and runs
+-- them all, last first, when the running `it` ends (the first error is raised after the others ran)
+local deferred
+local function defer(fn)
+    if not deferred then
+        local list = {}
+        deferred = list
+        finally(function()
+            deferred = nil
+            local first_err
+            for i = #list, 1, -1 do
+                local ok, err = pcall(list[i])
+                if not ok and not first_err then first_err = err end
+            end
+            if first_err then error(first_err, 0) end
+        end)
+    end
+    deferred[#deferred + 1] = fn
+end
+
+local function write_file(path, data)
+    local f = assert(io.open(path, "wb"))
+    assert(f:write(data))
+    assert(f:close())
+end
+
+local function read_file(path)
+    local f = io.open(path, "rb")
+    if not f then return nil end
+    local data = f:read("*a")
+    f:close()
+    return data
+end
+
+local function plain(s)
+    return (s:gsub("%p", "%%%0"))
+end
+
+describe("moonlet (the command)", function()
+    local dir
+
+    lazy_setup(function()
+        dir = os.tmpname()
+        os.remove(dir)
+        local ok = os.execute("mkdir -p '" .. dir .. "'")
+        assert(ok == 0 or ok == true)
+    end)
+
+    lazy_teardown(function()
+        if dir then os.execute("rm -rf '" .. dir .. "'") end
+    end)
+
+    local function script(name, src)
+        local path = dir .. "/" .. name
+        write_file(path, src)
+        return path
+    end
+
+    -- runs `moonlet args` to its end (the loop stands still meanwhile): stdout, stderr, exit code
+    local function run(args, env)
+        local errfile = dir .. "/stderr"
+        local cmd = ("%s%s %s 2>%s; echo \"exit: $?\""):format(env and env .. " " or "", test.binary(),
+                                                            args, errfile)
+        local f = assert(io.popen(cmd))
+        local out = f:read("*a")
+        f:close()
+        local stdout, code = out:match("^(.-)exit: (%d+)\n$")
+        local stderr = read_file(errfile)
+        os.remove(errfile)
+        return stdout, stderr, tonumber(code)
+    end
+
+    -- test.start_process, killed and waited for when the running `it` ends
+    local function start(args)
+        local p = test.start_process(args)
+        defer(function() p:kill() end)
+        return p
+    end
+
+    -- As test.start_process, but stdout and stderr go to two files (p.out, p.err) and `env`
+    -- ("NAME=value ...") is set for the process: for the checks of which stream a line takes.
+    -- Killed and waited for when the running `it` ends.
+    local function start_split(args, env)
+        local base = os.tmpname()
+        local p = { out = base .. ".out", err = base .. ".err", code = base .. ".code" }
+        local cmd = ("(%s %s %s >%s 2>%s; echo $? >%s) & echo $!"):format(env or "", test.binary(), args,
+                                                                       p.out, p.err, p.code)
+        local f = assert(io.popen(cmd))
+        local shell = tonumber(f:read("*l"))
+        f:close()
+        defer(function()
+            local g = io.popen("pgrep -P " .. shell)
+            local pid = tonumber(g:read("*l"))
+            g:close()
+            if pid then os.execute("kill -KILL " .. pid) end
+            test.wait_until(function() return read_file(p.code) end)
+            for _, path in ipairs({ base, p.out, p.err, p.code }) do os.remove(path) end
+        end)
+        return p
+    end
+
+    local function refused(port)
+        local sock, err = core.tcp_connect("127.0.0.1", port, 5)
+        if sock then sock:close() end
+        return err == "connection refused"
+    end
+
+    describe("flags", function()
+        it("prints the version with --version and exits 0", function()
+            assert.same({ "moonlet " .. moonlet._VERSION .. "\n", "", 0 }, { run("--version") })
+            assert.same({ "moonlet " .. moonlet._VERSION .. "\n", "", 0 }, { run("-v") })
+        end)
+
+        it("prints the usage with --help and exits 0", function()
+            local out, err, code = run("--help")
+            assert.same({ "", 0 }, { err, code })
+            assert.truthy(out:find("^usage: moonlet"), out)
+            assert.truthy(out:find("--port N", 1, true), out)
+            assert.truthy(out:find("--host HOST", 1, true), out)
+        end)
+
+        it("exits non-zero with a message on an unknown flag", function()
+            local out, err, code = run("--bogus " .. script("hello.lua", "print('ran')\n"))
+            assert.same("", out)
+            assert.truthy(err:find("unknown flag --bogus", 1, true), err)
+            assert.are_not.equal(0, code)
+        end)
+
+        it("exits non-zero with a message when a flag misses its value", function()
+            local _, err, code = run("--port")
+            assert.truthy(err:find("--port needs a value", 1, true), err)
+            assert.are_not.equal(0, code)
+        end)
+
+        it("exits non-zero with a message when --port is not a number", function()
+            local _, err, code = run("--port abc " .. script("hello.lua", "print('ran')\n"))
+            assert.truthy(err:find("--port wants a number", 1, true), err)
+            assert.are_not.equal(0, code)
+        end)
+
+        it("prints the usage and exits non-zero without a script", function()
+            local out, err, code = run("")
+            assert.same("", out)
+            assert.truthy(err:find("^usage: moonlet"), err)
+            assert.are_not.equal(0, code)
+        end)
+    end)
+
+    describe("scripts", function()
+        it("runs a script that returns no app inside the loop and exits 0", function()
+            local path = script("sleeper.lua", 'local moonlet = require "moonlet"\n'
+                                               .. "moonlet.sleep(0.05)\nprint(\"done\")\n")
+            assert.same({ "done\n", "", 0 }, { run(path) })
+        end)
+
+        it("waits for the tasks a script spawned before exiting", function()
+            local path = script("spawner.lua", [[
+local moonlet = require "moonlet"
+moonlet.spawn(function()
+    moonlet.sleep(0.05)
+    print("task done")
+end)
+print("main done")
+]])
+            assert.same({ "main done\ntask done\n", "", 0 }, { run(path) })
+        end)
+
+        it("passes the script its arguments", function()
+            local path = script("args.lua", "print(select('#', ...), table.concat({ ... }, ' '), arg[2])\n")
+            assert.same({ "2\tone --two\t--two\n", "", 0 }, { run(path .. " one --two") })
+        end)
+
+        it("exits 1 naming the file and line on a syntax error", function()
+            local path = script("broken.lua", "local x = 1\nlocal y = = 2\n")
+            local out, err, code = run(path)
+            assert.same({ "", 1 }, { out, code })
+            assert.truthy(err:find(plain(path) .. ":2:"), err)
+        end)
+
+        it("exits 1 naming the file and line on an error at the top level", function()
+            local path = script("raises.lua", "local x = 1\nerror(\"top-level failure\")\n")
+            local out, err, code = run(path)
+            assert.same({ "", 1 }, { out, code })
+            assert.truthy(err:find(plain(path) .. ":2: top%-level failure"), err)
+        end)
+
+        it("exits 1 naming a script that does not exist", function()
+            local path = dir .. "/missing.lua"
+            local out, err, code = run(path)
+            assert.same({ "", 1 }, { out, code })
+            assert.truthy(err:find(path, 1, true), err)
+        end)
+    end)
+
+    describe("serving an app", function()
+        it("announces the port chosen for --port 0 and answers on it", function()
+            local path = script("app.lua", APP)
+            local p = start("--port 0 " .. path)
+            local port = p:port()
+            assert.truthy(p:output():find("serving " .. plain(path) .. " on http://127%.0%.0%.1:" .. port),
+                          p:output())
+            local r = test.request(port, "GET", "/")
+            assert.same({ 200, "hello from the app" }, { r.status, r.body })
+        end)
+
+        it("writes the announcement on stderr and nothing on stdout", function()
+            local p = start_split("--port 0 " .. script("app.lua", APP))
+            local port = test.wait_until(function()
+                return tonumber((read_file(p.err) or ""):match("serving .- on http://127%.0%.0%.1:(%d+)"))
+            end)
+            assert(port, read_file(p.err))
+            assert.same(200, test.request(port, "GET", "/").status)
+            assert.same("", read_file(p.out))
+        end)
+
+        it("listens on the port given by env PORT", function()
+            local probe, free = test.serve(moonlet.app())
+            probe:close()
+            local p = start_split(script("app.lua", APP), "PORT=" .. free)
+            local port = test.wait_until(function()
+                return tonumber((read_file(p.err) or ""):match("on http://[^ ]-:(%d+)"))
+            end)
+            assert.same(free, port)
+            local r = test.request(free, "GET", "/")
+            assert.same({ 200, "hello from the app" }, { r.status, r.body })
+        end)
+
+        it("takes flags in the --flag=value form", function()
+            local p = start("--host=127.0.0.1 --port=0 " .. script("app.lua", APP))
+            local port = p:port()
+            assert.truthy(p:output():find("on http://127%.0%.0%.1:" .. port), p:output())
+            assert.same(200, test.request(port, "GET", "/").status)
+        end)
+
+        it("prefers --port to env PORT", function()
+            local holder, taken = test.serve(moonlet.app())
+            defer(function() holder:close() end)
+            local p = start_split("--port 0 " .. script("app.lua", APP), "PORT=" .. taken)
+            local port = test.wait_until(function()
+                return tonumber((read_file(p.err) or ""):match("on http://[^ ]-:(%d+)"))
+            end)
+            assert(port, read_file(p.err))
+            assert.are_not.equal(taken, port)
+            assert.same(200, test.request(port, "GET", "/").status)
+        end)
+
+        it("exits non-zero with a message when env PORT is not a number", function()
+            local _, err, code = run(script("app.lua", APP), "PORT=abc")
+            assert.truthy(err:find("PORT is not a number", 1, true), err)
+            assert.are_not.equal(0, code)
+        end)
+
+        it("exits 1 with a message when the port is taken", function()
+            local holder, port = test.serve(moonlet.app())
+            defer(function() holder:close() end)
+            local out, err, code = run("--port " .. port .. " " .. script("app.lua", APP))
+            assert.same({ "", 1 }, { out, code })
+            assert.truthy(err:find("address in use", 1, true), err)
+        end)
+
+        it("writes one access-log line per request on stdout with --access-log", function()
+            local p = start_split("--access-log --port 0 " .. script("app.lua", APP))
+            local port = test.wait_until(function()
+                return tonumber((read_file(p.err) or ""):match("on http://[^ ]-:(%d+)"))
+            end)
+            assert(port, read_file(p.err))
+            assert.same(200, test.request(port, "GET", "/").status)
+            assert.same(404, test.request(port, "GET", "/nowhere").status)
+            assert.same(405, test.request(port, "POST", "/", { body = "x" }).status)
+            local lines
+            assert(test.wait_until(function()
+                lines = {}
+                for line in (read_file(p.out) or ""):gmatch("[^\n]+") do lines[#lines + 1] = line end
+                return #lines >= 3
+            end), read_file(p.out))
+            assert.same(3, #lines)
+            assert.truthy(lines[1]:find('"GET / HTTP/1.1" 200 ', 1, true), lines[1])
+            assert.truthy(lines[2]:find('"GET /nowhere HTTP/1.1" 404 ', 1, true), lines[2])
+            assert.truthy(lines[3]:find('"POST / HTTP/1.1" 405 ', 1, true), lines[3])
+            assert.falsy(read_file(p.err):find("HTTP/1.1\"", 1, true))
+        end)
+
+        it("answers 500 without the traceback on a handler error, logs it and goes on", function()
+            local path = script("app.lua", APP)
+            local p = start("--port 0 " .. path)
+            local port = p:port()
+            local r = test.request(port, "GET", "/boom")
+            assert.same({ 500, "500 Internal Server Error\n" }, { r.status, r.body })
+            assert(test.wait_until(function() return p:output():find("kaboom", 1, true) end), p:output())
+            local log = p:output()
+            assert.truthy(log:find(plain(path) .. ":" .. line_of('error("kaboom")') .. ": kaboom"), log)
+            assert.truthy(log:find("stack traceback:", 1, true), log)
+            r = test.request(port, "GET", "/")
+            assert.same({ 200, "hello from the app" }, { r.status, r.body })
+        end)
+
+        it("logs a failing background task and goes on serving", function()
+            local path = script("app.lua", APP)
+            local p = start("--port 0 " .. path)
+            local port = p:port()
+            local r = test.request(port, "GET", "/spawn")
+            assert.same({ 200, "spawned" }, { r.status, r.body })
+            assert(test.wait_until(function() return p:output():find("background failure", 1, true) end),
+                   p:output())
+            local log = p:output()
+            assert.truthy(log:find(plain(path) .. ":" .. line_of('error("background failure")')
+                                   .. ": background failure"), log)
+            assert.truthy(log:find("stack traceback:", 1, true), log)
+            r = test.request(port, "GET", "/")
+            assert.same({ 200, "hello from the app" }, { r.status, r.body })
+        end)
+    end)
+
+    describe("signals", function()
+        for _, sig in ipairs({ "TERM", "INT" }) do
+            it("finishes the request in flight on SIG" .. sig .. ", refuses new connections, exits 0",
+               function()
+                local gate = dir .. "/gate-" .. sig
+                local p = start("--port 0 " .. script("app.lua", APP) .. " " .. gate)
+                local port = p:port()
+                local sock = test.connect(port)
+                defer(function() sock:close() end)
+                assert(sock:send(test.format_request("GET", "/slow")))
+                assert(test.wait_until(function() return p:output():find("slow: started", 1, true) end),
+                       p:output())
+                assert.is_true(p:signal(sig))
+                assert(test.wait_until(function() return p:output():find("shutting down", 1, true) end),
+                       p:output())
+                assert.is_true(test.wait_until(function() return refused(port) end))
+                write_file(gate, "open")
+                local r = assert(test.read_response(sock, "GET"))
+                assert.same({ 200, "slow done", "close" }, { r.status, r.body, r.headers["connection"] })
+                sock:close() -- else the server lingers (waits for our FIN) before it exits
+                assert.same(0, p:wait())
+            end)
+        end
+
+        it("exits 0 on SIGTERM when idle", function()
+            local p = start("--port 0 " .. script("app.lua", APP))
+            local port = p:port()
+            assert.same(200, test.request(port, "GET", "/").status)
+            assert.is_true(p:signal("TERM"))
+            assert.same(0, p:wait())
+        end)
+
+        it("closes the request in flight at once on a second signal", function()
+            local gate = dir .. "/gate-never"
+            local p = start("--port 0 " .. script("app.lua", APP) .. " " .. gate)
+            local port = p:port()
+            local sock = test.connect(port)
+            defer(function() sock:close() end)
+            assert(sock:send(test.format_request("GET", "/slow")))
+            assert(test.wait_until(function() return p:output():find("slow: started", 1, true) end),
+                   p:output())
+            assert.is_true(p:signal("TERM"))
+            assert(test.wait_until(function() return p:output():find("shutting down", 1, true) end),
+                   p:output())
+            assert.is_true(p:signal("TERM"))
+            assert.is_number(p:wait())
+            assert.same({ nil, "closed" }, { test.read_response(sock, "GET") })
+            assert.truthy(p:output():find("second signal", 1, true), p:output())
+        end)
+
+        it("closes the request in flight when the shutdown grace is over", function()
+            local gate = dir .. "/gate-never"
+            local p = start("--port 0 --shutdown-grace 0.1 " .. script("app.lua", APP) .. " " .. gate)
+            local port = p:port()
+            local sock = test.connect(port)
+            defer(function() sock:close() end)
+            assert(sock:send(test.format_request("GET", "/slow")))
+            assert(test.wait_until(function() return p:output():find("slow: started", 1, true) end),
+                   p:output())
+            assert.is_true(p:signal("TERM"))
+            assert.is_number(p:wait())
+            assert.same({ nil, "closed" }, { test.read_response(sock, "GET") })
+            assert.truthy(p:output():find("grace time over", 1, true), p:output())
+        end)
+    end)
+end)

@@ -1,0 +1,462 @@
+-- spec/static_spec.lua: app:static(prefix, dir) over real sockets, on a directory tree built here:
+-- content types, lengths and bytes, validators (ETag, Last-Modified, 304), single ranges (206,
+-- 416), HEAD, index files, what must never be served (traversal in every spelling, NUL, symlinks
+-- out of the root) and a 3 MB file sent whole. Each `it` serves its own app and closes it.
+local moonlet = require "moonlet"
+local test = require "moonlet.test"
+
+local fmt, rep, char, concat = string.format, string.rep, string.char, table.concat
+
+local MTIME = 1700000000 -- hello.txt's mtime: Tue, 14 Nov 2023 22:13:20 GMT
+local HELLO = "hello, static\n"
+local DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+local SECRET = "TOP SECRET: never served"
+
+-- busted keeps only the last function given to finally(); defer(fn) gathers them instead and runs
+-- them all, last first, when the running `it` ends (the first error is raised after the others ran)
+local deferred
+local function defer(fn)
+    if not deferred then
+        local list = {}
+        deferred = list
+        finally(function()
+            deferred = nil
+            local first_err
+            for i = #list, 1, -1 do
+                local ok, err = pcall(list[i])
+                if not ok and not first_err then first_err = err end
+            end
+            if first_err then error(first_err, 0) end
+        end)
+    end
+    deferred[#deferred + 1] = fn
+end
+
+local function write_file(path, data)
+    local f = assert(io.open(path, "wb"))
+    assert(f:write(data))
+    assert(f:close())
+end
+
+local function read_file(path)
+    local f = assert(io.open(path, "rb"))
+    local data = f:read("*a")
+    f:close()
+    return data
+end
+
+local function sh(cmd)
+    local ok = os.execute(cmd)
+    assert(ok == 0 or ok == true, "failed: " .. cmd)
+end
+
+local function q(path)
+    return "'" .. path .. "'"
+end
+
+-- every byte value, so that NUL, CR and LF must arrive untouched
+local function all_bytes(times)
+    local t = {}
+    for i = 0, 255 do t[#t + 1] = char(i) end
+    return rep(concat(t), times)
+end
+
+-- 3 MiB of numbered 8-byte records: a lost, repeated or misplaced piece changes the bytes
+local function big_content()
+    local t = {}
+    for i = 0, 3 * 1024 * 1024 / 8 - 1 do t[#t + 1] = fmt("%07d\n", i) end
+    return concat(t)
+end
+
+local function first_difference(a, b)
+    for i = 1, math.max(#a, #b) do
+        if a:byte(i) ~= b:byte(i) then return i end
+    end
+end
+
+describe("moonlet.static", function()
+    local base, root, big
+
+    lazy_setup(function()
+        base = os.tmpname()
+        os.remove(base)
+        root = base .. "/public"
+        local dirs = { root .. "/docs", root .. "/empty", root .. "/trap", base .. "/public-private" }
+        for _, d in ipairs(dirs) do sh("mkdir -p " .. q(d)) end
+        write_file(root .. "/hello.txt", HELLO)
+        sh("touch -d @" .. MTIME .. " " .. q(root .. "/hello.txt"))
+        write_file(root .. "/digits.txt", DIGITS)
+        write_file(root .. "/style.css", "body { color: black }\n")
+        write_file(root .. "/app.js", "console.log(1)\n")
+        write_file(root .. "/data.json", '{"a":1}\n')
+        write_file(root .. "/pixel.png", all_bytes(4))
+        write_file(root .. "/LOUD.PNG", all_bytes(1))
+        write_file(root .. "/blob.xyz", "?\n")
+        write_file(root .. "/empty.txt", "")
+        write_file(root .. "/docs/index.html", "<h1>docs</h1>\n")
+        write_file(root .. "/with space & 100%.txt", "odd name\n")
+        write_file(base .. "/secret.txt", SECRET)
+        write_file(base .. "/public-private/sibling.txt", SECRET)
+        big = big_content()
+        write_file(root .. "/big.bin", big)
+        sh("truncate -s 64M " .. q(root .. "/huge.bin")) -- sparse; more than the socket buffers hold
+        -- symlinks: one stays inside the root; the others lead out of it, to a file, to a
+        -- directory, as a directory's index, and into a sibling whose name starts with the root's
+        sh("ln -s hello.txt " .. q(root .. "/alias.txt"))
+        sh("ln -s " .. q(base .. "/secret.txt") .. " " .. q(root .. "/escape.txt"))
+        sh("ln -s " .. q(base) .. " " .. q(root .. "/outside"))
+        sh("ln -s " .. q(base .. "/secret.txt") .. " " .. q(root .. "/trap/index.html"))
+        sh("ln -s " .. q(base .. "/public-private/sibling.txt") .. " " .. q(root .. "/sibling.txt"))
+    end)
+
+    lazy_teardown(function()
+        if base then sh("rm -rf " .. q(base)) end
+    end)
+
+    -- serves the tree at /assets for the running `it`, closed when it ends
+    local function serve(opts)
+        local app = moonlet.app()
+        app:static("/assets", root, opts)
+        local server, port = test.serve(app)
+        defer(function() server:close() end)
+        return port
+    end
+
+    local function get(port, path, headers)
+        return test.request(port, "GET", path, { headers = headers })
+    end
+
+    -- the target goes out byte for byte ("..", "%2e" kept); returns everything the server sent
+    local function raw(port, method, target, headers)
+        headers = headers or {}
+        headers.Connection = "close"
+        local data, err = test.raw(port, test.format_request(method, target, { headers = headers }))
+        assert(data, err)
+        return data
+    end
+
+    describe("serving files", function()
+        it("answers with the bytes and length of the file", function()
+            local port = serve()
+            local r = get(port, "/assets/hello.txt")
+            assert.same(200, r.status)
+            assert.same(HELLO, r.body)
+            assert.same(tostring(#HELLO), r.headers["content-length"])
+            assert.same("bytes", r.headers["accept-ranges"])
+        end)
+
+        it("sends every byte value untouched", function()
+            local port = serve()
+            local r = get(port, "/assets/pixel.png")
+            assert.same(200, r.status)
+            assert.same("1024", r.headers["content-length"])
+            assert.is_true(r.body == all_bytes(4), "the body differs from the file")
+        end)
+
+        it("picks the Content-Type by extension", function()
+            local port = serve()
+            local want = {
+                ["hello.txt"] = "text/plain; charset=utf-8",
+                ["style.css"] = "text/css; charset=utf-8",
+                ["app.js"] = "application/javascript; charset=utf-8",
+                ["data.json"] = "application/json",
+                ["pixel.png"] = "image/png",
+                ["LOUD.PNG"] = "image/png",
+                ["docs/index.html"] = "text/html; charset=utf-8",
+                ["blob.xyz"] = "application/octet-stream",
+            }
+            local got = {}
+            for name in pairs(want) do
+                got[name] = get(port, "/assets/" .. name).headers["content-type"]
+            end
+            assert.same(want, got)
+        end)
+
+        it("serves an empty file", function()
+            local port = serve()
+            local r = get(port, "/assets/empty.txt")
+            assert.same({ 200, "", "0" }, { r.status, r.body, r.headers["content-length"] })
+        end)
+
+        it("serves a symlink that stays inside the root", function()
+            local port = serve()
+            local r = get(port, "/assets/alias.txt")
+            assert.same({ 200, HELLO }, { r.status, r.body })
+        end)
+
+        it("serves index.html for a directory", function()
+            local port = serve()
+            local r = get(port, "/assets/docs/")
+            assert.same({ 200, "<h1>docs</h1>\n", "text/html; charset=utf-8" },
+                        { r.status, r.body, r.headers["content-type"] })
+        end)
+
+        it("answers 404 for a directory without an index", function()
+            local port = serve()
+            assert.same(404, get(port, "/assets/empty/").status)
+        end)
+
+        it("answers 404 for a directory when the index is turned off", function()
+            local port = serve({ index = false })
+            assert.same(404, get(port, "/assets/docs/").status)
+        end)
+
+        it("answers 404 for a missing file", function()
+            local port = serve()
+            local r = get(port, "/assets/missing.txt")
+            assert.same(404, r.status)
+        end)
+
+        it("answers 405 with Allow for a POST", function()
+            local port = serve()
+            local r = test.request(port, "POST", "/assets/hello.txt", { body = "x" })
+            assert.same({ 405, "GET, HEAD" }, { r.status, r.headers["allow"] })
+        end)
+
+        it("sends Cache-Control when max_age is given", function()
+            local port = serve({ max_age = 3600 })
+            assert.same("public, max-age=3600", get(port, "/assets/hello.txt").headers["cache-control"])
+        end)
+
+        it("answers HEAD with the headers of GET and no body", function()
+            local port = serve()
+            local data = raw(port, "HEAD", "/assets/hello.txt")
+            local head_end = assert(data:find("\r\n\r\n", 1, true), "no end of head: " .. data)
+            assert.same("", data:sub(head_end + 4))
+            assert.truthy(data:find("^HTTP/1%.1 200 "))
+            assert.truthy(data:find("\r\nContent%-Length: " .. #HELLO .. "\r\n"))
+            assert.truthy(data:find("\r\nContent%-Type: text/plain; charset=utf%-8\r\n"))
+            assert.truthy(data:find("\r\nETag: \"", 1))
+        end)
+
+        it("keeps the connection for the next request after a file", function()
+            local port = serve()
+            local sock = test.connect(port)
+            defer(function() sock:close() end)
+            assert(sock:send(test.format_request("GET", "/assets/digits.txt")
+                             .. test.format_request("GET", "/assets/hello.txt")))
+            local a = assert(test.read_response(sock, "GET"))
+            local b = assert(test.read_response(sock, "GET"))
+            assert.same({ 200, DIGITS, 200, HELLO }, { a.status, a.body, b.status, b.body })
+        end)
+
+        it("sends a 3 MB file complete and byte-identical", function()
+            local port = serve()
+            local r = test.request(port, "GET", "/assets/big.bin", { timeout = 30 })
+            assert.same(200, r.status)
+            assert.same(tostring(#big), r.headers["content-length"])
+            assert.same(#big, #r.body)
+            assert.is_nil(first_difference(big, r.body))
+            assert.is_true(r.body == read_file(root .. "/big.bin"))
+        end)
+    end)
+
+    describe("mounts, names and descriptors", function()
+        it("serves a mount at /", function()
+            local app = moonlet.app()
+            app:static("/", root)
+            local server, port = test.serve(app)
+            defer(function() server:close() end)
+            local r = get(port, "/hello.txt")
+            assert.same({ 200, HELLO }, { r.status, r.body })
+            local data = raw(port, "GET", "/../secret.txt")
+            assert.truthy(data:find("^HTTP/1%.1 404 "), data)
+            assert.falsy(data:find("TOP SECRET", 1, true))
+        end)
+
+        it("decodes percent-escapes in the file name", function()
+            local port = serve()
+            local r = get(port, "/assets/with%20space%20%26%20100%25.txt")
+            assert.same({ 200, "odd name\n" }, { r.status, r.body })
+        end)
+
+        it("ignores the query string", function()
+            local port = serve()
+            local r = get(port, "/assets/hello.txt?v=2&x=../secret.txt")
+            assert.same({ 200, HELLO }, { r.status, r.body })
+        end)
+
+        -- open descriptors of this process (the server runs here) on the named file
+        local function fds_on(name)
+            local f = assert(io.popen("ls -l /proc/$PPID/fd 2>/dev/null"))
+            local n = 0
+            for line in f:lines() do
+                if line:find(name, 1, true) then n = n + 1 end
+            end
+            f:close()
+            return n
+        end
+
+        it("holds the file while sending and releases it when the client leaves", function()
+            local port = serve()
+            local sock = test.connect(port)
+            defer(function() sock:close() end)
+            assert(sock:send(test.format_request("GET", "/assets/huge.bin")))
+            assert.same("HTTP/1.1 200 OK", sock:receive("*l"))
+            assert(test.wait_until(function() return fds_on("huge.bin") == 1 end), "the file is not open")
+            sock:close()
+            assert(test.wait_until(function() return fds_on("huge.bin") == 0 end), "the file stays open")
+            local r = get(port, "/assets/hello.txt")
+            assert.same({ 200, HELLO }, { r.status, r.body })
+        end)
+    end)
+
+    describe("validators", function()
+        it("sends ETag and Last-Modified", function()
+            local port = serve()
+            local r = get(port, "/assets/hello.txt")
+            assert.truthy(r.headers["etag"]:find('^"[^"]+"$'), r.headers["etag"])
+            assert.same("Tue, 14 Nov 2023 22:13:20 GMT", r.headers["last-modified"])
+        end)
+
+        it("answers 304 without a body when If-None-Match holds the ETag", function()
+            local port = serve()
+            local etag = get(port, "/assets/hello.txt").headers["etag"]
+            local data = raw(port, "GET", "/assets/hello.txt", { ["If-None-Match"] = etag })
+            local head_end = assert(data:find("\r\n\r\n", 1, true))
+            assert.truthy(data:find("^HTTP/1%.1 304 "), data)
+            assert.same("", data:sub(head_end + 4))
+            assert.truthy(data:find("\r\nETag: " .. etag:gsub("%p", "%%%0") .. "\r\n"), data)
+        end)
+
+        it("answers 304 when If-None-Match lists the ETag among others", function()
+            local port = serve()
+            local etag = get(port, "/assets/hello.txt").headers["etag"]
+            local r = get(port, "/assets/hello.txt", { ["If-None-Match"] = '"nope", ' .. etag })
+            assert.same({ 304, "" }, { r.status, r.body })
+        end)
+
+        it("answers 200 when If-None-Match holds another ETag", function()
+            local port = serve()
+            local r = get(port, "/assets/hello.txt", { ["If-None-Match"] = '"something-else"' })
+            assert.same({ 200, HELLO }, { r.status, r.body })
+        end)
+
+        it("answers 304 when If-Modified-Since is the Last-Modified date", function()
+            local port = serve()
+            local ims = "Tue, 14 Nov 2023 22:13:20 GMT"
+            local r = get(port, "/assets/hello.txt", { ["If-Modified-Since"] = ims })
+            assert.same({ 304, "" }, { r.status, r.body })
+        end)
+
+        it("answers 200 when the file was modified after If-Modified-Since", function()
+            local port = serve()
+            local ims = "Mon, 13 Nov 2023 22:13:20 GMT"
+            local r = get(port, "/assets/hello.txt", { ["If-Modified-Since"] = ims })
+            assert.same({ 200, HELLO }, { r.status, r.body })
+        end)
+
+        it("answers 200 with a new ETag once the file changed", function()
+            local port = serve()
+            local path = root .. "/changing.txt"
+            defer(function() os.remove(path) end)
+            write_file(path, "one")
+            sh("touch -d @" .. MTIME .. " " .. q(path))
+            local old = get(port, "/assets/changing.txt").headers["etag"]
+            write_file(path, "two, longer")
+            sh("touch -d @" .. (MTIME + 60) .. " " .. q(path))
+            local r = get(port, "/assets/changing.txt", { ["If-None-Match"] = old })
+            assert.same({ 200, "two, longer" }, { r.status, r.body })
+            assert.are_not.equal(old, r.headers["etag"])
+        end)
+    end)
+
+    describe("ranges", function()
+        it("answers 206 with Content-Range and exactly bytes=0-9", function()
+            local port = serve()
+            local r = get(port, "/assets/digits.txt", { Range = "bytes=0-9" })
+            assert.same({ 206, "0123456789", "10", "bytes 0-9/36" },
+                        { r.status, r.body, r.headers["content-length"], r.headers["content-range"] })
+        end)
+
+        it("answers 206 with the last bytes for a suffix range", function()
+            local port = serve()
+            local r = get(port, "/assets/digits.txt", { Range = "bytes=-5" })
+            assert.same({ 206, "vwxyz", "5", "bytes 31-35/36" },
+                        { r.status, r.body, r.headers["content-length"], r.headers["content-range"] })
+        end)
+
+        it("answers 206 with the whole file for a suffix longer than the file", function()
+            local port = serve()
+            local r = get(port, "/assets/digits.txt", { Range = "bytes=-1000" })
+            assert.same({ 206, DIGITS, "bytes 0-35/36" }, { r.status, r.body, r.headers["content-range"] })
+        end)
+
+        it("answers 206 up to the end for an open range", function()
+            local port = serve()
+            local r = get(port, "/assets/digits.txt", { Range = "bytes=30-" })
+            assert.same({ 206, "uvwxyz", "bytes 30-35/36" },
+                        { r.status, r.body, r.headers["content-range"] })
+        end)
+
+        it("answers 206 with the middle of the large file", function()
+            local port = serve()
+            local r = get(port, "/assets/big.bin", { Range = "bytes=2000000-2000099" })
+            assert.same({ 206, big:sub(2000001, 2000100), "bytes 2000000-2000099/" .. #big },
+                        { r.status, r.body, r.headers["content-range"] })
+        end)
+
+        it("answers 416 when the range is unsatisfiable", function()
+            local port = serve()
+            for _, range in ipairs({ "bytes=36-40", "bytes=100-", "bytes=-0" }) do
+                local r = get(port, "/assets/digits.txt", { Range = range })
+                assert.same({ 416, "bytes */36" }, { r.status, r.headers["content-range"] }, range)
+            end
+        end)
+
+        it("answers 416 for any range of an empty file", function()
+            local port = serve()
+            local r = get(port, "/assets/empty.txt", { Range = "bytes=0-" })
+            assert.same({ 416, "bytes */0" }, { r.status, r.headers["content-range"] })
+        end)
+
+        it("answers 200 with the whole file for several ranges", function()
+            local port = serve()
+            local r = get(port, "/assets/digits.txt", { Range = "bytes=0-1,3-4" })
+            assert.same({ 200, DIGITS }, { r.status, r.body })
+        end)
+
+        it("answers 200 with the whole file when If-Range holds another ETag", function()
+            local port = serve()
+            local r = get(port, "/assets/digits.txt", { Range = "bytes=0-9", ["If-Range"] = '"old"' })
+            assert.same({ 200, DIGITS }, { r.status, r.body })
+        end)
+    end)
+
+    describe("refusals", function()
+        local targets = {
+            "/assets/../secret.txt",
+            "/assets/%2e%2e/secret.txt",
+            "/assets/%2e%2e%2fsecret.txt",
+            "/assets/%2E%2E%2Fsecret.txt",
+            "/assets/..%2fsecret.txt",
+            "/assets/..%2f..%2fetc/passwd",
+            "/assets/docs/../../secret.txt",
+            "/assets/..%5csecret.txt",
+            "/assets/hello.txt%00",
+            "/assets/hello.txt%00.png",
+            "/assets/escape.txt",
+            "/assets/outside/secret.txt",
+            "/assets/sibling.txt",
+            "/assets/trap/",
+            "/assets//etc/passwd",
+            "/assets/%c0%ae%c0%ae/secret.txt",
+        }
+        for _, target in ipairs(targets) do
+            it("answers 404 and never the file for " .. target, function()
+                local port = serve()
+                local data = raw(port, "GET", target)
+                assert.truthy(data:find("^HTTP/1%.1 404 "), data)
+                assert.falsy(data:find("TOP SECRET", 1, true))
+                assert.falsy(data:find("root:", 1, true))
+            end)
+        end
+
+        it("decodes the path once: %252e%252e is a file name, not ..", function()
+            local port = serve()
+            local data = raw(port, "GET", "/assets/%252e%252e/secret.txt")
+            assert.truthy(data:find("^HTTP/1%.1 404 "), data)
+            assert.falsy(data:find("TOP SECRET", 1, true))
+        end)
+    end)
+end)
