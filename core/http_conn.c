@@ -82,8 +82,22 @@ static int on_url(llhttp_t *p, const char *at, size_t len) {
   return rb_append(c, at, len, 0);
 }
 
+/* Copies header bytes, refusing past max_header_bytes: it counts the request line (method and
+ * target) and the header names and values, which is what the request buffer holds. */
+static int header_append(ml_conn_t *c, const char *at, size_t len, int lower) {
+  if (c->rb->len + len > c->srv->lim.max_header_bytes) {
+    c->error_status = 431;
+    llhttp_set_error_reason(&c->parser, "request header section too large");
+    return HPE_USER;
+  }
+  return rb_append(c, at, len, lower);
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t len) {
   ml_conn_t *c = conn_of(p);
+  /* a trailer of a chunked body counts against the limit but never joins the headers, which the
+   * handler may already have read (RFC 9110 6.5.1) */
+  if (c->state != ML_CONN_HEADERS) return header_append(c, at, len, 0);
   if (!c->cur || c->cur->value) { /* a new header begins */
     if (c->req.nheaders >= c->srv->lim.max_headers) {
       c->error_status = 431;
@@ -97,7 +111,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
     c->cur->value_len = 0;
   }
   c->cur->name_len += (uint32_t)len;
-  return rb_append(c, at, len, 1);
+  return header_append(c, at, len, 1);
 }
 
 /* The byte before `at` in the input, or the last byte of the previous read when `at` starts it. */
@@ -107,6 +121,7 @@ static char byte_before(const ml_conn_t *c, const char *at) {
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   ml_conn_t *c = conn_of(p);
+  if (c->state != ML_CONN_HEADERS) return header_append(c, at, len, 0); /* a trailer */
   if (!c->cur) return -1;
   if (c->cur->value_len > 0 && byte_before(c, at) == '\n') {
     /* llhttp joins obs-fold continuation lines; RFC 9112 lets a server refuse them, and we do */
@@ -115,7 +130,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   }
   if (!c->cur->value) c->cur->value = c->rb->data + c->rb->len;
   c->cur->value_len += (uint32_t)len;
-  return rb_append(c, at, len, 0);
+  return header_append(c, at, len, 0);
 }
 
 static int name_is(const ml_header_t *h, const char *lit, size_t n) {
@@ -142,7 +157,7 @@ static int value_has_token(const ml_header_t *h, const char *tok, size_t n) {
 static int on_header_value_complete(llhttp_t *p) {
   ml_conn_t *c = conn_of(p);
   ml_header_t *h = c->cur;
-  if (!h) return 0;
+  if (!h || c->state != ML_CONN_HEADERS) return 0;
   if (!h->value) h->value = c->rb->data + c->rb->len; /* empty value */
   while (h->value_len && (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
     h->value_len--;
@@ -256,6 +271,17 @@ static void deliver_body(ml_conn_t *c) {
  * the upper layer. */
 static void dispatch(ml_conn_t *c) {
   ml_request_t *r = &c->req;
+  if (r->http_major != 1) { /* llhttp takes "GET /" as HTTP/0.9 and parses "HTTP/2.0" */
+    ml__conn_error(c, r->http_major ? 505 : 400, "unsupported HTTP version");
+    return;
+  }
+  if ((c->parser.flags & F_TRANSFER_ENCODING) &&
+      (!(c->parser.flags & F_CHUNKED) || r->http_minor == 0)) {
+    /* RFC 9112 6.3: without chunked last the body length is unknown (llhttp 8 takes "identity" as
+     * no body); 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing */
+    ml__conn_error(c, 400, "Transfer-Encoding without chunked, or in HTTP/1.0");
+    return;
+  }
   if (r->http_major == 1 && r->http_minor == 1 && c->host_count != 1) {
     ml__conn_error(c, 400, c->host_count ? "repeated Host header" : "missing Host header");
     return;
@@ -296,6 +322,25 @@ static void stash_clear(ml_conn_t *c) {
   c->stash_len = c->stash_off = 0;
 }
 
+/* Line ends llhttp 8 lets through even in strict mode (llhttp 9 refuses them), and parsers that
+ * disagree on line ends are how requests are smuggled: a bare LF (no CR before it) before or after
+ * the request line, as the empty line that ends the header section or the trailers, and a folded
+ * line (starting with SP or HTAB) after an empty header value. p[0..n) is what llhttp just consumed
+ * and `before` the byte before it. Returns why the request is refused, or NULL. */
+static const char *bad_line_end(ml_conn_t *c, int in_head, const char *p, size_t n, char before) {
+  if (in_head) {
+    const char *lf, *end = p + n;
+    if (n && before == '\n' && (p[0] == ' ' || p[0] == '\t')) return "obsolete line folding";
+    for (const char *q = p; (lf = memchr(q, '\n', (size_t)(end - q))) != NULL; q = lf + 1) {
+      if ((lf > p ? lf[-1] : before) != '\r') return "bare LF in the request head";
+      if (lf + 1 < end && (lf[1] == ' ' || lf[1] == '\t')) return "obsolete line folding";
+    }
+  } else if (c->pause == PAUSE_MESSAGE && c->req.content_length < 0 && n > 0) {
+    if ((n >= 2 ? p[n - 2] : before) != '\r') return "bare LF ending the chunked body";
+  }
+  return NULL;
+}
+
 /* Parses data[0..len) as far as the request cycle allows; stashes the rest. */
 void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
   c->in_feed = 1;
@@ -306,9 +351,16 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
       return;
     }
     c->feed_start = data;
+    char before = c->last_byte;
+    int in_head = c->state == ML_CONN_IDLE || c->state == ML_CONN_HEADERS;
     enum llhttp_errno err = llhttp_execute(&c->parser, data, len);
     c->last_byte = data[len - 1];
     if (err == HPE_OK) {
+      const char *why = bad_line_end(c, in_head, data, len, before);
+      if (why) {
+        ml__conn_error(c, 400, why);
+        break;
+      }
       len = 0;
       deliver_body(c);
       break;
@@ -316,6 +368,12 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
     if (err == HPE_PAUSED || err == HPE_PAUSED_UPGRADE) {
       const char *pos = llhttp_get_error_pos(&c->parser);
       size_t used = (size_t)(pos - data);
+      c->last_byte = used ? pos[-1] : before; /* the rest is parsed again from pos */
+      const char *why = bad_line_end(c, in_head, data, used, before);
+      if (why) {
+        ml__conn_error(c, 400, why);
+        break;
+      }
       data += used;
       len -= used;
       int event = c->pause;

@@ -234,13 +234,27 @@ static uint64_t conn_deadline(ml_conn_t *c) {
   }
 }
 
+/* The delay to arm for deadline dl, capped at the shortest configured timeout. The timer is left
+ * running across state changes, and a state entered later has a deadline at least that far away, so
+ * the timer never fires after it (a connection armed for the keep-alive timeout would otherwise get
+ * its header timeout only then); firing early, it re-arms for the rest. */
+static uint64_t conn_delay(ml_conn_t *c, uint64_t dl, uint64_t now) {
+  const ml_http_limits_t *lim = &c->srv->lim;
+  const uint64_t t[] = {lim->header_timeout_ms, lim->body_timeout_ms, lim->keepalive_timeout_ms,
+                        lim->send_timeout_ms};
+  uint64_t d = dl > now ? dl - now : 0;
+  for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
+    if (t[i] && t[i] < d) d = t[i];
+  return d;
+}
+
 static void conn_timer_cb(uv_timer_t *t) {
   ml_conn_t *c = t->data;
   uint64_t now = uv_now(c->srv->loop);
   uint64_t dl = conn_deadline(c);
   if (dl == 0) return; /* re-armed by the next state change */
   if (dl > now) {
-    uv_timer_start(t, conn_timer_cb, dl - now, 0);
+    uv_timer_start(t, conn_timer_cb, conn_delay(c, dl, now), 0);
     return;
   }
   ml__conn_timeout(c);
@@ -252,7 +266,7 @@ void ml__conn_arm_timer(ml_conn_t *c) {
   uint64_t dl = conn_deadline(c);
   if (dl == 0) return;
   uint64_t now = uv_now(c->srv->loop);
-  uv_timer_start(&c->timer, conn_timer_cb, dl > now ? dl - now : 0, 0);
+  uv_timer_start(&c->timer, conn_timer_cb, conn_delay(c, dl, now), 0);
 }
 
 /* -- Reading --------------------------------------------------------------------------------- */
