@@ -9,6 +9,22 @@ local concat = table.concat
 
 local _M = {}
 
+-- syntax: test.defer(fn) -- runs fn when the current `it` ends, pass or fail; every deferred
+-- function runs, the last deferred first. Use it instead of busted's finally(), which keeps only
+-- the last function given to it in an `it`.
+local deferred
+function _M.defer(fn)
+    if not deferred then
+        deferred = {}
+        local list = deferred
+        getfenv(2).finally(function() -- busted's finally lives in the spec's environment
+            deferred = nil
+            for i = #list, 1, -1 do pcall(list[i]) end
+        end)
+    end
+    deferred[#deferred + 1] = fn
+end
+
 -- syntax: server, port = test.serve(app, opts) -- on 127.0.0.1, a free port
 function _M.serve(app, opts)
     opts = opts or {}
