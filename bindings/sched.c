@@ -2,9 +2,9 @@
  * spawned function, the main script) runs as a task: a coroutine of the instance's main state.
  *
  * The rules (each binding that waits keeps them):
- * 1. A task is resumed only by the callback of the one wait it is parked in. A wait records the task,
- *    starts its source (timer, read, write, thread-pool work) and then `return lua_yield(L, 0)`; its
- *    callback clears the record, stops the other sources of the same wait (I/O or timeout: exactly
+ * 1. A task is resumed only by the callback of the one wait it is parked in. A wait records the
+ * task, starts its source (timer, read, write, thread-pool work) and then `return lua_yield(L, 0)`;
+ * its callback clears the record, stops the other sources of the same wait (I/O or timeout: exactly
  *    one wins), pushes the results on t->co and calls mlua_task_resume.
  * 2. A task is pinned (registry ref on its coroutine) for the life of its struct; anything a wait
  *    lends to C (a string given to uv_write, the object it waits on) is pinned by that wait and
@@ -86,7 +86,8 @@ mlua_task_t *mlua_task_current(lua_State *L) {
 }
 
 void mlua_check_yieldable(lua_State *L, mlua_task_t *t) {
-  if (!t) luaL_error(L, "moonlet: I/O outside a moonlet task (a coroutine of your own cannot wait)");
+  if (!t)
+    luaL_error(L, "moonlet: I/O outside a moonlet task (a coroutine of your own cannot wait)");
 }
 
 static void task_release(mlua_task_t *t, int reusable) {

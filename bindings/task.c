@@ -12,7 +12,8 @@
 
 #include "mlua.h"
 
-static char parked_key; /* registry[&parked_key] = { [coroutine] = lightuserdata(park_t) or true } */
+static char
+    parked_key; /* registry[&parked_key] = { [coroutine] = lightuserdata(park_t) or true } */
 
 typedef struct {
   mlua_res_t res;
@@ -30,8 +31,10 @@ static void set_parked(lua_State *L, lua_State *co, void *value) {
   push_parked(L);
   lua_pushthread(co);
   lua_xmove(co, L, 1);
-  if (value) lua_pushlightuserdata(L, value);
-  else lua_pushnil(L);
+  if (value)
+    lua_pushlightuserdata(L, value);
+  else
+    lua_pushnil(L);
   lua_rawset(L, -3);
   lua_pop(L, 1);
 }
@@ -64,7 +67,8 @@ static void park_cancel(mlua_task_t *t, void *wait) {
   if (wait) park_end(wait);
 }
 
-/* Parks t; with ms >= 0 a timer ends the park with nil, "timeout". `wakeable`: unpark may end it. */
+/* Parks t; with ms >= 0 a timer ends the park with nil, "timeout". `wakeable`: unpark may end it.
+ */
 static int park(lua_State *L, mlua_task_t *t, double secs, int wakeable) {
   moonlet_t *m = t->m;
   park_t *p = NULL;
@@ -150,7 +154,7 @@ static int l_running(lua_State *L) {
 
 void mlua_open_task(lua_State *L, moonlet_t *m) {
   static const luaL_Reg fns[] = {
-      {"spawn", l_spawn},   {"park", l_park},   {"unpark", l_unpark}, {"cancel", l_cancel},
+      {"spawn", l_spawn},     {"park", l_park},      {"unpark", l_unpark}, {"cancel", l_cancel},
       {"running", l_running}, {"sleep", mlua_sleep}, {NULL, NULL}};
   mlua_register(L, m, fns);
   lua_pushlightuserdata(L, &mlua_cancel_key);

@@ -19,7 +19,7 @@ typedef struct {
   ml_conn_t *conn;
   uv_file fd;
   int64_t offset, left;
-  size_t piece;           /* bytes of buf in the write in flight */
+  size_t piece; /* bytes of buf in the write in flight */
   ml_conn_file_cb cb;
   void *ud;
   char buf[PIECE];

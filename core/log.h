@@ -1,5 +1,6 @@
-/* core/log.h: the per-instance logger. There is no global logger: every server and instance carries an
- * ml_log_t, whose sink a host may replace (moonlet_config_t.log_sink). The loop thread is the only writer.
+/* core/log.h: the per-instance logger. There is no global logger: every server and instance carries
+ * an ml_log_t, whose sink a host may replace (moonlet_config_t.log_sink). The loop thread is the
+ * only writer.
  */
 #ifndef ML_LOG_H
 #define ML_LOG_H
@@ -11,10 +12,10 @@ enum { ML_LOG_ERROR = 0, ML_LOG_WARN = 1, ML_LOG_INFO = 2, ML_LOG_DEBUG = 3 };
 typedef void (*ml_log_sink_cb)(void *ud, int level, const char *line);
 
 typedef struct ml_log_s {
-  int level;            /* messages above this level are dropped */
-  ml_log_sink_cb sink;  /* NULL: write to stderr */
-  void *sink_ud;        /* passed back to sink */
-  int access;           /* 1: the access log is on */
+  int level;                  /* messages above this level are dropped */
+  ml_log_sink_cb sink;        /* NULL: write to stderr */
+  void *sink_ud;              /* passed back to sink */
+  int access;                 /* 1: the access log is on */
   ml_log_sink_cb access_sink; /* NULL: write access lines to stdout */
 } ml_log_t;
 
