@@ -7,7 +7,7 @@ PORT     ?= 8080
 BUILD    := build
 LLHTTP_SRC ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
-PKGS     := luajit libuv openssl zlib
+PKGS     := luajit libuv openssl zlib sqlite3 libpq
 
 ifeq ($(SANITIZE),1)
 BUILD    := build-asan
@@ -30,7 +30,7 @@ LIB_OBJ  := $(CORE_SRC:%.c=$(BUILD)/%.o) $(BIND_SRC:%.c=$(BUILD)/%.o) \
             $(BUILD)/llhttp/llhttp.o $(BUILD)/llhttp/api.o $(BUILD)/llhttp/http.o
 HDRS     := $(wildcard core/*.h bindings/*.h)
 
-.PHONY: all run test bench deps lint clean help examples
+.PHONY: all run test bench deps lint clean help examples static
 all: $(BUILD)/moonlet $(BUILD)/libmoonlet.a $(BUILD)/libmoonlet.so
 
 help:
@@ -38,6 +38,8 @@ help:
 	@echo "make test       build and run every spec (SANITIZE=1: under ASan+UBSan)"
 	@echo "make bench      moonlet beside nginx+lua and the other peers (wrk, pinned cores)"
 	@echo "make lint       luacheck + clang-format check"
+	@echo "make examples   the embedding examples of examples/embed into $(BUILD)/examples/"
+	@echo "make static     $(BUILD)/moonlet-static and iot_device-static: LuaJIT, libuv... linked in"
 
 deps: $(DEPS_OK)
 $(DEPS_OK): scripts/deps.sh
@@ -69,10 +71,32 @@ $(BUILD)/spec/c/%: spec/c/%.c spec/c/ctest.h $(BUILD)/libmoonlet.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -o $@ $< $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
 
+# The embedding examples (examples/embed/*.c), each a host linked with libmoonlet.a; the test suite
+# starts them (spec/embed_spec.lua). EXAMPLES_DIR lets game_loop find its Lua app next to its source.
+EXAMPLE_SRC := $(wildcard examples/embed/*.c)
+EXAMPLES    := $(EXAMPLE_SRC:examples/embed/%.c=$(BUILD)/examples/%)
+examples: $(EXAMPLES)
+$(BUILD)/examples/%: examples/embed/%.c core/moonlet.h $(BUILD)/libmoonlet.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -DEXAMPLES_DIR='"$(CURDIR)/examples/embed"' -o $@ $< \
+	  $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
+
+# `make static`: LuaJIT and libuv linked in from their .a archives (Debian names libuv's
+# libuv_a.a); the other libraries of PKGS and glibc stay shared; stripped. docs/embedding.md
+# reports the sizes.
+STATIC_LIBS  = $(patsubst -luv,-l:libuv_a.a,$(patsubst -lluajit-5.1,-l:libluajit-5.1.a, \
+               $(shell pkg-config --libs-only-l $(PKGS)))) -lm
+static: $(BUILD)/moonlet-static $(BUILD)/examples/iot_device-static
+$(BUILD)/moonlet-static: $(BUILD)/cli/main.o $(BUILD)/libmoonlet.a
+	$(CC) -s -o $@ $< $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(STATIC_LIBS)
+$(BUILD)/examples/iot_device-static: examples/embed/iot_device.c core/moonlet.h $(BUILD)/libmoonlet.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -s -o $@ $< $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(STATIC_LIBS)
+
 run: $(BUILD)/moonlet
 	./$(BUILD)/moonlet apps/welcome/app.lua --port $(PORT)
 
-test: $(BUILD)/moonlet $(CTESTS)
+test: $(BUILD)/moonlet $(CTESTS) examples
 	@BUILD=$(BUILD) SANITIZE=$(SANITIZE) sh spec/run.sh
 
 bench: $(BUILD)/moonlet

@@ -40,7 +40,7 @@ enum { WAIT_NONE = 0, WAIT_BODY, WAIT_WRITABLE, WAIT_FILE };
 typedef struct {
   ml_conn_t *c;       /* NULL once the request ended or the connection closed */
   mlua_task_t *task;  /* the handler task */
-  mlua_server_t *s;
+  moonlet_t *m;        /* the instance (not the server: it may be freed while a handler runs) */
   int ref;            /* pins this userdata while C points at it */
   int wait;           /* WAIT_* */
   int status;         /* for the access log */
@@ -54,7 +54,7 @@ static exchange_t *check_x(lua_State *L) { return luaL_checkudata(L, 1, EXCHANGE
 /* -- Access log ------------------------------------------------------------------------------- */
 
 static void access_log(exchange_t *x, ml_conn_t *c) {
-  moonlet_t *m = x->s->m;
+  moonlet_t *m = x->m;
   if (!m->log.access) return;
   const ml_request_t *r = ml_conn_request(c);
   char peer[64], line[1024];
@@ -87,7 +87,7 @@ static void exchange_end(exchange_t *x) {
 
 static void handler_done(mlua_task_t *t, int ok, void *ud) {
   exchange_t *x = ud;
-  moonlet_t *m = x->s->m;
+  moonlet_t *m = x->m;
   if (!ok) {
     ml_log(&m->log, ML_LOG_ERROR, "request handler failed: %s", lua_tostring(t->co, -1));
     if (x->c && !ml_conn_response_started(x->c)) {
@@ -118,7 +118,7 @@ static void on_request(ml_conn_t *c, void *ud) {
   lua_setmetatable(co, -2);
   x->c = c;
   x->task = t;
-  x->s = s;
+  x->m = s->m;
   x->wait = WAIT_NONE;
   x->status = 0;
   x->bytes = 0;
@@ -370,7 +370,7 @@ static void file_done(ml_conn_t *c, int status, void *ud) {
   uv_fs_close(NULL, &req, x->fd, NULL);
   uv_fs_req_cleanup(&req);
   x->fd = -1;
-  lua_State *L = x->s->m->L;
+  lua_State *L = x->m->L;
   int ref = x->file_ref;
   x->file_ref = LUA_NOREF;
   if (x->wait != WAIT_FILE) { /* the wait was cancelled: nobody to resume */
@@ -506,6 +506,32 @@ static void on_close(ml_conn_t *c, void *ud) {
   if (wait && wait != WAIT_FILE) { /* a file wait ends through file_done, which ran already */
     mlua_task_resume(x->task, mlua_push_error(x->task->co, UV_EPIPE));
   }
+}
+
+ml_conn_t *mlua_exchange_upgrade(lua_State *L, int idx, const char *headers, size_t hlen,
+                                 const ml_conn_raw_cb_t *cb, void *ud, int *err) {
+  exchange_t *x = luaL_checkudata(L, idx, EXCHANGE_MT);
+  ml_conn_t *c = x->c;
+  if (!c) {
+    *err = UV_EPIPE;
+    return NULL;
+  }
+  if (x->wait) {
+    *err = UV_EBUSY;
+    return NULL;
+  }
+  int status = x->status;
+  x->status = 101;
+  access_log(x, c); /* now: the request is freed by the upgrade */
+  int r = ml_conn_upgrade(c, headers, hlen, cb, ud);
+  if (r < 0) {
+    x->status = status;
+    *err = r;
+    return NULL;
+  }
+  x->c = NULL; /* the handler task goes on without a request; exchange_end has nothing to do */
+  ml_conn_set_data(c, NULL);
+  return c;
 }
 
 static int x_tostring(lua_State *L) {

@@ -1,12 +1,15 @@
 /* bindings/instance.c: moonlet_t, the instance behind core/moonlet.h: its Lua state, loop, signals
- * and life cycle, plus the helpers every binding file uses (upvalue access, metatables, errors).
+ * and life cycle (new, run, step, backend fd, stop, free), plus the helpers every binding file uses
+ * (upvalue access, metatables, errors). The rest of the embedding API lives in bindings/embed.c.
  *
  * Ownership: the instance owns its Lua state and, unless the host passed one, its loop. Every
  * binding function gets the instance as upvalue 1, never from a global. moonlet_free closes every
  * handle the instance opened, runs the loop until their close callbacks have run, frees the task
  * structs and only then closes the Lua state (so no __gc runs against freed C memory).
  */
+#include <poll.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -156,6 +159,57 @@ static int l_halt(lua_State *L) {
   return 0;
 }
 
+/* cfg.limits as the defaults of core.listen: upvalue 2 is the listen of http_server.c; a copy of
+ * the opts table gets each limit the host set and the table leaves unset. */
+static int l_listen_limits(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  const moonlet_limits_t *lim = &m->cfg.limits;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 2);
+  lua_pushvalue(L, lua_upvalueindex(2));
+  lua_newtable(L);
+  for (lua_pushnil(L); lua_next(L, 1); lua_pop(L, 1)) {
+    lua_pushvalue(L, -2);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, -5);
+  }
+  struct {
+    const char *name;
+    double v;
+  } fields[] = {{"max_body", (double)lim->max_body},
+                {"max_uri", (double)lim->max_uri},
+                {"max_header_bytes", (double)lim->max_header_bytes},
+                {"max_headers", lim->max_headers},
+                {"max_conns", lim->max_conns},
+                {"keepalive_requests", lim->keepalive_requests},
+                {"header_timeout", lim->header_timeout_ms / 1000.0},
+                {"body_timeout", lim->body_timeout_ms / 1000.0},
+                {"keepalive_timeout", lim->keepalive_timeout_ms / 1000.0},
+                {"send_timeout", lim->send_timeout_ms / 1000.0},
+                {"shutdown_grace", lim->shutdown_grace_ms / 1000.0}};
+  for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+    if (fields[i].v == 0) continue;
+    lua_getfield(L, -1, fields[i].name);
+    int unset = lua_isnil(L, -1);
+    lua_pop(L, 1);
+    if (!unset) continue;
+    lua_pushnumber(L, fields[i].v);
+    lua_setfield(L, -2, fields[i].name);
+  }
+  lua_pushvalue(L, 2);
+  lua_call(L, 2, LUA_MULTRET);
+  return lua_gettop(L) - 2;
+}
+
+static void wrap_listen(lua_State *L, moonlet_t *m) {
+  static const moonlet_limits_t none;
+  if (memcmp(&m->cfg.limits, &none, sizeof none) == 0) return;
+  lua_pushlightuserdata(L, m);
+  lua_getfield(L, -2, "listen");
+  lua_pushcclosure(L, l_listen_limits, 2);
+  lua_setfield(L, -2, "listen");
+}
+
 int luaopen_moonlet_core(lua_State *L) {
   moonlet_t *m = lua_touserdata(L, lua_upvalueindex(1));
   static const luaL_Reg fns[] = {
@@ -169,7 +223,16 @@ int luaopen_moonlet_core(lua_State *L) {
   mlua_open_task(L, m);
   mlua_open_http_server(L, m);
   mlua_open_fs(L, m);
+  mlua_open_work(L, m);
   mlua_open_tcp(L, m);
+  mlua_open_ws(L, m);
+  mlua_open_udp(L, m);
+  mlua_open_dns(L, m);
+  mlua_open_zlib(L, m);
+  mlua_open_fswatch(L, m);
+  mlua_open_sqlite(L, m);
+  mlua_open_pg(L, m);
+  wrap_listen(L, m); /* last: it wraps the listen of mlua_open_http_server */
   return 1;
 }
 
@@ -177,7 +240,11 @@ int luaopen_moonlet_core(lua_State *L) {
 
 static void on_signal(uv_signal_t *h, int signum) {
   moonlet_t *m = h->data;
-  if (signum == SIGHUP) return; /* reload: see the hot-reload issue */
+  if (signum == SIGHUP) { /* the app's file again; reload.lua logs how it went */
+    if (moonlet_reload(m) == UV_ENOENT)
+      ml_log(&m->log, ML_LOG_WARN, "SIGHUP: no app loaded from a file, nothing to reload");
+    return;
+  }
   if (m->stopping) {
     ml_log(&m->log, ML_LOG_WARN, "second signal: closing now");
     mlua_http_servers_close(m);
@@ -220,6 +287,24 @@ static void set_path(lua_State *L, const moonlet_config_t *cfg) {
   lua_pop(L, 2);
 }
 
+/* The panic function of a state made with the host's allocator (luaL_newstate installs its own):
+ * an error outside any protected call cannot be recovered; LuaJIT exits after this returns. */
+static int on_panic(lua_State *L) {
+  const char *msg = lua_tostring(L, -1);
+  fprintf(stderr, "moonlet: PANIC: unprotected error in call to Lua API (%s)\n",
+          msg ? msg : "(not a string)");
+  fflush(stderr);
+  return 0;
+}
+
+moonlet_t *moonlet_from_lua(struct lua_State *L) {
+  lua_pushlightuserdata(L, &instance_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  moonlet_t *m = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return m;
+}
+
 moonlet_t *moonlet_new(const moonlet_config_t *cfg) {
   moonlet_config_t defaults;
   if (!cfg) {
@@ -242,8 +327,19 @@ moonlet_t *moonlet_new(const moonlet_config_t *cfg) {
   m->log.level = cfg->log_level;
   m->log.sink = cfg->log_sink;
   m->log.sink_ud = cfg->log_ud;
-  m->L = luaL_newstate();
-  if (!m->L) {
+  if (cfg->alloc) { /* LuaJIT x64 without GC64 refuses (it needs memory below 2 GiB) */
+    m->L = lua_newstate(cfg->alloc, cfg->alloc_ud);
+    if (m->L)
+      lua_atpanic(m->L, on_panic);
+    else
+      ml_log(&m->log, ML_LOG_ERROR,
+             "moonlet_new: LuaJIT refused the host's allocator "
+             "(a 64-bit build without GC64?); leave cfg.alloc NULL");
+  } else {
+    m->L = luaL_newstate();
+  }
+  if (!m->L || mlua_embed_init(m) < 0) {
+    if (m->L) lua_close(m->L);
     if (m->owns_loop) uv_loop_close(&m->own_loop);
     free(m);
     return NULL;
@@ -312,9 +408,52 @@ int moonlet_run(moonlet_t *m) {
   return m->exit_code;
 }
 
+/* 1 when handles started since libuv's last poll are not yet in the backend fd's set: libuv adds
+ * them at the start of its next poll phase, and uv_backend_timeout does not count them (libuv issue
+ * #1565), so a host that waited on the fd now could sleep through their events. This reads a
+ * private field of uv_loop_t (uv/unix.h); its type changed in libuv 1.46. */
+static int watchers_pending(const uv_loop_t *loop) {
+#if UV_VERSION_MAJOR == 1 && UV_VERSION_MINOR < 46
+  return loop->watcher_queue[0] != (void *)&loop->watcher_queue;
+#else
+  return loop->watcher_queue.next != &loop->watcher_queue;
+#endif
+}
+
+int moonlet_backend_fd(moonlet_t *m) { return uv_backend_fd(m->loop); }
+
+int moonlet_backend_timeout(moonlet_t *m) {
+  if (watchers_pending(m->loop)) return 0;
+  if (!uv_loop_alive(m->loop)) return -1; /* nothing to do: only the fd (a post) can wake us */
+  uv_update_time(m->loop); /* timers are due relative to now, not to the last iteration */
+  return uv_backend_timeout(m->loop);
+}
+
+/* One non-blocking iteration. The post handle is referenced meanwhile: uv_run does nothing on a
+ * loop with no active handle, and a host that steps an instance with nothing else to do must still
+ * get its posts run (and the wake-up drained, or the fd would stay readable). */
+static void run_nowait(moonlet_t *m) {
+  if (m->embed_on) uv_ref((uv_handle_t *)&m->post_async);
+  uv_run(m->loop, UV_RUN_NOWAIT);
+  if (m->embed_on) uv_unref((uv_handle_t *)&m->post_async);
+}
+
+/* Waits on the backend fd (poll) for at most timeout_ms and for no longer than the next timer,
+ * then runs one non-blocking iteration, which handles whatever woke us. Handles started by the
+ * previous iteration are first added to the fd's set by an extra iteration. */
 int moonlet_step(moonlet_t *m, int timeout_ms) {
-  (void)timeout_ms; /* the embedding issue adds a bounded wait */
-  return uv_run(m->loop, UV_RUN_NOWAIT);
+  uv_loop_t *loop = m->loop;
+  if (timeout_ms > 0) {
+    if (watchers_pending(loop)) run_nowait(m);
+    int wait = moonlet_backend_timeout(m);
+    if (wait < 0 || wait > timeout_ms) wait = timeout_ms;
+    if (wait > 0) {
+      struct pollfd p = {uv_backend_fd(loop), POLLIN, 0};
+      (void)poll(&p, 1, wait); /* EINTR: a signal, the step just ends early */
+    }
+  }
+  run_nowait(m);
+  return uv_loop_alive(loop);
 }
 
 void moonlet_stop(moonlet_t *m) {
@@ -328,8 +467,21 @@ static void close_walk(uv_handle_t *h, void *arg) {
   if (!uv_is_closing(h)) uv_close(h, NULL);
 }
 
+static void count_closing(uv_handle_t *h, void *arg) {
+  if (uv_is_closing(h)) (*(int *)arg)++;
+}
+
+/* Handles closed whose close callback has not run yet (a handle leaves the loop's list just
+ * before its close callback runs). */
+static int closing_count(uv_loop_t *loop) {
+  int n = 0;
+  uv_walk(loop, count_closing, &n);
+  return n;
+}
+
 void moonlet_free(moonlet_t *m) {
   if (!m) return;
+  if (m->embed_on) mlua_embed_close(m); /* queued posts run first, with everything still up */
   mlua_http_servers_close(m);
   if (m->signals_on) {
     uv_close((uv_handle_t *)&m->sig_int, NULL);
@@ -341,13 +493,24 @@ void moonlet_free(moonlet_t *m) {
     mlua_res_unlink(m, r);
     r->close(r);
   }
-  uv_run(m->loop, UV_RUN_NOWAIT); /* the close callbacks run, freeing what they own */
+  /* The close callbacks run, freeing what they own; one may close another handle (a server closes
+   * its connections), hence the loop. On a lent loop this runs the host's handles' callbacks too;
+   * it must not be called from inside the host's uv_run. */
+  for (int i = 0; i < 1000 && (m->servers || closing_count(m->loop) > 0); i++)
+    uv_run(m->loop, UV_RUN_NOWAIT);
   if (m->owns_loop) {
     uv_walk(m->loop, close_walk, NULL); /* what is left: timers of parked tasks, ... */
-    uv_run(m->loop, UV_RUN_DEFAULT);
+    for (int i = 0; i < 100 && uv_run(m->loop, UV_RUN_DEFAULT) != 0; i++) {
+    } /* again when a close callback called uv_stop (a server of a stopping instance) */
   }
   mlua_sched_free(m);
   lua_close(m->L);
-  if (m->owns_loop) uv_loop_close(&m->own_loop);
+  if (m->embed_on) uv_mutex_destroy(&m->post_lock);
+  if (m->owns_loop) {
+    int r = uv_loop_close(&m->own_loop);
+    if (r < 0)
+      ml_log(&m->log, ML_LOG_ERROR, "moonlet_free: the loop still holds handles (%s)",
+             uv_err_name(r));
+  }
   free(m);
 }

@@ -64,6 +64,12 @@ struct moonlet_s {
   int exit_code;
   int dispatch_ref;       /* registry ref of the framework's request dispatcher */
   int traceback_ref;      /* registry ref of debug.traceback */
+  /* embedding (bindings/embed.c): the only fields other threads touch are post_head/post_tail,
+   * under post_lock */
+  uv_async_t post_async;  /* moonlet_post wakes the loop thread with it */
+  uv_mutex_t post_lock;
+  struct mlua_post_s *post_head, *post_tail; /* posted functions not run yet, oldest first */
+  int embed_on;           /* post_async and post_lock are initialised */
 };
 
 /* sched.c */
@@ -90,6 +96,11 @@ void mlua_check_yieldable(lua_State *L, mlua_task_t *t);
 void mlua_sched_init(moonlet_t *m);
 void mlua_sched_free(moonlet_t *m);
 
+/* embed.c: the embedding API's state. init: 0 or a UV_E* code; close: runs the posts still
+ * queued and closes the async handle (moonlet_free, before anything else is closed). */
+int mlua_embed_init(moonlet_t *m);
+void mlua_embed_close(moonlet_t *m);
+
 /* instance.c */
 moonlet_t *mlua_instance(lua_State *L); /* the instance of upvalue 1 */
 void mlua_register(lua_State *L, moonlet_t *m, const luaL_Reg *fns); /* fns with m as upvalue */
@@ -104,7 +115,21 @@ int mlua_sleep(lua_State *L);
 void mlua_open_task(lua_State *L, moonlet_t *m);
 void mlua_open_http_server(lua_State *L, moonlet_t *m);
 void mlua_open_fs(lua_State *L, moonlet_t *m);
+void mlua_open_work(lua_State *L, moonlet_t *m);
 void mlua_open_tcp(lua_State *L, moonlet_t *m);
+void mlua_open_udp(lua_State *L, moonlet_t *m);
+void mlua_open_dns(lua_State *L, moonlet_t *m);
+void mlua_open_zlib(lua_State *L, moonlet_t *m);
+void mlua_open_fswatch(lua_State *L, moonlet_t *m);
+void mlua_open_sqlite(lua_State *L, moonlet_t *m);
+void mlua_open_pg(lua_State *L, moonlet_t *m);
+void mlua_open_ws(lua_State *L, moonlet_t *m);
+/* http_server.c: hands the connection of the exchange at idx over to another protocol (ws.c):
+ * logs the request as 101, calls ml_conn_upgrade(c, headers, hlen, cb, ud) and detaches the
+ * exchange (its methods return nil, "closed" from then on; the handler task goes on). Returns the
+ * connection, or NULL with *err set (UV_EPIPE: closed, UV_EBUSY: a wait is pending, UV_EINVAL). */
+ml_conn_t *mlua_exchange_upgrade(lua_State *L, int idx, const char *headers, size_t hlen,
+                                 const ml_conn_raw_cb_t *cb, void *ud, int *err);
 void mlua_http_servers_stop(moonlet_t *m);
 void mlua_http_servers_close(moonlet_t *m);
 

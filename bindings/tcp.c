@@ -1,91 +1,202 @@
-/* bindings/tcp.c: TCP client sockets in the cosocket style (lua-nginx-module): connect, send,
- * receive(n | "*l" | "*a"), settimeout, close. Each call that waits yields its task.
+/* bindings/tcp.c: TCP sockets in the cosocket style (lua-nginx-module), client and server side:
+ * core.tcp_connect(ip, port, timeout), core.tcp_listen(host, port, backlog, fn, timeout), and the
+ * socket methods send, receive(n | "*l" | "*a"), receive_any, receiveuntil's reader, tls (the
+ * handshake; afterwards send and receive encrypt transparently through core/tls.c), settimeout(s),
+ * getpeername, getsockname, close. Each call that waits yields its task. lua/moonlet/tcp.lua wraps
+ * these (name resolution, check() of every wait) as moonlet.tcp.
  *
- * Ownership: the socket struct is C memory; the Lua userdata holds a pointer to it, NULLed when the
- * socket closes. The struct is linked in the instance's resources and freed from the close callback
- * of its last handle (tcp + timer). One wait at a time ("socket busy"): the wait records the task,
- * starts the I/O and the timer; whichever of them fires first clears the record, stops the other
- * and resumes the task. The string given to uv_write is pinned by a registry ref until its callback.
- * close() and __gc wake a parked task with nil, "closed" before the handles close.
+ * Ownership:
+ * - A socket (sock_t) is C memory; the Lua userdata holds a pointer to it, NULLed when the socket
+ *   closes, after which every method returns nil, "closed". The struct is linked in the instance's
+ *   resources and freed from the close callback of its last handle (tcp + two timers), after every
+ *   write request's callback has run (libuv calls them, with UV_ECANCELED, before the close
+ *   callback).
+ * - One reader and one writer may wait at once (full duplex; a second one gets nil, "socket busy").
+ *   A read or TLS handshake waits with the read timer, a connect or write with the write timer;
+ *   whichever of I/O, timer, close or cancel comes first takes the waiter (take_reader,
+ *   take_writer), stops the other sources and resumes it. Resumes come last in a callback and one
+ *   task at a time: the Lua that runs may close the socket or cancel the other waiter.
+ * - Pinned in the registry: the box during connect (wref), the string or array of a plain write in
+ *   flight (wref). TLS ciphertext goes out in malloc'd write requests freed by their callbacks.
+ * - A connect, write or handshake that times out or is cancelled cannot be taken back: the socket
+ *   is closed. A read that times out or is cancelled just stops reading; the socket stays usable.
+ * - A listening server (server_t) is C memory owned by the instance's resources: it keeps serving
+ *   when Lua drops its object, until server:close() or moonlet_free. Each accepted connection runs
+ *   the Lua function fn(sock) in a task of its own.
  */
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "../core/tls.h"
 #include "mlua.h"
 
-#define SOCK_MT "moonlet.tcp"
+/* nil, short message: the code name (mlua_push_error's third value) stays out of the way of
+ * `assert.same({ nil, "timeout" }, { sock:receive(1) })`. Returns 2. */
+static int push_err(lua_State *L, int e) {
+  lua_pushnil(L);
+  lua_pushstring(L, mlua_err_string(e));
+  return 2;
+}
 
-enum { W_NONE = 0, W_CONNECT, W_READ, W_WRITE };
-enum { R_BYTES = 0, R_LINE, R_ALL };
+#define SOCK_MT "moonlet.tcp"
+#define SERVER_MT "moonlet.tcp.server"
+#define TLS_CTX_MT "moonlet.tls.context"
+#define CBUF_SIZE 65536 /* TLS: ciphertext read buffer */
+
+enum { W_NONE = 0, W_CONNECT, W_READ, W_WRITE, W_HANDSHAKE };
+enum { R_BYTES = 0, R_LINE, R_ALL, R_ANY, R_UNTIL };
 
 typedef struct sock_s {
   mlua_res_t res;
   uv_tcp_t tcp;
-  uv_timer_t timer;
+  uv_timer_t rtimer; /* read and handshake waits */
+  uv_timer_t wtimer; /* connect and write waits */
   uv_connect_t creq;
-  uv_write_t wreq;
+  uv_write_t wreq; /* the plain write of the send that waits */
   moonlet_t *m;
-  struct sock_s **box;    /* the Lua box, NULLed at close */
-  mlua_task_t *task;      /* the parked task, or NULL */
-  int wait;               /* W_* */
-  int rmode;              /* R_* of the read that waits */
-  size_t rwant;           /* bytes wanted by an R_BYTES read */
-  int wref;               /* pinned string of the write in flight */
-  char *buf;              /* received, not yet returned */
-  size_t len, cap;
-  int eof, err;           /* the peer closed / a read error */
-  int reading, closed, handles;
-  uint64_t timeout_ms;    /* 0: no timeout */
+  struct sock_s **box; /* the Lua box, NULLed at close */
+  mlua_task_t *rtask;  /* the parked reader (or handshaker), or NULL */
+  mlua_task_t *wtask;  /* the parked writer (or connecter), or NULL */
+  int rwait, wwait;    /* W_* */
+  int rmode;           /* R_* of the read that waits */
+  size_t rwant;        /* R_BYTES: bytes wanted; R_ANY: at most */
+  char *pat;           /* R_UNTIL: the pattern (malloc'd) */
+  size_t patlen;
+  int wref;  /* registry ref: the box during connect, the data of a plain write */
+  char *buf; /* plaintext received, not yet returned: buf[off, off + len) */
+  size_t off, len, cap;
+  char *cbuf;   /* TLS: ciphertext read buffer */
+  int eof, err; /* the peer closed / a read or TLS error (UV_E*) */
+  int reading, closed, handles, accepted;
+  int64_t connect_ms, send_ms, read_ms; /* < 0: no timeout */
+  ml_tls_t *tls;                        /* NULL: plain TCP */
+  int tls_up;                           /* the handshake is complete */
 } sock_t;
+
+/* A write of TLS ciphertext (or of a handshake message): the bytes live in the request. */
+typedef struct {
+  uv_write_t req;
+  sock_t *s;
+  int notify; /* the end of the send the writer waits for */
+  char data[];
+} wbuf_t;
+
+typedef struct server_s {
+  mlua_res_t res;
+  uv_tcp_t tcp;
+  moonlet_t *m;
+  struct server_s **box; /* the Lua box, NULLed at close */
+  int fn_ref;            /* fn(sock), run in a new task per connection */
+  int64_t timeout_ms;    /* the accepted sockets' timeouts */
+  int closed;
+} server_t;
+
+/* -- Life cycle ------------------------------------------------------------------------------- */
 
 static void sock_closed(uv_handle_t *h) {
   sock_t *s = h->data;
   if (--s->handles == 0) {
+    ml_tls_free(s->tls);
     free(s->buf);
+    free(s->cbuf);
+    free(s->pat);
     free(s);
   }
 }
 
-/* Takes the parked task out of its wait: exactly one source (I/O, timer, close) gets it. */
-static mlua_task_t *take_waiter(sock_t *s) {
-  mlua_task_t *t = s->task;
-  s->task = NULL;
-  s->wait = W_NONE;
-  uv_timer_stop(&s->timer);
+static void stop_reading(sock_t *s) {
+  uv_timer_stop(&s->rtimer);
   if (s->reading) {
     uv_read_stop((uv_stream_t *)&s->tcp);
     s->reading = 0;
   }
+}
+
+/* Takes the parked reader out of its wait; NULL when there is none. */
+static mlua_task_t *take_reader(sock_t *s) {
+  mlua_task_t *t = s->rtask;
+  s->rtask = NULL;
+  s->rwait = W_NONE;
+  stop_reading(s);
   return t;
 }
 
+static mlua_task_t *take_writer(sock_t *s) {
+  mlua_task_t *t = s->wtask;
+  s->wtask = NULL;
+  s->wwait = W_NONE;
+  uv_timer_stop(&s->wtimer);
+  return t;
+}
+
+static void tls_flush(sock_t *s);
+
+/* Closes the socket once: the box forgets it, the handles close (the struct goes with the last
+ * close callback), a waiting reader and then a waiting writer wake with nil, "closed". */
 static void sock_close(sock_t *s) {
   if (s->closed) return;
+  if (s->tls && s->tls_up && !s->err) { /* close_notify, best effort */
+    ml_tls_shutdown(s->tls);
+    tls_flush(s);
+  }
   s->closed = 1;
   if (s->box) *s->box = NULL;
   s->box = NULL;
   mlua_res_unlink(s->m, &s->res);
-  mlua_task_t *t = s->task ? take_waiter(s) : NULL;
+  mlua_task_t *r = take_reader(s), *w = NULL;
   uv_close((uv_handle_t *)&s->tcp, sock_closed);
-  uv_close((uv_handle_t *)&s->timer, sock_closed);
-  if (t) mlua_task_resume(t, mlua_push_error(t->co, UV_EPIPE));
-}
-
-/* A cancelled wait: a read is simply stopped; a connect or a write in flight cannot be taken back,
- * so the socket is closed (the cancelled task is not resumed by it). */
-static void sock_cancel(mlua_task_t *t, void *wait) {
-  sock_t *s = wait;
-  (void)t;
-  int w = s->wait;
-  take_waiter(s);
-  if (w == W_CONNECT || w == W_WRITE) sock_close(s);
+  uv_close((uv_handle_t *)&s->rtimer, sock_closed);
+  uv_close((uv_handle_t *)&s->wtimer, sock_closed);
+  if (r) mlua_task_resume(r, push_err(r->co, UV_EPIPE));
+  w = take_writer(s); /* after the reader ran: it may have cancelled the writer */
+  if (w) mlua_task_resume(w, push_err(w->co, UV_EPIPE));
 }
 
 static void sock_res_close(mlua_res_t *r) {
   sock_t *s = (sock_t *)((char *)r - offsetof(sock_t, res));
-  s->task = NULL; /* the instance is going away: nobody is resumed */
+  s->rtask = s->wtask = NULL; /* the instance is going away: nobody is resumed */
+  s->rwait = s->wwait = W_NONE;
+  s->tls_up = 0; /* and nothing more is written */
   sock_close(s);
+}
+
+/* A cancelled wait. A read is simply stopped; a connect, write or handshake in flight cannot be
+ * taken back, so the socket is closed (which wakes the other direction's waiter, not this one). */
+static void sock_cancel(mlua_task_t *t, void *wait) {
+  sock_t *s = wait;
+  if (t == s->rtask) {
+    int w = s->rwait;
+    take_reader(s);
+    if (w == W_HANDSHAKE) sock_close(s);
+  } else if (t == s->wtask) {
+    take_writer(s);
+    sock_close(s);
+  }
+}
+
+static sock_t *sock_new(moonlet_t *m, int64_t timeout_ms) {
+  sock_t *s = calloc(1, sizeof *s);
+  if (!s) return NULL;
+  s->m = m;
+  s->wref = LUA_NOREF;
+  s->connect_ms = s->send_ms = s->read_ms = timeout_ms;
+  uv_tcp_init(m->loop, &s->tcp);
+  uv_timer_init(m->loop, &s->rtimer);
+  uv_timer_init(m->loop, &s->wtimer);
+  s->tcp.data = s->rtimer.data = s->wtimer.data = s->creq.data = s->wreq.data = s;
+  s->handles = 3;
+  mlua_res_link(m, &s->res, sock_res_close);
+  return s;
+}
+
+static sock_t **push_box(lua_State *L, sock_t *s) {
+  sock_t **box = lua_newuserdata(L, sizeof *box);
+  *box = s;
+  s->box = box;
+  luaL_getmetatable(L, SOCK_MT);
+  lua_setmetatable(L, -2);
+  return box;
 }
 
 static sock_t *check_sock(lua_State *L) {
@@ -93,83 +204,103 @@ static sock_t *check_sock(lua_State *L) {
   return *box;
 }
 
-static void on_timeout(uv_timer_t *h) {
-  sock_t *s = h->data;
-  int wait = s->wait;
-  mlua_task_t *t = take_waiter(s);
-  if (!t) return;
-  if (wait == W_CONNECT || wait == W_WRITE) { /* the operation cannot be taken back: close */
-    mlua_task_resume(t, mlua_push_error(t->co, UV_ETIMEDOUT));
-    sock_close(s);
-    return;
+/* Pushes nil, message, detail for the socket's error e: TLS failures have their own words. */
+static int push_sock_error(lua_State *L, sock_t *s, int e) {
+  if (e == UV_EPROTO && s && s->tls && ml_tls_error(s->tls)) {
+    lua_pushnil(L);
+    lua_pushstring(L, ml_tls_error(s->tls));
+    lua_pushstring(L, ml_tls_detail(s->tls));
+    return 3;
   }
-  mlua_task_resume(t, mlua_push_error(t->co, UV_ETIMEDOUT));
+  return push_err(L, e);
 }
 
-static void start_timer(sock_t *s) {
-  if (s->timeout_ms) uv_update_time(s->m->loop);
-  if (s->timeout_ms) uv_timer_start(&s->timer, on_timeout, s->timeout_ms, 0);
+static int64_t to_ms(lua_State *L, int idx) {
+  if (lua_isnoneornil(L, idx)) return -1;
+  double secs = luaL_checknumber(L, idx);
+  return secs <= 0 ? 0 : (int64_t)(secs * 1000.0 + 0.5);
 }
 
-/* -- Connect ------------------------------------------------------------------------------------- */
+static void on_rtimeout(uv_timer_t *h);
+static void on_wtimeout(uv_timer_t *h);
+
+static void start_timer(sock_t *s, uv_timer_t *timer, int64_t ms) {
+  if (ms < 0) return;
+  uv_update_time(s->m->loop);
+  uv_timer_start(timer, timer == &s->rtimer ? on_rtimeout : on_wtimeout, (uint64_t)ms, 0);
+}
+
+static void on_rtimeout(uv_timer_t *h) {
+  sock_t *s = h->data;
+  int w = s->rwait;
+  mlua_task_t *t = take_reader(s);
+  if (!t) return;
+  if (w == W_HANDSHAKE) sock_close(s); /* half a handshake cannot be resumed */
+  mlua_task_resume(t, push_err(t->co, UV_ETIMEDOUT));
+}
+
+static void on_wtimeout(uv_timer_t *h) {
+  sock_t *s = h->data;
+  mlua_task_t *t = take_writer(s);
+  if (!t) return;
+  sock_close(s); /* a connect or a write cannot be taken back */
+  mlua_task_resume(t, push_err(t->co, UV_ETIMEDOUT));
+}
+
+/* -- Connect -------------------------------------------------------------------------------------
+ */
 
 static void on_connect(uv_connect_t *req, int status) {
   sock_t *s = req->data;
-  if (s->wait != W_CONNECT) { /* timed out or closed: already answered */
-    luaL_unref(s->m->L, LUA_REGISTRYINDEX, s->wref);
+  lua_State *L = s->m->L;
+  if (s->wwait != W_CONNECT) { /* timed out, cancelled or closed: already answered */
+    luaL_unref(L, LUA_REGISTRYINDEX, s->wref);
     s->wref = LUA_NOREF;
     return;
   }
-  mlua_task_t *t = take_waiter(s);
+  mlua_task_t *t = take_writer(s);
   if (status < 0) {
-    mlua_task_resume(t, mlua_push_error(t->co, status));
+    luaL_unref(L, LUA_REGISTRYINDEX, s->wref);
+    s->wref = LUA_NOREF;
     sock_close(s);
+    mlua_task_resume(t, push_err(t->co, status));
     return;
   }
+  uv_tcp_nodelay(&s->tcp, 1);
   lua_rawgeti(t->co, LUA_REGISTRYINDEX, s->wref); /* the box, pinned during connect */
-  luaL_unref(t->co, LUA_REGISTRYINDEX, s->wref);
+  luaL_unref(L, LUA_REGISTRYINDEX, s->wref);
   s->wref = LUA_NOREF;
   mlua_task_resume(t, 1);
 }
 
-/* syntax: sock, err = core.tcp_connect(host, port, timeout_seconds) */
+/* syntax: sock, err = core.tcp_connect(ip, port, timeout_seconds)
+ * ip is an address literal ("localhost" is taken as 127.0.0.1); timeout defaults to 60 s and is
+ * also the socket's send and read timeout. */
 static int l_connect(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   const char *host = luaL_checkstring(L, 1);
   int port = (int)luaL_checkinteger(L, 2);
-  double timeout = luaL_optnumber(L, 3, 60);
+  int64_t ms = lua_isnoneornil(L, 3) ? 60000 : to_ms(L, 3);
   mlua_task_t *t = mlua_task_current(L);
   mlua_check_yieldable(L, t);
+  if (port < 0 || port > 65535) return luaL_argerror(L, 2, "port out of range");
   if (strcmp(host, "localhost") == 0) host = "127.0.0.1";
   struct sockaddr_storage addr;
   int r = strchr(host, ':') ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr)
                             : uv_ip4_addr(host, port, (struct sockaddr_in *)&addr);
-  if (r < 0) return mlua_push_error(L, r);
-  sock_t *s = calloc(1, sizeof *s);
+  if (r < 0) return push_err(L, r);
+  sock_t *s = sock_new(m, ms);
   if (!s) return luaL_error(L, "moonlet: out of memory");
-  s->m = m;
-  s->wref = LUA_NOREF;
-  s->timeout_ms = (uint64_t)(timeout * 1000);
-  uv_tcp_init(m->loop, &s->tcp);
-  uv_timer_init(m->loop, &s->timer);
-  s->tcp.data = s->timer.data = s->creq.data = s->wreq.data = s;
-  s->handles = 2;
-  mlua_res_link(m, &s->res, sock_res_close);
-  sock_t **box = lua_newuserdata(L, sizeof *box);
-  *box = s;
-  s->box = box;
-  luaL_getmetatable(L, SOCK_MT);
-  lua_setmetatable(L, -2);
+  push_box(L, s);
   r = uv_tcp_connect(&s->creq, &s->tcp, (struct sockaddr *)&addr, on_connect);
   if (r < 0) {
     sock_close(s);
-    return mlua_push_error(L, r);
+    return push_err(L, r);
   }
-  uv_tcp_nodelay(&s->tcp, 1);
   s->wref = luaL_ref(L, LUA_REGISTRYINDEX); /* pins the box until connected */
-  s->task = t;
-  s->wait = W_CONNECT;
-  start_timer(s);
+  s->wtask = t;
+  s->wwait = W_CONNECT;
+  start_timer(s, &s->wtimer, s->connect_ms);
   return mlua_task_wait(L, t, sock_cancel, s);
 }
 
@@ -179,150 +310,575 @@ static void on_write(uv_write_t *req, int status) {
   sock_t *s = req->data;
   luaL_unref(s->m->L, LUA_REGISTRYINDEX, s->wref);
   s->wref = LUA_NOREF;
-  if (s->wait != W_WRITE) return;
-  mlua_task_t *t = take_waiter(s);
+  if (s->wwait != W_WRITE) return;
+  mlua_task_t *t = take_writer(s);
   if (status < 0) {
-    mlua_task_resume(t, mlua_push_error(t->co, status));
+    mlua_task_resume(t, push_err(t->co, status));
     return;
   }
   lua_pushboolean(t->co, 1);
   mlua_task_resume(t, 1);
 }
 
-/* syntax: ok, err = sock:send(data) */
+static void on_tls_write(uv_write_t *req, int status) {
+  wbuf_t *w = req->data;
+  sock_t *s = w->s;
+  int notify = w->notify;
+  free(w);
+  if (!notify || s->wwait != W_WRITE) return;
+  mlua_task_t *t = take_writer(s);
+  if (status < 0) {
+    mlua_task_resume(t, push_err(t->co, status));
+    return;
+  }
+  lua_pushboolean(t->co, 1);
+  mlua_task_resume(t, 1);
+}
+
+/* Sends the pending TLS ciphertext: what the socket takes now, the rest in a write request.
+ * Returns 1 when a request is queued (its callback notifies when `notify`), 0 when all went out
+ * now, or a negative error. */
+static int tls_send_pending(sock_t *s, int notify) {
+  size_t n = ml_tls_pending(s->tls);
+  if (n == 0 || s->closed) return 0;
+  wbuf_t *w = malloc(sizeof *w + n);
+  if (!w) return UV_ENOMEM;
+  n = ml_tls_take(s->tls, w->data, n);
+  uv_buf_t b = uv_buf_init(w->data, (unsigned)n);
+  int r = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
+  if (r == (int)n || (r < 0 && r != UV_EAGAIN)) {
+    free(w);
+    return r < 0 ? r : 0;
+  }
+  if (r < 0) r = 0;
+  b = uv_buf_init(w->data + r, (unsigned)(n - (size_t)r));
+  w->req.data = w;
+  w->s = s;
+  w->notify = notify;
+  r = uv_write(&w->req, (uv_stream_t *)&s->tcp, &b, 1, on_tls_write);
+  if (r < 0) {
+    free(w);
+    return r;
+  }
+  return 1;
+}
+
+/* Handshake messages, alerts and session tickets: sent without anybody waiting for them. */
+static void tls_flush(sock_t *s) {
+  if (s->tls) tls_send_pending(s, 0);
+}
+
+/* Collects the data argument (a string, or an array of strings and numbers) as buffers. For an
+ * array, pushes a table that pins the strings; returns the buffer count, 0 for nothing to send. */
+static int collect_bufs(lua_State *L, uv_buf_t **bufs, uv_buf_t *one, size_t *total) {
+  *total = 0;
+  if (lua_type(L, 2) == LUA_TSTRING || lua_type(L, 2) == LUA_TNUMBER) {
+    size_t len;
+    const char *p = lua_tolstring(L, 2, &len);
+    *one = uv_buf_init((char *)p, (unsigned)len);
+    *bufs = one;
+    *total = len;
+    lua_pushvalue(L, 2);
+    return len ? 1 : 0;
+  }
+  if (lua_type(L, 2) != LUA_TTABLE)
+    return luaL_argerror(L, 2, "expected a string or an array of strings");
+  int n = (int)lua_objlen(L, 2);
+  lua_createtable(L, n, 0);
+  uv_buf_t *bs = lua_newuserdata(L, sizeof *bs * (size_t)(n ? n : 1)); /* freed by the GC */
+  lua_rawseti(L, -2, n + 1);
+  for (int i = 1; i <= n; i++) {
+    lua_rawgeti(L, 2, i);
+    int ty = lua_type(L, -1);
+    if (ty != LUA_TSTRING && ty != LUA_TNUMBER)
+      return luaL_argerror(L, 2, "expected an array of strings");
+    size_t len;
+    const char *p = lua_tolstring(L, -1, &len);
+    bs[i - 1] = uv_buf_init((char *)p, (unsigned)len);
+    *total += len;
+    lua_rawseti(L, -2, i);
+  }
+  *bufs = bs;
+  return *total ? n : 0;
+}
+
+/* syntax: ok, err = sock:send(data) -- data: a string or an array of strings; true once the
+ * socket took every byte (it may still be in the kernel's buffer) */
 static int s_send(lua_State *L) {
   sock_t *s = check_sock(L);
-  size_t len;
-  const char *data = luaL_checklstring(L, 2, &len);
-  if (!s) return mlua_push_error(L, UV_EPIPE);
-  if (s->wait) return luaL_error(L, "moonlet: socket busy");
-  uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
-  int w = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
-  if (w == (int)len) {
+  uv_buf_t one, *bufs = NULL;
+  size_t total;
+  int nb = collect_bufs(L, &bufs, &one, &total); /* pushes the pin */
+  if (!s) return push_err(L, UV_EPIPE);
+  if (s->wwait || s->rwait == W_HANDSHAKE) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "socket busy");
+    return 2;
+  }
+  if (s->err && s->err != UV_EOF) return push_sock_error(L, s, s->err);
+  if (nb == 0) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  if (w < 0 && w != UV_EAGAIN) return mlua_push_error(L, w);
-  if (w < 0) w = 0;
   mlua_task_t *t = mlua_task_current(L);
+  if (s->tls) {
+    for (int i = 0; i < nb; i++) {
+      int r = ml_tls_write(s->tls, bufs[i].base, bufs[i].len);
+      if (r < 0) {
+        s->err = r;
+        return push_sock_error(L, s, r);
+      }
+    }
+    int r = tls_send_pending(s, t != NULL);
+    if (r < 0) return push_err(L, r);
+    if (r == 0 || !t) { /* sent, or queued for a caller that cannot wait */
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+    s->wtask = t;
+    s->wwait = W_WRITE;
+    start_timer(s, &s->wtimer, s->send_ms);
+    return mlua_task_wait(L, t, sock_cancel, s);
+  }
+  int w = uv_try_write((uv_stream_t *)&s->tcp, bufs, (unsigned)nb);
+  if (w == (int)total) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (w < 0 && w != UV_EAGAIN) return push_err(L, w);
+  if (w < 0) w = 0;
   mlua_check_yieldable(L, t);
-  b = uv_buf_init((char *)data + w, (unsigned)(len - (size_t)w));
-  int r = uv_write(&s->wreq, (uv_stream_t *)&s->tcp, &b, 1, on_write);
-  if (r < 0) return mlua_push_error(L, r);
-  lua_pushvalue(L, 2);
+  size_t skip = (size_t)w; /* drop the buffers (and the part) try_write took */
+  int first = 0;
+  while (skip >= bufs[first].len)
+    skip -= bufs[first++].len;
+  bufs[first].base += skip;
+  bufs[first].len -= skip;
+  int r =
+      uv_write(&s->wreq, (uv_stream_t *)&s->tcp, bufs + first, (unsigned)(nb - first), on_write);
+  if (r < 0) return push_err(L, r);
   s->wref = luaL_ref(L, LUA_REGISTRYINDEX); /* the bytes uv_write reads */
-  s->task = t;
-  s->wait = W_WRITE;
-  start_timer(s);
+  s->wtask = t;
+  s->wwait = W_WRITE;
+  start_timer(s, &s->wtimer, s->send_ms);
   return mlua_task_wait(L, t, sock_cancel, s);
 }
 
 /* -- Receive ----------------------------------------------------------------------------------- */
 
+static void consume(sock_t *s, size_t n) {
+  s->off += n;
+  s->len -= n;
+  if (s->len == 0) s->off = 0;
+}
+
+static void *find(const char *hay, size_t hlen, const char *pat, size_t plen) {
+  if (plen == 0 || hlen < plen) return NULL;
+  for (const char *p = hay, *end = hay + hlen - plen; p <= end; p++) {
+    p = memchr(p, pat[0], (size_t)(end - p) + 1);
+    if (!p) return NULL;
+    if (memcmp(p, pat, plen) == 0) return (void *)p;
+  }
+  return NULL;
+}
+
 /* Pushes the result of the pending read if it can be answered now; returns the count or 0. */
 static int try_answer(lua_State *L, sock_t *s) {
-  if (s->rmode == R_BYTES && s->len >= s->rwant && s->rwant > 0) {
-    lua_pushlstring(L, s->buf, s->rwant);
-    memmove(s->buf, s->buf + s->rwant, s->len - s->rwant);
-    s->len -= s->rwant;
+  char *data = s->buf + s->off;
+  switch (s->rmode) {
+  case R_BYTES:
+    if (s->len >= s->rwant) {
+      lua_pushlstring(L, data, s->rwant);
+      consume(s, s->rwant);
+      return 1;
+    }
+    break;
+  case R_ANY:
+    if (s->len > 0) {
+      size_t n = s->len < s->rwant ? s->len : s->rwant;
+      lua_pushlstring(L, data, n);
+      consume(s, n);
+      return 1;
+    }
+    break;
+  case R_LINE: {
+    char *nl = s->len ? memchr(data, '\n', s->len) : NULL;
+    if (nl) {
+      size_t n = (size_t)(nl - data), skip = n + 1;
+      if (n > 0 && data[n - 1] == '\r') n--;
+      lua_pushlstring(L, data, n);
+      consume(s, skip);
+      return 1;
+    }
+    break;
+  }
+  case R_UNTIL: {
+    char *at = find(data, s->len, s->pat, s->patlen);
+    if (at) {
+      size_t n = (size_t)(at - data);
+      lua_pushlstring(L, data, n);
+      consume(s, n + s->patlen);
+      return 1;
+    }
+    break;
+  }
+  default: break;
+  }
+  if (s->eof && s->rmode == R_ALL) {
+    lua_pushlstring(L, data, s->len);
+    consume(s, s->len);
     return 1;
   }
-  if (s->rmode == R_LINE && s->len > 0) {
-    char *nl = memchr(s->buf, '\n', s->len);
-    if (nl) {
-      size_t n = (size_t)(nl - s->buf), skip = n + 1;
-      if (n > 0 && s->buf[n - 1] == '\r') n--;
-      lua_pushlstring(L, s->buf, n);
-      memmove(s->buf, s->buf + skip, s->len - skip);
-      s->len -= skip;
-      return 1;
-    }
-  }
   if (s->eof || s->err) {
-    if (s->rmode == R_ALL) {
-      lua_pushlstring(L, s->buf, s->len);
-      s->len = 0;
-      return 1;
-    }
-    lua_pushnil(L);
-    lua_pushstring(L, "closed");
-    lua_pushlstring(L, s->buf, s->len); /* the partial data */
-    s->len = 0;
+    int n = push_sock_error(L, s, s->eof ? UV_EOF : s->err);
+    if (n == 3) lua_pop(L, 1);
+    lua_pushlstring(L, data, s->len); /* the partial data */
+    consume(s, s->len);
     return 3;
   }
+  return 0;
+}
+
+/* Room for at least `room` more bytes after the buffered data. Returns 0 or UV_ENOMEM. */
+static int reserve(sock_t *s, size_t room) {
+  if (s->cap - s->off - s->len >= room) return 0;
+  if (s->off > 0) {
+    memmove(s->buf, s->buf + s->off, s->len);
+    s->off = 0;
+    if (s->cap - s->len >= room) return 0;
+  }
+  size_t cap = s->cap ? s->cap : 16384;
+  while (cap - s->len < room)
+    cap *= 2;
+  char *p = realloc(s->buf, cap);
+  if (!p) return UV_ENOMEM;
+  s->buf = p;
+  s->cap = cap;
   return 0;
 }
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   sock_t *s = h->data;
   (void)suggested;
-  if (s->cap - s->len < 16384) {
-    size_t cap = s->cap ? s->cap * 2 : 32768;
-    char *p = realloc(s->buf, cap);
-    if (!p) {
-      *buf = uv_buf_init(NULL, 0);
-      return;
-    }
-    s->buf = p;
-    s->cap = cap;
+  if (s->tls) {
+    *buf = uv_buf_init(s->cbuf, CBUF_SIZE);
+    return;
   }
-  *buf = uv_buf_init(s->buf + s->len, (unsigned)(s->cap - s->len));
+  size_t want = 65536;
+  if (s->rmode == R_BYTES && s->rwant > s->len && s->rwant - s->len > want)
+    want = s->rwant - s->len; /* a large read: one buffer for all of it */
+  if (reserve(s, want < 16384 ? 16384 : want) < 0 && reserve(s, 4096) < 0) {
+    *buf = uv_buf_init(NULL, 0); /* on_read gets UV_ENOBUFS */
+    return;
+  }
+  *buf = uv_buf_init(s->buf + s->off + s->len, (unsigned)(s->cap - s->off - s->len));
+}
+
+/* TLS: runs the handshake or decrypts what was fed, then sends what OpenSSL has to say. */
+static void tls_pump(sock_t *s) {
+  if (!s->tls_up) {
+    int r = ml_tls_handshake(s->tls);
+    if (r < 0) s->err = r;
+    if (r == 1) s->tls_up = 1;
+  }
+  while (s->tls_up && !s->err && !s->eof) {
+    if (reserve(s, 16384) < 0) {
+      s->err = UV_ENOMEM;
+      break;
+    }
+    int n = ml_tls_read(s->tls, s->buf + s->off + s->len, s->cap - s->off - s->len);
+    if (n > 0)
+      s->len += (size_t)n;
+    else if (n == UV_EOF)
+      s->eof = 1;
+    else if (n < 0)
+      s->err = n;
+    else
+      break;
+  }
+  tls_flush(s);
 }
 
 static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
   sock_t *s = st->data;
-  (void)buf;
   if (n == 0) return;
-  if (n > 0) s->len += (size_t)n;
-  else if (n == UV_EOF) s->eof = 1;
-  else s->err = (int)n;
-  if (s->wait != W_READ) return;
-  int nres = try_answer(s->task->co, s);
+  if (n > 0 && s->tls) {
+    if (ml_tls_feed(s->tls, buf->base, (size_t)n) < 0)
+      s->err = UV_ENOMEM;
+    else
+      tls_pump(s);
+  } else if (n > 0) {
+    s->len += (size_t)n;
+  } else if (n == UV_EOF) {
+    s->eof = 1;
+  } else {
+    s->err = (int)n;
+  }
+  if (s->rwait == W_HANDSHAKE) {
+    if (s->tls_up) {
+      mlua_task_t *t = take_reader(s);
+      lua_pushboolean(t->co, 1);
+      mlua_task_resume(t, 1);
+    } else if (s->err || s->eof) {
+      mlua_task_t *t = take_reader(s);
+      int nres = s->err ? push_sock_error(t->co, s, s->err) : 0;
+      if (!nres) { /* the peer closed during the handshake */
+        lua_pushnil(t->co);
+        lua_pushliteral(t->co, "tls: handshake failed");
+        lua_pushliteral(t->co, "closed");
+        nres = 3;
+      }
+      sock_close(s);
+      mlua_task_resume(t, nres);
+    }
+    return;
+  }
+  if (s->rwait != W_READ) return;
+  int nres = try_answer(s->rtask->co, s);
   if (nres == 0) return;
-  mlua_task_t *t = take_waiter(s);
+  mlua_task_t *t = take_reader(s);
   mlua_task_resume(t, nres);
 }
 
-/* syntax: data, err, partial = sock:receive(n | "*l" | "*a") */
-static int s_receive(lua_State *L) {
-  sock_t *s = check_sock(L);
-  if (!s) return mlua_push_error(L, UV_EPIPE);
-  if (s->wait) return luaL_error(L, "moonlet: socket busy");
-  if (lua_type(L, 2) == LUA_TNUMBER) {
-    s->rmode = R_BYTES;
-    s->rwant = (size_t)lua_tointeger(L, 2);
-  } else {
-    const char *p = luaL_optstring(L, 2, "*l");
-    if (strcmp(p, "*l") == 0) s->rmode = R_LINE;
-    else if (strcmp(p, "*a") == 0) s->rmode = R_ALL;
-    else return luaL_argerror(L, 2, "expected a byte count, \"*l\" or \"*a\"");
-  }
-  int n = try_answer(L, s);
-  if (n) return n;
+static int start_read_wait(lua_State *L, sock_t *s, int wait) {
   mlua_task_t *t = mlua_task_current(L);
   mlua_check_yieldable(L, t);
   int r = uv_read_start((uv_stream_t *)&s->tcp, alloc_cb, on_read);
-  if (r < 0) return mlua_push_error(L, r);
+  if (r < 0) return push_err(L, r);
   s->reading = 1;
-  s->task = t;
-  s->wait = W_READ;
-  start_timer(s);
+  s->rtask = t;
+  s->rwait = wait;
+  start_timer(s, &s->rtimer, s->read_ms);
   return mlua_task_wait(L, t, sock_cancel, s);
 }
 
-/* syntax: sock:settimeout(seconds) -- for every later wait; nil or 0: none */
-static int s_settimeout(lua_State *L) {
+static int busy(lua_State *L) {
+  lua_pushnil(L);
+  lua_pushliteral(L, "socket busy");
+  return 2;
+}
+
+/* syntax: data, err, partial = sock:receive(n | "*l" | "*a")
+ * n bytes; a line without its CR LF (the default); everything until the peer closes. On failure:
+ * nil, "closed" | "timeout" | ..., and the partial data received. */
+static int s_receive(lua_State *L) {
   sock_t *s = check_sock(L);
-  double secs = luaL_optnumber(L, 2, 0);
-  if (s) s->timeout_ms = secs > 0 ? (uint64_t)(secs * 1000) : 0;
+  int mode;
+  size_t want = 0;
+  if (lua_type(L, 2) == LUA_TNUMBER) {
+    lua_Number v = lua_tonumber(L, 2);
+    if (v < 0) return luaL_argerror(L, 2, "negative size");
+    mode = R_BYTES;
+    want = (size_t)v;
+  } else {
+    const char *p = luaL_optstring(L, 2, "*l");
+    if (strcmp(p, "*l") == 0 || strcmp(p, "l") == 0)
+      mode = R_LINE;
+    else if (strcmp(p, "*a") == 0 || strcmp(p, "a") == 0)
+      mode = R_ALL;
+    else
+      return luaL_argerror(L, 2, "expected a byte count, \"*l\" or \"*a\"");
+  }
+  if (!s) return push_err(L, UV_EPIPE);
+  if (s->rwait) return busy(L);
+  if (mode == R_BYTES && want == 0) {
+    lua_pushliteral(L, "");
+    return 1;
+  }
+  s->rmode = mode;
+  s->rwant = want;
+  int n = try_answer(L, s);
+  if (n) return n;
+  return start_read_wait(L, s, W_READ);
+}
+
+/* syntax: data, err = sock:receive_any(max) -- whatever is there (waits for something), at most
+ * max bytes */
+static int s_receive_any(lua_State *L) {
+  sock_t *s = check_sock(L);
+  lua_Number max = luaL_checknumber(L, 2);
+  if (max < 1) return luaL_argerror(L, 2, "expected a positive size");
+  if (!s) return push_err(L, UV_EPIPE);
+  if (s->rwait) return busy(L);
+  s->rmode = R_ANY;
+  s->rwant = (size_t)max;
+  int n = try_answer(L, s);
+  if (n) return n;
+  return start_read_wait(L, s, W_READ);
+}
+
+/* syntax: data, err, partial = core.tcp_receive_until(sock, pattern) -- the data before the next
+ * occurrence of pattern, which is consumed (receiveuntil's reader in lua/moonlet/tcp.lua) */
+static int s_receive_until(lua_State *L) {
+  sock_t *s = check_sock(L);
+  size_t plen;
+  const char *pat = luaL_checklstring(L, 2, &plen);
+  if (plen == 0) return luaL_argerror(L, 2, "empty pattern");
+  if (!s) return push_err(L, UV_EPIPE);
+  if (s->rwait) return busy(L);
+  if (s->patlen != plen || memcmp(s->pat, pat, plen) != 0) {
+    char *p = realloc(s->pat, plen);
+    if (!p) return luaL_error(L, "moonlet: out of memory");
+    memcpy(p, pat, plen);
+    s->pat = p;
+    s->patlen = plen;
+  }
+  s->rmode = R_UNTIL;
+  int n = try_answer(L, s);
+  if (n) return n;
+  return start_read_wait(L, s, W_READ);
+}
+
+/* -- TLS ----------------------------------------------------------------------------------------
+ */
+
+static ml_tls_ctx_t *check_ctx(lua_State *L, int idx) {
+  ml_tls_ctx_t **box = luaL_checkudata(L, idx, TLS_CTX_MT);
+  return *box;
+}
+
+/* syntax: ctx, err = core.tls_context(server, verify, cafile, cert, key) */
+static int l_tls_context(lua_State *L) {
+  ml_tls_ctx_opts_t o;
+  o.server = lua_toboolean(L, 1);
+  o.verify = lua_toboolean(L, 2);
+  o.cafile = luaL_optstring(L, 3, NULL);
+  o.cert = luaL_optstring(L, 4, NULL);
+  o.key = luaL_optstring(L, 5, NULL);
+  ml_tls_ctx_t **box = lua_newuserdata(L, sizeof *box);
+  *box = NULL;
+  luaL_getmetatable(L, TLS_CTX_MT);
+  lua_setmetatable(L, -2);
+  const char *err;
+  if (ml_tls_ctx_new(box, &o, &err) < 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  return 1;
+}
+
+static int ctx_gc(lua_State *L) {
+  ml_tls_ctx_t **box = luaL_checkudata(L, 1, TLS_CTX_MT);
+  ml_tls_ctx_free(*box);
+  *box = NULL;
   return 0;
 }
 
-/* syntax: sock:close() */
+/* syntax: ok, err, detail = core.tcp_tls(sock, ctx, server_name)
+ * Runs the TLS handshake (client or server side, after the context) on the connected socket;
+ * from then on send and receive carry plaintext. Bytes received before and not yet read are taken
+ * as the start of the handshake. On failure the socket is closed. */
+static int s_tls(lua_State *L) {
+  sock_t *s = check_sock(L);
+  ml_tls_ctx_t *ctx = check_ctx(L, 2);
+  const char *name = luaL_optstring(L, 3, NULL);
+  if (!s) return push_err(L, UV_EPIPE);
+  if (s->tls) return luaL_error(L, "moonlet: the socket speaks TLS already");
+  if (s->rwait || s->wwait) return busy(L);
+  if (!ctx) return luaL_argerror(L, 2, "freed TLS context");
+  mlua_task_t *t = mlua_task_current(L);
+  mlua_check_yieldable(L, t);
+  s->cbuf = malloc(CBUF_SIZE);
+  if (!s->cbuf) return luaL_error(L, "moonlet: out of memory");
+  int r = ml_tls_new(&s->tls, ctx, name);
+  if (r < 0) {
+    free(s->cbuf);
+    s->cbuf = NULL;
+    if (r == UV_EINVAL) return luaL_argerror(L, 3, "invalid server name");
+    return luaL_error(L, "moonlet: out of memory");
+  }
+  if (s->len > 0) { /* early ciphertext read as plaintext */
+    r = ml_tls_feed(s->tls, s->buf + s->off, s->len);
+    consume(s, s->len);
+    if (r < 0) s->err = r;
+  }
+  if (s->eof && !s->err) {
+    sock_close(s);
+    lua_pushnil(L);
+    lua_pushliteral(L, "tls: handshake failed");
+    lua_pushliteral(L, "closed");
+    return 3;
+  }
+  if (!s->err) tls_pump(s);
+  if (s->err) {
+    int n = push_sock_error(L, s, s->err);
+    sock_close(s);
+    return n;
+  }
+  if (s->tls_up) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  return start_read_wait(L, s, W_HANDSHAKE);
+}
+
+/* -- Settings and names ------------------------------------------------------------------------ */
+
+/* syntax: sock:settimeout(seconds) -- for every later wait; nil: none */
+static int s_settimeout(lua_State *L) {
+  sock_t *s = check_sock(L);
+  int64_t ms = to_ms(L, 2);
+  if (s) s->connect_ms = s->send_ms = s->read_ms = ms;
+  return 0;
+}
+
+/* syntax: sock:settimeouts(connect, send, read) -- seconds each; nil: none */
+static int s_settimeouts(lua_State *L) {
+  sock_t *s = check_sock(L);
+  int64_t c = to_ms(L, 2), w = to_ms(L, 3), r = to_ms(L, 4);
+  if (s) {
+    s->connect_ms = c;
+    s->send_ms = w;
+    s->read_ms = r;
+  }
+  return 0;
+}
+
+static int push_name(lua_State *L, const struct sockaddr_storage *ss) {
+  char host[64];
+  int port;
+  if (ss->ss_family == AF_INET6) {
+    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+    uv_ip6_name(a, host, sizeof host);
+    port = ntohs(a->sin6_port);
+  } else {
+    const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+    uv_ip4_name(a, host, sizeof host);
+    port = ntohs(a->sin_port);
+  }
+  lua_pushstring(L, host);
+  lua_pushinteger(L, port);
+  return 2;
+}
+
+/* syntax: host, port = sock:getpeername() / sock:getsockname() */
+static int sock_name(lua_State *L, int peer) {
+  sock_t *s = check_sock(L);
+  if (!s) return push_err(L, UV_EPIPE);
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  int r = peer ? uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&ss, &len)
+               : uv_tcp_getsockname(&s->tcp, (struct sockaddr *)&ss, &len);
+  if (r < 0) return push_err(L, r);
+  return push_name(L, &ss);
+}
+
+static int s_getpeername(lua_State *L) { return sock_name(L, 1); }
+static int s_getsockname(lua_State *L) { return sock_name(L, 0); }
+
+/* syntax: ok = sock:close() -- waiters wake with nil, "closed"; closing twice is harmless */
 static int s_close(lua_State *L) {
   sock_t *s = check_sock(L);
-  if (s) sock_close(s);
+  if (!s) return push_err(L, UV_EPIPE);
+  sock_close(s);
   lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int s_tostring(lua_State *L) {
+  sock_t *s = check_sock(L);
+  lua_pushfstring(L, "moonlet.tcp (%s)", s ? (s->tls ? "tls" : "open") : "closed");
   return 1;
 }
 
@@ -332,17 +888,159 @@ static int s_gc(lua_State *L) {
   return 0;
 }
 
+/* -- Listen ------------------------------------------------------------------------------------ */
+
+static void server_closed(uv_handle_t *h) { free(h->data); }
+
+static void server_close(server_t *srv) {
+  if (srv->closed) return;
+  srv->closed = 1;
+  if (srv->box) *srv->box = NULL;
+  srv->box = NULL;
+  luaL_unref(srv->m->L, LUA_REGISTRYINDEX, srv->fn_ref);
+  srv->fn_ref = LUA_NOREF;
+  uv_close((uv_handle_t *)&srv->tcp, server_closed);
+}
+
+static void server_res_close(mlua_res_t *r) {
+  server_t *srv = (server_t *)r;
+  server_close(srv); /* moonlet_free unlinked it */
+}
+
+static void on_connection(uv_stream_t *ls, int status) {
+  server_t *srv = ls->data;
+  moonlet_t *m = srv->m;
+  if (status < 0) {
+    ml_log(&m->log, ML_LOG_WARN, "tcp server: accept failed: %s", uv_strerror(status));
+    return;
+  }
+  sock_t *s = sock_new(m, srv->timeout_ms);
+  if (!s) return;
+  int r = uv_accept(ls, (uv_stream_t *)&s->tcp);
+  if (r < 0) {
+    sock_close(s);
+    return;
+  }
+  s->accepted = 1;
+  uv_tcp_nodelay(&s->tcp, 1);
+  mlua_task_t *t = mlua_task_new(m);
+  lua_rawgeti(t->co, LUA_REGISTRYINDEX, srv->fn_ref);
+  push_box(t->co, s);
+  mlua_task_start(t, 1);
+}
+
+/* syntax: server, err = core.tcp_listen(ip, port, backlog, fn, timeout)
+ * Listens on ip:port (port 0: a free one); each connection runs fn(sock) in a new task, the
+ * socket's timeouts set to `timeout` seconds (nil: none). */
+static int l_listen(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  const char *host = luaL_checkstring(L, 1);
+  int port = (int)luaL_checkinteger(L, 2);
+  int backlog = (int)luaL_optinteger(L, 3, 511);
+  luaL_checktype(L, 4, LUA_TFUNCTION);
+  int64_t ms = to_ms(L, 5);
+  if (port < 0 || port > 65535) return luaL_argerror(L, 2, "port out of range");
+  struct sockaddr_storage addr;
+  int r = strchr(host, ':') ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr)
+                            : uv_ip4_addr(host, port, (struct sockaddr_in *)&addr);
+  if (r < 0) return push_err(L, r);
+  server_t *srv = calloc(1, sizeof *srv);
+  if (!srv) return luaL_error(L, "moonlet: out of memory");
+  srv->m = m;
+  srv->timeout_ms = ms;
+  srv->fn_ref = LUA_NOREF;
+  uv_tcp_init(m->loop, &srv->tcp);
+  srv->tcp.data = srv;
+  r = uv_tcp_bind(&srv->tcp, (struct sockaddr *)&addr, 0);
+  if (r == 0) r = uv_listen((uv_stream_t *)&srv->tcp, backlog, on_connection);
+  if (r < 0) {
+    srv->closed = 1;
+    uv_close((uv_handle_t *)&srv->tcp, server_closed);
+    return push_err(L, r);
+  }
+  lua_pushvalue(L, 4);
+  srv->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  mlua_res_link(m, &srv->res, server_res_close);
+  server_t **box = lua_newuserdata(L, sizeof *box);
+  *box = srv;
+  srv->box = box;
+  luaL_getmetatable(L, SERVER_MT);
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+static server_t *check_server(lua_State *L) {
+  server_t **box = luaL_checkudata(L, 1, SERVER_MT);
+  return *box;
+}
+
+/* syntax: port = server:port() */
+static int srv_port(lua_State *L) {
+  server_t *srv = check_server(L);
+  if (!srv) return push_err(L, UV_EPIPE);
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  int r = uv_tcp_getsockname(&srv->tcp, (struct sockaddr *)&ss, &len);
+  if (r < 0) return push_err(L, r);
+  push_name(L, &ss);
+  lua_remove(L, -2);
+  return 1;
+}
+
+/* syntax: server:close() -- stops accepting; connections being served go on */
+static int srv_close(lua_State *L) {
+  server_t *srv = check_server(L);
+  if (srv) {
+    mlua_res_unlink(srv->m, &srv->res);
+    server_close(srv);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 void mlua_open_tcp(lua_State *L, moonlet_t *m) {
-  static const luaL_Reg sm[] = {{"send", s_send}, {"receive", s_receive},
-                                {"settimeout", s_settimeout}, {"close", s_close}, {NULL, NULL}};
-  static const luaL_Reg fns[] = {{"tcp_connect", l_connect}, {NULL, NULL}};
+  static const luaL_Reg sm[] = {{"send", s_send},
+                                {"receive", s_receive},
+                                {"receive_any", s_receive_any},
+                                {"receive_until", s_receive_until},
+                                {"tls", s_tls},
+                                {"settimeout", s_settimeout},
+                                {"settimeouts", s_settimeouts},
+                                {"getpeername", s_getpeername},
+                                {"getsockname", s_getsockname},
+                                {"close", s_close},
+                                {NULL, NULL}};
+  static const luaL_Reg srvm[] = {{"port", srv_port}, {"close", srv_close}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"tcp_connect", l_connect},
+                                 {"tcp_listen", l_listen},
+                                 {"tls_context", l_tls_context},
+                                 {NULL, NULL}};
   luaL_newmetatable(L, SOCK_MT);
   lua_pushliteral(L, SOCK_MT);
   lua_setfield(L, -2, "__name");
   lua_newtable(L);
   mlua_register(L, m, sm);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -4, "tcp_raw"); /* core.tcp_raw: the C methods, which tcp.lua wraps */
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, s_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, s_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_setfield(L, -2, "tcp_mt"); /* core.tcp_mt: tcp.lua sets its __index to the wrapped methods */
+
+  luaL_newmetatable(L, SERVER_MT);
+  lua_pushliteral(L, SERVER_MT);
+  lua_setfield(L, -2, "__name");
+  lua_newtable(L);
+  mlua_register(L, m, srvm);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+
+  luaL_newmetatable(L, TLS_CTX_MT);
+  lua_pushliteral(L, TLS_CTX_MT);
+  lua_setfield(L, -2, "__name");
+  lua_pushcfunction(L, ctx_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
   mlua_register(L, m, fns);

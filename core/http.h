@@ -158,6 +158,47 @@ void ml_conn_set_close(ml_conn_t *c);
 void ml_conn_close(ml_conn_t *c, int graceful);
 int ml_conn_is_closing(const ml_conn_t *c);
 
+/* -- Upgrade: handing the connection over to another protocol --------------------------------
+ * An upgrade request (a WebSocket handshake) is answered with ml_conn_upgrade: the 101 head goes
+ * out and the connection stops being HTTP. It becomes a raw byte stream owned by the upper layer,
+ * which hears of it only through the ml_conn_raw_cb_t it passed (the server's callbacks and
+ * ml_conn_data are no longer used for it). The bytes the client sent after the request head are
+ * delivered first, from the loop's prepare phase, then reading goes on. Output uses the same
+ * staging buffer and write queue as responses: ml_conn_write_queue and ml_conn_wants_writable work
+ * as before, and the send timeout still closes a peer that reads nothing. The keep-alive, header
+ * and body timeouts no longer apply: the upper layer sets its own deadline (idle, ping) with
+ * ml_conn_raw_deadline. ml_conn_close closes the stream; on_close runs once, from the close
+ * callback, and the upper layer drops its pointer there. */
+typedef struct ml_conn_raw_cb_s {
+  /* n > 0: bytes arrived (valid during the call only); n < 0: the peer closed its side (UV_EOF)
+   * or reading failed. Reading stops after n < 0. */
+  void (*on_data)(ml_conn_t *c, const char *data, ssize_t n, void *ud);
+  /* The write queue fell below the low-water mark after ml_conn_wants_writable returned 1. */
+  void (*on_writable)(ml_conn_t *c, void *ud);
+  /* The deadline set with ml_conn_raw_deadline passed (it is cleared first). */
+  void (*on_deadline)(ml_conn_t *c, void *ud);
+  /* The server is shutting down: close soon (it closes what is left after its grace time). */
+  void (*on_shutdown)(ml_conn_t *c, void *ud);
+  /* The connection is gone (from its close callback): drop every pointer to it. */
+  void (*on_close)(ml_conn_t *c, void *ud);
+} ml_conn_raw_cb_t;
+
+/* Answers the active request with "101 Switching Protocols", Server, Date and `headers`
+ * (preformatted lines, e.g. Upgrade, Connection, Sec-WebSocket-Accept), ends the request and hands
+ * the connection over (see above). The request must have no body and no response yet. `cb` must
+ * stay valid while the connection lives. Returns 0, UV_EINVAL when the request cannot be upgraded,
+ * or UV_EPIPE when the connection is closing. The request's headers are freed: copy them first. */
+int ml_conn_upgrade(ml_conn_t *c, const char *headers, size_t hlen, const ml_conn_raw_cb_t *cb,
+                    void *ud);
+/* Writes bytes of an upgraded connection (staged; written in the prepare phase at the latest).
+ * Returns 0 or UV_EPIPE when the connection is closing. */
+int ml_conn_raw_write(ml_conn_t *c, const char *data, size_t len);
+/* Stops (on = 0) or resumes (on = 1) reading an upgraded connection: the upper layer's
+ * backpressure while its reader is slow. */
+void ml_conn_raw_read(ml_conn_t *c, int on);
+/* Sets the upgraded connection's deadline to `ms` from now (0: none); on_deadline runs then. */
+void ml_conn_raw_deadline(ml_conn_t *c, uint64_t ms);
+
 /* Reason phrase of a status code ("Not Found"), "Unknown" when not known. */
 const char *ml_http_reason(int status);
 

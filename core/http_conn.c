@@ -408,8 +408,23 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
   c->in_feed = 0;
 }
 
-/* Runs the input stashed while the previous request was handled (called from the prepare phase). */
+/* Runs the input stashed while the previous request was handled (called from the prepare phase);
+ * on an upgraded connection, hands the bytes that followed the upgrade request to the upper layer. */
 void ml__conn_run_stash(ml_conn_t *c) {
+  if (c->raw_cb) {
+    if (c->closing) return;
+    if (c->stash_len > c->stash_off) {
+      char *s = c->stash;
+      size_t off = c->stash_off, len = c->stash_len;
+      c->stash = NULL;
+      c->stash_len = c->stash_off = 0;
+      ml__conn_raw_data(c, s + off, (ssize_t)(len - off));
+      free(s);
+    }
+    ml__conn_update_reading(c);
+    ml__conn_arm_timer(c);
+    return;
+  }
   if (c->closing || c->upgraded || c->req_active) return;
   if (c->stash_len > c->stash_off) {
     char *s = c->stash;
@@ -478,6 +493,11 @@ void ml__conn_timeout(ml_conn_t *c) {
   if (c->write_queue > 0) {
     ml_log(c->srv->log, ML_LOG_INFO, "send timeout: closing");
     ml_conn_close(c, 0);
+    return;
+  }
+  if (c->raw_cb) { /* the upper layer's deadline (conn_deadline) */
+    c->raw_deadline = 0;
+    c->raw_cb->on_deadline(c, c->raw_ud);
     return;
   }
   switch (c->state) {
@@ -584,5 +604,68 @@ void ml_conn_finish(ml_conn_t *c) {
   }
   c->activity = uv_now(c->srv->loop);
   ml__conn_update_reading(c);
+  ml__conn_arm_timer(c);
+}
+
+/* -- Upgrade: the connection as a raw byte stream (see core/http.h) ------------------------------ */
+
+int ml_conn_upgrade(ml_conn_t *c, const char *headers, size_t hlen, const ml_conn_raw_cb_t *cb,
+                    void *ud) {
+  if (c->closing || c->srv->draining) return UV_EPIPE;
+  if (!c->req_active || c->raw_cb || c->resp_started || c->req.has_body ||
+      c->state != ML_CONN_DONE_READ)
+    return UV_EINVAL;
+  ml_server_t *s = c->srv;
+  static const char head[] = "HTTP/1.1 101 Switching Protocols\r\nServer: moonlet\r\n";
+  size_t dlen;
+  const char *date = ml__date_header(s, &dlen);
+  size_t n = sizeof head - 1 + dlen + hlen + 2;
+  char *p = ml__out_reserve(s, c, n);
+  if (!p) return UV_ENOMEM;
+  memcpy(p, head, sizeof head - 1);
+  memcpy(p + sizeof head - 1, date, dlen);
+  if (hlen) memcpy(p + sizeof head - 1 + dlen, headers, hlen);
+  memcpy(p + n - 2, "\r\n", 2);
+  ml__out_commit(s, n);
+  c->raw_cb = cb;
+  c->raw_ud = ud;
+  c->upgraded = 1; /* conn_feed parses no further and stashes what follows the request */
+  c->req_active = 0;
+  request_reset(c);
+  c->nrequests++;
+  c->activity = uv_now(s->loop);
+  ml__server_ready(s, c); /* the stashed bytes go up from the prepare phase, then reading starts */
+  ml__conn_update_reading(c);
+  return 0;
+}
+
+void ml__conn_raw_data(ml_conn_t *c, const char *data, ssize_t n) {
+  if (n < 0) {
+    if (c->raw_eof) return;
+    c->raw_eof = 1;
+  }
+  c->raw_cb->on_data(c, data, n, c->raw_ud);
+}
+
+int ml_conn_raw_write(ml_conn_t *c, const char *data, size_t len) {
+  if (c->closing) return UV_EPIPE;
+  if (len == 0) return 0;
+  ml__out_append(c->srv, c, data, len);
+  return c->closing ? UV_EPIPE : 0;
+}
+
+void ml_conn_raw_read(ml_conn_t *c, int on) {
+  if (!c->raw_cb) return;
+  c->raw_paused = !on;
+  ml__conn_update_reading(c);
+}
+
+void ml_conn_raw_deadline(ml_conn_t *c, uint64_t ms) {
+  if (!c->raw_cb || c->closing) return;
+  uint64_t dl = ms ? uv_now(c->srv->loop) + ms : 0;
+  int sooner = dl && (!c->raw_deadline || dl < c->raw_deadline);
+  c->raw_deadline = dl;
+  /* a later deadline leaves the timer as it is: it fires early and re-arms for the rest */
+  if (sooner) uv_timer_stop(&c->timer);
   ml__conn_arm_timer(c);
 }

@@ -88,6 +88,13 @@ struct ml_conn_s {
   unsigned notified : 1;       /* on_close ran */
   unsigned skip_complete : 1;  /* the next on_message_complete belongs to a body-less request */
   ml_conn_t *ready_next;  /* the server's ready list: finished requests with stashed input */
+
+  /* after ml_conn_upgrade: a raw byte stream owned by the upper layer (http_conn.c) */
+  const ml_conn_raw_cb_t *raw_cb; /* non-NULL once upgraded */
+  void *raw_ud;
+  uint64_t raw_deadline;  /* uv_now when on_deadline runs, or 0 */
+  unsigned raw_paused : 1;     /* ml_conn_raw_read(c, 0) */
+  unsigned raw_eof : 1;        /* on_data got its n < 0 */
 };
 
 struct ml_server_s {
@@ -148,5 +155,6 @@ void ml__conn_run_stash(ml_conn_t *c);
 void ml__conn_on_eof(ml_conn_t *c);
 void ml__conn_error(ml_conn_t *c, int status, const char *why);
 void ml__conn_timeout(ml_conn_t *c);
+void ml__conn_raw_data(ml_conn_t *c, const char *data, ssize_t n);
 
 #endif

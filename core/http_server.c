@@ -96,7 +96,8 @@ static void write_cb(uv_write_t *req, int status) {
   c->activity = uv_now(c->srv->loop);
   if (c->want_writable && c->write_queue < ML_WRITE_LOW_WATER && !c->closing) {
     c->want_writable = 0;
-    c->srv->cb.on_writable(c, c->srv->ud);
+    if (c->raw_cb) c->raw_cb->on_writable(c, c->raw_ud);
+    else c->srv->cb.on_writable(c, c->srv->ud);
   }
 }
 
@@ -220,6 +221,7 @@ static uint64_t conn_deadline(ml_conn_t *c) {
   const ml_http_limits_t *lim = &c->srv->lim;
   if (c->write_queue > 0 && lim->send_timeout_ms) return c->activity + lim->send_timeout_ms;
   if (c->lingering) return c->activity + ML_LINGER_MS;
+  if (c->raw_cb) return c->raw_deadline; /* upgraded: the upper layer's idle or ping deadline */
   switch (c->state) {
   case ML_CONN_HEADERS:
     return lim->header_timeout_ms ? c->header_start + lim->header_timeout_ms : 0;
@@ -286,6 +288,17 @@ static void read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     return;
   }
   c->activity = uv_now(c->srv->loop);
+  if (c->raw_cb) { /* upgraded: the bytes go to the upper layer */
+    if (n < 0) {
+      uv_read_stop(st);
+      c->reading = 0;
+      c->read_eof = 1;
+    }
+    ml__conn_raw_data(c, c->srv->rbuf, n);
+    ml__conn_update_reading(c);
+    ml__conn_arm_timer(c);
+    return;
+  }
   if (n < 0) {
     if (n == UV_EOF) {
       ml__conn_on_eof(c);
@@ -305,6 +318,8 @@ void ml__conn_update_reading(ml_conn_t *c) {
   int want;
   if (c->lingering) {
     want = !c->read_eof;
+  } else if (c->raw_cb) {
+    want = !c->closing && !c->read_eof && c->stash_len == 0 && !c->raw_paused;
   } else {
     want = !c->closing && !c->read_eof && !c->upgraded && c->stash_len == 0 &&
            !(c->req_active && c->state == ML_CONN_DONE_READ) &&
@@ -332,7 +347,11 @@ void ml__conn_maybe_free(ml_conn_t *c) {
   ml_server_t *s = c->srv;
   if (!c->notified) {
     c->notified = 1;
-    if (c->data && s->cb.on_close) s->cb.on_close(c, s->ud);
+    if (c->raw_cb) {
+      if (c->raw_cb->on_close) c->raw_cb->on_close(c, c->raw_ud);
+    } else if (c->data && s->cb.on_close) {
+      s->cb.on_close(c, s->ud);
+    }
   }
   ml__server_conn_gone(s, c);
 }
@@ -507,8 +526,13 @@ void ml_server_shutdown(ml_server_t *s, void (*done)(ml_server_t *, void *), voi
   ml_conn_t *next;
   for (ml_conn_t *c = s->conns; c; c = next) {
     next = c->next;
-    if (!c->req_active) ml_conn_close(c, 1);
-    else c->close_after = 1;
+    if (c->raw_cb) { /* upgraded: the upper layer closes it its own way (a close frame) */
+      if (!c->closing && c->raw_cb->on_shutdown) c->raw_cb->on_shutdown(c, c->raw_ud);
+    } else if (!c->req_active) {
+      ml_conn_close(c, 1);
+    } else {
+      c->close_after = 1;
+    }
   }
   if (s->nconns == 0 && s->conns == NULL) {
     ml_server_close(s, done, ud);

@@ -20,6 +20,12 @@ function _M.queue(n) return require("moonlet.sync").queue(n) end
 function _M.semaphore(n) return require("moonlet.sync").semaphore(n) end
 function _M.event() return require("moonlet.sync").event() end
 
+-- syntax: ... = moonlet.work(fn, ...) or moonlet.work("module.name", "fn", ...) -- thread pool
+function _M.work(...) return require("moonlet.work").run(...) end
+
+-- syntax: ch = moonlet.channel(name) -- pub/sub by name (lua/moonlet/channel.lua)
+function _M.channel(name) return require("moonlet.channel").new(name) end
+
 -- syntax: app = moonlet.app()
 function _M.app(opts)
     return require("moonlet.app").new(opts)
@@ -44,6 +50,15 @@ end
 -- Sub-modules load on first use: moonlet.json, moonlet.tcp, ... (one line each here).
 local lazy = {
     json = "moonlet.json",
+    ws = "moonlet.ws",
+    http = "moonlet.http_client",
+    tcp = "moonlet.tcp",
+    udp = "moonlet.udp",
+    dns = "moonlet.dns",
+    fs = "moonlet.fs",
+    sqlite = "moonlet.sqlite",
+    pg = "moonlet.pg",
+    redis = "moonlet.redis",
 }
 setmetatable(_M, { __index = function(t, k)
     local name = lazy[k]

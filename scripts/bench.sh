@@ -2,14 +2,17 @@
 # scripts/bench.sh: what `make bench` runs. Benchmarks moonlet beside its peers (nginx+lua, i.e.
 # OpenResty's engine, nginx static, a raw libuv floor, node) with the shared harness peers.sh
 # (../shared/bench/peers.sh, or $BENCH_PEERS; read-only, used in place): server on CPU 0, wrk on CPU 1.
-# moonlet serves examples/bench_hello.lua (GET / only, no middleware: the peers' work).
+# moonlet serves examples/bench_hello.lua (GET / only, no middleware: the peers' work), and in the
+# fan-out scenarios examples/fanout.lua (GET /fanout: /a /b /c from the upstream in parallel).
 # Then it prints a short summary (moonlet's req/s as a ratio of nginx-lua's, p99 beside nginx-lua's,
 # idle RSS, bytes per idle connection) and saves it, with the command line and the date, to
 # bench/results/latest.md.
 #
 # Environment (defaults): BENCH_ONLY (nginx-lua,nginx-static,uvfloor,node), BENCH_ROUNDS (3),
-# BENCH_SCENARIOS (hello,pipelined,idle), BENCH_DURATION (5s), BENCH_RUN (/tmp/moonlet-peers: peers.sh's
-# scratch folder), BENCH_PEERS (path of peers.sh), BENCH_TIMEOUT (3600: seconds for the whole run).
+# BENCH_SCENARIOS (hello,pipelined,fanout,idle), BENCH_DURATION (5s), BENCH_RUN (/tmp/moonlet-peers: peers.sh's
+# scratch folder), BENCH_PEERS (path of peers.sh), BENCH_TIMEOUT (3600: seconds for the whole run),
+# BENCH_WS (1: the WebSocket section after the HTTP one; "only": that section alone; 0: skip it).
+# BENCH_DB (1: the PostgreSQL section, TechEmpower-style, at the end; "only": alone; 0: skip it).
 # Extra arguments are passed to peers.sh as they are (after ours, so they win: e.g. --conns 128).
 # Missing peer packages are installed with `peers.sh --install` (apt-get, needs root); peers that
 # still lack something are left out of the run with a warning.
@@ -36,8 +39,347 @@ cd "$ROOT"
    set BENCH_PEERS=/path/to/peers.sh to use another one)"
 [ -x build/moonlet ] || die "build/moonlet is missing: run \`make\` first (or \`make bench\`)"
 [ -f examples/bench_hello.lua ] || die "examples/bench_hello.lua is missing"
+[ -f examples/fanout.lua ] || die "examples/fanout.lua is missing"
 command -v bash >/dev/null || die "peers.sh needs bash"
 command -v timeout >/dev/null || die "needs timeout (coreutils)"
+
+# ------------------------------------------------------------ WebSockets
+# BENCH_WS: 1 (default) runs this section after the HTTP one, "only" runs it alone, 0 skips it.
+# The load generator is spec/peers/bench_ws.js (Node's ws, on CPU 1); each server runs on CPU 0:
+# (1) echo round trips per second over 100 connections: moonlet (spec/peers/bench_ws_app.lua), Node's
+#     ws (spec/peers/node_server.js) and nginx+lua with lua-resty-websocket (Debian ships it as
+#     lua-nginx-websocket, which depends on nginx-extras, a replacement of the nginx in use: its .deb
+#     is unpacked into the scratch folder instead, and the modules of libnginx-mod-http-lua load it);
+# (2) memory per idle WebSocket with 10,000 open (RSS growth / 10,000; moonlet and node);
+# (3) moonlet broadcasting one message to 1,000 channel subscribers: time until the last has it.
+# The table goes to stdout and bench/results/websocket.md.
+ws_bench() {
+  if ! command -v node >/dev/null 2>&1 || [ ! -f spec/peers/node_modules/ws/package.json ]; then
+    warn "WebSocket section skipped: node or spec/peers/node_modules/ws is missing (sh scripts/deps.sh)"
+    return 0
+  fi
+  WSDIR=$BENCH_RUN/ws-$(date +%Y%m%d-%H%M%S)
+  mkdir -p "$WSDIR"
+  ulimit -n 65536 2>/dev/null || ulimit -n 30000 2>/dev/null || true
+  CL="timeout 300 taskset -c 1 node spec/peers/bench_ws.js"
+  ws_port() {  # ws_port LOG -> the port a server printed ("on http://host:N" or "port N")
+    i=0
+    while [ $i -lt 200 ]; do
+      p=$(sed -n 's/.*on http:\/\/[^ ]*:\([0-9][0-9]*\).*/\1/p; s/^port \([0-9][0-9]*\)$/\1/p' "$1" | head -1)
+      [ -n "$p" ] && { echo "$p"; return 0; }
+      sleep 0.1; i=$((i + 1))
+    done
+    return 1
+  }
+  ws_rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+  ws_idle() {  # ws_idle PID URL -> "kB_before kB_after open" with 10,000 idle connections
+    b=$(ws_rss "$1")
+    $CL idle "$2" 10000 > "$WSDIR/idle.out" 2>&1 &
+    ipid=$!
+    i=0
+    while [ $i -lt 1200 ] && ! grep -q '"open"' "$WSDIR/idle.out"; do sleep 0.1; i=$((i + 1)); done
+    sleep 1
+    a=$(ws_rss "$1")
+    o=$(sed -n 's/.*"open":\([0-9]*\).*/\1/p' "$WSDIR/idle.out")
+    kill "$ipid" 2>/dev/null; wait "$ipid" 2>/dev/null
+    echo "$b $a ${o:-0}"
+  }
+  # moonlet
+  taskset -c 0 ./build/moonlet spec/peers/bench_ws_app.lua --port 0 > "$WSDIR/moonlet.log" 2>&1 &
+  mpid=$!
+  if mport=$(ws_port "$WSDIR/moonlet.log"); then
+    $CL echo "ws://127.0.0.1:$mport/echo" 100 5 > "$WSDIR/moonlet-echo.json" 2>&1
+    ws_idle "$mpid" "ws://127.0.0.1:$mport/echo" > "$WSDIR/moonlet-idle.txt"
+    sleep 1
+    $CL broadcast "ws://127.0.0.1:$mport" 1000 7 > "$WSDIR/moonlet-broadcast.json" 2>&1
+  else
+    warn "moonlet did not start (log: $WSDIR/moonlet.log)"
+  fi
+  kill "$mpid" 2>/dev/null; wait "$mpid" 2>/dev/null
+  # Node's ws
+  taskset -c 0 node spec/peers/node_server.js > "$WSDIR/node.log" 2>&1 &
+  npid=$!
+  if nport=$(ws_port "$WSDIR/node.log"); then
+    $CL echo "ws://127.0.0.1:$nport/echo" 100 5 > "$WSDIR/node-echo.json" 2>&1
+    ws_idle "$npid" "ws://127.0.0.1:$nport/echo" > "$WSDIR/node-idle.txt"
+  fi
+  kill "$npid" 2>/dev/null; wait "$npid" 2>/dev/null
+  # nginx + lua-resty-websocket
+  if command -v nginx >/dev/null 2>&1 && [ -f /usr/share/nginx/modules/ngx_http_lua_module.so ] &&
+     (cd "$WSDIR" && timeout 120 apt-get download lua-nginx-websocket >/dev/null 2>&1) &&
+     dpkg -x "$WSDIR"/lua-nginx-websocket_*.deb "$WSDIR/lrw" 2>/dev/null; then
+    gport=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    mkdir -p "$WSDIR/nginx/logs"
+    cat > "$WSDIR/nginx/nginx.conf" <<NGX
+worker_processes 1;
+daemon off;
+error_log stderr warn;
+pid $WSDIR/nginx/nginx.pid;
+load_module /usr/share/nginx/modules/ndk_http_module.so;
+load_module /usr/share/nginx/modules/ngx_http_lua_module.so;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  client_body_temp_path $WSDIR/nginx; proxy_temp_path $WSDIR/nginx; fastcgi_temp_path $WSDIR/nginx;
+  uwsgi_temp_path $WSDIR/nginx; scgi_temp_path $WSDIR/nginx;
+  lua_package_path "$WSDIR/lrw/usr/share/lua/5.1/?.lua;;";
+  server {
+    listen 127.0.0.1:$gport;
+    location /echo {
+      content_by_lua_block {
+        local server = require "nginx.websocket.server"
+        local wb = server:new({ timeout = 300000, max_payload_len = 1048576 })
+        if not wb then return ngx.exit(444) end
+        while true do
+          local data, typ = wb:recv_frame()
+          if not data then return end
+          if typ == "close" then wb:send_close() return
+          elseif typ == "ping" then wb:send_pong(data)
+          elseif typ == "text" then wb:send_text(data)
+          elseif typ == "binary" then wb:send_binary(data) end
+        end
+      }
+    }
+  }
+}
+NGX
+    echo "port $gport" > "$WSDIR/nginx.port"
+    taskset -c 0 nginx -p "$WSDIR/nginx" -c "$WSDIR/nginx/nginx.conf" > "$WSDIR/nginx.log" 2>&1 &
+    gpid=$!
+    sleep 1
+    $CL echo "ws://127.0.0.1:$gport/echo" 100 5 > "$WSDIR/nginx-echo.json" 2>&1
+    kill "$gpid" 2>/dev/null; wait "$gpid" 2>/dev/null
+  else
+    echo '{"error": "lua-nginx-websocket could not be fetched, or nginx+lua is missing"}' > "$WSDIR/nginx-echo.json"
+  fi
+  "$PY" - "$WSDIR" "$(date -u '+%Y-%m-%d %H:%M UTC')" > bench/results/websocket.md <<'PYEOF'
+import json, os, statistics, sys
+d, date = sys.argv[1:3]
+def js(name):
+    try:
+        lines = [l for l in open(os.path.join(d, name)) if l.strip().startswith("{")]
+        return json.loads(lines[-1]) if lines else {"error": "no result"}
+    except OSError:
+        return {"error": "not run"}
+def idle(name):
+    try:
+        b, a, o = open(os.path.join(d, name)).read().split()
+        return (int(a) - int(b)) * 1024 / max(int(o), 1), int(o)
+    except (OSError, ValueError):
+        return None, 0
+def rt(r):
+    return f"{r['rtps']:,}" if "rtps" in r else "n/a (" + r.get("error", "?")[:60] + ")"
+m, n, g = js("moonlet-echo.json"), js("node-echo.json"), js("nginx-echo.json")
+mi, mo = idle("moonlet-idle.txt")
+ni, no = idle("node-idle.txt")
+b = js("moonlet-broadcast.json")
+print("# WebSockets (`make bench`, WebSocket section)\n")
+print(f"Date: {date}. Raw results: `{d}`. Server on CPU 0, load generator (Node's ws, "
+      "spec/peers/bench_ws.js) on CPU 1; 2 vCPUs shared with other tenants: compare within a run.\n")
+print("| metric | moonlet | Node ws | nginx+lua (lua-resty-websocket) |")
+print("|---|---|---|---|")
+print(f"| echo round trips/s, 100 connections, 32-byte text | {rt(m)} | {rt(n)} | {rt(g)} |")
+f = lambda v: "n/a" if v is None else f"{v:,.0f}"
+print(f"| memory per idle WebSocket, 10,000 open (bytes) | {f(mi)} ({mo} open) | {f(ni)} ({no} open) | not measured |")
+if "ms" in b:
+    ms = b["ms"]
+    print(f"| broadcast to 1,000 subscribers: until the last has it (ms, median of {len(ms)}) "
+          f"| {statistics.median(ms):.1f} (min {min(ms):.1f}, max {max(ms):.1f}) | | |")
+else:
+    print(f"| broadcast to 1,000 subscribers | n/a ({b.get('error', '?')[:60]}) | | |")
+PYEOF
+  echo
+  echo "================ WebSockets ================"
+  cat bench/results/websocket.md
+}
+# ------------------------------------------------------------ PostgreSQL (TechEmpower-style)
+# BENCH_DB: 1 (default) runs this section at the end, "only" runs it alone, 0 skips it.
+# A private PostgreSQL cluster (initdb in the scratch folder, as the `postgres` user when root) with
+# TechEmpower's `world` table (10,000 rows); each server on CPU 0, wrk on CPU 1, 64 connections,
+# every server with a pool of 16: "single query" (GET /db) and "multiple queries" (GET
+# /queries?queries=20) from moonlet (moonlet.pg), aiohttp + asyncpg and Node's http + pg (npm,
+# installed in the scratch folder). The table goes to stdout and bench/results/db.md.
+db_bench() {
+  PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$PGBIN" ] || [ ! -x "$PGBIN/initdb" ]; then
+    warn "PostgreSQL section skipped: no server binaries (sh scripts/deps.sh installs postgresql)"
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ] && ! /usr/bin/python3 -c 'import aiohttp, asyncpg' 2>/dev/null; then
+    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y --no-install-recommends \
+      python3-aiohttp python3-asyncpg >/dev/null 2>&1 || warn "could not install python3-aiohttp python3-asyncpg"
+  fi
+  DBDIR=$BENCH_RUN/db-$(date +%Y%m%d-%H%M%S)
+  mkdir -p "$DBDIR"
+  DUR=${BENCH_DURATION:-5s}
+  free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+  AS=""
+  if [ "$(id -u)" = 0 ]; then chown postgres "$DBDIR"; AS="runuser -u postgres --"; fi
+  PGPORT=$(free_port)
+  if ! $AS "$PGBIN/initdb" -D "$DBDIR/pgdata" -A trust -U postgres --no-sync -E UTF8 > "$DBDIR/initdb.log" 2>&1 ||
+     ! $AS "$PGBIN/pg_ctl" -D "$DBDIR/pgdata" -l "$DBDIR/postgres.log" -w -t 30 \
+       -o "-p $PGPORT -k $DBDIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" \
+       start > /dev/null 2>&1; then
+    warn "PostgreSQL section skipped: the server did not start (logs in $DBDIR)"
+    return 0
+  fi
+  DATABASE_URL="postgresql://postgres@127.0.0.1:$PGPORT/postgres"
+  export DATABASE_URL
+  "$PGBIN/psql" "$DATABASE_URL" -q -c "CREATE TABLE world(id integer PRIMARY KEY,
+    randomnumber integer NOT NULL); INSERT INTO world SELECT i, 1 + (random() * 9999)::int
+    FROM generate_series(1, 10000) i; ANALYZE world;" > "$DBDIR/psql.log" 2>&1
+  cat > "$DBDIR/moonlet_db.lua" <<'LUAEOF'
+local moonlet = require "moonlet"
+local random, floor, tonumber = math.random, math.floor, tonumber
+math.randomseed(os.time())
+local pg = moonlet.pg.pool{ url = os.getenv("DATABASE_URL"), size = 16 }
+local SQL = "SELECT id, randomnumber FROM world WHERE id = $1"
+local app = moonlet.app()
+app:get("/db", function()
+    local r = pg:query(SQL, random(1, 10000))[1]
+    return { id = r.id, randomNumber = r.randomnumber }
+end)
+app:get("/queries", function(req)
+    local n = tonumber(req.query.queries) or 1
+    n = n ~= n and 1 or floor(n < 1 and 1 or n > 500 and 500 or n)
+    local out = {}
+    for i = 1, n do
+        local r = pg:query(SQL, random(1, 10000))[1]
+        out[i] = { id = r.id, randomNumber = r.randomnumber }
+    end
+    return out
+end)
+return app
+LUAEOF
+  cat > "$DBDIR/aiohttp_db.py" <<'PYSRV'
+import os, random, sys
+import asyncpg
+from aiohttp import web
+SQL = "SELECT id, randomnumber FROM world WHERE id = $1"
+async def init(app):
+    app["pool"] = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=16, max_size=16)
+async def db(request):
+    async with request.app["pool"].acquire() as conn:
+        r = await conn.fetchrow(SQL, random.randint(1, 10000))
+    return web.json_response({"id": r["id"], "randomNumber": r["randomnumber"]})
+async def queries(request):
+    try:
+        n = int(request.query.get("queries", "1"))
+    except ValueError:
+        n = 1
+    n = min(max(n, 1), 500)
+    out = []
+    async with request.app["pool"].acquire() as conn:
+        for _ in range(n):
+            r = await conn.fetchrow(SQL, random.randint(1, 10000))
+            out.append({"id": r["id"], "randomNumber": r["randomnumber"]})
+    return web.json_response(out)
+app = web.Application()
+app.on_startup.append(init)
+app.router.add_get("/db", db)
+app.router.add_get("/queries", queries)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+PYSRV
+  cat > "$DBDIR/node_db.js" <<'JSEOF'
+const http = require("http");
+const { Pool } = require("pg");
+const pool = new Pool({ connectionString: process.env.DATABASE_URL, max: 16 });
+const SQL = { name: "world", text: "SELECT id, randomnumber FROM world WHERE id = $1" };
+const one = async () => {
+  const r = (await pool.query({ ...SQL, values: [1 + Math.floor(Math.random() * 10000)] })).rows[0];
+  return { id: r.id, randomNumber: r.randomnumber };
+};
+http.createServer(async (req, res) => {
+  try {
+    const u = new URL(req.url, "http://x");
+    let body;
+    if (u.pathname === "/db") body = await one();
+    else if (u.pathname === "/queries") {
+      let n = parseInt(u.searchParams.get("queries") || "1", 10);
+      n = Math.min(Math.max(isNaN(n) ? 1 : n, 1), 500);
+      body = [];
+      for (let i = 0; i < n; i++) body.push(await one());
+    } else { res.writeHead(404); return res.end(); }
+    const s = JSON.stringify(body);
+    res.writeHead(200, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(s) });
+    res.end(s);
+  } catch (e) { res.writeHead(500); res.end(String(e)); }
+}).listen(+process.argv[2], "127.0.0.1");
+JSEOF
+  if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    (cd "$DBDIR" && timeout 300 npm install --no-audit --no-fund --silent pg@8 > npm.log 2>&1) ||
+      warn "npm install pg failed: Node + pg left out (log: $DBDIR/npm.log)"
+  fi
+  # db_run NAME CMD... : starts the server (its port in $P), loads both endpoints, stops it
+  db_run() {
+    name=$1; shift
+    taskset -c 0 "$@" > "$DBDIR/$name.log" 2>&1 &
+    spid=$!
+    i=0
+    while [ $i -lt 100 ] && ! curl -sf "http://127.0.0.1:$P/db" > /dev/null 2>&1; do sleep 0.1; i=$((i + 1)); done
+    for ep in db "queries?queries=20"; do
+      f=$DBDIR/$name-$(echo "$ep" | cut -c1-7).wrk
+      if curl -sf "http://127.0.0.1:$P/$ep" > /dev/null 2>&1; then
+        taskset -c 1 wrk -t1 -c64 -d"$DUR" "http://127.0.0.1:$P/$ep" > "$f" 2>&1
+      else
+        echo "not running" > "$f"
+      fi
+    done
+    kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null || true
+  }
+  P=$(free_port); db_run moonlet ./build/moonlet "$DBDIR/moonlet_db.lua" --port "$P" --log-level warn
+  if /usr/bin/python3 -c 'import aiohttp, asyncpg' 2>/dev/null; then
+    P=$(free_port); db_run aiohttp /usr/bin/python3 "$DBDIR/aiohttp_db.py" "$P"
+  fi
+  if [ -d "$DBDIR/node_modules/pg" ]; then
+    P=$(free_port); (cd "$DBDIR" && db_run node node "$DBDIR/node_db.js" "$P")
+  fi
+  $AS "$PGBIN/pg_ctl" -D "$DBDIR/pgdata" -m fast -w stop > /dev/null 2>&1 || true
+  "$PY" - "$DBDIR" "$(date -u '+%Y-%m-%d %H:%M UTC')" > bench/results/db.md <<'PYEOF'
+import os, re, sys
+d, date = sys.argv[1:3]
+def rps(name, ep):
+    try:
+        t = open(os.path.join(d, f"{name}-{ep}.wrk")).read()
+    except OSError:
+        return None
+    m = re.search(r"Requests/sec:\s+([\d.]+)", t)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+    return float(m.group(1)) if m and not bad else None
+peers = [("moonlet", "moonlet (moonlet.pg)"), ("aiohttp", "aiohttp + asyncpg"), ("node", "Node http + pg")]
+print("# PostgreSQL, TechEmpower-style (`make bench`, PostgreSQL section)\n")
+print(f"Date: {date}. Raw results: `{d}`. One private PostgreSQL (fsync off), the `world` table of "
+      "10,000 rows; each server is one process on CPU 0 with a pool of 16 connections, wrk on CPU 1 "
+      "with 64 connections; 2 vCPUs shared with the database and other tenants: compare within a run.\n")
+print("| endpoint | " + " | ".join(p[1] for p in peers) + " | moonlet ÷ best other |")
+print("|---|" + "---|" * (len(peers) + 1))
+for ep, label in (("db", "single query (/db), req/s"), ("queries", "20 queries (/queries?queries=20), req/s")):
+    vals = [rps(p[0], ep) for p in peers]
+    others = [v for v in vals[1:] if v]
+    ratio = f"**{vals[0] / max(others):.2f}**" if vals[0] and others else "n/a"
+    print(f"| {label} | " + " | ".join(f"{v:,.0f}" if v else "n/a" for v in vals) + f" | {ratio} |")
+PYEOF
+  echo
+  echo "================ PostgreSQL ================"
+  cat bench/results/db.md
+}
+if [ "${BENCH_DB:-1}" = only ]; then
+  mkdir -p "${BENCH_RUN:-/tmp/moonlet-peers}" bench/results
+  BENCH_RUN=${BENCH_RUN:-/tmp/moonlet-peers}
+  PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3
+  [ -x build/moonlet ] || die "build/moonlet is missing: run \`make\` first"
+  db_bench
+  exit 0
+fi
+
+if [ "${BENCH_WS:-1}" = only ]; then
+  mkdir -p "${BENCH_RUN:-/tmp/moonlet-peers}" bench/results
+  BENCH_RUN=${BENCH_RUN:-/tmp/moonlet-peers}
+  PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3
+  [ -x build/moonlet ] || die "build/moonlet is missing: run \`make\` first"
+  ws_bench
+  exit 0
+fi
 
 ENVLINE=""                               # the BENCH_* settings given, for the record
 for v in BENCH_ONLY BENCH_ROUNDS BENCH_SCENARIOS BENCH_DURATION BENCH_RUN BENCH_PEERS BENCH_TIMEOUT; do
@@ -46,7 +388,7 @@ for v in BENCH_ONLY BENCH_ROUNDS BENCH_SCENARIOS BENCH_DURATION BENCH_RUN BENCH_
 done
 ONLY=${BENCH_ONLY:-nginx-lua,nginx-static,uvfloor,node}
 ROUNDS=${BENCH_ROUNDS:-3}
-SCENARIOS=${BENCH_SCENARIOS:-hello,pipelined,idle}
+SCENARIOS=${BENCH_SCENARIOS:-hello,pipelined,fanout,idle}
 DURATION=${BENCH_DURATION:-5s}
 TOTAL_TIMEOUT=${BENCH_TIMEOUT:-3600}
 BENCH_RUN=${BENCH_RUN:-/tmp/moonlet-peers}
@@ -54,6 +396,7 @@ export BENCH_RUN
 PY=/usr/bin/python3                      # peers.sh writes its report with Debian's python3 too
 [ -x "$PY" ] || PY=python3
 MOONLET_CMD='./build/moonlet examples/bench_hello.lua --port {PORT} --log-level warn'
+MOONLET_FANOUT_CMD='./build/moonlet examples/fanout.lua --port {PORT} --upstream {UPSTREAM} --log-level warn'
 
 # ------------------------------------------------------------ what each peer needs
 # tools peers.sh refuses to run without, whatever the peers
@@ -106,7 +449,7 @@ case ",$ONLY," in *,nginx-lua,*) ;; *) warn "nginx-lua is not in the run: the ra
 PASS=""
 for a in "$@"; do PASS="$PASS $(q "$a")"; done
 set -- --only "$ONLY" --scenarios "$SCENARIOS" --rounds "$ROUNDS" --duration "$DURATION" \
-  --extra "moonlet=$MOONLET_CMD" "$@"
+  --extra "moonlet=$MOONLET_CMD" --extra-fanout "moonlet=$MOONLET_FANOUT_CMD" "$@"
 CMDLINE="bash $(q "$PEERS_SH")"
 for a in "$@"; do CMDLINE="$CMDLINE $(q "$a")"; done
 if [ -n "${MAKELEVEL:-}" ]; then OUTER="${ENVLINE}make bench"; else OUTER="${ENVLINE}sh scripts/bench.sh$PASS"; fi
@@ -226,7 +569,8 @@ print(f"Raw results: `{tsv}`" + (f", `{jsonl}`" if os.path.exists(jsonl) else ""
 if host:
     print(f"Host: {host}.\n")
 print(f"Server on CPU 0, wrk on CPU 1 (2 vCPUs, shared machine: only ratios within one run mean anything); "
-      f"median of {rounds} round(s). moonlet serves examples/bench_hello.lua (GET / only, no middleware).\n")
+      f"median of {rounds} round(s). moonlet serves examples/bench_hello.lua (GET / only, no middleware); "
+      f"in fanout*, examples/fanout.lua.\n")
 print("\n".join(lines))
 print()
 for x in notes:
@@ -242,3 +586,5 @@ echo
 echo "================ moonlet summary ================"
 sed '/^## Every peer/,$d' "$OUT"
 echo "saved to $ROOT/$OUT (with every peer's tables)"
+[ "${BENCH_WS:-1}" = 0 ] || ws_bench
+[ "${BENCH_DB:-1}" = 0 ] || db_bench

@@ -56,6 +56,13 @@ function methods:any(pattern, handler)
     return self
 end
 
+-- syntax: app:websocket(pattern, function(ws, req) ... end, opts) -- a WebSocket endpoint (GET with
+-- the upgrade handshake; other GETs get 426); see docs/websocket.md for opts and the ws object
+function methods:websocket(pattern, handler, opts)
+    self.router:add("GET", pattern, require("moonlet.ws").route(handler, opts))
+    return self
+end
+
 -- syntax: app:use(function(req, res, next) ... return next() end) -- wraps every handler, 404s too;
 -- next() runs the rest of the chain and returns the body (its status and headers are already on res)
 function methods:use(fn)
@@ -75,6 +82,15 @@ end
 -- syntax: app:on_error(function(req, res, err) return status, body end) -- custom 500 page
 function methods:on_error(fn)
     self.error_handler = fn
+    return self
+end
+
+-- syntax: app:on_reload(function(old_state) ... end) -- when this app replaces an older one (hot
+-- reload: lua/moonlet/reload.lua), fn gets the old app's app.state before the swap; an error in fn
+-- fails the reload and the old app goes on serving
+function methods:on_reload(fn)
+    if type(fn) ~= "function" then error("moonlet: on_reload wants a function", 2) end
+    self.reload_handler = fn
     return self
 end
 

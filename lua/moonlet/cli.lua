@@ -1,6 +1,7 @@
 -- lua/moonlet/cli.lua: the `moonlet` command line, run by moonlet_main inside the instance's main
 -- task (so a script's top level may wait: moonlet.sleep works there).
---   moonlet [flags] script.lua [args]   runs the script; if it returns an app, serves it
+--   moonlet [flags] script.lua [args]   runs the script; if it returns an app, serves it (SIGHUP
+--                                       reloads it; --reload also reloads on each change of its files)
 --   moonlet test [dirs or files] [busted flags]   runs busted specs inside moonlet's runtime
 local core = require "moonlet.core"
 
@@ -17,6 +18,7 @@ flags:
   --host HOST             address to listen on (127.0.0.1)
   --port N                port (env PORT, else 8080); 0 picks a free one
   --access-log            one line per request on stdout
+  --reload                reload the app when its file or a module next to it changes
   --log-level LEVEL       error, warn, info (default) or debug
   --max-body BYTES        request body limit, else 413 (1048576)
   --max-uri BYTES         request-target limit, else 414 (8192)
@@ -67,6 +69,8 @@ function _M.parse(argv)
             opts.version = true
         elseif a == "--access-log" then
             opts.access_log = true
+        elseif a == "--reload" then
+            opts.reload = true
         elseif a:match("^%-%-[%w-]+=") then
             local k, v = a:match("^(%-%-[%w-]+)=(.*)$")
             local key = value_flags[k]
@@ -126,32 +130,46 @@ function _M.main(argv)
         core.set_exit_code(2)
         return
     end
-    local chunk, err = loadfile(script)
-    if not chunk then -- a broken script, not a bad command line: 1, as for an error when it runs
-        io.stderr:write("moonlet: ", err, "\n")
-        core.set_exit_code(1)
-        return
-    end
     local args = { [0] = script }
     for i = 2, #pos do args[i - 1] = pos[i] end
     _G.arg = args
-    local ok, app = xpcall(chunk, debug.traceback, unpack(args))
-    if not ok then
-        io.stderr:write("moonlet: ", tostring(app), "\n")
+    -- The script runs through a reload host (lua/moonlet/reload.lua), so that an app it returns can
+    -- be reloaded later (SIGHUP, --reload) the way it was loaded now.
+    local reload = require "moonlet.reload"
+    local host = reload.new({ path = script, args = args })
+    local app, kind, err = host:load()
+    if not app then
+        if kind == "noapp" then -- a plain script: done, or its tasks go on in the loop
+            if opts.reload then core.log(1, "--reload: " .. script .. " returned no app") end
+            return
+        end
+        host:close()
+        -- a broken script, not a bad command line: 1, as for an error when it runs
+        io.stderr:write("moonlet: ", tostring(err), "\n")
         core.set_exit_code(1)
         return
     end
-    if not require("moonlet.app").is_app(app) then return end
     opts.host = opts.host or "127.0.0.1"
     opts.port = opts.port or 8080
-    local server, port = app:listen(opts)
+    local server, port = host:listen(opts)
     if not server then
+        host:close()
         io.stderr:write("moonlet: ", port, "\n")
         core.set_exit_code(1)
         return
     end
+    reload.set_current(host)
     local shown = opts.host:find(":", 1, true) and "[" .. opts.host .. "]" or opts.host
     core.log(2, ("moonlet %s serving %s on http://%s:%d"):format(core.version, script, shown, port))
+    if opts.reload then
+        local ok, werr = host:watch()
+        if ok then
+            core.log(2, ("reload: watching %d file%s"):format(#host:watched(),
+                                                              #host:watched() == 1 and "" or "s"))
+        else
+            core.log(1, "reload: cannot watch every file: " .. tostring(werr))
+        end
+    end
 end
 
 return _M

@@ -1,0 +1,397 @@
+/* bindings/embed.c: the parts of core/moonlet.h a host uses beyond the life cycle (instance.c):
+ * posting from other threads, host modules, calls into Lua, loading and serving an app, reloading.
+ *
+ * Ownership and threads:
+ * - Everything here runs on the loop thread except moonlet_post, which only takes post_lock, links
+ *   a node and calls uv_async_send (thread-safe). Nodes are malloc'ed by the poster and freed by
+ *   the loop thread after their function ran.
+ * - Calls into Lua run in tasks (bindings/sched.c): run_task starts one and, while it is still on
+ *   the C stack, collects its results; if the task waits instead, its done callback is switched to
+ *   one that only logs, because the caller's results are gone by the time it ends.
+ * - The app, its servers and its source live in Lua, in the reload host of lua/moonlet/reload.lua
+ *   (one per instance, since every instance has its own Lua state); this file only calls it.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mlua.h"
+
+typedef struct mlua_post_s {
+  struct mlua_post_s *next;
+  moonlet_post_fn fn;
+  void *data;
+} post_t;
+
+/* -- Posting from any thread ------------------------------------------------------------------- */
+
+/* Takes the whole queue and runs it in order. Posts made meanwhile (by the functions themselves or
+ * by other threads) wait for the next wake-up, so a function that posts again cannot starve the
+ * loop. Returns the number of functions run. */
+static int run_posts(moonlet_t *m) {
+  uv_mutex_lock(&m->post_lock);
+  post_t *p = m->post_head;
+  m->post_head = m->post_tail = NULL;
+  uv_mutex_unlock(&m->post_lock);
+  int n = 0;
+  while (p) {
+    post_t *next = p->next;
+    p->fn(m, p->data);
+    free(p);
+    p = next;
+    n++;
+  }
+  return n;
+}
+
+static void on_post(uv_async_t *h) { run_posts(h->data); }
+
+int mlua_embed_init(moonlet_t *m) {
+  if (uv_mutex_init(&m->post_lock) != 0) return UV_ENOMEM;
+  int r = uv_async_init(m->loop, &m->post_async, on_post);
+  if (r < 0) {
+    uv_mutex_destroy(&m->post_lock);
+    return r;
+  }
+  m->post_async.data = m;
+  uv_unref((uv_handle_t *)&m->post_async); /* a host's posts do not keep moonlet_run going */
+  m->embed_on = 1;
+  return 0;
+}
+
+void mlua_embed_close(moonlet_t *m) {
+  for (int i = 0; i < 1000 && run_posts(m) > 0; i++) {
+  }
+  uv_close((uv_handle_t *)&m->post_async, NULL); /* freed with m, after moonlet_free's loop run */
+}
+
+int moonlet_post(moonlet_t *m, moonlet_post_fn fn, void *data) {
+  post_t *p = malloc(sizeof *p);
+  if (!p) return UV_ENOMEM;
+  p->next = NULL;
+  p->fn = fn;
+  p->data = data;
+  uv_mutex_lock(&m->post_lock);
+  if (m->post_tail)
+    m->post_tail->next = p;
+  else
+    m->post_head = p;
+  m->post_tail = p;
+  uv_mutex_unlock(&m->post_lock);
+  uv_async_send(&m->post_async); /* coalesces: one wake-up runs every node queued by then */
+  return 0;
+}
+
+/* -- Host modules and the Lua state ------------------------------------------------------------ */
+
+int moonlet_register(moonlet_t *m, const char *name, moonlet_open_fn open) {
+  if (!name || !open) return UV_EINVAL;
+  lua_State *L = m->L;
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, open);
+  lua_setfield(L, -2, name);
+  lua_pop(L, 2);
+  return 0;
+}
+
+void *moonlet_userdata(moonlet_t *m) { return m->cfg.userdata; }
+
+struct lua_State *moonlet_lua_state(moonlet_t *m) {
+  return m->L;
+}
+
+/* -- Running Lua in a task --------------------------------------------------------------------- */
+
+typedef struct run_s {
+  int ended;        /* the task ended while run_task was on the stack */
+  int ok;           /* ... without an error */
+  const char *what; /* names the call in the log */
+  void (*collect)(struct run_s *r, lua_State *co); /* reads the results, which start at index 1 */
+  void *ctx;                                       /* for collect */
+} run_t;
+
+static void run_done(mlua_task_t *t, int ok, void *ud) {
+  run_t *r = ud;
+  r->ended = 1;
+  r->ok = ok;
+  if (!ok)
+    ml_log(&t->m->log, ML_LOG_ERROR, "%s: %s", r->what, lua_tostring(t->co, -1));
+  else if (r->collect)
+    r->collect(r, t->co);
+}
+
+static void late_done(mlua_task_t *t, int ok, void *ud) {
+  (void)ud;
+  if (!ok)
+    ml_log(&t->m->log, ML_LOG_ERROR, "task started from C failed: %s", lua_tostring(t->co, -1));
+}
+
+/* Starts task t on the function and its nargs arguments already on t->co. Returns 1 when it ended
+ * within this call (r->ok says how; collect has run), 0 when it waits and goes on in the loop. */
+static int run_task(mlua_task_t *t, int nargs, run_t *r) {
+  r->ended = 0;
+  t->done = run_done;
+  t->done_ud = r;
+  mlua_task_start(t, nargs);
+  if (r->ended) return 1; /* t is back in the pool: not to be touched */
+  t->done = late_done;
+  t->done_ud = NULL;
+  return 0;
+}
+
+/* lua_CFunction: pushes the function that the dotted name at index 1 names, or nil. A global
+ * first; else the longest prefix that require() loads, then fields. */
+static int resolve(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  const char *dot = strchr(name, '.');
+  size_t n = dot ? (size_t)(dot - name) : strlen(name);
+  const char *rest = NULL;
+  lua_pushlstring(L, name, n);
+  lua_rawget(L, LUA_GLOBALSINDEX);
+  if (!lua_isnil(L, -1)) {
+    rest = dot ? dot + 1 : NULL;
+  } else {
+    lua_pop(L, 1);
+    for (const char *end = name + strlen(name); end > name;) {
+      lua_getglobal(L, "require");
+      lua_pushlstring(L, name, (size_t)(end - name));
+      if (lua_pcall(L, 1, 1, 0) == 0) {
+        rest = *end ? end + 1 : NULL;
+        break;
+      }
+      const char *err = lua_tostring(L, -1);
+      if (err && !strstr(err, "' not found")) return lua_error(L); /* a module that is broken */
+      lua_pop(L, 1);
+      while (end > name && *--end != '.') {
+      }
+    }
+    if (lua_gettop(L) == 1) return 0;
+  }
+  while (rest && *rest) {
+    if (!lua_istable(L, -1)) return 0;
+    dot = strchr(rest, '.');
+    n = dot ? (size_t)(dot - rest) : strlen(rest);
+    lua_pushlstring(L, rest, n);
+    lua_gettable(L, -2);
+    rest = dot ? dot + 1 : NULL;
+  }
+  return lua_isfunction(L, -1) ? 1 : 0;
+}
+
+static int noop(lua_State *L) {
+  (void)L;
+  return 0;
+}
+
+/* Gives back a task that was made but is not needed: it runs a function that returns at once, so
+ * the scheduler puts it back in its pool like any task that ended. */
+static void release_unused(mlua_task_t *t) {
+  lua_settop(t->co, 0);
+  lua_pushcfunction(t->co, noop);
+  t->done = NULL;
+  mlua_task_start(t, 0);
+}
+
+/* Pushes the named function on L. Returns 0, UV_ENOENT (no such function) or UV_ECANCELED (a
+ * module on the way raised an error, logged). */
+static int push_function(moonlet_t *m, lua_State *L, const char *name) {
+  lua_pushcfunction(L, resolve);
+  lua_pushstring(L, name);
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    ml_log(&m->log, ML_LOG_ERROR, "%s: %s", name, lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return UV_ECANCELED;
+  }
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 1);
+    return UV_ENOENT;
+  }
+  return 0;
+}
+
+/* -- moonlet_call ------------------------------------------------------------------------------ */
+
+#define MAX_RESULTS 16
+
+typedef struct {
+  const char *types; /* result letters */
+  void *outs[MAX_RESULTS];
+} results_t;
+
+static void collect_results(run_t *r, lua_State *co) {
+  results_t *res = r->ctx;
+  for (int i = 0; res->types[i]; i++) {
+    int idx = i + 1;
+    int have = idx <= lua_gettop(co);
+    switch (res->types[i]) {
+    case 'i': *(int *)res->outs[i] = have ? (int)lua_tointeger(co, idx) : 0; break;
+    case 'd': *(double *)res->outs[i] = have ? lua_tonumber(co, idx) : 0; break;
+    case 'b': *(int *)res->outs[i] = have && lua_toboolean(co, idx); break;
+    case 's': {
+      size_t len;
+      const char *s =
+          have && lua_type(co, idx) == LUA_TSTRING ? lua_tolstring(co, idx, &len) : NULL;
+      char *copy = NULL;
+      if (s && (copy = malloc(len + 1))) {
+        memcpy(copy, s, len);
+        copy[len] = '\0';
+      }
+      *(char **)res->outs[i] = copy;
+      break;
+    }
+    }
+  }
+}
+
+int moonlet_call(moonlet_t *m, const char *name, const char *fmt, ...) {
+  if (!name || !fmt) return UV_EINVAL;
+  const char *args = fmt, *gt = strchr(fmt, '>');
+  size_t nargs = gt ? (size_t)(gt - fmt) : strlen(fmt);
+  results_t res = {gt ? gt + 1 : "", {0}};
+  if (strlen(res.types) > MAX_RESULTS) return UV_EINVAL;
+  for (size_t i = 0; i < nargs; i++)
+    if (!strchr("idbsn", args[i])) return UV_EINVAL;
+  for (const char *p = res.types; *p; p++)
+    if (!strchr("idbs", *p)) return UV_EINVAL;
+  mlua_task_t *t = mlua_task_new(m);
+  lua_State *co = t->co;
+  int r = push_function(m, co, name);
+  if (r < 0) {
+    release_unused(t);
+    return r;
+  }
+  va_list ap;
+  va_start(ap, fmt);
+  int pushed = 0;
+  for (size_t i = 0; i < nargs; i++) {
+    switch (args[i]) {
+    case 'i': lua_pushinteger(co, va_arg(ap, int)); break;
+    case 'd': lua_pushnumber(co, va_arg(ap, double)); break;
+    case 'b': lua_pushboolean(co, va_arg(ap, int)); break;
+    case 's': {
+      const char *s = va_arg(ap, const char *);
+      if (s)
+        lua_pushstring(co, s);
+      else
+        lua_pushnil(co);
+      break;
+    }
+    case 'n': lua_pushnil(co); break;
+    }
+    pushed++;
+  }
+  for (int i = 0; res.types[i]; i++)
+    res.outs[i] = va_arg(ap, void *);
+  va_end(ap);
+  run_t run = {0, 0, name, collect_results, &res};
+  if (!run_task(t, pushed, &run)) return 1;
+  return run.ok ? 0 : UV_ECANCELED;
+}
+
+/* -- Apps: load, listen, reload ---------------------------------------------------------------- */
+
+typedef struct {
+  char status[16]; /* first result: "app", "noapp", a port number... */
+  char kind[16];   /* second result: "notfound", "error"... */
+  char msg[160];   /* third result */
+  int port;
+} app_result_t;
+
+static void copy_str(lua_State *co, int idx, char *dst, size_t cap) {
+  const char *s = idx <= lua_gettop(co) ? lua_tostring(co, idx) : NULL;
+  snprintf(dst, cap, "%s", s ? s : "");
+}
+
+static void collect_app(run_t *r, lua_State *co) {
+  app_result_t *a = r->ctx;
+  a->port = lua_gettop(co) >= 1 && lua_type(co, 1) == LUA_TNUMBER ? (int)lua_tointeger(co, 1) : 0;
+  copy_str(co, 1, a->status, sizeof a->status);
+  copy_str(co, 2, a->kind, sizeof a->kind);
+  copy_str(co, 3, a->msg, sizeof a->msg);
+}
+
+/* Runs moonlet.reload's fn with the string arguments (NULL: nil). Returns 1 when it ended (a->...
+ * set; a raised error leaves a->status empty), 0 when it waits, UV_E* when the framework is
+ * missing. */
+static int run_reload_fn(moonlet_t *m, const char *fn, const char *a1, const char *a2,
+                         app_result_t *a) {
+  memset(a, 0, sizeof *a);
+  mlua_task_t *t = mlua_task_new(m);
+  lua_State *co = t->co;
+  int r = push_function(m, co, fn);
+  if (r < 0) {
+    ml_log(&m->log, ML_LOG_ERROR, "%s: the framework is missing (%s)", fn, uv_err_name(r));
+    release_unused(t);
+    return r;
+  }
+  if (a1)
+    lua_pushstring(co, a1);
+  else
+    lua_pushnil(co);
+  if (a2)
+    lua_pushstring(co, a2);
+  else
+    lua_pushnil(co);
+  run_t run = {0, 0, fn, collect_app, a};
+  return run_task(t, 2, &run);
+}
+
+/* The code of a load or reload result. */
+static int load_code(int ended, const app_result_t *a) {
+  if (ended < 0) return ended;
+  if (ended == 0) return 2;
+  if (strcmp(a->status, "app") == 0) return 0;
+  if (strcmp(a->status, "noapp") == 0) return 1;
+  if (strcmp(a->kind, "busy") == 0) return 2; /* a load waits: this one runs after it */
+  if (strcmp(a->kind, "notfound") == 0) return UV_ENOENT;
+  return UV_EINVAL;
+}
+
+int moonlet_load_file(moonlet_t *m, const char *path) {
+  app_result_t a;
+  if (!path) return UV_EINVAL;
+  return load_code(run_reload_fn(m, "moonlet.reload.instance_load_file", path, NULL, &a), &a);
+}
+
+int moonlet_load_string(moonlet_t *m, const char *name, const char *code) {
+  app_result_t a;
+  if (!code) return UV_EINVAL;
+  return load_code(
+      run_reload_fn(m, "moonlet.reload.instance_load_string", name ? name : "=string", code, &a),
+      &a);
+}
+
+int moonlet_reload(moonlet_t *m) {
+  app_result_t a;
+  return load_code(run_reload_fn(m, "moonlet.reload.instance_reload", NULL, NULL, &a), &a);
+}
+
+/* The UV_E* code whose short message (mlua_err_string) ends msg, else UV_EINVAL. */
+static int code_of_message(const char *msg) {
+  static const int codes[] = {UV_EADDRINUSE, UV_EACCES, UV_EADDRNOTAVAIL, UV_EAFNOSUPPORT,
+                              UV_EMFILE,     UV_ENFILE, UV_ENOMEM};
+  size_t n = strlen(msg);
+  for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
+    const char *s = mlua_err_string(codes[i]);
+    size_t k = strlen(s);
+    if (n >= k && strcmp(msg + n - k, s) == 0) return codes[i];
+  }
+  return UV_EINVAL;
+}
+
+int moonlet_listen(moonlet_t *m, const char *host, int port) {
+  app_result_t a;
+  char portstr[16];
+  if (port < 0 || port > 65535) return UV_EINVAL;
+  snprintf(portstr, sizeof portstr, "%d", port);
+  int ended =
+      run_reload_fn(m, "moonlet.reload.instance_listen", host ? host : "127.0.0.1", portstr, &a);
+  if (ended < 0) return ended;
+  if (ended == 0) return UV_EINVAL; /* listening never waits */
+  if (a.port > 0) return a.port;
+  if (a.kind[0] == '\0') return UV_EINVAL; /* it raised: logged */
+  ml_log(&m->log, ML_LOG_ERROR, "moonlet_listen: %s", a.msg);
+  return strcmp(a.kind, "noapp") == 0 ? UV_EINVAL : code_of_message(a.msg);
+}

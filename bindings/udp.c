@@ -1,0 +1,333 @@
+/* bindings/udp.c: UDP sockets: core.udp_bind(ip, port) and the methods sendto, recvfrom (yields
+ * until a datagram, the timeout or close), setpeername (connects: send and receive then talk to
+ * that peer only), settimeout, getsockname, close. lua/moonlet/udp.lua wraps them as moonlet.udp.
+ *
+ * Ownership: the socket (udp_t) is C memory linked in the instance's resources; the Lua userdata
+ * holds a pointer NULLed when it closes (methods then return nil, "closed"). It is freed from the
+ * close callback of its last handle (udp + timer), after the callbacks of its sends in flight.
+ * Sends never wait: what the kernel does not take at once goes out through a malloc'd request
+ * freed by its callback. One receiver at a time ("socket busy"): it records the task, starts
+ * receiving and the timer; the first datagram, the timer, close() or a cancel takes the waiter,
+ * stops the other source and resumes it (a cancel resumes nobody). Datagrams are read only while
+ * someone waits; the others wait in the kernel's buffer.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "mlua.h"
+
+/* nil, short message: the code name (mlua_push_error's third value) stays out of the way of
+ * `assert.same({ nil, "timeout" }, { sock:receive(1) })`. Returns 2. */
+static int push_err(lua_State *L, int e) {
+  lua_pushnil(L);
+  lua_pushstring(L, mlua_err_string(e));
+  return 2;
+}
+
+#define UDP_MT "moonlet.udp"
+
+typedef struct udp_s {
+  mlua_res_t res;
+  uv_udp_t udp;
+  uv_timer_t timer;
+  moonlet_t *m;
+  struct udp_s **box; /* the Lua box, NULLed at close */
+  mlua_task_t *task;  /* the parked receiver, or NULL */
+  int receiving, closed, handles, connected;
+  int64_t timeout_ms; /* recvfrom's default: < 0 none */
+  char rbuf[65536];   /* one datagram */
+} udp_t;
+
+typedef struct {
+  uv_udp_send_t req;
+  char data[];
+} sendbuf_t;
+
+static void udp_closed(uv_handle_t *h) {
+  udp_t *u = h->data;
+  if (--u->handles == 0) free(u);
+}
+
+static mlua_task_t *take_waiter(udp_t *u) {
+  mlua_task_t *t = u->task;
+  u->task = NULL;
+  uv_timer_stop(&u->timer);
+  if (u->receiving) {
+    uv_udp_recv_stop(&u->udp);
+    u->receiving = 0;
+  }
+  return t;
+}
+
+static void udp_close(udp_t *u) {
+  if (u->closed) return;
+  u->closed = 1;
+  if (u->box) *u->box = NULL;
+  u->box = NULL;
+  mlua_res_unlink(u->m, &u->res);
+  mlua_task_t *t = take_waiter(u);
+  uv_close((uv_handle_t *)&u->udp, udp_closed);
+  uv_close((uv_handle_t *)&u->timer, udp_closed);
+  if (t) mlua_task_resume(t, push_err(t->co, UV_EPIPE));
+}
+
+static void udp_res_close(mlua_res_t *r) {
+  udp_t *u = (udp_t *)r;
+  u->task = NULL; /* the instance is going away: nobody is resumed */
+  udp_close(u);
+}
+
+static void udp_cancel(mlua_task_t *t, void *wait) {
+  (void)t;
+  take_waiter(wait);
+}
+
+static udp_t *check_udp(lua_State *L) {
+  udp_t **box = luaL_checkudata(L, 1, UDP_MT);
+  return *box;
+}
+
+static int parse_addr(const char *host, int port, struct sockaddr_storage *addr) {
+  if (strcmp(host, "localhost") == 0) host = "127.0.0.1";
+  if (port < 0 || port > 65535) return UV_EINVAL;
+  return strchr(host, ':') ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)addr)
+                           : uv_ip4_addr(host, port, (struct sockaddr_in *)addr);
+}
+
+static int push_addr(lua_State *L, const struct sockaddr *sa) {
+  char host[64];
+  int port;
+  if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)sa;
+    uv_ip6_name(a, host, sizeof host);
+    port = ntohs(a->sin6_port);
+  } else {
+    const struct sockaddr_in *a = (const struct sockaddr_in *)sa;
+    uv_ip4_name(a, host, sizeof host);
+    port = ntohs(a->sin_port);
+  }
+  lua_pushstring(L, host);
+  lua_pushinteger(L, port);
+  return 2;
+}
+
+/* syntax: u, err = core.udp_bind(ip, port) */
+static int l_bind(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  const char *host = luaL_checkstring(L, 1);
+  int port = (int)luaL_checkinteger(L, 2);
+  struct sockaddr_storage addr;
+  int r = parse_addr(host, port, &addr);
+  if (r < 0) return push_err(L, r);
+  udp_t *u = calloc(1, sizeof *u);
+  if (!u) return luaL_error(L, "moonlet: out of memory");
+  u->m = m;
+  u->timeout_ms = -1;
+  uv_udp_init(m->loop, &u->udp);
+  uv_timer_init(m->loop, &u->timer);
+  u->udp.data = u->timer.data = u;
+  u->handles = 2;
+  mlua_res_link(m, &u->res, udp_res_close);
+  r = uv_udp_bind(&u->udp, (struct sockaddr *)&addr, 0);
+  if (r < 0) {
+    udp_close(u);
+    return push_err(L, r);
+  }
+  udp_t **box = lua_newuserdata(L, sizeof *box);
+  *box = u;
+  u->box = box;
+  luaL_getmetatable(L, UDP_MT);
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+static void on_sent(uv_udp_send_t *req, int status) {
+  (void)status; /* datagrams are fire and forget */
+  free(req->data);
+}
+
+/* Sends one datagram to addr (NULL: the connected peer). Returns 0 or a negative error. */
+static int send_datagram(udp_t *u, const char *data, size_t len, const struct sockaddr *addr) {
+  uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
+  int r = uv_udp_try_send(&u->udp, &b, 1, addr);
+  if (r >= 0) return 0;
+  if (r != UV_EAGAIN && r != UV_ENOSYS) return r;
+  sendbuf_t *sb = malloc(sizeof *sb + len);
+  if (!sb) return UV_ENOMEM;
+  memcpy(sb->data, data, len);
+  sb->req.data = sb;
+  b = uv_buf_init(sb->data, (unsigned)len);
+  r = uv_udp_send(&sb->req, &u->udp, &b, 1, addr, on_sent);
+  if (r < 0) free(sb);
+  return r;
+}
+
+/* syntax: ok, err = u:sendto(data, ip, port) */
+static int u_sendto(lua_State *L) {
+  udp_t *u = check_udp(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  const char *host = luaL_checkstring(L, 3);
+  int port = (int)luaL_checkinteger(L, 4);
+  if (!u) return push_err(L, UV_EPIPE);
+  struct sockaddr_storage addr;
+  int r = parse_addr(host, port, &addr);
+  if (r == 0) r = send_datagram(u, data, len, (struct sockaddr *)&addr);
+  if (r < 0) return push_err(L, r);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* syntax: ok, err = u:send(data) -- to the peer of setpeername */
+static int u_send(lua_State *L) {
+  udp_t *u = check_udp(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  if (!u) return push_err(L, UV_EPIPE);
+  if (!u->connected) return luaL_error(L, "moonlet: udp send without setpeername (use sendto)");
+  int r = send_datagram(u, data, len, NULL);
+  if (r < 0) return push_err(L, r);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* syntax: ok, err = u:setpeername(ip, port) */
+static int u_setpeername(lua_State *L) {
+  udp_t *u = check_udp(L);
+  const char *host = luaL_checkstring(L, 2);
+  int port = (int)luaL_checkinteger(L, 3);
+  if (!u) return push_err(L, UV_EPIPE);
+  struct sockaddr_storage addr;
+  int r = parse_addr(host, port, &addr);
+  if (r == 0 && u->connected) r = uv_udp_connect(&u->udp, NULL);
+  if (r == 0) r = uv_udp_connect(&u->udp, (struct sockaddr *)&addr);
+  if (r < 0) return push_err(L, r);
+  u->connected = 1;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static void on_timeout(uv_timer_t *h) {
+  udp_t *u = h->data;
+  mlua_task_t *t = take_waiter(u);
+  if (t) mlua_task_resume(t, push_err(t->co, UV_ETIMEDOUT));
+}
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  udp_t *u = h->data;
+  (void)suggested;
+  *buf = uv_buf_init(u->rbuf, sizeof u->rbuf);
+}
+
+static void on_recv(uv_udp_t *h, ssize_t n, const uv_buf_t *buf, const struct sockaddr *addr,
+                    unsigned flags) {
+  udp_t *u = h->data;
+  (void)flags;                 /* UV_UDP_PARTIAL: a datagram over 64 KiB comes truncated */
+  if (n == 0 && !addr) return; /* nothing more to read now */
+  mlua_task_t *t = take_waiter(u);
+  if (!t) return;
+  if (n < 0) {
+    mlua_task_resume(t, push_err(t->co, (int)n));
+    return;
+  }
+  lua_pushlstring(t->co, buf->base, (size_t)n);
+  mlua_task_resume(t, 1 + push_addr(t->co, addr));
+}
+
+/* syntax: data, host, port = u:recvfrom(timeout) -- or nil, "timeout" | "closed"; timeout in
+ * seconds, nil: the socket's (settimeout), by default none */
+static int u_recvfrom(lua_State *L) {
+  udp_t *u = check_udp(L);
+  int64_t ms = u ? u->timeout_ms : -1;
+  if (!lua_isnoneornil(L, 2)) {
+    double secs = luaL_checknumber(L, 2);
+    ms = secs <= 0 ? 0 : (int64_t)(secs * 1000.0 + 0.5);
+  }
+  if (!u) return push_err(L, UV_EPIPE);
+  if (u->task) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "socket busy");
+    return 2;
+  }
+  mlua_task_t *t = mlua_task_current(L);
+  mlua_check_yieldable(L, t);
+  int r = uv_udp_recv_start(&u->udp, alloc_cb, on_recv);
+  if (r < 0) return push_err(L, r);
+  u->receiving = 1;
+  u->task = t;
+  if (ms >= 0) {
+    uv_update_time(u->m->loop);
+    uv_timer_start(&u->timer, on_timeout, (uint64_t)ms, 0);
+  }
+  return mlua_task_wait(L, t, udp_cancel, u);
+}
+
+/* syntax: u:settimeout(seconds) -- recvfrom's default; nil: none */
+static int u_settimeout(lua_State *L) {
+  udp_t *u = check_udp(L);
+  int64_t ms = -1;
+  if (!lua_isnoneornil(L, 2)) {
+    double secs = luaL_checknumber(L, 2);
+    ms = secs <= 0 ? 0 : (int64_t)(secs * 1000.0 + 0.5);
+  }
+  if (u) u->timeout_ms = ms;
+  return 0;
+}
+
+/* syntax: host, port = u:getsockname() */
+static int u_getsockname(lua_State *L) {
+  udp_t *u = check_udp(L);
+  if (!u) return push_err(L, UV_EPIPE);
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  int r = uv_udp_getsockname(&u->udp, (struct sockaddr *)&ss, &len);
+  if (r < 0) return push_err(L, r);
+  return push_addr(L, (struct sockaddr *)&ss);
+}
+
+/* syntax: ok = u:close() -- a waiting recvfrom wakes with nil, "closed" */
+static int u_close(lua_State *L) {
+  udp_t *u = check_udp(L);
+  if (!u) return push_err(L, UV_EPIPE);
+  udp_close(u);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int u_tostring(lua_State *L) {
+  udp_t *u = check_udp(L);
+  lua_pushstring(L, u ? "moonlet.udp (open)" : "moonlet.udp (closed)");
+  return 1;
+}
+
+static int u_gc(lua_State *L) {
+  udp_t **box = luaL_checkudata(L, 1, UDP_MT);
+  if (*box) udp_close(*box);
+  return 0;
+}
+
+void mlua_open_udp(lua_State *L, moonlet_t *m) {
+  static const luaL_Reg um[] = {{"sendto", u_sendto},
+                                {"send", u_send},
+                                {"setpeername", u_setpeername},
+                                {"recvfrom", u_recvfrom},
+                                {"settimeout", u_settimeout},
+                                {"getsockname", u_getsockname},
+                                {"close", u_close},
+                                {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"udp_bind", l_bind}, {NULL, NULL}};
+  luaL_newmetatable(L, UDP_MT);
+  lua_pushliteral(L, UDP_MT);
+  lua_setfield(L, -2, "__name");
+  lua_newtable(L);
+  mlua_register(L, m, um);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -4, "udp_raw"); /* core.udp_raw: the C methods, which udp.lua wraps */
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, u_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, u_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_setfield(L, -2, "udp_mt"); /* core.udp_mt: udp.lua sets its __index to the wrapped methods */
+  mlua_register(L, m, fns);
+}

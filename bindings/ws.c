@@ -1,0 +1,1492 @@
+/* bindings/ws.c: WebSocket connections as Lua sees them ("moonlet.ws" userdata, wrapped by
+ * lua/moonlet/ws.lua). The server side is made by core.ws_accept from a request's exchange once
+ * app.lua has validated the handshake: the HTTP connection is handed over (ml_conn_upgrade) and
+ * becomes the transport. The client side, core.ws_connect, runs over a uv_tcp_t of its own, with
+ * core/tls.c for wss://. Both sides share the frame code of core/ws.c, the received-message queue,
+ * the waits, keep-alive and the close handshake.
+ *
+ * Ownership:
+ * - A ws_t is C memory, counted by `refs`: one for the Lua box (dropped by __gc), one for the
+ *   server connection while attached (dropped by on_close), one per uv handle of its own (dropped
+ *   by the close callback), one for a getaddrinfo in flight. It is freed when the count reaches 0,
+ *   so the box's pointer is always valid and a closed ws still answers close_code and its queue.
+ * - It is an instance resource (mlua_res_t): moonlet_free closes its transport and timers and from
+ *   then on nobody is resumed (`dead`).
+ * - Received messages are copied into a queue (or straight onto a waiting reader's stack). Reading
+ *   pauses while more than RQ_HIGH bytes or RQ_MAX messages are queued and unread: a slow reader
+ *   pushes back on the peer through TCP. Sending yields while more than WQ_HIGH bytes are unsent.
+ * - Waits (mlua_task_wait): one reader, one pinger, one connecter, any number of writers. Each is
+ *   resumed only by a callback (data, pong, writable, timer, connection gone) and has a cancel
+ *   callback that undoes it without resuming. Receive and ping timeouts share one timer made on
+ *   first use; keep-alive and the close handshake use the transport's deadline (the server
+ *   connection's timer through ml_conn_raw_deadline, or the client's own timer).
+ */
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "../core/tls.h"
+#include "../core/ws.h"
+#include "mlua.h"
+
+#define WS_MT "moonlet.ws"
+#define WQ_HIGH (256 * 1024)  /* send yields above this much unsent */
+#define WQ_LOW (64 * 1024)    /* client: writers wake below this */
+#define RQ_HIGH (1024 * 1024) /* reading pauses above this much received and unread */
+#define RQ_MAX 4096           /* ... or this many messages */
+#define CLIENT_RBUF (64 * 1024)
+#define HEAD_MAX (16 * 1024) /* a client's handshake response head */
+#define KEEP_BUF (64 * 1024) /* scratch buffers above this are freed after use */
+
+enum { PH_RESOLVE = 1, PH_CONNECT, PH_TLS, PH_HANDSHAKE, PH_OPEN };
+enum { WK_READ = 1, WK_PING, WK_WRITE, WK_CONNECT };
+
+typedef struct msg_s {
+  struct msg_s *next;
+  int binary;
+  size_t len;
+  char data[];
+} msg_t;
+
+typedef struct ws_s ws_t;
+
+typedef struct wait_s {
+  struct wait_s *next, *prev; /* writers' list */
+  ws_t *ws;
+  mlua_task_t *task; /* NULL: nobody waits */
+  int kind;          /* WK_* */
+  uint64_t deadline; /* loop ms of a reader's or pinger's timeout, 0: none */
+  uint64_t started;  /* pinger: when the ping left (hrtime) */
+  unsigned gen;      /* writer: the wake-up round it parked in */
+} wait_t;
+
+typedef struct {
+  uv_write_t req;
+  ws_t *ws;
+  size_t len;
+  char data[];
+} cwrite_t;
+
+/* The client side's transport, allocated for clients only. */
+typedef struct ws_io_s {
+  int port;
+  int handles_closing; /* tcp and timer were given to uv_close */
+  int reading;
+  ml_tls_ctx_t *tls_ctx;
+  ml_tls_t *tls;
+  char *server_name; /* SNI and certificate name */
+  char *rbuf;        /* read buffer */
+  ml_ws_buf_t head;  /* the request to send, then the response head as it comes */
+  size_t wq;         /* bytes in uv_write requests */
+  char key[25];
+  ml_ws_pmd_t offer;
+  int offered_deflate;
+  wait_t connecter;
+  uv_tcp_t tcp;
+  uv_timer_t timer; /* connect timeout, then keep-alive and close deadlines */
+  uv_connect_t creq;
+  uv_getaddrinfo_t gai;
+  uv_shutdown_t sreq;
+} ws_io_t;
+
+struct ws_s {
+  mlua_res_t res;
+  moonlet_t *m;
+  int refs;
+  int linked; /* in m->resources */
+  int dead;   /* moonlet_free: resume nobody */
+  int client;
+  /* server transport */
+  ml_conn_t *c; /* NULL once gone */
+  int phase;    /* PH_* (a server-side ws is PH_OPEN from the start) */
+  /* protocol */
+  ml_ws_parser_t parser;  /* owns the deflate context when permessage-deflate was agreed */
+  ml_ws_buf_t obuf, zbuf; /* scratch: a masked frame, a compressed message */
+  msg_t *qhead, *qtail;
+  size_t qbytes;
+  unsigned qcount;
+  int paused; /* reading stopped: the queue is full */
+  wait_t reader, pinger;
+  wait_t *writers;
+  unsigned wgen;      /* writers' wake-up round */
+  uv_timer_t *wtimer; /* receive and ping timeouts (made on first use) */
+  int close_sent, close_recv, failed, gone, closing_transport;
+  int close_code;     /* 0 while open */
+  char *close_reason; /* malloc'd when the close begins */
+  size_t close_reason_len;
+  uint64_t last_rx, close_deadline;
+  int pinged; /* a keep-alive ping left since last_rx */
+  /* settings */
+  uint64_t ping_interval, idle_timeout, close_timeout; /* ms, 0: off */
+  size_t fragment; /* outgoing data frames carry at most this much, 0: one frame */
+  ws_io_t *io; /* client side only: its transport (a server-side ws has none: small when idle) */
+};
+
+static void ws_input(ws_t *ws, const char *data, size_t len);
+static void transport_close(ws_t *ws, int graceful);
+static void ka_arm(ws_t *ws);
+static void wtimer_arm(ws_t *ws);
+
+/* nil and the short message of a UV_E* code ("closed", "timeout", ...): returns 2 */
+static int push_err(lua_State *L, int e) {
+  lua_pushnil(L);
+  lua_pushstring(L, e == UV_EAI_NONAME ? "host not found" : mlua_err_string(e));
+  return 2;
+}
+
+/* -- Life cycle -------------------------------------------------------------------------------- */
+
+static void ws_free(ws_t *ws) {
+  while (ws->qhead) {
+    msg_t *m = ws->qhead;
+    ws->qhead = m->next;
+    free(m);
+  }
+  ml_ws_parser_free(&ws->parser);
+  free(ws->close_reason);
+  ml_ws_buf_free(&ws->obuf);
+  ml_ws_buf_free(&ws->zbuf);
+  if (ws->client) {
+    ml_ws_buf_free(&ws->io->head);
+    if (ws->io->tls) ml_tls_free(ws->io->tls);
+    if (ws->io->tls_ctx) ml_tls_ctx_free(ws->io->tls_ctx);
+    free(ws->io->server_name);
+    free(ws->io->rbuf);
+    free(ws->io);
+  }
+  if (ws->linked) mlua_res_unlink(ws->m, &ws->res);
+  free(ws);
+}
+
+static void ws_unref(ws_t *ws) {
+  if (--ws->refs == 0) ws_free(ws);
+}
+
+static void handle_closed(uv_handle_t *h) {
+  ws_t *ws = h->data;
+  if (h == (uv_handle_t *)ws->wtimer) {
+    free(ws->wtimer);
+    ws->wtimer = NULL;
+  }
+  ws_unref(ws);
+}
+
+static void close_wtimer(ws_t *ws) {
+  if (ws->wtimer && !uv_is_closing((uv_handle_t *)ws->wtimer))
+    uv_close((uv_handle_t *)ws->wtimer, handle_closed);
+}
+
+static ws_t *ws_new(moonlet_t *m, int client) {
+  ws_t *ws = calloc(1, sizeof *ws);
+  if (!ws) return NULL;
+  if (client && !(ws->io = calloc(1, sizeof *ws->io))) {
+    free(ws);
+    return NULL;
+  }
+  ws->m = m;
+  ws->client = client;
+  ws->reader.ws = ws->pinger.ws = ws;
+  ws->reader.kind = WK_READ;
+  ws->pinger.kind = WK_PING;
+  if (client) {
+    ws->io->connecter.ws = ws;
+    ws->io->connecter.kind = WK_CONNECT;
+  }
+  ws->last_rx = uv_now(m->loop);
+  return ws;
+}
+
+/* -- Waits ----------------------------------------------------------------------------------- */
+
+/* Takes the task out of wait w (exactly one source resumes it), or returns NULL. */
+static mlua_task_t *take(wait_t *w) {
+  mlua_task_t *t = w->task;
+  w->task = NULL;
+  w->deadline = 0;
+  if (w->kind == WK_WRITE && t) {
+    ws_t *ws = w->ws;
+    if (w->prev)
+      w->prev->next = w->next;
+    else
+      ws->writers = w->next;
+    if (w->next) w->next->prev = w->prev;
+  }
+  return t;
+}
+
+static void wait_cancel(mlua_task_t *t, void *wait) {
+  wait_t *w = wait;
+  (void)t;
+  ws_t *ws = w->ws;
+  int kind = w->kind;
+  take(w);
+  if (kind == WK_WRITE)
+    free(w);
+  else if (kind == WK_CONNECT)
+    transport_close(ws, 0); /* a half-made connection is dropped */
+  else
+    wtimer_arm(ws);
+}
+
+static void resume_error(ws_t *ws, wait_t *w, int err, const char *msg) {
+  mlua_task_t *t = take(w);
+  if (!t || ws->dead) return;
+  if (w->kind == WK_WRITE) free(w);
+  if (msg) {
+    lua_pushnil(t->co);
+    lua_pushstring(t->co, msg);
+    mlua_task_resume(t, 2);
+  } else {
+    mlua_task_resume(t, push_err(t->co, err));
+  }
+}
+
+/* Resumes the writers parked before this call (true, or nil, "closed" when !ok); a writer that
+ * parks again while they run waits for the next round. */
+static void wake_writers(ws_t *ws, int ok) {
+  unsigned round = ++ws->wgen;
+  for (;;) {
+    wait_t *w = ws->writers;
+    while (w && w->gen == round)
+      w = w->next;
+    if (!w) return;
+    mlua_task_t *t = take(w);
+    free(w);
+    if (!t || ws->dead) continue;
+    if (ok) {
+      lua_pushboolean(t->co, 1);
+      mlua_task_resume(t, 1);
+    } else {
+      mlua_task_resume(t, push_err(t->co, UV_EPIPE));
+    }
+  }
+}
+
+static void wtimer_cb(uv_timer_t *h) {
+  ws_t *ws = h->data;
+  uint64_t now = uv_now(ws->m->loop);
+  if (ws->reader.task && ws->reader.deadline && ws->reader.deadline <= now)
+    resume_error(ws, &ws->reader, UV_ETIMEDOUT, NULL);
+  if (ws->pinger.task && ws->pinger.deadline && ws->pinger.deadline <= now)
+    resume_error(ws, &ws->pinger, UV_ETIMEDOUT, NULL);
+  wtimer_arm(ws);
+}
+
+/* Arms the shared timer for the earliest reader or pinger deadline. */
+static void wtimer_arm(ws_t *ws) {
+  uint64_t dl = 0;
+  if (ws->reader.task && ws->reader.deadline) dl = ws->reader.deadline;
+  if (ws->pinger.task && ws->pinger.deadline && (!dl || ws->pinger.deadline < dl))
+    dl = ws->pinger.deadline;
+  if (!ws->wtimer) {
+    if (!dl) return;
+    ws->wtimer = malloc(sizeof *ws->wtimer);
+    if (!ws->wtimer) return;
+    uv_timer_init(ws->m->loop, ws->wtimer);
+    ws->wtimer->data = ws;
+    ws->refs++;
+  }
+  if (uv_is_closing((uv_handle_t *)ws->wtimer)) return;
+  if (!dl) {
+    uv_timer_stop(ws->wtimer);
+    return;
+  }
+  uint64_t now = uv_now(ws->m->loop);
+  uv_timer_start(ws->wtimer, wtimer_cb, dl > now ? dl - now : 0, 0);
+}
+
+/* -- Transport -------------------------------------------------------------------------------- */
+
+static void client_write_cb(uv_write_t *req, int status) {
+  cwrite_t *w = (cwrite_t *)req;
+  ws_t *ws = w->ws;
+  ws->io->wq -= w->len;
+  free(w);
+  if (status < 0) {
+    transport_close(ws, 0);
+    return;
+  }
+  if (ws->writers && ws->io->wq < WQ_LOW) wake_writers(ws, 1);
+}
+
+/* Sends bytes as they are (ciphertext with TLS) after whatever is queued. */
+static int client_send_raw(ws_t *ws, const char *p, size_t n) {
+  if (ws->io->wq == 0) {
+    uv_buf_t b = uv_buf_init((char *)p, (unsigned)n);
+    int w = uv_try_write((uv_stream_t *)&ws->io->tcp, &b, 1);
+    if (w >= 0) {
+      p += w;
+      n -= (size_t)w;
+      if (n == 0) return 0;
+    } else if (w != UV_EAGAIN) {
+      return w;
+    }
+  }
+  cwrite_t *w = malloc(sizeof *w + n);
+  if (!w) return UV_ENOMEM;
+  memcpy(w->data, p, n);
+  w->ws = ws;
+  w->len = n;
+  uv_buf_t b = uv_buf_init(w->data, (unsigned)n);
+  int r = uv_write(&w->req, (uv_stream_t *)&ws->io->tcp, &b, 1, client_write_cb);
+  if (r < 0) {
+    free(w);
+    return r;
+  }
+  ws->io->wq += n;
+  return 0;
+}
+
+static int client_flush_tls(ws_t *ws) {
+  char buf[16384];
+  while (ml_tls_pending(ws->io->tls) > 0) {
+    size_t k = ml_tls_take(ws->io->tls, buf, sizeof buf);
+    if (k == 0) break;
+    int r = client_send_raw(ws, buf, k);
+    if (r < 0) return r;
+  }
+  return 0;
+}
+
+static int t_write(ws_t *ws, const char *p, size_t n) {
+  if (ws->gone || ws->closing_transport) return UV_EPIPE;
+  if (!ws->client) return ws->c ? ml_conn_raw_write(ws->c, p, n) : UV_EPIPE;
+  int r;
+  if (ws->io->tls) {
+    r = ml_tls_write(ws->io->tls, p, n);
+    if (r == 0) r = client_flush_tls(ws);
+  } else {
+    r = client_send_raw(ws, p, n);
+  }
+  if (r < 0) transport_close(ws, 0);
+  return r;
+}
+
+static size_t t_queued(ws_t *ws) {
+  if (!ws->client) return ws->c ? ml_conn_write_queue(ws->c) : 0;
+  return ws->io->wq;
+}
+
+static void client_read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf);
+
+static void client_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  ws_t *ws = h->data;
+  (void)suggested;
+  *buf = uv_buf_init(ws->io->rbuf, CLIENT_RBUF);
+}
+
+static void t_read(ws_t *ws, int on) {
+  if (!ws->client) {
+    if (ws->c) ml_conn_raw_read(ws->c, on);
+    return;
+  }
+  if (ws->io->handles_closing) return;
+  if (on && !ws->io->reading) {
+    if (uv_read_start((uv_stream_t *)&ws->io->tcp, client_alloc, client_read_cb) == 0)
+      ws->io->reading = 1;
+  } else if (!on && ws->io->reading) {
+    uv_read_stop((uv_stream_t *)&ws->io->tcp);
+    ws->io->reading = 0;
+  }
+}
+
+static void client_timer_cb(uv_timer_t *h);
+
+static void t_deadline(ws_t *ws, uint64_t ms) {
+  if (!ws->client) {
+    if (ws->c) ml_conn_raw_deadline(ws->c, ms);
+    return;
+  }
+  if (ws->io->handles_closing) return;
+  if (ms)
+    uv_timer_start(&ws->io->timer, client_timer_cb, ms, 0);
+  else
+    uv_timer_stop(&ws->io->timer);
+}
+
+/* The transport is gone (server: on_close; client: its socket closed): wakes every waiter with
+ * "closed" and sets close_code to what happened. Runs once. */
+static void transport_gone(ws_t *ws) {
+  if (ws->gone) return;
+  ws->gone = 1;
+  if (ws->linked) { /* nothing left for moonlet_free to close but the wait timer, closing now */
+    mlua_res_unlink(ws->m, &ws->res);
+    ws->linked = 0;
+  }
+  if (!ws->close_code) ws->close_code = ML_WS_CLOSE_ABNORMAL;
+  close_wtimer(ws);
+  if (ws->client && ws->io->connecter.task) resume_error(ws, &ws->io->connecter, UV_EPIPE, NULL);
+  if (ws->reader.task && !ws->qhead) resume_error(ws, &ws->reader, UV_EPIPE, NULL);
+  if (ws->pinger.task) resume_error(ws, &ws->pinger, UV_EPIPE, NULL);
+  if (ws->writers) wake_writers(ws, 0);
+}
+
+static void client_tcp_closed(uv_handle_t *h) {
+  ws_t *ws = h->data;
+  transport_gone(ws);
+  ws_unref(ws);
+}
+
+static void client_close_handles(ws_t *ws) {
+  if (ws->io->handles_closing) return;
+  ws->io->handles_closing = 1;
+  if (ws->phase == PH_RESOLVE) uv_cancel((uv_req_t *)&ws->io->gai); /* on_resolved still runs */
+  ws->io->reading = 0;
+  uv_close((uv_handle_t *)&ws->io->tcp, client_tcp_closed);
+  uv_close((uv_handle_t *)&ws->io->timer, handle_closed);
+}
+
+static void client_shutdown_cb(uv_shutdown_t *req, int status) {
+  ws_t *ws = req->data;
+  (void)status;
+  client_close_handles(ws);
+}
+
+/* Closes the transport: graceful writes out what is queued first (the close frame). */
+static void transport_close(ws_t *ws, int graceful) {
+  if (!ws->client) {
+    if (ws->c) ml_conn_close(ws->c, graceful);
+    ws->closing_transport = 1;
+    return;
+  }
+  if (ws->io->handles_closing) return;
+  if (graceful && !ws->closing_transport && ws->phase == PH_OPEN) {
+    ws->closing_transport = 1;
+    if (ws->io->tls) {
+      ml_tls_shutdown(ws->io->tls);
+      client_flush_tls(ws);
+    }
+    ws->io->sreq.data = ws;
+    if (uv_shutdown(&ws->io->sreq, (uv_stream_t *)&ws->io->tcp, client_shutdown_cb) == 0) {
+      if (!ws->close_deadline) ws->close_deadline = uv_now(ws->m->loop) + ws->close_timeout;
+      ka_arm(ws);
+      return;
+    }
+  }
+  ws->closing_transport = 1;
+  client_close_handles(ws);
+}
+
+/* -- Sending -------------------------------------------------------------------------------- */
+
+/* Sends one message (or control frame): compressed when permessage-deflate is on, split into
+ * frames of ws->fragment bytes when set, masked on the client side. */
+static int send_message(ws_t *ws, int opcode, const char *data, size_t len) {
+  int rsv1 = 0;
+  if (opcode < 8 && ws->parser.deflate) {
+    int r = ml_ws_deflate_message(ws->parser.deflate, data, len, &ws->zbuf);
+    if (r < 0) return r;
+    data = ws->zbuf.p ? ws->zbuf.p : "";
+    len = ws->zbuf.len;
+    rsv1 = 1;
+  }
+  size_t frag = opcode < 8 && ws->fragment ? ws->fragment : 0, off = 0;
+  int r = 0, first = 1;
+  do {
+    size_t n = len - off;
+    if (frag && n > frag) n = frag;
+    int fin = off + n == len;
+    uint8_t head[14], mask[4];
+    int op = first ? opcode : ML_WS_OP_CONT;
+    if (ws->client) {
+      if ((r = ml_ws_random(mask, 4)) < 0) break;
+      ws->obuf.len = 0;
+      if ((r = ml_ws_buf_reserve(&ws->obuf, 14 + n)) < 0) break;
+      size_t hl = ml_ws_frame_head((uint8_t *)ws->obuf.p, fin, first && rsv1, op, n, mask);
+      if (n) memcpy(ws->obuf.p + hl, data + off, n);
+      ml_ws_mask(ws->obuf.p + hl, n, mask, 0);
+      r = t_write(ws, ws->obuf.p, hl + n);
+    } else {
+      size_t hl = ml_ws_frame_head(head, fin, first && rsv1, op, n, NULL);
+      r = t_write(ws, (const char *)head, hl);
+      if (r == 0 && n) r = t_write(ws, data + off, n);
+    }
+    if (r < 0) break;
+    off += n;
+    first = 0;
+  } while (off < len);
+  if (ws->obuf.cap > KEEP_BUF) ml_ws_buf_free(&ws->obuf);
+  if (ws->zbuf.cap > KEEP_BUF) ml_ws_buf_free(&ws->zbuf);
+  return r;
+}
+
+static void set_reason(ws_t *ws, const char *reason, size_t len) {
+  if (len > 123) len = 123;
+  char *r = realloc(ws->close_reason, len + 1);
+  if (!r) return;
+  memcpy(r, reason, len);
+  r[len] = 0;
+  ws->close_reason = r;
+  ws->close_reason_len = len;
+}
+
+/* Sends our close frame once. code 0 or 1005: a close frame without a status. */
+static void send_close(ws_t *ws, int code, const char *reason, size_t rlen) {
+  if (ws->close_sent) return;
+  ws->close_sent = 1;
+  char pl[125];
+  size_t n =
+      code && code != ML_WS_CLOSE_NO_STATUS ? ml_ws_close_payload(pl, code, reason, rlen) : 0;
+  send_message(ws, ML_WS_OP_CLOSE, pl, n);
+  ws->close_deadline = uv_now(ws->m->loop) + ws->close_timeout;
+  ka_arm(ws);
+}
+
+/* The peer broke the protocol (or went idle): close with `code` and drop the connection. */
+static void fail(ws_t *ws, int code, const char *why) {
+  if (ws->failed) return;
+  ws->failed = 1;
+  if (!ws->close_recv) {
+    ws->close_code = code;
+    set_reason(ws, why, strlen(why));
+  }
+  send_close(ws, code, why, strlen(why));
+  transport_close(ws, 1);
+}
+
+/* -- Keep-alive and the close deadline ------------------------------------------------------ */
+
+static void ka_arm(ws_t *ws) {
+  if (ws->gone || ws->dead) return;
+  uint64_t now = uv_now(ws->m->loop), dl = 0;
+  if (ws->close_sent || ws->close_recv || ws->closing_transport) {
+    dl = ws->close_deadline;
+  } else {
+    if (ws->ping_interval && !ws->pinged) dl = ws->last_rx + ws->ping_interval;
+    if (ws->idle_timeout) {
+      uint64_t d = ws->last_rx + ws->idle_timeout;
+      if (!dl || d < dl) dl = d;
+    }
+  }
+  t_deadline(ws, dl ? (dl > now ? dl - now : 1) : 0);
+}
+
+static void ka_fire(ws_t *ws) {
+  uint64_t now = uv_now(ws->m->loop);
+  if (ws->close_sent || ws->close_recv || ws->closing_transport) {
+    if (ws->close_deadline && now >= ws->close_deadline) {
+      transport_close(ws, 0); /* the peer did not finish the close handshake in time */
+      return;
+    }
+  } else {
+    if (ws->idle_timeout && now >= ws->last_rx + ws->idle_timeout) {
+      fail(ws, ML_WS_CLOSE_GOING_AWAY, "idle timeout");
+      return;
+    }
+    if (ws->ping_interval && !ws->pinged && now >= ws->last_rx + ws->ping_interval) {
+      ws->pinged = 1;
+      send_message(ws, ML_WS_OP_PING, "", 0);
+    }
+  }
+  ka_arm(ws);
+}
+
+/* -- Receiving ------------------------------------------------------------------------------ */
+
+static int input_ended(const ws_t *ws) { return ws->close_recv || ws->failed || ws->gone; }
+
+static void push_kind(lua_State *L, int binary) {
+  if (binary)
+    lua_pushliteral(L, "binary");
+  else
+    lua_pushliteral(L, "text");
+}
+
+/* Pops the oldest queued message onto L (data, kind); resumes reading below the low mark. */
+static int pop_message(lua_State *L, ws_t *ws) {
+  msg_t *m = ws->qhead;
+  ws->qhead = m->next;
+  if (!ws->qhead) ws->qtail = NULL;
+  ws->qbytes -= m->len;
+  ws->qcount--;
+  lua_pushlstring(L, m->data, m->len);
+  push_kind(L, m->binary);
+  free(m);
+  if (ws->paused && ws->qbytes < RQ_HIGH / 2 && ws->qcount < RQ_MAX / 2) {
+    ws->paused = 0;
+    if (!input_ended(ws)) t_read(ws, 1);
+  }
+  return 2;
+}
+
+static void on_peer_close(ws_t *ws, const ml_ws_event_t *ev) {
+  ws->close_recv = 1;
+  ws->close_code = ev->code;
+  set_reason(ws, ev->data, ev->len);
+  if (!ws->close_sent) send_close(ws, ev->code, ev->data, ev->len); /* echo status and reason */
+  if (!ws->client) {
+    transport_close(ws, 1); /* the server closes the TCP connection first */
+  } else {
+    if (!ws->close_deadline) ws->close_deadline = uv_now(ws->m->loop) + ws->close_timeout;
+    ka_arm(ws);
+  }
+}
+
+/* Feeds received bytes to the parser and acts on each event; then resumes a reader or pinger
+ * that can go on. Runs from a read callback only. */
+static void ws_input(ws_t *ws, const char *data, size_t len) {
+  int got_message = 0, got_pong = 0;
+  mlua_task_t *direct = NULL; /* the reader whose message is already on its stack */
+  ws->last_rx = uv_now(ws->m->loop);
+  ws->pinged = 0;
+  while (len > 0 && !ws->close_recv && !ws->failed && !ws->gone) {
+    ml_ws_event_t ev;
+    size_t used = ml_ws_parse(&ws->parser, data, len, &ev);
+    data += used;
+    len -= used;
+    switch (ev.type) {
+    case ML_WS_EV_MESSAGE:
+      got_message = 1;
+      if (ws->reader.task && !ws->qhead && !direct && !ws->dead) {
+        direct = take(&ws->reader);
+        lua_pushlstring(direct->co, ev.data, ev.len);
+        push_kind(direct->co, ev.opcode == ML_WS_OP_BINARY);
+        break;
+      }
+      msg_t *m = malloc(sizeof *m + ev.len);
+      if (!m) {
+        fail(ws, ML_WS_CLOSE_INTERNAL, "out of memory");
+        break;
+      }
+      m->next = NULL;
+      m->binary = ev.opcode == ML_WS_OP_BINARY;
+      m->len = ev.len;
+      memcpy(m->data, ev.data, ev.len);
+      if (ws->qtail)
+        ws->qtail->next = m;
+      else
+        ws->qhead = m;
+      ws->qtail = m;
+      ws->qbytes += ev.len;
+      ws->qcount++;
+      break;
+    case ML_WS_EV_PING:
+      if (!ws->close_sent) send_message(ws, ML_WS_OP_PONG, ev.data, ev.len);
+      break;
+    case ML_WS_EV_PONG: got_pong = 1; break;
+    case ML_WS_EV_CLOSE: on_peer_close(ws, &ev); break;
+    case ML_WS_EV_ERROR: fail(ws, ev.code, ev.data); break;
+    default: break;
+    }
+  }
+  if (!ws->paused && !input_ended(ws) && (ws->qbytes > RQ_HIGH || ws->qcount > RQ_MAX)) {
+    ws->paused = 1; /* the reader is slow: let TCP push back on the peer */
+    t_read(ws, 0);
+  }
+  ka_arm(ws);
+  if (direct) {
+    wtimer_arm(ws);
+    mlua_task_resume(direct, 2);
+  }
+  if (ws->dead) return;
+  if (ws->reader.task && (ws->qhead || input_ended(ws))) {
+    mlua_task_t *t = take(&ws->reader);
+    wtimer_arm(ws);
+    if (ws->qhead) {
+      mlua_task_resume(t, pop_message(t->co, ws));
+    } else {
+      mlua_task_resume(t, push_err(t->co, UV_EPIPE));
+    }
+  }
+  (void)got_message;
+  if (got_pong && ws->pinger.task && !ws->dead) {
+    mlua_task_t *t = take(&ws->pinger);
+    uint64_t rtt = uv_hrtime() - ws->pinger.started;
+    wtimer_arm(ws);
+    lua_pushnumber(t->co, (double)rtt / 1e9);
+    mlua_task_resume(t, 1);
+  }
+  if (ws->pinger.task && input_ended(ws) && !ws->dead)
+    resume_error(ws, &ws->pinger, UV_EPIPE, NULL);
+}
+
+/* The peer closed its side, or reading failed. */
+static void peer_eof(ws_t *ws) {
+  if (!ws->close_recv && !ws->failed && !ws->close_code) ws->close_code = ML_WS_CLOSE_ABNORMAL;
+  transport_close(ws, 0);
+}
+
+/* -- Server side: the upgraded connection ---------------------------------------------------- */
+
+static void srv_on_data(ml_conn_t *c, const char *data, ssize_t n, void *ud) {
+  (void)c;
+  ws_t *ws = ud;
+  if (n < 0) {
+    peer_eof(ws);
+    return;
+  }
+  ws_input(ws, data, (size_t)n);
+}
+
+static void srv_on_writable(ml_conn_t *c, void *ud) {
+  (void)c;
+  ws_t *ws = ud;
+  if (ws->writers) wake_writers(ws, 1);
+}
+
+static void srv_on_deadline(ml_conn_t *c, void *ud) {
+  (void)c;
+  ka_fire(ud);
+}
+
+static void srv_on_shutdown(ml_conn_t *c, void *ud) {
+  (void)c;
+  ws_t *ws = ud;
+  static const char why[] = "server shutting down";
+  if (!ws->close_code) {
+    ws->close_code = ML_WS_CLOSE_GOING_AWAY;
+    set_reason(ws, why, sizeof why - 1);
+  }
+  send_close(ws, ML_WS_CLOSE_GOING_AWAY, why, sizeof why - 1);
+}
+
+static void srv_on_close(ml_conn_t *c, void *ud) {
+  (void)c;
+  ws_t *ws = ud;
+  ws->c = NULL;
+  transport_gone(ws);
+  ws_unref(ws);
+}
+
+static const ml_conn_raw_cb_t srv_callbacks = {srv_on_data, srv_on_writable, srv_on_deadline,
+                                               srv_on_shutdown, srv_on_close};
+
+/* -- Resources ------------------------------------------------------------------------------ */
+
+/* moonlet_free: closes what is open; nobody is resumed from now on. */
+static void ws_res_close(mlua_res_t *r) {
+  ws_t *ws = (ws_t *)r;
+  ws->linked = 0;
+  ws->dead = 1;
+  ws->reader.task = ws->pinger.task = NULL;
+  if (ws->client) ws->io->connecter.task = NULL;
+  while (ws->writers) {
+    wait_t *w = ws->writers;
+    ws->writers = w->next;
+    free(w);
+  }
+  close_wtimer(ws);
+  if (ws->client) {
+    client_close_handles(ws);
+  } else if (ws->c) {
+    ml_conn_close(ws->c, 0);
+  }
+}
+
+static void read_settings(lua_State *L, int idx, ws_t *ws) {
+  size_t max_message = ML_WS_MAX_MESSAGE_DEFAULT;
+  double ping = 30, idle = 75, close_to = 3;
+  if (lua_istable(L, idx)) {
+    lua_getfield(L, idx, "max_message");
+    if (!lua_isnil(L, -1)) max_message = (size_t)luaL_checknumber(L, -1);
+    lua_getfield(L, idx, "ping_interval");
+    if (!lua_isnil(L, -1)) ping = luaL_checknumber(L, -1);
+    lua_getfield(L, idx, "idle_timeout");
+    if (!lua_isnil(L, -1)) idle = luaL_checknumber(L, -1);
+    lua_getfield(L, idx, "close_timeout");
+    if (!lua_isnil(L, -1)) close_to = luaL_checknumber(L, -1);
+    lua_getfield(L, idx, "fragment_size");
+    if (!lua_isnil(L, -1)) ws->fragment = (size_t)luaL_checknumber(L, -1);
+    lua_pop(L, 5);
+  }
+  ml_ws_parser_init(&ws->parser, !ws->client, max_message);
+  ws->ping_interval = ping > 0 ? (uint64_t)(ping * 1000) : 0;
+  ws->idle_timeout = idle > 0 ? (uint64_t)(idle * 1000) : 0;
+  ws->close_timeout = close_to > 0 ? (uint64_t)(close_to * 1000) : 1;
+}
+
+/* The deflate wishes of opts.deflate (true or a table), or 0 when it is off. */
+static int read_deflate(lua_State *L, int idx, ml_ws_pmd_t *want) {
+  memset(want, 0, sizeof *want);
+  if (!lua_istable(L, idx)) return 0;
+  lua_getfield(L, idx, "deflate");
+  int on = 0;
+  if (lua_istable(L, -1)) {
+    on = 1;
+    int t = lua_gettop(L);
+    lua_getfield(L, t, "server_no_context_takeover");
+    want->server_no_context_takeover = lua_toboolean(L, -1);
+    lua_getfield(L, t, "client_no_context_takeover");
+    want->client_no_context_takeover = lua_toboolean(L, -1);
+    lua_getfield(L, t, "server_max_window_bits");
+    want->server_max_window_bits = (int)luaL_optinteger(L, -1, 0);
+    lua_getfield(L, t, "client_max_window_bits");
+    want->client_max_window_bits = (int)luaL_optinteger(L, -1, 0);
+    lua_pop(L, 4);
+    if ((want->server_max_window_bits &&
+         (want->server_max_window_bits < 9 || want->server_max_window_bits > 15)) ||
+        (want->client_max_window_bits &&
+         (want->client_max_window_bits < 9 || want->client_max_window_bits > 15)))
+      luaL_error(L, "moonlet: deflate window bits must be 9..15");
+  } else {
+    on = lua_toboolean(L, -1);
+  }
+  lua_pop(L, 1);
+  return on;
+}
+
+static void push_box(lua_State *L, ws_t *ws) {
+  ws_t **box = lua_newuserdata(L, sizeof *box);
+  *box = ws;
+  ws->refs++;
+  luaL_getmetatable(L, WS_MT);
+  lua_setmetatable(L, -2);
+}
+
+static int valid_header_value(const char *s) {
+  for (; *s; s++)
+    if ((unsigned char)*s < 32 || *s == 127) return 0;
+  return 1;
+}
+
+/* syntax: ws, extensions = core.ws_accept(x, key, protocol, offer, opts) -- answers 101 and turns
+ * the request's connection into a WebSocket; protocol: the chosen subprotocol or nil; offer: the
+ * Sec-WebSocket-Extensions header or nil; opts: max_message, ping_interval, idle_timeout,
+ * close_timeout, fragment_size, deflate */
+static int l_accept(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  size_t klen, olen = 0;
+  const char *key = luaL_checklstring(L, 2, &klen);
+  const char *protocol = luaL_optstring(L, 3, NULL);
+  const char *offer = lua_isnoneornil(L, 4) ? NULL : luaL_checklstring(L, 4, &olen);
+  if (protocol && (!valid_header_value(protocol) || strlen(protocol) > 256))
+    return luaL_argerror(L, 3, "a subprotocol is a short token without control characters");
+  ws_t *ws = ws_new(m, 0);
+  if (!ws) return luaL_error(L, "moonlet: out of memory");
+  read_settings(L, 5, ws);
+  ml_ws_pmd_t want, agreed;
+  char ext[256] = "";
+  if (offer && read_deflate(L, 5, &want) &&
+      ml_ws_pmd_negotiate(offer, olen, &want, &agreed, ext, sizeof ext)) {
+    ml_ws_deflate_t *d = ml_ws_deflate_new(&agreed, 1);
+    if (d)
+      ml_ws_parser_set_deflate(&ws->parser, d);
+    else
+      ext[0] = 0;
+  }
+  char accept[29];
+  ml_ws_accept_key(key, klen, accept);
+  char hdrs[640]; /* formatted on the stack: a handshake leaves no garbage behind */
+  int hlen = snprintf(hdrs, sizeof hdrs,
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n"
+                      "%s%s%s%s%s%s",
+                      accept, protocol ? "Sec-WebSocket-Protocol: " : "", protocol ? protocol : "",
+                      protocol ? "\r\n" : "", ext[0] ? "Sec-WebSocket-Extensions: " : "", ext,
+                      ext[0] ? "\r\n" : "");
+  int err = 0;
+  ml_conn_t *c = mlua_exchange_upgrade(L, 1, hdrs, (size_t)hlen, &srv_callbacks, ws, &err);
+  if (!c) {
+    ws_free(ws);
+    return push_err(L, err);
+  }
+  ws->c = c;
+  ws->refs++; /* the connection's */
+  mlua_res_link(m, &ws->res, ws_res_close);
+  ws->linked = 1;
+  ws->phase = PH_OPEN;
+  push_box(L, ws);
+  if (ext[0])
+    lua_pushstring(L, ext);
+  else
+    lua_pushnil(L);
+  ka_arm(ws);
+  return 2;
+}
+
+/* -- Client side ------------------------------------------------------------------------------ */
+
+static void connect_fail(ws_t *ws, int err, const char *msg) {
+  mlua_task_t *t = ws->io->connecter.task;
+  take(&ws->io->connecter);
+  transport_close(ws, 0);
+  if (!t || ws->dead) return;
+  if (msg) {
+    lua_pushnil(t->co);
+    lua_pushstring(t->co, msg);
+    mlua_task_resume(t, 2);
+  } else {
+    mlua_task_resume(t, push_err(t->co, err));
+  }
+}
+
+static int header_is(const char *name, size_t nlen, const char *lit) {
+  return strlen(lit) == nlen && strncasecmp(name, lit, nlen) == 0;
+}
+
+static int has_token(const char *v, size_t n, const char *tok) {
+  size_t tl = strlen(tok);
+  const char *end = v + n;
+  while (v < end) {
+    while (v < end && (*v == ' ' || *v == '\t' || *v == ','))
+      v++;
+    const char *s = v;
+    while (v < end && *v != ',')
+      v++;
+    const char *e = v;
+    while (e > s && (e[-1] == ' ' || e[-1] == '\t'))
+      e--;
+    if ((size_t)(e - s) == tl && strncasecmp(s, tok, tl) == 0) return 1;
+  }
+  return 0;
+}
+
+/* The response head is in ws->io->head (up to its blank line, `hlen` bytes): checks it and resumes
+ * the connecter with the box and a table of the response headers, or fails. */
+static void handshake_done(ws_t *ws, size_t hlen) {
+  const char *p = ws->io->head.p, *end = p + hlen;
+  const char *eol = memchr(p, '\n', hlen);
+  int status = 0;
+  if (eol && hlen > 12 && memcmp(p, "HTTP/1.1 ", 9) == 0) status = atoi(p + 9);
+  if (status != 101) {
+    char msg[64];
+    snprintf(msg, sizeof msg, "handshake failed: status %d", status);
+    connect_fail(ws, 0, msg);
+    return;
+  }
+  mlua_task_t *t = ws->io->connecter.task;
+  lua_State *co = t ? t->co : NULL;
+  int ok_upgrade = 0, ok_conn = 0, ok_accept = 0, ext_state = 0;
+  char expect[29];
+  ml_ws_accept_key(ws->io->key, 24, expect);
+  if (co) lua_newtable(co);
+  for (const char *line = eol + 1; line < end;) {
+    const char *le = memchr(line, '\n', (size_t)(end - line));
+    if (!le) le = end;
+    const char *lend = le > line && le[-1] == '\r' ? le - 1 : le;
+    const char *colon = memchr(line, ':', (size_t)(lend - line));
+    if (colon) {
+      const char *v = colon + 1;
+      while (v < lend && (*v == ' ' || *v == '\t'))
+        v++;
+      const char *ve = lend;
+      while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
+        ve--;
+      size_t nl = (size_t)(colon - line), vl = (size_t)(ve - v);
+      if (header_is(line, nl, "upgrade"))
+        ok_upgrade = vl == 9 && strncasecmp(v, "websocket", 9) == 0;
+      else if (header_is(line, nl, "connection"))
+        ok_conn = has_token(v, vl, "upgrade");
+      else if (header_is(line, nl, "sec-websocket-accept"))
+        ok_accept = vl == 28 && memcmp(v, expect, 28) == 0;
+      else if (header_is(line, nl, "sec-websocket-extensions")) {
+        ml_ws_pmd_t agreed;
+        int r = ws->io->offered_deflate ? ml_ws_pmd_response(v, vl, &ws->io->offer, &agreed)
+                                        : UV_EPROTO;
+        if (r < 0)
+          ext_state = -1;
+        else if (r == 1 && ext_state == 0) {
+          ml_ws_deflate_t *d = ml_ws_deflate_new(&agreed, 0);
+          if (d) ml_ws_parser_set_deflate(&ws->parser, d);
+          ext_state = d ? 1 : -1;
+        }
+      }
+      if (co) {
+        char name[64];
+        size_t k = nl < sizeof name ? nl : sizeof name - 1;
+        for (size_t i = 0; i < k; i++)
+          name[i] = (char)((line[i] >= 'A' && line[i] <= 'Z') ? line[i] + 32 : line[i]);
+        lua_pushlstring(co, name, k);
+        lua_pushlstring(co, v, vl);
+        lua_rawset(co, -3);
+      }
+    }
+    line = le + 1;
+  }
+  const char *why = !ok_upgrade     ? "handshake failed: no Upgrade: websocket"
+                    : !ok_conn      ? "handshake failed: no Connection: upgrade"
+                    : !ok_accept    ? "handshake failed: wrong Sec-WebSocket-Accept"
+                    : ext_state < 0 ? "handshake failed: extension not offered"
+                                    : NULL;
+  if (why) {
+    if (co) lua_pop(co, 1);
+    connect_fail(ws, 0, why);
+    return;
+  }
+  ws->phase = PH_OPEN;
+  size_t rest = ws->io->head.len - hlen;
+  char *tail = NULL;
+  if (rest) { /* frames that came with the head */
+    tail = malloc(rest);
+    if (tail) memcpy(tail, ws->io->head.p + hlen, rest);
+  }
+  ml_ws_buf_free(&ws->io->head);
+  take(&ws->io->connecter);
+  uv_timer_stop(&ws->io->timer);
+  ws->last_rx = uv_now(ws->m->loop);
+  if (!co || ws->dead) {
+    free(tail);
+    return;
+  }
+  push_box(co, ws);
+  lua_insert(co, -2); /* box, headers */
+  if (tail) {
+    ws_input(ws, tail, rest); /* nobody reads yet: the messages queue */
+    free(tail);
+  }
+  ka_arm(ws);
+  mlua_task_resume(t, 2);
+}
+
+/* Plaintext from the server: the handshake response, then frames. */
+static void client_plain(ws_t *ws, const char *data, size_t n) {
+  if (ws->phase == PH_OPEN) {
+    ws_input(ws, data, n);
+    return;
+  }
+  if (ws->phase != PH_HANDSHAKE) return;
+  size_t before = ws->io->head.len;
+  if (ml_ws_buf_reserve(&ws->io->head, n) < 0) {
+    connect_fail(ws, UV_ENOMEM, NULL);
+    return;
+  }
+  memcpy(ws->io->head.p + ws->io->head.len, data, n);
+  ws->io->head.len += n;
+  size_t from = before > 3 ? before - 3 : 0;
+  for (size_t i = from; i + 4 <= ws->io->head.len; i++) {
+    if (memcmp(ws->io->head.p + i, "\r\n\r\n", 4) == 0) {
+      handshake_done(ws, i + 4);
+      return;
+    }
+  }
+  if (ws->io->head.len > HEAD_MAX) connect_fail(ws, 0, "handshake failed: response head too large");
+}
+
+static void send_request(ws_t *ws) {
+  ws->phase = PH_HANDSHAKE;
+  ml_ws_buf_t req = ws->io->head;
+  memset(&ws->io->head, 0, sizeof ws->io->head);
+  int r = t_write(ws, req.p, req.len);
+  ml_ws_buf_free(&req);
+  if (r < 0) connect_fail(ws, r, NULL);
+}
+
+/* Advances the TLS handshake; sends the request once it is done. */
+static void tls_step(ws_t *ws) {
+  int r = ml_tls_handshake(ws->io->tls);
+  if (client_flush_tls(ws) < 0) {
+    connect_fail(ws, UV_EPIPE, NULL);
+    return;
+  }
+  if (r < 0) {
+    const char *e = ml_tls_error(ws->io->tls);
+    connect_fail(ws, 0, e ? e : "tls: handshake failed");
+    return;
+  }
+  if (r == 1) send_request(ws);
+}
+
+static void client_read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
+  ws_t *ws = st->data;
+  (void)buf;
+  if (n == 0) return;
+  if (n < 0) {
+    uv_read_stop(st);
+    ws->io->reading = 0;
+    if (ws->phase != PH_OPEN)
+      connect_fail(ws, n == UV_EOF ? UV_EPIPE : (int)n, NULL);
+    else
+      peer_eof(ws);
+    return;
+  }
+  if (!ws->io->tls) {
+    client_plain(ws, ws->io->rbuf, (size_t)n);
+    return;
+  }
+  if (ml_tls_feed(ws->io->tls, ws->io->rbuf, (size_t)n) < 0) {
+    transport_close(ws, 0);
+    return;
+  }
+  if (ws->phase == PH_TLS) {
+    tls_step(ws);
+    if (ws->phase != PH_HANDSHAKE) return;
+  }
+  char plain[16384];
+  while (!ws->io->handles_closing) {
+    int k = ml_tls_read(ws->io->tls, plain, sizeof plain);
+    if (k > 0) {
+      client_plain(ws, plain, (size_t)k);
+      continue;
+    }
+    if (k == 0) break;
+    if (ws->phase != PH_OPEN)
+      connect_fail(ws, 0, ml_tls_error(ws->io->tls) ? ml_tls_error(ws->io->tls) : "closed");
+    else
+      peer_eof(ws);
+    break;
+  }
+  client_flush_tls(ws); /* post-handshake messages (session tickets, key updates) */
+}
+
+static void client_timer_cb(uv_timer_t *h) {
+  ws_t *ws = h->data;
+  if (ws->phase != PH_OPEN) {
+    connect_fail(ws, UV_ETIMEDOUT, NULL);
+    return;
+  }
+  ka_fire(ws);
+}
+
+static void on_connect(uv_connect_t *req, int status) {
+  ws_t *ws = req->data;
+  if (ws->io->handles_closing) return;
+  if (status < 0) {
+    connect_fail(ws, status, NULL);
+    return;
+  }
+  uv_tcp_nodelay(&ws->io->tcp, 1);
+  ws->io->rbuf = malloc(CLIENT_RBUF);
+  if (!ws->io->rbuf) {
+    connect_fail(ws, UV_ENOMEM, NULL);
+    return;
+  }
+  t_read(ws, 1);
+  if (ws->io->tls_ctx) {
+    if (ml_tls_new(&ws->io->tls, ws->io->tls_ctx, ws->io->server_name) < 0) {
+      connect_fail(ws, 0, "tls: cannot start");
+      return;
+    }
+    ws->phase = PH_TLS;
+    tls_step(ws);
+    return;
+  }
+  send_request(ws);
+}
+
+static int start_connect(ws_t *ws, const struct sockaddr *addr) {
+  ws->phase = PH_CONNECT;
+  ws->io->creq.data = ws;
+  return uv_tcp_connect(&ws->io->creq, &ws->io->tcp, addr, on_connect);
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+  ws_t *ws = req->data;
+  if (status == 0 && !ws->io->handles_closing && res) {
+    struct sockaddr_storage ss;
+    memcpy(&ss, res->ai_addr, res->ai_addrlen);
+    if (ss.ss_family == AF_INET)
+      ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)ws->io->port);
+    else
+      ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)ws->io->port);
+    uv_freeaddrinfo(res);
+    int r = start_connect(ws, (struct sockaddr *)&ss);
+    if (r < 0) connect_fail(ws, r, NULL);
+  } else {
+    if (res) uv_freeaddrinfo(res);
+    if (!ws->io->handles_closing)
+      connect_fail(ws, 0, status == UV_ECANCELED ? "closed" : "host not found");
+  }
+  ws_unref(ws); /* the request's */
+}
+
+/* syntax: ws, headers = core.ws_connect(host, port, request_head, opts) -- request_head: the
+ * request line and headers without the key, the extension offer and the blank line; opts:
+ * timeout, tls, server_name, verify, cafile, deflate and the settings of core.ws_accept */
+static int l_connect(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  const char *host = luaL_checkstring(L, 1);
+  int port = (int)luaL_checkinteger(L, 2);
+  size_t rlen;
+  const char *reqhead = luaL_checklstring(L, 3, &rlen);
+  int oi = 4;
+  double timeout = 60;
+  int use_tls = 0, verify = 1;
+  const char *cafile = NULL, *sni = NULL;
+  if (lua_istable(L, oi)) {
+    lua_getfield(L, oi, "timeout");
+    if (!lua_isnil(L, -1)) timeout = luaL_checknumber(L, -1);
+    lua_getfield(L, oi, "tls");
+    use_tls = lua_toboolean(L, -1);
+    lua_getfield(L, oi, "verify");
+    if (!lua_isnil(L, -1)) verify = lua_toboolean(L, -1);
+    lua_getfield(L, oi, "cafile");
+    cafile = lua_tostring(L, -1);
+    lua_getfield(L, oi, "server_name");
+    sni = lua_tostring(L, -1);
+    lua_pop(L, 5); /* the strings stay alive in opts */
+  }
+  mlua_task_t *t = mlua_task_current(L);
+  mlua_check_yieldable(L, t);
+  ws_t *ws = ws_new(m, 1);
+  if (!ws) return luaL_error(L, "moonlet: out of memory");
+  read_settings(L, oi, ws);
+  ws->io->port = port;
+  ws->io->offered_deflate = read_deflate(L, oi, &ws->io->offer);
+  if (use_tls) {
+    ml_tls_ctx_opts_t o = {0, verify, cafile, NULL, NULL};
+    const char *err = NULL;
+    if (ml_tls_ctx_new(&ws->io->tls_ctx, &o, &err) < 0) {
+      ws_free(ws);
+      lua_pushnil(L);
+      lua_pushstring(L, err ? err : "tls: cannot start");
+      return 2;
+    }
+    ws->io->server_name = strdup(sni ? sni : host);
+  }
+  /* the request: head, key, offer, blank line */
+  char offer[160];
+  if (ml_ws_make_key(ws->io->key) < 0 || ml_ws_buf_reserve(&ws->io->head, rlen + 512) < 0) {
+    ws_free(ws);
+    return luaL_error(L, "moonlet: cannot make a handshake key");
+  }
+  memcpy(ws->io->head.p, reqhead, rlen);
+  ws->io->head.len = rlen;
+  ws->io->head.len += (size_t)snprintf(ws->io->head.p + ws->io->head.len, 64,
+                                       "Sec-WebSocket-Key: %s\r\n", ws->io->key);
+  if (ws->io->offered_deflate && ml_ws_pmd_offer(&ws->io->offer, offer, sizeof offer))
+    ws->io->head.len += (size_t)snprintf(ws->io->head.p + ws->io->head.len, 200,
+                                         "Sec-WebSocket-Extensions: %s\r\n", offer);
+  memcpy(ws->io->head.p + ws->io->head.len, "\r\n", 2);
+  ws->io->head.len += 2;
+  uv_tcp_init(m->loop, &ws->io->tcp);
+  uv_timer_init(m->loop, &ws->io->timer);
+  ws->io->tcp.data = ws->io->timer.data = ws;
+  ws->refs += 2;
+  mlua_res_link(m, &ws->res, ws_res_close);
+  ws->linked = 1;
+  if (strcmp(host, "localhost") == 0) host = "127.0.0.1";
+  struct sockaddr_storage addr;
+  int r = strchr(host, ':') ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr)
+                            : uv_ip4_addr(host, port, (struct sockaddr_in *)&addr);
+  if (r == 0) {
+    r = start_connect(ws, (struct sockaddr *)&addr);
+  } else {
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    ws->phase = PH_RESOLVE;
+    ws->io->gai.data = ws;
+    r = uv_getaddrinfo(m->loop, &ws->io->gai, on_resolved, host, NULL, &hints);
+    if (r == 0) ws->refs++; /* the request's, dropped by on_resolved */
+  }
+  if (r < 0) { /* no callback will come: fail here, resuming nobody */
+    ws->phase = 0;
+    transport_close(ws, 0);
+    return push_err(L, r);
+  }
+  if (timeout > 0) {
+    uv_update_time(m->loop);
+    uv_timer_start(&ws->io->timer, client_timer_cb, (uint64_t)(timeout * 1000), 0);
+  }
+  ws->io->connecter.task = t;
+  return mlua_task_wait(L, t, wait_cancel, &ws->io->connecter);
+}
+
+/* -- Methods -------------------------------------------------------------------------------- */
+
+static ws_t *check_ws(lua_State *L) { return *(ws_t **)luaL_checkudata(L, 1, WS_MT); }
+
+static int push_closed(lua_State *L) { return push_err(L, UV_EPIPE); }
+
+/* syntax: data, kind = ws:receive(timeout) -- kind "text" or "binary"; nil, "closed" once the
+ * peer closed (ws:close_info() tells why); nil, "timeout" */
+static int w_receive(lua_State *L) {
+  ws_t *ws = check_ws(L);
+  double timeout = luaL_optnumber(L, 2, -1);
+  if (ws->reader.task) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "socket busy reading");
+    return 2;
+  }
+  if (ws->qhead) return pop_message(L, ws);
+  if (input_ended(ws) || ws->phase != PH_OPEN) return push_closed(L);
+  mlua_task_t *t = mlua_task_current(L);
+  mlua_check_yieldable(L, t);
+  if (timeout == 0) return push_err(L, UV_ETIMEDOUT);
+  ws->reader.task = t;
+  if (timeout > 0) {
+    uv_update_time(ws->m->loop);
+    ws->reader.deadline = uv_now(ws->m->loop) + (uint64_t)(timeout * 1000 + 0.5);
+    if (!ws->reader.deadline) ws->reader.deadline = 1;
+    wtimer_arm(ws);
+  }
+  return mlua_task_wait(L, t, wait_cancel, &ws->reader);
+}
+
+static int kind_of(lua_State *L, int idx) {
+  const char *k = luaL_optstring(L, idx, "text");
+  if (strcmp(k, "text") == 0) return ML_WS_OP_TEXT;
+  if (strcmp(k, "binary") == 0) return ML_WS_OP_BINARY;
+  return luaL_argerror(L, idx, "kind must be \"text\" or \"binary\"");
+}
+
+/* syntax: ok, err = ws:send(data, kind) -- kind "text" (default) or "binary"; yields while more
+ * than 256 KiB are unsent */
+static int w_send(lua_State *L) {
+  ws_t *ws = check_ws(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  int op = kind_of(L, 3);
+  if (ws->gone || ws->close_sent || ws->closing_transport || ws->phase != PH_OPEN)
+    return push_closed(L);
+  if (op == ML_WS_OP_TEXT) {
+    uint32_t st = 0;
+    if (ml_utf8_check(&st, (const uint8_t *)data, len) < 0 || st != 0) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "invalid utf-8");
+      return 2;
+    }
+  }
+  int r = send_message(ws, op, data, len);
+  if (r < 0) return push_err(L, r);
+  if (t_queued(ws) > WQ_HIGH) {
+    mlua_task_t *t = mlua_task_current(L);
+    if (t) {
+      if (!ws->client) {
+        r = ml_conn_wants_writable(ws->c);
+        if (r < 0) return push_err(L, r);
+      } else {
+        r = 1;
+      }
+      if (r == 1) {
+        wait_t *w = calloc(1, sizeof *w);
+        if (!w) return luaL_error(L, "moonlet: out of memory");
+        w->ws = ws;
+        w->kind = WK_WRITE;
+        w->task = t;
+        w->gen = ws->wgen; /* wake_writers skips those parked while it runs */
+        w->next = ws->writers;
+        if (ws->writers) ws->writers->prev = w;
+        ws->writers = w;
+        return mlua_task_wait(L, t, wait_cancel, w);
+      }
+    }
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* syntax: rtt, err = ws:ping(data, timeout) -- sends a ping; with a timeout, waits for a pong
+ * and returns the round trip in seconds (else true at once) */
+static int w_ping(lua_State *L) {
+  ws_t *ws = check_ws(L);
+  size_t len = 0;
+  const char *data = luaL_optlstring(L, 2, "", &len);
+  double timeout = luaL_optnumber(L, 3, -1);
+  if (len > 125) return luaL_argerror(L, 2, "a ping carries at most 125 bytes");
+  if (ws->gone || ws->close_sent || ws->closing_transport || ws->phase != PH_OPEN)
+    return push_closed(L);
+  mlua_task_t *t = NULL;
+  if (timeout >= 0) {
+    if (ws->pinger.task) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "ping busy");
+      return 2;
+    }
+    t = mlua_task_current(L);
+    mlua_check_yieldable(L, t);
+  }
+  int r = send_message(ws, ML_WS_OP_PING, data, len);
+  if (r < 0) return push_err(L, r);
+  if (!t) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  uv_update_time(ws->m->loop);
+  ws->pinger.task = t;
+  ws->pinger.started = uv_hrtime();
+  ws->pinger.deadline = uv_now(ws->m->loop) + (uint64_t)(timeout * 1000 + 0.5);
+  wtimer_arm(ws);
+  return mlua_task_wait(L, t, wait_cancel, &ws->pinger);
+}
+
+/* syntax: ok = ws:close(code, reason) -- starts the close handshake (code 1000 by default); the
+ * connection closes when the peer answers or after close_timeout; true when already closed */
+static int w_close(lua_State *L) {
+  ws_t *ws = check_ws(L);
+  int code = (int)luaL_optinteger(L, 2, ML_WS_CLOSE_NORMAL);
+  size_t rlen = 0;
+  const char *reason = luaL_optlstring(L, 3, "", &rlen);
+  if (!ml_ws_close_code_valid(code))
+    return luaL_argerror(L, 2, "close code must be 1000..1003, 1007..1014 or 3000..4999");
+  if (rlen > 123) return luaL_argerror(L, 3, "a close reason is at most 123 bytes");
+  if (!ws->gone && !ws->close_sent && ws->phase == PH_OPEN && !ws->closing_transport) {
+    if (!ws->close_code) {
+      ws->close_code = code;
+      set_reason(ws, reason, rlen);
+    }
+    send_close(ws, code, reason, rlen);
+    if (ws->close_recv) transport_close(ws, 1);
+  } else if (ws->phase != PH_OPEN && !ws->gone) {
+    transport_close(ws, 0);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* syntax: code, reason = ws:close_info() -- nil while open; 1005: the peer gave no code;
+ * 1006: the connection dropped without a close frame */
+static int w_close_info(lua_State *L) {
+  ws_t *ws = check_ws(L);
+  if (!ws->close_code || !(ws->close_recv || ws->close_sent || ws->failed || ws->gone)) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_pushinteger(L, ws->close_code);
+  lua_pushlstring(L, ws->close_reason ? ws->close_reason : "", ws->close_reason_len);
+  return 2;
+}
+
+/* syntax: state = ws:state() -- "open", "closing" (a close frame went either way) or "closed" */
+static int w_state(lua_State *L) {
+  ws_t *ws = check_ws(L);
+  if (ws->gone)
+    lua_pushliteral(L, "closed");
+  else if (ws->close_sent || ws->close_recv || ws->failed || ws->closing_transport)
+    lua_pushliteral(L, "closing");
+  else
+    lua_pushliteral(L, "open");
+  return 1;
+}
+
+/* syntax: n, bytes = ws:queued() -- received messages not read yet */
+static int w_queued(lua_State *L) {
+  ws_t *ws = check_ws(L);
+  lua_pushinteger(L, (lua_Integer)ws->qcount);
+  lua_pushinteger(L, (lua_Integer)ws->qbytes);
+  return 2;
+}
+
+static int w_gc(lua_State *L) {
+  ws_t **box = luaL_checkudata(L, 1, WS_MT);
+  ws_t *ws = *box;
+  if (!ws) return 0;
+  *box = NULL;
+  if (!ws->dead && !ws->gone) { /* dropped while open: say goodbye */
+    if (ws->phase == PH_OPEN && !ws->close_sent && !ws->closing_transport) {
+      send_close(ws, ML_WS_CLOSE_GOING_AWAY, NULL, 0);
+      if (ws->close_recv) transport_close(ws, 1);
+    } else if (ws->phase != PH_OPEN) {
+      transport_close(ws, 0);
+    }
+  }
+  ws_unref(ws);
+  return 0;
+}
+
+static int w_tostring(lua_State *L) {
+  ws_t *ws = check_ws(L);
+  lua_pushfstring(L, "moonlet.ws (%s, %s)", ws->client ? "client" : "server",
+                  ws->gone ? "closed" : "open");
+  return 1;
+}
+
+void mlua_open_ws(lua_State *L, moonlet_t *m) {
+  static const luaL_Reg wm[] = {
+      {"receive", w_receive},       {"send", w_send},   {"ping", w_ping},     {"close", w_close},
+      {"close_info", w_close_info}, {"state", w_state}, {"queued", w_queued}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"ws_accept", l_accept}, {"ws_connect", l_connect}, {NULL, NULL}};
+  luaL_newmetatable(L, WS_MT);
+  lua_pushliteral(L, WS_MT);
+  lua_setfield(L, -2, "__name");
+  lua_newtable(L);
+  mlua_register(L, m, wm);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, w_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, w_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+  mlua_register(L, m, fns);
+}

@@ -1,0 +1,242 @@
+/* core/tls.c: the TLS engine of core/tls.h: OpenSSL over two memory BIOs per connection. The rbio
+ * holds ciphertext fed from the network, the wbio the ciphertext OpenSSL produced for the peer.
+ *
+ * Ownership: a context (SSL_CTX) is reference counted by OpenSSL; ml_tls_ctx_t is a thin wrapper
+ * whose free drops one reference. A connection (ml_tls_t) owns its SSL, which owns both BIOs and
+ * holds a reference on the SSL_CTX, so a context may be freed while connections made from it live.
+ * OpenSSL keeps per-thread error queues: every call here clears the queue first so that a failure
+ * is described by its own errors only. Loop thread only.
+ */
+#include "tls.h"
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+struct ml_tls_ctx_s {
+  SSL_CTX *ctx;
+  int server;
+};
+
+struct ml_tls_s {
+  SSL *ssl;
+  BIO *rbio, *wbio;  /* owned by ssl */
+  const char *error; /* static short message, NULL while fine */
+  char detail[128];  /* OpenSSL's reason for the last failure */
+};
+
+/* -- Contexts -----------------------------------------------------------------------------------
+ */
+
+int ml_tls_ctx_new(ml_tls_ctx_t **out, const ml_tls_ctx_opts_t *o, const char **err) {
+  *out = NULL;
+  *err = NULL;
+  ml_tls_ctx_t *c = calloc(1, sizeof *c);
+  if (!c) {
+    *err = "tls: out of memory";
+    return UV_ENOMEM;
+  }
+  c->server = o->server;
+  c->ctx = SSL_CTX_new(o->server ? TLS_server_method() : TLS_client_method());
+  if (!c->ctx) {
+    *err = "tls: out of memory";
+    goto fail;
+  }
+  SSL_CTX_set_min_proto_version(c->ctx, TLS1_2_VERSION);
+  SSL_CTX_set_mode(c->ctx, SSL_MODE_RELEASE_BUFFERS);
+  /* EOF without close_notify is the transport's business (the socket reports "closed") */
+  SSL_CTX_set_options(c->ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_RENEGOTIATION);
+  if (o->cert) {
+    if (SSL_CTX_use_certificate_chain_file(c->ctx, o->cert) != 1) {
+      *err = "tls: cannot load certificate";
+      goto fail;
+    }
+    if (SSL_CTX_use_PrivateKey_file(c->ctx, o->key ? o->key : o->cert, SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(c->ctx) != 1) {
+      *err = "tls: cannot load key";
+      goto fail;
+    }
+  } else if (o->server) {
+    *err = "tls: a server needs cert and key";
+    goto fail;
+  }
+  if (o->verify || o->cafile) {
+    int ok = o->cafile ? SSL_CTX_load_verify_locations(c->ctx, o->cafile, NULL)
+                       : SSL_CTX_set_default_verify_paths(c->ctx);
+    if (ok != 1) {
+      *err = o->cafile ? "tls: cannot load CA file" : "tls: cannot load the system CA store";
+      goto fail;
+    }
+  }
+  if (o->verify)
+    SSL_CTX_set_verify(
+        c->ctx, o->server ? SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT : SSL_VERIFY_PEER,
+        NULL);
+  else
+    SSL_CTX_set_verify(c->ctx, SSL_VERIFY_NONE, NULL);
+  ERR_clear_error();
+  *out = c;
+  return 0;
+fail:
+  ERR_clear_error();
+  if (c->ctx) SSL_CTX_free(c->ctx);
+  free(c);
+  return *err && strstr(*err, "memory") ? UV_ENOMEM : UV_EINVAL;
+}
+
+void ml_tls_ctx_free(ml_tls_ctx_t *c) {
+  if (!c) return;
+  SSL_CTX_free(c->ctx);
+  free(c);
+}
+
+int ml_tls_ctx_is_server(const ml_tls_ctx_t *c) { return c->server; }
+
+/* -- Connections --------------------------------------------------------------------------------
+ */
+
+int ml_tls_new(ml_tls_t **out, ml_tls_ctx_t *c, const char *server_name) {
+  *out = NULL;
+  ml_tls_t *t = calloc(1, sizeof *t);
+  if (!t) return UV_ENOMEM;
+  t->ssl = SSL_new(c->ctx);
+  t->rbio = BIO_new(BIO_s_mem());
+  t->wbio = BIO_new(BIO_s_mem());
+  if (!t->ssl || !t->rbio || !t->wbio) goto fail;
+  BIO_set_mem_eof_return(t->rbio, -1); /* empty means "wait for more", not end of stream */
+  BIO_set_mem_eof_return(t->wbio, -1);
+  SSL_set_bio(t->ssl, t->rbio, t->wbio); /* the SSL owns them now */
+  if (c->server) {
+    SSL_set_accept_state(t->ssl);
+  } else {
+    SSL_set_connect_state(t->ssl);
+    if (server_name && *server_name) {
+      unsigned char bin[16];
+      int is_ip = uv_inet_pton(AF_INET, server_name, bin) == 0 ||
+                  uv_inet_pton(AF_INET6, server_name, bin) == 0;
+      X509_VERIFY_PARAM *param = SSL_get0_param(t->ssl);
+      int ok;
+      if (is_ip) {
+        ok = X509_VERIFY_PARAM_set1_ip_asc(param, server_name);
+      } else {
+        ok = SSL_set_tlsext_host_name(t->ssl, server_name) == 1;
+        X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+        ok = ok && X509_VERIFY_PARAM_set1_host(param, server_name, 0) == 1;
+      }
+      if (!ok) {
+        SSL_free(t->ssl);
+        ERR_clear_error();
+        free(t);
+        return UV_EINVAL;
+      }
+    }
+  }
+  *out = t;
+  return 0;
+fail:
+  if (t->ssl) {
+    SSL_free(t->ssl);
+  } else {
+    BIO_free(t->rbio);
+    BIO_free(t->wbio);
+  }
+  ERR_clear_error();
+  free(t);
+  return UV_ENOMEM;
+}
+
+void ml_tls_free(ml_tls_t *t) {
+  if (!t) return;
+  SSL_free(t->ssl);
+  free(t);
+}
+
+int ml_tls_feed(ml_tls_t *t, const char *data, size_t len) {
+  while (len > 0) {
+    int chunk = len > (1u << 30) ? 1 << 30 : (int)len;
+    int n = BIO_write(t->rbio, data, chunk);
+    if (n <= 0) return UV_ENOMEM;
+    data += n;
+    len -= (size_t)n;
+  }
+  return 0;
+}
+
+/* Records why the last call failed: a verification failure has its own message, anything else in
+ * the handshake is "handshake failed" and after it "tls: error". */
+static int fail(ml_tls_t *t, int ret, int in_handshake) {
+  int e = SSL_get_error(t->ssl, ret);
+  unsigned long code = ERR_peek_last_error();
+  long vr = SSL_get_verify_result(t->ssl);
+  if (e == SSL_ERROR_SSL && vr != X509_V_OK) {
+    t->error = "tls: certificate verify failed";
+    snprintf(t->detail, sizeof t->detail, "%s", X509_verify_cert_error_string(vr));
+  } else {
+    t->error = in_handshake ? "tls: handshake failed" : "tls: error";
+    const char *reason = code ? ERR_reason_error_string(code) : NULL;
+    snprintf(t->detail, sizeof t->detail, "%s", reason ? reason : "protocol error");
+  }
+  ERR_clear_error();
+  return UV_EPROTO;
+}
+
+int ml_tls_handshake(ml_tls_t *t) {
+  if (t->error) return UV_EPROTO;
+  ERR_clear_error();
+  int r = SSL_do_handshake(t->ssl);
+  if (r == 1) return 1;
+  int e = SSL_get_error(t->ssl, r);
+  if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) return 0;
+  return fail(t, r, 1);
+}
+
+int ml_tls_read(ml_tls_t *t, char *buf, size_t cap) {
+  if (t->error) return UV_EPROTO;
+  ERR_clear_error();
+  int r = SSL_read(t->ssl, buf, cap > (1u << 30) ? 1 << 30 : (int)cap);
+  if (r > 0) return r;
+  int e = SSL_get_error(t->ssl, r);
+  if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) return 0;
+  if (e == SSL_ERROR_ZERO_RETURN) return UV_EOF;
+  return fail(t, r, !SSL_is_init_finished(t->ssl));
+}
+
+int ml_tls_write(ml_tls_t *t, const char *data, size_t len) {
+  if (t->error) return UV_EPROTO;
+  ERR_clear_error();
+  while (len > 0) {
+    int chunk = len > (1u << 30) ? 1 << 30 : (int)len;
+    int r = SSL_write(t->ssl, data, chunk); /* a memory BIO takes it all */
+    if (r <= 0) return fail(t, r, 0);
+    data += r;
+    len -= (size_t)r;
+  }
+  return 0;
+}
+
+void ml_tls_shutdown(ml_tls_t *t) {
+  if (t->error || !SSL_is_init_finished(t->ssl)) return;
+  ERR_clear_error();
+  SSL_shutdown(t->ssl);
+  ERR_clear_error();
+}
+
+size_t ml_tls_pending(const ml_tls_t *t) { return BIO_ctrl_pending(t->wbio); }
+
+size_t ml_tls_take(ml_tls_t *t, char *buf, size_t cap) {
+  size_t got = 0;
+  while (got < cap) {
+    size_t want = cap - got;
+    int n = BIO_read(t->wbio, buf + got, want > (1u << 30) ? 1 << 30 : (int)want);
+    if (n <= 0) break;
+    got += (size_t)n;
+  }
+  return got;
+}
+
+const char *ml_tls_error(const ml_tls_t *t) { return t->error; }
+
+const char *ml_tls_detail(const ml_tls_t *t) { return t->detail; }

@@ -1,0 +1,1080 @@
+-- lua/moonlet/http_client.lua: moonlet.http, the HTTP/1.1 client. Each call reads like blocking
+-- code and yields its task while it waits, so many requests run at once on one thread:
+--
+--   local res, err = moonlet.http.get(url, { timeout = 5 })
+--   local res, err = moonlet.http.request{ method = "POST", url = u, body = s, stream = true }
+--
+-- Connections: one request owns its connection from the moment it takes it (from the pool, or a
+-- new one) until its response has been read completely; only then, and only when both sides
+-- allow keep-alive and no byte is left over, the connection goes back to the pool of its origin
+-- (scheme, host, port and TLS settings), a LIFO stack bounded by pool_size whose entries expire
+-- after idle_timeout (checked whenever the pool is used: no timer keeps a script alive). Any
+-- failure, timeout or cancellation closes the connection instead, so nothing half-read is ever
+-- reused. Every socket wait goes through sock_wait(), which arms the per-wait timeout (bounded by
+-- the request's total deadline) and closes the connection when the task is cancelled there.
+--
+-- Sockets come from moonlet.tcp (DNS, TLS through sock:tls). The response is parsed from a Lua
+-- buffer filled by receive_any: usually one C call brings the whole head and a small body.
+local core = require "moonlet.core"
+local task = require "moonlet.task"
+local tcp = require "moonlet.tcp"
+
+local byte, find, sub, lower, upper, match, gsub, format, char =
+    string.byte, string.find, string.sub, string.lower, string.upper, string.match,
+    string.gsub, string.format, string.char
+local concat, sort = table.concat, table.sort
+local tonumber, tostring, type, pairs, ipairs, setmetatable, getmetatable, pcall, error =
+    tonumber, tostring, type, pairs, ipairs, setmetatable, getmetatable, pcall, error
+local floor = math.floor
+local now = core.now
+local ok_new, new_tab = pcall(require, "table.new") -- LuaJIT 2.1: tables presized
+if not ok_new then new_tab = function() return {} end end
+local CANCEL, CANCELLED = core.CANCEL, task.CANCELLED
+
+local _M = { _VERSION = "0.1.0" }
+
+-- Defaults of every request (moonlet.http.configure changes them).
+local config = {
+    pool_size = 64,          -- idle connections kept per origin
+    idle_timeout = 60,       -- seconds an idle connection may wait in the pool
+    connect_timeout = 10,    -- seconds for the TCP (and TLS) connection
+    read_timeout = 60,       -- seconds a read may wait for the next bytes
+    send_timeout = 60,       -- seconds a send may wait
+    max_body = nil,          -- response body limit in bytes (nil: none)
+    user_agent = "moonlet/" .. tostring(core.version),
+}
+
+local MAX_LINE = 16384        -- a status, header or chunk-size line
+local MAX_HEAD = 65536        -- the whole header section
+local MAX_HEADERS = 200
+local READ_SIZE = 65536       -- bytes asked from the socket at a time
+local DRAIN_MAX = 65536       -- a redirect's body is read to reuse the connection up to this
+
+-- -- Sockets ------------------------------------------------------------------------------------
+
+local function close_conn(conn)
+    local sock = conn.sock
+    if sock then
+        conn.sock = nil
+        sock:close()
+    end
+end
+
+-- The C socket methods (bindings/tcp.c, which moonlet.tcp wraps) when the socket is one of theirs:
+-- they answer CANCEL instead of raising, so no pcall is needed around each wait.
+local raw = core.tcp_raw
+local raw_mt = core.tcp_mt
+local tcp_connect = tcp.connect
+
+-- Sets the socket's timeout for the next wait: op_timeout (seconds; 0 or nil: none) bounded by
+-- the request's deadline. False when the deadline has passed.
+local function arm(conn, op_timeout)
+    local t = op_timeout or 0
+    local dl = conn.deadline
+    if dl then
+        local left = dl - now()
+        if left <= 0 then return false end
+        if t <= 0 or left < t then t = left end
+    end
+    if t > 0 and t < 0.001 then t = 0.001 end
+    if t ~= conn.tmo then
+        conn.settimeout(conn.sock, t > 0 and t or nil) -- nil: no timeout (0 would expire at once)
+        conn.tmo = t
+    end
+    return true
+end
+
+-- Calls fn(sock, arg) (a socket method that waits) after arming the timeout. A cancelled wait
+-- (the C methods answer CANCEL, moonlet.tcp's raise moonlet.CANCELLED) closes the connection,
+-- then raises CANCELLED on: a cancelled request never leaves a half-read connection behind.
+local function sock_wait(conn, fn, arg, op_timeout)
+    local sock = conn.sock
+    if not sock then return nil, "closed" end
+    if not arm(conn, op_timeout) then return nil, "timeout" end
+    if conn.raw then
+        local a, b, c = fn(sock, arg)
+        if a ~= CANCEL then return a, b, c end
+        close_conn(conn)
+        error(CANCELLED, 0)
+    end
+    local ok, a, b, c = pcall(fn, sock, arg)
+    if ok and a ~= CANCEL then return a, b, c end
+    close_conn(conn)
+    if ok then error(CANCELLED, 0) end
+    error(a, 0)
+end
+
+-- -- Reading a response ----------------------------------------------------------------------
+
+-- Buffered sockets (receive_any): more bytes appended to conn.buf; true or nil, err.
+local function fill(conn)
+    local d, err = sock_wait(conn, conn.receive_any, READ_SIZE, conn.read_timeout)
+    if not d then return nil, err end
+    conn.got = true
+    local buf, pos = conn.buf, conn.pos
+    if pos > #buf then
+        conn.buf = d
+    else
+        conn.buf = sub(buf, pos) .. d
+    end
+    conn.pos = 1
+    return true
+end
+
+-- One line without its CRLF (or bare LF); nil, err.
+local function read_line(conn)
+    local buf, pos = conn.buf, conn.pos
+    local from = pos
+    while true do
+        local nl = find(buf, "\n", from, true)
+        if nl then
+            conn.pos = nl + 1
+            local e = nl - 1
+            if e >= pos and byte(buf, e) == 13 then e = e - 1 end
+            return sub(buf, pos, e)
+        end
+        if #buf - pos >= MAX_LINE then return nil, "bad response" end
+        local ok, err = fill(conn)
+        if not ok then return nil, err end
+        from = #buf - pos + 2 -- where the new bytes start, now that pos is 1
+        buf, pos = conn.buf, 1
+    end
+end
+
+-- Up to max bytes (at least one), or nil, err ("closed" at the end of the stream).
+local function read_some(conn, max)
+    local buf, pos = conn.buf, conn.pos
+    local avail = #buf - pos + 1
+    if avail <= 0 then
+        local d, err = sock_wait(conn, conn.receive_any, max, conn.read_timeout)
+        if d then conn.got = true end
+        return d, err
+    end
+    if avail <= max then
+        conn.buf, conn.pos = "", 1
+        return pos == 1 and buf or sub(buf, pos)
+    end
+    conn.pos = pos + max
+    return sub(buf, pos, pos + max - 1)
+end
+
+local lower_names, lower_count = {}, 0 -- "Content-Length" -> "content-length", bounded
+local function lower_name(name)
+    local l = lower_names[name]
+    if l then return l end
+    l = lower(name)
+    if lower_count < 1000 then
+        lower_count = lower_count + 1
+        lower_names[name] = l
+    end
+    return l
+end
+
+-- The status line: status, reason, version; or nil.
+local function status_line(line)
+    local version
+    if sub(line, 1, 9) == "HTTP/1.1 " then
+        version = "1.1"
+    elseif sub(line, 1, 5) == "HTTP/" and byte(line, 7) == 46 and byte(line, 9) == 32 then
+        version = sub(line, 6, 8)
+        local a, b = byte(version, 1), byte(version, 3)
+        if a < 48 or a > 57 or b < 48 or b > 57 then return nil end
+    else
+        return nil
+    end
+    local status = tonumber(sub(line, 10, 12))
+    if not status or status < 100 or status > 999 or status % 1 ~= 0 then return nil end
+    local sep = byte(line, 13)
+    if sep == nil then return status, "", version end
+    if sep ~= 32 then return nil end
+    return status, sub(line, 14), version
+end
+
+-- Adds the header line s[i..j] (no line end) to headers; returns its name, or nil when the line
+-- is malformed. A line starting with a space or tab continues the header before it (obs-fold,
+-- RFC 7230 3.2.4: joined with a space).
+local function header_line(headers, s, i, j, last)
+    local b = byte(s, i)
+    if b == 32 or b == 9 then
+        if not last then return nil end
+        while b == 32 or b == 9 do
+            i = i + 1
+            b = byte(s, i)
+        end
+        headers[last] = headers[last] .. " " .. sub(s, i, j)
+        return last
+    end
+    local c = find(s, ":", i, true)
+    if not c or c == i or c > j then return nil end
+    b = byte(s, c - 1)
+    if b == 32 or b == 9 then return nil end -- "Name : value" (RFC 7230 3.2.4)
+    local name = lower_name(sub(s, i, c - 1))
+    local vs, ve = c + 1, j
+    b = byte(s, vs)
+    while vs <= ve and (b == 32 or b == 9) do
+        vs = vs + 1
+        b = byte(s, vs)
+    end
+    b = byte(s, ve)
+    while ve >= vs and (b == 32 or b == 9) do
+        ve = ve - 1
+        b = byte(s, ve)
+    end
+    local value = sub(s, vs, ve)
+    local old = headers[name]
+    headers[name] = old and (old .. ", " .. value) or value
+    return name
+end
+
+-- The head line by line (for heads whose lines end in a bare LF).
+local function read_head_lines(conn)
+    local line, err = read_line(conn)
+    if not line then return nil, err end
+    local status, reason, version = status_line(line)
+    if not status then return nil, "bad response" end
+    local headers, count, size, last = {}, 0, #line, nil
+    while true do
+        line, err = read_line(conn)
+        if not line then return nil, err end
+        if line == "" then break end
+        count = count + 1
+        size = size + #line
+        if count > MAX_HEADERS or size > MAX_HEAD then return nil, "bad response" end
+        last = header_line(headers, line, 1, #line, last)
+        if not last then return nil, "bad response" end
+    end
+    return status, reason, version, headers
+end
+
+-- The status line and header section: status, reason, version, headers; or nil, err. From a
+-- buffer, the whole head is found first (one search for CRLF CRLF) and parsed in place.
+local function read_head(conn)
+    local buf, pos = conn.buf, conn.pos
+    local e = find(buf, "\r\n\r\n", pos, true)
+    while not e do
+        local have = #buf - pos + 1
+        if have >= 5 and sub(buf, pos, pos + 4) ~= "HTTP/" then return nil, "bad response" end
+        if find(buf, "\n\n", pos, true) then return read_head_lines(conn) end
+        if have > MAX_HEAD then return nil, "bad response" end
+        local ok, err = fill(conn)
+        if not ok then return nil, err end
+        buf, pos = conn.buf, 1
+        e = find(buf, "\r\n\r\n", have > 3 and have - 3 or 1, true)
+    end
+    if e - pos > MAX_HEAD then return nil, "bad response" end
+    conn.pos = e + 4
+    local le = find(buf, "\r\n", pos, true)
+    local status, reason, version = status_line(sub(buf, pos, le - 1))
+    if not status then return nil, "bad response" end
+    local headers, count, last = new_tab(0, 8), 0, nil
+    local i = le + 2
+    while i < e + 2 do
+        local nl = find(buf, "\r\n", i, true)
+        local lf = find(buf, "\n", i, true)
+        if lf <= nl then return nil, "bad response" end -- a bare LF inside the line
+        count = count + 1
+        if count > MAX_HEADERS then return nil, "bad response" end
+        last = header_line(headers, buf, i, nl - 1, last)
+        if not last then return nil, "bad response" end
+        i = nl + 2
+    end
+    return status, reason, version, headers
+end
+
+-- -- URLs ----------------------------------------------------------------------------------------
+
+local b64chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local function base64(s)
+    local out = {}
+    for i = 1, #s, 3 do
+        local a, b, c = byte(s, i, i + 2)
+        local n = a * 65536 + (b or 0) * 256 + (c or 0)
+        local c1, c2 = floor(n / 262144) % 64, floor(n / 4096) % 64
+        local c3, c4 = floor(n / 64) % 64, n % 64
+        out[#out + 1] = sub(b64chars, c1 + 1, c1 + 1) .. sub(b64chars, c2 + 1, c2 + 1)
+            .. (b and sub(b64chars, c3 + 1, c3 + 1) or "=") .. (c and sub(b64chars, c4 + 1, c4 + 1) or "=")
+    end
+    return concat(out)
+end
+
+local function unescape(s)
+    return (gsub(s, "%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
+end
+
+local function escape(s)
+    return (gsub(tostring(s), "[^%w%-%._~]", function(c) return format("%%%02X", byte(c)) end))
+end
+
+local url_cache, url_count = {}, 0
+
+-- A parsed URL { scheme, host, port, target, hostport, key, https, auth } or nil, err. Parsed
+-- URLs are cached (a bounded table): an app fetches the same few URLs again and again.
+local function parse_url(url)
+    local u = url_cache[url]
+    if u then return u end
+    local scheme, rest = match(url, "^(%a[%w+.-]*)://(.*)$")
+    if not scheme then return nil, "bad url" end
+    scheme = lower(scheme)
+    if scheme ~= "http" and scheme ~= "https" then return nil, "unsupported scheme" end
+    local ae = find(rest, "[/?#]") or #rest + 1
+    local authority, target = sub(rest, 1, ae - 1), sub(rest, ae)
+    local hash = find(target, "#", 1, true)
+    if hash then target = sub(target, 1, hash - 1) end
+    if target == "" then
+        target = "/"
+    elseif byte(target) == 63 then -- "?"
+        target = "/" .. target
+    end
+    if find(target, " ", 1, true) then target = gsub(target, " ", "%%20") end
+    if find(target, "[%z\1-\31\127]") then return nil, "bad url" end
+    local auth
+    local at = match(authority, "^.*()@")
+    if at then
+        auth = "Basic " .. base64(unescape(sub(authority, 1, at - 1)))
+        authority = sub(authority, at + 1)
+    end
+    local host, port, v6
+    if byte(authority) == 91 then -- "[v6]:port"
+        host, port = match(authority, "^%[([%x:.]+)%]:?(%d*)$")
+        v6 = true
+    else
+        host, port = match(authority, "^([%w.%-_]+):?(%d*)$")
+    end
+    if not host then return nil, "bad url" end
+    host = lower(host)
+    local https = scheme == "https"
+    local default_port = https and 443 or 80
+    port = port ~= "" and tonumber(port) or default_port
+    if port < 1 or port > 65535 then return nil, "bad url" end
+    local hostname = v6 and "[" .. host .. "]" or host
+    u = {
+        url = url, scheme = scheme, host = host, port = port, target = target, https = https,
+        hostport = port == default_port and hostname or hostname .. ":" .. port,
+        key = scheme .. "://" .. hostname .. ":" .. port, auth = auth,
+    }
+    if url_count >= 512 then url_cache, url_count = {}, 0 end
+    url_count = url_count + 1
+    url_cache[url] = u
+    return u
+end
+
+-- The absolute URL a Location value points to from base u (RFC 3986 5.2, without dot removal).
+local function resolve(u, loc)
+    if match(loc, "^%a[%w+.-]*://") then return loc end
+    if sub(loc, 1, 2) == "//" then return u.scheme .. ":" .. loc end
+    local origin = u.scheme .. "://" .. u.hostport
+    if byte(loc) == 47 then return origin .. loc end -- "/"
+    local path = match(u.target, "^[^?]*")
+    if byte(loc) == 63 then return origin .. path .. loc end -- "?"
+    return origin .. match(path, "^(.*/)") .. loc
+end
+
+local function encode_query(q)
+    local keys = {}
+    for k in pairs(q) do keys[#keys + 1] = tostring(k) end
+    sort(keys)
+    local out = {}
+    for _, k in ipairs(keys) do
+        local v = q[k]
+        if v == nil then v = q[tonumber(k)] end
+        if type(v) == "table" then
+            for _, x in ipairs(v) do out[#out + 1] = escape(k) .. "=" .. escape(x) end
+        elseif v == true then
+            out[#out + 1] = escape(k)
+        elseif v ~= false then
+            out[#out + 1] = escape(k) .. "=" .. escape(v)
+        end
+    end
+    return concat(out, "&")
+end
+
+-- -- The pool ------------------------------------------------------------------------------------
+
+local pools = {}          -- origin key -> stack of idle conns (the newest on top)
+local last_sweep = 0
+
+local function sweep(t)
+    last_sweep = t
+    for key, p in pairs(pools) do
+        local n, j = #p, 0
+        for i = 1, n do
+            local c = p[i]
+            if c.expires > t then
+                j = j + 1
+                p[j] = c
+            else
+                close_conn(c)
+            end
+        end
+        for i = j + 1, n do p[i] = nil end
+        if j == 0 then pools[key] = nil end
+    end
+end
+
+-- An idle connection to origin key that has not expired, or nil. The time of the checkout is kept
+-- on the connection (taken_at): its idle time is counted from there when it comes back (one clock
+-- read per request; a long request only makes the connection expire earlier).
+local function checkout(key, t)
+    if t - last_sweep > 1 then sweep(t) end
+    local p = pools[key]
+    if not p then return nil end
+    for n = #p, 1, -1 do
+        local c = p[n]
+        p[n] = nil
+        if c.expires > t then
+            c.taken_at = t
+            return c
+        end
+        close_conn(c)
+    end
+    return nil
+end
+
+-- Gives a connection whose response was read completely back to its pool (or closes it when the
+-- pool is full).
+local function checkin(conn)
+    local key = conn.key
+    local p = pools[key]
+    if not p then
+        p = {}
+        pools[key] = p
+    end
+    local n = #p
+    if n >= conn.pool_size or conn.idle_timeout <= 0 then
+        close_conn(conn)
+        return
+    end
+    conn.expires = conn.taken_at + conn.idle_timeout
+    conn.deadline = nil
+    p[n + 1] = conn
+end
+
+-- syntax: stats = moonlet.http.pool_stats() -- { idle = n, origins = { [origin] = n } }
+function _M.pool_stats()
+    local origins, idle = {}, 0
+    for key, p in pairs(pools) do
+        if #p > 0 then
+            origins[key] = #p
+            idle = idle + #p
+        end
+    end
+    return { idle = idle, origins = origins }
+end
+
+-- syntax: moonlet.http.close_idle() -- closes every idle pooled connection now
+function _M.close_idle()
+    for key, p in pairs(pools) do
+        for i = 1, #p do close_conn(p[i]) end
+        pools[key] = nil
+    end
+end
+
+-- syntax: moonlet.http.configure{ pool_size =, idle_timeout =, connect_timeout =, read_timeout =,
+-- send_timeout =, max_body =, user_agent = } -- defaults of later requests
+function _M.configure(opts)
+    if type(opts) ~= "table" then error("moonlet.http.configure: expected a table", 2) end
+    for k, v in pairs(opts) do
+        if config[k] == nil and k ~= "max_body" then
+            error("moonlet.http.configure: unknown option " .. tostring(k), 2)
+        end
+        config[k] = v
+    end
+    url_cache, url_count = {}, 0 -- cached request heads carry the user agent
+end
+
+-- -- Connecting ------------------------------------------------------------------------------------
+
+local function new_conn(u, tls_key)
+    return {
+        sock = nil, buf = "", pos = 1, got = false, tmo = nil, reused = 0,
+        raw = false, send = nil, receive_any = nil, settimeout = nil, keepalive = true,
+        key = tls_key, deadline = nil, expires = 0, taken_at = 0,
+        read_timeout = 0, send_timeout = 0, pool_size = 0, idle_timeout = 0, host = u.host,
+    }
+end
+
+-- A new connection to u (TLS included for https), or nil, err.
+local function connect(u, key, o, deadline)
+    local conn = new_conn(u, key)
+    conn.deadline = deadline
+    conn.taken_at = now()
+    local t = o.connect_timeout or config.connect_timeout
+    if not t or t <= 0 then t = 3600 end
+    if deadline then
+        local left = deadline - now()
+        if left <= 0 then return nil, "timeout" end
+        if left < t then t = left end
+    end
+    local sock, err = tcp_connect(u.host, u.port, { timeout = t }) -- raises when cancelled
+    if not sock then return nil, err end
+    conn.sock = sock
+    if raw and raw_mt and getmetatable(sock) == raw_mt then
+        conn.raw = true
+        conn.send, conn.receive_any, conn.settimeout = raw.send, raw.receive_any, raw.settimeout
+    else
+        conn.send, conn.receive_any, conn.settimeout = sock.send, sock.receive_any, sock.settimeout
+    end
+    if u.https then
+        local tls_opts = { server_name = u.host, verify = o.verify ~= false }
+        if o.tls then for k, v in pairs(o.tls) do tls_opts[k] = v end end
+        -- the handshake is bounded by the connect timeout; moonlet.tcp's tls raises when cancelled
+        if not arm(conn, t) then
+            close_conn(conn)
+            return nil, "timeout"
+        end
+        local pok, ok, terr = pcall(sock.tls, sock, tls_opts)
+        if not pok or ok == CANCEL then
+            close_conn(conn)
+            error(pok and CANCELLED or ok, 0)
+        end
+        err = terr
+        if not ok then
+            close_conn(conn)
+            if err and sub(err, 1, 4) ~= "tls:" and err ~= "timeout" and err ~= "closed" then
+                err = "tls: " .. err
+            end
+            return nil, err or "tls: handshake failed"
+        end
+    end
+    return conn
+end
+
+-- -- Requests -------------------------------------------------------------------------------------
+
+local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, TRACE = true, PUT = true, DELETE = true }
+local WANTS_BODY = { POST = true, PUT = true, PATCH = true }
+local REDIRECT = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }
+
+local function bad_header(s)
+    return find(s, "[%z\r\n]") ~= nil
+end
+
+-- The request head (and a small body appended) as one string.
+local function build_request(method, u, target, headers, body, o, decompress)
+    if not headers and not body and not decompress and not u.auth and o.keepalive ~= false
+        and method == "GET" and target == u.target and not o.user_agent then
+        local r = u.get_request -- the common case, built once per URL
+        if not r then
+            r = "GET " .. target .. " HTTP/1.1\r\nHost: " .. u.hostport .. "\r\nUser-Agent: "
+                .. config.user_agent .. "\r\n\r\n"
+            u.get_request = r
+        end
+        return r
+    end
+    local parts = { method, " ", target, " HTTP/1.1\r\n" }
+    local n = 4
+    local has_host, has_ua, has_len, has_ae, has_conn, has_auth
+    if headers then
+        for k, v in pairs(headers) do
+            local lk = lower_name(k)
+            if lk == "host" then has_host = true
+            elseif lk == "user-agent" then has_ua = true
+            elseif lk == "content-length" or lk == "transfer-encoding" then has_len = true
+            elseif lk == "accept-encoding" then has_ae = true
+            elseif lk == "connection" then has_conn = true
+            elseif lk == "authorization" then has_auth = true
+            end
+            if type(v) == "table" then
+                for _, x in ipairs(v) do
+                    parts[n + 1], parts[n + 2], parts[n + 3], parts[n + 4] = k, ": ", tostring(x), "\r\n"
+                    n = n + 4
+                end
+            else
+                parts[n + 1], parts[n + 2], parts[n + 3], parts[n + 4] = k, ": ", tostring(v), "\r\n"
+                n = n + 4
+            end
+        end
+    end
+    if not has_host then
+        parts[n + 1], parts[n + 2] = "Host: ", u.hostport .. "\r\n"
+        n = n + 2
+    end
+    if not has_ua then
+        parts[n + 1], parts[n + 2] = "User-Agent: ", (o.user_agent or config.user_agent) .. "\r\n"
+        n = n + 2
+    end
+    if u.auth and not has_auth then
+        parts[n + 1], parts[n + 2] = "Authorization: ", u.auth .. "\r\n"
+        n = n + 2
+    end
+    if decompress and not has_ae then
+        n = n + 1
+        parts[n] = "Accept-Encoding: gzip\r\n"
+    end
+    if not has_len and (body or WANTS_BODY[method]) then
+        n = n + 1
+        parts[n] = "Content-Length: " .. (body and #body or 0) .. "\r\n"
+    end
+    if o.keepalive == false and not has_conn then
+        n = n + 1
+        parts[n] = "Connection: close\r\n"
+    end
+    n = n + 1
+    parts[n] = "\r\n"
+    if body and #body <= 65536 then
+        n = n + 1
+        parts[n] = body
+    end
+    return concat(parts, "", 1, n)
+end
+
+local res_methods = {}
+local res_mt = { __name = "moonlet.http.response", __index = res_methods }
+
+local NONE, LENGTH, CHUNKED, CLOSE = 0, 1, 2, 3
+
+-- Ends the body: the connection goes back to the pool when reusable, else it is closed.
+local function finish(res)
+    local conn = res._conn
+    res._conn = nil
+    res._done = true
+    local z = res._z
+    if z then
+        res._z = nil
+        z:close()
+    end
+    if conn then
+        if res._keep and conn.pos > #conn.buf and conn.sock then
+            checkin(conn)
+        else
+            close_conn(conn)
+        end
+    end
+end
+
+-- Ends the body with an error: the connection is closed; later reads return the same error.
+local function fail(res, err)
+    res._keep = false
+    finish(res)
+    res._err = err
+    return nil, err
+end
+
+-- The next piece of the body as it is on the wire (still encoded), nil at its end, or nil, err.
+local function next_raw(res)
+    local mode, conn = res._mode, res._conn
+    if mode == LENGTH then
+        local left = res._left
+        if left <= 0 then return nil end
+        local d, err = read_some(conn, left < READ_SIZE and left or READ_SIZE)
+        if not d then return nil, err end
+        res._left = left - #d
+        return d
+    elseif mode == CHUNKED then
+        local left = res._left
+        if left <= 0 then
+            local line, err
+            if res._in_chunk then -- the CRLF after the previous chunk's data
+                line, err = read_line(conn)
+                if not line then return nil, err end
+                if line ~= "" then return nil, "bad response" end
+            end
+            line, err = read_line(conn)
+            if not line then return nil, err end
+            local hex, after = match(line, "^(%x+)(.*)$")
+            if not hex or #hex > 12 then return nil, "bad response" end
+            local c = byte(after)
+            if c and c ~= 59 and c ~= 32 and c ~= 9 then return nil, "bad response" end -- ";"
+            left = tonumber(hex, 16)
+            if left == 0 then -- the last chunk: trailers (dropped) until an empty line
+                local size = 0
+                repeat
+                    line, err = read_line(conn)
+                    if not line then return nil, err end
+                    size = size + #line
+                    if size > MAX_HEAD then return nil, "bad response" end
+                until line == ""
+                res._left, res._in_chunk = 0, false
+                res._mode = NONE
+                return nil
+            end
+            res._in_chunk = true
+        end
+        local d, err = read_some(conn, left < READ_SIZE and left or READ_SIZE)
+        if not d then return nil, err end
+        res._left = left - #d
+        return d
+    elseif mode == CLOSE then
+        local d, err = read_some(conn, READ_SIZE)
+        if not d then
+            if err == "closed" then return nil end
+            return nil, err
+        end
+        return d
+    end
+    return nil
+end
+
+-- The next piece of the body (decoded when asked), nil at its end, or nil, err.
+local function next_piece(res)
+    if res._done then return nil, res._err end
+    while true do
+        local d, err = next_raw(res)
+        if not d then
+            if err then return fail(res, err) end
+            local z = res._z
+            if z then
+                local out, done = z:inflate("", res._max)
+                if not out then return fail(res, done == "too large" and done or "bad response") end
+                if not done then return fail(res, "bad response") end
+                if out ~= "" then -- rare: the last bytes come out only now
+                    finish(res)
+                    return out
+                end
+            end
+            finish(res)
+            return nil
+        end
+        local total = res._total + #d
+        res._total = total
+        local max = res._max
+        if max and total > max then return fail(res, "too large") end
+        local z = res._z
+        if z then
+            local out, done = z:inflate(d, max)
+            if not out then return fail(res, done == "too large" and done or "bad response") end
+            if res._mode == LENGTH and res._left <= 0 then
+                if not done then return fail(res, "bad response") end
+                finish(res)
+                if out == "" then return nil end
+            end
+            if out ~= "" then return out end
+        else
+            if res._mode == LENGTH and res._left <= 0 then finish(res) end
+            return d
+        end
+    end
+end
+
+-- syntax: piece, err = res:read() -- the next piece of a streamed body; nil at its end
+function res_methods:read()
+    local body = rawget(self, "body")
+    if body then
+        if self._given then return nil end
+        self._given = true
+        if body == "" then return nil end
+        return body
+    end
+    return next_piece(self)
+end
+
+-- syntax: for chunk in res:chunks() do ... end -- body pieces as they arrive (stream = true); a
+-- broken body (timeout, closed, too large) raises, so a truncated body is never taken for whole
+function res_methods:chunks()
+    return function()
+        local piece, err = self:read()
+        if err then error("moonlet.http: response body: " .. err, 2) end
+        return piece
+    end
+end
+
+-- syntax: body, err = res:read_body() -- the rest of the body as one string
+function res_methods:read_body()
+    local body = rawget(self, "body")
+    if body then return body end
+    local parts, n = {}, 0
+    while true do
+        local piece, err = next_piece(self)
+        if err then return nil, err end
+        if not piece then break end
+        n = n + 1
+        parts[n] = piece
+    end
+    body = n == 1 and parts[1] or concat(parts, "", 1, n)
+    self.body = body
+    self._given = true
+    return body
+end
+
+-- syntax: res:close() -- drops the rest of a streamed body (its connection is closed, not pooled)
+function res_methods:close()
+    if not self._done then
+        self._keep = false
+        finish(self)
+        self._err = "closed"
+    end
+end
+
+-- Framing of the body (RFC 7230 3.3.3) and whether the connection may be reused afterwards.
+local function frame(res, method, conn)
+    local status, h = res.status, res.headers
+    local keep = conn.keepalive
+    local c = h.connection
+    if c then
+        c = lower(c)
+        if find(c, "close", 1, true) then keep = false end
+    end
+    if res.http_version ~= "1.1" then
+        keep = keep and c ~= nil and find(c, "keep-alive", 1, true) ~= nil
+    end
+    if method == "HEAD" or status == 204 or status == 304 or status < 200 then
+        return NONE, 0, keep
+    end
+    local te = h["transfer-encoding"]
+    if te then
+        te = lower(te)
+        if match(te, "chunked[ \t]*$") then return CHUNKED, 0, keep and not h["content-length"] end
+        return CLOSE, 0, false
+    end
+    local cl = h["content-length"]
+    if cl then
+        local n = tonumber(cl)
+        if n and tostring(n) ~= cl then n = nil end -- only plain digits ("1e3", "0x1" are not)
+        if not n then -- "5, 5": repeated, all the same
+            for v in gsub(cl, "[ \t]", ""):gmatch("[^,]+") do
+                if not match(v, "^%d+$") or (n and tonumber(v) ~= n) then return nil end
+                n = tonumber(v)
+            end
+            if not n then return nil end
+        end
+        return n > 0 and LENGTH or NONE, n, keep
+    end
+    return CLOSE, 0, false
+end
+
+-- One exchange on one connection: the response with its body framed (read when not streamed),
+-- or nil, err, retry (true when a reused connection failed before the response started).
+local function exchange(u, method, target, headers, body, o, deadline, fresh, t0)
+    local key = u.key
+    local verify = o.verify ~= false
+    if u.https and (not verify or o.tls) then
+        key = key .. "|" .. (verify and "v" or "nv")
+        if o.tls then
+            local t = {}
+            for k, v in pairs(o.tls) do t[#t + 1] = tostring(k) .. "=" .. tostring(v) end
+            sort(t)
+            key = key .. "|" .. concat(t, ",")
+        end
+    end
+    local conn = not fresh and o.keepalive ~= false and checkout(key, t0 or now())
+    local err
+    if conn then
+        conn.reused = conn.reused + 1
+        conn.deadline = deadline
+    else
+        conn, err = connect(u, key, o, deadline)
+        if not conn then return nil, err end
+    end
+    conn.got = false
+    conn.keepalive = o.keepalive ~= false
+    conn.read_timeout = o.read_timeout or config.read_timeout
+    conn.send_timeout = o.send_timeout or config.send_timeout
+    conn.pool_size = o.pool_size or config.pool_size
+    conn.idle_timeout = o.idle_timeout or config.idle_timeout
+    local decompress = o.decompress
+    local req = build_request(method, u, target, headers, body, o, decompress)
+    local ok
+    ok, err = sock_wait(conn, conn.send, req, conn.send_timeout)
+    if ok and body and #body > 65536 then
+        ok, err = sock_wait(conn, conn.send, body, conn.send_timeout)
+    end
+    if not ok then
+        close_conn(conn)
+        return nil, err, conn.reused > 0
+    end
+    local status, reason, version, h
+    repeat -- 1xx informational responses (but 101) are skipped
+        status, reason, version, h = read_head(conn)
+        if not status then
+            close_conn(conn)
+            return nil, reason, conn.reused > 0 and not conn.got and IDEMPOTENT[method]
+        end
+    until status >= 200 or status == 101
+    local res = setmetatable({
+        status = status, reason = reason, headers = h, http_version = version,
+        url = target == u.target and u.url or u.scheme .. "://" .. u.hostport .. target,
+        _conn = conn, _total = 0, _max = o.max_body or config.max_body, _done = false,
+    }, res_mt)
+    local mode, len, keep = frame(res, method, conn)
+    if not mode then
+        close_conn(conn)
+        return nil, "bad response"
+    end
+    if status == 101 then mode, keep = CLOSE, false end
+    res._mode, res._left, res._keep = mode, len, keep
+    if mode == LENGTH and res._max and len > res._max then
+        fail(res, "too large")
+        return nil, "too large"
+    end
+    if mode == NONE then
+        finish(res)
+        if not o.stream then res.body = "" end
+        return res
+    end
+    if decompress then
+        local ce = h["content-encoding"]
+        if ce then
+            ce = lower(ce)
+            if ce == "gzip" or ce == "x-gzip" or ce == "deflate" then res._z = core.zlib_inflater() end
+        end
+    end
+    if o.stream then return res end
+    if mode == LENGTH and not res._z then -- the common case: the whole body is buffered already
+        local buf, pos = conn.buf, conn.pos
+        local stop = pos + len - 1
+        local size = #buf
+        if stop <= size then
+            res.body = (pos == 1 and stop == size) and buf or sub(buf, pos, stop)
+            if stop == size then
+                conn.buf, conn.pos = "", 1
+            else
+                conn.pos = stop + 1
+            end
+            res._left = 0
+            finish(res)
+            return res
+        end
+    end
+    local b
+    b, err = res:read_body()
+    if not b then return nil, err end
+    res._given = nil -- res:read() and res:chunks() give the body once
+    return res
+end
+
+-- Reads what is left of a redirect's body so that its connection can be reused (small bodies),
+-- or drops it.
+local function discard(res)
+    if rawget(res, "body") or res._done then return end
+    if res._mode == LENGTH and res._left <= DRAIN_MAX then
+        res:read_body()
+    else
+        res:close()
+    end
+end
+
+local known_methods, known_count = {}, 0 -- "get" -> "GET", once checked
+
+local function request(method, url, o, body, level)
+    if type(url) ~= "string" then error("moonlet.http: url must be a string", level) end
+    if body ~= nil and type(body) ~= "string" then error("moonlet.http: body must be a string", level) end
+    method = method or "GET"
+    if not known_methods[method] then
+        local m = upper(method)
+        if not match(m, "^[%u%-_]+$") then error("moonlet.http: bad method " .. method, level) end
+        if known_count < 64 then
+            known_count = known_count + 1
+            known_methods[method] = m
+        end
+        method = m
+    else
+        method = known_methods[method]
+    end
+    local u, err = parse_url(url)
+    if not u then error("moonlet.http: " .. err .. ": " .. url, level) end
+    local target = u.target
+    local query = o.query
+    if query then
+        if type(query) ~= "table" then error("moonlet.http: query must be a table", level) end
+        local qs = encode_query(query)
+        if qs ~= "" then target = target .. (find(target, "?", 1, true) and "&" or "?") .. qs end
+    end
+    local headers = o.headers
+    if headers ~= nil then
+        if type(headers) ~= "table" then error("moonlet.http: headers must be a table", level) end
+        for k, v in pairs(headers) do
+            if type(k) ~= "string" or bad_header(k) or find(k, "[ :\t]") then
+                error("moonlet.http: bad header name " .. tostring(k), level)
+            end
+            if type(v) == "table" then
+                for _, x in ipairs(v) do
+                    if bad_header(tostring(x)) then
+                        error("moonlet.http: bad value of header " .. k, level)
+                    end
+                end
+            elseif bad_header(tostring(v)) then
+                error("moonlet.http: bad value of header " .. k, level)
+            end
+        end
+    end
+    local deadline, t0 = o.timeout, nil
+    if deadline then
+        t0 = now()
+        deadline = t0 + deadline
+    end
+    local max_redirects = o.redirects
+    if max_redirects == true then max_redirects = 10 end
+    if not max_redirects then max_redirects = 0 end
+    local count = 0
+    while true do
+        local res, retry
+        res, err, retry = exchange(u, method, target, headers, body, o, deadline, false, t0)
+        t0 = nil
+        if not res and retry then -- a pooled connection the server had closed: once, afresh
+            res, err = exchange(u, method, target, headers, body, o, deadline, true)
+        end
+        if not res then return nil, err end
+        local loc = res.headers.location
+        if max_redirects <= 0 or not REDIRECT[res.status] or not loc then return res end
+        if count >= max_redirects then
+            res:close()
+            return nil, "too many redirects"
+        end
+        count = count + 1
+        discard(res)
+        local nu = parse_url(resolve(u, loc))
+        if not nu then return nil, "bad redirect" end
+        local status = res.status
+        if status == 303 or ((status == 301 or status == 302) and method == "POST") then
+            if method ~= "HEAD" then method = "GET" end
+            body = nil
+            if headers then
+                local copy = {}
+                for k, v in pairs(headers) do
+                    local lk = lower(k)
+                    if lk ~= "content-type" and lk ~= "content-length" and lk ~= "transfer-encoding" then
+                        copy[k] = v
+                    end
+                end
+                headers = copy
+            end
+        end
+        if nu.key ~= u.key and headers then -- credentials stay with their origin
+            local copy = {}
+            for k, v in pairs(headers) do
+                local lk = lower(k)
+                if lk ~= "authorization" and lk ~= "cookie" and lk ~= "proxy-authorization" then
+                    copy[k] = v
+                end
+            end
+            headers = copy
+        end
+        u, target = nu, nu.target
+    end
+end
+
+local EMPTY = {}
+
+-- syntax: res, err = moonlet.http.request{ method =, url =, headers =, body =, query =, timeout =,
+-- connect_timeout =, read_timeout =, send_timeout =, redirects =, decompress =, max_body =,
+-- stream =, keepalive =, verify =, tls =, pool_size =, idle_timeout = }
+function _M.request(opts, url_opts)
+    if type(opts) == "string" then -- request(url, opts)
+        local o = url_opts or EMPTY
+        return request(o.method, opts, o, o.body, 3)
+    end
+    if type(opts) ~= "table" then error("moonlet.http.request: expected a table of options", 2) end
+    return request(opts.method, opts.url, opts, opts.body, 3)
+end
+
+-- syntax: res, err = moonlet.http.get(url, opts) (head, delete, options alike)
+for _, m in ipairs({ "get", "head", "delete", "options" }) do
+    local method = upper(m)
+    _M[m] = function(url, opts)
+        opts = opts or EMPTY
+        return request(method, url, opts, opts.body, 3)
+    end
+end
+
+-- syntax: res, err = moonlet.http.post(url, body, opts) (put, patch alike)
+for _, m in ipairs({ "post", "put", "patch" }) do
+    local method = upper(m)
+    _M[m] = function(url, body, opts)
+        return request(method, url, opts or EMPTY, body, 3)
+    end
+end
+
+_M.escape = escape
+_M.encode_query = encode_query
+
+return _M

@@ -1,0 +1,368 @@
+-- lua/moonlet/pg.lua: moonlet.pg, PostgreSQL with libpq on the loop (bindings/pg.c): a pool of
+-- connections with a maximum size and a wait timeout, statements prepared once per connection,
+-- transactions bound to one connection, and LISTEN/NOTIFY subscriptions.
+--
+-- The pool: a connection is taken for one call (or one transaction) and given back at its end,
+-- on every path: results, errors, a Lua error in a transaction, cancellation (pcall around each
+-- use). Tasks that find every connection taken wait in FIFO order; a released connection goes
+-- straight to the first of them. A connection whose query was cancelled drains in C (the server
+-- is asked to cancel) and is waited for before its next use; one the server closed (a restart)
+-- is noticed while idle and replaced on the next acquire, and a call that failed because its
+-- connection had died while idle is retried once on a new one.
+local core = require "moonlet.core"
+local task = require "moonlet.task"
+
+local check, park = task.check, task.park
+local c_connect, c_exec, c_query = core.pg_connect, core.pg_exec, core.pg_query
+local c_prepare, c_execute = core.pg_prepare, core.pg_execute
+local c_status, c_close, c_notification = core.pg_status, core.pg_close, core.pg_notification
+local c_wait_ready, c_quote = core.pg_wait_ready, core.pg_escape_identifier
+local running, unpark, now = core.running, core.unpark, core.now
+local error, pcall, select, setmetatable, type, unpack, tostring = error, pcall, select,
+    setmetatable, type, unpack, tostring
+local remove = table.remove
+
+local _M = { _VERSION = "0.1.0" }
+
+local MAX_PREPARED = 256 -- statements prepared per connection; more run unprepared
+
+local pool_methods, tx_methods, sub_methods = {}, {}, {}
+local pool_mt = { __name = "moonlet.pg.pool", __index = pool_methods }
+local tx_mt = { __name = "moonlet.pg.tx", __index = tx_methods }
+local sub_mt = { __name = "moonlet.pg.subscription", __index = sub_methods }
+
+local function pack(...)
+    return { n = select("#", ...), ... }
+end
+
+-- -- One connection: { c = core connection, stmts = { [sql] = name }, nstmts, reused } -----------
+
+local function conn_open(pool)
+    local c, err = check(c_connect(pool.url, pool.connect_timeout))
+    if not c then return nil, err end
+    return { c = c, stmts = {}, nstmts = 0, pool = pool }
+end
+
+local function conn_dead(conn)
+    local state = c_status(conn.c)
+    return state == "broken" or state == "closed"
+end
+
+-- Runs sql with the parameters on conn: prepared (once per connection) when it has parameters,
+-- the simple protocol (several statements allowed) when it has none and `simple`.
+local function conn_run(conn, simple, sql, ...)
+    local timeout = conn.pool.timeout
+    if simple and select("#", ...) == 0 then
+        return check(c_exec(conn.c, sql, timeout))
+    end
+    local name = conn.stmts[sql]
+    if not name then
+        if conn.nstmts >= MAX_PREPARED then
+            return check(c_query(conn.c, sql, timeout, ...))
+        end
+        name = "moonlet_" .. (conn.nstmts + 1)
+        local ok, err, code = check(c_prepare(conn.c, name, timeout, sql))
+        if not ok then return nil, err, code end
+        conn.nstmts = conn.nstmts + 1
+        conn.stmts[sql] = name
+    end
+    return check(c_execute(conn.c, name, timeout, ...))
+end
+
+-- -- The pool -------------------------------------------------------------------------------
+
+-- syntax: pool = moonlet.pg.pool{ url = "postgresql://user@host:port/db", size = 10 }
+-- opts: url (or conninfo "host=... dbname=..."), size (most connections, default 10),
+-- wait_timeout (seconds to wait for a free connection, default 5), connect_timeout (10),
+-- timeout (seconds a query may run before it is cancelled on the server, default 30; false: none).
+function _M.pool(opts)
+    if type(opts) ~= "table" then error("moonlet.pg.pool: expected an options table", 2) end
+    local url = opts.url or opts.conninfo
+    if type(url) ~= "string" then error("moonlet.pg.pool: expected opts.url", 2) end
+    local timeout = opts.timeout
+    if timeout == nil then timeout = 30 end
+    return setmetatable({
+        url = url, size = opts.size or 10, wait_timeout = opts.wait_timeout or 5,
+        connect_timeout = opts.connect_timeout or 10, timeout = timeout or nil,
+        idle = {}, open = 0, waiters = {}, closed = false,
+    }, pool_mt)
+end
+
+-- Wakes the first waiter with `what`: a connection handed over, or true (a slot is free).
+local function wake_one(pool, what)
+    local waiters = pool.waiters
+    while waiters[1] do
+        local co = remove(waiters, 1)
+        if unpark(co, what) then return true end
+    end
+    return false
+end
+
+local function discard(pool, conn)
+    c_close(conn.c)
+    pool.open = pool.open - 1
+    wake_one(pool, true)
+end
+
+-- Gives conn back: to the first waiter, else to the idle list; a dead one is dropped.
+local function release(pool, conn)
+    if pool.closed or conn_dead(conn) then return discard(pool, conn) end
+    conn.reused = true
+    if wake_one(pool, conn) then return end
+    local idle = pool.idle
+    idle[#idle + 1] = conn
+end
+
+-- Makes a connection from the idle list ready: waits for a drain, ends a transaction left open.
+local function ready(pool, conn)
+    local state = c_status(conn.c)
+    if state == "draining" then
+        local ok = check(c_wait_ready(conn.c, pool.wait_timeout))
+        if not ok then return nil end
+    elseif state ~= "idle" then
+        return nil
+    end
+    local _, tx = c_status(conn.c)
+    if tx ~= "idle" then -- a transaction its last user could not end (cancelled mid-way)
+        if not check(c_exec(conn.c, "ROLLBACK", pool.timeout)) then return nil end
+    end
+    return conn
+end
+
+-- syntax: conn, err = pool:acquire() -- a connection for the running task; give it back with
+-- pool:release(conn). nil, "timeout" when none came free within wait_timeout.
+function pool_methods:acquire()
+    if self.closed then return nil, "closed" end
+    local deadline
+    while true do
+        local idle = self.idle
+        local conn = remove(idle)
+        if conn then
+            local ok, got = pcall(ready, self, conn)
+            if not ok then discard(self, conn); error(got, 0) end
+            if got then return got end
+            discard(self, conn)
+        elseif self.open < self.size then
+            self.open = self.open + 1
+            local ok, c, err = pcall(conn_open, self)
+            if not ok or not c then
+                self.open = self.open - 1
+                wake_one(self, true)
+                if not ok then error(c, 0) end
+                return nil, err
+            end
+            return c
+        else
+            local co = running()
+            if not co then error("moonlet.pg: waiting outside a moonlet task", 2) end
+            deadline = deadline or now() + self.wait_timeout
+            local left = deadline - now()
+            if left <= 0 then return nil, "timeout" end
+            local waiters = self.waiters
+            waiters[#waiters + 1] = co
+            local ok, got = pcall(park, left)
+            if not ok or not got then
+                for i = #waiters, 1, -1 do
+                    if waiters[i] == co then remove(waiters, i) break end
+                end
+                if not ok then error(got, 0) end
+                return nil, got == false and "closed" or "timeout"
+            end
+            if type(got) == "table" then -- handed over by release
+                if not conn_dead(got) then return got end
+                discard(self, got)
+            end
+        end
+    end
+end
+
+-- syntax: pool:release(conn)
+function pool_methods:release(conn)
+    release(self, conn)
+end
+
+-- Runs one statement on a pooled connection and gives it back on every path. A connection that
+-- died while idle (the server restarted) is replaced and the statement retried once.
+local function pooled(self, simple, sql, ...)
+    if type(sql) ~= "string" then error("moonlet.pg: expected an SQL string", 3) end
+    for attempt = 1, 2 do
+        local conn, err = self:acquire()
+        if not conn then return nil, err end
+        local reused = conn.reused
+        local r = pack(pcall(conn_run, conn, simple, sql, ...))
+        local dead = conn_dead(conn)
+        release(self, conn)
+        if not r[1] then error(r[2], 0) end
+        if r[2] ~= nil or not (dead and reused and attempt == 1) then
+            return unpack(r, 2, r.n)
+        end
+    end
+end
+
+-- syntax: rows, err = pool:query(sql, ...) -- $1, $2... bound to the values (never spliced):
+-- an array of rows (column name = value: numbers, booleans, strings, NULL as nil); or nil, the
+-- server's message and the SQLSTATE code
+function pool_methods:query(sql, ...)
+    local rows, err, code = pooled(self, false, sql, ...)
+    if rows == nil then return nil, err, code end
+    return rows
+end
+
+-- syntax: count, err = pool:exec(sql, ...) -- the number of rows the statement affected; without
+-- parameters sql may hold several statements
+function pool_methods:exec(sql, ...)
+    local rows, count, code = pooled(self, true, sql, ...)
+    if rows == nil then return nil, count, code end
+    return count
+end
+
+-- -- Transactions ----------------------------------------------------------------------------
+
+-- syntax: ... = pool:transaction(function(tx) ... end)
+-- BEGIN, fn(tx), COMMIT on one connection: returns fn's results (true when none). A Lua error in
+-- fn rolls back and is re-raised; fn returning nil, err rolls back and returns nil, err.
+function pool_methods:transaction(fn)
+    if type(fn) ~= "function" then error("moonlet.pg: transaction expects a function", 2) end
+    local conn, err = self:acquire()
+    if not conn then return nil, err end
+    local ok, b1, b2 = pcall(conn_run, conn, true, "BEGIN")
+    if not ok or not b1 then
+        release(self, conn)
+        if not ok then error(b1, 0) end
+        return nil, b2
+    end
+    local tx = setmetatable({ _conn = conn }, tx_mt)
+    local r = pack(pcall(fn, tx))
+    tx._conn = nil
+    local failed = not r[1] or (r[2] == nil and r.n >= 3 and r[3] ~= nil)
+    local c1, c2
+    ok, c1, c2 = pcall(conn_run, conn, true, failed and "ROLLBACK" or "COMMIT")
+    -- a ROLLBACK that could not run (a cancelled query still draining) leaves the transaction
+    -- open: the next acquire rolls it back
+    release(self, conn)
+    if not r[1] then error(r[2], 0) end
+    if failed then return nil, r[3] end
+    if not ok then error(c1, 0) end
+    if not c1 then return nil, c2 end
+    if r.n < 2 then return true end
+    return unpack(r, 2, r.n)
+end
+
+-- syntax: rows, err = tx:query(sql, ...)
+function tx_methods:query(sql, ...)
+    local conn = self._conn
+    if not conn then return nil, "transaction ended" end
+    local rows, err, code = conn_run(conn, false, sql, ...)
+    if rows == nil then return nil, err, code end
+    return rows
+end
+
+-- syntax: count, err = tx:exec(sql, ...)
+function tx_methods:exec(sql, ...)
+    local conn = self._conn
+    if not conn then return nil, "transaction ended" end
+    local rows, count, code = conn_run(conn, true, sql, ...)
+    if rows == nil then return nil, count, code end
+    return count
+end
+
+-- -- LISTEN / NOTIFY -------------------------------------------------------------------------
+
+-- syntax: ok, err = pool:notify(channel, payload)
+function pool_methods:notify(channel, payload)
+    local rows, err = self:query("SELECT pg_notify($1, $2)", channel, payload or "")
+    if not rows then return nil, err end
+    return true
+end
+
+local function sub_connect(self)
+    local conn, err = conn_open(self.pool)
+    if not conn then return nil, err end
+    for i = 1, #self.channels do
+        local ok, e = check(c_exec(conn.c, "LISTEN " .. c_quote(conn.c, self.channels[i]),
+                                   self.pool.timeout))
+        if not ok then
+            c_close(conn.c)
+            return nil, e
+        end
+    end
+    self.conn = conn
+    return true
+end
+
+-- syntax: sub, err = pool:listen(channel, ...) -- a connection of its own (outside the pool's
+-- size) that LISTENs to the channels; it reconnects (and listens again) when the server restarts
+function pool_methods:listen(...)
+    local channels = { ... }
+    if #channels == 0 then error("moonlet.pg: listen expects a channel", 2) end
+    for i = 1, #channels do channels[i] = tostring(channels[i]) end
+    local sub = setmetatable({ pool = self, channels = channels }, sub_mt)
+    local ok, err = sub_connect(sub)
+    if not ok then return nil, err end
+    return sub
+end
+
+-- syntax: channel, payload = sub:receive(timeout) -- the next notification; nil, "timeout", or
+-- nil, "closed" after sub:close()
+function sub_methods:receive(timeout)
+    local deadline = timeout and now() + timeout
+    while true do
+        if self.closed then return nil, "closed" end
+        local conn = self.conn
+        if conn then
+            local left = deadline and deadline - now()
+            if left and left < 0 then left = 0 end
+            local channel, payload = check(c_notification(conn.c, left))
+            if channel then return channel, payload end
+            if payload == "timeout" or self.closed then return nil, payload end
+            c_close(conn.c) -- the connection died: listen again on a new one
+            self.conn = nil
+        else
+            local ok = sub_connect(self)
+            if not ok then
+                if deadline and now() >= deadline then return nil, "timeout" end
+                task.sleep(0.1)
+            end
+        end
+    end
+end
+
+-- syntax: for channel, payload in sub:messages() do ... end -- ends when sub is closed
+function sub_methods:messages(timeout)
+    return function()
+        local channel, payload = self:receive(timeout)
+        if channel then return channel, payload end
+        return nil
+    end
+end
+
+-- syntax: sub:close()
+function sub_methods:close()
+    self.closed = true
+    if self.conn then c_close(self.conn.c) end
+    self.conn = nil
+    return true
+end
+
+-- syntax: s = pool:stats() -- { open, idle, waiting, size }
+function pool_methods:stats()
+    return { open = self.open, idle = #self.idle, waiting = #self.waiters, size = self.size }
+end
+
+-- syntax: pool:close() -- closes the idle connections now, the others when they come back;
+-- waiters get nil, "closed"
+function pool_methods:close()
+    self.closed = true
+    local idle = self.idle
+    self.idle = {}
+    for i = 1, #idle do
+        c_close(idle[i].c)
+        self.open = self.open - 1
+    end
+    local waiters = self.waiters
+    self.waiters = {}
+    for i = 1, #waiters do unpark(waiters[i], false) end
+    return true
+end
+
+return _M

@@ -1,0 +1,344 @@
+-- lua/moonlet/reload.lua: hot reload. An app's code is a replaceable value, not the process: a
+-- reload host runs the app's source (a file, or a string for firmware without a file system) into
+-- a fresh app, and only when that source loaded and its top level ran without error does the new
+-- app replace the old one on every server the host listens with (server:set_handler: requests in
+-- flight finish on the code they started with, the next ones get the new code). A failed reload
+-- changes nothing and logs the error with its file and line.
+--
+-- The modules the app required from its own directory (and below) are part of the app: a reload
+-- clears them from package.loaded so that the new code requires fresh copies (they come back if the
+-- new code fails), and the watcher watches their files too. The framework (moonlet, moonlet.*) is
+-- never reloaded.
+--
+-- State across a reload: the old app's `app.state` (whatever table the app keeps there) is handed
+-- to the new app's app:on_reload(function(old_state) ... end) before the swap; an error there fails
+-- the reload like any other.
+--
+-- One host per instance is "current" (reload.set_current): SIGHUP and moonlet_reload() reload it;
+-- the instance_* functions are what bindings/embed.c calls for moonlet_load_*, moonlet_listen and
+-- moonlet_reload. Module state lives in the instance's own Lua state, so instances share nothing.
+local core = require "moonlet.core"
+local app_mod = require "moonlet.app"
+
+local is_app = app_mod.is_app
+local now, log = core.now, core.log
+local pairs, setmetatable, tonumber, tostring, type = pairs, setmetatable, tonumber, tostring, type
+local xpcall, traceback, unpack = xpcall, debug.traceback, unpack
+local str_sub, str_find, str_format = string.sub, string.find, string.format
+local sort = table.sort
+
+local _M = {}
+local methods = {}
+local mt = { __name = "moonlet.reload", __index = methods }
+
+local current         -- the instance's host (reload.set_current)
+local path_users = {} -- package.path entry added for an app directory -> hosts using it
+
+local function dirname(path)
+    return path:match("^(.*)/[^/]*$") or "."
+end
+
+local function path_entry(dir)
+    return dir .. "/?.lua;" .. dir .. "/?/init.lua"
+end
+
+-- The app's directory goes at the end of package.path (it never shadows the framework), so that
+-- the app finds the modules next to it wherever moonlet was started.
+local function add_path(dir)
+    local n = path_users[dir]
+    if n then
+        path_users[dir] = n + 1
+        return
+    end
+    path_users[dir] = 1
+    local entry = path_entry(dir)
+    if not str_find(";" .. package.path .. ";", ";" .. entry .. ";", 1, true) then
+        package.path = package.path .. ";" .. entry
+        path_users[dir] = -1 -- negative: we added the entry (and remove it with the last user)
+    end
+end
+
+local function drop_path(dir)
+    local n = path_users[dir]
+    if not n then return end
+    if n == 1 or n == -1 then
+        path_users[dir] = nil
+        if n == -1 then
+            local entry = path_entry(dir)
+            local s, e = str_find(package.path, ";" .. entry, 1, true)
+            if s then package.path = str_sub(package.path, 1, s - 1) .. str_sub(package.path, e + 1) end
+        end
+    else
+        path_users[dir] = n > 0 and n - 1 or n + 1
+    end
+end
+
+-- syntax: host = reload.new({ path = "app.lua", args = { ... }, debounce = 0.05 })
+-- syntax: host = reload.new({ code = "...", name = "firmware" })
+function _M.new(opts)
+    if type(opts) ~= "table" or (type(opts.path) ~= "string" and type(opts.code) ~= "string") then
+        error("moonlet.reload.new: wants { path = file } or { code = string }", 2)
+    end
+    local self = setmetatable({
+        servers = {}, modules = {}, files = {}, args = opts.args or {},
+        debounce = opts.debounce or 0.05, reloads = 0,
+    }, mt)
+    self:set_source(opts)
+    return self
+end
+
+-- syntax: host:set_source({ path = ... } or { code = ..., name = ... }) -- what the next load runs
+function methods:set_source(opts)
+    if self.dir then drop_path(self.dir) end
+    self.dir, self.realpath = nil, nil
+    if opts.path then
+        self.path, self.code, self.name = opts.path, nil, nil
+        self.dir = core.realpath(dirname(opts.path)) or dirname(opts.path)
+        self.realpath = self.dir .. "/" .. opts.path:match("([^/]*)$")
+        add_path(self.dir)
+    else
+        local name = opts.name or "string"
+        self.path, self.code = nil, opts.code
+        self.name = (str_find(name, "^[=@]") and name) or "=" .. name
+    end
+    self.files = {}
+end
+
+function methods:label()
+    return self.path or str_sub(self.name, 2)
+end
+
+-- The real path of module `name` when it is the app's (under the app's directory), else nil.
+-- Cached by name: require resolves a name the same way each time.
+function methods:module_file(name)
+    if not self.dir then return nil end
+    local f = self.files[name]
+    if f == nil then
+        f = false
+        if name ~= "moonlet" and str_sub(name, 1, 8) ~= "moonlet." then
+            local found = package.searchpath(name, package.path)
+            local real = found and core.realpath(found)
+            if real and str_sub(real, 1, #self.dir + 1) == self.dir .. "/" then f = real end
+        end
+        self.files[name] = f
+    end
+    return f or nil
+end
+
+-- The error handler of the app's top level: the traceback stops where the app's code was called,
+-- so the log shows the app's frames, not the reloader's.
+local function app_traceback(e)
+    local tb = traceback(tostring(e), 2)
+    local cut = str_find(tb, "\n\t%[C%]: in function 'xpcall'")
+    return cut and str_sub(tb, 1, cut - 1) or tb
+end
+
+local function compile(self)
+    if self.path then
+        local chunk, err = loadfile(self.path)
+        if chunk then return chunk end
+        local f = io.open(self.path, "rb")
+        if f then f:close() end
+        return nil, f and "error" or "notfound", err
+    end
+    local chunk, err = loadstring(self.code, self.name)
+    if chunk then return chunk end
+    return nil, "error", err
+end
+
+-- Runs the source into a new app. Returns the app, or nil, kind ("notfound", "error", "noapp"),
+-- message. package.loaded is left as the old code had it unless an app is returned.
+local function build(self)
+    local chunk, kind, err = compile(self)
+    if not chunk then return nil, kind, err end
+    local loaded = package.loaded
+    local saved = {}
+    for name in pairs(loaded) do
+        if self:module_file(name) then saved[name] = loaded[name] end
+    end
+    for name in pairs(saved) do loaded[name] = nil end
+    local args = self.args
+    local ok, app = xpcall(chunk, app_traceback, unpack(args, 1, args.n or #args))
+    local old = self.app
+    if ok and not is_app(app) then
+        if old then
+            ok, app = false, self:label() .. ": did not return an app (moonlet.app())"
+        else
+            kind = "noapp"
+        end
+    end
+    if ok and kind ~= "noapp" and old and app.reload_handler then
+        local ok2, e = xpcall(app.reload_handler, app_traceback, old.state)
+        if not ok2 then ok, app = false, "on_reload: " .. tostring(e) end
+    end
+    local mods = {}
+    for name in pairs(loaded) do
+        local f = self:module_file(name)
+        if f then mods[name] = f end
+    end
+    if not ok then
+        for name in pairs(mods) do loaded[name] = nil end -- what the new code half loaded
+        for name, v in pairs(saved) do loaded[name] = v end -- the old code keeps its modules
+        return nil, "error", tostring(app)
+    end
+    self.modules = mods
+    if kind == "noapp" then return nil, "noapp", self:label() .. ": returned no app" end
+    return app
+end
+
+-- The new app takes over every server, between two requests.
+local function install(self, app)
+    self.app = app
+    local servers = self.servers
+    if #servers == 0 then return end
+    local dispatch = app:dispatcher()
+    local alive = {}
+    for i = 1, #servers do
+        if servers[i]:set_handler(dispatch) then alive[#alive + 1] = servers[i] end
+    end
+    self.servers = alive
+    app.servers = alive
+end
+
+local function watch_files(self)
+    local w = self.watcher
+    if not w then return true end
+    local files = { self.realpath }
+    for _, f in pairs(self.modules) do files[#files + 1] = f end
+    sort(files)
+    return w:set(files)
+end
+
+-- syntax: app, kind, err = host:load() -- runs the source (the first load and every reload): the
+-- new app, or nil, "noapp" (the first load returned none), "notfound" or "error" (logged when an
+-- older app goes on serving) and the message with file and line
+function methods:load()
+    if self.loading then -- a change during a load whose top level waits: once more after it
+        self.again = true
+        return nil, "busy", "a load is in progress"
+    end
+    local app, kind, err
+    repeat
+        self.again = false
+        self.loading = true
+        local t0 = now()
+        local had = self.app ~= nil
+        app, kind, err = build(self)
+        self.loading = false
+        if app then
+            install(self, app)
+            if had then
+                self.reloads = self.reloads + 1
+                local n = 0
+                for _ in pairs(self.modules) do n = n + 1 end
+                log(2, str_format("reloaded %s (%d module%s) in %.1f ms", self:label(), n,
+                                  n == 1 and "" or "s", (now() - t0) * 1000))
+            end
+            watch_files(self)
+        elseif had then
+            log(0, "reload of " .. self:label() .. " failed, the old code goes on serving: " .. err)
+        end
+    until not self.again
+    return app, kind, err
+end
+
+-- syntax: ok, err = host:reload() -- host:load() for an app already loaded: true, or nil, err
+function methods:reload()
+    local app, _, err = self:load()
+    if app then return true end
+    return nil, err
+end
+
+-- syntax: server, port = host:listen(opts) -- serves the current app (app:listen options)
+function methods:listen(opts)
+    local app = self.app
+    if not app then return nil, "no app loaded" end
+    local server, port = app:listen(opts)
+    if not server then return nil, port end
+    self.servers[#self.servers + 1] = server
+    return server, port
+end
+
+-- syntax: ok, err = host:watch() -- reloads after each change to the app's file or modules
+function methods:watch()
+    if not self.path then return nil, "not loaded from a file" end
+    if not self.watcher then
+        self.watcher = core.fswatch(function() self:load() end, self.debounce)
+    end
+    return watch_files(self)
+end
+
+-- syntax: files = host:watched() -- the paths watched now (sorted), empty when not watching
+function methods:watched()
+    if not self.watcher then return {} end
+    local files = { self.realpath }
+    for _, f in pairs(self.modules) do files[#files + 1] = f end
+    sort(files)
+    return files
+end
+
+-- syntax: host:close() -- stops watching and closes the servers it listens with
+function methods:close()
+    if self.watcher then
+        self.watcher:close()
+        self.watcher = nil
+    end
+    for i = 1, #self.servers do self.servers[i]:close() end
+    self.servers = {}
+    if self.dir then
+        drop_path(self.dir)
+        self.dir = nil
+    end
+    if current == self then current = nil end
+end
+
+-- syntax: reload.set_current(host) -- the host that SIGHUP and moonlet_reload() reload
+function _M.set_current(host)
+    current = host
+end
+
+-- syntax: host = reload.current()
+function _M.current()
+    return current
+end
+
+-- What bindings/embed.c calls. Results: "app" | "noapp" | nil, kind, message.
+local function instance_load(source)
+    if current then
+        current:set_source(source)
+    else
+        current = _M.new(source)
+    end
+    local app, kind, err = current:load()
+    if app then return "app" end
+    if kind == "noapp" then return "noapp" end
+    if not current.app then log(0, "cannot load " .. current:label() .. ": " .. tostring(err)) end
+    return nil, kind, err
+end
+
+function _M.instance_load_file(path)
+    return instance_load({ path = path })
+end
+
+function _M.instance_load_string(name, code)
+    return instance_load({ name = name, code = code })
+end
+
+function _M.instance_reload()
+    if not current or not current.path then return nil, "notfound", "no app loaded from a file" end
+    local app, kind, err = current:load()
+    if app then return "app" end
+    return nil, kind, err
+end
+
+-- Results: port | nil, "noapp" | "error", message.
+function _M.instance_listen(host, port)
+    if not current or not current.app then return nil, "noapp", "no app loaded" end
+    local server, p = current:listen({ host = host, port = tonumber(port) })
+    if not server then return nil, "error", p end
+    local shown = str_find(host, ":", 1, true) and "[" .. host .. "]" or host
+    log(2, str_format("moonlet %s serving %s on http://%s:%d", core.version, current:label(), shown, p))
+    return p
+end
+
+return _M

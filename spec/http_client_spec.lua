@@ -1,0 +1,688 @@
+-- spec/http_client_spec.lua: moonlet.http, the HTTP/1.1 client, against local upstreams only:
+-- moonlet apps (test.serve) for well-behaved servers, and raw moonlet.tcp servers for what an app
+-- cannot do (count connections, hang, reset, send garbage, close-delimited bodies, TLS). Covers
+-- bodies (Content-Length, chunked, close-delimited, streamed, gzip), keep-alive reuse and the pool
+-- bound, redirects, timeouts, limits, concurrency, and that timed-out and cancelled requests leave
+-- no handle, resource, task, pooled connection or Lua memory behind.
+local moonlet = require "moonlet"
+local core = require "moonlet.core"
+local test = require "moonlet.test"
+local zlib = require "moonlet.zlib"
+
+local http = moonlet.http
+
+local deferred
+local function defer(fn)
+    if not deferred then
+        local list = {}
+        deferred = list
+        finally(function()
+            deferred = nil
+            http.close_idle() -- first: raw servers wait for their clients to go
+            local first_err
+            for i = #list, 1, -1 do
+                local ok, err = pcall(list[i])
+                if not ok and not first_err then first_err = err end
+            end
+            if first_err then error(first_err, 0) end
+        end)
+    end
+    deferred[#deferred + 1] = fn
+end
+
+local function settle()
+    moonlet.sleep(0) -- close callbacks of what just closed run in the next loop iteration
+    moonlet.sleep(0)
+    collectgarbage()
+    collectgarbage()
+end
+
+-- An app upstream; its handlers must be done before the end of the `it` (the server is closed).
+local function serve(build)
+    local app = moonlet.app()
+    build(app)
+    local server, port = test.serve(app)
+    defer(function() server:close() end)
+    return "http://127.0.0.1:" .. port, port
+end
+
+-- A raw upstream: handler(sock, st) runs for each connection; st counts them.
+local function raw_server(handler, timeout)
+    local st = { accepted = 0, active = 0 }
+    local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = timeout or 5 },
+        function(sock)
+            st.accepted = st.accepted + 1
+            st.active = st.active + 1
+            local ok, err = pcall(handler, sock, st)
+            st.active = st.active - 1
+            if not ok and err ~= moonlet.CANCELLED then error(err, 0) end
+        end))
+    defer(function()
+        server:close()
+        test.wait_until(function() return st.active == 0 end, 5) -- handlers see the client go
+    end)
+    return "http://127.0.0.1:" .. server:port(), st
+end
+
+-- One request head (and its Content-Length body) from a raw server's socket, or nil at the end.
+local function read_request(sock)
+    local line = sock:receive("*l")
+    if not line then return nil end
+    local req = { line = line, headers = {} }
+    req.method, req.target = line:match("^(%u+) (%S+) HTTP/1%.1$")
+    while true do
+        local h = sock:receive("*l")
+        if not h then return nil end
+        if h == "" then break end
+        local k, v = h:match("^([^:]+):%s*(.-)%s*$")
+        req.headers[k:lower()] = v
+    end
+    local n = tonumber(req.headers["content-length"] or 0)
+    req.body = n > 0 and sock:receive(n) or ""
+    return req
+end
+
+local function response(status, body, headers)
+    local lines = { "HTTP/1.1 " .. status .. " X" }
+    for k, v in pairs(headers or {}) do lines[#lines + 1] = k .. ": " .. v end
+    if not (headers and (headers["Transfer-Encoding"] or headers["Content-Length"])) then
+        lines[#lines + 1] = "Content-Length: " .. #body
+    end
+    return table.concat(lines, "\r\n") .. "\r\n\r\n" .. body
+end
+
+-- A keep-alive raw server answering every request on a connection with answer(req, st).
+local function keepalive_server(answer)
+    return raw_server(function(sock, st)
+        while true do
+            local req = read_request(sock)
+            if not req then return end
+            local out, close = answer(req, st)
+            sock:send(out)
+            if close then return end
+        end
+    end)
+end
+
+local function stats_now()
+    settle()
+    local s = core.stats()
+    return { handles = s.handles, resources = s.resources, tasks = s.tasks }
+end
+
+describe("moonlet.http", function()
+    it("GETs a body with status, reason, lower-case headers and the HTTP version", function()
+        local base = serve(function(app)
+            app:get("/hello", function(_, res)
+                res:header("X-Thing", "a")
+                return "Hello, World!"
+            end)
+        end)
+        local res, err = http.get(base .. "/hello", { timeout = 5 })
+        assert.is_nil(err)
+        assert.same(200, res.status)
+        assert.same("OK", res.reason)
+        assert.same("1.1", res.http_version)
+        assert.same("Hello, World!", res.body)
+        assert.same("text/plain; charset=utf-8", res.headers["content-type"])
+        assert.same("13", res.headers["content-length"])
+        assert.same("a", res.headers["x-thing"])
+        assert.same(base .. "/hello", res.url)
+    end)
+
+    it("joins repeated headers with a comma and keeps an empty reason", function()
+        local base = keepalive_server(function()
+            return "HTTP/1.1 299\r\nX-A: 1\r\nx-a:  2 \r\nContent-Length: 2\r\n\r\nok"
+        end)
+        local res = assert(http.get(base .. "/"))
+        assert.same({ 299, "", "1, 2", "ok" }, { res.status, res.reason, res.headers["x-a"], res.body })
+    end)
+
+    it("sends the method, headers, query and body, with sugar for each method", function()
+        local base = serve(function(app)
+            app:any("/echo", function(req)
+                return { method = req.method, q = req.query.q, n = req.query.n, x = req.headers["x-a"],
+                         ua = req.headers["user-agent"], host = req.headers.host,
+                         body = req:body(), ctype = req.headers["content-type"] }
+            end)
+        end)
+        local json = require "moonlet.json"
+        local res = assert(http.request({ method = "POST", url = base .. "/echo?n=1",
+            headers = { ["X-A"] = "b", ["Content-Type"] = "text/x-y" }, body = "payload",
+            query = { q = "a b&c" } }))
+        local got = json.decode(res.body)
+        assert.same({ "POST", "a b&c", "1", "b", "payload", "text/x-y" },
+            { got.method, got.q, got.n, got.x, got.body, got.ctype })
+        assert.truthy(got.ua:find("^moonlet/"))
+        assert.same(base:match("//(.*)$"), got.host)
+        assert.same("PUT", json.decode(assert(http.put(base .. "/echo", "x")).body).method)
+        assert.same("PATCH", json.decode(assert(http.patch(base .. "/echo", "x")).body).method)
+        assert.same("DELETE", json.decode(assert(http.delete(base .. "/echo")).body).method)
+        local posted = json.decode(assert(http.post(base .. "/echo", "a=1", {
+            headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } })).body)
+        assert.same({ "POST", "a=1" }, { posted.method, posted.body })
+        local head = assert(http.head(base .. "/echo"))
+        assert.same({ 200, "" }, { head.status, head.body })
+    end)
+
+    it("gives a whole body once through chunks() and read() too", function()
+        local base = serve(function(app)
+            app:get("/q", function(req) return req.query_string end)
+        end)
+        local res = assert(http.get(base .. "/q?a=1", { query = { b = { "x", "y z" }, c = true } }))
+        assert.same("a=1&b=x&b=y%20z&c", res.body)
+        assert.same(base .. "/q?a=1&b=x&b=y%20z&c", res.url)
+        local got = {}
+        for chunk in res:chunks() do got[#got + 1] = chunk end
+        assert.same({ res.body }, got)
+        assert.same({ res.body, nil }, { res:read_body(), res:read() })
+    end)
+
+    it("reads chunked bodies", function()
+        local base = serve(function(app)
+            app:get("/countdown", function(_, res)
+                for i = 3, 1, -1 do
+                    res:write(string.rep(tostring(i), i * 1000))
+                    moonlet.sleep(0.01)
+                end
+            end)
+        end)
+        local res = assert(http.get(base .. "/countdown"))
+        assert.same("chunked", res.headers["transfer-encoding"])
+        assert.is_true(string.rep("3", 3000) .. string.rep("2", 2000) .. string.rep("1", 1000) == res.body)
+    end)
+
+    it("reads a body delimited by the server closing the connection, and does not pool it", function()
+        local base, st = raw_server(function(sock)
+            read_request(sock)
+            sock:send("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+            moonlet.sleep(0.01)
+            sock:send(string.rep("z", 100000))
+        end)
+        for _ = 1, 2 do
+            local res = assert(http.get(base .. "/"))
+            assert.same(100000, #res.body)
+        end
+        assert.same(2, st.accepted)
+        assert.same(0, http.pool_stats().idle)
+    end)
+
+    it("answers connection refused", function()
+        local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0 }, function() end))
+        local port = server:port()
+        server:close()
+        assert.same({ nil, "connection refused" }, { http.get("http://127.0.0.1:" .. port .. "/") })
+    end)
+
+    it("times out on a server that never answers, and closes the connection", function()
+        local base, st = raw_server(function(sock)
+            read_request(sock)
+            sock:receive("*a") -- until the client goes away
+        end)
+        local t0 = moonlet.now()
+        assert.same({ nil, "timeout" }, { http.get(base .. "/", { timeout = 0.1 }) })
+        assert.truthy(moonlet.now() - t0 < 2)
+        assert.same({ nil, "timeout" }, { http.get(base .. "/", { read_timeout = 0.05 }) })
+        assert.truthy(test.wait_until(function() return st.active == 0 end, 5)) -- the server saw it close
+        assert.same(0, http.pool_stats().idle)
+    end)
+
+    it("times out a body that stops halfway (total timeout)", function()
+        local base = raw_server(function(sock)
+            read_request(sock)
+            sock:send("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+            sock:receive("*a")
+        end)
+        assert.same({ nil, "timeout" }, { http.get(base .. "/", { timeout = 0.1 }) })
+        local res = assert(http.request({ url = base .. "/", stream = true, timeout = 0.1 }))
+        assert.same(200, res.status)
+        assert.same({ nil, "timeout" }, { res:read_body() })
+    end)
+
+    it("reports a reset or a close before the response as closed", function()
+        local base = raw_server(function(sock)
+            moonlet.sleep(0.02) -- the request is in, unread: closing now sends a reset
+        end)
+        assert.same({ nil, "closed" }, { http.get(base .. "/") })
+        local base2 = raw_server(function(sock)
+            read_request(sock)
+            sock:send("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+        end)
+        assert.same({ nil, "closed" }, { http.get(base2 .. "/") })
+    end)
+
+    it("refuses garbage as a bad response", function()
+        local replies = {
+            "garbage, not http\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 12x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\nab",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        }
+        local base = raw_server(function(sock, st)
+            read_request(sock)
+            sock:send(replies[st.accepted])
+            sock:receive("*a")
+        end)
+        for i = 1, #replies do
+            assert.same({ nil, "bad response" }, { http.get(base .. "/" .. i, { timeout = 2 }) })
+        end
+    end)
+
+    it("skips 100 Continue and reads LF-only heads", function()
+        local base = raw_server(function(sock)
+            read_request(sock)
+            sock:send("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\nX-Y: z\n\nbody")
+        end)
+        local res = assert(http.get(base .. "/"))
+        assert.same({ 200, "1.0", "z", "body" },
+            { res.status, res.http_version, res.headers["x-y"], res.body })
+    end)
+end)
+
+describe("moonlet.http keep-alive pool", function()
+    it("reuses one connection for sequential requests", function()
+        local base, st = keepalive_server(function(req)
+            return response(200, req.target)
+        end)
+        for i = 1, 5 do assert.same("/" .. i, assert(http.get(base .. "/" .. i)).body) end
+        assert.same(1, st.accepted)
+        assert.same(1, http.pool_stats().idle)
+    end)
+
+    it("opens a new connection when the server says close or keepalive = false", function()
+        local base, st = keepalive_server(function(req)
+            if req.target == "/close" then return response(200, "bye", { Connection = "close" }), true end
+            return response(200, "ok")
+        end)
+        assert(http.get(base .. "/close"))
+        assert(http.get(base .. "/close"))
+        assert.same(2, st.accepted)
+        assert(http.get(base .. "/", { keepalive = false }))
+        assert.same(3, st.accepted)
+        assert.same(0, http.pool_stats().idle)
+        assert(http.get(base .. "/"))
+        assert(http.get(base .. "/"))
+        assert.same(4, st.accepted)
+    end)
+
+    it("keeps at most pool_size idle connections per origin", function()
+        local base, st = keepalive_server(function()
+            moonlet.sleep(0.05) -- all five are in flight at once
+            return response(200, "ok")
+        end)
+        local fns = {}
+        for i = 1, 5 do fns[i] = function() return http.get(base .. "/", { pool_size = 2 }) end end
+        local results = moonlet.gather(fns)
+        assert.same(5, #results)
+        assert.same(5, st.accepted)
+        assert.same(2, http.pool_stats().idle)
+        moonlet.gather(fns)
+        assert.same(8, st.accepted) -- two reused, three new
+        assert.same(2, http.pool_stats().idle)
+    end)
+
+    it("drops idle connections after idle_timeout", function()
+        local base, st = keepalive_server(function() return response(200, "ok") end)
+        assert(http.get(base .. "/", { idle_timeout = 0.05 }))
+        assert.same(1, http.pool_stats().idle)
+        moonlet.sleep(0.1)
+        assert(http.get(base .. "/", { idle_timeout = 0.05 }))
+        assert.same(2, st.accepted)
+        assert.truthy(test.wait_until(function() return st.active == 1 end, 5)) -- the stale one closed
+    end)
+
+    it("retries once on a fresh connection when the server dropped an idle one", function()
+        local base, st = raw_server(function(sock)
+            read_request(sock)
+            sock:send(response(200, "once")) -- keep-alive in words, then gone
+        end)
+        assert.same("once", assert(http.get(base .. "/")).body)
+        test.wait_until(function() return st.active == 0 end, 5)
+        assert.same("once", assert(http.get(base .. "/")).body)
+        assert.same(2, st.accepted)
+    end)
+
+    it("pools by origin: another port is another pool", function()
+        local a = keepalive_server(function() return response(200, "a") end)
+        local b = keepalive_server(function() return response(200, "b") end)
+        assert.same("a", assert(http.get(a .. "/")).body)
+        assert.same("b", assert(http.get(b .. "/")).body)
+        local s = http.pool_stats()
+        assert.same(2, s.idle)
+        assert.same({ [a] = 1, [b] = 1 }, s.origins)
+    end)
+end)
+
+describe("moonlet.http redirects", function()
+    local base, server
+    after_each(function()
+        server:close()
+        http.close_idle()
+    end)
+    before_each(function()
+        local app = moonlet.app()
+        do
+            app:get("/start", function(_, res) res:redirect("/middle") end)
+            app:get("/middle", function(_, res) res:redirect("end?x=1", 301) end)
+            app:get("/end", function(req) return "end " .. req.query.x end)
+            app:get("/loop", function(_, res) res:redirect("/loop") end)
+            app:post("/see-other", function(_, res) res:redirect("/method", 303) end)
+            app:post("/keep", function(_, res) res:redirect("/method", 307) end)
+            app:any("/method", function(req) return req.method .. ":" .. (req:body() or "") end)
+        end
+        local port
+        server, port = test.serve(app)
+        base = "http://127.0.0.1:" .. port
+    end)
+
+    it("returns a redirect as it is unless asked to follow", function()
+        local res = assert(http.get(base .. "/start"))
+        assert.same({ 302, "/middle" }, { res.status, res.headers.location })
+    end)
+
+    it("follows up to `redirects` hops, relative locations included", function()
+        local res = assert(http.get(base .. "/start", { redirects = 5 }))
+        assert.same({ 200, "end 1", base .. "/end?x=1" }, { res.status, res.body, res.url })
+        assert.same({ nil, "too many redirects" }, { http.get(base .. "/start", { redirects = 1 }) })
+        assert.same({ nil, "too many redirects" }, { http.get(base .. "/loop", { redirects = 3 }) })
+    end)
+
+    it("does not carry Authorization to another origin", function()
+        local other = serve(function(app)
+            app:get("/who", function(req) return req.headers.authorization or "nobody" end)
+        end)
+        local here = serve(function(app)
+            app:get("/away", function(_, res) res:redirect(other .. "/who") end)
+            app:get("/who", function(req) return req.headers.authorization or "nobody" end)
+        end)
+        local auth = { Authorization = "Bearer t" }
+        assert.same("nobody", assert(http.get(here .. "/away", { headers = auth, redirects = 1 })).body)
+        assert.same("Bearer t", assert(http.get(here .. "/who", { headers = auth })).body)
+        local userinfo = here:gsub("^http://", "http://ann:secret@")
+        assert.same("Basic YW5uOnNlY3JldA==", assert(http.get(userinfo .. "/who")).body)
+    end)
+
+    it("turns POST into GET on 303 and keeps it on 307", function()
+        assert.same("GET:", assert(http.post(base .. "/see-other", "data", { redirects = 1 })).body)
+        assert.same("POST:data", assert(http.post(base .. "/keep", "data", { redirects = 1 })).body)
+    end)
+end)
+
+describe("moonlet.http bodies", function()
+    local original = string.rep("moonlet gzip body. ", 5000)
+
+    it("inflates gzip when asked (decompress = true), and only then", function()
+        local base = serve(function(app)
+            app:get("/gz", function(req, res)
+                local ae = req.headers["accept-encoding"] or ""
+                if ae:find("gzip", 1, true) then
+                    res:header("Content-Encoding", "gzip")
+                    return zlib.gzip(original)
+                end
+                return "plain"
+            end)
+            app:get("/gz-chunked", function(_, res)
+                res:header("Content-Encoding", "gzip")
+                local gz = zlib.gzip(original)
+                for i = 1, #gz, 500 do res:write(gz:sub(i, i + 499)) end
+            end)
+        end)
+        local res = assert(http.get(base .. "/gz", { decompress = true }))
+        assert.same("gzip", res.headers["content-encoding"])
+        assert.same(#original, #res.body)
+        assert.is_true(res.body == original)
+        assert.same("plain", assert(http.get(base .. "/gz")).body)
+        res = assert(http.request({ url = base .. "/gz-chunked", decompress = true, stream = true }))
+        local parts = {}
+        for chunk in res:chunks() do parts[#parts + 1] = chunk end
+        assert.is_true(table.concat(parts) == original)
+        local raw = assert(http.get(base .. "/gz-chunked")).body -- not asked: the bytes as sent
+        assert.is_true(zlib.inflate(raw) == original)
+    end)
+
+    it("inflates a body made by the gzip command", function()
+        local path = os.tmpname()
+        local f = assert(io.open(path, "wb"))
+        f:write(original)
+        f:close()
+        local p = assert(io.popen("gzip -c " .. path))
+        local gz = p:read("*a")
+        p:close()
+        os.remove(path)
+        assert.truthy(#gz > 10 and #gz < #original)
+        local base = keepalive_server(function()
+            return response(200, gz, { ["Content-Encoding"] = "gzip" })
+        end)
+        assert.is_true(assert(http.get(base .. "/", { decompress = true })).body == original)
+    end)
+
+    it("refuses a body over max_body: too large", function()
+        local big = string.rep("x", 100000)
+        local base = serve(function(app)
+            app:get("/big", function() return big end)
+            app:get("/big-chunked", function(_, res)
+                for _ = 1, 10 do res:write(string.rep("y", 10000)) end
+            end)
+            app:get("/bomb", function(_, res)
+                res:header("Content-Encoding", "gzip")
+                return zlib.gzip(string.rep("\0", 1000000)) -- 1 MB from about 1 KB
+            end)
+        end)
+        assert.same({ nil, "too large" }, { http.get(base .. "/big", { max_body = 1000 }) })
+        assert.same({ nil, "too large" }, { http.get(base .. "/big-chunked", { max_body = 50000 }) })
+        assert.same({ nil, "too large" },
+            { http.get(base .. "/bomb", { max_body = 50000, decompress = true }) })
+        assert.same(100000, #assert(http.get(base .. "/big", { max_body = 100000 })).body)
+    end)
+
+    it("streams: headers arrive first, the body later, chunk by chunk", function()
+        local go = moonlet.event()
+        local base = serve(function(app)
+            app:get("/stream", function(_, res)
+                res:write("first")
+                go:wait(5)
+                res:write("second")
+            end)
+        end)
+        local res = assert(http.request({ method = "GET", url = base .. "/stream", stream = true }))
+        assert.same(200, res.status)
+        assert.is_nil(res.body)
+        local chunks = {}
+        for chunk in res:chunks() do
+            chunks[#chunks + 1] = chunk
+            go:set() -- the second chunk exists only once the first was read
+        end
+        assert.same({ "first", "second" }, chunks)
+        assert.same(1, http.pool_stats().idle) -- read to the end: pooled
+    end)
+
+    it("streams with read_body() and drops the rest on close()", function()
+        local base = serve(function(app)
+            app:get("/s", function(_, res)
+                for i = 1, 3 do res:write("part" .. i) end
+            end)
+        end)
+        local res = assert(http.request({ url = base .. "/s", stream = true }))
+        assert.same("part1part2part3", res:read_body())
+        assert.same("part1part2part3", res.body)
+        assert.same(1, http.pool_stats().idle) -- read to the end: pooled
+        res = assert(http.request({ url = base .. "/s", stream = true })) -- takes it again
+        assert.same("part", res:read():sub(1, 4))
+        res:close()
+        assert.same({ nil, "closed" }, { res:read() })
+        assert.same(0, http.pool_stats().idle) -- half read: closed, not pooled
+    end)
+
+    it("raises from chunks() when the streamed body breaks", function()
+        local base = raw_server(function(sock)
+            read_request(sock)
+            sock:send("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+        end)
+        local res = assert(http.request({ url = base .. "/", stream = true }))
+        assert.has_error(function()
+            for _ in res:chunks() do end
+        end)
+    end)
+end)
+
+describe("moonlet.http concurrency", function()
+    it("runs 5 fetches of a 0.3 s upstream together, in well under 1 s", function()
+        local base = serve(function(app)
+            app:get("/delay", function()
+                moonlet.sleep(0.3)
+                return "late"
+            end)
+        end)
+        local t0 = moonlet.now()
+        local fns = {}
+        for i = 1, 5 do fns[i] = function() return http.get(base .. "/delay") end end
+        local results, errors = moonlet.gather(fns)
+        local elapsed = moonlet.now() - t0
+        assert.same({}, errors)
+        for i = 1, 5 do assert.same("late", results[i].body) end
+        assert.truthy(elapsed < 1, "took " .. elapsed)
+    end)
+
+    it("serves 200 concurrent requests", function()
+        local base = serve(function(app)
+            app:get("/n/:i", function(req)
+                moonlet.sleep(0.01)
+                return req.params.i
+            end)
+        end)
+        local fns = {}
+        for i = 1, 200 do fns[i] = function() return http.get(base .. "/n/" .. i, { timeout = 10 }) end end
+        local results, errors = moonlet.gather(fns)
+        assert.same({}, errors)
+        for i = 1, 200 do assert.same(tostring(i), results[i].body) end
+        assert.truthy(http.pool_stats().idle <= 64)
+    end)
+
+    it("closes the connection of a cancelled request", function()
+        local base, st = raw_server(function(sock)
+            read_request(sock)
+            sock:receive("*a")
+        end)
+        local t = moonlet.spawn(http.get, base .. "/")
+        assert.truthy(test.wait_until(function() return st.accepted == 1 end, 5))
+        moonlet.sleep(0.01)
+        assert.is_true(t:cancel())
+        assert.same({ false, "cancelled" }, { t:join() })
+        assert.truthy(test.wait_until(function() return st.active == 0 end, 5))
+        assert.same({ nil, "timeout" }, { moonlet.timeout(0.05, http.get, base .. "/") })
+        assert.truthy(test.wait_until(function() return st.active == 0 end, 5))
+        assert.same(0, http.pool_stats().idle)
+    end)
+
+    it("leaves nothing behind after thousands of timed-out and cancelled requests", function()
+        local base, st = raw_server(function(sock)
+            read_request(sock)
+            sock:receive("*a")
+        end, 30)
+        local url = base .. "/hang"
+        http.close_idle()
+        local before = stats_now()
+        local mem0 = collectgarbage("count")
+        local fns = {}
+        for i = 1, 100 do
+            if i % 2 == 0 then
+                fns[i] = function() return http.get(url, { timeout = 0.02 }) end
+            else
+                fns[i] = function() return moonlet.timeout(0.02, http.get, url) end
+            end
+        end
+        for _ = 1, 20 do
+            local _, errors = moonlet.gather(fns)
+            for i = 1, 100 do assert.same("timeout", errors[i]) end
+        end
+        assert.truthy(test.wait_until(function() return st.accepted == 2000 and st.active == 0 end, 10))
+        assert.same(0, http.pool_stats().idle)
+        local after = stats_now()
+        assert.same(before, after)
+        assert.truthy(collectgarbage("count") - mem0 < 512, "Lua memory grew") -- KiB
+    end)
+end)
+
+describe("moonlet.http misuse", function()
+    it("raises on an unknown configure option", function()
+        assert.has_error(function() http.configure({ pool_sise = 1 }) end)
+    end)
+
+    it("raises on a bad url, scheme, header or body", function()
+        assert.has_error(function() http.get(nil) end)
+        assert.has_error(function() http.get("not a url") end)
+        assert.has_error(function() http.get("ftp://127.0.0.1/") end)
+        assert.has_error(function()
+            http.get("http://127.0.0.1:1/", { headers = { ["X-A"] = "a\r\nB: c" } })
+        end)
+        assert.has_error(function() http.post("http://127.0.0.1:1/", {}) end)
+        assert.has_error(function() http.request("http://127.0.0.1:1/", { method = "GE T" }) end)
+    end)
+end)
+
+describe("moonlet.http over TLS", function()
+    local dir, ca, cert, key
+
+    local function sh(cmd)
+        local ok = os.execute(cmd .. " >/dev/null 2>&1")
+        assert(ok == true or ok == 0, "failed: " .. cmd)
+    end
+
+    setup(function()
+        dir = os.tmpname()
+        os.remove(dir)
+        sh("mkdir -p " .. dir)
+        local ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+        sh(("cd %s && openssl req -x509 %s -keyout ca.key -out ca.pem -days 2 -subj '/CN=http spec CA'")
+            :format(dir, ec))
+        sh(("cd %s && openssl req %s -keyout server.key -out server.csr -subj '/CN=localhost'"
+            .. " -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1'"):format(dir, ec))
+        sh(("cd %s && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial"
+            .. " -out server.pem -days 2 -copy_extensions copy"):format(dir))
+        ca, cert, key = dir .. "/ca.pem", dir .. "/server.pem", dir .. "/server.key"
+    end)
+
+    teardown(function()
+        if dir then os.execute("rm -rf " .. dir) end
+    end)
+
+    local function tls_server()
+        local st = { accepted = 0 }
+        local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5,
+            tls = { cert = cert, key = key } }, function(sock)
+                st.accepted = st.accepted + 1
+                while true do
+                    local req = read_request(sock)
+                    if not req then return end
+                    sock:send(response(200, "secret " .. req.target))
+                end
+            end))
+        defer(function() server:close() end)
+        return server:port(), st
+    end
+
+    it("verifies the certificate: fails untrusted, passes with the CA, and reuses connections", function()
+        local port, st = tls_server()
+        local res, err = http.get("https://localhost:" .. port .. "/x")
+        assert.is_nil(res)
+        assert.same("tls: certificate verify failed", err)
+        res = assert(http.get("https://localhost:" .. port .. "/x", { tls = { cafile = ca } }))
+        assert.same("secret /x", res.body)
+        res = assert(http.get("https://127.0.0.1:" .. port .. "/y", { tls = { cafile = ca } }))
+        assert.same("secret /y", res.body)
+        assert.same(2, http.pool_stats().idle) -- localhost and 127.0.0.1 are two origins
+        assert(http.get("https://127.0.0.1:" .. port .. "/z", { tls = { cafile = ca } }))
+        assert.same(2, st.accepted) -- the third request reused the second connection
+    end)
+
+    it("checks the host name, and connects with verify = false", function()
+        local port = tls_server()
+        local _, err = http.get("https://127.0.0.1:" .. port .. "/", {
+            tls = { cafile = ca, server_name = "other.test" } })
+        assert.same("tls: certificate verify failed", err)
+        local res = assert(http.get("https://127.0.0.1:" .. port .. "/n", { verify = false }))
+        assert.same("secret /n", res.body)
+    end)
+end)

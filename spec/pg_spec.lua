@@ -1,0 +1,319 @@
+-- spec/pg_spec.lua: moonlet.pg against a private PostgreSQL server (initdb in a temporary
+-- directory, a free loopback port): typed results, errors, transactions, the pool's limits,
+-- cancellation and timeouts that stop the query on the server, reconnecting after a restart,
+-- many tasks at once, LISTEN/NOTIFY, and that nothing is left behind.
+local moonlet = require "moonlet"
+local core = require "moonlet.core"
+local test = require "moonlet.test"
+local pg = require "moonlet.pg"
+local servers = require "support.servers"
+
+local function two(a, b) return { a, b } end
+
+local function settle()
+    moonlet.sleep(0)
+    moonlet.sleep(0)
+    collectgarbage()
+    collectgarbage()
+    moonlet.sleep(0.01)
+end
+
+describe("moonlet.pg", function()
+    if not servers.pg_bin() then
+        it("needs the PostgreSQL server binaries (Debian postgresql)", function()
+            pending("postgresql server binaries not installed")
+        end)
+        return
+    end
+
+    local srv
+    setup(function()
+        local err
+        srv, err = servers.postgres()
+        assert(srv, err)
+    end)
+    teardown(function()
+        if srv then srv:stop() end
+    end)
+
+    local function pool(opts)
+        opts = opts or {}
+        opts.url = opts.url or srv.url
+        local p = pg.pool(opts)
+        test.defer(function() p:close() end)
+        return p
+    end
+
+    it("is moonlet.pg and answers typed values, NULL as nil", function()
+        assert.equal(pg, moonlet.pg)
+        local db = pool()
+        local rows, err = db:query([[SELECT 1::int2 AS a, 2::int4 AS b, 9007199254740991::int8 AS c,
+            1.5::float4 AS d, 2.25::float8 AS e, 12.5::numeric AS f, true AS g, false AS h,
+            'txt'::text AS i, 'vc'::varchar AS j, '{"k": [1, 2]}'::json AS k,
+            '{"k": 1}'::jsonb AS l, NULL::int AS m, '2024-01-02'::date AS n]])
+        assert.is_nil(err)
+        assert.same({ { a = 1, b = 2, c = 9007199254740991, d = 1.5, e = 2.25, f = 12.5, g = true,
+                        h = false, i = "txt", j = "vc", k = '{"k": [1, 2]}', l = '{"k": 1}',
+                        n = "2024-01-02" } }, rows)
+        assert.same({}, db:query("SELECT 1 WHERE false"))
+    end)
+
+    it("binds $n parameters (never spliced) and returns affected counts from exec", function()
+        local db = pool()
+        assert.same(0, db:exec([[DROP TABLE IF EXISTS todo;
+            CREATE TABLE todo(id serial PRIMARY KEY, title text NOT NULL UNIQUE, done boolean,
+                              n float8)]]))
+        local evil = "x'); DROP TABLE todo; --"
+        assert.same(1, db:exec("INSERT INTO todo(title, done, n) VALUES ($1, $2, $3)", evil, true,
+                               0.5))
+        assert.same(1, db:exec("INSERT INTO todo(title, done, n) VALUES ($1, $2, $3)", "b", nil,
+                               7))
+        assert.same({ { id = 1, title = evil, done = true, n = 0.5 } },
+                    db:query("SELECT * FROM todo WHERE title = $1", evil))
+        assert.same({ { id = 2, title = "b", n = 7 } }, db:query("SELECT * FROM todo WHERE id = $1", 2))
+        assert.same(2, db:exec("UPDATE todo SET done = $1", false))
+        assert.same({ { id = 1 } }, db:query("SELECT id FROM todo WHERE id = $1", 1))
+    end)
+
+    it("prepares a statement once per connection", function()
+        local db = pool({ size = 1 })
+        for i = 1, 5 do assert.same({ { v = i } }, db:query("SELECT $1::int AS v", i)) end
+        assert.same({ { n = 2 } }, db:query(
+            "SELECT count(*)::int AS n FROM pg_prepared_statements WHERE name LIKE $1", "moonlet%"))
+    end)
+
+    it("reports errors with the server's message and SQLSTATE; a constraint names itself", function()
+        local db = pool()
+        assert(db:exec("DROP TABLE IF EXISTS u; CREATE TABLE u(email text UNIQUE NOT NULL)"))
+        assert(db:exec("INSERT INTO u VALUES ($1)", "a@x"))
+        assert.same({ nil, 'duplicate key value violates unique constraint "u_email_key"', "23505" },
+                    { db:exec("INSERT INTO u VALUES ($1)", "a@x") })
+        assert.same({ nil, 'relation "nope" does not exist', "42P01" },
+                    { db:query("SELECT * FROM nope") })
+        local rows, err = db:query("SELEC 1")
+        assert.is_nil(rows)
+        assert.truthy(err:find("syntax error", 1, true))
+        assert.has_error(function() db:query("SELECT $1", {}) end,
+                         "moonlet.pg: cannot send a table as a parameter")
+        assert.same({ { n = 1 } }, db:query("SELECT count(*)::int AS n FROM u"))
+    end)
+
+    it("reports a server it cannot reach", function()
+        local db = pool({ url = ("postgresql://postgres@127.0.0.1:%d/postgres")
+            :format(servers.free_port()) })
+        local rows, err = db:query("SELECT 1")
+        assert.is_nil(rows)
+        assert.truthy(err:find("refused", 1, true), err)
+        assert.same({ open = 0, idle = 0, waiting = 0, size = 10 }, db:stats())
+    end)
+
+    it("commits transactions on one connection and rolls back on a Lua error", function()
+        local db = pool({ size = 3 })
+        assert(db:exec("DROP TABLE IF EXISTS t; CREATE TABLE t(x int)"))
+        assert.same({ "ok", 2 }, { db:transaction(function(tx)
+            assert(tx:exec("INSERT INTO t VALUES ($1)", 1))
+            assert(tx:exec("INSERT INTO t VALUES ($1)", 2))
+            -- not committed yet: other connections do not see it
+            assert.same({ { n = 0 } }, db:query("SELECT count(*)::int AS n FROM t"))
+            return "ok", #tx:query("SELECT * FROM t")
+        end) })
+        local ok, err = pcall(db.transaction, db, function(tx)
+            tx:exec("INSERT INTO t VALUES (3)")
+            error("boom", 0)
+        end)
+        assert.same({ false, "boom" }, { ok, err })
+        assert.same({ nil, "nope" }, { db:transaction(function(tx)
+            tx:exec("INSERT INTO t VALUES (4)")
+            return nil, "nope"
+        end) })
+        -- an SQL error inside: the transaction is aborted, the connection comes back clean
+        assert.same({ nil, "current transaction is aborted, commands ignored until end of " ..
+                     "transaction block" }, two(db:transaction(function(tx)
+            tx:exec("INSERT INTO t VALUES ('x')")
+            return tx:exec("INSERT INTO t VALUES (5)")
+        end)))
+        assert.same({ { s = 3 } }, db:query("SELECT sum(x)::int AS s FROM t"))
+        assert.same(2, db:stats().open) -- the transaction's and the one query's beside it
+    end)
+
+    it("waits for a free connection, in order, and times out when none comes", function()
+        local db = pool({ size = 2, wait_timeout = 0.2 })
+        local hold = moonlet.event()
+        local holders = {}
+        for i = 1, 2 do
+            holders[i] = moonlet.spawn(function()
+                return db:transaction(function() hold:wait(5) end)
+            end)
+        end
+        local t0 = moonlet.now()
+        assert.same({ nil, "timeout" }, two(db:query("SELECT 1")))
+        assert.truthy(moonlet.now() - t0 >= 0.15)
+        local order = {}
+        local waiters = {}
+        for i = 1, 3 do
+            waiters[i] = moonlet.spawn(function()
+                local conn = assert(db:acquire())
+                order[#order + 1] = i
+                moonlet.sleep(0.01)
+                db:release(conn)
+            end)
+        end
+        assert.same(3, db:stats().waiting)
+        hold:set()
+        for i = 1, 2 do assert.is_true(holders[i]:join(2)) end
+        for i = 1, 3 do assert.is_true(waiters[i]:join(2)) end
+        assert.same({ 1, 2, 3 }, order)
+        assert.same({ open = 2, idle = 2, waiting = 0, size = 2 }, db:stats())
+    end)
+
+    it("cancels a query mid-way on the server and gets the connection back clean", function()
+        local db = pool({ size = 1 })
+        local t0 = moonlet.now()
+        assert.same({ nil, "timeout" }, { moonlet.timeout(0.1, function()
+            return db:query("SELECT pg_sleep(30)")
+        end) })
+        assert.same({ { one = 1 } }, db:query("SELECT 1 AS one"))
+        assert.truthy(moonlet.now() - t0 < 3)
+        local other = pool({ size = 1 })
+        assert.same({ { n = 0 } }, other:query(
+            "SELECT count(*)::int AS n FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%'"))
+        -- cancelled inside a transaction: rolled back before the connection is used again
+        assert(db:exec("DROP TABLE IF EXISTS c; CREATE TABLE c(x int)"))
+        local t = moonlet.spawn(function()
+            db:transaction(function(tx)
+                tx:exec("INSERT INTO c VALUES (1)")
+                tx:query("SELECT pg_sleep(30)")
+            end)
+        end)
+        moonlet.sleep(0.1)
+        assert.is_true(t:cancel())
+        assert.same({ false, "cancelled" }, { t:join(1) })
+        assert.same({}, db:query("SELECT * FROM c"))
+        assert.same(1, db:exec("INSERT INTO c VALUES (2)"))
+        assert.same({ { x = 2 } }, other:query("SELECT x FROM c"))
+    end)
+
+    it("cancels a query past its timeout on the server", function()
+        local db = pool({ size = 1, timeout = 0.2 })
+        local t0 = moonlet.now()
+        assert.same({ nil, "timeout" }, two(db:query("SELECT pg_sleep(30)")))
+        assert.truthy(moonlet.now() - t0 < 3)
+        assert.same({ { one = 1 } }, db:query("SELECT 1 AS one"))
+    end)
+
+    it("reconnects after the server restarts while the pool is idle", function()
+        local db = pool({ size = 2 })
+        local sub = assert(db:listen("restart"))
+        test.defer(function() sub:close() end)
+        assert.same({ { one = 1 } }, db:query("SELECT 1 AS one"))
+        local pid = db:query("SELECT pg_backend_pid() AS pid")[1].pid
+        assert.is_true(srv:restart(), srv:log())
+        local rows, err = db:query("SELECT pg_backend_pid() AS pid")
+        assert.is_nil(err)
+        assert.are_not.equal(pid, rows[1].pid)
+        -- the subscription listens again on a new connection
+        assert.truthy(test.wait_until(function()
+            db:notify("restart", "again")
+            local ch, payload = sub:receive(0.2)
+            return ch == "restart" and payload == "again"
+        end, 5))
+    end)
+
+    it("serves 200 tasks hammering one pool of 10", function()
+        local db = pool({ size = 10, wait_timeout = 10 })
+        local fns = {}
+        for i = 1, 200 do
+            fns[i] = function()
+                local sum = 0
+                for j = 1, 5 do
+                    local rows, err = db:query("SELECT $1::int + $2::int AS s", i, j)
+                    if not rows then error(err) end
+                    sum = sum + rows[1].s
+                end
+                return sum
+            end
+        end
+        local results, errors = moonlet.gather(fns)
+        assert.same({}, errors)
+        for i = 1, 200 do assert.equal(5 * i + 15, results[i]) end
+        assert.truthy(db:stats().open <= 10)
+    end)
+
+    it("delivers NOTIFY to a LISTEN subscription", function()
+        local db = pool()
+        local sub = assert(db:listen("news", "other"))
+        test.defer(function() sub:close() end)
+        local got = {}
+        local reader = moonlet.spawn(function()
+            for channel, msg in sub:messages() do
+                got[#got + 1] = channel .. ":" .. msg
+                if #got == 3 then break end
+            end
+        end)
+        assert.is_true(db:notify("news", "one"))
+        assert.is_true(db:notify("other", "two"))
+        assert.is_true(db:notify("ignored", "x"))
+        assert(db:exec("NOTIFY news, 'three'"))
+        assert.is_true(reader:join(2))
+        assert.same({ "news:one", "other:two", "news:three" }, got)
+        assert.same({ nil, "timeout" }, { sub:receive(0.05) })
+        local waiting = moonlet.spawn(function() return sub:receive() end)
+        sub:close()
+        assert.same({ true, nil, "closed" }, { waiting:join(1) })
+    end)
+
+
+    -- Runs `moonlet script` with the given source; returns its exit code (nil: still running).
+    local function run_script(src)
+        local script = os.tmpname()
+        local f = assert(io.open(script, "w"))
+        f:write(src)
+        f:close()
+        test.defer(function() os.remove(script) end)
+        local p = test.start_process(script)
+        test.defer(function() p:kill() end)
+        return p:wait(10), p:output()
+    end
+
+    it("does not keep a script alive with idle connections in the pool", function()
+        assert.same({ 0, "1\n" }, { run_script(([[
+            local moonlet = require "moonlet"
+            local pg = moonlet.pg.pool{ url = %q }
+            print(assert(pg:query("SELECT 1 AS one"))[1].one)
+        ]]):format(srv.url)) })
+    end)
+
+    it("leaves no connection, handle, task or memory behind", function()
+        settle()
+        local before = core.stats()
+        local mem0 = collectgarbage("count")
+        for _ = 1, 5 do
+            local db = pg.pool({ url = srv.url, size = 3 })
+            local fns = {}
+            for i = 1, 20 do
+                fns[i] = function()
+                    if i % 4 == 0 then
+                        return moonlet.timeout(0.01, function()
+                            return db:query("SELECT pg_sleep(1)")
+                        end)
+                    end
+                    return db:query("SELECT $1::int AS i", i)
+                end
+            end
+            moonlet.gather(fns)
+            assert.same({ { ok = true } }, db:query("SELECT true AS ok"))
+            db:close()
+        end
+        test.wait_until(function()
+            collectgarbage()
+            local s = core.stats()
+            return s.resources == before.resources and s.handles == before.handles
+        end, 5)
+        settle()
+        local after = core.stats()
+        assert.same(before.handles, after.handles)
+        assert.same(before.resources, after.resources)
+        assert.same(before.tasks, after.tasks)
+        assert.truthy(collectgarbage("count") - mem0 < 512)
+    end)
+end)

@@ -1,0 +1,362 @@
+-- spec/reload_spec.lua: hot reload (lua/moonlet/reload.lua, core/fswatch.c, bindings/fswatch.c):
+-- a reload host in this process (load, reload, keep the old code on errors, requests in flight,
+-- state across reloads, modules next to the app, the file watcher, memory after 100 reloads), and
+-- the `moonlet` command with --reload under steady load and with SIGHUP, as separate processes.
+-- Apps are written to a fresh directory per `it`; servers listen on port 0; every wait has a
+-- deadline (test.wait_until) and every `it` closes what it opened.
+local moonlet = require "moonlet"
+local core = require "moonlet.core"
+local reload = require "moonlet.reload"
+local test = require "moonlet.test"
+
+local defer = test.defer
+
+local function write_file(path, data)
+    local f = assert(io.open(path, "wb"))
+    assert(f:write(data))
+    assert(f:close())
+end
+
+local function plain(s)
+    return (s:gsub("%p", "%%%0"))
+end
+
+-- a fresh directory, removed when the running `it` ends
+local function tmpdir()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p '" .. dir .. "'"))
+    defer(function() os.execute("rm -rf '" .. dir .. "'") end)
+    return dir
+end
+
+-- an app answering GET / with `body`; `extra` goes before `return app`
+local function app_src(body, extra)
+    return ([[
+local moonlet = require "moonlet"
+local app = moonlet.app()
+app:get("/", function() return %q end)
+%s
+return app
+]]):format(body, extra or "")
+end
+
+local BROKEN = 'local moonlet = require "moonlet"\nlocal app = moonlet.app()\nlocal x = = 1\nreturn app\n'
+local BROKEN_LINE = 3
+
+-- a reload host on dir/app.lua serving on a free port, closed when the `it` ends
+local function serve(dir, src, opts)
+    local path = dir .. "/app.lua"
+    write_file(path, src)
+    opts = opts or {}
+    opts.path = path
+    local host = reload.new(opts)
+    defer(function() host:close() end)
+    assert(host:load())
+    local server, port = host:listen({ host = "127.0.0.1", port = 0 })
+    assert(server, port)
+    return host, port, path
+end
+
+local function get(port, path)
+    local r = test.request(port, "GET", path or "/")
+    return r.body, r.status
+end
+
+local function settle()
+    moonlet.sleep(0)
+    moonlet.sleep(0)
+    collectgarbage()
+    collectgarbage()
+end
+
+describe("moonlet.reload", function()
+    -- the hosts of this process log each reload at info level: not in the test output
+    lazy_setup(function() core.set_log("warn") end)
+    lazy_teardown(function() core.set_log("info") end)
+
+    it("replaces the app between requests when the new code loads", function()
+        local host, port, path = serve(tmpdir(), app_src("v1"))
+        assert.same("v1", get(port))
+        local sock = test.connect(port) -- a keep-alive connection opened before the reload
+        defer(function() sock:close() end)
+        assert(sock:send(test.format_request("GET", "/")))
+        assert.same("v1", assert(test.read_response(sock)).body)
+        write_file(path, app_src("v2"))
+        assert.same({ true }, { host:reload() })
+        assert.same("v2", get(port))
+        assert(sock:send(test.format_request("GET", "/")))
+        assert.same("v2", assert(test.read_response(sock)).body) -- its next request: the new code
+        assert.same(1, host.reloads)
+    end)
+
+    it("keeps the old code serving after a syntax error and names the file and line", function()
+        local host, port, path = serve(tmpdir(), app_src("v1"))
+        write_file(path, BROKEN)
+        local ok, err = host:reload()
+        assert.is_nil(ok)
+        assert.truthy(err:find(plain(path) .. ":" .. BROKEN_LINE .. ":"), err)
+        assert.same("v1", get(port))
+        assert.same(0, host.reloads)
+    end)
+
+    it("keeps the old code when the top level raises or returns no app", function()
+        local host, port, path = serve(tmpdir(), app_src("v1"))
+        write_file(path, "local x = 1\n\nerror('top-level failure')\n")
+        local ok, err = host:reload()
+        assert.is_nil(ok)
+        assert.truthy(err:find(plain(path) .. ":3: top%-level failure"), err)
+        write_file(path, "return { not_an_app = true }\n")
+        ok, err = host:reload()
+        assert.is_nil(ok)
+        assert.truthy(err:find("did not return an app", 1, true), err)
+        assert.same("v1", get(port))
+    end)
+
+    it("lets a request in flight finish on the code it started with", function()
+        local dir = tmpdir()
+        local gate, started = moonlet.event(), moonlet.event()
+        local slow = [[
+local gate, started = ...
+app:get("/slow", function()
+    started:set()
+    gate:wait(5)
+    return "old slow"
+end)]]
+        local host, port, path = serve(dir, app_src("v1", slow), { args = { gate, started } })
+        local sock = test.connect(port)
+        defer(function() sock:close() end)
+        assert(sock:send(test.format_request("GET", "/slow")))
+        assert.is_true(started:wait(5))
+        write_file(path, app_src("v2", 'app:get("/slow", function() return "new slow" end)'))
+        assert.is_true(host:reload())
+        assert.same("new slow", get(port, "/slow")) -- new requests: the new code
+        gate:set()
+        assert.same("old slow", assert(test.read_response(sock)).body)
+    end)
+
+    it("hands the old app's state to app:on_reload", function()
+        local counter = [[
+app.state = { hits = 0 }
+app:get("/hit", function()
+    app.state.hits = app.state.hits + 1
+    return VERSION .. " " .. app.state.hits
+end)]]
+        local carry = "app:on_reload(function(old) app.state = old end)\n"
+        local host, port, path = serve(tmpdir(), app_src("v1", "local VERSION = 'v1'\n" .. counter))
+        get(port, "/hit")
+        get(port, "/hit")
+        assert.same("v1 3", get(port, "/hit"))
+        write_file(path, app_src("v2", "local VERSION = 'v2'\n" .. counter .. "\n" .. carry))
+        assert.is_true(host:reload())
+        assert.same("v2 4", get(port, "/hit"))
+        -- an on_reload that raises fails the reload: the v2 app and its state go on
+        write_file(path, app_src("v3", "local VERSION = 'v3'\n" .. counter
+                                       .. "\napp:on_reload(function() error('no state for me') end)"))
+        local ok, err = host:reload()
+        assert.is_nil(ok)
+        assert.truthy(err:find("no state for me", 1, true), err)
+        assert.same("v2 5", get(port, "/hit"))
+    end)
+
+    it("reloads the modules the app required from its directory, and restores them on failure",
+       function()
+        local dir = tmpdir()
+        write_file(dir .. "/reload_helper_mod.lua", 'return { msg = "h1" }\n')
+        local uses = 'local helper = require "reload_helper_mod"\n'
+                     .. 'app:get("/msg", function() return helper.msg end)'
+        local host, port, path = serve(dir, app_src("v1", uses))
+        assert.same("h1", get(port, "/msg"))
+        local old_mod = package.loaded.reload_helper_mod
+        write_file(dir .. "/reload_helper_mod.lua", 'return { msg = "h2" }\n')
+        assert.is_true(host:reload())
+        assert.same("h2", get(port, "/msg"))
+        local new_mod = package.loaded.reload_helper_mod
+        assert.are_not.equal(old_mod, new_mod)
+        -- a module with a syntax error fails the reload; the module the old code uses stays
+        write_file(dir .. "/reload_helper_mod.lua", 'return { msg = = "h3" }\n')
+        local ok, err = host:reload()
+        assert.is_nil(ok)
+        assert.truthy(err:find("reload_helper_mod.lua:1:", 1, true), err)
+        assert.equal(new_mod, package.loaded.reload_helper_mod)
+        assert.same("h2", get(port, "/msg"))
+        assert.same({ true }, { path ~= nil })
+        host:close()
+        assert.is_nil(package.path:find(dir, 1, true)) -- its directory left package.path
+        package.loaded.reload_helper_mod = nil
+    end)
+
+    it("never reloads the framework", function()
+        local host = serve(tmpdir(), app_src("v1", 'local json = require "moonlet.json"'))
+        local json = package.loaded["moonlet.json"]
+        assert.is_true(host:reload())
+        assert.equal(json, package.loaded["moonlet.json"])
+        assert.is_nil(host.modules["moonlet.json"])
+    end)
+
+    it("watches the app and its modules: writes, rename-replacement, a module change", function()
+        local dir = tmpdir()
+        write_file(dir .. "/reload_watch_mod.lua", 'return "m1"\n')
+        local uses = 'local m = require "reload_watch_mod"\napp:get("/m", function() return m end)'
+        local host, port, path = serve(dir, app_src("v1", uses), { debounce = 0.05 })
+        defer(function() package.loaded.reload_watch_mod = nil end)
+        assert.is_true(host:watch())
+        assert.same(2, #host:watched())
+        assert.same({ 2, 1 }, { host.watcher:count() }) -- two files, one directory
+        write_file(path, app_src("v2", uses)) -- in place: truncate and write
+        assert.truthy(test.wait_until(function() return get(port) == "v2" end, 5))
+        local tmp = dir .. "/.app.lua.swp" -- as editors save: a new file renamed over the old
+        write_file(tmp, app_src("v3", uses))
+        assert(os.rename(tmp, path))
+        assert.truthy(test.wait_until(function() return get(port) == "v3" end, 5))
+        write_file(dir .. "/reload_watch_mod.lua", 'return "m2"\n')
+        assert.truthy(test.wait_until(function() return get(port, "/m") == "m2" end, 5))
+        write_file(dir .. "/unrelated.txt", "x") -- another file of the directory: no reload
+        local n = host.reloads
+        moonlet.sleep(0.2)
+        assert.same(n, host.reloads)
+        host:close()
+        assert.is_nil(host.watcher)
+    end)
+
+    it("returns to its memory baseline after 100 reloads", function()
+        local dir = tmpdir()
+        write_file(dir .. "/reload_mem_mod.lua", 'return { n = 0 }\n')
+        local uses = 'local mod = require "reload_mem_mod"\n'
+                     .. 'app.state = { big = string.rep("x", 1e5) .. tostring(app) }'
+        local host, port, path = serve(dir, app_src("r0", uses))
+        defer(function() package.loaded.reload_mem_mod = nil end)
+        assert.is_true(host:watch())
+        for i = 1, 5 do -- warm-up: caches, JIT traces
+            write_file(path, app_src("w" .. i, uses))
+            assert.is_true(host:reload())
+        end
+        settle()
+        local before = core.stats()
+        local mem0 = collectgarbage("count")
+        for i = 1, 100 do
+            write_file(path, app_src("r" .. i, uses))
+            assert.is_true(host:reload())
+            if i % 25 == 0 then assert.same("r" .. i, get(port)) end
+        end
+        -- the server closes the connections of the requests above after their lingering close
+        assert.truthy(test.wait_until(function() return core.stats().handles == before.handles end))
+        settle()
+        local after = core.stats()
+        assert.same(before.resources, after.resources)
+        assert.same(before.tasks, after.tasks)
+        local grown = collectgarbage("count") - mem0
+        assert.truthy(grown < 256, ("grew by %.0f KiB"):format(grown)) -- 100 apps of 100 KB each: 10 MB
+    end)
+end)
+
+describe("moonlet --reload", function()
+    -- test.start_process, killed and waited for when the running `it` ends
+    local function start(args)
+        local p = test.start_process(args)
+        defer(function() p:kill() end)
+        return p
+    end
+
+    it("serves steady keep-alive load through three rewrites, one broken: no request fails",
+       function()
+        local dir = tmpdir()
+        local path = dir .. "/app.lua"
+        write_file(path, app_src("v1"))
+        local p = start("--reload --port 0 " .. path)
+        local port = p:port()
+        assert(test.wait_until(function() return p:output():find("watching 1 file", 1, true) end),
+               p:output())
+        local running, total, failures = true, 0, {}
+        local seen, since_broken = {}, nil
+        local function client()
+            local sock = test.connect(port)
+            while running do
+                local ok = sock:send(test.format_request("GET", "/"))
+                local r, err = nil, "send failed"
+                if ok then r, err = test.read_response(sock) end
+                if not r or r.status ~= 200 then
+                    failures[#failures + 1] = r and ("status " .. r.status) or err
+                    sock:close()
+                    sock = test.connect(port)
+                else
+                    total = total + 1
+                    seen[r.body] = seen[r.body] or core.now()
+                    if since_broken then since_broken[r.body] = true end
+                end
+            end
+            sock:close()
+        end
+        local clients = {}
+        for i = 1, 4 do clients[i] = moonlet.spawn(client) end
+        defer(function()
+            running = false
+            for i = 1, #clients do clients[i]:join(5) end
+        end)
+        assert(test.wait_until(function() return total > 50 end, 10))
+
+        local t = core.now()
+        write_file(path, app_src("v2"))
+        assert(test.wait_until(function() return seen.v2 end, 5), "v2 never answered")
+        assert.truthy(seen.v2 - t < 1, ("v2 after %.3f s"):format(seen.v2 - t))
+
+        write_file(path, BROKEN)
+        assert(test.wait_until(function()
+            return p:output():find(plain(path) .. ":" .. BROKEN_LINE .. ":")
+        end, 5), p:output())
+        since_broken = {}
+        local n = total
+        assert(test.wait_until(function() return total > n + 50 end, 10))
+        assert.same({ v2 = true }, since_broken) -- the broken write changed nothing
+
+        t = core.now()
+        write_file(path, app_src("v4"))
+        assert(test.wait_until(function() return seen.v4 end, 5), "v4 never answered")
+        assert.truthy(seen.v4 - t < 1, ("v4 after %.3f s"):format(seen.v4 - t))
+
+        running = false
+        for i = 1, #clients do assert.truthy(clients[i]:join(5)) end
+        assert.same({}, failures)
+        assert.is_nil(seen.broken)
+        local log = p:output()
+        assert.truthy(log:find("failed, the old code goes on serving", 1, true), log)
+        assert.truthy(p:signal("TERM"))
+        assert.same(0, p:wait())
+    end)
+
+    it("reloads on SIGHUP without --reload, and keeps the old code when the new one is broken",
+       function()
+        local dir = tmpdir()
+        local path = dir .. "/app.lua"
+        write_file(path, app_src("v1"))
+        local p = start("--port 0 " .. path)
+        local port = p:port()
+        assert.same("v1", get(port))
+        write_file(path, app_src("v2"))
+        moonlet.sleep(0.1) -- not watched: nothing changes until the signal
+        assert.same("v1", get(port))
+        assert.truthy(p:signal("HUP"))
+        assert(test.wait_until(function() return get(port) == "v2" end, 5), p:output())
+        write_file(path, BROKEN)
+        assert.truthy(p:signal("HUP"))
+        assert(test.wait_until(function()
+            return p:output():find(plain(path) .. ":" .. BROKEN_LINE .. ":")
+        end, 5), p:output())
+        assert.same("v2", get(port))
+        assert.truthy(p:signal("TERM"))
+        assert.same(0, p:wait())
+    end)
+
+    it("warns on SIGHUP when a plain script serves nothing to reload", function()
+        local dir = tmpdir()
+        local path = dir .. "/plain.lua"
+        write_file(path, 'local moonlet = require "moonlet"\nio.stderr:write("plain: started\\n")\n'
+                         .. "moonlet.sleep(0.5)\n")
+        local p = start(path)
+        assert(test.wait_until(function() return p:output():find("plain: started", 1, true) end))
+        assert.truthy(p:signal("HUP"))
+        assert(test.wait_until(function() return p:output():find("nothing to reload", 1, true) end),
+               p:output())
+        assert.same(0, p:wait())
+    end)
+end)

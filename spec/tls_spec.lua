@@ -1,0 +1,260 @@
+-- spec/tls_spec.lua: TLS on moonlet.tcp sockets (core/tls.c through bindings/tcp.c), against TLS
+-- servers made with moonlet.tcp.listen whose certificates the spec creates with the `openssl`
+-- command: a CA and a server certificate for localhost and 127.0.0.1. Verification fails against
+-- an untrusted certificate and a wrong name, passes with the CA given; verify = false connects.
+local moonlet = require "moonlet"
+local core = require "moonlet.core"
+
+local tcp = moonlet.tcp
+
+local deferred
+local function defer(fn)
+    if not deferred then
+        local list = {}
+        deferred = list
+        finally(function()
+            deferred = nil
+            local first_err
+            for i = #list, 1, -1 do
+                local ok, err = pcall(list[i])
+                if not ok and not first_err then first_err = err end
+            end
+            if first_err then error(first_err, 0) end
+        end)
+    end
+    deferred[#deferred + 1] = fn
+end
+
+local dir, ca, cert, key, other_ca
+
+local function sh(cmd)
+    local ok = os.execute(cmd .. " >/dev/null 2>&1")
+    assert(ok == true or ok == 0, "failed: " .. cmd)
+end
+
+setup(function()
+    dir = os.tmpname()
+    os.remove(dir)
+    sh("mkdir -p " .. dir)
+    local ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+    sh(("cd %s && openssl req -x509 %s -keyout ca.key -out ca.pem -days 2 -subj '/CN=moonlet spec CA'")
+        :format(dir, ec))
+    sh(("cd %s && openssl req %s -keyout server.key -out server.csr -subj '/CN=localhost'"
+        .. " -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1'"):format(dir, ec))
+    sh(("cd %s && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial"
+        .. " -out server.pem -days 2 -copy_extensions copy"):format(dir))
+    sh(("cd %s && openssl req -x509 %s -keyout other.key -out other.pem -days 2 -subj '/CN=other CA'")
+        :format(dir, ec))
+    ca, cert, key = dir .. "/ca.pem", dir .. "/server.pem", dir .. "/server.key"
+    other_ca = dir .. "/other.pem"
+end)
+
+teardown(function()
+    if dir then os.execute("rm -rf " .. dir) end
+end)
+
+local function line_echo(sock)
+    while true do
+        local line = sock:receive("*l")
+        if not line or line == "quit" then return end
+        sock:send({ "echo: ", line, "\n" })
+    end
+end
+
+local function serve(handler, opts)
+    opts = opts or {}
+    opts.host, opts.port = "127.0.0.1", 0
+    if opts.tls == nil then opts.tls = { cert = cert, key = key } end
+    local server = assert(tcp.listen(opts, handler))
+    defer(function() server:close() end)
+    return server, server:port()
+end
+
+local function connect(host, port, tls, timeout)
+    local sock, err, detail = tcp.connect(host, port, { timeout = timeout or 5, tls = tls })
+    if sock then defer(function() sock:close() end) end
+    return sock, err, detail
+end
+
+describe("moonlet.tcp TLS client", function()
+    it("fails against a certificate the system store does not trust", function()
+        local _, port = serve(line_echo)
+        local sock, err = connect("localhost", port, true)
+        assert.is_nil(sock)
+        assert.same("tls: certificate verify failed", err)
+    end)
+
+    it("fails against a certificate signed by another CA", function()
+        local _, port = serve(line_echo)
+        local _, err = connect("localhost", port, { cafile = other_ca })
+        assert.same("tls: certificate verify failed", err)
+    end)
+
+    it("verifies with the CA given, by name and by IP address", function()
+        local _, port = serve(line_echo)
+        local sock = assert(connect("localhost", port, { cafile = ca }))
+        assert.is_true(sock:send("over tls\n"))
+        assert.same("echo: over tls", sock:receive("*l"))
+        local ip = assert(connect("127.0.0.1", port, { cafile = ca }))
+        assert.is_true(ip:send("by ip\n"))
+        assert.same("echo: by ip", ip:receive("*l"))
+    end)
+
+    it("fails when the certificate does not name the server", function()
+        local _, port = serve(line_echo)
+        local sock, err, detail = connect("127.0.0.1", port, { cafile = ca, server_name = "example.test" })
+        assert.is_nil(sock)
+        assert.same("tls: certificate verify failed", err)
+        assert.same("hostname mismatch", detail)
+    end)
+
+    it("connects without verification when verify = false", function()
+        local _, port = serve(line_echo)
+        local sock = assert(connect("127.0.0.1", port, { verify = false, server_name = "example.test" }))
+        assert.is_true(sock:send("unverified\n"))
+        assert.same("echo: unverified", sock:receive("*l"))
+    end)
+
+    it("upgrades a connected socket with sock:tls", function()
+        local _, port = serve(line_echo)
+        local sock = assert(connect("localhost", port))
+        assert.same({ true }, { sock:tls({ cafile = ca }) }) -- checked against "localhost"
+        assert.is_true(sock:send({ "a", "b", "\n" }))
+        assert.same("echo: ab", sock:receive())
+        assert.has_error(function() sock:tls({ cafile = ca }) end)
+    end)
+
+    it("fails the handshake with a server that does not speak TLS", function()
+        local _, port = serve(function(sock)
+            sock:receive(1)
+            sock:send("HTTP/1.1 400 Bad Request\r\n\r\nthis is no tls at all\n")
+        end, { tls = false })
+        local sock, err = connect("127.0.0.1", port, { verify = false })
+        assert.is_nil(sock)
+        assert.same("tls: handshake failed", err)
+    end)
+
+    it("fails the handshake when the server closes", function()
+        local _, port = serve(function(sock) sock:receive(1) end, { tls = false })
+        assert.same("tls: handshake failed", select(2, connect("127.0.0.1", port, { verify = false })))
+    end)
+
+    it("times out a handshake with a server that never answers", function()
+        local _, port = serve(function(sock) sock:receive("*a") end, { tls = false })
+        local sock = assert(connect("127.0.0.1", port, nil, 0.1))
+        assert.same({ nil, "timeout" }, { sock:tls({ verify = false }) })
+        assert.same({ nil, "closed" }, { sock:receive() }) -- half a handshake closes the socket
+    end)
+
+    it("reports a missing CA file", function()
+        local _, port = serve(line_echo)
+        local _, err = connect("127.0.0.1", port, { cafile = dir .. "/none.pem" })
+        assert.same("tls: cannot load CA file", err)
+    end)
+end)
+
+describe("moonlet.tcp TLS", function()
+    it("moves several megabytes both ways", function()
+        local _, port = serve(function(sock)
+            while true do
+                local data = sock:receive_any(65536)
+                if not data or not sock:send(data) then return end
+            end
+        end)
+        local sock = assert(connect("localhost", port, { cafile = ca }, 10))
+        local parts = {}
+        for i = 1, 3072 do parts[i] = string.format("%07d", i) .. string.rep("t", 1017) end
+        local payload = table.concat(parts) -- 3 MiB
+        local writer = moonlet.spawn(function() return sock:send(payload) end)
+        local back = assert(sock:receive(#payload))
+        assert.same({ true, true }, { writer:join(10) })
+        assert.is_true(back == payload)
+    end)
+
+    it("reads until the TLS server closes, and wakes a reader on close", function()
+        local _, port = serve(function(sock) sock:send("all of it") end)
+        local sock = assert(connect("localhost", port, { cafile = ca }))
+        assert.same("all of it", sock:receive("*a"))
+        local _, port2 = serve(function(s) s:receive("*a") end)
+        local s2 = assert(connect("localhost", port2, { cafile = ca }))
+        local reader = moonlet.spawn(function() return s2:receive() end)
+        s2:close()
+        assert.same({ true, nil, "closed" }, { reader:join(5) })
+    end)
+
+    it("serves many TLS clients at once", function()
+        local _, port = serve(line_echo)
+        local fns = {}
+        for i = 1, 20 do
+            fns[i] = function()
+                local sock = assert(tcp.connect("localhost", port, { timeout = 10, tls = { cafile = ca } }))
+                assert(sock:send(i .. "\n"))
+                local line = sock:receive()
+                sock:close()
+                return line
+            end
+        end
+        local results, errors = moonlet.gather(fns)
+        assert.same({}, errors)
+        for i = 1, 20 do assert.same("echo: " .. i, results[i]) end
+    end)
+
+    it("starts TLS in the middle of a plain conversation (STARTTLS) on both sides", function()
+        local _, port = serve(function(sock)
+            assert.same("STARTTLS", sock:receive())
+            sock:send("GO\n")
+            assert(sock:tls({ cert = cert, key = key }))
+            line_echo(sock)
+        end, { tls = false })
+        local sock = assert(connect("localhost", port))
+        sock:send("STARTTLS\n")
+        assert.same("GO", sock:receive())
+        assert.is_true(sock:tls({ cafile = ca }))
+        sock:send("secret\n")
+        assert.same("echo: secret", sock:receive())
+    end)
+
+    it("refuses to listen with a certificate it cannot load", function()
+        assert.same({ nil, "tls: cannot load certificate" },
+            { tcp.listen({ port = 0, tls = { cert = dir .. "/none.pem", key = key } }, line_echo) })
+        assert.same({ nil, "tls: cannot load key" },
+            { tcp.listen({ port = 0, tls = { cert = cert, key = dir .. "/other.key" } }, line_echo) })
+    end)
+
+    it("leaves nothing behind after cancelled and timed-out handshakes", function()
+        local served = 0
+        local _, port = serve(function(sock)
+            sock:receive("*a")
+            served = served + 1
+        end, { tls = false })
+        local function settle()
+            for _ = 1, 3 do moonlet.sleep(0) end
+            collectgarbage()
+            collectgarbage()
+        end
+        tcp.connect("127.0.0.1", port):close() -- loads what loads once
+        assert(require("moonlet.test").wait_until(function() return served == 1 end, 5))
+        settle()
+        local before = core.stats()
+        local mem0 = collectgarbage("count")
+        for i = 1, 500 do
+            local t = moonlet.spawn(function()
+                local sock = assert(tcp.connect("127.0.0.1", port, { timeout = 5 }))
+                if i % 2 == 0 then sock:settimeout(0) end
+                return sock:tls({ verify = false })
+            end)
+            if i % 2 == 1 then t:cancel() end
+            t:join(5)
+        end
+        settle()
+        assert(require("moonlet.test").wait_until(function()
+            settle()
+            local now = core.stats()
+            return now.handles == before.handles and now.tasks == before.tasks
+        end, 5))
+        local after = core.stats()
+        assert.same(before.resources, after.resources)
+        assert.same(before.tasks, after.tasks)
+        assert.truthy(collectgarbage("count") - mem0 < 256)
+    end)
+end)

@@ -1,0 +1,150 @@
+-- spec/udp_spec.lua: moonlet.udp over real sockets on 127.0.0.1: datagrams both ways, timeouts,
+-- a receiver woken by close, cancellation, connected sockets, and that 10,000 timed-out or
+-- cancelled receives leave nothing behind.
+local moonlet = require "moonlet"
+local core = require "moonlet.core"
+
+local udp = moonlet.udp
+
+local deferred
+local function defer(fn)
+    if not deferred then
+        local list = {}
+        deferred = list
+        finally(function()
+            deferred = nil
+            local first_err
+            for i = #list, 1, -1 do
+                local ok, err = pcall(list[i])
+                if not ok and not first_err then first_err = err end
+            end
+            if first_err then error(first_err, 0) end
+        end)
+    end
+    deferred[#deferred + 1] = fn
+end
+
+local function bind()
+    local u = assert(udp.bind("127.0.0.1", 0))
+    defer(function() u:close() end)
+    return u
+end
+
+describe("moonlet.udp", function()
+    it("sends a datagram and tells where one came from", function()
+        local a, b = bind(), bind()
+        local ahost, aport = a:getsockname()
+        local _, bport = b:getsockname()
+        assert.same("127.0.0.1", ahost)
+        assert.is_true(a:sendto("hello", "127.0.0.1", bport))
+        assert.same({ "hello", "127.0.0.1", aport }, { b:recvfrom(5) })
+        assert.is_true(b:sendto("back", "localhost", aport))
+        assert.same({ "back", "127.0.0.1", bport }, { a:recvfrom(5) })
+    end)
+
+    it("keeps datagram boundaries, empty and large ones too", function()
+        local a, b = bind(), bind()
+        local _, bport = b:getsockname()
+        local big = string.rep("0123456789", 6000)
+        assert.is_true(a:sendto("one", "127.0.0.1", bport))
+        assert.is_true(a:sendto("", "127.0.0.1", bport))
+        assert.is_true(a:sendto(big, "127.0.0.1", bport))
+        assert.same("one", (b:recvfrom(5)))
+        assert.same("", (b:recvfrom(5)))
+        assert.is_true(big == b:recvfrom(5))
+    end)
+
+    it("serves as an echo server in a task of its own", function()
+        local server = bind()
+        local _, sport = server:getsockname()
+        local echo = moonlet.spawn(function()
+            for _ = 1, 3 do
+                local data, host, port = server:recvfrom(5)
+                if not data then return end
+                server:sendto("echo " .. data, host, port)
+            end
+        end)
+        local client = bind()
+        for i = 1, 3 do
+            assert.is_true(client:sendto("n" .. i, "127.0.0.1", sport))
+            assert.same("echo n" .. i, (client:recvfrom(5)))
+        end
+        echo:join(5)
+    end)
+
+    it("times out a receive, with the argument or the socket's timeout", function()
+        local u = bind()
+        assert.same({ nil, "timeout" }, { u:recvfrom(0.02) })
+        u:settimeout(0.02)
+        assert.same({ nil, "timeout" }, { u:recvfrom() })
+    end)
+
+    it("wakes a waiting receiver with closed", function()
+        local u = bind()
+        local t = moonlet.spawn(function() return u:recvfrom(5) end)
+        u:close()
+        assert.same({ true, nil, "closed" }, { t:join(5) })
+        assert.same({ nil, "closed" }, { u:sendto("x", "127.0.0.1", 9) })
+        assert.same({ nil, "closed" }, { u:recvfrom() })
+    end)
+
+    it("answers socket busy to a second receiver and survives a cancel", function()
+        local a, b = bind(), bind()
+        local _, bport = b:getsockname()
+        local t = moonlet.spawn(function() return b:recvfrom(5) end)
+        assert.same({ nil, "socket busy" }, { b:recvfrom(5) })
+        assert.is_true(t:cancel())
+        assert.same({ false, "cancelled" }, { t:join(5) })
+        a:sendto("after cancel", "127.0.0.1", bport)
+        assert.same("after cancel", (b:recvfrom(5)))
+    end)
+
+    it("talks to one peer after setpeername", function()
+        local a, b = bind(), bind()
+        local _, aport = a:getsockname()
+        local _, bport = b:getsockname()
+        assert.is_true(a:setpeername("127.0.0.1", bport))
+        assert.is_true(a:send("connected"))
+        assert.same({ "connected", "127.0.0.1", aport }, { b:recvfrom(5) })
+        b:sendto("reply", "127.0.0.1", aport)
+        assert.same({ "reply" }, { a:receive(5) })
+    end)
+
+    it("reports an address in use", function()
+        local a = bind()
+        local _, port = a:getsockname()
+        assert.same({ nil, "address in use" }, { udp.bind("127.0.0.1", port) })
+    end)
+
+    it("raises on misuse", function()
+        local u = bind()
+        assert.has_error(function() u:sendto(nil, "127.0.0.1", 9) end)
+        assert.has_error(function() u:sendto("x", "127.0.0.1", "port") end)
+        assert.has_error(function() udp.bind("127.0.0.1", -1) end)
+    end)
+
+    it("leaves nothing behind after 10,000 timed-out or cancelled receives", function()
+        local u = bind()
+        for _ = 1, 3 do moonlet.sleep(0) end
+        collectgarbage()
+        collectgarbage()
+        local before = core.stats()
+        local mem0 = collectgarbage("count")
+        for i = 1, 10000 do
+            if i % 2 == 0 then
+                assert.same({ nil, "timeout" }, { u:recvfrom(0) })
+            else
+                local t = moonlet.spawn(u.recvfrom, u, 5)
+                t:cancel()
+            end
+        end
+        for _ = 1, 3 do moonlet.sleep(0) end
+        collectgarbage()
+        collectgarbage()
+        local after = core.stats()
+        assert.same(before.handles, after.handles)
+        assert.same(before.resources, after.resources)
+        assert.same(before.tasks, after.tasks)
+        assert.truthy(collectgarbage("count") - mem0 < 256)
+    end)
+end)
