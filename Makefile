@@ -97,6 +97,7 @@ run: $(BUILD)/moonlet
 	./$(BUILD)/moonlet apps/welcome/app.lua --port $(PORT)
 
 test: $(BUILD)/moonlet $(CTESTS) examples
+	@sh scripts/deps.sh test
 	@BUILD=$(BUILD) SANITIZE=$(SANITIZE) sh spec/run.sh
 
 bench: $(BUILD)/moonlet

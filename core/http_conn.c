@@ -7,8 +7,10 @@
  *   llhttp_execute has returned, so the upper layer never runs inside the parser.
  * - The request line and headers are copied once, into the connection's pooled request buffer; the
  *   ml_request_t the upper layer sees points there until ml_conn_finish.
- * - Once a message is complete and its handler still runs, the rest of the input is stashed and
- *   reading stops: the next request is parsed only after ml_conn_finish (responses stay in order).
+ * - Once a message is complete and its handler still runs, the rest of the input is stashed (and
+ *   what arrives meanwhile is appended, up to ML_STASH_MAX, then reading pauses): the next request
+ *   is parsed only after ml_conn_finish, so responses stay in order. An EOF behind stashed requests
+ *   waits until they have run.
  * - Lenient parsing is never enabled: llhttp's strict defaults refuse what request smuggling needs.
  */
 #include <stdlib.h>
@@ -298,23 +300,29 @@ static void dispatch(ml_conn_t *c) {
   c->srv->cb.on_request(c, c->srv->ud);
 }
 
+/* Keeps input for later: data inside the stash only moves the offset; other data is appended after
+ * what the stash still holds (input read while a handler runs, behind the pipelined requests). */
 static void stash(ml_conn_t *c, const char *data, size_t len) {
   if (len == 0) return;
   if (c->stash && data >= c->stash && data < c->stash + c->stash_len) { /* already ours */
     c->stash_off = (size_t)(data - c->stash);
     return;
   }
-  char *s = malloc(len);
+  size_t keep = c->stash ? c->stash_len - c->stash_off : 0;
+  char *s = malloc(keep + len);
   if (!s) {
     ml_conn_close(c, 0);
     return;
   }
-  memcpy(s, data, len);
+  if (keep) memcpy(s, c->stash + c->stash_off, keep);
+  memcpy(s + keep, data, len);
   free(c->stash);
   c->stash = s;
-  c->stash_len = len;
+  c->stash_len = keep + len;
   c->stash_off = 0;
 }
+
+void ml__conn_stash_input(ml_conn_t *c, const char *data, size_t len) { stash(c, data, len); }
 
 static void stash_clear(ml_conn_t *c) {
   free(c->stash);
@@ -347,6 +355,7 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
   while (len > 0 && !c->closing && !c->upgraded) {
     if (c->req_active && c->state == ML_CONN_DONE_READ) { /* wait for the handler */
       stash(c, data, len);
+      c->feed_rest = 0; /* the stash holds it now */
       c->in_feed = 0;
       return;
     }
@@ -376,6 +385,7 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
       }
       data += used;
       len -= used;
+      c->feed_rest = len; /* input behind this request: keep_alive must not take EOF for the end */
       int event = c->pause;
       c->pause = PAUSE_NONE;
       if (err == HPE_PAUSED_UPGRADE) {
@@ -403,6 +413,7 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
     ml__conn_error(c, status, why);
     break;
   }
+  c->feed_rest = 0;
   if (c->upgraded && len > 0 && !c->closing) stash(c, data, len);
   else if (len == 0 && c->stash && !c->closing) stash_clear(c);
   c->in_feed = 0;
@@ -438,6 +449,8 @@ void ml__conn_run_stash(ml_conn_t *c) {
       free(s);
     }
   }
+  if (c->read_eof && !c->closing && c->stash_len <= c->stash_off)
+    ml__conn_on_eof(c); /* the client had shut its side behind the requests just run */
   ml__conn_update_reading(c);
   ml__conn_arm_timer(c);
 }
@@ -445,6 +458,7 @@ void ml__conn_run_stash(ml_conn_t *c) {
 void ml__conn_on_eof(ml_conn_t *c) {
   c->read_eof = 1;
   c->reading = 0;
+  if (c->stash_len > c->stash_off) return; /* pipelined requests first: run_stash comes back here */
   if (c->req_active) {
     if (c->state != ML_CONN_DONE_READ) { /* the body will never be complete */
       c->body_error = 1;

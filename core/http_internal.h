@@ -14,6 +14,7 @@
 #define ML_BODY_HIGH_WATER (256 * 1024) /* reading pauses while this much body is unread */
 #define ML_WRITE_LOW_WATER (64 * 1024)  /* on_writable fires below this */
 #define ML_OUT_FLUSH_AT (256 * 1024)    /* staged output is written out past this */
+#define ML_STASH_MAX (64 * 1024)        /* reading pauses while this much input waits its turn */
 #define ML_LINGER_MS 2000               /* reading after a graceful close, to avoid a RST */
 #define ML_MAX_LISTENERS 8
 
@@ -56,6 +57,7 @@ struct ml_conn_s {
   /* unparsed input kept while the current request is handled (pipelining) */
   char *stash;
   size_t stash_len, stash_off;
+  size_t feed_rest;       /* bytes conn_feed still holds behind the request it dispatched */
 
   size_t write_queue;     /* bytes in uv_write requests */
   int64_t stream_left;    /* bytes still due in a streamed response with Content-Length, or -1 */
@@ -152,6 +154,7 @@ void ml__conn_init_settings(llhttp_settings_t *st);
 void ml__conn_start(ml_conn_t *c);
 void ml__conn_feed(ml_conn_t *c, const char *data, size_t len);
 void ml__conn_run_stash(ml_conn_t *c);
+void ml__conn_stash_input(ml_conn_t *c, const char *data, size_t len);
 void ml__conn_on_eof(ml_conn_t *c);
 void ml__conn_error(ml_conn_t *c, int status, const char *why);
 void ml__conn_timeout(ml_conn_t *c);

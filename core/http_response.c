@@ -55,7 +55,8 @@ const char *ml_http_reason(int status) {
 /* Whether the connection stays open after this response; sets close_after when it does not. */
 static int keep_alive(ml_conn_t *c) {
   const ml_http_limits_t *lim = &c->srv->lim;
-  int keep = c->req.keep_alive && !c->close_after && !c->srv->draining && !c->read_eof &&
+  int eof = c->read_eof && c->stash_len <= c->stash_off && c->feed_rest == 0; /* none pipelined */
+  int keep = c->req.keep_alive && !c->close_after && !c->srv->draining && !eof &&
              !c->upgraded && !(lim->keepalive_requests && c->nrequests + 1 >= lim->keepalive_requests);
   if (!keep) c->close_after = 1;
   return keep;

@@ -307,7 +307,11 @@ static void read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     }
     return;
   }
-  ml__conn_feed(c, c->srv->rbuf, (size_t)n);
+  if (c->stash_len > c->stash_off || (c->req_active && c->state == ML_CONN_DONE_READ)) {
+    ml__conn_stash_input(c, c->srv->rbuf, (size_t)n); /* behind the request being handled */
+  } else {
+    ml__conn_feed(c, c->srv->rbuf, (size_t)n);
+  }
   ml__conn_update_reading(c);
   ml__conn_arm_timer(c);
 }
@@ -321,8 +325,10 @@ void ml__conn_update_reading(ml_conn_t *c) {
   } else if (c->raw_cb) {
     want = !c->closing && !c->read_eof && c->stash_len == 0 && !c->raw_paused;
   } else {
-    want = !c->closing && !c->read_eof && !c->upgraded && c->stash_len == 0 &&
-           !(c->req_active && c->state == ML_CONN_DONE_READ) &&
+    /* Reading goes on while a handler runs (what arrives is stashed behind its request, up to
+     * ML_STASH_MAX): stopping and restarting costs two epoll_ctl per request. */
+    want = !c->closing && !c->read_eof && !c->upgraded &&
+           c->stash_len - c->stash_off < ML_STASH_MAX &&
            !(c->req_active && c->body_len >= ML_BODY_HIGH_WATER);
   }
   if (want && !c->reading) {

@@ -1,23 +1,33 @@
 #!/bin/sh
-# scripts/deps.sh: checks the Debian packages moonlet builds, tests and benchmarks with, and installs
-# the missing ones with apt-get when run as root (else prints the apt-get line and fails).
+# scripts/deps.sh [build|test]: checks the Debian packages moonlet needs and installs the missing
+# ones with apt-get when run as root (else prints the apt-get line and fails). `build` (the default,
+# what `make` and `make run` use) is what building and serving need; `test` (what `make test` uses)
+# adds the servers and peers the specs drive: PostgreSQL, Redis, Node's ws, Python's websockets,
+# Chromium.
 # LuaJIT comes as luajit2 (OpenResty's LuaJIT 2.1 branch): Debian's nginx Lua module needs it and it
 # conflicts with the plain libluajit-5.1 package, so one LuaJIT serves both moonlet and its rival.
 set -u
+PROFILE=${1:-build}
 PKGS="gcc make pkg-config libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp lua-busted lua-cjson
-      lua-check libssl-dev openssl zlib1g-dev curl procps util-linux
-      libsqlite3-dev sqlite3 libpq-dev postgresql redis-server"
-# WebSocket peers and the chat's browser test (spec/peers): Python's websockets, Debian's chromium,
-# and node + npm unless a node is already on PATH (NodeSource's nodejs bundles npm)
-PKGS="$PKGS python3-websockets chromium"
-command -v node >/dev/null 2>&1 || PKGS="$PKGS nodejs"
-command -v npm >/dev/null 2>&1 || PKGS="$PKGS npm"
-# Node's ws and playwright-core for spec/peers, from npm (spec/peers/package.json), when npm is there
-peers() {
-  command -v npm >/dev/null 2>&1 || return 0
-  npm install --prefix "$(dirname "$0")/../spec/peers" --no-audit --no-fund >&2 ||
-    echo "deps.sh: npm install --prefix spec/peers failed: the peer tests will be pending" >&2
-}
+      lua-check libssl-dev openssl zlib1g-dev libsqlite3-dev libpq-dev curl procps util-linux"
+peers() { :; }
+if [ "$PROFILE" = test ]; then
+  # database servers the specs start privately, and sqlite3 for inspecting test databases
+  PKGS="$PKGS sqlite3 postgresql redis-server"
+  # WebSocket peers and the chat's browser test (spec/peers): Python's websockets, Debian's
+  # chromium, and node + npm unless a node is already on PATH (NodeSource's nodejs bundles npm)
+  PKGS="$PKGS python3-websockets chromium"
+  command -v node >/dev/null 2>&1 || PKGS="$PKGS nodejs"
+  command -v npm >/dev/null 2>&1 || PKGS="$PKGS npm"
+  # Node's ws and playwright-core for spec/peers, from npm (spec/peers/package.json)
+  peers() {
+    dir="$(dirname "$0")/../spec/peers"
+    [ -d "$dir/node_modules/ws" ] && [ -d "$dir/node_modules/playwright-core" ] && return 0
+    command -v npm >/dev/null 2>&1 || return 0
+    npm install --prefix "$dir" --no-audit --no-fund >&2 ||
+      echo "deps.sh: npm install --prefix spec/peers failed: the peer tests will be pending" >&2
+  }
+fi
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -100,6 +100,10 @@ describe("apps/todo", function()
         local r = api(port, "POST", "/api/todos", "title=from+a+form&done=on",
                       { ["Content-Type"] = "application/x-www-form-urlencoded" })
         assert.same({ 201, { id = 1, title = "from a form", done = true } }, { r.status, r.json })
+        -- JSON sent with a form's type (what `curl -d` does) is still read as JSON
+        r = api(port, "POST", "/api/todos", '{"title": "curl"}',
+                { ["Content-Type"] = "application/x-www-form-urlencoded" })
+        assert.same({ 201, { id = 2, title = "curl", done = false } }, { r.status, r.json })
     end)
 
     it("serves an HTML page whose forms add, toggle and delete", function()

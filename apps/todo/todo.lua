@@ -176,14 +176,15 @@ local function validate(input, partial)
     return out
 end
 
--- The body of a request as a table: JSON, or a form.
+-- The body of a request as a table: a form, or JSON (also when a client such as `curl -d` sent
+-- JSON labelled as a form).
 local function input_of(req)
-    local ctype = req:header("content-type") or ""
-    if ctype:find("application/x-www-form-urlencoded", 1, true) then
-        return req:form()
-    end
     local body, err = req:body()
     if not body then return nil, err end
+    local ctype = req:header("content-type") or ""
+    if ctype:find("application/x-www-form-urlencoded", 1, true) and not body:find("^%s*{") then
+        return req:form()
+    end
     local v = json.decode(body)
     if v == nil then return nil, "invalid JSON" end
     return v

@@ -647,6 +647,22 @@ static void test_pipelining(void) {
   CHECK(!cl.eof);
   client_close(&cl);
   wait_server_idle(x);
+
+  ctest_section("pipelining then a half-close: every request is answered, the last one closes");
+  before = x->n_request;
+  CHECK_INT(client_open(&cl, x->port), 1);
+  client_sends(&cl, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                    "GET /p2 HTTP/1.1\r\nHost: x\r\n\r\n"
+                    "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n");
+  uv_shutdown_t sreq; /* the client's write side ends right behind its requests */
+  CHECK_INT(uv_shutdown(&sreq, (uv_stream_t *)&cl.tcp, NULL), 0);
+  CHECK(client_wait(&cl, 3));
+  check_ok(&cl, 0, "slow done");
+  check_ok(&cl, 1, "/p2");
+  check_ok(&cl, 2, "slow done");
+  CHECK_INT(x->n_request - before, 3);
+  client_close(&cl);
+  wait_server_idle(x);
 }
 
 /* Sends s one byte per write, turning the loop without blocking in between, so that the server
