@@ -85,6 +85,7 @@ describe("moonlet.sqlite", function()
                     db:query("SELECT * FROM todo WHERE done = ? ORDER BY id", 0))
         assert.same({ { title = "two" } }, db:query("SELECT title FROM todo WHERE id = :id", { id = 2 }))
         assert.same({ { v = 1.5, s = "7" } }, db:query("SELECT ? AS v, ? AS s", 1.5, "7"))
+        assert.same({ { a = 1, b = "x" } }, db:query("SELECT @a AS a, $b AS b", { a = 1, b = "x" }))
         -- a named parameter missing from the table is NULL
         assert.same({ {} }, db:query("SELECT :nothing AS v", {}))
     end)
