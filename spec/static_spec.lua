@@ -12,25 +12,7 @@ local HELLO = "hello, static\n"
 local DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 local SECRET = "TOP SECRET: never served"
 
--- busted keeps only the last function given to finally(); defer(fn) gathers them instead and runs
--- them all, last first, when the running `it` ends (the first error is raised after the others ran)
-local deferred
-local function defer(fn)
-    if not deferred then
-        local list = {}
-        deferred = list
-        finally(function()
-            deferred = nil
-            local first_err
-            for i = #list, 1, -1 do
-                local ok, err = pcall(list[i])
-                if not ok and not first_err then first_err = err end
-            end
-            if first_err then error(first_err, 0) end
-        end)
-    end
-    deferred[#deferred + 1] = fn
-end
+local defer = test.defer -- all cleanups of an `it` run (busted keeps only the last finally)
 
 local function write_file(path, data)
     local f = assert(io.open(path, "wb"))

@@ -9,25 +9,7 @@ local ffi = require "ffi"
 
 local tcp = moonlet.tcp
 
--- busted keeps only the last function given to finally(); defer(fn) gathers them instead and runs
--- them all, last first, when the running `it` ends
-local deferred
-local function defer(fn)
-    if not deferred then
-        local list = {}
-        deferred = list
-        finally(function()
-            deferred = nil
-            local first_err
-            for i = #list, 1, -1 do
-                local ok, err = pcall(list[i])
-                if not ok and not first_err then first_err = err end
-            end
-            if first_err then error(first_err, 0) end
-        end)
-    end
-    deferred[#deferred + 1] = fn
-end
+local defer = test.defer -- all cleanups of an `it` run (busted keeps only the last finally)
 
 local function serve(handler, opts)
     opts = opts or {}

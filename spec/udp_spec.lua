@@ -6,23 +6,8 @@ local core = require "moonlet.core"
 
 local udp = moonlet.udp
 
-local deferred
-local function defer(fn)
-    if not deferred then
-        local list = {}
-        deferred = list
-        finally(function()
-            deferred = nil
-            local first_err
-            for i = #list, 1, -1 do
-                local ok, err = pcall(list[i])
-                if not ok and not first_err then first_err = err end
-            end
-            if first_err then error(first_err, 0) end
-        end)
-    end
-    deferred[#deferred + 1] = fn
-end
+local test = require "moonlet.test"
+local defer = test.defer -- all cleanups of an `it` run (busted keeps only the last finally)
 
 local function bind()
     local u = assert(udp.bind("127.0.0.1", 0))

@@ -10,8 +10,8 @@ local concat = table.concat
 local _M = {}
 
 -- syntax: test.defer(fn) -- runs fn when the current `it` ends, pass or fail; every deferred
--- function runs, the last deferred first. Use it instead of busted's finally(), which keeps only
--- the last function given to it in an `it`.
+-- function runs, the last deferred first, and the first error among them is raised after all ran.
+-- Use it instead of busted's finally(), which keeps only the last function given to it in an `it`.
 local deferred
 function _M.defer(fn)
     if not deferred then
@@ -19,7 +19,12 @@ function _M.defer(fn)
         local list = deferred
         getfenv(2).finally(function() -- busted's finally lives in the spec's environment
             deferred = nil
-            for i = #list, 1, -1 do pcall(list[i]) end
+            local first_err
+            for i = #list, 1, -1 do
+                local ok, err = pcall(list[i])
+                if not ok and not first_err then first_err = err end
+            end
+            if first_err then error(first_err, 0) end
         end)
     end
     deferred[#deferred + 1] = fn
