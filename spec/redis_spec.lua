@@ -211,16 +211,7 @@ describe("moonlet.redis", function()
 
 
     -- Runs `moonlet script` with the given source; returns its exit code (nil: still running).
-    local function run_script(src)
-        local script = os.tmpname()
-        local f = assert(io.open(script, "w"))
-        f:write(src)
-        f:close()
-        test.defer(function() os.remove(script) end)
-        local p = test.start_process(script)
-        test.defer(function() p:kill() end)
-        return p:wait(10), p:output()
-    end
+    local run_script = test.run_script
 
     it("does not keep a script alive with an idle client", function()
         assert.same({ 0, "PONG\n" }, { run_script(([[

@@ -328,16 +328,7 @@ describe("moonlet.sqlite", function()
 
 
     -- Runs `moonlet script` with the given source; returns its exit code (nil: still running).
-    local function run_script(src)
-        local script = os.tmpname()
-        local f = assert(io.open(script, "w"))
-        f:write(src)
-        f:close()
-        test.defer(function() os.remove(script) end)
-        local p = test.start_process(script)
-        test.defer(function() p:kill() end)
-        return p:wait(10), p:output()
-    end
+    local run_script = test.run_script
 
     it("does not keep a script alive once its statements are done", function()
         assert.same({ 0, "done\n" }, { run_script(([[

@@ -216,6 +216,22 @@ function proc_mt.__index:wait(timeout)
     end, timeout or 10)
 end
 
+-- syntax: code, output = test.run_script(src, timeout) -- runs `moonlet` on a script with that
+-- source as a separate process; the exit code (nil if still running at the deadline: then it is
+-- killed) and everything it printed. Leaves no file behind.
+function _M.run_script(src, timeout)
+    local script = os.tmpname()
+    local f = assert(io.open(script, "w"))
+    f:write(src)
+    f:close()
+    local p = _M.start_process(script)
+    local code = p:wait(timeout or 10)
+    local out = p:output()
+    p:kill()
+    os.remove(script)
+    return code, out
+end
+
 -- syntax: p:kill() -- SIGKILL unless it ended already, then its files are removed; it waits for
 -- the subshell to record the exit code first, else that late write would leave the file behind
 function proc_mt.__index:kill()
