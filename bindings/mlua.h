@@ -124,6 +124,7 @@ void mlua_open_fswatch(lua_State *L, moonlet_t *m);
 void mlua_open_sqlite(lua_State *L, moonlet_t *m);
 void mlua_open_pg(lua_State *L, moonlet_t *m);
 void mlua_open_ws(lua_State *L, moonlet_t *m);
+void mlua_open_process(lua_State *L, moonlet_t *m);
 /* http_server.c: hands the connection of the exchange at idx over to another protocol (ws.c):
  * logs the request as 101, calls ml_conn_upgrade(c, headers, hlen, cb, ud) and detaches the
  * exchange (its methods return nil, "closed" from then on; the handler task goes on). Returns the

@@ -2,8 +2,9 @@
  * core.tcp_connect(ip, port, timeout), core.tcp_listen(host, port, backlog, fn, timeout), and the
  * socket methods send, receive(n | "*l" | "*a"), receive_any, receiveuntil's reader, tls (the
  * handshake; afterwards send and receive encrypt transparently through core/tls.c), settimeout(s),
- * getpeername, getsockname, close. Each call that waits yields its task. lua/moonlet/tcp.lua wraps
- * these (name resolution, check() of every wait) as moonlet.tcp.
+ * getpeername, getsockname, close, reusable (for keep-alive pools: moonlet.ngx). Each call that
+ * waits yields its task. lua/moonlet/tcp.lua wraps these (name resolution, check() of every wait)
+ * as moonlet.tcp.
  *
  * Ownership:
  * - A socket (sock_t) is C memory; the Lua userdata holds a pointer to it, NULLed when the socket
@@ -24,9 +25,12 @@
  *   when Lua drops its object, until server:close() or moonlet_free. Each accepted connection runs
  *   the Lua function fn(sock) in a task of its own.
  */
+#include <errno.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <sys/socket.h>
 
 #include "../core/tls.h"
 #include "mlua.h"
@@ -876,6 +880,23 @@ static int s_close(lua_State *L) {
   return 1;
 }
 
+/* syntax: ok = sock:reusable() -- true when the socket could go to a keep-alive pool: open, no
+ * waiter, no error, nothing received and unread (buffered here or in the kernel: a non-blocking
+ * MSG_PEEK also tells whether the peer closed). moonlet.ngx's setkeepalive and connect use it. */
+static int s_reusable(lua_State *L) {
+  sock_t *s = check_sock(L);
+  int ok =
+      s && !s->rwait && !s->wwait && !s->eof && !s->err && s->len == 0 && (!s->tls || s->tls_up);
+  if (ok) {
+    uv_os_fd_t fd;
+    char c;
+    ok = uv_fileno((uv_handle_t *)&s->tcp, &fd) == 0 &&
+         recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+  }
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
 static int s_tostring(lua_State *L) {
   sock_t *s = check_sock(L);
   lua_pushfstring(L, "moonlet.tcp (%s)", s ? (s->tls ? "tls" : "open") : "closed");
@@ -1009,6 +1030,7 @@ void mlua_open_tcp(lua_State *L, moonlet_t *m) {
                                 {"getpeername", s_getpeername},
                                 {"getsockname", s_getsockname},
                                 {"close", s_close},
+                                {"reusable", s_reusable},
                                 {NULL, NULL}};
   static const luaL_Reg srvm[] = {{"port", srv_port}, {"close", srv_close}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"tcp_connect", l_connect},

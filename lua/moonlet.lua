@@ -59,6 +59,8 @@ local lazy = {
     sqlite = "moonlet.sqlite",
     pg = "moonlet.pg",
     redis = "moonlet.redis",
+    ngx = "moonlet.ngx",
+    process = "moonlet.process",
 }
 setmetatable(_M, { __index = function(t, k)
     local name = lazy[k]

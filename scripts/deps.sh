@@ -14,6 +14,8 @@ peers() { :; }
 if [ "$PROFILE" = test ]; then
   # database servers the specs start privately, and sqlite3 for inspecting test databases
   PKGS="$PKGS sqlite3 postgresql redis-server"
+  # Debian's lua-resty-redis (module nginx.redis), run unmodified by spec/ngx_spec.lua
+  PKGS="$PKGS lua-nginx-redis"
   # WebSocket peers and the chat's browser test (spec/peers): Python's websockets, Debian's
   # chromium, and node + npm unless a node is already on PATH (NodeSource's nodejs bundles npm)
   PKGS="$PKGS python3-websockets chromium"

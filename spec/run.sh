@@ -40,9 +40,15 @@ for t in "$BUILD"/spec/c/test_*; do
 done
 
 echo "== busted specs ($MOONLET_BIN test spec)"
-"$MOONLET_BIN" test spec 2>&1 | tee "$log"
-rc=$(cat "$log" >/dev/null; echo 0)
+rcfile=$(mktemp)
+{ "$MOONLET_BIN" test spec 2>&1; echo $? >"$rcfile"; } | tee "$log"
+rc=$(cat "$rcfile")
+rm -f "$rcfile"
 count "$log" "busted"
+if [ "$rc" -ne 0 ] && ! grep -qE '^tests: [0-9]+ passed, [1-9]' "$log"; then
+  echo "run.sh: moonlet test exited with $rc after its specs (a crash at exit?)" >&2
+  failed=$((failed + 1))
+fi
 if grep -qE 'ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:' "$log"; then
   echo "run.sh: the sanitizer reported errors above" >&2
   failed=$((failed + 1))

@@ -1,0 +1,964 @@
+-- lua/moonlet/ngx.lua: moonlet.ngx, a minimal OpenResty `ngx` API on moonlet, so that lua-resty
+-- drivers (lua-resty-redis, ...) run unmodified. require("moonlet.ngx").install() sets the global
+-- `ngx`; requiring the module alone has no side effects.
+--
+-- ngx.socket.tcp() objects are Lua tables wrapping a moonlet.tcp socket (created by :connect).
+-- Timeouts are OpenResty's milliseconds here, converted to moonlet's seconds. :setkeepalive puts
+-- the socket in a pool keyed by "host:port" (or opts.pool): a LIFO stack per key, bounded in size,
+-- whose entries expire after their idle timeout. No timer watches the pool (nothing keeps a script
+-- alive): expired entries are closed whenever a pool is used, and a pooled socket whose peer closed
+-- or sent something meanwhile is found out by sock:reusable() (a non-blocking peek) and dropped.
+-- ngx.thread runs on moonlet tasks; ngx.re translates a simple regex subset to Lua patterns (PCRE
+-- is not linked) and raises on anything else; hashes use libcrypto through the FFI.
+local core = require "moonlet.core"
+local task = require "moonlet.task"
+local tcp = require "moonlet.tcp"
+local udp = require "moonlet.udp"
+local redis = require "moonlet.redis"
+
+local check = task.check
+local core_time, core_log, core_park, core_unpark, core_running = core.time, core.log, core.park,
+    core.unpark, core.running
+local byte, char, sub, find, gsub, lower, upper, format = string.byte, string.char,
+    string.sub, string.find, string.gsub, string.lower, string.upper, string.format
+local concat, remove = table.concat, table.remove
+local floor, huge = math.floor, math.huge
+local type, tostring, tonumber, error, setmetatable, getmetatable, select, pcall, pairs, unpack =
+    type, tostring, tonumber, error, setmetatable, getmetatable, select, pcall, pairs, unpack
+local rawget, rawset = rawget, rawset
+
+local _M = { _VERSION = "0.1.0" }
+
+local DEFAULT_TIMEOUT_MS = 60000 -- lua_socket_{connect,send,read,keepalive}_timeout
+local DEFAULT_POOL_SIZE = 30     -- lua_socket_pool_size
+
+local function pack(...)
+    return { n = select("#", ...), ... }
+end
+
+-- ms (nil or <= 0: the default, as in OpenResty) -> seconds
+local function secs(ms)
+    if ms == nil or ms <= 0 then ms = DEFAULT_TIMEOUT_MS end
+    return ms / 1000
+end
+
+-- -- The keep-alive pool -------------------------------------------------------------------------
+
+local pools = {} -- key -> stack of { sock =, expires =, reused =, tls = } (the newest on top)
+
+-- Closes every expired entry of every pool.
+local function sweep(t)
+    for key, p in pairs(pools) do
+        local j = 0
+        for i = 1, #p do
+            local e = p[i]
+            if e.expires <= t then
+                e.sock:close()
+            else
+                j = j + 1
+                p[j] = e
+            end
+        end
+        for i = #p, j + 1, -1 do p[i] = nil end
+        if j == 0 then pools[key] = nil end
+    end
+end
+
+-- A live idle connection of pool key, or nil.
+local function checkout(key)
+    local t = core_time()
+    sweep(t)
+    local p = pools[key]
+    while p and #p > 0 do
+        local e = remove(p)
+        if #p == 0 then pools[key] = nil end
+        if e.sock:reusable() then return e end
+        e.sock:close()
+    end
+    return nil
+end
+
+-- syntax: stats = require("moonlet.ngx").pool_stats() -- { idle = n, pools = { [key] = n } }
+function _M.pool_stats()
+    local out, idle = {}, 0
+    for key, p in pairs(pools) do
+        out[key] = #p
+        idle = idle + #p
+    end
+    return { idle = idle, pools = out }
+end
+
+-- syntax: require("moonlet.ngx").close_idle() -- closes every pooled connection now
+function _M.close_idle()
+    for key, p in pairs(pools) do
+        for i = 1, #p do p[i].sock:close() end
+        pools[key] = nil
+    end
+end
+
+-- -- ngx.socket.tcp ------------------------------------------------------------------------------
+
+local tcp_methods = {}
+local tcp_mt = { __name = "moonlet.ngx.tcp", __index = tcp_methods }
+
+local function new_tcp()
+    return setmetatable({ _ct = 0, _st = 0, _rt = 0, _reused = 0 }, tcp_mt)
+end
+
+local function apply_timeouts(self)
+    local s = rawget(self, "_sock")
+    if s then s:settimeouts(secs(self._ct), secs(self._st), secs(self._rt)) end
+end
+
+-- An I/O error other than a read timeout closes the socket, as in OpenResty.
+local function fail(self, err, partial)
+    local s = rawget(self, "_sock")
+    if s and err ~= "timeout" then
+        s:close()
+        self._sock = nil
+    end
+    return nil, err, partial
+end
+
+-- syntax: ok, err = sock:connect(host, port, { pool = name, pool_size =, backlog = })
+function tcp_methods:connect(host, port, opts)
+    if type(host) ~= "string" then error("moonlet.ngx: connect expects a host", 2) end
+    if sub(host, 1, 5) == "unix:" then
+        return nil, "unix domain sockets are not supported"
+    end
+    if type(port) ~= "number" then port = tonumber(port) end
+    if not port then error("moonlet.ngx: connect expects a port", 2) end
+    if opts ~= nil and type(opts) ~= "table" then
+        error("moonlet.ngx: connect options must be a table", 2)
+    end
+    local old = rawget(self, "_sock")
+    if old then
+        old:close()
+        self._sock = nil
+    end
+    local key = opts and opts.pool or (host .. ":" .. port)
+    if type(key) ~= "string" then error("moonlet.ngx: pool must be a string", 2) end
+    self._key = key
+    local e = checkout(key)
+    if e then
+        self._sock, self._reused, self._tls = e.sock, e.reused + 1, e.tls
+        apply_timeouts(self)
+        return 1
+    end
+    local s, err = tcp.connect(host, port, { timeout = secs(self._ct) })
+    if not s then return nil, err end
+    self._sock, self._reused, self._tls = s, 0, false
+    apply_timeouts(self)
+    return 1
+end
+
+-- syntax: session, err = sock:sslhandshake(reused_session, server_name, ssl_verify)
+-- ssl_verify defaults to false, as in OpenResty; the session returned is `true` (no resumption).
+function tcp_methods:sslhandshake(_, server_name, ssl_verify)
+    local s = rawget(self, "_sock")
+    if not s then return nil, "closed" end
+    if self._tls then return true end -- a pooled connection that did its handshake already
+    if server_name ~= nil and type(server_name) ~= "string" then
+        error("moonlet.ngx: sslhandshake expects a server name string", 2)
+    end
+    local ok, err = s:tls({ server_name = server_name, verify = ssl_verify and true or false })
+    if not ok then
+        self._sock = nil -- a failed handshake closed it
+        return nil, err
+    end
+    self._tls = true
+    return true
+end
+
+-- Flattens nested arrays of strings, numbers and booleans (OpenResty's send accepts them).
+local function flatten(t, out, n)
+    for i = 1, #t do
+        local v = t[i]
+        local tv = type(v)
+        if tv == "table" then
+            n = flatten(v, out, n)
+        elseif tv == "string" or tv == "number" then
+            n = n + 1
+            out[n] = tostring(v)
+        elseif tv == "boolean" then
+            n = n + 1
+            out[n] = v and "true" or "false"
+        else
+            error("moonlet.ngx: send: bad data in the array: " .. tv, 3)
+        end
+    end
+    return n
+end
+
+-- syntax: bytes, err = sock:send(data) -- a string or a (nested) array of strings and numbers
+function tcp_methods:send(data)
+    local td = type(data)
+    local bytes
+    if td == "table" then
+        local parts = {}
+        local n = flatten(data, parts, 0)
+        bytes = 0
+        for i = 1, n do bytes = bytes + #parts[i] end
+        data = parts
+    elseif td == "string" or td == "number" then
+        data = tostring(data)
+        bytes = #data
+    elseif td == "boolean" then
+        data = data and "true" or "false"
+        bytes = #data
+    else
+        error("moonlet.ngx: send expects a string or an array of strings", 2)
+    end
+    local s = rawget(self, "_sock")
+    if not s then return nil, "closed" end
+    local ok, err = s:send(data)
+    if not ok then return fail(self, err) end
+    return bytes
+end
+
+-- syntax: data, err, partial = sock:receive(size | "*l" | "*a")
+function tcp_methods:receive(pattern)
+    local s = rawget(self, "_sock")
+    if not s then return nil, "closed" end
+    if type(pattern) == "string" and find(pattern, "^%d+$") then pattern = tonumber(pattern) end
+    local data, err, partial = s:receive(pattern)
+    if data then return data end
+    return fail(self, err, partial or "")
+end
+
+-- syntax: data, err = sock:receiveany(max)
+function tcp_methods:receiveany(max)
+    local s = rawget(self, "_sock")
+    if not s then return nil, "closed" end
+    max = tonumber(max)
+    if not max or max < 1 then error("moonlet.ngx: receiveany expects a positive size", 2) end
+    local data, err = s:receive_any(max)
+    if data then return data end
+    return fail(self, err)
+end
+
+-- syntax: reader = sock:receiveuntil(pattern, { inclusive = false }); data, err, partial = reader()
+-- The reader's size argument (OpenResty's streaming mode) is not supported.
+function tcp_methods:receiveuntil(pattern, opts)
+    if type(pattern) ~= "string" or pattern == "" then
+        error("moonlet.ngx: receiveuntil expects a non-empty string", 2)
+    end
+    local inclusive = opts and opts.inclusive
+    return function(size)
+        if size ~= nil then
+            error("moonlet.ngx: receiveuntil's reader does not support a size argument", 2)
+        end
+        local s = rawget(self, "_sock")
+        if not s then return nil, "closed" end
+        local data, err, partial = s:receiveuntil(pattern)()
+        if data then
+            if inclusive then data = data .. pattern end
+            return data
+        end
+        return fail(self, err, partial or "")
+    end
+end
+
+-- syntax: sock:settimeout(ms) -- connect, send and read; nil or 0: the default (60 s)
+function tcp_methods:settimeout(ms)
+    if ms ~= nil and type(ms) ~= "number" then error("moonlet.ngx: timeout must be a number", 2) end
+    self._ct, self._st, self._rt = ms or 0, ms or 0, ms or 0
+    apply_timeouts(self)
+end
+
+-- syntax: sock:settimeouts(connect_ms, send_ms, read_ms)
+function tcp_methods:settimeouts(c, s, r)
+    self._ct, self._st, self._rt = tonumber(c) or 0, tonumber(s) or 0, tonumber(r) or 0
+    apply_timeouts(self)
+end
+
+-- syntax: ok, err = sock:setkeepalive(timeout_ms, size) -- 1; the object may connect again
+-- Only a socket with nothing left to read goes to the pool ("unread data in buffer" otherwise,
+-- and it is closed). timeout_ms 0: no idle timeout; nil: 60 s. size: 30 by default; a full pool
+-- closes its oldest connection.
+function tcp_methods:setkeepalive(timeout, size)
+    local s = rawget(self, "_sock")
+    if not s then return nil, "closed" end
+    self._sock = nil
+    if not s:reusable() then
+        s:close()
+        return nil, "unread data in buffer"
+    end
+    timeout = tonumber(timeout) or DEFAULT_TIMEOUT_MS
+    size = tonumber(size) or DEFAULT_POOL_SIZE
+    if size < 1 then error("moonlet.ngx: setkeepalive: bad pool size", 2) end
+    local t = core_time()
+    sweep(t)
+    local key = self._key
+    local p = pools[key]
+    if not p then
+        p = {}
+        pools[key] = p
+    end
+    while #p >= size do remove(p, 1).sock:close() end
+    p[#p + 1] = { sock = s, expires = timeout > 0 and t + timeout / 1000 or huge,
+                  reused = self._reused, tls = self._tls }
+    return 1
+end
+
+-- syntax: count, err = sock:getreusedtimes()
+function tcp_methods:getreusedtimes()
+    if not rawget(self, "_sock") then return nil, "closed" end
+    return self._reused
+end
+
+-- syntax: ok, err = sock:close()
+function tcp_methods:close()
+    local s = rawget(self, "_sock")
+    if not s then return nil, "closed" end
+    self._sock = nil
+    s:close()
+    return 1
+end
+
+-- syntax: host, port = sock:getpeername()
+function tcp_methods:getpeername()
+    local s = rawget(self, "_sock")
+    if not s then return nil, "closed" end
+    return s:getpeername()
+end
+
+-- syntax: ok = sock:setoption(name, value) -- accepted and ignored
+function tcp_methods:setoption()
+    return true
+end
+
+-- -- ngx.socket.udp ------------------------------------------------------------------------------
+
+local udp_methods = {}
+local udp_mt = { __name = "moonlet.ngx.udp", __index = udp_methods }
+
+local function new_udp()
+    return setmetatable({ _rt = 0 }, udp_mt)
+end
+
+-- syntax: ok, err = u:setpeername(host, port)
+function udp_methods:setpeername(host, port)
+    if type(host) ~= "string" then error("moonlet.ngx: setpeername expects a host", 2) end
+    if sub(host, 1, 5) == "unix:" then return nil, "unix domain sockets are not supported" end
+    local old = rawget(self, "_sock")
+    if old then old:close() end
+    self._sock = nil
+    local u, err = udp.bind(find(host, ":", 1, true) and "::" or "0.0.0.0", 0)
+    if not u then return nil, err end
+    local ok
+    ok, err = u:setpeername(host, port)
+    if not ok then
+        u:close()
+        return nil, err
+    end
+    self._sock = u
+    return 1
+end
+
+-- syntax: ok, err = u:send(data)
+function udp_methods:send(data)
+    local u = rawget(self, "_sock")
+    if not u then return nil, "closed" end
+    if type(data) == "table" then
+        local parts = {}
+        flatten(data, parts, 0)
+        data = concat(parts)
+    end
+    local ok, err = u:send(tostring(data))
+    if not ok then return nil, err end
+    return 1
+end
+
+-- syntax: data, err = u:receive(size) -- a datagram (truncated to size, 8192 by default)
+function udp_methods:receive(size)
+    local u = rawget(self, "_sock")
+    if not u then return nil, "closed" end
+    local data, err = u:receive(secs(self._rt))
+    if not data then return nil, err end
+    size = tonumber(size) or 8192
+    if #data > size then data = sub(data, 1, size) end
+    return data
+end
+
+-- syntax: u:settimeout(ms)
+function udp_methods:settimeout(ms)
+    self._rt = tonumber(ms) or 0
+end
+
+-- syntax: ok, err = u:close()
+function udp_methods:close()
+    local u = rawget(self, "_sock")
+    if not u then return nil, "closed" end
+    self._sock = nil
+    u:close()
+    return 1
+end
+
+-- -- ngx.thread ----------------------------------------------------------------------------------
+
+local thread_mt = { __name = "moonlet.ngx.thread" }
+
+local function thread_spawn(fn, ...)
+    if type(fn) ~= "function" then error("moonlet.ngx: thread.spawn expects a function", 2) end
+    local th = setmetatable({ waiters = {}, done = false }, thread_mt)
+    th.task = task.spawn(function(...)
+        local r = pack(pcall(fn, ...))
+        th.done, th.result = true, r
+        local w = th.waiters
+        th.waiters = {}
+        for co in pairs(w) do core_unpark(co, true) end
+        if not r[1] then error(r[2], 0) end -- logged by the task (or it ends cancelled)
+    end, ...)
+    return th
+end
+
+local function check_thread(th, level)
+    if getmetatable(th) ~= thread_mt then
+        error("moonlet.ngx: expected a thread of ngx.thread.spawn", level + 1)
+    end
+end
+
+-- syntax: ok, res1, ... = ngx.thread.wait(th1, th2, ...) -- the first to end; false, err when it
+-- raised
+local function thread_wait(...)
+    local n = select("#", ...)
+    if n == 0 then error("moonlet.ngx: thread.wait expects threads", 2) end
+    local ths = { ... }
+    for i = 1, n do check_thread(ths[i], 2) end
+    while true do
+        local live = 0
+        for i = 1, n do
+            local th = ths[i]
+            if not th.reaped then
+                if th.done then
+                    th.reaped = true
+                    local r = th.result
+                    if not r[1] and r[2] == task.CANCELLED then return false, "killed" end
+                    return unpack(r, 1, r.n)
+                end
+                live = live + 1
+            end
+        end
+        if live == 0 then return nil, "already waited or killed" end
+        local co = core_running()
+        if not co then error("moonlet.ngx: thread.wait outside a moonlet task", 2) end
+        for i = 1, n do ths[i].waiters[co] = true end
+        local ok, err = pcall(core_park)
+        for i = 1, n do ths[i].waiters[co] = nil end
+        if not ok then error(err, 0) end
+        check(err) -- raises moonlet.CANCELLED when the waiter was cancelled
+    end
+end
+
+-- syntax: ok, err = ngx.thread.kill(th)
+local function thread_kill(th)
+    check_thread(th, 2)
+    if th.reaped then return nil, "already waited or killed" end
+    if th.done then return nil, "already terminated" end
+    th.reaped = true
+    th.task:cancel()
+    return true
+end
+
+-- -- ngx.re: a regex subset on Lua patterns ------------------------------------------------------
+
+local UNSUPPORTED = "moonlet.ngx: ngx.re supports only a simple regex subset (literals, ., [...], "
+    .. "\\d \\w \\s and their negations, * + ? *? on single items, (...) groups without "
+    .. "quantifiers or |, ^ at the start, $ at the end; options i a j o): "
+
+local MAGIC = "^$()%.[]*+-?"
+local ESCAPES = { n = "\n", t = "\t", r = "\r", f = "\f", v = "\v", e = "\27", a = "\7" }
+local CLASS_ESC = { d = "%d", D = "%D", s = "%s", S = "%S", w = "%w_", W = nil }
+
+local function unsupported(re, why)
+    error(UNSUPPORTED .. why .. " in " .. format("%q", re), 4)
+end
+
+local function lit(c, icase)
+    if icase and find(c, "%a") then return "[" .. lower(c) .. upper(c) .. "]" end
+    if find(MAGIC, c, 1, true) then return "%" .. c end
+    return c
+end
+
+-- Translates the class starting at re[i] == "["; returns the Lua class and the index after "]".
+local function translate_class(re, i, icase)
+    local out, j, len = { "[" }, i + 1, #re
+    if sub(re, j, j) == "^" then
+        out[2] = "^"
+        j = j + 1
+    end
+    local first = true
+    while true do
+        if j > len then unsupported(re, "an unterminated [") end
+        local c = sub(re, j, j)
+        if c == "]" and not first then break end
+        first = false
+        if c == "\\" then
+            local d = sub(re, j + 1, j + 1)
+            if CLASS_ESC[d] then
+                out[#out + 1] = CLASS_ESC[d]
+            elseif ESCAPES[d] then
+                out[#out + 1] = ESCAPES[d]
+            elseif d ~= "" and not find(d, "%w") then
+                out[#out + 1] = "%" .. d
+            else
+                unsupported(re, "\\" .. d .. " inside a class")
+            end
+            j = j + 2
+        elseif c == "[" and sub(re, j + 1, j + 1) == ":" then
+            unsupported(re, "POSIX classes")
+        else
+            local hi = sub(re, j + 2, j + 2)
+            if sub(re, j + 1, j + 1) == "-" and hi ~= "]" and hi ~= "" and hi ~= "\\" then
+                out[#out + 1] = (c == "%" and "%%" or c) .. "-" .. (hi == "%" and "%%" or hi)
+                if icase and find(c, "%a") and find(hi, "%a") then
+                    out[#out + 1] = (find(c, "%l") and upper or lower)(c) .. "-"
+                        .. (find(hi, "%l") and upper or lower)(hi)
+                end
+                j = j + 3
+            else
+                if c == "%" or c == "]" or c == "^" then c = "%" .. c end
+                if icase and find(c, "^%a$") then c = lower(c) .. upper(c) end
+                out[#out + 1] = c
+                j = j + 1
+            end
+        end
+    end
+    out[#out + 1] = "]"
+    return concat(out), j + 1
+end
+
+-- regex, options -> { pat = Lua pattern, ncap = captures, bol = anchored at the subject's start }
+local function translate(re, opts)
+    local icase, anchor = false, false
+    for k = 1, #opts do
+        local o = sub(opts, k, k)
+        if o == "i" then icase = true
+        elseif o == "a" then anchor = true
+        elseif o ~= "j" and o ~= "o" then unsupported(re, "the option " .. o) end
+    end
+    local out, ncap, depth, i, len = {}, 0, 0, 1, #re
+    local bol = false
+    if sub(re, 1, 1) == "^" then
+        bol = true
+        i = 2
+    end
+    local last_item = false -- the previous output item may take a quantifier
+    while i <= len do
+        local c = sub(re, i, i)
+        local item
+        if c == "\\" then
+            local d = sub(re, i + 1, i + 1)
+            if d == "w" then item = "[%w_]"
+            elseif d == "W" then item = "[^%w_]"
+            elseif CLASS_ESC[d] then item = CLASS_ESC[d]
+            elseif ESCAPES[d] then item = ESCAPES[d]
+            elseif d == "x" and find(sub(re, i + 2, i + 3), "^%x%x$") then
+                item = lit(char(tonumber(sub(re, i + 2, i + 3), 16)), icase)
+                i = i + 2
+            elseif d ~= "" and not find(d, "%w") then item = lit(d, icase)
+            else unsupported(re, "\\" .. d) end
+            i = i + 2
+        elseif c == "." then
+            item = "[^\n]"
+            i = i + 1
+        elseif c == "[" then
+            item, i = translate_class(re, i, icase)
+        elseif c == "(" then
+            if sub(re, i + 1, i + 1) == "?" then unsupported(re, "(?...)") end
+            if sub(re, i + 1, i + 1) == ")" then unsupported(re, "an empty group") end
+            ncap = ncap + 1
+            depth = depth + 1
+            out[#out + 1] = "("
+            last_item = false
+            i = i + 1
+        elseif c == ")" then
+            if depth == 0 then unsupported(re, "an unmatched )") end
+            depth = depth - 1
+            out[#out + 1] = ")"
+            last_item = false
+            i = i + 1
+            if find(sub(re, i, i), "^[*+?{]$") then unsupported(re, "a quantifier on a group") end
+        elseif c == "*" or c == "+" or c == "?" then
+            if not last_item then unsupported(re, "a quantifier here") end
+            local lazy = sub(re, i + 1, i + 1) == "?"
+            if find(sub(re, i + 1, i + 1), "^[+]$") then unsupported(re, "possessive quantifiers") end
+            if c == "*" then
+                out[#out + 1] = lazy and "-" or "*"
+            elseif c == "+" then
+                out[#out + 1] = lazy and (last_item .. "-") or "+" -- x+? is x x-
+            else
+                if lazy then unsupported(re, "??") end
+                out[#out + 1] = "?"
+            end
+            last_item = false
+            i = i + (lazy and 2 or 1)
+        elseif c == "$" then
+            if i ~= len then unsupported(re, "$ before the end") end
+            out[#out + 1] = "$"
+            last_item = false
+            i = i + 1
+        elseif c == "|" then
+            unsupported(re, "alternation |")
+        elseif c == "{" then
+            unsupported(re, "{n,m} quantifiers")
+        elseif c == "^" then
+            unsupported(re, "^ after the start")
+        else
+            item = lit(c, icase)
+            i = i + 1
+        end
+        if item then
+            out[#out + 1] = item
+            last_item = item
+        end
+    end
+    if depth ~= 0 then unsupported(re, "an unmatched (") end
+    if ncap > 32 then unsupported(re, "more than 32 groups") end
+    local pat = concat(out)
+    if bol or anchor then pat = "^" .. pat end
+    return { pat = pat, ncap = ncap, bol = bol }
+end
+
+local compiled = setmetatable({}, { __mode = "v" })
+
+local function compile(re, opts)
+    if type(re) ~= "string" then error("moonlet.ngx: ngx.re expects a regex string", 3) end
+    opts = opts or ""
+    local key = opts .. "\0" .. re
+    local c = compiled[key]
+    if not c then
+        c = translate(re, opts)
+        compiled[key] = c
+    end
+    return c
+end
+
+-- One match at or after init: from, to, the match table (m[0], m[1], ...), or nil.
+local function match_at(c, subject, init, res)
+    if init > #subject + 1 then return nil end
+    if c.bol and init ~= 1 then return nil end
+    local r = pack(find(subject, c.pat, init))
+    local s, e = r[1], r[2]
+    if not s then return nil end
+    local m = res or {}
+    m[0] = sub(subject, s, e)
+    for k = 1, c.ncap do m[k] = r[k + 2] end
+    return s, e, m
+end
+
+local function check_subject(subject)
+    if type(subject) == "number" then return tostring(subject) end
+    if type(subject) ~= "string" then error("moonlet.ngx: ngx.re expects a subject string", 3) end
+    return subject
+end
+
+-- syntax: m, err = ngx.re.match(subject, regex, options, ctx, res)
+local function re_match(subject, regex, options, ctx, res)
+    subject = check_subject(subject)
+    local c = compile(regex, options)
+    local s, e, m = match_at(c, subject, ctx and ctx.pos or 1, res)
+    if not s then return nil end
+    if ctx then ctx.pos = e + 1 end
+    return m
+end
+
+-- syntax: from, to, err = ngx.re.find(subject, regex, options, ctx, nth)
+local function re_find(subject, regex, options, ctx, nth)
+    subject = check_subject(subject)
+    if nth ~= nil and nth ~= 0 then error(UNSUPPORTED .. "find's nth argument", 2) end
+    local c = compile(regex, options)
+    local s, e = match_at(c, subject, ctx and ctx.pos or 1)
+    if not s then return nil end
+    if ctx then ctx.pos = e + 1 end
+    return s, e
+end
+
+-- syntax: iterator, err = ngx.re.gmatch(subject, regex, options); m = iterator()
+local function re_gmatch(subject, regex, options)
+    subject = check_subject(subject)
+    local c = compile(regex, options)
+    local pos, done = 1, false
+    return function()
+        if done then return nil end
+        local s, e, m = match_at(c, subject, pos)
+        if not s then
+            done = true
+            return nil
+        end
+        pos = e >= s and e + 1 or s + 1
+        if c.bol then done = true end
+        return m
+    end
+end
+
+-- "$0", "$1", "${1}", "$$" in a replacement template
+local function expand(tpl, m)
+    return (gsub(tpl, "%$(%$?)({?)(%d*)(}?)", function(dollar, open, digits, close)
+        if dollar == "$" then return "$" .. open .. digits .. close end
+        if digits == "" or (open == "{") ~= (close == "}") then
+            error("moonlet.ngx: ngx.re: bad $ in the replacement " .. format("%q", tpl), 0)
+        end
+        return (m[tonumber(digits)] or "") .. ((open == "" and close) or "")
+    end))
+end
+
+local function re_sub_n(subject, regex, replace, options, once)
+    subject = check_subject(subject)
+    local c = compile(regex, options)
+    local tr = type(replace)
+    if tr == "number" then replace = tostring(replace) tr = "string" end
+    if tr ~= "string" and tr ~= "function" then
+        error("moonlet.ngx: ngx.re replacement must be a string or a function", 3)
+    end
+    local out, n, pos = {}, 0, 1
+    while true do
+        local s, e, m = match_at(c, subject, pos)
+        if not s then break end
+        out[#out + 1] = sub(subject, pos, s - 1)
+        if tr == "string" then
+            out[#out + 1] = expand(replace, m)
+        else
+            out[#out + 1] = tostring(replace(m))
+        end
+        n = n + 1
+        if e >= s then
+            pos = e + 1
+        else
+            out[#out + 1] = sub(subject, s, s)
+            pos = s + 1
+        end
+        if once or c.bol or pos > #subject + 1 then break end
+    end
+    out[#out + 1] = sub(subject, pos)
+    return concat(out), n
+end
+
+-- syntax: newstr, n, err = ngx.re.sub(subject, regex, replace, options)
+local function re_sub(subject, regex, replace, options)
+    return re_sub_n(subject, regex, replace, options, true)
+end
+
+-- syntax: newstr, n, err = ngx.re.gsub(subject, regex, replace, options)
+local function re_gsub(subject, regex, replace, options)
+    return re_sub_n(subject, regex, replace, options, false)
+end
+
+-- -- Hashes and base64 (libcrypto through the FFI) -----------------------------------------------
+
+local crypto
+local function libcrypto()
+    if crypto then return crypto end
+    local ffi = require "ffi"
+    pcall(ffi.cdef, [[
+        unsigned char *MD5(const unsigned char *d, size_t n, unsigned char *md);
+        unsigned char *SHA1(const unsigned char *d, size_t n, unsigned char *md);
+        const void *EVP_sha1(void);
+        unsigned char *HMAC(const void *evp_md, const void *key, int key_len,
+                            const unsigned char *d, size_t n, unsigned char *md,
+                            unsigned int *md_len);
+    ]])
+    local C = ffi.C
+    local buf = ffi.new("unsigned char[64]")
+    local mdlen = ffi.new("unsigned int[1]")
+    crypto = {
+        md5 = function(s) C.MD5(s, #s, buf) return ffi.string(buf, 16) end,
+        sha1 = function(s) C.SHA1(s, #s, buf) return ffi.string(buf, 20) end,
+        hmac_sha1 = function(key, s)
+            C.HMAC(C.EVP_sha1(), key, #key, s, #s, buf, mdlen)
+            return ffi.string(buf, mdlen[0])
+        end,
+    }
+    return crypto
+end
+
+local function tohex(s)
+    return (gsub(s, ".", function(ch) return format("%02x", byte(ch)) end))
+end
+
+local function str_arg(s, fname)
+    if type(s) == "number" then return tostring(s) end
+    if s == nil then return "" end
+    if type(s) ~= "string" then error("moonlet.ngx: ngx." .. fname .. " expects a string", 3) end
+    return s
+end
+
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local B64DEC = {}
+for k = 1, 64 do B64DEC[byte(B64, k)] = k - 1 end
+
+local function encode_base64(s, no_padding)
+    s = str_arg(s, "encode_base64")
+    local out = {}
+    for k = 1, #s, 3 do
+        local a, b, c = byte(s, k, k + 2)
+        local v = a * 65536 + (b or 0) * 256 + (c or 0)
+        local i1, i2 = floor(v / 262144) % 64, floor(v / 4096) % 64
+        local i3, i4 = floor(v / 64) % 64, v % 64
+        out[#out + 1] = sub(B64, i1 + 1, i1 + 1) .. sub(B64, i2 + 1, i2 + 1)
+            .. (b and sub(B64, i3 + 1, i3 + 1) or (no_padding and "" or "="))
+            .. (c and sub(B64, i4 + 1, i4 + 1) or (no_padding and "" or "="))
+    end
+    return concat(out)
+end
+
+local function decode_base64(s)
+    s = str_arg(s, "decode_base64")
+    s = gsub(s, "=+$", "")
+    if #s % 4 == 1 then return nil end
+    local out = {}
+    for k = 1, #s, 4 do
+        local v, nb = 0, 0
+        for j = k, k + 3 do
+            local ch = byte(s, j)
+            if ch then
+                local d = B64DEC[ch]
+                if not d then return nil end
+                v = v * 64 + d
+                nb = nb + 1
+            end
+        end
+        v = v * 64 ^ (4 - nb)
+        local b1, b2, b3 = floor(v / 65536) % 256, floor(v / 256) % 256, v % 256
+        out[#out + 1] = char(b1) .. (nb > 2 and char(b2) or "") .. (nb > 3 and char(b3) or "")
+    end
+    return concat(out)
+end
+
+local function escape_uri(s)
+    s = str_arg(s, "escape_uri")
+    return (gsub(s, "[^%w%-%._~]", function(ch) return format("%%%02X", byte(ch)) end))
+end
+
+local function unescape_uri(s)
+    s = str_arg(s, "unescape_uri")
+    s = gsub(s, "+", " ")
+    return (gsub(s, "%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
+end
+
+-- -- The ngx table -------------------------------------------------------------------------------
+
+-- ngx.log levels -> moonlet.log levels (0 error, 1 warn, 2 info, 3 debug)
+local LEVELS = { [0] = 0, 0, 0, 0, 0, 1, 2, 2, 3 }
+
+local function ngx_log(level, ...)
+    local n = LEVELS[level]
+    if not n then error("moonlet.ngx: ngx.log: bad log level " .. tostring(level), 2) end
+    local parts = { ... }
+    for k = 1, select("#", ...) do
+        local v = parts[k]
+        parts[k] = v == nil and "nil" or tostring(v)
+    end
+    core_log(n, concat(parts))
+end
+
+local ngx_tbl
+
+local function build()
+    local ngx = {
+        OK = 0, ERROR = -1, AGAIN = -2, DONE = -4, DECLINED = -5,
+        STDERR = 0, EMERG = 1, ALERT = 2, CRIT = 3, ERR = 4, WARN = 5, NOTICE = 6, INFO = 7,
+        DEBUG = 8,
+        HTTP_OK = 200, HTTP_NOT_FOUND = 404, HTTP_INTERNAL_SERVER_ERROR = 500,
+        null = redis.null,
+        log = ngx_log,
+        var = {},
+        ctx = {},
+        shared = {},
+        header = {},
+        socket = {
+            tcp = new_tcp, stream = new_tcp, udp = new_udp,
+            connect = function(host, port, opts)
+                local s = new_tcp()
+                local ok, err = s:connect(host, port, opts)
+                if not ok then return nil, err end
+                return s
+            end,
+        },
+        thread = { spawn = thread_spawn, wait = thread_wait, kill = thread_kill },
+        re = { match = re_match, find = re_find, gmatch = re_gmatch, sub = re_sub,
+               gsub = re_gsub },
+        config = {
+            ngx_lua_version = 10026, nginx_version = 1022001, subsystem = "http",
+            debug = false,
+            prefix = function() return "" end,
+            nginx_configure = function() return "" end,
+        },
+        worker = {
+            id = function() return 0 end,
+            count = function() return 1 end,
+            exiting = function() return false end,
+            pid = function()
+                local ffi = require "ffi"
+                pcall(ffi.cdef, "int getpid(void);")
+                return ffi.C.getpid()
+            end,
+        },
+        timer = {},
+        md5_bin = function(s) return libcrypto().md5(str_arg(s, "md5_bin")) end,
+        md5 = function(s) return tohex(libcrypto().md5(str_arg(s, "md5"))) end,
+        sha1_bin = function(s) return libcrypto().sha1(str_arg(s, "sha1_bin")) end,
+        hmac_sha1 = function(key, s)
+            return libcrypto().hmac_sha1(str_arg(key, "hmac_sha1"), str_arg(s, "hmac_sha1"))
+        end,
+        encode_base64 = encode_base64,
+        decode_base64 = decode_base64,
+        escape_uri = escape_uri,
+        unescape_uri = unescape_uri,
+        get_phase = function() return "content" end,
+        update_time = function() end,
+        -- syntax: ngx.sleep(seconds) -- seconds, as in OpenResty
+        sleep = function(s)
+            if type(s) ~= "number" or s < 0 then error("moonlet.ngx: ngx.sleep: bad time", 2) end
+            task.sleep(s)
+        end,
+        -- wall-clock seconds with millisecond precision
+        now = function() return floor(core_time() * 1000) / 1000 end,
+        time = function() return floor(core_time()) end,
+        today = function() return os.date("%Y-%m-%d") end,
+        localtime = function() return os.date("%Y-%m-%d %H:%M:%S") end,
+        utctime = function() return os.date("!%Y-%m-%d %H:%M:%S") end,
+    }
+    -- syntax: ok, err = ngx.timer.at(delay, fn, ...) -- fn(premature, ...) runs after delay seconds
+    function ngx.timer.at(delay, fn, ...)
+        if type(delay) ~= "number" or delay < 0 then error("moonlet.ngx: timer.at: bad delay", 2) end
+        if type(fn) ~= "function" then error("moonlet.ngx: timer.at expects a function", 2) end
+        task.spawn(function(...)
+            task.sleep(delay)
+            fn(false, ...)
+        end, ...)
+        return true
+    end
+    return ngx
+end
+
+-- Debian's lua-nginx-redis installs lua-resty-redis as nginx.redis: make `require "resty.redis"`
+-- find it too when no resty.redis is on the path.
+local function alias_resty_redis()
+    local preload, searchpath = package.preload, package.searchpath
+    if preload["resty.redis"] or not searchpath then return end
+    if searchpath("resty.redis", package.path) then return end
+    if not searchpath("nginx.redis", package.path) then return end
+    preload["resty.redis"] = function() return require("nginx.redis") end
+end
+
+-- syntax: ngx = require("moonlet.ngx").install() -- sets the global ngx (once) and returns it
+function _M.install()
+    if not ngx_tbl then ngx_tbl = build() end
+    rawset(_G, "ngx", ngx_tbl)
+    alias_resty_redis()
+    return ngx_tbl
+end
+
+-- syntax: ngx = require("moonlet.ngx").get() -- the ngx table without touching the globals
+function _M.get()
+    if not ngx_tbl then ngx_tbl = build() end
+    return ngx_tbl
+end
+
+-- the same helpers, for tests and for code that wants them without the global
+_M.re = { match = re_match, find = re_find, gmatch = re_gmatch, sub = re_sub, gsub = re_gsub }
+_M.translate = function(re, opts) return translate(re, opts or "").pat end
+
+return _M

@@ -1,0 +1,133 @@
+-- spec/examples_spec.lua: the examples of examples/ run as a user runs them (`moonlet
+-- examples/X.lua`, a separate process through test.start_process) against local servers only, and
+-- what they print or serve is checked. Each `it` kills and waits for what it started.
+local moonlet = require "moonlet"
+local core = require "moonlet.core"
+local test = require "moonlet.test"
+
+-- runs `moonlet args` to its end and returns its output and exit code
+local function run(args, timeout)
+    local p = test.start_process(args)
+    test.defer(function() p:kill() end)
+    local code = p:wait(timeout or 20)
+    assert(code, "still running: " .. p:output())
+    return p:output(), code
+end
+
+-- an upstream app in this process: /delay/<s> answers after s seconds
+local function upstream()
+    local app = moonlet.app()
+    app:get("/delay/:s", function(req)
+        moonlet.sleep(tonumber(req.params.s))
+        return "slept " .. req.params.s
+    end)
+    app:get("/", function() return ("x"):rep(1000) end)
+    local server, port = test.serve(app)
+    test.defer(function() server:close() end)
+    return "http://127.0.0.1:" .. port
+end
+
+describe("examples", function()
+    it("fetch.lua prints the status and the size", function()
+        local base = upstream()
+        local out, code = run("examples/fetch.lua " .. base .. "/")
+        assert.equal(0, code)
+        assert.truthy(out:find("200 1000 bytes", 1, true), out)
+    end)
+
+    it("fetch.lua reports an error for a refused connection", function()
+        local out, code = run("examples/fetch.lua http://127.0.0.1:1/")
+        assert.equal(1, code)
+        assert.truthy(out:find("error: connection refused", 1, true), out)
+    end)
+
+    it("fetch_many.lua fetches in parallel: the total is below the sum", function()
+        local base = upstream()
+        local urls = {}
+        for i = 1, 4 do urls[i] = base .. "/delay/0.3" end
+        local out, code = run("examples/fetch_many.lua " .. table.concat(urls, " "))
+        assert.equal(0, code, out)
+        local _, n = out:gsub("200 9 bytes", "")
+        assert.equal(4, n, out)
+        local total, sum = out:match("total ([%d.]+) s, sum of the single times ([%d.]+) s")
+        total, sum = tonumber(total), tonumber(sum)
+        assert.truthy(total and sum, out)
+        assert.is_true(sum >= 1.1, out)
+        assert.is_true(total < 1.0, out) -- 4 × 0.3 s at once, not one after the other
+        assert.is_true(total < sum, out)
+    end)
+
+    it("coffee.lua interleaves the two coroutines", function()
+        local out, code = run("examples/coffee.lua")
+        assert.equal(0, code, out)
+        local order = {}
+        for who in out:gmatch("%d+%.%d (%a+):") do order[#order + 1] = who end
+        assert.same({ "anton", "bea", "bea", "anton", "bea", "anton", "both" }, order)
+    end)
+
+    it("greeting.lua greets over TCP and exits on SIGTERM", function()
+        local p = test.start_process("examples/greeting.lua 0")
+        test.defer(function() p:kill() end)
+        local port = test.wait_until(function()
+            return tonumber(p:output():match("tcp://[^:]+:(%d+)"))
+        end, 10)
+        assert.truthy(port, p:output())
+        for _ = 1, 3 do
+            assert.same({ "ciao EuroPython\n" }, { test.raw(port, "") })
+        end
+        assert.is_true(p:signal("TERM"))
+        assert.equal(0, p:wait(10), p:output())
+    end)
+
+    it("aggregate.lua answers with a partial document when an upstream is slow", function()
+        local p = test.start_process("examples/aggregate.lua --port 0")
+        test.defer(function() p:kill() end)
+        local port = p:port()
+        local t0 = core.now()
+        local resp = test.request(port, "GET", "/aggregate")
+        local secs = core.now() - t0
+        assert.equal(200, resp.status)
+        local doc = moonlet.json.decode(resp.body)
+        assert.equal(200, doc.upstreams.users.status)
+        assert.equal("anton", doc.upstreams.users.body[1].name)
+        assert.equal(200, doc.upstreams.orders.status)
+        assert.same({ error = "timeout" }, doc.upstreams.slow)
+        assert.is_true(secs < 1.8, tostring(secs)) -- the 0.5 s deadline, not the 2 s upstream
+    end)
+
+    it("aggregate.lua takes its upstreams from its arguments", function()
+        local tasks0 = core.stats().tasks
+        local base = upstream()
+        local p = test.start_process(("--port 0 examples/aggregate.lua %s/delay/0.1 %s/delay/1")
+            :format(base, base))
+        test.defer(function() p:kill() end)
+        local port = p:port()
+        local doc = moonlet.json.decode(test.request(port, "GET", "/aggregate").body)
+        assert.equal("slept 0.1", doc.upstreams["0.1"].body)
+        assert.same({ error = "timeout" }, doc.upstreams["1"])
+        -- the slow handler of this process's upstream ends by itself: nothing outlives the `it`
+        assert.truthy(test.wait_until(function() return core.stats().tasks == tasks0 end, 5))
+    end)
+
+    it("cpu.lua answers /ping while /hash runs on the thread pool", function()
+        local p = test.start_process("examples/cpu.lua --port 0")
+        test.defer(function() p:kill() end)
+        local port = p:port()
+        local hash
+        local t = moonlet.spawn(function()
+            hash = test.request(port, "GET", "/hash?n=30000000")
+        end)
+        test.defer(function() t:cancel() end)
+        moonlet.sleep(0.05) -- let /hash start (a concurrency proof, not a synchronisation)
+        for _ = 1, 5 do
+            local resp = test.request(port, "GET", "/ping")
+            assert.same({ 200, "pong" }, { resp.status, resp.body })
+        end
+        assert.is_nil(hash) -- the pings came back while the hash was still running
+        assert.is_true(t:join(30))
+        assert.equal(200, hash.status)
+        local doc = moonlet.json.decode(hash.body)
+        assert.equal(30000000, doc.rounds)
+        assert.matches("^%x+$", doc.hash)
+    end)
+end)
