@@ -109,6 +109,8 @@ static void sock_closed(uv_handle_t *h) {
   }
 }
 
+#define READ_AHEAD_MAX (256 * 1024) /* reading pauses while this much waits for a receive */
+
 static void stop_reading(sock_t *s) {
   uv_timer_stop(&s->rtimer);
   if (s->reading) {
@@ -117,12 +119,15 @@ static void stop_reading(sock_t *s) {
   }
 }
 
-/* Takes the parked reader out of its wait; NULL when there is none. */
+/* Takes the parked reader out of its wait; NULL when there is none. Reading goes on (what comes
+ * is buffered for the next receive, up to READ_AHEAD_MAX, and an EOF is seen at once): stopping and
+ * restarting it for every receive costs two epoll_ctl calls. */
 static mlua_task_t *take_reader(sock_t *s) {
   mlua_task_t *t = s->rtask;
   s->rtask = NULL;
   s->rwait = W_NONE;
-  stop_reading(s);
+  uv_timer_stop(&s->rtimer);
+  uv_unref((uv_handle_t *)&s->tcp); /* reading ahead keeps no script alive */
   return t;
 }
 
@@ -637,7 +642,10 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     }
     return;
   }
-  if (s->rwait != W_READ) return;
+  if (s->rwait != W_READ) {
+    if (s->rwait == W_NONE && (s->len >= READ_AHEAD_MAX || s->err || s->eof)) stop_reading(s);
+    return;
+  }
   int nres = try_answer(s->rtask->co, s);
   if (nres == 0) return;
   mlua_task_t *t = take_reader(s);
@@ -647,9 +655,12 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
 static int start_read_wait(lua_State *L, sock_t *s, int wait) {
   mlua_task_t *t = mlua_task_current(L);
   mlua_check_yieldable(L, t);
-  int r = uv_read_start((uv_stream_t *)&s->tcp, alloc_cb, on_read);
-  if (r < 0) return push_err(L, r);
-  s->reading = 1;
+  if (!s->reading) {
+    int r = uv_read_start((uv_stream_t *)&s->tcp, alloc_cb, on_read);
+    if (r < 0) return push_err(L, r);
+    s->reading = 1;
+  }
+  uv_ref((uv_handle_t *)&s->tcp); /* a waiting reader keeps the loop running */
   s->rtask = t;
   s->rwait = wait;
   start_timer(s, &s->rtimer, s->read_ms);
