@@ -205,12 +205,30 @@ end
 
 -- After the upgrade the exchange has no request any more: req._x becomes this stand-in, which
 -- answers what request.lua asks of it from what was read before (headers and x:info()).
+local ok_new, new_tab = pcall(require, "table.new")
+if not ok_new then new_tab = nil end
 local gone_x = {}
 local gone_mt = { __index = gone_x }
 function gone_x:info() return self[1], self[2], self[3], self[4] end
 function gone_x:headers() return self.h end
 function gone_x:header(name) return self.h[name] end
 function gone_x:read() return nil, "closed" end
+
+-- The headers an open WebSocket keeps for req.headers: all but the handshake's own, in a table of
+-- their size (an idle connection then holds a few hundred bytes less).
+local HANDSHAKE = { upgrade = true, connection = true, ["sec-websocket-key"] = true,
+                    ["sec-websocket-version"] = true, ["sec-websocket-extensions"] = true }
+local function kept_headers(h)
+    local n = 0
+    for k in pairs(h) do
+        if not HANDSHAKE[k] then n = n + 1 end
+    end
+    local kept = new_tab and new_tab(0, n) or {}
+    for k, v in pairs(h) do
+        if not HANDSHAKE[k] then kept[k] = v end
+    end
+    return kept
+end
 
 -- syntax: ws, status, body, headers = ws.accept(req, opts) -- validates the opening handshake of
 -- req and answers 101: the ws, or nil and the response to send instead (426, 400, 403)
@@ -238,7 +256,8 @@ function _M.accept(req, opts)
     local protocol = choose_protocol(opts.protocols, h["sec-websocket-protocol"], req)
     local ud, ext = core.ws_accept(x, key, protocol, h["sec-websocket-extensions"], opts)
     if not ud then return nil, 500, "500 Internal Server Error\n" end
-    req._x = setmetatable({ version, keep_alive, peer, length, h = h }, gone_mt)
+    req._x = setmetatable({ version, keep_alive, peer, length, h = kept_headers(h) }, gone_mt)
+    req.headers = nil -- rebuilt from the kept ones on first use
     return wrap(ud, protocol, ext)
 end
 
