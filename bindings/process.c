@@ -31,11 +31,11 @@
 #include <sys/wait.h>
 
 #include "mlua.h"
+#include "readbuf.h"
 
 #define PROC_MT "moonlet.process"
 
 enum { W_NONE = 0, W_READ, W_WRITE };
-enum { R_BYTES = 0, R_LINE, R_ALL, R_ANY };
 
 struct proc_s;
 
@@ -49,8 +49,7 @@ typedef struct {
   int wait;          /* W_* */
   int rmode;         /* R_* of the read that waits */
   size_t rwant;
-  char *buf; /* received, not yet returned: buf[off, off + len) */
-  size_t off, len, cap;
+  mlua_readbuf_t rb; /* received, not yet returned */
   int eof, err, reading;
   int64_t ms;          /* read/write timeout, < 0: none */
   uv_write_t wreq;     /* the write in flight */
@@ -94,7 +93,7 @@ static void handle_closed(uv_handle_t *h) {
   proc_t *p = h->data;
   if (--p->handles == 0) {
     for (int i = 0; i < 3; i++)
-      free(p->io[i].buf);
+      free(p->io[i].rb.buf);
     free(p);
   }
 }
@@ -341,83 +340,27 @@ static int p_tostring(lua_State *L) {
 
 /* -- Reads ------------------------------------------------------------------------------------ */
 
-static void consume(stream_t *s, size_t n) {
-  s->off += n;
-  s->len -= n;
-  if (s->len == 0) s->off = 0;
-}
-
 /* Pushes the result of the pending read if it can be answered now; returns the count or 0. */
 static int try_answer(lua_State *L, stream_t *s) {
-  char *data = s->buf + s->off;
-  switch (s->rmode) {
-  case R_BYTES:
-    if (s->len >= s->rwant) {
-      lua_pushlstring(L, data, s->rwant);
-      consume(s, s->rwant);
-      return 1;
-    }
-    break;
-  case R_ANY:
-    if (s->len > 0) {
-      size_t n = s->len < s->rwant ? s->len : s->rwant;
-      lua_pushlstring(L, data, n);
-      consume(s, n);
-      return 1;
-    }
-    break;
-  case R_LINE: {
-    char *nl = s->len ? memchr(data, '\n', s->len) : NULL;
-    if (nl) {
-      size_t n = (size_t)(nl - data), skip = n + 1;
-      if (n > 0 && data[n - 1] == '\r') n--;
-      lua_pushlstring(L, data, n);
-      consume(s, skip);
-      return 1;
-    }
-    break;
-  }
-  default: break;
-  }
-  if (s->eof && s->rmode == R_ALL) {
-    lua_pushlstring(L, data, s->len);
-    consume(s, s->len);
-    return 1;
-  }
+  char *data = s->rb.buf + s->rb.off;
+  if (mlua_readbuf_answer(L, &s->rb, s->rmode, s->rwant, s->eof)) return 1;
   if (s->eof || s->err) {
     push_err(L, s->eof ? UV_EOF : s->err);
-    lua_pushlstring(L, data, s->len); /* the partial data */
-    consume(s, s->len);
+    lua_pushlstring(L, data, s->rb.len); /* the partial data */
+    mlua_readbuf_consume(&s->rb, s->rb.len);
     return 3;
   }
-  return 0;
-}
-
-static int reserve(stream_t *s, size_t room) {
-  if (s->cap - s->off - s->len >= room) return 0;
-  if (s->off > 0) {
-    memmove(s->buf, s->buf + s->off, s->len);
-    s->off = 0;
-    if (s->cap - s->len >= room) return 0;
-  }
-  size_t cap = s->cap ? s->cap : 16384;
-  while (cap - s->len < room)
-    cap *= 2;
-  char *b = realloc(s->buf, cap);
-  if (!b) return UV_ENOMEM;
-  s->buf = b;
-  s->cap = cap;
   return 0;
 }
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   stream_t *s = h->data;
   (void)suggested;
-  if (reserve(s, 65536) < 0) {
+  if (mlua_readbuf_reserve(&s->rb, 65536) < 0) {
     *buf = uv_buf_init(NULL, 0); /* on_read gets UV_ENOBUFS */
     return;
   }
-  *buf = uv_buf_init(s->buf + s->off + s->len, (unsigned)(s->cap - s->off - s->len));
+  *buf = uv_buf_init(s->rb.buf + s->rb.off + s->rb.len, (unsigned)(s->rb.cap - s->rb.off - s->rb.len));
 }
 
 static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
@@ -425,7 +368,7 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
   (void)buf;
   if (n == 0) return;
   if (n > 0)
-    s->len += (size_t)n;
+    s->rb.len += (size_t)n;
   else if (n == UV_EOF)
     s->eof = 1;
   else

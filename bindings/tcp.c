@@ -34,6 +34,7 @@
 
 #include "../core/tls.h"
 #include "mlua.h"
+#include "readbuf.h"
 
 /* nil, short message: the code name (mlua_push_error's third value) stays out of the way of
  * `assert.same({ nil, "timeout" }, { sock:receive(1) })`. Returns 2. */
@@ -49,7 +50,6 @@ static int push_err(lua_State *L, int e) {
 #define CBUF_SIZE 65536 /* TLS: ciphertext read buffer */
 
 enum { W_NONE = 0, W_CONNECT, W_READ, W_WRITE, W_HANDSHAKE };
-enum { R_BYTES = 0, R_LINE, R_ALL, R_ANY, R_UNTIL };
 
 typedef struct sock_s {
   mlua_res_t res;
@@ -68,8 +68,7 @@ typedef struct sock_s {
   char *pat;           /* R_UNTIL: the pattern (malloc'd) */
   size_t patlen;
   int wref;  /* registry ref: the box during connect, the data of a plain write */
-  char *buf; /* plaintext received, not yet returned: buf[off, off + len) */
-  size_t off, len, cap;
+  mlua_readbuf_t rb; /* plaintext received, not yet returned */
   char *cbuf;   /* TLS: ciphertext read buffer */
   int eof, err; /* the peer closed / a read or TLS error (UV_E*) */
   int reading, closed, handles, accepted;
@@ -102,7 +101,7 @@ static void sock_closed(uv_handle_t *h) {
   sock_t *s = h->data;
   if (--s->handles == 0) {
     ml_tls_free(s->tls);
-    free(s->buf);
+    free(s->rb.buf);
     free(s->cbuf);
     free(s->pat);
     free(s);
@@ -475,12 +474,6 @@ static int s_send(lua_State *L) {
 
 /* -- Receive ----------------------------------------------------------------------------------- */
 
-static void consume(sock_t *s, size_t n) {
-  s->off += n;
-  s->len -= n;
-  if (s->len == 0) s->off = 0;
-}
-
 static void *find(const char *hay, size_t hlen, const char *pat, size_t plen) {
   if (plen == 0 || hlen < plen) return NULL;
   for (const char *p = hay, *end = hay + hlen - plen; p <= end; p++) {
@@ -493,79 +486,28 @@ static void *find(const char *hay, size_t hlen, const char *pat, size_t plen) {
 
 /* Pushes the result of the pending read if it can be answered now; returns the count or 0. */
 static int try_answer(lua_State *L, sock_t *s) {
-  char *data = s->buf + s->off;
-  switch (s->rmode) {
-  case R_BYTES:
-    if (s->len >= s->rwant) {
-      lua_pushlstring(L, data, s->rwant);
-      consume(s, s->rwant);
-      return 1;
-    }
-    break;
-  case R_ANY:
-    if (s->len > 0) {
-      size_t n = s->len < s->rwant ? s->len : s->rwant;
-      lua_pushlstring(L, data, n);
-      consume(s, n);
-      return 1;
-    }
-    break;
-  case R_LINE: {
-    char *nl = s->len ? memchr(data, '\n', s->len) : NULL;
-    if (nl) {
-      size_t n = (size_t)(nl - data), skip = n + 1;
-      if (n > 0 && data[n - 1] == '\r') n--;
-      lua_pushlstring(L, data, n);
-      consume(s, skip);
-      return 1;
-    }
-    break;
-  }
-  case R_UNTIL: {
-    char *at = find(data, s->len, s->pat, s->patlen);
+  char *data = s->rb.buf + s->rb.off;
+  if (mlua_readbuf_answer(L, &s->rb, s->rmode, s->rwant, s->eof)) return 1;
+  if (s->rmode == R_UNTIL) {
+    char *at = find(data, s->rb.len, s->pat, s->patlen);
     if (at) {
       size_t n = (size_t)(at - data);
       lua_pushlstring(L, data, n);
-      consume(s, n + s->patlen);
+      mlua_readbuf_consume(&s->rb, n + s->patlen);
       return 1;
     }
-    break;
-  }
-  default: break;
-  }
-  if (s->eof && s->rmode == R_ALL) {
-    lua_pushlstring(L, data, s->len);
-    consume(s, s->len);
-    return 1;
   }
   if (s->eof || s->err) {
     int n = push_sock_error(L, s, s->eof ? UV_EOF : s->err);
     if (n == 3) lua_pop(L, 1);
-    lua_pushlstring(L, data, s->len); /* the partial data */
-    consume(s, s->len);
+    lua_pushlstring(L, data, s->rb.len); /* the partial data */
+    mlua_readbuf_consume(&s->rb, s->rb.len);
     return 3;
   }
   return 0;
 }
 
 /* Room for at least `room` more bytes after the buffered data. Returns 0 or UV_ENOMEM. */
-static int reserve(sock_t *s, size_t room) {
-  if (s->cap - s->off - s->len >= room) return 0;
-  if (s->off > 0) {
-    memmove(s->buf, s->buf + s->off, s->len);
-    s->off = 0;
-    if (s->cap - s->len >= room) return 0;
-  }
-  size_t cap = s->cap ? s->cap : 16384;
-  while (cap - s->len < room)
-    cap *= 2;
-  char *p = realloc(s->buf, cap);
-  if (!p) return UV_ENOMEM;
-  s->buf = p;
-  s->cap = cap;
-  return 0;
-}
-
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   sock_t *s = h->data;
   (void)suggested;
@@ -574,13 +516,13 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     return;
   }
   size_t want = 65536;
-  if (s->rmode == R_BYTES && s->rwant > s->len && s->rwant - s->len > want)
-    want = s->rwant - s->len; /* a large read: one buffer for all of it */
-  if (reserve(s, want < 16384 ? 16384 : want) < 0 && reserve(s, 4096) < 0) {
+  if (s->rmode == R_BYTES && s->rwant > s->rb.len && s->rwant - s->rb.len > want)
+    want = s->rwant - s->rb.len; /* a large read: one buffer for all of it */
+  if (mlua_readbuf_reserve(&s->rb, want < 16384 ? 16384 : want) < 0 && mlua_readbuf_reserve(&s->rb, 4096) < 0) {
     *buf = uv_buf_init(NULL, 0); /* on_read gets UV_ENOBUFS */
     return;
   }
-  *buf = uv_buf_init(s->buf + s->off + s->len, (unsigned)(s->cap - s->off - s->len));
+  *buf = uv_buf_init(s->rb.buf + s->rb.off + s->rb.len, (unsigned)(s->rb.cap - s->rb.off - s->rb.len));
 }
 
 /* TLS: runs the handshake or decrypts what was fed, then sends what OpenSSL has to say. */
@@ -591,13 +533,13 @@ static void tls_pump(sock_t *s) {
     if (r == 1) s->tls_up = 1;
   }
   while (s->tls_up && !s->err && !s->eof) {
-    if (reserve(s, 16384) < 0) {
+    if (mlua_readbuf_reserve(&s->rb, 16384) < 0) {
       s->err = UV_ENOMEM;
       break;
     }
-    int n = ml_tls_read(s->tls, s->buf + s->off + s->len, s->cap - s->off - s->len);
+    int n = ml_tls_read(s->tls, s->rb.buf + s->rb.off + s->rb.len, s->rb.cap - s->rb.off - s->rb.len);
     if (n > 0)
-      s->len += (size_t)n;
+      s->rb.len += (size_t)n;
     else if (n == UV_EOF)
       s->eof = 1;
     else if (n < 0)
@@ -617,7 +559,7 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     else
       tls_pump(s);
   } else if (n > 0) {
-    s->len += (size_t)n;
+    s->rb.len += (size_t)n;
   } else if (n == UV_EOF) {
     s->eof = 1;
   } else {
@@ -643,7 +585,7 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     return;
   }
   if (s->rwait != W_READ) {
-    if (s->rwait == W_NONE && (s->len >= READ_AHEAD_MAX || s->err || s->eof)) stop_reading(s);
+    if (s->rwait == W_NONE && (s->rb.len >= READ_AHEAD_MAX || s->err || s->eof)) stop_reading(s);
     return;
   }
   int nres = try_answer(s->rtask->co, s);
@@ -803,9 +745,9 @@ static int s_tls(lua_State *L) {
     if (r == UV_EINVAL) return luaL_argerror(L, 3, "invalid server name");
     return luaL_error(L, "moonlet: out of memory");
   }
-  if (s->len > 0) { /* early ciphertext read as plaintext */
-    r = ml_tls_feed(s->tls, s->buf + s->off, s->len);
-    consume(s, s->len);
+  if (s->rb.len > 0) { /* early ciphertext read as plaintext */
+    r = ml_tls_feed(s->tls, s->rb.buf + s->rb.off, s->rb.len);
+    mlua_readbuf_consume(&s->rb, s->rb.len);
     if (r < 0) s->err = r;
   }
   if (s->eof && !s->err) {
@@ -897,7 +839,7 @@ static int s_close(lua_State *L) {
 static int s_reusable(lua_State *L) {
   sock_t *s = check_sock(L);
   int ok =
-      s && !s->rwait && !s->wwait && !s->eof && !s->err && s->len == 0 && (!s->tls || s->tls_up);
+      s && !s->rwait && !s->wwait && !s->eof && !s->err && s->rb.len == 0 && (!s->tls || s->tls_up);
   if (ok) {
     uv_os_fd_t fd;
     char c;
