@@ -414,3 +414,249 @@ describe("moonlet.tcp waits", function()
         assert.is_true(sock:send("alive\n"))
     end)
 end)
+
+describe("moonlet.tcp cosocket methods", function()
+    local dir, ca, cert, key
+
+    local function sh(cmd)
+        local ok = os.execute(cmd .. " >/dev/null 2>&1")
+        assert(ok == true or ok == 0, "failed: " .. cmd)
+    end
+
+    setup(function()
+        dir = os.tmpname()
+        os.remove(dir)
+        sh("mkdir -p " .. dir)
+        local ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+        sh(("cd %s && openssl req -x509 %s -keyout ca.key -out ca.pem -days 2 -subj '/CN=spec CA'")
+            :format(dir, ec))
+        sh(("cd %s && openssl req %s -keyout server.key -out server.csr -subj '/CN=localhost'"
+            .. " -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1'"):format(dir, ec))
+        sh(("cd %s && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial"
+            .. " -out server.pem -days 2 -copy_extensions copy"):format(dir))
+        ca, cert, key = dir .. "/ca.pem", dir .. "/server.pem", dir .. "/server.key"
+    end)
+
+    teardown(function()
+        if dir then os.execute("rm -rf " .. dir) end
+    end)
+
+    after_each(function() tcp.close_idle() end)
+
+    -- a line echo server counting the connections it accepted
+    local function counting(opts)
+        local n = { accepted = 0, active = 0 }
+        local _, port = serve(function(sock)
+            n.accepted, n.active = n.accepted + 1, n.active + 1
+            line_echo(sock)
+            n.active = n.active - 1
+        end, opts)
+        return port, n
+    end
+
+    local function socket()
+        local s = tcp.socket()
+        defer(function() s:close() end)
+        return s
+    end
+
+    it("connects an unconnected socket object and talks over it", function()
+        local port = counting()
+        local s = socket()
+        assert.same({ nil, "closed" }, { s:send("x\n") })
+        assert.same({ nil, "closed" }, { s:receive("*l") })
+        assert.same({ nil, "closed" }, { s:getreusedtimes() })
+        assert.same({ nil, "closed" }, { s:setkeepalive() })
+        s:settimeout(5)
+        assert.same({ true }, { s:connect("127.0.0.1", port) })
+        assert.same({ 0 }, { s:getreusedtimes() })
+        assert.is_true(s:send("hello\n"))
+        assert.same("echo: hello", s:receive("*l"))
+        assert.is_true(s:send({ "a", "b", "\n" }))
+        local reader = s:receiveuntil("\n")
+        assert.same("echo: ab", reader())
+        s:settimeouts(5, 5, 0.05)
+        assert.same({ nil, "timeout" }, { s:receive(1) })
+        assert.same({ true }, { s:close() })
+        assert.same({ nil, "closed" }, { s:close() })
+        assert.equal(tcp.socket, tcp.new)
+        local n = tcp.new()
+        -- a port nobody listens on: a server closed at once
+        local srv = assert(tcp.listen({ host = "127.0.0.1", port = 0 }, line_echo))
+        local dead = srv:port()
+        srv:close()
+        assert.same({ nil, "connection refused" }, { n:connect("127.0.0.1", dead, { timeout = 5 }) })
+        assert.has_error(function() n:connect("127.0.0.1", "x") end)
+        assert.has_error(function() n:connect(nil, 1) end)
+        assert.has_error(function() n:settimeout("5") end)
+    end)
+
+    it("pools connections with setkeepalive and counts reuses with getreusedtimes", function()
+        local port, n = counting()
+        local k = "127.0.0.1:" .. port
+        local s = socket()
+        assert.is_true(s:connect("127.0.0.1", port, { timeout = 5 }))
+        assert.is_true(s:send("one\n"))
+        assert.same("echo: one", s:receive("*l"))
+        assert.same({ true }, { s:setkeepalive(10) })
+        assert.same({ nil, "closed" }, { s:send("x\n") }) -- the object let it go
+        assert.same(1, tcp.pool_stats().pools[k])
+        for round = 1, 3 do
+            local s2 = socket()
+            assert.is_true(s2:connect("127.0.0.1", port))
+            assert.same({ round }, { s2:getreusedtimes() })
+            assert.is_true(s2:send("r" .. round .. "\n"))
+            assert.same("echo: r" .. round, s2:receive("*l"))
+            assert.is_true(s2:setkeepalive(10))
+        end
+        assert.same(1, n.accepted)
+        -- a socket of moonlet.tcp.connect has the methods too, and its pool is host:port
+        local c = assert(tcp.connect("127.0.0.1", port, { timeout = 5 }))
+        defer(function() c:close() end)
+        assert.same(2, n.accepted)
+        assert.same({ 0 }, { c:getreusedtimes() })
+        assert.same({ true }, { c:setkeepalive(10, 5) })
+        assert.same({ nil, "closed" }, { c:receive("*l") }) -- idle in the pool: not the holder's
+        assert.same({ nil, "closed" }, { c:getreusedtimes() })
+        assert.same({ nil, "closed" }, { c:setkeepalive() })
+        assert.same(2, tcp.pool_stats().pools[k])
+        -- a named pool is its own
+        local p = socket()
+        assert.is_true(p:connect("127.0.0.1", port, { pool = "mine" }))
+        assert.same({ 0 }, { p:getreusedtimes() })
+        assert.same(3, n.accepted)
+        assert.is_true(p:setkeepalive(10))
+        assert.same(1, tcp.pool_stats().pools.mine)
+        -- a size bound closes the oldest
+        local a, b = socket(), socket()
+        assert.is_true(a:connect("127.0.0.1", port))
+        assert.is_true(b:connect("127.0.0.1", port))
+        assert.is_true(a:setkeepalive(10, 1))
+        assert.same(1, tcp.pool_stats().pools[k])
+        assert.has_error(function() b:setkeepalive(10, 0) end)
+        assert.has_error(function() b:setkeepalive("10") end)
+        assert.is_true(b:close())
+    end)
+
+    it("refuses to pool a socket with unread data or a closed one", function()
+        local done = moonlet.event()
+        local _, port = serve(function(sock)
+            local line = sock:receive("*l")
+            if line == "two" then
+                sock:send("a\nb\n")
+            else
+                sock:send("ok\n")
+            end
+            done:wait()
+        end)
+        defer(function() done:set() end)
+        local s = socket()
+        assert.is_true(s:connect("127.0.0.1", port, { timeout = 5 }))
+        assert.is_true(s:send("two\n"))
+        assert.same("a", s:receive("*l"))
+        assert.same({ nil, "unread data in buffer" }, { s:setkeepalive(10) })
+        assert.same({ nil, "closed" }, { s:getreusedtimes() })
+        assert.same({ nil, "closed" }, { s:setkeepalive(10) })
+        local c = assert(tcp.connect("127.0.0.1", port, { timeout = 5 }))
+        c:close()
+        assert.same({ nil, "closed" }, { c:setkeepalive(10) })
+        assert.same({ nil, "closed" }, { c:sslhandshake(nil, "localhost", false) })
+        assert.same(0, tcp.pool_stats().idle)
+        -- a pooled connection whose peer closed meanwhile is dropped, not handed out
+        local d = socket()
+        assert.is_true(d:connect("127.0.0.1", port))
+        assert.is_true(d:send("one\n"))
+        assert.same("ok", d:receive("*l"))
+        assert.is_true(d:setkeepalive(10))
+        done:set() -- the handlers return: the server closes its sides
+        local e = socket()
+        assert.truthy(test.wait_until(function()
+            local ok = e:connect("127.0.0.1", port)
+            if not ok then return false end
+            local r = e:getreusedtimes()
+            e:close()
+            return r == 0
+        end, 5))
+        assert.same(0, tcp.pool_stats().idle)
+    end)
+
+    it("runs sslhandshake on connected sockets, pooled ones skip it", function()
+        local port, n = counting({ tls = { cert = cert, key = key } })
+        local s = socket()
+        assert.is_true(s:connect("localhost", port, { timeout = 5 }))
+        assert.same({ true }, { s:sslhandshake(nil, "localhost", { cafile = ca }) })
+        assert.same({ true }, { s:sslhandshake() }) -- done already
+        assert.is_true(s:send("secret\n"))
+        assert.same("echo: secret", s:receive("*l"))
+        assert.is_true(s:setkeepalive(10))
+        local r = socket()
+        assert.is_true(r:connect("localhost", port))
+        assert.same({ 1 }, { r:getreusedtimes() })
+        assert.same({ true }, { r:sslhandshake(nil, "localhost", { cafile = ca }) })
+        assert.is_true(r:send("again\n"))
+        assert.same("echo: again", r:receive("*l"))
+        assert.same(1, n.accepted)
+        -- verify off; and a socket of moonlet.tcp.connect
+        local c = connect(port)
+        assert.same({ true }, { c:sslhandshake(nil, nil, false) })
+        assert.is_true(c:send("x\n"))
+        assert.same("echo: x", c:receive("*l"))
+        -- verification is on by default: the system store does not know the spec's CA
+        local v = socket()
+        assert.is_true(v:connect("127.0.0.1", port))
+        assert.same("tls: certificate verify failed", select(2, v:sslhandshake(nil, "localhost")))
+        assert.same({ nil, "closed" }, { v:send("x\n") })
+        assert.has_error(function() v:sslhandshake(nil, 42) end)
+    end)
+
+    it("leaks nothing over many pooled reuses and cancelled connects", function()
+        local port, n = counting()
+        -- the connections of the earlier tests wind down first (their handlers see EOF)
+        local last = -1
+        assert.truthy(test.wait_until(function()
+            settle()
+            local h = core.stats().handles
+            if h == last then return true end
+            last = h
+        end, 5))
+        local before = core.stats()
+        local mem0 = collectgarbage("count")
+        for i = 1, 2000 do
+            if i % 2 == 0 then
+                local o = tcp.socket()
+                assert.is_true(o:connect("127.0.0.1", port))
+                assert.is_true(o:setkeepalive(10))
+            else
+                local o = tcp.socket()
+                local t = moonlet.spawn(o.connect, o, "127.0.0.1", port, { pool = "other" })
+                t:cancel()
+                o:close()
+            end
+        end
+        tcp.close_idle()
+        assert.truthy(test.wait_until(function() return n.active == 0 end, 5))
+        settle()
+        local after = core.stats()
+        assert.same(before.handles, after.handles)
+        assert.same(before.resources, after.resources)
+        assert.same(before.tasks, after.tasks)
+        assert.truthy(collectgarbage("count") - mem0 < 256)
+        assert.truthy(n.accepted >= 1)
+    end)
+
+    it("closes pooled connections after their idle timeout", function()
+        local port, n = counting()
+        local s = socket()
+        assert.is_true(s:connect("127.0.0.1", port, { timeout = 5 }))
+        assert.is_true(s:setkeepalive(0.05))
+        assert.same(1, tcp.pool_stats().idle)
+        assert.truthy(test.wait_until(function() return tcp.pool_stats().idle == 0 end, 5))
+        assert.is_true(s:connect("127.0.0.1", port))
+        assert.same({ 0 }, { s:getreusedtimes() })
+        assert.same(2, n.accepted)
+        assert.is_true(s:setkeepalive(0)) -- 0: no idle timeout
+        local t0 = core.now()
+        test.wait_until(function() return core.now() - t0 > 0.1 end, 1)
+        assert.same(1, tcp.pool_stats().idle)
+    end)
+end)

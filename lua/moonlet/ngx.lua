@@ -4,10 +4,8 @@
 --
 -- ngx.socket.tcp() objects are Lua tables wrapping a moonlet.tcp socket (created by :connect).
 -- Timeouts are OpenResty's milliseconds here, converted to moonlet's seconds. :setkeepalive puts
--- the socket in a pool keyed by "host:port" (or opts.pool): a LIFO stack per key, bounded in size,
--- whose entries expire after their idle timeout. No timer watches the pool (nothing keeps a script
--- alive): expired entries are closed whenever a pool is used, and a pooled socket whose peer closed
--- or sent something meanwhile is found out by sock:reusable() (a non-blocking peek) and dropped.
+-- the socket in moonlet.tcp_pool (the one keep-alive pool, shared with moonlet.tcp), keyed by
+-- "host:port" (or opts.pool).
 -- ngx.thread runs on moonlet tasks; ngx.re translates a simple regex subset to Lua patterns (PCRE
 -- is not linked) and raises on anything else; hashes use libcrypto through the FFI.
 local core = require "moonlet.core"
@@ -15,14 +13,15 @@ local task = require "moonlet.task"
 local tcp = require "moonlet.tcp"
 local udp = require "moonlet.udp"
 local redis = require "moonlet.redis"
+local pool = require "moonlet.tcp_pool"
 
 local check = task.check
 local core_time, core_log, core_park, core_unpark, core_running = core.time, core.log, core.park,
     core.unpark, core.running
 local byte, char, sub, find, gsub, lower, upper, format = string.byte, string.char,
     string.sub, string.find, string.gsub, string.lower, string.upper, string.format
-local concat, remove = table.concat, table.remove
-local floor, huge = math.floor, math.huge
+local concat = table.concat
+local floor = math.floor
 local type, tostring, tonumber, error, setmetatable, getmetatable, select, pcall, pairs, unpack =
     type, tostring, tonumber, error, setmetatable, getmetatable, select, pcall, pairs, unpack
 local rawget, rawset = rawget, rawset
@@ -42,59 +41,13 @@ local function secs(ms)
     return ms / 1000
 end
 
--- -- The keep-alive pool -------------------------------------------------------------------------
-
-local pools = {} -- key -> stack of { sock =, expires =, reused =, tls = } (the newest on top)
-
--- Closes every expired entry of every pool.
-local function sweep(t)
-    for key, p in pairs(pools) do
-        local j = 0
-        for i = 1, #p do
-            local e = p[i]
-            if e.expires <= t then
-                e.sock:close()
-            else
-                j = j + 1
-                p[j] = e
-            end
-        end
-        for i = #p, j + 1, -1 do p[i] = nil end
-        if j == 0 then pools[key] = nil end
-    end
-end
-
--- A live idle connection of pool key, or nil.
-local function checkout(key)
-    local t = core_time()
-    sweep(t)
-    local p = pools[key]
-    while p and #p > 0 do
-        local e = remove(p)
-        if #p == 0 then pools[key] = nil end
-        if e.sock:reusable() then return e end
-        e.sock:close()
-    end
-    return nil
-end
+-- -- The keep-alive pool (moonlet.tcp_pool) ----------------------------------------------------
 
 -- syntax: stats = require("moonlet.ngx").pool_stats() -- { idle = n, pools = { [key] = n } }
-function _M.pool_stats()
-    local out, idle = {}, 0
-    for key, p in pairs(pools) do
-        out[key] = #p
-        idle = idle + #p
-    end
-    return { idle = idle, pools = out }
-end
+_M.pool_stats = pool.stats
 
 -- syntax: require("moonlet.ngx").close_idle() -- closes every pooled connection now
-function _M.close_idle()
-    for key, p in pairs(pools) do
-        for i = 1, #p do p[i].sock:close() end
-        pools[key] = nil
-    end
-end
+_M.close_idle = pool.close_idle
 
 -- -- ngx.socket.tcp ------------------------------------------------------------------------------
 
@@ -102,7 +55,7 @@ local tcp_methods = {}
 local tcp_mt = { __name = "moonlet.ngx.tcp", __index = tcp_methods }
 
 local function new_tcp()
-    return setmetatable({ _ct = 0, _st = 0, _rt = 0, _reused = 0 }, tcp_mt)
+    return setmetatable({ _ct = 0, _st = 0, _rt = 0 }, tcp_mt)
 end
 
 local function apply_timeouts(self)
@@ -138,17 +91,11 @@ function tcp_methods:connect(host, port, opts)
     end
     local key = opts and opts.pool or (host .. ":" .. port)
     if type(key) ~= "string" then error("moonlet.ngx: pool must be a string", 2) end
-    self._key = key
-    local e = checkout(key)
-    if e then
-        self._sock, self._reused, self._tls = e.sock, e.reused + 1, e.tls
-        apply_timeouts(self)
-        return 1
-    end
-    local s, err = tcp.connect(host, port, { timeout = secs(self._ct) })
-    if not s then return nil, err end
-    self._sock, self._reused, self._tls = s, 0, false
-    apply_timeouts(self)
+    local s = tcp.socket()
+    s:settimeouts(secs(self._ct), secs(self._st), secs(self._rt))
+    local ok, err = s:connect(host, port, { pool = key })
+    if not ok then return nil, err end
+    self._sock = s._sock -- the userdata itself: one indirection less on every call
     return 1
 end
 
@@ -157,16 +104,15 @@ end
 function tcp_methods:sslhandshake(_, server_name, ssl_verify)
     local s = rawget(self, "_sock")
     if not s then return nil, "closed" end
-    if self._tls then return true end -- a pooled connection that did its handshake already
     if server_name ~= nil and type(server_name) ~= "string" then
         error("moonlet.ngx: sslhandshake expects a server name string", 2)
     end
-    local ok, err = s:tls({ server_name = server_name, verify = ssl_verify and true or false })
+    -- true at once on a pooled connection that did its handshake already
+    local ok, err = s:sslhandshake(nil, server_name, ssl_verify and true or false)
     if not ok then
         self._sock = nil -- a failed handshake closed it
         return nil, err
     end
-    self._tls = true
     return true
 end
 
@@ -277,34 +223,22 @@ end
 -- and it is closed). timeout_ms 0: no idle timeout; nil: 60 s. size: 30 by default; a full pool
 -- closes its oldest connection.
 function tcp_methods:setkeepalive(timeout, size)
-    local s = rawget(self, "_sock")
-    if not s then return nil, "closed" end
-    self._sock = nil
-    if not s:reusable() then
-        s:close()
-        return nil, "unread data in buffer"
-    end
     timeout = tonumber(timeout) or DEFAULT_TIMEOUT_MS
     size = tonumber(size) or DEFAULT_POOL_SIZE
     if size < 1 then error("moonlet.ngx: setkeepalive: bad pool size", 2) end
-    local t = core_time()
-    sweep(t)
-    local key = self._key
-    local p = pools[key]
-    if not p then
-        p = {}
-        pools[key] = p
-    end
-    while #p >= size do remove(p, 1).sock:close() end
-    p[#p + 1] = { sock = s, expires = timeout > 0 and t + timeout / 1000 or huge,
-                  reused = self._reused, tls = self._tls }
+    local s = rawget(self, "_sock")
+    if not s then return nil, "closed" end
+    self._sock = nil
+    local ok, err = s:setkeepalive(timeout / 1000, size)
+    if not ok then return nil, err end
     return 1
 end
 
 -- syntax: count, err = sock:getreusedtimes()
 function tcp_methods:getreusedtimes()
-    if not rawget(self, "_sock") then return nil, "closed" end
-    return self._reused
+    local s = rawget(self, "_sock")
+    if not s then return nil, "closed" end
+    return s:getreusedtimes()
 end
 
 -- syntax: ok, err = sock:close()

@@ -2,10 +2,14 @@
 -- any of them. The socket object is bindings/tcp.c's userdata; this module gives it its methods:
 -- every C call that waits goes through task.check (a cancelled task raises moonlet.CANCELLED),
 -- names are resolved with moonlet.dns and each address is tried in turn, TLS contexts (CA store,
--- certificate, key) are built once per set of options and shared.
+-- certificate, key) are built once per set of options and shared. The OpenResty cosocket method
+-- set is here too: sock:sslhandshake, sock:setkeepalive (into moonlet.tcp_pool, shared with
+-- moonlet.ngx), sock:getreusedtimes, and moonlet.tcp.socket(), an unconnected object (a Lua table
+-- holding the userdata once connected) with :connect. Timeouts are seconds throughout.
 local core = require "moonlet.core"
 local task = require "moonlet.task"
 local dns = require "moonlet.dns"
+local pool = require "moonlet.tcp_pool"
 
 local check = task.check
 local CANCELLED = task.CANCELLED
@@ -14,6 +18,7 @@ local core_connect, core_listen = core.tcp_connect, core.tcp_listen
 local core_tls_context = core.tls_context
 local type, tostring, tonumber, error, setmetatable = type, tostring, tonumber, error, setmetatable
 local xpcall, traceback = xpcall, debug.traceback
+local pairs, rawget = pairs, rawget
 local concat = table.concat
 
 local raw = core.tcp_raw
@@ -28,6 +33,12 @@ local DEFAULT_TIMEOUT = 60
 -- the host name each client socket connected to: sock:tls() checks the certificate against it
 local names = setmetatable({}, { __mode = "k" })
 local accepted = setmetatable({}, { __mode = "k" })
+-- client sockets: their pool key, how many times they came out of the pool, TLS done
+local keys = setmetatable({}, { __mode = "k" })
+local reused = setmetatable({}, { __mode = "k" })
+local tls_on = setmetatable({}, { __mode = "k" })
+local pooled = pool.idle -- sockets sitting in the pool: their holders' calls say "closed"
+local pool_checkout, pool_put = pool.checkout, pool.put
 
 local methods = {}
 for k, f in pairs(raw) do methods[k] = f end -- the calls that never wait, as they are
@@ -35,16 +46,19 @@ methods.receive_until = nil
 
 -- syntax: ok, err = sock:send(data) -- data: a string or an array of strings
 function methods:send(data)
+    if pooled[self] then return nil, "closed" end
     return check(raw_send(self, data))
 end
 
 -- syntax: data, err, partial = sock:receive(size | "*l" | "*a")
 function methods:receive(pattern)
+    if pooled[self] then return nil, "closed" end
     return check(raw_receive(self, pattern))
 end
 
 -- syntax: data, err = sock:receive_any(max) -- whatever arrived (waits for something), at most max
 function methods:receive_any(max)
+    if pooled[self] then return nil, "closed" end
     return check(raw_receive_any(self, max))
 end
 
@@ -56,6 +70,7 @@ function methods:receiveuntil(pattern)
         error("moonlet.tcp: receiveuntil expects a non-empty string", 2)
     end
     return function()
+        if pooled[self] then return nil, "closed" end
         return check(raw_until(self, pattern))
     end
 end
@@ -104,7 +119,65 @@ function methods:tls(opts)
     end
     local name = nil
     if not server then name = opts.server_name or names[self] end
-    return check(raw_tls(self, ctx, name))
+    local ok, terr, detail = check(raw_tls(self, ctx, name))
+    if ok then tls_on[self] = true end
+    return ok, terr, detail
+end
+
+local function is_closed(sock)
+    return pooled[sock] or tostring(sock) == "moonlet.tcp (closed)"
+end
+
+-- syntax: ok, err, detail = sock:sslhandshake(reused_session, server_name, verify)
+-- OpenResty's name for sock:tls({ server_name = server_name, verify = verify }): true on success
+-- (OpenResty returns a session object; moonlet does no session resumption, reused_session is
+-- ignored). verify nil means moonlet's default (verification on, unlike OpenResty); verify may
+-- also be a table of sock:tls options (cafile, ...). On a connection taken from the pool whose
+-- handshake was done already it returns true at once.
+function methods:sslhandshake(_, server_name, verify)
+    if server_name ~= nil and type(server_name) ~= "string" then
+        error("moonlet.tcp: sslhandshake expects a server name string", 2)
+    end
+    if is_closed(self) then return nil, "closed" end
+    if tls_on[self] then return true end
+    local opts
+    if type(verify) == "table" then
+        opts = {}
+        for k, v in pairs(verify) do opts[k] = v end
+        if server_name then opts.server_name = server_name end
+    else
+        opts = { server_name = server_name, verify = verify }
+    end
+    local ok, err, detail = self:tls(opts)
+    if not ok then return nil, err, detail end
+    return true
+end
+
+local function check_keepalive(timeout, size, level)
+    if timeout ~= nil and type(timeout) ~= "number" then
+        error("moonlet.tcp: setkeepalive timeout must be a number of seconds", level + 1)
+    end
+    if size ~= nil and (type(size) ~= "number" or size < 1) then
+        error("moonlet.tcp: setkeepalive: bad pool size", level + 1)
+    end
+end
+
+-- syntax: ok, err = sock:setkeepalive(timeout, size) -- seconds idle (0: forever; nil: 60), size 30
+-- Puts the client socket in the keep-alive pool of the host:port it connected to (or its
+-- opts.pool): true; the object must not be used afterwards (its calls say "closed" while the
+-- socket is idle). nil, "closed" on a closed socket; nil, "unread data in buffer" when something
+-- is left to read (or the peer closed), and the socket is closed. A full pool closes its oldest.
+function methods:setkeepalive(timeout, size)
+    check_keepalive(timeout, size, 2)
+    if accepted[self] then error("moonlet.tcp: setkeepalive on a server-side socket", 2) end
+    if is_closed(self) then return nil, "closed" end
+    return pool_put(keys[self], self, timeout, size)
+end
+
+-- syntax: count, err = sock:getreusedtimes() -- how many times it was taken from the pool
+function methods:getreusedtimes()
+    if is_closed(self) then return nil, "closed" end
+    return reused[self] or 0
 end
 
 local mt = core.tcp_mt
@@ -118,24 +191,37 @@ local function check_port(port, fname)
     return port
 end
 
--- syntax: sock, err = moonlet.tcp.connect(host, port, { timeout = seconds, tls = true | {...} })
--- Resolves host (asynchronously) and tries each address in turn. timeout (60 s) bounds the whole
--- connect and is then the socket's timeout for every later wait (sock:settimeout changes it).
--- err: "connection refused", "timeout", "not found", "tls: ...".
-function _M.connect(host, port, opts)
-    if type(host) ~= "string" then error("moonlet.tcp.connect: expected a host", 2) end
-    port = check_port(port, "connect")
-    local timeout, tls = DEFAULT_TIMEOUT, nil
+-- Checks connect's arguments: port, timeout, tls options, pool key.
+local function connect_args(host, port, opts, fname, level)
+    if type(host) ~= "string" then error("moonlet.tcp." .. fname .. ": expected a host", level + 1) end
+    port = tonumber(port)
+    if not port or port % 1 ~= 0 or port < 0 or port > 65535 then
+        error("moonlet.tcp." .. fname .. ": bad port", level + 1)
+    end
+    local timeout, tls, key = nil, nil, nil
     if opts ~= nil then
-        if type(opts) ~= "table" then error("moonlet.tcp.connect: opts must be a table", 2) end
+        if type(opts) ~= "table" then
+            error("moonlet.tcp." .. fname .. ": opts must be a table", level + 1)
+        end
         if opts.timeout ~= nil then
             if type(opts.timeout) ~= "number" then
-                error("moonlet.tcp.connect: timeout must be a number", 2)
+                error("moonlet.tcp." .. fname .. ": timeout must be a number", level + 1)
             end
             timeout = opts.timeout
         end
-        if opts.tls then tls = check_tls_opts(opts.tls, 2) end
+        if opts.tls then tls = check_tls_opts(opts.tls, level + 1) end
+        if opts.pool ~= nil then
+            if type(opts.pool) ~= "string" then
+                error("moonlet.tcp." .. fname .. ": pool must be a string", level + 1)
+            end
+            key = opts.pool
+        end
     end
+    return port, timeout, tls, key or (host .. ":" .. port)
+end
+
+-- Opens a new connection (no pool involved).
+local function open(host, port, timeout, tls, key)
     local deadline = now() + timeout
     local addrs, err = dns.resolve(host, { timeout = timeout })
     if not addrs then return nil, err end
@@ -155,6 +241,7 @@ function _M.connect(host, port, opts)
     if not sock then return nil, err end
     raw_settimeout(sock, timeout)
     names[sock] = host
+    keys[sock] = key
     if tls then
         local ok, detail
         ok, err, detail = sock:tls(tls)
@@ -162,6 +249,125 @@ function _M.connect(host, port, opts)
     end
     return sock
 end
+
+-- syntax: sock, err = moonlet.tcp.connect(host, port, { timeout = seconds, tls = true | {...},
+--                                                     pool = name })
+-- Resolves host (asynchronously) and tries each address in turn. timeout (60 s) bounds the whole
+-- connect and is then the socket's timeout for every later wait (sock:settimeout changes it).
+-- err: "connection refused", "timeout", "not found", "tls: ...". Always a new connection (the
+-- pool is used by moonlet.tcp.socket():connect); pool names the pool sock:setkeepalive puts it in
+-- ("host:port" by default).
+function _M.connect(host, port, opts)
+    local timeout, tls, key
+    port, timeout, tls, key = connect_args(host, port, opts, "connect", 2)
+    return open(host, port, timeout or DEFAULT_TIMEOUT, tls, key)
+end
+
+-- -- moonlet.tcp.socket(): the unconnected cosocket object ----------------------------------------
+
+local obj_methods = {}
+local obj_mt = { __name = "moonlet.tcp.socket", __index = obj_methods }
+
+-- syntax: sock = moonlet.tcp.socket() -- also moonlet.tcp.new(); unconnected, timeouts 60 s
+function _M.socket()
+    return setmetatable({ _ct = DEFAULT_TIMEOUT, _st = DEFAULT_TIMEOUT, _rt = DEFAULT_TIMEOUT },
+        obj_mt)
+end
+_M.new = _M.socket
+
+-- The calls that need a connection go to the userdata; without one they say "closed".
+for name in pairs(methods) do
+    obj_methods[name] = function(self, ...)
+        local s = rawget(self, "_sock")
+        if not s then return nil, "closed" end
+        return s[name](s, ...)
+    end
+end
+
+-- syntax: ok, err = sock:connect(host, port, { timeout =, tls = true | {...}, pool = name })
+-- Connects: a live idle connection of pool opts.pool (or "host:port") is taken when there is one
+-- (sock:getreusedtimes() counts), else a new one is opened as moonlet.tcp.connect does; timeout
+-- (else the connect timeout of settimeout(s)) bounds it. A connection the object held before is
+-- closed first. true, or nil, err.
+function obj_methods:connect(host, port, opts)
+    local timeout, tls, key
+    port, timeout, tls, key = connect_args(host, port, opts, "socket:connect", 2)
+    local old = rawget(self, "_sock")
+    if old then
+        self._sock = nil
+        old:close()
+    end
+    local s = pool_checkout(key)
+    if s then
+        reused[s] = (reused[s] or 0) + 1
+        names[s] = host
+        if tls and not tls_on[s] then
+            local ok, err, detail = s:tls(tls)
+            if not ok then return nil, err, detail end
+        end
+    else
+        local err, detail
+        s, err, detail = open(host, port, timeout or self._ct or DEFAULT_TIMEOUT, tls, key)
+        if not s then return nil, err, detail end
+    end
+    raw.settimeouts(s, self._ct, self._st, self._rt)
+    self._sock = s
+    return true
+end
+
+-- syntax: sock:settimeout(seconds) -- connect, send and read (nil: none; a connect: 60 s)
+function obj_methods:settimeout(t)
+    if t ~= nil and type(t) ~= "number" then error("moonlet.tcp: timeout must be a number", 2) end
+    self._ct, self._st, self._rt = t, t, t
+    local s = rawget(self, "_sock")
+    if s then raw_settimeout(s, t) end
+end
+
+-- syntax: sock:settimeouts(connect, send, read) -- seconds each (nil: none; a connect: 60 s)
+function obj_methods:settimeouts(c, w, r)
+    if (c ~= nil and type(c) ~= "number") or (w ~= nil and type(w) ~= "number")
+        or (r ~= nil and type(r) ~= "number") then
+        error("moonlet.tcp: timeouts must be numbers", 2)
+    end
+    self._ct, self._st, self._rt = c, w, r
+    local s = rawget(self, "_sock")
+    if s then raw.settimeouts(s, c, w, r) end
+end
+
+-- syntax: reader = sock:receiveuntil(pattern); data, err, partial = reader()
+function obj_methods:receiveuntil(pattern)
+    if type(pattern) ~= "string" or pattern == "" then
+        error("moonlet.tcp: receiveuntil expects a non-empty string", 2)
+    end
+    return function()
+        local s = rawget(self, "_sock")
+        if not s then return nil, "closed" end
+        return s:receiveuntil(pattern)()
+    end
+end
+
+-- syntax: ok, err = sock:setkeepalive(timeout, size) -- as the userdata's; the object may connect
+-- again afterwards
+function obj_methods:setkeepalive(timeout, size)
+    check_keepalive(timeout, size, 2)
+    local s = rawget(self, "_sock")
+    if not s then return nil, "closed" end
+    self._sock = nil
+    return s:setkeepalive(timeout, size)
+end
+
+-- syntax: ok, err = sock:close()
+function obj_methods:close()
+    local s = rawget(self, "_sock")
+    if not s then return nil, "closed" end
+    self._sock = nil
+    return s:close()
+end
+
+-- syntax: stats = moonlet.tcp.pool_stats() -- { idle = n, pools = { [key] = n } }
+_M.pool_stats = pool.stats
+-- syntax: moonlet.tcp.close_idle() -- closes every pooled connection now
+_M.close_idle = pool.close_idle
 
 local function handler_error(err)
     if err == CANCELLED then return err end

@@ -1,13 +1,16 @@
 -- lua/moonlet/udp.lua: moonlet.udp, UDP sockets (bindings/udp.c). recvfrom yields until a datagram
 -- arrives; it goes through task.check so a cancelled task raises moonlet.CANCELLED. Host names
 -- (for bind, sendto, setpeername) are resolved with moonlet.dns; address literals are used as is.
+-- moonlet.udp.socket() is the OpenResty-style unbound object (a Lua table holding the userdata once
+-- :setpeername bound it); timeouts are seconds.
 local core = require "moonlet.core"
 local task = require "moonlet.task"
 local dns = require "moonlet.dns"
 
 local check = task.check
 local core_bind = core.udp_bind
-local type, tonumber, error = type, tonumber, error
+local type, tonumber, error, setmetatable, rawget = type, tonumber, error, setmetatable, rawget
+local find, sub = string.find, string.sub
 
 local raw = core.udp_raw
 local raw_sendto, raw_recvfrom, raw_setpeername = raw.sendto, raw.recvfrom, raw.setpeername
@@ -71,6 +74,86 @@ function _M.bind(host, port)
     local ip, err = address(host)
     if not ip then return nil, err end
     return core_bind(ip, port)
+end
+
+-- -- moonlet.udp.socket(): the unbound cosocket object -------------------------------------------
+
+local obj_methods = {}
+local obj_mt = { __name = "moonlet.udp.socket", __index = obj_methods }
+
+-- syntax: u = moonlet.udp.socket() -- unbound; :setpeername binds it to a free local port
+function _M.socket()
+    return setmetatable({}, obj_mt)
+end
+
+-- syntax: ok, err = u:setpeername(host, port) -- binds (a free port) and talks to that peer only
+-- A socket the object held before is closed first.
+function obj_methods:setpeername(host, port)
+    port = check_port(port, "socket:setpeername")
+    local ip, err = address(host)
+    if not ip then return nil, err end
+    local old = rawget(self, "_sock")
+    if old then
+        self._sock = nil
+        old:close()
+    end
+    local u
+    u, err = core_bind(find(ip, ":", 1, true) and "::" or "0.0.0.0", 0)
+    if not u then return nil, err end
+    local ok
+    ok, err = raw_setpeername(u, ip, port)
+    if not ok then
+        u:close()
+        return nil, err
+    end
+    if rawget(self, "_timeout") then raw.settimeout(u, self._timeout) end
+    self._sock = u
+    return true
+end
+
+-- syntax: ok, err = u:send(data) -- one datagram to the peer
+function obj_methods:send(data)
+    if type(data) ~= "string" then error("moonlet.udp: send expects a string", 2) end
+    local u = rawget(self, "_sock")
+    if not u then return nil, "closed" end
+    return u:send(data)
+end
+
+-- syntax: data, err = u:receive(size) -- a datagram from the peer (cut to size bytes when given);
+-- waits at most the settimeout seconds (none by default): nil, "timeout" | "closed"
+function obj_methods:receive(size)
+    if size ~= nil and (type(size) ~= "number" or size < 0) then
+        error("moonlet.udp: receive expects a size", 2)
+    end
+    local u = rawget(self, "_sock")
+    if not u then return nil, "closed" end
+    local data, err = u:receive()
+    if not data then return nil, err end
+    if size and #data > size then data = sub(data, 1, size) end
+    return data
+end
+
+-- syntax: u:settimeout(seconds) -- receive's timeout; nil: none
+function obj_methods:settimeout(t)
+    if t ~= nil and type(t) ~= "number" then error("moonlet.udp: timeout must be a number", 2) end
+    self._timeout = t
+    local u = rawget(self, "_sock")
+    if u then raw.settimeout(u, t) end
+end
+
+-- syntax: host, port = u:getsockname() -- the local address (nil, "closed" before setpeername)
+function obj_methods:getsockname()
+    local u = rawget(self, "_sock")
+    if not u then return nil, "closed" end
+    return u:getsockname()
+end
+
+-- syntax: ok, err = u:close()
+function obj_methods:close()
+    local u = rawget(self, "_sock")
+    if not u then return nil, "closed" end
+    self._sock = nil
+    return u:close()
 end
 
 return _M
