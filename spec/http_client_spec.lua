@@ -623,30 +623,12 @@ describe("moonlet.http misuse", function()
 end)
 
 describe("moonlet.http over TLS", function()
-    local dir, ca, cert, key
-
-    local function sh(cmd)
-        local ok = os.execute(cmd .. " >/dev/null 2>&1")
-        assert(ok == true or ok == 0, "failed: " .. cmd)
-    end
-
+    local certs, ca, cert, key
     setup(function()
-        dir = os.tmpname()
-        os.remove(dir)
-        sh("mkdir -p " .. dir)
-        local ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
-        sh(("cd %s && openssl req -x509 %s -keyout ca.key -out ca.pem -days 2 -subj '/CN=http spec CA'")
-            :format(dir, ec))
-        sh(("cd %s && openssl req %s -keyout server.key -out server.csr -subj '/CN=localhost'"
-            .. " -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1'"):format(dir, ec))
-        sh(("cd %s && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial"
-            .. " -out server.pem -days 2 -copy_extensions copy"):format(dir))
-        ca, cert, key = dir .. "/ca.pem", dir .. "/server.pem", dir .. "/server.key"
+        certs = test.make_certs()
+        ca, cert, key = certs.ca, certs.cert, certs.key
     end)
-
-    teardown(function()
-        if dir then os.execute("rm -rf " .. dir) end
-    end)
+    teardown(function() test.remove_certs(certs) end)
 
     local function tls_server()
         local st = { accepted = 0 }

@@ -10,33 +10,15 @@ local tcp = moonlet.tcp
 local test = require "moonlet.test"
 local defer = test.defer -- all cleanups of an `it` run (busted keeps only the last finally)
 
-local dir, ca, cert, key, other_ca
+local ca, cert, key, other_ca
 
-local function sh(cmd)
-    local ok = os.execute(cmd .. " >/dev/null 2>&1")
-    assert(ok == true or ok == 0, "failed: " .. cmd)
-end
-
+local certs
 setup(function()
-    dir = os.tmpname()
-    os.remove(dir)
-    sh("mkdir -p " .. dir)
-    local ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
-    sh(("cd %s && openssl req -x509 %s -keyout ca.key -out ca.pem -days 2 -subj '/CN=moonlet spec CA'")
-        :format(dir, ec))
-    sh(("cd %s && openssl req %s -keyout server.key -out server.csr -subj '/CN=localhost'"
-        .. " -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1'"):format(dir, ec))
-    sh(("cd %s && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial"
-        .. " -out server.pem -days 2 -copy_extensions copy"):format(dir))
-    sh(("cd %s && openssl req -x509 %s -keyout other.key -out other.pem -days 2 -subj '/CN=other CA'")
-        :format(dir, ec))
-    ca, cert, key = dir .. "/ca.pem", dir .. "/server.pem", dir .. "/server.key"
-    other_ca = dir .. "/other.pem"
+    certs = test.make_certs()
+    ca, cert, key, other_ca = certs.ca, certs.cert, certs.key, certs.other_ca
 end)
 
-teardown(function()
-    if dir then os.execute("rm -rf " .. dir) end
-end)
+teardown(function() test.remove_certs(certs) end)
 
 local function line_echo(sock)
     while true do
@@ -133,7 +115,7 @@ describe("moonlet.tcp TLS client", function()
 
     it("reports a missing CA file", function()
         local _, port = serve(line_echo)
-        local _, err = connect("127.0.0.1", port, { cafile = dir .. "/none.pem" })
+        local _, err = connect("127.0.0.1", port, { cafile = certs.dir .. "/none.pem" })
         assert.same("tls: cannot load CA file", err)
     end)
 end)
@@ -201,9 +183,9 @@ describe("moonlet.tcp TLS", function()
 
     it("refuses to listen with a certificate it cannot load", function()
         assert.same({ nil, "tls: cannot load certificate" },
-            { tcp.listen({ port = 0, tls = { cert = dir .. "/none.pem", key = key } }, line_echo) })
+            { tcp.listen({ port = 0, tls = { cert = certs.dir .. "/none.pem", key = key } }, line_echo) })
         assert.same({ nil, "tls: cannot load key" },
-            { tcp.listen({ port = 0, tls = { cert = cert, key = dir .. "/other.key" } }, line_echo) })
+            { tcp.listen({ port = 0, tls = { cert = cert, key = certs.dir .. "/other.key" } }, line_echo) })
     end)
 
     it("leaves nothing behind after cancelled and timed-out handshakes", function()

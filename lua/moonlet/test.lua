@@ -216,6 +216,35 @@ function proc_mt.__index:wait(timeout)
     end, timeout or 10)
 end
 
+local function sh(cmd)
+    local ok = os.execute(cmd .. " >/dev/null 2>&1")
+    assert(ok == true or ok == 0, "failed: " .. cmd)
+end
+
+-- syntax: c = test.make_certs() -- a temporary CA and a server certificate for localhost and
+-- 127.0.0.1 signed by it, made with the `openssl` command, plus a second, unrelated CA:
+-- { dir, ca, cert, key, other_ca } (paths); remove them with test.remove_certs(c)
+function _M.make_certs()
+    local dir = os.tmpname()
+    os.remove(dir)
+    sh("mkdir -p " .. dir)
+    local ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+    sh(("cd %s && openssl req -x509 %s -keyout ca.key -out ca.pem -days 2 -subj '/CN=moonlet spec CA'")
+        :format(dir, ec))
+    sh(("cd %s && openssl req %s -keyout server.key -out server.csr -subj '/CN=localhost'"
+        .. " -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1'"):format(dir, ec))
+    sh(("cd %s && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial"
+        .. " -out server.pem -days 2 -copy_extensions copy"):format(dir))
+    sh(("cd %s && openssl req -x509 %s -keyout other.key -out other.pem -days 2 -subj '/CN=other CA'")
+        :format(dir, ec))
+    return { dir = dir, ca = dir .. "/ca.pem", cert = dir .. "/server.pem",
+             key = dir .. "/server.key", other_ca = dir .. "/other.pem" }
+end
+
+function _M.remove_certs(c)
+    if c and c.dir then os.execute("rm -rf " .. c.dir) end
+end
+
 -- syntax: code, output = test.run_script(src, timeout) -- runs `moonlet` on a script with that
 -- source as a separate process; the exit code (nil if still running at the deadline: then it is
 -- killed) and everything it printed. Leaves no file behind.
