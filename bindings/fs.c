@@ -52,26 +52,26 @@ static int l_realpath(lua_State *L) {
 
 /* -- Asynchronous calls on the thread pool ----------------------------------------------------- */
 
-#define READ_MAX ((size_t)1 << 30) /* a larger file is "too large" for one Lua string */
+#define READ_MAX ((size_t)1 << 30)  /* a larger file is "too large" for one Lua string */
 #define CHUNK_MAX ((size_t)1 << 30) /* bytes per read or write request */
 
 enum { OP_READ, OP_WRITE, OP_STAT, OP_LIST, OP_MKDIR, OP_REMOVE, OP_RENAME };
 
 typedef struct {
   mlua_res_t res;
-  uv_fs_t req;        /* one request at a time: the chain's current step */
+  uv_fs_t req; /* one request at a time: the chain's current step */
   uv_loop_t *loop;
-  moonlet_t *m;       /* only while linked */
-  mlua_task_t *task;  /* the waiting task; NULL once cancelled or detached */
-  int kind;           /* OP_* */
-  int linked;         /* in the instance's resources */
-  int closing;        /* the close of fd is in flight: never cancelled */
-  uv_file fd;         /* the file a read or write opened, or -1 */
-  int err;            /* what to report once fd is closed */
-  char *buf;          /* read: the bytes so far; write: a copy of the data */
-  size_t len, cap;    /* read: bytes read, capacity; write: bytes to write */
-  size_t off;         /* write: bytes written */
-  char *path;         /* remove: the path again, for the rmdir after a failed unlink */
+  moonlet_t *m;      /* only while linked */
+  mlua_task_t *task; /* the waiting task; NULL once cancelled or detached */
+  int kind;          /* OP_* */
+  int linked;        /* in the instance's resources */
+  int closing;       /* the close of fd is in flight: never cancelled */
+  uv_file fd;        /* the file a read or write opened, or -1 */
+  int err;           /* what to report once fd is closed */
+  char *buf;         /* read: the bytes so far; write: a copy of the data */
+  size_t len, cap;   /* read: bytes read, capacity; write: bytes to write */
+  size_t off;        /* write: bytes written */
+  char *path;        /* remove: the path again, for the rmdir after a failed unlink */
 } fsop_t;
 
 static void fsop_free(fsop_t *op) {
@@ -423,15 +423,10 @@ static int l_fs_rename(lua_State *L) {
 }
 
 void mlua_open_fs(lua_State *L, moonlet_t *m) {
-  static const luaL_Reg fns[] = {{"stat", l_stat},
-                                 {"realpath", l_realpath},
-                                 {"fs_read", l_fs_read},
-                                 {"fs_write", l_fs_write},
-                                 {"fs_stat", l_fs_stat},
-                                 {"fs_list", l_fs_list},
-                                 {"fs_mkdir", l_fs_mkdir},
-                                 {"fs_remove", l_fs_remove},
-                                 {"fs_rename", l_fs_rename},
-                                 {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"stat", l_stat},           {"realpath", l_realpath},
+                                 {"fs_read", l_fs_read},     {"fs_write", l_fs_write},
+                                 {"fs_stat", l_fs_stat},     {"fs_list", l_fs_list},
+                                 {"fs_mkdir", l_fs_mkdir},   {"fs_remove", l_fs_remove},
+                                 {"fs_rename", l_fs_rename}, {NULL, NULL}};
   mlua_register(L, m, fns);
 }

@@ -3,9 +3,9 @@
  * its response.
  *
  * Ownership and waits:
- * - A server (mlua_server_t) is C memory owned by the instance's list, not by Lua: a listening server
- *   keeps serving when Lua drops its object. The Lua box holds a pointer that is NULLed when the
- *   server is freed.
+ * - A server (mlua_server_t) is C memory owned by the instance's list, not by Lua: a listening
+ * server keeps serving when Lua drops its object. The Lua box holds a pointer that is NULLed when
+ * the server is freed.
  * - Each request runs its handler as a task: handler(exchange, method, target). The exchange is a
  *   userdata pinned by a registry ref from on_request until the task ends. x->c points to the
  *   connection while the request is active; it is NULLed when the task ends (ml_conn_finish) or the
@@ -29,24 +29,24 @@
 struct mlua_server_s {
   ml_server_t *srv;
   moonlet_t *m;
-  int handler_ref;        /* the Lua function run for each request */
-  mlua_server_t *next;    /* the instance's list */
-  mlua_server_t **box;    /* the Lua box pointing at us, NULLed when we are freed */
+  int handler_ref;     /* the Lua function run for each request */
+  mlua_server_t *next; /* the instance's list */
+  mlua_server_t **box; /* the Lua box pointing at us, NULLed when we are freed */
   int stopping;
 };
 
 enum { WAIT_NONE = 0, WAIT_BODY, WAIT_WRITABLE, WAIT_FILE };
 
 typedef struct {
-  ml_conn_t *c;       /* NULL once the request ended or the connection closed */
-  mlua_task_t *task;  /* the handler task */
-  moonlet_t *m;        /* the instance (not the server: it may be freed while a handler runs) */
-  int ref;            /* pins this userdata while C points at it */
-  int wait;           /* WAIT_* */
-  int status;         /* for the access log */
-  uint64_t bytes;     /* body bytes sent */
-  uv_file fd;         /* open file of a transfer in flight */
-  int file_ref;       /* pins this userdata while a file transfer is in flight */
+  ml_conn_t *c;      /* NULL once the request ended or the connection closed */
+  mlua_task_t *task; /* the handler task */
+  moonlet_t *m;      /* the instance (not the server: it may be freed while a handler runs) */
+  int ref;           /* pins this userdata while C points at it */
+  int wait;          /* WAIT_* */
+  int status;        /* for the access log */
+  uint64_t bytes;    /* body bytes sent */
+  uv_file fd;        /* open file of a transfer in flight */
+  int file_ref;      /* pins this userdata while a file transfer is in flight */
 } exchange_t;
 
 static exchange_t *check_x(lua_State *L) { return luaL_checkudata(L, 1, EXCHANGE_MT); }
@@ -199,7 +199,8 @@ typedef struct {
 static void hb_add(lua_State *L, hbuf_t *b, const char *s, size_t n) {
   if (b->len + n > b->cap) {
     size_t cap = b->cap * 2;
-    while (cap < b->len + n) cap *= 2;
+    while (cap < b->len + n)
+      cap *= 2;
     char *p = b->p == b->stackbuf ? malloc(cap) : realloc(b->p, cap);
     if (!p) luaL_error(L, "moonlet: out of memory");
     if (b->p == b->stackbuf) memcpy(p, b->stackbuf, b->len);
@@ -235,7 +236,8 @@ static void hb_header(lua_State *L, hbuf_t *b, const char *name, size_t nlen, in
   size_t vlen;
   const char *v = lua_tolstring(L, vidx, &vlen);
   if (!v) luaL_error(L, "moonlet: header %s: value must be a string or a number", name);
-  if (!valid_value(v, vlen)) luaL_error(L, "moonlet: header %s: value holds CR, LF or a control", name);
+  if (!valid_value(v, vlen))
+    luaL_error(L, "moonlet: header %s: value holds CR, LF or a control", name);
   hb_add(L, b, name, nlen);
   hb_add(L, b, ": ", 2);
   hb_add(L, b, v, vlen);
@@ -471,8 +473,10 @@ static int x_info(lua_State *L) {
   lua_pushfstring(L, "%d.%d", r->http_major, r->http_minor);
   lua_pushboolean(L, r->keep_alive);
   lua_pushstring(L, peer);
-  if (r->content_length >= 0) lua_pushnumber(L, (double)r->content_length);
-  else lua_pushnil(L);
+  if (r->content_length >= 0)
+    lua_pushnumber(L, (double)r->content_length);
+  else
+    lua_pushnil(L);
   return 4;
 }
 
@@ -577,9 +581,9 @@ static void limit_u64(lua_State *L, int idx, const char *name, uint64_t *dst, do
 static void read_limits(lua_State *L, int idx, ml_http_limits_t *lim) {
   uint64_t v;
   ml_http_limits_default(lim);
-#define SZ(name, field) \
-  v = lim->field;       \
-  limit_u64(L, idx, name, &v, 1);  \
+#define SZ(name, field)                                                                            \
+  v = lim->field;                                                                                  \
+  limit_u64(L, idx, name, &v, 1);                                                                  \
   lim->field = (__typeof__(lim->field))v;
   SZ("max_uri", max_uri)
   SZ("max_header_bytes", max_header_bytes)
@@ -718,14 +722,21 @@ void mlua_http_servers_close(moonlet_t *m) {
 }
 
 void mlua_open_http_server(lua_State *L, moonlet_t *m) {
-  static const luaL_Reg xm[] = {
-      {"read", x_read},       {"respond", x_respond},     {"start", x_start},
-      {"write", x_write},     {"finish", x_finish},       {"send_file", x_send_file},
-      {"headers", x_headers}, {"header", x_header},       {"info", x_info},
-      {"started", x_started}, {"is_open", x_is_open},     {"set_close", x_set_close},
-      {NULL, NULL}};
+  static const luaL_Reg xm[] = {{"read", x_read},
+                                {"respond", x_respond},
+                                {"start", x_start},
+                                {"write", x_write},
+                                {"finish", x_finish},
+                                {"send_file", x_send_file},
+                                {"headers", x_headers},
+                                {"header", x_header},
+                                {"info", x_info},
+                                {"started", x_started},
+                                {"is_open", x_is_open},
+                                {"set_close", x_set_close},
+                                {NULL, NULL}};
   static const luaL_Reg sm[] = {
-      {"port", srv_port},   {"set_handler", srv_set_handler}, {"close", srv_close},
+      {"port", srv_port},         {"set_handler", srv_set_handler}, {"close", srv_close},
       {"shutdown", srv_shutdown}, {"connections", srv_connections}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"listen", l_listen}, {NULL, NULL}};
   luaL_newmetatable(L, EXCHANGE_MT);

@@ -87,8 +87,10 @@ void mlua_res_link(moonlet_t *m, mlua_res_t *r, void (*close)(mlua_res_t *)) {
 }
 
 void mlua_res_unlink(moonlet_t *m, mlua_res_t *r) {
-  if (r->prev) r->prev->next = r->next;
-  else if (m->resources == r) m->resources = r->next;
+  if (r->prev)
+    r->prev->next = r->next;
+  else if (m->resources == r)
+    m->resources = r->next;
   if (r->next) r->next->prev = r->prev;
   r->prev = r->next = NULL;
 }
@@ -138,7 +140,8 @@ static int l_stats(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   int handles = 0, resources = 0;
   uv_walk(m->loop, count_walk, &handles);
-  for (mlua_res_t *r = m->resources; r; r = r->next) resources++;
+  for (mlua_res_t *r = m->resources; r; r = r->next)
+    resources++;
   lua_createtable(L, 0, 4);
   lua_pushinteger(L, handles);
   lua_setfield(L, -2, "handles");
@@ -212,9 +215,13 @@ static void wrap_listen(lua_State *L, moonlet_t *m) {
 
 int luaopen_moonlet_core(lua_State *L) {
   moonlet_t *m = lua_touserdata(L, lua_upvalueindex(1));
-  static const luaL_Reg fns[] = {
-      {"set_exit_code", l_set_exit_code}, {"log", l_log}, {"set_log", l_set_log},
-      {"stop", l_stop}, {"halt", l_halt}, {"stats", l_stats}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"set_exit_code", l_set_exit_code},
+                                 {"log", l_log},
+                                 {"set_log", l_set_log},
+                                 {"stop", l_stop},
+                                 {"halt", l_halt},
+                                 {"stats", l_stats},
+                                 {NULL, NULL}};
   lua_newtable(L);
   mlua_register(L, m, fns);
   lua_pushstring(L, MOONLET_VERSION);
@@ -237,7 +244,8 @@ int luaopen_moonlet_core(lua_State *L) {
   return 1;
 }
 
-/* -- Signals ------------------------------------------------------------------------------------ */
+/* -- Signals ------------------------------------------------------------------------------------
+ */
 
 static void on_signal(uv_signal_t *h, int signum) {
   moonlet_t *m = h->data;

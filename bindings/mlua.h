@@ -25,7 +25,7 @@ typedef void (*mlua_cancel_cb)(mlua_task_t *t, void *wait);
 /* A task: one coroutine moonlet runs (a request handler, a spawned function, the main script).
  * Task structs and their coroutines are pooled: a coroutine that returned is reused. */
 struct mlua_task_s {
-  lua_State *co;          /* the coroutine, pinned by co_ref for the life of the struct */
+  lua_State *co; /* the coroutine, pinned by co_ref for the life of the struct */
   int co_ref;
   moonlet_t *m;
   mlua_task_done_cb done; /* NULL: nothing to report */
@@ -48,9 +48,9 @@ void mlua_res_unlink(moonlet_t *m, mlua_res_t *r);
 
 struct moonlet_s {
   uv_loop_t *loop;
-  uv_loop_t own_loop;     /* used when the host gave none */
+  uv_loop_t own_loop; /* used when the host gave none */
   int owns_loop;
-  lua_State *L;           /* the main state; tasks are its coroutines */
+  lua_State *L; /* the main state; tasks are its coroutines */
   ml_log_t log;
   moonlet_config_t cfg;
   mlua_task_t *free_tasks; /* the task pool */
@@ -60,16 +60,16 @@ struct moonlet_s {
   mlua_res_t *resources;  /* open resources (mlua_res_t) */
   uv_signal_t sig_int, sig_term, sig_hup;
   int signals_on;
-  int stopping;           /* moonlet_stop was called */
+  int stopping; /* moonlet_stop was called */
   int exit_code;
-  int dispatch_ref;       /* registry ref of the framework's request dispatcher */
-  int traceback_ref;      /* registry ref of debug.traceback */
+  int dispatch_ref;  /* registry ref of the framework's request dispatcher */
+  int traceback_ref; /* registry ref of debug.traceback */
   /* embedding (bindings/embed.c): the only fields other threads touch are post_head/post_tail,
    * under post_lock */
-  uv_async_t post_async;  /* moonlet_post wakes the loop thread with it */
+  uv_async_t post_async; /* moonlet_post wakes the loop thread with it */
   uv_mutex_t post_lock;
   struct mlua_post_s *post_head, *post_tail; /* posted functions not run yet, oldest first */
-  int embed_on;           /* post_async and post_lock are initialised */
+  int embed_on;                              /* post_async and post_lock are initialised */
 };
 
 /* sched.c */
@@ -102,11 +102,11 @@ int mlua_embed_init(moonlet_t *m);
 void mlua_embed_close(moonlet_t *m);
 
 /* instance.c */
-moonlet_t *mlua_instance(lua_State *L); /* the instance of upvalue 1 */
+moonlet_t *mlua_instance(lua_State *L);                              /* the instance of upvalue 1 */
 void mlua_register(lua_State *L, moonlet_t *m, const luaL_Reg *fns); /* fns with m as upvalue */
 void mlua_new_metatable(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc);
 int mlua_push_error(lua_State *L, int uv_err); /* nil, short message, code name: returns 3 */
-const char *mlua_err_string(int uv_err);      /* "timeout", "closed", "connection refused", ... */
+const char *mlua_err_string(int uv_err);       /* "timeout", "closed", "connection refused", ... */
 
 /* Module openers, one per file. */
 int luaopen_moonlet_core(lua_State *L);

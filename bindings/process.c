@@ -1,8 +1,8 @@
 /* bindings/process.c: child processes (uv_spawn) with pipes on their stdin, stdout and stderr:
  * core.process_spawn(...) and the methods of the process object (core.process_raw): wait(timeout),
  * kill(sig), receive(fd, n | "*l" | "*a"), receive_any(fd, max), write(data), close_stdin(),
- * settimeout(fd, secs), pid(), close(). Each call that waits yields its task; lua/moonlet/process.lua
- * wraps these (task.check of every wait) as moonlet.process.
+ * settimeout(fd, secs), pid(), close(). Each call that waits yields its task;
+ * lua/moonlet/process.lua wraps these (task.check of every wait) as moonlet.process.
  *
  * Ownership:
  * - A process (proc_t) is C memory linked in the instance's resources; the Lua userdata holds a
@@ -21,7 +21,8 @@
  *   timed-out write cannot be taken back, so stdin is closed.
  * - Pinned in the registry: the data of a write in flight (wref of the stdin stream), including
  *   the `stdin = "string"` of spawn, which closes stdin once written.
- * - Process timeout (spawn's timeout option): the kill timer sends SIGKILL; the exit callback reaps.
+ * - Process timeout (spawn's timeout option): the kill timer sends SIGKILL; the exit callback
+ * reaps.
  */
 #include <errno.h>
 #include <signal.h>
@@ -51,11 +52,11 @@ typedef struct {
   size_t rwant;
   mlua_readbuf_t rb; /* received, not yet returned */
   int eof, err, reading;
-  int64_t ms;          /* read/write timeout, < 0: none */
-  uv_write_t wreq;     /* the write in flight */
-  int wref;            /* registry ref of its data */
-  int writing;         /* a write is in flight */
-  int close_after;     /* close stdin once the write in flight is done */
+  int64_t ms;      /* read/write timeout, < 0: none */
+  uv_write_t wreq; /* the write in flight */
+  int wref;        /* registry ref of its data */
+  int writing;     /* a write is in flight */
+  int close_after; /* close stdin once the write in flight is done */
 } stream_t;
 
 typedef struct proc_s {
@@ -360,7 +361,8 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     *buf = uv_buf_init(NULL, 0); /* on_read gets UV_ENOBUFS */
     return;
   }
-  *buf = uv_buf_init(s->rb.buf + s->rb.off + s->rb.len, (unsigned)(s->rb.cap - s->rb.off - s->rb.len));
+  *buf =
+      uv_buf_init(s->rb.buf + s->rb.off + s->rb.len, (unsigned)(s->rb.cap - s->rb.off - s->rb.len));
 }
 
 static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
@@ -467,7 +469,8 @@ static int p_receive_any(lua_State *L) {
   return n == 3 ? 2 : n;
 }
 
-/* syntax: core.process_raw.settimeout(p, fd, seconds) -- that stream's reads or writes; nil: none */
+/* syntax: core.process_raw.settimeout(p, fd, seconds) -- that stream's reads or writes; nil: none
+ */
 static int p_settimeout(lua_State *L) {
   proc_t *p = check_proc(L);
   stream_t *s = check_fd(L, p, 2);

@@ -67,10 +67,10 @@ typedef struct sock_s {
   size_t rwant;        /* R_BYTES: bytes wanted; R_ANY: at most */
   char *pat;           /* R_UNTIL: the pattern (malloc'd) */
   size_t patlen;
-  int wref;  /* registry ref: the box during connect, the data of a plain write */
+  int wref;          /* registry ref: the box during connect, the data of a plain write */
   mlua_readbuf_t rb; /* plaintext received, not yet returned */
-  char *cbuf;   /* TLS: ciphertext read buffer */
-  int eof, err; /* the peer closed / a read or TLS error (UV_E*) */
+  char *cbuf;        /* TLS: ciphertext read buffer */
+  int eof, err;      /* the peer closed / a read or TLS error (UV_E*) */
   int reading, closed, handles, accepted;
   int64_t connect_ms, send_ms, read_ms; /* < 0: no timeout */
   ml_tls_t *tls;                        /* NULL: plain TCP */
@@ -518,11 +518,13 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   size_t want = 65536;
   if (s->rmode == R_BYTES && s->rwant > s->rb.len && s->rwant - s->rb.len > want)
     want = s->rwant - s->rb.len; /* a large read: one buffer for all of it */
-  if (mlua_readbuf_reserve(&s->rb, want < 16384 ? 16384 : want) < 0 && mlua_readbuf_reserve(&s->rb, 4096) < 0) {
+  if (mlua_readbuf_reserve(&s->rb, want < 16384 ? 16384 : want) < 0 &&
+      mlua_readbuf_reserve(&s->rb, 4096) < 0) {
     *buf = uv_buf_init(NULL, 0); /* on_read gets UV_ENOBUFS */
     return;
   }
-  *buf = uv_buf_init(s->rb.buf + s->rb.off + s->rb.len, (unsigned)(s->rb.cap - s->rb.off - s->rb.len));
+  *buf =
+      uv_buf_init(s->rb.buf + s->rb.off + s->rb.len, (unsigned)(s->rb.cap - s->rb.off - s->rb.len));
 }
 
 /* TLS: runs the handshake or decrypts what was fed, then sends what OpenSSL has to say. */
@@ -537,7 +539,8 @@ static void tls_pump(sock_t *s) {
       s->err = UV_ENOMEM;
       break;
     }
-    int n = ml_tls_read(s->tls, s->rb.buf + s->rb.off + s->rb.len, s->rb.cap - s->rb.off - s->rb.len);
+    int n =
+        ml_tls_read(s->tls, s->rb.buf + s->rb.off + s->rb.len, s->rb.cap - s->rb.off - s->rb.len);
     if (n > 0)
       s->rb.len += (size_t)n;
     else if (n == UV_EOF)

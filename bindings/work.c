@@ -37,7 +37,13 @@ enum { MODE_CLOSURE = 0, MODE_MODULE };
 /* The encoding: a tag byte, then a double (T_NUM), a size_t length and the bytes (T_STR), or
  * key-value pairs up to T_END (T_TAB). */
 enum {
-  T_NIL = 'n', T_TRUE = 't', T_FALSE = 'f', T_NUM = 'd', T_STR = 's', T_TAB = '{', T_END = '}'
+  T_NIL = 'n',
+  T_TRUE = 't',
+  T_FALSE = 'f',
+  T_NUM = 'd',
+  T_STR = 's',
+  T_TAB = '{',
+  T_END = '}'
 };
 enum { C_OK = 0, C_TYPE, C_CYCLE, C_DEPTH, C_NOMEM };
 
@@ -54,7 +60,8 @@ typedef struct {
 static int buf_put(buf_t *b, const void *data, size_t n) {
   if (b->len + n > b->cap) {
     size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + n) cap *= 2;
+    while (cap < b->len + n)
+      cap *= 2;
     char *p = realloc(b->p, cap);
     if (!p) return C_NOMEM;
     b->p = p;
@@ -83,7 +90,7 @@ static int put_string(buf_t *b, const char *s, size_t n) {
 typedef struct {
   const void *path[MAX_DEPTH]; /* the tables being encoded, outermost first: a cycle is a repeat */
   int depth;
-  const char *bad;             /* C_TYPE: the type that cannot be copied */
+  const char *bad; /* C_TYPE: the type that cannot be copied */
 } enc_t;
 
 /* Appends the value at idx of L to b. Returns C_OK or what went wrong (nothing is raised, so this
@@ -183,16 +190,16 @@ typedef struct job_s {
   uv_work_t req;
   pool_t *pool;
   moonlet_t *m;
-  mlua_task_t *task;        /* the waiting task; NULL once cancelled or detached */
-  lua_State *W;             /* the worker state while on the thread pool */
+  mlua_task_t *task;         /* the waiting task; NULL once cancelled or detached */
+  lua_State *W;              /* the worker state while on the thread pool */
   struct job_s *prev, *next; /* the FIFO, while waiting for a state */
-  int linked;               /* in the instance's resources */
-  int queued;               /* in the FIFO */
+  int linked;                /* in the instance's resources */
+  int queued;                /* in the FIFO */
   /* worker thread only, between uv_queue_work and the after-work callback: */
-  int mode;                 /* MODE_* */
+  int mode; /* MODE_* */
   int nargs;
-  buf_t in;                 /* the code or module name + function name, then the arguments */
-  buf_t out;                /* the results, or the error message when `failed` */
+  buf_t in;  /* the code or module name + function name, then the arguments */
+  buf_t out; /* the results, or the error message when `failed` */
   int nout;
   int failed;
 } job_t;
@@ -201,10 +208,10 @@ struct pool_s {
   moonlet_t *m;
   lua_State **idle; /* idle worker states, a stack */
   int nidle;
-  int states;       /* created and not closed */
+  int states; /* created and not closed */
   int max_states;
-  int busy;         /* jobs on the thread pool */
-  int closed;       /* the Lua state is gone: free states as they come back, then the pool */
+  int busy;   /* jobs on the thread pool */
+  int closed; /* the Lua state is gone: free states as they come back, then the pool */
   job_t *head, *tail;
   int queued;
 };
@@ -216,10 +223,14 @@ static void job_free(job_t *j) {
 }
 
 static void fifo_remove(pool_t *p, job_t *j) {
-  if (j->prev) j->prev->next = j->next;
-  else p->head = j->next;
-  if (j->next) j->next->prev = j->prev;
-  else p->tail = j->prev;
+  if (j->prev)
+    j->prev->next = j->next;
+  else
+    p->head = j->next;
+  if (j->next)
+    j->next->prev = j->prev;
+  else
+    p->tail = j->prev;
   j->prev = j->next = NULL;
   j->queued = 0;
   p->queued--;
@@ -228,15 +239,18 @@ static void fifo_remove(pool_t *p, job_t *j) {
 static void fifo_push(pool_t *p, job_t *j) {
   j->next = NULL;
   j->prev = p->tail;
-  if (p->tail) p->tail->next = j;
-  else p->head = j;
+  if (p->tail)
+    p->tail->next = j;
+  else
+    p->head = j;
   p->tail = j;
   j->queued = 1;
   p->queued++;
 }
 
 static void pool_free(pool_t *p) {
-  for (int i = 0; i < p->nidle; i++) lua_close(p->idle[i]);
+  for (int i = 0; i < p->nidle; i++)
+    lua_close(p->idle[i]);
   free(p->idle);
   free(p);
 }
@@ -306,7 +320,8 @@ static int pool_gc(lua_State *L) {
     fifo_remove(p, j);
     job_free(j);
   }
-  for (int i = 0; i < p->nidle; i++) lua_close(p->idle[i]);
+  for (int i = 0; i < p->nidle; i++)
+    lua_close(p->idle[i]);
   p->states -= p->nidle;
   p->nidle = 0;
   if (p->busy == 0) pool_free(p);
@@ -384,12 +399,14 @@ static int job_entry(lua_State *W) {
     lua_settop(W, 1);
   }
   luaL_checkstack(W, j->nargs + 4, "moonlet.work: too many arguments");
-  for (int i = 0; i < j->nargs; i++) decode(W, &p);
+  for (int i = 0; i < j->nargs; i++)
+    decode(W, &p);
   lua_call(W, j->nargs, LUA_MULTRET);
   int n = lua_gettop(W), e = C_OK;
   if (n > MAX_RESULTS) return luaL_error(W, "moonlet.work: more than %d results", MAX_RESULTS);
   enc_t enc = {.depth = 0};
-  for (int i = 1; i <= n && !e; i++) e = encode(W, i, &j->out, &enc);
+  for (int i = 1; i <= n && !e; i++)
+    e = encode(W, i, &j->out, &enc);
   if (e) {
     push_encode_error(W, e, &enc);
     return lua_error(W);
@@ -455,7 +472,8 @@ static void work_done(uv_work_t *req, int status) {
     } else {
       const char *s = j->out.p;
       lua_checkstack(co, j->nout + 4);
-      for (int i = 0; i < j->nout; i++) decode(co, &s);
+      for (int i = 0; i < j->nout; i++)
+        decode(co, &s);
       n = j->nout;
     }
   }
@@ -578,7 +596,8 @@ static int l_work(lua_State *L) {
   if (!first) return misuse(L, j);
   enc_t enc = {.depth = 0};
   int e = C_OK;
-  for (int i = first; i <= top && !e; i++) e = encode(L, i, &j->in, &enc);
+  for (int i = first; i <= top && !e; i++)
+    e = encode(L, i, &j->in, &enc);
   if (e) {
     push_encode_error(L, e, &enc);
     return misuse(L, j);

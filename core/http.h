@@ -1,18 +1,18 @@
-/* core/http.h: the HTTP/1.1 server of the core: listeners, connections, llhttp parsing, limits, timeouts
- * and response writing. It knows nothing of Lua: an upper layer (bindings/http_server.c) receives
- * requests through ml_http_callbacks_t and answers through the ml_conn_* calls.
+/* core/http.h: the HTTP/1.1 server of the core: listeners, connections, llhttp parsing, limits,
+ * timeouts and response writing. It knows nothing of Lua: an upper layer (bindings/http_server.c)
+ * receives requests through ml_http_callbacks_t and answers through the ml_conn_* calls.
  *
  * Ownership and lifetime (the rules every caller relies on):
- * - The server owns every connection. A connection's memory stays valid until its close callback has
- *   run; the upper layer hears about it once, through on_close, and must drop its pointer there.
+ * - The server owns every connection. A connection's memory stays valid until its close callback
+ * has run; the upper layer hears about it once, through on_close, and must drop its pointer there.
  * - A connection handles one request at a time. A request starts with on_request (headers complete)
  *   and ends when the upper layer calls ml_conn_finish; pipelined requests wait, parsed no further,
  *   until the one before has finished, so responses leave in request order.
  * - Callbacks into the upper layer never run inside llhttp_execute: the parser pauses at the end of
  *   the headers and of the message, and events are delivered after it returns. The upper layer may
  *   call any ml_conn_* function from a callback, including ml_conn_finish and ml_conn_close.
- * - Output goes into one staging buffer per server and is written with uv_try_write at the latest in
- *   the loop's prepare phase (or earlier when another connection needs the buffer), so a batch of
+ * - Output goes into one staging buffer per server and is written with uv_try_write at the latest
+ * in the loop's prepare phase (or earlier when another connection needs the buffer), so a batch of
  *   pipelined responses leaves in one write; what the socket does not take is copied into one write
  *   request. Nothing is allocated per request on the keep-alive path.
  * - Everything runs on the loop thread.
@@ -29,19 +29,21 @@
 typedef struct ml_server_s ml_server_t;
 typedef struct ml_conn_s ml_conn_t;
 
-/* Limits with nginx-like defaults (ml_http_limits_default). Times are in milliseconds; 0 disables. */
+/* Limits with nginx-like defaults (ml_http_limits_default). Times are in milliseconds; 0 disables.
+ */
 typedef struct ml_http_limits_s {
-  size_t max_uri;               /* request-target bytes, else 414 (8 KiB) */
-  size_t max_header_bytes;      /* request line + header bytes, else 431 (32 KiB) */
-  unsigned max_headers;         /* header count, else 431 (100) */
-  uint64_t max_body;            /* body bytes, else 413 (1 MiB) */
-  uint64_t header_timeout_ms;   /* whole header section, else 408 + close (60 s) */
-  uint64_t body_timeout_ms;     /* between two body reads, else 408 + close (60 s) */
+  size_t max_uri;                /* request-target bytes, else 414 (8 KiB) */
+  size_t max_header_bytes;       /* request line + header bytes, else 431 (32 KiB) */
+  unsigned max_headers;          /* header count, else 431 (100) */
+  uint64_t max_body;             /* body bytes, else 413 (1 MiB) */
+  uint64_t header_timeout_ms;    /* whole header section, else 408 + close (60 s) */
+  uint64_t body_timeout_ms;      /* between two body reads, else 408 + close (60 s) */
   uint64_t keepalive_timeout_ms; /* idle keep-alive connection is closed (75 s) */
-  uint64_t send_timeout_ms;     /* a client that reads nothing for this long is closed (60 s) */
-  unsigned max_conns;           /* further connections are closed at accept (10240) */
-  unsigned keepalive_requests;  /* requests on one connection before Connection: close (0: no limit) */
-  uint64_t shutdown_grace_ms;   /* how long ml_server_shutdown waits for in-flight requests (10 s) */
+  uint64_t send_timeout_ms;      /* a client that reads nothing for this long is closed (60 s) */
+  unsigned max_conns;            /* further connections are closed at accept (10240) */
+  unsigned
+      keepalive_requests; /* requests on one connection before Connection: close (0: no limit) */
+  uint64_t shutdown_grace_ms; /* how long ml_server_shutdown waits for in-flight requests (10 s) */
 } ml_http_limits_t;
 
 void ml_http_limits_default(ml_http_limits_t *lim);
@@ -61,11 +63,11 @@ typedef struct ml_request_s {
   uint8_t keep_alive;      /* the client wants the connection kept */
   uint8_t expect_continue; /* Expect: 100-continue was sent */
   uint8_t is_head;
-  uint8_t has_body;        /* Content-Length > 0 or chunked */
-  int64_t content_length;  /* -1 when absent */
+  uint8_t has_body;       /* Content-Length > 0 or chunked */
+  int64_t content_length; /* -1 when absent */
   ml_header_t *headers;
   unsigned nheaders;
-  uint64_t started_ns;     /* uv_hrtime at the end of the headers */
+  uint64_t started_ns; /* uv_hrtime at the end of the headers */
 } ml_request_t;
 
 typedef struct ml_http_callbacks_s {
@@ -90,7 +92,8 @@ ml_server_t *ml_server_new(uv_loop_t *loop, const ml_http_limits_t *lim, const m
 /* Binds and listens on host:port (port 0 picks one; read it back with ml_server_port). Returns 0 or
  * a negative UV_E* code. A server may listen on several addresses. */
 int ml_server_listen(ml_server_t *s, const char *host, int port, int backlog);
-int ml_server_port(const ml_server_t *s, int index); /* bound port of the index-th listener, or <0 */
+int ml_server_port(const ml_server_t *s,
+                   int index); /* bound port of the index-th listener, or <0 */
 /* Stops accepting, closes idle connections, lets active requests finish (Connection: close), and
  * closes whatever is still open after the grace time. `done` runs once everything is closed. */
 void ml_server_shutdown(ml_server_t *s, void (*done)(ml_server_t *, void *), void *ud);
@@ -117,10 +120,12 @@ int ml_conn_body_state(ml_conn_t *c, const char **data, size_t *len);
 /* Drops the first n buffered body bytes (the reader has copied them); reading resumes when the
  * buffer drains. */
 void ml_conn_body_consume(ml_conn_t *c, size_t n);
-/* Marks that the handler waits for body data: a 100 Continue is sent first when the client asked. */
+/* Marks that the handler waits for body data: a 100 Continue is sent first when the client asked.
+ */
 void ml_conn_body_want(ml_conn_t *c);
 
-/* -- Responses ---------------------------------------------------------------------------------- */
+/* -- Responses ----------------------------------------------------------------------------------
+ */
 
 /* Writes a whole response: status line, Date, Server, `headers` (preformatted "Name: value\r\n"
  * lines, may be NULL), Content-Length and the body (omitted for HEAD, 204 and 304). Returns 0, or

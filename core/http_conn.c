@@ -142,14 +142,18 @@ static int name_is(const ml_header_t *h, const char *lit, size_t n) {
 static int value_has_token(const ml_header_t *h, const char *tok, size_t n) {
   const char *v = h->value, *end = h->value + h->value_len;
   while (v < end) {
-    while (v < end && (*v == ' ' || *v == '\t' || *v == ',')) v++;
+    while (v < end && (*v == ' ' || *v == '\t' || *v == ','))
+      v++;
     const char *s = v;
-    while (v < end && *v != ',') v++;
+    while (v < end && *v != ',')
+      v++;
     const char *e = v;
-    while (e > s && (e[-1] == ' ' || e[-1] == '\t')) e--;
+    while (e > s && (e[-1] == ' ' || e[-1] == '\t'))
+      e--;
     if ((size_t)(e - s) == n) {
       size_t i = 0;
-      while (i < n && (s[i] | 0x20) == tok[i]) i++;
+      while (i < n && (s[i] | 0x20) == tok[i])
+        i++;
       if (i == n) return 1;
     }
   }
@@ -163,7 +167,8 @@ static int on_header_value_complete(llhttp_t *p) {
   if (!h->value) h->value = c->rb->data + c->rb->len; /* empty value */
   while (h->value_len && (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
     h->value_len--;
-  if (name_is(h, "host", 4)) c->host_count++;
+  if (name_is(h, "host", 4))
+    c->host_count++;
   else if (name_is(h, "expect", 6) && value_has_token(h, "100-continue", 12))
     c->req.expect_continue = 1;
   return 0;
@@ -201,7 +206,8 @@ static int on_body(llhttp_t *p, const char *at, size_t len) {
   if (!c->req_active) return 0; /* the handler is done: the rest of the body is dropped */
   if (c->body_len + len > c->body_cap) {
     size_t cap = c->body_cap ? c->body_cap : 16 * 1024;
-    while (cap < c->body_len + len) cap *= 2;
+    while (cap < c->body_len + len)
+      cap *= 2;
     char *b = realloc(c->body, cap);
     if (!b) return -1;
     c->body = b;
@@ -398,7 +404,7 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
       } else if (event == PAUSE_MESSAGE) {
         if (c->req_active) {
           deliver_body(c); /* the body is complete */
-        } else {          /* the handler finished before its body: the request ends here */
+        } else {           /* the handler finished before its body: the request ends here */
           request_reset(c);
           c->nrequests++;
           if (c->close_after || c->srv->draining) ml_conn_close(c, 1);
@@ -409,18 +415,22 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
     /* a parse error or a limit */
     int status = err == HPE_USER && c->error_status ? c->error_status : 400;
     char why[160];
-    snprintf(why, sizeof why, "%s: %s", llhttp_errno_name(err), llhttp_get_error_reason(&c->parser));
+    snprintf(why, sizeof why, "%s: %s", llhttp_errno_name(err),
+             llhttp_get_error_reason(&c->parser));
     ml__conn_error(c, status, why);
     break;
   }
   c->feed_rest = 0;
-  if (c->upgraded && len > 0 && !c->closing) stash(c, data, len);
-  else if (len == 0 && c->stash && !c->closing) stash_clear(c);
+  if (c->upgraded && len > 0 && !c->closing)
+    stash(c, data, len);
+  else if (len == 0 && c->stash && !c->closing)
+    stash_clear(c);
   c->in_feed = 0;
 }
 
 /* Runs the input stashed while the previous request was handled (called from the prepare phase);
- * on an upgraded connection, hands the bytes that followed the upgrade request to the upper layer. */
+ * on an upgraded connection, hands the bytes that followed the upgrade request to the upper layer.
+ */
 void ml__conn_run_stash(ml_conn_t *c) {
   if (c->raw_cb) {
     if (c->closing) return;
@@ -567,8 +577,7 @@ void ml_conn_body_consume(ml_conn_t *c, size_t n) {
 }
 
 void ml_conn_body_want(ml_conn_t *c) {
-  if (c->req.expect_continue && !c->continue_sent && !c->resp_started &&
-      c->state == ML_CONN_BODY) {
+  if (c->req.expect_continue && !c->continue_sent && !c->resp_started && c->state == ML_CONN_BODY) {
     static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
     c->continue_sent = 1;
     ml__out_append(c->srv, c, cont, sizeof cont - 1);
@@ -591,9 +600,11 @@ void ml_conn_finish(ml_conn_t *c) {
     ml_conn_close(c, 1);
     return;
   }
+  /* the client may still send the body we did not ask for */
   if (c->req.expect_continue && !c->continue_sent && c->state == ML_CONN_BODY && c->req.has_body)
     c->close_after = 1;
-  if (c->upgraded) c->close_after = 1; /* no protocol takes the connection over yet */ /* the client may still send the body we did not ask for */
+  /* an upgrade nobody took over (no 101 was sent): the connection cannot go on as HTTP */
+  if (c->upgraded) c->close_after = 1;
   if (c->close_after) {
     ml_conn_close(c, 1);
     return;
@@ -621,7 +632,8 @@ void ml_conn_finish(ml_conn_t *c) {
   ml__conn_arm_timer(c);
 }
 
-/* -- Upgrade: the connection as a raw byte stream (see core/http.h) ------------------------------ */
+/* -- Upgrade: the connection as a raw byte stream (see core/http.h) ------------------------------
+ */
 
 int ml_conn_upgrade(ml_conn_t *c, const char *headers, size_t hlen, const ml_conn_raw_cb_t *cb,
                     void *ud) {

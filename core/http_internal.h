@@ -27,76 +27,76 @@ typedef struct ml_reqbuf_s {
   char *data;
 } ml_reqbuf_t;
 
-enum { /* where a connection is in its request cycle */
-  ML_CONN_IDLE = 0,   /* between requests */
-  ML_CONN_HEADERS,    /* a message began; headers incomplete */
-  ML_CONN_BODY,       /* headers complete; body still arriving */
-  ML_CONN_DONE_READ   /* the whole message is in */
+enum {                   /* where a connection is in its request cycle */
+       ML_CONN_IDLE = 0, /* between requests */
+       ML_CONN_HEADERS,  /* a message began; headers incomplete */
+       ML_CONN_BODY,     /* headers complete; body still arriving */
+       ML_CONN_DONE_READ /* the whole message is in */
 };
 
 struct ml_conn_s {
-  uv_tcp_t tcp;           /* owned; closed once in conn_close_handles */
-  uv_timer_t timer;       /* the one timer of the connection (see conn_timer_cb) */
+  uv_tcp_t tcp;     /* owned; closed once in conn_close_handles */
+  uv_timer_t timer; /* the one timer of the connection (see conn_timer_cb) */
   llhttp_t parser;
   ml_server_t *srv;
   ml_conn_t *prev, *next; /* the server's list of connections */
   void *data;             /* upper layer's pointer */
 
   /* request state (reset in conn_request_reset) */
-  ml_reqbuf_t *rb;        /* from the pool while a message is parsed or handled */
+  ml_reqbuf_t *rb; /* from the pool while a message is parsed or handled */
   ml_request_t req;
-  ml_header_t *cur;       /* header being parsed */
+  ml_header_t *cur; /* header being parsed */
   unsigned host_count;
-  int error_status;       /* status for an HPE_USER error (413, 414, 431) */
-  char *body;             /* unread body bytes (malloc), body_len of body_cap */
+  int error_status; /* status for an HPE_USER error (413, 414, 431) */
+  char *body;       /* unread body bytes (malloc), body_len of body_cap */
   size_t body_len, body_cap;
-  uint64_t body_total;    /* body bytes received for this request */
-  uint64_t header_start;  /* uv_now at message begin */
-  uint64_t activity;      /* uv_now at the last read or write progress */
+  uint64_t body_total;   /* body bytes received for this request */
+  uint64_t header_start; /* uv_now at message begin */
+  uint64_t activity;     /* uv_now at the last read or write progress */
 
   /* unparsed input kept while the current request is handled (pipelining) */
   char *stash;
   size_t stash_len, stash_off;
-  size_t feed_rest;       /* bytes conn_feed still holds behind the request it dispatched */
+  size_t feed_rest; /* bytes conn_feed still holds behind the request it dispatched */
 
-  size_t write_queue;     /* bytes in uv_write requests */
-  int64_t stream_left;    /* bytes still due in a streamed response with Content-Length, or -1 */
-  unsigned nrequests;     /* requests finished on this connection */
-  int pending_ops;        /* file transfers in flight; the conn is not freed before they end */
-  int open_handles;       /* tcp + timer until their close callbacks ran */
+  size_t write_queue;  /* bytes in uv_write requests */
+  int64_t stream_left; /* bytes still due in a streamed response with Content-Length, or -1 */
+  unsigned nrequests;  /* requests finished on this connection */
+  int pending_ops;     /* file transfers in flight; the conn is not freed before they end */
+  int open_handles;    /* tcp + timer until their close callbacks ran */
 
-  uint8_t state;          /* ML_CONN_* */
-  const char *feed_start; /* the data of the llhttp_execute in progress (obs-fold checks) */
-  char last_byte;         /* the last byte given to llhttp_execute */
-  uint8_t pause;          /* why llhttp paused: PAUSE_HEADERS or PAUSE_MESSAGE (http_conn.c) */
-  unsigned req_active : 1;     /* on_request ran, ml_conn_finish not yet */
-  unsigned resp_started : 1;   /* a response head was written */
-  unsigned resp_done : 1;      /* the response body is complete */
-  unsigned resp_chunked : 1;   /* streaming with chunked encoding */
-  unsigned resp_no_body : 1;   /* HEAD, 204, 304: the body is not sent */
-  unsigned close_after : 1;    /* close when this response is out */
-  unsigned continue_sent : 1;  /* 100 Continue went out */
-  unsigned body_error : 1;     /* the body could not be read (see body_errno) */
-  unsigned body_event : 1;     /* body bytes or its end arrived since the last on_body */
-  unsigned want_writable : 1;  /* on_writable is wanted */
-  unsigned reading : 1;        /* uv_read_start is in effect */
-  unsigned read_eof : 1;       /* the client shut its side */
-  unsigned in_feed : 1;        /* conn_feed is on the stack */
-  unsigned on_ready : 1;       /* in the server's ready list */
-  unsigned upgraded : 1;       /* an Upgrade request was parsed; no more HTTP on this conn */
-  unsigned closing : 1;        /* ml_conn_close was called */
-  unsigned lingering : 1;      /* graceful close: shut down, discarding input until EOF */
-  unsigned counted : 1;        /* counted in srv->nconns */
-  unsigned notified : 1;       /* on_close ran */
-  unsigned skip_complete : 1;  /* the next on_message_complete belongs to a body-less request */
-  ml_conn_t *ready_next;  /* the server's ready list: finished requests with stashed input */
+  uint8_t state;              /* ML_CONN_* */
+  const char *feed_start;     /* the data of the llhttp_execute in progress (obs-fold checks) */
+  char last_byte;             /* the last byte given to llhttp_execute */
+  uint8_t pause;              /* why llhttp paused: PAUSE_HEADERS or PAUSE_MESSAGE (http_conn.c) */
+  unsigned req_active : 1;    /* on_request ran, ml_conn_finish not yet */
+  unsigned resp_started : 1;  /* a response head was written */
+  unsigned resp_done : 1;     /* the response body is complete */
+  unsigned resp_chunked : 1;  /* streaming with chunked encoding */
+  unsigned resp_no_body : 1;  /* HEAD, 204, 304: the body is not sent */
+  unsigned close_after : 1;   /* close when this response is out */
+  unsigned continue_sent : 1; /* 100 Continue went out */
+  unsigned body_error : 1;    /* the body could not be read (see body_errno) */
+  unsigned body_event : 1;    /* body bytes or its end arrived since the last on_body */
+  unsigned want_writable : 1; /* on_writable is wanted */
+  unsigned reading : 1;       /* uv_read_start is in effect */
+  unsigned read_eof : 1;      /* the client shut its side */
+  unsigned in_feed : 1;       /* conn_feed is on the stack */
+  unsigned on_ready : 1;      /* in the server's ready list */
+  unsigned upgraded : 1;      /* an Upgrade request was parsed; no more HTTP on this conn */
+  unsigned closing : 1;       /* ml_conn_close was called */
+  unsigned lingering : 1;     /* graceful close: shut down, discarding input until EOF */
+  unsigned counted : 1;       /* counted in srv->nconns */
+  unsigned notified : 1;      /* on_close ran */
+  unsigned skip_complete : 1; /* the next on_message_complete belongs to a body-less request */
+  ml_conn_t *ready_next;      /* the server's ready list: finished requests with stashed input */
 
   /* after ml_conn_upgrade: a raw byte stream owned by the upper layer (http_conn.c) */
   const ml_conn_raw_cb_t *raw_cb; /* non-NULL once upgraded */
   void *raw_ud;
-  uint64_t raw_deadline;  /* uv_now when on_deadline runs, or 0 */
-  unsigned raw_paused : 1;     /* ml_conn_raw_read(c, 0) */
-  unsigned raw_eof : 1;        /* on_data got its n < 0 */
+  uint64_t raw_deadline;   /* uv_now when on_deadline runs, or 0 */
+  unsigned raw_paused : 1; /* ml_conn_raw_read(c, 0) */
+  unsigned raw_eof : 1;    /* on_data got its n < 0 */
 };
 
 struct ml_server_s {
@@ -115,20 +115,20 @@ struct ml_server_s {
   unsigned nconns;        /* counted connections (max_conns) */
   int open_handles;       /* listeners + prepare + grace timer + connections still open */
 
-  char *out;              /* staged output of out_owner */
+  char *out; /* staged output of out_owner */
   size_t out_len, out_cap;
   ml_conn_t *out_owner;
 
-  ml_conn_t *ready;       /* connections whose next request is stashed */
-  ml_reqbuf_t *free_rb;   /* request-buffer pool */
+  ml_conn_t *ready;     /* connections whose next request is stashed */
+  ml_reqbuf_t *free_rb; /* request-buffer pool */
   unsigned free_rb_count;
 
-  char date[48];          /* "Date: ...\r\n" */
+  char date[48]; /* "Date: ...\r\n" */
   size_t date_len;
-  uint64_t date_tick;     /* uv_now()/1000 of the cached date */
+  uint64_t date_tick; /* uv_now()/1000 of the cached date */
 
-  int draining;           /* ml_server_shutdown was called */
-  int closing;            /* ml_server_close was called */
+  int draining; /* ml_server_shutdown was called */
+  int closing;  /* ml_server_close was called */
   void (*done_cb)(ml_server_t *, void *);
   void *done_ud;
   char rbuf[ML_READ_BUF_SIZE]; /* the read buffer, used by one read callback at a time */

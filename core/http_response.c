@@ -56,8 +56,8 @@ const char *ml_http_reason(int status) {
 static int keep_alive(ml_conn_t *c) {
   const ml_http_limits_t *lim = &c->srv->lim;
   int eof = c->read_eof && c->stash_len <= c->stash_off && c->feed_rest == 0; /* none pipelined */
-  int keep = c->req.keep_alive && !c->close_after && !c->srv->draining && !eof &&
-             !c->upgraded && !(lim->keepalive_requests && c->nrequests + 1 >= lim->keepalive_requests);
+  int keep = c->req.keep_alive && !c->close_after && !c->srv->draining && !eof && !c->upgraded &&
+             !(lim->keepalive_requests && c->nrequests + 1 >= lim->keepalive_requests);
   if (!keep) c->close_after = 1;
   return keep;
 }
@@ -74,7 +74,8 @@ static char *put_u64(char *p, uint64_t v) {
     tmp[n++] = (char)('0' + v % 10);
     v /= 10;
   } while (v);
-  while (n) *p++ = tmp[--n];
+  while (n)
+    *p++ = tmp[--n];
   return p;
 }
 
@@ -84,7 +85,8 @@ static char *put_lit(char *p, const char *s, size_t n) {
 }
 #define PUT_LIT(p, lit) put_lit(p, lit, sizeof lit - 1)
 
-/* Formats the head into the staging buffer. `length` >= 0 is a Content-Length, else one of LEN_*. */
+/* Formats the head into the staging buffer. `length` >= 0 is a Content-Length, else one of LEN_*.
+ */
 static int write_head(ml_conn_t *c, int status, const char *headers, size_t hlen, int64_t length) {
   ml_server_t *s = c->srv;
   size_t dlen;

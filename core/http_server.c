@@ -29,7 +29,8 @@ void ml_http_limits_default(ml_http_limits_t *lim) {
   lim->shutdown_grace_ms = 10000;
 }
 
-/* -- Request-buffer pool ------------------------------------------------------------------------ */
+/* -- Request-buffer pool ------------------------------------------------------------------------
+ */
 
 ml_reqbuf_t *ml__reqbuf_get(ml_server_t *s) {
   ml_reqbuf_t *rb = s->free_rb;
@@ -60,7 +61,8 @@ void ml__reqbuf_put(ml_server_t *s, ml_reqbuf_t *rb) {
   s->free_rb_count++;
 }
 
-/* -- Date header ---------------------------------------------------------------------------------- */
+/* -- Date header ----------------------------------------------------------------------------------
+ */
 
 const char *ml__date_header(ml_server_t *s, size_t *len) {
   uint64_t tick = uv_now(s->loop) / 1000;
@@ -75,7 +77,8 @@ const char *ml__date_header(ml_server_t *s, size_t *len) {
   return s->date;
 }
 
-/* -- Output ------------------------------------------------------------------------------------------ */
+/* -- Output
+ * ------------------------------------------------------------------------------------------ */
 
 typedef struct {
   uv_write_t req;
@@ -96,8 +99,10 @@ static void write_cb(uv_write_t *req, int status) {
   c->activity = uv_now(c->srv->loop);
   if (c->want_writable && c->write_queue < ML_WRITE_LOW_WATER && !c->closing) {
     c->want_writable = 0;
-    if (c->raw_cb) c->raw_cb->on_writable(c, c->raw_ud);
-    else c->srv->cb.on_writable(c, c->srv->ud);
+    if (c->raw_cb)
+      c->raw_cb->on_writable(c, c->raw_ud);
+    else
+      c->srv->cb.on_writable(c, c->srv->ud);
   }
 }
 
@@ -166,7 +171,8 @@ char *ml__out_reserve(ml_server_t *s, ml_conn_t *c, size_t n) {
   }
   if (s->out_len + n > s->out_cap) {
     size_t cap = s->out_cap ? s->out_cap : 16 * 1024;
-    while (cap < s->out_len + n) cap *= 2;
+    while (cap < s->out_len + n)
+      cap *= 2;
     char *p = realloc(s->out, cap);
     if (!p) return NULL;
     s->out = p;
@@ -214,7 +220,8 @@ static void prepare_cb(uv_prepare_t *h) {
   out_flush(s);
 }
 
-/* -- Timers --------------------------------------------------------------------------------------- */
+/* -- Timers ---------------------------------------------------------------------------------------
+ */
 
 /* The deadline of c's current state in loop milliseconds, or 0 when nothing times out. */
 static uint64_t conn_deadline(ml_conn_t *c) {
@@ -231,8 +238,7 @@ static uint64_t conn_deadline(ml_conn_t *c) {
   case ML_CONN_IDLE:
     if (c->req_active || c->stash_len || c->upgraded) return 0;
     return lim->keepalive_timeout_ms ? c->activity + lim->keepalive_timeout_ms : 0;
-  default:
-    return 0; /* the handler runs: its own waits carry their timeouts */
+  default: return 0; /* the handler runs: its own waits carry their timeouts */
   }
 }
 
@@ -486,8 +492,10 @@ void ml__server_conn_gone(ml_server_t *s, ml_conn_t *c) {
   if (c->rb) ml__reqbuf_put(s, c->rb);
   free(c->body);
   free(c->stash);
-  if (c->prev) c->prev->next = c->next;
-  else s->conns = c->next;
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    s->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   if (c->counted) s->nconns--;
   free(c);
@@ -500,7 +508,8 @@ void ml__server_conn_gone(ml_server_t *s, ml_conn_t *c) {
 }
 
 static void close_listeners(ml_server_t *s) {
-  for (int i = 0; i < s->nlisteners; i++) uv_close((uv_handle_t *)s->listeners[i], listener_closed);
+  for (int i = 0; i < s->nlisteners; i++)
+    uv_close((uv_handle_t *)s->listeners[i], listener_closed);
   s->nlisteners = 0;
 }
 
@@ -511,7 +520,8 @@ void ml_server_close(ml_server_t *s, void (*done)(ml_server_t *, void *), void *
   s->done_ud = ud;
   out_flush(s);
   close_listeners(s);
-  for (ml_conn_t *c = s->conns; c; c = c->next) ml_conn_close(c, 0);
+  for (ml_conn_t *c = s->conns; c; c = c->next)
+    ml_conn_close(c, 0);
   uv_close((uv_handle_t *)&s->prepare, server_handle_closed);
   uv_close((uv_handle_t *)&s->grace_timer, server_handle_closed);
 }
@@ -592,7 +602,8 @@ void ml_conn_close(ml_conn_t *c, int graceful) {
   c->closing = 1;
   if (c->on_ready) { /* unlink from the ready list */
     ml_conn_t **pp = &c->srv->ready;
-    while (*pp && *pp != c) pp = &(*pp)->ready_next;
+    while (*pp && *pp != c)
+      pp = &(*pp)->ready_next;
     if (*pp) *pp = c->ready_next;
     c->on_ready = 0;
   }

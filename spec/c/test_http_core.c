@@ -29,7 +29,7 @@
 #define BIG_TOTAL (4u << 20) /* /big streams at least this much */
 #define BIG_MAX (256u << 20) /* and at most this much */
 #define BIG_PIECE (64u << 10)
-#define BIG_PUSHBACKS 3      /* and until the socket pushed back this many times */
+#define BIG_PUSHBACKS 3 /* and until the socket pushed back this many times */
 
 static uv_loop_t loop;
 static uv_timer_t deadline; /* the timeout of the wait in progress */
@@ -47,7 +47,8 @@ static void deadline_cb(uv_timer_t *t) {
 static int run_until(int (*cond)(void *), void *arg) {
   deadline_hit = 0;
   uv_timer_start(&deadline, deadline_cb, WAIT_MS, 0);
-  while (!cond(arg) && !deadline_hit) uv_run(&loop, UV_RUN_ONCE);
+  while (!cond(arg) && !deadline_hit)
+    uv_run(&loop, UV_RUN_ONCE);
   uv_timer_stop(&deadline);
   return cond(arg);
 }
@@ -92,8 +93,8 @@ typedef struct conn_st_s {
   int echo;   /* the request is /echo: its body is read */
   char *body; /* the request body read so far */
   size_t body_len, body_cap;
-  size_t big_sent; /* /big: bytes streamed so far */
-  int big_waits;   /* /big: times ml_conn_wants_writable returned 1 */
+  size_t big_sent;   /* /big: bytes streamed so far */
+  int big_waits;     /* /big: times ml_conn_wants_writable returned 1 */
   unsigned nheaders; /* the request's header count at on_request */
 } conn_st_t;
 
@@ -156,7 +157,8 @@ static void big_pump(srv_ctx_t *x, ml_conn_t *c) {
   conn_st_t *st = ml_conn_data(c);
   static char piece[BIG_PIECE];
   while (st->big_sent < BIG_MAX && (st->big_sent < BIG_TOTAL || st->big_waits < BIG_PUSHBACKS)) {
-    for (size_t i = 0; i < BIG_PIECE; i++) piece[i] = big_byte(st->big_sent + i);
+    for (size_t i = 0; i < BIG_PIECE; i++)
+      piece[i] = big_byte(st->big_sent + i);
     api(x, ml_conn_stream_write(c, piece, BIG_PIECE));
     st->big_sent += BIG_PIECE;
     int r = ml_conn_wants_writable(c);
@@ -819,7 +821,8 @@ static void test_request_bodies(void) {
   size_t big = 300 * 1024;
   char *req = malloc(big + 128);
   int hl = sprintf(req, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n", big);
-  for (size_t i = 0; i < big; i++) req[hl + i] = big_byte(i);
+  for (size_t i = 0; i < big; i++)
+    req[hl + i] = big_byte(i);
   CHECK_INT(client_open(&cl, x->port), 1);
   client_send(&cl, req, (size_t)hl + big);
   CHECK(client_wait(&cl, 1));
@@ -861,7 +864,8 @@ static void test_streamed(void) {
   CHECK(r->body_len >= BIG_TOTAL && r->body_len < BIG_MAX);
   CHECK_INT(r->body_len % BIG_PIECE, 0);
   int same = 1;
-  for (size_t i = 0; same && i < r->body_len; i++) same = r->body[i] == big_byte(i);
+  for (size_t i = 0; same && i < r->body_len; i++)
+    same = r->body[i] == big_byte(i);
   CHECK(same);
   CHECK_INT(x->n_writable - writable, BIG_PUSHBACKS);
   client_close(&cl);
@@ -999,7 +1003,8 @@ static void test_bad_requests(void) {
   expect_refused("header section over max_header_bytes (many headers)", req, (size_t)n, 431, 0);
 
   n = snprintf(req, sizeof req, "GET / HTTP/1.1\r\nHost: x\r\n");
-  for (int i = 0; i < 25; i++) n += snprintf(req + n, sizeof req - (size_t)n, "X-N%d: v\r\n", i);
+  for (int i = 0; i < 25; i++)
+    n += snprintf(req + n, sizeof req - (size_t)n, "X-N%d: v\r\n", i);
   n += snprintf(req + n, sizeof req - (size_t)n, "\r\n");
   expect_refused("too many headers", req, (size_t)n, 431, 0);
   CHECK_HAS(x->last_log, "too many headers");
@@ -1049,7 +1054,8 @@ static void test_limits_accept(void) {
   memset(req + n, 'u', 1000);
   n += 1000;
   n += snprintf(req + n, sizeof req - (size_t)n, " HTTP/1.1\r\nHost: x\r\n");
-  for (int i = 0; i < 19; i++) n += snprintf(req + n, sizeof req - (size_t)n, "X-N%d: v\r\n", i);
+  for (int i = 0; i < 19; i++)
+    n += snprintf(req + n, sizeof req - (size_t)n, "X-N%d: v\r\n", i);
   n += snprintf(req + n, sizeof req - (size_t)n, "\r\n");
   CHECK_INT(client_open(&cl, x->port), 1);
   client_send(&cl, req, (size_t)n);
