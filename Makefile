@@ -7,7 +7,8 @@ PORT     ?= 8080
 BUILD    := build
 LLHTTP_SRC ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
-PKGS     := luajit libuv openssl zlib sqlite3 libpq
+PKGS     := luajit libuv openssl zlib sqlite3
+HDR_PKGS := libpq # headers only: bindings/pg.c opens libpq with dlopen on first use
 
 ifeq ($(SANITIZE),1)
 BUILD    := build-asan
@@ -18,8 +19,8 @@ OPT      := -O2 -g
 endif
 
 DEPS_OK  := $(BUILD)/.deps-ok
-PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) $(HDR_PKGS) 2>/dev/null)
+PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null) -ldl -lpthread
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror $(OPT) -fPIC $(SANFLAGS) \
              -I$(LLHTTP_INC) $(PKG_CFLAGS) -DMOONLET_LUA_DIR='"$(CURDIR)/lua"' $(CFLAGS)
 LDFLAGS_ALL = $(SANFLAGS) -Wl,-E $(LDFLAGS)
