@@ -262,10 +262,7 @@ describe("moonlet.fs", function()
                 end
             end
             settle(before.resources)
-            local after = core.stats()
-            assert.same(before.handles, after.handles)
-            assert.same(before.resources, after.resources)
-            assert.same(before.tasks, after.tasks)
+            test.assert_baseline(before)
             assert.same(fds, fd_count())
             assert.truthy(collectgarbage("count") - mem0 < 256) -- KiB: no growth with the count
         end)

@@ -204,11 +204,7 @@ describe("moonlet.ngx with lua-resty-redis", function()
         end
         mngx.close_idle()
         settle()
-        local after = core.stats()
-        assert.same(before.handles, after.handles)
-        assert.same(before.resources, after.resources)
-        assert.same(before.tasks, after.tasks)
-        assert.truthy(collectgarbage("count") - mem0 < 256)
+        test.assert_baseline(before, mem0, 256) -- KiB
     end)
 end)
 

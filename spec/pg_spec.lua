@@ -308,10 +308,6 @@ describe("moonlet.pg", function()
             return s.resources == before.resources and s.handles == before.handles
         end, 5)
         settle()
-        local after = core.stats()
-        assert.same(before.handles, after.handles)
-        assert.same(before.resources, after.resources)
-        assert.same(before.tasks, after.tasks)
-        assert.truthy(collectgarbage("count") - mem0 < 512)
+        test.assert_baseline(before, mem0, 512) -- KiB
     end)
 end)

@@ -248,10 +248,6 @@ describe("moonlet.redis", function()
                 s.tasks == before.tasks
         end, 5)
         settle()
-        local after = core.stats()
-        assert.same(before.handles, after.handles)
-        assert.same(before.resources, after.resources)
-        assert.same(before.tasks, after.tasks)
-        assert.truthy(collectgarbage("count") - mem0 < 512)
+        test.assert_baseline(before, mem0, 512) -- KiB
     end)
 end)

@@ -2,6 +2,7 @@
 -- cancelled and timed-out waits leave no handle, resource, task or Lua memory behind.
 local moonlet = require "moonlet"
 local core = require "moonlet.core"
+local test = require "moonlet.test"
 
 local function settle()
     moonlet.sleep(0) -- close callbacks of the waits just ended run in the next loop iteration
@@ -58,11 +59,7 @@ describe("moonlet task cancellation", function()
             end
         end
         settle()
-        local after = core.stats()
-        assert.same(before.handles, after.handles)
-        assert.same(before.resources, after.resources)
-        assert.same(before.tasks, after.tasks)
-        assert.truthy(collectgarbage("count") - mem0 < 256) -- KiB: no growth with the count
+        test.assert_baseline(before, mem0, 256) -- KiB
     end)
 end)
 

@@ -405,11 +405,7 @@ describe("moonlet.tcp waits", function()
             end
         end
         settle()
-        local after = core.stats()
-        assert.same(before.handles, after.handles)
-        assert.same(before.resources, after.resources)
-        assert.same(before.tasks, after.tasks)
-        assert.truthy(collectgarbage("count") - mem0 < 256) -- KiB: no growth with the count
+        test.assert_baseline(before, mem0, 256) -- KiB
         sock:settimeout(5)
         assert.is_true(sock:send("alive\n"))
     end)
@@ -618,11 +614,7 @@ describe("moonlet.tcp cosocket methods", function()
         tcp.close_idle()
         assert.truthy(test.wait_until(function() return n.active == 0 end, 5))
         settle()
-        local after = core.stats()
-        assert.same(before.handles, after.handles)
-        assert.same(before.resources, after.resources)
-        assert.same(before.tasks, after.tasks)
-        assert.truthy(collectgarbage("count") - mem0 < 256)
+        test.assert_baseline(before, mem0, 256) -- KiB
         assert.truthy(n.accepted >= 1)
     end)
 

@@ -126,11 +126,7 @@ describe("moonlet.udp", function()
         for _ = 1, 3 do moonlet.sleep(0) end
         collectgarbage()
         collectgarbage()
-        local after = core.stats()
-        assert.same(before.handles, after.handles)
-        assert.same(before.resources, after.resources)
-        assert.same(before.tasks, after.tasks)
-        assert.truthy(collectgarbage("count") - mem0 < 256)
+        test.assert_baseline(before, mem0, 256) -- KiB
     end)
 end)
 

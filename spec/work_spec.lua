@@ -388,10 +388,7 @@ return _M
                 end
             end
             settle(before.resources)
-            local after = core.stats()
-            assert.same(before.handles, after.handles)
-            assert.same(before.resources, after.resources)
-            assert.same(before.tasks, after.tasks)
+            test.assert_baseline(before)
             local s = work.stats()
             assert.same(s.states, s.idle)
             assert.truthy(s.states <= s.max_states)

@@ -30,6 +30,18 @@ function _M.defer(fn)
     deferred[#deferred + 1] = fn
 end
 
+-- syntax: test.assert_baseline(before, mem0, max_kib) -- the leak check of a spec: open handles,
+-- resources and live tasks (core.stats()) are back to `before`, and Lua memory grew less than
+-- max_kib KiB since mem0 (collectgarbage("count")) when both are given
+function _M.assert_baseline(before, mem0, max_kib)
+    local luassert = require "luassert"
+    local after = core.stats()
+    luassert.same(before.handles, after.handles)
+    luassert.same(before.resources, after.resources)
+    luassert.same(before.tasks, after.tasks)
+    if mem0 and max_kib then luassert.truthy(collectgarbage("count") - mem0 < max_kib) end
+end
+
 -- syntax: server, port = test.serve(app, opts) -- on 127.0.0.1, a free port
 function _M.serve(app, opts)
     opts = opts or {}
