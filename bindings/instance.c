@@ -33,23 +33,22 @@ void mlua_register(lua_State *L, moonlet_t *m, const luaL_Reg *fns) {
   }
 }
 
-void mlua_new_metatable(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc) {
-  moonlet_t *m = lua_touserdata(L, lua_upvalueindex(1));
-  luaL_newmetatable(L, name);
-  lua_pushstring(L, name);
-  lua_setfield(L, -2, "__name");
-  lua_newtable(L);
-  if (m) {
-    mlua_register(L, m, methods);
+/* Pushes the address and port of sa (IPv4 or IPv6): returns 2. */
+int mlua_push_sockaddr(lua_State *L, const struct sockaddr *sa) {
+  char host[64];
+  int port;
+  if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)sa;
+    uv_ip6_name(a, host, sizeof host);
+    port = ntohs(a->sin6_port);
   } else {
-    luaL_register(L, NULL, methods);
+    const struct sockaddr_in *a = (const struct sockaddr_in *)sa;
+    uv_ip4_name(a, host, sizeof host);
+    port = ntohs(a->sin_port);
   }
-  lua_setfield(L, -2, "__index");
-  if (gc) {
-    lua_pushcfunction(L, gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_pop(L, 1);
+  lua_pushstring(L, host);
+  lua_pushinteger(L, port);
+  return 2;
 }
 
 const char *mlua_err_string(int e) {

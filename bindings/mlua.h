@@ -104,7 +104,7 @@ void mlua_embed_close(moonlet_t *m);
 /* instance.c */
 moonlet_t *mlua_instance(lua_State *L);                              /* the instance of upvalue 1 */
 void mlua_register(lua_State *L, moonlet_t *m, const luaL_Reg *fns); /* fns with m as upvalue */
-void mlua_new_metatable(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc);
+int mlua_push_sockaddr(lua_State *L, const struct sockaddr *sa);     /* address, port: returns 2 */
 int mlua_push_error(lua_State *L, int uv_err); /* nil, short message, code name: returns 3 */
 const char *mlua_err_string(int uv_err);       /* "timeout", "closed", "connection refused", ... */
 

@@ -795,23 +795,6 @@ static int s_settimeouts(lua_State *L) {
   return 0;
 }
 
-static int push_name(lua_State *L, const struct sockaddr_storage *ss) {
-  char host[64];
-  int port;
-  if (ss->ss_family == AF_INET6) {
-    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
-    uv_ip6_name(a, host, sizeof host);
-    port = ntohs(a->sin6_port);
-  } else {
-    const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
-    uv_ip4_name(a, host, sizeof host);
-    port = ntohs(a->sin_port);
-  }
-  lua_pushstring(L, host);
-  lua_pushinteger(L, port);
-  return 2;
-}
-
 /* syntax: host, port = sock:getpeername() / sock:getsockname() */
 static int sock_name(lua_State *L, int peer) {
   sock_t *s = check_sock(L);
@@ -821,7 +804,7 @@ static int sock_name(lua_State *L, int peer) {
   int r = peer ? uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&ss, &len)
                : uv_tcp_getsockname(&s->tcp, (struct sockaddr *)&ss, &len);
   if (r < 0) return push_err(L, r);
-  return push_name(L, &ss);
+  return mlua_push_sockaddr(L, (const struct sockaddr *)&ss);
 }
 
 static int s_getpeername(lua_State *L) { return sock_name(L, 1); }
@@ -959,7 +942,7 @@ static int srv_port(lua_State *L) {
   int len = sizeof ss;
   int r = uv_tcp_getsockname(&srv->tcp, (struct sockaddr *)&ss, &len);
   if (r < 0) return push_err(L, r);
-  push_name(L, &ss);
+  mlua_push_sockaddr(L, (const struct sockaddr *)&ss);
   lua_remove(L, -2);
   return 1;
 }

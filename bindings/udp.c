@@ -94,23 +94,6 @@ static int parse_addr(const char *host, int port, struct sockaddr_storage *addr)
                            : uv_ip4_addr(host, port, (struct sockaddr_in *)addr);
 }
 
-static int push_addr(lua_State *L, const struct sockaddr *sa) {
-  char host[64];
-  int port;
-  if (sa->sa_family == AF_INET6) {
-    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)sa;
-    uv_ip6_name(a, host, sizeof host);
-    port = ntohs(a->sin6_port);
-  } else {
-    const struct sockaddr_in *a = (const struct sockaddr_in *)sa;
-    uv_ip4_name(a, host, sizeof host);
-    port = ntohs(a->sin_port);
-  }
-  lua_pushstring(L, host);
-  lua_pushinteger(L, port);
-  return 2;
-}
-
 /* syntax: u, err = core.udp_bind(ip, port) */
 static int l_bind(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
@@ -231,7 +214,7 @@ static void on_recv(uv_udp_t *h, ssize_t n, const uv_buf_t *buf, const struct so
     return;
   }
   lua_pushlstring(t->co, buf->base, (size_t)n);
-  mlua_task_resume(t, 1 + push_addr(t->co, addr));
+  mlua_task_resume(t, 1 + mlua_push_sockaddr(t->co, addr));
 }
 
 /* syntax: data, host, port = u:recvfrom(timeout) -- or nil, "timeout" | "closed"; timeout in
@@ -282,7 +265,7 @@ static int u_getsockname(lua_State *L) {
   int len = sizeof ss;
   int r = uv_udp_getsockname(&u->udp, (struct sockaddr *)&ss, &len);
   if (r < 0) return push_err(L, r);
-  return push_addr(L, (struct sockaddr *)&ss);
+  return mlua_push_sockaddr(L, (struct sockaddr *)&ss);
 }
 
 /* syntax: ok = u:close() -- a waiting recvfrom wakes with nil, "closed" */

@@ -67,7 +67,7 @@ typedef struct ml_request_s {
   int64_t content_length; /* -1 when absent */
   ml_header_t *headers;
   unsigned nheaders;
-  uint64_t started_ns; /* uv_hrtime at the end of the headers */
+  uint64_t started_ns; /* uv_hrtime at the end of the headers (set when the access log is on) */
 } ml_request_t;
 
 typedef struct ml_http_callbacks_s {
