@@ -511,8 +511,9 @@ void moonlet_free(moonlet_t *m) {
     for (int i = 0; i < 100 && uv_run(m->loop, UV_RUN_DEFAULT) != 0; i++) {
     } /* again when a close callback called uv_stop (a server of a stopping instance) */
   }
-  mlua_sched_free(m);
-  lua_close(m->L);
+  mlua_task_t **tasks = mlua_sched_detach(m);
+  lua_close(m->L); /* finalizers may still look at task structs: they are freed after */
+  mlua_sched_free_list(tasks);
   if (m->embed_on) uv_mutex_destroy(&m->post_lock);
   if (m->owns_loop) {
     int r = uv_loop_close(&m->own_loop);

@@ -60,6 +60,7 @@ struct moonlet_s {
   mlua_res_t *resources;  /* open resources (mlua_res_t) */
   uv_signal_t sig_int, sig_term, sig_hup;
   int signals_on;
+  int freeing;  /* moonlet_free is closing the Lua state: no task is resumed */
   int stopping; /* moonlet_stop was called */
   int exit_code;
   int dispatch_ref;  /* registry ref of the framework's request dispatcher */
@@ -94,7 +95,8 @@ mlua_task_t *mlua_task_at(lua_State *L, int idx); /* the task whose coroutine is
 /* Raises unless L may yield to the scheduler. */
 void mlua_check_yieldable(lua_State *L, mlua_task_t *t);
 void mlua_sched_init(moonlet_t *m);
-void mlua_sched_free(moonlet_t *m);
+mlua_task_t **mlua_sched_detach(moonlet_t *m);
+void mlua_sched_free_list(mlua_task_t **list);
 
 /* embed.c: the embedding API's state. init: 0 or a UV_E* code; close: runs the posts still
  * queued and closes the async handle (moonlet_free, before anything else is closed). */

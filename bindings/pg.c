@@ -26,8 +26,8 @@
  */
 #include <dlfcn.h>
 #include <libpq-fe.h>
-#include <pthread.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -38,42 +38,42 @@
  * talks to PostgreSQL then maps neither libpq nor what it pulls in (GnuTLS, Kerberos, LDAP: about
  * 3 MB of resident pages). The table of entry points is filled once per process (pthread_once) and
  * never changes after, so it is shared by every instance without being mutable state. */
-#define PQ_FUNCS(X) \
-  X(PQbackendPID) \
-  X(PQcancel) \
-  X(PQclear) \
-  X(PQcmdTuples) \
-  X(PQconnectPoll) \
-  X(PQconnectStart) \
-  X(PQconsumeInput) \
-  X(PQerrorMessage) \
-  X(PQescapeIdentifier) \
-  X(PQfinish) \
-  X(PQflush) \
-  X(PQfname) \
-  X(PQfreeCancel) \
-  X(PQfreemem) \
-  X(PQftype) \
-  X(PQgetCancel) \
-  X(PQgetResult) \
-  X(PQgetisnull) \
-  X(PQgetlength) \
-  X(PQgetvalue) \
-  X(PQisBusy) \
-  X(PQnfields) \
-  X(PQnotifies) \
-  X(PQntuples) \
-  X(PQresultErrorField) \
-  X(PQresultErrorMessage) \
-  X(PQresultStatus) \
-  X(PQsendPrepare) \
-  X(PQsendQuery) \
-  X(PQsendQueryParams) \
-  X(PQsendQueryPrepared) \
-  X(PQsetNoticeProcessor) \
-  X(PQsetnonblocking) \
-  X(PQsocket) \
-  X(PQstatus) \
+#define PQ_FUNCS(X)                                                                                \
+  X(PQbackendPID)                                                                                  \
+  X(PQcancel)                                                                                      \
+  X(PQclear)                                                                                       \
+  X(PQcmdTuples)                                                                                   \
+  X(PQconnectPoll)                                                                                 \
+  X(PQconnectStart)                                                                                \
+  X(PQconsumeInput)                                                                                \
+  X(PQerrorMessage)                                                                                \
+  X(PQescapeIdentifier)                                                                            \
+  X(PQfinish)                                                                                      \
+  X(PQflush)                                                                                       \
+  X(PQfname)                                                                                       \
+  X(PQfreeCancel)                                                                                  \
+  X(PQfreemem)                                                                                     \
+  X(PQftype)                                                                                       \
+  X(PQgetCancel)                                                                                   \
+  X(PQgetResult)                                                                                   \
+  X(PQgetisnull)                                                                                   \
+  X(PQgetlength)                                                                                   \
+  X(PQgetvalue)                                                                                    \
+  X(PQisBusy)                                                                                      \
+  X(PQnfields)                                                                                     \
+  X(PQnotifies)                                                                                    \
+  X(PQntuples)                                                                                     \
+  X(PQresultErrorField)                                                                            \
+  X(PQresultErrorMessage)                                                                          \
+  X(PQresultStatus)                                                                                \
+  X(PQsendPrepare)                                                                                 \
+  X(PQsendQuery)                                                                                   \
+  X(PQsendQueryParams)                                                                             \
+  X(PQsendQueryPrepared)                                                                           \
+  X(PQsetNoticeProcessor)                                                                          \
+  X(PQsetnonblocking)                                                                              \
+  X(PQsocket)                                                                                      \
+  X(PQstatus)                                                                                      \
   X(PQtransactionStatus)
 
 static struct {

@@ -130,6 +130,7 @@ int mlua_task_cancel(mlua_task_t *t) {
 
 static void run(mlua_task_t *t, int nargs) {
   lua_State *co = t->co;
+  if (t->m->freeing) return; /* the instance is being freed: nothing runs any more */
   t->cancel = NULL;
   t->wait = NULL;
   t->resuming = 1;
@@ -155,17 +156,36 @@ void mlua_task_start(mlua_task_t *t, int nargs) { run(t, nargs); }
 
 void mlua_task_resume(mlua_task_t *t, int nargs) { run(t, nargs); }
 
-/* Frees every task struct, parked or pooled (the coroutines go with the Lua state). Handles that
- * parked tasks waited on must be closed first: their callbacks never resume anything then. */
-void mlua_sched_free(moonlet_t *m) {
+/* Takes every task struct, parked or pooled, out of the Lua state's reach: returns them in a
+ * malloc'd array (NULL-terminated) that mlua_sched_free_list frees once the state is closed. From
+ * here on no task is resumed (m->freeing): a __gc run by lua_close that would wake a parked task
+ * (a socket closed by its finalizer) finds the struct still valid and does nothing. */
+mlua_task_t **mlua_sched_detach(moonlet_t *m) {
   lua_State *L = m->L;
+  size_t n = 0, cap = 64;
+  mlua_task_t **list = malloc(cap * sizeof *list);
+  m->freeing = 1;
   push_tasks(L);
   lua_pushnil(L);
   while (lua_next(L, -2)) {
-    free(lua_touserdata(L, -1));
+    if (list && n + 1 >= cap) {
+      mlua_task_t **more = realloc(list, (cap *= 2) * sizeof *list);
+      if (!more) free(list);
+      list = more;
+    }
+    if (list) list[n++] = lua_touserdata(L, -1);
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
+  if (list) list[n] = NULL;
   m->free_tasks = NULL;
   m->free_task_count = 0;
+  return list;
+}
+
+void mlua_sched_free_list(mlua_task_t **list) {
+  if (!list) return;
+  for (mlua_task_t **t = list; *t; t++)
+    free(*t);
+  free(list);
 }

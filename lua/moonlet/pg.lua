@@ -60,7 +60,10 @@ local function conn_run(conn, simple, sql, ...)
         if conn.nstmts >= MAX_PREPARED then
             return check(c_query(conn.c, sql, timeout, ...))
         end
-        name = "moonlet_" .. (conn.nstmts + 1)
+        -- a name is never used twice on a connection: a prepare that timed out or was cancelled
+        -- may still have created its statement on the server
+        conn.serial = (conn.serial or 0) + 1
+        name = "moonlet_" .. conn.serial
         local ok, err, code = check(c_prepare(conn.c, name, timeout, sql))
         if not ok then return nil, err, code end
         conn.nstmts = conn.nstmts + 1
