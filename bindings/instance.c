@@ -239,6 +239,7 @@ int luaopen_moonlet_core(lua_State *L) {
   mlua_open_sqlite(L, m);
   mlua_open_pg(L, m);
   mlua_open_process(L, m);
+  mlua_open_crypto(L, m);
   wrap_listen(L, m); /* last: it wraps the listen of mlua_open_http_server */
   return 1;
 }
@@ -354,6 +355,7 @@ moonlet_t *moonlet_new(const moonlet_config_t *cfg) {
   }
   lua_State *L = m->L;
   luaL_openlibs(L);
+  mlua_preload_linked_modules(L);
   set_path(L, cfg);
   lua_pushlightuserdata(L, &instance_key);
   lua_pushlightuserdata(L, m);

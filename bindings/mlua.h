@@ -112,6 +112,7 @@ const char *mlua_err_string(int uv_err);       /* "timeout", "closed", "connecti
 
 /* Module openers, one per file. */
 int luaopen_moonlet_core(lua_State *L);
+void mlua_preload_linked_modules(lua_State *L); /* C modules linked in: cjson in `make static` */
 void mlua_open_time(lua_State *L, moonlet_t *m);
 int mlua_sleep(lua_State *L);
 void mlua_open_task(lua_State *L, moonlet_t *m);
@@ -127,6 +128,7 @@ void mlua_open_sqlite(lua_State *L, moonlet_t *m);
 void mlua_open_pg(lua_State *L, moonlet_t *m);
 void mlua_open_ws(lua_State *L, moonlet_t *m);
 void mlua_open_process(lua_State *L, moonlet_t *m);
+void mlua_open_crypto(lua_State *L, moonlet_t *m);
 /* http_server.c: hands the connection of the exchange at idx over to another protocol (ws.c):
  * logs the request as 101, calls ml_conn_upgrade(c, headers, hlen, cb, ud) and detaches the
  * exchange (its methods return nil, "closed" from then on; the handler task goes on). Returns the

@@ -285,6 +285,7 @@ static lua_State *pool_take(pool_t *p) {
   lua_State *W = luaL_newstate();
   if (!W) return NULL;
   luaL_openlibs(W);
+  mlua_preload_linked_modules(W);
   p->states++;
   return W;
 }

@@ -397,6 +397,11 @@ PY=/usr/bin/python3                      # peers.sh writes its report with Debia
 [ -x "$PY" ] || PY=python3
 MOONLET_CMD='./build/moonlet examples/bench_hello.lua --port {PORT} --log-level warn'
 MOONLET_FANOUT_CMD='./build/moonlet examples/fanout.lua --port {PORT} --upstream {UPSTREAM} --log-level warn'
+# the fully static executable of `make static` (same app) is a second extra peer in hello,
+# pipelined and idle, when it is built (`make bench` builds it)
+STATIC_CMD='./build/moonlet-static examples/bench_hello.lua --port {PORT} --log-level warn'
+STATIC_ARGS=""
+[ -x build/moonlet-static ] && STATIC_ARGS=yes
 
 # ------------------------------------------------------------ what each peer needs
 # tools peers.sh refuses to run without, whatever the peers
@@ -450,6 +455,7 @@ PASS=""
 for a in "$@"; do PASS="$PASS $(q "$a")"; done
 set -- --only "$ONLY" --scenarios "$SCENARIOS" --rounds "$ROUNDS" --duration "$DURATION" \
   --extra "moonlet=$MOONLET_CMD" --extra-fanout "moonlet=$MOONLET_FANOUT_CMD" "$@"
+[ -z "$STATIC_ARGS" ] || set -- "$@" --extra "moonlet-static=$STATIC_CMD"
 CMDLINE="bash $(q "$PEERS_SH")"
 for a in "$@"; do CMDLINE="$CMDLINE $(q "$a")"; done
 if [ -n "${MAKELEVEL:-}" ]; then OUTER="${ENVLINE}make bench"; else OUTER="${ENVLINE}sh scripts/bench.sh$PASS"; fi
@@ -511,23 +517,31 @@ for r in rows:
     if r["scenario"] not in scens:
         scens.append(r["scenario"])
 lines, notes = [], []
-lines.append("| metric | moonlet | nginx-lua | moonlet ÷ nginx-lua |")
-lines.append("|---|---|---|---|")
+st = any(r["peer"] == "moonlet-static" for r in rows)
+lines.append("| metric | moonlet | nginx-lua | moonlet ÷ nginx-lua |"
+             + (" moonlet-static (`make static`) | static ÷ nginx-lua |" if st else ""))
+lines.append("|---|---|---|---|" + ("---|---|" if st else ""))
 for s in scens:
-    m, n = agg(s, "moonlet"), agg(s, "nginx-lua")
+    m, n, t = agg(s, "moonlet"), agg(s, "nginx-lua"), agg(s, "moonlet-static")
     if m is None:
         continue
     nr = n["rps"] if n else float("nan")
-    lines.append(f"| {s}: req/s | {num(m['rps'], '.0f')} | {num(nr, '.0f')} | **{ratio(m['rps'], nr)}** |")
+    tail = (lambda a, b: f" {a} | {b} |" if st else "")
+    lines.append(f"| {s}: req/s | {num(m['rps'], '.0f')} | {num(nr, '.0f')} | **{ratio(m['rps'], nr)}** |"
+                 + tail(num(t['rps'], '.0f') if t else "", f"**{ratio(t['rps'], nr)}**" if t else ""))
     if not s.startswith("pipelined"):      # wrk's latency is per batch when pipelined: peers.sh shows n/a
-        lines.append(f"| {s}: p99 ms | {num(m['p99'], '.2f')} | {num(n['p99'] if n else None, '.2f')} | |")
+        lines.append(f"| {s}: p99 ms | {num(m['p99'], '.2f')} | {num(n['p99'] if n else None, '.2f')} | |"
+                     + tail(num(t['p99'], '.2f') if t else "", ""))
     if s == "hello":
         lines.append(f"| idle RSS before load, MiB | {num(m['idle'] / 1024, '.1f')} "
-                     f"| {num(n['idle'] / 1024 if n else None, '.1f')} | |")
+                     f"| {num(n['idle'] / 1024 if n else None, '.1f')} | |"
+                     + tail(num(t['idle'] / 1024, '.1f') if t else "", ""))
     if int(rounds) > 1:
-        notes.append(f"{s} req/s by round: moonlet {m['rounds']}" + (f"; nginx-lua {n['rounds']}" if n else ""))
-    if m["chk"] != "ok" or m["err"]:
-        notes.append(f"**{s}: moonlet check = {m['chk']}, errors = {m['err']}**")
+        notes.append(f"{s} req/s by round: moonlet {m['rounds']}" + (f"; nginx-lua {n['rounds']}" if n else "")
+                     + (f"; moonlet-static {t['rounds']}" if t else ""))
+    for name, a in (("moonlet", m), ("moonlet-static", t)):
+        if a and (a["chk"] != "ok" or a["err"]):
+            notes.append(f"**{s}: {name} check = {a['chk']}, errors = {a['err']}**")
     if n and (n["chk"] != "ok" or n["err"]):
         notes.append(f"{s}: nginx-lua check = {n['chk']}, errors = {n['err']}")
 idle = {}
@@ -537,16 +551,17 @@ if os.path.exists(jsonl):
             e = json.loads(l)
             idle[e["peer"]] = e["result"]
 if "moonlet" in idle:
-    m, n = idle["moonlet"], idle.get("nginx-lua", {})
+    m, n, t = idle["moonlet"], idle.get("nginx-lua", {}), idle.get("moonlet-static", {})
     def g(r, k):
         return r.get(k) if isinstance(r, dict) and "error" not in r else None
-    if "error" in m:
-        notes.append(f"**idle: moonlet error: {m['error']}**")
+    for name, r in (("moonlet", m), ("moonlet-static", t)):
+        if isinstance(r, dict) and "error" in r:
+            notes.append(f"**idle: {name} error: {r['error']}**")
     conns = g(m, "n") or "?"
-    lines.append(f"| idle: bytes per connection ({conns} open, no request) "
-                 f"| {num(g(m, 'per_conn_connected_b'), '.0f')} | {num(g(n, 'per_conn_connected_b'), '.0f')} | |")
-    lines.append(f"| idle: bytes per connection (after 1 request each) "
-                 f"| {num(g(m, 'per_conn_after_req_b'), '.0f')} | {num(g(n, 'per_conn_after_req_b'), '.0f')} | |")
+    for label, k in (("no request", "per_conn_connected_b"), ("after 1 request each", "per_conn_after_req_b")):
+        lines.append(f"| idle: bytes per connection ({conns} open, {label}) "
+                     f"| {num(g(m, k), '.0f')} | {num(g(n, k), '.0f')} | |"
+                     + (f" {num(g(t, k), '.0f')} | |" if st else ""))
     if g(m, "open") is not None and g(m, "open") != g(m, "n"):
         notes.append(f"**idle: moonlet kept {m['open']} of {m['n']} connections open**")
 
@@ -570,7 +585,8 @@ if host:
     print(f"Host: {host}.\n")
 print(f"Server on CPU 0, wrk on CPU 1 (2 vCPUs, shared machine: only ratios within one run mean anything); "
       f"median of {rounds} round(s). moonlet serves examples/bench_hello.lua (GET / only, no middleware); "
-      f"in fanout*, examples/fanout.lua.\n")
+      f"in fanout*, examples/fanout.lua. moonlet-static is the same app under build/moonlet-static "
+      f"(`make static`: one executable, glibc included).\n")
 print("\n".join(lines))
 print()
 for x in notes:

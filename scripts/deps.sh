@@ -6,10 +6,12 @@
 # Chromium.
 # LuaJIT comes as luajit2 (OpenResty's LuaJIT 2.1 branch): Debian's nginx Lua module needs it and it
 # conflicts with the plain libluajit-5.1 package, so one LuaJIT serves both moonlet and its rival.
+# lua-cjson-dev is there for its static archive, which `make static` links in.
 set -u
 PROFILE=${1:-build}
 PKGS="gcc make pkg-config libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp lua-busted lua-cjson
-      lua-check libssl-dev openssl zlib1g-dev libsqlite3-dev libpq-dev curl procps util-linux"
+      lua-cjson-dev lua-check libssl-dev openssl zlib1g-dev libsqlite3-dev libpq-dev curl procps
+      util-linux"
 peers() { :; }
 if [ "$PROFILE" = test ]; then
   # database servers the specs start privately, and sqlite3 for inspecting test databases

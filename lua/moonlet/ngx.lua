@@ -7,7 +7,8 @@
 -- the socket in moonlet.tcp_pool (the one keep-alive pool, shared with moonlet.tcp), keyed by
 -- "host:port" (or opts.pool).
 -- ngx.thread runs on moonlet tasks; ngx.re translates a simple regex subset to Lua patterns (PCRE
--- is not linked) and raises on anything else; hashes use libcrypto through the FFI.
+-- is not linked) and raises on anything else; hashes are OpenSSL calls of moonlet.core (core.digest,
+-- core.hmac).
 local core = require "moonlet.core"
 local task = require "moonlet.task"
 local tcp = require "moonlet.tcp"
@@ -679,33 +680,9 @@ local function re_gsub(subject, regex, replace, options)
     return re_sub_n(subject, regex, replace, options, false)
 end
 
--- -- Hashes and base64 (libcrypto through the FFI) -----------------------------------------------
+-- -- Hashes and base64 (OpenSSL through moonlet.core: no FFI, so the static build has them too) ----
 
-local crypto
-local function libcrypto()
-    if crypto then return crypto end
-    local ffi = require "ffi"
-    pcall(ffi.cdef, [[
-        unsigned char *MD5(const unsigned char *d, size_t n, unsigned char *md);
-        unsigned char *SHA1(const unsigned char *d, size_t n, unsigned char *md);
-        const void *EVP_sha1(void);
-        unsigned char *HMAC(const void *evp_md, const void *key, int key_len,
-                            const unsigned char *d, size_t n, unsigned char *md,
-                            unsigned int *md_len);
-    ]])
-    local C = ffi.C
-    local buf = ffi.new("unsigned char[64]")
-    local mdlen = ffi.new("unsigned int[1]")
-    crypto = {
-        md5 = function(s) C.MD5(s, #s, buf) return ffi.string(buf, 16) end,
-        sha1 = function(s) C.SHA1(s, #s, buf) return ffi.string(buf, 20) end,
-        hmac_sha1 = function(key, s)
-            C.HMAC(C.EVP_sha1(), key, #key, s, #s, buf, mdlen)
-            return ffi.string(buf, mdlen[0])
-        end,
-    }
-    return crypto
-end
+local core_digest, core_hmac = core.digest, core.hmac
 
 local function tohex(s)
     return (gsub(s, ".", function(ch) return format("%02x", byte(ch)) end))
@@ -823,18 +800,14 @@ local function build()
             id = function() return 0 end,
             count = function() return 1 end,
             exiting = function() return false end,
-            pid = function()
-                local ffi = require "ffi"
-                pcall(ffi.cdef, "int getpid(void);")
-                return ffi.C.getpid()
-            end,
+            pid = function() return core.getpid() end,
         },
         timer = {},
-        md5_bin = function(s) return libcrypto().md5(str_arg(s, "md5_bin")) end,
-        md5 = function(s) return tohex(libcrypto().md5(str_arg(s, "md5"))) end,
-        sha1_bin = function(s) return libcrypto().sha1(str_arg(s, "sha1_bin")) end,
+        md5_bin = function(s) return core_digest("md5", str_arg(s, "md5_bin")) end,
+        md5 = function(s) return tohex(core_digest("md5", str_arg(s, "md5"))) end,
+        sha1_bin = function(s) return core_digest("sha1", str_arg(s, "sha1_bin")) end,
         hmac_sha1 = function(key, s)
-            return libcrypto().hmac_sha1(str_arg(key, "hmac_sha1"), str_arg(s, "hmac_sha1"))
+            return core_hmac("sha1", str_arg(key, "hmac_sha1"), str_arg(s, "hmac_sha1"))
         end,
         encode_base64 = encode_base64,
         decode_base64 = decode_base64,

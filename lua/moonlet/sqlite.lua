@@ -18,7 +18,7 @@ local error, pcall, select, setmetatable, type, unpack = error, pcall, select, s
     unpack
 local remove = table.remove
 
-local _M = { _VERSION = "0.1.0", sqlite_version = core.sqlite_version }
+local _M = { _VERSION = "0.1.0", sqlite_version = core.sqlite_libversion() }
 
 local db_methods, tx_methods = {}, {}
 local db_mt = { __name = "moonlet.sqlite.db", __index = db_methods }
