@@ -40,7 +40,7 @@ help:
 	@echo "make bench      moonlet beside nginx+lua and the other peers (wrk, pinned cores)"
 	@echo "make lint       luacheck + clang-format check"
 	@echo "make examples   the embedding examples of examples/embed into $(BUILD)/examples/"
-	@echo "make static     $(BUILD)/moonlet-static and iot_device-static: LuaJIT, libuv... linked in"
+	@echo "make static     $(BUILD)/moonlet-static and iot_device-static: one executable each, glibc included"
 
 deps: $(DEPS_OK)
 $(DEPS_OK): scripts/deps.sh
