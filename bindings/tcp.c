@@ -947,6 +947,15 @@ static int srv_port(lua_State *L) {
   return 1;
 }
 
+/* The server's box is collected: the server goes on listening (it is the instance's until
+ * server:close() or moonlet_free), but must no longer write through a pointer to the freed box. */
+static int srv_gc(lua_State *L) {
+  server_t **box = luaL_checkudata(L, 1, SERVER_MT);
+  if (*box) (*box)->box = NULL;
+  *box = NULL;
+  return 0;
+}
+
 /* syntax: server:close() -- stops accepting; connections being served go on */
 static int srv_close(lua_State *L) {
   server_t *srv = check_server(L);
@@ -996,6 +1005,8 @@ void mlua_open_tcp(lua_State *L, moonlet_t *m) {
   lua_newtable(L);
   mlua_register(L, m, srvm);
   lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, srv_gc);
+  lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
 
   luaL_newmetatable(L, TLS_CTX_MT);
