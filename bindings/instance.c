@@ -239,6 +239,7 @@ int luaopen_moonlet_core(lua_State *L) {
   mlua_open_sqlite(L, m);
   mlua_open_pg(L, m);
   mlua_open_process(L, m);
+  mlua_open_http_client(L, m);
   mlua_open_crypto(L, m);
   wrap_listen(L, m); /* last: it wraps the listen of mlua_open_http_server */
   return 1;

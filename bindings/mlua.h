@@ -77,7 +77,7 @@ struct moonlet_s {
 mlua_task_t *mlua_task_new(moonlet_t *m);
 /* Starts a task: the function and its nargs arguments are on t->co. Returns after the first
  * yield or the end of the task (then `done` has run and t is back in the pool). */
-void mlua_task_start(mlua_task_t *t, int nargs);
+int mlua_task_start(mlua_task_t *t, int nargs); /* 1: it waits now, 0: it ended */
 /* Resumes a task parked in a wait with nargs results pushed on t->co. Only the callback of the
  * wait the task is parked in may call this. */
 void mlua_task_resume(mlua_task_t *t, int nargs);
@@ -128,6 +128,7 @@ void mlua_open_sqlite(lua_State *L, moonlet_t *m);
 void mlua_open_pg(lua_State *L, moonlet_t *m);
 void mlua_open_ws(lua_State *L, moonlet_t *m);
 void mlua_open_process(lua_State *L, moonlet_t *m);
+void mlua_open_http_client(lua_State *L, moonlet_t *m);
 void mlua_open_crypto(lua_State *L, moonlet_t *m);
 /* http_server.c: hands the connection of the exchange at idx over to another protocol (ws.c):
  * logs the request as 101, calls ml_conn_upgrade(c, headers, hlen, cb, ud) and detaches the

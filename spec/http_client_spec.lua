@@ -281,6 +281,194 @@ describe("moonlet.http", function()
     end)
 end)
 
+describe("moonlet.http response parsing", function()
+    -- A keep-alive raw server that answers the requests of a connection in turn with replies[i]
+    -- (each a string, or an array of pieces sent one at a time with a yield in between).
+    local function scripted_server(replies)
+        return raw_server(function(sock, st)
+            while true do
+                local req = read_request(sock)
+                if not req then return end
+                st.n = (st.n or 0) + 1
+                local r = replies[st.n]
+                if type(r) == "string" then r = { r } end
+                for _, piece in ipairs(r) do
+                    sock:send(piece)
+                    moonlet.sleep(0)
+                end
+            end
+        end)
+    end
+
+    local function bytes(s)
+        local t = {}
+        for i = 1, #s do t[i] = s:sub(i, i) end
+        return t
+    end
+
+    it("reads a response that arrives a byte at a time, head, chunks and trailers alike", function()
+        local base, st = scripted_server({
+            bytes("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello"),
+            bytes("HTTP/1.1 201 Made\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .. "3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n"),
+            bytes("HTTP/1.0 200 OK\nConnection: keep-alive\nContent-Length: 2\n\nok"),
+        })
+        local res = assert(http.get(base .. "/1"))
+        assert.same({ 200, "OK", "hello", "1" }, { res.status, res.reason, res.body, res.headers["x-a"] })
+        res = assert(http.get(base .. "/2"))
+        assert.same({ 201, "Made", "abcde" }, { res.status, res.reason, res.body })
+        assert.is_nil(res.headers["x-trailer"])
+        res = assert(http.get(base .. "/3"))
+        assert.same({ "1.0", "ok", "keep-alive" }, { res.http_version, res.body, res.headers.connection })
+        assert.same(1, st.accepted) -- all three on one connection
+        assert.same(1, http.pool_stats().idle)
+    end)
+
+    it("answers nil, bad response to a malformed head or chunk and does not reuse the connection",
+        function()
+            local bad = {
+                "HTTP/1.1 200 OK\r\nBad header line\r\nContent-Length: 2\r\n\r\nok",
+                "HTTP/1.1 200 OK\r\nX-A : 1\r\nContent-Length: 2\r\n\r\nok",
+                "HTTP/1.1 200 OK\r\n folded-first: 1\r\nContent-Length: 2\r\n\r\nok",
+                "HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 2\r\n\r\nok", -- bare LF, CRLF head
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokX\r\n0\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1234567890abc\r\n",
+                "HTTP/1.1 200 OK\r\n" .. string.rep("X-Many: 1\r\n", 201) .. "Content-Length: 0\r\n\r\n",
+                "HTTP/1.1 20x OK\r\nContent-Length: 0\r\n\r\n",
+                "HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nContent-Length: 1 0\r\n\r\nok", -- blanks only around commas
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 junk\r\nok\r\n0\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;" .. string.rep("x", 17000)
+                    .. "\r\nok\r\n0\r\n\r\n", -- a chunk-size line over 16 KiB
+                "HTTP/1.1 200 OK\r\nX-Big: " .. string.rep("a", 70000) .. "\r\nContent-Length: 0\r\n\r\n",
+                string.rep("HTTP/1.1 102 Processing\r\n\r\n", 17) -- more than 16 interim responses
+                    .. "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            }
+            local replies = {}
+            for i, b in ipairs(bad) do
+                replies[2 * i - 1] = response(200, "fine")
+                replies[2 * i] = b
+            end
+            local base, st = raw_server(function(sock, s)
+                s.n = s.n or 0
+                while true do
+                    local req = read_request(sock)
+                    if not req then return end
+                    s.n = s.n + 1
+                    sock:send(replies[s.n])
+                end
+            end)
+            for i = 1, #bad do
+                assert.same("fine", assert(http.get(base .. "/", { timeout = 2 })).body)
+                assert.same({ nil, "bad response" }, { http.get(base .. "/", { timeout = 2 }) }, bad[i])
+                assert.same(0, http.pool_stats().idle) -- the connection was closed, not pooled
+                assert.same(i, st.accepted)
+            end
+        end)
+
+    it("joins repeated and folded fields, and frames by repeated equal lengths", function()
+        local base = scripted_server({
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Fold: a\r\n  b\r\nContent-Length: 3\r\n"
+                .. "Set-Cookie: x=1\r\nSET-COOKIE: y=2\r\n\r\nabc",
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\n"
+                .. "Content-Length: 1\r\n\r\nz",
+        })
+        local res = assert(http.get(base .. "/"))
+        assert.same({ "abc", "a b", "x=1, y=2", "3, 3" }, { res.body, res.headers["x-fold"],
+            res.headers["set-cookie"], res.headers["content-length"] })
+        assert.same(1, http.pool_stats().idle)
+        res = assert(http.get(base .. "/"))
+        assert.same({ "z", "keep-alive, close" }, { res.body, res.headers.connection })
+        assert.same(0, http.pool_stats().idle) -- "close" among the values
+    end)
+
+    it("frames by whole tokens, reads long names and folded framing fields, and joins chunks",
+        function()
+            local long = "X-" .. string.rep("n", 300)
+            local base, st = scripted_server({
+                -- the last coding is chunked: chunked; "closed-door" is not the token close
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip-not, chunked\r\nConnection: closed-door\r\n"
+                    .. "\r\n3\r\nabc\r\n2 ;x=y\r\nde\r\n0\r\nX-T: 1\r\n\r\n",
+                -- a name over 256 bytes; Transfer-Encoding folded onto a second line
+                "HTTP/1.1 200 OK\r\n" .. long .. ": v\r\nTransfer-Encoding:\r\n chunked\r\n\r\n"
+                    .. "1\r\nz\r\n0\r\n\r\n",
+                -- a chunked body in two reads: the rest is decoded from where the first stopped
+                { "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab",
+                  "cd\r\n3\r\nefg\r\n0\r\nX-Trailer: 1\r\n\r\n" },
+            })
+            local res = assert(http.get(base .. "/1"))
+            assert.same({ "abcde", "closed-door" }, { res.body, res.headers.connection })
+            res = assert(http.get(base .. "/2"))
+            assert.same({ "z", "v" }, { res.body, res.headers[long:lower()] })
+            res = assert(http.get(base .. "/3"))
+            assert.same("abcdefg", res.body)
+            assert.same(1, st.accepted) -- all on one connection: each framing ended where it should
+        end)
+
+    it("keeps each response's headers apart when the connection is reused", function()
+        local base, st = keepalive_server(function(req)
+            return response(200, req.target, { ["X-Target"] = req.target })
+        end)
+        local list = {}
+        for i = 1, 20 do list[i] = assert(http.get(base .. "/" .. i)) end
+        for i = 1, 20 do
+            assert.same({ "/" .. i, "/" .. i }, { list[i].body, list[i].headers["x-target"] })
+        end
+        local names = {}
+        for k in pairs(list[1].headers) do names[#names + 1] = k end
+        table.sort(names)
+        assert.same({ "content-length", "x-target" }, names)
+        assert.same(1, st.accepted)
+    end)
+
+    it("does not pool a connection with bytes after the response, and reuses one after HEAD or 204",
+        function()
+            local base, st = scripted_server({
+                response(200, "one") .. response(200, "unasked"),
+                "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", -- HEAD: no body follows
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                response(200, "last"),
+            })
+            assert.same("one", assert(http.get(base .. "/")).body)
+            assert.same(0, http.pool_stats().idle)
+            local res = assert(http.head(base .. "/"))
+            assert.same({ 200, "", "100" }, { res.status, res.body, res.headers["content-length"] })
+            assert.same(1, http.pool_stats().idle)
+            res = assert(http.get(base .. "/"))
+            assert.same({ 204, "" }, { res.status, res.body })
+            assert.same("last", assert(http.get(base .. "/")).body)
+            assert.same(2, st.accepted)
+        end)
+
+    it("waits for the rest of a small body that comes in pieces, and refuses one over max_body at once",
+        function()
+            local base, st = scripted_server({
+                { "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n", "0\r\n\r\n" },
+                { "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc", "def" },
+                { "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n" .. string.rep("x", 1000) },
+            })
+            assert.same("abcd", assert(http.get(base .. "/")).body)
+            assert.same("abcdef", assert(http.get(base .. "/")).body)
+            assert.same(1, st.accepted)
+            -- half of a 2000-byte chunk, then nothing: over max_body already, no need to wait
+            assert.same({ nil, "too large" }, { http.get(base .. "/", { max_body = 100, timeout = 5 }) })
+        end)
+
+    it("reads back-to-back responses of many requests on one connection", function()
+        local base, st = keepalive_server(function(req, s)
+            s.k = (s.k or 0) + 1
+            if s.k % 2 == 0 then
+                return response(200, req.target)
+            end
+            return "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .. string.format("%x", #req.target) .. "\r\n" .. req.target .. "\r\n0\r\n\r\n"
+        end)
+        for i = 1, 200 do assert.same("/" .. i, assert(http.get(base .. "/" .. i)).body) end
+        assert.same(1, st.accepted)
+    end)
+end)
+
 describe("moonlet.http keep-alive pool", function()
     it("reuses one connection for sequential requests", function()
         local base, st = keepalive_server(function(req)

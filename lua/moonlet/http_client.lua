@@ -14,7 +14,11 @@
 -- the request's total deadline) and closes the connection when the task is cancelled there.
 --
 -- Sockets come from moonlet.tcp (DNS, TLS through sock:tls). The response is parsed from a Lua
--- buffer filled by receive_any: usually one C call brings the whole head and a small body.
+-- buffer filled by receive_any: usually one C call brings the whole head and a small body, then
+-- bindings/http_client.c checks the head and frames the body in one call (core.http_parse_head),
+-- decodes a chunked body that is all there in another (core.http_dechunk), and makes res.headers
+-- only when it is read (core.http_headers). A body that is not all there yet is read piece by
+-- piece here.
 local core = require "moonlet.core"
 local task = require "moonlet.task"
 local tcp = require "moonlet.tcp"
@@ -27,9 +31,8 @@ local tonumber, tostring, type, pairs, ipairs, setmetatable, getmetatable, pcall
     tonumber, tostring, type, pairs, ipairs, setmetatable, getmetatable, pcall, error
 local floor = math.floor
 local now = core.now
-local ok_new, new_tab = pcall(require, "table.new") -- LuaJIT 2.1: tables presized
-if not ok_new then new_tab = function() return {} end end
 local CANCEL, CANCELLED = core.CANCEL, task.CANCELLED
+local parse_head, parse_headers, dechunk = core.http_parse_head, core.http_headers, core.http_dechunk
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -44,11 +47,12 @@ local config = {
     user_agent = "moonlet/" .. tostring(core.version),
 }
 
-local MAX_LINE = 16384        -- a status, header or chunk-size line
-local MAX_HEAD = 65536        -- the whole header section
-local MAX_HEADERS = 200
+local MAX_LINE = 16384        -- a chunk-size or trailer line (heads: bindings/http_client.c)
+local MAX_HEAD = 65536        -- the trailers
 local READ_SIZE = 65536       -- bytes asked from the socket at a time
 local DRAIN_MAX = 65536       -- a redirect's body is read to reuse the connection up to this
+local SMALL_BODY = 65536      -- a body up to this is waited for whole, then taken in one piece
+local SMALL_WAITS = 4         -- ... in at most this many more reads
 
 -- -- Sockets ------------------------------------------------------------------------------------
 
@@ -170,115 +174,25 @@ local function lower_name(name)
     return l
 end
 
--- The status line: status, reason, version; or nil.
-local function status_line(line)
-    local version
-    if sub(line, 1, 9) == "HTTP/1.1 " then
-        version = "1.1"
-    elseif sub(line, 1, 5) == "HTTP/" and byte(line, 7) == 46 and byte(line, 9) == 32 then
-        version = sub(line, 6, 8)
-        local a, b = byte(version, 1), byte(version, 3)
-        if a < 48 or a > 57 or b < 48 or b > 57 then return nil end
-    else
-        return nil
-    end
-    local status = tonumber(sub(line, 10, 12))
-    if not status or status < 100 or status > 999 or status % 1 ~= 0 then return nil end
-    local sep = byte(line, 13)
-    if sep == nil then return status, "", version end
-    if sep ~= 32 then return nil end
-    return status, sub(line, 14), version
-end
-
--- Adds the header line s[i..j] (no line end) to headers; returns its name, or nil when the line
--- is malformed. A line starting with a space or tab continues the header before it (obs-fold,
--- RFC 7230 3.2.4: joined with a space).
-local function header_line(headers, s, i, j, last)
-    local b = byte(s, i)
-    if b == 32 or b == 9 then
-        if not last then return nil end
-        while b == 32 or b == 9 do
-            i = i + 1
-            b = byte(s, i)
-        end
-        headers[last] = headers[last] .. " " .. sub(s, i, j)
-        return last
-    end
-    local c = find(s, ":", i, true)
-    if not c or c == i or c > j then return nil end
-    b = byte(s, c - 1)
-    if b == 32 or b == 9 then return nil end -- "Name : value" (RFC 7230 3.2.4)
-    local name = lower_name(sub(s, i, c - 1))
-    local vs, ve = c + 1, j
-    b = byte(s, vs)
-    while vs <= ve and (b == 32 or b == 9) do
-        vs = vs + 1
-        b = byte(s, vs)
-    end
-    b = byte(s, ve)
-    while ve >= vs and (b == 32 or b == 9) do
-        ve = ve - 1
-        b = byte(s, ve)
-    end
-    local value = sub(s, vs, ve)
-    local old = headers[name]
-    headers[name] = old and (old .. ", " .. value) or value
-    return name
-end
-
--- The head line by line (for heads whose lines end in a bare LF).
-local function read_head_lines(conn)
-    local line, err = read_line(conn)
-    if not line then return nil, err end
-    local status, reason, version = status_line(line)
-    if not status then return nil, "bad response" end
-    local headers, count, size, last = {}, 0, #line, nil
-    while true do
-        line, err = read_line(conn)
-        if not line then return nil, err end
-        if line == "" then break end
-        count = count + 1
-        size = size + #line
-        if count > MAX_HEADERS or size > MAX_HEAD then return nil, "bad response" end
-        last = header_line(headers, line, 1, #line, last)
-        if not last then return nil, "bad response" end
-    end
-    return status, reason, version, headers
-end
-
--- The status line and header section: status, reason, version, headers; or nil, err. From a
--- buffer, the whole head is found first (one search for CRLF CRLF) and parsed in place.
-local function read_head(conn)
-    local buf, pos = conn.buf, conn.pos
-    local e = find(buf, "\r\n\r\n", pos, true)
-    while not e do
-        local have = #buf - pos + 1
-        if have >= 5 and sub(buf, pos, pos + 4) ~= "HTTP/" then return nil, "bad response" end
-        if find(buf, "\n\n", pos, true) then return read_head_lines(conn) end
-        if have > MAX_HEAD then return nil, "bad response" end
+-- The status line and header section, parsed in C (bindings/http_client.c) once the buffer holds
+-- all of it: status, reason, version, headers, mode, length, keep (the framing of the body and
+-- whether the response lets the connection be reused), and the buffer and position of the head;
+-- or nil, err. headers is false when the table is left to be made if it is asked for.
+local function read_head(conn, is_head)
+    if conn.pos > #conn.buf then -- nothing buffered (the usual case): wait for the response first
         local ok, err = fill(conn)
         if not ok then return nil, err end
-        buf, pos = conn.buf, 1
-        e = find(buf, "\r\n\r\n", have > 3 and have - 3 or 1, true)
     end
-    if e - pos > MAX_HEAD then return nil, "bad response" end
-    conn.pos = e + 4
-    local le = find(buf, "\r\n", pos, true)
-    local status, reason, version = status_line(sub(buf, pos, le - 1))
-    if not status then return nil, "bad response" end
-    local headers, count, last = new_tab(0, 8), 0, nil
-    local i = le + 2
-    while i < e + 2 do
-        local nl = find(buf, "\r\n", i, true)
-        local lf = find(buf, "\n", i, true)
-        if lf <= nl then return nil, "bad response" end -- a bare LF inside the line
-        count = count + 1
-        if count > MAX_HEADERS then return nil, "bad response" end
-        last = header_line(headers, buf, i, nl - 1, last)
-        if not last then return nil, "bad response" end
-        i = nl + 2
+    local buf, pos = conn.buf, conn.pos
+    local status, reason, version, h, p, mode, len, keep = parse_head(buf, pos, is_head)
+    if status then
+        conn.pos = p
+        return status, reason, version, h, mode, len, keep, buf, pos
     end
-    return status, reason, version, headers
+    if status == nil then return nil, reason end
+    local ok, err = fill(conn) -- not all there yet
+    if not ok then return nil, err end
+    return read_head(conn, is_head)
 end
 
 -- -- URLs ----------------------------------------------------------------------------------------
@@ -414,20 +328,21 @@ end
 -- An idle connection to origin key that has not expired, or nil. The time of the checkout is kept
 -- on the connection (taken_at): its idle time is counted from there when it comes back (one clock
 -- read per request; a long request only makes the connection expire earlier).
+-- (The hot paths of a request have no loop that runs once per request: LuaJIT aborts the traces
+-- of those and ends up interpreting the whole request. Hence tail calls for the rare repeats.)
 local function checkout(key, t)
     if t - last_sweep > 1 then sweep(t) end
     local p = pools[key]
-    if not p then return nil end
-    for n = #p, 1, -1 do
-        local c = p[n]
-        p[n] = nil
-        if c.expires > t then
-            c.taken_at = t
-            return c
-        end
-        close_conn(c)
+    local n = p and #p or 0
+    if n == 0 then return nil end
+    local c = p[n]
+    p[n] = nil
+    if c.expires > t then
+        c.taken_at = t
+        return c
     end
-    return nil
+    close_conn(c)
+    return checkout(key, t) -- the next one down
 end
 
 -- Gives a connection whose response was read completely back to its pool (or closes it when the
@@ -619,9 +534,23 @@ local function build_request(method, u, target, headers, body, o, decompress)
 end
 
 local res_methods = {}
-local res_mt = { __name = "moonlet.http.response", __index = res_methods }
+-- res.headers is made from the head's bytes (res._hb at res._hp) the first time it is read: most
+-- callers only want the status and the body.
+local res_mt = { __name = "moonlet.http.response", __index = function(res, k)
+    if k == "headers" then
+        local hb = rawget(res, "_hb")
+        if hb then
+            local h = parse_headers(hb, res._hp)
+            res.headers, res._hb = h, nil
+            return h
+        end
+        return nil
+    end
+    return res_methods[k]
+end }
 
 local NONE, LENGTH, CHUNKED, CLOSE = 0, 1, 2, 3
+local MAX_INTERIM = 16 -- 1xx responses skipped before one response; more is "bad response"
 
 -- Ends the body: the connection goes back to the pool when reusable, else it is closed.
 local function finish(res)
@@ -671,10 +600,11 @@ local function next_raw(res)
             end
             line, err = read_line(conn)
             if not line then return nil, err end
-            local hex, after = match(line, "^(%x+)(.*)$")
+            -- chunk-size [BWS ";" extension]: anything else after the size is malformed
+            local hex, after = match(line, "^(%x+)[ \t]*(.*)$")
             if not hex or #hex > 12 then return nil, "bad response" end
             local c = byte(after)
-            if c and c ~= 59 and c ~= 32 and c ~= 9 then return nil, "bad response" end -- ";"
+            if c and c ~= 59 then return nil, "bad response" end -- ";"
             left = tonumber(hex, 16)
             if left == 0 then -- the last chunk: trailers (dropped) until an empty line
                 local size = 0
@@ -795,41 +725,77 @@ function res_methods:close()
     end
 end
 
--- Framing of the body (RFC 7230 3.3.3) and whether the connection may be reused afterwards.
-local function frame(res, method, conn)
-    local status, h = res.status, res.headers
-    local keep = conn.keepalive
-    local c = h.connection
-    if c then
-        c = lower(c)
-        if find(c, "close", 1, true) then keep = false end
-    end
-    if res.http_version ~= "1.1" then
-        keep = keep and c ~= nil and find(c, "keep-alive", 1, true) ~= nil
-    end
-    if method == "HEAD" or status == 204 or status == 304 or status < 200 then
-        return NONE, 0, keep
-    end
-    local te = h["transfer-encoding"]
-    if te then
-        te = lower(te)
-        if match(te, "chunked[ \t]*$") then return CHUNKED, 0, keep and not h["content-length"] end
-        return CLOSE, 0, false
-    end
-    local cl = h["content-length"]
-    if cl then
-        local n = tonumber(cl)
-        if n and tostring(n) ~= cl then n = nil end -- only plain digits ("1e3", "0x1" are not)
-        if not n then -- "5, 5": repeated, all the same
-            for v in gsub(cl, "[ \t]", ""):gmatch("[^,]+") do
-                if not match(v, "^%d+$") or (n and tonumber(v) ~= n) then return nil end
-                n = tonumber(v)
-            end
-            if not n then return nil end
+-- The body of res when it is all buffered already, or soon (a small one that came in a few
+-- pieces): taken in one piece. Returns res when done, nil, err when it failed, false when it is to
+-- be read piece by piece.
+local function take_body(res, conn, mode, len, max, waits)
+    local buf, pos = conn.buf, conn.pos
+    local whole, stop = false
+    if mode == LENGTH then
+        stop = pos + len
+        if stop - 1 <= #buf then
+            whole = (pos == 1 and stop - 1 == #buf) and buf or sub(buf, pos, stop - 1)
         end
-        return n > 0 and LENGTH or NONE, n, keep
+    else
+        whole, stop = dechunk(buf, pos)
+        if whole == nil then return fail(res, "bad response") end
+        if whole and max and #whole > max then return fail(res, "too large") end
     end
-    return CLOSE, 0, false
+    if whole then
+        if stop > #buf then
+            conn.buf, conn.pos = "", 1
+        else
+            conn.pos = stop
+        end
+        res.body, res._left = whole, 0
+        finish(res)
+        return res
+    end
+    local have = #buf - pos + 1
+    if waits >= SMALL_WAITS or have > SMALL_BODY or (mode == LENGTH and len > SMALL_BODY)
+        or (max and have > max) then
+        return false
+    end
+    local more, err = fill(conn)
+    if not more then return fail(res, err) end
+    return take_body(res, conn, mode, len, max, waits + 1)
+end
+
+-- The response whose head was read on conn: framed, its body read unless o.stream; or nil, err.
+local function respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp)
+    local max = o.max_body or config.max_body
+    local res = setmetatable({
+        status = status, reason = reason, headers = h or nil, http_version = version,
+        url = target == u.target and u.url or u.scheme .. "://" .. u.hostport .. target,
+        _conn = conn, _total = 0, _max = max, _done = false, _z = false,
+        _mode = mode, _left = len, _keep = keep and conn.keepalive, _hb = not h and hb, _hp = hp,
+    }, res_mt)
+    if status == 101 then res._mode, res._keep, mode = CLOSE, false, CLOSE end
+    if mode == LENGTH and max and len > max then
+        fail(res, "too large")
+        return nil, "too large"
+    end
+    if mode == NONE then
+        finish(res)
+        if not o.stream then res.body = "" end
+        return res
+    end
+    if o.decompress then
+        local ce = res.headers["content-encoding"]
+        if ce then
+            ce = lower(ce)
+            if ce == "gzip" or ce == "x-gzip" or ce == "deflate" then res._z = core.zlib_inflater() end
+        end
+    end
+    if o.stream then return res end
+    if not res._z and (mode == LENGTH or mode == CHUNKED) then
+        local done, err = take_body(res, conn, mode, len, max, 0)
+        if done ~= false then return done, err end
+    end
+    local b, err = res:read_body()
+    if not b then return nil, err end
+    res._given = nil -- res:read() and res:chunks() give the body once
+    return res
 end
 
 -- One exchange on one connection: the response with its body framed (read when not streamed),
@@ -870,66 +836,24 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
     end
     if not ok then
         close_conn(conn)
-        return nil, err, conn.reused > 0
+        return nil, err, conn.reused > 0 and IDEMPOTENT[method]
     end
-    local status, reason, version, h
-    repeat -- 1xx informational responses (but 101) are skipped
-        status, reason, version, h = read_head(conn)
-        if not status then
-            close_conn(conn)
-            return nil, reason, conn.reused > 0 and not conn.got and IDEMPOTENT[method]
+    local is_head = method == "HEAD"
+    local status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
+    local interim = 0
+    while status and status < 200 and status ~= 101 do -- 1xx informational responses are skipped
+        interim = interim + 1
+        if interim > MAX_INTERIM then
+            status, reason = nil, "bad response"
+            break
         end
-    until status >= 200 or status == 101
-    local res = setmetatable({
-        status = status, reason = reason, headers = h, http_version = version,
-        url = target == u.target and u.url or u.scheme .. "://" .. u.hostport .. target,
-        _conn = conn, _total = 0, _max = o.max_body or config.max_body, _done = false,
-    }, res_mt)
-    local mode, len, keep = frame(res, method, conn)
-    if not mode then
+        status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
+    end
+    if not status then
         close_conn(conn)
-        return nil, "bad response"
+        return nil, reason, conn.reused > 0 and not conn.got and IDEMPOTENT[method]
     end
-    if status == 101 then mode, keep = CLOSE, false end
-    res._mode, res._left, res._keep = mode, len, keep
-    if mode == LENGTH and res._max and len > res._max then
-        fail(res, "too large")
-        return nil, "too large"
-    end
-    if mode == NONE then
-        finish(res)
-        if not o.stream then res.body = "" end
-        return res
-    end
-    if decompress then
-        local ce = h["content-encoding"]
-        if ce then
-            ce = lower(ce)
-            if ce == "gzip" or ce == "x-gzip" or ce == "deflate" then res._z = core.zlib_inflater() end
-        end
-    end
-    if o.stream then return res end
-    if mode == LENGTH and not res._z then -- the common case: the whole body is buffered already
-        local buf, pos = conn.buf, conn.pos
-        local stop = pos + len - 1
-        local size = #buf
-        if stop <= size then
-            res.body = (pos == 1 and stop == size) and buf or sub(buf, pos, stop)
-            if stop == size then
-                conn.buf, conn.pos = "", 1
-            else
-                conn.pos = stop + 1
-            end
-            res._left = 0
-            finish(res)
-            return res
-        end
-    end
-    local b
-    b, err = res:read_body()
-    if not b then return nil, err end
-    res._given = nil -- res:read() and res:chunks() give the body once
-    return res
+    return respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp)
 end
 
 -- Reads what is left of a redirect's body so that its connection can be reused (small bodies),
@@ -941,6 +865,47 @@ local function discard(res)
     else
         res:close()
     end
+end
+
+-- Runs the request on u (once more on a new connection when a pooled one turns out to have been
+-- closed by the server) and follows up to max_redirects redirects, count of them done already.
+-- A copy of headers without the fields whose lower-case names are keys of drop.
+local BODY_HEADERS = { ["content-type"] = true, ["content-length"] = true, ["transfer-encoding"] = true }
+local CREDENTIAL_HEADERS = { authorization = true, cookie = true, ["proxy-authorization"] = true }
+local function without(headers, drop)
+    local copy = {}
+    for k, v in pairs(headers) do
+        if not drop[lower(k)] then copy[k] = v end
+    end
+    return copy
+end
+
+local function follow(u, method, target, headers, body, o, deadline, t0, max_redirects, count)
+    local res, err, retry = exchange(u, method, target, headers, body, o, deadline, false, t0)
+    if not res and retry then
+        res, err = exchange(u, method, target, headers, body, o, deadline, true)
+    end
+    if not res then return nil, err end
+    if max_redirects <= 0 or not REDIRECT[res.status] then return res end
+    local loc = res.headers.location
+    if not loc then return res end
+    if count >= max_redirects then
+        res:close()
+        return nil, "too many redirects"
+    end
+    discard(res)
+    local nu = parse_url(resolve(u, loc))
+    if not nu then return nil, "bad redirect" end
+    local status = res.status
+    if status == 303 or ((status == 301 or status == 302) and method == "POST") then
+        if method ~= "HEAD" then method = "GET" end
+        body = nil
+        if headers then headers = without(headers, BODY_HEADERS) end
+    end
+    if nu.key ~= u.key and headers then -- credentials stay with their origin
+        headers = without(headers, CREDENTIAL_HEADERS)
+    end
+    return follow(nu, method, nu.target, headers, body, o, deadline, nil, max_redirects, count + 1)
 end
 
 local known_methods, known_count = {}, 0 -- "get" -> "GET", once checked
@@ -995,52 +960,7 @@ local function request(method, url, o, body, level)
     local max_redirects = o.redirects
     if max_redirects == true then max_redirects = 10 end
     if not max_redirects then max_redirects = 0 end
-    local count = 0
-    while true do
-        local res, retry
-        res, err, retry = exchange(u, method, target, headers, body, o, deadline, false, t0)
-        t0 = nil
-        if not res and retry then -- a pooled connection the server had closed: once, afresh
-            res, err = exchange(u, method, target, headers, body, o, deadline, true)
-        end
-        if not res then return nil, err end
-        local loc = res.headers.location
-        if max_redirects <= 0 or not REDIRECT[res.status] or not loc then return res end
-        if count >= max_redirects then
-            res:close()
-            return nil, "too many redirects"
-        end
-        count = count + 1
-        discard(res)
-        local nu = parse_url(resolve(u, loc))
-        if not nu then return nil, "bad redirect" end
-        local status = res.status
-        if status == 303 or ((status == 301 or status == 302) and method == "POST") then
-            if method ~= "HEAD" then method = "GET" end
-            body = nil
-            if headers then
-                local copy = {}
-                for k, v in pairs(headers) do
-                    local lk = lower(k)
-                    if lk ~= "content-type" and lk ~= "content-length" and lk ~= "transfer-encoding" then
-                        copy[k] = v
-                    end
-                end
-                headers = copy
-            end
-        end
-        if nu.key ~= u.key and headers then -- credentials stay with their origin
-            local copy = {}
-            for k, v in pairs(headers) do
-                local lk = lower(k)
-                if lk ~= "authorization" and lk ~= "cookie" and lk ~= "proxy-authorization" then
-                    copy[k] = v
-                end
-            end
-            headers = copy
-        end
-        u, target = nu, nu.target
-    end
+    return follow(u, method, target, headers, body, o, deadline, t0, max_redirects, 0)
 end
 
 local EMPTY = {}

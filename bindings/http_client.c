@@ -1,0 +1,486 @@
+/* bindings/http_client.c: the C half of moonlet.http (lua/moonlet/http_client.lua): parsing an
+ * HTTP/1.1 response head, and a whole chunked body, out of the Lua string the client buffers
+ * (what sock:receive_any brought). Usually one receive brings the whole response, and one call of
+ * each function here turns it into status, headers and body: no Lua string is cut per line.
+ *
+ * core.http_parse_head(buf, pos, head)   the status line and header section at buf[pos..]
+ * core.http_headers(buf, pos)            the header table of that head, made when asked for
+ * core.http_dechunk(buf, pos)            a chunked body at buf[pos..], when all of it is there
+ *
+ * All three are pure functions of their arguments: no handle, no wait, nothing kept between calls,
+ * so they need no lifetime rules; the client keeps the buffer, the connection and the waits (each
+ * socket wait goes through moonlet.tcp's C methods, bindings/tcp.c). They answer false when the
+ * bytes end before what they parse does (the client reads more and calls again from the same pos)
+ * and nil, "bad response" for anything malformed, after which the client closes the connection.
+ *
+ * The grammar is the client's (it was Lua before, and its specs pin it): lines end in CRLF; a head
+ * that ends in a bare-LF empty line is read line by line with LF endings (a CR before the LF
+ * dropped), while in a head that ends in CRLF CRLF a bare LF is an error. Header names are
+ * lower-cased, repeated fields are joined with ", ", an obs-fold line continues the field before it
+ * (joined with a space). Limits: 200 header lines, 64 KiB of head, 16 KiB per chunk-size line,
+ * 64 KiB of trailers (dropped). llhttp is not used here: its strict mode refuses bare-LF heads,
+ * which this client has always read, and its lenient flags are banned (STYLE.md).
+ */
+#include <string.h>
+
+#include "mlua.h"
+
+#define MAX_LINE 16384   /* a chunk-size or trailer line */
+#define MAX_HEAD 65536   /* the whole header section; the trailers too */
+#define MAX_HEADERS 200  /* header lines (continuations included) */
+#define MAX_CHUNK_HEX 12 /* hex digits of a chunk size */
+#define NAME_BUF 256     /* header names up to this long are lower-cased on the stack */
+
+/* Body framing, as the client numbers it (NONE, LENGTH, CHUNKED, CLOSE in http_client.lua). */
+enum { F_NONE = 0, F_LENGTH = 1, F_CHUNKED = 2, F_CLOSE = 3 };
+
+static int bad(lua_State *L) {
+  lua_pushnil(L);
+  lua_pushliteral(L, "bad response");
+  return 2;
+}
+
+static int is_ws(char c) { return c == ' ' || c == '\t'; }
+
+static int ascii_lower(int c) { return c >= 'A' && c <= 'Z' ? c + 32 : c; }
+
+/* Position (1-based) argument: pos within [1, len + 1]; raises otherwise. */
+static size_t check_pos(lua_State *L, int idx, size_t len) {
+  lua_Integer pos = luaL_checkinteger(L, idx);
+  if (pos < 1 || (size_t)pos > len + 1) luaL_argerror(L, idx, "position out of range");
+  return (size_t)pos - 1;
+}
+
+/* -- Head ------------------------------------------------------------------------------------- */
+
+/* The end of the head at s[0, end): the first empty line (LF LF, or LF CR LF). Sets *stop (the
+ * empty line: the header lines are s[0, *stop)), *after (the first byte after the head) and
+ * *strict (the head ends in CRLF CRLF: then every line must end in CRLF). Returns 0 when no empty
+ * line is there yet. */
+static int head_end(const char *s, const char *end, const char **stop, const char **after,
+                    int *strict) {
+  for (const char *p = s; p < end; p++) {
+    p = memchr(p, '\n', (size_t)(end - p));
+    if (!p || p + 1 >= end) return 0;
+    if (p[1] == '\n') {
+      *stop = p + 1;
+      *after = p + 2;
+    } else if (p[1] == '\r' && p + 2 < end && p[2] == '\n') {
+      *stop = p + 1;
+      *after = p + 3;
+    } else if (p + 2 >= end) {
+      return 0; /* the next byte may complete it */
+    } else {
+      continue;
+    }
+    *strict = p > s && p[-1] == '\r' && p[1] == '\r';
+    return 1;
+  }
+  return 0;
+}
+
+/* The line at `line` (inside a head, so an LF is found before stop): its end without the line end
+ * in *le; returns the start of the next line, or NULL when a bare LF ends it in a strict head. */
+static const char *head_line(const char *line, const char *stop, int strict, const char **le) {
+  const char *nl = memchr(line, '\n', (size_t)(stop - line));
+  const char *e = nl;
+  if (e > line && e[-1] == '\r')
+    e--;
+  else if (strict)
+    return NULL;
+  *le = e;
+  return nl + 1;
+}
+
+/* The status line s[0, n): pushes reason and version and returns the status, or 0 (nothing
+ * pushed) when the line is not "HTTP/d.d ddd[ reason]" with a status of 100 to 999. */
+static int status_line(lua_State *L, const char *s, size_t n) {
+  if (n < 12 || memcmp(s, "HTTP/", 5) != 0 || s[6] != '.' || s[8] != ' ') return 0;
+  if (s[5] < '0' || s[5] > '9' || s[7] < '0' || s[7] > '9') return 0;
+  int status = 0;
+  for (int i = 9; i < 12; i++) {
+    if (s[i] < '0' || s[i] > '9') return 0;
+    status = status * 10 + (s[i] - '0');
+  }
+  if (status < 100) return 0;
+  if (n > 12 && s[12] != ' ') return 0;
+  if (n > 13)
+    lua_pushlstring(L, s + 13, n - 13);
+  else
+    lua_pushliteral(L, "");
+  lua_pushlstring(L, s + 5, 3); /* "1.1" */
+  return status;
+}
+
+/* The fields framing needs, when each came once and unfolded: value spans (NULL: absent). */
+typedef struct {
+  const char *v[3];
+  size_t n[3];
+  int complex; /* one of them repeated, or an obs-fold line somewhere: read them from the table */
+} frame_fields_t;
+
+enum { FF_CONNECTION = 0, FF_TE, FF_CL };
+static const char *const ff_names[3] = {"connection", "transfer-encoding", "content-length"};
+
+static int name_is(const char *s, size_t n, const char *lname, size_t ln) {
+  if (n != ln) return 0;
+  for (size_t i = 0; i < n; i++)
+    if (ascii_lower((unsigned char)s[i]) != lname[i]) return 0;
+  return 1;
+}
+
+/* Checks the header line s[0, n) (no line end) and, when hidx is not 0, adds it to the table at
+ * hidx, leaving the field's name in stack slot `last` for an obs-fold line after it (a line that
+ * starts with SP or HT continues the field before it, joined with a space). ff (may be NULL) gets
+ * the spans of the fields framing needs. Returns 0, or -1 when the line is malformed. */
+static int header_line(lua_State *L, int hidx, int last, const char *s, size_t n, int *seen,
+                       frame_fields_t *ff) {
+  if (n > 0 && is_ws(s[0])) { /* obs-fold (RFC 7230 3.2.4) */
+    if (!*seen) return -1;
+    if (ff) ff->complex = 1;
+    if (!hidx) return 0;
+    size_t i = 0;
+    while (i < n && is_ws(s[i]))
+      i++;
+    lua_pushvalue(L, last);
+    lua_pushvalue(L, last);
+    lua_rawget(L, hidx);
+    lua_pushliteral(L, " ");
+    lua_pushlstring(L, s + i, n - i);
+    lua_concat(L, 3);
+    lua_rawset(L, hidx);
+    return 0;
+  }
+  const char *colon = memchr(s, ':', n);
+  if (!colon || colon == s || is_ws(colon[-1])) return -1; /* "Name : value" is refused too */
+  *seen = 1;
+  size_t nlen = (size_t)(colon - s);
+  const char *v = colon + 1, *e = s + n;
+  if (ff) { /* one of the framing fields? (told apart by length first) */
+    int k = nlen == 10 ? FF_CONNECTION : nlen == 17 ? FF_TE : nlen == 14 ? FF_CL : -1;
+    if (k >= 0 && name_is(s, nlen, ff_names[k], nlen)) {
+      while (v < e && is_ws(*v))
+        v++;
+      while (e > v && is_ws(e[-1]))
+        e--;
+      if (ff->v[k]) ff->complex = 1;
+      ff->v[k] = v;
+      ff->n[k] = (size_t)(e - v);
+    }
+  }
+  if (!hidx) return 0;
+  while (v < e && is_ws(*v))
+    v++;
+  while (e > v && is_ws(e[-1]))
+    e--;
+  if (nlen <= NAME_BUF) {
+    char name[NAME_BUF];
+    for (size_t i = 0; i < nlen; i++)
+      name[i] = (char)ascii_lower((unsigned char)s[i]);
+    lua_pushlstring(L, name, nlen);
+  } else {
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (size_t i = 0; i < nlen; i++)
+      luaL_addchar(&b, (char)ascii_lower((unsigned char)s[i]));
+    luaL_pushresult(&b);
+  }
+  lua_replace(L, last);
+  lua_pushvalue(L, last);
+  lua_pushvalue(L, last);
+  lua_rawget(L, hidx);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_pushlstring(L, v, (size_t)(e - v));
+  } else { /* a repeated field: joined with a comma */
+    lua_pushliteral(L, ", ");
+    lua_pushlstring(L, v, (size_t)(e - v));
+    lua_concat(L, 3);
+  }
+  lua_rawset(L, hidx);
+  return 0;
+}
+
+/* Reads the header lines in [line, stop): checks them, fills the table at hidx unless hidx is 0
+ * (it uses stack slot `last`), and collects ff. Returns 0, or -1 when one is malformed or there
+ * are too many. */
+static int header_lines(lua_State *L, int hidx, int last, const char *line, const char *stop,
+                        int strict, frame_fields_t *ff) {
+  int count = 0, seen = 0;
+  const char *le;
+  while (line < stop) {
+    const char *next = head_line(line, stop, strict, &le);
+    if (!next || ++count > MAX_HEADERS) return -1;
+    if (header_line(L, hidx, last, line, (size_t)(le - line), &seen, ff) < 0) return -1;
+    line = next;
+  }
+  return 0;
+}
+
+/* Content-Length: digits, optionally repeated as a comma-separated list of the same number ("5, 5",
+ * what joining repeated fields gives); blanks only around the commas ("1 0" is malformed).
+ * Returns 0 with *n set, or -1. */
+static int content_length(const char *s, size_t len, double *n) {
+  const char *p = s, *end = s + len;
+  int have = 0;
+  double val = 0;
+  for (;;) {
+    while (p < end && is_ws(*p))
+      p++;
+    const char *d = p;
+    double cur = 0;
+    while (p < end && *p >= '0' && *p <= '9')
+      cur = cur * 10 + (*p++ - '0');
+    int digits = p > d;
+    while (p < end && is_ws(*p))
+      p++;
+    if (p < end && *p != ',') return -1;
+    if (digits) {
+      if (have && cur != val) return -1;
+      val = cur;
+      have = 1;
+    }
+    if (p == end) break;
+    p++; /* the comma */
+  }
+  if (!have) return -1;
+  *n = val;
+  return 0;
+}
+
+/* Is word (lower case) one of the comma-separated tokens of s[0, n), compared without case? With
+ * last set, only the last token counts (Transfer-Encoding: the final coding). */
+static int has_token(const char *s, size_t n, const char *word, int last) {
+  size_t w = strlen(word);
+  const char *p = s, *end = s + n;
+  int found = 0;
+  while (p <= end) {
+    const char *comma = memchr(p, ',', (size_t)(end - p));
+    const char *e = comma ? comma : end, *b = p;
+    while (b < e && is_ws(*b))
+      b++;
+    while (e > b && is_ws(e[-1]))
+      e--;
+    found = name_is(b, (size_t)(e - b), word, w);
+    if (found && !last) return 1;
+    if (!comma) break;
+    p = comma + 1;
+  }
+  return found;
+}
+
+/* Framing of the body (RFC 7230 3.3.3) from the fields in ff: pushes mode, length and whether
+ * the response lets the connection be reused; returns 3, or 0 for a bad Content-Length. */
+static int framing(lua_State *L, const frame_fields_t *ff, int status, int http11, int head) {
+  const char *c = ff->v[FF_CONNECTION], *te = ff->v[FF_TE], *cl = ff->v[FF_CL];
+  size_t clen = ff->n[FF_CONNECTION], tlen = ff->n[FF_TE];
+  int keep = 1, mode = F_NONE;
+  double n = 0;
+  int ka = c && name_is(c, clen, "keep-alive", 10); /* the usual value: no search */
+  if (c && !ka && has_token(c, clen, "close", 0)) keep = 0;
+  if (!http11) keep = keep && c && (ka || has_token(c, clen, "keep-alive", 0));
+  if (head || status == 204 || status == 304 || status < 200) {
+    mode = F_NONE;
+  } else if (te) {
+    if (has_token(te, tlen, "chunked", 1)) {
+      mode = F_CHUNKED;
+      keep = keep && !cl;
+    } else {
+      mode = F_CLOSE;
+      keep = 0;
+    }
+  } else if (cl) {
+    if (content_length(cl, ff->n[FF_CL], &n) < 0) return 0;
+    mode = n > 0 ? F_LENGTH : F_NONE;
+  } else {
+    mode = F_CLOSE;
+    keep = 0;
+  }
+  lua_pushinteger(L, mode);
+  lua_pushnumber(L, n);
+  lua_pushboolean(L, keep);
+  return 3;
+}
+
+/* The framing fields as the table at hidx has them (joined and unfolded). */
+static void fields_from_table(lua_State *L, int hidx, frame_fields_t *ff) {
+  for (int k = 0; k < 3; k++) {
+    lua_getfield(L, hidx, ff_names[k]);
+    ff->v[k] = lua_tolstring(L, -1, &ff->n[k]); /* the table keeps the string alive */
+    lua_pop(L, 1);
+  }
+}
+
+/* syntax: status, reason, version, headers, next, mode, length, keep =
+ *           core.http_parse_head(buf, pos, head)
+ * Parses the response head at buf[pos..]: next is the position after it, mode the framing of the
+ * body (0 none, 1 Content-Length of `length` bytes, 2 chunked, 3 until the server closes), keep
+ * whether the response allows the connection to be reused. `head`: the request was HEAD (no
+ * body). headers is false when the head was only checked: core.http_headers(buf, pos) makes the
+ * table when it is asked for (most callers never look; an unusual head, with a repeated framing
+ * field or an obs-fold line, has its table made at once). Returns false while the head is
+ * incomplete, nil, "bad response" when it is malformed or too large (a bad Content-Length too). */
+static int l_parse_head(lua_State *L) {
+  size_t len;
+  const char *buf = luaL_checklstring(L, 1, &len);
+  size_t pos = check_pos(L, 2, len);
+  int head = lua_toboolean(L, 3);
+  const char *s = buf + pos, *stop, *after, *le;
+  int strict;
+  if (!head_end(s, buf + len, &stop, &after, &strict)) {
+    size_t have = len - pos;
+    if (have >= 5 && memcmp(s, "HTTP/", 5) != 0) return bad(L);
+    if (have > MAX_HEAD) return bad(L);
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if ((size_t)(stop - s) > MAX_HEAD + 4) return bad(L);
+  const char *line = head_line(s, stop, strict, &le);
+  if (!line) return bad(L);
+  lua_settop(L, 3);
+  int status = status_line(L, s, (size_t)(le - s)); /* pushes reason (4), version (5) */
+  if (!status) return bad(L);
+  int http11 = s[5] == '1' && s[7] == '1';
+  frame_fields_t ff = {{NULL, NULL, NULL}, {0, 0, 0}, 0};
+  if (header_lines(L, 0, 0, line, stop, strict, &ff) < 0) return bad(L);
+  if (ff.complex) {           /* the table now, and framing from its joined values */
+    lua_createtable(L, 0, 8); /* 6 */
+    lua_pushnil(L);           /* 7: the last field's name */
+    header_lines(L, 6, 7, line, stop, strict, NULL);
+    lua_pop(L, 1);
+    fields_from_table(L, 6, &ff);
+  } else {
+    lua_pushboolean(L, 0); /* 6 */
+  }
+  lua_pushinteger(L, status);
+  lua_replace(L, 3); /* status, reason, version, headers */
+  lua_pushinteger(L, (lua_Integer)(after - buf) + 1);
+  if (!framing(L, &ff, status, http11, head)) return bad(L);
+  return 8;
+}
+
+/* syntax: headers = core.http_headers(buf, pos)
+ * The header table of the head at buf[pos..], which core.http_parse_head checked: lower-case
+ * names, repeated fields joined with ", ". nil, "bad response" if it is not a complete head. */
+static int l_headers(lua_State *L) {
+  size_t len;
+  const char *buf = luaL_checklstring(L, 1, &len);
+  size_t pos = check_pos(L, 2, len);
+  const char *s = buf + pos, *stop, *after, *le;
+  int strict;
+  if (!head_end(s, buf + len, &stop, &after, &strict)) return bad(L);
+  const char *line = head_line(s, stop, strict, &le);
+  if (!line) return bad(L);
+  lua_settop(L, 2);
+  lua_createtable(L, 0, 8); /* 3 */
+  lua_pushnil(L);           /* 4 */
+  if (header_lines(L, 3, 4, line, stop, strict, NULL) < 0) return bad(L);
+  lua_pop(L, 1);
+  return 1;
+}
+
+/* -- Chunked body ------------------------------------------------------------------------------ */
+
+/* The line at s[0, end): its end (CR before LF dropped) in *le and the start of the next in *next.
+ * Returns 1, 0 when no LF is there yet, -1 when the line is over MAX_LINE already. */
+static int line_at(const char *s, const char *end, const char **le, const char **next) {
+  const char *nl = memchr(s, '\n', (size_t)(end - s));
+  if (!nl) return end - s >= MAX_LINE ? -1 : 0;
+  if (nl - s > MAX_LINE) return -1;
+  *next = nl + 1;
+  *le = nl > s && nl[-1] == '\r' ? nl - 1 : nl;
+  return 1;
+}
+
+/* syntax: body, next = core.http_dechunk(buf, pos)
+ * Decodes the chunked body at buf[pos..] when the whole of it (last chunk and trailers included)
+ * is in buf: its data joined, and the position after it; chunk extensions and trailers are dropped.
+ * false when more bytes are needed (nothing is consumed: the client goes on chunk by chunk),
+ * nil, "bad response" when it is malformed. */
+static int l_dechunk(lua_State *L) {
+  size_t len;
+  const char *buf = luaL_checklstring(L, 1, &len);
+  size_t pos = check_pos(L, 2, len);
+  const char *p = buf + pos, *end = buf + len, *le, *next;
+  const char *one = NULL; /* the only chunk's data so far: no copy needed */
+  size_t one_len = 0;
+  int pieces = 0, top = lua_gettop(L);
+  luaL_Buffer b;
+  for (;;) {
+    int r = line_at(p, end, &le, &next);
+    if (r < 0) goto malformed;
+    if (r == 0) goto more;
+    const char *h = p;
+    double size = 0;
+    while (h < le && h - p < MAX_CHUNK_HEX + 1) {
+      int c = ascii_lower((unsigned char)*h), d;
+      if (c >= '0' && c <= '9')
+        d = c - '0';
+      else if (c >= 'a' && c <= 'f')
+        d = c - 'a' + 10;
+      else
+        break;
+      size = size * 16 + d;
+      h++;
+    }
+    if (h == p || h - p > MAX_CHUNK_HEX) goto malformed;
+    while (h < le && is_ws(*h))
+      h++;
+    if (h < le && *h != ';') goto malformed; /* only an extension may follow (after BWS) */
+    p = next;
+    if (size == 0) { /* the last chunk: trailers (dropped) until an empty line */
+      size_t total = 0;
+      for (;;) {
+        r = line_at(p, end, &le, &next);
+        if (r < 0) goto malformed;
+        if (r == 0) goto more;
+        int empty = le == p;
+        total += (size_t)(le - p);
+        if (total > MAX_HEAD) goto malformed;
+        p = next;
+        if (empty) break;
+      }
+      break;
+    }
+    if ((double)(size_t)(end - p) < size) goto more;
+    size_t n = (size_t)size;
+    if (pieces == 0) {
+      one = p;
+      one_len = n;
+    } else {
+      if (pieces == 1) {
+        luaL_buffinit(L, &b);
+        luaL_addlstring(&b, one, one_len);
+      }
+      luaL_addlstring(&b, p, n);
+    }
+    pieces++;
+    p += n;
+    r = line_at(p, end, &le, &next); /* the CRLF after the data */
+    if (r < 0) goto malformed;
+    if (r == 0) goto more;
+    if (le != p) goto malformed;
+    p = next;
+  }
+  if (pieces <= 1)
+    lua_pushlstring(L, one ? one : "", one_len);
+  else
+    luaL_pushresult(&b);
+  lua_pushinteger(L, (lua_Integer)(p - buf) + 1);
+  return 2;
+more:
+  lua_settop(L, top); /* drops what the buffer holds */
+  lua_pushboolean(L, 0);
+  return 1;
+malformed:
+  lua_settop(L, top);
+  return bad(L);
+}
+
+void mlua_open_http_client(lua_State *L, moonlet_t *m) {
+  static const luaL_Reg fns[] = {{"http_parse_head", l_parse_head},
+                                 {"http_headers", l_headers},
+                                 {"http_dechunk", l_dechunk},
+                                 {NULL, NULL}};
+  mlua_register(L, m, fns);
+}
