@@ -14,6 +14,10 @@
  * - An exchange waits for one thing at a time (x->wait: body, writable, file). The core callback of
  *   that thing (on_body, on_writable, the file callback) or on_close clears x->wait and resumes the
  *   task; nothing else resumes it.
+ * - When the connection closes (reset, write error, server shutdown) while the handler task is
+ *   parked in a wait of another object, on_close cancels the task (mlua_task_cancel: that wait's
+ *   cancel callback undoes it first). A client's FIN alone is a half-close and the handler goes on,
+ *   unless the server was made with check_client_abort (on_hangup cancels it the same way).
  */
 #include <fcntl.h>
 #include <stdlib.h>
@@ -33,6 +37,7 @@ struct mlua_server_s {
   mlua_server_t *next; /* the instance's list */
   mlua_server_t **box; /* the Lua box pointing at us, NULLed when we are freed */
   int stopping;
+  int check_client_abort; /* a client's FIN during its request cancels the handler (on_hangup) */
 };
 
 enum { WAIT_NONE = 0, WAIT_BODY, WAIT_WRITABLE, WAIT_FILE };
@@ -499,6 +504,18 @@ static int x_set_close(lua_State *L) {
   return 0;
 }
 
+/* syntax: x:abort() -- closes the connection at once, with no (more) response: the client went
+ * away. Logged as 499 (nginx's "client closed request"). on_close follows from the close callback;
+ * the task's end (exchange_end) finds the connection closing and does nothing more. */
+static int x_abort(lua_State *L) {
+  exchange_t *x = check_x(L);
+  if (x->c) {
+    x->status = 499;
+    ml_conn_close(x->c, 0);
+  }
+  return 0;
+}
+
 static void on_close(ml_conn_t *c, void *ud) {
   (void)ud;
   exchange_t *x = ml_conn_data(c);
@@ -509,6 +526,12 @@ static void on_close(ml_conn_t *c, void *ud) {
   x->wait = WAIT_NONE;
   if (wait && wait != WAIT_FILE) { /* a file wait ends through file_done, which ran already */
     mlua_task_resume(x->task, mlua_push_error(x->task->co, UV_EPIPE));
+  } else if (!wait && !x->m->freeing) {
+    /* The client is gone while the handler waits on something else (an upstream, a query, a
+     * sleep): nobody will read its answer, so the task is cancelled there (moonlet.CANCELLED,
+     * and the children of its gathers with it). No-op when the task runs now or waits on nothing
+     * cancellable; a file wait is cancelled through its own callback. */
+    mlua_task_cancel(x->task);
   }
 }
 
@@ -546,7 +569,19 @@ static int x_tostring(lua_State *L) {
 
 /* -- Servers ---------------------------------------------------------------------------------- */
 
-static const ml_http_callbacks_t callbacks = {on_request, on_body, on_writable, on_close};
+/* The client half-closed during its request (FIN, nothing pipelined behind). With the server's
+ * check_client_abort on, that counts as the client gone: the handler task is cancelled where it
+ * waits, as in on_close (a wait on the exchange itself, to write, goes on: a half-closed client
+ * may still read). */
+static void on_hangup(ml_conn_t *c, void *ud) {
+  mlua_server_t *s = ud;
+  exchange_t *x = ml_conn_data(c);
+  if (!x || !s->check_client_abort || x->wait || x->m->freeing) return;
+  mlua_task_cancel(x->task);
+}
+
+static const ml_http_callbacks_t callbacks = {on_request, on_body, on_writable, on_close,
+                                              on_hangup};
 
 static void server_unlink(mlua_server_t *s) {
   moonlet_t *m = s->m;
@@ -599,7 +634,8 @@ static void read_limits(lua_State *L, int idx, ml_http_limits_t *lim) {
   limit_u64(L, idx, "shutdown_grace", &lim->shutdown_grace_ms, 1000);
 }
 
-/* syntax: server, port = core.listen({ host =, port =, limits... }, handler) */
+/* syntax: server, port = core.listen({ host =, port =, check_client_abort =, limits... }, handler)
+ */
 static int l_listen(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -612,9 +648,12 @@ static int l_listen(lua_State *L) {
   int backlog = (int)luaL_optinteger(L, -1, 511);
   ml_http_limits_t lim;
   read_limits(L, 1, &lim);
+  lua_getfield(L, 1, "check_client_abort");
+  int check_client_abort = lua_toboolean(L, -1);
   mlua_server_t *s = calloc(1, sizeof *s);
   if (!s) return luaL_error(L, "moonlet: out of memory");
   s->m = m;
+  s->check_client_abort = check_client_abort;
   s->srv = ml_server_new(m->loop, &lim, &m->log, &callbacks, s);
   if (!s->srv) {
     free(s);
@@ -722,19 +761,13 @@ void mlua_http_servers_close(moonlet_t *m) {
 }
 
 void mlua_open_http_server(lua_State *L, moonlet_t *m) {
-  static const luaL_Reg xm[] = {{"read", x_read},
-                                {"respond", x_respond},
-                                {"start", x_start},
-                                {"write", x_write},
-                                {"finish", x_finish},
-                                {"send_file", x_send_file},
-                                {"headers", x_headers},
-                                {"header", x_header},
-                                {"info", x_info},
-                                {"started", x_started},
-                                {"is_open", x_is_open},
-                                {"set_close", x_set_close},
-                                {NULL, NULL}};
+  static const luaL_Reg xm[] = {{"read", x_read},       {"respond", x_respond},
+                                {"start", x_start},     {"write", x_write},
+                                {"finish", x_finish},   {"send_file", x_send_file},
+                                {"headers", x_headers}, {"header", x_header},
+                                {"info", x_info},       {"started", x_started},
+                                {"is_open", x_is_open}, {"set_close", x_set_close},
+                                {"abort", x_abort},     {NULL, NULL}};
   static const luaL_Reg sm[] = {
       {"port", srv_port},         {"set_handler", srv_set_handler}, {"close", srv_close},
       {"shutdown", srv_shutdown}, {"connections", srv_connections}, {NULL, NULL}};

@@ -128,15 +128,17 @@ int mlua_task_cancel(mlua_task_t *t) {
   return 1;
 }
 
-static void run(mlua_task_t *t, int nargs) {
+/* Runs t until it waits or ends: 1 when it waits (t is still live), 0 when it ended (t may be
+ * freed already). */
+static int run(mlua_task_t *t, int nargs) {
   lua_State *co = t->co;
-  if (t->m->freeing) return; /* the instance is being freed: nothing runs any more */
+  if (t->m->freeing) return 0; /* the instance is being freed: nothing runs any more */
   t->cancel = NULL;
   t->wait = NULL;
   t->resuming = 1;
   int st = lua_resume(co, nargs);
   t->resuming = 0;
-  if (st == LUA_YIELD) return;
+  if (st == LUA_YIELD) return 1;
   int ok = st == 0;
   if (!ok) { /* message + traceback of the dead coroutine */
     moonlet_t *m = t->m;
@@ -150,9 +152,10 @@ static void run(mlua_task_t *t, int nargs) {
     ml_log(&t->m->log, ML_LOG_ERROR, "task failed: %s", lua_tostring(co, -1));
   }
   task_release(t, ok);
+  return 0;
 }
 
-void mlua_task_start(mlua_task_t *t, int nargs) { run(t, nargs); }
+int mlua_task_start(mlua_task_t *t, int nargs) { return run(t, nargs); }
 
 void mlua_task_resume(mlua_task_t *t, int nargs) { run(t, nargs); }
 

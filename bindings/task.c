@@ -126,15 +126,23 @@ static int l_unpark(lua_State *L) {
   return 1;
 }
 
-/* syntax: core.spawn(fn, ...) */
+/* syntax: co = core.spawn(fn, ...) -- runs fn(...) in a new task until it first waits; co is the
+ * task's coroutine while it is still running (for core.cancel), nil when it ended already. A
+ * coroutine that ended is reused by the next task: a caller that keeps co must forget it when the
+ * task ends (the end of fn is where to do it). */
 static int l_spawn(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   luaL_checktype(L, 1, LUA_TFUNCTION);
   int n = lua_gettop(L);
   mlua_task_t *t = mlua_task_new(m);
-  lua_xmove(L, t->co, n);
-  mlua_task_start(t, n - 1);
-  return 0;
+  lua_State *co = t->co;
+  lua_xmove(L, co, n);
+  lua_pushthread(co); /* kept on our stack: t may be freed by the time start returns */
+  lua_xmove(co, L, 1);
+  lua_insert(L, 1);
+  if (!mlua_task_start(t, n - 1)) return 0;
+  lua_settop(L, 1);
+  return 1;
 }
 
 /* syntax: ok = core.cancel(co) -- false when the task is running or not parked */

@@ -82,6 +82,11 @@ typedef struct ml_http_callbacks_s {
    * every pointer to it. Runs once, from the close callback, never while the request is active in
    * a callback of ours. */
   void (*on_close)(ml_conn_t *c, void *ud);
+  /* Optional (NULL: not told). The client shut its side (FIN) while a request's handler runs and
+   * no request is pipelined behind it: it went away, or it half-closed and still reads. Either
+   * way the connection closes after the response; the upper layer may give up on the request.
+   * Runs outside the parser, at most once per connection. */
+  void (*on_hangup)(ml_conn_t *c, void *ud);
 } ml_http_callbacks_t;
 
 /* -- Server --------------------------------------------------------------------------------- */

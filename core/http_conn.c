@@ -477,6 +477,7 @@ void ml__conn_on_eof(ml_conn_t *c) {
       deliver_body(c);
     } else {
       c->close_after = 1; /* answer, then close */
+      if (c->srv->cb.on_hangup) c->srv->cb.on_hangup(c, c->srv->ud);
     }
     return;
   }

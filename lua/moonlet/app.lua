@@ -7,6 +7,7 @@
 -- through it), and turns the result into the response: a Lua error becomes a 500 with the
 -- traceback in the log, never in the response.
 local core = require "moonlet.core"
+local task = require "moonlet.task"
 local router_mod = require "moonlet.router"
 local request = require "moonlet.request"
 local response = require "moonlet.response"
@@ -17,22 +18,48 @@ local setmetatable, xpcall, traceback = setmetatable, xpcall, debug.traceback
 local req_mt, res_mt = request.mt, response.mt
 local send, is_abort = response.send, response.is_abort
 local unescape = url.unescape
+local CANCELLED, CANCEL = task.CANCELLED, core.CANCEL
+local core_spawn, core_sleep, core_cancel, core_running =
+    core.spawn, core.sleep, core.cancel, core.running
 
 local _M = {}
 local methods = {}
 local mt = { __name = "moonlet.app", __index = methods }
 
--- syntax: app = moonlet.app()
+local function check_deadline(opts, level)
+    local d = opts and opts.deadline
+    if d ~= nil and (type(d) ~= "number" or d <= 0) then
+        error("moonlet: deadline must be a number of seconds > 0", level + 1)
+    end
+    return d
+end
+
+-- syntax: app = moonlet.app({ deadline = seconds }) -- deadline: every request's (see dispatcher)
 function _M.new(opts)
-    return setmetatable({ router = router_mod.new(), middleware = {}, opts = opts or {} }, mt)
+    opts = opts or {}
+    check_deadline(opts, 3) -- blames the caller of moonlet.app
+    return setmetatable({ router = router_mod.new(), middleware = {}, opts = opts }, mt)
 end
 
 function _M.is_app(v)
     return getmetatable(v) == mt
 end
 
--- syntax: app:route(method_or_methods, pattern, handler)
-function methods:route(method, pattern, handler)
+-- A route's options: { deadline = seconds } replaces the app's deadline for the requests it
+-- serves. The handler is registered through a wrapper of its own, so that the same function can
+-- have other deadlines on other routes; the dispatcher finds the deadline by the wrapper.
+local function with_opts(app, handler, opts)
+    local d = check_deadline(opts, 3)
+    if not d then return handler end
+    local h = function(req, res) return handler(req, res) end
+    app.deadlines = app.deadlines or {}
+    app.deadlines[h] = d
+    return h
+end
+
+-- syntax: app:route(method_or_methods, pattern, handler, opts)
+function methods:route(method, pattern, handler, opts)
+    handler = with_opts(self, handler, opts)
     if type(method) == "table" then
         for _, m in ipairs(method) do self.router:add(m:upper(), pattern, handler) end
     else
@@ -43,23 +70,26 @@ end
 
 for _, m in ipairs({ "get", "post", "put", "patch", "delete", "head", "options" }) do
     local upper = m:upper()
-    -- syntax: app:get(pattern, handler), app:post(...), ...
-    methods[m] = function(self, pattern, handler)
-        self.router:add(upper, pattern, handler)
+    -- syntax: app:get(pattern, handler, opts), app:post(...), ... -- opts: { deadline = seconds }
+    methods[m] = function(self, pattern, handler, opts)
+        self.router:add(upper, pattern, with_opts(self, handler, opts))
         return self
     end
 end
 
--- syntax: app:any(pattern, handler) -- every method
-function methods:any(pattern, handler)
-    self.router:add("*", pattern, handler)
+-- syntax: app:any(pattern, handler, opts) -- every method
+function methods:any(pattern, handler, opts)
+    self.router:add("*", pattern, with_opts(self, handler, opts))
     return self
 end
 
 -- syntax: app:websocket(pattern, function(ws, req) ... end, opts) -- a WebSocket endpoint (GET with
 -- the upgrade handshake; other GETs get 426); see docs/websocket.md for opts and the ws object
 function methods:websocket(pattern, handler, opts)
-    self.router:add("GET", pattern, require("moonlet.ws").route(handler, opts))
+    local h = require("moonlet.ws").route(handler, opts)
+    self.deadlines = self.deadlines or {}
+    self.deadlines[h] = false -- a session outlives any request deadline
+    self.router:add("GET", pattern, h)
     return self
 end
 
@@ -116,12 +146,44 @@ local function run_chain(mw, i, req, res, handler)
 end
 
 local function on_error(err)
-    if is_abort(err) then return err end
+    if is_abort(err) or err == CANCELLED then return err end
     return traceback(tostring(err), 2)
 end
 
-local function fail(app, req, res, err)
+-- The deadline's watchdog: a task that sleeps until the deadline and then cancels the request's
+-- task `co` (which raises moonlet.CANCELLED where it waits: a socket, the HTTP client, DNS, the
+-- thread pool, a file, a gather whose children are cancelled with it). When the request ends
+-- first, the dispatcher cancels the watchdog instead. w.fired tells the two apart. The watchdog
+-- only runs while the request's task is parked, so core.cancel(co) always finds it waiting.
+local function watch(w, co, secs)
+    if core_sleep(secs) == CANCEL then return end
+    w.fired = true
+    w.co = nil
+    core_cancel(co)
+end
+
+local function start_watchdog(secs)
+    local w = { fired = false }
+    w.co = core_spawn(watch, w, core_running(), secs)
+    return w
+end
+
+local function stop_watchdog(w)
+    local co = w.co
+    w.co = nil
+    if co then core_cancel(co) end
+end
+
+local function fail(app, req, res, err, w)
     local x = res._x
+    if err == CANCELLED then -- the deadline passed, or the client went away (bindings/http_server.c)
+        if not (w and w.fired) then return x:abort() end
+        core.log(1, req.method .. " " .. req.target .. ": the deadline of " .. w.secs ..
+                    " s passed; the request was cancelled")
+        if res._streaming or x:started() then return x:set_close() end
+        x:set_close()
+        return x:respond(504, "504 Gateway Timeout\n", "text/plain; charset=utf-8")
+    end
     if is_abort(err) then
         if res._streaming then return end
         return send(res, err.status, err.body, err.headers)
@@ -137,9 +199,13 @@ local function fail(app, req, res, err)
 end
 
 -- The function the C server runs for each request: dispatch(exchange, method, target).
+-- A deadline (the route's, else the app's) bounds the whole request, middleware included: when it
+-- passes, every wait the request's task (and the children of its gathers) is in is cancelled, and
+-- the client gets 504 unless the response had started (then the connection is closed).
 function methods:dispatcher()
     local router, mw = self.router, self.middleware
     local app = self
+    local app_deadline = self.opts.deadline
     return function(x, method, target)
         local path, query = target, nil
         local q = str_find(target, "?", 1, true)
@@ -166,6 +232,17 @@ function methods:dispatcher()
                 handler = not_found
             end
         end
+        local secs = app_deadline
+        local deadlines = app.deadlines
+        if deadlines then
+            local d = deadlines[handler]
+            if d ~= nil then secs = d end
+        end
+        local w
+        if secs then
+            w = start_watchdog(secs)
+            w.secs = secs
+        end
         local ok, a, b, c
         if mw[1] then
             ok, a, b, c = xpcall(run_chain, on_error, mw, 1, req, res, handler)
@@ -174,15 +251,17 @@ function methods:dispatcher()
         end
         if ok then
             ok, a = xpcall(send, on_error, res, a, b, c)
-            if ok then return end
         end
-        return fail(app, req, res, a)
+        if w then stop_watchdog(w) end
+        if ok then return end
+        return fail(app, req, res, a, w)
     end
 end
 
 -- syntax: server, port = app:listen({ host = "127.0.0.1", port = 8080, max_body = ..., ... })
 function methods:listen(opts)
     opts = opts or {}
+    if opts.check_client_abort == nil then opts.check_client_abort = self.opts.check_client_abort end
     local server, port = core.listen(opts, self:dispatcher())
     if not server then return nil, port end
     self.servers = self.servers or {}

@@ -28,7 +28,8 @@ local function check(first, ...)
 end
 _M.check = check
 
-local core_sleep, core_park = core.sleep, core.park
+local core_sleep, core_park, core_spawn, core_now = core.sleep, core.park, core.spawn, core.now
+local max = math.max
 
 -- syntax: moonlet.sleep(seconds)
 function _M.sleep(secs)
@@ -71,21 +72,31 @@ function _M.spawn(fn, ...)
     return spawn(false, fn, ...)
 end
 
+-- Forgets co in list (a joiner that left: timed out or cancelled).
+local function remove_co(list, co)
+    for i = #list, 1, -1 do
+        if list[i] == co then table.remove(list, i) end
+    end
+end
+
 -- syntax: ok, ... = t:join(timeout) -- waits for the end; true and the results, false and the
--- error ("cancelled" when it was), or nil, "timeout" (the task goes on)
+-- error ("cancelled" when it was), or nil, "timeout" (the task goes on). A wake-up that is not the
+-- task's end (an unpark meant for another wait) parks again for the time left.
 function methods:join(timeout)
     if not self.done then
         local co = core.running()
         if not co then error("moonlet: join outside a moonlet task", 2) end
         local joiners = self.joiners
         joiners[#joiners + 1] = co
-        local ok, err = check(core_park(timeout))
-        if not ok then
-            for i = #joiners, 1, -1 do
-                if joiners[i] == co then table.remove(joiners, i) end
+        local limit = timeout and core_now() + timeout
+        repeat
+            local ok, err = core_park(limit and max(0, limit - core_now()))
+            if ok ~= true then -- cancelled, or timed out
+                remove_co(joiners, co)
+                if ok == CANCEL then error(CANCELLED, 0) end
+                return nil, err
             end
-            return nil, err
-        end
+        until self.done
     end
     local r = self.result
     return unpack(r, 1, r.n)
@@ -103,65 +114,148 @@ function methods:is_done()
     return self.done
 end
 
+-- Structured concurrency: the functions gather, any and timeout run are children of the caller.
+-- The caller parks until they end; when it is cancelled there (its own timeout, any, a request
+-- deadline, the client gone), it cancels the children still running before it raises, so no
+-- child outlives the call that started it. Children hold their coroutine only while they run:
+-- an ended task's coroutine is reused, so each child forgets itself as it ends.
+
+-- The error handler of the functions gather runs: a traceback, except for cancellation.
+local function gather_traceback(err)
+    if err == CANCELLED then return err end
+    return traceback(tostring(err), 2)
+end
+
+-- Runs function k of a gather in its own task and records how it ended in g; the last one to end
+-- wakes the gatherer when it is parked.
+local function gather_one(g, k, fn)
+    local ok, a, b = xpcall(fn, gather_traceback)
+    if ok then
+        g.results[k] = a
+        if a == nil then g.errors[k] = b end
+    else
+        g.errors[k] = a == CANCELLED and "cancelled" or a
+    end
+    g.cos[k] = nil
+    local left = g.left - 1
+    g.left = left
+    if left == 0 and g.co then core.unpark(g.co, true) end
+end
+
+-- Cancels the tasks whose coroutines are the values of cos (each removes itself as it ends).
+local function cancel_all(cos)
+    for _, co in pairs(cos) do core.cancel(co) end
+end
+
 -- syntax: results, errors = moonlet.gather({ f1, f2, ... } or { name = f, ... })
 -- Runs every function in its own task at once and waits for all. results[k] is the first value
 -- function k returned; errors[k] is what went wrong: the error it raised, or the second value when
--- it returned nil, err. The total time is the slowest function's, not the sum.
+-- it returned nil, err. The total time is the slowest function's, not the sum. The functions'
+-- errors are not logged (they are in errors). Cancelling the caller cancels them.
 function _M.gather(fns)
-    local tasks = {}
-    for k, fn in pairs(fns) do tasks[k] = spawn(true, fn) end
-    local results, errors = {}, {}
-    for k, t in pairs(tasks) do
-        local ok, a, b = t:join()
-        if ok then
-            results[k] = a
-            if a == nil then errors[k] = b end
-        else
-            errors[k] = a
+    for k, fn in pairs(fns) do
+        if type(fn) ~= "function" then
+            error("moonlet.gather: the value at " .. tostring(k) .. " is not a function", 2)
         end
     end
-    return results, errors
+    local g = { results = {}, errors = {}, cos = {}, left = 1, co = false }
+    for k, fn in pairs(fns) do
+        g.left = g.left + 1
+        local co = core_spawn(gather_one, g, k, fn)
+        if co then g.cos[k] = co end
+    end
+    g.left = g.left - 1 -- the spawning is over: from here the last function to end wakes us
+    if g.left > 0 then
+        local co = core.running()
+        if not co then
+            cancel_all(g.cos)
+            error("moonlet.gather: outside a moonlet task, and the functions wait", 2)
+        end
+        g.co = co
+        repeat
+            if core_park() == CANCEL then
+                g.co = false -- a function that ends now must not wake this task
+                cancel_all(g.cos)
+                error(CANCELLED, 0)
+            end
+        until g.left == 0
+        g.co = false
+    end
+    return g.results, g.errors
 end
 
 -- syntax: ... = moonlet.timeout(seconds, fn, ...) -- fn's results, or nil, "timeout" when it takes
--- longer; then the task running fn is cancelled (whatever it waited on is released)
+-- longer; then the task running fn is cancelled (whatever it waited on is released). Cancelling
+-- the caller cancels fn's task too.
 function _M.timeout(secs, fn, ...)
     local t = spawn(true, fn, ...)
-    local r = pack(t:join(secs))
-    if r[1] == nil then
+    local r = pack(pcall(t.join, t, secs))
+    if not r[1] then -- the caller was cancelled while it waited
+        t:cancel()
+        error(r[2], 0)
+    end
+    if r[2] == nil then
         t:cancel()
         return nil, "timeout"
     end
-    if r[1] == false then error(r[2], 0) end
-    return unpack(r, 2, r.n)
+    if r[2] == false then error(r[3], 0) end
+    return unpack(r, 3, r.n)
 end
 
--- syntax: ... = moonlet.any({ f1, f2, ... }) -- runs them at once; the first to finish wins: its
--- results are returned (with its key last) and the others are cancelled
+-- syntax: ... = moonlet.any({ f1, f2, ... }) -- runs them at once; the first to return wins: its
+-- results are returned (with its key last) and the others are cancelled. A function that raises
+-- does not win (its error is logged); when every one has raised, any raises the last error.
+-- Cancelling the caller cancels them all.
 function _M.any(fns)
     local co = core.running()
     if not co then error("moonlet: any outside a moonlet task", 2) end
-    local tasks, winner = {}, nil
-    for k, fn in pairs(fns) do
-        tasks[k] = spawn(false, function()
-            local r = pack(fn())
-            if not winner then
-                winner = { key = k, r = r }
-                core.unpark(co, true)
+    local cos, winner, left, last_err, parked = {}, nil, 0, nil, false
+    local function one(k, fn)
+        local r = pack(xpcall(fn, gather_traceback))
+        cos[k] = nil
+        left = left - 1
+        if not r[1] then
+            if r[2] ~= CANCELLED then
+                last_err = r[2]
+                core.log(0, "moonlet.any: function " .. tostring(k) .. " failed: " .. tostring(r[2]))
             end
-        end)
+            if left == 0 and not winner and parked then core.unpark(co, true) end
+            return
+        end
+        if not winner then
+            winner = { key = k, r = r }
+            if parked then core.unpark(co, true) end
+        end
+    end
+    for k, fn in pairs(fns) do
+        if type(fn) ~= "function" then
+            cancel_all(cos)
+            error("moonlet.any: the value at " .. tostring(k) .. " is not a function", 2)
+        end
+        left = left + 1
+        local child = core_spawn(one, k, fn)
+        if child then cos[k] = child end
         if winner then break end
     end
-    if not winner then
-        local ok, err = check(core_park())
-        if not ok then return nil, err end
+    if not winner and left > 0 then
+        parked = true
+        repeat
+            if core_park() == CANCEL then
+                parked = false
+                cancel_all(cos)
+                error(CANCELLED, 0)
+            end
+        until winner or left == 0
+        parked = false
     end
-    for _, t in pairs(tasks) do
-        if not t.done then t:cancel() end
+    cancel_all(cos)
+    if not winner then
+        if last_err == nil then error("moonlet.any: no function to run", 2) end
+        error(last_err, 0)
     end
     local r = winner.r
     r[r.n + 1] = winner.key
-    return unpack(r, 1, r.n + 1)
+    return unpack(r, 2, r.n + 1)
 end
 
 return _M

@@ -78,7 +78,7 @@ typedef struct srv_ctx_s {
   char last_log[512]; /* the last line the server logged */
   int n_log;
   /* callback counts */
-  int n_request, n_body, n_writable, n_close, n_done;
+  int n_request, n_body, n_writable, n_close, n_done, n_hangup;
   int n_body_error;      /* the handler saw ML_BODY_ERROR */
   int n_api_error;       /* an ml_conn_* call failed where it should not */
   int n_conn_data;       /* connections given a conn_st_t (each must see exactly one on_close) */
@@ -258,6 +258,12 @@ static void on_close(ml_conn_t *c, void *ud) {
   ml_conn_set_data(c, NULL);
 }
 
+static void on_hangup(ml_conn_t *c, void *ud) {
+  srv_ctx_t *x = ud;
+  (void)c;
+  x->n_hangup++;
+}
+
 static void server_done(ml_server_t *s, void *ud) {
   srv_ctx_t *x = ud;
   (void)s;
@@ -275,7 +281,7 @@ static void server_start(srv_ctx_t *x, const ml_http_limits_t *lim) {
   x->log.level = ML_LOG_DEBUG;
   x->log.sink = log_sink;
   x->log.sink_ud = x;
-  ml_http_callbacks_t cb = {on_request, on_body, on_writable, on_close};
+  ml_http_callbacks_t cb = {on_request, on_body, on_writable, on_close, on_hangup};
   x->s = ml_server_new(&loop, lim, &x->log, &cb, x);
   uv_timer_init(&loop, &x->slow_timer);
   x->slow_timer.data = x;
@@ -652,6 +658,7 @@ static void test_pipelining(void) {
 
   ctest_section("pipelining then a half-close: every request is answered, the last one closes");
   before = x->n_request;
+  int hangups = x->n_hangup;
   CHECK_INT(client_open(&cl, x->port), 1);
   client_sends(&cl, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
                     "GET /p2 HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -663,6 +670,19 @@ static void test_pipelining(void) {
   check_ok(&cl, 1, "/p2");
   check_ok(&cl, 2, "slow done");
   CHECK_INT(x->n_request - before, 3);
+  CHECK_INT(x->n_hangup - hangups, 1); /* told once, during the last request: none behind it */
+  client_close(&cl);
+  wait_server_idle(x);
+
+  ctest_section("a FIN during a request's handler: on_hangup once, and the answer still goes out");
+  hangups = x->n_hangup;
+  CHECK_INT(client_open(&cl, x->port), 1);
+  client_sends(&cl, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n");
+  uv_shutdown_t sreq2;
+  CHECK_INT(uv_shutdown(&sreq2, (uv_stream_t *)&cl.tcp, NULL), 0);
+  CHECK(client_wait(&cl, 1));
+  check_ok(&cl, 0, "slow done");
+  CHECK_INT(x->n_hangup - hangups, 1);
   client_close(&cl);
   wait_server_idle(x);
 }
