@@ -76,7 +76,12 @@ mlua_task_t *mlua_task_at(lua_State *L, int idx) {
   return t;
 }
 
+/* The running task is the usual answer (every wait asks): m->running, when its coroutine is L. A
+ * coroutine of the user's own inside a task is not one: the registry lookup says so. */
 mlua_task_t *mlua_task_current(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  mlua_task_t *r = m ? m->running : NULL;
+  if (r && r->co == L) return r;
   push_tasks(L);
   lua_pushthread(L);
   lua_rawget(L, -2);
@@ -136,12 +141,15 @@ static int run(mlua_task_t *t, int nargs) {
   t->cancel = NULL;
   t->wait = NULL;
   t->resuming = 1;
+  moonlet_t *m = t->m;
+  mlua_task_t *outer = m->running; /* a task may start or wake another: runs nest */
+  m->running = t;
   int st = lua_resume(co, nargs);
+  m->running = outer;
   t->resuming = 0;
   if (st == LUA_YIELD) return 1;
   int ok = st == 0;
   if (!ok) { /* message + traceback of the dead coroutine */
-    moonlet_t *m = t->m;
     const char *msg = lua_tostring(co, -1);
     luaL_traceback(m->L, co, msg ? msg : "(error object is not a string)", 0);
     lua_xmove(m->L, co, 1);
