@@ -402,6 +402,7 @@ static int x_send_file(lua_State *L) {
   if (x->wait) return luaL_error(L, "moonlet: request busy (another read or write is waiting)");
   mlua_task_t *t = mlua_task_current(L);
   mlua_check_yieldable(L, t);
+  if (t != x->task) return luaL_error(L, "moonlet: a file is sent by the request's own task");
   uv_fs_t req;
   int fd = uv_fs_open(NULL, &req, path, O_RDONLY, 0, NULL);
   uv_fs_req_cleanup(&req);

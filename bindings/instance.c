@@ -493,6 +493,9 @@ static int closing_count(uv_loop_t *loop) {
 void moonlet_free(moonlet_t *m) {
   if (!m) return;
   if (m->embed_on) mlua_embed_close(m); /* queued posts run first, with everything still up */
+  /* From here no task is cancelled (mlua_task_cancel): the resources closed below free what a
+   * parked task's cancel callback would touch, and a connection's on_close comes after them. */
+  m->tearing_down = 1;
   mlua_http_servers_close(m);
   if (m->signals_on) {
     uv_close((uv_handle_t *)&m->sig_int, NULL);

@@ -61,8 +61,9 @@ struct moonlet_s {
   mlua_res_t *resources;  /* open resources (mlua_res_t) */
   uv_signal_t sig_int, sig_term, sig_hup;
   int signals_on;
-  int freeing;  /* moonlet_free is closing the Lua state: no task is resumed */
-  int stopping; /* moonlet_stop was called */
+  int freeing;      /* moonlet_free is closing the Lua state: no task is resumed */
+  int tearing_down; /* moonlet_free has begun: no task is cancelled (waits are being freed) */
+  int stopping;     /* moonlet_stop was called */
   int exit_code;
   int dispatch_ref;  /* registry ref of the framework's request dispatcher */
   int traceback_ref; /* registry ref of debug.traceback */

@@ -122,7 +122,7 @@ int mlua_task_wait(lua_State *L, mlua_task_t *t, mlua_cancel_cb cancel, void *wa
 }
 
 int mlua_task_cancel(mlua_task_t *t) {
-  if (t->resuming || !t->cancel) return 0;
+  if (t->resuming || !t->cancel || t->m->tearing_down) return 0;
   mlua_cancel_cb cancel = t->cancel;
   void *wait = t->wait;
   t->cancel = NULL;
