@@ -527,11 +527,11 @@ static void on_close(ml_conn_t *c, void *ud) {
   x->wait = WAIT_NONE;
   if (wait && wait != WAIT_FILE) { /* a file wait ends through file_done, which ran already */
     mlua_task_resume(x->task, mlua_push_error(x->task->co, UV_EPIPE));
-  } else if (!wait && !x->m->freeing) {
+  } else if (!wait) {
     /* The client is gone while the handler waits on something else (an upstream, a query, a
      * sleep): nobody will read its answer, so the task is cancelled there (moonlet.CANCELLED,
-     * and the children of its gathers with it). No-op when the task runs now or waits on nothing
-     * cancellable; a file wait is cancelled through its own callback. */
+     * and the children of its gathers with it). No-op when the task runs now, waits on nothing
+     * cancellable, or moonlet_free has begun (mlua_task_cancel checks all three). */
     mlua_task_cancel(x->task);
   }
 }
@@ -577,7 +577,7 @@ static int x_tostring(lua_State *L) {
 static void on_hangup(ml_conn_t *c, void *ud) {
   mlua_server_t *s = ud;
   exchange_t *x = ml_conn_data(c);
-  if (!x || !s->check_client_abort || x->wait || x->m->freeing) return;
+  if (!x || !s->check_client_abort || x->wait) return;
   mlua_task_cancel(x->task);
 }
 

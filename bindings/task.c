@@ -137,12 +137,9 @@ static int l_spawn(lua_State *L) {
   mlua_task_t *t = mlua_task_new(m);
   lua_State *co = t->co;
   lua_xmove(L, co, n);
-  lua_pushthread(co); /* kept on our stack: t may be freed by the time start returns */
+  lua_pushthread(co); /* kept on our (now empty) stack: t may be freed when start returns */
   lua_xmove(co, L, 1);
-  lua_insert(L, 1);
-  if (!mlua_task_start(t, n - 1)) return 0;
-  lua_settop(L, 1);
-  return 1;
+  return mlua_task_start(t, n - 1); /* 1: co, still running; 0: nothing */
 }
 
 /* syntax: ok = core.cancel(co) -- false when the task is running or not parked */

@@ -163,7 +163,7 @@ local function watch(w, co, secs)
 end
 
 local function start_watchdog(secs)
-    local w = { fired = false }
+    local w = { fired = false, secs = secs }
     w.co = core_spawn(watch, w, core_running(), secs)
     return w
 end
@@ -239,10 +239,7 @@ function methods:dispatcher()
             if d ~= nil then secs = d end
         end
         local w
-        if secs then
-            w = start_watchdog(secs)
-            w.secs = secs
-        end
+        if secs then w = start_watchdog(secs) end
         local ok, a, b, c
         if mw[1] then
             ok, a, b, c = xpcall(run_chain, on_error, mw, 1, req, res, handler)
