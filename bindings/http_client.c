@@ -104,11 +104,17 @@ static int status_line(lua_State *L, const char *s, size_t n) {
   }
   if (status < 100) return 0;
   if (n > 12 && s[12] != ' ') return 0;
-  if (n > 13)
+  /* the usual reason and versions are interned once, as upvalues 2, 3 and 4 of l_parse_head */
+  if (n == 15 && s[13] == 'O' && s[14] == 'K')
+    lua_pushvalue(L, lua_upvalueindex(2));
+  else if (n > 13)
     lua_pushlstring(L, s + 13, n - 13);
   else
     lua_pushliteral(L, "");
-  lua_pushlstring(L, s + 5, 3); /* "1.1" */
+  if (s[5] == '1' && (s[7] == '1' || s[7] == '0'))
+    lua_pushvalue(L, lua_upvalueindex(s[7] == '1' ? 3 : 4));
+  else
+    lua_pushlstring(L, s + 5, 3); /* "1.1" */
   return status;
 }
 
@@ -121,9 +127,13 @@ typedef struct {
 
 enum { FF_CONNECTION = 0, FF_TE, FF_CL };
 static const char *const ff_names[3] = {"connection", "transfer-encoding", "content-length"};
+static const char *const ff_titles[3] = {"Connection", "Transfer-Encoding", "Content-Length"};
 
-static int name_is(const char *s, size_t n, const char *lname, size_t ln) {
+/* s[0, n) equals the lower-case name lname[0, ln) but for the case of its letters. `title` (may be
+ * NULL) is the name as servers usually spell it ("Content-Length"), tried first at memcmp speed. */
+static int name_is(const char *s, size_t n, const char *lname, size_t ln, const char *title) {
   if (n != ln) return 0;
+  if (title && memcmp(s, title, n) == 0) return 1;
   for (size_t i = 0; i < n; i++)
     if (ascii_lower((unsigned char)s[i]) != lname[i]) return 0;
   return 1;
@@ -158,7 +168,7 @@ static int header_line(lua_State *L, int hidx, int last, const char *s, size_t n
   const char *v = colon + 1, *e = s + n;
   if (ff) { /* one of the framing fields? (told apart by length first) */
     int k = nlen == 10 ? FF_CONNECTION : nlen == 17 ? FF_TE : nlen == 14 ? FF_CL : -1;
-    if (k >= 0 && name_is(s, nlen, ff_names[k], nlen)) {
+    if (k >= 0 && name_is(s, nlen, ff_names[k], nlen, ff_titles[k])) {
       while (v < e && is_ws(*v))
         v++;
       while (e > v && is_ws(e[-1]))
@@ -261,7 +271,7 @@ static int has_token(const char *s, size_t n, const char *word, int last) {
       b++;
     while (e > b && is_ws(e[-1]))
       e--;
-    found = name_is(b, (size_t)(e - b), word, w);
+    found = name_is(b, (size_t)(e - b), word, w, NULL);
     if (found && !last) return 1;
     if (!comma) break;
     p = comma + 1;
@@ -276,7 +286,7 @@ static int framing(lua_State *L, const frame_fields_t *ff, int status, int http1
   size_t clen = ff->n[FF_CONNECTION], tlen = ff->n[FF_TE];
   int keep = 1, mode = F_NONE;
   double n = 0;
-  int ka = c && name_is(c, clen, "keep-alive", 10); /* the usual value: no search */
+  int ka = c && name_is(c, clen, "keep-alive", 10, "keep-alive"); /* the usual value: no search */
   if (c && !ka && has_token(c, clen, "close", 0)) keep = 0;
   if (!http11) keep = keep && c && (ka || has_token(c, clen, "keep-alive", 0));
   if (head || status == 204 || status == 304 || status < 200) {
@@ -478,9 +488,13 @@ malformed:
 }
 
 void mlua_open_http_client(lua_State *L, moonlet_t *m) {
-  static const luaL_Reg fns[] = {{"http_parse_head", l_parse_head},
-                                 {"http_headers", l_headers},
-                                 {"http_dechunk", l_dechunk},
-                                 {NULL, NULL}};
+  static const luaL_Reg fns[] = {
+      {"http_headers", l_headers}, {"http_dechunk", l_dechunk}, {NULL, NULL}};
   mlua_register(L, m, fns);
+  lua_pushlightuserdata(L, m);
+  lua_pushliteral(L, "OK");
+  lua_pushliteral(L, "1.1");
+  lua_pushliteral(L, "1.0");
+  lua_pushcclosure(L, l_parse_head, 4);
+  lua_setfield(L, -2, "http_parse_head");
 }

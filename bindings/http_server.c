@@ -54,7 +54,7 @@ typedef struct {
   int file_ref;      /* pins this userdata while a file transfer is in flight */
 } exchange_t;
 
-static exchange_t *check_x(lua_State *L) { return luaL_checkudata(L, 1, EXCHANGE_MT); }
+static exchange_t *check_x(lua_State *L) { return mlua_check_object(L, 1, EXCHANGE_MT); }
 
 /* -- Access log ------------------------------------------------------------------------------- */
 
@@ -119,7 +119,7 @@ static void on_request(ml_conn_t *c, void *ud) {
   const ml_request_t *r = ml_conn_request(c);
   lua_rawgeti(co, LUA_REGISTRYINDEX, s->handler_ref);
   exchange_t *x = lua_newuserdata(co, sizeof *x);
-  luaL_getmetatable(co, EXCHANGE_MT);
+  lua_rawgeti(co, LUA_REGISTRYINDEX, m->exchange_mt_ref); /* luaL_getmetatable without the name */
   lua_setmetatable(co, -2);
   x->c = c;
   x->task = t;
@@ -777,11 +777,11 @@ void mlua_open_http_server(lua_State *L, moonlet_t *m) {
   lua_pushliteral(L, EXCHANGE_MT);
   lua_setfield(L, -2, "__name");
   lua_newtable(L);
-  mlua_register(L, m, xm);
+  mlua_register_methods(L, m, xm, -2);
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, x_tostring);
   lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  m->exchange_mt_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   luaL_newmetatable(L, SERVER_MT);
   lua_pushliteral(L, SERVER_MT);
   lua_setfield(L, -2, "__name");

@@ -33,6 +33,29 @@ void mlua_register(lua_State *L, moonlet_t *m, const luaL_Reg *fns) {
   }
 }
 
+void mlua_register_methods(lua_State *L, moonlet_t *m, const luaL_Reg *fns, int mt) {
+  if (mt < 0) mt = lua_gettop(L) + mt + 1;
+  for (; fns->name; fns++) {
+    lua_pushlightuserdata(L, m);
+    lua_pushvalue(L, mt);
+    lua_pushcclosure(L, fns->func, 2);
+    lua_setfield(L, -2, fns->name);
+  }
+}
+
+/* Comparing the metatable with the method's upvalue costs a few loads; luaL_checkudata interns the
+ * type name and looks it up in the registry on every call. An upvalue index past the function's
+ * upvalues reads as nil in LuaJIT, so a function registered otherwise takes the slow check. */
+void *mlua_check_object(lua_State *L, int idx, const char *tname) {
+  void *p = lua_touserdata(L, idx);
+  if (p && lua_getmetatable(L, idx)) {
+    int same = lua_rawequal(L, -1, lua_upvalueindex(2));
+    lua_pop(L, 1);
+    if (same) return p;
+  }
+  return luaL_checkudata(L, idx, tname);
+}
+
 /* Pushes the address and port of sa (IPv4 or IPv6): returns 2. */
 int mlua_push_sockaddr(lua_State *L, const struct sockaddr *sa) {
   char host[64];

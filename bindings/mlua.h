@@ -65,8 +65,9 @@ struct moonlet_s {
   int tearing_down; /* moonlet_free has begun: no task is cancelled (waits are being freed) */
   int stopping;     /* moonlet_stop was called */
   int exit_code;
-  int dispatch_ref;  /* registry ref of the framework's request dispatcher */
-  int traceback_ref; /* registry ref of debug.traceback */
+  int dispatch_ref;    /* registry ref of the framework's request dispatcher */
+  int traceback_ref;   /* registry ref of debug.traceback */
+  int exchange_mt_ref; /* registry ref of the request exchanges' metatable (http_server.c) */
   /* embedding (bindings/embed.c): the only fields other threads touch are post_head/post_tail,
    * under post_lock */
   uv_async_t post_async; /* moonlet_post wakes the loop thread with it */
@@ -108,7 +109,11 @@ void mlua_embed_close(moonlet_t *m);
 /* instance.c */
 moonlet_t *mlua_instance(lua_State *L);                              /* the instance of upvalue 1 */
 void mlua_register(lua_State *L, moonlet_t *m, const luaL_Reg *fns); /* fns with m as upvalue */
-int mlua_push_sockaddr(lua_State *L, const struct sockaddr *sa);     /* address, port: returns 2 */
+/* Methods of a userdata type: fns with upvalues m and the type's metatable (at stack index mt), so
+ * that mlua_check_object checks their self by identity, not by the registry name. */
+void mlua_register_methods(lua_State *L, moonlet_t *m, const luaL_Reg *fns, int mt);
+void *mlua_check_object(lua_State *L, int idx, const char *tname); /* luaL_checkudata, faster */
+int mlua_push_sockaddr(lua_State *L, const struct sockaddr *sa);   /* address, port: returns 2 */
 int mlua_push_error(lua_State *L, int uv_err); /* nil, short message, code name: returns 3 */
 const char *mlua_err_string(int uv_err);       /* "timeout", "closed", "connection refused", ... */
 

@@ -5,39 +5,22 @@
  * the scheduler. core.park(timeout) parks the running task until core.unpark(co, ...) wakes it with
  * those values, or until the timeout (then it returns nil, "timeout"). unpark resumes only a task
  * that is parked through park (rule 1 of sched.c) and returns false for any other, so a stale
- * wake-up is harmless. A park with a timeout owns a timer (park_t, a resource of the instance),
- * closed on every path: unpark, timeout, cancel, instance freed.
+ * wake-up is harmless. A park is known by its wait: t->cancel is park_cancel, and t->wait is NULL
+ * (no timeout: core.park(nil)) or a park_t that tells whether unpark may end it (a sleep's may
+ * not). A park with a timeout owns a timer (park_t, a resource of the instance), closed on every
+ * path: unpark, timeout, cancel, instance freed.
  */
 #include <stdlib.h>
 
 #include "mlua.h"
-
-static char
-    parked_key; /* registry[&parked_key] = { [coroutine] = lightuserdata(park_t) or true } */
 
 typedef struct {
   mlua_res_t res;
   uv_timer_t timer;
   mlua_task_t *task; /* NULL once woken or cancelled */
   moonlet_t *m;
+  int wakeable; /* core.park's (unpark may end it), not moonlet.sleep's */
 } park_t;
-
-static void push_parked(lua_State *L) {
-  lua_pushlightuserdata(L, &parked_key);
-  lua_rawget(L, LUA_REGISTRYINDEX);
-}
-
-static void set_parked(lua_State *L, lua_State *co, void *value) {
-  push_parked(L);
-  lua_pushthread(co);
-  lua_xmove(co, L, 1);
-  if (value)
-    lua_pushlightuserdata(L, value);
-  else
-    lua_pushnil(L);
-  lua_rawset(L, -3);
-  lua_pop(L, 1);
-}
 
 static void park_closed(uv_handle_t *h) { free(h->data); }
 
@@ -57,13 +40,12 @@ static void park_res_close(mlua_res_t *r) {
 static void park_timeout(uv_timer_t *h) {
   park_t *p = h->data;
   mlua_task_t *t = p->task;
-  set_parked(p->m->L, t->co, NULL);
   park_end(p);
   mlua_task_resume(t, mlua_push_error(t->co, UV_ETIMEDOUT));
 }
 
 static void park_cancel(mlua_task_t *t, void *wait) {
-  set_parked(t->m->L, t->co, NULL);
+  (void)t;
   if (wait) park_end(wait);
 }
 
@@ -77,13 +59,13 @@ static int park(lua_State *L, mlua_task_t *t, double secs, int wakeable) {
     if (!p) return luaL_error(L, "moonlet: out of memory");
     p->task = t;
     p->m = m;
+    p->wakeable = wakeable;
     uv_timer_init(m->loop, &p->timer);
     p->timer.data = p;
     uv_update_time(m->loop); /* the loop's clock is from the start of this iteration */
     uv_timer_start(&p->timer, park_timeout, (uint64_t)(secs * 1000.0 + 0.5), 0);
     mlua_res_link(m, &p->res, park_res_close);
   }
-  if (wakeable) set_parked(L, L, p ? (void *)p : (void *)&parked_key);
   return mlua_task_wait(L, t, park_cancel, p);
 }
 
@@ -106,19 +88,15 @@ static int l_park(lua_State *L) {
 /* syntax: ok = core.unpark(co, ...) */
 static int l_unpark(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTHREAD);
-  push_parked(L);
-  lua_pushvalue(L, 1);
-  lua_rawget(L, -2);
-  void *p = lua_touserdata(L, -1);
-  lua_pop(L, 2);
-  if (!p) {
+  mlua_task_t *t = mlua_task_at(L, 1);
+  park_t *p = t && t->cancel == park_cancel ? t->wait : NULL;
+  if (!t || t->cancel != park_cancel || (p && !p->wakeable)) { /* not in core.park (any more) */
     lua_pushboolean(L, 0);
     return 1;
   }
-  mlua_task_t *t = mlua_task_at(L, 1);
-  if (!t) return luaL_error(L, "moonlet: unpark of a coroutine that is no task");
-  set_parked(L, lua_tothread(L, 1), NULL);
-  if (p != (void *)&parked_key) park_end(p);
+  t->cancel = NULL;
+  t->wait = NULL;
+  if (p) park_end(p);
   int n = lua_gettop(L) - 1;
   lua_xmove(L, t->co, n);
   mlua_task_resume(t, n);
@@ -164,7 +142,4 @@ void mlua_open_task(lua_State *L, moonlet_t *m) {
   mlua_register(L, m, fns);
   lua_pushlightuserdata(L, &mlua_cancel_key);
   lua_setfield(L, -2, "CANCEL");
-  lua_pushlightuserdata(L, &parked_key);
-  lua_newtable(L);
-  lua_rawset(L, LUA_REGISTRYINDEX);
 }

@@ -208,7 +208,7 @@ static sock_t **push_box(lua_State *L, sock_t *s) {
 }
 
 static sock_t *check_sock(lua_State *L) {
-  sock_t **box = luaL_checkudata(L, 1, SOCK_MT);
+  sock_t **box = mlua_check_object(L, 1, SOCK_MT);
   return *box;
 }
 
@@ -989,7 +989,7 @@ void mlua_open_tcp(lua_State *L, moonlet_t *m) {
   lua_pushliteral(L, SOCK_MT);
   lua_setfield(L, -2, "__name");
   lua_newtable(L);
-  mlua_register(L, m, sm);
+  mlua_register_methods(L, m, sm, -2);
   lua_pushvalue(L, -1);
   lua_setfield(L, -4, "tcp_raw"); /* core.tcp_raw: the C methods, which tcp.lua wraps */
   lua_setfield(L, -2, "__index");

@@ -13,6 +13,8 @@
 # scratch folder), BENCH_PEERS (path of peers.sh), BENCH_TIMEOUT (3600: seconds for the whole run),
 # BENCH_WS (1: the WebSocket section after the HTTP one; "only": that section alone; 0: skip it).
 # BENCH_DB (1: the PostgreSQL section, TechEmpower-style, at the end; "only": alone; 0: skip it).
+# BENCH_EQUAL (1: moonlet and nginx+lua at equal load, scripts/bench_equal_load.sh, after the
+# peers' run: hello latency, server CPU per fan-out; "only": alone; 0: skip it).
 # Extra arguments are passed to peers.sh as they are (after ours, so they win: e.g. --conns 128).
 # Missing peer packages are installed with `peers.sh --install` (apt-get, needs root); peers that
 # still lack something are left out of the run with a warning.
@@ -372,6 +374,11 @@ if [ "${BENCH_DB:-1}" = only ]; then
   exit 0
 fi
 
+if [ "${BENCH_EQUAL:-1}" = only ]; then
+  BENCH_PEERS=$PEERS_SH sh scripts/bench_equal_load.sh
+  exit 0
+fi
+
 if [ "${BENCH_WS:-1}" = only ]; then
   mkdir -p "${BENCH_RUN:-/tmp/moonlet-peers}" bench/results
   BENCH_RUN=${BENCH_RUN:-/tmp/moonlet-peers}
@@ -602,5 +609,8 @@ echo
 echo "================ moonlet summary ================"
 sed '/^## Every peer/,$d' "$OUT"
 echo "saved to $ROOT/$OUT (with every peer's tables)"
+if [ "${BENCH_EQUAL:-1}" != 0 ]; then
+  BENCH_PEERS=$PEERS_SH sh scripts/bench_equal_load.sh || warn "the equal-load section failed"
+fi
 [ "${BENCH_WS:-1}" = 0 ] || ws_bench
 [ "${BENCH_DB:-1}" = 0 ] || db_bench

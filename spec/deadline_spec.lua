@@ -93,6 +93,27 @@ describe("structured concurrency", function()
         assert.same({ true, true, "done" }, { joiner:join() })
     end)
 
+    it("unpark wakes a task only in core.park: not in a sleep, not once woken", function()
+        local co
+        local napper = moonlet.spawn(function()
+            co = core.running()
+            moonlet.sleep(0.05)
+            return "slept"
+        end)
+        local t0 = moonlet.now()
+        assert.is_false(core.unpark(co, "early"))
+        assert.same({ true, "slept" }, { napper:join() })
+        assert.is_true(moonlet.now() - t0 >= 0.04)
+
+        local parker = moonlet.spawn(function()
+            co = core.running()
+            return core.park(5) -- a timed park: unpark ends it and its timer
+        end)
+        assert.is_true(core.unpark(co, "woken", 2))
+        assert.is_false(core.unpark(co, "again"))
+        assert.same({ true, "woken", 2 }, { parker:join() })
+    end)
+
     it("gather checks every value before it starts any, and takes an empty table", function()
         local ran = false
         local ok, err = pcall(moonlet.gather, { function() ran = true end, 42 })

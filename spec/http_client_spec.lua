@@ -176,6 +176,9 @@ describe("moonlet.http", function()
         for chunk in res:chunks() do got[#got + 1] = chunk end
         assert.same({ res.body }, got)
         assert.same({ res.body, nil }, { res:read_body(), res:read() })
+        res:close() -- nothing left to drop: the body stays
+        assert.same({ "a=1&b=x&b=y%20z&c", nil }, { res:read_body(), res:read() })
+        assert.same("text/plain; charset=utf-8", res.headers["content-type"])
     end)
 
     it("reads chunked bodies", function()

@@ -718,17 +718,17 @@ end
 
 -- syntax: res:close() -- drops the rest of a streamed body (its connection is closed, not pooled)
 function res_methods:close()
-    if not self._done then
+    if not self._done and not rawget(self, "body") then
         self._keep = false
         finish(self)
         self._err = "closed"
     end
 end
 
--- The body of res when it is all buffered already, or soon (a small one that came in a few
--- pieces): taken in one piece. Returns res when done, nil, err when it failed, false when it is to
--- be read piece by piece.
-local function take_body(res, conn, mode, len, max, waits)
+-- The body on conn when it is all buffered already, or soon (a small one that came in a few
+-- pieces): taken in one piece, and the connection pooled or closed. Returns the body; nil, err when
+-- it failed (the connection is closed); false when it is to be read piece by piece.
+local function take_body(conn, mode, len, max, keep, waits)
     local buf, pos = conn.buf, conn.pos
     local whole, stop = false
     if mode == LENGTH then
@@ -738,18 +738,23 @@ local function take_body(res, conn, mode, len, max, waits)
         end
     else
         whole, stop = dechunk(buf, pos)
-        if whole == nil then return fail(res, "bad response") end
-        if whole and max and #whole > max then return fail(res, "too large") end
+        if whole == nil or (whole and max and #whole > max) then
+            close_conn(conn)
+            return nil, whole == nil and "bad response" or "too large"
+        end
     end
     if whole then
         if stop > #buf then
             conn.buf, conn.pos = "", 1
+            if keep and conn.sock then
+                checkin(conn)
+                return whole
+            end
         else
             conn.pos = stop
         end
-        res.body, res._left = whole, 0
-        finish(res)
-        return res
+        close_conn(conn) -- not reusable, or bytes after the response: never pooled
+        return whole
     end
     local have = #buf - pos + 1
     if waits >= SMALL_WAITS or have > SMALL_BODY or (mode == LENGTH and len > SMALL_BODY)
@@ -757,41 +762,55 @@ local function take_body(res, conn, mode, len, max, waits)
         return false
     end
     local more, err = fill(conn)
-    if not more then return fail(res, err) end
-    return take_body(res, conn, mode, len, max, waits + 1)
+    if not more then
+        close_conn(conn)
+        return nil, err
+    end
+    return take_body(conn, mode, len, max, keep, waits + 1)
 end
 
 -- The response whose head was read on conn: framed, its body read unless o.stream; or nil, err.
+-- The usual response (a small body, all there or soon) is a table of its public fields only; one
+-- read piece by piece carries its reading state too (_conn, _mode, _left, ...).
 local function respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp)
     local max = o.max_body or config.max_body
-    local res = setmetatable({
-        status = status, reason = reason, headers = h or nil, http_version = version,
-        url = target == u.target and u.url or u.scheme .. "://" .. u.hostport .. target,
-        _conn = conn, _total = 0, _max = max, _done = false, _z = false,
-        _mode = mode, _left = len, _keep = keep and conn.keepalive, _hb = not h and hb, _hp = hp,
-    }, res_mt)
-    if status == 101 then res._mode, res._keep, mode = CLOSE, false, CLOSE end
+    local url = target == u.target and u.url or u.scheme .. "://" .. u.hostport .. target
+    keep = keep and conn.keepalive
+    if status == 101 then mode, keep = CLOSE, false end
     if mode == LENGTH and max and len > max then
-        fail(res, "too large")
+        close_conn(conn)
         return nil, "too large"
     end
+    local z = false
+    if o.decompress and mode ~= NONE then
+        if not h then h, hb = parse_headers(hb, hp), false end
+        local ce = h["content-encoding"]
+        if ce then
+            ce = lower(ce)
+            if ce == "gzip" or ce == "x-gzip" or ce == "deflate" then z = core.zlib_inflater() end
+        end
+    end
+    if not o.stream and not z and (mode == LENGTH or mode == CHUNKED) then
+        local body, err = take_body(conn, mode, len, max, keep, 0)
+        if body then
+            return setmetatable({
+                status = status, reason = reason, headers = h or nil, http_version = version,
+                url = url, body = body, _hb = not h and hb, _hp = hp,
+            }, res_mt)
+        end
+        if body == nil then return nil, err end
+    end
+    local res = setmetatable({
+        status = status, reason = reason, headers = h or nil, http_version = version, url = url,
+        _conn = conn, _total = 0, _max = max, _done = false, _z = z,
+        _mode = mode, _left = len, _keep = keep, _hb = not h and hb, _hp = hp,
+    }, res_mt)
     if mode == NONE then
         finish(res)
         if not o.stream then res.body = "" end
         return res
     end
-    if o.decompress then
-        local ce = res.headers["content-encoding"]
-        if ce then
-            ce = lower(ce)
-            if ce == "gzip" or ce == "x-gzip" or ce == "deflate" then res._z = core.zlib_inflater() end
-        end
-    end
     if o.stream then return res end
-    if not res._z and (mode == LENGTH or mode == CHUNKED) then
-        local done, err = take_body(res, conn, mode, len, max, 0)
-        if done ~= false then return done, err end
-    end
     local b, err = res:read_body()
     if not b then return nil, err end
     res._given = nil -- res:read() and res:chunks() give the body once

@@ -7,6 +7,8 @@ local core = require "moonlet.core"
 local traceback = debug.traceback
 local select, unpack = select, unpack
 local setmetatable = setmetatable
+local has_new_tab, new_tab = pcall(require, "table.new") -- LuaJIT: tables made at their size
+if not has_new_tab then new_tab = function() return {} end end
 
 local _M = {}
 local methods = {}
@@ -153,12 +155,17 @@ end
 -- it returned nil, err. The total time is the slowest function's, not the sum. The functions'
 -- errors are not logged (they are in errors). Cancelling the caller cancels them.
 function _M.gather(fns)
+    local n = 0
     for k, fn in pairs(fns) do
         if type(fn) ~= "function" then
             error("moonlet.gather: the value at " .. tostring(k) .. " is not a function", 2)
         end
+        n = n + 1
     end
-    local g = { results = {}, errors = {}, cos = {}, left = 1, co = false }
+    -- results and cos are made at their final size: growing them costs a rehash per doubling
+    local narr = #fns == n and n or 0
+    local g = { results = new_tab(narr, n - narr), errors = {}, cos = new_tab(narr, n - narr),
+                left = 1, co = false }
     for k, fn in pairs(fns) do
         g.left = g.left + 1
         local co = core_spawn(gather_one, g, k, fn)

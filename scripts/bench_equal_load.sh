@@ -1,0 +1,243 @@
+#!/bin/sh
+# scripts/bench_equal_load.sh: the "equal load" section of `make bench` (scripts/bench.sh runs it
+# after peers.sh; BENCH_EQUAL=only runs it alone). peers.sh drives every server at its own
+# saturation point. There, one wrk thread on one vCPU is the bottleneck of `hello` (a faster server
+# loads wrk harder, and wrk's own queueing widens the tail it reports), and in `fanout0ms` CPU 1,
+# shared by wrk and the upstream, is busy 85-99 % whatever the server. Here moonlet and nginx+lua
+# (peers.sh's own nginx templates) get the same offered load instead: C connections, each waiting
+# PACE ms after a response (bench/wrk_paced.lua), and we compare
+#   hello:  the latency (p50/p90/p99) of examples/bench_hello.lua;
+#   fanout: the server's CPU time per fan-out of examples/fanout.lua, upstream at 0 ms (the HTTP
+#           client's own cost, read from /proc/PID/stat around the wrk run), and CPU 1's load.
+# Server on CPU 0, wrk (and the upstream) on CPU 1, the two servers alternating round by round;
+# medians of the rounds. Writes bench/results/equal-load.md.
+#
+# Environment (defaults): BENCH_ROUNDS (3), BENCH_DURATION (5s), BENCH_RUN (/tmp/moonlet-peers),
+# BENCH_PEERS (../shared/bench/peers.sh: its peers/ folder has the nginx templates),
+# BENCH_LAT_LOADS ("32:1 64:1": CONNECTIONS:PACE_MS pairs for hello, far enough below saturation
+# that wrk paces both servers alike), BENCH_FANOUT_LOAD ("64:5": the same for fanout, about 60 % of
+# saturation here).
+set -eu
+
+die() { echo "bench_equal_load.sh: $*" >&2; exit 2; }
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PEERS_SH=${BENCH_PEERS:-../shared/bench/peers.sh}
+TPL=$(dirname "$PEERS_SH")/peers
+[ -f "$TPL/nginx_lua.conf.in" ] || die "no $TPL/nginx_lua.conf.in (set BENCH_PEERS to peers.sh's path)"
+[ -x build/moonlet ] || die "build/moonlet is missing: run make first"
+for t in wrk nginx taskset curl; do command -v "$t" >/dev/null 2>&1 || die "needs $t"; done
+[ -f /usr/share/nginx/modules/ngx_http_lua_module.so ] || die "needs libnginx-mod-http-lua"
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=python3
+
+ROUNDS=${BENCH_ROUNDS:-3}
+DURATION=${BENCH_DURATION:-5s}
+LOADS=${BENCH_LAT_LOADS:-32:1 64:1}
+FANOUT_LOAD=${BENCH_FANOUT_LOAD:-64:5}
+RUN=${BENCH_RUN:-/tmp/moonlet-peers}/equal-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$RUN/tmp" bench/results
+DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+NPORT=$(free_port)
+MPORT=$(free_port)
+UPORT=$(free_port)
+nginx_conf() {  # nginx_conf TEMPLATE NAME PORT -> $RUN/NAME.conf, as peers.sh makes it
+  { sed -e "s|@RUN@|$RUN|g" -e "s|@NAME@|$2|g" "$TPL/nginx_common.inc.in"
+    sed -e "s|@RUN@|$RUN|g" -e "s|@NAME@|$2|g" -e "s|@PORT@|$3|g" -e "s|@UPPORT@|$UPORT|g" \
+        -e "s|@DELAY@|0|g" "$TPL/$1"
+  } > "$RUN/$2.conf"
+}
+nginx_conf nginx_lua.conf.in nginx-lua "$NPORT"
+nginx_conf nginx_upstream.conf.in upstream "$UPORT"
+
+SPID=""
+UPID=""
+stop_server() {
+  [ -n "$SPID" ] || return 0
+  kill "$SPID" 2>/dev/null || true
+  wait "$SPID" 2>/dev/null || true
+  SPID=""
+}
+stop_all() {
+  stop_server
+  [ -n "$UPID" ] || return 0
+  kill "$UPID" 2>/dev/null || true
+  wait "$UPID" 2>/dev/null || true
+  UPID=""
+}
+trap stop_all EXIT INT TERM
+
+wait_ok() {  # wait_ok NAME URL
+  i=0
+  while ! curl -sf "$2" > /dev/null 2>&1; do
+    i=$((i + 1))
+    [ $i -lt 100 ] || die "$1 did not answer $2 (logs in $RUN)"
+    sleep 0.1
+  done
+}
+
+# start_server PEER APP: starts it on CPU 0 and waits until it answers; sets SPID, PORT and WPID
+# (the process that does the work: nginx's worker, not its master)
+start_server() {
+  case "$1" in
+    nginx-lua)
+      PORT=$NPORT
+      taskset -c 0 nginx -p "$RUN" -e "$RUN/nginx-lua.error.log" -c "$RUN/nginx-lua.conf" \
+        > "$RUN/nginx-lua.log" 2>&1 & ;;
+    moonlet)
+      PORT=$MPORT
+      if [ "$2" = fanout ]; then
+        taskset -c 0 ./build/moonlet examples/fanout.lua --port "$PORT" --upstream "$UPORT" \
+          --log-level warn > "$RUN/moonlet.log" 2>&1 &
+      else
+        taskset -c 0 ./build/moonlet examples/bench_hello.lua --port "$PORT" --log-level warn \
+          > "$RUN/moonlet.log" 2>&1 &
+      fi ;;
+  esac
+  SPID=$!
+  path=/
+  [ "$2" = fanout ] && path=/fanout
+  wait_ok "$1" "http://127.0.0.1:$PORT$path"
+  WPID=$SPID
+  if [ "$1" = nginx-lua ]; then WPID=$(pgrep -P "$SPID" | head -1); fi
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }     # utime + stime, clock ticks
+cpu1_ticks() { awk '/^cpu1 / {print $2 + $3 + $4 + $7 + $8, $5 + $6}' /proc/stat; } # busy idle
+
+# run_wrk PEER APP CONNS PACE ROUND: one measured run; wrk output in $RUN, CPU figures beside it
+run_wrk() {
+  f=$RUN/$1-$2-c$3-p$4-r$5
+  timeout 60 taskset -c 1 wrk -t1 -c"$3" -d1s "http://127.0.0.1:$PORT$path" > /dev/null 2>&1 || true
+  c0=$(cpu_ticks "$WPID")
+  s0=$(cpu1_ticks)
+  timeout 120 taskset -c 1 wrk -t1 -c"$3" -d"$DURATION" --latency -s bench/wrk_paced.lua \
+    "http://127.0.0.1:$PORT$path" -- "$4" > "$f.txt" 2>&1 || true
+  c1=$(cpu_ticks "$WPID")
+  s1=$(cpu1_ticks)
+  echo "$c0 $c1 $(getconf CLK_TCK) $s0 $s1" > "$f.cpu"
+}
+
+for load in $LOADS; do
+  r=1
+  while [ "$r" -le "$ROUNDS" ]; do
+    for peer in nginx-lua moonlet; do
+      start_server "$peer" hello
+      run_wrk "$peer" hello "${load%%:*}" "${load#*:}" "$r"
+      stop_server
+    done
+    r=$((r + 1))
+  done
+done
+
+taskset -c 1 nginx -p "$RUN" -e "$RUN/upstream.error.log" -c "$RUN/upstream.conf" \
+  > "$RUN/upstream.log" 2>&1 &
+UPID=$!
+wait_ok upstream "http://127.0.0.1:$UPORT/a"
+r=1
+while [ "$r" -le "$ROUNDS" ]; do
+  for peer in nginx-lua moonlet; do
+    start_server "$peer" fanout
+    run_wrk "$peer" fanout "${FANOUT_LOAD%%:*}" "${FANOUT_LOAD#*:}" "$r"
+    stop_server
+  done
+  r=$((r + 1))
+done
+stop_all
+
+OUT=bench/results/equal-load.md
+"$PY" - "$RUN" "$LOADS" "$FANOUT_LOAD" "$ROUNDS" "$DURATION" "$DATE" > "$OUT.tmp" <<'PYEOF'
+import os, re, statistics, sys
+run, loads, fanout_load, rounds, duration, date = sys.argv[1:7]
+rounds = int(rounds)
+NAN = float("nan")
+
+def ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s)$", v)
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else NAN
+
+def parse(base):
+    d = {}
+    if os.path.exists(base + ".txt"):
+        for line in open(base + ".txt"):
+            m = re.match(r"\s+(50|90|99)(?:\.000)?%\s+(\S+)", line)
+            if m:
+                d["p" + m.group(1)] = ms(m.group(2))
+            m = re.match(r"\s*(\d+) requests in", line)
+            if m:
+                d["n"] = int(m.group(1))
+            m = re.match(r"Requests/sec:\s+([\d.]+)", line)
+            if m:
+                d["rps"] = float(m.group(1))
+            if "Non-2xx" in line or "Socket errors" in line:
+                d["errors"] = line.strip()
+    if os.path.exists(base + ".cpu"):
+        c0, c1, hz, b0, i0, b1, i1 = (float(x) for x in open(base + ".cpu").read().split())
+        if d.get("n"):
+            d["us_per_req"] = (c1 - c0) / hz * 1e6 / d["n"]   # the 1 s warm-up is outside c0..c1
+        if (b1 - b0) + (i1 - i0) > 0:
+            d["cpu1"] = 100.0 * (b1 - b0) / ((b1 - b0) + (i1 - i0))
+    return d
+
+def med(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else NAN
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a == a and b == b and b > 0 else "n/a"
+
+def rows(app, conns, pace):
+    return {p: [parse(f"{run}/{p}-{app}-c{conns}-p{pace}-r{r}") for r in range(1, rounds + 1)]
+            for p in ("nginx-lua", "moonlet")}
+
+notes = []
+print("# moonlet beside nginx+lua at equal load (`make bench`, scripts/bench_equal_load.sh)\n")
+print(f"Date: {date}. Each round starts the server on CPU 0, warms it up for 1 s, then runs "
+      f"`wrk -t1 -cC -d{duration} --latency -s bench/wrk_paced.lua URL -- PACE` on CPU 1: every "
+      f"connection waits PACE ms after each response, so both servers see about the same offered "
+      f"load (C / (PACE + latency) req/s) instead of each its own saturation. nginx-lua and moonlet "
+      f"alternate; medians of {rounds} round(s). Raw outputs: `{run}`.\n")
+print("## hello: latency\n")
+print("| load | server | req/s | p50 ms | p90 ms | p99 ms | p99 by round, ms |")
+print("|---|---|---|---|---|---|---|")
+for load in loads.split():
+    conns, pace = load.split(":")
+    rr = rows("hello", conns, pace)
+    for peer, xs in rr.items():
+        for x in xs:
+            if "errors" in x:
+                notes.append(f"hello {peer} at {load}: {x['errors']}")
+        g = lambda k: med(x.get(k, NAN) for x in xs)
+        by = " / ".join(f"{x.get('p99', NAN):.2f}" for x in xs)
+        print(f"| {conns} conns, {pace} ms pace | {peer} | {g('rps'):.0f} | {g('p50'):.3f} | "
+              f"{g('p90'):.3f} | {g('p99'):.3f} | {by} |")
+    wins = sum(1 for a, b in zip(rr["moonlet"], rr["nginx-lua"]) if a.get("p99", NAN) <= b.get("p99", NAN))
+    m99, n99 = (med(x.get("p99", NAN) for x in rr[p]) for p in ("moonlet", "nginx-lua"))
+    notes.append(f"hello, {conns} conns, {pace} ms pace: moonlet's p99 at or below nginx-lua's in {wins} "
+                 f"of {rounds} rounds; median p99 moonlet ÷ nginx-lua = {ratio(m99, n99)}.")
+print("\n## fanout (upstream at 0 ms): server CPU per fan-out\n")
+conns, pace = fanout_load.split(":")
+rr = rows("fanout", conns, pace)
+print("| load | server | req/s | p50 ms | p99 ms | server CPU µs per fan-out | by round | CPU 1 busy % |")
+print("|---|---|---|---|---|---|---|---|")
+for peer, xs in rr.items():
+    for x in xs:
+        if "errors" in x:
+            notes.append(f"fanout {peer}: {x['errors']}")
+    g = lambda k: med(x.get(k, NAN) for x in xs)
+    by = " / ".join(f"{x.get('us_per_req', NAN):.1f}" for x in xs)
+    print(f"| {conns} conns, {pace} ms pace | {peer} | {g('rps'):.0f} | {g('p50'):.2f} | {g('p99'):.2f} | "
+          f"{g('us_per_req'):.1f} | {by} | {g('cpu1'):.0f} |")
+mu, nu = (med(x.get("us_per_req", NAN) for x in rr[p]) for p in ("moonlet", "nginx-lua"))
+notes.append(f"fanout: fan-outs per server CPU-second, moonlet ÷ nginx-lua = {ratio(nu, mu)} "
+             f"(nginx-lua's CPU per fan-out ÷ moonlet's).")
+print()
+for n in notes:
+    print(f"- {n}")
+PYEOF
+mv "$OUT.tmp" "$OUT"
+echo
+echo "================ equal load ================"
+cat "$OUT"
