@@ -17,6 +17,9 @@
  * 6. Every wait parks through mlua_task_wait with a cancel callback, so any parked task can be
  *    cancelled (moonlet task:cancel, timeout, any): the callback undoes the wait without resuming,
  *    then the task is resumed with CANCEL and its Lua wrapper raises moonlet.CANCELLED.
+ * 7. A wait is armed only where its task can yield: mlua_check_yieldable refuses a call with a C
+ *    function between it and the task (table.sort's comparator, require), before any source
+ *    starts; mlua_task_wait undoes the wait through its cancel callback if one slips through.
  */
 #include <stdlib.h>
 
@@ -90,9 +93,14 @@ mlua_task_t *mlua_task_current(lua_State *L) {
   return t;
 }
 
+#define NOT_YIELDABLE                                                                              \
+  "moonlet: cannot wait here: a C function (such as table.sort's comparator or require) is "       \
+  "between this call and the task"
+
 void mlua_check_yieldable(lua_State *L, mlua_task_t *t) {
   if (!t)
     luaL_error(L, "moonlet: I/O outside a moonlet task (a coroutine of your own cannot wait)");
+  if (!lua_isyieldable(L)) luaL_error(L, NOT_YIELDABLE);
 }
 
 static void task_release(mlua_task_t *t, int reusable) {
@@ -116,6 +124,10 @@ static void task_release(mlua_task_t *t, int reusable) {
 }
 
 int mlua_task_wait(lua_State *L, mlua_task_t *t, mlua_cancel_cb cancel, void *wait) {
+  if (!lua_isyieldable(L)) { /* the yield would raise and leave the wait armed: undo it first */
+    if (cancel) cancel(t, wait);
+    return luaL_error(L, NOT_YIELDABLE);
+  }
   t->cancel = cancel;
   t->wait = wait;
   return lua_yield(L, 0);

@@ -31,8 +31,15 @@ static void park_end(park_t *p) {
   uv_close((uv_handle_t *)&p->timer, park_closed);
 }
 
+/* The instance is being freed: the park goes, and its task (still parked: tasks may run during
+ * teardown, and one may call core.unpark) forgets the wait, so nothing reaches the freed struct. */
 static void park_res_close(mlua_res_t *r) {
   park_t *p = (park_t *)r;
+  mlua_task_t *t = p->task;
+  if (t && t->wait == p) {
+    t->cancel = NULL;
+    t->wait = NULL;
+  }
   p->task = NULL;
   uv_close((uv_handle_t *)&p->timer, park_closed);
 }
@@ -74,7 +81,7 @@ int mlua_sleep(lua_State *L) {
   double secs = luaL_checknumber(L, 1);
   mlua_task_t *t = mlua_task_current(L);
   mlua_check_yieldable(L, t);
-  return park(L, t, secs < 0 ? 0 : secs, 0);
+  return park(L, t, !(secs > 0) ? 0 : secs, 0); /* NaN too: a sleep always has its timer */
 }
 
 /* syntax: ... = core.park(timeout) -- what core.unpark passes, or nil, "timeout" */

@@ -15,8 +15,8 @@
 # Environment (defaults): BENCH_ROUNDS (3), BENCH_DURATION (5s), BENCH_RUN (/tmp/moonlet-peers),
 # BENCH_PEERS (../shared/bench/peers.sh: its peers/ folder has the nginx templates),
 # BENCH_LAT_LOADS ("32:1 64:1": CONNECTIONS:PACE_MS pairs for hello, far enough below saturation
-# that wrk paces both servers alike), BENCH_FANOUT_LOAD ("64:5": the same for fanout, about 60 % of
-# saturation here).
+# that wrk paces both servers alike), BENCH_FANOUT_LOADS ("64:5 64:0": the same for fanout; 5 ms is
+# about 60 % of saturation here, and pace 0 is wrk unpaced, peers.sh's own load, shown for CPU 1).
 set -eu
 
 die() { echo "bench_equal_load.sh: $*" >&2; exit 2; }
@@ -34,7 +34,7 @@ PY=/usr/bin/python3
 ROUNDS=${BENCH_ROUNDS:-3}
 DURATION=${BENCH_DURATION:-5s}
 LOADS=${BENCH_LAT_LOADS:-32:1 64:1}
-FANOUT_LOAD=${BENCH_FANOUT_LOAD:-64:5}
+FANOUT_LOADS=${BENCH_FANOUT_LOADS:-64:5 64:0}
 RUN=${BENCH_RUN:-/tmp/moonlet-peers}/equal-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN/tmp" bench/results
 DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
@@ -113,44 +113,46 @@ run_wrk() {
   timeout 60 taskset -c 1 wrk -t1 -c"$3" -d1s "http://127.0.0.1:$PORT$path" > /dev/null 2>&1 || true
   c0=$(cpu_ticks "$WPID")
   s0=$(cpu1_ticks)
-  timeout 120 taskset -c 1 wrk -t1 -c"$3" -d"$DURATION" --latency -s bench/wrk_paced.lua \
-    "http://127.0.0.1:$PORT$path" -- "$4" > "$f.txt" 2>&1 || true
+  if [ "$4" = 0 ]; then # unpaced: each server at its own saturation
+    timeout 120 taskset -c 1 wrk -t1 -c"$3" -d"$DURATION" --latency \
+      "http://127.0.0.1:$PORT$path" > "$f.txt" 2>&1 || true
+  else
+    timeout 120 taskset -c 1 wrk -t1 -c"$3" -d"$DURATION" --latency -s bench/wrk_paced.lua \
+      "http://127.0.0.1:$PORT$path" -- "$4" > "$f.txt" 2>&1 || true
+  fi
   c1=$(cpu_ticks "$WPID")
   s1=$(cpu1_ticks)
   echo "$c0 $c1 $(getconf CLK_TCK) $s0 $s1" > "$f.cpu"
 }
 
-for load in $LOADS; do
-  r=1
-  while [ "$r" -le "$ROUNDS" ]; do
-    for peer in nginx-lua moonlet; do
-      start_server "$peer" hello
-      run_wrk "$peer" hello "${load%%:*}" "${load#*:}" "$r"
-      stop_server
+# all_rounds APP LOADS: every load, ROUNDS rounds, the two servers alternating
+all_rounds() {
+  for load in $2; do
+    r=1
+    while [ "$r" -le "$ROUNDS" ]; do
+      for peer in nginx-lua moonlet; do
+        start_server "$peer" "$1"
+        run_wrk "$peer" "$1" "${load%%:*}" "${load#*:}" "$r"
+        stop_server
+      done
+      r=$((r + 1))
     done
-    r=$((r + 1))
   done
-done
+}
+
+all_rounds hello "$LOADS"
 
 taskset -c 1 nginx -p "$RUN" -e "$RUN/upstream.error.log" -c "$RUN/upstream.conf" \
   > "$RUN/upstream.log" 2>&1 &
 UPID=$!
 wait_ok upstream "http://127.0.0.1:$UPORT/a"
-r=1
-while [ "$r" -le "$ROUNDS" ]; do
-  for peer in nginx-lua moonlet; do
-    start_server "$peer" fanout
-    run_wrk "$peer" fanout "${FANOUT_LOAD%%:*}" "${FANOUT_LOAD#*:}" "$r"
-    stop_server
-  done
-  r=$((r + 1))
-done
+all_rounds fanout "$FANOUT_LOADS"
 stop_all
 
 OUT=bench/results/equal-load.md
-"$PY" - "$RUN" "$LOADS" "$FANOUT_LOAD" "$ROUNDS" "$DURATION" "$DATE" > "$OUT.tmp" <<'PYEOF'
+"$PY" - "$RUN" "$LOADS" "$FANOUT_LOADS" "$ROUNDS" "$DURATION" "$DATE" > "$OUT.tmp" <<'PYEOF'
 import os, re, statistics, sys
-run, loads, fanout_load, rounds, duration, date = sys.argv[1:7]
+run, loads, fanout_loads, rounds, duration, date = sys.argv[1:7]
 rounds = int(rounds)
 NAN = float("nan")
 
@@ -199,40 +201,41 @@ print(f"Date: {date}. Each round starts the server on CPU 0, warms it up for 1 s
       f"connection waits PACE ms after each response, so both servers see about the same offered "
       f"load (C / (PACE + latency) req/s) instead of each its own saturation. nginx-lua and moonlet "
       f"alternate; medians of {rounds} round(s). Raw outputs: `{run}`.\n")
+def report(app, load, label, cols, by_key):
+    """One row per server: req/s, the medians of cols ((key, decimals)), by_key round by round."""
+    conns, pace = load.split(":")
+    rr = rows(app, conns, pace)
+    for peer, xs in rr.items():
+        for x in xs:
+            if "errors" in x:
+                notes.append(f"{app} {peer} at {load}: {x['errors']}")
+        g = lambda k: med(x.get(k, NAN) for x in xs)
+        by = " / ".join(f"{x.get(by_key, NAN):.2f}" for x in xs)
+        print(f"| {label} | {peer} | {g('rps'):.0f} | " + " | ".join(f"{g(k):.{d}f}" for k, d in cols)
+              + f" | {by} |")
+    return rr
+
 print("## hello: latency\n")
 print("| load | server | req/s | p50 ms | p90 ms | p99 ms | p99 by round, ms |")
 print("|---|---|---|---|---|---|---|")
 for load in loads.split():
     conns, pace = load.split(":")
-    rr = rows("hello", conns, pace)
-    for peer, xs in rr.items():
-        for x in xs:
-            if "errors" in x:
-                notes.append(f"hello {peer} at {load}: {x['errors']}")
-        g = lambda k: med(x.get(k, NAN) for x in xs)
-        by = " / ".join(f"{x.get('p99', NAN):.2f}" for x in xs)
-        print(f"| {conns} conns, {pace} ms pace | {peer} | {g('rps'):.0f} | {g('p50'):.3f} | "
-              f"{g('p90'):.3f} | {g('p99'):.3f} | {by} |")
+    rr = report("hello", load, f"{conns} conns, {pace} ms pace", (("p50", 3), ("p90", 3), ("p99", 3)), "p99")
     wins = sum(1 for a, b in zip(rr["moonlet"], rr["nginx-lua"]) if a.get("p99", NAN) <= b.get("p99", NAN))
     m99, n99 = (med(x.get("p99", NAN) for x in rr[p]) for p in ("moonlet", "nginx-lua"))
     notes.append(f"hello, {conns} conns, {pace} ms pace: moonlet's p99 at or below nginx-lua's in {wins} "
                  f"of {rounds} rounds; median p99 moonlet ÷ nginx-lua = {ratio(m99, n99)}.")
 print("\n## fanout (upstream at 0 ms): server CPU per fan-out\n")
-conns, pace = fanout_load.split(":")
-rr = rows("fanout", conns, pace)
-print("| load | server | req/s | p50 ms | p99 ms | server CPU µs per fan-out | by round | CPU 1 busy % |")
+print("| load | server | req/s | p50 ms | p99 ms | server CPU µs per fan-out | CPU 1 busy % | µs by round |")
 print("|---|---|---|---|---|---|---|---|")
-for peer, xs in rr.items():
-    for x in xs:
-        if "errors" in x:
-            notes.append(f"fanout {peer}: {x['errors']}")
-    g = lambda k: med(x.get(k, NAN) for x in xs)
-    by = " / ".join(f"{x.get('us_per_req', NAN):.1f}" for x in xs)
-    print(f"| {conns} conns, {pace} ms pace | {peer} | {g('rps'):.0f} | {g('p50'):.2f} | {g('p99'):.2f} | "
-          f"{g('us_per_req'):.1f} | {by} | {g('cpu1'):.0f} |")
-mu, nu = (med(x.get("us_per_req", NAN) for x in rr[p]) for p in ("moonlet", "nginx-lua"))
-notes.append(f"fanout: fan-outs per server CPU-second, moonlet ÷ nginx-lua = {ratio(nu, mu)} "
-             f"(nginx-lua's CPU per fan-out ÷ moonlet's).")
+for load in fanout_loads.split():
+    conns, pace = load.split(":")
+    label = f"{conns} conns, " + (f"{pace} ms pace" if pace != "0" else "unpaced (saturation)")
+    rr = report("fanout", load, label, (("p50", 2), ("p99", 2), ("us_per_req", 1), ("cpu1", 0)), "us_per_req")
+    mu, nu = (med(x.get("us_per_req", NAN) for x in rr[p]) for p in ("moonlet", "nginx-lua"))
+    mr, nr = (med(x.get("rps", NAN) for x in rr[p]) for p in ("moonlet", "nginx-lua"))
+    notes.append(f"fanout, {label}: fan-outs per server CPU-second, moonlet ÷ nginx-lua = {ratio(nu, mu)}; "
+                 f"req/s ratio {ratio(mr, nr)}.")
 print()
 for n in notes:
     print(f"- {n}")

@@ -112,6 +112,30 @@ describe("structured concurrency", function()
         assert.is_true(core.unpark(co, "woken", 2))
         assert.is_false(core.unpark(co, "again"))
         assert.same({ true, "woken", 2 }, { parker:join() })
+
+        local nan_sleeper = moonlet.spawn(function() -- a NaN sleep is a sleep of 0, not a park
+            co = core.running()
+            moonlet.sleep(0 / 0)
+            return "slept"
+        end)
+        assert.is_false(core.unpark(co, "woken"))
+        assert.same({ true, "slept" }, { nan_sleeper:join() })
+    end)
+
+    it("a wait with a C function between it and its task raises, and leaves nothing armed", function()
+        for _, wait in ipairs({ function() moonlet.sleep(0.01) end, function() core.park(5) end,
+                                function() core.park() end }) do
+            local ok, err = pcall(table.sort, { 3, 1, 2 }, function(a, b)
+                wait()
+                return a < b
+            end)
+            assert.is_false(ok)
+            assert.truthy(tostring(err):find("cannot wait here", 1, true))
+            assert.is_false(core.unpark(core.running(), "stray")) -- not parked: nothing to wake
+        end
+        local t0 = moonlet.now()
+        moonlet.sleep(0.02) -- the task waits as usual afterwards; no stray timer wakes it early
+        assert.is_true(moonlet.now() - t0 >= 0.015)
     end)
 
     it("gather checks every value before it starts any, and takes an empty table", function()

@@ -63,6 +63,22 @@ typedef struct {
 
 static uint64_t now_ms(void) { return uv_hrtime() / 1000000; }
 
+/* Connects to the port, sends bytes and leaves the connection open: the fd, or -1. */
+static int send_open(int port, const char *bytes) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  struct sockaddr_in sa = {0};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons((uint16_t)port);
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  size_t n = strlen(bytes);
+  if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0 || write(fd, bytes, n) != (ssize_t)n) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
 /* One request on a new connection (Connection: close): the status and the body in r->resp. */
 static int http_do(int port, req_t *r) {
   r->status = 0;
@@ -736,17 +752,46 @@ static void test_free_in_flight(void) {
                                 "return app\n"),
             0);
   int port = moonlet_listen(m, "127.0.0.1", 0);
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in a;
-  memset(&a, 0, sizeof a);
-  a.sin_family = AF_INET;
-  a.sin_port = htons((uint16_t)port);
-  a.sin_addr.s_addr = htonl(0x7f000001);
-  CHECK_INT(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
-  static const char req[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-  CHECK_INT((int)write(fd, req, sizeof req - 1), (int)sizeof req - 1);
+  int fd = send_open(port, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+  CHECK(fd >= 0);
   for (int i = 0; i < 20; i++)
     moonlet_step(m, 5); /* the handler starts and parks in its sleep */
+  moonlet_free(m);
+  close(fd);
+  CHECK(1); /* reached: nothing crashed (ASan checks the rest under SANITIZE=1) */
+}
+
+/* Teardown frees every park's timer while tasks may still run (a handler woken with "closed" by its
+ * connection's close): one that calls core.unpark on a sleeping or parked task must find the task
+ * out of its wait, not read the freed park (found in review; ASan saw it under SANITIZE=1). */
+static void test_free_unpark_in_teardown(void) {
+  ctest_section("moonlet_free: a handler woken during teardown unparks a sleeping task");
+  logbuf_t lb;
+  moonlet_config_t cfg;
+  config(&cfg, &lb);
+  moonlet_t *m = moonlet_new(&cfg);
+  if (!CHECK(m != NULL)) return;
+  CHECK_INT(moonlet_load_string(
+                m, "unpark_app",
+                "local moonlet = require 'moonlet'\n"
+                "local core = require 'moonlet.core'\n"
+                "local sleeper, parker\n"
+                "moonlet.spawn(function() sleeper = core.running() moonlet.sleep(5) end)\n"
+                "moonlet.spawn(function() parker = core.running() core.park(5) end)\n"
+                "local app = moonlet.app()\n"
+                "app:post('/', function(req)\n"
+                "  req:body()\n"
+                "  core.unpark(sleeper, 'x')\n"
+                "  core.unpark(parker, 'x')\n"
+                "  return 'done'\n"
+                "end)\n"
+                "return app\n"),
+            0);
+  int port = moonlet_listen(m, "127.0.0.1", 0);
+  int fd = send_open(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc");
+  CHECK(fd >= 0);
+  for (int i = 0; i < 20; i++)
+    moonlet_step(m, 5); /* the handler parks in req:body(), waiting for the other 97 bytes */
   moonlet_free(m);
   close(fd);
   CHECK(1); /* reached: nothing crashed (ASan checks the rest under SANITIZE=1) */
@@ -841,6 +886,7 @@ int main(void) {
   test_limits();
   test_allocator();
   test_free_in_flight();
+  test_free_unpark_in_teardown();
   test_two_instances();
   test_step_cost();
   return ctest_end();
