@@ -137,6 +137,7 @@ int ml_conn_respond(ml_conn_t *c, int status, const char *headers, size_t hlen, 
   if (r < 0) return r;
   if (blen && !c->resp_no_body) ml__out_append(c->srv, c, body, blen);
   c->resp_done = 1;
+  if (!c->in_feed) ml__conn_flush(c); /* nothing can join it: out now (http_server.c) */
   return 0;
 }
 
@@ -189,6 +190,7 @@ int ml_conn_stream_end(ml_conn_t *c) {
   if (c->resp_chunked && !c->resp_no_body) ml__out_append(c->srv, c, "0\r\n\r\n", 5);
   if (c->stream_left > 0 && !c->resp_no_body) c->close_after = 1; /* short body: cannot keep it */
   c->resp_done = 1;
+  if (!c->in_feed) ml__conn_flush(c);
   return 0;
 }
 

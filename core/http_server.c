@@ -5,7 +5,10 @@
  * - A connection is freed only in conn_finalize, after the close callbacks of its tcp and timer
  *   handles have both run and no file transfer is in flight; on_close runs just before that.
  * - The staged output (s->out) belongs to one connection at a time (s->out_owner); handing it to
- *   another writes it out first, and so do closing, the prepare phase and ml_server_flush.
+ *   another writes it out first, and so do closing, the prepare phase and ml_server_flush, and a
+ *   response that ends outside its connection's feed (http_response.c: its handler was resumed by
+ *   a timer or another socket, so no pipelined response can join it, and waiting for the prepare
+ *   phase would only delay it behind the rest of the loop's batch).
  * - The timer of a connection is started only when idle; when it fires it works out the deadline of
  *   the connection's current state and re-arms for the rest, so a request costs no timer operation.
  */
