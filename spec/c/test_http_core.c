@@ -87,6 +87,8 @@ typedef struct srv_ctx_s {
   uv_timer_t slow_timer; /* answers /slow 100 ms later */
   ml_conn_t *slow_conn;
   int slow_closed;
+  size_t slow_queued;    /* /slow: ml_conn_write_queue right after its response */
+  size_t feed_queued;    /* the default route: the same, answered inside the read */
 } srv_ctx_t;
 
 typedef struct conn_st_s {
@@ -182,6 +184,7 @@ static void slow_cb(uv_timer_t *t) {
   x->slow_conn = NULL;
   if (!c) return;
   api(x, ml_conn_respond(c, 200, TEXT_PLAIN, "slow done", 9));
+  x->slow_queued = ml_conn_write_queue(c);
   ml_conn_finish(c);
 }
 
@@ -226,6 +229,7 @@ static void on_request(ml_conn_t *c, void *ud) {
     x->slow_conn = c;
   } else {
     api(x, ml_conn_respond(c, 200, TEXT_PLAIN, r->target, r->target_len));
+    x->feed_queued = ml_conn_write_queue(c);
     ml_conn_finish(c);
   }
 }
@@ -580,6 +584,17 @@ static void test_simple_get(void) {
   CHECK_INT(cl.len, strlen(r->head) + 10); /* nothing more than the response */
   CHECK(!cl.eof);                          /* HTTP/1.1 keeps the connection */
   CHECK_INT(x->n_request - before, 1);
+  client_close(&cl);
+  wait_server_idle(x);
+
+  ctest_section("output: staged when answered inside the read, written at once from elsewhere");
+  CHECK(x->feed_queued > 0); /* staged: a pipelined response behind it may join the same write */
+  x->slow_queued = 1;
+  CHECK_INT(client_open(&cl, x->port), 1);
+  client_sends(&cl, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n");
+  CHECK(client_wait(&cl, 1));
+  check_ok(&cl, 0, "slow done");
+  CHECK_INT((int)x->slow_queued, 0); /* from a timer: out before the callback returned */
   client_close(&cl);
   wait_server_idle(x);
 }
