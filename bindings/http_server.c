@@ -20,6 +20,7 @@
  *   unless the server was made with check_client_abort (on_hangup cancels it the same way).
  */
 #include <fcntl.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -201,62 +202,96 @@ typedef struct {
   char stackbuf[2048];
 } hbuf_t;
 
-static void hb_add(lua_State *L, hbuf_t *b, const char *s, size_t n) {
-  if (b->len + n > b->cap) {
-    size_t cap = b->cap * 2;
-    while (cap < b->len + n)
-      cap *= 2;
-    char *p = b->p == b->stackbuf ? malloc(cap) : realloc(b->p, cap);
-    if (!p) luaL_error(L, "moonlet: out of memory");
-    if (b->p == b->stackbuf) memcpy(p, b->stackbuf, b->len);
-    b->p = p;
-    b->cap = cap;
-  }
-  memcpy(b->p + b->len, s, n);
-  b->len += n;
+/* Room for n more bytes; raises when out of memory. */
+static void hb_reserve(lua_State *L, hbuf_t *b, size_t n) {
+  if (b->len + n <= b->cap) return;
+  size_t cap = b->cap * 2;
+  while (cap < b->len + n)
+    cap *= 2;
+  char *p = b->p == b->stackbuf ? malloc(cap) : realloc(b->p, cap);
+  if (!p) luaL_error(L, "moonlet: out of memory");
+  if (b->p == b->stackbuf) memcpy(p, b->stackbuf, b->len);
+  b->p = p;
+  b->cap = cap;
 }
 
 static void hb_free(hbuf_t *b) {
   if (b->p != b->stackbuf) free(b->p);
 }
 
+/* RFC 9110's tchar: the bytes a header name (a token) may hold. */
+static const unsigned char tchar[256] = {
+    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
+    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1,  ['~'] = 1, ['0'] = 1,
+    ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1,  ['7'] = 1, ['8'] = 1,
+    ['9'] = 1, ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1,  ['F'] = 1, ['G'] = 1,
+    ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1,  ['N'] = 1, ['O'] = 1,
+    ['P'] = 1, ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1,  ['V'] = 1, ['W'] = 1,
+    ['X'] = 1, ['Y'] = 1, ['Z'] = 1, ['a'] = 1, ['b'] = 1, ['c'] = 1,  ['d'] = 1, ['e'] = 1,
+    ['f'] = 1, ['g'] = 1, ['h'] = 1, ['i'] = 1, ['j'] = 1, ['k'] = 1,  ['l'] = 1, ['m'] = 1,
+    ['n'] = 1, ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1,  ['t'] = 1, ['u'] = 1,
+    ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
+};
+
 static int valid_token(const char *s, size_t n) {
   if (n == 0) return 0;
-  for (size_t i = 0; i < n; i++) {
-    unsigned char ch = (unsigned char)s[i];
-    if (ch <= 32 || ch >= 127 || strchr("\"(),/:;<=>?@[\\]{}", ch)) return 0;
-  }
+  for (size_t i = 0; i < n; i++)
+    if (!tchar[(unsigned char)s[i]]) return 0;
   return 1;
 }
 
+/* A header value may hold any byte but the controls other than HTAB (CR and LF above all). Eight
+ * bytes at a time: has_less is the "word has a byte below n" test (n <= 128), so the loop looks at
+ * single bytes only in a word that holds a control, a tab or DEL. */
+#define ONES 0x0101010101010101ULL
+#define has_less(x, n) (((x)-ONES * (n)) & ~(x) & (ONES * 0x80))
 static int valid_value(const char *s, size_t n) {
-  for (size_t i = 0; i < n; i++) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    memcpy(&w, s + i, 8);
+    if (!has_less(w, 32) && !has_less(w ^ (ONES * 127), 1)) continue;
+    for (size_t j = i; j < i + 8; j++) {
+      unsigned char ch = (unsigned char)s[j];
+      if ((ch < 32 && ch != '\t') || ch == 127) return 0;
+    }
+  }
+  for (; i < n; i++) {
     unsigned char ch = (unsigned char)s[i];
     if ((ch < 32 && ch != '\t') || ch == 127) return 0;
   }
   return 1;
 }
 
+/* "name: value\r\n", the value at vidx (a string or a number); raises on a bad value. */
 static void hb_header(lua_State *L, hbuf_t *b, const char *name, size_t nlen, int vidx) {
   size_t vlen;
   const char *v = lua_tolstring(L, vidx, &vlen);
   if (!v) luaL_error(L, "moonlet: header %s: value must be a string or a number", name);
   if (!valid_value(v, vlen))
     luaL_error(L, "moonlet: header %s: value holds CR, LF or a control", name);
-  hb_add(L, b, name, nlen);
-  hb_add(L, b, ": ", 2);
-  hb_add(L, b, v, vlen);
-  hb_add(L, b, "\r\n", 2);
+  hb_reserve(L, b, nlen + vlen + 4);
+  char *p = b->p + b->len;
+  memcpy(p, name, nlen);
+  p += nlen;
+  *p++ = ':';
+  *p++ = ' ';
+  memcpy(p, v, vlen);
+  p += vlen;
+  *p++ = '\r';
+  *p++ = '\n';
+  b->len = (size_t)(p - b->p);
 }
 
-/* Formats the content type (index ct, may be nil) and the headers table (index hi, may be nil; a
+/* Formats the content type (index ct, may be nil or false) and the headers table (index hi, may
+ * be nil or false: lua/moonlet/response.lua's res has false in both fields until they are set; a
  * value may be an array for repeated headers) as "Name: value\r\n" lines; raises on bad input. */
 static void format_headers(lua_State *L, hbuf_t *b, int ct, int hi) {
   b->p = b->stackbuf;
   b->len = 0;
   b->cap = sizeof b->stackbuf;
-  if (!lua_isnoneornil(L, ct)) hb_header(L, b, "Content-Type", 12, ct);
-  if (lua_isnoneornil(L, hi)) return;
+  if (lua_toboolean(L, ct)) hb_header(L, b, "Content-Type", 12, ct);
+  if (!lua_toboolean(L, hi)) return;
   luaL_checktype(L, hi, LUA_TTABLE);
   lua_pushnil(L);
   while (lua_next(L, hi)) {

@@ -142,10 +142,27 @@ static int l_running(lua_State *L) {
   return 1;
 }
 
+/* syntax: ... = core.call_unrecorded(f, ...) -- f(...), called from C.
+ * For LuaJIT's trace recorder this is a C function: a trace that reaches it stitches around it
+ * instead of recording f. The framework calls the few functions LuaJIT cannot compile (making a
+ * closure, FNEW) through it, so that they do not abort, and at last blacklist, the trace of a hot
+ * path such as the request dispatcher. f runs to its end: it must not wait (a moonlet wait inside
+ * raises "cannot wait here", rule 7 of sched.c, before it arms anything). */
+static int l_call_unrecorded(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
 void mlua_open_task(lua_State *L, moonlet_t *m) {
-  static const luaL_Reg fns[] = {
-      {"spawn", l_spawn},     {"park", l_park},      {"unpark", l_unpark}, {"cancel", l_cancel},
-      {"running", l_running}, {"sleep", mlua_sleep}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"spawn", l_spawn},
+                                 {"park", l_park},
+                                 {"unpark", l_unpark},
+                                 {"cancel", l_cancel},
+                                 {"running", l_running},
+                                 {"sleep", mlua_sleep},
+                                 {"call_unrecorded", l_call_unrecorded},
+                                 {NULL, NULL}};
   mlua_register(L, m, fns);
   lua_pushlightuserdata(L, &mlua_cancel_key);
   lua_setfield(L, -2, "CANCEL");

@@ -2,7 +2,8 @@
 # scripts/bench.sh: what `make bench` runs. Benchmarks moonlet beside its peers (nginx+lua, i.e.
 # OpenResty's engine, nginx static, a raw libuv floor, node) with the shared harness peers.sh
 # (../shared/bench/peers.sh, or $BENCH_PEERS; read-only, used in place): server on CPU 0, wrk on CPU 1.
-# moonlet serves examples/bench_hello.lua (GET / only, no middleware: the peers' work), and in the
+# moonlet serves examples/bench_hello.lua (GET / only, no middleware: the peers' work), the README's
+# app examples/hello.lua too (peer moonlet-readme: GET / through one middleware), and in the
 # fan-out scenarios examples/fanout.lua (GET /fanout: /a /b /c from the upstream in parallel).
 # Then it prints a short summary (moonlet's req/s as a ratio of nginx-lua's, p99 beside nginx-lua's,
 # idle RSS, bytes per idle connection) and saves it, with the command line and the date, to
@@ -409,6 +410,9 @@ MOONLET_FANOUT_CMD='./build/moonlet examples/fanout.lua --port {PORT} --upstream
 STATIC_CMD='./build/moonlet-static examples/bench_hello.lua --port {PORT} --log-level warn'
 STATIC_ARGS=""
 [ -x build/moonlet-static ] && STATIC_ARGS=yes
+# the README's app, examples/hello.lua (four routes, one middleware that sets X-Time, a static
+# mount), is a third extra peer: its GET / is what issue #2's targets name
+README_APP_CMD='./build/moonlet examples/hello.lua --port {PORT} --log-level warn'
 
 # ------------------------------------------------------------ what each peer needs
 # tools peers.sh refuses to run without, whatever the peers
@@ -463,6 +467,7 @@ for a in "$@"; do PASS="$PASS $(q "$a")"; done
 set -- --only "$ONLY" --scenarios "$SCENARIOS" --rounds "$ROUNDS" --duration "$DURATION" \
   --extra "moonlet=$MOONLET_CMD" --extra-fanout "moonlet=$MOONLET_FANOUT_CMD" "$@"
 [ -z "$STATIC_ARGS" ] || set -- "$@" --extra "moonlet-static=$STATIC_CMD"
+set -- "$@" --extra "moonlet-readme=$README_APP_CMD"
 CMDLINE="bash $(q "$PEERS_SH")"
 for a in "$@"; do CMDLINE="$CMDLINE $(q "$a")"; done
 if [ -n "${MAKELEVEL:-}" ]; then OUTER="${ENVLINE}make bench"; else OUTER="${ENVLINE}sh scripts/bench.sh$PASS"; fi
@@ -539,6 +544,16 @@ for s in scens:
     if not s.startswith("pipelined"):      # wrk's latency is per batch when pipelined: peers.sh shows n/a
         lines.append(f"| {s}: p99 ms | {num(m['p99'], '.2f')} | {num(n['p99'] if n else None, '.2f')} | |"
                      + tail(num(t['p99'], '.2f') if t else "", ""))
+    a = agg(s, "moonlet-readme")
+    if a:
+        lines.append(f"| {s}, examples/hello.lua (the README's app, one middleware): req/s "
+                     f"| {num(a['rps'], '.0f')} | {num(nr, '.0f')} | **{ratio(a['rps'], nr)}** |"
+                     + tail("", ""))
+        if not s.startswith("pipelined"):
+            lines.append(f"| {s}, examples/hello.lua: p99 ms | {num(a['p99'], '.2f')} "
+                         f"| {num(n['p99'] if n else None, '.2f')} | |" + tail("", ""))
+        if int(rounds) > 1:
+            notes.append(f"{s} req/s by round, examples/hello.lua: {a['rounds']}")
     if s == "hello":
         lines.append(f"| idle RSS before load, MiB | {num(m['idle'] / 1024, '.1f')} "
                      f"| {num(n['idle'] / 1024 if n else None, '.1f')} | |"
@@ -591,7 +606,8 @@ print(f"Raw results: `{tsv}`" + (f", `{jsonl}`" if os.path.exists(jsonl) else ""
 if host:
     print(f"Host: {host}.\n")
 print(f"Server on CPU 0, wrk on CPU 1 (2 vCPUs, shared machine: only ratios within one run mean anything); "
-      f"median of {rounds} round(s). moonlet serves examples/bench_hello.lua (GET / only, no middleware); "
+      f"median of {rounds} round(s). moonlet serves examples/bench_hello.lua (GET / only, no middleware; "
+      f"the rows marked examples/hello.lua serve the README's app: four routes, one middleware); "
       f"in fanout*, examples/fanout.lua. moonlet-static is the same app under build/moonlet-static "
       f"(`make static`: one executable, glibc included).\n")
 print("\n".join(lines))

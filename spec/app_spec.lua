@@ -103,3 +103,73 @@ describe("moonlet.app", function()
         assert.truthy(err:find("address in use", 1, true))
     end)
 end)
+
+describe("moonlet.app: header values and next() off the usual path", function()
+    local server, port, runs
+    local values = {
+        good_tabs = "a\tb\tc\td\te\tf\tg\th\ti", -- HTAB is the one control a value may hold
+        good_utf8 = "caf\195\169 \226\152\149 long enough to take the eight-byte path",
+        good_long = string.rep("x", 300),
+        bad_cr_7 = "0123456\r89abcdef",      -- in the first eight bytes
+        bad_lf_12 = "0123456789ab\ncdefgh",  -- in the second word
+        bad_del_15 = "0123456789abcde\127xyz",
+        bad_nul_8 = "abcdefgh\0ijk",
+        bad_cr_tail = "0123456789abcdefgh\r", -- in the bytes after the last whole word
+    }
+    before_each(function()
+        runs = 0
+        local app = moonlet.app()
+        app:use(function(req, res, next)
+            if req.path == "/timeout" then return moonlet.timeout(1, next) end -- next in a child task
+            if req.path == "/twice" then
+                local a = next()
+                return a .. "+" .. next()
+            end
+            return next()
+        end)
+        app:get("/value/:name", function(req, res)
+            res:header("X-V", values[req.params.name])
+            return "ok"
+        end)
+        app:get("/name", function(_, res) res:header("Bad Name", "v"); return "ok" end)
+        app:get("/number", function(_, res) res:header("X-N", 0.5):header("X-I", 42); return "ok" end)
+        app:get("/timeout", function() moonlet.sleep(0.01); return "in time" end)
+        app:get("/twice", function() runs = runs + 1; return "run" .. runs end)
+        server, port = test.serve(app)
+    end)
+    after_each(function() server:close() end)
+
+    it("sends a value with tabs, UTF-8 or 300 bytes as it is", function()
+        for _, name in ipairs({ "good_tabs", "good_utf8", "good_long" }) do
+            local r = test.request(port, "GET", "/value/" .. name)
+            assert.same(200, r.status)
+            assert.same(values[name], r.headers["x-v"])
+        end
+    end)
+
+    it("refuses a control byte wherever it is in the value (500, nothing sent of it)", function()
+        for name, v in pairs(values) do
+            if name:sub(1, 4) == "bad_" then
+                local r = test.request(port, "GET", "/value/" .. name)
+                assert.same(500, r.status, name)
+                assert.is_nil(r.headers["x-v"], name)
+                assert.truthy(#v > 0)
+            end
+        end
+    end)
+
+    it("refuses a header name that is not a token, formats numbers as tostring does", function()
+        assert.same(500, test.request(port, "GET", "/name").status)
+        local r = test.request(port, "GET", "/number")
+        assert.same("0.5", r.headers["x-n"])
+        assert.same("42", r.headers["x-i"])
+    end)
+
+    it("lets a middleware run next() in a child task, or twice", function()
+        local r = test.request(port, "GET", "/timeout")
+        assert.same(200, r.status)
+        assert.same("in time", r.body)
+        r = test.request(port, "GET", "/twice")
+        assert.same("run1+run2", r.body)
+    end)
+end)

@@ -82,3 +82,22 @@ describe("moonlet.now", function()
         assert.truthy(math.abs(moonlet.time() - os.time()) < 2)
     end)
 end)
+
+describe("core.call_unrecorded (how the framework keeps closure-making out of LuaJIT traces)", function()
+    local core = require "moonlet.core"
+
+    it("returns every value of the function it calls", function()
+        local a, b, c = core.call_unrecorded(function(x, y) return x + y, "two", nil end, 1, 2)
+        assert.same({ 3, "two" }, { a, b })
+        assert.is_nil(c)
+        assert.same(0, select("#", core.call_unrecorded(function() end)))
+    end)
+
+    it("passes errors on and refuses a wait inside (it is a C call)", function()
+        assert.has_error(function() core.call_unrecorded(error, "boom", 0) end, "boom")
+        local ok, err = pcall(core.call_unrecorded, function() moonlet.sleep(0) end)
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find("cannot wait here", 1, true)) -- rule 7 of bindings/sched.c
+        moonlet.sleep(0) -- the task still waits normally afterwards
+    end)
+end)

@@ -6,6 +6,8 @@ local json = require "moonlet.json"
 local check = require("moonlet.task").check
 
 local type, setmetatable, tostring = type, setmetatable, tostring
+local has_new_tab, new_tab = pcall(require, "table.new") -- LuaJIT: a table made at its size
+if not has_new_tab then new_tab = function() return {} end end
 
 local _M = {}
 local methods = {}
@@ -42,7 +44,7 @@ end
 -- syntax: res:header(name, value) -> res -- value nil removes; a table sends the header repeatedly
 function methods:header(name, value)
     local h = self._headers
-    if not h then h = {}; self._headers = h end
+    if not h then h = new_tab(0, 4); self._headers = h end
     if name == "Content-Type" or name == "content-type" then
         self._ctype = value
     else
