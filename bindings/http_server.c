@@ -47,7 +47,6 @@ typedef struct {
   ml_conn_t *c;      /* NULL once the request ended or the connection closed */
   mlua_task_t *task; /* the handler task */
   moonlet_t *m;      /* the instance (not the server: it may be freed while a handler runs) */
-  int ref;           /* pins this userdata while C points at it */
   int wait;          /* WAIT_* */
   int status;        /* for the access log */
   uint64_t bytes;    /* body bytes sent */
@@ -107,9 +106,7 @@ static void handler_done(mlua_task_t *t, int ok, void *ud) {
     }
   }
   exchange_end(x);
-  x->task = NULL;
-  luaL_unref(m->L, LUA_REGISTRYINDEX, x->ref);
-  x->ref = LUA_NOREF;
+  x->task = NULL; /* the task's stack lets go of x when the task is released, right after this */
 }
 
 static void on_request(ml_conn_t *c, void *ud) {
@@ -118,10 +115,14 @@ static void on_request(ml_conn_t *c, void *ud) {
   mlua_task_t *t = mlua_task_new(m);
   lua_State *co = t->co;
   const ml_request_t *r = ml_conn_request(c);
-  lua_rawgeti(co, LUA_REGISTRYINDEX, s->handler_ref);
+  /* x is pinned while C points at it (the connection's data, x->c) by staying in the first slot of
+   * its task's stack, under the handler's frame, where no Lua code can reach it: the task's
+   * coroutine (pinned by its struct) keeps it from here until the task is released, which is after
+   * handler_done has unlinked it. No registry ref to take and give back on every request. */
   exchange_t *x = lua_newuserdata(co, sizeof *x);
   lua_rawgeti(co, LUA_REGISTRYINDEX, m->exchange_mt_ref); /* luaL_getmetatable without the name */
   lua_setmetatable(co, -2);
+  lua_rawgeti(co, LUA_REGISTRYINDEX, s->handler_ref);
   x->c = c;
   x->task = t;
   x->m = s->m;
@@ -130,8 +131,7 @@ static void on_request(ml_conn_t *c, void *ud) {
   x->bytes = 0;
   x->fd = -1;
   x->file_ref = LUA_NOREF;
-  lua_pushvalue(co, -1);
-  x->ref = luaL_ref(co, LUA_REGISTRYINDEX);
+  lua_pushvalue(co, -2); /* stack: x (the pin), handler, x, method, target */
   ml_conn_set_data(c, x);
   lua_pushlstring(co, r->method, r->method_len);
   lua_pushlstring(co, r->target, r->target_len);

@@ -8,7 +8,10 @@
  *    one wins), pushes the results on t->co and calls mlua_task_resume.
  * 2. A task is pinned (registry ref on its coroutine) for the life of its struct; anything a wait
  *    lends to C (a string given to uv_write, the object it waits on) is pinned by that wait and
- *    unpinned on every path: success, error, timeout, cancel, close.
+ *    unpinned on every path: success, error, timeout, cancel, close. Whoever starts a task may
+ *    leave values under its function on its stack: they stay pinned until the task is released
+ *    (after its `done` callback), out of the reach of its Lua code (the HTTP server pins each
+ *    request's exchange so).
  * 3. A wait whose object closes wakes its task with nil, "closed": nothing is left parked forever.
  * 4. When a task ends (returned or raised) its `done` callback runs once, then the struct goes back
  *    to the pool. A coroutine that returned is reused for the next task (no allocation per

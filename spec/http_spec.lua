@@ -321,4 +321,28 @@ describe("moonlet.http server streaming", function()
         assert.is_nil(all:find("0\r\n\r\n", 1, true)) -- no clean end of the chunked body
         server:close()
     end)
+
+    it("keeps a request's exchange alive while C points at it, whatever the handler drops", function()
+        -- core.listen's handler gets the exchange x; this one lets go of it and collects garbage
+        -- while it waits: the server pins x on its own (bindings/http_server.c, on_request)
+        local core = require "moonlet.core"
+        local seen = setmetatable({}, { __mode = "v" })
+        local server, port = core.listen({ host = "127.0.0.1", port = 0 }, function(x)
+            seen[1] = x
+            x = nil -- luacheck: ignore
+            collectgarbage()
+            moonlet.sleep(0.01)
+            collectgarbage()
+            local again = seen[1]
+            if not again then error("the exchange was collected") end
+            again:respond(200, "still here", "text/plain")
+        end)
+        assert(server, port)
+        for _ = 1, 3 do
+            local r = test.request(port, "GET", "/")
+            assert.same(200, r.status)
+            assert.same("still here", r.body)
+        end
+        server:close()
+    end)
 end)
