@@ -316,6 +316,14 @@ static void format_headers(lua_State *L, hbuf_t *b, int ct, int hi) {
   }
 }
 
+/* A second response on an exchange: the handler's mistake raises; but when the server answered on
+ * its own (a 408 or 413 while the handler read the body), the handler hears nil, "closed", as when
+ * the client is gone. */
+static int already_answered(lua_State *L, exchange_t *x) {
+  if (x->status) return luaL_error(L, "moonlet: the response was already started");
+  return mlua_push_error(L, UV_EPIPE);
+}
+
 static int check_status(lua_State *L, int idx) {
   int status = (int)luaL_checkinteger(L, idx);
   if (status < 200 || status > 999) luaL_argerror(L, idx, "status must be 200..999");
@@ -333,7 +341,7 @@ static int x_respond(lua_State *L) {
   format_headers(L, &hb, 4, 5);
   int r = ml_conn_respond(x->c, status, hb.p, hb.len, body, blen);
   hb_free(&hb);
-  if (r == UV_EALREADY) return luaL_error(L, "moonlet: the response was already started");
+  if (r == UV_EALREADY) return already_answered(L, x);
   if (r < 0) return mlua_push_error(L, r);
   x->status = status;
   x->bytes += blen;
@@ -351,7 +359,7 @@ static int x_start(lua_State *L) {
   format_headers(L, &hb, 3, 4);
   int r = ml_conn_stream_start(x->c, status, hb.p, hb.len, clen);
   hb_free(&hb);
-  if (r == UV_EALREADY) return luaL_error(L, "moonlet: the response was already started");
+  if (r == UV_EALREADY) return already_answered(L, x);
   if (r < 0) return mlua_push_error(L, r);
   x->status = status;
   lua_pushboolean(L, 1);

@@ -240,6 +240,10 @@ static uint64_t conn_deadline(ml_conn_t *c) {
     return lim->body_timeout_ms ? c->activity + lim->body_timeout_ms : 0;
   case ML_CONN_IDLE:
     if (c->req_active || c->stash_len || c->upgraded) return 0;
+    /* a new connection that has sent nothing yet waits as long as a request head may take (as
+     * nginx's client_header_timeout), then is closed without a response; later, keep-alive */
+    if (c->nrequests == 0)
+      return lim->header_timeout_ms ? c->activity + lim->header_timeout_ms : 0;
     return lim->keepalive_timeout_ms ? c->activity + lim->keepalive_timeout_ms : 0;
   default: return 0; /* the handler runs: its own waits carry their timeouts */
   }

@@ -5,7 +5,9 @@
 -- demo routes of this same app, /demo/users, /demo/orders and /demo/slow (2 s), so it works
 -- offline. env UPSTREAM_TIMEOUT: the per-upstream deadline in seconds (0.5).
 --   moonlet examples/aggregate.lua --port 8080
---   curl localhost:8080/aggregate   → {"users":{...},"orders":{...},"slow":{"error":"timeout"}}
+--   curl localhost:8080/aggregate
+--   → {"secs":0.5,"upstreams":{"users":{"status":200,"body":[...]},"orders":{...},
+--      "slow":{"error":"timeout"}}}
 local moonlet = require "moonlet"
 local json = moonlet.json
 

@@ -25,5 +25,5 @@ app:use(function(req, res, next)                          -- middleware wraps ev
     local t = moonlet.now(); local r = next(); res:header("X-Time", moonlet.now() - t); return r
 end)
 
-app:static("/assets", "apps/welcome/public")             -- static files
+app:static("/assets", "public")                           -- static files
 return app

@@ -145,4 +145,39 @@ describe("examples", function()
         assert.equal(30000000, doc.rounds)
         assert.matches("^%x+$", doc.hash)
     end)
+
+    it("tasks.lua prints one line per idea, each with its expected result", function()
+        local out, code = run("examples/tasks.lua")
+        assert.equal(0, code, out)
+        local secs = tonumber(out:match("spawn/join: a b after ([%d.]+) s"))
+        assert.truthy(secs and secs < 0.4, out) -- two 0.2 s sleeps at once, not one after the other
+        for _, line in ipairs({ "cancel:\tfalse\tcancelled",
+                                "any:\tfast\tfast", "timeout:\tnil\ttimeout",
+                                "queue:\t1 4 9 16 25", "semaphore: at most\t2\tat once",
+                                "event: woke\t3" }) do
+            assert.truthy(out:find(line, 1, true), line .. " in:\n" .. out)
+        end
+    end)
+
+    it("hello.lua (the README's app) serves each of its routes, its files from examples/public", function()
+        -- run from the repository's root, where no ./public exists: the static root is found
+        -- next to the script (app:static takes a relative dir from there when it is not in the
+        -- current directory)
+        local p = test.start_process("examples/hello.lua --port 0")
+        test.defer(function() p:kill() end)
+        local port = p:port()
+        local r = test.request(port, "GET", "/")
+        assert.same({ 200, "Hello, World!" }, { r.status, r.body })
+        assert.truthy(tonumber(r.headers["x-time"]), "the middleware's X-Time")
+        r = test.request(port, "GET", "/users/42?q=hi")
+        assert.same({ id = "42", q = "hi" }, moonlet.json.decode(r.body))
+        r = test.request(port, "POST", "/echo", { body = "ping" })
+        assert.same({ 201, "ping", "yes" }, { r.status, r.body, r.headers["x-echo"] })
+        r = test.request(port, "GET", "/countdown")
+        assert.same({ "chunked", "3\n2\n1\n" }, { r.headers["transfer-encoding"], r.body })
+        r = test.request(port, "GET", "/assets/hello.txt")
+        assert.same(200, r.status)
+        assert.truthy(r.body:find("examples/public/hello.txt", 1, true), r.body)
+        assert.same(404, test.request(port, "GET", "/assets/missing.txt").status)
+    end)
 end)

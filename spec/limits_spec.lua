@@ -129,6 +129,43 @@ describe("moonlet.http limits", function()
         assert.same(408, status_of(data))
     end)
 
+    it("tells a handler reading the body after its 408 that the connection is closed", function()
+        local late
+        local app = moonlet.app()
+        app:post("/late", function(req, res)
+            local body, err = req:body()
+            late = { body = body, err = err }
+            late.ok, late.werr = res:write("too late") -- the server answered 408 already: no raise
+            return ""
+        end)
+        local s2, p2 = test.serve(app, LIMITS)
+        local sock = test.connect(p2)
+        assert(sock:send("POST /late HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"))
+        local data = assert(sock:receive("*a"))
+        sock:close()
+        assert.same(408, status_of(data))
+        assert.truthy(test.wait_until(function() return late and late.werr end, 3))
+        assert.is_nil(late.body)
+        assert.is_nil(late.ok)
+        assert.same("closed", late.werr)
+        s2:close()
+    end)
+
+    it("closes a new connection that sends nothing at the header timeout, without a response", function()
+        local opts = {}
+        for k, v in pairs(LIMITS) do opts[k] = v end
+        opts.keepalive_timeout = 60 -- not this one: nothing was asked yet
+        local app = moonlet.app()
+        local s2, p2 = test.serve(app, opts)
+        local sock = test.connect(p2)
+        local t0 = moonlet.now()
+        local data, err = sock:receive("*a")
+        sock:close()
+        assert.same("", data, err)
+        assert.truthy(moonlet.now() - t0 < 10)
+        s2:close()
+    end)
+
     it("closes an idle keep-alive connection after the timeout", function()
         local sock = test.connect(port)
         assert(sock:send(test.format_request("GET", "/")))

@@ -360,6 +360,18 @@ describe("moonlet.ngx cosockets", function()
 end)
 
 describe("moonlet.ngx", function()
+    it("installs the ngx global when required (a fresh process)", function()
+        local code, out = test.run_script([[
+            require "moonlet.ngx"
+            print("ngx", type(ngx), type(ngx.socket.tcp), ngx.null ~= nil)
+            local ok, redis = pcall(require, "resty.redis")
+            print("driver", ok and type(redis.new) or "missing")
+        ]])
+        assert.same(0, code, out)
+        assert.truthy(out:find("ngx\ttable\tfunction\ttrue", 1, true), out)
+        if has_driver then assert.truthy(out:find("driver\tfunction", 1, true), out) end
+    end)
+
     it("installs one ngx global, lazily reachable as moonlet.ngx", function()
         assert.equal(ngx, mngx.install())
         assert.equal(mngx, moonlet.ngx)

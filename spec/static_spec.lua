@@ -246,6 +246,20 @@ describe("moonlet.static", function()
             assert.falsy(data:find("TOP SECRET", 1, true))
         end)
 
+        it("answers 404 under a root that does not exist yet, and serves it once it does", function()
+            local late = base .. "/late-root"
+            local app = moonlet.app()
+            app:static("/late", late) -- logs a warning, does not fail: the rest of the app serves
+            app:get("/", function() return "app up" end)
+            local server, port = test.serve(app)
+            defer(function() server:close() end)
+            assert.same("app up", get(port, "/").body)
+            assert.same(404, get(port, "/late/a.txt").status)
+            sh("mkdir -p " .. q(late) .. " && printf late > " .. q(late .. "/a.txt"))
+            local r = get(port, "/late/a.txt")
+            assert.same({ 200, "late" }, { r.status, r.body })
+        end)
+
         it("decodes percent-escapes in the file name", function()
             local port = serve()
             local r = get(port, "/assets/with%20space%20%26%20100%25.txt")

@@ -101,9 +101,12 @@ function methods:use(fn)
     return self
 end
 
--- syntax: app:static(prefix, dir, opts) -- serves files under dir at prefix (GET and HEAD)
+-- syntax: app:static(prefix, dir, opts) -- serves files under dir at prefix (GET and HEAD); a
+-- relative dir is taken from the current directory, else from the calling script's directory
 function methods:static(prefix, dir, opts)
-    local handler = require("moonlet.static").handler(dir, opts)
+    local src = debug.getinfo(2, "S").source
+    local base = str_sub(src, 1, 1) == "@" and (src:match("^@(.*)/[^/]*$") or ".") or nil
+    local handler = require("moonlet.static").handler(dir, opts, base)
     prefix = prefix:gsub("/+$", "")
     self.router:add("GET", prefix .. "/*path", handler)
     return self

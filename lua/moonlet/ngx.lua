@@ -1,6 +1,8 @@
 -- lua/moonlet/ngx.lua: moonlet.ngx, a minimal OpenResty `ngx` API on moonlet, so that lua-resty
--- drivers (lua-resty-redis, ...) run unmodified. require("moonlet.ngx").install() sets the global
--- `ngx`; requiring the module alone has no side effects.
+-- drivers (lua-resty-redis, ...) run unmodified. Requiring the module installs the global `ngx`
+-- (unless there is one already: inside OpenResty itself it leaves the real one alone);
+-- require("moonlet.ngx").install() does it too and returns the table, get() returns it without
+-- touching the globals.
 --
 -- ngx.socket.tcp() objects are Lua tables wrapping a moonlet.tcp socket (created by :connect).
 -- Timeouts are OpenResty's milliseconds here, converted to moonlet's seconds. :setkeepalive puts
@@ -867,5 +869,9 @@ end
 -- the same helpers, for tests and for code that wants them without the global
 _M.re = { match = re_match, find = re_find, gmatch = re_gmatch, sub = re_sub, gsub = re_gsub }
 _M.translate = function(re, opts) return translate(re, opts or "").pat end
+
+-- the module is the ngx global: requiring it installs it (and the resty.redis alias), as
+-- `require "moonlet.ngx"; local redis = require "resty.redis"` expects
+if rawget(_G, "ngx") == nil then _M.install() end
 
 return _M

@@ -44,11 +44,25 @@ local function parse_range(h, size)
     return first, last - first + 1
 end
 
--- syntax: handler = static.handler(dir, { index = "index.html", max_age = seconds })
-function _M.handler(dir, opts)
-    opts = opts or {}
+-- The directory a static root names: dir itself when it exists (a relative one from the current
+-- directory), else, for a relative dir, the same path from base (the directory of the script that
+-- called app:static: `moonlet path/to/app.lua` finds path/to/public from anywhere); nil, err.
+local function find_root(dir, base)
     local root, err = core.realpath(dir)
-    if not root then error("moonlet: static root " .. dir .. ": " .. err, 3) end
+    if root or not base or str_sub(dir, 1, 1) == "/" then return root, err end
+    return core.realpath(base .. "/" .. dir) or nil, err
+end
+
+-- syntax: handler = static.handler(dir, { index = "index.html", max_age = seconds }, base)
+-- A root that does not exist yet is logged (a warning) and looked for again on each request,
+-- which answers 404 meanwhile, as nginx does with a missing root: the rest of the app serves.
+function _M.handler(dir, opts, base)
+    opts = opts or {}
+    if type(dir) ~= "string" then error("moonlet: static root must be a path", 3) end
+    local root, err = find_root(dir, base)
+    if not root then
+        core.log(1, "static root " .. dir .. ": " .. tostring(err) .. " (answering 404 until it exists)")
+    end
     local index = opts.index == nil and "index.html" or opts.index
     local cache_control = opts.max_age and ("public, max-age=" .. floor(opts.max_age)) or nil
 
@@ -60,6 +74,10 @@ function _M.handler(dir, opts)
     end
 
     return function(req, res)
+        if not root then
+            root = find_root(dir, base)
+            if not root then return 404, "404 Not Found\n" end
+        end
         local rel = safe_relative(req.params.path or "")
         if not rel then return 404, "404 Not Found\n" end
         local real = resolve(root .. "/" .. rel)
