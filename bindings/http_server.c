@@ -7,10 +7,11 @@
  * server keeps serving when Lua drops its object. The Lua box holds a pointer that is NULLed when
  * the server is freed.
  * - Each request runs its handler as a task: handler(exchange, method, target). The exchange is a
- *   userdata pinned by a registry ref from on_request until the task ends. x->c points to the
- *   connection while the request is active; it is NULLed when the task ends (ml_conn_finish) or the
- *   connection closes (on_close), whichever comes first. Every method on an exchange without a
- *   connection returns nil, "closed".
+ *   userdata pinned from on_request until the task is released (after handler_done) by a copy in
+ *   the first slot of the task's stack, under the handler's frame (sched.c, rule 2). x->c points
+ *   to the connection while the request is active; it is NULLed when the task ends (ml_conn_finish)
+ *   or the connection closes (on_close), whichever comes first. Every method on an exchange without
+ *   a connection returns nil, "closed".
  * - An exchange waits for one thing at a time (x->wait: body, writable, file). The core callback of
  *   that thing (on_body, on_writable, the file callback) or on_close clears x->wait and resumes the
  *   task; nothing else resumes it.
@@ -202,6 +203,17 @@ typedef struct {
   char stackbuf[2048];
 } hbuf_t;
 
+static void hb_free(hbuf_t *b) {
+  if (b->p != b->stackbuf) free(b->p);
+  b->p = b->stackbuf;
+}
+
+/* Raises msg (with one %s: name) after freeing what the buffer took from the heap. */
+static void hb_fail(lua_State *L, hbuf_t *b, const char *msg, const char *name) {
+  hb_free(b);
+  luaL_error(L, msg, name);
+}
+
 /* Room for n more bytes; raises when out of memory. */
 static void hb_reserve(lua_State *L, hbuf_t *b, size_t n) {
   if (b->len + n <= b->cap) return;
@@ -209,14 +221,10 @@ static void hb_reserve(lua_State *L, hbuf_t *b, size_t n) {
   while (cap < b->len + n)
     cap *= 2;
   char *p = b->p == b->stackbuf ? malloc(cap) : realloc(b->p, cap);
-  if (!p) luaL_error(L, "moonlet: out of memory");
+  if (!p) hb_fail(L, b, "moonlet: out of memory%s", "");
   if (b->p == b->stackbuf) memcpy(p, b->stackbuf, b->len);
   b->p = p;
   b->cap = cap;
-}
-
-static void hb_free(hbuf_t *b) {
-  if (b->p != b->stackbuf) free(b->p);
 }
 
 /* RFC 9110's tchar: the bytes a header name (a token) may hold. */
@@ -267,9 +275,9 @@ static int valid_value(const char *s, size_t n) {
 static void hb_header(lua_State *L, hbuf_t *b, const char *name, size_t nlen, int vidx) {
   size_t vlen;
   const char *v = lua_tolstring(L, vidx, &vlen);
-  if (!v) luaL_error(L, "moonlet: header %s: value must be a string or a number", name);
+  if (!v) hb_fail(L, b, "moonlet: header %s: value must be a string or a number", name);
   if (!valid_value(v, vlen))
-    luaL_error(L, "moonlet: header %s: value holds CR, LF or a control", name);
+    hb_fail(L, b, "moonlet: header %s: value holds CR, LF or a control", name);
   hb_reserve(L, b, nlen + vlen + 4);
   char *p = b->p + b->len;
   memcpy(p, name, nlen);
@@ -296,9 +304,9 @@ static void format_headers(lua_State *L, hbuf_t *b, int ct, int hi) {
   lua_pushnil(L);
   while (lua_next(L, hi)) {
     size_t nlen;
-    if (lua_type(L, -2) != LUA_TSTRING) luaL_error(L, "moonlet: header names are strings");
+    if (lua_type(L, -2) != LUA_TSTRING) hb_fail(L, b, "moonlet: header names are strings%s", "");
     const char *name = lua_tolstring(L, -2, &nlen);
-    if (!valid_token(name, nlen)) luaL_error(L, "moonlet: invalid header name %q", name);
+    if (!valid_token(name, nlen)) hb_fail(L, b, "moonlet: invalid header name %s", name);
     if (lua_istable(L, -1)) {
       for (int i = 1;; i++) {
         lua_rawgeti(L, -1, i);

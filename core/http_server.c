@@ -242,8 +242,8 @@ static uint64_t conn_deadline(ml_conn_t *c) {
     if (c->req_active || c->stash_len || c->upgraded) return 0;
     /* a new connection that has sent nothing yet waits as long as a request head may take (as
      * nginx's client_header_timeout), then is closed without a response; later, keep-alive */
-    if (c->nrequests == 0)
-      return lim->header_timeout_ms ? c->activity + lim->header_timeout_ms : 0;
+    if (c->nrequests == 0 && lim->header_timeout_ms) /* with none set: keep-alive's, below */
+      return c->activity + lim->header_timeout_ms;
     return lim->keepalive_timeout_ms ? c->activity + lim->keepalive_timeout_ms : 0;
   default: return 0; /* the handler runs: its own waits carry their timeouts */
   }

@@ -132,6 +132,10 @@ describe("moonlet.app: header values and next() off the usual path", function()
             return "ok"
         end)
         app:get("/name", function(_, res) res:header("Bad Name", "v"); return "ok" end)
+        app:get("/big-then-bad", function(_, res) -- the head outgrows its 2 KiB stack buffer first
+            res:header("X-Big", { string.rep("b", 3000), "bad\r\nvalue" })
+            return "ok"
+        end)
         app:get("/number", function(_, res) res:header("X-N", 0.5):header("X-I", 42); return "ok" end)
         app:get("/timeout", function() moonlet.sleep(0.01); return "in time" end)
         app:get("/twice", function() runs = runs + 1; return "run" .. runs end)
@@ -160,6 +164,7 @@ describe("moonlet.app: header values and next() off the usual path", function()
 
     it("refuses a header name that is not a token, formats numbers as tostring does", function()
         assert.same(500, test.request(port, "GET", "/name").status)
+        assert.same(500, test.request(port, "GET", "/big-then-bad").status) -- and frees (ASan)
         local r = test.request(port, "GET", "/number")
         assert.same("0.5", r.headers["x-n"])
         assert.same("42", r.headers["x-i"])

@@ -166,6 +166,18 @@ describe("moonlet.http limits", function()
         s2:close()
     end)
 
+    it("closes a new silent connection at the keep-alive timeout when the header one is off", function()
+        local opts = {}
+        for k, v in pairs(LIMITS) do opts[k] = v end
+        opts.header_timeout = 0 -- none: the new connection must not be held forever
+        local s2, p2 = test.serve(moonlet.app(), opts)
+        local sock = test.connect(p2)
+        local data, err = sock:receive("*a")
+        sock:close()
+        assert.same("", data, err)
+        s2:close()
+    end)
+
     it("closes an idle keep-alive connection after the timeout", function()
         local sock = test.connect(port)
         assert(sock:send(test.format_request("GET", "/")))

@@ -260,6 +260,20 @@ describe("moonlet.static", function()
             assert.same({ 200, "late" }, { r.status, r.body })
         end)
 
+        it("takes a relative root from the script's directory, even after a tail call", function()
+            -- the script is run from the repository's root, where no ./pub exists
+            local dir = base .. "/script-dir"
+            sh("mkdir -p " .. q(dir .. "/pub") .. " && printf near > " .. q(dir .. "/pub/x.txt"))
+            write_file(dir .. "/app.lua", 'local app = require("moonlet").app()\n' ..
+                                          'app:get("/", function() return "up" end)\n' ..
+                                          'return app:static("/s", "pub")\n')
+            local p = test.start_process(q(dir .. "/app.lua") .. " --port 0")
+            defer(function() p:kill() end)
+            local port = p:port()
+            local r = get(port, "/s/x.txt")
+            assert.same({ 200, "near" }, { r.status, r.body })
+        end)
+
         it("decodes percent-escapes in the file name", function()
             local port = serve()
             local r = get(port, "/assets/with%20space%20%26%20100%25.txt")

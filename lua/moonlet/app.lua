@@ -104,8 +104,11 @@ end
 -- syntax: app:static(prefix, dir, opts) -- serves files under dir at prefix (GET and HEAD); a
 -- relative dir is taken from the current directory, else from the calling script's directory
 function methods:static(prefix, dir, opts)
+    -- the calling file's directory; after a tail call (`return app:static(...)` ends a script) the
+    -- caller's frame is gone, and the script being loaded (reload.lua sets script_dir) stands in
     local src = debug.getinfo(2, "S").source
-    local base = str_sub(src, 1, 1) == "@" and (src:match("^@(.*)/[^/]*$") or ".") or nil
+    local base = _M.script_dir
+    if str_sub(src, 1, 1) == "@" then base = src:match("^@(.*)/[^/]*$") or "." end
     local handler = require("moonlet.static").handler(dir, opts, base)
     prefix = prefix:gsub("/+$", "")
     self.router:add("GET", prefix .. "/*path", handler)

@@ -1,8 +1,9 @@
 -- lua/moonlet/ngx.lua: moonlet.ngx, a minimal OpenResty `ngx` API on moonlet, so that lua-resty
--- drivers (lua-resty-redis, ...) run unmodified. Requiring the module installs the global `ngx`
--- (unless there is one already: inside OpenResty itself it leaves the real one alone);
--- require("moonlet.ngx").install() does it too and returns the table, get() returns it without
--- touching the globals.
+-- drivers (lua-resty-redis, ...) run unmodified. Unlike moonlet's other modules, requiring this
+-- one has a side effect, the one it exists for: it installs the global `ngx` (unless a global
+-- `ngx` exists already: inside OpenResty it leaves the real one alone) and lets
+-- `require "resty.redis"` find Debian's nginx.redis. require("moonlet.ngx").install() sets the
+-- global in any case (replacing one) and returns the table; get() returns the table.
 --
 -- ngx.socket.tcp() objects are Lua tables wrapping a moonlet.tcp socket (created by :connect).
 -- Timeouts are OpenResty's milliseconds here, converted to moonlet's seconds. :setkeepalive puts
@@ -860,7 +861,7 @@ function _M.install()
     return ngx_tbl
 end
 
--- syntax: ngx = require("moonlet.ngx").get() -- the ngx table without touching the globals
+-- syntax: ngx = require("moonlet.ngx").get() -- the ngx table (the one the global is, once installed)
 function _M.get()
     if not ngx_tbl then ngx_tbl = build() end
     return ngx_tbl
@@ -872,6 +873,6 @@ _M.translate = function(re, opts) return translate(re, opts or "").pat end
 
 -- the module is the ngx global: requiring it installs it (and the resty.redis alias), as
 -- `require "moonlet.ngx"; local redis = require "resty.redis"` expects
-if rawget(_G, "ngx") == nil then _M.install() end
+if rawget(_G, "ngx") == nil then _M.install() else alias_resty_redis() end
 
 return _M

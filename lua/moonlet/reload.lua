@@ -158,7 +158,11 @@ local function build(self)
     end
     for name in pairs(saved) do loaded[name] = nil end
     local args = self.args
+    -- the script's directory, for app:static's relative roots while the script runs
+    local outer_dir = app_mod.script_dir
+    if self.path then app_mod.script_dir = self.path:match("^(.*)/[^/]*$") or "." end
     local ok, app = xpcall(chunk, app_traceback, unpack(args, 1, args.n or #args))
+    app_mod.script_dir = outer_dir
     local old = self.app
     if ok and not is_app(app) then
         if old then
