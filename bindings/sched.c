@@ -23,6 +23,8 @@
  * 7. A wait is armed only where its task can yield: mlua_check_yieldable refuses a call with a C
  *    function between it and the task (table.sort's comparator, require), before any source
  *    starts; mlua_task_wait undoes the wait through its cancel callback if one slips through.
+ *    moonlet.gather and moonlet.any (lua/moonlet/task.lua) check the same before they park, and
+ *    cancel the children they started when they cannot wait.
  */
 #include <stdlib.h>
 

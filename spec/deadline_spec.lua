@@ -138,6 +138,26 @@ describe("structured concurrency", function()
         assert.is_true(moonlet.now() - t0 >= 0.015)
     end)
 
+    it("gather and any where they cannot wait raise and cancel the children they started", function()
+        for _, name in ipairs({ "gather", "any" }) do
+            local finished, cancelled = 0, 0
+            local function child()
+                local ok, err = pcall(moonlet.sleep, 0.02)
+                if not ok and err == moonlet.CANCELLED then cancelled = cancelled + 1 end
+                if ok then finished = finished + 1 end
+            end
+            local ok, err = pcall(table.sort, { 3, 1, 2 }, function(a, b)
+                moonlet[name]({ child, child })
+                return a < b
+            end)
+            assert.is_false(ok, name)
+            assert.truthy(tostring(err):find("cannot wait here", 1, true), name)
+            assert.same(2, cancelled, name)
+            moonlet.sleep(0.04)
+            assert.same(0, finished, name) -- no orphan went on after the error
+        end
+    end)
+
     it("gather checks every value before it starts any, and takes an empty table", function()
         local ran = false
         local ok, err = pcall(moonlet.gather, { function() ran = true end, 42 })

@@ -149,6 +149,19 @@ local function cancel_all(cos)
     for _, co in pairs(cos) do core.cancel(co) end
 end
 
+-- Before gather or any parks to wait for the children it started: where the caller cannot yield
+-- (a C function such as table.sort's comparator is between it and its task), the park would raise
+-- and leave the children running with nobody to wait for them: they are cancelled first, and the
+-- error is sched.c's rule 7's.
+local isyieldable = coroutine.isyieldable
+local function check_can_wait(cos, level)
+    if isyieldable and not isyieldable() then
+        cancel_all(cos)
+        error("moonlet: cannot wait here: a C function (such as table.sort's comparator or " ..
+              "require) is between this call and the task", level + 1)
+    end
+end
+
 -- syntax: results, errors = moonlet.gather({ f1, f2, ... } or { name = f, ... })
 -- Runs every function in its own task at once and waits for all. results[k] is the first value
 -- function k returned; errors[k] is what went wrong: the error it raised, or the second value when
@@ -178,6 +191,7 @@ function _M.gather(fns)
             cancel_all(g.cos)
             error("moonlet.gather: outside a moonlet task, and the functions wait", 2)
         end
+        check_can_wait(g.cos, 2)
         g.co = co
         repeat
             if core_park() == CANCEL then
@@ -245,6 +259,7 @@ function _M.any(fns)
         if winner then break end
     end
     if not winner and left > 0 then
+        check_can_wait(cos, 2)
         parked = true
         repeat
             if core_park() == CANCEL then
