@@ -116,7 +116,9 @@ struct ws_s {
   char *close_reason; /* malloc'd when the close begins */
   size_t close_reason_len;
   uint64_t last_rx, close_deadline;
-  int pinged; /* a keep-alive ping left since last_rx */
+  int pinged;                   /* a keep-alive ping left since last_rx */
+  unsigned char ping_data[125]; /* the payload of ws:ping's ping: its pong must echo it */
+  size_t ping_len;
   /* settings */
   uint64_t ping_interval, idle_timeout, close_timeout; /* ms, 0: off */
   size_t fragment; /* outgoing data frames carry at most this much, 0: one frame */
@@ -552,7 +554,7 @@ static void ka_arm(ws_t *ws) {
   uint64_t now = uv_now(ws->m->loop), dl = 0;
   if (ws->close_sent || ws->close_recv || ws->closing_transport) {
     dl = ws->close_deadline;
-  } else {
+  } else if (!ws->paused) { /* paused, we do not read: the peer's silence proves nothing */
     if (ws->ping_interval && !ws->pinged) dl = ws->last_rx + ws->ping_interval;
     if (ws->idle_timeout) {
       uint64_t d = ws->last_rx + ws->idle_timeout;
@@ -569,7 +571,7 @@ static void ka_fire(ws_t *ws) {
       transport_close(ws, 0); /* the peer did not finish the close handshake in time */
       return;
     }
-  } else {
+  } else if (!ws->paused) {
     if (ws->idle_timeout && now >= ws->last_rx + ws->idle_timeout) {
       fail(ws, ML_WS_CLOSE_GOING_AWAY, "idle timeout");
       return;
@@ -605,7 +607,11 @@ static int pop_message(lua_State *L, ws_t *ws) {
   free(m);
   if (ws->paused && ws->qbytes < RQ_HIGH / 2 && ws->qcount < RQ_MAX / 2) {
     ws->paused = 0;
-    if (!input_ended(ws)) t_read(ws, 1);
+    if (!input_ended(ws)) {
+      t_read(ws, 1);
+      ws->last_rx = uv_now(ws->m->loop); /* the idle and ping clocks start again from here */
+      ka_arm(ws);
+    }
   }
   return 2;
 }
@@ -662,9 +668,16 @@ static void ws_input(ws_t *ws, const char *data, size_t len) {
       ws->qcount++;
       break;
     case ML_WS_EV_PING:
-      if (!ws->close_sent) send_message(ws, ML_WS_OP_PONG, ev.data, ev.len);
+      /* RFC 6455 5.5.3 lets an endpoint answer only the latest of several pings: one that pings
+       * faster than it reads gets no pong while the output is over WQ_HIGH, so a ping flood
+       * cannot grow the queue */
+      if (!ws->close_sent && t_queued(ws) <= WQ_HIGH)
+        send_message(ws, ML_WS_OP_PONG, ev.data, ev.len);
       break;
-    case ML_WS_EV_PONG: got_pong = 1; break;
+    case ML_WS_EV_PONG: /* ws:ping's answer echoes its data; other pongs prove nothing */
+      if (ev.len == ws->ping_len && (!ev.len || memcmp(ev.data, ws->ping_data, ev.len) == 0))
+        got_pong = 1;
+      break;
     case ML_WS_EV_CLOSE: on_peer_close(ws, &ev); break;
     case ML_WS_EV_ERROR: fail(ws, ev.code, ev.data); break;
     default: break;
@@ -1328,10 +1341,14 @@ static int w_send(lua_State *L) {
       return 2;
     }
   }
+  mlua_task_t *t = NULL;
+  if (t_queued(ws) + len + 14 > WQ_HIGH) { /* this send will wait: only a task may (rule 7) */
+    t = mlua_task_current(L);
+    mlua_check_yieldable(L, t);
+  }
   int r = send_message(ws, op, data, len);
   if (r < 0) return push_err(L, r);
   if (t_queued(ws) > WQ_HIGH) {
-    mlua_task_t *t = mlua_task_current(L);
     if (t) {
       if (!ws->client) {
         r = ml_conn_wants_writable(ws->c);
@@ -1383,6 +1400,8 @@ static int w_ping(lua_State *L) {
     lua_pushboolean(L, 1);
     return 1;
   }
+  memcpy(ws->ping_data, data, len);
+  ws->ping_len = len;
   uv_update_time(ws->m->loop);
   ws->pinger.task = t;
   ws->pinger.started = uv_hrtime();

@@ -67,6 +67,15 @@ describe("moonlet.process", function()
         assert.same({ 0, 0 }, { p:wait(10) })
     end)
 
+    it("gives a last line without its newline, as io.lines does", function()
+        local p = assert(process.spawn{ "printf", "a\nb" })
+        test.defer(function() p:close() end)
+        local lines = {}
+        for line in p.stdout:lines() do lines[#lines + 1] = line end
+        assert.same({ "a", "b" }, lines)
+        p:wait(5)
+    end)
+
     it("reads stderr apart from stdout, line by line", function()
         local p = assert(process.spawn{ "sh", "-c", "echo out; echo err >&2; echo out2" })
         test.defer(function() p:close() end)

@@ -316,6 +316,74 @@ describe("moonlet.ws ping and pong", function()
     end)
 end)
 
+describe("moonlet.ws under pressure", function()
+    it("answers a ping flood from a client that does not read with fewer pongs, not an unbounded queue", function()
+        local port = serve(echo_app())
+        local sock = raw_ws(port)
+        local ping = frame(9, rep("p", 125))
+        local chunk = rep(ping, 8000)           -- 1.0 MiB of pings per write
+        local sent = 0
+        for _ = 1, 24 do                        -- 24 MiB: more than the kernel's buffers hold
+            assert(sock:send(chunk))
+            sent = sent + 8000
+        end
+        local pongs = 0
+        while true do
+            local f = read_frame(sock)
+            if not f then break end
+            if f.opcode == 10 then pongs = pongs + 1 end
+            if pongs == sent then break end
+        end
+        assert.truthy(pongs > 0)
+        assert.truthy(pongs < sent, "every ping was answered: the pongs were queued without bound")
+    end)
+
+    it("does not count a paused read as silence: a slow reader still gets every message", function()
+        local got = {}
+        local port = serve(function(app)
+            app:websocket("/slow", function(ws)
+                moonlet.sleep(0.6) -- reading pauses at 1 MiB queued; the idle timeout is 0.3 s
+                for msg in ws:messages() do
+                    got[#got + 1] = msg
+                    if #got == 5000 then break end
+                end
+            end, { idle_timeout = 0.3, ping_interval = 0.1 })
+        end)
+        local ws = connect(port, "/slow")
+        local pad = rep("m", 996) -- 5 MB in all: more than one read, so the server pauses at 1 MiB
+        for i = 1, 5000 do assert(ws:send(pad .. string.format("%04d", i % 10000))) end
+        assert.truthy(test.wait_until(function() return #got == 5000 end, 10), #got .. " of 5000")
+        assert.same(pad .. "5000", got[5000])
+    end)
+
+    it("takes only the pong that echoes ws:ping's data as its answer", function()
+        local rtt
+        local port = serve(function(app)
+            app:websocket("/p", function(ws)
+                rtt = { ws:ping("abc", 0.3) }
+            end)
+        end)
+        local sock = raw_ws(port, "/p")
+        local f = assert(read_frame(sock))
+        assert.same({ 9, "abc" }, { f.opcode, f.payload })
+        assert(sock:send(frame(10, "zzz"))) -- an unsolicited pong: not the answer
+        assert.truthy(test.wait_until(function() return rtt end, 5))
+        assert.same({ nil, "timeout" }, rtt)
+    end)
+
+    it("refuses a send that would wait outside a task, before sending anything", function()
+        local port = serve(function(app)
+            app:websocket("/sink", function(ws) moonlet.sleep(2); ws:close() end)
+        end)
+        local ws = connect(port, "/sink")
+        local big = rep("x", 300 * 1024)
+        local co = coroutine.create(function() return ws:send(big) end) -- a coroutine of our own
+        local ok, err = coroutine.resume(co)
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find("outside a moonlet task", 1, true), tostring(err))
+    end)
+end)
+
 -- -- closing -----------------------------------------------------------------------------------
 
 describe("moonlet.ws close", function()
@@ -606,6 +674,9 @@ describe("moonlet.ws.connect", function()
                     { moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/slow", { timeout = 0.1 }) })
         assert.has_error(function() moonlet.ws.connect("http://x/") end)
         assert.has_error(function() moonlet.ws.connect("ws://x/", { headers = { A = "b\r\nc" } }) end)
+        for _, bad in ipairs({ "ws://x/a\r\nX-Injected: yes", "ws://x/a b", "ws://x\n/a" }) do
+            assert.has_error(function() moonlet.ws.connect(bad) end) -- nothing goes out
+        end
         -- a port nobody listens on: find one by closing a server
         local app = moonlet.app()
         local s3, p3 = test.serve(app)

@@ -33,10 +33,17 @@ function reader:receive_any(max)
     return check(raw_receive_any(self._ud, self._fd, max))
 end
 
--- syntax: for line in p.stdout:lines() do ... end
+-- syntax: for line in p.stdout:lines() do ... end -- a last line without its newline comes too,
+-- as with io.lines
 function reader:lines()
+    local ended = false
     return function()
-        return check(raw_receive(self._ud, self._fd, "*l"))
+        if ended then return nil end
+        local line, err, partial = check(raw_receive(self._ud, self._fd, "*l"))
+        if line then return line end
+        ended = true
+        if err == "closed" and partial and partial ~= "" then return partial end -- the end of it
+        return nil
     end
 end
 

@@ -118,6 +118,9 @@ function _M.connect(url, opts)
     local tls = str_lower(scheme) == "wss"
     local authority, path = str_match(rest, "^([^/?#]*)([^#]*)")
     if not authority or authority == "" then error("moonlet.ws.connect: no host in " .. url, 2) end
+    if str_find(rest, "[%c ]") then -- it goes into the request line and the Host header as it is
+        error("moonlet.ws.connect: a space or control character in " .. url, 2)
+    end
     if path == "" then path = "/" elseif path:sub(1, 1) == "?" then path = "/" .. path end
     local host, port = str_match(authority, "^%[([^%]]+)%]:?(%d*)$")
     if not host then host, port = str_match(authority, "^([^:]+):?(%d*)$") end
