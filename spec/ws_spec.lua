@@ -317,7 +317,7 @@ describe("moonlet.ws ping and pong", function()
 end)
 
 describe("moonlet.ws under pressure", function()
-    it("answers a ping flood from a client that does not read with fewer pongs, not an unbounded queue", function()
+    it("answers a ping flood from a client that does not read with fewer pongs, not a queue", function()
         local port = serve(echo_app())
         local sock = raw_ws(port)
         local ping = frame(9, rep("p", 125))
