@@ -1,6 +1,7 @@
 /* bindings/readbuf.c: the receive buffer shared by sockets and pipes (see readbuf.h). */
 #include "readbuf.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
@@ -12,6 +13,7 @@ int mlua_readbuf_reserve(mlua_readbuf_t *b, size_t room) {
     b->off = 0;
     if (b->cap - b->len >= room) return 0;
   }
+  if (room > SIZE_MAX / 4 - b->len) return UV_ENOMEM; /* the doubling below would overflow */
   size_t cap = b->cap ? b->cap : 16384;
   while (cap - b->len < room)
     cap *= 2;

@@ -2,7 +2,8 @@
  * core.tcp_connect(ip, port, timeout), core.tcp_listen(host, port, backlog, fn, timeout), and the
  * socket methods send, receive(n | "*l" | "*a"), receive_any, receiveuntil's reader, tls (the
  * handshake; afterwards send and receive encrypt transparently through core/tls.c), settimeout(s),
- * getpeername, getsockname, close, reusable (for keep-alive pools: moonlet.ngx). Each call that
+ * getpeername, getsockname, close, reusable (for keep-alive pools: moonlet.ngx), poolable and
+ * closed_cleanly (moonlet.http's pool and close-delimited bodies). Each call that
  * waits yields its task. lua/moonlet/tcp.lua wraps these (name resolution, check() of every wait)
  * as moonlet.tcp.
  *
@@ -15,10 +16,13 @@
  * - One reader and one writer may wait at once (full duplex; a second one gets nil, "socket busy").
  *   A read or TLS handshake waits with the read timer, a connect or write with the write timer;
  *   whichever of I/O, timer, close or cancel comes first takes the waiter (take_reader,
- *   take_writer), stops the other sources and resumes it. Resumes come last in a callback and one
- *   task at a time: the Lua that runs may close the socket or cancel the other waiter.
+ *   take_writer: from then on the task cannot be cancelled there), stops the other sources and
+ *   resumes it. Resumes come last in a callback and one task at a time: the Lua that runs may close
+ *   the socket or cancel the other waiter.
  * - Pinned in the registry: the box during connect (wref), the string or array of a plain write in
- *   flight (wref). TLS ciphertext goes out in malloc'd write requests freed by their callbacks.
+ *   flight (wref; a write nobody waits for, from a coroutine of the user's own, pins its own and
+ *   frees itself: queued_write_t). TLS ciphertext goes out in malloc'd write requests freed by
+ *   their callbacks. A task that cannot yield where it sends is refused before a byte goes out.
  * - A connect, write or handshake that times out or is cancelled cannot be taken back: the socket
  *   is closed. A read that times out or is cancelled just stops reading; the socket stays usable.
  * - A listening server (server_t) is C memory owned by the instance's resources: it keeps serving
@@ -109,6 +113,7 @@ static void sock_closed(uv_handle_t *h) {
 }
 
 #define READ_AHEAD_MAX (256 * 1024) /* reading pauses while this much waits for a receive */
+#define MAX_RECEIVE 1e12            /* a byte count beyond this is a mistake: raised as one */
 
 static void stop_reading(sock_t *s) {
   uv_timer_stop(&s->rtimer);
@@ -118,6 +123,15 @@ static void stop_reading(sock_t *s) {
   }
 }
 
+/* A task taken out of its wait can no longer be cancelled there: between the take and its resume
+ * other Lua may run (on_wtimeout closes the socket, which wakes the reader, whose code may cancel
+ * the writer), and a cancel then would resume the task a second time (rule 1 of sched.c). */
+static void unpark(mlua_task_t *t) {
+  if (!t) return;
+  t->cancel = NULL;
+  t->wait = NULL;
+}
+
 /* Takes the parked reader out of its wait; NULL when there is none. Reading goes on (what comes
  * is buffered for the next receive, up to READ_AHEAD_MAX, and an EOF is seen at once): stopping and
  * restarting it for every receive costs two epoll_ctl calls. */
@@ -125,6 +139,7 @@ static mlua_task_t *take_reader(sock_t *s) {
   mlua_task_t *t = s->rtask;
   s->rtask = NULL;
   s->rwait = W_NONE;
+  unpark(t);
   uv_timer_stop(&s->rtimer);
   uv_unref((uv_handle_t *)&s->tcp); /* reading ahead keeps no script alive */
   return t;
@@ -134,6 +149,7 @@ static mlua_task_t *take_writer(sock_t *s) {
   mlua_task_t *t = s->wtask;
   s->wtask = NULL;
   s->wwait = W_NONE;
+  unpark(t);
   uv_timer_stop(&s->wtimer);
   return t;
 }
@@ -328,6 +344,22 @@ static void on_write(uv_write_t *req, int status) {
   mlua_task_resume(t, 1);
 }
 
+/* A write that nobody waits for (sock:send from a coroutine of the user's own, which cannot
+ * yield): it pins its bytes itself, and frees itself when libuv is done with it (on success, error,
+ * or the socket's close, which cancels it). */
+typedef struct {
+  uv_write_t req;
+  moonlet_t *m;
+  int ref;
+} queued_write_t;
+
+static void on_queued_write(uv_write_t *req, int status) {
+  queued_write_t *q = (queued_write_t *)req;
+  (void)status; /* an error shows on the socket's next read or write */
+  luaL_unref(q->m->L, LUA_REGISTRYINDEX, q->ref);
+  free(q);
+}
+
 static void on_tls_write(uv_write_t *req, int status) {
   wbuf_t *w = req->data;
   sock_t *s = w->s;
@@ -429,6 +461,7 @@ static int s_send(lua_State *L) {
     return 1;
   }
   mlua_task_t *t = mlua_task_current(L);
+  if (t && !lua_isyieldable(L)) mlua_check_yieldable(L, t); /* raises before a byte goes out */
   if (s->tls) {
     for (int i = 0; i < nb; i++) {
       int r = ml_tls_write(s->tls, bufs[i].base, bufs[i].len);
@@ -455,13 +488,26 @@ static int s_send(lua_State *L) {
   }
   if (w < 0 && w != UV_EAGAIN) return push_err(L, w);
   if (w < 0) w = 0;
-  mlua_check_yieldable(L, t);
   size_t skip = (size_t)w; /* drop the buffers (and the part) try_write took */
   int first = 0;
   while (skip >= bufs[first].len)
     skip -= bufs[first++].len;
   bufs[first].base += skip;
   bufs[first].len -= skip;
+  if (!t) { /* the caller cannot wait: the rest goes out behind it, whole and in order */
+    queued_write_t *q = malloc(sizeof *q);
+    if (!q) return luaL_error(L, "moonlet: out of memory");
+    q->m = s->m;
+    int r = uv_write(&q->req, (uv_stream_t *)&s->tcp, bufs + first, (unsigned)(nb - first),
+                     on_queued_write);
+    if (r < 0) {
+      free(q);
+      return push_err(L, r);
+    }
+    q->ref = luaL_ref(L, LUA_REGISTRYINDEX); /* the bytes uv_write reads */
+    lua_pushboolean(L, 1);
+    return 1;
+  }
   int r =
       uv_write(&s->wreq, (uv_stream_t *)&s->tcp, bufs + first, (unsigned)(nb - first), on_write);
   if (r < 0) return push_err(L, r);
@@ -627,7 +673,7 @@ static int s_receive(lua_State *L) {
   size_t want = 0;
   if (lua_type(L, 2) == LUA_TNUMBER) {
     lua_Number v = lua_tonumber(L, 2);
-    if (v < 0) return luaL_argerror(L, 2, "negative size");
+    if (!(v >= 0) || v > MAX_RECEIVE) return luaL_argerror(L, 2, "size out of range");
     mode = R_BYTES;
     want = (size_t)v;
   } else {
@@ -657,7 +703,7 @@ static int s_receive(lua_State *L) {
 static int s_receive_any(lua_State *L) {
   sock_t *s = check_sock(L);
   lua_Number max = luaL_checknumber(L, 2);
-  if (max < 1) return luaL_argerror(L, 2, "expected a positive size");
+  if (!(max >= 1) || max > MAX_RECEIVE) return luaL_argerror(L, 2, "expected a positive size");
   if (!s) return push_err(L, UV_EPIPE);
   if (s->rwait) return busy(L);
   s->rmode = R_ANY;
@@ -836,6 +882,24 @@ static int s_reusable(lua_State *L) {
   return 1;
 }
 
+/* syntax: ok = sock:poolable() -- sock:reusable() without the MSG_PEEK: what the loop has seen
+ * (a socket reads ahead while idle, so a peer's close or stray bytes that came in an earlier loop
+ * iteration are known). moonlet.http checks it when it pools a connection and when it takes one. */
+static int s_poolable(lua_State *L) {
+  sock_t *s = check_sock(L);
+  lua_pushboolean(L, s && !s->rwait && !s->wwait && !s->eof && !s->err && s->rb.len == 0 &&
+                         (!s->tls || s->tls_up));
+  return 1;
+}
+
+/* syntax: ok = sock:closed_cleanly() -- the peer ended its side with a FIN (EOF) and no error was
+ * seen: what tells a body delimited by the close from one cut by a reset (both read as "closed") */
+static int s_closed_cleanly(lua_State *L) {
+  sock_t *s = check_sock(L);
+  lua_pushboolean(L, s && s->eof && !s->err);
+  return 1;
+}
+
 static int s_tostring(lua_State *L) {
   sock_t *s = check_sock(L);
   lua_pushfstring(L, "moonlet.tcp (%s)", s ? (s->tls ? "tls" : "open") : "closed");
@@ -979,6 +1043,8 @@ void mlua_open_tcp(lua_State *L, moonlet_t *m) {
                                 {"getsockname", s_getsockname},
                                 {"close", s_close},
                                 {"reusable", s_reusable},
+                                {"poolable", s_poolable},
+                                {"closed_cleanly", s_closed_cleanly},
                                 {NULL, NULL}};
   static const luaL_Reg srvm[] = {{"port", srv_port}, {"close", srv_close}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"tcp_connect", l_connect},

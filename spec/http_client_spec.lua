@@ -254,6 +254,20 @@ describe("moonlet.http", function()
         assert.same({ nil, "closed" }, { http.get(base2 .. "/") })
     end)
 
+    it("reports a close-delimited body cut by a reset as closed, not as the whole body", function()
+        local base = raw_server(function(sock)
+            moonlet.sleep(0.05) -- the request is in; left unread, the close below is a reset
+            sock:send("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial-body")
+            moonlet.sleep(0.1)
+        end)
+        assert.same({ nil, "closed" }, { http.get(base .. "/") })
+        local whole = raw_server(function(sock) -- the same body ended by a FIN is whole
+            read_request(sock)
+            sock:send("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nwhole-body")
+        end)
+        assert.same("whole-body", assert(http.get(whole .. "/")).body)
+    end)
+
     it("refuses garbage as a bad response", function()
         local replies = {
             "garbage, not http\r\n\r\n",
@@ -473,6 +487,36 @@ describe("moonlet.http response parsing", function()
 end)
 
 describe("moonlet.http keep-alive pool", function()
+    it("never pools a connection with bytes left after the response, nor one the server closed", function()
+        local tcp = moonlet.tcp
+        local n = 0
+        local srv = assert(tcp.listen({ host = "127.0.0.1", port = 0 }, function(sock)
+            sock:settimeout(0.2) -- the server's keep-alive timeout
+            while true do
+                repeat
+                    local l = sock:receive("*l")
+                    if not l then return end
+                until l == ""
+                n = n + 1
+                if n == 1 then -- a large body, then bytes that belong to no request
+                    sock:send({ "HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n",
+                                string.rep("a", 100000),
+                                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTALE" })
+                else
+                    sock:send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nFRESH")
+                end
+            end
+        end))
+        finally(function() srv:close(); http.close_idle() end)
+        local base = "http://127.0.0.1:" .. srv:port()
+        assert.same(100000, #assert(http.get(base .. "/one")).body)
+        assert.same("FRESH", assert(http.get(base .. "/two")).body) -- not the stray "STALE"
+        assert.same(1, http.pool_stats().idle)
+        moonlet.sleep(0.4) -- the server closes the idle connection meanwhile
+        local r, err = http.post(base .. "/three", "data") -- a POST is not retried: no stale conn
+        assert.same({ "FRESH", nil }, { r and r.body, err })
+    end)
+
     it("reuses one connection for sequential requests", function()
         local base, st = keepalive_server(function(req)
             return response(200, req.target)

@@ -401,6 +401,64 @@ describe("moonlet.tcp.listen", function()
 end)
 
 describe("moonlet.tcp waits", function()
+    it("a writer taken out of its wait by a timeout cannot be cancelled into a second resume", function()
+        local done = moonlet.event()
+        local server, port = serve(function() done:wait(5) end) -- never reads
+        local sock = connect(port)
+        sock:settimeouts(5, 0.3, nil) -- send timeout 0.3 s
+        local big = string.rep("x", 64 * 1024 * 1024)
+        local resumed, cancelled = 0, nil
+        local w
+        w = moonlet.spawn(function()
+            local ok, err = sock:send(big)
+            resumed = resumed + 1
+            return ok, err
+        end)
+        local r = moonlet.spawn(function()
+            sock:receive(1) -- woken by the close that the write timeout makes
+            cancelled = w:cancel() -- runs before the timeout resumes the writer
+        end)
+        assert.same({ true, nil, "timeout" }, { w:join(5) })
+        r:join(5)
+        assert.is_false(cancelled)
+        assert.same(1, resumed)
+        done:set() -- the server's handler ends and closes its side
+        server:close()
+    end)
+
+    it("a send that cannot wait goes out whole from a coroutine of one's own, not at all where a "
+       .. "task cannot yield", function()
+        local got = 0
+        local _, port = serve(function(sock)
+            while true do
+                local d = sock:receive_any(65536)
+                if not d then return end
+                got = got + #d
+            end
+        end)
+        local big = string.rep("z", 8 * 1024 * 1024) -- more than the kernel takes at once
+        local sock = connect(port)
+        local ok, err = pcall(table.sort, { 2, 1 }, function(a, b)
+            sock:send(big) -- a task that cannot yield here: refused before a byte goes out
+            return a < b
+        end)
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find("cannot wait here", 1, true))
+        local sent = coroutine.wrap(function() return sock:send(big) end)()
+        assert.is_true(sent) -- queued behind what the kernel took: nobody waits for it
+        assert.truthy(test.wait_until(function() return got >= #big end, 10), got)
+        assert.same(#big, got) -- whole, and nothing of the refused send
+    end)
+
+    it("refuses a byte count that is not a size", function()
+        local _, port = serve(function(s) s:receive("*a") end) -- until the client closes
+        local sock = connect(port)
+        for _, n in ipairs({ 1e19, -1, 0 / 0 }) do
+            assert.has_error(function() sock:receive(n) end)
+        end
+        assert.has_error(function() sock:receive_any(1e19) end)
+    end)
+
     it("leave nothing behind after 10,000 timed-out or cancelled receives and connects", function()
         local _, port = serve(function(sock) sock:receive("*a") end)
         local hport, release = hanging_listener()

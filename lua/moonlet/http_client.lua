@@ -330,6 +330,16 @@ end
 -- read per request; a long request only makes the connection expire earlier).
 -- (The hot paths of a request have no loop that runs once per request: LuaJIT aborts the traces
 -- of those and ends up interpreting the whole request. Hence tail calls for the rare repeats.)
+-- Nothing unread and no close or error seen on conn's socket (it reads ahead while idle): only such
+-- a connection is pooled, and taken from the pool. A response's extra bytes, or a server that closed
+-- an idle connection, would otherwise reach the next request.
+local poolable = raw and raw.poolable
+local closed_cleanly = raw and raw.closed_cleanly
+local function clean(conn)
+    if conn.raw then return poolable(conn.sock) end
+    return true
+end
+
 local function checkout(key, t)
     if t - last_sweep > 1 then sweep(t) end
     local p = pools[key]
@@ -337,7 +347,7 @@ local function checkout(key, t)
     if n == 0 then return nil end
     local c = p[n]
     p[n] = nil
-    if c.expires > t then
+    if c.expires > t and clean(c) then
         c.taken_at = t
         return c
     end
@@ -355,7 +365,7 @@ local function checkin(conn)
         pools[key] = p
     end
     local n = #p
-    if n >= conn.pool_size or conn.idle_timeout <= 0 then
+    if n >= conn.pool_size or conn.idle_timeout <= 0 or not clean(conn) then
         close_conn(conn)
         return
     end
@@ -627,7 +637,8 @@ local function next_raw(res)
     elseif mode == CLOSE then
         local d, err = read_some(conn, READ_SIZE)
         if not d then
-            if err == "closed" then return nil end
+            -- the end of the body is the server's FIN; a reset cuts it ("closed" for both here)
+            if err == "closed" and (not conn.raw or closed_cleanly(conn.sock)) then return nil end
             return nil, err
         end
         return d
