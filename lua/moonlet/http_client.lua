@@ -331,8 +331,8 @@ end
 -- (The hot paths of a request have no loop that runs once per request: LuaJIT aborts the traces
 -- of those and ends up interpreting the whole request. Hence tail calls for the rare repeats.)
 -- Nothing unread and no close or error seen on conn's socket (it reads ahead while idle): only such
--- a connection is pooled, and taken from the pool. A response's extra bytes, or a server that closed
--- an idle connection, would otherwise reach the next request.
+-- a connection is taken from the pool (one with a response's extra bytes, or that the server
+-- closed meanwhile, is closed there), else they would reach the next request.
 local poolable = raw and raw.poolable
 local closed_cleanly = raw and raw.closed_cleanly
 local function clean(conn)
@@ -365,7 +365,7 @@ local function checkin(conn)
         pools[key] = p
     end
     local n = #p
-    if n >= conn.pool_size or conn.idle_timeout <= 0 or not clean(conn) then
+    if n >= conn.pool_size or conn.idle_timeout <= 0 then -- checkout looks at clean(conn)
         close_conn(conn)
         return
     end
