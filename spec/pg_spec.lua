@@ -44,6 +44,35 @@ describe("moonlet.pg", function()
         return p
     end
 
+    it("makes a connection handed to a waiter ready: a cancelled transaction does not reach it", function()
+        -- in a script of its own (a fresh pool and loop, as a user would meet it)
+        local code, out = test.run_script(([[
+            local moonlet = require "moonlet"
+            local core = require "moonlet.core"
+            local pool = moonlet.pg.pool{ url = %q, size = 1 }
+            assert(pool:exec("CREATE TEMP TABLE IF NOT EXISTS h(x int)"))
+            local a = moonlet.spawn(function()
+                return pool:transaction(function(tx)
+                    assert(tx:exec("INSERT INTO h VALUES (1)"))
+                    return tx:query("SELECT pg_sleep(2)")
+                end)
+            end)
+            local b = moonlet.spawn(function()
+                local c = assert(pool:acquire())
+                print("B", core.pg_status(c.c))
+                pool:release(c)
+            end)
+            local c = moonlet.spawn(function() print("C", pool:query("SELECT 1 AS one")) end)
+            moonlet.sleep(0.2)
+            a:cancel()
+            b:join(10); c:join(10)
+            pool:close()
+        ]]):format(srv.url), 20)
+        assert.same(0, code, out)
+        assert.truthy(out:find("B\tidle\tidle", 1, true), out) -- drained, rolled back first
+        assert.falsy(out:find("aborted", 1, true), out)
+    end)
+
     it("is moonlet.pg and answers typed values, NULL as nil", function()
         assert.equal(pg, moonlet.pg)
         local db = pool()

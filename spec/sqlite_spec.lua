@@ -154,6 +154,29 @@ describe("moonlet.sqlite", function()
         assert.same({ 1, 2 }, { db:exec("INSERT INTO t VALUES (2)") })
     end)
 
+    it("rolls back a BEGIN that ran before its task was cancelled", function()
+        -- in a script of its own, as a user would meet it: the worker runs BEGIN while the loop is
+        -- held up, so the task is cancelled with the result on its way
+        local path = tmpdb("cancelled_begin")
+        local code, out = test.run_script(([[
+            local moonlet = require "moonlet"
+            local db = assert(require("moonlet.sqlite").open(%q))
+            assert(db:exec("CREATE TABLE t(x)"))
+            local t = moonlet.spawn(function()
+                return db:transaction(function(tx) tx:exec("INSERT INTO t VALUES (1)") end)
+            end)
+            local s = os.clock()
+            while os.clock() - s < 0.2 do end
+            print("cancel", t:cancel())
+            print("BEGIN", db:exec("BEGIN"))
+        ]]):format(path))
+        assert.same(0, code, out)
+        if out:find("cancel\ttrue", 1, true) then -- the worker had BEGIN done, or at least started
+            assert.falsy(out:find("within a transaction", 1, true), out)
+        end
+        assert.truthy(out:find("BEGIN\t", 1, true), out)
+    end)
+
     it("nests transactions as savepoints", function()
         local db = open("savepoint")
         db:exec("CREATE TABLE t(x INT)")

@@ -107,7 +107,9 @@ local function discard(pool, conn)
     wake_one(pool, true)
 end
 
--- Gives conn back: to the first waiter, else to the idle list; a dead one is dropped.
+-- Gives conn back: to the first waiter (who makes it ready, as acquire does for an idle one: a
+-- cancelled user may have left it draining or inside a transaction), else to the idle list; a dead
+-- one is dropped.
 local function release(pool, conn)
     if pool.closed or conn_dead(conn) then return discard(pool, conn) end
     conn.reused = true
@@ -171,9 +173,12 @@ function pool_methods:acquire()
                 if not ok then error(got, 0) end
                 return nil, got == false and "closed" or "timeout"
             end
-            if type(got) == "table" then -- handed over by release
-                if not conn_dead(got) then return got end
+            if type(got) == "table" then -- handed over by release: made ready as an idle one is
+                local ok2, r2 = true, nil
+                if not conn_dead(got) then ok2, r2 = pcall(ready, self, got) end
+                if ok2 and r2 then return r2 end
                 discard(self, got)
+                if not ok2 then error(r2, 0) end
             end
         end
     end
@@ -196,7 +201,8 @@ local function pooled(self, simple, sql, ...)
         local dead = conn_dead(conn)
         release(self, conn)
         if not r[1] then error(r[2], 0) end
-        if r[2] ~= nil or not (dead and reused and attempt == 1) then
+        -- never again after a timeout: the statement may have run on the server
+        if r[2] ~= nil or r[3] == "timeout" or not (dead and reused and attempt == 1) then
             return unpack(r, 2, r.n)
         end
     end

@@ -274,7 +274,15 @@ local function conn_of(self)
             local kind, v = nil, first
             if q then
                 local head = q[first]
-                kind, v = await(last, opts.timeout)
+                local aok
+                aok, kind, v = pcall(await, last, opts.timeout)
+                if not aok then -- cancelled while AUTH / SELECT ran: undo, wake the waiters, re-raise
+                    sock:close()
+                    self.conn = nil
+                    self.connect_err = "closed"
+                    for i = 1, #waiters do unpark(waiters[i], true) end
+                    error(kind, 0)
+                end
                 if kind == OK and head.kind ~= OK then kind, v = head.kind, head.value end
             end
             if kind ~= OK then

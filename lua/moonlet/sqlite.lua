@@ -135,7 +135,10 @@ local function savepoint(self, fn)
     local depth = self._depth + 1
     local name = "moonlet_sp" .. depth
     local ok, r1, r2 = pcall(own_exec, self, "SAVEPOINT " .. name)
-    if not ok then error(r1, 0) end
+    if not ok then -- cancelled while the worker ran it: it may stand, and nobody would release it
+        c_detach(self._c, "ROLLBACK TO " .. name .. "; RELEASE " .. name)
+        error(r1, 0)
+    end
     if not r1 then return nil, r2 end
     self._depth = depth
     local tx = setmetatable({ _db = self }, tx_mt)
@@ -162,6 +165,8 @@ function db_methods:transaction(fn)
     self._owner = co
     local ok, r1, r2 = pcall(own_exec, self, "BEGIN IMMEDIATE")
     if not ok or not r1 then
+        -- cancelled while the worker ran BEGIN: it may have begun, and nobody would end it
+        if not ok then c_detach(self._c, "ROLLBACK") end
         release(self)
         if not ok then error(r1, 0) end
         return nil, r2
