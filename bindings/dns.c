@@ -147,6 +147,9 @@ static int l_resolve(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
   const char *fam = luaL_optstring(L, 2, NULL);
   double timeout = lua_isnoneornil(L, 3) ? -1 : luaL_checknumber(L, 3);
+  if (timeout != timeout || (timeout < 0 && !lua_isnoneornil(L, 3)))
+    return luaL_argerror(L, 3, "timeout must be a number of seconds >= 0");
+  if (timeout > 1e9) timeout = -1; /* as good as none: milliseconds of more would overflow */
   struct addrinfo hints;
   memset(&hints, 0, sizeof hints);
   hints.ai_family = AF_UNSPEC;

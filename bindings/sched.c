@@ -25,6 +25,8 @@
  *    starts; mlua_task_wait undoes the wait through its cancel callback if one slips through.
  *    moonlet.gather and moonlet.any (lua/moonlet/task.lua) check the same before they park, and
  *    cancel the children they started when they cannot wait.
+ * 8. No wait starts once moonlet_free has begun (m->tearing_down): mlua_check_yieldable, which
+ *    every wait calls before it starts anything, raises.
  */
 #include <stdlib.h>
 
@@ -106,6 +108,9 @@ void mlua_check_yieldable(lua_State *L, mlua_task_t *t) {
   if (!t)
     luaL_error(L, "moonlet: I/O outside a moonlet task (a coroutine of your own cannot wait)");
   if (!lua_isyieldable(L)) luaL_error(L, NOT_YIELDABLE);
+  /* moonlet_free has drained the instance's resources: a wait started now (by a handler its
+   * connection's close woke) would outlive the instance on a host's loop (rule 8) */
+  if (t->m->tearing_down) luaL_error(L, "moonlet: the instance is being freed: no new wait");
 }
 
 static void task_release(mlua_task_t *t, int reusable) {

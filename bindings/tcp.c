@@ -461,7 +461,7 @@ static int s_send(lua_State *L) {
     return 1;
   }
   mlua_task_t *t = mlua_task_current(L);
-  if (t && !lua_isyieldable(L)) mlua_check_yieldable(L, t); /* raises before a byte goes out */
+  if (t) mlua_check_yieldable(L, t); /* raises before a byte goes out */
   if (s->tls) {
     for (int i = 0; i < nb; i++) {
       int r = ml_tls_write(s->tls, bufs[i].base, bufs[i].len);

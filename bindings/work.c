@@ -45,7 +45,10 @@ enum {
   T_TAB = '{',
   T_END = '}'
 };
-enum { C_OK = 0, C_TYPE, C_CYCLE, C_DEPTH, C_NOMEM };
+enum { C_OK = 0, C_TYPE, C_CYCLE, C_DEPTH, C_NOMEM, C_LARGE };
+#define MAX_VALUES 1000000 /* values copied in one direction: a table shared many times without a
+                              cycle is copied each time, so this bounds the work (2^n copies for n
+                              levels of {t, t}) */
 
 static char pool_key;   /* registry[&pool_key] = the pool's anchor userdata */
 static char misuse_key; /* &misuse_key is core.WORK_MISUSE */
@@ -91,12 +94,14 @@ typedef struct {
   const void *path[MAX_DEPTH]; /* the tables being encoded, outermost first: a cycle is a repeat */
   int depth;
   const char *bad; /* C_TYPE: the type that cannot be copied */
+  size_t values;   /* copied so far (MAX_VALUES) */
 } enc_t;
 
 /* Appends the value at idx of L to b. Returns C_OK or what went wrong (nothing is raised, so this
  * may run on a worker thread outside any protected call: it only reads L). */
 static int encode(lua_State *L, int idx, buf_t *b, enc_t *enc) {
   if (idx < 0) idx = lua_gettop(L) + idx + 1;
+  if (++enc->values > MAX_VALUES) return C_LARGE;
   switch (lua_type(L, idx)) {
   case LUA_TNIL: return buf_tag(b, T_NIL);
   case LUA_TBOOLEAN: return buf_tag(b, lua_toboolean(L, idx) ? T_TRUE : T_FALSE);
@@ -141,6 +146,7 @@ static void push_encode_error(lua_State *L, int e, const enc_t *enc) {
   case C_TYPE: lua_pushfstring(L, "moonlet.work: cannot copy a %s", enc->bad); break;
   case C_CYCLE: lua_pushliteral(L, "moonlet.work: cannot copy a table with a cycle"); break;
   case C_DEPTH: lua_pushliteral(L, "moonlet.work: cannot copy tables nested that deep"); break;
+  case C_LARGE: lua_pushliteral(L, "moonlet.work: cannot copy more than 1000000 values"); break;
   default: lua_pushliteral(L, "moonlet.work: out of memory"); break;
   }
 }

@@ -95,6 +95,15 @@ describe("moonlet.work", function()
         assert.same({ a = { 1, 2 }, b = { 1, 2 } }, back)
     end)
 
+    it("refuses a copy of more than a million values (a table shared at every level)", function()
+        local t = { 1 }
+        for _ = 1, 28 do t = { t, t } end -- 2^28 leaves as a copy: refused, the loop not held up
+        local ok, err = pcall(moonlet.work, function(x) return x end, t)
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find("more than 1000000 values", 1, true), tostring(err))
+        assert.same({ 3 }, { moonlet.work(function(a, b) return a + b end, 1, 2) })
+    end)
+
     it("carries large strings both ways", function()
         local big = string.rep("0123456789abcdef", 64 * 1024) -- 1 MiB
         local len, made = moonlet.work(function(s) return #s, string.rep("z", 20 * 1024 * 1024) end, big)

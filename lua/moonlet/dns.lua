@@ -25,8 +25,9 @@ function _M.resolve(name, opts)
             error("moonlet.dns.resolve: family must be \"inet\" or \"inet6\"", 2)
         end
         if opts.timeout ~= nil then
-            if type(opts.timeout) ~= "number" then
-                error("moonlet.dns.resolve: timeout must be a number", 2)
+            local t = opts.timeout
+            if type(t) ~= "number" or t ~= t or t < 0 then -- a number, not NaN, not negative
+                error("moonlet.dns.resolve: timeout must be a number of seconds >= 0", 2)
             end
             timeout = opts.timeout
         end

@@ -792,6 +792,48 @@ static void test_free_unpark_in_teardown(void) {
       "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc");
 }
 
+/* moonlet_free on a host's loop while a handler waits for a body: the connection's close during
+ * teardown wakes it with "closed", and it starts a file read, a thread-pool job or a DNS lookup.
+ * That wait must be refused (sched.c rule 8): started, it would outlive the instance and its
+ * callback would run on the host's loop against the freed instance (found in review; ASan saw the
+ * use-after-free under SANITIZE=1). The host's loop runs after the free to give any such callback
+ * its chance. */
+static void test_free_new_wait_in_teardown(void) {
+  static const char *const calls[] = {
+      "require('moonlet.fs').read('/etc/hostname')",
+      "require('moonlet.work').run(function() return 1 end)",
+      "require('moonlet.dns').resolve('localhost')",
+  };
+  ctest_section("moonlet_free on a host's loop: a woken handler cannot start a new wait");
+  for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++) {
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    logbuf_t lb;
+    moonlet_config_t cfg;
+    config(&cfg, &lb);
+    cfg.loop = &loop;
+    moonlet_t *m = moonlet_new(&cfg);
+    if (!CHECK(m != NULL)) return;
+    char app[512];
+    snprintf(app, sizeof app,
+             "local moonlet = require 'moonlet'\n"
+             "local app = moonlet.app()\n"
+             "app:post('/', function(req) req:body() %s return 'done' end)\n"
+             "return app\n",
+             calls[i]);
+    CHECK_INT(moonlet_load_string(m, "teardown_wait_app", app), 0);
+    int port = moonlet_listen(m, "127.0.0.1", 0);
+    int fd = send_open(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc");
+    CHECK(fd >= 0);
+    for (int k = 0; k < 20; k++)
+      moonlet_step(m, 5); /* the handler parks in req:body() */
+    moonlet_free(m);
+    close(fd);
+    uv_run(&loop, UV_RUN_DEFAULT); /* nothing of the instance may be left on it */
+    CHECK_INT(uv_loop_close(&loop), 0);
+  }
+}
+
 /* -- Figures ------------------------------------------------------------------------------------
  */
 
@@ -882,6 +924,7 @@ int main(void) {
   test_allocator();
   test_free_in_flight();
   test_free_unpark_in_teardown();
+  test_free_new_wait_in_teardown();
   test_two_instances();
   test_step_cost();
   return ctest_end();
