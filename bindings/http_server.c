@@ -253,21 +253,19 @@ static int valid_token(const char *s, size_t n) {
  * single bytes only in a word that holds a control, a tab or DEL. */
 #define ONES 0x0101010101010101ULL
 #define has_less(x, n) (((x)-ONES * (n)) & ~(x) & (ONES * 0x80))
+static int is_ctl(unsigned char ch) { return (ch < 32 && ch != '\t') || ch == 127; }
+
 static int valid_value(const char *s, size_t n) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     uint64_t w;
     memcpy(&w, s + i, 8);
     if (!has_less(w, 32) && !has_less(w ^ (ONES * 127), 1)) continue;
-    for (size_t j = i; j < i + 8; j++) {
-      unsigned char ch = (unsigned char)s[j];
-      if ((ch < 32 && ch != '\t') || ch == 127) return 0;
-    }
+    for (size_t j = i; j < i + 8; j++)
+      if (is_ctl((unsigned char)s[j])) return 0;
   }
-  for (; i < n; i++) {
-    unsigned char ch = (unsigned char)s[i];
-    if ((ch < 32 && ch != '\t') || ch == 127) return 0;
-  }
+  for (; i < n; i++)
+    if (is_ctl((unsigned char)s[i])) return 0;
   return 1;
 }
 

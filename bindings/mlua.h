@@ -97,6 +97,12 @@ mlua_task_t *mlua_task_current(lua_State *L);
 mlua_task_t *mlua_task_at(lua_State *L, int idx); /* the task whose coroutine is at idx, or NULL */
 /* Raises unless L may yield to the scheduler. */
 void mlua_check_yieldable(lua_State *L, mlua_task_t *t);
+/* Takes t out of the wait it is parked in (NULL: nothing): from then on it cannot be cancelled
+ * there. A callback calls it when it takes its waiter, before anything that may run Lua. */
+void mlua_task_unwait(mlua_task_t *t);
+#define MLUA_NOT_YIELDABLE                                                                         \
+  "moonlet: cannot wait here: a C function (such as table.sort's comparator or require) is "       \
+  "between this call and the task"
 void mlua_sched_init(moonlet_t *m);
 mlua_task_t **mlua_sched_detach(moonlet_t *m);
 void mlua_sched_free_list(mlua_task_t **list);

@@ -100,14 +100,16 @@ mlua_task_t *mlua_task_current(lua_State *L) {
   return t;
 }
 
-#define NOT_YIELDABLE                                                                              \
-  "moonlet: cannot wait here: a C function (such as table.sort's comparator or require) is "       \
-  "between this call and the task"
+void mlua_task_unwait(mlua_task_t *t) {
+  if (!t) return;
+  t->cancel = NULL;
+  t->wait = NULL;
+}
 
 void mlua_check_yieldable(lua_State *L, mlua_task_t *t) {
   if (!t)
     luaL_error(L, "moonlet: I/O outside a moonlet task (a coroutine of your own cannot wait)");
-  if (!lua_isyieldable(L)) luaL_error(L, NOT_YIELDABLE);
+  if (!lua_isyieldable(L)) luaL_error(L, MLUA_NOT_YIELDABLE);
   /* moonlet_free has drained the instance's resources: a wait started now (by a handler its
    * connection's close woke) would outlive the instance on a host's loop (rule 8) */
   if (t->m->tearing_down) luaL_error(L, "moonlet: the instance is being freed: no new wait");
@@ -136,7 +138,7 @@ static void task_release(mlua_task_t *t, int reusable) {
 int mlua_task_wait(lua_State *L, mlua_task_t *t, mlua_cancel_cb cancel, void *wait) {
   if (!lua_isyieldable(L)) { /* the yield would raise and leave the wait armed: undo it first */
     if (cancel) cancel(t, wait);
-    return luaL_error(L, NOT_YIELDABLE);
+    return luaL_error(L, MLUA_NOT_YIELDABLE);
   }
   t->cancel = cancel;
   t->wait = wait;

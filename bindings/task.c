@@ -36,10 +36,7 @@ static void park_end(park_t *p) {
 static void park_res_close(mlua_res_t *r) {
   park_t *p = (park_t *)r;
   mlua_task_t *t = p->task;
-  if (t && t->wait == p) {
-    t->cancel = NULL;
-    t->wait = NULL;
-  }
+  if (t && t->wait == p) mlua_task_unwait(t);
   p->task = NULL;
   uv_close((uv_handle_t *)&p->timer, park_closed);
 }
@@ -101,8 +98,7 @@ static int l_unpark(lua_State *L) {
     lua_pushboolean(L, 0);
     return 1;
   }
-  t->cancel = NULL;
-  t->wait = NULL;
+  mlua_task_unwait(t);
   if (p) park_end(p);
   int n = lua_gettop(L) - 1;
   lua_xmove(L, t->co, n);
@@ -166,4 +162,6 @@ void mlua_open_task(lua_State *L, moonlet_t *m) {
   mlua_register(L, m, fns);
   lua_pushlightuserdata(L, &mlua_cancel_key);
   lua_setfield(L, -2, "CANCEL");
+  lua_pushliteral(L, MLUA_NOT_YIELDABLE); /* task.lua's gather and any raise it too */
+  lua_setfield(L, -2, "NOT_YIELDABLE");
 }

@@ -123,15 +123,6 @@ static void stop_reading(sock_t *s) {
   }
 }
 
-/* A task taken out of its wait can no longer be cancelled there: between the take and its resume
- * other Lua may run (on_wtimeout closes the socket, which wakes the reader, whose code may cancel
- * the writer), and a cancel then would resume the task a second time (rule 1 of sched.c). */
-static void unpark(mlua_task_t *t) {
-  if (!t) return;
-  t->cancel = NULL;
-  t->wait = NULL;
-}
-
 /* Takes the parked reader out of its wait; NULL when there is none. Reading goes on (what comes
  * is buffered for the next receive, up to READ_AHEAD_MAX, and an EOF is seen at once): stopping and
  * restarting it for every receive costs two epoll_ctl calls. */
@@ -139,7 +130,7 @@ static mlua_task_t *take_reader(sock_t *s) {
   mlua_task_t *t = s->rtask;
   s->rtask = NULL;
   s->rwait = W_NONE;
-  unpark(t);
+  mlua_task_unwait(t); /* Lua may run before the resume (on_wtimeout's close wakes the reader) */
   uv_timer_stop(&s->rtimer);
   uv_unref((uv_handle_t *)&s->tcp); /* reading ahead keeps no script alive */
   return t;
@@ -149,7 +140,7 @@ static mlua_task_t *take_writer(sock_t *s) {
   mlua_task_t *t = s->wtask;
   s->wtask = NULL;
   s->wwait = W_NONE;
-  unpark(t);
+  mlua_task_unwait(t);
   uv_timer_stop(&s->wtimer);
   return t;
 }
@@ -868,10 +859,15 @@ static int s_close(lua_State *L) {
 /* syntax: ok = sock:reusable() -- true when the socket could go to a keep-alive pool: open, no
  * waiter, no error, nothing received and unread (buffered here or in the kernel: a non-blocking
  * MSG_PEEK also tells whether the peer closed). moonlet.ngx's setkeepalive and connect use it. */
+/* Open, no waiter, no error or EOF seen, nothing buffered unread. */
+static int idle_clean(const sock_t *s) {
+  return s && !s->rwait && !s->wwait && !s->eof && !s->err && s->rb.len == 0 &&
+         (!s->tls || s->tls_up);
+}
+
 static int s_reusable(lua_State *L) {
   sock_t *s = check_sock(L);
-  int ok =
-      s && !s->rwait && !s->wwait && !s->eof && !s->err && s->rb.len == 0 && (!s->tls || s->tls_up);
+  int ok = idle_clean(s);
   if (ok) {
     uv_os_fd_t fd;
     char c;
@@ -884,11 +880,9 @@ static int s_reusable(lua_State *L) {
 
 /* syntax: ok = sock:poolable() -- sock:reusable() without the MSG_PEEK: what the loop has seen
  * (a socket reads ahead while idle, so a peer's close or stray bytes that came in an earlier loop
- * iteration are known). moonlet.http checks it when it pools a connection and when it takes one. */
+ * iteration are known). moonlet.http checks it when it takes a connection from its pool. */
 static int s_poolable(lua_State *L) {
-  sock_t *s = check_sock(L);
-  lua_pushboolean(L, s && !s->rwait && !s->wwait && !s->eof && !s->err && s->rb.len == 0 &&
-                         (!s->tls || s->tls_up));
+  lua_pushboolean(L, idle_clean(check_sock(L)));
   return 1;
 }
 

@@ -46,9 +46,9 @@ enum {
   T_END = '}'
 };
 enum { C_OK = 0, C_TYPE, C_CYCLE, C_DEPTH, C_NOMEM, C_LARGE };
-#define MAX_VALUES 1000000 /* values copied in one direction: a table shared many times without a
-                              cycle is copied each time, so this bounds the work (2^n copies for n
-                              levels of {t, t}) */
+/* Values copied in one direction: a table shared many times without a cycle is copied each time
+ * (2^n copies for n levels of {t, t}), so this bounds the work. */
+#define MAX_VALUES 1000000
 
 static char pool_key;   /* registry[&pool_key] = the pool's anchor userdata */
 static char misuse_key; /* &misuse_key is core.WORK_MISUSE */

@@ -157,8 +157,7 @@ local isyieldable = coroutine.isyieldable
 local function check_can_wait(cos, level)
     if isyieldable and not isyieldable() then
         cancel_all(cos)
-        error("moonlet: cannot wait here: a C function (such as table.sort's comparator or " ..
-              "require) is between this call and the task", level + 1)
+        error(core.NOT_YIELDABLE, level + 1)
     end
 end
 
