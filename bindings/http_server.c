@@ -26,6 +26,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "../core/numfmt.h"
 #include "mlua.h"
 
 #define EXCHANGE_MT "moonlet.exchange"
@@ -132,13 +133,16 @@ static void on_request(ml_conn_t *c, void *ud) {
   x->bytes = 0;
   x->fd = -1;
   x->file_ref = LUA_NOREF;
-  lua_pushvalue(co, -2); /* stack: x (the pin), handler, x, method, target */
+  lua_pushvalue(co, -2); /* stack: x (the pin), handler, x, method, target, request, co */
   ml_conn_set_data(c, x);
   lua_pushlstring(co, r->method, r->method_len);
   lua_pushlstring(co, r->target, r->target_len);
+  t->request = ++m->requests;
+  lua_pushnumber(co, t->request);
+  lua_pushthread(co);
   t->done = handler_done;
   t->done_ud = x;
-  mlua_task_start(t, 3);
+  mlua_task_start(t, 5);
 }
 
 /* A cancelled wait: the exchange forgets it; a file transfer goes on and file_done, finding no
@@ -269,13 +273,21 @@ static int valid_value(const char *s, size_t n) {
   return 1;
 }
 
-/* "name: value\r\n", the value at vidx (a string or a number); raises on a bad value. */
+/* "name: value\r\n", the value at vidx (a string or a number); raises on a bad value. A number is
+ * written as tostring writes it, straight from the double (core/numfmt.h) where it can be: no Lua
+ * string made, no control byte to look for. */
 static void hb_header(lua_State *L, hbuf_t *b, const char *name, size_t nlen, int vidx) {
   size_t vlen;
-  const char *v = lua_tolstring(L, vidx, &vlen);
-  if (!v) hb_fail(L, b, "moonlet: header %s: value must be a string or a number", name);
-  if (!valid_value(v, vlen))
-    hb_fail(L, b, "moonlet: header %s: value holds CR, LF or a control", name);
+  const char *v;
+  char num[ML_NUMFMT_MAX];
+  if (lua_type(L, vidx) == LUA_TNUMBER && (vlen = ml_numfmt_g14(lua_tonumber(L, vidx), num))) {
+    v = num;
+  } else {
+    v = lua_tolstring(L, vidx, &vlen);
+    if (!v) hb_fail(L, b, "moonlet: header %s: value must be a string or a number", name);
+    if (!valid_value(v, vlen))
+      hb_fail(L, b, "moonlet: header %s: value holds CR, LF or a control", name);
+  }
   hb_reserve(L, b, nlen + vlen + 4);
   char *p = b->p + b->len;
   memcpy(p, name, nlen);

@@ -19,6 +19,10 @@
 #define MOONLET_LUA_DIR "lua"
 #endif
 
+/* At most this much freed small memory of the Lua state waits in its block cache for reuse (a GC
+ * cycle's garbage under load); the rest goes back to malloc. */
+#define HEAP_CACHE_BYTES (4u << 20)
+
 static char instance_key;
 
 /* -- Helpers for binding files ---------------------------------------------------------------- */
@@ -368,11 +372,17 @@ moonlet_t *moonlet_new(const moonlet_config_t *cfg) {
       ml_log(&m->log, ML_LOG_ERROR,
              "moonlet_new: LuaJIT refused the host's allocator "
              "(a 64-bit build without GC64?); leave cfg.alloc NULL");
-  } else {
-    m->L = luaL_newstate();
+  } else if (!getenv("MOONLET_LUAJIT_ALLOC")) {
+    /* malloc with a cache of small freed blocks in front (core/block_cache.h): a request's tables,
+     * strings and closures come and go in a few instructions each, not LuaJIT's allocator's ~150 */
+    ml_bcache_init(&m->heap_cache, HEAP_CACHE_BYTES);
+    m->L = lua_newstate(ml_bcache_alloc, &m->heap_cache);
+    if (m->L) lua_atpanic(m->L, on_panic);
   }
+  if (!m->L && !cfg->alloc) m->L = luaL_newstate(); /* x64 LuaJIT without GC64 takes no allocator */
   if (!m->L || mlua_embed_init(m) < 0) {
     if (m->L) lua_close(m->L);
+    ml_bcache_drain(&m->heap_cache);
     if (m->owns_loop) uv_loop_close(&m->own_loop);
     free(m);
     return NULL;
@@ -542,6 +552,7 @@ void moonlet_free(moonlet_t *m) {
   }
   mlua_task_t **tasks = mlua_sched_detach(m);
   lua_close(m->L); /* finalizers may still look at task structs: they are freed after */
+  ml_bcache_drain(&m->heap_cache);
   mlua_sched_free_list(tasks);
   if (m->embed_on) uv_mutex_destroy(&m->post_lock);
   if (m->owns_loop) {

@@ -8,6 +8,7 @@
 #include <lua.h>
 #include <lualib.h>
 
+#include "../core/block_cache.h"
 #include "../core/http.h"
 #include "../core/log.h"
 #include "../core/moonlet.h"
@@ -34,6 +35,9 @@ struct mlua_task_s {
   mlua_cancel_cb cancel;  /* how to take it out of the wait it is parked in (NULL: not parked) */
   void *wait;             /* that wait's object, for cancel */
   mlua_task_t *next_free; /* pool link */
+  double request;         /* the HTTP request this task works for: its own (a handler's task), or
+                             inherited from the task that started it; 0: none. moonlet.app lets a
+                             middleware's next() run only from a task of its own request */
 };
 
 /* A resource that holds libuv handles on behalf of Lua (a sleep's timer, a socket): linked in the
@@ -51,6 +55,8 @@ struct moonlet_s {
   uv_loop_t own_loop; /* used when the host gave none */
   int owns_loop;
   lua_State *L; /* the main state; tasks are its coroutines */
+  /* L's small freed blocks, when L allocates through moonlet's block cache (the default) */
+  ml_bcache_t heap_cache;
   ml_log_t log;
   moonlet_config_t cfg;
   mlua_task_t *free_tasks; /* the task pool */
@@ -65,9 +71,13 @@ struct moonlet_s {
   int tearing_down; /* moonlet_free has begun: no task is cancelled (waits are being freed) */
   int stopping;     /* moonlet_stop was called */
   int exit_code;
-  int dispatch_ref;    /* registry ref of the framework's request dispatcher */
-  int traceback_ref;   /* registry ref of debug.traceback */
-  int exchange_mt_ref; /* registry ref of the request exchanges' metatable (http_server.c) */
+  int dispatch_ref;       /* registry ref of the framework's request dispatcher */
+  int traceback_ref;      /* registry ref of debug.traceback */
+  int exchange_mt_ref;    /* registry ref of the request exchanges' metatable (http_server.c) */
+  double requests;        /* requests started: the last one's mlua_task_t.request */
+  double running_request; /* m->running's request, 0 when none: app.lua reads it through the FFI
+                             (core.running_request, a pointer to it) where a C call would end the
+                             JIT trace */
   /* embedding (bindings/embed.c): the only fields other threads touch are post_head/post_tail,
    * under post_lock */
   uv_async_t post_async; /* moonlet_post wakes the loop thread with it */

@@ -72,6 +72,7 @@ mlua_task_t *mlua_task_new(moonlet_t *m) {
   t->next_free = NULL;
   t->cancel = NULL;
   t->wait = NULL;
+  t->request = m->running ? m->running->request : 0;
   m->live_tasks++;
   return t;
 }
@@ -168,8 +169,10 @@ static int run(mlua_task_t *t, int nargs) {
   moonlet_t *m = t->m;
   mlua_task_t *outer = m->running; /* a task may start or wake another: runs nest */
   m->running = t;
+  m->running_request = t->request;
   int st = lua_resume(co, nargs);
   m->running = outer;
+  m->running_request = outer ? outer->request : 0;
   t->resuming = 0;
   if (st == LUA_YIELD) return 1;
   int ok = st == 0;

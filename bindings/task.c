@@ -162,6 +162,11 @@ void mlua_open_task(lua_State *L, moonlet_t *m) {
   mlua_register(L, m, fns);
   lua_pushlightuserdata(L, &mlua_cancel_key);
   lua_setfield(L, -2, "CANCEL");
+  /* core.running_request: the address of a double, the HTTP request the running task works for
+   * (mlua_task_t.request: a handler's task's own, inherited by every task started from it; 0:
+   * none), for `ffi.cast("const double *", core.running_request)[0]` */
+  lua_pushlightuserdata(L, &m->running_request);
+  lua_setfield(L, -2, "running_request");
   lua_pushliteral(L, MLUA_NOT_YIELDABLE); /* task.lua's gather and any raise it too */
   lua_setfield(L, -2, "NOT_YIELDABLE");
 }

@@ -73,9 +73,11 @@ typedef struct moonlet_config_s {
   int handle_signals;      /* 1: SIGINT/SIGTERM shut the servers down gracefully, SIGHUP reloads
                               the app (moonlet_reload), SIGPIPE is ignored. A host that leaves this
                               0 must ignore SIGPIPE itself: libuv writes to sockets (write(2)). */
-  moonlet_alloc_fn alloc;  /* NULL: LuaJIT's own allocator; else every Lua object is allocated
-                              with it (lua_newstate). moonlet_new returns NULL when the LuaJIT in
-                              use refuses custom allocators (x64 without GC64: see the docs). */
+  moonlet_alloc_fn alloc;  /* NULL: malloc with a cache of small blocks in front (env
+                              MOONLET_LUAJIT_ALLOC=1: LuaJIT's own); else every Lua object is
+                              allocated with it (lua_newstate). moonlet_new returns NULL when the
+                              LuaJIT in use refuses custom allocators (x64 without GC64: see the
+                              docs). */
   void *alloc_ud;          /* passed to alloc */
   moonlet_limits_t limits; /* server limits; all 0: moonlet's defaults */
   void *userdata;          /* the host's pointer, returned by moonlet_userdata */

@@ -105,7 +105,13 @@ describe("moonlet.app", function()
 end)
 
 describe("moonlet.app: header values and next() off the usual path", function()
-    local server, port, runs
+    local server, port, runs, holds
+    local kept = {} -- next() functions a middleware kept, by path
+    local numbers = { -- header values that are numbers: C writes most of them itself (core/numfmt.c)
+        ["X-N"] = 0.5, ["X-I"] = 42, ["X-Third"] = -1 / 3, ["X-Tie"] = 2 ^ -21, ["X-Time"] = 3.5e-6,
+        ["X-Carry"] = 99999999999999.5, ["X-Zero"] = 0, ["X-Negzero"] = -0.0, ["X-Big"] = 1e300,
+        ["X-Huge"] = 2 ^ 63, ["X-Tiny"] = 1e-20, ["X-Inf"] = math.huge,
+    }
     local values = {
         good_tabs = "a\tb\tc\td\te\tf\tg\th\ti", -- HTAB is the one control a value may hold
         good_utf8 = "caf\195\169 \226\152\149 long enough to take the eight-byte path",
@@ -117,9 +123,10 @@ describe("moonlet.app: header values and next() off the usual path", function()
         bad_cr_tail = "0123456789abcdefgh\r", -- in the bytes after the last whole word
     }
     before_each(function()
-        runs = 0
+        runs, holds = 0, 0
         local app = moonlet.app()
         app:use(function(req, res, next)
+            if req.path == "/keep" or req.path == "/hold" then kept[req.path] = next end
             if req.path == "/timeout" then return moonlet.timeout(1, next) end -- next in a child task
             if req.path == "/twice" then
                 local a = next()
@@ -136,9 +143,18 @@ describe("moonlet.app: header values and next() off the usual path", function()
             res:header("X-Big", { string.rep("b", 3000), "bad\r\nvalue" })
             return "ok"
         end)
-        app:get("/number", function(_, res) res:header("X-N", 0.5):header("X-I", 42); return "ok" end)
+        app:get("/number", function(_, res)
+            for name, v in pairs(numbers) do res:header(name, v) end
+            return "ok"
+        end)
         app:get("/timeout", function() moonlet.sleep(0.01); return "in time" end)
         app:get("/twice", function() runs = runs + 1; return "run" .. runs end)
+        app:get("/keep", function() return "kept" end)
+        app:get("/hold", function() holds = holds + 1; moonlet.sleep(0.2); return "held" end)
+        app:get("/call-held", function()
+            local ok, err = pcall(kept["/hold"])
+            return ok and "ran /hold's chain" or err
+        end)
         server, port = test.serve(app)
     end)
     after_each(function() server:close() end)
@@ -168,6 +184,24 @@ describe("moonlet.app: header values and next() off the usual path", function()
         local r = test.request(port, "GET", "/number")
         assert.same("0.5", r.headers["x-n"])
         assert.same("42", r.headers["x-i"])
+        for name, v in pairs(numbers) do assert.same(tostring(v), r.headers[name:lower()], name) end
+    end)
+
+    it("raises from a next() kept past its request, or called from another request's task", function()
+        local r = test.request(port, "GET", "/keep")
+        assert.same("kept", r.body)
+        local ok, err = pcall(kept["/keep"])                   -- its request has ended
+        assert.is_false(ok)
+        assert.truthy(err:find("next() called after its request ended", 1, true), err)
+        local held = moonlet.spawn(test.request, port, "GET", "/hold") -- /hold waits in its handler
+        assert.truthy(test.wait_until(function() return kept["/hold"] end))
+        r = test.request(port, "GET", "/call-held")             -- /hold's next, from another task
+        assert.same(200, r.status)
+        assert.truthy(r.body:find("next() called from outside its request", 1, true), r.body)
+        local joined, res = held:join()
+        assert.is_true(joined)
+        assert.same("held", res.body)
+        assert.same(1, holds)                                    -- /hold's handler ran once only
     end)
 
     it("lets a middleware run next() in a child task, or twice", function()

@@ -4,6 +4,7 @@
 local moonlet = require "moonlet"
 local channel = require "moonlet.channel"
 local core = require "moonlet.core"
+local test = require "moonlet.test"
 
 local function settle()
     moonlet.sleep(0)
@@ -89,7 +90,7 @@ describe("moonlet.channel", function()
         settle()
         local names0 = channel.layer().names()
         local mem0 = collectgarbage("count")
-        local before = core.stats()
+        local before = test.settled_stats()
         for i = 1, 2000 do
             local sub = ch:subscribe()
             if i % 3 == 0 then

@@ -95,7 +95,7 @@ describe("moonlet.dns.resolve", function()
             collectgarbage()
         end
         settle()
-        local before = core.stats()
+        local before = test.settled_stats()
         local mem0 = collectgarbage("count")
         for i = 1, 10000 do
             if i % 2 == 0 then

@@ -239,7 +239,7 @@ describe("moonlet.fs", function()
             assert.is_true(fs.write(p, string.rep("l", 64 * 1024)))
             for _ = 1, 10 do fs.read(p) end -- warm up
             settle(core.stats().resources)
-            local before = core.stats()
+            local before = test.settled_stats()
             local fds = fd_count()
             local mem0 = collectgarbage("count")
             local ops = {

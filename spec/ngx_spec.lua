@@ -5,7 +5,6 @@
 -- (threads, sleep, time, log, the ngx.re subset, hashes), and that nothing is left behind.
 -- luacheck: globals ngx
 local moonlet = require "moonlet"
-local core = require "moonlet.core"
 local test = require "moonlet.test"
 local mngx = require "moonlet.ngx"
 local servers = require "support.servers"
@@ -194,7 +193,7 @@ describe("moonlet.ngx with lua-resty-redis", function()
 
     it("leaves nothing behind after many connect / keep-alive cycles", function()
         settle()
-        local before = core.stats()
+        local before = test.settled_stats()
         local mem0 = collectgarbage("count")
         for _ = 1, 500 do
             local r = assert(redis:new())

@@ -129,7 +129,7 @@ describe("moonlet.pg", function()
 
     it("reports a server it cannot reach, and keeps nothing of the attempt", function()
         settle()
-        local before = core.stats()
+        local before = test.settled_stats()
         local db = pool({ url = ("postgresql://postgres@127.0.0.1:%d/postgres")
             :format(servers.free_port()) })
         local rows, err = db:query("SELECT 1")
@@ -312,7 +312,7 @@ describe("moonlet.pg", function()
 
     it("leaves no connection, handle, task or memory behind", function()
         settle()
-        local before = core.stats()
+        local before = test.settled_stats()
         local mem0 = collectgarbage("count")
         for _ = 1, 5 do
             local db = pg.pool({ url = srv.url, size = 3 })

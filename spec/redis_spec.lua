@@ -223,7 +223,7 @@ describe("moonlet.redis", function()
 
     it("leaves no socket, handle, task or memory behind", function()
         settle()
-        local before = core.stats()
+        local before = test.settled_stats()
         local mem0 = collectgarbage("count")
         for _ = 1, 20 do
             local r = assert(redis.connect({ port = srv.port, timeout = 1 }))

@@ -232,7 +232,7 @@ end)]]
             assert.is_true(host:reload())
         end
         settle()
-        local before = core.stats()
+        local before = test.settled_stats()
         local mem0 = collectgarbage("count")
         for i = 1, 100 do
             write_file(path, app_src("r" .. i, uses))

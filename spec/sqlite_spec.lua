@@ -365,7 +365,7 @@ describe("moonlet.sqlite", function()
 
     it("leaves no thread, handle, task or memory behind", function()
         settle()
-        local before = core.stats()
+        local before = test.settled_stats()
         local mem0 = collectgarbage("count")
         for i = 1, 30 do
             local db = assert(sqlite.open(":memory:"))

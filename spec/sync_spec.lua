@@ -1,7 +1,6 @@
 -- spec/sync_spec.lua: cancellation, gather, timeout, any, queue, semaphore, event; and that
 -- cancelled and timed-out waits leave no handle, resource, task or Lua memory behind.
 local moonlet = require "moonlet"
-local core = require "moonlet.core"
 local test = require "moonlet.test"
 
 local function settle()
@@ -47,7 +46,7 @@ describe("moonlet task cancellation", function()
 
     it("leaves nothing behind after 10,000 timed-out and cancelled waits", function()
         settle()
-        local before = core.stats()
+        local before = test.settled_stats()
         local mem0 = collectgarbage("count")
         local q = moonlet.queue(1)
         for i = 1, 10000 do

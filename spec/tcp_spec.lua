@@ -465,7 +465,7 @@ describe("moonlet.tcp waits", function()
         defer(release)
         local sock = connect(port)
         settle()
-        local before = core.stats()
+        local before = test.settled_stats()
         local mem0 = collectgarbage("count")
         for i = 1, 10000 do
             local k = i % 4
@@ -675,7 +675,7 @@ describe("moonlet.tcp cosocket methods", function()
             if h == last then return true end
             last = h
         end, 5))
-        local before = core.stats()
+        local before = test.settled_stats()
         local mem0 = collectgarbage("count")
         for i = 1, 2000 do
             if i % 2 == 0 then

@@ -202,7 +202,7 @@ describe("moonlet.tcp TLS", function()
         tcp.connect("127.0.0.1", port):close() -- loads what loads once
         assert(require("moonlet.test").wait_until(function() return served == 1 end, 5))
         settle()
-        local before = core.stats()
+        local before = test.settled_stats()
         local mem0 = collectgarbage("count")
         for i = 1, 500 do
             local t = moonlet.spawn(function()

@@ -2,7 +2,6 @@
 -- a receiver woken by close, cancellation, connected sockets, and that 10,000 timed-out or
 -- cancelled receives leave nothing behind.
 local moonlet = require "moonlet"
-local core = require "moonlet.core"
 
 local udp = moonlet.udp
 
@@ -113,7 +112,7 @@ describe("moonlet.udp", function()
         for _ = 1, 3 do moonlet.sleep(0) end
         collectgarbage()
         collectgarbage()
-        local before = core.stats()
+        local before = test.settled_stats()
         local mem0 = collectgarbage("count")
         for i = 1, 10000 do
             if i % 2 == 0 then

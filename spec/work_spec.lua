@@ -378,7 +378,7 @@ return _M
         it("leaves no state, job, resource, task or Lua memory behind", function()
             for _ = 1, 20 do moonlet.work(function(x) return x end, { 1 }) end -- warm up
             settle()
-            local before = core.stats()
+            local before = test.settled_stats()
             local mem0 = collectgarbage("count")
             for i = 1, 600 do
                 if i % 3 == 0 then

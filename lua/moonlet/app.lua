@@ -21,6 +21,8 @@ local unescape = url.unescape
 local CANCELLED, CANCEL = task.CANCELLED, core.CANCEL
 local core_spawn, core_sleep, core_cancel, core_running, call_unrecorded =
     core.spawn, core.sleep, core.cancel, core.running, core.call_unrecorded
+-- running_request[0]: the request the running task works for (bindings/task.c), read in place
+local running_request = require("ffi").cast("const double *", core.running_request)
 
 local _M = {}
 local methods = {}
@@ -147,20 +149,39 @@ end
 
 local run_chain
 
--- The next() that the middleware at level i is given: a closure per request and level, over the
--- request's chain state st = { middleware, req, res, handler }. LuaJIT does not compile the making
--- of a closure (bytecode FNEW): made in the dispatcher's own code, it would abort the dispatcher's
--- trace on every request until LuaJIT blacklisted it, and leave the whole request path to the
--- interpreter (2.3x the instructions of a request with one middleware). So it is made from C
--- (core.call_unrecorded), which the trace stitches around.
+-- The middleware chain of a request runs over a chain state st = { middleware, req, res, handler,
+-- id = request, nexts = { [i] = the next() of level i } }, one per app and (pooled)
+-- task, made on the task's first request and reused by every later one, next() closures included:
+-- a request makes nothing for its chain. (LuaJIT does not compile the making of a closure, FNEW: in
+-- the dispatcher's own code it aborted the trace on every request until LuaJIT blacklisted it and
+-- left the whole request to the interpreter; made per request from C, core.call_unrecorded, it
+-- still cost a tenth of a request.) So a next() is the same function in every request of its task,
+-- and checks by itself that it may run: only while a request of its task runs, and only from a
+-- task that works for that request (the request's own, or one started from it, as in
+-- moonlet.timeout(1, next)). Kept and called after its request, or from another request's task,
+-- it raises instead of running another request's chain. (Both checks are loads: no C call, which
+-- would end the JIT trace inside the chain.)
 local function make_next(st, i)
-    return function() return fold(st[3], run_chain(st, i + 1)) end
+    return function()
+        local res = st[3]
+        if not res then error("moonlet: next() called after its request ended", 2) end
+        if running_request[0] ~= st.id then
+            error("moonlet: next() called from outside its request", 2)
+        end
+        return fold(res, run_chain(st, i + 1))
+    end
+end
+
+local function new_next(st, i)
+    local f = make_next(st, i)
+    st.nexts[i] = f
+    return f
 end
 
 function run_chain(st, i)
     local f = st[1][i]
     if not f then return st[4](st[2], st[3]) end
-    return f(st[2], st[3], call_unrecorded(make_next, st, i))
+    return f(st[2], st[3], st.nexts[i] or call_unrecorded(new_next, st, i))
 end
 
 local function on_error(err)
@@ -216,7 +237,8 @@ local function fail(app, req, res, err, w)
     return x:respond(500, "500 Internal Server Error\n", "text/plain; charset=utf-8")
 end
 
--- The function the C server runs for each request: dispatch(exchange, method, target).
+-- The function the C server runs for each request: dispatch(exchange, method, target, request id,
+-- the request's task's coroutine).
 -- A deadline (the route's, else the app's) bounds the whole request, middleware included: when it
 -- passes, every wait the request's task (and the children of its gathers) is in is cancelled, and
 -- the client gets 504 unless the response had started (then the connection is closed).
@@ -224,7 +246,8 @@ function methods:dispatcher()
     local router, mw = self.router, self.middleware
     local app = self
     local app_deadline = self.opts.deadline
-    return function(x, method, target)
+    local chains = setmetatable({}, { __mode = "k" }) -- task coroutine -> its chain state
+    return function(x, method, target, rid, co)
         local path, query = target, nil
         local q = str_find(target, "?", 1, true)
         if q then
@@ -262,7 +285,14 @@ function methods:dispatcher()
         if secs then w = start_watchdog(secs) end
         local ok, a, b, c
         if mw[1] then
-            ok, a, b, c = xpcall(run_chain, on_error, { mw, req, res, handler }, 1)
+            local st = chains[co]
+            if not st or st[3] then -- (a dispatch inside a request of this task: a state of its own)
+                st = { mw, false, false, false, id = 0, nexts = {} }
+                if not chains[co] then chains[co] = st end
+            end
+            st[2], st[3], st[4], st.id = req, res, handler, rid
+            ok, a, b, c = xpcall(run_chain, on_error, st, 1)
+            st[2], st[3], st[4] = false, false, false
         else
             ok, a, b, c = xpcall(handler, on_error, req, res)
         end

@@ -156,6 +156,26 @@ function _M.raw(port, bytes, timeout)
     return data, err, partial
 end
 
+-- syntax: stats = test.settled_stats() -- core.stats() once the handles, resources and tasks left
+-- by earlier specs (connections still closing) have stopped changing for 30 ms (at most 2 s): the
+-- `before` of assert_baseline
+function _M.settled_stats()
+    local last, same = core.stats(), 0
+    local deadline = core.now() + 2
+    while same < 3 and core.now() < deadline do
+        task.sleep(0.01)
+        local now = core.stats()
+        if now.handles == last.handles and now.resources == last.resources
+           and now.tasks == last.tasks then
+            same = same + 1
+        else
+            same = 0
+        end
+        last = now
+    end
+    return last
+end
+
 -- syntax: ok = test.wait_until(fn, timeout) -- polls fn every 10 ms until it is truthy or time is up
 function _M.wait_until(fn, timeout)
     local deadline = core.now() + (timeout or 5)
