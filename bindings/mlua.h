@@ -63,6 +63,7 @@ struct moonlet_s {
   unsigned free_task_count;
   unsigned live_tasks;    /* tasks started and not yet ended */
   mlua_task_t *running;   /* the task whose coroutine runs now (sched.c run); NULL outside one */
+  int run_depth;          /* runs nested on the C stack (a task that starts another runs it) */
   mlua_server_t *servers; /* every server this instance listens with */
   mlua_res_t *resources;  /* open resources (mlua_res_t) */
   uv_signal_t sig_int, sig_term, sig_hup;

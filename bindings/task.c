@@ -14,6 +14,9 @@
 
 #include "mlua.h"
 
+/* how deep spawned tasks may nest on the C stack (each run is a lua_resume inside the last) */
+#define MAX_NESTED_RUNS 200
+
 typedef struct {
   mlua_res_t res;
   uv_timer_t timer;
@@ -114,6 +117,13 @@ static int l_unpark(lua_State *L) {
 static int l_spawn(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   luaL_checktype(L, 1, LUA_TFUNCTION);
+  /* a spawned function runs at once, nested on the C stack: one that spawns itself without end
+   * would overflow the C stack (a crash) long before Lua's stack check; it is an error instead */
+  if (m->run_depth >= MAX_NESTED_RUNS)
+    return luaL_error(L,
+                      "moonlet.spawn: tasks started inside each other %d deep (a task that "
+                      "starts itself without end?)",
+                      MAX_NESTED_RUNS);
   int n = lua_gettop(L);
   mlua_task_t *t = mlua_task_new(m);
   lua_State *co = t->co;

@@ -45,7 +45,7 @@ static void *take(ml_bcache_t *c, size_t size) {
 }
 
 static void give_back(ml_bcache_t *c, void *b, size_t size) {
-  if (size <= ML_BCACHE_MAX_SIZE) {
+  if (size - 1 < ML_BCACHE_MAX_SIZE) { /* 1..512 (a size 0, never given, wraps and goes to free) */
     size_t k = class_of(size);
     if (c->cached_bytes + class_size(k) <= c->max_bytes) {
       *(void **)b = c->free[k];

@@ -69,6 +69,19 @@ describe("moonlet.spawn", function()
         assert.same({ true, "x" }, { b:join() })
     end)
 
+    it("stops a task that starts itself without end with an error, not a C stack overflow", function()
+        local deepest, msg = 0, nil
+        local function dive(depth) -- each spawned task runs at once, nested in its spawner
+            deepest = depth
+            local ok, err = pcall(moonlet.spawn, dive, depth + 1)
+            if not ok then msg = err end
+        end
+        moonlet.spawn(dive, 1):join()
+        assert.truthy(msg and msg:find("tasks started inside each other 200 deep", 1, true), msg)
+        assert.truthy(deepest >= 150 and deepest <= 200, deepest)
+        assert.same({ true, "still here" }, { moonlet.spawn(function() return "still here" end):join() })
+    end)
+
     it("refuses a non-function", function()
         assert.has_error(function() moonlet.spawn(42) end, "moonlet.spawn: expected a function")
     end)

@@ -158,9 +158,11 @@ local run_chain
 -- still cost a tenth of a request.) So a next() is the same function in every request of its task,
 -- and checks by itself that it may run: only while a request of its task runs, and only from a
 -- task that works for that request (the request's own, or one started from it, as in
--- moonlet.timeout(1, next)). Kept and called after its request, or from another request's task,
--- it raises instead of running another request's chain. (Both checks are loads: no C call, which
--- would end the JIT trace inside the chain.)
+-- moonlet.timeout(1, next)). Kept and called when its task serves no request, or from a task of
+-- another request (or of none), it raises: it never runs another request's chain. What it cannot
+-- tell is a later request of its own task: there it is that request's next(), which only that
+-- request's own code can reach. (Both checks are loads: no C call, which would end the JIT trace
+-- inside the chain.)
 local function make_next(st, i)
     return function()
         local res = st[3]
