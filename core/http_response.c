@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "http_internal.h"
+#include "numfmt.h"
 
 const char *ml_http_reason(int status) {
   switch (status) {
@@ -66,19 +67,6 @@ static int no_body_status(int status) { return status == 204 || status == 304 ||
 
 enum { LEN_NONE = -1, LEN_CHUNKED = -2, LEN_EOF = -3 };
 
-/* Writes v in decimal at p and returns the end (the hot path avoids snprintf). */
-static char *put_u64(char *p, uint64_t v) {
-  char tmp[24];
-  int n = 0;
-  do {
-    tmp[n++] = (char)('0' + v % 10);
-    v /= 10;
-  } while (v);
-  while (n)
-    *p++ = tmp[--n];
-  return p;
-}
-
 static char *put_lit(char *p, const char *s, size_t n) {
   memcpy(p, s, n);
   return p + n;
@@ -97,7 +85,7 @@ static int write_head(ml_conn_t *c, int status, const char *headers, size_t hlen
   char *p = ml__out_reserve(s, c, need), *start = p;
   if (!p) return UV_ENOMEM;
   p = PUT_LIT(p, "HTTP/1.1 ");
-  p = put_u64(p, (uint64_t)status);
+  p = ml_numfmt_uint(p, (uint64_t)status);
   *p++ = ' ';
   p = put_lit(p, reason, strlen(reason));
   p = PUT_LIT(p, "\r\nServer: moonlet\r\n");
@@ -109,7 +97,7 @@ static int write_head(ml_conn_t *c, int status, const char *headers, size_t hlen
   }
   if (length >= 0) {
     p = PUT_LIT(p, "Content-Length: ");
-    p = put_u64(p, (uint64_t)length);
+    p = ml_numfmt_uint(p, (uint64_t)length);
     p = PUT_LIT(p, "\r\n");
   } else if (length == LEN_CHUNKED) {
     p = PUT_LIT(p, "Transfer-Encoding: chunked\r\n");

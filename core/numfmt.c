@@ -1,4 +1,5 @@
-/* core/numfmt.c: "%.14g" the way LuaJIT's tostring writes it (the contract is in numfmt.h).
+/* core/numfmt.c: integers in decimal, and "%.14g" the way LuaJIT's tostring writes it (the
+ * contracts are in numfmt.h).
  *
  * A finite n is m * 2^k exactly (m < 2^53). For the 14 significant digits, N = round(|n| * 10^q)
  * with q = 13 - e, e the decimal exponent of |n|: |n| * 10^q = m * 5^q * 2^(q + k), an integer
@@ -15,17 +16,16 @@
 #define E14 100000000000000ULL
 #define E13 10000000000000ULL
 
-/* Writes the digits of v (v > 0, at most 20 digits) at p; returns how many. */
-static size_t put_uint(char *p, uint64_t v) {
+char *ml_numfmt_uint(char *p, uint64_t v) {
   char tmp[20];
-  size_t n = 0;
+  int n = 0;
   do {
     tmp[n++] = (char)('0' + v % 10);
     v /= 10;
   } while (v);
-  for (size_t i = 0; i < n; i++)
-    p[i] = tmp[n - 1 - i];
-  return n;
+  while (n)
+    *p++ = tmp[--n];
+  return p;
 }
 
 #ifdef __SIZEOF_INT128__
@@ -80,7 +80,7 @@ size_t ml_numfmt_g14(double n, char *buf) {
   double a = fabs(n);
   if (a < 1e14 && (double)(uint64_t)a == a) { /* an integer: its digits, at most 14 */
     if (n < 0) *p++ = '-';
-    p += put_uint(p, (uint64_t)a);
+    p = ml_numfmt_uint(p, (uint64_t)a);
     *p = '\0';
     return (size_t)(p - buf);
   }
@@ -110,7 +110,7 @@ size_t ml_numfmt_g14(double n, char *buf) {
     e++;
   }
   char d[14];
-  put_uint(d, N); /* 14 digits: E13 <= N < E14 */
+  ml_numfmt_uint(d, N); /* 14 digits: E13 <= N < E14 */
   int nd = 14;
   while (nd > 1 && d[nd - 1] == '0')
     nd--;
@@ -126,7 +126,7 @@ size_t ml_numfmt_g14(double n, char *buf) {
     *p++ = e < 0 ? '-' : '+';
     int x = e < 0 ? -e : e;
     if (x < 10) *p++ = '0';
-    p += put_uint(p, (uint64_t)x);
+    p = ml_numfmt_uint(p, (uint64_t)x);
   } else if (e >= 0) { /* ddd or ddd.ddd (d holds all 14 digits, zeros included) */
     memcpy(p, d, (size_t)e + 1);
     p += e + 1;
