@@ -16,16 +16,29 @@
 #define E14 100000000000000ULL
 #define E13 10000000000000ULL
 
+/* "00" to "99": two digits per division */
+static const char pairs[201] =
+    "00010203040506070809101112131415161718192021222324252627282930313233"
+    "34353637383940414243444546474849505152535455565758596061626364656667"
+    "6869707172737475767778798081828384858687888990919293949596979899";
+
 char *ml_numfmt_uint(char *p, uint64_t v) {
   char tmp[20];
-  int n = 0;
-  do {
-    tmp[n++] = (char)('0' + v % 10);
-    v /= 10;
-  } while (v);
-  while (n)
-    *p++ = tmp[--n];
-  return p;
+  int i = 20;
+  while (v >= 100) {
+    unsigned d = (unsigned)(v % 100) * 2;
+    v /= 100;
+    tmp[--i] = pairs[d + 1];
+    tmp[--i] = pairs[d];
+  }
+  if (v >= 10) {
+    tmp[--i] = pairs[v * 2 + 1];
+    tmp[--i] = pairs[v * 2];
+  } else {
+    tmp[--i] = (char)('0' + v);
+  }
+  memcpy(p, tmp + i, (size_t)(20 - i));
+  return p + (20 - i);
 }
 
 #ifdef __SIZEOF_INT128__
@@ -86,11 +99,14 @@ size_t ml_numfmt_g14(double n, char *buf) {
   }
 #ifdef __SIZEOF_INT128__
   if (a < 1e-14 || a >= 1e14) return 0;
-  int E;
-  double f = frexp(a, &E);             /* a = f * 2^E, 0.5 <= f < 1 */
-  uint64_t m = (uint64_t)ldexp(f, 53); /* exact: f has 53 bits */
-  int k = E - 53;
-  int e = (int)floor((E - 1) * 0.30102999566398120); /* e or e - 1 of the true exponent */
+  uint64_t bits;
+  memcpy(&bits, &a, sizeof bits);   /* a normal double here: 1e-14 <= a < 1e14 */
+  int k = (int)(bits >> 52) - 1075; /* a = m * 2^k exactly */
+  uint64_t m = (bits & ((1ULL << 52) - 1)) | (1ULL << 52);
+  /* 2^l2 <= a < 2^(l2 + 1); e = floor(l2 * log10(2)) is the decimal exponent or one below it
+   * (78913 / 2^18 is log10(2) to within 2^-18, which is exact enough for |l2| < 1650) */
+  int l2 = k + 52;
+  int e = l2 >= 0 ? (l2 * 78913) >> 18 : -((-l2 * 78913 + (1 << 18) - 1) >> 18);
   uint64_t fl = 0, N = 0;
   for (int tries = 0; tries < 3; tries++) {
     N = scaled(m, k, 13 - e, &fl);

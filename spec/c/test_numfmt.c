@@ -7,6 +7,7 @@
 #include <lua.h>
 #include <lualib.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -67,6 +68,19 @@ int main(void) {
   CHECK_INT(ml_numfmt_g14(1e-15, buf), 0);
   CHECK_INT(ml_numfmt_g14(1e14, buf), 0);
   CHECK_INT(ml_numfmt_g14(123456789012345.5, buf), 0);
+
+  ctest_section("ml_numfmt_uint: decimal integers, two digits at a time, as printf writes them");
+  static const uint64_t ints[] = {0, 9, 10, 99, 100, 101, 999, 1000, 12345, 200, 1000000007ULL,
+                                  18446744073709551615ULL};
+  int int_bad = 0;
+  for (size_t i = 0; i < sizeof ints / sizeof ints[0] + 100000; i++) {
+    uint64_t v = i < sizeof ints / sizeof ints[0] ? ints[i] : next_rand() >> (next_rand() % 64);
+    char want[24], got[24];
+    snprintf(want, sizeof want, "%llu", (unsigned long long)v);
+    *ml_numfmt_uint(got, v) = '\0';
+    if (strcmp(want, got) != 0 && int_bad++ < 5) printf("    %s: got %s\n", want, got);
+  }
+  CHECK_INT(int_bad, 0);
 
   ctest_section("a million numbers of every magnitude: the same text as tostring");
   for (int i = 0; i < 1000000; i++) {
