@@ -133,16 +133,15 @@ static void on_request(ml_conn_t *c, void *ud) {
   x->bytes = 0;
   x->fd = -1;
   x->file_ref = LUA_NOREF;
-  lua_pushvalue(co, -2); /* stack: x (the pin), handler, x, method, target, request, co */
+  lua_pushvalue(co, -2); /* stack: x (the pin), handler, x, method, target, co */
   ml_conn_set_data(c, x);
   lua_pushlstring(co, r->method, r->method_len);
   lua_pushlstring(co, r->target, r->target_len);
-  t->request = ++m->requests;
-  lua_pushnumber(co, t->request);
+  t->request = ++m->requests; /* app.lua reads it as core.running_request while the task runs */
   lua_pushthread(co);
   t->done = handler_done;
   t->done_ud = x;
-  mlua_task_start(t, 5);
+  mlua_task_start(t, 4);
 }
 
 /* A cancelled wait: the exchange forgets it; a file transfer goes on and file_done, finding no

@@ -239,8 +239,8 @@ local function fail(app, req, res, err, w)
     return x:respond(500, "500 Internal Server Error\n", "text/plain; charset=utf-8")
 end
 
--- The function the C server runs for each request: dispatch(exchange, method, target, request id,
--- the request's task's coroutine).
+-- The function the C server runs for each request: dispatch(exchange, method, target, the
+-- request's task's coroutine); core.running_request holds the request's id meanwhile.
 -- A deadline (the route's, else the app's) bounds the whole request, middleware included: when it
 -- passes, every wait the request's task (and the children of its gathers) is in is cancelled, and
 -- the client gets 504 unless the response had started (then the connection is closed).
@@ -249,7 +249,7 @@ function methods:dispatcher()
     local app = self
     local app_deadline = self.opts.deadline
     local chains = setmetatable({}, { __mode = "k" }) -- task coroutine -> its chain state
-    return function(x, method, target, rid, co)
+    return function(x, method, target, co)
         local path, query = target, nil
         local q = str_find(target, "?", 1, true)
         if q then
@@ -288,11 +288,12 @@ function methods:dispatcher()
         local ok, a, b, c
         if mw[1] then
             local st = chains[co]
-            if not st or st[3] then -- (a dispatch inside a request of this task: a state of its own)
+            if not st or st[3] then -- none yet, or a dispatch inside one of this task's requests
+                local first = not st
                 st = { mw, false, false, false, id = 0, nexts = {} }
-                if not chains[co] then chains[co] = st end
+                if first then chains[co] = st end -- (the nested one gets a state of its own)
             end
-            st[2], st[3], st[4], st.id = req, res, handler, rid
+            st[2], st[3], st[4], st.id = req, res, handler, running_request[0]
             ok, a, b, c = xpcall(run_chain, on_error, st, 1)
             st[2], st[3], st[4] = false, false, false
         else

@@ -53,6 +53,14 @@ static void config(moonlet_config_t *cfg, logbuf_t *lb) {
   cfg->log_ud = lb;
 }
 
+/* An instance on the host's loop, its log in lb. */
+static moonlet_t *new_on_loop(uv_loop_t *loop, logbuf_t *lb) {
+  moonlet_config_t cfg;
+  config(&cfg, lb);
+  cfg.loop = loop;
+  return moonlet_new(&cfg);
+}
+
 /* -- A blocking HTTP client for client threads ------------------------------------------------- */
 
 typedef struct {
@@ -255,10 +263,7 @@ static void test_host_loop(void) {
   uv_timer_init(&loop, &tick);
   host_ticks = 0;
   logbuf_t lb;
-  moonlet_config_t cfg;
-  config(&cfg, &lb);
-  cfg.loop = &loop;
-  moonlet_t *m = moonlet_new(&cfg);
+  moonlet_t *m = new_on_loop(&loop, &lb);
   if (!CHECK(m != NULL)) return;
   CHECK(moonlet_loop(m) == &loop);
   CHECK_INT(moonlet_load_string(m, "hello_app", HELLO_APP), 0);
@@ -809,10 +814,7 @@ static void test_free_new_wait_in_teardown(void) {
     uv_loop_t loop;
     uv_loop_init(&loop);
     logbuf_t lb;
-    moonlet_config_t cfg;
-    config(&cfg, &lb);
-    cfg.loop = &loop;
-    moonlet_t *m = moonlet_new(&cfg);
+    moonlet_t *m = new_on_loop(&loop, &lb);
     if (!CHECK(m != NULL)) return;
     char app[512];
     snprintf(app, sizeof app,
