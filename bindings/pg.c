@@ -14,9 +14,12 @@
  *    takes the waiter (take_waiter) and stops the timer; the resume comes last in each callback.
  * 3. A query's waiter that is cancelled (or whose timeout runs out) cannot take the query back:
  *    the server is asked to cancel it (PQcancel, which blocks, so it runs on libuv's thread pool
- *    with a PGcancel of its own and touches nothing else) and the connection DRAINS: its results
- *    are read and dropped until the query ends, then it is idle and clean again. A drain that
- *    does not end within DRAIN_MS closes the connection.
+ *    with a PGcancel of its own) and the connection DRAINS: its results are read and dropped until
+ *    the query ends. It is idle again only once the cancel request is done too (CANCELLING until
+ *    then): a request still on its way (the thread pool busy) would cancel the next user's query.
+ *    A drain that does not end within DRAIN_MS closes the connection (the drain timer, which no
+ *    waiter's timeout replaces). The cancel request points at its connection (c->cancelling,
+ *    k->c) until it is done or the connection is freed, whichever comes first.
  * 4. While idle the socket stays watched for reading: notifications are queued (for
  *    core.pg_notification) and a connection the server closed (a restart) is seen at once and
  *    marked broken, so that the pool does not hand it out.
@@ -144,9 +147,18 @@ static const char *pq_load(void) {
 #define MAX_PARAMS 256
 
 enum { W_NONE = 0, W_CONNECT, W_QUERY, W_NOTIFY, W_READY };
-enum { S_CONNECTING = 0, S_IDLE, S_BUSY, S_DRAINING, S_BROKEN };
+/* S_CANCELLING: the cancelled query ended, its cancel request has not (rule 3) */
+enum { S_CONNECTING = 0, S_IDLE, S_BUSY, S_DRAINING, S_BROKEN, S_CANCELLING };
 
 typedef struct pgc_s pgc_t;
+
+/* A cancel request on the thread pool (rule 3): its PGcancel is the only thing the thread
+ * touches. */
+typedef struct {
+  uv_work_t req;
+  PGcancel *cancel;
+  pgc_t *c; /* the connection, NULL once freed (touched on the loop thread only) */
+} cancel_t;
 
 typedef struct {
   uv_poll_t h;
@@ -160,14 +172,15 @@ typedef struct note_s {
 
 struct pgc_s {
   mlua_res_t res;
-  uv_timer_t timer;
-  pollh_t *poll; /* watches PQsocket; NULL when there is no socket */
-  int fd;        /* the socket poll watches */
-  int events;    /* UV_READABLE | UV_WRITABLE it watches */
-  PGconn *conn;  /* NULL once finished */
+  uv_timer_t timer;       /* the waiter's timeout (rule 2) */
+  uv_timer_t drain_timer; /* bounds DRAINING and CANCELLING (rule 3) */
+  pollh_t *poll;          /* watches PQsocket; NULL when there is no socket */
+  int fd;                 /* the socket poll watches */
+  int events;             /* UV_READABLE | UV_WRITABLE it watches */
+  PGconn *conn;           /* NULL once finished */
   moonlet_t *m;
   pgc_t **box; /* the Lua box, NULLed at close */
-  int handles; /* open handles (timer, poll); the struct goes with the last */
+  int handles; /* open handles (timers, poll); the struct goes with the last */
   int ref;     /* registry ref: the box, pinned while connecting */
   int state;   /* S_* */
   int linked, closed;
@@ -178,6 +191,7 @@ struct pgc_s {
   PGresult *result;      /* the query's last result */
   PGresult *error;       /* the query's first error result */
   char *broken_msg;      /* why the connection broke */
+  cancel_t *cancelling;  /* the cancel request in flight, or NULL (rule 3) */
   note_t *nhead, *ntail; /* notifications not yet taken */
 };
 
@@ -185,6 +199,7 @@ struct pgc_s {
 
 static void maybe_free(pgc_t *c) {
   if (c->handles > 0) return;
+  if (c->cancelling) c->cancelling->c = NULL; /* it finishes on its own and frees itself */
   while (c->nhead) {
     note_t *n = c->nhead;
     c->nhead = n->next;
@@ -261,6 +276,7 @@ static void set_broken(pgc_t *c, const char *why) {
     }
   }
   c->state = S_BROKEN;
+  uv_timer_stop(&c->drain_timer);
   poll_stop(c);
   if (c->conn) PQfinish(c->conn);
   c->conn = NULL;
@@ -292,6 +308,7 @@ static void pgc_close(pgc_t *c) {
   mlua_task_t *t = take_waiter(c);
   set_broken(c, "closed");
   uv_close((uv_handle_t *)&c->timer, timer_closed);
+  uv_close((uv_handle_t *)&c->drain_timer, timer_closed);
   if (t) mlua_task_resume(t, mlua_push_error(t->co, UV_EPIPE));
 }
 
@@ -306,10 +323,7 @@ static void pgc_res_close(mlua_res_t *r) {
 /* -- Cancel requests on the thread pool ----------------------------------------------------------
  */
 
-typedef struct {
-  uv_work_t req;
-  PGcancel *cancel;
-} cancel_t;
+static void drain_over(pgc_t *c);
 
 static void cancel_run(uv_work_t *req) {
   cancel_t *k = req->data;
@@ -319,15 +333,19 @@ static void cancel_run(uv_work_t *req) {
 
 static void cancel_done(uv_work_t *req, int status) {
   cancel_t *k = req->data;
+  pgc_t *c = k->c;
   (void)status;
   PQfreeCancel(k->cancel);
   free(k);
+  if (!c) return;
+  c->cancelling = NULL;
+  if (c->state == S_CANCELLING) drain_over(c); /* the query ended before: idle now */
 }
 
 /* Asks the server to cancel the running query, from a thread-pool thread (PQcancel connects and
  * waits). Best effort: the drain timer closes the connection if the query does not end. */
 static void send_cancel(pgc_t *c) {
-  if (!c->conn) return;
+  if (!c->conn || c->cancelling) return;
   cancel_t *k = malloc(sizeof *k);
   if (!k) return;
   k->cancel = PQgetCancel(c->conn);
@@ -336,6 +354,8 @@ static void send_cancel(pgc_t *c) {
     return;
   }
   k->req.data = k;
+  k->c = c;
+  c->cancelling = k;
   uv_queue_work(c->m->loop, &k->req, cancel_run, cancel_done);
 }
 
@@ -344,6 +364,7 @@ static void send_cancel(pgc_t *c) {
 
 static void on_poll(uv_poll_t *h, int status, int events);
 static void on_timer(uv_timer_t *h);
+static void on_drain_timer(uv_timer_t *h);
 
 /* Watches the connection's current socket for `events`, replacing the handle when libpq changed
  * the socket. Returns 0 or a negative UV error. */
@@ -379,6 +400,13 @@ static void start_timer(pgc_t *c, int64_t ms) {
   if (ms < 0) return;
   uv_update_time(c->m->loop);
   uv_timer_start(&c->timer, on_timer, (uint64_t)ms, 0);
+}
+
+/* Bounds a drain (rule 3) unless a bound runs already. */
+static void start_drain(pgc_t *c) {
+  if (uv_is_active((uv_handle_t *)&c->drain_timer)) return;
+  uv_update_time(c->m->loop);
+  uv_timer_start(&c->drain_timer, on_drain_timer, DRAIN_MS, 0);
 }
 
 /* -- Results ---------------------------------------------------------------------------------- */
@@ -490,10 +518,25 @@ static int pop_notify(lua_State *L, pgc_t *c) {
   return 2;
 }
 
-/* The query (or drain) ended: the connection is idle again, watched for reading only. */
+/* A drained connection (its query ended, its cancel request is done) is idle again: a task
+ * waiting for that (core.pg_wait_ready) goes on. */
+static void drain_over(pgc_t *c) {
+  c->state = S_IDLE;
+  uv_timer_stop(&c->drain_timer);
+  update_ref(c);
+  if (c->wait == W_READY) {
+    mlua_task_t *t = take_waiter(c);
+    lua_pushboolean(t->co, 1);
+    mlua_task_resume(t, 1);
+  }
+}
+
+/* The query (or drain) ended: the connection is idle again, watched for reading only; or, while
+ * its cancel request is still on its way, CANCELLING until that is done (rule 3). */
 static void query_ended(pgc_t *c) {
   int draining = c->state == S_DRAINING;
-  c->state = S_IDLE;
+  c->state = c->cancelling ? S_CANCELLING : S_IDLE;
+  if (c->state == S_CANCELLING) start_drain(c);
   c->flushing = 0;
   if (watch(c, UV_READABLE) < 0) set_broken(c, "cannot watch the socket");
   if (c->wait == W_QUERY) {
@@ -515,13 +558,7 @@ static void query_ended(pgc_t *c) {
   }
   clear_results(c);
   c->timed_out = 0;
-  if (draining && c->wait == W_READY) {
-    mlua_task_t *t = take_waiter(c);
-    lua_pushboolean(t->co, 1);
-    mlua_task_resume(t, 1);
-  } else if (draining) {
-    uv_timer_stop(&c->timer);
-  }
+  if (draining && c->state == S_IDLE) drain_over(c);
 }
 
 /* The connection broke while somebody waited: they get the reason. */
@@ -667,10 +704,19 @@ static void on_timer(uv_timer_t *h) {
     mlua_task_resume(t, mlua_push_error(t->co, UV_ETIMEDOUT));
     return;
   }
-  default:
-    if (c->state == S_DRAINING) set_broken(c, "a cancelled query did not end");
-    return;
+  default: return;
   }
+}
+
+static void on_drain_timer(uv_timer_t *h) {
+  pgc_t *c = h->data;
+  if (c->state == S_DRAINING)
+    set_broken(c, "a cancelled query did not end");
+  else if (c->state == S_CANCELLING)
+    set_broken(c, "a cancel request did not finish");
+  else
+    return;
+  fail_waiter(c);
 }
 
 /* A cancelled wait (sched.c rule 6): undone without resuming. A query goes on draining (rule 3);
@@ -684,7 +730,7 @@ static void pgc_cancel(mlua_task_t *t, void *wait) {
     c->state = S_DRAINING;
     if (!c->timed_out) send_cancel(c);
     c->timed_out = 0;
-    start_timer(c, DRAIN_MS);
+    start_drain(c);
   } else if (w == W_CONNECT) {
     pgc_close(c);
   }
@@ -750,7 +796,9 @@ static int l_connect(lua_State *L) {
   c->state = S_CONNECTING;
   uv_timer_init(m->loop, &c->timer);
   c->timer.data = c;
-  c->handles = 1;
+  uv_timer_init(m->loop, &c->drain_timer);
+  c->drain_timer.data = c;
+  c->handles = 2;
   mlua_res_link(m, &c->res, pgc_res_close);
   c->linked = 1;
   pgc_t **box = lua_newuserdata(L, sizeof *box);
@@ -922,7 +970,7 @@ static int l_wait_ready(lua_State *L) {
  * "closed" | "connecting"; tx: "idle" | "intrans" | "inerror" | "active" | "unknown" */
 static int l_status(lua_State *L) {
   pgc_t *c = check_conn(L);
-  static const char *names[] = {"connecting", "idle", "busy", "draining", "broken"};
+  static const char *names[] = {"connecting", "idle", "busy", "draining", "broken", "draining"};
   lua_pushstring(L, c ? names[c->state] : "closed");
   const char *tx = "unknown";
   if (c && c->conn && c->state != S_CONNECTING) {

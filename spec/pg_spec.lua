@@ -237,6 +237,49 @@ describe("moonlet.pg", function()
         assert.same({ { one = 1 } }, db:query("SELECT 1 AS one"))
     end)
 
+    it("keeps a connection from its next user until the cancel request of its last query is done", function()
+        -- The cancel request runs on libuv's thread pool. With every thread of the pool held (each
+        -- opening a FIFO nobody writes yet), it waits there while the cancelled query ends on its
+        -- own. A connection handed on at that point would get its next query cancelled by the
+        -- late request; it must wait for the request instead.
+        local dir = os.tmpname()
+        os.remove(dir)
+        assert(os.execute("mkdir " .. dir) == 0)
+        test.defer(function() os.execute("rm -rf " .. dir) end)
+        local threads = tonumber(os.getenv("UV_THREADPOOL_SIZE")) or 4
+        local holders = {}
+        for i = 1, threads do
+            local fifo = dir .. "/f" .. i
+            assert(os.execute("mkfifo " .. fifo) == 0)
+            holders[i] = { fifo = fifo, task = moonlet.spawn(moonlet.fs.read, fifo) }
+        end
+        local function release()
+            for _, h in ipairs(holders) do
+                if not h.released then
+                    h.released = true
+                    local f = assert(io.open(h.fifo, "w")) -- its reader waits in open(): no block
+                    f:write("x")
+                    f:close()
+                end
+            end
+            for _, h in ipairs(holders) do assert.same({ true, "x" }, { h.task:join(5) }) end
+        end
+        test.defer(release)
+        moonlet.sleep(0.05) -- the reads hold the threads
+        local db = pool({ size = 1 })
+        assert.same({ { one = 1 } }, db:query("SELECT 1 AS one")) -- connected before the pool fills
+        assert.same({ nil, "timeout" }, { moonlet.timeout(0.05, function()
+            return db:query("SELECT pg_sleep(0.2)")
+        end) })
+        local next_user = moonlet.spawn(function() return db:query("SELECT pg_sleep(0.3), 42 AS n") end)
+        moonlet.sleep(0.4) -- the first query ended; the second waits, or runs on the old code
+        release() -- the cancel request runs now
+        local ok, rows, err = next_user:join(5)
+        assert.is_true(ok)
+        assert.is_nil(err)
+        assert.same(42, rows[1].n)
+    end)
+
     it("reconnects after the server restarts while the pool is idle", function()
         local db = pool({ size = 2 })
         local sub = assert(db:listen("restart"))
