@@ -79,6 +79,8 @@ struct moonlet_s {
   double running_request; /* m->running's request, 0 when none: app.lua reads it through the FFI
                              (core.running_request, a pointer to it) where a C call would end the
                              JIT trace */
+  double runs;            /* tasks run or resumed so far (core.runs, read the same way by
+                             task.lua's end_trace_if_waited) */
   /* embedding (bindings/embed.c): the only fields other threads touch are post_head/post_tail,
    * under post_lock */
   uv_async_t post_async; /* moonlet_post wakes the loop thread with it */

@@ -170,6 +170,7 @@ static int run(mlua_task_t *t, int nargs) {
   mlua_task_t *outer = m->running; /* a task may start or wake another: runs nest */
   m->running = t;
   m->running_request = t->request;
+  m->runs++;
   m->run_depth++;
   int st = lua_resume(co, nargs);
   m->run_depth--;

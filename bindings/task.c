@@ -177,6 +177,8 @@ void mlua_open_task(lua_State *L, moonlet_t *m) {
    * none), for `ffi.cast("const double *", core.running_request)[0]` */
   lua_pushlightuserdata(L, &m->running_request);
   lua_setfield(L, -2, "running_request");
+  lua_pushlightuserdata(L, &m->runs); /* core.runs: the address of m->runs, read the same way */
+  lua_setfield(L, -2, "runs");
   lua_pushliteral(L, MLUA_NOT_YIELDABLE); /* task.lua's gather and any raise it too */
   lua_setfield(L, -2, "NOT_YIELDABLE");
 }

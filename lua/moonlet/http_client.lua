@@ -804,10 +804,13 @@ local function respond(conn, u, target, o, status, reason, version, h, mode, len
     if not o.stream and not z and (mode == LENGTH or mode == CHUNKED) then
         local body, err = take_body(conn, mode, len, max, keep, 0)
         if body then
-            return setmetatable({
+            -- not `return setmetatable(...)`: a tail call to it ends the caller's JIT trace ("NYI:
+            -- return to lower frame"), and the whole fetch ran in the interpreter
+            local res = setmetatable({
                 status = status, reason = reason, headers = h or nil, http_version = version,
                 url = url, body = body, _hb = not h and hb, _hp = hp,
             }, res_mt)
+            return res
         end
         if body == nil then return nil, err end
     end
