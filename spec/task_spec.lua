@@ -168,4 +168,31 @@ describe("the JIT across a wait in a function run by gather, any or spawn", func
         if not jit.status() then return pending("the JIT is off") end
         assert.same({}, aborts_in_child(400))
     end)
+
+    it("does not abort the caller's trace with a loop inside gather (an array of functions)", function()
+        if not jit.status() then return pending("the JIT is off") end
+        local task_src = "@" .. package.searchpath("moonlet.task", package.path)
+        local found = {}
+        local function on_trace(what, _, func, pc, otr, oex)
+            if what ~= "abort" then return end
+            local fi = jutil.funcinfo(func, pc)
+            local fmt = vmdef.traceerr[otr]
+            if fi.source == task_src and fmt and fmt:find("loop", 1, true) then
+                found[#found + 1] = fi.currentline .. ": " .. fmt:format(oex)
+            end
+        end
+        local function one() return 1 end
+        local function two() moonlet.sleep(0) return 2 end
+        local function caller(i) -- hot: LuaJIT records it, and gather with it
+            local r = moonlet.gather({ one, two, one })
+            return r[1] + r[2] + r[3] + i
+        end
+        jit.attach(on_trace, "trace")
+        local ok, err = pcall(function()
+            for i = 1, 300 do assert(caller(i) == 4 + i) end
+        end)
+        jit.attach(on_trace)
+        assert(ok, err)
+        assert.same({}, found)
+    end)
 end)

@@ -197,27 +197,57 @@ local function check_can_wait(cos, level)
     end
 end
 
+local function not_function(k, level)
+    error("moonlet.gather: the value at " .. tostring(k) .. " is not a function", level + 1)
+end
+
+-- An array of functions (up to MAX_UNROLLED) is checked and spawned by tail calls, not loops: a
+-- loop LuaJIT has not compiled aborts the trace of whoever reaches it (the request's, which then
+-- runs in the interpreter), and a loop around core_spawn, a C call, is never compiled. LuaJIT
+-- records tail calls up to its loop-unroll limit (15).
+local MAX_UNROLLED = 12
+
+local function check_from(fns, i, narr)
+    if i > narr then return end
+    if type(fns[i]) ~= "function" then not_function(i, 3) end
+    return check_from(fns, i + 1, narr)
+end
+
+local function spawn_from(g, fns, i, narr)
+    if i > narr then return end
+    g.left = g.left + 1
+    local co = core_spawn(gather_one, g, i, fns[i])
+    if co then g.cos[i] = co end
+    return spawn_from(g, fns, i + 1, narr)
+end
+
 -- syntax: results, errors = moonlet.gather({ f1, f2, ... } or { name = f, ... })
 -- Runs every function in its own task at once and waits for all. results[k] is the first value
 -- function k returned; errors[k] is what went wrong: the error it raised, or the second value when
 -- it returned nil, err. The total time is the slowest function's, not the sum. The functions'
 -- errors are not logged (they are in errors). Cancelling the caller cancels them.
 function _M.gather(fns)
-    local n = 0
-    for k, fn in pairs(fns) do
-        if type(fn) ~= "function" then
-            error("moonlet.gather: the value at " .. tostring(k) .. " is not a function", 2)
+    local g
+    local narr = #fns
+    if narr > 0 and narr <= MAX_UNROLLED and next(fns, narr) == nil then -- an array: no loop
+        check_from(fns, 1, narr)
+        -- results and cos are made at their final size: growing them costs a rehash per doubling
+        g = { results = new_tab(narr, 0), errors = {}, cos = new_tab(narr, 0), left = 1, co = false }
+        spawn_from(g, fns, 1, narr)
+    else
+        local n = 0
+        for k, fn in pairs(fns) do
+            if type(fn) ~= "function" then not_function(k, 2) end
+            n = n + 1
         end
-        n = n + 1
-    end
-    -- results and cos are made at their final size: growing them costs a rehash per doubling
-    local narr = #fns == n and n or 0
-    local g = { results = new_tab(narr, n - narr), errors = {}, cos = new_tab(narr, n - narr),
-                left = 1, co = false }
-    for k, fn in pairs(fns) do
-        g.left = g.left + 1
-        local co = core_spawn(gather_one, g, k, fn)
-        if co then g.cos[k] = co end
+        narr = #fns == n and n or 0
+        g = { results = new_tab(narr, n - narr), errors = {}, cos = new_tab(narr, n - narr),
+              left = 1, co = false }
+        for k, fn in pairs(fns) do
+            g.left = g.left + 1
+            local co = core_spawn(gather_one, g, k, fn)
+            if co then g.cos[k] = co end
+        end
     end
     g.left = g.left - 1 -- the spawning is over: from here the last function to end wakes us
     if g.left > 0 then
