@@ -25,6 +25,11 @@
  *   their callbacks. A task that cannot yield where it sends is refused before a byte goes out.
  * - A connect, write or handshake that times out or is cancelled cannot be taken back: the socket
  *   is closed. A read that times out or is cancelled just stops reading; the socket stays usable.
+ * - The read timer is armed lazily (a receive is the most frequent wait there is): a wait sets its
+ *   deadline (rdeadline) and starts the timer only when it is not armed already to fire before
+ *   that; the end of a wait leaves it armed. A timer that fires for a wait that ended does nothing
+ *   (or re-arms for the deadline of the wait in progress). It is ref'd only while a reader waits.
+ *   This saves a timer heap insert and removal per receive.
  * - A listening server (server_t) is C memory owned by the instance's resources: it keeps serving
  *   when Lua drops its object, until server:close() or moonlet_free. Each accepted connection runs
  *   the Lua function fn(sock) in a task of its own.
@@ -77,6 +82,8 @@ typedef struct sock_s {
   int eof, err;      /* the peer closed / a read or TLS error (UV_E*) */
   int reading, closed, handles, accepted;
   int64_t connect_ms, send_ms, read_ms; /* < 0: no timeout */
+  uint64_t rdeadline;                   /* the waiting reader's deadline (loop ms), 0: none */
+  uint64_t rtimer_due;                  /* when the read timer fires, while it is active */
   ml_tls_t *tls;                        /* NULL: plain TCP */
   int tls_up;                           /* the handshake is complete */
 } sock_t;
@@ -117,6 +124,7 @@ static void sock_closed(uv_handle_t *h) {
 
 static void stop_reading(sock_t *s) {
   uv_timer_stop(&s->rtimer);
+  s->rdeadline = 0;
   if (s->reading) {
     uv_read_stop((uv_stream_t *)&s->tcp);
     s->reading = 0;
@@ -131,7 +139,8 @@ static mlua_task_t *take_reader(sock_t *s) {
   s->rtask = NULL;
   s->rwait = W_NONE;
   mlua_task_unwait(t); /* Lua may run before the resume (on_wtimeout's close wakes the reader) */
-  uv_timer_stop(&s->rtimer);
+  s->rdeadline = 0;    /* the read timer stays armed (lazy): see the top */
+  uv_unref((uv_handle_t *)&s->rtimer);
   uv_unref((uv_handle_t *)&s->tcp); /* reading ahead keeps no script alive */
   return t;
 }
@@ -239,14 +248,32 @@ static int64_t to_ms(lua_State *L, int idx) {
 static void on_rtimeout(uv_timer_t *h);
 static void on_wtimeout(uv_timer_t *h);
 
-static void start_timer(sock_t *s, uv_timer_t *timer, int64_t ms) {
+static void start_write_timer(sock_t *s, int64_t ms) {
   if (ms < 0) return;
   uv_update_time(s->m->loop);
-  uv_timer_start(timer, timer == &s->rtimer ? on_rtimeout : on_wtimeout, (uint64_t)ms, 0);
+  uv_timer_start(&s->wtimer, on_wtimeout, (uint64_t)ms, 0);
+}
+
+/* Arms the read timer for a wait of ms (< 0: none) starting now, unless it fires before anyway. */
+static void arm_read_timer(sock_t *s, int64_t ms) {
+  if (ms < 0) return;
+  uv_update_time(s->m->loop);
+  s->rdeadline = uv_now(s->m->loop) + (uint64_t)ms;
+  uv_ref((uv_handle_t *)&s->rtimer);
+  if (uv_is_active((uv_handle_t *)&s->rtimer) && s->rtimer_due <= s->rdeadline) return;
+  s->rtimer_due = s->rdeadline;
+  uv_timer_start(&s->rtimer, on_rtimeout, (uint64_t)ms, 0);
 }
 
 static void on_rtimeout(uv_timer_t *h) {
   sock_t *s = h->data;
+  if (!s->rtask || !s->rdeadline) return; /* armed for a wait that ended */
+  uint64_t now = uv_now(s->m->loop);
+  if (now < s->rdeadline) { /* armed for an earlier wait: this one has time left */
+    s->rtimer_due = s->rdeadline;
+    uv_timer_start(&s->rtimer, on_rtimeout, s->rdeadline - now, 0);
+    return;
+  }
   int w = s->rwait;
   mlua_task_t *t = take_reader(s);
   if (!t) return;
@@ -315,7 +342,7 @@ static int l_connect(lua_State *L) {
   s->wref = luaL_ref(L, LUA_REGISTRYINDEX); /* pins the box until connected */
   s->wtask = t;
   s->wwait = W_CONNECT;
-  start_timer(s, &s->wtimer, s->connect_ms);
+  start_write_timer(s, s->connect_ms);
   return mlua_task_wait(L, t, sock_cancel, s);
 }
 
@@ -469,7 +496,7 @@ static int s_send(lua_State *L) {
     }
     s->wtask = t;
     s->wwait = W_WRITE;
-    start_timer(s, &s->wtimer, s->send_ms);
+    start_write_timer(s, s->send_ms);
     return mlua_task_wait(L, t, sock_cancel, s);
   }
   int w = uv_try_write((uv_stream_t *)&s->tcp, bufs, (unsigned)nb);
@@ -505,7 +532,7 @@ static int s_send(lua_State *L) {
   s->wref = luaL_ref(L, LUA_REGISTRYINDEX); /* the bytes uv_write reads */
   s->wtask = t;
   s->wwait = W_WRITE;
-  start_timer(s, &s->wtimer, s->send_ms);
+  start_write_timer(s, s->send_ms);
   return mlua_task_wait(L, t, sock_cancel, s);
 }
 
@@ -645,7 +672,7 @@ static int start_read_wait(lua_State *L, sock_t *s, int wait) {
   uv_ref((uv_handle_t *)&s->tcp); /* a waiting reader keeps the loop running */
   s->rtask = t;
   s->rwait = wait;
-  start_timer(s, &s->rtimer, s->read_ms);
+  arm_read_timer(s, s->read_ms);
   return mlua_task_wait(L, t, sock_cancel, s);
 }
 

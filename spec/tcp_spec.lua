@@ -331,6 +331,34 @@ describe("moonlet.tcp sockets", function()
         assert.same({ true, nil, "closed" }, { reader:join(5) })
     end)
 
+    it("times each receive by its own timeout, whatever the one before it had", function()
+        -- the read timer is armed lazily (bindings/tcp.c): a shorter timeout after a longer one
+        -- must not wait for the longer one, and a timer left from a short one must not cut a
+        -- longer one short
+        local lines = moonlet.queue()
+        local _, port = serve(function(sock)
+            while true do
+                local line = lines:get()
+                if not line then return end
+                sock:send(line)
+            end
+        end)
+        test.defer(function() lines:put(false) end)
+        local sock = connect(port, { timeout = 5 })
+        lines:put("one\n")
+        assert.same("one", sock:receive("*l")) -- its wait armed the timer for 5 s
+        sock:settimeout(0.05)
+        local t0 = moonlet.now()
+        assert.same({ nil, "timeout" }, { sock:receive("*l") })
+        assert.truthy(moonlet.now() - t0 < 1)
+        sock:settimeout(0.25)
+        lines:put("two\n")
+        assert.same("two", sock:receive("*l")) -- leaves the timer armed to fire 0.25 s from now
+        sock:settimeout(3)
+        moonlet.spawn(function() moonlet.sleep(0.5) lines:put("three\n") end)
+        assert.same("three", sock:receive("*l")) -- outlives the timer left from before
+    end)
+
     it("has separate connect, send and read timeouts", function()
         local _, port = serve(function(sock) sock:receive("*a") end)
         local sock = connect(port)
