@@ -518,12 +518,43 @@ static int pop_notify(lua_State *L, pgc_t *c) {
   return 2;
 }
 
-/* A drained connection (its query ended, its cancel request is done) is idle again: a task
- * waiting for that (core.pg_wait_ready) goes on. */
+/* The connection broke while somebody waited: they get the reason. */
+static void fail_waiter(pgc_t *c) {
+  if (!c->task) return;
+  mlua_task_t *t = take_waiter(c);
+  mlua_task_resume(t, push_broken(t->co, c));
+}
+
+/* Answers the query's waiter with how the query ended (the connection is idle or broken now). */
+static void answer_query(pgc_t *c) {
+  mlua_task_t *t = take_waiter(c);
+  lua_State *co = t->co;
+  int n;
+  if (c->state == S_BROKEN)
+    n = push_broken(co, c);
+  else if (c->timed_out)
+    n = mlua_push_error(co, UV_ETIMEDOUT);
+  else if (c->error)
+    n = push_result_error(co, c->error);
+  else
+    n = push_rows(co, c->result);
+  clear_results(c);
+  c->timed_out = 0;
+  mlua_task_resume(t, n);
+}
+
+/* A drained connection (its query ended, its cancel request is done) is idle again: the task
+ * waiting for that query (past its timeout) or for the drain (core.pg_wait_ready) goes on. */
 static void drain_over(pgc_t *c) {
   c->state = S_IDLE;
   uv_timer_stop(&c->drain_timer);
   update_ref(c);
+  if (c->wait == W_QUERY) {
+    answer_query(c);
+    return;
+  }
+  clear_results(c);
+  c->timed_out = 0;
   if (c->wait == W_READY) {
     mlua_task_t *t = take_waiter(c);
     lua_pushboolean(t->co, 1);
@@ -532,40 +563,37 @@ static void drain_over(pgc_t *c) {
 }
 
 /* The query (or drain) ended: the connection is idle again, watched for reading only; or, while
- * its cancel request is still on its way, CANCELLING until that is done (rule 3). */
+ * its cancel request is still on its way, CANCELLING until that is done (rule 3), and the
+ * query's waiter (its timeout ran out) is answered then, so that what it does next (a ROLLBACK)
+ * finds the connection idle. */
 static void query_ended(pgc_t *c) {
   int draining = c->state == S_DRAINING;
-  c->state = c->cancelling ? S_CANCELLING : S_IDLE;
-  if (c->state == S_CANCELLING) start_drain(c);
   c->flushing = 0;
+  if (c->cancelling) {
+    c->state = S_CANCELLING;
+    start_drain(c);
+  } else {
+    c->state = S_IDLE;
+  }
   if (watch(c, UV_READABLE) < 0) set_broken(c, "cannot watch the socket");
-  if (c->wait == W_QUERY) {
-    mlua_task_t *t = take_waiter(c);
-    lua_State *co = t->co;
-    int n;
-    if (c->state == S_BROKEN)
-      n = push_broken(co, c);
-    else if (c->timed_out)
-      n = mlua_push_error(co, UV_ETIMEDOUT);
-    else if (c->error)
-      n = push_result_error(co, c->error);
+  if (c->state == S_BROKEN) {
+    if (c->wait == W_QUERY)
+      answer_query(c);
     else
-      n = push_rows(co, c->result);
-    clear_results(c);
-    c->timed_out = 0;
-    mlua_task_resume(t, n);
+      fail_waiter(c);
     return;
   }
-  clear_results(c);
-  c->timed_out = 0;
-  if (draining && c->state == S_IDLE) drain_over(c);
-}
-
-/* The connection broke while somebody waited: they get the reason. */
-static void fail_waiter(pgc_t *c) {
-  if (!c->task) return;
-  mlua_task_t *t = take_waiter(c);
-  mlua_task_resume(t, push_broken(t->co, c));
+  if (c->state == S_CANCELLING) return; /* drain_over answers */
+  if (c->wait == W_QUERY) {
+    answer_query(c);
+    return;
+  }
+  if (draining) {
+    drain_over(c);
+  } else {
+    clear_results(c);
+    c->timed_out = 0;
+  }
 }
 
 /* Reads what the server sent and collects results; ends the query when libpq has no more. */

@@ -237,16 +237,15 @@ describe("moonlet.pg", function()
         assert.same({ { one = 1 } }, db:query("SELECT 1 AS one"))
     end)
 
-    it("keeps a connection from its next user until the cancel request of its last query is done", function()
-        -- The cancel request runs on libuv's thread pool. With every thread of the pool held (each
-        -- opening a FIFO nobody writes yet), it waits there while the cancelled query ends on its
-        -- own. A connection handed on at that point would get its next query cancelled by the
-        -- late request; it must wait for the request instead.
+    -- Holds every thread of libuv's pool (each opening a FIFO nobody writes yet), so that a cancel
+    -- request (PQcancel runs there) waits; returns the function that lets them go.
+    local function hold_thread_pool()
         local dir = os.tmpname()
         os.remove(dir)
         assert(os.execute("mkdir " .. dir) == 0)
         test.defer(function() os.execute("rm -rf " .. dir) end)
-        local threads = tonumber(os.getenv("UV_THREADPOOL_SIZE")) or 4
+        -- libuv's own reading of UV_THREADPOOL_SIZE: at least 1 (bindings/work.c does the same)
+        local threads = math.max(1, math.min(1024, tonumber(os.getenv("UV_THREADPOOL_SIZE")) or 4))
         local holders = {}
         for i = 1, threads do
             local fifo = dir .. "/f" .. i
@@ -266,18 +265,51 @@ describe("moonlet.pg", function()
         end
         test.defer(release)
         moonlet.sleep(0.05) -- the reads hold the threads
+        return release
+    end
+
+    it("keeps a connection from its next user until the cancel request of its last query is done", function()
+        -- The cancelled query ends on its own while its cancel request waits for a thread. A
+        -- connection handed on at that point would get its next query cancelled by the late
+        -- request; it must wait for the request instead.
         local db = pool({ size = 1 })
         assert.same({ { one = 1 } }, db:query("SELECT 1 AS one")) -- connected before the pool fills
+        local release = hold_thread_pool()
         assert.same({ nil, "timeout" }, { moonlet.timeout(0.05, function()
             return db:query("SELECT pg_sleep(0.2)")
         end) })
-        local next_user = moonlet.spawn(function() return db:query("SELECT pg_sleep(0.3), 42 AS n") end)
+        local next_user = moonlet.spawn(function() return db:query("SELECT pg_sleep(1), 42 AS n") end)
         moonlet.sleep(0.4) -- the first query ended; the second waits, or runs on the old code
         release() -- the cancel request runs now
         local ok, rows, err = next_user:join(5)
         assert.is_true(ok)
         assert.is_nil(err)
         assert.same(42, rows[1].n)
+    end)
+
+    it("ends a transaction whose query timed out at once, while its cancel request waits", function()
+        -- The query's waiter is answered when the connection can take the ROLLBACK (not while the
+        -- cancel request still waits for a thread, when it would find the connection busy and
+        -- leave the transaction open, with its locks, until the connection's next use).
+        local db = pool({ size = 1, timeout = 0.05 })
+        local other = pool({ size = 1 })
+        assert(db:exec("DROP TABLE IF EXISTS tx_cancel; CREATE TABLE tx_cancel(x int)"))
+        local pid = db:query("SELECT pg_backend_pid() AS pid")[1].pid
+        local release = hold_thread_pool()
+        local done = moonlet.spawn(function()
+            return db:transaction(function(tx)
+                assert(tx:exec("INSERT INTO tx_cancel VALUES (1)"))
+                return tx:query("SELECT pg_sleep(0.2)")
+            end)
+        end)
+        moonlet.sleep(0.4) -- the query ended by itself; its cancel request still waits
+        release()
+        local ok, rows, err = done:join(5)
+        assert.is_true(ok)
+        assert.same({ nil, "timeout" }, { rows, err })
+        assert.same({ { state = "idle" } }, other:query(
+            "SELECT state FROM pg_stat_activity WHERE pid = $1", pid))
+        assert.same({}, other:query("SELECT * FROM tx_cancel"))
     end)
 
     it("reconnects after the server restarts while the pool is idle", function()

@@ -83,6 +83,21 @@ describe("moonlet.gather", function()
         assert.same({ users = { "ann" } }, results)
         assert.truthy(errors.orders:find("db down", 1, true))
     end)
+
+    it("runs every function of a table with holes, or with array and other keys together", function()
+        local function f(v) return function() moonlet.sleep(0) return v end end
+        local fns = { f(1), nil, f(3) } -- a hole (an optional fetch left out)
+        assert.same({ [1] = 1, [3] = 3 }, (moonlet.gather(fns)))
+        assert.same({ 1, 2, x = "x" }, (moonlet.gather({ f(1), f(2), x = f("x") })))
+        local mixed = { x = f("x") } -- [1] may sit in the hash part, before or after "x"
+        mixed[1] = f(1)
+        assert.same({ 1, x = "x" }, (moonlet.gather(mixed)))
+        assert.same({ [0] = 0, 1 }, (moonlet.gather({ [0] = f(0), f(1) })))
+        assert.same({}, (moonlet.gather({})))
+        local ok, err = pcall(moonlet.gather, { f(1), 2, f(3) })
+        assert.is_false(ok)
+        assert.truthy(err:find("the value at 2 is not a function", 1, true))
+    end)
 end)
 
 describe("moonlet.timeout", function()

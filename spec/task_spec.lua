@@ -177,7 +177,7 @@ describe("the JIT across a wait in a function run by gather, any or spawn", func
             if what ~= "abort" then return end
             local fi = jutil.funcinfo(func, pc)
             local fmt = vmdef.traceerr[otr]
-            if fi.source == task_src and fmt and fmt:find("loop", 1, true) then
+            if fi.source == task_src and fmt == "inner loop in root trace" then
                 found[#found + 1] = fi.currentline .. ": " .. fmt:format(oex)
             end
         end

@@ -359,6 +359,26 @@ describe("moonlet.tcp sockets", function()
         assert.same("three", sock:receive("*l")) -- outlives the timer left from before
     end)
 
+    it("does not keep a script alive with the read timer of a socket nobody reads", function()
+        -- after a receive the read timer stays armed (lazily) for the rest of the timeout
+        local done = moonlet.event()
+        test.defer(function() done:set() end)
+        local _, port = serve(function(sock) -- the connection stays open: no EOF stops the timer
+            moonlet.sleep(0.1) -- the script's receive waits (and arms the timer)
+            sock:send("hi\n")
+            done:wait(30)
+        end)
+        local t0 = moonlet.now()
+        local code, out = test.run_script(([[
+            local moonlet = require "moonlet"
+            local sock = assert(moonlet.tcp.connect("127.0.0.1", %d, { timeout = 30 }))
+            print(sock:receive("*l"))
+            KEEP = sock -- neither closed nor collected
+        ]]):format(port), 20)
+        assert.same({ 0, "hi\n" }, { code, out })
+        assert.truthy(moonlet.now() - t0 < 10)
+    end)
+
     it("has separate connect, send and read timeouts", function()
         local _, port = serve(function(sock) sock:receive("*a") end)
         local sock = connect(port)

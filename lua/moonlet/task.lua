@@ -207,9 +207,24 @@ end
 -- records tail calls up to its loop-unroll limit (15).
 local MAX_UNROLLED = 12
 
+-- The number of keys of t (LuaJIT 2.1 of OpenResty has it compiled as table.nkeys)
+local has_nkeys, nkeys = pcall(require, "table.nkeys")
+if not has_nkeys then
+    local function count_from(t, k, n)
+        k = next(t, k)
+        if k == nil then return n end
+        return count_from(t, k, n + 1)
+    end
+    nkeys = function(t) return count_from(t, nil, 0) end
+end
+
+-- Are fns[i..narr] all there? (then, with as many keys, fns is that array); raises for a value
+-- that is not a function
 local function check_from(fns, i, narr)
-    if i > narr then return end
-    if type(fns[i]) ~= "function" then not_function(i, 3) end
+    if i > narr then return true end
+    local f = fns[i]
+    if f == nil then return false end
+    if type(f) ~= "function" then not_function(i, 3) end
     return check_from(fns, i + 1, narr)
 end
 
@@ -229,8 +244,8 @@ end
 function _M.gather(fns)
     local g
     local narr = #fns
-    if narr > 0 and narr <= MAX_UNROLLED and next(fns, narr) == nil then -- an array: no loop
-        check_from(fns, 1, narr)
+    if narr > 0 and narr <= MAX_UNROLLED and nkeys(fns) == narr and check_from(fns, 1, narr) then
+        -- an array (no hole, no other key): no loop
         -- results and cos are made at their final size: growing them costs a rehash per doubling
         g = { results = new_tab(narr, 0), errors = {}, cos = new_tab(narr, 0), left = 1, co = false }
         spawn_from(g, fns, 1, narr)
