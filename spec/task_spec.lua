@@ -169,6 +169,33 @@ describe("the JIT across a wait in a function run by gather, any or spawn", func
         assert.same({}, aborts_in_child(400))
     end)
 
+    it("makes no closure for the caller of spawn or timeout to lose its trace to", function()
+        if not jit.status() then return pending("the JIT is off") end
+        local task_src = "@" .. package.searchpath("moonlet.task", package.path)
+        local fnew = (vmdef.bcnames:find("FNEW", 1, true) - 1) / 6 -- FNEW's opcode, as LuaJIT numbers it
+        local found = {}
+        local function on_trace(what, _, func, pc, otr, oex)
+            if what ~= "abort" then return end
+            local fi = jutil.funcinfo(func, pc)
+            if fi.source == task_src and vmdef.traceerr[otr] == "NYI: bytecode %d" and oex == fnew then
+                found[#found + 1] = fi.currentline .. ": closure made"
+            end
+        end
+        local function work(i) moonlet.sleep(0) return i end
+        local function caller(i) -- hot: LuaJIT records it, and timeout and spawn with it
+            local a = moonlet.timeout(5, work, i)
+            local ok, b = moonlet.spawn(work, i):join(5)
+            return ok and a + b
+        end
+        jit.attach(on_trace, "trace")
+        local ok, err = pcall(function()
+            for i = 1, 300 do assert(caller(i) == 2 * i) end
+        end)
+        jit.attach(on_trace)
+        assert(ok, err)
+        assert.same({}, found)
+    end)
+
     it("does not abort the caller's trace with a loop inside gather (an array of functions)", function()
         if not jit.status() then return pending("the JIT is off") end
         local task_src = "@" .. package.searchpath("moonlet.task", package.path)

@@ -83,25 +83,34 @@ local function call_two(fn)
     return a, b
 end
 
+-- The error handler of the functions spawn, gather and any run: a traceback, except for
+-- cancellation.
+local function task_traceback(err)
+    if err == CANCELLED then return err end
+    return traceback(tostring(err), 2)
+end
+
+-- The body of the task of moonlet.spawn's t. (One function for every spawn, not a closure made
+-- per call: LuaJIT does not compile the making of a closure, and the caller of spawn or timeout
+-- would lose its trace to it.)
+local function run_spawned(t, fn, ...)
+    t.co = core.running()
+    local ok, r = xpcall(call_packed, task_traceback, fn, ...)
+    if not ok then r = { n = 2, false, r == CANCELLED and "cancelled" or r } end
+    t.done, t.result = true, r
+    if not r[1] and r[2] ~= "cancelled" and not t.quiet then
+        core.log(0, "spawned task failed: " .. tostring(r[2]))
+    end
+    local joiners = t.joiners
+    t.joiners = nil
+    for i = 1, #joiners do core.unpark(joiners[i], true) end
+end
+
 -- Spawns fn; `quiet`: its error goes to whoever joins it (gather, timeout, any), not to the log.
 local function spawn(quiet, fn, ...)
     if type(fn) ~= "function" then error("moonlet.spawn: expected a function", 3) end
     local t = setmetatable({ done = false, joiners = {}, quiet = quiet }, mt)
-    core.spawn(function(...)
-        t.co = core.running()
-        local ok, r = xpcall(call_packed, function(err)
-            if err == CANCELLED then return err end
-            return traceback(tostring(err), 2)
-        end, fn, ...)
-        if not ok then r = { n = 2, false, r == CANCELLED and "cancelled" or r } end
-        t.done, t.result = true, r
-        if not r[1] and r[2] ~= "cancelled" and not t.quiet then
-            core.log(0, "spawned task failed: " .. tostring(r[2]))
-        end
-        local joiners = t.joiners
-        t.joiners = nil
-        for i = 1, #joiners do core.unpark(joiners[i], true) end
-    end, ...)
+    core.spawn(run_spawned, t, fn, ...)
     return t
 end
 
@@ -158,16 +167,11 @@ end
 -- child outlives the call that started it. Children hold their coroutine only while they run:
 -- an ended task's coroutine is reused, so each child forgets itself as it ends.
 
--- The error handler of the functions gather runs: a traceback, except for cancellation.
-local function gather_traceback(err)
-    if err == CANCELLED then return err end
-    return traceback(tostring(err), 2)
-end
 
 -- Runs function k of a gather in its own task and records how it ended in g; the last one to end
 -- wakes the gatherer when it is parked.
 local function gather_one(g, k, fn)
-    local ok, a, b = xpcall(call_two, gather_traceback, fn)
+    local ok, a, b = xpcall(call_two, task_traceback, fn)
     if ok then
         g.results[k] = a
         if a == nil then g.errors[k] = b end
@@ -312,7 +316,7 @@ function _M.any(fns)
     if not co then error("moonlet: any outside a moonlet task", 2) end
     local cos, winner, left, last_err, parked = {}, nil, 0, nil, false
     local function one(k, fn)
-        local ok, r = xpcall(call_packed, gather_traceback, fn)
+        local ok, r = xpcall(call_packed, task_traceback, fn)
         if not ok then r = { n = 2, false, r } end
         cos[k] = nil
         left = left - 1
