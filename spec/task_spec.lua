@@ -169,7 +169,7 @@ describe("the JIT across a wait in a function run by gather, any or spawn", func
         assert.same({}, aborts_in_child(400))
     end)
 
-    it("makes no closure for the caller of spawn or timeout to lose its trace to", function()
+    it("makes no closure for the caller of spawn, timeout or any to lose its trace to", function()
         if not jit.status() then return pending("the JIT is off") end
         local task_src = "@" .. package.searchpath("moonlet.task", package.path)
         local fnew = (vmdef.bcnames:find("FNEW", 1, true) - 1) / 6 -- FNEW's opcode, as LuaJIT numbers it
@@ -177,15 +177,22 @@ describe("the JIT across a wait in a function run by gather, any or spawn", func
         local function on_trace(what, _, func, pc, otr, oex)
             if what ~= "abort" then return end
             local fi = jutil.funcinfo(func, pc)
-            if fi.source == task_src and vmdef.traceerr[otr] == "NYI: bytecode %d" and oex == fnew then
+            if fi.source ~= task_src then return end
+            local why = vmdef.traceerr[otr]
+            if why == "NYI: bytecode %d" and oex == fnew then
                 found[#found + 1] = fi.currentline .. ": closure made"
+            elseif why == "inner loop in root trace" then
+                found[#found + 1] = fi.currentline .. ": " .. why
             end
         end
         local function work(i) moonlet.sleep(0) return i end
-        local function caller(i) -- hot: LuaJIT records it, and timeout and spawn with it
+        local function first() return 1 end
+        local function later() moonlet.sleep(0) return 2 end
+        local function caller(i) -- hot: LuaJIT records it, and timeout, spawn and any with it
             local a = moonlet.timeout(5, work, i)
             local ok, b = moonlet.spawn(work, i):join(5)
-            return ok and a + b
+            local c, key = moonlet.any({ later, first })
+            return ok and c == 1 and key == 2 and a + b
         end
         jit.attach(on_trace, "trace")
         local ok, err = pcall(function()

@@ -232,6 +232,13 @@ local function check_from(fns, i, narr)
     return check_from(fns, i + 1, narr)
 end
 
+-- Are fns[i..narr] all there? (any checks their types as it starts them)
+local function present_from(fns, i, narr)
+    if i > narr then return true end
+    if fns[i] == nil then return false end
+    return present_from(fns, i + 1, narr)
+end
+
 local function spawn_from(g, fns, i, narr)
     if i > narr then return end
     g.left = g.left + 1
@@ -311,54 +318,86 @@ end
 -- results are returned (with its key last) and the others are cancelled. A function that raises
 -- does not win (its error is logged); when every one has raised, any raises the last error.
 -- Cancelling the caller cancels them all.
+-- The task of function k of an any (state a); the first to return wins and wakes the caller.
+local function any_one(a, k, fn)
+    local ok, r = xpcall(call_packed, task_traceback, fn)
+    if not ok then r = { n = 2, false, r } end
+    a.cos[k] = nil
+    a.left = a.left - 1
+    if not r[1] then
+        if r[2] ~= CANCELLED then
+            a.last_err = r[2]
+            core.log(0, "moonlet.any: function " .. tostring(k) .. " failed: " .. tostring(r[2]))
+        end
+        if a.left == 0 and not a.winner and a.parked then core.unpark(a.co, true) end
+        return
+    end
+    if not a.winner then
+        a.winner = { key = k, r = r }
+        if a.parked then core.unpark(a.co, true) end
+    end
+end
+
+local function any_not_function(a, k, level)
+    cancel_all(a.cos)
+    error("moonlet.any: the value at " .. tostring(k) .. " is not a function", level + 1)
+end
+
+-- Cancels the tasks cos[i..narr] (tail calls, not a loop: see check_from)
+local function cancel_from(cos, i, narr)
+    if i > narr then return end
+    local co = cos[i]
+    if co then core.cancel(co) end
+    return cancel_from(cos, i + 1, narr)
+end
+
+-- Starts fns[i..narr] until one wins (tail calls, not a loop: see check_from)
+local function any_from(a, fns, i, narr)
+    if i > narr or a.winner then return end
+    local fn = fns[i]
+    if type(fn) ~= "function" then any_not_function(a, i, 3) end
+    a.left = a.left + 1
+    local child = core_spawn(any_one, a, i, fn)
+    if child then a.cos[i] = child end
+    return any_from(a, fns, i + 1, narr)
+end
+
 function _M.any(fns)
     local co = core.running()
     if not co then error("moonlet: any outside a moonlet task", 2) end
-    local cos, winner, left, last_err, parked = {}, nil, 0, nil, false
-    local function one(k, fn)
-        local ok, r = xpcall(call_packed, task_traceback, fn)
-        if not ok then r = { n = 2, false, r } end
-        cos[k] = nil
-        left = left - 1
-        if not r[1] then
-            if r[2] ~= CANCELLED then
-                last_err = r[2]
-                core.log(0, "moonlet.any: function " .. tostring(k) .. " failed: " .. tostring(r[2]))
-            end
-            if left == 0 and not winner and parked then core.unpark(co, true) end
-            return
-        end
-        if not winner then
-            winner = { key = k, r = r }
-            if parked then core.unpark(co, true) end
+    -- the state its tasks share (a table, not upvalues: a closure made per call is not compiled)
+    local a = { co = co, cos = {}, winner = nil, left = 0, last_err = nil, parked = false }
+    local narr = #fns
+    local array = narr > 0 and narr <= MAX_UNROLLED and nkeys(fns) == narr and present_from(fns, 1, narr)
+    if array then
+        any_from(a, fns, 1, narr)
+    else
+        for k, fn in pairs(fns) do
+            if type(fn) ~= "function" then any_not_function(a, k, 2) end
+            a.left = a.left + 1
+            local child = core_spawn(any_one, a, k, fn)
+            if child then a.cos[k] = child end
+            if a.winner then break end
         end
     end
-    for k, fn in pairs(fns) do
-        if type(fn) ~= "function" then
-            cancel_all(cos)
-            error("moonlet.any: the value at " .. tostring(k) .. " is not a function", 2)
-        end
-        left = left + 1
-        local child = core_spawn(one, k, fn)
-        if child then cos[k] = child end
-        if winner then break end
-    end
-    if not winner and left > 0 then
+    local cos = a.cos
+    if not a.winner and a.left > 0 then
         check_can_wait(cos, 2)
-        parked = true
+        a.parked = true
         repeat
             if core_park() == CANCEL then
-                parked = false
+                a.parked = false
                 cancel_all(cos)
                 error(CANCELLED, 0)
             end
-        until winner or left == 0
-        parked = false
+        until a.winner or a.left == 0
+        a.parked = false
     end
-    cancel_all(cos)
+    if array then cancel_from(cos, 1, narr) else cancel_all(cos) end -- the losers
+    local winner = a.winner
     if not winner then
-        if last_err == nil then error("moonlet.any: no function to run", 2) end
-        error(last_err, 0)
+        if a.last_err == nil then error("moonlet.any: no function to run", 2) end
+        error(a.last_err, 0)
     end
     local r = winner.r
     r[r.n + 1] = winner.key
