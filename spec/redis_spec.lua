@@ -18,6 +18,48 @@ local function settle()
     moonlet.sleep(0.01)
 end
 
+describe("moonlet.redis against a server that does not answer AUTH", function()
+    -- A fake server: the first connection gets no answer to its AUTH; later ones get +OK to AUTH
+    -- and +PONG to PING. A connect cancelled while its AUTH waits must be undone: its connection
+    -- closed and forgotten (the next call connects again and authenticates), and the tasks that
+    -- waited for that connect woken at once.
+    it("undoes a connect cancelled during AUTH and wakes the tasks that waited for it", function()
+        local release = moonlet.event()
+        test.defer(function() release:set() end)
+        local conns = 0
+        local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0 }, function(sock)
+            conns = conns + 1
+            local mine = conns
+            while true do
+                local head = sock:receive("*l") -- a command: *N, then N times $len and the bytes
+                if not head then return end
+                local args = {}
+                for i = 1, tonumber(head:sub(2)) do
+                    sock:receive("*l")
+                    args[i] = sock:receive("*l")
+                end
+                if mine == 1 then return release:wait(30) end
+                if args[1] == "AUTH" then sock:send("+OK\r\n") end
+                if args[1] == "PING" then sock:send("+PONG\r\n") end
+            end
+        end))
+        test.defer(function() server:close() end)
+        local pool = redis.pool({ port = server:port(), size = 1, password = "pw", timeout = 3,
+                                  connect_timeout = 3 })
+        test.defer(function() pool:close() end)
+        local a = moonlet.spawn(function() return pool:call("PING") end) -- connects; AUTH hangs
+        moonlet.sleep(0.05)
+        local b = moonlet.spawn(function() return pool:call("PING") end) -- waits for that connect
+        moonlet.sleep(0.05)
+        local t0 = moonlet.now()
+        assert.is_true(a:cancel())
+        assert.same({ true, nil, "closed" }, { b:join(5) })
+        assert.truthy(moonlet.now() - t0 < 1) -- woken at once, not at its connect timeout
+        assert.same("PONG", pool:call("PING")) -- a new connection, authenticated
+        assert.same(2, conns)
+    end)
+end)
+
 describe("moonlet.redis", function()
     if os.execute("command -v redis-server >/dev/null 2>&1") ~= 0 then
         it("needs redis-server (Debian redis-server)", function()
