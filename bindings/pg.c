@@ -583,7 +583,10 @@ static void query_ended(pgc_t *c) {
       fail_waiter(c);
     return;
   }
-  if (c->state == S_CANCELLING) return; /* drain_over answers */
+  if (c->state == S_CANCELLING) { /* drain_over answers; the drain timer bounds the wait now */
+    if (c->wait == W_QUERY) uv_timer_stop(&c->timer);
+    return;
+  }
   if (c->wait == W_QUERY) {
     answer_query(c);
     return;

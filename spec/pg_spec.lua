@@ -291,18 +291,19 @@ describe("moonlet.pg", function()
         -- The query's waiter is answered when the connection can take the ROLLBACK (not while the
         -- cancel request still waits for a thread, when it would find the connection busy and
         -- leave the transaction open, with its locks, until the connection's next use).
-        local db = pool({ size = 1, timeout = 0.05 })
+        local db = pool({ size = 1, timeout = 0.2 }) -- every statement's: room for a slow CI
         local other = pool({ size = 1 })
-        assert(db:exec("DROP TABLE IF EXISTS tx_cancel; CREATE TABLE tx_cancel(x int)"))
+        assert(other:exec("DROP TABLE IF EXISTS tx_cancel; CREATE TABLE tx_cancel(x int)"))
+        test.defer(function() other:exec("DROP TABLE IF EXISTS tx_cancel") end)
         local pid = db:query("SELECT pg_backend_pid() AS pid")[1].pid
         local release = hold_thread_pool()
         local done = moonlet.spawn(function()
             return db:transaction(function(tx)
                 assert(tx:exec("INSERT INTO tx_cancel VALUES (1)"))
-                return tx:query("SELECT pg_sleep(0.2)")
+                return tx:query("SELECT pg_sleep(0.6)")
             end)
         end)
-        moonlet.sleep(0.4) -- the query ended by itself; its cancel request still waits
+        moonlet.sleep(0.9) -- the query ended by itself; its cancel request still waits
         release()
         local ok, rows, err = done:join(5)
         assert.is_true(ok)
