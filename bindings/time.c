@@ -5,15 +5,15 @@
 
 #include "mlua.h"
 
-/* syntax: t = moonlet.now() -- seconds, with sub-millisecond precision, from a monotonic clock */
-static int l_now(lua_State *L) {
-  lua_pushnumber(L, (double)uv_hrtime() / 1e9);
-  return 1;
-}
-
 /* moonlet.now() itself (lua/moonlet.lua) calls this through the FFI: a JIT trace calls it in place,
  * where a call of l_now would end the trace (LuaJIT stitches around C functions) */
 static double now_seconds(void) { return (double)uv_hrtime() / 1e9; }
+
+/* syntax: t = core.now() -- seconds, with sub-millisecond precision, from a monotonic clock */
+static int l_now(lua_State *L) {
+  lua_pushnumber(L, now_seconds());
+  return 1;
+}
 
 /* syntax: t = moonlet.time() -- wall-clock seconds since the epoch */
 static int l_time(lua_State *L) {

@@ -222,21 +222,20 @@ if not has_nkeys then
     nkeys = function(t) return count_from(t, nil, 0) end
 end
 
--- Are fns[i..narr] all there? (then, with as many keys, fns is that array); raises for a value
--- that is not a function
-local function check_from(fns, i, narr)
+-- Are fns[i..narr] all there? (then, with as many keys, fns is that array). With check_types, a value
+-- that is not a function raises (gather's check; any checks each as it starts it).
+local function present_from(fns, i, narr, check_types)
     if i > narr then return true end
     local f = fns[i]
     if f == nil then return false end
-    if type(f) ~= "function" then not_function(i, 3) end
-    return check_from(fns, i + 1, narr)
+    if check_types and type(f) ~= "function" then not_function(i, 3) end
+    return present_from(fns, i + 1, narr, check_types)
 end
 
--- Are fns[i..narr] all there? (any checks their types as it starts them)
-local function present_from(fns, i, narr)
-    if i > narr then return true end
-    if fns[i] == nil then return false end
-    return present_from(fns, i + 1, narr)
+-- Is fns (of length narr) an array of up to MAX_UNROLLED values, no hole, no other key?
+local function small_array(fns, narr, check_types)
+    if narr < 1 or narr > MAX_UNROLLED or nkeys(fns) ~= narr then return false end
+    return present_from(fns, 1, narr, check_types) -- a tail call: not_function's level stays right
 end
 
 local function spawn_from(g, fns, i, narr)
@@ -255,7 +254,7 @@ end
 function _M.gather(fns)
     local g
     local narr = #fns
-    if narr > 0 and narr <= MAX_UNROLLED and nkeys(fns) == narr and check_from(fns, 1, narr) then
+    if small_array(fns, narr, true) then
         -- an array (no hole, no other key): no loop
         -- results and cos are made at their final size: growing them costs a rehash per doubling
         g = { results = new_tab(narr, 0), errors = {}, cos = new_tab(narr, 0), left = 1, co = false }
@@ -343,7 +342,7 @@ local function any_not_function(a, k, level)
     error("moonlet.any: the value at " .. tostring(k) .. " is not a function", level + 1)
 end
 
--- Cancels the tasks cos[i..narr] (tail calls, not a loop: see check_from)
+-- Cancels the tasks cos[i..narr] (tail calls, not a loop: see MAX_UNROLLED)
 local function cancel_from(cos, i, narr)
     if i > narr then return end
     local co = cos[i]
@@ -351,7 +350,7 @@ local function cancel_from(cos, i, narr)
     return cancel_from(cos, i + 1, narr)
 end
 
--- Starts fns[i..narr] until one wins (tail calls, not a loop: see check_from)
+-- Starts fns[i..narr] until one wins (tail calls, not a loop: see MAX_UNROLLED)
 local function any_from(a, fns, i, narr)
     if i > narr or a.winner then return end
     local fn = fns[i]
@@ -368,7 +367,7 @@ function _M.any(fns)
     -- the state its tasks share (a table, not upvalues: a closure made per call is not compiled)
     local a = { co = co, cos = {}, winner = nil, left = 0, last_err = nil, parked = false }
     local narr = #fns
-    local array = narr > 0 and narr <= MAX_UNROLLED and nkeys(fns) == narr and present_from(fns, 1, narr)
+    local array = small_array(fns, narr, false)
     if array then
         any_from(a, fns, 1, narr)
     else
