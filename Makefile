@@ -31,7 +31,7 @@ LIB_OBJ  := $(CORE_SRC:%.c=$(BUILD)/%.o) $(BIND_SRC:%.c=$(BUILD)/%.o) \
             $(BUILD)/llhttp/llhttp.o $(BUILD)/llhttp/api.o $(BUILD)/llhttp/http.o
 HDRS     := $(wildcard core/*.h bindings/*.h)
 
-.PHONY: all run test bench deps lint clean help examples static print-static-archives
+.PHONY: all run test bench deps lint clean help examples static print-static-archives fuzz
 all: $(BUILD)/moonlet $(BUILD)/libmoonlet.a $(BUILD)/libmoonlet.so
 
 help:
@@ -41,6 +41,7 @@ help:
 	@echo "make lint       luacheck + clang-format check"
 	@echo "make examples   the embedding examples of examples/embed into $(BUILD)/examples/"
 	@echo "make static     $(BUILD)/moonlet-static and iot_device-static: one executable each, glibc included"
+	@echo "make fuzz       the fuzz tests of spec/c under libFuzzer (clang), FUZZ_TIME seconds each (60)"
 
 deps: $(DEPS_OK)
 $(DEPS_OK): scripts/deps.sh
@@ -113,6 +114,29 @@ $(BUILD)/examples/iot_device-static: examples/embed/iot_device.c core/moonlet.h 
 	  $(BUILD)/cli/static_unwind.o $(BUILD)/libmoonlet.a $(STATIC_LINK) 2>&1 | \
 	  { grep -v -e 'statically linked applications requires at runtime' -e ': in function' || true; }
 	@test -x $@
+
+# `make fuzz`: the fuzz tests of spec/c (test_fuzz_*.c) under libFuzzer with clang, ASan and UBSan:
+# coverage-guided, FUZZ_TIME seconds each, from the seeds the tests carry; what fails is kept in
+# $(BUILD)/fuzz. `make test` runs the same tests on a fixed set of mutated inputs instead.
+FUZZ_TIME  ?= 60
+FUZZ_CC    ?= clang
+FUZZ_FLAGS  = -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -DML_LIBFUZZER \
+              -I$(LLHTTP_INC)
+FUZZ_HTTP_SRC = $(filter core/http_%.c core/log.c core/numfmt.c core/block_cache.c,$(CORE_SRC)) \
+                $(LLHTTP_SRC)/llhttp.c $(LLHTTP_SRC)/api.c $(LLHTTP_SRC)/http.c
+fuzz: $(BUILD)/fuzz/http $(BUILD)/fuzz/ws $(BUILD)/spec/c/test_fuzz_http $(BUILD)/spec/c/test_fuzz_ws
+	@for t in http ws; do \
+	  mkdir -p $(BUILD)/fuzz/corpus-$$t && \
+	  ML_FUZZ_SEEDS_DIR=$(BUILD)/fuzz/corpus-$$t $(BUILD)/spec/c/test_fuzz_$$t && \
+	  (cd $(BUILD)/fuzz && ./$$t -max_total_time=$(FUZZ_TIME) -max_len=4096 -timeout=10 \
+	     -print_final_stats=1 corpus-$$t) || exit 1; \
+	done
+$(BUILD)/fuzz/http: spec/c/test_fuzz_http.c spec/c/fuzz.h spec/c/ctest.h $(FUZZ_HTTP_SRC) $(HDRS)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(FUZZ_HTTP_SRC) $(shell pkg-config --cflags --libs libuv)
+$(BUILD)/fuzz/ws: spec/c/test_fuzz_ws.c spec/c/fuzz.h spec/c/ctest.h core/ws.c core/ws.h
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< core/ws.c $(shell pkg-config --cflags --libs libuv openssl zlib)
 
 run: $(BUILD)/moonlet
 	./$(BUILD)/moonlet apps/welcome/app.lua --port $(PORT)

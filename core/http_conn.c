@@ -396,6 +396,9 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
       c->pause = PAUSE_NONE;
       if (err == HPE_PAUSED_UPGRADE) {
         c->upgraded = 1;
+        /* the handler answered already and did not take the upgrade: the bytes behind the
+         * request are not HTTP, and a connection left so would never be read nor timed out */
+        if (!c->req_active && !c->raw_cb) ml_conn_close(c, 1);
       } else {
         llhttp_resume(&c->parser);
       }
@@ -470,11 +473,8 @@ void ml__conn_on_eof(ml_conn_t *c) {
   c->reading = 0;
   if (c->stash_len > c->stash_off) return; /* pipelined requests first: run_stash comes back here */
   if (c->req_active) {
-    if (c->state != ML_CONN_DONE_READ) { /* the body will never be complete */
-      c->body_error = 1;
-      c->body_event = 1;
-      c->close_after = 1;
-      deliver_body(c);
+    if (c->state != ML_CONN_DONE_READ) { /* the body will never be complete: 400, as nginx */
+      ml__conn_error(c, 400, "client closed mid-request");
     } else {
       c->close_after = 1; /* answer, then close */
       if (c->srv->cb.on_hangup) c->srv->cb.on_hangup(c, c->srv->ud);

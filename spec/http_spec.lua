@@ -277,6 +277,51 @@ describe("moonlet.http server closing", function()
         assert.same("up", test.request(again_port, "GET", "/").body)
         again:close()
     end)
+
+    -- found by spec/c/test_fuzz_http.c: the connection stayed open, unread and with no timer
+    it("answers an Upgrade request no route takes, then closes: what follows is not HTTP", function()
+        local server, port = serve(function(app) app:get("/", function() return "plain" end) end)
+        local data, err = test.raw(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            .. "Upgrade: h2c\r\n\r\n\0\1 not http\r\n\r\n", 3)
+        assert.is_nil(err)
+        assert.truthy(data:find("^HTTP/1.1 200 OK\r\n"))
+        assert.truthy(data:find("\r\n\r\nplain$"))
+        assert.truthy(test.wait_until(function() return server:connections() == 0 end, 3))
+        server:close()
+    end)
+
+    it("answers 400 to a client that shuts its side in the middle of a body", function()
+        local seen = moonlet.event()
+        local got
+        local server, port = serve(function(app)
+            app:post("/upload", function(req)
+                got = { req:body() }
+                seen:set()
+                return "never sent"
+            end)
+        end)
+        local p = assert(moonlet.process.spawn({ "/usr/bin/python3", "-c", ([[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", %d))
+s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+s.shutdown(socket.SHUT_WR)
+data = b""
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    data += d
+sys.stdout.write(data.decode())
+]]):format(port) }))
+        assert.same(0, p:wait(5))
+        local out = p:read("*a")
+        p:close()
+        assert.truthy(out:find("^HTTP/1.1 400 Bad Request\r\n"))
+        assert.falsy(out:find("never sent", 1, true))
+        assert.is_true(seen:wait(5))
+        assert.same({ nil, "closed" }, got)
+        server:close()
+    end)
 end)
 
 describe("moonlet.http server streaming", function()

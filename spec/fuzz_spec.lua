@@ -1,0 +1,115 @@
+-- spec/fuzz_spec.lua: requests changed at random, sent to a real app over real sockets: the Lua
+-- side of what spec/c/test_fuzz_http.c does for the C core. The app's handlers read everything a
+-- request carries (route parameters, query, headers, connection details, form and JSON bodies,
+-- static files), so that a request-target, a header or a body no handler expects reaches the
+-- router, the percent and query decoding and the request object. Whatever comes in, moonlet must
+-- answer with a status of its own (200, 304, 400, 404, 405, 408, 413, 414, 431, ...) and never
+-- with a 500 (a Lua error in moonlet's code), never hang, and go on serving. The inputs come from a
+-- fixed PRNG seed (env ML_FUZZ_SEED changes it, ML_FUZZ_N their number), 16 connections at a time.
+local moonlet = require "moonlet"
+local test = require "moonlet.test"
+local core = require "moonlet.core"
+
+local N = tonumber(os.getenv("ML_FUZZ_N")) or 400
+local SEED = tonumber(os.getenv("ML_FUZZ_SEED")) or 7
+
+local H = "Host: x\r\nConnection: close\r\n" -- a mutation may take it away: keep-alive ends too
+local seeds = {
+    "GET / HTTP/1.1\r\n" .. H .. "\r\n",
+    "GET /users/42?q=a%20b&q=c+d&x=%41 HTTP/1.1\r\n" .. H .. "User-Agent: fuzz\r\n\r\n",
+    "GET /files/a/b%2Fc/d.txt?=&&a=1&a HTTP/1.1\r\n" .. H .. "\r\n",
+    "POST /form HTTP/1.1\r\n" .. H .. "Content-Type: application/x-www-form-urlencoded\r\n"
+        .. "Content-Length: 17\r\n\r\na=1&b=%20x&c&=d+e",
+    "POST /json HTTP/1.1\r\n" .. H .. "Content-Length: 23\r\n\r\n{\"a\":[1,2,{\"b\":null}]}",
+    "PUT /stream HTTP/1.1\r\n" .. H .. "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "GET /assets/hello.txt HTTP/1.1\r\n" .. H .. "If-None-Match: \"x\"\r\nRange: bytes=1-3\r\n\r\n",
+    "HEAD /assets/../assets/./hello.txt HTTP/1.1\r\n" .. H .. "\r\n",
+    "DELETE /users/1 HTTP/1.1\r\n" .. H .. "\r\n",
+    "GET /users/%E2%82%AC/ HTTP/1.0\r\n\r\n",
+    "GET /users/up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\129\0",
+}
+local tokens = { "%", "%z", "%00", "%2e%2e/", "%2F", "..", "/", "//", "?", "&", "=", "+", ";",
+    "#", ":", "*", "\255", "\0", "%C3%28", "%FF", " ", "\t", "\r\n", "Range: bytes=",
+    "If-Modified-Since: ", "Content-Length: 0\r\n", "Cookie: a=b; c\r\n", "{", "[", "\"" }
+
+local random = math.random
+
+-- Changes s once: a byte, a token inserted, a range deleted or repeated; most of the time in the
+-- request line, which the Lua side decodes.
+local function mutate(s)
+    local line_end = s:find("\r\n", 1, true) or #s
+    local pos = random(2) == 1 and random(line_end) or random(#s + 1)
+    local op = random(4)
+    if op == 1 then
+        return s:sub(1, pos - 1) .. string.char(random(0, 255)) .. s:sub(pos + 1)
+    elseif op == 2 then
+        return s:sub(1, pos - 1) .. tokens[random(#tokens)] .. s:sub(pos)
+    elseif op == 3 then
+        return s:sub(1, pos - 1) .. s:sub(pos + random(8))
+    end
+    local k = random(16)
+    return s:sub(1, pos + k - 1) .. s:sub(pos, pos + k - 1) .. s:sub(pos + k)
+end
+
+local function make_app()
+    local app = moonlet.app()
+    app:get("/", function() return "ok" end)
+    app:get("/users/:id", function(req)
+        return { id = req.params.id, q = req.query.q, all = req:args("q"), x = req.query.x,
+                 ua = req:header("user-agent"), v = req.http_version, ka = req.keep_alive,
+                 peer = req.peer, len = req.content_length, path = req.path }
+    end)
+    app:delete("/users/:id", function(req) return 204, nil, { ["X-Id"] = #req.params.id } end)
+    app:get("/files/*path", function(req)
+        return req.params.path .. "|" .. (req.query_string or "")
+    end)
+    app:post("/form", function(req) return { form = req:form() } end)
+    app:post("/json", function(req)
+        local v, err = req:json()
+        return { ok = v ~= nil, err = err and #err }
+    end)
+    app:put("/stream", function(req)
+        local n = 0
+        for chunk in req:chunks() do n = n + #chunk end
+        return tostring(n)
+    end)
+    app:static("/assets", "examples/public")
+    return app
+end
+
+describe("requests changed at random", function()
+    lazy_setup(function() core.set_log("warn") end) -- not a line for each 400
+    lazy_teardown(function() core.set_log("info") end)
+
+    it("get moonlet's own answers, never a 500 nor a hang, and the app serves on", function()
+        math.randomseed(SEED)
+        local server, port = test.serve(make_app(), { header_timeout = 0.3, body_timeout = 0.3,
+                                                         keepalive_timeout = 0.3 })
+        local inputs = {}
+        for i = 1, N do
+            local s = seeds[random(#seeds)]
+            for _ = 1, random(3) do s = mutate(s) end
+            inputs[i] = s
+        end
+        local failures = {}
+        for first = 1, N, 16 do
+            local batch = {}
+            for i = first, math.min(first + 15, N) do
+                batch[#batch + 1] = function()
+                    local data, err, partial = test.raw(port, inputs[i], 3)
+                    data = data or partial or ""
+                    if err then
+                        failures[#failures + 1] = ("%q: %s after %q"):format(inputs[i], err, data)
+                    elseif data:find("^HTTP/1%.1 500") or data:find("\r\n\r\nHTTP/1%.1 500")
+                        or data:find("500 Internal Server Error", 1, true) then
+                        failures[#failures + 1] = ("%q: got %q"):format(inputs[i], data)
+                    end
+                end
+            end
+            moonlet.gather(batch)
+        end
+        assert.same({}, failures)
+        assert.same("ok", test.request(port, "GET", "/").body)
+        server:close()
+    end)
+end)
