@@ -117,6 +117,43 @@ describe("moonlet.static", function()
         return data
     end
 
+    describe("inside middleware", function()
+        -- a middleware that times the handler and sets a header after next(), as the README's does
+        local function serve_wrapped(replace)
+            local app = moonlet.app()
+            app:use(function(req, res, next)
+                local r = next()
+                res:header("X-After", "set after next()")
+                if replace and req:header("x-replace") then return 200, "replaced" end
+                return r
+            end)
+            app:static("/assets", root)
+            local server, port = test.serve(app)
+            defer(function() server:close() end)
+            return port
+        end
+
+        it("sends the headers a middleware sets after next() with the file (200, 206, HEAD)", function()
+            local port = serve_wrapped()
+            local r = get(port, "/assets/hello.txt")
+            assert.same({ 200, HELLO, "set after next()" }, { r.status, r.body, r.headers["x-after"] })
+            r = get(port, "/assets/digits.txt", { Range = "bytes=2-4" })
+            assert.same({ 206, "234", "set after next()" }, { r.status, r.body, r.headers["x-after"] })
+            r = test.request(port, "HEAD", "/assets/hello.txt")
+            assert.same({ 200, "", tostring(#HELLO), "set after next()" },
+                { r.status, r.body, r.headers["content-length"], r.headers["x-after"] })
+            r = get(port, "/assets/hello.txt", { ["If-None-Match"] = r.headers["etag"] })
+            assert.same({ 304, "set after next()" }, { r.status, r.headers["x-after"] })
+        end)
+
+        it("sends what a middleware returns in place of the file", function()
+            local port = serve_wrapped(true)
+            local r = get(port, "/assets/hello.txt", { ["X-Replace"] = "1" })
+            assert.same({ 200, "replaced", "set after next()" }, { r.status, r.body, r.headers["x-after"] })
+            assert.same(HELLO, get(port, "/assets/hello.txt").body)
+        end)
+    end)
+
     describe("serving files", function()
         it("answers with the bytes and length of the file", function()
             local port = serve()

@@ -266,7 +266,8 @@ function methods:dispatcher()
                                    query_string = query, params = params, _x = x }, req_mt)
         -- false, not nil: the table is made with room for the fields res:header() and res:type()
         -- set, so that setting them does not rehash it (the C side takes false as none)
-        local res = setmetatable({ _x = x, _status = 200, _headers = false, _ctype = false }, res_mt)
+        local res = setmetatable({ _x = x, _status = 200, _headers = false, _ctype = false,
+                                   _file = false }, res_mt)
         if not handler then
             if allow then
                 handler = function(_, r)

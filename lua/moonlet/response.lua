@@ -82,9 +82,28 @@ function methods:started()
     return self._streaming or self._x:started()
 end
 
--- Sends what the handler returned: body | status, body, headers (see the file head).
+-- A file response a handler chose (res._file, set by lua/moonlet/static.lua) is started here, after
+-- every middleware has returned, so that the headers they set after next() go out with it: the
+-- bytes go from the file to the socket in C (x:send_file), never through Lua.
+local function send_file(res, f)
+    res._file = false
+    res._streaming = true
+    local x = res._x
+    local ok, err = x:start(f.status, f.ctype, res._headers, f.length)
+    if not ok then return nil, err end
+    if f.length > 0 then check(x:send_file(f.path, f.offset, f.length)) end
+    return x:finish() -- a failed transfer already closed the socket
+end
+
+-- Sends what the handler returned: body | status, body, headers (see the file head). A file the
+-- handler chose is sent unless a middleware returned something else in its place.
 function _M.send(res, a, b, c)
     local x = res._x
+    local f = res._file
+    if f then
+        if a == nil then return send_file(res, f) end
+        res._file = false
+    end
     if res._streaming then
         if a ~= nil and type(a) ~= "number" then res:write(a) end
         return x:finish()

@@ -2,11 +2,10 @@
 -- ("..", ".", NUL and backslashes refused, encoded or not), then resolved with realpath and kept
 -- only if it is still under the root, so symlinks cannot lead out of it. Responses carry
 -- Content-Type, ETag and Last-Modified (304 on If-None-Match / If-Modified-Since), honour a single
--- Range (206, or 416), and the bytes go from the file to the socket in C (x:send_file), never
--- through Lua.
+-- Range (206, or 416). The handler only chooses the file (res._file): lua/moonlet/response.lua
+-- sends it after the middleware has returned, from the file to the socket in C.
 local core = require "moonlet.core"
 local mime = require "moonlet.mime"
-local check = require("moonlet.task").check
 
 local str_find, str_sub, fmt = string.find, string.sub, string.format
 local os_date, floor, tonumber = os.date, math.floor, tonumber
@@ -102,7 +101,7 @@ function _M.handler(dir, opts, base)
             return 304
         end
 
-        local x, size = res._x, st.size
+        local size = st.size
         local status, offset, length = 200, 0, size
         local range = req:header("range")
         if range and (not req:header("if-range") or req:header("if-range") == etag) then
@@ -115,11 +114,9 @@ function _M.handler(dir, opts, base)
                 res:header("Content-Range", fmt("bytes %d-%d/%d", o, o + l - 1, size))
             end
         end
-        res._streaming = true
-        local ok, serr = x:start(status, mime.for_path(real), res._headers, length)
-        if not ok then return nil, serr end
-        if length > 0 then check(x:send_file(real, offset, length)) end
-        -- returning ends the stream (response.send); a failed transfer already closed the socket
+        -- sent by response.send once the middleware around this handler has returned
+        res._file = { status = status, ctype = mime.for_path(real), path = real, offset = offset,
+                      length = length }
     end
 end
 

@@ -1,8 +1,9 @@
 /* spec/c/fuzz.h: the driver of the fuzz tests (spec/c/test_fuzz_*.c), header only.
  *
  * A fuzz test defines fuzz_one(data, len), which feeds one input to the code under test and checks
- * what must hold for any input with FUZZ_CHECK (which counts failures only: a whole run is one check
- * of ctest.h, passed when no input failed), and a table of seeds (valid inputs). Two ways to run it:
+ * what must hold for any input with FUZZ_CHECK (which counts failures only: a whole run is one
+ * check of ctest.h, passed when no input failed), and a table of seeds (valid inputs). Two ways to
+ * run it:
  * - In `make test` its main calls fuzz_main(): FUZZ_N inputs (env ML_FUZZ_N, else the test's
  *   default), each a seed changed by 1 to 4 random mutations (bit flips, interesting bytes, tokens
  *   of the test's dictionary inserted, ranges deleted or repeated, another seed spliced in), from a
@@ -68,8 +69,9 @@ static uint32_t fuzz_rand(uint32_t n) {
 
 static size_t seed_len(const fuzz_seed_t *s) { return s->len ? s->len : strlen(s->data); }
 
-static const uint8_t fuzz_bytes[] = {0, 1, '\t', '\n', '\r', ' ', '"', '%', ',', '-', '/', '0',
-                                     '9', ':', ';', '=', 'F', 'a', 'f', 0x7f, 0x80, 0xc0, 0xff};
+static const uint8_t fuzz_bytes[] = {0,   1,   '\t', '\n', '\r', ' ',  '"', '%',
+                                     ',', '-', '/',  '0',  '9',  ':',  ';', '=',
+                                     'F', 'a', 'f',  0x7f, 0x80, 0xc0, 0xff};
 
 /* Changes buf[0..*len) in place (room for FUZZ_MAX_INPUT bytes) by one random mutation. */
 static void fuzz_mutate(uint8_t *buf, size_t *len, const fuzz_seed_t *seeds, size_t nseeds,
@@ -118,9 +120,7 @@ static void fuzz_mutate(uint8_t *buf, size_t *len, const fuzz_seed_t *seeds, siz
     *len = pos + k;
     break;
   }
-  default: /* cut the end */
-    *len = pos;
-    break;
+  default: /* cut the end */ *len = pos; break;
   }
 }
 

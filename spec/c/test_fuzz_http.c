@@ -18,7 +18,8 @@
  * - the server closes the connection and holds none afterwards (no hang: every wait is bounded),
  *   leaks nothing and touches nothing out of bounds (SANITIZE=1); after the last input a clean
  *   request is still answered.
- * Limits are set low (URI 200 B, head 1500 B, 12 headers, body 1000 B) so that mutations reach them.
+ * Limits are set low (URI 200 B, head 1500 B, 12 headers, body 1000 B) so that mutations reach
+ * them.
  */
 #include <signal.h>
 #include <stdint.h>
@@ -28,8 +29,8 @@
 #include <uv.h>
 
 #include "../../core/http.h"
-#include "llhttp.h"
 #include "fuzz.h"
+#include "llhttp.h"
 
 #define WAIT_MS 3000 /* only reached when the server hangs */
 #define MAX_REQ 256  /* requests per input: more than FUZZ_MAX_INPUT bytes can hold */
@@ -51,8 +52,8 @@ static int port;
 
 /* per input */
 static req_t ref[MAX_REQ], got[MAX_REQ]; /* the reference's requests; the server's */
-static int n_ref;        /* the reference's whole requests (the index of the one it reads) */
-static int ref_in_body;  /* the headers of the request it reads are complete */
+static int n_ref;       /* the reference's whole requests (the index of the one it reads) */
+static int ref_in_body; /* the headers of the request it reads are complete */
 static int n_got;
 static int n_conns, n_closed; /* connections with state, and their on_close */
 
@@ -417,7 +418,8 @@ static void fuzz_one(const uint8_t *data, size_t len) {
   uint32_t h = hash32(data, len);
   size_t off = 0;
   for (int piece = 0; piece < 4 && off < len; piece++) {
-    size_t n = piece == 3 || len - off < 2 ? len - off : 1 + (h >> (piece * 8) & 0xff) % (len - off);
+    size_t n =
+        piece == 3 || len - off < 2 ? len - off : 1 + (h >> (piece * 8) & 0xff) % (len - off);
     client_send(&cl, data + off, n);
     off += n;
     for (int t = 0; t < 3; t++)
@@ -426,8 +428,8 @@ static void fuzz_one(const uint8_t *data, size_t len) {
   if (cl.connected == 1 && !uv_is_closing((uv_handle_t *)&cl.tcp))
     uv_shutdown(&cl.sreq, (uv_stream_t *)&cl.tcp, client_shut);
   if (!FUZZ_CHECK(run_until(cond_all_closed, &cl))) { /* a hang: say where, then clean up */
-    printf("    server holds %u connections; client closed %d, eof %d\n",
-           ml_server_conn_count(srv), cl.closed, cl.eof);
+    printf("    server holds %u connections; client closed %d, eof %d\n", ml_server_conn_count(srv),
+           cl.closed, cl.eof);
     if (!uv_is_closing((uv_handle_t *)&cl.tcp)) uv_close((uv_handle_t *)&cl.tcp, client_closed);
     while (!cl.closed)
       uv_run(&loop, UV_RUN_ONCE);
@@ -503,7 +505,8 @@ static const fuzz_seed_t seeds[] = {
     {"GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /two HTTP/1.1\r\n" HOST "\r\n", 0},
     {"OPTIONS * HTTP/1.1\r\n" HOST "\r\nDELETE /d HTTP/1.1\r\n" HOST "Content-Length: 0\r\n\r\n",
      0},
-    {"GET /" "0123456789012345678901234567890123456789012345678901234567890123456789"
+    {"GET /"
+     "0123456789012345678901234567890123456789012345678901234567890123456789"
      "0123456789012345678901234567890123456789012345678901234567890123456789"
      "01234567890123456789012345678901234567890123456789 HTTP/1.1\r\n" HOST "\r\n",
      0},
@@ -514,11 +517,27 @@ static const fuzz_seed_t seeds[] = {
     {"GET /up HTTP/1.1\r\n" HOST "Connection: Upgrade\r\nUpgrade: h2c\r\n\r\n", 0},
 };
 
-static const char *const dict[] = {
-    "\r\n",  "\r\n\r\n",   "HTTP/1.1", "HTTP/1.0", "Host: y\r\n", "Content-Length: ", "chunked",
-    "Transfer-Encoding: ", "Connection: close\r\n", "Connection: keep-alive\r\n",
-    "Expect: 100-continue\r\n", "0\r\n\r\n", "ffffffffffffffff", "\n", " \t", "%00", "%2e%2e/",
-    "GET ", "HEAD ", "POST ", "99999999999999999999"};
+static const char *const dict[] = {"\r\n",
+                                   "\r\n\r\n",
+                                   "HTTP/1.1",
+                                   "HTTP/1.0",
+                                   "Host: y\r\n",
+                                   "Content-Length: ",
+                                   "chunked",
+                                   "Transfer-Encoding: ",
+                                   "Connection: close\r\n",
+                                   "Connection: keep-alive\r\n",
+                                   "Expect: 100-continue\r\n",
+                                   "0\r\n\r\n",
+                                   "ffffffffffffffff",
+                                   "\n",
+                                   " \t",
+                                   "%00",
+                                   "%2e%2e/",
+                                   "GET ",
+                                   "HEAD ",
+                                   "POST ",
+                                   "99999999999999999999"};
 
 int main(void) {
   ctest_section("HTTP server core, fuzzed over loopback");

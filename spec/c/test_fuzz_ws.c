@@ -71,7 +71,7 @@ static void take_event(events_t *evs, const ml_ws_event_t *e, size_t limit) {
   if (evs->n < MAX_EVENTS) {
     event_t *v = &evs->ev[evs->n++];
     v->type = e->type;
-    v->code = e->type == ML_WS_EV_MESSAGE                                ? e->opcode
+    v->code = e->type == ML_WS_EV_MESSAGE                              ? e->opcode
               : e->type == ML_WS_EV_CLOSE || e->type == ML_WS_EV_ERROR ? e->code
                                                                        : 0; /* else unset */
     v->len = e->len;
@@ -188,7 +188,10 @@ static void make_seeds(void) {
     seeds[i].len = 2;
   }
   frame(0, 1, 0, ML_WS_OP_TEXT, "hello", 5, 1);
-  frame(0, 1, 0, ML_WS_OP_CLOSE, "\x03\xe8" "bye", 5, 1);
+  frame(0, 1, 0, ML_WS_OP_CLOSE,
+        "\x03\xe8"
+        "bye",
+        5, 1);
   frame(1, 0, 0, ML_WS_OP_TEXT, "fragm", 5, 1); /* fragments with a ping between them */
   frame(1, 1, 0, ML_WS_OP_PING, "p", 1, 1);
   frame(1, 1, 0, ML_WS_OP_CONT, "ented \xc3\xa9", 8, 1);
@@ -207,9 +210,9 @@ static void make_seeds(void) {
   deflated(7, "no context takeover", 1, 1);
 }
 
-static const char *const dict[] = {"\x81\x85", "\x82\x7e\x01\x00", "\x88\x80", "\x89\x80",
-                                   "\x80",     "\xc1",             "\x7f",     "\x03\xe8",
-                                   "\xed\xa0\x80", "\xf4\x90\x80\x80"};
+static const char *const dict[] = {
+    "\x81\x85", "\x82\x7e\x01\x00", "\x88\x80",     "\x89\x80",        "\x80", "\xc1",
+    "\x7f",     "\x03\xe8",         "\xed\xa0\x80", "\xf4\x90\x80\x80"};
 
 int main(void) {
   ctest_section("WebSocket frame parser, fuzzed");
