@@ -275,6 +275,18 @@ static void deliver_body(ml_conn_t *c) {
   }
 }
 
+/* Whether every Transfer-Encoding header of r says "chunked" alone (the one coding we decode). */
+static int only_chunked(const ml_request_t *r) {
+  for (unsigned i = 0; i < r->nheaders; i++) {
+    const ml_header_t *h = &r->headers[i];
+    if (!name_is(h, "transfer-encoding", 17)) continue;
+    if (h->value_len != 7) return 0;
+    for (size_t k = 0; k < 7; k++)
+      if ((h->value[k] | 0x20) != "chunked"[k]) return 0;
+  }
+  return 1;
+}
+
 /* Takes the request whose headers just completed: refuses what must be refused, else hands it to
  * the upper layer. */
 static void dispatch(ml_conn_t *c) {
@@ -288,6 +300,11 @@ static void dispatch(ml_conn_t *c) {
     /* RFC 9112 6.3: without chunked last the body length is unknown (llhttp 8 takes "identity" as
      * no body); 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing */
     ml__conn_error(c, 400, "Transfer-Encoding without chunked, or in HTTP/1.0");
+    return;
+  }
+  if ((c->parser.flags & F_TRANSFER_ENCODING) && !only_chunked(r)) {
+    /* RFC 9112 6.1: a coding we do not decode (gzip, chunked) is 501, as nginx answers */
+    ml__conn_error(c, 501, "unsupported transfer coding");
     return;
   }
   if (r->http_major == 1 && r->http_minor == 1 && c->host_count != 1) {

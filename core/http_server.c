@@ -556,7 +556,12 @@ void ml_server_shutdown(ml_server_t *s, void (*done)(ml_server_t *, void *), voi
     if (c->raw_cb) { /* upgraded: the upper layer closes it its own way (a close frame) */
       if (!c->closing && c->raw_cb->on_shutdown) c->raw_cb->on_shutdown(c, c->raw_ud);
     } else if (!c->req_active) {
-      ml_conn_close(c, 1);
+      /* an idle keep-alive connection closes at once, as nginx's do: nothing of its is unread or
+       * unsent, so no lingering (which would hold the exit up to ML_LINGER_MS for a client that
+       * keeps its side open); one with a request partly read lingers as usual */
+      int idle = c->state == ML_CONN_IDLE && c->stash_len == c->stash_off && c->write_queue == 0 &&
+                 s->out_owner != c;
+      ml_conn_close(c, !idle);
     } else {
       c->close_after = 1;
     }

@@ -370,6 +370,19 @@ print("main done")
             assert.same(0, p:wait())
         end)
 
+        it("closes an idle keep-alive connection at once on SIGTERM, without lingering", function()
+            local p = start("--port 0 " .. script("app.lua", APP))
+            local sock = test.connect(p:port())
+            defer(function() sock:close() end)
+            assert(sock:send(test.format_request("GET", "/")))
+            assert.same(200, assert(test.read_response(sock, "GET")).status)
+            assert.is_true(p:signal("TERM"))
+            -- our side stays open: a lingering close would wait 2 s for it before the exit
+            assert.same(0, p:wait(1))
+            local line, err = sock:receive("*l")
+            assert.same({ nil, "closed" }, { line, err })
+        end)
+
         it("closes the request in flight at once on a second signal", function()
             local gate = dir .. "/gate-never"
             local p = start("--port 0 " .. script("app.lua", APP) .. " " .. gate)

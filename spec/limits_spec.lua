@@ -75,6 +75,16 @@ describe("moonlet.http limits", function()
         refused("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400)
     end)
 
+    it("answers 501 to a transfer coding it does not decode before chunked, as nginx", function()
+        refused("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            .. "0\r\n\r\n", 501)
+        refused("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: x\r\n"
+            .. "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501)
+        local r = test.request(port, "POST", "/echo", { headers = { ["Transfer-Encoding"] = "Chunked" },
+            body = "3\r\nabc\r\n0\r\n\r\n" })
+        assert.same({ 200, "abc" }, { r.status, r.body })
+    end)
+
     it("answers 414 to a request-target over the limit", function()
         refused("GET /" .. string.rep("a", 300) .. " HTTP/1.1\r\nHost: a\r\n\r\n", 414)
     end)
