@@ -113,3 +113,90 @@ describe("requests changed at random", function()
         server:close()
     end)
 end)
+
+-- The HTTP client's side: responses changed at random, from a server of raw bytes (moonlet.tcp)
+-- that answers each request with the input its X-Case header names and closes. Whatever comes
+-- back, moonlet.http returns a response or nil and an error string: it never raises, never hangs
+-- (the server closes, and every request has a timeout), and leaves no handle or task behind.
+local gz = require("moonlet.zlib").gzip("compressed body, compressed body, compressed body")
+local response_seeds = {
+    "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello",
+    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n3\r\n, w\r\n0\r\nT: t\r\n\r\n",
+    "HTTP/1.0 200 OK\r\nServer: x\r\n\r\na body that ends when the connection does",
+    "HTTP/1.1 204 No Content\r\nX-A: 1\r\nX-A: 2\r\nSet-Cookie: a=b\r\nSet-Cookie: c=d\r\n\r\n",
+    "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    "HTTP/1.1 302 Found\r\nLocation: /again?x=%20y\r\nContent-Length: 3\r\n\r\nabc",
+    "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: " .. #gz .. "\r\n\r\n" .. gz,
+    "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .. ("%x"):format(#gz) .. "\r\n" .. gz .. "\r\n0\r\n\r\n",
+    "HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 99\r\n\r\n",
+    "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n",
+}
+local response_tokens = { "\r\n", "\n", "\r", ":", " ", "\t", "0", "-1", "ffffffff", "99999999999",
+    "Content-Length: ", "Transfer-Encoding: chunked\r\n", "Connection: close\r\n", "HTTP/1.1 ",
+    "Location: ", "//", "\0", "\255", ";", "gzip", "deflate", "Content-Encoding: gzip\r\n" }
+
+local function mutate_response(s)
+    local pos = random(#s + 1)
+    local op = random(4)
+    if op == 1 then
+        return s:sub(1, pos - 1) .. string.char(random(0, 255)) .. s:sub(pos + 1)
+    elseif op == 2 then
+        return s:sub(1, pos - 1) .. response_tokens[random(#response_tokens)] .. s:sub(pos)
+    elseif op == 3 then
+        return s:sub(1, pos - 1) .. s:sub(pos + random(8))
+    end
+    local k = random(16)
+    return s:sub(1, pos + k - 1) .. s:sub(pos, pos + k - 1) .. s:sub(pos + k)
+end
+
+describe("responses changed at random", function()
+    it("give moonlet.http a response or nil, err: never a raise, a hang or a leak", function()
+        math.randomseed(SEED + 1)
+        local inputs = {}
+        for i = 1, N do
+            local s = response_seeds[random(#response_seeds)]
+            for _ = 1, random(3) do s = mutate_response(s) end
+            inputs[i] = s
+        end
+        local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0 }, function(sock)
+            sock:settimeout(2000)
+            local case
+            repeat
+                local line = sock:receive("*l")
+                if not line then return sock:close() end
+                case = case or tonumber(line:match("^[Xx]%-[Cc]ase: (%d+)"))
+            until line == ""
+            sock:send(inputs[case] or "HTTP/1.1 400 Bad Request\r\n\r\n")
+            sock:close()
+        end))
+        local url = "http://127.0.0.1:" .. server:port() .. "/fuzz"
+        local before, mem0 = test.settled_stats(), collectgarbage("count")
+        local failures = {}
+        local function fetch(i)
+            local o = { timeout = 2, headers = { ["X-Case"] = tostring(i) }, max_body = 4096,
+                        decompress = i % 2 == 0, redirects = i % 3 == 0 and 2 or nil,
+                        stream = i % 5 == 0 }
+            local ok, res, err = pcall(moonlet.http.get, url, o)
+            if ok and res and o.stream then ok, res, err = pcall(res.read_body, res) end
+            local bad = not ok and ("raised " .. tostring(res))
+                or (res == nil and type(err) ~= "string") and "nil without an error string"
+                or (err == "timeout") and "timeout"
+                or (res ~= nil and not o.stream and (type(res.status) ~= "number"
+                    or type(res.body) ~= "string")) and "a response without status or body"
+            if bad then failures[#failures + 1] = ("%q: %s"):format(inputs[i], bad) end
+        end
+        for first = 1, N, 16 do
+            local batch = {}
+            for i = first, math.min(first + 15, N) do
+                batch[#batch + 1] = function() return fetch(i) end
+            end
+            moonlet.gather(batch)
+        end
+        assert.same({}, failures)
+        moonlet.http.close_idle()
+        server:close()
+        moonlet.sleep(0.05)
+        test.assert_baseline(before, mem0, 4096)
+    end)
+end)
