@@ -120,8 +120,8 @@ $(BUILD)/examples/iot_device-static: examples/embed/iot_device.c core/moonlet.h 
 # $(BUILD)/fuzz. `make test` runs the same tests on a fixed set of mutated inputs instead.
 FUZZ_TIME  ?= 60
 FUZZ_CC    ?= clang
-FUZZ_FLAGS  = -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -DML_LIBFUZZER \
-              -I$(LLHTTP_INC)
+FUZZ_FLAGS  = -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined \
+              -fno-sanitize-recover=undefined -DML_LIBFUZZER -DLLHTTP_STRICT_MODE=1 -I$(LLHTTP_INC)
 FUZZ_HTTP_SRC = $(filter core/http_%.c core/log.c core/numfmt.c core/block_cache.c,$(CORE_SRC)) \
                 $(LLHTTP_SRC)/llhttp.c $(LLHTTP_SRC)/api.c $(LLHTTP_SRC)/http.c
 fuzz: $(BUILD)/fuzz/http $(BUILD)/fuzz/ws $(BUILD)/spec/c/test_fuzz_http $(BUILD)/spec/c/test_fuzz_ws

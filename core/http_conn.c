@@ -411,11 +411,19 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
       c->feed_rest = len; /* input behind this request: keep_alive must not take EOF for the end */
       int event = c->pause;
       c->pause = PAUSE_NONE;
-      if (err == HPE_PAUSED_UPGRADE) {
-        c->upgraded = 1;
-        /* the handler answered already and did not take the upgrade: the bytes behind the
-         * request are not HTTP, and a connection left so would never be read nor timed out */
-        if (!c->req_active && !c->raw_cb) ml_conn_close(c, 1);
+      if (err == HPE_PAUSED_UPGRADE && !c->req_active && !c->raw_cb) {
+        /* The handler answered already and did not take the upgrade (for a request without a
+         * body llhttp reports the upgrade only now, when it parses on). RFC 9110 7.8: the
+         * connection goes on as HTTP/1.1; after CONNECT the bytes are a tunnel's: close. Left
+         * upgraded, it would never be read nor timed out again. */
+        if (c->parser.method == HTTP_CONNECT) {
+          c->upgraded = 1;
+          ml_conn_close(c, 1);
+        } else {
+          llhttp_resume_after_upgrade(&c->parser);
+        }
+      } else if (err == HPE_PAUSED_UPGRADE) {
+        c->upgraded = 1; /* the handler runs: it may take it; if not, ml_conn_finish closes */
       } else {
         llhttp_resume(&c->parser);
       }
@@ -490,8 +498,13 @@ void ml__conn_on_eof(ml_conn_t *c) {
   c->reading = 0;
   if (c->stash_len > c->stash_off) return; /* pipelined requests first: run_stash comes back here */
   if (c->req_active) {
-    if (c->state != ML_CONN_DONE_READ) { /* the body will never be complete: 400, as nginx */
+    if (c->state != ML_CONN_DONE_READ && !c->resp_started) { /* a body never complete: 400 */
       ml__conn_error(c, 400, "client closed mid-request");
+    } else if (c->state != ML_CONN_DONE_READ) { /* answering already: it may finish, then close */
+      c->body_error = 1;
+      c->body_event = 1;
+      c->close_after = 1;
+      deliver_body(c);
     } else {
       c->close_after = 1; /* answer, then close */
       if (c->srv->cb.on_hangup) c->srv->cb.on_hangup(c, c->srv->ud);

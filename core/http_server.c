@@ -556,11 +556,12 @@ void ml_server_shutdown(ml_server_t *s, void (*done)(ml_server_t *, void *), voi
     if (c->raw_cb) { /* upgraded: the upper layer closes it its own way (a close frame) */
       if (!c->closing && c->raw_cb->on_shutdown) c->raw_cb->on_shutdown(c, c->raw_ud);
     } else if (!c->req_active) {
-      /* an idle keep-alive connection closes at once, as nginx's do: nothing of its is unread or
-       * unsent, so no lingering (which would hold the exit up to ML_LINGER_MS for a client that
-       * keeps its side open); one with a request partly read lingers as usual */
-      int idle = c->state == ML_CONN_IDLE && c->stash_len == c->stash_off && c->write_queue == 0 &&
-                 s->out_owner != c;
+      /* an idle keep-alive connection closes at once, as nginx's do: no lingering (which would
+       * hold the exit up to ML_LINGER_MS for a client that keeps its side open), at the risk of a
+       * reset for a request racing in; one with a request partly read, output not yet written or
+       * a lingering close under way goes on as it is */
+      int idle = c->state == ML_CONN_IDLE && !c->closing && c->stash_len == c->stash_off &&
+                 c->write_queue == 0 && s->out_owner != c;
       ml_conn_close(c, !idle);
     } else {
       c->close_after = 1;

@@ -378,7 +378,7 @@ print("main done")
             assert.same(200, assert(test.read_response(sock, "GET")).status)
             assert.is_true(p:signal("TERM"))
             -- our side stays open: a lingering close would wait 2 s for it before the exit
-            assert.same(0, p:wait(1))
+            assert.same(0, p:wait(1.5))
             local line, err = sock:receive("*l")
             assert.same({ nil, "closed" }, { line, err })
         end)

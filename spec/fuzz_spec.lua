@@ -103,6 +103,9 @@ describe("requests changed at random", function()
                     elseif data:find("^HTTP/1%.1 500") or data:find("\r\n\r\nHTTP/1%.1 500")
                         or data:find("500 Internal Server Error", 1, true) then
                         failures[#failures + 1] = ("%q: got %q"):format(inputs[i], data)
+                    elseif data == "" and inputs[i]:find("[^\r\n]") then -- only a request never
+                        -- begun (nothing but line ends) may be closed without an answer
+                        failures[#failures + 1] = ("%q: closed without an answer"):format(inputs[i])
                     end
                 end
             end
@@ -110,6 +113,7 @@ describe("requests changed at random", function()
         end
         assert.same({}, failures)
         assert.same("ok", test.request(port, "GET", "/").body)
+        assert.truthy(test.wait_until(function() return server:connections() == 0 end, 3))
         server:close()
     end)
 end)
@@ -198,5 +202,73 @@ describe("responses changed at random", function()
         server:close()
         moonlet.sleep(0.05)
         test.assert_baseline(before, mem0, 4096)
+    end)
+end)
+
+-- moonlet.redis's side: replies changed at random, from a server of raw bytes that answers the
+-- command GET <case> with that case's input and closes. Whatever comes back, a call returns a value
+-- or nil and an error string: it never raises, and never waits for its timeout (the server has
+-- closed: "closed" or "protocol error" come at once).
+local redis_seeds = { "+OK\r\n", "$5\r\nhello\r\n", "$-1\r\n", ":42\r\n", "-ERR wrong\r\n",
+    "*3\r\n$1\r\na\r\n:1\r\n*2\r\n+x\r\n-E\r\n", "*-1\r\n", "*0\r\n", "$0\r\n\r\n" }
+local redis_tokens = { "\r\n", "\n", "$", "*", ":", "+", "-", "-1", "0", "9", "99999999999999999999",
+    "1e300", "0x10", "1.5", "*1\r\n", "$3\r\n" }
+
+describe("redis replies changed at random", function()
+    it("give a call a value or nil, err: never a raise or a wait for its timeout", function()
+        math.randomseed(SEED + 2)
+        local inputs = {}
+        for i = 1, N do
+            local s = redis_seeds[random(#redis_seeds)]
+            for _ = 1, random(3) do
+                local pos, tok = random(#s + 1), redis_tokens[random(#redis_tokens)]
+                local op = random(3)
+                if op == 1 then
+                    s = s:sub(1, pos - 1) .. tok .. s:sub(pos)
+                elseif op == 2 then
+                    s = s:sub(1, pos - 1) .. s:sub(pos + random(4))
+                else
+                    s = s:sub(1, pos - 1) .. string.char(random(0, 255)) .. s:sub(pos + 1)
+                end
+            end
+            inputs[i] = s
+        end
+        local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0 }, function(sock)
+            sock:settimeout(2000)
+            local n = tonumber((sock:receive("*l") or ""):match("^%*(%d+)$")) or 0
+            local args = {}
+            for k = 1, n do
+                local len = tonumber((sock:receive("*l") or ""):match("^%$(%d+)$"))
+                if not len then break end
+                args[k] = sock:receive(len + 2)
+            end
+            local case = tonumber(args[2] and args[2]:sub(1, -3))
+            sock:send(inputs[case] or "-ERR no case\r\n")
+            sock:close()
+        end))
+        local redis = require "moonlet.redis"
+        local failures = {}
+        local function call(i)
+            local r, cerr = redis.connect({ host = "127.0.0.1", port = server:port(), timeout = 2 })
+            if not r then
+                failures[#failures + 1] = "connect: " .. tostring(cerr)
+                return
+            end
+            local ok, v, err = pcall(r.call, r, "GET", tostring(i))
+            local bad = not ok and ("raised " .. tostring(v))
+                or (v == nil and err ~= nil and type(err) ~= "string") and "an error that is no string"
+                or err == "timeout" and "timeout"
+            if bad then failures[#failures + 1] = ("%q: %s"):format(inputs[i], bad) end
+            r:close()
+        end
+        for first = 1, N, 16 do
+            local batch = {}
+            for i = first, math.min(first + 15, N) do
+                batch[#batch + 1] = function() return call(i) end
+            end
+            moonlet.gather(batch)
+        end
+        server:close()
+        assert.same({}, failures)
     end)
 end)

@@ -279,14 +279,31 @@ describe("moonlet.http server closing", function()
     end)
 
     -- found by spec/c/test_fuzz_http.c: the connection stayed open, unread and with no timer
-    it("answers an Upgrade request no route takes, then closes: what follows is not HTTP", function()
+    it("goes on as HTTP/1.1 after an Upgrade no route takes (RFC 9110 7.8)", function()
         local server, port = serve(function(app) app:get("/", function() return "plain" end) end)
+        local sock = test.connect(port, 3)
+        assert(sock:send("GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"))
+        local r = assert(test.read_response(sock))
+        assert.same({ 200, "plain" }, { r.status, r.body })
+        assert(sock:send(test.format_request("GET", "/"))) -- the same connection, later
+        r = assert(test.read_response(sock))
+        assert.same({ 200, "plain" }, { r.status, r.body })
+        sock:close()
+        -- pipelined behind it, what is no HTTP gets 400 and a close
         local data, err = test.raw(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
             .. "Upgrade: h2c\r\n\r\n\0\1 not http\r\n\r\n", 3)
         assert.is_nil(err)
-        assert.truthy(data:find("^HTTP/1.1 200 OK\r\n"))
-        assert.truthy(data:find("\r\n\r\nplain$"))
+        assert.truthy(data:find("^HTTP/1.1 200 OK\r\n.-\r\n\r\nplainHTTP/1.1 400 Bad Request\r\n"), data)
         assert.truthy(test.wait_until(function() return server:connections() == 0 end, 3))
+        server:close()
+    end)
+
+    it("closes after answering a CONNECT: what follows is a tunnel's bytes", function()
+        local server, port = serve(function(app) app:get("/", function() return "plain" end) end)
+        local data, err = test.raw(port, "CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n"
+            .. "\r\n\22\3\1 tls bytes", 3)
+        assert.is_nil(err)
+        assert.truthy(data:find("^HTTP/1.1 405 Method Not Allowed\r\n"), data)
         server:close()
     end)
 

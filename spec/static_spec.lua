@@ -118,13 +118,18 @@ describe("moonlet.static", function()
     end
 
     describe("inside middleware", function()
-        -- a middleware that times the handler and sets a header after next(), as the README's does
+        -- a middleware that times the handler and sets a header after next(), as the README's does;
+        -- on request it puts a body of its own in place of the file, or streams one
         local function serve_wrapped(replace)
             local app = moonlet.app()
             app:use(function(req, res, next)
                 local r = next()
                 res:header("X-After", "set after next()")
                 if replace and req:header("x-replace") then return 200, "replaced" end
+                if replace and req:header("x-stream") then
+                    res:write("streamed")
+                    return
+                end
                 return r
             end)
             app:static("/assets", root)
@@ -146,12 +151,20 @@ describe("moonlet.static", function()
             assert.same({ 304, "set after next()" }, { r.status, r.headers["x-after"] })
         end)
 
-        it("sends what a middleware returns in place of the file", function()
-            local port = serve_wrapped(true)
-            local r = get(port, "/assets/hello.txt", { ["X-Replace"] = "1" })
-            assert.same({ 200, "replaced", "set after next()" }, { r.status, r.body, r.headers["x-after"] })
-            assert.same(HELLO, get(port, "/assets/hello.txt").body)
-        end)
+        it("sends what a middleware returns or streams in place of the file, without its validators",
+            function()
+                local port = serve_wrapped(true)
+                for _, how in ipairs({ "X-Replace", "X-Stream" }) do
+                    local r = get(port, "/assets/digits.txt", { [how] = "1", Range = "bytes=2-4" })
+                    assert.same({ 200, how == "X-Replace" and "replaced" or "streamed", "set after next()" },
+                        { r.status, r.body, r.headers["x-after"] })
+                    assert.same({}, { r.headers["etag"], r.headers["last-modified"],
+                        r.headers["content-range"], r.headers["accept-ranges"] })
+                end
+                local r = get(port, "/assets/hello.txt")
+                assert.same({ HELLO, "bytes" }, { r.body, r.headers["accept-ranges"] })
+                assert.truthy(r.headers["etag"] and r.headers["last-modified"])
+            end)
     end)
 
     describe("serving files", function()

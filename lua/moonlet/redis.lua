@@ -15,7 +15,8 @@ local tcp = require "moonlet.tcp"
 
 local park, spawn = task.park, core.spawn
 local running, unpark, now = core.running, core.unpark, core.now
-local byte, sub, concat = string.byte, string.sub, table.concat
+local byte, sub, str_find, concat, floor = string.byte, string.sub, string.find, table.concat,
+    math.floor
 local error, pcall, select, setmetatable, tonumber, tostring, type = error, pcall, select,
     setmetatable, tonumber, tostring, type
 local remove, unpack = table.remove, unpack
@@ -58,16 +59,27 @@ local function encode(parts, n, ...)
     return parts
 end
 
+-- What a reply may announce (Redis's own limits: proto-max-bulk-len 512 MB; arrays of at most
+-- 2^32 - 1 elements, nested far less deep than this): beyond, or not a whole number, the stream is
+-- not RESP and the connection is dropped with "protocol error" rather than trusted.
+local MAX_BULK, MAX_ARRAY, MAX_DEPTH = 512 * 1024 * 1024, 4294967295, 64
+
+local function length(rest, max)
+    local n = tonumber(rest)
+    if not n or n ~= floor(n) or n > max or not str_find(rest, "^%-?%d+$") then return nil end
+    return n
+end
+
 -- Reads one reply: OK, value | ERR, message | nil, I/O error. Arrays hold null for nil and
 -- { err = message } for error replies.
-local function read_reply(sock)
+local function read_reply(sock, depth)
     local line, err = sock:receive("*l")
     if not line then return nil, err end
     local t, rest = byte(line, 1), sub(line, 2)
     if t == 43 then -- +
         return OK, rest
     elseif t == 36 then -- $
-        local n = tonumber(rest)
+        local n = length(rest, MAX_BULK)
         if not n then return nil, "protocol error" end
         if n < 0 then return OK, nil end
         local data, e = sock:receive(n + 2)
@@ -78,12 +90,13 @@ local function read_reply(sock)
     elseif t == 45 then -- -
         return ERR, rest
     elseif t == 42 then -- *
-        local n = tonumber(rest)
-        if not n then return nil, "protocol error" end
+        local n = length(rest, MAX_ARRAY)
+        depth = (depth or 0) + 1
+        if not n or depth > MAX_DEPTH then return nil, "protocol error" end
         if n < 0 then return OK, nil end
         local arr = {}
         for i = 1, n do
-            local kind, v = read_reply(sock)
+            local kind, v = read_reply(sock, depth)
             if not kind then return nil, v end
             if kind == ERR then v = { err = v } elseif v == nil then v = null end
             arr[i] = v

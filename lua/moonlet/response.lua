@@ -85,23 +85,30 @@ end
 -- A file response a handler chose (res._file, set by lua/moonlet/static.lua) is started here, after
 -- every middleware has returned, so that the headers they set after next() go out with it: the
 -- bytes go from the file to the socket in C (x:send_file), never through Lua.
+-- The file's own headers (validators, Content-Range) go out only with the file, under those the
+-- middleware set: a body a middleware puts in its place must not carry the file's ETag.
 local function send_file(res, f)
     res._file = false
-    res._streaming = true
+    for k, v in pairs(f.headers) do
+        local h = res._headers
+        if not (h and h[k] ~= nil) then res:header(k, v) end
+    end
     local x = res._x
     local ok, err = x:start(f.status, f.ctype, res._headers, f.length)
     if not ok then return nil, err end
+    res._streaming = true
     if f.length > 0 then check(x:send_file(f.path, f.offset, f.length)) end
     return x:finish() -- a failed transfer already closed the socket
 end
 
 -- Sends what the handler returned: body | status, body, headers (see the file head). A file the
--- handler chose is sent unless a middleware returned something else in its place.
+-- handler chose is sent unless a middleware returned something else in its place or started a
+-- stream of its own (res:write).
 function _M.send(res, a, b, c)
     local x = res._x
     local f = res._file
     if f then
-        if a == nil then return send_file(res, f) end
+        if a == nil and not res._streaming then return send_file(res, f) end
         res._file = false
     end
     if res._streaming then

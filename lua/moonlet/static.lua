@@ -91,13 +91,13 @@ function _M.handler(dir, opts, base)
 
         local etag = fmt('"%x-%x"', st.mtime, st.size)
         local last_modified = http_date(st.mtime)
-        res:header("ETag", etag):header("Last-Modified", last_modified)
-        res:header("Accept-Ranges", "bytes")
-        if cache_control then res:header("Cache-Control", cache_control) end
+        -- the file's headers: on res for a 304, else sent with the file only (response.send_file)
+        local headers = { ETag = etag, ["Last-Modified"] = last_modified, ["Accept-Ranges"] = "bytes",
+                          ["Cache-Control"] = cache_control }
         local inm = req:header("if-none-match")
-        if inm then
-            if inm == "*" or str_find(inm, etag, 1, true) then return 304 end
-        elseif req:header("if-modified-since") == last_modified then
+        if (inm and (inm == "*" or str_find(inm, etag, 1, true)))
+           or (not inm and req:header("if-modified-since") == last_modified) then
+            for k, v in pairs(headers) do res:header(k, v) end
             return 304
         end
 
@@ -111,12 +111,12 @@ function _M.handler(dir, opts, base)
                 return 416, ""
             elseif o then
                 status, offset, length = 206, o, l
-                res:header("Content-Range", fmt("bytes %d-%d/%d", o, o + l - 1, size))
+                headers["Content-Range"] = fmt("bytes %d-%d/%d", o, o + l - 1, size)
             end
         end
         -- sent by response.send once the middleware around this handler has returned
         res._file = { status = status, ctype = mime.for_path(real), path = real, offset = offset,
-                      length = length }
+                      length = length, headers = headers }
     end
 end
 

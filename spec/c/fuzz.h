@@ -7,10 +7,11 @@
  * - In `make test` its main calls fuzz_main(): FUZZ_N inputs (env ML_FUZZ_N, else the test's
  *   default), each a seed changed by 1 to 4 random mutations (bit flips, interesting bytes, tokens
  *   of the test's dictionary inserted, ranges deleted or repeated, another seed spliced in), from a
- *   fixed PRNG seed (env ML_FUZZ_SEED), so that a run is the same every time and a failure can be
- *   replayed. The first input that fails a check is written to fuzz-failure-<name>.bin and the run
- *   stops there; `ML_FUZZ_REPLAY=file` runs one input from a file; `ML_FUZZ_SEEDS_DIR=dir` only
- *   writes the seeds into dir (libFuzzer's first corpus).
+ *   fixed PRNG seed (env ML_FUZZ_SEED), so that a run makes the same inputs every time and a
+ *   failure can be replayed (where a test's outcome also hangs on timing, such as where a socket's
+ *   reads end, a replay may not fail the same way). The first input that fails a check is written
+ * to fuzz-failure-<name>.bin and the run stops there; `ML_FUZZ_REPLAY=file` runs one input from a
+ * file; `ML_FUZZ_SEEDS_DIR=dir` only writes the seeds into dir (libFuzzer's first corpus).
  * - Built with -DML_LIBFUZZER (`make fuzz`, clang), the same fuzz_one is libFuzzer's
  *   LLVMFuzzerTestOneInput: coverage guides the search, and a failed check aborts so that
  *   libFuzzer keeps the input.
@@ -34,7 +35,8 @@ typedef struct fuzz_seed_s {
 
 static void fuzz_one(const uint8_t *data, size_t len);
 
-static int fuzz_failed; /* FUZZ_CHECKs that failed */
+static int fuzz_failed;    /* FUZZ_CHECKs that failed */
+static int fuzz_seed = -1; /* the index of the seed being run as it is, -1 for any other input */
 
 #define FUZZ_CHECK(cond) fuzz_check(!!(cond), #cond, __FILE__, __LINE__)
 
@@ -172,7 +174,9 @@ static void fuzz_main(const char *name, const fuzz_seed_t *seeds, size_t nseeds,
   for (size_t i = 0; i < nseeds; i++) {
     size_t len = seed_len(&seeds[i]);
     memcpy(buf, seeds[i].data, len);
+    fuzz_seed = (int)i; /* a test may hold its seeds to more than what holds for any input */
     fuzz_one(buf, len);
+    fuzz_seed = -1;
     if (fuzz_failed) {
       printf("    seed %zu failed\n", i);
       fuzz_save(name, buf, len);
