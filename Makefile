@@ -69,7 +69,7 @@ $(BUILD)/moonlet: $(BUILD)/cli/main.o $(BUILD)/libmoonlet.a
 
 CTEST_SRC := $(wildcard spec/c/test_*.c)
 CTESTS    := $(CTEST_SRC:%.c=$(BUILD)/%)
-$(BUILD)/spec/c/%: spec/c/%.c spec/c/ctest.h $(BUILD)/libmoonlet.a
+$(BUILD)/spec/c/%: spec/c/%.c $(wildcard spec/c/*.h) $(BUILD)/libmoonlet.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -o $@ $< $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
 
@@ -131,7 +131,7 @@ fuzz: $(BUILD)/fuzz/http $(BUILD)/fuzz/ws $(BUILD)/spec/c/test_fuzz_http $(BUILD
 	  (cd $(BUILD)/fuzz && ./$$t -max_total_time=$(FUZZ_TIME) -max_len=4096 -timeout=10 \
 	     -print_final_stats=1 corpus-$$t) || exit 1; \
 	done
-$(BUILD)/fuzz/http: spec/c/test_fuzz_http.c spec/c/fuzz.h spec/c/ctest.h $(FUZZ_HTTP_SRC) $(HDRS)
+$(BUILD)/fuzz/http: spec/c/test_fuzz_http.c $(wildcard spec/c/*.h) $(FUZZ_HTTP_SRC) $(HDRS)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(FUZZ_HTTP_SRC) $(shell pkg-config --cflags --libs libuv)
 $(BUILD)/fuzz/ws: spec/c/test_fuzz_ws.c spec/c/fuzz.h spec/c/ctest.h core/ws.c core/ws.h

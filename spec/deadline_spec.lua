@@ -312,24 +312,6 @@ s.close()
         assert.same(0, p:wait(5))
     end)
 
-    -- A client that sends its request and shuts its sending side (FIN), then reads what comes.
-    local function half_closing_client(port)
-        return assert(moonlet.process.spawn({ "/usr/bin/python3", "-c", ([[
-import socket, sys
-s = socket.create_connection(("127.0.0.1", %d))
-s.sendall(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
-sys.stdin.read(1)
-s.shutdown(socket.SHUT_WR)
-data = b""
-while True:
-    d = s.recv(65536)
-    if not d:
-        break
-    data += d
-sys.stdout.write(data.decode())
-]]):format(port) }))
-    end
-
     -- Serves /wait (a gather of one 0.2 s sleep) with app options opts, runs the half-closing
     -- client against it until it exits; returns how the sleep ended and what the client read.
     local function half_close(opts)
@@ -342,7 +324,7 @@ sys.stdout.write(data.decode())
         end)
         local server, port = test.serve(app)
         defer(function() server:close() end)
-        local p = half_closing_client(port)
+        local p = test.half_closing_client(port, "GET /wait HTTP/1.1\r\nHost: x\r\n\r\n", true)
         defer(function() p:close() end)
         assert.is_true(started:wait(5))
         assert(p:write("x"))

@@ -14,7 +14,7 @@ local N = tonumber(os.getenv("ML_FUZZ_N")) or 400
 local SEED = tonumber(os.getenv("ML_FUZZ_SEED")) or 7
 
 local H = "Host: x\r\nConnection: close\r\n" -- a mutation may take it away: keep-alive ends too
-local seeds = {
+local request_seeds = {
     "GET / HTTP/1.1\r\n" .. H .. "\r\n",
     "GET /users/42?q=a%20b&q=c+d&x=%41 HTTP/1.1\r\n" .. H .. "User-Agent: fuzz\r\n\r\n",
     "GET /files/a/b%2Fc/d.txt?=&&a=1&a HTTP/1.1\r\n" .. H .. "\r\n",
@@ -28,17 +28,17 @@ local seeds = {
     "GET /users/%E2%82%AC/ HTTP/1.0\r\n\r\n",
     "GET /users/up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\129\0",
 }
-local tokens = { "%", "%z", "%00", "%2e%2e/", "%2F", "..", "/", "//", "?", "&", "=", "+", ";",
+local request_tokens = { "%", "%z", "%00", "%2e%2e/", "%2F", "..", "/", "//", "?", "&", "=", "+", ";",
     "#", ":", "*", "\255", "\0", "%C3%28", "%FF", " ", "\t", "\r\n", "Range: bytes=",
     "If-Modified-Since: ", "Content-Length: 0\r\n", "Cookie: a=b; c\r\n", "{", "[", "\"" }
 
 local random = math.random
 
--- Changes s once: a byte, a token inserted, a range deleted or repeated; most of the time in the
--- request line, which the Lua side decodes.
-local function mutate(s)
-    local line_end = s:find("\r\n", 1, true) or #s
-    local pos = random(2) == 1 and random(line_end) or random(#s + 1)
+-- Changes s once: a byte, a token of `tokens` inserted, a range deleted or repeated; with
+-- first_line, half of the time in the first line (a request line, which the Lua side decodes).
+local function mutate(s, tokens, first_line)
+    local line_end = first_line and s:find("\r\n", 1, true) or #s
+    local pos = first_line and random(2) == 1 and random(line_end) or random(#s + 1)
     local op = random(4)
     if op == 1 then
         return s:sub(1, pos - 1) .. string.char(random(0, 255)) .. s:sub(pos + 1)
@@ -49,6 +49,29 @@ local function mutate(s)
     end
     local k = random(16)
     return s:sub(1, pos + k - 1) .. s:sub(pos, pos + k - 1) .. s:sub(pos + k)
+end
+
+-- N inputs from the PRNG seeded with `seed`: each a seed changed 1 to 3 times.
+local function make_inputs(seed, from, tokens, first_line)
+    math.randomseed(seed)
+    local inputs = {}
+    for i = 1, N do
+        local s = from[random(#from)]
+        for _ = 1, random(3) do s = mutate(s, tokens, first_line) end
+        inputs[i] = s
+    end
+    return inputs
+end
+
+-- Runs fn(i) for every input, 16 at a time.
+local function run_all(fn)
+    for first = 1, N, 16 do
+        local batch = {}
+        for i = first, math.min(first + 15, N) do
+            batch[#batch + 1] = function() return fn(i) end
+        end
+        moonlet.gather(batch)
+    end
 end
 
 local function make_app()
@@ -82,35 +105,23 @@ describe("requests changed at random", function()
     lazy_teardown(function() core.set_log("info") end)
 
     it("get moonlet's own answers, never a 500 nor a hang, and the app serves on", function()
-        math.randomseed(SEED)
         local server, port = test.serve(make_app(), { header_timeout = 0.3, body_timeout = 0.3,
                                                          keepalive_timeout = 0.3 })
-        local inputs = {}
-        for i = 1, N do
-            local s = seeds[random(#seeds)]
-            for _ = 1, random(3) do s = mutate(s) end
-            inputs[i] = s
-        end
+        local inputs = make_inputs(SEED, request_seeds, request_tokens, true)
         local failures = {}
-        for first = 1, N, 16 do
-            local batch = {}
-            for i = first, math.min(first + 15, N) do
-                batch[#batch + 1] = function()
-                    local data, err, partial = test.raw(port, inputs[i], 3)
-                    data = data or partial or ""
-                    if err then
-                        failures[#failures + 1] = ("%q: %s after %q"):format(inputs[i], err, data)
-                    elseif data:find("^HTTP/1%.1 500") or data:find("\r\n\r\nHTTP/1%.1 500")
-                        or data:find("500 Internal Server Error", 1, true) then
-                        failures[#failures + 1] = ("%q: got %q"):format(inputs[i], data)
-                    elseif data == "" and inputs[i]:find("[^\r\n]") then -- only a request never
-                        -- begun (nothing but line ends) may be closed without an answer
-                        failures[#failures + 1] = ("%q: closed without an answer"):format(inputs[i])
-                    end
-                end
+        run_all(function(i)
+            local data, err, partial = test.raw(port, inputs[i], 3)
+            data = data or partial or ""
+            if err then
+                failures[#failures + 1] = ("%q: %s after %q"):format(inputs[i], err, data)
+            elseif data:find("^HTTP/1%.1 500") or data:find("\r\n\r\nHTTP/1%.1 500")
+                or data:find("500 Internal Server Error", 1, true) then
+                failures[#failures + 1] = ("%q: got %q"):format(inputs[i], data)
+            elseif data == "" and inputs[i]:find("[^\r\n]") then -- only a request never begun
+                -- (nothing but line ends) may be closed without an answer
+                failures[#failures + 1] = ("%q: closed without an answer"):format(inputs[i])
             end
-            moonlet.gather(batch)
-        end
+        end)
         assert.same({}, failures)
         assert.same("ok", test.request(port, "GET", "/").body)
         assert.truthy(test.wait_until(function() return server:connections() == 0 end, 3))
@@ -140,29 +151,9 @@ local response_tokens = { "\r\n", "\n", "\r", ":", " ", "\t", "0", "-1", "ffffff
     "Content-Length: ", "Transfer-Encoding: chunked\r\n", "Connection: close\r\n", "HTTP/1.1 ",
     "Location: ", "//", "\0", "\255", ";", "gzip", "deflate", "Content-Encoding: gzip\r\n" }
 
-local function mutate_response(s)
-    local pos = random(#s + 1)
-    local op = random(4)
-    if op == 1 then
-        return s:sub(1, pos - 1) .. string.char(random(0, 255)) .. s:sub(pos + 1)
-    elseif op == 2 then
-        return s:sub(1, pos - 1) .. response_tokens[random(#response_tokens)] .. s:sub(pos)
-    elseif op == 3 then
-        return s:sub(1, pos - 1) .. s:sub(pos + random(8))
-    end
-    local k = random(16)
-    return s:sub(1, pos + k - 1) .. s:sub(pos, pos + k - 1) .. s:sub(pos + k)
-end
-
 describe("responses changed at random", function()
     it("give moonlet.http a response or nil, err: never a raise, a hang or a leak", function()
-        math.randomseed(SEED + 1)
-        local inputs = {}
-        for i = 1, N do
-            local s = response_seeds[random(#response_seeds)]
-            for _ = 1, random(3) do s = mutate_response(s) end
-            inputs[i] = s
-        end
+        local inputs = make_inputs(SEED + 1, response_seeds, response_tokens)
         local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0 }, function(sock)
             sock:settimeout(2000)
             local case
@@ -190,13 +181,7 @@ describe("responses changed at random", function()
                     or type(res.body) ~= "string")) and "a response without status or body"
             if bad then failures[#failures + 1] = ("%q: %s"):format(inputs[i], bad) end
         end
-        for first = 1, N, 16 do
-            local batch = {}
-            for i = first, math.min(first + 15, N) do
-                batch[#batch + 1] = function() return fetch(i) end
-            end
-            moonlet.gather(batch)
-        end
+        run_all(fetch)
         assert.same({}, failures)
         moonlet.http.close_idle()
         server:close()
@@ -216,23 +201,7 @@ local redis_tokens = { "\r\n", "\n", "$", "*", ":", "+", "-", "-1", "0", "9", "9
 
 describe("redis replies changed at random", function()
     it("give a call a value or nil, err: never a raise or a wait for its timeout", function()
-        math.randomseed(SEED + 2)
-        local inputs = {}
-        for i = 1, N do
-            local s = redis_seeds[random(#redis_seeds)]
-            for _ = 1, random(3) do
-                local pos, tok = random(#s + 1), redis_tokens[random(#redis_tokens)]
-                local op = random(3)
-                if op == 1 then
-                    s = s:sub(1, pos - 1) .. tok .. s:sub(pos)
-                elseif op == 2 then
-                    s = s:sub(1, pos - 1) .. s:sub(pos + random(4))
-                else
-                    s = s:sub(1, pos - 1) .. string.char(random(0, 255)) .. s:sub(pos + 1)
-                end
-            end
-            inputs[i] = s
-        end
+        local inputs = make_inputs(SEED + 2, redis_seeds, redis_tokens)
         local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0 }, function(sock)
             sock:settimeout(2000)
             local n = tonumber((sock:receive("*l") or ""):match("^%*(%d+)$")) or 0
@@ -261,13 +230,7 @@ describe("redis replies changed at random", function()
             if bad then failures[#failures + 1] = ("%q: %s"):format(inputs[i], bad) end
             r:close()
         end
-        for first = 1, N, 16 do
-            local batch = {}
-            for i = first, math.min(first + 15, N) do
-                batch[#batch + 1] = function() return call(i) end
-            end
-            moonlet.gather(batch)
-        end
+        run_all(call)
         server:close()
         assert.same({}, failures)
     end)

@@ -317,19 +317,8 @@ describe("moonlet.http server closing", function()
                 return "never sent"
             end)
         end)
-        local p = assert(moonlet.process.spawn({ "/usr/bin/python3", "-c", ([[
-import socket, sys
-s = socket.create_connection(("127.0.0.1", %d))
-s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
-s.shutdown(socket.SHUT_WR)
-data = b""
-while True:
-    d = s.recv(65536)
-    if not d:
-        break
-    data += d
-sys.stdout.write(data.decode())
-]]):format(port) }))
+        local p = test.half_closing_client(port,
+            "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
         assert.same(0, p:wait(5))
         local out = p:read("*a")
         p:close()

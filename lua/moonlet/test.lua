@@ -196,6 +196,28 @@ function _M.binary()
     return os.getenv("MOONLET_BIN") or "build/moonlet"
 end
 
+-- syntax: p = test.half_closing_client(port, bytes, wait) -- a client process (Debian's python3)
+-- that connects, sends bytes, shuts its sending side (FIN) -- after a byte on its stdin when wait
+-- is true (p:write("x")) -- and reads until the server closes; p:read("*a") is what it read.
+function _M.half_closing_client(port, bytes, wait)
+    local hex = bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end)
+    return assert(require("moonlet.process").spawn({ "/usr/bin/python3", "-c", ([[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", %d))
+s.sendall(bytes.fromhex("%s"))
+if %s:
+    sys.stdin.read(1)
+s.shutdown(socket.SHUT_WR)
+data = b""
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    data += d
+sys.stdout.write(data.decode("latin-1"))
+]]):format(port, hex, wait and "True" or "False") }))
+end
+
 local proc_mt = { __index = {} }
 
 -- syntax: p = test.start_process(args_string) -- runs `moonlet args` in the background; p.log is

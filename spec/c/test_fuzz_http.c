@@ -37,6 +37,8 @@
 #define MAX_REQ 256  /* requests per input: more than FUZZ_MAX_INPUT bytes can hold */
 #define MAX_TEXT 8192
 
+#include "loop_wait.h"
+
 typedef struct {
   char method[24], target[256];
   size_t method_len, target_len;
@@ -45,9 +47,6 @@ typedef struct {
   int complete, keep_alive, head;
 } req_t;
 
-static uv_loop_t loop;
-static uv_timer_t deadline;
-static int deadline_hit;
 static ml_server_t *srv;
 static int port;
 
@@ -285,20 +284,6 @@ static void client_shut(uv_shutdown_t *req, int status) {
 }
 
 /* -- Waiting --------------------------------------------------------------------------------- */
-
-static void deadline_cb(uv_timer_t *t) {
-  (void)t;
-  deadline_hit = 1;
-}
-
-static int run_until(int (*cond)(void *), void *arg) {
-  deadline_hit = 0;
-  uv_timer_start(&deadline, deadline_cb, WAIT_MS, 0);
-  while (!cond(arg) && !deadline_hit)
-    uv_run(&loop, UV_RUN_ONCE);
-  uv_timer_stop(&deadline);
-  return cond(arg);
-}
 
 static int cond_connected(void *a) { return ((client_t *)a)->connected != 0; }
 

@@ -31,27 +31,7 @@
 #define BIG_PIECE (64u << 10)
 #define BIG_PUSHBACKS 3 /* and until the socket pushed back this many times */
 
-static uv_loop_t loop;
-static uv_timer_t deadline; /* the timeout of the wait in progress */
-static int deadline_hit;
-
-/* -- Waiting ---------------------------------------------------------------------------------- */
-
-static void deadline_cb(uv_timer_t *t) {
-  (void)t;
-  deadline_hit = 1;
-}
-
-/* Runs the loop until cond(arg) holds or WAIT_MS pass. Returns 1 when cond held. The deadline
- * timer keeps the loop alive, so UV_RUN_ONCE never blocks past it. */
-static int run_until(int (*cond)(void *), void *arg) {
-  deadline_hit = 0;
-  uv_timer_start(&deadline, deadline_cb, WAIT_MS, 0);
-  while (!cond(arg) && !deadline_hit)
-    uv_run(&loop, UV_RUN_ONCE);
-  uv_timer_stop(&deadline);
-  return cond(arg);
-}
+#include "loop_wait.h"
 
 typedef struct {
   const int *var;
@@ -87,8 +67,8 @@ typedef struct srv_ctx_s {
   uv_timer_t slow_timer; /* answers /slow 100 ms later */
   ml_conn_t *slow_conn;
   int slow_closed;
-  size_t slow_queued;    /* /slow: ml_conn_write_queue right after its response */
-  size_t feed_queued;    /* the default route: the same, answered inside the read */
+  size_t slow_queued; /* /slow: ml_conn_write_queue right after its response */
+  size_t feed_queued; /* the default route: the same, answered inside the read */
 } srv_ctx_t;
 
 typedef struct conn_st_s {
