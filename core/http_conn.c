@@ -498,10 +498,12 @@ void ml__conn_on_eof(ml_conn_t *c) {
   c->reading = 0;
   if (c->stash_len > c->stash_off) return; /* pipelined requests first: run_stash comes back here */
   if (c->req_active) {
-    if (c->state != ML_CONN_DONE_READ && !c->resp_started) { /* a body never complete: 400 */
-      ml__conn_error(c, 400, "client closed mid-request");
-    } else if (c->state != ML_CONN_DONE_READ) { /* answering already: it may finish, then close */
-      c->body_error = 1;
+    if (c->state != ML_CONN_DONE_READ) { /* the body will never be complete */
+      if (!c->resp_started) {
+        ml__conn_error(c, 400, "client closed mid-request"); /* as nginx */
+        return;
+      }
+      c->body_error = 1; /* answering already: the handler may finish, then the close */
       c->body_event = 1;
       c->close_after = 1;
       deliver_body(c);

@@ -307,6 +307,26 @@ describe("moonlet.http server closing", function()
         server:close()
     end)
 
+    it("lets a handler that answers already finish when the client shuts its side mid-body", function()
+        local server, port = serve(function(app)
+            app:post("/duplex", function(req, res)
+                res:write("started;")
+                local body, err = req:body()
+                moonlet.sleep(0.05) -- still answering after the FIN: the connection waits for it
+                res:write("body: " .. tostring(body) .. ", " .. tostring(err))
+            end)
+        end)
+        local p = test.half_closing_client(port,
+            "POST /duplex HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        assert.same(0, p:wait(5))
+        local out = p:read("*a")
+        p:close()
+        assert.truthy(out:find("^HTTP/1.1 200 OK\r\n"), out)
+        assert.truthy(out:find("started;", 1, true), out)
+        assert.truthy(out:find("body: nil, closed", 1, true), out)
+        server:close()
+    end)
+
     it("answers 400 to a client that shuts its side in the middle of a body", function()
         local seen = moonlet.event()
         local got

@@ -15,8 +15,7 @@ local tcp = require "moonlet.tcp"
 
 local park, spawn = task.park, core.spawn
 local running, unpark, now = core.running, core.unpark, core.now
-local byte, sub, str_find, concat, floor = string.byte, string.sub, string.find, table.concat,
-    math.floor
+local byte, sub, str_find, concat = string.byte, string.sub, string.find, table.concat
 local error, pcall, select, setmetatable, tonumber, tostring, type = error, pcall, select,
     setmetatable, tonumber, tostring, type
 local remove, unpack = table.remove, unpack
@@ -60,13 +59,14 @@ local function encode(parts, n, ...)
 end
 
 -- What a reply may announce (Redis's own limits: proto-max-bulk-len 512 MB; arrays of at most
--- 2^32 - 1 elements, nested far less deep than this): beyond, or not a whole number, the stream is
+-- 2^32 - 1 elements, nested far less deep than this): beyond, or not a plain integer, the stream is
 -- not RESP and the connection is dropped with "protocol error" rather than trusted.
 local MAX_BULK, MAX_ARRAY, MAX_DEPTH = 512 * 1024 * 1024, 4294967295, 64
 
 local function length(rest, max)
+    if not str_find(rest, "^%-?%d+$") then return nil end
     local n = tonumber(rest)
-    if not n or n ~= floor(n) or n > max or not str_find(rest, "^%-?%d+$") then return nil end
+    if n > max then return nil end
     return n
 end
 

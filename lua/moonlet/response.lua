@@ -83,10 +83,10 @@ function methods:started()
 end
 
 -- A file response a handler chose (res._file, set by lua/moonlet/static.lua) is started here, after
--- every middleware has returned, so that the headers they set after next() go out with it: the
--- bytes go from the file to the socket in C (x:send_file), never through Lua.
--- The file's own headers (validators, Content-Range) go out only with the file, under those the
--- middleware set: a body a middleware puts in its place must not carry the file's ETag.
+-- every middleware has returned, so that the headers they set after next() go out with it; the
+-- bytes go from the file to the socket in C (x:send_file), never through Lua. The file's own
+-- headers (validators, Content-Range) join res's here, under those the middleware set, and only
+-- here: a body a middleware puts in the file's place must not carry the file's ETag.
 local function send_file(res, f)
     res._file = false
     for k, v in pairs(f.headers) do

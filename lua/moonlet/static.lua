@@ -91,7 +91,7 @@ function _M.handler(dir, opts, base)
 
         local etag = fmt('"%x-%x"', st.mtime, st.size)
         local last_modified = http_date(st.mtime)
-        -- the file's headers: on res for a 304, else sent with the file only (response.send_file)
+        -- the file's headers: on res for a 304 or 416, else sent with the file only (send_file)
         local headers = { ETag = etag, ["Last-Modified"] = last_modified, ["Accept-Ranges"] = "bytes",
                           ["Cache-Control"] = cache_control }
         local inm = req:header("if-none-match")
@@ -107,6 +107,7 @@ function _M.handler(dir, opts, base)
         if range and (not req:header("if-range") or req:header("if-range") == etag) then
             local o, l = parse_range(range, size)
             if o == false then
+                for k, v in pairs(headers) do res:header(k, v) end
                 res:header("Content-Range", "bytes */" .. size)
                 return 416, ""
             elseif o then
