@@ -262,6 +262,7 @@ static void request_reset(ml_conn_t *c) {
   c->body = NULL;
   c->body_len = c->body_cap = 0;
   c->cur = NULL;
+  c->req.is_head = 0; /* an error answered before the next request begins has a body */
   c->resp_started = c->resp_done = c->resp_chunked = c->resp_no_body = 0;
   c->continue_sent = c->body_error = c->body_event = c->want_writable = 0;
   c->stream_left = -1;
@@ -319,6 +320,7 @@ static void dispatch(ml_conn_t *c) {
     ml__conn_error(c, 413, "request body too large");
     return;
   }
+  if (c->parser.method == HTTP_CONNECT) c->close_after = 1; /* what follows is a tunnel's */
   c->req_active = 1;
   c->srv->cb.on_request(c, c->srv->ud);
 }
@@ -411,19 +413,18 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
       c->feed_rest = len; /* input behind this request: keep_alive must not take EOF for the end */
       int event = c->pause;
       c->pause = PAUSE_NONE;
-      if (err == HPE_PAUSED_UPGRADE && !c->req_active && !c->raw_cb) {
-        /* The handler answered already and did not take the upgrade (for a request without a
-         * body llhttp reports the upgrade only now, when it parses on). RFC 9110 7.8: the
-         * connection goes on as HTTP/1.1; after CONNECT the bytes are a tunnel's: close. Left
-         * upgraded, it would never be read nor timed out again. */
+      if (err == HPE_PAUSED_UPGRADE) {
+        /* llhttp reports an Upgrade (or CONNECT) when it parses on past the request, which it
+         * does only once the handler has finished (the loop above stashes input while a request
+         * is active) and not taken the upgrade (ml_conn_upgrade stops this loop first). RFC 9110
+         * 7.8: the connection goes on as HTTP/1.1. After CONNECT the bytes are a tunnel's: close
+         * (its response said so: dispatch set close_after). */
         if (c->parser.method == HTTP_CONNECT) {
           c->upgraded = 1;
           ml_conn_close(c, 1);
         } else {
           llhttp_resume_after_upgrade(&c->parser);
         }
-      } else if (err == HPE_PAUSED_UPGRADE) {
-        c->upgraded = 1; /* the handler runs: it may take it; if not, ml_conn_finish closes */
       } else {
         llhttp_resume(&c->parser);
       }
@@ -636,8 +637,6 @@ void ml_conn_finish(ml_conn_t *c) {
   /* the client may still send the body we did not ask for */
   if (c->req.expect_continue && !c->continue_sent && c->state == ML_CONN_BODY && c->req.has_body)
     c->close_after = 1;
-  /* an upgrade nobody took over (no 101 was sent): the connection cannot go on as HTTP */
-  if (c->upgraded) c->close_after = 1;
   if (c->close_after) {
     ml_conn_close(c, 1);
     return;

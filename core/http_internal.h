@@ -83,7 +83,7 @@ struct ml_conn_s {
   unsigned read_eof : 1;      /* the client shut its side */
   unsigned in_feed : 1;       /* conn_feed is on the stack */
   unsigned on_ready : 1;      /* in the server's ready list */
-  unsigned upgraded : 1;      /* an Upgrade request was parsed; no more HTTP on this conn */
+  unsigned upgraded : 1;      /* taken over (ml_conn_upgrade) or after CONNECT: no more HTTP */
   unsigned closing : 1;       /* ml_conn_close was called */
   unsigned lingering : 1;     /* graceful close: shut down, discarding input until EOF */
   unsigned counted : 1;       /* counted in srv->nconns */

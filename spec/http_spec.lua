@@ -304,6 +304,8 @@ describe("moonlet.http server closing", function()
             .. "\r\n\22\3\1 tls bytes", 3)
         assert.is_nil(err)
         assert.truthy(data:find("^HTTP/1.1 405 Method Not Allowed\r\n"), data)
+        assert.truthy(data:find("\r\nConnection: close\r\n", 1, true), data)
+        assert.truthy(data:find("\r\n\r\n405 Method Not Allowed\n$"), data) -- and nothing after
         server:close()
     end)
 

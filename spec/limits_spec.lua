@@ -75,6 +75,16 @@ describe("moonlet.http limits", function()
         refused("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400)
     end)
 
+    it("answers a bare LF after a HEAD request with a whole 400, body included", function()
+        local sock = test.connect(port)
+        assert(sock:send("HEAD / HTTP/1.1\r\nHost: a\r\n\r\n"))
+        assert.same(200, assert(test.read_response(sock, "HEAD")).status)
+        assert(sock:send("\n"))
+        local r = assert(test.read_response(sock, "GET"))
+        assert.same({ 400, "400 Bad Request\n" }, { r.status, r.body })
+        sock:close()
+    end)
+
     it("answers 501 to a transfer coding it does not decode before chunked, as nginx", function()
         refused("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
             .. "0\r\n\r\n", 501)

@@ -151,6 +151,25 @@ describe("moonlet.static", function()
             assert.same({ 304, "set after next()" }, { r.status, r.headers["x-after"] })
         end)
 
+        it("keeps the headers a middleware set before next() over the file's, on 200 and 304 alike",
+            function()
+                local app, started = moonlet.app(), {}
+                app:use(function(_, res, next)
+                    res:header("cache-control", "no-store")
+                    local r = next()
+                    started[#started + 1] = res:started() -- a chosen file counts as started
+                    return r
+                end)
+                app:static("/assets", root, { max_age = 3600 })
+                local server, port = test.serve(app)
+                defer(function() server:close() end)
+                local r = get(port, "/assets/hello.txt")
+                assert.same({ 200, "no-store" }, { r.status, r.headers["cache-control"] })
+                r = get(port, "/assets/hello.txt", { ["If-None-Match"] = r.headers["etag"] })
+                assert.same({ 304, "no-store" }, { r.status, r.headers["cache-control"] })
+                assert.same({ true, false }, started)
+            end)
+
         it("sends what a middleware returns or streams in place of the file, without its validators",
             function()
                 local port = serve_wrapped(true)

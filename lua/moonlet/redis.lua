@@ -58,13 +58,15 @@ local function encode(parts, n, ...)
     return parts
 end
 
--- What a reply may announce (Redis's own limits: proto-max-bulk-len 512 MB; arrays of at most
--- 2^32 - 1 elements, nested far less deep than this): beyond, or not a plain integer, the stream is
--- not RESP and the connection is dropped with "protocol error" rather than trusted.
+-- What a reply may announce: Redis's own limits (proto-max-bulk-len 512 MB, arrays of at most
+-- 2^32 - 1 elements) and ours (arrays nested at most 64 deep: read_reply recurses). Beyond them,
+-- or a length that is no plain integer (-1 alone for nil), the stream is not RESP and the
+-- connection is dropped with "protocol error" rather than trusted.
 local MAX_BULK, MAX_ARRAY, MAX_DEPTH = 512 * 1024 * 1024, 4294967295, 64
 
 local function length(rest, max)
-    if not str_find(rest, "^%-?%d+$") then return nil end
+    if rest == "-1" then return -1 end
+    if not str_find(rest, "^%d+$") then return nil end
     local n = tonumber(rest)
     if n > max then return nil end
     return n

@@ -5,7 +5,8 @@
 local json = require "moonlet.json"
 local check = require("moonlet.task").check
 
-local type, setmetatable, tostring = type, setmetatable, tostring
+local type, setmetatable, tostring, pairs = type, setmetatable, tostring, pairs
+local str_lower = string.lower
 local has_new_tab, new_tab = pcall(require, "table.new") -- LuaJIT: a table made at its size
 if not has_new_tab then new_tab = function() return {} end end
 
@@ -77,9 +78,25 @@ function methods:redirect(location, status)
     return self
 end
 
--- syntax: started = res:started()
+-- syntax: started = res:started() -- true once the response is on its way, or a file was chosen
+-- (static files: sent after the middleware has returned)
 function methods:started()
-    return self._streaming or self._x:started()
+    return self._streaming or (self._file and true) or self._x:started()
+end
+
+-- syntax: response.add_missing_headers(res, headers) -- sets each of headers that res has under no
+-- spelling of its name yet (static files: the file's validators never override a middleware's)
+function _M.add_missing_headers(res, headers)
+    local h = res._headers
+    for k, v in pairs(headers) do
+        local lk, found = str_lower(k), false
+        if h then
+            for name in pairs(h) do
+                if str_lower(name) == lk then found = true; break end
+            end
+        end
+        if not found then res:header(k, v) end
+    end
 end
 
 -- A file response a handler chose (res._file, set by lua/moonlet/static.lua) is started here, after
@@ -89,10 +106,7 @@ end
 -- here: a body a middleware puts in the file's place must not carry the file's ETag.
 local function send_file(res, f)
     res._file = false
-    for k, v in pairs(f.headers) do
-        local h = res._headers
-        if not (h and h[k] ~= nil) then res:header(k, v) end
-    end
+    _M.add_missing_headers(res, f.headers)
     local x = res._x
     local ok, err = x:start(f.status, f.ctype, res._headers, f.length)
     if not ok then return nil, err end

@@ -6,6 +6,7 @@
 -- sends it after the middleware has returned, from the file to the socket in C.
 local core = require "moonlet.core"
 local mime = require "moonlet.mime"
+local add_missing_headers = require("moonlet.response").add_missing_headers
 
 local str_find, str_sub, fmt = string.find, string.sub, string.format
 local os_date, floor, tonumber = os.date, math.floor, tonumber
@@ -97,7 +98,7 @@ function _M.handler(dir, opts, base)
         local inm = req:header("if-none-match")
         if (inm and (inm == "*" or str_find(inm, etag, 1, true)))
            or (not inm and req:header("if-modified-since") == last_modified) then
-            for k, v in pairs(headers) do res:header(k, v) end
+            add_missing_headers(res, headers)
             return 304
         end
 
@@ -107,7 +108,7 @@ function _M.handler(dir, opts, base)
         if range and (not req:header("if-range") or req:header("if-range") == etag) then
             local o, l = parse_range(range, size)
             if o == false then
-                for k, v in pairs(headers) do res:header(k, v) end
+                add_missing_headers(res, headers)
                 res:header("Content-Range", "bytes */" .. size)
                 return 416, ""
             elseif o then

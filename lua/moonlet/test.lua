@@ -214,7 +214,7 @@ while True:
     if not d:
         break
     data += d
-sys.stdout.write(data.decode("latin-1"))
+sys.stdout.buffer.write(data)
 ]]):format(port, hex, wait and "True" or "False") }))
 end
 
