@@ -166,6 +166,19 @@ function tcp_methods:send(data)
     return bytes
 end
 
+-- A read that timed out: as OpenResty, hand over (and consume) what arrived of it as the partial
+-- data; moonlet's own sockets keep it buffered for the next read instead. What is buffered is
+-- taken with a read timeout of 0 (at once), then the socket's timeouts are set back.
+local PARTIAL_MAX = 1e9
+
+local function read_failed(self, s, err, partial)
+    if err ~= "timeout" then return fail(self, err, partial or "") end
+    s:settimeouts(secs(self._ct), secs(self._st), 0)
+    local got = s:receive_any(PARTIAL_MAX)
+    apply_timeouts(self)
+    return nil, "timeout", got or ""
+end
+
 -- syntax: data, err, partial = sock:receive(size | "*l" | "*a")
 function tcp_methods:receive(pattern)
     local s = rawget(self, "_sock")
@@ -173,7 +186,7 @@ function tcp_methods:receive(pattern)
     if type(pattern) == "string" and find(pattern, "^%d+$") then pattern = tonumber(pattern) end
     local data, err, partial = s:receive(pattern)
     if data then return data end
-    return fail(self, err, partial or "")
+    return read_failed(self, s, err, partial)
 end
 
 -- syntax: data, err = sock:receiveany(max)
@@ -205,7 +218,7 @@ function tcp_methods:receiveuntil(pattern, opts)
             if inclusive then data = data .. pattern end
             return data
         end
-        return fail(self, err, partial or "")
+        return read_failed(self, s, err, partial)
     end
 end
 
