@@ -167,6 +167,14 @@ end
 -- child outlives the call that started it. Children hold their coroutine only while they run:
 -- an ended task's coroutine is reused, so each child forgets itself as it ends.
 
+-- Starts fn as child k of state s (a gather's or an any's), run by run(s, k, fn): counted in
+-- s.left, its coroutine kept in s.cos[k] while it runs (core_spawn returns none when it ended
+-- at once).
+local function start_child(s, run, k, fn)
+    s.left = s.left + 1
+    local co = core_spawn(run, s, k, fn)
+    if co then s.cos[k] = co end
+end
 
 -- Runs function k of a gather in its own task and records how it ended in g; the last one to end
 -- wakes the gatherer when it is parked.
@@ -240,9 +248,7 @@ end
 
 local function spawn_from(g, fns, i, narr)
     if i > narr then return end
-    g.left = g.left + 1
-    local co = core_spawn(gather_one, g, i, fns[i])
-    if co then g.cos[i] = co end
+    start_child(g, gather_one, i, fns[i])
     return spawn_from(g, fns, i + 1, narr)
 end
 
@@ -268,11 +274,7 @@ function _M.gather(fns)
         narr = #fns == n and n or 0
         g = { results = new_tab(narr, n - narr), errors = {}, cos = new_tab(narr, n - narr),
               left = 1, co = false }
-        for k, fn in pairs(fns) do
-            g.left = g.left + 1
-            local co = core_spawn(gather_one, g, k, fn)
-            if co then g.cos[k] = co end
-        end
+        for k, fn in pairs(fns) do start_child(g, gather_one, k, fn) end
     end
     g.left = g.left - 1 -- the spawning is over: from here the last function to end wakes us
     if g.left > 0 then
@@ -313,10 +315,6 @@ function _M.timeout(secs, fn, ...)
     return unpack(r, 3, r.n)
 end
 
--- syntax: ... = moonlet.any({ f1, f2, ... }) -- runs them at once; the first to return wins: its
--- results are returned (with its key last) and the others are cancelled. A function that raises
--- does not win (its error is logged); when every one has raised, any raises the last error.
--- Cancelling the caller cancels them all.
 -- The task of function k of an any (state a); the first to return wins and wakes the caller.
 local function any_one(a, k, fn)
     local ok, r = xpcall(call_packed, task_traceback, fn)
@@ -355,12 +353,14 @@ local function any_from(a, fns, i, narr)
     if i > narr or a.winner then return end
     local fn = fns[i]
     if type(fn) ~= "function" then any_not_function(a, i, 3) end
-    a.left = a.left + 1
-    local child = core_spawn(any_one, a, i, fn)
-    if child then a.cos[i] = child end
+    start_child(a, any_one, i, fn)
     return any_from(a, fns, i + 1, narr)
 end
 
+-- syntax: ... = moonlet.any({ f1, f2, ... }) -- runs them at once; the first to return wins: its
+-- results are returned (with its key last) and the others are cancelled. A function that raises
+-- does not win (its error is logged); when every one has raised, any raises the last error.
+-- Cancelling the caller cancels them all.
 function _M.any(fns)
     local co = core.running()
     if not co then error("moonlet: any outside a moonlet task", 2) end
@@ -373,9 +373,7 @@ function _M.any(fns)
     else
         for k, fn in pairs(fns) do
             if type(fn) ~= "function" then any_not_function(a, k, 2) end
-            a.left = a.left + 1
-            local child = core_spawn(any_one, a, k, fn)
-            if child then a.cos[k] = child end
+            start_child(a, any_one, k, fn)
             if a.winner then break end
         end
     end
