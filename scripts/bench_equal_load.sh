@@ -8,7 +8,10 @@
 # PACE ms after a response (bench/wrk_paced.lua), and we compare
 #   hello:  the latency (p50/p90/p99) of examples/bench_hello.lua;
 #   fanout: the server's CPU time per fan-out of examples/fanout.lua, upstream at 0 ms (the HTTP
-#           client's own cost, read from /proc/PID/stat around the wrk run), and CPU 1's load.
+#           client's own cost, read from /proc/PID/stat around the wrk run), and CPU 1's load:
+#           its busy time per fan-out (/proc/stat), of which the upstream's worker (/proc/PID/stat)
+#           and wrk (the rest). 1 s / that time is the most fan-outs per second CPU 1 can carry,
+#           whatever the server: the ceiling of peers.sh's fanout0ms, printed beside 1.2x nginx+lua.
 # Server on CPU 0, wrk (and the upstream) on CPU 1, the two servers alternating round by round;
 # medians of the rounds. Writes bench/results/equal-load.md.
 #
@@ -106,6 +109,8 @@ start_server() {
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }     # utime + stime, clock ticks
 cpu1_ticks() { awk '/^cpu1 / {print $2 + $3 + $4 + $7 + $8, $5 + $6}' /proc/stat; } # busy idle
+UPW=""   # the upstream's worker (fanout only): its CPU time is read around each run
+up_ticks() { if [ -n "$UPW" ]; then cpu_ticks "$UPW"; else echo 0; fi; }
 
 # run_wrk PEER APP CONNS PACE ROUND: one measured run; wrk output in $RUN, CPU figures beside it
 run_wrk() {
@@ -113,6 +118,7 @@ run_wrk() {
   timeout 60 taskset -c 1 wrk -t1 -c"$3" -d1s "http://127.0.0.1:$PORT$path" > /dev/null 2>&1 || true
   c0=$(cpu_ticks "$WPID")
   s0=$(cpu1_ticks)
+  u0=$(up_ticks)
   if [ "$4" = 0 ]; then # unpaced: each server at its own saturation
     timeout 120 taskset -c 1 wrk -t1 -c"$3" -d"$DURATION" --latency \
       "http://127.0.0.1:$PORT$path" > "$f.txt" 2>&1 || true
@@ -122,7 +128,8 @@ run_wrk() {
   fi
   c1=$(cpu_ticks "$WPID")
   s1=$(cpu1_ticks)
-  echo "$c0 $c1 $(getconf CLK_TCK) $s0 $s1" > "$f.cpu"
+  u1=$(up_ticks)
+  echo "$c0 $c1 $(getconf CLK_TCK) $s0 $s1 $u0 $u1" > "$f.cpu"
 }
 
 # all_rounds APP LOADS: every load, ROUNDS rounds, the two servers alternating
@@ -146,6 +153,7 @@ taskset -c 1 nginx -p "$RUN" -e "$RUN/upstream.error.log" -c "$RUN/upstream.conf
   > "$RUN/upstream.log" 2>&1 &
 UPID=$!
 wait_ok upstream "http://127.0.0.1:$UPORT/a"
+UPW=$(pgrep -P "$UPID" | head -1)
 all_rounds fanout "$FANOUT_LOADS"
 stop_all
 
@@ -176,9 +184,12 @@ def parse(base):
             if "Non-2xx" in line or "Socket errors" in line:
                 d["errors"] = line.strip()
     if os.path.exists(base + ".cpu"):
-        c0, c1, hz, b0, i0, b1, i1 = (float(x) for x in open(base + ".cpu").read().split())
+        c0, c1, hz, b0, i0, b1, i1, u0, u1 = (float(x) for x in open(base + ".cpu").read().split())
         if d.get("n"):
             d["us_per_req"] = (c1 - c0) / hz * 1e6 / d["n"]   # the 1 s warm-up is outside c0..c1
+            d["cpu1_us"] = (b1 - b0) / hz * 1e6 / d["n"]      # CPU 1's busy time per request
+            if u1 > u0:
+                d["up_us"] = (u1 - u0) / hz * 1e6 / d["n"]    # of which the upstream's worker
         if (b1 - b0) + (i1 - i0) > 0:
             d["cpu1"] = 100.0 * (b1 - b0) / ((b1 - b0) + (i1 - i0))
     return d
@@ -226,16 +237,29 @@ for load in loads.split():
     notes.append(f"hello, {conns} conns, {pace} ms pace: moonlet's p99 at or below nginx-lua's in {wins} "
                  f"of {rounds} rounds; median p99 moonlet ÷ nginx-lua = {ratio(m99, n99)}.")
 print("\n## fanout (upstream at 0 ms): server CPU per fan-out\n")
-print("| load | server | req/s | p50 ms | p99 ms | server CPU µs per fan-out | CPU 1 busy % | µs by round |")
-print("|---|---|---|---|---|---|---|---|")
+print("| load | server | req/s | p50 ms | p99 ms | server CPU µs per fan-out | CPU 1 busy % "
+      "| CPU 1 µs per fan-out | of which the upstream | µs by round |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for load in fanout_loads.split():
     conns, pace = load.split(":")
     label = f"{conns} conns, " + (f"{pace} ms pace" if pace != "0" else "unpaced (saturation)")
-    rr = report("fanout", load, label, (("p50", 2), ("p99", 2), ("us_per_req", 1), ("cpu1", 0)), "us_per_req")
+    rr = report("fanout", load, label, (("p50", 2), ("p99", 2), ("us_per_req", 1), ("cpu1", 0),
+                                        ("cpu1_us", 1), ("up_us", 1)), "us_per_req")
     mu, nu = (med(x.get("us_per_req", NAN) for x in rr[p]) for p in ("moonlet", "nginx-lua"))
     mr, nr = (med(x.get("rps", NAN) for x in rr[p]) for p in ("moonlet", "nginx-lua"))
     notes.append(f"fanout, {label}: fan-outs per server CPU-second, moonlet ÷ nginx-lua = {ratio(nu, mu)}; "
                  f"req/s ratio {ratio(mr, nr)}.")
+    if pace == "0":
+        # CPU 1 (wrk + the upstream) carries at most 1 s / (its busy time per fan-out) fan-outs a
+        # second, whichever server asks: the ceiling of the saturated fan-out, in nginx-lua's rounds
+        # and in moonlet's (where the upstream may cost a little more or less per request).
+        cn, cm = (med(x.get("cpu1_us", NAN) for x in rr[p]) for p in ("nginx-lua", "moonlet"))
+        if cn == cn and cm == cm and nr == nr and nr > 0:
+            notes.append(f"fanout, {label}: CPU 1 (wrk + upstream) is busy {cn:.1f} µs per fan-out in "
+                         f"nginx-lua's rounds, {cm:.1f} in moonlet's: it carries at most "
+                         f"{1e6 / cn:.0f} and {1e6 / cm:.0f} fan-outs/s, {1e6 / cn / nr:.2f}× and "
+                         f"{1e6 / cm / nr:.2f}× nginx-lua's {nr:.0f}/s (a 1.2× target needs "
+                         f"{1.2 * nr:.0f}/s).")
 print()
 for n in notes:
     print(f"- {n}")
