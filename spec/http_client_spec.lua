@@ -762,6 +762,182 @@ describe("moonlet.http bodies", function()
     end)
 end)
 
+describe("moonlet.http request bodies: json, form and functions", function()
+    local json = require "moonlet.json"
+
+    -- an upstream that tells what it got: method, Content-Type, framing and the body
+    local function echo_server()
+        return serve(function(app)
+            app:any("/echo", function(req)
+                return { method = req.method, ctype = req.headers["content-type"] or "",
+                         te = req.headers["transfer-encoding"] or "",
+                         length = req.headers["content-length"] or "", body = req:body() }
+            end)
+            app:post("/to-get", function(_, res) return res:redirect("/echo", 303) end)
+            app:put("/keep", function(_, res) return res:redirect("/echo", 307) end)
+        end)
+    end
+
+    it("sends json = value as JSON and form = table as a form, and res:json() decodes", function()
+        local base = echo_server()
+        local res = assert(http.post(base .. "/echo", nil, { json = { a = 1, list = { 1, 2 } } }))
+        local got = assert(res:json())
+        assert.same("POST", got.method)
+        assert.same("application/json", got.ctype)
+        assert.same({ a = 1, list = { 1, 2 } }, json.decode(got.body))
+        local headers = { ["content-type"] = "application/vnd.moonlet+json" }
+        got = assert(assert(http.request({ method = "PUT", url = base .. "/echo", json = { 1 },
+                                          headers = headers })):json())
+        assert.same("application/vnd.moonlet+json", got.ctype) -- the caller's own type stays
+        assert.same({ ["content-type"] = "application/vnd.moonlet+json" }, headers) -- not changed
+        got = assert(assert(http.post(base .. "/echo", nil,
+            { form = { q = "a b&c", tag = { "x", "y" } } })):json())
+        assert.same("application/x-www-form-urlencoded", got.ctype)
+        assert.same("q=a%20b%26c&tag=x&tag=y", got.body)
+        -- a streamed response is read first
+        res = assert(http.post(base .. "/echo", nil, { json = json.null, stream = true }))
+        got = assert(res:json())
+        assert.same("null", got.body)
+        assert.equal(json.null, json.decode(got.body))
+    end)
+
+    it("res:json() on a body that is not JSON: nil, err", function()
+        local base = serve(function(app) app:get("/text", function() return "not { json" end) end)
+        local res = assert(http.get(base .. "/text"))
+        local v, err = res:json()
+        assert.is_nil(v)
+        assert.matches("^invalid JSON", err)
+        assert.same("not { json", res.body) -- the body is still there
+    end)
+
+    it("raises on body with json or form, both, or what cannot be sent", function()
+        local u = "http://127.0.0.1:1/"
+        assert.has_error(function() http.post(u, "x", { json = {} }) end,
+                         "moonlet.http: give one of body, json and form")
+        assert.has_error(function() http.request({ url = u, json = {}, form = {} }) end)
+        assert.has_error(function() http.request({ url = u, form = "a=b" }) end,
+                         "moonlet.http: form must be a table")
+        assert.has_error(function() http.request({ url = u, json = { f = print } }) end)
+        assert.has_error(function() http.post(u, 42) end)
+    end)
+
+    it("streams a body made by a function with chunked framing; the function may wait", function()
+        local base = echo_server()
+        local pieces, i = { "moon", "", "let ", string.rep("x", 100000), "!" }, 0
+        local res = assert(http.post(base .. "/echo", function()
+            i = i + 1
+            moonlet.sleep(0.005) -- other tasks run meanwhile
+            return pieces[i]
+        end))
+        local got = assert(res:json())
+        assert.same("chunked", got.te)
+        assert.same("", got.length)
+        assert.is_true(got.body == table.concat(pieces))
+        assert.same(#pieces + 1, i) -- asked until it said nil, once
+        -- with a Content-Length of the caller's, the pieces go as they are
+        i = 0
+        pieces = { "ab", "cd" }
+        got = assert(assert(http.request({ method = "PUT", url = base .. "/echo",
+            headers = { ["Content-Length"] = 4 },
+            body = function() i = i + 1; return pieces[i] end })):json())
+        assert.same("", got.te)
+        assert.same("4", got.length)
+        assert.same("abcd", got.body)
+    end)
+
+    it("puts chunked framing on the wire, piece by piece", function()
+        local seen = {}
+        local base = raw_server(function(sock)
+            local line = sock:receive("*l")
+            while line and line ~= "" do
+                seen[#seen + 1] = line
+                line = sock:receive("*l")
+            end
+            local body = {}
+            while true do
+                local size = sock:receive("*l")
+                seen[#seen + 1] = size
+                local n = tonumber(size, 16)
+                if not n or n == 0 then break end
+                body[#body + 1] = sock:receive(n)
+                sock:receive("*l")
+            end
+            assert.same("", sock:receive("*l")) -- the end: no trailer
+            sock:send(response(200, table.concat(body), { Connection = "close" }))
+        end)
+        local i, pieces = 0, { "hello", string.rep("y", 300) }
+        local res = assert(http.post(base .. "/", function() i = i + 1; return pieces[i] end))
+        assert.same("hello" .. pieces[2], res.body)
+        assert.truthy(#seen >= 4)
+        assert.same("POST / HTTP/1.1", seen[1])
+        local te
+        for _, h in ipairs(seen) do
+            if h:lower() == "transfer-encoding: chunked" then te = true end
+            assert.falsy(h:lower():find("^content%-length"))
+        end
+        assert.is_true(te)
+        assert.same({ "5", "12c", "0" }, { seen[#seen - 2], seen[#seen - 1], seen[#seen] })
+    end)
+
+    it("proxies a request body as it streams in: req:chunks() is such a function", function()
+        local up = echo_server()
+        local front = serve(function(app)
+            app:post("/proxy", function(req)
+                local res = assert(http.post(up .. "/echo", req:chunks()))
+                return res.body -- the upstream's JSON as it is
+            end)
+        end)
+        local i, pieces = 0, { "first ", "second ", "third" }
+        local res = assert(http.post(front .. "/proxy", function()
+            i = i + 1
+            moonlet.sleep(0.01)
+            return pieces[i]
+        end))
+        local got = assert(res:json())
+        assert.same("first second third", got.body)
+        assert.same("chunked", got.te)
+    end)
+
+    it("a function that raises, or returns what is not a string, raises; the pool stays sound", function()
+        local base = echo_server()
+        assert.has_error(function()
+            http.post(base .. "/echo", function() error("producer broke", 0) end)
+        end, "producer broke")
+        assert.has_error(function()
+            http.post(base .. "/echo", function() return 42 end)
+        end, "moonlet.http: a body function returns strings, then nil, not a number")
+        local got = assert(assert(http.post(base .. "/echo", "after")):json())
+        assert.same("after", got.body) -- no half-sent request was left on a pooled connection
+        local before = stats_now()
+        assert.has_error(function()
+            http.post(base .. "/echo", function() error("again", 0) end)
+        end, "again")
+        http.close_idle()
+        http.close_idle()
+        assert.same(before.tasks, stats_now().tasks)
+    end)
+
+    it("is not sent twice: a 307 is returned as it is; a 303 turns into a GET without it", function()
+        local base = echo_server()
+        local calls = 0
+        local function once()
+            calls = calls + 1
+            if calls == 1 then return "payload" end
+        end
+        local res = assert(http.request({ method = "PUT", url = base .. "/keep", body = once,
+                                          redirects = true }))
+        assert.same(307, res.status)
+        assert.same(2, calls)
+        calls = 0
+        res = assert(http.request({ method = "POST", url = base .. "/to-get", body = once, redirects = 3 }))
+        assert.same(200, res.status)
+        local got = assert(res:json())
+        assert.same("GET", got.method)
+        assert.same("", got.body)
+        assert.same(2, calls)
+    end)
+end)
+
 describe("moonlet.http concurrency", function()
     it("runs 5 fetches of a 0.3 s upstream together, in well under 1 s", function()
         local base = serve(function(app)

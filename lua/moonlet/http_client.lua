@@ -20,6 +20,8 @@
 -- only when it is read (core.http_headers). A body that is not all there yet is read piece by
 -- piece here.
 local core = require "moonlet.core"
+local json = require "moonlet.json"
+local multipart = require "moonlet.multipart"
 local task = require "moonlet.task"
 local tcp = require "moonlet.tcp"
 
@@ -474,7 +476,8 @@ local function bad_header(s)
     return find(s, "[%z\r\n]") ~= nil
 end
 
--- The request head (and a small body appended) as one string.
+-- The request head (and a small body appended) as one string, and whether a body made by a
+-- function is to be sent with chunked framing (it is unless the headers give a Content-Length).
 local function build_request(method, u, target, headers, body, o, decompress)
     if not headers and not body and not decompress and not u.auth and o.keepalive ~= false
         and method == "GET" and target == u.target and not o.user_agent then
@@ -488,13 +491,14 @@ local function build_request(method, u, target, headers, body, o, decompress)
     end
     local parts = { method, " ", target, " HTTP/1.1\r\n" }
     local n = 4
-    local has_host, has_ua, has_len, has_ae, has_conn, has_auth
+    local has_host, has_ua, has_cl, has_te, has_ae, has_conn, has_auth
     if headers then
         for k, v in pairs(headers) do
             local lk = lower_name(k)
             if lk == "host" then has_host = true
             elseif lk == "user-agent" then has_ua = true
-            elseif lk == "content-length" or lk == "transfer-encoding" then has_len = true
+            elseif lk == "content-length" then has_cl = true
+            elseif lk == "transfer-encoding" then has_te = true
             elseif lk == "accept-encoding" then has_ae = true
             elseif lk == "connection" then has_conn = true
             elseif lk == "authorization" then has_auth = true
@@ -526,7 +530,13 @@ local function build_request(method, u, target, headers, body, o, decompress)
         n = n + 1
         parts[n] = "Accept-Encoding: gzip\r\n"
     end
-    if not has_len and (body or WANTS_BODY[method]) then
+    local streamed = type(body) == "function"
+    if streamed then
+        if not has_cl and not has_te then
+            n = n + 1
+            parts[n] = "Transfer-Encoding: chunked\r\n"
+        end
+    elseif not has_cl and not has_te and (body or WANTS_BODY[method]) then
         n = n + 1
         parts[n] = "Content-Length: " .. (body and #body or 0) .. "\r\n"
     end
@@ -536,11 +546,39 @@ local function build_request(method, u, target, headers, body, o, decompress)
     end
     n = n + 1
     parts[n] = "\r\n"
-    if body and #body <= 65536 then
+    if body and not streamed and #body <= 65536 then
         n = n + 1
         parts[n] = body
     end
-    return concat(parts, "", 1, n)
+    return concat(parts, "", 1, n), streamed and not has_cl
+end
+
+-- Sends a body made by a function (a request's `body = function`): each call returns the next
+-- piece, a string ("" is skipped), or nil at the end; the function may wait (read a file, another
+-- response: res:chunks() and req:chunks() are such functions). Chunked framing unless the caller's
+-- headers gave a Content-Length. True, or nil, err (a send failed). When the function raises or
+-- returns something else, the connection is closed and the error raised.
+local function send_stream(conn, produce, chunked)
+    local send, timeout = conn.send, conn.send_timeout
+    while true do
+        local ok, piece = pcall(produce)
+        if not ok or (piece ~= nil and type(piece) ~= "string") then
+            close_conn(conn)
+            if ok then
+                piece = "moonlet.http: a body function returns strings, then nil, not a " .. type(piece)
+            end
+            error(piece, 0)
+        end
+        if piece == nil then break end
+        if #piece > 0 then
+            local data = piece
+            if chunked then data = { format("%x\r\n", #piece), piece, "\r\n" } end
+            local sent, err = sock_wait(conn, send, data, timeout)
+            if not sent then return nil, err end
+        end
+    end
+    if chunked then return sock_wait(conn, send, "0\r\n\r\n", timeout) end
+    return true
 end
 
 local res_methods = {}
@@ -727,6 +765,17 @@ function res_methods:read_body()
     return body
 end
 
+-- syntax: value, err = res:json() -- the body decoded as JSON (a streamed body is read first); nil,
+-- err when it cannot be read or is not JSON (JSON's null is moonlet.json.null)
+function res_methods:json()
+    local body, err = self:read_body()
+    if not body then return nil, err end
+    local v
+    v, err = json.decode(body)
+    if v == nil then return nil, "invalid JSON: " .. tostring(err) end
+    return v
+end
+
 -- syntax: res:close() -- drops the rest of a streamed body (its connection is closed, not pooled)
 function res_methods:close()
     if not self._done and not rawget(self, "body") then
@@ -861,15 +910,23 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
     conn.pool_size = o.pool_size or config.pool_size
     conn.idle_timeout = o.idle_timeout or config.idle_timeout
     local decompress = o.decompress
-    local req = build_request(method, u, target, headers, body, o, decompress)
+    local req, chunked = build_request(method, u, target, headers, body, o, decompress)
     local ok
     ok, err = sock_wait(conn, conn.send, req, conn.send_timeout)
-    if ok and body and #body > 65536 then
-        ok, err = sock_wait(conn, conn.send, body, conn.send_timeout)
+    -- a body made by a function cannot be made again: once it was asked for a piece, a request
+    -- that fails is not retried on another connection
+    local replayable, asked = type(body) ~= "function", false
+    if ok and body then
+        if not replayable then
+            asked = true
+            ok, err = send_stream(conn, body, chunked)
+        elseif #body > 65536 then
+            ok, err = sock_wait(conn, conn.send, body, conn.send_timeout)
+        end
     end
     if not ok then
         close_conn(conn)
-        return nil, err, conn.reused > 0 and IDEMPOTENT[method]
+        return nil, err, conn.reused > 0 and IDEMPOTENT[method] and not asked
     end
     local is_head = method == "HEAD"
     local status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
@@ -884,7 +941,7 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
     end
     if not status then
         close_conn(conn)
-        return nil, reason, conn.reused > 0 and not conn.got and IDEMPOTENT[method]
+        return nil, reason, conn.reused > 0 and not conn.got and IDEMPOTENT[method] and replayable
     end
     return respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp)
 end
@@ -926,15 +983,16 @@ local function follow(u, method, target, headers, body, o, deadline, t0, max_red
         res:close()
         return nil, "too many redirects"
     end
-    discard(res)
-    local nu = parse_url(resolve(u, loc))
-    if not nu then return nil, "bad redirect" end
     local status = res.status
     if status == 303 or ((status == 301 or status == 302) and method == "POST") then
         if method ~= "HEAD" then method = "GET" end
         body = nil
         if headers then headers = without(headers, BODY_HEADERS) end
     end
+    if type(body) == "function" then return res end -- a body made by a function is not sent twice
+    discard(res)
+    local nu = parse_url(resolve(u, loc))
+    if not nu then return nil, "bad redirect" end
     if nu.key ~= u.key and headers then -- credentials stay with their origin
         headers = without(headers, CREDENTIAL_HEADERS)
     end
@@ -943,9 +1001,25 @@ end
 
 local known_methods, known_count = {}, 0 -- "get" -> "GET", once checked
 
+-- headers (the caller's table, left as it is) with Content-Type: ctype unless they have one
+local function with_content_type(headers, ctype)
+    local h = {}
+    if headers then
+        for k, v in pairs(headers) do
+            if type(k) == "string" and lower(k) == "content-type" then return headers end
+            h[k] = v
+        end
+    end
+    h["Content-Type"] = ctype
+    return h
+end
+
 local function request(method, url, o, body, level)
     if type(url) ~= "string" then error("moonlet.http: url must be a string", level) end
-    if body ~= nil and type(body) ~= "string" then error("moonlet.http: body must be a string", level) end
+    local bt = type(body)
+    if body ~= nil and bt ~= "string" and bt ~= "function" then
+        error("moonlet.http: body must be a string or a function (json = a table sends it as JSON)", level)
+    end
     method = method or "GET"
     if not known_methods[method] then
         local m = upper(method)
@@ -968,8 +1042,32 @@ local function request(method, url, o, body, level)
         if qs ~= "" then target = target .. (find(target, "?", 1, true) and "&" or "?") .. qs end
     end
     local headers = o.headers
+    if headers ~= nil and type(headers) ~= "table" then
+        error("moonlet.http: headers must be a table", level)
+    end
+    local js, form = o.json, o.form
+    if js ~= nil or form ~= nil then
+        if body ~= nil or (js ~= nil and form ~= nil) then
+            error("moonlet.http: give one of body, json and form", level)
+        end
+        local ctype
+        if js ~= nil then
+            local s, jerr = json.encode(js)
+            if not s then error("moonlet.http: json: " .. tostring(jerr), level) end
+            body, ctype = s, "application/json"
+        else
+            if type(form) ~= "table" then error("moonlet.http: form must be a table", level) end
+            if multipart.has_file(form) then -- files in it: multipart/form-data
+                local ok, b, t = pcall(multipart.encode, form)
+                if not ok then error(b, level) end
+                body, ctype = b, t
+            else
+                body, ctype = encode_query(form), "application/x-www-form-urlencoded"
+            end
+        end
+        headers = with_content_type(headers, ctype)
+    end
     if headers ~= nil then
-        if type(headers) ~= "table" then error("moonlet.http: headers must be a table", level) end
         for k, v in pairs(headers) do
             if type(k) ~= "string" or bad_header(k) or find(k, "[ :\t]") then
                 error("moonlet.http: bad header name " .. tostring(k), level)
@@ -998,9 +1096,9 @@ end
 
 local EMPTY = {}
 
--- syntax: res, err = moonlet.http.request{ method =, url =, headers =, body =, query =, timeout =,
--- connect_timeout =, read_timeout =, send_timeout =, redirects =, decompress =, max_body =,
--- stream =, keepalive =, verify =, tls =, pool_size =, idle_timeout = }
+-- syntax: res, err = moonlet.http.request{ method =, url =, headers =, body =, json =, form =,
+-- query =, timeout =, connect_timeout =, read_timeout =, send_timeout =, redirects =, decompress =,
+-- max_body =, stream =, keepalive =, verify =, tls =, pool_size =, idle_timeout = }
 function _M.request(opts, url_opts)
     if type(opts) == "string" then -- request(url, opts)
         local o = url_opts or EMPTY
