@@ -79,6 +79,36 @@ describe("examples", function()
         assert.equal(0, p:wait(10), p:output())
     end)
 
+    it("upload.lua saves each uploaded file as it arrives, over the 1 MiB default", function()
+        local dir = os.tmpname()
+        os.remove(dir)
+        local p = test.start_process("examples/upload.lua --port 0 --dir " .. dir)
+        test.defer(function()
+            p:kill()
+            os.execute("rm -rf '" .. dir .. "'")
+        end)
+        local port = p:port()
+        local base = "http://127.0.0.1:" .. port
+        local page = assert(moonlet.http.get(base .. "/")).body
+        assert.truthy(page:find('enctype="multipart/form-data"', 1, true))
+        local bytes = {}
+        for i = 0, 255 do bytes[#bytes + 1] = string.char(i) end
+        local big = table.concat(bytes):rep(8192) -- 2 MiB of every byte value
+        local res = assert(moonlet.http.post(base .. "/upload", nil, { form = {
+            note = "hi", file = { filename = "all.bin", type = "application/x-test", body = big } } }))
+        assert.same(200, res.status, res.body)
+        local doc = assert(res:json())
+        assert.same({ note = "hi" }, doc.fields)
+        assert.same(1, #doc.files)
+        local f = doc.files[1]
+        assert.same({ "file", "all.bin", "application/x-test", #big },
+                    { f.field, f.filename, f.type, f.size })
+        assert.is_true(assert(moonlet.fs.read(f.saved_as)) == big)
+        local bad = assert(moonlet.http.post(base .. "/upload", "--x\r\n", { headers = {
+            ["Content-Type"] = "multipart/form-data; boundary=x" } }))
+        assert.same(400, bad.status)
+    end)
+
     it("aggregate.lua answers with a partial document when an upstream is slow", function()
         local p = test.start_process("examples/aggregate.lua --port 0")
         test.defer(function() p:kill() end)

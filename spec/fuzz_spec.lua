@@ -29,6 +29,14 @@ local request_seeds = {
     "GET /users/%E2%82%AC/ HTTP/1.0\r\n\r\n",
     "GET /users/up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\129\0",
 }
+-- multipart/form-data, to req:form() and to req:parts()
+local MP = "--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nx y\r\n--B  \r\n"
+    .. "Content-Disposition: form-data; name=\"f\"; filename=\"a\\\"b.txt\"; filename*=UTF-8''%C3%A9\r\n"
+    .. "Content-Type: text/plain\r\n\r\n1\r\n--\r\n-B\r\n--B--\r\nafter"
+for _, path in ipairs({ "/form", "/parts" }) do
+    request_seeds[#request_seeds + 1] = "POST " .. path .. " HTTP/1.1\r\n" .. H
+        .. "Content-Type: multipart/form-data; boundary=B\r\nContent-Length: " .. #MP .. "\r\n\r\n" .. MP
+end
 -- a client's frame: FIN, the opcode, masked (the key 1 2 3 4) as a client must
 local function ws_frame(op, payload)
     local masked = {}
@@ -44,7 +52,8 @@ request_seeds[#request_seeds + 1] = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: web
     .. ws_frame(1, "hello") .. ws_frame(9, "p") .. ws_frame(8, "\3\232bye")
 
 local request_tokens = { "%", "%z", "%00", "%2e%2e/", "%2F", "..", "/", "//", "?", "&", "=", "+", ";",
-    "#", ":", "*", "\255", "\0", "%C3%28", "%FF", " ", "\t", "\r\n", "Range: bytes=",
+    "#", ":", "*", "\255", "\0", "%C3%28", "%FF", " ", "\t", "\r\n", "Range: bytes=", "--", "\r\n--B",
+    "\r\n\r\n", "Content-Disposition: form-data; name=", "; filename=\"", "boundary=",
     "If-Modified-Since: ", "Content-Length: 0\r\n", "Cookie: a=b; c\r\n", "{", "[", "\"" }
 
 local random = math.random
@@ -102,6 +111,13 @@ local function make_app()
         return req.params.path .. "|" .. (req.query_string or "")
     end)
     app:post("/form", function(req) return { form = req:form() } end)
+    app:post("/parts", function(req)
+        local out = {}
+        for part in req:parts() do
+            out[#out + 1] = { part.name, part.filename or false, part.type or false, #part:body() }
+        end
+        return out
+    end)
     app:post("/json", function(req)
         local v, err = req:json()
         return { ok = v ~= nil, err = err and #err }

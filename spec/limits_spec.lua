@@ -113,6 +113,20 @@ describe("moonlet.http limits", function()
         refused("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n", 413)
     end)
 
+    it("takes the limits an app carries (moonlet.app{ max_body = }) unless listen gives its own", function()
+        local app = moonlet.app({ max_body = 10, max_headers = 3 })
+        app:post("/echo", function(req) return assert(req:body()) end)
+        local s1, p1 = test.serve(app)
+        test.defer(function() s1:close() end)
+        local body11 = "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n" .. ("b"):rep(11)
+        assert.same(413, status_of(test.raw(p1, body11)))
+        assert.same(431, status_of(test.raw(p1, "GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n")))
+        assert.same(200, test.request(p1, "POST", "/echo", { body = ("b"):rep(10) }).status)
+        local s2, p2 = test.serve(app, { max_body = 100 }) -- listen's own wins
+        test.defer(function() s2:close() end)
+        assert.same(200, test.request(p2, "POST", "/echo", { body = ("b"):rep(11) }).status)
+    end)
+
     it("answers 413 when a chunked body grows over the limit", function()
         local chunk = string.rep("z", 600)
         refused("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -36,7 +36,8 @@ local function check_deadline(opts, level)
     return d
 end
 
--- syntax: app = moonlet.app({ deadline = seconds }) -- deadline: every request's (see dispatcher)
+-- syntax: app = moonlet.app({ deadline = seconds, max_body = bytes, ... }) -- deadline: every
+-- request's (see dispatcher); the limits and timeouts of app:listen are the defaults of its servers
 function _M.new(opts)
     opts = opts or {}
     check_deadline(opts, 3) -- blames the caller of moonlet.app
@@ -310,9 +311,19 @@ function methods:dispatcher()
 end
 
 -- syntax: server, port = app:listen({ host = "127.0.0.1", port = 8080, max_body = ..., ... })
+-- The options of app:listen an app may carry as its own defaults (moonlet.app{ max_body = ... }):
+-- what listen, the command line or a host gives wins.
+local LISTEN_DEFAULTS = {
+    "check_client_abort", "max_body", "max_uri", "max_header_bytes", "max_headers", "max_conns",
+    "keepalive_requests", "header_timeout", "body_timeout", "keepalive_timeout", "send_timeout",
+    "shutdown_grace",
+}
+
 function methods:listen(opts)
     opts = opts or {}
-    if opts.check_client_abort == nil then opts.check_client_abort = self.opts.check_client_abort end
+    for _, k in ipairs(LISTEN_DEFAULTS) do
+        if opts[k] == nil then opts[k] = self.opts[k] end
+    end
     local server, port = core.listen(opts, self:dispatcher())
     if not server then return nil, port end
     self.servers = self.servers or {}

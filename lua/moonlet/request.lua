@@ -1,10 +1,14 @@
 -- lua/moonlet/request.lua: the request object a handler receives. Plain fields are set by the
--- dispatcher (method, path, target, query_string, params); headers, query and connection details
--- are filled in on first use. The body is pulled from the connection: req:body() (whole) or
+-- dispatcher (method, path, target, query_string, params); headers, query, cookies and connection
+-- details are filled in on first use. The body is pulled from the connection: req:body() (whole) or
 -- `for chunk in req:chunks()`, each read yielding until data is there. After the handler returns
 -- the request's connection is gone: reads return nil, "closed".
 local url = require "moonlet.url"
-local check = require("moonlet.task").check
+local cookie = require "moonlet.cookie"
+local multipart = require "moonlet.multipart"
+local abort = require("moonlet.response").abort
+local task = require "moonlet.task"
+local check, CANCELLED = task.check, task.CANCELLED
 
 local str_lower = string.lower
 local concat = table.concat
@@ -19,6 +23,9 @@ function lazy.params()
 end
 function lazy.headers(req)
     return req._x:headers() or {}
+end
+function lazy.cookies(req)
+    return cookie.parse(req:header("cookie"))
 end
 function lazy.query(req)
     local first, all = url.parse_query(req.query_string)
@@ -103,11 +110,49 @@ function methods:json()
     return require("moonlet.json").decode(body)
 end
 
--- syntax: fields = req:form() -- an application/x-www-form-urlencoded body as a table
+-- The body piece by piece: from the connection (req:chunks()), or the whole body once when
+-- req:body() read it already.
+local function body_pieces(req)
+    local body = rawget(req, "_body")
+    if body == nil then return req:chunks() end
+    return function()
+        local b = body
+        body = nil
+        return b
+    end
+end
+
+-- syntax: fields, err = req:form() -- an application/x-www-form-urlencoded body as a table; a
+-- multipart/form-data one too, where a file is a table { filename =, type =, headers =, body = }
+-- (lua/moonlet/multipart.lua). nil, err when the body cannot be read or is not a well-formed form.
 function methods:form()
+    local boundary = multipart.boundary(self:header("content-type"))
+    if boundary then
+        if rawget(self, "_body") == nil and self._body_read then
+            return nil, "the body was already streamed"
+        end
+        local ok, fields = pcall(multipart.read_form, body_pieces(self), boundary)
+        if ok then return fields end
+        if fields == CANCELLED then error(fields, 0) end -- a cancelled wait is not a bad form
+        if type(fields) == "table" and fields.body then fields = (fields.body:gsub("\n$", "")) end
+        return nil, tostring(fields)
+    end
     local body, err = self:body()
     if not body then return nil, err end
     return (url.parse_query(body))
+end
+
+
+-- syntax: for part in req:parts() do ... end -- a multipart/form-data body (file uploads) part by
+-- part as it arrives: part.name, part.filename (nil for a plain field), part.type, part.headers,
+-- part:read() (the next piece of its data, nil at its end) and part:body() (the rest, whole). A
+-- request that is not multipart/form-data is answered 415; a malformed body 400 (moonlet.abort).
+function methods:parts()
+    local boundary = multipart.boundary(self:header("content-type"))
+    if not boundary then
+        error(abort(415, "415 Unsupported Media Type: multipart/form-data expected\n"), 2)
+    end
+    return multipart.parts(body_pieces(self), boundary)
 end
 
 return _M
