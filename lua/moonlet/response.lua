@@ -3,6 +3,7 @@
 -- starts a streamed response (chunked on HTTP/1.1) and yields while the client is far behind.
 -- A handler returns body | status, body, headers: a string is sent as text/plain, a table as JSON.
 local json = require "moonlet.json"
+local cookie = require "moonlet.cookie"
 local check = require("moonlet.task").check
 
 local type, setmetatable, tostring, pairs = type, setmetatable, tostring, pairs
@@ -50,6 +51,29 @@ function methods:header(name, value)
         self._ctype = value
     else
         h[name] = value
+    end
+    return self
+end
+
+-- syntax: res:cookie(name, value, { max_age =, expires =, path =, domain =, secure =, http_only =,
+-- same_site = }) -> res -- a Set-Cookie header (one per call); value nil deletes the cookie
+-- (Max-Age=0, and the same path and domain as when it was set). See lua/moonlet/cookie.lua.
+function methods:cookie(name, value, opts)
+    if value == nil then
+        local o = { max_age = 0, expires = 0 }
+        if opts then o.path, o.domain = opts.path, opts.domain end
+        opts, value = o, ""
+    end
+    local line = cookie.serialize(name, value, opts)
+    local h = self._headers
+    if not h then h = new_tab(0, 4); self._headers = h end
+    local prev = h["Set-Cookie"]
+    if prev == nil then
+        h["Set-Cookie"] = { line }
+    elseif type(prev) == "table" then
+        prev[#prev + 1] = line
+    else
+        h["Set-Cookie"] = { prev, line }
     end
     return self
 end

@@ -1,0 +1,65 @@
+-- spec/cookie_spec.lua: cookies (lua/moonlet/cookie.lua): req.cookies from the Cookie header,
+-- res:cookie() as Set-Cookie lines, over real sockets; any value round-trips; misuse raises.
+local moonlet = require "moonlet"
+local cookie = require "moonlet.cookie"
+local test = require "moonlet.test"
+
+-- the Set-Cookie lines of a raw response, in order
+local function set_cookies(raw)
+    local out = {}
+    for line in raw:gmatch("[^\r\n]+") do
+        local v = line:match("^[Ss]et%-[Cc]ookie: (.*)$")
+        if v then out[#out + 1] = v end
+    end
+    return out
+end
+
+describe("cookies", function()
+    it("parses a Cookie header: quotes off, %XX decoded, the first of a name, commas kept", function()
+        assert.same({ a = "1", b = "two", c = "A z", json = '{"x":1,"y":2}', e = "" },
+            cookie.parse(' a=1; b="two";c=%41%20z; a=2; junk; json={"x":1,"y":2}; e='))
+        assert.same({}, cookie.parse(nil))
+        assert.same({}, cookie.parse(""))
+    end)
+
+    it("writes Set-Cookie with its attributes, and raises on a bad name or option", function()
+        assert.same("sid=abc; Max-Age=60; Expires=Thu, 01 Jan 1970 00:00:10 GMT; Path=/; Domain=example.com; "
+            .. "Secure; HttpOnly; SameSite=None",
+            cookie.serialize("sid", "abc", { max_age = 60, expires = 10, path = "/", domain = "example.com",
+                                             secure = true, http_only = true, same_site = "none" }))
+        assert.same("a=x%3By%2Cz%20%22q%22%25", cookie.serialize("a", 'x;y,z "q"%'))
+        assert.has_error(function() cookie.serialize("bad name", "x") end)
+        assert.has_error(function() cookie.serialize("a;b", "x") end)
+        assert.has_error(function() cookie.serialize("a", "x", { same_site = "none" }) end) -- not secure
+        assert.has_error(function() cookie.serialize("a", "x", { same_site = "sometimes" }) end)
+        assert.has_error(function() cookie.serialize("a", "x", { path = "/;evil" }) end)
+        assert.has_error(function() cookie.serialize("a", "x", { max_age = "1h" }) end)
+    end)
+
+    it("serves them: req.cookies in, one Set-Cookie per res:cookie out, and any value round-trips", function()
+        local bytes = {}
+        for i = 0, 255 do bytes[#bytes + 1] = string.char(i) end
+        local every = table.concat(bytes)
+        local app = moonlet.app()
+        app:get("/set", function(_, res)
+            res:header("Set-Cookie", "first=1") -- a header set by hand stays, the cookies join it
+            res:cookie("every", every, { path = "/", http_only = true })
+            res:cookie("gone", nil, { path = "/x" })
+            return "ok"
+        end)
+        app:get("/get", function(req) return { every = req.cookies.every == every, n = req.cookies.n } end)
+        local server, port = test.serve(app)
+        test.defer(function() server:close() end)
+        local raw = test.raw(port, "GET /set HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        local lines = set_cookies(raw)
+        assert.same(3, #lines)
+        assert.same("first=1", lines[1])
+        assert.same("gone=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/x", lines[3])
+        local pair = lines[2]:match("^(every=[^;]*); Path=/; HttpOnly$")
+        assert.truthy(pair, lines[2])
+        assert.falsy(pair:find("[%s\",;\\%c]")) -- only cookie-octets go on the wire
+        -- the browser sends it back
+        local resp = test.request(port, "GET", "/get", { headers = { Cookie = pair .. "; n=5" } })
+        assert.same({ every = true, n = "5" }, moonlet.json.decode(resp.body))
+    end)
+end)
