@@ -35,6 +35,9 @@ function _M.app(opts)
     return require("moonlet.app").new(opts)
 end
 
+-- syntax: app:use(moonlet.gzip(opts)) -- gzips whole responses (lua/moonlet/compress.lua)
+function _M.gzip(opts) return require("moonlet.compress").gzip(opts) end
+
 -- syntax: error(moonlet.abort(status, body, headers)) or moonlet.abort(...) raises itself:
 -- ends the request with that response, from any depth of the handler.
 function _M.abort(status, body, headers)
