@@ -674,9 +674,9 @@ static void limit_u64(lua_State *L, int idx, const char *name, uint64_t *dst, do
   lua_pop(L, 1);
 }
 
-static void read_limits(lua_State *L, int idx, ml_http_limits_t *lim) {
+/* The limits in the table at idx over what lim holds. */
+static void read_limit_fields(lua_State *L, int idx, ml_http_limits_t *lim) {
   uint64_t v;
-  ml_http_limits_default(lim);
 #define SZ(name, field)                                                                            \
   v = lim->field;                                                                                  \
   limit_u64(L, idx, name, &v, 1);                                                                  \
@@ -693,6 +693,17 @@ static void read_limits(lua_State *L, int idx, ml_http_limits_t *lim) {
   limit_u64(L, idx, "keepalive_timeout", &lim->keepalive_timeout_ms, 1000);
   limit_u64(L, idx, "send_timeout", &lim->send_timeout_ms, 1000);
   limit_u64(L, idx, "shutdown_grace", &lim->shutdown_grace_ms, 1000);
+}
+
+/* The limits of core.listen's opts (at idx, absolute): the built-in defaults, then opts.defaults
+ * (an app's own, lua/moonlet/app.lua), then opts' own fields (listen's options, the command line,
+ * an embedding host's cfg.limits). */
+static void read_limits(lua_State *L, int idx, ml_http_limits_t *lim) {
+  ml_http_limits_default(lim);
+  lua_getfield(L, idx, "defaults");
+  if (lua_istable(L, -1)) read_limit_fields(L, lua_gettop(L), lim);
+  lua_pop(L, 1);
+  read_limit_fields(L, idx, lim);
 }
 
 /* syntax: server, port = core.listen({ host =, port =, check_client_abort =, limits... }, handler)

@@ -13,6 +13,7 @@ end
 moonlet.fs.mkdir(dir) -- nil, "file already exists" the second time: fine
 
 local app = moonlet.app({ max_body = 64 * 1024 * 1024 })
+local uploads = 0 -- numbers each upload: two in the same second never share a file
 
 app:get("/", function(_, res)
     res:type("html")
@@ -25,11 +26,13 @@ app:get("/", function(_, res)
 end)
 
 app:post("/upload", function(req)
+    uploads = uploads + 1
+    local upload = uploads
     local fields, files = {}, {}
     for part in req:parts() do
         if part.filename then
             -- a name of our own: the client's file name is only reported, never used as a path
-            local path = ("%s/%d-%d"):format(dir, os.time(), #files + 1)
+            local path = ("%s/%d-%d-%d"):format(dir, os.time(), upload, #files + 1)
             local size = 0
             assert(moonlet.fs.write(path, ""))
             for piece in part.read, part do

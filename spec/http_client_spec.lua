@@ -845,6 +845,18 @@ describe("moonlet.http request bodies: json, form and functions", function()
         assert.same("abcd", got.body)
     end)
 
+    it("raises when a body function makes more or fewer bytes than the caller's Content-Length", function()
+        local base = echo_server()
+        for _, pieces in ipairs({ { "abc", "de" }, { "ab" } }) do
+            local i = 0
+            assert.has_error(function()
+                http.post(base .. "/echo", function() i = i + 1; return pieces[i] end,
+                          { headers = { ["Content-Length"] = "4" } })
+            end)
+        end
+        assert.same("ok", assert(assert(http.post(base .. "/echo", "ok")):json()).body) -- serving on
+    end)
+
     it("puts chunked framing on the wire, piece by piece", function()
         local seen = {}
         local base = raw_server(function(sock)

@@ -125,6 +125,11 @@ describe("moonlet.http limits", function()
         local s2, p2 = test.serve(app, { max_body = 100 }) -- listen's own wins
         test.defer(function() s2:close() end)
         assert.same(200, test.request(p2, "POST", "/echo", { body = ("b"):rep(11) }).status)
+        -- the caller's options table is left as it was: it may serve another app next
+        local opts = { host = "127.0.0.1", port = 0 }
+        local s3 = assert(app:listen(opts))
+        test.defer(function() s3:close() end)
+        assert.same({ host = "127.0.0.1", port = 0 }, opts)
     end)
 
     it("answers 413 when a chunked body grows over the limit", function()

@@ -86,10 +86,24 @@ describe("multipart: the parser", function()
         assert.same("----WebKitFormBoundaryX1", multipart.boundary(
             "multipart/form-data; boundary=----WebKitFormBoundaryX1"))
         assert.is_nil(multipart.boundary("application/x-www-form-urlencoded"))
-        assert.is_nil(multipart.boundary("multipart/form-data"))
         assert.is_nil(multipart.boundary("multipart/mixed; boundary=abc"))
-        assert.is_nil(multipart.boundary("multipart/form-data; boundary=" .. ("x"):rep(71)))
         assert.is_nil(multipart.boundary(nil))
+        assert.same("b", multipart.boundary("multipart/form-data; xboundary=zz; boundary=b"))
+        assert.same({ false, "no boundary" }, { multipart.boundary("multipart/form-data") })
+        assert.same(false, (multipart.boundary("multipart/form-data; boundary=" .. ("x"):rep(71))))
+    end)
+
+    it("reads parameters as quoted strings: a ';' inside quotes, quoted pairs", function()
+        local function first_part(cd)
+            local body = "--b\r\nContent-Disposition: " .. cd .. "\r\n\r\nx\r\n--b--"
+            return collect(source(body, function() return #body end), "b")[1]
+        end
+        local p = first_part('form-data; name="a; filename=x"')
+        assert.same({ "a; filename=x", nil }, { p.name, p.filename })
+        p = first_part('form-data; name="f"; filename="dir\\\\"')
+        assert.same({ "f", "dir\\" }, { p.name, p.filename })
+        p = first_part('form-data; name=plain; filename=a.txt ; x')
+        assert.same({ "plain", "a.txt" }, { p.name, p.filename })
     end)
 
     it("reads the same parts however the body is cut: whole, byte by byte, in odd pieces", function()
@@ -156,6 +170,10 @@ describe("multipart: the parser", function()
             { name = "n", data = "5" },
         }, collect(source(body, function() return 777 end), boundary))
         assert.are_not.equal(boundary, multipart.boundary(select(2, multipart.encode({ a = "1" }))))
+        -- a backslash and a quote in a file name come back as they were
+        body, ctype = multipart.encode({ f = { filename = 'dir\\ "x"', body = "d" } })
+        local got = collect(source(body, function() return 9 end), multipart.boundary(ctype))
+        assert.same('dir\\ %22x%22', got[1].filename) -- a quote percent-encoded, as browsers do
         assert.has_error(function() multipart.encode({ a = { print } }) end)
     end)
 end)
@@ -240,6 +258,31 @@ describe("multipart: requests", function()
         assert.same("x", assert(assert(http.post(base .. "/form", nil, { form = form })):json()).a)
     end)
 
+    it("sends a list of files under one name, whatever Content-Type the caller gave", function()
+        local base = serve()
+        local res = assert(http.post(base .. "/parts", nil, {
+            headers = { ["content-type"] = "multipart/form-data" }, -- no boundary: ours is used
+            form = { files = { { filename = "a.txt", body = "1" }, { filename = "b.txt", body = "22" } } } }))
+        local got = assert(res:json())
+        local seen = {}
+        for i, part in ipairs(got) do seen[i] = { part.name, part.filename, part.body } end
+        assert.same({ { "files", "a.txt", "1" }, { "files", "b.txt", "22" } }, seen)
+    end)
+
+    it("req:form() may be called again, and req:body() after it", function()
+        local app = moonlet.app()
+        app:post("/twice", function(req)
+            local a = assert(req:form())
+            local b = assert(req:form())
+            return { same = a.f.body == b.f.body and a.n == b.n, body = #assert(req:body()) > 0 }
+        end)
+        local server, port = test.serve(app)
+        test.defer(function() server:close() end)
+        local res = assert(http.post("http://127.0.0.1:" .. port .. "/twice", nil,
+            { form = { n = "1", f = { filename = "f", body = "data" } } }))
+        assert.same({ same = true, body = true }, assert(res:json()))
+    end)
+
     it("answers 400 to a malformed form and 415 to parts() of another type; the server goes on", function()
         local base, port = serve()
         local bad = "--XX\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\ncut short"
@@ -253,6 +296,11 @@ describe("multipart: requests", function()
         res = assert(http.post(base .. "/parts", "a=1", { headers = {
             ["Content-Type"] = "application/x-www-form-urlencoded" } }))
         assert.same(415, res.status)
+        headers = { ["Content-Type"] = "multipart/form-data" } -- no boundary
+        res = assert(http.post(base .. "/parts", bad, { headers = headers }))
+        assert.same({ 400, "400 Bad Request: multipart: no boundary\n" }, { res.status, res.body })
+        res = assert(http.post(base .. "/form", bad, { headers = headers }))
+        assert.same({ 400, "multipart: no boundary" }, { res.status, res.body })
         -- a browser's form, as Chrome writes it, on a new connection
         local body = "------WebKitFormBoundaryAbC\r\nContent-Disposition: form-data; name=\"q\"\r\n\r\n"
             .. "moon\r\n------WebKitFormBoundaryAbC--\r\n"

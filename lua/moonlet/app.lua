@@ -311,19 +311,28 @@ function methods:dispatcher()
 end
 
 -- syntax: server, port = app:listen({ host = "127.0.0.1", port = 8080, max_body = ..., ... })
--- The options of app:listen an app may carry as its own defaults (moonlet.app{ max_body = ... }):
--- what listen, the command line or a host gives wins.
+-- The limits of app:listen an app may carry as its own defaults (moonlet.app{ max_body = ... }).
+-- They go to core.listen as opts.defaults, under what listen's own options, the command line and an
+-- embedding host's cfg.limits give (bindings/http_server.c read_limits). They are read when a server
+-- starts listening: a reloaded app's new limits apply to the next server, not to this one.
 local LISTEN_DEFAULTS = {
-    "check_client_abort", "max_body", "max_uri", "max_header_bytes", "max_headers", "max_conns",
-    "keepalive_requests", "header_timeout", "body_timeout", "keepalive_timeout", "send_timeout",
-    "shutdown_grace",
+    "max_body", "max_uri", "max_header_bytes", "max_headers", "max_conns", "keepalive_requests",
+    "header_timeout", "body_timeout", "keepalive_timeout", "send_timeout", "shutdown_grace",
 }
 
-function methods:listen(opts)
-    opts = opts or {}
+function methods:listen(given)
+    local opts = {} -- a copy: the caller's table may serve another app next
+    if given then for k, v in pairs(given) do opts[k] = v end end
+    local defaults
     for _, k in ipairs(LISTEN_DEFAULTS) do
-        if opts[k] == nil then opts[k] = self.opts[k] end
+        local v = self.opts[k]
+        if v ~= nil then
+            defaults = defaults or {}
+            defaults[k] = v
+        end
     end
+    opts.defaults = defaults
+    if opts.check_client_abort == nil then opts.check_client_abort = self.opts.check_client_abort end
     local server, port = core.listen(opts, self:dispatcher())
     if not server then return nil, port end
     self.servers = self.servers or {}

@@ -476,8 +476,9 @@ local function bad_header(s)
     return find(s, "[%z\r\n]") ~= nil
 end
 
--- The request head (and a small body appended) as one string, and whether a body made by a
--- function is to be sent with chunked framing (it is unless the headers give a Content-Length).
+-- The request head (and a small body appended) as one string; for a body made by a function,
+-- whether it is to be sent with chunked framing (it is unless the headers give a Content-Length)
+-- and that Content-Length.
 local function build_request(method, u, target, headers, body, o, decompress)
     if not headers and not body and not decompress and not u.auth and o.keepalive ~= false
         and method == "GET" and target == u.target and not o.user_agent then
@@ -497,7 +498,7 @@ local function build_request(method, u, target, headers, body, o, decompress)
             local lk = lower_name(k)
             if lk == "host" then has_host = true
             elseif lk == "user-agent" then has_ua = true
-            elseif lk == "content-length" then has_cl = true
+            elseif lk == "content-length" then has_cl = tonumber(type(v) == "table" and v[1] or v) or -1
             elseif lk == "transfer-encoding" then has_te = true
             elseif lk == "accept-encoding" then has_ae = true
             elseif lk == "connection" then has_conn = true
@@ -550,31 +551,43 @@ local function build_request(method, u, target, headers, body, o, decompress)
         n = n + 1
         parts[n] = body
     end
-    return concat(parts, "", 1, n), streamed and not has_cl
+    if not streamed then return concat(parts, "", 1, n) end
+    return concat(parts, "", 1, n), not has_cl, has_cl
 end
 
 -- Sends a body made by a function (a request's `body = function`): each call returns the next
 -- piece, a string ("" is skipped), or nil at the end; the function may wait (read a file, another
 -- response: res:chunks() and req:chunks() are such functions). Chunked framing unless the caller's
--- headers gave a Content-Length. True, or nil, err (a send failed). When the function raises or
--- returns something else, the connection is closed and the error raised.
-local function send_stream(conn, produce, chunked)
+-- headers gave a Content-Length (length: the pieces must make exactly that many bytes). True, or
+-- nil, err (a send failed). When the function raises, returns something else, or makes more or
+-- fewer bytes than the Content-Length said, the connection is closed and an error raised.
+local function send_stream(conn, produce, chunked, length)
     local send, timeout = conn.send, conn.send_timeout
+    local sent = 0
     while true do
         local ok, piece = pcall(produce)
-        if not ok or (piece ~= nil and type(piece) ~= "string") then
-            close_conn(conn)
-            if ok then
-                piece = "moonlet.http: a body function returns strings, then nil, not a " .. type(piece)
+        if ok and piece ~= nil and type(piece) ~= "string" then
+            ok, piece = false, "moonlet.http: a body function returns strings, then nil, not a "
+                .. type(piece)
+        end
+        if ok and length then
+            local n = sent + (piece and #piece or 0)
+            if n > length or (piece == nil and n < length) then
+                ok, piece = false, ("moonlet.http: the body function made %s bytes than the %d of its "
+                    .. "Content-Length"):format(n > length and "more" or "fewer", length)
             end
+        end
+        if not ok then
+            close_conn(conn)
             error(piece, 0)
         end
         if piece == nil then break end
+        sent = sent + #piece
         if #piece > 0 then
             local data = piece
             if chunked then data = { format("%x\r\n", #piece), piece, "\r\n" } end
-            local sent, err = sock_wait(conn, send, data, timeout)
-            if not sent then return nil, err end
+            local done, err = sock_wait(conn, send, data, timeout)
+            if not done then return nil, err end
         end
     end
     if chunked then return sock_wait(conn, send, "0\r\n\r\n", timeout) end
@@ -910,7 +923,7 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
     conn.pool_size = o.pool_size or config.pool_size
     conn.idle_timeout = o.idle_timeout or config.idle_timeout
     local decompress = o.decompress
-    local req, chunked = build_request(method, u, target, headers, body, o, decompress)
+    local req, chunked, length = build_request(method, u, target, headers, body, o, decompress)
     local ok
     ok, err = sock_wait(conn, conn.send, req, conn.send_timeout)
     -- a body made by a function cannot be made again: once it was asked for a piece, a request
@@ -919,7 +932,7 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
     if ok and body then
         if not replayable then
             asked = true
-            ok, err = send_stream(conn, body, chunked)
+            ok, err = send_stream(conn, body, chunked, length)
         elseif #body > 65536 then
             ok, err = sock_wait(conn, conn.send, body, conn.send_timeout)
         end
@@ -1001,13 +1014,17 @@ end
 
 local known_methods, known_count = {}, 0 -- "get" -> "GET", once checked
 
--- headers (the caller's table, left as it is) with Content-Type: ctype unless they have one
-local function with_content_type(headers, ctype)
+-- headers (the caller's table, left as it is) with Content-Type: ctype unless they have one, or
+-- (force: a multipart body, whose boundary is ours) in place of theirs
+local function with_content_type(headers, ctype, force)
     local h = {}
     if headers then
         for k, v in pairs(headers) do
-            if type(k) == "string" and lower(k) == "content-type" then return headers end
-            h[k] = v
+            if type(k) == "string" and lower(k) == "content-type" then
+                if not force then return headers end
+            else
+                h[k] = v
+            end
         end
     end
     h["Content-Type"] = ctype
@@ -1050,7 +1067,7 @@ local function request(method, url, o, body, level)
         if body ~= nil or (js ~= nil and form ~= nil) then
             error("moonlet.http: give one of body, json and form", level)
         end
-        local ctype
+        local ctype, force
         if js ~= nil then
             local s, jerr = json.encode(js)
             if not s then error("moonlet.http: json: " .. tostring(jerr), level) end
@@ -1060,12 +1077,12 @@ local function request(method, url, o, body, level)
             if multipart.has_file(form) then -- files in it: multipart/form-data
                 local ok, b, t = pcall(multipart.encode, form)
                 if not ok then error(b, level) end
-                body, ctype = b, t
+                body, ctype, force = b, t, true
             else
                 body, ctype = encode_query(form), "application/x-www-form-urlencoded"
             end
         end
-        headers = with_content_type(headers, ctype)
+        headers = with_content_type(headers, ctype, force)
     end
     if headers ~= nil then
         for k, v in pairs(headers) do

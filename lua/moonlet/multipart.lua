@@ -25,30 +25,58 @@ local function bad(reason)
     error(abort(400, "400 Bad Request: multipart: " .. reason .. "\n"), 0)
 end
 
--- syntax: boundary = multipart.boundary(content_type) -- of a multipart/form-data type, else nil
+-- The parameters after a header's first value: `form-data; name="a"; filename="b.txt"` ->
+-- { name = "a", filename = "b.txt" }, names in lower case, the first of a name kept. A quoted value
+-- may hold ";" and quoted pairs (\" and \\ stand for " and \).
+local function params_of(value)
+    local p = {}
+    local pos = find(value, ";", 1, true)
+    while pos do
+        local key, at = match(value, "^;%s*([^=;%s]+)%s*=%s*()", pos)
+        if not key then
+            pos = find(value, ";", pos + 1, true) -- a parameter without a value
+        else
+            local v
+            if sub(value, at, at) == '"' then
+                local out, i, n = {}, at + 1, #value
+                while i <= n do
+                    local c = sub(value, i, i)
+                    if c == '"' then break end
+                    if c == "\\" and i < n then
+                        i = i + 1
+                        c = sub(value, i, i)
+                    end
+                    out[#out + 1] = c
+                    i = i + 1
+                end
+                v = concat(out)
+                pos = find(value, ";", i + 1, true)
+            else
+                v = match(value, "^([^;]-)%s*;", at) or match(value, "^(.-)%s*$", at)
+                pos = find(value, ";", at, true)
+            end
+            key = lower(key)
+            if p[key] == nil then p[key] = v end
+        end
+    end
+    return p
+end
+
+-- syntax: boundary = multipart.boundary(content_type) -- that of a multipart/form-data type; nil for
+-- another type; false, reason for multipart/form-data without a usable boundary
 function _M.boundary(ctype)
     if not ctype then return nil end
     local mtype, params = match(ctype, "^%s*([^;%s]+)%s*(.*)$")
     if not mtype or lower(mtype) ~= "multipart/form-data" then return nil end
-    local i = find(lower(params), "boundary%s*=")
-    if not i then return nil end
-    local rest = match(sub(params, i), "^[^=]*=%s*(.*)$")
-    local b = match(rest, '^"([^"]*)"') or match(rest, "^([^;%s]+)")
-    if not b or #b < 1 or #b > 70 then return nil end -- RFC 2046: 1 to 70 characters
+    local b = params_of(params).boundary
+    if not b then return false, "no boundary" end
+    if #b < 1 or #b > 70 then return false, "a boundary of 1 to 70 characters" end -- RFC 2046
     return b
 end
 
--- A header's parameters: `form-data; name="a"; filename="b.txt"` -> { name = "a", filename = ... }
-local function params_of(value)
-    local p = {}
-    -- quoted values first (an escaped quote inside one stands in as a zero byte meanwhile)
-    for key, quoted in gsub(value, '\\"', "\0"):gmatch(';%s*([%w%-%*]+)%s*=%s*(%b"")') do
-        p[lower(key)] = (gsub(sub(quoted, 2, -2), "%z", '"'))
-    end
-    for key, token in value:gmatch(';%s*([%w%-%*]+)%s*=%s*([^";%s][^;%s]*)') do
-        key = lower(key)
-        if p[key] == nil then p[key] = token end
-    end
+-- The parameters of a part's Content-Disposition, with RFC 5987's filename* decoded into filename.
+local function disposition_params(value)
+    local p = params_of(value)
     local ext = p["filename*"] -- RFC 5987: charset'language'percent-encoded
     if ext then
         local enc = match(ext, "^[^']*'[^']*'(.*)$")
@@ -87,12 +115,15 @@ function reader_mt:next_head()
         return nil
     end
     local e
+    local from = at -- where the search for the blank line resumes
     while true do
-        e = find(self.buf, "\r\n\r\n", at, true)
+        e = find(self.buf, "\r\n\r\n", from, true)
         if e then break end
         if #self.buf - at > MAX_HEADERS then bad("part headers over 8 KiB") end
+        local scanned = #self.buf - 2 - at -- bytes after `at` already searched (3 kept for a split)
         if not self:fill() then bad("the body ended inside part headers") end
         at = self.pos + #self.delim -- fill() moved what is left to the front of the buffer
+        from = scanned > 0 and at + scanned or at
     end
     if e - at > MAX_HEADERS then bad("part headers over 8 KiB") end
     local block = sub(self.buf, at, e + 1) -- padding CRLF, then header lines each ending in CRLF
@@ -109,7 +140,7 @@ function reader_mt:next_head()
     if not cd or lower(match(cd, "^%s*([^;%s]*)")) ~= "form-data" then
         bad("a part without Content-Disposition: form-data")
     end
-    local p = params_of(cd)
+    local p = disposition_params(cd)
     if not p.name then bad("a part without a name") end
     return headers, p
 end
@@ -231,9 +262,11 @@ local function new_boundary()
     return "moonlet-" .. gsub(sub(bytes, 1, 18), ".", function(c) return ("%02x"):format(c:byte()) end)
 end
 
--- A name or file name inside quotes, as HTML forms write it: " and line breaks percent-encoded.
+-- A name or file name inside quotes, as HTML forms write it (" and line breaks percent-encoded),
+-- and a backslash as a quoted pair, which params_of (and RFC 2045 readers) take back.
+local QUOTED = { ["\\"] = "\\\\", ['"'] = "%22", ["\r"] = "%0D", ["\n"] = "%0A" }
 local function quote(s)
-    return '"' .. gsub(gsub(tostring(s), '"', "%%22"), "[\r\n]", { ["\r"] = "%0D", ["\n"] = "%0A" }) .. '"'
+    return '"' .. gsub(tostring(s), '[\\"\r\n]', QUOTED) .. '"'
 end
 
 local function is_file(v)
@@ -245,6 +278,11 @@ end
 function _M.has_file(form)
     for _, v in pairs(form) do
         if is_file(v) then return true end
+        if type(v) == "table" then -- a list of values under one name (<input type=file multiple>)
+            for _, x in ipairs(v) do
+                if is_file(x) then return true end
+            end
+        end
     end
     return false
 end

@@ -7,8 +7,7 @@ local url = require "moonlet.url"
 local cookie = require "moonlet.cookie"
 local multipart = require "moonlet.multipart"
 local abort = require("moonlet.response").abort
-local task = require "moonlet.task"
-local check, CANCELLED = task.check, task.CANCELLED
+local check = require("moonlet.task").check
 
 local str_lower = string.lower
 local concat = table.concat
@@ -125,21 +124,18 @@ end
 -- syntax: fields, err = req:form() -- an application/x-www-form-urlencoded body as a table; a
 -- multipart/form-data one too, where a file is a table { filename =, type =, headers =, body = }
 -- (lua/moonlet/multipart.lua). nil, err when the body cannot be read or is not a well-formed form.
+-- The whole body (req:body(), kept) is parsed, so that form() may be called again (a middleware,
+-- then the handler) and body() still answers after it; req:parts() reads without keeping it.
 function methods:form()
-    local boundary = multipart.boundary(self:header("content-type"))
-    if boundary then
-        if rawget(self, "_body") == nil and self._body_read then
-            return nil, "the body was already streamed"
-        end
-        local ok, fields = pcall(multipart.read_form, body_pieces(self), boundary)
-        if ok then return fields end
-        if fields == CANCELLED then error(fields, 0) end -- a cancelled wait is not a bad form
-        if type(fields) == "table" and fields.body then fields = (fields.body:gsub("\n$", "")) end
-        return nil, tostring(fields)
-    end
+    local boundary, why = multipart.boundary(self:header("content-type"))
     local body, err = self:body()
     if not body then return nil, err end
-    return (url.parse_query(body))
+    if boundary == nil then return (url.parse_query(body)) end
+    if not boundary then return nil, "multipart: " .. why end
+    local ok, fields = pcall(multipart.read_form, body_pieces(self), boundary)
+    if ok then return fields end
+    if type(fields) == "table" and fields.body then fields = (fields.body:gsub("\n$", "")) end
+    return nil, tostring(fields)
 end
 
 
@@ -148,9 +144,11 @@ end
 -- part:read() (the next piece of its data, nil at its end) and part:body() (the rest, whole). A
 -- request that is not multipart/form-data is answered 415; a malformed body 400 (moonlet.abort).
 function methods:parts()
-    local boundary = multipart.boundary(self:header("content-type"))
-    if not boundary then
+    local boundary, why = multipart.boundary(self:header("content-type"))
+    if boundary == nil then
         error(abort(415, "415 Unsupported Media Type: multipart/form-data expected\n"), 2)
+    elseif not boundary then
+        error(abort(400, "400 Bad Request: multipart: " .. why .. "\n"), 2)
     end
     return multipart.parts(body_pieces(self), boundary)
 end

@@ -662,7 +662,7 @@ static void test_reload(void) {
 }
 
 static void test_limits(void) {
-  ctest_section("cfg.limits: defaults for every server; a Lua opts field wins");
+  ctest_section("cfg.limits: defaults for every server; a Lua opts field wins, an app's own does not");
   logbuf_t lb;
   moonlet_config_t cfg;
   config(&cfg, &lb);
@@ -696,6 +696,22 @@ static void test_limits(void) {
   pthread_join(c.thread, NULL);
   CHECK_INT(big.status, 200);
   CHECK_STR(big.resp, "0123456789abcdef");
+  /* an app's own max_body (moonlet.app{ max_body = }) is below the host's: the host's 10 holds */
+  CHECK_INT(luaL_dostring(L, "function listen_app_limit()\n"
+                             "  local app = require('moonlet').app({ max_body = 1000 })\n"
+                             "  app:post('/echo', function(req) return req:body() end)\n"
+                             "  local _, port = app:listen({ port = 0 })\n"
+                             "  return port\n"
+                             "end"),
+            0);
+  int port3 = 0;
+  CHECK_INT(moonlet_call(m, "listen_app_limit", ">i", &port3), 0);
+  CHECK(port3 > 0);
+  req_t over = {.method = "POST", .path = "/echo", .body = "0123456789abcdef"};
+  client_start(&c, m, port3, &over, 1, 0);
+  step_until_done(m, &c);
+  pthread_join(c.thread, NULL);
+  CHECK_INT(over.status, 413);
   moonlet_free(m);
 }
 
