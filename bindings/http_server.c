@@ -512,21 +512,26 @@ static int x_headers(lua_State *L) {
   return 1;
 }
 
-/* syntax: value = x:header(lowercase_name) */
+/* syntax: value = x:header(lowercase_name, sep) -- every line of that header, joined with sep
+ * (", " as in x:headers(); cookies join with "; "); nothing when there is none */
 static int x_header(lua_State *L) {
   exchange_t *x = check_x(L);
-  size_t n;
+  size_t n, seplen;
   const char *name = luaL_checklstring(L, 2, &n);
+  const char *sep = luaL_optlstring(L, 3, ", ", &seplen);
   if (!x->c) return 0;
   const ml_request_t *r = ml_conn_request(x->c);
+  int found = 0;
   for (unsigned i = 0; i < r->nheaders; i++) {
     const ml_header_t *h = &r->headers[i];
     if (h->name_len == n && memcmp(h->name, name, n) == 0) {
+      if (found) lua_pushlstring(L, sep, seplen);
       lua_pushlstring(L, h->value, h->value_len);
-      return 1;
+      if (found) lua_concat(L, 3);
+      found = 1;
     }
   }
-  return 0;
+  return found;
 }
 
 /* syntax: version, keep_alive, peer, content_length = x:info() */

@@ -20,6 +20,9 @@ describe("cookies", function()
             cookie.parse(' a=1; b="two";c=%41%20z; a=2; junk; json={"x":1,"y":2}; e='))
         assert.same({}, cookie.parse(nil))
         assert.same({}, cookie.parse(""))
+        assert.same({}, cookie.parse(" ; = ; =x;;"))
+        local spaces = (" "):rep(30000) -- trimmed in linear time (a backtracking pattern took seconds)
+        assert.same({ a = "x" .. spaces .. "y" }, cookie.parse("a=x" .. spaces .. "y" .. spaces))
     end)
 
     it("writes Set-Cookie with its attributes, and raises on a bad name or option", function()
@@ -34,6 +37,44 @@ describe("cookies", function()
         assert.has_error(function() cookie.serialize("a", "x", { same_site = "sometimes" }) end)
         assert.has_error(function() cookie.serialize("a", "x", { path = "/;evil" }) end)
         assert.has_error(function() cookie.serialize("a", "x", { max_age = "1h" }) end)
+        assert.has_error(function() cookie.serialize("a", "x", { max_age = 0 / 0 }) end)
+        assert.has_error(function() cookie.serialize("a", "x", { max_age = math.huge }) end)
+        assert.has_error(function() cookie.serialize("a", "x", { expires = 1e18 }) end)
+        assert.has_error(function() cookie.serialize("a", "x", { expires = -1 }) end)
+        assert.has_error(function() cookie.serialize("a", {}) end)
+        assert.same("a=1; Expires=Fri, 31 Dec 9999 23:59:59 GMT",
+                    cookie.serialize("a", 1, { expires = 253402300799 }))
+    end)
+
+    it("keeps every cookie: set by name, returned, given by an abort; a deletion keeps Secure", function()
+        local app = moonlet.app()
+        app:use(function(_, res, next)
+            res:cookie("sid", "s1", { http_only = true }) -- a session middleware, before the handler
+            return next()
+        end)
+        app:get("/by-name", function(_, res) res:header("set-cookie", "b=1"); return "ok" end)
+        app:get("/returned", function() return 200, "ok", { ["Set-Cookie"] = { "c=1", "d=1" } } end)
+        app:get("/abort", function() moonlet.abort(401, "no\n", { ["Set-Cookie"] = "e=1" }) end)
+        app:get("/delete", function(_, res)
+            res:cookie("__Host-s", nil, { path = "/", secure = true, same_site = "Strict" })
+            return "ok"
+        end)
+        app:get("/two-lines", function(req) return req.cookies end)
+        local server, port = test.serve(app)
+        test.defer(function() server:close() end)
+        local function lines(path)
+            return set_cookies(test.raw(port, "GET " .. path
+                .. " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        end
+        assert.same({ "sid=s1; HttpOnly", "b=1" }, lines("/by-name"))
+        assert.same({ "sid=s1; HttpOnly", "c=1", "d=1" }, lines("/returned"))
+        assert.same({ "sid=s1; HttpOnly", "e=1" }, lines("/abort"))
+        assert.same({ "sid=s1; HttpOnly", "__Host-s=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; "
+                      .. "Path=/; Secure; SameSite=Strict" }, lines("/delete"))
+        -- two Cookie lines (as an HTTP/2 proxy may send them) are both read
+        local raw = test.raw(port, "GET /two-lines HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\nCookie: b=2\r\n"
+            .. "Connection: close\r\n\r\n")
+        assert.same({ a = "1", b = "2" }, moonlet.json.decode(raw:match("\r\n\r\n(.*)$")))
     end)
 
     it("serves them: req.cookies in, one Set-Cookie per res:cookie out, and any value round-trips", function()

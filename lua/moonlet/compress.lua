@@ -1,30 +1,48 @@
--- lua/moonlet/compress.lua: moonlet.gzip(opts), a middleware that gzips what a handler returns, as
--- nginx's `gzip on` does: only a whole body (a string or a table sent as JSON) of a compressible
--- type, at least min_length bytes, to a client whose Accept-Encoding takes gzip, and only when the
--- response has no Content-Encoding of its own. Streamed responses (res:write) and static files go
--- as they are. Responses that could have been compressed say `Vary: Accept-Encoding`.
-local json = require "moonlet.json"
+-- lua/moonlet/compress.lua: moonlet.gzip(opts), a middleware that turns on gzip for the responses
+-- of the requests it wraps, as nginx's `gzip on` does. The middleware only notes, before next(),
+-- whether the client takes gzip; the body is compressed in response.send, once the whole chain has
+-- returned and the response that really goes out is known (an outer middleware's abort or body
+-- included). Compressed: a whole body (a string, or a table sent as JSON) of a compressible type,
+-- at least min_length bytes, with status 200, 403 or 404 (nginx's), and no Content-Encoding of its
+-- own. Streams (res:write) and static files go as they are. A compressible response says
+-- `Vary: Accept-Encoding` (its representation depends on it), loses a Content-Length the handler
+-- set (the C side sends the compressed one) and has a strong ETag weakened (W/). HEAD gets the
+-- headers GET would.
 local zlib = require "moonlet.zlib"
 
-local type, pairs, tonumber, tostring, error = type, pairs, tonumber, tostring, error
-local find, lower, match, gmatch = string.find, string.lower, string.match, string.gmatch
+local type, pairs, tonumber, error = type, pairs, tonumber, error
+local find, lower, match, gmatch, sub = string.find, string.lower, string.match, string.gmatch,
+    string.sub
 
 local _M = {}
 
 local COMPRESSIBLE = { "^text/", "json", "javascript", "xml", "^image/svg", "^application/wasm" }
 
--- gzip's q-value in an Accept-Encoding (RFC 9110 12.5.3): that of "gzip", else of "*", else 0
+-- The q of one Accept-Encoding item's parameters (";q=0.5"): 1 without one, 0 when it is not a
+-- qvalue (RFC 9110 12.4.2: "0" to "1" with up to three decimals).
+local function qvalue(params)
+    for param in gmatch(params, "[^;]+") do
+        local name, v = match(param, "^%s*([^=%s]+)%s*=%s*(%S*)%s*$")
+        if name and lower(name) == "q" then
+            if not (match(v, "^0%.?%d?%d?%d?$") or match(v, "^1%.?0?0?0?$")) then return 0 end
+            return tonumber(v) or 0
+        end
+    end
+    return 1
+end
+
+-- gzip's q-value in an Accept-Encoding (RFC 9110 12.5.3): that of "gzip" (its first mention), else
+-- of "*", else 0
 local function gzip_q(ae)
     local q_gzip, q_any
     for item in gmatch(ae, "[^,]+") do
         local coding, params = match(item, "^%s*([^;%s]+)%s*(.*)$")
         if coding then
             coding = lower(coding)
-            local q = tonumber(match(params, "[qQ]%s*=%s*([%d.]+)")) or 1
-            if coding == "gzip" or coding == "x-gzip" then
-                q_gzip = q
-            elseif coding == "*" then
-                q_any = q
+            if (coding == "gzip" or coding == "x-gzip") and not q_gzip then
+                q_gzip = qvalue(params)
+            elseif coding == "*" and not q_any then
+                q_any = qvalue(params)
             end
         end
     end
@@ -50,49 +68,55 @@ local function header_of(res, name)
     return nil
 end
 
+local STATUSES = { [200] = true, [403] = true, [404] = true }
+
 -- syntax: app:use(moonlet.gzip({ min_length = 256, level = 6, types = { "^text/", "json", ... } }))
 function _M.gzip(opts)
     opts = opts or {}
     local min_length = opts.min_length or 256
     local level = opts.level or 6
     local types = opts.types or COMPRESSIBLE
-    if type(min_length) ~= "number" or type(level) ~= "number" or level < 0 or level > 9 then
-        error("moonlet.gzip: min_length is a number and level 0 to 9", 2)
+    if type(min_length) ~= "number" or type(level) ~= "number" or level < 0 or level > 9
+        or type(types) ~= "table" then
+        error("moonlet.gzip: min_length is a number, level 0 to 9 and types a list of patterns", 2)
     end
+    -- what response.send needs, one table for the clients that take gzip and one for the others
+    local yes = { accept = true, min_length = min_length, level = level, types = types }
+    local no = { accept = false, min_length = min_length, level = level, types = types }
     return function(req, res, next)
-        local body = next()
-        if res:started() or req.method == "HEAD" then return body end -- a stream or a file
-        local status = res._status
-        if status == 204 or status == 304 or status < 200 then return body end
-        local t = type(body)
-        local ctype = res._ctype
-        if t == "table" then
-            ctype = ctype or "application/json"
-        elseif t == "string" then
-            ctype = ctype or "text/plain; charset=utf-8"
-        else
-            return body
-        end
-        if not compressible(ctype, types) or header_of(res, "content-encoding") then return body end
-        local vary, key = header_of(res, "vary")
-        if not vary then
-            res:header("Vary", "Accept-Encoding")
-        elseif type(vary) == "string" and vary ~= "*"
-            and not find(lower(vary), "accept-encoding", 1, true) then
-            res:header(key, vary .. ", Accept-Encoding")
-        end
         local ae = req:header("accept-encoding")
-        if not ae or gzip_q(ae) <= 0 then return body end
-        if t == "table" then
-            local s, err = json.encode(body)
-            if not s then error("moonlet.gzip: the body cannot be sent as JSON: " .. tostring(err), 0) end
-            body = s
-            if not res._ctype then res:type("json") end
-        end
-        if #body < min_length then return body end
-        res:header("Content-Encoding", "gzip")
-        return zlib.gzip(body, level)
+        res._gzip = ae and gzip_q(ae) > 0 and yes or no
+        return next()
     end
+end
+
+-- syntax: body = compress.apply(res, gz, status, body, ctype) -- from response.send: the body that
+-- goes out (a string), gzipped when it may be; gz is what the middleware noted
+function _M.apply(res, gz, status, body, ctype)
+    if not STATUSES[status] or not ctype or not compressible(ctype, gz.types)
+        or header_of(res, "content-encoding") then
+        return body
+    end
+    local vary, key = header_of(res, "vary")
+    if not vary then
+        res:header("Vary", "Accept-Encoding")
+    elseif type(vary) == "table" then
+        local has = false
+        for i = 1, #vary do
+            local v = lower(vary[i])
+            if v == "*" or find(v, "accept-encoding", 1, true) then has = true end
+        end
+        if not has then vary[#vary + 1] = "Accept-Encoding" end
+    elseif vary ~= "*" and not find(lower(vary), "accept-encoding", 1, true) then
+        res:header(key, vary .. ", Accept-Encoding")
+    end
+    if not gz.accept or #body < gz.min_length then return body end
+    local _, cl = header_of(res, "content-length")
+    if cl then res:header(cl, nil) end
+    local etag, ek = header_of(res, "etag")
+    if type(etag) == "string" and sub(etag, 1, 1) == '"' then res:header(ek, "W/" .. etag) end
+    res:header("Content-Encoding", "gzip")
+    return zlib.gzip(body, gz.level)
 end
 
 return _M

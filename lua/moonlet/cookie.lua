@@ -13,12 +13,22 @@ local _M = {}
 -- syntax: cookies = cookie.parse(header) -- "a=1; b=2" -> { a = "1", b = "2" }; the first of a name
 -- wins (the most specific path comes first, RFC 6265 5.4); pairs without "=" are skipped. Only ";"
 -- separates: a comma may be inside a value that another program set without encoding it.
+-- s without its leading and trailing white space, in time linear in #s (a pattern like
+-- "^%s*(.-)%s*$" backtracks over a long run of inner spaces: seconds for a 32 KiB header)
+local function trim(s)
+    local i = find(s, "%S")
+    if not i then return "" end
+    return sub(s, i, #match(s, ".*%S"))
+end
+
 function _M.parse(header)
     local out = {}
     if not header then return out end
     for pair in header:gmatch("[^;]+") do
-        local name, value = match(pair, "^%s*([^=%s]+)%s*=%s*(.-)%s*$")
-        if name and out[name] == nil then
+        local eq = find(pair, "=", 1, true)
+        local name = eq and trim(sub(pair, 1, eq - 1))
+        if name and name ~= "" and not find(name, "%s") and out[name] == nil then
+            local value = trim(sub(pair, eq + 1))
             if #value >= 2 and byte(value, 1) == 34 and byte(value, -1) == 34 then
                 value = sub(value, 2, -2)
             end
@@ -39,6 +49,23 @@ local function encode(v)
 end
 
 local SAME_SITE = { strict = "Strict", lax = "Lax", none = "None" }
+local DAYS = { "Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat" }
+local MONTHS = { "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec" }
+
+-- an HTTP date (IMF-fixdate) in English whatever the C locale, as strftime's %a and %b are not
+local function http_date(t)
+    local d = date("!*t", t)
+    return format("%s, %02d %s %04d %02d:%02d:%02d GMT", DAYS[d.wday], d.day, MONTHS[d.month], d.year,
+                  d.hour, d.min, d.sec)
+end
+
+-- a finite number of whole seconds in [lo, hi], or a raise naming the option
+local function seconds(v, what, lo, hi)
+    if type(v) ~= "number" or v ~= v or v < lo or v > hi then
+        error(format("moonlet: cookie %s is a number of seconds from %d to %d", what, lo, hi), 4)
+    end
+    return floor(v)
+end
 
 -- syntax: line = cookie.serialize(name, value, opts) -- a Set-Cookie value. opts: max_age (seconds;
 -- 0 deletes), expires (a Unix time), path, domain, secure, http_only, same_site ("Lax", "Strict",
@@ -47,16 +74,17 @@ function _M.serialize(name, value, opts)
     if type(name) ~= "string" or not match(name, "^[!#$%%&'*+%-.^_`|~%w]+$") then
         error("moonlet: a cookie name is a token, not " .. tostring(name), 3)
     end
+    if type(value) ~= "string" and type(value) ~= "number" then
+        error("moonlet: a cookie value is a string or a number, not " .. type(value), 3)
+    end
     opts = opts or {}
     local parts = { name .. "=" .. encode(tostring(value)) }
     local function add(s) parts[#parts + 1] = s end
     if opts.max_age ~= nil then
-        if type(opts.max_age) ~= "number" then error("moonlet: cookie max_age is a number", 3) end
-        add("Max-Age=" .. floor(opts.max_age))
+        add(format("Max-Age=%d", seconds(opts.max_age, "max_age", -2 ^ 31, 2 ^ 31)))
     end
-    if opts.expires ~= nil then
-        if type(opts.expires) ~= "number" then error("moonlet: cookie expires is a Unix time", 3) end
-        add("Expires=" .. date("!%a, %d %b %Y %H:%M:%S GMT", floor(opts.expires)))
+    if opts.expires ~= nil then -- a Unix time up to the end of year 9999
+        add("Expires=" .. http_date(seconds(opts.expires, "expires", 0, 253402300799)))
     end
     for _, k in ipairs({ "path", "domain" }) do
         local v = opts[k]

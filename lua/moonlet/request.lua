@@ -24,7 +24,7 @@ function lazy.headers(req)
     return req._x:headers() or {}
 end
 function lazy.cookies(req)
-    return cookie.parse(req:header("cookie"))
+    return cookie.parse(req._x:header("cookie", "; ")) -- several Cookie lines join with "; "
 end
 function lazy.query(req)
     local first, all = url.parse_query(req.query_string)
@@ -57,7 +57,8 @@ _M.mt = {
     end,
 }
 
--- syntax: value = req:header(name) -- case-insensitive
+-- syntax: value = req:header(name) -- case-insensitive; the lines of a repeated header joined with
+-- ", " (as in req.headers)
 function methods:header(name)
     local h = rawget(self, "headers")
     if h then return h[str_lower(name)] end

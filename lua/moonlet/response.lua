@@ -11,6 +11,8 @@ local str_lower = string.lower
 local has_new_tab, new_tab = pcall(require, "table.new") -- LuaJIT: a table made at its size
 if not has_new_tab then new_tab = function() return {} end end
 
+local compress -- lua/moonlet/compress.lua, loaded when moonlet.gzip is first used
+
 local _M = {}
 local methods = {}
 _M.mt = { __name = "moonlet.response", __index = methods }
@@ -43,12 +45,32 @@ function methods:status(code)
     return self
 end
 
--- syntax: res:header(name, value) -> res -- value nil removes; a table sends the header repeatedly
+-- Set-Cookie lines add up under one key: a cookie set earlier (res:cookie, a middleware) is not
+-- lost when another is set by name, returned in a headers table or given by an abort.
+local function add_set_cookie(h, value)
+    if value == nil then
+        h["Set-Cookie"] = nil
+        return
+    end
+    local list = h["Set-Cookie"] or {}
+    if type(value) == "table" then
+        for i = 1, #value do list[#list + 1] = value[i] end
+    else
+        list[#list + 1] = value
+    end
+    h["Set-Cookie"] = list
+end
+
+-- syntax: res:header(name, value) -> res -- value nil removes; a table sends the header repeatedly.
+-- Content-Type (in any letter case) is res:type's; Set-Cookie (any case) adds to the cookies set.
 function methods:header(name, value)
     local h = self._headers
     if not h then h = new_tab(0, 4); self._headers = h end
-    if name == "Content-Type" or name == "content-type" then
+    local n = type(name) == "string" and #name or 0
+    if n == 12 and (name == "Content-Type" or str_lower(name) == "content-type") then
         self._ctype = value
+    elseif n == 10 and (name == "Set-Cookie" or str_lower(name) == "set-cookie") then
+        add_set_cookie(h, value)
     else
         h[name] = value
     end
@@ -57,24 +79,21 @@ end
 
 -- syntax: res:cookie(name, value, { max_age =, expires =, path =, domain =, secure =, http_only =,
 -- same_site = }) -> res -- a Set-Cookie header (one per call); value nil deletes the cookie
--- (Max-Age=0, and the same path and domain as when it was set). See lua/moonlet/cookie.lua.
+-- (Max-Age=0, with the path, domain, secure, http_only and same_site it was set with: a browser
+-- ignores a deletion of a __Secure- or __Host- cookie without Secure). See lua/moonlet/cookie.lua.
 function methods:cookie(name, value, opts)
     if value == nil then
         local o = { max_age = 0, expires = 0 }
-        if opts then o.path, o.domain = opts.path, opts.domain end
+        if opts then
+            o.path, o.domain, o.secure = opts.path, opts.domain, opts.secure
+            o.http_only, o.same_site = opts.http_only, opts.same_site
+        end
         opts, value = o, ""
     end
     local line = cookie.serialize(name, value, opts)
     local h = self._headers
     if not h then h = new_tab(0, 4); self._headers = h end
-    local prev = h["Set-Cookie"]
-    if prev == nil then
-        h["Set-Cookie"] = { line }
-    elseif type(prev) == "table" then
-        prev[#prev + 1] = line
-    else
-        h["Set-Cookie"] = { prev, line }
-    end
+    add_set_cookie(h, line)
     return self
 end
 
@@ -165,13 +184,20 @@ function _M.send(res, a, b, c)
     if t == "string" then
         ctype = ctype or TEXT
     elseif t == "table" then
-        body = json.encode(body)
+        local err
+        body, err = json.encode(body)
+        if not body then error("moonlet: the response body cannot be sent as JSON: " .. tostring(err), 0) end
         ctype = ctype or JSON
     elseif body == nil then
         body = ""
     else
         body = tostring(body)
         ctype = ctype or TEXT
+    end
+    local gz = res._gzip -- moonlet.gzip is on for this request (lua/moonlet/compress.lua)
+    if gz then
+        compress = compress or require "moonlet.compress"
+        body = compress.apply(res, gz, status, body, ctype)
     end
     return x:respond(status, body, ctype, res._headers)
 end
