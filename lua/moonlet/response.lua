@@ -173,6 +173,7 @@ function _M.send(res, a, b, c)
         return x:finish()
     end
     local status, body = res._status, a
+    if body == res then body = nil end -- `return res:redirect(url)`, `return res:status(204)`: a chain
     if type(a) == "number" then
         status, body = a, b
         if c then
