@@ -569,16 +569,31 @@ static const char *APP_V(int v) {
   return buf;
 }
 
-/* GET path on port while stepping m; the body, or "" */
-static const char *get_stepping(moonlet_t *m, int port, const char *path, req_t *r) {
+/* The request r on port while stepping m: r's status and resp are filled in */
+static void request_stepping(moonlet_t *m, int port, req_t *r) {
   client_t c;
-  r->path = path;
-  r->method = "GET";
-  r->body = NULL;
   client_start(&c, m, port, r, 1, 0);
   step_until_done(m, &c);
   pthread_join(c.thread, NULL);
+}
+
+/* GET path on port while stepping m; the body, or "" */
+static const char *get_stepping(moonlet_t *m, int port, const char *path, req_t *r) {
+  r->path = path;
+  r->method = "GET";
+  r->body = NULL;
+  request_stepping(m, port, r);
   return r->resp;
+}
+
+/* Runs the Lua chunk src, which defines the function fn, then fn, which listens and returns the
+ * port */
+static int listen_from_lua(moonlet_t *m, const char *src, const char *fn) {
+  int port = 0;
+  CHECK_INT(luaL_dostring(moonlet_lua_state(m), src), 0);
+  CHECK_INT(moonlet_call(m, fn, ">i", &port), 0);
+  CHECK(port > 0);
+  return port;
 }
 
 static void test_load_errors(void) {
@@ -671,17 +686,14 @@ static void test_limits(void) {
   if (!CHECK(m != NULL)) return;
   CHECK_INT(moonlet_load_string(m, "hello_app", HELLO_APP), 0);
   int port = moonlet_listen(m, "127.0.0.1", 0);
-  lua_State *L = moonlet_lua_state(m);
-  CHECK_INT(
-      luaL_dostring(L, "function listen_big(app)\n"
-                       "  local reload = require 'moonlet.reload'\n"
-                       "  local _, port = reload.current():listen({ port = 0, max_body = 100 })\n"
-                       "  return port\n"
-                       "end"),
-      0);
-  int port2 = 0;
-  CHECK_INT(moonlet_call(m, "listen_big", ">i", &port2), 0);
-  CHECK(port2 > 0);
+  int port2 =
+      listen_from_lua(m,
+                      "function listen_big()\n"
+                      "  local reload = require 'moonlet.reload'\n"
+                      "  local _, port = reload.current():listen({ port = 0, max_body = 100 })\n"
+                      "  return port\n"
+                      "end",
+                      "listen_big");
   req_t reqs[] = {{.method = "POST", .path = "/echo", .body = "0123456789abcdef"},
                   {.method = "POST", .path = "/echo", .body = "0123456789"}};
   client_t c;
@@ -691,26 +703,20 @@ static void test_limits(void) {
   CHECK_INT(reqs[0].status, 413);
   CHECK_INT(reqs[1].status, 200);
   req_t big = {.method = "POST", .path = "/echo", .body = "0123456789abcdef"};
-  client_start(&c, m, port2, &big, 1, 0);
-  step_until_done(m, &c);
-  pthread_join(c.thread, NULL);
+  request_stepping(m, port2, &big);
   CHECK_INT(big.status, 200);
   CHECK_STR(big.resp, "0123456789abcdef");
   /* an app's own max_body (moonlet.app{ max_body = }) is below the host's: the host's 10 holds */
-  CHECK_INT(luaL_dostring(L, "function listen_app_limit()\n"
-                             "  local app = require('moonlet').app({ max_body = 1000 })\n"
-                             "  app:post('/echo', function(req) return req:body() end)\n"
-                             "  local _, port = app:listen({ port = 0 })\n"
-                             "  return port\n"
-                             "end"),
-            0);
-  int port3 = 0;
-  CHECK_INT(moonlet_call(m, "listen_app_limit", ">i", &port3), 0);
-  CHECK(port3 > 0);
+  int port3 = listen_from_lua(m,
+                              "function listen_app_limit()\n"
+                              "  local app = require('moonlet').app({ max_body = 1000 })\n"
+                              "  app:post('/echo', function(req) return req:body() end)\n"
+                              "  local _, port = app:listen({ port = 0 })\n"
+                              "  return port\n"
+                              "end",
+                              "listen_app_limit");
   req_t over = {.method = "POST", .path = "/echo", .body = "0123456789abcdef"};
-  client_start(&c, m, port3, &over, 1, 0);
-  step_until_done(m, &c);
-  pthread_join(c.thread, NULL);
+  request_stepping(m, port3, &over);
   CHECK_INT(over.status, 413);
   moonlet_free(m);
 }
