@@ -2,6 +2,8 @@
 -- table (req.cookies), and the Set-Cookie line of res:cookie(). Values are percent-decoded when
 -- read and percent-encoded when set (as Express does), so any string round-trips; a value that was
 -- not encoded by us comes through as it was sent, quotes taken off.
+local trim = require("moonlet.url").trim
+
 local find, sub, gsub, match, byte, format, char = string.find, string.sub, string.gsub,
     string.match, string.byte, string.format, string.char
 local type, tostring, tonumber, ipairs, error = type, tostring, tonumber, ipairs, error
@@ -13,14 +15,6 @@ local _M = {}
 -- syntax: cookies = cookie.parse(header) -- "a=1; b=2" -> { a = "1", b = "2" }; the first of a name
 -- wins (the most specific path comes first, RFC 6265 5.4); pairs without "=" are skipped. Only ";"
 -- separates: a comma may be inside a value that another program set without encoding it.
--- s without its leading and trailing white space, in time linear in #s (a pattern like
--- "^%s*(.-)%s*$" backtracks over a long run of inner spaces: seconds for a 32 KiB header)
-local function trim(s)
-    local i = find(s, "%S")
-    if not i then return "" end
-    return sub(s, i, #match(s, ".*%S"))
-end
-
 function _M.parse(header)
     local out = {}
     if not header then return out end

@@ -9,6 +9,7 @@
 -- 400 and the handler's error is not logged as a server fault. A body that cannot be read (the
 -- client went away, a timeout) raises as req:chunks() does.
 local abort = require("moonlet.response").abort
+local trim = require("moonlet.url").trim
 
 local find, sub, lower, match, gsub, char = string.find, string.sub, string.lower, string.match,
     string.gsub, string.char
@@ -52,8 +53,8 @@ local function params_of(value)
                 v = concat(out)
                 pos = find(value, ";", i + 1, true)
             else
-                v = match(value, "^([^;]-)%s*;", at) or match(value, "^(.-)%s*$", at)
                 pos = find(value, ";", at, true)
+                v = trim(sub(value, at, pos and pos - 1 or #value))
             end
             key = lower(key)
             if p[key] == nil then p[key] = v end
@@ -132,9 +133,9 @@ function reader_mt:next_head()
     if not match(sub(block, 1, first - 1), "^[ \t]*$") then bad("a boundary line with text after it") end
     local headers = {}
     for line in block:sub(first + 2):gmatch("(.-)\r\n") do
-        local name, value = match(line, "^([^:%s]+)%s*:%s*(.-)%s*$")
+        local name, colon = match(line, "^([^:%s]+)%s*:()")
         if not name then bad("a malformed part header") end
-        headers[lower(name)] = value
+        headers[lower(name)] = trim(sub(line, colon))
     end
     local cd = headers["content-disposition"]
     if not cd or lower(match(cd, "^%s*([^;%s]*)")) ~= "form-data" then

@@ -1,12 +1,22 @@
 -- lua/moonlet/url.lua: percent-decoding, query strings and path segments, shared by the router,
--- requests and static files.
-local str_find, str_gsub, str_sub, str_char = string.find, string.gsub, string.sub, string.char
+-- requests and static files; and trim, for the header values the Lua parsers read.
+local str_find, str_gsub, str_sub, str_char, str_match = string.find, string.gsub, string.sub,
+    string.char, string.match
 local tonumber = tonumber
 
 local _M = {}
 
 local function hex_char(h)
     return str_char(tonumber(h, 16))
+end
+
+-- syntax: s = url.trim(s) -- without leading and trailing white space, in time linear in #s. (A
+-- pattern such as "^%s*(.-)%s*$" backtracks over a long run of inner spaces: seconds of CPU for one
+-- 32 KiB header a client controls.)
+function _M.trim(s)
+    local i = str_find(s, "%S")
+    if not i then return "" end
+    return str_sub(s, i, #str_match(s, ".*%S"))
 end
 
 -- syntax: s = url.unescape(s) -- %XX decoded; "+" left alone (paths)
