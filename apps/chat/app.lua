@@ -11,6 +11,7 @@
 -- browser to server: { type = "message", text = "..." } (plain text is taken as a message too)
 local moonlet = require "moonlet"
 local json = require "moonlet.json"
+local trim = require("moonlet.url").trim -- linear in the length: the nick comes from a client
 
 local str_sub, str_match, str_gsub = string.sub, string.match, string.gsub
 local remove, time = table.remove, os.time
@@ -32,7 +33,7 @@ end
 
 local function clean_nick(nick)
     nick = str_gsub(nick or "", "[%c<>&\"']", "")
-    nick = str_match(nick, "^%s*(.-)%s*$")
+    nick = trim(nick)
     if nick == "" then return nil end
     return str_sub(nick, 1, 32)
 end

@@ -5,10 +5,11 @@
 -- task raises moonlet.CANCELLED) and ws.close_code / ws.close_reason read as fields.
 local core = require "moonlet.core"
 local check = require("moonlet.task").check
+local trim = require("moonlet.url").trim -- linear: these headers come from the peer
 
 local type, tostring, tonumber, pairs, ipairs = type, tostring, tonumber, pairs, ipairs
 local setmetatable = setmetatable
-local str_find, str_lower, str_match, str_gsub = string.find, string.lower, string.match, string.gsub
+local str_find, str_lower, str_match = string.find, string.lower, string.match
 local concat = table.concat
 local traceback = debug.traceback
 
@@ -168,7 +169,7 @@ end
 local function has_token(value, token)
     if not value then return false end
     for t in value:gmatch("[^,]+") do
-        if str_lower((str_gsub(t, "^%s*(.-)%s*$", "%1"))) == token then return true end
+        if str_lower(trim(t)) == token then return true end
     end
     return false
 end
