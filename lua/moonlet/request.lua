@@ -139,7 +139,6 @@ function methods:form()
     return nil, tostring(fields)
 end
 
-
 -- syntax: for part in req:parts() do ... end -- a multipart/form-data body (file uploads) part by
 -- part as it arrives: part.name, part.filename (nil for a plain field), part.type, part.headers,
 -- part:read() (the next piece of its data, nil at its end) and part:body() (the rest, whole). A
