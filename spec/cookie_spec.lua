@@ -77,6 +77,25 @@ describe("cookies", function()
         assert.same({ a = "1", b = "2" }, moonlet.json.decode(raw:match("\r\n\r\n(.*)$")))
     end)
 
+    it("reads every Cookie line of a WebSocket handshake (the request is gone once it is open)", function()
+        local app = moonlet.app()
+        app:websocket("/ws", function(ws, req) ws:send(moonlet.json.encode(req.cookies)) end)
+        local server, port = test.serve(app)
+        test.defer(function() server:close() end)
+        local sock = test.connect(port)
+        test.defer(function() sock:close() end)
+        assert(sock:send("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            .. "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            .. "Cookie: a=1\r\nCookie: b=2\r\n\r\n"))
+        local line = assert(sock:receive("*l"))
+        assert.same("HTTP/1.1 101 Switching Protocols", line)
+        repeat line = assert(sock:receive("*l")) until line == ""
+        local head = assert(sock:receive(2)) -- a text frame, unmasked, under 126 bytes
+        assert.same(0x81, head:byte(1))
+        local text = assert(sock:receive(head:byte(2)))
+        assert.same({ a = "1", b = "2" }, moonlet.json.decode(text))
+    end)
+
     it("serves them: req.cookies in, one Set-Cookie per res:cookie out, and any value round-trips", function()
         local bytes = {}
         for i = 0, 255 do bytes[#bytes + 1] = string.char(i) end

@@ -228,7 +228,9 @@ local function fail(app, req, res, err, w)
     end
     if is_abort(err) then
         if res._streaming then return end
-        return send(res, err.status, err.body, err.headers)
+        local ok, e = pcall(send, res, err.status, err.body, err.headers)
+        if ok then return e end
+        err = tostring(e) -- (a body JSON cannot encode): an error like any other, below
     end
     core.log(0, req.method .. " " .. req.target .. ": " .. err)
     if res._streaming or x:started() then return end -- the C side closes a broken stream

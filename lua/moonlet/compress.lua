@@ -101,12 +101,16 @@ function _M.apply(res, gz, status, body, ctype)
     if not vary then
         res:header("Vary", "Accept-Encoding")
     elseif type(vary) == "table" then
-        local has = false
+        local copy = {} -- the caller's table (a constant of theirs, perhaps) stays as it is
         for i = 1, #vary do
             local v = lower(vary[i])
-            if v == "*" or find(v, "accept-encoding", 1, true) then has = true end
+            if v == "*" or find(v, "accept-encoding", 1, true) then copy = nil; break end
+            copy[i] = vary[i]
         end
-        if not has then vary[#vary + 1] = "Accept-Encoding" end
+        if copy then
+            copy[#copy + 1] = "Accept-Encoding"
+            res:header(key, copy)
+        end
     elseif vary ~= "*" and not find(lower(vary), "accept-encoding", 1, true) then
         res:header(key, vary .. ", Accept-Encoding")
     end

@@ -162,6 +162,9 @@ end
 -- handler chose is sent unless a middleware returned something else in its place or started a
 -- stream of its own (res:write).
 function _M.send(res, a, b, c)
+    -- `return res:redirect(url)`, `return 302, res:header(...)`: a chain of res's setters returns
+    -- res itself, which is no body
+    if a == res then a = nil elseif b == res then b = nil end
     local x = res._x
     local f = res._file
     if f then
@@ -169,11 +172,13 @@ function _M.send(res, a, b, c)
         res._file = false
     end
     if res._streaming then
+        if type(a) == "table" then
+            error("moonlet: a streamed response ends with a string, not a table (res:write it as JSON)", 0)
+        end
         if a ~= nil and type(a) ~= "number" then res:write(a) end
         return x:finish()
     end
     local status, body = res._status, a
-    if body == res then body = nil end -- `return res:redirect(url)`, `return res:status(204)`: a chain
     if type(a) == "number" then
         status, body = a, b
         if c then

@@ -258,6 +258,7 @@ function _M.accept(req, opts)
         return nil, 403, "403 Forbidden: origin not allowed\n"
     end
     local protocol = choose_protocol(opts.protocols, h["sec-websocket-protocol"], req)
+    if h.cookie then local _ = req.cookies end -- read now, from every Cookie line, while there are lines
     local ud, ext = core.ws_accept(x, key, protocol, h["sec-websocket-extensions"], opts)
     if not ud then return nil, 500, "500 Internal Server Error\n" end
     req._x = setmetatable({ version, keep_alive, peer, length, h = kept_headers(h) }, gone_mt)
