@@ -104,6 +104,61 @@ local function keepalive_server(answer)
     end)
 end
 
+-- A forward proxy: CONNECT makes a tunnel; a request with an absolute-form target is passed on to
+-- its origin as it came (a moonlet server takes absolute form); then bytes flow both ways until
+-- one side closes. st.lines: the first line of each request it got; st.auth: their
+-- Proxy-Authorization; st.refuse: answer 407 instead.
+local function proxy_server()
+    local st
+    local base
+    base, st = raw_server(function(sock, state)
+        local line = sock:receive("*l")
+        if not line then return end
+        state.lines[#state.lines + 1] = line
+        local head = { line }
+        while true do
+            local h = sock:receive("*l")
+            if not h then return end
+            local pa = h:match("^[Pp]roxy%-[Aa]uthorization:%s*(.*)$")
+            if pa then state.auth[#state.auth + 1] = pa end
+            head[#head + 1] = h
+            if h == "" then break end
+        end
+        if state.refuse then
+            sock:send("HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+            return
+        end
+        local method, target = line:match("^(%u+) (%S+)")
+        local host, port
+        if method == "CONNECT" then
+            host, port = target:match("^(.+):(%d+)$")
+        else
+            host, port = target:match("^http://([^/:]+):?(%d*)")
+        end
+        local up = assert(moonlet.tcp.connect(host, tonumber(port) or 80, { timeout = 5 }))
+        if method == "CONNECT" then
+            sock:send("HTTP/1.1 200 Connection established\r\n\r\n")
+        else
+            up:send(table.concat(head, "\r\n") .. "\r\n")
+        end
+        local back = moonlet.spawn(function()
+            while true do
+                local d = up:receive_any(65536)
+                if not d or not sock:send(d) then break end
+            end
+            sock:close()
+        end)
+        while true do
+            local d = sock:receive_any(65536)
+            if not d or not up:send(d) then break end
+        end
+        up:close()
+        back:join(5)
+    end)
+    st.lines, st.auth = {}, {}
+    return base, st
+end
+
 local function stats_now()
     settle()
     local s = core.stats()
@@ -1028,6 +1083,58 @@ describe("moonlet.http concurrency", function()
     end)
 end)
 
+describe("moonlet.http through a proxy", function()
+    local function origin()
+        return serve(function(app)
+            app:get("/where", function(req)
+                return req.method .. " " .. req.path .. "?" .. (req.query_string or "")
+            end)
+        end)
+    end
+
+    it("sends an http:// request to the proxy with its URL as the target, and its credentials", function()
+        local base = origin()
+        local proxy, st = proxy_server()
+        local res = assert(http.get(base .. "/where?a=1", { proxy = proxy }))
+        assert.same({ 200, "GET /where?a=1" }, { res.status, res.body })
+        assert.same("GET " .. base .. "/where?a=1 HTTP/1.1", st.lines[1])
+        assert.same({}, st.auth)
+        local authed = proxy:gsub("^http://", "http://user:p%%40ss@")
+        assert(http.get(base .. "/where", { proxy = authed }))
+        assert.same({ "Basic dXNlcjpwQHNz" }, st.auth) -- user:p@ss, a pool of its own
+        assert.same(2, st.accepted)
+    end)
+
+    it("takes configure's proxy, skips it for no_proxy hosts and for proxy = false", function()
+        local base, port = origin()
+        local proxy, st = proxy_server()
+        http.configure({ proxy = proxy })
+        defer(function() http.configure({ proxy = false, no_proxy = false }) end)
+        assert.same("GET /where?", assert(http.get(base .. "/where")).body)
+        assert.same(1, #st.lines)
+        assert(http.get(base .. "/where", { proxy = false }))
+        http.configure({ no_proxy = "example.com, .0.0.1" }) -- 127.0.0.1 ends with 0.0.1
+        assert(http.get("http://127.0.0.1:" .. port .. "/where"))
+        assert(http.get("http://localhost:" .. port .. "/where"))
+        assert.same({ "GET " .. base .. "/where HTTP/1.1",
+                      "GET http://localhost:" .. port .. "/where HTTP/1.1" }, st.lines)
+    end)
+
+    it("reports a proxy that refuses or is not there; raises on a proxy that is not http://", function()
+        local base = origin()
+        local proxy, st = proxy_server()
+        st.refuse = true
+        assert.same(407, assert(http.get(base .. "/where", { proxy = proxy })).status)
+        local _, err = http.get("https://127.0.0.1:1/", { proxy = proxy })
+        assert.same("proxy: 407", err)
+        _, err = http.get(base .. "/where", { proxy = "http://127.0.0.1:1" })
+        assert.same("proxy: connection refused", err)
+        assert.has_error(function() http.get(base, { proxy = "https://127.0.0.1:1" }) end,
+                         "moonlet.http: proxy must be an http:// URL")
+        assert.has_error(function() http.configure({ proxy = "nonsense" }) end)
+    end)
+end)
+
 describe("moonlet.http misuse", function()
     it("raises on an unknown configure option", function()
         assert.has_error(function() http.configure({ pool_sise = 1 }) end)
@@ -1080,6 +1187,19 @@ describe("moonlet.http over TLS", function()
         assert.same(2, http.pool_stats().idle) -- localhost and 127.0.0.1 are two origins
         assert(http.get("https://127.0.0.1:" .. port .. "/z", { tls = { cafile = ca } }))
         assert.same(2, st.accepted) -- the third request reused the second connection
+    end)
+
+    it("makes a tunnel through a proxy (CONNECT) and verifies the origin's certificate in it", function()
+        local port, st = tls_server()
+        local proxy, pst = proxy_server()
+        local res = assert(http.get("https://localhost:" .. port .. "/t",
+                                    { proxy = proxy, tls = { cafile = ca } }))
+        assert.same("secret /t", res.body)
+        assert.same("CONNECT localhost:" .. port .. " HTTP/1.1", pst.lines[1])
+        assert(http.get("https://localhost:" .. port .. "/u", { proxy = proxy, tls = { cafile = ca } }))
+        assert.same({ 1, 1 }, { pst.accepted, st.accepted }) -- the tunnel is pooled and reused
+        local _, err = http.get("https://localhost:" .. port .. "/v", { proxy = proxy, keepalive = false })
+        assert.same("tls: certificate verify failed", err) -- end to end: the proxy sees no plain text
     end)
 
     it("checks the host name, and connects with verify = false", function()

@@ -25,9 +25,9 @@ local multipart = require "moonlet.multipart"
 local task = require "moonlet.task"
 local tcp = require "moonlet.tcp"
 
-local byte, find, sub, lower, upper, match, gsub, format, char =
+local byte, find, sub, lower, upper, match, gsub, gmatch, format, char =
     string.byte, string.find, string.sub, string.lower, string.upper, string.match,
-    string.gsub, string.format, string.char
+    string.gsub, string.gmatch, string.format, string.char
 local concat, sort = table.concat, table.sort
 local tonumber, tostring, type, pairs, ipairs, setmetatable, getmetatable, pcall, error =
     tonumber, tostring, type, pairs, ipairs, setmetatable, getmetatable, pcall, error
@@ -47,6 +47,8 @@ local config = {
     send_timeout = 60,       -- seconds a send may wait
     max_body = nil,          -- response body limit in bytes (nil: none)
     user_agent = "moonlet/" .. tostring(core.version),
+    proxy = false,           -- an http:// proxy URL every request goes through (false: none)
+    no_proxy = false,        -- "host, .domain, *": hosts reached without the proxy
 }
 
 local MAX_LINE = 16384        -- a chunk-size or trailer line (heads: bindings/http_client.c)
@@ -396,10 +398,49 @@ function _M.close_idle()
     end
 end
 
+-- -- Proxies ------------------------------------------------------------------------------------
+-- A request through an http:// proxy: to an http:// URL it goes to the proxy with its URL as the
+-- request target (absolute form) and the proxy's credentials as Proxy-Authorization; to an https://
+-- URL a CONNECT makes a tunnel through the proxy first, and TLS runs end to end inside it. Pooled
+-- connections are kept per origin and proxy.
+
+-- Raises (at level, counted from here) unless p is an http:// URL (credentials may be in it).
+local function check_proxy(p, who, level)
+    local pu = type(p) == "string" and parse_url(p)
+    if not pu or pu.https then error(who .. ": proxy must be an http:// URL", level) end
+    return pu
+end
+
+-- Whether host is one of no_proxy's "name, .domain, *" (a name matches its subdomains too).
+local function bypasses(host, no_proxy)
+    for item in gmatch(no_proxy, "[^,%s]+") do
+        item = lower(item)
+        if item == "*" then return true end
+        if byte(item) == 46 then item = sub(item, 2) end -- ".domain"
+        if host == item or (#host > #item and sub(host, -#item - 1) == "." .. item) then
+            return true
+        end
+    end
+    return false
+end
+
+-- The parsed proxy URL a request to u goes through, or nil: the request's proxy (false: none),
+-- else configure's, unless u's host is in no_proxy (the request's, else configure's).
+local function proxy_for(u, o)
+    local p = o.proxy
+    if p == nil then p = config.proxy end
+    if not p then return nil end
+    local no = o.no_proxy
+    if no == nil then no = config.no_proxy end
+    if no and bypasses(u.host, no) then return nil end
+    return parse_url(p)
+end
+
 -- syntax: moonlet.http.configure{ pool_size =, idle_timeout =, connect_timeout =, read_timeout =,
--- send_timeout =, max_body =, user_agent = } -- defaults of later requests
+-- send_timeout =, max_body =, user_agent =, proxy =, no_proxy = } -- defaults of later requests
 function _M.configure(opts)
     if type(opts) ~= "table" then error("moonlet.http.configure: expected a table", 2) end
+    if opts.proxy then check_proxy(opts.proxy, "moonlet.http.configure", 3) end
     for k, v in pairs(opts) do
         if config[k] == nil and k ~= "max_body" then
             error("moonlet.http.configure: unknown option " .. tostring(k), 2)
@@ -421,7 +462,23 @@ local function new_conn(u, tls_key)
 end
 
 -- A new connection to u (TLS included for https), or nil, err.
-local function connect(u, key, o, deadline)
+-- Makes a tunnel to u through the proxy conn is connected to (CONNECT): true, or nil, err.
+local function tunnel(conn, u, px, t)
+    local authority = match(u.key, "^%a+://(.*)$") -- host:port, [v6]:port
+    local req = "CONNECT " .. authority .. " HTTP/1.1\r\nHost: " .. authority .. "\r\n"
+        .. (px.auth and "Proxy-Authorization: " .. px.auth .. "\r\n" or "") .. "\r\n"
+    local ok, err = sock_wait(conn, conn.send, req, t)
+    if not ok then return nil, err end
+    conn.read_timeout = t
+    local status, reason = read_head(conn, false)
+    if not status then return nil, "proxy: " .. tostring(reason) end
+    if status < 200 or status > 299 then return nil, "proxy: " .. status end
+    if conn.pos <= #conn.buf then return nil, "proxy: bytes after its answer to CONNECT" end
+    conn.buf, conn.pos = "", 1
+    return true
+end
+
+local function connect(u, key, o, deadline, px)
     local conn = new_conn(u, key)
     conn.deadline = deadline
     conn.taken_at = now()
@@ -432,14 +489,26 @@ local function connect(u, key, o, deadline)
         if left <= 0 then return nil, "timeout" end
         if left < t then t = left end
     end
-    local sock, err = tcp_connect(u.host, u.port, { timeout = t }) -- raises when cancelled
-    if not sock then return nil, err end
+    local via = px or u -- a proxy: the TCP connection goes to it
+    local sock, err = tcp_connect(via.host, via.port, { timeout = t }) -- raises when cancelled
+    if not sock then return nil, px and "proxy: " .. err or err end
     conn.sock = sock
     if raw and raw_mt and getmetatable(sock) == raw_mt then
         conn.raw = true
         conn.send, conn.receive_any, conn.settimeout = raw.send, raw.receive_any, raw.settimeout
     else
         conn.send, conn.receive_any, conn.settimeout = sock.send, sock.receive_any, sock.settimeout
+    end
+    if px and u.https then
+        if not arm(conn, t) then
+            close_conn(conn)
+            return nil, "timeout"
+        end
+        local ok, terr = tunnel(conn, u, px, t)
+        if not ok then
+            close_conn(conn)
+            return nil, terr
+        end
     end
     if u.https then
         local tls_opts = { server_name = u.host, verify = o.verify ~= false }
@@ -479,9 +548,9 @@ end
 -- The request head (and a small body appended) as one string; for a body made by a function,
 -- whether it is to be sent with chunked framing (it is unless the headers give a Content-Length)
 -- and that Content-Length.
-local function build_request(method, u, target, headers, body, o, decompress)
+local function build_request(method, u, target, headers, body, o, decompress, px)
     if not headers and not body and not decompress and not u.auth and o.keepalive ~= false
-        and method == "GET" and target == u.target and not o.user_agent then
+        and method == "GET" and target == u.target and not o.user_agent and not px then
         local r = u.get_request -- the common case, built once per URL
         if not r then
             r = "GET " .. target .. " HTTP/1.1\r\nHost: " .. u.hostport .. "\r\nUser-Agent: "
@@ -490,9 +559,10 @@ local function build_request(method, u, target, headers, body, o, decompress)
         end
         return r
     end
-    local parts = { method, " ", target, " HTTP/1.1\r\n" }
+    -- through a proxy (http:// URLs only: https goes through a tunnel), the URL is the target
+    local parts = { method, " ", px and u.scheme .. "://" .. u.hostport .. target or target, " HTTP/1.1\r\n" }
     local n = 4
-    local has_host, has_ua, has_cl, has_te, has_ae, has_conn, has_auth
+    local has_host, has_ua, has_cl, has_te, has_ae, has_conn, has_auth, has_pauth
     if headers then
         for k, v in pairs(headers) do
             local lk = lower_name(k)
@@ -503,6 +573,7 @@ local function build_request(method, u, target, headers, body, o, decompress)
             elseif lk == "accept-encoding" then has_ae = true
             elseif lk == "connection" then has_conn = true
             elseif lk == "authorization" then has_auth = true
+            elseif lk == "proxy-authorization" then has_pauth = true
             end
             if type(v) == "table" then
                 for _, x in ipairs(v) do
@@ -525,6 +596,10 @@ local function build_request(method, u, target, headers, body, o, decompress)
     end
     if u.auth and not has_auth then
         parts[n + 1], parts[n + 2] = "Authorization: ", u.auth .. "\r\n"
+        n = n + 2
+    end
+    if px and px.auth and not has_pauth then
+        parts[n + 1], parts[n + 2] = "Proxy-Authorization: ", px.auth .. "\r\n"
         n = n + 2
     end
     if decompress and not has_ae then
@@ -907,13 +982,15 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
             key = key .. "|" .. concat(t, ",")
         end
     end
+    local px = proxy_for(u, o)
+    if px then key = key .. "|via " .. px.url end -- (its credentials in it: one pool per user)
     local conn = not fresh and o.keepalive ~= false and checkout(key, t0 or now())
     local err
     if conn then
         conn.reused = conn.reused + 1
         conn.deadline = deadline
     else
-        conn, err = connect(u, key, o, deadline)
+        conn, err = connect(u, key, o, deadline, px)
         if not conn then return nil, err end
     end
     conn.got = false
@@ -923,7 +1000,8 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
     conn.pool_size = o.pool_size or config.pool_size
     conn.idle_timeout = o.idle_timeout or config.idle_timeout
     local decompress = o.decompress
-    local req, chunked, length = build_request(method, u, target, headers, body, o, decompress)
+    local req, chunked, length = build_request(method, u, target, headers, body, o, decompress,
+                                               not u.https and px or nil)
     local ok
     ok, err = sock_wait(conn, conn.send, req, conn.send_timeout)
     -- a body made by a function cannot be made again: once it was asked for a piece, a request
@@ -1051,6 +1129,7 @@ local function request(method, url, o, body, level)
     end
     local u, err = parse_url(url)
     if not u then error("moonlet.http: " .. err .. ": " .. url, level) end
+    if o.proxy then check_proxy(o.proxy, "moonlet.http", level + 1) end
     local target = u.target
     local query = o.query
     if query then
@@ -1115,7 +1194,8 @@ local EMPTY = {}
 
 -- syntax: res, err = moonlet.http.request{ method =, url =, headers =, body =, json =, form =,
 -- query =, timeout =, connect_timeout =, read_timeout =, send_timeout =, redirects =, decompress =,
--- max_body =, stream =, keepalive =, verify =, tls =, pool_size =, idle_timeout = }
+-- max_body =, stream =, keepalive =, verify =, tls =, pool_size =, idle_timeout =, proxy =,
+-- no_proxy = }
 function _M.request(opts, url_opts)
     if type(opts) == "string" then -- request(url, opts)
         local o = url_opts or EMPTY
