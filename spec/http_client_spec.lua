@@ -1110,14 +1110,51 @@ describe("moonlet.http through a proxy", function()
         local proxy, st = proxy_server()
         http.configure({ proxy = proxy })
         defer(function() http.configure({ proxy = false, no_proxy = false }) end)
-        assert.same("GET /where?", assert(http.get(base .. "/where")).body)
-        assert.same(1, #st.lines)
-        assert(http.get(base .. "/where", { proxy = false }))
-        http.configure({ no_proxy = "example.com, .0.0.1" }) -- 127.0.0.1 ends with 0.0.1
-        assert(http.get("http://127.0.0.1:" .. port .. "/where"))
-        assert(http.get("http://localhost:" .. port .. "/where"))
-        assert.same({ "GET " .. base .. "/where HTTP/1.1",
-                      "GET http://localhost:" .. port .. "/where HTTP/1.1" }, st.lines)
+        -- each request on a new connection: the proxy sees the first request of each
+        local function via_proxy(url, opts)
+            http.close_idle()
+            local n = #st.lines
+            assert.same("GET /where?", assert(http.get(url, opts)).body)
+            return #st.lines > n
+        end
+        assert.is_true(via_proxy(base .. "/where"))
+        assert.is_false(via_proxy(base .. "/where", { proxy = false }))
+        assert.is_false(via_proxy(base .. "/where", { proxy = "" })) -- an empty HTTPS_PROXY
+        local local_url = "http://localhost:" .. port .. "/where"
+        for no_proxy, direct in pairs({ ["example.com, 127.0.0.1:80"] = true, ["127.0.0.0/8"] = true,
+                                        ["0.0.1"] = false, [".localhost"] = false, ["*"] = true,
+                                        ["[::1], other"] = false }) do
+            http.configure({ no_proxy = no_proxy })
+            assert.same(not direct, via_proxy(base .. "/where"), no_proxy)
+        end
+        http.configure({ no_proxy = "*.localhost." })
+        assert.is_false(via_proxy(local_url))
+        assert.is_true(via_proxy(base .. "/where"))
+        assert.has_error(function() http.configure({ no_proxy = { "localhost" } }) end,
+                         "moonlet.http.configure: no_proxy is a string of host names")
+    end)
+
+    it("sends a caller's Proxy-Authorization to the proxy only", function()
+        local base = origin()
+        local proxy, st = proxy_server()
+        local creds = { ["Proxy-Authorization"] = "Basic eA==" }
+        assert(http.get(base .. "/where", { proxy = proxy, headers = creds }))
+        assert.same({ "Basic eA==" }, st.auth)
+        local app_seen
+        local direct = serve(function(app)
+            app:get("/h", function(req) app_seen = req.headers["proxy-authorization"] or false; return "" end)
+        end)
+        assert(http.get(direct .. "/h", { headers = { ["Proxy-Authorization"] = "Basic eA==" } }))
+        assert.is_false(app_seen) -- no proxy: not sent at all
+    end)
+
+    it("keeps a proxy's credentials out of pool_stats", function()
+        local base = origin()
+        local proxy = proxy_server()
+        assert(http.get(base .. "/where", { proxy = proxy:gsub("^http://", "http://u:secret@") }))
+        for origin_key in pairs(http.pool_stats().origins) do
+            assert.falsy(origin_key:find("secret", 1, true), origin_key)
+        end
     end)
 
     it("reports a proxy that refuses or is not there; raises on a proxy that is not http://", function()

@@ -404,43 +404,102 @@ end
 -- URL a CONNECT makes a tunnel through the proxy first, and TLS runs end to end inside it. Pooled
 -- connections are kept per origin and proxy.
 
--- Raises (at level, counted from here) unless p is an http:// URL (credentials may be in it).
-local function check_proxy(p, who, level)
-    local pu = type(p) == "string" and parse_url(p)
-    if not pu or pu.https then error(who .. ": proxy must be an http:// URL", level) end
-    return pu
+-- Raises (at level, counted from here) unless p is an http:// URL (credentials may be in it) and
+-- no_proxy a string; "" is none for either (an environment variable set empty).
+local function check_proxy(p, no_proxy, who, level)
+    if p and p ~= "" then
+        local pu = type(p) == "string" and parse_url(p)
+        if not pu or pu.https then error(who .. ": proxy must be an http:// URL", level) end
+    end
+    if no_proxy and type(no_proxy) ~= "string" then
+        error(who .. ": no_proxy is a string of host names", level)
+    end
 end
 
--- Whether host is one of no_proxy's "name, .domain, *" (a name matches its subdomains too).
+-- An IPv4 address as a number, or nil.
+local function ipv4(s)
+    local a, b, c, d = match(s, "^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+    if not a then return nil end
+    a, b, c, d = tonumber(a), tonumber(b), tonumber(c), tonumber(d)
+    if a > 255 or b > 255 or c > 255 or d > 255 then return nil end
+    return ((a * 256 + b) * 256 + c) * 256 + d
+end
+
+-- 16 hex digits of s's SHA-256: credentials in a pool key without showing them
+local function short_digest(s)
+    return (gsub(sub(core.digest("sha256", s), 1, 8), ".", function(c) return format("%02x", byte(c)) end))
+end
+
+-- Whether host is one of no_proxy's entries, as curl reads NO_PROXY: "*" (every host), a name
+-- (itself and its subdomains; ".name" and "*.name" alike), an IP address (only itself), an IPv4
+-- network "a.b.c.d/n"; a port after an entry, brackets around an IPv6 one and a trailing dot are
+-- ignored.
 local function bypasses(host, no_proxy)
+    if byte(host, -1) == 46 then host = sub(host, 1, -2) end
+    local host_ip = ipv4(host) or find(host, ":", 1, true)
     for item in gmatch(no_proxy, "[^,%s]+") do
         item = lower(item)
         if item == "*" then return true end
-        if byte(item) == 46 then item = sub(item, 2) end -- ".domain"
-        if host == item or (#host > #item and sub(host, -#item - 1) == "." .. item) then
-            return true
+        local net, bits = match(item, "^([%d.]+)/(%d+)$")
+        if net then
+            local h, n = ipv4(host), ipv4(net)
+            bits = tonumber(bits)
+            if h and n and bits <= 32 then
+                local size = 2 ^ (32 - bits)
+                if floor(h / size) == floor(n / size) then return true end
+            end
+        else
+            item = match(item, "^%[(.*)%]") -- [v6], or a name or IPv4 address with a :port
+                or (not find(item, ":.*:") and match(item, "^(.-):%d+$")) or item
+            item = match(item, "^%*?%.?(.-)%.?$") -- *.name, .name, name.
+            if host == item or (not host_ip and #host > #item
+                and sub(host, -#item - 1) == "." .. item) then
+                return true
+            end
         end
     end
     return false
 end
 
--- The parsed proxy URL a request to u goes through, or nil: the request's proxy (false: none),
--- else configure's, unless u's host is in no_proxy (the request's, else configure's).
+-- The parsed proxy URL a request to u goes through, or nil: the request's proxy (false or "":
+-- none), else configure's, unless u's host is in no_proxy (the request's, else configure's).
 local function proxy_for(u, o)
     local p = o.proxy
     if p == nil then p = config.proxy end
-    if not p then return nil end
+    if not p or p == "" then return nil end
     local no = o.no_proxy
     if no == nil then no = config.no_proxy end
     if no and bypasses(u.host, no) then return nil end
-    return parse_url(p)
+    local px = parse_url(p)
+    if not px.pool_key then -- the pool's name for it: its credentials as a digest, never in clear
+        px.pool_key = px.key .. (px.auth and "#" .. short_digest(px.auth) or "")
+    end
+    return px
+end
+
+-- A caller's Proxy-Authorization header is for the proxy, never for an origin: on an http://
+-- request through a proxy it goes as it is; for a tunnel it goes on the CONNECT (returned here,
+-- and taken out of the headers); without a proxy it is dropped. Returns it and the headers.
+local function take_proxy_auth(headers)
+    if not headers then return nil, nil end
+    local found, rest
+    for k, v in pairs(headers) do
+        if type(k) == "string" and lower(k) == "proxy-authorization" then
+            found = v
+        else
+            rest = rest or {}
+            rest[k] = v
+        end
+    end
+    if found == nil then return nil, headers end
+    return found, rest
 end
 
 -- syntax: moonlet.http.configure{ pool_size =, idle_timeout =, connect_timeout =, read_timeout =,
 -- send_timeout =, max_body =, user_agent =, proxy =, no_proxy = } -- defaults of later requests
 function _M.configure(opts)
     if type(opts) ~= "table" then error("moonlet.http.configure: expected a table", 2) end
-    if opts.proxy then check_proxy(opts.proxy, "moonlet.http.configure", 3) end
+    check_proxy(opts.proxy, opts.no_proxy, "moonlet.http.configure", 3)
     for k, v in pairs(opts) do
         if config[k] == nil and k ~= "max_body" then
             error("moonlet.http.configure: unknown option " .. tostring(k), 2)
@@ -463,22 +522,23 @@ end
 
 -- A new connection to u (TLS included for https), or nil, err.
 -- Makes a tunnel to u through the proxy conn is connected to (CONNECT): true, or nil, err.
-local function tunnel(conn, u, px, t)
+local function tunnel(conn, u, px, t, auth)
     local authority = match(u.key, "^%a+://(.*)$") -- host:port, [v6]:port
+    auth = auth or px.auth
     local req = "CONNECT " .. authority .. " HTTP/1.1\r\nHost: " .. authority .. "\r\n"
-        .. (px.auth and "Proxy-Authorization: " .. px.auth .. "\r\n" or "") .. "\r\n"
+        .. (auth and "Proxy-Authorization: " .. tostring(auth) .. "\r\n" or "") .. "\r\n"
     local ok, err = sock_wait(conn, conn.send, req, t)
     if not ok then return nil, err end
     conn.read_timeout = t
     local status, reason = read_head(conn, false)
-    if not status then return nil, "proxy: " .. tostring(reason) end
+    if not status then return nil, reason == "timeout" and reason or "proxy: " .. tostring(reason) end
     if status < 200 or status > 299 then return nil, "proxy: " .. status end
     if conn.pos <= #conn.buf then return nil, "proxy: bytes after its answer to CONNECT" end
     conn.buf, conn.pos = "", 1
     return true
 end
 
-local function connect(u, key, o, deadline, px)
+local function connect(u, key, o, deadline, px, proxy_auth)
     local conn = new_conn(u, key)
     conn.deadline = deadline
     conn.taken_at = now()
@@ -491,7 +551,7 @@ local function connect(u, key, o, deadline, px)
     end
     local via = px or u -- a proxy: the TCP connection goes to it
     local sock, err = tcp_connect(via.host, via.port, { timeout = t }) -- raises when cancelled
-    if not sock then return nil, px and "proxy: " .. err or err end
+    if not sock then return nil, px and err ~= "timeout" and "proxy: " .. err or err end
     conn.sock = sock
     if raw and raw_mt and getmetatable(sock) == raw_mt then
         conn.raw = true
@@ -504,7 +564,11 @@ local function connect(u, key, o, deadline, px)
             close_conn(conn)
             return nil, "timeout"
         end
-        local ok, terr = tunnel(conn, u, px, t)
+        local dl = conn.deadline -- the whole tunnel within the connect timeout, not each read
+        local limit = now() + t
+        if not dl or limit < dl then conn.deadline = limit end
+        local ok, terr = tunnel(conn, u, px, t, proxy_auth)
+        conn.deadline = dl
         if not ok then
             close_conn(conn)
             return nil, terr
@@ -983,14 +1047,21 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
         end
     end
     local px = proxy_for(u, o)
-    if px then key = key .. "|via " .. px.url end -- (its credentials in it: one pool per user)
+    local proxy_auth
+    if not px or u.https then proxy_auth, headers = take_proxy_auth(headers) end
+    if not px then
+        proxy_auth = nil
+    else -- one pool per proxy and credentials
+        key = key .. "|via " .. px.pool_key
+        if proxy_auth then key = key .. "#" .. short_digest(tostring(proxy_auth)) end
+    end
     local conn = not fresh and o.keepalive ~= false and checkout(key, t0 or now())
     local err
     if conn then
         conn.reused = conn.reused + 1
         conn.deadline = deadline
     else
-        conn, err = connect(u, key, o, deadline, px)
+        conn, err = connect(u, key, o, deadline, px, proxy_auth)
         if not conn then return nil, err end
     end
     conn.got = false
@@ -1129,7 +1200,7 @@ local function request(method, url, o, body, level)
     end
     local u, err = parse_url(url)
     if not u then error("moonlet.http: " .. err .. ": " .. url, level) end
-    if o.proxy then check_proxy(o.proxy, "moonlet.http", level + 1) end
+    check_proxy(o.proxy, o.no_proxy, "moonlet.http", level + 1)
     local target = u.target
     local query = o.query
     if query then
