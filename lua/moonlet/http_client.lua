@@ -398,6 +398,31 @@ function _M.close_idle()
     end
 end
 
+-- -- A caller's headers (names checked by request: strings) -------------------------------------
+
+local BODY_HEADERS = { ["content-type"] = true, ["content-length"] = true, ["transfer-encoding"] = true }
+local CREDENTIAL_HEADERS = { authorization = true, cookie = true, ["proxy-authorization"] = true }
+local CONTENT_TYPE = { ["content-type"] = true }
+local PROXY_AUTHORIZATION = { ["proxy-authorization"] = true }
+
+-- A copy of headers without the fields whose lower-case names are keys of drop.
+local function without(headers, drop)
+    local copy = {}
+    for k, v in pairs(headers) do
+        if not drop[lower(k)] then copy[k] = v end
+    end
+    return copy
+end
+
+-- The value of the header whose lower-case name is lname, under any spelling, or nil.
+local function header_named(headers, lname)
+    if not headers then return nil end
+    for k, v in pairs(headers) do
+        if lower(k) == lname then return v end
+    end
+    return nil
+end
+
 -- -- Proxies ------------------------------------------------------------------------------------
 -- A request through an http:// proxy: to an http:// URL it goes to the proxy with its URL as the
 -- request target (absolute form) and the proxy's credentials as Proxy-Authorization; to an https://
@@ -481,18 +506,9 @@ end
 -- request through a proxy it goes as it is; for a tunnel it goes on the CONNECT (returned here,
 -- and taken out of the headers); without a proxy it is dropped. Returns it and the headers.
 local function take_proxy_auth(headers)
-    if not headers then return nil, nil end
-    local found, rest
-    for k, v in pairs(headers) do
-        if type(k) == "string" and lower(k) == "proxy-authorization" then
-            found = v
-        else
-            rest = rest or {}
-            rest[k] = v
-        end
-    end
-    if found == nil then return nil, headers end
-    return found, rest
+    local v = header_named(headers, "proxy-authorization")
+    if v == nil then return nil, headers end -- the usual case: no copy
+    return v, without(headers, PROXY_AUTHORIZATION)
 end
 
 -- syntax: moonlet.http.configure{ pool_size =, idle_timeout =, connect_timeout =, read_timeout =,
@@ -1121,17 +1137,6 @@ end
 
 -- Runs the request on u (once more on a new connection when a pooled one turns out to have been
 -- closed by the server) and follows up to max_redirects redirects, count of them done already.
--- A copy of headers without the fields whose lower-case names are keys of drop.
-local BODY_HEADERS = { ["content-type"] = true, ["content-length"] = true, ["transfer-encoding"] = true }
-local CREDENTIAL_HEADERS = { authorization = true, cookie = true, ["proxy-authorization"] = true }
-local function without(headers, drop)
-    local copy = {}
-    for k, v in pairs(headers) do
-        if not drop[lower(k)] then copy[k] = v end
-    end
-    return copy
-end
-
 local function follow(u, method, target, headers, body, o, deadline, t0, max_redirects, count)
     local res, err, retry = exchange(u, method, target, headers, body, o, deadline, false, t0)
     if not res and retry then
@@ -1166,16 +1171,8 @@ local known_methods, known_count = {}, 0 -- "get" -> "GET", once checked
 -- headers (the caller's table, left as it is) with Content-Type: ctype unless they have one, or
 -- (force: a multipart body, whose boundary is ours) in place of theirs
 local function with_content_type(headers, ctype, force)
-    local h = {}
-    if headers then
-        for k, v in pairs(headers) do
-            if type(k) == "string" and lower(k) == "content-type" then
-                if not force then return headers end
-            else
-                h[k] = v
-            end
-        end
-    end
+    if not force and header_named(headers, "content-type") ~= nil then return headers end
+    local h = headers and without(headers, CONTENT_TYPE) or {}
     h["Content-Type"] = ctype
     return h
 end
@@ -1212,6 +1209,22 @@ local function request(method, url, o, body, level)
     if headers ~= nil and type(headers) ~= "table" then
         error("moonlet.http: headers must be a table", level)
     end
+    if headers ~= nil then
+        for k, v in pairs(headers) do
+            if type(k) ~= "string" or bad_header(k) or find(k, "[ :\t]") then
+                error("moonlet.http: bad header name " .. tostring(k), level)
+            end
+            if type(v) == "table" then
+                for _, x in ipairs(v) do
+                    if bad_header(tostring(x)) then
+                        error("moonlet.http: bad value of header " .. k, level)
+                    end
+                end
+            elseif bad_header(tostring(v)) then
+                error("moonlet.http: bad value of header " .. k, level)
+            end
+        end
+    end
     local js, form = o.json, o.form
     if js ~= nil or form ~= nil then
         if body ~= nil or (js ~= nil and form ~= nil) then
@@ -1233,22 +1246,6 @@ local function request(method, url, o, body, level)
             end
         end
         headers = with_content_type(headers, ctype, force)
-    end
-    if headers ~= nil then
-        for k, v in pairs(headers) do
-            if type(k) ~= "string" or bad_header(k) or find(k, "[ :\t]") then
-                error("moonlet.http: bad header name " .. tostring(k), level)
-            end
-            if type(v) == "table" then
-                for _, x in ipairs(v) do
-                    if bad_header(tostring(x)) then
-                        error("moonlet.http: bad value of header " .. k, level)
-                    end
-                end
-            elseif bad_header(tostring(v)) then
-                error("moonlet.http: bad value of header " .. k, level)
-            end
-        end
     end
     local deadline, t0 = o.timeout, nil
     if deadline then
