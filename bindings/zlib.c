@@ -2,7 +2,7 @@
  * `decompress = true` (gzip responses) and for scripts that make or read gzip data.
  *
  *   z = core.zlib_inflater(window_bits)   out, done = z:inflate(data, limit)   z:close()
- *   z = core.zlib_deflater(level, window_bits)   out = z:deflate(data, finish)   z:close()
+ *   z = core.zlib_deflater(level, window_bits)   out = z:deflate(data, flush)   z:close()
  *
  * Ownership: the z_stream lives inside the Lua userdata (no libuv handle, nothing in flight: these
  * calls never wait), and zlib's own state behind it is malloc'ed by zlib. It is released exactly
@@ -125,14 +125,23 @@ static int l_deflater(lua_State *L) {
   return 1;
 }
 
-/* syntax: out = z:deflate(data, finish) -- the compressed bytes ready so far; finish: end the
- * stream (trailer included); later calls raise */
+/* syntax: out = z:deflate(data, flush) -- the compressed bytes ready so far. flush: nil or false
+ * keeps what zlib holds back for a better ratio; "sync" pushes out everything given so far (a
+ * reader can inflate it all, the stream goes on: a streamed response's res:write); true or
+ * "finish" ends the stream (trailer included), and later calls raise */
 static int z_deflate(lua_State *L) {
   zs_t *s = check_zs(L, DEFLATE_MT);
   size_t len;
   const char *in = luaL_optlstring(L, 2, "", &len);
   luaL_argcheck(L, len <= UINT_MAX, 2, "data too long for one call");
-  int finish = lua_toboolean(L, 3);
+  int flush = Z_NO_FLUSH;
+  if (lua_type(L, 3) == LUA_TSTRING) {
+    static const char *const modes[] = {"none", "sync", "finish", NULL};
+    static const int zmodes[] = {Z_NO_FLUSH, Z_SYNC_FLUSH, Z_FINISH};
+    flush = zmodes[luaL_checkoption(L, 3, NULL, modes)];
+  } else if (lua_toboolean(L, 3)) {
+    flush = Z_FINISH;
+  }
   if (s->done) return luaL_error(L, "moonlet.zlib: deflate stream already finished");
   luaL_Buffer b;
   luaL_buffinit(L, &b);
@@ -142,7 +151,7 @@ static int z_deflate(lua_State *L) {
     char out[OUT_CHUNK];
     s->z.next_out = (Bytef *)out;
     s->z.avail_out = sizeof out;
-    int r = deflate(&s->z, finish ? Z_FINISH : Z_NO_FLUSH);
+    int r = deflate(&s->z, flush);
     size_t got = sizeof out - s->z.avail_out;
     s->total_out += (double)got;
     luaL_addlstring(&b, out, got);

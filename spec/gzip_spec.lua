@@ -1,7 +1,8 @@
 -- spec/gzip_spec.lua: moonlet.gzip (lua/moonlet/compress.lua), the compressing middleware, over real
--- sockets: what is compressed (type, size, Accept-Encoding with q-values), what is left alone
--- (streams, files, HEAD, 204/304, a Content-Encoding of the handler's), Vary, and that a client
--- inflating the body gets the bytes the handler returned.
+-- sockets: what is compressed (type, size, Accept-Encoding with q-values; whole bodies and streams,
+-- each write of a stream reaching the client at once), what is left alone (files without a `.gz`
+-- sibling, HEAD, 204/304, a Content-Encoding of the handler's), precompressed `.gz` siblings of
+-- static files, Vary, and that a client inflating the body gets the bytes the handler returned.
 local moonlet = require "moonlet"
 local compress = require "moonlet.compress"
 local test = require "moonlet.test"
@@ -25,6 +26,19 @@ local function serve()
     app:get("/own", function(_, res) res:header("Content-Encoding", "br"); return BIG end)
     app:get("/vary", function(_, res) res:header("vary", "Origin"); return BIG end)
     app:get("/stream", function(_, res) res:write(BIG); res:write(BIG) end)
+    app:get("/streamend", function(_, res) res:write(BIG); return "the end" end)
+    app:get("/streampng", function(_, res) res:type("image/png"); res:write(BIG) end)
+    app:get("/stream206", function(_, res) res:status(206); res:write(BIG) end)
+    app:get("/streamclen", function(_, res)
+        res:header("Content-Length", #BIG * 2):header("ETag", '"s1"')
+        res:write(BIG); res:write(BIG)
+    end)
+    local step = moonlet.event()
+    app:get("/paced", function(_, res) -- the test sets step once it has read the first write
+        res:write(BIG)
+        assert(step:wait(5))
+        res:write("second")
+    end)
     app:get("/missing", function() return 404, BIG end)
     app:get("/empty", function() return 204 end)
     app:get("/clen", function(_, res) res:header("Content-Length", #BIG); return BIG end)
@@ -36,14 +50,16 @@ local function serve()
     os.remove(dir)
     assert(moonlet.fs.mkdir(dir))
     assert(moonlet.fs.write(dir .. "/big.txt", BIG))
+    assert(moonlet.fs.write(dir .. "/site.css", BIG))
+    assert(moonlet.fs.write(dir .. "/site.css.gz", zlib.gzip(BIG, 9)))
     app:static("/assets", dir)
     local server, port = test.serve(app)
     test.defer(function()
         server:close()
-        os.remove(dir .. "/big.txt")
+        for _, f in ipairs({ "big.txt", "site.css", "site.css.gz" }) do os.remove(dir .. "/" .. f) end
         os.remove(dir)
     end)
-    return port
+    return port, step
 end
 
 local function get(port, path, ae, method)
@@ -104,18 +120,96 @@ describe("moonlet.gzip", function()
                     { r.headers["content-encoding"], r.headers["vary"] })
     end)
 
-    it("leaves streams, files, HEAD and 204 alone", function()
+    it("leaves files without a .gz sibling, HEAD and 204 alone", function()
         local port = serve()
-        local r = get(port, "/stream", "gzip")
-        assert.same({ BIG .. BIG, nil }, { r.body, r.headers["content-encoding"] })
-        r = get(port, "/assets/big.txt", "gzip") -- sent from the file, as it is
-        assert.same({ 200, BIG, nil }, { r.status, r.body, r.headers["content-encoding"] })
+        local r = get(port, "/assets/big.txt", "gzip") -- sent from the file, as it is
+        assert.same({ 200, BIG, nil, nil },
+                    { r.status, r.body, r.headers["content-encoding"], r.headers["vary"] })
         local full = get(port, "/text", "gzip")
         r = get(port, "/text", "gzip", "HEAD") -- the headers GET would get
         assert.same({ 200, "gzip", full.headers["content-length"], "" },
                     { r.status, r.headers["content-encoding"], r.headers["content-length"], r.body })
         r = get(port, "/empty", "gzip")
         assert.same({ 204, nil }, { r.status, r.headers["content-encoding"] })
+    end)
+
+    it("gzips a stream chunk by chunk, its last string and gzip trailer included", function()
+        local port = serve()
+        local r = get(port, "/stream", "gzip")
+        assert.same({ 200, "gzip", "Accept-Encoding", "chunked", nil },
+                    { r.status, r.headers["content-encoding"], r.headers["vary"],
+                      r.headers["transfer-encoding"], r.headers["content-length"] })
+        assert.truthy(#r.body < #BIG / 4)
+        assert.is_true(zlib.inflate(r.body) == BIG .. BIG) -- complete: a truncated one is an error
+        r = get(port, "/streamend", "gzip")
+        assert.is_true(zlib.inflate(r.body) == BIG .. "the end")
+        r = get(port, "/stream") -- no gzip for this client: as it is, Vary all the same
+        assert.same({ BIG .. BIG, nil, "Accept-Encoding" },
+                    { r.body, r.headers["content-encoding"], r.headers["vary"] })
+        r = get(port, "/stream", "gzip", "HEAD")
+        assert.same({ 200, "gzip", "" }, { r.status, r.headers["content-encoding"], r.body })
+        for _, path in ipairs({ "/streampng", "/stream206" }) do
+            r = get(port, path, "gzip")
+            assert.same({ BIG, nil }, { r.body, r.headers["content-encoding"] })
+        end
+        -- a Content-Length the handler announced is the identity's: the gzip stream is chunked
+        r = get(port, "/streamclen", "gzip")
+        assert.same({ "gzip", nil, 'W/"s1"' }, { r.headers["content-encoding"],
+                                                 r.headers["content-length"], r.headers["etag"] })
+        assert.is_true(zlib.inflate(r.body) == BIG .. BIG)
+        assert.same(BIG .. BIG, get(port, "/streamclen").body)
+    end)
+
+    it("sends each write of a gzip stream at once (flushed), not when the stream ends", function()
+        local port, step = serve()
+        local sock = test.connect(port)
+        test.defer(function() sock:close() end)
+        local ae = { ["Accept-Encoding"] = "gzip" }
+        assert(sock:send(test.format_request("GET", "/paced", { headers = ae })))
+        repeat local line = assert(sock:receive("*l")) until line == ""
+        local z = zlib.inflater()
+        test.defer(function() z:close() end)
+        local got = ""
+        while #got < #BIG do -- the handler is waiting for step: only the first write can be here
+            local size = tonumber(assert(sock:receive("*l")), 16)
+            got = got .. assert(z:inflate(assert(sock:receive(size))))
+            assert(sock:receive("*l"))
+        end
+        assert.is_true(got == BIG)
+        step:set()
+        local rest = {}
+        while true do
+            local size = tonumber(assert(sock:receive("*l")), 16)
+            if size == 0 then break end
+            local out, done = z:inflate(assert(sock:receive(size)))
+            rest[#rest + 1] = assert(out)
+            assert(sock:receive("*l"))
+            if done then rest.done = true end
+        end
+        assert.same({ "second", true }, { table.concat(rest), rest.done })
+    end)
+
+    it("serves a static file's .gz sibling to a client that takes gzip (gzip_static)", function()
+        local port = serve()
+        local gzipped = zlib.gzip(BIG, 9)
+        local r = get(port, "/assets/site.css", "gzip")
+        assert.same({ 200, "gzip", "Accept-Encoding", "text/css; charset=utf-8" },
+                    { r.status, r.headers["content-encoding"], r.headers["vary"], r.headers["content-type"] })
+        assert.is_true(r.body == gzipped)
+        local plain = get(port, "/assets/site.css")
+        assert.same({ 200, BIG, nil, "Accept-Encoding" },
+                    { plain.status, plain.body, plain.headers["content-encoding"], plain.headers["vary"] })
+        assert.are_not.equal(plain.headers["etag"], r.headers["etag"]) -- two representations
+        -- validators and ranges are the sibling's
+        local again = test.request(port, "GET", "/assets/site.css", { headers = {
+            ["Accept-Encoding"] = "gzip", ["If-None-Match"] = r.headers["etag"] } })
+        assert.same({ 304, "Accept-Encoding" }, { again.status, again.headers["vary"] })
+        local part = test.request(port, "GET", "/assets/site.css", { headers = {
+            ["Accept-Encoding"] = "gzip", Range = "bytes=0-9" } })
+        assert.same({ 206, "gzip", gzipped:sub(1, 10) },
+                    { part.status, part.headers["content-encoding"], part.body })
+        assert.same(304, test.request(port, "GET", "/assets/site.css", { headers = {
+            ["If-None-Match"] = plain.headers["etag"] } }).status)
     end)
 
     it("compresses the response that goes out: an outer middleware's abort or body included", function()
@@ -155,6 +249,21 @@ describe("moonlet.gzip", function()
         local res = assert(moonlet.http.get("http://127.0.0.1:" .. port .. "/text", { decompress = true }))
         assert.same("gzip", res.headers["content-encoding"])
         assert.is_true(res.body == BIG)
+    end)
+
+    it("moonlet.zlib's deflater: a sync flush gives out all so far, finish ends the stream", function()
+        local z = zlib.deflater(6)
+        local inf = zlib.inflater()
+        test.defer(function() z:close(); inf:close() end)
+        assert.same({ "", false }, { inf:inflate(z:deflate("held back", false)) }) -- a header only
+        local out = z:deflate(" and flushed", "sync")
+        assert.same("\0\0\255\255", out:sub(-4)) -- the empty stored block of a sync flush
+        assert.same({ "held back and flushed", false }, { inf:inflate(out) })
+        assert.same("", z:deflate("", "sync")) -- nothing new: nothing to flush
+        local o2, done = inf:inflate(z:deflate("!", "finish"))
+        assert.same({ "!", true }, { o2, done })
+        assert.has_error(function() z:deflate("more") end)
+        assert.has_error(function() zlib.deflater():deflate("x", "sometimes") end)
     end)
 
     it("raises on bad options", function()

@@ -4,10 +4,13 @@
 -- returned and the response that really goes out is known (an outer middleware's abort or body
 -- included). Compressed: a whole body (a string, or a table sent as JSON) of a compressible type,
 -- at least min_length bytes, with status 200, 403 or 404 (nginx's), and no Content-Encoding of its
--- own. Streams (res:write) and static files go as they are. A compressible response says
--- `Vary: Accept-Encoding` (its representation depends on it), loses a Content-Length the handler
--- set (the C side sends the compressed one) and has a strong ETag weakened (W/). HEAD gets the
--- headers GET would.
+-- own; and a stream (res:write) of such a type and status, chunk by chunk, each write flushed
+-- (Z_SYNC_FLUSH) so that what the handler wrote reaches the client at once, as it would without
+-- gzip (a countdown, server-sent events). Static files go as they are, or as their precompressed
+-- `.gz` sibling (lua/moonlet/static.lua), as nginx's gzip_static does. A compressible response
+-- says `Vary: Accept-Encoding` (its representation depends on it), loses a Content-Length the
+-- handler set (the C side sends the compressed one, or chunks) and has a strong ETag weakened
+-- (W/). HEAD gets the headers GET would.
 local zlib = require "moonlet.zlib"
 
 local type, pairs, tonumber, error = type, pairs, tonumber, error
@@ -90,13 +93,20 @@ function _M.gzip(opts)
     end
 end
 
--- syntax: body = compress.apply(res, gz, status, body, ctype) -- from response.send: the body that
--- goes out (a string), gzipped when it may be; gz is what the middleware noted
-function _M.apply(res, gz, status, body, ctype)
+-- Whether a response of this status and type is compressible: if so it says Vary: Accept-Encoding
+-- (whether this client takes gzip or not) and true is returned.
+local function negotiate(res, gz, status, ctype)
     if not STATUSES[status] or not ctype or not compressible(ctype, gz.types)
         or header_of(res, "content-encoding") then
-        return body
+        return false
     end
+    _M.vary(res)
+    return true
+end
+
+-- syntax: compress.vary(res) -- res's representation depends on Accept-Encoding: a Vary header
+-- says so, added to one the handler set (a string or a list) unless it says so already, or "*"
+function _M.vary(res)
     local vary, key = header_of(res, "vary")
     if not vary then
         res:header("Vary", "Accept-Encoding")
@@ -104,23 +114,44 @@ function _M.apply(res, gz, status, body, ctype)
         local copy = {} -- the caller's table (a constant of theirs, perhaps) stays as it is
         for i = 1, #vary do
             local v = lower(vary[i])
-            if v == "*" or find(v, "accept-encoding", 1, true) then copy = nil; break end
+            if v == "*" or find(v, "accept-encoding", 1, true) then return end
             copy[i] = vary[i]
         end
-        if copy then
-            copy[#copy + 1] = "Accept-Encoding"
-            res:header(key, copy)
-        end
+        copy[#copy + 1] = "Accept-Encoding"
+        res:header(key, copy)
     elseif vary ~= "*" and not find(lower(vary), "accept-encoding", 1, true) then
         res:header(key, vary .. ", Accept-Encoding")
     end
-    if not gz.accept or #body < gz.min_length then return body end
+end
+
+-- res's headers for its gzipped representation: no Content-Length of the identity one, a weak
+-- ETag, Content-Encoding
+local function mark_gzipped(res)
     local _, cl = header_of(res, "content-length")
     if cl then res:header(cl, nil) end
     local etag, ek = header_of(res, "etag")
     if type(etag) == "string" and sub(etag, 1, 1) == '"' then res:header(ek, "W/" .. etag) end
     res:header("Content-Encoding", "gzip")
+end
+
+-- syntax: body = compress.apply(res, gz, status, body, ctype) -- from response.send: the body that
+-- goes out (a string), gzipped when it may be; gz is what the middleware noted
+function _M.apply(res, gz, status, body, ctype)
+    if not negotiate(res, gz, status, ctype) or not gz.accept or #body < gz.min_length then
+        return body
+    end
+    mark_gzipped(res)
     return zlib.gzip(body, gz.level)
+end
+
+-- syntax: z = compress.stream(res, gz, status, ctype) -- from res:write, before the stream starts:
+-- a zlib deflater (gzip) that each chunk goes through, with res's headers made to say so, or nil
+-- when this stream goes as it is. Its ~260 KiB of zlib state are freed by the stream's last
+-- write (response.send) or, for a stream that ends on an error, by the collector.
+function _M.stream(res, gz, status, ctype)
+    if not negotiate(res, gz, status, ctype) or not gz.accept then return nil end
+    mark_gzipped(res)
+    return zlib.deflater(gz.level)
 end
 
 return _M

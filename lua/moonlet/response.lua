@@ -103,15 +103,37 @@ function methods:type(t)
     return self
 end
 
--- syntax: ok, err = res:write(chunk) -- streams; yields while the client is more than 256 KiB behind
+-- syntax: ok, err = res:write(chunk) -- streams; yields while the client is more than 256 KiB behind.
+-- Under moonlet.gzip, each chunk goes through the stream's deflater (res._deflater), flushed.
 function methods:write(chunk)
     local x = self._x
     if not self._streaming then
         self._streaming = true
-        local ok, err = x:start(self._status, self._ctype or TEXT, self._headers, self._length)
+        local ctype = self._ctype or TEXT
+        local gz = self._gzip
+        if gz then
+            compress = compress or require "moonlet.compress"
+            self._deflater = compress.stream(self, gz, self._status, ctype)
+        end
+        local ok, err = x:start(self._status, ctype, self._headers, self._length)
         if not ok then return nil, err end
     end
+    local z = self._deflater
+    if z then return check(x:write(z:deflate(tostring(chunk), "sync"))) end
     return check(x:write(tostring(chunk)))
+end
+
+-- Ends a stream: the gzip trailer first when it is compressed, then the last chunk.
+local function finish_stream(res, x)
+    local z = res._deflater
+    if z then
+        res._deflater = nil
+        local tail = z:deflate("", true)
+        z:close()
+        local ok, err = check(x:write(tail))
+        if not ok then return nil, err end
+    end
+    return x:finish()
 end
 
 -- syntax: res:redirect(location, status) -- status 302 by default; the handler then returns
@@ -176,7 +198,7 @@ function _M.send(res, a, b, c)
             error("moonlet: a streamed response ends with a string, not a table (res:write it as JSON)", 0)
         end
         if a ~= nil and type(a) ~= "number" then res:write(a) end
-        return x:finish()
+        return finish_stream(res, x)
     end
     local status, body = res._status, a
     if type(a) == "number" then

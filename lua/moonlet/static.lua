@@ -3,10 +3,14 @@
 -- only if it is still under the root, so symlinks cannot lead out of it. Responses carry
 -- Content-Type, ETag and Last-Modified (304 on If-None-Match / If-Modified-Since), honour a single
 -- Range (206, or 416). The handler only chooses the file (res._file): lua/moonlet/response.lua
--- sends it after the middleware has returned, from the file to the socket in C.
+-- sends it after the middleware has returned, from the file to the socket in C. Under
+-- moonlet.gzip, a file with a `.gz` sibling (style.css and style.css.gz, made ahead with `gzip -k`)
+-- says Vary: Accept-Encoding, and a client that takes gzip gets the sibling's bytes, validators and
+-- ranges, with the original's Content-Type and Content-Encoding: gzip (nginx's gzip_static).
 local core = require "moonlet.core"
 local mime = require "moonlet.mime"
 local add_missing_headers = require("moonlet.response").add_missing_headers
+local compress -- lua/moonlet/compress.lua, loaded when moonlet.gzip is first used
 
 local str_find, str_sub, fmt = string.find, string.sub, string.format
 local os_date, floor, tonumber = os.date, math.floor, tonumber
@@ -89,12 +93,24 @@ function _M.handler(dir, opts, base)
             st = core.stat(real)
         end
         if not st or st.type ~= "file" then return 404, "404 Not Found\n" end
+        local ctype = mime.for_path(real)
+        local encoding -- "gzip" when the precompressed sibling goes instead (under moonlet.gzip)
+        local gz = res._gzip
+        if gz then
+            local real_gz = resolve(real .. ".gz")
+            local st_gz = real_gz and core.stat(real_gz)
+            if st_gz and st_gz.type == "file" then
+                compress = compress or require "moonlet.compress"
+                compress.vary(res)
+                if gz.accept then real, st, encoding = real_gz, st_gz, "gzip" end
+            end
+        end
 
         local etag = fmt('"%x-%x"', st.mtime, st.size)
         local last_modified = http_date(st.mtime)
         -- the file's headers: on res for a 304 or 416, else sent with the file only (send_file)
         local headers = { ETag = etag, ["Last-Modified"] = last_modified, ["Accept-Ranges"] = "bytes",
-                          ["Cache-Control"] = cache_control }
+                          ["Cache-Control"] = cache_control, ["Content-Encoding"] = encoding }
         local inm = req:header("if-none-match")
         if (inm and (inm == "*" or str_find(inm, etag, 1, true)))
            or (not inm and req:header("if-modified-since") == last_modified) then
@@ -117,7 +133,7 @@ function _M.handler(dir, opts, base)
             end
         end
         -- sent by response.send once the middleware around this handler has returned
-        res._file = { status = status, ctype = mime.for_path(real), path = real, offset = offset,
+        res._file = { status = status, ctype = ctype, path = real, offset = offset,
                       length = length, headers = headers }
     end
 end

@@ -11,7 +11,9 @@ function _M.inflater(window_bits)
     return core.zlib_inflater(window_bits)
 end
 
--- syntax: z = zlib.deflater(level, window_bits) -- out = z:deflate(data, finish); gzip by default
+-- syntax: z = zlib.deflater(level, window_bits) -- out = z:deflate(data, flush); gzip by default.
+-- flush: nil keeps back what helps the ratio, "sync" gives out all the data so far (the stream goes
+-- on), true or "finish" ends the stream.
 function _M.deflater(level, window_bits)
     return core.zlib_deflater(level, window_bits)
 end
