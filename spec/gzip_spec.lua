@@ -49,17 +49,17 @@ local function serve()
     local dir = os.tmpname()
     os.remove(dir)
     assert(moonlet.fs.mkdir(dir))
-    assert(moonlet.fs.write(dir .. "/big.txt", BIG))
-    assert(moonlet.fs.write(dir .. "/site.css", BIG))
-    assert(moonlet.fs.write(dir .. "/site.css.gz", zlib.gzip(BIG, 9)))
+    local files = { ["big.txt"] = BIG, ["site.css"] = BIG, ["site.css.gz"] = zlib.gzip(BIG, 9),
+                    ["big.png"] = BIG, ["tiny.txt"] = "tiny", ["huge.txt"] = BIG:rep(400) }
+    for name, data in pairs(files) do assert(moonlet.fs.write(dir .. "/" .. name, data)) end
     app:static("/assets", dir)
     local server, port = test.serve(app)
     test.defer(function()
         server:close()
-        for _, f in ipairs({ "big.txt", "site.css", "site.css.gz" }) do os.remove(dir .. "/" .. f) end
+        for name in pairs(files) do os.remove(dir .. "/" .. name) end
         os.remove(dir)
     end)
-    return port, step
+    return port, step, dir
 end
 
 local function get(port, path, ae, method)
@@ -120,13 +120,17 @@ describe("moonlet.gzip", function()
                     { r.headers["content-encoding"], r.headers["vary"] })
     end)
 
-    it("leaves files without a .gz sibling, HEAD and 204 alone", function()
+    it("leaves binary, small and large files, HEAD and 204 alone", function()
         local port = serve()
-        local r = get(port, "/assets/big.txt", "gzip") -- sent from the file, as it is
-        assert.same({ 200, BIG, nil, nil },
-                    { r.status, r.body, r.headers["content-encoding"], r.headers["vary"] })
+        for _, name in ipairs({ "big.png", "tiny.txt", "huge.txt" }) do -- from the file, as it is
+            local r = get(port, "/assets/" .. name, "gzip")
+            assert.same({ 200, nil, nil, "bytes" }, { r.status, r.headers["content-encoding"],
+                                                      r.headers["vary"], r.headers["accept-ranges"] })
+            assert.is_true(r.body == (name == "huge.txt" and BIG:rep(400) or name == "tiny.txt" and "tiny"
+                                      or BIG))
+        end
         local full = get(port, "/text", "gzip")
-        r = get(port, "/text", "gzip", "HEAD") -- the headers GET would get
+        local r = get(port, "/text", "gzip", "HEAD") -- the headers GET would get
         assert.same({ 200, "gzip", full.headers["content-length"], "" },
                     { r.status, r.headers["content-encoding"], r.headers["content-length"], r.body })
         r = get(port, "/empty", "gzip")
@@ -249,6 +253,54 @@ describe("moonlet.gzip", function()
         local res = assert(moonlet.http.get("http://127.0.0.1:" .. port .. "/text", { decompress = true }))
         assert.same("gzip", res.headers["content-encoding"])
         assert.is_true(res.body == BIG)
+    end)
+
+    it("gzips a static file of a compressible type on the fly, once per version of the file", function()
+        local port, _, dir = serve()
+        local plain = get(port, "/assets/big.txt")
+        assert.same({ 200, BIG, nil, "Accept-Encoding", "bytes" },
+                    { plain.status, plain.body, plain.headers["content-encoding"], plain.headers["vary"],
+                      plain.headers["accept-ranges"] })
+        local r = get(port, "/assets/big.txt", "gzip")
+        assert.same({ 200, "gzip", "Accept-Encoding", "text/plain; charset=utf-8",
+                      "W/" .. plain.headers["etag"], plain.headers["last-modified"], nil, tostring(#r.body) },
+                    { r.status, r.headers["content-encoding"], r.headers["vary"], r.headers["content-type"],
+                      r.headers["etag"], r.headers["last-modified"], r.headers["accept-ranges"],
+                      r.headers["content-length"] })
+        assert.is_true(zlib.inflate(r.body) == BIG)
+        local head = get(port, "/assets/big.txt", "gzip", "HEAD")
+        assert.same({ "gzip", r.headers["content-length"], "" },
+                    { head.headers["content-encoding"], head.headers["content-length"], head.body })
+        local again = test.request(port, "GET", "/assets/big.txt", { headers = {
+            ["Accept-Encoding"] = "gzip", ["If-None-Match"] = r.headers["etag"] } })
+        assert.same({ 304, r.headers["etag"] }, { again.status, again.headers["etag"] })
+        local part = test.request(port, "GET", "/assets/big.txt", { headers = {
+            ["Accept-Encoding"] = "gzip", Range = "bytes=0-9" } }) -- a range of the identity bytes
+        assert.same({ 206, nil, BIG:sub(1, 10) },
+                    { part.status, part.headers["content-encoding"], part.body })
+        -- a new version of the file (another size) is compressed anew, not taken from the cache
+        assert(moonlet.fs.write(dir .. "/big.txt", BIG .. "v2"))
+        r = get(port, "/assets/big.txt", "gzip")
+        assert.is_true(zlib.inflate(r.body) == BIG .. "v2")
+    end)
+
+    it("keeps its cache of gzipped files within its size, first in first out", function()
+        local cache = compress.cache(100)
+        local st = { mtime = 1, size = 10 }
+        cache:put("/a", st, ("a"):rep(40))
+        cache:put("/b", st, ("b"):rep(40))
+        assert.same({ 80, ("a"):rep(40) }, { cache.bytes, cache:get("/a", st) })
+        assert.is_nil(cache:get("/a", { mtime = 2, size = 10 })) -- another version
+        cache:put("/a", st, ("A"):rep(30)) -- replaced: its old bytes are not counted twice
+        assert.same({ 70, ("A"):rep(30) }, { cache.bytes, cache:get("/a", st) })
+        cache:put("/c", st, ("c"):rep(40)) -- 110 > 100: /b, put first, goes
+        assert.same({ 70, nil, ("A"):rep(30), ("c"):rep(40) },
+                    { cache.bytes, cache:get("/b", st), cache:get("/a", st), cache:get("/c", st) })
+        cache:put("/d", st, ("d"):rep(101)) -- larger than the whole cache: not kept
+        assert.same({ 70, nil }, { cache.bytes, cache:get("/d", st) })
+        cache:put("/e", st, ("e"):rep(60)) -- 130: /a (put again before /c) goes, then 100 fit
+        assert.same({ 100, nil, ("c"):rep(40), ("e"):rep(60) },
+                    { cache.bytes, cache:get("/a", st), cache:get("/c", st), cache:get("/e", st) })
     end)
 
     it("moonlet.zlib's deflater: a sync flush gives out all so far, finish ends the stream", function()

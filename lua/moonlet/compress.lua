@@ -6,12 +6,15 @@
 -- at least min_length bytes, with status 200, 403 or 404 (nginx's), and no Content-Encoding of its
 -- own; and a stream (res:write) of such a type and status, chunk by chunk, each write flushed
 -- (Z_SYNC_FLUSH) so that what the handler wrote reaches the client at once, as it would without
--- gzip (a countdown, server-sent events). Static files go as they are, or as their precompressed
--- `.gz` sibling (lua/moonlet/static.lua), as nginx's gzip_static does. A compressible response
+-- gzip (a countdown, server-sent events). A static file goes as its precompressed `.gz` sibling
+-- when it has one (nginx's gzip_static), else, when its type is compressible and its size
+-- min_length..static_max, gzipped from a cache kept here (compressed once per version of the file)
+-- (lua/moonlet/static.lua); others go as they are. A compressible response
 -- says `Vary: Accept-Encoding` (its representation depends on it), loses a Content-Length the
 -- handler set (the C side sends the compressed one, or chunks) and has a strong ETag weakened
 -- (W/). HEAD gets the headers GET would.
 local zlib = require "moonlet.zlib"
+local fs = require "moonlet.fs"
 
 local type, pairs, tonumber, error = type, pairs, tonumber, error
 local find, lower, match, gmatch, sub = string.find, string.lower, string.match, string.gmatch,
@@ -73,24 +76,95 @@ end
 
 local STATUSES = { [200] = true, [403] = true, [404] = true }
 
--- syntax: app:use(moonlet.gzip({ min_length = 256, level = 6, types = { "^text/", "json", ... } }))
+-- A bounded cache of gzipped static files, path -> { mtime, size, body }: an entry serves while its
+-- file's mtime and size are those it was made from. When its bodies pass max bytes, the entries
+-- put first go first (FIFO: a file asked for again is compressed again, once).
+local cache_mt = {}
+cache_mt.__index = cache_mt
+
+-- syntax: cache = compress.cache(max_bytes)
+function _M.cache(max)
+    return setmetatable({ entries = {}, queue = {}, head = 1, tail = 0, bytes = 0, max = max }, cache_mt)
+end
+
+-- syntax: body = cache:get(path, st) -- nil when absent or made from another version of the file
+function cache_mt:get(path, st)
+    local e = self.entries[path]
+    if e and e.mtime == st.mtime and e.size == st.size then return e.body end
+    return nil
+end
+
+local function drop(c, e)
+    c.entries[e.path] = nil
+    c.bytes = c.bytes - #e.body
+    e.body = "" -- its place in the queue holds nothing any more
+end
+
+-- syntax: cache:put(path, st, body)
+function cache_mt:put(path, st, body)
+    local old = self.entries[path]
+    if old then drop(self, old) end
+    if #body > self.max then return end
+    local e = { path = path, mtime = st.mtime, size = st.size, body = body }
+    self.entries[path] = e
+    self.bytes = self.bytes + #body
+    self.tail = self.tail + 1
+    self.queue[self.tail] = e
+    while self.bytes > self.max do
+        local first = self.queue[self.head]
+        self.queue[self.head] = nil
+        self.head = self.head + 1
+        if self.entries[first.path] == first then drop(self, first) end
+    end
+end
+
+-- syntax: app:use(moonlet.gzip({ min_length = 256, level = 6, types = { "^text/", "json", ... },
+--                               static_max = 1048576, cache = 8388608 }))
 function _M.gzip(opts)
     opts = opts or {}
     local min_length = opts.min_length or 256
     local level = opts.level or 6
     local types = opts.types or COMPRESSIBLE
+    local static_max = opts.static_max or 1048576
+    local cache_max = opts.cache or 8388608
     if type(min_length) ~= "number" or type(level) ~= "number" or level < 0 or level > 9
-        or type(types) ~= "table" then
-        error("moonlet.gzip: min_length is a number, level 0 to 9 and types a list of patterns", 2)
+        or type(types) ~= "table" or type(static_max) ~= "number" or type(cache_max) ~= "number" then
+        error("moonlet.gzip: min_length, static_max and cache are numbers, level 0 to 9 and types a"
+            .. " list of patterns", 2)
     end
-    -- what response.send needs, one table for the clients that take gzip and one for the others
-    local yes = { accept = true, min_length = min_length, level = level, types = types }
-    local no = { accept = false, min_length = min_length, level = level, types = types }
+    local cache = _M.cache(cache_max)
+    -- what response.send and static files need, one table for the clients that take gzip and one
+    -- for the others
+    local yes = { accept = true, min_length = min_length, level = level, types = types,
+                  static_max = static_max, cache = cache }
+    local no = { accept = false, min_length = min_length, level = level, types = types,
+                 static_max = static_max, cache = cache }
     return function(req, res, next)
         local ae = req:header("accept-encoding")
         res._gzip = ae and gzip_q(ae) > 0 and yes or no
         return next()
     end
+end
+
+-- syntax: ok = compress.file_compressible(gz, st, ctype) -- from lua/moonlet/static.lua: whether a
+-- file of this stat and type is sent gzipped to a client that takes gzip (min_length..static_max)
+function _M.file_compressible(gz, st, ctype)
+    return st.size >= gz.min_length and st.size <= gz.static_max and compressible(ctype, gz.types)
+end
+
+-- syntax: body = compress.file(gz, path, st) -- the gzip of a file file_compressible accepted:
+-- from the cache when it was made from this version of the file, else read (on the thread pool)
+-- and compressed now (on the loop: at most static_max bytes, once per version while it stays
+-- cached); nil, err when the file cannot be read whole (changed meanwhile: sent as it is)
+function _M.file(gz, path, st)
+    local body = gz.cache:get(path, st)
+    if body then return body end
+    local data, err = fs.read(path)
+    if not data then return nil, err end
+    if #data ~= st.size then return nil, "changed" end
+    body = zlib.gzip(data, gz.level)
+    gz.cache:put(path, st, body)
+    return body
 end
 
 -- Whether a response of this status and type is compressible: if so it says Vary: Accept-Encoding

@@ -7,6 +7,10 @@
 -- moonlet.gzip, a file with a `.gz` sibling (style.css and style.css.gz, made ahead with `gzip -k`)
 -- says Vary: Accept-Encoding, and a client that takes gzip gets the sibling's bytes, validators and
 -- ranges, with the original's Content-Type and Content-Encoding: gzip (nginx's gzip_static).
+-- Without a sibling, a file of a compressible type and min_length..static_max bytes goes to such a
+-- client gzipped on the fly (nginx's `gzip on`), from a cache of gzipped files kept by the
+-- middleware (lua/moonlet/compress.lua), with a weak ETag and no ranges (a Range request gets the
+-- identity bytes).
 local core = require "moonlet.core"
 local mime = require "moonlet.mime"
 local add_missing_headers = require("moonlet.response").add_missing_headers
@@ -95,14 +99,18 @@ function _M.handler(dir, opts, base)
         if not st or st.type ~= "file" then return 404, "404 Not Found\n" end
         local ctype = mime.for_path(real)
         local encoding -- "gzip" when the precompressed sibling goes instead (under moonlet.gzip)
+        local on_the_fly -- the file goes gzipped, as a body (under moonlet.gzip, no sibling)
         local gz = res._gzip
         if gz then
+            compress = compress or require "moonlet.compress"
             local real_gz = resolve(real .. ".gz")
             local st_gz = real_gz and core.stat(real_gz)
             if st_gz and st_gz.type == "file" then
-                compress = compress or require "moonlet.compress"
                 compress.vary(res)
                 if gz.accept then real, st, encoding = real_gz, st_gz, "gzip" end
+            elseif compress.file_compressible(gz, st, ctype) then
+                compress.vary(res)
+                on_the_fly = gz.accept and not req:header("range")
             end
         end
 
@@ -111,11 +119,24 @@ function _M.handler(dir, opts, base)
         -- the file's headers: on res for a 304 or 416, else sent with the file only (send_file)
         local headers = { ETag = etag, ["Last-Modified"] = last_modified, ["Accept-Ranges"] = "bytes",
                           ["Cache-Control"] = cache_control, ["Content-Encoding"] = encoding }
+        if on_the_fly then -- a body, not a file: no ranges; a weak ETag (another representation)
+            headers.ETag, headers["Accept-Ranges"], headers["Content-Encoding"] = "W/" .. etag, nil, "gzip"
+        end
         local inm = req:header("if-none-match")
         if (inm and (inm == "*" or str_find(inm, etag, 1, true)))
            or (not inm and req:header("if-modified-since") == last_modified) then
             add_missing_headers(res, headers)
             return 304
+        end
+
+        if on_the_fly then
+            local body = compress.file(gz, real, st)
+            if body then
+                add_missing_headers(res, headers)
+                res:type(ctype)
+                return 200, body
+            end -- unreadable whole (changed meanwhile): the file as it is
+            headers.ETag, headers["Accept-Ranges"], headers["Content-Encoding"] = etag, "bytes", nil
         end
 
         local size = st.size
