@@ -24,18 +24,24 @@
 
 #include "mlua.h"
 
-/* syntax: info, err = core.stat(path) -- { size, mtime, type = "file"|"directory"|"other", ino } */
+/* syntax: info, err = core.stat(path) -- { size, mtime, type = "file"|"directory"|"other", ino,
+ * ctime, ctime_nsec }: the inode change time changes with every write of the file and cannot be set
+ * back (mtime can: touch -r, cp -p), so a cache of what a file holds checks it too */
 static int l_stat(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   struct stat st;
   if (stat(path, &st) != 0) return mlua_push_error(L, uv_translate_sys_error(errno));
-  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, 6);
   lua_pushnumber(L, (double)st.st_size);
   lua_setfield(L, -2, "size");
   lua_pushnumber(L, (double)st.st_mtime);
   lua_setfield(L, -2, "mtime");
   lua_pushnumber(L, (double)st.st_ino);
   lua_setfield(L, -2, "ino");
+  lua_pushnumber(L, (double)st.st_ctim.tv_sec);
+  lua_setfield(L, -2, "ctime");
+  lua_pushnumber(L, (double)st.st_ctim.tv_nsec);
+  lua_setfield(L, -2, "ctime_nsec");
   lua_pushstring(L, S_ISREG(st.st_mode) ? "file" : S_ISDIR(st.st_mode) ? "directory" : "other");
   lua_setfield(L, -2, "type");
   return 1;
@@ -82,7 +88,7 @@ static void fsop_free(fsop_t *op) {
 }
 
 static void push_stat(lua_State *L, const uv_stat_t *st) {
-  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, 6);
   lua_pushnumber(L, (double)st->st_size);
   lua_setfield(L, -2, "size");
   lua_pushnumber(L, (double)st->st_mtim.tv_sec + (double)st->st_mtim.tv_nsec / 1e9);

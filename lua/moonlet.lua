@@ -35,8 +35,12 @@ function _M.app(opts)
     return require("moonlet.app").new(opts)
 end
 
--- syntax: app:use(moonlet.gzip(opts)) -- gzips whole responses (lua/moonlet/compress.lua)
+-- syntax: app:use(moonlet.gzip(opts)) -- gzips responses, streams, files (lua/moonlet/compress.lua)
 function _M.gzip(opts) return require("moonlet.compress").gzip(opts) end
+
+-- syntax: app:use(moonlet.session({ secret = "..." })) -- req.session in a signed cookie
+-- (lua/moonlet/session.lua)
+function _M.session(opts) return require("moonlet.session").middleware(opts) end
 
 -- syntax: error(moonlet.abort(status, body, headers)) or moonlet.abort(...) raises itself:
 -- ends the request with that response, from any depth of the handler.
@@ -68,6 +72,7 @@ local lazy = {
     redis = "moonlet.redis",
     ngx = "moonlet.ngx",
     process = "moonlet.process",
+    crypto = "moonlet.crypto",
 }
 setmetatable(_M, { __index = function(t, k)
     local name = lazy[k]

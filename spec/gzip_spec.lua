@@ -12,10 +12,14 @@ local BIG = ("moonlet compresses this line. "):rep(100)
 
 local function serve()
     local app = moonlet.app()
-    app:use(function(req, _, next) -- outside gzip: what it does after next() is compressed too
+    app:use(function(req, res, next) -- outside gzip: what it does after next() is compressed too
         local r = next()
         if req.query.deny then moonlet.abort(403, BIG) end
         if req.query.wrap then return "[" .. r .. "]" end
+        if req.query.replace then
+            res:header("X-Started", tostring(res:started()))
+            return "replaced"
+        end
         return r
     end)
     app:use(moonlet.gzip({ min_length = 100 }))
@@ -34,9 +38,14 @@ local function serve()
         res:write(BIG); res:write(BIG)
     end)
     local step = moonlet.event()
-    app:get("/paced", function(_, res) -- the test sets step once it has read the first write
+    app:get("/paced", function(req, res) -- the test sets step once it has read the first write
         res:write(BIG)
         assert(step:wait(5))
+        if req.query.gone then -- the client went away meanwhile
+            app.gone_res = res
+            while res:write(BIG) do end
+            error("client gone")
+        end
         res:write("second")
     end)
     app:get("/missing", function() return 404, BIG end)
@@ -59,7 +68,7 @@ local function serve()
         for name in pairs(files) do os.remove(dir .. "/" .. name) end
         os.remove(dir)
     end)
-    return port, step, dir
+    return port, step, dir, app
 end
 
 local function get(port, path, ae, method)
@@ -193,6 +202,19 @@ describe("moonlet.gzip", function()
         assert.same({ "second", true }, { table.concat(rest), rest.done })
     end)
 
+    it("frees a gzip stream's zlib state when its handler fails (a client gone mid-stream)", function()
+        local port, step, _, app = serve()
+        local sock = test.connect(port)
+        local ae = { ["Accept-Encoding"] = "gzip" }
+        assert(sock:send(test.format_request("GET", "/paced?gone=1", { headers = ae })))
+        repeat local line = assert(sock:receive("*l")) until line == ""
+        assert(sock:receive("*l")) -- the first chunk's size: the stream has started
+        sock:close()
+        step:set()
+        assert.is_true(test.wait_until(function() return app.gone_res ~= nil end, 5))
+        assert.is_true(test.wait_until(function() return app.gone_res._deflater == nil end, 5))
+    end)
+
     it("serves a static file's .gz sibling to a client that takes gzip (gzip_static)", function()
         local port = serve()
         local gzipped = zlib.gzip(BIG, 9)
@@ -282,6 +304,33 @@ describe("moonlet.gzip", function()
         assert(moonlet.fs.write(dir .. "/big.txt", BIG .. "v2"))
         r = get(port, "/assets/big.txt", "gzip")
         assert.is_true(zlib.inflate(r.body) == BIG .. "v2")
+        -- and so is one of the same size written within the same second (the inode change time)
+        assert(moonlet.fs.write(dir .. "/big.txt", BIG .. "v3"))
+        r = get(port, "/assets/big.txt", "gzip")
+        assert.is_true(zlib.inflate(r.body) == BIG .. "v3")
+    end)
+
+    it("a middleware's body in place of a file gzipped on the fly carries none of its headers", function()
+        local port = serve()
+        local r = get(port, "/assets/big.txt?replace=1", "gzip")
+        assert.same({ 200, "replaced", nil, nil, "true" },
+                    { r.status, r.body, r.headers["content-encoding"], r.headers["etag"],
+                      r.headers["x-started"] })
+        r = get(port, "/assets/big.txt?deny=1", "gzip") -- an abort's body is gzipped as any body
+        assert.same({ 403, "gzip" }, { r.status, r.headers["content-encoding"] })
+        assert.is_true(zlib.inflate(r.body) == BIG)
+    end)
+
+    it("compresses a file once for requests that come together", function()
+        local port = serve()
+        local zl = require "moonlet.zlib"
+        local real_gzip, calls = zl.gzip, 0
+        zl.gzip = function(...) calls = calls + 1; return real_gzip(...) end
+        test.defer(function() zl.gzip = real_gzip end)
+        local one = function() return get(port, "/assets/big.txt", "gzip") end
+        local results = moonlet.gather({ one, one, one, one, one })
+        for i = 1, 5 do assert.is_true(zlib.inflate(results[i].body) == BIG) end
+        assert.same(1, calls)
     end)
 
     it("keeps its cache of gzipped files within its size, first in first out", function()
@@ -301,6 +350,11 @@ describe("moonlet.gzip", function()
         cache:put("/e", st, ("e"):rep(60)) -- 130: /a (put again before /c) goes, then 100 fit
         assert.same({ 100, nil, ("c"):rep(40), ("e"):rep(60) },
                     { cache.bytes, cache:get("/a", st), cache:get("/c", st), cache:get("/e", st) })
+        -- a file replaced by new versions again and again: its queue of entries stays short
+        local c2 = compress.cache(1e6)
+        for v = 1, 1000 do c2:put("/f", { mtime = v, size = 1 }, "x") end
+        assert.same({ 1, "x" }, { c2.bytes, c2:get("/f", { mtime = 1000, size = 1 }) })
+        assert.truthy(c2.tail - c2.head + 1 <= 66)
     end)
 
     it("moonlet.zlib's deflater: a sync flush gives out all so far, finish ends the stream", function()

@@ -218,6 +218,11 @@ end
 
 local function fail(app, req, res, err, w)
     local x = res._x
+    local z = res._deflater -- a gzip stream's zlib state (~260 KiB outside Lua's heap): freed now,
+    if z then               -- not when the collector happens to take its small userdata
+        res._deflater = nil
+        z:close()
+    end
     if err == CANCELLED then -- the deadline passed, or the client went away (bindings/http_server.c)
         if not (w and w.fired) then return x:abort() end
         core.log(1, req.method .. " " .. req.target .. ": the deadline of " .. w.secs ..

@@ -15,6 +15,7 @@
 -- (W/). HEAD gets the headers GET would.
 local zlib = require "moonlet.zlib"
 local fs = require "moonlet.fs"
+local sync = require "moonlet.sync"
 
 local type, pairs, tonumber, error = type, pairs, tonumber, error
 local find, lower, match, gmatch, sub = string.find, string.lower, string.match, string.gmatch,
@@ -76,21 +77,30 @@ end
 
 local STATUSES = { [200] = true, [403] = true, [404] = true }
 
--- A bounded cache of gzipped static files, path -> { mtime, size, body }: an entry serves while its
--- file's mtime and size are those it was made from. When its bodies pass max bytes, the entries
--- put first go first (FIFO: a file asked for again is compressed again, once).
+-- A bounded cache of gzipped static files, path -> { version, body }: an entry serves while its
+-- file's stat (core.stat) says it is the same version: size, inode, mtime and ctime (nanoseconds:
+-- a write within the same second, or one that sets mtime back, changes it). When its bodies pass
+-- max bytes, the entries put first go first (FIFO: a file asked for again is compressed again,
+-- once). The queue of entries in order is compacted once it holds more replaced entries than live
+-- ones.
 local cache_mt = {}
 cache_mt.__index = cache_mt
 
 -- syntax: cache = compress.cache(max_bytes)
 function _M.cache(max)
-    return setmetatable({ entries = {}, queue = {}, head = 1, tail = 0, bytes = 0, max = max }, cache_mt)
+    return setmetatable({ entries = {}, queue = {}, head = 1, tail = 0, dead = 0, bytes = 0,
+                          max = max, pending = {} }, cache_mt)
+end
+
+local function same_version(e, st)
+    return e.size == st.size and e.mtime == st.mtime and e.ino == st.ino and e.ctime == st.ctime
+        and e.ctime_nsec == st.ctime_nsec
 end
 
 -- syntax: body = cache:get(path, st) -- nil when absent or made from another version of the file
 function cache_mt:get(path, st)
     local e = self.entries[path]
-    if e and e.mtime == st.mtime and e.size == st.size then return e.body end
+    if e and same_version(e, st) then return e.body end
     return nil
 end
 
@@ -100,22 +110,38 @@ local function drop(c, e)
     e.body = "" -- its place in the queue holds nothing any more
 end
 
+-- the queue without the places of replaced entries, in the same order
+local function compact(c)
+    local q, n = {}, 0
+    for i = c.head, c.tail do
+        local e = c.queue[i]
+        if c.entries[e.path] == e then n = n + 1; q[n] = e end
+    end
+    c.queue, c.head, c.tail, c.dead = q, 1, n, 0
+end
+
 -- syntax: cache:put(path, st, body)
 function cache_mt:put(path, st, body)
     local old = self.entries[path]
-    if old then drop(self, old) end
-    if #body > self.max then return end
-    local e = { path = path, mtime = st.mtime, size = st.size, body = body }
-    self.entries[path] = e
-    self.bytes = self.bytes + #body
-    self.tail = self.tail + 1
-    self.queue[self.tail] = e
+    if old then
+        drop(self, old)
+        self.dead = self.dead + 1
+    end
+    if #body <= self.max then
+        local e = { path = path, size = st.size, mtime = st.mtime, ino = st.ino, ctime = st.ctime,
+                    ctime_nsec = st.ctime_nsec, body = body }
+        self.entries[path] = e
+        self.bytes = self.bytes + #body
+        self.tail = self.tail + 1
+        self.queue[self.tail] = e
+    end
     while self.bytes > self.max do
         local first = self.queue[self.head]
         self.queue[self.head] = nil
         self.head = self.head + 1
-        if self.entries[first.path] == first then drop(self, first) end
+        if self.entries[first.path] == first then drop(self, first) else self.dead = self.dead - 1 end
     end
+    if self.dead > 32 and self.dead > (self.tail - self.head + 1) / 2 then compact(self) end
 end
 
 -- syntax: app:use(moonlet.gzip({ min_length = 256, level = 6, types = { "^text/", "json", ... },
@@ -155,15 +181,30 @@ end
 -- syntax: body = compress.file(gz, path, st) -- the gzip of a file file_compressible accepted:
 -- from the cache when it was made from this version of the file, else read (on the thread pool)
 -- and compressed now (on the loop: at most static_max bytes, once per version while it stays
--- cached); nil, err when the file cannot be read whole (changed meanwhile: sent as it is)
+-- cached; requests for a file being compressed wait for it rather than compress it too); nil, err
+-- when the file cannot be read whole (changed meanwhile: sent as it is)
 function _M.file(gz, path, st)
-    local body = gz.cache:get(path, st)
+    local cache = gz.cache
+    local body = cache:get(path, st)
     if body then return body end
-    local data, err = fs.read(path)
+    local busy = cache.pending[path]
+    if busy then
+        busy:wait()
+        body = cache:get(path, st)
+        if body then return body end
+    end
+    local done = sync.event()
+    cache.pending[path] = done
+    local ok, data, err = pcall(fs.read, path) -- (a cancelled wait raises: pending is cleared)
+    if ok and data and #data == st.size then
+        body = zlib.gzip(data, gz.level)
+        cache:put(path, st, body)
+    end
+    if cache.pending[path] == done then cache.pending[path] = nil end
+    done:set() -- after the put: a waiter finds the body
+    if not ok then error(data, 0) end
     if not data then return nil, err end
-    if #data ~= st.size then return nil, "changed" end
-    body = zlib.gzip(data, gz.level)
-    gz.cache:put(path, st, body)
+    if not body then return nil, "changed" end
     return body
 end
 

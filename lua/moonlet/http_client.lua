@@ -201,19 +201,7 @@ end
 
 -- -- URLs ----------------------------------------------------------------------------------------
 
-local b64chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local function base64(s)
-    local out = {}
-    for i = 1, #s, 3 do
-        local a, b, c = byte(s, i, i + 2)
-        local n = a * 65536 + (b or 0) * 256 + (c or 0)
-        local c1, c2 = floor(n / 262144) % 64, floor(n / 4096) % 64
-        local c3, c4 = floor(n / 64) % 64, n % 64
-        out[#out + 1] = sub(b64chars, c1 + 1, c1 + 1) .. sub(b64chars, c2 + 1, c2 + 1)
-            .. (b and sub(b64chars, c3 + 1, c3 + 1) or "=") .. (c and sub(b64chars, c4 + 1, c4 + 1) or "=")
-    end
-    return concat(out)
-end
+local base64 = core.base64_encode
 
 local function unescape(s)
     return (gsub(s, "%%(%x%x)", function(h) return char(tonumber(h, 16)) end))

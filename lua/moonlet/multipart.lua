@@ -249,18 +249,10 @@ end
 -- -- Writing ------------------------------------------------------------------------------------
 
 -- A boundary nobody can guess (a file's bytes must not be able to end its part early): 18 bytes of
--- /dev/urandom, or of a digest of the time and a counter where there is none.
-local made = 0
+-- OpenSSL's CSPRNG (moonlet.crypto.random).
 local function new_boundary()
-    local f = io.open("/dev/urandom", "rb")
-    local bytes = f and f:read(18)
-    if f then f:close() end
-    if not bytes or #bytes < 18 then
-        made = made + 1
-        local core = require "moonlet.core"
-        bytes = core.digest("sha256", tostring(core.now()) .. tostring(made) .. tostring({}))
-    end
-    return "moonlet-" .. gsub(sub(bytes, 1, 18), ".", function(c) return ("%02x"):format(c:byte()) end)
+    local crypto = require "moonlet.crypto"
+    return "moonlet-" .. crypto.hex(crypto.random(18))
 end
 
 -- A name or file name inside quotes, as HTML forms write it (" and line breaks percent-encoded),

@@ -700,9 +700,7 @@ end
 
 local core_digest, core_hmac = core.digest, core.hmac
 
-local function tohex(s)
-    return (gsub(s, ".", function(ch) return format("%02x", byte(ch)) end))
-end
+local tohex = require("moonlet.crypto").hex
 
 local function str_arg(s, fname)
     if type(s) == "number" then return tostring(s) end
@@ -711,46 +709,16 @@ local function str_arg(s, fname)
     return s
 end
 
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local B64DEC = {}
-for k = 1, 64 do B64DEC[byte(B64, k)] = k - 1 end
+local core_b64enc, core_b64dec = core.base64_encode, core.base64_decode
 
 local function encode_base64(s, no_padding)
-    s = str_arg(s, "encode_base64")
-    local out = {}
-    for k = 1, #s, 3 do
-        local a, b, c = byte(s, k, k + 2)
-        local v = a * 65536 + (b or 0) * 256 + (c or 0)
-        local i1, i2 = floor(v / 262144) % 64, floor(v / 4096) % 64
-        local i3, i4 = floor(v / 64) % 64, v % 64
-        out[#out + 1] = sub(B64, i1 + 1, i1 + 1) .. sub(B64, i2 + 1, i2 + 1)
-            .. (b and sub(B64, i3 + 1, i3 + 1) or (no_padding and "" or "="))
-            .. (c and sub(B64, i4 + 1, i4 + 1) or (no_padding and "" or "="))
-    end
-    return concat(out)
+    s = core_b64enc(str_arg(s, "encode_base64"))
+    if no_padding then s = gsub(s, "=+$", "") end
+    return s
 end
 
 local function decode_base64(s)
-    s = str_arg(s, "decode_base64")
-    s = gsub(s, "=+$", "")
-    if #s % 4 == 1 then return nil end
-    local out = {}
-    for k = 1, #s, 4 do
-        local v, nb = 0, 0
-        for j = k, k + 3 do
-            local ch = byte(s, j)
-            if ch then
-                local d = B64DEC[ch]
-                if not d then return nil end
-                v = v * 64 + d
-                nb = nb + 1
-            end
-        end
-        v = v * 64 ^ (4 - nb)
-        local b1, b2, b3 = floor(v / 65536) % 256, floor(v / 256) % 256, v % 256
-        out[#out + 1] = char(b1) .. (nb > 2 and char(b2) or "") .. (nb > 3 and char(b3) or "")
-    end
-    return concat(out)
+    return core_b64dec(str_arg(s, "decode_base64"))
 end
 
 local function escape_uri(s)

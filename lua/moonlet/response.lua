@@ -6,7 +6,7 @@ local json = require "moonlet.json"
 local cookie = require "moonlet.cookie"
 local check = require("moonlet.task").check
 
-local type, setmetatable, tostring, pairs = type, setmetatable, tostring, pairs
+local type, setmetatable, tostring, pairs, ipairs = type, setmetatable, tostring, pairs, ipairs
 local str_lower = string.lower
 local has_new_tab, new_tab = pcall(require, "table.new") -- LuaJIT: a table made at its size
 if not has_new_tab then new_tab = function() return {} end end
@@ -103,11 +103,39 @@ function methods:type(t)
     return self
 end
 
+-- syntax: res:on_send(fn) -> res -- fn(res) runs once, just before the response's head goes out
+-- (a returned body, an abort's, the first res:write of a stream, a static file), so that a
+-- middleware can still set headers from what the whole chain did (moonlet.session's cookie;
+-- aiohttp's on_response_prepare). Hooks run in the order they were added; a hook added by a hook
+-- runs too. A response the server makes of a handler's error (500) runs none.
+function methods:on_send(fn)
+    if type(fn) ~= "function" then error("moonlet: res:on_send takes a function", 2) end
+    local hooks = self._on_send
+    if not hooks then hooks = {}; self._on_send = hooks end
+    hooks[#hooks + 1] = fn
+    return self
+end
+
+local function run_on_send(res)
+    local hooks = res._on_send
+    res._on_send = false
+    local i = 1
+    while hooks[i] do
+        hooks[i](res)
+        i = i + 1
+        if res._on_send then -- added by a hook: after the others
+            for _, f in ipairs(res._on_send) do hooks[#hooks + 1] = f end
+            res._on_send = false
+        end
+    end
+end
+
 -- syntax: ok, err = res:write(chunk) -- streams; yields while the client is more than 256 KiB behind.
 -- Under moonlet.gzip, each chunk goes through the stream's deflater (res._deflater), flushed.
 function methods:write(chunk)
     local x = self._x
     if not self._streaming then
+        if self._on_send then run_on_send(self) end
         self._streaming = true
         local ctype = self._ctype or TEXT
         local gz = self._gzip
@@ -164,15 +192,18 @@ function _M.add_missing_headers(res, headers)
     end
 end
 
--- A file response a handler chose (res._file, set by lua/moonlet/static.lua) is started here, after
--- every middleware has returned, so that the headers they set after next() go out with it; the
--- bytes go from the file to the socket in C (x:send_file), never through Lua. The file's own
--- headers (validators, Content-Range) join res's here, under those the middleware set, and only
--- here: a body a middleware puts in the file's place must not carry the file's ETag.
+-- A file response a handler chose (res._file, set by lua/moonlet/static.lua: a path, or the body
+-- of a file gzipped on the fly) is started here, after every middleware has returned, so that the
+-- headers they set after next() go out with it; the bytes go from the file to the socket in C
+-- (x:send_file), never through Lua. The file's own headers (validators, Content-Range,
+-- Content-Encoding) join res's here, under those the middleware set, and only here: a body a
+-- middleware puts in the file's place must not carry the file's ETag or encoding.
 local function send_file(res, f)
     res._file = false
+    if res._on_send then run_on_send(res) end
     _M.add_missing_headers(res, f.headers)
     local x = res._x
+    if f.body then return x:respond(f.status, f.body, f.ctype, res._headers) end -- gzipped on the fly
     local ok, err = x:start(f.status, f.ctype, res._headers, f.length)
     if not ok then return nil, err end
     res._streaming = true
@@ -206,6 +237,11 @@ function _M.send(res, a, b, c)
         if c then
             for k, v in pairs(c) do res:header(k, v) end
         end
+    end
+    if res._on_send then
+        res._status = status
+        run_on_send(res)
+        status = res._status
     end
     local ctype = res._ctype
     local t = type(body)

@@ -131,10 +131,9 @@ function _M.handler(dir, opts, base)
 
         if on_the_fly then
             local body = compress.file(gz, real, st)
-            if body then
-                add_missing_headers(res, headers)
-                res:type(ctype)
-                return 200, body
+            if body then -- sent as a file is, once the middleware has returned
+                res._file = { status = 200, ctype = ctype, body = body, headers = headers }
+                return
             end -- unreadable whole (changed meanwhile): the file as it is
             headers.ETag, headers["Accept-Ranges"], headers["Content-Encoding"] = etag, "bytes", nil
         end
