@@ -52,8 +52,10 @@ static int l_hmac(lua_State *L) {
 
 /* core.random_bytes(n) -> n bytes from OpenSSL's CSPRNG (keys, session ids, nonces) */
 static int l_random_bytes(lua_State *L) {
-  lua_Integer n = luaL_checkinteger(L, 1);
-  luaL_argcheck(L, n >= 0 && n <= 65536, 1, "0 to 65536 bytes");
+  lua_Number want = luaL_checknumber(L, 1);
+  luaL_argcheck(L, want >= 0 && want <= 65536 && want == (lua_Integer)want, 1,
+                "a whole number of bytes, 0 to 65536");
+  lua_Integer n = (lua_Integer)want;
   luaL_Buffer b;
   luaL_buffinit(L, &b);
   unsigned char *p = (unsigned char *)luaL_prepbuffer(&b); /* LUAL_BUFFERSIZE bytes at a time */
@@ -72,8 +74,10 @@ static int l_random_bytes(lua_State *L) {
  * only (a MAC check must not tell an attacker how many of its first bytes were right) */
 static int l_equal(lua_State *L) {
   size_t na, nb;
-  const char *a = luaL_checklstring(L, 1, &na);
-  const char *b = luaL_checklstring(L, 2, &nb);
+  luaL_checktype(L, 1, LUA_TSTRING); /* strings only: 1 and "1" are not the same secret */
+  luaL_checktype(L, 2, LUA_TSTRING);
+  const char *a = lua_tolstring(L, 1, &na);
+  const char *b = lua_tolstring(L, 2, &nb);
   lua_pushboolean(L, na == nb && CRYPTO_memcmp(a, b, na) == 0);
   return 1;
 }

@@ -8,7 +8,7 @@
 -- secrets rotates them: the first signs, any verifies.
 local core = require "moonlet.core"
 
-local type, tostring, tonumber, error, floor = type, tostring, tonumber, error, math.floor
+local type, tonumber, error, floor = type, tonumber, error, math.floor
 local byte, format, gsub, match = string.byte, string.format, string.gsub, string.match
 local core_hmac, core_equal, b64enc, b64dec = core.hmac, core.equal, core.base64_encode,
     core.base64_decode
@@ -62,7 +62,11 @@ function _M.sign(secret, name, value, now)
     if type(name) ~= "string" or type(value) ~= "string" then
         error("moonlet.crypto.sign: name and value are strings", 2)
     end
-    local payload = b64enc(value, true) .. "." .. floor(now or core.time())
+    now = now or core.time()
+    if type(now) ~= "number" or not (now >= 0 and now < 1e12) then
+        error("moonlet.crypto.sign: now is a time in seconds since the epoch", 2)
+    end
+    local payload = b64enc(value, true) .. "." .. format("%d", floor(now))
     return payload .. "." .. mac(list[1], name, payload)
 end
 
@@ -71,12 +75,13 @@ end
 -- age); nil, "bad signature" | "expired"
 function _M.unsign(secret, name, token, max_age, now)
     local list = secrets_of(secret, "moonlet.crypto.unsign", 2)
+    if type(name) ~= "string" then error("moonlet.crypto.unsign: name is a string", 2) end
     if type(token) ~= "string" then return nil, "bad signature" end
     local payload, b64, ts, sig = match(token, "^(([%w_-]*)%.(%d+))%.([%w_-]+)$")
     if not payload then return nil, "bad signature" end
     local good = false
     for i = 1, #list do
-        if core_equal(mac(list[i], tostring(name), payload), sig) then good = true; break end
+        if core_equal(mac(list[i], name, payload), sig) then good = true; break end
     end
     if not good then return nil, "bad signature" end
     now = now or core.time()

@@ -6,7 +6,8 @@ local json = require "moonlet.json"
 local cookie = require "moonlet.cookie"
 local check = require("moonlet.task").check
 
-local type, setmetatable, tostring, pairs, ipairs = type, setmetatable, tostring, pairs, ipairs
+local type, setmetatable, tostring, pairs = type, setmetatable, tostring, pairs
+local table_remove = table.remove
 local str_lower = string.lower
 local has_new_tab, new_tab = pcall(require, "table.new") -- LuaJIT: a table made at its size
 if not has_new_tab then new_tab = function() return {} end end
@@ -104,10 +105,12 @@ function methods:type(t)
 end
 
 -- syntax: res:on_send(fn) -> res -- fn(res) runs once, just before the response's head goes out
--- (a returned body, an abort's, the first res:write of a stream, a static file), so that a
--- middleware can still set headers from what the whole chain did (moonlet.session's cookie;
--- aiohttp's on_response_prepare). Hooks run in the order they were added; a hook added by a hook
--- runs too. A response the server makes of a handler's error (500) runs none.
+-- (a returned body, an abort's, the first res:write of a stream, a static file, after the file's
+-- own headers joined res's), so that a middleware can still set headers from what the whole chain
+-- did (moonlet.session's cookie; aiohttp's on_response_prepare). Hooks run in the order they were
+-- added; a hook added by a hook runs too; one that raises is not run again, and those after it run
+-- when the response is sent after all (a handler that caught the error). A response the server
+-- makes of a handler's error (500), and a WebSocket's 101, run none.
 function methods:on_send(fn)
     if type(fn) ~= "function" then error("moonlet: res:on_send takes a function", 2) end
     local hooks = self._on_send
@@ -118,15 +121,9 @@ end
 
 local function run_on_send(res)
     local hooks = res._on_send
-    res._on_send = false
-    local i = 1
-    while hooks[i] do
-        hooks[i](res)
-        i = i + 1
-        if res._on_send then -- added by a hook: after the others
-            for _, f in ipairs(res._on_send) do hooks[#hooks + 1] = f end
-            res._on_send = false
-        end
+    while hooks[1] do
+        local f = table_remove(hooks, 1) -- taken before it runs: once, even if it raises
+        f(res)
     end
 end
 
@@ -200,8 +197,8 @@ end
 -- middleware puts in the file's place must not carry the file's ETag or encoding.
 local function send_file(res, f)
     res._file = false
-    if res._on_send then run_on_send(res) end
     _M.add_missing_headers(res, f.headers)
+    if res._on_send then run_on_send(res) end
     local x = res._x
     if f.body then return x:respond(f.status, f.body, f.ctype, res._headers) end -- gzipped on the fly
     local ok, err = x:start(f.status, f.ctype, res._headers, f.length)

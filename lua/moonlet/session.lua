@@ -2,19 +2,26 @@
 -- `req.session` table kept in a signed cookie (Flask's default session, Tornado's signed cookies):
 -- JSON, signed with HMAC-SHA256 (lua/moonlet/crypto.lua), so the client can read it but not change
 -- it; no server-side store, nothing to clean up. Keep secrets and large data out of it: a cookie
--- holds about 4 KB, and a session that does not fit raises (a 500 with the reason in the log).
+-- holds about 4 KB, and a session that does not fit raises (a 500 with the reason in the log). It
+-- holds what JSON does: string keys (an integer key comes back as a string), strings, numbers,
+-- booleans, nested tables.
 --
 -- The cookie is read before the handler runs (a missing, forged, expired or unreadable one is an
 -- empty session) and written just before the response's head goes out (res:on_send), whatever way
 -- the response leaves: a returned body, moonlet.abort, a stream's first write, a static file. It is
 -- written only when the session changed, or when it was signed more than half of max_age ago (an
 -- active user's session does not expire under them); an emptied session deletes the cookie. A
--- handler error (500) writes nothing: the session stays as the request found it.
+-- handler error (500) writes nothing: the session stays as the request found it; so does a change
+-- made after a stream started (its head is out) or in a WebSocket handler (the 101 carries no
+-- cookie). A response that writes the cookie and says `Cache-Control: public` says `private`
+-- instead: a shared cache must not hand one user's session to others.
 local crypto = require "moonlet.crypto"
 local json = require "moonlet.json"
 local core = require "moonlet.core"
+local cookie = require "moonlet.cookie"
 
-local type, next, error, tostring = type, next, error, tostring
+local type, next, error, tostring, pairs = type, next, error, tostring, pairs
+local find, gsub, lower = string.find, string.gsub, string.lower
 
 local _M = {}
 
@@ -40,6 +47,7 @@ function _M.middleware(opts)
         http_only = cookie_opts.http_only, same_site = cookie_opts.same_site,
     }
     local refresh_after = max_age / 2
+    cookie.serialize(name, "x", cookie_opts) -- a bad name or same_site raises now, not per request
 
     -- the session a request's cookie carries: its table, its JSON as the table encodes now (to
     -- see a change), the time it was signed; an empty table when there is none that verifies
@@ -52,6 +60,18 @@ function _M.middleware(opts)
         return data, json.encode(data), signed_at
     end
 
+    -- a response that sets a session cookie is this user's: not for a shared cache
+    local function keep_private(res)
+        local h = res._headers
+        if not h then return end
+        for k, v in pairs(h) do
+            if type(v) == "string" and lower(k) == "cache-control" and find(lower(v), "public", 1, true) then
+                v = gsub(v, "[Pp][Uu][Bb][Ll][Ii][Cc]", "private")
+                res:header(k, (gsub(v, ",?%s*[Ss]%-[Mm][Aa][Xx][Aa][Gg][Ee]=%d+", "")))
+            end
+        end
+    end
+
     return function(req, res, nxt)
         local data, text, signed_at = load(req)
         req.session = data
@@ -59,11 +79,16 @@ function _M.middleware(opts)
         res:on_send(function()
             local now = req.session
             if type(now) ~= "table" or next(now) == nil then -- emptied or removed
-                if had_cookie then res:cookie(name, nil, deletion) end
+                if had_cookie then
+                    res:cookie(name, nil, deletion)
+                    keep_private(res)
+                end
                 return
             end
-            local new = json.encode(now)
-            if not new then error("moonlet.session: the session cannot be sent as JSON", 0) end
+            local new, err = json.encode(now)
+            if not new then
+                error("moonlet.session: the session cannot be sent as JSON: " .. tostring(err), 0)
+            end
             local t = core.time()
             if new == text and t - signed_at < refresh_after then return end
             local token = crypto.sign(secrets, name, new, t)
@@ -72,6 +97,7 @@ function _M.middleware(opts)
                     .. " than a cookie holds (" .. MAX_COOKIE .. "): keep large data elsewhere", 0)
             end
             res:cookie(name, token, cookie_opts)
+            keep_private(res)
         end)
         return nxt()
     end

@@ -281,6 +281,7 @@ function _M.route(fn, opts)
     return function(req, res)
         local ws, status, body, headers = _M.accept(req, opts)
         if not ws then return status, body, headers end
+        res._on_send = false -- the 101 went out without the app's headers: res:on_send hooks never run
         -- the exchange is handed over: what the dispatcher sends after us finds it closed
         local ok, err = xpcall(fn, on_handler_error, ws, req)
         if ok then
