@@ -73,6 +73,7 @@ local lazy = {
     ngx = "moonlet.ngx",
     process = "moonlet.process",
     crypto = "moonlet.crypto",
+    template = "moonlet.template",
 }
 setmetatable(_M, { __index = function(t, k)
     local name = lazy[k]

@@ -109,6 +109,26 @@ describe("examples", function()
         assert.same(400, bad.status)
     end)
 
+    it("guestbook.lua renders its templates escaped and greets a signer by the name in the session",
+       function()
+        local p = test.start_process("examples/guestbook.lua --port 0")
+        test.defer(function() p:kill() end)
+        local base = "http://127.0.0.1:" .. p:port()
+        local first = assert(moonlet.http.get(base .. "/"))
+        assert.same(200, first.status)
+        assert.truthy(first.body:find("<h1>Guestbook</h1>", 1, true))
+        assert.is_nil(first.body:find("Welcome back", 1, true))
+        local signed = assert(moonlet.http.post(base .. "/sign", nil, {
+            form = { name = "<Ada>", message = 'hi "there"' } }))
+        assert.same({ 303, "/" }, { signed.status, signed.headers.location })
+        local cookie = signed.headers["set-cookie"]:match("^([^;]*)")
+        local page = assert(moonlet.http.get(base .. "/", { headers = { Cookie = cookie } })).body
+        assert.truthy(page:find("Welcome back, &lt;Ada&gt;. You have signed 1 time.", 1, true), page)
+        assert.truthy(page:find("<li><b>&lt;Ada&gt;</b>: hi &quot;there&quot;</li>", 1, true), page)
+        local bad = assert(moonlet.http.post(base .. "/sign", nil, { form = { name = "x" } }))
+        assert.same(400, bad.status)
+    end)
+
     it("aggregate.lua answers with a partial document when an upstream is slow", function()
         local p = test.start_process("examples/aggregate.lua --port 0")
         test.defer(function() p:kill() end)
