@@ -42,6 +42,10 @@ function _M.gzip(opts) return require("moonlet.compress").gzip(opts) end
 -- (lua/moonlet/session.lua)
 function _M.session(opts) return require("moonlet.session").middleware(opts) end
 
+-- syntax: app:use(moonlet.cors({ origins = { "https://app.example" } })) -- cross-origin requests
+-- from browsers, preflights answered (lua/moonlet/cors.lua)
+function _M.cors(opts) return require("moonlet.cors").middleware(opts) end
+
 -- syntax: error(moonlet.abort(status, body, headers)) or moonlet.abort(...) raises itself:
 -- ends the request with that response, from any depth of the handler.
 function _M.abort(status, body, headers)

@@ -215,28 +215,8 @@ local function negotiate(res, gz, status, ctype)
         or header_of(res, "content-encoding") then
         return false
     end
-    _M.vary(res)
+    res:vary("Accept-Encoding")
     return true
-end
-
--- syntax: compress.vary(res) -- res's representation depends on Accept-Encoding: a Vary header
--- says so, added to one the handler set (a string or a list) unless it says so already, or "*"
-function _M.vary(res)
-    local vary, key = header_of(res, "vary")
-    if not vary then
-        res:header("Vary", "Accept-Encoding")
-    elseif type(vary) == "table" then
-        local copy = {} -- the caller's table (a constant of theirs, perhaps) stays as it is
-        for i = 1, #vary do
-            local v = lower(vary[i])
-            if v == "*" or find(v, "accept-encoding", 1, true) then return end
-            copy[i] = vary[i]
-        end
-        copy[#copy + 1] = "Accept-Encoding"
-        res:header(key, copy)
-    elseif vary ~= "*" and not find(lower(vary), "accept-encoding", 1, true) then
-        res:header(key, vary .. ", Accept-Encoding")
-    end
 end
 
 -- res's headers for its gzipped representation: no Content-Length of the identity one, a weak

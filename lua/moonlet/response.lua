@@ -8,7 +8,7 @@ local check = require("moonlet.task").check
 
 local type, setmetatable, tostring, pairs = type, setmetatable, tostring, pairs
 local table_remove = table.remove
-local str_lower = string.lower
+local str_lower, gmatch = string.lower, string.gmatch
 local has_new_tab, new_tab = pcall(require, "table.new") -- LuaJIT: a table made at its size
 if not has_new_tab then new_tab = function() return {} end end
 
@@ -96,6 +96,39 @@ function methods:cookie(name, value, opts)
     if not h then h = new_tab(0, 4); self._headers = h end
     add_set_cookie(h, line)
     return self
+end
+
+-- syntax: res:vary(name) -> res -- the response depends on the request header `name`: it joins the
+-- Vary header, one already set (a string or a list: the caller's table is not changed) unless that
+-- names it already or is "*"
+function methods:vary(name)
+    local h = self._headers
+    local key, vary
+    if h then
+        for k, v in pairs(h) do
+            if str_lower(k) == "vary" then key, vary = k, v; break end
+        end
+    end
+    if not vary then return self:header("Vary", name) end
+    local lname = str_lower(name)
+    local function names_it(v)
+        for tok in gmatch(v, "[^,%s]+") do
+            local t = str_lower(tok)
+            if t == "*" or t == lname then return true end
+        end
+        return false
+    end
+    if type(vary) == "table" then
+        local copy = {}
+        for i = 1, #vary do
+            if names_it(vary[i]) then return self end
+            copy[i] = vary[i]
+        end
+        copy[#copy + 1] = name
+        return self:header(key, copy)
+    end
+    if names_it(vary) then return self end
+    return self:header(key, vary .. ", " .. name)
 end
 
 -- syntax: res:type(t) -> res -- "html", "json", "text", ... or a full media type

@@ -106,10 +106,10 @@ function _M.handler(dir, opts, base)
             local real_gz = resolve(real .. ".gz")
             local st_gz = real_gz and core.stat(real_gz)
             if st_gz and st_gz.type == "file" then
-                compress.vary(res)
+                res:vary("Accept-Encoding")
                 if gz.accept then real, st, encoding = real_gz, st_gz, "gzip" end
             elseif compress.file_compressible(gz, st, ctype) then
-                compress.vary(res)
+                res:vary("Accept-Encoding")
                 on_the_fly = gz.accept and not req:header("range")
             end
         end
