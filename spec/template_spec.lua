@@ -69,7 +69,7 @@ describe("moonlet.template", function()
             ["outer.html"] = "[<%- include('inner.html') %>]",
             ["inner.html"] = "<%= x %>",
         })
-        local v = template.loader(dir)
+        local v = template.loader(dir, { check = 0 }) -- the files' stat on every render
         assert.same("<ul><li>&lt;a&gt;</li><li>b</li></ul>",
                     v:render("page.html", { users = { "<a>", "b" } }))
         assert.same("[7]", v:render("outer.html", { x = 7 })) -- include takes the includer's values
@@ -79,6 +79,53 @@ describe("moonlet.template", function()
             assert.has_error(function() v:render(bad) end)
         end
         assert.has_error(function() template.loader(dir .. "/none") end)
+        local fixed = template.loader(dir, { check = false }) -- compiled once, never looked at again
+        assert.same("[9]", fixed:render("outer.html", { y = 9 }))
+        assert(moonlet.fs.write(dir .. "/inner.html", "<%= z %>"))
+        assert.same("[9]", fixed:render("outer.html", { y = 9 }))
+        assert.has_error(function() template.loader(dir, { check = "often" }) end)
+    end)
+
+    it("refuses a symlink out of its directory, and a template that includes itself", function()
+        local outside = views({ ["secret.html"] = "secret" })
+        local dir = views({ ["self.html"] = "<%- include('self.html') %>" })
+        assert(os.execute("ln -s '" .. outside .. "/secret.html' '" .. dir .. "/link.html'"))
+        assert(os.execute("ln -s '" .. outside .. "' '" .. dir .. "/sub'"))
+        local v = template.loader(dir)
+        assert.has_error(function() v:render("link.html") end)
+        assert.has_error(function() v:render("sub/secret.html") end)
+        local ok, err = pcall(v.render, v, "self.html")
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find("includes 50 deep", 1, true), err)
+    end)
+
+    it("compiles a template once for renders that come together", function()
+        local dir = views({ ["p.html"] = "<%= n %>" })
+        local fs = require "moonlet.fs"
+        local real_read, reads = fs.read, 0
+        fs.read = function(...) reads = reads + 1; return real_read(...) end
+        test.defer(function() fs.read = real_read end)
+        local v = template.loader(dir)
+        local fns = {}
+        for i = 1, 10 do fns[i] = function() return v:render("p.html", { n = i }) end end
+        assert.same({ "1", "2", "3", "4", "5", "6", "7", "8", "9", "10" }, moonlet.gather(fns))
+        assert.same(1, reads)
+    end)
+
+    it("keeps its own names apart, takes comments and %> in strings, and counts lines right", function()
+        assert.same("3 rows", template.compile("<%= #table %> rows")({ table = { 1, 2, 3 } }))
+        assert.same("x", template.compile("<% local _n, _b = 5, 6 %>x")())
+        assert.same("a\nb", template.compile("a<% -- a comment %>\nb")())
+        assert.same("1", template.compile("<%= x -- the x %>")({ x = 1 }))
+        assert.same("%&gt;|]]%>", template.compile([=[<%= "%>" %>|<%- [==[]]%>]==] %>]=])())
+        assert.same("it&#39;s", template.compile([[<%= 'it\'s' %>]])())
+        local t = assert(template.compile("<% -- one %>\n<% -- two %>\n<%= nothing.here %>", "c.html"))
+        local ok, err = pcall(t, {})
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find("c.html:3:", 1, true), err)
+        local f, cerr = template.compile("<% -- x %>\n<% -- y -%>\nok\n<% if %>", "d.html")
+        assert.is_nil(f)
+        assert.truthy(cerr:find("^d.html:4:"), cerr)
     end)
 
     it("serves pages from a handler; a broken template is a 500, the server goes on", function()
