@@ -1,6 +1,7 @@
--- examples/guestbook.lua: an HTML app with templates (moonlet.template: etlua's <%= %>, escaped)
--- and a session in a signed cookie (moonlet.session): sign the book, and the page greets you by the
--- name you gave, counting your entries. Entries live in memory.
+-- examples/guestbook.lua: an HTML app with templates (moonlet.template: etlua's <%= %>, escaped),
+-- a session in a signed cookie (moonlet.session) and forms protected from cross-site forgery
+-- (moonlet.csrf): sign the book, and the page greets you by the name you gave, counting your
+-- entries. Entries live in memory.
 --   SECRET=$(openssl rand -hex 32) moonlet examples/guestbook.lua   then open http://127.0.0.1:8080/
 local moonlet = require "moonlet"
 
@@ -11,11 +12,13 @@ local entries = {}
 app:use(moonlet.session({
     secret = os.getenv("SECRET") or moonlet.crypto.hex(moonlet.crypto.random(32)), -- a new one per run
 }))
+app:use(moonlet.csrf())                           -- a POST must carry req:csrf_token() (403 otherwise)
 
 app:get("/", function(req, res)
     res:type("html")
     return views:render("guestbook.html", {
         entries = entries, name = req.session.name, signed = req.session.signed or 0,
+        csrf = req:csrf_token(),
     })
 end)
 

@@ -46,6 +46,10 @@ function _M.session(opts) return require("moonlet.session").middleware(opts) end
 -- from browsers, preflights answered (lua/moonlet/cors.lua)
 function _M.cors(opts) return require("moonlet.cors").middleware(opts) end
 
+-- syntax: app:use(moonlet.csrf()) -- after moonlet.session: unsafe methods need req:csrf_token()
+-- (lua/moonlet/csrf.lua)
+function _M.csrf(opts) return require("moonlet.csrf").middleware(opts) end
+
 -- syntax: error(moonlet.abort(status, body, headers)) or moonlet.abort(...) raises itself:
 -- ends the request with that response, from any depth of the handler.
 function _M.abort(status, body, headers)

@@ -118,14 +118,20 @@ describe("examples", function()
         assert.same(200, first.status)
         assert.truthy(first.body:find("<h1>Guestbook</h1>", 1, true))
         assert.is_nil(first.body:find("Welcome back", 1, true))
-        local signed = assert(moonlet.http.post(base .. "/sign", nil, {
-            form = { name = "<Ada>", message = 'hi "there"' } }))
+        local cookie = first.headers["set-cookie"]:match("^([^;]*)") -- the session holds the token
+        local token = first.body:match('name="_csrf" value="([^"]+)"')
+        local forged = assert(moonlet.http.post(base .. "/sign", nil, { headers = { Cookie = cookie },
+            form = { name = "Mallory", message = "no token" } }))
+        assert.same(403, forged.status)
+        local signed = assert(moonlet.http.post(base .. "/sign", nil, { headers = { Cookie = cookie },
+            form = { name = "<Ada>", message = 'hi "there"', _csrf = token } }))
         assert.same({ 303, "/" }, { signed.status, signed.headers.location })
-        local cookie = signed.headers["set-cookie"]:match("^([^;]*)")
+        cookie = signed.headers["set-cookie"]:match("^([^;]*)")
         local page = assert(moonlet.http.get(base .. "/", { headers = { Cookie = cookie } })).body
         assert.truthy(page:find("Welcome back, &lt;Ada&gt;. You have signed 1 time.", 1, true), page)
         assert.truthy(page:find("<li><b>&lt;Ada&gt;</b>: hi &quot;there&quot;</li>", 1, true), page)
-        local bad = assert(moonlet.http.post(base .. "/sign", nil, { form = { name = "x" } }))
+        local bad = assert(moonlet.http.post(base .. "/sign", nil, { headers = { Cookie = cookie },
+            form = { name = "x", _csrf = token } }))
         assert.same(400, bad.status)
     end)
 

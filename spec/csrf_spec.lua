@@ -1,0 +1,87 @@
+-- spec/csrf_spec.lua: moonlet.csrf over real sockets: a form page carries the session's token, a
+-- POST with it (form field, header, query string) passes and the handler still reads the form, a
+-- POST without it or with another session's is 403 before the handler runs; safe methods pass.
+local moonlet = require "moonlet"
+local test = require "moonlet.test"
+
+local SECRET = "0123456789abcdef-csrf-spec"
+
+local function serve()
+    local app = moonlet.app()
+    local ran = { n = 0 }
+    app:use(moonlet.session({ secret = SECRET }))
+    app:use(moonlet.csrf())
+    app:get("/form", function(req) return req:csrf_token() end)
+    app:post("/do", function(req)
+        ran.n = ran.n + 1
+        local form = req:form() or {}
+        return "done " .. tostring(form.x)
+    end)
+    app:post("/upload", function(req)
+        ran.n = ran.n + 1
+        local names = {}
+        for part in req:parts() do names[#names + 1] = part.name; part:body() end
+        return table.concat(names, ",")
+    end)
+    local server, port = test.serve(app)
+    test.defer(function() server:close() end)
+    return port, ran
+end
+
+-- a session cookie and its token, from GET /form
+local function login(port)
+    local r = test.request(port, "GET", "/form")
+    assert.same(200, r.status)
+    return r.headers["set-cookie"]:match("^([^;]*)"), r.body
+end
+
+local function post(port, path, cookie, body, headers)
+    headers = headers or {}
+    headers.Cookie = cookie
+    headers["Content-Type"] = headers["Content-Type"] or "application/x-www-form-urlencoded"
+    return test.request(port, "POST", path, { headers = headers, body = body })
+end
+
+describe("moonlet.csrf", function()
+    it("lets a POST with the session's token through, by field, header or query", function()
+        local port, ran = serve()
+        local cookie, token = login(port)
+        assert.truthy(#token >= 40)
+        local r = post(port, "/do", cookie, "x=1&_csrf=" .. token)
+        assert.same({ 200, "done 1" }, { r.status, r.body }) -- the handler read the form again
+        r = post(port, "/do", cookie, "x=2", { ["X-CSRF-Token"] = token })
+        assert.same({ 200, "done 2" }, { r.status, r.body })
+        r = post(port, "/do?_csrf=" .. token, cookie, "x=3")
+        assert.same({ 200, "done 3" }, { r.status, r.body })
+        local mp = require "moonlet.multipart"
+        local body, ctype = mp.encode({ a = "1", f = { filename = "f.txt", body = "data" } })
+        r = post(port, "/upload?_csrf=" .. token, cookie, body, { ["Content-Type"] = ctype })
+        assert.same(200, r.status)
+        assert.same(4, ran.n)
+        local again = test.request(port, "GET", "/form", { headers = { Cookie = cookie } })
+        assert.same(token, again.body) -- one token per session
+    end)
+
+    it("refuses a POST without the token, a wrong one or another session's: 403, no handler", function()
+        local port, ran = serve()
+        local cookie, token = login(port)
+        local other_cookie, other_token = login(port)
+        assert.are_not.equal(token, other_token)
+        assert.same(403, post(port, "/do", cookie, "x=1").status)
+        assert.same(403, post(port, "/do", cookie, "x=1&_csrf=" .. other_token).status)
+        assert.same(403, post(port, "/do", other_cookie, "x=1", { ["X-CSRF-Token"] = token }).status)
+        assert.same(403, post(port, "/do", nil, "x=1&_csrf=" .. token).status) -- no session at all
+        assert.same(403, post(port, "/do", cookie, "x=1&_csrf=").status)
+        assert.same(0, ran.n)
+        assert.same(200, test.request(port, "GET", "/form", { headers = { Cookie = cookie } }).status)
+    end)
+
+    it("needs moonlet.session before it", function()
+        local app = moonlet.app()
+        app:use(moonlet.csrf())
+        app:get("/", function() return "x" end)
+        local server, port = test.serve(app)
+        test.defer(function() server:close() end)
+        assert.same(500, test.request(port, "GET", "/").status)
+    end)
+end)
