@@ -50,6 +50,10 @@ function _M.cors(opts) return require("moonlet.cors").middleware(opts) end
 -- (lua/moonlet/csrf.lua)
 function _M.csrf(opts) return require("moonlet.csrf").middleware(opts) end
 
+-- syntax: app:use(moonlet.limit({ rate = 10, burst = 20 })) -- requests a second per client, 429
+-- past it (lua/moonlet/limit.lua)
+function _M.limit(opts) return require("moonlet.limit").middleware(opts) end
+
 -- syntax: error(moonlet.abort(status, body, headers)) or moonlet.abort(...) raises itself:
 -- ends the request with that response, from any depth of the handler.
 function _M.abort(status, body, headers)

@@ -1,0 +1,80 @@
+-- lua/moonlet/limit.lua: moonlet.limit(opts), a middleware that limits the request rate per client
+-- (per key) with a token bucket, as OpenResty's lua-resty-limit-req and nginx's limit_req do: each
+-- key may make `burst` requests at once, then `rate` a second; a request over it is answered 429
+-- with Retry-After (whole seconds until the next one would pass), and the handler does not run.
+--
+-- The buckets live in this process (an app's instance), keyed by the client's IP address unless
+-- opts.key says otherwise (a function of req: an API key, a user id; nil lets the request through
+-- unlimited). They are kept for at most max_keys keys: past that, the buckets full again (their
+-- clients idle long enough to have their whole burst back) are dropped, and if none is, all are
+-- (the limit then starts afresh rather than memory growing with every address an attacker uses).
+local core = require "moonlet.core"
+
+local type, error, pairs = type, error, pairs
+local floor, ceil, min = math.floor, math.ceil, math.min
+local match = string.match
+
+local _M = {}
+
+-- the client's address out of req.peer ("1.2.3.4:5678", "[::1]:5678")
+local function client_ip(req)
+    local peer = req.peer
+    return peer and match(peer, "^(.*):%d+$") or peer
+end
+
+-- syntax: app:use(moonlet.limit({ rate = 10, burst = 20, key = function(req) return ip end,
+--   max_keys = 100000, status = 429 }))
+function _M.middleware(opts)
+    if type(opts) ~= "table" then error("moonlet.limit: options with a rate are needed", 3) end
+    local rate, burst = opts.rate, opts.burst or opts.rate
+    local key_of = opts.key or client_ip
+    local max_keys = opts.max_keys or 100000
+    local status = opts.status or 429
+    if type(rate) ~= "number" or rate <= 0 or type(burst) ~= "number" or burst < 1
+        or type(key_of) ~= "function" or type(max_keys) ~= "number" or type(status) ~= "number" then
+        error("moonlet.limit: rate (requests a second) > 0, burst >= 1, key a function of req", 3)
+    end
+    burst = floor(burst)
+    local buckets, count = {}, 0 -- key -> { tokens, time }
+
+    local function sweep(now)
+        for k, b in pairs(buckets) do
+            if b[1] + (now - b[2]) * rate >= burst then
+                buckets[k] = nil
+                count = count - 1
+            end
+        end
+        if count >= max_keys then buckets, count = {}, 0 end
+    end
+
+    -- whether the request of key may go now; else the seconds until it could
+    local function take(key, now)
+        local b = buckets[key]
+        if not b then
+            if count >= max_keys then sweep(now) end
+            buckets[key] = { burst - 1, now }
+            count = count + 1
+            return true
+        end
+        local tokens = min(burst, b[1] + (now - b[2]) * rate)
+        b[2] = now
+        if tokens >= 1 then
+            b[1] = tokens - 1
+            return true
+        end
+        b[1] = tokens
+        return false, (1 - tokens) / rate
+    end
+
+    return function(req, res, nxt)
+        local key = key_of(req)
+        if key == nil then return nxt() end
+        local ok, wait = take(key, core.now())
+        if ok then return nxt() end
+        local after = ceil(wait)
+        res:header("Retry-After", after)
+        return status, "Too many requests: try again in " .. after .. " s\n"
+    end
+end
+
+return _M

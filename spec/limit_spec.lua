@@ -1,0 +1,57 @@
+-- spec/limit_spec.lua: moonlet.limit over real sockets: a burst passes, the next request is 429 with
+-- Retry-After and no handler run, keys are apart, tokens come back with time, and the buckets stay
+-- within max_keys.
+local moonlet = require "moonlet"
+local test = require "moonlet.test"
+
+local function serve(opts)
+    local app = moonlet.app()
+    local ran = { n = 0 }
+    app:use(moonlet.limit(opts))
+    app:get("/", function() ran.n = ran.n + 1; return "ok" end)
+    local server, port = test.serve(app)
+    test.defer(function() server:close() end)
+    return function(key)
+        return test.request(port, "GET", "/", { headers = { ["X-Key"] = key } })
+    end, ran
+end
+
+local function by_header(req) return req:header("x-key") end
+
+describe("moonlet.limit", function()
+    it("lets a burst through, then answers 429 with Retry-After, per client address", function()
+        local get, ran = serve({ rate = 0.5, burst = 3 })
+        for _ = 1, 3 do assert.same(200, get().status) end
+        local r = get()
+        assert.same({ 429, "2" }, { r.status, r.headers["retry-after"] })
+        assert.truthy(r.body:find("try again in 2 s", 1, true))
+        assert.same(3, ran.n)
+    end)
+
+    it("keeps keys apart, lets a request without a key through, gives tokens back with time", function()
+        local get = serve({ rate = 20, burst = 1, key = by_header })
+        assert.same(200, get("a").status)
+        assert.same(429, get("a").status)
+        assert.same(200, get("b").status)
+        for _ = 1, 3 do assert.same(200, get(nil).status) end -- no key: not limited
+        moonlet.sleep(0.1) -- 20 a second: a token back after 0.05 s
+        assert.same(200, get("a").status)
+    end)
+
+    it("holds at most max_keys buckets, dropping idle ones first, else all", function()
+        local get = serve({ rate = 0.001, burst = 1, key = by_header, max_keys = 2 })
+        assert.same(200, get("a").status)
+        assert.same(200, get("b").status)
+        assert.same(429, get("a").status)
+        assert.same(200, get("c").status) -- a third key: no bucket is idle, so all go
+        assert.same(200, get("a").status) -- a starts afresh
+        assert.same(429, get("a").status)
+    end)
+
+    it("raises on bad options", function()
+        assert.has_error(function() moonlet.limit() end)
+        assert.has_error(function() moonlet.limit({ rate = 0 }) end)
+        assert.has_error(function() moonlet.limit({ rate = 1, burst = 0.5 }) end)
+        assert.has_error(function() moonlet.limit({ rate = 1, key = "ip" }) end)
+    end)
+end)
