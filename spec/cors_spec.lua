@@ -8,6 +8,7 @@ local function serve(opts)
     app:use(moonlet.cors(opts))
     app:get("/data", function(_, res) res:header("X-Total", "3"); return { 1, 2, 3 } end)
     app:put("/data", function() return "put" end)
+    app:get("/boom", function(_, res) res:header("X-Partial", "dropped"); error("boom") end)
     local server, port = test.serve(app)
     test.defer(function() server:close() end)
     return port
@@ -78,7 +79,22 @@ describe("moonlet.cors", function()
         assert.same(405, request(port, "OPTIONS", "/data", { Origin = "https://x.example" }).status)
     end)
 
+    it("keeps its headers on the server's 500 page, and only those", function()
+        local port = serve({ origins = { "https://app.example/" } }) -- (a trailing slash is no path)
+        local r = request(port, "GET", "/boom", { Origin = "https://APP.example" })
+        assert.same({ 500, "https://APP.example", "Origin", nil },
+                    { r.status, r.headers["access-control-allow-origin"], r.headers["vary"],
+                      r.headers["x-partial"] })
+    end)
+
+    it("takes a truthy answer of an origins function as yes", function()
+        local port = serve({ origins = function(o) return o:match("%.example$") end })
+        local r = request(port, "GET", "/data", { Origin = "https://a.example" })
+        assert.same("https://a.example", r.headers["access-control-allow-origin"])
+    end)
+
     it("raises on bad options", function()
+        assert.has_error(function() moonlet.cors({ credentials = true }) end) -- any site, logged in
         assert.has_error(function() moonlet.cors({ origins = 42 }) end)
         assert.has_error(function() moonlet.cors({ methods = { 1 } }) end)
         assert.has_error(function() moonlet.cors({ max_age = "1h" }) end)

@@ -12,6 +12,12 @@ local function serve()
     app:use(moonlet.session({ secret = SECRET }))
     app:use(moonlet.csrf())
     app:get("/form", function(req) return req:csrf_token() end)
+    app:post("/login", function(req) req:csrf_rotate(); return req:csrf_token() end)
+    app:get("/late", function(req, res)
+        res:write("<form>")
+        local ok, err = pcall(req.csrf_token, req)
+        res:write(ok and "made" or tostring(err))
+    end)
     app:post("/do", function(req)
         ran.n = ran.n + 1
         local form = req:form() or {}
@@ -51,15 +57,20 @@ describe("moonlet.csrf", function()
         assert.same({ 200, "done 1" }, { r.status, r.body }) -- the handler read the form again
         r = post(port, "/do", cookie, "x=2", { ["X-CSRF-Token"] = token })
         assert.same({ 200, "done 2" }, { r.status, r.body })
-        r = post(port, "/do?_csrf=" .. token, cookie, "x=3")
-        assert.same({ 200, "done 3" }, { r.status, r.body })
+        r = post(port, "/do?_csrf=" .. token, cookie, "x=3") -- the query: for multipart bodies only
+        assert.same(403, r.status)
+        r = post(port, "/do?_csrf=" .. token, cookie, '{"x":3}', { ["Content-Type"] = "application/json" })
+        assert.same(403, r.status)
         local mp = require "moonlet.multipart"
         local body, ctype = mp.encode({ a = "1", f = { filename = "f.txt", body = "data" } })
         r = post(port, "/upload?_csrf=" .. token, cookie, body, { ["Content-Type"] = ctype })
         assert.same(200, r.status)
-        assert.same(4, ran.n)
+        assert.same(3, ran.n)
         local again = test.request(port, "GET", "/form", { headers = { Cookie = cookie } })
-        assert.same(token, again.body) -- one token per session
+        assert.are_not.equal(token, again.body) -- masked anew each time (BREACH)...
+        assert.is_nil(again.headers["set-cookie"]) -- ...from the same secret
+        r = post(port, "/do", cookie, "x=4&_csrf=" .. again.body)
+        assert.same({ 200, "done 4" }, { r.status, r.body })
     end)
 
     it("refuses a POST without the token, a wrong one or another session's: 403, no handler", function()
@@ -74,6 +85,24 @@ describe("moonlet.csrf", function()
         assert.same(403, post(port, "/do", cookie, "x=1&_csrf=").status)
         assert.same(0, ran.n)
         assert.same(200, test.request(port, "GET", "/form", { headers = { Cookie = cookie } }).status)
+    end)
+
+    it("makes a new secret on rotation (login): tokens of the old one are refused", function()
+        local port = serve()
+        local cookie, token = login(port)
+        local r = post(port, "/login", cookie, "_csrf=" .. token)
+        assert.same(200, r.status)
+        local new_cookie = r.headers["set-cookie"]:match("^([^;]*)")
+        assert.same(403, post(port, "/do", new_cookie, "x=1&_csrf=" .. token).status)
+        assert.same(200, post(port, "/do", new_cookie, "x=1&_csrf=" .. r.body).status)
+    end)
+
+    it("refuses to make a token once a stream started (its cookie could not go out)", function()
+        local port = serve()
+        local r = test.request(port, "GET", "/late")
+        assert.same(200, r.status)
+        assert.truthy(r.body:find("after the response started", 1, true), r.body)
+        assert.is_nil(r.headers["set-cookie"])
     end)
 
     it("needs moonlet.session before it", function()

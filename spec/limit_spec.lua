@@ -38,14 +38,17 @@ describe("moonlet.limit", function()
         assert.same(200, get("a").status)
     end)
 
-    it("holds at most max_keys buckets, dropping idle ones first, else all", function()
+    it("holds at most max_keys buckets, the least recently used going first", function()
         local get = serve({ rate = 0.001, burst = 1, key = by_header, max_keys = 2 })
         assert.same(200, get("a").status)
         assert.same(200, get("b").status)
-        assert.same(429, get("a").status)
-        assert.same(200, get("c").status) -- a third key: no bucket is idle, so all go
-        assert.same(200, get("a").status) -- a starts afresh
-        assert.same(429, get("a").status)
+        assert.same(429, get("a").status) -- a used after b
+        assert.same(200, get("c").status) -- a third key: b, used least recently, goes
+        assert.same(429, get("a").status) -- a kept its bucket
+        assert.same(200, get("b").status) -- b starts afresh (and c goes)
+        assert.same(429, get("b").status)
+        for i = 1, 100 do get("junk" .. i) end -- a flood of keys pushes out all others, no more
+        assert.same(200, get("a").status)
     end)
 
     it("raises on bad options", function()
@@ -53,5 +56,6 @@ describe("moonlet.limit", function()
         assert.has_error(function() moonlet.limit({ rate = 0 }) end)
         assert.has_error(function() moonlet.limit({ rate = 1, burst = 0.5 }) end)
         assert.has_error(function() moonlet.limit({ rate = 1, key = "ip" }) end)
+        assert.has_error(function() moonlet.limit({ rate = 1, max_keys = 0 }) end)
     end)
 end)

@@ -16,7 +16,7 @@ local url = require "moonlet.url"
 local str_find, str_sub = string.find, string.sub
 local setmetatable, xpcall, traceback = setmetatable, xpcall, debug.traceback
 local req_mt, res_mt = request.mt, response.mt
-local send, is_abort = response.send, response.is_abort
+local send, is_abort, always_headers = response.send, response.is_abort, response.always_headers
 local unescape = url.unescape
 local CANCELLED, CANCEL = task.CANCELLED, core.CANCEL
 local core_spawn, core_sleep, core_cancel, core_running, call_unrecorded =
@@ -229,7 +229,7 @@ local function fail(app, req, res, err, w)
                     " s passed; the request was cancelled")
         if res._streaming or x:started() then return x:set_close() end
         x:set_close()
-        return x:respond(504, "504 Gateway Timeout\n", "text/plain; charset=utf-8")
+        return x:respond(504, "504 Gateway Timeout\n", "text/plain; charset=utf-8", always_headers(res))
     end
     if is_abort(err) then
         if res._streaming then return end
@@ -241,10 +241,12 @@ local function fail(app, req, res, err, w)
     if res._streaming or x:started() then return end -- the C side closes a broken stream
     if app.error_handler then
         local ok, status, body = pcall(app.error_handler, req, res, err)
-        if ok and status then return x:respond(status, body or "", "text/plain; charset=utf-8") end
+        if ok and status then
+            return x:respond(status, body or "", "text/plain; charset=utf-8", always_headers(res))
+        end
     end
     x:set_close()
-    return x:respond(500, "500 Internal Server Error\n", "text/plain; charset=utf-8")
+    return x:respond(500, "500 Internal Server Error\n", "text/plain; charset=utf-8", always_headers(res))
 end
 
 -- The function the C server runs for each request: dispatch(exchange, method, target, the

@@ -2,13 +2,15 @@
 -- (the Fetch standard's CORS protocol; aiohttp-cors, Flask-CORS). A request without Origin, or from
 -- an origin not allowed, goes on untouched (a browser then keeps the answer from the page); one from
 -- an allowed origin gets Access-Control-Allow-Origin (and Allow-Credentials, Expose-Headers) on
--- whatever response it gets. A preflight (OPTIONS with Origin and Access-Control-Request-Method) is
--- answered here, 204 with what is allowed, or 403 for an origin or method that is not, without
--- reaching the routes. Responses whose headers depend on Origin say `Vary: Origin`.
+-- whatever response it gets (the server's own 500 and 504 pages included). A preflight (OPTIONS
+-- with Origin and Access-Control-Request-Method) is answered here, 204 with what is allowed, or 403
+-- for an origin or method that is not, without reaching the routes. Responses whose headers depend
+-- on Origin say `Vary: Origin`. Credentials (cookies) need the origins named: with '*' any site
+-- could read what a logged-in user sees, so that raises.
 local trim = require("moonlet.url").trim
 
 local type, error, ipairs, tostring, concat = type, error, ipairs, tostring, table.concat
-local lower, upper, gmatch = string.lower, string.upper, string.gmatch
+local lower, upper, gmatch, gsub = string.lower, string.upper, string.gmatch, string.gsub
 
 local _M = {}
 
@@ -37,17 +39,22 @@ end
 function _M.middleware(opts)
     opts = opts or {}
     local origins = opts.origins or "*"
+    local credentials = opts.credentials == true
+    if credentials and origins == "*" then -- every site could read what a logged-in user sees
+        error("moonlet.cors: credentials need the origins listed (or a function), not '*'", 3)
+    end
     local allowed -- origin -> allowed?
     if origins == "*" then
         allowed = function() return true end
     elseif type(origins) == "function" then
         allowed = origins
     else
-        local set = set_of(list_of(origins, "origins"), lower)
+        -- an origin has no path: "https://a.example/" in the list means "https://a.example"
+        local function norm(o) return lower((gsub(o, "/+$", ""))) end
+        local set = set_of(list_of(origins, "origins"), norm)
         allowed = function(o) return set[lower(o)] == true end
     end
     local any = origins == "*"
-    local credentials = opts.credentials == true
     local methods = list_of(opts.methods, "methods") or SIMPLE_METHODS
     local method_set = set_of(methods, upper)
     local allow_methods = concat(methods, ", ")
@@ -63,10 +70,11 @@ function _M.middleware(opts)
     local echo = not any or credentials
 
     -- the CORS headers every answer to an allowed origin carries
+    -- (`always`: on the server's error pages too, so that a page can read that it got a 500)
     local function allow(res, origin)
-        res:header("Access-Control-Allow-Origin", echo and origin or "*")
-        if credentials then res:header("Access-Control-Allow-Credentials", "true") end
-        if echo then res:vary("Origin") end
+        res:header("Access-Control-Allow-Origin", echo and origin or "*", true)
+        if credentials then res:header("Access-Control-Allow-Credentials", "true", true) end
+        if echo then res:vary("Origin", true) end
     end
 
     -- whether each header a preflight asks for is allowed (all are, without a `headers` list)
@@ -84,7 +92,7 @@ function _M.middleware(opts)
             if echo then res:vary("Origin") end
             return nxt()
         end
-        local ok = allowed(origin) == true
+        local ok = allowed(origin) and true or false
         local asked_method = req.method == "OPTIONS" and req:header("access-control-request-method")
         if asked_method then -- a preflight
             if echo then res:vary("Origin") end

@@ -5,12 +5,13 @@
 --
 -- The buckets live in this process (an app's instance), keyed by the client's IP address unless
 -- opts.key says otherwise (a function of req: an API key, a user id; nil lets the request through
--- unlimited). They are kept for at most max_keys keys: past that, the buckets full again (their
--- clients idle long enough to have their whole burst back) are dropped, and if none is, all are
--- (the limit then starts afresh rather than memory growing with every address an attacker uses).
+-- unlimited). They are kept for at most max_keys keys, least recently used first out (a list in
+-- the order of use, as nginx's limit_req zone keeps its own): a new key past max_keys takes the
+-- place of the key that has waited longest, in O(1). A client that makes new keys faster than the
+-- others come back can push them out; size max_keys to the clients of a few minutes.
 local core = require "moonlet.core"
 
-local type, error, pairs = type, error, pairs
+local type, error = type, error
 local floor, ceil, min = math.floor, math.ceil, math.min
 local match = string.match
 
@@ -34,28 +35,40 @@ function _M.middleware(opts)
         or type(key_of) ~= "function" or type(max_keys) ~= "number" or type(status) ~= "number" then
         error("moonlet.limit: rate (requests a second) > 0, burst >= 1, key a function of req", 3)
     end
+    if max_keys < 1 then error("moonlet.limit: max_keys is at least 1", 3) end
     burst = floor(burst)
-    local buckets, count = {}, 0 -- key -> { tokens, time }
+    -- key -> bucket { tokens, time, key, newer, older }; head: the one used last, tail: first
+    local buckets, count, head, tail = {}, 0, nil, nil
 
-    local function sweep(now)
-        for k, b in pairs(buckets) do
-            if b[1] + (now - b[2]) * rate >= burst then
-                buckets[k] = nil
-                count = count - 1
-            end
-        end
-        if count >= max_keys then buckets, count = {}, 0 end
+    local function unlink(b)
+        if b.newer then b.newer.older = b.older else head = b.older end
+        if b.older then b.older.newer = b.newer else tail = b.newer end
+        b.newer, b.older = nil, nil
+    end
+
+    local function push(b) -- as the one used last
+        b.older, b.newer = head, nil
+        if head then head.newer = b else tail = b end
+        head = b
     end
 
     -- whether the request of key may go now; else the seconds until it could
     local function take(key, now)
         local b = buckets[key]
         if not b then
-            if count >= max_keys then sweep(now) end
-            buckets[key] = { burst - 1, now }
+            if count >= max_keys then -- the least recently used goes
+                local old = tail
+                unlink(old)
+                buckets[old[3]] = nil
+                count = count - 1
+            end
+            b = { burst - 1, now, key }
+            buckets[key] = b
             count = count + 1
+            push(b)
             return true
         end
+        if b ~= head then unlink(b); push(b) end
         local tokens = min(burst, b[1] + (now - b[2]) * rate)
         b[2] = now
         if tokens >= 1 then

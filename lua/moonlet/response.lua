@@ -62,11 +62,18 @@ local function add_set_cookie(h, value)
     h["Set-Cookie"] = list
 end
 
--- syntax: res:header(name, value) -> res -- value nil removes; a table sends the header repeatedly.
--- Content-Type (in any letter case) is res:type's; Set-Cookie (any case) adds to the cookies set.
-function methods:header(name, value)
+-- syntax: res:header(name, value, always) -> res -- value nil removes; a table sends the header
+-- repeatedly. Content-Type (in any letter case) is res:type's; Set-Cookie (any case) adds to the
+-- cookies set. always: the header goes on the error page (500, 504) the server makes if the
+-- handler fails too, where the others are dropped (nginx's `add_header ... always`; CORS).
+function methods:header(name, value, always)
     local h = self._headers
     if not h then h = new_tab(0, 4); self._headers = h end
+    if always then
+        local a = self._always
+        if not a then a = {}; self._always = a end
+        a[name] = true
+    end
     local n = type(name) == "string" and #name or 0
     if n == 12 and (name == "Content-Type" or str_lower(name) == "content-type") then
         self._ctype = value
@@ -98,10 +105,10 @@ function methods:cookie(name, value, opts)
     return self
 end
 
--- syntax: res:vary(name) -> res -- the response depends on the request header `name`: it joins the
--- Vary header, one already set (a string or a list: the caller's table is not changed) unless that
--- names it already or is "*"
-function methods:vary(name)
+-- syntax: res:vary(name, always) -> res -- the response depends on the request header `name`: it
+-- joins the Vary header, one already set (a string or a list: the caller's table is not changed)
+-- unless that names it already or is "*"; always as res:header's
+function methods:vary(name, always)
     local h = self._headers
     local key, vary
     if h then
@@ -109,7 +116,7 @@ function methods:vary(name)
             if str_lower(k) == "vary" then key, vary = k, v; break end
         end
     end
-    if not vary then return self:header("Vary", name) end
+    if not vary then return self:header("Vary", name, always) end
     local lname = str_lower(name)
     local function names_it(v)
         for tok in gmatch(v, "[^,%s]+") do
@@ -125,10 +132,10 @@ function methods:vary(name)
             copy[i] = vary[i]
         end
         copy[#copy + 1] = name
-        return self:header(key, copy)
+        return self:header(key, copy, always)
     end
     if names_it(vary) then return self end
-    return self:header(key, vary .. ", " .. name)
+    return self:header(key, vary .. ", " .. name, always)
 end
 
 -- syntax: res:type(t) -> res -- "html", "json", "text", ... or a full media type
@@ -205,6 +212,16 @@ end
 -- (static files: sent after the middleware has returned)
 function methods:started()
     return self._streaming or (self._file and true) or self._x:started()
+end
+
+-- syntax: headers = response.always_headers(res) -- those set with `always` (nil: none), for an
+-- error page the server makes
+function _M.always_headers(res)
+    local a, h = res._always, res._headers
+    if not a or not h then return nil end
+    local out = {}
+    for name in pairs(a) do out[name] = h[name] end
+    return out
 end
 
 -- syntax: response.add_missing_headers(res, headers) -- sets each of headers that res has under no
