@@ -8,8 +8,8 @@
 #include "mlua.h"
 
 #include <lauxlib.h>
-#include <openssl/evp.h>
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
 #include <string.h>
@@ -119,9 +119,11 @@ static int l_base64_decode(lua_State *L) {
   const char *abc = lua_toboolean(L, 2) ? B64_URL : B64_STD;
   signed char val[256];
   memset(val, -1, sizeof val);
-  for (int k = 0; k < 64; k++) val[(unsigned char)abc[k]] = (signed char)k;
+  for (int k = 0; k < 64; k++)
+    val[(unsigned char)abc[k]] = (signed char)k;
   size_t full = n;
-  while (n > 0 && s[n - 1] == '=') n--; /* padding: at most two, at the end */
+  while (n > 0 && s[n - 1] == '=')
+    n--; /* padding: at most two, at the end */
   if (full - n > 2 || n % 4 == 1) goto bad;
   luaL_Buffer b;
   luaL_buffinit(L, &b);
@@ -151,14 +153,13 @@ static int l_getpid(lua_State *L) {
 }
 
 void mlua_open_crypto(lua_State *L, moonlet_t *m) {
-  const luaL_Reg fns[] = {
-      {"digest", l_digest},
-      {"hmac", l_hmac},
-      {"random_bytes", l_random_bytes},
-      {"equal", l_equal},
-      {"base64_encode", l_base64_encode},
-      {"base64_decode", l_base64_decode},
-      {"getpid", l_getpid},
-      {NULL, NULL}};
+  const luaL_Reg fns[] = {{"digest", l_digest},
+                          {"hmac", l_hmac},
+                          {"random_bytes", l_random_bytes},
+                          {"equal", l_equal},
+                          {"base64_encode", l_base64_encode},
+                          {"base64_decode", l_base64_decode},
+                          {"getpid", l_getpid},
+                          {NULL, NULL}};
   mlua_register(L, m, fns);
 }
