@@ -202,8 +202,12 @@ static int header_line(lua_State *L, int hidx, int last, const char *s, size_t n
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
     lua_pushlstring(L, v, (size_t)(e - v));
-  } else { /* a repeated field: joined with a comma */
-    lua_pushliteral(L, ", ");
+  } else { /* a repeated field: joined with a comma; Set-Cookie lines with a newline, since a
+            * cookie's Expires date holds a comma and no header value holds a newline */
+    if (name_is(s, nlen, "set-cookie", 10, "Set-Cookie"))
+      lua_pushliteral(L, "\n");
+    else
+      lua_pushliteral(L, ", ");
     lua_pushlstring(L, v, (size_t)(e - v));
     lua_concat(L, 3);
   }
@@ -371,7 +375,8 @@ static int l_parse_head(lua_State *L) {
 
 /* syntax: headers = core.http_headers(buf, pos)
  * The header table of the head at buf[pos..], which core.http_parse_head checked: lower-case
- * names, repeated fields joined with ", ". nil, "bad response" if it is not a complete head. */
+ * names, repeated fields joined with ", " (Set-Cookie lines with "\n"). nil, "bad response" if it
+ * is not a complete head. */
 static int l_headers(lua_State *L) {
   size_t len;
   const char *buf = luaL_checklstring(L, 1, &len);

@@ -49,6 +49,7 @@ local config = {
     user_agent = "moonlet/" .. tostring(core.version),
     proxy = false,           -- an http:// proxy URL every request goes through (false: none)
     no_proxy = false,        -- "host, .domain, *": hosts reached without the proxy
+    jar = false,             -- a cookie jar (moonlet.http.cookie_jar()) every request uses
 }
 
 local MAX_LINE = 16384        -- a chunk-size or trailer line (heads: bindings/http_client.c)
@@ -499,11 +500,21 @@ local function take_proxy_auth(headers)
     return v, without(headers, PROXY_AUTHORIZATION)
 end
 
+-- Raises (at level, counted from here) unless jar is nil, false or a cookie jar.
+local function check_jar(jar, who, level)
+    if jar ~= nil and jar ~= false and (type(jar) ~= "table" or type(jar.header) ~= "function"
+        or type(jar.store) ~= "function") then
+        error(who .. ": jar is a cookie jar (moonlet.http.cookie_jar())", level + 1)
+    end
+end
+
 -- syntax: moonlet.http.configure{ pool_size =, idle_timeout =, connect_timeout =, read_timeout =,
--- send_timeout =, max_body =, user_agent =, proxy =, no_proxy = } -- defaults of later requests
+-- send_timeout =, max_body =, user_agent =, proxy =, no_proxy =, jar = } -- defaults of later
+-- requests
 function _M.configure(opts)
     if type(opts) ~= "table" then error("moonlet.http.configure: expected a table", 2) end
     check_proxy(opts.proxy, opts.no_proxy, "moonlet.http.configure", 3)
+    check_jar(opts.jar, "moonlet.http.configure", 2)
     for k, v in pairs(opts) do
         if config[k] == nil and k ~= "max_body" then
             error("moonlet.http.configure: unknown option " .. tostring(k), 2)
@@ -1123,14 +1134,35 @@ local function discard(res)
     end
 end
 
+local COOKIE = { cookie = true }
+
+-- headers with the jar's cookies for u added to a Cookie header the caller gave (a copy), or
+-- headers as they are when the jar has none for u
+local function with_jar_cookies(headers, jar, u)
+    local cookies = jar:header(u)
+    if not cookies then return headers end
+    local own = header_named(headers, "cookie")
+    local h = headers and without(headers, COOKIE) or {}
+    h.Cookie = own and (tostring(own) .. "; " .. cookies) or cookies
+    return h
+end
+
 -- Runs the request on u (once more on a new connection when a pooled one turns out to have been
 -- closed by the server) and follows up to max_redirects redirects, count of them done already.
+-- With a cookie jar, each hop sends the jar's cookies for its URL and stores what it sets.
 local function follow(u, method, target, headers, body, o, deadline, t0, max_redirects, count)
-    local res, err, retry = exchange(u, method, target, headers, body, o, deadline, false, t0)
+    local jar = o.jar
+    if jar == nil then jar = config.jar end
+    local sent = jar and with_jar_cookies(headers, jar, u) or headers
+    local res, err, retry = exchange(u, method, target, sent, body, o, deadline, false, t0)
     if not res and retry then
-        res, err = exchange(u, method, target, headers, body, o, deadline, true)
+        res, err = exchange(u, method, target, sent, body, o, deadline, true)
     end
     if not res then return nil, err end
+    if jar then
+        local set = res.headers["set-cookie"]
+        if set then jar:store(u, set) end
+    end
     if max_redirects <= 0 or not REDIRECT[res.status] then return res end
     local loc = res.headers.location
     if not loc then return res end
@@ -1186,6 +1218,7 @@ local function request(method, url, o, body, level)
     local u, err = parse_url(url)
     if not u then error("moonlet.http: " .. err .. ": " .. url, level) end
     check_proxy(o.proxy, o.no_proxy, "moonlet.http", level + 1)
+    check_jar(o.jar, "moonlet.http", level + 1)
     local target = u.target
     local query = o.query
     if query then
@@ -1248,10 +1281,18 @@ end
 
 local EMPTY = {}
 
+_M.parse_url = parse_url -- (lua/moonlet/cookie_jar.lua)
+
+-- syntax: jar = moonlet.http.cookie_jar({ max = 3000 }) -- for `jar =` of a request or configure
+-- (lua/moonlet/cookie_jar.lua)
+function _M.cookie_jar(opts)
+    return require("moonlet.cookie_jar").new(opts)
+end
+
 -- syntax: res, err = moonlet.http.request{ method =, url =, headers =, body =, json =, form =,
 -- query =, timeout =, connect_timeout =, read_timeout =, send_timeout =, redirects =, decompress =,
 -- max_body =, stream =, keepalive =, verify =, tls =, pool_size =, idle_timeout =, proxy =,
--- no_proxy = }
+-- no_proxy =, jar = }
 function _M.request(opts, url_opts)
     if type(opts) == "string" then -- request(url, opts)
         local o = url_opts or EMPTY
