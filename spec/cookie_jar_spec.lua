@@ -18,6 +18,10 @@ describe("moonlet.http.cookie_jar", function()
         assert.same(4102444800, jar_mod.parse_date("Fri, 01 Jan 2100 00:00:00 GMT"))
         assert.is_nil(jar_mod.parse_date("tomorrow"))
         assert.is_nil(jar_mod.parse_date("Sun, 06 Nov 1994 25:49:37 GMT"))
+        assert.is_nil(jar_mod.parse_date("Sat, 31 Feb 2024 00:00:00 GMT")) -- no such day
+        assert.is_nil(jar_mod.parse_date("29 Feb 2023 00:00:00")) -- not a leap year
+        assert.same(1709164800, jar_mod.parse_date("29 Feb 2024 00:00:00"))
+        assert.same(t, jar_mod.parse_date("6th Nov 1994 08:49:37")) -- a day with text after it
     end)
 
     it("keeps a cookie for its host, or its domain and subdomains; refuses another site's", function()
@@ -36,6 +40,47 @@ describe("moonlet.http.cookie_jar", function()
         assert.same(2, #jar:all())
         jar:store(u("http://localhost:8080/"), "local=6; Domain=localhost", now) -- the host itself
         assert.same("local=6", jar:header(u("http://localhost:9090/"), now))
+    end)
+
+    it("reads the last Domain, takes an empty one for none, and sees through trailing dots", function()
+        local jar = http.cookie_jar()
+        local now = 1e9
+        jar:store(u("http://a.example.com/"), "x=1; Domain=other.com; Domain=example.com", now)
+        jar:store(u("http://a.example.com/"), "y=2; Domain=.", now) -- none: this host only
+        jar:store(u("http://a.example.com./"), "z=3; Domain=com.", now) -- "com": refused
+        assert.same("x=1", jar:header(u("http://b.example.com/"), now))
+        assert.same("x=1; y=2", jar:header(u("http://a.example.com/"), now))
+        assert.is_nil(jar:header(u("http://victim.com./"), now))
+    end)
+
+    it("keeps control characters out, and Secure cookies from plain http", function()
+        local jar = http.cookie_jar()
+        local now = 1e9
+        jar:store(u("http://h.test/"), "a=x\ry\nb=p\1q\nc=tab\tok", now)
+        assert.same("c=tab\tok", jar:header(u("http://h.test/"), now))
+        jar:store(u("https://h.test/"), "sid=good; Secure; Path=/", now)
+        jar:store(u("http://h.test/"), "sid=evil; Path=/", now) -- would shadow the Secure one
+        jar:store(u("http://h.test/"), "sid=evil; Secure; Path=/", now) -- http cannot set Secure
+        jar:store(u("http://h.test/"), "other=1; Secure", now)
+        assert.same("c=tab\tok; sid=good", jar:header(u("https://h.test/"), now))
+    end)
+
+    it("bounds the cookies of one domain, so that one site cannot push out another's", function()
+        local jar = http.cookie_jar({ max = 100, per_domain = 10 })
+        local now = 1e9
+        jar:store(u("https://bank.test/"), "sid=1", now)
+        local lines = {}
+        for i = 1, 200 do lines[i] = "k" .. i .. "=v" end
+        jar:store(u("http://evil.test/"), table.concat(lines, "\n"), now)
+        assert.same("sid=1", jar:header(u("https://bank.test/"), now))
+        assert.same(11, #jar:all())
+        assert.truthy(jar:header(u("http://evil.test/"), now):find("^k191=v"))
+        local t = moonlet.time()
+        jar:store(u("http://h.test/"), "gone=1; Max-Age=1", t - 10) -- expired by now: all() leaves it out
+        jar:store(u("http://h.test/"), "live=1; Max-Age=60", t)
+        assert.same(12, #jar:all())
+        jar:clear()
+        assert.same({}, jar:all())
     end)
 
     it("sends a cookie under its path, Secure ones over https only, longer paths first", function()
@@ -72,6 +117,30 @@ describe("moonlet.http.cookie_jar", function()
         assert.has_error(function() http.cookie_jar({ max = 0 }) end)
     end)
 
+    it("passes an upstream's cookies on: a string of Set-Cookie lines to res:header", function()
+        local up = moonlet.app()
+        up:get("/", function(_, res)
+            res:cookie("a", "1", { expires = moonlet.time() + 60 }):cookie("b", "2")
+            return "up"
+        end)
+        local up_server, up_port = test.serve(up)
+        test.defer(function() up_server:close() end)
+        local app = moonlet.app()
+        app:get("/", function(_, res)
+            local r = assert(http.get("http://127.0.0.1:" .. up_port .. "/"))
+            res:header("Set-Cookie", r.headers["set-cookie"])
+            return "front"
+        end)
+        local server, port = test.serve(app)
+        test.defer(function() server:close() end)
+        local raw = test.raw(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        local lines = {}
+        for v in raw:gmatch("\r\nSet%-Cookie: ([^\r]*)") do lines[#lines + 1] = v end
+        assert.same(2, #lines)
+        assert.truthy(lines[1]:find("^a=1; Expires="))
+        assert.same("b=2", lines[2])
+    end)
+
     it("logs in through a redirect and sends the cookies back, over real sockets", function()
         local app = moonlet.app()
         app:post("/login", function(_, res)
@@ -98,6 +167,8 @@ describe("moonlet.http.cookie_jar", function()
         assert.same(2, #lines) -- one value per line, the Expires date's comma kept
         res = assert(http.get(base .. "/home", { jar = jar, headers = { Cookie = "extra=1" } }))
         assert.same("home of dark 1", res.body)
+        res = assert(http.get(base .. "/home", { jar = jar, headers = { Cookie = { "extra=2" } } }))
+        assert.same("home of dark 2", res.body)
         http.configure({ jar = jar }) -- every request's
         test.defer(function() http.configure({ jar = false }) end)
         assert.same(200, assert(http.get(base .. "/home")).status)

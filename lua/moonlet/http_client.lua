@@ -1142,6 +1142,7 @@ local function with_jar_cookies(headers, jar, u)
     local cookies = jar:header(u)
     if not cookies then return headers end
     local own = header_named(headers, "cookie")
+    if type(own) == "table" then own = concat(own, "; ") end
     local h = headers and without(headers, COOKIE) or {}
     h.Cookie = own and (tostring(own) .. "; " .. cookies) or cookies
     return h

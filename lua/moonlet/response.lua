@@ -8,7 +8,7 @@ local check = require("moonlet.task").check
 
 local type, setmetatable, tostring, pairs = type, setmetatable, tostring, pairs
 local table_remove = table.remove
-local str_lower, gmatch = string.lower, string.gmatch
+local str_lower, gmatch, find = string.lower, string.gmatch, string.find
 local has_new_tab, new_tab = pcall(require, "table.new") -- LuaJIT: a table made at its size
 if not has_new_tab then new_tab = function() return {} end end
 
@@ -47,7 +47,9 @@ function methods:status(code)
 end
 
 -- Set-Cookie lines add up under one key: a cookie set earlier (res:cookie, a middleware) is not
--- lost when another is set by name, returned in a headers table or given by an abort.
+-- lost when another is set by name, returned in a headers table or given by an abort. A string of
+-- several lines (what moonlet.http's res.headers["set-cookie"] holds for several cookies: an app
+-- passing an upstream's cookies on) is one cookie a line.
 local function add_set_cookie(h, value)
     if value == nil then
         h["Set-Cookie"] = nil
@@ -56,6 +58,8 @@ local function add_set_cookie(h, value)
     local list = h["Set-Cookie"] or {}
     if type(value) == "table" then
         for i = 1, #value do list[#list + 1] = value[i] end
+    elseif type(value) == "string" and find(value, "\n", 1, true) then
+        for line in gmatch(value, "[^\n]+") do list[#list + 1] = line end
     else
         list[#list + 1] = value
     end
