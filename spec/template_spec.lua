@@ -86,6 +86,20 @@ describe("moonlet.template", function()
         assert.has_error(function() template.loader(dir, { check = "often" }) end)
     end)
 
+    it("renders a template into its layout, with the values of both", function()
+        local dir = views({
+            ["base.html"] = "<title><%= title %></title><main><%- content %></main><%= user %>",
+            ["page.html"] = "<% layout('base.html', { title = 'Home & more' }) %><p><%= user %></p>",
+            ["plain.html"] = "<p>no layout</p>",
+            ["loop.html"] = "<% layout('loop.html') %>x",
+        })
+        local v = template.loader(dir)
+        assert.same("<title>Home &amp; more</title><main><p>&lt;ada&gt;</p></main>&lt;ada&gt;",
+                    v:render("page.html", { user = "<ada>" }))
+        assert.same("<p>no layout</p>", v:render("plain.html"))
+        assert.has_error(function() v:render("loop.html") end)
+    end)
+
     it("refuses a symlink out of its directory, and a template that includes itself", function()
         local outside = views({ ["secret.html"] = "secret" })
         local dir = views({ ["self.html"] = "<%- include('self.html') %>" })

@@ -5,8 +5,8 @@
 -- A `%>` inside a Lua string of the code does not close its tag. A template compiles once into a
 -- Lua function (loadstring, no interpreter per render); errors, at compile time and at render
 -- time, name the template and its own line ("views/index.html:12: ..."). Its globals are the
--- values given to render, then helpers (escape, include), then Lua's own. The generated code's own
--- names start with `_tpl_`.
+-- values given to render, then helpers (escape; include and layout in a loader's), then Lua's own.
+-- The generated code's own names start with `_tpl_`.
 --
 -- A render runs in a fresh closure of the compiled chunk with its own environment, so two renders
 -- of one template may be in flight at once (a template that waits: include may read a file with
@@ -242,9 +242,11 @@ function loader_mt:get(name)
     local fn, cerr
     if ok and text then
         local loader = self
-        local function helpers(k, values, depth)
+        local function helpers(k, values, state) -- state: this render's (loader_mt:render)
             if k == "include" then
-                return function(other, more) return loader:render(other, more or values, (depth or 0) + 1) end
+                return function(other, more) return loader:render(other, more or values, state.depth + 1) end
+            elseif k == "layout" then
+                return function(outer, more) state.layout, state.layout_values = outer, more end
             end
         end
         fn, cerr = _M.compile(text, rel, helpers)
@@ -263,13 +265,24 @@ end
 
 -- syntax: html = views:render(name, values) -- inside a template, include(name, values) renders
 -- another one in place (values: the includer's by default); write it <%- include(...) %>, its text
--- is escaped already
+-- is escaped already. layout(name, values) renders this template's text into another one, as its
+-- `content` (write it <%- content %>), with this template's values and those given (a title).
 function loader_mt:render(name, values, depth)
-    if depth and depth > MAX_DEPTH then
+    depth = depth or 0
+    if depth > MAX_DEPTH then
         error("moonlet.template: includes " .. MAX_DEPTH .. " deep at " .. tostring(name)
             .. " (a template that includes itself?)", 0)
     end
-    return self:get(name)(values, depth)
+    local st = { depth = depth, layout = nil, layout_values = nil }
+    local body = self:get(name)(values, st)
+    if not st.layout then return body end
+    local more = st.layout_values
+    local outer = setmetatable({ content = body }, { __index = function(_, k)
+        local v = more and more[k]
+        if v ~= nil then return v end
+        return values and values[k]
+    end })
+    return self:render(st.layout, outer, depth + 1)
 end
 
 return _M
