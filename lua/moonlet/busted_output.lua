@@ -2,6 +2,9 @@
 -- report (one line per test, so a hang shows where it is), then the one closing line the tooling
 -- reads: "tests: N passed, M failed" (errors count as failed; ", K skipped" when some are pending).
 -- The counts are also left in package.loaded["moonlet.busted_output"].results for the CLI.
+-- Each test starts with moonlet.http's pool of idle connections emptied: a connection an earlier
+-- test left there would otherwise close at its idle timeout in the middle of a later test and move
+-- the handle counts its leak check compares.
 local results = { passed = 0, failed = 0, skipped = 0 }
 
 local function new(options)
@@ -10,6 +13,11 @@ local function new(options)
     local subscribe = inner.subscribe
     inner.subscribe = function(h, opts)
         subscribe(h, opts)
+        busted.subscribe({ "test", "start" }, function()
+            local client = package.loaded["moonlet.http_client"]
+            if client then client.close_idle() end
+            return nil, true
+        end)
         busted.subscribe({ "suite", "end" }, function()
             results.passed = h.successesCount
             results.failed = h.failuresCount + h.errorsCount
