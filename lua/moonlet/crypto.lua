@@ -70,9 +70,9 @@ function _M.sign(secret, name, value, now)
     return payload .. "." .. mac(list[1], name, payload)
 end
 
--- syntax: value, err = crypto.unsign(secret, name, token, max_age, now) -- the value token carries
--- when one of the secrets signed it for name no more than max_age seconds before now (none: any
--- age); nil, "bad signature" | "expired"
+-- syntax: value, err, signed_at = crypto.unsign(secret, name, token, max_age, now) -- the value
+-- token carries, and when it was signed, if one of the secrets signed it for name no more than
+-- max_age seconds before now (none: any age); nil, "bad signature" | "expired"
 function _M.unsign(secret, name, token, max_age, now)
     local list = secrets_of(secret, "moonlet.crypto.unsign", 2)
     if type(name) ~= "string" then error("moonlet.crypto.unsign: name is a string", 2) end
