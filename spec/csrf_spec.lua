@@ -6,11 +6,11 @@ local test = require "moonlet.test"
 
 local SECRET = "0123456789abcdef-csrf-spec"
 
-local function serve()
+local function serve(opts)
     local app = moonlet.app()
     local ran = { n = 0 }
     app:use(moonlet.session({ secret = SECRET }))
-    app:use(moonlet.csrf())
+    app:use(moonlet.csrf(opts))
     app:get("/form", function(req) return req:csrf_token() end)
     app:post("/login", function(req) req:csrf_rotate(); return req:csrf_token() end)
     app:get("/late", function(req, res)
@@ -103,6 +103,24 @@ describe("moonlet.csrf", function()
         assert.same(200, r.status)
         assert.truthy(r.body:find("after the response started", 1, true), r.body)
         assert.is_nil(r.headers["set-cookie"])
+    end)
+
+    it("refuses a POST whose Origin is another site's, token or not, unless trusted", function()
+        local port, ran = serve({ trusted_origins = { "https://App.example" } })
+        local cookie, token = login(port)
+        local body = "x=1&_csrf=" .. token
+        local host = "127.0.0.1" -- what test.request sends as Host
+        assert.same(200, post(port, "/do", cookie, body, { Origin = "http://" .. host }).status)
+        assert.same(200, post(port, "/do", cookie, body, { Origin = "https://app.example" }).status)
+        for _, origin in ipairs({ "https://evil.example", "null", "http://" .. host .. ".evil",
+                                  "http://" .. host .. "/x", "" }) do
+            local r = post(port, "/do", cookie, body, { Origin = origin })
+            assert.same(403, r.status, origin)
+            assert.truthy(r.body:find("Origin", 1, true), origin)
+        end
+        assert.same(2, ran.n)
+        assert.same(200, post(port, "/do", cookie, body).status) -- no Origin: the token decides
+        assert.has_error(function() moonlet.csrf({ trusted_origins = "https://a.example" }) end)
     end)
 
     it("needs moonlet.session before it", function()

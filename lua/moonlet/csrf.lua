@@ -12,12 +12,15 @@
 -- else from the field of an application/x-www-form-urlencoded body (req:form(): the body is kept,
 -- the handler reads it again), else, for a multipart/form-data body only (an upload whose body is
 -- left to the handler to stream), from the query string (`?_csrf=` in the form's action). Missing
--- or wrong: 403, and the handler does not run. A token is made before the response starts (the
--- session cookie must go with it): after a stream's first write, making one raises.
+-- or wrong: 403, and the handler does not run. A request whose Origin header (browsers send it
+-- with unsafe requests) names another site than its Host, and not one of opts.trusted_origins, is
+-- refused 403 before the token is looked at (Django's origin check). A token is made before the
+-- response starts (the session cookie must go with it): after a stream's first write, making one
+-- raises.
 local crypto = require "moonlet.crypto"
 local abort = require("moonlet.response").abort
 
-local type, error = type, error
+local type, error, ipairs = type, error, ipairs
 local find, lower, sub, byte, char = string.find, string.lower, string.sub, string.byte, string.char
 local concat = table.concat
 local bxor = require("bit").bxor
@@ -56,7 +59,8 @@ local function valid(token, secret)
     return crypto.equal(xor(sub(raw, SECRET_BYTES + 1), mask), secret)
 end
 
--- syntax: app:use(moonlet.csrf({ field = "_csrf", header = "X-CSRF-Token" }))
+-- syntax: app:use(moonlet.csrf({ field = "_csrf", header = "X-CSRF-Token",
+--   trusted_origins = { "https://app.example" } }))
 function _M.middleware(opts)
     opts = opts or {}
     local field = opts.field or "_csrf"
@@ -65,6 +69,23 @@ function _M.middleware(opts)
         error("moonlet.csrf: field and header are names", 3)
     end
     local refused = abort(403, "403 Forbidden: CSRF token missing or incorrect\n")
+    local foreign = abort(403, "403 Forbidden: cross-site request (Origin)\n")
+    local trusted = {}
+    if opts.trusted_origins ~= nil then
+        if type(opts.trusted_origins) ~= "table" then
+            error("moonlet.csrf: trusted_origins is a list of origins", 3)
+        end
+        for _, o in ipairs(opts.trusted_origins) do trusted[lower(o)] = true end
+    end
+
+    -- whether a request's Origin (sent by browsers with unsafe requests) is this site's (its host
+    -- and port those of the Host header) or a trusted one; "null" (a sandboxed page) is neither
+    local function origin_ok(req, origin)
+        if trusted[lower(origin)] then return true end
+        local host = find(origin, "://", 1, true) and lower(sub(origin, find(origin, "://", 1, true) + 3))
+        return host ~= nil and host ~= "" and not find(host, "/", 1, true)
+            and host == lower(req:header("host") or "")
+    end
 
     -- the token the request carries, or nil
     local function sent_token(req)
@@ -101,6 +122,8 @@ function _M.middleware(opts)
             secret_of(req, true)
         end
         if not SAFE[req.method] then
+            local origin = req:header("origin")
+            if origin and not origin_ok(req, origin) then error(foreign, 0) end
             local secret = secret_of(req, false)
             if not secret or not valid(sent_token(req), secret) then error(refused, 0) end
         end
