@@ -16,6 +16,8 @@
 local zlib = require "moonlet.zlib"
 local fs = require "moonlet.fs"
 local sync = require "moonlet.sync"
+local static = require "moonlet.static"
+local file_version, same_version = static.version, static.same_version
 
 local type, pairs, tonumber, error = type, pairs, tonumber, error
 local find, lower, match, gmatch, sub = string.find, string.lower, string.match, string.gmatch,
@@ -92,15 +94,10 @@ function _M.cache(max)
                           max = max, pending = {} }, cache_mt)
 end
 
-local function same_version(e, st)
-    return e.size == st.size and e.mtime == st.mtime and e.ino == st.ino and e.ctime == st.ctime
-        and e.ctime_nsec == st.ctime_nsec
-end
-
 -- syntax: body = cache:get(path, st) -- nil when absent or made from another version of the file
 function cache_mt:get(path, st)
     local e = self.entries[path]
-    if e and same_version(e, st) then return e.body end
+    if e and same_version(e.version, st) then return e.body end
     return nil
 end
 
@@ -128,8 +125,7 @@ function cache_mt:put(path, st, body)
         self.dead = self.dead + 1
     end
     if #body <= self.max then
-        local e = { path = path, size = st.size, mtime = st.mtime, ino = st.ino, ctime = st.ctime,
-                    ctime_nsec = st.ctime_nsec, body = body }
+        local e = { path = path, version = file_version(st), body = body }
         self.entries[path] = e
         self.bytes = self.bytes + #body
         self.tail = self.tail + 1

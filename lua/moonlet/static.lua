@@ -25,6 +25,8 @@ local function http_date(t)
     return os_date("!%a, %d %b %Y %H:%M:%S GMT", t)
 end
 
+-- syntax: rel = static.safe_relative(rel) -- rel when it names something below a root (no "..",
+-- ".", NUL or backslash segment; lua/moonlet/template.lua too), else nil
 local function safe_relative(rel)
     if str_find(rel, "\0", 1, true) or str_find(rel, "\\", 1, true) then return nil end
     for seg in rel:gmatch("[^/]+") do
@@ -61,6 +63,28 @@ local function find_root(dir, base)
     return core.realpath(base .. "/" .. dir) or nil, err
 end
 
+-- syntax: real = static.inside(root, path) -- path resolved (symlinks too) when it exists and
+-- stays under root (a realpath), else nil
+local function inside(root, path)
+    local real = core.realpath(path)
+    if not real or (real ~= root and str_sub(real, 1, #root + 1) ~= root .. "/") then return nil end
+    return real
+end
+_M.safe_relative, _M.find_root, _M.inside = safe_relative, find_root, inside
+
+-- syntax: v = static.version(st); same = static.same_version(v, st) -- what a cache of a file's
+-- contents keeps (lua/moonlet/compress.lua, lua/moonlet/template.lua) and checks against a new
+-- core.stat: size, inode, mtime and the inode change time in ns (a write within the same second,
+-- or one that sets mtime back, changes it)
+function _M.version(st)
+    return { size = st.size, ino = st.ino, mtime = st.mtime, ctime = st.ctime, ctime_nsec = st.ctime_nsec }
+end
+
+function _M.same_version(v, st)
+    return v.size == st.size and v.mtime == st.mtime and v.ino == st.ino and v.ctime == st.ctime
+        and v.ctime_nsec == st.ctime_nsec
+end
+
 -- syntax: handler = static.handler(dir, { index = "index.html", max_age = seconds }, base)
 -- A root that does not exist yet is logged (a warning) and looked for again on each request,
 -- which answers 404 meanwhile, as nginx does with a missing root: the rest of the app serves.
@@ -74,12 +98,7 @@ function _M.handler(dir, opts, base)
     local index = opts.index == nil and "index.html" or opts.index
     local cache_control = opts.max_age and ("public, max-age=" .. floor(opts.max_age)) or nil
 
-    -- the resolved path when it exists and stays under the root, else nil
-    local function resolve(path)
-        local real = core.realpath(path)
-        if not real or (real ~= root and str_sub(real, 1, #root + 1) ~= root .. "/") then return nil end
-        return real
-    end
+    local function resolve(path) return inside(root, path) end
 
     return function(req, res)
         if not root then

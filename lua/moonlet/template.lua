@@ -18,6 +18,8 @@
 -- second (opts.check: seconds, 0 on every render, false never), so edit a template and reload the
 -- page. Renders of a template not compiled yet wait for the one compiling it.
 local core = require "moonlet.core"
+local static = require "moonlet.static"
+local same_version = static.same_version
 
 local type, tostring, error, setmetatable, setfenv, loadstring, pcall, select, tonumber = type,
     tostring, error, setmetatable, setfenv, loadstring, pcall, select, tonumber
@@ -176,17 +178,6 @@ function _M.compile(src, name, helpers)
     end
 end
 
-local function safe_name(name)
-    if type(name) ~= "string" or name == "" or find(name, "\0", 1, true) or find(name, "\\", 1, true)
-        or sub(name, 1, 1) == "/" then
-        return nil
-    end
-    for seg in name:gmatch("[^/]+") do
-        if seg == ".." or seg == "." then return nil end
-    end
-    return name
-end
-
 local loader_mt = {}
 loader_mt.__index = loader_mt
 
@@ -203,30 +194,24 @@ function _M.loader(dir, opts, level)
     local src = debug.getinfo((level or 1) + 1, "S").source
     local base = require("moonlet.app").script_dir
     if sub(src, 1, 1) == "@" then base = match(src, "^@(.*)/[^/]*$") or "." end
-    local root = core.realpath(dir)
-    if not root and sub(dir, 1, 1) ~= "/" and base then root = core.realpath(base .. "/" .. dir) end
+    local root = static.find_root(dir, base)
     if not root then error("moonlet.template.loader: no directory " .. dir, 2) end
     return setmetatable({ root = root, check = check, compiled = {}, pending = {} }, loader_mt)
-end
-
-local function same_file(c, st)
-    return c.mtime == st.mtime and c.size == st.size and c.ino == st.ino and c.ctime == st.ctime
-        and c.ctime_nsec == st.ctime_nsec
 end
 
 -- the compiled template of name, compiled again when its file changed; raises on a missing or
 -- broken one (a handler's error: 500, the reason in the log)
 function loader_mt:get(name)
-    local rel = safe_name(name)
+    local rel = type(name) == "string" and name ~= "" and sub(name, 1, 1) ~= "/"
+        and static.safe_relative(name)
     if not rel then error("moonlet.template: bad template name " .. tostring(name), 3) end
     local c = self.compiled[rel]
     local now = core.now()
     if c and (self.check == false or now - c.checked < self.check) then return c.fn end
-    local path = core.realpath(self.root .. "/" .. rel)
-    if path and sub(path, 1, #self.root + 1) ~= self.root .. "/" then path = nil end -- a way out
+    local path = static.inside(self.root, self.root .. "/" .. rel) -- no way out, by name or symlink
     local st = path and core.stat(path)
     if not st or st.type ~= "file" then error("moonlet.template: no template " .. rel, 3) end
-    if c and same_file(c, st) then
+    if c and same_version(c.version, st) then
         c.checked = now
         return c.fn
     end
@@ -234,7 +219,7 @@ function loader_mt:get(name)
     if busy then -- another render is compiling it: its result, unless the file changed meanwhile
         busy:wait()
         c = self.compiled[rel]
-        if c and same_file(c, st) then return c.fn end
+        if c and same_version(c.version, st) then return c.fn end
     end
     local done = require("moonlet.sync").event()
     self.pending[rel] = done
@@ -251,8 +236,7 @@ function loader_mt:get(name)
         end
         fn, cerr = _M.compile(text, rel, helpers)
         if fn then
-            self.compiled[rel] = { fn = fn, checked = now, mtime = st.mtime, size = st.size, ino = st.ino,
-                                   ctime = st.ctime, ctime_nsec = st.ctime_nsec }
+            self.compiled[rel] = { fn = fn, checked = now, version = static.version(st) }
         end
     end
     if self.pending[rel] == done then self.pending[rel] = nil end
