@@ -135,6 +135,23 @@ describe("examples", function()
         assert.same(400, bad.status)
     end)
 
+    it("mount.lua serves its API under /api/v1 behind the API's own token check", function()
+        local p = test.start_process("examples/mount.lua --port 0")
+        test.defer(function() p:kill() end)
+        local base = "http://127.0.0.1:" .. p:port()
+        local page = assert(moonlet.http.get(base .. "/"))
+        assert.same({ 200, "moonlet" }, { page.status, page.headers["x-served-by"] })
+        local refused = assert(moonlet.http.get(base .. "/api/v1/books/2"))
+        assert.same({ 401, "Bearer", "moonlet" }, { refused.status, refused.headers["www-authenticate"],
+                                                    refused.headers["x-served-by"] })
+        local auth = { headers = { Authorization = "Bearer let-me-in" } }
+        local book = assert(moonlet.http.get(base .. "/api/v1/books/2", auth))
+        assert.same({ title = "Lua Quick Start Guide", url = "/api/v1/books/2" },
+                    moonlet.json.decode(book.body))
+        assert.same(404, assert(moonlet.http.get(base .. "/api/v1/books/9", auth)).status)
+        assert.same(401, assert(moonlet.http.get(base .. "/api/nothing")).status)
+    end)
+
     it("aggregate.lua answers with a partial document when an upstream is slow", function()
         local p = test.start_process("examples/aggregate.lua --port 0")
         test.defer(function() p:kill() end)

@@ -118,6 +118,34 @@ function methods:static(prefix, dir, opts)
     return self
 end
 
+-- syntax: app:mount(prefix, sub) -- serves the app `sub` under prefix (aiohttp's add_subapp, Flask's
+-- blueprints, Express's app.use(path, router)): a request for prefix or below runs this app's
+-- middleware, then sub's, then the route of sub that matches the path with prefix taken off (404,
+-- 405 and static files of sub included); req.path stays whole and req.prefix is the prefix. A
+-- literal route of this app under prefix wins over the mount, a pattern route if added before it.
+-- Resolved per request by resolve_mounts below; sub may itself mount others and serve on its own.
+local mount_handler = function() error("moonlet: a mount is not called", 2) end
+
+function methods:mount(prefix, sub)
+    if type(prefix) ~= "string" or str_sub(prefix, 1, 1) ~= "/" then
+        error("moonlet: a mount prefix starts with /: " .. tostring(prefix), 2)
+    end
+    if not _M.is_app(sub) then error("moonlet: app:mount wants an app made by moonlet.app()", 2) end
+    local function reaches(a) -- whether a is self or mounts it somewhere below: a cycle
+        if a == self then return true end
+        for _, m in pairs(a.mounts or {}) do if reaches(m.app) then return true end end
+        return false
+    end
+    if reaches(sub) then error("moonlet: app:mount would make a cycle of apps", 2) end
+    prefix = prefix:gsub("/+$", "")
+    local h = function(...) return mount_handler(...) end -- one per mount: its key in self.mounts
+    self.mounts = self.mounts or {}
+    self.mounts[h] = { prefix = prefix, app = sub, chains = {} }
+    if prefix ~= "" then self.router:add("*", prefix, h) end
+    self.router:add("*", prefix .. "/*", h)
+    return self
+end
+
 -- syntax: app:on_error(function(req, res, err) return status, body end) -- custom 500 page
 function methods:on_error(fn)
     self.error_handler = fn
@@ -249,13 +277,51 @@ local function fail(app, req, res, err, w)
     return x:respond(500, "500 Internal Server Error\n", "text/plain; charset=utf-8", always_headers(res))
 end
 
+-- The middleware of this app and then of the mounted one, as one list; rebuilt when either grew
+-- (app:use after app:mount), else the same list for every request through that mount.
+local function mount_chain(m, outer)
+    local inner = m.app.middleware
+    local c = m.chains
+    if c.outer ~= outer or c.n_outer ~= #outer or c.n_inner ~= #inner then
+        local list = {}
+        for i = 1, #outer do list[i] = outer[i] end
+        for i = 1, #inner do list[#outer + i] = inner[i] end
+        c.outer, c.n_outer, c.n_inner, c.list = outer, #outer, #inner, list
+    end
+    return c.list
+end
+
+-- A route that is a mount (app:mount) routes again in the mounted app, with the prefix taken off
+-- the raw path, down to the app that has the route; returns what the dispatcher needs of it: the
+-- handler, params and Allow, the middleware to run, the app whose route it is (for its deadlines),
+-- the app whose on_error serves, the deadline and the prefix.
+local function resolve_mounts(app, method, path, handler, mw, secs)
+    local owner, err_app, prefix, params, allow = app, app, "", nil, nil
+    while true do
+        local m = owner.mounts and owner.mounts[handler]
+        if not m then break end
+        prefix = prefix .. m.prefix
+        -- the rest of the path, raw; the route matched either the prefix as written or (an exact
+        -- path, compared decoded too) the whole path encoding it: then the rest is "/"
+        local n = #m.prefix
+        if str_sub(path, 1, n) == m.prefix then path = str_sub(path, n + 1) else path = "" end
+        if path == "" then path = "/" end
+        mw = mount_chain(m, mw)
+        owner = m.app
+        if owner.opts.deadline then secs = owner.opts.deadline end
+        if owner.error_handler then err_app = owner end
+        handler, params, allow = owner.router:match(method, path)
+    end
+    return handler, params, allow, mw, owner, err_app, secs, prefix
+end
+
 -- The function the C server runs for each request: dispatch(exchange, method, target, the
 -- request's task's coroutine); core.running_request holds the request's id meanwhile.
 -- A deadline (the route's, else the app's) bounds the whole request, middleware included: when it
 -- passes, every wait the request's task (and the children of its gathers) is in is cancelled, and
 -- the client gets 504 unless the response had started (then the connection is closed).
 function methods:dispatcher()
-    local router, mw = self.router, self.middleware
+    local router, top_mw = self.router, self.middleware
     local app = self
     local app_deadline = self.opts.deadline
     local chains = setmetatable({}, { __mode = "k" }) -- task coroutine -> its chain state
@@ -270,10 +336,17 @@ function methods:dispatcher()
             path = p or "/"
         end
         local handler, params, allow = router:match(method, path)
+        local mw, owner, err_app, secs, prefix = top_mw, app, app, app_deadline, ""
+        local mounts = app.mounts
+        if mounts and mounts[handler] then
+            handler, params, allow, mw, owner, err_app, secs, prefix =
+                resolve_mounts(app, method, path, handler, mw, secs)
+        end
         local decoded = path
         if str_find(path, "%", 1, true) then decoded = unescape(path) end
         local req = setmetatable({ method = method, path = decoded, target = target,
-                                   query_string = query, params = params, _x = x }, req_mt)
+                                   query_string = query, params = params, prefix = prefix,
+                                   _x = x }, req_mt)
         -- false, not nil: the table is made with room for the fields res:header() and res:type()
         -- set, so that setting them does not rehash it (the C side takes false as none)
         local res = setmetatable({ _x = x, _status = 200, _headers = false, _ctype = false,
@@ -288,8 +361,7 @@ function methods:dispatcher()
                 handler = not_found
             end
         end
-        local secs = app_deadline
-        local deadlines = app.deadlines
+        local deadlines = owner.deadlines
         if deadlines then
             local d = deadlines[handler]
             if d ~= nil then secs = d end
@@ -304,7 +376,7 @@ function methods:dispatcher()
                 st = { mw, false, false, false, id = 0, nexts = {} }
                 if first then chains[co] = st end -- (the nested one gets a state of its own)
             end
-            st[2], st[3], st[4], st.id = req, res, handler, running_request[0]
+            st[1], st[2], st[3], st[4], st.id = mw, req, res, handler, running_request[0]
             ok, a, b, c = xpcall(run_chain, on_error, st, 1)
             st[2], st[3], st[4] = false, false, false
         else
@@ -315,7 +387,7 @@ function methods:dispatcher()
         end
         if w then stop_watchdog(w) end
         if ok then return end
-        return fail(app, req, res, a, w)
+        return fail(err_app, req, res, a, w)
     end
 end
 
