@@ -666,7 +666,7 @@ static void server_done(ml_server_t *srv, void *ud) {
   luaL_unref(m->L, LUA_REGISTRYINDEX, s->handler_ref);
   ml_server_free(srv);
   free(s);
-  if (m->stopping && !m->servers) uv_stop(m->loop);
+  if (m->stopping && !m->servers) mlua_stop_drained(m);
 }
 
 static void limit_u64(lua_State *L, int idx, const char *name, uint64_t *dst, double scale) {
@@ -817,7 +817,7 @@ static int srv_connections(lua_State *L) {
 
 void mlua_http_servers_stop(moonlet_t *m) {
   if (!m->servers) {
-    uv_stop(m->loop);
+    mlua_stop_drained(m);
     return;
   }
   for (mlua_server_t *s = m->servers, *next; s; s = next) {

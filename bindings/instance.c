@@ -156,6 +156,29 @@ static int l_stop(lua_State *L) {
   return 0;
 }
 
+/* syntax: core.on_stop(fn) -- fn runs in a task once a graceful stop has drained every server
+ * (lua/moonlet/shutdown.lua: the shutdown hooks); it must end with core.halt(), which stops the
+ * loop. A later call replaces fn. */
+static int l_on_stop(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_unref(L, LUA_REGISTRYINDEX, m->stop_hook_ref);
+  lua_settop(L, 1);
+  m->stop_hook_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+void mlua_stop_drained(moonlet_t *m) {
+  if (m->stop_hook_ref == LUA_NOREF || m->stop_hook_ran || m->tearing_down) {
+    uv_stop(m->loop);
+    return;
+  }
+  m->stop_hook_ran = 1; /* a server listened to by a hook and closed again: no second run */
+  mlua_task_t *t = mlua_task_new(m);
+  lua_rawgeti(t->co, LUA_REGISTRYINDEX, m->stop_hook_ref);
+  mlua_task_start(t, 0);
+}
+
 static void count_walk(uv_handle_t *h, void *arg) {
   if (!uv_is_closing(h)) (*(int *)arg)++;
 }
@@ -245,6 +268,7 @@ int luaopen_moonlet_core(lua_State *L) {
                                  {"log", l_log},
                                  {"set_log", l_set_log},
                                  {"stop", l_stop},
+                                 {"on_stop", l_on_stop},
                                  {"halt", l_halt},
                                  {"stats", l_stats},
                                  {NULL, NULL}};
@@ -407,6 +431,7 @@ moonlet_t *moonlet_new(const moonlet_config_t *cfg) {
   m->traceback_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pop(L, 1);
   m->dispatch_ref = LUA_NOREF;
+  m->stop_hook_ref = LUA_NOREF;
   if (cfg->handle_signals) signals_start(m);
   return m;
 }

@@ -73,6 +73,8 @@ struct moonlet_s {
   int stopping;     /* moonlet_stop was called */
   int exit_code;
   int dispatch_ref;       /* registry ref of the framework's request dispatcher */
+  int stop_hook_ref;      /* registry ref of the function core.on_stop set (LUA_NOREF: none) */
+  int stop_hook_ran;      /* it was started, once per instance (mlua_stop_drained) */
   int traceback_ref;      /* registry ref of debug.traceback */
   int exchange_mt_ref;    /* registry ref of the request exchanges' metatable (http_server.c) */
   double requests;        /* requests started: the last one's mlua_task_t.request */
@@ -126,6 +128,9 @@ int mlua_embed_init(moonlet_t *m);
 void mlua_embed_close(moonlet_t *m);
 
 /* instance.c */
+/* A graceful stop (moonlet_stop) has no server left: the function of core.on_stop runs in a task
+ * of its own, which stops the loop when it is done (core.halt); without one the loop stops now. */
+void mlua_stop_drained(moonlet_t *m);
 moonlet_t *mlua_instance(lua_State *L);                              /* the instance of upvalue 1 */
 void mlua_register(lua_State *L, moonlet_t *m, const luaL_Reg *fns); /* fns with m as upvalue */
 /* Methods of a userdata type: fns with upvalues m and the type's metatable (at stack index mt), so

@@ -30,6 +30,14 @@ function _M.work(...) return require("moonlet.work").run(...) end
 -- syntax: ch = moonlet.channel(name) -- pub/sub by name (lua/moonlet/channel.lua)
 function _M.channel(name) return require("moonlet.channel").new(name) end
 
+-- syntax: moonlet.on_shutdown(fn) -- fn() runs once a graceful stop has drained the servers, before
+-- the process exits (lua/moonlet/shutdown.lua)
+function _M.on_shutdown(fn) return require("moonlet.shutdown").add(fn, 2) end
+
+-- syntax: moonlet.stop() -- a graceful stop, as SIGTERM's: no new connection, requests in flight
+-- finish, the shutdown hooks run, the loop ends
+function _M.stop() core.stop() end
+
 -- syntax: app = moonlet.app()
 function _M.app(opts)
     return require("moonlet.app").new(opts)

@@ -152,6 +152,15 @@ function methods:on_error(fn)
     return self
 end
 
+-- syntax: app:on_shutdown(function() ... end) -- runs when a graceful stop has drained this app's
+-- servers, if it serves then (lua/moonlet/shutdown.lua); hooks of mounted apps run too
+function methods:on_shutdown(fn)
+    if type(fn) ~= "function" then error("moonlet: a shutdown hook is a function", 2) end
+    self.shutdown_hooks = self.shutdown_hooks or {}
+    self.shutdown_hooks[#self.shutdown_hooks + 1] = fn
+    return self
+end
+
 -- syntax: app:on_reload(function(old_state) ... end) -- when this app replaces an older one (hot
 -- reload: lua/moonlet/reload.lua), fn gets the old app's app.state before the swap; an error in fn
 -- fails the reload and the old app goes on serving
@@ -418,6 +427,7 @@ function methods:listen(given)
     if not server then return nil, port end
     self.servers = self.servers or {}
     self.servers[#self.servers + 1] = server
+    require("moonlet.shutdown").serve(self)
     return server, port
 end
 

@@ -192,6 +192,7 @@ end
 
 -- The new app takes over every server, between two requests.
 local function install(self, app)
+    require("moonlet.shutdown").swap(self.app, app) -- its shutdown hooks, not the old app's
     self.app = app
     local servers = self.servers
     if #servers == 0 then return end

@@ -1,0 +1,79 @@
+-- lua/moonlet/shutdown.lua: the shutdown hooks (aiohttp's on_shutdown/on_cleanup, nginx's
+-- exit_worker_by_lua). moonlet.on_shutdown(fn) and app:on_shutdown(fn) register functions that run
+-- when a graceful stop (SIGINT/SIGTERM, moonlet.stop(), an embedding host's moonlet_stop) has
+-- drained the servers: no new connection is taken and every request in flight has finished (or the
+-- shutdown grace passed), so a hook may close what requests used (a database pool, a file) and
+-- flush what they left. The process exits once every hook has returned.
+--
+-- Invariants: bindings/instance.c runs run_hooks (set with core.on_stop when the first hook is
+-- registered or an app starts serving) in a task of its own, once per instance, after the last
+-- server is gone; run_hooks always ends with core.halt(), which stops the loop, even when a hook
+-- raises or hangs. Each hook
+-- runs in a task of its own, all at once, bounded together by LIMIT seconds (then cancelled). The
+-- apps whose hooks run are the ones serving at that moment (app:listen adds an app, a hot reload
+-- swaps the old one for the new one), with the apps they mount.
+local core = require "moonlet.core"
+
+local _M = {}
+
+_M.LIMIT = 10 -- seconds the hooks get, together
+
+local hooks = {}   -- moonlet.on_shutdown's, in order
+local serving = {} -- app -> true: apps whose on_shutdown hooks run
+local registered = false
+
+local function app_hooks(app, out, seen)
+    if seen[app] then return end
+    seen[app] = true
+    for _, fn in ipairs(app.shutdown_hooks or {}) do out[#out + 1] = fn end
+    for _, m in pairs(app.mounts or {}) do app_hooks(m.app, out, seen) end
+end
+
+local function run_hooks()
+    local fns, seen = {}, {}
+    for i = 1, #hooks do fns[i] = hooks[i] end
+    for app in pairs(serving) do app_hooks(app, fns, seen) end
+    if fns[1] then
+        local moonlet = require "moonlet"
+        local ok, results, errors = pcall(moonlet.timeout, _M.LIMIT, moonlet.gather, fns)
+        if not ok then
+            core.log(0, "shutdown hooks: " .. tostring(results))
+        elseif results == nil and errors == "timeout" then
+            core.log(1, "shutdown hooks: not done after " .. _M.LIMIT .. " s; exiting")
+        else
+            for i, err in pairs(errors) do
+                core.log(0, "shutdown hook " .. i .. ": " .. tostring(err))
+            end
+        end
+    end
+    core.halt()
+end
+
+local function register()
+    if registered then return end
+    registered = true
+    core.on_stop(run_hooks)
+end
+
+-- syntax: moonlet.on_shutdown(fn) -- fn() runs when a graceful stop has drained the servers
+function _M.add(fn, level)
+    if type(fn) ~= "function" then error("moonlet: a shutdown hook is a function", (level or 1) + 1) end
+    hooks[#hooks + 1] = fn
+    register()
+end
+
+-- An app starts serving (app:listen): its hooks run at shutdown.
+function _M.serve(app)
+    register()
+    serving[app] = true
+end
+
+-- A hot reload put `new` in the place of `old` (lua/moonlet/reload.lua install): if old served,
+-- new does now.
+function _M.swap(old, new)
+    if old == nil or not serving[old] then return end
+    serving[old] = nil
+    _M.serve(new)
+end
+
+return _M
