@@ -548,7 +548,8 @@ static int x_info(lua_State *L) {
     lua_pushnumber(L, (double)r->content_length);
   else
     lua_pushnil(L);
-  return 4;
+  lua_pushstring(L, ml_conn_is_tls(x->c) ? "https" : "http");
+  return 5;
 }
 
 static int x_started(lua_State *L) {
@@ -713,6 +714,33 @@ static void read_limits(lua_State *L, int idx, ml_http_limits_t *lim) {
 
 /* syntax: server, port = core.listen({ host =, port =, check_client_abort =, limits... }, handler)
  */
+/* opts.tls of core.listen (table at 1): { cert = "server.pem", key = "server.key" } makes an HTTPS
+ * server. Returns 0 with *out the context (NULL without opts.tls), or -1 with nil and the error
+ * pushed (a file that does not load); raises on a malformed opts.tls. */
+static int listen_tls(lua_State *L, ml_tls_ctx_t **out) {
+  *out = NULL;
+  lua_getfield(L, 1, "tls");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  if (!lua_istable(L, -1)) luaL_error(L, "moonlet: tls is a table { cert = file, key = file }");
+  lua_getfield(L, -1, "cert");
+  lua_getfield(L, -2, "key");
+  if (!lua_isstring(L, -2) || !lua_isstring(L, -1))
+    luaL_error(L, "moonlet: tls needs cert and key, the paths of PEM files");
+  ml_tls_ctx_opts_t o = {.server = 1, .cert = lua_tostring(L, -2), .key = lua_tostring(L, -1)};
+  const char *err = NULL;
+  int r = ml_tls_ctx_new(out, &o, &err);
+  lua_pop(L, 3);
+  if (r < 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, err ? err : "tls: cannot make a context");
+    return -1;
+  }
+  return 0;
+}
+
 static int l_listen(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -727,15 +755,22 @@ static int l_listen(lua_State *L) {
   read_limits(L, 1, &lim);
   lua_getfield(L, 1, "check_client_abort");
   int check_client_abort = lua_toboolean(L, -1);
+  ml_tls_ctx_t *tls = NULL;
+  if (listen_tls(L, &tls) < 0) return 2; /* nil, "tls: cannot load certificate" */
   mlua_server_t *s = calloc(1, sizeof *s);
-  if (!s) return luaL_error(L, "moonlet: out of memory");
+  if (!s) {
+    ml_tls_ctx_free(tls);
+    return luaL_error(L, "moonlet: out of memory");
+  }
   s->m = m;
   s->check_client_abort = check_client_abort;
   s->srv = ml_server_new(m->loop, &lim, &m->log, &callbacks, s);
   if (!s->srv) {
+    ml_tls_ctx_free(tls);
     free(s);
     return luaL_error(L, "moonlet: out of memory");
   }
+  if (tls) ml_server_set_tls(s->srv, tls); /* the server owns it now */
   int r = ml_server_listen(s->srv, host, port, backlog);
   if (r < 0) {
     s->handler_ref = LUA_NOREF;

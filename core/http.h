@@ -25,6 +25,7 @@
 #include <uv.h>
 
 #include "log.h"
+#include "tls.h"
 
 typedef struct ml_server_s ml_server_t;
 typedef struct ml_conn_s ml_conn_t;
@@ -106,6 +107,10 @@ void ml_server_shutdown(ml_server_t *s, void (*done)(ml_server_t *, void *), voi
  * with ml_server_free. */
 void ml_server_close(ml_server_t *s, void (*done)(ml_server_t *, void *), void *ud);
 void ml_server_free(ml_server_t *s);
+/* Makes the server speak HTTPS: every connection accepted from now on is a TLS server session of
+ * ctx (a server context: core/tls.h), whose handshake runs before any HTTP is parsed. The server
+ * owns ctx from here and frees it in ml_server_free. */
+void ml_server_set_tls(ml_server_t *s, ml_tls_ctx_t *ctx);
 unsigned ml_server_conn_count(const ml_server_t *s);
 ml_http_limits_t *ml_server_limits(ml_server_t *s);
 /* Writes out every connection's staged output now (the prepare phase does it too). */
@@ -117,6 +122,7 @@ const ml_request_t *ml_conn_request(const ml_conn_t *c);
 void *ml_conn_data(const ml_conn_t *c);
 void ml_conn_set_data(ml_conn_t *c, void *data);
 int ml_conn_peer(const ml_conn_t *c, char *buf, size_t len); /* "ip:port" of the client */
+int ml_conn_is_tls(const ml_conn_t *c);                      /* 1 on an HTTPS server */
 
 enum { ML_BODY_MORE = 0, ML_BODY_DONE = 1, ML_BODY_ERROR = 2 };
 /* Reports what is buffered of the request body (data and len; may be empty) and whether more is to

@@ -19,7 +19,8 @@ typedef struct {
   ml_conn_t *conn;
   uv_file fd;
   int64_t offset, left;
-  size_t piece; /* bytes of buf in the write in flight */
+  size_t piece; /* bytes in the write in flight */
+  char *cipher; /* HTTPS: the write in flight's ciphertext (malloc'd), NULL otherwise */
   ml_conn_file_cb cb;
   void *ud;
   char buf[PIECE];
@@ -44,6 +45,8 @@ static void write_done(uv_write_t *req, int status) {
   ml_conn_t *c = t->conn;
   c->write_queue -= t->piece;
   t->piece = 0;
+  free(t->cipher);
+  t->cipher = NULL;
   if (status < 0 || c->closing) {
     transfer_end(t, status < 0 ? status : UV_ECANCELED);
     return;
@@ -80,9 +83,22 @@ static void read_done(uv_fs_t *req) {
     return;
   }
   uv_buf_t b = uv_buf_init(t->buf, (unsigned)n);
+  if (c->tls) { /* HTTPS: the piece's ciphertext goes instead, in a block of its own */
+    int r = ml_tls_write(c->tls, t->buf, (size_t)n);
+    size_t clen = 0;
+    t->cipher = r < 0 ? NULL : ml__conn_tls_take(c, &clen);
+    if (!t->cipher) {
+      ml_conn_close(c, 0);
+      transfer_end(t, r < 0 ? r : UV_ENOMEM);
+      return;
+    }
+    b = uv_buf_init(t->cipher, (unsigned)clen);
+    n = (ssize_t)clen;
+  }
   t->wr.data = t;
   int r = uv_write(&t->wr, (uv_stream_t *)&c->tcp, &b, 1, write_done);
   if (r < 0) {
+    free(t->cipher);
     ml_conn_close(c, 0);
     transfer_end(t, r);
     return;
@@ -119,6 +135,7 @@ int ml_conn_send_file(ml_conn_t *c, uv_file fd, int64_t offset, int64_t len, ml_
   t->left = len;
   t->cb = cb;
   t->piece = 0;
+  t->cipher = NULL;
   t->ud = ud;
   c->stream_left = -1;
   c->pending_ops++;

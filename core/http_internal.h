@@ -97,6 +97,13 @@ struct ml_conn_s {
   uint64_t raw_deadline;   /* uv_now when on_deadline runs, or 0 */
   unsigned raw_paused : 1; /* ml_conn_raw_read(c, 0) */
   unsigned raw_eof : 1;    /* on_data got its n < 0 */
+
+  /* HTTPS (ml_server_set_tls): the connection's TLS session, owned, freed with the connection.
+   * Every byte read goes through it before the parser, every byte written after it (write_direct,
+   * and http_file.c's pieces); ciphertext is taken out right after each write, so it leaves in the
+   * order its plaintext was written. */
+  ml_tls_t *tls;
+  unsigned tls_ready : 1; /* the handshake completed */
 };
 
 struct ml_server_s {
@@ -131,6 +138,8 @@ struct ml_server_s {
   int closing;  /* ml_server_close was called */
   void (*done_cb)(ml_server_t *, void *);
   void *done_ud;
+  ml_tls_ctx_t *tls; /* HTTPS: owned (ml_server_set_tls), NULL for plain HTTP */
+  char *tls_out;     /* HTTPS: ciphertext on its way to raw_write (ML_READ_BUF_SIZE, lazily) */
   char rbuf[ML_READ_BUF_SIZE]; /* the read buffer, used by one read callback at a time */
 };
 
@@ -140,6 +149,9 @@ void ml__out_commit(ml_server_t *s, size_t n);
 void ml__out_append(ml_server_t *s, ml_conn_t *c, const char *p, size_t n);
 void ml__conn_flush(ml_conn_t *c);
 int ml__conn_write_direct(ml_conn_t *c, const char *p, size_t n);
+/* HTTPS: the ciphertext the TLS session has for the peer, taken out into one malloc'd block
+ * (*len bytes; NULL and 0 when there is none, or out of memory: then *len is (size_t)-1). */
+char *ml__conn_tls_take(ml_conn_t *c, size_t *len);
 void ml__conn_arm_timer(ml_conn_t *c);
 void ml__conn_update_reading(ml_conn_t *c);
 void ml__conn_maybe_free(ml_conn_t *c);

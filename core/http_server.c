@@ -112,7 +112,7 @@ static void write_cb(uv_write_t *req, int status) {
 
 /* Writes p[0..n) to the socket after whatever is queued: what uv_try_write does not take is copied
  * into one write request. Returns 0 or a negative error (the connection is then closed). */
-int ml__conn_write_direct(ml_conn_t *c, const char *p, size_t n) {
+static int raw_write(ml_conn_t *c, const char *p, size_t n) {
   if (c->closing && !c->lingering) return UV_EPIPE;
   if (c->write_queue == 0) {
     uv_buf_t b = uv_buf_init((char *)p, (unsigned)n);
@@ -147,6 +147,49 @@ int ml__conn_write_direct(ml_conn_t *c, const char *p, size_t n) {
   c->write_queue += n;
   ml__conn_arm_timer(c);
   return 0;
+}
+
+/* HTTPS: writes out the ciphertext the TLS session has for the peer, through the server's
+ * tls_out buffer (raw_write copies what the socket does not take at once, so the buffer is free
+ * again when it returns). */
+static int tls_send(ml_conn_t *c) {
+  ml_server_t *s = c->srv;
+  while (ml_tls_pending(c->tls) > 0) {
+    if (!s->tls_out && !(s->tls_out = malloc(ML_READ_BUF_SIZE))) {
+      ml_conn_close(c, 0);
+      return UV_ENOMEM;
+    }
+    size_t n = ml_tls_take(c->tls, s->tls_out, ML_READ_BUF_SIZE);
+    int r = raw_write(c, s->tls_out, n);
+    if (r < 0) return r;
+  }
+  return 0;
+}
+
+char *ml__conn_tls_take(ml_conn_t *c, size_t *len) {
+  size_t n = ml_tls_pending(c->tls);
+  *len = 0;
+  if (n == 0) return NULL;
+  char *buf = malloc(n);
+  if (!buf) {
+    *len = (size_t)-1;
+    return NULL;
+  }
+  *len = ml_tls_take(c->tls, buf, n);
+  return buf;
+}
+
+/* Writes p[0..n) to the client: as it is, or on HTTPS encrypted first. Returns 0 or a negative
+ * error (the connection is then closed). */
+int ml__conn_write_direct(ml_conn_t *c, const char *p, size_t n) {
+  if (!c->tls) return raw_write(c, p, n);
+  if (c->closing && !c->lingering) return UV_EPIPE;
+  int r = ml_tls_write(c->tls, p, n);
+  if (r < 0) {
+    ml_conn_close(c, 0);
+    return r;
+  }
+  return tls_send(c);
 }
 
 static void out_flush(ml_server_t *s) {
@@ -293,22 +336,15 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init(c->srv->rbuf, sizeof c->srv->rbuf);
 }
 
-static void read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
-  ml_conn_t *c = st->data;
-  (void)buf;
-  if (n == 0) return;
-  if (c->lingering) { /* input is dropped; the linger deadline does not move (see conn_deadline) */
-    if (n < 0) ml_conn_close(c, 0);
-    return;
-  }
-  c->activity = uv_now(c->srv->loop);
+/* What the client sent, in plain text (n bytes at data), or the end of its input (n < 0). */
+static void on_input(ml_conn_t *c, const char *data, ssize_t n) {
   if (c->raw_cb) { /* upgraded: the bytes go to the upper layer */
     if (n < 0) {
-      uv_read_stop(st);
+      uv_read_stop((uv_stream_t *)&c->tcp);
       c->reading = 0;
       c->read_eof = 1;
     }
-    ml__conn_raw_data(c, c->srv->rbuf, n);
+    ml__conn_raw_data(c, data, n);
     ml__conn_update_reading(c);
     ml__conn_arm_timer(c);
     return;
@@ -322,15 +358,73 @@ static void read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     return;
   }
   if (c->stash_len > c->stash_off || (c->req_active && c->state == ML_CONN_DONE_READ)) {
-    ml__conn_stash_input(c, c->srv->rbuf, (size_t)n); /* behind the request being handled */
+    ml__conn_stash_input(c, data, (size_t)n); /* behind the request being handled */
   } else {
-    ml__conn_feed(c, c->srv->rbuf, (size_t)n);
+    ml__conn_feed(c, data, (size_t)n);
   }
   /* what the input's requests answered at once goes out now, not when the next connection's
    * response takes the staging buffer: the client waits one request less (p99) */
   ml__conn_flush(c);
   ml__conn_update_reading(c);
   ml__conn_arm_timer(c);
+}
+
+/* HTTPS: n bytes of ciphertext in the read buffer. They go into the TLS session, which advances
+ * the handshake and then gives the plain text, decrypted into the same buffer (the session holds
+ * its own copy of the ciphertext): all of it, at once, so that none waits inside the session
+ * while reading is paused. A failed handshake (a plain-HTTP client, an untrusted certificate on
+ * the client's side) closes the connection, logged at debug level. */
+static void tls_input(ml_conn_t *c, size_t n) {
+  char *buf = c->srv->rbuf;
+  if (ml_tls_feed(c->tls, buf, n) < 0) {
+    ml_conn_close(c, 0);
+    return;
+  }
+  if (!c->tls_ready) {
+    int r = ml_tls_handshake(c->tls);
+    if (tls_send(c) < 0) return;
+    if (r < 0) {
+      char peer[64];
+      ml_conn_peer(c, peer, sizeof peer);
+      ml_log(c->srv->log, ML_LOG_DEBUG, "%s: %s (%s)", peer, ml_tls_error(c->tls),
+             ml_tls_detail(c->tls));
+      ml_conn_close(c, 0);
+      return;
+    }
+    if (r == 0) {
+      ml__conn_arm_timer(c);
+      return;
+    }
+    c->tls_ready = 1;
+  }
+  for (;;) {
+    int m = ml_tls_read(c->tls, buf, ML_READ_BUF_SIZE);
+    if (m == 0) break;
+    if (m < 0 && m != UV_EOF) { /* a broken record: nothing after it can be trusted */
+      ml_conn_close(c, 0);
+      return;
+    }
+    on_input(c, buf, m); /* UV_EOF: the client's close_notify, an end of input like a FIN */
+    if (m < 0 || c->closing) return;
+  }
+  tls_send(c); /* what the session answers by itself (a TLS 1.3 key update) */
+  ml__conn_arm_timer(c);
+}
+
+static void read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
+  ml_conn_t *c = st->data;
+  (void)buf;
+  if (n == 0) return;
+  if (c->lingering) { /* input is dropped; the linger deadline does not move (see conn_deadline) */
+    if (n < 0) ml_conn_close(c, 0);
+    return;
+  }
+  c->activity = uv_now(c->srv->loop);
+  if (c->tls && n > 0) {
+    tls_input(c, (size_t)n);
+    return;
+  }
+  on_input(c, c->srv->rbuf, n);
 }
 
 /* Reads while the connection can take input: not while a finished message waits for its handler,
@@ -412,6 +506,10 @@ static void on_connection(uv_stream_t *ls, int status) {
     ml_conn_close(c, 0);
     return;
   }
+  if (s->tls && ml_tls_new(&c->tls, s->tls, NULL) < 0) {
+    ml_conn_close(c, 0);
+    return;
+  }
   c->counted = 1;
   s->nconns++;
   uv_tcp_nodelay(&c->tcp, 1);
@@ -449,6 +547,13 @@ ml_server_t *ml_server_new(uv_loop_t *loop, const ml_http_limits_t *lim, const m
 }
 
 ml_http_limits_t *ml_server_limits(ml_server_t *s) { return &s->lim; }
+
+void ml_server_set_tls(ml_server_t *s, ml_tls_ctx_t *ctx) {
+  ml_tls_ctx_free(s->tls);
+  s->tls = ctx;
+}
+
+int ml_conn_is_tls(const ml_conn_t *c) { return c->tls != NULL; }
 unsigned ml_server_conn_count(const ml_server_t *s) { return s->nconns; }
 
 static void listener_closed(uv_handle_t *h) {
@@ -501,6 +606,7 @@ static void server_handle_closed(uv_handle_t *h) {
 
 void ml__server_conn_gone(ml_server_t *s, ml_conn_t *c) {
   if (c->rb) ml__reqbuf_put(s, c->rb);
+  ml_tls_free(c->tls);
   free(c->body);
   free(c->stash);
   if (c->prev)
@@ -582,6 +688,8 @@ void ml_server_free(ml_server_t *s) {
     free(rb);
   }
   free(s->out);
+  free(s->tls_out);
+  ml_tls_ctx_free(s->tls);
   free(s);
 }
 
@@ -627,6 +735,10 @@ void ml_conn_close(ml_conn_t *c, int graceful) {
   if (graceful && uv_is_writable((uv_stream_t *)&c->tcp)) {
     c->lingering = 1;
     ml__conn_flush(c);
+    if (c->tls && c->lingering && c->tls_ready) { /* HTTPS: close_notify before the FIN */
+      ml_tls_shutdown(c->tls);
+      tls_send(c);
+    }
     if (!c->closing || !c->lingering) return; /* the flush failed and closed it */
     uv_shutdown_t *req = malloc(sizeof *req);
     if (req) {

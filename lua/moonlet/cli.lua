@@ -29,6 +29,8 @@ flags:
   --keepalive-timeout S   idle keep-alive connections are closed after S seconds (75)
   --max-conns N           connections beyond N are refused (10240)
   --shutdown-grace S      SIGINT/SIGTERM wait this long for in-flight requests (10)
+  --tls-cert FILE         serve HTTPS with this PEM certificate (chain) ...
+  --tls-key FILE          ... and this PEM private key
   -h, --help              this text
   -v, --version           the version
 ]]
@@ -40,6 +42,7 @@ local value_flags = {
     ["--header-timeout"] = "header_timeout", ["--body-timeout"] = "body_timeout",
     ["--keepalive-timeout"] = "keepalive_timeout", ["--max-conns"] = "max_conns",
     ["--shutdown-grace"] = "shutdown_grace", ["--send-timeout"] = "send_timeout",
+    ["--tls-cert"] = "tls_cert", ["--tls-key"] = "tls_key",
 }
 local numeric = {
     port = true, max_body = true, max_uri = true, max_header_bytes = true, max_headers = true,
@@ -95,6 +98,10 @@ function _M.parse(argv)
             opts[k] = v
         end
     end
+    if (opts.tls_cert == nil) ~= (opts.tls_key == nil) then
+        return die("--tls-cert and --tls-key go together")
+    end
+    if opts.tls_cert then opts.tls = { cert = opts.tls_cert, key = opts.tls_key } end
     if opts.port == nil and os.getenv("PORT") then
         opts.port = tonumber(os.getenv("PORT"))
         if not opts.port then return die("PORT is not a number") end
@@ -160,7 +167,8 @@ function _M.main(argv)
     end
     reload.set_current(host)
     local shown = opts.host:find(":", 1, true) and "[" .. opts.host .. "]" or opts.host
-    core.log(2, ("moonlet %s serving %s on http://%s:%d"):format(core.version, script, shown, port))
+    core.log(2, ("moonlet %s serving %s on %s://%s:%d"):format(core.version, script,
+                                                                 opts.tls and "https" or "http", shown, port))
     if opts.reload then
         local ok, werr = host:watch()
         if ok then

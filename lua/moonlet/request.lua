@@ -32,16 +32,18 @@ function lazy.query(req)
     return first
 end
 local function info(req)
-    local version, keep_alive, peer, length = req._x:info()
+    local version, keep_alive, peer, length, scheme = req._x:info()
     rawset(req, "http_version", version)
     rawset(req, "keep_alive", keep_alive)
     rawset(req, "peer", peer)
     rawset(req, "content_length", length)
+    rawset(req, "scheme", scheme)
 end
 function lazy.http_version(req) info(req); return req.http_version end
 function lazy.keep_alive(req) info(req); return req.keep_alive end
 function lazy.peer(req) info(req); return req.peer end
 function lazy.content_length(req) info(req); return rawget(req, "content_length") end
+function lazy.scheme(req) info(req); return req.scheme end
 
 _M.mt = {
     __name = "moonlet.request",

@@ -1,0 +1,145 @@
+-- spec/https_spec.lua: the HTTP server over TLS (app:listen{ tls = { cert =, key = } }, the
+-- --tls-cert/--tls-key flags), against moonlet.http, raw TLS sockets and curl, with a certificate
+-- the spec makes with the openssl command: requests and keep-alive, req.scheme, bodies of many TLS
+-- records both ways, a static file (the C file path), streaming, pipelining, WebSocket (wss://),
+-- and the bad paths: a plain-HTTP client, an untrusted certificate, files that do not load.
+local moonlet = require "moonlet"
+local test = require "moonlet.test"
+
+local certs, dir, port, server, big
+
+local function url(path) return "https://127.0.0.1:" .. port .. path end
+local function opts(more)
+    local o = { tls = { cafile = certs.ca }, timeout = 10 }
+    for k, v in pairs(more or {}) do o[k] = v end
+    return o
+end
+
+describe("HTTPS server", function()
+    setup(function()
+        certs = test.make_certs()
+        dir = certs.dir .. "/public"
+        assert(moonlet.fs.mkdir(dir))
+        local bytes = {}
+        for i = 1, 300000 do bytes[i] = string.char((i * 7919) % 251) end
+        big = table.concat(bytes) .. table.concat(bytes) -- 600 000 bytes, ~37 TLS records
+        assert(moonlet.fs.write(dir .. "/big.bin", big))
+        local app = moonlet.app({ max_body = 4 * 1024 * 1024 })
+        app:get("/", function(req) return req.scheme .. " " .. req.http_version end)
+        app:post("/echo", function(req) return req:body() end)
+        app:get("/stream", function(_, res)
+            for i = 1, 3 do res:write("part " .. i .. "\n"); moonlet.sleep(0.01) end
+        end)
+        app:websocket("/ws", function(ws)
+            for msg in ws:messages() do ws:send("echo: " .. msg) end
+        end)
+        app:static("/files", dir)
+        server, port = assert(app:listen({ host = "127.0.0.1", port = 0,
+                                           tls = { cert = certs.cert, key = certs.key } }))
+    end)
+    teardown(function()
+        if server then server:close() end
+        test.remove_certs(certs)
+    end)
+
+    it("answers over TLS with req.scheme https, keep-alive across requests", function()
+        for _ = 1, 3 do
+            local r = assert(moonlet.http.get(url("/"), opts()))
+            assert.same({ 200, "https 1.1" }, { r.status, r.body })
+        end
+        local r = assert(moonlet.http.get(url("/nope"), opts()))
+        assert.same(404, r.status)
+    end)
+
+    it("takes and sends bodies of many TLS records, a static file and a range of it", function()
+        local r = assert(moonlet.http.post(url("/echo"), big, opts()))
+        assert.same({ 200, #big }, { r.status, #r.body })
+        assert.is_true(r.body == big)
+        r = assert(moonlet.http.get(url("/files/big.bin"), opts()))
+        assert.same({ 200, #big }, { r.status, #r.body })
+        assert.is_true(r.body == big)
+        r = assert(moonlet.http.get(url("/files/big.bin"),
+                                    opts({ headers = { Range = "bytes=100000-100009" } })))
+        assert.same({ 206, big:sub(100001, 100010) }, { r.status, r.body })
+    end)
+
+    it("streams a chunked body", function()
+        local r = assert(moonlet.http.get(url("/stream"), opts()))
+        assert.same({ 200, "part 1\npart 2\npart 3\n" }, { r.status, r.body })
+    end)
+
+    it("answers pipelined requests in order on one TLS connection", function()
+        local sock = assert(moonlet.tcp.connect("127.0.0.1", port,
+            { timeout = 5, tls = { cafile = certs.ca, server_name = "127.0.0.1" } }))
+        local req = "GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert(sock:send(req .. req .. "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        local all = assert(sock:receive("*a"))
+        sock:close()
+        local statuses = {}
+        for s in all:gmatch("HTTP/1%.1 (%d+)") do statuses[#statuses + 1] = tonumber(s) end
+        assert.same({ 200, 200, 404 }, statuses)
+    end)
+
+    it("carries a WebSocket session (wss://)", function()
+        local ws = assert(moonlet.ws.connect("wss://127.0.0.1:" .. port .. "/ws",
+                                             { timeout = 5, cafile = certs.ca }))
+        assert(ws:send("hi"))
+        assert.same("echo: hi", (ws:receive()))
+        ws:close()
+    end)
+
+    it("closes a plain-HTTP client and an untrusting one, and goes on serving", function()
+        local plain = assert(moonlet.tcp.connect("127.0.0.1", port, { timeout = 5 }))
+        assert(plain:send("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        local data = plain:receive("*a")
+        plain:close()
+        assert.is_nil(data and data:find("HTTP/1.1 200", 1, true))
+        local r, err = moonlet.http.get(url("/"), { tls = { cafile = certs.other_ca }, timeout = 5 })
+        assert.same({ nil, "tls: certificate verify failed" }, { r, err })
+        r = assert(moonlet.http.get(url("/"), opts()))
+        assert.same({ 200, "https 1.1" }, { r.status, r.body })
+    end)
+
+    it("is reached by curl, HTTP/1.0 included", function()
+        local function curl(...) -- a process, read while this loop serves it
+            local p = assert(moonlet.process.spawn({ "curl", "-s", "--cacert", certs.ca, ... }))
+            local out = p:read("*a")
+            assert.same(0, p:wait(10))
+            return out
+        end
+        assert.same("https 1.1", curl(url("/")))
+        assert.same("https 1.0", curl("-0", url("/")))
+    end)
+
+    it("refuses files that do not load, and a malformed tls option", function()
+        local app = moonlet.app():get("/", function() return "x" end)
+        local s, err = app:listen({ port = 0, tls = { cert = certs.dir .. "/none.pem", key = certs.key } })
+        assert.same({ nil, "tls: cannot load certificate" }, { s, err })
+        s, err = app:listen({ port = 0, tls = { cert = certs.cert, key = certs.dir .. "/other.key" } })
+        assert.same({ nil, "tls: cannot load key" }, { s, err })
+        assert.has_error(function() app:listen({ port = 0, tls = "yes" }) end)
+        assert.has_error(function() app:listen({ port = 0, tls = { cert = certs.cert } }) end)
+    end)
+
+    it("is served by the moonlet command with --tls-cert and --tls-key", function()
+        local script = certs.dir .. "/app.lua"
+        assert(moonlet.fs.write(script, [[
+local app = require("moonlet").app()
+app:get("/", function(req) return "cli " .. req.scheme end)
+return app]]))
+        local p = test.start_process(("--port 0 --tls-cert %s --tls-key %s %s")
+            :format(certs.cert, certs.key, script))
+        test.defer(function() p:kill() end)
+        local cport = test.wait_until(function()
+            return tonumber(p:output():match("on https://[^:]+:(%d+)"))
+        end)
+        assert(cport, p:output())
+        local r = assert(moonlet.http.get("https://127.0.0.1:" .. cport .. "/", opts()))
+        assert.same({ 200, "cli https" }, { r.status, r.body })
+        local f = io.popen(test.binary() .. " --tls-cert " .. certs.cert .. " " .. script .. " 2>&1; echo $?")
+        local out = f:read("*a")
+        f:close()
+        assert.truthy(out:find("--tls-cert and --tls-key go together", 1, true), out)
+        assert.truthy(out:find("\n2\n$"), out)
+    end)
+end)
