@@ -58,6 +58,10 @@ function _M.cors(opts) return require("moonlet.cors").middleware(opts) end
 -- (lua/moonlet/csrf.lua)
 function _M.csrf(opts) return require("moonlet.csrf").middleware(opts) end
 
+-- syntax: app:use(moonlet.forwarded({ trusted = { "10.0.0.0/8" } })) -- behind a reverse proxy:
+-- req.ip, req.scheme, req.host as the client sent them to it (lua/moonlet/forwarded.lua)
+function _M.forwarded(opts) return require("moonlet.forwarded").middleware(opts) end
+
 -- syntax: app:use(moonlet.limit({ rate = 10, burst = 20 })) -- requests a second per client, 429
 -- past it (lua/moonlet/limit.lua)
 function _M.limit(opts) return require("moonlet.limit").middleware(opts) end

@@ -84,7 +84,7 @@ function _M.middleware(opts)
         if trusted[lower(origin)] then return true end
         local host = find(origin, "://", 1, true) and lower(sub(origin, find(origin, "://", 1, true) + 3))
         return host ~= nil and host ~= "" and not find(host, "/", 1, true)
-            and host == lower(req:header("host") or "")
+            and host == lower(req.host or "") -- the Host header, or a trusted proxy's (moonlet.forwarded)
     end
 
     -- the token the request carries, or nil

@@ -13,14 +13,12 @@ local core = require "moonlet.core"
 
 local type, error = type, error
 local floor, ceil, min = math.floor, math.ceil, math.min
-local match = string.match
 
 local _M = {}
 
--- the client's address out of req.peer ("1.2.3.4:5678", "[::1]:5678")
+-- the client's address: req.ip (the peer's, or what moonlet.forwarded put there behind a proxy)
 local function client_ip(req)
-    local peer = req.peer
-    return peer and match(peer, "^(.*):%d+$") or peer
+    return req.ip
 end
 
 -- syntax: app:use(moonlet.limit({ rate = 10, burst = 20, key = function(req) return ip end,

@@ -44,6 +44,14 @@ function lazy.keep_alive(req) info(req); return req.keep_alive end
 function lazy.peer(req) info(req); return req.peer end
 function lazy.content_length(req) info(req); return rawget(req, "content_length") end
 function lazy.scheme(req) info(req); return req.scheme end
+-- the client's address without the port ("1.2.3.4", "::1"); moonlet.forwarded may put the one a
+-- trusted proxy forwarded in its place (lua/moonlet/forwarded.lua)
+function lazy.ip(req)
+    local peer = req.peer
+    return peer and (peer:match("^%[(.*)%]:%d+$") or peer:match("^(.*):%d+$")) or peer
+end
+-- the Host header as sent ("example.com:8080"), or nil; moonlet.forwarded: the forwarded one
+function lazy.host(req) return req:header("host") end
 
 _M.mt = {
     __name = "moonlet.request",
