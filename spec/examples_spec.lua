@@ -152,6 +152,22 @@ describe("examples", function()
         assert.same(401, assert(moonlet.http.get(base .. "/api/nothing")).status)
     end)
 
+    it("sse.lua streams numbered ticks and goes on from the Last-Event-ID a browser sends", function()
+        local p = test.start_process("examples/sse.lua --port 0")
+        test.defer(function() p:kill() end)
+        local base = "http://127.0.0.1:" .. p:port()
+        local page = assert(moonlet.http.get(base .. "/"))
+        assert.truthy(page.body:find('new EventSource("/events")', 1, true))
+        local r = assert(moonlet.http.get(base .. "/events?count=2&every=0.05",
+                                          { headers = { ["Last-Event-ID"] = "41" } }))
+        assert.same("text/event-stream; charset=utf-8", r.headers["content-type"])
+        local ids = {}
+        for id in r.body:gmatch("event: tick\nid: (%d+)\ndata: {\"time\":\"%d%d:%d%d:%d%d\"}\n\n") do
+            ids[#ids + 1] = tonumber(id)
+        end
+        assert.same({ 42, 43 }, ids, r.body)
+    end)
+
     it("aggregate.lua answers with a partial document when an upstream is slow", function()
         local p = test.start_process("examples/aggregate.lua --port 0")
         test.defer(function() p:kill() end)

@@ -192,6 +192,12 @@ function methods:write(chunk)
     return check(x:write(tostring(chunk)))
 end
 
+-- syntax: events = res:sse({ retry = ms }) -- a Server-Sent Events stream (lua/moonlet/sse.lua):
+-- events:send(data, { event =, id = }), events:comment(text)
+function methods:sse(opts)
+    return require("moonlet.sse").open(self, opts)
+end
+
 -- Ends a stream: the gzip trailer first when it is compressed, then the last chunk.
 local function finish_stream(res, x)
     local z = res._deflater
