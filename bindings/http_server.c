@@ -748,7 +748,9 @@ static int l_listen(lua_State *L) {
   lua_getfield(L, 1, "host");
   const char *host = luaL_optstring(L, -1, "127.0.0.1");
   lua_getfield(L, 1, "port");
-  int port = (int)luaL_optinteger(L, -1, 8080);
+  lua_Integer port_arg = luaL_optinteger(L, -1, 8080);
+  if (port_arg < 0 || port_arg > 65535) return luaL_error(L, "moonlet: port must be 0..65535");
+  int port = (int)port_arg;
   lua_getfield(L, 1, "backlog");
   int backlog = (int)luaL_optinteger(L, -1, 511);
   ml_http_limits_t lim;

@@ -180,6 +180,8 @@ static int on_headers_complete(llhttp_t *p) {
   c->req.http_minor = p->http_minor;
   c->req.keep_alive = (uint8_t)llhttp_should_keep_alive(p);
   c->req.is_head = p->method == HTTP_HEAD;
+  /* an HTTP/1.0 client's Expect: 100-continue is ignored (RFC 9110 10.1.1): it sends its body */
+  if (p->http_major == 1 && p->http_minor == 0) c->req.expect_continue = 0;
   if (p->flags & F_CHUNKED) {
     c->req.has_body = 1;
   } else if (p->flags & F_CONTENT_LENGTH) {

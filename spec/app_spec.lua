@@ -34,6 +34,7 @@ describe("moonlet.app", function()
         app:get("/chain", function(_, res) return 302, res:header("Location", "/x") end)
         app:get("/abort-bad", function() moonlet.abort(422, { f = print }) end)
         app:get("/stream-table", function(_, res) res:write("a"); return { x = 1 } end)
+        app:get("/status/:code", function(req) return tonumber(req.params.code), "" end)
         server, port = test.serve(app)
     end)
     after_each(function() server:close() end)
@@ -45,6 +46,17 @@ describe("moonlet.app", function()
         assert.same("h", r.headers["x-h"])
         assert.same("1", r.headers["x-outer"])
         assert.same({ "outer in", "inner in", "handler", "outer out" }, seen)
+    end)
+
+    it("gives every registered status its reason phrase", function()
+        for code, reason in pairs({ [203] = "Non-Authoritative Information", [205] = "Reset Content",
+                                    [300] = "Multiple Choices", [402] = "Payment Required",
+                                    [407] = "Proxy Authentication Required", [418] = "I'm a teapot",
+                                    [451] = "Unavailable For Legal Reasons",
+                                    [511] = "Network Authentication Required", [299] = "Unknown" }) do
+            local data = assert(test.raw(port, "GET /status/" .. code .. " HTTP/1.0\r\n\r\n"))
+            assert.same("HTTP/1.1 " .. code .. " " .. reason, data:match("^[^\r]*"))
+        end
     end)
 
     it("runs middleware around a 404", function()

@@ -173,6 +173,14 @@ describe("moonlet.http server", function()
         sock:close()
     end)
 
+    it("ignores an HTTP/1.0 client's Expect: 100-continue (RFC 9110): no interim response", function()
+        local data = assert(test.raw(port, "POST /echo HTTP/1.0\r\nContent-Length: 4\r\n"
+            .. "Expect: 100-continue\r\n\r\nping"))
+        assert.is_nil(data:find("100 Continue", 1, true), data)
+        assert.truthy(data:find("^HTTP/1%.1 201 Created\r\n"), data)
+        assert.truthy(data:find("\r\n\r\nping$"), data)
+    end)
+
     it("streams a response with chunked encoding while the handler sleeps", function()
         local r = test.request(port, "GET", "/countdown")
         assert.same(200, r.status)

@@ -413,6 +413,13 @@ local LISTEN_DEFAULTS = {
 function methods:listen(given)
     local opts = {} -- a copy: the caller's table may serve another app next
     if given then for k, v in pairs(given) do opts[k] = v end end
+    local host = opts.host
+    if type(host) == "string" and not host:find("^[%d.]+$") and not host:find(":", 1, true) then
+        -- a name ("localhost"): its first address, looked up through the loop (moonlet.dns)
+        local addrs, err = require("moonlet.dns").resolve(host)
+        if not addrs then return nil, ("listen on %s: %s"):format(host, tostring(err)) end
+        opts.host = addrs[1]
+    end
     local defaults
     for _, k in ipairs(LISTEN_DEFAULTS) do
         local v = self.opts[k]

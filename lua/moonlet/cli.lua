@@ -106,12 +106,23 @@ function _M.parse(argv)
         opts.port = tonumber(os.getenv("PORT"))
         if not opts.port then return die("PORT is not a number") end
     end
+    if opts.port and (opts.port ~= math.floor(opts.port) or opts.port < 0 or opts.port > 65535) then
+        return die("the port is a number from 0 to 65535")
+    end
     return opts, pos
 end
 
 local function run_tests(pos)
     local argv = { [0] = "moonlet test" }
     for i = 2, #pos do argv[#argv + 1] = pos[i] end
+    if not argv[1] and not core.stat("spec") and not core.stat(".busted") then
+        -- (busted's own report of a missing ./spec fails inside its gtest output)
+        io.stderr:write("moonlet test: no spec directory here: moonlet test DIR_OR_FILE ...\n")
+        io.stdout:write("tests: 0 passed, 1 failed\n")
+        core.set_exit_code(1)
+        core.halt()
+        return
+    end
     _G.arg = argv
     local out = require "moonlet.busted_output"
     local ok, err = pcall(require("busted.runner"), { standalone = false, output = "moonlet.busted_output" })
