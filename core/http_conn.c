@@ -539,6 +539,19 @@ void ml__conn_error(ml_conn_t *c, int status, const char *why) {
     c->close_after = 1;
     static const char hdr[] = "Content-Type: text/plain; charset=utf-8\r\n";
     ml_conn_respond(c, status, hdr, sizeof hdr - 1, body, (size_t)n);
+    if (!c->req_active && c->srv->log && c->srv->log->access) {
+      /* no handler saw it: the access line is written here, as nginx's access log has its 400s
+       * (the request line once the headers were whole, else "-") */
+      char line[700];
+      const ml_request_t *r = &c->req;
+      if (c->state >= ML_CONN_BODY && r->method_len && r->target_len)
+        snprintf(line, sizeof line, "%s \"%.*s %.*s HTTP/%d.%d\" %d %d \"-\" 0.000ms", peer,
+                 (int)r->method_len, r->method, (int)(r->target_len > 512 ? 512 : r->target_len),
+                 r->target, r->http_major, r->http_minor, status, n);
+      else
+        snprintf(line, sizeof line, "%s \"-\" %d %d \"-\" 0.000ms", peer, status, n);
+      ml_log_access(c->srv->log, line);
+    }
   }
   c->close_after = 1;
   deliver_body(c);

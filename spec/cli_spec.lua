@@ -321,16 +321,22 @@ print("main done")
             assert.same(200, test.request(port, "GET", "/").status)
             assert.same(404, test.request(port, "GET", "/nowhere").status)
             assert.same(405, test.request(port, "POST", "/", { body = "x" }).status)
+            -- requests refused before any handler: logged too, as nginx logs its 400s
+            assert.truthy(test.raw(port, "BAD\r\n\r\n"):find("^HTTP/1.1 400 "))
+            assert.truthy(test.raw(port, "POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999\r\n\r\n")
+                              :find("^HTTP/1.1 413 "))
             local lines
             assert(test.wait_until(function()
                 lines = {}
                 for line in (read_file(p.out) or ""):gmatch("[^\n]+") do lines[#lines + 1] = line end
-                return #lines >= 3
+                return #lines >= 5
             end), read_file(p.out))
-            assert.same(3, #lines)
+            assert.same(5, #lines)
             assert.truthy(lines[1]:find('"GET / HTTP/1.1" 200 ', 1, true), lines[1])
             assert.truthy(lines[2]:find('"GET /nowhere HTTP/1.1" 404 ', 1, true), lines[2])
             assert.truthy(lines[3]:find('"POST / HTTP/1.1" 405 ', 1, true), lines[3])
+            assert.truthy(lines[4]:find('"-" 400 ', 1, true), lines[4])
+            assert.truthy(lines[5]:find('"POST /big HTTP/1.1" 413 ', 1, true), lines[5])
             assert.falsy(read_file(p.err):find("HTTP/1.1\"", 1, true))
         end)
 
