@@ -148,6 +148,21 @@ describe("moonlet.app", function()
         assert.is_nil(s)
         assert.truthy(err:find("address in use", 1, true))
     end)
+
+    it("says which app:listen option it does not know, and serves all the same", function()
+        local code, out = test.run_script([[
+local moonlet = require "moonlet"
+local app = moonlet.app():get("/", function() return "ok" end)
+local server, port = assert(app:listen({ host = "127.0.0.1", port = 0, max_bdy = 10, max_body = 10 }))
+local r = assert(moonlet.http.get("http://127.0.0.1:" .. port .. "/"))
+print(r.body)
+server:close()
+]])
+        assert.same(0, code, out)
+        assert.truthy(out:find("app:listen: unknown option max_bdy (ignored)", 1, true), out)
+        assert.falsy(out:find("unknown option max_body", 1, true), out)
+        assert.truthy(out:find("\nok\n") or out:find("^ok\n"), out)
+    end)
 end)
 
 describe("moonlet.app: header values and next() off the usual path", function()

@@ -409,10 +409,19 @@ local LISTEN_DEFAULTS = {
     "max_body", "max_uri", "max_header_bytes", "max_headers", "max_conns", "keepalive_requests",
     "header_timeout", "body_timeout", "keepalive_timeout", "send_timeout", "shutdown_grace",
 }
+local LISTEN_DEFAULT_SET = {}
+for _, k in ipairs(LISTEN_DEFAULTS) do LISTEN_DEFAULT_SET[k] = true end
+
+local LISTEN_OWN = { host = true, port = true, backlog = true, tls = true, check_client_abort = true }
 
 function methods:listen(given)
     local opts = {} -- a copy: the caller's table may serve another app next
     if given then for k, v in pairs(given) do opts[k] = v end end
+    for k in pairs(opts) do -- a misspelt option is said, not silently left out
+        if not LISTEN_OWN[k] and not LISTEN_DEFAULT_SET[k] then
+            core.log(1, "app:listen: unknown option " .. tostring(k) .. " (ignored)")
+        end
+    end
     local host = opts.host
     if type(host) == "string" and not host:find("^[%d.]+$") and not host:find(":", 1, true) then
         -- a name ("localhost"): its first address, looked up through the loop (moonlet.dns)

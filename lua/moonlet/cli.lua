@@ -50,6 +50,10 @@ local numeric = {
     shutdown_grace = true, send_timeout = true,
 }
 
+-- what the command line holds that is not an app:listen option
+local CLI_ONLY = { log_level = true, access_log = true, reload = true, tls_cert = true, tls_key = true,
+                   help = true, version = true, _script_args_only = true }
+
 local function die(msg)
     io.stderr:write("moonlet: ", msg, "\n")
     core.set_exit_code(2)
@@ -169,7 +173,9 @@ function _M.main(argv)
     end
     opts.host = opts.host or "127.0.0.1"
     opts.port = opts.port or 8080
-    local server, port = host:listen(opts)
+    local listen = {} -- the options that are app:listen's (the others are the command's own)
+    for k, v in pairs(opts) do if not CLI_ONLY[k] then listen[k] = v end end
+    local server, port = host:listen(listen)
     if not server then
         host:close()
         io.stderr:write("moonlet: ", port, "\n")
