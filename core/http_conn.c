@@ -473,6 +473,7 @@ void ml__conn_run_stash(ml_conn_t *c) {
       ml__conn_raw_data(c, s + off, (ssize_t)(len - off));
       free(s);
     }
+    if (c->read_eof && !c->closing) ml__conn_raw_data(c, NULL, UV_EOF);
     ml__conn_update_reading(c);
     ml__conn_arm_timer(c);
     return;

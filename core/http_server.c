@@ -336,9 +336,20 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init(c->srv->rbuf, sizeof c->srv->rbuf);
 }
 
-/* What the client sent, in plain text (n bytes at data), or the end of its input (n < 0). */
-static void on_input(ml_conn_t *c, const char *data, ssize_t n) {
-  if (c->raw_cb) { /* upgraded: the bytes go to the upper layer */
+/* What the client sent, in plain text (n bytes at data), or the end of its input (n < 0). flush:
+ * what its requests answered goes out now (HTTPS: once after all the records of one read). */
+static void on_input(ml_conn_t *c, const char *data, ssize_t n, int flush) {
+  if (c->raw_cb) {                     /* upgraded: the bytes go to the upper layer */
+    if (c->stash_len > c->stash_off) { /* HTTPS: behind what run_stash has yet to hand up */
+      if (n > 0) {
+        ml__conn_stash_input(c, data, (size_t)n);
+      } else {
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        c->reading = 0;
+        c->read_eof = 1; /* run_stash reports it after the stash */
+      }
+      return;
+    }
     if (n < 0) {
       uv_read_stop((uv_stream_t *)&c->tcp);
       c->reading = 0;
@@ -364,7 +375,7 @@ static void on_input(ml_conn_t *c, const char *data, ssize_t n) {
   }
   /* what the input's requests answered at once goes out now, not when the next connection's
    * response takes the staging buffer: the client waits one request less (p99) */
-  ml__conn_flush(c);
+  if (flush) ml__conn_flush(c);
   ml__conn_update_reading(c);
   ml__conn_arm_timer(c);
 }
@@ -401,14 +412,22 @@ static void tls_input(ml_conn_t *c, size_t n) {
     int m = ml_tls_read(c->tls, buf, ML_READ_BUF_SIZE);
     if (m == 0) break;
     if (m < 0 && m != UV_EOF) { /* a broken record: nothing after it can be trusted */
+      tls_send(c);              /* the alert OpenSSL made of it, best effort */
       ml_conn_close(c, 0);
       return;
     }
-    on_input(c, buf, m); /* UV_EOF: the client's close_notify, an end of input like a FIN */
-    if (m < 0 || c->closing) return;
+    if (m > 0) c->activity = uv_now(c->srv->loop);
+    if (m == UV_EOF && c->reading) { /* unlike a FIN, libuv would go on reading */
+      uv_read_stop((uv_stream_t *)&c->tcp);
+      c->reading = 0;
+    }
+    on_input(c, buf, m, 0); /* UV_EOF: the client's close_notify, an end of input like a FIN */
+    if (c->closing) return; /* (a graceful close flushed what was staged) */
+    if (m < 0) break;
   }
-  tls_send(c); /* what the session answers by itself (a TLS 1.3 key update) */
-  ml__conn_arm_timer(c);
+  ml__conn_flush(c);            /* the answers to every record of this read, in one TLS write */
+  if (!c->closing) tls_send(c); /* what the session answers by itself (a TLS 1.3 key update) */
+  if (!c->closing) ml__conn_arm_timer(c);
 }
 
 static void read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
@@ -419,12 +438,12 @@ static void read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     if (n < 0) ml_conn_close(c, 0);
     return;
   }
-  c->activity = uv_now(c->srv->loop);
-  if (c->tls && n > 0) {
+  if (c->tls && n > 0) { /* ciphertext alone (a handshake, a partial record) moves no deadline */
     tls_input(c, (size_t)n);
     return;
   }
-  on_input(c, c->srv->rbuf, n);
+  c->activity = uv_now(c->srv->loop);
+  on_input(c, c->srv->rbuf, n, 1);
 }
 
 /* Reads while the connection can take input: not while a finished message waits for its handler,

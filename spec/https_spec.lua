@@ -88,6 +88,44 @@ describe("HTTPS server", function()
         ws:close()
     end)
 
+    it("keeps the order of WebSocket frames that came in TLS records behind the upgrade", function()
+        local sock = assert(moonlet.tcp.connect("127.0.0.1", port,
+            { timeout = 5, tls = { cafile = certs.ca, server_name = "127.0.0.1" } }))
+        local function frame(text) return "\129" .. string.char(128 + #text) .. "\0\0\0\0" .. text end
+        -- three TLS records sent at once: the server reads them in one go
+        assert(sock:send("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            .. "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            .. frame("one")))
+        assert(sock:send(frame("two")))
+        assert(sock:send(frame("three")))
+        local reader = sock:receiveuntil("\r\n\r\n")
+        assert.truthy(assert(reader()):find("^HTTP/1.1 101 "))
+        local got = {}
+        for _ = 1, 3 do
+            local head = assert(sock:receive(2))
+            got[#got + 1] = assert(sock:receive(head:byte(2)))
+        end
+        sock:close()
+        assert.same({ "echo: one", "echo: two", "echo: three" }, got)
+    end)
+
+    it("closes a client that trickles its handshake, at the header timeout", function()
+        local s, p = assert(moonlet.app():listen({ host = "127.0.0.1", port = 0, header_timeout = 1,
+            keepalive_timeout = 1, tls = { cert = certs.cert, key = certs.key } }))
+        test.defer(function() s:close() end)
+        local sock = assert(moonlet.tcp.connect("127.0.0.1", p, { timeout = 5 }))
+        local t0, closed = moonlet.now(), false
+        -- a handshake record's header announcing 512 bytes, then its bytes one every 0.3 s
+        assert(sock:send("\22\3\1\2\0"))
+        for _ = 1, 20 do
+            moonlet.sleep(0.3)
+            if not sock:send("\0") then closed = true; break end
+        end
+        sock:close()
+        assert.is_true(closed)
+        assert.is_true(moonlet.now() - t0 < 5) -- (20 bytes would have taken 6 s)
+    end)
+
     it("closes a plain-HTTP client and an untrusting one, and goes on serving", function()
         local plain = assert(moonlet.tcp.connect("127.0.0.1", port, { timeout = 5 }))
         assert(plain:send("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))

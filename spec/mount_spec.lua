@@ -156,6 +156,8 @@ describe("app:mount", function()
         local a, b = moonlet.app(), moonlet.app()
         local function fails(fn, msg) assert.error_matches(fn, "^" .. msg .. "$") end
         fails(function() a:mount("api", b) end, "moonlet: a mount prefix starts with /: api")
+        fails(function() a:mount("/users/:id", b) end,
+              "moonlet: a mount prefix is a literal path, without :param or %*: /users/:id")
         fails(function() a:mount("/x", {}) end, "moonlet: app:mount wants an app made by moonlet%.app%(%)")
         a:mount("/b", b)
         fails(function() b:mount("/a", a) end, "moonlet: app:mount would make a cycle of apps")

@@ -117,20 +117,26 @@ moonlet.sleep(30)
 local moonlet = require "moonlet"
 local app = moonlet.app()
 app:get("/", function() return "v%d" end)
-app:on_shutdown(function() local f = io.open(%q, "a"); f:write("hook of v%d\n"); f:close() end)
+local function note(s) local f = io.open(%q, "a"); f:write(s, "\n"); f:close() end
+app:on_shutdown(function() note("hook of v%d") end)
+moonlet.on_shutdown(function() note("module hook of v%d") end) -- added by each load anew
 return app
-]]):format(n, trail, n)))
+]]):format(n, trail, n, n)))
         end
         version(1)
         local p = test.start_process("--port 0 " .. path)
         test.defer(function() p:kill() end)
         local port = p:port()
-        version(2)
-        assert.is_true(p:signal("HUP"))
-        assert(test.wait_until(function() return test.request(port, "GET", "/").body == "v2" end))
+        for v = 2, 3 do
+            version(v)
+            assert.is_true(p:signal("HUP"))
+            assert(test.wait_until(function() return test.request(port, "GET", "/").body == "v" .. v end))
+        end
         assert.is_true(p:signal("TERM"))
         assert.same(0, p:wait())
-        assert.same({ "hook of v2" }, lines_of(trail))
+        local got = lines_of(trail)
+        table.sort(got)
+        assert.same({ "hook of v3", "module hook of v3" }, got) -- the last load's, once each
     end)
 
     it("must be functions", function()

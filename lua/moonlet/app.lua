@@ -130,6 +130,9 @@ function methods:mount(prefix, sub)
     if type(prefix) ~= "string" or str_sub(prefix, 1, 1) ~= "/" then
         error("moonlet: a mount prefix starts with /: " .. tostring(prefix), 2)
     end
+    if str_find(prefix, "[:*]") then -- the prefix is taken off the path as it is written
+        error("moonlet: a mount prefix is a literal path, without :param or *: " .. prefix, 2)
+    end
     if not _M.is_app(sub) then error("moonlet: app:mount wants an app made by moonlet.app()", 2) end
     local function reaches(a) -- whether a is self or mounts it somewhere below: a cycle
         if a == self then return true end
@@ -140,7 +143,7 @@ function methods:mount(prefix, sub)
     prefix = prefix:gsub("/+$", "")
     local h = function(...) return mount_handler(...) end -- one per mount: its key in self.mounts
     self.mounts = self.mounts or {}
-    self.mounts[h] = { prefix = prefix, app = sub, chains = {} }
+    self.mounts[h] = { prefix = prefix, app = sub, chains = setmetatable({}, { __mode = "k" }) }
     if prefix ~= "" then self.router:add("*", prefix, h) end
     self.router:add("*", prefix .. "/*", h)
     return self
@@ -287,15 +290,17 @@ local function fail(app, req, res, err, w)
 end
 
 -- The middleware of this app and then of the mounted one, as one list; rebuilt when either grew
--- (app:use after app:mount), else the same list for every request through that mount.
+-- (app:use after app:mount), else the same list for every request through that mount. Kept per
+-- outer list: an app mounted in two places reaches its mounts with two.
 local function mount_chain(m, outer)
     local inner = m.app.middleware
-    local c = m.chains
-    if c.outer ~= outer or c.n_outer ~= #outer or c.n_inner ~= #inner then
+    local c = m.chains[outer]
+    if not c or c.n_outer ~= #outer or c.n_inner ~= #inner then
         local list = {}
         for i = 1, #outer do list[i] = outer[i] end
         for i = 1, #inner do list[#outer + i] = inner[i] end
-        c.outer, c.n_outer, c.n_inner, c.list = outer, #outer, #inner, list
+        c = { n_outer = #outer, n_inner = #inner, list = list }
+        m.chains[outer] = c
     end
     return c.list
 end

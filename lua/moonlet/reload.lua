@@ -161,7 +161,10 @@ local function build(self)
     -- the script's directory, for app:static's relative roots while the script runs
     local outer_dir = app_mod.script_dir
     if self.path then app_mod.script_dir = self.path:match("^(.*)/[^/]*$") or "." end
+    local shutdown = require "moonlet.shutdown"
+    local prev_load = shutdown.begin_load(self) -- its moonlet.on_shutdown's: kept if it serves
     local ok, app = xpcall(chunk, app_traceback, unpack(args, 1, args.n or #args))
+    shutdown.end_load(prev_load)
     app_mod.script_dir = outer_dir
     local old = self.app
     if ok and not is_app(app) then
@@ -181,18 +184,24 @@ local function build(self)
         if f then mods[name] = f end
     end
     if not ok then
+        shutdown.drop(self)
         for name in pairs(mods) do loaded[name] = nil end -- what the new code half loaded
         for name, v in pairs(saved) do loaded[name] = v end -- the old code keeps its modules
         return nil, "error", tostring(app)
     end
     self.modules = mods
-    if kind == "noapp" then return nil, "noapp", self:label() .. ": returned no app" end
+    if kind == "noapp" then
+        shutdown.keep(self) -- a plain script: its hooks are those of its one load
+        return nil, "noapp", self:label() .. ": returned no app"
+    end
     return app
 end
 
 -- The new app takes over every server, between two requests.
 local function install(self, app)
-    require("moonlet.shutdown").swap(self.app, app) -- its shutdown hooks, not the old app's
+    local shutdown = require "moonlet.shutdown"
+    shutdown.swap(self.app, app)      -- its app:on_shutdown hooks, not the old app's
+    shutdown.keep(self)               -- and the moonlet.on_shutdown ones its load added
     self.app = app
     local servers = self.servers
     if #servers == 0 then return end

@@ -33,6 +33,10 @@ function lazy.query(req)
 end
 local function info(req)
     local version, keep_alive, peer, length, scheme = req._x:info()
+    if version == nil then -- the connection is gone (nil, err): none of it is known any more
+        keep_alive, peer, length, scheme = false, false, false, false
+        version = false
+    end
     rawset(req, "http_version", version)
     rawset(req, "keep_alive", keep_alive)
     rawset(req, "peer", peer)
@@ -48,7 +52,7 @@ function lazy.scheme(req) info(req); return req.scheme end
 -- trusted proxy forwarded in its place (lua/moonlet/forwarded.lua)
 function lazy.ip(req)
     local peer = req.peer
-    return peer and (peer:match("^%[(.*)%]:%d+$") or peer:match("^(.*):%d+$")) or peer
+    return peer and (peer:match("^%[(.*)%]:%d+$") or peer:match("^(.*):%d+$")) or peer or nil
 end
 -- the Host header as sent ("example.com:8080"), or nil; moonlet.forwarded: the forwarded one
 function lazy.host(req) return req:header("host") end

@@ -18,9 +18,14 @@ local _M = {}
 
 _M.LIMIT = 10 -- seconds the hooks get, together
 
-local hooks = {}   -- moonlet.on_shutdown's, in order
+local hooks = {}   -- moonlet.on_shutdown's made outside a script's load, in order
 local serving = {} -- app -> true: apps whose on_shutdown hooks run
 local registered = false
+-- A script's top level runs again on each hot reload: the hooks it adds belong to that load and
+-- replace the previous load's (lua/moonlet/reload.lua), rather than piling up.
+local loading = nil -- the list the load running now adds to
+local by_host = setmetatable({}, { __mode = "k" }) -- reload host -> its current load's hooks
+local pending = setmetatable({}, { __mode = "k" }) -- reload host -> the hooks of a load under way
 
 local function app_hooks(app, out, seen)
     if seen[app] then return end
@@ -29,23 +34,32 @@ local function app_hooks(app, out, seen)
     for _, m in pairs(app.mounts or {}) do app_hooks(m.app, out, seen) end
 end
 
-local function run_hooks()
+local function run_all()
     local fns, seen = {}, {}
     for i = 1, #hooks do fns[i] = hooks[i] end
-    for app in pairs(serving) do app_hooks(app, fns, seen) end
-    if fns[1] then
-        local moonlet = require "moonlet"
-        local ok, results, errors = pcall(moonlet.timeout, _M.LIMIT, moonlet.gather, fns)
-        if not ok then
-            core.log(0, "shutdown hooks: " .. tostring(results))
-        elseif results == nil and errors == "timeout" then
-            core.log(1, "shutdown hooks: not done after " .. _M.LIMIT .. " s; exiting")
-        else
-            for i, err in pairs(errors) do
-                core.log(0, "shutdown hook " .. i .. ": " .. tostring(err))
-            end
+    for _, t in ipairs({ by_host, pending }) do -- (a script still in its top level has its own)
+        for _, list in pairs(t) do
+            for i = 1, #list do fns[#fns + 1] = list[i] end
         end
     end
+    for app in pairs(serving) do app_hooks(app, fns, seen) end
+    if not fns[1] then return end
+    local moonlet = require "moonlet"
+    local ok, results, errors = pcall(moonlet.timeout, _M.LIMIT, moonlet.gather, fns)
+    if not ok then
+        core.log(0, "shutdown hooks: " .. tostring(results))
+    elseif results == nil and errors == "timeout" then
+        core.log(1, "shutdown hooks: not done after " .. _M.LIMIT .. " s; exiting")
+    else
+        for i, err in pairs(errors) do
+            core.log(0, "shutdown hook " .. i .. ": " .. tostring(err))
+        end
+    end
+end
+
+local function run_hooks()
+    local ok, err = pcall(run_all) -- whatever happens in there, the loop stops after it
+    if not ok then pcall(core.log, 0, "shutdown hooks: " .. tostring(err)) end
     core.halt()
 end
 
@@ -58,8 +72,33 @@ end
 -- syntax: moonlet.on_shutdown(fn) -- fn() runs when a graceful stop has drained the servers
 function _M.add(fn, level)
     if type(fn) ~= "function" then error("moonlet: a shutdown hook is a function", (level or 1) + 1) end
-    hooks[#hooks + 1] = fn
+    local list = loading or hooks
+    list[#list + 1] = fn
     register()
+end
+
+-- A reload host runs a script (lua/moonlet/reload.lua build): the hooks its top level adds are
+-- collected apart (and run if the stop comes while it still runs); end_load ends the collecting,
+-- keep(host) makes them the host's in place of its previous load's, drop(host) forgets them (a
+-- load that failed).
+function _M.begin_load(host)
+    local prev = loading
+    loading = {}
+    pending[host] = loading
+    return prev
+end
+
+function _M.end_load(prev)
+    loading = prev
+end
+
+function _M.keep(host)
+    if pending[host] then by_host[host] = pending[host] end
+    pending[host] = nil
+end
+
+function _M.drop(host)
+    pending[host] = nil
 end
 
 -- An app starts serving (app:listen): its hooks run at shutdown.
