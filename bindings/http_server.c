@@ -61,24 +61,7 @@ static exchange_t *check_x(lua_State *L) { return mlua_check_object(L, 1, EXCHAN
 /* -- Access log ------------------------------------------------------------------------------- */
 
 static void access_log(exchange_t *x, ml_conn_t *c) {
-  moonlet_t *m = x->m;
-  if (!m->log.access) return;
-  const ml_request_t *r = ml_conn_request(c);
-  char peer[64], line[1024];
-  ml_conn_peer(c, peer, sizeof peer);
-  const char *ua = "-";
-  uint32_t ualen = 1;
-  for (unsigned i = 0; i < r->nheaders; i++)
-    if (r->headers[i].name_len == 10 && memcmp(r->headers[i].name, "user-agent", 10) == 0) {
-      ua = r->headers[i].value;
-      ualen = r->headers[i].value_len;
-    }
-  double ms = (double)(uv_hrtime() - r->started_ns) / 1e6;
-  snprintf(line, sizeof line, "%s \"%.*s %.*s HTTP/%d.%d\" %d %llu \"%.*s\" %.3fms", peer,
-           (int)r->method_len, r->method, (int)(r->target_len > 512 ? 512 : r->target_len),
-           r->target, r->http_major, r->http_minor, x->status, (unsigned long long)x->bytes,
-           (int)(ualen > 200 ? 200 : ualen), ua, ms);
-  ml_log_access(&m->log, line);
+  if (x->m->log.access) ml_conn_log_access(c, x->status, x->bytes);
 }
 
 /* -- Request start and end ------------------------------------------------------------------ */

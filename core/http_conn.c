@@ -540,19 +540,8 @@ void ml__conn_error(ml_conn_t *c, int status, const char *why) {
     c->close_after = 1;
     static const char hdr[] = "Content-Type: text/plain; charset=utf-8\r\n";
     ml_conn_respond(c, status, hdr, sizeof hdr - 1, body, (size_t)n);
-    if (!c->req_active && c->srv->log && c->srv->log->access) {
-      /* no handler saw it: the access line is written here, as nginx's access log has its 400s
-       * (the request line once the headers were whole, else "-") */
-      char line[700];
-      const ml_request_t *r = &c->req;
-      if (c->state >= ML_CONN_BODY && r->method_len && r->target_len)
-        snprintf(line, sizeof line, "%s \"%.*s %.*s HTTP/%d.%d\" %d %d \"-\" 0.000ms", peer,
-                 (int)r->method_len, r->method, (int)(r->target_len > 512 ? 512 : r->target_len),
-                 r->target, r->http_major, r->http_minor, status, n);
-      else
-        snprintf(line, sizeof line, "%s \"-\" %d %d \"-\" 0.000ms", peer, status, n);
-      ml_log_access(c->srv->log, line);
-    }
+    /* no handler saw it: its access line is written here, as nginx's access log has its 400s */
+    if (!c->req_active) ml_conn_log_access(c, status, (uint64_t)n);
   }
   c->close_after = 1;
   deliver_body(c);
@@ -584,6 +573,33 @@ void ml__conn_timeout(ml_conn_t *c) {
 /* -- Public calls -------------------------------------------------------------------------- */
 
 const ml_request_t *ml_conn_request(const ml_conn_t *c) { return &c->req; }
+void ml_conn_log_access(ml_conn_t *c, int status, uint64_t bytes) {
+  const ml_log_t *log = c->srv->log;
+  if (!log || !log->access) return;
+  const ml_request_t *r = &c->req;
+  char peer[64], line[1024];
+  ml_conn_peer(c, peer, sizeof peer);
+  if (c->state < ML_CONN_BODY || !r->method_len) { /* refused before its headers were whole */
+    snprintf(line, sizeof line, "%s \"-\" %d %llu \"-\" 0.000ms", peer, status,
+             (unsigned long long)bytes);
+    ml_log_access(log, line);
+    return;
+  }
+  const char *ua = "-";
+  uint32_t ualen = 1;
+  for (unsigned i = 0; i < r->nheaders; i++)
+    if (r->headers[i].name_len == 10 && memcmp(r->headers[i].name, "user-agent", 10) == 0) {
+      ua = r->headers[i].value;
+      ualen = r->headers[i].value_len;
+    }
+  double ms = (double)(uv_hrtime() - r->started_ns) / 1e6;
+  snprintf(line, sizeof line, "%s \"%.*s %.*s HTTP/%d.%d\" %d %llu \"%.*s\" %.3fms", peer,
+           (int)r->method_len, r->method, (int)(r->target_len > 512 ? 512 : r->target_len),
+           r->target, r->http_major, r->http_minor, status, (unsigned long long)bytes,
+           (int)(ualen > 200 ? 200 : ualen), ua, ms);
+  ml_log_access(log, line);
+}
+
 void *ml_conn_data(const ml_conn_t *c) { return c->data; }
 void ml_conn_set_data(ml_conn_t *c, void *data) { c->data = data; }
 
