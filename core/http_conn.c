@@ -566,7 +566,13 @@ void ml__conn_timeout(ml_conn_t *c) {
   switch (c->state) {
   case ML_CONN_HEADERS: ml__conn_error(c, 408, "header read timeout"); break;
   case ML_CONN_BODY: ml__conn_error(c, 408, "body read timeout"); break;
-  default: ml_conn_close(c, 0); break; /* keep-alive idle */
+  case ML_CONN_IDLE: /* keep-alive idle */
+    if (!c->req_active) {
+      ml__conn_close_idle(c);
+      break;
+    }
+    /* fall through */
+  default: ml_conn_close(c, 0); break;
   }
 }
 

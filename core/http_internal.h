@@ -148,6 +148,7 @@ char *ml__out_reserve(ml_server_t *s, ml_conn_t *c, size_t n);
 void ml__out_commit(ml_server_t *s, size_t n);
 void ml__out_append(ml_server_t *s, ml_conn_t *c, const char *p, size_t n);
 void ml__conn_flush(ml_conn_t *c);
+void ml__conn_close_idle(ml_conn_t *c);
 int ml__conn_write_direct(ml_conn_t *c, const char *p, size_t n);
 /* HTTPS: the ciphertext the TLS session has for the peer, taken out into one malloc'd block
  * (*len bytes; NULL and 0 when there is none, or out of memory: then *len is (size_t)-1). */

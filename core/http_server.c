@@ -687,7 +687,8 @@ void ml_server_shutdown(ml_server_t *s, void (*done)(ml_server_t *, void *), voi
        * a lingering close under way goes on as it is */
       int idle = c->state == ML_CONN_IDLE && !c->closing && c->stash_len == c->stash_off &&
                  c->write_queue == 0 && s->out_owner != c;
-      ml_conn_close(c, !idle);
+      if (idle) ml__conn_close_idle(c);
+      else ml_conn_close(c, 1);
     } else {
       c->close_after = 1;
     }
@@ -733,6 +734,24 @@ static void close_handles(ml_conn_t *c) {
   if (!uv_is_closing((uv_handle_t *)&c->tcp)) uv_close((uv_handle_t *)&c->tcp, conn_handle_closed);
   if (!uv_is_closing((uv_handle_t *)&c->timer))
     uv_close((uv_handle_t *)&c->timer, conn_handle_closed);
+}
+
+/* An HTTPS connection closed while idle (keep-alive timeout, a graceful stop) says close_notify
+ * first, as far as the socket takes it at once: nothing is queued, since the close follows. One
+ * closed on an error or in the middle of a response does not: a close_notify there would pass a
+ * cut response off as a whole one. */
+void ml__conn_close_idle(ml_conn_t *c) {
+  if (c->tls && c->tls_ready && !c->closing && c->write_queue == 0 &&
+      uv_is_writable((uv_stream_t *)&c->tcp)) {
+    ml_tls_shutdown(c->tls);
+    char buf[256]; /* a close_notify record is some 30 bytes */
+    size_t n;
+    while ((n = ml_tls_take(c->tls, buf, sizeof buf)) > 0) {
+      uv_buf_t b = uv_buf_init(buf, (unsigned)n);
+      if (uv_try_write((uv_stream_t *)&c->tcp, &b, 1) != (int)n) break;
+    }
+  }
+  ml_conn_close(c, 0);
 }
 
 void ml_conn_close(ml_conn_t *c, int graceful) {

@@ -126,6 +126,51 @@ describe("HTTPS server", function()
         assert.is_true(moonlet.now() - t0 < 5) -- (20 bytes would have taken 6 s)
     end)
 
+    -- Python's ssl, told not to take a bare FIN for an end (suppress_ragged_eofs=False and not
+    -- OpenSSL's OP_IGNORE_UNEXPECTED_EOF, which Debian's Python sets by default), tells a
+    -- close_notify (recv gives b"") from a connection dropped without one (SSLEOFError)
+    local ragged_client = [[
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+ctx.check_hostname = False
+ctx.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))),
+                    suppress_ragged_eofs=False)
+s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+got = b""
+while b"https 1.1" not in got:
+    got += s.recv(4096)
+print("answered", flush=True)
+s.settimeout(10)
+try:
+    print("close_notify" if s.recv(4096) == b"" else "data")
+except ssl.SSLEOFError:
+    print("no close_notify")
+]]
+    local function idle_client(p)
+        local c = assert(moonlet.process.spawn({ "/usr/bin/python3", "-c", ragged_client,
+                                                 tostring(p), certs.ca }))
+        test.defer(function() c:kill() end)
+        return c
+    end
+
+    it("says close_notify to a keep-alive connection it closes idle: timeout or shutdown", function()
+        local s, p = assert(moonlet.app():get("/", function(req) return req.scheme .. " 1.1" end)
+            :listen({ host = "127.0.0.1", port = 0, keepalive_timeout = 0.3,
+                      tls = { cert = certs.cert, key = certs.key } }))
+        local c = idle_client(p)
+        assert.same("answered\nclose_notify\n", c:read("*a"))
+        assert.same(0, c:wait(10))
+        s:close()
+        s, p = assert(moonlet.app():get("/", function(req) return req.scheme .. " 1.1" end)
+            :listen({ host = "127.0.0.1", port = 0, tls = { cert = certs.cert, key = certs.key } }))
+        c = idle_client(p)
+        assert.same("answered\n", c:read("*l") .. "\n")
+        s:shutdown()
+        assert.same("close_notify\n", c:read("*a"))
+        assert.same(0, c:wait(10))
+    end)
+
     it("closes a plain-HTTP client and an untrusting one, and goes on serving", function()
         local plain = assert(moonlet.tcp.connect("127.0.0.1", port, { timeout = 5 }))
         assert(plain:send("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))

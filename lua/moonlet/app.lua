@@ -311,9 +311,11 @@ end
 -- the app whose on_error serves, the deadline and the prefix.
 local function resolve_mounts(app, method, path, handler, mw, secs)
     local owner, err_app, prefix, params, allow = app, app, "", nil, nil
+    local outer = {} -- app, path of each app the request went through
     while true do
         local m = owner.mounts and owner.mounts[handler]
         if not m then break end
+        outer[#outer + 1], outer[#outer + 2] = owner, path
         prefix = prefix .. m.prefix
         -- the rest of the path, raw; the route matched either the prefix as written or (an exact
         -- path, compared decoded too) the whole path encoding it: then the rest is "/"
@@ -325,6 +327,12 @@ local function resolve_mounts(app, method, path, handler, mw, secs)
         if owner.opts.deadline then secs = owner.opts.deadline end
         if owner.error_handler then err_app = owner end
         handler, params, allow = owner.router:match(method, path)
+    end
+    if not handler then -- a 404 or 405 inside: the routes outside for the path have their say
+        for i = 1, #outer, 2 do
+            local a = outer[i]
+            allow = a.router:allow(outer[i + 1], a.mounts, allow)
+        end
     end
     return handler, params, allow, mw, owner, err_app, secs, prefix
 end

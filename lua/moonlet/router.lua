@@ -83,21 +83,44 @@ local function match_segs(rsegs, psegs)
     return params or {}
 end
 
-local function allow_list(found)
+-- The Allow header of the routes in found (their handler tables), methods in skip (a set of
+-- handlers, else nil) left out; nil when one of them takes any method
+local function allow_list(found, skip, extra)
     local list = {}
     for _, handlers in ipairs(found) do
-        for m in pairs(handlers) do
-            if m == "*" then return nil end
-            list[#list + 1] = m
-            if m == "GET" then list[#list + 1] = "HEAD" end
+        for m, h in pairs(handlers) do
+            if not (skip and skip[h]) then
+                if m == "*" then return nil end
+                list[#list + 1] = m
+                if m == "GET" then list[#list + 1] = "HEAD" end
+            end
         end
     end
+    for m in (extra or ""):gmatch("[^, ]+") do list[#list + 1] = m end
+    if not list[1] then return nil end
     local seen, uniq = {}, {}
     for _, m in ipairs(list) do
         if not seen[m] then seen[m] = true; uniq[#uniq + 1] = m end
     end
     sort(uniq)
     return concat(uniq, ", ")
+end
+
+-- syntax: allow = r:allow(raw_path, skip, extra) -- the Allow header of the routes for the path
+-- but those whose handler is in the set skip (app:mount's), merged with the list extra; nil if none
+function methods:allow(path, skip, extra)
+    local found = {}
+    local e = self.exact[path]
+    if not e and str_find(path, "%", 1, true) then e = self.exact[unescape(path)] end
+    if e then found[1] = e end
+    local dyn = self.dynamic
+    if dyn[1] then
+        local psegs = split_path(path)
+        for i = 1, #dyn do
+            if match_segs(dyn[i].segs, psegs) then found[#found + 1] = dyn[i].handlers end
+        end
+    end
+    return allow_list(found, skip, extra)
 end
 
 -- syntax: handler, params, allow = r:match(method, raw_path)

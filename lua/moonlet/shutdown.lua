@@ -10,7 +10,8 @@
 -- server is gone; run_hooks always ends with core.halt(), which stops the loop, even when a hook
 -- raises or hangs. Each hook
 -- runs in a task of its own, all at once, bounded together by LIMIT seconds (then cancelled). The
--- apps whose hooks run are the ones serving at that moment (app:listen adds an app, a hot reload
+-- apps whose hooks run are the ones that have served (app:listen adds an app, and it stays even
+-- when its server was closed before the stop: what it opened may still want closing; a hot reload
 -- swaps the old one for the new one), with the apps they mount.
 local core = require "moonlet.core"
 
