@@ -687,8 +687,10 @@ void ml_server_shutdown(ml_server_t *s, void (*done)(ml_server_t *, void *), voi
        * a lingering close under way goes on as it is */
       int idle = c->state == ML_CONN_IDLE && !c->closing && c->stash_len == c->stash_off &&
                  c->write_queue == 0 && s->out_owner != c;
-      if (idle) ml__conn_close_idle(c);
-      else ml_conn_close(c, 1);
+      if (idle)
+        ml__conn_close_idle(c);
+      else
+        ml_conn_close(c, 1);
     } else {
       c->close_after = 1;
     }
