@@ -756,6 +756,7 @@ static int l_listen(lua_State *L) {
     return luaL_error(L, "moonlet: out of memory");
   }
   if (tls) ml_server_set_tls(s->srv, tls); /* the server owns it now */
+  ml_server_set_reuseport(s->srv, m->worker.count > 1);
   int r = ml_server_listen(s->srv, host, port, backlog);
   if (r < 0) {
     s->handler_ref = LUA_NOREF;

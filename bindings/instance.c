@@ -292,6 +292,7 @@ int luaopen_moonlet_core(lua_State *L) {
   mlua_open_process(L, m);
   mlua_open_http_client(L, m);
   mlua_open_crypto(L, m);
+  mlua_open_workers(L, m);
   wrap_listen(L, m); /* last: it wraps the listen of mlua_open_http_server */
   return 1;
 }
@@ -375,6 +376,7 @@ moonlet_t *moonlet_new(const moonlet_config_t *cfg) {
   moonlet_t *m = calloc(1, sizeof *m);
   if (!m) return NULL;
   m->cfg = *cfg;
+  m->worker = (ml_worker_info_t){.id = 0, .count = 1, .ready_fd = -1};
   if (cfg->loop) {
     m->loop = cfg->loop;
   } else {

@@ -12,6 +12,7 @@
 #include "../core/http.h"
 #include "../core/log.h"
 #include "../core/moonlet.h"
+#include "../core/workers.h"
 
 typedef struct mlua_task_s mlua_task_t;
 typedef struct mlua_server_s mlua_server_t;
@@ -89,6 +90,9 @@ struct moonlet_s {
   uv_mutex_t post_lock;
   struct mlua_post_s *post_head, *post_tail; /* posted functions not run yet, oldest first */
   int embed_on;                              /* post_async and post_lock are initialised */
+  /* `moonlet --workers N` (bindings/workers.c): this process's place among the workers; id 0 and
+   * count 1 when it is the only one. count > 1 makes every listener share its port. */
+  ml_worker_info_t worker;
 };
 
 /* sched.c */
@@ -152,6 +156,7 @@ void mlua_open_fs(lua_State *L, moonlet_t *m);
 void mlua_open_work(lua_State *L, moonlet_t *m);
 void mlua_open_tcp(lua_State *L, moonlet_t *m);
 void mlua_open_udp(lua_State *L, moonlet_t *m);
+void mlua_open_workers(lua_State *L, moonlet_t *m);
 void mlua_open_dns(lua_State *L, moonlet_t *m);
 void mlua_open_zlib(lua_State *L, moonlet_t *m);
 void mlua_open_fswatch(lua_State *L, moonlet_t *m);

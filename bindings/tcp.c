@@ -41,6 +41,7 @@
 
 #include <sys/socket.h>
 
+#include "../core/listen.h"
 #include "../core/tls.h"
 #include "mlua.h"
 #include "readbuf.h"
@@ -996,8 +997,8 @@ static int l_listen(lua_State *L) {
   srv->fn_ref = LUA_NOREF;
   uv_tcp_init(m->loop, &srv->tcp);
   srv->tcp.data = srv;
-  r = uv_tcp_bind(&srv->tcp, (struct sockaddr *)&addr, 0);
-  if (r == 0) r = uv_listen((uv_stream_t *)&srv->tcp, backlog, on_connection);
+  r = ml_listen_tcp(&srv->tcp, (struct sockaddr *)&addr, m->worker.count > 1, backlog,
+                    on_connection);
   if (r < 0) {
     srv->closed = 1;
     uv_close((uv_handle_t *)&srv->tcp, server_closed);

@@ -98,6 +98,9 @@ ml_server_t *ml_server_new(uv_loop_t *loop, const ml_http_limits_t *lim, const m
 /* Binds and listens on host:port (port 0 picks one; read it back with ml_server_port). Returns 0 or
  * a negative UV_E* code. A server may listen on several addresses. */
 int ml_server_listen(ml_server_t *s, const char *host, int port, int backlog);
+/* Listeners made after this share their port with other processes' (SO_REUSEPORT; core/listen.h).
+ */
+void ml_server_set_reuseport(ml_server_t *s, int on);
 int ml_server_port(const ml_server_t *s,
                    int index); /* bound port of the index-th listener, or <0 */
 /* Stops accepting, closes idle connections, lets active requests finish (Connection: close), and

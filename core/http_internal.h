@@ -139,6 +139,7 @@ struct ml_server_s {
   void (*done_cb)(ml_server_t *, void *);
   void *done_ud;
   ml_tls_ctx_t *tls; /* HTTPS: owned (ml_server_set_tls), NULL for plain HTTP */
+  int reuseport;     /* listeners share their port (ml_server_set_reuseport) */
   char *tls_out;     /* HTTPS: ciphertext on its way to raw_write (ML_READ_BUF_SIZE, lazily) */
   char rbuf[ML_READ_BUF_SIZE]; /* the read buffer, used by one read callback at a time */
 };

@@ -18,6 +18,7 @@
 #include <time.h>
 
 #include "http_internal.h"
+#include "listen.h"
 
 void ml_http_limits_default(ml_http_limits_t *lim) {
   lim->max_uri = 8 * 1024;
@@ -597,8 +598,7 @@ int ml_server_listen(ml_server_t *s, const char *host, int port, int backlog) {
   uv_tcp_init(s->loop, t);
   t->data = s;
   s->open_handles++;
-  r = uv_tcp_bind(t, (struct sockaddr *)&addr, 0);
-  if (r == 0) r = uv_listen((uv_stream_t *)t, backlog > 0 ? backlog : 511, on_connection);
+  r = ml_listen_tcp(t, (struct sockaddr *)&addr, s->reuseport, backlog, on_connection);
   if (r < 0) {
     uv_close((uv_handle_t *)t, listener_closed);
     return r;
@@ -606,6 +606,8 @@ int ml_server_listen(ml_server_t *s, const char *host, int port, int backlog) {
   s->listeners[s->nlisteners++] = t;
   return 0;
 }
+
+void ml_server_set_reuseport(ml_server_t *s, int on) { s->reuseport = on; }
 
 int ml_server_port(const ml_server_t *s, int index) {
   if (index < 0 || index >= s->nlisteners) return UV_EINVAL;

@@ -38,6 +38,14 @@ function _M.on_shutdown(fn) return require("moonlet.shutdown").add(fn, 2) end
 -- finish, the shutdown hooks run, the loop ends
 function _M.stop() core.stop() end
 
+-- syntax: moonlet.worker.id(), moonlet.worker.count(), moonlet.worker.pid() -- this process among
+-- the workers of `moonlet --workers N` (0 .. N-1, N; id 0 of 1 when it serves alone): ngx.worker's
+_M.worker = {
+    id = function() return (core.worker()) end,
+    count = function() return (select(2, core.worker())) end,
+    pid = function() return (select(3, core.worker())) end,
+}
+
 -- syntax: app = moonlet.app()
 function _M.app(opts)
     return require("moonlet.app").new(opts)

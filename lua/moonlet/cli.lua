@@ -29,6 +29,8 @@ flags:
   --keepalive-timeout S   idle keep-alive connections are closed after S seconds (75)
   --max-conns N           connections beyond N are refused (10240)
   --shutdown-grace S      SIGINT/SIGTERM wait this long for in-flight requests (10)
+  --workers N             N processes serve the app on the same port (SO_REUSEPORT), watched by
+                          this one, which restarts any that dies; "auto": one per CPU (1)
   --tls-cert FILE         serve HTTPS with this PEM certificate (chain) ...
   --tls-key FILE          ... and this PEM private key
   -h, --help              this text
@@ -42,7 +44,7 @@ local value_flags = {
     ["--header-timeout"] = "header_timeout", ["--body-timeout"] = "body_timeout",
     ["--keepalive-timeout"] = "keepalive_timeout", ["--max-conns"] = "max_conns",
     ["--shutdown-grace"] = "shutdown_grace", ["--send-timeout"] = "send_timeout",
-    ["--tls-cert"] = "tls_cert", ["--tls-key"] = "tls_key",
+    ["--tls-cert"] = "tls_cert", ["--tls-key"] = "tls_key", ["--workers"] = "workers",
 }
 local numeric = {
     port = true, max_body = true, max_uri = true, max_header_bytes = true, max_headers = true,
@@ -52,7 +54,7 @@ local numeric = {
 
 -- what the command line holds that is not an app:listen option
 local CLI_ONLY = { log_level = true, access_log = true, reload = true, tls_cert = true, tls_key = true,
-                   help = true, version = true, _script_args_only = true }
+                   help = true, version = true, workers = true, _script_args_only = true }
 
 local function die(msg)
     io.stderr:write("moonlet: ", msg, "\n")
@@ -102,6 +104,15 @@ function _M.parse(argv)
             opts[k] = v
         end
     end
+    if opts.workers == "auto" then
+        opts.workers = core.cpus()
+    elseif opts.workers ~= nil then
+        local w = tonumber(opts.workers)
+        if not w or w ~= math.floor(w) or w < 1 or w > 255 then
+            return die("--workers wants a number from 1 to 255, or auto")
+        end
+        opts.workers = w
+    end
     if (opts.tls_cert == nil) ~= (opts.tls_key == nil) then
         return die("--tls-cert and --tls-key go together")
     end
@@ -136,6 +147,28 @@ local function run_tests(pos)
     core.halt()
 end
 
+-- --workers N: this process becomes the supervisor of N forked ones (bindings/workers.c), each of
+-- which returns here to load the script and serve it on the port reserved for them all. A syntax
+-- error is told once, before the fork. Returns true in a worker; false in the supervisor, once the
+-- workers are gone (its exit code set), or when they could not start.
+local function fork_workers(script, opts)
+    local ok, err = loadfile(script)
+    if not ok then
+        io.stderr:write("moonlet: ", tostring(err), "\n")
+        core.set_exit_code(1)
+        return false
+    end
+    local role, a, b = core.fork_workers(opts.workers, opts.host, opts.port)
+    if role == "worker" then
+        opts.port = b
+        return true
+    end
+    if role == nil then io.stderr:write("moonlet: ", a, "\n") end
+    core.set_exit_code(role and a or 1)
+    core.halt()
+    return false
+end
+
 function _M.main(argv)
     local opts, pos = _M.parse(argv)
     if not opts then return end
@@ -155,6 +188,9 @@ function _M.main(argv)
     local args = { [0] = script }
     for i = 2, #pos do args[i - 1] = pos[i] end
     _G.arg = args
+    opts.host = opts.host or "127.0.0.1"
+    opts.port = opts.port or 8080
+    if opts.workers and opts.workers > 1 and not fork_workers(script, opts) then return end
     -- The script runs through a reload host (lua/moonlet/reload.lua), so that an app it returns can
     -- be reloaded later (SIGHUP, --reload) the way it was loaded now.
     local reload = require "moonlet.reload"
@@ -171,8 +207,6 @@ function _M.main(argv)
         core.set_exit_code(1)
         return
     end
-    opts.host = opts.host or "127.0.0.1"
-    opts.port = opts.port or 8080
     local listen = {} -- the options that are app:listen's (the others are the command's own)
     for k, v in pairs(opts) do if not CLI_ONLY[k] then listen[k] = v end end
     local server, port = host:listen(listen)
@@ -183,6 +217,7 @@ function _M.main(argv)
         return
     end
     reload.set_current(host)
+    core.worker_ready()
     local shown = opts.host:find(":", 1, true) and "[" .. opts.host .. "]" or opts.host
     core.log(2, ("moonlet %s serving %s on %s://%s:%d"):format(core.version, script,
                                                                  opts.tls and "https" or "http", shown, port))

@@ -781,8 +781,8 @@ local function build()
             nginx_configure = function() return "" end,
         },
         worker = {
-            id = function() return 0 end,
-            count = function() return 1 end,
+            id = function() return (core.worker()) end,
+            count = function() return (select(2, core.worker())) end,
             exiting = function() return false end,
             pid = function() return core.getpid() end,
         },

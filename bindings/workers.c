@@ -1,0 +1,88 @@
+/* bindings/workers.c: `moonlet --workers N` for Lua (the command line, lua/moonlet/cli.lua, and
+ * moonlet.worker). core.fork_workers(n, host, port) reserves the port, then forks the workers
+ * (core/workers.c): it returns "worker", id, port in each of them, and "supervisor", exit_code in
+ * the process that started them, once they are all gone.
+ *
+ * Invariants: it runs before the loop has run (the command line calls it before loading the
+ * script), in an instance that owns its loop; a worker re-creates the loop's kernel state
+ * (uv_loop_fork) before anything else touches the loop. The reserved port's socket stays open in
+ * the supervisor only (a worker closes its copy), so that a worker started again finds it free.
+ */
+#include <unistd.h>
+
+#include "../core/listen.h"
+#include "mlua.h"
+
+/* syntax: role, a, b = core.fork_workers(n, host, port) */
+static int l_fork_workers(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  int n = (int)luaL_checkinteger(L, 1);
+  const char *host = luaL_checkstring(L, 2);
+  int port = (int)luaL_checkinteger(L, 3);
+  if (n < 2 || n > 255) return luaL_argerror(L, 1, "from 2 to 255 workers");
+  if (!m->owns_loop || m->worker.count > 1)
+    return luaL_error(L, "moonlet: workers are forked by the moonlet command, once");
+  int bound = 0;
+  int fd = ml_listen_reserve(host, port, &bound);
+  if (fd < 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "listen on %s:%d: %s", host, port, mlua_err_string(fd));
+    return 2;
+  }
+  int code = 0;
+  ml_worker_info_t w;
+  int r = ml_workers_run(n, &m->log, &w, &code);
+  if (r == 1) {
+    close(fd);
+    m->worker = w;
+    r = uv_loop_fork(m->loop);
+    if (r < 0) {
+      ml_log(&m->log, ML_LOG_ERROR, "worker %d: uv_loop_fork: %s", w.id, uv_strerror(r));
+      _exit(1);
+    }
+    lua_pushliteral(L, "worker");
+    lua_pushinteger(L, w.id);
+    lua_pushinteger(L, bound);
+    return 3;
+  }
+  close(fd);
+  if (r < 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot start the workers: %s", mlua_err_string(r));
+    return 2;
+  }
+  lua_pushliteral(L, "supervisor");
+  lua_pushinteger(L, code);
+  return 2;
+}
+
+/* syntax: core.worker_ready() -- this worker serves (a no-op outside workers) */
+static int l_worker_ready(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  if (m->worker.count > 1) ml_workers_ready(&m->worker);
+  return 0;
+}
+
+/* syntax: n = core.cpus() -- the CPUs this process may run on (its affinity mask counted) */
+static int l_cpus(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)uv_available_parallelism());
+  return 1;
+}
+
+/* syntax: id, count, pid = core.worker() */
+static int l_worker(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  lua_pushinteger(L, m->worker.id);
+  lua_pushinteger(L, m->worker.count);
+  lua_pushinteger(L, (lua_Integer)uv_os_getpid());
+  return 3;
+}
+
+void mlua_open_workers(lua_State *L, moonlet_t *m) {
+  static const luaL_Reg fns[] = {{"fork_workers", l_fork_workers},
+                                 {"worker_ready", l_worker_ready},
+                                 {"worker", l_worker},
+                                 {"cpus", l_cpus},
+                                 {NULL, NULL}};
+  mlua_register(L, m, fns);
+}

@@ -1,0 +1,71 @@
+/* core/listen.c: listening TCP sockets, with SO_REUSEPORT when several processes share a port
+ * (`moonlet --workers N`), and the supervisor's reservation of that port. libuv 1.44 has no
+ * UV_TCP_REUSEPORT, so the socket is made here, the option set, and the fd handed to libuv
+ * (uv_tcp_open), which owns it from then on.
+ */
+#include "listen.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static int reuse_socket(int family) {
+  int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  int on = 1;
+  if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) < 0 ||
+      setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) < 0) {
+    int e = -errno;
+    close(fd);
+    return e;
+  }
+  return fd;
+}
+
+int ml_listen_tcp(uv_tcp_t *t, const struct sockaddr *addr, int reuseport, int backlog,
+                  uv_connection_cb cb) {
+  if (reuseport) {
+    int fd = reuse_socket(addr->sa_family);
+    if (fd < 0) return fd;
+    int r = uv_tcp_open(t, (uv_os_sock_t)fd);
+    if (r < 0) {
+      close(fd);
+      return r;
+    }
+  }
+  int r = uv_tcp_bind(t, addr, 0);
+  if (r == 0) r = uv_listen((uv_stream_t *)t, backlog > 0 ? backlog : 511, cb);
+  return r;
+}
+
+int ml_listen_reserve(const char *host, int port, int *bound_port) {
+  struct addrinfo hints, *res = NULL;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  char service[8];
+  snprintf(service, sizeof service, "%d", port);
+  int g = getaddrinfo(host, service, &hints, &res);
+  if (g != 0) return g == EAI_NONAME ? UV_EAI_NONAME : UV_EAI_FAIL;
+  int fd = reuse_socket(res->ai_family);
+  if (fd >= 0 && bind(fd, res->ai_addr, res->ai_addrlen) < 0) {
+    int e = -errno;
+    close(fd);
+    fd = e;
+  }
+  freeaddrinfo(res);
+  if (fd < 0) return fd;
+  struct sockaddr_storage a;
+  socklen_t len = sizeof a;
+  if (getsockname(fd, (struct sockaddr *)&a, &len) < 0) {
+    int e = -errno;
+    close(fd);
+    return e;
+  }
+  *bound_port = ntohs(a.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&a)->sin6_port
+                                              : ((struct sockaddr_in *)&a)->sin_port);
+  return fd;
+}

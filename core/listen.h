@@ -1,0 +1,22 @@
+/* core/listen.h: listening TCP sockets, optionally sharing their port with SO_REUSEPORT (the
+ * processes of `moonlet --workers N` each listen on the same port; the kernel spreads the new
+ * connections across them), and a port reserved before the workers exist.
+ */
+#ifndef ML_LISTEN_H
+#define ML_LISTEN_H
+
+#include <uv.h>
+
+/* Binds t (uv_tcp_init'ed, no socket yet) to addr and listens. reuseport: share the port with
+ * other sockets that set it too. 0 or a negative libuv error; t is the caller's to close either
+ * way. */
+int ml_listen_tcp(uv_tcp_t *t, const struct sockaddr *addr, int reuseport, int backlog,
+                  uv_connection_cb cb);
+
+/* A socket bound (not listening) with SO_REUSEPORT to host:port (host numeric or a name, resolved
+ * here, blocking: for a process that runs no loop yet), which keeps the port for the workers that
+ * will listen on it; *bound_port is the port (the one the kernel chose for port 0). The socket's
+ * fd, close-on-exec, or a negative libuv error. */
+int ml_listen_reserve(const char *host, int port, int *bound_port);
+
+#endif

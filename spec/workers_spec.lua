@@ -1,0 +1,178 @@
+-- spec/workers_spec.lua: `moonlet --workers N` over real processes and sockets: N workers share the
+-- port (HTTP and moonlet.tcp.listen), --port 0 included; moonlet.worker; a killed worker is started
+-- again; SIGHUP and SIGTERM reach every worker (requests in flight finish, exit 0); a script that
+-- cannot start (a syntax error, told once; an error at its top level; a port in use) stops them all
+-- with exit 1; bad values of the flag exit 2.
+local moonlet = require "moonlet"
+local test = require "moonlet.test"
+
+local dir
+
+local function script(name, src)
+    local path = dir .. "/" .. name
+    assert(moonlet.fs.write(path, src))
+    return path
+end
+
+local APP = [[
+local moonlet = require "moonlet"
+local tcp_port = tonumber(arg[1])
+if tcp_port then
+    moonlet.tcp.listen({ host = "127.0.0.1", port = tcp_port }, function(sock)
+        sock:send(moonlet.worker.id() .. "\n")
+        sock:close()
+    end)
+end
+local app = moonlet.app()
+app:get("/", function()
+    return moonlet.worker.id() .. " " .. moonlet.worker.count() .. " " .. moonlet.worker.pid()
+end)
+app:get("/slow", function() moonlet.sleep(0.5); return "slow " .. moonlet.worker.pid() end)
+return app
+]]
+
+-- GET / on new connections until every worker id in want answered; id -> pid
+local function pids_of(port, want)
+    local seen, n = {}, 0
+    for _ = 1, 400 do
+        local r = test.request(port, "GET", "/")
+        assert.same(200, r.status)
+        local id, count, pid = r.body:match("^(%d+) (%d+) (%d+)$")
+        assert.same(tostring(want), count)
+        id = tonumber(id)
+        if not seen[id] then seen[id] = tonumber(pid); n = n + 1 end
+        if n == want then return seen end
+    end
+    return seen
+end
+
+local function alive(pid) return os.execute("kill -0 " .. pid .. " 2>/dev/null") == 0 end
+
+local function count(s, plain)
+    local n, i = 0, 1
+    while true do
+        local a, b = s:find(plain, i, true)
+        if not a then return n end
+        n, i = n + 1, b + 1
+    end
+end
+
+local function free_port()
+    local s = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0 }, function() end))
+    local port = s:port()
+    s:close()
+    return port
+end
+
+describe("moonlet --workers", function()
+    setup(function()
+        dir = os.tmpname()
+        os.remove(dir)
+        assert(moonlet.fs.mkdir(dir))
+    end)
+    teardown(function() os.execute("rm -rf " .. dir) end)
+
+    it("spreads connections over N processes on one port, moonlet.tcp.listen's too", function()
+        local tport = free_port()
+        local p = test.start_process("--workers 2 --port 0 " .. script("app.lua", APP) .. " " .. tport)
+        test.defer(function() p:kill() end)
+        local port = p:port()
+        local pids = pids_of(port, 2)
+        assert.is_number(pids[0])
+        assert.is_number(pids[1])
+        assert.are_not.equal(pids[0], pids[1])
+        assert.are_not.equal(p:pid(), pids[0]) -- the supervisor serves nothing itself
+        local out = p:output()
+        assert.truthy(out:find("workers: 2 started", 1, true))
+        assert.same(2, count(out, "on http://127.0.0.1:" .. port))
+        local ids = {}
+        for _ = 1, 400 do
+            local sock = assert(moonlet.tcp.connect("127.0.0.1", tport, { timeout = 5 }))
+            ids[assert(sock:receive("*l"))] = true
+            sock:close()
+            if ids["0"] and ids["1"] then break end
+        end
+        assert.same({ ["0"] = true, ["1"] = true }, ids)
+    end)
+
+    it("starts a killed worker again, and passes SIGHUP on to each", function()
+        local p = test.start_process("--workers 2 --port 0 " .. script("app.lua", APP))
+        test.defer(function() p:kill() end)
+        local port = p:port()
+        local pids = pids_of(port, 2)
+        os.execute("kill -9 " .. pids[0])
+        local again = test.wait_until(function()
+            -- (a connection queued at the killed worker's socket when it died is reset)
+            local ok, now = pcall(pids_of, port, 2)
+            return ok and now[0] and now[0] ~= pids[0] and now[1] == pids[1] and now
+        end, 10)
+        assert.truthy(again, p:output())
+        assert.truthy(p:output():find("worker 0 (pid " .. pids[0] .. ") was killed by signal 9; "
+                                      .. "starting it again", 1, true))
+        assert.is_true(p:signal("HUP"))
+        assert.truthy(test.wait_until(function() return count(p:output(), "reloaded ") == 2 end, 10),
+                      p:output())
+        assert.same(again, pids_of(port, 2)) -- a reload is no restart
+    end)
+
+    it("stops on SIGTERM: requests in flight finish, every worker exits, exit 0", function()
+        local p = test.start_process("--workers 2 --port 0 " .. script("app.lua", APP))
+        test.defer(function() p:kill() end)
+        local port = p:port()
+        local pids = pids_of(port, 2)
+        local slow = {}
+        for i = 1, 4 do slow[i] = moonlet.spawn(test.request, port, "GET", "/slow") end
+        moonlet.sleep(0.2)
+        assert.is_true(p:signal("TERM"))
+        for i = 1, 4 do
+            local ok, r = slow[i]:join()
+            assert.is_true(ok)
+            assert.same(200, r.status)
+        end
+        assert.same(0, p:wait(10))
+        assert.is_false(alive(pids[0]) or alive(pids[1]))
+        assert.truthy(p:output():find("workers: stopping (signal 15)", 1, true))
+    end)
+
+    it("tells a syntax error once, before any worker starts, and exits 1", function()
+        local p = test.start_process("--workers 3 --port 0 "
+            .. script("broken.lua", "local app = require('moonlet').app(\nreturn app\n"))
+        test.defer(function() p:kill() end)
+        assert.same(1, p:wait(10))
+        local out = p:output()
+        assert.same(1, count(out, "broken.lua:2:"))
+        assert.falsy(out:find("workers:", 1, true))
+    end)
+
+    it("stops them all and exits 1 when the app fails to start in a worker", function()
+        local p = test.start_process("--workers 2 --port 0 "
+            .. script("boom.lua", "error('boom at the top')\n"))
+        test.defer(function() p:kill() end)
+        assert.same(1, p:wait(10))
+        assert.truthy(p:output():find("before it served; stopping", 1, true))
+        assert.truthy(p:output():find("boom at the top", 1, true))
+        local s = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0 }, function() end))
+        test.defer(function() s:close() end)
+        local port = s:port()
+        p = test.start_process(("--workers 2 --port %d %s"):format(port, script("app.lua", APP)))
+        test.defer(function() p:kill() end)
+        assert.same(1, p:wait(10))
+        assert.truthy(p:output():find("listen on 127.0.0.1:" .. port .. ": address in use",
+                                      1, true), p:output())
+    end)
+
+    it("serves alone with --workers 1 (and without), and refuses a bad count", function()
+        assert.same({ 0, 1 }, { moonlet.worker.id(), moonlet.worker.count() })
+        assert.is_number(moonlet.worker.pid())
+        local p = test.start_process("--workers 1 --port 0 " .. script("app.lua", APP))
+        test.defer(function() p:kill() end)
+        local r = test.request(p:port(), "GET", "/")
+        assert.same("0 1 " .. p:pid(), r.body)
+        for _, bad in ipairs({ "0", "x", "256", "1.5" }) do
+            local q = test.start_process("--workers " .. bad .. " " .. script("app.lua", APP))
+            test.defer(function() q:kill() end)
+            assert.same(2, q:wait(10))
+            assert.truthy(q:output():find("--workers wants a number from 1 to 255, or auto", 1, true))
+        end
+    end)
+end)
