@@ -771,6 +771,7 @@ static int l_listen(lua_State *L) {
   s->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   s->next = m->servers;
   m->servers = s;
+  mlua_worker_listening(m);
   mlua_server_t **box = lua_newuserdata(L, sizeof *box);
   *box = s;
   s->box = box;

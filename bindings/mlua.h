@@ -157,6 +157,9 @@ void mlua_open_work(lua_State *L, moonlet_t *m);
 void mlua_open_tcp(lua_State *L, moonlet_t *m);
 void mlua_open_udp(lua_State *L, moonlet_t *m);
 void mlua_open_workers(lua_State *L, moonlet_t *m);
+/* A listener of this instance opened: under `moonlet --workers N`, the supervisor hears that this
+ * worker serves (the first time; bindings/workers.c). */
+void mlua_worker_listening(moonlet_t *m);
 void mlua_open_dns(lua_State *L, moonlet_t *m);
 void mlua_open_zlib(lua_State *L, moonlet_t *m);
 void mlua_open_fswatch(lua_State *L, moonlet_t *m);

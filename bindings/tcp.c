@@ -1007,6 +1007,7 @@ static int l_listen(lua_State *L) {
   lua_pushvalue(L, 4);
   srv->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   mlua_res_link(m, &srv->res, server_res_close);
+  mlua_worker_listening(m);
   server_t **box = lua_newuserdata(L, sizeof *box);
   *box = srv;
   srv->box = box;

@@ -5,9 +5,14 @@
  *
  * Invariants: it runs before the loop has run (the command line calls it before loading the
  * script), in an instance that owns its loop; a worker re-creates the loop's kernel state
- * (uv_loop_fork) before anything else touches the loop. The reserved port's socket stays open in
- * the supervisor only (a worker closes its copy), so that a worker started again finds it free.
+ * (uv_loop_fork) before anything else touches the loop, and only then unblocks the signals (a
+ * SIGTERM that came in between is delivered to the worker's own signal pipe, not lost). The
+ * reserved port's socket stays open in the supervisor only (a worker closes its copy), so that a
+ * worker started again finds it free; the reservation is a best effort (a script may serve on
+ * other ports than the command line's: then its workers' own listen says what is wrong). A
+ * worker's first listener that opens tells the supervisor it serves (mlua_worker_listening).
  */
+#include <signal.h>
 #include <unistd.h>
 
 #include "../core/listen.h"
@@ -22,9 +27,9 @@ static int l_fork_workers(lua_State *L) {
   if (n < 2 || n > 255) return luaL_argerror(L, 1, "from 2 to 255 workers");
   if (!m->owns_loop || m->worker.count > 1)
     return luaL_error(L, "moonlet: workers are forked by the moonlet command, once");
-  int bound = 0;
+  int bound = port;
   int fd = ml_listen_reserve(host, port, &bound);
-  if (fd < 0) {
+  if (fd < 0 && port == 0) { /* no port to agree on */
     lua_pushnil(L);
     lua_pushfstring(L, "listen on %s:%d: %s", host, port, mlua_err_string(fd));
     return 2;
@@ -33,19 +38,20 @@ static int l_fork_workers(lua_State *L) {
   ml_worker_info_t w;
   int r = ml_workers_run(n, &m->log, &w, &code);
   if (r == 1) {
-    close(fd);
+    if (fd >= 0) close(fd);
     m->worker = w;
     r = uv_loop_fork(m->loop);
     if (r < 0) {
       ml_log(&m->log, ML_LOG_ERROR, "worker %d: uv_loop_fork: %s", w.id, uv_strerror(r));
       _exit(1);
     }
+    sigprocmask(SIG_SETMASK, &w.old_mask, NULL);
     lua_pushliteral(L, "worker");
     lua_pushinteger(L, w.id);
     lua_pushinteger(L, bound);
     return 3;
   }
-  close(fd);
+  if (fd >= 0) close(fd);
   if (r < 0) {
     lua_pushnil(L);
     lua_pushfstring(L, "cannot start the workers: %s", mlua_err_string(r));
@@ -56,11 +62,8 @@ static int l_fork_workers(lua_State *L) {
   return 2;
 }
 
-/* syntax: core.worker_ready() -- this worker serves (a no-op outside workers) */
-static int l_worker_ready(lua_State *L) {
-  moonlet_t *m = mlua_instance(L);
+void mlua_worker_listening(moonlet_t *m) {
   if (m->worker.count > 1) ml_workers_ready(&m->worker);
-  return 0;
 }
 
 /* syntax: n = core.cpus() -- the CPUs this process may run on (its affinity mask counted) */
@@ -79,10 +82,7 @@ static int l_worker(lua_State *L) {
 }
 
 void mlua_open_workers(lua_State *L, moonlet_t *m) {
-  static const luaL_Reg fns[] = {{"fork_workers", l_fork_workers},
-                                 {"worker_ready", l_worker_ready},
-                                 {"worker", l_worker},
-                                 {"cpus", l_cpus},
-                                 {NULL, NULL}};
+  static const luaL_Reg fns[] = {
+      {"fork_workers", l_fork_workers}, {"worker", l_worker}, {"cpus", l_cpus}, {NULL, NULL}};
   mlua_register(L, m, fns);
 }

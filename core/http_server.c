@@ -746,6 +746,7 @@ static void close_handles(ml_conn_t *c) {
  * cut response off as a whole one. */
 void ml__conn_close_idle(ml_conn_t *c) {
   if (c->tls && c->tls_ready && !c->closing && c->write_queue == 0 &&
+      c->stash_len == c->stash_off && c->srv->out_owner != c &&
       uv_is_writable((uv_stream_t *)&c->tcp)) {
     ml_tls_shutdown(c->tls);
     char buf[256]; /* a close_notify record is some 30 bytes */

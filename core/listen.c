@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -51,6 +52,10 @@ int ml_listen_reserve(const char *host, int port, int *bound_port) {
   int g = getaddrinfo(host, service, &hints, &res);
   if (g != 0) return g == EAI_NONAME ? UV_EAI_NONAME : UV_EAI_FAIL;
   int fd = reuse_socket(res->ai_family);
+  if (fd >= 0 && res->ai_family == AF_INET6) { /* as uv_tcp_bind without UV_TCP_IPV6ONLY */
+    int off = 0;
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof off);
+  }
   if (fd >= 0 && bind(fd, res->ai_addr, res->ai_addrlen) < 0) {
     int e = -errno;
     close(fd);

@@ -4,9 +4,12 @@
  * serve.
  *
  * Invariants: a slot's pid is non-zero exactly while that worker is alive and not yet reaped; a
- * worker is reaped only here (waitpid on SIGCHLD); each worker gets the signal the supervisor got,
- * once per signal; a worker is started again only when it had served, the supervisor is not
- * stopping, and at least RESTART_DELAY_MS passed since its last start.
+ * worker is reaped only here (waitpid on SIGCHLD, whose disposition is made the default first: an
+ * inherited SIG_IGN would reap them unseen); the ready pipe is drained before exits are looked at,
+ * so a worker that said it serves is never taken for one that failed to start; each worker gets
+ * the signal the supervisor got, once per signal; a worker is started again only when the
+ * supervisor is not stopping, and at least its delay (RESTART_DELAY_MS, doubled after each failure
+ * to start again, up to MAX_DELAY_MS) after its last start.
  */
 #include "workers.h"
 
@@ -25,13 +28,14 @@
 #include <unistd.h>
 
 #define RESTART_DELAY_MS 1000
+#define MAX_DELAY_MS 30000
 
 typedef struct {
   pid_t pid;           /* 0: not running */
-  int ready;           /* it said it serves (since its last start) */
-  int done;            /* exited on its own, with 0, or the supervisor is stopping: not restarted */
+  int ready;           /* it said it serves, since its last start */
   uint64_t started;    /* ms, monotonic */
   uint64_t restart_at; /* ms; 0: no restart pending */
+  uint64_t delay;      /* ms from its last start to the next */
 } slot_t;
 
 static uint64_t now_ms(void) {
@@ -48,6 +52,7 @@ typedef struct {
   int sfd;
   int pipe_r, pipe_w;
   pid_t supervisor;
+  int served; /* some worker has served: from then on a failure to start is retried */
 } sup_t;
 
 /* Forks worker i. Returns 1 in the worker (w filled in), 0 in the supervisor, <0 when fork failed.
@@ -65,14 +70,32 @@ static int start_worker(sup_t *s, int i, ml_worker_info_t *w) {
     setpgid(0, 0);
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != s->supervisor) _exit(1); /* it died before the line above */
-    sigprocmask(SIG_SETMASK, &s->old_mask, NULL);
     w->id = i;
     w->count = s->n;
     w->ready_fd = s->pipe_w;
+    w->old_mask = s->old_mask; /* the signals stay blocked: see workers.h */
     return 1;
   }
-  s->slots[i] = (slot_t){.pid = pid, .started = now_ms()};
+  slot_t *sl = &s->slots[i];
+  sl->pid = pid;
+  sl->ready = 0;
+  sl->started = now_ms();
+  if (!sl->delay) sl->delay = RESTART_DELAY_MS;
   return 0;
+}
+
+/* Marks the workers whose ids came through the ready pipe (non-blocking: read until empty). */
+static void drain_ready(sup_t *s) {
+  unsigned char ids[64];
+  ssize_t got;
+  while ((got = read(s->pipe_r, ids, sizeof ids)) > 0) {
+    for (ssize_t k = 0; k < got; k++) {
+      if (ids[k] >= s->n) continue;
+      s->slots[ids[k]].ready = 1;
+      s->slots[ids[k]].delay = RESTART_DELAY_MS; /* it started: its back-off is over */
+      s->served = 1;
+    }
+  }
 }
 
 static void signal_all(sup_t *s, int sig) {
@@ -91,8 +114,37 @@ static int exit_status(int status) {
   return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
 }
 
+/* A worker exited (reaped): decides what follows. Returns a new exit code, or 0. */
+static int worker_exited(sup_t *s, int i, int status, int *stopping) {
+  slot_t *sl = &s->slots[i];
+  pid_t pid = sl->pid;
+  char how[48];
+  describe(status, how, sizeof how);
+  sl->pid = 0;
+  int st = exit_status(status);
+  if (*stopping) return st;
+  if (st == 0) { /* it ended on its own (moonlet.stop(), a script that ran to its end) */
+    ml_log(s->log, ML_LOG_INFO, "workers: worker %d (pid %d) exited", i, (int)pid);
+    return 0;
+  }
+  if (!sl->ready && !s->served) { /* the app cannot start: restarting would not help */
+    ml_log(s->log, ML_LOG_ERROR, "workers: worker %d (pid %d) %s before it served; stopping", i,
+           (int)pid, how);
+    *stopping = 1;
+    signal_all(s, SIGTERM);
+    return st;
+  }
+  if (!sl->ready) /* it served before, and failed to start again: back off */
+    sl->delay = sl->delay * 2 > MAX_DELAY_MS ? MAX_DELAY_MS : sl->delay * 2;
+  uint64_t t = now_ms(), due = sl->started + sl->delay;
+  sl->restart_at = due > t ? due : t;
+  ml_log(s->log, ML_LOG_WARN, "workers: worker %d (pid %d) %s; starting it again in %.1f s", i,
+         (int)pid, how, (double)(sl->restart_at - t) / 1000);
+  return 0;
+}
+
 int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_code) {
-  sup_t s = {.n = n, .log = log, .supervisor = getpid()};
+  sup_t s = {.n = n, .log = log, .supervisor = getpid(), .sfd = -1};
   int pfd[2];
   sigset_t set;
   sigemptyset(&set);
@@ -102,16 +154,17 @@ int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_co
   sigaddset(&set, SIGHUP);
   s.slots = calloc((size_t)n, sizeof *s.slots);
   if (!s.slots) return -ENOMEM;
-  if (pipe2(pfd, O_CLOEXEC) < 0) {
+  if (pipe2(pfd, O_CLOEXEC | O_NONBLOCK) < 0) {
     int e = -errno;
     free(s.slots);
     return e;
   }
   s.pipe_r = pfd[0];
   s.pipe_w = pfd[1];
+  signal(SIGCHLD, SIG_DFL);
   sigprocmask(SIG_BLOCK, &set, &s.old_mask);
   s.sfd = signalfd(-1, &set, SFD_CLOEXEC);
-  int code = 0, stopping = 0, first_err = 0;
+  int code = 0, stopping = 0, first_err = 0, started = 0;
   if (s.sfd < 0) {
     first_err = -errno;
     goto out;
@@ -126,29 +179,28 @@ int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_co
         goto out;
       }
       s.slots[i].restart_at = now_ms() + RESTART_DELAY_MS;
+    } else {
+      started++;
     }
   }
-  ml_log(log, ML_LOG_INFO, "workers: %d started (supervisor pid %d)", n, (int)s.supervisor);
+  ml_log(log, ML_LOG_INFO, "workers: %d of %d started (supervisor pid %d)", started, n,
+         (int)s.supervisor);
   for (;;) {
     uint64_t t = now_ms(), next = 0;
     int alive = 0;
     for (int i = 0; i < n; i++) {
       slot_t *sl = &s.slots[i];
-      if (sl->pid > 0) alive++;
-      if (sl->restart_at && !stopping) {
-        if (sl->restart_at <= t) {
-          sl->restart_at = 0;
-          int r = start_worker(&s, i, w);
-          if (r == 1) return 1;
-          if (r < 0) {
-            ml_log(log, ML_LOG_ERROR, "workers: cannot start worker %d: %s", i, strerror(-r));
-            sl->restart_at = t + RESTART_DELAY_MS;
-          } else {
-            alive++;
-          }
+      if (sl->restart_at && !stopping && sl->restart_at <= t) {
+        sl->restart_at = 0;
+        int r = start_worker(&s, i, w);
+        if (r == 1) return 1;
+        if (r < 0) {
+          ml_log(log, ML_LOG_ERROR, "workers: cannot start worker %d: %s", i, strerror(-r));
+          sl->restart_at = t + RESTART_DELAY_MS;
         }
-        if (sl->restart_at && (!next || sl->restart_at < next)) next = sl->restart_at;
       }
+      if (sl->pid > 0) alive++;
+      if (sl->restart_at && !stopping && (!next || sl->restart_at < next)) next = sl->restart_at;
     }
     if (alive == 0 && (stopping || next == 0)) break;
     struct pollfd p[2] = {{.fd = s.sfd, .events = POLLIN}, {.fd = s.pipe_r, .events = POLLIN}};
@@ -157,12 +209,7 @@ int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_co
       ml_log(log, ML_LOG_ERROR, "workers: poll: %s", strerror(errno));
       break;
     }
-    if (p[1].revents & POLLIN) {
-      unsigned char ids[64];
-      ssize_t got = read(s.pipe_r, ids, sizeof ids);
-      for (ssize_t k = 0; k < got; k++)
-        if (ids[k] < n) s.slots[ids[k]].ready = 1;
-    }
+    drain_ready(&s);
     if (!(p[0].revents & POLLIN)) continue;
     struct signalfd_siginfo si;
     if (read(s.sfd, &si, sizeof si) != (ssize_t)sizeof si) continue;
@@ -179,38 +226,14 @@ int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_co
     }
     int status;
     pid_t pid;
+    drain_ready(&s); /* a ready byte written just before an exit counts */
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
       int i = 0;
       while (i < n && s.slots[i].pid != pid)
         i++;
       if (i == n) continue; /* not a worker (cannot happen: the supervisor has no other child) */
-      slot_t *sl = &s.slots[i];
-      char how[48];
-      describe(status, how, sizeof how);
-      sl->pid = 0;
-      int st = exit_status(status);
-      if (stopping) {
-        if (st && !code) code = st;
-      } else if (!sl->ready) {
-        if (st == 0) { /* a script that serves nothing ran to its end */
-          sl->done = 1;
-          continue;
-        }
-        ml_log(log, ML_LOG_ERROR, "workers: worker %d (pid %d) %s before it served; stopping", i,
-               (int)pid, how);
-        code = st;
-        stopping = 1;
-        signal_all(&s, SIGTERM);
-      } else if (st == 0) {
-        ml_log(log, ML_LOG_INFO, "workers: worker %d (pid %d) exited", i, (int)pid);
-        sl->done = 1;
-      } else {
-        uint64_t t2 = now_ms(), due = sl->started + RESTART_DELAY_MS;
-        ml_log(log, ML_LOG_WARN, "workers: worker %d (pid %d) %s; starting it again", i, (int)pid,
-               how);
-        sl->ready = 0;
-        sl->restart_at = due > t2 ? due : t2;
-      }
+      int st = worker_exited(&s, i, status, &stopping);
+      if (st && !code) code = st;
     }
   }
   *exit_code = code;
@@ -223,10 +246,11 @@ out:
   return first_err;
 }
 
-void ml_workers_ready(const ml_worker_info_t *w) {
+void ml_workers_ready(ml_worker_info_t *w) {
   unsigned char id = (unsigned char)w->id;
-  if (w->ready_fd >= 0) {
-    ssize_t r = write(w->ready_fd, &id, 1);
-    (void)r;
-  }
+  if (w->ready_fd < 0) return;
+  ssize_t r = write(w->ready_fd, &id, 1);
+  (void)r;
+  close(w->ready_fd);
+  w->ready_fd = -1;
 }

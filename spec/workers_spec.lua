@@ -1,8 +1,9 @@
 -- spec/workers_spec.lua: `moonlet --workers N` over real processes and sockets: N workers share the
 -- port (HTTP and moonlet.tcp.listen), --port 0 included; moonlet.worker; a killed worker is started
--- again; SIGHUP and SIGTERM reach every worker (requests in flight finish, exit 0); a script that
--- cannot start (a syntax error, told once; an error at its top level; a port in use) stops them all
--- with exit 1; bad values of the flag exit 2.
+-- again (with a growing delay when it fails to start again after the app served; a script that
+-- listens by itself counts as serving); SIGHUP and SIGTERM reach every worker (requests in flight
+-- finish, exit 0); a script that cannot start (a syntax error, told once; an error at its top
+-- level; a port in use) stops them all with exit 1; bad values of the flag exit 2.
 local moonlet = require "moonlet"
 local test = require "moonlet.test"
 
@@ -27,7 +28,11 @@ local app = moonlet.app()
 app:get("/", function()
     return moonlet.worker.id() .. " " .. moonlet.worker.count() .. " " .. moonlet.worker.pid()
 end)
-app:get("/slow", function() moonlet.sleep(0.5); return "slow " .. moonlet.worker.pid() end)
+app:get("/slow", function()
+    io.stderr:write("slow started\n")
+    moonlet.sleep(0.5)
+    return "slow " .. moonlet.worker.pid()
+end)
 return app
 ]]
 
@@ -83,7 +88,7 @@ describe("moonlet --workers", function()
         assert.are_not.equal(pids[0], pids[1])
         assert.are_not.equal(p:pid(), pids[0]) -- the supervisor serves nothing itself
         local out = p:output()
-        assert.truthy(out:find("workers: 2 started", 1, true))
+        assert.truthy(out:find("workers: 2 of 2 started", 1, true))
         assert.same(2, count(out, "on http://127.0.0.1:" .. port))
         local ids = {}
         for _ = 1, 400 do
@@ -108,7 +113,7 @@ describe("moonlet --workers", function()
         end, 10)
         assert.truthy(again, p:output())
         assert.truthy(p:output():find("worker 0 (pid " .. pids[0] .. ") was killed by signal 9; "
-                                      .. "starting it again", 1, true))
+                                      .. "starting it again in ", 1, true))
         assert.is_true(p:signal("HUP"))
         assert.truthy(test.wait_until(function() return count(p:output(), "reloaded ") == 2 end, 10),
                       p:output())
@@ -122,7 +127,7 @@ describe("moonlet --workers", function()
         local pids = pids_of(port, 2)
         local slow = {}
         for i = 1, 4 do slow[i] = moonlet.spawn(test.request, port, "GET", "/slow") end
-        moonlet.sleep(0.2)
+        assert.truthy(test.wait_until(function() return count(p:output(), "slow started") == 4 end))
         assert.is_true(p:signal("TERM"))
         for i = 1, 4 do
             local ok, r = slow[i]:join()
@@ -132,6 +137,62 @@ describe("moonlet --workers", function()
         assert.same(0, p:wait(10))
         assert.is_false(alive(pids[0]) or alive(pids[1]))
         assert.truthy(p:output():find("workers: stopping (signal 15)", 1, true))
+        -- a stop while the workers are still starting stops them too
+        p = test.start_process("--workers 2 --port 0 " .. script("app.lua", APP))
+        test.defer(function() p:kill() end)
+        assert.truthy(test.wait_until(function() return p:pid() end))
+        assert.is_true(p:signal("TERM"))
+        assert.same(0, p:wait(10))
+    end)
+
+    it("retries a worker that fails to start again once the app has served, and it comes back",
+       function()
+        local marker = dir .. "/fail-now"
+        local p = test.start_process("--workers 2 --port 0 " .. script("flaky.lua", ([[
+local f = io.open(%q)
+if f then f:close(); error("the database is down") end
+]]):format(marker) .. APP))
+        test.defer(function() p:kill() end)
+        local port = p:port()
+        local pids = pids_of(port, 2)
+        assert(moonlet.fs.write(marker, "x"))
+        os.execute("kill -9 " .. pids[0])
+        assert.truthy(test.wait_until(function()
+            return count(p:output(), "the database is down") >= 1
+               and p:output():find("exited with status 1; starting it again in 2.0 s", 1, true)
+        end, 10), p:output())
+        for _ = 1, 5 do -- worker 1 serves on meanwhile, alone
+            assert.same("1 2 " .. pids[1], test.request(port, "GET", "/").body)
+        end
+        assert(os.remove(marker))
+        local back = test.wait_until(function()
+            local ok, now = pcall(pids_of, port, 2)
+            return ok and now[0] and now
+        end, 10)
+        assert.truthy(back, p:output())
+        assert.falsy(p:output():find("before it served", 1, true))
+    end)
+
+    it("restarts the worker of a script that listens by itself and returns no app", function()
+        local port = free_port()
+        local p = test.start_process(("--workers 2 %s %d"):format(script("plain.lua", [[
+local moonlet = require "moonlet"
+local app = moonlet.app():get("/", function()
+    return moonlet.worker.id() .. " " .. moonlet.worker.count() .. " " .. moonlet.worker.pid()
+end)
+assert(app:listen({ host = "127.0.0.1", port = tonumber(arg[1]) }))
+]]), port))
+        test.defer(function() p:kill() end)
+        local pids = test.wait_until(function()
+            local ok, now = pcall(pids_of, port, 2)
+            return ok and now[1] and now
+        end, 10)
+        assert.truthy(pids, p:output())
+        os.execute("kill -9 " .. pids[1])
+        assert.truthy(test.wait_until(function()
+            local ok, now = pcall(pids_of, port, 2)
+            return ok and now[1] and now[1] ~= pids[1]
+        end, 10), p:output())
     end)
 
     it("tells a syntax error once, before any worker starts, and exits 1", function()

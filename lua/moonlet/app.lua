@@ -60,8 +60,25 @@ local function with_opts(app, handler, opts)
     return h
 end
 
+-- opts.name names the route for app:url_for (Flask's endpoint, aiohttp's name=); a name is given
+-- once per app (the same pattern may be named again under the same name: a route per method)
+local function name_route(app, pattern, opts, level)
+    local name = opts and opts.name
+    if name == nil then return end
+    if type(name) ~= "string" or name == "" then
+        error("moonlet: a route name is a non-empty string", level + 1)
+    end
+    app.names = app.names or {}
+    local had = app.names[name]
+    if had and had ~= pattern then
+        error(("moonlet: the route name %q is taken by %s"):format(name, had), level + 1)
+    end
+    app.names[name] = pattern
+end
+
 -- syntax: app:route(method_or_methods, pattern, handler, opts)
 function methods:route(method, pattern, handler, opts)
+    name_route(self, pattern, opts, 2)
     handler = with_opts(self, handler, opts)
     if type(method) == "table" then
         for _, m in ipairs(method) do self.router:add(m:upper(), pattern, handler) end
@@ -75,6 +92,7 @@ for _, m in ipairs({ "get", "post", "put", "patch", "delete", "head", "options" 
     local upper = m:upper()
     -- syntax: app:get(pattern, handler, opts), app:post(...), ... -- opts: { deadline = seconds }
     methods[m] = function(self, pattern, handler, opts)
+        name_route(self, pattern, opts, 2)
         self.router:add(upper, pattern, with_opts(self, handler, opts))
         return self
     end
@@ -82,6 +100,7 @@ end
 
 -- syntax: app:any(pattern, handler, opts) -- every method
 function methods:any(pattern, handler, opts)
+    name_route(self, pattern, opts, 2)
     self.router:add("*", pattern, with_opts(self, handler, opts))
     return self
 end
@@ -89,11 +108,68 @@ end
 -- syntax: app:websocket(pattern, function(ws, req) ... end, opts) -- a WebSocket endpoint (GET with
 -- the upgrade handshake; other GETs get 426); see docs/websocket.md for opts and the ws object
 function methods:websocket(pattern, handler, opts)
+    name_route(self, pattern, opts, 2)
     local h = require("moonlet.ws").route(handler, opts)
     self.deadlines = self.deadlines or {}
     self.deadlines[h] = false -- a session outlives any request deadline
     self.router:add("GET", pattern, h)
     return self
+end
+
+-- The pattern a route name stands for, with the prefix of the mounts on the way: this app's own
+-- names first, then its mounted apps' (in the order they were mounted), depth first.
+local function find_name(app, name, seen)
+    local p = app.names and app.names[name]
+    if p then return p end
+    seen = seen or {}
+    seen[app] = true
+    local list = {}
+    for _, m in pairs(app.mounts or {}) do list[#list + 1] = m end
+    table.sort(list, function(a, b) return a.order < b.order end)
+    for _, m in ipairs(list) do
+        if not seen[m.app] then
+            p = find_name(m.app, name, seen)
+            if p then return m.prefix .. p end
+        end
+    end
+    return nil
+end
+
+-- syntax: path = app:url_for(name, params, query) -- the path of the route named name (opts.name),
+-- its :params and *splat filled in from params (percent-encoded; a splat keeps its slashes), query
+-- (a table) appended as ?k=v&... (keys sorted; a list repeats its key). A name found in a mounted
+-- app gets the mount's prefix. A name no route has, or a parameter missing, raises.
+function methods:url_for(name, params, query)
+    local pattern = find_name(self, name)
+    if not pattern then error(("moonlet: no route is named %q"):format(tostring(name)), 2) end
+    params = params or {}
+    local segs = {}
+    for seg in pattern:gmatch("/([^/]*)") do
+        local c = str_sub(seg, 1, 1)
+        if c == ":" or c == "*" then
+            local key = str_sub(seg, 2)
+            if c == "*" and key == "" then key = "splat" end
+            local v = params[key]
+            if v == nil then
+                error(("moonlet: url_for(%q) wants a value for %s"):format(name, key), 2)
+            end
+            v = tostring(v)
+            if c == "*" then
+                local parts = {}
+                for part in (v .. "/"):gmatch("([^/]*)/") do parts[#parts + 1] = url.escape(part) end
+                seg = table.concat(parts, "/")
+            else
+                seg = url.escape(v)
+            end
+        end
+        segs[#segs + 1] = seg
+    end
+    local path = "/" .. table.concat(segs, "/")
+    if query and next(query) then
+        local qs = url.encode_query(query)
+        if qs ~= "" then path = path .. "?" .. qs end
+    end
+    return path
 end
 
 -- syntax: app:use(function(req, res, next) ... return next() end) -- wraps every handler, 404s too;
@@ -143,7 +219,9 @@ function methods:mount(prefix, sub)
     prefix = prefix:gsub("/+$", "")
     local h = function(...) return mount_handler(...) end -- one per mount: its key in self.mounts
     self.mounts = self.mounts or {}
-    self.mounts[h] = { prefix = prefix, app = sub, chains = setmetatable({}, { __mode = "k" }) }
+    self.mount_count = (self.mount_count or 0) + 1
+    self.mounts[h] = { prefix = prefix, app = sub, chains = setmetatable({}, { __mode = "k" }),
+                       order = self.mount_count }
     if prefix ~= "" then self.router:add("*", prefix, h) end
     self.router:add("*", prefix .. "/*", h)
     return self

@@ -105,7 +105,7 @@ function _M.parse(argv)
         end
     end
     if opts.workers == "auto" then
-        opts.workers = core.cpus()
+        opts.workers = math.min(core.cpus(), 255)
     elseif opts.workers ~= nil then
         local w = tonumber(opts.workers)
         if not w or w ~= math.floor(w) or w < 1 or w > 255 then
@@ -217,7 +217,6 @@ function _M.main(argv)
         return
     end
     reload.set_current(host)
-    core.worker_ready()
     local shown = opts.host:find(":", 1, true) and "[" .. opts.host .. "]" or opts.host
     core.log(2, ("moonlet %s serving %s on %s://%s:%d"):format(core.version, script,
                                                                  opts.tls and "https" or "http", shown, port))

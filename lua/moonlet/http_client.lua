@@ -24,6 +24,7 @@ local json = require "moonlet.json"
 local multipart = require "moonlet.multipart"
 local task = require "moonlet.task"
 local tcp = require "moonlet.tcp"
+local url_mod = require "moonlet.url"
 
 local byte, find, sub, lower, upper, match, gsub, gmatch, format, char =
     string.byte, string.find, string.sub, string.lower, string.upper, string.match,
@@ -276,24 +277,7 @@ local function resolve(u, loc)
     return origin .. match(path, "^(.*/)") .. loc
 end
 
-local function encode_query(q)
-    local keys = {}
-    for k in pairs(q) do keys[#keys + 1] = tostring(k) end
-    sort(keys)
-    local out = {}
-    for _, k in ipairs(keys) do
-        local v = q[k]
-        if v == nil then v = q[tonumber(k)] end
-        if type(v) == "table" then
-            for _, x in ipairs(v) do out[#out + 1] = escape(k) .. "=" .. escape(x) end
-        elseif v == true then
-            out[#out + 1] = escape(k)
-        elseif v ~= false then
-            out[#out + 1] = escape(k) .. "=" .. escape(v)
-        end
-    end
-    return concat(out, "&")
-end
+local encode_query = url_mod.encode_query
 
 -- -- The pool ------------------------------------------------------------------------------------
 

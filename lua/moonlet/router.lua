@@ -106,8 +106,10 @@ local function allow_list(found, skip, extra)
     return concat(uniq, ", ")
 end
 
--- syntax: allow = r:allow(raw_path, skip, extra) -- the Allow header of the routes for the path
--- but those whose handler is in the set skip (app:mount's), merged with the list extra; nil if none
+-- syntax: allow = r:allow(raw_path, skip, extra) -- the Allow header of the routes that could
+-- serve the path but for their method, merged with the list extra; nil if none. skip is a set of
+-- handlers (app:mount's) left out: the first pattern route that has one took the path, and the
+-- pattern routes after it are never tried for it.
 function methods:allow(path, skip, extra)
     local found = {}
     local e = self.exact[path]
@@ -117,7 +119,15 @@ function methods:allow(path, skip, extra)
     if dyn[1] then
         local psegs = split_path(path)
         for i = 1, #dyn do
-            if match_segs(dyn[i].segs, psegs) then found[#found + 1] = dyn[i].handlers end
+            local route = dyn[i]
+            if match_segs(route.segs, psegs) then
+                local hidden = false
+                for _, h in pairs(route.handlers) do
+                    if skip[h] then hidden = true end
+                end
+                if hidden then break end
+                found[#found + 1] = route.handlers
+            end
         end
     end
     return allow_list(found, skip, extra)

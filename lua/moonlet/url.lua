@@ -36,6 +36,27 @@ function _M.escape(s)
     return (str_gsub(s, "[^%w%-%._~]", function(c) return ("%%%02X"):format(c:byte()) end))
 end
 
+-- syntax: qs = url.encode_query({ q = "a b", tag = { "x", "y" }, flag = true }) -- keys sorted;
+-- a list repeats its key, true gives the bare key, false leaves it out ("flag&q=a%20b&tag=x&tag=y")
+function _M.encode_query(q)
+    local keys = {}
+    for k in pairs(q) do keys[#keys + 1] = tostring(k) end
+    table.sort(keys)
+    local out = {}
+    for _, k in ipairs(keys) do
+        local v = q[k]
+        if v == nil then v = q[tonumber(k)] end
+        if type(v) == "table" then
+            for _, x in ipairs(v) do out[#out + 1] = _M.escape(k) .. "=" .. _M.escape(tostring(x)) end
+        elseif v == true then
+            out[#out + 1] = _M.escape(k)
+        elseif v ~= false then
+            out[#out + 1] = _M.escape(k) .. "=" .. _M.escape(tostring(v))
+        end
+    end
+    return table.concat(out, "&")
+end
+
 -- syntax: first, all = url.parse_query(qs) -- first[k] = first value; all[k] = every value, in order
 function _M.parse_query(qs)
     local first, all = {}, {}
