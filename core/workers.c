@@ -206,7 +206,9 @@ int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_co
     struct pollfd p[2] = {{.fd = s.sfd, .events = POLLIN}, {.fd = s.pipe_r, .events = POLLIN}};
     int timeout = next ? (int)(next > t ? next - t : 0) : -1;
     if (poll(p, 2, timeout) < 0 && errno != EINTR) {
-      ml_log(log, ML_LOG_ERROR, "workers: poll: %s", strerror(errno));
+      ml_log(log, ML_LOG_ERROR, "workers: poll: %s; stopping", strerror(errno));
+      signal_all(&s, SIGTERM);
+      code = 1;
       break;
     }
     drain_ready(&s);

@@ -28,7 +28,8 @@ typedef struct ml_worker_info_s {
  *    with a growing delay, up to 30 s, as whatever failed may come back);
  *  - a negative libuv error when nothing could be forked.
  * The supervisor passes SIGINT, SIGTERM and SIGHUP on to every worker, and starts again a worker
- * that dies (killed, crashed, a non-zero exit), at most once a second. A worker dies with SIGTERM
+ * that dies (killed, crashed, a non-zero exit), one second after its last start at the soonest
+ * (2, 4, ... 30 s while it fails to start again). A worker dies with SIGTERM
  * when the supervisor does (PR_SET_PDEATHSIG), and runs in a process group of
  * its own, so that a terminal's ^C reaches it once, through the supervisor (a service manager
  * should likewise signal the supervisor only: systemd's KillMode=mixed). stdio buffers are flushed

@@ -121,6 +121,14 @@ describe("app:mount", function()
         -- pattern routes added after the mount are behind it: they count for nothing
         assert.same(404, get(port, "/api/later/1").status)
         assert.same(404, get(port, "/api/later/1", "POST", "x").status)
+        -- the mount's own path takes every method: a pattern route of the outer app that would
+        -- match it is never tried, and its methods are no part of the Allow
+        local m2 = moonlet.app()
+        m2:get("/", function() return "m2 root" end)
+        app:post("/:section", function() return "a section" end)
+        app:mount("/m2", m2)
+        r = get(port, "/m2", "POST", "x")
+        assert.same({ 405, "GET, HEAD" }, { r.status, r.headers["allow"] })
         api:post("/any/:n", function() return "inner post" end)
         r = get(port, "/api/any/1")
         assert.same({ 405, "POST" }, { r.status, r.headers["allow"] })

@@ -24,6 +24,11 @@ describe("app:url_for", function()
         assert.same("/users/7?flag&q=a%20b&tag=x&tag=y", app:url_for("user", { id = 7 },
                     { q = "a b", tag = { "x", "y" }, flag = true, no = false }))
         assert.same("/files/docs/a%20b.txt", app:url_for("file", { path = "docs/a b.txt" }))
+        assert.same("/users/123456789012345?n=9007199254740992",
+                    app:url_for("user", { id = 123456789012345 }, { n = 2 ^ 53 }))
+        assert.same("/users/-7", app:url_for("user", { id = require("ffi").new("int64_t", -7) }))
+        assert.has_error(function() app:url_for("file", { path = "a/../b" }) end,
+                         'moonlet: url_for("file"): path cannot be "a/../b"')
         assert.same("user a/b c", test.request(port, "GET", app:url_for("user", { id = "a/b c" })).body)
         assert.same("file docs/a b.txt",
                     test.request(port, "GET", app:url_for("file", { path = "docs/a b.txt" })).body)
@@ -72,5 +77,14 @@ describe("app:url_for", function()
                          'moonlet: the route name "user" is taken by /users/:id')
         assert.has_error(function() app:get("/x", function() end, { name = 5 }) end,
                          "moonlet: a route name is a non-empty string")
+        assert.has_error(function() app:url_for("user", { id = "" }) end,
+                         'moonlet: url_for("user"): id cannot be ""')
+        assert.has_error(function() app:url_for("user", { id = ".." }) end,
+                         'moonlet: url_for("user"): id cannot be ".."')
+        assert.has_error(function() app:url_for("user", { id = 1 }, "q=1") end,
+                         "moonlet: url_for's query is a table")
+        -- a route refused for its pattern leaves its name free
+        assert.has_error(function() app:get("no-slash", function() end, { name = "bad" }) end)
+        assert.has_error(function() app:url_for("bad") end, 'moonlet: no route is named "bad"')
     end)
 end)

@@ -62,29 +62,36 @@ end
 
 -- opts.name names the route for app:url_for (Flask's endpoint, aiohttp's name=); a name is given
 -- once per app (the same pattern may be named again under the same name: a route per method)
-local function name_route(app, pattern, opts, level)
+-- (checked before the route is added, recorded once it was: a refused route leaves no name)
+local function check_name(app, pattern, opts, level)
     local name = opts and opts.name
-    if name == nil then return end
+    if name == nil then return nil end
     if type(name) ~= "string" or name == "" then
         error("moonlet: a route name is a non-empty string", level + 1)
     end
-    app.names = app.names or {}
-    local had = app.names[name]
+    local had = app.names and app.names[name]
     if had and had ~= pattern then
         error(("moonlet: the route name %q is taken by %s"):format(name, had), level + 1)
     end
+    return name
+end
+
+local function set_name(app, name, pattern)
+    if not name then return end
+    app.names = app.names or {}
     app.names[name] = pattern
 end
 
 -- syntax: app:route(method_or_methods, pattern, handler, opts)
 function methods:route(method, pattern, handler, opts)
-    name_route(self, pattern, opts, 2)
+    local name = check_name(self, pattern, opts, 2)
     handler = with_opts(self, handler, opts)
     if type(method) == "table" then
         for _, m in ipairs(method) do self.router:add(m:upper(), pattern, handler) end
     else
         self.router:add(method == "*" and "*" or method:upper(), pattern, handler)
     end
+    set_name(self, name, pattern)
     return self
 end
 
@@ -92,27 +99,30 @@ for _, m in ipairs({ "get", "post", "put", "patch", "delete", "head", "options" 
     local upper = m:upper()
     -- syntax: app:get(pattern, handler, opts), app:post(...), ... -- opts: { deadline = seconds }
     methods[m] = function(self, pattern, handler, opts)
-        name_route(self, pattern, opts, 2)
+        local name = check_name(self, pattern, opts, 2)
         self.router:add(upper, pattern, with_opts(self, handler, opts))
+        set_name(self, name, pattern)
         return self
     end
 end
 
 -- syntax: app:any(pattern, handler, opts) -- every method
 function methods:any(pattern, handler, opts)
-    name_route(self, pattern, opts, 2)
+    local name = check_name(self, pattern, opts, 2)
     self.router:add("*", pattern, with_opts(self, handler, opts))
+    set_name(self, name, pattern)
     return self
 end
 
 -- syntax: app:websocket(pattern, function(ws, req) ... end, opts) -- a WebSocket endpoint (GET with
 -- the upgrade handshake; other GETs get 426); see docs/websocket.md for opts and the ws object
 function methods:websocket(pattern, handler, opts)
-    name_route(self, pattern, opts, 2)
+    local name = check_name(self, pattern, opts, 2)
     local h = require("moonlet.ws").route(handler, opts)
     self.deadlines = self.deadlines or {}
     self.deadlines[h] = false -- a session outlives any request deadline
     self.router:add("GET", pattern, h)
+    set_name(self, name, pattern)
     return self
 end
 
@@ -153,18 +163,29 @@ function methods:url_for(name, params, query)
             if v == nil then
                 error(("moonlet: url_for(%q) wants a value for %s"):format(name, key), 2)
             end
-            v = tostring(v)
-            if c == "*" then
-                local parts = {}
-                for part in (v .. "/"):gmatch("([^/]*)/") do parts[#parts + 1] = url.escape(part) end
-                seg = table.concat(parts, "/")
+            v = url.value_string(v)
+            -- a segment "." or ".." would be taken out of the path by clients and proxies on the
+            -- way, and an empty one matches no :param
+            local function bad(part)
+                if part == "." or part == ".." or (c == ":" and part == "") then
+                    error(("moonlet: url_for(%q): %s cannot be %q"):format(name, key, v), 3)
+                end
+                return url.escape(part)
+            end
+            if c == ":" then
+                seg = bad(v)
             else
-                seg = url.escape(v)
+                local parts = {}
+                for part in (v .. "/"):gmatch("([^/]*)/") do parts[#parts + 1] = bad(part) end
+                seg = table.concat(parts, "/")
             end
         end
         segs[#segs + 1] = seg
     end
     local path = "/" .. table.concat(segs, "/")
+    if query ~= nil and type(query) ~= "table" then
+        error("moonlet: url_for's query is a table", 2)
+    end
     if query and next(query) then
         local qs = url.encode_query(query)
         if qs ~= "" then path = path .. "?" .. qs end

@@ -114,8 +114,14 @@ function methods:allow(path, skip, extra)
     local found = {}
     local e = self.exact[path]
     if not e and str_find(path, "%", 1, true) then e = self.exact[unescape(path)] end
-    if e then found[1] = e end
-    local dyn = self.dynamic
+    local taken = false -- the exact path is a mount's own (its prefix): no pattern is tried
+    if e then
+        found[1] = e
+        for _, h in pairs(e) do
+            if skip and skip[h] then taken = true end
+        end
+    end
+    local dyn = not taken and self.dynamic or {}
     if dyn[1] then
         local psegs = split_path(path)
         for i = 1, #dyn do
@@ -123,10 +129,10 @@ function methods:allow(path, skip, extra)
             if match_segs(route.segs, psegs) then
                 local hidden = false
                 for _, h in pairs(route.handlers) do
-                    if skip[h] then hidden = true end
+                    if skip and skip[h] then hidden = true end
                 end
+                found[#found + 1] = route.handlers -- (its handlers but the mount's count)
                 if hidden then break end
-                found[#found + 1] = route.handlers
             end
         end
     end

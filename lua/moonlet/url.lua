@@ -36,6 +36,17 @@ function _M.escape(s)
     return (str_gsub(s, "[^%w%-%._~]", function(c) return ("%%%02X"):format(c:byte()) end))
 end
 
+-- syntax: s = url.value_string(v) -- a value as it goes into a URL: whole numbers (up to 2^53, and
+-- int64 cdata) in full, where tostring would give 1.2345678901234e+14 or 123LL
+function _M.value_string(v)
+    if type(v) == "number" and v == math.floor(v) and v >= -2 ^ 53 and v <= 2 ^ 53 then
+        return ("%d"):format(v)
+    elseif type(v) == "cdata" then
+        return (tostring(v):gsub("U?LL$", ""))
+    end
+    return tostring(v)
+end
+
 -- syntax: qs = url.encode_query({ q = "a b", tag = { "x", "y" }, flag = true }) -- keys sorted;
 -- a list repeats its key, true gives the bare key, false leaves it out ("flag&q=a%20b&tag=x&tag=y")
 function _M.encode_query(q)
@@ -47,11 +58,11 @@ function _M.encode_query(q)
         local v = q[k]
         if v == nil then v = q[tonumber(k)] end
         if type(v) == "table" then
-            for _, x in ipairs(v) do out[#out + 1] = _M.escape(k) .. "=" .. _M.escape(tostring(x)) end
+            for _, x in ipairs(v) do out[#out + 1] = _M.escape(k) .. "=" .. _M.escape(_M.value_string(x)) end
         elseif v == true then
             out[#out + 1] = _M.escape(k)
         elseif v ~= false then
-            out[#out + 1] = _M.escape(k) .. "=" .. _M.escape(tostring(v))
+            out[#out + 1] = _M.escape(k) .. "=" .. _M.escape(_M.value_string(v))
         end
     end
     return table.concat(out, "&")
