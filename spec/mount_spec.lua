@@ -4,11 +4,7 @@
 local moonlet = require "moonlet"
 local test = require "moonlet.test"
 
-local function serve(app)
-    local server, port = test.serve(app)
-    test.defer(function() server:close() end)
-    return port
-end
+local serve = test.serving
 
 local function get(port, path, method, body)
     return test.request(port, method or "GET", path, { body = body })

@@ -45,12 +45,8 @@ return app
 ]]
 
 describe("shutdown hooks", function()
-    setup(function()
-        dir = os.tmpname()
-        os.remove(dir)
-        assert(moonlet.fs.mkdir(dir))
-    end)
-    teardown(function() os.execute("rm -rf " .. dir) end)
+    setup(function() dir = test.make_dir() end)
+    teardown(function() test.remove_dir(dir) end)
 
     it("run after the request in flight on SIGTERM, all of them, a failing one logged, exit 0", function()
         local trail = dir .. "/trail1"

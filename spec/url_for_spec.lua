@@ -4,11 +4,7 @@
 local moonlet = require "moonlet"
 local test = require "moonlet.test"
 
-local function serve(app)
-    local server, port = test.serve(app)
-    test.defer(function() server:close() end)
-    return port
-end
+local serve = test.serving
 
 describe("app:url_for", function()
     it("fills params and splats so that the route gets them back, and appends a query", function()

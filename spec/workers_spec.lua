@@ -70,12 +70,8 @@ local function free_port()
 end
 
 describe("moonlet --workers", function()
-    setup(function()
-        dir = os.tmpname()
-        os.remove(dir)
-        assert(moonlet.fs.mkdir(dir))
-    end)
-    teardown(function() os.execute("rm -rf " .. dir) end)
+    setup(function() dir = test.make_dir() end)
+    teardown(function() test.remove_dir(dir) end)
 
     it("spreads connections over N processes on one port, moonlet.tcp.listen's too", function()
         local tport = free_port()

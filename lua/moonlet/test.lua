@@ -13,11 +13,11 @@ local _M = {}
 -- function runs, the last deferred first, and the first error among them is raised after all ran.
 -- Use it instead of busted's finally(), which keeps only the last function given to it in an `it`.
 local deferred
-function _M.defer(fn)
+function _M.defer(fn, level) -- (level: of the spec's function, for a helper that defers for it)
     if not deferred then
         deferred = {}
         local list = deferred
-        getfenv(2).finally(function() -- busted's finally lives in the spec's environment
+        getfenv((level or 1) + 1).finally(function() -- busted's finally: in the spec's environment
             deferred = nil
             local first_err
             for i = #list, 1, -1 do
@@ -54,6 +54,25 @@ function _M.serve(app, opts)
     local server, port = app:listen(opts)
     assert(server, port)
     return server, port
+end
+
+-- syntax: port = test.serving(app, opts) -- test.serve, and the server closes when the `it` ends
+function _M.serving(app, opts)
+    local server, port = _M.serve(app, opts)
+    _M.defer(function() server:close() end, 2)
+    return port
+end
+
+-- syntax: dir = test.make_dir() -- a new empty directory (os.tmpname's); test.remove_dir(dir)
+function _M.make_dir()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(require("moonlet.fs").mkdir(dir))
+    return dir
+end
+
+function _M.remove_dir(dir)
+    if dir then os.execute("rm -rf '" .. dir:gsub("'", "'\\''") .. "'") end
 end
 
 -- syntax: sock = test.connect(port, timeout) -- raises when the connection fails
