@@ -467,7 +467,7 @@ function methods:dispatcher()
         if str_find(path, "%", 1, true) then decoded = unescape(path) end
         local req = setmetatable({ method = method, path = decoded, target = target,
                                    query_string = query, params = params, prefix = prefix,
-                                   _x = x }, req_mt)
+                                   _x = x, _app = owner }, req_mt)
         -- false, not nil: the table is made with room for the fields res:header() and res:type()
         -- set, so that setting them does not rehash it (the C side takes false as none)
         local res = setmetatable({ _x = x, _status = 200, _headers = false, _ctype = false,

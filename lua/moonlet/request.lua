@@ -153,6 +153,15 @@ function methods:form()
     return nil, tostring(fields)
 end
 
+-- syntax: path = req:url_for(name, params, query) -- app:url_for of the app whose route serves this
+-- request, with the prefix of the mounts it came through (req.prefix): a mounted app's handler
+-- gets whole paths without knowing where it is mounted
+function methods:url_for(name, params, query)
+    local ok, path = pcall(self._app.url_for, self._app, name, params, query)
+    if not ok then error(path, 2) end
+    return self.prefix .. path
+end
+
 -- syntax: for part in req:parts() do ... end -- a multipart/form-data body (file uploads) part by
 -- part as it arrives: part.name, part.filename (nil for a plain field), part.type, part.headers,
 -- part:read() (the next piece of its data, nil at its end) and part:body() (the rest, whole). A
