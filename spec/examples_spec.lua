@@ -141,6 +141,7 @@ describe("examples", function()
         local base = "http://127.0.0.1:" .. p:port()
         local page = assert(moonlet.http.get(base .. "/"))
         assert.same({ 200, "moonlet" }, { page.status, page.headers["x-served-by"] })
+        assert.truthy(page.body:find("GET /api/v1/books with", 1, true)) -- app:url_for("books")
         local refused = assert(moonlet.http.get(base .. "/api/v1/books/2"))
         assert.same({ 401, "Bearer", "moonlet" }, { refused.status, refused.headers["www-authenticate"],
                                                     refused.headers["x-served-by"] })
