@@ -11,8 +11,10 @@
  * stops the other source and resumes it (a cancel resumes nobody). Datagrams are read only while
  * someone waits; the others wait in the kernel's buffer.
  */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "mlua.h"
 
@@ -106,16 +108,30 @@ static int l_bind(lua_State *L) {
   if (!u) return luaL_error(L, "moonlet: out of memory");
   u->m = m;
   u->timeout_ms = -1;
-  uv_udp_init(m->loop, &u->udp);
+  /* under --workers, a port shared by every worker (SO_REUSEPORT: the kernel spreads the
+   * datagrams by their source), as the TCP listeners' (core/listen.c) */
+  int shared = m->worker.count > 1 && port != 0;
+  r = shared ? uv_udp_init_ex(m->loop, &u->udp, addr.ss_family) : uv_udp_init(m->loop, &u->udp);
+  if (r < 0) {
+    free(u);
+    return push_err(L, r);
+  }
   uv_timer_init(m->loop, &u->timer);
   u->udp.data = u->timer.data = u;
   u->handles = 2;
   mlua_res_link(m, &u->res, udp_res_close);
-  r = uv_udp_bind(&u->udp, (struct sockaddr *)&addr, 0);
+  uv_os_fd_t fd;
+  int on = 1;
+  r = shared && uv_fileno((uv_handle_t *)&u->udp, &fd) == 0 &&
+              setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) < 0
+          ? -errno
+          : 0;
+  if (r == 0) r = uv_udp_bind(&u->udp, (struct sockaddr *)&addr, 0);
   if (r < 0) {
     udp_close(u);
     return push_err(L, r);
   }
+  if (port != 0) mlua_worker_listening(m); /* a server's port: under --workers, this one serves */
   udp_t **box = lua_newuserdata(L, sizeof *box);
   *box = u;
   u->box = box;

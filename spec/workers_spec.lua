@@ -24,6 +24,16 @@ if tcp_port then
         sock:close()
     end)
 end
+local udp_port = tonumber(arg[2])
+if udp_port then
+    local u = assert(moonlet.udp.bind("127.0.0.1", udp_port))
+    moonlet.spawn(function()
+        while true do
+            local _, host, port = u:recvfrom()
+            if host then u:sendto(tostring(moonlet.worker.id()), host, port) end
+        end
+    end)
+end
 local app = moonlet.app()
 app:get("/", function()
     return moonlet.worker.id() .. " " .. moonlet.worker.count() .. " " .. moonlet.worker.pid()
@@ -77,9 +87,14 @@ describe("moonlet --workers", function()
     setup(function() dir = test.make_dir() end)
     teardown(function() test.remove_dir(dir) end)
 
-    it("spreads connections over N processes on one port, moonlet.tcp.listen's too", function()
+    it("spreads connections over N processes on one port, moonlet.tcp.listen's and UDP's too",
+       function()
         local tport = free_port()
-        local p = test.start_process("--workers 2 --port 0 " .. script("app.lua", APP) .. " " .. tport)
+        local probe = assert(moonlet.udp.bind("127.0.0.1", 0))
+        local _, uport = probe:getsockname()
+        probe:close()
+        local p = test.start_process(("--workers 2 --port 0 %s %d %d")
+            :format(script("app.lua", APP), tport, uport))
         test.defer(function() p:kill() end)
         local port = p:port()
         local pids = pids_of(port, 2)
@@ -99,6 +114,16 @@ describe("moonlet --workers", function()
             local sock = assert(moonlet.tcp.connect("127.0.0.1", tport, { timeout = 5 }))
             ids[assert(sock:receive("*l"))] = true
             sock:close()
+            if ids["0"] and ids["1"] then break end
+        end
+        assert.same({ ["0"] = true, ["1"] = true }, ids)
+        ids = {} -- datagrams from many source ports reach both workers
+        for _ = 1, 400 do
+            local c = assert(moonlet.udp.bind("127.0.0.1", 0))
+            assert(c:sendto("which?", "127.0.0.1", uport))
+            local id = c:recvfrom(2)
+            c:close()
+            if id then ids[id] = true end
             if ids["0"] and ids["1"] then break end
         end
         assert.same({ ["0"] = true, ["1"] = true }, ids)
