@@ -153,6 +153,23 @@ describe("examples", function()
         assert.same(401, assert(moonlet.http.get(base .. "/api/nothing")).status)
     end)
 
+    it("workers.lua answers from two processes, each counting its own requests", function()
+        local p = test.start_process("--workers 2 examples/workers.lua --port 0")
+        test.defer(function() p:kill() end)
+        local port, seen = p:port(), {}
+        for _ = 1, 400 do
+            local r = test.request(port, "GET", "/")
+            local id, pid, n =
+                r.body:match("^worker (%d) of 2 %(pid (%d+)%): request (%d+) of this worker\n$")
+            assert.truthy(id, r.body)
+            seen[id] = seen[id] or { pid = pid, n = 0 }
+            assert.same({ seen[id].pid, seen[id].n + 1 }, { pid, tonumber(n) }) -- its own count
+            seen[id].n = seen[id].n + 1
+            if seen["0"] and seen["1"] then break end
+        end
+        assert.truthy(seen["0"] and seen["1"])
+    end)
+
     it("sse.lua streams numbered ticks and goes on from the Last-Event-ID a browser sends", function()
         local p = test.start_process("examples/sse.lua --port 0")
         test.defer(function() p:kill() end)
