@@ -760,7 +760,7 @@ local function build()
         log = ngx_log,
         var = {},
         ctx = {},
-        shared = {},
+        shared = require("moonlet.shared").ngx_shared, -- ngx.shared.NAME: moonlet.shared(NAME)
         header = {},
         socket = {
             tcp = new_tcp, stream = new_tcp, udp = new_udp,

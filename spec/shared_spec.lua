@@ -1,0 +1,109 @@
+-- spec/shared_spec.lua: moonlet.shared (OpenResty's lua_shared_dict) and ngx.shared: values and
+-- flags, add/replace/delete, expiry (ttl, expire, get_stale, flush_expired), incr, the size bound
+-- with least-recently-used eviction (forcible, safe_set's "no memory"), bad keys and values, and a
+-- handler counting its hits through ngx.shared over real sockets.
+local moonlet = require "moonlet"
+local test = require "moonlet.test"
+
+local n = 0
+local function fresh(opts) -- a dictionary of a name no other test used
+    n = n + 1
+    return moonlet.shared("spec" .. n, opts)
+end
+
+describe("moonlet.shared", function()
+    it("keeps strings, numbers and booleans with their flags; add, replace, delete, keys", function()
+        local d = fresh()
+        assert.same(d, moonlet.shared("spec" .. n)) -- one dictionary per name
+        assert.same({ true, nil, false }, { d:set("s", "text", 0, 7) })
+        assert(d:set("n", 42.5))
+        assert(d:set("b", false))
+        assert.same({ "text", 7 }, { d:get("s") })
+        assert.same({ 42.5, false }, { d:get("n"), d:get("b") })
+        assert.is_nil(d:get("nothing"))
+        assert.same({ false, "exists", false }, { d:add("s", "other") })
+        assert.same({ false, "not found", false }, { d:replace("x", 1) })
+        assert(d:replace("s", "new"))
+        assert(d:add("x", 1))
+        assert.same({ "new", 1 }, { d:get("s"), d:get("x") })
+        d:delete("x")
+        assert(d:set("n", nil)) -- set to nil deletes
+        assert.same({ nil, nil }, { d:get("x"), d:get("n") })
+        local keys = d:get_keys(0)
+        table.sort(keys)
+        assert.same({ "b", "s" }, keys)
+        assert.same(1, #d:get_keys(1))
+        d:flush_all()
+        assert.same({ {}, d:capacity() }, { d:get_keys(), d:free_space() })
+    end)
+
+    it("expires entries: ttl, expire, get_stale, flush_expired", function()
+        local d = fresh()
+        assert(d:set("short", "v", 0.15))
+        assert(d:set("long", "v", 60))
+        assert(d:set("ever", "v"))
+        assert.is_true(d:ttl("short") > 0 and d:ttl("short") <= 0.15)
+        assert.same(0, d:ttl("ever"))
+        assert.same({ nil, "not found" }, { d:ttl("none") })
+        assert(d:expire("ever", 0.15))
+        assert(d:expire("long", 0)) -- never, now
+        moonlet.sleep(0.2)
+        assert.same({ "v", nil, true }, { d:get_stale("short") })
+        assert.is_nil(d:get("short"))           -- dropped once met
+        assert.is_nil(d:get_stale("short"))
+        assert.same(1, d:flush_expired())       -- "ever"
+        assert.same({ "v", 0 }, { d:get("long"), d:ttl("long") })
+        assert.same({ nil, "not found" }, { d:expire("short", 1) })
+    end)
+
+    it("increments numbers, from init when asked, keeping the entry's expiry", function()
+        local d = fresh()
+        assert.same({ nil, "not found" }, { d:incr("c", 1) })
+        assert.same(10, d:incr("c", 1, 9))
+        assert.same(7, d:incr("c", -3))
+        assert(d:set("s", "text"))
+        assert.same({ nil, "not a number" }, { d:incr("s", 1) })
+        assert.same(1, d:incr("t", 1, 0, 0.1))
+        assert.same(2, d:incr("t", 1))
+        assert.is_true(d:ttl("t") > 0)
+        moonlet.sleep(0.15)
+        assert.is_nil(d:get("t"))
+    end)
+
+    it("stays within its size, the least recently used going first", function()
+        local d = fresh({ size = 4 * (64 + 2 + 8) }) -- room for 4 numbers under 2-byte keys
+        for i = 1, 4 do assert.same({ true, nil, false }, { d:set("k" .. i, i) }) end
+        assert.same(0, d:free_space())
+        assert.same(1, d:get("k1"))             -- k1 used last now: k2 is the oldest
+        assert.same({ true, nil, true }, { d:set("k5", 5) }) -- forcible: k2 went
+        assert.same({ 1, nil, 3, 5 }, { d:get("k1"), d:get("k2"), d:get("k3"), d:get("k5") })
+        assert.same({ false, "no memory", false }, { d:safe_set("k6", 6) })
+        assert.same({ false, "exists", false }, { d:safe_add("k1", 1) })
+        assert.same({ false, "no memory", false }, { d:set("big", ("x"):rep(1000)) })
+        assert.same(5, d:get("k5"))             -- a value that can never fit evicts nothing
+    end)
+
+    it("refuses keys that are not strings, empty keys and values of other types", function()
+        local d = fresh()
+        assert.has_error(function() d:get({}) end, "moonlet.shared: the key is a string")
+        assert.has_error(function() d:set("", 1) end, "moonlet.shared: the key is not empty")
+        assert.has_error(function() d:set("t", {}) end,
+                         "moonlet.shared: a value is a string, a number, a boolean or nil")
+        assert.has_error(function() d:set("t", 1, -1) end,
+                         "moonlet.shared: exptime is a number of seconds >= 0")
+        assert(d:set(5, "number keys become strings"))
+        assert.same("number keys become strings", d:get("5"))
+    end)
+
+    it("is ngx.shared.NAME in moonlet.ngx: a handler counts its hits there", function()
+        local ngx = require("moonlet.ngx").get()
+        assert.same(moonlet.shared("hits"), ngx.shared.hits)
+        local app = moonlet.app():get("/hit", function()
+            return tostring(ngx.shared.hits:incr("n", 1, 0))
+        end)
+        local port = test.serving(app)
+        local got = {}
+        for i = 1, 3 do got[i] = test.request(port, "GET", "/hit").body end
+        assert.same({ "1", "2", "3" }, got)
+    end)
+end)
