@@ -12,8 +12,8 @@
 -- (get, set, get_keys) or by flush_expired.
 local core = require "moonlet.core"
 
-local type, error, tostring, pairs = type, error, tostring, pairs
-local now = core.time
+local type, error, tostring, tonumber, pairs = type, error, tostring, tonumber, pairs
+local now = core.now -- monotonic: a clock set back or forward moves no expiry
 
 local _M = {}
 _M.ENTRY_OVERHEAD = 64 -- bytes an entry is counted for besides its key and value
@@ -72,20 +72,44 @@ local function live(d, key, t)
     return e
 end
 
--- Stores value under key (value nil: deletes). safe: refuses rather than evict. Returns
--- ok, err, forcible. level: of the caller to blame for a bad exptime.
-local function store(d, key, value, exptime, flags, safe, level)
+local function check_exptime(exptime, level)
+    if exptime ~= nil and (type(exptime) ~= "number" or exptime < 0) then
+        error("moonlet.shared: exptime is a number of seconds >= 0", level + 1)
+    end
+end
+
+local function check_flags(flags, level)
+    if flags ~= nil and type(flags) ~= "number" then
+        error("moonlet.shared: flags is a number", level + 1)
+    end
+    if flags ~= 0 then return flags end -- (0, as none: get returns flags only when set)
+end
+
+-- Drops every expired entry: what a store that lacks room does before it evicts a live one.
+local function drop_expired(d, max_count)
+    local n, t = 0, now()
+    for _, e in pairs(d.entries) do
+        if e.expires and e.expires <= t then
+            remove(d, e)
+            n = n + 1
+            if max_count and max_count > 0 and n >= max_count then break end
+        end
+    end
+    return n
+end
+
+-- Stores value under key (value nil: deletes), exptime and flags checked by the caller. safe:
+-- refuses rather than evict a live entry. Returns ok, err, forcible.
+local function store(d, key, value, exptime, flags, safe)
     local old = d.entries[key]
     if value == nil then
         if old then remove(d, old) end
         return true, nil, false
     end
-    if exptime ~= nil and (type(exptime) ~= "number" or exptime < 0) then
-        error("moonlet.shared: exptime is a number of seconds >= 0", (level or 2) + 1)
-    end
     local c = cost(key, value)
     if c > d.size then return false, "no memory", false end
     if old then remove(d, old) end
+    if d.used + c > d.size then drop_expired(d) end
     local forcible = false
     while d.used + c > d.size do
         if safe then return false, "no memory", false end
@@ -119,7 +143,8 @@ function methods:get(key)
     if not e then return nil end
     unlink(self, e)
     push(self, e)
-    return e.value, e.flags
+    if e.flags then return e.value, e.flags end
+    return e.value
 end
 
 -- syntax: value, flags, stale = dict:get_stale(key) -- an expired value too (stale true), until
@@ -132,61 +157,84 @@ end
 
 -- syntax: ok, err, forcible = dict:set(key, value, exptime, flags) -- exptime seconds (0: never);
 -- forcible: other entries were evicted to make room
+-- (no method tail-calls a helper that may raise: LuaJIT keeps no frame for a tail call, and the
+-- error would blame the wrong line)
+local function checked_store(d, key, value, exptime, flags, safe)
+    key = check_key(key, 3)
+    check_value(value, 3)
+    check_exptime(exptime, 3)
+    flags = check_flags(flags, 3)
+    return key, flags
+end
+
 function methods:set(key, value, exptime, flags)
-    key = check_key(key, 2)
-    check_value(value, 2)
-    return store(self, key, value, exptime, flags, false)
+    key, flags = checked_store(self, key, value, exptime, flags)
+    local ok, err, forcible = store(self, key, value, exptime, flags, false)
+    return ok, err, forcible
 end
 
 -- syntax: ok, err = dict:safe_set(key, value, exptime, flags) -- false, "no memory" rather than evict
 function methods:safe_set(key, value, exptime, flags)
-    key = check_key(key, 2)
-    check_value(value, 2)
-    return store(self, key, value, exptime, flags, true)
+    key, flags = checked_store(self, key, value, exptime, flags)
+    local ok, err, forcible = store(self, key, value, exptime, flags, true)
+    return ok, err, forcible
 end
 
+local NIL_VALUE = "attempt to add or replace nil values" -- (OpenResty's words)
+
 local function add(d, key, value, exptime, flags, safe)
-    key = check_key(key, 3)
-    check_value(value, 3)
+    if value == nil then return false, NIL_VALUE, false end
     if live(d, key) then return false, "exists", false end
-    return store(d, key, value, exptime, flags, safe, 3)
+    return store(d, key, value, exptime, flags, safe)
 end
 
 -- syntax: ok, err, forcible = dict:add(key, value, exptime, flags) -- false, "exists" when present
 function methods:add(key, value, exptime, flags)
-    return add(self, key, value, exptime, flags, false)
+    key, flags = checked_store(self, key, value, exptime, flags)
+    local ok, err, forcible = add(self, key, value, exptime, flags, false)
+    return ok, err, forcible
 end
 
 -- syntax: ok, err = dict:safe_add(key, value, exptime, flags) -- false, "no memory" rather than evict
 function methods:safe_add(key, value, exptime, flags)
-    return add(self, key, value, exptime, flags, true)
+    key, flags = checked_store(self, key, value, exptime, flags)
+    local ok, err, forcible = add(self, key, value, exptime, flags, true)
+    return ok, err, forcible
 end
 
 -- syntax: ok, err, forcible = dict:replace(key, value, exptime, flags) -- false, "not found" when
 -- absent
 function methods:replace(key, value, exptime, flags)
-    key = check_key(key, 2)
-    check_value(value, 2)
+    key, flags = checked_store(self, key, value, exptime, flags)
+    if value == nil then return false, NIL_VALUE, false end
     if not live(self, key) then return false, "not found", false end
-    return store(self, key, value, exptime, flags, false)
+    local ok, err, forcible = store(self, key, value, exptime, flags, false)
+    return ok, err, forcible
 end
 
--- syntax: dict:delete(key)
+-- syntax: ok = dict:delete(key) -- true (lua-resty-lock reads it)
 function methods:delete(key)
     key = check_key(key, 2)
     local e = self.entries[key]
     if e then remove(self, e) end
+    return true, nil, false
 end
 
 -- syntax: new, err, forcible = dict:incr(key, step, init, init_ttl) -- nil, "not found" when absent
 -- and no init; nil, "not a number" when the value is not one. The expiry of an entry is kept.
 function methods:incr(key, step, init, init_ttl)
     key = check_key(key, 2)
-    if type(step) ~= "number" then error("moonlet.shared: incr's step is a number", 2) end
+    step = tonumber(step)
+    if not step then error("moonlet.shared: incr's step is a number", 2) end
+    if init ~= nil and not tonumber(init) then error("moonlet.shared: incr's init is a number", 2) end
+    if init_ttl ~= nil and init == nil then error("moonlet.shared: incr's init_ttl goes with init", 2) end
+    if init_ttl ~= nil and (type(init_ttl) ~= "number" or init_ttl < 0) then
+        error("moonlet.shared: init_ttl is a number of seconds >= 0", 2)
+    end
     local e = live(self, key)
     if not e then
         if init == nil then return nil, "not found" end
-        if type(init) ~= "number" then error("moonlet.shared: incr's init is a number", 2) end
+        init = tonumber(init)
         local ok, err, forcible = store(self, key, init + step, init_ttl, nil, false)
         if not ok then return nil, err end
         return init + step, nil, forcible
@@ -208,11 +256,12 @@ end
 
 -- syntax: ok, err = dict:expire(key, exptime) -- a new expiry (0: never); nil, "not found"
 function methods:expire(key, exptime)
-    local e = live(self, check_key(key, 2))
-    if not e then return nil, "not found" end
+    key = check_key(key, 2)
     if type(exptime) ~= "number" or exptime < 0 then
         error("moonlet.shared: exptime is a number of seconds >= 0", 2)
     end
+    local e = live(self, key)
+    if not e then return nil, "not found" end
     e.expires = exptime > 0 and now() + exptime or nil
     return true
 end
@@ -237,15 +286,7 @@ end
 
 -- syntax: n = dict:flush_expired(max_count) -- drops expired entries (all, or at most max_count)
 function methods:flush_expired(max_count)
-    local n, t = 0, now()
-    for _, e in pairs(self.entries) do
-        if e.expires and e.expires <= t then
-            remove(self, e)
-            n = n + 1
-            if max_count and max_count > 0 and n >= max_count then break end
-        end
-    end
-    return n
+    return drop_expired(self, max_count)
 end
 
 -- syntax: bytes = dict:capacity(), bytes = dict:free_space()
