@@ -11,11 +11,10 @@
  * stops the other source and resumes it (a cancel resumes nobody). Datagrams are read only while
  * someone waits; the others wait in the kernel's buffer.
  */
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 
+#include "../core/listen.h"
 #include "mlua.h"
 
 /* nil, short message: the code name (mlua_push_error's third value) stays out of the way of
@@ -121,11 +120,8 @@ static int l_bind(lua_State *L) {
   u->handles = 2;
   mlua_res_link(m, &u->res, udp_res_close);
   uv_os_fd_t fd;
-  int on = 1;
-  r = shared && uv_fileno((uv_handle_t *)&u->udp, &fd) == 0 &&
-              setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) < 0
-          ? -errno
-          : 0;
+  r = shared ? uv_fileno((uv_handle_t *)&u->udp, &fd) : 0;
+  if (r == 0 && shared) r = ml_listen_share_port(fd);
   if (r == 0) r = uv_udp_bind(&u->udp, (struct sockaddr *)&addr, 0);
   if (r < 0) {
     udp_close(u);

@@ -13,12 +13,17 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+int ml_listen_share_port(uv_os_sock_t fd) {
+  int on = 1;
+  return setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) < 0 ? -errno : 0;
+}
+
 static int reuse_socket(int family) {
   int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return -errno;
   int on = 1;
   if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) < 0 ||
-      setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) < 0) {
+      ml_listen_share_port(fd) < 0) {
     int e = -errno;
     close(fd);
     return e;

@@ -13,6 +13,9 @@
 int ml_listen_tcp(uv_tcp_t *t, const struct sockaddr *addr, int reuseport, int backlog,
                   uv_connection_cb cb);
 
+/* Lets the socket fd share its port with others that set it too (SO_REUSEPORT): 0 or -errno. */
+int ml_listen_share_port(uv_os_sock_t fd);
+
 /* A socket bound (not listening) with SO_REUSEPORT to host:port (host numeric or a name, resolved
  * here, blocking: for a process that runs no loop yet), which keeps the port for the workers that
  * will listen on it; *bound_port is the port (the one the kernel chose for port 0). The socket's

@@ -65,6 +65,15 @@ local function pids_of(port, want)
     return seen
 end
 
+-- the workers' pids once both answer and cond(pids) holds, or nil after 10 s (a connection queued
+-- at a worker's socket when that worker died is reset: such a round is tried again)
+local function pids_when(port, cond)
+    return test.wait_until(function()
+        local ok, now = pcall(pids_of, port, 2)
+        return ok and now[0] and now[1] and (not cond or cond(now)) and now
+    end, 10)
+end
+
 local function alive(pid) return os.execute("kill -0 " .. pid .. " 2>/dev/null") == 0 end
 
 local function count(s, plain)
@@ -135,11 +144,7 @@ describe("moonlet --workers", function()
         local port = p:port()
         local pids = pids_of(port, 2)
         os.execute("kill -9 " .. pids[0])
-        local again = test.wait_until(function()
-            -- (a connection queued at the killed worker's socket when it died is reset)
-            local ok, now = pcall(pids_of, port, 2)
-            return ok and now[0] and now[0] ~= pids[0] and now[1] == pids[1] and now
-        end, 10)
+        local again = pids_when(port, function(now) return now[0] ~= pids[0] and now[1] == pids[1] end)
         assert.truthy(again, p:output())
         assert.truthy(p:output():find("worker 0 (pid " .. pids[0] .. ") was killed by signal 9; "
                                       .. "starting it again in ", 1, true))
@@ -195,10 +200,7 @@ if f then f:close(); error("the database is down") end
             assert.same("1 2 " .. pids[1], test.request(port, "GET", "/").body)
         end
         assert(os.remove(marker))
-        local back = test.wait_until(function()
-            local ok, now = pcall(pids_of, port, 2)
-            return ok and now[0] and now
-        end, 10)
+        local back = pids_when(port)
         assert.truthy(back, p:output())
         assert.falsy(p:output():find("before it served", 1, true))
     end)
@@ -213,16 +215,10 @@ end)
 assert(app:listen({ host = "127.0.0.1", port = tonumber(arg[1]) }))
 ]]), port))
         test.defer(function() p:kill() end)
-        local pids = test.wait_until(function()
-            local ok, now = pcall(pids_of, port, 2)
-            return ok and now[1] and now
-        end, 10)
+        local pids = pids_when(port)
         assert.truthy(pids, p:output())
         os.execute("kill -9 " .. pids[1])
-        assert.truthy(test.wait_until(function()
-            local ok, now = pcall(pids_of, port, 2)
-            return ok and now[1] and now[1] ~= pids[1]
-        end, 10), p:output())
+        assert.truthy(pids_when(port, function(now) return now[1] ~= pids[1] end), p:output())
     end)
 
     it("tells a syntax error once, before any worker starts, and exits 1", function()

@@ -408,13 +408,18 @@ end
 -- the raw path, down to the app that has the route; returns what the dispatcher needs of it: the
 -- handler, params and Allow, the middleware to run, the app whose route it is (for its deadlines),
 -- the app whose on_error serves, the deadline and the prefix.
+-- (the apps and paths a request went through, for a 404/405's Allow: one list for every request,
+-- refilled each time; resolve_mounts never waits, so no two requests use it at once)
+local passed = {}
+
 local function resolve_mounts(app, method, path, handler, mw, secs)
     local owner, err_app, prefix, params, allow = app, app, "", nil, nil
-    local outer = {} -- app, path of each app the request went through
+    local npassed = 0
     while true do
         local m = owner.mounts and owner.mounts[handler]
         if not m then break end
-        outer[#outer + 1], outer[#outer + 2] = owner, path
+        passed[npassed + 1], passed[npassed + 2] = owner, path
+        npassed = npassed + 2
         prefix = prefix .. m.prefix
         -- the rest of the path, raw; the route matched either the prefix as written or (an exact
         -- path, compared decoded too) the whole path encoding it: then the rest is "/"
@@ -428,9 +433,9 @@ local function resolve_mounts(app, method, path, handler, mw, secs)
         handler, params, allow = owner.router:match(method, path)
     end
     if not handler then -- a 404 or 405 inside: the routes outside for the path have their say
-        for i = 1, #outer, 2 do
-            local a = outer[i]
-            allow = a.router:allow(outer[i + 1], a.mounts, allow)
+        for i = 1, npassed, 2 do
+            local a = passed[i]
+            allow = a.router:allow(passed[i + 1], a.mounts, allow)
         end
     end
     return handler, params, allow, mw, owner, err_app, secs, prefix

@@ -155,62 +155,45 @@ function methods:get_stale(key)
     return e.value, e.flags, (e.expires and e.expires <= now()) or false
 end
 
--- syntax: ok, err, forcible = dict:set(key, value, exptime, flags) -- exptime seconds (0: never);
--- forcible: other entries were evicted to make room
--- (no method tail-calls a helper that may raise: LuaJIT keeps no frame for a tail call, and the
--- error would blame the wrong line)
-local function checked_store(d, key, value, exptime, flags, safe)
+local NIL_VALUE = "attempt to add or replace nil values" -- (OpenResty's words)
+
+-- set, safe_set, add, safe_add and replace are one writer: how is "set", "add" (only when absent)
+-- or "replace" (only when present); safe refuses rather than evict. The checks raise from here, two
+-- levels below the caller (a method calls it without a tail call: LuaJIT keeps no frame for one,
+-- and the error would blame the wrong line).
+local function write(d, how, safe, key, value, exptime, flags)
     key = check_key(key, 3)
     check_value(value, 3)
     check_exptime(exptime, 3)
     flags = check_flags(flags, 3)
-    return key, flags
-end
-
-function methods:set(key, value, exptime, flags)
-    key, flags = checked_store(self, key, value, exptime, flags)
-    local ok, err, forcible = store(self, key, value, exptime, flags, false)
-    return ok, err, forcible
-end
-
--- syntax: ok, err = dict:safe_set(key, value, exptime, flags) -- false, "no memory" rather than evict
-function methods:safe_set(key, value, exptime, flags)
-    key, flags = checked_store(self, key, value, exptime, flags)
-    local ok, err, forcible = store(self, key, value, exptime, flags, true)
-    return ok, err, forcible
-end
-
-local NIL_VALUE = "attempt to add or replace nil values" -- (OpenResty's words)
-
-local function add(d, key, value, exptime, flags, safe)
-    if value == nil then return false, NIL_VALUE, false end
-    if live(d, key) then return false, "exists", false end
+    if how ~= "set" then
+        if value == nil then return false, NIL_VALUE, false end
+        local present = live(d, key) ~= nil
+        if how == "add" and present then return false, "exists", false end
+        if how == "replace" and not present then return false, "not found", false end
+    end
     return store(d, key, value, exptime, flags, safe)
 end
 
+local function writer(how, safe)
+    return function(self, key, value, exptime, flags)
+        local ok, err, forcible = write(self, how, safe, key, value, exptime, flags)
+        return ok, err, forcible
+    end
+end
+
+-- syntax: ok, err, forcible = dict:set(key, value, exptime, flags) -- exptime seconds (0: never);
+-- forcible: other entries were evicted to make room
+methods.set = writer("set", false)
+-- syntax: ok, err = dict:safe_set(key, value, exptime, flags) -- false, "no memory" rather than evict
+methods.safe_set = writer("set", true)
 -- syntax: ok, err, forcible = dict:add(key, value, exptime, flags) -- false, "exists" when present
-function methods:add(key, value, exptime, flags)
-    key, flags = checked_store(self, key, value, exptime, flags)
-    local ok, err, forcible = add(self, key, value, exptime, flags, false)
-    return ok, err, forcible
-end
-
+methods.add = writer("add", false)
 -- syntax: ok, err = dict:safe_add(key, value, exptime, flags) -- false, "no memory" rather than evict
-function methods:safe_add(key, value, exptime, flags)
-    key, flags = checked_store(self, key, value, exptime, flags)
-    local ok, err, forcible = add(self, key, value, exptime, flags, true)
-    return ok, err, forcible
-end
-
+methods.safe_add = writer("add", true)
 -- syntax: ok, err, forcible = dict:replace(key, value, exptime, flags) -- false, "not found" when
 -- absent
-function methods:replace(key, value, exptime, flags)
-    key, flags = checked_store(self, key, value, exptime, flags)
-    if value == nil then return false, NIL_VALUE, false end
-    if not live(self, key) then return false, "not found", false end
-    local ok, err, forcible = store(self, key, value, exptime, flags, false)
-    return ok, err, forcible
-end
+methods.replace = writer("replace", false)
 
 -- syntax: ok = dict:delete(key) -- true (lua-resty-lock reads it)
 function methods:delete(key)

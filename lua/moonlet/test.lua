@@ -302,9 +302,7 @@ end
 -- 127.0.0.1 signed by it, made with the `openssl` command, plus a second, unrelated CA:
 -- { dir, ca, cert, key, other_ca } (paths); remove them with test.remove_certs(c)
 function _M.make_certs()
-    local dir = os.tmpname()
-    os.remove(dir)
-    sh("mkdir -p " .. dir)
+    local dir = _M.make_dir()
     local ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
     sh(("cd %s && openssl req -x509 %s -keyout ca.key -out ca.pem -days 2 -subj '/CN=moonlet spec CA'")
         :format(dir, ec))
@@ -319,7 +317,7 @@ function _M.make_certs()
 end
 
 function _M.remove_certs(c)
-    if c and c.dir then os.execute("rm -rf " .. c.dir) end
+    if c then _M.remove_dir(c.dir) end
 end
 
 -- syntax: code, output = test.run_script(src, timeout) -- runs `moonlet` on a script with that
