@@ -293,6 +293,7 @@ int luaopen_moonlet_core(lua_State *L) {
   mlua_open_http_client(L, m);
   mlua_open_crypto(L, m);
   mlua_open_workers(L, m);
+  mlua_open_shared(L, m);
   wrap_listen(L, m); /* last: it wraps the listen of mlua_open_http_server */
   return 1;
 }
@@ -581,6 +582,7 @@ void moonlet_free(moonlet_t *m) {
   lua_close(m->L); /* finalizers may still look at task structs: they are freed after */
   ml_bcache_drain(&m->heap_cache);
   mlua_sched_free_list(tasks);
+  mlua_shared_free(m); /* no dictionary userdata is left to reach the arena */
   if (m->embed_on) uv_mutex_destroy(&m->post_lock);
   if (m->owns_loop) {
     int r = uv_loop_close(&m->own_loop);

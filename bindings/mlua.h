@@ -12,6 +12,8 @@
 #include "../core/http.h"
 #include "../core/log.h"
 #include "../core/moonlet.h"
+#include "../core/shdict.h"
+#include "../core/shm.h"
 #include "../core/workers.h"
 
 typedef struct mlua_task_s mlua_task_t;
@@ -93,6 +95,12 @@ struct moonlet_s {
   /* `moonlet --workers N` (bindings/workers.c): this process's place among the workers; id 0 and
    * count 1 when it is the only one. count > 1 makes every listener share its port. */
   ml_worker_info_t worker;
+  /* moonlet.shared (bindings/shared.c): the shared memory arena, made on first use or before the
+   * workers are forked (NULL: not yet), its size (0: the default), and the buffer values are
+   * copied out through */
+  ml_shm_t *shm;
+  size_t shm_bytes;
+  ml_shbuf_t shared_buf;
 };
 
 /* sched.c */
@@ -157,6 +165,10 @@ void mlua_open_work(lua_State *L, moonlet_t *m);
 void mlua_open_tcp(lua_State *L, moonlet_t *m);
 void mlua_open_udp(lua_State *L, moonlet_t *m);
 void mlua_open_workers(lua_State *L, moonlet_t *m);
+void mlua_open_shared(lua_State *L, moonlet_t *m);
+/* Makes the instance's shared memory arena unless made: 0 or a UV_E* code. */
+int mlua_shared_arena(moonlet_t *m);
+void mlua_shared_free(moonlet_t *m); /* after the Lua state is closed */
 /* A listener of this instance opened: under `moonlet --workers N`, the supervisor hears that this
  * worker serves (the first time; bindings/workers.c). */
 void mlua_worker_listening(moonlet_t *m);

@@ -11,6 +11,8 @@
  * worker started again finds it free; the reservation is a best effort (a script may serve on
  * other ports than the command line's: then its workers' own listen says what is wrong). A
  * worker's first listener that opens tells the supervisor it serves (mlua_worker_listening).
+ * moonlet.shared's arena is mapped before the fork, so that every worker (and every worker started
+ * again) maps the same dictionaries.
  */
 #include <signal.h>
 #include <unistd.h>
@@ -27,6 +29,12 @@ static int l_fork_workers(lua_State *L) {
   if (n < 2 || n > 255) return luaL_argerror(L, 1, "from 2 to 255 workers");
   if (!m->owns_loop || m->worker.count > 1)
     return luaL_error(L, "moonlet: workers are forked by the moonlet command, once");
+  int r = mlua_shared_arena(m); /* before the fork: every worker maps the same one */
+  if (r < 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot start the workers: shared memory: %s", mlua_err_string(r));
+    return 2;
+  }
   int bound = port;
   int fd = ml_listen_reserve(host, port, &bound);
   if (fd < 0 && port == 0) { /* no port to agree on */
@@ -36,7 +44,7 @@ static int l_fork_workers(lua_State *L) {
   }
   int code = 0;
   ml_worker_info_t w;
-  int r = ml_workers_run(n, &m->log, &w, &code);
+  r = ml_workers_run(n, &m->log, &w, &code);
   if (r == 1) {
     if (fd >= 0) close(fd);
     m->worker = w;

@@ -30,8 +30,9 @@ function _M.work(...) return require("moonlet.work").run(...) end
 -- syntax: ch = moonlet.channel(name) -- pub/sub by name (lua/moonlet/channel.lua)
 function _M.channel(name) return require("moonlet.channel").new(name) end
 
--- syntax: dict = moonlet.shared(name, { size = bytes }) -- a dictionary with expiry, by name, in this
--- process: OpenResty's lua_shared_dict (lua/moonlet/shared.lua)
+-- syntax: dict = moonlet.shared(name, { size = bytes }) -- a dictionary with expiry, by name, in
+-- shared memory (one for every worker of --workers N): OpenResty's lua_shared_dict
+-- (lua/moonlet/shared.lua)
 function _M.shared(name, opts) return require("moonlet.shared").get(name, opts) end
 
 -- syntax: moonlet.on_shutdown(fn) -- fn() runs once a graceful stop has drained the servers, before

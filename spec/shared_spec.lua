@@ -1,7 +1,8 @@
 -- spec/shared_spec.lua: moonlet.shared (OpenResty's lua_shared_dict) and ngx.shared: values and
 -- flags, add/replace/delete, expiry (ttl, expire, get_stale, flush_expired), incr, the size bound
--- with least-recently-used eviction (forcible, safe_set's "no memory"), bad keys and values, and a
--- handler counting its hits through ngx.shared over real sockets.
+-- with least-recently-used eviction (forcible, safe_set's "no memory"), sizes as "8k", names and
+-- sizes refused, the shared memory's lists whole under churn, bad keys and values, and a handler
+-- counting its hits through ngx.shared over real sockets (spec/workers_spec.lua: across workers).
 local moonlet = require "moonlet"
 local test = require "moonlet.test"
 
@@ -109,6 +110,37 @@ describe("moonlet.shared", function()
                          "moonlet.shared: exptime is a number of seconds >= 0")
         assert(d:set(5, "number keys become strings"))
         assert.same("number keys become strings", d:get("5"))
+    end)
+
+    it("takes sizes as nginx writes them; refuses a size or a name it cannot hold", function()
+        assert.same(8192, fresh({ size = "8k" }):capacity())
+        assert.same(2 * 1024 * 1024, fresh({ size = "2m" }):capacity())
+        assert.same(require("moonlet.shared").DEFAULT_SIZE, fresh():capacity())
+        assert.has_error(function() fresh({ size = "lots" }) end, "moonlet.shared: size is a number of bytes")
+        assert.has_error(function() moonlet.shared(("n"):rep(128)) end,
+                         "moonlet.shared: a name is at most 127 bytes")
+        local ok, err = pcall(fresh, { size = "1g" }) -- 2 GiB of heap: past the 256 MiB default
+        assert.is_false(ok)
+        assert.truthy(err:find("moonlet --shared-memory SIZE makes more", 1, true), err)
+    end)
+
+    it("keeps its lists and blocks whole under churn of mixed sizes", function()
+        local d = fresh({ size = "32k" })
+        local forcible_seen = false
+        for i = 1, 3000 do
+            local v = ("x"):rep((i * 7919) % (i % 3 == 0 and 2000 or 90))
+            local ok, err, forcible = d:set("k" .. i, v, (i % 5 == 0) and 0.001 or 0)
+            assert.is_true(ok, err)
+            forcible_seen = forcible_seen or forcible
+            assert.same(v, d:get("k" .. i))
+            if i % 100 == 0 then d:delete("k" .. (i - 50)) end
+        end
+        assert.is_true(forcible_seen)
+        assert.is_nil(d:_check())
+        assert.is_true(d:free_space() >= 0 and d:free_space() <= 32 * 1024)
+        d:flush_all()
+        assert.same(32 * 1024, d:free_space())
+        assert.is_nil(d:_check())
     end)
 
     it("is ngx.shared.NAME in moonlet.ngx: a handler counts its hits there", function()

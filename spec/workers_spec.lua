@@ -1,7 +1,8 @@
 -- spec/workers_spec.lua: `moonlet --workers N` over real processes and sockets: N workers share the
 -- port (HTTP and moonlet.tcp.listen), --port 0 included; moonlet.worker; a killed worker is started
 -- again (with a growing delay when it fails to start again after the app served; a script that
--- listens by itself counts as serving); SIGHUP and SIGTERM reach every worker (requests in flight
+-- listens by itself counts as serving); moonlet.shared is one for all of them (and outlives restarts
+-- and reloads); SIGHUP and SIGTERM reach every worker (requests in flight
 -- finish, exit 0); a script that cannot start (a syntax error, told once; an error at its top
 -- level; a port in use) stops them all with exit 1; bad values of the flag exit 2.
 local moonlet = require "moonlet"
@@ -203,6 +204,57 @@ if f then f:close(); error("the database is down") end
         local back = pids_when(port)
         assert.truthy(back, p:output())
         assert.falsy(p:output():find("before it served", 1, true))
+    end)
+
+    it("shares moonlet.shared and ngx.shared between the workers, across restarts and reloads",
+       function()
+        local p = test.start_process("--workers 2 --port 0 " .. script("counter.lua", [[
+local moonlet = require "moonlet"
+local hits = moonlet.shared("hits", { size = "64k" })
+local app = moonlet.app()
+app:get("/", function()
+    return moonlet.worker.id() .. " " .. moonlet.worker.count() .. " " .. moonlet.worker.pid()
+end)
+app:get("/hit", function() -- "worker count"
+    return moonlet.worker.id() .. " " .. assert(hits:incr("n", 1, 0))
+end)
+app:get("/put/:v", function(req)
+    local ngx = require("moonlet.ngx").get()
+    assert(ngx.shared.hits:set("v", req.params.v))
+    return moonlet.worker.id() .. ""
+end)
+app:get("/v", function() return moonlet.worker.id() .. " " .. tostring(hits:get("v")) end)
+return app
+]]))
+        test.defer(function() p:kill() end)
+        local port = p:port()
+        local by_worker, counts = {}, {}
+        local function hit(times)
+            for _ = 1, times do
+                local id, n = test.request(port, "GET", "/hit").body:match("^(%d) (%d+)$")
+                by_worker[id] = true
+                counts[#counts + 1] = tonumber(n)
+            end
+        end
+        hit(100)
+        assert.same({ ["0"] = true, ["1"] = true }, by_worker) -- (100 connections: both served)
+        for i = 1, #counts do assert.same(i, counts[i]) end -- one count, not one per worker
+        local writer = test.request(port, "GET", "/put/seen").body
+        local readers = {}
+        for _ = 1, 100 do
+            local id, v = test.request(port, "GET", "/v").body:match("^(%d) (.*)$")
+            assert.same("seen", v)
+            readers[id] = true
+        end
+        assert.truthy(readers[writer == "0" and "1" or "0"]) -- the other worker read it
+        local pids = pids_of(port, 2)
+        os.execute("kill -9 " .. pids[0])
+        assert.truthy(pids_when(port, function(now) return now[0] ~= pids[0] end), p:output())
+        assert.is_true(p:signal("HUP"))
+        assert.truthy(test.wait_until(function() return count(p:output(), "reloaded ") == 2 end, 10))
+        local before = #counts
+        hit(10) -- a restarted worker and reloaded scripts count on
+        for i = before + 1, #counts do assert.same(i, counts[i]) end
     end)
 
     it("restarts the worker of a script that listens by itself and returns no app", function()

@@ -31,6 +31,8 @@ flags:
   --shutdown-grace S      SIGINT/SIGTERM wait this long for in-flight requests (10)
   --workers N             N processes serve the app on the same port (SO_REUSEPORT), watched by
                           this one, which restarts any that dies; "auto": one per CPU (1)
+  --shared-memory SIZE    address space for moonlet.shared's dictionaries, shared by the
+                          workers ("256m"); only what entries use is memory
   --tls-cert FILE         serve HTTPS with this PEM certificate (chain) ...
   --tls-key FILE          ... and this PEM private key
   -h, --help              this text
@@ -45,6 +47,7 @@ local value_flags = {
     ["--keepalive-timeout"] = "keepalive_timeout", ["--max-conns"] = "max_conns",
     ["--shutdown-grace"] = "shutdown_grace", ["--send-timeout"] = "send_timeout",
     ["--tls-cert"] = "tls_cert", ["--tls-key"] = "tls_key", ["--workers"] = "workers",
+    ["--shared-memory"] = "shared_memory",
 }
 local numeric = {
     port = true, max_body = true, max_uri = true, max_header_bytes = true, max_headers = true,
@@ -54,7 +57,8 @@ local numeric = {
 
 -- what the command line holds that is not an app:listen option
 local CLI_ONLY = { log_level = true, access_log = true, reload = true, tls_cert = true, tls_key = true,
-                   help = true, version = true, workers = true, _script_args_only = true }
+                   help = true, version = true, workers = true, shared_memory = true,
+                   _script_args_only = true }
 
 local function die(msg)
     io.stderr:write("moonlet: ", msg, "\n")
@@ -112,6 +116,13 @@ function _M.parse(argv)
             return die("--workers wants a number from 1 to 255, or auto")
         end
         opts.workers = w
+    end
+    if opts.shared_memory ~= nil then
+        local bytes = require("moonlet.shared").parse_size(opts.shared_memory)
+        if not bytes or bytes < 4096 or bytes > 2 ^ 40 then
+            return die("--shared-memory wants a size such as 64m or 1g (4k to 1024g)")
+        end
+        opts.shared_memory = bytes
     end
     if (opts.tls_cert == nil) ~= (opts.tls_key == nil) then
         return die("--tls-cert and --tls-key go together")
@@ -185,6 +196,7 @@ function _M.main(argv)
         core.set_exit_code(2)
         return
     end
+    if opts.shared_memory then assert(core.shared_memory(opts.shared_memory)) end
     local args = { [0] = script }
     for i = 2, #pos do args[i - 1] = pos[i] end
     _G.arg = args

@@ -1,0 +1,541 @@
+/* core/shdict.c: the shared dictionary (the contract is in shdict.h). A zone holds, in order: the
+ * dictionary's header, its hash buckets (offsets of the first entry of each chain), and the heap:
+ * a buddy allocator whose blocks of 2^k bytes (64 at least) each hold one entry. An entry links
+ * into its bucket's chain and into the least-recently-used list (newest ... oldest). Offsets are
+ * from the dictionary's start; 0 is none (the header sits there, never an entry).
+ *
+ * The buddy heap is cut at start into aligned blocks of decreasing powers of two (2 * size is not
+ * one itself); a block's buddy lies at its offset in the heap XOR its size, and is merged with it
+ * only when it lies wholly in the heap, is free and of the same order: so the first blocks never
+ * merge past their own size.
+ */
+#include "shdict.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "shm.h"
+
+#define MIN_ORDER 6 /* 64-byte blocks at least */
+#define ORDERS 32
+#define COLD_SCAN 64 /* a store short of room looks this far into the cold end for expired ones */
+
+typedef struct entry_s {
+  uint8_t order; /* the block's: 2^order bytes */
+  uint8_t free;  /* 0: an entry */
+  uint8_t type;  /* ML_SHV_* */
+  uint8_t pad;
+  uint32_t hash;
+  uint32_t hnext;        /* the next entry in the bucket's chain */
+  uint32_t newer, older; /* the LRU list */
+  uint32_t klen, vlen, flags;
+  double expires; /* on the monotonic clock, seconds; 0: never */
+  double number;  /* a number's value; a boolean's 0 or 1 */
+  char data[];    /* the key, then a string value */
+} entry_t;
+
+typedef struct free_block_s {
+  uint8_t order;
+  uint8_t free; /* 1 */
+  uint8_t pad[2];
+  uint32_t next, prev; /* the free list of its order */
+} free_block_t;
+
+struct ml_shdict_s {
+  pthread_mutex_t lock;
+  size_t size; /* the budget */
+  size_t used; /* its bytes taken */
+  uint32_t nbuckets, buckets;
+  uint32_t heap, heap_len;
+  uint32_t newest, oldest;
+  uint32_t count;
+  uint32_t max_order;
+  uint32_t free_list[ORDERS];
+};
+
+static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+static size_t header_bytes(void) { return round_up(sizeof(ml_shdict_t), 64); }
+static uint32_t buckets_for(size_t size) {
+  uint32_t n = 8;
+  while (n < (1u << 22) && (size_t)n * 256 < size)
+    n <<= 1;
+  return n;
+}
+static size_t heap_bytes(size_t size) { return round_up(2 * size, 64); }
+
+size_t ml_shdict_zone_bytes(size_t size) {
+  return header_bytes() + round_up((size_t)buckets_for(size) * sizeof(uint32_t), 64) +
+         heap_bytes(size);
+}
+
+static double now(void) { return (double)uv_hrtime() / 1e9; }
+static void *at(ml_shdict_t *d, uint32_t off) { return (char *)d + off; }
+static entry_t *entry_at(ml_shdict_t *d, uint32_t off) { return at(d, off); }
+static free_block_t *block_at(ml_shdict_t *d, uint32_t off) { return at(d, off); }
+static uint32_t *bucket_of(ml_shdict_t *d, uint32_t hash) {
+  return (uint32_t *)at(d, d->buckets) + (hash & (d->nbuckets - 1));
+}
+
+static uint32_t hash_key(const char *key, size_t klen) { /* FNV-1a */
+  uint32_t h = 2166136261u;
+  for (size_t i = 0; i < klen; i++)
+    h = (h ^ (unsigned char)key[i]) * 16777619u;
+  return h;
+}
+
+/* ---- the buddy heap ---- */
+
+static void free_push(ml_shdict_t *d, uint32_t off, unsigned k) {
+  free_block_t *b = block_at(d, off);
+  b->order = (uint8_t)k;
+  b->free = 1;
+  b->prev = 0;
+  b->next = d->free_list[k];
+  if (b->next) block_at(d, b->next)->prev = off;
+  d->free_list[k] = off;
+}
+
+static void free_remove(ml_shdict_t *d, uint32_t off) {
+  free_block_t *b = block_at(d, off);
+  if (b->prev)
+    block_at(d, b->prev)->next = b->next;
+  else
+    d->free_list[b->order] = b->next;
+  if (b->next) block_at(d, b->next)->prev = b->prev;
+  b->free = 0;
+}
+
+static unsigned order_for(size_t n) {
+  unsigned k = MIN_ORDER;
+  while (k < ORDERS - 1 && ((size_t)1 << k) < n)
+    k++;
+  return k;
+}
+
+/* a block of at least n bytes, or 0 */
+static uint32_t block_alloc(ml_shdict_t *d, size_t n) {
+  unsigned want = order_for(n), k = want;
+  while (k <= d->max_order && !d->free_list[k])
+    k++;
+  if (k > d->max_order) return 0;
+  uint32_t off = d->free_list[k];
+  free_remove(d, off);
+  while (k > want) { /* split: the upper halves go free */
+    k--;
+    free_push(d, off + (1u << k), k);
+  }
+  block_at(d, off)->order = (uint8_t)want;
+  return off;
+}
+
+/* 1 when the buddy of the block at heap offset rel, of order k, is a free block of order k: its
+ * heap offset in *brel */
+static int buddy_free(ml_shdict_t *d, size_t rel, unsigned k, size_t *brel) {
+  *brel = rel ^ ((size_t)1 << k);
+  if (*brel + ((size_t)1 << k) > d->heap_len) return 0;
+  free_block_t *b = block_at(d, (uint32_t)(d->heap + *brel));
+  return b->free && b->order == k;
+}
+
+static void block_free(ml_shdict_t *d, uint32_t off) {
+  unsigned k = block_at(d, off)->order;
+  size_t rel = off - d->heap, brel;
+  while (k < d->max_order && buddy_free(d, rel, k, &brel)) {
+    free_remove(d, (uint32_t)(d->heap + brel));
+    if (brel < rel) rel = brel;
+    k++;
+  }
+  free_push(d, (uint32_t)(d->heap + rel), k);
+}
+
+static void heap_reset(ml_shdict_t *d) {
+  memset(d->free_list, 0, sizeof d->free_list);
+  size_t rel = 0;
+  for (int k = (int)d->max_order; k >= MIN_ORDER; k--)
+    if (rel + ((size_t)1 << k) <= d->heap_len) {
+      free_push(d, (uint32_t)(d->heap + rel), (unsigned)k);
+      rel += (size_t)1 << k;
+    }
+}
+
+/* ---- entries ---- */
+
+static size_t cost(size_t klen, int type, size_t vlen) {
+  return klen + (type == ML_SHV_STRING ? vlen : 8) + ML_SHDICT_ENTRY_OVERHEAD;
+}
+static size_t entry_cost(const entry_t *e) { return cost(e->klen, e->type, e->vlen); }
+static int expired(const entry_t *e, double t) { return e->expires != 0 && e->expires <= t; }
+
+static void lru_unlink(ml_shdict_t *d, entry_t *e) {
+  if (e->newer)
+    entry_at(d, e->newer)->older = e->older;
+  else
+    d->newest = e->older;
+  if (e->older)
+    entry_at(d, e->older)->newer = e->newer;
+  else
+    d->oldest = e->newer;
+}
+
+static void lru_push(ml_shdict_t *d, entry_t *e, uint32_t off) {
+  e->newer = 0;
+  e->older = d->newest;
+  if (d->newest)
+    entry_at(d, d->newest)->newer = off;
+  else
+    d->oldest = off;
+  d->newest = off;
+}
+
+static void touch(ml_shdict_t *d, uint32_t off) {
+  entry_t *e = entry_at(d, off);
+  if (d->newest == off) return;
+  lru_unlink(d, e);
+  lru_push(d, e, off);
+}
+
+static uint32_t find(ml_shdict_t *d, const char *key, size_t klen, uint32_t hash) {
+  for (uint32_t off = *bucket_of(d, hash); off; off = entry_at(d, off)->hnext) {
+    entry_t *e = entry_at(d, off);
+    if (e->hash == hash && e->klen == klen && memcmp(e->data, key, klen) == 0) return off;
+  }
+  return 0;
+}
+
+static void remove_entry(ml_shdict_t *d, uint32_t off) {
+  entry_t *e = entry_at(d, off);
+  uint32_t *link = bucket_of(d, e->hash);
+  while (*link != off)
+    link = &entry_at(d, *link)->hnext;
+  *link = e->hnext;
+  lru_unlink(d, e);
+  d->used -= entry_cost(e);
+  d->count--;
+  block_free(d, off);
+}
+
+/* the entry of key unless absent or expired (an expired one is dropped) */
+static uint32_t live(ml_shdict_t *d, const char *key, size_t klen, uint32_t hash, double t) {
+  uint32_t off = find(d, key, klen, hash);
+  if (off && expired(entry_at(d, off), t)) {
+    remove_entry(d, off);
+    return 0;
+  }
+  return off;
+}
+
+/* drops expired entries from the cold end, looking at no more than `scan` (0: all) and dropping
+ * no more than `max` (0: all) */
+static size_t drop_expired(ml_shdict_t *d, double t, size_t scan, size_t max) {
+  size_t n = 0, seen = 0;
+  uint32_t off = d->oldest;
+  while (off && (scan == 0 || seen++ < scan)) {
+    entry_t *e = entry_at(d, off);
+    uint32_t newer = e->newer;
+    if (expired(e, t)) {
+      remove_entry(d, off);
+      if (++n == max) break;
+    }
+    off = newer;
+  }
+  return n;
+}
+
+static void reset(ml_shdict_t *d) {
+  memset(at(d, d->buckets), 0, (size_t)d->nbuckets * sizeof(uint32_t));
+  d->newest = d->oldest = 0;
+  d->used = 0;
+  d->count = 0;
+  heap_reset(d);
+}
+
+void ml_shdict_init(void *zone, size_t bytes, void *ud) {
+  (void)bytes;
+  ml_shdict_t *d = zone;
+  size_t size = *(size_t *)ud;
+  ml_shm_lock_init(&d->lock);
+  d->size = size;
+  d->nbuckets = buckets_for(size);
+  d->buckets = (uint32_t)header_bytes();
+  d->heap = (uint32_t)(d->buckets + round_up((size_t)d->nbuckets * sizeof(uint32_t), 64));
+  d->heap_len = (uint32_t)heap_bytes(size);
+  d->max_order = MIN_ORDER;
+  while (d->max_order + 1 < ORDERS && ((size_t)1 << (d->max_order + 1)) <= d->heap_len)
+    d->max_order++;
+  reset(d);
+}
+
+/* a process that died holding the lock may have left any list half linked: start afresh */
+static void lock(ml_shdict_t *d) {
+  if (ml_shm_lock(&d->lock)) {
+    reset(d);
+    ml_shm_lock_repaired(&d->lock);
+  }
+}
+static void unlock(ml_shdict_t *d) { ml_shm_unlock(&d->lock); }
+
+static int copy_out(const entry_t *e, ml_shvalue_t *v, ml_shbuf_t *buf) {
+  v->type = e->type;
+  v->number = e->number;
+  v->flags = e->flags;
+  v->str = NULL;
+  v->len = 0;
+  if (e->type != ML_SHV_STRING) return 0;
+  if (buf->cap < e->vlen || !buf->data) {
+    size_t cap = e->vlen > 64 ? e->vlen : 64;
+    char *p = realloc(buf->data, cap);
+    if (!p) return UV_ENOMEM;
+    buf->data = p;
+    buf->cap = cap;
+  }
+  memcpy(buf->data, e->data + e->klen, e->vlen);
+  v->str = buf->data;
+  v->len = e->vlen;
+  return 0;
+}
+
+int ml_shdict_get(ml_shdict_t *d, const char *key, size_t klen, int stale, ml_shvalue_t *v,
+                  ml_shbuf_t *buf, int *is_stale) {
+  uint32_t hash = hash_key(key, klen);
+  double t = now();
+  int r = UV_ENOENT;
+  lock(d);
+  uint32_t off = find(d, key, klen, hash);
+  if (off) {
+    entry_t *e = entry_at(d, off);
+    *is_stale = expired(e, t);
+    if (*is_stale && !stale) {
+      remove_entry(d, off);
+    } else {
+      if (!stale) touch(d, off);
+      r = copy_out(e, v, buf);
+    }
+  }
+  unlock(d);
+  return r;
+}
+
+/* the store, under the lock */
+static int store(ml_shdict_t *d, int safe, const char *key, size_t klen, uint32_t hash,
+                 const ml_shvalue_t *v, double exptime, double t, int *forcible) {
+  uint32_t old = find(d, key, klen, hash);
+  if (v->type == ML_SHV_NIL) {
+    if (old) remove_entry(d, old);
+    return 0;
+  }
+  size_t vlen = v->type == ML_SHV_STRING ? v->len : 0;
+  size_t c = cost(klen, v->type, vlen);
+  if (c > d->size) return UV_ENOMEM;
+  if (old) remove_entry(d, old);
+  size_t need = sizeof(entry_t) + klen + vlen;
+  uint32_t off;
+  int dropped = 0;
+  for (;;) {
+    if (d->used + c <= d->size && (off = block_alloc(d, need))) break;
+    if (!dropped) { /* expired entries first, then (unless safe) the least recently used */
+      dropped = 1;
+      if (drop_expired(d, t, COLD_SCAN, 0)) continue;
+    }
+    if (safe || !d->oldest) return UV_ENOMEM;
+    remove_entry(d, d->oldest);
+    *forcible = 1;
+  }
+  entry_t *e = entry_at(d, off);
+  e->free = 0;
+  e->type = (uint8_t)v->type;
+  e->hash = hash;
+  e->klen = (uint32_t)klen;
+  e->vlen = (uint32_t)vlen;
+  e->flags = v->flags;
+  e->expires = exptime > 0 ? t + exptime : 0;
+  e->number = v->type == ML_SHV_STRING ? 0 : v->number;
+  memcpy(e->data, key, klen);
+  if (vlen) memcpy(e->data + klen, v->str, vlen);
+  uint32_t *head = bucket_of(d, hash);
+  e->hnext = *head;
+  *head = off;
+  lru_push(d, e, off);
+  d->used += c;
+  d->count++;
+  return 0;
+}
+
+int ml_shdict_store(ml_shdict_t *d, int how, int safe, const char *key, size_t klen,
+                    const ml_shvalue_t *v, double exptime, int *forcible) {
+  uint32_t hash = hash_key(key, klen);
+  double t = now();
+  int r = 0;
+  *forcible = 0;
+  lock(d);
+  if (how != ML_SHDICT_SET) {
+    int present = live(d, key, klen, hash, t) != 0;
+    if (how == ML_SHDICT_ADD && present) r = UV_EEXIST;
+    if (how == ML_SHDICT_REPLACE && !present) r = UV_ENOENT;
+  }
+  if (r == 0) r = store(d, safe, key, klen, hash, v, exptime, t, forcible);
+  unlock(d);
+  return r;
+}
+
+int ml_shdict_delete(ml_shdict_t *d, const char *key, size_t klen) {
+  uint32_t hash = hash_key(key, klen);
+  lock(d);
+  uint32_t off = find(d, key, klen, hash);
+  if (off) remove_entry(d, off);
+  unlock(d);
+  return off ? 0 : UV_ENOENT;
+}
+
+int ml_shdict_incr(ml_shdict_t *d, const char *key, size_t klen, double step, int has_init,
+                   double init, double init_ttl, double *out, int *forcible) {
+  uint32_t hash = hash_key(key, klen);
+  double t = now();
+  int r = 0;
+  *forcible = 0;
+  lock(d);
+  uint32_t off = live(d, key, klen, hash, t);
+  if (!off) {
+    if (has_init) {
+      ml_shvalue_t v = {.type = ML_SHV_NUMBER, .number = init + step};
+      r = store(d, 0, key, klen, hash, &v, init_ttl, t, forcible);
+      *out = v.number;
+    } else {
+      r = UV_ENOENT;
+    }
+  } else {
+    entry_t *e = entry_at(d, off);
+    if (e->type != ML_SHV_NUMBER) {
+      r = UV_EINVAL;
+    } else {
+      e->number += step;
+      *out = e->number;
+      touch(d, off);
+    }
+  }
+  unlock(d);
+  return r;
+}
+
+int ml_shdict_ttl(ml_shdict_t *d, const char *key, size_t klen, double *ttl) {
+  uint32_t hash = hash_key(key, klen);
+  double t = now();
+  lock(d);
+  uint32_t off = live(d, key, klen, hash, t);
+  if (off) {
+    entry_t *e = entry_at(d, off);
+    *ttl = e->expires ? e->expires - t : 0;
+  }
+  unlock(d);
+  return off ? 0 : UV_ENOENT;
+}
+
+int ml_shdict_expire(ml_shdict_t *d, const char *key, size_t klen, double exptime) {
+  uint32_t hash = hash_key(key, klen);
+  double t = now();
+  lock(d);
+  uint32_t off = live(d, key, klen, hash, t);
+  if (off) entry_at(d, off)->expires = exptime > 0 ? t + exptime : 0;
+  unlock(d);
+  return off ? 0 : UV_ENOENT;
+}
+
+int ml_shdict_keys(ml_shdict_t *d, size_t max, ml_shbuf_t *buf, size_t *count, size_t *len) {
+  double t = now();
+  int r = 0;
+  *count = *len = 0;
+  lock(d);
+  uint32_t off = d->oldest;
+  while (off && (max == 0 || *count < max)) {
+    entry_t *e = entry_at(d, off);
+    uint32_t newer = e->newer;
+    if (expired(e, t)) {
+      remove_entry(d, off);
+    } else {
+      size_t need = *len + sizeof(uint32_t) + e->klen;
+      if (need > buf->cap || !buf->data) {
+        size_t cap = need > 2 * buf->cap ? need : 2 * buf->cap;
+        char *p = realloc(buf->data, cap);
+        if (!p) {
+          r = UV_ENOMEM;
+          break;
+        }
+        buf->data = p;
+        buf->cap = cap;
+      }
+      memcpy(buf->data + *len, &e->klen, sizeof(uint32_t));
+      memcpy(buf->data + *len + sizeof(uint32_t), e->data, e->klen);
+      *len = need;
+      (*count)++;
+    }
+    off = newer;
+  }
+  unlock(d);
+  return r;
+}
+
+void ml_shdict_flush_all(ml_shdict_t *d) {
+  lock(d);
+  reset(d);
+  unlock(d);
+}
+
+size_t ml_shdict_flush_expired(ml_shdict_t *d, size_t max) {
+  double t = now();
+  lock(d);
+  size_t n = drop_expired(d, t, 0, max);
+  unlock(d);
+  return n;
+}
+
+size_t ml_shdict_capacity(ml_shdict_t *d) { return d->size; }
+
+size_t ml_shdict_free_space(ml_shdict_t *d) {
+  lock(d);
+  size_t n = d->size - d->used;
+  unlock(d);
+  return n;
+}
+
+const char *ml_shdict_check(ml_shdict_t *d) {
+  const char *bad = NULL;
+  lock(d);
+  size_t brel, used_blocks = 0, free_blocks = 0, listed_free = 0, costs = 0, in_lru = 0,
+               chained = 0;
+  for (size_t rel = 0; rel < d->heap_len && !bad;) { /* the blocks tile the heap */
+    free_block_t *b = block_at(d, (uint32_t)(d->heap + rel));
+    if (b->order < MIN_ORDER || b->order > d->max_order || rel % ((size_t)1 << b->order))
+      bad = "a block of a bad order or misaligned";
+    else if (b->free && b->order < d->max_order && buddy_free(d, rel, b->order, &brel))
+      bad = "two free buddies not merged";
+    else if (b->free)
+      free_blocks++;
+    else
+      used_blocks++, costs += entry_cost((entry_t *)b);
+    rel += (size_t)1 << b->order;
+  }
+  for (unsigned k = 0; k < ORDERS && !bad; k++)
+    for (uint32_t off = d->free_list[k], prev = 0; off && !bad;
+         prev = off, off = block_at(d, off)->next) {
+      free_block_t *b = block_at(d, off);
+      if (!b->free || b->order != k || b->prev != prev) bad = "a free list is broken";
+      listed_free++;
+    }
+  uint32_t newer = 0;
+  for (uint32_t off = d->newest; off && !bad; newer = off, off = entry_at(d, off)->older) {
+    if (entry_at(d, off)->newer != newer) bad = "the LRU list is broken";
+    in_lru++;
+  }
+  if (!bad && newer != d->oldest) bad = "the LRU list does not end at the oldest";
+  for (uint32_t i = 0; i < d->nbuckets && !bad; i++)
+    for (uint32_t off = ((uint32_t *)at(d, d->buckets))[i]; off; off = entry_at(d, off)->hnext) {
+      if ((entry_at(d, off)->hash & (d->nbuckets - 1)) != i) bad = "an entry in the wrong bucket";
+      chained++;
+    }
+  if (!bad && (free_blocks != listed_free)) bad = "free blocks off their lists";
+  if (!bad && (used_blocks != d->count || in_lru != d->count || chained != d->count))
+    bad = "entries, LRU list and chains disagree";
+  if (!bad && costs != d->used) bad = "the budget used is not the entries' sum";
+  unlock(d);
+  return bad;
+}

@@ -1,0 +1,88 @@
+/* core/shdict.h: a dictionary in a zone of shared memory (core/shm.h), what moonlet.shared and
+ * ngx.shared.NAME keep their entries in: OpenResty's lua_shared_dict, one dictionary that every
+ * worker of `moonlet --workers N` reads and writes. Keys are byte strings; values are strings,
+ * numbers or booleans with 32-bit flags and an expiry time on the monotonic clock.
+ *
+ * Its budget is `size` bytes, counted as moonlet.shared always counted them: each entry its key,
+ * its value (8 for a number or a boolean) and ML_SHDICT_ENTRY_OVERHEAD. A store that lacks room
+ * drops expired entries at the cold end of the least-recently-used list, then evicts the least
+ * recently used live ones (forcible), unless it is "safe". Under the budget lies a buddy allocator
+ * over 2 * size bytes: a block is at most twice the bytes it holds, so the budget always fits but
+ * for fragmentation, which is then handled as a lack of room.
+ *
+ * Invariants: every call takes the dictionary's lock (a robust process-shared mutex) and gives it
+ * back before returning; nothing in here calls out while holding it (no Lua, no callbacks), and a
+ * string handed back is a copy into the caller's buffer. When a process died holding the lock, the
+ * next one to take it empties the dictionary (its lists may be half linked) and goes on. Entries
+ * link by offsets from the dictionary's start, so the zone may sit at any address.
+ */
+#ifndef ML_SHDICT_H
+#define ML_SHDICT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ML_SHDICT_ENTRY_OVERHEAD 64 /* budget bytes an entry costs besides its key and value */
+#define ML_SHDICT_MAX_SIZE ((size_t)1 << 30)
+
+typedef struct ml_shdict_s ml_shdict_t;
+
+enum { ML_SHV_NIL = 0, ML_SHV_BOOLEAN, ML_SHV_NUMBER, ML_SHV_STRING };
+
+typedef struct ml_shvalue_s {
+  int type;        /* ML_SHV_* */
+  double number;   /* a number; a boolean as 0 or 1 */
+  const char *str; /* a string: its bytes (the caller's buffer after a get) */
+  size_t len;
+  uint32_t flags;
+} ml_shvalue_t;
+
+/* The caller's buffer that strings are copied into (grown with realloc; freed by the caller). */
+typedef struct ml_shbuf_s {
+  char *data;
+  size_t cap;
+} ml_shbuf_t;
+
+/* The zone bytes a dictionary of `size` budget bytes takes. */
+size_t ml_shdict_zone_bytes(size_t size);
+/* Sets up a dictionary in a zeroed zone of ml_shdict_zone_bytes(size) bytes (an ml_shm_init_fn:
+ * ud points to the size_t size). */
+void ml_shdict_init(void *zone, size_t bytes, void *ud);
+
+/* Looks key up. 0 and *v filled (strings copied into buf), UV_ENOENT when absent or expired, or
+ * UV_ENOMEM when buf cannot grow. stale 0: an expired entry is dropped, a found one becomes the
+ * most recently used; stale 1: an expired entry is handed back too (*is_stale 1), and nothing
+ * moves. */
+int ml_shdict_get(ml_shdict_t *d, const char *key, size_t klen, int stale, ml_shvalue_t *v,
+                  ml_shbuf_t *buf, int *is_stale);
+
+enum { ML_SHDICT_SET = 0, ML_SHDICT_ADD, ML_SHDICT_REPLACE };
+/* Stores v under key for exptime seconds (0: for ever); v ML_SHV_NIL deletes (with SET only).
+ * how: SET; ADD only when absent (else UV_EEXIST); REPLACE only when present (else UV_ENOENT).
+ * safe: refuses (UV_ENOMEM) rather than evict a live entry. UV_ENOMEM also when the entry can
+ * never fit. *forcible is 1 when live entries were evicted for it. */
+int ml_shdict_store(ml_shdict_t *d, int how, int safe, const char *key, size_t klen,
+                    const ml_shvalue_t *v, double exptime, int *forcible);
+int ml_shdict_delete(ml_shdict_t *d, const char *key, size_t klen);
+/* Adds step to a number: *out the sum. Absent: UV_ENOENT, or with has_init stores init + step for
+ * init_ttl seconds (0: for ever). UV_EINVAL when the value is not a number; UV_ENOMEM. The entry
+ * keeps its expiry. */
+int ml_shdict_incr(ml_shdict_t *d, const char *key, size_t klen, double step, int has_init,
+                   double init, double init_ttl, double *out, int *forcible);
+/* *ttl: the seconds left, 0 for an entry that never expires. UV_ENOENT when absent. */
+int ml_shdict_ttl(ml_shdict_t *d, const char *key, size_t klen, double *ttl);
+/* A new expiry, exptime seconds from now (0: never). UV_ENOENT when absent. */
+int ml_shdict_expire(ml_shdict_t *d, const char *key, size_t klen, double exptime);
+/* Copies at most max (0: all) live keys into buf, each as a uint32_t length then its bytes (not
+ * aligned: read with memcpy); *count keys, *len bytes. Expired entries met are dropped. 0 or
+ * UV_ENOMEM. */
+int ml_shdict_keys(ml_shdict_t *d, size_t max, ml_shbuf_t *buf, size_t *count, size_t *len);
+void ml_shdict_flush_all(ml_shdict_t *d);
+/* Drops expired entries, at most max (0: all); returns how many. */
+size_t ml_shdict_flush_expired(ml_shdict_t *d, size_t max);
+size_t ml_shdict_capacity(ml_shdict_t *d);
+size_t ml_shdict_free_space(ml_shdict_t *d);
+/* For tests: walks every list and block; NULL when all agree, else what does not. */
+const char *ml_shdict_check(ml_shdict_t *d);
+
+#endif
