@@ -124,6 +124,30 @@ describe("moonlet.shared", function()
         assert.truthy(err:find("moonlet --shared-memory SIZE makes more", 1, true), err)
     end)
 
+    it("lives in the shared memory that --shared-memory sizes; a bad size exits 2", function()
+        local dir = test.make_dir()
+        test.defer(function() test.remove_dir(dir) end)
+        local path = dir .. "/big.lua"
+        assert(moonlet.fs.write(path, [[
+local d = require("moonlet").shared("big", { size = "1m" })
+print("capacity " .. d:capacity())
+]]))
+        local function run(args) -- its exit code and output
+            local p = test.start_process(args .. " " .. path)
+            test.defer(function() p:kill() end)
+            return p:wait(10), p:output()
+        end
+        local code, out = run("--shared-memory 1m") -- a 1m dictionary takes 2m of it
+        assert.same(1, code)
+        assert.truthy(out:find('no room for "big"', 1, true), out)
+        code, out = run("--shared-memory=3m")
+        assert.same(0, code)
+        assert.truthy(out:find("capacity 1048576", 1, true), out)
+        code, out = run("--shared-memory lots")
+        assert.same(2, code)
+        assert.truthy(out:find("--shared-memory wants a size", 1, true), out)
+    end)
+
     it("keeps its lists and blocks whole under churn of mixed sizes", function()
         local d = fresh({ size = "32k" })
         local forcible_seen = false

@@ -174,11 +174,11 @@ describe("moonlet --workers", function()
         assert.truthy(p:output():find("workers: stopping (signal 15)", 1, true))
         -- a stop while the workers are still starting stops them too (once the supervisor runs:
         -- a process signalled before it set its handlers dies of it, as any would)
-        p = test.start_process("--workers 2 --port 0 " .. script("app.lua", APP))
-        test.defer(function() p:kill() end)
-        assert.truthy(test.wait_until(function() return p:output():find("workers: 2 of 2", 1, true) end))
-        assert.is_true(p:signal("TERM"))
-        assert.same(0, p:wait(10))
+        local early = test.start_process("--workers 2 --port 0 " .. script("app.lua", APP))
+        test.defer(function() early:kill() end) -- (each defer its own process: kill waits for its exit code)
+        assert.truthy(test.wait_until(function() return early:output():find("workers: 2 of 2", 1, true) end))
+        assert.is_true(early:signal("TERM"))
+        assert.same(0, early:wait(10))
     end)
 
     it("retries a worker that fails to start again once the app has served, and it comes back",
@@ -293,11 +293,11 @@ assert(app:listen({ host = "127.0.0.1", port = tonumber(arg[1]) }))
         local s = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0 }, function() end))
         test.defer(function() s:close() end)
         local port = s:port()
-        p = test.start_process(("--workers 2 --port %d %s"):format(port, script("app.lua", APP)))
-        test.defer(function() p:kill() end)
-        assert.same(1, p:wait(10))
-        assert.truthy(p:output():find("listen on 127.0.0.1:" .. port .. ": address in use",
-                                      1, true), p:output())
+        local taken = test.start_process(("--workers 2 --port %d %s"):format(port, script("app.lua", APP)))
+        test.defer(function() taken:kill() end)
+        assert.same(1, taken:wait(10))
+        assert.truthy(taken:output():find("listen on 127.0.0.1:" .. port .. ": address in use",
+                                          1, true), taken:output())
     end)
 
     it("serves alone with --workers 1 (and without), and refuses a bad count", function()

@@ -337,8 +337,11 @@ function _M.run_script(src, timeout)
 end
 
 -- syntax: p:kill() -- SIGKILL unless it ended already, then its files are removed; it waits for
--- the subshell to record the exit code first, else that late write would leave the file behind
+-- the subshell to record the exit code first, else that late write would leave the file behind.
+-- Once only: a second kill returns at once (it would wait 10 s for a code file removed).
 function proc_mt.__index:kill()
+    if self.killed then return end
+    self.killed = true
     self:signal("KILL")
     self:wait()
     os.remove(self.log)
