@@ -377,6 +377,7 @@ moonlet_t *moonlet_new(const moonlet_config_t *cfg) {
   moonlet_t *m = calloc(1, sizeof *m);
   if (!m) return NULL;
   m->cfg = *cfg;
+  m->shm_bytes = cfg->shared_memory;
   m->worker = (ml_worker_info_t){.id = 0, .count = 1, .ready_fd = -1};
   if (cfg->loop) {
     m->loop = cfg->loop;

@@ -19,7 +19,11 @@
 #include "mlua.h"
 
 #define SHARED_MT "moonlet.shared"
-#define DEFAULT_ARENA_BYTES (sizeof(void *) >= 8 ? (size_t)256 << 20 : (size_t)32 << 20)
+/* address space, not memory: pages count once entries touch them */
+#define DEFAULT_ARENA_BYTES (sizeof(void *) >= 8 ? (size_t)1 << 30 : (size_t)64 << 20)
+#define BUF_KEEP                                                                                   \
+  ((size_t)1 << 20) /* a larger copy-out buffer is freed once its value is pushed                  \
+                     */
 
 int mlua_shared_arena(moonlet_t *m) {
   if (m->shm) return 0;
@@ -29,6 +33,14 @@ int mlua_shared_arena(moonlet_t *m) {
 void mlua_shared_free(moonlet_t *m) {
   ml_shm_close(m->shm);
   m->shm = NULL;
+  free(m->shared_buf.data);
+  m->shared_buf.data = NULL;
+  m->shared_buf.cap = 0;
+}
+
+/* after a value or keys were pushed: a buffer grown past BUF_KEEP goes back to malloc */
+static void shrink_buf(moonlet_t *m) {
+  if (m->shared_buf.cap <= BUF_KEEP) return;
   free(m->shared_buf.data);
   m->shared_buf.data = NULL;
   m->shared_buf.cap = 0;
@@ -108,6 +120,7 @@ static int d_get(lua_State *L) {
   }
   if (r < 0) return luaL_error(L, "moonlet.shared: out of memory");
   push_value(L, &v);
+  shrink_buf(m);
   if (!v.flags) return 1;
   lua_pushnumber(L, v.flags);
   return 2;
@@ -129,6 +142,7 @@ static int d_get_stale(lua_State *L) {
   }
   if (r < 0) return luaL_error(L, "moonlet.shared: out of memory");
   push_value(L, &v);
+  shrink_buf(m);
   if (v.flags)
     lua_pushnumber(L, v.flags);
   else
@@ -156,8 +170,10 @@ static int store(lua_State *L, int how, int safe) {
   check_value(L, 3, &v);
   double exptime = check_seconds(L, 4, "exptime");
   if (!lua_isnoneornil(L, 5)) {
-    if (lua_type(L, 5) != LUA_TNUMBER) return luaL_error(L, "moonlet.shared: flags is a number");
-    v.flags = (uint32_t)lua_tonumber(L, 5);
+    lua_Number f = lua_type(L, 5) == LUA_TNUMBER ? lua_tonumber(L, 5) : -1;
+    if (!(f >= 0 && f <= 4294967295.0 && f == (lua_Number)(uint32_t)f))
+      return luaL_error(L, "moonlet.shared: flags is a whole number from 0 to 2^32 - 1");
+    v.flags = (uint32_t)f;
   }
   if (how != ML_SHDICT_SET && v.type == ML_SHV_NIL) {
     lua_pushboolean(L, 0);
@@ -272,6 +288,7 @@ static int d_get_keys(lua_State *L) {
     lua_rawseti(L, -2, (int)i);
     p += sizeof klen + klen;
   }
+  shrink_buf(m);
   return 1;
 }
 
@@ -299,7 +316,8 @@ static int d_free_space(lua_State *L) {
   return 1;
 }
 
-/* syntax: problem = dict:_check() -- for tests: nil when the lists and blocks agree */
+/* syntax: problem = dict:_check() -- for tests (not a lua_shared_dict method): nil when its lists
+ * and blocks agree, else what does not */
 static int d_check(lua_State *L) {
   const char *bad = ml_shdict_check(check_dict(L));
   if (!bad) return 0;
@@ -310,10 +328,12 @@ static int d_check(lua_State *L) {
 /* syntax: dict = core.shared_open(name, size) -- raises when the arena has no room */
 static int l_shared_open(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
-  const char *name = luaL_checkstring(L, 1);
+  size_t name_len;
+  const char *name = luaL_checklstring(L, 1, &name_len);
+  if (strlen(name) != name_len) return luaL_error(L, "moonlet.shared: a name holds no NUL byte");
   lua_Number size_n = luaL_checknumber(L, 2);
   if (!(size_n >= 1 && size_n <= (lua_Number)ML_SHDICT_MAX_SIZE))
-    return luaL_error(L, "moonlet.shared: size is from 1 byte to 1 GiB");
+    return luaL_error(L, "moonlet.shared: size is from 1 byte to 512 MiB");
   size_t size = (size_t)size_n;
   int r = mlua_shared_arena(m);
   if (r < 0) return luaL_error(L, "moonlet.shared: no shared memory: %s", mlua_err_string(r));
@@ -323,10 +343,11 @@ static int l_shared_open(lua_State *L) {
   if (r == UV_ENAMETOOLONG)
     return luaL_error(L, "moonlet.shared: a name is at most %d bytes", ML_SHM_NAME_MAX);
   if (r < 0)
-    return luaL_error(L,
-                      "moonlet.shared: no room for \"%s\" (%f bytes) in the shared memory "
-                      "(%d MiB: moonlet --shared-memory SIZE makes more)",
-                      name, size_n, (int)(ml_shm_size(m->shm) >> 20));
+    return luaL_error(
+        L,
+        "moonlet.shared: no room for \"%s\" (%f bytes) in the shared memory "
+        "(%d MiB, a dictionary takes 4 times its size: moonlet --shared-memory SIZE makes more)",
+        name, size_n, (int)(ml_shm_size(m->shm) >> 20));
   ml_shdict_t **box = lua_newuserdata(L, sizeof *box);
   *box = zone;
   lua_pushvalue(L, lua_upvalueindex(2));
@@ -343,7 +364,7 @@ static int l_shared_memory(lua_State *L) {
     lua_pushliteral(L, "the shared memory is made already");
     return 2;
   }
-  if (!(bytes >= 4096 && bytes <= (lua_Number)((size_t)1 << 40)))
+  if (!(bytes >= 4096 && bytes <= 1099511627776.0 && bytes <= (lua_Number)SIZE_MAX))
     return luaL_argerror(L, 1, "from 4 KiB to 1 TiB");
   m->shm_bytes = (size_t)bytes;
   lua_pushboolean(L, 1);

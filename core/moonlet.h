@@ -81,6 +81,9 @@ typedef struct moonlet_config_s {
   void *alloc_ud;          /* passed to alloc */
   moonlet_limits_t limits; /* server limits; all 0: moonlet's defaults */
   void *userdata;          /* the host's pointer, returned by moonlet_userdata */
+  size_t shared_memory;    /* address space of the memory moonlet.shared's dictionaries live in,
+                              mapped on first use (a dictionary takes 4 times its size; pages count
+                              only once entries touch them); 0: 1 GiB (64 MiB on 32-bit) */
 } moonlet_config_t;
 
 /* -- Life cycle -------------------------------------------------------------------------------- */

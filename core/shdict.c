@@ -4,7 +4,7 @@
  * into its bucket's chain and into the least-recently-used list (newest ... oldest). Offsets are
  * from the dictionary's start; 0 is none (the header sits there, never an entry).
  *
- * The buddy heap is cut at start into aligned blocks of decreasing powers of two (2 * size is not
+ * The buddy heap is cut at start into aligned blocks of decreasing powers of two (4 * size is not
  * one itself); a block's buddy lies at its offset in the heap XOR its size, and is merged with it
  * only when it lies wholly in the heap, is free and of the same order: so the first blocks never
  * merge past their own size.
@@ -51,6 +51,7 @@ struct ml_shdict_s {
   uint32_t newest, oldest;
   uint32_t count;
   uint32_t max_order;
+  uint32_t seed; /* of the hash, random per dictionary: keys cannot be chosen to share a chain */
   uint32_t free_list[ORDERS];
 };
 
@@ -62,12 +63,17 @@ static uint32_t buckets_for(size_t size) {
     n <<= 1;
   return n;
 }
-static size_t heap_bytes(size_t size) { return round_up(2 * size, 64); }
-
-size_t ml_shdict_zone_bytes(size_t size) {
-  return header_bytes() + round_up((size_t)buckets_for(size) * sizeof(uint32_t), 64) +
-         heap_bytes(size);
+static size_t heap_offset(size_t size) {
+  return header_bytes() + round_up((size_t)buckets_for(size) * sizeof(uint32_t), 64);
 }
+
+size_t ml_shdict_zone_bytes_with(size_t size, unsigned heap_factor) {
+  if (size < 1 || size > ML_SHDICT_MAX_SIZE || heap_factor < 2 || heap_factor > 4)
+    return SIZE_MAX; /* (no arena has room for it) */
+  return heap_offset(size) + round_up(heap_factor * size, 64);
+}
+
+size_t ml_shdict_zone_bytes(size_t size) { return ml_shdict_zone_bytes_with(size, 4); }
 
 static double now(void) { return (double)uv_hrtime() / 1e9; }
 static void *at(ml_shdict_t *d, uint32_t off) { return (char *)d + off; }
@@ -77,10 +83,17 @@ static uint32_t *bucket_of(ml_shdict_t *d, uint32_t hash) {
   return (uint32_t *)at(d, d->buckets) + (hash & (d->nbuckets - 1));
 }
 
-static uint32_t hash_key(const char *key, size_t klen) { /* FNV-1a */
-  uint32_t h = 2166136261u;
+/* FNV-1a from the dictionary's seed, then murmur3's finaliser, so that every bit of the key moves
+ * the low bits that pick the bucket */
+static uint32_t hash_key(const ml_shdict_t *d, const char *key, size_t klen) {
+  uint32_t h = 2166136261u ^ d->seed;
   for (size_t i = 0; i < klen; i++)
     h = (h ^ (unsigned char)key[i]) * 16777619u;
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
   return h;
 }
 
@@ -138,7 +151,9 @@ static int buddy_free(ml_shdict_t *d, size_t rel, unsigned k, size_t *brel) {
   return b->free && b->order == k;
 }
 
-static void block_free(ml_shdict_t *d, uint32_t off) {
+/* frees the block at off, merged with its free buddies; returns the heap offset where the free
+ * block it became ends */
+static size_t block_free(ml_shdict_t *d, uint32_t off) {
   unsigned k = block_at(d, off)->order;
   size_t rel = off - d->heap, brel;
   while (k < d->max_order && buddy_free(d, rel, k, &brel)) {
@@ -147,6 +162,7 @@ static void block_free(ml_shdict_t *d, uint32_t off) {
     k++;
   }
   free_push(d, (uint32_t)(d->heap + rel), k);
+  return rel + ((size_t)1 << k);
 }
 
 static void heap_reset(ml_shdict_t *d) {
@@ -203,7 +219,8 @@ static uint32_t find(ml_shdict_t *d, const char *key, size_t klen, uint32_t hash
   return 0;
 }
 
-static void remove_entry(ml_shdict_t *d, uint32_t off) {
+/* returns the heap offset where the free block its block became ends (block_free) */
+static size_t remove_entry(ml_shdict_t *d, uint32_t off) {
   entry_t *e = entry_at(d, off);
   uint32_t *link = bucket_of(d, e->hash);
   while (*link != off)
@@ -212,7 +229,7 @@ static void remove_entry(ml_shdict_t *d, uint32_t off) {
   lru_unlink(d, e);
   d->used -= entry_cost(e);
   d->count--;
-  block_free(d, off);
+  return block_free(d, off);
 }
 
 /* the entry of key unless absent or expired (an expired one is dropped) */
@@ -242,6 +259,41 @@ static size_t drop_expired(ml_shdict_t *d, double t, size_t scan, size_t max) {
   return n;
 }
 
+/* The budget has room but the heap no free block of 2^want bytes (it is cut up by entries here and
+ * there): evicts the entries of the aligned region of that size that costs the fewest budget bytes
+ * (or the one entry of a block at least that large), so that it becomes one free block. Walks the
+ * heap's blocks once: rare (a value far larger than most), and bounded by the heap. 0 when there is
+ * no such region. */
+static int empty_region(ml_shdict_t *d, unsigned want) {
+  size_t span = (size_t)1 << want, limit = d->heap_len & ~(span - 1);
+  size_t best = SIZE_MAX, best_rel = 0, rel = 0;
+  while (rel < limit) { /* blocks tile the heap; one smaller than span never crosses a region */
+    free_block_t *b = block_at(d, (uint32_t)(d->heap + rel));
+    if (((size_t)1 << b->order) >= span) {
+      if (!b->free && entry_cost((entry_t *)b) < best)
+        best = entry_cost((entry_t *)b), best_rel = rel;
+      rel += (size_t)1 << b->order;
+      continue;
+    }
+    size_t sum = 0, start = rel;
+    for (; rel < start + span; rel += (size_t)1 << block_at(d, (uint32_t)(d->heap + rel))->order) {
+      free_block_t *x = block_at(d, (uint32_t)(d->heap + rel));
+      if (!x->free) sum += entry_cost((entry_t *)x);
+    }
+    if (sum < best) best = sum, best_rel = start;
+  }
+  if (best == SIZE_MAX) return 0;
+  /* a removal merges its block with free neighbours: go on from the end of what it became */
+  for (rel = best_rel; rel < best_rel + span;) {
+    free_block_t *b = block_at(d, (uint32_t)(d->heap + rel));
+    if (b->free)
+      rel += (size_t)1 << b->order;
+    else
+      rel = remove_entry(d, (uint32_t)(d->heap + rel));
+  }
+  return 1;
+}
+
 static void reset(ml_shdict_t *d) {
   memset(at(d, d->buckets), 0, (size_t)d->nbuckets * sizeof(uint32_t));
   d->newest = d->oldest = 0;
@@ -251,15 +303,17 @@ static void reset(ml_shdict_t *d) {
 }
 
 void ml_shdict_init(void *zone, size_t bytes, void *ud) {
-  (void)bytes;
   ml_shdict_t *d = zone;
   size_t size = *(size_t *)ud;
+  if (size > ML_SHDICT_MAX_SIZE) size = ML_SHDICT_MAX_SIZE; /* (zone_bytes refused it already) */
   ml_shm_lock_init(&d->lock);
+  if (uv_random(NULL, NULL, &d->seed, sizeof d->seed, 0, NULL) < 0)
+    d->seed = (uint32_t)uv_hrtime() * 2654435761u;
   d->size = size;
   d->nbuckets = buckets_for(size);
   d->buckets = (uint32_t)header_bytes();
-  d->heap = (uint32_t)(d->buckets + round_up((size_t)d->nbuckets * sizeof(uint32_t), 64));
-  d->heap_len = (uint32_t)heap_bytes(size);
+  d->heap = (uint32_t)heap_offset(size);
+  d->heap_len = (uint32_t)((bytes - d->heap) / 64 * 64); /* the rest of the zone */
   d->max_order = MIN_ORDER;
   while (d->max_order + 1 < ORDERS && ((size_t)1 << (d->max_order + 1)) <= d->heap_len)
     d->max_order++;
@@ -297,7 +351,7 @@ static int copy_out(const entry_t *e, ml_shvalue_t *v, ml_shbuf_t *buf) {
 
 int ml_shdict_get(ml_shdict_t *d, const char *key, size_t klen, int stale, ml_shvalue_t *v,
                   ml_shbuf_t *buf, int *is_stale) {
-  uint32_t hash = hash_key(key, klen);
+  uint32_t hash = hash_key(d, key, klen);
   double t = now();
   int r = UV_ENOENT;
   lock(d);
@@ -332,13 +386,19 @@ static int store(ml_shdict_t *d, int safe, const char *key, size_t klen, uint32_
   uint32_t off;
   int dropped = 0;
   for (;;) {
-    if (d->used + c <= d->size && (off = block_alloc(d, need))) break;
-    if (!dropped) { /* expired entries first, then (unless safe) the least recently used */
+    int room = d->used + c <= d->size;
+    if (room && (off = block_alloc(d, need))) break;
+    if (!dropped) { /* expired entries at the cold end first, then (unless safe) live ones */
       dropped = 1;
       if (drop_expired(d, t, COLD_SCAN, 0)) continue;
     }
-    if (safe || !d->oldest) return UV_ENOMEM;
-    remove_entry(d, d->oldest);
+    if (safe) return UV_ENOMEM;
+    if (room) { /* the budget has room, the heap no block that large */
+      if (!empty_region(d, order_for(need))) return UV_ENOMEM;
+    } else { /* the least recently used */
+      if (!d->oldest) return UV_ENOMEM;
+      remove_entry(d, d->oldest);
+    }
     *forcible = 1;
   }
   entry_t *e = entry_at(d, off);
@@ -363,7 +423,7 @@ static int store(ml_shdict_t *d, int safe, const char *key, size_t klen, uint32_
 
 int ml_shdict_store(ml_shdict_t *d, int how, int safe, const char *key, size_t klen,
                     const ml_shvalue_t *v, double exptime, int *forcible) {
-  uint32_t hash = hash_key(key, klen);
+  uint32_t hash = hash_key(d, key, klen);
   double t = now();
   int r = 0;
   *forcible = 0;
@@ -379,7 +439,7 @@ int ml_shdict_store(ml_shdict_t *d, int how, int safe, const char *key, size_t k
 }
 
 int ml_shdict_delete(ml_shdict_t *d, const char *key, size_t klen) {
-  uint32_t hash = hash_key(key, klen);
+  uint32_t hash = hash_key(d, key, klen);
   lock(d);
   uint32_t off = find(d, key, klen, hash);
   if (off) remove_entry(d, off);
@@ -389,7 +449,7 @@ int ml_shdict_delete(ml_shdict_t *d, const char *key, size_t klen) {
 
 int ml_shdict_incr(ml_shdict_t *d, const char *key, size_t klen, double step, int has_init,
                    double init, double init_ttl, double *out, int *forcible) {
-  uint32_t hash = hash_key(key, klen);
+  uint32_t hash = hash_key(d, key, klen);
   double t = now();
   int r = 0;
   *forcible = 0;
@@ -418,7 +478,7 @@ int ml_shdict_incr(ml_shdict_t *d, const char *key, size_t klen, double step, in
 }
 
 int ml_shdict_ttl(ml_shdict_t *d, const char *key, size_t klen, double *ttl) {
-  uint32_t hash = hash_key(key, klen);
+  uint32_t hash = hash_key(d, key, klen);
   double t = now();
   lock(d);
   uint32_t off = live(d, key, klen, hash, t);
@@ -431,7 +491,7 @@ int ml_shdict_ttl(ml_shdict_t *d, const char *key, size_t klen, double *ttl) {
 }
 
 int ml_shdict_expire(ml_shdict_t *d, const char *key, size_t klen, double exptime) {
-  uint32_t hash = hash_key(key, klen);
+  uint32_t hash = hash_key(d, key, klen);
   double t = now();
   lock(d);
   uint32_t off = live(d, key, klen, hash, t);
@@ -497,12 +557,19 @@ size_t ml_shdict_free_space(ml_shdict_t *d) {
   return n;
 }
 
+/* an entry's offset for the check: inside the heap, on a block in use */
+static int is_entry(ml_shdict_t *d, uint32_t off) {
+  if (off < d->heap || (size_t)(off - d->heap) + 64 > d->heap_len) return 0;
+  free_block_t *b = block_at(d, off);
+  return !b->free && b->order >= MIN_ORDER && b->order <= d->max_order;
+}
+
 const char *ml_shdict_check(ml_shdict_t *d) {
   const char *bad = NULL;
   lock(d);
   size_t brel, used_blocks = 0, free_blocks = 0, listed_free = 0, costs = 0, in_lru = 0,
-               chained = 0;
-  for (size_t rel = 0; rel < d->heap_len && !bad;) { /* the blocks tile the heap */
+               chained = 0, rel = 0;
+  while (rel < d->heap_len && !bad) { /* the blocks tile the heap */
     free_block_t *b = block_at(d, (uint32_t)(d->heap + rel));
     if (b->order < MIN_ORDER || b->order > d->max_order || rel % ((size_t)1 << b->order))
       bad = "a block of a bad order or misaligned";
@@ -514,24 +581,39 @@ const char *ml_shdict_check(ml_shdict_t *d) {
       used_blocks++, costs += entry_cost((entry_t *)b);
     rel += (size_t)1 << b->order;
   }
-  for (unsigned k = 0; k < ORDERS && !bad; k++)
+  if (!bad && rel != d->heap_len) bad = "the blocks run past the heap";
+  /* every walk below stops after more steps than there are blocks: a cycle is reported */
+  size_t max_steps = d->heap_len / 64 + 1, steps;
+  for (unsigned k = 0; k < ORDERS && !bad; k++) {
+    steps = 0;
     for (uint32_t off = d->free_list[k], prev = 0; off && !bad;
-         prev = off, off = block_at(d, off)->next) {
+         prev = off, off = bad ? 0 : block_at(d, off)->next) {
       free_block_t *b = block_at(d, off);
-      if (!b->free || b->order != k || b->prev != prev) bad = "a free list is broken";
+      if (++steps > max_steps || !b->free || b->order != k || b->prev != prev)
+        bad = "a free list is broken";
       listed_free++;
     }
+  }
   uint32_t newer = 0;
-  for (uint32_t off = d->newest; off && !bad; newer = off, off = entry_at(d, off)->older) {
-    if (entry_at(d, off)->newer != newer) bad = "the LRU list is broken";
+  steps = 0;
+  for (uint32_t off = d->newest; off && !bad;
+       newer = off, off = bad ? 0 : entry_at(d, off)->older) {
+    if (++steps > max_steps || !is_entry(d, off) || entry_at(d, off)->newer != newer)
+      bad = "the LRU list is broken";
     in_lru++;
   }
   if (!bad && newer != d->oldest) bad = "the LRU list does not end at the oldest";
-  for (uint32_t i = 0; i < d->nbuckets && !bad; i++)
-    for (uint32_t off = ((uint32_t *)at(d, d->buckets))[i]; off; off = entry_at(d, off)->hnext) {
-      if ((entry_at(d, off)->hash & (d->nbuckets - 1)) != i) bad = "an entry in the wrong bucket";
+  for (uint32_t i = 0; i < d->nbuckets && !bad; i++) {
+    steps = 0;
+    for (uint32_t off = ((uint32_t *)at(d, d->buckets))[i]; off && !bad;
+         off = bad ? 0 : entry_at(d, off)->hnext) {
+      if (++steps > max_steps || !is_entry(d, off))
+        bad = "a chain is broken";
+      else if ((entry_at(d, off)->hash & (d->nbuckets - 1)) != i)
+        bad = "an entry in the wrong bucket";
       chained++;
     }
+  }
   if (!bad && (free_blocks != listed_free)) bad = "free blocks off their lists";
   if (!bad && (used_blocks != d->count || in_lru != d->count || chained != d->count))
     bad = "entries, LRU list and chains disagree";

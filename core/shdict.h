@@ -7,8 +7,10 @@
  * its value (8 for a number or a boolean) and ML_SHDICT_ENTRY_OVERHEAD. A store that lacks room
  * drops expired entries at the cold end of the least-recently-used list, then evicts the least
  * recently used live ones (forcible), unless it is "safe". Under the budget lies a buddy allocator
- * over 2 * size bytes: a block is at most twice the bytes it holds, so the budget always fits but
- * for fragmentation, which is then handled as a lack of room.
+ * over 4 * size bytes: a block is at most twice the bytes it holds, so what the budget holds takes
+ * at most half the heap. When the heap is still too cut up for a large value, the entries of the
+ * region cheapest to empty are evicted (forcible; "safe" refuses); the memory a process holds is
+ * only the pages the entries touched.
  *
  * Invariants: every call takes the dictionary's lock (a robust process-shared mutex) and gives it
  * back before returning; nothing in here calls out while holding it (no Lua, no callbacks), and a
@@ -23,7 +25,9 @@
 #include <stdint.h>
 
 #define ML_SHDICT_ENTRY_OVERHEAD 64 /* budget bytes an entry costs besides its key and value */
-#define ML_SHDICT_MAX_SIZE ((size_t)1 << 30)
+#define ML_SHDICT_MAX_SIZE                                                                         \
+  ((size_t)512 << 20) /* its heap, 4 times larger, keeps 32-bit offsets                            \
+                       */
 
 typedef struct ml_shdict_s ml_shdict_t;
 
@@ -43,10 +47,12 @@ typedef struct ml_shbuf_s {
   size_t cap;
 } ml_shbuf_t;
 
-/* The zone bytes a dictionary of `size` budget bytes takes. */
+/* The zone bytes a dictionary of `size` budget bytes takes: its heap is heap_factor (2 to 4) times
+ * the budget; ml_shdict_zone_bytes's is 4 times. SIZE_MAX for a size past ML_SHDICT_MAX_SIZE. */
 size_t ml_shdict_zone_bytes(size_t size);
+size_t ml_shdict_zone_bytes_with(size_t size, unsigned heap_factor);
 /* Sets up a dictionary in a zeroed zone of ml_shdict_zone_bytes(size) bytes (an ml_shm_init_fn:
- * ud points to the size_t size). */
+ * ud points to the size_t size); its heap is the rest of the zone. */
 void ml_shdict_init(void *zone, size_t bytes, void *ud);
 
 /* Looks key up. 0 and *v filled (strings copied into buf), UV_ENOENT when absent or expired, or

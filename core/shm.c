@@ -76,13 +76,13 @@ int ml_shm_zone(ml_shm_t *shm, const char *name, size_t bytes, ml_shm_init_fn in
     }
     link = &z->next;
   }
-  size_t need = round_up(sizeof(zone_t), ALIGN) + round_up(bytes, ALIGN);
-  if (bytes > shm->size || need > shm->size - shm->used) {
+  if (bytes > shm->size ||
+      round_up(sizeof(zone_t), ALIGN) + round_up(bytes, ALIGN) > shm->size - shm->used) {
     ml_shm_unlock(&shm->lock);
     return UV_ENOSPC;
   }
   size_t off = shm->used;
-  shm->used += need;
+  shm->used += round_up(sizeof(zone_t), ALIGN) + round_up(bytes, ALIGN);
   zone_t *z = zone_at(shm, off);
   z->next = 0;
   z->bytes = bytes;

@@ -32,7 +32,8 @@ flags:
   --workers N             N processes serve the app on the same port (SO_REUSEPORT), watched by
                           this one, which restarts any that dies; "auto": one per CPU (1)
   --shared-memory SIZE    address space for moonlet.shared's dictionaries, shared by the
-                          workers ("256m"); only what entries use is memory
+                          workers ("1g"; each takes 4 times its size; only what entries use is
+                          memory)
   --tls-cert FILE         serve HTTPS with this PEM certificate (chain) ...
   --tls-key FILE          ... and this PEM private key
   -h, --help              this text

@@ -6,13 +6,17 @@
 --
 -- It lives in shared memory (core/shm.c, core/shdict.c, bindings/shared.c): under
 -- `moonlet --workers N` every worker sees the same dictionary, as nginx's workers see theirs, and a
--- reload (SIGHUP, a script edited) finds its entries still there. Its entries are kept within
--- `size` bytes (1 MiB by default; "10m" and "512k" as nginx writes them), each counting its key,
--- its value (8 for a number or a boolean) and ENTRY_OVERHEAD; a store short of room drops expired
--- entries at the cold end, then evicts the least recently used (`set`'s third result, forcible, is
--- then true; `safe_set` and `safe_add` refuse with "no memory"). The shared memory that holds all
--- dictionaries is 256 MiB of address space by default (`moonlet --shared-memory SIZE`); only what
--- the entries touch is memory. The dictionary never waits: every call returns at once.
+-- reload (SIGHUP, a script edited) finds its entries still there. The script's top level runs in
+-- every worker, and again in one started anew: initialise with `add` (only when absent), not `set`.
+-- Its entries are kept within `size` bytes (1 MiB by default; "10m" and "512k" as nginx writes
+-- them), each counting its key, its value (8 for a number or a boolean) and ENTRY_OVERHEAD; a store
+-- short of room drops expired entries among the 64 least recently used, then evicts the least
+-- recently used (`set`'s third result, forcible, is then true; `safe_set` and `safe_add` refuse with
+-- "no memory"), as OpenResty does. The shared memory that holds all dictionaries is 1 GiB of
+-- address space by default (`moonlet --shared-memory SIZE`); a dictionary takes 4 times its size of
+-- it, and only the pages its entries touch are memory. A call never yields; it holds the
+-- dictionary's lock, which all workers share, for its own work only (get_keys(0) and
+-- flush_expired() on a large dictionary hold it longest).
 local core = require "moonlet.core"
 
 local type, error, tonumber = type, error, tonumber
