@@ -105,15 +105,15 @@ static const char *err_word(int r) {
   }
 }
 
-/* syntax: value, flags = dict:get(key) -- nil when missing or expired */
-static int d_get(lua_State *L) {
+/* get and get_stale: pushes value, flags (get: only when set) and, for get_stale, stale */
+static int read_entry(lua_State *L, int stale_too) {
   moonlet_t *m = mlua_instance(L);
   ml_shdict_t *d = check_dict(L);
   size_t klen;
   const char *key = check_key(L, 2, &klen);
   ml_shvalue_t v;
   int stale;
-  int r = ml_shdict_get(d, key, klen, 0, &v, &m->shared_buf, &stale);
+  int r = ml_shdict_get(d, key, klen, stale_too, &v, &m->shared_buf, &stale);
   if (r == UV_ENOENT) {
     lua_pushnil(L);
     return 1;
@@ -121,35 +121,22 @@ static int d_get(lua_State *L) {
   if (r < 0) return luaL_error(L, "moonlet.shared: out of memory");
   push_value(L, &v);
   shrink_buf(m);
-  if (!v.flags) return 1;
-  lua_pushnumber(L, v.flags);
-  return 2;
-}
-
-/* syntax: value, flags, stale = dict:get_stale(key) -- an expired value too (stale true), until
- * something drops it */
-static int d_get_stale(lua_State *L) {
-  moonlet_t *m = mlua_instance(L);
-  ml_shdict_t *d = check_dict(L);
-  size_t klen;
-  const char *key = check_key(L, 2, &klen);
-  ml_shvalue_t v;
-  int stale;
-  int r = ml_shdict_get(d, key, klen, 1, &v, &m->shared_buf, &stale);
-  if (r == UV_ENOENT) {
-    lua_pushnil(L);
-    return 1;
-  }
-  if (r < 0) return luaL_error(L, "moonlet.shared: out of memory");
-  push_value(L, &v);
-  shrink_buf(m);
+  if (!stale_too && !v.flags) return 1;
   if (v.flags)
     lua_pushnumber(L, v.flags);
   else
     lua_pushnil(L);
+  if (!stale_too) return 2;
   lua_pushboolean(L, stale);
   return 3;
 }
+
+/* syntax: value, flags = dict:get(key) -- nil when missing or expired */
+static int d_get(lua_State *L) { return read_entry(L, 0); }
+
+/* syntax: value, flags, stale = dict:get_stale(key) -- an expired value too (stale true), until
+ * something drops it */
+static int d_get_stale(lua_State *L) { return read_entry(L, 1); }
 
 static int push_store_result(lua_State *L, int r, int forcible) {
   lua_pushboolean(L, r == 0);
