@@ -153,15 +153,16 @@ describe("examples", function()
         assert.same(401, assert(moonlet.http.get(base .. "/api/nothing")).status)
     end)
 
-    it("workers.lua answers from two processes, each counting its own requests", function()
+    it("workers.lua answers from two processes, each counting its own requests and all", function()
         local p = test.start_process("--workers 2 examples/workers.lua --port 0")
         test.defer(function() p:kill() end)
         local port, seen = p:port(), {}
-        for _ = 1, 400 do
+        for i = 1, 400 do
             local r = test.request(port, "GET", "/")
-            local id, pid, n =
-                r.body:match("^worker (%d) of 2 %(pid (%d+)%): request (%d+) of this worker\n$")
+            local id, pid, n, all = r.body:match(
+                "^worker (%d) of 2 %(pid (%d+)%): request (%d+) of this worker, (%d+) of all\n$")
             assert.truthy(id, r.body)
+            assert.same(i, tonumber(all)) -- moonlet.shared: one count for both processes
             seen[id] = seen[id] or { pid = pid, n = 0 }
             assert.same({ seen[id].pid, seen[id].n + 1 }, { pid, tonumber(n) }) -- its own count
             seen[id].n = seen[id].n + 1
