@@ -313,7 +313,11 @@ void ml_shdict_init(void *zone, size_t bytes, void *ud) {
   d->nbuckets = buckets_for(size);
   d->buckets = (uint32_t)header_bytes();
   d->heap = (uint32_t)heap_offset(size);
-  d->heap_len = (uint32_t)((bytes - d->heap) / 64 * 64); /* the rest of the zone */
+  /* the rest of the zone, within 4 times the budget and 32-bit offsets */
+  size_t heap_len = bytes > d->heap ? (bytes - d->heap) / 64 * 64 : 0;
+  if (heap_len > round_up(4 * size, 64)) heap_len = round_up(4 * size, 64);
+  if (heap_len > (UINT32_MAX - d->heap) / 64 * 64) heap_len = (UINT32_MAX - d->heap) / 64 * 64;
+  d->heap_len = (uint32_t)heap_len;
   d->max_order = MIN_ORDER;
   while (d->max_order + 1 < ORDERS && ((size_t)1 << (d->max_order + 1)) <= d->heap_len)
     d->max_order++;
@@ -557,11 +561,16 @@ size_t ml_shdict_free_space(ml_shdict_t *d) {
   return n;
 }
 
-/* an entry's offset for the check: inside the heap, on a block in use */
+static int in_heap(ml_shdict_t *d, uint32_t off) {
+  return off >= d->heap && (size_t)(off - d->heap) + 64 <= d->heap_len && (off - d->heap) % 64 == 0;
+}
+
+/* an entry's offset for the check: the start of a block in use, inside the heap */
 static int is_entry(ml_shdict_t *d, uint32_t off) {
-  if (off < d->heap || (size_t)(off - d->heap) + 64 > d->heap_len) return 0;
+  if (!in_heap(d, off)) return 0;
   free_block_t *b = block_at(d, off);
-  return !b->free && b->order >= MIN_ORDER && b->order <= d->max_order;
+  return !b->free && b->order >= MIN_ORDER && b->order <= d->max_order &&
+         (off - d->heap) % ((size_t)1 << b->order) == 0;
 }
 
 const char *ml_shdict_check(ml_shdict_t *d) {
@@ -579,6 +588,7 @@ const char *ml_shdict_check(ml_shdict_t *d) {
       free_blocks++;
     else
       used_blocks++, costs += entry_cost((entry_t *)b);
+    if (bad) break;
     rel += (size_t)1 << b->order;
   }
   if (!bad && rel != d->heap_len) bad = "the blocks run past the heap";
@@ -588,8 +598,8 @@ const char *ml_shdict_check(ml_shdict_t *d) {
     steps = 0;
     for (uint32_t off = d->free_list[k], prev = 0; off && !bad;
          prev = off, off = bad ? 0 : block_at(d, off)->next) {
-      free_block_t *b = block_at(d, off);
-      if (++steps > max_steps || !b->free || b->order != k || b->prev != prev)
+      free_block_t *b = in_heap(d, off) ? block_at(d, off) : NULL;
+      if (!b || ++steps > max_steps || !b->free || b->order != k || b->prev != prev)
         bad = "a free list is broken";
       listed_free++;
     }
