@@ -105,6 +105,13 @@ static const char *err_word(int r) {
   }
 }
 
+/* nil and the error's word (incr, ttl, expire): returns 2 */
+static int push_fail(lua_State *L, int r) {
+  lua_pushnil(L);
+  lua_pushstring(L, err_word(r));
+  return 2;
+}
+
 /* get and get_stale: pushes value, flags (get: only when set) and, for get_stale, stale */
 static int read_entry(lua_State *L, int stale_too) {
   moonlet_t *m = mlua_instance(L);
@@ -213,11 +220,7 @@ static int d_incr(lua_State *L) {
   double out = 0;
   int forcible = 0;
   int r = ml_shdict_incr(d, key, klen, step, has_init, init, init_ttl, &out, &forcible);
-  if (r < 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, err_word(r));
-    return 2;
-  }
+  if (r < 0) return push_fail(L, r);
   lua_pushnumber(L, out);
   lua_pushnil(L);
   lua_pushboolean(L, forcible);
@@ -231,11 +234,8 @@ static int d_ttl(lua_State *L) {
   size_t klen;
   const char *key = check_key(L, 2, &klen);
   double ttl;
-  if (ml_shdict_ttl(d, key, klen, &ttl) < 0) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "not found");
-    return 2;
-  }
+  int r = ml_shdict_ttl(d, key, klen, &ttl);
+  if (r < 0) return push_fail(L, r);
   lua_pushnumber(L, ttl);
   return 1;
 }
@@ -248,11 +248,8 @@ static int d_expire(lua_State *L) {
   if (lua_isnoneornil(L, 3))
     return luaL_error(L, "moonlet.shared: exptime is a number of seconds >= 0");
   double exptime = check_seconds(L, 3, "exptime");
-  if (ml_shdict_expire(d, key, klen, exptime) < 0) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "not found");
-    return 2;
-  }
+  int r = ml_shdict_expire(d, key, klen, exptime);
+  if (r < 0) return push_fail(L, r);
   lua_pushboolean(L, 1);
   return 1;
 }
