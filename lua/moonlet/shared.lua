@@ -45,7 +45,7 @@ function _M.get(name, opts)
     local d = dicts[name]
     if d then return d end
     local size = _M.parse_size(opts and opts.size or _M.DEFAULT_SIZE)
-    if not size or size < 1 then error("moonlet.shared: size is a number of bytes", 2) end
+    if not size then error("moonlet.shared: size is a number of bytes", 2) end -- (its range: core)
     local ok, got = pcall(core.shared_open, name, size)
     if not ok then error(got:gsub("^[^:]*:%d+: ", ""), 2) end
     dicts[name] = got
