@@ -696,6 +696,7 @@ static void read_limits(lua_State *L, int idx, ml_http_limits_t *lim) {
 }
 
 /* syntax: server, port = core.listen({ host =, port =, check_client_abort =, limits... }, handler)
+ * opts.unix = "/path" listens on that Unix domain socket instead of host:port (port is then 0).
  */
 /* opts.tls of core.listen (table at 1): { cert = "server.pem", key = "server.key" } makes an HTTPS
  * server. Returns 0 with *out the context (NULL without opts.tls), or -1 with nil and the error
@@ -736,6 +737,11 @@ static int l_listen(lua_State *L) {
   int port = (int)port_arg;
   lua_getfield(L, 1, "backlog");
   int backlog = (int)luaL_optinteger(L, -1, 511);
+  lua_getfield(L, 1, "unix");
+  const char *unix_path = luaL_optstring(L, -1, NULL);
+  if (unix_path && !*unix_path) return luaL_error(L, "moonlet: unix must be a socket path");
+  if (unix_path && m->worker.count > 1) /* each worker would replace the others' socket file */
+    return luaL_error(L, "moonlet: a Unix socket cannot be shared by --workers processes");
   ml_http_limits_t lim;
   read_limits(L, 1, &lim);
   lua_getfield(L, 1, "check_client_abort");
@@ -757,14 +763,18 @@ static int l_listen(lua_State *L) {
   }
   if (tls) ml_server_set_tls(s->srv, tls); /* the server owns it now */
   ml_server_set_reuseport(s->srv, m->worker.count > 1);
-  int r = ml_server_listen(s->srv, host, port, backlog);
+  int r = unix_path ? ml_server_listen_unix(s->srv, unix_path, backlog)
+                    : ml_server_listen(s->srv, host, port, backlog);
   if (r < 0) {
     s->handler_ref = LUA_NOREF;
     s->next = m->servers;
     m->servers = s;
     ml_server_close(s->srv, server_done, s);
     lua_pushnil(L);
-    lua_pushfstring(L, "listen on %s:%d: %s", host, port, mlua_err_string(r));
+    if (unix_path)
+      lua_pushfstring(L, "listen on unix:%s: %s", unix_path, mlua_err_string(r));
+    else
+      lua_pushfstring(L, "listen on %s:%d: %s", host, port, mlua_err_string(r));
     return 2;
   }
   lua_pushvalue(L, 2);

@@ -1,5 +1,7 @@
 /* bindings/tcp.c: TCP sockets in the cosocket style (lua-nginx-module), client and server side:
- * core.tcp_connect(ip, port, timeout), core.tcp_listen(host, port, backlog, fn, timeout), and the
+ * core.tcp_connect(ip, port, timeout), core.tcp_listen(host, port, backlog, fn, timeout), their
+ * Unix domain socket twins core.unix_connect(path, timeout) and core.unix_listen(path, backlog, fn,
+ * timeout) (a uv_pipe_t in the same union: every method works on either), and the
  * socket methods send, receive(n | "*l" | "*a"), receive_any, receiveuntil's reader, tls (the
  * handshake; afterwards send and receive encrypt transparently through core/tls.c), settimeout(s),
  * getpeername, getsockname, close, reusable (for keep-alive pools: moonlet.ngx), poolable and
@@ -40,6 +42,7 @@
 #include <string.h>
 
 #include <sys/socket.h>
+#include <sys/un.h>
 
 #include "../core/listen.h"
 #include "../core/tls.h"
@@ -61,9 +64,16 @@ static int push_err(lua_State *L, int e) {
 
 enum { W_NONE = 0, W_CONNECT, W_READ, W_WRITE, W_HANDSHAKE };
 
+/* The stream under a socket or a listener: TCP, or a Unix domain socket ("unix:/path"). */
+typedef union {
+  uv_tcp_t tcp;
+  uv_pipe_t pipe;
+} stream_u;
+
 typedef struct sock_s {
   mlua_res_t res;
-  uv_tcp_t tcp;
+  stream_u io;
+  int is_unix;       /* io is a uv_pipe_t */
   uv_timer_t rtimer; /* read and handshake waits */
   uv_timer_t wtimer; /* connect and write waits */
   uv_connect_t creq;
@@ -99,7 +109,9 @@ typedef struct {
 
 typedef struct server_s {
   mlua_res_t res;
-  uv_tcp_t tcp;
+  stream_u io;
+  int is_unix; /* io is a uv_pipe_t */
+  char *path;  /* a Unix socket's path (malloc'd; libuv removes the file at the close) */
   moonlet_t *m;
   struct server_s **box; /* the Lua box, NULLed at close */
   int fn_ref;            /* fn(sock), run in a new task per connection */
@@ -127,7 +139,7 @@ static void stop_reading(sock_t *s) {
   uv_timer_stop(&s->rtimer);
   s->rdeadline = 0;
   if (s->reading) {
-    uv_read_stop((uv_stream_t *)&s->tcp);
+    uv_read_stop((uv_stream_t *)&s->io);
     s->reading = 0;
   }
 }
@@ -142,7 +154,7 @@ static mlua_task_t *take_reader(sock_t *s) {
   mlua_task_unwait(t); /* Lua may run before the resume (on_wtimeout's close wakes the reader) */
   s->rdeadline = 0;    /* the read timer stays armed (lazy): see the top */
   uv_unref((uv_handle_t *)&s->rtimer);
-  uv_unref((uv_handle_t *)&s->tcp); /* reading ahead keeps no script alive */
+  uv_unref((uv_handle_t *)&s->io); /* reading ahead keeps no script alive */
   return t;
 }
 
@@ -170,7 +182,7 @@ static void sock_close(sock_t *s) {
   s->box = NULL;
   mlua_res_unlink(s->m, &s->res);
   mlua_task_t *r = take_reader(s), *w = NULL;
-  uv_close((uv_handle_t *)&s->tcp, sock_closed);
+  uv_close((uv_handle_t *)&s->io, sock_closed);
   uv_close((uv_handle_t *)&s->rtimer, sock_closed);
   uv_close((uv_handle_t *)&s->wtimer, sock_closed);
   if (r) mlua_task_resume(r, push_err(r->co, UV_EPIPE));
@@ -200,16 +212,20 @@ static void sock_cancel(mlua_task_t *t, void *wait) {
   }
 }
 
-static sock_t *sock_new(moonlet_t *m, int64_t timeout_ms) {
+static sock_t *sock_new(moonlet_t *m, int64_t timeout_ms, int is_unix) {
   sock_t *s = calloc(1, sizeof *s);
   if (!s) return NULL;
   s->m = m;
   s->wref = LUA_NOREF;
   s->connect_ms = s->send_ms = s->read_ms = timeout_ms;
-  uv_tcp_init(m->loop, &s->tcp);
+  s->is_unix = is_unix;
+  if (is_unix)
+    uv_pipe_init(m->loop, &s->io.pipe, 0);
+  else
+    uv_tcp_init(m->loop, &s->io.tcp);
   uv_timer_init(m->loop, &s->rtimer);
   uv_timer_init(m->loop, &s->wtimer);
-  s->tcp.data = s->rtimer.data = s->wtimer.data = s->creq.data = s->wreq.data = s;
+  s->io.tcp.data = s->rtimer.data = s->wtimer.data = s->creq.data = s->wreq.data = s;
   s->handles = 3;
   mlua_res_link(m, &s->res, sock_res_close);
   return s;
@@ -309,11 +325,20 @@ static void on_connect(uv_connect_t *req, int status) {
     mlua_task_resume(t, push_err(t->co, status));
     return;
   }
-  uv_tcp_nodelay(&s->tcp, 1);
+  if (!s->is_unix) uv_tcp_nodelay(&s->io.tcp, 1);
   lua_rawgeti(t->co, LUA_REGISTRYINDEX, s->wref); /* the box, pinned during connect */
   luaL_unref(L, LUA_REGISTRYINDEX, s->wref);
   s->wref = LUA_NOREF;
   mlua_task_resume(t, 1);
+}
+
+/* The connect of s, begun, waits: the box on top of L is pinned until on_connect. */
+static int wait_connect(lua_State *L, mlua_task_t *t, sock_t *s) {
+  s->wref = luaL_ref(L, LUA_REGISTRYINDEX);
+  s->wtask = t;
+  s->wwait = W_CONNECT;
+  start_write_timer(s, s->connect_ms);
+  return mlua_task_wait(L, t, sock_cancel, s);
 }
 
 /* syntax: sock, err = core.tcp_connect(ip, port, timeout_seconds)
@@ -332,19 +357,33 @@ static int l_connect(lua_State *L) {
   int r = strchr(host, ':') ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr)
                             : uv_ip4_addr(host, port, (struct sockaddr_in *)&addr);
   if (r < 0) return push_err(L, r);
-  sock_t *s = sock_new(m, ms);
+  sock_t *s = sock_new(m, ms, 0);
   if (!s) return luaL_error(L, "moonlet: out of memory");
   push_box(L, s);
-  r = uv_tcp_connect(&s->creq, &s->tcp, (struct sockaddr *)&addr, on_connect);
+  r = uv_tcp_connect(&s->creq, &s->io.tcp, (struct sockaddr *)&addr, on_connect);
   if (r < 0) {
     sock_close(s);
     return push_err(L, r);
   }
-  s->wref = luaL_ref(L, LUA_REGISTRYINDEX); /* pins the box until connected */
-  s->wtask = t;
-  s->wwait = W_CONNECT;
-  start_write_timer(s, s->connect_ms);
-  return mlua_task_wait(L, t, sock_cancel, s);
+  return wait_connect(L, t, s);
+}
+
+/* syntax: sock, err = core.unix_connect(path, timeout_seconds) -- a Unix domain socket; the same
+ * socket methods as core.tcp_connect's (TLS included) */
+static int l_connect_unix(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  size_t len;
+  const char *path = luaL_checklstring(L, 1, &len);
+  int64_t ms = lua_isnoneornil(L, 2) ? 60000 : to_ms(L, 2);
+  mlua_task_t *t = mlua_task_current(L);
+  mlua_check_yieldable(L, t);
+  if (len == 0 || strlen(path) != len) return luaL_argerror(L, 1, "not a socket path");
+  if (len >= sizeof((struct sockaddr_un *)0)->sun_path) return push_err(L, UV_ENAMETOOLONG);
+  sock_t *s = sock_new(m, ms, 1);
+  if (!s) return luaL_error(L, "moonlet: out of memory");
+  push_box(L, s);
+  uv_pipe_connect(&s->creq, &s->io.pipe, path, on_connect); /* errors come to on_connect */
+  return wait_connect(L, t, s);
 }
 
 /* -- Send -------------------------------------------------------------------------------------- */
@@ -404,7 +443,7 @@ static int tls_send_pending(sock_t *s, int notify) {
   if (!w) return UV_ENOMEM;
   n = ml_tls_take(s->tls, w->data, n);
   uv_buf_t b = uv_buf_init(w->data, (unsigned)n);
-  int r = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
+  int r = uv_try_write((uv_stream_t *)&s->io, &b, 1);
   if (r == (int)n || (r < 0 && r != UV_EAGAIN)) {
     free(w);
     return r < 0 ? r : 0;
@@ -414,7 +453,7 @@ static int tls_send_pending(sock_t *s, int notify) {
   w->req.data = w;
   w->s = s;
   w->notify = notify;
-  r = uv_write(&w->req, (uv_stream_t *)&s->tcp, &b, 1, on_tls_write);
+  r = uv_write(&w->req, (uv_stream_t *)&s->io, &b, 1, on_tls_write);
   if (r < 0) {
     free(w);
     return r;
@@ -500,7 +539,7 @@ static int s_send(lua_State *L) {
     start_write_timer(s, s->send_ms);
     return mlua_task_wait(L, t, sock_cancel, s);
   }
-  int w = uv_try_write((uv_stream_t *)&s->tcp, bufs, (unsigned)nb);
+  int w = uv_try_write((uv_stream_t *)&s->io, bufs, (unsigned)nb);
   if (w == (int)total) {
     lua_pushboolean(L, 1);
     return 1;
@@ -517,7 +556,7 @@ static int s_send(lua_State *L) {
     queued_write_t *q = malloc(sizeof *q);
     if (!q) return luaL_error(L, "moonlet: out of memory");
     q->m = s->m;
-    int r = uv_write(&q->req, (uv_stream_t *)&s->tcp, bufs + first, (unsigned)(nb - first),
+    int r = uv_write(&q->req, (uv_stream_t *)&s->io, bufs + first, (unsigned)(nb - first),
                      on_queued_write);
     if (r < 0) {
       free(q);
@@ -527,8 +566,7 @@ static int s_send(lua_State *L) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  int r =
-      uv_write(&s->wreq, (uv_stream_t *)&s->tcp, bufs + first, (unsigned)(nb - first), on_write);
+  int r = uv_write(&s->wreq, (uv_stream_t *)&s->io, bufs + first, (unsigned)(nb - first), on_write);
   if (r < 0) return push_err(L, r);
   s->wref = luaL_ref(L, LUA_REGISTRYINDEX); /* the bytes uv_write reads */
   s->wtask = t;
@@ -666,11 +704,11 @@ static int start_read_wait(lua_State *L, sock_t *s, int wait) {
   mlua_task_t *t = mlua_task_current(L);
   mlua_check_yieldable(L, t);
   if (!s->reading) {
-    int r = uv_read_start((uv_stream_t *)&s->tcp, alloc_cb, on_read);
+    int r = uv_read_start((uv_stream_t *)&s->io, alloc_cb, on_read);
     if (r < 0) return push_err(L, r);
     s->reading = 1;
   }
-  uv_ref((uv_handle_t *)&s->tcp); /* a waiting reader keeps the loop running */
+  uv_ref((uv_handle_t *)&s->io); /* a waiting reader keeps the loop running */
   s->rtask = t;
   s->rwait = wait;
   arm_read_timer(s, s->read_ms);
@@ -864,10 +902,19 @@ static int s_settimeouts(lua_State *L) {
 static int sock_name(lua_State *L, int peer) {
   sock_t *s = check_sock(L);
   if (!s) return push_err(L, UV_EPIPE);
+  if (s->is_unix) { /* the path: the one connected to, or the one this end is bound to ("") */
+    char path[256];
+    size_t n = sizeof path;
+    int r = peer ? uv_pipe_getpeername(&s->io.pipe, path, &n)
+                 : uv_pipe_getsockname(&s->io.pipe, path, &n);
+    if (r < 0) return push_err(L, r);
+    lua_pushfstring(L, "unix:%s", path);
+    return 1;
+  }
   struct sockaddr_storage ss;
   int len = sizeof ss;
-  int r = peer ? uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&ss, &len)
-               : uv_tcp_getsockname(&s->tcp, (struct sockaddr *)&ss, &len);
+  int r = peer ? uv_tcp_getpeername(&s->io.tcp, (struct sockaddr *)&ss, &len)
+               : uv_tcp_getsockname(&s->io.tcp, (struct sockaddr *)&ss, &len);
   if (r < 0) return push_err(L, r);
   return mlua_push_sockaddr(L, (const struct sockaddr *)&ss);
 }
@@ -899,7 +946,7 @@ static int s_reusable(lua_State *L) {
   if (ok) {
     uv_os_fd_t fd;
     char c;
-    ok = uv_fileno((uv_handle_t *)&s->tcp, &fd) == 0 &&
+    ok = uv_fileno((uv_handle_t *)&s->io, &fd) == 0 &&
          recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
   }
   lua_pushboolean(L, ok);
@@ -936,7 +983,11 @@ static int s_gc(lua_State *L) {
 
 /* -- Listen ------------------------------------------------------------------------------------ */
 
-static void server_closed(uv_handle_t *h) { free(h->data); }
+static void server_closed(uv_handle_t *h) {
+  server_t *srv = h->data;
+  free(srv->path);
+  free(srv);
+}
 
 static void server_close(server_t *srv) {
   if (srv->closed) return;
@@ -945,7 +996,7 @@ static void server_close(server_t *srv) {
   srv->box = NULL;
   luaL_unref(srv->m->L, LUA_REGISTRYINDEX, srv->fn_ref);
   srv->fn_ref = LUA_NOREF;
-  uv_close((uv_handle_t *)&srv->tcp, server_closed);
+  uv_close((uv_handle_t *)&srv->io, server_closed);
 }
 
 static void server_res_close(mlua_res_t *r) {
@@ -960,19 +1011,55 @@ static void on_connection(uv_stream_t *ls, int status) {
     ml_log(&m->log, ML_LOG_WARN, "tcp server: accept failed: %s", uv_strerror(status));
     return;
   }
-  sock_t *s = sock_new(m, srv->timeout_ms);
+  sock_t *s = sock_new(m, srv->timeout_ms, srv->is_unix);
   if (!s) return;
-  int r = uv_accept(ls, (uv_stream_t *)&s->tcp);
+  int r = uv_accept(ls, (uv_stream_t *)&s->io);
   if (r < 0) {
     sock_close(s);
     return;
   }
   s->accepted = 1;
-  uv_tcp_nodelay(&s->tcp, 1);
+  if (!s->is_unix) uv_tcp_nodelay(&s->io.tcp, 1);
   mlua_task_t *t = mlua_task_new(m);
   lua_rawgeti(t->co, LUA_REGISTRYINDEX, srv->fn_ref);
   push_box(t->co, s);
   mlua_task_start(t, 1);
+}
+
+static server_t *server_new(moonlet_t *m, int64_t timeout_ms, int is_unix) {
+  server_t *srv = calloc(1, sizeof *srv);
+  if (!srv) return NULL;
+  srv->m = m;
+  srv->timeout_ms = timeout_ms;
+  srv->fn_ref = LUA_NOREF;
+  srv->is_unix = is_unix;
+  if (is_unix)
+    uv_pipe_init(m->loop, &srv->io.pipe, 0);
+  else
+    uv_tcp_init(m->loop, &srv->io.tcp);
+  srv->io.tcp.data = srv;
+  return srv;
+}
+
+/* The listen of srv returned r: on success the server is linked to the instance, runs the function
+ * at stack index fn per connection, and its box is returned; on failure it is closed. */
+static int server_start(lua_State *L, server_t *srv, int r, int fn) {
+  moonlet_t *m = srv->m;
+  if (r < 0) {
+    srv->closed = 1;
+    uv_close((uv_handle_t *)&srv->io, server_closed);
+    return push_err(L, r);
+  }
+  lua_pushvalue(L, fn);
+  srv->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  mlua_res_link(m, &srv->res, server_res_close);
+  mlua_worker_listening(m);
+  server_t **box = lua_newuserdata(L, sizeof *box);
+  *box = srv;
+  srv->box = box;
+  luaL_getmetatable(L, SERVER_MT);
+  lua_setmetatable(L, -2);
+  return 1;
 }
 
 /* syntax: server, err = core.tcp_listen(ip, port, backlog, fn, timeout)
@@ -990,30 +1077,31 @@ static int l_listen(lua_State *L) {
   int r = strchr(host, ':') ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr)
                             : uv_ip4_addr(host, port, (struct sockaddr_in *)&addr);
   if (r < 0) return push_err(L, r);
-  server_t *srv = calloc(1, sizeof *srv);
+  server_t *srv = server_new(m, ms, 0);
   if (!srv) return luaL_error(L, "moonlet: out of memory");
-  srv->m = m;
-  srv->timeout_ms = ms;
-  srv->fn_ref = LUA_NOREF;
-  uv_tcp_init(m->loop, &srv->tcp);
-  srv->tcp.data = srv;
-  r = ml_listen_tcp(&srv->tcp, (struct sockaddr *)&addr, m->worker.count > 1, backlog,
+  r = ml_listen_tcp(&srv->io.tcp, (struct sockaddr *)&addr, m->worker.count > 1, backlog,
                     on_connection);
-  if (r < 0) {
-    srv->closed = 1;
-    uv_close((uv_handle_t *)&srv->tcp, server_closed);
-    return push_err(L, r);
-  }
-  lua_pushvalue(L, 4);
-  srv->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  mlua_res_link(m, &srv->res, server_res_close);
-  mlua_worker_listening(m);
-  server_t **box = lua_newuserdata(L, sizeof *box);
-  *box = srv;
-  srv->box = box;
-  luaL_getmetatable(L, SERVER_MT);
-  lua_setmetatable(L, -2);
-  return 1;
+  return server_start(L, srv, r, 4);
+}
+
+/* syntax: server, err = core.unix_listen(path, backlog, fn, timeout) -- core.tcp_listen on a Unix
+ * domain socket; a stale socket file at path is replaced, and the file is removed at close (by
+ * libuv, when the handle closes) */
+static int l_listen_unix(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  size_t len;
+  const char *path = luaL_checklstring(L, 1, &len);
+  int backlog = (int)luaL_optinteger(L, 2, 511);
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  int64_t ms = to_ms(L, 4);
+  if (len == 0 || strlen(path) != len) return luaL_argerror(L, 1, "not a socket path");
+  if (m->worker.count > 1) /* each worker would replace the others' socket file */
+    return luaL_error(L, "moonlet: a Unix socket cannot be shared by --workers processes");
+  server_t *srv = server_new(m, ms, 1);
+  if (!srv) return luaL_error(L, "moonlet: out of memory");
+  int r = ml_listen_unix(&srv->io.pipe, path, backlog, on_connection);
+  if (r == 0 && !(srv->path = strdup(path))) r = UV_ENOMEM;
+  return server_start(L, srv, r, 3);
 }
 
 static server_t *check_server(lua_State *L) {
@@ -1025,9 +1113,13 @@ static server_t *check_server(lua_State *L) {
 static int srv_port(lua_State *L) {
   server_t *srv = check_server(L);
   if (!srv) return push_err(L, UV_EPIPE);
+  if (srv->is_unix) {
+    lua_pushfstring(L, "unix:%s", srv->path);
+    return 1;
+  }
   struct sockaddr_storage ss;
   int len = sizeof ss;
-  int r = uv_tcp_getsockname(&srv->tcp, (struct sockaddr *)&ss, &len);
+  int r = uv_tcp_getsockname(&srv->io.tcp, (struct sockaddr *)&ss, &len);
   if (r < 0) return push_err(L, r);
   mlua_push_sockaddr(L, (const struct sockaddr *)&ss);
   lua_remove(L, -2);
@@ -1070,10 +1162,9 @@ void mlua_open_tcp(lua_State *L, moonlet_t *m) {
                                 {"closed_cleanly", s_closed_cleanly},
                                 {NULL, NULL}};
   static const luaL_Reg srvm[] = {{"port", srv_port}, {"close", srv_close}, {NULL, NULL}};
-  static const luaL_Reg fns[] = {{"tcp_connect", l_connect},
-                                 {"tcp_listen", l_listen},
-                                 {"tls_context", l_tls_context},
-                                 {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"tcp_connect", l_connect},       {"tcp_listen", l_listen},
+                                 {"unix_connect", l_connect_unix}, {"unix_listen", l_listen_unix},
+                                 {"tls_context", l_tls_context},   {NULL, NULL}};
   luaL_newmetatable(L, SOCK_MT);
   lua_pushliteral(L, SOCK_MT);
   lua_setfield(L, -2, "__name");

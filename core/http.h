@@ -98,11 +98,14 @@ ml_server_t *ml_server_new(uv_loop_t *loop, const ml_http_limits_t *lim, const m
 /* Binds and listens on host:port (port 0 picks one; read it back with ml_server_port). Returns 0 or
  * a negative UV_E* code. A server may listen on several addresses. */
 int ml_server_listen(ml_server_t *s, const char *host, int port, int backlog);
+/* Binds and listens on the Unix domain socket path (core/listen.h: a stale socket file is replaced,
+ * a live one is not); the file is removed when the listener closes. 0 or a negative UV_E* code. */
+int ml_server_listen_unix(ml_server_t *s, const char *path, int backlog);
 /* Listeners made after this share their port with other processes' (SO_REUSEPORT; core/listen.h).
  */
 void ml_server_set_reuseport(ml_server_t *s, int on);
 int ml_server_port(const ml_server_t *s,
-                   int index); /* bound port of the index-th listener, or <0 */
+                   int index); /* bound port of the index-th listener (0: a Unix socket), or <0 */
 /* Stops accepting, closes idle connections, lets active requests finish (Connection: close), and
  * closes whatever is still open after the grace time. `done` runs once everything is closed. */
 void ml_server_shutdown(ml_server_t *s, void (*done)(ml_server_t *, void *), void *ud);

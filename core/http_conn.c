@@ -619,7 +619,9 @@ int ml_conn_peer(const ml_conn_t *c, char *buf, size_t len) {
     return r;
   }
   char ip[64];
-  if (ss.ss_family == AF_INET6) {
+  if (ss.ss_family == AF_UNIX) { /* as nginx's $remote_addr on a Unix socket */
+    snprintf(buf, len, "unix:");
+  } else if (ss.ss_family == AF_INET6) {
     uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
     snprintf(buf, len, "[%s]:%d", ip, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
   } else {

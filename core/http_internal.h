@@ -34,8 +34,21 @@ enum {                   /* where a connection is in its request cycle */
        ML_CONN_DONE_READ /* the whole message is in */
 };
 
+/* A listener: a TCP socket, or a Unix domain socket (whose file libuv removes when it closes). The
+ * handle's data is the server. */
+typedef struct {
+  union {
+    uv_tcp_t tcp;
+    uv_pipe_t pipe; /* when path is set */
+  };
+  char *path; /* a Unix socket's path (owned), or NULL */
+} ml_listener_t;
+
 struct ml_conn_s {
-  uv_tcp_t tcp;     /* owned; closed once in conn_close_handles */
+  union {           /* owned; closed once in conn_close_handles */
+    uv_tcp_t tcp;   /* a TCP connection, */
+    uv_pipe_t pipe; /* or one of a Unix domain socket: every stream call takes either (&c->tcp) */
+  };
   uv_timer_t timer; /* the one timer of the connection (see conn_timer_cb) */
   llhttp_t parser;
   ml_server_t *srv;
@@ -114,7 +127,7 @@ struct ml_server_s {
   void *ud;
   llhttp_settings_t settings;
 
-  uv_tcp_t *listeners[ML_MAX_LISTENERS];
+  ml_listener_t *listeners[ML_MAX_LISTENERS];
   int nlisteners;
   uv_prepare_t prepare;   /* flushes staged output and runs the ready list before each poll */
   uv_timer_t grace_timer; /* shutdown grace */

@@ -502,10 +502,14 @@ static void on_connection(uv_stream_t *ls, int status) {
     return;
   }
   if (s->draining || s->closing) return;
+  int is_unix = ls->type == UV_NAMED_PIPE;
   if (s->nconns >= s->lim.max_conns) {
-    uv_tcp_t *t = malloc(sizeof *t);
+    ml_listener_t *t = malloc(sizeof *t); /* (a union of both handle types) */
     if (!t) return;
-    uv_tcp_init(s->loop, t);
+    if (is_unix)
+      uv_pipe_init(s->loop, &t->pipe, 0);
+    else
+      uv_tcp_init(s->loop, &t->tcp);
     if (uv_accept(ls, (uv_stream_t *)t) == 0)
       ml_log(s->log, ML_LOG_WARN, "max_conns (%u) reached: connection refused", s->lim.max_conns);
     uv_close((uv_handle_t *)t, reject_closed);
@@ -514,7 +518,10 @@ static void on_connection(uv_stream_t *ls, int status) {
   ml_conn_t *c = calloc(1, sizeof *c);
   if (!c) return;
   c->srv = s;
-  uv_tcp_init(s->loop, &c->tcp);
+  if (is_unix)
+    uv_pipe_init(s->loop, &c->pipe, 0);
+  else
+    uv_tcp_init(s->loop, &c->tcp);
   uv_timer_init(s->loop, &c->timer);
   c->tcp.data = c->timer.data = c;
   c->open_handles = 2;
@@ -532,7 +539,7 @@ static void on_connection(uv_stream_t *ls, int status) {
   }
   c->counted = 1;
   s->nconns++;
-  uv_tcp_nodelay(&c->tcp, 1);
+  if (!is_unix) uv_tcp_nodelay(&c->tcp, 1);
   c->activity = uv_now(s->loop);
   ml__conn_start(c);
   ml__conn_update_reading(c);
@@ -578,7 +585,9 @@ unsigned ml_server_conn_count(const ml_server_t *s) { return s->nconns; }
 
 static void listener_closed(uv_handle_t *h) {
   ml_server_t *s = h->data;
-  free(h);
+  ml_listener_t *l = (ml_listener_t *)h; /* (libuv unlinks a Unix socket's file at its close) */
+  free(l->path);
+  free(l);
   s->open_handles--;
   if (s->open_handles == 0 && s->done_cb) s->done_cb(s, s->done_ud);
 }
@@ -593,12 +602,29 @@ int ml_server_listen(ml_server_t *s, const char *host, int port, int backlog) {
     r = uv_ip4_addr(host, port, (struct sockaddr_in *)&addr);
   }
   if (r < 0) return r;
-  uv_tcp_t *t = malloc(sizeof *t);
+  ml_listener_t *t = calloc(1, sizeof *t);
   if (!t) return UV_ENOMEM;
-  uv_tcp_init(s->loop, t);
-  t->data = s;
+  uv_tcp_init(s->loop, &t->tcp);
+  t->tcp.data = s;
   s->open_handles++;
-  r = ml_listen_tcp(t, (struct sockaddr *)&addr, s->reuseport, backlog, on_connection);
+  r = ml_listen_tcp(&t->tcp, (struct sockaddr *)&addr, s->reuseport, backlog, on_connection);
+  if (r < 0) {
+    uv_close((uv_handle_t *)t, listener_closed);
+    return r;
+  }
+  s->listeners[s->nlisteners++] = t;
+  return 0;
+}
+
+int ml_server_listen_unix(ml_server_t *s, const char *path, int backlog) {
+  if (s->nlisteners >= ML_MAX_LISTENERS) return UV_ENOSPC;
+  ml_listener_t *t = calloc(1, sizeof *t);
+  if (!t) return UV_ENOMEM;
+  uv_pipe_init(s->loop, &t->pipe, 0);
+  t->pipe.data = s;
+  s->open_handles++;
+  int r = ml_listen_unix(&t->pipe, path, backlog, on_connection);
+  if (r == 0 && !(t->path = strdup(path))) r = UV_ENOMEM;
   if (r < 0) {
     uv_close((uv_handle_t *)t, listener_closed);
     return r;
@@ -611,9 +637,10 @@ void ml_server_set_reuseport(ml_server_t *s, int on) { s->reuseport = on; }
 
 int ml_server_port(const ml_server_t *s, int index) {
   if (index < 0 || index >= s->nlisteners) return UV_EINVAL;
+  if (s->listeners[index]->path) return 0;
   struct sockaddr_storage addr;
   int len = sizeof addr;
-  int r = uv_tcp_getsockname(s->listeners[index], (struct sockaddr *)&addr, &len);
+  int r = uv_tcp_getsockname(&s->listeners[index]->tcp, (struct sockaddr *)&addr, &len);
   if (r < 0) return r;
   if (addr.ss_family == AF_INET6) return ntohs(((struct sockaddr_in6 *)&addr)->sin6_port);
   return ntohs(((struct sockaddr_in *)&addr)->sin_port);

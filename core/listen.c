@@ -1,4 +1,5 @@
-/* core/listen.c: listening TCP sockets, with SO_REUSEPORT when several processes share a port
+/* core/listen.c: listening Unix domain sockets (a stale socket file replaced, a live one kept);
+ * listening TCP sockets, with SO_REUSEPORT when several processes share a port
  * (`moonlet --workers N`), and the supervisor's reservation of that port. libuv 1.44 has no
  * UV_TCP_REUSEPORT, so the socket is made here, the option set, and the fd handed to libuv
  * (uv_tcp_open), which owns it from then on.
@@ -11,7 +12,33 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
+
+/* 1 when a server listens on the Unix socket at path (a connect succeeds), else 0. */
+static int unix_alive(const char *path) {
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  if (strlen(path) >= sizeof sa.sun_path) return 0;
+  memcpy(sa.sun_path, path, strlen(path) + 1);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return 0;
+  int alive = connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EAGAIN;
+  close(fd);
+  return alive;
+}
+
+int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, uv_connection_cb cb) {
+  if (strlen(path) >= sizeof((struct sockaddr_un *)0)->sun_path) return UV_ENAMETOOLONG;
+  struct stat st;
+  if (lstat(path, &st) == 0) {
+    if (!S_ISSOCK(st.st_mode) || unix_alive(path)) return UV_EADDRINUSE;
+    if (unlink(path) < 0 && errno != ENOENT) return -errno;
+  }
+  int r = uv_pipe_bind(p, path);
+  if (r < 0) return r;
+  return uv_listen((uv_stream_t *)p, backlog, cb);
+}
 
 int ml_listen_share_port(uv_os_sock_t fd) {
   int on = 1;

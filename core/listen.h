@@ -1,6 +1,6 @@
-/* core/listen.h: listening TCP sockets, optionally sharing their port with SO_REUSEPORT (the
- * processes of `moonlet --workers N` each listen on the same port; the kernel spreads the new
- * connections across them), and a port reserved before the workers exist.
+/* core/listen.h: listening TCP sockets and Unix domain sockets, optionally sharing their port with
+ * SO_REUSEPORT (the processes of `moonlet --workers N` each listen on the same port; the kernel
+ * spreads the new connections across them), and a port reserved before the workers exist.
  */
 #ifndef ML_LISTEN_H
 #define ML_LISTEN_H
@@ -12,6 +12,13 @@
  * way. */
 int ml_listen_tcp(uv_tcp_t *t, const struct sockaddr *addr, int reuseport, int backlog,
                   uv_connection_cb cb);
+
+/* Binds p (uv_pipe_init'ed) to the Unix domain socket path and listens. A socket file already at
+ * path that nobody listens on (left by a process that died) is removed first; one a live server
+ * listens on gives UV_EADDRINUSE, and so does a path that is not a socket (it is never removed).
+ * 0 or a negative libuv error; p is the caller's to close either way, and closing it removes the
+ * socket file it bound (libuv's uv__pipe_close unlinks it). */
+int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, uv_connection_cb cb);
 
 /* Lets the socket fd share its port with others that set it too (SO_REUSEPORT): 0 or -errno. */
 int ml_listen_share_port(uv_os_sock_t fd);

@@ -518,6 +518,9 @@ function methods:dispatcher()
 end
 
 -- syntax: server, port = app:listen({ host = "127.0.0.1", port = 8080, max_body = ..., ... })
+--         server = app:listen({ unix = "/run/app.sock" }) -- or host = "unix:/run/app.sock": a Unix
+-- domain socket (behind nginx's proxy_pass http://unix:/run/app.sock:); port is then 0. A stale
+-- socket file is replaced, a live server's is not ("address in use"); the file goes at close.
 -- The limits of app:listen an app may carry as its own defaults (moonlet.app{ max_body = ... }).
 -- They go to core.listen as opts.defaults, under what listen's own options, the command line and an
 -- embedding host's cfg.limits give (bindings/http_server.c read_limits). They are read when a server
@@ -529,7 +532,8 @@ local LISTEN_DEFAULTS = {
 local LISTEN_DEFAULT_SET = {}
 for _, k in ipairs(LISTEN_DEFAULTS) do LISTEN_DEFAULT_SET[k] = true end
 
-local LISTEN_OWN = { host = true, port = true, backlog = true, tls = true, check_client_abort = true }
+local LISTEN_OWN = { host = true, port = true, backlog = true, tls = true, check_client_abort = true,
+                     unix = true }
 
 function methods:listen(given)
     local opts = {} -- a copy: the caller's table may serve another app next
@@ -540,6 +544,12 @@ function methods:listen(given)
         end
     end
     local host = opts.host
+    if type(host) == "string" and host:sub(1, 5) == "unix:" then -- nginx's listen unix:/path
+        opts.unix, opts.host, host = host:sub(6), nil, nil
+    end
+    if opts.unix ~= nil and (type(opts.unix) ~= "string" or opts.unix == "") then
+        error("app:listen: unix must be a socket path", 2)
+    end
     if type(host) == "string" and not host:find("^[%d.]+$") and not host:find(":", 1, true) then
         -- a name ("localhost"): its first address, looked up through the loop (moonlet.dns)
         local addrs, err = require("moonlet.dns").resolve(host)

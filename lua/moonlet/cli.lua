@@ -17,6 +17,7 @@ until it and every task it spawned are done.
 flags:
   --host HOST             address to listen on (127.0.0.1)
   --port N                port (env PORT, else 8080); 0 picks a free one
+  --unix PATH             listen on this Unix domain socket instead (also --host unix:PATH)
   --access-log            one line per request on stdout
   --reload                reload the app when its file or a module next to it changes
   --log-level LEVEL       error, warn, info (default) or debug
@@ -48,7 +49,7 @@ local value_flags = {
     ["--keepalive-timeout"] = "keepalive_timeout", ["--max-conns"] = "max_conns",
     ["--shutdown-grace"] = "shutdown_grace", ["--send-timeout"] = "send_timeout",
     ["--tls-cert"] = "tls_cert", ["--tls-key"] = "tls_key", ["--workers"] = "workers",
-    ["--shared-memory"] = "shared_memory",
+    ["--shared-memory"] = "shared_memory", ["--unix"] = "unix",
 }
 local numeric = {
     port = true, max_body = true, max_uri = true, max_header_bytes = true, max_headers = true,
@@ -124,6 +125,11 @@ function _M.parse(argv)
             return die("--shared-memory wants a size such as 64m or 1g (4k to 1024g)")
         end
         opts.shared_memory = bytes
+    end
+    if opts.host and opts.host:sub(1, 5) == "unix:" then opts.unix, opts.host = opts.host:sub(6), nil end
+    if opts.unix == "" then return die("--unix wants a socket path") end
+    if opts.unix and opts.workers and opts.workers > 1 then
+        return die("--unix cannot be shared by --workers processes (each would replace the socket)")
     end
     if (opts.tls_cert == nil) ~= (opts.tls_key == nil) then
         return die("--tls-cert and --tls-key go together")
@@ -231,8 +237,14 @@ function _M.main(argv)
     end
     reload.set_current(host)
     local shown = opts.host:find(":", 1, true) and "[" .. opts.host .. "]" or opts.host
-    core.log(2, ("moonlet %s serving %s on %s://%s:%d"):format(core.version, script,
-                                                                 opts.tls and "https" or "http", shown, port))
+    local scheme = opts.tls and "https" or "http"
+    if opts.unix then
+        core.log(2, ("moonlet %s serving %s on unix:%s (%s)"):format(core.version, script, opts.unix,
+                                                                      scheme))
+    else
+        core.log(2, ("moonlet %s serving %s on %s://%s:%d"):format(core.version, script, scheme, shown,
+                                                                     port))
+    end
     if opts.reload then
         local ok, werr = host:watch()
         if ok then

@@ -8,7 +8,8 @@
 -- that is itself a trusted proxy is skipped; the first one that is not is the client (all trusted:
 -- the leftmost). A request from an untrusted peer is left as it is, whatever headers it carries:
 -- a client cannot claim another address. Addresses are compared as bytes (IPv4, IPv6 with "::",
--- IPv4-mapped IPv6 as IPv4), so "10.0.0.0/8" and "::1" are ranges and addresses alike.
+-- IPv4-mapped IPv6 as IPv4), so "10.0.0.0/8" and "::1" are ranges and addresses alike; "unix:"
+-- trusts the peers of a Unix domain socket (nginx's set_real_ip_from unix:), whose req.ip is "unix:".
 local str_find, str_sub, str_lower, str_match, str_gmatch, str_char, str_byte =
     string.find, string.sub, string.lower, string.match, string.gmatch, string.char, string.byte
 local floor = math.floor
@@ -125,18 +126,26 @@ local function parse_forwarded(h)
 end
 
 -- syntax: app:use(moonlet.forwarded({ trusted = { "127.0.0.1", "10.0.0.0/8" }, header = "x-forwarded" }))
+-- trusted: by default the loopback addresses and "unix:" (a proxy on this machine)
 -- header: "x-forwarded" (X-Forwarded-For / -Proto / -Host, the default) or "forwarded" (RFC 7239)
 function _M.middleware(opts)
     opts = opts or {}
-    local trusted = opts.trusted or { "127.0.0.1", "::1" }
+    local trusted = opts.trusted or { "127.0.0.1", "::1", "unix:" }
     if type(trusted) ~= "table" then error("moonlet.forwarded: trusted is a list of addresses", 3) end
-    local ranges = {}
-    for i, s in ipairs(trusted) do ranges[i] = parse_range(s) end
+    local ranges, trust_unix = {}, false
+    for _, s in ipairs(trusted) do
+        if s == "unix:" then
+            trust_unix = true
+        else
+            ranges[#ranges + 1] = parse_range(s)
+        end
+    end
     local kind = opts.header or "x-forwarded"
     if kind ~= "x-forwarded" and kind ~= "forwarded" then
         error("moonlet.forwarded: header is \"x-forwarded\" or \"forwarded\"", 3)
     end
     local function is_trusted(addr)
+        if addr == "unix:" then return trust_unix end
         local b = _M.ip_bytes(addr)
         if not b then return false end
         for i = 1, #ranges do

@@ -549,7 +549,12 @@ local function connect(u, key, o, deadline, px, proxy_auth)
         if left < t then t = left end
     end
     local via = px or u -- a proxy: the TCP connection goes to it
-    local sock, err = tcp_connect(via.host, via.port, { timeout = t }) -- raises when cancelled
+    local sock, err
+    if o.unix then -- o.unix: the URL names the origin (Host, TLS name), the socket is the path
+        sock, err = tcp_connect("unix:" .. o.unix, { timeout = t }) -- raises when cancelled
+    else
+        sock, err = tcp_connect(via.host, via.port, { timeout = t }) -- raises when cancelled
+    end
     if not sock then return nil, px and err ~= "timeout" and "proxy: " .. err or err end
     conn.sock = sock
     if raw and raw_mt and getmetatable(sock) == raw_mt then
@@ -1045,7 +1050,9 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
             key = key .. "|" .. concat(t, ",")
         end
     end
-    local px = proxy_for(u, o)
+    local unix = o.unix
+    if unix then key = key .. "|unix:" .. unix end -- a Unix domain socket: one pool per socket
+    local px = not unix and proxy_for(u, o) or nil
     local proxy_auth
     if not px or u.https then proxy_auth, headers = take_proxy_auth(headers) end
     if not px then
@@ -1204,6 +1211,9 @@ local function request(method, url, o, body, level)
     if not u then error("moonlet.http: " .. err .. ": " .. url, level) end
     check_proxy(o.proxy, o.no_proxy, "moonlet.http", level + 1)
     check_jar(o.jar, "moonlet.http", level + 1)
+    if o.unix ~= nil and (type(o.unix) ~= "string" or o.unix == "") then
+        error("moonlet.http: unix must be a socket path", level)
+    end
     local target = u.target
     local query = o.query
     if query then
@@ -1277,7 +1287,9 @@ end
 -- syntax: res, err = moonlet.http.request{ method =, url =, headers =, body =, json =, form =,
 -- query =, timeout =, connect_timeout =, read_timeout =, send_timeout =, redirects =, decompress =,
 -- max_body =, stream =, keepalive =, verify =, tls =, pool_size =, idle_timeout =, proxy =,
--- no_proxy =, jar = }
+-- no_proxy =, jar =, unix = }
+-- unix = "/run/app.sock": the connection goes to that Unix domain socket (curl's --unix-socket,
+-- aiohttp's UnixConnector); the URL still gives the Host header, the path and the TLS name.
 function _M.request(opts, url_opts)
     if type(opts) == "string" then -- request(url, opts)
         local o = url_opts or EMPTY

@@ -80,11 +80,14 @@ end
 -- syntax: ok, err = sock:connect(host, port, { pool = name, pool_size =, backlog = })
 function tcp_methods:connect(host, port, opts)
     if type(host) ~= "string" then error("moonlet.ngx: connect expects a host", 2) end
-    if sub(host, 1, 5) == "unix:" then
-        return nil, "unix domain sockets are not supported"
+    local unix = sub(host, 1, 5) == "unix:" -- connect("unix:/path", opts?): no port
+    if unix then
+        if type(port) == "table" and opts == nil then port, opts = nil, port end
+        if port ~= nil then error("moonlet.ngx: a unix: socket has no port", 2) end
+    else
+        if type(port) ~= "number" then port = tonumber(port) end
+        if not port then error("moonlet.ngx: connect expects a port", 2) end
     end
-    if type(port) ~= "number" then port = tonumber(port) end
-    if not port then error("moonlet.ngx: connect expects a port", 2) end
     if opts ~= nil and type(opts) ~= "table" then
         error("moonlet.ngx: connect options must be a table", 2)
     end
@@ -93,7 +96,7 @@ function tcp_methods:connect(host, port, opts)
         old:close()
         self._sock = nil
     end
-    local key = opts and opts.pool or (host .. ":" .. port)
+    local key = opts and opts.pool or (unix and host or host .. ":" .. port)
     if type(key) ~= "string" then error("moonlet.ngx: pool must be a string", 2) end
     local s = tcp.socket()
     s:settimeouts(secs(self._ct), secs(self._st), secs(self._rt))

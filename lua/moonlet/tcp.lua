@@ -15,11 +15,12 @@ local check = task.check
 local CANCELLED = task.CANCELLED
 local now = core.now
 local core_connect, core_listen = core.tcp_connect, core.tcp_listen
+local core_unix_connect, core_unix_listen = core.unix_connect, core.unix_listen
 local core_tls_context = core.tls_context
 local type, tostring, tonumber, error, setmetatable = type, tostring, tonumber, error, setmetatable
 local xpcall, traceback = xpcall, debug.traceback
 local pairs, rawget = pairs, rawget
-local concat = table.concat
+local concat, sub = table.concat, string.sub
 
 local raw = core.tcp_raw
 local raw_send, raw_receive, raw_receive_any = raw.send, raw.receive, raw.receive_any
@@ -191,12 +192,24 @@ local function check_port(port, fname)
     return port
 end
 
--- Checks connect's arguments: port, timeout, tls options, pool key.
+-- The path of a Unix domain socket address "unix:/path", or nil for a host name or address.
+local function unix_path(host)
+    if sub(host, 1, 5) == "unix:" then return sub(host, 6) end
+end
+
+-- Checks connect's arguments: port, timeout, tls options, pool key. A Unix socket ("unix:/path")
+-- takes no port: its options may come second, as in OpenResty's connect("unix:/path", opts).
 local function connect_args(host, port, opts, fname, level)
     if type(host) ~= "string" then error("moonlet.tcp." .. fname .. ": expected a host", level + 1) end
-    port = tonumber(port)
-    if not port or port % 1 ~= 0 or port < 0 or port > 65535 then
-        error("moonlet.tcp." .. fname .. ": bad port", level + 1)
+    if unix_path(host) then
+        if type(port) == "table" and opts == nil then port, opts = nil, port end
+        if port ~= nil then error("moonlet.tcp." .. fname .. ": a unix: socket has no port", level + 1) end
+        if unix_path(host) == "" then error("moonlet.tcp." .. fname .. ": empty socket path", level + 1) end
+    else
+        port = tonumber(port)
+        if not port or port % 1 ~= 0 or port < 0 or port > 65535 then
+            error("moonlet.tcp." .. fname .. ": bad port", level + 1)
+        end
     end
     local timeout, tls, key = nil, nil, nil
     if opts ~= nil then
@@ -217,15 +230,22 @@ local function connect_args(host, port, opts, fname, level)
             key = opts.pool
         end
     end
-    return port, timeout, tls, key or (host .. ":" .. port)
+    return port, timeout, tls, key or (port and host .. ":" .. port or host)
 end
 
 -- Opens a new connection (no pool involved).
 local function open(host, port, timeout, tls, key)
     local deadline = now() + timeout
-    local addrs, err = dns.resolve(host, { timeout = timeout })
-    if not addrs then return nil, err end
+    local path = unix_path(host)
+    local addrs, err
+    if path then
+        addrs = {}
+    else
+        addrs, err = dns.resolve(host, { timeout = timeout })
+        if not addrs then return nil, err end
+    end
     local sock
+    if path then sock, err = check(core_unix_connect(path, timeout)) end
     for i = 1, #addrs do
         local left = deadline - now()
         if left <= 0 then
@@ -252,6 +272,7 @@ end
 
 -- syntax: sock, err = moonlet.tcp.connect(host, port, { timeout = seconds, tls = true | {...},
 --                                                     pool = name })
+--         sock, err = moonlet.tcp.connect("unix:/path", { ... }) -- a Unix domain socket
 -- Resolves host (asynchronously) and tries each address in turn. timeout (60 s) bounds the whole
 -- connect and is then the socket's timeout for every later wait (sock:settimeout changes it).
 -- err: "connection refused", "timeout", "not found", "tls: ...". Always a new connection (the
@@ -376,16 +397,23 @@ end
 
 -- syntax: server, err = moonlet.tcp.listen({ host =, port =, backlog =, timeout =,
 --                                            tls = { cert =, key = } }, handler)
--- Listens (host 127.0.0.1 by default, port 0 for a free one: server:port() tells which). Each
+--         server, err = moonlet.tcp.listen({ unix = "/path" (or host = "unix:/path"), ... }, handler)
+-- Listens (host 127.0.0.1 by default, port 0 for a free one: server:port() tells which; on a Unix
+-- domain socket server:port() is "unix:/path", a stale socket file there is replaced, a live
+-- server's is not: nil, "address already in use"; the file goes when the server closes). Each
 -- connection runs handler(sock) in its own task; its error is logged; the socket is closed when
 -- the handler returns. timeout (60 s) is each socket's timeout. With tls the handshake runs
 -- before the handler (a failed one is logged at debug level and closes the connection).
 function _M.listen(opts, handler)
     if type(opts) ~= "table" then error("moonlet.tcp.listen: expected an options table", 2) end
     if type(handler) ~= "function" then error("moonlet.tcp.listen: expected a handler", 2) end
-    local port = check_port(opts.port or 0, "listen")
     local host = opts.host or "127.0.0.1"
     if type(host) ~= "string" then error("moonlet.tcp.listen: host must be a string", 2) end
+    local path = opts.unix or unix_path(host)
+    if path ~= nil and (type(path) ~= "string" or path == "") then
+        error("moonlet.tcp.listen: unix must be a socket path", 2)
+    end
+    local port = not path and check_port(opts.port or 0, "listen")
     local timeout = opts.timeout
     if timeout == nil then timeout = DEFAULT_TIMEOUT end
     local ctx
@@ -395,8 +423,11 @@ function _M.listen(opts, handler)
         ctx, err = context(true, tls)
         if not ctx then return nil, err end
     end
-    local addrs, err = dns.resolve(host)
-    if not addrs then return nil, err end
+    local addrs, err
+    if not path then
+        addrs, err = dns.resolve(host)
+        if not addrs then return nil, err end
+    end
     local function serve(sock)
         accepted[sock] = true
         if ctx then
@@ -409,13 +440,15 @@ function _M.listen(opts, handler)
         end
         return handler(sock)
     end
-    return core_listen(addrs[1], port, opts.backlog, function(sock)
+    local function run(sock)
         local ok, herr = xpcall(serve, handler_error, sock)
         if not ok and herr ~= CANCELLED then
             core.log(0, "tcp handler failed: " .. tostring(herr))
         end
         raw_close(sock)
-    end, timeout)
+    end
+    if path then return core_unix_listen(path, opts.backlog, run, timeout) end
+    return core_listen(addrs[1], port, opts.backlog, run, timeout)
 end
 
 return _M

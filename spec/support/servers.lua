@@ -118,9 +118,11 @@ local redis_mt = { __index = {} }
 local redis = redis_mt.__index
 
 function redis:start()
+    self.socket = self.dir .. "/redis.sock" -- also on a Unix domain socket
     return sh(("redis-server --port %d --bind 127.0.0.1 --dir %s --save '' --appendonly no " ..
+               "--unixsocket %s --unixsocketperm 700 " ..
                "--daemonize yes --pidfile %s/redis.pid --logfile %s/redis.log"):format(
-                   self.port, self.dir, self.dir, self.dir))
+                   self.port, self.dir, self.socket, self.dir, self.dir))
 end
 
 local function redis_pid(self)

@@ -1,0 +1,270 @@
+-- spec/unix_spec.lua: Unix domain sockets, everywhere a TCP address goes: moonlet.tcp.listen and
+-- connect ("unix:/path"), the cosocket object and its keep-alive pool, moonlet.ngx's sockets, TLS
+-- on top, the HTTP server (app:listen{ unix = }, `moonlet --unix PATH`, `--host unix:PATH`) and
+-- the HTTP client (`unix =`). The socket file's life: a live server's is never taken over, a
+-- stale one (its process killed) is replaced, a path that is not a socket is never removed, and
+-- the file goes when the server closes. Errors as nil, err; misuse raises; nothing leaks.
+-- luacheck: globals ngx
+local moonlet = require "moonlet"
+local core = require "moonlet.core"
+local test = require "moonlet.test"
+
+local tcp = moonlet.tcp
+local defer = test.defer
+
+local function exists(path) -- (io.open cannot open a socket file)
+    return moonlet.fs.stat(path) ~= nil
+end
+
+local function line_echo(sock)
+    while true do
+        local line = sock:receive("*l")
+        if not line then return end
+        sock:send({ "echo: ", line, "\n" })
+    end
+end
+
+describe("Unix domain sockets", function()
+    local dir
+    lazy_setup(function() dir = test.make_dir() end)
+    lazy_teardown(function() test.remove_dir(dir) end)
+
+    local function listen(name, handler, opts)
+        opts = opts or {}
+        opts.unix = dir .. "/" .. name
+        local server = assert(tcp.listen(opts, handler or line_echo))
+        defer(function() server:close() end)
+        return server, opts.unix
+    end
+
+    it("moonlet.tcp listens and connects; the names say unix:; the file goes at close", function()
+        local server, path = listen("echo.sock")
+        assert.equal("unix:" .. path, server:port())
+        assert.is_true(exists(path))
+        local sock = assert(tcp.connect("unix:" .. path, { timeout = 5 }))
+        defer(function() sock:close() end)
+        assert.equal("unix:" .. path, sock:getpeername())
+        assert.same({ true }, { sock:send("hello\n") })
+        assert.equal("echo: hello", sock:receive("*l"))
+        local big = string.rep("0123456789", 100000) -- 1 MB each way
+        assert.truthy(sock:send(big .. "\n"))
+        assert.equal("echo: " .. big, sock:receive("*l"))
+        sock:close()
+        server:close()
+        assert.is_false(exists(path))
+        assert.same({ nil, "not found" }, { tcp.connect("unix:" .. path, { timeout = 1 }) })
+    end)
+
+    it("keeps a live server's socket, replaces a stale one, never removes what is not a socket", function()
+        local _, live = listen("live.sock")
+        assert.same({ nil, "address in use" }, { tcp.listen({ unix = live }, line_echo) })
+        local sock = assert(tcp.connect("unix:" .. live)) -- the first server still answers
+        sock:send("still\n")
+        assert.equal("echo: still", sock:receive("*l"))
+        sock:close()
+
+        local plain = dir .. "/plain.txt"
+        local f = assert(io.open(plain, "w"))
+        f:write("keep me")
+        f:close()
+        assert.same({ nil, "address in use" }, { tcp.listen({ unix = plain }, line_echo) })
+        f = assert(io.open(plain))
+        assert.equal("keep me", f:read("*a"))
+        f:close()
+
+        -- a process killed while it listened leaves its socket file: nobody answers there
+        local stale = dir .. "/stale.sock"
+        local script = dir .. "/stale.lua"
+        f = assert(io.open(script, "w"))
+        f:write(("local m = require 'moonlet'\nassert(m.tcp.listen({ unix = %q }, function() end))\n"
+            .. "io.stderr:write('listening\\n')\nm.sleep(60)\n"):format(stale))
+        f:close()
+        local p = test.start_process(script)
+        defer(function() p:kill() end)
+        assert.truthy(test.wait_until(function() return p:output():find("listening", 1, true) end))
+        p:kill()
+        assert.is_true(exists(stale))
+        assert.same({ nil, "connection refused" }, { tcp.connect("unix:" .. stale, { timeout = 1 }) })
+        local _, path = listen("stale.sock")
+        assert.equal(stale, path)
+        sock = assert(tcp.connect("unix:" .. stale))
+        sock:send("new\n")
+        assert.equal("echo: new", sock:receive("*l"))
+        sock:close()
+    end)
+
+    it("says what is wrong with a path; a port beside unix: is a mistake", function()
+        local long = "unix:/tmp/" .. string.rep("x", 120)
+        assert.same({ nil, "name too long" }, { tcp.connect(long) })
+        assert.same({ nil, "name too long" }, { tcp.listen({ host = long }, line_echo) })
+        assert.has_error(function() tcp.connect("unix:/tmp/x.sock", 80) end,
+                         "moonlet.tcp.connect: a unix: socket has no port")
+        assert.has_error(function() tcp.connect("unix:") end, "moonlet.tcp.connect: empty socket path")
+        assert.has_error(function() tcp.listen({ unix = "" }, line_echo) end,
+                         "moonlet.tcp.listen: unix must be a socket path")
+    end)
+
+    it("the cosocket object pools its connections by path", function()
+        local accepted = 0
+        local _, path = listen("pool.sock", function(sock)
+            accepted = accepted + 1
+            line_echo(sock)
+        end)
+        for i = 1, 3 do
+            local s = tcp.socket()
+            assert.same({ true }, { s:connect("unix:" .. path, { timeout = 2 }) })
+            assert.equal(i - 1, s:getreusedtimes())
+            s:send("n" .. i .. "\n")
+            assert.equal("echo: n" .. i, s:receive("*l"))
+            assert.truthy(s:setkeepalive(10))
+        end
+        assert.equal(1, accepted)
+        require("moonlet.tcp_pool").close_idle()
+    end)
+
+    it("moonlet.ngx's sockets connect to unix: paths, the options second", function()
+        local _, path = listen("ngx.sock")
+        local mngx = require "moonlet.ngx"
+        mngx.install()
+        local s = ngx.socket.tcp()
+        s:settimeout(2000)
+        assert.same({ 1 }, { s:connect("unix:" .. path, { pool = "unix-spec" }) })
+        assert.truthy(s:send("via ngx\n"))
+        assert.equal("echo: via ngx", (s:receive("*l")))
+        assert.truthy(s:setkeepalive(1000, 5))
+        local s2 = ngx.socket.tcp()
+        assert.same({ 1 }, { s2:connect("unix:" .. path, { pool = "unix-spec" }) })
+        assert.equal(1, s2:getreusedtimes())
+        s2:close()
+        assert.has_error(function() ngx.socket.tcp():connect("unix:" .. path, 80) end,
+                         "moonlet.ngx: a unix: socket has no port")
+        mngx.close_idle()
+    end)
+
+    it("runs TLS over a Unix socket", function()
+        local certs = test.make_certs()
+        defer(function() test.remove_certs(certs) end)
+        local _, path = listen("tls.sock", line_echo, { tls = { cert = certs.cert, key = certs.key } })
+        local sock = assert(tcp.connect("unix:" .. path, {
+            timeout = 5, tls = { server_name = "localhost", cafile = certs.ca } }))
+        sock:send("secret\n")
+        assert.equal("echo: secret", sock:receive("*l"))
+        sock:close()
+        local bad, err = tcp.connect("unix:" .. path, {
+            timeout = 5, tls = { server_name = "localhost", cafile = certs.other_ca } })
+        assert.is_nil(bad)
+        assert.equal("tls: certificate verify failed", err)
+    end)
+
+    it("serves HTTP on app:listen{ unix = }; moonlet.http reaches it with unix =", function()
+        local app = moonlet.app()
+        app:use(moonlet.forwarded())
+        app:get("/who", function(req)
+            return { ip = req.ip, host = req.host, scheme = req.scheme }
+        end)
+        app:post("/echo", function(req) return req:body() end)
+        local big = string.rep("0123456789abcdef", 200000) -- 3.2 MB: the sendfile path
+        local f = assert(io.open(dir .. "/big.bin", "wb"))
+        f:write(big)
+        f:close()
+        app:static("/files", dir)
+        local path = dir .. "/http.sock"
+        local server, port = app:listen({ unix = path })
+        assert.truthy(server)
+        defer(function() server:close() end)
+        assert.equal(0, port)
+        local res = assert(moonlet.http.get("http://app.test/who", { unix = path }))
+        assert.equal(200, res.status)
+        assert.same({ ip = "unix:", host = "app.test", scheme = "http" }, moonlet.json.decode(res.body))
+        -- moonlet.forwarded trusts a Unix socket's peer (a proxy on this machine) by default
+        local fwd = { ["X-Forwarded-For"] = "203.0.113.9", ["X-Forwarded-Proto"] = "https" }
+        res = assert(moonlet.http.get("http://app.test/who", { unix = path, headers = fwd }))
+        assert.same({ ip = "203.0.113.9", host = "app.test", scheme = "https" },
+                    moonlet.json.decode(res.body))
+        res = assert(moonlet.http.get("http://app.test/files/big.bin", { unix = path, max_body = 1e7 }))
+        assert.equal(200, res.status)
+        assert.equal(#big, #res.body)
+        assert.is_true(res.body == big)
+        res = assert(moonlet.http.get("http://app.test/files/big.bin", {
+            unix = path, headers = { Range = "bytes=16-31" } }))
+        assert.same({ 206, "0123456789abcdef" }, { res.status, res.body })
+        local body = string.rep("b", 300000)
+        res = assert(moonlet.http.post("http://app.test/echo", body, { unix = path, max_body = 1e6 }))
+        assert.equal(body, res.body)
+        -- many at once over one pool: every answer right
+        local fns = {}
+        for i = 1, 20 do
+            fns[i] = function()
+                return assert(moonlet.http.post("http://app.test/echo", "n" .. i, { unix = path })).body
+            end
+        end
+        local results = moonlet.gather(fns)
+        for i = 1, 20 do assert.equal("n" .. i, results[i]) end
+        assert.same({ nil, "not found" },
+                    { moonlet.http.get("http://app.test/", { unix = path .. ".none" }) })
+        assert.has_error(function() moonlet.http.get("http://app.test/", { unix = 5 }) end,
+                         "moonlet.http: unix must be a socket path")
+        server:close()
+        assert.truthy(test.wait_until(function() return not exists(path) end, 5))
+    end)
+
+    it("moonlet --unix PATH serves there, logs unix: as the peer, removes the file at exit", function()
+        local path = dir .. "/cli.sock"
+        local p = test.start_process(("examples/hello.lua --unix %s --access-log"):format(path))
+        defer(function() p:kill() end)
+        assert.truthy(test.wait_until(function()
+            return p:output():find("serving examples/hello.lua on unix:" .. path .. " (http)", 1, true)
+        end), p:output())
+        local res = assert(moonlet.http.get("http://x/users/42?q=unix", { unix = path }))
+        assert.equal(200, res.status)
+        assert.same({ id = "42", q = "unix" }, moonlet.json.decode(res.body))
+        assert.truthy(test.wait_until(function()
+            return p:output():find('unix: "GET /users/42?q=unix HTTP/1.1" 200', 1, true)
+        end), p:output())
+        -- a second server on the same path refuses to start, and the first goes on
+        local q = test.start_process(("examples/hello.lua --unix %s"):format(path))
+        defer(function() q:kill() end)
+        assert.equal(1, q:wait(10))
+        assert.matches("listen on unix:" .. path:gsub("%p", "%%%0") .. ": address in use", q:output())
+        assert.equal(200, assert(moonlet.http.get("http://x/", { unix = path })).status)
+        p:signal("TERM")
+        assert.equal(0, p:wait(10))
+        assert.is_false(exists(path))
+    end)
+
+    it("moonlet --host unix:PATH is the same; --unix with --workers 2 is refused", function()
+        local path = dir .. "/host.sock"
+        local p = test.start_process(("examples/hello.lua --host unix:%s"):format(path))
+        defer(function() p:kill() end)
+        assert.truthy(test.wait_until(function() return exists(path) end), p:output())
+        assert.truthy(test.wait_until(function()
+            local res = moonlet.http.get("http://x/", { unix = path })
+            return res and res.body == "Hello, World!"
+        end), p:output())
+        p:signal("TERM")
+        assert.equal(0, p:wait(10))
+        local q = test.start_process(("examples/hello.lua --unix %s --workers 2"):format(path))
+        defer(function() q:kill() end)
+        assert.equal(2, q:wait(10))
+        assert.matches("%-%-unix cannot be shared by %-%-workers", q:output())
+        assert.is_false(exists(path))
+    end)
+
+    it("leaves nothing behind: 300 connections, refused connects, a listener closed", function()
+        local before = core.stats()
+        local mem0 = collectgarbage("count")
+        local server, path = listen("leak.sock")
+        for i = 1, 300 do
+            local sock = assert(tcp.connect("unix:" .. path))
+            sock:send(i .. "\n")
+            assert.equal("echo: " .. i, sock:receive("*l"))
+            sock:close()
+            assert.is_nil(tcp.connect("unix:" .. path .. ".none"))
+        end
+        server:close()
+        test.wait_until(function() return core.stats().handles <= before.handles end, 5)
+        collectgarbage()
+        collectgarbage()
+        test.assert_baseline(before, mem0, 200)
+    end)
+end)
