@@ -87,6 +87,12 @@ describe("moonlet.pg", function()
         assert.same({}, db:query("SELECT 1 WHERE false"))
     end)
 
+    it("connects over the server's Unix domain socket (libpq's host=/directory)", function()
+        local db = pool({ url = ("host=%s port=%d user=postgres dbname=postgres"):format(srv.dir, srv.port) })
+        local rows = assert(db:query("SELECT inet_server_addr() IS NULL AS unix, 7 AS n"))
+        assert.same({ { unix = true, n = 7 } }, rows) -- (inet_server_addr is NULL over a socket)
+    end)
+
     it("binds $n parameters (never spliced) and returns affected counts from exec", function()
         local db = pool()
         assert.same(0, db:exec([[DROP TABLE IF EXISTS todo;

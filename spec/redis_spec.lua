@@ -106,6 +106,21 @@ describe("moonlet.redis", function()
         assert.equal(bin, r:call("GET", "bin"))
     end)
 
+    it("connects over the server's Unix domain socket (path =, or host = \"unix:/path\")", function()
+        local r = client({ path = srv.socket })
+        assert.equal("OK", r:call("SET", "unix:k", "over the socket"))
+        local r2 = client({ host = "unix:" .. srv.socket })
+        assert.equal("over the socket", r2:call("GET", "unix:k"))
+        local r3 = client() -- the same server over TCP
+        assert.equal("over the socket", r3:call("GET", "unix:k"))
+        local p = redis.pool({ path = srv.socket, size = 2 })
+        test.defer(function() p:close() end)
+        assert.equal("PONG", p:call("PING"))
+        assert.same({ nil, "connection refused" }, { redis.connect({ path = srv.dir }) })
+        assert.has_error(function() redis.connect({ path = "" }) end,
+                         "moonlet.redis.connect: path must be a socket path")
+    end)
+
     it("returns error replies as nil and the server's message", function()
         local r = client()
         r:call("SET", "str", "x")

@@ -153,7 +153,12 @@ local function reader(c)
 end
 
 local function connect(opts)
-    local sock, err = tcp.connect(opts.host, opts.port, { timeout = opts.connect_timeout })
+    local sock, err
+    if opts.path then -- a Unix domain socket
+        sock, err = tcp.connect("unix:" .. opts.path, { timeout = opts.connect_timeout })
+    else
+        sock, err = tcp.connect(opts.host, opts.port, { timeout = opts.connect_timeout })
+    end
     if not sock then return nil, err end
     sock:settimeouts(opts.connect_timeout, opts.timeout, nil) -- reads wait as long as needed
     return sock
@@ -242,8 +247,13 @@ local function options(opts, fname)
         error("moonlet.redis." .. fname .. ": expected an options table", 3)
     end
     opts = opts or {}
+    local path = opts.path
+    if type(opts.host) == "string" and opts.host:sub(1, 5) == "unix:" then path = opts.host:sub(6) end
+    if path ~= nil and (type(path) ~= "string" or path == "") then
+        error("moonlet.redis." .. fname .. ": path must be a socket path", 3)
+    end
     return {
-        host = opts.host or "127.0.0.1", port = opts.port or 6379,
+        host = opts.host or "127.0.0.1", port = opts.port or 6379, path = path,
         timeout = opts.timeout or 5, connect_timeout = opts.connect_timeout or 5,
         password = opts.password, db = opts.db,
     }
@@ -319,6 +329,7 @@ end
 
 -- syntax: r, err = moonlet.redis.connect{ host = "127.0.0.1", port = 6379, timeout = 5,
 --                                         connect_timeout = 5, password = nil, db = nil }
+-- path = "/run/redis/redis-server.sock" (or host = "unix:/path"): over a Unix domain socket.
 -- Connects now (nil, err when it cannot); later calls reconnect by themselves after the
 -- connection closes. timeout bounds each call's wait for its reply.
 function _M.connect(opts)
