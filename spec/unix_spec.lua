@@ -250,6 +250,61 @@ describe("Unix domain sockets", function()
         assert.is_false(exists(path))
     end)
 
+    it("serves behind nginx's proxy_pass http://unix:PATH: with the client's address forwarded", function()
+        if os.execute("command -v nginx >/dev/null 2>&1") ~= 0 then
+            pending("nginx not installed")
+            return
+        end
+        local app = moonlet.app()
+        app:use(moonlet.forwarded())
+        app:get("/who", function(req) return { ip = req.ip, host = req.host } end)
+        local path = dir .. "/behind.sock"
+        local server = assert(app:listen({ unix = path }))
+        defer(function() server:close() end)
+        local probe = assert(tcp.listen({ port = 0 }, function() end)) -- a free port for nginx
+        local port = probe:port()
+        probe:close()
+        local ngx_dir = dir .. "/nginx"
+        assert(moonlet.fs.mkdir(ngx_dir))
+        local conf = ngx_dir .. "/nginx.conf"
+        local f = assert(io.open(conf, "w"))
+        f:write(([[
+user root;
+daemon off;
+worker_processes 1;
+pid %s/nginx.pid;
+error_log %s/error.log warn;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path %s; proxy_temp_path %s; fastcgi_temp_path %s;
+    uwsgi_temp_path %s; scgi_temp_path %s;
+    server {
+        listen 127.0.0.1:%d;
+        location / {
+            proxy_pass http://unix:%s:;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }
+    }
+}
+]]):format(ngx_dir, ngx_dir, ngx_dir, ngx_dir, ngx_dir, ngx_dir, ngx_dir, port, path))
+        f:close()
+        local proc = moonlet.process.spawn({ "nginx", "-p", ngx_dir, "-c", conf })
+        defer(function()
+            proc:kill()
+            proc:wait()
+        end)
+        local res
+        assert.truthy(test.wait_until(function()
+            res = moonlet.http.get(("http://127.0.0.1:%d/who"):format(port),
+                                   { headers = { ["X-Forwarded-For"] = "198.51.100.7" } })
+            return res and res.status == 200
+        end, 10), "nginx did not answer")
+        -- nginx appended its peer (127.0.0.1, trusted) and came over the socket (unix:, trusted)
+        assert.same({ ip = "198.51.100.7", host = "127.0.0.1" }, moonlet.json.decode(res.body))
+    end)
+
     it("leaves nothing behind: 300 connections, refused connects, a listener closed", function()
         local before = core.stats()
         local mem0 = collectgarbage("count")
