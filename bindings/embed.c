@@ -427,9 +427,9 @@ int moonlet_listen(moonlet_t *m, const char *host, int port) {
   int ended =
       run_reload_fn(m, "moonlet.reload.instance_listen", host ? host : "127.0.0.1", portstr, &a);
   if (ended < 0) return ended;
-  if (ended == 0) return UV_EINVAL; /* listening never waits */
-  if (a.port > 0) return a.port;
-  if (a.kind[0] == '\0') return UV_EINVAL; /* it raised: logged */
+  if (ended == 0) return UV_EINVAL;                            /* listening never waits */
+  if (a.port > 0 || strcmp(a.status, "0") == 0) return a.port; /* 0: a Unix socket */
+  if (a.kind[0] == '\0') return UV_EINVAL;                     /* it raised: logged */
   ml_log(&m->log, ML_LOG_ERROR, "moonlet_listen: %s", a.msg);
   return strcmp(a.kind, "noapp") == 0 ? UV_EINVAL : code_of_message(a.msg);
 }

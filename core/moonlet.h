@@ -146,9 +146,10 @@ int moonlet_load_file(moonlet_t *m, const char *path);
 /* The same for Lua source code in a string (firmware without a file system); name appears in error
  * messages and tracebacks ("name:line: ..."). */
 int moonlet_load_string(moonlet_t *m, const char *name, const char *code);
-/* Serves the instance's app on host:port (host NULL: 127.0.0.1; port 0: a free port). May be
- * called several times, for several addresses. Returns the bound port (> 0), UV_EINVAL when no app
- * is loaded or host is not an address, or the listen error (UV_EADDRINUSE, UV_EACCES, ...). */
+/* Serves the instance's app on host:port (host NULL: 127.0.0.1; port 0: a free port), or on a Unix
+ * domain socket when host is "unix:/path" (port ignored; returns 0). May be called several times,
+ * for several addresses. Returns the bound port (> 0), UV_EINVAL when no app is loaded or host is
+ * not an address, or the listen error (UV_EADDRINUSE, UV_EACCES, ...). */
 int moonlet_listen(moonlet_t *m, const char *host, int port);
 /* Reloads the app from its file (moonlet_load_file, or the script of moonlet_main): the new code
  * is loaded into a fresh app; only if it loads and its top level runs does it replace the old one

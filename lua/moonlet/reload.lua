@@ -350,6 +350,10 @@ function _M.instance_listen(host, port)
     if not current or not current.app then return nil, "noapp", "no app loaded" end
     local server, p = current:listen({ host = host, port = tonumber(port) })
     if not server then return nil, "error", p end
+    if str_find(host, "unix:", 1, true) == 1 then
+        log(2, str_format("moonlet %s serving %s on %s (http)", core.version, current:label(), host))
+        return p
+    end
     local shown = str_find(host, ":", 1, true) and "[" .. host .. "]" or host
     log(2, str_format("moonlet %s serving %s on http://%s:%d", core.version, current:label(), shown, p))
     return p

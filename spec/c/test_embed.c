@@ -21,6 +21,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -65,7 +66,8 @@ static moonlet_t *new_on_loop(uv_loop_t *loop, logbuf_t *lb) {
 
 typedef struct {
   const char *method, *path, *body;
-  int status; /* 0: no response */
+  const char *unix_path; /* connect to this Unix domain socket instead of the port */
+  int status;            /* 0: no response */
   char resp[4096];
 } req_t;
 
@@ -91,7 +93,7 @@ static int send_open(int port, const char *bytes) {
 static int http_do(int port, req_t *r) {
   r->status = 0;
   r->resp[0] = '\0';
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  int fd = socket(r->unix_path ? AF_UNIX : AF_INET, SOCK_STREAM, 0);
   if (fd < 0) return 0;
   struct timeval tv = {5, 0};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
@@ -100,8 +102,12 @@ static int http_do(int port, req_t *r) {
   sa.sin_family = AF_INET;
   sa.sin_port = htons((uint16_t)port);
   sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  struct sockaddr_un su = {.sun_family = AF_UNIX};
+  if (r->unix_path) snprintf(su.sun_path, sizeof su.sun_path, "%s", r->unix_path);
   char buf[8192];
-  if (connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0) {
+  int c = r->unix_path ? connect(fd, (struct sockaddr *)&su, sizeof su)
+                       : connect(fd, (struct sockaddr *)&sa, sizeof sa);
+  if (c == 0) {
     size_t blen = r->body ? strlen(r->body) : 0;
     int n = snprintf(buf, sizeof buf,
                      "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
@@ -624,12 +630,22 @@ static void test_load_errors(void) {
     port = moonlet_listen(m, "127.0.0.1", 0);
   }
   CHECK(port > 0);
-  req_t r;
+  req_t r = {0};
   CHECK_STR(get_stepping(m, port, "/v", &r), "slow app");
   /* listen errors */
   CHECK_INT(moonlet_listen(m, "127.0.0.1", port), UV_EADDRINUSE);
   CHECK_INT(moonlet_listen(m, "not an address", 0), UV_EINVAL);
   CHECK_INT(moonlet_listen(m, "127.0.0.1", 70000), UV_EINVAL);
+  /* "unix:/path": a Unix domain socket, 0 on success; a second listen there is refused */
+  char dir[] = "/tmp/moonlet-embed-XXXXXX", sock[64];
+  if (CHECK(mkdtemp(dir) != NULL)) {
+    snprintf(sock, sizeof sock, "unix:%s/app.sock", dir);
+    CHECK_INT(moonlet_listen(m, sock, 0), 0);
+    CHECK_INT(moonlet_listen(m, sock, 0), UV_EADDRINUSE);
+    req_t u = {.unix_path = sock + 5};
+    CHECK_STR(get_stepping(m, 0, "/v", &u), "slow app");
+    CHECK_INT(u.status, 200);
+  }
   /* a string app cannot be reloaded from a file; a new string replaces it */
   CHECK_INT(moonlet_reload(m), UV_ENOENT);
   CHECK_INT(moonlet_load_string(m, "v7", APP_V(7)), 0);
@@ -639,6 +655,11 @@ static void test_load_errors(void) {
   CHECK_HAS(lb.text, "did not return an app");
   CHECK_STR(get_stepping(m, port, "/v", &r), "version 7");
   moonlet_free(m);
+  if (dir[0] != '/' || strchr(dir, 'X')) return;
+  char gone[96];
+  snprintf(gone, sizeof gone, "%s/app.sock", dir);
+  CHECK_INT(access(gone, F_OK), -1); /* the socket file went with the listener */
+  rmdir(dir);
 }
 
 static void test_reload(void) {
@@ -656,7 +677,7 @@ static void test_reload(void) {
   CHECK_INT(moonlet_load_file(m, path), 0);
   int port = moonlet_listen(m, "127.0.0.1", 0);
   CHECK(port > 0);
-  req_t r;
+  req_t r = {0};
   CHECK_STR(get_stepping(m, port, "/v", &r), "version 1");
   write_file(path, APP_V(2));
   CHECK_INT(moonlet_reload(m), 0);
@@ -677,7 +698,8 @@ static void test_reload(void) {
 }
 
 static void test_limits(void) {
-  ctest_section("cfg.limits: defaults for every server; a Lua opts field wins, an app's own does not");
+  ctest_section(
+      "cfg.limits: defaults for every server; a Lua opts field wins, an app's own does not");
   logbuf_t lb;
   moonlet_config_t cfg;
   config(&cfg, &lb);
@@ -753,7 +775,7 @@ static void test_allocator(void) {
   if (!CHECK(m != NULL)) return; /* x64 LuaJIT without GC64 would refuse: see docs/embedding.md */
   CHECK_INT(moonlet_load_string(m, "hello_app", HELLO_APP), 0);
   int port = moonlet_listen(m, "127.0.0.1", 0);
-  req_t r;
+  req_t r = {0};
   CHECK_STR(get_stepping(m, port, "/hello", &r), "hello from lua");
   CHECK(st.live > 0);
   CHECK(st.calls > 100);
@@ -879,7 +901,7 @@ static void test_step_cost(void) {
     moonlet_step(m, 0);
   double us = (double)(uv_hrtime() - t0) / 1e3 / 100000;
   printf("    moonlet_step(m, 0) with no work: %.2f us per step\n", us);
-  req_t r;
+  req_t r = {0};
   CHECK_STR(get_stepping(m, port, "/hello", &r), "hello from lua");
   moonlet_free(m);
   CHECK_INT(lb.errors, 0);
