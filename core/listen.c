@@ -16,12 +16,13 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-/* 1 when a server listens on the Unix socket at path (a connect succeeds), else 0. */
+/* 1 when a server listens on the Unix socket at path (a connect succeeds, or finds its backlog
+ * full: EAGAIN, the socket being non-blocking), else 0. */
 static int unix_alive(const char *path) {
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
   if (strlen(path) >= sizeof sa.sun_path) return 0;
   memcpy(sa.sun_path, path, strlen(path) + 1);
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return 0;
   int alive = connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EAGAIN;
   close(fd);
