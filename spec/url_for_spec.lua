@@ -65,6 +65,40 @@ describe("app:url_for", function()
         assert.same("/api/v1", test.request(port, "GET", app:url_for("thing", { id = "y" })).body)
     end)
 
+    it("tells two mounted apps' routes of one name apart by the mounts' names (\"admin.index\")",
+       function()
+        local function sub(tag)
+            local a = moonlet.app()
+            a:get("/", function(req) return tag .. " " .. req:url_for("index") end, { name = "index" })
+            a:get("/p/:id", function() return tag end, { name = "page" })
+            return a
+        end
+        local inner = moonlet.app()
+        inner:get("/deep", function() return "deep" end, { name = "index" })
+        local blog = sub("blog")
+        blog:mount("/inner", inner, { name = "inner" })
+        local app = moonlet.app()
+        app:get("/", function() return "home" end, { name = "index" })
+        app:mount("/admin", sub("admin"), { name = "admin" })
+        app:mount("/blog", blog, { name = "blog" })
+        local port = serve(app)
+        assert.same("/", app:url_for("index")) -- the app's own name first
+        assert.same("/admin/", app:url_for("admin.index"))
+        assert.same("/blog/", app:url_for("blog.index"))
+        assert.same("/blog/p/7", app:url_for("blog.page", { id = 7 }))
+        assert.same("/admin/p/7", app:url_for("page", { id = 7 })) -- unqualified: the first mount
+        assert.same("/blog/inner/deep", app:url_for("blog.inner.index"))
+        assert.same("blog /blog/", test.request(port, "GET", "/blog/").body) -- req:url_for: its app
+        assert.same("admin /admin/", test.request(port, "GET", "/admin/").body)
+        assert.has_error(function() app:url_for("shop.index") end, 'moonlet: no route is named "shop.index"')
+        assert.has_error(function() app:url_for("admin.nothing") end,
+                         'moonlet: no route is named "admin.nothing"')
+        assert.has_error(function() app:mount("/x", sub("x"), { name = "admin" }) end,
+                         'moonlet: the mount name "admin" is taken')
+        assert.has_error(function() app:mount("/y", sub("y"), { name = "a.b" }) end,
+                         "moonlet: a mount name is a non-empty string without a dot")
+    end)
+
     it("raises for an unknown name, a missing parameter and a name given to two patterns", function()
         local app = moonlet.app()
         app:get("/users/:id", function() end, { name = "user" })

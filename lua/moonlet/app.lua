@@ -13,7 +13,7 @@ local request = require "moonlet.request"
 local response = require "moonlet.response"
 local url = require "moonlet.url"
 
-local str_find, str_sub = string.find, string.sub
+local str_find, str_sub, str_match = string.find, string.sub, string.match
 local setmetatable, xpcall, traceback = setmetatable, xpcall, debug.traceback
 local req_mt, res_mt = request.mt, response.mt
 local send, is_abort, always_headers = response.send, response.is_abort, response.always_headers
@@ -127,10 +127,18 @@ function methods:websocket(pattern, handler, opts)
 end
 
 -- The pattern a route name stands for, with the prefix of the mounts on the way: this app's own
--- names first, then its mounted apps' (in the order they were mounted), depth first.
+-- names first, then "mount.rest" (rest looked up in the app mounted under the name mount, as
+-- Flask's "blueprint.endpoint"), then its mounted apps' (in the order they were mounted), depth
+-- first.
 local function find_name(app, name, seen)
     local p = app.names and app.names[name]
     if p then return p end
+    local ns, rest = str_match(name, "^([^.]+)%.(.+)$")
+    local m = ns and app.mount_names and app.mount_names[ns]
+    if m then
+        p = find_name(m.app, rest)
+        if p then return m.prefix .. p end
+    end
     seen = seen or {}
     seen[app] = true
     local list = {}
@@ -215,6 +223,8 @@ function methods:static(prefix, dir, opts)
     return self
 end
 
+-- syntax: app:mount(prefix, sub, { name = "admin" }) -- opts.name: url_for("admin.route") names
+-- the route "route" of sub (and of no other mount), whatever this app's other mounts call theirs.
 -- syntax: app:mount(prefix, sub) -- serves the app `sub` under prefix (aiohttp's add_subapp, Flask's
 -- blueprints, Express's app.use(path, router)): a request for prefix or below runs this app's
 -- middleware, then sub's, then the route of sub that matches the path with prefix taken off (404,
@@ -223,9 +233,18 @@ end
 -- Resolved per request by resolve_mounts below; sub may itself mount others and serve on its own.
 local mount_handler = function() error("moonlet: a mount is not called", 2) end
 
-function methods:mount(prefix, sub)
+function methods:mount(prefix, sub, opts)
     if type(prefix) ~= "string" or str_sub(prefix, 1, 1) ~= "/" then
         error("moonlet: a mount prefix starts with /: " .. tostring(prefix), 2)
+    end
+    local name = opts and opts.name
+    if name ~= nil then
+        if type(name) ~= "string" or not str_find(name, "^[^.]+$") then
+            error("moonlet: a mount name is a non-empty string without a dot", 2)
+        end
+        if self.mount_names and self.mount_names[name] then
+            error(("moonlet: the mount name %q is taken"):format(name), 2)
+        end
     end
     if str_find(prefix, "[:*]") then -- the prefix is taken off the path as it is written
         error("moonlet: a mount prefix is a literal path, without :param or *: " .. prefix, 2)
@@ -243,6 +262,10 @@ function methods:mount(prefix, sub)
     self.mount_count = (self.mount_count or 0) + 1
     self.mounts[h] = { prefix = prefix, app = sub, chains = setmetatable({}, { __mode = "k" }),
                        order = self.mount_count }
+    if name then
+        self.mount_names = self.mount_names or {}
+        self.mount_names[name] = self.mounts[h]
+    end
     if prefix ~= "" then self.router:add("*", prefix, h) end
     self.router:add("*", prefix .. "/*", h)
     return self
