@@ -134,10 +134,10 @@ local function find_name(app, name, seen)
     local p = app.names and app.names[name]
     if p then return p end
     local ns, rest = str_match(name, "^([^.]+)%.(.+)$")
-    local m = ns and app.mount_names and app.mount_names[ns]
-    if m then
-        p = find_name(m.app, rest)
-        if p then return m.prefix .. p end
+    local named = ns and app.mount_names and app.mount_names[ns]
+    if named then
+        p = find_name(named.app, rest)
+        if p then return named.prefix .. p end
     end
     seen = seen or {}
     seen[app] = true
