@@ -1,8 +1,8 @@
 /* bindings/shared.c: moonlet.shared's dictionaries for Lua (lua/moonlet/shared.lua is the module):
  * core.shared_open(name, size) finds or makes the dictionary in the instance's shared memory arena
  * (core/shm.c, core/shdict.c) and returns it as a userdata whose methods are OpenResty's
- * lua_shared_dict's: get, get_stale, set, safe_set, add, safe_add, replace, delete, incr, ttl,
- * expire, get_keys, flush_all, flush_expired, capacity, free_space.
+ * lua_shared_dict's: get, get_stale, set, safe_set, add, safe_add, replace, delete, incr, lpush,
+ * rpush, lpop, rpop, llen, ttl, expire, get_keys, flush_all, flush_expired, capacity, free_space.
  *
  * Invariants: the arena is made once per instance, on the first dictionary or before the workers
  * are forked (mlua_shared_arena, bindings/workers.c), and unmapped by moonlet_free after the Lua
@@ -126,6 +126,11 @@ static int read_entry(lua_State *L, int stale_too) {
     return 1;
   }
   if (r < 0) return luaL_error(L, "moonlet.shared: out of memory");
+  if (v.type == ML_SHV_LIST) { /* OpenResty's words, get_stale's too */
+    lua_pushnil(L);
+    lua_pushliteral(L, "value is a list");
+    return 2;
+  }
   push_value(L, &v);
   shrink_buf(m);
   if (!stale_too && !v.flags) return 1;
@@ -138,7 +143,7 @@ static int read_entry(lua_State *L, int stale_too) {
   return 3;
 }
 
-/* syntax: value, flags = dict:get(key) -- nil when missing or expired */
+/* syntax: value, flags = dict:get(key) -- nil when missing or expired; nil, "value is a list" */
 static int d_get(lua_State *L) { return read_entry(L, 0); }
 
 /* syntax: value, flags, stale = dict:get_stale(key) -- an expired value too (stale true), until
@@ -225,6 +230,91 @@ static int d_incr(lua_State *L) {
   lua_pushnil(L);
   lua_pushboolean(L, forcible);
   return 3;
+}
+
+/* lpush and rpush: dict:how(key, value) */
+static int push(lua_State *L, int side) {
+  ml_shdict_t *d = check_dict(L);
+  size_t klen;
+  const char *key = check_key(L, 2, &klen);
+  ml_shvalue_t v;
+  memset(&v, 0, sizeof v);
+  if (lua_type(L, 3) == LUA_TNUMBER) {
+    v.type = ML_SHV_NUMBER;
+    v.number = lua_tonumber(L, 3);
+  } else if (lua_type(L, 3) == LUA_TSTRING) {
+    v.type = ML_SHV_STRING;
+    v.str = lua_tolstring(L, 3, &v.len);
+  } else { /* OpenResty answers, rather than raise */
+    lua_pushnil(L);
+    lua_pushliteral(L, "bad value type");
+    return 2;
+  }
+  size_t len = 0;
+  int r = ml_shdict_push(d, side, key, klen, &v, &len);
+  if (r == UV_EINVAL) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "value not a list");
+    return 2;
+  }
+  if (r < 0) { /* false, as OpenResty's push */
+    lua_pushboolean(L, 0);
+    lua_pushliteral(L, "no memory");
+    return 2;
+  }
+  lua_pushnumber(L, (lua_Number)len);
+  return 1;
+}
+
+/* syntax: length, err = dict:lpush(key, value) -- value a number or a string, at the head of the
+ * list under key (made when missing or expired; a list keeps its expiry): the list's new length;
+ * nil, "value not a list"; nil, "bad value type"; false, "no memory" (a push never evicts) */
+static int d_lpush(lua_State *L) { return push(L, ML_SHDICT_LEFT); }
+/* syntax: length, err = dict:rpush(key, value) -- the same at the tail */
+static int d_rpush(lua_State *L) { return push(L, ML_SHDICT_RIGHT); }
+
+/* lpop and rpop: dict:how(key) */
+static int pop(lua_State *L, int side) {
+  moonlet_t *m = mlua_instance(L);
+  ml_shdict_t *d = check_dict(L);
+  size_t klen;
+  const char *key = check_key(L, 2, &klen);
+  ml_shvalue_t v;
+  int r = ml_shdict_pop(d, side, key, klen, &v, &m->shared_buf);
+  if (r == UV_ENOENT) {
+    lua_pushnil(L);
+    return 1;
+  }
+  if (r == UV_EINVAL) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "value not a list");
+    return 2;
+  }
+  if (r < 0) return luaL_error(L, "moonlet.shared: out of memory");
+  push_value(L, &v);
+  shrink_buf(m);
+  return 1;
+}
+
+/* syntax: value, err = dict:lpop(key) -- takes the head of the list: nil when missing or expired;
+ * nil, "value not a list". The last value takes the key with it. */
+static int d_lpop(lua_State *L) { return pop(L, ML_SHDICT_LEFT); }
+/* syntax: value, err = dict:rpop(key) -- the same at the tail */
+static int d_rpop(lua_State *L) { return pop(L, ML_SHDICT_RIGHT); }
+
+/* syntax: length, err = dict:llen(key) -- 0 when missing or expired; nil, "value not a list" */
+static int d_llen(lua_State *L) {
+  ml_shdict_t *d = check_dict(L);
+  size_t klen;
+  const char *key = check_key(L, 2, &klen);
+  size_t len = 0;
+  if (ml_shdict_llen(d, key, klen, &len) == UV_EINVAL) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "value not a list");
+    return 2;
+  }
+  lua_pushnumber(L, (lua_Number)len);
+  return 1;
 }
 
 /* syntax: ttl, err = dict:ttl(key) -- seconds left, 0 for an entry that never expires; nil,
@@ -365,6 +455,11 @@ void mlua_open_shared(lua_State *L, moonlet_t *m) {
                                      {"replace", d_replace},
                                      {"delete", d_delete},
                                      {"incr", d_incr},
+                                     {"lpush", d_lpush},
+                                     {"rpush", d_rpush},
+                                     {"lpop", d_lpop},
+                                     {"rpop", d_rpop},
+                                     {"llen", d_llen},
                                      {"ttl", d_ttl},
                                      {"expire", d_expire},
                                      {"get_keys", d_get_keys},

@@ -1,8 +1,12 @@
 /* core/shdict.c: the shared dictionary (the contract is in shdict.h). A zone holds, in order: the
  * dictionary's header, its hash buckets (offsets of the first entry of each chain), and the heap:
- * a buddy allocator whose blocks of 2^k bytes (64 at least) each hold one entry. An entry links
- * into its bucket's chain and into the least-recently-used list (newest ... oldest). Offsets are
- * from the dictionary's start; 0 is none (the header sits there, never an entry).
+ * a buddy allocator whose blocks of 2^k bytes (64 at least) each hold one entry or one node of a
+ * list. An entry links into its bucket's chain and into the least-recently-used list (newest ...
+ * oldest). A list is an entry (type ML_SHV_LIST, no value of its own) whose nodes, a block each,
+ * link to their left and right neighbours and back to it; the entry alone is in the chains and the
+ * LRU list, and whatever removes it (delete, set, expiry, eviction, a pop of the last value) frees
+ * its nodes with it. Offsets are from the dictionary's start; 0 is none (the header sits there,
+ * never an entry).
  *
  * The buddy heap is cut at start into aligned blocks of decreasing powers of two (4 * size is not
  * one itself); a block's buddy lies at its offset in the heap XOR its size, and is merged with it
@@ -21,19 +25,45 @@
 #define ORDERS 32
 #define COLD_SCAN 64 /* a store short of room looks this far into the cold end for expired ones */
 
+#define NODE 0xff /* the type byte of a list's node: a block in use that is not an entry */
+
 typedef struct entry_s {
   uint8_t order; /* the block's: 2^order bytes */
-  uint8_t free;  /* 0: an entry */
-  uint8_t type;  /* ML_SHV_* */
+  uint8_t free;  /* 0: in use */
+  uint8_t type;  /* ML_SHV_* (never NODE) */
   uint8_t pad;
   uint32_t hash;
   uint32_t hnext;        /* the next entry in the bucket's chain */
   uint32_t newer, older; /* the LRU list */
-  uint32_t klen, vlen, flags;
+  uint32_t klen;
+  uint32_t vlen; /* a string's bytes; a list's length (it has at least one node) */
+  uint32_t flags;
   double expires; /* on the monotonic clock, seconds; 0: never */
-  double number;  /* a number's value; a boolean's 0 or 1 */
-  char data[];    /* the key, then a string value */
+  union {
+    double number; /* a number's value; a boolean's 0 or 1 */
+    struct {
+      uint32_t first, last; /* the leftmost and rightmost nodes */
+      uint32_t bytes;       /* the budget bytes its nodes take */
+    } list;
+  };
+  char data[]; /* the key, then a string value */
 } entry_t;
+
+typedef struct node_s {
+  uint8_t order;        /* the block's */
+  uint8_t free;         /* 0 */
+  uint8_t type;         /* NODE, where an entry has its type */
+  uint8_t vtype;        /* ML_SHV_NUMBER or ML_SHV_STRING */
+  uint32_t owner;       /* the list's entry */
+  uint32_t left, right; /* its neighbours in the list; 0 at the ends */
+  uint32_t vlen;
+  double number;
+  char data[]; /* a string value */
+} node_t;
+
+/* the budget's invariant (shdict.h): a block is at most twice what it counts for */
+_Static_assert(sizeof(entry_t) <= ML_SHDICT_ENTRY_OVERHEAD, "an entry's header fits its overhead");
+_Static_assert(sizeof(node_t) <= ML_SHDICT_ENTRY_OVERHEAD, "a node's header fits its overhead");
 
 typedef struct free_block_s {
   uint8_t order;
@@ -78,6 +108,7 @@ size_t ml_shdict_zone_bytes(size_t size) { return ml_shdict_zone_bytes_with(size
 static double now(void) { return (double)uv_hrtime() / 1e9; }
 static void *at(ml_shdict_t *d, uint32_t off) { return (char *)d + off; }
 static entry_t *entry_at(ml_shdict_t *d, uint32_t off) { return at(d, off); }
+static node_t *node_at(ml_shdict_t *d, uint32_t off) { return at(d, off); }
 static free_block_t *block_at(ml_shdict_t *d, uint32_t off) { return at(d, off); }
 static uint32_t *bucket_of(ml_shdict_t *d, uint32_t hash) {
   return (uint32_t *)at(d, d->buckets) + (hash & (d->nbuckets - 1));
@@ -151,9 +182,8 @@ static int buddy_free(ml_shdict_t *d, size_t rel, unsigned k, size_t *brel) {
   return b->free && b->order == k;
 }
 
-/* frees the block at off, merged with its free buddies; returns the heap offset where the free
- * block it became ends */
-static size_t block_free(ml_shdict_t *d, uint32_t off) {
+/* frees the block at off, merged with its free buddies */
+static void block_free(ml_shdict_t *d, uint32_t off) {
   unsigned k = block_at(d, off)->order;
   size_t rel = off - d->heap, brel;
   while (k < d->max_order && buddy_free(d, rel, k, &brel)) {
@@ -162,7 +192,18 @@ static size_t block_free(ml_shdict_t *d, uint32_t off) {
     k++;
   }
   free_push(d, (uint32_t)(d->heap + rel), k);
-  return rel + ((size_t)1 << k);
+}
+
+/* The heap offset of the block that holds heap offset rel. Blocks are aligned to their size, so
+ * from the largest order down, the aligned start at each order is the start of a block (the block
+ * that holds it is no larger, or it would hold rel and have been found already): only headers of
+ * blocks are read, never stale bytes inside one. */
+static size_t block_start(ml_shdict_t *d, size_t rel) {
+  for (unsigned k = d->max_order; k > MIN_ORDER; k--) {
+    size_t s = rel & ~(((size_t)1 << k) - 1);
+    if (block_at(d, (uint32_t)(d->heap + s))->order == k) return s;
+  }
+  return rel & ~(((size_t)1 << MIN_ORDER) - 1);
 }
 
 static void heap_reset(ml_shdict_t *d) {
@@ -177,10 +218,26 @@ static void heap_reset(ml_shdict_t *d) {
 
 /* ---- entries ---- */
 
+/* An entry's budget bytes: its key, its value (8 for a number or a boolean, none for a list, whose
+ * nodes count on their own) and the overhead; a list's node: its value and the overhead. The
+ * overhead is no smaller than either header, so a block is at most twice what it counts for. */
+static size_t value_cost(int type, size_t vlen) {
+  return type == ML_SHV_STRING ? vlen : type == ML_SHV_LIST ? 0 : 8;
+}
 static size_t cost(size_t klen, int type, size_t vlen) {
-  return klen + (type == ML_SHV_STRING ? vlen : 8) + ML_SHDICT_ENTRY_OVERHEAD;
+  return klen + value_cost(type, vlen) + ML_SHDICT_ENTRY_OVERHEAD;
 }
 static size_t entry_cost(const entry_t *e) { return cost(e->klen, e->type, e->vlen); }
+static size_t node_cost(const node_t *n) {
+  return value_cost(n->vtype, n->vlen) + ML_SHDICT_ENTRY_OVERHEAD;
+}
+/* the budget bytes that evicting the block in use at off gives back: its entry's, with every node
+ * of a list */
+static size_t evict_cost(ml_shdict_t *d, uint32_t off) {
+  entry_t *e = entry_at(d, off);
+  if (e->type == NODE) e = entry_at(d, node_at(d, off)->owner);
+  return entry_cost(e) + (e->type == ML_SHV_LIST ? e->list.bytes : 0);
+}
 static int expired(const entry_t *e, double t) { return e->expires != 0 && e->expires <= t; }
 
 static void lru_unlink(ml_shdict_t *d, entry_t *e) {
@@ -219,8 +276,8 @@ static uint32_t find(ml_shdict_t *d, const char *key, size_t klen, uint32_t hash
   return 0;
 }
 
-/* returns the heap offset where the free block its block became ends (block_free) */
-static size_t remove_entry(ml_shdict_t *d, uint32_t off) {
+/* unlinks and frees an entry, a list with all its nodes */
+static void remove_entry(ml_shdict_t *d, uint32_t off) {
   entry_t *e = entry_at(d, off);
   uint32_t *link = bucket_of(d, e->hash);
   while (*link != off)
@@ -229,7 +286,14 @@ static size_t remove_entry(ml_shdict_t *d, uint32_t off) {
   lru_unlink(d, e);
   d->used -= entry_cost(e);
   d->count--;
-  return block_free(d, off);
+  if (e->type == ML_SHV_LIST) {
+    d->used -= e->list.bytes;
+    for (uint32_t n = e->list.first, right; n; n = right) {
+      right = node_at(d, n)->right;
+      block_free(d, n);
+    }
+  }
+  block_free(d, off);
 }
 
 /* the entry of key unless absent or expired (an expired one is dropped) */
@@ -261,35 +325,39 @@ static size_t drop_expired(ml_shdict_t *d, double t, size_t scan, size_t max) {
 
 /* The budget has room but the heap no free block of 2^want bytes (it is cut up by entries here and
  * there): evicts the entries of the aligned region of that size that costs the fewest budget bytes
- * (or the one entry of a block at least that large), so that it becomes one free block. Walks the
+ * (or the one entry of a block at least that large), so that it becomes one free block. A list's
+ * node counts for its whole list, which goes with it (its other nodes may lie anywhere). Walks the
  * heap's blocks once: rare (a value far larger than most), and bounded by the heap. 0 when there is
  * no such region. */
 static int empty_region(ml_shdict_t *d, unsigned want) {
   size_t span = (size_t)1 << want, limit = d->heap_len & ~(span - 1);
   size_t best = SIZE_MAX, best_rel = 0, rel = 0;
   while (rel < limit) { /* blocks tile the heap; one smaller than span never crosses a region */
-    free_block_t *b = block_at(d, (uint32_t)(d->heap + rel));
+    uint32_t off = (uint32_t)(d->heap + rel);
+    free_block_t *b = block_at(d, off);
     if (((size_t)1 << b->order) >= span) {
-      if (!b->free && entry_cost((entry_t *)b) < best)
-        best = entry_cost((entry_t *)b), best_rel = rel;
+      if (!b->free && evict_cost(d, off) < best) best = evict_cost(d, off), best_rel = rel;
       rel += (size_t)1 << b->order;
       continue;
     }
     size_t sum = 0, start = rel;
     for (; rel < start + span; rel += (size_t)1 << block_at(d, (uint32_t)(d->heap + rel))->order) {
-      free_block_t *x = block_at(d, (uint32_t)(d->heap + rel));
-      if (!x->free) sum += entry_cost((entry_t *)x);
+      uint32_t x = (uint32_t)(d->heap + rel);
+      if (!block_at(d, x)->free) sum += evict_cost(d, x);
     }
     if (sum < best) best = sum, best_rel = start;
   }
   if (best == SIZE_MAX) return 0;
-  /* a removal merges its block with free neighbours: go on from the end of what it became */
+  /* a removal frees blocks here and elsewhere (a list's nodes), merged with free neighbours: the
+   * block that now holds rel is looked up again each time */
   for (rel = best_rel; rel < best_rel + span;) {
-    free_block_t *b = block_at(d, (uint32_t)(d->heap + rel));
+    rel = block_start(d, rel);
+    uint32_t off = (uint32_t)(d->heap + rel);
+    free_block_t *b = block_at(d, off);
     if (b->free)
       rel += (size_t)1 << b->order;
     else
-      rel = remove_entry(d, (uint32_t)(d->heap + rel));
+      remove_entry(d, entry_at(d, off)->type == NODE ? node_at(d, off)->owner : off);
   }
   return 1;
 }
@@ -333,24 +401,30 @@ static void lock(ml_shdict_t *d) {
 }
 static void unlock(ml_shdict_t *d) { ml_shm_unlock(&d->lock); }
 
-static int copy_out(const entry_t *e, ml_shvalue_t *v, ml_shbuf_t *buf) {
-  v->type = e->type;
-  v->number = e->number;
-  v->flags = e->flags;
+/* fills *v with a value, a string copied into buf (grown as needed): 0 or UV_ENOMEM */
+static int copy_value(int type, double number, uint32_t flags, const char *str, size_t len,
+                      ml_shvalue_t *v, ml_shbuf_t *buf) {
+  v->type = type;
+  v->number = type == ML_SHV_LIST ? 0 : number;
+  v->flags = flags;
   v->str = NULL;
   v->len = 0;
-  if (e->type != ML_SHV_STRING) return 0;
-  if (buf->cap < e->vlen || !buf->data) {
-    size_t cap = e->vlen > 64 ? e->vlen : 64;
+  if (type != ML_SHV_STRING) return 0;
+  if (buf->cap < len || !buf->data) {
+    size_t cap = len > 64 ? len : 64;
     char *p = realloc(buf->data, cap);
     if (!p) return UV_ENOMEM;
     buf->data = p;
     buf->cap = cap;
   }
-  memcpy(buf->data, e->data + e->klen, e->vlen);
+  memcpy(buf->data, str, len);
   v->str = buf->data;
-  v->len = e->vlen;
+  v->len = len;
   return 0;
+}
+
+static int copy_out(const entry_t *e, ml_shvalue_t *v, ml_shbuf_t *buf) {
+  return copy_value(e->type, e->number, e->flags, e->data + e->klen, e->vlen, v, buf);
 }
 
 int ml_shdict_get(ml_shdict_t *d, const char *key, size_t klen, int stale, ml_shvalue_t *v,
@@ -374,24 +448,16 @@ int ml_shdict_get(ml_shdict_t *d, const char *key, size_t klen, int stale, ml_sh
   return r;
 }
 
-/* the store, under the lock */
-static int store(ml_shdict_t *d, int safe, const char *key, size_t klen, uint32_t hash,
-                 const ml_shvalue_t *v, double exptime, double t, int *forcible) {
-  uint32_t old = find(d, key, klen, hash);
-  if (v->type == ML_SHV_NIL) {
-    if (old) remove_entry(d, old);
-    return 0;
-  }
-  size_t vlen = v->type == ML_SHV_STRING ? v->len : 0;
-  size_t c = cost(klen, v->type, vlen);
+/* A block of need bytes for what counts c budget bytes, under the lock: 0 and *off, or UV_ENOMEM.
+ * Short of room, it drops expired entries at the cold end, then (unless safe) evicts live ones,
+ * *forcible 1. With safe, what is live at t stays: a list being pushed to is not dropped. */
+static int make_room(ml_shdict_t *d, int safe, size_t need, size_t c, double t, int *forcible,
+                     uint32_t *off) {
   if (c > d->size) return UV_ENOMEM;
-  if (old) remove_entry(d, old);
-  size_t need = sizeof(entry_t) + klen + vlen;
-  uint32_t off;
   int dropped = 0;
   for (;;) {
     int room = d->used + c <= d->size;
-    if (room && (off = block_alloc(d, need))) break;
+    if (room && (*off = block_alloc(d, need))) return 0;
     if (!dropped) { /* expired entries at the cold end first, then (unless safe) live ones */
       dropped = 1;
       if (drop_expired(d, t, COLD_SCAN, 0)) continue;
@@ -405,23 +471,46 @@ static int store(ml_shdict_t *d, int safe, const char *key, size_t klen, uint32_
     }
     *forcible = 1;
   }
+}
+
+/* links a new entry at off into its chain and at the head of the LRU list, and counts it */
+static void link_entry(ml_shdict_t *d, uint32_t off, const char *key, size_t klen, uint32_t hash) {
   entry_t *e = entry_at(d, off);
   e->free = 0;
-  e->type = (uint8_t)v->type;
   e->hash = hash;
   e->klen = (uint32_t)klen;
-  e->vlen = (uint32_t)vlen;
-  e->flags = v->flags;
-  e->expires = exptime > 0 ? t + exptime : 0;
-  e->number = v->type == ML_SHV_STRING ? 0 : v->number;
   memcpy(e->data, key, klen);
-  if (vlen) memcpy(e->data + klen, v->str, vlen);
   uint32_t *head = bucket_of(d, hash);
   e->hnext = *head;
   *head = off;
   lru_push(d, e, off);
-  d->used += c;
+  d->used += entry_cost(e);
   d->count++;
+}
+
+/* the store, under the lock */
+static int store(ml_shdict_t *d, int safe, const char *key, size_t klen, uint32_t hash,
+                 const ml_shvalue_t *v, double exptime, double t, int *forcible) {
+  uint32_t old = find(d, key, klen, hash);
+  if (v->type == ML_SHV_NIL) {
+    if (old) remove_entry(d, old);
+    return 0;
+  }
+  size_t vlen = v->type == ML_SHV_STRING ? v->len : 0;
+  size_t c = cost(klen, v->type, vlen);
+  if (c > d->size) return UV_ENOMEM;
+  if (old) remove_entry(d, old);
+  uint32_t off;
+  int r = make_room(d, safe, sizeof(entry_t) + klen + vlen, c, t, forcible, &off);
+  if (r < 0) return r;
+  entry_t *e = entry_at(d, off);
+  e->type = (uint8_t)v->type;
+  e->vlen = (uint32_t)vlen;
+  e->flags = v->flags;
+  e->expires = exptime > 0 ? t + exptime : 0;
+  e->number = v->type == ML_SHV_STRING ? 0 : v->number;
+  if (vlen) memcpy(e->data + klen, v->str, vlen);
+  link_entry(d, off, key, klen, hash);
   return 0;
 }
 
@@ -504,6 +593,134 @@ int ml_shdict_expire(ml_shdict_t *d, const char *key, size_t klen, double exptim
   return off ? 0 : UV_ENOENT;
 }
 
+/* ---- lists ---- */
+
+int ml_shdict_push(ml_shdict_t *d, int side, const char *key, size_t klen, const ml_shvalue_t *v,
+                   size_t *len) {
+  uint32_t hash = hash_key(d, key, klen);
+  double t = now();
+  size_t vlen = v->type == ML_SHV_STRING ? v->len : 0;
+  int r = 0, forcible = 0, made = 0;
+  uint32_t off, n;
+  lock(d);
+  off = live(d, key, klen, hash, t); /* an expired entry, a list or not, is gone */
+  if (off && entry_at(d, off)->type != ML_SHV_LIST) {
+    r = UV_EINVAL;
+    goto done;
+  }
+  if (!off) { /* a new list; it stays empty only until its first node is linked below */
+    r = make_room(d, 1, sizeof(entry_t) + klen, cost(klen, ML_SHV_LIST, 0), t, &forcible, &off);
+    if (r < 0) goto done;
+    entry_t *e = entry_at(d, off);
+    e->type = ML_SHV_LIST;
+    e->vlen = 0;
+    e->flags = 0;
+    e->expires = 0;
+    e->list.first = e->list.last = e->list.bytes = 0;
+    link_entry(d, off, key, klen, hash);
+    made = 1;
+  } else {
+    touch(d, off);
+  }
+  /* safe: never evicts, as OpenResty's push; the list, live at t, is not dropped meanwhile */
+  size_t c = value_cost(v->type, vlen) + ML_SHDICT_ENTRY_OVERHEAD;
+  r = make_room(d, 1, sizeof(node_t) + vlen, c, t, &forcible, &n);
+  if (r < 0) {
+    if (made) remove_entry(d, off);
+    goto done;
+  }
+  entry_t *e = entry_at(d, off);
+  node_t *x = node_at(d, n);
+  x->free = 0;
+  x->type = NODE;
+  x->vtype = (uint8_t)v->type;
+  x->owner = off;
+  x->vlen = (uint32_t)vlen;
+  x->number = v->type == ML_SHV_STRING ? 0 : v->number;
+  if (vlen) memcpy(x->data, v->str, vlen);
+  if (side == ML_SHDICT_LEFT) {
+    x->left = 0;
+    x->right = e->list.first;
+    if (x->right)
+      node_at(d, x->right)->left = n;
+    else
+      e->list.last = n;
+    e->list.first = n;
+  } else {
+    x->right = 0;
+    x->left = e->list.last;
+    if (x->left)
+      node_at(d, x->left)->right = n;
+    else
+      e->list.first = n;
+    e->list.last = n;
+  }
+  e->vlen++;
+  e->list.bytes += (uint32_t)c;
+  d->used += c;
+  *len = e->vlen;
+done:
+  unlock(d);
+  return r;
+}
+
+int ml_shdict_pop(ml_shdict_t *d, int side, const char *key, size_t klen, ml_shvalue_t *v,
+                  ml_shbuf_t *buf) {
+  uint32_t hash = hash_key(d, key, klen);
+  double t = now();
+  int r = 0;
+  lock(d);
+  uint32_t off = live(d, key, klen, hash, t);
+  if (!off) {
+    r = UV_ENOENT;
+  } else if (entry_at(d, off)->type != ML_SHV_LIST) {
+    r = UV_EINVAL;
+  } else {
+    entry_t *e = entry_at(d, off);
+    uint32_t n = side == ML_SHDICT_LEFT ? e->list.first : e->list.last;
+    node_t *x = node_at(d, n);
+    r = copy_value(x->vtype, x->number, 0, x->data, x->vlen, v, buf);
+    if (r == 0) { /* (a copy that failed pops nothing) */
+      if (x->left)
+        node_at(d, x->left)->right = x->right;
+      else
+        e->list.first = x->right;
+      if (x->right)
+        node_at(d, x->right)->left = x->left;
+      else
+        e->list.last = x->left;
+      size_t c = node_cost(x);
+      e->vlen--;
+      e->list.bytes -= (uint32_t)c;
+      d->used -= c;
+      block_free(d, n);
+      if (e->vlen == 0)
+        remove_entry(d, off); /* the last value takes its key with it */
+      else
+        touch(d, off);
+    }
+  }
+  unlock(d);
+  return r;
+}
+
+int ml_shdict_llen(ml_shdict_t *d, const char *key, size_t klen, size_t *len) {
+  uint32_t hash = hash_key(d, key, klen);
+  double t = now();
+  int r = 0;
+  *len = 0;
+  lock(d);
+  uint32_t off = live(d, key, klen, hash, t);
+  if (off && entry_at(d, off)->type != ML_SHV_LIST) {
+    r = UV_EINVAL;
+  } else if (off) {
+    *len = entry_at(d, off)->vlen;
+    touch(d, off);
+  }
+  unlock(d);
+  return r;
+}
+
 int ml_shdict_keys(ml_shdict_t *d, size_t max, ml_shbuf_t *buf, size_t *count, size_t *len) {
   double t = now();
   int r = 0;
@@ -565,29 +782,55 @@ static int in_heap(ml_shdict_t *d, uint32_t off) {
   return off >= d->heap && (size_t)(off - d->heap) + 64 <= d->heap_len && (off - d->heap) % 64 == 0;
 }
 
-/* an entry's offset for the check: the start of a block in use, inside the heap */
-static int is_entry(ml_shdict_t *d, uint32_t off) {
+/* for the check: off is the start of a block in use inside the heap, an entry (node 0) or a list's
+ * node (node 1) */
+static int is_used(ml_shdict_t *d, uint32_t off, int node) {
   if (!in_heap(d, off)) return 0;
   free_block_t *b = block_at(d, off);
   return !b->free && b->order >= MIN_ORDER && b->order <= d->max_order &&
-         (off - d->heap) % ((size_t)1 << b->order) == 0;
+         (off - d->heap) % ((size_t)1 << b->order) == 0 && (entry_at(d, off)->type == NODE) == node;
+}
+
+/* for the check: the nodes of the list at off link both ways, back to it, as many as it says and
+ * costing what it says; *nodes adds them. NULL or what is wrong. */
+static const char *check_list(ml_shdict_t *d, uint32_t off, size_t max_steps, size_t *nodes) {
+  entry_t *e = entry_at(d, off);
+  size_t count = 0, bytes = 0;
+  uint32_t left = 0;
+  for (uint32_t n = e->list.first; n; left = n, n = node_at(d, n)->right) {
+    node_t *x = node_at(d, n);
+    if (++count > max_steps || !is_used(d, n, 1) || x->owner != off || x->left != left ||
+        (x->vtype != ML_SHV_NUMBER && x->vtype != ML_SHV_STRING))
+      return "a list's nodes are broken";
+    bytes += node_cost(x);
+  }
+  if (left != e->list.last || count != e->vlen || count == 0)
+    return "a list does not end at its last node or has not its length";
+  if (bytes != e->list.bytes) return "a list's bytes are not its nodes' sum";
+  *nodes += count;
+  return NULL;
 }
 
 const char *ml_shdict_check(ml_shdict_t *d) {
   const char *bad = NULL;
   lock(d);
-  size_t brel, used_blocks = 0, free_blocks = 0, listed_free = 0, costs = 0, in_lru = 0,
-               chained = 0, rel = 0;
+  size_t brel, used_blocks = 0, node_blocks = 0, free_blocks = 0, listed_free = 0, costs = 0,
+               in_lru = 0, in_lists = 0, chained = 0, rel = 0;
   while (rel < d->heap_len && !bad) { /* the blocks tile the heap */
     free_block_t *b = block_at(d, (uint32_t)(d->heap + rel));
+    entry_t *e = (entry_t *)b;
     if (b->order < MIN_ORDER || b->order > d->max_order || rel % ((size_t)1 << b->order))
       bad = "a block of a bad order or misaligned";
     else if (b->free && b->order < d->max_order && buddy_free(d, rel, b->order, &brel))
       bad = "two free buddies not merged";
     else if (b->free)
       free_blocks++;
+    else if (e->type == NODE)
+      node_blocks++, costs += node_cost((node_t *)b);
+    else if (e->type < ML_SHV_BOOLEAN || e->type > ML_SHV_LIST)
+      bad = "an entry of a bad type";
     else
-      used_blocks++, costs += entry_cost((entry_t *)b);
+      used_blocks++, costs += entry_cost(e);
     if (bad) break;
     rel += (size_t)1 << b->order;
   }
@@ -608,8 +851,10 @@ const char *ml_shdict_check(ml_shdict_t *d) {
   steps = 0;
   for (uint32_t off = d->newest; off && !bad;
        newer = off, off = bad ? 0 : entry_at(d, off)->older) {
-    if (++steps > max_steps || !is_entry(d, off) || entry_at(d, off)->newer != newer)
+    if (++steps > max_steps || !is_used(d, off, 0) || entry_at(d, off)->newer != newer)
       bad = "the LRU list is broken";
+    else if (entry_at(d, off)->type == ML_SHV_LIST)
+      bad = check_list(d, off, max_steps, &in_lists);
     in_lru++;
   }
   if (!bad && newer != d->oldest) bad = "the LRU list does not end at the oldest";
@@ -617,7 +862,7 @@ const char *ml_shdict_check(ml_shdict_t *d) {
     steps = 0;
     for (uint32_t off = ((uint32_t *)at(d, d->buckets))[i]; off && !bad;
          off = bad ? 0 : entry_at(d, off)->hnext) {
-      if (++steps > max_steps || !is_entry(d, off))
+      if (++steps > max_steps || !is_used(d, off, 0))
         bad = "a chain is broken";
       else if ((entry_at(d, off)->hash & (d->nbuckets - 1)) != i)
         bad = "an entry in the wrong bucket";
@@ -627,6 +872,7 @@ const char *ml_shdict_check(ml_shdict_t *d) {
   if (!bad && (free_blocks != listed_free)) bad = "free blocks off their lists";
   if (!bad && (used_blocks != d->count || in_lru != d->count || chained != d->count))
     bad = "entries, LRU list and chains disagree";
+  if (!bad && node_blocks != in_lists) bad = "nodes in use that no list holds";
   if (!bad && costs != d->used) bad = "the budget used is not the entries' sum";
   unlock(d);
   return bad;

@@ -1,10 +1,13 @@
 /* core/shdict.h: a dictionary in a zone of shared memory (core/shm.h), what moonlet.shared and
  * ngx.shared.NAME keep their entries in: OpenResty's lua_shared_dict, one dictionary that every
  * worker of `moonlet --workers N` reads and writes. Keys are byte strings; values are strings,
- * numbers or booleans with 32-bit flags and an expiry time on the monotonic clock.
+ * numbers or booleans with 32-bit flags and an expiry time on the monotonic clock, or lists of
+ * strings and numbers (OpenResty's lpush, rpush, lpop, rpop, llen), which expire and are evicted
+ * whole, as one entry.
  *
  * Its budget is `size` bytes, counted as moonlet.shared always counted them: each entry its key,
- * its value (8 for a number or a boolean) and ML_SHDICT_ENTRY_OVERHEAD. A store that lacks room
+ * its value (8 for a number or a boolean, none for a list) and ML_SHDICT_ENTRY_OVERHEAD; each value
+ * in a list its value (8 for a number) and ML_SHDICT_ENTRY_OVERHEAD too. A store that lacks room
  * drops expired entries at the cold end of the least-recently-used list, then evicts the least
  * recently used live ones (forcible), unless it is "safe". Under the budget lies a buddy allocator
  * over 4 * size bytes: a block is at most twice the bytes it holds, so what the budget holds takes
@@ -31,7 +34,8 @@
 
 typedef struct ml_shdict_s ml_shdict_t;
 
-enum { ML_SHV_NIL = 0, ML_SHV_BOOLEAN, ML_SHV_NUMBER, ML_SHV_STRING };
+/* ML_SHV_LIST: a list, which a get hands back as its type alone (no value) */
+enum { ML_SHV_NIL = 0, ML_SHV_BOOLEAN, ML_SHV_NUMBER, ML_SHV_STRING, ML_SHV_LIST };
 
 typedef struct ml_shvalue_s {
   int type;        /* ML_SHV_* */
@@ -55,10 +59,10 @@ size_t ml_shdict_zone_bytes_with(size_t size, unsigned heap_factor);
  * ud points to the size_t size); its heap is the rest of the zone. */
 void ml_shdict_init(void *zone, size_t bytes, void *ud);
 
-/* Looks key up. 0 and *v filled (strings copied into buf), UV_ENOENT when absent or expired, or
- * UV_ENOMEM when buf cannot grow. stale 0: an expired entry is dropped, a found one becomes the
- * most recently used; stale 1: an expired entry is handed back too (*is_stale 1), and nothing
- * moves. */
+/* Looks key up. 0 and *v filled (strings copied into buf; a list: type ML_SHV_LIST only),
+ * UV_ENOENT when absent or expired, or UV_ENOMEM when buf cannot grow. stale 0: an expired entry is
+ * dropped, a found one becomes the most recently used; stale 1: an expired entry is handed back too
+ * (*is_stale 1), and nothing moves. */
 int ml_shdict_get(ml_shdict_t *d, const char *key, size_t klen, int stale, ml_shvalue_t *v,
                   ml_shbuf_t *buf, int *is_stale);
 
@@ -79,6 +83,21 @@ int ml_shdict_incr(ml_shdict_t *d, const char *key, size_t klen, double step, in
 int ml_shdict_ttl(ml_shdict_t *d, const char *key, size_t klen, double *ttl);
 /* A new expiry, exptime seconds from now (0: never). UV_ENOENT when absent. */
 int ml_shdict_expire(ml_shdict_t *d, const char *key, size_t klen, double exptime);
+enum { ML_SHDICT_LEFT = 0, ML_SHDICT_RIGHT };
+/* Pushes v (a number or a string, without flags) at one end of the list under key, which a push
+ * makes when the key is absent or expired (an expired list starts empty again); a list keeps its
+ * expiry. *len: its new length. UV_EINVAL when key holds a live value that is not a list. UV_ENOMEM
+ * when there is no room: as OpenResty's, a push drops expired entries but never evicts a live one
+ * (other stores evict lists as any entry). */
+int ml_shdict_push(ml_shdict_t *d, int side, const char *key, size_t klen, const ml_shvalue_t *v,
+                   size_t *len);
+/* Takes the value at one end of the list: 0 and *v (strings copied into buf); the last value takes
+ * the key with it. UV_ENOENT when absent or expired, UV_EINVAL when not a list, UV_ENOMEM when buf
+ * cannot grow (then nothing is taken). */
+int ml_shdict_pop(ml_shdict_t *d, int side, const char *key, size_t klen, ml_shvalue_t *v,
+                  ml_shbuf_t *buf);
+/* *len: the list's length, 0 when absent or expired. UV_EINVAL when not a list. */
+int ml_shdict_llen(ml_shdict_t *d, const char *key, size_t klen, size_t *len);
 /* Copies at most max (0: all) live keys into buf, each as a uint32_t length then its bytes (not
  * aligned: read with memcpy); *count keys, *len bytes. Expired entries met are dropped. 0 or
  * UV_ENOMEM. */
@@ -88,7 +107,8 @@ void ml_shdict_flush_all(ml_shdict_t *d);
 size_t ml_shdict_flush_expired(ml_shdict_t *d, size_t max);
 size_t ml_shdict_capacity(ml_shdict_t *d);
 size_t ml_shdict_free_space(ml_shdict_t *d);
-/* For tests: walks every list and block; NULL when all agree, else what does not. */
+/* For tests: walks every list (LRU, chains, free lists, the nodes of each list) and block; NULL
+ * when all agree (the budget used is the sum of entries and nodes), else what does not. */
 const char *ml_shdict_check(ml_shdict_t *d);
 
 #endif

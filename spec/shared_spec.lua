@@ -1,8 +1,10 @@
 -- spec/shared_spec.lua: moonlet.shared (OpenResty's lua_shared_dict) and ngx.shared: values and
 -- flags, add/replace/delete, expiry (ttl, expire, get_stale, flush_expired), incr, the size bound
 -- with least-recently-used eviction (forcible, safe_set's "no memory"), sizes as "8k", names and
--- sizes refused, the shared memory's lists whole under churn, bad keys and values, and a handler
--- counting its hits through ngx.shared over real sockets (spec/workers_spec.lua: across workers).
+-- sizes refused, the shared memory's lists whole under churn, bad keys and values, a handler
+-- counting its hits through ngx.shared over real sockets (spec/workers_spec.lua: across workers);
+-- lists (lpush, rpush, lpop, rpop, llen) with OpenResty's answers, their expiry and budget, and one
+-- queue that both workers of `--workers 2` push to and pop from.
 local moonlet = require "moonlet"
 local test = require "moonlet.test"
 
@@ -176,6 +178,147 @@ print("capacity " .. d:capacity())
         d:flush_all()
         assert.same(32 * 1024, d:free_space())
         assert.is_nil(d:_check())
+    end)
+
+    it("keeps lists: lpush, rpush, lpop, rpop and llen answer as OpenResty's", function()
+        local d = fresh()
+        assert.same({ 1 }, { d:lpush("q", "b") })
+        assert.same({ 2 }, { d:lpush("q", "a") })
+        assert.same({ 3 }, { d:rpush("q", 3.5) })
+        assert.same({ 3 }, { d:llen("q") })
+        assert.same({ 0 }, { d:llen("none") })
+        assert.same({ nil, "value is a list" }, { d:get("q") })
+        assert.same({ nil, "value is a list" }, { d:get_stale("q") })
+        assert.same({ nil, "not a number" }, { d:incr("q", 1) })
+        assert.same({ false, "exists", false }, { d:add("q", 1) })
+        assert.same({ "q" }, d:get_keys())
+        assert.same({ "a" }, { d:lpop("q") })
+        assert.same({ 3.5 }, { d:rpop("q") })
+        assert.same({ "b" }, { d:rpop("q") })
+        assert.same({ nil }, { d:lpop("q") }) -- the last value took the key with it
+        assert.same({ 0 }, { d:llen("q") })
+        assert.same({}, d:get_keys())
+        for i = 1, 3 do assert.same(i, d:lpush("order", i)) end
+        assert.same({ 3, 2, 1 }, { d:lpop("order"), d:lpop("order"), d:lpop("order") })
+        for i = 1, 3 do assert.same(i, d:rpush("order", i)) end
+        assert.same({ 3, 2, 1 }, { d:rpop("order"), d:rpop("order"), d:rpop("order") })
+        -- a key that holds a value: the list methods leave it be
+        assert(d:set("s", "text"))
+        for _, m in ipairs({ "lpush", "rpush" }) do
+            assert.same({ nil, "value not a list" }, { d[m](d, "s", "x") })
+        end
+        for _, m in ipairs({ "lpop", "rpop", "llen" }) do
+            assert.same({ nil, "value not a list" }, { d[m](d, "s") })
+        end
+        assert.same("text", d:get("s"))
+        -- values other than numbers and strings are refused with OpenResty's words; keys as ever
+        for _, bad in ipairs({ {}, true, false }) do
+            assert.same({ nil, "bad value type" }, { d:rpush("l", bad) })
+        end
+        assert.same({ nil, "bad value type" }, { d:rpush("l", nil) })
+        assert.same({ 0 }, { d:llen("l") })
+        assert.has_error(function() d:lpush("", 1) end, "moonlet.shared: the key is not empty")
+        assert.has_error(function() d:llen({}) end, "moonlet.shared: the key is a string")
+        -- set, replace and delete take a list as any value
+        assert(d:rpush("l", 1))
+        assert.same({ true, nil, false }, { d:replace("l", "now a string") })
+        assert.same("now a string", d:get("l"))
+        assert(d:rpush("m", 1))
+        assert.is_true(d:delete("m"))
+        assert.same({ nil }, { d:lpop("m") })
+        assert(d:rpush("n", 1))
+        assert(d:set("n", 2))
+        assert.same(2, d:get("n"))
+        assert.is_nil(d:_check())
+    end)
+
+    it("expires a list whole; a push onto an expired key starts a new list", function()
+        local d = fresh()
+        assert(d:rpush("l", 1))
+        assert(d:rpush("l", 2))
+        assert.same(0, d:ttl("l"))
+        assert(d:expire("l", 0.6)) -- (wide: a loaded machine pauses)
+        assert.same(3, d:rpush("l", 3)) -- a push keeps the list's expiry
+        assert.is_true(d:ttl("l") > 0)
+        assert(d:rpush("gone", 1))
+        assert(d:expire("gone", 0.6))
+        assert(d:rpush("ever", 1))
+        assert(d:set("s", "v", 0.6))
+        moonlet.sleep(0.7)
+        assert.same({ 1 }, { d:lpush("l", "new") }) -- a new list, not the expired one
+        assert.same({ "new", nil }, { d:rpop("l"), d:rpop("l") })
+        assert.same({ 1 }, { d:rpush("s", 1) }) -- the expired string gave way to a list
+        assert.same(1, d:flush_expired()) -- "gone"
+        assert.same({ 0, nil }, { d:llen("gone"), d:lpop("gone") })
+        assert.same(1, d:llen("ever"))
+        d:flush_all()
+        assert.same({ 0, d:capacity() }, { d:llen("ever"), d:free_space() })
+        assert.is_nil(d:_check())
+    end)
+
+    it("counts each value of a list in its size; a push never evicts, a set evicts a list", function()
+        local d = fresh({ size = 4096 })
+        assert.same(1, d:rpush("q", "abc"))
+        assert.same(4096 - (1 + 64) - (3 + 64), d:free_space()) -- the list's key, then the value
+        assert.same(2, d:rpush("q", 1))
+        assert.same(4096 - (1 + 64) - (3 + 64) - (8 + 64), d:free_space())
+        assert.same("abc", d:lpop("q"))
+        assert.same(1, d:lpop("q"))
+        assert.same(4096, d:free_space())
+        assert(d:set("k", 1))
+        local pushed = 0
+        while true do
+            local len, err = d:rpush("q", pushed)
+            if not len then
+                assert.same({ false, "no memory" }, { len, err }) -- false, as OpenResty's
+                break
+            end
+            pushed = len
+        end
+        assert.same(math.floor((4096 - (1 + 64 + 8) - (1 + 64)) / (8 + 64)), pushed)
+        assert.same({ false, "no memory" }, { d:lpush("other", "x") })
+        assert.same({ 0, 1 }, { d:llen("other"), d:get("k") }) -- nothing evicted for a push
+        assert.same(pushed, d:llen("q"))
+        assert.same({ true, nil, true }, { d:set("big", ("x"):rep(4096 - 64 - 3 - 100)) })
+        assert.same({ 0, nil }, { d:llen("q"), d:get("k") }) -- the list went whole, k too
+        assert.is_nil(d:_check())
+    end)
+
+    it("is one queue for both workers of --workers 2: what one pushes the other pops", function()
+        local dir = test.make_dir()
+        test.defer(function() test.remove_dir(dir) end)
+        local path = dir .. "/queue.lua"
+        assert(moonlet.fs.write(path, [[
+local moonlet = require "moonlet"
+local q = moonlet.shared("queue", { size = "64k" })
+local app = moonlet.app()
+app:get("/push/:v", function(req)
+    return moonlet.worker.id() .. " " .. assert(q:rpush("jobs", req.params.v))
+end)
+app:get("/pop", function() return moonlet.worker.id() .. " " .. tostring(q:lpop("jobs")) end)
+return app
+]]))
+        local p = test.start_process("--workers 2 --port 0 " .. path)
+        test.defer(function() p:kill() end)
+        local port = p:port()
+        local pushers, poppers, lens, got = {}, {}, {}, {}
+        for i = 1, 100 do -- (a connection each: both workers serve some)
+            local id, len = test.request(port, "GET", "/push/" .. i).body:match("^(%d) (%d+)$")
+            pushers[id] = true
+            lens[i] = tonumber(len)
+        end
+        for i = 1, 100 do
+            local id, v = test.request(port, "GET", "/pop").body:match("^(%d) (.*)$")
+            poppers[id] = true
+            got[i] = tonumber(v)
+        end
+        local want = {}
+        for i = 1, 100 do want[i] = i end
+        assert.same({ ["0"] = true, ["1"] = true }, pushers)
+        assert.same({ ["0"] = true, ["1"] = true }, poppers)
+        assert.same(want, lens) -- one list: each push made it one longer
+        assert.same(want, got)  -- popped in the order pushed, whoever pushed
+        assert.same("nil", test.request(port, "GET", "/pop").body:match("^%d (.*)$"))
     end)
 
     it("is ngx.shared.NAME in moonlet.ngx: a handler counts its hits there", function()

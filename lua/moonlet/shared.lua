@@ -2,14 +2,18 @@
 -- and booleans with expiry times, by name, as OpenResty's lua_shared_dict (and ngx.shared.NAME in
 -- moonlet.ngx, so that lua-resty libraries that keep counters, locks or caches there run): get,
 -- get_stale, set, safe_set, add, safe_add, replace, delete, incr, ttl, expire, get_keys, flush_all,
--- flush_expired, capacity, free_space.
+-- flush_expired, capacity, free_space; and lists of strings and numbers under a key (queues between
+-- workers): lpush, rpush, lpop, rpop, llen, with OpenResty's answers (get on a list: nil, "value is
+-- a list"; a list method on another value: nil, "value not a list"; a push short of room: false,
+-- "no memory", for a push never evicts; a list expires and is evicted whole, as one entry).
 --
 -- It lives in shared memory (core/shm.c, core/shdict.c, bindings/shared.c): under
 -- `moonlet --workers N` every worker sees the same dictionary, as nginx's workers see theirs, and a
 -- reload (SIGHUP, a script edited) finds its entries still there. The script's top level runs in
 -- every worker, and again in one started anew: initialise with `add` (only when absent), not `set`.
 -- Its entries are kept within `size` bytes (1 MiB by default; "10m" and "512k" as nginx writes
--- them), each counting its key, its value (8 for a number or a boolean) and ENTRY_OVERHEAD; a store
+-- them), each counting its key, its value (8 for a number or a boolean) and ENTRY_OVERHEAD (a list:
+-- its key and ENTRY_OVERHEAD, then each value in it its bytes, 8 for a number, and ENTRY_OVERHEAD); a store
 -- short of room drops expired entries among the 64 least recently used, then evicts the least
 -- recently used (`set`'s third result, forcible, is then true; `safe_set` and `safe_add` refuse with
 -- "no memory"), as OpenResty does. The shared memory that holds all dictionaries is 1 GiB of
