@@ -740,8 +740,12 @@ static int l_listen(lua_State *L) {
   lua_getfield(L, 1, "unix");
   const char *unix_path = luaL_optstring(L, -1, NULL);
   if (unix_path && !*unix_path) return luaL_error(L, "moonlet: unix must be a socket path");
-  if (unix_path && m->worker.count > 1) /* each worker would replace the others' socket file */
-    return luaL_error(L, "moonlet: a Unix socket cannot be shared by --workers processes");
+  /* under --workers, the socket the supervisor made for --unix (each worker binding its own would
+   * replace the others' file) */
+  int inherited = unix_path && m->worker.count > 1 && m->worker_unix_path &&
+                  strcmp(unix_path, m->worker_unix_path) == 0;
+  if (unix_path && m->worker.count > 1 && !inherited)
+    return luaL_error(L, "moonlet: under --workers, a Unix socket is the command line's --unix");
   ml_http_limits_t lim;
   read_limits(L, 1, &lim);
   lua_getfield(L, 1, "check_client_abort");
@@ -763,8 +767,9 @@ static int l_listen(lua_State *L) {
   }
   if (tls) ml_server_set_tls(s->srv, tls); /* the server owns it now */
   ml_server_set_reuseport(s->srv, m->worker.count > 1);
-  int r = unix_path ? ml_server_listen_unix(s->srv, unix_path, backlog)
-                    : ml_server_listen(s->srv, host, port, backlog);
+  int r = inherited   ? ml_server_listen_unix_fd(s->srv, m->worker_unix_fd)
+          : unix_path ? ml_server_listen_unix(s->srv, unix_path, backlog)
+                      : ml_server_listen(s->srv, host, port, backlog);
   if (r < 0) {
     s->handler_ref = LUA_NOREF;
     s->next = m->servers;

@@ -379,6 +379,7 @@ moonlet_t *moonlet_new(const moonlet_config_t *cfg) {
   m->cfg = *cfg;
   m->shm_bytes = cfg->shared_memory;
   m->worker = (ml_worker_info_t){.id = 0, .count = 1, .ready_fd = -1};
+  m->worker_unix_fd = -1;
   if (cfg->loop) {
     m->loop = cfg->loop;
   } else {

@@ -95,6 +95,10 @@ struct moonlet_s {
   /* `moonlet --workers N` (bindings/workers.c): this process's place among the workers; id 0 and
    * count 1 when it is the only one. count > 1 makes every listener share its port. */
   ml_worker_info_t worker;
+  /* `--unix PATH --workers N`: the listening socket the supervisor made before the fork, which each
+   * worker's server at that path listens on (a copy of it), and the path; -1 / NULL otherwise */
+  int worker_unix_fd;
+  const char *worker_unix_path; /* the Lua string's (pinned in the registry by the command line) */
   /* moonlet.shared (bindings/shared.c): the shared memory arena, made on first use or before the
    * workers are forked (NULL: not yet), its size (0: the default), and the buffer values are
    * copied out through */

@@ -1096,7 +1096,7 @@ static int l_listen_unix(lua_State *L) {
   int64_t ms = to_ms(L, 4);
   if (len == 0 || strlen(path) != len) return luaL_argerror(L, 1, "not a socket path");
   if (m->worker.count > 1) /* each worker would replace the others' socket file */
-    return luaL_error(L, "moonlet: a Unix socket cannot be shared by --workers processes");
+    return luaL_error(L, "moonlet: moonlet.tcp.listen on a Unix socket is not for --workers");
   server_t *srv = server_new(m, ms, 1);
   if (!srv) return luaL_error(L, "moonlet: out of memory");
   int r = ml_listen_unix(&srv->io.pipe, path, backlog, on_connection);

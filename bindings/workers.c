@@ -20,12 +20,15 @@
 #include "../core/listen.h"
 #include "mlua.h"
 
-/* syntax: role, a, b = core.fork_workers(n, host, port) */
+/* syntax: role, a, b = core.fork_workers(n, host, port, unix_path)
+ * unix_path (optional): the workers serve on that Unix domain socket, made here, once, before the
+ * fork (a port is not reserved then); the supervisor removes its file once the workers are gone. */
 static int l_fork_workers(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   int n = (int)luaL_checkinteger(L, 1);
   const char *host = luaL_checkstring(L, 2);
   int port = (int)luaL_checkinteger(L, 3);
+  const char *unix_path = luaL_optstring(L, 4, NULL);
   if (n < 2 || n > 255) return luaL_argerror(L, 1, "from 2 to 255 workers");
   if (!m->owns_loop || m->worker.count > 1)
     return luaL_error(L, "moonlet: workers are forked by the moonlet command, once");
@@ -35,12 +38,24 @@ static int l_fork_workers(lua_State *L) {
     lua_pushfstring(L, "cannot start the workers: shared memory: %s", mlua_err_string(r));
     return 2;
   }
-  int bound = port;
-  int fd = ml_listen_reserve(host, port, &bound);
-  if (fd < 0 && port == 0) { /* no port to agree on */
-    lua_pushnil(L);
-    lua_pushfstring(L, "listen on %s:%d: %s", host, port, mlua_err_string(fd));
-    return 2;
+  int bound = port, fd = -1, ufd = -1;
+  unsigned long ino = 0;
+  if (unix_path) {
+    ufd = ml_listen_unix_fd(unix_path, 511, &ino);
+    if (ufd < 0) {
+      lua_pushnil(L);
+      lua_pushfstring(L, "listen on unix:%s: %s", unix_path, mlua_err_string(ufd));
+      return 2;
+    }
+    lua_pushvalue(L, 4); /* the path string lives as long as the instance: the registry holds it */
+    luaL_ref(L, LUA_REGISTRYINDEX);
+  } else {
+    fd = ml_listen_reserve(host, port, &bound);
+    if (fd < 0 && port == 0) { /* no port to agree on */
+      lua_pushnil(L);
+      lua_pushfstring(L, "listen on %s:%d: %s", host, port, mlua_err_string(fd));
+      return 2;
+    }
   }
   int code = 0;
   ml_worker_info_t w;
@@ -48,6 +63,8 @@ static int l_fork_workers(lua_State *L) {
   if (r == 1) {
     if (fd >= 0) close(fd);
     m->worker = w;
+    m->worker_unix_fd = ufd; /* (its copy in this worker: ufd stays open in the supervisor) */
+    m->worker_unix_path = unix_path;
     r = uv_loop_fork(m->loop);
     if (r < 0) {
       ml_log(&m->log, ML_LOG_ERROR, "worker %d: uv_loop_fork: %s", w.id, uv_strerror(r));
@@ -60,6 +77,10 @@ static int l_fork_workers(lua_State *L) {
     return 3;
   }
   if (fd >= 0) close(fd);
+  if (ufd >= 0) {
+    close(ufd);
+    ml_listen_unix_unlink(unix_path, ino);
+  }
   if (r < 0) {
     lua_pushnil(L);
     lua_pushfstring(L, "cannot start the workers: %s", mlua_err_string(r));

@@ -101,6 +101,9 @@ int ml_server_listen(ml_server_t *s, const char *host, int port, int backlog);
 /* Binds and listens on the Unix domain socket path (core/listen.h: a stale socket file is replaced,
  * a live one is not); the file is removed when the listener closes. 0 or a negative UV_E* code. */
 int ml_server_listen_unix(ml_server_t *s, const char *path, int backlog);
+/* Listens on a copy (dup) of fd, a listening Unix domain socket another process made (a worker of
+ * `--unix PATH --workers N`): the file stays its maker's to remove. 0 or a negative UV_E* code. */
+int ml_server_listen_unix_fd(ml_server_t *s, int fd);
 /* Listeners made after this share their port with other processes' (SO_REUSEPORT; core/listen.h).
  */
 void ml_server_set_reuseport(ml_server_t *s, int on);

@@ -17,6 +17,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <unistd.h>
+
 #include "http_internal.h"
 #include "listen.h"
 
@@ -633,11 +635,34 @@ int ml_server_listen_unix(ml_server_t *s, const char *path, int backlog) {
   return 0;
 }
 
+int ml_server_listen_unix_fd(ml_server_t *s, int fd) {
+  if (s->nlisteners >= ML_MAX_LISTENERS) return UV_ENOSPC;
+  int copy = dup(fd);
+  if (copy < 0) return UV_EMFILE;
+  ml_listener_t *t = calloc(1, sizeof *t);
+  if (!t) {
+    close(copy);
+    return UV_ENOMEM;
+  }
+  uv_pipe_init(s->loop, &t->pipe, 0);
+  t->pipe.data = s;
+  s->open_handles++;
+  int r = uv_pipe_open(&t->pipe, copy); /* the handle owns copy from here (closed with it) */
+  if (r < 0) close(copy);
+  if (r == 0) r = uv_listen((uv_stream_t *)&t->pipe, 511, on_connection);
+  if (r < 0) {
+    uv_close((uv_handle_t *)t, listener_closed);
+    return r;
+  }
+  s->listeners[s->nlisteners++] = t;
+  return 0;
+}
+
 void ml_server_set_reuseport(ml_server_t *s, int on) { s->reuseport = on; }
 
 int ml_server_port(const ml_server_t *s, int index) {
   if (index < 0 || index >= s->nlisteners) return UV_EINVAL;
-  if (s->listeners[index]->path) return 0;
+  if (s->listeners[index]->tcp.type == UV_NAMED_PIPE) return 0;
   struct sockaddr_storage addr;
   int len = sizeof addr;
   int r = uv_tcp_getsockname(&s->listeners[index]->tcp, (struct sockaddr *)&addr, &len);

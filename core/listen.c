@@ -29,16 +29,48 @@ static int unix_alive(const char *path) {
   return alive;
 }
 
-int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, uv_connection_cb cb) {
+/* Makes path free for a new socket: nothing there, or a stale socket file removed. 0, or
+ * UV_EADDRINUSE (a live server, or not a socket), UV_ENAMETOOLONG, -errno. */
+static int unix_clear(const char *path) {
   if (strlen(path) >= sizeof((struct sockaddr_un *)0)->sun_path) return UV_ENAMETOOLONG;
   struct stat st;
   if (lstat(path, &st) == 0) {
     if (!S_ISSOCK(st.st_mode) || unix_alive(path)) return UV_EADDRINUSE;
     if (unlink(path) < 0 && errno != ENOENT) return -errno;
   }
-  int r = uv_pipe_bind(p, path);
+  return 0;
+}
+
+int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, uv_connection_cb cb) {
+  int r = unix_clear(path);
+  if (r < 0) return r;
+  r = uv_pipe_bind(p, path);
   if (r < 0) return r;
   return uv_listen((uv_stream_t *)p, backlog, cb);
+}
+
+int ml_listen_unix_fd(const char *path, int backlog, unsigned long *ino) {
+  int r = unix_clear(path);
+  if (r < 0) return r;
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  memcpy(sa.sun_path, path, strlen(path) + 1);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  struct stat st;
+  if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(fd, backlog) < 0 ||
+      lstat(path, &st) < 0) {
+    r = -errno;
+    close(fd);
+    return r;
+  }
+  *ino = (unsigned long)st.st_ino;
+  return fd;
+}
+
+void ml_listen_unix_unlink(const char *path, unsigned long ino) {
+  struct stat st;
+  if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode) && (unsigned long)st.st_ino == ino)
+    unlink(path);
 }
 
 int ml_listen_share_port(uv_os_sock_t fd) {

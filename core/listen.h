@@ -20,6 +20,13 @@ int ml_listen_tcp(uv_tcp_t *t, const struct sockaddr *addr, int reuseport, int b
  * socket file it bound (libuv's uv__pipe_close unlinks it). */
 int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, uv_connection_cb cb);
 
+/* The same as a plain listening socket (non-blocking, close-on-exec) for processes that share it:
+ * the supervisor of `moonlet --unix PATH --workers N` makes it before the fork, every worker
+ * accepts on its copy. The fd, or a negative libuv error; *ino identifies the socket file for
+ * ml_listen_unix_unlink, which removes it at the end unless another socket took the path since. */
+int ml_listen_unix_fd(const char *path, int backlog, unsigned long *ino);
+void ml_listen_unix_unlink(const char *path, unsigned long ino);
+
 /* Lets the socket fd share its port with others that set it too (SO_REUSEPORT): 0 or -errno. */
 int ml_listen_share_port(uv_os_sock_t fd);
 

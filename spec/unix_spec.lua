@@ -232,7 +232,7 @@ describe("Unix domain sockets", function()
         assert.is_false(exists(path))
     end)
 
-    it("moonlet --host unix:PATH is the same; --unix with --workers 2 is refused", function()
+    it("moonlet --host unix:PATH is the same", function()
         local path = dir .. "/host.sock"
         local p = test.start_process(("examples/hello.lua --host unix:%s"):format(path))
         defer(function() p:kill() end)
@@ -243,11 +243,47 @@ describe("Unix domain sockets", function()
         end), p:output())
         p:signal("TERM")
         assert.equal(0, p:wait(10))
-        local q = test.start_process(("examples/hello.lua --unix %s --workers 2"):format(path))
-        defer(function() q:kill() end)
-        assert.equal(2, q:wait(10))
-        assert.matches("%-%-unix cannot be shared by %-%-workers", q:output())
         assert.is_false(exists(path))
+    end)
+
+    it("--unix PATH --workers 2: both workers accept on the one socket, a killed one comes back", function()
+        local path = dir .. "/workers.sock"
+        local p = test.start_process(("examples/workers.lua --unix %s --workers 2"):format(path))
+        defer(function() p:kill() end)
+        -- new connections until both workers answered: worker id -> pid
+        local function pids()
+            local seen, n = {}, 0
+            test.wait_until(function()
+                local res = moonlet.http.get("http://x/", { unix = path, keepalive = false })
+                local id, pid
+                if res then id, pid = res.body:match("^worker (%d) of 2 %(pid (%d+)%)") end
+                if id and not seen[id] then
+                    seen[id], n = pid, n + 1
+                end
+                return n == 2
+            end, 10)
+            return seen, n
+        end
+        local seen, n = pids()
+        assert.equal(2, n, p:output())
+        local res = assert(moonlet.http.get("http://x/", { unix = path, keepalive = false }))
+        local all = tonumber(res.body:match("(%d+) of all"))
+        assert.truthy(all and all >= 3) -- one count in shared memory across both
+        os.execute("kill -9 " .. seen["0"]) -- the supervisor starts it again, on the same socket
+        assert.truthy(test.wait_until(function()
+            local again = pids()
+            return again["0"] and again["0"] ~= seen["0"] and again["1"] == seen["1"]
+        end, 15), p:output())
+        assert.is_true(exists(path))
+        p:signal("TERM")
+        assert.equal(0, p:wait(15))
+        assert.is_false(exists(path)) -- the supervisor removed it once the workers were gone
+        -- a live server's path refuses the workers too
+        local _, live = listen("taken.sock")
+        local q = test.start_process(("examples/workers.lua --unix %s --workers 2"):format(live))
+        defer(function() q:kill() end)
+        assert.equal(1, q:wait(10))
+        assert.matches("address in use", q:output())
     end)
 
     it("serves behind nginx's proxy_pass http://unix:PATH: with the client's address forwarded", function()

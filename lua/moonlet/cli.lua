@@ -128,9 +128,6 @@ function _M.parse(argv)
     end
     if opts.host and opts.host:sub(1, 5) == "unix:" then opts.unix, opts.host = opts.host:sub(6), nil end
     if opts.unix == "" then return die("--unix wants a socket path") end
-    if opts.unix and opts.workers and opts.workers > 1 then
-        return die("--unix cannot be shared by --workers processes (each would replace the socket)")
-    end
     if (opts.tls_cert == nil) ~= (opts.tls_key == nil) then
         return die("--tls-cert and --tls-key go together")
     end
@@ -176,7 +173,7 @@ local function fork_workers(script, opts)
         core.set_exit_code(1)
         return false
     end
-    local role, a, b = core.fork_workers(opts.workers, opts.host, opts.port)
+    local role, a, b = core.fork_workers(opts.workers, opts.host, opts.port, opts.unix)
     if role == "worker" then
         opts.port = b
         return true
