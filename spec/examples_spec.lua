@@ -153,6 +153,23 @@ describe("examples", function()
         assert.same(401, assert(moonlet.http.get(base .. "/api/nothing")).status)
     end)
 
+    it("behind_proxy.lua serves on a Unix socket and gives the forwarded client back", function()
+        local dir = test.make_dir()
+        test.defer(function() test.remove_dir(dir) end)
+        local path = dir .. "/app.sock"
+        local p = test.start_process("examples/behind_proxy.lua --unix " .. path)
+        test.defer(function() p:kill() end)
+        local res
+        assert.truthy(test.wait_until(function()
+            res = moonlet.http.get("http://app.test/", { unix = path, headers = {
+                ["X-Forwarded-For"] = "203.0.113.9", ["X-Forwarded-Proto"] = "https" } })
+            return res
+        end, 10), p:output())
+        assert.equal("hello 203.0.113.9, you came over https to app.test\n", res.body)
+        res = assert(moonlet.http.get("http://app.test/", { unix = path }))
+        assert.equal("hello unix:, you came over http to app.test\n", res.body)
+    end)
+
     it("workers.lua answers from two processes, each counting its own requests and all", function()
         local p = test.start_process("--workers 2 examples/workers.lua --port 0")
         test.defer(function() p:kill() end)
