@@ -739,10 +739,13 @@ static int l_listen(lua_State *L) {
   int backlog = (int)luaL_optinteger(L, -1, 511);
   lua_getfield(L, 1, "unix");
   const char *unix_path = luaL_optstring(L, -1, NULL);
-  if (unix_path && !*unix_path) return luaL_error(L, "moonlet: unix must be a socket path");
+  size_t ulen = 0;
+  if (unix_path) lua_tolstring(L, -1, &ulen);
+  if (unix_path && (!*unix_path || strlen(unix_path) != ulen))
+    return luaL_error(L, "moonlet: unix must be a socket path");
   /* under --workers, the socket the supervisor made for --unix (each worker binding its own would
    * replace the others' file) */
-  int inherited = unix_path && m->worker.count > 1 && m->worker_unix_path &&
+  int inherited = unix_path && m->worker.count > 1 && m->worker_unix_fd >= 0 &&
                   strcmp(unix_path, m->worker_unix_path) == 0;
   if (unix_path && m->worker.count > 1 && !inherited)
     return luaL_error(L, "moonlet: under --workers, a Unix socket is the command line's --unix");
@@ -781,6 +784,10 @@ static int l_listen(lua_State *L) {
     else
       lua_pushfstring(L, "listen on %s:%d: %s", host, port, mlua_err_string(r));
     return 2;
+  }
+  if (inherited) { /* the listener has its own copy: the worker's stop closes the socket with it */
+    close(m->worker_unix_fd);
+    m->worker_unix_fd = -1;
   }
   lua_pushvalue(L, 2);
   s->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);

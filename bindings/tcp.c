@@ -110,8 +110,9 @@ typedef struct {
 typedef struct server_s {
   mlua_res_t res;
   stream_u io;
-  int is_unix; /* io is a uv_pipe_t */
-  char *path;  /* a Unix socket's path (malloc'd; libuv removes the file at the close) */
+  int is_unix;     /* io is a uv_pipe_t */
+  char *path;      /* a Unix socket's path (malloc'd), its file removed at the close ... */
+  ml_unix_id_t id; /* ... if it is still this one (core/listen.h) */
   moonlet_t *m;
   struct server_s **box; /* the Lua box, NULLed at close */
   int fn_ref;            /* fn(sock), run in a new task per connection */
@@ -903,12 +904,14 @@ static int sock_name(lua_State *L, int peer) {
   sock_t *s = check_sock(L);
   if (!s) return push_err(L, UV_EPIPE);
   if (s->is_unix) { /* the path: the one connected to, or the one this end is bound to ("") */
-    char path[256];
+    char path[256] = "";
     size_t n = sizeof path;
     int r = peer ? uv_pipe_getpeername(&s->io.pipe, path, &n)
                  : uv_pipe_getsockname(&s->io.pipe, path, &n);
     if (r < 0) return push_err(L, r);
-    lua_pushfstring(L, "unix:%s", path);
+    lua_pushliteral(L, "unix:");
+    lua_pushlstring(L, path, strnlen(path, n < sizeof path ? n : sizeof path)); /* "": unnamed */
+    lua_concat(L, 2);
     return 1;
   }
   struct sockaddr_storage ss;
@@ -985,6 +988,7 @@ static int s_gc(lua_State *L) {
 
 static void server_closed(uv_handle_t *h) {
   server_t *srv = h->data;
+  ml_listen_unix_unlink(srv->path, &srv->id); /* if it is still the file this server made */
   free(srv->path);
   free(srv);
 }
@@ -1085,8 +1089,7 @@ static int l_listen(lua_State *L) {
 }
 
 /* syntax: server, err = core.unix_listen(path, backlog, fn, timeout) -- core.tcp_listen on a Unix
- * domain socket; a stale socket file at path is replaced, and the file is removed at close (by
- * libuv, when the handle closes) */
+ * domain socket; a stale socket file at path is replaced, and the file is removed at close */
 static int l_listen_unix(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   size_t len;
@@ -1099,8 +1102,9 @@ static int l_listen_unix(lua_State *L) {
     return luaL_error(L, "moonlet: moonlet.tcp.listen on a Unix socket is not for --workers");
   server_t *srv = server_new(m, ms, 1);
   if (!srv) return luaL_error(L, "moonlet: out of memory");
-  int r = ml_listen_unix(&srv->io.pipe, path, backlog, on_connection);
-  if (r == 0 && !(srv->path = strdup(path))) r = UV_ENOMEM;
+  int r = (srv->path = strdup(path))
+              ? ml_listen_unix(&srv->io.pipe, path, backlog, on_connection, &srv->id)
+              : UV_ENOMEM;
   return server_start(L, srv, r, 3);
 }
 

@@ -20,6 +20,23 @@
 #include "../core/listen.h"
 #include "mlua.h"
 
+/* The supervisor's `--unix PATH` socket: closed and its file removed when a stop begins (so that
+ * new clients fail at once rather than wait at a socket no worker will accept on), or at the end.
+ */
+typedef struct {
+  int fd;
+  const char *path;
+  ml_unix_id_t id;
+} unix_sock_t;
+
+static void unix_stop(void *ud) {
+  unix_sock_t *us = ud;
+  if (us->fd < 0) return;
+  close(us->fd);
+  us->fd = -1;
+  ml_listen_unix_unlink(us->path, &us->id);
+}
+
 /* syntax: role, a, b = core.fork_workers(n, host, port, unix_path)
  * unix_path (optional): the workers serve on that Unix domain socket, made here, once, before the
  * fork (a port is not reserved then); the supervisor removes its file once the workers are gone. */
@@ -39,9 +56,9 @@ static int l_fork_workers(lua_State *L) {
     return 2;
   }
   int bound = port, fd = -1, ufd = -1;
-  unsigned long ino = 0;
+  ml_unix_id_t id = {0, 0};
   if (unix_path) {
-    ufd = ml_listen_unix_fd(unix_path, 511, &ino);
+    ufd = ml_listen_unix_fd(unix_path, 511, &id);
     if (ufd < 0) {
       lua_pushnil(L);
       lua_pushfstring(L, "listen on unix:%s: %s", unix_path, mlua_err_string(ufd));
@@ -59,7 +76,8 @@ static int l_fork_workers(lua_State *L) {
   }
   int code = 0;
   ml_worker_info_t w;
-  r = ml_workers_run(n, &m->log, &w, &code);
+  unix_sock_t us = {ufd, unix_path, id};
+  r = ml_workers_run(n, &m->log, &w, &code, ufd >= 0 ? unix_stop : NULL, &us);
   if (r == 1) {
     if (fd >= 0) close(fd);
     m->worker = w;
@@ -77,10 +95,7 @@ static int l_fork_workers(lua_State *L) {
     return 3;
   }
   if (fd >= 0) close(fd);
-  if (ufd >= 0) {
-    close(ufd);
-    ml_listen_unix_unlink(unix_path, ino);
-  }
+  unix_stop(&us); /* (once the workers are gone, if no stop began before) */
   if (r < 0) {
     lua_pushnil(L);
     lua_pushfstring(L, "cannot start the workers: %s", mlua_err_string(r));

@@ -9,6 +9,7 @@
 #include <llhttp.h>
 
 #include "http.h"
+#include "listen.h"
 
 #define ML_READ_BUF_SIZE (64 * 1024)    /* the server's one read buffer */
 #define ML_BODY_HIGH_WATER (256 * 1024) /* reading pauses while this much body is unread */
@@ -34,14 +35,15 @@ enum {                   /* where a connection is in its request cycle */
        ML_CONN_DONE_READ /* the whole message is in */
 };
 
-/* A listener: a TCP socket, or a Unix domain socket (whose file libuv removes when it closes). The
- * handle's data is the server. */
+/* A listener: a TCP socket, or a Unix domain socket whose file it removes when it closes (if it is
+ * still the one it made: listener_closed). The handle's data is the server. */
 typedef struct {
   union {
     uv_tcp_t tcp;
-    uv_pipe_t pipe; /* when path is set */
+    uv_pipe_t pipe; /* tcp.type tells which */
   };
-  char *path; /* a Unix socket's path (owned), or NULL */
+  char *path;      /* the Unix socket file this listener made (owned), or NULL */
+  ml_unix_id_t id; /* ... and which file it is */
 } ml_listener_t;
 
 struct ml_conn_s {

@@ -17,6 +17,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <errno.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "http_internal.h"
@@ -587,7 +589,8 @@ unsigned ml_server_conn_count(const ml_server_t *s) { return s->nconns; }
 
 static void listener_closed(uv_handle_t *h) {
   ml_server_t *s = h->data;
-  ml_listener_t *l = (ml_listener_t *)h; /* (libuv unlinks a Unix socket's file at its close) */
+  ml_listener_t *l = (ml_listener_t *)h;
+  ml_listen_unix_unlink(l->path, &l->id);
   free(l->path);
   free(l);
   s->open_handles--;
@@ -622,12 +625,15 @@ int ml_server_listen_unix(ml_server_t *s, const char *path, int backlog) {
   if (s->nlisteners >= ML_MAX_LISTENERS) return UV_ENOSPC;
   ml_listener_t *t = calloc(1, sizeof *t);
   if (!t) return UV_ENOMEM;
+  if (!(t->path = strdup(path))) {
+    free(t);
+    return UV_ENOMEM;
+  }
   uv_pipe_init(s->loop, &t->pipe, 0);
   t->pipe.data = s;
   s->open_handles++;
-  int r = ml_listen_unix(&t->pipe, path, backlog, on_connection);
-  if (r == 0 && !(t->path = strdup(path))) r = UV_ENOMEM;
-  if (r < 0) {
+  int r = ml_listen_unix(&t->pipe, path, backlog, on_connection, &t->id);
+  if (r < 0) { /* (what ml_listen_unix made, it removed: t->id names no file) */
     uv_close((uv_handle_t *)t, listener_closed);
     return r;
   }
@@ -637,8 +643,8 @@ int ml_server_listen_unix(ml_server_t *s, const char *path, int backlog) {
 
 int ml_server_listen_unix_fd(ml_server_t *s, int fd) {
   if (s->nlisteners >= ML_MAX_LISTENERS) return UV_ENOSPC;
-  int copy = dup(fd);
-  if (copy < 0) return UV_EMFILE;
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0); /* (a dup would leak into moonlet.process children) */
+  if (copy < 0) return -errno;
   ml_listener_t *t = calloc(1, sizeof *t);
   if (!t) {
     close(copy);

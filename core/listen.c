@@ -16,60 +16,75 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-/* 1 when a server listens on the Unix socket at path (a connect succeeds, or finds its backlog
- * full: EAGAIN, the socket being non-blocking), else 0. */
-static int unix_alive(const char *path) {
+/* Whether the socket file at path is stale: a connect is refused (nobody listens: its process
+ * died). Anything else (it connects, its backlog is full, another user's socket we may not use, a
+ * datagram socket) counts as alive: the file is not ours to remove. */
+static int unix_stale(const char *path) {
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
-  if (strlen(path) >= sizeof sa.sun_path) return 0;
   memcpy(sa.sun_path, path, strlen(path) + 1);
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return 0;
-  int alive = connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EAGAIN;
+  int stale = connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno == ECONNREFUSED;
   close(fd);
-  return alive;
+  return stale;
 }
 
 /* Makes path free for a new socket: nothing there, or a stale socket file removed. 0, or
- * UV_EADDRINUSE (a live server, or not a socket), UV_ENAMETOOLONG, -errno. */
+ * UV_EADDRINUSE (a live server), UV_EEXIST (not a socket), UV_ENAMETOOLONG, -errno. Two servers
+ * started at the same instant may both find one file stale; the second to bind then fails. */
 static int unix_clear(const char *path) {
-  if (strlen(path) >= sizeof((struct sockaddr_un *)0)->sun_path) return UV_ENAMETOOLONG;
   struct stat st;
-  if (lstat(path, &st) == 0) {
-    if (!S_ISSOCK(st.st_mode) || unix_alive(path)) return UV_EADDRINUSE;
-    if (unlink(path) < 0 && errno != ENOENT) return -errno;
-  }
+  if (lstat(path, &st) < 0) return 0;
+  if (!S_ISSOCK(st.st_mode)) return UV_EEXIST;
+  if (!unix_stale(path)) return UV_EADDRINUSE;
+  if (unlink(path) < 0 && errno != ENOENT) return -errno;
   return 0;
 }
 
-int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, uv_connection_cb cb) {
-  int r = unix_clear(path);
-  if (r < 0) return r;
-  r = uv_pipe_bind(p, path);
-  if (r < 0) return r;
-  return uv_listen((uv_stream_t *)p, backlog, cb);
-}
-
-int ml_listen_unix_fd(const char *path, int backlog, unsigned long *ino) {
+int ml_listen_unix_fd(const char *path, int backlog, ml_unix_id_t *id) {
+  if (strlen(path) >= sizeof((struct sockaddr_un *)0)->sun_path) return UV_ENAMETOOLONG;
   int r = unix_clear(path);
   if (r < 0) return r;
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
   memcpy(sa.sun_path, path, strlen(path) + 1);
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return -errno;
-  struct stat st;
-  if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(fd, backlog) < 0 ||
-      lstat(path, &st) < 0) {
-    r = -errno;
+  if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+    r = errno == EADDRINUSE ? UV_EADDRINUSE : -errno; /* (a server that came in between) */
     close(fd);
     return r;
   }
-  *ino = (unsigned long)st.st_ino;
+  struct stat st;
+  if (lstat(path, &st) < 0 || listen(fd, backlog) < 0) {
+    r = -errno;
+    unlink(path);
+    close(fd);
+    return r;
+  }
+  id->dev = (unsigned long)st.st_dev;
+  id->ino = (unsigned long)st.st_ino;
   return fd;
 }
 
-void ml_listen_unix_unlink(const char *path, unsigned long ino) {
+int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, uv_connection_cb cb,
+                   ml_unix_id_t *id) {
+  int fd = ml_listen_unix_fd(path, backlog, id);
+  if (fd < 0) return fd;
+  int r = uv_pipe_open(p, fd); /* not uv_pipe_bind: libuv would unlink the path, ours or not */
+  if (r < 0) {
+    ml_listen_unix_unlink(path, id);
+    close(fd);
+    return r;
+  }
+  r = uv_listen((uv_stream_t *)p, backlog, cb); /* (p owns fd now: closed with it) */
+  if (r < 0) ml_listen_unix_unlink(path, id);
+  return r;
+}
+
+void ml_listen_unix_unlink(const char *path, const ml_unix_id_t *id) {
   struct stat st;
-  if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode) && (unsigned long)st.st_ino == ino)
+  if (path && lstat(path, &st) == 0 && S_ISSOCK(st.st_mode) &&
+      (unsigned long)st.st_ino == id->ino && (unsigned long)st.st_dev == id->dev)
     unlink(path);
 }
 

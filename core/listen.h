@@ -13,19 +13,27 @@
 int ml_listen_tcp(uv_tcp_t *t, const struct sockaddr *addr, int reuseport, int backlog,
                   uv_connection_cb cb);
 
-/* Binds p (uv_pipe_init'ed) to the Unix domain socket path and listens. A socket file already at
- * path that nobody listens on (left by a process that died) is removed first; one a live server
- * listens on gives UV_EADDRINUSE, and so does a path that is not a socket (it is never removed).
- * 0 or a negative libuv error; p is the caller's to close either way, and closing it removes the
- * socket file it bound (libuv's uv__pipe_close unlinks it). */
-int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, uv_connection_cb cb);
+/* The socket file a listener made: removed at the end only if it is still that one. */
+typedef struct {
+  unsigned long dev, ino;
+} ml_unix_id_t;
 
-/* The same as a plain listening socket (non-blocking, close-on-exec) for processes that share it:
- * the supervisor of `moonlet --unix PATH --workers N` makes it before the fork, every worker
- * accepts on its copy. The fd, or a negative libuv error; *ino identifies the socket file for
- * ml_listen_unix_unlink, which removes it at the end unless another socket took the path since. */
-int ml_listen_unix_fd(const char *path, int backlog, unsigned long *ino);
-void ml_listen_unix_unlink(const char *path, unsigned long ino);
+/* A listening Unix domain socket at path (non-blocking, close-on-exec), *id its file. A socket file
+ * already there that nobody listens on (a connect is refused: its process died) is removed first;
+ * one a server listens on gives UV_EADDRINUSE, a file that is not a socket UV_EEXIST (neither is
+ * ever removed). The fd, or a negative libuv error. The supervisor of `moonlet --unix PATH
+ * --workers N` makes it before the fork, and every worker accepts on its copy. */
+int ml_listen_unix_fd(const char *path, int backlog, ml_unix_id_t *id);
+
+/* The same, listening through p (uv_pipe_init'ed), which owns the socket from then on: 0 or a
+ * negative libuv error (p is the caller's to close either way). The caller removes the file with
+ * ml_listen_unix_unlink when it closes p: libuv does not (the socket is not uv_pipe_bind's, whose
+ * close would unlink the path by name, even a newer server's file). */
+int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, uv_connection_cb cb,
+                   ml_unix_id_t *id);
+
+/* Removes the socket file at path if it is still the one id names (not a newer server's). */
+void ml_listen_unix_unlink(const char *path, const ml_unix_id_t *id);
 
 /* Lets the socket fd share its port with others that set it too (SO_REUSEPORT): 0 or -errno. */
 int ml_listen_share_port(uv_os_sock_t fd);

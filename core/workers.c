@@ -53,6 +53,8 @@ typedef struct {
   int pipe_r, pipe_w;
   pid_t supervisor;
   int served; /* some worker has served: from then on a failure to start is retried */
+  void (*on_stop)(void *ud); /* run once when a stop begins (ml_workers_run), then NULL */
+  void *on_stop_ud;
 } sup_t;
 
 /* Forks worker i. Returns 1 in the worker (w filled in), 0 in the supervisor, <0 when fork failed.
@@ -115,6 +117,13 @@ static int exit_status(int status) {
 }
 
 /* A worker exited (reaped): decides what follows. Returns a new exit code, or 0. */
+/* The stop begins: on_stop, once. */
+static void stop_begins(sup_t *s) {
+  void (*fn)(void *) = s->on_stop;
+  s->on_stop = NULL;
+  if (fn) fn(s->on_stop_ud);
+}
+
 static int worker_exited(sup_t *s, int i, int status, int *stopping) {
   slot_t *sl = &s->slots[i];
   pid_t pid = sl->pid;
@@ -128,6 +137,7 @@ static int worker_exited(sup_t *s, int i, int status, int *stopping) {
     return 0;
   }
   if (!sl->ready && !s->served) { /* the app cannot start: restarting would not help */
+    stop_begins(s);
     ml_log(s->log, ML_LOG_ERROR, "workers: worker %d (pid %d) %s before it served; stopping", i,
            (int)pid, how);
     *stopping = 1;
@@ -143,8 +153,10 @@ static int worker_exited(sup_t *s, int i, int status, int *stopping) {
   return 0;
 }
 
-int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_code) {
-  sup_t s = {.n = n, .log = log, .supervisor = getpid(), .sfd = -1};
+int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_code,
+                   void (*on_stop)(void *ud), void *ud) {
+  sup_t s = {
+      .n = n, .log = log, .supervisor = getpid(), .sfd = -1, .on_stop = on_stop, .on_stop_ud = ud};
   int pfd[2];
   sigset_t set;
   sigemptyset(&set);
@@ -207,6 +219,7 @@ int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_co
     int timeout = next ? (int)(next > t ? next - t : 0) : -1;
     if (poll(p, 2, timeout) < 0 && errno != EINTR) {
       ml_log(log, ML_LOG_ERROR, "workers: poll: %s; stopping", strerror(errno));
+      stop_begins(&s);
       signal_all(&s, SIGTERM);
       code = 1;
       break;
@@ -219,6 +232,7 @@ int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_co
     if (sig == SIGINT || sig == SIGTERM) {
       if (!stopping) ml_log(log, ML_LOG_INFO, "workers: stopping (signal %d)", sig);
       stopping = 1;
+      stop_begins(&s);
       signal_all(&s, sig); /* a second one is passed on too: the workers close at once then */
       continue;
     }

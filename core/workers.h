@@ -34,7 +34,12 @@ typedef struct ml_worker_info_s {
  * its own, so that a terminal's ^C reaches it once, through the supervisor (a service manager
  * should likewise signal the supervisor only: systemd's KillMode=mixed). stdio buffers are flushed
  * first, and the signals above are blocked in the supervisor while it runs. */
-int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_code);
+/* on_stop (NULL: none) runs in the supervisor once, when a stop begins (a signal, or the workers
+ * failing to start), before the stop is passed on: the `--unix PATH` socket is closed and its file
+ * removed there, so that new clients fail at once (a proxy tries its next server) instead of
+ * queueing at a socket no worker will accept on again. */
+int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_code,
+                   void (*on_stop)(void *ud), void *ud);
 
 /* A worker tells the supervisor it serves (its first listener is open): from then on an exit is a
  * death to recover from, not a failure to start. Once; later calls do nothing. */

@@ -67,7 +67,7 @@ describe("Unix domain sockets", function()
         local f = assert(io.open(plain, "w"))
         f:write("keep me")
         f:close()
-        assert.same({ nil, "address in use" }, { tcp.listen({ unix = plain }, line_echo) })
+        assert.same({ nil, "file already exists" }, { tcp.listen({ unix = plain }, line_echo) })
         f = assert(io.open(plain))
         assert.equal("keep me", f:read("*a"))
         f:close()
@@ -91,6 +91,23 @@ describe("Unix domain sockets", function()
         sock:send("new\n")
         assert.equal("echo: new", sock:receive("*l"))
         sock:close()
+    end)
+
+    it("removes at close only the socket file it made, not a newer server's at the same path", function()
+        local first, path = listen("replaced.sock")
+        os.remove(path) -- an operator's rm, then a new server takes the path
+        local second = assert(tcp.listen({ unix = path }, line_echo))
+        defer(function() second:close() end)
+        first:close()
+        moonlet.sleep(0.05)
+        assert.is_true(exists(path))
+        local sock = assert(tcp.connect("unix:" .. path))
+        sock:send("second\n")
+        assert.equal("echo: second", sock:receive("*l"))
+        sock:close()
+        second:close()
+        moonlet.sleep(0.05)
+        assert.is_false(exists(path))
     end)
 
     it("says what is wrong with a path; a port beside unix: is a mistake", function()
@@ -136,8 +153,9 @@ describe("Unix domain sockets", function()
         assert.same({ 1 }, { s2:connect("unix:" .. path, { pool = "unix-spec" }) })
         assert.equal(1, s2:getreusedtimes())
         s2:close()
-        assert.has_error(function() ngx.socket.tcp():connect("unix:" .. path, 80) end,
-                         "moonlet.ngx: a unix: socket has no port")
+        local s3 = ngx.socket.tcp() -- a port beside unix: is ignored, as OpenResty does
+        assert.same({ 1 }, { s3:connect("unix:" .. path, 6379, { pool = "unix-spec-2" }) })
+        s3:close()
         mngx.close_idle()
     end)
 
@@ -149,6 +167,11 @@ describe("Unix domain sockets", function()
             timeout = 5, tls = { server_name = "localhost", cafile = certs.ca } }))
         sock:send("secret\n")
         assert.equal("echo: secret", sock:receive("*l"))
+        sock:close()
+        -- no server_name: the chain is checked, no host name (a Unix socket names none)
+        sock = assert(tcp.connect("unix:" .. path, { timeout = 5, tls = { cafile = certs.ca } }))
+        sock:send("no name\n")
+        assert.equal("echo: no name", sock:receive("*l"))
         sock:close()
         local bad, err = tcp.connect("unix:" .. path, {
             timeout = 5, tls = { server_name = "localhost", cafile = certs.other_ca } })
@@ -278,6 +301,41 @@ describe("Unix domain sockets", function()
         p:signal("TERM")
         assert.equal(0, p:wait(15))
         assert.is_false(exists(path)) -- the supervisor removed it once the workers were gone
+        -- a stop removes the file at once: new clients fail fast while requests in flight finish
+        local script = dir .. "/slow.lua"
+        local f = assert(io.open(script, "w"))
+        f:write([[
+local moonlet = require "moonlet"
+local app = moonlet.app()
+app:get("/slow", function() moonlet.sleep(1); return "slow done" end)
+app:get("/fds", function() -- what a child process inherits: no listening socket of ours
+    local p = assert(moonlet.process.spawn({ "sh", "-c", "ls -l /proc/$$/fd" }))
+    local out = p:read("*a")
+    p:wait()
+    return out
+end)
+return app
+]])
+        f:close()
+        local w = test.start_process(("%s --unix %s --workers 2"):format(script, path))
+        defer(function() w:kill() end)
+        assert.truthy(test.wait_until(function()
+            return moonlet.http.get("http://x/fds", { unix = path })
+        end))
+        local fds = assert(moonlet.http.get("http://x/fds", { unix = path })).body
+        for fd, what in fds:gmatch(" (%d+) %-> (%S+)") do -- stdin, stdout, stderr are socketpairs
+            if tonumber(fd) > 2 then assert.is_nil(what:find("socket:", 1, true), fds) end
+        end
+        local slow = moonlet.spawn(function()
+            return moonlet.http.get("http://x/slow", { unix = path, keepalive = false })
+        end)
+        moonlet.sleep(0.2)
+        w:signal("TERM")
+        assert.truthy(test.wait_until(function() return not exists(path) end, 0.5), w:output())
+        local ok, slow_res = slow:join()
+        assert.is_true(ok)
+        assert.same({ 200, "slow done" }, { slow_res.status, slow_res.body })
+        assert.equal(0, w:wait(10))
         -- a live server's path refuses the workers too
         local _, live = listen("taken.sock")
         local q = test.start_process(("examples/workers.lua --unix %s --workers 2"):format(live))

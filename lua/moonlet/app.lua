@@ -237,6 +237,7 @@ function methods:mount(prefix, sub, opts)
     if type(prefix) ~= "string" or str_sub(prefix, 1, 1) ~= "/" then
         error("moonlet: a mount prefix starts with /: " .. tostring(prefix), 2)
     end
+    if opts ~= nil and type(opts) ~= "table" then error("moonlet: app:mount's opts is a table", 2) end
     local name = opts and opts.name
     if name ~= nil then
         if type(name) ~= "string" or not str_find(name, "^[^.]+$") then

@@ -81,9 +81,9 @@ end
 function tcp_methods:connect(host, port, opts)
     if type(host) ~= "string" then error("moonlet.ngx: connect expects a host", 2) end
     local unix = sub(host, 1, 5) == "unix:" -- connect("unix:/path", opts?): no port
-    if unix then
-        if type(port) == "table" and opts == nil then port, opts = nil, port end
-        if port ~= nil then error("moonlet.ngx: a unix: socket has no port", 2) end
+    if unix then -- a port given anyway is ignored, as OpenResty does (drivers pass host and port)
+        if type(port) == "table" and opts == nil then opts = port end
+        port = nil
     else
         if type(port) ~= "number" then port = tonumber(port) end
         if not port then error("moonlet.ngx: connect expects a port", 2) end
@@ -100,7 +100,12 @@ function tcp_methods:connect(host, port, opts)
     if type(key) ~= "string" then error("moonlet.ngx: pool must be a string", 2) end
     local s = tcp.socket()
     s:settimeouts(secs(self._ct), secs(self._st), secs(self._rt))
-    local ok, err = s:connect(host, port, { pool = key })
+    local ok, err
+    if unix then
+        ok, err = s:connect(host, { pool = key })
+    else
+        ok, err = s:connect(host, port, { pool = key })
+    end
     if not ok then return nil, err end
     self._sock = s._sock -- the userdata itself: one indirection less on every call
     return 1

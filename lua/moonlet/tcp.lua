@@ -260,7 +260,7 @@ local function open(host, port, timeout, tls, key)
     end
     if not sock then return nil, err end
     raw_settimeout(sock, timeout)
-    names[sock] = host
+    names[sock] = not path and host or nil -- (a Unix socket names no host: TLS needs server_name)
     keys[sock] = key
     if tls then
         local ok, detail
@@ -321,7 +321,7 @@ function obj_methods:connect(host, port, opts)
     local s = pool_checkout(key)
     if s then
         reused[s] = (reused[s] or 0) + 1
-        names[s] = host
+        names[s] = not unix_path(host) and host or nil
         if tls and not tls_on[s] then
             local ok, err, detail = s:tls(tls)
             if not ok then return nil, err, detail end
