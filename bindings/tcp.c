@@ -988,7 +988,6 @@ static int s_gc(lua_State *L) {
 
 static void server_closed(uv_handle_t *h) {
   server_t *srv = h->data;
-  ml_listen_unix_unlink(srv->path, &srv->id); /* if it is still the file this server made */
   free(srv->path);
   free(srv);
 }
@@ -1000,6 +999,7 @@ static void server_close(server_t *srv) {
   srv->box = NULL;
   luaL_unref(srv->m->L, LUA_REGISTRYINDEX, srv->fn_ref);
   srv->fn_ref = LUA_NOREF;
+  ml_listen_unix_unlink(srv->path, &srv->id); /* if it is still the file this server made */
   uv_close((uv_handle_t *)&srv->io, server_closed);
 }
 

@@ -36,7 +36,7 @@ enum {                   /* where a connection is in its request cycle */
 };
 
 /* A listener: a TCP socket, or a Unix domain socket whose file it removes when it closes (if it is
- * still the one it made: listener_closed). The handle's data is the server. */
+ * still the one it made: close_listeners). The handle's data is the server. */
 typedef struct {
   union {
     uv_tcp_t tcp;

@@ -590,7 +590,6 @@ unsigned ml_server_conn_count(const ml_server_t *s) { return s->nconns; }
 static void listener_closed(uv_handle_t *h) {
   ml_server_t *s = h->data;
   ml_listener_t *l = (ml_listener_t *)h;
-  ml_listen_unix_unlink(l->path, &l->id);
   free(l->path);
   free(l);
   s->open_handles--;
@@ -704,8 +703,11 @@ void ml__server_conn_gone(ml_server_t *s, ml_conn_t *c) {
 }
 
 static void close_listeners(ml_server_t *s) {
-  for (int i = 0; i < s->nlisteners; i++)
-    uv_close((uv_handle_t *)s->listeners[i], listener_closed);
+  for (int i = 0; i < s->nlisteners; i++) {
+    ml_listener_t *l = s->listeners[i];
+    ml_listen_unix_unlink(l->path, &l->id); /* at once: a new server may take the path now */
+    uv_close((uv_handle_t *)l, listener_closed);
+  }
   s->nlisteners = 0;
 }
 
