@@ -696,7 +696,8 @@ static void read_limits(lua_State *L, int idx, ml_http_limits_t *lim) {
 }
 
 /* syntax: server, port = core.listen({ host =, port =, check_client_abort =, limits... }, handler)
- * opts.unix = "/path" listens on that Unix domain socket instead of host:port (port is then 0).
+ * opts.unix = "/path" listens on that Unix domain socket instead of host:port (port is then 0),
+ * opts.unix_mode its permissions (a number: 0x1b0 is 0660; nil: the umask's).
  */
 /* opts.tls of core.listen (table at 1): { cert = "server.pem", key = "server.key" } makes an HTTPS
  * server. Returns 0 with *out the context (NULL without opts.tls), or -1 with nil and the error
@@ -741,6 +742,9 @@ static int l_listen(lua_State *L) {
   const char *unix_path = luaL_optstring(L, -1, NULL);
   size_t ulen = 0;
   if (unix_path) lua_tolstring(L, -1, &ulen);
+  lua_getfield(L, 1, "unix_mode");
+  lua_Integer unix_mode = luaL_optinteger(L, -1, -1);
+  if (unix_mode > 07777) return luaL_error(L, "moonlet: unix_mode is a permission mode (0660)");
   if (unix_path && (!*unix_path || strlen(unix_path) != ulen))
     return luaL_error(L, "moonlet: unix must be a socket path");
   /* under --workers, the socket the supervisor made for --unix (each worker binding its own would
@@ -771,7 +775,7 @@ static int l_listen(lua_State *L) {
   if (tls) ml_server_set_tls(s->srv, tls); /* the server owns it now */
   ml_server_set_reuseport(s->srv, m->worker.count > 1);
   int r = inherited   ? ml_server_listen_unix_fd(s->srv, m->worker_unix_fd)
-          : unix_path ? ml_server_listen_unix(s->srv, unix_path, backlog)
+          : unix_path ? ml_server_listen_unix(s->srv, unix_path, backlog, (int)unix_mode)
                       : ml_server_listen(s->srv, host, port, backlog);
   if (r < 0) {
     s->handler_ref = LUA_NOREF;

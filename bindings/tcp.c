@@ -1088,8 +1088,9 @@ static int l_listen(lua_State *L) {
   return server_start(L, srv, r, 4);
 }
 
-/* syntax: server, err = core.unix_listen(path, backlog, fn, timeout) -- core.tcp_listen on a Unix
- * domain socket; a stale socket file at path is replaced, and the file is removed at close */
+/* syntax: server, err = core.unix_listen(path, backlog, fn, timeout, mode) -- core.tcp_listen on a
+ * Unix domain socket, its permissions mode (nil: the umask's); a stale socket file at path is
+ * replaced, and the file is removed at close */
 static int l_listen_unix(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   size_t len;
@@ -1097,13 +1098,15 @@ static int l_listen_unix(lua_State *L) {
   int backlog = (int)luaL_optinteger(L, 2, 511);
   luaL_checktype(L, 3, LUA_TFUNCTION);
   int64_t ms = to_ms(L, 4);
+  lua_Integer mode = luaL_optinteger(L, 5, -1);
+  if (mode > 07777) return luaL_argerror(L, 5, "not a permission mode");
   if (len == 0 || strlen(path) != len) return luaL_argerror(L, 1, "not a socket path");
   if (m->worker.count > 1) /* each worker would replace the others' socket file */
     return luaL_error(L, "moonlet: moonlet.tcp.listen on a Unix socket is not for --workers");
   server_t *srv = server_new(m, ms, 1);
   if (!srv) return luaL_error(L, "moonlet: out of memory");
   int r = (srv->path = strdup(path))
-              ? ml_listen_unix(&srv->io.pipe, path, backlog, on_connection, &srv->id)
+              ? ml_listen_unix(&srv->io.pipe, path, backlog, (int)mode, on_connection, &srv->id)
               : UV_ENOMEM;
   return server_start(L, srv, r, 3);
 }

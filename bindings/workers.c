@@ -37,7 +37,7 @@ static void unix_stop(void *ud) {
   ml_listen_unix_unlink(us->path, &us->id);
 }
 
-/* syntax: role, a, b = core.fork_workers(n, host, port, unix_path)
+/* syntax: role, a, b = core.fork_workers(n, host, port, unix_path, unix_mode)
  * unix_path (optional): the workers serve on that Unix domain socket, made here, once, before the
  * fork (a port is not reserved then); the supervisor removes its file once the workers are gone. */
 static int l_fork_workers(lua_State *L) {
@@ -46,6 +46,8 @@ static int l_fork_workers(lua_State *L) {
   const char *host = luaL_checkstring(L, 2);
   int port = (int)luaL_checkinteger(L, 3);
   const char *unix_path = luaL_optstring(L, 4, NULL);
+  lua_Integer unix_mode = luaL_optinteger(L, 5, -1);
+  if (unix_mode > 07777) return luaL_argerror(L, 5, "not a permission mode");
   if (n < 2 || n > 255) return luaL_argerror(L, 1, "from 2 to 255 workers");
   if (!m->owns_loop || m->worker.count > 1)
     return luaL_error(L, "moonlet: workers are forked by the moonlet command, once");
@@ -58,7 +60,7 @@ static int l_fork_workers(lua_State *L) {
   int bound = port, fd = -1, ufd = -1;
   ml_unix_id_t id = {0, 0};
   if (unix_path) {
-    ufd = ml_listen_unix_fd(unix_path, 511, &id);
+    ufd = ml_listen_unix_fd(unix_path, 511, (int)unix_mode, &id);
     if (ufd < 0) {
       lua_pushnil(L);
       lua_pushfstring(L, "listen on unix:%s: %s", unix_path, mlua_err_string(ufd));

@@ -99,8 +99,9 @@ ml_server_t *ml_server_new(uv_loop_t *loop, const ml_http_limits_t *lim, const m
  * a negative UV_E* code. A server may listen on several addresses. */
 int ml_server_listen(ml_server_t *s, const char *host, int port, int backlog);
 /* Binds and listens on the Unix domain socket path (core/listen.h: a stale socket file is replaced,
- * a live one is not); the file is removed when the listener closes. 0 or a negative UV_E* code. */
-int ml_server_listen_unix(ml_server_t *s, const char *path, int backlog);
+ * a live one is not), permissions mode (< 0: the umask's); the file is removed when the listener
+ * closes. 0 or a negative UV_E* code. */
+int ml_server_listen_unix(ml_server_t *s, const char *path, int backlog, int mode);
 /* Listens on a copy (dup) of fd, a listening Unix domain socket another process made (a worker of
  * `--unix PATH --workers N`): the file stays its maker's to remove. 0 or a negative UV_E* code. */
 int ml_server_listen_unix_fd(ml_server_t *s, int fd);

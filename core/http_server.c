@@ -620,7 +620,7 @@ int ml_server_listen(ml_server_t *s, const char *host, int port, int backlog) {
   return 0;
 }
 
-int ml_server_listen_unix(ml_server_t *s, const char *path, int backlog) {
+int ml_server_listen_unix(ml_server_t *s, const char *path, int backlog, int mode) {
   if (s->nlisteners >= ML_MAX_LISTENERS) return UV_ENOSPC;
   ml_listener_t *t = calloc(1, sizeof *t);
   if (!t) return UV_ENOMEM;
@@ -631,7 +631,7 @@ int ml_server_listen_unix(ml_server_t *s, const char *path, int backlog) {
   uv_pipe_init(s->loop, &t->pipe, 0);
   t->pipe.data = s;
   s->open_handles++;
-  int r = ml_listen_unix(&t->pipe, path, backlog, on_connection, &t->id);
+  int r = ml_listen_unix(&t->pipe, path, backlog, mode, on_connection, &t->id);
   if (r < 0) { /* (what ml_listen_unix made, it removed: t->id names no file) */
     uv_close((uv_handle_t *)t, listener_closed);
     return r;

@@ -41,7 +41,7 @@ static int unix_clear(const char *path) {
   return 0;
 }
 
-int ml_listen_unix_fd(const char *path, int backlog, ml_unix_id_t *id) {
+int ml_listen_unix_fd(const char *path, int backlog, int mode, ml_unix_id_t *id) {
   if (strlen(path) >= sizeof((struct sockaddr_un *)0)->sun_path) return UV_ENAMETOOLONG;
   int r = unix_clear(path);
   if (r < 0) return r;
@@ -54,8 +54,9 @@ int ml_listen_unix_fd(const char *path, int backlog, ml_unix_id_t *id) {
     close(fd);
     return r;
   }
-  struct stat st;
-  if (lstat(path, &st) < 0 || listen(fd, backlog) < 0) {
+  struct stat st; /* the mode is set before the socket listens: no client connects before it */
+  if ((mode >= 0 && chmod(path, (mode_t)mode) < 0) || lstat(path, &st) < 0 ||
+      listen(fd, backlog) < 0) {
     r = -errno;
     unlink(path);
     close(fd);
@@ -66,9 +67,9 @@ int ml_listen_unix_fd(const char *path, int backlog, ml_unix_id_t *id) {
   return fd;
 }
 
-int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, uv_connection_cb cb,
+int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, int mode, uv_connection_cb cb,
                    ml_unix_id_t *id) {
-  int fd = ml_listen_unix_fd(path, backlog, id);
+  int fd = ml_listen_unix_fd(path, backlog, mode, id);
   if (fd < 0) return fd;
   int r = uv_pipe_open(p, fd); /* not uv_pipe_bind: libuv would unlink the path, ours or not */
   if (r < 0) {

@@ -18,18 +18,20 @@ typedef struct {
   unsigned long dev, ino;
 } ml_unix_id_t;
 
-/* A listening Unix domain socket at path (non-blocking, close-on-exec), *id its file. A socket file
- * already there that nobody listens on (a connect is refused: its process died) is removed first;
- * one a server listens on gives UV_EADDRINUSE, a file that is not a socket UV_EEXIST (neither is
- * ever removed). The fd, or a negative libuv error. The supervisor of `moonlet --unix PATH
+/* A listening Unix domain socket at path (non-blocking, close-on-exec), *id its file, its
+ * permissions mode (0660: the owner and its group may connect; < 0: what the umask leaves). A
+ * socket file already there that nobody listens on (a connect is refused: its process died) is
+ * removed first; one a server listens on gives UV_EADDRINUSE, a file that is not a socket UV_EEXIST
+ * (neither is ever removed). The fd, or a negative libuv error. The supervisor of `moonlet --unix
+ * PATH
  * --workers N` makes it before the fork, and every worker accepts on its copy. */
-int ml_listen_unix_fd(const char *path, int backlog, ml_unix_id_t *id);
+int ml_listen_unix_fd(const char *path, int backlog, int mode, ml_unix_id_t *id);
 
 /* The same, listening through p (uv_pipe_init'ed), which owns the socket from then on: 0 or a
  * negative libuv error (p is the caller's to close either way). The caller removes the file with
  * ml_listen_unix_unlink when it closes p: libuv does not (the socket is not uv_pipe_bind's, whose
  * close would unlink the path by name, even a newer server's file). */
-int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, uv_connection_cb cb,
+int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, int mode, uv_connection_cb cb,
                    ml_unix_id_t *id);
 
 /* Removes the socket file at path if it is still the one id names (not a newer server's). */

@@ -545,6 +545,8 @@ end
 --         server = app:listen({ unix = "/run/app.sock" }) -- or host = "unix:/run/app.sock": a Unix
 -- domain socket (behind nginx's proxy_pass http://unix:/run/app.sock:); port is then 0. A stale
 -- socket file is replaced, a live server's is not ("address in use"); the file goes at close.
+-- unix_mode = "660": its permissions (the owner and its group, nginx's user among them, may
+-- connect; by default what the umask leaves, usually the owner only).
 -- The limits of app:listen an app may carry as its own defaults (moonlet.app{ max_body = ... }).
 -- They go to core.listen as opts.defaults, under what listen's own options, the command line and an
 -- embedding host's cfg.limits give (bindings/http_server.c read_limits). They are read when a server
@@ -557,7 +559,7 @@ local LISTEN_DEFAULT_SET = {}
 for _, k in ipairs(LISTEN_DEFAULTS) do LISTEN_DEFAULT_SET[k] = true end
 
 local LISTEN_OWN = { host = true, port = true, backlog = true, tls = true, check_client_abort = true,
-                     unix = true }
+                     unix = true, unix_mode = true }
 
 function methods:listen(given)
     local opts = {} -- a copy: the caller's table may serve another app next
@@ -574,6 +576,7 @@ function methods:listen(given)
     if opts.unix ~= nil and (type(opts.unix) ~= "string" or opts.unix == "") then
         error("app:listen: unix must be a socket path", 2)
     end
+    opts.unix_mode = require("moonlet.tcp").unix_mode(opts.unix_mode, 2)
     if type(host) == "string" and not host:find("^[%d.]+$") and not host:find(":", 1, true) then
         -- a name ("localhost"): its first address, looked up through the loop (moonlet.dns)
         local addrs, err = require("moonlet.dns").resolve(host)

@@ -18,6 +18,7 @@ flags:
   --host HOST             address to listen on (127.0.0.1)
   --port N                port (env PORT, else 8080); 0 picks a free one
   --unix PATH             listen on this Unix domain socket instead (also --host unix:PATH)
+  --unix-mode MODE        its permissions, octal ("660": nginx's group may connect; the umask's)
   --access-log            one line per request on stdout
   --reload                reload the app when its file or a module next to it changes
   --log-level LEVEL       error, warn, info (default) or debug
@@ -49,7 +50,7 @@ local value_flags = {
     ["--keepalive-timeout"] = "keepalive_timeout", ["--max-conns"] = "max_conns",
     ["--shutdown-grace"] = "shutdown_grace", ["--send-timeout"] = "send_timeout",
     ["--tls-cert"] = "tls_cert", ["--tls-key"] = "tls_key", ["--workers"] = "workers",
-    ["--shared-memory"] = "shared_memory", ["--unix"] = "unix",
+    ["--shared-memory"] = "shared_memory", ["--unix"] = "unix", ["--unix-mode"] = "unix_mode",
 }
 local numeric = {
     port = true, max_body = true, max_uri = true, max_header_bytes = true, max_headers = true,
@@ -128,6 +129,12 @@ function _M.parse(argv)
     end
     if opts.host and opts.host:sub(1, 5) == "unix:" then opts.unix, opts.host = opts.host:sub(6), nil end
     if opts.unix == "" then return die("--unix wants a socket path") end
+    if opts.unix_mode ~= nil then
+        if not tostring(opts.unix_mode):find("^[0-7]+$") or tonumber(opts.unix_mode, 8) > 4095 then
+            return die("--unix-mode wants an octal mode such as 660")
+        end
+        opts.unix_mode = tonumber(opts.unix_mode, 8)
+    end
     if (opts.tls_cert == nil) ~= (opts.tls_key == nil) then
         return die("--tls-cert and --tls-key go together")
     end
@@ -173,7 +180,7 @@ local function fork_workers(script, opts)
         core.set_exit_code(1)
         return false
     end
-    local role, a, b = core.fork_workers(opts.workers, opts.host, opts.port, opts.unix)
+    local role, a, b = core.fork_workers(opts.workers, opts.host, opts.port, opts.unix, opts.unix_mode)
     if role == "worker" then
         opts.port = b
         return true

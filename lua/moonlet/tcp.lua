@@ -197,6 +197,22 @@ local function unix_path(host)
     if sub(host, 1, 5) == "unix:" then return sub(host, 6) end
 end
 
+-- syntax: mode = moonlet.tcp.unix_mode(v) -- a Unix socket's permissions: "660" or "0660" (octal,
+-- as chmod takes them) or a number (tonumber("660", 8)); nil for nil; raises for anything else
+function _M.unix_mode(v, level)
+    if v == nil then return nil end
+    local n
+    if type(v) == "string" and v:find("^[0-7]+$") then
+        n = tonumber(v, 8)
+    elseif type(v) == "number" then
+        n = v
+    end
+    if not n or n % 1 ~= 0 or n < 0 or n > 4095 then
+        error("moonlet: a socket mode is octal digits such as \"660\": " .. tostring(v), (level or 1) + 1)
+    end
+    return n
+end
+
 -- Checks connect's arguments: port, timeout, tls options, pool key. A Unix socket ("unix:/path")
 -- takes no port: its options may come second, as in OpenResty's connect("unix:/path", opts).
 local function connect_args(host, port, opts, fname, level)
@@ -397,7 +413,8 @@ end
 
 -- syntax: server, err = moonlet.tcp.listen({ host =, port =, backlog =, timeout =,
 --                                            tls = { cert =, key = } }, handler)
---         server, err = moonlet.tcp.listen({ unix = "/path" (or host = "unix:/path"), ... }, handler)
+--         server, err = moonlet.tcp.listen({ unix = "/path" (or host = "unix:/path"), mode = "660",
+--                                            ... }, handler)
 -- Listens (host 127.0.0.1 by default, port 0 for a free one: server:port() tells which; on a Unix
 -- domain socket server:port() is "unix:/path", a stale socket file there is replaced, a live
 -- server's is not: nil, "address already in use"; the file goes when the server closes). Each
@@ -447,7 +464,9 @@ function _M.listen(opts, handler)
         end
         raw_close(sock)
     end
-    if path then return core_unix_listen(path, opts.backlog, run, timeout) end
+    if path then
+        return core_unix_listen(path, opts.backlog, run, timeout, _M.unix_mode(opts.mode, 2))
+    end
     return core_listen(addrs[1], port, opts.backlog, run, timeout)
 end
 
