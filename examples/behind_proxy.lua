@@ -2,7 +2,8 @@
 -- or uvicorn apps are deployed: no TCP port open, nginx in front for TLS and static files.
 -- moonlet.forwarded makes req.ip, req.scheme and req.host the client's again (it trusts the
 -- socket's peer, "unix:", and loopback by default).
---   moonlet examples/behind_proxy.lua --unix /tmp/moonlet.sock      (--workers 4 works too)
+--   moonlet examples/behind_proxy.lua --unix /tmp/moonlet.sock      (--workers 4 works too;
+--   --unix-mode 660 lets nginx's user connect when it is in this user's group)
 --   curl --unix-socket /tmp/moonlet.sock -H 'X-Forwarded-For: 203.0.113.9' http://app/
 -- and in nginx:
 --   upstream moonlet { server unix:/tmp/moonlet.sock; keepalive 32; }
