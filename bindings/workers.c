@@ -38,8 +38,9 @@ static void unix_stop(void *ud) {
 }
 
 /* syntax: role, a, b = core.fork_workers(n, host, port, unix_path, unix_mode)
- * unix_path (optional): the workers serve on that Unix domain socket, made here, once, before the
- * fork (a port is not reserved then); the supervisor removes its file once the workers are gone. */
+ * unix_path (optional): the workers serve on that Unix domain socket (permissions unix_mode), made
+ * here, once, before the fork (a port is not reserved then); the supervisor closes its copy and
+ * removes the file when a stop begins, or once the workers are gone (unix_stop). */
 static int l_fork_workers(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   int n = (int)luaL_checkinteger(L, 1);
