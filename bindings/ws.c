@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/un.h>
 
 #include "../core/tls.h"
 #include "../core/ws.h"
@@ -83,7 +84,11 @@ typedef struct ws_io_s {
   ml_ws_pmd_t offer;
   int offered_deflate;
   wait_t connecter;
-  uv_tcp_t tcp;
+  union {           /* every stream call takes either (&io->tcp) */
+    uv_tcp_t tcp;   /* a TCP connection, */
+    uv_pipe_t pipe; /* or one to a Unix domain socket (opts.unix) */
+  };
+  int is_unix;
   uv_timer_t timer; /* connect timeout, then keep-alive and close deadlines */
   uv_connect_t creq;
   uv_getaddrinfo_t gai;
@@ -1147,7 +1152,7 @@ static void on_connect(uv_connect_t *req, int status) {
     connect_fail(ws, status, NULL);
     return;
   }
-  uv_tcp_nodelay(&ws->io->tcp, 1);
+  if (!ws->io->is_unix) uv_tcp_nodelay(&ws->io->tcp, 1);
   ws->io->rbuf = malloc(CLIENT_RBUF);
   if (!ws->io->rbuf) {
     connect_fail(ws, UV_ENOMEM, NULL);
@@ -1194,7 +1199,8 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 
 /* syntax: ws, headers = core.ws_connect(host, port, request_head, opts) -- request_head: the
  * request line and headers without the key, the extension offer and the blank line; opts:
- * timeout, tls, server_name, verify, cafile, deflate and the settings of core.ws_accept */
+ * timeout, tls, server_name, verify, cafile, deflate, unix (the path of a Unix domain socket to
+ * connect to instead of host:port) and the settings of core.ws_accept */
 static int l_connect(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   const char *host = luaL_checkstring(L, 1);
@@ -1204,8 +1210,11 @@ static int l_connect(lua_State *L) {
   int oi = 4;
   double timeout = 60;
   int use_tls = 0, verify = 1;
-  const char *cafile = NULL, *sni = NULL;
+  const char *cafile = NULL, *sni = NULL, *unix_path = NULL;
   if (lua_istable(L, oi)) {
+    lua_getfield(L, oi, "unix");
+    unix_path = lua_tostring(L, -1);
+    lua_pop(L, 1); /* (the string stays alive in opts) */
     lua_getfield(L, oi, "timeout");
     if (!lua_isnil(L, -1)) timeout = luaL_checknumber(L, -1);
     lua_getfield(L, oi, "tls");
@@ -1251,7 +1260,11 @@ static int l_connect(lua_State *L) {
                                          "Sec-WebSocket-Extensions: %s\r\n", offer);
   memcpy(ws->io->head.p + ws->io->head.len, "\r\n", 2);
   ws->io->head.len += 2;
-  uv_tcp_init(m->loop, &ws->io->tcp);
+  ws->io->is_unix = unix_path != NULL;
+  if (unix_path)
+    uv_pipe_init(m->loop, &ws->io->pipe, 0);
+  else
+    uv_tcp_init(m->loop, &ws->io->tcp);
   uv_timer_init(m->loop, &ws->io->timer);
   ws->io->tcp.data = ws->io->timer.data = ws;
   ws->refs += 2;
@@ -1261,7 +1274,12 @@ static int l_connect(lua_State *L) {
   struct sockaddr_storage addr;
   int r = strchr(host, ':') ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr)
                             : uv_ip4_addr(host, port, (struct sockaddr_in *)&addr);
-  if (r == 0) {
+  if (unix_path) {
+    ws->phase = PH_CONNECT;
+    ws->io->creq.data = ws;
+    r = strlen(unix_path) < sizeof((struct sockaddr_un *)0)->sun_path ? 0 : UV_ENAMETOOLONG;
+    if (r == 0) uv_pipe_connect(&ws->io->creq, &ws->io->pipe, unix_path, on_connect);
+  } else if (r == 0) {
     r = start_connect(ws, (struct sockaddr *)&addr);
   } else {
     struct addrinfo hints;

@@ -1,7 +1,8 @@
 -- spec/unix_spec.lua: Unix domain sockets, everywhere a TCP address goes: moonlet.tcp.listen and
 -- connect ("unix:/path"), the cosocket object and its keep-alive pool, moonlet.ngx's sockets, TLS
--- on top, the HTTP server (app:listen{ unix = }, `moonlet --unix PATH`, `--host unix:PATH`) and
--- the HTTP client (`unix =`). The socket file's life: a live server's is never taken over, a
+-- on top, the HTTP server (app:listen{ unix = }, `moonlet --unix PATH`, `--host unix:PATH`, shared
+-- by `--workers 2`, behind a real nginx), the HTTP client and moonlet.ws.connect (`unix =`), the
+-- socket file's permissions. The socket file's life: a live server's is never taken over, a
 -- stale one (its process killed) is replaced, a path that is not a socket is never removed, and
 -- the file goes when the server closes. Errors as nil, err; misuse raises; nothing leaks.
 -- luacheck: globals ngx
@@ -265,6 +266,32 @@ describe("Unix domain sockets", function()
                          "moonlet.http: unix must be a socket path")
         server:close()
         assert.truthy(test.wait_until(function() return not exists(path) end, 5))
+    end)
+
+    it("carries WebSockets: app:websocket on a Unix socket, moonlet.ws.connect with unix =", function()
+        local app = moonlet.app()
+        app:websocket("/echo", function(ws, req)
+            ws:send("hello " .. req.ip .. " at " .. req.host)
+            while true do
+                local msg, kind = ws:receive()
+                if not msg then return end
+                ws:send(msg, kind)
+            end
+        end)
+        local path = dir .. "/ws.sock"
+        local server = assert(app:listen({ unix = path }))
+        defer(function() server:close() end)
+        local ws = assert(moonlet.ws.connect("ws://chat.test/echo", { unix = path, timeout = 5 }))
+        defer(function() ws:close() end)
+        assert.equal("hello unix: at chat.test", (ws:receive(5)))
+        local big = string.rep("w", 200000)
+        assert.truthy(ws:send(big, "binary"))
+        assert.same({ big, "binary" }, { ws:receive(5) })
+        ws:close()
+        assert.same({ nil, "not found" },
+                    { moonlet.ws.connect("ws://chat.test/echo", { unix = path .. ".none", timeout = 2 }) })
+        assert.has_error(function() moonlet.ws.connect("ws://chat.test/", { unix = 7 }) end,
+                         "moonlet.ws: option unix is a socket path")
     end)
 
     it("moonlet --unix PATH serves there, logs unix: as the peer, removes the file at exit", function()

@@ -88,6 +88,9 @@ local function check_opts(opts, level)
             error("moonlet.ws: option " .. k .. " is a number", level)
         end
     end
+    if opts.unix ~= nil and (type(opts.unix) ~= "string" or opts.unix == "" or str_find(opts.unix, "%z")) then
+        error("moonlet.ws: option unix is a socket path", level)
+    end
     local d = opts.deflate
     if d ~= nil and type(d) ~= "boolean" and type(d) ~= "table" then
         error("moonlet.ws: option deflate is a boolean or a table", level)
@@ -110,7 +113,8 @@ local function no_ctl(s, what)
 end
 
 -- syntax: ws, err = moonlet.ws.connect(url, { timeout = 2, headers = {...}, protocols = {...},
---   origin = "...", deflate = true, verify = true, cafile = path, max_message = bytes, ... })
+--   origin = "...", deflate = true, verify = true, cafile = path, max_message = bytes,
+--   unix = "/run/app.sock", ... }) -- unix: over that Unix domain socket (the URL gives the Host)
 function _M.connect(url, opts)
     opts = check_opts(opts, 3)
     if type(url) ~= "string" then error("moonlet.ws.connect: expected a URL", 2) end
@@ -146,7 +150,7 @@ function _M.connect(url, opts)
         server_name = opts.server_name or host, deflate = opts.deflate,
         max_message = opts.max_message, ping_interval = opts.ping_interval,
         idle_timeout = opts.idle_timeout, close_timeout = opts.close_timeout,
-        fragment_size = opts.fragment_size,
+        fragment_size = opts.fragment_size, unix = opts.unix,
     }
     local ud, headers = check(core.ws_connect(host, port, concat(lines, "\r\n") .. "\r\n", copts))
     if not ud then return nil, headers end
