@@ -220,10 +220,7 @@ static sock_t *sock_new(moonlet_t *m, int64_t timeout_ms, int is_unix) {
   s->wref = LUA_NOREF;
   s->connect_ms = s->send_ms = s->read_ms = timeout_ms;
   s->is_unix = is_unix;
-  if (is_unix)
-    uv_pipe_init(m->loop, &s->io.pipe, 0);
-  else
-    uv_tcp_init(m->loop, &s->io.tcp);
+  ml_stream_init(m->loop, &s->io, is_unix);
   uv_timer_init(m->loop, &s->rtimer);
   uv_timer_init(m->loop, &s->wtimer);
   s->io.tcp.data = s->rtimer.data = s->wtimer.data = s->creq.data = s->wreq.data = s;
@@ -1037,10 +1034,7 @@ static server_t *server_new(moonlet_t *m, int64_t timeout_ms, int is_unix) {
   srv->timeout_ms = timeout_ms;
   srv->fn_ref = LUA_NOREF;
   srv->is_unix = is_unix;
-  if (is_unix)
-    uv_pipe_init(m->loop, &srv->io.pipe, 0);
-  else
-    uv_tcp_init(m->loop, &srv->io.tcp);
+  ml_stream_init(m->loop, &srv->io, is_unix);
   srv->io.tcp.data = srv;
   return srv;
 }

@@ -27,6 +27,7 @@
 #include <strings.h>
 #include <sys/un.h>
 
+#include "../core/listen.h"
 #include "../core/tls.h"
 #include "../core/ws.h"
 #include "mlua.h"
@@ -1261,10 +1262,7 @@ static int l_connect(lua_State *L) {
   memcpy(ws->io->head.p + ws->io->head.len, "\r\n", 2);
   ws->io->head.len += 2;
   ws->io->is_unix = unix_path != NULL;
-  if (unix_path)
-    uv_pipe_init(m->loop, &ws->io->pipe, 0);
-  else
-    uv_tcp_init(m->loop, &ws->io->tcp);
+  ml_stream_init(m->loop, &ws->io->tcp, unix_path != NULL);
   uv_timer_init(m->loop, &ws->io->timer);
   ws->io->tcp.data = ws->io->timer.data = ws;
   ws->refs += 2;

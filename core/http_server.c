@@ -510,10 +510,7 @@ static void on_connection(uv_stream_t *ls, int status) {
   if (s->nconns >= s->lim.max_conns) {
     ml_listener_t *t = malloc(sizeof *t); /* (a union of both handle types) */
     if (!t) return;
-    if (is_unix)
-      uv_pipe_init(s->loop, &t->pipe, 0);
-    else
-      uv_tcp_init(s->loop, &t->tcp);
+    ml_stream_init(s->loop, t, is_unix);
     if (uv_accept(ls, (uv_stream_t *)t) == 0)
       ml_log(s->log, ML_LOG_WARN, "max_conns (%u) reached: connection refused", s->lim.max_conns);
     uv_close((uv_handle_t *)t, reject_closed);
@@ -522,10 +519,7 @@ static void on_connection(uv_stream_t *ls, int status) {
   ml_conn_t *c = calloc(1, sizeof *c);
   if (!c) return;
   c->srv = s;
-  if (is_unix)
-    uv_pipe_init(s->loop, &c->pipe, 0);
-  else
-    uv_tcp_init(s->loop, &c->tcp);
+  ml_stream_init(s->loop, &c->tcp, is_unix);
   uv_timer_init(s->loop, &c->timer);
   c->tcp.data = c->timer.data = c;
   c->open_handles = 2;

@@ -13,6 +13,14 @@
 int ml_listen_tcp(uv_tcp_t *t, const struct sockaddr *addr, int reuseport, int backlog,
                   uv_connection_cb cb);
 
+/* Initialises h, a union of uv_tcp_t and uv_pipe_t, as the one is_unix says. */
+static inline void ml_stream_init(uv_loop_t *loop, void *h, int is_unix) {
+  if (is_unix)
+    uv_pipe_init(loop, (uv_pipe_t *)h, 0);
+  else
+    uv_tcp_init(loop, (uv_tcp_t *)h);
+}
+
 /* The socket file a listener made: removed at the end only if it is still that one. */
 typedef struct {
   unsigned long dev, ino;

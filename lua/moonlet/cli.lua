@@ -130,10 +130,9 @@ function _M.parse(argv)
     if opts.host and opts.host:sub(1, 5) == "unix:" then opts.unix, opts.host = opts.host:sub(6), nil end
     if opts.unix == "" then return die("--unix wants a socket path") end
     if opts.unix_mode ~= nil then
-        if not tostring(opts.unix_mode):find("^[0-7]+$") or tonumber(opts.unix_mode, 8) > 4095 then
-            return die("--unix-mode wants an octal mode such as 660")
-        end
-        opts.unix_mode = tonumber(opts.unix_mode, 8)
+        local ok, mode = pcall(require("moonlet.tcp").unix_mode, opts.unix_mode)
+        if not ok then return die("--unix-mode wants an octal mode such as 660") end
+        opts.unix_mode = mode
     end
     if (opts.tls_cert == nil) ~= (opts.tls_key == nil) then
         return die("--tls-cert and --tls-key go together")

@@ -249,19 +249,12 @@ local function connect_args(host, port, opts, fname, level)
     return port, timeout, tls, key or (port and host .. ":" .. port or host)
 end
 
--- Opens a new connection (no pool involved).
-local function open(host, port, timeout, tls, key)
+-- A connection to host's addresses, each in turn, within timeout: sock or nil, err.
+local function connect_addrs(host, port, timeout)
     local deadline = now() + timeout
-    local path = unix_path(host)
-    local addrs, err
-    if path then
-        addrs = {}
-    else
-        addrs, err = dns.resolve(host, { timeout = timeout })
-        if not addrs then return nil, err end
-    end
+    local addrs, err = dns.resolve(host, { timeout = timeout })
+    if not addrs then return nil, err end
     local sock
-    if path then sock, err = check(core_unix_connect(path, timeout)) end
     for i = 1, #addrs do
         local left = deadline - now()
         if left <= 0 then
@@ -273,6 +266,18 @@ local function open(host, port, timeout, tls, key)
         end
         sock, err = check(core_connect(addrs[i], port, left))
         if sock or err == "timeout" then break end
+    end
+    return sock, err
+end
+
+-- Opens a new connection (no pool involved).
+local function open(host, port, timeout, tls, key)
+    local path = unix_path(host)
+    local sock, err
+    if path then
+        sock, err = check(core_unix_connect(path, timeout))
+    else
+        sock, err = connect_addrs(host, port, timeout)
     end
     if not sock then return nil, err end
     raw_settimeout(sock, timeout)
