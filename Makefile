@@ -122,7 +122,7 @@ FUZZ_TIME  ?= 60
 FUZZ_CC    ?= clang
 FUZZ_FLAGS  = -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined \
               -fno-sanitize-recover=undefined -DML_LIBFUZZER -DLLHTTP_STRICT_MODE=1 -I$(LLHTTP_INC)
-FUZZ_HTTP_SRC = $(filter core/http_%.c core/listen.c core/log.c core/numfmt.c core/block_cache.c core/tls.c,$(CORE_SRC)) \
+FUZZ_HTTP_SRC = $(filter core/http_%.c core/listen.c core/log.c core/access_log.c core/log_out.c core/numfmt.c core/block_cache.c core/tls.c,$(CORE_SRC)) \
                 $(LLHTTP_SRC)/llhttp.c $(LLHTTP_SRC)/api.c $(LLHTTP_SRC)/http.c
 fuzz: $(BUILD)/fuzz/http $(BUILD)/fuzz/ws $(BUILD)/spec/c/test_fuzz_http $(BUILD)/spec/c/test_fuzz_ws
 	@for t in http ws; do \

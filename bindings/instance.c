@@ -136,18 +136,85 @@ static int l_log(lua_State *L) {
   return 0;
 }
 
+static void on_log_flush(uv_prepare_t *h) {
+  moonlet_t *m = h->data;
+  ml_log_out_flush(m->log.access_out);
+}
+
+/* syntax: core.set_log(level, access, access_path, access_format) -- level "error".."debug" (nil:
+ * unchanged); access true/false turns the access log on or off (nil: unchanged), to access_path
+ * (nil or "-": stdout) in access_format ("moonlet", "combined", "json"; nil: "moonlet"). Returns
+ * true, or nil, err when the file cannot be opened (the log stays as it was). */
 static int l_set_log(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
+  int lvl = -1, fmt = ML_ACCESS_MOONLET;
   if (!lua_isnil(L, 1)) {
-    int lvl = ml_log_level_parse(luaL_checkstring(L, 1));
+    lvl = ml_log_level_parse(luaL_checkstring(L, 1));
     if (lvl < 0) return luaL_argerror(L, 1, "unknown log level (error, warn, info, debug)");
-    m->log.level = lvl;
   }
-  if (!lua_isnoneornil(L, 2)) {
-    m->log.access = lua_toboolean(L, 2);
-    if (m->log.access) setvbuf(stdout, NULL, _IOLBF, 0);
+  if (!lua_isnoneornil(L, 4)) {
+    fmt = ml_log_access_format_parse(luaL_checkstring(L, 4));
+    if (fmt < 0) return luaL_argerror(L, 4, "unknown access log format (moonlet, combined, json)");
   }
+  if (!lua_isnoneornil(L, 2) && lua_toboolean(L, 2)) {
+    ml_log_out_t *out;
+    int r = ml_log_out_open(&out, luaL_optstring(L, 3, NULL));
+    if (r < 0) return mlua_push_error(L, r);
+    ml_log_out_free(m->log.access_out);
+    m->log.access_out = out;
+    m->log.access_format = fmt;
+    m->log.access = 1;
+    if (out->fd == 1) setvbuf(stdout, NULL, _IOLBF, 0); /* print()'s lines beside it stay whole */
+    if (!m->log_flush_on) {
+      uv_prepare_init(m->loop, &m->log_flush);
+      m->log_flush.data = m;
+      uv_prepare_start(&m->log_flush, on_log_flush);
+      uv_unref((uv_handle_t *)&m->log_flush);
+      m->log_flush_on = 1;
+    }
+  } else if (!lua_isnoneornil(L, 2)) {
+    m->log.access = 0;
+    ml_log_out_flush(m->log.access_out);
+  }
+  if (lvl >= 0) m->log.level = lvl;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* syntax: core.set_error_log(path) -- stderr, and so the error log, goes to the file at path
+ * (appending); SIGUSR1 reopens it. The process's stderr: for the command line only. Returns true
+ * or nil, err. */
+static int l_set_error_log(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  const char *path = luaL_checkstring(L, 1);
+  char *copy = strdup(path);
+  if (!copy) return luaL_error(L, "not enough memory");
+  int r = ml_log_redirect_stderr(path);
+  if (r < 0) {
+    free(copy);
+    return mlua_push_error(L, r);
+  }
+  free(m->error_log_path);
+  m->error_log_path = copy;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* syntax: core.flush_logs() -- writes the access log's buffered lines now (before os.exit) */
+static int l_flush_logs(lua_State *L) {
+  ml_log_out_flush(mlua_instance(L)->log.access_out);
   return 0;
+}
+
+void mlua_log_reopen(moonlet_t *m) {
+  int r;
+  if (m->error_log_path && (r = ml_log_redirect_stderr(m->error_log_path)) < 0)
+    ml_log(&m->log, ML_LOG_ERROR, "cannot reopen the error log %s: %s", m->error_log_path,
+           uv_strerror(r));
+  ml_log_out_t *out = m->log.access_out;
+  if (out && (r = ml_log_out_reopen(out)) < 0)
+    ml_log(&m->log, ML_LOG_ERROR, "cannot reopen the access log %s: %s", out->path, uv_strerror(r));
+  ml_log(&m->log, ML_LOG_INFO, "log files reopened");
 }
 
 /* syntax: core.stop() -- graceful: servers finish their requests, then the loop stops */
@@ -267,6 +334,8 @@ int luaopen_moonlet_core(lua_State *L) {
   static const luaL_Reg fns[] = {{"set_exit_code", l_set_exit_code},
                                  {"log", l_log},
                                  {"set_log", l_set_log},
+                                 {"set_error_log", l_set_error_log},
+                                 {"flush_logs", l_flush_logs},
                                  {"stop", l_stop},
                                  {"on_stop", l_on_stop},
                                  {"halt", l_halt},
@@ -303,6 +372,10 @@ int luaopen_moonlet_core(lua_State *L) {
 
 static void on_signal(uv_signal_t *h, int signum) {
   moonlet_t *m = h->data;
+  if (signum == SIGUSR1) { /* nginx's reopen: logrotate moved the files */
+    mlua_log_reopen(m);
+    return;
+  }
   if (signum == SIGHUP) { /* the app's file again; reload.lua logs how it went */
     if (moonlet_reload(m) == UV_ENOENT)
       ml_log(&m->log, ML_LOG_WARN, "SIGHUP: no app loaded from a file, nothing to reload");
@@ -320,9 +393,9 @@ static void on_signal(uv_signal_t *h, int signum) {
 
 static void signals_start(moonlet_t *m) {
   signal(SIGPIPE, SIG_IGN); /* a write to a socket the peer closed is an EPIPE error, not a death */
-  uv_signal_t *hs[] = {&m->sig_int, &m->sig_term, &m->sig_hup};
-  int sigs[] = {SIGINT, SIGTERM, SIGHUP};
-  for (int i = 0; i < 3; i++) {
+  uv_signal_t *hs[] = {&m->sig_int, &m->sig_term, &m->sig_hup, &m->sig_usr1};
+  int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGUSR1};
+  for (int i = 0; i < 4; i++) {
     uv_signal_init(m->loop, hs[i]);
     hs[i]->data = m;
     uv_signal_start(hs[i], on_signal, sigs[i]);
@@ -564,7 +637,9 @@ void moonlet_free(moonlet_t *m) {
     uv_close((uv_handle_t *)&m->sig_int, NULL);
     uv_close((uv_handle_t *)&m->sig_term, NULL);
     uv_close((uv_handle_t *)&m->sig_hup, NULL);
+    uv_close((uv_handle_t *)&m->sig_usr1, NULL);
   }
+  if (m->log_flush_on) uv_close((uv_handle_t *)&m->log_flush, NULL);
   while (m->resources) { /* each unlinks itself and frees from its close callback */
     mlua_res_t *r = m->resources;
     mlua_res_unlink(m, r);
@@ -584,7 +659,9 @@ void moonlet_free(moonlet_t *m) {
   lua_close(m->L); /* finalizers may still look at task structs: they are freed after */
   ml_bcache_drain(&m->heap_cache);
   mlua_sched_free_list(tasks);
-  mlua_shared_free(m); /* no dictionary userdata is left to reach the arena */
+  mlua_shared_free(m);                /* no dictionary userdata is left to reach the arena */
+  ml_log_out_free(m->log.access_out); /* its last lines are written */
+  free(m->error_log_path);
   if (m->embed_on) uv_mutex_destroy(&m->post_lock);
   if (m->owns_loop) {
     int r = uv_loop_close(&m->own_loop);

@@ -11,6 +11,7 @@
 #include "../core/block_cache.h"
 #include "../core/http.h"
 #include "../core/log.h"
+#include "../core/log_out.h"
 #include "../core/moonlet.h"
 #include "../core/shdict.h"
 #include "../core/shm.h"
@@ -51,6 +52,8 @@ typedef struct mlua_res_s {
 } mlua_res_t;
 
 void mlua_res_link(moonlet_t *m, mlua_res_t *r, void (*close)(mlua_res_t *));
+/* instance.c: SIGUSR1's work: the error log's file and the access log's file opened again */
+void mlua_log_reopen(moonlet_t *m);
 void mlua_res_unlink(moonlet_t *m, mlua_res_t *r);
 
 struct moonlet_s {
@@ -69,11 +72,16 @@ struct moonlet_s {
   int run_depth;          /* runs nested on the C stack (a task that starts another runs it) */
   mlua_server_t *servers; /* every server this instance listens with */
   mlua_res_t *resources;  /* open resources (mlua_res_t) */
-  uv_signal_t sig_int, sig_term, sig_hup;
+  uv_signal_t sig_int, sig_term, sig_hup, sig_usr1;
   int signals_on;
-  int freeing;      /* moonlet_free is closing the Lua state: no task is resumed */
-  int tearing_down; /* moonlet_free has begun: no task is cancelled (waits are being freed) */
-  int stopping;     /* moonlet_stop was called */
+  /* the access log's output (log.access_out: stdout or a file) is written at least once per loop
+   * iteration, by this prepare handle, before the loop waits; it runs once the access log is on */
+  uv_prepare_t log_flush;
+  int log_flush_on;
+  char *error_log_path; /* `--error-log FILE` (owned): stderr is this file; SIGUSR1 reopens it */
+  int freeing;          /* moonlet_free is closing the Lua state: no task is resumed */
+  int tearing_down;     /* moonlet_free has begun: no task is cancelled (waits are being freed) */
+  int stopping;         /* moonlet_stop was called */
   int exit_code;
   int dispatch_ref;       /* registry ref of the framework's request dispatcher */
   int stop_hook_ref;      /* registry ref of the function core.on_stop set (LUA_NOREF: none) */

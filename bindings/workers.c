@@ -20,13 +20,15 @@
 #include "../core/listen.h"
 #include "mlua.h"
 
-/* The supervisor's `--unix PATH` socket: closed and its file removed when a stop begins (so that
- * new clients fail at once rather than wait at a socket no worker will accept on), or at the end.
+/* What the supervisor's hooks work on: the instance (SIGUSR1 reopens its log files) and the
+ * `--unix PATH` socket, closed and its file removed when a stop begins (so that new clients fail at
+ * once rather than wait at a socket no worker will accept on), or at the end.
  */
 typedef struct {
-  int fd;
+  int fd; /* -1: none, or closed */
   const char *path;
   ml_unix_id_t id;
+  moonlet_t *m;
 } unix_sock_t;
 
 static void unix_stop(void *ud) {
@@ -35,6 +37,12 @@ static void unix_stop(void *ud) {
   close(us->fd);
   us->fd = -1;
   ml_listen_unix_unlink(us->path, &us->id);
+}
+
+/* The supervisor's SIGUSR1: its own log files again (the workers reopen theirs). */
+static void reopen_logs(void *ud) {
+  unix_sock_t *us = ud;
+  mlua_log_reopen(us->m);
 }
 
 /* syntax: role, a, b = core.fork_workers(n, host, port, unix_path, unix_mode)
@@ -79,8 +87,9 @@ static int l_fork_workers(lua_State *L) {
   }
   int code = 0;
   ml_worker_info_t w;
-  unix_sock_t us = {ufd, unix_path, id};
-  r = ml_workers_run(n, &m->log, &w, &code, ufd >= 0 ? unix_stop : NULL, &us);
+  unix_sock_t us = {ufd, unix_path, id, m};
+  ml_workers_hooks_t hooks = {unix_stop, reopen_logs, &us};
+  r = ml_workers_run(n, &m->log, &w, &code, &hooks);
   if (r == 1) {
     if (fd >= 0) close(fd);
     m->worker = w;

@@ -583,27 +583,29 @@ void ml_conn_log_access(ml_conn_t *c, int status, uint64_t bytes) {
   const ml_log_t *log = c->srv->log;
   if (!log || !log->access) return;
   const ml_request_t *r = &c->req;
-  char peer[64], line[1024];
+  char peer[64];
   ml_conn_peer(c, peer, sizeof peer);
-  if (c->state < ML_CONN_BODY || !r->method_len) { /* refused before its headers were whole */
-    snprintf(line, sizeof line, "%s \"-\" %d %llu \"-\" 0.000ms", peer, status,
-             (unsigned long long)bytes);
-    ml_log_access(log, line);
-    return;
-  }
-  const char *ua = "-";
-  uint32_t ualen = 1;
-  for (unsigned i = 0; i < r->nheaders; i++)
-    if (r->headers[i].name_len == 10 && memcmp(r->headers[i].name, "user-agent", 10) == 0) {
-      ua = r->headers[i].value;
-      ualen = r->headers[i].value_len;
+  ml_access_t a = {.peer = peer, .status = status, .bytes = (unsigned long long)bytes};
+  if (c->state >= ML_CONN_BODY && r->method_len) { /* else refused before its headers were whole */
+    a.method = r->method;
+    a.method_len = r->method_len;
+    a.target = r->target;
+    a.target_len = r->target_len;
+    a.http_major = r->http_major;
+    a.http_minor = r->http_minor;
+    a.ms = (double)(uv_hrtime() - r->started_ns) / 1e6;
+    for (unsigned i = 0; i < r->nheaders; i++) {
+      const ml_header_t *h = &r->headers[i];
+      if (h->name_len == 10 && memcmp(h->name, "user-agent", 10) == 0) {
+        a.ua = h->value;
+        a.ua_len = h->value_len;
+      } else if (h->name_len == 7 && memcmp(h->name, "referer", 7) == 0) {
+        a.referer = h->value;
+        a.referer_len = h->value_len;
+      }
     }
-  double ms = (double)(uv_hrtime() - r->started_ns) / 1e6;
-  snprintf(line, sizeof line, "%s \"%.*s %.*s HTTP/%d.%d\" %d %llu \"%.*s\" %.3fms", peer,
-           (int)r->method_len, r->method, (int)(r->target_len > 512 ? 512 : r->target_len),
-           r->target, r->http_major, r->http_minor, status, (unsigned long long)bytes,
-           (int)(ualen > 200 ? 200 : ualen), ua, ms);
-  ml_log_access(log, line);
+  }
+  ml_log_access(log, &a);
 }
 
 void *ml_conn_data(const ml_conn_t *c) { return c->data; }

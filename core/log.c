@@ -43,13 +43,3 @@ void ml_log(const ml_log_t *log, int level, const char *fmt, ...) {
   ml_logv(log, level, fmt, ap);
   va_end(ap);
 }
-
-void ml_log_access(const ml_log_t *log, const char *line) {
-  if (!log->access) return;
-  if (log->access_sink) {
-    log->access_sink(log->sink_ud, ML_LOG_INFO, line);
-  } else {
-    fputs(line, stdout);
-    fputc('\n', stdout);
-  }
-}

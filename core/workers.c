@@ -1,7 +1,7 @@
 /* core/workers.c: the supervisor of `moonlet --workers N`. Plain POSIX and Linux calls, no libuv:
- * the supervisor runs no loop. It blocks SIGCHLD, SIGINT, SIGTERM and SIGHUP, reads them from a
- * signalfd, and polls it together with the "ready" pipe the workers write their id to once they
- * serve.
+ * the supervisor runs no loop. It blocks SIGCHLD, SIGINT, SIGTERM, SIGHUP and SIGUSR1, reads them
+ * from a signalfd, and polls it together with the "ready" pipe the workers write their id to once
+ * they serve.
  *
  * Invariants: a slot's pid is non-zero exactly while that worker is alive and not yet reaped; a
  * worker is reaped only here (waitpid on SIGCHLD, whose disposition is made the default first: an
@@ -54,7 +54,8 @@ typedef struct {
   pid_t supervisor;
   int served; /* some worker has served: from then on a failure to start is retried */
   void (*on_stop)(void *ud); /* run once when a stop begins (ml_workers_run), then NULL */
-  void *on_stop_ud;
+  void (*on_reopen)(void *ud);
+  void *hooks_ud;
 } sup_t;
 
 /* Forks worker i. Returns 1 in the worker (w filled in), 0 in the supervisor, <0 when fork failed.
@@ -121,7 +122,7 @@ static int exit_status(int status) {
 static void stop_begins(sup_t *s) {
   void (*fn)(void *) = s->on_stop;
   s->on_stop = NULL;
-  if (fn) fn(s->on_stop_ud);
+  if (fn) fn(s->hooks_ud);
 }
 
 static int worker_exited(sup_t *s, int i, int status, int *stopping) {
@@ -154,9 +155,13 @@ static int worker_exited(sup_t *s, int i, int status, int *stopping) {
 }
 
 int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_code,
-                   void (*on_stop)(void *ud), void *ud) {
-  sup_t s = {
-      .n = n, .log = log, .supervisor = getpid(), .sfd = -1, .on_stop = on_stop, .on_stop_ud = ud};
+                   const ml_workers_hooks_t *hooks) {
+  sup_t s = {.n = n, .log = log, .supervisor = getpid(), .sfd = -1};
+  if (hooks) {
+    s.on_stop = hooks->on_stop;
+    s.on_reopen = hooks->on_reopen;
+    s.hooks_ud = hooks->ud;
+  }
   int pfd[2];
   sigset_t set;
   sigemptyset(&set);
@@ -164,6 +169,7 @@ int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_co
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGHUP);
+  sigaddset(&set, SIGUSR1);
   s.slots = calloc((size_t)n, sizeof *s.slots);
   if (!s.slots) return -ENOMEM;
   if (pipe2(pfd, O_CLOEXEC | O_NONBLOCK) < 0) {
@@ -238,6 +244,11 @@ int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_co
     }
     if (sig == SIGHUP) {
       signal_all(&s, SIGHUP);
+      continue;
+    }
+    if (sig == SIGUSR1) {
+      if (s.on_reopen) s.on_reopen(s.hooks_ud);
+      signal_all(&s, SIGUSR1);
       continue;
     }
     int status;

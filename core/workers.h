@@ -17,7 +17,7 @@ typedef struct ml_worker_info_s {
 } ml_worker_info_t;
 
 /* Forks n workers and supervises them; log is the supervisor's logger. Returns twice over:
- *  - in each worker: 1, with *w filled in, and SIGINT, SIGTERM, SIGHUP and SIGCHLD still
+ *  - in each worker: 1, with *w filled in, and SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGCHLD still
  *    blocked: a signal that comes now stays pending until the worker's loop has its own signal
  *    pipe (uv_loop_fork) and restores w->old_mask. The worker then serves, and calls
  *    ml_workers_ready once it listens;
@@ -27,19 +27,27 @@ typedef struct ml_worker_info_s {
  *    being restarted forever; once one has served, a worker that fails to start again is retried
  *    with a growing delay, up to 30 s, as whatever failed may come back);
  *  - a negative libuv error when nothing could be forked.
- * The supervisor passes SIGINT, SIGTERM and SIGHUP on to every worker, and starts again a worker
- * that dies (killed, crashed, a non-zero exit), one second after its last start at the soonest
- * (2, 4, ... 30 s while it fails to start again). A worker dies with SIGTERM
- * when the supervisor does (PR_SET_PDEATHSIG), and runs in a process group of
- * its own, so that a terminal's ^C reaches it once, through the supervisor (a service manager
- * should likewise signal the supervisor only: systemd's KillMode=mixed). stdio buffers are flushed
- * first, and the signals above are blocked in the supervisor while it runs. */
-/* on_stop (NULL: none) runs in the supervisor once, when a stop begins (a signal, or the workers
- * failing to start), before the stop is passed on: the `--unix PATH` socket is closed and its file
- * removed there, so that new clients fail at once (a proxy tries its next server) instead of
- * queueing at a socket no worker will accept on again. */
+ * The supervisor passes SIGINT, SIGTERM, SIGHUP and SIGUSR1 on to every worker, and starts again a
+ * worker that dies (killed, crashed, a non-zero exit), one second after its last start at the
+ * soonest (2, 4, ... 30 s while it fails to start again). A worker dies with SIGTERM when the
+ * supervisor does (PR_SET_PDEATHSIG), and runs in a process group of its own, so that a terminal's
+ * ^C reaches it once, through the supervisor (a service manager should likewise signal the
+ * supervisor only: systemd's KillMode=mixed). stdio buffers are flushed first, and the signals
+ * above are blocked in the supervisor while it runs. */
+/* What the supervisor runs besides (each NULL: none), with ud:
+ * - on_stop, once, when a stop begins (a signal, or the workers failing to start), before the stop
+ *   is passed on: the `--unix PATH` socket is closed and its file removed there, so that new
+ *   clients fail at once (a proxy tries its next server) instead of queueing at a socket no worker
+ *   will accept on again;
+ * - on_reopen, on each SIGUSR1 (nginx's "reopen the log files", after logrotate moved them),
+ *   before the signal is passed on to the workers, which reopen theirs. */
+typedef struct ml_workers_hooks_s {
+  void (*on_stop)(void *ud);
+  void (*on_reopen)(void *ud);
+  void *ud;
+} ml_workers_hooks_t;
 int ml_workers_run(int n, const ml_log_t *log, ml_worker_info_t *w, int *exit_code,
-                   void (*on_stop)(void *ud), void *ud);
+                   const ml_workers_hooks_t *hooks);
 
 /* A worker tells the supervisor it serves (its first listener is open): from then on an exit is a
  * death to recover from, not a failure to start. Once; later calls do nothing. */

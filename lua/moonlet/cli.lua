@@ -20,6 +20,10 @@ flags:
   --unix PATH             listen on this Unix domain socket instead (also --host unix:PATH)
   --unix-mode MODE        its permissions, octal ("660": nginx's group may connect; the umask's)
   --access-log            one line per request on stdout
+  --access-log=FILE       ... appended to FILE instead (also --access-log-file FILE); SIGUSR1
+                          reopens it (logrotate)
+  --access-log-format F   moonlet (default), combined (nginx's) or json
+  --error-log FILE        the error log (stderr) appended to FILE; SIGUSR1 reopens it
   --reload                reload the app when its file or a module next to it changes
   --log-level LEVEL       error, warn, info (default) or debug
   --max-body BYTES        request body limit, else 413 (1048576)
@@ -51,6 +55,8 @@ local value_flags = {
     ["--shutdown-grace"] = "shutdown_grace", ["--send-timeout"] = "send_timeout",
     ["--tls-cert"] = "tls_cert", ["--tls-key"] = "tls_key", ["--workers"] = "workers",
     ["--shared-memory"] = "shared_memory", ["--unix"] = "unix", ["--unix-mode"] = "unix_mode",
+    ["--access-log-file"] = "access_log", ["--access-log-format"] = "access_log_format",
+    ["--error-log"] = "error_log",
 }
 local numeric = {
     port = true, max_body = true, max_uri = true, max_header_bytes = true, max_headers = true,
@@ -61,7 +67,8 @@ local numeric = {
 -- what the command line holds that is not an app:listen option
 local CLI_ONLY = { log_level = true, access_log = true, reload = true, tls_cert = true, tls_key = true,
                    help = true, version = true, workers = true, shared_memory = true,
-                   _script_args_only = true }
+                   access_log_format = true, error_log = true, _script_args_only = true }
+local ACCESS_FORMATS = { moonlet = true, combined = true, json = true }
 
 local function die(msg)
     io.stderr:write("moonlet: ", msg, "\n")
@@ -85,6 +92,8 @@ function _M.parse(argv)
             opts.version = true
         elseif a == "--access-log" then
             opts.access_log = true
+        elseif a:match("^%-%-access%-log=") then
+            opts.access_log = a:sub(#"--access-log=" + 1)
         elseif a == "--reload" then
             opts.reload = true
         elseif a:match("^%-%-[%w-]+=") then
@@ -133,6 +142,14 @@ function _M.parse(argv)
         local ok, mode = pcall(require("moonlet.tcp").unix_mode, opts.unix_mode)
         if not ok then return die("--unix-mode wants an octal mode such as 660") end
         opts.unix_mode = mode
+    end
+    if opts.access_log == "" then return die("--access-log= wants a file") end
+    if opts.error_log == "" then return die("--error-log wants a file") end
+    if opts.access_log_format ~= nil then
+        if not ACCESS_FORMATS[opts.access_log_format:lower()] then
+            return die("--access-log-format is moonlet, combined or json")
+        end
+        opts.access_log = opts.access_log or true
     end
     if (opts.tls_cert == nil) ~= (opts.tls_key == nil) then
         return die("--tls-cert and --tls-key go together")
@@ -195,9 +212,23 @@ function _M.main(argv)
     if not opts then return end
     if opts.help then io.stdout:write(USAGE); return end
     if opts.version then io.stdout:write("moonlet ", core.version, "\n"); return end
+    if opts.error_log then
+        local ok, err = core.set_error_log(opts.error_log)
+        if not ok then return die("--error-log " .. opts.error_log .. ": " .. err) end
+    end
     if opts.log_level or opts.access_log then
-        local ok, err = pcall(core.set_log, opts.log_level, opts.access_log or nil)
-        if not ok then return die(err) end
+        local file = type(opts.access_log) == "string" and opts.access_log or nil
+        local ok, done, err = pcall(core.set_log, opts.log_level, opts.access_log and true or nil, file,
+                                    opts.access_log_format)
+        if not ok then return die(done) end
+        if not done then return die("--access-log " .. file .. ": " .. err) end
+        if opts.access_log then -- the lines still in the buffer are written when a script exits
+            local exit = os.exit
+            os.exit = function(...) -- luacheck: ignore 122
+                core.flush_logs()
+                return exit(...)
+            end
+        end
     end
     if pos[1] == "test" then return run_tests(pos) end
     local script = pos[1]

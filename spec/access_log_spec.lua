@@ -1,0 +1,243 @@
+-- spec/access_log_spec.lua: the `moonlet` command's logs in files, as an nginx user keeps them:
+-- --access-log=FILE (and --access-log-file FILE), its formats (moonlet, combined, json) and how they
+-- escape what a client sends, a burst of pipelined requests larger than the output's buffer (every
+-- line, in order), SIGUSR1 reopening the files after logrotate moved them, --error-log (a handler's
+-- traceback goes there), --workers N sharing one file (every line whole, every worker reopening on
+-- the supervisor's SIGUSR1), and the bad paths and formats refused with a message. The servers are
+-- real processes (test.start_process); each `it` kills what it started.
+local test = require "moonlet.test"
+local json = require "moonlet.json"
+local moonlet = require "moonlet"
+
+local APP = [[
+local moonlet = require "moonlet"
+local app = moonlet.app()
+app:get("/", function() return "hello from the app" end)
+app:get("/boom", function() error("kaboom") end)
+return app
+]]
+local BODY_LEN = #"hello from the app"
+
+local defer = test.defer
+
+local function read_file(path)
+    local f = io.open(path, "rb")
+    if not f then return nil end
+    local data = f:read("*a")
+    f:close()
+    return data
+end
+
+local function lines_of(path)
+    local lines = {}
+    for line in (read_file(path) or ""):gmatch("([^\n]*)\n") do lines[#lines + 1] = line end
+    return lines
+end
+
+-- waits until the file at path holds n lines (or more); returns its lines
+local function wait_lines(path, n)
+    local lines
+    test.wait_until(function()
+        lines = lines_of(path)
+        return #lines >= n
+    end)
+    return lines
+end
+
+describe("the access log and the error log in files", function()
+    local dir, app_path
+
+    lazy_setup(function()
+        dir = test.make_dir()
+        app_path = dir .. "/app.lua"
+        local f = assert(io.open(app_path, "wb"))
+        f:write(APP)
+        f:close()
+    end)
+    lazy_teardown(function() test.remove_dir(dir) end)
+
+    local n = 0
+    local function fresh(name) -- a path not used by an earlier test
+        n = n + 1
+        return ("%s/%d-%s"):format(dir, n, name)
+    end
+
+    -- `moonlet args --port 0 app.lua`, killed when the `it` ends; its port is read from its output,
+    -- or from the file errlog when its stderr goes there (--error-log)
+    local function start(args, errlog)
+        local p = test.start_process(args .. " --port 0 " .. app_path)
+        defer(function()
+            p:signal("KILL")
+            p:wait()
+        end)
+        if not errlog then return p, p:port() end
+        local port = test.wait_until(function()
+            return tonumber((read_file(errlog) or ""):match("on http://[^:]+:(%d+)"))
+        end, 10)
+        assert(port, "the server did not start: " .. (read_file(errlog) or "") .. p:output())
+        return p, port
+    end
+
+    it("appends one line a request to --access-log=FILE, written before the server waits", function()
+        local log = fresh("access.log")
+        local p, port = start("--access-log=" .. log)
+        assert.same(200, test.request(port, "GET", "/").status)
+        local lines = wait_lines(log, 1)
+        assert.same(1, #lines) -- no second request was needed to push the first line out
+        assert.truthy(lines[1]:match('^127%.0%.0%.1:%d+ "GET / HTTP/1%.1" 200 ' .. BODY_LEN ..
+                                     ' "%-" %d+%.%d%d%dms$'), lines[1])
+        assert.same(404, test.request(port, "GET", "/missing").status)
+        lines = wait_lines(log, 2)
+        assert.truthy(lines[2]:find('"GET /missing HTTP/1.1" 404 ', 1, true), lines[2])
+        assert.falsy(p:output():find('HTTP/1.1"', 1, true), p:output()) -- not on stdout
+        -- --access-log-file FILE says the same; a file already there is appended to
+        local _, port2 = start("--access-log-file " .. log)
+        test.request(port2, "GET", "/")
+        assert.same(3, #wait_lines(log, 3))
+    end)
+
+    it("writes nginx's combined format, escaping what the client sent as nginx does", function()
+        local log = fresh("combined.log")
+        local _, port = start("--access-log=" .. log .. " --access-log-format combined")
+        local ua = 'agent "q" \\ \xC3\xA9\t!'
+        assert.same(200, test.request(port, "GET", "/?a=1&b=%22", {
+            headers = { ["User-Agent"] = ua, Referer = "http://example.test/from" } }).status)
+        assert.truthy(test.raw(port, "BAD\r\n\r\n"):find("^HTTP/1.1 400 "))
+        local lines = wait_lines(log, 2)
+        local stamp = "%[%d%d/%a%a%a/%d%d%d%d:%d%d:%d%d:%d%d [+-]%d%d%d%d%]"
+        assert.truthy(lines[1]:match("^127%.0%.0%.1 %- %- " .. stamp ..
+                                     ' "GET /%?a=1&b=%%22 HTTP/1%.1" 200 ' .. BODY_LEN ..
+                                     ' "http://example%.test/from" ' ..
+                                     '"agent \\x22q\\x22 \\x5C \\xC3\\xA9\\x09!"$'), lines[1])
+        assert.truthy(lines[2]:match("^127%.0%.0%.1 %- %- " .. stamp .. ' "%-" 400 %d+ "%-" "%-"$'),
+                      lines[2])
+    end)
+
+    it("writes one JSON object a line with --access-log-format json", function()
+        local log = fresh("access.json")
+        local _, port = start("--access-log=" .. log .. " --access-log-format json")
+        test.request(port, "GET", "/?x=%22y%22", {
+            headers = { ["User-Agent"] = 'say "hi" \\ caf\xC3\xA9 \xFF' } })
+        test.request(port, "GET", "/boom")
+        assert.truthy(test.raw(port, "BAD\r\n\r\n"):find("^HTTP/1.1 400 "))
+        local lines = wait_lines(log, 3)
+        assert.same(3, #lines)
+        local a = json.decode(lines[1])
+        assert.truthy(a.time:match("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d[+-]%d%d:%d%d$"), a.time)
+        assert.is_number(a.request_time)
+        assert.truthy(a.request_time >= 0 and a.request_time < 5)
+        a.time, a.request_time = nil, nil
+        assert.same({
+            remote_addr = "127.0.0.1", request_method = "GET", request_uri = "/?x=%22y%22",
+            server_protocol = "HTTP/1.1", status = 200, body_bytes_sent = BODY_LEN,
+            http_referer = "",
+            -- kept as UTF-8; a byte that is not UTF-8 becomes U+FFFD, so that the line stays JSON
+            http_user_agent = 'say "hi" \\ caf\xC3\xA9 \xEF\xBF\xBD',
+        }, a)
+        assert.same({ "/boom", 500 }, { json.decode(lines[2]).request_uri, json.decode(lines[2]).status })
+        local bad = json.decode(lines[3])
+        assert.same({ "", "", 400 }, { bad.request_method, bad.request_uri, bad.status })
+    end)
+
+    it("logs every request of a pipelined burst larger than the buffer, in order", function()
+        local log = fresh("burst.log")
+        local _, port = start("--access-log=" .. log)
+        local reqs = {}
+        local N = 1500 -- ~70 KB of lines: the 32 KiB buffer is written when full, mid-iteration
+        for i = 1, N do reqs[i] = test.format_request("GET", "/?i=" .. i) end
+        local sock = test.connect(port, 10)
+        assert(sock:send(table.concat(reqs)))
+        for _ = 1, N do assert(test.read_response(sock, "GET")) end
+        sock:close()
+        local lines = wait_lines(log, N)
+        assert.same(N, #lines)
+        for i = 1, N do
+            if not lines[i]:find('"GET /?i=' .. i .. ' HTTP/1.1" 200 ', 1, true) then
+                error("line " .. i .. ": " .. lines[i])
+            end
+        end
+    end)
+
+    it("reopens both files on SIGUSR1 after logrotate moved them; tracebacks go to --error-log", function()
+        local log, errlog = fresh("rot.log"), fresh("error.log")
+        local p, port = start("--access-log=" .. log .. " --error-log " .. errlog, errlog)
+        test.request(port, "GET", "/")
+        wait_lines(log, 1)
+        assert.same(500, test.request(port, "GET", "/boom").status)
+        local err = read_file(errlog)
+        assert.truthy(test.wait_until(function()
+            err = read_file(errlog)
+            return err:find("kaboom", 1, true)
+        end), err)
+        assert.truthy(err:find("stack traceback", 1, true), err)
+        assert.truthy(err:find("app.lua:4:", 1, true), err) -- the file and line of the error
+        assert.falsy(p:output():find("kaboom", 1, true), p:output()) -- stderr is the file
+        -- logrotate: move the files, then SIGUSR1
+        assert(os.rename(log, log .. ".1"))
+        assert(os.rename(errlog, errlog .. ".1"))
+        assert(p:signal("USR1"))
+        assert(test.wait_until(function()
+            return (read_file(errlog) or ""):find("log files reopened", 1, true)
+        end), "no reopened error log")
+        test.request(port, "GET", "/missing")
+        assert.same(1, #wait_lines(log, 1))
+        assert.truthy(lines_of(log)[1]:find('"GET /missing HTTP/1.1" 404 ', 1, true))
+        assert.same(2, #lines_of(log .. ".1")) -- "/" and "/boom", nothing after the move
+        assert.truthy(read_file(errlog .. ".1"):find("kaboom", 1, true))
+        -- a SIGUSR1 without a log file is harmless: the server goes on
+        assert.same(200, test.request(port, "GET", "/").status)
+    end)
+
+    it("shares one file between the workers of --workers 2: whole lines, all reopened", function()
+        local log, errlog = fresh("workers.log"), fresh("workers-error.log")
+        local p, port = start("--workers 2 --access-log=" .. log .. " --error-log " .. errlog, errlog)
+        local function burst(count)
+            local fns = {}
+            for i = 1, count do
+                fns[i] = function() return test.request(port, "GET", "/?w=" .. i).status end
+            end
+            local got = moonlet.gather(fns)
+            for i = 1, count do assert.same(200, got[i]) end
+        end
+        burst(200)
+        local lines = wait_lines(log, 200)
+        assert.same(200, #lines)
+        local seen = {}
+        for _, line in ipairs(lines) do
+            local i = line:match('^127%.0%.0%.1:%d+ "GET /%?w=(%d+) HTTP/1%.1" 200 %d+ "%-" [%d.]+ms$')
+            assert.truthy(i, line)
+            seen[tonumber(i)] = true
+        end
+        for i = 1, 200 do assert.truthy(seen[i], i) end
+        assert(os.rename(log, log .. ".1"))
+        assert(os.rename(errlog, errlog .. ".1"))
+        assert(p:signal("USR1")) -- the supervisor: it reopens its own, then passes it on
+        assert(test.wait_until(function()
+            local _, k = (read_file(errlog) or ""):gsub("log files reopened", "")
+            return k == 3 -- the supervisor and both workers
+        end), read_file(errlog) or "")
+        burst(100)
+        assert.same(100, #wait_lines(log, 100))
+        assert.same(200, #lines_of(log .. ".1"))
+    end)
+
+    it("refuses a file it cannot open and an unknown format, with a message", function()
+        local function run(args)
+            local f = io.popen(test.binary() .. " " .. args .. " " .. app_path .. " 2>&1; echo \"exit: $?\"")
+            local out = f:read("*a")
+            f:close()
+            return out
+        end
+        local out = run("--access-log=" .. dir .. "/no/such/dir/a.log")
+        assert.truthy(out:find("--access-log " .. dir .. "/no/such/dir/a.log: not found", 1, true), out)
+        assert.truthy(out:find("exit: 2\n", 1, true), out)
+        out = run("--access-log-format xml")
+        assert.truthy(out:find("--access-log-format is moonlet, combined or json", 1, true), out)
+        assert.truthy(out:find("exit: 2\n", 1, true), out)
+        out = run("--error-log " .. dir .. "/no/such/dir/e.log")
+        assert.truthy(out:find("--error-log " .. dir .. "/no/such/dir/e.log: not found", 1, true), out)
+        assert.truthy(out:find("exit: 2\n", 1, true), out)
+        out = run("--access-log=")
+        assert.truthy(out:find("--access-log= wants a file", 1, true), out)
+    end)
+end)
