@@ -618,11 +618,12 @@ end
 -- and that Content-Length.
 local function build_request(method, u, target, headers, body, o, decompress, px)
     if not headers and not body and not decompress and not u.auth and o.keepalive ~= false
-        and method == "GET" and target == u.target and not o.user_agent and not px then
+        and method == "GET" and target == u.target and o.user_agent == nil and not px then
         local r = u.get_request -- the common case, built once per URL
         if not r then
-            r = "GET " .. target .. " HTTP/1.1\r\nHost: " .. u.hostport .. "\r\nUser-Agent: "
-                .. config.user_agent .. "\r\n\r\n"
+            local ua = config.user_agent
+            r = "GET " .. target .. " HTTP/1.1\r\nHost: " .. u.hostport .. "\r\n"
+                .. (ua and "User-Agent: " .. ua .. "\r\n" or "") .. "\r\n"
             u.get_request = r
         end
         return r
@@ -658,8 +659,10 @@ local function build_request(method, u, target, headers, body, o, decompress, px
         parts[n + 1], parts[n + 2] = "Host: ", u.hostport .. "\r\n"
         n = n + 2
     end
-    if not has_ua then
-        parts[n + 1], parts[n + 2] = "User-Agent: ", (o.user_agent or config.user_agent) .. "\r\n"
+    local ua = o.user_agent
+    if ua == nil then ua = config.user_agent end
+    if not has_ua and ua then -- (false: none, as nginx's proxy_pass and node's http send none)
+        parts[n + 1], parts[n + 2] = "User-Agent: ", ua .. "\r\n"
         n = n + 2
     end
     if u.auth and not has_auth then
