@@ -136,11 +136,6 @@ static int l_log(lua_State *L) {
   return 0;
 }
 
-static void on_log_flush(uv_prepare_t *h) {
-  moonlet_t *m = h->data;
-  ml_log_out_flush(m->log.access_out);
-}
-
 /* syntax: core.set_log(level, access, access_path, access_format) -- level "error".."debug" (nil:
  * unchanged); access true/false turns the access log on or off (nil: unchanged), to access_path
  * (nil or "-": stdout) in access_format ("moonlet", "combined", "json"; nil: "moonlet"). Returns
@@ -165,13 +160,6 @@ static int l_set_log(lua_State *L) {
     m->log.access_format = fmt;
     m->log.access = 1;
     if (out->fd == 1) setvbuf(stdout, NULL, _IOLBF, 0); /* print()'s lines beside it stay whole */
-    if (!m->log_flush_on) {
-      uv_prepare_init(m->loop, &m->log_flush);
-      m->log_flush.data = m;
-      uv_prepare_start(&m->log_flush, on_log_flush);
-      uv_unref((uv_handle_t *)&m->log_flush);
-      m->log_flush_on = 1;
-    }
   } else if (!lua_isnoneornil(L, 2)) {
     m->log.access = 0;
     ml_log_out_flush(m->log.access_out);
@@ -639,7 +627,6 @@ void moonlet_free(moonlet_t *m) {
     uv_close((uv_handle_t *)&m->sig_hup, NULL);
     uv_close((uv_handle_t *)&m->sig_usr1, NULL);
   }
-  if (m->log_flush_on) uv_close((uv_handle_t *)&m->log_flush, NULL);
   while (m->resources) { /* each unlinks itself and frees from its close callback */
     mlua_res_t *r = m->resources;
     mlua_res_unlink(m, r);

@@ -74,10 +74,6 @@ struct moonlet_s {
   mlua_res_t *resources;  /* open resources (mlua_res_t) */
   uv_signal_t sig_int, sig_term, sig_hup, sig_usr1;
   int signals_on;
-  /* the access log's output (log.access_out: stdout or a file) is written at least once per loop
-   * iteration, by this prepare handle, before the loop waits; it runs once the access log is on */
-  uv_prepare_t log_flush;
-  int log_flush_on;
   char *error_log_path; /* `--error-log FILE` (owned): stderr is this file; SIGUSR1 reopens it */
   int freeing;          /* moonlet_free is closing the Lua state: no task is resumed */
   int tearing_down;     /* moonlet_free has begun: no task is cancelled (waits are being freed) */

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "http_internal.h"
+#include "log_out.h"
 #include "listen.h"
 
 void ml_http_limits_default(ml_http_limits_t *lim) {
@@ -270,6 +271,9 @@ static void prepare_cb(uv_prepare_t *h) {
     ml__conn_run_stash(c);
   }
   out_flush(s);
+  /* last: the access log's lines of this iteration, those of the requests just run included, are
+   * written before the loop waits (log_out.h) */
+  if (s->log && s->log->access) ml_log_out_flush(s->log->access_out);
 }
 
 /* -- Timers ---------------------------------------------------------------------------------------

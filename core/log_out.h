@@ -2,9 +2,10 @@
  * file of `moonlet --access-log=FILE`), and the error log's file (`--error-log FILE`).
  *
  * An output buffers whole lines and writes them with one write(2) when the buffer is full and
- * when ml_log_out_flush is called, which the instance does once per loop iteration, before the
- * loop waits (bindings/instance.c): no line waits while the process sleeps, and a busy server
- * writes its lines in blocks instead of one system call a request. A file is opened with O_APPEND,
+ * when ml_log_out_flush is called, which each HTTP server does once per loop iteration, last in
+ * its prepare callback, before the loop waits (core/http_server.c): no line waits while the
+ * process sleeps, and a busy server writes its lines in blocks instead of one system call a
+ * request. What is left when the instance ends is written by ml_log_out_free. A file is opened with O_APPEND,
  * so that the workers of `--workers N`, which share it, never write over each other's lines: each
  * write holds whole lines only. Reopening (SIGUSR1, after logrotate moved the file) opens the path
  * again; the lines buffered until then go to the old file.

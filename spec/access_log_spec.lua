@@ -14,6 +14,7 @@ local moonlet = require "moonlet"
 local app = moonlet.app()
 app:get("/", function() return "hello from the app" end)
 app:get("/boom", function() error("kaboom") end)
+app:get("/later", function() moonlet.sleep(0.05); return "later" end)
 return app
 ]]
 local BODY_LEN = #"hello from the app"
@@ -156,6 +157,21 @@ describe("the access log and the error log in files", function()
                 error("line " .. i .. ": " .. lines[i])
             end
         end
+    end)
+
+    it("writes the line of a pipelined request run just before the loop waits", function()
+        local log = fresh("pipelined.log")
+        local _, port = start("--access-log=" .. log)
+        local sock = test.connect(port, 5)
+        -- one segment, two requests: the second waits for the first, which ends in a timer's callback,
+        -- and then runs from the server's ready list, last thing before the loop waits
+        assert(sock:send(test.format_request("GET", "/later") .. test.format_request("GET", "/?p=2")))
+        assert(test.read_response(sock, "GET"))
+        assert(test.read_response(sock, "GET"))
+        local lines = wait_lines(log, 2) -- the connection stays open and idle: no later event helps
+        sock:close()
+        assert.same(2, #lines)
+        assert.truthy(lines[2]:find('"GET /?p=2 HTTP/1.1" 200', 1, true), lines[2])
     end)
 
     it("reopens both files on SIGUSR1 after logrotate moved them; tracebacks go to --error-log", function()
