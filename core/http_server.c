@@ -22,8 +22,8 @@
 #include <unistd.h>
 
 #include "http_internal.h"
-#include "log_out.h"
 #include "listen.h"
+#include "log_out.h"
 
 void ml_http_limits_default(ml_http_limits_t *lim) {
   lim->max_uri = 8 * 1024;

@@ -5,10 +5,10 @@
  * when ml_log_out_flush is called, which each HTTP server does once per loop iteration, last in
  * its prepare callback, before the loop waits (core/http_server.c): no line waits while the
  * process sleeps, and a busy server writes its lines in blocks instead of one system call a
- * request. What is left when the instance ends is written by ml_log_out_free. A file is opened with O_APPEND,
- * so that the workers of `--workers N`, which share it, never write over each other's lines: each
- * write holds whole lines only. Reopening (SIGUSR1, after logrotate moved the file) opens the path
- * again; the lines buffered until then go to the old file.
+ * request. What is left when the instance ends is written by ml_log_out_free. A file is opened with
+ * O_APPEND, so that the workers of `--workers N`, which share it, never write over each other's
+ * lines: each write holds whole lines only. Reopening (SIGUSR1, after logrotate moved the file)
+ * opens the path again; the lines buffered until then go to the old file.
  *
  * The loop thread is the only user of an output.
  */
