@@ -7,11 +7,14 @@
  * handle the instance opened, runs the loop until their close callbacks have run, frees the task
  * structs and only then closes the Lua state (so no __gc runs against freed C memory).
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "mlua.h"
 
@@ -188,6 +191,44 @@ static int l_set_error_log(lua_State *L) {
   return 1;
 }
 
+/* syntax: core.set_pid_file(path) -- writes this process's id to the file at path (replacing it);
+ * the file is removed when the instance ends in this same process (not in a forked worker, whose
+ * id is not the one written). Returns true or nil, err. */
+static int l_set_pid_file(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  const char *path = luaL_checkstring(L, 1);
+  char *copy = strdup(path);
+  if (!copy) return luaL_error(L, "not enough memory");
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  char line[24];
+  int n = snprintf(line, sizeof line, "%d\n", (int)getpid());
+  if (fd < 0 || write(fd, line, (size_t)n) != n) {
+    int e = -errno;
+    if (fd >= 0) close(fd);
+    free(copy);
+    return mlua_push_error(L, e);
+  }
+  close(fd);
+  free(m->pid_path);
+  m->pid_path = copy;
+  m->pid = getpid();
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* At the end: the pid file goes, if this is the process that wrote it and the file still holds its
+ * id (a newer server started with the same --pid-file keeps its own). */
+static void remove_pid_file(moonlet_t *m) {
+  if (!m->pid_path || m->pid != getpid()) return;
+  FILE *f = fopen(m->pid_path, "r");
+  int pid = 0;
+  if (f) {
+    if (fscanf(f, "%d", &pid) != 1) pid = 0;
+    fclose(f);
+  }
+  if (pid == (int)m->pid) unlink(m->pid_path);
+}
+
 /* syntax: core.flush_logs() -- writes the access log's buffered lines now (before os.exit) */
 static int l_flush_logs(lua_State *L) {
   ml_log_out_flush(mlua_instance(L)->log.access_out);
@@ -324,6 +365,7 @@ int luaopen_moonlet_core(lua_State *L) {
                                  {"set_log", l_set_log},
                                  {"set_error_log", l_set_error_log},
                                  {"flush_logs", l_flush_logs},
+                                 {"set_pid_file", l_set_pid_file},
                                  {"stop", l_stop},
                                  {"on_stop", l_on_stop},
                                  {"halt", l_halt},
@@ -649,6 +691,8 @@ void moonlet_free(moonlet_t *m) {
   mlua_shared_free(m);                /* no dictionary userdata is left to reach the arena */
   ml_log_out_free(m->log.access_out); /* its last lines are written */
   free(m->error_log_path);
+  remove_pid_file(m);
+  free(m->pid_path);
   if (m->embed_on) uv_mutex_destroy(&m->post_lock);
   if (m->owns_loop) {
     int r = uv_loop_close(&m->own_loop);

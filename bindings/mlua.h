@@ -75,6 +75,8 @@ struct moonlet_s {
   uv_signal_t sig_int, sig_term, sig_hup, sig_usr1;
   int signals_on;
   char *error_log_path; /* `--error-log FILE` (owned): stderr is this file; SIGUSR1 reopens it */
+  char *pid_path;       /* `--pid-file FILE` (owned), removed at the end by the process ... */
+  pid_t pid;            /* ... that wrote it (this one's id then) */
   int freeing;          /* moonlet_free is closing the Lua state: no task is resumed */
   int tearing_down;     /* moonlet_free has begun: no task is cancelled (waits are being freed) */
   int stopping;         /* moonlet_stop was called */

@@ -3,8 +3,9 @@
 -- escape what a client sends, a burst of pipelined requests larger than the output's buffer (every
 -- line, in order), SIGUSR1 reopening the files after logrotate moved them, --error-log (a handler's
 -- traceback goes there), --workers N sharing one file (every line whole, every worker reopening on
--- the supervisor's SIGUSR1), and the bad paths and formats refused with a message. The servers are
--- real processes (test.start_process); each `it` kills what it started.
+-- the supervisor's SIGUSR1), --pid-file (the id a logrotate postrotate signals), and the bad paths
+-- and formats refused with a message. The servers are real processes (test.start_process); each
+-- `it` kills what it started.
 local test = require "moonlet.test"
 local json = require "moonlet.json"
 local moonlet = require "moonlet"
@@ -45,7 +46,7 @@ local function wait_lines(path, n)
     return lines
 end
 
-describe("the access log and the error log in files", function()
+describe("the access log, the error log and the pid file of the command", function()
     local dir, app_path
 
     lazy_setup(function()
@@ -237,6 +238,40 @@ describe("the access log and the error log in files", function()
         assert.same(200, #lines_of(log .. ".1"))
     end)
 
+    it("writes --pid-file and removes it at exit; with --workers 2 it is the supervisor's", function()
+        for _, workers in ipairs({ "", "--workers 2 " }) do
+            local pidfile = fresh("moonlet.pid")
+            local p, port = start(workers .. "--pid-file " .. pidfile)
+            assert.same(200, test.request(port, "GET", "/").status)
+            assert.same(tostring(p:pid()) .. "\n", read_file(pidfile))
+            if workers ~= "" then -- a worker that ends leaves the supervisor's file alone
+                local f = io.popen("pgrep -P " .. p:pid())
+                local worker = tonumber(f:read("*l"))
+                f:close()
+                assert(worker and os.execute("kill -TERM " .. worker))
+                assert(test.wait_until(function()
+                    local g = io.open("/proc/" .. worker .. "/stat")
+                    local st = g and g:read("*a") or ""
+                    if g then g:close() end
+                    return st == "" or st:match("^%d+ %b() Z") -- gone, or a zombie not yet reaped
+                end))
+                assert.same(tostring(p:pid()) .. "\n", read_file(pidfile))
+            end
+            assert(p:signal("TERM"))
+            assert.same(0, p:wait())
+            assert.is_nil(read_file(pidfile)) -- removed (by the supervisor, not by a worker first)
+        end
+        -- a file a newer server took over stays
+        local pidfile = fresh("taken.pid")
+        local p = start("--pid-file " .. pidfile)
+        local f = assert(io.open(pidfile, "w"))
+        f:write("999999\n")
+        f:close()
+        assert(p:signal("TERM"))
+        assert.same(0, p:wait())
+        assert.same("999999\n", read_file(pidfile))
+    end)
+
     it("refuses a file it cannot open and an unknown format, with a message", function()
         local function run(args)
             local f = io.popen(test.binary() .. " " .. args .. " " .. app_path .. " 2>&1; echo \"exit: $?\"")
@@ -255,5 +290,8 @@ describe("the access log and the error log in files", function()
         assert.truthy(out:find("exit: 2\n", 1, true), out)
         out = run("--access-log=")
         assert.truthy(out:find("--access-log= wants a file", 1, true), out)
+        out = run("--pid-file " .. dir .. "/no/such/dir/m.pid")
+        assert.truthy(out:find("--pid-file " .. dir .. "/no/such/dir/m.pid: not found", 1, true), out)
+        assert.truthy(out:find("exit: 2\n", 1, true), out)
     end)
 end)

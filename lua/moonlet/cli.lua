@@ -24,6 +24,7 @@ flags:
                           reopens it (logrotate)
   --access-log-format F   moonlet (default), combined (nginx's) or json
   --error-log FILE        the error log (stderr) appended to FILE; SIGUSR1 reopens it
+  --pid-file FILE         this process's id (the supervisor's with --workers), removed at exit
   --reload                reload the app when its file or a module next to it changes
   --log-level LEVEL       error, warn, info (default) or debug
   --max-body BYTES        request body limit, else 413 (1048576)
@@ -56,7 +57,7 @@ local value_flags = {
     ["--tls-cert"] = "tls_cert", ["--tls-key"] = "tls_key", ["--workers"] = "workers",
     ["--shared-memory"] = "shared_memory", ["--unix"] = "unix", ["--unix-mode"] = "unix_mode",
     ["--access-log-file"] = "access_log", ["--access-log-format"] = "access_log_format",
-    ["--error-log"] = "error_log",
+    ["--error-log"] = "error_log", ["--pid-file"] = "pid_file",
 }
 local numeric = {
     port = true, max_body = true, max_uri = true, max_header_bytes = true, max_headers = true,
@@ -67,7 +68,8 @@ local numeric = {
 -- what the command line holds that is not an app:listen option
 local CLI_ONLY = { log_level = true, access_log = true, reload = true, tls_cert = true, tls_key = true,
                    help = true, version = true, workers = true, shared_memory = true,
-                   access_log_format = true, error_log = true, _script_args_only = true }
+                   access_log_format = true, error_log = true, pid_file = true,
+                   _script_args_only = true }
 local ACCESS_FORMATS = { moonlet = true, combined = true, json = true }
 
 local function die(msg)
@@ -145,6 +147,7 @@ function _M.parse(argv)
     end
     if opts.access_log == "" then return die("--access-log= wants a file") end
     if opts.error_log == "" then return die("--error-log wants a file") end
+    if opts.pid_file == "" then return die("--pid-file wants a file") end
     if opts.access_log_format ~= nil then
         if not ACCESS_FORMATS[opts.access_log_format:lower()] then
             return die("--access-log-format is moonlet, combined or json")
@@ -232,6 +235,10 @@ function _M.main(argv)
     end
     if pos[1] == "test" then return run_tests(pos) end
     local script = pos[1]
+    if script and opts.pid_file then
+        local ok, err = core.set_pid_file(opts.pid_file)
+        if not ok then return die("--pid-file " .. opts.pid_file .. ": " .. err) end
+    end
     if not script then
         io.stderr:write(USAGE)
         core.set_exit_code(2)
