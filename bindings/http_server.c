@@ -863,6 +863,30 @@ static int srv_connections(lua_State *L) {
   return 1;
 }
 
+static void set_number(lua_State *L, const char *name, double v) {
+  lua_pushnumber(L, v);
+  lua_setfield(L, -2, name);
+}
+
+/* syntax: stats = core.server_stats() -- nginx's stub_status figures summed over the instance's
+ * servers (core/http.h ml_server_stats_t): { active, reading, writing, waiting, accepted, handled,
+ * requests }; the counts since start include servers closed since only while they are listed. */
+static int l_server_stats(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  ml_server_stats_t st = {0};
+  for (mlua_server_t *s = m->servers; s; s = s->next)
+    ml_server_stats_add(s->srv, &st);
+  lua_createtable(L, 0, 7);
+  set_number(L, "active", st.active);
+  set_number(L, "reading", st.reading);
+  set_number(L, "writing", st.writing);
+  set_number(L, "waiting", st.waiting);
+  set_number(L, "accepted", (double)st.accepted);
+  set_number(L, "handled", (double)st.handled);
+  set_number(L, "requests", (double)st.requests);
+  return 1;
+}
+
 void mlua_http_servers_stop(moonlet_t *m) {
   if (!m->servers) {
     mlua_stop_drained(m);
@@ -896,7 +920,8 @@ void mlua_open_http_server(lua_State *L, moonlet_t *m) {
   static const luaL_Reg sm[] = {
       {"port", srv_port},         {"set_handler", srv_set_handler}, {"close", srv_close},
       {"shutdown", srv_shutdown}, {"connections", srv_connections}, {NULL, NULL}};
-  static const luaL_Reg fns[] = {{"listen", l_listen}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {
+      {"listen", l_listen}, {"server_stats", l_server_stats}, {NULL, NULL}};
   luaL_newmetatable(L, EXCHANGE_MT);
   lua_pushliteral(L, EXCHANGE_MT);
   lua_setfield(L, -2, "__name");

@@ -122,6 +122,17 @@ void ml_server_free(ml_server_t *s);
  * owns ctx from here and frees it in ml_server_free. */
 void ml_server_set_tls(ml_server_t *s, ml_tls_ctx_t *ctx);
 unsigned ml_server_conn_count(const ml_server_t *s);
+/* What nginx's stub_status tells: connections accepted, handled (accepted and not refused at
+ * max_conns) and requests (whose head was read) since the server started; and now, of the open
+ * connections (active), those reading a request head, those with a request in progress (a
+ * handler running, a response going out, an upgraded WebSocket: "writing") and the idle
+ * keep-alive ones (waiting): reading + writing + waiting = active. */
+typedef struct ml_server_stats_s {
+  uint64_t accepted, handled, requests;
+  unsigned active, reading, writing, waiting;
+} ml_server_stats_t;
+/* Adds s's figures to *st (so that an instance sums its servers'). Counts the connections: O(n). */
+void ml_server_stats_add(const ml_server_t *s, ml_server_stats_t *st);
 ml_http_limits_t *ml_server_limits(ml_server_t *s);
 /* Writes out every connection's staged output now (the prepare phase does it too). */
 void ml_server_flush(ml_server_t *s);

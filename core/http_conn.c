@@ -188,6 +188,7 @@ static int on_headers_complete(llhttp_t *p) {
     c->req.content_length = (int64_t)p->content_length;
     c->req.has_body = p->content_length > 0;
   }
+  c->srv->requests++;
   if (c->srv->log && c->srv->log->access) c->req.started_ns = uv_hrtime(); /* for the access log */
   /* Without a body the message is complete now; llhttp's on_message_complete for it comes with the
    * next execute (we paused here) and is skipped. */

@@ -135,7 +135,8 @@ struct ml_server_s {
   uv_timer_t grace_timer; /* shutdown grace */
   ml_conn_t *conns;       /* every open connection */
   unsigned nconns;        /* counted connections (max_conns) */
-  int open_handles;       /* listeners + prepare + grace timer + connections still open */
+  uint64_t accepted, handled, requests; /* since the start (ml_server_stats_add) */
+  int open_handles; /* listeners + prepare + grace timer + connections still open */
 
   char *out; /* staged output of out_owner */
   size_t out_len, out_cap;

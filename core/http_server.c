@@ -515,8 +515,10 @@ static void on_connection(uv_stream_t *ls, int status) {
     ml_listener_t *t = malloc(sizeof *t); /* (a union of both handle types) */
     if (!t) return;
     ml_stream_init(s->loop, t, is_unix);
-    if (uv_accept(ls, (uv_stream_t *)t) == 0)
+    if (uv_accept(ls, (uv_stream_t *)t) == 0) {
+      s->accepted++;
       ml_log(s->log, ML_LOG_WARN, "max_conns (%u) reached: connection refused", s->lim.max_conns);
+    }
     uv_close((uv_handle_t *)t, reject_closed);
     return;
   }
@@ -541,6 +543,8 @@ static void on_connection(uv_stream_t *ls, int status) {
   }
   c->counted = 1;
   s->nconns++;
+  s->accepted++;
+  s->handled++;
   if (!is_unix) uv_tcp_nodelay(&c->tcp, 1);
   c->activity = uv_now(s->loop);
   ml__conn_start(c);
@@ -584,6 +588,22 @@ void ml_server_set_tls(ml_server_t *s, ml_tls_ctx_t *ctx) {
 
 int ml_conn_is_tls(const ml_conn_t *c) { return c->tls != NULL; }
 unsigned ml_server_conn_count(const ml_server_t *s) { return s->nconns; }
+
+void ml_server_stats_add(const ml_server_t *s, ml_server_stats_t *st) {
+  st->accepted += s->accepted;
+  st->handled += s->handled;
+  st->requests += s->requests;
+  for (const ml_conn_t *c = s->conns; c; c = c->next) {
+    if (!c->counted) continue;
+    st->active++;
+    if (c->req_active || c->upgraded || c->write_queue > 0)
+      st->writing++;
+    else if (c->state == ML_CONN_HEADERS)
+      st->reading++;
+    else
+      st->waiting++;
+  }
+}
 
 static void listener_closed(uv_handle_t *h) {
   ml_server_t *s = h->data;
