@@ -37,7 +37,7 @@ describe("moonlet.status", function()
             p:signal("KILL")
             p:wait()
         end)
-        return p:port()
+        return p:port(), p
     end
 
     local function status(port)
@@ -136,6 +136,54 @@ describe("moonlet.status", function()
         assert.is_number(got.tasks)
         assert.truthy(got.lua_memory_kb > 0)
         assert.truthy(got.uptime >= 0)
+    end)
+
+    it("sums the workers of --workers 2, and their counts go on across a worker's restart", function()
+        local port, p = start("--workers 2")
+        local polls = 0
+        -- the totals, once every worker's figures are in: connections and requests so far, each
+        -- /status asked (on a connection of its own) included
+        local function totals(conns, reqs)
+            local got
+            assert(test.wait_until(function()
+                polls = polls + 1
+                local a, h, r = status(port).body:match("\n (%d+) (%d+) (%d+) \n")
+                got = { tonumber(a), tonumber(h), tonumber(r) }
+                return got[1] == conns + polls and got[2] == conns + polls and got[3] == reqs + polls
+            end, 5), ("want %d %d, got %s"):format(conns + polls, reqs + polls, table.concat(got, " ")))
+        end
+        for i = 1, 40 do assert.same(200, test.request(port, "GET", "/?i=" .. i).status) end
+        totals(40, 40)
+        local keep = test.connect(port, 5) -- two requests on one connection
+        for _ = 1, 2 do
+            assert(keep:send(test.format_request("GET", "/")))
+            assert(test.read_response(keep, "GET"))
+        end
+        totals(41, 42)
+        keep:close()
+        local json_res = json.decode(test.request(port, "GET", "/status.json").body)
+        polls = polls + 1
+        assert.same(2, json_res.worker.count)
+        assert.same(41 + polls, json_res.connections.accepted)
+        -- a worker killed (after it wrote its figures) comes back and counts on from there
+        moonlet.sleep(1.2)
+        local sup_pid = p:pid() -- the supervisor
+        local w = io.popen("pgrep -P " .. sup_pid)
+        local worker = tonumber(w:read("*l"))
+        w:close()
+        assert(worker and os.execute("kill -KILL " .. worker))
+        assert(test.wait_until(function() -- restarted: two workers again, the killed one not among them
+            local g = io.popen("pgrep -P " .. sup_pid)
+            local n, seen = 0, false
+            for line in g:lines() do
+                n = n + 1
+                if tonumber(line) == worker then seen = true end
+            end
+            g:close()
+            return n == 2 and not seen
+        end, 10))
+        for i = 1, 10 do assert.same(200, test.request(port, "GET", "/?j=" .. i).status) end
+        totals(51, 52)
     end)
 
     it("refuses a format it does not know", function()

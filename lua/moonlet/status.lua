@@ -6,11 +6,17 @@
 -- Active connections are those open now: reading a request head, writing (a request in progress:
 -- its handler runs or its response goes out, a WebSocket), waiting (idle keep-alive); accepts,
 -- handled and requests count since the server started (handled: accepted and not refused at
--- --max-conns; requests: those whose head was read). The figures are this process's: under
--- `moonlet --workers N` each worker answers for itself (the JSON says which), where nginx sums its
--- workers in shared memory. Put the route behind an access check (an allow list, a token) as
--- nginx's `allow 127.0.0.1; deny all;`: it tells the world how loaded the server is.
+-- --max-conns; requests: those whose head was read). Put the route behind an access check (an
+-- allow list, a token) as nginx's `allow 127.0.0.1; deny all;`: it tells how loaded the server is.
+--
+-- Under `moonlet --workers N` the page sums the workers, as nginx's does: each worker writes its
+-- figures into the shared dictionary "moonlet.status" (moonlet.shared, one for all workers) once a
+-- second, and at once when it answers; the worker that answers adds up the others' last figures
+-- (at most a second old) and its own of now. A worker's counts go on from where its earlier
+-- incarnation left them (what it had written last: a crashed one's last second is lost), so that
+-- the sums never go back, as Prometheus' counters must not.
 local core = require "moonlet.core"
+local task = require "moonlet.task"
 
 local format = string.format
 
@@ -18,9 +24,67 @@ local _M = {}
 
 local loaded_at = core.now() -- the JSON's uptime: seconds since the first moonlet.status
 
+local FIELDS = { "accepted", "handled", "requests", "active", "reading", "writing", "waiting" }
+local COUNTERS = { accepted = true, handled = true, requests = true } -- the others: figures of now
+local PUBLISH_EVERY = 1 -- seconds
+
+local dict   -- moonlet.shared("moonlet.status") under --workers N; nil alone
+local base   -- this worker's counts of its earlier incarnations
+local keys   -- keys[id][field] = "w<id>.<field>"
+
+local function key(id, field) return keys[id][field] end
+
+-- Writes this worker's figures of now; returns them (its counts from its first incarnation on).
+local function publish()
+    local st = core.server_stats()
+    local id = core.worker()
+    for _, f in ipairs(FIELDS) do
+        if COUNTERS[f] then st[f] = st[f] + base[f] end
+        dict:set(key(id, f), st[f])
+    end
+    return st
+end
+
+-- Under --workers N, once per process: the dictionary, the counts an earlier incarnation of this
+-- worker left, and a background task that publishes once a second (it ends with the process).
+local function setup()
+    local id, count = core.worker()
+    if count < 2 or dict then return end
+    dict = require("moonlet.shared").get("moonlet.status", { size = 64 * 1024 })
+    keys = {}
+    for w = 0, count - 1 do
+        keys[w] = {}
+        for _, f in ipairs(FIELDS) do keys[w][f] = "w" .. w .. "." .. f end
+    end
+    base = {}
+    for _, f in ipairs(FIELDS) do base[f] = COUNTERS[f] and (dict:get(key(id, f)) or 0) or 0 end
+    publish()
+    task.spawn(function()
+        while true do
+            task.sleep(PUBLISH_EVERY)
+            publish()
+        end
+    end)
+end
+
+-- The figures of this process, or of all the workers summed
+local function figures()
+    if not dict then return core.server_stats() end
+    local mine = publish()
+    local id, count = core.worker()
+    local sum = {}
+    for _, f in ipairs(FIELDS) do sum[f] = mine[f] end
+    for w = 0, count - 1 do
+        if w ~= id then
+            for _, f in ipairs(FIELDS) do sum[f] = sum[f] + (dict:get(key(w, f)) or 0) end
+        end
+    end
+    return sum
+end
+
 -- syntax: text = status.stub_status() -- nginx's stub_status page, byte for byte its layout
 function _M.stub_status()
-    local st = core.server_stats()
+    local st = figures()
     return format("Active connections: %d \nserver accepts handled requests\n %d %d %d \n" ..
                   "Reading: %d Writing: %d Waiting: %d \n", st.active, st.accepted, st.handled,
                   st.requests, st.reading, st.writing, st.waiting)
@@ -28,7 +92,7 @@ end
 
 -- syntax: t = status.report() -- the JSON's table
 function _M.report()
-    local st = core.server_stats()
+    local st = figures()
     local id, count, pid = core.worker()
     local stats = core.stats()
     return {
@@ -39,7 +103,7 @@ function _M.report()
         lua_memory_kb = math.floor(collectgarbage("count")),
         uptime = math.floor((core.now() - loaded_at) * 1000) / 1000,
         pid = pid,
-        worker = { id = id, count = count },
+        worker = { id = id, count = count }, -- the one that answered (the figures: all of them)
         version = core.version,
     }
 end
@@ -50,6 +114,7 @@ function _M.handler(opts)
     if fmt ~= "text" and fmt ~= "json" then
         error("moonlet.status: format is \"text\" or \"json\"", 3)
     end
+    setup()
     if fmt == "json" then
         return function(_, res)
             res:header("Cache-Control", "no-store")
