@@ -522,11 +522,9 @@ static int x_info(lua_State *L) {
   exchange_t *x = check_x(L);
   if (!x->c) return mlua_push_error(L, UV_EPIPE);
   const ml_request_t *r = ml_conn_request(x->c);
-  char peer[64];
-  ml_conn_peer(x->c, peer, sizeof peer);
   lua_pushfstring(L, "%d.%d", r->http_major, r->http_minor);
   lua_pushboolean(L, r->keep_alive);
-  lua_pushstring(L, peer);
+  lua_pushstring(L, ml_conn_peer_name(x->c));
   if (r->content_length >= 0)
     lua_pushnumber(L, (double)r->content_length);
   else

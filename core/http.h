@@ -142,8 +142,11 @@ void ml_server_flush(ml_server_t *s);
 const ml_request_t *ml_conn_request(const ml_conn_t *c);
 void *ml_conn_data(const ml_conn_t *c);
 void ml_conn_set_data(ml_conn_t *c, void *data);
-int ml_conn_peer(const ml_conn_t *c, char *buf, size_t len); /* "ip:port" of the client */
-int ml_conn_is_tls(const ml_conn_t *c);                      /* 1 on an HTTPS server */
+/* "ip:port", "[ip6]:port" or "unix:" of the client, made once per connection and kept with it;
+ * "?" when it cannot be told (the connection was reset). */
+const char *ml_conn_peer_name(ml_conn_t *c);
+int ml_conn_peer(ml_conn_t *c, char *buf, size_t len); /* the same, copied into buf */
+int ml_conn_is_tls(const ml_conn_t *c);                /* 1 on an HTTPS server */
 /* Writes the access-log line of the request on c (when the access log is on): peer, request line
  * ("-" when its headers never came whole), status, body bytes, user agent, time since the headers.
  */

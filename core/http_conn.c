@@ -584,9 +584,8 @@ void ml_conn_log_access(ml_conn_t *c, int status, uint64_t bytes) {
   const ml_log_t *log = c->srv->log;
   if (!log || !log->access) return;
   const ml_request_t *r = &c->req;
-  char peer[64];
-  ml_conn_peer(c, peer, sizeof peer);
-  ml_access_t a = {.peer = peer, .status = status, .bytes = (unsigned long long)bytes};
+  ml_access_t a = {
+      .peer = ml_conn_peer_name(c), .status = status, .bytes = (unsigned long long)bytes};
   if (c->state >= ML_CONN_BODY && r->method_len) { /* else refused before its headers were whole */
     a.method = r->method;
     a.method_len = r->method_len;
@@ -612,7 +611,7 @@ void ml_conn_log_access(ml_conn_t *c, int status, uint64_t bytes) {
 void *ml_conn_data(const ml_conn_t *c) { return c->data; }
 void ml_conn_set_data(ml_conn_t *c, void *data) { c->data = data; }
 
-int ml_conn_peer(const ml_conn_t *c, char *buf, size_t len) {
+static int peer_of(const ml_conn_t *c, char *buf, size_t len) {
   struct sockaddr_storage ss;
   int sl = sizeof ss;
   buf[0] = 0;
@@ -621,7 +620,7 @@ int ml_conn_peer(const ml_conn_t *c, char *buf, size_t len) {
     snprintf(buf, len, "?");
     return r;
   }
-  char ip[64];
+  char ip[INET6_ADDRSTRLEN];
   if (ss.ss_family == AF_UNIX) { /* as nginx's $remote_addr on a Unix socket */
     snprintf(buf, len, "unix:");
   } else if (ss.ss_family == AF_INET6) {
@@ -632,6 +631,20 @@ int ml_conn_peer(const ml_conn_t *c, char *buf, size_t len) {
     snprintf(buf, len, "%s:%d", ip, ntohs(((struct sockaddr_in *)&ss)->sin_port));
   }
   return 0;
+}
+
+const char *ml_conn_peer_name(ml_conn_t *c) {
+  if (c->peer_name) return c->peer_name;
+  char buf[INET6_ADDRSTRLEN + 16];
+  if (peer_of(c, buf, sizeof buf) < 0) return "?";
+  c->peer_name = strdup(buf); /* freed with the connection (ml__server_conn_gone) */
+  return c->peer_name ? c->peer_name : "?";
+}
+
+int ml_conn_peer(ml_conn_t *c, char *buf, size_t len) {
+  const char *name = ml_conn_peer_name(c);
+  snprintf(buf, len, "%s", name);
+  return name[0] == '?' ? UV_ENOTCONN : 0;
 }
 
 int ml_conn_body_state(ml_conn_t *c, const char **data, size_t *len) {

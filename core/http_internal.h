@@ -119,6 +119,9 @@ struct ml_conn_s {
    * order its plaintext was written. */
   ml_tls_t *tls;
   unsigned tls_ready : 1; /* the handshake completed */
+  /* the peer's name ("ip:port"), made on first use (ml_conn_peer_name: the access log, req.peer),
+   * owned; a getpeername a request otherwise */
+  char *peer_name;
 };
 
 struct ml_server_s {

@@ -705,6 +705,7 @@ void ml__server_conn_gone(ml_server_t *s, ml_conn_t *c) {
   ml_tls_free(c->tls);
   free(c->body);
   free(c->stash);
+  free(c->peer_name);
   if (c->prev)
     c->prev->next = c->next;
   else
