@@ -170,6 +170,37 @@ describe("examples", function()
         assert.equal("hello unix:, you came over http to app.test\n", res.body)
     end)
 
+    it("status.lua shows nginx's stub_status to loopback clients, its logs in files", function()
+        local dir = test.make_dir()
+        test.defer(function() test.remove_dir(dir) end)
+        local log = dir .. "/access.log"
+        local p = test.start_process(("examples/status.lua --workers 2 --port 0 --access-log=%s "
+                                      .. "--access-log-format combined --pid-file %s/m.pid"):format(log, dir))
+        test.defer(function() p:kill() end)
+        local port = p:port()
+        assert.truthy(test.request(port, "GET", "/").body:find("^Hello from worker [01]\n$"))
+        local body = test.request(port, "GET", "/status").body
+        assert.truthy(body:match("^Active connections: %d+ \nserver accepts handled requests\n %d+ %d+ %d+ \n"
+                                 .. "Reading: %d+ Writing: %d+ Waiting: %d+ \n$"), body)
+        local got = moonlet.json.decode(test.request(port, "GET", "/status.json").body)
+        assert.same(2, got.worker.count)
+        assert.truthy(test.wait_until(function()
+            local f = io.open(log)
+            local text = f and f:read("*a") or ""
+            if f then f:close() end
+            return select(2, text:gsub('"GET /status', "")) == 2
+        end), "no access log lines")
+        -- from another address (127.0.0.2: loopback to the kernel, not to the app's list): 403
+        local py = ("import socket; s = socket.socket(); s.bind(('127.0.0.2', 0)); "
+                    .. "s.connect(('127.0.0.1', %d)); "
+                    .. "s.sendall(b'GET /status HTTP/1.1\\r\\nHost: a\\r\\nConnection: close\\r\\n\\r\\n'); "
+                    .. "print(s.recv(100).split(b'\\r\\n')[0].decode())"):format(port)
+        local f = io.popen('python3 -c "' .. py .. '" 2>&1')
+        local line = f:read("*a")
+        f:close()
+        assert.same("HTTP/1.1 403 Forbidden\n", line)
+    end)
+
     it("workers.lua answers from two processes, each counting its own requests and all", function()
         local p = test.start_process("--workers 2 examples/workers.lua --port 0")
         test.defer(function() p:kill() end)
