@@ -16,6 +16,8 @@
 # BENCH_DB (1: the PostgreSQL section, TechEmpower-style, at the end; "only": alone; 0: skip it).
 # BENCH_EQUAL (1: moonlet and nginx+lua at equal load, scripts/bench_equal_load.sh, after the
 # peers' run: hello latency, server CPU per fan-out; "only": alone; 0: skip it).
+# BENCH_LOG (1: hello with the access log on, moonlet beside nginx+lua, scripts/bench_access_log.sh,
+# after the equal-load section; "only": alone; 0: skip it).
 # Extra arguments are passed to peers.sh as they are (after ours, so they win: e.g. --conns 128).
 # Missing peer packages are installed with `peers.sh --install` (apt-get, needs root); peers that
 # still lack something are left out of the run with a warning.
@@ -380,6 +382,11 @@ if [ "${BENCH_EQUAL:-1}" = only ]; then
   exit 0
 fi
 
+if [ "${BENCH_LOG:-1}" = only ]; then
+  BENCH_PEERS=$PEERS_SH sh scripts/bench_access_log.sh
+  exit 0
+fi
+
 if [ "${BENCH_WS:-1}" = only ]; then
   mkdir -p "${BENCH_RUN:-/tmp/moonlet-peers}" bench/results
   BENCH_RUN=${BENCH_RUN:-/tmp/moonlet-peers}
@@ -627,6 +634,9 @@ sed '/^## Every peer/,$d' "$OUT"
 echo "saved to $ROOT/$OUT (with every peer's tables)"
 if [ "${BENCH_EQUAL:-1}" != 0 ]; then
   BENCH_PEERS=$PEERS_SH sh scripts/bench_equal_load.sh || warn "the equal-load section failed"
+fi
+if [ "${BENCH_LOG:-1}" != 0 ]; then
+  BENCH_PEERS=$PEERS_SH sh scripts/bench_access_log.sh || warn "the access-log section failed"
 fi
 [ "${BENCH_WS:-1}" = 0 ] || ws_bench
 [ "${BENCH_DB:-1}" = 0 ] || db_bench
