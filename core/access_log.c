@@ -138,9 +138,9 @@ static void put_quoted_header(line_t *w, const char *v, size_t n) {
   put(w, "\"", 1);
 }
 
-static void format_moonlet(line_t *w, const ml_access_t *a) {
-  put_str(w, a->peer);
-  put(w, " \"", 2);
+/* "GET /x HTTP/1.1" 200 13 (or "-" for a request refused before its request line), then a space */
+static void put_request_status(line_t *w, const ml_access_t *a) {
+  put(w, "\"", 1);
   if (a->method)
     put_request_line(w, a);
   else
@@ -150,6 +150,12 @@ static void format_moonlet(line_t *w, const ml_access_t *a) {
   put(w, " ", 1);
   put_uint(w, a->bytes);
   put(w, " ", 1);
+}
+
+static void format_moonlet(line_t *w, const ml_access_t *a) {
+  put_str(w, a->peer);
+  put(w, " ", 1);
+  put_request_status(w, a);
   put_quoted_header(w, a->ua, a->ua_len);
   char ms[40];
   int n = snprintf(ms, sizeof ms, " %.3fms", a->method ? a->ms : 0.0);
@@ -160,16 +166,8 @@ static void format_combined(line_t *w, const ml_access_t *a, const ml_log_stamp_
   put_addr(w, a->peer);
   put(w, " - - [", 6);
   put_str(w, st->local);
-  put(w, "] \"", 3);
-  if (a->method)
-    put_request_line(w, a);
-  else
-    put(w, "-", 1);
-  put(w, "\" ", 2);
-  put_uint(w, (unsigned)a->status);
-  put(w, " ", 1);
-  put_uint(w, a->bytes);
-  put(w, " ", 1);
+  put(w, "] ", 2);
+  put_request_status(w, a);
   put_quoted_header(w, a->referer, a->referer_len);
   put(w, " ", 1);
   put_quoted_header(w, a->ua, a->ua_len);

@@ -14,40 +14,15 @@
 # BENCH_PEERS (../shared/bench/peers.sh: its peers/ folder has the nginx templates).
 set -eu
 
-die() { echo "bench_access_log.sh: $*" >&2; exit 2; }
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
-PEERS_SH=${BENCH_PEERS:-../shared/bench/peers.sh}
-TPL=$(dirname "$PEERS_SH")/peers
-[ -f "$TPL/nginx_lua.conf.in" ] || die "no $TPL/nginx_lua.conf.in (set BENCH_PEERS to peers.sh's path)"
-[ -x build/moonlet ] || die "build/moonlet is missing: run make first"
-for t in wrk nginx taskset curl; do command -v "$t" >/dev/null 2>&1 || die "needs $t"; done
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
-
-ROUNDS=${BENCH_ROUNDS:-3}
-DURATION=${BENCH_DURATION:-5s}
-RUN=${BENCH_RUN:-/tmp/moonlet-peers}/log-$(date +%Y%m%d-%H%M%S)
-mkdir -p "$RUN/tmp" bench/results
-DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+NAME=bench_access_log.sh
+RUN_KIND=log
+. "$(dirname "$0")/bench_common.sh"
 NPORT=$(free_port)
 MPORT=$(free_port)
-
-{ sed -e "s|@RUN@|$RUN|g" -e "s|@NAME@|nginx-lua|g" "$TPL/nginx_common.inc.in"
-  sed -e "s|@RUN@|$RUN|g" -e "s|@NAME@|nginx-lua|g" -e "s|@PORT@|$NPORT|g" -e "s|@UPPORT@|1|g" \
-      -e "s|access_log off;|access_log $RUN/access-nginx-lua.log combined;|" "$TPL/nginx_lua.conf.in"
-} > "$RUN/nginx-lua.conf"
+nginx_conf nginx_lua.conf.in nginx-lua "$NPORT" 1 "s|access_log off;|access_log $RUN/access-nginx-lua.log combined;|"
 grep -q "access_log $RUN/access-nginx-lua.log combined;" "$RUN/nginx-lua.conf" ||
   die "peers.sh's nginx_lua.conf.in has no 'access_log off;' to turn on"
 
-SPID=""
-stop_server() {
-  [ -n "$SPID" ] || return 0
-  kill "$SPID" 2>/dev/null || true
-  wait "$SPID" 2>/dev/null || true
-  SPID=""
-}
 trap stop_server EXIT INT TERM
 
 # start_server PEER: on CPU 0, with a fresh log file; sets SPID, PORT, WPID (the worker), LOG
@@ -65,17 +40,11 @@ start_server() {
         --access-log="$LOG" --access-log-format combined > "$RUN/moonlet.out" 2>&1 & ;;
   esac
   SPID=$!
-  i=0
-  while ! curl -sf "http://127.0.0.1:$PORT/" > /dev/null 2>&1; do
-    i=$((i + 1))
-    [ $i -lt 100 ] || die "$1 did not answer (logs in $RUN)"
-    sleep 0.1
-  done
+  wait_ok "$1" "http://127.0.0.1:$PORT/"
   WPID=$SPID
   if [ "$1" = nginx-lua ]; then WPID=$(pgrep -P "$SPID" | head -1); fi
 }
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 lines() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }
 
 r=1

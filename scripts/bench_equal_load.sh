@@ -22,47 +22,19 @@
 # about 60 % of saturation here, and pace 0 is wrk unpaced, peers.sh's own load, shown for CPU 1).
 set -eu
 
-die() { echo "bench_equal_load.sh: $*" >&2; exit 2; }
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
-PEERS_SH=${BENCH_PEERS:-../shared/bench/peers.sh}
-TPL=$(dirname "$PEERS_SH")/peers
-[ -f "$TPL/nginx_lua.conf.in" ] || die "no $TPL/nginx_lua.conf.in (set BENCH_PEERS to peers.sh's path)"
-[ -x build/moonlet ] || die "build/moonlet is missing: run make first"
-for t in wrk nginx taskset curl; do command -v "$t" >/dev/null 2>&1 || die "needs $t"; done
-[ -f /usr/share/nginx/modules/ngx_http_lua_module.so ] || die "needs libnginx-mod-http-lua"
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
+NAME=bench_equal_load.sh
+RUN_KIND=equal
+. "$(dirname "$0")/bench_common.sh"
 
-ROUNDS=${BENCH_ROUNDS:-3}
-DURATION=${BENCH_DURATION:-5s}
 LOADS=${BENCH_LAT_LOADS:-32:1 64:1}
 FANOUT_LOADS=${BENCH_FANOUT_LOADS:-64:5 64:0}
-RUN=${BENCH_RUN:-/tmp/moonlet-peers}/equal-$(date +%Y%m%d-%H%M%S)
-mkdir -p "$RUN/tmp" bench/results
-DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
-
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 NPORT=$(free_port)
 MPORT=$(free_port)
 UPORT=$(free_port)
-nginx_conf() {  # nginx_conf TEMPLATE NAME PORT -> $RUN/NAME.conf, as peers.sh makes it
-  { sed -e "s|@RUN@|$RUN|g" -e "s|@NAME@|$2|g" "$TPL/nginx_common.inc.in"
-    sed -e "s|@RUN@|$RUN|g" -e "s|@NAME@|$2|g" -e "s|@PORT@|$3|g" -e "s|@UPPORT@|$UPORT|g" \
-        -e "s|@DELAY@|0|g" "$TPL/$1"
-  } > "$RUN/$2.conf"
-}
-nginx_conf nginx_lua.conf.in nginx-lua "$NPORT"
-nginx_conf nginx_upstream.conf.in upstream "$UPORT"
+nginx_conf nginx_lua.conf.in nginx-lua "$NPORT" "$UPORT"
+nginx_conf nginx_upstream.conf.in upstream "$UPORT" "$UPORT"
 
-SPID=""
 UPID=""
-stop_server() {
-  [ -n "$SPID" ] || return 0
-  kill "$SPID" 2>/dev/null || true
-  wait "$SPID" 2>/dev/null || true
-  SPID=""
-}
 stop_all() {
   stop_server
   [ -n "$UPID" ] || return 0
@@ -71,15 +43,6 @@ stop_all() {
   UPID=""
 }
 trap stop_all EXIT INT TERM
-
-wait_ok() {  # wait_ok NAME URL
-  i=0
-  while ! curl -sf "$2" > /dev/null 2>&1; do
-    i=$((i + 1))
-    [ $i -lt 100 ] || die "$1 did not answer $2 (logs in $RUN)"
-    sleep 0.1
-  done
-}
 
 # start_server PEER APP: starts it on CPU 0 and waits until it answers; sets SPID, PORT and WPID
 # (the process that does the work: nginx's worker, not its master)
@@ -107,7 +70,6 @@ start_server() {
   if [ "$1" = nginx-lua ]; then WPID=$(pgrep -P "$SPID" | head -1); fi
 }
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }     # utime + stime, clock ticks
 cpu1_ticks() { awk '/^cpu1 / {print $2 + $3 + $4 + $7 + $8, $5 + $6}' /proc/stat; } # busy idle
 UPW=""   # the upstream's worker (fanout only): its CPU time is read around each run
 up_ticks() { if [ -n "$UPW" ]; then cpu_ticks "$UPW"; else echo 0; fi; }
