@@ -69,36 +69,19 @@ done
 
 OUT=bench/results/access-log.md
 "$PY" - "$RUN" "$ROUNDS" "$DURATION" "$DATE" > "$OUT.tmp" <<'PYEOF'
-import os, re, statistics, sys
+import sys
+sys.path.insert(0, "scripts")
+from wrk_report import NAN, med, parse_wrk
 run, rounds, duration, date = sys.argv[1:5]
 rounds = int(rounds)
-NAN = float("nan")
-
-def ms(v):
-    m = re.match(r"([\d.]+)(us|ms|s)$", v)
-    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else NAN
 
 def parse(base):
-    d = {}
-    for line in open(base + ".txt"):
-        m = re.match(r"\s+99(?:\.000)?%\s+(\S+)", line)
-        if m:
-            d["p99"] = ms(m.group(1))
-        m = re.match(r"\s*(\d+) requests in", line)
-        if m:
-            d["n"] = int(m.group(1))
-        m = re.match(r"Requests/sec:\s+([\d.]+)", line)
-        if m:
-            d["rps"] = float(m.group(1))
+    d = parse_wrk(base + ".txt")
     c0, c1, hz, l0, l1 = (float(x) for x in open(base + ".cpu").read().split())
     if d.get("n"):
         d["us"] = (c1 - c0) / hz * 1e6 / d["n"]
         d["lines"] = (l1 - l0) / d["n"]
     return d
-
-def med(xs):
-    xs = [x for x in xs if x == x]
-    return statistics.median(xs) if xs else NAN
 
 peers = ["moonlet", "nginx-lua"]
 runs = {p: [parse(f"{run}/{p}-r{r}") for r in range(1, rounds + 1)] for p in peers}

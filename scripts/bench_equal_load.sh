@@ -121,30 +121,14 @@ stop_all
 
 OUT=bench/results/equal-load.md
 "$PY" - "$RUN" "$LOADS" "$FANOUT_LOADS" "$ROUNDS" "$DURATION" "$DATE" > "$OUT.tmp" <<'PYEOF'
-import os, re, statistics, sys
+import os, sys
+sys.path.insert(0, "scripts")
+from wrk_report import NAN, med, parse_wrk
 run, loads, fanout_loads, rounds, duration, date = sys.argv[1:7]
 rounds = int(rounds)
-NAN = float("nan")
-
-def ms(v):
-    m = re.match(r"([\d.]+)(us|ms|s)$", v)
-    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else NAN
 
 def parse(base):
-    d = {}
-    if os.path.exists(base + ".txt"):
-        for line in open(base + ".txt"):
-            m = re.match(r"\s+(50|90|99)(?:\.000)?%\s+(\S+)", line)
-            if m:
-                d["p" + m.group(1)] = ms(m.group(2))
-            m = re.match(r"\s*(\d+) requests in", line)
-            if m:
-                d["n"] = int(m.group(1))
-            m = re.match(r"Requests/sec:\s+([\d.]+)", line)
-            if m:
-                d["rps"] = float(m.group(1))
-            if "Non-2xx" in line or "Socket errors" in line:
-                d["errors"] = line.strip()
+    d = parse_wrk(base + ".txt")
     if os.path.exists(base + ".cpu"):
         c0, c1, hz, b0, i0, b1, i1, u0, u1 = (float(x) for x in open(base + ".cpu").read().split())
         if d.get("n"):
@@ -155,10 +139,6 @@ def parse(base):
         if (b1 - b0) + (i1 - i0) > 0:
             d["cpu1"] = 100.0 * (b1 - b0) / ((b1 - b0) + (i1 - i0))
     return d
-
-def med(xs):
-    xs = [x for x in xs if x == x]
-    return statistics.median(xs) if xs else NAN
 
 def ratio(a, b):
     return f"{a / b:.2f}" if a == a and b == b and b > 0 else "n/a"

@@ -22,13 +22,7 @@ local BODY_LEN = #"hello from the app"
 
 local defer = test.defer
 
-local function read_file(path)
-    local f = io.open(path, "rb")
-    if not f then return nil end
-    local data = f:read("*a")
-    f:close()
-    return data
-end
+local read_file = test.read_file
 
 local function lines_of(path)
     local lines = {}
@@ -49,13 +43,7 @@ end
 describe("the access log, the error log and the pid file of the command", function()
     local dir, app_path
 
-    lazy_setup(function()
-        dir = test.make_dir()
-        app_path = dir .. "/app.lua"
-        local f = assert(io.open(app_path, "wb"))
-        f:write(APP)
-        f:close()
-    end)
+    lazy_setup(function() dir, app_path = test.app_dir(APP) end)
     lazy_teardown(function() test.remove_dir(dir) end)
 
     local n = 0

@@ -22,13 +22,7 @@ local defer = test.defer
 describe("moonlet.status", function()
     local dir, app_path
 
-    lazy_setup(function()
-        dir = test.make_dir()
-        app_path = dir .. "/app.lua"
-        local f = assert(io.open(app_path, "wb"))
-        f:write(APP)
-        f:close()
-    end)
+    lazy_setup(function() dir, app_path = test.app_dir(APP) end)
     lazy_teardown(function() test.remove_dir(dir) end)
 
     local function start(flags)

@@ -75,6 +75,31 @@ function _M.remove_dir(dir)
     if dir then os.execute("rm -rf '" .. dir:gsub("'", "'\\''") .. "'") end
 end
 
+-- syntax: test.write_file(path, data) -- raises when it cannot
+function _M.write_file(path, data)
+    local f = assert(io.open(path, "wb"))
+    assert(f:write(data))
+    assert(f:close())
+end
+
+-- syntax: data = test.read_file(path) -- the whole file, or nil when there is none
+function _M.read_file(path)
+    local f = io.open(path, "rb")
+    if not f then return nil end
+    local data = f:read("*a")
+    f:close()
+    return data
+end
+
+-- syntax: dir, path = test.app_dir(src) -- a new directory holding app.lua with src (its path);
+-- test.remove_dir(dir) when done
+function _M.app_dir(src)
+    local dir = _M.make_dir()
+    local path = dir .. "/app.lua"
+    _M.write_file(path, src)
+    return dir, path
+end
+
 -- syntax: sock = test.connect(port, timeout) -- raises when the connection fails
 function _M.connect(port, timeout)
     local sock, err = core.tcp_connect("127.0.0.1", port, timeout or 5)
