@@ -45,19 +45,9 @@ end
 
 local defer = test.defer -- all cleanups of an `it` run (busted keeps only the last finally)
 
-local function write_file(path, data)
-    local f = assert(io.open(path, "wb"))
-    assert(f:write(data))
-    assert(f:close())
-end
+local write_file = test.write_file
 
-local function read_file(path)
-    local f = io.open(path, "rb")
-    if not f then return nil end
-    local data = f:read("*a")
-    f:close()
-    return data
-end
+local read_file = test.read_file
 
 local function plain(s)
     return (s:gsub("%p", "%%%0"))

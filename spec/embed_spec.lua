@@ -10,19 +10,9 @@ local test = require "moonlet.test"
 
 local defer = test.defer
 
-local function read_file(path)
-    local f = io.open(path, "rb")
-    if not f then return nil end
-    local data = f:read("*a")
-    f:close()
-    return data
-end
+local read_file = test.read_file
 
-local function write_file(path, data)
-    local f = assert(io.open(path, "wb"))
-    assert(f:write(data))
-    assert(f:close())
-end
+local write_file = test.write_file
 
 -- build/examples or build-asan/examples: beside the moonlet binary under test
 local function example(name)
