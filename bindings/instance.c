@@ -173,30 +173,60 @@ static int l_set_log(lua_State *L) {
 }
 
 /* syntax: core.set_error_log(path) -- stderr, and so the error log, goes to the file at path
- * (appending); SIGUSR1 reopens it. The process's stderr: for the command line only. Returns true
- * or nil, err. */
+ * (appending); SIGUSR1 reopens it. The process's stderr: for the command line only. The stderr it
+ * had is kept for core.console (why a start failed goes to the terminal or journal too). Returns
+ * true or nil, err. */
 static int l_set_error_log(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   const char *path = luaL_checkstring(L, 1);
   char *copy = strdup(path);
   if (!copy) return luaL_error(L, "not enough memory");
+  int console = m->console_fd >= 0 ? m->console_fd : fcntl(2, F_DUPFD_CLOEXEC, 3);
   int r = ml_log_redirect_stderr(path);
   if (r < 0) {
+    if (console != m->console_fd && console >= 0) close(console);
     free(copy);
     return mlua_push_error(L, r);
   }
+  m->console_fd = console;
   free(m->error_log_path);
   m->error_log_path = copy;
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* syntax: core.set_pid_file(path) -- writes this process's id to the file at path (replacing it);
- * the file is removed when the instance ends in this same process (not in a forked worker, whose
- * id is not the one written). Returns true or nil, err. */
+/* The id in the pid file at path when it names another process that runs moonlet now; else 0. */
+static int live_pid_in(const char *path) {
+  FILE *f = fopen(path, "r");
+  int pid = 0;
+  if (!f) return 0;
+  if (fscanf(f, "%d", &pid) != 1) pid = 0;
+  fclose(f);
+  if (pid <= 0 || pid == (int)getpid() || (kill(pid, 0) < 0 && errno != EPERM)) return 0;
+  char comm_path[64], comm[32] = "";
+  snprintf(comm_path, sizeof comm_path, "/proc/%d/comm", pid);
+  f = fopen(comm_path, "r");
+  if (f) {
+    if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
+    fclose(f);
+  }
+  return strncmp(comm, "moonlet", 7) == 0 ? pid : 0; /* (a stale file's id, reused by another) */
+}
+
+/* syntax: core.set_pid_file(path) -- writes this process's id to the file at path (replacing it),
+ * unless the file holds the id of a moonlet that runs now (nil, "in use by process N": a second
+ * server started by mistake must not take the running one's file); the file is removed when the
+ * instance ends in this same process (not in a forked worker, whose id is not the one written).
+ * Returns true or nil, err. */
 static int l_set_pid_file(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   const char *path = luaL_checkstring(L, 1);
+  int other = live_pid_in(path);
+  if (other) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "in use by process %d", other);
+    return 2;
+  }
   char *copy = strdup(path);
   if (!copy) return luaL_error(L, "not enough memory");
   int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -229,9 +259,23 @@ static void remove_pid_file(moonlet_t *m) {
   if (pid == (int)m->pid) unlink(m->pid_path);
 }
 
-/* syntax: core.flush_logs() -- writes the access log's buffered lines now (before os.exit) */
-static int l_flush_logs(lua_State *L) {
-  ml_log_out_flush(mlua_instance(L)->log.access_out);
+/* syntax: core.console(text) -- writes text to the stderr the process had before --error-log took
+ * it (nothing when it was not taken): a failure to start is seen where the command was run */
+static int l_console(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  size_t n;
+  const char *text = luaL_checklstring(L, 1, &n);
+  if (m->console_fd >= 0) ml_log_write_all(m->console_fd, text, n);
+  return 0;
+}
+
+/* syntax: core.before_exit() -- what moonlet_free would do for the logs and the pid file, for a
+ * script that ends the process with os.exit: the access log's buffered lines written, the pid file
+ * removed */
+static int l_before_exit(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  ml_log_out_flush(m->log.access_out);
+  remove_pid_file(m);
   return 0;
 }
 
@@ -364,7 +408,8 @@ int luaopen_moonlet_core(lua_State *L) {
                                  {"log", l_log},
                                  {"set_log", l_set_log},
                                  {"set_error_log", l_set_error_log},
-                                 {"flush_logs", l_flush_logs},
+                                 {"before_exit", l_before_exit},
+                                 {"console", l_console},
                                  {"set_pid_file", l_set_pid_file},
                                  {"stop", l_stop},
                                  {"on_stop", l_on_stop},
@@ -483,6 +528,7 @@ moonlet_t *moonlet_new(const moonlet_config_t *cfg) {
   m->shm_bytes = cfg->shared_memory;
   m->worker = (ml_worker_info_t){.id = 0, .count = 1, .ready_fd = -1};
   m->worker_unix_fd = -1;
+  m->console_fd = -1;
   if (cfg->loop) {
     m->loop = cfg->loop;
   } else {
@@ -691,6 +737,7 @@ void moonlet_free(moonlet_t *m) {
   mlua_shared_free(m);                /* no dictionary userdata is left to reach the arena */
   ml_log_out_free(m->log.access_out); /* its last lines are written */
   free(m->error_log_path);
+  if (m->console_fd >= 0) close(m->console_fd);
   remove_pid_file(m);
   free(m->pid_path);
   if (m->embed_on) uv_mutex_destroy(&m->post_lock);

@@ -52,9 +52,9 @@ typedef struct mlua_res_s {
 } mlua_res_t;
 
 void mlua_res_link(moonlet_t *m, mlua_res_t *r, void (*close)(mlua_res_t *));
+void mlua_res_unlink(moonlet_t *m, mlua_res_t *r);
 /* instance.c: SIGUSR1's work: the error log's file and the access log's file opened again */
 void mlua_log_reopen(moonlet_t *m);
-void mlua_res_unlink(moonlet_t *m, mlua_res_t *r);
 
 struct moonlet_s {
   uv_loop_t *loop;
@@ -75,6 +75,7 @@ struct moonlet_s {
   uv_signal_t sig_int, sig_term, sig_hup, sig_usr1;
   int signals_on;
   char *error_log_path; /* `--error-log FILE` (owned): stderr is this file; SIGUSR1 reopens it */
+  int console_fd;       /* the stderr the process had before --error-log (-1: none taken) */
   char *pid_path;       /* `--pid-file FILE` (owned), removed at the end by the process ... */
   pid_t pid;            /* ... that wrote it (this one's id then) */
   int freeing;          /* moonlet_free is closing the Lua state: no task is resumed */

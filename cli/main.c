@@ -5,7 +5,10 @@
  * of LuaJIT's own allocator, so that a C binding writing past a userdata, or into one the GC has
  * freed, is reported where it happens instead of corrupting LuaJIT's heap unseen.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "../core/moonlet.h"
 
@@ -21,7 +24,19 @@ static void *malloc_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 }
 #endif
 
+/* Started with stdin, stdout or stderr closed (`2>&-`, some daemonisers), the process would give
+ * that number to the next file or socket it opens, and a log line would go to an HTTP client:
+ * /dev/null holds the place instead, as nginx and most daemons do. */
+static void hold_std_fds(void) {
+  for (int fd = 0; fd <= 2; fd++)
+    if (fcntl(fd, F_GETFD) < 0 && errno == EBADF) {
+      int n = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+      if (n >= 0 && n != fd) close(n); /* (the lowest free number: fd itself) */
+    }
+}
+
 int main(int argc, char **argv) {
+  hold_std_fds();
   moonlet_config_t cfg;
   moonlet_config_default(&cfg);
   cfg.handle_signals = 1;

@@ -28,6 +28,11 @@ static void put(line_t *w, const char *s, size_t n) {
 
 static void put_str(line_t *w, const char *s) { put(w, s, strlen(s)); }
 
+/* snprintf's count as the bytes it wrote into a buffer of size bytes */
+static size_t clamp(int n, size_t size) {
+  return n < 0 ? 0 : (size_t)n >= size ? size - 1 : (size_t)n;
+}
+
 static void put_uint(line_t *w, unsigned long long v) {
   char num[24];
   put(w, num, (size_t)(ml_numfmt_uint(num, v) - num));
@@ -125,7 +130,7 @@ static void put_request_line(line_t *w, const ml_access_t *a) {
   put_escaped(w, a->target, a->target_len, MAX_TARGET);
   char proto[16];
   int n = snprintf(proto, sizeof proto, " HTTP/%d.%d", a->http_major, a->http_minor);
-  put(w, proto, (size_t)n);
+  put(w, proto, clamp(n, sizeof proto));
 }
 
 /* "value" of a header in moonlet's and nginx's formats; "-" when it was not sent */
@@ -159,7 +164,7 @@ static void format_moonlet(line_t *w, const ml_access_t *a) {
   put_quoted_header(w, a->ua, a->ua_len);
   char ms[40];
   int n = snprintf(ms, sizeof ms, " %.3fms", a->method ? a->ms : 0.0);
-  put(w, ms, (size_t)n);
+  put(w, ms, clamp(n, sizeof ms));
 }
 
 static void format_combined(line_t *w, const ml_access_t *a, const ml_log_stamp_t *st) {
@@ -192,13 +197,13 @@ static void format_json(line_t *w, const ml_access_t *a, const ml_log_stamp_t *s
   int n = a->method ? snprintf(num, sizeof num, ",\"server_protocol\":\"HTTP/%d.%d\"",
                                a->http_major, a->http_minor)
                     : snprintf(num, sizeof num, ",\"server_protocol\":\"\"");
-  put(w, num, (size_t)n);
+  put(w, num, clamp(n, sizeof num));
   put_str(w, ",\"status\":");
   put_uint(w, (unsigned)a->status);
   put_str(w, ",\"body_bytes_sent\":");
   put_uint(w, a->bytes);
   n = snprintf(num, sizeof num, ",\"request_time\":%.3f", a->method ? a->ms / 1000 : 0.0);
-  put(w, num, (size_t)n);
+  put(w, num, clamp(n, sizeof num));
   json_field(w, ",\"http_referer\":", a->referer, a->referer_len, MAX_HEADER);
   json_field(w, ",\"http_user_agent\":", a->ua, a->ua_len, MAX_HEADER);
   put(w, "}", 1);

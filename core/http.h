@@ -123,10 +123,10 @@ void ml_server_free(ml_server_t *s);
 void ml_server_set_tls(ml_server_t *s, ml_tls_ctx_t *ctx);
 unsigned ml_server_conn_count(const ml_server_t *s);
 /* What nginx's stub_status tells: connections accepted, handled (accepted and not refused at
- * max_conns) and requests (whose head was read) since the server started; and now, of the open
- * connections (active), those reading a request head, those with a request in progress (a
- * handler running, a response going out, an upgraded WebSocket: "writing") and the idle
- * keep-alive ones (waiting): reading + writing + waiting = active. */
+ * max_conns) and requests (begun, those refused for their head included) since the server started;
+ * and now, of the open connections (active), those reading a request head, those with a request in
+ * progress (its body coming in, a handler running, a response going out, an upgraded WebSocket:
+ * "writing") and the idle keep-alive ones (waiting): reading + writing + waiting = active. */
 typedef struct ml_server_stats_s {
   uint64_t accepted, handled, requests;
   unsigned active, reading, writing, waiting;

@@ -58,6 +58,7 @@ static int on_message_begin(llhttp_t *p) {
   c->body_total = 0;
   c->state = ML_CONN_HEADERS;
   c->header_start = uv_now(c->srv->loop);
+  c->srv->requests++; /* as nginx counts them: one refused for its head (400, 414, 431) too */
   return 0;
 }
 
@@ -188,7 +189,6 @@ static int on_headers_complete(llhttp_t *p) {
     c->req.content_length = (int64_t)p->content_length;
     c->req.has_body = p->content_length > 0;
   }
-  c->srv->requests++;
   if (c->srv->log && c->srv->log->access) c->req.started_ns = uv_hrtime(); /* for the access log */
   /* Without a body the message is complete now; llhttp's on_message_complete for it comes with the
    * next execute (we paused here) and is skipped. */

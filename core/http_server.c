@@ -537,14 +537,14 @@ static void on_connection(uv_stream_t *ls, int status) {
     ml_conn_close(c, 0);
     return;
   }
+  s->accepted++;
+  s->handled++;
   if (s->tls && ml_tls_new(&c->tls, s->tls, NULL) < 0) {
     ml_conn_close(c, 0);
     return;
   }
   c->counted = 1;
   s->nconns++;
-  s->accepted++;
-  s->handled++;
   if (!is_unix) uv_tcp_nodelay(&c->tcp, 1);
   c->activity = uv_now(s->loop);
   ml__conn_start(c);
@@ -596,12 +596,12 @@ void ml_server_stats_add(const ml_server_t *s, ml_server_stats_t *st) {
   for (const ml_conn_t *c = s->conns; c; c = c->next) {
     if (!c->counted) continue;
     st->active++;
-    if (c->req_active || c->upgraded || c->write_queue > 0)
-      st->writing++;
-    else if (c->state == ML_CONN_HEADERS)
-      st->reading++;
+    if (c->state == ML_CONN_HEADERS && !c->req_active)
+      st->reading++; /* a request head coming in */
+    else if (c->state == ML_CONN_IDLE && !c->req_active && !c->upgraded && c->write_queue == 0)
+      st->waiting++; /* idle keep-alive */
     else
-      st->waiting++;
+      st->writing++; /* a request in progress, its body still coming in included */
   }
 }
 

@@ -13,13 +13,13 @@ enum { ML_LOG_ERROR = 0, ML_LOG_WARN = 1, ML_LOG_INFO = 2, ML_LOG_DEBUG = 3 };
 
 typedef void (*ml_log_sink_cb)(void *ud, int level, const char *line);
 
-/* The access log's formats (`moonlet --access-log-format NAME`):
- *  moonlet:  127.0.0.1:40312 "GET /x HTTP/1.1" 200 13 "curl/8.0" 0.123ms
- *  combined: nginx's: 127.0.0.1 - - [28/Nov/2026:04:31:50 +0000] "GET /x HTTP/1.1" 200 13 "-"
- * "curl/8.0" json:     one object a line, with nginx's variable names (time_iso8601, remote_addr,
- * request, ...) Text the client sent is escaped as nginx escapes it: in moonlet and combined `"`,
- * `\` and bytes below 0x20 or above 0x7E as \xHH; in json as JSON strings, with a byte that is not
- * UTF-8 as U+FFFD. */
+/* The access log's formats (`moonlet --access-log-format NAME`), a line each:
+ * - moonlet: 127.0.0.1:40312 "GET /x HTTP/1.1" 200 13 "curl/8.0" 0.123ms
+ * - combined, nginx's: 127.0.0.1 - - [28/Nov/2026:04:31:50 +0000] "GET /x HTTP/1.1" 200 13 "-" "ua"
+ * - json: an object with nginx's names: time (ISO 8601), remote_addr, request_method, request_uri,
+ *   server_protocol, status, body_bytes_sent, request_time, http_referer, http_user_agent.
+ * Text the client sent is escaped as nginx escapes it: in moonlet and combined `"`, `\` and bytes
+ * below 0x20 or above 0x7E as \xHH; in json as JSON strings, a byte that is not UTF-8 as U+FFFD. */
 enum { ML_ACCESS_MOONLET = 0, ML_ACCESS_COMBINED = 1, ML_ACCESS_JSON = 2 };
 
 /* What an access-log line says of one request (strings are not NUL-terminated unless said). */

@@ -3,9 +3,11 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static int open_append(const char *path) {
@@ -29,6 +31,8 @@ int ml_log_out_open(ml_log_out_t **out, const char *path) {
     }
     o->fd = fd;
   }
+  struct stat st;
+  o->atomic = fstat(o->fd, &st) == 0 && S_ISREG(st.st_mode);
   *out = o;
   return 0;
 }
@@ -51,8 +55,23 @@ int ml_log_write_all(int fd, const char *p, size_t n) {
 
 void ml_log_out_flush(ml_log_out_t *out) {
   if (!out || out->len == 0) return;
-  ml_log_write_all(out->fd, out->buf,
-                   out->len); /* on failure the lines are dropped: nowhere to say so */
+  if (out->atomic) { /* a regular file: a failure drops the lines, there is nowhere to say so */
+    ml_log_write_all(out->fd, out->buf, out->len);
+    out->len = 0;
+    return;
+  }
+  /* a pipe or a socket: pieces of whole lines, each at most PIPE_BUF bytes when it can be */
+  const char *p = out->buf, *end = out->buf + out->len;
+  while (p < end) {
+    size_t n = (size_t)(end - p);
+    if (n > PIPE_BUF) {
+      const char *nl = memrchr(p, '\n', PIPE_BUF);            /* the last line that fits */
+      if (!nl) nl = memchr(p + PIPE_BUF, '\n', n - PIPE_BUF); /* else one long line alone */
+      if (nl) n = (size_t)(nl - p) + 1;
+    }
+    if (ml_log_write_all(out->fd, p, n) < 0) break; /* the rest is dropped, whole lines */
+    p += n;
+  }
   out->len = 0;
 }
 
@@ -101,6 +120,7 @@ void ml_log_stamp(ml_log_stamp_t *st) {
 int ml_log_redirect_stderr(const char *path) {
   int fd = open_append(path);
   if (fd < 0) return fd;
+  if (fd == 2) return 0; /* stderr was closed: the file took its number */
   int r = 0;
   while (dup2(fd, 2) < 0) {
     if (errno != EINTR && errno != EBUSY) {

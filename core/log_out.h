@@ -5,10 +5,14 @@
  * when ml_log_out_flush is called, which each HTTP server does once per loop iteration, last in
  * its prepare callback, before the loop waits (core/http_server.c): no line waits while the
  * process sleeps, and a busy server writes its lines in blocks instead of one system call a
- * request. What is left when the instance ends is written by ml_log_out_free. A file is opened with
- * O_APPEND, so that the workers of `--workers N`, which share it, never write over each other's
- * lines: each write holds whole lines only. Reopening (SIGUSR1, after logrotate moved the file)
- * opens the path again; the lines buffered until then go to the old file.
+ * request. What is left when the instance ends is written by ml_log_out_free. The workers of
+ * `--workers N` share the output and never tear each other's lines: a file is opened with O_APPEND
+ * and each write holds whole lines; a pipe or a socket (stdout under journald or `| tee`) is
+ * written in pieces of at most PIPE_BUF bytes cut after a newline, which the kernel keeps whole (a
+ * single line longer than PIPE_BUF, which only a huge request can make, goes alone). When a reader
+ * stops reading for a second, the lines not yet written are dropped, whole. Reopening (SIGUSR1,
+ * after logrotate moved the file) opens the path again; the lines buffered until then go to the old
+ * file.
  *
  * The loop thread is the only user of an output.
  */
@@ -30,6 +34,7 @@ typedef struct ml_log_stamp_s {
 
 typedef struct ml_log_out_s {
   int fd;     /* 1 (stdout), or the file opened by ml_log_out_open */
+  int atomic; /* 1: a regular file (O_APPEND: any write is whole); 0: a pipe or socket (PIPE_BUF) */
   char *path; /* the file's path (owned), for ml_log_out_reopen; NULL for stdout */
   size_t len; /* bytes in buf */
   ml_log_stamp_t stamp;

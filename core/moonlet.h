@@ -71,7 +71,8 @@ typedef struct moonlet_config_s {
   moonlet_log_fn log_sink; /* NULL: lines go to stderr */
   void *log_ud;            /* passed to log_sink */
   int handle_signals;      /* 1: SIGINT/SIGTERM shut the servers down gracefully, SIGHUP reloads
-                              the app (moonlet_reload), SIGPIPE is ignored. A host that leaves this
+                              the app (moonlet_reload), SIGUSR1 reopens the log files, SIGPIPE is
+                              ignored. A host that leaves this
                               0 must ignore SIGPIPE itself: libuv writes to sockets (write(2)). */
   moonlet_alloc_fn alloc;  /* NULL: malloc with a cache of small blocks in front (env
                               MOONLET_LUAJIT_ALLOC=1: LuaJIT's own); else every Lua object is

@@ -16,6 +16,7 @@ local app = moonlet.app()
 app:get("/", function() return "hello from the app" end)
 app:get("/boom", function() error("kaboom") end)
 app:get("/later", function() moonlet.sleep(0.05); return "later" end)
+app:get("/exit", function() os.exit(0) end)
 return app
 ]]
 local BODY_LEN = #"hello from the app"
@@ -260,6 +261,72 @@ describe("the access log, the error log and the pid file of the command", functi
         assert.same("999999\n", read_file(pidfile))
     end)
 
+    it("keeps a running server's pid file from a second one; os.exit removes it too", function()
+        local pidfile = fresh("running.pid")
+        local p = start("--pid-file " .. pidfile)
+        local first = tostring(p:pid()) .. "\n"
+        assert.same(first, read_file(pidfile))
+        local f = io.popen(test.binary() .. " --port 0 --pid-file " .. pidfile .. " " .. app_path ..
+                           " 2>&1; echo \"exit: $?\"")
+        local out = f:read("*a")
+        f:close()
+        assert.truthy(out:find("--pid-file " .. pidfile .. ": in use by process " .. p:pid(), 1, true), out)
+        assert.truthy(out:find("exit: 2\n", 1, true), out)
+        assert.same(first, read_file(pidfile))
+        -- a handler that ends the process with os.exit: the pid file goes all the same
+        local log, exit_pidfile = fresh("exit.log"), fresh("exit.pid")
+        local q, port = start("--pid-file " .. exit_pidfile .. " --access-log=" .. log)
+        assert.truthy(read_file(exit_pidfile))
+        test.request(port, "GET", "/")
+        local sock = test.connect(port, 5)
+        sock:send(test.format_request("GET", "/exit"))
+        sock:receive("*a")
+        sock:close()
+        assert.same(0, q:wait())
+        assert.is_nil(read_file(exit_pidfile))
+        assert.same(1, #lines_of(log))
+    end)
+
+    it("writes whole lines to a pipe from --workers 2 (stdout through a slow | cat)", function()
+        local out = fresh("piped.log")
+        -- a reader that starts late: the pipe fills, and a write longer than PIPE_BUF would be cut
+        -- and interleaved with the other worker's
+        local cmd = ("(%s --workers 2 --port 0 --access-log %s | (sleep 1; cat) > %s) 2>%s.err & echo $!")
+            :format(test.binary(), app_path, out, out)
+        local f = io.popen(cmd)
+        local shell = tonumber(f:read("*l"))
+        f:close()
+        defer(function()
+            os.execute("pkill -P " .. shell .. "; pkill -f '" .. app_path .. "' 2>/dev/null")
+        end)
+        local port = test.wait_until(function()
+            return tonumber((read_file(out .. ".err") or ""):match("on http://[^:]+:(%d+)"))
+        end, 10)
+        assert(port, read_file(out .. ".err"))
+        local ua = string.rep("u", 190)
+        local fns = {}
+        for i = 1, 400 do
+            fns[i] = function()
+                return test.request(port, "GET", "/?n=" .. i, { headers = { ["User-Agent"] = ua } }).status
+            end
+        end
+        for start_i = 1, 400, 50 do -- 50 at a time: both workers busy, their blocks interleaving
+            local part = {}
+            for i = start_i, start_i + 49 do part[#part + 1] = fns[i] end
+            moonlet.gather(part)
+        end
+        local lines = wait_lines(out, 400)
+        assert.same(400, #lines)
+        local seen = {}
+        for _, line in ipairs(lines) do
+            local i = line:match('^127%.0%.0%.1:%d+ "GET /%?n=(%d+) HTTP/1%.1" 200 %d+ "' .. ua
+                                 .. '" [%d.]+ms$')
+            assert.truthy(i, line)
+            seen[tonumber(i)] = true
+        end
+        for i = 1, 400 do assert.truthy(seen[i], i) end
+    end)
+
     it("refuses a file it cannot open and an unknown format, with a message", function()
         local function run(args)
             local f = io.popen(test.binary() .. " " .. args .. " " .. app_path .. " 2>&1; echo \"exit: $?\"")
@@ -278,6 +345,17 @@ describe("the access log, the error log and the pid file of the command", functi
         assert.truthy(out:find("exit: 2\n", 1, true), out)
         out = run("--access-log=")
         assert.truthy(out:find("--access-log= wants a file", 1, true), out)
+        out = run("--access-log /tmp/a.log")
+        assert.truthy(out:find("--access-log takes its file after '=': --access-log=/tmp/a.log", 1, true),
+                      out)
+        -- with --error-log, why it could not start is told on the terminal too, not only in the file
+        local holder = test.start_process("--port 0 " .. app_path)
+        defer(function() holder:signal("KILL"); holder:wait() end)
+        local errlog = fresh("start.log")
+        out = run("--error-log " .. errlog .. " --port " .. holder:port())
+        assert.truthy(out:find("address in use", 1, true), out)
+        assert.truthy(out:find("exit: 1\n", 1, true), out)
+        assert.truthy(read_file(errlog):find("address in use", 1, true), read_file(errlog))
         out = run("--pid-file " .. dir .. "/no/such/dir/m.pid")
         assert.truthy(out:find("--pid-file " .. dir .. "/no/such/dir/m.pid: not found", 1, true), out)
         assert.truthy(out:find("exit: 2\n", 1, true), out)

@@ -238,6 +238,10 @@ describe("moonlet.http", function()
         http.configure({ user_agent = "moonlet/" .. require("moonlet")._VERSION })
         assert(ok, err)
         assert.truthy(assert(http.get(base .. "/ua")).body:find("^moonlet/%d"))
+        for _, bad in ipairs({ true, 7, "a\r\nX-Injected: 1" }) do -- misuse raises
+            assert.has_error(function() http.get(base .. "/ua", { user_agent = bad }) end)
+            assert.has_error(function() http.configure({ user_agent = bad }) end)
+        end
     end)
 
     it("gives a whole body once through chunks() and read() too", function()

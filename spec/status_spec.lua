@@ -54,9 +54,9 @@ describe("moonlet.status", function()
         -- connection 3: a handler that sleeps (writing)
         local slow = test.connect(port, 5)
         assert(slow:send(test.format_request("GET", "/slow")))
-        test.wait_until(function() -- until the slow request's head is in: 4 requests with /status's
+        assert(test.wait_until(function() -- until the slow request's head is in: 4 with /status's
             return status(port).body:match("\n %d+ %d+ (%d+) \n") == tostring(3 + 2)
-        end)
+        end))
         -- connection 4 (this request): writing too; 5 connections so far (the wait's included)
         local res = status(port)
         local accepted = res.body:match("\n (%d+) ")
@@ -116,13 +116,14 @@ describe("moonlet.status", function()
     it("gives the same figures and more as JSON", function()
         local port = start()
         test.request(port, "GET", "/")
+        assert.truthy(test.raw(port, "BAD\r\n\r\n"):find("^HTTP/1.1 400 ")) -- counted, as nginx does
         local res = test.request(port, "GET", "/status.json")
         assert.same(200, res.status)
         assert.same("no-store", res.headers["cache-control"])
         local got = json.decode(res.body)
-        assert.same({ active = 1, reading = 0, writing = 1, waiting = 0, accepted = 2, handled = 2 },
+        assert.same({ active = 1, reading = 0, writing = 1, waiting = 0, accepted = 3, handled = 3 },
                     got.connections)
-        assert.same({ total = 2 }, got.requests)
+        assert.same({ total = 3 }, got.requests)
         assert.same({ id = 0, count = 1 }, got.worker)
         assert.same(moonlet._VERSION, got.version)
         assert.is_number(got.pid)
@@ -159,12 +160,16 @@ describe("moonlet.status", function()
         polls = polls + 1
         assert.same(2, json_res.worker.count)
         assert.same(41 + polls, json_res.connections.accepted)
-        -- a worker killed (after it wrote its figures) comes back and counts on from there
-        moonlet.sleep(1.2)
+        -- a worker killed right after it answered (and so wrote its figures) comes back and counts on
+        -- from there
         local sup_pid = p:pid() -- the supervisor
         local w = io.popen("pgrep -P " .. sup_pid)
         local worker = tonumber(w:read("*l"))
         w:close()
+        assert(test.wait_until(function()
+            polls = polls + 1
+            return json.decode(test.request(port, "GET", "/status.json").body).pid == worker
+        end, 10))
         assert(worker and os.execute("kill -KILL " .. worker))
         assert(test.wait_until(function() -- restarted: two workers again, the killed one not among them
             local g = io.popen("pgrep -P " .. sup_pid)

@@ -72,8 +72,15 @@ local CLI_ONLY = { log_level = true, access_log = true, reload = true, tls_cert 
                    _script_args_only = true }
 local ACCESS_FORMATS = { moonlet = true, combined = true, json = true }
 
+-- A failure to start, told on stderr, and on the terminal too when --error-log took stderr
+local function report(msg)
+    io.stderr:write(msg)
+    io.stderr:flush()
+    core.console(msg)
+end
+
 local function die(msg)
-    io.stderr:write("moonlet: ", msg, "\n")
+    report("moonlet: " .. msg .. "\n")
     core.set_exit_code(2)
     return nil
 end
@@ -93,6 +100,10 @@ function _M.parse(argv)
         elseif a == "-v" or a == "--version" then
             opts.version = true
         elseif a == "--access-log" then
+            local nxt = argv[i + 1]
+            if nxt and #pos == 0 and nxt:match("%.log$") then -- `--access-log FILE`: not a script
+                return die("--access-log takes its file after '=': --access-log=" .. nxt)
+            end
             opts.access_log = true
         elseif a:match("^%-%-access%-log=") then
             opts.access_log = a:sub(#"--access-log=" + 1)
@@ -195,7 +206,7 @@ end
 local function fork_workers(script, opts)
     local ok, err = loadfile(script)
     if not ok then
-        io.stderr:write("moonlet: ", tostring(err), "\n")
+        report("moonlet: " .. tostring(err) .. "\n")
         core.set_exit_code(1)
         return false
     end
@@ -204,7 +215,7 @@ local function fork_workers(script, opts)
         opts.port = b
         return true
     end
-    if role == nil then io.stderr:write("moonlet: ", a, "\n") end
+    if role == nil then report("moonlet: " .. a .. "\n") end
     core.set_exit_code(role and a or 1)
     core.halt()
     return false
@@ -225,19 +236,22 @@ function _M.main(argv)
                                     opts.access_log_format)
         if not ok then return die(done) end
         if not done then return die("--access-log " .. file .. ": " .. err) end
-        if opts.access_log then -- the lines still in the buffer are written when a script exits
-            local exit = os.exit
-            os.exit = function(...) -- luacheck: ignore 122
-                core.flush_logs()
-                return exit(...)
-            end
+    end
+    if opts.access_log or opts.pid_file then -- a script that calls os.exit: lines written, pid file gone
+        local exit = os.exit
+        os.exit = function(...) -- luacheck: ignore 122
+            core.before_exit()
+            return exit(...)
         end
     end
     if pos[1] == "test" then return run_tests(pos) end
     local script = pos[1]
-    if script and opts.pid_file then
+    -- the pid file: with --workers, the supervisor's, before the fork; alone, once listening
+    local function pid_file()
+        if not opts.pid_file then return true end
         local ok, err = core.set_pid_file(opts.pid_file)
-        if not ok then return die("--pid-file " .. opts.pid_file .. ": " .. err) end
+        if not ok then die("--pid-file " .. opts.pid_file .. ": " .. err) end
+        return ok
     end
     if not script then
         io.stderr:write(USAGE)
@@ -250,7 +264,10 @@ function _M.main(argv)
     _G.arg = args
     opts.host = opts.host or "127.0.0.1"
     opts.port = opts.port or 8080
-    if opts.workers and opts.workers > 1 and not fork_workers(script, opts) then return end
+    if opts.workers and opts.workers > 1 then
+        if not pid_file() then return end
+        if not fork_workers(script, opts) then return end
+    end
     -- The script runs through a reload host (lua/moonlet/reload.lua), so that an app it returns can
     -- be reloaded later (SIGHUP, --reload) the way it was loaded now.
     local reload = require "moonlet.reload"
@@ -263,7 +280,7 @@ function _M.main(argv)
         end
         host:close()
         -- a broken script, not a bad command line: 1, as for an error when it runs
-        io.stderr:write("moonlet: ", tostring(err), "\n")
+        report("moonlet: " .. tostring(err) .. "\n")
         core.set_exit_code(1)
         return
     end
@@ -272,8 +289,13 @@ function _M.main(argv)
     local server, port = host:listen(listen)
     if not server then
         host:close()
-        io.stderr:write("moonlet: ", port, "\n")
+        report("moonlet: " .. port .. "\n")
         core.set_exit_code(1)
+        return
+    end
+    if not (opts.workers and opts.workers > 1) and not pid_file() then -- (a worker has none)
+        server:close()
+        host:close()
         return
     end
     reload.set_current(host)

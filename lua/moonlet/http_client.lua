@@ -492,6 +492,13 @@ local function check_jar(jar, who, level)
     end
 end
 
+-- user_agent: a header value (no CR, LF or NUL), or false for none; nil: the default
+local function check_user_agent(ua, who, level)
+    if ua ~= nil and ua ~= false and (type(ua) ~= "string" or find(ua, "[%z\r\n]")) then
+        error(who .. ": user_agent is a string without CR, LF or NUL, or false", level + 1)
+    end
+end
+
 -- syntax: moonlet.http.configure{ pool_size =, idle_timeout =, connect_timeout =, read_timeout =,
 -- send_timeout =, max_body =, user_agent =, proxy =, no_proxy =, jar = } -- defaults of later
 -- requests
@@ -499,6 +506,7 @@ function _M.configure(opts)
     if type(opts) ~= "table" then error("moonlet.http.configure: expected a table", 2) end
     check_proxy(opts.proxy, opts.no_proxy, "moonlet.http.configure", 3)
     check_jar(opts.jar, "moonlet.http.configure", 2)
+    check_user_agent(opts.user_agent, "moonlet.http.configure", 2)
     for k, v in pairs(opts) do
         if config[k] == nil and k ~= "max_body" then
             error("moonlet.http.configure: unknown option " .. tostring(k), 2)
@@ -1214,6 +1222,7 @@ local function request(method, url, o, body, level)
     if not u then error("moonlet.http: " .. err .. ": " .. url, level) end
     check_proxy(o.proxy, o.no_proxy, "moonlet.http", level + 1)
     check_jar(o.jar, "moonlet.http", level + 1)
+    check_user_agent(o.user_agent, "moonlet.http", level + 1)
     if o.unix ~= nil and (type(o.unix) ~= "string" or o.unix == "") then
         error("moonlet.http: unix must be a socket path", level)
     end

@@ -30,34 +30,48 @@ local PUBLISH_EVERY = 1 -- seconds
 
 local dict   -- moonlet.shared("moonlet.status") under --workers N; nil alone
 local base   -- this worker's counts of its earlier incarnations
-local keys   -- keys[id][field] = "w<id>.<field>"
+local keys   -- keys[id] = "w<id>": one entry per worker, its 7 figures in one string (one set:
+             -- a reader never sees half of a worker's figures)
+local warned -- the dictionary refused a set once (logged once)
 
-local function key(id, field) return keys[id][field] end
+-- "accepted handled requests active reading writing waiting" -> a table of FIELDS, or nil
+local function unpack_figures(v)
+    if not v then return nil end
+    local t, i = {}, 0
+    for n in v:gmatch("%d+") do
+        i = i + 1
+        t[FIELDS[i]] = tonumber(n)
+    end
+    return i == #FIELDS and t or nil
+end
 
 -- Writes this worker's figures of now; returns them (its counts from its first incarnation on).
 local function publish()
     local st = core.server_stats()
     local id = core.worker()
-    for _, f in ipairs(FIELDS) do
-        if COUNTERS[f] then st[f] = st[f] + base[f] end
-        dict:set(key(id, f), st[f])
+    for f in pairs(COUNTERS) do st[f] = st[f] + base[f] end
+    local ok, err = dict:safe_set(keys[id], format("%d %d %d %d %d %d %d", st.accepted, st.handled,
+                                  st.requests, st.active, st.reading, st.writing, st.waiting))
+    if not ok and not warned then
+        warned = true
+        core.log(1, "moonlet.status: cannot share this worker's figures: " .. tostring(err))
     end
     return st
 end
 
--- Under --workers N, once per process: the dictionary, the counts an earlier incarnation of this
--- worker left, and a background task that publishes once a second (it ends with the process).
+-- Under --workers N, once per process: the dictionary (room for every worker's entry), the counts
+-- an earlier incarnation of this worker left, and a background task that publishes once a second
+-- (it ends with the process).
 local function setup()
     local id, count = core.worker()
     if count < 2 or dict then return end
-    dict = require("moonlet.shared").get("moonlet.status", { size = 64 * 1024 })
+    local shared = require "moonlet.shared"
+    dict = shared.get("moonlet.status", { size = math.max(64 * 1024, count * (shared.ENTRY_OVERHEAD + 128)) })
     keys = {}
-    for w = 0, count - 1 do
-        keys[w] = {}
-        for _, f in ipairs(FIELDS) do keys[w][f] = "w" .. w .. "." .. f end
-    end
+    for w = 0, count - 1 do keys[w] = "w" .. w end
+    local before = unpack_figures(dict:get(keys[id]))
     base = {}
-    for _, f in ipairs(FIELDS) do base[f] = COUNTERS[f] and (dict:get(key(id, f)) or 0) or 0 end
+    for f in pairs(COUNTERS) do base[f] = before and before[f] or 0 end
     publish()
     task.spawn(function()
         while true do
@@ -75,8 +89,9 @@ local function figures()
     local sum = {}
     for _, f in ipairs(FIELDS) do sum[f] = mine[f] end
     for w = 0, count - 1 do
-        if w ~= id then
-            for _, f in ipairs(FIELDS) do sum[f] = sum[f] + (dict:get(key(w, f)) or 0) end
+        local theirs = w ~= id and unpack_figures(dict:get(keys[w]))
+        if theirs then
+            for _, f in ipairs(FIELDS) do sum[f] = sum[f] + theirs[f] end
         end
     end
     return sum

@@ -152,6 +152,32 @@ static void test_bounds(void) {
                                      : fmt == ML_ACCESS_COMBINED ? '"'
                                                                  : 's'));
   }
+  /* the same longest lines into a buffered file, so that they land next to the buffer's end too */
+  char dir[] = "/tmp/ml-bounds-XXXXXX", path[64];
+  ml_log_out_t *out = NULL;
+  if (CHECK(mkdtemp(dir) != NULL)) {
+    snprintf(path, sizeof path, "%s/b.log", dir);
+    if (CHECK_INT(ml_log_out_open(&out, path), 0)) {
+      ml_log_t log = {.access = 1, .access_out = out, .access_format = ML_ACCESS_JSON};
+      for (int i = 0; i < 40; i++) /* ~250 KB: the 32 KiB buffer fills at every offset it can */
+        ml_log_access(&log, &a);
+      ml_log_out_free(out);
+      FILE *f = fopen(path, "rb");
+      static char line[2 * ML_LOG_OUT_LINE];
+      int n = 0, whole = 1;
+      while (f && fgets(line, sizeof line, f)) {
+        size_t len = strlen(line);
+        n++;
+        if (len >= ML_LOG_OUT_LINE || len < 2 || line[len - 1] != '\n' || line[len - 2] != '}')
+          whole = 0;
+      }
+      if (f) fclose(f);
+      CHECK_INT(n, 40);
+      CHECK(whole);
+      unlink(path);
+    }
+    rmdir(dir);
+  }
   CHECK_INT(ml_log_access_format_parse("JSON"), ML_ACCESS_JSON);
   CHECK_INT(ml_log_access_format_parse("combined"), ML_ACCESS_COMBINED);
   CHECK_INT(ml_log_access_format_parse("moonlet"), ML_ACCESS_MOONLET);
