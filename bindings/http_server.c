@@ -54,6 +54,8 @@ typedef struct {
   uint64_t bytes;    /* body bytes sent */
   uv_file fd;        /* open file of a transfer in flight */
   int file_ref;      /* pins this userdata while a file transfer is in flight */
+  char *request_id;  /* moonlet.request_id's (malloc'd), for the access log; freed when the task
+                        ends (handler_done), after which none is taken */
 } exchange_t;
 
 static exchange_t *check_x(lua_State *L) { return mlua_check_object(L, 1, EXCHANGE_MT); }
@@ -61,7 +63,7 @@ static exchange_t *check_x(lua_State *L) { return mlua_check_object(L, 1, EXCHAN
 /* -- Access log ------------------------------------------------------------------------------- */
 
 static void access_log(exchange_t *x, ml_conn_t *c) {
-  if (x->m->log.access) ml_conn_log_access(c, x->status, x->bytes);
+  if (x->m->log.access) ml_conn_log_access(c, x->status, x->bytes, x->request_id);
 }
 
 /* -- Request start and end ------------------------------------------------------------------ */
@@ -91,6 +93,8 @@ static void handler_done(mlua_task_t *t, int ok, void *ud) {
     }
   }
   exchange_end(x);
+  free(x->request_id);
+  x->request_id = NULL;
   x->task = NULL; /* the task's stack lets go of x when the task is released, right after this */
 }
 
@@ -116,6 +120,7 @@ static void on_request(ml_conn_t *c, void *ud) {
   x->bytes = 0;
   x->fd = -1;
   x->file_ref = LUA_NOREF;
+  x->request_id = NULL;
   lua_pushvalue(co, -2); /* stack: x (the pin), handler, x, method, target, co */
   ml_conn_set_data(c, x);
   lua_pushlstring(co, r->method, r->method_len);
@@ -545,6 +550,19 @@ static int x_is_open(lua_State *L) {
   return 1;
 }
 
+/* syntax: x:set_request_id(id) -- the id the access log gives this request (moonlet.request_id);
+ * nothing once the request's task has ended */
+static int x_set_request_id(lua_State *L) {
+  exchange_t *x = check_x(L);
+  const char *id = luaL_checkstring(L, 2);
+  if (!x->task) return 0;
+  char *copy = strdup(id);
+  if (!copy) return luaL_error(L, "not enough memory");
+  free(x->request_id);
+  x->request_id = copy;
+  return 0;
+}
+
 /* syntax: x:set_close() -- Connection: close after this response */
 static int x_set_close(lua_State *L) {
   exchange_t *x = check_x(L);
@@ -908,13 +926,21 @@ void mlua_http_servers_close(moonlet_t *m) {
 }
 
 void mlua_open_http_server(lua_State *L, moonlet_t *m) {
-  static const luaL_Reg xm[] = {{"read", x_read},       {"respond", x_respond},
-                                {"start", x_start},     {"write", x_write},
-                                {"finish", x_finish},   {"send_file", x_send_file},
-                                {"headers", x_headers}, {"header", x_header},
-                                {"info", x_info},       {"started", x_started},
-                                {"is_open", x_is_open}, {"set_close", x_set_close},
-                                {"abort", x_abort},     {NULL, NULL}};
+  static const luaL_Reg xm[] = {{"read", x_read},
+                                {"respond", x_respond},
+                                {"start", x_start},
+                                {"write", x_write},
+                                {"finish", x_finish},
+                                {"send_file", x_send_file},
+                                {"headers", x_headers},
+                                {"header", x_header},
+                                {"info", x_info},
+                                {"started", x_started},
+                                {"is_open", x_is_open},
+                                {"set_close", x_set_close},
+                                {"abort", x_abort},
+                                {"set_request_id", x_set_request_id},
+                                {NULL, NULL}};
   static const luaL_Reg sm[] = {
       {"port", srv_port},         {"set_handler", srv_set_handler}, {"close", srv_close},
       {"shutdown", srv_shutdown}, {"connections", srv_connections}, {NULL, NULL}};

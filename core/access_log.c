@@ -165,6 +165,10 @@ static void format_moonlet(line_t *w, const ml_access_t *a) {
   char ms[40];
   int n = snprintf(ms, sizeof ms, " %.3fms", a->method ? a->ms : 0.0);
   put(w, ms, clamp(n, sizeof ms));
+  if (a->request_id) {
+    put(w, " id=", 4);
+    put_escaped(w, a->request_id, strlen(a->request_id), MAX_HEADER);
+  }
 }
 
 static void format_combined(line_t *w, const ml_access_t *a, const ml_log_stamp_t *st) {
@@ -206,6 +210,8 @@ static void format_json(line_t *w, const ml_access_t *a, const ml_log_stamp_t *s
   put(w, num, clamp(n, sizeof num));
   json_field(w, ",\"http_referer\":", a->referer, a->referer_len, MAX_HEADER);
   json_field(w, ",\"http_user_agent\":", a->ua, a->ua_len, MAX_HEADER);
+  json_field(w, ",\"request_id\":", a->request_id, a->request_id ? strlen(a->request_id) : 0,
+             MAX_HEADER);
   put(w, "}", 1);
 }
 

@@ -150,7 +150,7 @@ int ml_conn_is_tls(const ml_conn_t *c);                /* 1 on an HTTPS server *
 /* Writes the access-log line of the request on c (when the access log is on): peer, request line
  * ("-" when its headers never came whole), status, body bytes, user agent, time since the headers.
  */
-void ml_conn_log_access(ml_conn_t *c, int status, uint64_t bytes);
+void ml_conn_log_access(ml_conn_t *c, int status, uint64_t bytes, const char *request_id);
 
 enum { ML_BODY_MORE = 0, ML_BODY_DONE = 1, ML_BODY_ERROR = 2 };
 /* Reports what is buffered of the request body (data and len; may be empty) and whether more is to

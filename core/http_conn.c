@@ -542,7 +542,7 @@ void ml__conn_error(ml_conn_t *c, int status, const char *why) {
     static const char hdr[] = "Content-Type: text/plain; charset=utf-8\r\n";
     ml_conn_respond(c, status, hdr, sizeof hdr - 1, body, (size_t)n);
     /* no handler saw it: its access line is written here, as nginx's access log has its 400s */
-    if (!c->req_active) ml_conn_log_access(c, status, (uint64_t)n);
+    if (!c->req_active) ml_conn_log_access(c, status, (uint64_t)n, NULL);
   }
   c->close_after = 1;
   deliver_body(c);
@@ -580,12 +580,14 @@ void ml__conn_timeout(ml_conn_t *c) {
 /* -- Public calls -------------------------------------------------------------------------- */
 
 const ml_request_t *ml_conn_request(const ml_conn_t *c) { return &c->req; }
-void ml_conn_log_access(ml_conn_t *c, int status, uint64_t bytes) {
+void ml_conn_log_access(ml_conn_t *c, int status, uint64_t bytes, const char *request_id) {
   const ml_log_t *log = c->srv->log;
   if (!log || !log->access) return;
   const ml_request_t *r = &c->req;
-  ml_access_t a = {
-      .peer = ml_conn_peer_name(c), .status = status, .bytes = (unsigned long long)bytes};
+  ml_access_t a = {.peer = ml_conn_peer_name(c),
+                   .status = status,
+                   .bytes = (unsigned long long)bytes,
+                   .request_id = request_id};
   if (c->state >= ML_CONN_BODY && r->method_len) { /* else refused before its headers were whole */
     a.method = r->method;
     a.method_len = r->method_len;

@@ -17,7 +17,9 @@ typedef void (*ml_log_sink_cb)(void *ud, int level, const char *line);
  * - moonlet: 127.0.0.1:40312 "GET /x HTTP/1.1" 200 13 "curl/8.0" 0.123ms
  * - combined, nginx's: 127.0.0.1 - - [28/Nov/2026:04:31:50 +0000] "GET /x HTTP/1.1" 200 13 "-" "ua"
  * - json: an object with nginx's names: time (ISO 8601), remote_addr, request_method, request_uri,
- *   server_protocol, status, body_bytes_sent, request_time, http_referer, http_user_agent.
+ *   server_protocol, status, body_bytes_sent, request_time, http_referer, http_user_agent,
+ *   request_id ("" when none).
+ * moonlet adds " id=ID" when the request has an id (moonlet.request_id); combined is nginx's.
  * Text the client sent is escaped as nginx escapes it: in moonlet and combined `"`, `\` and bytes
  * below 0x20 or above 0x7E as \xHH; in json as JSON strings, a byte that is not UTF-8 as U+FFFD. */
 enum { ML_ACCESS_MOONLET = 0, ML_ACCESS_COMBINED = 1, ML_ACCESS_JSON = 2 };
@@ -36,7 +38,8 @@ typedef struct ml_access_s {
   size_t referer_len;
   const char *ua; /* the User-Agent; NULL: none */
   size_t ua_len;
-  double ms; /* since the request began */
+  double ms;              /* since the request began */
+  const char *request_id; /* moonlet.request_id's, NUL-terminated; NULL: none */
 } ml_access_t;
 
 struct ml_log_out_s;

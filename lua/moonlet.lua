@@ -75,6 +75,10 @@ function _M.csrf(opts) return require("moonlet.csrf").middleware(opts) end
 -- req.ip, req.scheme, req.host as the client sent them to it (lua/moonlet/forwarded.lua)
 function _M.forwarded(opts) return require("moonlet.forwarded").middleware(opts) end
 
+-- syntax: app:use(moonlet.request_id({ header = "X-Request-Id", trust = false })) -- req.id, in the
+-- response header and the logs (lua/moonlet/request_id.lua)
+function _M.request_id(opts) return require("moonlet.request_id").middleware(opts) end
+
 -- syntax: app:get("/status", moonlet.status({ format = "text" | "json" })) -- nginx's stub_status
 -- (connections now, accepts, handled, requests) for what watches nginx (lua/moonlet/status.lua)
 function _M.status(opts) return require("moonlet.status").handler(opts) end

@@ -124,6 +124,7 @@ describe("the access log, the error log and the pid file of the command", functi
             http_referer = "",
             -- kept as UTF-8; a byte that is not UTF-8 becomes U+FFFD, so that the line stays JSON
             http_user_agent = 'say "hi" \\ caf\xC3\xA9 \xEF\xBF\xBD',
+            request_id = "", -- (moonlet.request_id's, none here)
         }, a)
         assert.same({ "/boom", 500 }, { json.decode(lines[2]).request_uri, json.decode(lines[2]).status })
         local bad = json.decode(lines[3])

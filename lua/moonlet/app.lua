@@ -400,7 +400,8 @@ local function fail(app, req, res, err, w)
         if ok then return e end
         err = tostring(e) -- (a body JSON cannot encode): an error like any other, below
     end
-    core.log(0, req.method .. " " .. req.target .. ": " .. err)
+    local id = rawget(req, "id") -- (moonlet.request_id's)
+    core.log(0, (id and "[" .. tostring(id) .. "] " or "") .. req.method .. " " .. req.target .. ": " .. err)
     if res._streaming or x:started() then return end -- the C side closes a broken stream
     if app.error_handler then
         local ok, status, body = pcall(app.error_handler, req, res, err)

@@ -264,13 +264,15 @@ end
 
 local proc_mt = { __index = {} }
 
--- syntax: p = test.start_process(args_string) -- runs `moonlet args` in the background; p.log is
--- its stderr+stdout file; p:port() waits for its "serving ... on http://host:port" line
-function _M.start_process(args)
+-- syntax: p = test.start_process(args_string, env) -- runs `moonlet args` in the background, with
+-- env ("NAME=value ...", optional) set for it; p.log is its stderr+stdout file; p:port() waits for
+-- its "serving ... on http://host:port" line
+function _M.start_process(args, env)
     local dir = os.tmpname()
     os.remove(dir)
     local log, codefile = dir .. ".log", dir .. ".code"
-    local cmd = ("(%s %s >%s 2>&1; echo $? >%s) & echo $!"):format(_M.binary(), args, log, codefile)
+    local cmd = ("(%s%s %s >%s 2>&1; echo $? >%s) & echo $!"):format(env and "env " .. env .. " " or "",
+                                                                     _M.binary(), args, log, codefile)
     local f = io.popen(cmd)
     local shell_pid = tonumber(f:read("*l"))
     f:close()

@@ -58,12 +58,11 @@ static const char *json_ua(const char *ua) {
   const char *line = format(ML_ACCESS_JSON, &a);
   static char v[1024];
   const char *p = strstr(line, "\"http_user_agent\":\"");
+  const char *end = strstr(line, "\",\"request_id\":");
   v[0] = 0;
-  if (!p) return v;
+  if (!p || !end) return v;
   p += strlen("\"http_user_agent\":\"");
-  size_t n = strlen(p);
-  if (n >= 2) n -= 2; /* the closing quote and brace */
-  snprintf(v, sizeof v, "%.*s", (int)n, p);
+  snprintf(v, sizeof v, "%.*s", (int)(end - p), p);
   return v;
 }
 
@@ -115,7 +114,12 @@ static void test_json(void) {
       line,
       "\",\"remote_addr\":\"127.0.0.1\",\"request_method\":\"GET\",\"request_uri\":\"/x?y=1\","
       "\"server_protocol\":\"HTTP/1.1\",\"status\":200,\"body_bytes_sent\":13,"
-      "\"request_time\":0.002,\"http_referer\":\"\",\"http_user_agent\":\"curl/8.0\"}");
+      "\"request_time\":0.002,\"http_referer\":\"\",\"http_user_agent\":\"curl/8.0\","
+      "\"request_id\":\"\"}");
+  a.request_id = "r\"1";
+  CHECK_HAS(format(ML_ACCESS_JSON, &a), ",\"request_id\":\"r\\\"1\"}");
+  CHECK_STR(format(ML_ACCESS_MOONLET, &a),
+            "127.0.0.1:40312 \"GET /x?y=1 HTTP/1.1\" 200 13 \"curl/8.0\" 2.250ms id=r\\x221");
   CHECK_STR(json_ua("q\"b\\s\n\t\x01\x7f"), "q\\\"b\\\\s\\u000A\\u0009\\u0001\\u007F");
   /* UTF-8 is kept, from 2 to 4 bytes, up to U+10FFFF */
   CHECK_STR(json_ua("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xf4\x8f\xbf\xbf"),
