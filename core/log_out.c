@@ -120,7 +120,8 @@ void ml_log_stamp(ml_log_stamp_t *st) {
 int ml_log_redirect_stderr(const char *path) {
   int fd = open_append(path);
   if (fd < 0) return fd;
-  if (fd == 2) return 0; /* stderr was closed: the file took its number */
+  if (fd == 2) /* stderr was closed: the file took its number; children inherit it as stderr */
+    return fcntl(2, F_SETFD, 0) < 0 ? -errno : 0;
   int r = 0;
   while (dup2(fd, 2) < 0) {
     if (errno != EINTR && errno != EBUSY) {
