@@ -80,31 +80,40 @@ static size_t utf8_seq(const unsigned char *s, size_t n) {
   return len;
 }
 
-/* a JSON string's contents: `"` and `\` escaped, control bytes as \u00XX, UTF-8 kept, any other
- * byte as U+FFFD */
+/* a JSON string's contents: `"` and `\\` escaped, control bytes as \u00XX, UTF-8 kept, any other
+ * byte as U+FFFD. At most max bytes of s, and at most 3 * max bytes written (what max bytes of
+ * U+FFFD take; control bytes, 6 each, end it sooner), so that the longest fields of a line fit. */
 static void put_json(line_t *w, const char *s, size_t n, size_t max) {
   if (n > max) n = max;
   const unsigned char *u = (const unsigned char *)s;
+  size_t left = 3 * max;
   for (size_t i = 0; i < n;) {
     unsigned char c = u[i];
+    const char *e = s + i;
+    char esc[6];
+    size_t len = 1, out;
     if (c == '"' || c == '\\') {
-      char e[2] = {'\\', (char)c};
-      put(w, e, 2);
-      i++;
+      esc[0] = '\\';
+      esc[1] = (char)c;
+      e = esc;
+      out = 2;
     } else if (c < 0x20 || c == 0x7F) {
-      char e[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
-      put(w, e, 6);
-      i++;
+      memcpy(esc, "\\u00", 4);
+      esc[4] = hex[c >> 4];
+      esc[5] = hex[c & 15];
+      e = esc;
+      out = 6;
+    } else if ((len = utf8_seq(u + i, n - i)) != 0) {
+      out = len;
     } else {
-      size_t len = utf8_seq(u + i, n - i);
-      if (len) {
-        put(w, s + i, len);
-        i += len;
-      } else {
-        put(w, "\xEF\xBF\xBD", 3);
-        i++;
-      }
+      e = "\xEF\xBF\xBD";
+      len = 1;
+      out = 3;
     }
+    if (out > left) break;
+    put(w, e, out);
+    left -= out;
+    i += len;
   }
 }
 
@@ -124,13 +133,18 @@ static void put_addr(line_t *w, const char *peer) {
   put(w, peer, n);
 }
 
+/* " HTTP/1.1" */
+static void put_protocol(line_t *w, const ml_access_t *a) {
+  char proto[16];
+  int n = snprintf(proto, sizeof proto, " HTTP/%d.%d", a->http_major, a->http_minor);
+  put(w, proto, clamp(n, sizeof proto));
+}
+
 static void put_request_line(line_t *w, const ml_access_t *a) {
   put_escaped(w, a->method, a->method_len, MAX_HEADER);
   put(w, " ", 1);
   put_escaped(w, a->target, a->target_len, MAX_TARGET);
-  char proto[16];
-  int n = snprintf(proto, sizeof proto, " HTTP/%d.%d", a->http_major, a->http_minor);
-  put(w, proto, clamp(n, sizeof proto));
+  put_protocol(w, a);
 }
 
 /* "value" of a header in moonlet's and nginx's formats; "-" when it was not sent */
@@ -143,11 +157,14 @@ static void put_quoted_header(line_t *w, const char *v, size_t n) {
   put(w, "\"", 1);
 }
 
-/* "GET /x HTTP/1.1" 200 13 (or "-" for a request refused before its request line), then a space */
+/* "GET /x HTTP/1.1" 200 13, then a space. A request refused before its request line was whole
+ * shows the line's bytes as sent ("\x16\x03\x01..." for a TLS hello), or "-" when none came. */
 static void put_request_status(line_t *w, const ml_access_t *a) {
   put(w, "\"", 1);
   if (a->method)
     put_request_line(w, a);
+  else if (a->raw_line && a->raw_line_len)
+    put_escaped(w, a->raw_line, a->raw_line_len, MAX_TARGET);
   else
     put(w, "-", 1);
   put(w, "\" ", 2);
@@ -193,7 +210,16 @@ static void format_json(line_t *w, const ml_access_t *a, const ml_log_stamp_t *s
   put(w, "{\"time\":\"", 9);
   put_str(w, st->iso);
   put(w, "\",\"remote_addr\":\"", 17);
-  put_addr(w, a->peer); /* an address or "unix:": nothing to escape */
+  put_addr(w, a->peer);            /* an address or "unix:": nothing to escape */
+  put(w, "\",\"request\":\"", 13); /* nginx's $request: the whole line */
+  if (a->method) {
+    put_json(w, a->method, a->method_len, MAX_HEADER);
+    put(w, " ", 1);
+    put_json(w, a->target, a->target_len, MAX_TARGET);
+    put_protocol(w, a);
+  } else if (a->raw_line) {
+    put_json(w, a->raw_line, a->raw_line_len, MAX_TARGET);
+  }
   put(w, "\"", 1);
   json_field(w, ",\"request_method\":", a->method, a->method_len, MAX_HEADER);
   json_field(w, ",\"request_uri\":", a->target, a->method ? a->target_len : 0, MAX_TARGET);

@@ -57,6 +57,7 @@ static int on_message_begin(llhttp_t *p) {
   c->error_status = 0;
   c->body_total = 0;
   c->state = ML_CONN_HEADERS;
+  c->line_done = 0;
   c->header_start = uv_now(c->srv->loop);
   c->srv->requests++; /* as nginx counts them: one refused for its head (400, 414, 431) too */
   return 0;
@@ -83,6 +84,11 @@ static int on_url(llhttp_t *p, const char *at, size_t len) {
   }
   c->req.target_len += (uint32_t)len;
   return rb_append(c, at, len, 0);
+}
+
+static int on_version_complete(llhttp_t *p) {
+  conn_of(p)->line_done = 1;
+  return 0;
 }
 
 /* Copies header bytes, refusing past max_header_bytes: it counts the request line (method and
@@ -239,6 +245,7 @@ void ml__conn_init_settings(llhttp_settings_t *st) {
   st->on_message_begin = on_message_begin;
   st->on_method = on_method;
   st->on_url = on_url;
+  st->on_version_complete = on_version_complete;
   st->on_header_field = on_header_field;
   st->on_header_value = on_header_value;
   st->on_header_value_complete = on_header_value_complete;
@@ -377,6 +384,22 @@ static const char *bad_line_end(ml_conn_t *c, int in_head, const char *p, size_t
   return NULL;
 }
 
+/* For the access log of a request whose line llhttp refused (an unknown method, a TLS hello on the
+ * plain port, a URI too long): its bytes as sent, as nginx's $request shows them. They are those
+ * of the line the error is in, from its start in this input (after the last LF before the error)
+ * to the first CR or LF; a line begun in an earlier read shows its part in this one. */
+static void raw_request_line(ml_conn_t *c, const char *data, size_t len, const char *err_pos) {
+  if (!err_pos || err_pos < data || err_pos > data + len) return;
+  const char *start = err_pos;
+  while (start > data && start[-1] != '\n')
+    start--;
+  const char *end = start;
+  while (end < data + len && *end != '\r' && *end != '\n')
+    end++;
+  c->bad_line = start;
+  c->bad_line_len = (size_t)(end - start);
+}
+
 /* Parses data[0..len) as far as the request cycle allows; stashes the rest. */
 void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
   c->in_feed = 1;
@@ -449,7 +472,9 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
     char why[160];
     snprintf(why, sizeof why, "%s: %s", llhttp_errno_name(err),
              llhttp_get_error_reason(&c->parser));
+    if (in_head && !c->line_done) raw_request_line(c, data, len, llhttp_get_error_pos(&c->parser));
     ml__conn_error(c, status, why);
+    c->bad_line = NULL;
     break;
   }
   c->feed_rest = 0;
@@ -588,7 +613,17 @@ void ml_conn_log_access(ml_conn_t *c, int status, uint64_t bytes, const char *re
                    .status = status,
                    .bytes = (unsigned long long)bytes,
                    .request_id = request_id};
-  if (c->state >= ML_CONN_BODY && r->method_len) { /* else refused before its headers were whole */
+  if (c->state < ML_CONN_BODY && c->line_done && r->method_len) { /* refused for its headers */
+    a.method = r->method;
+    a.method_len = r->method_len;
+    a.target = r->target;
+    a.target_len = r->target_len;
+    a.http_major = c->parser.http_major;
+    a.http_minor = c->parser.http_minor;
+  } else if (c->state < ML_CONN_BODY) { /* refused before its line was whole */
+    a.raw_line = c->bad_line;
+    a.raw_line_len = c->bad_line_len;
+  } else if (r->method_len) {
     a.method = r->method;
     a.method_len = r->method_len;
     a.target = r->target;

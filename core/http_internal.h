@@ -82,6 +82,8 @@ struct ml_conn_s {
 
   uint8_t state;              /* ML_CONN_* */
   const char *feed_start;     /* the data of the llhttp_execute in progress (obs-fold checks) */
+  const char *bad_line;       /* while ml__conn_error runs for a line llhttp refused: its bytes */
+  size_t bad_line_len;        /* as sent, for the access log (see raw_request_line) */
   char last_byte;             /* the last byte given to llhttp_execute */
   uint8_t pause;              /* why llhttp paused: PAUSE_HEADERS or PAUSE_MESSAGE (http_conn.c) */
   unsigned req_active : 1;    /* on_request ran, ml_conn_finish not yet */
@@ -104,6 +106,7 @@ struct ml_conn_s {
   unsigned counted : 1;       /* counted in srv->nconns */
   unsigned notified : 1;      /* on_close ran */
   unsigned skip_complete : 1; /* the next on_message_complete belongs to a body-less request */
+  unsigned line_done : 1;     /* the request line was parsed whole (on_version_complete) */
   ml_conn_t *ready_next;      /* the server's ready list: finished requests with stashed input */
 
   /* after ml_conn_upgrade: a raw byte stream owned by the upper layer (http_conn.c) */

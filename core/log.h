@@ -16,7 +16,8 @@ typedef void (*ml_log_sink_cb)(void *ud, int level, const char *line);
 /* The access log's formats (`moonlet --access-log-format NAME`), a line each:
  * - moonlet: 127.0.0.1:40312 "GET /x HTTP/1.1" 200 13 "curl/8.0" 0.123ms
  * - combined, nginx's: 127.0.0.1 - - [28/Nov/2026:04:31:50 +0000] "GET /x HTTP/1.1" 200 13 "-" "ua"
- * - json: an object with nginx's names: time (ISO 8601), remote_addr, request_method, request_uri,
+ * - json: an object with nginx's names: time (ISO 8601), remote_addr, request (the line),
+ *   request_method, request_uri,
  *   server_protocol, status, body_bytes_sent, request_time, http_referer, http_user_agent,
  *   request_id ("" when none).
  * moonlet adds " id=ID" when the request has an id (moonlet.request_id); combined is nginx's.
@@ -27,7 +28,7 @@ enum { ML_ACCESS_MOONLET = 0, ML_ACCESS_COMBINED = 1, ML_ACCESS_JSON = 2 };
 /* What an access-log line says of one request (strings are not NUL-terminated unless said). */
 typedef struct ml_access_s {
   const char *peer;   /* "ip:port", "[ip6]:port" or "unix:", NUL-terminated */
-  const char *method; /* NULL: refused before its request line was whole */
+  const char *method; /* NULL: refused before its request line was whole (see raw_line) */
   size_t method_len;
   const char *target;
   size_t target_len;
@@ -40,6 +41,8 @@ typedef struct ml_access_s {
   size_t ua_len;
   double ms;              /* since the request began */
   const char *request_id; /* moonlet.request_id's, NUL-terminated; NULL: none */
+  const char *raw_line;   /* method NULL: the request line's bytes as sent, up to its CR or LF */
+  size_t raw_line_len;    /* (nginx's $request for a line it could not parse); NULL: none */
 } ml_access_t;
 
 struct ml_log_out_s;

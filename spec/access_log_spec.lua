@@ -94,13 +94,35 @@ describe("the access log, the error log and the pid file of the command", functi
         assert.same(200, test.request(port, "GET", "/?a=1&b=%22", {
             headers = { ["User-Agent"] = ua, Referer = "http://example.test/from" } }).status)
         assert.truthy(test.raw(port, "BAD\r\n\r\n"):find("^HTTP/1.1 400 "))
-        local lines = wait_lines(log, 2)
+        -- a line llhttp refuses is shown as sent (nginx's $request): a TLS hello on the plain port,
+        -- an unknown method after empty lines, a bad version behind a pipelined request
+        assert.truthy(test.raw(port, "\x16\x03\x01\x02\x00\x01\x00\x01\xFC\x03\x03\r\n\r\n")
+                      :find("^HTTP/1.1 400 "))
+        assert.truthy(test.raw(port, "\r\n\r\nGEX /q\"x HTTP/1.1\r\nHost: a\r\n\r\n"):find("^HTTP/1.1 400 "))
+        assert.truthy(test.raw(port, "GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTX/1.1\r\n\r\n")
+                      :find("HTTP/1.1 400 ", 1, true))
+        -- refused for its headers: the line was whole, so it is logged whole
+        assert.truthy(test.raw(port, "GET /nohost HTTP/1.1\r\n\r\n"):find("^HTTP/1.1 400 "))
+        assert.truthy(test.raw(port, "GET /fold HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n")
+                      :find("^HTTP/1.1 400 "))
+        assert.truthy(test.raw(port, "GET /" .. ("u"):rep(9000) .. " HTTP/1.1\r\nHost: a\r\n\r\n")
+                      :find("^HTTP/1.1 414 "))
+        local lines = wait_lines(log, 9)
+        assert.same(9, #lines)
+        local function request_status(i) return lines[i]:match('^[^"]*(".*" %d+) ') end
+        assert.same('"\\x16\\x03\\x01\\x02\\x00\\x01\\x00\\x01\\xFC\\x03\\x03" 400', request_status(3))
+        assert.same('"GEX /q\\x22x HTTP/1.1" 400', request_status(4))
+        assert.same('"GET /a HTTP/1.1" 404', request_status(5))
+        assert.same('"GET /b HTX/1.1" 400', request_status(6))
+        assert.same('"GET /nohost HTTP/1.1" 400', request_status(7))
+        assert.same('"GET /fold HTTP/1.1" 400', request_status(8))
+        assert.same('"GET /' .. ("u"):rep(507) .. '" 414', request_status(9)) -- cut at 512 bytes
         local stamp = "%[%d%d/%a%a%a/%d%d%d%d:%d%d:%d%d:%d%d [+-]%d%d%d%d%]"
         assert.truthy(lines[1]:match("^127%.0%.0%.1 %- %- " .. stamp ..
                                      ' "GET /%?a=1&b=%%22 HTTP/1%.1" 200 ' .. BODY_LEN ..
                                      ' "http://example%.test/from" ' ..
                                      '"agent \\x22q\\x22 \\x5C \\xC3\\xA9\\x09!"$'), lines[1])
-        assert.truthy(lines[2]:match("^127%.0%.0%.1 %- %- " .. stamp .. ' "%-" 400 %d+ "%-" "%-"$'),
+        assert.truthy(lines[2]:match("^127%.0%.0%.1 %- %- " .. stamp .. ' "BAD" 400 %d+ "%-" "%-"$'),
                       lines[2])
     end)
 
@@ -119,7 +141,8 @@ describe("the access log, the error log and the pid file of the command", functi
         assert.truthy(a.request_time >= 0 and a.request_time < 5)
         a.time, a.request_time = nil, nil
         assert.same({
-            remote_addr = "127.0.0.1", request_method = "GET", request_uri = "/?x=%22y%22",
+            remote_addr = "127.0.0.1", request = "GET /?x=%22y%22 HTTP/1.1",
+            request_method = "GET", request_uri = "/?x=%22y%22",
             server_protocol = "HTTP/1.1", status = 200, body_bytes_sent = BODY_LEN,
             http_referer = "",
             -- kept as UTF-8; a byte that is not UTF-8 becomes U+FFFD, so that the line stays JSON
@@ -128,7 +151,7 @@ describe("the access log, the error log and the pid file of the command", functi
         }, a)
         assert.same({ "/boom", 500 }, { json.decode(lines[2]).request_uri, json.decode(lines[2]).status })
         local bad = json.decode(lines[3])
-        assert.same({ "", "", 400 }, { bad.request_method, bad.request_uri, bad.status })
+        assert.same({ "BAD", "", "", 400 }, { bad.request, bad.request_method, bad.request_uri, bad.status })
     end)
 
     it("logs every request of a pipelined burst larger than the buffer, in order", function()

@@ -102,6 +102,20 @@ static void test_combined(void) {
   CHECK(strncmp(format(ML_ACCESS_COMBINED, &a), "unix: - - [", 11) == 0);
   ml_access_t refused = {.peer = "10.0.0.2:9", .status = 400};
   CHECK_HAS(format(ML_ACCESS_COMBINED, &refused), "] \"-\" 400 0 \"-\" \"-\"");
+  /* a line the parser refused: its bytes as sent, escaped, cut at 512 */
+  refused.raw_line = "\x16\x03\x01 \"x\"";
+  refused.raw_line_len = 7;
+  CHECK_HAS(format(ML_ACCESS_COMBINED, &refused), "] \"\\x16\\x03\\x01 \\x22x\\x22\" 400 0 ");
+  CHECK_STR(format(ML_ACCESS_MOONLET, &refused),
+            "10.0.0.2:9 \"\\x16\\x03\\x01 \\x22x\\x22\" 400 0 \"-\" 0.000ms");
+  CHECK_HAS(format(ML_ACCESS_JSON, &refused),
+            "\"request\":\"\\u0016\\u0003\\u0001 \\\"x\\\"\",\"request_method\":\"\",");
+  static char long_line[1000];
+  memset(long_line, 'a', sizeof long_line);
+  refused.raw_line = long_line;
+  refused.raw_line_len = sizeof long_line;
+  const char *cut = strstr(format(ML_ACCESS_COMBINED, &refused), "\"a");
+  CHECK(cut && strspn(cut + 1, "a") == 512 && strncmp(cut + 513, "\" 400 ", 6) == 0);
 }
 
 static void test_json(void) {
@@ -112,7 +126,8 @@ static void test_json(void) {
   CHECK(strncmp(line, "{\"time\":\"", 9) == 0);
   CHECK_HAS(
       line,
-      "\",\"remote_addr\":\"127.0.0.1\",\"request_method\":\"GET\",\"request_uri\":\"/x?y=1\","
+      "\",\"remote_addr\":\"127.0.0.1\",\"request\":\"GET /x?y=1 HTTP/1.1\","
+      "\"request_method\":\"GET\",\"request_uri\":\"/x?y=1\","
       "\"server_protocol\":\"HTTP/1.1\",\"status\":200,\"body_bytes_sent\":13,"
       "\"request_time\":0.002,\"http_referer\":\"\",\"http_user_agent\":\"curl/8.0\","
       "\"request_id\":\"\"}");
@@ -135,12 +150,22 @@ static void test_json(void) {
   ml_access_t refused = {.peer = "[2001:db8::1]:443", .status = 408};
   line = format(ML_ACCESS_JSON, &refused);
   CHECK_HAS(line,
-            "\"remote_addr\":\"2001:db8::1\",\"request_method\":\"\",\"request_uri\":\"\","
+            "\"remote_addr\":\"2001:db8::1\",\"request\":\"\",\"request_method\":\"\","
+            "\"request_uri\":\"\","
             "\"server_protocol\":\"\",\"status\":408,\"body_bytes_sent\":0,\"request_time\":0.000");
 }
 
 static void test_bounds(void) {
   ctest_section("bounds");
+  { /* the worst case of every JSON field at once: control bytes everywhere, 6 bytes each */
+    static char ctl[20000];
+    memset(ctl, 1, sizeof ctl - 1);
+    ml_access_t w = request(ctl);
+    w.method = w.target = w.referer = w.request_id = ctl;
+    w.method_len = w.target_len = w.referer_len = strlen(ctl);
+    const char *line = format(ML_ACCESS_JSON, &w);
+    CHECK(strlen(line) < ML_LOG_OUT_LINE - 1 && line[strlen(line) - 1] == '}');
+  }
   static char target[20000], ua[20000];
   memset(target, '"', sizeof target - 1); /* each byte escapes to 4 or 2 */
   memset(ua, 1, sizeof ua - 1);           /* \u0001: 6 each */
