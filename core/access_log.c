@@ -174,6 +174,17 @@ static void put_request_status(line_t *w, const ml_access_t *a) {
   put(w, " ", 1);
 }
 
+size_t ml_access_request_line(const ml_access_t *a, char *buf, size_t cap) {
+  if (cap == 0) return 0;
+  line_t w = {buf, buf + cap - 1};
+  if (a->method)
+    put_request_line(&w, a);
+  else if (a->raw_line)
+    put_escaped(&w, a->raw_line, a->raw_line_len, MAX_TARGET);
+  *w.p = 0;
+  return (size_t)(w.p - buf);
+}
+
 static void format_moonlet(line_t *w, const ml_access_t *a) {
   put_str(w, a->peer);
   put(w, " ", 1);

@@ -551,11 +551,37 @@ void ml__conn_on_eof(ml_conn_t *c) {
 }
 
 /* Answers `status` if no response was started, then closes (gracefully). */
+/* The request line as the logs show it (nginx's $request): parsed, when it was whole; else the
+ * bytes llhttp refused (raw_request_line), or none. */
+static void request_line_of(const ml_conn_t *c, ml_access_t *a) {
+  const ml_request_t *r = &c->req;
+  if (!r->method_len || (c->state < ML_CONN_BODY && !c->line_done)) {
+    if (c->state < ML_CONN_BODY) {
+      a->raw_line = c->bad_line;
+      a->raw_line_len = c->bad_line_len;
+    }
+    return;
+  }
+  a->method = r->method;
+  a->method_len = r->method_len;
+  a->target = r->target;
+  a->target_len = r->target_len;
+  /* refused for its headers: on_headers_complete did not copy the version yet */
+  a->http_major = c->state < ML_CONN_BODY ? c->parser.http_major : r->http_major;
+  a->http_minor = c->state < ML_CONN_BODY ? c->parser.http_minor : r->http_minor;
+}
+
 void ml__conn_error(ml_conn_t *c, int status, const char *why) {
-  char peer[64];
-  ml_conn_peer(c, peer, sizeof peer);
-  ml_log(c->srv->log, status >= 500 ? ML_LOG_ERROR : ML_LOG_INFO, "%d %s from %s: %s", status,
-         ml_http_reason(status), peer, why);
+  if (ml_log_enabled(c->srv->log, status >= 500 ? ML_LOG_ERROR : ML_LOG_INFO)) {
+    char peer[64], line[256];
+    ml_conn_peer(c, peer, sizeof peer);
+    ml_access_t a = {0};
+    request_line_of(c, &a);
+    int has_line = ml_access_request_line(&a, line, sizeof line) > 0;
+    ml_log(c->srv->log, status >= 500 ? ML_LOG_ERROR : ML_LOG_INFO, "%d %s from %s: %s%s%s%s",
+           status, ml_http_reason(status), peer, why, has_line ? ", request: \"" : "",
+           has_line ? line : "", has_line ? "\"" : "");
+  }
   if (c->req_active) { /* the handler still runs: it hears about it as a body error */
     c->body_error = 1;
     c->body_event = 1;
@@ -613,23 +639,8 @@ void ml_conn_log_access(ml_conn_t *c, int status, uint64_t bytes, const char *re
                    .status = status,
                    .bytes = (unsigned long long)bytes,
                    .request_id = request_id};
-  if (c->state < ML_CONN_BODY && c->line_done && r->method_len) { /* refused for its headers */
-    a.method = r->method;
-    a.method_len = r->method_len;
-    a.target = r->target;
-    a.target_len = r->target_len;
-    a.http_major = c->parser.http_major;
-    a.http_minor = c->parser.http_minor;
-  } else if (c->state < ML_CONN_BODY) { /* refused before its line was whole */
-    a.raw_line = c->bad_line;
-    a.raw_line_len = c->bad_line_len;
-  } else if (r->method_len) {
-    a.method = r->method;
-    a.method_len = r->method_len;
-    a.target = r->target;
-    a.target_len = r->target_len;
-    a.http_major = r->http_major;
-    a.http_minor = r->http_minor;
+  request_line_of(c, &a);
+  if (c->state >= ML_CONN_BODY && a.method) { /* its headers were whole */
     a.ms = (double)(uv_hrtime() - r->started_ns) / 1e6;
     for (unsigned i = 0; i < r->nheaders; i++) {
       const ml_header_t *h = &r->headers[i];

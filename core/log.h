@@ -62,9 +62,16 @@ typedef struct ml_log_s {
 void ml_log(const ml_log_t *log, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void ml_logv(const ml_log_t *log, int level, const char *fmt, va_list ap);
+/* Whether a message of this level is written (so that one need not be made for nothing). */
+static inline int ml_log_enabled(const ml_log_t *log, int level) {
+  return !log || level <= log->level;
+}
 /* Writes one access-log line for a request when the access log is on (core/access_log.c). */
 void ml_log_access(const ml_log_t *log, const ml_access_t *a);
 int ml_log_access_format_parse(const char *name); /* ML_ACCESS_*, -1 when unknown */
+/* The request line of a (nginx's $request, escaped as in the combined format) at buf, NUL-ended,
+ * cut to cap bytes; returns its length (0: none). */
+size_t ml_access_request_line(const ml_access_t *a, char *buf, size_t cap);
 const char *ml_log_level_name(int level);
 int ml_log_level_parse(const char *name); /* -1 when unknown */
 

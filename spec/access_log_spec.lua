@@ -89,7 +89,7 @@ describe("the access log, the error log and the pid file of the command", functi
 
     it("writes nginx's combined format, escaping what the client sent as nginx does", function()
         local log = fresh("combined.log")
-        local _, port = start("--access-log=" .. log .. " --access-log-format combined")
+        local p, port = start("--access-log=" .. log .. " --access-log-format combined")
         local ua = 'agent "q" \\ \xC3\xA9\t!'
         assert.same(200, test.request(port, "GET", "/?a=1&b=%22", {
             headers = { ["User-Agent"] = ua, Referer = "http://example.test/from" } }).status)
@@ -117,6 +117,10 @@ describe("the access log, the error log and the pid file of the command", functi
         assert.same('"GET /nohost HTTP/1.1" 400', request_status(7))
         assert.same('"GET /fold HTTP/1.1" 400', request_status(8))
         assert.same('"GET /' .. ("u"):rep(507) .. '" 414', request_status(9)) -- cut at 512 bytes
+        -- the error log names the request the same way (nginx's ", request: ...")
+        assert.truthy(p:output():find('400 Bad Request from 127.0.0.1:%d+: HPE_INVALID_METHOD: ' ..
+                                      '[^\n]*, request: "GEX /q\\x22x HTTP/1.1"\n'), p:output())
+        assert.truthy(p:output():find(': missing Host header, request: "GET /nohost HTTP/1.1"\n', 1, true))
         local stamp = "%[%d%d/%a%a%a/%d%d%d%d:%d%d:%d%d:%d%d [+-]%d%d%d%d%]"
         assert.truthy(lines[1]:match("^127%.0%.0%.1 %- %- " .. stamp ..
                                      ' "GET /%?a=1&b=%%22 HTTP/1%.1" 200 ' .. BODY_LEN ..
