@@ -84,6 +84,44 @@ describe("moonlet.request_id", function()
         assert.truthy(err:find("kaboom", 1, true), err)
     end)
 
+    it("passes the id on to the services a request calls with propagate = true", function()
+        -- the service: echoes the id it got (or "none")
+        local svc = moonlet.app()
+        svc:get("/who", function(req) return req:header("x-trace") or "none" end)
+        local up = "http://127.0.0.1:" .. test.serving(svc) .. "/who"
+        local function fetch(opts)
+            local r, err = moonlet.http.get(up, opts)
+            return r and r.body or err
+        end
+        local front = moonlet.app()
+        front:use(moonlet.request_id({ header = "X-Trace", trust = true, propagate = true }))
+        front:get("/", function(req)
+            local parts = moonlet.gather({
+                fetch,
+                function() return fetch({ headers = { ["x-TRACE"] = "own" } }) end, -- the call's own
+                function() return fetch({ headers = { Accept = "*/*" } }) end,
+            })
+            -- a task spawned for the request passes it on too
+            local ok, bg = moonlet.spawn(fetch):join(5)
+            return { id = req.id, direct = fetch(), gathered = parts, spawned = ok and bg }
+        end)
+        local plain = moonlet.app() -- ids, not passed on
+        plain:use(moonlet.request_id({ header = "X-Trace" }))
+        plain:get("/", function(req) return { id = req.id, direct = fetch() } end)
+        local port, port2 = test.serving(front), test.serving(plain)
+        for _, given in ipairs({ "trace-1", false }) do
+            local r = test.request(port, "GET", "/", { headers = { ["X-Trace"] = given or nil } })
+            local b = json.decode(r.body)
+            if given then assert.same(given, b.id) end
+            assert.same({ b.id, { b.id, "own", b.id }, b.id }, { b.direct, b.gathered, b.spawned })
+        end
+        local b = json.decode(test.request(port2, "GET", "/").body)
+        assert.same("none", b.direct)
+        assert.truthy(#b.id == 32)
+        -- outside any request: nothing
+        assert.same("none", fetch())
+    end)
+
     it("refuses a bad header name", function()
         assert.has_error(function() moonlet.request_id({ header = "X Bad" }) end,
                          "moonlet.request_id: header is a header name")

@@ -22,6 +22,7 @@
 local core = require "moonlet.core"
 local json = require "moonlet.json"
 local multipart = require "moonlet.multipart"
+local request_id = require "moonlet.request_id"
 local task = require "moonlet.task"
 local tcp = require "moonlet.tcp"
 local url_mod = require "moonlet.url"
@@ -625,8 +626,10 @@ end
 -- whether it is to be sent with chunked framing (it is unless the headers give a Content-Length)
 -- and that Content-Length.
 local function build_request(method, u, target, headers, body, o, decompress, px)
+    local id_header, id -- moonlet.request_id({ propagate = true })'s, for this request's calls
+    if request_id.propagating then id_header, id = request_id.outgoing() end
     if not headers and not body and not decompress and not u.auth and o.keepalive ~= false
-        and method == "GET" and target == u.target and o.user_agent == nil and not px then
+        and method == "GET" and target == u.target and o.user_agent == nil and not px and not id then
         local r = u.get_request -- the common case, built once per URL
         if not r then
             local ua = config.user_agent
@@ -640,9 +643,11 @@ local function build_request(method, u, target, headers, body, o, decompress, px
     local parts = { method, " ", px and u.scheme .. "://" .. u.hostport .. target or target, " HTTP/1.1\r\n" }
     local n = 4
     local has_host, has_ua, has_cl, has_te, has_ae, has_conn, has_auth, has_pauth
+    local id_name = id and lower_name(id_header)
     if headers then
         for k, v in pairs(headers) do
             local lk = lower_name(k)
+            if lk == id_name then id = nil end -- the call's own
             if lk == "host" then has_host = true
             elseif lk == "user-agent" then has_ua = true
             elseif lk == "content-length" then has_cl = tonumber(type(v) == "table" and v[1] or v) or -1
@@ -672,6 +677,10 @@ local function build_request(method, u, target, headers, body, o, decompress, px
     if not has_ua and ua then -- (false: none, as nginx's proxy_pass and node's http send none)
         parts[n + 1], parts[n + 2] = "User-Agent: ", ua .. "\r\n"
         n = n + 2
+    end
+    if id then
+        parts[n + 1], parts[n + 2], parts[n + 3], parts[n + 4] = id_header, ": ", id, "\r\n"
+        n = n + 4
     end
     if u.auth and not has_auth then
         parts[n + 1], parts[n + 2] = "Authorization: ", u.auth .. "\r\n"
