@@ -550,7 +550,6 @@ void ml__conn_on_eof(ml_conn_t *c) {
   ml_conn_close(c, c->write_queue > 0);
 }
 
-/* Answers `status` if no response was started, then closes (gracefully). */
 /* The request line as the logs show it (nginx's $request): parsed, when it was whole; else the
  * bytes llhttp refused (raw_request_line), or none. */
 static void request_line_of(const ml_conn_t *c, ml_access_t *a) {
@@ -571,6 +570,7 @@ static void request_line_of(const ml_conn_t *c, ml_access_t *a) {
   a->http_minor = c->state < ML_CONN_BODY ? c->parser.http_minor : r->http_minor;
 }
 
+/* Answers `status` if no response was started, then closes (gracefully). */
 void ml__conn_error(ml_conn_t *c, int status, const char *why) {
   if (ml_log_enabled(c->srv->log, status >= 500 ? ML_LOG_ERROR : ML_LOG_INFO)) {
     char peer[64], line[256];
