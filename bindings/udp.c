@@ -2,6 +2,15 @@
  * until a datagram, the timeout or close), setpeername (connects: send and receive then talk to
  * that peer only), settimeout, getsockname, close. lua/moonlet/udp.lua wraps them as moonlet.udp.
  *
+ * Datagram Unix domain sockets too: core.udp_bind("unix:/path") (the file's rules are the stream
+ * listeners', core/listen.c: a stale file replaced, a live one refused, removed at close only if it
+ * is still ours), core.udp_bind("unix:") bound to a free abstract name (Linux's autobind) so that
+ * a server can answer it. Their addresses are "unix:/path", or "unix:@name" for an abstract one
+ * (the form ss and systemd print), "unix:" for a sender with no name. libuv 1.44 receives on them
+ * (uv_udp_open), but sends only to a path's full-size address and connects only IP: a Unix
+ * socket's datagrams go out with sendto/send on its fd here, at once or not at all (a full
+ * receiver: nil, "resource temporarily unavailable", as OpenResty's send fails there).
+ *
  * Ownership: the socket (udp_t) is C memory linked in the instance's resources; the Lua userdata
  * holds a pointer NULLed when it closes (methods then return nil, "closed"). It is freed from the
  * close callback of its last handle (udp + timer), after the callbacks of its sends in flight.
@@ -11,8 +20,13 @@
  * stops the other source and resumes it (a cancel resumes nobody). Datagrams are read only while
  * someone waits; the others wait in the kernel's buffer.
  */
+#include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include "../core/listen.h"
 #include "mlua.h"
@@ -35,6 +49,9 @@ typedef struct udp_s {
   struct udp_s **box; /* the Lua box, NULLed at close */
   mlua_task_t *task;  /* the parked receiver, or NULL */
   int receiving, closed, handles, connected;
+  int is_unix;        /* a datagram Unix domain socket (AF_UNIX) */
+  char *path;         /* the socket file it made (owned), removed at close if still ours, or NULL */
+  ml_unix_id_t id;    /* ... and which file it is */
   int64_t timeout_ms; /* recvfrom's default: < 0 none */
   char rbuf[65536];   /* one datagram */
 } udp_t;
@@ -46,7 +63,10 @@ typedef struct {
 
 static void udp_closed(uv_handle_t *h) {
   udp_t *u = h->data;
-  if (--u->handles == 0) free(u);
+  if (--u->handles == 0) {
+    free(u->path);
+    free(u);
+  }
 }
 
 static mlua_task_t *take_waiter(udp_t *u) {
@@ -67,6 +87,7 @@ static void udp_close(udp_t *u) {
   u->box = NULL;
   mlua_res_unlink(u->m, &u->res);
   mlua_task_t *t = take_waiter(u);
+  if (u->path) ml_listen_unix_unlink(u->path, &u->id);
   uv_close((uv_handle_t *)&u->udp, udp_closed);
   uv_close((uv_handle_t *)&u->timer, udp_closed);
   if (t) mlua_task_resume(t, push_err(t->co, UV_EPIPE));
@@ -88,20 +109,114 @@ static udp_t *check_udp(lua_State *L) {
   return *box;
 }
 
-static int parse_addr(const char *host, int port, struct sockaddr_storage *addr) {
-  if (strcmp(host, "localhost") == 0) host = "127.0.0.1";
-  if (port < 0 || port > 65535) return UV_EINVAL;
-  return strchr(host, ':') ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)addr)
-                           : uv_ip4_addr(host, port, (struct sockaddr_in *)addr);
+/* "unix:/path" or "unix:@name" (abstract) as an address of *len bytes: 0 or a negative error */
+static int parse_unix(const char *name, struct sockaddr_storage *addr, socklen_t *len) {
+  struct sockaddr_un *sa = (struct sockaddr_un *)addr;
+  size_t n = strlen(name);
+  if (n == 0) return UV_EINVAL; /* "unix:": an unnamed socket cannot be sent to */
+  if (n >= sizeof sa->sun_path) return UV_ENAMETOOLONG;
+  memset(sa, 0, sizeof *sa);
+  sa->sun_family = AF_UNIX;
+  memcpy(sa->sun_path, name, n);
+  if (name[0] == '@') sa->sun_path[0] = 0; /* an abstract name is its bytes, no NUL after */
+  *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (name[0] == '@' ? 0 : 1));
+  return 0;
 }
 
-/* syntax: u, err = core.udp_bind(ip, port) */
+/* An IP literal (or "localhost") and port, or a "unix:" address; *len its size */
+static int parse_addr(const char *host, int port, struct sockaddr_storage *addr, socklen_t *len) {
+  if (strncmp(host, "unix:", 5) == 0) return parse_unix(host + 5, addr, len);
+  if (strcmp(host, "localhost") == 0) host = "127.0.0.1";
+  if (port < 0 || port > 65535) return UV_EINVAL;
+  int six = strchr(host, ':') != NULL;
+  *len = six ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+  return six ? uv_ip6_addr(host, port, (struct sockaddr_in6 *)addr)
+             : uv_ip4_addr(host, port, (struct sockaddr_in *)addr);
+}
+
+/* Pushes a Unix socket's address as a string: "unix:/path", "unix:@name", "unix:". Returns 1. */
+static int push_unix_addr(lua_State *L, const struct sockaddr *addr) {
+  const struct sockaddr_un *sa = (const struct sockaddr_un *)addr;
+  lua_pushliteral(L, "unix:");
+  if (addr && addr->sa_family == AF_UNIX) { /* (libuv zeroes the name an unnamed sender lacks) */
+    const char *p = sa->sun_path;
+    size_t max = sizeof sa->sun_path;
+    if (p[0] == 0 && p[1] != 0) { /* abstract: "@" and its bytes up to a NUL */
+      lua_pushliteral(L, "@");
+      lua_pushlstring(L, p + 1, strnlen(p + 1, max - 1));
+      lua_concat(L, 3);
+      return 1;
+    }
+    lua_pushlstring(L, p, strnlen(p, max));
+    lua_concat(L, 2);
+  }
+  return 1;
+}
+
+/* The address of a socket or of the sender of a datagram: ip, port or the "unix:" string */
+static int push_addr(lua_State *L, const udp_t *u, const struct sockaddr *addr) {
+  return u->is_unix ? push_unix_addr(L, addr) : mlua_push_sockaddr(L, addr);
+}
+
+/* A Unix socket's datagram, at once or not at all: 0 or a negative error (UV_EAGAIN when the
+ * receiver's queue is full). addr NULL: to the connected peer. */
+static int send_unix(udp_t *u, const char *data, size_t len, const struct sockaddr *addr,
+                     socklen_t alen) {
+  uv_os_fd_t fd;
+  int r = uv_fileno((uv_handle_t *)&u->udp, &fd);
+  if (r < 0) return r;
+  ssize_t n;
+  do {
+    n = addr ? sendto(fd, data, len, MSG_NOSIGNAL, addr, alen) : send(fd, data, len, MSG_NOSIGNAL);
+  } while (n < 0 && errno == EINTR);
+  return n < 0 ? (errno == EWOULDBLOCK ? UV_EAGAIN : -errno) : 0;
+}
+
+/* syntax: u, err = core.udp_bind("unix:/path" | "unix:") -- a datagram Unix domain socket */
+static int bind_unix(lua_State *L, moonlet_t *m, const char *path) {
+  udp_t *u = calloc(1, sizeof *u);
+  if (!u) return luaL_error(L, "moonlet: out of memory");
+  if (*path && !(u->path = strdup(path))) {
+    free(u);
+    return luaL_error(L, "moonlet: out of memory");
+  }
+  int fd = ml_unix_dgram_fd(*path ? path : NULL, -1, &u->id);
+  if (fd < 0) {
+    free(u->path);
+    free(u);
+    return push_err(L, fd);
+  }
+  u->m = m;
+  u->timeout_ms = -1;
+  u->is_unix = 1;
+  uv_udp_init(m->loop, &u->udp);
+  uv_timer_init(m->loop, &u->timer);
+  u->udp.data = u->timer.data = u;
+  u->handles = 2;
+  mlua_res_link(m, &u->res, udp_res_close);
+  int r = uv_udp_open(&u->udp, fd); /* which owns fd from here on */
+  if (r < 0) {
+    close(fd);
+    udp_close(u);
+    return push_err(L, r);
+  }
+  udp_t **box = lua_newuserdata(L, sizeof *box);
+  *box = u;
+  u->box = box;
+  luaL_getmetatable(L, UDP_MT);
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+/* syntax: u, err = core.udp_bind(ip, port), or core.udp_bind("unix:/path" | "unix:") */
 static int l_bind(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   const char *host = luaL_checkstring(L, 1);
+  if (strncmp(host, "unix:", 5) == 0) return bind_unix(L, m, host + 5);
   int port = (int)luaL_checkinteger(L, 2);
   struct sockaddr_storage addr;
-  int r = parse_addr(host, port, &addr);
+  socklen_t alen;
+  int r = parse_addr(host, port, &addr, &alen);
   if (r < 0) return push_err(L, r);
   udp_t *u = calloc(1, sizeof *u);
   if (!u) return luaL_error(L, "moonlet: out of memory");
@@ -141,8 +256,11 @@ static void on_sent(uv_udp_send_t *req, int status) {
   free(req->data);
 }
 
-/* Sends one datagram to addr (NULL: the connected peer). Returns 0 or a negative error. */
-static int send_datagram(udp_t *u, const char *data, size_t len, const struct sockaddr *addr) {
+/* Sends one datagram to addr of alen bytes (NULL: the connected peer). 0 or a negative error. */
+static int send_datagram(udp_t *u, const char *data, size_t len, const struct sockaddr *addr,
+                         socklen_t alen) {
+  if (u->is_unix) return send_unix(u, data, len, addr, alen);
+  if (addr && addr->sa_family == AF_UNIX) return UV_EAFNOSUPPORT; /* an IP socket */
   uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
   int r = uv_udp_try_send(&u->udp, &b, 1, addr);
   if (r >= 0) return 0;
@@ -157,17 +275,18 @@ static int send_datagram(udp_t *u, const char *data, size_t len, const struct so
   return r;
 }
 
-/* syntax: ok, err = u:sendto(data, ip, port) */
+/* syntax: ok, err = u:sendto(data, ip, port) -- or u:sendto(data, "unix:/path") */
 static int u_sendto(lua_State *L) {
   udp_t *u = check_udp(L);
   size_t len;
   const char *data = luaL_checklstring(L, 2, &len);
   const char *host = luaL_checkstring(L, 3);
-  int port = (int)luaL_checkinteger(L, 4);
+  int port = (int)luaL_optinteger(L, 4, 0);
   if (!u) return push_err(L, UV_EPIPE);
   struct sockaddr_storage addr;
-  int r = parse_addr(host, port, &addr);
-  if (r == 0) r = send_datagram(u, data, len, (struct sockaddr *)&addr);
+  socklen_t alen;
+  int r = parse_addr(host, port, &addr, &alen);
+  if (r == 0) r = send_datagram(u, data, len, (struct sockaddr *)&addr, alen);
   if (r < 0) return push_err(L, r);
   lua_pushboolean(L, 1);
   return 1;
@@ -180,22 +299,36 @@ static int u_send(lua_State *L) {
   const char *data = luaL_checklstring(L, 2, &len);
   if (!u) return push_err(L, UV_EPIPE);
   if (!u->connected) return luaL_error(L, "moonlet: udp send without setpeername (use sendto)");
-  int r = send_datagram(u, data, len, NULL);
+  int r = send_datagram(u, data, len, NULL, 0);
   if (r < 0) return push_err(L, r);
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* syntax: ok, err = u:setpeername(ip, port) */
+/* A Unix socket connected to addr (libuv's uv_udp_connect takes only IP): 0 or a negative error */
+static int connect_unix(udp_t *u, const struct sockaddr *addr, socklen_t alen) {
+  uv_os_fd_t fd;
+  int r = uv_fileno((uv_handle_t *)&u->udp, &fd);
+  if (r < 0) return r;
+  return connect(fd, addr, alen) < 0 ? -errno : 0;
+}
+
+/* syntax: ok, err = u:setpeername(ip, port) -- or u:setpeername("unix:/path") */
 static int u_setpeername(lua_State *L) {
   udp_t *u = check_udp(L);
   const char *host = luaL_checkstring(L, 2);
-  int port = (int)luaL_checkinteger(L, 3);
+  int port = (int)luaL_optinteger(L, 3, 0);
   if (!u) return push_err(L, UV_EPIPE);
   struct sockaddr_storage addr;
-  int r = parse_addr(host, port, &addr);
-  if (r == 0 && u->connected) r = uv_udp_connect(&u->udp, NULL);
-  if (r == 0) r = uv_udp_connect(&u->udp, (struct sockaddr *)&addr);
+  socklen_t alen;
+  int r = parse_addr(host, port, &addr, &alen);
+  if (r == 0 && (addr.ss_family == AF_UNIX) != u->is_unix) r = UV_EAFNOSUPPORT;
+  if (r == 0 && u->is_unix) {
+    r = connect_unix(u, (struct sockaddr *)&addr, alen);
+  } else {
+    if (r == 0 && u->connected) r = uv_udp_connect(&u->udp, NULL);
+    if (r == 0) r = uv_udp_connect(&u->udp, (struct sockaddr *)&addr);
+  }
   if (r < 0) return push_err(L, r);
   u->connected = 1;
   lua_pushboolean(L, 1);
@@ -226,7 +359,7 @@ static void on_recv(uv_udp_t *h, ssize_t n, const uv_buf_t *buf, const struct so
     return;
   }
   lua_pushlstring(t->co, buf->base, (size_t)n);
-  mlua_task_resume(t, 1 + mlua_push_sockaddr(t->co, addr));
+  mlua_task_resume(t, 1 + push_addr(t->co, u, addr));
 }
 
 /* syntax: data, host, port = u:recvfrom(timeout) -- or nil, "timeout" | "closed"; timeout in
@@ -275,9 +408,10 @@ static int u_getsockname(lua_State *L) {
   if (!u) return push_err(L, UV_EPIPE);
   struct sockaddr_storage ss;
   int len = sizeof ss;
+  memset(&ss, 0, sizeof ss);
   int r = uv_udp_getsockname(&u->udp, (struct sockaddr *)&ss, &len);
   if (r < 0) return push_err(L, r);
-  return mlua_push_sockaddr(L, (struct sockaddr *)&ss);
+  return push_addr(L, u, (struct sockaddr *)&ss);
 }
 
 /* syntax: ok = u:close() -- a waiting recvfrom wakes with nil, "closed" */

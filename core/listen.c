@@ -16,13 +16,14 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-/* Whether the socket file at path is stale: a connect is refused (nobody listens: its process
- * died). Anything else (it connects, its backlog is full, another user's socket we may not use, a
- * datagram socket) counts as alive: the file is not ours to remove. */
-static int unix_stale(const char *path) {
+/* Whether the socket file at path is stale: a connect of a socket of its type (SOCK_STREAM or
+ * SOCK_DGRAM) is refused (nobody listens, nobody holds it: its process died). Anything else (it
+ * connects, its backlog is full, another user's socket we may not use, a socket of the other type)
+ * counts as alive: the file is not ours to remove. */
+static int unix_stale(const char *path, int type) {
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
   memcpy(sa.sun_path, path, strlen(path) + 1);
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  int fd = socket(AF_UNIX, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return 0;
   int stale = connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno == ECONNREFUSED;
   close(fd);
@@ -32,22 +33,24 @@ static int unix_stale(const char *path) {
 /* Makes path free for a new socket: nothing there, or a stale socket file removed. 0, or
  * UV_EADDRINUSE (a live server), UV_EEXIST (not a socket), UV_ENAMETOOLONG, -errno. Two servers
  * started at the same instant may both find one file stale; the second to bind then fails. */
-static int unix_clear(const char *path) {
+static int unix_clear(const char *path, int type) {
   struct stat st;
   if (lstat(path, &st) < 0) return 0;
   if (!S_ISSOCK(st.st_mode)) return UV_EEXIST;
-  if (!unix_stale(path)) return UV_EADDRINUSE;
+  if (!unix_stale(path, type)) return UV_EADDRINUSE;
   if (unlink(path) < 0 && errno != ENOENT) return -errno;
   return 0;
 }
 
-int ml_listen_unix_fd(const char *path, int backlog, int mode, ml_unix_id_t *id) {
+/* A socket of type bound to path (its file made free first), with the permissions mode, listening
+ * (backlog) when it is a stream socket; *id its file. The fd, or a negative libuv error. */
+static int unix_bind_fd(const char *path, int type, int backlog, int mode, ml_unix_id_t *id) {
   if (strlen(path) >= sizeof((struct sockaddr_un *)0)->sun_path) return UV_ENAMETOOLONG;
-  int r = unix_clear(path);
+  int r = unix_clear(path, type);
   if (r < 0) return r;
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
   memcpy(sa.sun_path, path, strlen(path) + 1);
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  int fd = socket(AF_UNIX, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return -errno;
   if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
     r = errno == EADDRINUSE ? UV_EADDRINUSE : -errno; /* (a server that came in between) */
@@ -56,7 +59,7 @@ int ml_listen_unix_fd(const char *path, int backlog, int mode, ml_unix_id_t *id)
   }
   struct stat st; /* the mode is set before the socket listens: no client connects before it */
   if ((mode >= 0 && chmod(path, (mode_t)mode) < 0) || lstat(path, &st) < 0 ||
-      listen(fd, backlog) < 0) {
+      (type == SOCK_STREAM && listen(fd, backlog) < 0)) {
     r = -errno;
     unlink(path);
     close(fd);
@@ -64,6 +67,26 @@ int ml_listen_unix_fd(const char *path, int backlog, int mode, ml_unix_id_t *id)
   }
   id->dev = (unsigned long)st.st_dev;
   id->ino = (unsigned long)st.st_ino;
+  return fd;
+}
+
+int ml_listen_unix_fd(const char *path, int backlog, int mode, ml_unix_id_t *id) {
+  return unix_bind_fd(path, SOCK_STREAM, backlog, mode, id);
+}
+
+int ml_unix_dgram_fd(const char *path, int mode, ml_unix_id_t *id) {
+  if (path) return unix_bind_fd(path, SOCK_DGRAM, 0, mode, id);
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+#ifdef __linux__ /* autobind: the kernel gives it a free abstract name, so that replies can come   \
+                  */
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  if (bind(fd, (struct sockaddr *)&sa, sizeof(sa_family_t)) < 0) {
+    int r = -errno;
+    close(fd);
+    return r;
+  }
+#endif
   return fd;
 }
 

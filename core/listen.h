@@ -42,6 +42,12 @@ int ml_listen_unix_fd(const char *path, int backlog, int mode, ml_unix_id_t *id)
 int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, int mode, uv_connection_cb cb,
                    ml_unix_id_t *id);
 
+/* A datagram Unix domain socket (non-blocking, close-on-exec) bound to path under the same rules
+ * (a stale file replaced, a live socket's kept: UV_EADDRINUSE; *id its file, mode as above); with
+ * path NULL, bound to a free abstract name the kernel picks (Linux's autobind), so that the peers
+ * it sends to can answer. The fd, or a negative libuv error. */
+int ml_unix_dgram_fd(const char *path, int mode, ml_unix_id_t *id);
+
 /* Removes the socket file at path if it is still the one id names (not a newer server's). */
 void ml_listen_unix_unlink(const char *path, const ml_unix_id_t *id);
 

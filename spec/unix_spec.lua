@@ -2,7 +2,7 @@
 -- connect ("unix:/path"), the cosocket object and its keep-alive pool, moonlet.ngx's sockets, TLS
 -- on top, the HTTP server (app:listen{ unix = }, `moonlet --unix PATH`, `--host unix:PATH`, shared
 -- by `--workers 2`, behind a real nginx), the HTTP client and moonlet.ws.connect (`unix =`), the
--- socket file's permissions. The socket file's life: a live server's is never taken over, a
+-- socket file's permissions, datagram sockets (moonlet.udp, ngx.socket.udp). The socket file's life: a live server's is never taken over, a
 -- stale one (its process killed) is replaced, a path that is not a socket is never removed, and
 -- the file goes when the server closes. Errors as nil, err; misuse raises; nothing leaks.
 -- luacheck: globals ngx
@@ -460,6 +460,148 @@ http {
         end, 10), "nginx did not answer")
         -- nginx appended its peer (127.0.0.1, trusted) and came over the socket (unix:, trusted)
         assert.same({ ip = "198.51.100.7", host = "127.0.0.1" }, moonlet.json.decode(res.body))
+    end)
+
+    describe("datagrams (moonlet.udp)", function()
+        local udp = moonlet.udp
+
+        local function dgram(name)
+            local path = dir .. "/" .. name
+            local u = assert(udp.bind("unix:" .. path))
+            defer(function() u:close() end)
+            return u, path
+        end
+
+        -- answers each datagram to its sender, "re:" before it, until "stop"
+        local function echo(u)
+            return moonlet.spawn(function()
+                while true do
+                    local data, from = u:recvfrom(5)
+                    if not data or data == "stop" then return end
+                    if from ~= "unix:" then assert(u:sendto("re:" .. data, from)) end
+                end
+            end)
+        end
+
+        it("bind, sendto and recvfrom; an abstract name for a client; the file goes at close", function()
+            local server, path = dgram("echo.dgram")
+            assert.equal("unix:" .. path, server:getsockname())
+            local t = echo(server)
+            local client = assert(udp.bind("unix:"))
+            defer(function() client:close() end)
+            local name = client:getsockname()
+            assert.truthy(name:match("^unix:@%w+$"), name)
+            assert.same({ true }, { client:sendto("hello", "unix:" .. path) })
+            assert.same({ "re:hello", "unix:" .. path }, { client:recvfrom(5) })
+            local big = string.rep("x", 60000) -- one datagram
+            assert(client:sendto(big, "unix:" .. path))
+            assert.equal("re:" .. big, (client:recvfrom(5)))
+            -- connected: send and receive (the OpenResty object, and the raw socket)
+            local o = udp.socket()
+            assert.is_true(o:setpeername("unix:" .. path))
+            o:settimeout(5)
+            assert(o:send("peer"))
+            assert.equal("re:peer", o:receive())
+            o:close()
+            assert(client:setpeername("unix:" .. path))
+            assert(client:send("raw"))
+            assert.equal("re:raw", client:receive(5))
+            assert(client:sendto("stop", "unix:" .. path))
+            assert.is_true(t:join(5))
+            server:close()
+            assert.is_false(exists(path))
+            assert.same({ nil, "not found" }, { client:sendto("late", "unix:" .. path) })
+        end)
+
+        it("speaks to syslog-style servers through moonlet.ngx's ngx.socket.udp", function()
+            require("moonlet.ngx").install()
+            local server, path = dgram("ngx.dgram")
+            local t = echo(server)
+            local u = ngx.socket.udp()
+            assert.equal(1, u:setpeername("unix:" .. path))
+            u:settimeout(5000)
+            assert.equal(1, u:send({ "<14>", "app: ", "started" }))
+            assert.equal("re:<14>app: started", u:receive())
+            assert.equal(1, u:close())
+            server:sendto("stop", "unix:" .. path)
+            t:join(5)
+        end)
+
+        it("names a sender without a name unix: and cannot answer it; a full receiver is an error", function()
+            local server, path = dgram("anon.dgram")
+            local p = assert(moonlet.process.spawn({ "/usr/bin/python3", "-c", ([[
+import socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"from python", %q)
+]]):format(path) }))
+            assert.same({ "from python", "unix:" }, { server:recvfrom(5) })
+            assert.same(0, p:wait())
+            assert.same({ nil, "invalid argument" }, { server:sendto("x", "unix:") })
+            -- nobody reads: the receiver's queue fills, and a send says so at once (never waits)
+            local client = assert(udp.bind("unix:"))
+            defer(function() client:close() end)
+            local ok, err, sent = true, nil, 0
+            while ok and sent < 100000 do
+                ok, err = client:sendto("fill", "unix:" .. path)
+                if ok then sent = sent + 1 end
+            end
+            assert.equal("resource temporarily unavailable", err)
+            assert.truthy(sent > 0)
+            assert.equal("fill", (server:recvfrom(1))) -- and what was queued is there
+        end)
+
+        it("keeps a live socket's file, replaces a stale one, removes only its own", function()
+            local _, live = dgram("live.dgram")
+            assert.same({ nil, "address in use" }, { udp.bind("unix:" .. live) })
+            local stream = listen("stream.sock") -- a stream socket's file is not a datagram's
+            assert.same({ nil, "address in use" }, { udp.bind("unix:" .. stream:port():sub(6)) })
+            local plain = dir .. "/plain.dgram"
+            test.write_file(plain, "keep me")
+            assert.same({ nil, "file already exists" }, { udp.bind("unix:" .. plain) })
+            assert.equal("keep me", test.read_file(plain))
+            -- a process that exits without closing leaves its file: nobody holds it any more
+            local stale = dir .. "/stale.dgram"
+            local p = assert(moonlet.process.spawn({ "/usr/bin/python3", "-c", ([[
+import socket
+socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).bind(%q)
+]]):format(stale) }))
+            assert.same(0, p:wait())
+            assert.is_true(exists(stale))
+            local u = dgram("stale.dgram")
+            local c = assert(udp.bind("unix:"))
+            defer(function() c:close() end)
+            assert(c:sendto("new", "unix:" .. stale))
+            assert.equal("new", (u:recvfrom(5)))
+            -- an operator's rm, then a new socket at the path: the old one's close leaves it be
+            os.remove(stale)
+            local newer = dgram("stale.dgram")
+            u:close()
+            assert.is_true(exists(stale))
+            newer:close()
+            assert.is_false(exists(stale))
+        end)
+
+        it("an IP socket cannot send to unix:; misuse raises; a cancelled wait leaves nothing", function()
+            local ip = assert(udp.bind("127.0.0.1", 0))
+            defer(function() ip:close() end)
+            assert.same({ nil, "address family not supported" }, { ip:sendto("x", "unix:" .. dir .. "/x") })
+            local u = assert(udp.bind("unix:"))
+            defer(function() u:close() end)
+            assert.same({ nil, "address family not supported" }, { u:setpeername("127.0.0.1", 9) })
+            assert.same({ nil, "name too long" }, { udp.bind("unix:/" .. string.rep("n", 200)) })
+            assert.has_error(function() udp.bind("unix:/a\0b") end, "moonlet.udp.bind: a path without NUL")
+            local before = core.stats()
+            local mem0 = collectgarbage("count")
+            local server = dgram("cancel.dgram")
+            for _ = 1, 200 do
+                assert.same({ nil, "timeout" }, { moonlet.timeout(0.001, server.recvfrom, server) })
+            end
+            server:close()
+            test.wait_until(function() return core.stats().handles <= before.handles end, 5)
+            collectgarbage()
+            collectgarbage()
+            test.assert_baseline(before, mem0, 200)
+        end)
     end)
 
     it("leaves nothing behind: 300 connections, refused connects, a listener closed", function()

@@ -299,11 +299,11 @@ end
 -- syntax: ok, err = u:setpeername(host, port)
 function udp_methods:setpeername(host, port)
     if type(host) ~= "string" then error("moonlet.ngx: setpeername expects a host", 2) end
-    if sub(host, 1, 5) == "unix:" then return nil, "unix domain sockets are not supported" end
     local old = rawget(self, "_sock")
     if old then old:close() end
     self._sock = nil
-    local u, err = udp.bind(find(host, ":", 1, true) and "::" or "0.0.0.0", 0)
+    local unix = sub(host, 1, 5) == "unix:" -- a datagram Unix socket: syslog's /dev/log, ...
+    local u, err = udp.bind(unix and "unix:" or find(host, ":", 1, true) and "::" or "0.0.0.0", 0)
     if not u then return nil, err end
     local ok
     ok, err = u:setpeername(host, port)

@@ -3,6 +3,10 @@
 -- (for bind, sendto, setpeername) are resolved with moonlet.dns; address literals are used as is.
 -- moonlet.udp.socket() is the OpenResty-style unbound object (a Lua table holding the userdata once
 -- :setpeername bound it); timeouts are seconds.
+-- A host "unix:/path" is a datagram Unix domain socket (syslog's /dev/log, a local statsd): bind
+-- makes one there, sendto and setpeername send to one (from a socket bound to "unix:", an abstract
+-- name the kernel picks, so that the server can answer); no port goes with it. recvfrom gives the
+-- sender as "unix:/path", "unix:@name" (abstract) or "unix:" (unnamed).
 local core = require "moonlet.core"
 local task = require "moonlet.task"
 local dns = require "moonlet.dns"
@@ -28,9 +32,14 @@ local function check_port(port, fname)
     return port
 end
 
--- The first address of host (a literal comes back at once).
+local function is_unix(host)
+    return type(host) == "string" and sub(host, 1, 5) == "unix:"
+end
+
+-- The first address of host (a literal or a "unix:" address comes back at once).
 local function address(host)
     if type(host) ~= "string" then error("moonlet.udp: expected a host", 3) end
+    if is_unix(host) then return host end
     local addrs, err = dns.resolve(host)
     if not addrs then return nil, err end
     return addrs[1]
@@ -39,7 +48,7 @@ end
 -- syntax: ok, err = u:sendto(data, host, port) -- one datagram; never waits for the network
 function methods:sendto(data, host, port)
     if type(data) ~= "string" then error("moonlet.udp: sendto expects a string", 2) end
-    port = check_port(port, "sendto")
+    port = is_unix(host) and 0 or check_port(port, "sendto")
     local ip, err = address(host)
     if not ip then return nil, err end
     return raw_sendto(self, data, ip, port)
@@ -52,7 +61,7 @@ end
 
 -- syntax: ok, err = u:setpeername(host, port) -- send and receive then talk to that peer only
 function methods:setpeername(host, port)
-    port = check_port(port, "setpeername")
+    port = is_unix(host) and 0 or check_port(port, "setpeername")
     local ip, err = address(host)
     if not ip then return nil, err end
     return raw_setpeername(self, ip, port)
@@ -67,9 +76,14 @@ end
 
 core.udp_mt.__index = methods
 
--- syntax: u, err = moonlet.udp.bind(host, port) -- host "0.0.0.0" and port 0 (a free one) by default
+-- syntax: u, err = moonlet.udp.bind(host, port) -- host "0.0.0.0" and port 0 (a free one) by default;
+-- moonlet.udp.bind("unix:/path") -- a datagram Unix domain socket ("unix:": an abstract name)
 function _M.bind(host, port)
     host = host or "0.0.0.0"
+    if is_unix(host) then
+        if find(host, "%z") then error("moonlet.udp.bind: a path without NUL", 2) end
+        return core_bind(host)
+    end
     port = check_port(port or 0, "bind")
     local ip, err = address(host)
     if not ip then return nil, err end
@@ -89,7 +103,8 @@ end
 -- syntax: ok, err = u:setpeername(host, port) -- binds (a free port) and talks to that peer only
 -- A socket the object held before is closed first.
 function obj_methods:setpeername(host, port)
-    port = check_port(port, "socket:setpeername")
+    local unix = is_unix(host)
+    port = unix and 0 or check_port(port, "socket:setpeername")
     local ip, err = address(host)
     if not ip then return nil, err end
     local old = rawget(self, "_sock")
@@ -98,7 +113,11 @@ function obj_methods:setpeername(host, port)
         old:close()
     end
     local u
-    u, err = core_bind(find(ip, ":", 1, true) and "::" or "0.0.0.0", 0)
+    if unix then
+        u, err = core_bind("unix:")
+    else
+        u, err = core_bind(find(ip, ":", 1, true) and "::" or "0.0.0.0", 0)
+    end
     if not u then return nil, err end
     local ok
     ok, err = raw_setpeername(u, ip, port)
