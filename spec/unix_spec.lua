@@ -2,9 +2,10 @@
 -- connect ("unix:/path"), the cosocket object and its keep-alive pool, moonlet.ngx's sockets, TLS
 -- on top, the HTTP server (app:listen{ unix = }, `moonlet --unix PATH`, `--host unix:PATH`, shared
 -- by `--workers 2`, behind a real nginx), the HTTP client and moonlet.ws.connect (`unix =`), the
--- socket file's permissions, datagram sockets (moonlet.udp, ngx.socket.udp). The socket file's life: a live server's is never taken over, a
--- stale one (its process killed) is replaced, a path that is not a socket is never removed, and
--- the file goes when the server closes. Errors as nil, err; misuse raises; nothing leaks.
+-- socket file's permissions, datagram sockets (moonlet.udp, ngx.socket.udp). The socket file's
+-- life: a live server's is never taken over, a stale one (its process killed) is replaced, a path
+-- that is not a socket is never removed, and the file goes when the server closes. Errors as
+-- nil, err; misuse raises; nothing leaks.
 -- luacheck: globals ngx
 local moonlet = require "moonlet"
 local core = require "moonlet.core"
