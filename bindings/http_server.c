@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 
 #include "../core/numfmt.h"
@@ -188,9 +189,16 @@ static int x_read(lua_State *L) {
 
 /* -- Responses ------------------------------------------------------------------------------ */
 
+/* A response's header lines, and what the handler said in the headers the server owns: the
+ * framing (Content-Length, Transfer-Encoding) and Connection are never copied (the server writes
+ * its own: a handler's Content-Length sizes a stream, Connection: close closes after the response,
+ * the rest is dropped); a handler's Server and Date replace the server's (ML_OWN_*). */
 typedef struct {
   char *p;
   size_t len, cap;
+  int64_t content_length; /* the handler's Content-Length, or -1 */
+  unsigned own;           /* ML_OWN_SERVER | ML_OWN_DATE: the handler gave these */
+  int close;              /* the handler's Connection says close */
   char stackbuf[2048];
 } hbuf_t;
 
@@ -288,13 +296,72 @@ static void hb_header(lua_State *L, hbuf_t *b, const char *name, size_t nlen, in
   b->len = (size_t)(p - b->p);
 }
 
+static int name_is(const char *name, size_t nlen, const char *lower, size_t n) {
+  return nlen == n && strncasecmp(name, lower, n) == 0;
+}
+
+/* Whether the comma-separated list v holds the token (case-insensitive): Connection's "close" */
+static int has_token(const char *v, size_t n, const char *tok, size_t tlen) {
+  for (size_t i = 0; i < n;) {
+    while (i < n && (v[i] == ' ' || v[i] == '\t' || v[i] == ','))
+      i++;
+    size_t j = i;
+    while (j < n && v[j] != ',' && v[j] != ' ' && v[j] != '\t')
+      j++;
+    if (j - i == tlen && strncasecmp(v + i, tok, tlen) == 0) return 1;
+    i = j;
+  }
+  return 0;
+}
+
+/* A header the server owns (see hbuf_t), at vidx: noted in b instead of being written; 0 when the
+ * header is an ordinary one. Raises on a Content-Length that is not a number of bytes. */
+static int owned_header(lua_State *L, hbuf_t *b, const char *name, size_t nlen, int vidx) {
+  switch (nlen) {
+  case 4:
+    if (!name_is(name, nlen, "date", 4)) return 0;
+    b->own |= ML_OWN_DATE;
+    return 0; /* written: it replaces the server's */
+  case 6:
+    if (!name_is(name, nlen, "server", 6)) return 0;
+    b->own |= ML_OWN_SERVER;
+    return 0;
+  case 10: {
+    if (!name_is(name, nlen, "connection", 10)) return 0;
+    size_t n;
+    const char *v = lua_tolstring(L, vidx, &n);
+    if (v && has_token(v, n, "close", 5)) b->close = 1;
+    return 1;
+  }
+  case 14: {
+    if (!name_is(name, nlen, "content-length", 14)) return 0;
+    size_t n;
+    const char *v = lua_tolstring(L, vidx, &n);
+    int64_t len = 0;
+    size_t i = 0;
+    while (v && i < n && v[i] >= '0' && v[i] <= '9' && len < ((int64_t)1 << 53))
+      len = len * 10 + (v[i++] - '0');
+    if (!v || n == 0 || i != n)
+      hb_fail(L, b, "moonlet: header %s: value must be a number of bytes", "Content-Length");
+    b->content_length = len;
+    return 1;
+  }
+  case 17: return name_is(name, nlen, "transfer-encoding", 17); /* the server frames the body */
+  default: return 0;
+  }
+}
+
 /* Formats the content type (index ct, may be nil or false) and the headers table (index hi, may
  * be nil or false: lua/moonlet/response.lua's res has false in both fields until they are set; a
- * value may be an array for repeated headers) as "Name: value\r\n" lines; raises on bad input. */
+ * value may be an array for repeated headers) as "Name: value\r\n" lines; raises on bad input.
+ * The headers the server owns are noted in b, not written (owned_header). */
 static void format_headers(lua_State *L, hbuf_t *b, int ct, int hi) {
   b->p = b->stackbuf;
   b->len = 0;
   b->cap = sizeof b->stackbuf;
+  b->content_length = -1;
+  b->own = 0;
+  b->close = 0;
   if (lua_toboolean(L, ct)) hb_header(L, b, "Content-Type", 12, ct);
   if (!lua_toboolean(L, hi)) return;
   luaL_checktype(L, hi, LUA_TTABLE);
@@ -304,6 +371,10 @@ static void format_headers(lua_State *L, hbuf_t *b, int ct, int hi) {
     if (lua_type(L, -2) != LUA_TSTRING) hb_fail(L, b, "moonlet: header names are strings%s", "");
     const char *name = lua_tolstring(L, -2, &nlen);
     if (!valid_token(name, nlen)) hb_fail(L, b, "moonlet: invalid header name %s", name);
+    if (nlen >= 4 && nlen <= 17 && owned_header(L, b, name, nlen, lua_gettop(L))) {
+      lua_pop(L, 1);
+      continue;
+    }
     if (lua_istable(L, -1)) {
       for (int i = 1;; i++) {
         lua_rawgeti(L, -1, i);
@@ -344,7 +415,16 @@ static int x_respond(lua_State *L) {
   if (!x->c) return mlua_push_error(L, UV_EPIPE);
   hbuf_t hb;
   format_headers(L, &hb, 4, 5);
-  int r = ml_conn_respond(x->c, status, hb.p, hb.len, body, blen);
+  if (hb.close) ml_conn_set_close(x->c);
+  ml_conn_own_headers(x->c, hb.own);
+  int r;
+  if (hb.content_length >= 0 && blen == 0 && ml_conn_request(x->c)->is_head) {
+    /* a HEAD handler says how long the body would be: that length, and no body */
+    r = ml_conn_stream_start(x->c, status, hb.p, hb.len, hb.content_length);
+    if (r == 0) r = ml_conn_stream_end(x->c);
+  } else { /* the length is the body's own */
+    r = ml_conn_respond(x->c, status, hb.p, hb.len, body, blen);
+  }
   hb_free(&hb);
   if (r == UV_EALREADY) return already_answered(L, x);
   if (r < 0) return mlua_push_error(L, r);
@@ -362,6 +442,9 @@ static int x_start(lua_State *L) {
   if (!x->c) return mlua_push_error(L, UV_EPIPE);
   hbuf_t hb;
   format_headers(L, &hb, 3, 4);
+  if (clen < 0) clen = hb.content_length; /* a handler's Content-Length: the stream's size */
+  if (hb.close) ml_conn_set_close(x->c);
+  ml_conn_own_headers(x->c, hb.own);
   int r = ml_conn_stream_start(x->c, status, hb.p, hb.len, clen);
   hb_free(&hb);
   if (r == UV_EALREADY) return already_answered(L, x);

@@ -198,6 +198,10 @@ int ml_conn_send_file(ml_conn_t *c, uv_file fd, int64_t offset, int64_t len, ml_
 void ml_conn_finish(ml_conn_t *c);
 /* Asks for Connection: close on the current response and a close after it. */
 void ml_conn_set_close(ml_conn_t *c);
+/* The next response head's headers (ml_conn_respond's, ml_conn_stream_start's) hold their own
+ * Server (ML_OWN_SERVER) or Date (ML_OWN_DATE) line: the server's is left out. */
+enum { ML_OWN_SERVER = 1, ML_OWN_DATE = 2 };
+void ml_conn_own_headers(ml_conn_t *c, unsigned flags);
 /* Closes the connection: graceful (pending output is written first) or at once. Idempotent. */
 void ml_conn_close(ml_conn_t *c, int graceful);
 int ml_conn_is_closing(const ml_conn_t *c);

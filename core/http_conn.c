@@ -724,6 +724,7 @@ void ml_conn_body_want(ml_conn_t *c) {
 }
 
 void ml_conn_set_close(ml_conn_t *c) { c->close_after = 1; }
+void ml_conn_own_headers(ml_conn_t *c, unsigned flags) { c->own_headers = flags & 3; }
 
 void ml_conn_finish(ml_conn_t *c) {
   if (!c->req_active) return;

@@ -107,6 +107,7 @@ struct ml_conn_s {
   unsigned notified : 1;      /* on_close ran */
   unsigned skip_complete : 1; /* the next on_message_complete belongs to a body-less request */
   unsigned line_done : 1;     /* the request line was parsed whole (on_version_complete) */
+  unsigned own_headers : 2;   /* ML_OWN_*: the next head's headers hold these (http_response.c) */
   ml_conn_t *ready_next;      /* the server's ready list: finished requests with stashed input */
 
   /* after ml_conn_upgrade: a raw byte stream owned by the upper layer (http_conn.c) */

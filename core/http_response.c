@@ -76,10 +76,14 @@ const char *ml_http_reason(int status) {
   }
 }
 
-/* Whether the connection stays open after this response; sets close_after when it does not. */
+/* Whether the connection stays open after this response; sets close_after when it does not. A
+ * client that waits for 100 Continue before its body, answered without it, may send that body or
+ * not: the connection cannot go on, and the head says so (ml_conn_finish closes it). */
 static int keep_alive(ml_conn_t *c) {
   const ml_http_limits_t *lim = &c->srv->lim;
   int eof = c->read_eof && c->stash_len <= c->stash_off && c->feed_rest == 0; /* none pipelined */
+  if (c->req.expect_continue && !c->continue_sent && c->state == ML_CONN_BODY && c->req.has_body)
+    c->close_after = 1;
   int keep = c->req.keep_alive && !c->close_after && !c->srv->draining && !eof && !c->upgraded &&
              !(lim->keepalive_requests && c->nrequests + 1 >= lim->keepalive_requests);
   if (!keep) c->close_after = 1;
@@ -111,9 +115,13 @@ static int write_head(ml_conn_t *c, int status, const char *headers, size_t hlen
   p = ml_numfmt_uint(p, (uint64_t)status);
   *p++ = ' ';
   p = put_lit(p, reason, strlen(reason));
-  p = PUT_LIT(p, "\r\nServer: moonlet\r\n");
-  memcpy(p, date, dlen);
-  p += dlen;
+  p = PUT_LIT(p, "\r\n");
+  if (!(c->own_headers & ML_OWN_SERVER)) p = PUT_LIT(p, "Server: moonlet\r\n");
+  if (!(c->own_headers & ML_OWN_DATE)) {
+    memcpy(p, date, dlen);
+    p += dlen;
+  }
+  c->own_headers = 0; /* (for this head only) */
   if (hlen) {
     memcpy(p, headers, hlen);
     p += hlen;

@@ -171,6 +171,14 @@ describe("moonlet.http server", function()
         assert.same(201, r.status)
         assert.same("ping", r.body)
         sock:close()
+        -- answered without the 100 (a 405 here), the body may come or not: the head says close
+        sock = test.connect(port)
+        assert(sock:send("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+            .. "Expect: 100-continue\r\n\r\n"))
+        local data, err = sock:receive("*a")
+        sock:close()
+        assert.is_nil(err)
+        assert.truthy(data:find("^HTTP/1%.1 405 ") and data:find("\r\nConnection: close\r\n"), data)
     end)
 
     it("ignores an HTTP/1.0 client's Expect: 100-continue (RFC 9110): no interim response", function()
@@ -258,6 +266,101 @@ describe("moonlet.http server", function()
         for i = 1, 10 do assert.same({ true, "slow" }, { tasks[i]:join() }) end
         -- ten 0.2 s handlers one after the other would take 2 s
         assert.truthy(moonlet.now() - t0 < 1.0)
+    end)
+end)
+
+describe("moonlet.http server: the headers it owns", function()
+    -- A handler's framing headers never go out beside the server's own (a response with two
+    -- lengths is the response side of request smuggling): a Content-Length sizes a stream (node's
+    -- rule) or a HEAD answer, else the body's own length is sent; Transfer-Encoding is the
+    -- server's; Connection: close closes after the response; Server and Date replace the server's.
+    local server, port
+    lazy_setup(function()
+        local app = moonlet.app()
+        app:get("/cl", function(_, res) res:header("content-length", "10"); return "abc" end)
+        app:get("/te", function(_, res) res:header("Transfer-Encoding", "chunked"); return "abc" end)
+        app:get("/ret", function() return 200, "", { ["Content-Length"] = "5" } end)
+        app:head("/head", function() return 200, "", { ["Content-Length"] = 12345 } end)
+        app:get("/stream", function(_, res)
+            res:header("Content-Length", "6"):header("Transfer-Encoding", "chunked")
+            res:write("abc")
+            res:write("def")
+        end)
+        app:get("/short", function(_, res) -- says 6, writes 3: the connection is cut, not padded
+            res:header("Content-Length", "6")
+            res:write("abc")
+        end)
+        app:get("/close", function(_, res) res:header("Connection", "Close"); return "bye" end)
+        app:get("/own", function(_, res)
+            res:header("Server", "mine"):header("Date", "yesterday")
+            return "x"
+        end)
+        app:get("/bad", function(_, res) res:header("Content-Length", "12a"); return "x" end)
+        server, port = test.serve(app)
+    end)
+    lazy_teardown(function() server:close() end)
+
+    -- the raw head of GET path (the connection closed after it) and its lines by lower-case name
+    local function raw(method, path)
+        local data = assert(test.raw(port, method .. " " .. path .. " HTTP/1.1\r\nHost: t\r\n"
+            .. "Connection: close\r\n\r\n"))
+        local head, body = data:match("^(.-\r\n)\r\n(.*)$")
+        local lines = {}
+        for name, value in head:gmatch("([^:\r\n]+): ([^\r\n]*)\r\n") do
+            local k = name:lower()
+            lines[k] = lines[k] or {}
+            table.insert(lines[k], value)
+        end
+        return lines, body, head
+    end
+
+    it("sends one length, the body's: a handler's Content-Length or Transfer-Encoding is dropped", function()
+        for _, path in ipairs({ "/cl", "/te" }) do
+            local h, body = raw("GET", path)
+            assert.same({ { "3" }, "abc" }, { h["content-length"], body })
+            assert.is_nil(h["transfer-encoding"])
+        end
+        local h, body = raw("GET", "/ret")
+        assert.same({ { "0" }, "" }, { h["content-length"], body })
+        h, body = raw("HEAD", "/head") -- a HEAD handler says how long the body would be
+        assert.same({ { "12345" }, "" }, { h["content-length"], body })
+        h = raw("HEAD", "/cl") -- a GET route's HEAD: the body's length, no body
+        assert.same({ "3" }, h["content-length"])
+    end)
+
+    it("streams with a handler's Content-Length instead of chunks, and cuts a short one", function()
+        local h, body = raw("GET", "/stream")
+        assert.same({ { "6" }, "abcdef" }, { h["content-length"], body })
+        assert.is_nil(h["transfer-encoding"])
+        local sock = test.connect(port)
+        assert(sock:send(test.format_request("GET", "/short")))
+        local data = sock:receive("*a") -- closed after 3 of the 6 bytes: the client sees it cut
+        sock:close()
+        assert.same("Content-Length: 6\r\n\r\nabc", data:sub(-24), data)
+    end)
+
+    it("closes after a response whose handler said Connection: close, with one such header", function()
+        local sock = test.connect(port)
+        assert(sock:send(test.format_request("GET", "/close")))
+        local data, err = sock:receive("*a") -- (a kept-alive connection would time out here)
+        sock:close()
+        assert.is_nil(err)
+        local _, n = data:gsub("\r\n[Cc]onnection:", "")
+        assert.same(1, n)
+        assert.truthy(data:find("Connection: close\r\n", 1, true) and data:find("bye$"), data)
+    end)
+
+    it("lets a handler's Server and Date replace the server's", function()
+        local h = raw("GET", "/own")
+        assert.same({ { "mine" }, { "yesterday" } }, { h["server"], h["date"] })
+        h = raw("GET", "/ret")
+        assert.same({ { "moonlet" }, 1 }, { h["server"], #h["date"] })
+    end)
+
+    it("answers 500 for a Content-Length that is not a number of bytes", function()
+        local data = assert(test.raw(port, test.format_request("GET", "/bad",
+            { headers = { Connection = "close" } })))
+        assert.truthy(data:find("^HTTP/1.1 500 "), data)
     end)
 end)
 
