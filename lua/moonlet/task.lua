@@ -87,7 +87,7 @@ end
 -- cancellation.
 local function task_traceback(err)
     if err == CANCELLED then return err end
-    return traceback(tostring(err), 2)
+    return traceback(tostring(err), 1)
 end
 
 -- The body of the task of moonlet.spawn's t. (One function for every spawn, not a closure made

@@ -413,7 +413,7 @@ _M.close_idle = pool.close_idle
 
 local function handler_error(err)
     if err == CANCELLED then return err end
-    return traceback(tostring(err), 2)
+    return traceback(tostring(err), 1)
 end
 
 -- syntax: server, err = moonlet.tcp.listen({ host =, port =, backlog =, timeout =,

@@ -273,7 +273,7 @@ end
 local CANCELLED = require("moonlet.task").CANCELLED
 local function on_handler_error(e)
     if e == CANCELLED then return e end
-    return traceback(tostring(e), 2)
+    return traceback(tostring(e), 1)
 end
 
 -- syntax: handler = ws.route(fn, opts) -- the route handler app:websocket registers: handshake,
