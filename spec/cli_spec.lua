@@ -218,6 +218,19 @@ print("main done")
             assert.truthy(err:find(plain(path) .. ":2: top%-level failure"), err)
         end)
 
+        it("exits 1 at once on a top-level error, whatever the script opened before it", function()
+            local path = script("opened.lua", [[
+local moonlet = require "moonlet"
+local srv = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0 }, function() moonlet.sleep(60) end))
+local c = assert(moonlet.tcp.connect("127.0.0.1", srv:port()))
+moonlet.spawn(function() moonlet.sleep(60) end)
+error("failed after opening things")
+]])
+            local out, err, code = run(path, "timeout 10") -- (124 when it hangs)
+            assert.same({ "", 1 }, { out, code })
+            assert.truthy(err:find(plain(path) .. ":5: failed after opening things"), err)
+        end)
+
         it("exits 1 naming a script that does not exist", function()
             local path = dir .. "/missing.lua"
             local out, err, code = run(path)

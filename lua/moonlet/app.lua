@@ -350,9 +350,9 @@ function run_chain(st, i)
     return f(st[2], st[3], st.nexts[i] or call_unrecorded(new_next, st, i))
 end
 
--- (Level 1: in LuaJIT an xpcall handler's level 1 is where the error was raised, the function of
--- a runtime error or error()'s [C] frame above its caller; level 2 left a runtime error's own
--- function out of the traceback.)
+-- (Level 1: this handler tail-calls traceback, so its level 1 is where the error was raised: the
+-- function of a runtime error, or error()'s [C] frame above its caller. Level 2 left a runtime
+-- error's own function out. The handlers of task.lua, tcp.lua and ws.lua are alike.)
 local function on_error(err)
     if is_abort(err) or err == CANCELLED then return err end
     return traceback(tostring(err), 1)

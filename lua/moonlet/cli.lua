@@ -279,9 +279,11 @@ function _M.main(argv)
             return
         end
         host:close()
-        -- a broken script, not a bad command line: 1, as for an error when it runs
+        -- a broken script, not a bad command line: 1, as for an error when it runs; and the end,
+        -- though what it opened before the error (a listener, a socket) would keep the loop going
         report("moonlet: " .. tostring(err) .. "\n")
         core.set_exit_code(1)
+        core.halt()
         return
     end
     local listen = {} -- the options that are app:listen's (the others are the command's own)
@@ -291,6 +293,7 @@ function _M.main(argv)
         host:close()
         report("moonlet: " .. port .. "\n")
         core.set_exit_code(1)
+        core.halt()
         return
     end
     if not (opts.workers and opts.workers > 1) and not pid_file() then -- (a worker has none)

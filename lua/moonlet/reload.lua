@@ -128,7 +128,7 @@ end
 -- The error handler of the app's top level: the traceback stops where the app's code was called,
 -- so the log shows the app's frames, not the reloader's.
 local function app_traceback(e)
-    local tb = traceback(tostring(e), 1)
+    local tb = traceback(tostring(e), 2) -- (1 would be this function: not a tail call)
     local cut = str_find(tb, "\n\t%[C%]: in function 'xpcall'")
     return cut and str_sub(tb, 1, cut - 1) or tb
 end
