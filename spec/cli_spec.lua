@@ -160,6 +160,24 @@ describe("moonlet (the command)", function()
             assert.truthy(out:find("exit: 1\n$"), out)
         end)
 
+        it("ends `moonlet test` with its result line on a spec that cannot load, a missing path", function()
+            local specs = dir .. "/broken_specs"
+            assert(moonlet.fs.mkdir(specs))
+            test.write_file(specs .. "/ok_spec.lua",
+                            "describe('a', function() it('passes', function() end) end)\n")
+            test.write_file(specs .. "/bad_spec.lua", "describe('b', function() it('x', function() end\n")
+            for _, args in ipairs({ "test " .. specs, "test " .. dir .. "/no_such_dir" }) do
+                local out, err, code = run(args, "timeout 60")
+                out = out .. err
+                assert.same(1, code, out)
+                assert.falsy(out:find("attempt to concatenate", 1, true), out)
+                assert.truthy(out:find("\ntests: %d passed, [1-9]%d* failed\n$"), out)
+            end
+            local out, err = run("test " .. specs, "timeout 60")
+            assert.truthy((out .. err):find("bad_spec.lua:2:", 1, true), out .. err) -- says where
+            assert.truthy(out:find("tests: 1 passed, 1 failed\n", 1, true), out)
+        end)
+
         it("exits non-zero with a message when a flag misses its value", function()
             local _, err, code = run("--port")
             assert.truthy(err:find("--port needs a value", 1, true), err)

@@ -12,6 +12,22 @@ local function new(options)
     local inner = require("busted.outputHandlers.gtest")(options)
     local subscribe = inner.subscribe
     inner.subscribe = function(h, opts)
+        -- An error outside a test (a spec file that does not load, a path that is not there) comes
+        -- with a trace that has no file: gtest's summary would concatenate nil and end the run
+        -- before the closing line. It gets the element's name (else the message) and line 0.
+        busted.subscribe({ "error" }, function(element, _, message, trace)
+            local where = element and element.name or tostring(message or "?")
+            for _, t in ipairs({ element and element.trace or false, trace or false }) do
+                if t and not t.short_src then
+                    t.short_src = where
+                    t.currentline = t.currentline or 0
+                end
+            end
+            if element and not element.trace then
+                element.trace = trace or { short_src = where, currentline = 0 }
+            end
+            return nil, true
+        end, { priority = 1 })
         subscribe(h, opts)
         busted.subscribe({ "test", "start" }, function()
             local client = package.loaded["moonlet.http_client"]
