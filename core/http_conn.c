@@ -167,6 +167,37 @@ static int value_has_token(const ml_header_t *h, const char *tok, size_t n) {
   return 0;
 }
 
+/* A Host value as nginx's ngx_http_validate_host takes it: not empty, no "..", no "/", no control
+ * byte or space (a name, an IPv4 address or an [IPv6] literal, with a port or not). */
+static int valid_host(const char *v, size_t n) {
+  size_t host_len = n, dot = (size_t)-2;
+  int rest = 0, literal = 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)v[i];
+    if (ch == '.') {
+      if (dot + 1 == i) return 0;
+      dot = i;
+    } else if (ch == ':') {
+      if (!rest && !literal) {
+        host_len = i;
+        rest = 1;
+      }
+    } else if (ch == '[') {
+      if (i == 0) literal = 1;
+    } else if (ch == ']') {
+      if (literal && !rest) {
+        host_len = i + 1;
+        rest = 1;
+        literal = 0;
+      }
+    } else if (ch == '/' || ch == '\\' || ch <= 0x20 || ch == 0x7f) {
+      return 0;
+    }
+  }
+  if (host_len && dot == host_len - 1) host_len--; /* "example.com." */
+  return host_len > 0;
+}
+
 static int on_header_value_complete(llhttp_t *p) {
   ml_conn_t *c = conn_of(p);
   ml_header_t *h = c->cur;
@@ -174,10 +205,14 @@ static int on_header_value_complete(llhttp_t *p) {
   if (!h->value) h->value = c->rb->data + c->rb->len; /* empty value */
   while (h->value_len && (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
     h->value_len--;
-  if (name_is(h, "host", 4))
+  if (name_is(h, "host", 4)) {
+    if (!valid_host(h->value, h->value_len)) {
+      llhttp_set_error_reason(p, "invalid Host header");
+      return HPE_USER;
+    }
     c->host_count++;
-  else if (name_is(h, "expect", 6) && value_has_token(h, "100-continue", 12))
-    c->req.expect_continue = 1;
+  }
+  if (name_is(h, "expect", 6) && value_has_token(h, "100-continue", 12)) c->req.expect_continue = 1;
   return 0;
 }
 

@@ -50,6 +50,18 @@ describe("moonlet.http limits", function()
         refused("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400)
     end)
 
+    it("answers 400 to a Host that is no host name (nginx's rules), and takes the ones that are", function()
+        for _, host in ipairs({ "a b", "a/b", "..", "a..b", "", "a\\b", "x\x01y", ".", ":80" }) do
+            refused("GET / HTTP/1.1\r\nHost: " .. host .. "\r\n\r\n", 400)
+        end
+        for _, host in ipairs({ "example.com", "example.com.", "Example.COM:8080", "127.0.0.1:1",
+                                "[::1]:8080", "[fe80::1%25eth0]", "xn--bcher-kva.example", "a_b-c" }) do
+            local r = assert(test.raw(port, "GET / HTTP/1.1\r\nHost: " .. host
+                .. "\r\nConnection: close\r\n\r\n"))
+            assert.same(200, status_of(r), host)
+        end
+    end)
+
     it("refuses Content-Length together with Transfer-Encoding", function()
         refused("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
             .. "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400)
