@@ -182,6 +182,8 @@ describe("moonlet.http", function()
         assert.same("text/plain; charset=utf-8", res.headers["content-type"])
         assert.same("13", res.headers["content-length"])
         assert.same("a", res.headers["x-thing"])
+        assert.same({ "13", "a" }, { res.headers["Content-Length"], res.headers["X-Thing"] }) -- any case
+        for name in pairs(res.headers) do assert.same(name:lower(), name) end
         assert.same(base .. "/hello", res.url)
     end)
 

@@ -40,6 +40,7 @@ describe("moonlet.http server", function()
             end)
             app:get("/headers", function(req)
                 return { ua = req:header("User-Agent"), x = req.headers["x-multi"],
+                         X = req.headers["X-Multi"], -- any letter case finds the lower-case name
                          method = req.method, version = req.http_version }
             end)
             app:get("/triple", function() return 202, "accepted", { ["X-A"] = "1" } end)
@@ -206,7 +207,7 @@ describe("moonlet.http server", function()
         local r = test.request(port, "GET", "/headers",
             { headers = { ["uSeR-aGeNt"] = "spec/1", ["X-Multi"] = "a" } })
         local body = require("moonlet.json").decode(r.body)
-        assert.same({ ua = "spec/1", x = "a", method = "GET", version = "1.1" }, body)
+        assert.same({ ua = "spec/1", x = "a", X = "a", method = "GET", version = "1.1" }, body)
         local sock = test.connect(port)
         assert(sock:send("GET /headers HTTP/1.1\r\nHost: a\r\nX-Multi: a\r\nx-multi: b\r\n\r\n"))
         r = assert(test.read_response(sock))

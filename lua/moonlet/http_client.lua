@@ -36,7 +36,15 @@ local tonumber, tostring, type, pairs, ipairs, setmetatable, getmetatable, pcall
 local floor = math.floor
 local now = core.now
 local CANCEL, CANCELLED = core.CANCEL, task.CANCELLED
-local parse_head, parse_headers, dechunk = core.http_parse_head, core.http_headers, core.http_dechunk
+local parse_head, dechunk = core.http_parse_head, core.http_dechunk
+local core_headers, wrap_headers = core.http_headers, require("moonlet.headers").wrap
+
+-- res.headers from the head's bytes: lower-case names, found in any letter case
+local function parse_headers(hb, hp)
+    local h = core_headers(hb, hp)
+    wrap_headers(h)
+    return h
+end
 
 local _M = { _VERSION = "0.1.0" }
 

@@ -4,6 +4,7 @@
 -- `for chunk in req:chunks()`, each read yielding until data is there. After the handler returns
 -- the request's connection is gone: reads return nil, "closed".
 local url = require "moonlet.url"
+local wrap_headers = require("moonlet.headers").wrap
 local cookie = require "moonlet.cookie"
 local multipart = require "moonlet.multipart"
 local abort = require("moonlet.response").abort
@@ -20,8 +21,8 @@ local lazy = {}
 function lazy.params()
     return {} -- a literal route has none; the table is made only when asked for
 end
-function lazy.headers(req)
-    return req._x:headers() or {}
+function lazy.headers(req) -- lower-case names; any letter case finds them (moonlet.headers)
+    return wrap_headers(req._x:headers() or {})
 end
 function lazy.cookies(req)
     return cookie.parse(req._x:header("cookie", "; ")) -- several Cookie lines join with "; "
