@@ -242,6 +242,20 @@ describe("moonlet.static", function()
                         { r.status, r.body, r.headers["content-type"] })
         end)
 
+        it("redirects a directory named without its slash to it, query kept (301, as nginx)", function()
+            local port = serve()
+            for path, want in pairs({
+                ["/assets/docs"] = "/assets/docs/", ["/assets/docs?v=1"] = "/assets/docs/?v=1",
+                ["/assets"] = "/assets/", ["/assets/empty"] = "/assets/empty/",
+                ["/assets/%64ocs"] = "/assets/%64ocs/",
+            }) do
+                local r = get(port, path)
+                assert.same({ 301, want }, { r.status, r.headers["location"] }, path)
+            end
+            assert.same(404, get(port, "/assets/missing").status) -- (only a directory)
+            assert.same(200, get(port, "/assets/docs/").status)
+        end)
+
         it("answers 404 for a directory without an index", function()
             local port = serve()
             assert.same(404, get(port, "/assets/empty/").status)

@@ -16,7 +16,7 @@ local mime = require "moonlet.mime"
 local add_missing_headers = require("moonlet.response").add_missing_headers
 local compress -- lua/moonlet/compress.lua, loaded when moonlet.gzip is first used
 
-local str_find, str_sub, fmt = string.find, string.sub, string.format
+local str_find, str_sub, str_match, fmt = string.find, string.sub, string.match, string.format
 local os_date, floor, tonumber = os.date, math.floor, tonumber
 
 local _M = {}
@@ -110,6 +110,15 @@ function _M.handler(dir, opts, base)
         local real = resolve(root .. "/" .. rel)
         if not real then return 404, "404 Not Found\n" end
         local st = core.stat(real)
+        if st and st.type == "directory" then
+            -- "/docs/guide" names a directory: 301 to "/docs/guide/" (the query kept), as nginx
+            -- does, so that the relative links of its index resolve inside it
+            local path, query = str_match(req.target, "^([^?]*)(.*)$")
+            if str_sub(path, -1) ~= "/" then
+                res:header("Location", path .. "/" .. query)
+                return 301, "301 Moved Permanently\n"
+            end
+        end
         if st and st.type == "directory" and index then
             real = resolve(real .. "/" .. index) -- the index may be a symlink too
             if not real then return 404, "404 Not Found\n" end
