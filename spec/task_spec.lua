@@ -1,6 +1,7 @@
 -- spec/task_spec.lua: tasks and time: moonlet.sleep yields to the loop, moonlet.spawn runs a
 -- function in its own task, join waits for it, errors stay inside the task.
 local moonlet = require "moonlet"
+local mtest = require "moonlet.test"
 
 describe("moonlet.sleep", function()
     it("yields to the loop and resumes after the delay", function()
@@ -80,6 +81,29 @@ describe("moonlet.spawn", function()
         assert.truthy(msg and msg:find("tasks started inside each other 200 deep", 1, true), msg)
         assert.truthy(deepest >= 150 and deepest <= 200, deepest)
         assert.same({ true, "still here" }, { moonlet.spawn(function() return "still here" end):join() })
+    end)
+
+    it("logs an error nobody waits for; one a joiner or any's winner makes moot is not logged", function()
+        local code, out = mtest.run_script([[
+local moonlet = require "moonlet"
+local t = moonlet.spawn(function() moonlet.sleep(0.01); error("joined failure") end)
+assert(t:join(5) == false)
+moonlet.spawn(function() moonlet.sleep(0.01); error("background failure") end)
+moonlet.sleep(0.05)
+local v = moonlet.any({ function() error("loser failure") end,
+                        function() moonlet.sleep(0.01); return "won" end })
+assert(v == "won")
+local ok, err = pcall(moonlet.any, { function() error("first of all") end,
+                                     function() moonlet.sleep(0.01); error("last of all") end })
+assert(not ok and err:find("last of all"))
+print("done")
+]])
+        assert.same(0, code, out)
+        assert.truthy(out:find("done", 1, true), out)
+        assert.truthy(out:find("spawned task failed: [^\n]*background failure"), out)
+        assert.falsy(out:find("joined failure", 1, true), out)
+        assert.falsy(out:find("loser failure", 1, true), out)
+        assert.truthy(out:find("moonlet.any: function 1 failed: [^\n]*first of all"), out) -- (raised: the last)
     end)
 
     it("refuses a non-function", function()

@@ -98,10 +98,11 @@ local function run_spawned(t, fn, ...)
     local ok, r = xpcall(call_packed, task_traceback, fn, ...)
     if not ok then r = { n = 2, false, r == CANCELLED and "cancelled" or r } end
     t.done, t.result = true, r
-    if not r[1] and r[2] ~= "cancelled" and not t.quiet then
+    local joiners = t.joiners
+    -- an error nobody waits for is logged (a background task's); a joiner waiting gets it instead
+    if not r[1] and r[2] ~= "cancelled" and not t.quiet and #joiners == 0 then
         core.log(0, "spawned task failed: " .. tostring(r[2]))
     end
-    local joiners = t.joiners
     t.joiners = nil
     for i = 1, #joiners do core.unpark(joiners[i], true) end
 end
@@ -323,8 +324,12 @@ local function any_one(a, k, fn)
     a.left = a.left - 1
     if not r[1] then
         if r[2] ~= CANCELLED then
-            a.last_err = r[2]
-            core.log(0, "moonlet.any: function " .. tostring(k) .. " failed: " .. tostring(r[2]))
+            if a.last_err ~= nil then -- (kept to be logged should no function win)
+                a.failed = a.failed or {}
+                a.failed[#a.failed + 1] = "moonlet.any: function " .. tostring(a.last_key)
+                    .. " failed: " .. tostring(a.last_err)
+            end
+            a.last_err, a.last_key = r[2], k
         end
         if a.left == 0 and not a.winner and a.parked then core.unpark(a.co, true) end
         return
@@ -359,13 +364,15 @@ end
 
 -- syntax: ... = moonlet.any({ f1, f2, ... }) -- runs them at once; the first to return wins: its
 -- results are returned (with its key last) and the others are cancelled. A function that raises
--- does not win (its error is logged); when every one has raised, any raises the last error.
+-- does not win; when every one has raised, any raises the last error and logs the others (when
+-- one wins, the errors of those that failed before are of no concern: they are dropped).
 -- Cancelling the caller cancels them all.
 function _M.any(fns)
     local co = core.running()
     if not co then error("moonlet: any outside a moonlet task", 2) end
     -- the state its tasks share (a table, not upvalues: a closure made per call is not compiled)
-    local a = { co = co, cos = {}, winner = nil, left = 0, last_err = nil, parked = false }
+    local a = { co = co, cos = {}, winner = nil, left = 0, last_err = nil, last_key = nil,
+                failed = nil, parked = false }
     local narr = #fns
     local array = small_array(fns, narr, false)
     if array then
@@ -394,6 +401,9 @@ function _M.any(fns)
     local winner = a.winner
     if not winner then
         if a.last_err == nil then error("moonlet.any: no function to run", 2) end
+        -- every one raised: the last error is raised, the others logged (else they were lost)
+        local failed = a.failed
+        if failed then for i = 1, #failed do core.log(0, failed[i]) end end
         error(a.last_err, 0)
     end
     local r = winner.r
