@@ -103,7 +103,7 @@ print("done")
         assert.truthy(out:find("spawned task failed: [^\n]*background failure"), out)
         assert.falsy(out:find("joined failure", 1, true), out)
         assert.falsy(out:find("loser failure", 1, true), out)
-        assert.truthy(out:find("moonlet.any: function 1 failed: [^\n]*first of all"), out) -- (raised: the last)
+        assert.truthy(out:find("moonlet.any: function 1 failed: [^\n]*first of all"), out)
     end)
 
     it("refuses a non-function", function()
