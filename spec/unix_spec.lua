@@ -18,6 +18,14 @@ local function exists(path) -- (io.open cannot open a socket file)
     return moonlet.fs.stat(path) ~= nil
 end
 
+-- Once the handles closed: as many handles, resources and tasks as before, Lua memory within 200 KiB
+local function nothing_left(before, mem0)
+    test.wait_until(function() return core.stats().handles <= before.handles end, 5)
+    collectgarbage()
+    collectgarbage()
+    test.assert_baseline(before, mem0, 200)
+end
+
 local function line_echo(sock)
     while true do
         local line = sock:receive("*l")
@@ -598,10 +606,7 @@ socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).bind(%q)
                 assert.same({ nil, "timeout" }, { moonlet.timeout(0.001, server.recvfrom, server) })
             end
             server:close()
-            test.wait_until(function() return core.stats().handles <= before.handles end, 5)
-            collectgarbage()
-            collectgarbage()
-            test.assert_baseline(before, mem0, 200)
+            nothing_left(before, mem0)
         end)
     end)
 
@@ -617,9 +622,6 @@ socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).bind(%q)
             assert.is_nil(tcp.connect("unix:" .. path .. ".none"))
         end
         server:close()
-        test.wait_until(function() return core.stats().handles <= before.handles end, 5)
-        collectgarbage()
-        collectgarbage()
-        test.assert_baseline(before, mem0, 200)
+        nothing_left(before, mem0)
     end)
 end)
