@@ -7,7 +7,7 @@ PORT     ?= 8080
 BUILD    := build
 LLHTTP_SRC ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
-PKGS     := luajit libuv openssl zlib sqlite3
+PKGS     := luajit libuv openssl zlib sqlite3 libpcre2-8
 HDR_PKGS := libpq # headers only: bindings/pg.c opens libpq with dlopen on first use
 
 ifeq ($(SANITIZE),1)
@@ -84,13 +84,13 @@ $(BUILD)/examples/%: examples/embed/%.c core/moonlet.h $(BUILD)/libmoonlet.a
 	  $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
 
 # `make static`: one self-contained executable for deployment and devices. Everything is linked
-# in from Debian's .a archives, glibc included: LuaJIT, libuv, OpenSSL, SQLite, zlib and lua-cjson
-# (registered in package.preload by bindings/linked_modules.c, since a static executable cannot
-# dlopen a Lua C module). libpq stays a dlopen on first use (bindings/pg.c). The linker script of
+# in from Debian's .a archives, glibc included: LuaJIT, libuv, OpenSSL, SQLite, zlib, PCRE2 and
+# lua-cjson (registered in package.preload by bindings/linked_modules.c, since a static executable
+# cannot dlopen a Lua C module). libpq stays a dlopen on first use (bindings/pg.c). The linker script of
 # scripts/static-ld.sh keeps the cold libraries out of the hot pages: idle RSS ~2.8 MB, against
 # ~5.5 MB for the dynamic build/moonlet (docs/embedding.md has the figures). Needs no sanitizer.
 STATIC_A    = $(foreach a,liblua5.1-cjson.a libluajit-5.1.a libuv_a.a libssl.a libcrypto.a \
-                libsqlite3.a libz.a,$(shell $(CC) -print-file-name=$(a)))
+                libsqlite3.a libz.a libpcre2-8.a,$(shell $(CC) -print-file-name=$(a)))
 STATIC_LINK = $(if $(STATIC_NOSTRIP),,-s) -static -no-pie -Wl,-T,$(BUILD)/static.ld -Wl,--gc-sections \
               -Wl,--eh-frame-hdr -Wl,--wrap=__register_frame_info -Wl,--wrap=__deregister_frame_info \
               -Wl,-u,luaopen_cjson -Wl,-u,luaopen_cjson_safe $(STATIC_A) -lm -ldl -lpthread

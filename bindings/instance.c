@@ -436,6 +436,7 @@ int luaopen_moonlet_core(lua_State *L) {
   mlua_open_process(L, m);
   mlua_open_http_client(L, m);
   mlua_open_crypto(L, m);
+  mlua_open_regex(L, m);
   mlua_open_workers(L, m);
   mlua_open_shared(L, m);
   wrap_listen(L, m); /* last: it wraps the listen of mlua_open_http_server */

@@ -112,6 +112,9 @@ struct moonlet_s {
   ml_shm_t *shm;
   size_t shm_bytes;
   ml_shbuf_t shared_buf;
+  /* core.regex (bindings/regex.c): the compiled regexes, made on first use (NULL: not yet, or
+   * freed by moonlet_free through the instance's resources) */
+  struct mlua_regex_cache_s *regex;
 };
 
 /* sched.c */
@@ -192,6 +195,7 @@ void mlua_open_ws(lua_State *L, moonlet_t *m);
 void mlua_open_process(lua_State *L, moonlet_t *m);
 void mlua_open_http_client(lua_State *L, moonlet_t *m);
 void mlua_open_crypto(lua_State *L, moonlet_t *m);
+void mlua_open_regex(lua_State *L, moonlet_t *m);
 /* http_server.c: hands the connection of the exchange at idx over to another protocol (ws.c):
  * logs the request as 101, calls ml_conn_upgrade(c, headers, hlen, cb, ud) and detaches the
  * exchange (its methods return nil, "closed" from then on; the handler task goes on). Returns the

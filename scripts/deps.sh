@@ -7,11 +7,13 @@
 # LuaJIT comes as luajit2 (OpenResty's LuaJIT 2.1 branch): Debian's nginx Lua module needs it and it
 # conflicts with the plain libluajit-5.1 package, so one LuaJIT serves both moonlet and its rival.
 # lua-cjson-dev is there for its static archive, which `make static` links in.
+# libpcre2-dev is PCRE2 (8-bit), OpenResty's regex library, under moonlet.ngx's ngx.re; its static
+# archive goes into `make static` too.
 set -u
 PROFILE=${1:-build}
 PKGS="gcc make pkg-config libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp lua-busted lua-cjson
-      lua-cjson-dev lua-check libssl-dev openssl zlib1g-dev libsqlite3-dev libpq-dev curl procps
-      util-linux"
+      lua-cjson-dev lua-check libssl-dev openssl zlib1g-dev libsqlite3-dev libpq-dev libpcre2-dev
+      curl procps util-linux"
 peers() { :; }
 if [ "$PROFILE" = test ]; then
   # database servers the specs start privately, and sqlite3 for inspecting test databases

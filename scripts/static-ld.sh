@@ -1,6 +1,6 @@
 #!/bin/sh
 # scripts/static-ld.sh CC > static.ld: the toolchain's own static linker script with the cold
-# libraries (OpenSSL, SQLite, zlib) moved behind everything else in .text, .rodata and
+# libraries (OpenSSL, SQLite, zlib, PCRE2) moved behind everything else in .text, .rodata and
 # .data.rel.ro. The kernel maps a file's pages in 64 KiB windows around each page touched, so
 # an idle server that never calls these libraries must not have them between the hot code of
 # moonlet, LuaJIT, libuv and libc: that ordering keeps about 140 KiB out of `make static`'s RSS.
@@ -11,7 +11,7 @@
 set -e
 cc=${1:-cc}
 here=$(dirname "$0")
-cold='*libssl.a:* *libcrypto.a:* *libsqlite3.a:* *libz.a:*'
+cold='*libssl.a:* *libcrypto.a:* *libsqlite3.a:* *libz.a:* *libpcre2-8.a:*'
 hot=$(grep -v '^#' "$here/static-hot.txt" | sed 's@^\(.*\)$@    *\1(.text .text.*)\\n@' | tr -d '\n')
 "$cc" -static -Wl,--verbose -x c /dev/null -o /dev/null 2>/dev/null |
   sed -n '/^=====/,/^=====/p' | sed '1d;$d' |
