@@ -9,9 +9,10 @@
 -- Timeouts are OpenResty's milliseconds here, converted to moonlet's seconds. :setkeepalive puts
 -- the socket in moonlet.tcp_pool (the one keep-alive pool, shared with moonlet.tcp), keyed by
 -- "host:port" (or opts.pool).
--- ngx.thread runs on moonlet tasks; ngx.re translates a simple regex subset to Lua patterns (PCRE
--- is not linked) and raises on anything else; hashes are OpenSSL calls of moonlet.core (core.digest,
--- core.hmac).
+-- ngx.thread runs on moonlet tasks. ngx.re is OpenResty's API on PCRE2, OpenResty's own regex
+-- library, through moonlet.core (bindings/regex.c, which owns the compiled regexes and their
+-- per-instance cache); require "ngx.re" gives lua-resty-core's split. Hashes are OpenSSL calls of
+-- moonlet.core (core.digest, core.hmac).
 local core = require "moonlet.core"
 local task = require "moonlet.task"
 local tcp = require "moonlet.tcp"
@@ -22,8 +23,8 @@ local pool = require "moonlet.tcp_pool"
 local check = task.check
 local core_time, core_log, core_park, core_unpark, core_running = core.time, core.log, core.park,
     core.unpark, core.running
-local byte, char, sub, find, gsub, lower, upper, format = string.byte, string.char,
-    string.sub, string.find, string.gsub, string.lower, string.upper, string.format
+local byte, char, sub, find, gsub, format = string.byte, string.char, string.sub, string.find,
+    string.gsub, string.format
 local concat = table.concat
 local floor = math.floor
 local type, tostring, tonumber, error, setmetatable, getmetatable, select, pcall, pairs, unpack =
@@ -420,288 +421,197 @@ local function thread_kill(th)
     return true
 end
 
--- -- ngx.re: a regex subset on Lua patterns ------------------------------------------------------
+-- -- ngx.re: PCRE2, through moonlet.core (bindings/regex.c) ----------------------------------
+-- OpenResty's API and results over the same library (PCRE2): captures tables with [0] the whole
+-- match, false for a group that did not take part, named groups also under their names (arrays
+-- of the matches with "D"); nil for no match, nil, err for a bad regex or a failed match. Every
+-- compiled regex goes in the instance's cache (1024, least recently used out), "o" or not.
 
-local UNSUPPORTED = "moonlet.ngx: ngx.re supports only a simple regex subset (literals, ., [...], "
-    .. "\\d \\w \\s and their negations, * + ? *? on single items, (...) groups without "
-    .. "quantifiers or |, ^ at the start, $ at the end; options i a j o): "
+local core_regex, core_regex_match, core_regex_find, core_regex_gsub =
+    core.regex, core.regex_match, core.regex_find, core.regex_gsub
 
-local MAGIC = "^$()%.[]*+-?"
-local ESCAPES = { n = "\n", t = "\t", r = "\r", f = "\f", v = "\v", e = "\27", a = "\7" }
-local CLASS_ESC = { d = "%d", D = "%D", s = "%s", S = "%S", w = "%w_", W = nil }
-
-local function unsupported(re, why)
-    error(UNSUPPORTED .. why .. " in " .. format("%q", re), 4)
-end
-
-local function lit(c, icase)
-    if icase and find(c, "%a") then return "[" .. lower(c) .. upper(c) .. "]" end
-    if find(MAGIC, c, 1, true) then return "%" .. c end
-    return c
-end
-
--- Translates the class starting at re[i] == "["; returns the Lua class and the index after "]".
-local function translate_class(re, i, icase)
-    local out, j, len = { "[" }, i + 1, #re
-    if sub(re, j, j) == "^" then
-        out[2] = "^"
-        j = j + 1
+local function check_regex(regex)
+    if type(regex) ~= "string" then
+        error("bad argument #2 to 'ngx.re' (string expected, got " .. type(regex) .. ")", 3)
     end
-    local first = true
-    while true do
-        if j > len then unsupported(re, "an unterminated [") end
-        local c = sub(re, j, j)
-        if c == "]" and not first then break end
-        first = false
-        if c == "\\" then
-            local d = sub(re, j + 1, j + 1)
-            if CLASS_ESC[d] then
-                out[#out + 1] = CLASS_ESC[d]
-            elseif ESCAPES[d] then
-                out[#out + 1] = ESCAPES[d]
-            elseif d ~= "" and not find(d, "%w") then
-                out[#out + 1] = "%" .. d
-            else
-                unsupported(re, "\\" .. d .. " inside a class")
-            end
-            j = j + 2
-        elseif c == "[" and sub(re, j + 1, j + 1) == ":" then
-            unsupported(re, "POSIX classes")
-        else
-            local hi = sub(re, j + 2, j + 2)
-            if sub(re, j + 1, j + 1) == "-" and hi ~= "]" and hi ~= "" and hi ~= "\\" then
-                out[#out + 1] = (c == "%" and "%%" or c) .. "-" .. (hi == "%" and "%%" or hi)
-                if icase and find(c, "%a") and find(hi, "%a") then
-                    out[#out + 1] = (find(c, "%l") and upper or lower)(c) .. "-"
-                        .. (find(hi, "%l") and upper or lower)(hi)
-                end
-                j = j + 3
-            else
-                if c == "%" or c == "]" or c == "^" then c = "%" .. c end
-                if icase and find(c, "^%a$") then c = lower(c) .. upper(c) end
-                out[#out + 1] = c
-                j = j + 1
-            end
-        end
-    end
-    out[#out + 1] = "]"
-    return concat(out), j + 1
 end
 
--- regex, options -> { pat = Lua pattern, ncap = captures, bol = anchored at the subject's start }
-local function translate(re, opts)
-    local icase, anchor = false, false
-    for k = 1, #opts do
-        local o = sub(opts, k, k)
-        if o == "i" then icase = true
-        elseif o == "a" then anchor = true
-        elseif o ~= "j" and o ~= "o" then unsupported(re, "the option " .. o) end
-    end
-    local out, ncap, depth, i, len = {}, 0, 0, 1, #re
-    local bol = false
-    if sub(re, 1, 1) == "^" then
-        bol = true
-        i = 2
-    end
-    local last_item = false -- the previous output item may take a quantifier
-    while i <= len do
-        local c = sub(re, i, i)
-        local item
-        if c == "\\" then
-            local d = sub(re, i + 1, i + 1)
-            if d == "w" then item = "[%w_]"
-            elseif d == "W" then item = "[^%w_]"
-            elseif CLASS_ESC[d] then item = CLASS_ESC[d]
-            elseif ESCAPES[d] then item = ESCAPES[d]
-            elseif d == "x" and find(sub(re, i + 2, i + 3), "^%x%x$") then
-                item = lit(char(tonumber(sub(re, i + 2, i + 3), 16)), icase)
-                i = i + 2
-            elseif d ~= "" and not find(d, "%w") then item = lit(d, icase)
-            else unsupported(re, "\\" .. d) end
-            i = i + 2
-        elseif c == "." then
-            item = "[^\n]"
-            i = i + 1
-        elseif c == "[" then
-            item, i = translate_class(re, i, icase)
-        elseif c == "(" then
-            if sub(re, i + 1, i + 1) == "?" then unsupported(re, "(?...)") end
-            if sub(re, i + 1, i + 1) == ")" then unsupported(re, "an empty group") end
-            ncap = ncap + 1
-            depth = depth + 1
-            out[#out + 1] = "("
-            last_item = false
-            i = i + 1
-        elseif c == ")" then
-            if depth == 0 then unsupported(re, "an unmatched )") end
-            depth = depth - 1
-            out[#out + 1] = ")"
-            last_item = false
-            i = i + 1
-            if find(sub(re, i, i), "^[*+?{]$") then unsupported(re, "a quantifier on a group") end
-        elseif c == "*" or c == "+" or c == "?" then
-            if not last_item then unsupported(re, "a quantifier here") end
-            local lazy = sub(re, i + 1, i + 1) == "?"
-            if find(sub(re, i + 1, i + 1), "^[+]$") then unsupported(re, "possessive quantifiers") end
-            if c == "*" then
-                out[#out + 1] = lazy and "-" or "*"
-            elseif c == "+" then
-                out[#out + 1] = lazy and (last_item .. "-") or "+" -- x+? is x x-
-            else
-                if lazy then unsupported(re, "??") end
-                out[#out + 1] = "?"
-            end
-            last_item = false
-            i = i + (lazy and 2 or 1)
-        elseif c == "$" then
-            if i ~= len then unsupported(re, "$ before the end") end
-            out[#out + 1] = "$"
-            last_item = false
-            i = i + 1
-        elseif c == "|" then
-            unsupported(re, "alternation |")
-        elseif c == "{" then
-            unsupported(re, "{n,m} quantifiers")
-        elseif c == "^" then
-            unsupported(re, "^ after the start")
-        else
-            item = lit(c, icase)
-            i = i + 1
-        end
-        if item then
-            out[#out + 1] = item
-            last_item = item
-        end
-    end
-    if depth ~= 0 then unsupported(re, "an unmatched (") end
-    if ncap > 32 then unsupported(re, "more than 32 groups") end
-    local pat = concat(out)
-    if bol or anchor then pat = "^" .. pat end
-    return { pat = pat, ncap = ncap, bol = bol }
+-- ctx.pos (1-based; nil or <= 0: the start) -> the 0-based offset C wants
+local function ctx_init(ctx)
+    local pos = ctx and ctx.pos
+    if not pos or pos <= 0 then return 0 end
+    return pos - 1
 end
 
-local compiled = setmetatable({}, { __mode = "v" })
-
-local function compile(re, opts)
-    if type(re) ~= "string" then error("moonlet.ngx: ngx.re expects a regex string", 3) end
-    opts = opts or ""
-    local key = opts .. "\0" .. re
-    local c = compiled[key]
-    if not c then
-        c = translate(re, opts)
-        compiled[key] = c
-    end
-    return c
-end
-
--- One match at or after init: from, to, the match table (m[0], m[1], ...), or nil.
-local function match_at(c, subject, init, res)
-    if init > #subject + 1 then return nil end
-    if c.bol and init ~= 1 then return nil end
-    local r = pack(find(subject, c.pat, init))
-    local s, e = r[1], r[2]
-    if not s then return nil end
-    local m = res or {}
-    m[0] = sub(subject, s, e)
-    for k = 1, c.ncap do m[k] = r[k + 2] end
-    return s, e, m
-end
-
-local function check_subject(subject)
-    if type(subject) == "number" then return tostring(subject) end
-    if type(subject) ~= "string" then error("moonlet.ngx: ngx.re expects a subject string", 3) end
-    return subject
-end
-
--- syntax: m, err = ngx.re.match(subject, regex, options, ctx, res)
+-- syntax: m, err = ngx.re.match(subject, regex, options, ctx, res_table)
 local function re_match(subject, regex, options, ctx, res)
-    subject = check_subject(subject)
-    local c = compile(regex, options)
-    local s, e, m = match_at(c, subject, ctx and ctx.pos or 1, res)
-    if not s then return nil end
-    if ctx then ctx.pos = e + 1 end
+    subject = tostring(subject)
+    check_regex(regex)
+    local m, err, to = core_regex_match(subject, regex, options, ctx_init(ctx), res)
+    if not m then
+        if err then return nil, err end
+        return nil
+    end
+    if ctx then ctx.pos = to + 1 end
     return m
 end
 
 -- syntax: from, to, err = ngx.re.find(subject, regex, options, ctx, nth)
 local function re_find(subject, regex, options, ctx, nth)
-    subject = check_subject(subject)
-    if nth ~= nil and nth ~= 0 then error(UNSUPPORTED .. "find's nth argument", 2) end
-    local c = compile(regex, options)
-    local s, e = match_at(c, subject, ctx and ctx.pos or 1)
-    if not s then return nil end
-    if ctx then ctx.pos = e + 1 end
-    return s, e
+    subject = tostring(subject)
+    check_regex(regex)
+    local mend, from, to = core_regex_find(subject, regex, options, ctx_init(ctx), nth)
+    if not mend then
+        if from then return nil, nil, from end
+        return nil
+    end
+    if ctx then ctx.pos = mend + 1 end
+    if from == false then return nil, nil, to end -- "nth out of bound"
+    return from, to
 end
 
--- syntax: iterator, err = ngx.re.gmatch(subject, regex, options); m = iterator()
+-- syntax: iterator, err = ngx.re.gmatch(subject, regex, options); m, err = iterator()
+-- After an empty match the next one starts a character later, as OpenResty's (one byte, or one
+-- UTF-8 character with "u").
 local function re_gmatch(subject, regex, options)
-    subject = check_subject(subject)
-    local c = compile(regex, options)
-    local pos, done = 1, false
+    subject = tostring(subject)
+    check_regex(regex)
+    local rx, err = core_regex(regex, options)
+    if not rx then return nil, err end
+    local pos, len, checked = 0, #subject, false
     return function()
-        if done then return nil end
-        local s, e, m = match_at(c, subject, pos)
-        if not s then
-            done = true
+        if not rx then return nil end
+        local m, e, _, nxt = rx:match(subject, pos, nil, checked)
+        if not m then
+            rx = nil
+            if e then return nil, e end
             return nil
         end
-        pos = e >= s and e + 1 or s + 1
-        if c.bol then done = true end
+        checked = true
+        if nxt > len then rx = nil else pos = nxt end
         return m
     end
 end
 
--- "$0", "$1", "${1}", "$$" in a replacement template
-local function expand(tpl, m)
-    return (gsub(tpl, "%$(%$?)({?)(%d*)(}?)", function(dollar, open, digits, close)
-        if dollar == "$" then return "$" .. open .. digits .. close end
-        if digits == "" or (open == "{") ~= (close == "}") then
-            error("moonlet.ngx: ngx.re: bad $ in the replacement " .. format("%q", tpl), 0)
-        end
-        return (m[tonumber(digits)] or "") .. ((open == "" and close) or "")
-    end))
-end
-
-local function re_sub_n(subject, regex, replace, options, once)
-    subject = check_subject(subject)
-    local c = compile(regex, options)
-    local tr = type(replace)
-    if tr == "number" then replace = tostring(replace) tr = "string" end
-    if tr ~= "string" and tr ~= "function" then
-        error("moonlet.ngx: ngx.re replacement must be a string or a function", 3)
-    end
-    local out, n, pos = {}, 0, 1
+-- gsub with a function: the loop is here, not in C, so that the function may wait (a yield
+-- cannot cross a C call).
+local function sub_fn(subject, regex, fn, options, global)
+    local rx, err = core_regex(regex, options)
+    if not rx then return nil, nil, err end
+    local out, n, pos, copied, len, checked = {}, 0, 0, 0, #subject, false
     while true do
-        local s, e, m = match_at(c, subject, pos)
-        if not s then break end
-        out[#out + 1] = sub(subject, pos, s - 1)
-        if tr == "string" then
-            out[#out + 1] = expand(replace, m)
-        else
-            out[#out + 1] = tostring(replace(m))
+        local m, from, to, nxt = rx:match(subject, pos, nil, checked)
+        if not m then
+            if from then return nil, nil, from end
+            break
         end
+        checked = true
         n = n + 1
-        if e >= s then
-            pos = e + 1
-        else
-            out[#out + 1] = sub(subject, s, s)
-            pos = s + 1
-        end
-        if once or c.bol or pos > #subject + 1 then break end
+        out[#out + 1] = sub(subject, copied + 1, from)
+        out[#out + 1] = tostring(fn(m))
+        copied = to
+        pos = nxt
+        if not global or pos > len then break end
     end
-    out[#out + 1] = sub(subject, pos)
+    if n == 0 then return subject, 0 end
+    out[#out + 1] = sub(subject, copied + 1)
     return concat(out), n
 end
 
+local function re_sub_n(subject, regex, replace, options, global)
+    subject = tostring(subject)
+    check_regex(regex)
+    if type(replace) == "function" then return sub_fn(subject, regex, replace, options, global) end
+    return core_regex_gsub(subject, regex, options, tostring(replace), global)
+end
+
 -- syntax: newstr, n, err = ngx.re.sub(subject, regex, replace, options)
+-- replace: a template ("$0", "$1", "${1}", "${name}", "$$") or a function(m) -> string
 local function re_sub(subject, regex, replace, options)
-    return re_sub_n(subject, regex, replace, options, true)
+    return re_sub_n(subject, regex, replace, options, false)
 end
 
 -- syntax: newstr, n, err = ngx.re.gsub(subject, regex, replace, options)
 local function re_gsub(subject, regex, replace, options)
-    return re_sub_n(subject, regex, replace, options, false)
+    return re_sub_n(subject, regex, replace, options, true)
+end
+
+-- syntax: res, err = require("ngx.re").split(subject, regex, options, ctx, max, res)
+-- lua-resty-core's ngx.re module, as it does it: the pieces between the matches (and each match's
+-- first capture when it took part), at most max of them (max <= 0: all, without the empty ones at
+-- the end); ctx.pos (1-based) is where it starts.
+local split_ctx = {}
+
+local function re_split(subject, regex, options, ctx, max, res)
+    subject = tostring(subject)
+    check_regex(regex)
+    if not ctx then
+        ctx = split_ctx
+        ctx.pos = 1
+    elseif not ctx.pos then
+        ctx.pos = 1
+    end
+    max = max or 0
+    if res == nil then
+        res = {}
+    elseif type(res) ~= "table" then
+        error("res is not a table", 2)
+    end
+    local len = #subject
+    if ctx.pos > len then
+        res[1] = nil
+        return res
+    end
+    local rx, err = core_regex(regex, options)
+    if not rx then return nil, err end
+    local sub_idx, res_idx, count, last_empty, checked = ctx.pos, 0, 1, nil, false
+    ctx.pos = sub_idx - 1 -- 0-based from here on, as lua-resty-core leaves it
+    while max <= 0 or count < max do
+        local m, from, to = rx:match(subject, ctx.pos > 0 and ctx.pos or 0, nil, checked)
+        if not m then
+            if from then return nil, from end
+            break
+        end
+        checked = true
+        ctx.pos = from == to and to + 1 or to
+        local capture = m[1]
+        from, to = from + 1, to + 1
+        if last_empty then sub_idx = last_empty end
+        if from == to then last_empty = from end
+        if from > sub_idx or not last_empty then
+            count = count + 1
+            res_idx = res_idx + 1
+            res[res_idx] = sub(subject, sub_idx, from - 1)
+            if capture then
+                res_idx = res_idx + 1
+                res[res_idx] = capture
+            end
+            sub_idx = to
+            if sub_idx > len then break end
+        end
+    end
+    if max <= 0 and sub_idx > len then
+        for i = res_idx, 1, -1 do
+            if res[i] ~= "" then
+                res_idx = i
+                break
+            end
+            res[i] = nil
+        end
+    else
+        res_idx = res_idx + 1
+        res[res_idx] = sub(subject, sub_idx)
+    end
+    res[res_idx + 1] = nil
+    return res
+end
+
+-- require "ngx.re" (lua-resty-core's module, whose own file needs nginx) finds split; install()
+-- sets it, so that inside OpenResty the real one stays
+local function preload_ngx_re()
+    if not package.preload["ngx.re"] then
+        package.preload["ngx.re"] = function() return { split = re_split } end
+    end
 end
 
 -- -- Hashes and base64 (OpenSSL through moonlet.core: no FFI, so the static build has them too) ----
@@ -847,6 +757,7 @@ function _M.install()
     if not ngx_tbl then ngx_tbl = build() end
     rawset(_G, "ngx", ngx_tbl)
     alias_resty_redis()
+    preload_ngx_re()
     return ngx_tbl
 end
 
@@ -857,8 +768,12 @@ function _M.get()
 end
 
 -- the same helpers, for tests and for code that wants them without the global
-_M.re = { match = re_match, find = re_find, gmatch = re_gmatch, sub = re_sub, gsub = re_gsub }
-_M.translate = function(re, opts) return translate(re, opts or "").pat end
+_M.re = { match = re_match, find = re_find, gmatch = re_gmatch, sub = re_sub, gsub = re_gsub,
+          split = re_split }
+
+-- syntax: entries, max, compiles = require("moonlet.ngx").regex_cache(max) -- the compiled regexes
+-- the instance keeps (1024 by default, as OpenResty's lua_regex_cache_max_entries); max sets it
+_M.regex_cache = core.regex_cache
 
 -- the module is the ngx global: requiring it installs it (and the resty.redis alias), as
 -- `require "moonlet.ngx"; local redis = require "resty.redis"` expects
