@@ -1410,6 +1410,7 @@ static int w_ping(lua_State *L) {
     t = mlua_task_current(L);
     mlua_check_yieldable(L, t);
   }
+  uint64_t started = uv_hrtime(); /* the round trip includes the send: taken before it */
   int r = send_message(ws, ML_WS_OP_PING, data, len);
   if (r < 0) return push_err(L, r);
   if (!t) {
@@ -1420,7 +1421,7 @@ static int w_ping(lua_State *L) {
   ws->ping_len = len;
   uv_update_time(ws->m->loop);
   ws->pinger.task = t;
-  ws->pinger.started = uv_hrtime();
+  ws->pinger.started = started;
   ws->pinger.deadline = uv_now(ws->m->loop) + (uint64_t)(timeout * 1000 + 0.5);
   wtimer_arm(ws);
   return mlua_task_wait(L, t, wait_cancel, &ws->pinger);
@@ -1507,11 +1508,24 @@ static int w_tostring(lua_State *L) {
   return 1;
 }
 
+/* syntax: ok = core.utf8_valid(s) -- whether s is well-formed UTF-8 (RFC 3629: no overlong
+ * forms, no surrogates), as a text message must be: moonlet.ws.valid_utf8 */
+static int l_utf8_valid(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  uint32_t st = 0;
+  lua_pushboolean(L, ml_utf8_check(&st, (const uint8_t *)s, n) == 0 && st == 0);
+  return 1;
+}
+
 void mlua_open_ws(lua_State *L, moonlet_t *m) {
   static const luaL_Reg wm[] = {
       {"receive", w_receive},       {"send", w_send},   {"ping", w_ping},     {"close", w_close},
       {"close_info", w_close_info}, {"state", w_state}, {"queued", w_queued}, {NULL, NULL}};
-  static const luaL_Reg fns[] = {{"ws_accept", l_accept}, {"ws_connect", l_connect}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"ws_accept", l_accept},
+                                 {"ws_connect", l_connect},
+                                 {"utf8_valid", l_utf8_valid},
+                                 {NULL, NULL}};
   luaL_newmetatable(L, WS_MT);
   lua_pushliteral(L, WS_MT);
   lua_setfield(L, -2, "__name");

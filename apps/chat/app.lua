@@ -13,48 +13,81 @@ local moonlet = require "moonlet"
 local json = require "moonlet.json"
 local trim = require("moonlet.url").trim -- linear in the length: the nick comes from a client
 
-local str_sub, str_match, str_gsub = string.sub, string.match, string.gsub
+local str_sub, str_match, str_gsub, byte = string.sub, string.match, string.gsub, string.byte
 local remove, time = table.remove, os.time
+local valid_utf8 = moonlet.ws.valid_utf8
 
 local HISTORY = 50         -- messages replayed to a newcomer
 local MAX_TEXT = 2000      -- bytes of one message
+local MAX_ROOMS = 1000     -- rooms kept at once: an empty one is forgotten to make room
 local here = str_match(str_sub(debug.getinfo(1, "S").source, 2), "^(.*)/") or "."
 
-local rooms = {}           -- name -> { history = { ... }, members = n }
+local rooms, nrooms = {}, 0 -- name -> { history = { ... }, members = n }
 
+-- The room's state, made when new: nil when MAX_ROOMS rooms all have members.
 local function room_state(name)
     local r = rooms[name]
-    if not r then
-        r = { history = json.array({}), members = 0 }
-        rooms[name] = r
+    if r then return r end
+    if nrooms >= MAX_ROOMS then -- forget an empty room (its history goes with it)
+        for k, v in pairs(rooms) do
+            if v.members == 0 then
+                rooms[k], nrooms = nil, nrooms - 1
+                break
+            end
+        end
+        if nrooms >= MAX_ROOMS then return nil end
     end
+    r = { history = json.array({}), members = 0 }
+    rooms[name], nrooms = r, nrooms + 1
     return r
+end
+
+-- s cut to at most n bytes, never inside a UTF-8 sequence: a cut one would make the JSON that
+-- carries it invalid UTF-8, which no WebSocket text message may hold (ws:send refuses it)
+local function cut(s, n)
+    if #s <= n then return s end
+    local b = byte(s, n + 1)
+    while n > 0 and b >= 0x80 and b < 0xC0 do -- n + 1 continues a sequence: cut before its start
+        b = byte(s, n)
+        n = n - 1
+    end
+    return str_sub(s, 1, n)
 end
 
 local function clean_nick(nick)
     nick = str_gsub(nick or "", "[%c<>&\"']", "")
     nick = trim(nick)
-    if nick == "" then return nil end
-    return str_sub(nick, 1, 32)
+    if nick == "" or not valid_utf8(nick) then return nil end -- (the URL's bytes may be anything)
+    return cut(nick, 32)
 end
 
 local app = moonlet.app()
 
 app:websocket("/ws/:room", function(ws, req)
-    local name = str_sub(req.params.room, 1, 64)
+    local name = req.params.room
+    if not valid_utf8(name) then return ws:close(4000, "bad room name") end
+    name = cut(name, 64)
     local nick = clean_nick(req.query.nick)
     if not nick then
         ws:send({ type = "error", text = "choose a nickname" })
         return ws:close(4000, "no nickname")
     end
     local state = room_state(name)
+    if not state then
+        ws:send({ type = "error", text = "too many rooms" })
+        return ws:close(4001, "too many rooms")
+    end
     local room = moonlet.channel("chat:" .. name)
     local sub = room:subscribe({ size = 256 })
     ws:send({ type = "history", room = name, messages = state.history })
     -- the room's messages go to this browser from their own task, while this one reads
     local writer = moonlet.spawn(function()
         for m in sub:messages() do
-            if not ws:send(m) then break end
+            local ok, err = ws:send(m)
+            if not ok then -- gone; or, should a message ever fail, a closed tab, not a deaf one
+                if err ~= "closed" then ws:close(1011, "send failed") end
+                break
+            end
         end
     end)
     state.members = state.members + 1
@@ -63,8 +96,9 @@ app:websocket("/ws/:room", function(ws, req)
         local v = json.decode(msg)
         local text = msg -- plain text is a message too
         if type(v) == "table" then text = v.text elseif v ~= nil then text = nil end
-        if type(text) == "string" and text ~= "" then
-            local m = { type = "message", nick = nick, text = str_sub(text, 1, MAX_TEXT), time = time() }
+        -- (a binary frame, or a JSON "\ud800", may hold what no text message can carry)
+        if type(text) == "string" and text ~= "" and valid_utf8(text) then
+            local m = { type = "message", nick = nick, text = cut(text, MAX_TEXT), time = time() }
             local h = state.history
             h[#h + 1] = m
             if #h > HISTORY then remove(h, 1) end

@@ -112,6 +112,11 @@ local function no_ctl(s, what)
     return s
 end
 
+-- syntax: ok = moonlet.ws.valid_utf8(s) -- whether s is well-formed UTF-8, as the text of a text
+-- message must be (ws:send refuses anything else with nil, "invalid utf-8"): for text from
+-- elsewhere (a URL's percent-decoded bytes, a file) before it goes into one
+_M.valid_utf8 = core.utf8_valid
+
 -- syntax: ws, err = moonlet.ws.connect(url, { timeout = 2, headers = {...}, protocols = {...},
 --   origin = "...", deflate = true, verify = true, cafile = path, max_message = bytes,
 --   unix = "/run/app.sock", ... }) -- unix: over that Unix domain socket (the URL gives the Host)

@@ -84,6 +84,29 @@ describe("apps/chat", function()
         assert.same(4000, n.close_code)
     end)
 
+    it("keeps a room alive through text cut inside a UTF-8 character or not UTF-8 at all", function()
+        local port = serve_chat()
+        local a = join(port, "utf8", "alice")
+        assert.same("alice", next_of(a, "join").nick)
+        local long_nick = ("n"):rep(31) .. "%C3%A9" -- 33 bytes: cut to 32 would split the é
+        local b = join(port, "utf8", long_nick)
+        assert.same(("n"):rep(31), next_of(a, "join").nick)
+        assert(a:send(json.encode({ text = ("a"):rep(1999) .. "\xC3\xA9" }))) -- 2001 bytes
+        assert.same(("a"):rep(1999), next_of(b, "message").text)
+        assert(a:send("\xFF\xFEnot text", "binary")) -- neither UTF-8 nor JSON: dropped
+        assert(a:send('{"text":"\\ud800"}')) -- a lone surrogate: no JSON to cjson, so plain text
+        assert(a:send("still talking"))
+        assert.same('{"text":"\\ud800"}', next_of(b, "message").text)
+        assert.same("still talking", next_of(b, "message").text)
+        local _, hist = join(port, "utf8", "carol") -- and the history replays whole
+        assert.same({ ("a"):rep(1999), '{"text":"\\ud800"}', "still talking" },
+                    { hist.messages[1].text, hist.messages[2].text, hist.messages[3].text })
+        local bad = assert(moonlet.ws.connect(("ws://127.0.0.1:%d/ws/%%FF?nick=x"):format(port),
+                                              { timeout = 5 }))
+        assert.same({ nil, "closed" }, { bad:receive(5) })
+        assert.same(4000, bad.close_code)
+    end)
+
     it("works in a real browser: two chromium pages, one sends, the other shows it", function()
         if not sh_ok("command -v node") then return pending("node is not installed") end
         if not sh_ok("test -x /usr/bin/chromium") then
