@@ -17,6 +17,12 @@ local _M = {}
 
 local MAX_TITLE = 200
 
+-- the characters of UTF-8 text: its bytes but the continuation bytes (0x80-0xBF)
+local function chars(s)
+    local _, n = string.gsub(s, "[^\128-\191]", "")
+    return n
+end
+
 -- -- The store ------------------------------------------------------------------------------------
 
 -- Both databases take the same SQL, written with $1, $2... (SQLite reads them as ?1, ?2...) and
@@ -153,7 +159,7 @@ local function validate(input, partial)
         title = trim(title)
         if title == "" then
             errors.title, bad = "must not be empty", true
-        elseif #title > MAX_TITLE then
+        elseif chars(title) > MAX_TITLE then -- characters, as the table's length() counts them
             errors.title, bad = "must be at most " .. MAX_TITLE .. " characters", true
         else
             out.title = title
