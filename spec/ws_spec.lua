@@ -174,6 +174,17 @@ describe("moonlet.ws handshake", function()
         ws = connect(port, "/echo", { timeout = 5, origin = "https://ok.test" })
         assert(ws:send("fine"))
         assert.same("fine", ws:receive(5))
+        -- the hook decides for a handshake without Origin (it gets nil): refused here
+        ws, err = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/echo", { timeout = 5 })
+        assert.same({ nil, "handshake failed: status 403" }, { ws, err })
+        -- a list: browsers' origins checked; a client without Origin (no browser) passes, as Tornado's
+        local port2 = serve(echo_app({ origin = { "https://ok.test" } }))
+        ws, err = moonlet.ws.connect("ws://127.0.0.1:" .. port2 .. "/echo",
+                                     { timeout = 5, origin = "https://evil.test" })
+        assert.same({ nil, "handshake failed: status 403" }, { ws, err })
+        ws = connect(port2, "/echo", { timeout = 5 })
+        assert(ws:send("no origin"))
+        assert.same("no origin", ws:receive(5))
     end)
 
     it("negotiates a subprotocol in the server's order of preference", function()
