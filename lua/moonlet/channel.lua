@@ -53,8 +53,11 @@ local function local_layer()
             by_name[name] = nil
             return 0
         end
-        for i = 1, n do list[i]:push(msg) end
-        return n
+        local got = 0 -- the subscriptions that queued it (not one the disconnect policy closed)
+        for i = 1, n do
+            if list[i]:push(msg) then got = got + 1 end
+        end
+        return got
     end
     -- names with at least one subscription, and the count of one name (introspection, tests)
     function layer.count(name)
@@ -97,12 +100,14 @@ local sub_mt = { __name = "moonlet.subscription", __index = sub_methods }
 local DEFAULT_SIZE = 256
 
 -- syntax: sub:push(msg) -- how a layer delivers a message (never waits)
+-- Queues msg: true when it was queued, false when this subscription is closed or closes now
+-- (the "disconnect" policy on a full queue).
 function sub_methods:push(msg)
-    if self.closed then return end
+    if self.closed then return false end
     if self.tail - self.head + 1 >= self.size then
         if self.policy == "disconnect" then
             self:close("overflow")
-            return
+            return false
         end
         self.items[self.head] = nil -- drop_oldest
         self.head = self.head + 1
@@ -115,6 +120,7 @@ function sub_methods:push(msg)
         self.waiter = nil
         core.unpark(co, true)
     end
+    return true
 end
 
 -- syntax: n = sub:len() -- messages queued
