@@ -219,6 +219,61 @@ end)]]
         assert.is_nil(host.watcher)
     end)
 
+    it("watches a module a handler requires later, and reloads on its edits as on the app's",
+       function()
+        local dir = tmpdir()
+        write_file(dir .. "/reload_lazy_mod.lua", 'return { v = "l1" }\n')
+        local lazy = 'app:get("/lazy", function() return require("reload_lazy_mod").v end)'
+        local host, port = serve(dir, app_src("v1", lazy), { debounce = 0.05 })
+        defer(function() package.loaded.reload_lazy_mod = nil end)
+        assert.is_true(host:watch())
+        assert.same(1, #host:watched()) -- the top level required nothing of its directory
+        assert.same("l1", get(port, "/lazy"))
+        assert.same(2, #host:watched()) -- the watch list grew when the handler required it
+        assert.same({ 2, 1 }, { host.watcher:count() })
+        write_file(dir .. "/reload_lazy_mod.lua", 'return { v = "l2" }\n')
+        assert.truthy(test.wait_until(function() return get(port, "/lazy") == "l2" end, 5))
+        assert.same(1, host.reloads)
+        assert.same(2, #host:watched()) -- still watched after the reload
+        -- a broken edit of it fails the reload: the old code and the module it uses go on
+        local mod = package.loaded.reload_lazy_mod
+        write_file(dir .. "/reload_lazy_mod.lua", 'return { v = = "l3" }\n')
+        local ok, err = host:reload()
+        assert.is_nil(ok)
+        assert.truthy(err:find("reload_lazy_mod.lua:1:", 1, true), err)
+        assert.equal(mod, package.loaded.reload_lazy_mod)
+        assert.same("l2", get(port, "/lazy"))
+        write_file(dir .. "/reload_lazy_mod.lua", 'return { v = "l4" }\n')
+        assert.truthy(test.wait_until(function() return get(port, "/lazy") == "l4" end, 5))
+    end)
+
+    it("records a module a task requires, for the host whose directory holds it", function()
+        local dir, other = tmpdir(), tmpdir()
+        write_file(dir .. "/reload_task_mod.lua", 'return "t1"\n')
+        write_file(other .. "/reload_other_mod.lua", 'return "o1"\n')
+        local host = serve(dir, app_src("v1"))
+        local host2 = serve(other, app_src("w1"))
+        defer(function()
+            package.loaded.reload_task_mod = nil
+            package.loaded.reload_other_mod = nil
+        end)
+        local function required(name)
+            return { moonlet.spawn(function() return require(name) end):join(5) }
+        end
+        assert.same({ true, "t1" }, required("reload_task_mod"))
+        assert.same({ true, "o1" }, required("reload_other_mod"))
+        assert.same({ reload_task_mod = dir }, (function()
+            local t = {}
+            for name, f in pairs(host.modules) do t[name] = f:match("^(.*)/[^/]*$") end
+            return t
+        end)())
+        assert.same({ "reload_other_mod" }, (function()
+            local t = {}
+            for name in pairs(host2.modules) do t[#t + 1] = name end
+            return t
+        end)())
+    end)
+
     it("returns to its memory baseline after 100 reloads", function()
         local dir = tmpdir()
         write_file(dir .. "/reload_mem_mod.lua", 'return { n = 0 }\n')
@@ -320,6 +375,25 @@ describe("moonlet --reload", function()
         assert.is_nil(seen.broken)
         local log = p:output()
         assert.truthy(log:find("failed, the old code goes on serving", 1, true), log)
+        assert.truthy(p:signal("TERM"))
+        assert.same(0, p:wait())
+    end)
+
+    it("watches a module a handler requires after the first request (the watch count grows)",
+       function()
+        local dir = tmpdir()
+        local path = dir .. "/app.lua"
+        write_file(dir .. "/lazy.lua", 'return { v = "l1" }\n')
+        write_file(path, app_src("v1", 'app:get("/lazy", function() return require("lazy").v end)'))
+        local p = start("--reload --port 0 " .. path)
+        local port = p:port()
+        assert(test.wait_until(function() return p:output():find("watching 1 file", 1, true) end),
+               p:output())
+        assert.same("l1", get(port, "/lazy"))
+        assert(test.wait_until(function() return p:output():find("watching 2 files", 1, true) end),
+               p:output())
+        write_file(dir .. "/lazy.lua", 'return { v = "l2" }\n')
+        assert(test.wait_until(function() return get(port, "/lazy") == "l2" end, 5), p:output())
         assert.truthy(p:signal("TERM"))
         assert.same(0, p:wait())
     end)

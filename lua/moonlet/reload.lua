@@ -8,7 +8,11 @@
 -- The modules the app required from its own directory (and below) are part of the app: a reload
 -- clears them from package.loaded so that the new code requires fresh copies (they come back if the
 -- new code fails), and the watcher watches their files too. The framework (moonlet, moonlet.*) is
--- never reloaded.
+-- never reloaded. A module the app requires later (in a handler, in a task) is recorded when it is
+-- first found: a searcher in package.loaders, just after package.preload's, sees every module
+-- require finds in no table (a require of a loaded module stays a table lookup), adds it to the
+-- hosts whose directory holds it and grows their watch list. A reload requires such a module again
+-- after the new top level ran, so that a broken edit of it fails the reload as one of the app does.
 --
 -- State across a reload: the old app's `app.state` (whatever table the app keeps there) is handed
 -- to the new app's app:on_reload(function(old_state) ... end) before the swap; an error there fails
@@ -25,7 +29,8 @@ local now, log = core.now, core.log
 local pairs, setmetatable, tonumber, tostring, type = pairs, setmetatable, tonumber, tostring, type
 local xpcall, traceback, unpack = xpcall, debug.traceback, unpack
 local str_sub, str_find, str_format = string.sub, string.find, string.format
-local sort = table.sort
+local sort, tinsert = table.sort, table.insert
+local next = next
 
 local _M = {}
 local methods = {}
@@ -33,6 +38,8 @@ local mt = { __name = "moonlet.reload", __index = methods }
 
 local current         -- the instance's host (reload.set_current)
 local path_users = {} -- package.path entry added for an app directory -> hosts using it
+local open_hosts = setmetatable({}, { __mode = "k" }) -- host -> true, until host:close()
+local add_searcher    -- (defined with the watcher, below)
 
 local function dirname(path)
     return path:match("^(.*)/[^/]*$") or "."
@@ -80,10 +87,12 @@ function _M.new(opts)
         error("moonlet.reload.new: wants { path = file } or { code = string }", 2)
     end
     local self = setmetatable({
-        servers = {}, modules = {}, files = {}, args = opts.args or {},
+        servers = {}, modules = {}, lazy = {}, files = {}, args = opts.args or {},
         debounce = opts.debounce or 0.05, reloads = 0,
     }, mt)
     self:set_source(opts)
+    open_hosts[self] = true
+    add_searcher()
     return self
 end
 
@@ -102,6 +111,7 @@ function methods:set_source(opts)
         self.name = (str_find(name, "^[=@]") and name) or "=" .. name
     end
     self.files = {}
+    self.lazy = {}
 end
 
 function methods:label()
@@ -164,6 +174,28 @@ local function build(self)
     local shutdown = require "moonlet.shutdown"
     local prev_load = shutdown.begin_load(self) -- its moonlet.on_shutdown's: kept if it serves
     local ok, app = xpcall(chunk, app_traceback, unpack(args, 1, args.n or #args))
+    -- the modules the old code required later (in a handler, a task), which the new top level did
+    -- not: required again now, so that a broken edit of one keeps the old code as one of the app
+    -- file does (a module whose file is gone is dropped)
+    local lazy = {}
+    if ok then
+        local names = {}
+        for name in pairs(self.lazy) do
+            if saved[name] ~= nil then names[#names + 1] = name end
+        end
+        sort(names)
+        for i = 1, #names do
+            local name = names[i]
+            if loaded[name] == nil and package.searchpath(name, package.path) then
+                local ok2, e = xpcall(require, app_traceback, name)
+                if not ok2 then
+                    ok, app = false, e
+                    break
+                end
+            end
+            if loaded[name] ~= nil then lazy[name] = true end
+        end
+    end
     shutdown.end_load(prev_load)
     app_mod.script_dir = outer_dir
     local old = self.app
@@ -190,6 +222,7 @@ local function build(self)
         return nil, "error", tostring(app)
     end
     self.modules = mods
+    self.lazy = lazy
     if kind == "noapp" then
         shutdown.keep(self) -- a plain script: its hooks are those of its one load
         return nil, "noapp", self:label() .. ": returned no app"
@@ -221,6 +254,42 @@ local function watch_files(self)
     for _, f in pairs(self.modules) do files[#files + 1] = f end
     sort(files)
     return w:set(files)
+end
+
+-- The searcher that records the modules an app requires after its top level ran. require calls
+-- it only for a module in no table and not preloaded; it finds nothing itself (package.loaders[3],
+-- the Lua file searcher, loads the module), so it returns nothing and require goes on. A module
+-- that fails to load is watched all the same: the edit that fixes it reloads the app.
+local function app_searcher(name)
+    if next(open_hosts) == nil then return end
+    for host in pairs(open_hosts) do
+        if not host.loading and host.app and not host.modules[name] then
+            local f = host:module_file(name)
+            if f then
+                host.modules[name] = f
+                host.lazy[name] = true
+                if host.watcher then
+                    local ok, err = watch_files(host)
+                    if ok then
+                        local n = #host:watched()
+                        log(2, str_format("reload: watching %d file%s (%s required)", n,
+                                          n == 1 and "" or "s", name))
+                    else
+                        log(1, "reload: cannot watch every file: " .. tostring(err))
+                    end
+                end
+            end
+        end
+    end
+end
+
+-- Puts app_searcher just after package.preload's searcher, once per Lua state.
+function add_searcher()
+    local loaders = package.loaders
+    for i = 1, #loaders do
+        if loaders[i] == app_searcher then return end
+    end
+    tinsert(loaders, 2, app_searcher)
 end
 
 -- syntax: app, kind, err = host:load() -- runs the source (the first load and every reload): the
@@ -303,6 +372,7 @@ function methods:close()
         drop_path(self.dir)
         self.dir = nil
     end
+    open_hosts[self] = nil
     if current == self then current = nil end
 end
 
