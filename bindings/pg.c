@@ -24,11 +24,15 @@
  *    core.pg_notification) and a connection the server closed (a restart) is seen at once and
  *    marked broken, so that the pool does not hand it out.
  * 5. Results are converted to Lua values on the loop thread when the query ends: int2/4/8, oid,
- *    float4/8 and numeric as numbers, bool as booleans, NULL as nil, everything else (text,
- *    varchar, json, dates, ...) as its text.
+ *    float4/8 and numeric as numbers, bool as booleans, bytea as its raw bytes, NULL as nil,
+ *    everything else (text, varchar, json, dates, ...) as its text.
+ * 6. Parameters go in text format, except a string holding a NUL or bytes that are not UTF-8:
+ *    that one goes in binary format (its bytes as they are), so that bytea gets them whole and
+ *    text gets the server's encoding error instead of a string cut at the NUL.
  */
 #include <dlfcn.h>
 #include <libpq-fe.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -45,6 +49,7 @@
   X(PQbackendPID)                                                                                  \
   X(PQcancel)                                                                                      \
   X(PQclear)                                                                                       \
+  X(PQcmdStatus)                                                                                   \
   X(PQcmdTuples)                                                                                   \
   X(PQconnectPoll)                                                                                 \
   X(PQconnectStart)                                                                                \
@@ -108,6 +113,7 @@ static const char *pq_load(void) {
 #define PQbackendPID pq.PQbackendPID
 #define PQcancel pq.PQcancel
 #define PQclear pq.PQclear
+#define PQcmdStatus pq.PQcmdStatus
 #define PQcmdTuples pq.PQcmdTuples
 #define PQconnectPoll pq.PQconnectPoll
 #define PQconnectStart pq.PQconnectStart
@@ -415,12 +421,62 @@ static int numeric_oid(Oid t) {
   return t == 20 || t == 21 || t == 23 || t == 26 || t == 700 || t == 701 || t == 1700;
 }
 
+static int hex_digit(unsigned char ch) {
+  if (ch >= '0' && ch <= '9') return ch - '0';
+  ch |= 0x20;
+  if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+  return -1;
+}
+
+/* Pushes a bytea value's raw bytes from PostgreSQL's text output of it: hex ("\x6162", the
+ * default bytea_output) or escape ("ab\\\001"). Returns 0 (pushing nothing) when v is neither. */
+static int push_bytea(lua_State *L, const char *v, size_t len) {
+  const unsigned char *p = (const unsigned char *)v, *end = p + len;
+  int hex = len >= 2 && p[0] == '\\' && p[1] == 'x';
+  if (hex) {
+    if (len % 2) return 0;
+    for (const unsigned char *q = p + 2; q < end; q++)
+      if (hex_digit(*q) < 0) return 0;
+    p += 2;
+  }
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  while (p < end) {
+    char *out = luaL_prepbuffer(&b);
+    size_t n = 0;
+    if (hex) {
+      for (; p < end && n < LUAL_BUFFERSIZE; p += 2)
+        out[n++] = (char)(hex_digit(p[0]) << 4 | hex_digit(p[1]));
+    } else {
+      for (; p < end && n < LUAL_BUFFERSIZE; n++) {
+        if (*p != '\\') {
+          out[n] = (char)*p++;
+        } else if (end - p >= 2 && p[1] == '\\') {
+          out[n] = '\\';
+          p += 2;
+        } else if (end - p >= 4 && p[1] >= '0' && p[1] <= '3' && p[2] >= '0' && p[2] <= '7' &&
+                   p[3] >= '0' && p[3] <= '7') {
+          out[n] = (char)((p[1] - '0') << 6 | (p[2] - '0') << 3 | (p[3] - '0'));
+          p += 4;
+        } else {
+          out[n] = (char)*p++; /* not what byteaout writes: kept as it is */
+        }
+      }
+    }
+    luaL_addsize(&b, n);
+  }
+  luaL_pushresult(&b);
+  return 1;
+}
+
 /* Pushes one field of res as its Lua value. */
 static void push_field(lua_State *L, const PGresult *res, int r, int f, Oid type) {
   const char *v = PQgetvalue(res, r, f);
   int len = PQgetlength(res, r, f);
   if (type == 16) {
     lua_pushboolean(L, v[0] == 't');
+  } else if (type == 17) {
+    if (!push_bytea(L, v, (size_t)len)) lua_pushlstring(L, v, (size_t)len);
   } else if (numeric_oid(type)) {
     char *end;
     double d = strtod(v, &end);
@@ -433,10 +489,11 @@ static void push_field(lua_State *L, const PGresult *res, int r, int f, Oid type
   }
 }
 
-/* Pushes rows (an array of name = value tables) and the affected row count. */
+/* Pushes rows (an array of name = value tables), the affected row count and the command tag
+ * ("COMMIT", or "ROLLBACK" when the server rolled an aborted transaction back instead). */
 static int push_rows(lua_State *L, const PGresult *res) {
   int nrows = res ? PQntuples(res) : 0, nf = res ? PQnfields(res) : 0;
-  lua_checkstack(L, nf + 8);
+  lua_checkstack(L, nf + 8 + LUA_MINSTACK); /* a bytea's luaL_Buffer takes a few slots */
   lua_createtable(L, nrows, 0);
   int rows = lua_gettop(L);
   Oid types[64];
@@ -457,10 +514,14 @@ static int push_rows(lua_State *L, const PGresult *res) {
   lua_settop(L, rows);
   const char *n = res ? PQcmdTuples((PGresult *)res) : "";
   lua_pushnumber(L, n[0] ? strtod(n, NULL) : nrows);
-  return 2;
+  lua_pushstring(L, res ? PQcmdStatus((PGresult *)res) : "");
+  return 3;
 }
 
-/* Pushes nil, the server's primary message (it names the constraint that failed), SQLSTATE. */
+/* Pushes nil, the server's primary message (it names the constraint that failed), SQLSTATE, and
+ * true when the error says a prepared statement went stale (its result type changed with the
+ * schema: "cached plan must not change result type", raised by RevalidateCachedQuery), which
+ * lua/moonlet/pg.lua answers by preparing it again. */
 static int push_result_error(lua_State *L, const PGresult *res) {
   const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
   const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
@@ -475,6 +536,11 @@ static int push_result_error(lua_State *L, const PGresult *res) {
     lua_pushlstring(L, m, n);
   }
   lua_pushstring(L, state ? state : "");
+  const char *fn = PQresultErrorField(res, PG_DIAG_SOURCE_FUNCTION);
+  if (state && strcmp(state, "0A000") == 0 && fn && strcmp(fn, "RevalidateCachedQuery") == 0) {
+    lua_pushboolean(L, 1);
+    return 4;
+  }
   return 3;
 }
 
@@ -850,9 +916,45 @@ static int l_connect(lua_State *L) {
   return mlua_task_wait(L, t, pgc_cancel, c);
 }
 
+/* Is s[0..n) text libpq can send in text format: no NUL, well-formed UTF-8 (no overlong forms,
+ * no surrogates, nothing past U+10FFFF)? The ASCII run is the whole cost of the common case. */
+static int plain_text(const char *s, size_t n) {
+  const unsigned char *p = (const unsigned char *)s, *end = p + n;
+  while (p < end) {
+    unsigned char ch = *p;
+    if (ch >= 0x01 && ch < 0x80) {
+      p++;
+      continue;
+    }
+    if (ch == 0) return 0;
+    size_t need;
+    unsigned char lo = 0x80, hi = 0xbf; /* the range of the second byte */
+    if (ch >= 0xc2 && ch <= 0xdf) {
+      need = 1;
+    } else if (ch >= 0xe0 && ch <= 0xef) {
+      need = 2;
+      if (ch == 0xe0) lo = 0xa0;
+      if (ch == 0xed) hi = 0x9f;
+    } else if (ch >= 0xf0 && ch <= 0xf4) {
+      need = 3;
+      if (ch == 0xf0) lo = 0x90;
+      if (ch == 0xf4) hi = 0x8f;
+    } else {
+      return 0;
+    }
+    if ((size_t)(end - p) <= need || p[1] < lo || p[1] > hi) return 0;
+    for (size_t i = 2; i <= need; i++)
+      if ((p[i] & 0xc0) != 0x80) return 0;
+    p += need + 1;
+  }
+  return 1;
+}
+
 /* Formats the Lua value at idx as a text parameter into buf (numbers, booleans) or returns the
- * string itself; NULL for nil. Raises on a value with no text form. */
-static const char *param_text(lua_State *L, int idx, char *buf, size_t size, int *len) {
+ * string itself; NULL for nil. *binary is set for a string that is not plain text (rule 6).
+ * Raises on a value with no text form. */
+static const char *param_text(lua_State *L, int idx, char *buf, size_t size, int *len,
+                              int *binary) {
   switch (lua_type(L, idx)) {
   case LUA_TNIL: return NULL;
   case LUA_TBOOLEAN: *len = 1; return lua_toboolean(L, idx) ? "t" : "f";
@@ -871,7 +973,9 @@ static const char *param_text(lua_State *L, int idx, char *buf, size_t size, int
   case LUA_TSTRING: {
     size_t n;
     const char *s = lua_tolstring(L, idx, &n);
+    if (n > INT_MAX) luaL_error(L, "moonlet.pg: a parameter is too long");
     *len = (int)n;
+    *binary = !plain_text(s, n);
     return s;
   }
   default:
@@ -901,16 +1005,21 @@ static int send_query(lua_State *L, int mode) {
   mlua_check_yieldable(L, t);
   const char *values[MAX_PARAMS];
   int lengths[MAX_PARAMS];
+  int formats[MAX_PARAMS];
   char nums[MAX_PARAMS][32];
+  int binary = 0; /* any parameter in binary format: formats is passed only then */
   for (int i = 0; i < n; i++) {
-    values[i] = param_text(L, first + i, nums[i], sizeof nums[i], &lengths[i]);
+    formats[i] = 0;
+    values[i] = param_text(L, first + i, nums[i], sizeof nums[i], &lengths[i], &formats[i]);
+    binary |= formats[i];
   }
+  const int *fmts = binary ? formats : NULL;
   int ok;
   switch (mode) {
   case Q_SIMPLE: ok = PQsendQuery(c->conn, text); break;
-  case Q_PARAMS: ok = PQsendQueryParams(c->conn, text, n, NULL, values, lengths, NULL, 0); break;
+  case Q_PARAMS: ok = PQsendQueryParams(c->conn, text, n, NULL, values, lengths, fmts, 0); break;
   case Q_PREPARE: ok = PQsendPrepare(c->conn, text, sql, 0, NULL); break;
-  default: ok = PQsendQueryPrepared(c->conn, text, n, values, lengths, NULL, 0); break;
+  default: ok = PQsendQueryPrepared(c->conn, text, n, values, lengths, fmts, 0); break;
   }
   if (!ok) {
     if (PQstatus(c->conn) == CONNECTION_BAD) {
@@ -945,8 +1054,9 @@ static int send_query(lua_State *L, int mode) {
   return mlua_task_wait(L, t, pgc_cancel, c);
 }
 
-/* syntax: rows, count = core.pg_exec(conn, sql, timeout) -- the simple protocol: several
- * statements may be given; rows of the last; or nil, message, sqlstate */
+/* syntax: rows, count, tag = core.pg_exec(conn, sql, timeout) -- the simple protocol: several
+ * statements may be given; rows, count and command tag of the last; or nil, message, sqlstate
+ * (and true when a prepared statement went stale, see push_result_error) */
 static int l_exec(lua_State *L) { return send_query(L, Q_SIMPLE); }
 
 /* syntax: rows, count = core.pg_query(conn, sql, timeout, ...) -- $1.. bound to the values */

@@ -177,6 +177,137 @@ describe("moonlet.pg", function()
         assert.same(2, db:stats().open) -- the transaction's and the one query's beside it
     end)
 
+    it("returns nil, err when PostgreSQL rolled the transaction back: a statement in it failed", function()
+        local db = pool({ size = 1 })
+        local other = pool({ size = 1 })
+        assert(db:exec("DROP TABLE IF EXISTS k; CREATE TABLE k(x int PRIMARY KEY)"))
+        assert(db:exec("INSERT INTO k VALUES (1)"))
+        local pid = db:query("SELECT pg_backend_pid() AS pid")[1].pid
+        -- fn does not raise (the failed statement returned nil, err): COMMIT answers ROLLBACK
+        assert.same({ nil, 'transaction rolled back: duplicate key value violates unique ' ..
+                     'constraint "k_pkey"', "23505" }, { db:transaction(function(tx)
+            assert(tx:exec("INSERT INTO k VALUES (10)"))
+            tx:exec("INSERT INTO k VALUES (1)")
+            return "ok", 2
+        end) })
+        assert.same({ { x = 1 } }, db:query("SELECT x FROM k ORDER BY x"))
+        -- a savepoint undid the failure: the transaction commits
+        assert.same({ true }, { db:transaction(function(tx)
+            assert(tx:exec("INSERT INTO k VALUES (10)"))
+            assert(tx:exec("SAVEPOINT s"))
+            tx:exec("INSERT INTO k VALUES (1)")
+            assert(tx:exec("ROLLBACK TO SAVEPOINT s"))
+        end) })
+        assert.same({ { x = 1 }, { x = 10 } }, db:query("SELECT x FROM k ORDER BY x"))
+        -- COMMIT itself fails (a deferred constraint): rolled back, with the server's SQLSTATE
+        assert(db:exec([[DROP TABLE IF EXISTS kd;
+            CREATE TABLE kd(x int UNIQUE DEFERRABLE INITIALLY DEFERRED)]]))
+        assert.same({ nil, 'transaction rolled back: duplicate key value violates unique ' ..
+                     'constraint "kd_x_key"', "23505" }, { db:transaction(function(tx)
+            assert(tx:exec("INSERT INTO kd VALUES (1), (1)"))
+            return true
+        end) })
+        assert.same({}, db:query("SELECT x FROM kd"))
+        -- fn raises after a failed statement: rolled back, re-raised
+        assert.same({ false, "boom" }, { pcall(db.transaction, db, function(tx)
+            tx:exec("INSERT INTO k VALUES (1)")
+            error("boom", 0)
+        end) })
+        -- every case left the connection clean: no transaction open on the server
+        assert.same({ open = 1, idle = 1, waiting = 0, size = 1 }, db:stats())
+        assert.same({ "idle", "idle" }, { core.pg_status(db.idle[1].c) })
+        assert.same({ { state = "idle" } }, other:query(
+            "SELECT state FROM pg_stat_activity WHERE pid = $1", pid))
+    end)
+
+    it("returns nil, err, \"40001\" when COMMIT fails to serialize; the connections come back clean",
+       function()
+        local db = pool({ size = 2 })
+        assert(db:exec([[DROP TABLE IF EXISTS ser; CREATE TABLE ser(class int, v int);
+            INSERT INTO ser VALUES (1, 10), (2, 20)]]))
+        local b_ready, a_done = moonlet.event(), moonlet.event()
+        local function skew(mine, theirs, before_commit)
+            return function(tx)
+                assert(tx:exec("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+                local s = assert(tx:query("SELECT sum(v)::int AS s FROM ser WHERE class = $1", mine))
+                assert(tx:exec("INSERT INTO ser VALUES ($1, $2)", theirs, s[1].s))
+                before_commit()
+                return true
+            end
+        end
+        local a = moonlet.spawn(function()
+            return db:transaction(skew(1, 2, function() b_ready:wait(5) end))
+        end)
+        local b = moonlet.spawn(function()
+            return db:transaction(skew(2, 1, function() b_ready:set(); a_done:wait(5) end))
+        end)
+        assert.same({ true, true }, { a:join(5) })
+        a_done:set()
+        assert.same({ true, nil, "transaction rolled back: could not serialize access due to " ..
+                     "read/write dependencies among transactions", "40001" }, { b:join(5) })
+        assert.same({ { n = 3 } }, db:query("SELECT count(*)::int AS n FROM ser"))
+        assert.same(2, #db.idle)
+        for _, conn in ipairs(db.idle) do assert.same({ "idle", "idle" }, { core.pg_status(conn.c) }) end
+    end)
+
+    it("sends a string with a NUL or bytes not UTF-8 as binary: bytea keeps them, text refuses",
+       function()
+        local db = pool({ size = 1 })
+        assert(db:exec("DROP TABLE IF EXISTS b; CREATE TABLE b(id int, v bytea, t text)"))
+        local bytes = {}
+        for i = 0, 255 do bytes[#bytes + 1] = string.char(i) end
+        local all = table.concat(bytes)
+        local values = { "ab\0cd", "\1\255", all, "plain", "", "h\195\169" }
+        for i, v in ipairs(values) do
+            assert.same(1, db:exec("INSERT INTO b(id, v) VALUES ($1, $2)", i, v))
+        end
+        local rows = assert(db:query("SELECT id, v, length(v)::int AS n FROM b ORDER BY id"))
+        for i, v in ipairs(values) do assert.same({ id = i, v = v, n = #v }, rows[i]) end
+        -- text: a clear error from the server, never a string cut at the NUL
+        assert.same({ nil, 'invalid byte sequence for encoding "UTF8": 0x00', "22021" },
+                    { db:exec("INSERT INTO b(id, t) VALUES (9, $1)", "ab\0cd") })
+        assert.same({ nil, 'invalid byte sequence for encoding "UTF8": 0xff', "22021" },
+                    { db:query("SELECT $1::text AS t", "a\255") })
+        assert.same({ { n = 0 } }, db:query("SELECT count(*)::int AS n FROM b WHERE t IS NOT NULL"))
+        -- UTF-8 text and numbers go as before
+        assert.same({ { t = "h\195\169llo \226\156\147 \240\159\152\128", n = 3 } },
+                    db:query("SELECT $1::text AS t, $2::int AS n",
+                             "h\195\169llo \226\156\147 \240\159\152\128", 3))
+        -- bytea results decoded: hex output (the default) and escape output, simple protocol too
+        assert.same({ { v = "\1\255A" } }, db:query("SELECT '\\x01ff41'::bytea AS v"))
+        assert(db:exec("SET bytea_output = 'escape'"))
+        assert.same({ { v = "\\\0\255A\1" } },
+                    db:query("SELECT '\\x5c00ff4101'::bytea AS v"))
+        assert.same({ { v = all } }, db:query("SELECT v FROM b WHERE id = 3"))
+        assert(db:exec("RESET bytea_output"))
+    end)
+
+    it("prepares a cached statement again after a schema change changed its result type", function()
+        local db = pool({ size = 1 })
+        assert(db:exec("DROP TABLE IF EXISTS s2; CREATE TABLE s2(a int); INSERT INTO s2 VALUES (1)"))
+        assert.same({ { a = 1 } }, db:query("SELECT * FROM s2 WHERE a = $1", 1))
+        assert(db:exec("ALTER TABLE s2 ADD COLUMN b int DEFAULT 2"))
+        assert.same({ { a = 1, b = 2 } }, db:query("SELECT * FROM s2 WHERE a = $1", 1))
+        -- the stale statement was deallocated, not left on the server
+        assert.same({ { n = 1 } }, db:query(
+            "SELECT count(*)::int AS n FROM pg_prepared_statements WHERE statement LIKE $1",
+            "SELECT * FROM s2%"))
+        -- a cache out of sync (DEALLOCATE ALL run by hand): prepared again
+        assert(db:exec("DEALLOCATE ALL"))
+        assert.same({ { a = 1, b = 2 } }, db:query("SELECT * FROM s2 WHERE a = $1", 1))
+        -- inside a transaction the error comes back (the transaction is aborted), and the
+        -- statement is prepared again once it has ended
+        assert(db:exec("ALTER TABLE s2 ADD COLUMN c int DEFAULT 3"))
+        local rows, err, code
+        assert.same({ nil, "transaction rolled back: cached plan must not change result type",
+                      "0A000" }, { db:transaction(function(tx)
+            rows, err, code = tx:query("SELECT * FROM s2 WHERE a = $1", 1)
+            return true
+        end) })
+        assert.same({ nil, "cached plan must not change result type", "0A000" }, { rows, err, code })
+        assert.same({ { a = 1, b = 2, c = 3 } }, db:query("SELECT * FROM s2 WHERE a = $1", 1))
+    end)
+
     it("waits for a free connection, in order, and times out when none comes", function()
         local db = pool({ size = 2, wait_timeout = 0.2 })
         local hold = moonlet.event()

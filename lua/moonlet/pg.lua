@@ -49,27 +49,49 @@ local function conn_dead(conn)
 end
 
 -- Runs sql with the parameters on conn: prepared (once per connection) when it has parameters,
--- the simple protocol (several statements allowed) when it has none and `simple`.
+-- the simple protocol (several statements allowed) when it has none and `simple`. Returns rows,
+-- count and the command tag, or nil, err, code.
+--
+-- A cached statement can go stale: a schema change that changes its result type makes the server
+-- refuse it ("cached plan must not change result type", 0A000), and one the server no longer has
+-- (a DEALLOCATE ALL or DISCARD ALL sent by hand: 26000) fails by name. Either way it is dropped
+-- from the cache (and deallocated when it still exists) and, outside a transaction block, the
+-- statement prepared and run again, once: it did not run. Inside one the error is the caller's
+-- (the transaction is aborted: retrying there cannot succeed), and the next use prepares it anew.
 local function conn_run(conn, simple, sql, ...)
     local timeout = conn.pool.timeout
     if simple and select("#", ...) == 0 then
         return check(c_exec(conn.c, sql, timeout))
     end
-    local name = conn.stmts[sql]
-    if not name then
-        if conn.nstmts >= MAX_PREPARED then
-            return check(c_query(conn.c, sql, timeout, ...))
+    for attempt = 1, 2 do
+        local name = conn.stmts[sql]
+        if not name then
+            if conn.nstmts >= MAX_PREPARED then
+                return check(c_query(conn.c, sql, timeout, ...))
+            end
+            -- a name is never used twice on a connection: a prepare that timed out or was
+            -- cancelled may still have created its statement on the server
+            conn.serial = (conn.serial or 0) + 1
+            name = "moonlet_" .. conn.serial
+            local ok, err, code = check(c_prepare(conn.c, name, timeout, sql))
+            if not ok then return nil, err, code end
+            conn.nstmts = conn.nstmts + 1
+            conn.stmts[sql] = name
         end
-        -- a name is never used twice on a connection: a prepare that timed out or was cancelled
-        -- may still have created its statement on the server
-        conn.serial = (conn.serial or 0) + 1
-        name = "moonlet_" .. conn.serial
-        local ok, err, code = check(c_prepare(conn.c, name, timeout, sql))
-        if not ok then return nil, err, code end
-        conn.nstmts = conn.nstmts + 1
-        conn.stmts[sql] = name
+        local rows, count, code, stale = check(c_execute(conn.c, name, timeout, ...))
+        if rows ~= nil or not (stale or code == "26000") then return rows, count, code end
+        conn.stmts[sql] = nil
+        local _, tx = c_status(conn.c)
+        if code == "26000" then
+            conn.nstmts = conn.nstmts - 1 -- gone from the server already
+        elseif tx == "idle" then
+            -- the server still holds it: freed now (a failure leaves it counted, harmlessly)
+            if check(c_exec(conn.c, "DEALLOCATE " .. name, timeout)) then
+                conn.nstmts = conn.nstmts - 1
+            end
+        end
+        if tx ~= "idle" or attempt == 2 then return nil, count, code end
     end
-    return check(c_execute(conn.c, name, timeout, ...))
 end
 
 -- -- The pool -------------------------------------------------------------------------------
@@ -227,9 +249,20 @@ end
 
 -- -- Transactions ----------------------------------------------------------------------------
 
+-- What a transaction the server rolled back returns: nil, "transaction rolled back: " and the
+-- first error of the transaction (the statement that aborted it, or COMMIT's own), its SQLSTATE.
+local function rolled_back(err, code)
+    if err == nil then return nil, "transaction rolled back" end
+    return nil, "transaction rolled back: " .. tostring(err), code
+end
+
 -- syntax: ... = pool:transaction(function(tx) ... end)
 -- BEGIN, fn(tx), COMMIT on one connection: returns fn's results (true when none). A Lua error in
--- fn rolls back and is re-raised; fn returning nil, err rolls back and returns nil, err.
+-- fn rolls back and is re-raised; fn returning nil, err rolls back and returns nil, err. When the
+-- server rolled back instead of committing (a statement in fn failed and fn went on, or COMMIT
+-- itself failed: a deferred constraint, a serialization failure 40001), nil, "transaction rolled
+-- back: " .. the first error, and its SQLSTATE. The connection goes back to the pool with no
+-- transaction open on every path.
 function pool_methods:transaction(fn)
     if type(fn) ~= "function" then error("moonlet.pg: transaction expects a function", 2) end
     local conn, err = self:acquire()
@@ -244,17 +277,33 @@ function pool_methods:transaction(fn)
     local r = pack(pcall(fn, tx))
     tx._conn = nil
     local failed = not r[1] or (r[2] == nil and r.n >= 3 and r[3] ~= nil)
-    local c1, c2
-    ok, c1, c2 = pcall(conn_run, conn, true, failed and "ROLLBACK" or "COMMIT")
+    local c1, c2, c3
+    ok, c1, c2, c3 = pcall(conn_run, conn, true, failed and "ROLLBACK" or "COMMIT")
+    -- the server answered (the connection is idle, the statement did not time out): the
+    -- transaction is over either way
+    local answered = c_status(conn.c) == "idle" and c2 ~= "timeout"
     -- a ROLLBACK that could not run (a cancelled query still draining) leaves the transaction
     -- open: the next acquire rolls it back
     release(self, conn)
     if not r[1] then error(r[2], 0) end
     if failed then return nil, r[3] end
     if not ok then error(c1, 0) end
-    if not c1 then return nil, c2 end
+    if not c1 then
+        -- COMMIT failed on the server: rolled back; a timeout or a lost connection leaves the
+        -- transaction's fate unknown, and says so
+        if answered then return rolled_back(c2, c3) end
+        return nil, c2, c3
+    end
+    -- an aborted transaction answers COMMIT with ROLLBACK
+    if c3 == "ROLLBACK" then return rolled_back(tx._err, tx._code) end
     if r.n < 2 then return true end
     return unpack(r, 2, r.n)
+end
+
+-- Notes the first error of a statement in the transaction: what aborted it, if it was.
+local function tx_failed(tx, err, code)
+    if tx._err == nil then tx._err, tx._code = err, code end
+    return nil, err, code
 end
 
 -- syntax: rows, err = tx:query(sql, ...)
@@ -262,7 +311,7 @@ function tx_methods:query(sql, ...)
     local conn = self._conn
     if not conn then return nil, "transaction ended" end
     local rows, err, code = conn_run(conn, false, sql, ...)
-    if rows == nil then return nil, err, code end
+    if rows == nil then return tx_failed(self, err, code) end
     return rows
 end
 
@@ -271,7 +320,7 @@ function tx_methods:exec(sql, ...)
     local conn = self._conn
     if not conn then return nil, "transaction ended" end
     local rows, count, code = conn_run(conn, true, sql, ...)
-    if rows == nil then return nil, count, code end
+    if rows == nil then return tx_failed(self, count, code) end
     return count
 end
 
