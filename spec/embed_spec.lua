@@ -1,9 +1,10 @@
 -- spec/embed_spec.lua: the embedding examples (examples/embed/*.c, built by `make examples` into
 -- $(BUILD)/examples/ next to the moonlet binary under test) started as processes and queried over
--- HTTP: the game loop (moonlet_step in a 60 Hz frame loop, a host module, SIGHUP reload), the IoT
--- device (its own select() loop on moonlet's backend fd, an app compiled in) and two instances in
--- one process. The C API itself is tested by spec/c/test_embed.c. Each `it` kills and waits for
--- the process it started; every wait has a deadline.
+-- HTTP and WebSocket: the game loop (moonlet_step in a 60 Hz frame loop, a host module, SIGHUP
+-- reload, the /live WebSocket and a client too slow for it), the IoT device (its own select() loop
+-- on moonlet's backend fd, an app compiled in) and two instances in one process. The C API itself
+-- is tested by spec/c/test_embed.c. Each `it` kills and waits for the process it started; every
+-- wait has a deadline.
 local json = require "moonlet.json"
 local moonlet = require "moonlet"
 local test = require "moonlet.test"
@@ -103,6 +104,85 @@ describe("examples/embed/game_loop", function()
         local out = p:output()
         assert.truthy(out:find("frames at 60 Hz; frame period ms: avg", 1, true), out)
         assert.truthy(out:find("entities: 1\n", 1, true), out)
+    end)
+
+    it("pushes the live world over a WebSocket and takes spawn commands from it", function()
+        local p = start("game_loop", "--port 0")
+        local port = tonumber(p:wait_for("world on http://127%.0%.0%.1:(%d+)"))
+        assert.same(201, (request(port, "POST", "/spawn", '{"x": 10, "y": 20, "vx": 30, "vy": 0}')))
+        local ws = assert(moonlet.ws.connect(("ws://127.0.0.1:%d/live"):format(port),
+                                             { timeout = 5 }))
+        defer(function() ws:close() end)
+        -- the next message of `kind` ("world", "spawned", "error"), skipping the others
+        local function next_of(kind)
+            while true do
+                local msg, err = ws:receive(5)
+                assert(msg, err)
+                local m = json.decode(msg)
+                if m.type == kind then return m end
+            end
+        end
+        local w1 = next_of("world")
+        local w2
+        repeat w2 = next_of("world") until list(w2.entities)[1] and w2.frame > w1.frame
+        assert.same(1, #w2.entities)
+        local e1, e2 = list(w1.entities)[1] or { x = 10 }, w2.entities[1]
+        assert.truthy(e2.x ~= e1.x, "the entity did not move between two states")
+        assert.same({ 1, 20, 30, 0 }, { e2.id, e2.y, e2.vx, e2.vy })
+        -- the same command as POST /spawn's body, as a message
+        assert(ws:send({ type = "spawn", x = 50, y = 50, vx = 0, vy = -10 }))
+        local spawned = next_of("spawned")
+        assert.same(2, spawned.id)
+        assert.truthy(spawned.frame >= w2.frame)
+        local w3
+        repeat w3 = next_of("world") until #list(w3.entities) == 2
+        assert.same({ 1, 2 }, { w3.entities[1].id, w3.entities[2].id })
+        assert(ws:send("not json"))
+        assert.same({ "error", 400, "a message is a JSON object" },
+                    (function(m) return { m.type, m.status, m.error } end)(next_of("error")))
+        ws:close(1000, "done")
+        assert.truthy(p:signal("TERM"))
+        assert.same(0, p:wait())
+        local out = p:output()
+        assert.truthy(out:find("frames at 60 Hz; frame period ms: avg", 1, true), out)
+        assert.truthy(out:find("entities: 2\n", 1, true), out)
+    end)
+
+    it("drops a WebSocket client that reads nothing, while the frames go on", function()
+        local p = start("game_loop", "--port 0")
+        local port = tonumber(p:wait_for("world on http://127%.0%.0%.1:(%d+)"))
+        local n = 0 -- 1000 entities: a state of about 90 KB, so the socket's buffers fill fast
+        while n < 1000 do
+            local status = request(port, "POST", "/spawn", '{"x": 10, "y": 20, "vx": 30, "vy": 7}')
+            if status == 201 then n = n + 1 else moonlet.sleep(0.02) end -- 503: this tick is full
+        end
+        local sock = test.connect(port, 30)
+        defer(function() sock:close() end)
+        assert(sock:send("GET /live HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                         .. "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         .. "Sec-WebSocket-Version: 13\r\n\r\n"))
+        -- it reads nothing until the app gives up on it; meanwhile the world goes on
+        local _, w1 = request(port, "GET", "/world")
+        p:wait_for("live: closing a client 10 states behind", 60)
+        local _, w2 = request(port, "GET", "/world")
+        assert.truthy(w2.frame > w1.frame)
+        -- what was queued for it ends with the close frame: 1008 and the reason
+        local got = {}
+        while true do
+            local data, err, partial = sock:receive(65536)
+            got[#got + 1] = data or partial
+            if not data then
+                assert.same("closed", err)
+                break
+            end
+        end
+        local stream = table.concat(got)
+        assert.truthy(stream:find("\x88\x21\x03\xf0too slow: fell behind the world", 1, true))
+        assert.truthy(p:signal("TERM"))
+        assert.same(0, p:wait())
+        local out = p:output()
+        assert.truthy(out:find("frames at 60 Hz; frame period ms: avg", 1, true), out)
+        assert.truthy(out:find("entities: 1000\n", 1, true), out)
     end)
 
     it("runs the number of frames it is given at 60 Hz, then prints its frame statistics", function()

@@ -2,8 +2,11 @@
  * entities in a 100 x 100 box; moonlet lives inside the frame loop: after each tick the frame's
  * leftover time goes to moonlet_step (mode 3 of core/moonlet.h), so serving clients happens in the
  * time the frame would have slept anyway. The Lua app next to this file (game_loop.lua) serves the
- * world as JSON (GET /world) and queues spawns (POST /spawn) through the host module "game", which
- * the C side applies at its next tick. At exit it prints the frame-time statistics.
+ * world as JSON (GET /world) and over a WebSocket (/live: the state pushed 10 times a second, spawn
+ * commands taken as messages), and queues spawns (POST /spawn, or a /live message) through the host
+ * module "game", which the C side applies at its next tick. A slow WebSocket client never stalls a
+ * frame: the app drops it when it falls behind, and the send timeout below ends its connection.
+ * At exit it prints the frame-time statistics.
  *
  *   game_loop [--port N] [--frames N] [--app FILE]
  *     --port 0 (the default) picks a free port; --frames 0 (the default) runs until SIGTERM/SIGINT;
@@ -204,6 +207,9 @@ int main(int argc, char **argv) {
   moonlet_config_default(&cfg);
   cfg.userdata = &world;
   cfg.limits.max_body = 4096; /* spawn commands are small */
+  /* a client that reads nothing for 5 s is closed (60 s by default): a stalled /live client holds
+   * its socket's buffers until then, never more (game_loop.lua bounds what is queued for it) */
+  cfg.limits.send_timeout_ms = 5000;
   moonlet_t *m = st ? moonlet_new(&cfg) : NULL;
   if (!m) return 70;
   moonlet_register(m, "game", luaopen_game);
@@ -221,7 +227,9 @@ int main(int argc, char **argv) {
     free(st);
     return 1;
   }
-  printf("game_loop: serving the world on http://127.0.0.1:%d (%d Hz)\n", port, TICK_HZ);
+  printf("game_loop: serving the world on http://127.0.0.1:%d (%d Hz), live on "
+         "ws://127.0.0.1:%d/live\n",
+         port, TICK_HZ, port);
   fflush(stdout);
 
   const double dt = 1.0 / TICK_HZ;
