@@ -214,9 +214,11 @@ int ml_conn_is_closing(const ml_conn_t *c);
  * delivered first, from the loop's prepare phase, then reading goes on. Output uses the same
  * staging buffer and write queue as responses: ml_conn_write_queue and ml_conn_wants_writable work
  * as before, and the send timeout still closes a peer that reads nothing. The keep-alive, header
- * and body timeouts no longer apply: the upper layer sets its own deadline (idle, ping) with
- * ml_conn_raw_deadline. ml_conn_close closes the stream; on_close runs once, from the close
- * callback, and the upper layer drops its pointer there. */
+ * and body timeouts no longer apply: the upper layer sets its own deadline (idle, ping, close) with
+ * ml_conn_raw_deadline; it runs while output is backed up too, when it comes before the send
+ * timeout (so a close handshake's timeout closes a peer that reads nothing). ml_conn_close closes
+ * the stream; on_close runs once, from the close callback, and the upper layer drops its pointer
+ * there. */
 typedef struct ml_conn_raw_cb_s {
   /* n > 0: bytes arrived (valid during the call only); n < 0: the peer closed its side (UV_EOF)
    * or reading failed. Reading stops after n < 0. */

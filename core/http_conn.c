@@ -640,12 +640,13 @@ void ml__conn_timeout(ml_conn_t *c) {
     ml_conn_close(c, 0);
     return;
   }
-  if (c->write_queue > 0) {
+  int raw_due = c->raw_cb && c->raw_deadline && c->raw_deadline <= uv_now(c->srv->loop);
+  if (c->write_queue > 0 && !raw_due) {
     ml_log(c->srv->log, ML_LOG_INFO, "send timeout: closing");
     ml_conn_close(c, 0);
     return;
   }
-  if (c->raw_cb) { /* the upper layer's deadline (conn_deadline) */
+  if (c->raw_cb) { /* the upper layer's deadline (conn_deadline), output backed up or not */
     c->raw_deadline = 0;
     c->raw_cb->on_deadline(c, c->raw_ud);
     return;

@@ -282,7 +282,13 @@ static void prepare_cb(uv_prepare_t *h) {
 /* The deadline of c's current state in loop milliseconds, or 0 when nothing times out. */
 static uint64_t conn_deadline(ml_conn_t *c) {
   const ml_http_limits_t *lim = &c->srv->lim;
-  if (c->write_queue > 0 && lim->send_timeout_ms) return c->activity + lim->send_timeout_ms;
+  uint64_t send_dl =
+      c->write_queue > 0 && lim->send_timeout_ms ? c->activity + lim->send_timeout_ms : 0;
+  /* upgraded, output backed up: the upper layer's deadline (a WebSocket's close or ping timeout)
+   * still runs, when it comes before the send timeout (ml__conn_timeout tells which it was) */
+  if (c->raw_cb && !c->lingering && c->raw_deadline && (!send_dl || c->raw_deadline < send_dl))
+    return c->raw_deadline;
+  if (send_dl) return send_dl;
   if (c->lingering) return c->activity + ML_LINGER_MS;
   if (c->raw_cb) return c->raw_deadline; /* upgraded: the upper layer's idle or ping deadline */
   switch (c->state) {

@@ -432,6 +432,28 @@ describe("moonlet.ws close", function()
         assert.is_true(ws:close()) -- closing again is harmless
     end)
 
+    it("drops a peer that reads nothing after close_timeout, not after the send timeout", function()
+        local done
+        local port = serve(function(app)
+            app:websocket("/flood", function(ws)
+                local writer = moonlet.spawn(function() -- until the socket and the queue are full
+                    local big = string.rep("x", 65536)
+                    while ws:send(big, "binary") do end
+                end)
+                moonlet.sleep(0.3)
+                ws:close(1000, "enough") -- queued behind what the peer never reads
+                local t0 = moonlet.now()
+                ws:receive(30) -- returns when the connection is gone
+                done = moonlet.now() - t0
+                writer:cancel()
+            end, { close_timeout = 0.3 })
+        end, { send_timeout = 30 })
+        local sock = raw_ws(port, "/flood") -- and then it reads nothing
+        assert(test.wait_until(function() return done end, 20))
+        assert.truthy(done < 10, done) -- the 0.3 s close timeout, not the 30 s send timeout
+        sock:close()
+    end)
+
     it("reports 1005 for a close frame without a code and 1006 for a dropped connection", function()
         local port = serve(close_app)
         local sock = raw_ws(port)
