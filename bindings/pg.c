@@ -38,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../core/ws.h"
 #include "mlua.h"
 
 /* -- libpq, loaded on first use -------------------------------------------------------------
@@ -917,37 +918,11 @@ static int l_connect(lua_State *L) {
 }
 
 /* Is s[0..n) text libpq can send in text format: no NUL, well-formed UTF-8 (no overlong forms,
- * no surrogates, nothing past U+10FFFF)? The ASCII run is the whole cost of the common case. */
+ * no surrogates, nothing past U+10FFFF: core/ws.c's validator, which takes ASCII eight bytes at a
+ * time: the common case's whole cost)? */
 static int plain_text(const char *s, size_t n) {
-  const unsigned char *p = (const unsigned char *)s, *end = p + n;
-  while (p < end) {
-    unsigned char ch = *p;
-    if (ch >= 0x01 && ch < 0x80) {
-      p++;
-      continue;
-    }
-    if (ch == 0) return 0;
-    size_t need;
-    unsigned char lo = 0x80, hi = 0xbf; /* the range of the second byte */
-    if (ch >= 0xc2 && ch <= 0xdf) {
-      need = 1;
-    } else if (ch >= 0xe0 && ch <= 0xef) {
-      need = 2;
-      if (ch == 0xe0) lo = 0xa0;
-      if (ch == 0xed) hi = 0x9f;
-    } else if (ch >= 0xf0 && ch <= 0xf4) {
-      need = 3;
-      if (ch == 0xf0) lo = 0x90;
-      if (ch == 0xf4) hi = 0x8f;
-    } else {
-      return 0;
-    }
-    if ((size_t)(end - p) <= need || p[1] < lo || p[1] > hi) return 0;
-    for (size_t i = 2; i <= need; i++)
-      if ((p[i] & 0xc0) != 0x80) return 0;
-    p += need + 1;
-  }
-  return 1;
+  uint32_t st = 0;
+  return memchr(s, 0, n) == NULL && ml_utf8_check(&st, (const uint8_t *)s, n) == 0 && st == 0;
 }
 
 /* Formats the Lua value at idx as a text parameter into buf (numbers, booleans) or returns the
