@@ -213,22 +213,11 @@ static int live_pid_in(const char *path) {
   return strncmp(comm, "moonlet", 7) == 0 ? pid : 0; /* (a stale file's id, reused by another) */
 }
 
-/* syntax: core.set_pid_file(path) -- writes this process's id to the file at path (replacing it),
- * unless the file holds the id of a moonlet that runs now (nil, "in use by process N": a second
- * server started by mistake must not take the running one's file); the file is removed when the
- * instance ends in this same process (not in a forked worker, whose id is not the one written).
- * Returns true or nil, err. */
-static int l_set_pid_file(lua_State *L) {
-  moonlet_t *m = mlua_instance(L);
-  const char *path = luaL_checkstring(L, 1);
-  int other = live_pid_in(path);
-  if (other) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "in use by process %d", other);
-    return 2;
-  }
+int mlua_pid_file_set(moonlet_t *m, const char *path, int *other) {
+  *other = live_pid_in(path);
+  if (*other) return 1;
   char *copy = strdup(path);
-  if (!copy) return luaL_error(L, "not enough memory");
+  if (!copy) return UV_ENOMEM;
   int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   char line[24];
   int n = snprintf(line, sizeof line, "%d\n", (int)getpid());
@@ -236,12 +225,38 @@ static int l_set_pid_file(lua_State *L) {
     int e = -errno;
     if (fd >= 0) close(fd);
     free(copy);
-    return mlua_push_error(L, e);
+    return e;
   }
   close(fd);
   free(m->pid_path);
   m->pid_path = copy;
   m->pid = getpid();
+  return 0;
+}
+
+/* Pushes "in use by process N" or the error's message for mlua_pid_file_set's r (nonzero). */
+void mlua_push_pid_file_error(lua_State *L, int r, int other) {
+  if (r == 1)
+    lua_pushfstring(L, "in use by process %d", other);
+  else
+    lua_pushstring(L, mlua_err_string(r));
+}
+
+/* syntax: core.set_pid_file(path) -- writes this process's id to the file at path (replacing it),
+ * unless the file holds the id of a moonlet that runs now (nil, "in use by process N": a second
+ * server started by mistake must not take the running one's file); the file is removed when the
+ * instance ends in this same process (not in a forked worker, whose id is not the one written).
+ * Returns true or nil, err. (`--workers N`: core.fork_workers writes it, once the port is bound.)
+ */
+static int l_set_pid_file(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  const char *path = luaL_checkstring(L, 1);
+  int other = 0, r = mlua_pid_file_set(m, path, &other);
+  if (r) {
+    lua_pushnil(L);
+    mlua_push_pid_file_error(L, r, other);
+    return 2;
+  }
   lua_pushboolean(L, 1);
   return 1;
 }

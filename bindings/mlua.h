@@ -186,6 +186,11 @@ void mlua_shared_free(moonlet_t *m); /* after the Lua state is closed */
 /* A listener of this instance opened: under `moonlet --workers N`, the supervisor hears that this
  * worker serves (the first time; bindings/workers.c). */
 void mlua_worker_listening(moonlet_t *m);
+/* --pid-file: this process's id written to path, the file removed when the instance ends in this
+ * process (bindings/instance.c). 0; 1 when a running moonlet's id is there (*other: its id, the
+ * file untouched); or a negative error. mlua_push_pid_file_error pushes what went wrong. */
+int mlua_pid_file_set(moonlet_t *m, const char *path, int *other);
+void mlua_push_pid_file_error(lua_State *L, int r, int other);
 void mlua_open_dns(lua_State *L, moonlet_t *m);
 void mlua_open_zlib(lua_State *L, moonlet_t *m);
 void mlua_open_fswatch(lua_State *L, moonlet_t *m);

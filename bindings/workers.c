@@ -45,10 +45,13 @@ static void reopen_logs(void *ud) {
   mlua_log_reopen(us->m);
 }
 
-/* syntax: role, a, b = core.fork_workers(n, host, port, unix_path, unix_mode)
+/* syntax: role, a, b = core.fork_workers(n, host, port, unix_path, unix_mode, pid_path)
  * unix_path (optional): the workers serve on that Unix domain socket (permissions unix_mode), made
  * here, once, before the fork (a port is not reserved then); the supervisor closes its copy and
- * removes the file when a stop begins, or once the workers are gone (unix_stop). */
+ * removes the file when a stop begins, or once the workers are gone (unix_stop). pid_path
+ * (optional): the supervisor's id is written there once the port or the socket is bound, as
+ * nginx's master writes its pid file after it opened its listening sockets; nil, err, 2 when it
+ * cannot be (a running moonlet's file, a directory it may not write). */
 static int l_fork_workers(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   int n = (int)luaL_checkinteger(L, 1);
@@ -84,6 +87,22 @@ static int l_fork_workers(lua_State *L) {
       lua_pushfstring(L, "listen on %s:%d: %s", host, port, mlua_err_string(fd));
       return 2;
     }
+  }
+  const char *pid_path = luaL_optstring(L, 6, NULL);
+  int other = 0;
+  r = pid_path ? mlua_pid_file_set(m, pid_path, &other) : 0;
+  if (r) {
+    if (fd >= 0) close(fd);
+    if (ufd >= 0) {
+      close(ufd);
+      ml_listen_unix_unlink(unix_path, &id);
+    }
+    lua_pushnil(L);
+    lua_pushfstring(L, "--pid-file %s: ", pid_path);
+    mlua_push_pid_file_error(L, r, other);
+    lua_concat(L, 2);
+    lua_pushinteger(L, 2); /* a bad command line, as when one process checks it */
+    return 3;
   }
   int code = 0;
   ml_worker_info_t w;

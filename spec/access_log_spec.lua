@@ -294,13 +294,27 @@ describe("the access log, the error log and the pid file of the command", functi
         local p = start("--pid-file " .. pidfile)
         local first = tostring(p:pid()) .. "\n"
         assert.same(first, read_file(pidfile))
-        local f = io.popen(test.binary() .. " --port 0 --pid-file " .. pidfile .. " " .. app_path ..
-                           " 2>&1; echo \"exit: $?\"")
-        local out = f:read("*a")
-        f:close()
-        assert.truthy(out:find("--pid-file " .. pidfile .. ": in use by process " .. p:pid(), 1, true), out)
+        local function second(flags) -- output and exit code of a second command
+            local f = io.popen(test.binary() .. " --port 0 " .. flags .. " " .. app_path ..
+                               " 2>&1; echo \"exit: $?\"")
+            local out = f:read("*a")
+            f:close()
+            return out
+        end
+        for _, workers in ipairs({ "", "--workers 2 " }) do
+            local out = second(workers .. "--pid-file " .. pidfile)
+            local in_use = "--pid-file " .. pidfile .. ": in use by process " .. p:pid()
+            assert.truthy(out:find(in_use, 1, true), out)
+            assert.truthy(out:find("exit: 2\n", 1, true), out)
+            assert.same(first, read_file(pidfile))
+        end
+        -- --workers: written once the socket is made, before the fork; a file it cannot write
+        -- stops it there, and the socket it made goes
+        local sock_path = fresh("w.sock")
+        local out = second("--workers 2 --unix " .. sock_path .. " --pid-file " .. dir .. "/no/such/dir.pid")
+        assert.truthy(out:find("--pid-file " .. dir .. "/no/such/dir.pid: not found", 1, true), out)
         assert.truthy(out:find("exit: 2\n", 1, true), out)
-        assert.same(first, read_file(pidfile))
+        assert.is_nil(moonlet.fs.stat(sock_path))
         -- a handler that ends the process with os.exit: the pid file goes all the same
         local log, exit_pidfile = fresh("exit.log"), fresh("exit.pid")
         local q, port = start("--pid-file " .. exit_pidfile .. " --access-log=" .. log)

@@ -210,13 +210,14 @@ local function fork_workers(script, opts)
         core.set_exit_code(1)
         return false
     end
-    local role, a, b = core.fork_workers(opts.workers, opts.host, opts.port, opts.unix, opts.unix_mode)
+    local role, a, b = core.fork_workers(opts.workers, opts.host, opts.port, opts.unix, opts.unix_mode,
+                                         opts.pid_file)
     if role == "worker" then
         opts.port = b
         return true
     end
     if role == nil then report("moonlet: " .. a .. "\n") end
-    core.set_exit_code(role and a or 1)
+    core.set_exit_code(role and a or b or 1)
     core.halt()
     return false
 end
@@ -246,7 +247,8 @@ function _M.main(argv)
     end
     if pos[1] == "test" then return run_tests(pos) end
     local script = pos[1]
-    -- the pid file: with --workers, the supervisor's, before the fork; alone, once listening
+    -- the pid file: alone, once listening; with --workers, the supervisor's, written by
+    -- core.fork_workers once the port (or the socket) is bound, before the fork
     local function pid_file()
         if not opts.pid_file then return true end
         local ok, err = core.set_pid_file(opts.pid_file)
@@ -265,7 +267,6 @@ function _M.main(argv)
     opts.host = opts.host or "127.0.0.1"
     opts.port = opts.port or 8080
     if opts.workers and opts.workers > 1 then
-        if not pid_file() then return end
         if not fork_workers(script, opts) then return end
     end
     -- The script runs through a reload host (lua/moonlet/reload.lua), so that an app it returns can
