@@ -7,8 +7,10 @@ PORT     ?= 8080
 BUILD    := build
 LLHTTP_SRC ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
-PKGS     := luajit libuv openssl zlib sqlite3 libpcre2-8
-HDR_PKGS := libpq # headers only: bindings/pg.c opens libpq with dlopen on first use
+PKGS     := luajit libuv zlib
+# headers only, each opened with dlopen on first use (core/dynlib.h): libpq (bindings/pg.c),
+# OpenSSL (core/openssl_api.c), SQLite (bindings/sqlite_api.c), PCRE2 (bindings/pcre2_api.c)
+HDR_PKGS := libpq openssl sqlite3 libpcre2-8
 
 ifeq ($(SANITIZE),1)
 BUILD    := build-asan
@@ -72,6 +74,15 @@ CTESTS    := $(CTEST_SRC:%.c=$(BUILD)/%)
 $(BUILD)/spec/c/%: spec/c/%.c $(wildcard spec/c/*.h) $(BUILD)/libmoonlet.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -o $@ $< $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
+# A machine without the libraries opened on first use: the test links its own copies of their loaders,
+# whose sonames name none, ahead of libmoonlet.a (whose copies are then left out).
+LOADERS_SRC := core/openssl_api.c bindings/sqlite_api.c bindings/pcre2_api.c
+$(BUILD)/spec/c/test_libs_missing: spec/c/test_libs_missing.c spec/c/ctest.h $(LOADERS_SRC) $(HDRS) \
+                                   $(BUILD)/libmoonlet.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -DML_OPENSSL_SONAME='"libmoonlet-no-such-ssl.so.3"' \
+	  -DML_SQLITE_SONAME='"libmoonlet-no-such-sqlite3.so.0"' -DML_PCRE2_SONAME='"libmoonlet-no-such-pcre2.so.0"' \
+	  -o $@ $< $(LOADERS_SRC) $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
 
 # The embedding examples (examples/embed/*.c), each a host linked with libmoonlet.a; the test suite
 # starts them (spec/embed_spec.lua). EXAMPLES_DIR lets game_loop find its Lua app next to its source.
@@ -88,7 +99,7 @@ $(BUILD)/examples/%: examples/embed/%.c core/moonlet.h $(BUILD)/libmoonlet.a
 # lua-cjson (registered in package.preload by bindings/linked_modules.c, since a static executable
 # cannot dlopen a Lua C module). libpq stays a dlopen on first use (bindings/pg.c). The linker script of
 # scripts/static-ld.sh keeps the cold libraries out of the hot pages: idle RSS ~2.8 MB, against
-# ~5.5 MB for the dynamic build/moonlet (docs/embedding.md has the figures). Needs no sanitizer.
+# ~4.1 MB for the dynamic build/moonlet (docs/embedding.md has the figures). Needs no sanitizer.
 STATIC_A    = $(foreach a,liblua5.1-cjson.a libluajit-5.1.a libuv_a.a libssl.a libcrypto.a \
                 libsqlite3.a libz.a libpcre2-8.a,$(shell $(CC) -print-file-name=$(a)))
 STATIC_LINK = $(if $(STATIC_NOSTRIP),,-s) -static -no-pie -Wl,-T,$(BUILD)/static.ld -Wl,--gc-sections \
@@ -101,17 +112,19 @@ print-static-archives: # for scripts/static-profile.sh
 	@echo $(STATIC_A)
 # glibc's linker warns that getaddrinfo and dlopen in a static executable need the same glibc at
 # run time: true of any machine this tree is built on; those lines are filtered out.
-$(BUILD)/moonlet-static: $(BUILD)/cli/main.o $(BUILD)/cli/static_unwind.o $(BUILD)/libmoonlet.a \
-                         $(BUILD)/static.ld
+# STATIC_OBJ: the unwinder's registration made a no-op; OpenSSL's, SQLite's and PCRE2's tables filled
+# from the archives.
+STATIC_OBJ  = $(BUILD)/cli/static_unwind.o $(BUILD)/cli/static_libs.o
+$(BUILD)/moonlet-static: $(BUILD)/cli/main.o $(STATIC_OBJ) $(BUILD)/libmoonlet.a $(BUILD)/static.ld
 	@rm -f $@
-	$(CC) -o $@ $< $(BUILD)/cli/static_unwind.o $(BUILD)/libmoonlet.a $(STATIC_LINK) 2>&1 | \
+	$(CC) -o $@ $< $(STATIC_OBJ) $(BUILD)/libmoonlet.a $(STATIC_LINK) 2>&1 | \
 	  { grep -v -e 'statically linked applications requires at runtime' -e ': in function' || true; }
 	@test -x $@
 $(BUILD)/examples/iot_device-static: examples/embed/iot_device.c core/moonlet.h $(BUILD)/libmoonlet.a \
-                                     $(BUILD)/cli/static_unwind.o $(BUILD)/static.ld
+                                     $(STATIC_OBJ) $(BUILD)/static.ld
 	@mkdir -p $(dir $@) && rm -f $@
 	$(CC) $(CFLAGS_ALL) -DEXAMPLES_DIR='"$(CURDIR)/examples/embed"' -o $@ $< \
-	  $(BUILD)/cli/static_unwind.o $(BUILD)/libmoonlet.a $(STATIC_LINK) 2>&1 | \
+	  $(STATIC_OBJ) $(BUILD)/libmoonlet.a $(STATIC_LINK) 2>&1 | \
 	  { grep -v -e 'statically linked applications requires at runtime' -e ': in function' || true; }
 	@test -x $@
 
@@ -122,7 +135,7 @@ FUZZ_TIME  ?= 60
 FUZZ_CC    ?= clang
 FUZZ_FLAGS  = -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined \
               -fno-sanitize-recover=undefined -DML_LIBFUZZER -DLLHTTP_STRICT_MODE=1 -I$(LLHTTP_INC)
-FUZZ_HTTP_SRC = $(filter core/http_%.c core/listen.c core/log.c core/access_log.c core/log_out.c core/numfmt.c core/block_cache.c core/tls.c,$(CORE_SRC)) \
+FUZZ_HTTP_SRC = $(filter core/http_%.c core/listen.c core/log.c core/access_log.c core/log_out.c core/numfmt.c core/block_cache.c core/tls.c core/openssl_api.c,$(CORE_SRC)) \
                 $(LLHTTP_SRC)/llhttp.c $(LLHTTP_SRC)/api.c $(LLHTTP_SRC)/http.c
 fuzz: $(BUILD)/fuzz/http $(BUILD)/fuzz/ws $(BUILD)/spec/c/test_fuzz_http $(BUILD)/spec/c/test_fuzz_ws
 	@for t in http ws; do \
@@ -134,9 +147,10 @@ fuzz: $(BUILD)/fuzz/http $(BUILD)/fuzz/ws $(BUILD)/spec/c/test_fuzz_http $(BUILD
 $(BUILD)/fuzz/http: spec/c/test_fuzz_http.c $(wildcard spec/c/*.h) $(FUZZ_HTTP_SRC) $(HDRS)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(FUZZ_HTTP_SRC) $(shell pkg-config --cflags --libs libuv openssl)
-$(BUILD)/fuzz/ws: spec/c/test_fuzz_ws.c spec/c/fuzz.h spec/c/ctest.h core/ws.c core/ws.h
+$(BUILD)/fuzz/ws: spec/c/test_fuzz_ws.c spec/c/fuzz.h spec/c/ctest.h core/ws.c core/ws.h core/openssl_api.c
 	@mkdir -p $(dir $@)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< core/ws.c $(shell pkg-config --cflags --libs libuv openssl zlib)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< core/ws.c core/openssl_api.c \
+	  $(shell pkg-config --cflags --libs libuv openssl zlib) -ldl
 
 run: $(BUILD)/moonlet
 	./$(BUILD)/moonlet apps/welcome/app.lua --port $(PORT)

@@ -4,18 +4,23 @@
  * (moonlet.crypto, signed values and sessions); moonlet.ngx builds ngx.md5/sha1_bin/hmac_sha1 and
  * ngx.encode_base64 on them. They are C calls into OpenSSL rather than LuaJIT FFI calls because the
  * static executable of `make static` has no dynamic symbol table for ffi.C to search. Pure
- * functions: nothing here waits or holds a handle; output is built on the caller's Lua stack. */
+ * functions: nothing here waits or holds a handle; output is built on the caller's Lua stack.
+ * OpenSSL is opened by the first call that needs it (core/openssl_api.h): need_openssl. */
+#include "../core/openssl_api.h"
 #include "mlua.h"
 
 #include <lauxlib.h>
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
-#include <openssl/rand.h>
 #include <string.h>
+
+/* Raises when OpenSSL cannot be opened (not installed on this machine). */
+static void need_openssl(lua_State *L) {
+  const char *why = ml_openssl_load();
+  if (why) luaL_error(L, "%s", why);
+}
 
 static const EVP_MD *check_md(lua_State *L, int arg) {
   const char *name = luaL_checkstring(L, arg);
+  need_openssl(L);
   if (strcmp(name, "md5") == 0) return EVP_md5();
   if (strcmp(name, "sha1") == 0) return EVP_sha1();
   if (strcmp(name, "sha256") == 0) return EVP_sha256();
@@ -56,6 +61,7 @@ static int l_random_bytes(lua_State *L) {
   luaL_argcheck(L, want >= 0 && want <= 65536 && want == (lua_Integer)want, 1,
                 "a whole number of bytes, 0 to 65536");
   lua_Integer n = (lua_Integer)want;
+  need_openssl(L);
   luaL_Buffer b;
   luaL_buffinit(L, &b);
   unsigned char *p = (unsigned char *)luaL_prepbuffer(&b); /* LUAL_BUFFERSIZE bytes at a time */
@@ -78,6 +84,7 @@ static int l_equal(lua_State *L) {
   luaL_checktype(L, 2, LUA_TSTRING);
   const char *a = lua_tolstring(L, 1, &na);
   const char *b = lua_tolstring(L, 2, &nb);
+  need_openssl(L);
   lua_pushboolean(L, na == nb && CRYPTO_memcmp(a, b, na) == 0);
   return 1;
 }

@@ -29,13 +29,12 @@
  * regex's (reused) match data before it makes any Lua value. No global state: everything hangs off
  * the instance, and only the loop thread calls these (thread-pool Lua states have no core).
  */
-#define PCRE2_CODE_UNIT_WIDTH 8
-#include <pcre2.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "mlua.h"
+#include "pcre2_api.h"
 
 #define REGEX_MT "moonlet.regex"
 #define CACHE_MAX 1024              /* regexes the cache keeps by default */
@@ -234,8 +233,11 @@ static rx_t *rx_compile(lua_State *L, const char *pat, size_t n, const flags_t *
 
 /* The regex for pattern and flags: the cached one (now the most recent), or a new one, cached
  * unless the cache is off. The caller takes a reference at once (rx->refs++) and drops it with
- * rx_unref. NULL with the error message pushed for a bad pattern. */
+ * rx_unref. NULL with the error message pushed for a bad pattern. Raises when PCRE2 cannot be
+ * opened: every call into PCRE2 follows this one. */
 static rx_t *rx_get(lua_State *L, moonlet_t *m, const char *pat, size_t n, const flags_t *f) {
+  const char *missing = ml_pcre2_load();
+  if (missing) luaL_error(L, "%s", missing);
   cache_t *c = cache_of(m);
   uint32_t h = key_hash(pat, n, f->opts, f->jit);
   if (c) {

@@ -27,13 +27,13 @@
  *    An open db is an instance resource (core.stats counts it) until its thread is joined.
  */
 #include <math.h>
-#include <sqlite3.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "mlua.h"
+#include "sqlite_api.h"
 
 #define DB_MT "moonlet.sqlite"
 #define CACHE_MAX 64        /* prepared statements kept per connection */
@@ -655,6 +655,8 @@ static int l_open(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   const char *path = luaL_checkstring(L, 1);
   double busy = luaL_optnumber(L, 2, 5);
+  const char *missing = ml_sqlite_load();
+  if (missing) return luaL_error(L, "%s", missing);
   sqlite3 *conn = NULL;
   int rc = sqlite3_open_v2(
       path, &conn,
@@ -853,6 +855,8 @@ static int l_detach(lua_State *L) {
 /* syntax: core.sqlite_libversion() -- a call, not a field set at start: an idle server never
  * touches SQLite's pages */
 static int l_libversion(lua_State *L) {
+  const char *missing = ml_sqlite_load();
+  if (missing) return luaL_error(L, "%s", missing);
   lua_pushstring(L, sqlite3_libversion());
   return 1;
 }

@@ -5,13 +5,13 @@
  * whose free drops one reference. A connection (ml_tls_t) owns its SSL, which owns both BIOs and
  * holds a reference on the SSL_CTX, so a context may be freed while connections made from it live.
  * OpenSSL keeps per-thread error queues: every call here clears the queue first so that a failure
- * is described by its own errors only. Loop thread only.
+ * is described by its own errors only. Loop thread only. OpenSSL is opened by the first context
+ * (core/openssl_api.h); every other entry point takes a context or a connection made from one.
  */
 #include "tls.h"
 
-#include <openssl/err.h>
-#include <openssl/ssl.h>
-#include <openssl/x509v3.h>
+#include "openssl_api.h"
+
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
@@ -33,7 +33,8 @@ struct ml_tls_s {
 
 int ml_tls_ctx_new(ml_tls_ctx_t **out, const ml_tls_ctx_opts_t *o, const char **err) {
   *out = NULL;
-  *err = NULL;
+  *err = ml_openssl_load();
+  if (*err) return UV_ENOSYS;
   ml_tls_ctx_t *c = calloc(1, sizeof *c);
   if (!c) {
     *err = "tls: out of memory";

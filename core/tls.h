@@ -24,7 +24,8 @@ typedef struct {
 } ml_tls_ctx_opts_t;
 
 /* Creates a context. Returns 0 and *out, or UV_EINVAL with *err set to a short message
- * ("tls: cannot load certificate", "tls: cannot load key", "tls: cannot load CA file"). The
+ * ("tls: cannot load certificate", "tls: cannot load key", "tls: cannot load CA file"), or
+ * UV_ENOSYS when OpenSSL cannot be opened ("OpenSSL is not installed (libssl.so.3)"). The
  * context is reference counted: ml_tls_ctx_free drops the caller's reference, each connection made
  * from it holds its own. */
 int ml_tls_ctx_new(ml_tls_ctx_t **out, const ml_tls_ctx_opts_t *o, const char **err);

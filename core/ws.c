@@ -11,8 +11,8 @@
  */
 #include "ws.h"
 
-#include <openssl/evp.h>
-#include <openssl/rand.h>
+#include "openssl_api.h"
+
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
@@ -394,6 +394,10 @@ static const char GUID[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 void ml_ws_accept_key(const char *key, size_t klen, char out[29]) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int mdlen = 0;
+  if (ml_openssl_load()) {
+    out[0] = 0;
+    return;
+  }
   EVP_MD_CTX *ctx = EVP_MD_CTX_new();
   int ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha1(), NULL) && EVP_DigestUpdate(ctx, key, klen) &&
            EVP_DigestUpdate(ctx, GUID, sizeof GUID - 1) && EVP_DigestFinal_ex(ctx, md, &mdlen);
@@ -416,7 +420,10 @@ int ml_ws_key_valid(const char *key, size_t klen) {
   return 1;
 }
 
-int ml_ws_random(uint8_t *p, size_t n) { return RAND_bytes(p, (int)n) == 1 ? 0 : UV_EIO; }
+int ml_ws_random(uint8_t *p, size_t n) {
+  if (ml_openssl_load()) return UV_ENOSYS;
+  return RAND_bytes(p, (int)n) == 1 ? 0 : UV_EIO;
+}
 
 int ml_ws_make_key(char out[25]) {
   uint8_t raw[16];

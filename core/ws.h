@@ -129,7 +129,8 @@ void ml_ws_buf_free(ml_ws_buf_t *b);
 
 /* -- Handshake ------------------------------------------------------------------------------ */
 
-/* Sec-WebSocket-Accept for a Sec-WebSocket-Key: base64(SHA-1(key + GUID)), 28 chars + NUL. */
+/* Sec-WebSocket-Accept for a Sec-WebSocket-Key: base64(SHA-1(key + GUID)), 28 chars + NUL; ""
+ * when OpenSSL cannot be opened (core/openssl_api.h). */
 void ml_ws_accept_key(const char *key, size_t klen, char out[29]);
 /* Whether a Sec-WebSocket-Key is the base64 of 16 bytes (24 chars, "==" at the end). */
 int ml_ws_key_valid(const char *key, size_t klen);

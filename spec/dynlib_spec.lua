@@ -1,0 +1,62 @@
+-- spec/dynlib_spec.lua: build/moonlet opens OpenSSL, SQLite and PCRE2 when it first needs each
+-- (core/dynlib.h), so a server that never does maps none of them (OpenSSL alone was 1.7 MB of idle
+-- RSS). Each route below needs one library; /proc/PID/maps shows what the process has mapped.
+-- spec/c/test_libs_missing.c covers a machine without them; spec/static_build_spec.lua the static
+-- executable, which links them.
+local test = require "moonlet.test"
+local defer = test.defer
+
+local APP = [=[
+local moonlet = require "moonlet"
+require "moonlet.ngx"
+local app = moonlet.app()
+app:get("/", function() return "plain" end)
+app:get("/digest", function() return tostring(#moonlet.crypto.digest("sha256", "x")) end)
+app:get("/sqlite", function()
+    local db = assert(moonlet.sqlite.open(":memory:"))
+    local rows = assert(db:query("SELECT 6 * 7 AS n"))
+    db:close()
+    return tostring(rows[1].n)
+end)
+app:get("/re", function() return (ngx.re.match("abc123", [[\d+]])[0]) end)
+return app
+]=]
+
+describe("libraries opened on first use", function()
+    it("maps none of OpenSSL, SQLite and PCRE2 until a handler needs each", function()
+        local dir = test.make_dir()
+        defer(function() test.remove_dir(dir) end)
+        local app = dir .. "/app.lua"
+        test.write_file(app, APP)
+        local p = test.start_process("--port 0 " .. app)
+        defer(function()
+            p:signal("TERM")
+            p:wait()
+        end)
+        local port = p:port()
+        local function mapped()
+            local f = assert(io.open("/proc/" .. p:pid() .. "/maps"))
+            local maps = f:read("*a")
+            f:close()
+            assert.truthy(maps:find("libuv", 1, true), maps) -- (the right process, linked dynamically)
+            local found = {}
+            for _, lib in ipairs({ "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so" }) do
+                if maps:find(lib, 1, true) then found[#found + 1] = lib end
+            end
+            return found
+        end
+        local function get(path)
+            local r = test.request(port, "GET", path)
+            return { r.status, r.body }
+        end
+        assert.same({ 200, "plain" }, get("/"))
+        assert.same({}, mapped())
+        assert.same({ 200, "42" }, get("/sqlite"))
+        assert.same({ "libsqlite3.so" }, mapped())
+        assert.same({ 200, "123" }, get("/re"))
+        assert.same({ "libsqlite3.so", "libpcre2-8.so" }, mapped())
+        assert.same({ 200, "32" }, get("/digest"))
+        assert.same({ "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so" }, mapped())
+        assert.same({ 200, "plain" }, get("/"))
+    end)
+end)
