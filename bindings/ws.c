@@ -871,6 +871,10 @@ static int l_accept(lua_State *L) {
   const char *offer = lua_isnoneornil(L, 4) ? NULL : luaL_checklstring(L, 4, &olen);
   if (protocol && (!valid_header_value(protocol) || strlen(protocol) > 256))
     return luaL_argerror(L, 3, "a subprotocol is a short token without control characters");
+  char accept[29];
+  ml_ws_accept_key(key, klen, accept);
+  if (!accept[0]) /* (the handler fails: a 500, logged) */
+    return luaL_error(L, "moonlet.ws: no SHA-1 for the handshake (OpenSSL is not installed)");
   ws_t *ws = ws_new(m, 0);
   if (!ws) return luaL_error(L, "moonlet: out of memory");
   read_settings(L, 5, ws);
@@ -884,8 +888,6 @@ static int l_accept(lua_State *L) {
     else
       ext[0] = 0;
   }
-  char accept[29];
-  ml_ws_accept_key(key, klen, accept);
   char hdrs[640]; /* formatted on the stack: a handshake leaves no garbage behind */
   int hlen = snprintf(hdrs, sizeof hdrs,
                       "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n"
