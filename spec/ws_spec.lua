@@ -353,12 +353,12 @@ describe("moonlet.ws under pressure", function()
         local got = {}
         local port = serve(function(app)
             app:websocket("/slow", function(ws)
-                moonlet.sleep(0.6) -- reading pauses at 1 MiB queued; the idle timeout is 0.3 s
+                moonlet.sleep(1.2) -- reading pauses at 1 MiB queued; the idle timeout is 0.6 s
                 for msg in ws:messages() do
                     got[#got + 1] = msg
                     if #got == 5000 then break end
                 end
-            end, { idle_timeout = 0.3, ping_interval = 0.1 })
+            end, { idle_timeout = 0.6, ping_interval = 0.1 }) -- (0.6: a loaded CI host may stall 0.3 s)
         end)
         local ws = connect(port, "/slow")
         local pad = rep("m", 996) -- 5 MB in all: more than one read, so the server pauses at 1 MiB
