@@ -25,6 +25,8 @@
  *    for the loop: it interrupts, joins the worker in place and frees what is left.
  * 7. The Lua box holds a pointer to the db, NULLed when it closes: later calls get nil, "closed".
  *    An open db is an instance resource (core.stats counts it) until its thread is joined.
+ * 8. INTEGER values (and last_insert_id) come to Lua as numbers, or as decimal strings as the
+ *    db's big_numbers mode says (B_*): always, or only beyond 2^53, where a double loses digits.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -42,6 +44,7 @@
 enum { J_QUEUED = 0, J_RUNNING, J_DONE };
 enum { K_EXEC = 0, K_QUERY };
 enum { V_NULL = 0, V_INT, V_REAL, V_TEXT, V_BLOB };
+enum { B_NUMBER = 0, B_STRING, B_AUTO }; /* big_numbers: how INTEGER values reach Lua (rule 8) */
 
 /* -- Buffers ------------------------------------------------------------------------------------
  */
@@ -96,6 +99,7 @@ struct job_s {
   int state;            /* J_*, under db->mu */
   atomic_int cancelled; /* set by the loop thread, read by the worker's progress handler */
   int kind;             /* K_* */
+  int big;              /* B_*: the db's big_numbers mode, for the loop thread's conversion */
   uint64_t deadline;    /* uv_hrtime() past which the job fails with "timeout"; 0: none */
   /* input, built by the loop thread before queueing: */
   char *sql;
@@ -130,6 +134,7 @@ struct db_s {
   int closing;  /* close requested (box already NULLed) */
   int linked;   /* in the instance's resources */
   int inflight; /* jobs submitted and not yet delivered or dropped */
+  int big;      /* B_*: big_numbers (rule 8) */
   uv_thread_t thread;
   /* under mu: */
   uv_mutex_t mu;
@@ -457,6 +462,18 @@ static void worker_main(void *arg) {
 /* -- Back on the loop thread --------------------------------------------------------------------
  */
 
+/* Pushes an INTEGER value as big says (rule 8): a number, or its decimal digits when the mode is
+ * B_STRING, or B_AUTO and the value is beyond +-2^53 (a double would round it). */
+static void push_int(lua_State *L, int big, int64_t v) {
+  const int64_t exact = (int64_t)1 << 53;
+  if (big == B_STRING || (big == B_AUTO && (v > exact || v < -exact))) {
+    char s[24];
+    lua_pushlstring(L, s, (size_t)snprintf(s, sizeof s, "%lld", (long long)v));
+  } else {
+    lua_pushnumber(L, (lua_Number)v);
+  }
+}
+
 /* Pushes the results of a finished job on co and returns their count. */
 static int push_results(lua_State *co, job_t *j) {
   if (j->rc != SQLITE_OK) {
@@ -467,7 +484,7 @@ static int push_results(lua_State *co, job_t *j) {
   }
   if (j->kind == K_EXEC) {
     lua_pushnumber(co, (lua_Number)j->changes);
-    lua_pushnumber(co, (lua_Number)j->last_id);
+    push_int(co, j->big, j->last_id);
     return 2;
   }
   lua_checkstack(co, j->ncols + 8);
@@ -491,7 +508,7 @@ static int push_results(lua_State *co, job_t *j) {
         int64_t v;
         memcpy(&v, p, sizeof v);
         p += sizeof v;
-        lua_pushnumber(co, (lua_Number)v);
+        push_int(co, j->big, v);
       } else if (tag == V_REAL) {
         double v;
         memcpy(&v, p, sizeof v);
@@ -646,15 +663,17 @@ static int open_exec(sqlite3 *conn, const char *sql) {
   return sqlite3_exec(conn, sql, NULL, NULL, NULL);
 }
 
-/* syntax: db, err = core.sqlite_open(path, busy_timeout_seconds)
- * Opens (creating it if missing) the database at path, in WAL mode (except in-memory databases),
- * with synchronous=NORMAL, foreign keys on and the busy timeout, then starts its worker thread.
- * Opening is quick file work done on the calling thread, so it never yields: a module may open
- * its database when it is required. */
+/* syntax: db, err = core.sqlite_open(path, busy_timeout_seconds, big_numbers)
+ * big_numbers: "number" (the default), "string" or "auto" (rule 8). Opens (creating it if missing)
+ * the database at path, in WAL mode (except in-memory databases), with synchronous=NORMAL, foreign
+ * keys on and the busy timeout, then starts its worker thread. Opening is quick file work done on
+ * the calling thread, so it never yields: a module may open its database when it is required. */
 static int l_open(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   const char *path = luaL_checkstring(L, 1);
   double busy = luaL_optnumber(L, 2, 5);
+  static const char *const bigs[] = {"number", "string", "auto", NULL};
+  int big = luaL_checkoption(L, 3, "number", bigs);
   const char *missing = ml_sqlite_load();
   if (missing) return luaL_error(L, "%s", missing);
   sqlite3 *conn = NULL;
@@ -685,6 +704,7 @@ static int l_open(lua_State *L) {
   }
   db->m = m;
   db->conn = conn;
+  db->big = big;
   sqlite3_progress_handler(conn, PROGRESS_STEPS, on_progress, db);
   uv_mutex_init(&db->mu);
   uv_cond_init(&db->cv);
@@ -751,6 +771,7 @@ static job_t *build_job(lua_State *L, db_t *db, int kind) {
   if (!j) luaL_error(L, "moonlet: out of memory");
   j->db = db;
   j->kind = kind;
+  j->big = db->big;
   if (timeout > 0) j->deadline = uv_hrtime() + (uint64_t)(timeout * 1e9);
   j->sql = malloc(sqllen + 1);
   if (!j->sql) {

@@ -73,6 +73,54 @@ describe("moonlet.sqlite", function()
                     db:query("SELECT -9007199254740991 AS x, 1e300 AS y"))
     end)
 
+    it("returns INTEGER values exactly as decimal strings with big_numbers = \"string\" or \"auto\"",
+       function()
+        local big = { "9007199254740993", "-9223372036854775808", "9223372036854775807",
+                      "9007199254740992", "-9007199254740993", "42" }
+        local function fill(db)
+            assert(db:exec("CREATE TABLE n(id INTEGER PRIMARY KEY, i INTEGER, d TEXT)"))
+            for k, v in ipairs(big) do
+                -- a decimal string bound to an INTEGER column is stored as that integer, exactly
+                assert(db:exec("INSERT INTO n(id, i) VALUES (?, ?)", k, v))
+            end
+            assert(db:exec("INSERT INTO n(id, d) VALUES (?, ?)", 7, "12345678901234567890.123456789"))
+            -- last_insert_id: an INTEGER too
+            local r = { db:exec("INSERT INTO n(id) VALUES (?)", "9223372036854775807") }
+            assert(db:exec("DELETE FROM n WHERE id = ?", "9223372036854775807"))
+            return r
+        end
+        -- the default: numbers, which round beyond 2^53 (a contract: unchanged)
+        local db = open("big_default")
+        assert.same({ 1, 9223372036854775807 }, fill(db))
+        local rows = assert(db:query("SELECT i, typeof(i) AS t, CAST(i AS TEXT) AS s FROM n " ..
+                                     "WHERE id <= 6 ORDER BY id"))
+        for k, v in ipairs(big) do
+            assert.same({ i = tonumber(v), t = "integer", s = v }, rows[k]) -- stored exactly
+        end
+        assert.equal("number", type(rows[1].i))
+        -- "string": every INTEGER as its digits, last_insert_id too; TEXT keeps a decimal whole
+        db = open("big_string", { big_numbers = "string" })
+        assert.same({ 1, "9223372036854775807" }, fill(db))
+        rows = assert(db:query("SELECT id, i, d FROM n ORDER BY id"))
+        for k, v in ipairs(big) do assert.same({ id = tostring(k), i = v }, rows[k]) end
+        assert.same({ id = "7", d = "12345678901234567890.123456789" }, rows[7])
+        assert.same({ 1, "8" }, { db:exec("INSERT INTO n(id) VALUES (8)") })
+        assert.same({ { id = "3" } }, db:query("SELECT id FROM n WHERE i = ?", "9223372036854775807"))
+        assert.same({ { id = "1" } }, db:query("SELECT id FROM n WHERE i = ?", "9007199254740993"))
+        assert.same({ { v = "-9223372036854775808", f = 1.5 } },
+                    db:query("SELECT min(i) AS v, 1.5 AS f FROM n"))
+        -- "auto": numbers up to 2^53, strings beyond
+        db = open("big_auto", { big_numbers = "auto" })
+        assert.same({ 1, "9223372036854775807" }, fill(db))
+        rows = assert(db:query("SELECT i FROM n WHERE id <= 6 ORDER BY id"))
+        assert.same({ { i = "9007199254740993" }, { i = "-9223372036854775808" },
+                      { i = "9223372036854775807" }, { i = 9007199254740992 },
+                      { i = "-9007199254740993" }, { i = 42 } }, rows)
+        assert.same({ 1, 8 }, { db:exec("INSERT INTO n(id) VALUES (8)") })
+        assert.has_error(function() sqlite.open(":memory:", { big_numbers = "exact" }) end,
+                         'moonlet.sqlite.open: big_numbers must be "number", "string" or "auto"')
+    end)
+
     it("binds ? and :name parameters and never splices them into the SQL", function()
         local db = open("params")
         assert(db:exec("CREATE TABLE todo(id INTEGER PRIMARY KEY, title TEXT, done INT)"))

@@ -29,11 +29,17 @@ db_mt.__tostring = function(self) return "moonlet.sqlite.db (" .. self.path .. "
 -- syntax: db, err = moonlet.sqlite.open(path, opts)
 -- path: a file (created if missing) or ":memory:". opts.timeout: seconds a statement may take,
 -- queue wait included, and a task may wait for another's transaction (default 30; false: none);
--- opts.busy_timeout: seconds to wait for another connection's write lock (default 5).
+-- opts.busy_timeout: seconds to wait for another connection's write lock (default 5);
+-- opts.big_numbers: INTEGER values (and last_insert_id) as "number" (the default: beyond 2^53 they
+-- lose digits), "string" (always their decimal digits) or "auto" (a string only beyond 2^53).
 function _M.open(path, opts)
     if type(path) ~= "string" then error("moonlet.sqlite.open: expected a path", 2) end
     opts = opts or {}
-    local c, err = c_open(path, opts.busy_timeout or 5)
+    local big = opts.big_numbers or "number"
+    if big ~= "number" and big ~= "string" and big ~= "auto" then
+        error('moonlet.sqlite.open: big_numbers must be "number", "string" or "auto"', 2)
+    end
+    local c, err = c_open(path, opts.busy_timeout or 5, big)
     if not c then return nil, err end
     local timeout = opts.timeout
     if timeout == nil then timeout = 30 end
@@ -89,7 +95,8 @@ function db_methods:exec(sql, ...)
 end
 
 -- syntax: rows, err = db:query(sql, ...) -- an array of rows, each a table column name = value:
--- integers and reals are numbers, text and blobs strings, NULL is nil (absent)
+-- integers and reals are numbers (integers may be strings: opts.big_numbers), text and blobs
+-- strings, NULL is nil (absent)
 function db_methods:query(sql, ...)
     local ok, err = my_turn(self)
     if not ok then return nil, err end
