@@ -25,7 +25,9 @@
  *    marked broken, so that the pool does not hand it out.
  * 5. Results are converted to Lua values on the loop thread when the query ends: int2/4/8, oid,
  *    float4/8 and numeric as numbers, bool as booleans, bytea as its raw bytes, NULL as nil,
- *    everything else (text, varchar, json, dates, ...) as its text.
+ *    everything else (text, varchar, json, dates, ...) as its text. int8 and numeric come as
+ *    their text instead when the connection's big_numbers mode (B_*) says so: always, or only
+ *    when a double would lose a digit of them.
  * 6. Parameters go in text format, except a string holding a NUL or bytes that are not UTF-8:
  *    that one goes in binary format (its bytes as they are), so that bytea gets them whole and
  *    text gets the server's encoding error instead of a string cut at the NUL.
@@ -154,6 +156,7 @@ static const char *pq_load(void) {
 #define MAX_PARAMS 256
 
 enum { W_NONE = 0, W_CONNECT, W_QUERY, W_NOTIFY, W_READY };
+enum { B_NUMBER = 0, B_STRING, B_AUTO }; /* big_numbers: how int8 and numeric reach Lua (rule 5) */
 /* S_CANCELLING: the cancelled query ended, its cancel request has not (rule 3) */
 enum { S_CONNECTING = 0, S_IDLE, S_BUSY, S_DRAINING, S_BROKEN, S_CANCELLING };
 
@@ -190,6 +193,7 @@ struct pgc_s {
   int handles; /* open handles (timers, poll); the struct goes with the last */
   int ref;     /* registry ref: the box, pinned while connecting */
   int state;   /* S_* */
+  int big;     /* B_* (rule 5) */
   int linked, closed;
   mlua_task_t *task;     /* the waiter (rule 2) */
   int wait;              /* W_* of the waiter */
@@ -470,14 +474,41 @@ static int push_bytea(lua_State *L, const char *v, size_t len) {
   return 1;
 }
 
+/* Does the decimal text v of an int8 or numeric (a sign, digits, maybe a fraction; or NaN,
+ * Infinity) keep every digit as a double? It does when it is an integer within +-2^53, or has at
+ * most 15 significant digits (DBL_DIG: the double prints back as the same decimal). */
+static int fits_double(const char *v, size_t len) {
+  const char *p = v, *end = v + len;
+  if (p < end && (*p == '-' || *p == '+')) p++;
+  while (p < end && *p == '0')
+    p++;
+  const char *digits = p;
+  while (p < end && *p >= '0' && *p <= '9')
+    p++;
+  size_t nint = (size_t)(p - digits);
+  if (p < end && *p != '.') return 1; /* NaN, Infinity */
+  const char *frac = p < end ? p + 1 : end, *fend = end;
+  while (fend > frac && fend[-1] == '0') /* 12.500 is 12.5 */
+    fend--;
+  if (fend == frac) /* an integer */
+    return nint < 16 || (nint == 16 && memcmp(digits, "9007199254740992", 16) <= 0);
+  if (nint == 0) /* 0.00012: the significant digits start at the 1 */
+    while (frac < fend && *frac == '0')
+      frac++;
+  return nint + (size_t)(fend - frac) <= 15;
+}
+
 /* Pushes one field of res as its Lua value. */
-static void push_field(lua_State *L, const PGresult *res, int r, int f, Oid type) {
+static void push_field(lua_State *L, const PGresult *res, int r, int f, Oid type, int big) {
   const char *v = PQgetvalue(res, r, f);
   int len = PQgetlength(res, r, f);
   if (type == 16) {
     lua_pushboolean(L, v[0] == 't');
   } else if (type == 17) {
     if (!push_bytea(L, v, (size_t)len)) lua_pushlstring(L, v, (size_t)len);
+  } else if ((type == 20 || type == 1700) && big != B_NUMBER &&
+             (big == B_STRING || !fits_double(v, (size_t)len))) {
+    lua_pushlstring(L, v, (size_t)len); /* int8 or numeric, every digit (rule 5) */
   } else if (numeric_oid(type)) {
     char *end;
     double d = strtod(v, &end);
@@ -492,7 +523,7 @@ static void push_field(lua_State *L, const PGresult *res, int r, int f, Oid type
 
 /* Pushes rows (an array of name = value tables), the affected row count and the command tag
  * ("COMMIT", or "ROLLBACK" when the server rolled an aborted transaction back instead). */
-static int push_rows(lua_State *L, const PGresult *res) {
+static int push_rows(lua_State *L, const PGresult *res, int big) {
   int nrows = res ? PQntuples(res) : 0, nf = res ? PQnfields(res) : 0;
   lua_checkstack(L, nf + 8 + LUA_MINSTACK); /* a bytea's luaL_Buffer takes a few slots */
   lua_createtable(L, nrows, 0);
@@ -507,7 +538,7 @@ static int push_rows(lua_State *L, const PGresult *res) {
     for (int f = 0; f < nf; f++) {
       if (PQgetisnull(res, r, f)) continue;
       lua_pushvalue(L, rows + 1 + f);
-      push_field(L, res, r, f, f < 64 ? types[f] : PQftype(res, f));
+      push_field(L, res, r, f, f < 64 ? types[f] : PQftype(res, f), big);
       lua_rawset(L, -3);
     }
     lua_rawseti(L, rows, r + 1);
@@ -604,7 +635,7 @@ static void answer_query(pgc_t *c) {
   else if (c->error)
     n = push_result_error(co, c->error);
   else
-    n = push_rows(co, c->result);
+    n = push_rows(co, c->result, c->big);
   clear_results(c);
   c->timed_out = 0;
   mlua_task_resume(t, n);
@@ -859,12 +890,15 @@ static void quiet_notice(void *arg, const char *message) {
   (void)message;
 }
 
-/* syntax: conn, err = core.pg_connect(conninfo, timeout) -- conninfo: "postgresql://..." or
- * "host=... port=... dbname=..." */
+/* syntax: conn, err = core.pg_connect(conninfo, timeout, big_numbers) -- conninfo:
+ * "postgresql://..." or "host=... port=... dbname=..."; big_numbers: "number" (the default),
+ * "string" or "auto" (rule 5) */
 static int l_connect(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   const char *info = luaL_checkstring(L, 1);
   int64_t ms = lua_isnoneornil(L, 2) ? 10000 : to_ms(L, 2);
+  static const char *const bigs[] = {"number", "string", "auto", NULL};
+  int big = luaL_checkoption(L, 3, "number", bigs);
   mlua_task_t *t = mlua_task_current(L);
   mlua_check_yieldable(L, t);
   const char *why = pq_load();
@@ -889,6 +923,7 @@ static int l_connect(lua_State *L) {
   }
   c->m = m;
   c->conn = conn;
+  c->big = big;
   c->fd = -1;
   c->ref = LUA_NOREF;
   c->state = S_CONNECTING;

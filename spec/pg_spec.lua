@@ -87,6 +87,45 @@ describe("moonlet.pg", function()
         assert.same({}, db:query("SELECT 1 WHERE false"))
     end)
 
+    it("returns int8 and numeric with every digit as strings with big_numbers = \"string\" or \"auto\"",
+       function()
+        local sql = [[SELECT 9007199254740993::int8 AS a, '-9223372036854775808'::int8 AS b,
+            9223372036854775807::int8 AS c, 9007199254740992::int8 AS d, 42::int8 AS e,
+            numeric '12345678901234567890.123456789' AS f, 12.5::numeric AS g, 0.001::numeric AS h,
+            1234567890.12345678::numeric AS i, 7::int4 AS j, 1.5::float8 AS k]]
+        -- the default: numbers, which round beyond 2^53 (a contract: unchanged)
+        assert.same({ { a = 9007199254740992, b = -9223372036854775808, c = 9223372036854775807,
+                        d = 9007199254740992, e = 42, f = 12345678901234567890.123456789,
+                        g = 12.5, h = 0.001, i = 1234567890.12345678, j = 7, k = 1.5 } },
+                    pool({ size = 1 }):query(sql))
+        local exact = pool({ size = 1, big_numbers = "string" })
+        assert.same({ { a = "9007199254740993", b = "-9223372036854775808", c = "9223372036854775807",
+                        d = "9007199254740992", e = "42", f = "12345678901234567890.123456789",
+                        g = "12.5", h = "0.001", i = "1234567890.12345678", j = 7, k = 1.5 } },
+                    exact:query(sql))
+        -- "auto": a number when it keeps every digit (within 2^53, or 15 significant digits)
+        assert.same({ { a = "9007199254740993", b = "-9223372036854775808", c = "9223372036854775807",
+                        d = 9007199254740992, e = 42, f = "12345678901234567890.123456789",
+                        g = 12.5, h = 0.001, i = "1234567890.12345678", j = 7, k = 1.5 } },
+                    pool({ size = 1, big_numbers = "auto" }):query(sql))
+        -- in: a decimal string bound to int8 or numeric keeps its digits, in WHERE too
+        assert(exact:exec("DROP TABLE IF EXISTS big; CREATE TABLE big(id int8 PRIMARY KEY, n numeric)"))
+        local ids = { "9007199254740993", "-9223372036854775808", "9223372036854775807" }
+        for _, id in ipairs(ids) do
+            assert.same(1, exact:exec("INSERT INTO big VALUES ($1, $2)", id,
+                                      "12345678901234567890.123456789"))
+        end
+        for _, id in ipairs(ids) do
+            assert.same({ { id = id, n = "12345678901234567890.123456789", t = id } },
+                        exact:query("SELECT id, n, id::text AS t FROM big WHERE id = $1", id))
+        end
+        assert.same({ { id = "9007199254740993" } }, exact:query(
+            "SELECT id FROM big WHERE id = $1::int8 + 1", "9007199254740992"))
+        assert.same({ { s = "-9223372036854775808" } }, exact:query("SELECT min(id) AS s FROM big"))
+        assert.has_error(function() pg.pool({ url = srv.url, big_numbers = true }) end,
+                         'moonlet.pg.pool: big_numbers must be "number", "string" or "auto"')
+    end)
+
     it("connects over the server's Unix domain socket (libpq's host=/directory)", function()
         local db = pool({ url = ("host=%s port=%d user=postgres dbname=postgres"):format(srv.dir, srv.port) })
         local rows = assert(db:query("SELECT inet_server_addr() IS NULL AS unix, 7 AS n"))

@@ -38,7 +38,7 @@ end
 -- -- One connection: { c = core connection, stmts = { [sql] = name }, nstmts, reused } -----------
 
 local function conn_open(pool)
-    local c, err = check(c_connect(pool.url, pool.connect_timeout))
+    local c, err = check(c_connect(pool.url, pool.connect_timeout, pool.big_numbers))
     if not c then return nil, err end
     return { c = c, stmts = {}, nstmts = 0, pool = pool }
 end
@@ -99,16 +99,23 @@ end
 -- syntax: pool = moonlet.pg.pool{ url = "postgresql://user@host:port/db", size = 10 }
 -- opts: url (or conninfo "host=... dbname=..."), size (most connections, default 10),
 -- wait_timeout (seconds to wait for a free connection, default 5), connect_timeout (10),
--- timeout (seconds a query may run before it is cancelled on the server, default 30; false: none).
+-- timeout (seconds a query may run before it is cancelled on the server, default 30; false: none),
+-- big_numbers (int8 and numeric values as "number", the default: beyond 2^53 or 15 digits they
+-- lose some; "string": always their text, every digit; "auto": their text only when a number
+-- would lose a digit).
 function _M.pool(opts)
     if type(opts) ~= "table" then error("moonlet.pg.pool: expected an options table", 2) end
     local url = opts.url or opts.conninfo
     if type(url) ~= "string" then error("moonlet.pg.pool: expected opts.url", 2) end
+    local big = opts.big_numbers or "number"
+    if big ~= "number" and big ~= "string" and big ~= "auto" then
+        error('moonlet.pg.pool: big_numbers must be "number", "string" or "auto"', 2)
+    end
     local timeout = opts.timeout
     if timeout == nil then timeout = 30 end
     return setmetatable({
         url = url, size = opts.size or 10, wait_timeout = opts.wait_timeout or 5,
-        connect_timeout = opts.connect_timeout or 10, timeout = timeout or nil,
+        connect_timeout = opts.connect_timeout or 10, timeout = timeout or nil, big_numbers = big,
         idle = {}, open = 0, waiters = {}, closed = false,
     }, pool_mt)
 end
