@@ -30,7 +30,10 @@
  *    when a double would lose a digit of them.
  * 6. Parameters go in text format, except a string holding a NUL or bytes that are not UTF-8:
  *    that one goes in binary format (its bytes as they are), so that bytea gets them whole and
- *    text gets the server's encoding error instead of a string cut at the NUL.
+ *    text gets the server's encoding error instead of a string cut at the NUL. A parameter that
+ *    a prepared statement's description (core.pg_describe, once per statement) says is bytea
+ *    always goes in binary format: in text format bytea's input would parse a valid UTF-8
+ *    string's backslashes ("\\x41" would be stored as "A").
  */
 #include <dlfcn.h>
 #include <libpq-fe.h>
@@ -73,10 +76,13 @@
   X(PQisBusy)                                                                                      \
   X(PQnfields)                                                                                     \
   X(PQnotifies)                                                                                    \
+  X(PQnparams)                                                                                     \
   X(PQntuples)                                                                                     \
+  X(PQparamtype)                                                                                   \
   X(PQresultErrorField)                                                                            \
   X(PQresultErrorMessage)                                                                          \
   X(PQresultStatus)                                                                                \
+  X(PQsendDescribePrepared)                                                                        \
   X(PQsendPrepare)                                                                                 \
   X(PQsendQuery)                                                                                   \
   X(PQsendQueryParams)                                                                             \
@@ -137,10 +143,13 @@ static const char *pq_load(void) {
 #define PQisBusy pq.PQisBusy
 #define PQnfields pq.PQnfields
 #define PQnotifies pq.PQnotifies
+#define PQnparams pq.PQnparams
 #define PQntuples pq.PQntuples
+#define PQparamtype pq.PQparamtype
 #define PQresultErrorField pq.PQresultErrorField
 #define PQresultErrorMessage pq.PQresultErrorMessage
 #define PQresultStatus pq.PQresultStatus
+#define PQsendDescribePrepared pq.PQsendDescribePrepared
 #define PQsendPrepare pq.PQsendPrepare
 #define PQsendQuery pq.PQsendQuery
 #define PQsendQueryParams pq.PQsendQueryParams
@@ -156,6 +165,7 @@ static const char *pq_load(void) {
 #define MAX_PARAMS 256
 
 enum { W_NONE = 0, W_CONNECT, W_QUERY, W_NOTIFY, W_READY };
+enum { Q_SIMPLE = 0, Q_PARAMS, Q_PREPARE, Q_PREPARED, Q_DESCRIBE }; /* what a query sends */
 enum { B_NUMBER = 0, B_STRING, B_AUTO }; /* big_numbers: how int8 and numeric reach Lua (rule 5) */
 /* S_CANCELLING: the cancelled query ended, its cancel request has not (rule 3) */
 enum { S_CONNECTING = 0, S_IDLE, S_BUSY, S_DRAINING, S_BROKEN, S_CANCELLING };
@@ -197,6 +207,7 @@ struct pgc_s {
   int linked, closed;
   mlua_task_t *task;     /* the waiter (rule 2) */
   int wait;              /* W_* of the waiter */
+  int mode;              /* Q_* of the last query sent */
   int timed_out;         /* the query's timer ran out: a cancel was sent */
   int flushing;          /* libpq has output to send */
   PGresult *result;      /* the query's last result */
@@ -576,6 +587,26 @@ static int push_result_error(lua_State *L, const PGresult *res) {
   return 3;
 }
 
+/* Pushes what core.pg_describe answers for the statement described by res: a string of one
+ * letter per parameter, "b" for a bytea one (always sent in binary format, rule 6) and "t" for the
+ * others; or false when none is bytea, the common case, which costs each query nothing. */
+static int push_formats(lua_State *L, const PGresult *res) {
+  int n = res ? PQnparams(res) : 0, any = 0;
+  for (int i = 0; i < n && !any; i++)
+    any = PQparamtype(res, i) == 17;
+  if (!any) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  lua_checkstack(L, LUA_MINSTACK);
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  for (int i = 0; i < n; i++)
+    luaL_addchar(&b, PQparamtype(res, i) == 17 ? 'b' : 't');
+  luaL_pushresult(&b);
+  return 1;
+}
+
 /* -- Progress --------------------------------------------------------------------------------- */
 
 static void queue_notifies(pgc_t *c) {
@@ -634,6 +665,8 @@ static void answer_query(pgc_t *c) {
     n = mlua_push_error(co, UV_ETIMEDOUT);
   else if (c->error)
     n = push_result_error(co, c->error);
+  else if (c->mode == Q_DESCRIBE)
+    n = push_formats(co, c->result);
   else
     n = push_rows(co, c->result, c->big);
   clear_results(c);
@@ -961,7 +994,8 @@ static int plain_text(const char *s, size_t n) {
 }
 
 /* Formats the Lua value at idx as a text parameter into buf (numbers, booleans) or returns the
- * string itself; NULL for nil. *binary is set for a string that is not plain text (rule 6).
+ * string itself; NULL for nil. *binary, set already for a bytea parameter, is set for a string
+ * that is not plain text (rule 6).
  * Raises on a value with no text form. */
 static const char *param_text(lua_State *L, int idx, char *buf, size_t size, int *len,
                               int *binary) {
@@ -985,7 +1019,7 @@ static const char *param_text(lua_State *L, int idx, char *buf, size_t size, int
     const char *s = lua_tolstring(L, idx, &n);
     if (n > INT_MAX) luaL_error(L, "moonlet.pg: a parameter is too long");
     *len = (int)n;
-    *binary = !plain_text(s, n);
+    if (!*binary) *binary = !plain_text(s, n); /* a bytea one needs no scan */
     return s;
   }
   default:
@@ -994,18 +1028,20 @@ static const char *param_text(lua_State *L, int idx, char *buf, size_t size, int
   }
 }
 
-enum { Q_SIMPLE = 0, Q_PARAMS, Q_PREPARE, Q_PREPARED };
-
 /* The common part of every query: (conn, text, timeout, params...) where text is SQL or a
- * statement name. Sends it (libpq copies the parameters into its buffer at once, so nothing is
- * pinned), then waits for the end of the results. */
+ * statement name; Q_PREPARE takes the SQL before the parameters, Q_PREPARED the statement's
+ * formats (what core.pg_describe answered). Sends it (libpq copies the parameters into its buffer
+ * at once, so nothing is pinned), then waits for the end of the results. */
 static int send_query(lua_State *L, int mode) {
   pgc_t *c = check_conn(L);
   const char *text = luaL_checkstring(L, 2);
   int64_t ms = to_ms(L, 3);
   const char *sql = mode == Q_PREPARE ? luaL_checkstring(L, 4) : NULL;
-  int first = mode == Q_PREPARE ? 5 : 4;
-  int n = lua_gettop(L) - first + 1;
+  size_t nbin = 0; /* Q_PREPARED: "b" for each parameter that goes in binary format (rule 6) */
+  const char *bin =
+      mode == Q_PREPARED && lua_type(L, 4) == LUA_TSTRING ? lua_tolstring(L, 4, &nbin) : NULL;
+  int first = mode == Q_PREPARE || mode == Q_PREPARED ? 5 : 4;
+  int n = mode == Q_DESCRIBE ? 0 : lua_gettop(L) - first + 1;
   if (n < 0) n = 0;
   if (n > MAX_PARAMS) return luaL_error(L, "moonlet.pg: more than %d parameters", MAX_PARAMS);
   if (!c) return mlua_push_error(L, UV_EPIPE);
@@ -1019,7 +1055,7 @@ static int send_query(lua_State *L, int mode) {
   char nums[MAX_PARAMS][32];
   int binary = 0; /* any parameter in binary format: formats is passed only then */
   for (int i = 0; i < n; i++) {
-    formats[i] = 0;
+    formats[i] = bin && (size_t)i < nbin && bin[i] == 'b'; /* bytea: byte for byte */
     values[i] = param_text(L, first + i, nums[i], sizeof nums[i], &lengths[i], &formats[i]);
     binary |= formats[i];
   }
@@ -1029,6 +1065,7 @@ static int send_query(lua_State *L, int mode) {
   case Q_SIMPLE: ok = PQsendQuery(c->conn, text); break;
   case Q_PARAMS: ok = PQsendQueryParams(c->conn, text, n, NULL, values, lengths, fmts, 0); break;
   case Q_PREPARE: ok = PQsendPrepare(c->conn, text, sql, 0, NULL); break;
+  case Q_DESCRIBE: ok = PQsendDescribePrepared(c->conn, text); break;
   default: ok = PQsendQueryPrepared(c->conn, text, n, values, lengths, fmts, 0); break;
   }
   if (!ok) {
@@ -1045,6 +1082,7 @@ static int send_query(lua_State *L, int mode) {
     return 2;
   }
   c->state = S_BUSY;
+  c->mode = mode;
   c->timed_out = 0;
   int f = PQflush(c->conn);
   if (f < 0) {
@@ -1075,7 +1113,13 @@ static int l_query(lua_State *L) { return send_query(L, Q_PARAMS); }
 /* syntax: ok, err = core.pg_prepare(conn, name, timeout, sql) */
 static int l_prepare(lua_State *L) { return send_query(L, Q_PREPARE); }
 
-/* syntax: rows, count = core.pg_execute(conn, name, timeout, ...) -- a prepared statement */
+/* syntax: formats, err = core.pg_describe(conn, name, timeout) -- the prepared statement's
+ * parameters: false when none is bytea, else a string with "b" for each bytea one and "t" for the
+ * others, for core.pg_execute (rule 6) */
+static int l_describe(lua_State *L) { return send_query(L, Q_DESCRIBE); }
+
+/* syntax: rows, count = core.pg_execute(conn, name, timeout, formats, ...) -- a prepared
+ * statement; formats: what core.pg_describe answered for it (false or nil: none is bytea) */
 static int l_execute(lua_State *L) { return send_query(L, Q_PREPARED); }
 
 /* syntax: channel, payload = core.pg_notification(conn, timeout) -- the next NOTIFY of a channel
@@ -1183,6 +1227,7 @@ void mlua_open_pg(lua_State *L, moonlet_t *m) {
                                  {"pg_exec", l_exec},
                                  {"pg_query", l_query},
                                  {"pg_prepare", l_prepare},
+                                 {"pg_describe", l_describe},
                                  {"pg_execute", l_execute},
                                  {"pg_notification", l_notification},
                                  {"pg_wait_ready", l_wait_ready},

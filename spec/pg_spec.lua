@@ -321,6 +321,41 @@ describe("moonlet.pg", function()
         assert(db:exec("RESET bytea_output"))
     end)
 
+    it("sends a bytea parameter byte for byte even when it is valid UTF-8 (backslashes unparsed)",
+       function()
+        local db = pool({ size = 1 })
+        assert(db:exec("DROP TABLE IF EXISTS bt; CREATE TABLE bt(id int, v bytea, t text)"))
+        -- in text format bytea's input would read "\x41" as "A" and "a\\b" as "a\b", refuse "\"
+        local values = { "\\x41", "a\\\\b", "\\\\000", "abc", "a\\b", "\\", "\\x", "\\001",
+                         "ab\0\255", "\0", "", "h\195\169" }
+        local function check_all()
+            assert(db:exec("DELETE FROM bt"))
+            for i, v in ipairs(values) do
+                assert.same(1, db:exec("INSERT INTO bt(id, v, t) VALUES ($1, $2, $3)", i, v,
+                                       v:find("[%z\128-\255]") and "x" or v))
+            end
+            local rows = assert(db:query("SELECT id, v, length(v)::int AS n FROM bt ORDER BY id"))
+            assert.equal(#values, #rows)
+            for i, v in ipairs(values) do assert.same({ id = i, v = v, n = #v }, rows[i]) end
+            for i, v in ipairs(values) do -- the same bytes in a WHERE clause find their row
+                assert.same({ { id = i } }, db:query("SELECT id FROM bt WHERE v = $1", v))
+                assert.same({ { v = v } }, db:query("SELECT $1::bytea AS v", v))
+            end
+            -- text parameters go as before: the same strings stay text, unparsed
+            assert.same({ { id = 1 } }, db:query("SELECT id FROM bt WHERE t = $1", "\\x41"))
+            assert.same({ { t = "a\\\\b", n = 5 } },
+                        db:query("SELECT $1::text AS t, $2::int AS n", "a\\\\b", 5))
+        end
+        check_all()
+        -- each statement was prepared (and described) once: one per SQL text, this one included
+        assert.same({ { n = 7 } }, db:query(
+            "SELECT count(*)::int AS n FROM pg_prepared_statements WHERE name LIKE $1", "moonlet%"))
+        -- past the 256 statements a connection keeps prepared: the unnamed statement, described
+        for k = 1, 256 do assert(db:query("SELECT $1::int + " .. k .. " AS v", k)) end
+        check_all()
+        assert.same({ { v = 3 } }, db:query("SELECT $1::int + $2::int AS v", 1, 2))
+    end)
+
     it("prepares a cached statement again after a schema change changed its result type", function()
         local db = pool({ size = 1 })
         assert(db:exec("DROP TABLE IF EXISTS s2; CREATE TABLE s2(a int); INSERT INTO s2 VALUES (1)"))

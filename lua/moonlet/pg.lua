@@ -14,7 +14,7 @@ local task = require "moonlet.task"
 
 local check, park = task.check, task.park
 local c_connect, c_exec, c_query = core.pg_connect, core.pg_exec, core.pg_query
-local c_prepare, c_execute = core.pg_prepare, core.pg_execute
+local c_prepare, c_describe, c_execute = core.pg_prepare, core.pg_describe, core.pg_execute
 local c_status, c_close, c_notification = core.pg_status, core.pg_close, core.pg_notification
 local c_wait_ready, c_quote = core.pg_wait_ready, core.pg_escape_identifier
 local running, unpark, now = core.running, core.unpark, core.now
@@ -35,7 +35,7 @@ local function pack(...)
     return { n = select("#", ...), ... }
 end
 
--- -- One connection: { c = core connection, stmts = { [sql] = name }, nstmts, reused } -----------
+-- -- One connection: { c = core connection, stmts = { [sql] = { name, formats } }, nstmts, reused }
 
 local function conn_open(pool)
     local c, err = check(c_connect(pool.url, pool.connect_timeout, pool.big_numbers))
@@ -48,9 +48,33 @@ local function conn_dead(conn)
     return state == "broken" or state == "closed"
 end
 
+-- Prepares sql as the statement `name` and describes it: its formats for c_execute (false, or
+-- which parameters are bytea: they go in binary format, byte for byte). nil, err, code on failure.
+local function prepare(conn, name, timeout, sql)
+    local ok, err, code = check(c_prepare(conn.c, name, timeout, sql))
+    if not ok then return nil, err, code end
+    if name ~= "" then conn.nstmts = conn.nstmts + 1 end
+    return check(c_describe(conn.c, name, timeout))
+end
+
+-- Past MAX_PREPARED: unprepared, or, when a parameter is a string (it may be a bytea one), the
+-- unnamed statement prepared and described each time.
+local function run_unnamed(conn, timeout, sql, ...)
+    for i = 1, select("#", ...) do
+        if type((select(i, ...))) == "string" then
+            local formats, err, code = prepare(conn, "", timeout, sql)
+            if formats == nil then return nil, err, code end
+            return check(c_execute(conn.c, "", timeout, formats, ...))
+        end
+    end
+    return check(c_query(conn.c, sql, timeout, ...))
+end
+
 -- Runs sql with the parameters on conn: prepared (once per connection) when it has parameters,
 -- the simple protocol (several statements allowed) when it has none and `simple`. Returns rows,
--- count and the command tag, or nil, err, code.
+-- count and the command tag, or nil, err, code. A statement is described when it is prepared,
+-- once: its bytea parameters are then always sent in binary format (in text format the server
+-- would parse the backslashes of a string that happens to be UTF-8).
 --
 -- A cached statement can go stale: a schema change that changes its result type makes the server
 -- refuse it ("cached plan must not change result type", 0A000), and one the server no longer has
@@ -64,21 +88,20 @@ local function conn_run(conn, simple, sql, ...)
         return check(c_exec(conn.c, sql, timeout))
     end
     for attempt = 1, 2 do
-        local name = conn.stmts[sql]
-        if not name then
-            if conn.nstmts >= MAX_PREPARED then
-                return check(c_query(conn.c, sql, timeout, ...))
-            end
+        local stmt = conn.stmts[sql]
+        if not stmt then
+            if conn.nstmts >= MAX_PREPARED then return run_unnamed(conn, timeout, sql, ...) end
             -- a name is never used twice on a connection: a prepare that timed out or was
             -- cancelled may still have created its statement on the server
             conn.serial = (conn.serial or 0) + 1
-            name = "moonlet_" .. conn.serial
-            local ok, err, code = check(c_prepare(conn.c, name, timeout, sql))
-            if not ok then return nil, err, code end
-            conn.nstmts = conn.nstmts + 1
-            conn.stmts[sql] = name
+            local name = "moonlet_" .. conn.serial
+            local formats, err, code = prepare(conn, name, timeout, sql)
+            if formats == nil then return nil, err, code end
+            stmt = { name, formats }
+            conn.stmts[sql] = stmt
         end
-        local rows, count, code, stale = check(c_execute(conn.c, name, timeout, ...))
+        local name = stmt[1]
+        local rows, count, code, stale = check(c_execute(conn.c, name, timeout, stmt[2], ...))
         if rows ~= nil or not (stale or code == "26000") then return rows, count, code end
         conn.stmts[sql] = nil
         local _, tx = c_status(conn.c)
