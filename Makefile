@@ -7,10 +7,11 @@ PORT     ?= 8080
 BUILD    := build
 LLHTTP_SRC ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
-PKGS     := luajit libuv zlib
+PKGS     := luajit libuv
 # headers only, each opened with dlopen on first use (core/dynlib.h): libpq (bindings/pg.c),
-# OpenSSL (core/openssl_api.c), SQLite (bindings/sqlite_api.c), PCRE2 (bindings/pcre2_api.c)
-HDR_PKGS := libpq openssl sqlite3 libpcre2-8
+# OpenSSL (core/openssl_api.c), SQLite (bindings/sqlite_api.c), PCRE2 (bindings/pcre2_api.c),
+# zlib (core/zlib_api.c)
+HDR_PKGS := libpq openssl sqlite3 libpcre2-8 zlib
 
 ifeq ($(SANITIZE),1)
 BUILD    := build-asan
@@ -76,12 +77,13 @@ $(BUILD)/spec/c/%: spec/c/%.c $(wildcard spec/c/*.h) $(BUILD)/libmoonlet.a
 	$(CC) $(CFLAGS_ALL) -o $@ $< $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
 # A machine without the libraries opened on first use: the test links its own copies of their loaders,
 # whose sonames name none, ahead of libmoonlet.a (whose copies are then left out).
-LOADERS_SRC := core/openssl_api.c bindings/sqlite_api.c bindings/pcre2_api.c
+LOADERS_SRC := core/openssl_api.c bindings/sqlite_api.c bindings/pcre2_api.c core/zlib_api.c
 $(BUILD)/spec/c/test_libs_missing: spec/c/test_libs_missing.c spec/c/ctest.h $(LOADERS_SRC) $(HDRS) \
                                    $(BUILD)/libmoonlet.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -DML_OPENSSL_SONAME='"libmoonlet-no-such-ssl.so.3"' \
 	  -DML_SQLITE_SONAME='"libmoonlet-no-such-sqlite3.so.0"' -DML_PCRE2_SONAME='"libmoonlet-no-such-pcre2.so.0"' \
+	  -DML_ZLIB_SONAME='"libmoonlet-no-such-z.so.1"' \
 	  -o $@ $< $(LOADERS_SRC) $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
 
 # The embedding examples (examples/embed/*.c), each a host linked with libmoonlet.a; the test suite
@@ -112,8 +114,8 @@ print-static-archives: # for scripts/static-profile.sh
 	@echo $(STATIC_A)
 # glibc's linker warns that getaddrinfo and dlopen in a static executable need the same glibc at
 # run time: true of any machine this tree is built on; those lines are filtered out.
-# STATIC_OBJ: the unwinder's registration made a no-op; OpenSSL's, SQLite's and PCRE2's tables filled
-# from the archives.
+# STATIC_OBJ: the unwinder's registration made a no-op; the tables of the libraries opened on first
+# use (OpenSSL, SQLite, PCRE2, zlib) filled from the archives.
 STATIC_OBJ  = $(BUILD)/cli/static_unwind.o $(BUILD)/cli/static_libs.o
 $(BUILD)/moonlet-static: $(BUILD)/cli/main.o $(STATIC_OBJ) $(BUILD)/libmoonlet.a $(BUILD)/static.ld
 	@rm -f $@
@@ -147,9 +149,10 @@ fuzz: $(BUILD)/fuzz/http $(BUILD)/fuzz/ws $(BUILD)/spec/c/test_fuzz_http $(BUILD
 $(BUILD)/fuzz/http: spec/c/test_fuzz_http.c $(wildcard spec/c/*.h) $(FUZZ_HTTP_SRC) $(HDRS)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(FUZZ_HTTP_SRC) $(shell pkg-config --cflags --libs libuv openssl)
-$(BUILD)/fuzz/ws: spec/c/test_fuzz_ws.c spec/c/fuzz.h spec/c/ctest.h core/ws.c core/ws.h core/openssl_api.c
+$(BUILD)/fuzz/ws: spec/c/test_fuzz_ws.c spec/c/fuzz.h spec/c/ctest.h core/ws.c core/ws.h core/openssl_api.c \
+                  core/zlib_api.c
 	@mkdir -p $(dir $@)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< core/ws.c core/openssl_api.c \
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< core/ws.c core/openssl_api.c core/zlib_api.c \
 	  $(shell pkg-config --cflags --libs libuv openssl zlib) -ldl
 
 run: $(BUILD)/moonlet

@@ -482,8 +482,8 @@ static void transport_close(ws_t *ws, int graceful) {
  * frames of ws->fragment bytes when set, masked on the client side. */
 static int send_message(ws_t *ws, int opcode, const char *data, size_t len) {
   int rsv1 = 0;
-  if (opcode < 8 && ws->parser.deflate) {
-    int r = ml_ws_deflate_message(ws->parser.deflate, data, len, &ws->zbuf);
+  if (opcode < 8 && ws->parser.pmd) {
+    int r = ml_ws_deflate_message(ws->parser.pmd, data, len, &ws->zbuf);
     if (r < 0) return r;
     data = ws->zbuf.p ? ws->zbuf.p : "";
     len = ws->zbuf.len;

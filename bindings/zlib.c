@@ -12,7 +12,8 @@
  */
 #include <limits.h>
 #include <string.h>
-#include <zlib.h>
+
+#include "../core/zlib_api.h"
 
 #include "mlua.h"
 
@@ -44,9 +45,16 @@ static int opt_window_bits(lua_State *L, int idx, int dflt) {
 
 /* -- Inflate -------------------------------------------------------------------------------- */
 
+/* Raises when zlib cannot be opened (not installed on this machine). */
+static void need_zlib(lua_State *L) {
+  const char *why = ml_zlib_load();
+  if (why) luaL_error(L, "moonlet.zlib: %s", why);
+}
+
 /* syntax: z = core.zlib_inflater(window_bits) -- 15+32 by default: zlib or gzip data */
 static int l_inflater(lua_State *L) {
   int wb = opt_window_bits(L, 1, 15 + 32);
+  need_zlib(L);
   zs_t *s = lua_newuserdata(L, sizeof *s);
   memset(s, 0, sizeof *s);
   if (inflateInit2(&s->z, wb) != Z_OK) return luaL_error(L, "moonlet.zlib: out of memory");
@@ -115,6 +123,7 @@ static int l_deflater(lua_State *L) {
   int wb = opt_window_bits(L, 2, 15 + 16);
   if (level < -1 || level > 9) return luaL_argerror(L, 1, "level is -1..9");
   if (wb > 31) return luaL_argerror(L, 2, "deflate needs explicit window bits");
+  need_zlib(L);
   zs_t *s = lua_newuserdata(L, sizeof *s);
   memset(s, 0, sizeof *s);
   if (deflateInit2(&s->z, level, Z_DEFLATED, wb, 8, Z_DEFAULT_STRATEGY) != Z_OK)

@@ -1,7 +1,8 @@
 /* core/dynlib.h: libraries opened on their first use (dlopen) instead of linked. A process that
  * never makes a TLS connection, a WebSocket handshake or a digest then maps no OpenSSL (its
  * relocations alone kept 1.7 MB resident in every idle server), one that opens no SQLite database
- * no SQLite, one that compiles no regex no PCRE2; start-up is shorter too.
+ * no SQLite, one that compiles no regex no PCRE2, one that compresses nothing no zlib; start-up is
+ * shorter too.
  *
  * Each such library has a header with an X-macro list of the entry points moonlet calls, a table
  * of pointers to them (ML_DYNLIB_SLOT), and, after the table, one #define per entry point that

@@ -12,11 +12,11 @@
 #include "ws.h"
 
 #include "openssl_api.h"
+#include "zlib_api.h"
 
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
-#include <zlib.h>
 
 #define KEEP_BUF_MAX (64 * 1024) /* message buffers above this are freed between messages */
 
@@ -119,13 +119,13 @@ void ml_ws_parser_init(ml_ws_parser_t *p, int server, size_t max_message) {
 void ml_ws_parser_free(ml_ws_parser_t *p) {
   ml_ws_buf_free(&p->msg);
   ml_ws_buf_free(&p->out);
-  ml_ws_deflate_free(p->deflate);
-  p->deflate = NULL;
+  ml_ws_deflate_free(p->pmd);
+  p->pmd = NULL;
 }
 
 void ml_ws_parser_set_deflate(ml_ws_parser_t *p, ml_ws_deflate_t *d) {
-  ml_ws_deflate_free(p->deflate);
-  p->deflate = d;
+  ml_ws_deflate_free(p->pmd);
+  p->pmd = d;
 }
 
 int ml_ws_close_code_valid(int code) {
@@ -199,7 +199,7 @@ static int head_done(ml_ws_parser_t *p, ml_ws_event_t *ev) {
   } else {
     if (p->msg_opcode)
       return fail(p, ev, ML_WS_CLOSE_PROTOCOL, "new message inside a fragmented one");
-    if (p->rsv1 && !p->deflate) return fail(p, ev, ML_WS_CLOSE_PROTOCOL, "reserved bits set");
+    if (p->rsv1 && !p->pmd) return fail(p, ev, ML_WS_CLOSE_PROTOCOL, "reserved bits set");
     p->msg_opcode = p->opcode;
     p->msg_compressed = p->rsv1;
     p->utf8 = 0;
@@ -610,6 +610,7 @@ int ml_ws_pmd_response(const char *resp, size_t len, const ml_ws_pmd_t *offered,
  */
 
 ml_ws_deflate_t *ml_ws_deflate_new(const ml_ws_pmd_t *a, int server) {
+  if (ml_zlib_load()) return NULL; /* (the connection goes on uncompressed) */
   ml_ws_deflate_t *d = calloc(1, sizeof *d);
   if (!d) return NULL;
   int our_bits = server ? a->server_max_window_bits : a->client_max_window_bits;
@@ -659,7 +660,7 @@ int ml_ws_deflate_message(ml_ws_deflate_t *d, const char *in, size_t len, ml_ws_
 
 /* Inflates the reassembled message (msg) into out, refusing past max_message. */
 static int inflate_message(ml_ws_parser_t *p, ml_ws_event_t *ev) {
-  ml_ws_deflate_t *d = p->deflate;
+  ml_ws_deflate_t *d = p->pmd;
   memcpy(p->msg.p + p->msg.len, "\0\0\xff\xff", 4); /* room reserved by head_done */
   d->inf.next_in = (Bytef *)p->msg.p;
   d->inf.avail_in = (uInt)(p->msg.len + 4);

@@ -73,7 +73,7 @@ typedef struct ml_ws_parser_s {
   /* settings (read-only once parsing started) */
   int server; /* 1: frames come from clients and must be masked; 0: must not be */
   size_t max_message;
-  ml_ws_deflate_t *deflate; /* owned; NULL unless permessage-deflate was agreed */
+  ml_ws_deflate_t *pmd; /* owned; NULL unless permessage-deflate was agreed */
   /* private: the frame being read */
   int state;
   uint8_t hdr[14];

@@ -1,4 +1,4 @@
--- spec/dynlib_spec.lua: build/moonlet opens OpenSSL, SQLite and PCRE2 when it first needs each
+-- spec/dynlib_spec.lua: build/moonlet opens OpenSSL, SQLite, PCRE2 and zlib when it first needs each
 -- (core/dynlib.h), so a server that never does maps none of them (OpenSSL alone was 1.7 MB of idle
 -- RSS). Each route below needs one library; /proc/PID/maps shows what the process has mapped.
 -- spec/c/test_libs_missing.c covers a machine without them; spec/static_build_spec.lua the static
@@ -19,11 +19,15 @@ app:get("/sqlite", function()
     return tostring(rows[1].n)
 end)
 app:get("/re", function() return (ngx.re.match("abc123", [[\d+]])[0]) end)
+app:get("/gzip", function()
+    local zlib = require "moonlet.zlib"
+    return zlib.gunzip(zlib.gzip("zipped"))
+end)
 return app
 ]=]
 
 describe("libraries opened on first use", function()
-    it("maps none of OpenSSL, SQLite and PCRE2 until a handler needs each", function()
+    it("maps none of OpenSSL, SQLite, PCRE2 and zlib until a handler needs each", function()
         local dir = test.make_dir()
         defer(function() test.remove_dir(dir) end)
         local app = dir .. "/app.lua"
@@ -40,7 +44,8 @@ describe("libraries opened on first use", function()
             f:close()
             assert.truthy(maps:find("libuv", 1, true), maps) -- (the right process, linked dynamically)
             local found = {}
-            for _, lib in ipairs({ "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so" }) do
+            local libs = { "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so", "libz.so" }
+            for _, lib in ipairs(libs) do
                 if maps:find(lib, 1, true) then found[#found + 1] = lib end
             end
             return found
@@ -57,6 +62,8 @@ describe("libraries opened on first use", function()
         assert.same({ "libsqlite3.so", "libpcre2-8.so" }, mapped())
         assert.same({ 200, "32" }, get("/digest"))
         assert.same({ "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so" }, mapped())
+        assert.same({ 200, "zipped" }, get("/gzip"))
+        assert.same({ "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so", "libz.so" }, mapped())
         assert.same({ 200, "plain" }, get("/"))
     end)
 end)

@@ -1,14 +1,16 @@
 /* spec/c/test_libs_missing.c: what moonlet does on a machine without the shared libraries it opens
- * on first use (core/dynlib.h): OpenSSL, SQLite, PCRE2. The Makefile builds this test with its own
- * copies of their loaders, whose sonames name no library, linked before libmoonlet.a, so each
- * first use fails as it would there: a TLS context, a WebSocket key, a digest, a database and a
- * regex each report it, and nothing else breaks (an instance still starts and runs Lua). */
+ * on first use (core/dynlib.h): OpenSSL, SQLite, PCRE2, zlib. The Makefile builds this test with
+ * its own copies of their loaders, whose sonames name no library, linked before libmoonlet.a, so
+ * each first use fails as it would there: a TLS context, a WebSocket key, a digest, a database, a
+ * regex and a zlib stream each report it, permessage-deflate is not agreed, and nothing else
+ * breaks (an instance still starts and runs Lua). */
 #include "../../bindings/pcre2_api.h"
 #include "../../bindings/sqlite_api.h"
 #include "../../core/moonlet.h"
 #include "../../core/openssl_api.h"
 #include "../../core/tls.h"
 #include "../../core/ws.h"
+#include "../../core/zlib_api.h"
 #include "ctest.h"
 
 #include <string.h>
@@ -17,6 +19,7 @@
 #define MISSING "OpenSSL is not installed (" ML_OPENSSL_SONAME ")"
 #define NO_SQLITE "SQLite is not installed (" ML_SQLITE_SONAME ")"
 #define NO_PCRE2 "PCRE2 is not installed (" ML_PCRE2_SONAME ")"
+#define NO_ZLIB "zlib is not installed (" ML_ZLIB_SONAME ")"
 
 static char log_text[4096];
 static size_t log_len;
@@ -45,6 +48,9 @@ static void test_core(void) {
   char accept[29] = "x";
   ml_ws_accept_key("dGhlIHNhbXBsZSBub25jZQ==", 24, accept);
   CHECK_STR(accept, "");
+  ml_ws_pmd_t agreed = {.server_max_window_bits = 15, .client_max_window_bits = 15};
+  CHECK(ml_ws_deflate_new(&agreed, 1) == NULL); /* the connection goes on uncompressed */
+  CHECK_STR(ml_zlib_load(), NO_ZLIB);
 }
 
 /* The chunk raises (and moonlet_load_string fails) unless every check in it holds. */
@@ -59,11 +65,13 @@ static const char LUA_CHECKS[] =
     "require 'moonlet.ngx'\n"
     "ok, err = pcall(ngx.re.match, 'abc', 'b')\n"
     "assert(not ok and err:find('" NO_PCRE2 "', 1, true), tostring(err))\n"
+    "ok, err = pcall(require('moonlet.zlib').gzip, 'abc')\n"
+    "assert(not ok and err:find('" NO_ZLIB "', 1, true), tostring(err))\n"
     "assert(moonlet.crypto.base64_encode('hi') == 'aGk=')\n" /* no OpenSSL needed */
     "assert(moonlet.json.encode({ 1 }) == '[1]')\n";
 
 static void test_lua(void) {
-  ctest_section("Lua: moonlet.crypto, moonlet.sqlite and ngx.re raise the reason; the rest works");
+  ctest_section("Lua: moonlet.crypto, moonlet.sqlite, ngx.re and moonlet.zlib raise the reason");
   moonlet_config_t cfg;
   moonlet_config_default(&cfg);
   cfg.log_sink = log_sink;
