@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 
 #include "mlua.h"
 
@@ -353,8 +354,8 @@ static void collect_app(run_t *r, lua_State *co) {
 /* Runs moonlet.reload's fn with the string arguments (NULL: nil). Returns 1 when it ended (a->...
  * set; a raised error leaves a->status empty), 0 when it waits, UV_E* when the framework is
  * missing. */
-static int run_reload_fn(moonlet_t *m, const char *fn, const char *a1, const char *a2,
-                         app_result_t *a) {
+static int run_reload_fn3(moonlet_t *m, const char *fn, const char *a1, const char *a2,
+                          const char *a3, app_result_t *a) {
   memset(a, 0, sizeof *a);
   mlua_task_t *t = mlua_task_new(m);
   lua_State *co = t->co;
@@ -372,8 +373,17 @@ static int run_reload_fn(moonlet_t *m, const char *fn, const char *a1, const cha
     lua_pushstring(co, a2);
   else
     lua_pushnil(co);
+  if (a3)
+    lua_pushstring(co, a3);
+  else
+    lua_pushnil(co);
   run_t run = {0, 0, fn, collect_app, a};
-  return run_task(t, 2, &run);
+  return run_task(t, 3, &run);
+}
+
+static int run_reload_fn(moonlet_t *m, const char *fn, const char *a1, const char *a2,
+                         app_result_t *a) {
+  return run_reload_fn3(m, fn, a1, a2, NULL, a);
 }
 
 /* The code of a load or reload result. */
@@ -408,8 +418,9 @@ int moonlet_reload(moonlet_t *m) {
 
 /* The UV_E* code whose short message (mlua_err_string) ends msg, else UV_EINVAL. */
 static int code_of_message(const char *msg) {
-  static const int codes[] = {UV_EADDRINUSE, UV_EACCES, UV_EADDRNOTAVAIL, UV_EAFNOSUPPORT,
-                              UV_EMFILE,     UV_ENFILE, UV_ENOMEM};
+  static const int codes[] = {UV_EADDRINUSE,   UV_EACCES, UV_EADDRNOTAVAIL,
+                              UV_EAFNOSUPPORT, UV_EMFILE, UV_ENFILE,
+                              UV_ENOMEM,       UV_EEXIST, UV_ENOENT};
   size_t n = strlen(msg);
   for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
     const char *s = mlua_err_string(codes[i]);
@@ -419,17 +430,32 @@ static int code_of_message(const char *msg) {
   return UV_EINVAL;
 }
 
-int moonlet_listen(moonlet_t *m, const char *host, int port) {
+/* moonlet_listen's work: mode (a Unix socket's permissions, or NULL: the umask's) goes to
+ * app:listen as unix_mode. */
+static int listen_app(moonlet_t *m, const char *host, int port, const char *mode) {
   app_result_t a;
   char portstr[16];
   if (port < 0 || port > 65535) return UV_EINVAL;
   snprintf(portstr, sizeof portstr, "%d", port);
-  int ended =
-      run_reload_fn(m, "moonlet.reload.instance_listen", host ? host : "127.0.0.1", portstr, &a);
+  int ended = run_reload_fn3(m, "moonlet.reload.instance_listen", host ? host : "127.0.0.1",
+                             portstr, mode, &a);
   if (ended < 0) return ended;
   if (ended == 0) return UV_EINVAL;                            /* listening never waits */
   if (a.port > 0 || strcmp(a.status, "0") == 0) return a.port; /* 0: a Unix socket */
   if (a.kind[0] == '\0') return UV_EINVAL;                     /* it raised: logged */
   ml_log(&m->log, ML_LOG_ERROR, "moonlet_listen: %s", a.msg);
   return strcmp(a.kind, "noapp") == 0 ? UV_EINVAL : code_of_message(a.msg);
+}
+
+int moonlet_listen(moonlet_t *m, const char *host, int port) {
+  return listen_app(m, host, port, NULL);
+}
+
+int moonlet_listen_unix(moonlet_t *m, const char *path, int mode) {
+  char host[sizeof(((struct sockaddr_un *)0)->sun_path) + 8], modestr[16];
+  if (!path || !*path || mode < -1 || mode > 07777) return UV_EINVAL;
+  if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) return UV_ENAMETOOLONG;
+  snprintf(host, sizeof host, "unix:%s", path);
+  snprintf(modestr, sizeof modestr, "%o", (unsigned)mode);
+  return listen_app(m, host, 0, mode >= 0 ? modestr : NULL);
 }

@@ -152,6 +152,14 @@ int moonlet_load_string(moonlet_t *m, const char *name, const char *code);
  * for several addresses. Returns the bound port (> 0), UV_EINVAL when no app is loaded or host is
  * not an address, or the listen error (UV_EADDRINUSE, UV_EACCES, ...). */
 int moonlet_listen(moonlet_t *m, const char *host, int port);
+/* Serves the instance's app on the Unix domain socket at path, whose permissions are mode (0660:
+ * the owner and its group may connect, a proxy's user among them; -1: what the umask leaves, as
+ * moonlet_listen(m, "unix:/path", 0) does). The mode is set before the socket listens: no client
+ * connects before it. A stale socket file there (nobody listens) is replaced; a live server's is
+ * not (UV_EADDRINUSE), nor a file that is not a socket (UV_EEXIST). The file goes when the server
+ * closes. Returns 0, UV_EINVAL (no app loaded, no path, mode neither -1 nor within 0..07777),
+ * UV_ENAMETOOLONG, or the listen error (UV_EADDRINUSE, UV_EACCES, ...). */
+int moonlet_listen_unix(moonlet_t *m, const char *path, int mode);
 /* Reloads the app from its file (moonlet_load_file, or the script of moonlet_main): the new code
  * is loaded into a fresh app; only if it loads and its top level runs does it replace the old one
  * between requests (requests in flight finish on the old code). Returns 0 (replaced), 2 (its top

@@ -19,8 +19,8 @@
 -- the reload like any other.
 --
 -- One host per instance is "current" (reload.set_current): SIGHUP and moonlet_reload() reload it;
--- the instance_* functions are what bindings/embed.c calls for moonlet_load_*, moonlet_listen and
--- moonlet_reload. Module state lives in the instance's own Lua state, so instances share nothing.
+-- the instance_* functions are what bindings/embed.c calls for moonlet_load_*, moonlet_listen(_unix)
+-- and moonlet_reload. Module state lives in the instance's own Lua state, so instances share nothing.
 local core = require "moonlet.core"
 local app_mod = require "moonlet.app"
 
@@ -415,10 +415,11 @@ function _M.instance_reload()
     return nil, kind, err
 end
 
--- Results: port | nil, "noapp" | "error", message.
-function _M.instance_listen(host, port)
+-- Results: port | nil, "noapp" | "error", message. unix_mode: a Unix socket's permissions, octal
+-- digits (moonlet_listen_unix), or nil for the umask's.
+function _M.instance_listen(host, port, unix_mode)
     if not current or not current.app then return nil, "noapp", "no app loaded" end
-    local server, p = current:listen({ host = host, port = tonumber(port) })
+    local server, p = current:listen({ host = host, port = tonumber(port), unix_mode = unix_mode })
     if not server then return nil, "error", p end
     if str_find(host, "unix:", 1, true) == 1 then
         log(2, str_format("moonlet %s serving %s on %s (http)", core.version, current:label(), host))

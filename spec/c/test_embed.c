@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -662,6 +663,70 @@ static void test_load_errors(void) {
   rmdir(dir);
 }
 
+/* moonlet_listen_unix: the socket file has the mode asked for (not the umask's), set before the
+ * socket listens; -1 keeps the umask's; a client connects and is answered; the errors. */
+static void test_listen_unix(void) {
+  ctest_section("moonlet_listen_unix: the socket's mode, -1 for the umask's, a client answered");
+  logbuf_t lb;
+  moonlet_config_t cfg;
+  config(&cfg, &lb);
+  moonlet_t *m = moonlet_new(&cfg);
+  char dir[] = "/tmp/moonlet-embed-XXXXXX", a[96], b[96], c[96], file[96];
+  if (!CHECK(m != NULL) || !CHECK(mkdtemp(dir) != NULL)) {
+    moonlet_free(m);
+    return;
+  }
+  snprintf(a, sizeof a, "%s/a.sock", dir);
+  snprintf(b, sizeof b, "%s/b.sock", dir);
+  snprintf(c, sizeof c, "%s/c.sock", dir);
+  snprintf(file, sizeof file, "%s/file", dir);
+  CHECK_INT(moonlet_listen_unix(m, a, 0660), UV_EINVAL); /* no app yet */
+  CHECK_INT(moonlet_load_string(m, "v1", APP_V(1)), 0);
+  mode_t old = umask(077); /* the umask's mode would be 0700: only the owner */
+  CHECK_INT(moonlet_listen_unix(m, a, 0660), 0);
+  CHECK_INT(moonlet_listen_unix(m, a, 0660), UV_EADDRINUSE); /* a live server's file is kept */
+  CHECK_INT(moonlet_listen_unix(m, b, -1), 0);
+  /* a stale socket file (its process gone: bound, never unlinked) is replaced, mode and all */
+  int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+  struct sockaddr_un su = {.sun_family = AF_UNIX};
+  snprintf(su.sun_path, sizeof su.sun_path, "%s", c);
+  CHECK_INT(bind(fd, (struct sockaddr *)&su, sizeof su), 0);
+  close(fd);
+  CHECK_INT(moonlet_listen_unix(m, c, 0606), 0);
+  umask(old);
+  struct stat st;
+  CHECK_INT(stat(a, &st), 0);
+  CHECK_INT(st.st_mode & 07777, 0660);
+  CHECK_INT(stat(b, &st), 0);
+  CHECK_INT(st.st_mode & 07777, 0700);
+  CHECK_INT(stat(c, &st), 0);
+  CHECK_INT(st.st_mode & 07777, 0606);
+  const char *socks[] = {a, b, c};
+  for (int i = 0; i < 3; i++) {
+    req_t u = {.unix_path = socks[i]};
+    CHECK_STR(get_stepping(m, 0, "/v", &u), "version 1");
+    CHECK_INT(u.status, 200);
+  }
+  write_file(file, "not a socket\n");
+  CHECK_INT(moonlet_listen_unix(m, file, 0660), UV_EEXIST); /* and left there */
+  CHECK_INT(access(file, F_OK), 0);
+  CHECK_INT(moonlet_listen_unix(m, NULL, 0660), UV_EINVAL);
+  CHECK_INT(moonlet_listen_unix(m, "", 0660), UV_EINVAL);
+  CHECK_INT(moonlet_listen_unix(m, a, 010000), UV_EINVAL);
+  CHECK_INT(moonlet_listen_unix(m, a, -2), UV_EINVAL);
+  char longp[200];
+  memset(longp, 'x', sizeof longp - 1);
+  longp[0] = '/';
+  longp[sizeof longp - 1] = '\0';
+  CHECK_INT(moonlet_listen_unix(m, longp, 0660), UV_ENAMETOOLONG);
+  moonlet_free(m);
+  CHECK_INT(access(a, F_OK), -1); /* the socket files went with their listeners */
+  CHECK_INT(access(b, F_OK), -1);
+  CHECK_INT(access(c, F_OK), -1);
+  unlink(file);
+  CHECK_INT(rmdir(dir), 0);
+}
+
 static void test_reload(void) {
   ctest_section("moonlet_reload: good code replaces, broken code keeps the old one serving");
   char dir[] = "/tmp/moonlet-embed-XXXXXX";
@@ -965,6 +1030,7 @@ int main(void) {
   test_register_and_call();
   test_post();
   test_load_errors();
+  test_listen_unix();
   test_reload();
   test_limits();
   test_allocator();
