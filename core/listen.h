@@ -30,9 +30,11 @@ typedef struct {
  * permissions mode (0660: the owner and its group may connect; < 0: what the umask leaves). A
  * socket file already there that nobody listens on (a connect is refused: its process died) is
  * removed first; one a server listens on gives UV_EADDRINUSE, a file that is not a socket UV_EEXIST
- * (neither is ever removed). The fd, or a negative libuv error. The supervisor of `moonlet --unix
- * PATH
- * --workers N` makes it before the fork, and every worker accepts on its copy. */
+ * (neither is ever removed). The file is checked, replaced and bound under an flock of
+ * path + ".lock" (made and removed here): of several servers started at once on a stale file, one
+ * gets it and the others UV_EADDRINUSE. The fd, or a negative libuv error. The supervisor of
+ * `moonlet --unix PATH --workers N` makes it before the fork, and every worker accepts on its copy.
+ */
 int ml_listen_unix_fd(const char *path, int backlog, int mode, ml_unix_id_t *id);
 
 /* The same, listening through p (uv_pipe_init'ed), which owns the socket from then on: 0 or a
@@ -48,7 +50,8 @@ int ml_listen_unix(uv_pipe_t *p, const char *path, int backlog, int mode, uv_con
  * it sends to can answer. The fd, or a negative libuv error. */
 int ml_unix_dgram_fd(const char *path, int mode, ml_unix_id_t *id);
 
-/* Removes the socket file at path if it is still the one id names (not a newer server's). */
+/* Removes the socket file at path if it is still the one id names (not a newer server's), under
+ * the path's lock, so that a server replacing it at that instant keeps its own. */
 void ml_listen_unix_unlink(const char *path, const ml_unix_id_t *id);
 
 /* Lets the socket fd share its port with others that set it too (SO_REUSEPORT): 0 or -errno. */

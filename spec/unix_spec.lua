@@ -3,8 +3,9 @@
 -- on top, the HTTP server (app:listen{ unix = }, `moonlet --unix PATH`, `--host unix:PATH`, shared
 -- by `--workers 2`, behind a real nginx), the HTTP client and moonlet.ws.connect (`unix =`), the
 -- socket file's permissions, datagram sockets (moonlet.udp, ngx.socket.udp). The socket file's
--- life: a live server's is never taken over, a stale one (its process killed) is replaced, a path
--- that is not a socket is never removed, and the file goes when the server closes. Errors as
+-- life: a live server's is never taken over, a stale one (its process killed) is replaced (by
+-- exactly one of several servers started at one instant), a path that is not a socket is never
+-- removed, and the file goes when the server closes. Errors as
 -- nil, err; misuse raises; nothing leaks.
 -- luacheck: globals ngx
 local moonlet = require "moonlet"
@@ -325,6 +326,73 @@ describe("Unix domain sockets", function()
         p:signal("TERM")
         assert.equal(0, p:wait(10))
         assert.is_false(exists(path))
+    end)
+
+    it("servers started at one instant on a stale socket file: one serves, the others: in use", function()
+        -- Each process's app waits at its top level on a FIFO (opened read-write, so the open never
+        -- waits), then returns and the CLI listens: one write of N bytes wakes them all at once, so
+        -- their stale checks and binds overlap. The rule: exactly one serves, and the file is its
+        -- own (it answers with its id); every other one exits 1 with "address in use".
+        local path, fifo, script = dir .. "/race.sock", dir .. "/race.fifo", dir .. "/race.lua"
+        assert.equal(0, os.execute("mkfifo " .. fifo))
+        defer(function() os.remove(fifo) end)
+        test.write_file(script, ([[
+local moonlet = require "moonlet"
+local f = assert(io.open(%q, "r+"))
+f:setvbuf("no")
+io.stderr:write("ready\n")
+f:read(1)
+f:close()
+local app = moonlet.app()
+local id = os.getenv("RACE_ID")
+app:get("/", function() return id end)
+return app
+]]):format(fifo))
+        local N, ROUNDS = 8, 10
+        for round = 1, ROUNDS do
+            local py = assert(moonlet.process.spawn({ "/usr/bin/python3", "-c", ([[
+import socket
+socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).bind(%q)
+]]):format(path) })) -- bound and gone: a stale file, its connects refused
+            assert.same(0, py:wait())
+            assert.same({ nil, "connection refused" }, { tcp.connect("unix:" .. path, { timeout = 1 }) })
+            local procs = {}
+            for i = 1, N do
+                local p = test.start_process(("%s --unix %s"):format(script, path), "RACE_ID=" .. i)
+                defer(function() p:kill() end)
+                procs[i] = p
+            end
+            for i = 1, N do
+                assert.truthy(test.wait_until(function()
+                    return procs[i]:output():find("ready", 1, true)
+                end, 10), procs[i]:output())
+            end
+            local go = assert(io.open(fifo, "w"))
+            go:write(string.rep("x", N)) -- one write: every process wakes at once
+            go:close()
+            local serving, refused = {}, 0
+            for i = 1, N do
+                local p = procs[i]
+                assert.truthy(test.wait_until(function()
+                    return p:output():find("serving", 1, true) or p:wait(0)
+                end, 10), p:output())
+                if p:output():find("serving", 1, true) then
+                    serving[#serving + 1] = i
+                else
+                    assert.equal(1, p:wait(0))
+                    assert.matches("listen on unix:" .. path:gsub("%p", "%%%0") .. ": address in use",
+                                   p:output())
+                    refused = refused + 1
+                end
+            end
+            assert.same({ 1, N - 1 }, { #serving, refused }, "round " .. round)
+            local res = assert(moonlet.http.get("http://x/", { unix = path, keepalive = false }))
+            assert.same({ 200, tostring(serving[1]) }, { res.status, res.body })
+            procs[serving[1]]:signal("TERM")
+            assert.equal(0, procs[serving[1]]:wait(10))
+            assert.is_false(exists(path))
+            for i = 1, N do procs[i]:kill() end
+        end
     end)
 
     it("moonlet --host unix:PATH is the same", function()
