@@ -17,6 +17,7 @@
 #define ML_OUT_FLUSH_AT (256 * 1024)    /* staged output is written out past this */
 #define ML_STASH_MAX (64 * 1024)        /* reading pauses while this much input waits its turn */
 #define ML_LINGER_MS 2000               /* reading after a graceful close, to avoid a RST */
+#define ML_TLS_CLOSE_MS 3000 /* an idle close's close_notify the socket did not take at once */
 #define ML_MAX_LISTENERS 8
 
 /* A request buffer: the copied request line and headers of one request. Pooled per server, so an
@@ -103,6 +104,7 @@ struct ml_conn_s {
   unsigned upgraded : 1;      /* taken over (ml_conn_upgrade) or after CONNECT: no more HTTP */
   unsigned closing : 1;       /* ml_conn_close was called */
   unsigned lingering : 1;     /* graceful close: shut down, discarding input until EOF */
+  unsigned tls_closing : 1;   /* an idle close waits for its close_notify to go out, no linger */
   unsigned counted : 1;       /* counted in srv->nconns */
   unsigned notified : 1;      /* on_close ran */
   unsigned skip_complete : 1; /* the next on_message_complete belongs to a body-less request */

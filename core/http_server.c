@@ -284,6 +284,10 @@ static uint64_t conn_deadline(ml_conn_t *c) {
   const ml_http_limits_t *lim = &c->srv->lim;
   uint64_t send_dl =
       c->write_queue > 0 && lim->send_timeout_ms ? c->activity + lim->send_timeout_ms : 0;
+  if (c->tls_closing) { /* an idle close's close_notify: a short wait (ml__conn_close_idle) */
+    uint64_t dl = c->activity + ML_TLS_CLOSE_MS;
+    return send_dl && send_dl < dl ? send_dl : dl;
+  }
   /* upgraded, output backed up: the upper layer's deadline (a WebSocket's close or ping timeout)
    * still runs, when it comes before the send timeout (ml__conn_timeout tells which it was) */
   if (c->raw_cb && !c->lingering && c->raw_deadline && (!send_dl || c->raw_deadline < send_dl))
@@ -807,7 +811,7 @@ void ml_server_free(ml_server_t *s) {
 static void shutdown_cb(uv_shutdown_t *req, int status) {
   ml_conn_t *c = req->data;
   free(req);
-  if (status < 0 || c->read_eof) {
+  if (status < 0 || c->read_eof || c->tls_closing) { /* (an idle close does not linger) */
     ml_conn_close(c, 0);
     return;
   }
@@ -826,19 +830,22 @@ static void close_handles(ml_conn_t *c) {
 }
 
 /* An HTTPS connection closed while idle (keep-alive timeout, a graceful stop) says close_notify
- * first, as far as the socket takes it at once: nothing is queued, since the close follows. One
- * closed on an error or in the middle of a response does not: a close_notify there would pass a
- * cut response off as a whole one. */
+ * first. Nothing else is queued then, but the socket's buffer may be full (the client has not
+ * read the last response yet): what the socket does not take at once is queued, and the
+ * connection closes once it went out (uv_shutdown's callback), after ML_TLS_CLOSE_MS at most (as
+ * nginx's ngx_ssl_shutdown waits 3 s), with no lingering read: a cut close_notify record would make
+ * the client see a broken connection instead of a whole one. One closed on an error or in the
+ * middle of a response says no close_notify: it would pass a cut response off as a whole one. */
 void ml__conn_close_idle(ml_conn_t *c) {
   if (c->tls && c->tls_ready && !c->closing && c->write_queue == 0 &&
       c->stash_len == c->stash_off && c->srv->out_owner != c &&
       uv_is_writable((uv_stream_t *)&c->tcp)) {
     ml_tls_shutdown(c->tls);
-    char buf[256]; /* a close_notify record is some 30 bytes */
-    size_t n;
-    while ((n = ml_tls_take(c->tls, buf, sizeof buf)) > 0) {
-      uv_buf_t b = uv_buf_init(buf, (unsigned)n);
-      if (uv_try_write((uv_stream_t *)&c->tcp, &b, 1) != (int)n) break;
+    if (tls_send(c) < 0) return; /* (it closed c) */
+    if (c->write_queue > 0) {
+      c->tls_closing = 1;
+      ml_conn_close(c, 1);
+      return;
     }
   }
   ml_conn_close(c, 0);
@@ -863,7 +870,7 @@ void ml_conn_close(ml_conn_t *c, int graceful) {
   if (graceful && uv_is_writable((uv_stream_t *)&c->tcp)) {
     c->lingering = 1;
     ml__conn_flush(c);
-    if (c->tls && c->lingering && c->tls_ready) { /* HTTPS: close_notify before the FIN */
+    if (c->tls && c->lingering && c->tls_ready && !c->tls_closing) { /* HTTPS: close_notify */
       ml_tls_shutdown(c->tls);
       tls_send(c);
     }

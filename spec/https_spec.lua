@@ -2,7 +2,9 @@
 -- --tls-cert/--tls-key flags), against moonlet.http, raw TLS sockets and curl, with a certificate
 -- the spec makes with the openssl command: requests and keep-alive, req.scheme, bodies of many TLS
 -- records both ways, a static file (the C file path), streaming, pipelining, WebSocket (wss://),
--- and the bad paths: a plain-HTTP client, an untrusted certificate, files that do not load.
+-- the close_notify at every clean close (idle, Connection: close) also behind a response that
+-- filled the socket's buffer (spec/support/late_tls_reader.py, over a Unix socket), and the bad
+-- paths: a plain-HTTP client, an untrusted certificate, files that do not load.
 local moonlet = require "moonlet"
 local test = require "moonlet.test"
 
@@ -169,6 +171,71 @@ except ssl.SSLEOFError:
         s:shutdown()
         assert.same("close_notify\n", c:read("*a"))
         assert.same(0, c:wait(10))
+    end)
+
+    -- One connection per size across a Unix socket's buffer, none read until the server is done:
+    -- a whole response ends with a close_notify, also when it filled the buffer and the
+    -- close_notify did not fit behind it at once; a response cut by the send timeout without.
+    local function assert_ends(ends, sizes)
+        assert.equal(#sizes, #ends)
+        local whole, cut = 0, 0
+        for _, e in ipairs(ends) do
+            if e[2] == "whole" then
+                whole = whole + 1
+                assert.same({ e[1], "whole", "close_notify" }, e)
+            else
+                cut = cut + 1
+                assert.same({ e[1], "cut", "eof" }, e)
+            end
+        end
+        return whole, cut
+    end
+
+    local function bytes_server(path, more)
+        local served = 0
+        local app = moonlet.app()
+        app:get("/bytes", function(req)
+            served = served + 1
+            return string.rep("x", tonumber(req.query.n))
+        end)
+        local o = { unix = path, tls = { cert = certs.cert, key = certs.key } }
+        for k, v in pairs(more) do o[k] = v end
+        local s = assert(app:listen(o))
+        test.defer(function() s:close() end)
+        return s, function() return served end
+    end
+
+    it("says close_notify when it closes idle after a response that filled the socket's buffer", function()
+        local path = certs.dir .. "/idle.sock"
+        local s, served = bytes_server(path, { send_timeout = 1 })
+        local core = require "moonlet.core"
+        core.set_log("warn") -- (not a line for each "send timeout: closing")
+        test.defer(function() core.set_log("info") end)
+        local sizes = test.socket_buffer_sizes()
+        local c = test.late_tls_reader(path, certs.ca, "http", sizes)
+        test.defer(function() c:kill() end)
+        assert.same("sent", c:read("*l"))
+        -- every response in the socket (those that do not fit cut by the send timeout): the other
+        -- connections are idle, and the graceful stop closes them
+        assert.truthy(test.wait_until(function()
+            return served() == #sizes and core.server_stats().writing == 0
+        end, 10))
+        s:shutdown()
+        c:write("go\n")
+        local whole, cut = assert_ends(test.tls_ends(c), sizes)
+        assert.is_true(whole > 0 and cut > 0) -- (the sizes crossed the buffer's edge)
+    end)
+
+    it("says close_notify after a response with Connection: close, behind all of it", function()
+        local path = certs.dir .. "/close.sock"
+        bytes_server(path, { send_timeout = 10 })
+        local sizes = test.socket_buffer_sizes()
+        sizes[#sizes + 1] = 4 * 1024 * 1024 -- (the buffer's many times over)
+        local c = test.late_tls_reader(path, certs.ca, "http-close", sizes)
+        test.defer(function() c:kill() end)
+        assert.same("sent", c:read("*l"))
+        local whole, cut = assert_ends(test.tls_ends(c), sizes)
+        assert.same({ #sizes, 0 }, { whole, cut })
     end)
 
     it("closes a plain-HTTP client and an untrusting one, and goes on serving", function()

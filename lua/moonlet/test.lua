@@ -262,6 +262,40 @@ sys.stdout.buffer.write(data)
 ]]):format(port, hex, wait and "True" or "False") }))
 end
 
+-- syntax: sizes = test.socket_buffer_sizes() -- byte counts across a Unix domain socket's send
+-- buffer (net.core.wmem_default: 212992 on Linux; the buffer holds what the peer has not read):
+-- from 0.6 to 1.5 times it in 48ths of it, so that some answers fit in it, some fill it to the
+-- brim and the rest do not fit
+function _M.socket_buffer_sizes()
+    local f = io.open("/proc/sys/net/core/wmem_default")
+    local wmem = f and tonumber(f:read("*l")) or 212992
+    if f then f:close() end
+    local sizes = {}
+    for n = math.floor(wmem * 0.6), math.floor(wmem * 1.5), math.floor(wmem / 48) do
+        sizes[#sizes + 1] = n
+    end
+    return sizes
+end
+
+-- syntax: p = test.late_tls_reader(path, cafile, mode, sizes) -- spec/support/late_tls_reader.py:
+-- one TLS connection per size to the Unix socket at path, each asking for that many bytes (mode
+-- "http", "http-close" or "line"); it reads none until p:write("go\n") (except "http-close"),
+-- then each to its end. p:read("*l") is "sent" once every request is out.
+-- syntax: ends = test.tls_ends(p) -- then its verdicts, { { size, "whole"|"cut",
+-- "close_notify"|"eof" }, ... }, once it has exited 0
+function _M.late_tls_reader(path, cafile, mode, sizes)
+    return assert(require("moonlet.process").spawn({ "/usr/bin/python3", "spec/support/late_tls_reader.py",
+                                                     path, cafile, mode, table.concat(sizes, ",") }))
+end
+
+function _M.tls_ends(p)
+    local out = p:read("*a")
+    assert(p:wait() == 0, out)
+    local ends = {}
+    for n, whole, e in out:gmatch("(%d+) (%a+) ([%a_]+)\n") do ends[#ends + 1] = { tonumber(n), whole, e } end
+    return ends
+end
+
 local proc_mt = { __index = {} }
 
 -- syntax: p = test.start_process(args_string, env) -- runs `moonlet args` in the background, with
