@@ -92,6 +92,8 @@ typedef struct sock_s {
   char *cbuf;        /* TLS: ciphertext read buffer */
   int eof, err;      /* the peer closed / a read or TLS error (UV_E*) */
   int reading, closed, handles, accepted;
+  int closing_tls;                      /* closed, io open until close_notify went out (below) */
+  int cut;                              /* a write was given up: no close_notify */
   int64_t connect_ms, send_ms, read_ms; /* < 0: no timeout */
   uint64_t rdeadline;                   /* the waiting reader's deadline (loop ms), 0: none */
   uint64_t rtimer_due;                  /* when the read timer fires, while it is active */
@@ -103,9 +105,12 @@ typedef struct sock_s {
 typedef struct {
   uv_write_t req;
   sock_t *s;
-  int notify; /* the end of the send the writer waits for */
+  int notify; /* W_NOTIFY: the end of the send the writer waits for; W_CLOSE: of close_notify */
   char data[];
 } wbuf_t;
+
+enum { W_QUIET = 0, W_NOTIFY = 1, W_CLOSE = 2 };
+#define TLS_CLOSE_MS 3000 /* close_notify the socket did not take at once: nginx's 3 s at most */
 
 typedef struct server_s {
   mlua_res_t res;
@@ -168,26 +173,56 @@ static mlua_task_t *take_writer(sock_t *s) {
   return t;
 }
 
-static void tls_flush(sock_t *s);
+static int tls_send_pending(sock_t *s, int notify);
+
+/* -- Closing ---------------------------------------------------------------------------------- */
+
+/* The end of a close that waited for its close_notify (closing_tls): the write went out or failed
+ * (on_tls_write), the wait is over (on_close_timeout) or the instance goes (sock_res_close). The
+ * stream and the read timer close now; the write timer closed with the socket. */
+static void close_tls_done(sock_t *s) {
+  if (!s->closing_tls) return;
+  s->closing_tls = 0;
+  mlua_res_unlink(s->m, &s->res);
+  uv_close((uv_handle_t *)&s->io, sock_closed); /* (cancels the write if it is still queued) */
+  uv_close((uv_handle_t *)&s->rtimer, sock_closed);
+}
+
+static void on_close_timeout(uv_timer_t *h) { close_tls_done(h->data); }
 
 /* Closes the socket once: the box forgets it, the handles close (the struct goes with the last
- * close callback), a waiting reader and then a waiting writer wake with nil, "closed". */
+ * close callback), a waiting reader and then a waiting writer wake with nil, "closed".
+ * A TLS socket says close_notify first, unless it failed or a send waits or was given up (its
+ * data would be cut: a close_notify must not pass it off as whole). What the socket does not take
+ * at once (its buffer is full: the peer reads slowly) is written behind whatever is queued, and the
+ * stream closes when that write is done (W_CLOSE) or after TLS_CLOSE_MS (the read timer's),
+ * whichever comes first; until then the socket stays an instance resource, so that moonlet_free
+ * closes it. Dropping it instead would leave the peer a connection cut without one. The wait is
+ * not the socket's send timeout: nobody waits for a close, which returns at once. */
 static void sock_close(sock_t *s) {
   if (s->closed) return;
-  if (s->tls && s->tls_up && !s->err) { /* close_notify, best effort */
+  int wait_tls = 0;
+  if (s->tls && s->tls_up && !s->err && !s->cut && s->wwait != W_WRITE) {
     ml_tls_shutdown(s->tls);
-    tls_flush(s);
+    wait_tls = tls_send_pending(s, W_CLOSE) == 1;
   }
   s->closed = 1;
   if (s->box) *s->box = NULL;
   s->box = NULL;
-  mlua_res_unlink(s->m, &s->res);
   mlua_task_t *r = take_reader(s), *w = NULL;
-  uv_close((uv_handle_t *)&s->io, sock_closed);
-  uv_close((uv_handle_t *)&s->rtimer, sock_closed);
+  if (wait_tls) {
+    s->closing_tls = 1;
+    stop_reading(s); /* (and the read timer, free for the wait) */
+    uv_ref((uv_handle_t *)&s->rtimer);
+    uv_timer_start(&s->rtimer, on_close_timeout, TLS_CLOSE_MS, 0);
+  } else {
+    mlua_res_unlink(s->m, &s->res);
+    uv_close((uv_handle_t *)&s->io, sock_closed);
+    uv_close((uv_handle_t *)&s->rtimer, sock_closed);
+  }
   uv_close((uv_handle_t *)&s->wtimer, sock_closed);
   if (r) mlua_task_resume(r, push_err(r->co, UV_EPIPE));
-  w = take_writer(s); /* after the reader ran: it may have cancelled the writer */
+  if (s->wtask) w = take_writer(s); /* after the reader ran: it may have cancelled the writer */
   if (w) mlua_task_resume(w, push_err(w->co, UV_EPIPE));
 }
 
@@ -196,7 +231,10 @@ static void sock_res_close(mlua_res_t *r) {
   s->rtask = s->wtask = NULL; /* the instance is going away: nobody is resumed */
   s->rwait = s->wwait = W_NONE;
   s->tls_up = 0; /* and nothing more is written */
-  sock_close(s);
+  if (s->closed)
+    close_tls_done(s); /* a close waiting for its close_notify ends now */
+  else
+    sock_close(s);
 }
 
 /* A cancelled wait. A read is simply stopped; a connect, write or handshake in flight cannot be
@@ -209,6 +247,7 @@ static void sock_cancel(mlua_task_t *t, void *wait) {
     if (w == W_HANDSHAKE) sock_close(s);
   } else if (t == s->wtask) {
     take_writer(s);
+    s->cut = 1;
     sock_close(s);
   }
 }
@@ -300,6 +339,7 @@ static void on_wtimeout(uv_timer_t *h) {
   sock_t *s = h->data;
   mlua_task_t *t = take_writer(s);
   if (!t) return;
+  s->cut = 1;
   sock_close(s); /* a connect or a write cannot be taken back */
   mlua_task_resume(t, push_err(t->co, UV_ETIMEDOUT));
 }
@@ -421,7 +461,11 @@ static void on_tls_write(uv_write_t *req, int status) {
   sock_t *s = w->s;
   int notify = w->notify;
   free(w);
-  if (!notify || s->wwait != W_WRITE) return;
+  if (notify == W_CLOSE) { /* close_notify is out (or failed, or the stream closed): the end */
+    close_tls_done(s);
+    return;
+  }
+  if (notify != W_NOTIFY || s->wwait != W_WRITE) return;
   mlua_task_t *t = take_writer(s);
   if (status < 0) {
     mlua_task_resume(t, push_err(t->co, status));
@@ -432,8 +476,8 @@ static void on_tls_write(uv_write_t *req, int status) {
 }
 
 /* Sends the pending TLS ciphertext: what the socket takes now, the rest in a write request.
- * Returns 1 when a request is queued (its callback notifies when `notify`), 0 when all went out
- * now, or a negative error. */
+ * Returns 1 when a request is queued (its callback notifies as notify says: W_*), 0 when all went
+ * out now, or a negative error. */
 static int tls_send_pending(sock_t *s, int notify) {
   size_t n = ml_tls_pending(s->tls);
   if (n == 0 || s->closed) return 0;
@@ -461,7 +505,7 @@ static int tls_send_pending(sock_t *s, int notify) {
 
 /* Handshake messages, alerts and session tickets: sent without anybody waiting for them. */
 static void tls_flush(sock_t *s) {
-  if (s->tls) tls_send_pending(s, 0);
+  if (s->tls) tls_send_pending(s, W_QUIET);
 }
 
 /* Collects the data argument (a string, or an array of strings and numbers) as buffers. For an
@@ -526,7 +570,7 @@ static int s_send(lua_State *L) {
         return push_sock_error(L, s, r);
       }
     }
-    int r = tls_send_pending(s, t != NULL);
+    int r = tls_send_pending(s, t ? W_NOTIFY : W_QUIET);
     if (r < 0) return push_err(L, r);
     if (r == 0 || !t) { /* sent, or queued for a caller that cannot wait */
       lua_pushboolean(L, 1);

@@ -2,6 +2,7 @@
 -- servers made with moonlet.tcp.listen whose certificates the spec creates with the `openssl`
 -- command: a CA and a server certificate for localhost and 127.0.0.1. Verification fails against
 -- an untrusted certificate and a wrong name, passes with the CA given; verify = false connects.
+-- A close says close_notify, also behind data that filled the socket's buffer.
 local moonlet = require "moonlet"
 local core = require "moonlet.core"
 
@@ -147,6 +148,42 @@ describe("moonlet.tcp TLS", function()
         local reader = moonlet.spawn(function() return s2:receive() end)
         s2:close()
         assert.same({ true, nil, "closed" }, { reader:join(5) })
+    end)
+
+    it("says close_notify after data that filled the socket's buffer, once the peer reads", function()
+        -- one connection per size across a Unix socket's buffer (spec/support/late_tls_reader.py),
+        -- none read until every handler sent its bytes and closed (or gave up after its 0.5 s send
+        -- timeout): the close_notify the full buffer did not take at once waits for the reader
+        -- (3 s at most) instead of being dropped; a send cut by its timeout ends without one
+        local dir = test.make_dir()
+        defer(function() test.remove_dir(dir) end)
+        local path, done = dir .. "/tls.sock", 0
+        local server = assert(tcp.listen({ unix = path, timeout = 0.5, tls = { cert = cert, key = key } },
+            function(sock)
+                local n = tonumber(sock:receive("*l"))
+                sock:send(string.rep("x", n))
+                sock:close()
+                done = done + 1
+            end))
+        defer(function() server:close() end)
+        local sizes = test.socket_buffer_sizes()
+        local c = test.late_tls_reader(path, ca, "line", sizes)
+        defer(function() c:kill() end)
+        assert.same("sent", c:read("*l"))
+        assert.truthy(test.wait_until(function() return done == #sizes end, 10))
+        c:write("go\n")
+        local whole, cut = 0, 0
+        for _, e in ipairs(test.tls_ends(c)) do
+            if e[2] == "whole" then
+                whole = whole + 1
+                assert.same({ e[1], "whole", "close_notify" }, e)
+            else
+                cut = cut + 1
+                assert.same({ e[1], "cut", "eof" }, e)
+            end
+        end
+        assert.equal(#sizes, whole + cut)
+        assert.is_true(whole > 0 and cut > 0) -- (the sizes crossed the buffer's edge)
     end)
 
     it("serves many TLS clients at once", function()
