@@ -27,6 +27,9 @@
  *   their callbacks. A task that cannot yield where it sends is refused before a byte goes out.
  * - A connect, write or handshake that times out or is cancelled cannot be taken back: the socket
  *   is closed. A read that times out or is cancelled just stops reading; the socket stays usable.
+ * - A TLS close whose close_notify the socket did not take at once (closing_tls) keeps the stream
+ *   and the read timer open, and the socket linked in the resources, until that write is done or
+ *   TLS_CLOSE_MS passed (sock_close); the Lua side sees it closed from the start.
  * - The read timer is armed lazily (a receive is the most frequent wait there is): a wait sets its
  *   deadline (rdeadline) and starts the timer only when it is not armed already to fire before
  *   that; the end of a wait leaves it armed. A timer that fires for a wait that ended does nothing
