@@ -281,8 +281,10 @@ end
 -- one TLS connection per size to the Unix socket at path, each asking for that many bytes (mode
 -- "http", "http-close" or "line"); it reads none until p:write("go\n") (except "http-close"),
 -- then each to its end. p:read("*l") is "sent" once every request is out.
--- syntax: ends = test.tls_ends(p) -- then its verdicts, { { size, "whole"|"cut",
--- "close_notify"|"eof" }, ... }, once it has exited 0
+-- syntax: ends, whole, cut = test.tls_ends(p) -- then its verdicts, { { size, "whole"|"cut",
+-- "close_notify"|"eof" }, ... }, once it has exited 0, and how many were whole and cut; raises
+-- unless every whole one ended with a close_notify and every cut one without (a cut one must not
+-- look whole)
 function _M.late_tls_reader(path, cafile, mode, sizes)
     return assert(require("moonlet.process").spawn({ "/usr/bin/python3", "spec/support/late_tls_reader.py",
                                                      path, cafile, mode, table.concat(sizes, ",") }))
@@ -292,8 +294,14 @@ function _M.tls_ends(p)
     local out = p:read("*a")
     assert(p:wait() == 0, out)
     local ends = {}
-    for n, whole, e in out:gmatch("(%d+) (%a+) ([%a_]+)\n") do ends[#ends + 1] = { tonumber(n), whole, e } end
-    return ends
+    local whole, cut = 0, 0
+    for n, verdict, e in out:gmatch("(%d+) (%a+) ([%a_]+)\n") do
+        ends[#ends + 1] = { tonumber(n), verdict, e }
+        local want = verdict == "whole" and "close_notify" or "eof"
+        assert(e == want, ("%s bytes %s, ended with %s, not %s"):format(n, verdict, e, want))
+        if verdict == "whole" then whole = whole + 1 else cut = cut + 1 end
+    end
+    return ends, whole, cut
 end
 
 local proc_mt = { __index = {} }
