@@ -8,7 +8,7 @@ BUILD    := build
 LLHTTP_SRC ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
 PKGS     := luajit libuv
-# headers only, each opened with dlopen on first use (core/dynlib.h): libpq (bindings/pg.c),
+# headers only, each opened with dlopen on first use (core/dynlib.h): libpq (bindings/pq_api.c),
 # OpenSSL (core/openssl_api.c), SQLite (bindings/sqlite_api.c), PCRE2 (bindings/pcre2_api.c),
 # zlib (core/zlib_api.c)
 HDR_PKGS := libpq openssl sqlite3 libpcre2-8 zlib
@@ -77,13 +77,14 @@ $(BUILD)/spec/c/%: spec/c/%.c $(wildcard spec/c/*.h) $(BUILD)/libmoonlet.a
 	$(CC) $(CFLAGS_ALL) -o $@ $< $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
 # A machine without the libraries opened on first use: the test links its own copies of their loaders,
 # whose sonames name none, ahead of libmoonlet.a (whose copies are then left out).
-LOADERS_SRC := core/openssl_api.c bindings/sqlite_api.c bindings/pcre2_api.c core/zlib_api.c
+LOADERS_SRC := core/openssl_api.c bindings/sqlite_api.c bindings/pcre2_api.c core/zlib_api.c \
+               bindings/pq_api.c
 $(BUILD)/spec/c/test_libs_missing: spec/c/test_libs_missing.c spec/c/ctest.h $(LOADERS_SRC) $(HDRS) \
                                    $(BUILD)/libmoonlet.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -DML_OPENSSL_SONAME='"libmoonlet-no-such-ssl.so.3"' \
 	  -DML_SQLITE_SONAME='"libmoonlet-no-such-sqlite3.so.0"' -DML_PCRE2_SONAME='"libmoonlet-no-such-pcre2.so.0"' \
-	  -DML_ZLIB_SONAME='"libmoonlet-no-such-z.so.1"' \
+	  -DML_ZLIB_SONAME='"libmoonlet-no-such-z.so.1"' -DML_PQ_SONAME='"libmoonlet-no-such-pq.so.5"' \
 	  -o $@ $< $(LOADERS_SRC) $(BUILD)/libmoonlet.a $(LDFLAGS_ALL) $(PKG_LIBS) -lm
 
 # The embedding examples (examples/embed/*.c), each a host linked with libmoonlet.a; the test suite
@@ -99,7 +100,7 @@ $(BUILD)/examples/%: examples/embed/%.c core/moonlet.h $(BUILD)/libmoonlet.a
 # `make static`: one self-contained executable for deployment and devices. Everything is linked
 # in from Debian's .a archives, glibc included: LuaJIT, libuv, OpenSSL, SQLite, zlib, PCRE2 and
 # lua-cjson (registered in package.preload by bindings/linked_modules.c, since a static executable
-# cannot dlopen a Lua C module). libpq stays a dlopen on first use (bindings/pg.c). The linker script of
+# cannot dlopen a Lua C module). libpq stays a dlopen on first use (bindings/pq_api.c). The linker script of
 # scripts/static-ld.sh keeps the cold libraries out of the hot pages: idle RSS ~2.8 MB, against
 # ~4.1 MB for the dynamic build/moonlet (docs/embedding.md has the figures). Needs no sanitizer.
 STATIC_A    = $(foreach a,liblua5.1-cjson.a libluajit-5.1.a libuv_a.a libssl.a libcrypto.a \

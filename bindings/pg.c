@@ -35,130 +35,14 @@
  *    always goes in binary format: in text format bytea's input would parse a valid UTF-8
  *    string's backslashes ("\\x41" would be stored as "A").
  */
-#include <dlfcn.h>
-#include <libpq-fe.h>
 #include <limits.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../core/ws.h"
 #include "mlua.h"
-
-/* -- libpq, loaded on first use -------------------------------------------------------------
- * libpq is opened with dlopen when the first connection is made, not linked: a process that never
- * talks to PostgreSQL then maps neither libpq nor what it pulls in (GnuTLS, Kerberos, LDAP: about
- * 3 MB of resident pages). The table of entry points is filled once per process (pthread_once) and
- * never changes after, so it is shared by every instance without being mutable state. */
-#define PQ_FUNCS(X)                                                                                \
-  X(PQbackendPID)                                                                                  \
-  X(PQcancel)                                                                                      \
-  X(PQclear)                                                                                       \
-  X(PQcmdStatus)                                                                                   \
-  X(PQcmdTuples)                                                                                   \
-  X(PQconnectPoll)                                                                                 \
-  X(PQconnectStart)                                                                                \
-  X(PQconsumeInput)                                                                                \
-  X(PQerrorMessage)                                                                                \
-  X(PQescapeIdentifier)                                                                            \
-  X(PQfinish)                                                                                      \
-  X(PQflush)                                                                                       \
-  X(PQfname)                                                                                       \
-  X(PQfreeCancel)                                                                                  \
-  X(PQfreemem)                                                                                     \
-  X(PQftype)                                                                                       \
-  X(PQgetCancel)                                                                                   \
-  X(PQgetResult)                                                                                   \
-  X(PQgetisnull)                                                                                   \
-  X(PQgetlength)                                                                                   \
-  X(PQgetvalue)                                                                                    \
-  X(PQisBusy)                                                                                      \
-  X(PQnfields)                                                                                     \
-  X(PQnotifies)                                                                                    \
-  X(PQnparams)                                                                                     \
-  X(PQntuples)                                                                                     \
-  X(PQparamtype)                                                                                   \
-  X(PQresultErrorField)                                                                            \
-  X(PQresultErrorMessage)                                                                          \
-  X(PQresultStatus)                                                                                \
-  X(PQsendDescribePrepared)                                                                        \
-  X(PQsendPrepare)                                                                                 \
-  X(PQsendQuery)                                                                                   \
-  X(PQsendQueryParams)                                                                             \
-  X(PQsendQueryPrepared)                                                                           \
-  X(PQsetNoticeProcessor)                                                                          \
-  X(PQsetnonblocking)                                                                              \
-  X(PQsocket)                                                                                      \
-  X(PQstatus)                                                                                      \
-  X(PQtransactionStatus)
-
-static struct {
-#define X(f) __typeof__(f) *f;
-  PQ_FUNCS(X)
-#undef X
-} pq;
-static const char *pq_error; /* why libpq could not be loaded, or NULL */
-static pthread_once_t pq_once = PTHREAD_ONCE_INIT;
-
-static void pq_open(void) {
-  void *lib = dlopen("libpq.so.5", RTLD_NOW | RTLD_LOCAL);
-  if (!lib) {
-    pq_error = "moonlet.pg: libpq is not installed (Debian: libpq5)";
-    return;
-  }
-#define X(f)                                                                                       \
-  if (!(*(void **)&pq.f = dlsym(lib, #f))) pq_error = "moonlet.pg: libpq lacks " #f;
-  PQ_FUNCS(X)
-#undef X
-}
-
-/* NULL once libpq is usable, else the reason. */
-static const char *pq_load(void) {
-  pthread_once(&pq_once, pq_open);
-  return pq_error;
-}
-
-#define PQbackendPID pq.PQbackendPID
-#define PQcancel pq.PQcancel
-#define PQclear pq.PQclear
-#define PQcmdStatus pq.PQcmdStatus
-#define PQcmdTuples pq.PQcmdTuples
-#define PQconnectPoll pq.PQconnectPoll
-#define PQconnectStart pq.PQconnectStart
-#define PQconsumeInput pq.PQconsumeInput
-#define PQerrorMessage pq.PQerrorMessage
-#define PQescapeIdentifier pq.PQescapeIdentifier
-#define PQfinish pq.PQfinish
-#define PQflush pq.PQflush
-#define PQfname pq.PQfname
-#define PQfreeCancel pq.PQfreeCancel
-#define PQfreemem pq.PQfreemem
-#define PQftype pq.PQftype
-#define PQgetCancel pq.PQgetCancel
-#define PQgetResult pq.PQgetResult
-#define PQgetisnull pq.PQgetisnull
-#define PQgetlength pq.PQgetlength
-#define PQgetvalue pq.PQgetvalue
-#define PQisBusy pq.PQisBusy
-#define PQnfields pq.PQnfields
-#define PQnotifies pq.PQnotifies
-#define PQnparams pq.PQnparams
-#define PQntuples pq.PQntuples
-#define PQparamtype pq.PQparamtype
-#define PQresultErrorField pq.PQresultErrorField
-#define PQresultErrorMessage pq.PQresultErrorMessage
-#define PQresultStatus pq.PQresultStatus
-#define PQsendDescribePrepared pq.PQsendDescribePrepared
-#define PQsendPrepare pq.PQsendPrepare
-#define PQsendQuery pq.PQsendQuery
-#define PQsendQueryParams pq.PQsendQueryParams
-#define PQsendQueryPrepared pq.PQsendQueryPrepared
-#define PQsetNoticeProcessor pq.PQsetNoticeProcessor
-#define PQsetnonblocking pq.PQsetnonblocking
-#define PQsocket pq.PQsocket
-#define PQstatus pq.PQstatus
-#define PQtransactionStatus pq.PQtransactionStatus
+#include "pq_api.h"
 
 #define CONN_MT "moonlet.pg"
 #define DRAIN_MS 5000 /* a cancelled query must end within this, else the connection closes */
@@ -934,8 +818,8 @@ static int l_connect(lua_State *L) {
   int big = luaL_checkoption(L, 3, "number", bigs);
   mlua_task_t *t = mlua_task_current(L);
   mlua_check_yieldable(L, t);
-  const char *why = pq_load();
-  if (why) return luaL_error(L, "%s", why);
+  const char *why = ml_pq_load();
+  if (why) return luaL_error(L, "moonlet.pg: %s", why);
   PGconn *conn = PQconnectStart(info);
   if (!conn) return luaL_error(L, "moonlet: out of memory");
   if (PQstatus(conn) == CONNECTION_BAD) {

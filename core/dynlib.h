@@ -1,7 +1,8 @@
 /* core/dynlib.h: libraries opened on their first use (dlopen) instead of linked. A process that
  * never makes a TLS connection, a WebSocket handshake or a digest then maps no OpenSSL (its
  * relocations alone kept 1.7 MB resident in every idle server), one that opens no SQLite database
- * no SQLite, one that compiles no regex no PCRE2, one that compresses nothing no zlib; start-up is
+ * no SQLite, one that compiles no regex no PCRE2, one that compresses nothing no zlib, one that
+ * talks to no PostgreSQL no libpq (and the GnuTLS, Kerberos and LDAP it pulls in); start-up is
  * shorter too.
  *
  * Each such library has a header with an X-macro list of the entry points moonlet calls, a table
@@ -11,7 +12,7 @@
  * it after, so every instance and thread shares it without it being mutable state. Callers call
  * the loader before their first call into the library on every path. A static executable links
  * the library instead and fills the table with the linked functions (ML_DYNLIB_LINK, in a strong
- * NAME_linked: cli/static_libs.c). bindings/pg.c opens libpq the same way, its table private.
+ * NAME_linked: cli/static_libs.c). libpq (bindings/pq_api.c) has no strong one: every build opens it.
  */
 #ifndef ML_DYNLIB_H
 #define ML_DYNLIB_H

@@ -1,4 +1,4 @@
--- spec/dynlib_spec.lua: build/moonlet opens OpenSSL, SQLite, PCRE2 and zlib when it first needs each
+-- spec/dynlib_spec.lua: build/moonlet opens OpenSSL, SQLite, PCRE2, zlib and libpq when it first needs each
 -- (core/dynlib.h), so a server that never does maps none of them (OpenSSL alone was 1.7 MB of idle
 -- RSS). Each route below needs one library; /proc/PID/maps shows what the process has mapped.
 -- spec/c/test_libs_missing.c covers a machine without them; spec/static_build_spec.lua the static
@@ -23,11 +23,17 @@ app:get("/gzip", function()
     local zlib = require "moonlet.zlib"
     return zlib.gunzip(zlib.gzip("zipped"))
 end)
+app:get("/pg", function()
+    -- no server there: the connection fails, but libpq had to be opened to try it
+    local pool = require("moonlet.pg").pool({ url = "host=/nonexistent-moonlet-dir", connect_timeout = 1 })
+    local rows, err = pool:query("SELECT 1")
+    return tostring(rows) .. " " .. tostring(err ~= nil)
+end)
 return app
 ]=]
 
 describe("libraries opened on first use", function()
-    it("maps none of OpenSSL, SQLite, PCRE2 and zlib until a handler needs each", function()
+    it("maps none of OpenSSL, SQLite, PCRE2, zlib and libpq until a handler needs each", function()
         local dir = test.make_dir()
         defer(function() test.remove_dir(dir) end)
         local app = dir .. "/app.lua"
@@ -44,7 +50,9 @@ describe("libraries opened on first use", function()
             f:close()
             assert.truthy(maps:find("libuv", 1, true), maps) -- (the right process, linked dynamically)
             local found = {}
-            local libs = { "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so", "libz.so" }
+            local libs = {
+                "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so", "libz.so", "libpq.so",
+            }
             for _, lib in ipairs(libs) do
                 if maps:find(lib, 1, true) then found[#found + 1] = lib end
             end
@@ -64,6 +72,9 @@ describe("libraries opened on first use", function()
         assert.same({ "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so" }, mapped())
         assert.same({ 200, "zipped" }, get("/gzip"))
         assert.same({ "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so", "libz.so" }, mapped())
+        assert.same({ 200, "nil true" }, get("/pg"))
+        assert.same({ "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so", "libz.so", "libpq.so" },
+            mapped())
         assert.same({ 200, "plain" }, get("/"))
     end)
 end)

@@ -1,10 +1,11 @@
 /* spec/c/test_libs_missing.c: what moonlet does on a machine without the shared libraries it opens
- * on first use (core/dynlib.h): OpenSSL, SQLite, PCRE2, zlib. The Makefile builds this test with
- * its own copies of their loaders, whose sonames name no library, linked before libmoonlet.a, so
- * each first use fails as it would there: a TLS context, a WebSocket key, a digest, a database, a
- * regex and a zlib stream each report it, permessage-deflate is not agreed, and nothing else
- * breaks (an instance still starts and runs Lua). */
+ * on first use (core/dynlib.h): OpenSSL, SQLite, PCRE2, zlib, libpq. The Makefile builds this test
+ * with its own copies of their loaders, whose sonames name no library, linked before libmoonlet.a,
+ * so each first use fails as it would there: a TLS context, a WebSocket key, a digest, a database,
+ * a regex, a zlib stream and a PostgreSQL connection each report it, permessage-deflate is not
+ * agreed, and nothing else breaks (an instance still starts and runs Lua). */
 #include "../../bindings/pcre2_api.h"
+#include "../../bindings/pq_api.h"
 #include "../../bindings/sqlite_api.h"
 #include "../../core/moonlet.h"
 #include "../../core/openssl_api.h"
@@ -20,6 +21,7 @@
 #define NO_SQLITE "SQLite is not installed (" ML_SQLITE_SONAME ")"
 #define NO_PCRE2 "PCRE2 is not installed (" ML_PCRE2_SONAME ")"
 #define NO_ZLIB "zlib is not installed (" ML_ZLIB_SONAME ")"
+#define NO_PQ "libpq is not installed (" ML_PQ_SONAME ")"
 
 static char log_text[4096];
 static size_t log_len;
@@ -67,11 +69,15 @@ static const char LUA_CHECKS[] =
     "assert(not ok and err:find('" NO_PCRE2 "', 1, true), tostring(err))\n"
     "ok, err = pcall(require('moonlet.zlib').gzip, 'abc')\n"
     "assert(not ok and err:find('" NO_ZLIB "', 1, true), tostring(err))\n"
+    "local pool = require('moonlet.pg').pool({ url = 'host=/nowhere' })\n"
+    "local pg_ok, pg_err = pcall(pool.query, pool, 'select 1')\n"
+    "assert(not pg_ok and tostring(pg_err):find('" NO_PQ "', 1, true), tostring(pg_err))\n"
     "assert(moonlet.crypto.base64_encode('hi') == 'aGk=')\n" /* no OpenSSL needed */
     "assert(moonlet.json.encode({ 1 }) == '[1]')\n";
 
 static void test_lua(void) {
-  ctest_section("Lua: moonlet.crypto, moonlet.sqlite, ngx.re and moonlet.zlib raise the reason");
+  ctest_section(
+      "Lua: moonlet.crypto, moonlet.sqlite, ngx.re, moonlet.zlib and moonlet.pg raise the reason");
   moonlet_config_t cfg;
   moonlet_config_default(&cfg);
   cfg.log_sink = log_sink;
@@ -81,6 +87,7 @@ static void test_lua(void) {
   CHECK_LACKS(log_text, "checks:");
   CHECK_STR(ml_sqlite_load(), NO_SQLITE);
   CHECK_STR(ml_pcre2_load(), NO_PCRE2);
+  CHECK_STR(ml_pq_load(), NO_PQ);
   moonlet_free(m);
 }
 
