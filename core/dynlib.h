@@ -12,7 +12,8 @@
  * it after, so every instance and thread shares it without it being mutable state. Callers call
  * the loader before their first call into the library on every path. A static executable links
  * the library instead and fills the table with the linked functions (ML_DYNLIB_LINK, in a strong
- * NAME_linked: cli/static_libs.c). libpq (bindings/pq_api.c) has no strong one: every build opens it.
+ * NAME_linked: cli/static_libs.c). libpq (bindings/pq_api.c) has no strong one: every build opens
+ * it.
  */
 #ifndef ML_DYNLIB_H
 #define ML_DYNLIB_H
