@@ -165,7 +165,11 @@ void mlua_register_methods(lua_State *L, moonlet_t *m, const luaL_Reg *fns, int 
 void *mlua_check_object(lua_State *L, int idx, const char *tname); /* luaL_checkudata, faster */
 int mlua_push_sockaddr(lua_State *L, const struct sockaddr *sa);   /* address, port: returns 2 */
 int mlua_push_error(lua_State *L, int uv_err); /* nil, short message, code name: returns 3 */
-const char *mlua_err_string(int uv_err);       /* "timeout", "closed", "connection refused", ... */
+/* LuaJIT's int64_t and uint64_t cdata (1LL, 2ULL) at idx: the decimal text of its value in buf
+ * and its length, with *is_unsigned set for a uint64_t; 0 for any other value (bindings/int64.c).
+ */
+size_t mlua_int64_text(lua_State *L, int idx, char buf[24], int *is_unsigned);
+const char *mlua_err_string(int uv_err); /* "timeout", "closed", "connection refused", ... */
 
 /* Module openers, one per file. */
 int luaopen_moonlet_core(lua_State *L);

@@ -878,9 +878,9 @@ static int plain_text(const char *s, size_t n) {
 }
 
 /* Formats the Lua value at idx as a text parameter into buf (numbers, booleans) or returns the
- * string itself; NULL for nil. *binary, set already for a bytea parameter, is set for a string
- * that is not plain text (rule 6).
- * Raises on a value with no text form. */
+ * string itself; NULL for nil. LuaJIT's 64-bit integers (1LL, 2ULL) go as their digits. *binary,
+ * set already for a bytea parameter, is set for a string that is not plain text (rule 6). Raises on
+ * a value with no text form. */
 static const char *param_text(lua_State *L, int idx, char *buf, size_t size, int *len,
                               int *binary) {
   switch (lua_type(L, idx)) {
@@ -906,9 +906,16 @@ static const char *param_text(lua_State *L, int idx, char *buf, size_t size, int
     if (!*binary) *binary = !plain_text(s, n); /* a bytea one needs no scan */
     return s;
   }
-  default:
+  default: {
+    int is_unsigned;
+    size_t n = size >= 24 ? mlua_int64_text(L, idx, buf, &is_unsigned) : 0;
+    if (n) { /* 1LL, 2ULL: the server parses their digits into int8 or numeric exactly */
+      *len = (int)n;
+      return buf;
+    }
     luaL_error(L, "moonlet.pg: cannot send a %s as a parameter", luaL_typename(L, idx));
     return NULL;
+  }
   }
 }
 

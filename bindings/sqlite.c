@@ -728,7 +728,8 @@ static int l_open(lua_State *L) {
   return 1;
 }
 
-/* Copies the value at idx into p (strings into j->pbuf). Raises on a value SQLite cannot hold. */
+/* Copies the value at idx into p (strings into j->pbuf; LuaJIT's 1LL and 2ULL as integers,
+ * exactly). Raises on a value SQLite cannot hold. */
 static void take_param(lua_State *L, job_t *j, param_t *p, int idx) {
   switch (lua_type(L, idx)) {
   case LUA_TNIL: p->type = V_NULL; break;
@@ -756,7 +757,22 @@ static void take_param(lua_State *L, job_t *j, param_t *p, int idx) {
     buf_put(&j->pbuf, s, n);
     break;
   }
-  default: job_free(j); luaL_error(L, "moonlet.sqlite: cannot bind a %s", luaL_typename(L, idx));
+  default: {
+    char text[24];
+    int is_unsigned;
+    if (mlua_int64_text(L, idx, text, &is_unsigned)) { /* 1LL, 2ULL: exactly, as INTEGER */
+      unsigned long long u = is_unsigned ? strtoull(text, NULL, 10) : 0;
+      if (is_unsigned && u > INT64_MAX) {
+        job_free(j);
+        luaL_error(L, "moonlet.sqlite: %sULL does not fit SQLite's 64-bit integers", text);
+      }
+      p->type = V_INT;
+      p->i = is_unsigned ? (int64_t)u : (int64_t)strtoll(text, NULL, 10);
+      break;
+    }
+    job_free(j);
+    luaL_error(L, "moonlet.sqlite: cannot bind a %s", luaL_typename(L, idx));
+  }
   }
 }
 

@@ -126,6 +126,18 @@ describe("moonlet.pg", function()
                          'moonlet.pg.pool: big_numbers must be "number", "string" or "auto"')
     end)
 
+    it("sends LuaJIT's 64-bit integers (1LL, 2ULL) with every digit", function()
+        local ffi = require "ffi"
+        local exact = pool({ size = 1, big_numbers = "string" })
+        local above = ffi.new("int64_t", 2 ^ 53) + 1 -- 9007199254740993LL: no double holds it
+        assert.same({ { a = "9007199254740993", b = "-9223372036854775808", c = "18446744073709551615" } },
+                    exact:query("SELECT $1::int8 AS a, $2::int8 AS b, $3::numeric AS c", above,
+                                -ffi.new("int64_t", 2 ^ 62) * 2, ffi.new("uint64_t", 0) - 1))
+        assert.same({ { n = "9007199254740994" } }, exact:query("SELECT $1::int8 + 1 AS n", above))
+        assert.error_matches(function() exact:query("SELECT $1", ffi.new("int32_t", 3)) end,
+                             "moonlet.pg: cannot send a cdata as a parameter", 1, true)
+    end)
+
     it("connects over the server's Unix domain socket (libpq's host=/directory)", function()
         local db = pool({ url = ("host=%s port=%d user=postgres dbname=postgres"):format(srv.dir, srv.port) })
         local rows = assert(db:query("SELECT inet_server_addr() IS NULL AS unix, 7 AS n"))

@@ -106,6 +106,19 @@ describe("moonlet.redis", function()
         assert.equal(bin, r:call("GET", "bin"))
     end)
 
+    it("sends LuaJIT's 64-bit integers (1LL, 2ULL) as their digits; other cdata raise", function()
+        local ffi = require "ffi"
+        local r = client()
+        local above = ffi.new("int64_t", 2 ^ 53) + 1 -- 9007199254740993LL: no double holds it
+        assert.equal("OK", r:call("SET", "big", above))
+        assert.equal("9007199254740993", r:call("GET", "big"))
+        assert.equal("OK", r:call("SET", "ubig", ffi.new("uint64_t", 0) - 1))
+        assert.equal("18446744073709551615", r:call("GET", "ubig"))
+        assert.equal("-5", (r:call("SET", "neg", -ffi.new("int64_t", 5)) and r:call("GET", "neg")))
+        assert.error_matches(function() r:call("SET", "p", ffi.new("int32_t", 3)) end,
+                             "command arguments are strings or numbers, got cdata", 1, true)
+    end)
+
     it("connects over the server's Unix domain socket (path =, or host = \"unix:/path\")", function()
         local r = client({ path = srv.socket })
         assert.equal("OK", r:call("SET", "unix:k", "over the socket"))

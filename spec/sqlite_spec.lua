@@ -121,6 +121,25 @@ describe("moonlet.sqlite", function()
                          'moonlet.sqlite.open: big_numbers must be "number", "string" or "auto"')
     end)
 
+    it("binds LuaJIT's 64-bit integers (1LL, 2ULL) exactly, as INTEGER", function()
+        local ffi = require "ffi"
+        local above = ffi.new("int64_t", 2 ^ 53) + 1 -- 9007199254740993LL: no double holds it
+        local lowest = -ffi.new("int64_t", 2 ^ 62) * 2
+        local db = open("int64", { big_numbers = "string" })
+        assert(db:exec("CREATE TABLE n(id INTEGER PRIMARY KEY, i INTEGER)"))
+        assert.same({ 1, "9007199254740993" },
+                    { db:exec("INSERT INTO n(id, i) VALUES (?, ?)", above, lowest) })
+        assert.same({ { id = "9007199254740993", i = "-9223372036854775808", t = "integer" } },
+                    db:query("SELECT id, i, typeof(i) AS t FROM n WHERE id = :id", { id = above }))
+        assert.same({ { v = "5", t = "integer" } }, db:query("SELECT ? AS v, typeof(?) AS t",
+                                                              ffi.new("uint64_t", 5), ffi.new("uint64_t", 5)))
+        -- a uint64_t above int64's range has no INTEGER; other cdata are no parameters at all
+        assert.error_matches(function() db:query("SELECT ?", ffi.new("uint64_t", 0) - 1) end,
+            "moonlet.sqlite: 18446744073709551615ULL does not fit SQLite's 64-bit integers", 1, true)
+        assert.error_matches(function() db:query("SELECT ?", ffi.new("int32_t", 3)) end,
+            "moonlet.sqlite: cannot bind a cdata", 1, true)
+    end)
+
     it("binds ? and :name parameters and never splices them into the SQL", function()
         local db = open("params")
         assert(db:exec("CREATE TABLE todo(id INTEGER PRIMARY KEY, title TEXT, done INT)"))

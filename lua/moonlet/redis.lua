@@ -37,7 +37,7 @@ local OK, ERR = 1, 2
 
 -- -- RESP ----------------------------------------------------------------------------------------
 
--- Appends the command (strings and numbers) to parts, as a RESP array of bulk strings.
+-- Appends the command (strings, numbers, int64_t/uint64_t cdata) to parts, as a RESP array of bulk strings.
 local function encode(parts, n, ...)
     local k = #parts
     k = k + 1
@@ -47,6 +47,8 @@ local function encode(parts, n, ...)
         local ta = type(a)
         if ta == "number" then
             a = tostring(a)
+        elseif ta == "cdata" and tostring(a):match("^%-?%d+U?LL$") then
+            a = tostring(a):match("^(%-?%d+)") -- LuaJIT's 1LL, 2ULL: their digits, exactly
         elseif ta ~= "string" then
             error("moonlet.redis: command arguments are strings or numbers, got " .. ta, 4)
         end
