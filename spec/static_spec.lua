@@ -514,6 +514,20 @@ describe("moonlet.static", function()
             local r = get(port, "/assets/digits.txt", { Range = "bytes=0-9", ["If-Range"] = '"old"' })
             assert.same({ 200, DIGITS }, { r.status, r.body })
         end)
+
+        it("answers 206 when If-Range holds the file's ETag or its Last-Modified date", function()
+            local port = serve()
+            local etag = get(port, "/assets/hello.txt").headers["etag"]
+            for _, validator in ipairs({ etag, "Tue, 14 Nov 2023 22:13:20 GMT" }) do
+                local r = get(port, "/assets/hello.txt", { Range = "bytes=0-4", ["If-Range"] = validator })
+                assert.same({ 206, "hello", "bytes 0-4/14" },
+                            { r.status, r.body, r.headers["content-range"] }, validator)
+            end
+            -- another date: the piece the client holds is of another version, so the whole file
+            local r = get(port, "/assets/hello.txt", { Range = "bytes=0-4",
+                                                       ["If-Range"] = "Tue, 14 Nov 2023 22:13:21 GMT" })
+            assert.same({ 200, HELLO }, { r.status, r.body })
+        end)
     end)
 
     describe("refusals", function()

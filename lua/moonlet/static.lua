@@ -169,7 +169,10 @@ function _M.handler(dir, opts, base)
         local size = st.size
         local status, offset, length = 200, 0, size
         local range = req:header("range")
-        if range and (not req:header("if-range") or req:header("if-range") == etag) then
+        -- If-Range holds the ETag or the Last-Modified date the client's piece came from; either,
+        -- matched exactly, lets the range through, as nginx does (RFC 9110 13.1.5)
+        local if_range = range and req:header("if-range")
+        if range and (not if_range or if_range == etag or if_range == last_modified) then
             local o, l = parse_range(range, size)
             if o == false then
                 add_missing_headers(res, headers)
