@@ -53,6 +53,9 @@ describe("moonlet.http server", function()
             app:get("/nil", function() end)
             app:get("/big", function() return string.rep("x", 3 * 1024 * 1024) end)
             app:put("/users/:id", function(req) return "put " .. req.params.id end)
+            app:get("/where", function(req)
+                return { host = req.host, path = req.path, q = req.query.q }
+            end)
         end)
     end)
     after_each(function() server:close() end)
@@ -213,6 +216,22 @@ describe("moonlet.http server", function()
         r = assert(test.read_response(sock))
         assert.same("a, b", require("moonlet.json").decode(r.body).x)
         sock:close()
+    end)
+
+    it("takes the host of an absolute-form target over the Host header (RFC 9112 3.2.2)", function()
+        local sock = test.connect(port)
+        assert(sock:send("GET http://example.com:8080/where?q=1 HTTP/1.1\r\nHost: other\r\n\r\n"
+                         .. "GET HTTP://u@example.org/where?q=2 HTTP/1.1\r\nHost: other\r\n\r\n"
+                         .. "GET /where?q=3 HTTP/1.1\r\nHost: other\r\n\r\n"))
+        local got = {}
+        for i = 1, 3 do
+            local r = assert(test.read_response(sock))
+            got[i] = r.status == 200 and require("moonlet.json").decode(r.body) or r.status
+        end
+        sock:close()
+        assert.same({ { host = "example.com:8080", path = "/where", q = "1" },
+                      { host = "example.org", path = "/where", q = "2" },
+                      { host = "other", path = "/where", q = "3" } }, got)
     end)
 
     it("takes status, body, headers from a handler's return values", function()

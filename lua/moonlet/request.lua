@@ -10,7 +10,7 @@ local multipart = require "moonlet.multipart"
 local abort = require("moonlet.response").abort
 local check = require("moonlet.task").check
 
-local str_lower = string.lower
+local str_lower, str_match = string.lower, string.match
 local concat = table.concat
 local rawset = rawset
 
@@ -55,8 +55,17 @@ function lazy.ip(req)
     local peer = req.peer
     return peer and (peer:match("^%[(.*)%]:%d+$") or peer:match("^(.*):%d+$")) or peer or nil
 end
--- the Host header as sent ("example.com:8080"), or nil; moonlet.forwarded: the forwarded one
-function lazy.host(req) return req:header("host") end
+-- the Host header as sent ("example.com:8080"), or nil; moonlet.forwarded: the forwarded one.
+-- An absolute-form target ("GET http://example.com:8080/ HTTP/1.1") names the host itself, and
+-- the Host header is then ignored (RFC 9112 3.2.2), as nginx's $host does.
+function lazy.host(req)
+    local authority = str_match(req.target, "^%a[%w+.-]*://([^/?#]*)")
+    if authority then
+        authority = str_match(authority, "^[^@]*@(.*)$") or authority -- no userinfo
+        if authority ~= "" then return authority end
+    end
+    return req:header("host")
+end
 
 _M.mt = {
     __name = "moonlet.request",
