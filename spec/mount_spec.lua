@@ -51,6 +51,27 @@ describe("app:mount", function()
         assert.same({ 200, "" }, { r.status, r.body })
     end)
 
+    it("matches literal segments and prefixes a client percent-encoded (/caf%C3%A9/1 for /café/1)",
+       function()
+        local sub = moonlet.app()
+        sub:get("/users/:id", function(req) return req.prefix .. " " .. req.path .. " " .. req.params.id end)
+        local app = moonlet.app()
+        app:get("/café/:id", function(req) return "café " .. req.params.id end)
+        app:mount("/données", sub)
+        app:mount("/api", sub)
+        local port = serve(app)
+        local function answer(path)
+            local r = get(port, path)
+            return r.status .. " " .. r.body
+        end
+        assert.same("200 café 1", answer("/caf%C3%A9/1"))
+        assert.same("200 café 2", answer("/caf%c3%a9/2"))
+        assert.same("200 /données /données/users/7 7", answer("/donn%C3%A9es/users/7"))
+        assert.same("200 /api /api/users/8 8", answer("/%61pi/users/8"))
+        assert.same("404 404 Not Found\n", answer("/caf%C3%A9%2F1")) -- an encoded / splits nothing
+        assert.same("404 404 Not Found\n", answer("/donn%C3%A9es%2Fusers/7"))
+    end)
+
     it("runs the outer app's middleware, then the sub-app's (404s included), and others only theirs",
        function()
         local api = moonlet.app()

@@ -13,7 +13,7 @@ local request = require "moonlet.request"
 local response = require "moonlet.response"
 local url = require "moonlet.url"
 
-local str_find, str_sub, str_match = string.find, string.sub, string.match
+local str_find, str_sub, str_match, str_gsub = string.find, string.sub, string.match, string.gsub
 local setmetatable, xpcall, traceback = setmetatable, xpcall, debug.traceback
 local req_mt, res_mt = request.mt, response.mt
 local send, is_abort, always_headers = response.send, response.is_abort, response.always_headers
@@ -440,6 +440,18 @@ end
 -- refilled each time; resolve_mounts never waits, so no two requests use it at once)
 local passed = {}
 
+-- The raw path after its first n segments: "/x/y" of "/a/b/x/y" for n = 2, "" when it has no more.
+-- (A prefix the client percent-encoded, "/donn%C3%A9es/x" for the mount "/données", is as many
+-- segments as the prefix, the router having compared them decoded.)
+local function after_segments(path, n)
+    local pos = 1
+    for _ = 1, n do
+        pos = str_find(path, "/", pos + 1, true)
+        if not pos then return "" end
+    end
+    return str_sub(path, pos)
+end
+
 local function resolve_mounts(app, method, path, handler, mw, secs)
     local owner, err_app, prefix, params, allow = app, app, "", nil, nil
     local npassed = 0
@@ -449,10 +461,16 @@ local function resolve_mounts(app, method, path, handler, mw, secs)
         passed[npassed + 1], passed[npassed + 2] = owner, path
         npassed = npassed + 2
         prefix = prefix .. m.prefix
-        -- the rest of the path, raw; the route matched either the prefix as written or (an exact
-        -- path, compared decoded too) the whole path encoding it: then the rest is "/"
+        -- the rest of the path, raw; the route matched either the prefix as written or, compared
+        -- decoded, its segments encoded (then the rest follows as many segments; none when an
+        -- exact path encoded the whole prefix, %2F and all: then the rest is "/")
         local n = #m.prefix
-        if str_sub(path, 1, n) == m.prefix then path = str_sub(path, n + 1) else path = "" end
+        if str_sub(path, 1, n) == m.prefix then
+            path = str_sub(path, n + 1)
+        else
+            local _, nsegs = str_gsub(m.prefix, "/", "/")
+            path = after_segments(path, nsegs)
+        end
         if path == "" then path = "/" end
         mw = mount_chain(m, mw)
         owner = m.app

@@ -1,7 +1,8 @@
 -- lua/moonlet/router.lua: routes from (method, pattern) to handlers. Patterns are literal paths
 -- ("/about"), with named parameters ("/users/:id") and a trailing splat ("/files/*path" or "/*").
 -- Literal paths are one table lookup; patterns are tried in the order they were added. Matching
--- works on the raw path, so an encoded "/" (%2F) never splits a segment; parameters are decoded.
+-- works on the raw path, so an encoded "/" (%2F) never splits a segment; parameters are decoded,
+-- and so is a segment compared with a literal one (a browser asks for "/café/1" as "/caf%C3%A9/1").
 local url = require "moonlet.url"
 
 local str_find, str_sub = string.find, string.sub
@@ -72,7 +73,9 @@ local function match_segs(rsegs, psegs)
         end
         if ps == nil then return nil end
         if rs.literal then
-            if rs.literal ~= ps then return nil end
+            if rs.literal ~= ps and not (str_find(ps, "%", 1, true) and rs.literal == unescape(ps)) then
+                return nil
+            end
         else
             if ps == "" then return nil end
             params = params or {}
