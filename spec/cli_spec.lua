@@ -178,6 +178,18 @@ describe("moonlet (the command)", function()
             assert.truthy(out:find("tests: 1 passed, 1 failed\n", 1, true), out)
         end)
 
+        it("passes busted's flags on to `moonlet test`, --name=value ones too", function()
+            local specs = dir .. "/filtered_specs"
+            assert(moonlet.fs.mkdir(specs))
+            test.write_file(specs .. "/f_spec.lua", "describe('f', function()\n"
+                            .. "it('keep me', function() end)\nit('drop me', function() end)\nend)\n")
+            for _, flag in ipairs({ "--filter=keep", "--filter keep" }) do
+                local out, err, code = run("test " .. specs .. " " .. flag, "timeout 60")
+                assert.same(0, code, out .. err)
+                assert.truthy(out:find("\ntests: 1 passed, 0 failed\n$"), flag .. ": " .. out .. err)
+            end
+        end)
+
         it("exits non-zero with a message when a flag misses its value", function()
             local _, err, code = run("--port")
             assert.truthy(err:find("--port needs a value", 1, true), err)
@@ -220,6 +232,7 @@ print("main done")
         it("passes the script its arguments", function()
             local path = script("args.lua", "print(select('#', ...), table.concat({ ... }, ' '), arg[2])\n")
             assert.same({ "2\tone --two\t--two\n", "", 0 }, { run(path .. " one --two") })
+            assert.same({ "2\tone --two=2\t--two=2\n", "", 0 }, { run(path .. " one --two=2") })
         end)
 
         it("exits 1 naming the file and line on a syntax error", function()

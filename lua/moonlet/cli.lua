@@ -112,8 +112,13 @@ function _M.parse(argv)
         elseif a:match("^%-%-[%w-]+=") then
             local k, v = a:match("^(%-%-[%w-]+)=(.*)$")
             local key = value_flags[k]
-            if not key then return die("unknown flag " .. k .. " (see --help)") end
-            opts[key] = v
+            if key then
+                opts[key] = v
+            elseif #pos == 0 then
+                return die("unknown flag " .. k .. " (see --help)")
+            else -- after the script, or `test`: the script's own --name=value, or busted's
+                pos[#pos + 1] = a
+            end
         elseif value_flags[a] then
             if i == n then return die(a .. " needs a value") end
             opts[value_flags[a]] = argv[i + 1]
