@@ -51,6 +51,7 @@ describe("moonlet.http server", function()
                 return "slow"
             end)
             app:get("/nil", function() end)
+            app:get("/function", function() return function() end end)
             app:get("/big", function() return string.rep("x", 3 * 1024 * 1024) end)
             app:put("/users/:id", function(req) return "put " .. req.params.id end)
             app:get("/where", function(req)
@@ -260,6 +261,13 @@ describe("moonlet.http server", function()
         assert.same(500, r.status)
         assert.is_nil(r.body:find("boom", 1, true))
         assert.is_nil(r.body:find("traceback", 1, true))
+        assert.same("Hello, World!", test.request(port, "GET", "/").body)
+    end)
+
+    it("answers 500 to a handler that returns a function, not its address as a body", function()
+        local r = test.request(port, "GET", "/function")
+        assert.same(500, r.status)
+        assert.is_nil(r.body:find("function:", 1, true))
         assert.same("Hello, World!", test.request(port, "GET", "/").body)
     end)
 
@@ -548,5 +556,47 @@ describe("moonlet.http server streaming", function()
             assert.same("still here", r.body)
         end
         server:close()
+    end)
+end)
+
+describe("moonlet.http server, a request body that breaks off", function()
+    -- The client's doing, not the app's: req:chunks() raises in the handler (a half-read body is
+    -- never taken for a whole one), the 400 the server answered still goes out, and the log says
+    -- it at info level, without the [error] and traceback of an app's bug.
+    it("answers 400 to a bad chunk and logs the handler's raise at info level", function()
+        local dir = test.make_dir()
+        test.defer(function() test.remove_dir(dir) end)
+        test.write_file(dir .. "/app.lua", [[
+local app = require("moonlet").app()
+app:post("/c", function(req)
+    local n = 0
+    for chunk in req:chunks() do n = n + #chunk end
+    return tostring(n)
+end)
+app:get("/", function() return "ok" end)
+return app
+]])
+        local p = test.start_process("--port 0 " .. dir .. "/app.lua")
+        test.defer(function()
+            p:signal("TERM")
+            p:wait()
+        end)
+        local port = p:port()
+        local head = "POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        local data = assert(test.raw(port, head .. "5\r\nabcde\r\nzz\r\n"))
+        assert.truthy(data:find("^HTTP/1.1 400 "), data)
+        -- a client that closes mid-chunk: nobody to answer
+        local sock = test.connect(port)
+        assert(sock:send(head .. "100\r\naaaa"))
+        sock:close()
+        assert.same("ok", test.request(port, "GET", "/").body)
+        local log = assert(test.wait_until(function()
+            local out = p:output()
+            local _, n = out:gsub("request body: closed", "")
+            return n == 2 and out
+        end))
+        assert.truthy(log:find("%[info%] POST /c: [^\n]*app%.lua:4: moonlet: request body: closed"), log)
+        assert.is_nil(log:find("[error]", 1, true), log)
+        assert.is_nil(log:find("traceback", 1, true), log)
     end)
 end)

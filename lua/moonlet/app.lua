@@ -353,8 +353,11 @@ end
 -- (Level 1: this handler tail-calls traceback, so its level 1 is where the error was raised: the
 -- function of a runtime error, or error()'s [C] frame above its caller. Level 2 left a runtime
 -- error's own function out. The handlers of task.lua, tcp.lua and ws.lua are alike.)
+local BODY_GONE = request.BODY_GONE
+local function body_gone(err) return type(err) == "string" and str_find(err, BODY_GONE, 1, true) end
+
 local function on_error(err)
-    if is_abort(err) or err == CANCELLED then return err end
+    if is_abort(err) or err == CANCELLED or body_gone(err) then return err end
     return traceback(tostring(err), 1)
 end
 
@@ -396,6 +399,11 @@ local function fail(app, req, res, err, w)
         if res._streaming or x:started() then return x:set_close() end
         x:set_close()
         return x:respond(504, "504 Gateway Timeout\n", "text/plain; charset=utf-8", always_headers(res))
+    end
+    if body_gone(err) then -- the client's doing: answered (400, 408: that answer still goes out)
+        core.log(2, req.method .. " " .. req.target .. ": " .. err) -- or gone already
+        if not x:started() then return x:abort() end
+        return
     end
     if is_abort(err) then
         if res._streaming then return end

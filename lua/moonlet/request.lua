@@ -95,6 +95,11 @@ function methods:args(name)
     return self._query_all[name] or {}
 end
 
+-- What req:chunks() raises when the body breaks off: the client closed the connection, or the
+-- server refused the rest (400 for a malformed chunk, 408 for a slow one) and closed it. The
+-- client's doing, not the app's: the dispatcher (app.lua) logs it at info level, no traceback.
+_M.BODY_GONE = "moonlet: request body: "
+
 -- syntax: for chunk in req:chunks() do ... end -- body pieces as they arrive; raises on a broken
 -- body (client gone, timeout) so a half-read body is never mistaken for a whole one
 function methods:chunks()
@@ -103,7 +108,7 @@ function methods:chunks()
     local x = self._x
     return function()
         local chunk, err = check(x:read())
-        if err then error("moonlet: request body: " .. err, 2) end
+        if err then error(_M.BODY_GONE .. err, 2) end
         return chunk
     end
 end

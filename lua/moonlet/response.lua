@@ -311,6 +311,9 @@ function _M.send(res, a, b, c)
         ctype = ctype or JSON
     elseif body == nil then
         body = ""
+    elseif t == "function" or t == "thread" or t == "userdata" then -- a slip, not a body to print
+        error("moonlet: a handler returned a " .. t .. " as the body (a string, a table sent as JSON, " ..
+              "or status, body, headers)", 0)
     else
         body = tostring(body)
         ctype = ctype or TEXT
