@@ -504,6 +504,12 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
     }
     /* a parse error or a limit */
     int status = err == HPE_USER && c->error_status ? c->error_status : 400;
+    /* "HTTP/2.0", "HTTP/9.9": well-formed versions this server does not speak get 505, as nginx
+     * answers them (llhttp's "Invalid HTTP version" comes once both digits were read);
+     * "HTTP/9.x" and "HTTP/1.x" stay 400s */
+    if (err == HPE_INVALID_VERSION && c->parser.http_major >= 2 &&
+        strcmp(llhttp_get_error_reason(&c->parser), "Invalid HTTP version") == 0)
+      status = 505;
     char why[160];
     snprintf(why, sizeof why, "%s: %s", llhttp_errno_name(err),
              llhttp_get_error_reason(&c->parser));
