@@ -115,6 +115,8 @@ struct moonlet_s {
   /* core.regex (bindings/regex.c): the compiled regexes, made on first use (NULL: not yet, or
    * freed by moonlet_free through the instance's resources) */
   struct mlua_regex_cache_s *regex;
+  /* bindings/task.c: the parks of 0 s waiting for the next prepare phase (NULL: none made yet) */
+  struct mlua_yield_s *yield;
 };
 
 /* sched.c */

@@ -9,6 +9,12 @@
  * (no timeout: core.park(nil)) or a park_t that tells whether unpark may end it (a sleep's may
  * not). A park with a timeout owns a timer (park_t, a resource of the instance), closed on every
  * path: unpark, timeout, cancel, instance freed.
+ *
+ * A park of 0 seconds (moonlet.sleep(0), ngx.sleep(0), q:get(0)...) lets the loop poll for I/O
+ * once before it ends: its timer starts only in the next prepare phase (yield_t below), just
+ * before the poll. Started at once, a 0 ms timer made in a timer callback is due at once, and
+ * libuv (before 1.45) runs it in the same pass over the timers: a task looping on sleep(0), or on
+ * q:get(0) for what a socket brings, would then run forever without the loop ever polling.
  */
 #include <stdlib.h>
 
@@ -17,21 +23,92 @@
 /* how deep spawned tasks may nest on the C stack (each run is a lua_resume inside the last) */
 #define MAX_NESTED_RUNS 200
 
-typedef struct {
+typedef struct park_s {
   mlua_res_t res;
   uv_timer_t timer;
   mlua_task_t *task; /* NULL once woken or cancelled */
   moonlet_t *m;
-  int wakeable; /* core.park's (unpark may end it), not moonlet.sleep's */
+  int wakeable;                /* core.park's (unpark may end it), not moonlet.sleep's */
+  struct park_s *next, *prev;  /* a 0 s park waiting for the prepare phase (yield_t.head) */
+  struct mlua_yield_s *queued; /* that yield_t while it waits there, else NULL */
 } park_t;
 
+/* The instance's 0 s parks whose timers start in the next prepare phase; made on first use (the
+ * instance's `yield`), freed with the instance through its resources. */
+typedef struct mlua_yield_s {
+  mlua_res_t res;
+  uv_prepare_t prepare; /* active (and keeping the loop alive) while head is not NULL */
+  moonlet_t *m;
+  park_t *head;
+} yield_t;
+
 static void park_closed(uv_handle_t *h) { free(h->data); }
+
+static void unqueue(park_t *p) {
+  yield_t *y = p->queued;
+  if (!y) return;
+  if (p->prev)
+    p->prev->next = p->next;
+  else
+    y->head = p->next;
+  if (p->next) p->next->prev = p->prev;
+  p->next = p->prev = NULL;
+  p->queued = NULL;
+  if (!y->head) uv_prepare_stop(&y->prepare);
+}
 
 /* Ends a timed park: unlinks and closes its timer; the struct goes in the close callback. */
 static void park_end(park_t *p) {
   p->task = NULL;
+  unqueue(p);
   mlua_res_unlink(p->m, &p->res);
   uv_close((uv_handle_t *)&p->timer, park_closed);
+}
+
+static void park_timeout(uv_timer_t *h);
+
+/* The prepare phase, just before the loop polls: the queued 0 s parks' timers start, due at once,
+ * so they end in the next pass over the timers, after this poll. */
+static void yield_prepare(uv_prepare_t *h) {
+  yield_t *y = h->data;
+  while (y->head) {
+    park_t *p = y->head;
+    unqueue(p);
+    uv_timer_start(&p->timer, park_timeout, 0, 0);
+  }
+}
+
+static void yield_closed(uv_handle_t *h) { free(h->data); }
+
+/* The instance is being freed: the queued parks (closed as resources of their own) forget it. */
+static void yield_res_close(mlua_res_t *r) {
+  yield_t *y = (yield_t *)r;
+  while (y->head)
+    unqueue(y->head);
+  y->m->yield = NULL;
+  uv_close((uv_handle_t *)&y->prepare, yield_closed);
+}
+
+/* Queues p, a park of 0 s, for the next prepare phase. Returns 0 or UV_ENOMEM. */
+static int queue_zero(park_t *p) {
+  moonlet_t *m = p->m;
+  yield_t *y = m->yield;
+  if (!y) {
+    y = calloc(1, sizeof *y);
+    if (!y) return UV_ENOMEM;
+    y->m = m;
+    uv_prepare_init(m->loop, &y->prepare);
+    y->prepare.data = y;
+    mlua_res_link(m, &y->res, yield_res_close);
+    m->yield = y;
+  }
+  p->queued = y;
+  p->prev = NULL;
+  p->next = y->head;
+  if (y->head) y->head->prev = p;
+  y->head = p;
+  uv_prepare_start(&y->prepare, yield_prepare);
+  return 0;
 }
 
 /* The instance is being freed: the park goes, and its task (still parked: tasks may run during
@@ -41,6 +118,7 @@ static void park_res_close(mlua_res_t *r) {
   mlua_task_t *t = p->task;
   if (t && t->wait == p) mlua_task_unwait(t);
   p->task = NULL;
+  unqueue(p);
   uv_close((uv_handle_t *)&p->timer, park_closed);
 }
 
@@ -62,15 +140,20 @@ static int park(lua_State *L, mlua_task_t *t, double secs, int wakeable) {
   moonlet_t *m = t->m;
   park_t *p = NULL;
   if (secs >= 0) {
-    p = malloc(sizeof *p);
+    p = calloc(1, sizeof *p);
     if (!p) return luaL_error(L, "moonlet: out of memory");
     p->task = t;
     p->m = m;
     p->wakeable = wakeable;
     uv_timer_init(m->loop, &p->timer);
     p->timer.data = p;
-    uv_update_time(m->loop); /* the loop's clock is from the start of this iteration */
-    uv_timer_start(&p->timer, park_timeout, (uint64_t)(secs * 1000.0 + 0.5), 0);
+    uint64_t ms = (uint64_t)(secs * 1000.0 + 0.5);
+    if (ms == 0 && queue_zero(p) == 0) {
+      /* its timer starts in the prepare phase: the loop polls before the park ends (top) */
+    } else {
+      uv_update_time(m->loop); /* the loop's clock is from the start of this iteration */
+      uv_timer_start(&p->timer, park_timeout, ms, 0);
+    }
     mlua_res_link(m, &p->res, park_res_close);
   }
   return mlua_task_wait(L, t, park_cancel, p);

@@ -31,6 +31,46 @@ describe("moonlet.sleep", function()
         assert.truthy(moonlet.now() - t0 < 1.0) -- 50 x 0.1 s in sequence would be 5 s
     end)
 
+    it("lets the loop poll for I/O at sleep(0) and a wait of 0 s: a task looping on them ends", function()
+        local core = require "moonlet.core"
+        moonlet.sleep(0)
+        local before = core.stats()
+        local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0 }, function(sock)
+            sock:send("hello\n")
+        end))
+        local function fetch(q)
+            local c = assert(moonlet.tcp.connect("127.0.0.1", server:port(), { timeout = 5 }))
+            q:put(c:receive())
+            c:close()
+        end
+        -- sleep(0) in a loop: the reader's connect and receive complete meanwhile
+        local q = moonlet.queue()
+        local reader = moonlet.spawn(fetch, q)
+        local spins = 0
+        while not reader:is_done() and spins < 100000 do
+            spins = spins + 1
+            moonlet.sleep(0)
+        end
+        assert.is_true(reader:is_done())
+        assert.same({ "hello" }, { q:get(0) })
+        -- a queue polled with a timeout of 0 (ngx.sleep(0)'s OpenResty idiom alike)
+        reader = moonlet.spawn(fetch, q)
+        local got, err
+        for _ = 1, 100000 do
+            got, err = q:get(0)
+            if got then break end
+        end
+        assert.same({ "hello" }, { got, err })
+        assert.same({ true }, { reader:join(5) })
+        assert.same({ nil, "timeout" }, { q:get(0) })
+        server:close()
+        moonlet.sleep(0)
+        moonlet.sleep(0)
+        local after = core.stats()
+        assert.same({ before.tasks, before.resources, before.handles },
+                    { after.tasks, after.resources, after.handles })
+    end)
+
     it("raises when called from a coroutine of one's own", function()
         local co = coroutine.create(function() moonlet.sleep(0) end)
         local ok, err = coroutine.resume(co)
