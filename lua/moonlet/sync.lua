@@ -47,6 +47,9 @@ local queue_mt = { __name = "moonlet.queue", __index = queue }
 
 -- syntax: q = moonlet.queue(capacity) -- capacity nil: unbounded
 function _M.queue(capacity)
+    if capacity ~= nil and (type(capacity) ~= "number" or capacity ~= capacity or capacity < 1) then
+        error("moonlet.queue: the capacity is a number of at least 1 (or nil: no bound)", 2)
+    end
     return setmetatable({ items = {}, head = 1, tail = 0, cap = capacity,
                           getters = {}, putters = {} }, queue_mt)
 end
@@ -87,6 +90,9 @@ local sem_mt = { __name = "moonlet.semaphore", __index = sem }
 
 -- syntax: s = moonlet.semaphore(n)
 function _M.semaphore(n)
+    if n ~= nil and (type(n) ~= "number" or n ~= n or n < 0) then
+        error("moonlet.semaphore: n is a number of at least 0", 2)
+    end
     return setmetatable({ count = n or 1, waiters = {} }, sem_mt)
 end
 

@@ -259,6 +259,7 @@ end
 -- it returned nil, err. The total time is the slowest function's, not the sum. The functions'
 -- errors are not logged (they are in errors). Cancelling the caller cancels them.
 function _M.gather(fns)
+    if type(fns) ~= "table" then error("moonlet.gather: expected a table of functions", 2) end
     local g
     local narr = #fns
     if small_array(fns, narr, true) then
@@ -302,6 +303,8 @@ end
 -- longer; then the task running fn is cancelled (whatever it waited on is released). Cancelling
 -- the caller cancels fn's task too.
 function _M.timeout(secs, fn, ...)
+    if type(secs) ~= "number" or secs ~= secs then error("moonlet.timeout: seconds must be a number", 2) end
+    if type(fn) ~= "function" then error("moonlet.timeout: expected a function", 2) end
     local t = spawn(true, fn, ...)
     local r = pack(pcall(t.join, t, secs))
     if not r[1] then -- the caller was cancelled while it waited
@@ -368,6 +371,7 @@ end
 -- one wins, the errors of those that failed before are of no concern: they are dropped).
 -- Cancelling the caller cancels them all.
 function _M.any(fns)
+    if type(fns) ~= "table" then error("moonlet.any: expected a table of functions", 2) end
     local co = core.running()
     if not co then error("moonlet: any outside a moonlet task", 2) end
     -- the state its tasks share (a table, not upvalues: a closure made per call is not compiled)
