@@ -14,7 +14,10 @@ size_t mlua_int64_text(lua_State *L, int idx, char buf[24], int *is_unsigned) {
   if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = lua_gettop(L) + idx + 1;
   lua_getfield(L, LUA_GLOBALSINDEX, "tostring");
   lua_pushvalue(L, idx);
-  lua_call(L, 1, 1);
+  if (lua_pcall(L, 1, 1, 0) != 0) { /* a tostring of the app's that raises: no integer then, and */
+    lua_pop(L, 1);                  /* the caller's "cannot bind" (nothing it holds is lost) */
+    return 0;
+  }
   size_t n = 0, digits = 0;
   const char *s = lua_tolstring(L, -1, &n);
   if (s && n > 0 && s[0] == '-') digits = 1;
