@@ -143,6 +143,13 @@ void mlua_check_yieldable(lua_State *L, mlua_task_t *t);
 /* Takes t out of the wait it is parked in (NULL: nothing): from then on it cannot be cancelled
  * there. A callback calls it when it takes its waiter, before anything that may run Lua. */
 void mlua_task_unwait(mlua_task_t *t);
+/* The timer delay of an I/O wait (a socket's receive, send or connect, a query, a pipe's
+ * read) of ms milliseconds: at least 1. A 0 ms timer started in a timer callback is due at
+ * once, and libuv (before 1.45) runs it in the same pass over the timers, before the loop polls: a
+ * task that retries a receive with a timeout of 0 would then never see the data that came and keep
+ * the loop from ever polling (signals included). Parks of 0 s take another way (task.c: the next
+ * prepare phase). */
+static inline uint64_t mlua_wait_ms(uint64_t ms) { return ms ? ms : 1; }
 #define MLUA_NOT_YIELDABLE                                                                         \
   "moonlet: cannot wait here: a C function (such as table.sort's comparator or require) is "       \
   "between this call and the task"

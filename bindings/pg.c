@@ -305,7 +305,7 @@ static int watch(pgc_t *c, int events) {
 static void start_timer(pgc_t *c, int64_t ms) {
   if (ms < 0) return;
   uv_update_time(c->m->loop);
-  uv_timer_start(&c->timer, on_timer, (uint64_t)ms, 0);
+  uv_timer_start(&c->timer, on_timer, mlua_wait_ms((uint64_t)ms), 0);
 }
 
 /* Bounds a drain (rule 3) unless a bound runs already. */

@@ -213,7 +213,7 @@ static int64_t to_ms(lua_State *L, int idx) {
 static void start_timer(uv_timer_t *timer, uv_timer_cb cb, int64_t ms) {
   if (ms < 0) return;
   uv_update_time(timer->loop);
-  uv_timer_start(timer, cb, (uint64_t)ms, 0);
+  uv_timer_start(timer, cb, mlua_wait_ms((uint64_t)ms), 0);
 }
 
 /* -- Exit and wait ---------------------------------------------------------------------------- */

@@ -308,13 +308,14 @@ static void on_wtimeout(uv_timer_t *h);
 static void start_write_timer(sock_t *s, int64_t ms) {
   if (ms < 0) return;
   uv_update_time(s->m->loop);
-  uv_timer_start(&s->wtimer, on_wtimeout, (uint64_t)ms, 0);
+  uv_timer_start(&s->wtimer, on_wtimeout, mlua_wait_ms((uint64_t)ms), 0);
 }
 
 /* Arms the read timer for a wait of ms (< 0: none) starting now, unless it fires before anyway. */
 static void arm_read_timer(sock_t *s, int64_t ms) {
   if (ms < 0) return;
   uv_update_time(s->m->loop);
+  ms = (int64_t)mlua_wait_ms((uint64_t)ms);
   s->rdeadline = uv_now(s->m->loop) + (uint64_t)ms;
   uv_ref((uv_handle_t *)&s->rtimer);
   if (uv_is_active((uv_handle_t *)&s->rtimer) && s->rtimer_due <= s->rdeadline) return;

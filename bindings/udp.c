@@ -385,7 +385,7 @@ static int u_recvfrom(lua_State *L) {
   u->task = t;
   if (ms >= 0) {
     uv_update_time(u->m->loop);
-    uv_timer_start(&u->timer, on_timeout, (uint64_t)ms, 0);
+    uv_timer_start(&u->timer, on_timeout, mlua_wait_ms((uint64_t)ms), 0);
   }
   return mlua_task_wait(L, t, udp_cancel, u);
 }

@@ -301,7 +301,7 @@ static void wtimer_arm(ws_t *ws) {
     return;
   }
   uint64_t now = uv_now(ws->m->loop);
-  uv_timer_start(ws->wtimer, wtimer_cb, dl > now ? dl - now : 0, 0);
+  uv_timer_start(ws->wtimer, wtimer_cb, mlua_wait_ms(dl > now ? dl - now : 0), 0);
 }
 
 /* -- Transport -------------------------------------------------------------------------------- */

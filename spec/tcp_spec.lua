@@ -146,6 +146,27 @@ describe("moonlet.tcp sockets", function()
         assert.same("late", sock:receive("*l"))
     end)
 
+    it("lets the loop poll at a receive with a timeout of 0: a loop retrying it gets the data", function()
+        -- a 0 ms timer started in a timer callback ran in the same pass (libuv < 1.45): such a loop
+        -- never let the data in, nor anything else (bindings/mlua.h, mlua_wait_ms)
+        local _, port = serve(function(sock)
+            moonlet.sleep(0.02)
+            sock:send("late\n")
+            sock:receive("*a")
+        end)
+        local sock = connect(port)
+        sock:settimeout(0)
+        local line, err
+        local tries = 0
+        repeat
+            tries = tries + 1
+            line, err = sock:receive("*l")
+            assert.truthy(line or err == "timeout", err)
+        until line or tries == 100000
+        assert.same("late", line)
+        assert.is_true(tries > 1)
+    end)
+
     it("returns the partial data with closed when the peer closes mid-line", function()
         local _, port = serve(function(sock) sock:send("no newline") end)
         local sock = connect(port)

@@ -63,6 +63,25 @@ describe("moonlet.udp", function()
         assert.same({ nil, "timeout" }, { u:recvfrom() })
     end)
 
+    it("lets the loop poll at a receive with a timeout of 0: a loop retrying it gets the datagram", function()
+        -- a 0 ms timer started in a timer callback ran in the same pass (libuv < 1.45): such a loop
+        -- never let the datagram in (bindings/mlua.h, mlua_wait_ms)
+        local u, peer = bind(), bind()
+        local _, port = u:getsockname()
+        moonlet.spawn(function()
+            moonlet.sleep(0.02)
+            peer:sendto("late", "127.0.0.1", port)
+        end)
+        local got, err
+        local tries = 0
+        repeat
+            tries = tries + 1
+            got, err = u:recvfrom(0)
+        until got or tries == 100000
+        assert.same({ "late", "127.0.0.1" }, { got, err })
+        assert.is_true(tries > 1)
+    end)
+
     it("wakes a waiting receiver with closed", function()
         local u = bind()
         local t = moonlet.spawn(function() return u:recvfrom(5) end)

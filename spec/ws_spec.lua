@@ -272,6 +272,21 @@ describe("moonlet.ws messages", function()
         assert.same("after", ws:receive(5))
     end)
 
+    it("lets the loop poll at a receive with a timeout under 1 ms: a loop retrying it gets it", function()
+        -- (0.0001 s rounds to a 0 ms timer, which libuv < 1.45 ran in the same pass: bindings/mlua.h)
+        local port = serve(echo_app())
+        local ws = connect(port)
+        assert(ws:send("echoed"))
+        local msg, err
+        local tries = 0
+        repeat
+            tries = tries + 1
+            msg, err = ws:receive(0.0001)
+            assert.truthy(msg or err == "timeout", err)
+        until msg or tries == 100000
+        assert.same("echoed", msg)
+    end)
+
     it("refuses to send invalid UTF-8 as text and an unknown kind", function()
         local port = serve(echo_app())
         local ws = connect(port)
