@@ -235,6 +235,19 @@ describe("moonlet.http server", function()
                       { host = "other", path = "/where", q = "3" } }, got)
     end)
 
+    it("drops a fragment from the target, as nginx does", function()
+        local sock = test.connect(port)
+        assert(sock:send("GET /where?q=4#top HTTP/1.1\r\nHost: h\r\n\r\n"
+                         .. "GET /where#x?q=5 HTTP/1.1\r\nHost: h\r\n\r\n"))
+        local got = {}
+        for i = 1, 2 do
+            local r = assert(test.read_response(sock))
+            got[i] = r.status == 200 and require("moonlet.json").decode(r.body) or r.status
+        end
+        sock:close()
+        assert.same({ { host = "h", path = "/where", q = "4" }, { host = "h", path = "/where" } }, got)
+    end)
+
     it("takes status, body, headers from a handler's return values", function()
         local r = test.request(port, "GET", "/triple")
         assert.same(202, r.status)

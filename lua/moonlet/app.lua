@@ -507,9 +507,11 @@ function methods:dispatcher()
     local chains = setmetatable({}, { __mode = "k" }) -- task coroutine -> its chain state
     return function(x, method, target, co)
         local path, query = target, nil
-        local q = str_find(target, "?", 1, true)
+        local h = str_find(target, "#", 1, true) -- a fragment no client should send: dropped (nginx)
+        if h then path = str_sub(target, 1, h - 1) end
+        local q = str_find(path, "?", 1, true)
         if q then
-            path, query = str_sub(target, 1, q - 1), str_sub(target, q + 1)
+            path, query = str_sub(path, 1, q - 1), str_sub(path, q + 1)
         end
         if str_sub(path, 1, 1) ~= "/" then -- absolute-form or "*"
             local p = path:match("^%a[%w+.-]*://[^/]*(/.*)$")
