@@ -10,6 +10,7 @@
 -- hold up the calls queued behind them: give them a client of their own. MULTI/EXEC belongs in
 -- a pipeline, whose commands go out in one write and so are never interleaved with others'.
 local core = require "moonlet.core"
+local json = require "moonlet.json"
 local task = require "moonlet.task"
 local tcp = require "moonlet.tcp"
 
@@ -22,9 +23,9 @@ local remove, unpack = table.remove, unpack
 
 local _M = { _VERSION = "0.1.0" }
 
--- syntax: redis.null -- a nil inside an array reply (MGET of a missing key)
-local null = setmetatable({}, { __name = "moonlet.redis.null",
-                                __tostring = function() return "null" end })
+-- syntax: redis.null -- a nil inside an array reply (MGET of a missing key): moonlet.json.null
+-- (cjson.null), as OpenResty's ngx.null is, so that a reply encodes to JSON with its nulls
+local null = json.null
 _M.null = null
 
 local client_methods, pipe_methods, sub_methods, pool_methods = {}, {}, {}, {}
