@@ -87,7 +87,7 @@ typedef struct sock_s {
   mlua_task_t *wtask;  /* the parked writer (or connecter), or NULL */
   int rwait, wwait;    /* W_* */
   int rmode;           /* R_* of the read that waits */
-  size_t rwant;        /* R_BYTES: bytes wanted; R_ANY: at most */
+  size_t rwant;        /* R_BYTES: bytes wanted; R_ANY, R_UNTIL: at most (0: all) */
   char *pat;           /* R_UNTIL: the pattern (malloc'd) */
   size_t patlen;
   int wref;          /* registry ref: the box during connect, the data of a plain write */
@@ -639,10 +639,24 @@ static int try_answer(lua_State *L, sock_t *s) {
   if (mlua_readbuf_answer(L, &s->rb, s->rmode, s->rwant, s->eof)) return 1;
   if (s->rmode == R_UNTIL) {
     char *at = find(data, s->rb.len, s->pat, s->patlen);
-    if (at) {
-      size_t n = (size_t)(at - data);
+    size_t n = at ? (size_t)(at - data) : 0;
+    if (at && !s->rwant) { /* the whole part */
       lua_pushlstring(L, data, n);
       mlua_readbuf_consume(&s->rb, n + s->patlen);
+      return 1;
+    }
+    if (at && n == 0) { /* streaming, at the pattern: consumed, and nil says the part ended */
+      mlua_readbuf_consume(&s->rb, s->patlen);
+      lua_pushnil(L);
+      return 1;
+    }
+    /* streaming: at most rwant bytes that cannot be the start of the pattern (no match starts
+     * before the last patlen - 1 bytes) */
+    if (!at && s->rwant && s->rb.len >= s->patlen) n = s->rb.len - s->patlen + 1;
+    if (n) {
+      if (n > s->rwant) n = s->rwant;
+      lua_pushlstring(L, data, n);
+      mlua_readbuf_consume(&s->rb, n);
       return 1;
     }
   }
@@ -816,13 +830,17 @@ static int s_receive_any(lua_State *L) {
   return start_read_wait(L, s, W_READ);
 }
 
-/* syntax: data, err, partial = core.tcp_receive_until(sock, pattern) -- the data before the next
- * occurrence of pattern, which is consumed (receiveuntil's reader in lua/moonlet/tcp.lua) */
+/* syntax: data, err, partial = core.tcp_receive_until(sock, pattern, size) -- the data before the
+ * next occurrence of pattern, which is consumed (receiveuntil's reader in lua/moonlet/tcp.lua).
+ * With a size (streaming, OpenResty's reader(size)): at most size bytes of that data, and a lone
+ * nil once the pattern is reached (it is consumed then). */
 static int s_receive_until(lua_State *L) {
   sock_t *s = check_sock(L);
   size_t plen;
   const char *pat = luaL_checklstring(L, 2, &plen);
   if (plen == 0) return luaL_argerror(L, 2, "empty pattern");
+  lua_Integer size = luaL_optinteger(L, 3, 0);
+  if (size < 0) return luaL_argerror(L, 3, "size must be positive");
   if (!s) return push_err(L, UV_EPIPE);
   if (s->rwait) return busy(L);
   if (s->patlen != plen || memcmp(s->pat, pat, plen) != 0) {
@@ -833,6 +851,7 @@ static int s_receive_until(lua_State *L) {
     s->patlen = plen;
   }
   s->rmode = R_UNTIL;
+  s->rwant = (size_t)size;
   int n = try_answer(L, s);
   if (n) return n;
   return start_read_wait(L, s, W_READ);

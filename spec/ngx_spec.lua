@@ -260,7 +260,11 @@ describe("moonlet.ngx cosockets", function()
         local reader = s:receiveuntil("--")
         assert.same({ "echo: abc" }, { reader() })
         assert.same({ "def\n" }, { s:receiveuntil("\n", { inclusive = true })() })
-        assert.has_error(function() reader(10) end)
+        s:send("0123456789--x\n")
+        local pieces = {}
+        for piece in function() return reader(4) end do pieces[#pieces + 1] = piece end
+        assert.same("echo: 0123456789", table.concat(pieces)) -- streamed, then nil at "--"
+        assert.same({ "x\n" }, { s:receiveuntil("\n", { inclusive = true })() })
         assert.same({ 1 }, { s:close() })
         assert.same({ nil, "closed" }, { s:close() })
         assert.same({ nil, "closed" }, { s:receive() })

@@ -231,6 +231,46 @@ describe("moonlet.tcp sockets", function()
         assert.same({ nil, "closed", "" }, { reader() })
     end)
 
+    it("streams up to a pattern with reader(size), as OpenResty's example reads it", function()
+        local input = "hello, world! -agentzh\r\n--abcedhb blah blah"
+        local _, port = serve(function(sock)
+            for i = 1, #input, 5 do -- in pieces: a piece may end inside the pattern
+                sock:send(input:sub(i, i + 4))
+                moonlet.sleep(0.002)
+            end
+        end)
+        local sock = connect(port)
+        local reader = sock:receiveuntil("\r\n--abcedhb")
+        local got = {}
+        while true do
+            local data, err = reader(4)
+            if not data then
+                assert.is_nil(err)
+                break
+            end
+            got[#got + 1] = data
+        end
+        assert.is_true(#got >= 6)
+        for _, piece in ipairs(got) do assert.is_true(#piece >= 1 and #piece <= 4) end
+        assert.same("hello, world! -agentzh", table.concat(got))
+        assert.same({ nil, "closed", " blah blah" }, { reader() })
+        assert.has_error(function() reader(0) end)
+        assert.has_error(function() reader("4") end)
+    end)
+
+    it("gives the pattern with the data when inclusive, whole or streamed", function()
+        local _, port = serve(function(sock) sock:send("ab--cd--efgh--") end)
+        local sock = connect(port)
+        local reader = sock:receiveuntil("--", { inclusive = true })
+        assert.same("ab--", reader())
+        assert.same({ "cd", "--" }, { reader(10), reader(10) })
+        assert.is_nil(reader(10))
+        assert.same({ "ef", "gh", "--" }, { reader(2), reader(2), reader(2) })
+        assert.same({ nil, nil }, { reader(2) })
+        assert.same({ nil, "closed", "" }, { reader() })
+        assert.has_error(function() sock:receiveuntil("--", "inclusive") end)
+    end)
+
     it("moves several megabytes both ways at once", function()
         local _, port = serve(byte_echo)
         local sock = connect(port, { timeout = 10 })

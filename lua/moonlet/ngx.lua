@@ -210,23 +210,21 @@ function tcp_methods:receiveany(max)
 end
 
 -- syntax: reader = sock:receiveuntil(pattern, { inclusive = false }); data, err, partial = reader()
--- The reader's size argument (OpenResty's streaming mode) is not supported.
+--         data, err, partial = reader(size) -- streaming: nil, nil once the pattern is reached
 function tcp_methods:receiveuntil(pattern, opts)
     if type(pattern) ~= "string" or pattern == "" then
         error("moonlet.ngx: receiveuntil expects a non-empty string", 2)
     end
-    local inclusive = opts and opts.inclusive
+    if opts ~= nil and type(opts) ~= "table" then
+        error("moonlet.ngx: receiveuntil's options must be a table", 2)
+    end
+    local s, reader -- the reader of the connection s
     return function(size)
-        if size ~= nil then
-            error("moonlet.ngx: receiveuntil's reader does not support a size argument", 2)
-        end
-        local s = rawget(self, "_sock")
-        if not s then return nil, "closed" end
-        local data, err, partial = s:receiveuntil(pattern)()
-        if data then
-            if inclusive then data = data .. pattern end
-            return data
-        end
+        local now = rawget(self, "_sock")
+        if not now then return nil, "closed" end
+        if now ~= s then s, reader = now, now:receiveuntil(pattern, opts) end
+        local data, err, partial = reader(size)
+        if data or not err then return data end
         return read_failed(self, s, err, partial)
     end
 end

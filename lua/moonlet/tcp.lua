@@ -63,16 +63,50 @@ function methods:receive_any(max)
     return check(raw_receive_any(self, max))
 end
 
--- syntax: reader = sock:receiveuntil(pattern); data, err, partial = reader()
--- Each call of reader returns the data before the next occurrence of pattern (a plain string)
--- and consumes the pattern too.
-function methods:receiveuntil(pattern)
+-- Checks receiveuntil's arguments; returns whether the pattern goes with the data.
+local function until_args(pattern, opts)
     if type(pattern) ~= "string" or pattern == "" then
-        error("moonlet.tcp: receiveuntil expects a non-empty string", 2)
+        error("moonlet.tcp: receiveuntil expects a non-empty string", 3)
     end
-    return function()
+    if opts ~= nil and type(opts) ~= "table" then
+        error("moonlet.tcp: receiveuntil's options must be a table", 3)
+    end
+    return opts ~= nil and opts.inclusive and true or false
+end
+
+local function check_size(size)
+    if size ~= nil and (type(size) ~= "number" or size < 1 or size % 1 ~= 0) then
+        error("moonlet.tcp: receiveuntil's reader expects a positive integer size", 3)
+    end
+end
+
+-- syntax: reader = sock:receiveuntil(pattern, { inclusive = false }); data, err, partial = reader()
+--         data = reader(size) -- streaming: at most size bytes of the part; nil once it ended
+-- Each call of reader returns the data before the next occurrence of pattern (a plain string)
+-- and consumes the pattern too (inclusive: the pattern ends the data). With a size (OpenResty's
+-- streaming mode) each call returns at most size bytes of the data before the pattern, then
+-- nil without an error once the pattern is reached (inclusive: the pattern comes as the last
+-- piece); the next call starts on the next part.
+function methods:receiveuntil(pattern, opts)
+    local inclusive = until_args(pattern, opts)
+    local ended = false -- streaming and inclusive: the pattern was the last piece, nil comes next
+    return function(size)
+        check_size(size)
         if pooled[self] then return nil, "closed" end
-        return check(raw_until(self, pattern))
+        if ended then
+            ended = false
+            return nil
+        end
+        local data, err, partial = check(raw_until(self, pattern, size))
+        if data then
+            if inclusive and not size then return data .. pattern end
+            return data
+        end
+        if err == nil and inclusive then
+            ended = true
+            return pattern
+        end
+        return data, err, partial
     end
 end
 
@@ -376,15 +410,17 @@ function obj_methods:settimeouts(c, w, r)
     if s then raw.settimeouts(s, c, w, r) end
 end
 
--- syntax: reader = sock:receiveuntil(pattern); data, err, partial = reader()
-function obj_methods:receiveuntil(pattern)
-    if type(pattern) ~= "string" or pattern == "" then
-        error("moonlet.tcp: receiveuntil expects a non-empty string", 2)
-    end
-    return function()
-        local s = rawget(self, "_sock")
-        if not s then return nil, "closed" end
-        return s:receiveuntil(pattern)()
+-- syntax: reader = sock:receiveuntil(pattern, { inclusive = false }); data, err, partial = reader(size)
+-- As the userdata's, on whatever connection the object holds when the reader is called.
+function obj_methods:receiveuntil(pattern, opts)
+    until_args(pattern, opts)
+    local s, reader -- the reader of the connection s
+    return function(size)
+        check_size(size)
+        local held = rawget(self, "_sock")
+        if not held then return nil, "closed" end
+        if held ~= s then s, reader = held, held:receiveuntil(pattern, opts) end
+        return reader(size)
     end
 end
 
