@@ -16,6 +16,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../core/sig_guard.h"
 #include "mlua.h"
 
 #ifndef MOONLET_LUA_DIR
@@ -472,6 +473,7 @@ static void on_signal(uv_signal_t *h, int signum) {
       ml_log(&m->log, ML_LOG_WARN, "SIGHUP: no app loaded from a file, nothing to reload");
     return;
   }
+  ml_sig_guard_heard(); /* this loop runs: a next SIGINT or SIGTERM comes here too */
   if (m->stopping) {
     ml_log(&m->log, ML_LOG_WARN, "second signal: closing now");
     mlua_http_servers_close(m);
@@ -491,6 +493,7 @@ static void signals_start(moonlet_t *m) {
     hs[i]->data = m;
     uv_signal_start(hs[i], on_signal, sigs[i]);
     uv_unref((uv_handle_t *)hs[i]);
+    if (sigs[i] == SIGINT || sigs[i] == SIGTERM) ml_sig_guard_install(sigs[i]); /* stuck loop */
   }
   m->signals_on = 1;
 }

@@ -480,6 +480,32 @@ error("failed after opening things")
             assert.truthy(p:output():find("second signal", 1, true), p:output())
         end)
 
+        for _, sig in ipairs({ "INT", "TERM" }) do
+            it("ends at a second SIG" .. sig .. " a process whose loop a handler keeps busy", function()
+                -- the loop hears no signal while a handler never yields: the first one stays
+                -- unheard, and the second ends the process (core/sig_guard.c)
+                local p = start("--port 0 " .. script("busy.lua", [[
+                    local app = require("moonlet").app()
+                    app:get("/spin", function()
+                        io.stderr:write("spinning\n")
+                        local x = 0
+                        while true do x = x + 1 end
+                    end)
+                    return app
+                ]]))
+                local sock = test.connect(p:port())
+                defer(function() sock:close() end)
+                assert(sock:send(test.format_request("GET", "/spin")))
+                assert(test.wait_until(function() return p:output():find("spinning", 1, true) end),
+                       p:output())
+                assert.is_true(p:signal(sig))
+                assert.is_nil(p:wait(0.3)) -- the first signal: nothing can hear it
+                assert.is_true(p:signal(sig))
+                assert.is_number(p:wait(5))
+                assert.truthy(p:output():find("a second signal and the loop is busy", 1, true), p:output())
+            end)
+        end
+
         it("closes the request in flight when the shutdown grace is over", function()
             local gate = dir .. "/gate-never"
             local p = start("--port 0 --shutdown-grace 0.1 " .. script("app.lua", APP) .. " " .. gate)
