@@ -13,6 +13,7 @@
  *   waits until they have run.
  * - Lenient parsing is never enabled: llhttp's strict defaults refuse what request smuggling needs.
  */
+#include <ctype.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -435,6 +436,26 @@ static void raw_request_line(ml_conn_t *c, const char *data, size_t len, const c
   c->bad_line_len = (size_t)(end - start);
 }
 
+/* Whether a request line llhttp refused for its method is well-formed all the same, with a method
+ * llhttp does not know: `token SP target SP HTTP/d.d` (RFC 9112 3). RFC 9110 9.1: a method the
+ * server does not implement gets 501, not 400 (nginx would pass any token to its handlers; llhttp
+ * knows a fixed set, WebDAV's and others' included). */
+static int unknown_method_line(const char *p, size_t n) {
+  static const char tchars[] = "!#$%&'*+-.^_`|~";        /* RFC 9110 5.6.2, with ALPHA, DIGIT */
+  static const char uchars[] = "-._~!$&'()*+,;=:@/?%[]"; /* RFC 3986's, with ALPHA, DIGIT */
+  size_t i = 0;
+  while (i < n && (isalnum((unsigned char)p[i]) || (p[i] && strchr(tchars, p[i]))))
+    i++;
+  if (i == 0 || i == n || p[i] != ' ') return 0;
+  size_t t = ++i;
+  while (i < n && (isalnum((unsigned char)p[i]) || (p[i] && strchr(uchars, p[i]))))
+    i++;
+  if (i == t || n - i != 9 || p[i] != ' ') return 0;
+  p += i + 1;
+  return memcmp(p, "HTTP/", 5) == 0 && isdigit((unsigned char)p[5]) && p[6] == '.' &&
+         isdigit((unsigned char)p[7]);
+}
+
 /* Parses data[0..len) as far as the request cycle allows; stashes the rest. */
 void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
   c->in_feed = 1;
@@ -514,6 +535,9 @@ void ml__conn_feed(ml_conn_t *c, const char *data, size_t len) {
     snprintf(why, sizeof why, "%s: %s", llhttp_errno_name(err),
              llhttp_get_error_reason(&c->parser));
     if (in_head && !c->line_done) raw_request_line(c, data, len, llhttp_get_error_pos(&c->parser));
+    if (err == HPE_INVALID_METHOD && c->bad_line &&
+        unknown_method_line(c->bad_line, c->bad_line_len))
+      status = 501;
     ml__conn_error(c, status, why);
     c->bad_line = NULL;
     break;

@@ -42,6 +42,20 @@ describe("moonlet.http limits", function()
         refused("GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400)
     end)
 
+    it("answers 501 to a well-formed request with a method it does not know (RFC 9110 9.1)", function()
+        refused("BREW /pot HTTP/1.1\r\nHost: a\r\n\r\n", 501)
+        refused("PURGEX /x?a=1 HTTP/1.1\r\nHost: a\r\n\r\n", 501) -- past llhttp's PURGE
+        refused("X-Y_Z http://h:1/p HTTP/1.0\r\n\r\n", 501)
+        -- not well-formed: 400 still
+        refused("BR@W /pot HTTP/1.1\r\nHost: a\r\n\r\n", 400)
+        refused("BREW /p\"t HTTP/1.1\r\nHost: a\r\n\r\n", 400)
+        refused("BREW /pot HTTP/1.1 x\r\nHost: a\r\n\r\n", 400)
+        refused("BREW\r\nHost: a\r\n\r\n", 400)
+        -- a method llhttp knows and no route takes is the app's: 405 with Allow (or 404)
+        local data = assert(test.raw(port, "MKCALENDAR / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+        assert.truthy(status_of(data) == 405 or status_of(data) == 404, data)
+    end)
+
     it("answers 505 to a well-formed HTTP version it does not speak, as nginx does", function()
         refused("GET / HTTP/9.9\r\nHost: a\r\n\r\n", 505)
         refused("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505)
