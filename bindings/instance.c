@@ -132,6 +132,15 @@ static int l_set_exit_code(lua_State *L) {
   return 0;
 }
 
+/* syntax: core.set_warn_blocking(seconds) -- a task that runs this long without yielding is logged
+ * (sched.c); 0 or nil: off */
+static int l_set_warn_blocking(lua_State *L) {
+  double secs = luaL_optnumber(L, 1, 0);
+  if (!(secs >= 0)) return luaL_argerror(L, 1, "seconds must be 0 or more");
+  mlua_instance(L)->warn_blocking_ns = (uint64_t)(secs * 1e9);
+  return 0;
+}
+
 static int l_log(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   int level = (int)luaL_checkinteger(L, 1);
@@ -421,6 +430,7 @@ static void wrap_listen(lua_State *L, moonlet_t *m) {
 int luaopen_moonlet_core(lua_State *L) {
   moonlet_t *m = lua_touserdata(L, lua_upvalueindex(1));
   static const luaL_Reg fns[] = {{"set_exit_code", l_set_exit_code},
+                                 {"set_warn_blocking", l_set_warn_blocking},
                                  {"log", l_log},
                                  {"set_log", l_set_log},
                                  {"set_error_log", l_set_error_log},

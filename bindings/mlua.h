@@ -67,11 +67,12 @@ struct moonlet_s {
   moonlet_config_t cfg;
   mlua_task_t *free_tasks; /* the task pool */
   unsigned free_task_count;
-  unsigned live_tasks;    /* tasks started and not yet ended */
-  mlua_task_t *running;   /* the task whose coroutine runs now (sched.c run); NULL outside one */
-  int run_depth;          /* runs nested on the C stack (a task that starts another runs it) */
-  mlua_server_t *servers; /* every server this instance listens with */
-  mlua_res_t *resources;  /* open resources (mlua_res_t) */
+  unsigned live_tasks;       /* tasks started and not yet ended */
+  mlua_task_t *running;      /* the task whose coroutine runs now (sched.c run); NULL outside one */
+  int run_depth;             /* runs nested on the C stack (a task that starts another runs it) */
+  uint64_t warn_blocking_ns; /* a run this long without yielding is logged (sched.c); 0: off */
+  mlua_server_t *servers;    /* every server this instance listens with */
+  mlua_res_t *resources;     /* open resources (mlua_res_t) */
   uv_signal_t sig_int, sig_term, sig_hup, sig_usr1;
   int signals_on;
   char *error_log_path; /* `--error-log FILE` (owned): stderr is this file; SIGUSR1 reopens it */

@@ -160,6 +160,22 @@ int mlua_task_cancel(mlua_task_t *t) {
 
 /* Runs t until it waits or ends: 1 when it waits (t is still live), 0 when it ended (t may be
  * freed already). */
+/* A run of ns nanoseconds without yielding, past the instance's warn_blocking: the loop served
+ * nothing meanwhile. Logged with where the task yielded (the slow part is just before), or that it
+ * ran to its end (asyncio's debug mode reports slow callbacks alike). */
+static void warn_blocking(moonlet_t *m, lua_State *co, int st, uint64_t ns) {
+  lua_State *L = m->L;
+  if (st == LUA_YIELD)
+    luaL_traceback(L, co, NULL, 0);
+  else
+    lua_pushliteral(L, "(it ran to its end)");
+  ml_log(&m->log, ML_LOG_WARN,
+         "a task ran %.3f s without yielding: the loop served nothing meanwhile (move CPU-bound "
+         "work to moonlet.work); it yielded at:\n%s",
+         (double)ns / 1e9, lua_tostring(L, -1));
+  lua_pop(L, 1);
+}
+
 static int run(mlua_task_t *t, int nargs) {
   lua_State *co = t->co;
   if (t->m->freeing) return 0; /* the instance is being freed: nothing runs any more */
@@ -171,9 +187,15 @@ static int run(mlua_task_t *t, int nargs) {
   m->running = t;
   m->running_request = t->request;
   m->runs++;
+  /* the outermost run is timed when asked: nested runs are part of it */
+  uint64_t t0 = m->warn_blocking_ns && !m->run_depth ? uv_hrtime() : 0;
   m->run_depth++;
   int st = lua_resume(co, nargs);
   m->run_depth--;
+  if (t0) {
+    uint64_t ns = uv_hrtime() - t0;
+    if (ns >= m->warn_blocking_ns) warn_blocking(m, co, st, ns);
+  }
   m->running = outer;
   m->running_request = outer ? outer->request : 0;
   t->resuming = 0;

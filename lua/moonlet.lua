@@ -43,6 +43,15 @@ function _M.on_shutdown(fn) return require("moonlet.shutdown").add(fn, 2) end
 -- finish, the shutdown hooks run, the loop ends
 function _M.stop() core.stop() end
 
+-- syntax: moonlet.warn_blocking(seconds) -- from now on a task that runs this long without yielding
+-- is logged at warn with where it yielded (`moonlet --warn-blocking S`); 0: off
+function _M.warn_blocking(seconds)
+    if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 then
+        error("moonlet.warn_blocking: expected seconds (0 or more)", 2)
+    end
+    core.set_warn_blocking(seconds)
+end
+
 -- syntax: moonlet.worker.id(), moonlet.worker.count(), moonlet.worker.pid() -- this process among
 -- the workers of `moonlet --workers N` (0 .. N-1, N; id 0 of 1 when it serves alone): ngx.worker's
 _M.worker = {

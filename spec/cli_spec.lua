@@ -506,6 +506,32 @@ error("failed after opening things")
             end)
         end
 
+        it("logs a task that runs past --warn-blocking without yielding, with where it yielded", function()
+            local path = script("cpu.lua", [[
+                local moonlet = require "moonlet"
+                local app = moonlet.app()
+                app:get("/crunch", function()
+                    local t = os.clock()
+                    while os.clock() - t < 0.3 do end -- 0.3 s of CPU, no yield
+                    moonlet.sleep(0.001) -- the line the warning names
+                    return "crunched"
+                end)
+                return app
+            ]])
+            assert.has_error(function() moonlet.warn_blocking(-1) end)
+            assert.has_error(function() moonlet.warn_blocking("1") end)
+            local p = start("--warn-blocking 0.05 --port 0 " .. path)
+            local r = test.request(p:port(), "GET", "/crunch")
+            assert.same({ 200, "crunched" }, { r.status, r.body })
+            assert(test.wait_until(function() return p:output():find("without yielding", 1, true) end),
+                   p:output())
+            local out = p:output()
+            assert.truthy(out:find("%[warn%] a task ran %d+%.%d+ s without yielding"), out)
+            assert.truthy(out:find(plain(path) .. ":6: in function"), out)
+            assert.is_true(p:signal("TERM"))
+            assert.same(0, p:wait())
+        end)
+
         it("closes the request in flight when the shutdown grace is over", function()
             local gate = dir .. "/gate-never"
             local p = start("--port 0 --shutdown-grace 0.1 " .. script("app.lua", APP) .. " " .. gate)

@@ -27,6 +27,8 @@ flags:
   --pid-file FILE         this process's id (the supervisor's with --workers), removed at exit
   --reload                reload the app when its file or a module next to it changes
   --log-level LEVEL       error, warn, info (default) or debug
+  --warn-blocking S       log a task that runs S seconds without yielding (the loop serves nobody
+                          meanwhile), with where it yielded; off by default
   --max-body BYTES        request body limit, else 413 (1048576)
   --max-uri BYTES         request-target limit, else 414 (8192)
   --max-header-bytes N    header section limit, else 431 (32768)
@@ -57,19 +59,19 @@ local value_flags = {
     ["--tls-cert"] = "tls_cert", ["--tls-key"] = "tls_key", ["--workers"] = "workers",
     ["--shared-memory"] = "shared_memory", ["--unix"] = "unix", ["--unix-mode"] = "unix_mode",
     ["--access-log-file"] = "access_log", ["--access-log-format"] = "access_log_format",
-    ["--error-log"] = "error_log", ["--pid-file"] = "pid_file",
+    ["--error-log"] = "error_log", ["--pid-file"] = "pid_file", ["--warn-blocking"] = "warn_blocking",
 }
 local numeric = {
     port = true, max_body = true, max_uri = true, max_header_bytes = true, max_headers = true,
     header_timeout = true, body_timeout = true, keepalive_timeout = true, max_conns = true,
-    shutdown_grace = true, send_timeout = true,
+    shutdown_grace = true, send_timeout = true, warn_blocking = true,
 }
 
 -- what the command line holds that is not an app:listen option
 local CLI_ONLY = { log_level = true, access_log = true, reload = true, tls_cert = true, tls_key = true,
                    help = true, version = true, workers = true, shared_memory = true,
                    access_log_format = true, error_log = true, pid_file = true,
-                   _script_args_only = true }
+                   warn_blocking = true, _script_args_only = true }
 local ACCESS_FORMATS = { moonlet = true, combined = true, json = true }
 
 -- A failure to start, told on stderr, and on the terminal too when --error-log took stderr
@@ -250,6 +252,7 @@ function _M.main(argv)
             return exit(...)
         end
     end
+    if opts.warn_blocking then core.set_warn_blocking(opts.warn_blocking) end
     if pos[1] == "test" then return run_tests(pos) end
     local script = pos[1]
     -- the pid file: alone, once listening; with --workers, the supervisor's, written by
