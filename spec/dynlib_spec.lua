@@ -1,6 +1,7 @@
 -- spec/dynlib_spec.lua: build/moonlet opens OpenSSL, SQLite, PCRE2, zlib and libpq when it first needs each
 -- (core/dynlib.h), so a server that never does maps none of them (OpenSSL alone was 1.7 MB of idle
--- RSS). Each route below needs one library; /proc/PID/maps shows what the process has mapped.
+-- RSS). Each route below needs one library; /proc/PID/maps shows what the process has mapped. The
+-- framework's own rarer modules (moonlet.tcp, dns, cookie, multipart) load on first use alike.
 -- spec/c/test_libs_missing.c covers a machine without them; spec/static_build_spec.lua the static
 -- executable, which links them.
 local test = require "moonlet.test"
@@ -76,5 +77,34 @@ describe("libraries opened on first use", function()
         assert.same({ "libssl.so", "libcrypto.so", "libsqlite3.so", "libpcre2-8.so", "libz.so", "libpq.so" },
             mapped())
         assert.same({ 200, "plain" }, get("/"))
+    end)
+
+    it("loads moonlet.tcp, dns, cookie and multipart only when the app uses them (idle memory)", function()
+        local dir = test.make_dir()
+        defer(function() test.remove_dir(dir) end)
+        local app = dir .. "/app.lua"
+        test.write_file(app, [[
+local moonlet = require "moonlet"
+local app = moonlet.app()
+local NAMES = { "moonlet.tcp", "moonlet.dns", "moonlet.cookie", "moonlet.multipart" }
+app:get("/loaded", function()
+    local got = {}
+    for _, name in ipairs(NAMES) do if package.loaded[name] then got[#got + 1] = name end end
+    return table.concat(got, " ")
+end)
+app:get("/cookie", function(req) return req.cookies.a end)
+return app
+]])
+        local p = test.start_process("--port 0 " .. app)
+        defer(function()
+            p:signal("TERM")
+            p:wait()
+        end)
+        local port = p:port()
+        local r = test.request(port, "GET", "/loaded")
+        assert.same({ 200, "" }, { r.status, r.body })
+        r = test.request(port, "GET", "/cookie", { headers = { Cookie = "a=1" } })
+        assert.same({ 200, "1" }, { r.status, r.body })
+        assert.same("moonlet.cookie", test.request(port, "GET", "/loaded").body)
     end)
 end)

@@ -608,7 +608,9 @@ function methods:listen(given)
     if opts.unix ~= nil and (type(opts.unix) ~= "string" or opts.unix == "") then
         error("app:listen: unix must be a socket path", 2)
     end
-    opts.unix_mode = require("moonlet.tcp").unix_mode(opts.unix_mode, 2)
+    if opts.unix_mode ~= nil then -- (moonlet.tcp loaded only then: a server that never opens a socket
+        opts.unix_mode = require("moonlet.tcp").unix_mode(opts.unix_mode, 2) -- of its own lacks it)
+    end
     if type(host) == "string" and not host:find("^[%d.]+$") and not host:find(":", 1, true) then
         -- a name ("localhost"): its first address, looked up through the loop (moonlet.dns)
         local addrs, err = require("moonlet.dns").resolve(host)

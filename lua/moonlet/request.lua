@@ -5,8 +5,10 @@
 -- the request's connection is gone: reads return nil, "closed".
 local url = require "moonlet.url"
 local wrap_headers = require("moonlet.headers").wrap
-local cookie = require "moonlet.cookie"
-local multipart = require "moonlet.multipart"
+-- moonlet.cookie and moonlet.multipart are loaded on first use: a server that never reads a cookie
+-- or a form holds neither
+local function cookie() return require "moonlet.cookie" end
+local function multipart() return require "moonlet.multipart" end
 local abort = require("moonlet.response").abort
 local check = require("moonlet.task").check
 
@@ -25,7 +27,7 @@ function lazy.headers(req) -- lower-case names; any letter case finds them (moon
     return wrap_headers(req._x:headers() or {})
 end
 function lazy.cookies(req)
-    return cookie.parse(req._x:header("cookie", "; ")) -- several Cookie lines join with "; "
+    return cookie().parse(req._x:header("cookie", "; ")) -- several Cookie lines join with "; "
 end
 function lazy.query(req)
     local first, all = url.parse_query(req.query_string)
@@ -157,12 +159,12 @@ end
 -- The whole body (req:body(), kept) is parsed, so that form() may be called again (a middleware,
 -- then the handler) and body() still answers after it; req:parts() reads without keeping it.
 function methods:form()
-    local boundary, why = multipart.boundary(self:header("content-type"))
+    local boundary, why = multipart().boundary(self:header("content-type"))
     local body, err = self:body()
     if not body then return nil, err end
     if boundary == nil then return (url.parse_query(body)) end
     if not boundary then return nil, "multipart: " .. why end
-    local ok, fields = pcall(multipart.read_form, body_pieces(self), boundary)
+    local ok, fields = pcall(multipart().read_form, body_pieces(self), boundary)
     if ok then return fields end
     if type(fields) == "table" and fields.body then fields = (fields.body:gsub("\n$", "")) end
     return nil, tostring(fields)
@@ -182,13 +184,13 @@ end
 -- part:read() (the next piece of its data, nil at its end) and part:body() (the rest, whole). A
 -- request that is not multipart/form-data is answered 415; a malformed body 400 (moonlet.abort).
 function methods:parts()
-    local boundary, why = multipart.boundary(self:header("content-type"))
+    local boundary, why = multipart().boundary(self:header("content-type"))
     if boundary == nil then
         error(abort(415, "415 Unsupported Media Type: multipart/form-data expected\n"), 2)
     elseif not boundary then
         error(abort(400, "400 Bad Request: multipart: " .. why .. "\n"), 2)
     end
-    return multipart.parts(body_pieces(self), boundary)
+    return multipart().parts(body_pieces(self), boundary)
 end
 
 return _M

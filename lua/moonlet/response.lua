@@ -3,7 +3,7 @@
 -- starts a streamed response (chunked on HTTP/1.1) and yields while the client is far behind.
 -- A handler returns body | status, body, headers: a string is sent as text/plain, a table as JSON.
 local json = require "moonlet.json"
-local cookie = require "moonlet.cookie"
+local function cookie() return require "moonlet.cookie" end -- on first use
 local check = require("moonlet.task").check
 
 local type, setmetatable, tostring, pairs = type, setmetatable, tostring, pairs
@@ -102,7 +102,7 @@ function methods:cookie(name, value, opts)
         end
         opts, value = o, ""
     end
-    local line = cookie.serialize(name, value, opts)
+    local line = cookie().serialize(name, value, opts)
     local h = self._headers
     if not h then h = new_tab(0, 4); self._headers = h end
     add_set_cookie(h, line)
