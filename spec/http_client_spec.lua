@@ -661,6 +661,18 @@ describe("moonlet.http keep-alive pool", function()
         assert.same(2, st.accepted)
     end)
 
+    it("does not send a request again when a reused connection times out", function()
+        local base, st = raw_server(function(sock)
+            read_request(sock)
+            sock:send(response(200, "first"))
+            read_request(sock) -- the second request on this connection is never answered
+            sock:receive("*l") -- until the client gives up and closes
+        end)
+        assert.same("first", assert(http.get(base .. "/")).body)
+        assert.same({ nil, "timeout" }, { http.get(base .. "/", { read_timeout = 0.2 }) })
+        assert.same(1, st.accepted) -- not sent again on a new connection
+    end)
+
     it("pools by origin: another port is another pool", function()
         local a = keepalive_server(function() return response(200, "a") end)
         local b = keepalive_server(function() return response(200, "b") end)

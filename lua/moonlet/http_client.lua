@@ -1065,7 +1065,7 @@ local function respond(conn, u, target, o, status, reason, version, h, mode, len
 end
 
 -- One exchange on one connection: the response with its body framed (read when not streamed),
--- or nil, err, retry (true when a reused connection failed before the response started).
+-- or nil, err, retry (true when a reused connection turned out closed before the response started).
 local function exchange(u, method, target, headers, body, o, deadline, fresh, t0)
     local key = u.key
     local verify = o.verify ~= false
@@ -1122,7 +1122,7 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
     end
     if not ok then
         close_conn(conn)
-        return nil, err, conn.reused > 0 and IDEMPOTENT[method] and not asked
+        return nil, err, err == "closed" and conn.reused > 0 and IDEMPOTENT[method] and not asked
     end
     local is_head = method == "HEAD"
     local status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
@@ -1137,7 +1137,10 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
     end
     if not status then
         close_conn(conn)
-        return nil, reason, conn.reused > 0 and not conn.got and IDEMPOTENT[method] and replayable
+        -- only a connection the server closed is tried again: a timeout is the server's slowness,
+        -- and sending the request once more would double the wait and the server's work
+        return nil, reason, reason == "closed" and conn.reused > 0 and not conn.got
+            and IDEMPOTENT[method] and replayable
     end
     return respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp)
 end
