@@ -787,6 +787,26 @@ describe("moonlet.http bodies", function()
         assert.is_true(assert(http.get(base .. "/", { decompress = true })).body == original)
     end)
 
+    it("takes an empty gzip body as empty, whatever its framing, and a cut one as bad", function()
+        local gz = zlib.gzip(original)
+        local base = keepalive_server(function(req)
+            local head = "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
+            if req.target == "/chunked" then
+                return head .. "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            elseif req.target == "/cut" then
+                return head .. "Transfer-Encoding: chunked\r\n\r\n10\r\n" .. gz:sub(1, 16) .. "\r\n0\r\n\r\n"
+            end
+            return head .. "Content-Length: 0\r\n\r\n"
+        end)
+        for _, path in ipairs({ "/length", "/chunked" }) do
+            local res = assert(http.get(base .. path, { decompress = true }))
+            assert.same({ 200, "" }, { res.status, res.body })
+            res = assert(http.get(base .. path, { decompress = true, stream = true }))
+            assert.same({ nil, nil }, { res:read() })
+        end
+        assert.same({ nil, "bad response" }, { http.get(base .. "/cut", { decompress = true }) })
+    end)
+
     it("refuses a body over max_body: too large", function()
         local big = string.rep("x", 100000)
         local base = serve(function(app)

@@ -876,7 +876,7 @@ local function next_piece(res)
         if not d then
             if err then return fail(res, err) end
             local z = res._z
-            if z then
+            if z and res._total > 0 then -- (an empty body is empty, whatever its encoding says)
                 local out, done = z:inflate("", res._max)
                 if not out then return fail(res, done == "too large" and done or "bad response") end
                 if not done then return fail(res, "bad response") end
