@@ -731,6 +731,21 @@ describe("moonlet.http redirects", function()
         assert.same("Bearer t", assert(http.get(here .. "/who", { headers = auth })).body)
         local userinfo = here:gsub("^http://", "http://ann:secret@")
         assert.same("Basic YW5uOnNlY3JldA==", assert(http.get(userinfo .. "/who")).body)
+        assert.same("nobody", assert(http.get(userinfo .. "/away", { redirects = 1 })).body)
+    end)
+
+    it("carries Authorization, and the URL's user:password, to the same origin", function()
+        local here = serve(function(app)
+            app:get("/dir", function(_, res) res:redirect("/dir/", 301) end)
+            app:get("/dir/", function(req) return req.headers.authorization or "nobody" end)
+        end)
+        local auth = { Authorization = "Bearer t" }
+        assert.same("Bearer t", assert(http.get(here .. "/dir", { headers = auth, redirects = 1 })).body)
+        local userinfo = here:gsub("^http://", "http://ann:secret@")
+        local res = assert(http.get(userinfo .. "/dir", { redirects = 1 }))
+        assert.same({ 200, "Basic YW5uOnNlY3JldA==" }, { res.status, res.body })
+        res = assert(http.get(userinfo .. "/dir", { headers = auth, redirects = 1 })) -- theirs wins
+        assert.same({ 200, "Bearer t" }, { res.status, res.body })
     end)
 
     it("turns POST into GET on 303 and keeps it on 307", function()

@@ -386,6 +386,7 @@ local BODY_HEADERS = { ["content-type"] = true, ["content-length"] = true, ["tra
 local CREDENTIAL_HEADERS = { authorization = true, cookie = true, ["proxy-authorization"] = true }
 local CONTENT_TYPE = { ["content-type"] = true }
 local PROXY_AUTHORIZATION = { ["proxy-authorization"] = true }
+local AUTHORIZATION = { authorization = true }
 
 -- A copy of headers without the fields whose lower-case names are keys of drop.
 local function without(headers, drop)
@@ -1203,8 +1204,12 @@ local function follow(u, method, target, headers, body, o, deadline, t0, max_red
     discard(res)
     local nu = parse_url(resolve(u, loc))
     if not nu then return nil, "bad redirect" end
-    if nu.key ~= u.key and headers then -- credentials stay with their origin
-        headers = without(headers, CREDENTIAL_HEADERS)
+    if nu.key ~= u.key then -- credentials stay with their origin
+        if headers then headers = without(headers, CREDENTIAL_HEADERS) end
+    elseif u.auth and not nu.auth and header_named(headers, "authorization") == nil then
+        -- the URL's user:password goes on within its origin (a relative Location has none)
+        headers = headers and without(headers, AUTHORIZATION) or {}
+        headers.Authorization = u.auth
     end
     return follow(nu, method, nu.target, headers, body, o, deadline, nil, max_redirects, count + 1)
 end
