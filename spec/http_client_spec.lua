@@ -465,6 +465,20 @@ describe("moonlet.http response parsing", function()
             end
         end)
 
+    it("refuses a 101 the request did not ask for, and streams the new protocol of one it did", function()
+        local base = raw_server(function(sock)
+            read_request(sock)
+            sock:send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\nfoo!")
+            sock:receive("*l") -- the switched connection stays open until the client closes it
+        end)
+        assert.same({ nil, "bad response" }, { http.get(base .. "/", { read_timeout = 2 }) })
+        local res = assert(http.get(base .. "/", { stream = true, headers = { Upgrade = "foo",
+                                                                               Connection = "Upgrade" } }))
+        assert.same({ 101, "foo!" }, { res.status, res:read() })
+        res:close()
+        assert.same(0, http.pool_stats().idle)
+    end)
+
     it("joins repeated (Set-Cookie by lines) and folded fields, frames by repeated equal lengths", function()
         local base = scripted_server({
             "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Fold: a\r\n  b\r\nContent-Length: 3\r\n"

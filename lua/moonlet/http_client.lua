@@ -1136,6 +1136,9 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
         end
         status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
     end
+    if status == 101 and header_named(headers, "upgrade") == nil then
+        status, reason = nil, "bad response" -- a switch of protocols nobody asked for (RFC 9110 7.8)
+    end
     if not status then
         close_conn(conn)
         -- only a connection the server closed is tried again: a timeout is the server's slowness,
