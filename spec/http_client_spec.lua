@@ -335,6 +335,30 @@ describe("moonlet.http", function()
         assert.same({ nil, "closed" }, { http.get(base2 .. "/") })
     end)
 
+    it("returns the answer a server gave before it closed on a request body still going out", function()
+        local base = raw_server(function(sock)
+            local never
+            repeat -- the head only
+                local l = sock:receive("*l")
+                never = never or l == "X-Never: 1"
+            until l == "" or not l
+            if never then return end
+            sock:send("HTTP/1.1 413 Too Large\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbig")
+        end) -- then closes, the body unread: the client's next sends fail
+        local piece, n = string.rep("x", 65536), 0
+        local res, err = http.post(base .. "/upload", function()
+            n = n + 1
+            if n <= 4096 then return piece end -- 256 MiB at most: far more than sockets buffer
+        end)
+        assert.same({ 413, "big", nil }, { res and res.status, res and res.body, err })
+        assert.truthy(n < 4096) -- the sends did fail
+        n = 0
+        assert.same({ nil, "closed" }, { http.post(base .. "/upload", function() -- no answer: closed
+            n = n + 1
+            if n <= 4096 then return piece end
+        end, { headers = { ["X-Never"] = "1" } }) })
+    end)
+
     it("reports a close-delimited body cut by a reset as closed, not as the whole body", function()
         local base = raw_server(function(sock)
             moonlet.sleep(0.05) -- the request is in; left unread, the close below is a reset

@@ -1122,8 +1122,14 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
         end
     end
     if not ok then
-        close_conn(conn)
-        return nil, err, err == "closed" and conn.reused > 0 and IDEMPOTENT[method] and not asked
+        local retry = err == "closed" and conn.reused > 0 and IDEMPOTENT[method] and not asked
+        if err ~= "closed" or retry then
+            close_conn(conn)
+            return nil, err, retry
+        end
+        -- the server closed while the request was going out: it may have answered first (a 413
+        -- to a large upload), and that answer is the response (else the read says "closed")
+        conn.keepalive = false
     end
     local is_head = method == "HEAD"
     local status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
