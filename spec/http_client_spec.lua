@@ -335,6 +335,30 @@ describe("moonlet.http", function()
         assert.same({ nil, "closed" }, { http.get(base2 .. "/") })
     end)
 
+    it("returns the answer a server gave before it closed on a request body still going out", function()
+        local base = raw_server(function(sock)
+            local never
+            repeat -- the head only
+                local l = sock:receive("*l")
+                never = never or l == "X-Never: 1"
+            until l == "" or not l
+            if never then return end
+            sock:send("HTTP/1.1 413 Too Large\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbig")
+        end) -- then closes, the body unread: the client's next sends fail
+        local piece, n = string.rep("x", 65536), 0
+        local res, err = http.post(base .. "/upload", function()
+            n = n + 1
+            if n <= 4096 then return piece end -- 256 MiB at most: far more than sockets buffer
+        end)
+        assert.same({ 413, "big", nil }, { res and res.status, res and res.body, err })
+        assert.truthy(n < 4096) -- the sends did fail
+        n = 0
+        assert.same({ nil, "closed" }, { http.post(base .. "/upload", function() -- no answer: closed
+            n = n + 1
+            if n <= 4096 then return piece end
+        end, { headers = { ["X-Never"] = "1" } }) })
+    end)
+
     it("reports a close-delimited body cut by a reset as closed, not as the whole body", function()
         local base = raw_server(function(sock)
             moonlet.sleep(0.05) -- the request is in; left unread, the close below is a reset
@@ -464,6 +488,20 @@ describe("moonlet.http response parsing", function()
                 assert.same(i, st.accepted)
             end
         end)
+
+    it("refuses a 101 the request did not ask for, and streams the new protocol of one it did", function()
+        local base = raw_server(function(sock)
+            read_request(sock)
+            sock:send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\nfoo!")
+            sock:receive("*l") -- the switched connection stays open until the client closes it
+        end)
+        assert.same({ nil, "bad response" }, { http.get(base .. "/", { read_timeout = 2 }) })
+        local res = assert(http.get(base .. "/", { stream = true, headers = { Upgrade = "foo",
+                                                                               Connection = "Upgrade" } }))
+        assert.same({ 101, "foo!" }, { res.status, res:read() })
+        res:close()
+        assert.same(0, http.pool_stats().idle)
+    end)
 
     it("joins repeated (Set-Cookie by lines) and folded fields, frames by repeated equal lengths", function()
         local base = scripted_server({
@@ -661,6 +699,18 @@ describe("moonlet.http keep-alive pool", function()
         assert.same(2, st.accepted)
     end)
 
+    it("does not send a request again when a reused connection times out", function()
+        local base, st = raw_server(function(sock)
+            read_request(sock)
+            sock:send(response(200, "first"))
+            read_request(sock) -- the second request on this connection is never answered
+            sock:receive("*l") -- until the client gives up and closes
+        end)
+        assert.same("first", assert(http.get(base .. "/")).body)
+        assert.same({ nil, "timeout" }, { http.get(base .. "/", { read_timeout = 0.2 }) })
+        assert.same(1, st.accepted) -- not sent again on a new connection
+    end)
+
     it("pools by origin: another port is another pool", function()
         local a = keepalive_server(function() return response(200, "a") end)
         local b = keepalive_server(function() return response(200, "b") end)
@@ -719,6 +769,21 @@ describe("moonlet.http redirects", function()
         assert.same("Bearer t", assert(http.get(here .. "/who", { headers = auth })).body)
         local userinfo = here:gsub("^http://", "http://ann:secret@")
         assert.same("Basic YW5uOnNlY3JldA==", assert(http.get(userinfo .. "/who")).body)
+        assert.same("nobody", assert(http.get(userinfo .. "/away", { redirects = 1 })).body)
+    end)
+
+    it("carries Authorization, and the URL's user:password, to the same origin", function()
+        local here = serve(function(app)
+            app:get("/dir", function(_, res) res:redirect("/dir/", 301) end)
+            app:get("/dir/", function(req) return req.headers.authorization or "nobody" end)
+        end)
+        local auth = { Authorization = "Bearer t" }
+        assert.same("Bearer t", assert(http.get(here .. "/dir", { headers = auth, redirects = 1 })).body)
+        local userinfo = here:gsub("^http://", "http://ann:secret@")
+        local res = assert(http.get(userinfo .. "/dir", { redirects = 1 }))
+        assert.same({ 200, "Basic YW5uOnNlY3JldA==" }, { res.status, res.body })
+        res = assert(http.get(userinfo .. "/dir", { headers = auth, redirects = 1 })) -- theirs wins
+        assert.same({ 200, "Bearer t" }, { res.status, res.body })
     end)
 
     it("turns POST into GET on 303 and keeps it on 307", function()
@@ -773,6 +838,26 @@ describe("moonlet.http bodies", function()
             return response(200, gz, { ["Content-Encoding"] = "gzip" })
         end)
         assert.is_true(assert(http.get(base .. "/", { decompress = true })).body == original)
+    end)
+
+    it("takes an empty gzip body as empty, whatever its framing, and a cut one as bad", function()
+        local gz = zlib.gzip(original)
+        local base = keepalive_server(function(req)
+            local head = "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
+            if req.target == "/chunked" then
+                return head .. "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            elseif req.target == "/cut" then
+                return head .. "Transfer-Encoding: chunked\r\n\r\n10\r\n" .. gz:sub(1, 16) .. "\r\n0\r\n\r\n"
+            end
+            return head .. "Content-Length: 0\r\n\r\n"
+        end)
+        for _, path in ipairs({ "/length", "/chunked" }) do
+            local res = assert(http.get(base .. path, { decompress = true }))
+            assert.same({ 200, "" }, { res.status, res.body })
+            res = assert(http.get(base .. path, { decompress = true, stream = true }))
+            assert.same({ nil, nil }, { res:read() })
+        end
+        assert.same({ nil, "bad response" }, { http.get(base .. "/cut", { decompress = true }) })
     end)
 
     it("refuses a body over max_body: too large", function()

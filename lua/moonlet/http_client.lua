@@ -386,6 +386,7 @@ local BODY_HEADERS = { ["content-type"] = true, ["content-length"] = true, ["tra
 local CREDENTIAL_HEADERS = { authorization = true, cookie = true, ["proxy-authorization"] = true }
 local CONTENT_TYPE = { ["content-type"] = true }
 local PROXY_AUTHORIZATION = { ["proxy-authorization"] = true }
+local AUTHORIZATION = { authorization = true }
 
 -- A copy of headers without the fields whose lower-case names are keys of drop.
 local function without(headers, drop)
@@ -876,7 +877,7 @@ local function next_piece(res)
         if not d then
             if err then return fail(res, err) end
             local z = res._z
-            if z then
+            if z and res._total > 0 then -- (an empty body is empty, whatever its encoding says)
                 local out, done = z:inflate("", res._max)
                 if not out then return fail(res, done == "too large" and done or "bad response") end
                 if not done then return fail(res, "bad response") end
@@ -1065,7 +1066,7 @@ local function respond(conn, u, target, o, status, reason, version, h, mode, len
 end
 
 -- One exchange on one connection: the response with its body framed (read when not streamed),
--- or nil, err, retry (true when a reused connection failed before the response started).
+-- or nil, err, retry (true when a reused connection turned out closed before the response started).
 local function exchange(u, method, target, headers, body, o, deadline, fresh, t0)
     local key = u.key
     local verify = o.verify ~= false
@@ -1121,8 +1122,14 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
         end
     end
     if not ok then
-        close_conn(conn)
-        return nil, err, conn.reused > 0 and IDEMPOTENT[method] and not asked
+        local retry = err == "closed" and conn.reused > 0 and IDEMPOTENT[method] and not asked
+        if err ~= "closed" or retry then
+            close_conn(conn)
+            return nil, err, retry
+        end
+        -- the server closed while the request was going out: it may have answered first (a 413
+        -- to a large upload), and that answer is the response (else the read says "closed")
+        conn.keepalive = false
     end
     local is_head = method == "HEAD"
     local status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
@@ -1135,9 +1142,15 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
         end
         status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
     end
+    if status == 101 and header_named(headers, "upgrade") == nil then
+        status, reason = nil, "bad response" -- a switch of protocols nobody asked for (RFC 9110 7.8)
+    end
     if not status then
         close_conn(conn)
-        return nil, reason, conn.reused > 0 and not conn.got and IDEMPOTENT[method] and replayable
+        -- only a connection the server closed is tried again: a timeout is the server's slowness,
+        -- and sending the request once more would double the wait and the server's work
+        return nil, reason, reason == "closed" and conn.reused > 0 and not conn.got
+            and IDEMPOTENT[method] and replayable
     end
     return respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp)
 end
@@ -1200,8 +1213,12 @@ local function follow(u, method, target, headers, body, o, deadline, t0, max_red
     discard(res)
     local nu = parse_url(resolve(u, loc))
     if not nu then return nil, "bad redirect" end
-    if nu.key ~= u.key and headers then -- credentials stay with their origin
-        headers = without(headers, CREDENTIAL_HEADERS)
+    if nu.key ~= u.key then -- credentials stay with their origin
+        if headers then headers = without(headers, CREDENTIAL_HEADERS) end
+    elseif u.auth and not nu.auth and header_named(headers, "authorization") == nil then
+        -- the URL's user:password goes on within its origin (a relative Location has none)
+        headers = headers and without(headers, AUTHORIZATION) or {}
+        headers.Authorization = u.auth
     end
     return follow(nu, method, nu.target, headers, body, o, deadline, nil, max_redirects, count + 1)
 end
