@@ -109,6 +109,7 @@ static mlua_task_t *take_stream(stream_t *s) {
   mlua_task_t *t = s->task;
   s->task = NULL;
   s->wait = W_NONE;
+  mlua_task_unwait(t); /* Lua may run before its resume: proc_close wakes up to four in turn */
   uv_timer_stop(&s->timer);
   if (s->reading) {
     uv_read_stop((uv_stream_t *)&s->pipe);
@@ -130,6 +131,7 @@ static mlua_task_t *stream_close(stream_t *s) {
 static mlua_task_t *take_waiter(proc_t *p) {
   mlua_task_t *t = p->wtask;
   p->wtask = NULL;
+  mlua_task_unwait(t);
   uv_timer_stop(&p->wtimer);
   return t;
 }

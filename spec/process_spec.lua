@@ -149,6 +149,25 @@ describe("moonlet.process", function()
         assert.same({ true, nil, "closed" }, { t:join(5) })
     end)
 
+    it("wakes each waiter once on close, even when the first one woken cancels another", function()
+        local p = assert(process.spawn{ "sleep", "30" })
+        local waiter, woken = nil, 0
+        local reader = moonlet.spawn(function()
+            local r = { p.stdout:receive("*a") }
+            return r[2], waiter:cancel() -- the waiter is woken by the close, not cancelled
+        end)
+        waiter = moonlet.spawn(function()
+            local r = { p:wait() }
+            woken = woken + 1
+            return r[1], r[2]
+        end)
+        moonlet.sleep(0.01)
+        p:close()
+        assert.same({ true, "closed", false }, { reader:join(5) })
+        assert.same({ true, nil, "closed" }, { waiter:join(5) })
+        assert.equal(1, woken)
+    end)
+
     it("times out a read with settimeout and stays usable", function()
         local p = assert(process.spawn{ "sh", "-c", "sleep 0.3; echo late" })
         test.defer(function() p:close() end)
