@@ -107,6 +107,17 @@ describe("moonlet.process", function()
         assert.has_error(function() process.spawn{ "ls", stdout = "bogus" } end)
     end)
 
+    it("raises on read sizes that are NaN or out of range, as sockets do", function()
+        local p = assert(process.spawn{ "printf", "abc" })
+        test.defer(function() p:close() end)
+        for _, size in ipairs({ math.huge, 1e300, 0 / 0, -1 }) do
+            assert.has_error(function() p:read(size) end)
+            assert.has_error(function() p.stdout:receive_any(size) end)
+        end
+        assert.same({ "ab" }, { p:read(2) })
+        assert.same({ "c" }, { p.stdout:receive_any(1e12) })
+    end)
+
     it("sets env on top of the parent's environment, and cwd", function()
         local dir = os.tmpname()
         os.remove(dir)
