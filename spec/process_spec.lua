@@ -118,6 +118,15 @@ describe("moonlet.process", function()
         assert.same({ "c" }, { p.stdout:receive_any(1e12) })
     end)
 
+    it("refuses an argument, env value or cwd with a NUL byte instead of cutting it", function()
+        assert.same({ nil, "invalid argument" }, { process.spawn{ "echo", "a\0b" } })
+        assert.same({ nil, "invalid argument" }, { process.spawn{ "env", env = { X = "a\0b" } } })
+        assert.same({ nil, "invalid argument" }, { process.spawn{ "pwd", cwd = "/tmp\0/x" } })
+        local p = assert(process.spawn{ "cat", stdin = "a\0b" }) -- data may hold any byte
+        test.defer(function() p:close() end)
+        assert.same({ "a\0b" }, { p:read("*a") })
+    end)
+
     it("sets env on top of the parent's environment, and cwd", function()
         local dir = os.tmpname()
         os.remove(dir)
