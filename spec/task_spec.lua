@@ -89,6 +89,21 @@ describe("moonlet.spawn", function()
         assert.is_true(t:is_done())
     end)
 
+    it("waits as long as it takes for a timeout of math.huge (no timer ends it at once)", function()
+        local t = moonlet.spawn(function() moonlet.sleep(0.02); return "done" end)
+        assert.same({ true, "done" }, { t:join(math.huge) })
+        assert.same({ "late" }, { moonlet.timeout(math.huge, function()
+            moonlet.sleep(0.02)
+            return "late"
+        end) })
+        local slept = false
+        assert.same({ nil, "timeout" }, { moonlet.timeout(0.05, function()
+            moonlet.sleep(math.huge)
+            slept = true
+        end) })
+        assert.is_false(slept)
+    end)
+
     it("joins a task that already finished", function()
         local t = moonlet.spawn(function() return 42 end)
         assert.same({ true, 42 }, { t:join() })
