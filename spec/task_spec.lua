@@ -71,6 +71,18 @@ describe("moonlet.sleep", function()
                     { after.tasks, after.resources, after.handles })
     end)
 
+    it("adds no resource or handle at the instance's first sleep(0): leak baselines hold", function()
+        local code, out = mtest.run_script([[
+            local moonlet = require "moonlet"
+            local core = require "moonlet.core"
+            local s0 = core.stats()
+            moonlet.sleep(0)
+            local s1 = core.stats()
+            io.write(s1.resources - s0.resources, " ", s1.handles - s0.handles, "\n")
+        ]])
+        assert.same({ 0, "0 0\n" }, { code, out })
+    end)
+
     it("raises when called from a coroutine of one's own", function()
         local co = coroutine.create(function() moonlet.sleep(0) end)
         local ok, err = coroutine.resume(co)

@@ -378,7 +378,6 @@ return _M
 
         it("leaves no state, job, resource, task or Lua memory behind", function()
             for _ = 1, 20 do moonlet.work(function(x) return x end, { 1 }) end -- warm up
-            moonlet.sleep(0) -- the instance's queue of 0 s parks, a resource made on first use
             settle()
             local before = test.settled_stats()
             local mem0 = collectgarbage("count")
