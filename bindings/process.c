@@ -35,6 +35,7 @@
 #include "readbuf.h"
 
 #define PROC_MT "moonlet.process"
+#define MAX_RECEIVE 1e12 /* a byte count beyond this (or NaN) is a mistake: raised, as by tcp.c */
 
 enum { W_NONE = 0, W_READ, W_WRITE };
 
@@ -109,6 +110,7 @@ static mlua_task_t *take_stream(stream_t *s) {
   mlua_task_t *t = s->task;
   s->task = NULL;
   s->wait = W_NONE;
+  mlua_task_unwait(t); /* Lua may run before its resume: proc_close wakes up to four in turn */
   uv_timer_stop(&s->timer);
   if (s->reading) {
     uv_read_stop((uv_stream_t *)&s->pipe);
@@ -130,6 +132,7 @@ static mlua_task_t *stream_close(stream_t *s) {
 static mlua_task_t *take_waiter(proc_t *p) {
   mlua_task_t *t = p->wtask;
   p->wtask = NULL;
+  mlua_task_unwait(t);
   uv_timer_stop(&p->wtimer);
   return t;
 }
@@ -427,7 +430,7 @@ static int p_receive(lua_State *L) {
   size_t want = 0;
   if (lua_type(L, 3) == LUA_TNUMBER) {
     lua_Number v = lua_tonumber(L, 3);
-    if (v < 0) return luaL_argerror(L, 3, "negative size");
+    if (!(v >= 0) || v > MAX_RECEIVE) return luaL_argerror(L, 3, "size out of range");
     mode = R_BYTES;
     want = (size_t)v;
   } else {
@@ -457,7 +460,7 @@ static int p_receive_any(lua_State *L) {
   proc_t *p = check_proc(L);
   stream_t *s = check_fd(L, p, 2);
   lua_Number max = luaL_checknumber(L, 3);
-  if (max < 1) return luaL_argerror(L, 3, "expected a positive size");
+  if (!(max >= 1) || max > MAX_RECEIVE) return luaL_argerror(L, 3, "expected a positive size");
   if (!p) return push_err(L, UV_EPIPE);
   if (s == &p->io[0]) return luaL_argerror(L, 2, "stdin is not readable");
   if (!s->used) return push_err(L, UV_EPIPE);

@@ -22,6 +22,10 @@
 
 /* how deep spawned tasks may nest on the C stack (each run is a lua_resume inside the last) */
 #define MAX_NESTED_RUNS 200
+/* the longest timer of a park, 31,000 years: a longer wait (math.huge) is as good as never, and its
+ * milliseconds would not fit in a uint64_t (the cast of infinity is undefined: 0 on x86-64, which
+ * ended moonlet.sleep(math.huge) and moonlet.timeout(math.huge, fn) at once) */
+#define MAX_PARK_MS 1e15
 
 typedef struct park_s {
   mlua_res_t res;
@@ -33,7 +37,7 @@ typedef struct park_s {
   struct mlua_yield_s *queued; /* that yield_t while it waits there, else NULL */
 } park_t;
 
-/* The instance's 0 s parks whose timers start in the next prepare phase; made on first use (the
+/* The instance's 0 s parks whose timers start in the next prepare phase; made when core opens (the
  * instance's `yield`), freed with the instance through its resources. */
 typedef struct mlua_yield_s {
   mlua_res_t res;
@@ -89,19 +93,26 @@ static void yield_res_close(mlua_res_t *r) {
   uv_close((uv_handle_t *)&y->prepare, yield_closed);
 }
 
+/* The instance's yield_t, made when core opens (so that it is in every leak check's baseline of
+ * core.stats(), not a resource and a handle more after the first 0 s park), else on first use.
+ * Returns NULL when out of memory. */
+static yield_t *yield_get(moonlet_t *m) {
+  yield_t *y = m->yield;
+  if (y) return y;
+  y = calloc(1, sizeof *y);
+  if (!y) return NULL;
+  y->m = m;
+  uv_prepare_init(m->loop, &y->prepare);
+  y->prepare.data = y;
+  mlua_res_link(m, &y->res, yield_res_close);
+  m->yield = y;
+  return y;
+}
+
 /* Queues p, a park of 0 s, for the next prepare phase. Returns 0 or UV_ENOMEM. */
 static int queue_zero(park_t *p) {
-  moonlet_t *m = p->m;
-  yield_t *y = m->yield;
-  if (!y) {
-    y = calloc(1, sizeof *y);
-    if (!y) return UV_ENOMEM;
-    y->m = m;
-    uv_prepare_init(m->loop, &y->prepare);
-    y->prepare.data = y;
-    mlua_res_link(m, &y->res, yield_res_close);
-    m->yield = y;
-  }
+  yield_t *y = yield_get(p->m);
+  if (!y) return UV_ENOMEM;
   p->queued = y;
   p->prev = NULL;
   p->next = y->head;
@@ -147,7 +158,8 @@ static int park(lua_State *L, mlua_task_t *t, double secs, int wakeable) {
     p->wakeable = wakeable;
     uv_timer_init(m->loop, &p->timer);
     p->timer.data = p;
-    uint64_t ms = (uint64_t)(secs * 1000.0 + 0.5);
+    double d = secs * 1000.0 + 0.5;
+    uint64_t ms = (uint64_t)(d < MAX_PARK_MS ? d : MAX_PARK_MS);
     if (ms == 0 && queue_zero(p) == 0) {
       /* its timer starts in the prepare phase: the loop polls before the park ends (top) */
     } else {
@@ -253,6 +265,7 @@ void mlua_open_task(lua_State *L, moonlet_t *m) {
                                  {"call_unrecorded", l_call_unrecorded},
                                  {NULL, NULL}};
   mlua_register(L, m, fns);
+  yield_get(m); /* (out of memory: made on first use) */
   lua_pushlightuserdata(L, &mlua_cancel_key);
   lua_setfield(L, -2, "CANCEL");
   /* core.running_request: the address of a double, the HTTP request the running task works for

@@ -277,6 +277,14 @@ describe("request deadlines", function()
         assert.is_nil(data:find("0\r\n\r\n", 1, true)) -- no last chunk: the client sees a cut body
     end)
 
+    it("never cuts a request under a deadline of math.huge", function()
+        local app = moonlet.app({ deadline = math.huge })
+        app:get("/", function() moonlet.sleep(0.01); return "in time" end)
+        local port = test.serving(app)
+        local resp = test.request(port, "GET", "/")
+        assert.same({ 200, "in time" }, { resp.status, resp.body })
+    end)
+
     it("refuses a deadline that is not a positive number", function()
         assert.has_error(function() moonlet.app({ deadline = "soon" }) end)
         assert.has_error(function() moonlet.app():get("/", function() end, { deadline = 0 }) end)

@@ -125,6 +125,24 @@ describe("moonlet.fs", function()
         assert.same({ nil, "directory not empty", "ENOTEMPTY" }, { fs.remove(dir) })
     end)
 
+    it("refuses a path with a NUL byte instead of using the part before it", function()
+        local p = dir .. "/a.txt"
+        assert.is_true(fs.write(p, "secret"))
+        local bad = p .. "\0.png"
+        local einval = { nil, "invalid argument", "EINVAL" }
+        assert.same(einval, { fs.read(bad) })
+        assert.same(einval, { fs.write(dir .. "/b.txt\0.png", "x") })
+        assert.same(einval, { fs.append(bad, "x") })
+        assert.same(einval, { fs.stat(bad) })
+        assert.same(einval, { fs.list(dir .. "\0") })
+        assert.same(einval, { fs.mkdir(dir .. "/d\0x") })
+        assert.same(einval, { fs.remove(bad) })
+        assert.same(einval, { fs.rename(bad, dir .. "/c.txt") })
+        assert.same(einval, { fs.rename(p, dir .. "/c.txt\0") })
+        assert.same({ "a.txt" }, fs.list(dir))
+        assert.same({ "secret" }, { fs.read(p) })
+    end)
+
     it("returns nil, permission denied", function()
         local p = dir .. "/secret"
         assert.is_true(fs.write(p, "s"))

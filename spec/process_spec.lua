@@ -107,6 +107,26 @@ describe("moonlet.process", function()
         assert.has_error(function() process.spawn{ "ls", stdout = "bogus" } end)
     end)
 
+    it("raises on read sizes that are NaN or out of range, as sockets do", function()
+        local p = assert(process.spawn{ "printf", "abc" })
+        test.defer(function() p:close() end)
+        for _, size in ipairs({ math.huge, 1e300, 0 / 0, -1 }) do
+            assert.has_error(function() p:read(size) end)
+            assert.has_error(function() p.stdout:receive_any(size) end)
+        end
+        assert.same({ "ab" }, { p:read(2) })
+        assert.same({ "c" }, { p.stdout:receive_any(1e12) })
+    end)
+
+    it("refuses an argument, env value or cwd with a NUL byte instead of cutting it", function()
+        assert.same({ nil, "invalid argument" }, { process.spawn{ "echo", "a\0b" } })
+        assert.same({ nil, "invalid argument" }, { process.spawn{ "env", env = { X = "a\0b" } } })
+        assert.same({ nil, "invalid argument" }, { process.spawn{ "pwd", cwd = "/tmp\0/x" } })
+        local p = assert(process.spawn{ "cat", stdin = "a\0b" }) -- data may hold any byte
+        test.defer(function() p:close() end)
+        assert.same({ "a\0b" }, { p:read("*a") })
+    end)
+
     it("sets env on top of the parent's environment, and cwd", function()
         local dir = os.tmpname()
         os.remove(dir)
@@ -147,6 +167,25 @@ describe("moonlet.process", function()
         assert.same({ nil, "busy" }, { p.stdout:receive("*l") })
         p:close()
         assert.same({ true, nil, "closed" }, { t:join(5) })
+    end)
+
+    it("wakes each waiter once on close, even when the first one woken cancels another", function()
+        local p = assert(process.spawn{ "sleep", "30" })
+        local waiter, woken = nil, 0
+        local reader = moonlet.spawn(function()
+            local r = { p.stdout:receive("*a") }
+            return r[2], waiter:cancel() -- the waiter is woken by the close, not cancelled
+        end)
+        waiter = moonlet.spawn(function()
+            local r = { p:wait() }
+            woken = woken + 1
+            return r[1], r[2]
+        end)
+        moonlet.sleep(0.01)
+        p:close()
+        assert.same({ true, "closed", false }, { reader:join(5) })
+        assert.same({ true, nil, "closed" }, { waiter:join(5) })
+        assert.equal(1, woken)
     end)
 
     it("times out a read with settimeout and stays usable", function()

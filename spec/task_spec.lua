@@ -71,6 +71,18 @@ describe("moonlet.sleep", function()
                     { after.tasks, after.resources, after.handles })
     end)
 
+    it("adds no resource or handle at the instance's first sleep(0): leak baselines hold", function()
+        local code, out = mtest.run_script([[
+            local moonlet = require "moonlet"
+            local core = require "moonlet.core"
+            local s0 = core.stats()
+            moonlet.sleep(0)
+            local s1 = core.stats()
+            io.write(s1.resources - s0.resources, " ", s1.handles - s0.handles, "\n")
+        ]])
+        assert.same({ 0, "0 0\n" }, { code, out })
+    end)
+
     it("raises when called from a coroutine of one's own", function()
         local co = coroutine.create(function() moonlet.sleep(0) end)
         local ok, err = coroutine.resume(co)
@@ -87,6 +99,21 @@ describe("moonlet.spawn", function()
         end, 2, 3)
         assert.same({ true, 5, "sum" }, { t:join() })
         assert.is_true(t:is_done())
+    end)
+
+    it("waits as long as it takes for a timeout of math.huge (no timer ends it at once)", function()
+        local t = moonlet.spawn(function() moonlet.sleep(0.02); return "done" end)
+        assert.same({ true, "done" }, { t:join(math.huge) })
+        assert.same({ "late" }, { moonlet.timeout(math.huge, function()
+            moonlet.sleep(0.02)
+            return "late"
+        end) })
+        local slept = false
+        assert.same({ nil, "timeout" }, { moonlet.timeout(0.05, function()
+            moonlet.sleep(math.huge)
+            slept = true
+        end) })
+        assert.is_false(slept)
     end)
 
     it("joins a task that already finished", function()

@@ -14,6 +14,7 @@ local raw_wait, raw_kill, raw_close = raw.wait, raw.kill, raw.close
 local raw_receive, raw_receive_any, raw_settimeout = raw.receive, raw.receive_any, raw.settimeout
 local raw_write, raw_close_stdin, raw_status = raw.write, raw.close_stdin, raw.status
 local type, tostring, error, setmetatable, pairs = type, tostring, error, setmetatable, pairs
+local str_find = string.find
 local core_environ = core.process_environ
 
 local _M = { _VERSION = "0.1.0" }
@@ -156,6 +157,14 @@ local function environment(env)
 end
 _M._environment = environment
 
+-- Does a string of list hold a NUL byte?
+local function has_nul(list)
+    for i = 1, #list do
+        if str_find(list[i], "\0", 1, true) then return true end
+    end
+    return false
+end
+
 -- syntax: p, err = moonlet.process.spawn{ "cmd", "arg", ..., stdin = "text" | "pipe" | "ignore",
 --                                         stdout =, stderr = "pipe" | "inherit" | "ignore",
 --                                         env = { K = "v" }, cwd = "dir", timeout = seconds }
@@ -173,6 +182,7 @@ function _M.spawn(opts)
         end
         argv[i] = tostring(a)
     end
+    local bad = has_nul(argv) or (type(opts.cwd) == "string" and str_find(opts.cwd, "\0", 1, true))
     local stdin_data, stdin_mode = nil, "pipe"
     if type(opts.stdin) == "string" and opts.stdin ~= "pipe" and opts.stdin ~= "ignore"
         and opts.stdin ~= "inherit" then
@@ -184,6 +194,7 @@ function _M.spawn(opts)
     if env ~= nil then
         if type(env) ~= "table" then error("moonlet.process.spawn: env must be a table", 2) end
         env = environment(env)
+        bad = bad or has_nul(env)
     end
     if opts.cwd ~= nil and type(opts.cwd) ~= "string" then
         error("moonlet.process.spawn: cwd must be a string", 2)
@@ -191,6 +202,9 @@ function _M.spawn(opts)
     if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
         error("moonlet.process.spawn: timeout must be a number", 2)
     end
+    -- a NUL would end the C string there: the child would get another argument, variable or
+    -- directory than the one given (execve cannot pass one), so the spawn is refused
+    if bad then return nil, "invalid argument" end
     local ud, pid = core_spawn(argv, env, opts.cwd, stdin_data, opts.timeout, stdin_mode,
         stdio_opt(opts.stdout, "stdout"), stdio_opt(opts.stderr, "stderr"))
     if not ud then return nil, pid end
