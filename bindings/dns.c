@@ -191,7 +191,7 @@ static int l_resolve(lua_State *L) {
     d->timer.data = d;
     d->timer_open = 1;
     uv_update_time(m->loop);
-    uv_timer_start(&d->timer, on_timeout, (uint64_t)(timeout * 1000.0 + 0.5), 0);
+    uv_timer_start(&d->timer, on_timeout, mlua_ms(timeout), 0);
   }
   return mlua_task_wait(L, t, lookup_cancel, d);
 }

@@ -59,7 +59,7 @@ static int l_fswatch(lua_State *L) {
   lua_setmetatable(L, -2);
   watch_t *w = calloc(1, sizeof *w);
   if (!w) return luaL_error(L, "moonlet: out of memory");
-  w->fw = ml_fswatch_new(m->loop, (uint64_t)(secs * 1000.0 + 0.5), on_change, w);
+  w->fw = ml_fswatch_new(m->loop, mlua_ms(secs), on_change, w);
   if (!w->fw) {
     free(w);
     return luaL_error(L, "moonlet: out of memory");

@@ -151,6 +151,14 @@ void mlua_task_unwait(mlua_task_t *t);
  * the loop from ever polling (signals included). Parks of 0 s take another way (task.c: the next
  * prepare phase). */
 static inline uint64_t mlua_wait_ms(uint64_t ms) { return ms ? ms : 1; }
+/* Seconds (a Lua number) as whole milliseconds, rounded: 0 for NaN and what rounds below 1; at
+ * most 1e15 (31,000 years: a longer wait, math.huge's, is as good as never, and the cast of a
+ * double beyond uint64_t's range is undefined: infinity became 0 on x86-64, a wait that ended at
+ * once). */
+static inline uint64_t mlua_ms(double secs) {
+  double d = secs * 1000.0 + 0.5;
+  return !(d >= 1.0) ? 0 : d < 1e15 ? (uint64_t)d : (uint64_t)1e15;
+}
 #define MLUA_NOT_YIELDABLE                                                                         \
   "moonlet: cannot wait here: a C function (such as table.sort's comparator or require) is "       \
   "between this call and the task"

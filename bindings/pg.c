@@ -793,7 +793,7 @@ static pgc_t *check_conn(lua_State *L) {
 static int64_t to_ms(lua_State *L, int idx) {
   if (lua_isnoneornil(L, idx)) return -1;
   double secs = luaL_checknumber(L, idx);
-  return secs <= 0 ? 0 : (int64_t)(secs * 1000.0 + 0.5);
+  return secs <= 0 ? 0 : (int64_t)mlua_ms(secs);
 }
 
 static int busy(lua_State *L) {

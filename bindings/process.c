@@ -210,7 +210,7 @@ static proc_t *check_proc(lua_State *L) {
 static int64_t to_ms(lua_State *L, int idx) {
   if (lua_isnoneornil(L, idx)) return -1;
   double secs = luaL_checknumber(L, idx);
-  return secs <= 0 ? 0 : (int64_t)(secs * 1000.0 + 0.5);
+  return secs <= 0 ? 0 : (int64_t)mlua_ms(secs);
 }
 
 static void start_timer(uv_timer_t *timer, uv_timer_cb cb, int64_t ms) {

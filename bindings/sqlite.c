@@ -687,7 +687,7 @@ static int l_open(lua_State *L) {
     return 2;
   }
   sqlite3_extended_result_codes(conn, 0);
-  sqlite3_busy_timeout(conn, busy <= 0 ? 0 : (int)(busy * 1000.0 + 0.5));
+  sqlite3_busy_timeout(conn, busy <= 0 ? 0 : busy >= 2e6 ? 2000000000 : (int)(busy * 1000.0 + 0.5));
   int memory = strcmp(path, ":memory:") == 0 || path[0] == '\0';
   rc = open_exec(conn, "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL");
   if (rc == SQLITE_OK && !memory) rc = open_exec(conn, "PRAGMA journal_mode = WAL");

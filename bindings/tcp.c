@@ -299,7 +299,7 @@ static int push_sock_error(lua_State *L, sock_t *s, int e) {
 static int64_t to_ms(lua_State *L, int idx) {
   if (lua_isnoneornil(L, idx)) return -1;
   double secs = luaL_checknumber(L, idx);
-  return secs <= 0 ? 0 : (int64_t)(secs * 1000.0 + 0.5);
+  return secs <= 0 ? 0 : (int64_t)mlua_ms(secs);
 }
 
 static void on_rtimeout(uv_timer_t *h);

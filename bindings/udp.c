@@ -369,7 +369,7 @@ static int u_recvfrom(lua_State *L) {
   int64_t ms = u ? u->timeout_ms : -1;
   if (!lua_isnoneornil(L, 2)) {
     double secs = luaL_checknumber(L, 2);
-    ms = secs <= 0 ? 0 : (int64_t)(secs * 1000.0 + 0.5);
+    ms = secs <= 0 ? 0 : (int64_t)mlua_ms(secs);
   }
   if (!u) return push_err(L, UV_EPIPE);
   if (u->task) {
@@ -396,7 +396,7 @@ static int u_settimeout(lua_State *L) {
   int64_t ms = -1;
   if (!lua_isnoneornil(L, 2)) {
     double secs = luaL_checknumber(L, 2);
-    ms = secs <= 0 ? 0 : (int64_t)(secs * 1000.0 + 0.5);
+    ms = secs <= 0 ? 0 : (int64_t)mlua_ms(secs);
   }
   if (u) u->timeout_ms = ms;
   return 0;

@@ -810,9 +810,9 @@ static void read_settings(lua_State *L, int idx, ws_t *ws) {
     lua_pop(L, 5);
   }
   ml_ws_parser_init(&ws->parser, !ws->client, max_message);
-  ws->ping_interval = ping > 0 ? (uint64_t)(ping * 1000) : 0;
-  ws->idle_timeout = idle > 0 ? (uint64_t)(idle * 1000) : 0;
-  ws->close_timeout = close_to > 0 ? (uint64_t)(close_to * 1000) : 1;
+  ws->ping_interval = ping > 0 ? mlua_ms(ping) : 0;
+  ws->idle_timeout = idle > 0 ? mlua_ms(idle) : 0;
+  ws->close_timeout = close_to > 0 ? mlua_ms(close_to) : 1;
 }
 
 /* The deflate wishes of opts.deflate (true or a table), or 0 when it is off. */
@@ -1298,7 +1298,7 @@ static int l_connect(lua_State *L) {
   }
   if (timeout > 0) {
     uv_update_time(m->loop);
-    uv_timer_start(&ws->io->timer, client_timer_cb, (uint64_t)(timeout * 1000), 0);
+    uv_timer_start(&ws->io->timer, client_timer_cb, mlua_ms(timeout), 0);
   }
   ws->io->connecter.task = t;
   return mlua_task_wait(L, t, wait_cancel, &ws->io->connecter);
@@ -1328,7 +1328,7 @@ static int w_receive(lua_State *L) {
   ws->reader.task = t;
   if (timeout > 0) {
     uv_update_time(ws->m->loop);
-    ws->reader.deadline = uv_now(ws->m->loop) + (uint64_t)(timeout * 1000 + 0.5);
+    ws->reader.deadline = uv_now(ws->m->loop) + mlua_ms(timeout);
     if (!ws->reader.deadline) ws->reader.deadline = 1;
     wtimer_arm(ws);
   }
@@ -1424,7 +1424,7 @@ static int w_ping(lua_State *L) {
   uv_update_time(ws->m->loop);
   ws->pinger.task = t;
   ws->pinger.started = started;
-  ws->pinger.deadline = uv_now(ws->m->loop) + (uint64_t)(timeout * 1000 + 0.5);
+  ws->pinger.deadline = uv_now(ws->m->loop) + mlua_ms(timeout);
   wtimer_arm(ws);
   return mlua_task_wait(L, t, wait_cancel, &ws->pinger);
 }
