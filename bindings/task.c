@@ -22,10 +22,6 @@
 
 /* how deep spawned tasks may nest on the C stack (each run is a lua_resume inside the last) */
 #define MAX_NESTED_RUNS 200
-/* the longest timer of a park, 31,000 years: a longer wait (math.huge) is as good as never, and its
- * milliseconds would not fit in a uint64_t (the cast of infinity is undefined: 0 on x86-64, which
- * ended moonlet.sleep(math.huge) and moonlet.timeout(math.huge, fn) at once) */
-#define MAX_PARK_MS 1e15
 
 typedef struct park_s {
   mlua_res_t res;
@@ -158,8 +154,7 @@ static int park(lua_State *L, mlua_task_t *t, double secs, int wakeable) {
     p->wakeable = wakeable;
     uv_timer_init(m->loop, &p->timer);
     p->timer.data = p;
-    double d = secs * 1000.0 + 0.5;
-    uint64_t ms = (uint64_t)(d < MAX_PARK_MS ? d : MAX_PARK_MS);
+    uint64_t ms = mlua_ms(secs); /* (math.huge: clamped, as good as never) */
     if (ms == 0 && queue_zero(p) == 0) {
       /* its timer starts in the prepare phase: the loop polls before the park ends (top) */
     } else {

@@ -33,17 +33,23 @@ end)
 return app
 ]=]
 
+-- A moonlet process serving the app `src` (from a file of its own); stopped when the test ends.
+local function serve(src)
+    local dir = test.make_dir()
+    defer(function() test.remove_dir(dir) end)
+    local app = dir .. "/app.lua"
+    test.write_file(app, src)
+    local p = test.start_process("--port 0 " .. app)
+    defer(function()
+        p:signal("TERM")
+        p:wait()
+    end)
+    return p
+end
+
 describe("libraries opened on first use", function()
     it("maps none of OpenSSL, SQLite, PCRE2, zlib and libpq until a handler needs each", function()
-        local dir = test.make_dir()
-        defer(function() test.remove_dir(dir) end)
-        local app = dir .. "/app.lua"
-        test.write_file(app, APP)
-        local p = test.start_process("--port 0 " .. app)
-        defer(function()
-            p:signal("TERM")
-            p:wait()
-        end)
+        local p = serve(APP)
         local port = p:port()
         local function mapped()
             local f = assert(io.open("/proc/" .. p:pid() .. "/maps"))
@@ -80,10 +86,7 @@ describe("libraries opened on first use", function()
     end)
 
     it("loads moonlet.tcp, dns, cookie and multipart only when the app uses them (idle memory)", function()
-        local dir = test.make_dir()
-        defer(function() test.remove_dir(dir) end)
-        local app = dir .. "/app.lua"
-        test.write_file(app, [[
+        local p = serve([[
 local moonlet = require "moonlet"
 local app = moonlet.app()
 local NAMES = { "moonlet.tcp", "moonlet.dns", "moonlet.cookie", "moonlet.multipart" }
@@ -95,11 +98,6 @@ end)
 app:get("/cookie", function(req) return req.cookies.a end)
 return app
 ]])
-        local p = test.start_process("--port 0 " .. app)
-        defer(function()
-            p:signal("TERM")
-            p:wait()
-        end)
         local port = p:port()
         local r = test.request(port, "GET", "/loaded")
         assert.same({ 200, "" }, { r.status, r.body })
