@@ -228,6 +228,9 @@ return app
 ]]))
         test.defer(function() p:kill() end)
         local port = p:port()
+        -- both workers serving first (p:port() returns at the first one's line; under load the
+        -- second may still be starting, and every connection would go to the first)
+        assert.truthy(pids_when(port), p:output())
         local by_worker, counts = {}, {}
         local function hit(times)
             for _ = 1, times do
