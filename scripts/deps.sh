@@ -2,8 +2,8 @@
 # scripts/deps.sh [build|test]: checks the Debian packages moonlet needs and installs the missing
 # ones with apt-get when run as root (else prints the apt-get line and fails). `build` (the default,
 # what `make` and `make run` use) is what building and serving need; `test` (what `make test` uses)
-# adds the servers and peers the specs drive: PostgreSQL, Redis, Node's ws, Python's websockets,
-# Chromium.
+# adds the servers and peers the specs drive: PostgreSQL, Redis, memcached, Debian's lua-resty
+# drivers, Node's ws, Python's websockets, Chromium.
 # LuaJIT comes as luajit2 (OpenResty's LuaJIT 2.1 branch): Debian's nginx Lua module needs it and it
 # conflicts with the plain libluajit-5.1 package, so one LuaJIT serves both moonlet and its rival.
 # lua-cjson-dev is there for its static archive, which `make static` links in.
@@ -18,8 +18,11 @@ peers() { :; }
 if [ "$PROFILE" = test ]; then
   # database servers the specs start privately, and sqlite3 for inspecting test databases
   PKGS="$PKGS sqlite3 postgresql redis-server"
-  # Debian's lua-resty-redis (module nginx.redis), run unmodified by spec/ngx_spec.lua
-  PKGS="$PKGS lua-nginx-redis"
+  # Debian's lua-resty drivers (modules nginx.redis, nginx.memcached, nginx.websocket.*,
+  # nginx.dns.resolver, resty.lrucache), run unmodified by spec/ngx_spec.lua and
+  # spec/ngx_drivers_spec.lua, and the memcached server the memcached driver talks to
+  PKGS="$PKGS lua-nginx-redis lua-nginx-memcached lua-nginx-websocket lua-nginx-dns"
+  PKGS="$PKGS lua-resty-lrucache memcached"
   # WebSocket peers and the chat's browser test (spec/peers): Python's websockets, Debian's
   # chromium, and node + npm unless a node is already on PATH (NodeSource's nodejs bundles npm)
   PKGS="$PKGS python3-websockets chromium"

@@ -488,6 +488,31 @@ describe("moonlet.ngx", function()
         assert.equal(20, #ngx.hmac_sha1("key", "data"))
     end)
 
+    it("encodes and decodes query arguments, CRC-32s and quotes SQL strings", function()
+        assert.equal("a=1&b=x%20y&b=z&c&k%26=v%3D",
+                     ngx.encode_args({ a = 1, b = { "x y", "z" }, c = true, d = false, ["k&"] = "v=" }))
+        assert.equal("", ngx.encode_args({}))
+        assert.has_error(function() ngx.encode_args("a=1") end,
+                         "moonlet.ngx: ngx.encode_args expects a table")
+        assert.has_error(function() ngx.encode_args({ a = {} , b = print }) end)
+        assert.same({ a = "1", b = { "x y", "z" }, c = true, ["k&"] = "v=", p = "a b", e = "" },
+                    ngx.decode_args("a=1&b=x%20y&b=z&c&k%26=v%3D&p=a+b&e="))
+        assert.same({ a = "1", b = "2" }, ngx.decode_args("a=1&b=2&c=3", 2))
+        local many = {}
+        for i = 1, 150 do many[i] = "k" .. i .. "=v" end
+        local n = 0
+        for _ in pairs(ngx.decode_args(table.concat(many, "&"))) do n = n + 1 end
+        assert.equal(100, n) -- OpenResty's default limit
+        n = 0
+        for _ in pairs(ngx.decode_args(table.concat(many, "&"), 0)) do n = n + 1 end
+        assert.equal(150, n)
+        -- zlib's crc32 ("The quick brown fox ...": 0x414FA339)
+        assert.equal(0, ngx.crc32_short(""))
+        assert.equal(907060870, ngx.crc32_short("hello"))
+        assert.equal(0x414FA339, ngx.crc32_long("The quick brown fox jumps over the lazy dog"))
+        assert.equal([['it\'s a \"test\"\n\0\\\Z']], ngx.quote_sql_str("it's a \"test\"\n\0\\\26"))
+    end)
+
     describe("ngx.re", function()
         it("matches with captures, ctx.pos and options", function()
             local m = ngx.re.match("hello, 1234 world", "([a-z]+), (\\d+)")

@@ -2,14 +2,15 @@
 -- drivers (lua-resty-redis, ...) run unmodified. Unlike moonlet's other modules, requiring this
 -- one has a side effect, the one it exists for: it installs the global `ngx` (unless a global
 -- `ngx` exists already: inside OpenResty it leaves the real one alone) and lets
--- `require "resty.redis"` find Debian's nginx.redis. require("moonlet.ngx").install() sets the
+-- `require "resty.redis"` find Debian's nginx.redis (any resty.X, nginx.X). install() sets the
 -- global in any case (replacing one) and returns the table; get() returns the table.
 --
 -- ngx.socket.tcp() objects are Lua tables wrapping a moonlet.tcp socket (created by :connect).
 -- Timeouts are OpenResty's milliseconds here, converted to moonlet's seconds. :setkeepalive puts
 -- the socket in moonlet.tcp_pool (the one keep-alive pool, shared with moonlet.tcp), keyed by
 -- "host:port" (or opts.pool).
--- ngx.thread runs on moonlet tasks. ngx.re is OpenResty's API on PCRE2, OpenResty's own regex
+-- ngx.thread and ngx.timer run on moonlet tasks (a graceful stop runs pending timers premature:
+-- see the timer section). ngx.re is OpenResty's API on PCRE2, OpenResty's own regex
 -- library, through moonlet.core (bindings/regex.c, which owns the compiled regexes and their
 -- per-instance cache); require "ngx.re" gives lua-resty-core's split. Hashes are OpenSSL calls of
 -- moonlet.core (core.digest, core.hmac).
@@ -35,6 +36,9 @@ local _M = { _VERSION = "0.1.0" }
 
 local DEFAULT_TIMEOUT_MS = 60000 -- lua_socket_{connect,send,read,keepalive}_timeout
 local DEFAULT_POOL_SIZE = 30     -- lua_socket_pool_size
+-- lua_ssl_trusted_certificate (install's option): the CA file a verifying sslhandshake trusts (nil:
+-- the system store)
+local trusted_certificate = nil
 
 local function pack(...)
     return { n = select("#", ...), ... }
@@ -114,6 +118,7 @@ end
 
 -- syntax: session, err = sock:sslhandshake(reused_session, server_name, ssl_verify)
 -- ssl_verify defaults to false, as in OpenResty; the session returned is `true` (no resumption).
+-- A verifying handshake trusts install's lua_ssl_trusted_certificate, else the system store.
 function tcp_methods:sslhandshake(_, server_name, ssl_verify)
     local s = rawget(self, "_sock")
     if not s then return nil, "closed" end
@@ -121,7 +126,9 @@ function tcp_methods:sslhandshake(_, server_name, ssl_verify)
         error("moonlet.ngx: sslhandshake expects a server name string", 2)
     end
     -- true at once on a pooled connection that did its handshake already
-    local ok, err = s:sslhandshake(nil, server_name, ssl_verify and true or false)
+    local verify = ssl_verify and true or false
+    if verify and trusted_certificate then verify = { verify = true, cafile = trusted_certificate } end
+    local ok, err = s:sslhandshake(nil, server_name, verify)
     if not ok then
         self._sock = nil -- a failed handshake closed it
         return nil, err
@@ -648,6 +655,167 @@ local function unescape_uri(s)
     return (gsub(s, "%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
 end
 
+-- syntax: s = ngx.encode_args({ a = 1, b = { "x", "y" }, c = true }) -- "a=1&b=x&b=y&c", keys
+-- sorted (OpenResty follows the table's order, which Lua does not fix); false values left out
+local function encode_args(t)
+    if type(t) ~= "table" then error("moonlet.ngx: ngx.encode_args expects a table", 2) end
+    local keys = {}
+    for k in pairs(t) do
+        if type(k) ~= "string" then error("moonlet.ngx: ngx.encode_args: bad key type: " .. type(k), 2) end
+        keys[#keys + 1] = k
+    end
+    table.sort(keys)
+    local out = {}
+    local function add(k, v)
+        local tv = type(v)
+        if v == true then
+            out[#out + 1] = escape_uri(k)
+        elseif tv == "string" or tv == "number" then
+            out[#out + 1] = escape_uri(k) .. "=" .. escape_uri(tostring(v))
+        elseif v ~= false then
+            error("moonlet.ngx: ngx.encode_args: bad argument value type: " .. tv, 4)
+        end
+    end
+    for _, k in ipairs(keys) do
+        local v = t[k]
+        if type(v) == "table" then
+            for i = 1, #v do add(k, v[i]) end
+        else
+            add(k, v)
+        end
+    end
+    return concat(out, "&")
+end
+
+-- syntax: t = ngx.decode_args(s, max_args) -- { a = "1", b = { "x", "y" }, c = true }; at most
+-- max_args (100; 0: no limit) arguments, as OpenResty
+local function decode_args(s, max_args)
+    s = str_arg(s, "decode_args")
+    max_args = max_args or 100
+    local t, n = {}, 0
+    for part in s:gmatch("[^&]+") do
+        if max_args > 0 and n >= max_args then break end
+        n = n + 1
+        local k, v = part:match("^([^=]*)=(.*)$")
+        if k then v = unescape_uri(v) else k, v = part, true end
+        k = unescape_uri(k)
+        local old = t[k]
+        if old == nil then
+            t[k] = v
+        elseif type(old) == "table" then
+            old[#old + 1] = v
+        else
+            t[k] = { old, v }
+        end
+    end
+    return t
+end
+
+-- CRC-32 (IEEE, zlib's): ngx.crc32_short and ngx.crc32_long are the same checksum in OpenResty
+local crc_table
+local function crc32(s)
+    s = str_arg(s, "crc32_long")
+    local bxor, band, rshift, bnot = bit.bxor, bit.band, bit.rshift, bit.bnot
+    if not crc_table then
+        crc_table = {}
+        for i = 0, 255 do
+            local c = i
+            for _ = 1, 8 do
+                if band(c, 1) == 1 then c = bxor(0xEDB88320, rshift(c, 1)) else c = rshift(c, 1) end
+            end
+            crc_table[i] = c
+        end
+    end
+    local c = bnot(0)
+    for i = 1, #s do c = bxor(crc_table[band(bxor(c, byte(s, i)), 0xFF)], rshift(c, 8)) end
+    c = bnot(c)
+    if c < 0 then c = c + 4294967296 end
+    return c
+end
+
+local SQL_ESCAPES = { ["\0"] = "\\0", ["\b"] = "\\b", ["\n"] = "\\n", ["\r"] = "\\r",
+                      ["\t"] = "\\t", ["\26"] = "\\Z", ["\\"] = "\\\\", ["'"] = "\\'",
+                      ['"'] = '\\"' }
+
+-- syntax: s = ngx.quote_sql_str(raw) -- a MySQL string literal, quotes included
+local function quote_sql_str(s)
+    s = str_arg(s, "quote_sql_str")
+    return "'" .. gsub(s, "[%z\b\n\r\t\26\\'\"]", SQL_ESCAPES) .. "'"
+end
+
+-- -- ngx.timer --------------------------------------------------------------------------------
+-- A timer is a moonlet task that sleeps, then runs the callback in a task of its own (an every
+-- timer's next run does not wait for a slow callback, as in OpenResty). timers_pending holds a
+-- timer while it sleeps; timers_running counts callbacks under way. The first timer adds a
+-- shutdown hook (one that outlives hot reloads): at a graceful stop ngx.worker.exiting() turns
+-- true, each pending timer's sleep is cancelled and its callback runs at once with premature =
+-- true (OpenResty's behaviour when a worker exits), and the hook waits for the callbacks (within
+-- the shutdown hooks' time). While exiting, a timer with a delay is refused ("process exiting"); a
+-- zero-delay one still runs, premature.
+
+local timers_pending = {} -- timer -> true while it sleeps
+local timers_running = 0
+local exiting = false
+local timer_hook_added = false
+
+local function run_callback(fn, premature, args)
+    timers_running = timers_running + 1
+    local ok, err = pcall(fn, premature, unpack(args, 1, args.n))
+    timers_running = timers_running - 1
+    if not ok then error(err, 0) end -- logged by the task (or it ends cancelled)
+end
+
+local function timer_loop(t)
+    repeat
+        task.sleep(t.delay)
+        if not t.every then timers_pending[t] = nil end
+        task.spawn(run_callback, t.fn, false, t.args)
+    until not t.every
+end
+
+local function fire_premature()
+    exiting = true
+    local fired = {}
+    for t in pairs(timers_pending) do
+        timers_pending[t] = nil
+        t.task:cancel()
+        fired[#fired + 1] = task.spawn(run_callback, t.fn, true, t.args)
+    end
+    for i = 1, #fired do fired[i]:join() end
+end
+
+local function new_timer(name, delay, fn, every, ...)
+    if type(delay) ~= "number" or delay < 0 or delay ~= delay or (every and delay == 0) then
+        error("moonlet.ngx: timer." .. name .. ": bad delay", 3)
+    end
+    if type(fn) ~= "function" then error("moonlet.ngx: timer." .. name .. " expects a function", 3) end
+    if exiting then
+        if delay > 0 then return nil, "process exiting" end
+        task.spawn(run_callback, fn, true, pack(...))
+        return true
+    end
+    if not timer_hook_added then
+        timer_hook_added = true
+        require("moonlet.shutdown").add_lasting(fire_premature)
+    end
+    local t = { fn = fn, args = pack(...), delay = delay, every = every }
+    timers_pending[t] = true
+    t.task = task.spawn(timer_loop, t)
+    return true
+end
+
+-- syntax: ok, err = ngx.timer.at(delay, fn, ...) -- fn(premature, ...) in a task, delay seconds on
+local function timer_at(delay, fn, ...) return new_timer("at", delay, fn, false, ...) end
+
+-- syntax: ok, err = ngx.timer.every(delay, fn, ...) -- fn(premature, ...) every delay (> 0) seconds
+local function timer_every(delay, fn, ...) return new_timer("every", delay, fn, true, ...) end
+
+local function timer_pending_count()
+    local n = 0
+    for _ in pairs(timers_pending) do n = n + 1 end
+    return n
+end
+
 -- -- The ngx table -------------------------------------------------------------------------------
 
 -- ngx.log levels -> moonlet.log levels (0 error, 1 warn, 2 info, 3 debug)
@@ -699,10 +867,11 @@ local function build()
         worker = {
             id = function() return (core.worker()) end,
             count = function() return (select(2, core.worker())) end,
-            exiting = function() return false end,
+            exiting = function() return exiting end,
             pid = function() return core.getpid() end,
         },
-        timer = {},
+        timer = { at = timer_at, every = timer_every, pending_count = timer_pending_count,
+                  running_count = function() return timers_running end },
         md5_bin = function(s) return core_digest("md5", str_arg(s, "md5_bin")) end,
         md5 = function(s) return tohex(core_digest("md5", str_arg(s, "md5"))) end,
         sha1_bin = function(s) return core_digest("sha1", str_arg(s, "sha1_bin")) end,
@@ -713,6 +882,11 @@ local function build()
         decode_base64 = decode_base64,
         escape_uri = escape_uri,
         unescape_uri = unescape_uri,
+        encode_args = encode_args,
+        decode_args = decode_args,
+        crc32_short = crc32,
+        crc32_long = crc32,
+        quote_sql_str = quote_sql_str,
         get_phase = function() return "content" end,
         update_time = function() end,
         -- syntax: ngx.sleep(seconds) -- seconds, as in OpenResty
@@ -727,34 +901,43 @@ local function build()
         localtime = function() return os.date("%Y-%m-%d %H:%M:%S") end,
         utctime = function() return os.date("!%Y-%m-%d %H:%M:%S") end,
     }
-    -- syntax: ok, err = ngx.timer.at(delay, fn, ...) -- fn(premature, ...) runs after delay seconds
-    function ngx.timer.at(delay, fn, ...)
-        if type(delay) ~= "number" or delay < 0 then error("moonlet.ngx: timer.at: bad delay", 2) end
-        if type(fn) ~= "function" then error("moonlet.ngx: timer.at expects a function", 2) end
-        task.spawn(function(...)
-            task.sleep(delay)
-            fn(false, ...)
-        end, ...)
-        return true
-    end
     return ngx
 end
 
--- Debian's lua-nginx-redis installs lua-resty-redis as nginx.redis: make `require "resty.redis"`
--- find it too when no resty.redis is on the path.
-local function alias_resty_redis()
-    local preload, searchpath = package.preload, package.searchpath
-    if preload["resty.redis"] or not searchpath then return end
-    if searchpath("resty.redis", package.path) then return end
-    if not searchpath("nginx.redis", package.path) then return end
-    preload["resty.redis"] = function() return require("nginx.redis") end
+-- Debian's lua-nginx-* packages install the lua-resty drivers under nginx.* (lua-nginx-redis is
+-- nginx.redis, lua-nginx-memcached nginx.memcached, lua-nginx-websocket nginx.websocket.client,
+-- lua-nginx-dns nginx.dns.resolver): a searcher, last in package.loaders, makes `require
+-- "resty.X"` load nginx.X when no other searcher found resty.X (one module under both names).
+local function debian_resty_searcher(name)
+    if sub(name, 1, 6) ~= "resty." or not package.searchpath then return nil end
+    local alt = "nginx." .. sub(name, 7)
+    if not package.searchpath(alt, package.path) then return "\n\tno Debian module '" .. alt .. "'" end
+    return function() return require(alt) end
+end
+
+local function add_debian_resty_searcher()
+    local loaders = package.loaders
+    for i = 1, #loaders do
+        if loaders[i] == debian_resty_searcher then return end
+    end
+    loaders[#loaders + 1] = debian_resty_searcher
 end
 
 -- syntax: ngx = require("moonlet.ngx").install() -- sets the global ngx (once) and returns it
-function _M.install()
+-- opts.lua_ssl_trusted_certificate = "ca.pem": what nginx's directive of that name is, the CA
+-- bundle a verifying sslhandshake trusts (nil: the system store)
+function _M.install(opts)
+    if opts ~= nil then
+        if type(opts) ~= "table" then error("moonlet.ngx: install expects a table of options", 2) end
+        local ca = opts.lua_ssl_trusted_certificate
+        if ca ~= nil and type(ca) ~= "string" then
+            error("moonlet.ngx: lua_ssl_trusted_certificate must be a file name", 2)
+        end
+        trusted_certificate = ca
+    end
     if not ngx_tbl then ngx_tbl = build() end
     rawset(_G, "ngx", ngx_tbl)
-    alias_resty_redis()
+    add_debian_resty_searcher()
     preload_ngx_re()
     return ngx_tbl
 end
@@ -773,8 +956,8 @@ _M.re = { match = re_match, find = re_find, gmatch = re_gmatch, sub = re_sub, gs
 -- the instance keeps (1024 by default, as OpenResty's lua_regex_cache_max_entries); max sets it
 _M.regex_cache = core.regex_cache
 
--- the module is the ngx global: requiring it installs it (and the resty.redis alias), as
+-- the module is the ngx global: requiring it installs it (and the resty.* searcher), as
 -- `require "moonlet.ngx"; local redis = require "resty.redis"` expects
-if rawget(_G, "ngx") == nil then _M.install() else alias_resty_redis() end
+if rawget(_G, "ngx") == nil then _M.install() else add_debian_resty_searcher() end
 
 return _M

@@ -78,6 +78,14 @@ function _M.add(fn, level)
     register()
 end
 
+-- syntax: shutdown.add_lasting(fn) -- as add, but never tied to the script load running now: for
+-- a module's own hook (moonlet.ngx's premature timers) that must survive a hot reload
+function _M.add_lasting(fn)
+    if type(fn) ~= "function" then error("moonlet: a shutdown hook is a function", 2) end
+    hooks[#hooks + 1] = fn
+    register()
+end
+
 -- A reload host runs a script (lua/moonlet/reload.lua build): the hooks its top level adds are
 -- collected apart (and run if the stop comes while it still runs); end_load ends the collecting,
 -- keep(host) makes them the host's in place of its previous load's, drop(host) forgets them (a
