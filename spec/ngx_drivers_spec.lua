@@ -1,5 +1,6 @@
 -- spec/ngx_drivers_spec.lua: lua-resty drivers beyond lua-resty-redis, from Debian's packages and
--- unmodified, on moonlet.ngx: lua-nginx-memcached against a private memcached, lua-nginx-websocket's
+-- unmodified, on moonlet.ngx: lua-nginx-memcached against a private memcached,
+-- lua-nginx-redis-connector (URLs, the pool, a Sentinel) against a private redis, lua-nginx-websocket's
 -- client against moonlet's own WebSocket server (ws:// and wss://, the CA given as nginx's
 -- lua_ssl_trusted_certificate), lua-nginx-dns against a small authoritative DNS server written
 -- here on moonlet.udp and moonlet.tcp (A records, NXDOMAIN, a truncated answer retried over TCP, a
@@ -120,6 +121,72 @@ describe("moonlet.ngx with lua-resty-memcached", function()
         assert.same({ nil, nil, "timeout" }, { v, flags, err })
         assert.truthy(moonlet.now() - t0 < 5)
         silent:close()
+    end)
+end)
+
+describe("moonlet.ngx with lua-resty-redis-connector", function()
+    if not (installed("nginx.redis.connector") and has_command("redis-server")) then
+        return pending_without("lua-nginx-redis-connector and redis-server")
+    end
+    local connector = require "resty.redis.connector"
+    local master, sentinel_dir, sentinel_port
+
+    setup(function()
+        master = assert(servers.redis())
+        -- a Sentinel watching it (redis-server --sentinel rewrites its configuration file)
+        local f = io.popen("mktemp -d /tmp/moonlet-sentinel.XXXXXX")
+        sentinel_dir = f:read("*l")
+        f:close()
+        sentinel_port = servers.free_port()
+        test.write_file(sentinel_dir .. "/sentinel.conf", table.concat({
+            "port " .. sentinel_port, "bind 127.0.0.1", "daemonize yes",
+            "pidfile " .. sentinel_dir .. "/sentinel.pid", "logfile " .. sentinel_dir .. "/sentinel.log",
+            "dir " .. sentinel_dir, "sentinel monitor mymaster 127.0.0.1 " .. master.port .. " 1", "",
+        }, "\n"))
+        assert(os.execute("redis-server " .. sentinel_dir .. "/sentinel.conf --sentinel") == 0)
+        assert(test.wait_until(function()
+            local p = io.popen(("redis-cli -p %d sentinel get-master-addr-by-name mymaster 2>/dev/null")
+                :format(sentinel_port))
+            local out = p:read("*a")
+            p:close()
+            return out:find(tostring(master.port), 1, true)
+        end, 5), "the sentinel did not start")
+    end)
+    teardown(function()
+        mngx.close_idle()
+        if sentinel_dir then
+            os.execute("kill $(cat " .. sentinel_dir .. "/sentinel.pid) 2>/dev/null; rm -rf " .. sentinel_dir)
+        end
+        if master then master:stop() end
+    end)
+
+    it("connects by URL to a database, and the connection goes back to the pool", function()
+        local rc = connector.new({ connect_timeout = 500, read_timeout = 1000 })
+        local r = assert(rc:connect({ url = "redis://127.0.0.1:" .. master.port .. "/2" }))
+        assert.same({ "OK" }, { r:set("conn:k", "in db 2") })
+        assert.same({ 1 }, { rc:set_keepalive(r) })
+        r = assert(rc:connect({ url = "redis://127.0.0.1:" .. master.port .. "/0" }))
+        assert.equal(ngx.null, (r:get("conn:k"))) -- another database
+        assert.same({ "OK" }, { r:select(2) })
+        assert.equal("in db 2", (r:get("conn:k")))
+        assert.same({ 1 }, { r:get_reused_times() })
+        r:close()
+    end)
+
+    it("finds the master through a Sentinel, past a sentinel that is down", function()
+        local rc = connector.new({ connect_timeout = 500, read_timeout = 1000 })
+        local r = assert(rc:connect({
+            url = "sentinel://mymaster:m/3",
+            sentinels = { { host = "127.0.0.1", port = servers.free_port() },
+                          { host = "127.0.0.1", port = sentinel_port } },
+        }))
+        assert.same({ "OK" }, { r:set("conn:s", "via sentinel") })
+        assert.equal("via sentinel", (r:get("conn:s")))
+        r:close()
+        local gone = connector.new({ connect_timeout = 200 })
+        local none, err = gone:connect({ url = "sentinel://mymaster:m",
+                                         sentinels = { { host = "127.0.0.1", port = servers.free_port() } } })
+        assert.same({ nil, "no hosts available" }, { none, err })
     end)
 end)
 

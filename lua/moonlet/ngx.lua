@@ -237,9 +237,11 @@ function tcp_methods:receiveuntil(pattern, opts)
 end
 
 -- syntax: sock:settimeout(ms) -- connect, send and read; nil or 0: the default (60 s)
+-- Read as OpenResty reads it (lua_tonumber): a value that is not a number counts as 0, the default.
+-- lua-resty-redis-connector relies on it (its connect calls r:set_timeout(self, read_timeout)).
 function tcp_methods:settimeout(ms)
-    if ms ~= nil and type(ms) ~= "number" then error("moonlet.ngx: timeout must be a number", 2) end
-    self._ct, self._st, self._rt = ms or 0, ms or 0, ms or 0
+    ms = tonumber(ms) or 0
+    self._ct, self._st, self._rt = ms, ms, ms
     apply_timeouts(self)
 end
 
