@@ -21,6 +21,7 @@
  * 64 KiB of trailers (dropped). llhttp is not used here: its strict mode refuses bare-LF heads,
  * which this client has always read, and its lenient flags are banned (STYLE.md).
  */
+#include <stdint.h>
 #include <string.h>
 
 #include "mlua.h"
@@ -232,19 +233,25 @@ static int header_lines(lua_State *L, int hidx, int last, const char *line, cons
 }
 
 /* Content-Length: digits, optionally repeated as a comma-separated list of the same number ("5, 5",
- * what joining repeated fields gives); blanks only around the commas ("1 0" is malformed).
- * Returns 0 with *n set, or -1. */
+ * what joining repeated fields gives); blanks only around the commas ("1 0" is malformed), no sign
+ * (RFC 9110 8.6). A value over 2^53 is malformed too: a Lua number holds it only approximately, and
+ * a length read wrong frames the next response out of this one's body. Returns 0 with *n set, or
+ * -1. */
 static int content_length(const char *s, size_t len, double *n) {
+  const uint64_t max = (uint64_t)1 << 53;
   const char *p = s, *end = s + len;
   int have = 0;
-  double val = 0;
+  uint64_t val = 0;
   for (;;) {
     while (p < end && is_ws(*p))
       p++;
     const char *d = p;
-    double cur = 0;
-    while (p < end && *p >= '0' && *p <= '9')
-      cur = cur * 10 + (*p++ - '0');
+    uint64_t cur = 0;
+    while (p < end && *p >= '0' && *p <= '9') {
+      unsigned digit = (unsigned)(*p++ - '0');
+      if (cur > (max - digit) / 10) return -1;
+      cur = cur * 10 + digit;
+    }
     int digits = p > d;
     while (p < end && is_ws(*p))
       p++;
@@ -258,7 +265,7 @@ static int content_length(const char *s, size_t len, double *n) {
     p++; /* the comma */
   }
   if (!have) return -1;
-  *n = val;
+  *n = (double)val;
   return 0;
 }
 

@@ -489,6 +489,24 @@ describe("moonlet.http response parsing", function()
             end
         end)
 
+    -- RFC 9110 8.6: digits only, one value; and a Lua number holds a length exactly up to 2^53
+    it("refuses a Content-Length with a sign, differing values, or over 2^53: bad response", function()
+        local bad = { "+2", "-2", "2, 3", "2,,3", "9007199254740993", "18446744073709551618",
+                      string.rep("9", 40) }
+        local n = 0
+        local up = raw_server(function(sock)
+            read_request(sock)
+            n = n + 1
+            local v = bad[n] or "9007199254740992"
+            sock:send("HTTP/1.1 200 OK\r\nContent-Length: " .. v .. "\r\n\r\nok")
+        end) -- the server closes after "ok": a length taken for more than 2 reads "closed"
+        for i = 1, #bad do
+            assert.same({ nil, "bad response" }, { http.get(up .. "/", { timeout = 5 }) }, bad[i])
+        end
+        -- 2^53 is still a length (and over max_body here, so refused before the body is read)
+        assert.same({ nil, "too large" }, { http.get(up .. "/", { timeout = 5, max_body = 10 }) })
+    end)
+
     it("refuses a 101 the request did not ask for, and streams the new protocol of one it did", function()
         local base = raw_server(function(sock)
             read_request(sock)
