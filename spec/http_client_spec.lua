@@ -542,8 +542,9 @@ describe("moonlet.http response parsing", function()
         function()
             local long = "X-" .. string.rep("n", 300)
             local base, st = scripted_server({
-                -- the last coding is chunked: chunked; "closed-door" is not the token close
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip-not, chunked\r\nConnection: closed-door\r\n"
+                -- the last coding is chunked (an empty list element skipped); "closed-door" is not
+                -- the token close
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: , Chunked\r\nConnection: closed-door\r\n"
                     .. "\r\n3\r\nabc\r\n2 ;x=y\r\nde\r\n0\r\nX-T: 1\r\n\r\n",
                 -- a name over 256 bytes; Transfer-Encoding folded onto a second line
                 "HTTP/1.1 200 OK\r\n" .. long .. ": v\r\nTransfer-Encoding:\r\n chunked\r\n\r\n"
@@ -876,6 +877,59 @@ describe("moonlet.http bodies", function()
             assert.same({ nil, nil }, { res:read() })
         end
         assert.same({ nil, "bad response" }, { http.get(base .. "/cut", { decompress = true }) })
+    end)
+
+    -- RFC 9112 6.1: a transfer coding is the connection's, so the client removes it (gzip, x-gzip
+    -- or deflate, then chunked), asked to decompress or not, and refuses one it cannot remove
+    it("removes a gzip or deflate transfer coding, and refuses one it does not know", function()
+        local function chunked(s)
+            local t = {}
+            for i = 1, #s, 1000 do
+                local piece = s:sub(i, i + 999)
+                t[#t + 1] = ("%x\r\n%s\r\n"):format(#piece, piece)
+            end
+            return table.concat(t) .. "0\r\n\r\n"
+        end
+        local gz = zlib.gzip(original)
+        local d = zlib.deflater(6, 15) -- "deflate" is zlib data (RFC 9110 8.4.1.2)
+        local deflated = d:deflate(original, true)
+        d:close()
+        local gz_gz = zlib.gzip(gz)
+        local bodies = {
+            ["/gzip"] = { "gzip, chunked", chunked(gz) },
+            ["/x-gzip"] = { "X-Gzip,chunked", chunked(gz) },
+            ["/deflate"] = { "deflate, chunked", chunked(deflated) },
+            ["/both"] = { "gzip, chunked", chunked(gz_gz), "Content-Encoding: gzip\r\n" },
+        }
+        local base = keepalive_server(function(req)
+            local b = bodies[req.target]
+            if b then
+                return "HTTP/1.1 200 OK\r\nTransfer-Encoding: " .. b[1] .. "\r\n" .. (b[3] or "")
+                    .. "\r\n" .. b[2]
+            elseif req.target == "/close" then -- gzip alone: the body ends with the connection
+                return "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" .. gz, true
+            end
+            local te = req.target:match("^/te/(.*)$"):gsub("_", " ")
+            return "HTTP/1.1 200 OK\r\nTransfer-Encoding: " .. te .. "\r\n\r\n" .. chunked("x"), true
+        end)
+        for _, path in ipairs({ "/gzip", "/x-gzip", "/deflate", "/close" }) do
+            for _, decompress in ipairs({ false, true }) do
+                local res = assert(http.get(base .. path, { decompress = decompress }))
+                assert.is_true(res.body == original, path)
+                res = assert(http.get(base .. path, { decompress = decompress, stream = true }))
+                local parts = {}
+                for chunk in res:chunks() do parts[#parts + 1] = chunk end
+                assert.is_true(table.concat(parts) == original, path)
+            end
+        end
+        -- a gzip content coding inside: kept unless decompress (then both come off)
+        assert.is_true(assert(http.get(base .. "/both")).body == gz)
+        assert.is_true(assert(http.get(base .. "/both", { decompress = true })).body == original)
+        assert.same(1, http.pool_stats().idle) -- chunked framing ended where it should: pooled
+        for _, te in ipairs({ "br,_chunked", "compress,_chunked", "gzip,_gzip,_chunked",
+                              "chunked,_gzip", "chunked,_chunked", "gzip-not,_chunked", "br" }) do
+            assert.same({ nil, "bad response" }, { http.get(base .. "/te/" .. te) }, te)
+        end
     end)
 
     it("refuses a body over max_body: too large", function()

@@ -191,18 +191,19 @@ end
 
 -- The status line and header section, parsed in C (bindings/http_client.c) once the buffer holds
 -- all of it: status, reason, version, headers, mode, length, keep (the framing of the body and
--- whether the response lets the connection be reused), and the buffer and position of the head;
--- or nil, err. headers is false when the table is left to be made if it is asked for.
+-- whether the response lets the connection be reused), the buffer and position of the head, and
+-- coded (a gzip or deflate transfer coding wraps the body); or nil, err. headers is false when the
+-- table is left to be made if it is asked for.
 local function read_head(conn, is_head)
     if conn.pos > #conn.buf then -- nothing buffered (the usual case): wait for the response first
         local ok, err = fill(conn)
         if not ok then return nil, err end
     end
     local buf, pos = conn.buf, conn.pos
-    local status, reason, version, h, p, mode, len, keep = parse_head(buf, pos, is_head)
+    local status, reason, version, h, p, mode, len, keep, coded = parse_head(buf, pos, is_head)
     if status then
         conn.pos = p
-        return status, reason, version, h, mode, len, keep, buf, pos
+        return status, reason, version, h, mode, len, keep, buf, pos, coded
     end
     if status == nil then return nil, reason end
     local ok, err = fill(conn) -- not all there yet
@@ -1014,10 +1015,28 @@ local function take_body(conn, mode, len, max, keep, waits)
     return take_body(conn, mode, len, max, keep, waits + 1)
 end
 
+-- Two inflaters in a row, for a body with a compression transfer coding around a compressed content
+-- coding (decompress = true): the outer's output is the inner's input; done once both ended.
+local chain_mt = { __index = {
+    inflate = function(c, d, max)
+        local mid, done = c.outer:inflate(d, max)
+        if not mid then return nil, done end
+        local out, inner_done = c.inner:inflate(mid, max)
+        if not out then return nil, inner_done end
+        return out, done and inner_done
+    end,
+    close = function(c)
+        c.outer:close()
+        c.inner:close()
+    end,
+} }
+
 -- The response whose head was read on conn: framed, its body read unless o.stream; or nil, err.
 -- The usual response (a small body, all there or soon) is a table of its public fields only; one
--- read piece by piece carries its reading state too (_conn, _mode, _left, ...).
-local function respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp)
+-- read piece by piece carries its reading state too (_conn, _mode, _left, ...). coded: a gzip or
+-- deflate transfer coding wraps the body, removed whatever o.decompress says (it belongs to the
+-- connection, not to the content); o.decompress removes a content coding too.
+local function respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp, coded)
     local max = o.max_body or config.max_body
     local url = target == u.target and u.url or u.scheme .. "://" .. u.hostport .. target
     keep = keep and conn.keepalive
@@ -1026,13 +1045,16 @@ local function respond(conn, u, target, o, status, reason, version, h, mode, len
         close_conn(conn)
         return nil, "too large"
     end
-    local z = false
+    local z = coded and mode ~= NONE and core.zlib_inflater()
     if o.decompress and mode ~= NONE then
         if not h then h, hb = parse_headers(hb, hp), false end
         local ce = h["content-encoding"]
         if ce then
             ce = lower(ce)
-            if ce == "gzip" or ce == "x-gzip" or ce == "deflate" then z = core.zlib_inflater() end
+            if ce == "gzip" or ce == "x-gzip" or ce == "deflate" then
+                local cz = core.zlib_inflater()
+                z = z and setmetatable({ outer = z, inner = cz }, chain_mt) or cz
+            end
         end
     end
     if not o.stream and not z and (mode == LENGTH or mode == CHUNKED) then
@@ -1132,7 +1154,7 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
         conn.keepalive = false
     end
     local is_head = method == "HEAD"
-    local status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
+    local status, reason, version, h, mode, len, keep, hb, hp, coded = read_head(conn, is_head)
     local interim = 0
     while status and status < 200 and status ~= 101 do -- 1xx informational responses are skipped
         interim = interim + 1
@@ -1140,7 +1162,7 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
             status, reason = nil, "bad response"
             break
         end
-        status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
+        status, reason, version, h, mode, len, keep, hb, hp, coded = read_head(conn, is_head)
     end
     if status == 101 and header_named(headers, "upgrade") == nil then
         status, reason = nil, "bad response" -- a switch of protocols nobody asked for (RFC 9110 7.8)
@@ -1152,7 +1174,7 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
         return nil, reason, reason == "closed" and conn.reused > 0 and not conn.got
             and IDEMPOTENT[method] and replayable
     end
-    return respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp)
+    return respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp, coded)
 end
 
 -- Reads what is left of a redirect's body so that its connection can be reused (small bodies),
