@@ -809,6 +809,20 @@ describe("moonlet.http redirects", function()
         assert.same("GET:", assert(http.post(base .. "/see-other", "data", { redirects = 1 })).body)
         assert.same("POST:data", assert(http.post(base .. "/keep", "data", { redirects = 1 })).body)
     end)
+
+    -- RFC 3986 5.2: an empty reference is the current URL, "#f" too; dot segments are removed
+    it("follows an empty or fragment-only Location to the same URL, and removes dot segments", function()
+        local targets = {}
+        local up = keepalive_server(function(req)
+            targets[#targets + 1] = req.target
+            local loc = ({ "", "#frag", "../x/./y/.." })[#targets]
+            if loc then return response(302, "", { Location = loc }) end
+            return response(200, "done")
+        end)
+        local res = assert(http.get(up .. "/dir/page?q=1", { redirects = 5 }))
+        assert.same({ 200, "done", up .. "/x/" }, { res.status, res.body, res.url })
+        assert.same({ "/dir/page?q=1", "/dir/page?q=1", "/dir/page?q=1", "/x/" }, targets)
+    end)
 end)
 
 describe("moonlet.http bodies", function()

@@ -223,6 +223,7 @@ local function escape(s)
     return (gsub(tostring(s), "[^%w%-%._~]", function(c) return format("%%%02X", byte(c)) end))
 end
 
+local encode_query, url_resolve = url_mod.encode_query, url_mod.resolve
 local url_cache, url_count = {}, 0
 
 -- A parsed URL { scheme, host, port, target, hostport, key, https, auth } or nil, err. Parsed
@@ -276,18 +277,11 @@ local function parse_url(url)
     return u
 end
 
--- The absolute URL a Location value points to from base u (RFC 3986 5.2, without dot removal).
-local function resolve(u, loc)
-    if match(loc, "^%a[%w+.-]*://") then return loc end
-    if sub(loc, 1, 2) == "//" then return u.scheme .. ":" .. loc end
-    local origin = u.scheme .. "://" .. u.hostport
-    if byte(loc) == 47 then return origin .. loc end -- "/"
-    local path = match(u.target, "^[^?]*")
-    if byte(loc) == 63 then return origin .. path .. loc end -- "?"
-    return origin .. match(path, "^(.*/)") .. loc
+-- The absolute URL a Location value points to from the request to u with target (RFC 3986 5.2:
+-- "" and "#f" are that URL itself, dot segments are removed).
+local function resolve(u, target, loc)
+    return url_resolve(u.scheme .. "://" .. u.hostport .. target, loc)
 end
-
-local encode_query = url_mod.encode_query
 
 -- -- The pool ------------------------------------------------------------------------------------
 
@@ -1233,7 +1227,7 @@ local function follow(u, method, target, headers, body, o, deadline, t0, max_red
     end
     if type(body) == "function" then return res end -- a body made by a function is not sent twice
     discard(res)
-    local nu = parse_url(resolve(u, loc))
+    local nu = parse_url(resolve(u, target, loc))
     if not nu then return nil, "bad redirect" end
     if nu.key ~= u.key then -- credentials stay with their origin
         if headers then headers = without(headers, CREDENTIAL_HEADERS) end
