@@ -823,6 +823,21 @@ describe("moonlet.http redirects", function()
         assert.same({ 200, "done", up .. "/x/" }, { res.status, res.body, res.url })
         assert.same({ "/dir/page?q=1", "/dir/page?q=1", "/dir/page?q=1", "/x/" }, targets)
     end)
+
+    it("percent-encodes spaces and non-ASCII bytes of a Location before following it", function()
+        local targets = {}
+        local up = keepalive_server(function(req)
+            targets[#targets + 1] = req.target
+            if #targets == 1 then return response(301, "", { Location = "/caf\195\169 menu?q=a b|c" }) end
+            return response(200, "ok")
+        end)
+        local res = assert(http.get(up .. "/start", { redirects = 1 }))
+        local encoded = "/caf%C3%A9%20menu?q=a%20b%7Cc"
+        assert.same({ 200, up .. encoded }, { res.status, res.url })
+        assert.same({ "/start", encoded }, targets)
+        assert(http.get(up .. "/caf\195\169 x")) -- a URL the caller gives is sent encoded too
+        assert.same("/caf%C3%A9%20x", targets[3])
+    end)
 end)
 
 describe("moonlet.http bodies", function()

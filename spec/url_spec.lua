@@ -74,4 +74,11 @@ describe("moonlet.url", function()
         assert.same("http://a/g", url.resolve("http://a", "g"))
         assert.same("http://a/a/b/c", url.resolve("http://a/x", string.rep("/.", 3) .. "/a/b/c"))
     end)
+
+    it("percent-encodes the bytes a URI may not hold and leaves the rest", function()
+        assert.same("/a%20b/%C3%BC?x=%3Cy%3E%7C%22&z=%41#f%5E",
+            url.encode_uri("/a b/\195\188?x=<y>|\"&z=%41#f^"))
+        local uri = "http://u@h:1/p;q=1/!$&'()*+,=~-._?a[0]=%20#x"
+        assert.same(uri, url.encode_uri(uri))
+    end)
 end)

@@ -223,7 +223,7 @@ local function escape(s)
     return (gsub(tostring(s), "[^%w%-%._~]", function(c) return format("%%%02X", byte(c)) end))
 end
 
-local encode_query, url_resolve = url_mod.encode_query, url_mod.resolve
+local encode_query, encode_uri, url_resolve = url_mod.encode_query, url_mod.encode_uri, url_mod.resolve
 local url_cache, url_count = {}, 0
 
 -- A parsed URL { scheme, host, port, target, hostport, key, https, auth } or nil, err. Parsed
@@ -244,8 +244,8 @@ local function parse_url(url)
     elseif byte(target) == 63 then -- "?"
         target = "/" .. target
     end
-    if find(target, " ", 1, true) then target = gsub(target, " ", "%%20") end
     if find(target, "[%z\1-\31\127]") then return nil, "bad url" end
+    target = encode_uri(target) -- a space, a non-ASCII byte: percent-encoded
     local auth
     local at = match(authority, "^.*()@")
     if at then
@@ -278,9 +278,10 @@ local function parse_url(url)
 end
 
 -- The absolute URL a Location value points to from the request to u with target (RFC 3986 5.2:
--- "" and "#f" are that URL itself, dot segments are removed).
+-- "" and "#f" are that URL itself, dot segments are removed), the bytes a URI may not hold
+-- percent-encoded first, as browsers and requests do.
 local function resolve(u, target, loc)
-    return url_resolve(u.scheme .. "://" .. u.hostport .. target, loc)
+    return url_resolve(u.scheme .. "://" .. u.hostport .. target, encode_uri(loc))
 end
 
 -- -- The pool ------------------------------------------------------------------------------------

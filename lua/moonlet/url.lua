@@ -187,6 +187,16 @@ function _M.resolve(base, ref)
     return table.concat(t)
 end
 
+-- syntax: s = url.encode_uri(s) -- the bytes that may not appear in a URI (RFC 3986 2: space,
+-- control characters, non-ASCII bytes, "<>\^`{|}\"") percent-encoded, the rest left as it is (so
+-- "%" escapes already there stay), as browsers and requests do with a Location before following it
+local NOT_URI = "[^A-Za-z0-9%-%._~:/%?#%[%]@!%$&'%(%)%*%+,;=%%]"
+
+function _M.encode_uri(s)
+    if not str_find(s, NOT_URI) then return s end
+    return (str_gsub(s, NOT_URI, function(c) return ("%%%02X"):format(c:byte()) end))
+end
+
 -- syntax: segs = url.split_path(path) -- "/a/b/" -> { "a", "b", "" }
 function _M.split_path(path)
     local segs, n, pos = {}, 0, 2
