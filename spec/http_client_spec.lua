@@ -1400,6 +1400,23 @@ describe("moonlet.http misuse", function()
         assert.has_error(function() http.post("http://127.0.0.1:1/", {}) end)
         assert.has_error(function() http.request("http://127.0.0.1:1/", { method = "GE T" }) end)
     end)
+
+    -- RFC 9110 5.6.2 and 5.5: a name is a token, a value has no control character but HT
+    it("raises on a header name that is not a token and a value with a control character", function()
+        for _, name in ipairs({ "", "X A", "X:A", "X(A)", "X\1A", "X\128", "X\"A" }) do
+            assert.has_error(function()
+                http.get("http://127.0.0.1:1/", { headers = { [name] = "v" } })
+            end, nil, name)
+        end
+        for _, value in ipairs({ "a\1b", "a\127", "a\rb", "a\0" }) do
+            assert.has_error(function()
+                http.get("http://127.0.0.1:1/", { headers = { ["X-A"] = { "ok", value } } })
+            end, nil, value)
+        end
+        -- what may be sent is: tchars in a name, HT, SP and obs-text in a value
+        assert.same({ nil, "connection refused" }, { http.get("http://127.0.0.1:1/",
+            { headers = { ["X!#$%&'*+-.^_`|~9"] = "a\tb c \195\169" } }) })
+    end)
 end)
 
 describe("moonlet.http over TLS", function()

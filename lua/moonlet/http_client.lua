@@ -623,8 +623,14 @@ local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, TRACE = true, PUT 
 local WANTS_BODY = { POST = true, PUT = true, PATCH = true }
 local REDIRECT = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }
 
-local function bad_header(s)
-    return find(s, "[%z\r\n]") ~= nil
+-- A header name is a token (RFC 9110 5.6.2), a value holds no control character but HT (5.5): CR,
+-- LF or NUL would split the request, and any other a conforming server refuses with a 400.
+local function bad_name(s)
+    return not find(s, "^[A-Za-z0-9!#$%%&'*+%-.^_`|~]+$")
+end
+
+local function bad_value(s)
+    return find(s, "[%z\1-\8\10-\31\127]") ~= nil
 end
 
 -- The request head (and a small body appended) as one string; for a body made by a function,
@@ -1290,16 +1296,16 @@ local function request(method, url, o, body, level)
     end
     if headers ~= nil then
         for k, v in pairs(headers) do
-            if type(k) ~= "string" or bad_header(k) or find(k, "[ :\t]") then
+            if type(k) ~= "string" or bad_name(k) then
                 error("moonlet.http: bad header name " .. tostring(k), level)
             end
             if type(v) == "table" then
                 for _, x in ipairs(v) do
-                    if bad_header(tostring(x)) then
+                    if bad_value(tostring(x)) then
                         error("moonlet.http: bad value of header " .. k, level)
                     end
                 end
-            elseif bad_header(tostring(v)) then
+            elseif bad_value(tostring(v)) then
                 error("moonlet.http: bad value of header " .. k, level)
             end
         end
