@@ -791,6 +791,21 @@ describe("moonlet.http redirects", function()
         assert.same("nobody", assert(http.get(userinfo .. "/away", { redirects = 1 })).body)
     end)
 
+    it("sends a Host the caller gave to its origin only, not to the one a redirect goes to", function()
+        local other, other_port = serve(function(app)
+            app:get("/host", function(req) return req.headers.host end)
+        end)
+        local here = serve(function(app)
+            app:get("/away", function(_, res) res:redirect(other .. "/host") end)
+            app:get("/near", function(_, res) res:redirect("/host") end)
+            app:get("/host", function(req) return req.headers.host end)
+        end)
+        local h = { Host = "vhost.example" }
+        assert.same("127.0.0.1:" .. other_port,
+            assert(http.get(here .. "/away", { headers = h, redirects = 1 })).body)
+        assert.same("vhost.example", assert(http.get(here .. "/near", { headers = h, redirects = 1 })).body)
+    end)
+
     it("carries Authorization, and the URL's user:password, to the same origin", function()
         local here = serve(function(app)
             app:get("/dir", function(_, res) res:redirect("/dir/", 301) end)

@@ -379,7 +379,9 @@ end
 -- -- A caller's headers (names checked by request: strings) -------------------------------------
 
 local BODY_HEADERS = { ["content-type"] = true, ["content-length"] = true, ["transfer-encoding"] = true }
-local CREDENTIAL_HEADERS = { authorization = true, cookie = true, ["proxy-authorization"] = true }
+-- not carried to another origin on a redirect: credentials, and a Host the caller set for this one
+-- (the next origin gets its own, as curl does)
+local ORIGIN_HEADERS = { authorization = true, cookie = true, ["proxy-authorization"] = true, host = true }
 local CONTENT_TYPE = { ["content-type"] = true }
 local PROXY_AUTHORIZATION = { ["proxy-authorization"] = true }
 local AUTHORIZATION = { authorization = true }
@@ -1236,8 +1238,8 @@ local function follow(u, method, target, headers, body, o, deadline, t0, max_red
     discard(res)
     local nu = parse_url(resolve(u, target, loc))
     if not nu then return nil, "bad redirect" end
-    if nu.key ~= u.key then -- credentials stay with their origin
-        if headers then headers = without(headers, CREDENTIAL_HEADERS) end
+    if nu.key ~= u.key then -- credentials (and a Host given for it) stay with their origin
+        if headers then headers = without(headers, ORIGIN_HEADERS) end
     elseif u.auth and not nu.auth and header_named(headers, "authorization") == nil then
         -- the URL's user:password goes on within its origin (a relative Location has none)
         headers = headers and without(headers, AUTHORIZATION) or {}
