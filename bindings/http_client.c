@@ -21,6 +21,7 @@
  * 64 KiB of trailers (dropped). llhttp is not used here: its strict mode refuses bare-LF heads,
  * which this client has always read, and its lenient flags are banned (STYLE.md).
  */
+#include <stdint.h>
 #include <string.h>
 
 #include "mlua.h"
@@ -232,19 +233,25 @@ static int header_lines(lua_State *L, int hidx, int last, const char *line, cons
 }
 
 /* Content-Length: digits, optionally repeated as a comma-separated list of the same number ("5, 5",
- * what joining repeated fields gives); blanks only around the commas ("1 0" is malformed).
- * Returns 0 with *n set, or -1. */
+ * what joining repeated fields gives); blanks only around the commas ("1 0" is malformed), no sign
+ * (RFC 9110 8.6). A value over 2^53 is malformed too: a Lua number holds it only approximately, and
+ * a length read wrong frames the next response out of this one's body. Returns 0 with *n set, or
+ * -1. */
 static int content_length(const char *s, size_t len, double *n) {
+  const uint64_t max = (uint64_t)1 << 53;
   const char *p = s, *end = s + len;
   int have = 0;
-  double val = 0;
+  uint64_t val = 0;
   for (;;) {
     while (p < end && is_ws(*p))
       p++;
     const char *d = p;
-    double cur = 0;
-    while (p < end && *p >= '0' && *p <= '9')
-      cur = cur * 10 + (*p++ - '0');
+    uint64_t cur = 0;
+    while (p < end && *p >= '0' && *p <= '9') {
+      unsigned digit = (unsigned)(*p++ - '0');
+      if (cur > (max - digit) / 10) return -1;
+      cur = cur * 10 + digit;
+    }
     int digits = p > d;
     while (p < end && is_ws(*p))
       p++;
@@ -258,16 +265,14 @@ static int content_length(const char *s, size_t len, double *n) {
     p++; /* the comma */
   }
   if (!have) return -1;
-  *n = val;
+  *n = (double)val;
   return 0;
 }
 
-/* Is word (lower case) one of the comma-separated tokens of s[0, n), compared without case? With
- * last set, only the last token counts (Transfer-Encoding: the final coding). */
-static int has_token(const char *s, size_t n, const char *word, int last) {
+/* Is word (lower case) one of the comma-separated tokens of s[0, n), compared without case? */
+static int has_token(const char *s, size_t n, const char *word) {
   size_t w = strlen(word);
   const char *p = s, *end = s + n;
-  int found = 0;
   while (p <= end) {
     const char *comma = memchr(p, ',', (size_t)(end - p));
     const char *e = comma ? comma : end, *b = p;
@@ -275,28 +280,65 @@ static int has_token(const char *s, size_t n, const char *word, int last) {
       b++;
     while (e > b && is_ws(e[-1]))
       e--;
-    found = name_is(b, (size_t)(e - b), word, w, NULL);
-    if (found && !last) return 1;
+    if (name_is(b, (size_t)(e - b), word, w, NULL)) return 1;
     if (!comma) break;
     p = comma + 1;
   }
-  return found;
+  return 0;
 }
 
-/* Framing of the body (RFC 7230 3.3.3) from the fields in ff: pushes mode, length and whether
- * the response lets the connection be reused; returns 3, or 0 for a bad Content-Length. */
+/* The transfer codings of a response's Transfer-Encoding s[0, n) (RFC 9112 6.1): 1 when the last
+ * one is chunked (then the body is framed by it), 0 when it is not (the body ends when the server
+ * closes), -1 when the list holds a coding this client cannot remove. It removes chunked (last,
+ * once) and one compression, gzip, x-gzip or deflate, applied before it (*coded is set then): a
+ * transfer coding belongs to the connection, so a body is never handed on still wrapped in one,
+ * and one that cannot be unwrapped (br, compress, two compressions) is a bad response, as curl
+ * fails on an unknown coding. Empty list elements are skipped (RFC 9110 5.6.1). */
+static int transfer_codings(const char *s, size_t n, int *coded) {
+  const char *p = s, *end = s + n;
+  int chunked = 0;
+  *coded = 0;
+  while (p <= end) {
+    const char *comma = memchr(p, ',', (size_t)(end - p));
+    const char *e = comma ? comma : end, *b = p;
+    while (b < e && is_ws(*b))
+      b++;
+    while (e > b && is_ws(e[-1]))
+      e--;
+    size_t w = (size_t)(e - b);
+    if (w > 0) {
+      if (chunked) return -1; /* a coding after chunked */
+      if (name_is(b, w, "chunked", 7, NULL))
+        chunked = 1;
+      else if (!*coded && (name_is(b, w, "gzip", 4, NULL) || name_is(b, w, "x-gzip", 6, NULL) ||
+                           name_is(b, w, "deflate", 7, NULL)))
+        *coded = 1;
+      else
+        return -1;
+    }
+    if (!comma) break;
+    p = comma + 1;
+  }
+  return chunked;
+}
+
+/* Framing of the body (RFC 9112 6.3) from the fields in ff: pushes mode, length, whether the
+ * response lets the connection be reused, and whether a compression transfer coding is to be
+ * removed from the body; returns 4, or 0 for a bad Content-Length or Transfer-Encoding. */
 static int framing(lua_State *L, const frame_fields_t *ff, int status, int http11, int head) {
   const char *c = ff->v[FF_CONNECTION], *te = ff->v[FF_TE], *cl = ff->v[FF_CL];
   size_t clen = ff->n[FF_CONNECTION], tlen = ff->n[FF_TE];
-  int keep = 1, mode = F_NONE;
+  int keep = 1, mode = F_NONE, coded = 0;
   double n = 0;
   int ka = c && name_is(c, clen, "keep-alive", 10, "keep-alive"); /* the usual value: no search */
-  if (c && !ka && has_token(c, clen, "close", 0)) keep = 0;
-  if (!http11) keep = keep && c && (ka || has_token(c, clen, "keep-alive", 0));
+  if (c && !ka && has_token(c, clen, "close")) keep = 0;
+  if (!http11) keep = keep && c && (ka || has_token(c, clen, "keep-alive"));
   if (head || status == 204 || status == 304 || status < 200) {
     mode = F_NONE;
   } else if (te) {
-    if (has_token(te, tlen, "chunked", 1)) {
+    int chunked = transfer_codings(te, tlen, &coded);
+    if (chunked < 0) return 0;
+    if (chunked) {
       mode = F_CHUNKED;
       keep = keep && !cl;
     } else {
@@ -313,7 +355,8 @@ static int framing(lua_State *L, const frame_fields_t *ff, int status, int http1
   lua_pushinteger(L, mode);
   lua_pushnumber(L, n);
   lua_pushboolean(L, keep);
-  return 3;
+  lua_pushboolean(L, coded);
+  return 4;
 }
 
 /* The framing fields as the table at hidx has them (joined and unfolded). */
@@ -325,15 +368,17 @@ static void fields_from_table(lua_State *L, int hidx, frame_fields_t *ff) {
   }
 }
 
-/* syntax: status, reason, version, headers, next, mode, length, keep =
+/* syntax: status, reason, version, headers, next, mode, length, keep, coded =
  *           core.http_parse_head(buf, pos, head)
  * Parses the response head at buf[pos..]: next is the position after it, mode the framing of the
  * body (0 none, 1 Content-Length of `length` bytes, 2 chunked, 3 until the server closes), keep
- * whether the response allows the connection to be reused. `head`: the request was HEAD (no
+ * whether the response allows the connection to be reused, coded whether a gzip or deflate
+ * transfer coding wraps the body (the client inflates it). `head`: the request was HEAD (no
  * body). headers is false when the head was only checked: core.http_headers(buf, pos) makes the
  * table when it is asked for (most callers never look; an unusual head, with a repeated framing
  * field or an obs-fold line, has its table made at once). Returns false while the head is
- * incomplete, nil, "bad response" when it is malformed or too large (a bad Content-Length too). */
+ * incomplete, nil, "bad response" when it is malformed or too large (a bad Content-Length too, or
+ * a transfer coding the client cannot remove). */
 static int l_parse_head(lua_State *L) {
   size_t len;
   const char *buf = luaL_checklstring(L, 1, &len);
@@ -370,7 +415,7 @@ static int l_parse_head(lua_State *L) {
   lua_replace(L, 3); /* status, reason, version, headers */
   lua_pushinteger(L, (lua_Integer)(after - buf) + 1);
   if (!framing(L, &ff, status, http11, head)) return bad(L);
-  return 8;
+  return 9;
 }
 
 /* syntax: headers = core.http_headers(buf, pos)

@@ -489,6 +489,24 @@ describe("moonlet.http response parsing", function()
             end
         end)
 
+    -- RFC 9110 8.6: digits only, one value; and a Lua number holds a length exactly up to 2^53
+    it("refuses a Content-Length with a sign, differing values, or over 2^53: bad response", function()
+        local bad = { "+2", "-2", "2, 3", "2,,3", "9007199254740993", "18446744073709551618",
+                      string.rep("9", 40) }
+        local n = 0
+        local up = raw_server(function(sock)
+            read_request(sock)
+            n = n + 1
+            local v = bad[n] or "9007199254740992"
+            sock:send("HTTP/1.1 200 OK\r\nContent-Length: " .. v .. "\r\n\r\nok")
+        end) -- the server closes after "ok": a length taken for more than 2 reads "closed"
+        for i = 1, #bad do
+            assert.same({ nil, "bad response" }, { http.get(up .. "/", { timeout = 5 }) }, bad[i])
+        end
+        -- 2^53 is still a length (and over max_body here, so refused before the body is read)
+        assert.same({ nil, "too large" }, { http.get(up .. "/", { timeout = 5, max_body = 10 }) })
+    end)
+
     it("refuses a 101 the request did not ask for, and streams the new protocol of one it did", function()
         local base = raw_server(function(sock)
             read_request(sock)
@@ -524,8 +542,9 @@ describe("moonlet.http response parsing", function()
         function()
             local long = "X-" .. string.rep("n", 300)
             local base, st = scripted_server({
-                -- the last coding is chunked: chunked; "closed-door" is not the token close
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip-not, chunked\r\nConnection: closed-door\r\n"
+                -- the last coding is chunked (an empty list element skipped); "closed-door" is not
+                -- the token close
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: , Chunked\r\nConnection: closed-door\r\n"
                     .. "\r\n3\r\nabc\r\n2 ;x=y\r\nde\r\n0\r\nX-T: 1\r\n\r\n",
                 -- a name over 256 bytes; Transfer-Encoding folded onto a second line
                 "HTTP/1.1 200 OK\r\n" .. long .. ": v\r\nTransfer-Encoding:\r\n chunked\r\n\r\n"
@@ -772,6 +791,21 @@ describe("moonlet.http redirects", function()
         assert.same("nobody", assert(http.get(userinfo .. "/away", { redirects = 1 })).body)
     end)
 
+    it("sends a Host the caller gave to its origin only, not to the one a redirect goes to", function()
+        local other, other_port = serve(function(app)
+            app:get("/host", function(req) return req.headers.host end)
+        end)
+        local here = serve(function(app)
+            app:get("/away", function(_, res) res:redirect(other .. "/host") end)
+            app:get("/near", function(_, res) res:redirect("/host") end)
+            app:get("/host", function(req) return req.headers.host end)
+        end)
+        local h = { Host = "vhost.example" }
+        assert.same("127.0.0.1:" .. other_port,
+            assert(http.get(here .. "/away", { headers = h, redirects = 1 })).body)
+        assert.same("vhost.example", assert(http.get(here .. "/near", { headers = h, redirects = 1 })).body)
+    end)
+
     it("carries Authorization, and the URL's user:password, to the same origin", function()
         local here = serve(function(app)
             app:get("/dir", function(_, res) res:redirect("/dir/", 301) end)
@@ -789,6 +823,35 @@ describe("moonlet.http redirects", function()
     it("turns POST into GET on 303 and keeps it on 307", function()
         assert.same("GET:", assert(http.post(base .. "/see-other", "data", { redirects = 1 })).body)
         assert.same("POST:data", assert(http.post(base .. "/keep", "data", { redirects = 1 })).body)
+    end)
+
+    -- RFC 3986 5.2: an empty reference is the current URL, "#f" too; dot segments are removed
+    it("follows an empty or fragment-only Location to the same URL, and removes dot segments", function()
+        local targets = {}
+        local up = keepalive_server(function(req)
+            targets[#targets + 1] = req.target
+            local loc = ({ "", "#frag", "../x/./y/.." })[#targets]
+            if loc then return response(302, "", { Location = loc }) end
+            return response(200, "done")
+        end)
+        local res = assert(http.get(up .. "/dir/page?q=1", { redirects = 5 }))
+        assert.same({ 200, "done", up .. "/x/" }, { res.status, res.body, res.url })
+        assert.same({ "/dir/page?q=1", "/dir/page?q=1", "/dir/page?q=1", "/x/" }, targets)
+    end)
+
+    it("percent-encodes spaces and non-ASCII bytes of a Location before following it", function()
+        local targets = {}
+        local up = keepalive_server(function(req)
+            targets[#targets + 1] = req.target
+            if #targets == 1 then return response(301, "", { Location = "/caf\195\169 menu?q=a b|c" }) end
+            return response(200, "ok")
+        end)
+        local res = assert(http.get(up .. "/start", { redirects = 1 }))
+        local encoded = "/caf%C3%A9%20menu?q=a%20b%7Cc"
+        assert.same({ 200, up .. encoded }, { res.status, res.url })
+        assert.same({ "/start", encoded }, targets)
+        assert(http.get(up .. "/caf\195\169 x")) -- a URL the caller gives is sent encoded too
+        assert.same("/caf%C3%A9%20x", targets[3])
     end)
 end)
 
@@ -858,6 +921,59 @@ describe("moonlet.http bodies", function()
             assert.same({ nil, nil }, { res:read() })
         end
         assert.same({ nil, "bad response" }, { http.get(base .. "/cut", { decompress = true }) })
+    end)
+
+    -- RFC 9112 6.1: a transfer coding is the connection's, so the client removes it (gzip, x-gzip
+    -- or deflate, then chunked), asked to decompress or not, and refuses one it cannot remove
+    it("removes a gzip or deflate transfer coding, and refuses one it does not know", function()
+        local function chunked(s)
+            local t = {}
+            for i = 1, #s, 1000 do
+                local piece = s:sub(i, i + 999)
+                t[#t + 1] = ("%x\r\n%s\r\n"):format(#piece, piece)
+            end
+            return table.concat(t) .. "0\r\n\r\n"
+        end
+        local gz = zlib.gzip(original)
+        local d = zlib.deflater(6, 15) -- "deflate" is zlib data (RFC 9110 8.4.1.2)
+        local deflated = d:deflate(original, true)
+        d:close()
+        local gz_gz = zlib.gzip(gz)
+        local bodies = {
+            ["/gzip"] = { "gzip, chunked", chunked(gz) },
+            ["/x-gzip"] = { "X-Gzip,chunked", chunked(gz) },
+            ["/deflate"] = { "deflate, chunked", chunked(deflated) },
+            ["/both"] = { "gzip, chunked", chunked(gz_gz), "Content-Encoding: gzip\r\n" },
+        }
+        local base = keepalive_server(function(req)
+            local b = bodies[req.target]
+            if b then
+                return "HTTP/1.1 200 OK\r\nTransfer-Encoding: " .. b[1] .. "\r\n" .. (b[3] or "")
+                    .. "\r\n" .. b[2]
+            elseif req.target == "/close" then -- gzip alone: the body ends with the connection
+                return "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" .. gz, true
+            end
+            local te = req.target:match("^/te/(.*)$"):gsub("_", " ")
+            return "HTTP/1.1 200 OK\r\nTransfer-Encoding: " .. te .. "\r\n\r\n" .. chunked("x"), true
+        end)
+        for _, path in ipairs({ "/gzip", "/x-gzip", "/deflate", "/close" }) do
+            for _, decompress in ipairs({ false, true }) do
+                local res = assert(http.get(base .. path, { decompress = decompress }))
+                assert.is_true(res.body == original, path)
+                res = assert(http.get(base .. path, { decompress = decompress, stream = true }))
+                local parts = {}
+                for chunk in res:chunks() do parts[#parts + 1] = chunk end
+                assert.is_true(table.concat(parts) == original, path)
+            end
+        end
+        -- a gzip content coding inside: kept unless decompress (then both come off)
+        assert.is_true(assert(http.get(base .. "/both")).body == gz)
+        assert.is_true(assert(http.get(base .. "/both", { decompress = true })).body == original)
+        assert.same(1, http.pool_stats().idle) -- chunked framing ended where it should: pooled
+        for _, te in ipairs({ "br,_chunked", "compress,_chunked", "gzip,_gzip,_chunked",
+                              "chunked,_gzip", "chunked,_chunked", "gzip-not,_chunked", "br" }) do
+            assert.same({ nil, "bad response" }, { http.get(base .. "/te/" .. te) }, te)
+        end
     end)
 
     it("refuses a body over max_body: too large", function()
@@ -1298,6 +1414,23 @@ describe("moonlet.http misuse", function()
         end)
         assert.has_error(function() http.post("http://127.0.0.1:1/", {}) end)
         assert.has_error(function() http.request("http://127.0.0.1:1/", { method = "GE T" }) end)
+    end)
+
+    -- RFC 9110 5.6.2 and 5.5: a name is a token, a value has no control character but HT
+    it("raises on a header name that is not a token and a value with a control character", function()
+        for _, name in ipairs({ "", "X A", "X:A", "X(A)", "X\1A", "X\128", "X\"A" }) do
+            assert.has_error(function()
+                http.get("http://127.0.0.1:1/", { headers = { [name] = "v" } })
+            end, nil, name)
+        end
+        for _, value in ipairs({ "a\1b", "a\127", "a\rb", "a\0" }) do
+            assert.has_error(function()
+                http.get("http://127.0.0.1:1/", { headers = { ["X-A"] = { "ok", value } } })
+            end, nil, value)
+        end
+        -- what may be sent is: tchars in a name, HT, SP and obs-text in a value
+        assert.same({ nil, "connection refused" }, { http.get("http://127.0.0.1:1/",
+            { headers = { ["X!#$%&'*+-.^_`|~9"] = "a\tb c \195\169" } }) })
     end)
 end)
 

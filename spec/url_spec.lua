@@ -36,4 +36,49 @@ describe("moonlet.url", function()
         assert.same({ "a", "" }, url.split_path("/a/"))
         assert.same({ "a", "", "b" }, url.split_path("/a//b"))
     end)
+
+    -- RFC 3986 5.4: every example, normal and abnormal, from the base "http://a/b/c/d;p?q"
+    it("resolves references against a base as RFC 3986 5.4's examples do", function()
+        local examples = {
+            -- 5.4.1 normal
+            { "g:h", "g:h" }, { "g", "http://a/b/c/g" }, { "./g", "http://a/b/c/g" },
+            { "g/", "http://a/b/c/g/" }, { "/g", "http://a/g" }, { "//g", "http://g" },
+            { "?y", "http://a/b/c/d;p?y" }, { "g?y", "http://a/b/c/g?y" },
+            { "#s", "http://a/b/c/d;p?q#s" }, { "g#s", "http://a/b/c/g#s" },
+            { "g?y#s", "http://a/b/c/g?y#s" }, { ";x", "http://a/b/c/;x" },
+            { "g;x", "http://a/b/c/g;x" }, { "g;x?y#s", "http://a/b/c/g;x?y#s" },
+            { "", "http://a/b/c/d;p?q" }, { ".", "http://a/b/c/" }, { "./", "http://a/b/c/" },
+            { "..", "http://a/b/" }, { "../", "http://a/b/" }, { "../g", "http://a/b/g" },
+            { "../..", "http://a/" }, { "../../", "http://a/" }, { "../../g", "http://a/g" },
+            -- 5.4.2 abnormal
+            { "../../../g", "http://a/g" }, { "../../../../g", "http://a/g" },
+            { "/./g", "http://a/g" }, { "/../g", "http://a/g" },
+            { "g.", "http://a/b/c/g." }, { ".g", "http://a/b/c/.g" },
+            { "g..", "http://a/b/c/g.." }, { "..g", "http://a/b/c/..g" },
+            { "./../g", "http://a/b/g" }, { "./g/.", "http://a/b/c/g/" },
+            { "g/./h", "http://a/b/c/g/h" }, { "g/../h", "http://a/b/c/h" },
+            { "g;x=1/./y", "http://a/b/c/g;x=1/y" }, { "g;x=1/../y", "http://a/b/c/y" },
+            { "g?y/./x", "http://a/b/c/g?y/./x" }, { "g?y/../x", "http://a/b/c/g?y/../x" },
+            { "g#s/./x", "http://a/b/c/g#s/./x" }, { "g#s/../x", "http://a/b/c/g#s/../x" },
+            { "http:g", "http:g" }, -- strict
+        }
+        local got, want = {}, {}
+        for i, e in ipairs(examples) do
+            got[i] = e[1] .. " -> " .. url.resolve("http://a/b/c/d;p?q", e[1])
+            want[i] = e[1] .. " -> " .. e[2]
+        end
+        assert.same(want, got)
+        -- a base with a fragment of its own, and one with an authority and an empty path
+        assert.same("http://a/b?q", url.resolve("http://a/b?q#f", ""))
+        assert.same("http://a/b?q#g", url.resolve("http://a/b?q#f", "#g"))
+        assert.same("http://a/g", url.resolve("http://a", "g"))
+        assert.same("http://a/a/b/c", url.resolve("http://a/x", string.rep("/.", 3) .. "/a/b/c"))
+    end)
+
+    it("percent-encodes the bytes a URI may not hold and leaves the rest", function()
+        assert.same("/a%20b/%C3%BC?x=%3Cy%3E%7C%22&z=%41#f%5E",
+            url.encode_uri("/a b/\195\188?x=<y>|\"&z=%41#f^"))
+        local uri = "http://u@h:1/p;q=1/!$&'()*+,=~-._?a[0]=%20#x"
+        assert.same(uri, url.encode_uri(uri))
+    end)
 end)

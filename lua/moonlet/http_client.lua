@@ -191,18 +191,19 @@ end
 
 -- The status line and header section, parsed in C (bindings/http_client.c) once the buffer holds
 -- all of it: status, reason, version, headers, mode, length, keep (the framing of the body and
--- whether the response lets the connection be reused), and the buffer and position of the head;
--- or nil, err. headers is false when the table is left to be made if it is asked for.
+-- whether the response lets the connection be reused), the buffer and position of the head, and
+-- coded (a gzip or deflate transfer coding wraps the body); or nil, err. headers is false when the
+-- table is left to be made if it is asked for.
 local function read_head(conn, is_head)
     if conn.pos > #conn.buf then -- nothing buffered (the usual case): wait for the response first
         local ok, err = fill(conn)
         if not ok then return nil, err end
     end
     local buf, pos = conn.buf, conn.pos
-    local status, reason, version, h, p, mode, len, keep = parse_head(buf, pos, is_head)
+    local status, reason, version, h, p, mode, len, keep, coded = parse_head(buf, pos, is_head)
     if status then
         conn.pos = p
-        return status, reason, version, h, mode, len, keep, buf, pos
+        return status, reason, version, h, mode, len, keep, buf, pos, coded
     end
     if status == nil then return nil, reason end
     local ok, err = fill(conn) -- not all there yet
@@ -222,6 +223,7 @@ local function escape(s)
     return (gsub(tostring(s), "[^%w%-%._~]", function(c) return format("%%%02X", byte(c)) end))
 end
 
+local encode_query, encode_uri, url_resolve = url_mod.encode_query, url_mod.encode_uri, url_mod.resolve
 local url_cache, url_count = {}, 0
 
 -- A parsed URL { scheme, host, port, target, hostport, key, https, auth } or nil, err. Parsed
@@ -242,8 +244,8 @@ local function parse_url(url)
     elseif byte(target) == 63 then -- "?"
         target = "/" .. target
     end
-    if find(target, " ", 1, true) then target = gsub(target, " ", "%%20") end
     if find(target, "[%z\1-\31\127]") then return nil, "bad url" end
+    target = encode_uri(target) -- a space, a non-ASCII byte: percent-encoded
     local auth
     local at = match(authority, "^.*()@")
     if at then
@@ -275,18 +277,12 @@ local function parse_url(url)
     return u
 end
 
--- The absolute URL a Location value points to from base u (RFC 3986 5.2, without dot removal).
-local function resolve(u, loc)
-    if match(loc, "^%a[%w+.-]*://") then return loc end
-    if sub(loc, 1, 2) == "//" then return u.scheme .. ":" .. loc end
-    local origin = u.scheme .. "://" .. u.hostport
-    if byte(loc) == 47 then return origin .. loc end -- "/"
-    local path = match(u.target, "^[^?]*")
-    if byte(loc) == 63 then return origin .. path .. loc end -- "?"
-    return origin .. match(path, "^(.*/)") .. loc
+-- The absolute URL a Location value points to from the request to u with target (RFC 3986 5.2:
+-- "" and "#f" are that URL itself, dot segments are removed), the bytes a URI may not hold
+-- percent-encoded first, as browsers and requests do.
+local function resolve(u, target, loc)
+    return url_resolve(u.scheme .. "://" .. u.hostport .. target, encode_uri(loc))
 end
-
-local encode_query = url_mod.encode_query
 
 -- -- The pool ------------------------------------------------------------------------------------
 
@@ -383,7 +379,9 @@ end
 -- -- A caller's headers (names checked by request: strings) -------------------------------------
 
 local BODY_HEADERS = { ["content-type"] = true, ["content-length"] = true, ["transfer-encoding"] = true }
-local CREDENTIAL_HEADERS = { authorization = true, cookie = true, ["proxy-authorization"] = true }
+-- not carried to another origin on a redirect: credentials, and a Host the caller set for this one
+-- (the next origin gets its own, as curl does)
+local ORIGIN_HEADERS = { authorization = true, cookie = true, ["proxy-authorization"] = true, host = true }
 local CONTENT_TYPE = { ["content-type"] = true }
 local PROXY_AUTHORIZATION = { ["proxy-authorization"] = true }
 local AUTHORIZATION = { authorization = true }
@@ -627,8 +625,14 @@ local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, TRACE = true, PUT 
 local WANTS_BODY = { POST = true, PUT = true, PATCH = true }
 local REDIRECT = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }
 
-local function bad_header(s)
-    return find(s, "[%z\r\n]") ~= nil
+-- A header name is a token (RFC 9110 5.6.2), a value holds no control character but HT (5.5): CR,
+-- LF or NUL would split the request, and any other a conforming server refuses with a 400.
+local function bad_name(s)
+    return not find(s, "^[A-Za-z0-9!#$%%&'*+%-.^_`|~]+$")
+end
+
+local function bad_value(s)
+    return find(s, "[%z\1-\8\10-\31\127]") ~= nil
 end
 
 -- The request head (and a small body appended) as one string; for a body made by a function,
@@ -1014,10 +1018,28 @@ local function take_body(conn, mode, len, max, keep, waits)
     return take_body(conn, mode, len, max, keep, waits + 1)
 end
 
+-- Two inflaters in a row, for a body with a compression transfer coding around a compressed content
+-- coding (decompress = true): the outer's output is the inner's input; done once both ended.
+local chain_mt = { __index = {
+    inflate = function(c, d, max)
+        local mid, done = c.outer:inflate(d, max)
+        if not mid then return nil, done end
+        local out, inner_done = c.inner:inflate(mid, max)
+        if not out then return nil, inner_done end
+        return out, done and inner_done
+    end,
+    close = function(c)
+        c.outer:close()
+        c.inner:close()
+    end,
+} }
+
 -- The response whose head was read on conn: framed, its body read unless o.stream; or nil, err.
 -- The usual response (a small body, all there or soon) is a table of its public fields only; one
--- read piece by piece carries its reading state too (_conn, _mode, _left, ...).
-local function respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp)
+-- read piece by piece carries its reading state too (_conn, _mode, _left, ...). coded: a gzip or
+-- deflate transfer coding wraps the body, removed whatever o.decompress says (it belongs to the
+-- connection, not to the content); o.decompress removes a content coding too.
+local function respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp, coded)
     local max = o.max_body or config.max_body
     local url = target == u.target and u.url or u.scheme .. "://" .. u.hostport .. target
     keep = keep and conn.keepalive
@@ -1026,13 +1048,16 @@ local function respond(conn, u, target, o, status, reason, version, h, mode, len
         close_conn(conn)
         return nil, "too large"
     end
-    local z = false
+    local z = coded and mode ~= NONE and core.zlib_inflater()
     if o.decompress and mode ~= NONE then
         if not h then h, hb = parse_headers(hb, hp), false end
         local ce = h["content-encoding"]
         if ce then
             ce = lower(ce)
-            if ce == "gzip" or ce == "x-gzip" or ce == "deflate" then z = core.zlib_inflater() end
+            if ce == "gzip" or ce == "x-gzip" or ce == "deflate" then
+                local cz = core.zlib_inflater()
+                z = z and setmetatable({ outer = z, inner = cz }, chain_mt) or cz
+            end
         end
     end
     if not o.stream and not z and (mode == LENGTH or mode == CHUNKED) then
@@ -1132,7 +1157,7 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
         conn.keepalive = false
     end
     local is_head = method == "HEAD"
-    local status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
+    local status, reason, version, h, mode, len, keep, hb, hp, coded = read_head(conn, is_head)
     local interim = 0
     while status and status < 200 and status ~= 101 do -- 1xx informational responses are skipped
         interim = interim + 1
@@ -1140,7 +1165,7 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
             status, reason = nil, "bad response"
             break
         end
-        status, reason, version, h, mode, len, keep, hb, hp = read_head(conn, is_head)
+        status, reason, version, h, mode, len, keep, hb, hp, coded = read_head(conn, is_head)
     end
     if status == 101 and header_named(headers, "upgrade") == nil then
         status, reason = nil, "bad response" -- a switch of protocols nobody asked for (RFC 9110 7.8)
@@ -1152,7 +1177,7 @@ local function exchange(u, method, target, headers, body, o, deadline, fresh, t0
         return nil, reason, reason == "closed" and conn.reused > 0 and not conn.got
             and IDEMPOTENT[method] and replayable
     end
-    return respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp)
+    return respond(conn, u, target, o, status, reason, version, h, mode, len, keep, hb, hp, coded)
 end
 
 -- Reads what is left of a redirect's body so that its connection can be reused (small bodies),
@@ -1211,10 +1236,10 @@ local function follow(u, method, target, headers, body, o, deadline, t0, max_red
     end
     if type(body) == "function" then return res end -- a body made by a function is not sent twice
     discard(res)
-    local nu = parse_url(resolve(u, loc))
+    local nu = parse_url(resolve(u, target, loc))
     if not nu then return nil, "bad redirect" end
-    if nu.key ~= u.key then -- credentials stay with their origin
-        if headers then headers = without(headers, CREDENTIAL_HEADERS) end
+    if nu.key ~= u.key then -- credentials (and a Host given for it) stay with their origin
+        if headers then headers = without(headers, ORIGIN_HEADERS) end
     elseif u.auth and not nu.auth and header_named(headers, "authorization") == nil then
         -- the URL's user:password goes on within its origin (a relative Location has none)
         headers = headers and without(headers, AUTHORIZATION) or {}
@@ -1273,16 +1298,16 @@ local function request(method, url, o, body, level)
     end
     if headers ~= nil then
         for k, v in pairs(headers) do
-            if type(k) ~= "string" or bad_header(k) or find(k, "[ :\t]") then
+            if type(k) ~= "string" or bad_name(k) then
                 error("moonlet.http: bad header name " .. tostring(k), level)
             end
             if type(v) == "table" then
                 for _, x in ipairs(v) do
-                    if bad_header(tostring(x)) then
+                    if bad_value(tostring(x)) then
                         error("moonlet.http: bad value of header " .. k, level)
                     end
                 end
-            elseif bad_header(tostring(v)) then
+            elseif bad_value(tostring(v)) then
                 error("moonlet.http: bad value of header " .. k, level)
             end
         end

@@ -1,5 +1,6 @@
 -- lua/moonlet/url.lua: percent-decoding, query strings and path segments, shared by the router,
--- requests and static files; and trim, for the header values the Lua parsers read.
+-- requests and static files; resolving a reference against a base URI (the HTTP client's
+-- redirects); and trim, for the header values the Lua parsers read.
 local str_find, str_gsub, str_sub, str_char, str_match = string.find, string.gsub, string.sub,
     string.char, string.match
 local tonumber = tonumber
@@ -96,6 +97,104 @@ function _M.parse_query(qs)
         pos = amp + 1
     end
     return first, all
+end
+
+-- -- References (RFC 3986 section 5) -----------------------------------------------------------
+
+-- The parts of a URI reference (RFC 3986 appendix B): scheme, authority, path, query, fragment;
+-- an absent part is nil (an empty one ""), the path is always there.
+local function split_ref(s)
+    local scheme, rest = str_match(s, "^(%a[%w+.-]*):(.*)$")
+    if not scheme then rest = s end
+    local authority
+    if str_sub(rest, 1, 2) == "//" then
+        local e = str_find(rest, "[/?#]", 3) or #rest + 1
+        authority, rest = str_sub(rest, 3, e - 1), str_sub(rest, e)
+    end
+    local fragment, query
+    local h = str_find(rest, "#", 1, true)
+    if h then rest, fragment = str_sub(rest, 1, h - 1), str_sub(rest, h + 1) end
+    local q = str_find(rest, "?", 1, true)
+    if q then rest, query = str_sub(rest, 1, q - 1), str_sub(rest, q + 1) end
+    return scheme, authority, rest, query, fragment
+end
+
+-- path without its "." and ".." segments (RFC 3986 5.2.4), by a cursor over path rather than by
+-- cutting the input buffer (that would copy a long path once per segment: a Location is the
+-- server's to make long).
+local function remove_dot_segments(path)
+    if not str_find(path, ".", 1, true) then return path end
+    local out, n, pos, len = {}, 0, 1, #path
+    while pos <= len do
+        if str_find(path, "^%.%./", pos) then         -- A: "../"
+            pos = pos + 3
+        elseif str_find(path, "^%./", pos) then       -- A: "./"
+            pos = pos + 2
+        elseif str_find(path, "^/%./", pos) then      -- B: "/./" -> "/"
+            pos = pos + 2
+        elseif str_find(path, "^/%.$", pos) then      -- B: "/." at the end -> "/"
+            n = n + 1
+            out[n] = "/"
+            break
+        elseif str_find(path, "^/%.%./", pos) then    -- C: "/../" -> "/", the last segment dropped
+            pos = pos + 3
+            if n > 0 then out[n], n = nil, n - 1 end
+        elseif str_find(path, "^/%.%.$", pos) then    -- C: "/.." at the end
+            if n > 0 then out[n], n = nil, n - 1 end
+            n = n + 1
+            out[n] = "/"
+            break
+        elseif str_find(path, "^%.%.?$", pos) then    -- D: "." or ".." alone
+            break
+        else                                          -- E: the next segment, with its "/"
+            local seg = str_match(path, "^/?[^/]*", pos)
+            n = n + 1
+            out[n] = seg
+            pos = pos + #seg
+        end
+    end
+    return table.concat(out, "", 1, n)
+end
+
+-- syntax: s = url.resolve(base, ref) -- the target URI of reference ref (a Location, a link) from
+-- the absolute URI base, per RFC 3986 5.2 (strict: "http:g" is that URI): "" is base itself and
+-- "#f" base with that fragment (base's own fragment is dropped in both), dot segments are removed.
+function _M.resolve(base, ref)
+    local rs, ra, rp, rq, rf = split_ref(ref)
+    local bs, ba, bp, bq = split_ref(base)
+    local s, a, p, q = bs, ba
+    if rs then
+        s, a, p, q = rs, ra, remove_dot_segments(rp), rq
+    elseif ra then
+        a, p, q = ra, remove_dot_segments(rp), rq
+    elseif rp == "" then
+        p, q = bp, rq or bq
+    else
+        if str_sub(rp, 1, 1) ~= "/" then -- merged with base's path (5.2.3)
+            if ba and bp == "" then
+                rp = "/" .. rp
+            else
+                rp = (str_match(bp, "^(.*/)") or "") .. rp
+            end
+        end
+        p, q = remove_dot_segments(rp), rq
+    end
+    local t = { s, ":" }
+    if a then t[#t + 1] = "//" .. a end
+    t[#t + 1] = p
+    if q then t[#t + 1] = "?" .. q end
+    if rf then t[#t + 1] = "#" .. rf end
+    return table.concat(t)
+end
+
+-- syntax: s = url.encode_uri(s) -- the bytes that may not appear in a URI (RFC 3986 2: space,
+-- control characters, non-ASCII bytes, "<>\^`{|}\"") percent-encoded, the rest left as it is (so
+-- "%" escapes already there stay), as browsers and requests do with a Location before following it
+local NOT_URI = "[^A-Za-z0-9%-%._~:/%?#%[%]@!%$&'%(%)%*%+,;=%%]"
+
+function _M.encode_uri(s)
+    if not str_find(s, NOT_URI) then return s end
+    return (str_gsub(s, NOT_URI, function(c) return ("%%%02X"):format(c:byte()) end))
 end
 
 -- syntax: segs = url.split_path(path) -- "/a/b/" -> { "a", "b", "" }
