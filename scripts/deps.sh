@@ -18,8 +18,8 @@ peers() { :; }
 if [ "$PROFILE" = test ]; then
   # database servers the specs start privately, and sqlite3 for inspecting test databases
   PKGS="$PKGS sqlite3 postgresql redis-server"
-  # Debian's lua-resty drivers (modules nginx.redis, nginx.redis.connector, nginx.memcached, nginx.websocket.*,
-  # nginx.dns.resolver, resty.lrucache), run unmodified by spec/ngx_spec.lua and
+  # Debian's lua-resty drivers (modules nginx.redis, nginx.redis.connector, nginx.memcached,
+  # nginx.websocket.*, nginx.dns.resolver, resty.lrucache), run unmodified by spec/ngx_spec.lua and
   # spec/ngx_drivers_spec.lua, and the memcached server the memcached driver talks to
   PKGS="$PKGS lua-nginx-redis lua-nginx-redis-connector lua-nginx-memcached lua-nginx-websocket"
   PKGS="$PKGS lua-nginx-dns"
