@@ -318,14 +318,6 @@ static void fsop_res_close(mlua_res_t *r) {
   if (!op->closing) uv_cancel((uv_req_t *)&op->req);
 }
 
-/* The path at idx, or NULL when it holds a NUL byte: the C string would end there and name another
- * file ("x.txt\0.png" is "x.txt"), so such a path is refused as EINVAL before anything starts. */
-static const char *path_arg(lua_State *L, int idx) {
-  size_t n;
-  const char *path = luaL_checklstring(L, idx, &n);
-  return memchr(path, '\0', n) ? NULL : path;
-}
-
 /* Starts a call of `kind` for the running task: returns the op (linked, the task recorded) or
  * raises outside a task or when out of memory. */
 static fsop_t *fsop_new(lua_State *L, int kind, mlua_task_t **tp) {
@@ -358,7 +350,7 @@ static int fsop_wait(lua_State *L, fsop_t *op, mlua_task_t *t, int r) {
 
 /* syntax: data, err = core.fs_read(path) */
 static int l_fs_read(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   mlua_task_t *t;
   fsop_t *op = fsop_new(L, OP_READ, &t);
@@ -368,7 +360,7 @@ static int l_fs_read(lua_State *L) {
 
 /* syntax: ok, err = core.fs_write(path, data, append) -- creates; truncates unless append */
 static int l_fs_write(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   size_t len;
   const char *data = luaL_checklstring(L, 2, &len);
@@ -390,7 +382,7 @@ static int l_fs_write(lua_State *L) {
 
 /* syntax: info, err = core.fs_stat(path, follow) -- follow: stat, else lstat */
 static int l_fs_stat(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   int follow = lua_toboolean(L, 2);
   mlua_task_t *t;
@@ -402,7 +394,7 @@ static int l_fs_stat(lua_State *L) {
 
 /* syntax: names, err = core.fs_list(dir) -- unsorted, without "." and ".." */
 static int l_fs_list(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   mlua_task_t *t;
   fsop_t *op = fsop_new(L, OP_LIST, &t);
@@ -411,7 +403,7 @@ static int l_fs_list(lua_State *L) {
 
 /* syntax: ok, err = core.fs_mkdir(path, mode) */
 static int l_fs_mkdir(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   int mode = (int)luaL_optinteger(L, 2, 0777);
   mlua_task_t *t;
@@ -421,7 +413,7 @@ static int l_fs_mkdir(lua_State *L) {
 
 /* syntax: ok, err = core.fs_remove(path) -- a file, a link or an empty directory */
 static int l_fs_remove(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   mlua_task_t *t;
   fsop_t *op = fsop_new(L, OP_REMOVE, &t);
@@ -435,8 +427,8 @@ static int l_fs_remove(lua_State *L) {
 
 /* syntax: ok, err = core.fs_rename(from, to) */
 static int l_fs_rename(lua_State *L) {
-  const char *from = path_arg(L, 1);
-  const char *to = path_arg(L, 2);
+  const char *from = mlua_cstring_arg(L, 1);
+  const char *to = mlua_cstring_arg(L, 2);
   if (!from || !to) return mlua_push_error(L, UV_EINVAL);
   mlua_task_t *t;
   fsop_t *op = fsop_new(L, OP_RENAME, &t);

@@ -108,6 +108,12 @@ int mlua_push_error(lua_State *L, int e) {
   return 3;
 }
 
+const char *mlua_cstring_arg(lua_State *L, int idx) {
+  size_t n;
+  const char *s = luaL_checklstring(L, idx, &n);
+  return memchr(s, '\0', n) ? NULL : s;
+}
+
 void mlua_res_link(moonlet_t *m, mlua_res_t *r, void (*close)(mlua_res_t *)) {
   r->close = close;
   r->prev = NULL;

@@ -183,6 +183,11 @@ void mlua_register_methods(lua_State *L, moonlet_t *m, const luaL_Reg *fns, int 
 void *mlua_check_object(lua_State *L, int idx, const char *tname); /* luaL_checkudata, faster */
 int mlua_push_sockaddr(lua_State *L, const struct sockaddr *sa);   /* address, port: returns 2 */
 int mlua_push_error(lua_State *L, int uv_err); /* nil, short message, code name: returns 3 */
+/* The string at idx (luaL_checklstring: raises for a wrong type) as a C string, or NULL when it
+ * holds a NUL byte: the C string would end there and name something else ("x.txt\0.png" is
+ * "x.txt", "localhost\0.evil" is "localhost"), so the caller refuses it with nil, "invalid
+ * argument" (UV_EINVAL) before anything starts. */
+const char *mlua_cstring_arg(lua_State *L, int idx);
 /* LuaJIT's int64_t and uint64_t cdata (1LL, 2ULL) at idx: the decimal text of its value in buf
  * and its length, with *is_unsigned set for a uint64_t; 0 for any other value (bindings/int64.c).
  */
