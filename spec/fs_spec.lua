@@ -151,14 +151,28 @@ describe("moonlet.fs", function()
         assert.same({ nil, "permission denied", "EACCES" }, { fs.read(p) })
     end)
 
-    it("raises on misuse", function()
-        assert.has_error(function() fs.read(nil) end, "moonlet.fs.read: path must be a string")
+    it("raises on misuse with a message naming the function and the argument", function()
+        assert.has_error(function() fs.read(nil) end,
+            "moonlet.fs.read: bad argument #1 (path must be a string, got nil)")
         assert.has_error(function() fs.write(dir .. "/x", nil) end,
-            "moonlet.fs.write: data must be a string")
+            "moonlet.fs.write: bad argument #2 (data must be a string, got nil)")
+        assert.has_error(function() fs.append(dir .. "/x", 1) end,
+            "moonlet.fs.append: bad argument #2 (data must be a string, got number)")
         assert.has_error(function() fs.rename("a", 1) end,
-            "moonlet.fs.rename: target must be a string")
+            "moonlet.fs.rename: bad argument #2 (target must be a string, got number)")
         assert.has_error(function() fs.mkdir(dir .. "/m", "755") end,
-            "moonlet.fs.mkdir: mode must be a number")
+            "moonlet.fs.mkdir: bad argument #2 (mode must be a number or nil, got string)")
+        assert.has_error(function() fs.list({}) end,
+            "moonlet.fs.list: bad argument #1 (path must be a string, got table)")
+        assert.has_error(function() fs.remove(false) end,
+            "moonlet.fs.remove: bad argument #1 (path must be a string, got boolean)")
+        -- stat(path, opts): opts is a table ({ follow = true }), not a flag
+        assert.has_error(function() fs.stat(dir, true) end,
+            "moonlet.fs.stat: bad argument #2 (opts must be a table or nil, got boolean)")
+        assert.has_error(function() fs.stat(dir, "follow") end,
+            "moonlet.fs.stat: bad argument #2 (opts must be a table or nil, got string)")
+        assert.equal("directory", fs.stat(dir, { follow = true }).type)
+        assert.equal("directory", fs.stat(dir, nil).type)
     end)
 
     it("writes and reads a 20 MB file while the loop keeps ticking", function()
