@@ -208,8 +208,13 @@ static void on_read_fstat(uv_fs_t *req) {
     finish(op, stop);
     return;
   }
-  if ((req->statbuf.st_mode & S_IFMT) == S_IFDIR) {
+  uint64_t fmt = req->statbuf.st_mode & S_IFMT;
+  if (fmt == S_IFDIR) {
     finish(op, UV_EISDIR);
+    return;
+  }
+  if (fmt != S_IFREG) { /* a FIFO, socket or device: its reads may wait forever (see l_fs_read) */
+    finish(op, UV_EFTYPE);
     return;
   }
   uint64_t size = req->statbuf.st_size;
@@ -348,13 +353,17 @@ static int fsop_wait(lua_State *L, fsop_t *op, mlua_task_t *t, int r) {
   return mlua_task_wait(L, t, fsop_cancel, op);
 }
 
-/* syntax: data, err = core.fs_read(path) */
+/* syntax: data, err = core.fs_read(path)
+ * Regular files only: a FIFO, socket or device is refused with UV_EFTYPE ("not a regular file")
+ * once opened. The open is O_NONBLOCK, so that a FIFO without a writer does not hold a thread of
+ * the pool in open(2) (Node's readFile blocks there); a thread blocked in a read could not be
+ * cancelled or timed out either (uv_cancel cannot take back a request that runs). */
 static int l_fs_read(lua_State *L) {
   const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   mlua_task_t *t;
   fsop_t *op = fsop_new(L, OP_READ, &t);
-  int r = uv_fs_open(op->loop, &op->req, path, O_RDONLY | O_CLOEXEC, 0, on_read_open);
+  int r = uv_fs_open(op->loop, &op->req, path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0, on_read_open);
   return fsop_wait(L, op, t, r);
 }
 

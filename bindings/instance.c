@@ -97,6 +97,7 @@ const char *mlua_err_string(int e) {
   case UV_EHOSTUNREACH: return "host unreachable";
   case UV_ENETUNREACH: return "network unreachable";
   case UV_E2BIG: return "too large";
+  case UV_EFTYPE: return "not a regular file";
   default: return uv_strerror(e);
   }
 }

@@ -175,6 +175,22 @@ describe("moonlet.fs", function()
         assert.equal("directory", fs.stat(dir, nil).type)
     end)
 
+    it("refuses to read a FIFO or a device instead of holding a pool thread in open or read", function()
+        local fifo = dir .. "/fifo"
+        assert.equal(0, os.execute("mkfifo " .. fifo))
+        -- a read that did block in open(2) (no writer) is released by an open for read and write
+        test.defer(function() os.execute("sh -c ': <>" .. fifo .. "'") end)
+        local r0 = core.stats().resources
+        local fd0 = fd_count()
+        local not_regular = { nil, "not a regular file", "EFTYPE" }
+        assert.same(not_regular, { moonlet.timeout(10, fs.read, fifo) })
+        assert.same(not_regular, { fs.read("/dev/null") })
+        settle(r0)
+        assert.equal(fd0, fd_count()) -- the file opened to check it was closed
+        assert.is_true(fs.write(dir .. "/f", "x")) -- the pool still serves
+        assert.same({ "x" }, { fs.read(dir .. "/f") })
+    end)
+
     it("writes and reads a 20 MB file while the loop keeps ticking", function()
         local chunk = {}
         for i = 1, 1024 do chunk[i] = string.char(i % 251) end
