@@ -103,36 +103,41 @@ static void push_stat(lua_State *L, const uv_stat_t *st) {
   lua_setfield(L, -2, "mode");
 }
 
-/* Ends the call: unlinks it, pushes its results (status < 0: nil, err, code) on the task, frees
- * the op, then resumes the task, unless the call was cancelled: then it only frees. op->req may
- * still hold the last step's results (stat, scandir); they are read before the cleanup. */
+/* The results of a call that succeeded, pushed on L (mlua_push_protected: a file's bytes or a long
+ * listing may not fit in memory, and the error is caught there). Returns 1. */
+static int push_result(lua_State *L, void *ud) {
+  fsop_t *op = ud;
+  if (op->kind == OP_READ) {
+    lua_pushlstring(L, op->buf ? op->buf : "", op->len);
+  } else if (op->kind == OP_STAT) {
+    push_stat(L, &op->req.statbuf);
+  } else if (op->kind == OP_LIST) {
+    uv_dirent_t ent;
+    lua_createtable(L, (int)op->req.result, 0);
+    for (int i = 1; uv_fs_scandir_next(&op->req, &ent) == 0; i++) {
+      lua_pushstring(L, ent.name);
+      lua_rawseti(L, -2, i);
+    }
+  } else {
+    lua_pushboolean(L, 1);
+  }
+  return 1;
+}
+
+/* Ends the call: unlinks it, pushes its results (status < 0: nil, err, code; out of memory: nil,
+ * "not enough memory") on the task, frees the op, then resumes the task, unless the call was
+ * cancelled: then it only frees. op->req may still hold the last step's results (stat, scandir);
+ * they are read before the cleanup. */
 static void complete(fsop_t *op, int status) {
   if (op->linked) mlua_res_unlink(op->m, &op->res);
   op->linked = 0;
   mlua_task_t *t = op->task;
   int n = 0;
   if (t) {
-    lua_State *co = t->co;
-    if (status < 0) {
-      n = mlua_push_error(co, status);
-    } else if (op->kind == OP_READ) {
-      lua_pushlstring(co, op->buf ? op->buf : "", op->len);
-      n = 1;
-    } else if (op->kind == OP_STAT) {
-      push_stat(co, &op->req.statbuf);
-      n = 1;
-    } else if (op->kind == OP_LIST) {
-      uv_dirent_t ent;
-      lua_createtable(co, status, 0);
-      for (int i = 1; uv_fs_scandir_next(&op->req, &ent) == 0; i++) {
-        lua_pushstring(co, ent.name);
-        lua_rawseti(co, -2, i);
-      }
-      n = 1;
-    } else {
-      lua_pushboolean(co, 1);
-      n = 1;
-    }
+    if (status < 0)
+      n = mlua_push_error(t->co, status);
+    else
+      n = mlua_push_protected(op->m, t->co, push_result, op);
   }
   fsop_free(op);
   if (t) mlua_task_resume(t, n);

@@ -144,6 +144,14 @@ void mlua_check_yieldable(lua_State *L, mlua_task_t *t);
 /* Takes t out of the wait it is parked in (NULL: nothing): from then on it cannot be cancelled
  * there. A callback calls it when it takes its waiter, before anything that may run Lua. */
 void mlua_task_unwait(mlua_task_t *t);
+/* Pushes a wait's results on co (a task parked in a wait, about to be resumed) from a libuv
+ * callback. No Lua frame protects a parked coroutine: a memory error raised while pushing on it
+ * (a 1 GiB string LuaJIT cannot allocate) cannot be caught and ends the process (the panic
+ * handler). So push(L, ud) runs under lua_cpcall on the main state, pushes its results there and
+ * returns their count (it may raise); they are then moved to co, which needs no allocation but
+ * co's stack growth for that many slots (a few: LUA_MINSTACK is there already). Returns the count;
+ * when push raised, co gets nil, "not enough memory" (or the error's message) instead, and 2. */
+int mlua_push_protected(moonlet_t *m, lua_State *co, int (*push)(lua_State *L, void *ud), void *ud);
 /* The timer delay of an I/O wait (a socket's receive, send or connect, a query, a pipe's
  * read) of ms milliseconds: at least 1. A 0 ms timer started in a timer callback is due at
  * once, and libuv (before 1.45) runs it in the same pass over the timers, before the loop polls: a

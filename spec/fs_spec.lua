@@ -191,6 +191,30 @@ describe("moonlet.fs", function()
         assert.same({ "x" }, { fs.read(dir .. "/f") })
     end)
 
+    it("returns nil, \"not enough memory\" for a file Lua cannot hold, without a panic", function()
+        if test.binary():find("asan", 1, true) then
+            return pending("ASan reserves terabytes of address space: ulimit -v cannot apply")
+        end
+        -- a 400 MB sparse file, read by a moonlet whose address space (ulimit -v) holds the C
+        -- buffer or the Lua string but not both: the string's allocation fails in the read's
+        -- callback, outside any Lua call that could catch it
+        local big = dir .. "/big"
+        local f = assert(io.open(big, "wb"))
+        f:seek("set", 400 * 1024 * 1024 - 1)
+        f:write("x")
+        f:close()
+        local script = dir .. "/read.lua"
+        f = assert(io.open(script, "wb"))
+        f:write(("local d, err = require('moonlet').fs.read(%q)\n"):format(big),
+            "io.write('result: ', tostring(d and #d), ' ', tostring(err), '\\n')\n")
+        f:close()
+        local p = io.popen(("ulimit -v 700000; %s %s 2>&1; echo \"exit: $?\""):format(test.binary(),
+            script))
+        local out = p:read("*a")
+        p:close()
+        assert.equal("result: nil not enough memory\nexit: 0\n", out)
+    end)
+
     it("writes and reads a 20 MB file while the loop keeps ticking", function()
         local chunk = {}
         for i = 1, 1024 do chunk[i] = string.char(i % 251) end
