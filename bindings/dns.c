@@ -140,11 +140,11 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 
 /* syntax: addrs, err = core.dns_resolve(name, family, timeout)
  * family: "inet", "inet6" or nil (both); timeout: seconds, nil for none. Returns an array of
- * address strings, or nil, "not found" | "timeout" | other short error. An address literal is
- * answered at once without the thread pool. */
+ * address strings, or nil, "not found" | "timeout" | "invalid argument" (a name with a NUL byte) |
+ * other short error. An address literal is answered at once without the thread pool. */
 static int l_resolve(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
-  const char *name = luaL_checkstring(L, 1);
+  const char *name = mlua_cstring_arg(L, 1);
   const char *fam = luaL_optstring(L, 2, NULL);
   double timeout = lua_isnoneornil(L, 3) ? -1 : luaL_checknumber(L, 3);
   if (timeout != timeout || (timeout < 0 && !lua_isnoneornil(L, 3)))
@@ -160,6 +160,7 @@ static int l_resolve(lua_State *L) {
     hints.ai_family = AF_INET6;
   else if (fam)
     return luaL_argerror(L, 2, "expected \"inet\", \"inet6\" or nil");
+  if (!name) return push_err(L, UV_EINVAL); /* a NUL inside: getaddrinfo would see less */
   unsigned char bin[16];
   int is4 = uv_inet_pton(AF_INET, name, bin) == 0,
       is6 = !is4 && uv_inet_pton(AF_INET6, name, bin) == 0;

@@ -103,36 +103,41 @@ static void push_stat(lua_State *L, const uv_stat_t *st) {
   lua_setfield(L, -2, "mode");
 }
 
-/* Ends the call: unlinks it, pushes its results (status < 0: nil, err, code) on the task, frees
- * the op, then resumes the task, unless the call was cancelled: then it only frees. op->req may
- * still hold the last step's results (stat, scandir); they are read before the cleanup. */
+/* The results of a call that succeeded, pushed on L (mlua_push_protected: a file's bytes or a long
+ * listing may not fit in memory, and the error is caught there). Returns 1. */
+static int push_result(lua_State *L, void *ud) {
+  fsop_t *op = ud;
+  if (op->kind == OP_READ) {
+    lua_pushlstring(L, op->buf ? op->buf : "", op->len);
+  } else if (op->kind == OP_STAT) {
+    push_stat(L, &op->req.statbuf);
+  } else if (op->kind == OP_LIST) {
+    uv_dirent_t ent;
+    lua_createtable(L, (int)op->req.result, 0);
+    for (int i = 1; uv_fs_scandir_next(&op->req, &ent) == 0; i++) {
+      lua_pushstring(L, ent.name);
+      lua_rawseti(L, -2, i);
+    }
+  } else {
+    lua_pushboolean(L, 1);
+  }
+  return 1;
+}
+
+/* Ends the call: unlinks it, pushes its results (status < 0: nil, err, code; out of memory: nil,
+ * "not enough memory") on the task, frees the op, then resumes the task, unless the call was
+ * cancelled: then it only frees. op->req may still hold the last step's results (stat, scandir);
+ * they are read before the cleanup. */
 static void complete(fsop_t *op, int status) {
   if (op->linked) mlua_res_unlink(op->m, &op->res);
   op->linked = 0;
   mlua_task_t *t = op->task;
   int n = 0;
   if (t) {
-    lua_State *co = t->co;
-    if (status < 0) {
-      n = mlua_push_error(co, status);
-    } else if (op->kind == OP_READ) {
-      lua_pushlstring(co, op->buf ? op->buf : "", op->len);
-      n = 1;
-    } else if (op->kind == OP_STAT) {
-      push_stat(co, &op->req.statbuf);
-      n = 1;
-    } else if (op->kind == OP_LIST) {
-      uv_dirent_t ent;
-      lua_createtable(co, status, 0);
-      for (int i = 1; uv_fs_scandir_next(&op->req, &ent) == 0; i++) {
-        lua_pushstring(co, ent.name);
-        lua_rawseti(co, -2, i);
-      }
-      n = 1;
-    } else {
-      lua_pushboolean(co, 1);
-      n = 1;
-    }
+    if (status < 0)
+      n = mlua_push_error(t->co, status);
+    else
+      n = mlua_push_protected(op->m, t->co, push_result, op);
   }
   fsop_free(op);
   if (t) mlua_task_resume(t, n);
@@ -208,8 +213,13 @@ static void on_read_fstat(uv_fs_t *req) {
     finish(op, stop);
     return;
   }
-  if ((req->statbuf.st_mode & S_IFMT) == S_IFDIR) {
+  uint64_t fmt = req->statbuf.st_mode & S_IFMT;
+  if (fmt == S_IFDIR) {
     finish(op, UV_EISDIR);
+    return;
+  }
+  if (fmt != S_IFREG) { /* a FIFO, socket or device: its reads may wait forever (see l_fs_read) */
+    finish(op, UV_EFTYPE);
     return;
   }
   uint64_t size = req->statbuf.st_size;
@@ -318,14 +328,6 @@ static void fsop_res_close(mlua_res_t *r) {
   if (!op->closing) uv_cancel((uv_req_t *)&op->req);
 }
 
-/* The path at idx, or NULL when it holds a NUL byte: the C string would end there and name another
- * file ("x.txt\0.png" is "x.txt"), so such a path is refused as EINVAL before anything starts. */
-static const char *path_arg(lua_State *L, int idx) {
-  size_t n;
-  const char *path = luaL_checklstring(L, idx, &n);
-  return memchr(path, '\0', n) ? NULL : path;
-}
-
 /* Starts a call of `kind` for the running task: returns the op (linked, the task recorded) or
  * raises outside a task or when out of memory. */
 static fsop_t *fsop_new(lua_State *L, int kind, mlua_task_t **tp) {
@@ -356,19 +358,23 @@ static int fsop_wait(lua_State *L, fsop_t *op, mlua_task_t *t, int r) {
   return mlua_task_wait(L, t, fsop_cancel, op);
 }
 
-/* syntax: data, err = core.fs_read(path) */
+/* syntax: data, err = core.fs_read(path)
+ * Regular files only: a FIFO, socket or device is refused with UV_EFTYPE ("not a regular file")
+ * once opened. The open is O_NONBLOCK, so that a FIFO without a writer does not hold a thread of
+ * the pool in open(2) (Node's readFile blocks there); a thread blocked in a read could not be
+ * cancelled or timed out either (uv_cancel cannot take back a request that runs). */
 static int l_fs_read(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   mlua_task_t *t;
   fsop_t *op = fsop_new(L, OP_READ, &t);
-  int r = uv_fs_open(op->loop, &op->req, path, O_RDONLY | O_CLOEXEC, 0, on_read_open);
+  int r = uv_fs_open(op->loop, &op->req, path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0, on_read_open);
   return fsop_wait(L, op, t, r);
 }
 
 /* syntax: ok, err = core.fs_write(path, data, append) -- creates; truncates unless append */
 static int l_fs_write(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   size_t len;
   const char *data = luaL_checklstring(L, 2, &len);
@@ -390,7 +396,7 @@ static int l_fs_write(lua_State *L) {
 
 /* syntax: info, err = core.fs_stat(path, follow) -- follow: stat, else lstat */
 static int l_fs_stat(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   int follow = lua_toboolean(L, 2);
   mlua_task_t *t;
@@ -402,7 +408,7 @@ static int l_fs_stat(lua_State *L) {
 
 /* syntax: names, err = core.fs_list(dir) -- unsorted, without "." and ".." */
 static int l_fs_list(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   mlua_task_t *t;
   fsop_t *op = fsop_new(L, OP_LIST, &t);
@@ -411,7 +417,7 @@ static int l_fs_list(lua_State *L) {
 
 /* syntax: ok, err = core.fs_mkdir(path, mode) */
 static int l_fs_mkdir(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   int mode = (int)luaL_optinteger(L, 2, 0777);
   mlua_task_t *t;
@@ -421,7 +427,7 @@ static int l_fs_mkdir(lua_State *L) {
 
 /* syntax: ok, err = core.fs_remove(path) -- a file, a link or an empty directory */
 static int l_fs_remove(lua_State *L) {
-  const char *path = path_arg(L, 1);
+  const char *path = mlua_cstring_arg(L, 1);
   if (!path) return mlua_push_error(L, UV_EINVAL);
   mlua_task_t *t;
   fsop_t *op = fsop_new(L, OP_REMOVE, &t);
@@ -435,8 +441,8 @@ static int l_fs_remove(lua_State *L) {
 
 /* syntax: ok, err = core.fs_rename(from, to) */
 static int l_fs_rename(lua_State *L) {
-  const char *from = path_arg(L, 1);
-  const char *to = path_arg(L, 2);
+  const char *from = mlua_cstring_arg(L, 1);
+  const char *to = mlua_cstring_arg(L, 2);
   if (!from || !to) return mlua_push_error(L, UV_EINVAL);
   mlua_task_t *t;
   fsop_t *op = fsop_new(L, OP_RENAME, &t);

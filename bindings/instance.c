@@ -97,6 +97,7 @@ const char *mlua_err_string(int e) {
   case UV_EHOSTUNREACH: return "host unreachable";
   case UV_ENETUNREACH: return "network unreachable";
   case UV_E2BIG: return "too large";
+  case UV_EFTYPE: return "not a regular file";
   default: return uv_strerror(e);
   }
 }
@@ -106,6 +107,12 @@ int mlua_push_error(lua_State *L, int e) {
   lua_pushstring(L, mlua_err_string(e));
   lua_pushstring(L, uv_err_name(e));
   return 3;
+}
+
+const char *mlua_cstring_arg(lua_State *L, int idx) {
+  size_t n;
+  const char *s = luaL_checklstring(L, idx, &n);
+  return memchr(s, '\0', n) ? NULL : s;
 }
 
 void mlua_res_link(moonlet_t *m, mlua_res_t *r, void (*close)(mlua_res_t *)) {

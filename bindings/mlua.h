@@ -144,6 +144,14 @@ void mlua_check_yieldable(lua_State *L, mlua_task_t *t);
 /* Takes t out of the wait it is parked in (NULL: nothing): from then on it cannot be cancelled
  * there. A callback calls it when it takes its waiter, before anything that may run Lua. */
 void mlua_task_unwait(mlua_task_t *t);
+/* Pushes a wait's results on co (a task parked in a wait, about to be resumed) from a libuv
+ * callback. No Lua frame protects a parked coroutine: a memory error raised while pushing on it
+ * (a 1 GiB string LuaJIT cannot allocate) cannot be caught and ends the process (the panic
+ * handler). So push(L, ud) runs under lua_cpcall on the main state, pushes its results there and
+ * returns their count (it may raise); they are then moved to co, which needs no allocation but
+ * co's stack growth for that many slots (a few: LUA_MINSTACK is there already). Returns the count;
+ * when push raised, co gets nil, "not enough memory" (or the error's message) instead, and 2. */
+int mlua_push_protected(moonlet_t *m, lua_State *co, int (*push)(lua_State *L, void *ud), void *ud);
 /* The timer delay of an I/O wait (a socket's receive, send or connect, a query, a pipe's
  * read) of ms milliseconds: at least 1. A 0 ms timer started in a timer callback is due at
  * once, and libuv (before 1.45) runs it in the same pass over the timers, before the loop polls: a
@@ -183,6 +191,11 @@ void mlua_register_methods(lua_State *L, moonlet_t *m, const luaL_Reg *fns, int 
 void *mlua_check_object(lua_State *L, int idx, const char *tname); /* luaL_checkudata, faster */
 int mlua_push_sockaddr(lua_State *L, const struct sockaddr *sa);   /* address, port: returns 2 */
 int mlua_push_error(lua_State *L, int uv_err); /* nil, short message, code name: returns 3 */
+/* The string at idx (luaL_checklstring: raises for a wrong type) as a C string, or NULL when it
+ * holds a NUL byte: the C string would end there and name something else ("x.txt\0.png" is
+ * "x.txt", "localhost\0.evil" is "localhost"), so the caller refuses it with nil, "invalid
+ * argument" (UV_EINVAL) before anything starts. */
+const char *mlua_cstring_arg(lua_State *L, int idx);
 /* LuaJIT's int64_t and uint64_t cdata (1LL, 2ULL) at idx: the decimal text of its value in buf
  * and its length, with *is_unsigned set for a uint64_t; 0 for any other value (bindings/int64.c).
  */

@@ -357,6 +357,10 @@ static int try_answer(lua_State *L, stream_t *s) {
   return 0;
 }
 
+/* try_answer for mlua_push_protected: on_read pushes from a callback, where a string too large
+ * for memory must become nil, "not enough memory" (the data stays buffered), not a panic. */
+static int push_answer(lua_State *L, void *ud) { return try_answer(L, ud); }
+
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   stream_t *s = h->data;
   (void)suggested;
@@ -383,7 +387,7 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     s->reading = 0;
     return;
   }
-  int nres = try_answer(s->task->co, s);
+  int nres = mlua_push_protected(s->p->m, s->task->co, push_answer, s);
   if (nres == 0) return;
   mlua_task_t *t = take_stream(s);
   mlua_task_resume(t, nres);

@@ -215,6 +215,43 @@ static int run(mlua_task_t *t, int nargs) {
   return 0;
 }
 
+/* -- Results pushed from callbacks --------------------------------------------------------------
+ */
+
+typedef struct {
+  lua_State *co;
+  int (*push)(lua_State *L, void *ud);
+  void *ud;
+  int n; /* results moved to co */
+} protected_push_t;
+
+/* Runs under lua_cpcall on the main state: a memory error raised here unwinds to that call. */
+static int protected_push(lua_State *L) {
+  protected_push_t *a = lua_touserdata(L, 1);
+  lua_pop(L, 1);
+  int n = a->push(L, a->ud);
+  lua_xmove(L, a->co, n);
+  a->n = n;
+  return 0;
+}
+
+int mlua_push_protected(moonlet_t *m, lua_State *co, int (*push)(lua_State *L, void *ud),
+                        void *ud) {
+  protected_push_t a = {co, push, ud, 0};
+  lua_State *L = m->L;
+  int top = lua_gettop(L);
+  if (lua_cpcall(L, protected_push, &a) == 0) return a.n;
+  /* the error object (LuaJIT's "not enough memory" for LUA_ERRMEM) is interned already */
+  lua_pushnil(co);
+  lua_xmove(L, co, 1);
+  if (!lua_isstring(co, -1)) {
+    lua_pop(co, 1);
+    lua_pushliteral(co, "not enough memory");
+  }
+  lua_settop(L, top);
+  return 2;
+}
+
 int mlua_task_start(mlua_task_t *t, int nargs) { return run(t, nargs); }
 
 void mlua_task_resume(mlua_task_t *t, int nargs) { run(t, nargs); }

@@ -670,6 +670,10 @@ static int try_answer(lua_State *L, sock_t *s) {
   return 0;
 }
 
+/* try_answer for mlua_push_protected: the read callback pushes outside any Lua frame, where a
+ * string too large for memory must become nil, "not enough memory" (the data stays buffered). */
+static int push_answer(lua_State *L, void *ud) { return try_answer(L, ud); }
+
 /* Room for at least `room` more bytes after the buffered data. Returns 0 or UV_ENOMEM. */
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   sock_t *s = h->data;
@@ -754,7 +758,9 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     if (s->rwait == W_NONE && (s->rb.len >= READ_AHEAD_MAX || s->err || s->eof)) stop_reading(s);
     return;
   }
-  int nres = try_answer(s->rtask->co, s);
+  /* a short answer is pushed directly: the protected push allocates a C function per call */
+  int nres = s->rb.len < 65536 ? try_answer(s->rtask->co, s)
+                               : mlua_push_protected(s->m, s->rtask->co, push_answer, s);
   if (nres == 0) return;
   mlua_task_t *t = take_reader(s);
   mlua_task_resume(t, nres);

@@ -447,6 +447,26 @@ static void work_run(uv_work_t *req) {
 
 /* -- Back on the loop thread ------------------------------------------------------------------- */
 
+/* The job's results decoded on L (the main state under mlua_push_protected: results too large for
+ * memory give nil, "not enough memory" rather than a panic): fn's values, or nil and the error
+ * message when it failed. Returns their count. */
+static int push_results(lua_State *L, void *ud) {
+  job_t *j = ud;
+  const char *s = j->out.p;
+  if (j->failed) {
+    lua_pushnil(L);
+    if (s)
+      decode(L, &s);
+    else
+      lua_pushliteral(L, "moonlet.work: out of memory");
+    return 2;
+  }
+  luaL_checkstack(L, j->nout + 4, "moonlet.work: too many results");
+  for (int i = 0; i < j->nout; i++)
+    decode(L, &s);
+  return j->nout;
+}
+
 /* The after-work callback: gives the state back (or closes it when the pool is closed), starts the
  * next queued jobs, then resumes the task with the results unless it was cancelled meanwhile. */
 static void work_done(uv_work_t *req, int status) {
@@ -467,21 +487,8 @@ static void work_done(uv_work_t *req, int status) {
     lua_State *co = t->co;
     if (status != 0) {
       n = mlua_push_error(co, status);
-    } else if (j->failed) {
-      lua_pushnil(co);
-      if (j->out.p) {
-        const char *s = j->out.p;
-        decode(co, &s);
-      } else {
-        lua_pushliteral(co, "moonlet.work: out of memory");
-      }
-      n = 2;
     } else {
-      const char *s = j->out.p;
-      lua_checkstack(co, j->nout + 4);
-      for (int i = 0; i < j->nout; i++)
-        decode(co, &s);
-      n = j->nout;
+      n = mlua_push_protected(j->m, co, push_results, j);
     }
   }
   job_free(j);

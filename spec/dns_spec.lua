@@ -82,6 +82,15 @@ describe("moonlet.dns.resolve", function()
         lookups_done(resources)
     end)
 
+    it("refuses a name with a NUL byte instead of resolving the part before it", function()
+        local einval = { nil, "invalid argument" }
+        assert.same(einval, { dns.resolve("localhost\0.example.com") })
+        assert.same(einval, { dns.resolve("127.0.0.1\0.example.com") }) -- not taken for a literal
+        assert.same(einval, { dns.resolve("\0") })
+        assert.same(einval, { dns.resolve("localhost\0", { family = "inet" }) })
+        assert.truthy(contains(assert(dns.resolve("localhost")), "127.0.0.1"))
+    end)
+
     it("raises on misuse", function()
         assert.has_error(function() dns.resolve(nil) end)
         assert.has_error(function() dns.resolve("localhost", { family = "ipx" }) end)

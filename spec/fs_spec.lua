@@ -151,14 +151,68 @@ describe("moonlet.fs", function()
         assert.same({ nil, "permission denied", "EACCES" }, { fs.read(p) })
     end)
 
-    it("raises on misuse", function()
-        assert.has_error(function() fs.read(nil) end, "moonlet.fs.read: path must be a string")
+    it("raises on misuse with a message naming the function and the argument", function()
+        assert.has_error(function() fs.read(nil) end,
+            "moonlet.fs.read: bad argument #1 (path must be a string, got nil)")
         assert.has_error(function() fs.write(dir .. "/x", nil) end,
-            "moonlet.fs.write: data must be a string")
+            "moonlet.fs.write: bad argument #2 (data must be a string, got nil)")
+        assert.has_error(function() fs.append(dir .. "/x", 1) end,
+            "moonlet.fs.append: bad argument #2 (data must be a string, got number)")
         assert.has_error(function() fs.rename("a", 1) end,
-            "moonlet.fs.rename: target must be a string")
+            "moonlet.fs.rename: bad argument #2 (target must be a string, got number)")
         assert.has_error(function() fs.mkdir(dir .. "/m", "755") end,
-            "moonlet.fs.mkdir: mode must be a number")
+            "moonlet.fs.mkdir: bad argument #2 (mode must be a number or nil, got string)")
+        assert.has_error(function() fs.list({}) end,
+            "moonlet.fs.list: bad argument #1 (path must be a string, got table)")
+        assert.has_error(function() fs.remove(false) end,
+            "moonlet.fs.remove: bad argument #1 (path must be a string, got boolean)")
+        -- stat(path, opts): opts is a table ({ follow = true }), not a flag
+        assert.has_error(function() fs.stat(dir, true) end,
+            "moonlet.fs.stat: bad argument #2 (opts must be a table or nil, got boolean)")
+        assert.has_error(function() fs.stat(dir, "follow") end,
+            "moonlet.fs.stat: bad argument #2 (opts must be a table or nil, got string)")
+        assert.equal("directory", fs.stat(dir, { follow = true }).type)
+        assert.equal("directory", fs.stat(dir, nil).type)
+    end)
+
+    it("refuses to read a FIFO or a device instead of holding a pool thread in open or read", function()
+        local fifo = dir .. "/fifo"
+        assert.equal(0, os.execute("mkfifo " .. fifo))
+        -- a read that did block in open(2) (no writer) is released by an open for read and write
+        test.defer(function() os.execute("sh -c ': <>" .. fifo .. "'") end)
+        local r0 = core.stats().resources
+        local fd0 = fd_count()
+        local not_regular = { nil, "not a regular file", "EFTYPE" }
+        assert.same(not_regular, { moonlet.timeout(10, fs.read, fifo) })
+        assert.same(not_regular, { fs.read("/dev/null") })
+        settle(r0)
+        assert.equal(fd0, fd_count()) -- the file opened to check it was closed
+        assert.is_true(fs.write(dir .. "/f", "x")) -- the pool still serves
+        assert.same({ "x" }, { fs.read(dir .. "/f") })
+    end)
+
+    it("returns nil, \"not enough memory\" for a file Lua cannot hold, without a panic", function()
+        if test.binary():find("asan", 1, true) then
+            return pending("ASan reserves terabytes of address space: ulimit -v cannot apply")
+        end
+        -- a 400 MB sparse file, read by a moonlet whose address space (ulimit -v) holds the C
+        -- buffer or the Lua string but not both: the string's allocation fails in the read's
+        -- callback, outside any Lua call that could catch it
+        local big = dir .. "/big"
+        local f = assert(io.open(big, "wb"))
+        f:seek("set", 400 * 1024 * 1024 - 1)
+        f:write("x")
+        f:close()
+        local script = dir .. "/read.lua"
+        f = assert(io.open(script, "wb"))
+        f:write(("local d, err = require('moonlet').fs.read(%q)\n"):format(big),
+            "io.write('result: ', tostring(d and #d), ' ', tostring(err), '\\n')\n")
+        f:close()
+        local p = io.popen(("ulimit -v 700000; %s %s 2>&1; echo \"exit: $?\""):format(test.binary(),
+            script))
+        local out = p:read("*a")
+        p:close()
+        assert.equal("result: nil not enough memory\nexit: 0\n", out)
     end)
 
     it("writes and reads a 20 MB file while the loop keeps ticking", function()

@@ -153,6 +153,17 @@ describe("moonlet.process", function()
         assert.is_nil(proc_state(pid)) -- no zombie: reaped
     end)
 
+    it("raises on a negative or NaN spawn timeout; 0 expires at once and kills the child", function()
+        for _, t in ipairs({ -1, -0.001, 0 / 0, -math.huge }) do
+            assert.has_error(function() process.spawn{ "sleep", "30", timeout = t } end,
+                "moonlet.process.spawn: timeout must be a number of seconds >= 0")
+        end
+        local p = assert(process.spawn{ "sleep", "30", timeout = 0 }) -- as Python's timeout=0
+        test.defer(function() p:close() end)
+        assert.same({ 128 + 9, 9 }, { p:wait(10) })
+        assert.same({ false, true }, { p:status() })
+    end)
+
     it("kills and reaps a running child on close", function()
         local p = assert(process.spawn{ "sleep", "30" })
         local pid = p.pid
@@ -186,6 +197,24 @@ describe("moonlet.process", function()
         assert.same({ true, "closed", false }, { reader:join(5) })
         assert.same({ true, nil, "closed" }, { waiter:join(5) })
         assert.equal(1, woken)
+    end)
+
+    it("raises from lines() when a read times out instead of ending as at the end", function()
+        local p = assert(process.spawn{ "cat" }) -- prints nothing until it is written to
+        test.defer(function() p:close() end)
+        p.stdout:settimeout(0)
+        local got = {}
+        local ok, err = pcall(function()
+            for line in p.stdout:lines() do got[#got + 1] = line end
+        end)
+        assert.same({ false, {} }, { ok, got })
+        assert.matches("moonlet.process: stdout: timeout", err, 1, true)
+        p.stdout:settimeout(nil) -- nothing was lost: the stream goes on
+        p:write("a\nb")
+        p:close_stdin()
+        for line in p.stdout:lines() do got[#got + 1] = line end
+        assert.same({ "a", "b" }, got)
+        assert.same({ 0, 0 }, { p:wait(5) })
     end)
 
     it("times out a read with settimeout and stays usable", function()

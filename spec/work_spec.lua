@@ -55,6 +55,20 @@ describe("moonlet.work", function()
         assert.same({ nil, 2 }, { moonlet.work(function(a, b) return a, b end, nil, 2) })
     end)
 
+    it("returns as many values as the function returned: none, nil holes, trailing nils", function()
+        local function count(...) return select("#", ...), { ... } end
+        assert.same({ 0, {} }, { count(moonlet.work(function() end)) })
+        assert.same({ 0, {} }, { count(moonlet.work(function() return end)) })
+        assert.same({ 1, {} }, { count(moonlet.work(function() return nil end)) })
+        assert.same({ 2, { nil, 2 } }, { count(moonlet.work(function() return nil, 2 end)) })
+        assert.same({ 3, { 1, nil, 3 } }, { count(moonlet.work(function() return 1, nil, 3 end)) })
+        assert.same({ 2, { nil, nil } }, { count(moonlet.work(function() return nil, nil end)) })
+        -- the module form alike (table.insert returns nothing); an error is still nil, err
+        assert.same({ 0, {} }, { count(moonlet.work("table", "insert", {}, 1)) })
+        local n, r = count(moonlet.work(function() error("boom", 0) end))
+        assert.same({ 2, { nil, "boom" } }, { n, r })
+    end)
+
     it("copies strings byte for byte and numbers exactly", function()
         local bytes = {}
         for i = 0, 255 do bytes[#bytes + 1] = string.char(i) end

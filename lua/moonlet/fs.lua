@@ -13,10 +13,17 @@ local core_list, core_mkdir, core_remove, core_rename =
 
 local _M = { _VERSION = "0.1.0" }
 
-local function check_path(fname, path, what)
-    if type(path) ~= "string" then
-        error("moonlet.fs." .. fname .. ": " .. (what or "path") .. " must be a string", 3)
-    end
+-- Misuse raises at the caller of the fs function (level: that many frames up from bad_arg), naming
+-- the function, the argument's position and name, what it must be and what it was:
+-- "moonlet.fs.stat: bad argument #2 (opts must be a table or nil, got boolean)". Extra arguments
+-- are ignored, as by Lua's own functions.
+local function bad_arg(level, fname, n, name, want, v)
+    error(("moonlet.fs.%s: bad argument #%d (%s must be %s, got %s)"):format(fname, n, name, want,
+        type(v)), level)
+end
+
+local function check_path(fname, path, n, what)
+    if type(path) ~= "string" then bad_arg(4, fname, n or 1, what or "path", "a string", path) end
 end
 
 -- syntax: data, err = moonlet.fs.read(path) -- the whole file
@@ -28,14 +35,14 @@ end
 -- syntax: ok, err = moonlet.fs.write(path, data) -- creates or truncates
 function _M.write(path, data)
     check_path("write", path)
-    check_path("write", data, "data")
+    check_path("write", data, 2, "data")
     return check(core_write(path, data, false))
 end
 
 -- syntax: ok, err = moonlet.fs.append(path, data) -- creates or appends
 function _M.append(path, data)
     check_path("append", path)
-    check_path("append", data, "data")
+    check_path("append", data, 2, "data")
     return check(core_write(path, data, true))
 end
 
@@ -44,6 +51,9 @@ end
 -- a symbolic link is reported as a "link" unless follow is set
 function _M.stat(path, opts)
     check_path("stat", path)
+    if opts ~= nil and type(opts) ~= "table" then
+        bad_arg(3, "stat", 2, "opts", "a table or nil", opts)
+    end
     return check(core_stat(path, opts ~= nil and opts.follow == true))
 end
 
@@ -63,7 +73,7 @@ end
 function _M.mkdir(path, mode)
     check_path("mkdir", path)
     if mode ~= nil and type(mode) ~= "number" then
-        error("moonlet.fs.mkdir: mode must be a number", 2)
+        bad_arg(3, "mkdir", 2, "mode", "a number or nil", mode)
     end
     return check(core_mkdir(path, mode))
 end
@@ -77,7 +87,7 @@ end
 -- syntax: ok, err = moonlet.fs.rename(from, to) -- replaces `to` when it is a file
 function _M.rename(from, to)
     check_path("rename", from)
-    check_path("rename", to, "target")
+    check_path("rename", to, 2, "target")
     return check(core_rename(from, to))
 end
 

@@ -35,15 +35,21 @@ function reader:receive_any(max)
 end
 
 -- syntax: for line in p.stdout:lines() do ... end -- a last line without its newline comes too,
--- as with io.lines
+-- as with io.lines. The loop ends at the end of the output ("closed") only: any other failure
+-- (a timeout of settimeout, "busy") raises "moonlet.process: stdout: timeout", as io.lines raises
+-- on a read error and res:chunks() on a broken body, so that output cut short is never taken for
+-- the whole of it. A timed-out read consumes nothing: the stream stays usable.
 function reader:lines()
     local ended = false
     return function()
         if ended then return nil end
         local line, err, partial = check(raw_receive(self._ud, self._fd, "*l"))
         if line then return line end
+        if err ~= "closed" then
+            error("moonlet.process: " .. (self._fd == 2 and "stderr" or "stdout") .. ": " .. err, 2)
+        end
         ended = true
-        if err == "closed" and partial and partial ~= "" then return partial end -- the end of it
+        if partial and partial ~= "" then return partial end -- the end of it
         return nil
     end
 end
@@ -170,7 +176,9 @@ end
 --                                         env = { K = "v" }, cwd = "dir", timeout = seconds }
 -- cmd is looked up in PATH. stdin = a string: written to the child, then stdin is closed. env adds
 -- to (or, with false, removes from) the parent's environment. timeout: the child is killed
--- (SIGKILL) and reaped when it runs longer. err: "not found", "permission denied", ...
+-- (SIGKILL) and reaped when it runs longer; 0 expires at once (the loop polls once first, as a
+-- socket's timeout of 0), like Python's subprocess timeout=0; negative or NaN raises.
+-- err: "not found", "permission denied", ...
 function _M.spawn(opts)
     if type(opts) ~= "table" then error("moonlet.process.spawn: expected a table", 2) end
     if type(opts[1]) ~= "string" then error("moonlet.process.spawn: expected the command", 2) end
@@ -199,8 +207,9 @@ function _M.spawn(opts)
     if opts.cwd ~= nil and type(opts.cwd) ~= "string" then
         error("moonlet.process.spawn: cwd must be a string", 2)
     end
-    if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
-        error("moonlet.process.spawn: timeout must be a number", 2)
+    local timeout = opts.timeout
+    if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout < 0) then
+        error("moonlet.process.spawn: timeout must be a number of seconds >= 0", 2) -- NaN too
     end
     -- a NUL would end the C string there: the child would get another argument, variable or
     -- directory than the one given (execve cannot pass one), so the spawn is refused
