@@ -230,6 +230,8 @@ static int protected_push(lua_State *L) {
   protected_push_t *a = lua_touserdata(L, 1);
   lua_pop(L, 1);
   int n = a->push(L, a->ud);
+  /* lua_xmove does not grow the target's stack (a work job may return thousands of values) */
+  if (!lua_checkstack(a->co, n)) return luaL_error(L, "too many results");
   lua_xmove(L, a->co, n);
   a->n = n;
   return 0;
