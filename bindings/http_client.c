@@ -269,21 +269,28 @@ static int content_length(const char *s, size_t len, double *n) {
   return 0;
 }
 
+/* The next element of the comma-separated list at *p (which ends at end), trimmed of white space:
+ * its start, and its length in *w (0 for an empty element); *p moves past its comma, to NULL after
+ * the last element. NULL once the list has ended. */
+static const char *next_item(const char **p, const char *end, size_t *w) {
+  if (*p == NULL) return NULL;
+  const char *comma = memchr(*p, ',', (size_t)(end - *p));
+  const char *e = comma ? comma : end, *b = *p;
+  while (b < e && is_ws(*b))
+    b++;
+  while (e > b && is_ws(e[-1]))
+    e--;
+  *p = comma ? comma + 1 : NULL;
+  *w = (size_t)(e - b);
+  return b;
+}
+
 /* Is word (lower case) one of the comma-separated tokens of s[0, n), compared without case? */
 static int has_token(const char *s, size_t n, const char *word) {
-  size_t w = strlen(word);
-  const char *p = s, *end = s + n;
-  while (p <= end) {
-    const char *comma = memchr(p, ',', (size_t)(end - p));
-    const char *e = comma ? comma : end, *b = p;
-    while (b < e && is_ws(*b))
-      b++;
-    while (e > b && is_ws(e[-1]))
-      e--;
-    if (name_is(b, (size_t)(e - b), word, w, NULL)) return 1;
-    if (!comma) break;
-    p = comma + 1;
-  }
+  size_t len = strlen(word), w;
+  const char *p = s, *b;
+  while ((b = next_item(&p, s + n, &w)))
+    if (name_is(b, w, word, len, NULL)) return 1;
   return 0;
 }
 
@@ -295,29 +302,20 @@ static int has_token(const char *s, size_t n, const char *word) {
  * and one that cannot be unwrapped (br, compress, two compressions) is a bad response, as curl
  * fails on an unknown coding. Empty list elements are skipped (RFC 9110 5.6.1). */
 static int transfer_codings(const char *s, size_t n, int *coded) {
-  const char *p = s, *end = s + n;
+  const char *p = s, *b;
+  size_t w;
   int chunked = 0;
   *coded = 0;
-  while (p <= end) {
-    const char *comma = memchr(p, ',', (size_t)(end - p));
-    const char *e = comma ? comma : end, *b = p;
-    while (b < e && is_ws(*b))
-      b++;
-    while (e > b && is_ws(e[-1]))
-      e--;
-    size_t w = (size_t)(e - b);
-    if (w > 0) {
-      if (chunked) return -1; /* a coding after chunked */
-      if (name_is(b, w, "chunked", 7, NULL))
-        chunked = 1;
-      else if (!*coded && (name_is(b, w, "gzip", 4, NULL) || name_is(b, w, "x-gzip", 6, NULL) ||
-                           name_is(b, w, "deflate", 7, NULL)))
-        *coded = 1;
-      else
-        return -1;
-    }
-    if (!comma) break;
-    p = comma + 1;
+  while ((b = next_item(&p, s + n, &w))) {
+    if (w == 0) continue;
+    if (chunked) return -1; /* a coding after chunked */
+    if (name_is(b, w, "chunked", 7, NULL))
+      chunked = 1;
+    else if (!*coded && (name_is(b, w, "gzip", 4, NULL) || name_is(b, w, "x-gzip", 6, NULL) ||
+                         name_is(b, w, "deflate", 7, NULL)))
+      *coded = 1;
+    else
+      return -1;
   }
   return chunked;
 }
