@@ -452,6 +452,30 @@ describe("moonlet.static", function()
             assert.same({ 200, "two, longer" }, { r.status, r.body })
             assert.are_not.equal(old, r.headers["etag"])
         end)
+
+        it("sends the version its headers describe when the file is replaced before it goes out", function()
+            -- a middleware renames another file over the one chosen, after next() and before the
+            -- file is sent: a deploy replacing files while requests are in flight
+            local path = root .. "/swapped.txt"
+            defer(function() os.remove(path) end)
+            local app = moonlet.app()
+            app:use(function(req, _, next)
+                local r = next()
+                local f = assert(io.open(path .. ".new", "wb"))
+                assert(f:write(req:header("x-new")))
+                assert(f:close())
+                assert(os.rename(path .. ".new", path))
+                return r
+            end)
+            app:static("/assets", root)
+            local server, port = test.serve(app)
+            defer(function() server:close() end)
+            for _, new in ipairs({ "longer than the old one", "s" }) do
+                write_file(path, "old!")
+                local r = get(port, "/assets/swapped.txt", { ["X-New"] = new })
+                assert.same({ 200, "old!", "4" }, { r.status, r.body, r.headers["content-length"] }, new)
+            end
+        end)
     end)
 
     describe("ranges", function()

@@ -1,6 +1,8 @@
 -- lua/moonlet/static.lua: static files. The path is decoded once and checked segment by segment
 -- ("..", ".", NUL and backslashes refused, encoded or not), then resolved with realpath and kept
--- only if it is still under the root, so symlinks cannot lead out of it. Responses carry
+-- only if it is still under the root, so symlinks cannot lead out of it. The file is opened when it
+-- is chosen and its headers made from that open file's fstat, so a file replaced before it is sent
+-- still sends the bytes its headers describe. Responses carry
 -- Content-Type, ETag and Last-Modified (304 on If-None-Match / If-Modified-Since), honour a single
 -- Range (206, or 416). The handler only chooses the file (res._file): lua/moonlet/response.lua
 -- sends it after the middleware has returned, from the file to the socket in C. Under
@@ -135,13 +137,22 @@ function _M.handler(dir, opts, base)
             local st_gz = real_gz and core.stat(real_gz)
             if st_gz and st_gz.type == "file" then
                 res:vary("Accept-Encoding")
-                if gz.accept then real, st, encoding = real_gz, st_gz, "gzip" end
+                if gz.accept then real, encoding = real_gz, "gzip" end -- its stat: below
             elseif compress.file_compressible(gz, st, ctype) then
                 res:vary("Accept-Encoding")
                 on_the_fly = gz.accept and not req:header("range")
             end
         end
 
+        -- opened now, its headers made from what fstat says of the open file: what is sent is the
+        -- version they describe, even if the path is renamed over before the middleware returns
+        local fh, fst = core.open_file(real)
+        if not fh then return 404, "404 Not Found\n" end
+        if fst.type ~= "file" then
+            fh:close()
+            return 404, "404 Not Found\n"
+        end
+        st = fst
         local etag = fmt('"%x-%x"', st.mtime, st.size)
         local last_modified = http_date(st.mtime)
         -- the file's headers: on res for a 304 or 416, else sent with the file only (send_file)
@@ -153,6 +164,7 @@ function _M.handler(dir, opts, base)
         local inm = req:header("if-none-match")
         if (inm and (inm == "*" or str_find(inm, etag, 1, true)))
            or (not inm and req:header("if-modified-since") == last_modified) then
+            fh:close()
             add_missing_headers(res, headers)
             return 304
         end
@@ -160,6 +172,7 @@ function _M.handler(dir, opts, base)
         if on_the_fly then
             local body = compress.file(gz, real, st)
             if body then -- sent as a file is, once the middleware has returned
+                fh:close()
                 res._file = { status = 200, ctype = ctype, body = body, headers = headers }
                 return
             end -- unreadable whole (changed meanwhile): the file as it is
@@ -175,6 +188,7 @@ function _M.handler(dir, opts, base)
         if range and (not if_range or if_range == etag or if_range == last_modified) then
             local o, l = parse_range(range, size)
             if o == false then
+                fh:close()
                 add_missing_headers(res, headers)
                 res:header("Content-Range", "bytes */" .. size)
                 return 416, ""
@@ -184,7 +198,7 @@ function _M.handler(dir, opts, base)
             end
         end
         -- sent by response.send once the middleware around this handler has returned
-        res._file = { status = status, ctype = ctype, path = real, offset = offset,
+        res._file = { status = status, ctype = ctype, file = fh, offset = offset,
                       length = length, headers = headers }
     end
 end
