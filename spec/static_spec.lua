@@ -453,6 +453,53 @@ describe("moonlet.static", function()
             assert.are_not.equal(old, r.headers["etag"])
         end)
 
+        it("answers 304 for If-Modified-Since in any HTTP-date form at or after Last-Modified", function()
+            local port = serve()
+            for _, ims in ipairs({ "Tuesday, 14-Nov-23 22:13:20 GMT", "Tue Nov 14 22:13:20 2023",
+                                   "Wed, 15 Nov 2023 08:00:00 GMT" }) do
+                local r = get(port, "/assets/hello.txt", { ["If-Modified-Since"] = ims })
+                assert.same({ 304, "" }, { r.status, r.body }, ims)
+            end
+        end)
+
+        it("ignores an If-Modified-Since that is no date or is still to come", function()
+            local port = serve()
+            for _, ims in ipairs({ "yesterday", "Tue, 14 Nov 2023 22:13:20",
+                                   "Fri, 01 Jan 2100 00:00:00 GMT" }) do
+                local r = get(port, "/assets/hello.txt", { ["If-Modified-Since"] = ims })
+                assert.same({ 200, HELLO }, { r.status, r.body }, ims)
+            end
+        end)
+
+        it("answers 412 when If-Match does not hold the ETag (strong comparison), else the file", function()
+            local port = serve()
+            local etag = get(port, "/assets/hello.txt").headers["etag"]
+            for _, im in ipairs({ '"nope"', "W/" .. etag }) do
+                local r = get(port, "/assets/hello.txt", { ["If-Match"] = im })
+                assert.same({ 412, "412 Precondition Failed\n" }, { r.status, r.body }, im)
+            end
+            for _, im in ipairs({ etag, "*", '"nope", ' .. etag }) do
+                local r = get(port, "/assets/hello.txt", { ["If-Match"] = im })
+                assert.same({ 200, HELLO }, { r.status, r.body }, im)
+            end
+        end)
+
+        it("answers 412 when the file changed after If-Unmodified-Since, ignoring a date that is none",
+           function()
+            local port = serve()
+            local before = "Mon, 13 Nov 2023 22:13:20 GMT"
+            local r = get(port, "/assets/hello.txt", { ["If-Unmodified-Since"] = before })
+            assert.same(412, r.status)
+            for _, ius in ipairs({ "Tue, 14 Nov 2023 22:13:20 GMT", "not a date" }) do
+                r = get(port, "/assets/hello.txt", { ["If-Unmodified-Since"] = ius })
+                assert.same({ 200, HELLO }, { r.status, r.body }, ius)
+            end
+            -- If-Match decides alone when it is there (RFC 9110 13.2.2)
+            local etag = get(port, "/assets/hello.txt").headers["etag"]
+            r = get(port, "/assets/hello.txt", { ["If-Match"] = etag, ["If-Unmodified-Since"] = before })
+            assert.same(200, r.status)
+        end)
+
         it("sends the version its headers describe when the file is replaced before it goes out", function()
             -- a middleware renames another file over the one chosen, after next() and before the
             -- file is sent: a deploy replacing files while requests are in flight

@@ -2,9 +2,10 @@
 -- ("..", ".", NUL and backslashes refused, encoded or not), then resolved with realpath and kept
 -- only if it is still under the root, so symlinks cannot lead out of it. The file is opened when it
 -- is chosen and its headers made from that open file's fstat, so a file replaced before it is sent
--- still sends the bytes its headers describe. Responses carry
--- Content-Type, ETag and Last-Modified (304 on If-None-Match / If-Modified-Since), honour a single
--- Range (206, or 416). The handler only chooses the file (res._file): lua/moonlet/response.lua
+-- still sends the bytes its headers describe. Responses carry Content-Type, ETag and Last-Modified;
+-- the preconditions are evaluated in RFC 9110 13.2.2's order (If-Match, If-Unmodified-Since: 412;
+-- If-None-Match, If-Modified-Since: 304; If-Range); a single Range is honoured (206, or 416).
+-- The handler only chooses the file (res._file): lua/moonlet/response.lua
 -- sends it after the middleware has returned, from the file to the socket in C. Under
 -- moonlet.gzip, a file with a `.gz` sibling (style.css and style.css.gz, made ahead with `gzip -k`)
 -- says Vary: Accept-Encoding, and a client that takes gzip gets the sibling's bytes, validators and
@@ -18,14 +19,61 @@ local mime = require "moonlet.mime"
 local add_missing_headers = require("moonlet.response").add_missing_headers
 local compress -- lua/moonlet/compress.lua, loaded when moonlet.gzip is first used
 
-local str_find, str_sub, str_match, fmt = string.find, string.sub, string.match, string.format
-local os_date, floor, tonumber = os.date, math.floor, tonumber
+local str_find, str_sub, str_match, str_gmatch, fmt =
+    string.find, string.sub, string.match, string.gmatch, string.format
+local os_date, os_time, floor, tonumber = os.date, os.time, math.floor, tonumber
 
 local _M = {}
 
 local function http_date(t)
     return os_date("!%a, %d %b %Y %H:%M:%S GMT", t)
 end
+
+local MONTHS = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6, Jul = 7, Aug = 8, Sep = 9,
+                 Oct = 10, Nov = 11, Dec = 12 }
+
+-- days since 1970-01-01 of a civil date (proleptic Gregorian; Howard Hinnant's algorithm)
+local function days_from_civil(y, m, d)
+    if m <= 2 then y = y - 1 end
+    local era = floor(y / 400)
+    local yoe = y - era * 400
+    local doy = floor((153 * ((m + 9) % 12) + 2) / 5) + d - 1
+    return era * 146097 + yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy - 719468
+end
+
+-- The time of an HTTP-date in any of its three forms (RFC 9110 5.6.7: IMF-fixdate
+-- "Sun, 06 Nov 1994 08:49:37 GMT", RFC 850 "Sunday, 06-Nov-94 08:49:37 GMT", asctime
+-- "Sun Nov  6 08:49:37 1994"), or nil when s is none of them: such a precondition is ignored.
+local function parse_http_date(s)
+    local d, mon, y, hh, mi, ss =
+        str_match(s, "^%s*%a%a%a, (%d%d) (%a%a%a) (%d%d%d%d) (%d%d):(%d%d):(%d%d) GMT%s*$")
+    if not d then
+        d, mon, y, hh, mi, ss = str_match(s, "^%s*%a+, (%d%d)%-(%a%a%a)%-(%d%d) (%d%d):(%d%d):(%d%d) GMT%s*$")
+        if y then y = tonumber(y) + (tonumber(y) < 70 and 2000 or 1900) end
+    end
+    if not d then
+        mon, d, hh, mi, ss, y =
+            str_match(s, "^%s*%a%a%a (%a%a%a) ([ %d]%d) (%d%d):(%d%d):(%d%d) (%d%d%d%d)%s*$")
+    end
+    local m = mon and MONTHS[mon]
+    if not m then return nil end
+    d, y, hh, mi, ss = tonumber(d), tonumber(y), tonumber(hh), tonumber(mi), tonumber(ss)
+    if d < 1 or d > 31 or hh > 23 or mi > 59 or ss > 60 then return nil end
+    return ((days_from_civil(y, m, d) * 24 + hh) * 60 + mi) * 60 + ss
+end
+
+-- Whether a list of entity tags (If-Match, If-None-Match) names the file's: "*" names any; tag is
+-- the file's ETag without W/. The weak comparison (If-None-Match) takes W/"x" for "x"; the strong
+-- one (If-Match) never matches a weak tag, neither the client's nor ours (RFC 9110 8.8.3.2).
+local function etag_listed(list, tag, weak_comparison, ours_weak)
+    if str_match(list, "^%s*%*%s*$") then return true end
+    if ours_weak and not weak_comparison then return false end
+    for weak, t in str_gmatch(list, '(W?/?)("[^"]*")') do
+        if t == tag and (weak_comparison or weak == "") then return true end
+    end
+    return false
+end
+_M.parse_http_date = parse_http_date
 
 -- syntax: rel = static.safe_relative(rel) -- rel when it names something below a root (no "..",
 -- ".", NUL or backslash segment; lua/moonlet/template.lua too), else nil
@@ -153,7 +201,8 @@ function _M.handler(dir, opts, base)
             return 404, "404 Not Found\n"
         end
         st = fst
-        local etag = fmt('"%x-%x"', st.mtime, st.size)
+        local tag = fmt('"%x-%x"', st.mtime, st.size)
+        local etag = tag
         local last_modified = http_date(st.mtime)
         -- the file's headers: on res for a 304 or 416, else sent with the file only (send_file)
         local headers = { ETag = etag, ["Last-Modified"] = last_modified, ["Accept-Ranges"] = "bytes",
@@ -161,9 +210,30 @@ function _M.handler(dir, opts, base)
         if on_the_fly then -- a body, not a file: no ranges; a weak ETag (another representation)
             headers.ETag, headers["Accept-Ranges"], headers["Content-Encoding"] = "W/" .. etag, nil, "gzip"
         end
+        -- the preconditions in RFC 9110 13.2.2's order; a date that is no HTTP-date is ignored
+        local im = req:header("if-match")
+        local failed
+        if im then
+            failed = not etag_listed(im, tag, false, on_the_fly)
+        else
+            local since = parse_http_date(req:header("if-unmodified-since") or "")
+            failed = since and st.mtime > since
+        end
+        if failed then
+            fh:close()
+            return 412, "412 Precondition Failed\n"
+        end
         local inm = req:header("if-none-match")
-        if (inm and (inm == "*" or str_find(inm, etag, 1, true)))
-           or (not inm and req:header("if-modified-since") == last_modified) then
+        local not_modified
+        if inm then
+            not_modified = etag_listed(inm, tag, true)
+        else
+            -- not modified since: the file's date at or before the client's; a date still to come
+            -- is no validator the server gave (a client's clock), so it is ignored (RFC 2616 14.25)
+            local since = parse_http_date(req:header("if-modified-since") or "")
+            not_modified = since and st.mtime <= since and since <= os_time()
+        end
+        if not_modified then
             fh:close()
             add_missing_headers(res, headers)
             return 304
