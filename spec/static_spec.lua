@@ -229,6 +229,16 @@ describe("moonlet.static", function()
             assert.same({ 200, "", "0" }, { r.status, r.body, r.headers["content-length"] })
         end)
 
+        it("serves a dotfile like any other file, as nginx does", function()
+            local port = serve()
+            local path = root .. "/.well-known"
+            defer(function() sh("rm -rf " .. q(path)) end)
+            sh("mkdir -p " .. q(path))
+            write_file(path .. "/security.txt", "Contact: x\n")
+            local r = get(port, "/assets/.well-known/security.txt")
+            assert.same({ 200, "Contact: x\n" }, { r.status, r.body })
+        end)
+
         it("serves a symlink that stays inside the root", function()
             local port = serve()
             local r = get(port, "/assets/alias.txt")
@@ -568,16 +578,37 @@ describe("moonlet.static", function()
             end
         end)
 
-        it("answers 416 for any range of an empty file", function()
+        it("answers 416 for a range from an offset of an empty file", function()
             local port = serve()
             local r = get(port, "/assets/empty.txt", { Range = "bytes=0-" })
             assert.same({ 416, "bytes */0" }, { r.status, r.headers["content-range"] })
+        end)
+
+        it("answers 200 with the empty file for a suffix range of it (satisfiable, RFC 9110 14.1.1)",
+           function()
+            local port = serve()
+            local r = get(port, "/assets/empty.txt", { Range = "bytes=-5" })
+            assert.same({ 200, "", "0" }, { r.status, r.body, r.headers["content-length"] })
         end)
 
         it("answers 200 with the whole file for several ranges", function()
             local port = serve()
             local r = get(port, "/assets/digits.txt", { Range = "bytes=0-1,3-4" })
             assert.same({ 200, DIGITS }, { r.status, r.body })
+        end)
+
+        it("sends offsets and lengths past 4 GiB exactly (a sparse 5 GiB file)", function()
+            local port = serve()
+            local path = root .. "/sparse.bin"
+            defer(function() os.remove(path) end)
+            local size = 5 * 1024 * 1024 * 1024
+            sh("truncate -s " .. size .. " " .. q(path))
+            sh("printf tail | dd of=" .. q(path) .. " bs=1 conv=notrunc 2>/dev/null seek=" .. (size - 4))
+            local r = test.request(port, "HEAD", "/assets/sparse.bin")
+            assert.same({ 200, tostring(size) }, { r.status, r.headers["content-length"] })
+            r = get(port, "/assets/sparse.bin", { Range = "bytes=" .. (size - 6) .. "-" })
+            assert.same({ 206, "\0\0tail", fmt("bytes %d-%d/%d", size - 6, size - 1, size) },
+                        { r.status, r.body, r.headers["content-range"] })
         end)
 
         it("answers 200 with the whole file when If-Range holds another ETag", function()

@@ -4,8 +4,9 @@
 -- is chosen and its headers made from that open file's fstat, so a file replaced before it is sent
 -- still sends the bytes its headers describe. Responses carry Content-Type, ETag and Last-Modified;
 -- the preconditions are evaluated in RFC 9110 13.2.2's order (If-Match, If-Unmodified-Since: 412;
--- If-None-Match, If-Modified-Since: 304; If-Range); a single Range is honoured (206, or 416).
--- The handler only chooses the file (res._file): lua/moonlet/response.lua
+-- If-None-Match, If-Modified-Since: 304; If-Range); a single Range is honoured (206, or 416),
+-- several are ignored (200, the whole file: no multipart/byteranges, so no amplification). The
+-- handler only chooses the file (res._file): lua/moonlet/response.lua
 -- sends it after the middleware has returned, from the file to the socket in C. Under
 -- moonlet.gzip, a file with a `.gz` sibling (style.css and style.css.gz, made ahead with `gzip -k`)
 -- says Vary: Accept-Encoding, and a client that takes gzip gets the sibling's bytes, validators and
@@ -93,6 +94,9 @@ local function parse_range(h, size)
     if a == "" then -- suffix: the last b bytes
         local n = tonumber(b)
         if n == 0 then return false end
+        -- satisfiable even for an empty file (RFC 9110 14.1.1), which has no bytes to frame as
+        -- a 206: the whole (empty) file, 200, as nginx answers
+        if size == 0 then return nil end
         first, last = size - n, size - 1
         if first < 0 then first = 0 end
     else
