@@ -339,6 +339,19 @@ describe("moonlet.static", function()
             assert.falsy(data:find("TOP SECRET", 1, true))
         end)
 
+        it("never redirects a directory to another host: //docs goes to /docs/, not //docs/", function()
+            -- "//docs/" in Location is a scheme-relative URL: the browser would go to http://docs/
+            local app = moonlet.app()
+            app:static("/", root)
+            local server, port = test.serve(app)
+            defer(function() server:close() end)
+            for target, want in pairs({ ["//docs"] = "/docs/", ["///docs?v=1"] = "/docs/?v=1" }) do
+                local data = raw(port, "GET", target)
+                assert.truthy(data:find("^HTTP/1%.1 301 "), data)
+                assert.same(want, data:match("\r\nLocation: ([^\r]*)\r\n"), target)
+            end
+        end)
+
         it("answers 404 under a root that does not exist yet, and serves it once it does", function()
             local late = base .. "/late-root"
             local app = moonlet.app()

@@ -20,8 +20,8 @@ local mime = require "moonlet.mime"
 local add_missing_headers = require("moonlet.response").add_missing_headers
 local compress -- lua/moonlet/compress.lua, loaded when moonlet.gzip is first used
 
-local str_find, str_sub, str_match, str_gmatch, fmt =
-    string.find, string.sub, string.match, string.gmatch, string.format
+local str_find, str_sub, str_match, str_gmatch, str_gsub, fmt =
+    string.find, string.sub, string.match, string.gmatch, string.gsub, string.format
 local os_date, os_time, floor, tonumber = os.date, os.time, math.floor, tonumber
 
 local _M = {}
@@ -169,6 +169,9 @@ function _M.handler(dir, opts, base)
             -- does, so that the relative links of its index resolve inside it
             local path, query = str_match(req.target, "^([^?]*)(.*)$")
             if str_sub(path, -1) ~= "/" then
+                -- one leading slash: "//docs/" would be a scheme-relative URL, another host's
+                -- (http://docs/), where nginx, merging slashes, sends this server's /docs/
+                path = str_gsub(path, "^//+", "/")
                 res:header("Location", path .. "/" .. query)
                 return 301, "301 Moved Permanently\n"
             end
