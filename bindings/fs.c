@@ -1,6 +1,8 @@
 /* bindings/fs.c: the file system for Lua, two ways.
- * - Synchronous core.stat and core.realpath: what the framework needs at start-up and for static
- *   files (local disk, like nginx's open and stat).
+ * - Synchronous core.stat, core.realpath and core.open_file: what the framework needs at start-up
+ *   and for static files (local disk, like nginx's open and fstat). core.open_file's handle
+ *   ("moonlet.file") owns its descriptor until it is closed, collected, or given to x:send_file
+ *   (bindings/http_server.c, mlua_file_take), which then owns it.
  * - moonlet.fs (lua/moonlet/fs.lua): core.fs_read, fs_write, fs_stat, fs_list, fs_mkdir,
  *   fs_remove, fs_rename on libuv's thread pool (uv_fs_* with a callback); the calling task yields.
  *
@@ -21,8 +23,31 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "mlua.h"
+
+#define FILE_MT "moonlet.file"
+
+typedef struct {
+  int fd; /* -1 once closed or taken */
+} file_t;
+
+static void push_sys_stat(lua_State *L, const struct stat *st) {
+  lua_createtable(L, 0, 6);
+  lua_pushnumber(L, (double)st->st_size);
+  lua_setfield(L, -2, "size");
+  lua_pushnumber(L, (double)st->st_mtime);
+  lua_setfield(L, -2, "mtime");
+  lua_pushnumber(L, (double)st->st_ino);
+  lua_setfield(L, -2, "ino");
+  lua_pushnumber(L, (double)st->st_ctim.tv_sec);
+  lua_setfield(L, -2, "ctime");
+  lua_pushnumber(L, (double)st->st_ctim.tv_nsec);
+  lua_setfield(L, -2, "ctime_nsec");
+  lua_pushstring(L, S_ISREG(st->st_mode) ? "file" : S_ISDIR(st->st_mode) ? "directory" : "other");
+  lua_setfield(L, -2, "type");
+}
 
 /* syntax: info, err = core.stat(path) -- { size, mtime, type = "file"|"directory"|"other", ino,
  * ctime, ctime_nsec }: the inode change time changes with every write of the file and cannot be set
@@ -31,20 +56,49 @@ static int l_stat(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   struct stat st;
   if (stat(path, &st) != 0) return mlua_push_error(L, uv_translate_sys_error(errno));
-  lua_createtable(L, 0, 6);
-  lua_pushnumber(L, (double)st.st_size);
-  lua_setfield(L, -2, "size");
-  lua_pushnumber(L, (double)st.st_mtime);
-  lua_setfield(L, -2, "mtime");
-  lua_pushnumber(L, (double)st.st_ino);
-  lua_setfield(L, -2, "ino");
-  lua_pushnumber(L, (double)st.st_ctim.tv_sec);
-  lua_setfield(L, -2, "ctime");
-  lua_pushnumber(L, (double)st.st_ctim.tv_nsec);
-  lua_setfield(L, -2, "ctime_nsec");
-  lua_pushstring(L, S_ISREG(st.st_mode) ? "file" : S_ISDIR(st.st_mode) ? "directory" : "other");
-  lua_setfield(L, -2, "type");
+  push_sys_stat(L, &st);
   return 1;
+}
+
+/* syntax: file, info = core.open_file(path) -- the file opened for reading and what fstat says of
+ * that open file (core.stat's fields); nil, err. A static file's headers are made from info and its
+ * bytes read from file, so a file renamed over or replaced meanwhile cannot send other bytes than
+ * the headers describe (nginx's open + fstat). The descriptor is closed by file:close(), by the
+ * collector, or by the transfer that x:send_file(file, ...) starts with it. */
+static int l_open_file(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  file_t *f = lua_newuserdata(L, sizeof *f); /* first: a raise here leaks no descriptor */
+  f->fd = -1;
+  luaL_getmetatable(L, FILE_MT);
+  lua_setmetatable(L, -2);
+  /* O_NONBLOCK: a FIFO put in the file's place since it was stat'ed must not stop the loop in
+   * open; for a regular file it changes nothing */
+  f->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (f->fd < 0) return mlua_push_error(L, uv_translate_sys_error(errno));
+  struct stat st;
+  if (fstat(f->fd, &st) != 0) {
+    int err = uv_translate_sys_error(errno);
+    close(f->fd);
+    f->fd = -1;
+    return mlua_push_error(L, err);
+  }
+  push_sys_stat(L, &st);
+  return 2;
+}
+
+/* syntax: file:close() -- at most once; later calls do nothing */
+static int file_close(lua_State *L) {
+  file_t *f = luaL_checkudata(L, 1, FILE_MT);
+  if (f->fd >= 0) close(f->fd);
+  f->fd = -1;
+  return 0;
+}
+
+int mlua_file_take(lua_State *L, int idx) {
+  file_t *f = luaL_checkudata(L, idx, FILE_MT);
+  int fd = f->fd;
+  f->fd = -1;
+  return fd;
 }
 
 /* syntax: resolved, err = core.realpath(path) -- symlinks and dots resolved */
@@ -450,10 +504,26 @@ static int l_fs_rename(lua_State *L) {
 }
 
 void mlua_open_fs(lua_State *L, moonlet_t *m) {
-  static const luaL_Reg fns[] = {{"stat", l_stat},           {"realpath", l_realpath},
-                                 {"fs_read", l_fs_read},     {"fs_write", l_fs_write},
-                                 {"fs_stat", l_fs_stat},     {"fs_list", l_fs_list},
-                                 {"fs_mkdir", l_fs_mkdir},   {"fs_remove", l_fs_remove},
-                                 {"fs_rename", l_fs_rename}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"stat", l_stat},
+                                 {"realpath", l_realpath},
+                                 {"fs_read", l_fs_read},
+                                 {"fs_write", l_fs_write},
+                                 {"fs_stat", l_fs_stat},
+                                 {"fs_list", l_fs_list},
+                                 {"fs_mkdir", l_fs_mkdir},
+                                 {"fs_remove", l_fs_remove},
+                                 {"fs_rename", l_fs_rename},
+                                 {"open_file", l_open_file},
+                                 {NULL, NULL}};
+  static const luaL_Reg file_methods[] = {{"close", file_close}, {NULL, NULL}};
+  luaL_newmetatable(L, FILE_MT);
+  lua_pushliteral(L, FILE_MT);
+  lua_setfield(L, -2, "__name");
+  lua_newtable(L);
+  luaL_register(L, NULL, file_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, file_close);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
   mlua_register(L, m, fns);
 }

@@ -522,11 +522,15 @@ static void file_done(ml_conn_t *c, int status, void *ud) {
   mlua_task_resume(x->task, n);
 }
 
-/* syntax: ok, err = x:send_file(path, offset, length) -- after x:start with a Content-Length;
- * the bytes go from the file to the socket without passing through Lua; yields until sent */
+/* syntax: ok, err = x:send_file(file, offset, length) -- after x:start with a Content-Length;
+ * file is a path or a core.open_file handle, whose descriptor the transfer then owns (closed in
+ * file_done, or here when nothing is sent). The bytes go from the file to the socket without
+ * passing through Lua; yields until sent */
 static int x_send_file(lua_State *L) {
   exchange_t *x = check_x(L);
-  const char *path = luaL_checkstring(L, 2);
+  int by_path = lua_type(L, 2) == LUA_TSTRING;
+  const char *path = by_path ? lua_tostring(L, 2) : NULL;
+  if (!by_path) luaL_checktype(L, 2, LUA_TUSERDATA);
   int64_t off = (int64_t)luaL_checknumber(L, 3);
   int64_t len = (int64_t)luaL_checknumber(L, 4);
   if (!x->c) return mlua_push_error(L, UV_EPIPE);
@@ -535,8 +539,14 @@ static int x_send_file(lua_State *L) {
   mlua_check_yieldable(L, t);
   if (t != x->task) return luaL_error(L, "moonlet: a file is sent by the request's own task");
   uv_fs_t req;
-  int fd = uv_fs_open(NULL, &req, path, O_RDONLY, 0, NULL);
-  uv_fs_req_cleanup(&req);
+  int fd;
+  if (by_path) {
+    fd = uv_fs_open(NULL, &req, path, O_RDONLY, 0, NULL);
+    uv_fs_req_cleanup(&req);
+  } else {
+    fd = mlua_file_take(L, 2); /* from here on, this function closes it */
+    if (fd < 0) fd = UV_EBADF;
+  }
   if (fd < 0) return mlua_push_error(L, fd);
   x->fd = fd;
   int r = ml_conn_send_file(x->c, fd, off, len, file_done, x);

@@ -210,6 +210,8 @@ int mlua_sleep(lua_State *L);
 void mlua_open_task(lua_State *L, moonlet_t *m);
 void mlua_open_http_server(lua_State *L, moonlet_t *m);
 void mlua_open_fs(lua_State *L, moonlet_t *m);
+/* fs.c: the descriptor of the moonlet.file at idx, which gives it up (-1 when closed already) */
+int mlua_file_take(lua_State *L, int idx);
 void mlua_open_work(lua_State *L, moonlet_t *m);
 void mlua_open_tcp(lua_State *L, moonlet_t *m);
 void mlua_open_udp(lua_State *L, moonlet_t *m);

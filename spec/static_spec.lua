@@ -229,6 +229,16 @@ describe("moonlet.static", function()
             assert.same({ 200, "", "0" }, { r.status, r.body, r.headers["content-length"] })
         end)
 
+        it("serves a dotfile like any other file, as nginx does", function()
+            local port = serve()
+            local path = root .. "/.well-known"
+            defer(function() sh("rm -rf " .. q(path)) end)
+            sh("mkdir -p " .. q(path))
+            write_file(path .. "/security.txt", "Contact: x\n")
+            local r = get(port, "/assets/.well-known/security.txt")
+            assert.same({ 200, "Contact: x\n" }, { r.status, r.body })
+        end)
+
         it("serves a symlink that stays inside the root", function()
             local port = serve()
             local r = get(port, "/assets/alias.txt")
@@ -327,6 +337,19 @@ describe("moonlet.static", function()
             local data = raw(port, "GET", "/../secret.txt")
             assert.truthy(data:find("^HTTP/1%.1 404 "), data)
             assert.falsy(data:find("TOP SECRET", 1, true))
+        end)
+
+        it("never redirects a directory to another host: //docs goes to /docs/, not //docs/", function()
+            -- "//docs/" in Location is a scheme-relative URL: the browser would go to http://docs/
+            local app = moonlet.app()
+            app:static("/", root)
+            local server, port = test.serve(app)
+            defer(function() server:close() end)
+            for target, want in pairs({ ["//docs"] = "/docs/", ["///docs?v=1"] = "/docs/?v=1" }) do
+                local data = raw(port, "GET", target)
+                assert.truthy(data:find("^HTTP/1%.1 301 "), data)
+                assert.same(want, data:match("\r\nLocation: ([^\r]*)\r\n"), target)
+            end
         end)
 
         it("answers 404 under a root that does not exist yet, and serves it once it does", function()
@@ -452,6 +475,77 @@ describe("moonlet.static", function()
             assert.same({ 200, "two, longer" }, { r.status, r.body })
             assert.are_not.equal(old, r.headers["etag"])
         end)
+
+        it("answers 304 for If-Modified-Since in any HTTP-date form at or after Last-Modified", function()
+            local port = serve()
+            for _, ims in ipairs({ "Tuesday, 14-Nov-23 22:13:20 GMT", "Tue Nov 14 22:13:20 2023",
+                                   "Wed, 15 Nov 2023 08:00:00 GMT" }) do
+                local r = get(port, "/assets/hello.txt", { ["If-Modified-Since"] = ims })
+                assert.same({ 304, "" }, { r.status, r.body }, ims)
+            end
+        end)
+
+        it("ignores an If-Modified-Since that is no date or is still to come", function()
+            local port = serve()
+            for _, ims in ipairs({ "yesterday", "Tue, 14 Nov 2023 22:13:20",
+                                   "Fri, 01 Jan 2100 00:00:00 GMT" }) do
+                local r = get(port, "/assets/hello.txt", { ["If-Modified-Since"] = ims })
+                assert.same({ 200, HELLO }, { r.status, r.body }, ims)
+            end
+        end)
+
+        it("answers 412 when If-Match does not hold the ETag (strong comparison), else the file", function()
+            local port = serve()
+            local etag = get(port, "/assets/hello.txt").headers["etag"]
+            for _, im in ipairs({ '"nope"', "W/" .. etag }) do
+                local r = get(port, "/assets/hello.txt", { ["If-Match"] = im })
+                assert.same({ 412, "412 Precondition Failed\n" }, { r.status, r.body }, im)
+            end
+            for _, im in ipairs({ etag, "*", '"nope", ' .. etag }) do
+                local r = get(port, "/assets/hello.txt", { ["If-Match"] = im })
+                assert.same({ 200, HELLO }, { r.status, r.body }, im)
+            end
+        end)
+
+        it("answers 412 when the file changed after If-Unmodified-Since, ignoring a date that is none",
+           function()
+            local port = serve()
+            local before = "Mon, 13 Nov 2023 22:13:20 GMT"
+            local r = get(port, "/assets/hello.txt", { ["If-Unmodified-Since"] = before })
+            assert.same(412, r.status)
+            for _, ius in ipairs({ "Tue, 14 Nov 2023 22:13:20 GMT", "not a date" }) do
+                r = get(port, "/assets/hello.txt", { ["If-Unmodified-Since"] = ius })
+                assert.same({ 200, HELLO }, { r.status, r.body }, ius)
+            end
+            -- If-Match decides alone when it is there (RFC 9110 13.2.2)
+            local etag = get(port, "/assets/hello.txt").headers["etag"]
+            r = get(port, "/assets/hello.txt", { ["If-Match"] = etag, ["If-Unmodified-Since"] = before })
+            assert.same(200, r.status)
+        end)
+
+        it("sends the version its headers describe when the file is replaced before it goes out", function()
+            -- a middleware renames another file over the one chosen, after next() and before the
+            -- file is sent: a deploy replacing files while requests are in flight
+            local path = root .. "/swapped.txt"
+            defer(function() os.remove(path) end)
+            local app = moonlet.app()
+            app:use(function(req, _, next)
+                local r = next()
+                local f = assert(io.open(path .. ".new", "wb"))
+                assert(f:write(req:header("x-new")))
+                assert(f:close())
+                assert(os.rename(path .. ".new", path))
+                return r
+            end)
+            app:static("/assets", root)
+            local server, port = test.serve(app)
+            defer(function() server:close() end)
+            for _, new in ipairs({ "longer than the old one", "s" }) do
+                write_file(path, "old!")
+                local r = get(port, "/assets/swapped.txt", { ["X-New"] = new })
+                assert.same({ 200, "old!", "4" }, { r.status, r.body, r.headers["content-length"] }, new)
+            end
+        end)
     end)
 
     describe("ranges", function()
@@ -497,16 +591,37 @@ describe("moonlet.static", function()
             end
         end)
 
-        it("answers 416 for any range of an empty file", function()
+        it("answers 416 for a range from an offset of an empty file", function()
             local port = serve()
             local r = get(port, "/assets/empty.txt", { Range = "bytes=0-" })
             assert.same({ 416, "bytes */0" }, { r.status, r.headers["content-range"] })
+        end)
+
+        it("answers 200 with the empty file for a suffix range of it (satisfiable, RFC 9110 14.1.1)",
+           function()
+            local port = serve()
+            local r = get(port, "/assets/empty.txt", { Range = "bytes=-5" })
+            assert.same({ 200, "", "0" }, { r.status, r.body, r.headers["content-length"] })
         end)
 
         it("answers 200 with the whole file for several ranges", function()
             local port = serve()
             local r = get(port, "/assets/digits.txt", { Range = "bytes=0-1,3-4" })
             assert.same({ 200, DIGITS }, { r.status, r.body })
+        end)
+
+        it("sends offsets and lengths past 4 GiB exactly (a sparse 5 GiB file)", function()
+            local port = serve()
+            local path = root .. "/sparse.bin"
+            defer(function() os.remove(path) end)
+            local size = 5 * 1024 * 1024 * 1024
+            sh("truncate -s " .. size .. " " .. q(path))
+            sh("printf tail | dd of=" .. q(path) .. " bs=1 conv=notrunc 2>/dev/null seek=" .. (size - 4))
+            local r = test.request(port, "HEAD", "/assets/sparse.bin")
+            assert.same({ 200, tostring(size) }, { r.status, r.headers["content-length"] })
+            r = get(port, "/assets/sparse.bin", { Range = "bytes=" .. (size - 6) .. "-" })
+            assert.same({ 206, "\0\0tail", fmt("bytes %d-%d/%d", size - 6, size - 1, size) },
+                        { r.status, r.body, r.headers["content-range"] })
         end)
 
         it("answers 200 with the whole file when If-Range holds another ETag", function()

@@ -262,9 +262,18 @@ local function send_file(res, f)
     local x = res._x
     if f.body then return x:respond(f.status, f.body, f.ctype, res._headers) end -- gzipped on the fly
     local ok, err = x:start(f.status, f.ctype, res._headers, f.length)
-    if not ok then return nil, err end
+    if not ok then
+        f.file:close()
+        return nil, err
+    end
     res._streaming = true
-    if f.length > 0 then check(x:send_file(f.path, f.offset, f.length)) end
+    if f.length > 0 then
+        ok, err = x:send_file(f.file, f.offset, f.length) -- the transfer owns and closes f.file
+        f.file:close() -- nothing when the transfer took it: a failure before it did
+        check(ok, err)
+    else
+        f.file:close()
+    end
     return x:finish() -- a failed transfer already closed the socket
 end
 
@@ -280,6 +289,7 @@ function _M.send(res, a, b, c)
     if f then
         if a == nil and not res._streaming then return send_file(res, f) end
         res._file = false
+        if f.file then f.file:close() end -- not sent: something else goes in its place
     end
     if res._streaming then
         if type(a) == "table" then

@@ -1,8 +1,12 @@
 -- lua/moonlet/static.lua: static files. The path is decoded once and checked segment by segment
 -- ("..", ".", NUL and backslashes refused, encoded or not), then resolved with realpath and kept
--- only if it is still under the root, so symlinks cannot lead out of it. Responses carry
--- Content-Type, ETag and Last-Modified (304 on If-None-Match / If-Modified-Since), honour a single
--- Range (206, or 416). The handler only chooses the file (res._file): lua/moonlet/response.lua
+-- only if it is still under the root, so symlinks cannot lead out of it. The file is opened when it
+-- is chosen and its headers made from that open file's fstat, so a file replaced before it is sent
+-- still sends the bytes its headers describe. Responses carry Content-Type, ETag and Last-Modified;
+-- the preconditions are evaluated in RFC 9110 13.2.2's order (If-Match, If-Unmodified-Since: 412;
+-- If-None-Match, If-Modified-Since: 304; If-Range); a single Range is honoured (206, or 416),
+-- several are ignored (200, the whole file: no multipart/byteranges, so no amplification). The
+-- handler only chooses the file (res._file): lua/moonlet/response.lua
 -- sends it after the middleware has returned, from the file to the socket in C. Under
 -- moonlet.gzip, a file with a `.gz` sibling (style.css and style.css.gz, made ahead with `gzip -k`)
 -- says Vary: Accept-Encoding, and a client that takes gzip gets the sibling's bytes, validators and
@@ -16,14 +20,61 @@ local mime = require "moonlet.mime"
 local add_missing_headers = require("moonlet.response").add_missing_headers
 local compress -- lua/moonlet/compress.lua, loaded when moonlet.gzip is first used
 
-local str_find, str_sub, str_match, fmt = string.find, string.sub, string.match, string.format
-local os_date, floor, tonumber = os.date, math.floor, tonumber
+local str_find, str_sub, str_match, str_gmatch, str_gsub, fmt =
+    string.find, string.sub, string.match, string.gmatch, string.gsub, string.format
+local os_date, os_time, floor, tonumber = os.date, os.time, math.floor, tonumber
 
 local _M = {}
 
 local function http_date(t)
     return os_date("!%a, %d %b %Y %H:%M:%S GMT", t)
 end
+
+local MONTHS = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6, Jul = 7, Aug = 8, Sep = 9,
+                 Oct = 10, Nov = 11, Dec = 12 }
+
+-- days since 1970-01-01 of a civil date (proleptic Gregorian; Howard Hinnant's algorithm)
+local function days_from_civil(y, m, d)
+    if m <= 2 then y = y - 1 end
+    local era = floor(y / 400)
+    local yoe = y - era * 400
+    local doy = floor((153 * ((m + 9) % 12) + 2) / 5) + d - 1
+    return era * 146097 + yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy - 719468
+end
+
+-- The time of an HTTP-date in any of its three forms (RFC 9110 5.6.7: IMF-fixdate
+-- "Sun, 06 Nov 1994 08:49:37 GMT", RFC 850 "Sunday, 06-Nov-94 08:49:37 GMT", asctime
+-- "Sun Nov  6 08:49:37 1994"), or nil when s is none of them: such a precondition is ignored.
+local function parse_http_date(s)
+    local d, mon, y, hh, mi, ss =
+        str_match(s, "^%s*%a%a%a, (%d%d) (%a%a%a) (%d%d%d%d) (%d%d):(%d%d):(%d%d) GMT%s*$")
+    if not d then
+        d, mon, y, hh, mi, ss = str_match(s, "^%s*%a+, (%d%d)%-(%a%a%a)%-(%d%d) (%d%d):(%d%d):(%d%d) GMT%s*$")
+        if y then y = tonumber(y) + (tonumber(y) < 70 and 2000 or 1900) end
+    end
+    if not d then
+        mon, d, hh, mi, ss, y =
+            str_match(s, "^%s*%a%a%a (%a%a%a) ([ %d]%d) (%d%d):(%d%d):(%d%d) (%d%d%d%d)%s*$")
+    end
+    local m = mon and MONTHS[mon]
+    if not m then return nil end
+    d, y, hh, mi, ss = tonumber(d), tonumber(y), tonumber(hh), tonumber(mi), tonumber(ss)
+    if d < 1 or d > 31 or hh > 23 or mi > 59 or ss > 60 then return nil end
+    return ((days_from_civil(y, m, d) * 24 + hh) * 60 + mi) * 60 + ss
+end
+
+-- Whether a list of entity tags (If-Match, If-None-Match) names the file's: "*" names any; tag is
+-- the file's ETag without W/. The weak comparison (If-None-Match) takes W/"x" for "x"; the strong
+-- one (If-Match) never matches a weak tag, neither the client's nor ours (RFC 9110 8.8.3.2).
+local function etag_listed(list, tag, weak_comparison, ours_weak)
+    if str_match(list, "^%s*%*%s*$") then return true end
+    if ours_weak and not weak_comparison then return false end
+    for weak, t in str_gmatch(list, '(W?/?)("[^"]*")') do
+        if t == tag and (weak_comparison or weak == "") then return true end
+    end
+    return false
+end
+_M.parse_http_date = parse_http_date
 
 -- syntax: rel = static.safe_relative(rel) -- rel when it names something below a root (no "..",
 -- ".", NUL or backslash segment; lua/moonlet/template.lua too), else nil
@@ -43,6 +94,9 @@ local function parse_range(h, size)
     if a == "" then -- suffix: the last b bytes
         local n = tonumber(b)
         if n == 0 then return false end
+        -- satisfiable even for an empty file (RFC 9110 14.1.1), which has no bytes to frame as
+        -- a 206: the whole (empty) file, 200, as nginx answers
+        if size == 0 then return nil end
         first, last = size - n, size - 1
         if first < 0 then first = 0 end
     else
@@ -115,6 +169,9 @@ function _M.handler(dir, opts, base)
             -- does, so that the relative links of its index resolve inside it
             local path, query = str_match(req.target, "^([^?]*)(.*)$")
             if str_sub(path, -1) ~= "/" then
+                -- one leading slash: "//docs/" would be a scheme-relative URL, another host's
+                -- (http://docs/), where nginx, merging slashes, sends this server's /docs/
+                path = str_gsub(path, "^//+", "/")
                 res:header("Location", path .. "/" .. query)
                 return 301, "301 Moved Permanently\n"
             end
@@ -135,14 +192,24 @@ function _M.handler(dir, opts, base)
             local st_gz = real_gz and core.stat(real_gz)
             if st_gz and st_gz.type == "file" then
                 res:vary("Accept-Encoding")
-                if gz.accept then real, st, encoding = real_gz, st_gz, "gzip" end
+                if gz.accept then real, encoding = real_gz, "gzip" end -- its stat: below
             elseif compress.file_compressible(gz, st, ctype) then
                 res:vary("Accept-Encoding")
                 on_the_fly = gz.accept and not req:header("range")
             end
         end
 
-        local etag = fmt('"%x-%x"', st.mtime, st.size)
+        -- opened now, its headers made from what fstat says of the open file: what is sent is the
+        -- version they describe, even if the path is renamed over before the middleware returns
+        local fh, fst = core.open_file(real)
+        if not fh then return 404, "404 Not Found\n" end
+        if fst.type ~= "file" then
+            fh:close()
+            return 404, "404 Not Found\n"
+        end
+        st = fst
+        local tag = fmt('"%x-%x"', st.mtime, st.size)
+        local etag = tag
         local last_modified = http_date(st.mtime)
         -- the file's headers: on res for a 304 or 416, else sent with the file only (send_file)
         local headers = { ETag = etag, ["Last-Modified"] = last_modified, ["Accept-Ranges"] = "bytes",
@@ -150,9 +217,31 @@ function _M.handler(dir, opts, base)
         if on_the_fly then -- a body, not a file: no ranges; a weak ETag (another representation)
             headers.ETag, headers["Accept-Ranges"], headers["Content-Encoding"] = "W/" .. etag, nil, "gzip"
         end
+        -- the preconditions in RFC 9110 13.2.2's order; a date that is no HTTP-date is ignored
+        local im = req:header("if-match")
+        local failed
+        if im then
+            failed = not etag_listed(im, tag, false, on_the_fly)
+        else
+            local since = parse_http_date(req:header("if-unmodified-since") or "")
+            failed = since and st.mtime > since
+        end
+        if failed then
+            fh:close()
+            return 412, "412 Precondition Failed\n"
+        end
         local inm = req:header("if-none-match")
-        if (inm and (inm == "*" or str_find(inm, etag, 1, true)))
-           or (not inm and req:header("if-modified-since") == last_modified) then
+        local not_modified
+        if inm then
+            not_modified = etag_listed(inm, tag, true)
+        else
+            -- not modified since: the file's date at or before the client's; a date still to come
+            -- is no validator the server gave (a client's clock), so it is ignored (RFC 2616 14.25)
+            local since = parse_http_date(req:header("if-modified-since") or "")
+            not_modified = since and st.mtime <= since and since <= os_time()
+        end
+        if not_modified then
+            fh:close()
             add_missing_headers(res, headers)
             return 304
         end
@@ -160,6 +249,7 @@ function _M.handler(dir, opts, base)
         if on_the_fly then
             local body = compress.file(gz, real, st)
             if body then -- sent as a file is, once the middleware has returned
+                fh:close()
                 res._file = { status = 200, ctype = ctype, body = body, headers = headers }
                 return
             end -- unreadable whole (changed meanwhile): the file as it is
@@ -175,6 +265,7 @@ function _M.handler(dir, opts, base)
         if range and (not if_range or if_range == etag or if_range == last_modified) then
             local o, l = parse_range(range, size)
             if o == false then
+                fh:close()
                 add_missing_headers(res, headers)
                 res:header("Content-Range", "bytes */" .. size)
                 return 416, ""
@@ -184,7 +275,7 @@ function _M.handler(dir, opts, base)
             end
         end
         -- sent by response.send once the middleware around this handler has returned
-        res._file = { status = status, ctype = ctype, path = real, offset = offset,
+        res._file = { status = status, ctype = ctype, file = fh, offset = offset,
                       length = length, headers = headers }
     end
 end
