@@ -147,7 +147,8 @@ describe("moonlet.ws handshake", function()
         assert.same(405, test.request(port, "POST", "/echo", { body = "x" }).status)
     end)
 
-    it("refuses a wrong version with 426, a missing or bad key with 400", function()
+    it("refuses a wrong version with 426; a missing or bad key, no Connection: Upgrade or HTTP/1.0 with 400",
+       function()
         local port = serve(echo_app())
         local base = { Upgrade = "websocket", Connection = "keep-alive, Upgrade",
                        ["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ==" }
@@ -162,8 +163,13 @@ describe("moonlet.ws handshake", function()
         assert.same(426, r.status)
         assert.same("13", r.headers["sec-websocket-version"])
         assert.same(400, req({ ["Sec-WebSocket-Version"] = "13", ["Sec-WebSocket-Key"] = "short" }).status)
-        assert.same(426, req({ ["Sec-WebSocket-Version"] = "13", Connection = "close" }).status)
+        assert.same(400, req({ ["Sec-WebSocket-Version"] = "13", Connection = "close" }).status)
+        assert.same(101, req({ ["Sec-WebSocket-Version"] = "13", Connection = "keep-alive, UPGRADE" }).status)
         assert.same(426, req({ ["Sec-WebSocket-Version"] = "13", Upgrade = "h2c" }).status)
+        local r10 = test.raw(port, "GET /echo HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\n"
+            .. "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            .. "Sec-WebSocket-Version: 13\r\n\r\n")
+        assert.truthy(r10:find("^HTTP/1%.1 400 "), r10)
     end)
 
     it("lets an origin hook refuse with 403 and pass the allowed ones", function()
