@@ -373,6 +373,52 @@ describe("moonlet.ws under pressure", function()
         assert.truthy(pongs < sent, "every ping was answered: the pongs were queued without bound")
     end)
 
+    -- big_sender(opts) -> port: a route that answers "n" with a binary message of n bytes
+    local function big_sender(opts)
+        return serve(function(app)
+            app:websocket("/big", function(ws)
+                local n = tonumber((ws:receive()))
+                ws:send(rep("x", n), "binary")
+                for _ in ws:messages() do end
+            end, opts)
+        end)
+    end
+    local BIG = 32 * 1024 * 1024 -- more than the kernel's buffers hold while the client reads none
+
+    it("answers a ping that came while a long message was going out, between its fragments", function()
+        local port = big_sender({ fragment_size = 16384 })
+        local sock = raw_ws(port, "/big")
+        assert(sock:send(frame(1, tostring(BIG))))
+        local f = assert(read_frame(sock))
+        assert.same({ 2, false }, { f.opcode, f.fin })
+        assert(sock:send(frame(9, "during"))) -- the rest of the message waits in the server
+        local got, pong_at = #f.payload, nil
+        repeat
+            f = assert(read_frame(sock))
+            if f.opcode == 10 then
+                assert.same("during", f.payload)
+                pong_at = got
+            else
+                assert.same(0, f.opcode)
+                got = got + #f.payload
+            end
+        until f.opcode == 0 and f.fin
+        assert.same(BIG, got)
+        assert.truthy(pong_at and pong_at < BIG, "the pong waited for the whole message")
+    end)
+
+    it("answers the latest ping that came while the output was backed up, once it drains", function()
+        local port = big_sender()
+        local sock = raw_ws(port, "/big")
+        assert(sock:send(frame(1, tostring(BIG))))
+        assert(sock:receive(2)) -- the head of one frame of 32 MiB: the server's queue is full
+        assert(sock:send(frame(9, "first") .. frame(9, "latest")))
+        assert(sock:receive(8)) -- its 64-bit length
+        assert.same(BIG, #assert(sock:receive(BIG)))
+        local f = assert(read_frame(sock)) -- RFC 6455 5.5.3: the latest ping may be the only one answered
+        assert.same({ 10, "latest" }, { f.opcode, f.payload })
+    end)
+
     it("does not count a paused read as silence: a slow reader still gets every message", function()
         local got = {}
         local port = serve(function(app)
