@@ -693,6 +693,22 @@ describe("moonlet.ws permessage-deflate", function()
         end
     end)
 
+    it("closes 1002 on RSV1 on a ping or continuation and 1009 on a bomb once deflate is on", function()
+        local port = serve(echo_app({ deflate = true, max_message = 1000 }))
+        local ext = "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+        local function expect(bytes, code)
+            local sock = raw_ws(port, "/echo", ext)
+            assert(sock:send(bytes))
+            assert.same(code, (expect_close(sock)))
+        end
+        expect(frame(9, "x", { rsv = 4 }), 1002) -- control frames are never compressed
+        expect(frame(1, "a", { fin = false }) .. frame(0, "b", { rsv = 4 }), 1002) -- RSV1: first frame only
+        -- 114 bytes of raw deflate that inflate to 100000 zeros: refused at max_message, not inflated
+        local hex = "ecc13101000000c2a0f54f6d0d0fa0" .. rep("00", 96) .. "805703"
+        local bomb = hex:gsub("%x%x", function(h) return char(tonumber(h, 16)) end)
+        expect(frame(2, bomb, { rsv = 4 }), 1009)
+    end)
+
     it("closes 1002 on a compressed frame when deflate was not agreed", function()
         local port = serve(echo_app({ deflate = true }))
         local sock = raw_ws(port) -- no offer: no deflate
