@@ -147,7 +147,7 @@ describe("moonlet.ws handshake", function()
         assert.same(405, test.request(port, "POST", "/echo", { body = "x" }).status)
     end)
 
-    it("refuses a wrong version with 426; a missing or bad key, no Connection: Upgrade or HTTP/1.0 with 400",
+    it("refuses a wrong version with 426; a bad key, no Connection: Upgrade, HTTP/1.0 or HEAD with 400",
        function()
         local port = serve(echo_app())
         local base = { Upgrade = "websocket", Connection = "keep-alive, Upgrade",
@@ -170,6 +170,10 @@ describe("moonlet.ws handshake", function()
             .. "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             .. "Sec-WebSocket-Version: 13\r\n\r\n")
         assert.truthy(r10:find("^HTTP/1%.1 400 "), r10)
+        local hh = { ["Sec-WebSocket-Version"] = "13" }
+        for k, v in pairs(base) do hh[k] = v end
+        assert.same(400, test.request(port, "HEAD", "/echo", { headers = hh }).status) -- not a GET
+        assert.same(426, test.request(port, "HEAD", "/echo").status) -- as a plain GET
     end)
 
     it("lets an origin hook refuse with 403 and pass the allowed ones", function()

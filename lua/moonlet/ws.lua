@@ -256,9 +256,10 @@ function _M.accept(req, opts)
     if not has_token(h.upgrade, "websocket") then -- not a handshake: say what is spoken here
         return nil, 426, "426 Upgrade Required: this is a WebSocket endpoint\n", UPGRADE_HEADERS
     end
-    -- a handshake that is not one of RFC 6455's (4.2.1: HTTP/1.1 or later, Connection listing
-    -- Upgrade) is refused with 400, as 4.2.2 says; upgrading would not make it one
-    if version ~= "1.1" or not has_token(h.connection, "upgrade") then
+    -- a handshake that is not one of RFC 6455's (4.2.1: a GET (the route takes HEAD too), HTTP/1.1
+    -- or later, Connection listing Upgrade) is refused with 400, as 4.2.2 says; upgrading would
+    -- not make it one
+    if req.method ~= "GET" or version ~= "1.1" or not has_token(h.connection, "upgrade") then
         return nil, 400, "400 Bad Request: a WebSocket handshake is an HTTP/1.1 GET with "
             .. "Connection: Upgrade\n"
     end
