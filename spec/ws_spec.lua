@@ -854,6 +854,31 @@ end)
 -- -- cancellation and leaks ----------------------------------------------------------------------
 
 describe("moonlet.ws resources", function()
+    it("keeps serving when a client vanishes while many frames go out", function()
+        local result
+        local port = serve(function(app)
+            app:websocket("/flood", function(ws)
+                ws:receive()
+                local ok, err
+                for _ = 1, 2000 do -- 32 MB: the writes hit the reset the kernel got back
+                    ok, err = ws:send(rep("x", 16000))
+                    if not ok then break end
+                end
+                result = { ok, err }
+            end, { fragment_size = 4096 })
+            echo_app()(app)
+        end)
+        local sock = raw_ws(port, "/flood")
+        assert(sock:send(frame(1, "go")))
+        sock:close() -- before anything came: what the server sends next is answered with a reset
+        assert.truthy(test.wait_until(function() return result end, 10))
+        assert.same({ nil, "closed" }, result)
+        settle() -- the staged output of the closed connection must not outlive it
+        local ws = connect(port)
+        assert(ws:send("still here"))
+        assert.same("still here", ws:receive(5))
+    end)
+
     it("cancels a waiting receive and leaves nothing behind after many connections", function()
         local port = serve(echo_app())
         settle()
