@@ -15,6 +15,9 @@
  * - Received messages are copied into a queue (or straight onto a waiting reader's stack). Reading
  *   pauses while more than RQ_HIGH bytes or RQ_MAX messages are queued and unread: a slow reader
  *   pushes back on the peer through TCP. Sending yields while more than WQ_HIGH bytes are unsent.
+ * - Output goes to the transport frame by frame while it holds at most WQ_HIGH; the frames past
+ *   that wait in the ws's out list (copies, owned by the ws, freed when sent, cut or freed), so
+ *   a pong can go out between two frames of a long message, never inside one.
  * - Waits (mlua_task_wait): one reader, one pinger, one connecter, any number of writers. Each is
  *   resumed only by a callback (data, pong, writable, timer, connection gone) and has a cancel
  *   callback that undoes it without resuming. Receive and ping timeouts share one timer made on
@@ -50,6 +53,16 @@ typedef struct msg_s {
   size_t len;
   char data[];
 } msg_t;
+
+/* Output not handed to the transport yet (see pump): the frames of a fragmented message past the
+ * first WQ_HIGH bytes, the messages sent after it, and our close frame behind them. */
+typedef struct out_s {
+  struct out_s *next;
+  int opcode;      /* of the first frame (ML_WS_OP_CLOSE: a close frame) */
+  int rsv1;        /* the message is compressed: its first frame carries RSV1 */
+  size_t len, off; /* payload bytes, and how many already went out */
+  char data[];     /* the payload, compressed but not masked */
+} out_t;
 
 typedef struct ws_s ws_t;
 
@@ -115,7 +128,12 @@ struct ws_s {
   int paused; /* reading stopped: the queue is full */
   wait_t reader, pinger;
   wait_t *writers;
-  unsigned wgen;      /* writers' wake-up round */
+  unsigned wgen;        /* writers' wake-up round */
+  out_t *ohead, *otail; /* frames waiting for the transport to drain (see pump) */
+  size_t obytes;        /* their payload bytes */
+  int pong_due;         /* the latest ping is not answered yet: its payload is in pong_data */
+  unsigned char pong_data[125];
+  size_t pong_len;
   uv_timer_t *wtimer; /* receive and ping timeouts (made on first use) */
   int close_sent, close_recv, failed, gone, closing_transport;
   int close_code;     /* 0 while open */
@@ -132,6 +150,7 @@ struct ws_s {
 };
 
 static void ws_input(ws_t *ws, const char *data, size_t len);
+static void drained(ws_t *ws);
 static void transport_close(ws_t *ws, int graceful);
 static void ka_arm(ws_t *ws);
 static void wtimer_arm(ws_t *ws);
@@ -145,7 +164,18 @@ static int push_err(lua_State *L, int e) {
 
 /* -- Life cycle -------------------------------------------------------------------------------- */
 
+static void drop_output(ws_t *ws) {
+  while (ws->ohead) {
+    out_t *o = ws->ohead;
+    ws->ohead = o->next;
+    free(o);
+  }
+  ws->otail = NULL;
+  ws->obytes = 0;
+}
+
 static void ws_free(ws_t *ws) {
+  drop_output(ws);
   while (ws->qhead) {
     msg_t *m = ws->qhead;
     ws->qhead = m->next;
@@ -315,7 +345,7 @@ static void client_write_cb(uv_write_t *req, int status) {
     transport_close(ws, 0);
     return;
   }
-  if (ws->writers && ws->io->wq < WQ_LOW) wake_writers(ws, 1);
+  if (ws->io->wq < WQ_LOW) drained(ws);
 }
 
 /* Sends bytes as they are (ciphertext with TLS) after whatever is queued. */
@@ -371,10 +401,14 @@ static int t_write(ws_t *ws, const char *p, size_t n) {
   return r;
 }
 
-static size_t t_queued(ws_t *ws) {
+/* Bytes the transport holds unsent. */
+static size_t t_raw_queued(ws_t *ws) {
   if (!ws->client) return ws->c ? ml_conn_write_queue(ws->c) : 0;
   return ws->io->wq;
 }
+
+/* Bytes unsent, ours included: what a writer's backpressure counts. */
+static size_t t_queued(ws_t *ws) { return t_raw_queued(ws) + ws->obytes; }
 
 static void client_read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf);
 
@@ -418,6 +452,7 @@ static void t_deadline(ws_t *ws, uint64_t ms) {
 static void transport_gone(ws_t *ws) {
   if (ws->gone) return;
   ws->gone = 1;
+  drop_output(ws);
   if (ws->linked) { /* nothing left for moonlet_free to close but the wait timer, closing now */
     mlua_res_unlink(ws->m, &ws->res);
     ws->linked = 0;
@@ -478,8 +513,88 @@ static void transport_close(ws_t *ws, int graceful) {
 
 /* -- Sending -------------------------------------------------------------------------------- */
 
+/* Writes one frame to the transport: masked (through obuf) on the client side. */
+static int write_frame(ws_t *ws, int fin, int rsv1, int opcode, const char *data, size_t n) {
+  uint8_t head[14], mask[4];
+  int r;
+  if (ws->client) {
+    if ((r = ml_ws_random(mask, 4)) < 0) return r;
+    ws->obuf.len = 0;
+    if ((r = ml_ws_buf_reserve(&ws->obuf, 14 + n)) < 0) return r;
+    size_t hl = ml_ws_frame_head((uint8_t *)ws->obuf.p, fin, rsv1, opcode, n, mask);
+    if (n) memcpy(ws->obuf.p + hl, data, n);
+    ml_ws_mask(ws->obuf.p + hl, n, mask, 0);
+    r = t_write(ws, ws->obuf.p, hl + n);
+    if (ws->obuf.cap > KEEP_BUF) ml_ws_buf_free(&ws->obuf);
+    return r;
+  }
+  size_t hl = ml_ws_frame_head(head, fin, rsv1, opcode, n, NULL);
+  r = t_write(ws, (const char *)head, hl);
+  if (r == 0 && n) r = t_write(ws, data, n);
+  return r;
+}
+
+/* Writes the next frame of the oldest waiting output and drops that output once it is all out. */
+static int write_next(ws_t *ws) {
+  out_t *o = ws->ohead;
+  size_t n = o->len - o->off;
+  if (o->opcode < 8 && ws->fragment && n > ws->fragment) n = ws->fragment;
+  int first = o->off == 0;
+  int r = write_frame(ws, o->off + n == o->len, first && o->rsv1, first ? o->opcode : ML_WS_OP_CONT,
+                      o->data + o->off, n);
+  if (r < 0) return r;
+  o->off += n;
+  ws->obytes -= n;
+  if (o->off == o->len) {
+    ws->ohead = o->next;
+    if (!ws->ohead) ws->otail = NULL;
+    free(o);
+  }
+  return 0;
+}
+
+/* Hands waiting output to the transport, one frame at a time, while it holds at most WQ_HIGH.
+ * Between two frames of a message the transport may carry a control frame (a pong, a ping): so
+ * a fragmented message that takes long to go out does not hold our pongs back (RFC 6455 5.4);
+ * frames never mix, since every frame is written whole in one call. Returns 1 when output still
+ * waits (drained() runs once the transport drains), 0 when all went out, or a negative error. */
+static int pump(ws_t *ws) {
+  for (;;) {
+    while (ws->ohead && t_raw_queued(ws) <= WQ_HIGH) {
+      int r = write_next(ws);
+      if (r < 0) return r;
+    }
+    if (!ws->ohead) return 0;
+    if (ws->client) return 1; /* client_write_cb calls drained() below WQ_LOW */
+    int r = ws->c ? ml_conn_wants_writable(ws->c) : UV_EPIPE;
+    if (r != 0) return r; /* 1: on_writable will come; 0: it drained meanwhile, go on */
+  }
+}
+
+static int enqueue(ws_t *ws, int opcode, int rsv1, const char *data, size_t len, size_t off) {
+  out_t *o = malloc(sizeof *o + (len - off));
+  if (!o) return UV_ENOMEM;
+  o->next = NULL;
+  o->opcode = off ? ML_WS_OP_CONT : opcode;
+  o->rsv1 = off ? 0 : rsv1;
+  o->len = len - off;
+  o->off = 0;
+  if (o->len) memcpy(o->data, data + off, o->len);
+  if (ws->otail)
+    ws->otail->next = o;
+  else
+    ws->ohead = o;
+  ws->otail = o;
+  ws->obytes += o->len;
+  return 0;
+}
+
 /* Sends one message (or control frame): compressed when permessage-deflate is on, split into
- * frames of ws->fragment bytes when set, masked on the client side. */
+ * frames of ws->fragment bytes when set, masked on the client side. Pings and pongs go out at
+ * once, between two frames of a message at most. A data message goes out at once while the
+ * transport holds at most WQ_HIGH and nothing waits before it; the rest waits in order (a copy,
+ * compressed in send order) and pump() sends it as the peer reads. A close frame waits behind the
+ * messages sent before it. */
 static int send_message(ws_t *ws, int opcode, const char *data, size_t len) {
   int rsv1 = 0;
   if (opcode < 8 && ws->parser.pmd) {
@@ -489,34 +604,79 @@ static int send_message(ws_t *ws, int opcode, const char *data, size_t len) {
     len = ws->zbuf.len;
     rsv1 = 1;
   }
-  size_t frag = opcode < 8 && ws->fragment ? ws->fragment : 0, off = 0;
-  int r = 0, first = 1;
-  do {
-    size_t n = len - off;
-    if (frag && n > frag) n = frag;
-    int fin = off + n == len;
-    uint8_t head[14], mask[4];
-    int op = first ? opcode : ML_WS_OP_CONT;
-    if (ws->client) {
-      if ((r = ml_ws_random(mask, 4)) < 0) break;
-      ws->obuf.len = 0;
-      if ((r = ml_ws_buf_reserve(&ws->obuf, 14 + n)) < 0) break;
-      size_t hl = ml_ws_frame_head((uint8_t *)ws->obuf.p, fin, first && rsv1, op, n, mask);
-      if (n) memcpy(ws->obuf.p + hl, data + off, n);
-      ml_ws_mask(ws->obuf.p + hl, n, mask, 0);
-      r = t_write(ws, ws->obuf.p, hl + n);
-    } else {
-      size_t hl = ml_ws_frame_head(head, fin, first && rsv1, op, n, NULL);
-      r = t_write(ws, (const char *)head, hl);
-      if (r == 0 && n) r = t_write(ws, data + off, n);
+  int r = 0;
+  if (opcode == ML_WS_OP_PING || opcode == ML_WS_OP_PONG) {
+    r = write_frame(ws, 1, 0, opcode, data, len);
+  } else if (ws->ohead) {
+    r = enqueue(ws, opcode, rsv1, data, len, 0);
+    if (r == 0) r = pump(ws);
+  } else {
+    size_t frag = opcode < 8 && ws->fragment ? ws->fragment : len, off = 0;
+    do {
+      size_t n = len - off < frag ? len - off : frag;
+      r = write_frame(ws, off + n == len, off == 0 && rsv1, off ? ML_WS_OP_CONT : opcode,
+                      data + off, n);
+      off += n;
+    } while (r == 0 && off < len && t_raw_queued(ws) <= WQ_HIGH);
+    if (r == 0 && off < len) {
+      r = enqueue(ws, opcode, rsv1, data, len, off);
+      if (r == 0) r = pump(ws);
     }
-    if (r < 0) break;
-    off += n;
-    first = 0;
-  } while (off < len);
-  if (ws->obuf.cap > KEEP_BUF) ml_ws_buf_free(&ws->obuf);
+  }
   if (ws->zbuf.cap > KEEP_BUF) ml_ws_buf_free(&ws->zbuf);
-  return r;
+  return r < 0 ? r : 0;
+}
+
+/* Answers the latest ping. RFC 6455 5.5.3 lets an endpoint answer only the latest of several
+ * pings: while the transport holds more than WQ_HIGH (a peer that pings without reading), the
+ * pong waits in pong_data, each ping replacing the one before, and goes out from drained(); so
+ * a ping flood cannot grow the queue, yet the last ping is always answered. */
+static void answer_ping(ws_t *ws, const char *data, size_t len) {
+  if (ws->close_sent) return;
+  if (t_raw_queued(ws) <= WQ_HIGH) {
+    ws->pong_due = 0;
+    send_message(ws, ML_WS_OP_PONG, data, len);
+    return;
+  }
+  memcpy(ws->pong_data, data, len);
+  ws->pong_len = len;
+  if (!ws->pong_due && !ws->client && ws->c && ml_conn_wants_writable(ws->c) == 0) {
+    send_message(ws, ML_WS_OP_PONG, data, len);
+    return;
+  }
+  ws->pong_due = 1;
+}
+
+/* The transport drained below its low-water mark: the due pong first, then waiting output, then
+ * the writers when the backlog is small again. */
+static void drained(ws_t *ws) {
+  if (ws->gone) return;
+  if (ws->pong_due && !ws->close_sent) {
+    ws->pong_due = 0;
+    if (send_message(ws, ML_WS_OP_PONG, (const char *)ws->pong_data, ws->pong_len) < 0) return;
+  }
+  ws->pong_due = 0;
+  if (ws->ohead && pump(ws) < 0) return;
+  /* while output still waits, pump() asked for the next drain: the writers wait for it */
+  if (ws->writers && t_queued(ws) <= WQ_HIGH) wake_writers(ws, 1);
+}
+
+/* Drops the output that waits (the rest of a message may be cut: the connection is ending); a
+ * close frame of ours waiting behind it goes out now, as control frames may between fragments. */
+static void cut_output(ws_t *ws) {
+  out_t *last = ws->otail;
+  if (last && last->opcode == ML_WS_OP_CLOSE && last->off == 0) {
+    ws->otail = NULL; /* taken out of the list before the list is dropped */
+    out_t **pp = &ws->ohead;
+    while (*pp != last)
+      pp = &(*pp)->next;
+    *pp = NULL;
+    drop_output(ws);
+    write_frame(ws, 1, 0, ML_WS_OP_CLOSE, last->data, last->len);
+    free(last);
+    return;
+  }
+  drop_output(ws);
 }
 
 static void set_reason(ws_t *ws, const char *reason, size_t len) {
@@ -545,6 +705,7 @@ static void send_close(ws_t *ws, int code, const char *reason, size_t rlen) {
 static void fail(ws_t *ws, int code, const char *why) {
   if (ws->failed) return;
   ws->failed = 1;
+  cut_output(ws); /* a close frame may come between two frames of a message (RFC 6455 5.4) */
   if (!ws->close_recv) {
     ws->close_code = code;
     set_reason(ws, why, strlen(why));
@@ -626,6 +787,7 @@ static void on_peer_close(ws_t *ws, const ml_ws_event_t *ev) {
   ws->close_recv = 1;
   ws->close_code = ev->code;
   set_reason(ws, ev->data, ev->len);
+  cut_output(ws); /* RFC 6455 5.5.1: the rest of a message may go out first, or not */
   if (!ws->close_sent) send_close(ws, ev->code, ev->data, ev->len); /* echo status and reason */
   if (!ws->client) {
     transport_close(ws, 1); /* the server closes the TCP connection first */
@@ -673,13 +835,7 @@ static void ws_input(ws_t *ws, const char *data, size_t len) {
       ws->qbytes += ev.len;
       ws->qcount++;
       break;
-    case ML_WS_EV_PING:
-      /* RFC 6455 5.5.3 lets an endpoint answer only the latest of several pings: one that pings
-       * faster than it reads gets no pong while the output is over WQ_HIGH, so a ping flood
-       * cannot grow the queue */
-      if (!ws->close_sent && t_queued(ws) <= WQ_HIGH)
-        send_message(ws, ML_WS_OP_PONG, ev.data, ev.len);
-      break;
+    case ML_WS_EV_PING: answer_ping(ws, ev.data, ev.len); break;
     case ML_WS_EV_PONG: /* ws:ping's answer echoes its data; other pongs prove nothing */
       if (ev.len == ws->ping_len && (!ev.len || memcmp(ev.data, ws->ping_data, ev.len) == 0))
         got_pong = 1;
@@ -740,8 +896,7 @@ static void srv_on_data(ml_conn_t *c, const char *data, ssize_t n, void *ud) {
 
 static void srv_on_writable(ml_conn_t *c, void *ud) {
   (void)c;
-  ws_t *ws = ud;
-  if (ws->writers) wake_writers(ws, 1);
+  drained(ud);
 }
 
 static void srv_on_deadline(ml_conn_t *c, void *ud) {

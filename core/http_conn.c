@@ -850,7 +850,7 @@ int ml_conn_upgrade(ml_conn_t *c, const char *headers, size_t hlen, const ml_con
   const char *date = ml__date_header(s, &dlen);
   size_t n = sizeof head - 1 + dlen + hlen + 2;
   char *p = ml__out_reserve(s, c, n);
-  if (!p) return UV_ENOMEM;
+  if (!p) return c->closing ? UV_EPIPE : UV_ENOMEM;
   memcpy(p, head, sizeof head - 1);
   memcpy(p + sizeof head - 1, date, dlen);
   if (hlen) memcpy(p + sizeof head - 1 + dlen, headers, hlen);

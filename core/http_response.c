@@ -110,7 +110,7 @@ static int write_head(ml_conn_t *c, int status, const char *headers, size_t hlen
   int keep = keep_alive(c);
   size_t need = 64 + strlen(reason) + dlen + hlen + 64;
   char *p = ml__out_reserve(s, c, need), *start = p;
-  if (!p) return UV_ENOMEM;
+  if (!p) return c->closing ? UV_EPIPE : UV_ENOMEM;
   p = PUT_LIT(p, "HTTP/1.1 ");
   p = ml_numfmt_uint(p, (uint64_t)status);
   *p++ = ' ';
@@ -192,7 +192,7 @@ int ml_conn_stream_write(ml_conn_t *c, const char *data, size_t len) {
   }
   if (c->resp_chunked) {
     char *p = ml__out_reserve(c->srv, c, 24);
-    if (!p) return UV_ENOMEM;
+    if (!p) return c->closing ? UV_EPIPE : UV_ENOMEM;
     ml__out_commit(c->srv, (size_t)snprintf(p, 24, "%zx\r\n", len));
     ml__out_append(c->srv, c, data, len);
     ml__out_append(c->srv, c, "\r\n", 2);

@@ -213,13 +213,16 @@ void ml__conn_flush(ml_conn_t *c) {
 void ml_server_flush(ml_server_t *s) { out_flush(s); }
 
 /* Returns room for n bytes of c's output in the staging buffer (commit them with ml__out_commit),
- * or NULL when out of memory. */
+ * or NULL when out of memory or when writing c's staged output out failed (c is closed then).
+ * The buffer never belongs to a connection that is closed: it could be freed with it still the
+ * owner, and the next flush would write through a dangling pointer. */
 char *ml__out_reserve(ml_server_t *s, ml_conn_t *c, size_t n) {
   if (s->out_owner != c) {
     out_flush(s);
     s->out_owner = c;
   } else if (s->out_len + n > ML_OUT_FLUSH_AT && s->out_len) {
     out_flush(s);
+    if (c->closing && !c->lingering) return NULL; /* the write failed: c is closed */
     s->out_owner = c;
   }
   if (s->out_len + n > s->out_cap) {
@@ -711,6 +714,10 @@ static void server_handle_closed(uv_handle_t *h) {
 }
 
 void ml__server_conn_gone(ml_server_t *s, ml_conn_t *c) {
+  if (s->out_owner == c) { /* (ml__out_reserve keeps it from happening: never flush for c now) */
+    s->out_owner = NULL;
+    s->out_len = 0;
+  }
   if (c->rb) ml__reqbuf_put(s, c->rb);
   ml_tls_free(c->tls);
   free(c->body);

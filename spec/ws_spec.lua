@@ -147,7 +147,8 @@ describe("moonlet.ws handshake", function()
         assert.same(405, test.request(port, "POST", "/echo", { body = "x" }).status)
     end)
 
-    it("refuses a wrong version with 426, a missing or bad key with 400", function()
+    it("refuses a wrong version with 426; a bad key, no Connection: Upgrade, HTTP/1.0 or HEAD with 400",
+       function()
         local port = serve(echo_app())
         local base = { Upgrade = "websocket", Connection = "keep-alive, Upgrade",
                        ["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ==" }
@@ -162,8 +163,17 @@ describe("moonlet.ws handshake", function()
         assert.same(426, r.status)
         assert.same("13", r.headers["sec-websocket-version"])
         assert.same(400, req({ ["Sec-WebSocket-Version"] = "13", ["Sec-WebSocket-Key"] = "short" }).status)
-        assert.same(426, req({ ["Sec-WebSocket-Version"] = "13", Connection = "close" }).status)
+        assert.same(400, req({ ["Sec-WebSocket-Version"] = "13", Connection = "close" }).status)
+        assert.same(101, req({ ["Sec-WebSocket-Version"] = "13", Connection = "keep-alive, UPGRADE" }).status)
         assert.same(426, req({ ["Sec-WebSocket-Version"] = "13", Upgrade = "h2c" }).status)
+        local r10 = test.raw(port, "GET /echo HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\n"
+            .. "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            .. "Sec-WebSocket-Version: 13\r\n\r\n")
+        assert.truthy(r10:find("^HTTP/1%.1 400 "), r10)
+        local hh = { ["Sec-WebSocket-Version"] = "13" }
+        for k, v in pairs(base) do hh[k] = v end
+        assert.same(400, test.request(port, "HEAD", "/echo", { headers = hh }).status) -- not a GET
+        assert.same(426, test.request(port, "HEAD", "/echo").status) -- as a plain GET
     end)
 
     it("lets an origin hook refuse with 403 and pass the allowed ones", function()
@@ -365,6 +375,52 @@ describe("moonlet.ws under pressure", function()
         end
         assert.truthy(pongs > 0)
         assert.truthy(pongs < sent, "every ping was answered: the pongs were queued without bound")
+    end)
+
+    -- big_sender(opts) -> port: a route that answers "n" with a binary message of n bytes
+    local function big_sender(opts)
+        return serve(function(app)
+            app:websocket("/big", function(ws)
+                local n = tonumber((ws:receive()))
+                ws:send(rep("x", n), "binary")
+                for _ in ws:messages() do end
+            end, opts)
+        end)
+    end
+    local BIG = 32 * 1024 * 1024 -- more than the kernel's buffers hold while the client reads none
+
+    it("answers a ping that came while a long message was going out, between its fragments", function()
+        local port = big_sender({ fragment_size = 16384 })
+        local sock = raw_ws(port, "/big")
+        assert(sock:send(frame(1, tostring(BIG))))
+        local f = assert(read_frame(sock))
+        assert.same({ 2, false }, { f.opcode, f.fin })
+        assert(sock:send(frame(9, "during"))) -- the rest of the message waits in the server
+        local got, pong_at = #f.payload, nil
+        repeat
+            f = assert(read_frame(sock))
+            if f.opcode == 10 then
+                assert.same("during", f.payload)
+                pong_at = got
+            else
+                assert.same(0, f.opcode)
+                got = got + #f.payload
+            end
+        until f.opcode == 0 and f.fin
+        assert.same(BIG, got)
+        assert.truthy(pong_at and pong_at < BIG, "the pong waited for the whole message")
+    end)
+
+    it("answers the latest ping that came while the output was backed up, once it drains", function()
+        local port = big_sender()
+        local sock = raw_ws(port, "/big")
+        assert(sock:send(frame(1, tostring(BIG))))
+        assert(sock:receive(2)) -- the head of one frame of 32 MiB: the server's queue is full
+        assert(sock:send(frame(9, "first") .. frame(9, "latest")))
+        assert(sock:receive(8)) -- its 64-bit length
+        assert.same(BIG, #assert(sock:receive(BIG)))
+        local f = assert(read_frame(sock)) -- RFC 6455 5.5.3: the latest ping may be the only one answered
+        assert.same({ 10, "latest" }, { f.opcode, f.payload })
     end)
 
     it("does not count a paused read as silence: a slow reader still gets every message", function()
@@ -641,6 +697,22 @@ describe("moonlet.ws permessage-deflate", function()
         end
     end)
 
+    it("closes 1002 on RSV1 on a ping or continuation and 1009 on a bomb once deflate is on", function()
+        local port = serve(echo_app({ deflate = true, max_message = 1000 }))
+        local ext = "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+        local function expect(bytes, code)
+            local sock = raw_ws(port, "/echo", ext)
+            assert(sock:send(bytes))
+            assert.same(code, (expect_close(sock)))
+        end
+        expect(frame(9, "x", { rsv = 4 }), 1002) -- control frames are never compressed
+        expect(frame(1, "a", { fin = false }) .. frame(0, "b", { rsv = 4 }), 1002) -- RSV1: first frame only
+        -- 114 bytes of raw deflate that inflate to 100000 zeros: refused at max_message, not inflated
+        local hex = "ecc13101000000c2a0f54f6d0d0fa0" .. rep("00", 96) .. "805703"
+        local bomb = hex:gsub("%x%x", function(h) return char(tonumber(h, 16)) end)
+        expect(frame(2, bomb, { rsv = 4 }), 1009)
+    end)
+
     it("closes 1002 on a compressed frame when deflate was not agreed", function()
         local port = serve(echo_app({ deflate = true }))
         local sock = raw_ws(port) -- no offer: no deflate
@@ -782,6 +854,31 @@ end)
 -- -- cancellation and leaks ----------------------------------------------------------------------
 
 describe("moonlet.ws resources", function()
+    it("keeps serving when a client vanishes while many frames go out", function()
+        local result
+        local port = serve(function(app)
+            app:websocket("/flood", function(ws)
+                ws:receive()
+                local ok, err
+                for _ = 1, 2000 do -- 32 MB: the writes hit the reset the kernel got back
+                    ok, err = ws:send(rep("x", 16000))
+                    if not ok then break end
+                end
+                result = { ok, err }
+            end, { fragment_size = 4096 })
+            echo_app()(app)
+        end)
+        local sock = raw_ws(port, "/flood")
+        assert(sock:send(frame(1, "go")))
+        sock:close() -- before anything came: what the server sends next is answered with a reset
+        assert.truthy(test.wait_until(function() return result end, 10))
+        assert.same({ nil, "closed" }, result)
+        settle() -- the staged output of the closed connection must not outlive it
+        local ws = connect(port)
+        assert(ws:send("still here"))
+        assert.same("still here", ws:receive(5))
+    end)
+
     it("cancels a waiting receive and leaves nothing behind after many connections", function()
         local port = serve(echo_app())
         settle()

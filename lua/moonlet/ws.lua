@@ -253,9 +253,15 @@ function _M.accept(req, opts)
     local x = req._x
     local h = req.headers -- read now: the request is gone once the connection is handed over
     local version, keep_alive, peer, length = x:info()
-    if not has_token(h.upgrade, "websocket") or not has_token(h.connection, "upgrade")
-        or version ~= "1.1" then
+    if not has_token(h.upgrade, "websocket") then -- not a handshake: say what is spoken here
         return nil, 426, "426 Upgrade Required: this is a WebSocket endpoint\n", UPGRADE_HEADERS
+    end
+    -- a handshake that is not one of RFC 6455's (4.2.1: a GET (the route takes HEAD too), HTTP/1.1
+    -- or later, Connection listing Upgrade) is refused with 400, as 4.2.2 says; upgrading would
+    -- not make it one
+    if req.method ~= "GET" or version ~= "1.1" or not has_token(h.connection, "upgrade") then
+        return nil, 400, "400 Bad Request: a WebSocket handshake is an HTTP/1.1 GET with "
+            .. "Connection: Upgrade\n"
     end
     if h["sec-websocket-version"] ~= "13" then
         return nil, 426, "426 Upgrade Required: WebSocket version 13 only\n", UPGRADE_HEADERS
