@@ -569,7 +569,9 @@ static int x_send_file(lua_State *L) {
 
 /* -- Request data ------------------------------------------------------------------------ */
 
-/* syntax: headers = x:headers() -- lower-case names; repeated headers joined with ", " */
+/* syntax: headers = x:headers() -- lower-case names; repeated headers joined with ", ", but Cookie
+ * lines with "; ": they are one cookie list (RFC 9113 8.2.3, nginx's $http_cookie), and a comma
+ * inside it would end up in a cookie's value */
 static int x_headers(lua_State *L) {
   exchange_t *x = check_x(L);
   if (!x->c) return mlua_push_error(L, UV_EPIPE);
@@ -584,7 +586,10 @@ static int x_headers(lua_State *L) {
       lua_pop(L, 1);
       lua_pushlstring(L, h->value, h->value_len);
     } else {
-      lua_pushliteral(L, ", ");
+      if (h->name_len == 6 && memcmp(h->name, "cookie", 6) == 0)
+        lua_pushliteral(L, "; ");
+      else
+        lua_pushliteral(L, ", ");
       lua_pushlstring(L, h->value, h->value_len);
       lua_concat(L, 3);
     }

@@ -43,6 +43,9 @@ describe("moonlet.http server", function()
                          X = req.headers["X-Multi"], -- any letter case finds the lower-case name
                          method = req.method, version = req.http_version }
             end)
+            app:get("/cookie", function(req)
+                return { line = req:header("Cookie"), headers = req.headers.cookie, cookies = req.cookies }
+            end)
             app:get("/triple", function() return 202, "accepted", { ["X-A"] = "1" } end)
             app:get("/error", function() error("boom in handler") end)
             app:get("/abort", function() moonlet.abort(418, "teapot\n") end)
@@ -216,6 +219,15 @@ describe("moonlet.http server", function()
         assert(sock:send("GET /headers HTTP/1.1\r\nHost: a\r\nX-Multi: a\r\nx-multi: b\r\n\r\n"))
         r = assert(test.read_response(sock))
         assert.same("a, b", require("moonlet.json").decode(r.body).x)
+        sock:close()
+    end)
+
+    it("joins repeated Cookie lines with '; ', one cookie list (RFC 9113 8.2.3), not ', '", function()
+        local sock = test.connect(port)
+        assert(sock:send("GET /cookie HTTP/1.1\r\nHost: a\r\nCookie: a=1\r\ncookie: b=2\r\n\r\n"))
+        local r = assert(test.read_response(sock))
+        assert.same({ line = "a=1; b=2", headers = "a=1; b=2", cookies = { a = "1", b = "2" } },
+                    require("moonlet.json").decode(r.body))
         sock:close()
     end)
 

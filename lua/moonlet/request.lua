@@ -84,11 +84,13 @@ _M.mt = {
 }
 
 -- syntax: value = req:header(name) -- case-insensitive; the lines of a repeated header joined with
--- ", " (as in req.headers)
+-- ", " (as in req.headers), Cookie's with "; "
 function methods:header(name)
+    name = str_lower(name)
     local h = rawget(self, "headers")
-    if h then return h[str_lower(name)] end
-    return self._x:header(str_lower(name))
+    if h then return h[name] end
+    -- several Cookie lines are one cookie list (RFC 9113 8.2.3, nginx's $http_cookie): "; "
+    return self._x:header(name, name == "cookie" and "; " or nil)
 end
 
 -- syntax: values = req:args(name) -- every value of a repeated query parameter, in order
