@@ -25,6 +25,14 @@ describe("moonlet.app", function()
         app:get("/json", function(_, res) res:type("json"); return '{"raw":true}' end)
         app:post("/json", function(req) local v = assert(req:json()); return { got = v.n + 1 } end)
         app:post("/form", function(req) return assert(req:form()) end)
+        app:post("/form-values", function(req)
+            local fields, err = req:form()
+            if not fields then return 400, err end
+            local files = {}
+            for i, f in ipairs(assert(req:form_values("f"))) do files[i] = f.filename .. ":" .. f.body end
+            return { first = fields.tag, tags = req:form_values("tag"), none = req:form_values("none"),
+                     files = files }
+        end)
         app:get("/redirect", function(_, res) res:redirect("/there") end)
         app:get("/teapot", function() moonlet.abort(418, "short and stout", { ["X-Pot"] = "yes" }) end)
         app:get("/multi", function(_, res) res:header("Set-Cookie", { "a=1", "b=2" }); return "" end)
@@ -76,6 +84,31 @@ describe("moonlet.app", function()
         assert.same({ got = 42 }, json.decode(r.body))
         r = test.request(port, "POST", "/form", { body = "a=1&b=x+y" })
         assert.same({ a = "1", b = "x y" }, json.decode(r.body))
+    end)
+
+    it("gives every value of a repeated form field with req:form_values, both kinds of form", function()
+        local r = test.request(port, "POST", "/form-values", { body = "tag=a&x=1&tag=b+c&tag=" })
+        assert.same({ first = "a", tags = { "a", "b c", "" }, none = {}, files = {} }, json.decode(r.body))
+        local body = table.concat({
+            "--B", 'Content-Disposition: form-data; name="tag"', "", "a",
+            "--B", 'Content-Disposition: form-data; name="f"; filename="1.txt"', "", "one",
+            "--B", 'Content-Disposition: form-data; name="tag"', "", "b",
+            "--B", 'Content-Disposition: form-data; name="f"; filename="2.txt"', "", "two",
+            "--B--", "" }, "\r\n")
+        r = test.request(port, "POST", "/form-values",
+                         { body = body, headers = { ["Content-Type"] = "multipart/form-data; boundary=B" } })
+        assert.same({ first = "a", tags = { "a", "b" }, none = {}, files = { "1.txt:one", "2.txt:two" } },
+                    json.decode(r.body))
+    end)
+
+    it("refuses a form of more than 1000 fields: nil, err, never a table of them all", function()
+        local pairs_ = {}
+        for i = 1, 1000 do pairs_[i] = "k" .. i .. "=v" end
+        local r = test.request(port, "POST", "/form-values", { body = table.concat(pairs_, "&") })
+        assert.same(200, r.status)
+        pairs_[1001] = "k1001"
+        r = test.request(port, "POST", "/form-values", { body = table.concat(pairs_, "&") })
+        assert.same({ 400, "more than 1000 fields" }, { r.status, r.body })
     end)
 
     it("redirects", function()

@@ -225,25 +225,30 @@ function _M.parts(source, boundary)
     end
 end
 
--- syntax: fields = multipart.read_form(source, boundary) -- a whole multipart/form-data body:
+-- syntax: fields, all = multipart.read_form(source, boundary) -- a whole multipart/form-data body:
 -- fields[name] is a string for a plain field and { filename =, type =, headers =, body = } for a
--- file; a name given again keeps its first value (as url.parse_query does)
+-- file; a name given again keeps its first value there (as url.parse_query does), and all[name]
+-- lists every value of it in order (<input type=file multiple>, checkboxes)
 function _M.read_form(source, boundary)
-    local fields, count = {}, 0
+    local fields, all, count = {}, {}, 0
     for part in _M.parts(source, boundary) do
         count = count + 1
         if count > MAX_FORM_PARTS then bad("more than " .. MAX_FORM_PARTS .. " parts") end
         local body = part:body()
-        if fields[part.name] == nil then
-            if part.filename then
-                fields[part.name] = { filename = part.filename, type = part.type, headers = part.headers,
-                                      body = body }
-            else
-                fields[part.name] = body
-            end
+        local v = body
+        if part.filename then
+            v = { filename = part.filename, type = part.type, headers = part.headers, body = body }
+        end
+        local name = part.name
+        if fields[name] == nil then
+            fields[name] = v
+            all[name] = { v }
+        else
+            local list = all[name]
+            list[#list + 1] = v
         end
     end
-    return fields
+    return fields, all
 end
 
 -- -- Writing ------------------------------------------------------------------------------------

@@ -155,21 +155,48 @@ local function body_pieces(req)
     end
 end
 
+-- The most fields req:form() reads from one body, as multipart.lua's MAX_FORM_PARTS (Starlette's
+-- max_fields, PHP's max_input_vars): each costs a string and a table, so a 1 MiB body of a million
+-- "a&b&..." pairs would otherwise hold 30 MiB of Lua heap.
+local MAX_FORM_FIELDS = 1000
+
 -- syntax: fields, err = req:form() -- an application/x-www-form-urlencoded body as a table; a
 -- multipart/form-data one too, where a file is a table { filename =, type =, headers =, body = }
--- (lua/moonlet/multipart.lua). nil, err when the body cannot be read or is not a well-formed form.
+-- (lua/moonlet/multipart.lua); the first value of a repeated name (req:form_values has them all).
+-- nil, err when the body cannot be read or is not a well-formed form (more than 1000 fields too).
 -- The whole body (req:body(), kept) is parsed, so that form() may be called again (a middleware,
 -- then the handler) and body() still answers after it; req:parts() reads without keeping it.
 function methods:form()
     local boundary, why = multipart().boundary(self:header("content-type"))
     local body, err = self:body()
     if not body then return nil, err end
-    if boundary == nil then return (url.parse_query(body)) end
+    if boundary == nil then
+        local fields, all, more = url.parse_query(body, MAX_FORM_FIELDS)
+        if more then return nil, "more than " .. MAX_FORM_FIELDS .. " fields" end
+        self._form_all = all
+        return fields
+    end
     if not boundary then return nil, "multipart: " .. why end
-    local ok, fields = pcall(multipart().read_form, body_pieces(self), boundary)
-    if ok then return fields end
+    local ok, fields, all = pcall(multipart().read_form, body_pieces(self), boundary)
+    if ok then
+        self._form_all = all
+        return fields
+    end
     if type(fields) == "table" and fields.body then fields = (fields.body:gsub("\n$", "")) end
     return nil, tostring(fields)
+end
+
+-- syntax: values, err = req:form_values(name) -- every value of a repeated form field, in order
+-- ({} when there is none): checkboxes, <select multiple>, <input type=file multiple>; nil, err as
+-- req:form()
+function methods:form_values(name)
+    local all = rawget(self, "_form_all")
+    if not all then
+        local fields, err = self:form()
+        if not fields then return nil, err end
+        all = self._form_all
+    end
+    return all[name] or {}
 end
 
 -- syntax: path = req:url_for(name, params, query) -- app:url_for of the app whose route serves this
