@@ -25,6 +25,11 @@ describe("moonlet.app", function()
         app:get("/json", function(_, res) res:type("json"); return '{"raw":true}' end)
         app:post("/json", function(req) local v = assert(req:json()); return { got = v.n + 1 } end)
         app:post("/form", function(req) return assert(req:form()) end)
+        app:post("/json-or-400", function(req)
+            local v = req:json()
+            if v == nil then return 400, "bad json" end
+            return { v = v }
+        end)
         app:post("/form-values", function(req)
             local fields, err = req:form()
             if not fields then return 400, err end
@@ -84,6 +89,15 @@ describe("moonlet.app", function()
         assert.same({ got = 42 }, json.decode(r.body))
         r = test.request(port, "POST", "/form", { body = "a=1&b=x+y" })
         assert.same({ a = "1", b = "x y" }, json.decode(r.body))
+    end)
+
+    it("refuses JSON that is no JSON (NaN, Infinity, hex, leading zeros): req:json() is nil, err", function()
+        for _, bad in ipairs({ "NaN", '{"n":-Infinity}', "[0x10]", "01", "{bad" }) do
+            local r = test.request(port, "POST", "/json-or-400", { body = bad })
+            assert.same({ 400, "bad json" }, { r.status, r.body }, bad)
+        end
+        local r = test.request(port, "POST", "/json-or-400", { body = '[1.5,-0,1e2,"x",null]' })
+        assert.same({ 200, '{"v":[1.5,-0,100,"x",null]}' }, { r.status, r.body })
     end)
 
     it("gives every value of a repeated form field with req:form_values, both kinds of form", function()

@@ -9,6 +9,13 @@ local str_find, str_gsub = string.find, string.gsub
 
 local _M = { null = cjson.null }
 
+-- The decoder is strict RFC 8259: cjson by default also takes NaN, Infinity, hex (0x10) and leading
+-- zeros (01), which no JSON encoder writes and which json.encode refuses in turn; a NaN from a client
+-- passes every `v < 0` check a handler makes. Its own instance, so the shared cjson.safe (OpenResty
+-- code may set its options) is left as it is. A number too large for a double (1e999) is still inf.
+local decoder = cjson.new()
+decoder.decode_invalid_numbers(false)
+
 local array_mt = cjson.array_mt or { __name = "moonlet.json.array" }
 local native = cjson.array_mt ~= nil
 local marked = false -- json.array was called at least once
@@ -47,7 +54,7 @@ end
 
 -- syntax: value, err = json.decode(s)
 function _M.decode(s)
-    return cjson.decode(s)
+    return decoder.decode(s)
 end
 
 -- syntax: t = json.array(t) -- marks t to encode as [] even when empty
