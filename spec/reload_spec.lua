@@ -159,6 +159,33 @@ end)]]
         assert.same("v2 5", get(port, "/hit"))
     end)
 
+    it("cancels the old load's tasks once the new app serves, but one app.state hands over",
+       function()
+        local dir = tmpdir()
+        local host = serve(dir, app_src("v1", [[
+local function loop() while true do moonlet.sleep(0.01) end end
+app.state = { ticker = moonlet.spawn(loop) }
+app.other = moonlet.spawn(loop)
+app:on_reload(function(old)
+    app.state.ticker:cancel()
+    app.state.ticker = old.ticker
+end)]]))
+        local a1 = host.app
+        assert.truthy(host:reload())
+        local a2 = host.app
+        assert.truthy(test.wait_until(function() return a1.other:is_done() end, 5))
+        assert.is_false(a1.state.ticker:is_done())
+        assert.is_true(a2.state.ticker == a1.state.ticker)
+        assert.is_false(a2.other:is_done())
+        write_file(dir .. "/app.lua", BROKEN)
+        assert.is_nil(host:reload())
+        assert.is_false(a2.other:is_done()) -- a failed load changes nothing
+        host:close() -- and closing the host stops its tasks
+        assert.truthy(test.wait_until(function()
+            return a2.other:is_done() and a2.state.ticker:is_done()
+        end, 5))
+    end)
+
     it("reloads the modules the app required from its directory, and restores them on failure",
        function()
         local dir = tmpdir()
@@ -417,6 +444,111 @@ describe("moonlet --reload", function()
             return p:output():find(plain(path) .. ":" .. BROKEN_LINE .. ":")
         end, 5), p:output())
         assert.same("v2", get(port))
+        assert.truthy(p:signal("TERM"))
+        assert.same(0, p:wait())
+    end)
+
+    -- how many "reloaded" lines the log has
+    local function reloads(p)
+        local _, n = p:output():gsub("%] reloaded ", "")
+        return n
+    end
+
+    it("watches the file a symlinked script points to: an edit of the target reloads", function()
+        local dir = tmpdir()
+        assert(os.execute("mkdir -p '" .. dir .. "/real'"))
+        write_file(dir .. "/real/app.lua", app_src("v1"))
+        assert(os.execute("ln -s real/app.lua '" .. dir .. "/link.lua'"))
+        local p = start("--reload --port 0 " .. dir .. "/link.lua")
+        local port = p:port()
+        assert(test.wait_until(function() return p:output():find("reload: watching") end),
+               p:output())
+        assert.same("v1", get(port))
+        write_file(dir .. "/real/app.lua", app_src("v2"))
+        assert(test.wait_until(function() return get(port) == "v2" end, 5), p:output())
+        assert.truthy(p:signal("TERM"))
+        assert.same(0, p:wait())
+    end)
+
+    it("reloads when a module the failed load did not find is created", function()
+        local dir = tmpdir()
+        local path = dir .. "/app.lua"
+        write_file(path, app_src("v1"))
+        local p = start("--reload --port 0 " .. path)
+        local port = p:port()
+        assert(test.wait_until(function() return p:output():find("watching 1 file", 1, true) end),
+               p:output())
+        write_file(path, app_src("v2", 'local m = require "reload_created_mod"\n'
+                                       .. 'app:get("/m", function() return m.v end)'))
+        assert(test.wait_until(function()
+            return p:output():find("module 'reload_created_mod' not found", 1, true)
+        end, 5), p:output())
+        assert.same("v1", get(port))
+        write_file(dir .. "/reload_created_mod.lua", 'return { v = "created" }\n')
+        assert(test.wait_until(function() return get(port, "/m") == "created" end, 5), p:output())
+        assert.same("v2", get(port))
+        assert.truthy(p:signal("TERM"))
+        assert.same(0, p:wait())
+    end)
+
+    it("stops the tasks and ngx timers the old load started, rather than piling them up",
+       function()
+        local dir = tmpdir()
+        local path = dir .. "/app.lua"
+        -- a top-level task and timers (one re-arming itself from its callback, as OpenResty
+        -- code does); "live" counts the loops that run
+        write_file(path, app_src("v1", [[
+local ngx = require("moonlet.ngx").get()
+local d = moonlet.shared("reload_tasks")
+moonlet.spawn(function()
+    d:incr("live", 1, 0)
+    local ok, err = pcall(function() while true do moonlet.sleep(0.01) end end)
+    d:incr("live", -1)
+    error(err, 0)
+end)
+ngx.timer.every(0.01, function() end)
+local function rearm(premature) if not premature then ngx.timer.at(0.01, rearm) end end
+ngx.timer.at(0.01, rearm)
+app:get("/live", function()
+    return d:get("live") .. " " .. ngx.timer.pending_count()
+end)]]))
+        local p = start("--port 0 " .. path)
+        local port = p:port()
+        assert.same("1 2", get(port, "/live"))
+        for i = 1, 5 do
+            assert.truthy(p:signal("HUP"))
+            assert(test.wait_until(function() return reloads(p) == i end, 5), p:output())
+        end
+        assert(test.wait_until(function() return get(port, "/live") == "1 2" end, 5),
+               get(port, "/live"))
+        assert.truthy(p:signal("TERM"))
+        assert.same(0, p:wait())
+    end)
+
+    it("hands the server an app listens with itself to the new code; a moved one closes",
+       function()
+        local dir = tmpdir()
+        local path = dir .. "/app.lua"
+        local function own(body, sock)
+            return app_src(body, ("assert(app:listen({ unix = %q }))"):format(dir .. "/" .. sock))
+        end
+        local function uget(sock)
+            local res, err = moonlet.http.get("http://app/", { unix = dir .. "/" .. sock })
+            return res and res.body, err
+        end
+        write_file(path, own("v1", "a.sock"))
+        local p = start("--port 0 " .. path)
+        local port = p:port()
+        assert.same("v1", uget("a.sock"))
+        write_file(path, own("v2", "a.sock")) -- the same address: the same server, new code
+        assert.truthy(p:signal("HUP"))
+        assert(test.wait_until(function() return get(port) == "v2" end, 5), p:output())
+        assert.same("v2", uget("a.sock"))
+        write_file(path, own("v3", "b.sock")) -- moved: the old address closes
+        assert.truthy(p:signal("HUP"))
+        assert(test.wait_until(function() return get(port) == "v3" end, 5), p:output())
+        assert.same("v3", uget("b.sock"))
+        assert(test.wait_until(function() return uget("a.sock") == nil end, 5))
         assert.truthy(p:signal("TERM"))
         assert.same(0, p:wait())
     end)

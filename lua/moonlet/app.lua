@@ -593,6 +593,27 @@ for _, k in ipairs(LISTEN_DEFAULTS) do LISTEN_DEFAULT_SET[k] = true end
 local LISTEN_OWN = { host = true, port = true, backlog = true, tls = true, check_client_abort = true,
                      unix = true, unix_mode = true }
 
+-- Hot reload (lua/moonlet/reload.lua): while a reload's top level runs, _M.reusable maps the
+-- address of each server the old app listened with itself (app:listen in its top level, a port
+-- given) to that server. An app:listen of the new code on the same address takes that server,
+-- whose socket stays open (no connection refused, no "address in use"), rather than binding again;
+-- the reloader gives it the new app's dispatcher when the new app takes over (app.adopted), and
+-- shuts down the old app's servers the new code did not take.
+_M.reusable = nil
+local listen_keys = setmetatable({}, { __mode = "k" }) -- server -> its address, as listened on
+
+local function listen_key(opts)
+    if opts.unix then return "unix:" .. opts.unix end
+    local port = tonumber(opts.port)
+    if not port or port == 0 then return nil end -- (port 0: any port, nothing to take over)
+    return tostring(opts.host or "") .. ":" .. port
+end
+
+-- syntax: key = app.listen_key_of(server) -- the address app:listen opened server on, or nil
+function _M.listen_key_of(server)
+    return listen_keys[server]
+end
+
 function methods:listen(given)
     local opts = {} -- a copy: the caller's table may serve another app next
     if given then for k, v in pairs(given) do opts[k] = v end end
@@ -627,8 +648,20 @@ function methods:listen(given)
     end
     opts.defaults = defaults
     if opts.check_client_abort == nil then opts.check_client_abort = self.opts.check_client_abort end
-    local server, port = core.listen(opts, self:dispatcher())
-    if not server then return nil, port end
+    local key = listen_key(opts)
+    local reusable = key and _M.reusable
+    local server = reusable and reusable[key]
+    local port
+    if server then
+        reusable[key] = nil
+        self.adopted = self.adopted or {}
+        self.adopted[server] = true
+        port = server:port()
+    else
+        server, port = core.listen(opts, self:dispatcher())
+        if not server then return nil, port end
+    end
+    listen_keys[server] = key
     self.servers = self.servers or {}
     self.servers[#self.servers + 1] = server
     require("moonlet.shutdown").serve(self)

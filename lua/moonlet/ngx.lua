@@ -767,9 +767,15 @@ local function run_callback(fn, premature, args)
     if not ok then error(err, 0) end -- logged by the task (or it ends cancelled)
 end
 
+-- A timer's loop is a task of the script load that made it (lua/moonlet/task.lua own): a hot reload
+-- cancels it at its sleep, and a cancelled timer is pending no more.
 local function timer_loop(t)
     repeat
-        task.sleep(t.delay)
+        local ok, err = pcall(task.sleep, t.delay)
+        if not ok then
+            timers_pending[t] = nil
+            error(err, 0)
+        end
         if not t.every then timers_pending[t] = nil end
         task.spawn(run_callback, t.fn, false, t.args)
     until not t.every

@@ -23,10 +23,12 @@
 -- and moonlet_reload. Module state lives in the instance's own Lua state, so instances share nothing.
 local core = require "moonlet.core"
 local app_mod = require "moonlet.app"
+local task = require "moonlet.task"
 
 local is_app = app_mod.is_app
 local now, log = core.now, core.log
-local pairs, setmetatable, tonumber, tostring, type = pairs, setmetatable, tonumber, tostring, type
+local ipairs, pairs, setmetatable = ipairs, pairs, setmetatable
+local tonumber, tostring, type = tonumber, tostring, type
 local xpcall, traceback, unpack = xpcall, debug.traceback, unpack
 local str_sub, str_find, str_format = string.sub, string.find, string.format
 local sort, tinsert = table.sort, table.insert
@@ -87,7 +89,7 @@ function _M.new(opts)
         error("moonlet.reload.new: wants { path = file } or { code = string }", 2)
     end
     local self = setmetatable({
-        servers = {}, modules = {}, lazy = {}, files = {}, args = opts.args or {},
+        servers = {}, own = {}, modules = {}, lazy = {}, files = {}, args = opts.args or {},
         debounce = opts.debounce or 0.05, reloads = 0,
     }, mt)
     self:set_source(opts)
@@ -173,6 +175,23 @@ local function build(self)
     if self.path then app_mod.script_dir = self.path:match("^(.*)/[^/]*$") or "." end
     local shutdown = require "moonlet.shutdown"
     local prev_load = shutdown.begin_load(self) -- its moonlet.on_shutdown's: kept if it serves
+    -- the tasks this load starts (its top level's moonlet.spawn, ngx.timer, and what they spawn):
+    -- stopped when the next load takes over, or now if this one fails (install, below)
+    local tasks = setmetatable({}, { __mode = "k" })
+    local co = core.running()
+    local prev_owner = co and task.own(co, tasks)
+    local missing = {}
+    self.missing_now = missing -- (app_searcher: the app modules require finds nowhere)
+    -- the servers the app being served listened with itself, for the new code's app:listen on the
+    -- same address to take over (lua/moonlet/app.lua listen)
+    local outer_reusable = app_mod.reusable
+    local reusable = {}
+    for i = 1, #self.own do
+        local s = self.own[i]
+        local key = app_mod.listen_key_of(s)
+        if key then reusable[key] = s end
+    end
+    app_mod.reusable = reusable
     local ok, app = xpcall(chunk, app_traceback, unpack(args, 1, args.n or #args))
     -- the modules the old code required later (in a handler, a task), which the new top level did
     -- not: required again now, so that a broken edit of one keeps the old code as one of the app
@@ -197,6 +216,10 @@ local function build(self)
         end
     end
     shutdown.end_load(prev_load)
+    app_mod.reusable = outer_reusable
+    if co then task.own(co, prev_owner) end
+    self.missing_now = nil
+    self.missing = missing
     app_mod.script_dir = outer_dir
     local old = self.app
     if ok and not is_app(app) then
@@ -216,6 +239,7 @@ local function build(self)
         if f then mods[name] = f end
     end
     if not ok then
+        task.cancel_owned(tasks)
         shutdown.drop(self)
         for name in pairs(mods) do loaded[name] = nil end -- what the new code half loaded
         for name, v in pairs(saved) do loaded[name] = v end -- the old code keeps its modules
@@ -227,33 +251,89 @@ local function build(self)
         shutdown.keep(self) -- a plain script: its hooks are those of its one load
         return nil, "noapp", self:label() .. ": returned no app"
     end
-    return app
+    return app, tasks
 end
 
 -- The new app takes over every server, between two requests.
-local function install(self, app)
+-- The old load's tasks are cancelled once the new app serves, except the ones the new app keeps in
+-- a field of its app.state (handed over by its on_reload): those are the new load's from then on.
+local function install(self, app, tasks)
     local shutdown = require "moonlet.shutdown"
     shutdown.swap(self.app, app)      -- its app:on_shutdown hooks, not the old app's
     shutdown.keep(self)               -- and the moonlet.on_shutdown ones its load added
     self.app = app
+    local old_tasks = self.tasks
+    self.tasks = tasks
+    if old_tasks then
+        if type(app.state) == "table" then
+            for _, v in pairs(app.state) do
+                if old_tasks[v] then
+                    old_tasks[v] = nil
+                    tasks[v] = true
+                    task.own(v.co, tasks)
+                end
+            end
+        end
+        task.cancel_owned(old_tasks)
+    end
+    -- the servers the new app listened with itself: the ones it took from the old app get its
+    -- dispatcher now; the old app's own servers it did not take (a port the edit changed) stop
+    -- taking connections, and those they hold finish (server:shutdown)
+    local own = {} -- (a copy: host:listen adds the host's servers to app.servers)
+    for i, srv in ipairs(app.servers or {}) do own[i] = srv end
+    local old_own = self.own
+    self.own = own
+    local adopted = app.adopted or {}
+    app.adopted = nil
+    if own[1] then
+        local dispatch = app:dispatcher()
+        for i = 1, #own do
+            if adopted[own[i]] then own[i]:set_handler(dispatch) end
+        end
+    end
+    for i = 1, #old_own do
+        if not adopted[old_own[i]] then old_own[i]:shutdown() end
+    end
     local servers = self.servers
-    if #servers == 0 then return end
+    if #servers == 0 then
+        app.servers = own[1] and { unpack(own) } or nil -- (not own itself: see above)
+        return
+    end
     local dispatch = app:dispatcher()
     local alive = {}
     for i = 1, #servers do
         if servers[i]:set_handler(dispatch) then alive[#alive + 1] = servers[i] end
     end
     self.servers = alive
-    app.servers = alive
+    local all = {}
+    for i = 1, #alive do all[i] = alive[i] end
+    for i = 1, #own do all[#all + 1] = own[i] end
+    app.servers = all
+end
+
+-- The files a change of which reloads the app: the script (and, when it is a symlink, the file it
+-- points to now: an edit of the target changes no entry of the link's directory), its modules, and
+-- where the modules the last load required but found nowhere would be (creating one reloads).
+local function watch_list(self)
+    local files, seen = {}, {}
+    local function add(f)
+        if f and not seen[f] then
+            seen[f] = true
+            files[#files + 1] = f
+        end
+    end
+    add(self.realpath)
+    add(core.realpath(self.path))
+    for _, f in pairs(self.modules) do add(f) end
+    for _, f in pairs(self.missing or {}) do add(f) end
+    sort(files)
+    return files
 end
 
 local function watch_files(self)
     local w = self.watcher
     if not w then return true end
-    local files = { self.realpath }
-    for _, f in pairs(self.modules) do files[#files + 1] = f end
-    sort(files)
-    return w:set(files)
+    return w:set(watch_list(self))
 end
 
 -- The searcher that records the modules an app requires after its top level ran. require calls
@@ -263,6 +343,14 @@ end
 local function app_searcher(name)
     if next(open_hosts) == nil then return end
     for host in pairs(open_hosts) do
+        local missing = host.missing_now
+        if missing and host.dir and name ~= "moonlet" and str_sub(name, 1, 8) ~= "moonlet."
+            and not package.searchpath(name, package.path)
+            and not package.searchpath(name, package.cpath) then
+            -- a load requires a module that is nowhere (yet): where it would be next to the app
+            local f = host.dir .. "/" .. name:gsub("%.", "/") .. ".lua"
+            if core.realpath(dirname(f)) then missing[name] = f end
+        end
         if not host.loading and host.app and not host.modules[name] then
             local f = host:module_file(name)
             if f then
@@ -309,7 +397,8 @@ function methods:load()
         app, kind, err = build(self)
         self.loading = false
         if app then
-            install(self, app)
+            install(self, app, kind)
+            kind = nil
             if had then
                 self.reloads = self.reloads + 1
                 local n = 0
@@ -320,6 +409,7 @@ function methods:load()
             watch_files(self)
         elseif had then
             log(0, "reload of " .. self:label() .. " failed, the old code goes on serving: " .. err)
+            watch_files(self) -- (a module it wanted and did not find: its creation reloads)
         end
     until not self.again
     return app, kind, err
@@ -354,14 +444,16 @@ end
 -- syntax: files = host:watched() -- the paths watched now (sorted), empty when not watching
 function methods:watched()
     if not self.watcher then return {} end
-    local files = { self.realpath }
-    for _, f in pairs(self.modules) do files[#files + 1] = f end
-    sort(files)
-    return files
+    return watch_list(self)
 end
 
--- syntax: host:close() -- stops watching and closes the servers it listens with
+-- syntax: host:close() -- stops watching, closes the servers it listens with, cancels the tasks
+-- of its load
 function methods:close()
+    if self.tasks then
+        task.cancel_owned(self.tasks)
+        self.tasks = nil
+    end
     if self.watcher then
         self.watcher:close()
         self.watcher = nil

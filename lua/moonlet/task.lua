@@ -6,7 +6,7 @@ local core = require "moonlet.core"
 
 local traceback = debug.traceback
 local select, unpack = select, unpack
-local setmetatable = setmetatable
+local next, setmetatable = next, setmetatable
 local has_new_tab, new_tab = pcall(require, "table.new") -- LuaJIT: tables made at their size
 if not has_new_tab then new_tab = function() return {} end end
 
@@ -90,11 +90,36 @@ local function task_traceback(err)
     return traceback(tostring(err), 1)
 end
 
+-- The tasks of a script load (lua/moonlet/reload.lua): the ones its top level spawns, and the ones
+-- those spawn in turn (an ngx.timer's loop and callbacks, a timer that re-arms itself), so that a
+-- hot reload can stop them rather than let them pile up. owners maps a coroutine (the load's, or an
+-- owned task's) to its load's set of tasks (weak keys: a task that ended and nobody holds goes).
+local owners = setmetatable({}, { __mode = "k" })
+
+-- syntax: prev = task.own(co, set) -- from now on, the tasks co spawns are added to set (nil: none)
+function _M.own(co, set)
+    local prev = owners[co]
+    owners[co] = set
+    return prev
+end
+
+-- syntax: task.cancel_owned(set) -- cancels every task of set that has not ended, and empties it
+function _M.cancel_owned(set)
+    local list = {}
+    for t in pairs(set) do list[#list + 1] = t end -- (a cancelled task may spawn: not in this loop)
+    for i = 1, #list do
+        local t = list[i]
+        set[t] = nil
+        if not t.done then t:cancel() end
+    end
+end
+
 -- The body of the task of moonlet.spawn's t. (One function for every spawn, not a closure made
 -- per call: LuaJIT does not compile the making of a closure, and the caller of spawn or timeout
 -- would lose its trace to it.)
 local function run_spawned(t, fn, ...)
     t.co = core.running()
+    if t.owner then owners[t.co] = t.owner end -- what this task spawns belongs to its load too
     local ok, r = xpcall(call_packed, task_traceback, fn, ...)
     if not ok then r = { n = 2, false, r == CANCELLED and "cancelled" or r } end
     t.done, t.result = true, r
@@ -111,6 +136,13 @@ end
 local function spawn(quiet, fn, ...)
     if type(fn) ~= "function" then error("moonlet.spawn: expected a function", 3) end
     local t = setmetatable({ done = false, joiners = {}, quiet = quiet }, mt)
+    if next(owners) ~= nil then
+        local set = owners[core_running()]
+        if set then
+            t.owner = set
+            set[t] = true
+        end
+    end
     core.spawn(run_spawned, t, fn, ...)
     return t
 end
