@@ -186,6 +186,27 @@ end)]]))
         end, 5))
     end)
 
+    it("leaves a request's tasks alone at a reload, on coroutines the load's ended tasks used",
+       function()
+        -- the load's tasks end at once and their coroutines go back to the pool; requests then run
+        -- on them: what a request spawns is no task of the load, and a reload must not cancel it
+        local dir = tmpdir()
+        local host, port = serve(dir, app_src("v1", [[
+for _ = 1, 50 do moonlet.spawn(function() end) end
+app.bg = {}
+app:get("/bg", function()
+    app.bg[#app.bg + 1] = moonlet.spawn(function() moonlet.sleep(0.3) return "finished" end)
+    return "spawned"
+end)]]))
+        moonlet.sleep(0.01)
+        local a1 = host.app
+        for _ = 1, 10 do assert.same("spawned", get(port, "/bg")) end
+        assert.truthy(host:reload())
+        for i = 1, #a1.bg do
+            assert.same({ true, "finished" }, { a1.bg[i]:join(5) })
+        end
+    end)
+
     it("reloads the modules the app required from its directory, and restores them on failure",
        function()
         local dir = tmpdir()

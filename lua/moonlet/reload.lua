@@ -270,7 +270,8 @@ local function install(self, app, tasks)
                 if old_tasks[v] then
                     old_tasks[v] = nil
                     tasks[v] = true
-                    task.own(v.co, tasks)
+                    -- (an ended task's coroutine is back in the pool: it must own nothing)
+                    if not v.done and v.co then task.own(v.co, tasks) end
                 end
             end
         end

@@ -121,6 +121,8 @@ local function run_spawned(t, fn, ...)
     t.co = core.running()
     if t.owner then owners[t.co] = t.owner end -- what this task spawns belongs to its load too
     local ok, r = xpcall(call_packed, task_traceback, fn, ...)
+    -- the coroutine goes back to the pool for other tasks and requests: it owns nothing now
+    if next(owners) ~= nil then owners[t.co] = nil end
     if not ok then r = { n = 2, false, r == CANCELLED and "cancelled" or r } end
     t.done, t.result = true, r
     local joiners = t.joiners
