@@ -15,7 +15,6 @@ local type, tonumber, pairs, ipairs, setmetatable, error = type, tonumber, pairs
     error
 local find, sub, lower, match, gmatch, byte, gsub = string.find, string.sub, string.lower, string.match,
     string.gmatch, string.byte, string.gsub
-local floor = math.floor
 local concat, sort = table.concat, table.sort
 local trim = require("moonlet.url").trim
 local core = require "moonlet.core"
@@ -25,19 +24,8 @@ local methods = {}
 local mt = { __name = "moonlet.http.cookie_jar", __index = methods }
 
 local MAX_COOKIE = 4096
-local MONTHS = { jan = 1, feb = 2, mar = 3, apr = 4, may = 5, jun = 6, jul = 7, aug = 8, sep = 9,
-                 oct = 10, nov = 11, dec = 12 }
-
--- days since 1970-01-01 of a civil date (proleptic Gregorian; Howard Hinnant's algorithm)
-local function days_from_civil(y, m, d)
-    if m <= 2 then y = y - 1 end
-    local era = floor(y / 400)
-    local yoe = y - era * 400
-    local mp = (m + 9) % 12
-    local doy = floor((153 * mp + 2) / 5) + d - 1
-    local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-    return era * 146097 + doe - 719468
-end
+local httpdate = require "moonlet.httpdate"
+local MONTHS, days_from_civil = httpdate.MONTHS, httpdate.days_from_civil
 
 local DAYS_IN = { 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 }
 

@@ -30,38 +30,7 @@ local function http_date(t)
     return os_date("!%a, %d %b %Y %H:%M:%S GMT", t)
 end
 
-local MONTHS = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6, Jul = 7, Aug = 8, Sep = 9,
-                 Oct = 10, Nov = 11, Dec = 12 }
-
--- days since 1970-01-01 of a civil date (proleptic Gregorian; Howard Hinnant's algorithm)
-local function days_from_civil(y, m, d)
-    if m <= 2 then y = y - 1 end
-    local era = floor(y / 400)
-    local yoe = y - era * 400
-    local doy = floor((153 * ((m + 9) % 12) + 2) / 5) + d - 1
-    return era * 146097 + yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy - 719468
-end
-
--- The time of an HTTP-date in any of its three forms (RFC 9110 5.6.7: IMF-fixdate
--- "Sun, 06 Nov 1994 08:49:37 GMT", RFC 850 "Sunday, 06-Nov-94 08:49:37 GMT", asctime
--- "Sun Nov  6 08:49:37 1994"), or nil when s is none of them: such a precondition is ignored.
-local function parse_http_date(s)
-    local d, mon, y, hh, mi, ss =
-        str_match(s, "^%s*%a%a%a, (%d%d) (%a%a%a) (%d%d%d%d) (%d%d):(%d%d):(%d%d) GMT%s*$")
-    if not d then
-        d, mon, y, hh, mi, ss = str_match(s, "^%s*%a+, (%d%d)%-(%a%a%a)%-(%d%d) (%d%d):(%d%d):(%d%d) GMT%s*$")
-        if y then y = tonumber(y) + (tonumber(y) < 70 and 2000 or 1900) end
-    end
-    if not d then
-        mon, d, hh, mi, ss, y =
-            str_match(s, "^%s*%a%a%a (%a%a%a) ([ %d]%d) (%d%d):(%d%d):(%d%d) (%d%d%d%d)%s*$")
-    end
-    local m = mon and MONTHS[mon]
-    if not m then return nil end
-    d, y, hh, mi, ss = tonumber(d), tonumber(y), tonumber(hh), tonumber(mi), tonumber(ss)
-    if d < 1 or d > 31 or hh > 23 or mi > 59 or ss > 60 then return nil end
-    return ((days_from_civil(y, m, d) * 24 + hh) * 60 + mi) * 60 + ss
-end
+local parse_http_date = require("moonlet.httpdate").parse
 
 -- Whether a list of entity tags (If-Match, If-None-Match) names the file's: "*" names any; tag is
 -- the file's ETag without W/. The weak comparison (If-None-Match) takes W/"x" for "x"; the strong
