@@ -1052,10 +1052,24 @@ static int l_wait_ready(lua_State *L) {
   return mlua_task_wait(L, t, pgc_cancel, c);
 }
 
-/* syntax: state, tx = core.pg_status(conn) -- state: "idle" | "busy" | "draining" | "broken" |
- * "closed" | "connecting"; tx: "idle" | "intrans" | "inerror" | "active" | "unknown" */
+/* syntax: state, tx = core.pg_status(conn, probe) -- state: "idle" | "busy" | "draining" |
+ * "broken" | "closed" | "connecting"; tx: "idle" | "intrans" | "inerror" | "active" | "unknown".
+ * With probe, an idle connection nobody waits on first reads what the server sent (no wait). */
 static int l_status(lua_State *L) {
   pgc_t *c = check_conn(L);
+  if (c && c->state == S_IDLE && !c->task && lua_toboolean(L, 2)) {
+    /* probe: read what is pending without blocking. A server that closed the connection since
+     * the idle watch last ran (a restart, pg_terminate_backend) has left its goodbye (a FATAL
+     * message, which libpq reads as a notice while idle) and its EOF in the socket: two reads
+     * take both, since one that got data returns without looking for the EOF behind it. The
+     * connection is then seen broken before a query is sent on it. */
+    int alive = PQconsumeInput(c->conn) && PQconsumeInput(c->conn);
+    if (alive) PQisBusy(c->conn); /* parses what came: notifications, the goodbye */
+    if (!alive || PQstatus(c->conn) == CONNECTION_BAD)
+      set_broken(c, NULL);
+    else
+      queue_notifies(c);
+  }
   static const char *names[] = {"connecting", "idle", "busy", "draining", "broken", "draining"};
   lua_pushstring(L, c ? names[c->state] : "closed");
   const char *tx = "unknown";

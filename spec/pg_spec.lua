@@ -562,6 +562,30 @@ describe("moonlet.pg", function()
         end, 5))
     end)
 
+    it("answers nil, err when the server ends the connection mid-query, never sending it again", function()
+        local db = pool({ size = 1 })
+        local admin = pool({ size = 1 })
+        assert(admin:exec("DROP SEQUENCE IF EXISTS runs; CREATE SEQUENCE runs"))
+        assert.same({ { one = 1 } }, db:query("SELECT 1 AS one")) -- a connection used before
+        local t = moonlet.spawn(function()
+            return db:query("SELECT nextval('runs') AS n, pg_sleep(30) AS killed_mid_query")
+        end)
+        -- terminate whatever runs it until the task ends: a statement sent again is killed too
+        assert.truthy(test.wait_until(function()
+            assert(admin:query([[SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                                 WHERE query LIKE '%killed_mid%' AND pid <> pg_backend_pid()]]))
+            return t:is_done()
+        end, 20))
+        local ok, rows, err, code = t:join(1)
+        assert.same({ true, nil }, { ok, rows })
+        assert.truthy(err:find("terminat", 1, true), err)
+        assert.truthy(code == "57P01" or code == "closed", code)
+        assert.same({ { last_value = 1 } }, admin:query("SELECT last_value FROM runs"))
+        -- the pool opens a new connection for the next call
+        assert.same({ { one = 1 } }, db:query("SELECT 1 AS one"))
+        assert.same({ open = 1, idle = 1, waiting = 0, size = 1 }, db:stats())
+    end)
+
     it("serves 200 tasks hammering one pool of 10", function()
         local db = pool({ size = 10, wait_timeout = 10 })
         local fns = {}

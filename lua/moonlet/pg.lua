@@ -7,8 +7,7 @@
 -- use). Tasks that find every connection taken wait in FIFO order; a released connection goes
 -- straight to the first of them. A connection whose query was cancelled drains in C (the server
 -- is asked to cancel) and is waited for before its next use; one the server closed (a restart)
--- is noticed while idle and replaced on the next acquire, and a call that failed because its
--- connection had died while idle is retried once on a new one.
+-- is noticed while idle (or when acquire probes it) and replaced; a call is never sent twice.
 local core = require "moonlet.core"
 local task = require "moonlet.task"
 
@@ -35,7 +34,7 @@ local function pack(...)
     return { n = select("#", ...), ... }
 end
 
--- -- One connection: { c = core connection, stmts = { [sql] = { name, formats } }, nstmts, reused }
+-- -- One connection: { c = core connection, stmts = { [sql] = { name, formats } }, nstmts }
 
 local function conn_open(pool)
     local c, err = check(c_connect(pool.url, pool.connect_timeout, pool.big_numbers))
@@ -164,15 +163,15 @@ end
 -- one is dropped.
 local function release(pool, conn)
     if pool.closed or conn_dead(conn) then return discard(pool, conn) end
-    conn.reused = true
     if wake_one(pool, conn) then return end
     local idle = pool.idle
     idle[#idle + 1] = conn
 end
 
 -- Makes a connection from the idle list ready: waits for a drain, ends a transaction left open.
+-- An idle one is probed first: one the server closed is seen now, before a query is sent on it.
 local function ready(pool, conn)
-    local state = c_status(conn.c)
+    local state = c_status(conn.c, true)
     if state == "draining" then
         local ok = check(c_wait_ready(conn.c, pool.wait_timeout))
         if not ok then return nil end
@@ -241,23 +240,19 @@ function pool_methods:release(conn)
     release(self, conn)
 end
 
--- Runs one statement on a pooled connection and gives it back on every path. A connection that
--- died while idle (the server restarted) is replaced and the statement retried once.
+-- Runs one statement on a pooled connection and gives it back on every path. It is sent once:
+-- a connection that died while idle (the server restarted) is seen when it is taken (ready
+-- probes it) and replaced; one that dies while the statement runs (pg_terminate_backend, a
+-- crash) answers nil, err: the statement may have run, and one an administrator stopped must not
+-- start again.
 local function pooled(self, simple, sql, ...)
     if type(sql) ~= "string" then error("moonlet.pg: expected an SQL string", 3) end
-    for attempt = 1, 2 do
-        local conn, err = self:acquire()
-        if not conn then return nil, err end
-        local reused = conn.reused
-        local r = pack(pcall(conn_run, conn, simple, sql, ...))
-        local dead = conn_dead(conn)
-        release(self, conn)
-        if not r[1] then error(r[2], 0) end
-        -- never again after a timeout: the statement may have run on the server
-        if r[2] ~= nil or r[3] == "timeout" or not (dead and reused and attempt == 1) then
-            return unpack(r, 2, r.n)
-        end
-    end
+    local conn, err = self:acquire()
+    if not conn then return nil, err end
+    local r = pack(pcall(conn_run, conn, simple, sql, ...))
+    release(self, conn)
+    if not r[1] then error(r[2], 0) end
+    return unpack(r, 2, r.n)
 end
 
 -- syntax: rows, err = pool:query(sql, ...) -- $1, $2... bound to the values (never spliced):
