@@ -472,12 +472,13 @@ static int push_result_error(lua_State *L, const PGresult *res) {
 }
 
 /* Pushes what core.pg_describe answers for the statement described by res: a string of one
- * letter per parameter, "b" for a bytea one (always sent in binary format, rule 6) and "t" for the
- * others; or false when none is bytea, the common case, which costs each query nothing. */
+ * letter per parameter, "b" for a bytea one (always sent in binary format, rule 6), "a" for a
+ * bytea[] one (pg.lua writes a table given for it with hex elements) and "t" for the others; or
+ * false when none is bytea or bytea[], the common case, which costs each query nothing. */
 static int push_formats(lua_State *L, const PGresult *res) {
   int n = res ? PQnparams(res) : 0, any = 0;
   for (int i = 0; i < n && !any; i++)
-    any = PQparamtype(res, i) == 17;
+    any = PQparamtype(res, i) == 17 || PQparamtype(res, i) == 1001;
   if (!any) {
     lua_pushboolean(L, 0);
     return 1;
@@ -486,7 +487,7 @@ static int push_formats(lua_State *L, const PGresult *res) {
   luaL_Buffer b;
   luaL_buffinit(L, &b);
   for (int i = 0; i < n; i++)
-    luaL_addchar(&b, PQparamtype(res, i) == 17 ? 'b' : 't');
+    luaL_addchar(&b, PQparamtype(res, i) == 17 ? 'b' : PQparamtype(res, i) == 1001 ? 'a' : 't');
   luaL_pushresult(&b);
   return 1;
 }

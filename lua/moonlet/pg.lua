@@ -19,9 +19,12 @@ local c_wait_ready, c_quote = core.pg_wait_ready, core.pg_escape_identifier
 local running, unpark, now = core.running, core.unpark, core.now
 local error, pcall, select, setmetatable, type, unpack, tostring = error, pcall, select,
     setmetatable, type, unpack, tostring
-local remove = table.remove
+local remove, concat = table.remove, table.concat
+local byte, format, gsub = string.byte, string.format, string.gsub
+local floor, huge, tonumber = math.floor, math.huge, tonumber
+local null = require("moonlet.json").null
 
-local _M = { _VERSION = "0.1.0" }
+local _M = { _VERSION = "0.1.0", null = null }
 
 local MAX_PREPARED = 256 -- statements prepared per connection; more run unprepared
 
@@ -47,6 +50,83 @@ local function conn_dead(conn)
     return state == "broken" or state == "closed"
 end
 
+-- -- Arrays: a Lua table given as a parameter is written as an array literal ---------------
+
+local function hex_byte(c) return format("%02x", byte(c)) end
+
+-- Appends the array literal of t to out: elements quoted with their " and \ escaped (so commas,
+-- braces, quotes, backslashes, "NULL" and "" stay what they are), null (moonlet.pg.null) as
+-- NULL, nested tables as sub-arrays; for a bytea[] parameter a string is its bytes in hex
+-- ("\x00ff"), so every byte goes through whatever it holds.
+local function write_array(out, t, bytea, depth)
+    if depth > 6 then error("moonlet.pg: an array parameter nested deeper than 6", 0) end
+    out[#out + 1] = "{"
+    local n = #t
+    for k in pairs(t) do
+        if type(k) ~= "number" or k < 1 or k > n or k ~= floor(k) then
+            error("moonlet.pg: an array parameter must be a sequence (moonlet.pg.null for NULL)", 0)
+        end
+    end
+    for i = 1, n do
+        if i > 1 then out[#out + 1] = "," end
+        local v = t[i]
+        local tv = type(v)
+        if v == null then
+            out[#out + 1] = "NULL"
+        elseif tv == "table" then
+            write_array(out, v, bytea, depth + 1)
+        elseif tv == "string" then
+            if bytea then
+                out[#out + 1] = '"\\\\x' .. gsub(v, ".", hex_byte) .. '"'
+            else
+                out[#out + 1] = '"' .. gsub(v, '[\\"]', "\\%0") .. '"'
+            end
+        elseif tv == "boolean" then
+            out[#out + 1] = v and "t" or "f"
+        elseif tv == "number" then
+            if v ~= v then
+                out[#out + 1] = "NaN"
+            elseif v == huge or v == -huge then
+                out[#out + 1] = v > 0 and "Infinity" or "-Infinity"
+            elseif v == floor(v) and v < 2^53 and v > -2^53 then
+                out[#out + 1] = format("%d", v)
+            else
+                out[#out + 1] = format("%.17g", v)
+            end
+        elseif tv == "cdata" and tonumber(v) then -- 1LL, 2ULL: their digits
+            out[#out + 1] = (gsub(tostring(v), "U?LL$", ""))
+        else
+            error("moonlet.pg: cannot send a " .. tv .. " in an array parameter", 0)
+        end
+    end
+    out[#out + 1] = "}"
+end
+
+-- The parameters with each table written as an array literal; formats (core.pg_describe's)
+-- says which are bytea[] ("a").
+local function arrays(formats, ...)
+    local args = pack(...)
+    for i = 1, args.n do
+        local v = args[i]
+        if type(v) == "table" and v ~= null then
+            local out = {}
+            write_array(out, v, formats and byte(formats, i) == 97, 1)
+            args[i] = concat(out)
+        elseif v == null then
+            args[i] = nil
+        end
+    end
+    return unpack(args, 1, args.n)
+end
+
+-- Has any of the parameters a table (an array, or moonlet.pg.null)?
+local function has_table(...)
+    for i = 1, select("#", ...) do
+        if type((select(i, ...))) == "table" then return true end
+    end
+    return false
+end
+
 -- Prepares sql as the statement `name` and describes it: its formats for c_execute (false, or
 -- which parameters are bytea: they go in binary format, byte for byte). nil, err, code on failure.
 local function prepare(conn, name, timeout, sql)
@@ -60,9 +140,13 @@ end
 -- unnamed statement prepared and described each time.
 local function run_unnamed(conn, timeout, sql, ...)
     for i = 1, select("#", ...) do
-        if type((select(i, ...))) == "string" then
+        local t = type((select(i, ...)))
+        if t == "string" or t == "table" then
             local formats, err, code = prepare(conn, "", timeout, sql)
             if formats == nil then return nil, err, code end
+            if has_table(...) then
+                return check(c_execute(conn.c, "", timeout, formats, arrays(formats, ...)))
+            end
             return check(c_execute(conn.c, "", timeout, formats, ...))
         end
     end
@@ -100,7 +184,13 @@ local function conn_run(conn, simple, sql, ...)
             conn.stmts[sql] = stmt
         end
         local name = stmt[1]
-        local rows, count, code, stale = check(c_execute(conn.c, name, timeout, stmt[2], ...))
+        local rows, count, code, stale
+        if has_table(...) then
+            rows, count, code, stale = check(c_execute(conn.c, name, timeout, stmt[2],
+                                                       arrays(stmt[2], ...)))
+        else
+            rows, count, code, stale = check(c_execute(conn.c, name, timeout, stmt[2], ...))
+        end
         if rows ~= nil or not (stale or code == "26000") then return rows, count, code end
         conn.stmts[sql] = nil
         local _, tx = c_status(conn.c)
