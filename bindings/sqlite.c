@@ -285,9 +285,13 @@ static int bind_params(job_t *j, db_t *db, sqlite3_stmt *st) {
     switch (p->type) {
     case V_INT: rc = sqlite3_bind_int64(st, idx, p->i); break;
     case V_REAL: rc = sqlite3_bind_double(st, idx, p->d); break;
-    case V_TEXT:
-      rc = sqlite3_bind_text64(st, idx, j->pbuf.p + p->off, p->len, SQLITE_STATIC, SQLITE_UTF8);
+    case V_TEXT: {
+      /* an empty string may have put nothing in pbuf, whose p is then NULL: SQLite binds a NULL
+       * pointer as NULL, never as '' */
+      const char *text = p->len ? j->pbuf.p + p->off : "";
+      rc = sqlite3_bind_text64(st, idx, text, p->len, SQLITE_STATIC, SQLITE_UTF8);
       break;
+    }
     default: rc = sqlite3_bind_null(st, idx); break;
     }
     if (rc != SQLITE_OK) {

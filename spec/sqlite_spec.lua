@@ -157,6 +157,16 @@ describe("moonlet.sqlite", function()
         assert.same({ {} }, db:query("SELECT :nothing AS v", {}))
     end)
 
+    it("binds an empty string as empty TEXT, never as NULL", function()
+        local db = open("empty")
+        assert(db:exec("CREATE TABLE e(x TEXT NOT NULL)"))
+        assert.same({ 1, 1 }, { db:exec("INSERT INTO e VALUES (?)", "") })
+        assert.same({ { x = "", t = "text" } }, db:query("SELECT x, typeof(x) AS t FROM e"))
+        assert.same({ { a = "", b = "text", n = 0 } },
+                    db:query("SELECT ? AS a, typeof(?) AS b, ? IS NULL AS n", "", "", ""))
+        assert.same({ { a = "", b = "text" } }, db:query("SELECT :v AS a, typeof(:v) AS b", { v = "" }))
+    end)
+
     it("reports errors as nil, SQLite's message; a constraint violation says which", function()
         local db = open("errors")
         assert(db:exec("CREATE TABLE u(id INTEGER PRIMARY KEY, email TEXT UNIQUE NOT NULL)"))
