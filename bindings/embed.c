@@ -436,6 +436,7 @@ static int listen_app(moonlet_t *m, const char *host, int port, const char *mode
   app_result_t a;
   char portstr[16];
   if (port < 0 || port > 65535) return UV_EINVAL;
+  if (m->stopping) return UV_ESHUTDOWN; /* moonlet_stop is final: a new server would outlive it */
   snprintf(portstr, sizeof portstr, "%d", port);
   int ended = run_reload_fn3(m, "moonlet.reload.instance_listen", host ? host : "127.0.0.1",
                              portstr, mode, &a);
@@ -454,6 +455,7 @@ int moonlet_listen(moonlet_t *m, const char *host, int port) {
 int moonlet_listen_unix(moonlet_t *m, const char *path, int mode) {
   char host[sizeof(((struct sockaddr_un *)0)->sun_path) + 8], modestr[16];
   if (!path || !*path || mode < -1 || mode > 07777) return UV_EINVAL;
+  if (m->stopping) return UV_ESHUTDOWN;
   if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) return UV_ENAMETOOLONG;
   snprintf(host, sizeof host, "unix:%s", path);
   snprintf(modestr, sizeof modestr, "%o", (unsigned)mode);

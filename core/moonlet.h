@@ -101,7 +101,8 @@ moonlet_t *moonlet_new(const moonlet_config_t *cfg);
 int moonlet_main(moonlet_t *m, int argc, char **argv);
 /* Begins a graceful shutdown: servers stop accepting and finish in-flight requests (at most
  * limits.shutdown_grace_ms); then uv_stop ends the loop's uv_run (the host's, on a lent loop).
- * Final: an instance is not started again. */
+ * Final: moonlet_listen and moonlet_listen_unix return UV_ESHUTDOWN from now on. A second call
+ * is a no-op. moonlet_free need not follow a stop: it closes everything itself. */
 void moonlet_stop(moonlet_t *m);
 /* Runs the posted functions still queued, closes every handle the instance opened (servers,
  * connections, timers, watchers), runs the loop until their close callbacks have run, closes the
@@ -150,7 +151,8 @@ int moonlet_load_string(moonlet_t *m, const char *name, const char *code);
 /* Serves the instance's app on host:port (host NULL: 127.0.0.1; port 0: a free port), or on a Unix
  * domain socket when host is "unix:/path" (port ignored; returns 0). May be called several times,
  * for several addresses. Returns the bound port (> 0), UV_EINVAL when no app is loaded or host is
- * not an address, or the listen error (UV_EADDRINUSE, UV_EACCES, ...). */
+ * not an address, UV_ESHUTDOWN after moonlet_stop, or the listen error (UV_EADDRINUSE, UV_EACCES,
+ * ...; nothing is left open then). */
 int moonlet_listen(moonlet_t *m, const char *host, int port);
 /* Serves the instance's app on the Unix domain socket at path, whose permissions are mode (0660:
  * the owner and its group may connect, a proxy's user among them; -1: what the umask leaves, as
@@ -158,7 +160,8 @@ int moonlet_listen(moonlet_t *m, const char *host, int port);
  * connects before it. A stale socket file there (nobody listens) is replaced; a live server's is
  * not (UV_EADDRINUSE), nor a file that is not a socket (UV_EEXIST). The file goes when the server
  * closes. Returns 0, UV_EINVAL (no app loaded, no path, mode neither -1 nor within 0..07777),
- * UV_ENAMETOOLONG, or the listen error (UV_EADDRINUSE, UV_EACCES, ...). */
+ * UV_ENAMETOOLONG, UV_ESHUTDOWN (after moonlet_stop), or the listen error (UV_EADDRINUSE,
+ * UV_EACCES, ...). */
 int moonlet_listen_unix(moonlet_t *m, const char *path, int mode);
 /* Reloads the app from its file (moonlet_load_file, or the script of moonlet_main): the new code
  * is loaded into a fresh app; only if it loads and its top level runs does it replace the old one

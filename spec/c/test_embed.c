@@ -663,6 +663,29 @@ static void test_load_errors(void) {
   rmdir(dir);
 }
 
+/* moonlet_stop is final: a listen after it starts no server that would keep the loop alive. */
+static void test_listen_after_stop(void) {
+  ctest_section("moonlet_listen after moonlet_stop: UV_ESHUTDOWN, the loop ends");
+  logbuf_t lb;
+  moonlet_config_t cfg;
+  config(&cfg, &lb);
+  moonlet_t *m = moonlet_new(&cfg);
+  if (!CHECK(m != NULL)) return;
+  CHECK_INT(moonlet_load_string(m, "hello_app", HELLO_APP), 0);
+  CHECK(moonlet_listen(m, "127.0.0.1", 0) > 0);
+  moonlet_stop(m);
+  moonlet_stop(m); /* a second stop is a no-op */
+  CHECK_INT(moonlet_listen(m, "127.0.0.1", 0), UV_ESHUTDOWN);
+  CHECK_INT(moonlet_listen_unix(m, "/tmp/moonlet-embed-never.sock", -1), UV_ESHUTDOWN);
+  int alive = 1;
+  uint64_t end = now_ms() + WAIT_MS;
+  while (alive && now_ms() < end)
+    alive = moonlet_step(m, 10);
+  CHECK_INT(alive, 0);
+  moonlet_free(m);
+  CHECK_INT(lb.errors, 0);
+}
+
 /* moonlet_listen_unix: the socket file has the mode asked for (not the umask's), set before the
  * socket listens; -1 keeps the umask's; a client connects and is answered; the errors. */
 static void test_listen_unix(void) {
@@ -1030,6 +1053,7 @@ int main(void) {
   test_register_and_call();
   test_post();
   test_load_errors();
+  test_listen_after_stop();
   test_listen_unix();
   test_reload();
   test_limits();
