@@ -113,10 +113,69 @@ typedef struct run_s {
   void *ctx;                                       /* for collect */
 } run_t;
 
+/* -- Modules whose loading failed ----------------------------------------------------------------
+ */
+
+/* Lua 5.1's require marks a module "being loaded" with a sentinel value in package.loaded and, when
+ * the module raises (out of memory, say), leaves it there: every later require of the module fails
+ * with "loop or previous error", and an instance could load no app again. The sentinel is private
+ * to LuaJIT (its type even differs between builds), so it is read once, from inside a require. */
+static char sentinel_key;
+#define SENTINEL_PROBE "moonlet.embed.sentinel"
+
+static int read_sentinel(lua_State *L) {
+  lua_pushlightuserdata(L, &sentinel_key);
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "loaded");
+  lua_getfield(L, -1, SENTINEL_PROBE); /* what require put there while this runs */
+  lua_replace(L, -3);
+  lua_pop(L, 1);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+void mlua_embed_read_sentinel(lua_State *L) {
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, read_sentinel);
+  lua_setfield(L, -2, SENTINEL_PROBE);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, SENTINEL_PROBE);
+  lua_call(L, 1, 0);
+  lua_pushnil(L);
+  lua_setfield(L, -2, SENTINEL_PROBE);
+  lua_getfield(L, -2, "loaded");
+  lua_pushnil(L);
+  lua_setfield(L, -2, SENTINEL_PROBE);
+  lua_pop(L, 3);
+}
+
+/* Forgets the modules whose loading failed (their sentinel), so that a later require tries again.
+ * Allocates nothing (the names are interned): safe right after a memory error. */
+static void forget_failed_modules(lua_State *L) {
+  int top = lua_gettop(L);
+  lua_pushlightuserdata(L, &sentinel_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  lua_getglobal(L, "package");
+  if (!lua_isnil(L, top + 1) && lua_istable(L, -1)) {
+    lua_getfield(L, -1, "loaded");
+    if (lua_istable(L, -1)) {
+      for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1)) {
+        if (!lua_rawequal(L, -1, top + 1)) continue;
+        lua_pushvalue(L, -2);
+        lua_pushnil(L);
+        lua_rawset(L, -5); /* clearing a field during lua_next is allowed */
+      }
+    }
+  }
+  lua_settop(L, top);
+}
+
 static void run_done(mlua_task_t *t, int ok, void *ud) {
   run_t *r = ud;
   r->ended = 1;
   r->ok = ok;
+  if (!ok) forget_failed_modules(t->m->L);
   if (!ok)
     ml_log(&t->m->log, ML_LOG_ERROR, "%s: %s", r->what, lua_tostring(t->co, -1));
   else if (r->collect)
@@ -219,16 +278,12 @@ static int resolve(lua_State *L) {
   return lua_isfunction(L, -1) ? 1 : 0;
 }
 
-static int noop(lua_State *L) {
-  (void)L;
-  return 0;
-}
-
 /* Gives back a task that was made but is not needed: it runs a function that returns at once, so
- * the scheduler puts it back in its pool like any task that ended. */
+ * the scheduler puts it back in its pool like any task that ended. The function is made up front
+ * (m->noop_ref): this runs after an out-of-memory error too, where allocating would panic. */
 static void release_unused(mlua_task_t *t) {
   lua_settop(t->co, 0);
-  lua_pushcfunction(t->co, noop);
+  lua_rawgeti(t->co, LUA_REGISTRYINDEX, t->m->noop_ref);
   t->done = NULL;
   mlua_task_start(t, 0);
 }
@@ -241,6 +296,7 @@ static int push_function(moonlet_t *m, lua_State *L, const char *name) {
   if (lua_pcall(L, 1, 1, 0) != 0) {
     ml_log(&m->log, ML_LOG_ERROR, "%s: %s", name, lua_tostring(L, -1));
     lua_pop(L, 1);
+    forget_failed_modules(L);
     return UV_ECANCELED;
   }
   if (!lua_isfunction(L, -1)) {
@@ -361,7 +417,7 @@ static int run_reload_fn3(moonlet_t *m, const char *fn, const char *a1, const ch
   lua_State *co = t->co;
   int r = push_function(m, co, fn);
   if (r < 0) {
-    ml_log(&m->log, ML_LOG_ERROR, "%s: the framework is missing (%s)", fn, uv_err_name(r));
+    if (r == UV_ENOENT) ml_log(&m->log, ML_LOG_ERROR, "%s: the framework is missing", fn);
     release_unused(t);
     return r;
   }
@@ -436,6 +492,7 @@ static int listen_app(moonlet_t *m, const char *host, int port, const char *mode
   app_result_t a;
   char portstr[16];
   if (port < 0 || port > 65535) return UV_EINVAL;
+  if (m->stopping) return UV_ESHUTDOWN; /* moonlet_stop is final: a new server would outlive it */
   snprintf(portstr, sizeof portstr, "%d", port);
   int ended = run_reload_fn3(m, "moonlet.reload.instance_listen", host ? host : "127.0.0.1",
                              portstr, mode, &a);
@@ -454,6 +511,7 @@ int moonlet_listen(moonlet_t *m, const char *host, int port) {
 int moonlet_listen_unix(moonlet_t *m, const char *path, int mode) {
   char host[sizeof(((struct sockaddr_un *)0)->sun_path) + 8], modestr[16];
   if (!path || !*path || mode < -1 || mode > 07777) return UV_EINVAL;
+  if (m->stopping) return UV_ESHUTDOWN;
   if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) return UV_ENAMETOOLONG;
   snprintf(host, sizeof host, "unix:%s", path);
   snprintf(modestr, sizeof modestr, "%o", (unsigned)mode);

@@ -552,6 +552,40 @@ moonlet_t *moonlet_from_lua(struct lua_State *L) {
   return m;
 }
 
+static int noop(lua_State *L) {
+  (void)L;
+  return 0;
+}
+
+/* lua_CFunction, run by lua_cpcall with the instance as light userdata: the libraries, the paths,
+ * the registry entries and package.preload["moonlet.core"]. Everything it allocates is the Lua
+ * state's, so lua_close undoes a half-done run. */
+static int init_state(lua_State *L) {
+  moonlet_t *m = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  luaL_openlibs(L);
+  mlua_preload_linked_modules(L);
+  set_path(L, &m->cfg);
+  lua_pushlightuserdata(L, &instance_key);
+  lua_pushlightuserdata(L, m);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+  mlua_sched_init(m);
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  lua_pushlightuserdata(L, m);
+  lua_pushcclosure(L, luaopen_moonlet_core, 1);
+  lua_setfield(L, -2, "moonlet.core");
+  lua_pop(L, 2);
+  lua_getglobal(L, "debug");
+  lua_getfield(L, -1, "traceback");
+  m->traceback_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pop(L, 1);
+  lua_pushcfunction(L, noop);
+  m->noop_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  mlua_embed_read_sentinel(L);
+  return 0;
+}
+
 moonlet_t *moonlet_new(const moonlet_config_t *cfg) {
   moonlet_config_t defaults;
   if (!cfg) {
@@ -594,32 +628,15 @@ moonlet_t *moonlet_new(const moonlet_config_t *cfg) {
     if (m->L) lua_atpanic(m->L, on_panic);
   }
   if (!m->L && !cfg->alloc) m->L = luaL_newstate(); /* x64 LuaJIT without GC64 takes no allocator */
-  if (!m->L || mlua_embed_init(m) < 0) {
+  /* The Lua side first, protected: an allocator that fails meanwhile is a NULL return, not a panic
+   * that ends the host. No handle is open yet, so a failure has nothing on the loop to close. */
+  if (!m->L || lua_cpcall(m->L, init_state, m) != 0 || mlua_embed_init(m) < 0) {
     if (m->L) lua_close(m->L);
     ml_bcache_drain(&m->heap_cache);
     if (m->owns_loop) uv_loop_close(&m->own_loop);
     free(m);
     return NULL;
   }
-  lua_State *L = m->L;
-  luaL_openlibs(L);
-  mlua_preload_linked_modules(L);
-  set_path(L, cfg);
-  lua_pushlightuserdata(L, &instance_key);
-  lua_pushlightuserdata(L, m);
-  lua_rawset(L, LUA_REGISTRYINDEX);
-  mlua_sched_init(m);
-  /* package.preload["moonlet.core"] */
-  lua_getglobal(L, "package");
-  lua_getfield(L, -1, "preload");
-  lua_pushlightuserdata(L, m);
-  lua_pushcclosure(L, luaopen_moonlet_core, 1);
-  lua_setfield(L, -2, "moonlet.core");
-  lua_pop(L, 2);
-  lua_getglobal(L, "debug");
-  lua_getfield(L, -1, "traceback");
-  m->traceback_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pop(L, 1);
   m->dispatch_ref = LUA_NOREF;
   m->stop_hook_ref = LUA_NOREF;
   if (cfg->handle_signals) signals_start(m);

@@ -87,6 +87,8 @@ struct moonlet_s {
   int stop_hook_ref;      /* registry ref of the function core.on_stop set (LUA_NOREF: none) */
   int stop_hook_ran;      /* it was started, once per instance (mlua_stop_drained) */
   int traceback_ref;      /* registry ref of debug.traceback */
+  int noop_ref;           /* registry ref of a function that returns at once (made up front: a
+                             task is given back to the pool with it without allocating) */
   int exchange_mt_ref;    /* registry ref of the request exchanges' metatable (http_server.c) */
   double requests;        /* requests started: the last one's mlua_task_t.request */
   double running_request; /* m->running's request, 0 when none: app.lua reads it through the FFI
@@ -177,6 +179,9 @@ void mlua_sched_free_list(mlua_task_t **list);
 /* embed.c: the embedding API's state. init: 0 or a UV_E* code; close: runs the posts still
  * queued and closes the async handle (moonlet_free, before anything else is closed). */
 int mlua_embed_init(moonlet_t *m);
+/* Reads Lua's "module being loaded" value, for embed.c to clear after a failed require; called
+ * protected, by moonlet_new. */
+void mlua_embed_read_sentinel(lua_State *L);
 void mlua_embed_close(moonlet_t *m);
 
 /* instance.c */

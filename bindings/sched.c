@@ -176,6 +176,21 @@ static void warn_blocking(moonlet_t *m, lua_State *co, int st, uint64_t ns) {
   lua_pop(L, 1);
 }
 
+typedef struct {
+  lua_State *co; /* a dead coroutine, its error on top */
+  const char *msg;
+} traceback_t;
+
+/* Runs under lua_cpcall on the main state: pushes msg and co's traceback onto co. A memory error
+ * here (a task that failed because memory ran out) unwinds to that call, not to LuaJIT's panic. */
+static int push_traceback(lua_State *L) {
+  traceback_t *a = lua_touserdata(L, 1);
+  lua_pop(L, 1);
+  luaL_traceback(L, a->co, a->msg ? a->msg : "(error object is not a string)", 0);
+  lua_xmove(L, a->co, 1);
+  return 0;
+}
+
 static int run(mlua_task_t *t, int nargs) {
   lua_State *co = t->co;
   if (t->m->freeing) return 0; /* the instance is being freed: nothing runs any more */
@@ -202,9 +217,13 @@ static int run(mlua_task_t *t, int nargs) {
   if (st == LUA_YIELD) return 1;
   int ok = st == 0;
   if (!ok) { /* message + traceback of the dead coroutine */
-    const char *msg = lua_tostring(co, -1);
-    luaL_traceback(m->L, co, msg ? msg : "(error object is not a string)", 0);
-    lua_xmove(m->L, co, 1);
+    traceback_t a = {co, lua_tostring(co, -1)};
+    if (lua_cpcall(m->L, push_traceback, &a) != 0) { /* out of memory: the message alone */
+      if (a.msg)
+        lua_pop(m->L, 1);
+      else
+        lua_xmove(m->L, co, 1); /* the cpcall's error, interned already: nothing to allocate */
+    }
   }
   if (t->done) {
     t->done(t, ok, t->done_ud);

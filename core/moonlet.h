@@ -5,7 +5,8 @@
  * one, its libuv loop. There is no global state: several instances may live in one process, on one
  * thread (sharing the host's loop, or each on its own) or on several threads (one instance per
  * thread). Every call is made on the thread that runs the instance's loop, except moonlet_post,
- * which any thread may call.
+ * which any thread may call; a call from another thread is not detected (undefined behaviour).
+ * A NULL instance is accepted by moonlet_free only.
  *
  *   moonlet_config_t cfg;
  *   moonlet_config_default(&cfg);                   // then set what differs
@@ -34,8 +35,10 @@ struct lua_State;                   /* LuaJIT's state (lua.h), for the functions
 enum { MOONLET_LOG_ERROR = 0, MOONLET_LOG_WARN = 1, MOONLET_LOG_INFO = 2, MOONLET_LOG_DEBUG = 3 };
 
 /* A Lua allocator (lua_Alloc): nsize 0 frees ptr and returns NULL; otherwise it returns a block of
- * nsize bytes holding the first min(osize, nsize) bytes of ptr, or NULL when it cannot (a memory
- * error is raised in Lua then; outside a protected call that is a panic, which ends the process).
+ * nsize bytes holding the first min(osize, nsize) bytes of ptr, or NULL when it cannot: a memory
+ * error is raised in Lua then, which fails the request, task, load or call that ran into it (and
+ * moonlet_new returns NULL); the C side of moonlet protects its own set-up, but a few of its
+ * allocations remain unprotected (making a task), where it is LuaJIT's panic: keep a margin.
  */
 typedef void *(*moonlet_alloc_fn)(void *ud, void *ptr, size_t osize, size_t nsize);
 /* Receives each log line (timestamp and level included, no newline) on the loop thread. */
@@ -72,8 +75,10 @@ typedef struct moonlet_config_s {
   void *log_ud;            /* passed to log_sink */
   int handle_signals;      /* 1: SIGINT/SIGTERM shut the servers down gracefully, SIGHUP reloads
                               the app (moonlet_reload), SIGUSR1 reopens the log files, SIGPIPE is
-                              ignored. A host that leaves this
-                              0 must ignore SIGPIPE itself: libuv writes to sockets (write(2)). */
+                              ignored; the host's handlers of these are replaced, and after
+                              moonlet_free the four are SIG_DFL (libuv's doing), SIGPIPE stays
+                              ignored. 0: moonlet installs no signal handler at all; the host
+                              must then ignore SIGPIPE itself: libuv writes to sockets (write(2)). */
   moonlet_alloc_fn alloc;  /* NULL: malloc with a cache of small blocks in front (env
                               MOONLET_LUAJIT_ALLOC=1: LuaJIT's own); else every Lua object is
                               allocated with it (lua_newstate). moonlet_new returns NULL when the
@@ -92,8 +97,12 @@ typedef struct moonlet_config_s {
 /* Fills cfg with the defaults: everything 0 or NULL but log_level (INFO). */
 void moonlet_config_default(moonlet_config_t *cfg);
 /* Creates an instance (cfg NULL: the defaults; cfg is copied, its strings are used during the call
- * only). Returns NULL when out of memory, when the loop cannot be made, or when cfg.alloc is set
- * and LuaJIT refuses it. */
+ * only). Returns NULL when out of memory (cfg.alloc's too: the Lua state is set up under a
+ * protected call), when the loop cannot be made, or when cfg.alloc is set and LuaJIT refuses it;
+ * nothing is left behind then (no handle on a lent loop). The environment it reads:
+ * MOONLET_LUA_DIR (when cfg.lua_dir is NULL) and MOONLET_LUAJIT_ALLOC (when cfg.alloc is NULL);
+ * package.path includes ./?.lua (the process's working directory). PORT and the other variables
+ * of the command line are read by moonlet_main only. */
 moonlet_t *moonlet_new(const moonlet_config_t *cfg);
 /* Runs the command line of the `moonlet` program (script, app, `test`, flags) inside the instance:
  * the work starts now and goes on in moonlet_run. Returns 0, or non-zero after printing an error.
@@ -101,14 +110,16 @@ moonlet_t *moonlet_new(const moonlet_config_t *cfg);
 int moonlet_main(moonlet_t *m, int argc, char **argv);
 /* Begins a graceful shutdown: servers stop accepting and finish in-flight requests (at most
  * limits.shutdown_grace_ms); then uv_stop ends the loop's uv_run (the host's, on a lent loop).
- * Final: an instance is not started again. */
+ * Final: moonlet_listen and moonlet_listen_unix return UV_ESHUTDOWN from now on. A second call
+ * is a no-op. moonlet_free need not follow a stop: it closes everything itself. */
 void moonlet_stop(moonlet_t *m);
 /* Runs the posted functions still queued, closes every handle the instance opened (servers,
  * connections, timers, watchers), runs the loop until their close callbacks have run, closes the
  * Lua state and frees the instance. On an owned loop, the loop is closed too (uv_loop_close; a
  * handle left over is logged as an error). On a lent loop, only the instance's handles are closed
- * and the loop is the host's to close. Threads that call moonlet_post must have stopped. NULL: a
- * no-op. */
+ * and the loop is the host's to close. Threads that call moonlet_post must have stopped. Call it
+ * once (a second call is a use after free), outside uv_run and outside any moonlet callback (a
+ * post, a host module's function). NULL: a no-op. */
 void moonlet_free(moonlet_t *m);
 
 /* -- Who runs the loop ------------------------------------------------------------------------- */
@@ -123,7 +134,10 @@ uv_loop_t *moonlet_loop(moonlet_t *m);
  * longer than the instance's next timer) for something to happen, then runs one loop iteration,
  * which handles whatever is ready: I/O, due timers, posts. 0: no wait. It returns early when
  * something happened, so a frame calls it until its leftover time is spent. Returns non-zero while
- * the loop has active handles or requests (a server, a timer, a task waiting). */
+ * the loop has active handles or requests (a server, a timer, a task waiting). With nothing to do
+ * it returns at once for 0, and waits the whole timeout_ms otherwise (the frame's time to spend).
+ * Lua code runs on the host's thread inside the step: a handler that runs 300 ms without yielding
+ * makes a 300 ms step (moonlet.warn_blocking(seconds) logs such tasks). */
 int moonlet_step(moonlet_t *m, int timeout_ms);
 /* Mode 4, a host that polls (poll, epoll, select): the file descriptor that becomes readable when
  * the instance has work (an epoll fd on Linux; add it with POLLIN / EPOLLIN), and the longest time
@@ -142,7 +156,8 @@ int moonlet_backend_timeout(moonlet_t *m);
  * requests, as a reload does. Returns 0 (an app was installed), 1 (the script returned no app),
  * 2 (the top level is still waiting; an app it returns is installed when it ends), UV_ENOENT (no
  * such file), UV_EINVAL (a syntax error or an error at the top level, logged with file and line; a
- * previous app goes on serving). */
+ * previous app goes on serving), UV_ECANCELED (moonlet's own Lua modules failed to load, e.g.
+ * out of memory: logged; a later load tries them again). */
 int moonlet_load_file(moonlet_t *m, const char *path);
 /* The same for Lua source code in a string (firmware without a file system); name appears in error
  * messages and tracebacks ("name:line: ..."). */
@@ -150,7 +165,8 @@ int moonlet_load_string(moonlet_t *m, const char *name, const char *code);
 /* Serves the instance's app on host:port (host NULL: 127.0.0.1; port 0: a free port), or on a Unix
  * domain socket when host is "unix:/path" (port ignored; returns 0). May be called several times,
  * for several addresses. Returns the bound port (> 0), UV_EINVAL when no app is loaded or host is
- * not an address, or the listen error (UV_EADDRINUSE, UV_EACCES, ...). */
+ * not an address, UV_ESHUTDOWN after moonlet_stop, or the listen error (UV_EADDRINUSE, UV_EACCES,
+ * ...; nothing is left open then). */
 int moonlet_listen(moonlet_t *m, const char *host, int port);
 /* Serves the instance's app on the Unix domain socket at path, whose permissions are mode (0660:
  * the owner and its group may connect, a proxy's user among them; -1: what the umask leaves, as
@@ -158,7 +174,8 @@ int moonlet_listen(moonlet_t *m, const char *host, int port);
  * connects before it. A stale socket file there (nobody listens) is replaced; a live server's is
  * not (UV_EADDRINUSE), nor a file that is not a socket (UV_EEXIST). The file goes when the server
  * closes. Returns 0, UV_EINVAL (no app loaded, no path, mode neither -1 nor within 0..07777),
- * UV_ENAMETOOLONG, or the listen error (UV_EADDRINUSE, UV_EACCES, ...). */
+ * UV_ENAMETOOLONG, UV_ESHUTDOWN (after moonlet_stop), or the listen error (UV_EADDRINUSE,
+ * UV_EACCES, ...). */
 int moonlet_listen_unix(moonlet_t *m, const char *path, int mode);
 /* Reloads the app from its file (moonlet_load_file, or the script of moonlet_main): the new code
  * is loaded into a fresh app; only if it loads and its top level runs does it replace the old one
@@ -199,7 +216,8 @@ struct lua_State *moonlet_lua_state(moonlet_t *m);
 
 /* Queues fn(m, data) to run on the loop thread, in the order posted, and wakes the loop. Any thread
  * may call it, as often as it likes: posts made before the loop thread wakes run in one batch. fn
- * may call any moonlet_* function (it runs on the loop thread); data stays the host's. A post does
+ * may call any moonlet_* function but moonlet_free (it runs on the loop thread); data stays the
+ * host's. A post does
  * not keep moonlet_run going (moonlet_step runs posts even when nothing else is active), and the
  * functions still queued at moonlet_free run there, first. Returns 0, or UV_ENOMEM. */
 int moonlet_post(moonlet_t *m, moonlet_post_fn fn, void *data);

@@ -395,7 +395,10 @@ function methods:load()
         self.loading = true
         local t0 = now()
         local had = self.app ~= nil
-        app, kind, err = build(self)
+        -- build catches the app's errors; one of its own (memory ran out) must not leave the host
+        -- "loading" for good, refusing every later load as busy
+        local ok, a, k, e = pcall(build, self)
+        if ok then app, kind, err = a, k, e else app, kind, err = nil, "error", tostring(a) end
         self.loading = false
         if app then
             install(self, app, kind)

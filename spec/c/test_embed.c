@@ -16,6 +16,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -663,6 +664,29 @@ static void test_load_errors(void) {
   rmdir(dir);
 }
 
+/* moonlet_stop is final: a listen after it starts no server that would keep the loop alive. */
+static void test_listen_after_stop(void) {
+  ctest_section("moonlet_listen after moonlet_stop: UV_ESHUTDOWN, the loop ends");
+  logbuf_t lb;
+  moonlet_config_t cfg;
+  config(&cfg, &lb);
+  moonlet_t *m = moonlet_new(&cfg);
+  if (!CHECK(m != NULL)) return;
+  CHECK_INT(moonlet_load_string(m, "hello_app", HELLO_APP), 0);
+  CHECK(moonlet_listen(m, "127.0.0.1", 0) > 0);
+  moonlet_stop(m);
+  moonlet_stop(m); /* a second stop is a no-op */
+  CHECK_INT(moonlet_listen(m, "127.0.0.1", 0), UV_ESHUTDOWN);
+  CHECK_INT(moonlet_listen_unix(m, "/tmp/moonlet-embed-never.sock", -1), UV_ESHUTDOWN);
+  int alive = 1;
+  uint64_t end = now_ms() + WAIT_MS;
+  while (alive && now_ms() < end)
+    alive = moonlet_step(m, 10);
+  CHECK_INT(alive, 0);
+  moonlet_free(m);
+  CHECK_INT(lb.errors, 0);
+}
+
 /* moonlet_listen_unix: the socket file has the mode asked for (not the umask's), set before the
  * socket listens; -1 keeps the umask's; a client connects and is answered; the errors. */
 static void test_listen_unix(void) {
@@ -849,6 +873,143 @@ static void test_allocator(void) {
   CHECK_INT(lb.errors, 0);
 }
 
+/* count_alloc that refuses to grow once st->calls passes fail_after (0: never): a budget spent. */
+static size_t fail_after;
+static void *failing_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  alloc_stats_t *st = ud;
+  if (fail_after && nsize > osize && st->calls >= fail_after) return NULL;
+  return count_alloc(ud, ptr, osize, nsize);
+}
+
+/* An allocator that runs out while moonlet_new sets the Lua state up: NULL, as the contract says,
+ * and every byte given back; not LuaJIT's panic, which ends the host's process. Failures inside
+ * lua_newstate itself are LuaJIT's business: the budgets start after its own allocations. */
+static void test_new_out_of_memory(void) {
+  ctest_section("moonlet_new: an allocator that runs out during set-up gives NULL, no panic");
+  alloc_stats_t st = {0, 0};
+  fail_after = 0;
+  lua_State *L = lua_newstate(failing_alloc, &st);
+  if (!CHECK(L != NULL)) return; /* x64 LuaJIT without GC64 refuses allocators */
+  size_t state_calls = st.calls;
+  lua_close(L);
+  logbuf_t lb;
+  moonlet_config_t cfg;
+  config(&cfg, &lb);
+  cfg.alloc = failing_alloc;
+  cfg.alloc_ud = &st;
+  st = (alloc_stats_t){0, 0};
+  moonlet_t *m = moonlet_new(&cfg);
+  size_t new_calls = st.calls;
+  moonlet_free(m);
+  CHECK(new_calls > state_calls);
+  int nulls = 0, bad = 0;
+  for (size_t k = state_calls + 1; k < new_calls; k++) {
+    st = (alloc_stats_t){0, 0};
+    fail_after = k;
+    m = moonlet_new(&cfg);
+    if (m) { /* the failure hit a growth Lua could do without: the instance must work */
+      fail_after = 0;
+      if (moonlet_load_string(m, "hello_app", HELLO_APP) != 0) bad++;
+      moonlet_free(m);
+    } else {
+      nulls++;
+    }
+    if (st.live != 0) bad++;
+  }
+  fail_after = 0;
+  CHECK(nulls > 0);
+  CHECK_INT(bad, 0);
+}
+
+/* failing_alloc whose blocks are also on a list, so that what LuaJIT itself loses when an
+ * allocation fails (a few KiB, its business, not moonlet's) can be given back after lua_close and
+ * does not show up as a leak under LSan. */
+typedef struct block_s {
+  struct block_s *prev, *next;
+  max_align_t align[]; /* the Lua object */
+} block_t;
+static block_t blocks = {&blocks, &blocks};
+
+static void link_block(block_t *b) {
+  b->next = blocks.next;
+  b->prev = &blocks;
+  blocks.next->prev = b;
+  blocks.next = b;
+}
+
+static void *tracked_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  alloc_stats_t *st = ud;
+  block_t *b = ptr ? (block_t *)((char *)ptr - offsetof(block_t, align)) : NULL;
+  if (nsize > osize && fail_after && st->calls >= fail_after) return NULL;
+  st->calls++;
+  if (b) {
+    b->prev->next = b->next;
+    b->next->prev = b->prev;
+  }
+  if (nsize == 0) {
+    free(b);
+    return NULL;
+  }
+  block_t *nb = realloc(b, sizeof *b + nsize);
+  if (!nb) { /* the old block stays: a shrink keeps it, a growth fails */
+    if (b) link_block(b);
+    return nsize < osize ? ptr : NULL;
+  }
+  link_block(nb);
+  return nb->align;
+}
+
+/* Frees the blocks still on the list: their bytes. */
+static size_t tracked_release(void) {
+  size_t n = 0;
+  while (blocks.next != &blocks) {
+    block_t *b = blocks.next;
+    blocks.next = b->next;
+    free(b);
+    n++;
+  }
+  blocks.prev = &blocks;
+  return n;
+}
+
+/* Memory that runs out while an app loads (the framework's modules, the app's top level): the load
+ * fails with an error code and the instance goes on; no panic, whether the failure hits C code
+ * that sets a task up, gives one back or writes a failed task's traceback. */
+static void test_load_out_of_memory(void) {
+  ctest_section("moonlet_load_string: memory running out fails the load, not the process");
+  logbuf_t lb;
+  moonlet_config_t cfg;
+  config(&cfg, &lb);
+  alloc_stats_t st = {0, 0};
+  cfg.alloc = tracked_alloc;
+  cfg.alloc_ud = &st;
+  fail_after = 0;
+  moonlet_t *m = moonlet_new(&cfg);
+  if (!CHECK(m != NULL)) return;
+  size_t c0 = st.calls;
+  CHECK_INT(moonlet_load_string(m, "hello_app", HELLO_APP), 0);
+  size_t c1 = st.calls;
+  moonlet_free(m);
+  CHECK_INT(tracked_release(), 0);
+  int failed = 0, bad = 0;
+  for (size_t i = 1; i <= 60; i++) {
+    st = (alloc_stats_t){0, 0};
+    fail_after = 0;
+    m = moonlet_new(&cfg);
+    if (!CHECK(m != NULL)) break;
+    fail_after = c0 + (c1 - c0) * i / 61;
+    int r = moonlet_load_string(m, "hello_app", HELLO_APP);
+    fail_after = 0;
+    if (r < 0) failed++;
+    if (r != 0 && r != UV_EINVAL && r != UV_ECANCELED) bad++;
+    if (moonlet_load_string(m, "hello_app", HELLO_APP) != 0) bad++; /* memory is back: it works */
+    moonlet_free(m);
+    tracked_release();
+  }
+  CHECK(failed > 0);
+  CHECK_INT(bad, 0);
+}
+
 /* Loads app, sends request on a connection it leaves open, steps until the handler has parked,
  * then frees the instance with the request in flight: nothing may crash (ASan checks the rest
  * under SANITIZE=1). */
@@ -1030,10 +1191,13 @@ int main(void) {
   test_register_and_call();
   test_post();
   test_load_errors();
+  test_listen_after_stop();
   test_listen_unix();
   test_reload();
   test_limits();
   test_allocator();
+  test_new_out_of_memory();
+  test_load_out_of_memory();
   test_free_in_flight();
   test_free_unpark_in_teardown();
   test_free_new_wait_in_teardown();
