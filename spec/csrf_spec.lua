@@ -73,6 +73,31 @@ describe("moonlet.csrf", function()
         assert.same({ 200, "done 4" }, { r.status, r.body })
     end)
 
+    it("reads a multipart form's token field ahead of its files, leaving the body to the handler", function()
+        local port, ran = serve()
+        local cookie, token = login(port)
+        local big = ("0123456789abcdef"):rep(20000) -- 320 KB: many reads
+        local function form(fields)
+            local out = {}
+            for _, f in ipairs(fields) do
+                out[#out + 1] = "--B\r\nContent-Disposition: form-data; name=\"" .. f[1] .. "\""
+                    .. (f[3] and '; filename="' .. f[3] .. '"' or "") .. "\r\n\r\n" .. f[2] .. "\r\n"
+            end
+            return table.concat(out) .. "--B--\r\n"
+        end
+        local ctype = { ["Content-Type"] = "multipart/form-data; boundary=B" }
+        local r = post(port, "/upload", cookie, form({ { "_csrf", token }, { "a", "1" },
+                                                      { "f", big, "f.bin" } }), ctype)
+        assert.same({ 200, "_csrf,a,f" }, { r.status, r.body }) -- the handler streamed it all
+        r = post(port, "/upload", cookie, form({ { "a", big }, { "_csrf", token } }), ctype)
+        assert.same(403, r.status) -- past the first 64 KiB: not looked for
+        r = post(port, "/upload", cookie, form({ { "f", "x", "f.bin" }, { "_csrf", token } }), ctype)
+        assert.same(403, r.status) -- after a file: not looked for
+        r = post(port, "/upload", cookie, form({ { "_csrf", "nope" }, { "f", big, "f.bin" } }), ctype)
+        assert.same(403, r.status)
+        assert.same(1, ran.n)
+    end)
+
     it("refuses a POST without the token, a wrong one or another session's: 403, no handler", function()
         local port, ran = serve()
         local cookie, token = login(port)

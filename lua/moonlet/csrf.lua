@@ -97,7 +97,11 @@ function _M.middleware(opts)
             t = form and form[field]
             return type(t) == "string" and t or nil
         end
-        if find(ctype, "^%s*multipart/form%-data") then return req.query[field] end
+        if find(ctype, "^%s*multipart/form%-data") then
+            -- the query's (`?_csrf=` in the form's action), else a field before the files,
+            -- read ahead and given back: the handler streams the whole body all the same
+            return req.query[field] or req:multipart_field(field)
+        end
         return nil
     end
 
