@@ -6,9 +6,10 @@ local test = require "moonlet.test"
 
 local SECRET = "0123456789abcdef-csrf-spec"
 
-local function serve(opts)
+local function serve(opts, forwarded)
     local app = moonlet.app()
     local ran = { n = 0 }
+    if forwarded then app:use(moonlet.forwarded()) end
     app:use(moonlet.session({ secret = SECRET }))
     app:use(moonlet.csrf(opts))
     app:get("/form", function(req) return req:csrf_token() end)
@@ -146,6 +147,19 @@ describe("moonlet.csrf", function()
         assert.same(2, ran.n)
         assert.same(200, post(port, "/do", cookie, body).status) -- no Origin: the token decides
         assert.has_error(function() moonlet.csrf({ trusted_origins = "https://a.example" }) end)
+    end)
+
+    it("refuses an http:// Origin of its own host when the request came over https", function()
+        local port, ran = serve(nil, true) -- behind a proxy on loopback that says https
+        local cookie, token = login(port)
+        local body = "x=1&_csrf=" .. token
+        local https = { ["X-Forwarded-Proto"] = "https" }
+        https.Origin = "http://127.0.0.1"
+        local r = post(port, "/do", cookie, body, https)
+        assert.same(403, r.status) -- a page on plain http, which a network attacker can forge
+        https.Origin = "https://127.0.0.1"
+        assert.same(200, post(port, "/do", cookie, body, https).status)
+        assert.same(1, ran.n)
     end)
 
     it("needs moonlet.session before it", function()
