@@ -6,9 +6,10 @@ local test = require "moonlet.test"
 
 local SECRET = "0123456789abcdef-csrf-spec"
 
-local function serve(opts)
+local function serve(opts, forwarded)
     local app = moonlet.app()
     local ran = { n = 0 }
+    if forwarded then app:use(moonlet.forwarded()) end
     app:use(moonlet.session({ secret = SECRET }))
     app:use(moonlet.csrf(opts))
     app:get("/form", function(req) return req:csrf_token() end)
@@ -73,6 +74,31 @@ describe("moonlet.csrf", function()
         assert.same({ 200, "done 4" }, { r.status, r.body })
     end)
 
+    it("reads a multipart form's token field ahead of its files, leaving the body to the handler", function()
+        local port, ran = serve()
+        local cookie, token = login(port)
+        local big = ("0123456789abcdef"):rep(20000) -- 320 KB: many reads
+        local function form(fields)
+            local out = {}
+            for _, f in ipairs(fields) do
+                out[#out + 1] = "--B\r\nContent-Disposition: form-data; name=\"" .. f[1] .. "\""
+                    .. (f[3] and '; filename="' .. f[3] .. '"' or "") .. "\r\n\r\n" .. f[2] .. "\r\n"
+            end
+            return table.concat(out) .. "--B--\r\n"
+        end
+        local ctype = { ["Content-Type"] = "multipart/form-data; boundary=B" }
+        local r = post(port, "/upload", cookie, form({ { "_csrf", token }, { "a", "1" },
+                                                      { "f", big, "f.bin" } }), ctype)
+        assert.same({ 200, "_csrf,a,f" }, { r.status, r.body }) -- the handler streamed it all
+        r = post(port, "/upload", cookie, form({ { "a", big }, { "_csrf", token } }), ctype)
+        assert.same(403, r.status) -- past the first 64 KiB: not looked for
+        r = post(port, "/upload", cookie, form({ { "f", "x", "f.bin" }, { "_csrf", token } }), ctype)
+        assert.same(403, r.status) -- after a file: not looked for
+        r = post(port, "/upload", cookie, form({ { "_csrf", "nope" }, { "f", big, "f.bin" } }), ctype)
+        assert.same(403, r.status)
+        assert.same(1, ran.n)
+    end)
+
     it("refuses a POST without the token, a wrong one or another session's: 403, no handler", function()
         local port, ran = serve()
         local cookie, token = login(port)
@@ -121,6 +147,19 @@ describe("moonlet.csrf", function()
         assert.same(2, ran.n)
         assert.same(200, post(port, "/do", cookie, body).status) -- no Origin: the token decides
         assert.has_error(function() moonlet.csrf({ trusted_origins = "https://a.example" }) end)
+    end)
+
+    it("refuses an http:// Origin of its own host when the request came over https", function()
+        local port, ran = serve(nil, true) -- behind a proxy on loopback that says https
+        local cookie, token = login(port)
+        local body = "x=1&_csrf=" .. token
+        local https = { ["X-Forwarded-Proto"] = "https" }
+        https.Origin = "http://127.0.0.1"
+        local r = post(port, "/do", cookie, body, https)
+        assert.same(403, r.status) -- a page on plain http, which a network attacker can forge
+        https.Origin = "https://127.0.0.1"
+        assert.same(200, post(port, "/do", cookie, body, https).status)
+        assert.same(1, ran.n)
     end)
 
     it("needs moonlet.session before it", function()

@@ -21,7 +21,8 @@ local crypto = require "moonlet.crypto"
 local abort = require("moonlet.response").abort
 
 local type, error, ipairs = type, error, ipairs
-local find, lower, sub, byte, char = string.find, string.lower, string.sub, string.byte, string.char
+local find, lower, sub, byte, char, match = string.find, string.lower, string.sub, string.byte,
+    string.char, string.match
 local concat = table.concat
 local bxor = require("bit").bxor
 
@@ -79,12 +80,17 @@ function _M.middleware(opts)
     end
 
     -- whether a request's Origin (sent by browsers with unsafe requests) is this site's (its host
-    -- and port those of the Host header) or a trusted one; "null" (a sandboxed page) is neither
+    -- and port those of the Host header) or a trusted one; "null" (a sandboxed page) is neither.
+    -- Over https (req.scheme; moonlet.forwarded's X-Forwarded-Proto behind a proxy) a page served
+    -- on http:// is another origin, one a network attacker can forge (Django compares the scheme
+    -- too); over http the scheme is not known for sure (TLS may end at a proxy that does not say
+    -- so), and either goes.
     local function origin_ok(req, origin)
         if trusted[lower(origin)] then return true end
-        local host = find(origin, "://", 1, true) and lower(sub(origin, find(origin, "://", 1, true) + 3))
-        return host ~= nil and host ~= "" and not find(host, "/", 1, true)
-            and host == lower(req.host or "") -- the Host header, or a trusted proxy's (moonlet.forwarded)
+        local scheme, host = match(origin, "^([%a][%w+.-]*)://(.*)$")
+        if not host or host == "" or find(host, "/", 1, true) then return false end
+        if req.scheme == "https" and lower(scheme) ~= "https" then return false end
+        return lower(host) == lower(req.host or "") -- the Host header, or a trusted proxy's
     end
 
     -- the token the request carries, or nil
@@ -97,7 +103,11 @@ function _M.middleware(opts)
             t = form and form[field]
             return type(t) == "string" and t or nil
         end
-        if find(ctype, "^%s*multipart/form%-data") then return req.query[field] end
+        if find(ctype, "^%s*multipart/form%-data") then
+            -- the query's (`?_csrf=` in the form's action), else a field before the files,
+            -- read ahead and given back: the handler streams the whole body all the same
+            return req.query[field] or req:multipart_field(field)
+        end
         return nil
     end
 

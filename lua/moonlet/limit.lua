@@ -9,9 +9,19 @@
 -- the order of use, as nginx's limit_req zone keeps its own): a new key past max_keys takes the
 -- place of the key that has waited longest, in O(1). A client that makes new keys faster than the
 -- others come back can push them out; size max_keys to the clients of a few minutes.
+--
+-- With opts.shared (a moonlet.shared dictionary, or its name) the buckets live there instead, one
+-- set for all the workers of `moonlet --workers N` (and for every limit given that dictionary):
+-- the dictionary's size bounds them, its least recently used going first. Each key holds one
+-- number, its bucket's "theoretical arrival time" (GCRA, which is the token bucket told another
+-- way): the time at which the bucket is full again, on the monotonic clock every process shares.
+-- A request adds 1/rate to it with dict:incr, which is atomic across the workers, and passes when
+-- the result is no more than burst/rate ahead of now; a refused one takes its 1/rate back. The
+-- entry expires when its time comes, so an existing entry's time is never in the past and the
+-- increment is max(tat, now) + 1/rate without a read-modify-write that two workers could race.
 local core = require "moonlet.core"
 
-local type, error = type, error
+local type, error, tostring = type, error, tostring
 local floor, ceil, min = math.floor, math.ceil, math.min
 
 local _M = {}
@@ -21,8 +31,26 @@ local function client_ip(req)
     return req.ip
 end
 
+-- the take() of opts.shared: the same answers, from a dictionary all the workers share
+local function shared_take(dict, rate, burst)
+    local interval, window = 1 / rate, burst / rate
+    return function(key, now)
+        key = tostring(key)
+        local tat = dict:incr(key, interval, now, window)
+        if not tat then return true end -- no room even after evicting: let it through
+        local ahead = tat - now
+        if ahead <= window + 1e-9 then
+            -- expires when the bucket is full again (a racing worker may set it a step early)
+            dict:expire(key, ahead)
+            return true
+        end
+        dict:incr(key, -interval)
+        return false, ahead - window
+    end
+end
+
 -- syntax: app:use(moonlet.limit({ rate = 10, burst = 20, key = function(req) return ip end,
---   max_keys = 100000, status = 429 }))
+--   max_keys = 100000, status = 429, shared = moonlet.shared("limit") | "limit" }))
 function _M.middleware(opts)
     if type(opts) ~= "table" then error("moonlet.limit: options with a rate are needed", 3) end
     local rate, burst = opts.rate, opts.burst or opts.rate
@@ -35,6 +63,11 @@ function _M.middleware(opts)
     end
     if max_keys < 1 then error("moonlet.limit: max_keys is at least 1", 3) end
     burst = floor(burst)
+    local dict = opts.shared
+    if type(dict) == "string" then dict = require("moonlet.shared").get(dict) end
+    if dict ~= nil and (type(dict) ~= "userdata" or not dict.incr) then
+        error("moonlet.limit: shared is a moonlet.shared dictionary or its name", 3)
+    end
     -- key -> bucket { tokens, time, key, newer, older }; head: the one used last, tail: first
     local buckets, count, head, tail = {}, 0, nil, nil
 
@@ -76,6 +109,7 @@ function _M.middleware(opts)
         b[1] = tokens
         return false, (1 - tokens) / rate
     end
+    if dict then take = shared_take(dict, rate, burst) end
 
     return function(req, res, nxt)
         local key = key_of(req)

@@ -106,12 +106,25 @@ _M.BODY_GONE = "moonlet: request body: "
 
 -- syntax: for chunk in req:chunks() do ... end -- body pieces as they arrive; raises on a broken
 -- body (client gone, timeout) so a half-read body is never mistaken for a whole one
+-- The next piece of the body: one that req:multipart_field read ahead and gave back (in order,
+-- then the body's end if it reached it), else the connection's next. nil at the end; nil, err.
+local function read_piece(self)
+    local unread = rawget(self, "_unread")
+    if unread then
+        local i = unread.i + 1
+        unread.i = i
+        if i <= unread.n then return unread[i] end
+        self._unread = nil
+        if unread.ended then return nil end
+    end
+    return check(self._x:read())
+end
+
 function methods:chunks()
     if self._body_read then error("moonlet: the body was already read", 2) end
     self._body_read = true
-    local x = self._x
     return function()
-        local chunk, err = check(x:read())
+        local chunk, err = read_piece(self)
         if err then error(_M.BODY_GONE .. err, 2) end
         return chunk
     end
@@ -123,9 +136,9 @@ function methods:body()
     if body then return body end
     if self._body_read then return nil, "the body was already streamed" end
     self._body_read = true
-    local x, parts, n = self._x, {}, 0
+    local parts, n = {}, 0
     while true do
-        local chunk, err = check(x:read())
+        local chunk, err = read_piece(self)
         if err then return nil, err end
         if not chunk then break end
         n = n + 1
@@ -206,6 +219,49 @@ function methods:url_for(name, params, query)
     local ok, path = pcall(self._app.url_for, self._app, name, params, query)
     if not ok then error(path, 2) end
     return self.prefix .. path
+end
+
+-- The most bytes of a body req:multipart_field reads ahead (and keeps) looking for its field.
+local PEEK_MAX = 64 * 1024
+
+-- syntax: value = req:multipart_field(name) -- the value of the plain field name of a
+-- multipart/form-data body, when it comes before any file and within its first 64 KiB (a hidden
+-- field at the top of the form: moonlet.csrf's token), read without taking the body from the
+-- handler: the pieces read ahead are kept and given back, in order, to whatever reads the body
+-- next (req:parts(), req:form(), req:body(), req:chunks()), and a body that breaks or is malformed
+-- breaks there as it would have. nil when there is no such field, or the body was read already.
+function methods:multipart_field(name)
+    local body = rawget(self, "_body")
+    if body == nil and self._body_read then return nil end
+    local boundary = multipart().boundary(self:header("content-type"))
+    if not boundary then return nil end
+    if body ~= nil then -- kept whole already (req:form()): parse it again
+        local fields = self:form()
+        return fields and type(fields[name]) == "string" and fields[name] or nil
+    end
+    local seen, bytes = { n = 0, i = 0 }, 0
+    local function source()
+        local chunk, err = read_piece(self)
+        if err then error(err, 0) end
+        if chunk then
+            seen.n = seen.n + 1
+            seen[seen.n] = chunk
+            bytes = bytes + #chunk
+            if bytes > PEEK_MAX then error("too far", 0) end
+        else
+            seen.ended = true
+        end
+        return chunk
+    end
+    local ok, value = pcall(function()
+        for part in multipart().parts(source, boundary) do
+            if part.filename then return nil end
+            if part.name == name then return part:body() end
+        end
+        return nil
+    end)
+    self._unread = seen -- given back, the pieces read from an earlier _unread among them
+    return ok and value or nil
 end
 
 -- syntax: for part in req:parts() do ... end -- a multipart/form-data body (file uploads) part by
