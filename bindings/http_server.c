@@ -824,11 +824,19 @@ static int listen_tls(lua_State *L, ml_tls_ctx_t **out) {
     return 0;
   }
   if (!lua_istable(L, -1)) luaL_error(L, "moonlet: tls is a table { cert = file, key = file }");
+  /* anything else (verify, cafile: client certificates) raises: ignored, an operator would believe
+   * clients are checked when they are not */
+  for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1)) {
+    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?";
+    if (strcmp(k, "cert") != 0 && strcmp(k, "key") != 0)
+      luaL_error(L, "moonlet: tls option %s is not supported (only cert and key)", k);
+  }
   lua_getfield(L, -1, "cert");
   lua_getfield(L, -2, "key");
   if (!lua_isstring(L, -2) || !lua_isstring(L, -1))
     luaL_error(L, "moonlet: tls needs cert and key, the paths of PEM files");
-  ml_tls_ctx_opts_t o = {.server = 1, .cert = lua_tostring(L, -2), .key = lua_tostring(L, -1)};
+  ml_tls_ctx_opts_t o = {
+      .server = 1, .cert = lua_tostring(L, -2), .key = lua_tostring(L, -1), .alpn = "http/1.1"};
   const char *err = NULL;
   int r = ml_tls_ctx_new(out, &o, &err);
   lua_pop(L, 3);

@@ -102,6 +102,7 @@ typedef struct sock_s {
   uint64_t rtimer_due;                  /* when the read timer fires, while it is active */
   ml_tls_t *tls;                        /* NULL: plain TCP */
   int tls_up;                           /* the handshake is complete */
+  int tls_notified;                     /* the peer's close_notify came: its data ended whole */
 } sock_t;
 
 /* A write of TLS ciphertext (or of a handshake message): the bytes live in the request. */
@@ -711,7 +712,7 @@ static void tls_pump(sock_t *s) {
     if (n > 0)
       s->rb.len += (size_t)n;
     else if (n == UV_EOF)
-      s->eof = 1;
+      s->eof = s->tls_notified = 1;
     else if (n < 0)
       s->err = n;
     else
@@ -871,7 +872,7 @@ static ml_tls_ctx_t *check_ctx(lua_State *L, int idx) {
   return *box;
 }
 
-/* syntax: ctx, err = core.tls_context(server, verify, cafile, cert, key) */
+/* syntax: ctx, err = core.tls_context(server, verify, cafile, cert, key, alpn) */
 static int l_tls_context(lua_State *L) {
   ml_tls_ctx_opts_t o;
   o.server = lua_toboolean(L, 1);
@@ -879,6 +880,7 @@ static int l_tls_context(lua_State *L) {
   o.cafile = luaL_optstring(L, 3, NULL);
   o.cert = luaL_optstring(L, 4, NULL);
   o.key = luaL_optstring(L, 5, NULL);
+  o.alpn = luaL_optstring(L, 6, NULL);
   ml_tls_ctx_t **box = lua_newuserdata(L, sizeof *box);
   *box = NULL;
   luaL_getmetatable(L, TLS_CTX_MT);
@@ -1035,10 +1037,11 @@ static int s_poolable(lua_State *L) {
 }
 
 /* syntax: ok = sock:closed_cleanly() -- the peer ended its side with a FIN (EOF) and no error was
- * seen: what tells a body delimited by the close from one cut by a reset (both read as "closed") */
+ * seen: what tells a body delimited by the close from one cut by a reset (both read as "closed").
+ * Over TLS, only its close_notify does: a FIN without it may be an attacker's (a truncation). */
 static int s_closed_cleanly(lua_State *L) {
   sock_t *s = check_sock(L);
-  lua_pushboolean(L, s && s->eof && !s->err);
+  lua_pushboolean(L, s && s->eof && !s->err && (!s->tls || s->tls_notified));
   return 1;
 }
 

@@ -53,6 +53,10 @@
   X(SSL_CTX_free)                                                                                  \
   X(SSL_CTX_load_verify_locations)                                                                 \
   X(SSL_CTX_new)                                                                                   \
+  X(SSL_CTX_set_alpn_protos)                                                                       \
+  X(SSL_CTX_set_alpn_select_cb)                                                                    \
+  X(SSL_CTX_set_default_passwd_cb)                                                                 \
+  X(SSL_CTX_set_default_passwd_cb_userdata)                                                        \
   X(SSL_CTX_set_default_verify_paths)                                                              \
   X(SSL_CTX_set_options)                                                                           \
   X(SSL_CTX_set_verify)                                                                            \
@@ -67,6 +71,7 @@
   X(SSL_is_init_finished)                                                                          \
   X(SSL_new)                                                                                       \
   X(SSL_read)                                                                                      \
+  X(SSL_select_next_proto)                                                                         \
   X(SSL_set_accept_state)                                                                          \
   X(SSL_set_bio)                                                                                   \
   X(SSL_set_connect_state)                                                                         \
@@ -124,6 +129,10 @@ int ml_openssl_linked(ml_openssl_t *t);
 #define SSL_CTX_free ml_openssl.SSL_CTX_free
 #define SSL_CTX_load_verify_locations ml_openssl.SSL_CTX_load_verify_locations
 #define SSL_CTX_new ml_openssl.SSL_CTX_new
+#define SSL_CTX_set_alpn_protos ml_openssl.SSL_CTX_set_alpn_protos
+#define SSL_CTX_set_alpn_select_cb ml_openssl.SSL_CTX_set_alpn_select_cb
+#define SSL_CTX_set_default_passwd_cb ml_openssl.SSL_CTX_set_default_passwd_cb
+#define SSL_CTX_set_default_passwd_cb_userdata ml_openssl.SSL_CTX_set_default_passwd_cb_userdata
 #define SSL_CTX_set_default_verify_paths ml_openssl.SSL_CTX_set_default_verify_paths
 #define SSL_CTX_set_options ml_openssl.SSL_CTX_set_options
 #define SSL_CTX_set_verify ml_openssl.SSL_CTX_set_verify
@@ -138,6 +147,7 @@ int ml_openssl_linked(ml_openssl_t *t);
 #define SSL_is_init_finished ml_openssl.SSL_is_init_finished
 #define SSL_new ml_openssl.SSL_new
 #define SSL_read ml_openssl.SSL_read
+#define SSL_select_next_proto ml_openssl.SSL_select_next_proto
 #define SSL_set_accept_state ml_openssl.SSL_set_accept_state
 #define SSL_set_bio ml_openssl.SSL_set_bio
 #define SSL_set_connect_state ml_openssl.SSL_set_connect_state

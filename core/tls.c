@@ -21,6 +21,11 @@ struct ml_tls_ctx_s {
   int server;
 };
 
+/* The ALPN protocol a server selects, in wire format (a length byte, the name). Static: the select
+ * callback runs for connections that may outlive their ml_tls_ctx_t (they hold the SSL_CTX only).
+ */
+static const unsigned char alpn_http11[] = "\x08http/1.1";
+
 struct ml_tls_s {
   SSL *ssl;
   BIO *rbio, *wbio;  /* owned by ssl */
@@ -30,6 +35,28 @@ struct ml_tls_s {
 
 /* -- Contexts -----------------------------------------------------------------------------------
  */
+
+/* OpenSSL's default asks the terminal for a key's passphrase, which would block the loop: refuse it
+ * and say so (u points at the caller's "asked" flag). */
+static int no_passphrase(char *buf, int size, int rwflag, void *u) {
+  (void)buf, (void)size, (void)rwflag;
+  *(int *)u = 1;
+  return 0;
+}
+
+/* Server side of ALPN: the context's protocol if the client offers it; else no ALPN in the answer
+ * (the client then speaks its default, HTTP/1.1), never a protocol this server does not speak. */
+static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                       const unsigned char *in, unsigned int inlen, void *arg) {
+  (void)ssl;
+  const unsigned char *proto = arg;
+  unsigned char *sel;
+  if (SSL_select_next_proto(&sel, outlen, proto, proto[0] + 1u, in, inlen) !=
+      OPENSSL_NPN_NEGOTIATED)
+    return SSL_TLSEXT_ERR_NOACK;
+  *out = sel;
+  return SSL_TLSEXT_ERR_OK;
+}
 
 int ml_tls_ctx_new(ml_tls_ctx_t **out, const ml_tls_ctx_opts_t *o, const char **err) {
   *out = NULL;
@@ -50,14 +77,43 @@ int ml_tls_ctx_new(ml_tls_ctx_t **out, const ml_tls_ctx_opts_t *o, const char **
   SSL_CTX_set_mode(c->ctx, SSL_MODE_RELEASE_BUFFERS);
   /* EOF without close_notify is the transport's business (the socket reports "closed") */
   SSL_CTX_set_options(c->ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_RENEGOTIATION);
+  if (o->alpn) { /* a server speaks http/1.1 only; a client may offer any one protocol */
+    unsigned char wire[256];
+    size_t n = strlen(o->alpn);
+    if (n == 0 || n > 255 || (o->server && strcmp(o->alpn, "http/1.1") != 0)) {
+      *err = "tls: unsupported alpn";
+      goto fail;
+    }
+    wire[0] = (unsigned char)n;
+    memcpy(wire + 1, o->alpn, n);
+    if (o->server)
+      SSL_CTX_set_alpn_select_cb(c->ctx, alpn_select, (void *)alpn_http11);
+    else if (SSL_CTX_set_alpn_protos(c->ctx, wire, (unsigned)n + 1) != 0) { /* (0 is success) */
+      *err = "tls: out of memory";
+      goto fail;
+    }
+  }
   if (o->cert) {
+    int asked = 0;
+    SSL_CTX_set_default_passwd_cb(c->ctx, no_passphrase);
+    SSL_CTX_set_default_passwd_cb_userdata(c->ctx, &asked);
     if (SSL_CTX_use_certificate_chain_file(c->ctx, o->cert) != 1) {
       *err = "tls: cannot load certificate";
       goto fail;
     }
-    if (SSL_CTX_use_PrivateKey_file(c->ctx, o->key ? o->key : o->cert, SSL_FILETYPE_PEM) != 1 ||
-        SSL_CTX_check_private_key(c->ctx) != 1) {
-      *err = "tls: cannot load key";
+    int loaded = SSL_CTX_use_PrivateKey_file(c->ctx, o->key ? o->key : o->cert, SSL_FILETYPE_PEM);
+    SSL_CTX_set_default_passwd_cb_userdata(c->ctx, NULL); /* (asked dies here) */
+    int why = ERR_GET_REASON(ERR_peek_last_error());      /* (a macro, no OpenSSL call) */
+    if (loaded != 1 && (why == X509_R_KEY_VALUES_MISMATCH || why == X509_R_KEY_TYPE_MISMATCH)) {
+      *err = "tls: certificate and key do not match"; /* OpenSSL 3 checks them as it loads */
+      goto fail;
+    }
+    if (loaded != 1) {
+      *err = asked ? "tls: key needs a passphrase" : "tls: cannot load key";
+      goto fail;
+    }
+    if (SSL_CTX_check_private_key(c->ctx) != 1) {
+      *err = "tls: certificate and key do not match";
       goto fail;
     }
   } else if (o->server) {

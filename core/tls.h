@@ -20,11 +20,16 @@ typedef struct {
   int verify;         /* client: verify the server (on by default); server: require a client cert */
   const char *cafile; /* PEM bundle of trusted CAs; NULL: the system store */
   const char *cert;   /* PEM certificate chain file (optional for a client) */
-  const char *key;    /* PEM private key file */
+  const char *key;    /* PEM private key file (one with a passphrase is refused, never prompted) */
+  /* ALPN, one protocol name ("http/1.1") or NULL: a client offers it, a server selects it when the
+   * client offers it (and answers without ALPN otherwise, so an "h2"-only client is not told yes)
+   */
+  const char *alpn;
 } ml_tls_ctx_opts_t;
 
 /* Creates a context. Returns 0 and *out, or UV_EINVAL with *err set to a short message
- * ("tls: cannot load certificate", "tls: cannot load key", "tls: cannot load CA file"), or
+ * ("tls: cannot load certificate", "tls: cannot load key", "tls: key needs a passphrase",
+ * "tls: certificate and key do not match", "tls: cannot load CA file"), or
  * UV_ENOSYS when OpenSSL cannot be opened ("OpenSSL is not installed (libssl.so.3)"). The
  * context is reference counted: ml_tls_ctx_free drops the caller's reference, each connection made
  * from it holds its own. */

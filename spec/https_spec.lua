@@ -230,6 +230,18 @@ except ssl.SSLEOFError:
         assert.same({ #sizes, 0 }, { whole, cut })
     end)
 
+    it("selects http/1.1 by ALPN when the client offers it, and nothing for h2 alone", function()
+        local function alpn(offer)
+            local p = assert(moonlet.process.spawn({ "openssl", "s_client", "-connect", "127.0.0.1:" .. port,
+                                                     "-CAfile", certs.ca, "-alpn", offer, stdin = "" }))
+            local out = p:read("*a")
+            p:wait(10)
+            return out:match("ALPN protocol: (%S+)") or out:match("(No ALPN negotiated)")
+        end
+        assert.same("http/1.1", alpn("h2,http/1.1"))
+        assert.same("No ALPN negotiated", alpn("h2"))
+    end)
+
     it("closes a plain-HTTP client and an untrusting one, and goes on serving", function()
         local plain = assert(moonlet.tcp.connect("127.0.0.1", port, { timeout = 5 }))
         assert(plain:send("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
@@ -257,8 +269,24 @@ except ssl.SSLEOFError:
         local app = moonlet.app():get("/", function() return "x" end)
         local s, err = app:listen({ port = 0, tls = { cert = certs.dir .. "/none.pem", key = certs.key } })
         assert.same({ nil, "tls: cannot load certificate" }, { s, err })
-        s, err = app:listen({ port = 0, tls = { cert = certs.cert, key = certs.dir .. "/other.key" } })
+        s, err = app:listen({ port = 0, tls = { cert = certs.cert, key = certs.dir .. "/none.key" } })
         assert.same({ nil, "tls: cannot load key" }, { s, err })
+        s, err = app:listen({ port = 0, tls = { cert = certs.cert, key = certs.dir .. "/other.key" } })
+        assert.same({ nil, "tls: certificate and key do not match" }, { s, err })
+        -- a key under a passphrase: refused at once, never a prompt on the terminal
+        local enc = certs.dir .. "/enc.key"
+        assert(os.execute(("openssl pkey -in %s -out %s -aes256 -passout pass:secret 2>/dev/null")
+            :format(certs.key, enc)))
+        local code, out = test.run_script(([[
+local app = require("moonlet").app()
+print(app:listen({ port = 0, tls = { cert = %q, key = %q } }))
+os.exit(0)]]):format(certs.cert, enc), 10)
+        assert.same({ 0, "nil\ttls: key needs a passphrase\n" }, { code, out })
+        -- client certificates are not checked: asking for it raises rather than being ignored
+        assert.has_error(function()
+            app:listen({ port = 0, tls = { cert = certs.cert, key = certs.key, verify = true,
+                                           cafile = certs.ca } })
+        end)
         assert.has_error(function() app:listen({ port = 0, tls = "yes" }) end)
         assert.has_error(function() app:listen({ port = 0, tls = { cert = certs.cert } }) end)
     end)

@@ -114,6 +114,24 @@ describe("moonlet.tcp TLS client", function()
         assert.same({ nil, "closed" }, { sock:receive() }) -- half a handshake closes the socket
     end)
 
+    it("offers http/1.1 by ALPN from moonlet.http, and reports a body cut without close_notify", function()
+        local function origin(mode)
+            local p = assert(moonlet.process.spawn({ "/usr/bin/python3", "spec/support/tls_origin.py",
+                                                     cert, key, mode }))
+            defer(function() p:kill() end)
+            return p, tonumber(p:read("*l"))
+        end
+        local o = { tls = { cafile = ca }, timeout = 5 }
+        local p, port = origin("clean")
+        local r, err = moonlet.http.get("https://127.0.0.1:" .. port .. "/", o)
+        assert.same({ 200, "partial body" }, { r and r.status, r and r.body }, err)
+        assert.same("alpn http/1.1", p:read("*l"))
+        -- a truncation attack: the TCP FIN alone must not pass for the end of the body
+        port = select(2, origin("cut"))
+        r, err = moonlet.http.get("https://127.0.0.1:" .. port .. "/", o)
+        assert.same({ nil, "closed" }, { r and r.body, err })
+    end)
+
     it("reports a missing CA file", function()
         local _, port = serve(line_echo)
         local _, err = connect("127.0.0.1", port, { cafile = certs.dir .. "/none.pem" })
@@ -212,7 +230,7 @@ describe("moonlet.tcp TLS", function()
     it("refuses to listen with a certificate it cannot load", function()
         assert.same({ nil, "tls: cannot load certificate" },
             { tcp.listen({ port = 0, tls = { cert = certs.dir .. "/none.pem", key = key } }, line_echo) })
-        assert.same({ nil, "tls: cannot load key" },
+        assert.same({ nil, "tls: certificate and key do not match" },
             { tcp.listen({ port = 0, tls = { cert = cert, key = certs.dir .. "/other.key" } }, line_echo) })
     end)
 

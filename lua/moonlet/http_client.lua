@@ -595,7 +595,7 @@ local function connect(u, key, o, deadline, px, proxy_auth)
         end
     end
     if u.https then
-        local tls_opts = { server_name = u.host, verify = o.verify ~= false }
+        local tls_opts = { server_name = u.host, verify = o.verify ~= false, alpn = "http/1.1" }
         if o.tls then for k, v in pairs(o.tls) do tls_opts[k] = v end end
         -- the handshake is bounded by the connect timeout; moonlet.tcp's tls raises when cancelled
         if not arm(conn, t) then

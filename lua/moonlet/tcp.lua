@@ -117,11 +117,11 @@ local function context(server, opts)
     local verify = opts.verify
     if verify == nil then verify = not server end
     local key = concat({ server and "s" or "c", verify and "1" or "0", opts.cafile or "",
-        opts.cert or "", opts.key or "" }, "\0")
+        opts.cert or "", opts.key or "", opts.alpn or "" }, "\0")
     local ctx = contexts[key]
     if ctx then return ctx end
     local err
-    ctx, err = core_tls_context(server, verify, opts.cafile, opts.cert, opts.key)
+    ctx, err = core_tls_context(server, verify, opts.cafile, opts.cert, opts.key, opts.alpn)
     if not ctx then return nil, err end
     contexts[key] = ctx
     return ctx
@@ -130,7 +130,7 @@ end
 local function check_tls_opts(opts, level)
     if opts == nil or opts == true then return {} end
     if type(opts) ~= "table" then error("moonlet.tcp: tls options must be a table", level + 1) end
-    for _, k in ipairs({ "server_name", "cafile", "cert", "key" }) do
+    for _, k in ipairs({ "server_name", "cafile", "cert", "key", "alpn" }) do
         if opts[k] ~= nil and type(opts[k]) ~= "string" then
             error("moonlet.tcp: tls option " .. k .. " must be a string", level + 1)
         end
@@ -138,7 +138,8 @@ local function check_tls_opts(opts, level)
     return opts
 end
 
--- syntax: ok, err, detail = sock:tls({ server_name =, verify = true, cafile =, cert =, key = })
+-- syntax: ok, err, detail = sock:tls({ server_name =, verify = true, cafile =, cert =, key =,
+--                                      alpn = "http/1.1" })
 -- Runs the TLS handshake; afterwards send and receive are encrypted. A client checks the server's
 -- certificate against the system CA store (or cafile) and the name (server_name, else the host it
 -- connected to) unless verify = false. On a socket of moonlet.tcp.listen the server side runs
