@@ -18,7 +18,8 @@
  * - When the connection closes (reset, write error, server shutdown) while the handler task is
  *   parked in a wait of another object, on_close cancels the task (mlua_task_cancel: that wait's
  *   cancel callback undoes it first). A client's FIN alone is a half-close and the handler goes on,
- *   unless the server was made with check_client_abort (on_hangup cancels it the same way).
+ *   unless the server was made with check_client_abort or the exchange asked for it
+ *   (x:cancel_on_hangup, which res:sse does): on_hangup cancels it the same way.
  */
 #include <fcntl.h>
 #include <stdint.h>
@@ -47,16 +48,17 @@ struct mlua_server_s {
 enum { WAIT_NONE = 0, WAIT_BODY, WAIT_WRITABLE, WAIT_FILE };
 
 typedef struct {
-  ml_conn_t *c;      /* NULL once the request ended or the connection closed */
-  mlua_task_t *task; /* the handler task */
-  moonlet_t *m;      /* the instance (not the server: it may be freed while a handler runs) */
-  int wait;          /* WAIT_* */
-  int status;        /* for the access log */
-  uint64_t bytes;    /* body bytes sent */
-  uv_file fd;        /* open file of a transfer in flight */
-  int file_ref;      /* pins this userdata while a file transfer is in flight */
-  char *request_id;  /* moonlet.request_id's (malloc'd), for the access log; freed when the task
-                        ends (handler_done), after which none is taken */
+  ml_conn_t *c;       /* NULL once the request ended or the connection closed */
+  mlua_task_t *task;  /* the handler task */
+  moonlet_t *m;       /* the instance (not the server: it may be freed while a handler runs) */
+  int wait;           /* WAIT_* */
+  int status;         /* for the access log */
+  uint64_t bytes;     /* body bytes sent */
+  uv_file fd;         /* open file of a transfer in flight */
+  int file_ref;       /* pins this userdata while a file transfer is in flight */
+  char *request_id;   /* moonlet.request_id's (malloc'd), for the access log; freed when the task
+                         ends (handler_done), after which none is taken */
+  int hangup_cancels; /* x:cancel_on_hangup(): a FIN cancels the handler as check_client_abort */
 } exchange_t;
 
 static exchange_t *check_x(lua_State *L) { return mlua_check_object(L, 1, EXCHANGE_MT); }
@@ -122,6 +124,7 @@ static void on_request(ml_conn_t *c, void *ud) {
   x->fd = -1;
   x->file_ref = LUA_NOREF;
   x->request_id = NULL;
+  x->hangup_cancels = 0;
   lua_pushvalue(co, -2); /* stack: x (the pin), handler, x, method, target, co */
   ml_conn_set_data(c, x);
   lua_pushlstring(co, r->method, r->method_len);
@@ -668,6 +671,16 @@ static int x_set_close(lua_State *L) {
   return 0;
 }
 
+/* syntax: x:cancel_on_hangup() -- from now on a client's FIN cancels the handler where it waits, as
+ * with the server's check_client_abort: for a response whose client never sends again once it
+ * has asked (an SSE stream: EventSource's FIN means it has gone), so that a handler parked on a
+ * queue with nothing to write learns it at once rather than at its next write. */
+static int x_cancel_on_hangup(lua_State *L) {
+  exchange_t *x = check_x(L);
+  x->hangup_cancels = 1;
+  return 0;
+}
+
 /* syntax: x:abort() -- closes the connection at once, with no (more) response: the client went
  * away. Logged as 499 (nginx's "client closed request"). on_close follows from the close callback;
  * the task's end (exchange_end) finds the connection closing and does nothing more. */
@@ -740,7 +753,7 @@ static int x_tostring(lua_State *L) {
 static void on_hangup(ml_conn_t *c, void *ud) {
   mlua_server_t *s = ud;
   exchange_t *x = ml_conn_data(c);
-  if (!x || !s->check_client_abort || x->wait) return;
+  if (!x || !(s->check_client_abort || x->hangup_cancels) || x->wait) return;
   mlua_task_cancel(x->task);
 }
 
@@ -1045,6 +1058,7 @@ void mlua_open_http_server(lua_State *L, moonlet_t *m) {
                                 {"is_open", x_is_open},
                                 {"set_close", x_set_close},
                                 {"abort", x_abort},
+                                {"cancel_on_hangup", x_cancel_on_hangup},
                                 {"set_request_id", x_set_request_id},
                                 {NULL, NULL}};
   static const luaL_Reg sm[] = {

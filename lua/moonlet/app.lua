@@ -385,6 +385,17 @@ local function stop_watchdog(w)
     if co then core_cancel(co) end
 end
 
+-- syntax: app.lift_deadline(res) -- the request of res is no longer bounded by its deadline (res:sse:
+-- a stream lives as long as its client, as a WebSocket session does). Its watchdog is stopped;
+-- the dispatcher's stop_watchdog at the end then finds nothing to stop.
+function _M.lift_deadline(res)
+    local w = rawget(res, "_watchdog")
+    if w then
+        res._watchdog = nil
+        stop_watchdog(w)
+    end
+end
+
 local function fail(app, req, res, err, w)
     local x = res._x
     local z = res._deflater -- a gzip stream's zlib state (~260 KiB outside Lua's heap): freed now,
@@ -549,7 +560,10 @@ function methods:dispatcher()
             if d ~= nil then secs = d end
         end
         local w
-        if secs then w = start_watchdog(secs) end
+        if secs then
+            w = start_watchdog(secs)
+            res._watchdog = w -- (for lift_deadline)
+        end
         local ok, a, b, c
         if mw[1] then
             local st = chains[co]
