@@ -1,5 +1,6 @@
 -- spec/channel_spec.lua: moonlet.channel: publish and subscribe by name, bounded subscription
--- queues with their slow-consumer policies, close and unsubscribe, garbage-collected subscribers,
+-- queues with their slow-consumer policies, close and unsubscribe, garbage-collected subscribers
+-- (the names of many channels forgotten too),
 -- cancellation, and the layer interface a Redis-backed layer plugs into.
 local moonlet = require "moonlet"
 local channel = require "moonlet.channel"
@@ -109,6 +110,23 @@ describe("moonlet.channel", function()
         assert.is_true(collectgarbage("count") - mem0 < 256, "Lua memory grew")
         local s = core.stats()
         assert.is_true(s.tasks <= before.tasks and s.resources <= before.resources)
+    end)
+
+    it("forgets the names of many channels whose subscriptions were dropped without close", function()
+        -- per-user names, each subscription dropped (its handler cancelled in receive): the
+        -- in-process layer must not keep a table per name it has seen
+        settle()
+        local mem0 = collectgarbage("count")
+        for round = 1, 3 do
+            for i = 1, 10000 do
+                moonlet.channel("spec:user:" .. round .. ":" .. i):subscribe()
+                if i % 1000 == 0 then collectgarbage() end
+            end
+        end
+        settle()
+        assert.same(0, moonlet.channel("spec:user:3:10000"):subscribers())
+        local grew = collectgarbage("count") - mem0
+        assert.is_true(grew < 1024, ("Lua memory grew by %d KiB"):format(grew))
     end)
 
     it("goes through the layer that is set: a stand-in for a Redis layer", function()

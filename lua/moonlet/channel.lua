@@ -26,12 +26,27 @@ local _M = { _VERSION = "0.1.0" }
 local function local_layer()
     local by_name = {} -- name -> weak set of subscriptions
     local weak = { __mode = "k" }
+    -- A set whose subscriptions were all collected (dropped without close: a handler cancelled in
+    -- receive) is empty but still in by_name until its name is published to. With names made per
+    -- user or per document, that is a table per name forever; so each time the sets made since the
+    -- last sweep outnumber the live ones then (64 at least), the empty ones are swept: amortised
+    -- O(1) per subscribe, and by_name stays within about twice the names in use.
+    local nsets, sweep_at = 0, 64
+    local function sweep()
+        local live = 0
+        for name, set in pairs(by_name) do -- (clearing a field while traversing is allowed)
+            if next(set) == nil then by_name[name] = nil else live = live + 1 end
+        end
+        nsets, sweep_at = live, 2 * live + 64
+    end
     local layer = {}
     function layer.subscribe(name, sub)
         local set = by_name[name]
         if not set then
+            if nsets >= sweep_at then sweep() end
             set = setmetatable({}, weak)
             by_name[name] = set
+            nsets = nsets + 1
         end
         set[sub] = true
     end
@@ -39,7 +54,10 @@ local function local_layer()
         local set = by_name[name]
         if not set then return end
         set[sub] = nil
-        if next(set) == nil then by_name[name] = nil end
+        if next(set) == nil then
+            by_name[name] = nil
+            nsets = nsets - 1
+        end
     end
     function layer.publish(name, msg)
         local set = by_name[name]
@@ -51,6 +69,7 @@ local function local_layer()
         end
         if n == 0 then
             by_name[name] = nil
+            nsets = nsets - 1
             return 0
         end
         local got = 0 -- the subscriptions that queued it (not one the disconnect policy closed)
