@@ -780,12 +780,21 @@ static void server_done(ml_server_t *srv, void *ud) {
   if (m->stopping && !m->servers) mlua_stop_drained(m);
 }
 
-static void limit_u64(lua_State *L, int idx, const char *name, uint64_t *dst, double scale) {
+/* The longest timeout, in ms: core/http_server.c adds one to the loop's clock for a deadline, which
+ * must not wrap (it would be in the past: every connection timed out at once). */
+#define TIMEOUT_MS_MAX (UINT64_MAX / 4)
+
+/* Reads limit `name` (times `scale`) into *dst, at most `max`: a larger value (math.huge too) is
+ * `max`, since converting a double beyond the target type is undefined in C, and a cast of the
+ * 64-bit result to a narrower field would wrap (2^32 connections became 0: every one refused).
+ * A negative value or NaN raises. */
+static void limit_u64(lua_State *L, int idx, const char *name, uint64_t *dst, double scale,
+                      uint64_t max) {
   lua_getfield(L, idx, name);
   if (!lua_isnil(L, -1)) {
-    double v = luaL_checknumber(L, -1);
-    if (v < 0) luaL_error(L, "moonlet: %s must be >= 0", name);
-    *dst = (uint64_t)(v * scale);
+    double v = luaL_checknumber(L, -1) * scale;
+    if (!(v >= 0)) luaL_error(L, "moonlet: %s must be a number >= 0", name);
+    *dst = v >= (double)max ? max : (uint64_t)v; /* (double)max rounds up: still in range */
   }
   lua_pop(L, 1);
 }
@@ -795,7 +804,7 @@ static void read_limit_fields(lua_State *L, int idx, ml_http_limits_t *lim) {
   uint64_t v;
 #define SZ(name, field)                                                                            \
   v = lim->field;                                                                                  \
-  limit_u64(L, idx, name, &v, 1);                                                                  \
+  limit_u64(L, idx, name, &v, 1, (__typeof__(lim->field))-1);                                      \
   lim->field = (__typeof__(lim->field))v;
   SZ("max_uri", max_uri)
   SZ("max_header_bytes", max_header_bytes)
@@ -804,11 +813,11 @@ static void read_limit_fields(lua_State *L, int idx, ml_http_limits_t *lim) {
   SZ("max_conns", max_conns)
   SZ("keepalive_requests", keepalive_requests)
 #undef SZ
-  limit_u64(L, idx, "header_timeout", &lim->header_timeout_ms, 1000);
-  limit_u64(L, idx, "body_timeout", &lim->body_timeout_ms, 1000);
-  limit_u64(L, idx, "keepalive_timeout", &lim->keepalive_timeout_ms, 1000);
-  limit_u64(L, idx, "send_timeout", &lim->send_timeout_ms, 1000);
-  limit_u64(L, idx, "shutdown_grace", &lim->shutdown_grace_ms, 1000);
+  limit_u64(L, idx, "header_timeout", &lim->header_timeout_ms, 1000, TIMEOUT_MS_MAX);
+  limit_u64(L, idx, "body_timeout", &lim->body_timeout_ms, 1000, TIMEOUT_MS_MAX);
+  limit_u64(L, idx, "keepalive_timeout", &lim->keepalive_timeout_ms, 1000, TIMEOUT_MS_MAX);
+  limit_u64(L, idx, "send_timeout", &lim->send_timeout_ms, 1000, TIMEOUT_MS_MAX);
+  limit_u64(L, idx, "shutdown_grace", &lim->shutdown_grace_ms, 1000, TIMEOUT_MS_MAX);
 }
 
 /* The limits of core.listen's opts (at idx, absolute): the built-in defaults, then opts.defaults

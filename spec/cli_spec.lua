@@ -202,6 +202,41 @@ describe("moonlet (the command)", function()
             assert.are_not.equal(0, code)
         end)
 
+        it("lists in --help every flag the command takes", function()
+            local src = read_file(assert(package.searchpath("moonlet.cli", package.path)))
+            local flags = {}
+            for flag in src:gmatch('%["(%-%-[%w-]+)"%]') do flags[#flags + 1] = flag end
+            for flag in src:gmatch('a == "(%-%-?[%w-]+)"') do flags[#flags + 1] = flag end
+            assert.truthy(#flags > 20, #flags)
+            local out = run("--help")
+            for _, flag in ipairs(flags) do
+                if flag ~= "--" then
+                    assert.truthy(out:find("%f[%w-]" .. plain(flag) .. "%f[^%w-]"), flag .. " not in --help")
+                end
+            end
+        end)
+
+        it("refuses a number in hex, inf or nan and an unknown log level: one line, exit 2", function()
+            local path = script("hello.lua", "print('ran')\n")
+            for _, case in ipairs({
+                { "--port 0x50", "--port wants a number" }, { "--max-body inf", "--max-body wants a number" },
+                { "--max-conns nan", "--max-conns wants a number" },
+                { "--header-timeout 1e999", "--header-timeout wants a number" },
+                { "--workers 0x2", "--workers wants a number from 1 to 255, or auto" },
+                { "--log-level loud", "--log-level is error, warn, info or debug" },
+            }) do
+                assert.same({ "", "moonlet: " .. case[2] .. "\n", 2 }, { run(case[1] .. " " .. path) })
+            end
+            assert.same({ "", "moonlet: PORT is not a number\n", 2 }, { run(path, "PORT=0x50") })
+        end)
+
+        it("serves with limits beyond what their C types hold, as no limit", function()
+            local p = start("--port 0 --max-conns 4294967296 --max-body 1e30 --header-timeout 1e20 "
+                            .. script("app.lua", APP))
+            local r = test.request(p:port(), "GET", "/")
+            assert.same({ 200, "hello from the app" }, { r.status, r.body })
+        end)
+
         it("prints the usage and exits non-zero without a script", function()
             local out, err, code = run("")
             assert.same("", out)
@@ -289,6 +324,30 @@ error("failed after opening things")
             assert(port, read_file(p.err))
             assert.same(200, test.request(port, "GET", "/").status)
             assert.same("", read_file(p.out))
+        end)
+
+        it("escapes control bytes a client sent in a logged message: no forged line", function()
+            local p = start("--port 0 " .. script("inject.lua", [[
+local moonlet = require "moonlet"
+local app = moonlet.app()
+app:get("/e/:x", function(req) error("bad item " .. req.params.x) end)
+app:get("/l/:x", function(req) moonlet.log("warn", "item ", req.params.x) return "ok" end)
+return app
+]]))
+            local port = p:port()
+            local forged = "%0d%0a2001-01-01T00:00:00Z%20%5berror%5d%20FORGED%1b%5b2J"
+            assert.same(500, test.request(port, "GET", "/e/a" .. forged).status)
+            assert.same(200, test.request(port, "GET", "/l/b" .. forged).status)
+            local out = assert(test.wait_until(function()
+                local o = p:output()
+                return o:find("item b", 1, true) and o:find("in function", 1, true) and o
+            end), p:output())
+            assert.falsy(out:find("\n2001-01-01T", 1, true), out)
+            assert.falsy(out:find("[\r\27]"), out)
+            assert.truthy(out:find("bad item a\\x0D\n\t2001-01-01T00:00:00Z [error] FORGED\\x1B[2J", 1, true),
+                          out)
+            assert.truthy(out:find("item b\\x0D\n\t2001-01-01T", 1, true), out)
+            assert.truthy(out:find("\n\tstack traceback:\n\t", 1, true), out) -- a traceback, indented
         end)
 
         it("listens on the port given by env PORT", function()

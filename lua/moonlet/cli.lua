@@ -36,6 +36,7 @@ flags:
   --header-timeout S      seconds to receive the headers, else 408 (60)
   --body-timeout S        seconds between two body reads, else 408 (60)
   --keepalive-timeout S   idle keep-alive connections are closed after S seconds (75)
+  --send-timeout S        a client that reads nothing for S seconds is dropped (60)
   --max-conns N           connections beyond N are refused (10240)
   --shutdown-grace S      SIGINT/SIGTERM wait this long for in-flight requests (10)
   --workers N             N processes serve the app on the same port (SO_REUSEPORT), watched by
@@ -73,6 +74,18 @@ local CLI_ONLY = { log_level = true, access_log = true, reload = true, tls_cert 
                    access_log_format = true, error_log = true, pid_file = true,
                    warn_blocking = true, _script_args_only = true }
 local ACCESS_FORMATS = { moonlet = true, combined = true, json = true }
+local LOG_LEVELS = { error = true, warn = true, info = true, debug = true }
+
+-- A flag's number as written in decimal ("8080", "0.5", "1e6"), or nil: tonumber alone takes
+-- "0x50", "inf" and "nan" too, which no limit means (nan and 1e30 were undefined in C's casts).
+local function decimal(s)
+    if type(s) ~= "string" then return nil end
+    if not (s:match("^%d+%.?%d*$") or s:match("^%.%d+$") or s:match("^%d+%.?%d*[eE]%+?%d+$")) then
+        return nil
+    end
+    local v = tonumber(s)
+    return v and v < math.huge and v or nil
+end
 
 -- A failure to start, told on stderr, and on the terminal too when --error-log took stderr
 local function report(msg)
@@ -135,15 +148,15 @@ function _M.parse(argv)
     end
     for k in pairs(numeric) do
         if opts[k] ~= nil then
-            local v = tonumber(opts[k])
-            if not v or v < 0 then return die("--" .. k:gsub("_", "-") .. " wants a number") end
+            local v = decimal(opts[k])
+            if not v then return die("--" .. k:gsub("_", "-") .. " wants a number") end
             opts[k] = v
         end
     end
     if opts.workers == "auto" then
         opts.workers = math.min(core.cpus(), 255)
     elseif opts.workers ~= nil then
-        local w = tonumber(opts.workers)
+        local w = decimal(opts.workers)
         if not w or w ~= math.floor(w) or w < 1 or w > 255 then
             return die("--workers wants a number from 1 to 255, or auto")
         end
@@ -163,6 +176,9 @@ function _M.parse(argv)
         if not ok then return die("--unix-mode wants an octal mode such as 660") end
         opts.unix_mode = mode
     end
+    if opts.log_level ~= nil and not LOG_LEVELS[opts.log_level:lower()] then
+        return die("--log-level is error, warn, info or debug")
+    end
     if opts.access_log == "" then return die("--access-log= wants a file") end
     if opts.error_log == "" then return die("--error-log wants a file") end
     if opts.pid_file == "" then return die("--pid-file wants a file") end
@@ -177,7 +193,7 @@ function _M.parse(argv)
     end
     if opts.tls_cert then opts.tls = { cert = opts.tls_cert, key = opts.tls_key } end
     if opts.port == nil and os.getenv("PORT") then
-        opts.port = tonumber(os.getenv("PORT"))
+        opts.port = decimal(os.getenv("PORT"))
         if not opts.port then return die("PORT is not a number") end
     end
     if opts.port and (opts.port ~= math.floor(opts.port) or opts.port < 0 or opts.port > 65535) then
