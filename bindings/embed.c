@@ -410,29 +410,43 @@ static void collect_app(run_t *r, lua_State *co) {
 /* Runs moonlet.reload's fn with the string arguments (NULL: nil). Returns 1 when it ended (a->...
  * set; a raised error leaves a->status empty), 0 when it waits, UV_E* when the framework is
  * missing. */
+typedef struct {
+  moonlet_t *m;
+  const char *fn;
+  const char *s[3]; /* NULL: nil */
+  int r;            /* push_function's result */
+} fn_args_t;
+
+/* The function fn names and the three strings, pushed on the main state under mlua_push_protected
+ * (then moved to the task): a script's source is one more string to allocate, and memory running
+ * out there must fail the load, not reach LuaJIT's panic. */
+static int push_fn_args(lua_State *L, void *ud) {
+  fn_args_t *a = ud;
+  a->r = push_function(a->m, L, a->fn);
+  if (a->r < 0) return 0;
+  for (int i = 0; i < 3; i++) {
+    if (a->s[i])
+      lua_pushstring(L, a->s[i]);
+    else
+      lua_pushnil(L);
+  }
+  return 4;
+}
+
 static int run_reload_fn3(moonlet_t *m, const char *fn, const char *a1, const char *a2,
                           const char *a3, app_result_t *a) {
   memset(a, 0, sizeof *a);
   mlua_task_t *t = mlua_task_new(m);
   lua_State *co = t->co;
-  int r = push_function(m, co, fn);
-  if (r < 0) {
-    if (r == UV_ENOENT) ml_log(&m->log, ML_LOG_ERROR, "%s: the framework is missing", fn);
+  int top = lua_gettop(co);
+  fn_args_t fa = {m, fn, {a1, a2, a3}, 0};
+  int n = mlua_push_protected(m, co, push_fn_args, &fa);
+  if (fa.r < 0 || n != 4) { /* (n == 2: nil, "not enough memory") */
+    lua_settop(co, top);
+    if (fa.r == UV_ENOENT) ml_log(&m->log, ML_LOG_ERROR, "%s: the framework is missing", fn);
     release_unused(t);
-    return r;
+    return fa.r < 0 ? fa.r : UV_ENOMEM;
   }
-  if (a1)
-    lua_pushstring(co, a1);
-  else
-    lua_pushnil(co);
-  if (a2)
-    lua_pushstring(co, a2);
-  else
-    lua_pushnil(co);
-  if (a3)
-    lua_pushstring(co, a3);
-  else
-    lua_pushnil(co);
   run_t run = {0, 0, fn, collect_app, a};
   return run_task(t, 3, &run);
 }

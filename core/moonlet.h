@@ -157,7 +157,8 @@ int moonlet_backend_timeout(moonlet_t *m);
  * 2 (the top level is still waiting; an app it returns is installed when it ends), UV_ENOENT (no
  * such file), UV_EINVAL (a syntax error or an error at the top level, logged with file and line; a
  * previous app goes on serving), UV_ECANCELED (moonlet's own Lua modules failed to load, e.g.
- * out of memory: logged; a later load tries them again). */
+ * out of memory: logged; a later load tries them again), UV_ENOMEM (memory ran out before the
+ * script could start: nothing changed). */
 int moonlet_load_file(moonlet_t *m, const char *path);
 /* The same for Lua source code in a string (firmware without a file system); name appears in error
  * messages and tracebacks ("name:line: ..."). */
