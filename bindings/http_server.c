@@ -575,6 +575,13 @@ static int x_send_file(lua_State *L) {
 /* syntax: headers = x:headers() -- lower-case names; repeated headers joined with ", ", but Cookie
  * lines with "; ": they are one cookie list (RFC 9113 8.2.3, nginx's $http_cookie), and a comma
  * inside it would end up in a cookie's value */
+/* How repeated lines of a header join: ", ", but Cookie lines with "; ": they are one cookie list
+ * (RFC 9113 8.2.3, nginx's $http_cookie), and a comma inside it would end up in a cookie's value.
+ * The one rule for x:headers() and x:header(). */
+static const char *join_sep(const char *name, size_t n) {
+  return n == 6 && memcmp(name, "cookie", 6) == 0 ? "; " : ", ";
+}
+
 static int x_headers(lua_State *L) {
   exchange_t *x = check_x(L);
   if (!x->c) return mlua_push_error(L, UV_EPIPE);
@@ -589,10 +596,7 @@ static int x_headers(lua_State *L) {
       lua_pop(L, 1);
       lua_pushlstring(L, h->value, h->value_len);
     } else {
-      if (h->name_len == 6 && memcmp(h->name, "cookie", 6) == 0)
-        lua_pushliteral(L, "; ");
-      else
-        lua_pushliteral(L, ", ");
+      lua_pushstring(L, join_sep(h->name, h->name_len));
       lua_pushlstring(L, h->value, h->value_len);
       lua_concat(L, 3);
     }
@@ -601,13 +605,14 @@ static int x_headers(lua_State *L) {
   return 1;
 }
 
-/* syntax: value = x:header(lowercase_name, sep) -- every line of that header, joined with sep
- * (", " as in x:headers(); cookies join with "; "); nothing when there is none */
+/* syntax: value = x:header(lowercase_name) -- every line of that header, joined as in x:headers()
+ * (join_sep); nothing when there is none */
 static int x_header(lua_State *L) {
   exchange_t *x = check_x(L);
-  size_t n, seplen;
+  size_t n;
   const char *name = luaL_checklstring(L, 2, &n);
-  const char *sep = luaL_optlstring(L, 3, ", ", &seplen);
+  const char *sep = join_sep(name, n);
+  size_t seplen = 2;
   if (!x->c) return 0;
   const ml_request_t *r = ml_conn_request(x->c);
   int found = 0;

@@ -27,7 +27,7 @@ function lazy.headers(req) -- lower-case names; any letter case finds them (moon
     return wrap_headers(req._x:headers() or {})
 end
 function lazy.cookies(req)
-    return cookie().parse(req._x:header("cookie", "; ")) -- several Cookie lines join with "; "
+    return cookie().parse(req._x:header("cookie")) -- several Cookie lines join with "; "
 end
 function lazy.query(req)
     local first, all = url.parse_query(req.query_string)
@@ -89,8 +89,7 @@ function methods:header(name)
     name = str_lower(name)
     local h = rawget(self, "headers")
     if h then return h[name] end
-    -- several Cookie lines are one cookie list (RFC 9113 8.2.3, nginx's $http_cookie): "; "
-    return self._x:header(name, name == "cookie" and "; " or nil)
+    return self._x:header(name) -- (several Cookie lines are one list, joined with "; ")
 end
 
 -- syntax: values = req:args(name) -- every value of a repeated query parameter, in order
