@@ -132,8 +132,12 @@ function _M.handler(dir, opts, base)
         if not rel then return 404, "404 Not Found\n" end
         local real = resolve(root .. "/" .. rel)
         if not real then return 404, "404 Not Found\n" end
-        local st = core.stat(real)
+        -- opened now and judged by what fstat says of the open file (no stat before): what is
+        -- sent is the version its headers describe, even if the path is renamed over before the
+        -- middleware returns
+        local fh, st = core.open_file(real)
         if st and st.type == "directory" then
+            fh:close()
             -- "/docs/guide" names a directory: 301 to "/docs/guide/" (the query kept), as nginx
             -- does, so that the relative links of its index resolve inside it
             local path, query = str_match(req.target, "^([^?]*)(.*)$")
@@ -144,13 +148,16 @@ function _M.handler(dir, opts, base)
                 res:header("Location", path .. "/" .. query)
                 return 301, "301 Moved Permanently\n"
             end
-        end
-        if st and st.type == "directory" and index then
+            if not index then return 404, "404 Not Found\n" end
             real = resolve(real .. "/" .. index) -- the index may be a symlink too
             if not real then return 404, "404 Not Found\n" end
-            st = core.stat(real)
+            fh, st = core.open_file(real)
         end
-        if not st or st.type ~= "file" then return 404, "404 Not Found\n" end
+        if not fh then return 404, "404 Not Found\n" end
+        if st.type ~= "file" then
+            fh:close()
+            return 404, "404 Not Found\n"
+        end
         local ctype = mime.for_path(real)
         local encoding -- "gzip" when the precompressed sibling goes instead (under moonlet.gzip)
         local on_the_fly -- the file goes gzipped, as a body (under moonlet.gzip, no sibling)
@@ -161,22 +168,21 @@ function _M.handler(dir, opts, base)
             local st_gz = real_gz and core.stat(real_gz)
             if st_gz and st_gz.type == "file" then
                 res:vary("Accept-Encoding")
-                if gz.accept then real, encoding = real_gz, "gzip" end -- its stat: below
+                if gz.accept then -- the sibling goes instead (opened as the file was)
+                    local gfh, gst = core.open_file(real_gz)
+                    if gfh and gst.type == "file" then
+                        fh:close()
+                        fh, st, real, encoding = gfh, gst, real_gz, "gzip"
+                    elseif gfh then
+                        gfh:close()
+                    end
+                end
             elseif compress.file_compressible(gz, st, ctype) then
                 res:vary("Accept-Encoding")
                 on_the_fly = gz.accept and not req:header("range")
             end
         end
 
-        -- opened now, its headers made from what fstat says of the open file: what is sent is the
-        -- version they describe, even if the path is renamed over before the middleware returns
-        local fh, fst = core.open_file(real)
-        if not fh then return 404, "404 Not Found\n" end
-        if fst.type ~= "file" then
-            fh:close()
-            return 404, "404 Not Found\n"
-        end
-        st = fst
         local tag = fmt('"%x-%x"', st.mtime, st.size)
         local etag = tag
         local last_modified = http_date(st.mtime)
