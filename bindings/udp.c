@@ -21,6 +21,7 @@
  * someone waits; the others wait in the kernel's buffer.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,6 +173,16 @@ static int send_unix(udp_t *u, const char *data, size_t len, const struct sockad
   return n < 0 ? (errno == EWOULDBLOCK ? UV_EAGAIN : -errno) : 0;
 }
 
+/* Pushes the Lua object of u (whose pointer it holds until u closes). Returns 1. */
+static int push_udp(lua_State *L, udp_t *u) {
+  udp_t **box = lua_newuserdata(L, sizeof *box);
+  *box = u;
+  u->box = box;
+  luaL_getmetatable(L, UDP_MT);
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
 /* syntax: u, err = core.udp_bind("unix:/path" | "unix:") -- a datagram Unix domain socket */
 static int bind_unix(lua_State *L, moonlet_t *m, const char *path) {
   udp_t *u = calloc(1, sizeof *u);
@@ -200,12 +211,7 @@ static int bind_unix(lua_State *L, moonlet_t *m, const char *path) {
     udp_close(u);
     return push_err(L, r);
   }
-  udp_t **box = lua_newuserdata(L, sizeof *box);
-  *box = u;
-  u->box = box;
-  luaL_getmetatable(L, UDP_MT);
-  lua_setmetatable(L, -2);
-  return 1;
+  return push_udp(L, u);
 }
 
 /* syntax: u, err = core.udp_bind(ip, port), or core.udp_bind("unix:/path" | "unix:") */
@@ -243,12 +249,42 @@ static int l_bind(lua_State *L) {
     return push_err(L, r);
   }
   if (port != 0) mlua_worker_listening(m); /* a server's port: under --workers, this one serves */
-  udp_t **box = lua_newuserdata(L, sizeof *box);
-  *box = u;
-  u->box = box;
-  luaL_getmetatable(L, UDP_MT);
-  lua_setmetatable(L, -2);
-  return 1;
+  return push_udp(L, u);
+}
+
+/* syntax: u2, err = core.udp_dup(u) -- a second object on the socket of u, an IP one (hot reload's
+ * hand-over, lua/moonlet/udp.lua): a duplicate of its descriptor in a handle of its own. Either
+ * may close first; the socket stays bound until both have. Each reads only while someone waits on
+ * it (see the top), so a datagram goes to one of them, never into a buffer nobody reads. */
+static int l_dup(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  udp_t *o = check_udp(L);
+  if (!o) return push_err(L, UV_EPIPE);
+  if (o->is_unix) return luaL_argerror(L, 1, "an IP socket");
+  uv_os_fd_t fd;
+  int r = uv_fileno((uv_handle_t *)&o->udp, &fd);
+  if (r < 0) return push_err(L, r);
+  int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (nfd < 0) return push_err(L, -errno);
+  udp_t *u = calloc(1, sizeof *u);
+  if (!u) {
+    close(nfd);
+    return luaL_error(L, "moonlet: out of memory");
+  }
+  u->m = m;
+  u->timeout_ms = -1;
+  uv_udp_init(m->loop, &u->udp);
+  uv_timer_init(m->loop, &u->timer);
+  u->udp.data = u->timer.data = u;
+  u->handles = 2;
+  mlua_res_link(m, &u->res, udp_res_close);
+  r = uv_udp_open(&u->udp, nfd); /* which owns nfd from here on */
+  if (r < 0) {
+    close(nfd);
+    udp_close(u);
+    return push_err(L, r);
+  }
+  return push_udp(L, u);
 }
 
 static void on_sent(uv_udp_send_t *req, int status) {
@@ -444,7 +480,7 @@ void mlua_open_udp(lua_State *L, moonlet_t *m) {
                                 {"getsockname", u_getsockname},
                                 {"close", u_close},
                                 {NULL, NULL}};
-  static const luaL_Reg fns[] = {{"udp_bind", l_bind}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"udp_bind", l_bind}, {"udp_dup", l_dup}, {NULL, NULL}};
   luaL_newmetatable(L, UDP_MT);
   lua_pushliteral(L, UDP_MT);
   lua_setfield(L, -2, "__name");

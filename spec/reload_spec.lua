@@ -322,6 +322,106 @@ end)]]))
         end)())
     end)
 
+    it("hands moonlet.tcp.listen's servers to the new code; a failed load closes what it opened",
+       function()
+        local dir = tmpdir()
+        local function tcp_src(body, socks, extra)
+            local t = {}
+            for i = 1, #socks do
+                t[i] = ("assert(moonlet.tcp.listen({ unix = %q }, function(s) s:send(%q) end))")
+                       :format(dir .. "/" .. socks[i], body .. "\n")
+            end
+            return app_src(body, table.concat(t, "\n") .. "\n" .. (extra or ""))
+        end
+        local function line(sock)
+            local s, err = moonlet.tcp.connect("unix:" .. dir .. "/" .. sock, nil, { timeout = 2 })
+            if not s then return nil, err end
+            local l, rerr = s:receive("*l")
+            s:close()
+            return l, rerr
+        end
+        local host, port, path = serve(dir, tcp_src("v1", { "a.sock" }))
+        assert.same("v1", line("a.sock"))
+        local kept = moonlet.tcp.connect("unix:" .. dir .. "/a.sock") -- accepted by v1's code
+        -- the same address: the same server (no "address in use"), the new handler
+        write_file(path, tcp_src("v2", { "a.sock" }))
+        assert.is_true(host:reload())
+        assert.same("v2", get(port))
+        assert.same("v2", line("a.sock"))
+        assert.same("v1", kept:receive("*l"))
+        kept:close()
+        -- a failing load: its new servers (moonlet.tcp's and app:listen's) close, a.sock stays v2's
+        write_file(path, tcp_src("v3", { "a.sock", "b.sock" },
+                                 ("assert(app:listen({ unix = %q }))\nerror('boom')\n")
+                                 :format(dir .. "/c.sock")))
+        local ok, err = host:reload()
+        assert.is_nil(ok)
+        assert.truthy(err:find("boom", 1, true), err)
+        assert.same("v2", line("a.sock"))
+        assert.same("v2", get(port))
+        assert(test.wait_until(function() return line("b.sock") == nil end, 5))
+        assert(test.wait_until(function()
+            return moonlet.http.get("http://app/", { unix = dir .. "/c.sock" }) == nil
+        end, 5))
+        -- moved: the old address closes when the new code serves, the new one serves it
+        write_file(path, tcp_src("v4", { "d.sock" }))
+        assert.is_true(host:reload())
+        assert.same("v4", line("d.sock"))
+        assert.is_nil(line("a.sock"))
+        host:close()
+        assert.is_nil(line("d.sock"))
+    end)
+
+    it("hands a socket of moonlet.udp.bind to the new code's bind on its address", function()
+        local dir = tmpdir()
+        local function free_port()
+            local u = assert(moonlet.udp.bind("127.0.0.1", 0))
+            local _, p = u:getsockname()
+            u:close()
+            return p
+        end
+        local p1, p2 = free_port(), free_port()
+        local function udp_src(body, port, extra)
+            return app_src(body, ([[
+local u = assert(moonlet.udp.bind("127.0.0.1", %d))
+moonlet.spawn(function()
+    while true do
+        local d, h, p = u:recvfrom()
+        if d then u:sendto(%q .. d, h, p) end
+    end
+end)
+]]):format(port, body .. ":") .. (extra or ""))
+        end
+        local client = assert(moonlet.udp.bind("127.0.0.1", 0))
+        defer(function() client:close() end)
+        client:settimeout(2)
+        local function ask(port)
+            assert(client:sendto("x", "127.0.0.1", port))
+            return client:recvfrom()
+        end
+        local host, _, path = serve(dir, udp_src("v1", p1))
+        assert.same("v1:x", ask(p1))
+        write_file(path, udp_src("v2", p1)) -- the same address: was "address in use"
+        assert.is_true(host:reload())
+        for _ = 1, 3 do assert.same("v2:x", ask(p1)) end
+        -- a failing load's socket closes (its port is free again), the old code's stays
+        write_file(path, udp_src("v3", p1, ("assert(moonlet.udp.bind('127.0.0.1', %d))\n"
+                                            .. "error('boom')\n"):format(p2)))
+        assert.is_nil((host:reload()))
+        assert.same("v2:x", ask(p1))
+        local again = assert(moonlet.udp.bind("127.0.0.1", p2))
+        again:close()
+        -- moved: the old port is free once the new code serves
+        write_file(path, udp_src("v4", p2))
+        assert.is_true(host:reload())
+        assert.same("v4:x", ask(p2))
+        again = assert(moonlet.udp.bind("127.0.0.1", p1))
+        again:close()
+        host:close()
+        again = assert(moonlet.udp.bind("127.0.0.1", p2))
+        again:close()
+    end)
+
     it("returns to its memory baseline after 100 reloads", function()
         local dir = tmpdir()
         write_file(dir .. "/reload_mem_mod.lua", 'return { n = 0 }\n')

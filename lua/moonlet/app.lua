@@ -674,6 +674,8 @@ function methods:listen(given)
     else
         server, port = core.listen(opts, self:dispatcher())
         if not server then return nil, port end
+        local load = _M.loading -- (a reload's: closed if the load fails)
+        if load then load.opened[#load.opened + 1] = server end
     end
     listen_keys[server] = key
     self.servers = self.servers or {}

@@ -89,7 +89,8 @@ function _M.new(opts)
         error("moonlet.reload.new: wants { path = file } or { code = string }", 2)
     end
     local self = setmetatable({
-        servers = {}, own = {}, modules = {}, lazy = {}, files = {}, args = opts.args or {},
+        servers = {}, own = {}, tcp_own = {}, udp_own = {}, modules = {}, lazy = {}, files = {},
+        args = opts.args or {},
         debounce = opts.debounce or 0.05, reloads = 0,
     }, mt)
     self:set_source(opts)
@@ -145,6 +146,15 @@ local function app_traceback(e)
     return cut and str_sub(tb, 1, cut - 1) or tb
 end
 
+-- Closes servers (an HTTP server lets the requests it has finish; moonlet.tcp's stops accepting)
+-- and UDP sockets.
+local function close_servers(list)
+    for i = 1, #list do
+        local s = list[i]
+        if s.shutdown then s:shutdown() else s:close() end
+    end
+end
+
 local function compile(self)
     if self.path then
         local chunk, err = loadfile(self.path)
@@ -192,6 +202,23 @@ local function build(self)
         if key then reusable[key] = s end
     end
     app_mod.reusable = reusable
+    -- and the servers of moonlet.tcp.listen and sockets of moonlet.udp.bind alike (tcp.lua and
+    -- udp.lua, "Hot reload"); the servers and sockets this load opens are closed if it fails
+    local outer_loading = app_mod.loading
+    local loading = { reusable = {}, taken = {}, own = {}, opened = {}, udp_reusable = {},
+                      udp_own = {} }
+    local tcp, udp = package.loaded["moonlet.tcp"], package.loaded["moonlet.udp"]
+    for i = 1, #self.tcp_own do
+        local s = self.tcp_own[i]
+        local key = tcp and tcp.listen_key_of(s)
+        if key then loading.reusable[key] = s end
+    end
+    for i = 1, #self.udp_own do
+        local u = self.udp_own[i]
+        local key = udp and udp.bind_key_of(u)
+        if key then loading.udp_reusable[key] = u end
+    end
+    app_mod.loading = loading
     local ok, app = xpcall(chunk, app_traceback, unpack(args, 1, args.n or #args))
     -- the modules the old code required later (in a handler, a task), which the new top level did
     -- not: required again now, so that a broken edit of one keeps the old code as one of the app
@@ -217,6 +244,7 @@ local function build(self)
     end
     shutdown.end_load(prev_load)
     app_mod.reusable = outer_reusable
+    app_mod.loading = outer_loading
     if co then task.own(co, prev_owner) end
     self.missing_now = nil
     self.missing = missing
@@ -240,6 +268,7 @@ local function build(self)
     end
     if not ok then
         task.cancel_owned(tasks)
+        close_servers(loading.opened)
         shutdown.drop(self)
         for name in pairs(mods) do loaded[name] = nil end -- what the new code half loaded
         for name, v in pairs(saved) do loaded[name] = v end -- the old code keeps its modules
@@ -251,13 +280,13 @@ local function build(self)
         shutdown.keep(self) -- a plain script: its hooks are those of its one load
         return nil, "noapp", self:label() .. ": returned no app"
     end
-    return app, tasks
+    return app, tasks, loading
 end
 
 -- The new app takes over every server, between two requests.
 -- The old load's tasks are cancelled once the new app serves, except the ones the new app keeps in
 -- a field of its app.state (handed over by its on_reload): those are the new load's from then on.
-local function install(self, app, tasks)
+local function install(self, app, tasks, loading)
     local shutdown = require "moonlet.shutdown"
     shutdown.swap(self.app, app)      -- its app:on_shutdown hooks, not the old app's
     shutdown.keep(self)               -- and the moonlet.on_shutdown ones its load added
@@ -294,6 +323,31 @@ local function install(self, app, tasks)
     end
     for i = 1, #old_own do
         if not adopted[old_own[i]] then old_own[i]:shutdown() end
+    end
+    -- and the servers of moonlet.tcp.listen: the ones the new code took run its handlers; the
+    -- sockets of moonlet.udp.bind (the new code's on the same address have a socket of their own
+    -- on the same descriptor); the others close, unless the new app.state keeps them (on_reload)
+    local kept = {}
+    if type(app.state) == "table" then
+        for _, v in pairs(app.state) do kept[v] = true end
+    end
+    local old_tcp, old_udp = self.tcp_own, self.udp_own
+    self.tcp_own, self.udp_own = loading.own, loading.udp_own
+    local tcp = package.loaded["moonlet.tcp"]
+    for i = 1, #old_tcp do
+        local s = old_tcp[i]
+        local taken = loading.taken[s]
+        if taken then
+            tcp.adopt(s, taken)
+        elseif kept[s] then
+            self.tcp_own[#self.tcp_own + 1] = s
+        else
+            s:close()
+        end
+    end
+    for i = 1, #old_udp do
+        local u = old_udp[i]
+        if kept[u] then self.udp_own[#self.udp_own + 1] = u else u:close() end
     end
     local servers = self.servers
     if #servers == 0 then
@@ -401,7 +455,7 @@ function methods:load()
         if ok then app, kind, err = a, k, e else app, kind, err = nil, "error", tostring(a) end
         self.loading = false
         if app then
-            install(self, app, kind)
+            install(self, app, kind, err)
             kind = nil
             if had then
                 self.reloads = self.reloads + 1
@@ -464,6 +518,9 @@ function methods:close()
     end
     for i = 1, #self.servers do self.servers[i]:close() end
     self.servers = {}
+    close_servers(self.tcp_own)
+    close_servers(self.udp_own)
+    self.tcp_own, self.udp_own = {}, {}
     if self.dir then
         drop_path(self.dir)
         self.dir = nil

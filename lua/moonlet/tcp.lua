@@ -31,6 +31,10 @@ local _M = { _VERSION = "0.1.0" }
 
 local DEFAULT_TIMEOUT = 60
 
+local loading -- (below: the reload in progress, if any)
+-- the servers of moonlet.tcp.listen: what each connection runs (see listen)
+local boxes = setmetatable({}, { __mode = "k" })
+
 -- the host name each client socket connected to: sock:tls() checks the certificate against it
 local names = setmetatable({}, { __mode = "k" })
 local accepted = setmetatable({}, { __mode = "k" })
@@ -487,17 +491,30 @@ function _M.listen(opts, handler)
         addrs, err = dns.resolve(host)
         if not addrs then return nil, err end
     end
+    local key = path and "unix:" .. path or port ~= 0 and addrs[1] .. ":" .. port or nil
+    local load = loading()
+    local old = key and load and load.reusable[key]
+    if old then -- a reload's new code listens where the old code did: it takes that server
+        load.reusable[key] = nil
+        load.taken[old] = { handler = handler, ctx = ctx, timeout = timeout }
+        load.own[#load.own + 1] = old
+        return old
+    end
+    -- what each connection runs: replaced in place when a reload's new code takes the server
+    local box = { handler = handler, ctx = ctx, timeout = timeout, key = key, first = timeout }
     local function serve(sock)
         accepted[sock] = true
-        if ctx then
-            local ok, terr, detail = check(raw_tls(sock, ctx))
+        local b = box
+        if b.timeout ~= b.first then raw_settimeout(sock, b.timeout) end
+        if b.ctx then
+            local ok, terr, detail = check(raw_tls(sock, b.ctx))
             if not ok then
                 core.log(3, "tcp server: tls handshake failed: " .. tostring(terr) .. " ("
                     .. tostring(detail) .. ")")
                 return
             end
         end
-        return handler(sock)
+        return b.handler(sock)
     end
     local function run(sock)
         local ok, herr = xpcall(serve, handler_error, sock)
@@ -506,10 +523,45 @@ function _M.listen(opts, handler)
         end
         raw_close(sock)
     end
+    local server, lerr
     if path then
-        return core_unix_listen(path, opts.backlog, run, timeout, _M.unix_mode(opts.mode, 2))
+        server, lerr = core_unix_listen(path, opts.backlog, run, timeout, _M.unix_mode(opts.mode, 2))
+    else
+        server, lerr = core_listen(addrs[1], port, opts.backlog, run, timeout)
     end
-    return core_listen(addrs[1], port, opts.backlog, run, timeout)
+    if not server then return nil, lerr end
+    boxes[server] = box
+    if load then
+        load.own[#load.own + 1] = server
+        load.opened[#load.opened + 1] = server
+    end
+    return server
+end
+
+-- -- Hot reload (lua/moonlet/reload.lua) ---------------------------------------------------------
+-- While a load's top level runs, moonlet.app's loading is { reusable = { address = server of the
+-- old code }, taken = {}, own = {}, opened = {}, ... }: a moonlet.tcp.listen on an address the old code
+-- listened on takes that server (its socket stays open: no "address in use", no refused
+-- connection) and its handler, TLS and timeout wait in taken until the new code serves (adopt);
+-- own lists the load's servers (held here: a server whose object the script dropped goes on
+-- listening, and must still be found), opened the new ones, closed if the load fails.
+function loading()
+    local app_mod = package.loaded["moonlet.app"]
+    return app_mod and app_mod.loading
+end
+
+-- syntax: key = moonlet.tcp.listen_key_of(server) -- the address it listens on ("ip:port",
+-- "unix:/path"), nil for port 0
+function _M.listen_key_of(server)
+    local b = boxes[server]
+    return b and b.key
+end
+
+-- syntax: moonlet.tcp.adopt(server, taken) -- the connections server accepts from now on run the
+-- handler, TLS and timeout a reload's new code gave (taken: an entry of loading.taken)
+function _M.adopt(server, taken)
+    local b = boxes[server]
+    if b then b.handler, b.ctx, b.timeout = taken.handler, taken.ctx, taken.timeout end
 end
 
 return _M

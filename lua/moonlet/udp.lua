@@ -12,7 +12,7 @@ local task = require "moonlet.task"
 local dns = require "moonlet.dns"
 
 local check = task.check
-local core_bind = core.udp_bind
+local core_bind, core_dup = core.udp_bind, core.udp_dup
 local type, tonumber, error, setmetatable, rawget = type, tonumber, error, setmetatable, rawget
 local find, sub = string.find, string.sub
 
@@ -20,6 +20,8 @@ local raw = core.udp_raw
 local raw_sendto, raw_recvfrom, raw_setpeername = raw.sendto, raw.recvfrom, raw.setpeername
 
 local _M = { _VERSION = "0.1.0" }
+
+local bound = setmetatable({}, { __mode = "k" }) -- a socket of bind -> its "ip:port" (port not 0)
 
 local methods = {}
 for k, f in pairs(raw) do methods[k] = f end -- the calls that never wait, as they are
@@ -87,7 +89,37 @@ function _M.bind(host, port)
     port = check_port(port or 0, "bind")
     local ip, err = address(host)
     if not ip then return nil, err end
-    return core_bind(ip, port)
+    local key = port ~= 0 and ip .. ":" .. port or nil
+    local app_mod = package.loaded["moonlet.app"]
+    local load = app_mod and app_mod.loading
+    local old = key and load and load.udp_reusable[key]
+    local u
+    if old then -- a reload's new code binds where the old code's socket is: a second one on it
+        load.udp_reusable[key] = nil
+        u = core_dup(old)
+    end
+    if not u then
+        u, err = core_bind(ip, port)
+        if not u then return nil, err end
+    end
+    bound[u] = key
+    if load then
+        load.udp_own[#load.udp_own + 1] = u
+        load.opened[#load.opened + 1] = u
+    end
+    return u
+end
+
+-- -- Hot reload (lua/moonlet/reload.lua) ---------------------------------------------------------
+-- While a load's top level runs (moonlet.app's loading: see lua/moonlet/tcp.lua), a bind on the
+-- address of a socket the old code bound gets a second socket object on the same descriptor
+-- (core.udp_dup): no "address in use", and no datagram lost, since a socket object reads only
+-- while someone waits on it. The old code's socket closes when the new code serves (the new one
+-- closes if the load fails). Unix domain sockets are not handed over.
+
+-- syntax: key = moonlet.udp.bind_key_of(u) -- "ip:port" a socket was bound to, nil for port 0
+function _M.bind_key_of(u)
+    return bound[u]
 end
 
 -- -- moonlet.udp.socket(): the unbound cosocket object -------------------------------------------
