@@ -8,8 +8,10 @@
  * inherited SIG_IGN would reap them unseen); the ready pipe is drained before exits are looked at,
  * so a worker that said it serves is never taken for one that failed to start; each worker gets
  * the signal the supervisor got, once per signal; a worker is started again only when the
- * supervisor is not stopping, and at least its delay (RESTART_DELAY_MS, doubled after each failure
- * to start again, up to MAX_DELAY_MS) after its last start.
+ * supervisor is not stopping, and at least its delay after its last start: RESTART_DELAY_MS,
+ * doubled (up to MAX_DELAY_MS) each time it fails to start again or dies within STABLE_MS of
+ * saying it serves (a worker that crashes on every start, or on the first request it takes, is
+ * not started again every second forever), back to RESTART_DELAY_MS once it served that long.
  */
 #include "workers.h"
 
@@ -29,10 +31,12 @@
 
 #define RESTART_DELAY_MS 1000
 #define MAX_DELAY_MS 30000
+#define STABLE_MS 10000
 
 typedef struct {
   pid_t pid;           /* 0: not running */
   int ready;           /* it said it serves, since its last start */
+  uint64_t ready_at;   /* ms, monotonic: when it said so */
   uint64_t started;    /* ms, monotonic */
   uint64_t restart_at; /* ms; 0: no restart pending */
   uint64_t delay;      /* ms from its last start to the next */
@@ -95,7 +99,7 @@ static void drain_ready(sup_t *s) {
     for (ssize_t k = 0; k < got; k++) {
       if (ids[k] >= s->n) continue;
       s->slots[ids[k]].ready = 1;
-      s->slots[ids[k]].delay = RESTART_DELAY_MS; /* it started: its back-off is over */
+      s->slots[ids[k]].ready_at = now_ms();
       s->served = 1;
     }
   }
@@ -145,9 +149,12 @@ static int worker_exited(sup_t *s, int i, int status, int *stopping) {
     signal_all(s, SIGTERM);
     return st;
   }
-  if (!sl->ready) /* it served before, and failed to start again: back off */
+  uint64_t t = now_ms();
+  if (!sl->ready || t - sl->ready_at < STABLE_MS) /* it failed to start again, or died soon */
     sl->delay = sl->delay * 2 > MAX_DELAY_MS ? MAX_DELAY_MS : sl->delay * 2;
-  uint64_t t = now_ms(), due = sl->started + sl->delay;
+  else
+    sl->delay = RESTART_DELAY_MS; /* it served a while: its back-off is over */
+  uint64_t due = sl->started + sl->delay;
   sl->restart_at = due > t ? due : t;
   ml_log(s->log, ML_LOG_WARN, "workers: worker %d (pid %d) %s; starting it again in %.1f s", i,
          (int)pid, how, (double)(sl->restart_at - t) / 1000);

@@ -193,8 +193,9 @@ if f then f:close(); error("the database is down") end
         local pids = pids_of(port, 2)
         assert(moonlet.fs.write(marker, "x"))
         os.execute("kill -9 " .. pids[0])
-        assert.truthy(test.wait_until(function() -- (the delay doubles: 2 s from its last start)
-            return p:output():find("exited with status 1; starting it again in [12]%.%d s")
+        assert.truthy(test.wait_until(function() -- (the delay doubles twice: killed within 10 s
+            -- of serving, then failing to start: 4 s from its last start)
+            return p:output():find("exited with status 1; starting it again in [1-4]%.%d s")
         end, 10), p:output())
         assert.truthy(p:output():find("the database is down", 1, true))
         for _ = 1, 5 do -- worker 1 serves on meanwhile, alone
@@ -204,6 +205,40 @@ if f then f:close(); error("the database is down") end
         local back = pids_when(port)
         assert.truthy(back, p:output())
         assert.falsy(p:output():find("before it served", 1, true))
+    end)
+
+    it("backs off from a worker that dies soon after it serves, each time twice as long", function()
+        local marker = dir .. "/crash-soon"
+        assert(moonlet.fs.write(marker, "x"))
+        local p = test.start_process("--workers 2 --port 0 " .. script("crashy.lua", ([[
+local moonlet = require "moonlet"
+local ffi = require "ffi"
+ffi.cdef "int getpid(void); int kill(int pid, int sig);"
+moonlet.spawn(function() -- (it serves by then: its ready is sent once it listens)
+    moonlet.sleep(0.2)
+    local f = io.open(%q)
+    if f then f:close(); ffi.C.kill(ffi.C.getpid(), 9) end
+end)
+local app = moonlet.app()
+app:get("/", function() return "up" end)
+return app
+]]):format(marker)))
+        test.defer(function() p:kill() end)
+        -- worker 0's delays from its last start: 2 s, then 4 s (before: 1 s each time, forever)
+        local pattern = "worker 0 %(pid %d+%) was killed by signal 9; starting it again in (%d+%.%d) s"
+        local delays
+        assert.truthy(test.wait_until(function()
+            delays = {}
+            for d in p:output():gmatch(pattern) do delays[#delays + 1] = tonumber(d) end
+            return #delays >= 2
+        end, 15), p:output())
+        assert.truthy(delays[1] > 1.0 and delays[1] <= 2.0, p:output())
+        assert.truthy(delays[2] > 2.0 and delays[2] <= 4.0, p:output())
+        assert(os.remove(marker)) -- the next starts serve on
+        assert.truthy(test.wait_until(function()
+            local ok, r = pcall(test.request, p:port(), "GET", "/")
+            return ok and r.body == "up"
+        end, 15), p:output())
     end)
 
     it("shares moonlet.shared and ngx.shared between the workers, across restarts and reloads",
