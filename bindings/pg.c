@@ -23,11 +23,12 @@
  * 4. While idle the socket stays watched for reading: notifications are queued (for
  *    core.pg_notification) and a connection the server closed (a restart) is seen at once and
  *    marked broken, so that the pool does not hand it out.
- * 5. Results are converted to Lua values on the loop thread when the query ends: int2/4/8, oid,
- *    float4/8 and numeric as numbers, bool as booleans, bytea as its raw bytes, NULL as nil,
- *    everything else (text, varchar, json, dates, ...) as its text. int8 and numeric come as
- *    their text instead when the connection's big_numbers mode (B_*) says so: always, or only
- *    when a double would lose a digit of them.
+ * 5. Results are converted to Lua values on the loop thread when the query ends (pg_value.c):
+ *    int2/4/8, oid, float4/8 and numeric as numbers, bool as booleans, bytea as its raw bytes,
+ *    NULL as nil, the arrays of these and of text-like types as tables (a NULL element as
+ *    moonlet.pg.null), everything else (text, varchar, json, dates, ...) as its text. int8 and
+ *    numeric come as their text instead when the connection's big_numbers mode (B_*) says so:
+ *    always, or only when a double would lose a digit of them.
  * 6. Parameters go in text format, except a string holding a NUL or bytes that are not UTF-8:
  *    that one goes in binary format (its bytes as they are), so that bytea gets them whole and
  *    text gets the server's encoding error instead of a string cut at the NUL. A parameter that
@@ -42,6 +43,7 @@
 
 #include "../core/ws.h"
 #include "mlua.h"
+#include "pg_value.h"
 #include "pq_api.h"
 
 #define CONN_MT "moonlet.pg"
@@ -50,7 +52,6 @@
 
 enum { W_NONE = 0, W_CONNECT, W_QUERY, W_NOTIFY, W_READY };
 enum { Q_SIMPLE = 0, Q_PARAMS, Q_PREPARE, Q_PREPARED, Q_DESCRIBE }; /* what a query sends */
-enum { B_NUMBER = 0, B_STRING, B_AUTO }; /* big_numbers: how int8 and numeric reach Lua (rule 5) */
 /* S_CANCELLING: the cancelled query ended, its cancel request has not (rule 3) */
 enum { S_CONNECTING = 0, S_IDLE, S_BUSY, S_DRAINING, S_BROKEN, S_CANCELLING };
 
@@ -317,105 +318,6 @@ static void start_drain(pgc_t *c) {
 
 /* -- Results ---------------------------------------------------------------------------------- */
 
-static int numeric_oid(Oid t) {
-  return t == 20 || t == 21 || t == 23 || t == 26 || t == 700 || t == 701 || t == 1700;
-}
-
-static int hex_digit(unsigned char ch) {
-  if (ch >= '0' && ch <= '9') return ch - '0';
-  ch |= 0x20;
-  if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
-  return -1;
-}
-
-/* Pushes a bytea value's raw bytes from PostgreSQL's text output of it: hex ("\x6162", the
- * default bytea_output) or escape ("ab\\\001"). Returns 0 (pushing nothing) when v is neither. */
-static int push_bytea(lua_State *L, const char *v, size_t len) {
-  const unsigned char *p = (const unsigned char *)v, *end = p + len;
-  int hex = len >= 2 && p[0] == '\\' && p[1] == 'x';
-  if (hex) {
-    if (len % 2) return 0;
-    for (const unsigned char *q = p + 2; q < end; q++)
-      if (hex_digit(*q) < 0) return 0;
-    p += 2;
-  }
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
-  while (p < end) {
-    char *out = luaL_prepbuffer(&b);
-    size_t n = 0;
-    if (hex) {
-      for (; p < end && n < LUAL_BUFFERSIZE; p += 2)
-        out[n++] = (char)(hex_digit(p[0]) << 4 | hex_digit(p[1]));
-    } else {
-      for (; p < end && n < LUAL_BUFFERSIZE; n++) {
-        if (*p != '\\') {
-          out[n] = (char)*p++;
-        } else if (end - p >= 2 && p[1] == '\\') {
-          out[n] = '\\';
-          p += 2;
-        } else if (end - p >= 4 && p[1] >= '0' && p[1] <= '3' && p[2] >= '0' && p[2] <= '7' &&
-                   p[3] >= '0' && p[3] <= '7') {
-          out[n] = (char)((p[1] - '0') << 6 | (p[2] - '0') << 3 | (p[3] - '0'));
-          p += 4;
-        } else {
-          out[n] = (char)*p++; /* not what byteaout writes: kept as it is */
-        }
-      }
-    }
-    luaL_addsize(&b, n);
-  }
-  luaL_pushresult(&b);
-  return 1;
-}
-
-/* Does the decimal text v of an int8 or numeric (a sign, digits, maybe a fraction; or NaN,
- * Infinity) keep every digit as a double? It does when it is an integer within +-2^53, or has at
- * most 15 significant digits (DBL_DIG: the double prints back as the same decimal). */
-static int fits_double(const char *v, size_t len) {
-  const char *p = v, *end = v + len;
-  if (p < end && (*p == '-' || *p == '+')) p++;
-  while (p < end && *p == '0')
-    p++;
-  const char *digits = p;
-  while (p < end && *p >= '0' && *p <= '9')
-    p++;
-  size_t nint = (size_t)(p - digits);
-  if (p < end && *p != '.') return 1; /* NaN, Infinity */
-  const char *frac = p < end ? p + 1 : end, *fend = end;
-  while (fend > frac && fend[-1] == '0') /* 12.500 is 12.5 */
-    fend--;
-  if (fend == frac) /* an integer */
-    return nint < 16 || (nint == 16 && memcmp(digits, "9007199254740992", 16) <= 0);
-  if (nint == 0) /* 0.00012: the significant digits start at the 1 */
-    while (frac < fend && *frac == '0')
-      frac++;
-  return nint + (size_t)(fend - frac) <= 15;
-}
-
-/* Pushes one field of res as its Lua value. */
-static void push_field(lua_State *L, const PGresult *res, int r, int f, Oid type, int big) {
-  const char *v = PQgetvalue(res, r, f);
-  int len = PQgetlength(res, r, f);
-  if (type == 16) {
-    lua_pushboolean(L, v[0] == 't');
-  } else if (type == 17) {
-    if (!push_bytea(L, v, (size_t)len)) lua_pushlstring(L, v, (size_t)len);
-  } else if ((type == 20 || type == 1700) && big != B_NUMBER &&
-             (big == B_STRING || !fits_double(v, (size_t)len))) {
-    lua_pushlstring(L, v, (size_t)len); /* int8 or numeric, every digit (rule 5) */
-  } else if (numeric_oid(type)) {
-    char *end;
-    double d = strtod(v, &end);
-    if (end == v)
-      lua_pushlstring(L, v, (size_t)len); /* not a number after all */
-    else
-      lua_pushnumber(L, d);
-  } else {
-    lua_pushlstring(L, v, (size_t)len);
-  }
-}
-
 /* Pushes rows (an array of name = value tables), the affected row count and the command tag
  * ("COMMIT", or "ROLLBACK" when the server rolled an aborted transaction back instead). */
 static int push_rows(lua_State *L, const PGresult *res, int big) {
@@ -428,12 +330,15 @@ static int push_rows(lua_State *L, const PGresult *res, int big) {
     lua_pushstring(L, PQfname(res, f));
     if (f < 64) types[f] = PQftype(res, f);
   }
+  lua_pushnil(L); /* the arrays' scratch (pg_value.h), made when an element needs it */
+  mlua_pg_scratch_t scratch = {lua_gettop(L), NULL, 0};
   for (int r = 0; r < nrows; r++) {
     lua_createtable(L, 0, nf);
     for (int f = 0; f < nf; f++) {
       if (PQgetisnull(res, r, f)) continue;
       lua_pushvalue(L, rows + 1 + f);
-      push_field(L, res, r, f, f < 64 ? types[f] : PQftype(res, f), big);
+      mlua_pg_push_value(L, PQgetvalue(res, r, f), (size_t)PQgetlength(res, r, f),
+                         f < 64 ? types[f] : PQftype(res, f), big, &scratch);
       lua_rawset(L, -3);
     }
     lua_rawseti(L, rows, r + 1);

@@ -346,8 +346,8 @@ local function pooled(self, simple, sql, ...)
 end
 
 -- syntax: rows, err = pool:query(sql, ...) -- $1, $2... bound to the values (never spliced):
--- an array of rows (column name = value: numbers, booleans, strings, NULL as nil); or nil, the
--- server's message and the SQLSTATE code
+-- an array of rows (column name = value: numbers, booleans, strings, arrays as tables with
+-- moonlet.pg.null for a NULL element, NULL as nil); or nil, the server's message and the SQLSTATE code
 function pool_methods:query(sql, ...)
     local rows, err, code = pooled(self, false, sql, ...)
     if rows == nil then return nil, err, code end
