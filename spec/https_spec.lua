@@ -242,12 +242,27 @@ except ssl.SSLEOFError:
         assert.same("No ALPN negotiated", alpn("h2"))
     end)
 
-    it("closes a plain-HTTP client and an untrusting one, and goes on serving", function()
-        local plain = assert(moonlet.tcp.connect("127.0.0.1", port, { timeout = 5 }))
-        assert(plain:send("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
-        local data = plain:receive("*a")
-        plain:close()
-        assert.is_nil(data and data:find("HTTP/1.1 200", 1, true))
+    it("answers a plain-HTTP request with nginx's 400, closes other non-TLS clients and an untrusting one, "
+        .. "and goes on serving", function()
+        local function plain(bytes)
+            local sock = assert(moonlet.tcp.connect("127.0.0.1", port, { timeout = 5 }))
+            assert(sock:send(bytes))
+            local data, err, partial = sock:receive("*a")
+            sock:close()
+            return data or partial, err
+        end
+        local data = plain("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        local head, body = data:match("^(.-\r\n)\r\n(.*)$")
+        assert.truthy(head, data)
+        assert.truthy(head:find("^HTTP/1.1 400 Bad Request\r\n"), head)
+        assert.truthy(head:find("\r\nConnection: close\r\n"), head)
+        assert.same("The plain HTTP request was sent to HTTPS port\n", body)
+        -- a method llhttp does not know is HTTP all the same; a first read cut inside the method too
+        assert.truthy(plain("BREW /pot HTTP/1.1\r\n\r\n"):find("^HTTP/1.1 400 "))
+        assert.truthy(plain("PO"):find("was sent to HTTPS port", 1, true))
+        -- bytes that are neither TLS nor HTTP are closed without a word, as before
+        assert.same("", plain("\1\2\3 hello\r\n\r\n"))
+        assert.same("", plain("/ HTTP/1.1\r\n\r\n"))
         local r, err = moonlet.http.get(url("/"), { tls = { cafile = certs.other_ca }, timeout = 5 })
         assert.same({ nil, "tls: certificate verify failed" }, { r, err })
         r = assert(moonlet.http.get(url("/"), opts()))
