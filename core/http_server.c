@@ -435,8 +435,9 @@ static void plain_on_tls(ml_conn_t *c, const char *buf, size_t n) {
  * the handshake and then gives the plain text, decrypted into the same buffer (the session holds
  * its own copy of the ciphertext): all of it, at once, so that none waits inside the session
  * while reading is paused. A failed handshake (a client that speaks no TLS, an untrusted
- * certificate on the client's side) closes the connection, logged at debug level; a plain-HTTP
- * request is answered first (plain_on_tls). */
+ * certificate on the client's side) closes the connection, logged at debug level (a client
+ * certificate that does not verify: info); a plain-HTTP request is answered first
+ * (plain_on_tls). */
 static void tls_input(ml_conn_t *c, size_t n) {
   char *buf = c->srv->rbuf;
   if (!c->tls_fed) {
@@ -456,8 +457,10 @@ static void tls_input(ml_conn_t *c, size_t n) {
     if (r < 0) {
       char peer[64];
       ml_conn_peer(c, peer, sizeof peer);
-      ml_log(c->srv->log, ML_LOG_DEBUG, "%s: %s (%s)", peer, ml_tls_error(c->tls),
-             ml_tls_detail(c->tls));
+      /* a client certificate that does not verify is the operator's business (nginx: info) */
+      const char *e = ml_tls_error(c->tls);
+      ml_log(c->srv->log, strcmp(e, "tls: certificate verify failed") ? ML_LOG_DEBUG : ML_LOG_INFO,
+             "%s: %s (%s)", peer, e, ml_tls_detail(c->tls));
       ml_conn_close(c, 0);
       return;
     }
@@ -638,6 +641,9 @@ void ml_server_set_tls(ml_server_t *s, ml_tls_ctx_t *ctx) {
 
 int ml_conn_is_tls(const ml_conn_t *c) { return c->tls != NULL; }
 
+struct ml_tls_s *ml_conn_tls(const ml_conn_t *c) {
+  return c->tls;
+}
 unsigned ml_server_conn_count(const ml_server_t *s) { return s->nconns; }
 
 void ml_server_stats_add(const ml_server_t *s, ml_server_stats_t *st) {
