@@ -644,6 +644,16 @@ static int x_info(lua_State *L) {
   return 5;
 }
 
+/* syntax: t = x:tls() -- the client's certificate (mlua_push_tls_peer: client_verified,
+ * client_subject, client_issuer, client_cert) on HTTPS; nil on plain HTTP or once the connection
+ * is gone. Made on each call, for req.tls (request.lua asks once). */
+static int x_tls(lua_State *L) {
+  exchange_t *x = check_x(L);
+  struct ml_tls_s *t = x->c ? ml_conn_tls(x->c) : NULL;
+  if (!t) return 0;
+  return mlua_push_tls_peer(L, t);
+}
+
 static int x_started(lua_State *L) {
   exchange_t *x = check_x(L);
   lua_pushboolean(L, x->c ? ml_conn_response_started(x->c) : 1);
@@ -841,9 +851,13 @@ static void read_limits(lua_State *L, int idx, ml_http_limits_t *lim) {
  * opts.unix_mode its permissions (a number: 0x1b0 is 0660; nil: the umask's).
  */
 /* opts.tls of core.listen (table at 1): { cert = "server.pem", key = "server.key" } makes an HTTPS
- * server. Returns 0 with *out the context (NULL without opts.tls), or -1 with nil and the error
- * pushed (a file that does not load); raises on a malformed opts.tls. */
+ * server; client_ca = "ca.pem" asks every client for a certificate verified against those CAs,
+ * verify_client says whether one is required (true or "on", the default with client_ca) or
+ * "optional" (false or "off": none is asked for). Returns 0 with *out the context (NULL without
+ * opts.tls), or -1 with nil and the error pushed (a file that does not load); raises on a
+ * malformed opts.tls. */
 static int listen_tls(lua_State *L, ml_tls_ctx_t **out) {
+  static const char *const known[] = {"cert", "key", "client_ca", "verify_client", NULL};
   *out = NULL;
   lua_getfield(L, 1, "tls");
   if (lua_isnil(L, -1)) {
@@ -851,22 +865,50 @@ static int listen_tls(lua_State *L, ml_tls_ctx_t **out) {
     return 0;
   }
   if (!lua_istable(L, -1)) luaL_error(L, "moonlet: tls is a table { cert = file, key = file }");
-  /* anything else (verify, cafile: client certificates) raises: ignored, an operator would believe
+  /* anything else (verify, cafile: a client's names) raises: ignored, an operator would believe
    * clients are checked when they are not */
   for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1)) {
     const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?";
-    if (strcmp(k, "cert") != 0 && strcmp(k, "key") != 0)
-      luaL_error(L, "moonlet: tls option %s is not supported (only cert and key)", k);
+    int i = 0;
+    while (known[i] && strcmp(k, known[i]) != 0)
+      i++;
+    if (!known[i])
+      luaL_error(L, "moonlet: tls option %s is not supported (cert, key, client_ca, verify_client)",
+                 k);
   }
   lua_getfield(L, -1, "cert");
   lua_getfield(L, -2, "key");
   if (!lua_isstring(L, -2) || !lua_isstring(L, -1))
     luaL_error(L, "moonlet: tls needs cert and key, the paths of PEM files");
-  ml_tls_ctx_opts_t o = {
-      .server = 1, .cert = lua_tostring(L, -2), .key = lua_tostring(L, -1), .alpn = "http/1.1"};
+  lua_getfield(L, -3, "client_ca");
+  if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
+    luaL_error(L, "moonlet: tls client_ca is the path of a PEM file of CA certificates");
+  const char *client_ca = lua_tostring(L, -1);
+  lua_getfield(L, -4, "verify_client");
+  int verify = client_ca ? ML_TLS_VERIFY_ON : ML_TLS_VERIFY_OFF;
+  if (lua_isboolean(L, -1)) {
+    verify = lua_toboolean(L, -1) ? ML_TLS_VERIFY_ON : ML_TLS_VERIFY_OFF;
+  } else if (lua_type(L, -1) == LUA_TSTRING) {
+    const char *v = lua_tostring(L, -1);
+    verify = strcmp(v, "on") == 0         ? ML_TLS_VERIFY_ON
+             : strcmp(v, "optional") == 0 ? ML_TLS_VERIFY_OPTIONAL
+             : strcmp(v, "off") == 0      ? ML_TLS_VERIFY_OFF
+                                          : -1;
+  } else if (!lua_isnil(L, -1)) {
+    verify = -1;
+  }
+  if (verify < 0) luaL_error(L, "moonlet: tls verify_client is true, false, \"optional\"");
+  if (verify != ML_TLS_VERIFY_OFF && !client_ca)
+    luaL_error(L, "moonlet: tls verify_client needs client_ca, the CAs to verify against");
+  ml_tls_ctx_opts_t o = {.server = 1,
+                         .verify = verify,
+                         .client_ca = verify != ML_TLS_VERIFY_OFF ? client_ca : NULL,
+                         .cert = lua_tostring(L, -4),
+                         .key = lua_tostring(L, -3),
+                         .alpn = "http/1.1"};
   const char *err = NULL;
   int r = ml_tls_ctx_new(out, &o, &err);
-  lua_pop(L, 3);
+  lua_pop(L, 5);
   if (r < 0) {
     lua_pushnil(L);
     lua_pushstring(L, err ? err : "tls: cannot make a context");
@@ -1068,6 +1110,7 @@ void mlua_open_http_server(lua_State *L, moonlet_t *m) {
                                 {"headers", x_headers},
                                 {"header", x_header},
                                 {"info", x_info},
+                                {"tls", x_tls},
                                 {"started", x_started},
                                 {"is_open", x_is_open},
                                 {"set_close", x_set_close},

@@ -205,6 +205,10 @@ const char *mlua_cstring_arg(lua_State *L, int idx);
  * and its length, with *is_unsigned set for a uint64_t; 0 for any other value (bindings/int64.c).
  */
 size_t mlua_int64_text(lua_State *L, int idx, char buf[24], int *is_unsigned);
+/* Pushes the table of a TLS peer's certificate: client_verified, client_subject, client_issuer,
+ * client_cert (bindings/tcp.c; the HTTP server's req.tls too). Returns 1. */
+struct ml_tls_s;
+int mlua_push_tls_peer(lua_State *L, const struct ml_tls_s *t);
 const char *mlua_err_string(int uv_err); /* "timeout", "closed", "connection refused", ... */
 
 /* Module openers, one per file. */

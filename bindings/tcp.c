@@ -872,11 +872,15 @@ static ml_tls_ctx_t *check_ctx(lua_State *L, int idx) {
   return *box;
 }
 
-/* syntax: ctx, err = core.tls_context(server, verify, cafile, cert, key, alpn) */
+/* syntax: ctx, err = core.tls_context(server, verify, cafile, cert, key, alpn, client_ca)
+ * verify: a boolean, or "optional" (a server: a client certificate is asked for, not required) */
 static int l_tls_context(lua_State *L) {
   ml_tls_ctx_opts_t o;
   o.server = lua_toboolean(L, 1);
-  o.verify = lua_toboolean(L, 2);
+  o.verify = lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "optional") == 0
+                 ? ML_TLS_VERIFY_OPTIONAL
+                 : lua_toboolean(L, 2);
+  o.client_ca = luaL_optstring(L, 7, NULL);
   o.cafile = luaL_optstring(L, 3, NULL);
   o.cert = luaL_optstring(L, 4, NULL);
   o.key = luaL_optstring(L, 5, NULL);
@@ -947,6 +951,44 @@ static int s_tls(lua_State *L) {
     return 1;
   }
   return start_read_wait(L, s, W_HANDSHAKE);
+}
+
+/* Pushes the table of the peer's certificate (core/tls.h): { client_verified = boolean,
+ * client_subject =, client_issuer = (RFC 2253 lines), client_cert = PEM } (no strings when it
+ * sent none). Made on each call: a connection keeps nothing for it. Raises when memory runs out. */
+int mlua_push_tls_peer(lua_State *L, const struct ml_tls_s *t) {
+  static const struct {
+    const char *field;
+    int what;
+  } texts[] = {{"client_subject", ML_TLS_PEER_SUBJECT},
+               {"client_issuer", ML_TLS_PEER_ISSUER},
+               {"client_cert", ML_TLS_PEER_PEM}};
+  lua_createtable(L, 0, 4);
+  lua_pushboolean(L, ml_tls_peer_verified(t));
+  lua_setfield(L, -2, "client_verified");
+  for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
+    char *text;
+    int n = ml_tls_peer_text(t, texts[i].what, &text);
+    if (n < 0) return luaL_error(L, "moonlet: out of memory");
+    if (!text) break; /* no certificate */
+    lua_pushlstring(L, text, (size_t)n);
+    free(text);
+    lua_setfield(L, -2, texts[i].field);
+  }
+  return 1;
+}
+
+/* syntax: t, err = sock:peer_certificate() -- the peer's certificate (mlua_push_tls_peer) once
+ * the handshake is done; nil, "closed" | "no tls" */
+static int s_peer_certificate(lua_State *L) {
+  sock_t *s = check_sock(L);
+  if (!s) return push_err(L, UV_EPIPE);
+  if (!s->tls || !s->tls_up) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "no tls");
+    return 2;
+  }
+  return mlua_push_tls_peer(L, s->tls);
 }
 
 /* -- Settings and names ------------------------------------------------------------------------ */
@@ -1229,6 +1271,7 @@ void mlua_open_tcp(lua_State *L, moonlet_t *m) {
                                 {"receive_any", s_receive_any},
                                 {"receive_until", s_receive_until},
                                 {"tls", s_tls},
+                                {"peer_certificate", s_peer_certificate},
                                 {"settimeout", s_settimeout},
                                 {"settimeouts", s_settimeouts},
                                 {"getpeername", s_getpeername},

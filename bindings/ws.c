@@ -1393,7 +1393,7 @@ static int l_connect(lua_State *L) {
   ws->io->port = port;
   ws->io->offered_deflate = read_deflate(L, oi, &ws->io->offer);
   if (use_tls) {
-    ml_tls_ctx_opts_t o = {0, verify, cafile, NULL, NULL, "http/1.1"};
+    ml_tls_ctx_opts_t o = {.verify = verify, .cafile = cafile, .alpn = "http/1.1"};
     const char *err = NULL;
     if (ml_tls_ctx_new(&ws->io->tls_ctx, &o, &err) < 0) {
       ws_free(ws);

@@ -147,6 +147,7 @@ void ml_conn_set_data(ml_conn_t *c, void *data);
 const char *ml_conn_peer_name(ml_conn_t *c);
 int ml_conn_peer(ml_conn_t *c, char *buf, size_t len); /* the same, copied into buf */
 int ml_conn_is_tls(const ml_conn_t *c);                /* 1 on an HTTPS server */
+struct ml_tls_s *ml_conn_tls(const ml_conn_t *c);      /* its TLS session (core/tls.h), or NULL */
 /* Writes the access-log line of the request on c (when the access log is on): peer, request line
  * ("-" when its headers never came whole), status, body bytes, user agent, time since the headers.
  */

@@ -637,6 +637,10 @@ static void request_line_of(const ml_conn_t *c, ml_access_t *a) {
 
 /* Answers `status` if no response was started, then closes (gracefully). */
 void ml__conn_error(ml_conn_t *c, int status, const char *why) {
+  ml__conn_error_body(c, status, why, NULL);
+}
+
+void ml__conn_error_body(ml_conn_t *c, int status, const char *why, const char *text) {
   if (ml_log_enabled(c->srv->log, status >= 500 ? ML_LOG_ERROR : ML_LOG_INFO)) {
     char peer[64], line[256];
     ml_conn_peer(c, peer, sizeof peer);
@@ -653,7 +657,8 @@ void ml__conn_error(ml_conn_t *c, int status, const char *why) {
   }
   if (!c->resp_started) {
     char body[96];
-    int n = snprintf(body, sizeof body, "%d %s\n", status, ml_http_reason(status));
+    int n = text ? snprintf(body, sizeof body, "%s", text)
+                 : snprintf(body, sizeof body, "%d %s\n", status, ml_http_reason(status));
     c->close_after = 1;
     static const char hdr[] = "Content-Type: text/plain; charset=utf-8\r\n";
     ml_conn_respond(c, status, hdr, sizeof hdr - 1, body, (size_t)n);

@@ -125,6 +125,7 @@ struct ml_conn_s {
    * order its plaintext was written. */
   ml_tls_t *tls;
   unsigned tls_ready : 1; /* the handshake completed */
+  unsigned tls_fed : 1;   /* bytes came: the first read was checked for plain HTTP (tls_input) */
   /* the peer's name ("ip:port"), made on first use (ml_conn_peer_name: the access log, req.peer),
    * owned; a getpeername a request otherwise */
   char *peer_name;
@@ -196,6 +197,8 @@ void ml__conn_run_stash(ml_conn_t *c);
 void ml__conn_stash_input(ml_conn_t *c, const char *data, size_t len);
 void ml__conn_on_eof(ml_conn_t *c);
 void ml__conn_error(ml_conn_t *c, int status, const char *why);
+/* The same with text (under 96 bytes) for the body instead of "400 Bad Request\n". */
+void ml__conn_error_body(ml_conn_t *c, int status, const char *why, const char *text);
 void ml__conn_timeout(ml_conn_t *c);
 void ml__conn_raw_data(ml_conn_t *c, const char *data, ssize_t n);
 

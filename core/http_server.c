@@ -13,6 +13,7 @@
  * - The timer of a connection is started only when idle; when it fires it works out the deadline of
  *   the connection's current state and re-arms for the rest, so a request costs no timer operation.
  */
+#include <ctype.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -402,13 +403,50 @@ static void on_input(ml_conn_t *c, const char *data, ssize_t n, int flush) {
   ml__conn_arm_timer(c);
 }
 
+/* Whether the first bytes a client sent to the HTTPS port are a plain-HTTP request: a method token
+ * (RFC 9110 5.6.2; a letter first, which no TLS record's type byte is) up to a space or the end of
+ * this read. A TLS handshake record begins with 0x16. */
+static int plain_http(const char *p, size_t n) {
+  static const char tchars[] = "!#$%&'*+-.^_`|~";
+  if (n == 0 || !isalpha((unsigned char)p[0])) return 0;
+  size_t i = 1;
+  while (i < n && i < 32 && (isalnum((unsigned char)p[i]) || (p[i] && strchr(tchars, p[i]))))
+    i++;
+  return i == n || p[i] == ' ';
+}
+
+/* A plain-HTTP request on the HTTPS port: answered as nginx answers it, a 400 "The plain HTTP
+ * request was sent to HTTPS port", in plain text since the client speaks no TLS, and closed. The
+ * connection's TLS session goes first, so the answer is written as it is. */
+static void plain_on_tls(ml_conn_t *c, const char *buf, size_t n) {
+  ml_tls_free(c->tls);
+  c->tls = NULL;
+  const char *end = buf;
+  while (end < buf + n && *end != '\r' && *end != '\n')
+    end++;
+  c->bad_line = buf; /* the access log's request line, as for a line llhttp refused */
+  c->bad_line_len = (size_t)(end - buf);
+  ml__conn_error_body(c, 400, "plain HTTP request sent to HTTPS port",
+                      "The plain HTTP request was sent to HTTPS port\n");
+  c->bad_line = NULL;
+}
+
 /* HTTPS: n bytes of ciphertext in the read buffer. They go into the TLS session, which advances
  * the handshake and then gives the plain text, decrypted into the same buffer (the session holds
  * its own copy of the ciphertext): all of it, at once, so that none waits inside the session
- * while reading is paused. A failed handshake (a plain-HTTP client, an untrusted certificate on
- * the client's side) closes the connection, logged at debug level. */
+ * while reading is paused. A failed handshake (a client that speaks no TLS, an untrusted
+ * certificate on the client's side) closes the connection, logged at debug level (a client
+ * certificate that does not verify: info); a plain-HTTP request is answered first
+ * (plain_on_tls). */
 static void tls_input(ml_conn_t *c, size_t n) {
   char *buf = c->srv->rbuf;
+  if (!c->tls_fed) {
+    c->tls_fed = 1;
+    if ((unsigned char)buf[0] != 0x16 && plain_http(buf, n)) {
+      plain_on_tls(c, buf, n);
+      return;
+    }
+  }
   if (ml_tls_feed(c->tls, buf, n) < 0) {
     ml_conn_close(c, 0);
     return;
@@ -419,8 +457,10 @@ static void tls_input(ml_conn_t *c, size_t n) {
     if (r < 0) {
       char peer[64];
       ml_conn_peer(c, peer, sizeof peer);
-      ml_log(c->srv->log, ML_LOG_DEBUG, "%s: %s (%s)", peer, ml_tls_error(c->tls),
-             ml_tls_detail(c->tls));
+      /* a client certificate that does not verify is the operator's business (nginx: info) */
+      const char *e = ml_tls_error(c->tls);
+      ml_log(c->srv->log, strcmp(e, "tls: certificate verify failed") ? ML_LOG_DEBUG : ML_LOG_INFO,
+             "%s: %s (%s)", peer, e, ml_tls_detail(c->tls));
       ml_conn_close(c, 0);
       return;
     }
@@ -600,6 +640,10 @@ void ml_server_set_tls(ml_server_t *s, ml_tls_ctx_t *ctx) {
 }
 
 int ml_conn_is_tls(const ml_conn_t *c) { return c->tls != NULL; }
+
+struct ml_tls_s *ml_conn_tls(const ml_conn_t *c) {
+  return c->tls;
+}
 unsigned ml_server_conn_count(const ml_server_t *s) { return s->nconns; }
 
 void ml_server_stats_add(const ml_server_t *s, ml_server_stats_t *st) {

@@ -13,6 +13,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
@@ -47,6 +48,7 @@
   X(EVP_sha256)                                                                                    \
   X(EVP_sha512)                                                                                    \
   X(HMAC)                                                                                          \
+  X(PEM_write_bio_X509)                                                                            \
   X(RAND_bytes)                                                                                    \
   X(SSL_CTX_check_private_key)                                                                     \
   X(SSL_CTX_ctrl)                                                                                  \
@@ -55,10 +57,12 @@
   X(SSL_CTX_new)                                                                                   \
   X(SSL_CTX_set_alpn_protos)                                                                       \
   X(SSL_CTX_set_alpn_select_cb)                                                                    \
+  X(SSL_CTX_set_client_CA_list)                                                                    \
   X(SSL_CTX_set_default_passwd_cb)                                                                 \
   X(SSL_CTX_set_default_passwd_cb_userdata)                                                        \
   X(SSL_CTX_set_default_verify_paths)                                                              \
   X(SSL_CTX_set_options)                                                                           \
+  X(SSL_CTX_set_session_id_context)                                                                \
   X(SSL_CTX_set_verify)                                                                            \
   X(SSL_CTX_use_PrivateKey_file)                                                                   \
   X(SSL_CTX_use_certificate_chain_file)                                                            \
@@ -66,9 +70,11 @@
   X(SSL_do_handshake)                                                                              \
   X(SSL_free)                                                                                      \
   X(SSL_get0_param)                                                                                \
+  X(SSL_get0_peer_certificate)                                                                     \
   X(SSL_get_error)                                                                                 \
   X(SSL_get_verify_result)                                                                         \
   X(SSL_is_init_finished)                                                                          \
+  X(SSL_load_client_CA_file)                                                                       \
   X(SSL_new)                                                                                       \
   X(SSL_read)                                                                                      \
   X(SSL_select_next_proto)                                                                         \
@@ -79,9 +85,12 @@
   X(SSL_write)                                                                                     \
   X(TLS_client_method)                                                                             \
   X(TLS_server_method)                                                                             \
+  X(X509_NAME_print_ex)                                                                            \
   X(X509_VERIFY_PARAM_set1_host)                                                                   \
   X(X509_VERIFY_PARAM_set1_ip_asc)                                                                 \
   X(X509_VERIFY_PARAM_set_hostflags)                                                               \
+  X(X509_get_issuer_name)                                                                          \
+  X(X509_get_subject_name)                                                                         \
   X(X509_verify_cert_error_string)
 
 typedef struct ml_openssl_s {
@@ -123,6 +132,7 @@ int ml_openssl_linked(ml_openssl_t *t);
 #define EVP_sha256 ml_openssl.EVP_sha256
 #define EVP_sha512 ml_openssl.EVP_sha512
 #define HMAC ml_openssl.HMAC
+#define PEM_write_bio_X509 ml_openssl.PEM_write_bio_X509
 #define RAND_bytes ml_openssl.RAND_bytes
 #define SSL_CTX_check_private_key ml_openssl.SSL_CTX_check_private_key
 #define SSL_CTX_ctrl ml_openssl.SSL_CTX_ctrl
@@ -131,10 +141,12 @@ int ml_openssl_linked(ml_openssl_t *t);
 #define SSL_CTX_new ml_openssl.SSL_CTX_new
 #define SSL_CTX_set_alpn_protos ml_openssl.SSL_CTX_set_alpn_protos
 #define SSL_CTX_set_alpn_select_cb ml_openssl.SSL_CTX_set_alpn_select_cb
+#define SSL_CTX_set_client_CA_list ml_openssl.SSL_CTX_set_client_CA_list
 #define SSL_CTX_set_default_passwd_cb ml_openssl.SSL_CTX_set_default_passwd_cb
 #define SSL_CTX_set_default_passwd_cb_userdata ml_openssl.SSL_CTX_set_default_passwd_cb_userdata
 #define SSL_CTX_set_default_verify_paths ml_openssl.SSL_CTX_set_default_verify_paths
 #define SSL_CTX_set_options ml_openssl.SSL_CTX_set_options
+#define SSL_CTX_set_session_id_context ml_openssl.SSL_CTX_set_session_id_context
 #define SSL_CTX_set_verify ml_openssl.SSL_CTX_set_verify
 #define SSL_CTX_use_PrivateKey_file ml_openssl.SSL_CTX_use_PrivateKey_file
 #define SSL_CTX_use_certificate_chain_file ml_openssl.SSL_CTX_use_certificate_chain_file
@@ -142,9 +154,11 @@ int ml_openssl_linked(ml_openssl_t *t);
 #define SSL_do_handshake ml_openssl.SSL_do_handshake
 #define SSL_free ml_openssl.SSL_free
 #define SSL_get0_param ml_openssl.SSL_get0_param
+#define SSL_get0_peer_certificate ml_openssl.SSL_get0_peer_certificate
 #define SSL_get_error ml_openssl.SSL_get_error
 #define SSL_get_verify_result ml_openssl.SSL_get_verify_result
 #define SSL_is_init_finished ml_openssl.SSL_is_init_finished
+#define SSL_load_client_CA_file ml_openssl.SSL_load_client_CA_file
 #define SSL_new ml_openssl.SSL_new
 #define SSL_read ml_openssl.SSL_read
 #define SSL_select_next_proto ml_openssl.SSL_select_next_proto
@@ -155,9 +169,12 @@ int ml_openssl_linked(ml_openssl_t *t);
 #define SSL_write ml_openssl.SSL_write
 #define TLS_client_method ml_openssl.TLS_client_method
 #define TLS_server_method ml_openssl.TLS_server_method
+#define X509_NAME_print_ex ml_openssl.X509_NAME_print_ex
 #define X509_VERIFY_PARAM_set1_host ml_openssl.X509_VERIFY_PARAM_set1_host
 #define X509_VERIFY_PARAM_set1_ip_asc ml_openssl.X509_VERIFY_PARAM_set1_ip_asc
 #define X509_VERIFY_PARAM_set_hostflags ml_openssl.X509_VERIFY_PARAM_set_hostflags
+#define X509_get_issuer_name ml_openssl.X509_get_issuer_name
+#define X509_get_subject_name ml_openssl.X509_get_subject_name
 #define X509_verify_cert_error_string ml_openssl.X509_verify_cert_error_string
 #endif
 

@@ -7,6 +7,8 @@
  * OpenSSL keeps per-thread error queues: every call here clears the queue first so that a failure
  * is described by its own errors only. Loop thread only. OpenSSL is opened by the first context
  * (core/openssl_api.h); every other entry point takes a context or a connection made from one.
+ * The peer's certificate (mutual TLS on a server) stays inside the SSL, which keeps it anyway:
+ * its names and PEM are made only when asked for (ml_tls_peer_text).
  */
 #include "tls.h"
 
@@ -120,7 +122,17 @@ int ml_tls_ctx_new(ml_tls_ctx_t **out, const ml_tls_ctx_opts_t *o, const char **
     *err = "tls: a server needs cert and key";
     goto fail;
   }
-  if (o->verify || o->cafile) {
+  if (o->server && o->client_ca) {
+    /* the CAs named in the certificate request (a client with several certificates picks by
+     * them); SSL_CTX_set_client_CA_list takes the list */
+    STACK_OF(X509_NAME) *names = NULL;
+    if (SSL_CTX_load_verify_locations(c->ctx, o->client_ca, NULL) != 1 ||
+        !(names = SSL_load_client_CA_file(o->client_ca))) {
+      *err = "tls: cannot load client CA file";
+      goto fail;
+    }
+    SSL_CTX_set_client_CA_list(c->ctx, names);
+  } else if (o->verify || o->cafile) {
     int ok = o->cafile ? SSL_CTX_load_verify_locations(c->ctx, o->cafile, NULL)
                        : SSL_CTX_set_default_verify_paths(c->ctx);
     if (ok != 1) {
@@ -128,12 +140,19 @@ int ml_tls_ctx_new(ml_tls_ctx_t **out, const ml_tls_ctx_opts_t *o, const char **
       goto fail;
     }
   }
-  if (o->verify)
-    SSL_CTX_set_verify(
-        c->ctx, o->server ? SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT : SSL_VERIFY_PEER,
-        NULL);
-  else
-    SSL_CTX_set_verify(c->ctx, SSL_VERIFY_NONE, NULL);
+  if (o->verify && o->server) {
+    /* a resumed session keeps the client's certificate; OpenSSL refuses to resume one whose
+     * verification it cannot tie to this context without an id (as nginx sets one) */
+    static const unsigned char sid[] = "moonlet";
+    SSL_CTX_set_session_id_context(c->ctx, sid, sizeof sid - 1);
+    SSL_CTX_set_verify(c->ctx,
+                       o->verify == ML_TLS_VERIFY_OPTIONAL
+                           ? SSL_VERIFY_PEER
+                           : SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+                       NULL);
+  } else {
+    SSL_CTX_set_verify(c->ctx, o->verify ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, NULL);
+  }
   ERR_clear_error();
   *out = c;
   return 0;
@@ -292,6 +311,41 @@ size_t ml_tls_take(ml_tls_t *t, char *buf, size_t cap) {
     got += (size_t)n;
   }
   return got;
+}
+
+/* -- The peer's certificate ---------------------------------------------------------------------
+ */
+
+int ml_tls_peer_verified(const ml_tls_t *t) {
+  return SSL_is_init_finished(t->ssl) && SSL_get0_peer_certificate(t->ssl) &&
+         SSL_get_verify_result(t->ssl) == X509_V_OK;
+}
+
+int ml_tls_peer_text(const ml_tls_t *t, int what, char **out) {
+  *out = NULL;
+  X509 *x = SSL_is_init_finished(t->ssl) ? SSL_get0_peer_certificate(t->ssl) : NULL;
+  if (!x) return 0;
+  ERR_clear_error();
+  BIO *b = BIO_new(BIO_s_mem());
+  if (!b) goto fail;
+  int ok;
+  if (what == ML_TLS_PEER_PEM)
+    ok = PEM_write_bio_X509(b, x) == 1;
+  else /* nginx's $ssl_client_s_dn: X509_NAME_print_ex with XN_FLAG_RFC2253 */
+    ok = X509_NAME_print_ex(
+             b, what == ML_TLS_PEER_ISSUER ? X509_get_issuer_name(x) : X509_get_subject_name(x), 0,
+             XN_FLAG_RFC2253) >= 0;
+  char *data = NULL;
+  long n = ok ? BIO_get_mem_data(b, &data) : -1;
+  if (n < 0 || n > (1L << 30) || !(*out = malloc((size_t)n + 1))) goto fail;
+  memcpy(*out, data, (size_t)n);
+  (*out)[n] = '\0';
+  BIO_free(b);
+  return (int)n;
+fail:
+  if (b) BIO_free(b);
+  ERR_clear_error();
+  return UV_ENOMEM;
 }
 
 const char *ml_tls_error(const ml_tls_t *t) { return t->error; }

@@ -15,12 +15,21 @@
 typedef struct ml_tls_ctx_s ml_tls_ctx_t; /* shared settings: CA store, certificate, key */
 typedef struct ml_tls_s ml_tls_t;         /* one connection's TLS state */
 
+enum { ML_TLS_VERIFY_OFF = 0, ML_TLS_VERIFY_ON = 1, ML_TLS_VERIFY_OPTIONAL = 2 };
+
 typedef struct {
-  int server;         /* 1: accept side (needs cert and key) */
-  int verify;         /* client: verify the server (on by default); server: require a client cert */
+  int server; /* 1: accept side (needs cert and key) */
+  /* client: verify the server (on by default). server: ask each client for a certificate and
+   * verify it: ML_TLS_VERIFY_ON fails the handshake of a client that sends none,
+   * ML_TLS_VERIFY_OPTIONAL lets it through (client_verified false); a certificate that does not
+   * verify fails the handshake either way */
+  int verify;
   const char *cafile; /* PEM bundle of trusted CAs; NULL: the system store */
-  const char *cert;   /* PEM certificate chain file (optional for a client) */
-  const char *key;    /* PEM private key file (one with a passphrase is refused, never prompted) */
+  /* server: the PEM bundle of the CAs client certificates are verified against (nginx's
+   * ssl_client_certificate), named in the certificate request; given, it replaces cafile */
+  const char *client_ca;
+  const char *cert; /* PEM certificate chain file (optional for a client) */
+  const char *key;  /* PEM private key file (one with a passphrase is refused, never prompted) */
   /* ALPN, one protocol name ("http/1.1") or NULL: a client offers it, a server selects it when the
    * client offers it (and answers without ALPN otherwise, so an "h2"-only client is not told yes)
    */
@@ -29,7 +38,8 @@ typedef struct {
 
 /* Creates a context. Returns 0 and *out, or UV_EINVAL with *err set to a short message
  * ("tls: cannot load certificate", "tls: cannot load key", "tls: key needs a passphrase",
- * "tls: certificate and key do not match", "tls: cannot load CA file"), or
+ * "tls: certificate and key do not match", "tls: cannot load CA file",
+ * "tls: cannot load client CA file"), or
  * UV_ENOSYS when OpenSSL cannot be opened ("OpenSSL is not installed (libssl.so.3)"). The
  * context is reference counted: ml_tls_ctx_free drops the caller's reference, each connection made
  * from it holds its own. */
@@ -60,6 +70,16 @@ void ml_tls_shutdown(ml_tls_t *t);
  * returns the count. */
 size_t ml_tls_pending(const ml_tls_t *t);
 size_t ml_tls_take(ml_tls_t *t, char *buf, size_t cap);
+
+/* The peer's certificate, once the handshake is complete (nginx's $ssl_client_verify, _s_dn,
+ * _i_dn, _cert). ml_tls_peer_verified: 1 when the peer sent one and it verified, else 0.
+ * ml_tls_peer_text: the subject or issuer name as one RFC 2253 line ("CN=alice,O=Example"), or
+ * the certificate as PEM, in *out (malloc'ed, NUL-terminated, the caller frees it); returns its
+ * length, 0 with *out NULL when the peer sent no certificate, or UV_ENOMEM. Computed on each
+ * call: nothing is kept per connection for a caller that never asks. */
+enum { ML_TLS_PEER_SUBJECT, ML_TLS_PEER_ISSUER, ML_TLS_PEER_PEM };
+int ml_tls_peer_verified(const ml_tls_t *t);
+int ml_tls_peer_text(const ml_tls_t *t, int what, char **out);
 
 const char *ml_tls_error(const ml_tls_t *t);  /* short message of the failure, or NULL */
 const char *ml_tls_detail(const ml_tls_t *t); /* OpenSSL's reason, or "" */

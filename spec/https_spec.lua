@@ -4,7 +4,9 @@
 -- records both ways, a static file (the C file path), streaming, pipelining, WebSocket (wss://),
 -- the close_notify at every clean close (idle, Connection: close) also behind a response that
 -- filled the socket's buffer (spec/support/late_tls_reader.py, over a Unix socket), and the bad
--- paths: a plain-HTTP client, an untrusted certificate, files that do not load.
+-- paths: a plain-HTTP client (nginx's 400), an untrusted certificate, files that do not load.
+-- Client certificates (tls.client_ca, verify_client, --tls-client-ca): required and optional,
+-- from the CA, from another CA and none, against moonlet.http and curl; req.tls.
 local moonlet = require "moonlet"
 local test = require "moonlet.test"
 
@@ -242,12 +244,27 @@ except ssl.SSLEOFError:
         assert.same("No ALPN negotiated", alpn("h2"))
     end)
 
-    it("closes a plain-HTTP client and an untrusting one, and goes on serving", function()
-        local plain = assert(moonlet.tcp.connect("127.0.0.1", port, { timeout = 5 }))
-        assert(plain:send("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
-        local data = plain:receive("*a")
-        plain:close()
-        assert.is_nil(data and data:find("HTTP/1.1 200", 1, true))
+    it("answers a plain-HTTP request with nginx's 400, closes other non-TLS clients and an untrusting one, "
+        .. "and goes on serving", function()
+        local function plain(bytes)
+            local sock = assert(moonlet.tcp.connect("127.0.0.1", port, { timeout = 5 }))
+            assert(sock:send(bytes))
+            local data, err, partial = sock:receive("*a")
+            sock:close()
+            return data or partial, err
+        end
+        local data = plain("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        local head, body = data:match("^(.-\r\n)\r\n(.*)$")
+        assert.truthy(head, data)
+        assert.truthy(head:find("^HTTP/1.1 400 Bad Request\r\n"), head)
+        assert.truthy(head:find("\r\nConnection: close\r\n"), head)
+        assert.same("The plain HTTP request was sent to HTTPS port\n", body)
+        -- a method llhttp does not know is HTTP all the same; a first read cut inside the method too
+        assert.truthy(plain("BREW /pot HTTP/1.1\r\n\r\n"):find("^HTTP/1.1 400 "))
+        assert.truthy(plain("PO"):find("was sent to HTTPS port", 1, true))
+        -- bytes that are neither TLS nor HTTP are closed without a word, as before
+        assert.same("", plain("\1\2\3 hello\r\n\r\n"))
+        assert.same("", plain("/ HTTP/1.1\r\n\r\n"))
         local r, err = moonlet.http.get(url("/"), { tls = { cafile = certs.other_ca }, timeout = 5 })
         assert.same({ nil, "tls: certificate verify failed" }, { r, err })
         r = assert(moonlet.http.get(url("/"), opts()))
@@ -311,5 +328,139 @@ return app]]))
         f:close()
         assert.truthy(out:find("--tls-cert and --tls-key go together", 1, true), out)
         assert.truthy(out:find("\n2\n$"), out)
+    end)
+end)
+
+describe("HTTPS server with client certificates (mutual TLS)", function()
+    local function who(req)
+        local t = req.tls
+        return ("%s|%s|%s|%s"):format(tostring(t.client_verified), tostring(t.client_subject),
+            tostring(t.client_issuer),
+            tostring(t.client_cert and t.client_cert:match("^%-%-%-%-%-BEGIN CERTIFICATE")))
+    end
+    local app = moonlet.app():get("/", who)
+    local function listen(tls)
+        tls.cert, tls.key = certs.cert, certs.key
+        local s, p = assert(app:listen({ host = "127.0.0.1", port = 0, tls = tls }))
+        test.defer(function() s:close() end)
+        return "https://127.0.0.1:" .. p .. "/"
+    end
+    local function get(u, cert, key)
+        local r, err = moonlet.http.get(u, { tls = { cafile = certs.ca, cert = cert, key = key },
+                                             timeout = 5 })
+        return r and r.status, r and r.body or err
+    end
+    local function curl(...)
+        local args = { "curl", "-s", "--cacert", certs.ca, ... }
+        local p = assert(moonlet.process.spawn(args))
+        local out = p:read("*a")
+        return p:wait(10), out
+    end
+    setup(function() certs = test.make_certs() end)
+    teardown(function() test.remove_certs(certs) end)
+
+    local ALICE = "true|CN=alice,O=moonlet spec|CN=moonlet spec CA|-----BEGIN CERTIFICATE"
+
+    it("required: serves a client whose certificate the CA signed, refuses one without or from another CA",
+        function()
+            local u = listen({ client_ca = certs.ca })
+            assert.same({ 200, ALICE }, { get(u, certs.client_cert, certs.client_key) })
+            assert.same({ nil, "tls: handshake failed" }, { get(u) })
+            assert.same({ nil, "tls: handshake failed" },
+                { get(u, certs.other_client_cert, certs.other_client_key) })
+            assert.same({ 0, ALICE }, { curl("--cert", certs.client_cert, "--key", certs.client_key, u) })
+            assert.are_not.equal(0, (curl(u)))
+            -- verify_client = true says the same; TLS 1.2 refuses in the handshake itself
+            u = listen({ client_ca = certs.ca, verify_client = true })
+            assert.same({ 200, ALICE }, { get(u, certs.client_cert, certs.client_key) })
+            assert.are_not.equal(0, (curl("--tls-max", "1.2", u)))
+            assert.same({ 0, ALICE }, { curl("--tls-max", "1.2", "--cert", certs.client_cert, "--key",
+                                             certs.client_key, u) })
+        end)
+
+    it("optional: serves a client without a certificate unverified, still refuses a bad one", function()
+        local u = listen({ client_ca = certs.ca, verify_client = "optional" })
+        assert.same({ 200, "false|nil|nil|nil" }, { get(u) })
+        assert.same({ 200, ALICE }, { get(u, certs.client_cert, certs.client_key) })
+        assert.same({ nil, "tls: handshake failed" },
+            { get(u, certs.other_client_cert, certs.other_client_key) })
+        assert.same({ 0, "false|nil|nil|nil" }, { curl(u) })
+    end)
+
+    it("gives the whole certificate as PEM, and nothing without client_ca or over plain HTTP", function()
+        local pem = assert(moonlet.fs.read(certs.client_cert))
+        local a = moonlet.app():get("/", function(req) return req.tls and req.tls.client_cert or "none" end)
+        local s, p = assert(a:listen({ host = "127.0.0.1", port = 0,
+                                       tls = { cert = certs.cert, key = certs.key, client_ca = certs.ca } }))
+        test.defer(function() s:close() end)
+        assert.same({ 200, pem },
+            { get("https://127.0.0.1:" .. p .. "/", certs.client_cert, certs.client_key) })
+        -- no client_ca: no certificate is asked for, a client's is not even sent
+        local u = listen({})
+        assert.same({ 200, "false|nil|nil|nil" }, { get(u, certs.client_cert, certs.client_key) })
+        local plain, pp = assert(a:listen({ host = "127.0.0.1", port = 0 }))
+        test.defer(function() plain:close() end)
+        local r = assert(moonlet.http.get("http://127.0.0.1:" .. pp .. "/"))
+        assert.same({ 200, "none" }, { r.status, r.body })
+    end)
+
+    it("refuses a client_ca that does not load, and malformed options", function()
+        local tls = { cert = certs.cert, key = certs.key, client_ca = certs.dir .. "/none.pem" }
+        assert.same({ nil, "tls: cannot load client CA file" }, { app:listen({ port = 0, tls = tls }) })
+        tls.client_ca = certs.key -- a file, but no certificate in it
+        assert.same({ nil, "tls: cannot load client CA file" }, { app:listen({ port = 0, tls = tls }) })
+        assert.has_error(function()
+            app:listen({ port = 0, tls = { cert = certs.cert, key = certs.key, verify_client = true } })
+        end, "moonlet: tls verify_client needs client_ca, the CAs to verify against")
+        assert.has_error(function()
+            app:listen({ port = 0, tls = { cert = certs.cert, key = certs.key, client_ca = certs.ca,
+                                           verify_client = "maybe" } })
+        end)
+        assert.has_error(function()
+            app:listen({ port = 0, tls = { cert = certs.cert, key = certs.key, client_ca = 1 } })
+        end)
+    end)
+
+    it("is served by the moonlet command with --tls-client-ca and --tls-verify-client", function()
+        local script = certs.dir .. "/who.lua"
+        assert(moonlet.fs.write(script, [[
+local app = require("moonlet").app()
+app:get("/", function(req)
+    return tostring(req.tls.client_verified) .. " " .. tostring(req.tls.client_subject)
+end)
+return app]]))
+        local function start(more)
+            local p = test.start_process(("--port 0 --tls-cert %s --tls-key %s --tls-client-ca %s %s %s")
+                :format(certs.cert, certs.key, certs.ca, more, script))
+            test.defer(function() p:kill() end)
+            local cport = test.wait_until(function()
+                return tonumber(p:output():match("on https://[^:]+:(%d+)"))
+            end)
+            assert(cport, p:output())
+            return "https://127.0.0.1:" .. cport .. "/"
+        end
+        local u = start("")
+        assert.same({ 200, "true CN=alice,O=moonlet spec" }, { get(u, certs.client_cert, certs.client_key) })
+        assert.same({ nil, "tls: handshake failed" }, { get(u) })
+        u = start("--tls-verify-client optional")
+        assert.same({ 200, "false nil" }, { get(u) })
+        assert.same({ 200, "true CN=alice,O=moonlet spec" }, { get(u, certs.client_cert, certs.client_key) })
+        local function fails(args)
+            local f = io.popen(test.binary() .. " " .. args .. " " .. script .. " 2>&1; echo $?")
+            local out = f:read("*a")
+            f:close()
+            return out
+        end
+        local tls = ("--tls-cert %s --tls-key %s "):format(certs.cert, certs.key)
+        local out = fails(tls .. "--tls-client-ca " .. certs.ca .. " --tls-verify-client maybe")
+        assert.truthy(out:find("--tls-verify-client is on or optional", 1, true), out)
+        assert.truthy(out:find("\n2\n$"), out)
+        out = fails(tls .. "--tls-verify-client on")
+        assert.truthy(out:find("--tls-verify-client needs --tls-client-ca", 1, true), out)
+        out = fails("--tls-client-ca " .. certs.ca)
+        assert.truthy(out:find("need --tls-cert and --tls-key", 1, true), out)
+        out = fails(tls .. "--port 0 --tls-client-ca " .. certs.dir .. "/none.pem")
+        assert.truthy(out:find("tls: cannot load client CA file", 1, true), out)
+        assert.truthy(out:find("\n1\n$"), out)
     end)
 end)

@@ -2,7 +2,8 @@
 -- servers made with moonlet.tcp.listen whose certificates the spec creates with the `openssl`
 -- command: a CA and a server certificate for localhost and 127.0.0.1. Verification fails against
 -- an untrusted certificate and a wrong name, passes with the CA given; verify = false connects.
--- A close says close_notify, also behind data that filled the socket's buffer.
+-- A close says close_notify, also behind data that filled the socket's buffer. A server with
+-- client_ca asks for client certificates (required or optional), sock:peer_certificate() tells.
 local moonlet = require "moonlet"
 local core = require "moonlet.core"
 
@@ -232,6 +233,52 @@ describe("moonlet.tcp TLS", function()
             { tcp.listen({ port = 0, tls = { cert = certs.dir .. "/none.pem", key = key } }, line_echo) })
         assert.same({ nil, "tls: certificate and key do not match" },
             { tcp.listen({ port = 0, tls = { cert = cert, key = certs.dir .. "/other.key" } }, line_echo) })
+    end)
+
+    it("asks clients for a certificate with client_ca, required or optional; peer_certificate tells",
+    function()
+        local function tell(sock)
+            local t = assert(sock:peer_certificate())
+            sock:send(("%s %s %s\n"):format(tostring(t.client_verified), tostring(t.client_subject),
+                tostring(t.client_issuer)))
+        end
+        local function ask(port, ccert, ckey)
+            local sock, err = connect("localhost", port, { cafile = ca, cert = ccert, key = ckey })
+            if not sock then return nil, err end
+            local line, rerr = sock:receive() -- (TLS 1.3: a refused client hears it here)
+            return line, rerr
+        end
+        local _, port = serve(tell, { tls = { cert = cert, key = key, client_ca = ca } })
+        local ALICE = "true CN=alice,O=moonlet spec CN=moonlet spec CA"
+        assert.same(ALICE, ask(port, certs.client_cert, certs.client_key))
+        assert.is_nil(ask(port))
+        assert.is_nil(ask(port, certs.other_client_cert, certs.other_client_key))
+        local _, oport = serve(tell, { tls = { cert = cert, key = key, client_ca = ca,
+                                               verify_client = "optional" } })
+        assert.same("false nil nil", ask(oport))
+        assert.same(ALICE, ask(oport, certs.client_cert, certs.client_key))
+        assert.is_nil(ask(oport, certs.other_client_cert, certs.other_client_key))
+        -- the client side sees the server's certificate; a plain socket has none
+        local sock = assert(connect("localhost", oport, { cafile = ca }))
+        local t = assert(sock:peer_certificate())
+        assert.same({ true, "CN=localhost", "CN=moonlet spec CA" },
+            { t.client_verified, t.client_subject, t.client_issuer })
+        assert.same(assert(moonlet.fs.read(cert)), t.client_cert)
+        local _, pport = serve(function(s) s:receive() end, { tls = false })
+        local plain = assert(connect("127.0.0.1", pport))
+        assert.same({ nil, "no tls" }, { plain:peer_certificate() })
+        plain:close()
+        assert.same({ nil, "closed" }, { plain:peer_certificate() })
+        -- errors at listen time, and malformed options
+        assert.same({ nil, "tls: cannot load client CA file" }, { tcp.listen({ port = 0,
+            tls = { cert = cert, key = key, client_ca = certs.dir .. "/none.pem" } }, tell) })
+        assert.has_error(function()
+            tcp.listen({ port = 0, tls = { cert = cert, key = key, verify_client = true } }, tell)
+        end)
+        assert.has_error(function()
+            tcp.listen({ port = 0, tls = { cert = cert, key = key, client_ca = ca, verify_client = "yes" } },
+                tell)
+        end)
     end)
 
     it("leaves nothing behind after cancelled and timed-out handshakes", function()

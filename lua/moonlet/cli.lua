@@ -46,6 +46,10 @@ flags:
                           memory)
   --tls-cert FILE         serve HTTPS with this PEM certificate (chain) ...
   --tls-key FILE          ... and this PEM private key
+  --tls-client-ca FILE    ask clients for a certificate signed by one of these PEM CAs (mTLS)
+  --tls-verify-client on|optional
+                          on: a client without a valid certificate is refused (the default
+                          with --tls-client-ca); optional: one without any gets through
   -h, --help              this text
   -v, --version           the version
 ]]
@@ -58,6 +62,7 @@ local value_flags = {
     ["--keepalive-timeout"] = "keepalive_timeout", ["--max-conns"] = "max_conns",
     ["--shutdown-grace"] = "shutdown_grace", ["--send-timeout"] = "send_timeout",
     ["--tls-cert"] = "tls_cert", ["--tls-key"] = "tls_key", ["--workers"] = "workers",
+    ["--tls-client-ca"] = "tls_client_ca", ["--tls-verify-client"] = "tls_verify_client",
     ["--shared-memory"] = "shared_memory", ["--unix"] = "unix", ["--unix-mode"] = "unix_mode",
     ["--access-log-file"] = "access_log", ["--access-log-format"] = "access_log_format",
     ["--error-log"] = "error_log", ["--pid-file"] = "pid_file", ["--warn-blocking"] = "warn_blocking",
@@ -70,6 +75,7 @@ local numeric = {
 
 -- what the command line holds that is not an app:listen option
 local CLI_ONLY = { log_level = true, access_log = true, reload = true, tls_cert = true, tls_key = true,
+                   tls_client_ca = true, tls_verify_client = true,
                    help = true, version = true, workers = true, shared_memory = true,
                    access_log_format = true, error_log = true, pid_file = true,
                    warn_blocking = true, _script_args_only = true }
@@ -191,7 +197,21 @@ function _M.parse(argv)
     if (opts.tls_cert == nil) ~= (opts.tls_key == nil) then
         return die("--tls-cert and --tls-key go together")
     end
-    if opts.tls_cert then opts.tls = { cert = opts.tls_cert, key = opts.tls_key } end
+    if opts.tls_verify_client ~= nil and opts.tls_verify_client ~= "on"
+        and opts.tls_verify_client ~= "optional" then
+        return die("--tls-verify-client is on or optional")
+    end
+    if (opts.tls_client_ca or opts.tls_verify_client) and not opts.tls_cert then
+        return die("--tls-client-ca and --tls-verify-client need --tls-cert and --tls-key")
+    end
+    if opts.tls_verify_client and not opts.tls_client_ca then
+        return die("--tls-verify-client needs --tls-client-ca")
+    end
+    if opts.tls_client_ca == "" then return die("--tls-client-ca wants a file") end
+    if opts.tls_cert then
+        opts.tls = { cert = opts.tls_cert, key = opts.tls_key, client_ca = opts.tls_client_ca,
+                     verify_client = opts.tls_verify_client }
+    end
     if opts.port == nil and os.getenv("PORT") then
         opts.port = decimal(os.getenv("PORT"))
         if not opts.port then return die("PORT is not a number") end

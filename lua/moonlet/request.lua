@@ -51,6 +51,9 @@ function lazy.keep_alive(req) info(req); return req.keep_alive end
 function lazy.peer(req) info(req); return req.peer end
 function lazy.content_length(req) info(req); return rawget(req, "content_length") end
 function lazy.scheme(req) info(req); return req.scheme end
+-- HTTPS: { client_verified, client_subject, client_issuer, client_cert } (nginx's
+-- $ssl_client_verify, _s_dn, _i_dn, _cert), made on first use; nil on plain HTTP
+function lazy.tls(req) return req._x:tls() end
 -- the client's address without the port ("1.2.3.4", "::1"); moonlet.forwarded may put the one a
 -- trusted proxy forwarded in its place (lua/moonlet/forwarded.lua)
 function lazy.ip(req)

@@ -117,15 +117,24 @@ end
 -- TLS contexts, one per set of options: loading the system CA store costs milliseconds.
 local contexts = {}
 
+-- A server's client_ca asks each client for a certificate verified against it: verify_client
+-- true (the default) requires one, "optional" lets a client without one through.
+local VERIFY_CLIENT = { [true] = true, on = true, optional = "optional", [false] = false, off = false }
+
 local function context(server, opts)
     local verify = opts.verify
     if verify == nil then verify = not server end
-    local key = concat({ server and "s" or "c", verify and "1" or "0", opts.cafile or "",
-        opts.cert or "", opts.key or "", opts.alpn or "" }, "\0")
+    local client_ca = server and opts.client_ca or nil
+    if client_ca then
+        verify = VERIFY_CLIENT[opts.verify_client == nil or opts.verify_client]
+        if not verify then client_ca = nil end
+    end
+    local key = concat({ server and "s" or "c", verify == "optional" and "o" or verify and "1" or "0",
+        opts.cafile or "", opts.cert or "", opts.key or "", opts.alpn or "", client_ca or "" }, "\0")
     local ctx = contexts[key]
     if ctx then return ctx end
     local err
-    ctx, err = core_tls_context(server, verify, opts.cafile, opts.cert, opts.key, opts.alpn)
+    ctx, err = core_tls_context(server, verify, opts.cafile, opts.cert, opts.key, opts.alpn, client_ca)
     if not ctx then return nil, err end
     contexts[key] = ctx
     return ctx
@@ -134,21 +143,31 @@ end
 local function check_tls_opts(opts, level)
     if opts == nil or opts == true then return {} end
     if type(opts) ~= "table" then error("moonlet.tcp: tls options must be a table", level + 1) end
-    for _, k in ipairs({ "server_name", "cafile", "cert", "key", "alpn" }) do
+    for _, k in ipairs({ "server_name", "cafile", "cert", "key", "alpn", "client_ca" }) do
         if opts[k] ~= nil and type(opts[k]) ~= "string" then
             error("moonlet.tcp: tls option " .. k .. " must be a string", level + 1)
+        end
+    end
+    if opts.verify_client ~= nil then
+        if VERIFY_CLIENT[opts.verify_client] == nil then
+            error("moonlet.tcp: tls option verify_client is true, false or \"optional\"", level + 1)
+        end
+        if not opts.client_ca then
+            error("moonlet.tcp: tls option verify_client needs client_ca", level + 1)
         end
     end
     return opts
 end
 
 -- syntax: ok, err, detail = sock:tls({ server_name =, verify = true, cafile =, cert =, key =,
---                                      alpn = "http/1.1" })
+--                                      alpn = "http/1.1", client_ca =, verify_client = })
 -- Runs the TLS handshake; afterwards send and receive are encrypted. A client checks the server's
 -- certificate against the system CA store (or cafile) and the name (server_name, else the host it
 -- connected to) unless verify = false. On a socket of moonlet.tcp.listen the server side runs
--- (cert and key needed). On failure the socket is closed and err is "tls: certificate verify
--- failed", "tls: handshake failed", ..., detail OpenSSL's reason.
+-- (cert and key needed; client_ca = "ca.pem" asks the client for a certificate signed by one of
+-- those CAs, required unless verify_client = "optional"; sock:peer_certificate() tells what came).
+-- On failure the socket is closed and err is "tls: certificate verify failed", "tls: handshake
+-- failed", ..., detail OpenSSL's reason.
 function methods:tls(opts)
     opts = check_tls_opts(opts, 2)
     local server = accepted[self] or false
@@ -458,7 +477,8 @@ local function handler_error(err)
 end
 
 -- syntax: server, err = moonlet.tcp.listen({ host =, port =, backlog =, timeout =,
---                                            tls = { cert =, key = } }, handler)
+--                                            tls = { cert =, key =, client_ca =, verify_client = } },
+--                                          handler)
 --         server, err = moonlet.tcp.listen({ unix = "/path" (or host = "unix:/path"), mode = "660",
 --                                            ... }, handler)
 -- Listens (host 127.0.0.1 by default, port 0 for a free one: server:port() tells which; on a Unix

@@ -368,8 +368,10 @@ local function sh(cmd)
 end
 
 -- syntax: c = test.make_certs() -- a temporary CA and a server certificate for localhost and
--- 127.0.0.1 signed by it, made with the `openssl` command, plus a second, unrelated CA:
--- { dir, ca, cert, key, other_ca } (paths); remove them with test.remove_certs(c)
+-- 127.0.0.1 signed by it, made with the `openssl` command, plus a second, unrelated CA, and a
+-- client certificate (O=moonlet spec, CN=alice) from each: { dir, ca, cert, key, other_ca,
+-- client_cert, client_key, other_client_cert, other_client_key } (paths); remove them with
+-- test.remove_certs(c)
 function _M.make_certs()
     local dir = _M.make_dir()
     local ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
@@ -381,8 +383,17 @@ function _M.make_certs()
         .. " -out server.pem -days 2 -copy_extensions copy"):format(dir))
     sh(("cd %s && openssl req -x509 %s -keyout other.key -out other.pem -days 2 -subj '/CN=other CA'")
         :format(dir, ec))
+    -- client certificates (mutual TLS): one from the CA, one from the other CA
+    for _, c in ipairs({ { "client", "ca" }, { "other_client", "other" } }) do
+        sh(("cd %s && openssl req %s -keyout %s.key -out %s.csr -subj '/O=moonlet spec/CN=alice'")
+            :format(dir, ec, c[1], c[1]))
+        sh(("cd %s && openssl x509 -req -in %s.csr -CA %s.pem -CAkey %s.key -CAcreateserial -out %s.pem"
+            .. " -days 2"):format(dir, c[1], c[2], c[2], c[1]))
+    end
     return { dir = dir, ca = dir .. "/ca.pem", cert = dir .. "/server.pem",
-             key = dir .. "/server.key", other_ca = dir .. "/other.pem" }
+             key = dir .. "/server.key", other_ca = dir .. "/other.pem",
+             client_cert = dir .. "/client.pem", client_key = dir .. "/client.key",
+             other_client_cert = dir .. "/other_client.pem", other_client_key = dir .. "/other_client.key" }
 end
 
 function _M.remove_certs(c)
