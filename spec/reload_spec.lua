@@ -368,6 +368,16 @@ end)]]))
         assert.is_true(host:reload())
         assert.same("v4", line("d.sock"))
         assert.is_nil(line("a.sock"))
+        -- one the old code closed itself is not handed over: the new code opens its own
+        write_file(path, (tcp_src("v5", { "d.sock" }):gsub("assert%(moonlet.tcp.listen",
+                                                          "TCP_SERVER = assert(moonlet.tcp.listen")))
+        assert.is_true(host:reload())
+        assert.same("v5", line("d.sock"))
+        TCP_SERVER:close() -- luacheck: ignore 113
+        assert.is_nil(line("d.sock"))
+        write_file(path, tcp_src("v6", { "d.sock" }))
+        assert.is_true(host:reload())
+        assert.same("v6", line("d.sock"))
         host:close()
         assert.is_nil(line("d.sock"))
     end)
