@@ -92,6 +92,11 @@ function _M.request_id(opts) return require("moonlet.request_id").middleware(opt
 -- (connections now, accepts, handled, requests) for what watches nginx (lua/moonlet/status.lua)
 function _M.status(opts) return require("moonlet.status").handler(opts) end
 
+-- syntax: app:any("/api/*path", moonlet.proxy({ upstream = "http://127.0.0.1:9000", strip_prefix =
+-- "/api" })) -- a reverse proxy (nginx's proxy_pass): requests passed on, answers streamed back
+-- (lua/moonlet/proxy.lua)
+function _M.proxy(opts) return require("moonlet.proxy").handler(opts) end
+
 -- syntax: app:use(moonlet.limit({ rate = 10, burst = 20 })) -- requests a second per client, 429
 -- past it (lua/moonlet/limit.lua)
 function _M.limit(opts) return require("moonlet.limit").middleware(opts) end

@@ -1,0 +1,220 @@
+-- lua/moonlet/proxy.lua: moonlet.proxy, a reverse-proxy handler (nginx's proxy_pass) built on the
+-- HTTP client (lua/moonlet/http_client.lua):
+--
+--   app:any("/api/*path", moonlet.proxy({ upstream = "http://127.0.0.1:9000", strip_prefix = "/api" }))
+--
+-- Each request is sent on to the upstream as it comes (same method, the raw path and query, the
+-- end-to-end headers plus X-Forwarded-*, the body piece by piece while the client sends it), and
+-- the upstream's answer comes back the same way: status and end-to-end headers, then the body one
+-- piece at a time through res:write, never held whole. Hop-by-hop headers (RFC 9110 7.6.1) stay on
+-- their own connection, both ways; the server frames the response itself (response.lua).
+--
+-- Ownership: the upstream response (stream = true) holds a pooled connection until its body has
+-- been read to the end or it is closed. Every way out of the handler closes it: the end of the
+-- body (it goes back to the pool), a client that went away (write fails: closed here), and a
+-- cancellation anywhere (the HTTP client closes it where it waits; a cancellation while this
+-- handler waits on the client's socket is caught below, the response closed, and re-raised).
+local core = require "moonlet.core"
+local http = require "moonlet.http_client"
+local abort = require("moonlet.response").abort
+
+local lower, find, sub, match, gmatch = string.lower, string.find, string.sub, string.match,
+    string.gmatch
+local type, pairs, tostring, tonumber, pcall, error = type, pairs, tostring, tonumber, pcall, error
+
+local _M = {}
+
+-- Never forwarded, either way (RFC 9110 7.6.1; Proxy-* by prefix, below). Expect is answered by
+-- this server itself (100 Continue when the body is first read), so it is not passed on either.
+local HOP = {
+    connection = true, ["keep-alive"] = true, te = true, trailer = true,
+    ["transfer-encoding"] = true, upgrade = true, expect = true,
+}
+
+-- Response headers this server writes itself (nginx's proxy_hide_header defaults: Date, Server);
+-- Content-Length is handled apart (it sizes the stream when it is known).
+local OWN_RESPONSE = { date = true, server = true, ["content-length"] = true }
+
+local OPTIONS = { upstream = true, strip_prefix = true, timeout = true, headers = true,
+                  preserve_host = true }
+
+local function log_error(msg) core.log(0, msg) end
+
+-- The lower-case names a Connection header lists (they are hop-by-hop too), or nil.
+local function connection_tokens(value)
+    if not value then return nil end
+    local t = {}
+    for tok in gmatch(value, "[^,%s]+") do t[lower(tok)] = true end
+    return t
+end
+
+local function hop_by_hop(name, listed)
+    return HOP[name] or sub(name, 1, 6) == "proxy-" or (listed and listed[name]) or false
+end
+
+-- The raw path of the request (percent-encoding as the client sent it, so an encoded "/" stays
+-- one), without the query: req.target may be absolute-form ("http://host/p?q").
+local function raw_path(req)
+    local target = req.target
+    local q = find(target, "[?#]")
+    local path = q and sub(target, 1, q - 1) or target
+    if sub(path, 1, 1) ~= "/" then path = match(path, "^%a[%w+.-]*://[^/]*(/.*)$") or "/" end
+    return path
+end
+
+-- The request headers for the upstream: the client's end-to-end ones, Host (the upstream's unless
+-- preserve_host), X-Forwarded-For with the address this connection came from appended,
+-- X-Forwarded-Proto and -Host, then the options' headers (false removes one).
+local function upstream_headers(req, p)
+    local out = {}
+    local h = req.headers
+    local listed = connection_tokens(h.connection)
+    for name, value in pairs(h) do
+        if name ~= "host" and not hop_by_hop(name, listed) then out[name] = value end
+    end
+    local peer = req.peer
+    local addr = peer and (match(peer, "^%[(.*)%]:%d+$") or match(peer, "^(.*):%d+$") or peer)
+    if addr then
+        local xff = out["x-forwarded-for"]
+        out["x-forwarded-for"] = xff and xff .. ", " .. addr or addr
+    end
+    out["x-forwarded-proto"] = req.scheme or nil
+    out["x-forwarded-host"] = req.host
+    if p.preserve_host then out.host = req.host end
+    local extra = p.headers
+    if extra then
+        for name, value in pairs(extra) do
+            local l = lower(name)
+            for k in pairs(out) do
+                if lower(k) == l then out[k] = nil end
+            end
+            if value ~= false then out[name] = value end
+        end
+    end
+    return out
+end
+
+-- Copies the upstream response's end-to-end headers onto res; returns its Content-Length (a
+-- number) when the body's size is known and framed by it alone.
+local function copy_headers(up, res)
+    local h = up.headers
+    local listed = connection_tokens(h.connection)
+    for name, value in pairs(h) do
+        if not hop_by_hop(name, listed) and not OWN_RESPONSE[name] then res:header(name, value) end
+    end
+    if h["transfer-encoding"] then return nil end
+    local cl = h["content-length"]
+    return cl and tonumber(cl) or nil
+end
+
+-- The body, piece by piece from the upstream to the client: nil at its end, or when the client
+-- went away (the upstream's connection is then closed); the error when the upstream broke off.
+local function pump(up, res, first)
+    local ok = res:write(first)
+    while ok do
+        local piece, err = up:read()
+        if not piece then return err end
+        ok = res:write(piece)
+    end
+    up:close() -- the client is gone: so is the upstream's connection
+end
+
+-- The answer when the upstream could not be reached or did not answer: 504 for a timeout, else
+-- 502 (nginx's), with a line in the error log naming the upstream.
+local function fail(res, what, err)
+    log_error(what .. ": " .. tostring(err))
+    res:type("text")
+    if err == "timeout" or err == "response body: timeout" then
+        res:status(504)
+        return "504 Gateway Timeout\n"
+    end
+    res:status(502)
+    return "502 Bad Gateway\n"
+end
+
+local function handle(p, req, res)
+    local x = res._x
+    if x then x:cancel_on_hangup() end -- the client's FIN cancels the fetch (nginx's default)
+    local path = raw_path(req)
+    local strip = p.strip_prefix
+    if strip and sub(path, 1, #strip) == strip then
+        local c = sub(path, #strip + 1, #strip + 1)
+        if c == "" or c == "/" then
+            path = sub(path, #strip + 1)
+            if path == "" then path = "/" end
+        end
+    end
+    local qs = req.query_string
+    local url = p.base .. path .. (qs and "?" .. qs or "")
+    local method = req.method
+    local what = "moonlet.proxy: " .. method .. " " .. req.target .. " -> " .. p.upstream
+    local headers = upstream_headers(req, p)
+    local body
+    local cl, te = tonumber(req:header("content-length")), req:header("transfer-encoding")
+    if (cl and cl > 0) or te then body = req:chunks() end
+    local t = p.timeout
+    local up, err = http.request({
+        method = method, url = url, headers = headers, body = body, stream = true,
+        user_agent = false, connect_timeout = t, send_timeout = t, read_timeout = t,
+    })
+    if not up then return fail(res, what, err) end
+    local first -- (read before the head is copied: a body that fails at once is a 502 of its own)
+    if method ~= "HEAD" then
+        first, err = up:read()
+        if err then return fail(res, what, "response body: " .. err) end
+    end
+    res:status(up.status)
+    local length = copy_headers(up, res)
+    if method == "HEAD" then -- no body; the upstream's length tells what a GET would get
+        if length then res:header("Content-Length", length) end
+        return ""
+    end
+    if not first then return "" end -- no body (204, 304, or empty)
+    if length == #first then return first end -- all of it in one piece: one response, no stream
+    if length then res:header("Content-Length", length) end
+    local ok, e = pcall(pump, up, res, first)
+    if not ok then
+        up:close() -- cancelled while it waited on the client: the upstream's connection goes too
+        error(e, 0)
+    end
+    if e then -- the upstream broke off mid-body: a stream left unfinished is closed by the server
+        log_error(what .. ": response body: " .. e) -- (not ended as if whole); an abort raised
+        error(abort(502), 0)                          -- once streaming is not logged again
+    end
+end
+
+-- syntax: handler = proxy.handler(upstream_url | { upstream =, strip_prefix =, timeout =,
+-- headers =, preserve_host = }) -- raises on a bad option
+function _M.handler(opts)
+    if type(opts) == "string" then opts = { upstream = opts } end
+    if type(opts) ~= "table" then
+        error("moonlet.proxy: expected an upstream URL or a table of options", 2)
+    end
+    for k in pairs(opts) do
+        if not OPTIONS[k] then error("moonlet.proxy: unknown option " .. tostring(k), 2) end
+    end
+    local upstream = opts.upstream
+    if type(upstream) ~= "string" or not match(upstream, "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]+[^?#]*$") then
+        error("moonlet.proxy: upstream must be an http:// or https:// URL without a query", 2)
+    end
+    if not http.parse_url(upstream) then error("moonlet.proxy: bad upstream URL " .. upstream, 2) end
+    local strip = opts.strip_prefix
+    if strip ~= nil and (type(strip) ~= "string" or sub(strip, 1, 1) ~= "/") then
+        error("moonlet.proxy: strip_prefix must be a path starting with /", 2)
+    end
+    if strip then strip = match(strip, "^(.-)/*$") end -- "/api/" strips as "/api"
+    local t = opts.timeout
+    if t ~= nil and (type(t) ~= "number" or t ~= t or t <= 0) then
+        error("moonlet.proxy: timeout must be a number of seconds above 0", 2)
+    end
+    if opts.headers ~= nil and type(opts.headers) ~= "table" then
+        error("moonlet.proxy: headers must be a table", 2)
+    end
+    local p = {
+        upstream = upstream, base = match(upstream, "^(.-)/*$"), strip_prefix = strip ~= "" and strip or nil,
+        timeout = t, headers = opts.headers, preserve_host = opts.preserve_host and true or false,
+    }
+    return function(req, res) return handle(p, req, res) end
+end
+
+return _M

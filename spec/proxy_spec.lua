@@ -1,0 +1,370 @@
+-- spec/proxy_spec.lua: moonlet.proxy, the reverse-proxy handler, between a client on a real socket
+-- and an upstream in this process (a moonlet app, or a raw moonlet.tcp server for what an app
+-- cannot send: hop-by-hop response headers). Covers the URL and headers sent on, bodies streamed
+-- both ways, status codes, 502 and 504, and that a client going away closes the upstream request.
+local moonlet = require "moonlet"
+local core = require "moonlet.core"
+local test = require "moonlet.test"
+
+-- An upstream app whose catch-all route echoes what it got as JSON; build(app) adds routes first.
+local function upstream(build, opts)
+    local app = moonlet.app(opts)
+    if build then build(app) end
+    app:any("/*", function(req)
+        return { method = req.method, target = req.target, headers = req.headers,
+                 body = req:body() }
+    end)
+    local port = test.serving(app, { max_body = 8 * 1024 * 1024 })
+    return "http://127.0.0.1:" .. port, port
+end
+
+-- A front app that proxies /api/* with opts (a URL or a table); its port.
+local function front(opts, pattern)
+    local app = moonlet.app()
+    app:any(pattern or "/api/*path", moonlet.proxy(opts))
+    return test.serving(app, { max_body = 8 * 1024 * 1024 })
+end
+
+-- Reads a response head from sock: status and headers (lower-case names, a list of values each).
+local function read_head(sock)
+    local line = assert(sock:receive("*l"))
+    local head = { status = tonumber(line:match("^HTTP/1%.%d (%d+)")), headers = {} }
+    while true do
+        local h = assert(sock:receive("*l"))
+        if h == "" then return head end
+        local k, v = h:match("^([^:]+):%s*(.-)%s*$")
+        k = k:lower()
+        head.headers[k] = head.headers[k] or {}
+        table.insert(head.headers[k], v)
+    end
+end
+
+-- One chunk of a chunked body (nil at the last one).
+local function read_chunk(sock)
+    local size = tonumber(assert(sock:receive("*l")):match("^(%x+)"), 16)
+    if size == 0 then return nil end
+    local data = assert(sock:receive(size))
+    assert(sock:receive("*l"))
+    return data
+end
+
+describe("moonlet.proxy", function()
+    it("sends the method, the raw path without the prefix and the query on", function()
+        local base = upstream()
+        local port = front({ upstream = base, strip_prefix = "/api" })
+        local resp = test.request(port, "GET", "/api/items/a%2Fb?q=1&tag=x+y")
+        assert.equal(200, resp.status)
+        local got = moonlet.json.decode(resp.body)
+        assert.same({ "GET", "/items/a%2Fb?q=1&tag=x+y" }, { got.method, got.target })
+        resp = test.request(port, "DELETE", "/api")
+        assert.same({ "DELETE", "/" }, { moonlet.json.decode(resp.body).method,
+                                         moonlet.json.decode(resp.body).target })
+    end)
+
+    it("keeps the whole path without strip_prefix, under the upstream URL's own path", function()
+        local base = upstream()
+        local port = front(base .. "/v2/")
+        local got = moonlet.json.decode(test.request(port, "GET", "/api/x?y=1").body)
+        assert.equal("/v2/api/x?y=1", got.target)
+    end)
+
+    it("sets Host to the upstream's and X-Forwarded-For, -Proto and -Host", function()
+        local base, up_port = upstream()
+        local port = front({ upstream = base, headers = { ["X-Api-Key"] = "k1", Cookie = false } })
+        local resp = test.request(port, "GET", "/api/h", { headers = {
+            Host = "front.example:8080", ["X-Forwarded-For"] = "203.0.113.9", Cookie = "sid=1",
+            ["X-Forwarded-Proto"] = "gopher", ["User-Agent"] = "curl/8",
+        } })
+        local h = moonlet.json.decode(resp.body).headers
+        assert.equal("127.0.0.1:" .. up_port, h.host)
+        assert.equal("203.0.113.9, 127.0.0.1", h["x-forwarded-for"])
+        assert.equal("http", h["x-forwarded-proto"])
+        assert.equal("front.example:8080", h["x-forwarded-host"])
+        assert.equal("k1", h["x-api-key"])
+        assert.equal("curl/8", h["user-agent"]) -- the client's, none added
+        assert.is_nil(h.cookie)
+    end)
+
+    it("passes the client's Host with preserve_host", function()
+        local base = upstream()
+        local port = front({ upstream = base, preserve_host = true })
+        local resp = test.request(port, "GET", "/api/h", { headers = { Host = "front.example:8080" } })
+        local h = moonlet.json.decode(resp.body).headers
+        assert.equal("front.example:8080", h.host)
+        assert.equal("127.0.0.1", h["x-forwarded-for"])
+    end)
+
+    it("drops hop-by-hop request headers, those Connection names too", function()
+        local base = upstream()
+        local port = front(base)
+        local resp = test.request(port, "GET", "/api/h", { headers = {
+            Connection = "keep-alive, X-Hop", ["X-Hop"] = "1", ["Keep-Alive"] = "timeout=5",
+            ["Proxy-Authorization"] = "Basic eDp5", ["Proxy-Connection"] = "keep-alive",
+            TE = "trailers", Trailer = "X-T", Upgrade = "h2c", ["X-Kept"] = "yes",
+        } })
+        local h = moonlet.json.decode(resp.body).headers
+        assert.equal("yes", h["x-kept"])
+        for _, name in ipairs({ "x-hop", "keep-alive", "proxy-authorization", "proxy-connection",
+                                "te", "trailer", "upgrade" }) do
+            assert.is_nil(h[name], name)
+        end
+        assert.is_true(h.connection == nil or h.connection == "keep-alive") -- the client's own
+    end)
+
+    it("drops hop-by-hop response headers and keeps every Set-Cookie line", function()
+        local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+            function(sock)
+                repeat local line = sock:receive("*l") until not line or line == ""
+                sock:send("HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\n"
+                    .. "Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nTrailer: X-T\r\n"
+                    .. "Upgrade: h2c\r\nX-Kept: yes\r\nContent-Type: text/html\r\n"
+                    .. "Set-Cookie: a=1; Path=/\r\n"
+                    .. "Set-Cookie: b=2; Expires=Wed, 21 Oct 2037 07:28:00 GMT\r\n"
+                    .. "Content-Length: 5\r\n\r\nhello")
+                sock:close()
+            end))
+        test.defer(function() server:close() end)
+        local port = front("http://127.0.0.1:" .. server:port())
+        local sock = test.connect(port)
+        test.defer(function() sock:close() end)
+        assert(sock:send(test.format_request("GET", "/api/x")))
+        local head = read_head(sock)
+        assert.equal(200, head.status)
+        local h = head.headers
+        assert.same({ "yes" }, h["x-kept"])
+        assert.same({ "text/html" }, h["content-type"])
+        assert.same({ "a=1; Path=/", "b=2; Expires=Wed, 21 Oct 2037 07:28:00 GMT" }, h["set-cookie"])
+        assert.same({ "5" }, h["content-length"])
+        for _, name in ipairs({ "x-hop", "keep-alive", "proxy-authenticate", "trailer", "upgrade",
+                                "connection", "transfer-encoding" }) do
+            assert.is_nil(h[name], name)
+        end
+        assert.equal("hello", sock:receive(5))
+        -- the client's connection stays open: the upstream's Connection: close was its own
+        assert(sock:send(test.format_request("GET", "/api/y")))
+        assert.equal(200, read_head(sock).status)
+    end)
+
+    it("streams a 5 MB request body to the upstream intact", function()
+        local got
+        local base = upstream(function(app)
+            app:post("/upload", function(req)
+                local parts, pieces = {}, 0
+                for chunk in req:chunks() do
+                    pieces = pieces + 1
+                    parts[pieces] = chunk
+                end
+                got = { body = table.concat(parts), pieces = pieces, cl = req:header("content-length") }
+                return "ok"
+            end)
+        end)
+        local port = front({ upstream = base, strip_prefix = "/api" })
+        local lines = {}
+        for i = 1, 5 * 1024 * 1024 / 8 do lines[i] = ("%07x\n"):format(i) end
+        local body = table.concat(lines)
+        local resp = test.request(port, "POST", "/api/upload", { body = body, timeout = 20 })
+        assert.same({ 200, "ok" }, { resp.status, resp.body })
+        assert.equal(#body, #got.body)
+        assert.is_true(got.body == body)
+        assert.equal(tostring(#body), got.cl) -- the client's length, passed on
+        assert.is_true(got.pieces > 1)
+    end)
+
+    it("passes a chunked request body on while the client still sends it", function()
+        local first = moonlet.event()
+        local got
+        local base = upstream(function(app)
+            app:post("/stream", function(req)
+                local parts = {}
+                for chunk in req:chunks() do
+                    parts[#parts + 1] = chunk
+                    first:set()
+                end
+                got = { body = table.concat(parts), te = req:header("transfer-encoding") }
+                return "done"
+            end)
+        end)
+        local port = front({ upstream = base, strip_prefix = "/api" })
+        local sock = test.connect(port)
+        test.defer(function() sock:close() end)
+        assert(sock:send("POST /api/stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .. "5\r\nhello\r\n"))
+        assert.is_true(first:wait(5)) -- the upstream has the first piece; the body is not over
+        assert(sock:send("6\r\n world\r\n0\r\n\r\n"))
+        local resp = assert(test.read_response(sock))
+        assert.same({ 200, "done" }, { resp.status, resp.body })
+        assert.same({ body = "hello world", te = "chunked" }, got)
+    end)
+
+    it("streams the upstream's body: the client has the first piece before the upstream ends", function()
+        local go = moonlet.event()
+        local base = upstream(function(app)
+            app:get("/slow", function(_, res)
+                res:type("text/event-stream")
+                res:write("first\n")
+                go:wait(5)
+                res:write("second\n")
+            end)
+        end)
+        test.defer(function() go:set() end)
+        local port = front({ upstream = base, strip_prefix = "/api" })
+        local sock = test.connect(port)
+        test.defer(function() sock:close() end)
+        assert(sock:send(test.format_request("GET", "/api/slow")))
+        local head = read_head(sock)
+        assert.same({ 200, { "text/event-stream" }, { "chunked" } },
+                    { head.status, head.headers["content-type"], head.headers["transfer-encoding"] })
+        assert.equal("first\n", read_chunk(sock)) -- while the upstream waits for `go`
+        go:set()
+        assert.equal("second\n", read_chunk(sock))
+        assert.is_nil(read_chunk(sock))
+    end)
+
+    it("passes the upstream's status, body and redirects as they are", function()
+        local base = upstream(function(app)
+            app:get("/boom", function() return 500, "it broke\n" end)
+            app:get("/moved", function(_, res) return res:redirect("/elsewhere", 301) end)
+        end)
+        local port = front({ upstream = base, strip_prefix = "/api" })
+        local resp = test.request(port, "GET", "/api/boom")
+        assert.same({ 500, "it broke\n" }, { resp.status, resp.body })
+        resp = test.request(port, "GET", "/api/moved")
+        assert.same({ 301, "/elsewhere" }, { resp.status, resp.headers.location })
+    end)
+
+    it("passes a 404 of the upstream", function()
+        local app = moonlet.app()
+        app:get("/only", function() return "x" end)
+        local up = test.serving(app)
+        local port = front("http://127.0.0.1:" .. up)
+        local resp = test.request(port, "GET", "/api/missing")
+        assert.equal(404, resp.status)
+    end)
+
+    it("answers HEAD with the upstream's length and no body", function()
+        local seen
+        local base = upstream(function(app)
+            app:get("/file", function(req)
+                seen = req.method
+                return ("x"):rep(1234)
+            end)
+        end)
+        local port = front({ upstream = base, strip_prefix = "/api" })
+        local resp = test.request(port, "HEAD", "/api/file")
+        assert.same({ 200, "1234", "", "HEAD" }, { resp.status, resp.headers["content-length"],
+                                                   resp.body, seen })
+        resp = test.request(port, "GET", "/api/file")
+        assert.same({ "1234", 1234 }, { resp.headers["content-length"], #resp.body })
+    end)
+
+    it("answers 502 when the upstream refuses the connection", function()
+        local port = front("http://127.0.0.1:1")
+        local resp = test.request(port, "GET", "/api/x")
+        assert.same({ 502, "502 Bad Gateway\n" }, { resp.status, resp.body })
+    end)
+
+    it("answers 502 when the upstream's answer is not HTTP", function()
+        local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+            function(sock)
+                sock:receive("*l")
+                sock:send("SSH-2.0-OpenSSH\r\n\r\n")
+                sock:close()
+            end))
+        test.defer(function() server:close() end)
+        local port = front("http://127.0.0.1:" .. server:port())
+        local resp = test.request(port, "GET", "/api/x")
+        assert.same({ 502, "502 Bad Gateway\n" }, { resp.status, resp.body })
+    end)
+
+    it("closes the client's connection when the upstream's body breaks off", function()
+        local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+            function(sock)
+                repeat local line = sock:receive("*l") until not line or line == ""
+                sock:send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                moonlet.sleep(0.05)
+                sock:close() -- no last chunk: the body is cut
+            end))
+        test.defer(function() server:close() end)
+        local port = front("http://127.0.0.1:" .. server:port())
+        local sock = test.connect(port)
+        test.defer(function() sock:close() end)
+        assert(sock:send(test.format_request("GET", "/api/x")))
+        assert.equal(200, read_head(sock).status)
+        assert.equal("hello", read_chunk(sock))
+        -- no last chunk either: the connection closes, so the cut body is not taken for whole
+        local line, err = sock:receive("*l")
+        assert.same({ nil, "closed" }, { line, err })
+    end)
+
+    it("answers 504 when the upstream does not answer within timeout", function()
+        local release = moonlet.event()
+        local base = upstream(function(app)
+            app:get("/slow", function()
+                release:wait(5)
+                return "late"
+            end)
+        end)
+        test.defer(function() release:set() end)
+        local port = front({ upstream = base, strip_prefix = "/api", timeout = 0.2 })
+        local resp = test.request(port, "GET", "/api/slow")
+        assert.same({ 504, "504 Gateway Timeout\n" }, { resp.status, resp.body })
+    end)
+
+    it("closes the upstream request when the client goes away mid-stream", function()
+        local st = {}
+        local base = upstream(function(app)
+            app:get("/ticks", function(_, res)
+                -- its client gone, the upstream hears it where it is: a write fails, or the
+                -- sleep is cancelled (the server cancels a handler whose connection closed)
+                local ok, err = pcall(function()
+                    while true do
+                        local ok, err = res:write("tick\n")
+                        if not ok then return err end
+                        moonlet.sleep(0.01)
+                    end
+                end)
+                st.err = ok and err or (err == moonlet.CANCELLED and "cancelled" or tostring(err))
+                if not ok then error(err, 0) end
+            end)
+        end)
+        local port = front({ upstream = base, strip_prefix = "/api" })
+        local sock = test.connect(port)
+        assert(sock:send(test.format_request("GET", "/api/ticks")))
+        assert.equal(200, read_head(sock).status)
+        assert.truthy(read_chunk(sock))
+        sock:close()
+        assert.truthy(test.wait_until(function() return st.err end, 5))
+        assert.is_true(st.err == "closed" or st.err == "cancelled", st.err)
+        assert.equal(0, moonlet.http.pool_stats().origins[base] or 0) -- closed, not pooled
+    end)
+
+    it("closes the upstream request when the client goes away before the answer", function()
+        local st = {}
+        local base = upstream(function(app)
+            app:get("/wait", function()
+                st.started = true
+                local ok, err = pcall(moonlet.sleep, 5)
+                st.cancelled = not ok and err == moonlet.CANCELLED
+                if not ok then error(err, 0) end
+                return "late"
+            end)
+        end, { check_client_abort = true })
+        local port = front({ upstream = base, strip_prefix = "/api" })
+        local tasks0 = core.stats().tasks
+        local sock = test.connect(port)
+        assert(sock:send(test.format_request("GET", "/api/wait")))
+        assert.truthy(test.wait_until(function() return st.started end, 5))
+        sock:close()
+        assert.truthy(test.wait_until(function() return st.cancelled end, 5))
+        assert.truthy(test.wait_until(function() return core.stats().tasks <= tasks0 end, 5))
+    end)
+
+    it("raises on misuse", function()
+        assert.has_error(function() moonlet.proxy() end)
+        assert.has_error(function() moonlet.proxy("ftp://127.0.0.1/") end)
+        assert.has_error(function() moonlet.proxy("http://127.0.0.1:9000/?a=1") end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", retries = 2 }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", strip_prefix = "api" }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", timeout = 0 }) end)
+    end)
+end)
