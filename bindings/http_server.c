@@ -125,6 +125,9 @@ static void on_request(ml_conn_t *c, void *ud) {
   x->file_ref = LUA_NOREF;
   x->request_id = NULL;
   x->hangup_cancels = 0;
+  /* The peer's address, read now while the socket is open: a client that resets the connection
+   * is logged from on_close, after the handle closed. Once a connection (it is cached). */
+  if (m->log.access) ml_conn_peer_name(c);
   lua_pushvalue(co, -2); /* stack: x (the pin), handler, x, method, target, co */
   ml_conn_set_data(c, x);
   lua_pushlstring(co, r->method, r->method_len);
@@ -712,6 +715,10 @@ static void on_close(ml_conn_t *c, void *ud) {
   (void)ud;
   exchange_t *x = ml_conn_data(c);
   if (!x) return;
+  /* The request's access-log line, now: exchange_end, when the task ends, finds x->c gone. 499
+   * (nginx's "client closed request") when no response was started, else the status sent. */
+  if (!x->status) x->status = 499;
+  access_log(x, c);
   x->c = NULL;
   ml_conn_set_data(c, NULL);
   int wait = x->wait;

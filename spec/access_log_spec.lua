@@ -17,6 +17,7 @@ app:get("/", function() return "hello from the app" end)
 app:get("/boom", function() error("kaboom") end)
 app:get("/later", function() moonlet.sleep(0.05); return "later" end)
 app:get("/exit", function() os.exit(0) end)
+app:get("/hang", function() moonlet.sleep(30); return "too late" end)
 return app
 ]]
 local BODY_LEN = #"hello from the app"
@@ -175,6 +176,26 @@ describe("the access log, the error log and the pid file of the command", functi
                 error("line " .. i .. ": " .. lines[i])
             end
         end
+    end)
+
+    it("logs 499 for a request whose client reset the connection while its handler waited", function()
+        local log = fresh("reset.log")
+        local _, port = start("--access-log=" .. log)
+        -- the request, then a reset (SO_LINGER 0) once the handler sleeps: the line used to be lost
+        local p = assert(moonlet.process.spawn({ "/usr/bin/python3", "-c", ([[
+import socket, struct, time
+s = socket.create_connection(("127.0.0.1", %d))
+s.sendall(b"GET /hang HTTP/1.1\r\nHost: x\r\nUser-Agent: resetter\r\n\r\n")
+time.sleep(0.2)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+]]):format(port) }))
+        defer(function() p:close() end)
+        assert.same(0, p:wait(5))
+        local lines = wait_lines(log, 1)
+        assert.same(1, #lines)
+        -- the peer's address too, though the socket is closed by the time the line is written
+        assert.truthy(lines[1]:find('^127%.0%.0%.1:%d+ "GET /hang HTTP/1%.1" 499 0 "resetter"'), lines[1])
     end)
 
     it("writes the line of a pipelined request run just before the loop waits", function()
