@@ -1245,6 +1245,22 @@ static int srv_port(lua_State *L) {
   return 1;
 }
 
+/* tostring(server): "moonlet.tcp.server (port 7000)", "(unix:/path)", or "(closed)" */
+static int srv_tostring(lua_State *L) {
+  server_t *srv = check_server(L);
+  if (!srv) {
+    lua_pushliteral(L, "moonlet.tcp.server (closed)");
+    return 1;
+  }
+  if (srv_port(L) != 1) {
+    lua_pushliteral(L, "moonlet.tcp.server");
+    return 1;
+  }
+  lua_pushfstring(L, srv->is_unix ? "moonlet.tcp.server (%s)" : "moonlet.tcp.server (port %s)",
+                  lua_tostring(L, -1));
+  return 1;
+}
+
 /* The server's box is collected: the server goes on listening (it is the instance's until
  * server:close() or moonlet_free), but must no longer write through a pointer to the freed box. */
 static int srv_gc(lua_State *L) {
@@ -1307,6 +1323,8 @@ void mlua_open_tcp(lua_State *L, moonlet_t *m) {
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, srv_gc);
   lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, srv_tostring);
+  lua_setfield(L, -2, "__tostring");
   lua_pop(L, 1);
 
   luaL_newmetatable(L, TLS_CTX_MT);

@@ -3,9 +3,14 @@
 --   moonlet examples/fetch.lua URL            → 200 1256 bytes
 local moonlet = require "moonlet"
 
+local function fail(msg) -- a message and exit code 1 (an error() would print its traceback too)
+    io.stderr:write(msg, "\n")
+    os.exit(1)
+end
+
 local url = arg[1]
-if not url then error("usage: moonlet examples/fetch.lua URL", 0) end
+if not url then fail("usage: moonlet examples/fetch.lua URL") end
 
 local res, err = moonlet.http.get(url, { timeout = 10 })
-if not res then error("error: " .. tostring(err), 0) end -- logged; the exit code is 1
+if not res then fail("error: " .. tostring(err)) end -- nil, "connection refused", "timeout", ...
 print(("%d %d bytes"):format(res.status, #res.body))
