@@ -372,6 +372,24 @@ end)]]))
         assert.is_nil(line("d.sock"))
     end)
 
+    it("listens anew where the old code closed its moonlet.tcp.listen server", function()
+        local dir = tmpdir()
+        local sock = dir .. "/a.sock"
+        local function tcp_src(body, extra)
+            return app_src(body, ("local srv = assert(moonlet.tcp.listen({ unix = %q }, "
+                                  .. "function(s) s:send(%q) end))\n%s")
+                                 :format(sock, body .. "\n", extra or ""))
+        end
+        local host, _, path = serve(dir, tcp_src("v1", "srv:close()\n"))
+        assert.is_nil((moonlet.tcp.connect("unix:" .. sock)))
+        write_file(path, tcp_src("v2", "assert(srv:port())\n")) -- was the closed one: nil, "closed"
+        assert.is_true(host:reload())
+        local s = assert(moonlet.tcp.connect("unix:" .. sock, nil, { timeout = 2 }))
+        assert.same("v2", s:receive("*l"))
+        s:close()
+        host:close()
+    end)
+
     it("hands a socket of moonlet.udp.bind to the new code's bind on its address", function()
         local dir = tmpdir()
         local function free_port()
