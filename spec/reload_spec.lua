@@ -390,6 +390,44 @@ end)]]))
         host:close()
     end)
 
+    it("does not hand an HTTPS server to new code that changes its tls (client_ca)", function()
+        local dir = tmpdir()
+        local certs = test.make_certs()
+        defer(function() test.remove_certs(certs) end)
+        local probe = assert(moonlet.tcp.listen({ port = 0 }, function() end))
+        local p = probe:port()
+        probe:close()
+        local function https_src(body, tls)
+            return app_src(body, ("assert(app:listen({ host = '127.0.0.1', port = %d, tls = %s }))\n")
+                                 :format(p, tls))
+        end
+        local function get_tls(cert, key)
+            local r, err = moonlet.http.get("https://127.0.0.1:" .. p .. "/",
+                { tls = { cafile = certs.ca, cert = cert, key = key }, timeout = 5 })
+            return r and r.body, err
+        end
+        local plain_tls = ("{ cert = %q, key = %q }"):format(certs.cert, certs.key)
+        local host, _, path = serve(dir, https_src("v1", plain_tls))
+        assert.same("v1", get_tls())
+        -- the new code requires client certificates: the old server (which asks for none) must
+        -- not serve it as if it did
+        write_file(path, https_src("v2", ("{ cert = %q, key = %q, client_ca = %q }")
+                                         :format(certs.cert, certs.key, certs.ca)))
+        local ok, err = host:reload()
+        if ok then
+            assert.same({ nil, "tls: handshake failed" }, { get_tls() })
+            assert.same("v2", get_tls(certs.client_cert, certs.client_key))
+        else
+            assert.truthy(err:find("tls", 1, true), err)
+            assert.same("v1", get_tls()) -- the old code goes on, as it was
+        end
+        -- the same tls options: handed over
+        write_file(path, https_src("v3", plain_tls))
+        assert.is_true(host:reload())
+        assert.same("v3", get_tls())
+        host:close()
+    end)
+
     it("hands a socket of moonlet.udp.bind to the new code's bind on its address", function()
         local dir = tmpdir()
         local function free_port()
