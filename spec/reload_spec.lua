@@ -478,6 +478,30 @@ end)
         again:close()
     end)
 
+    it("keeps nothing of 30 failed loads that listened before their error", function()
+        local dir = tmpdir()
+        local function failing(i)
+            return app_src("f" .. i, ('app.state = { big = string.rep("x", 1e5) .. tostring(app) }\n'
+                                      .. 'assert(app:listen({ unix = %q }))\nerror("boom")\n')
+                                     :format(dir .. "/f.sock"))
+        end
+        local host, port, path = serve(dir, app_src("v1"))
+        for i = 1, 3 do -- warm-up: caches, JIT traces
+            write_file(path, failing(i))
+            assert.is_nil((host:reload()))
+        end
+        settle()
+        local mem0 = collectgarbage("count")
+        for i = 1, 30 do
+            write_file(path, failing(i))
+            assert.is_nil((host:reload()))
+        end
+        assert.same("v1", get(port))
+        settle()
+        local grown = collectgarbage("count") - mem0
+        assert.truthy(grown < 256, ("grew by %.0f KiB"):format(grown)) -- 30 apps of 100 KB each: 3 MB
+    end)
+
     it("returns to its memory baseline after 100 reloads", function()
         local dir = tmpdir()
         write_file(dir .. "/reload_mem_mod.lua", 'return { n = 0 }\n')
