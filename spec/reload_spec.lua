@@ -390,6 +390,24 @@ end)]]))
         host:close()
     end)
 
+    it("listens anew where the old app closed the server it listened with itself", function()
+        local dir = tmpdir()
+        local sock = dir .. "/c.sock"
+        local function src(body, extra)
+            return app_src(body, ("local srv = assert(app:listen({ unix = %q }))\n%s")
+                                 :format(sock, extra or ""))
+        end
+        local host, _, path = serve(dir, src("v1", "srv:close()\n"))
+        assert(test.wait_until(function()
+            return moonlet.http.get("http://app/", { unix = sock }) == nil
+        end, 5))
+        write_file(path, src("v2"))
+        assert.is_true(host:reload())
+        local r = moonlet.http.get("http://app/", { unix = sock, timeout = 2 })
+        assert.same("v2", r and r.body)
+        host:close()
+    end)
+
     it("does not hand an HTTPS server to new code that changes its tls (client_ca)", function()
         local dir = tmpdir()
         local certs = test.make_certs()

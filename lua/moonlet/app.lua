@@ -636,9 +636,10 @@ local function listen_key(opts)
     return tostring(opts.host or "") .. ":" .. port
 end
 
--- syntax: key = app.listen_key_of(server) -- the address app:listen opened server on, or nil
+-- syntax: key = app.listen_key_of(server) -- the address app:listen opened server on, or nil (and
+-- nil once it was closed: the new code's app:listen there opens a server of its own)
 function _M.listen_key_of(server)
-    return listen_keys[server]
+    return server:port() ~= nil and listen_keys[server] or nil
 end
 
 function methods:listen(given)
