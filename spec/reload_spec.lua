@@ -408,6 +408,27 @@ end)]]))
         host:close()
     end)
 
+    it("leaves the old app's server as it was when a load that took it fails", function()
+        local dir = tmpdir()
+        local sock = dir .. "/c.sock"
+        local function src(body, extra)
+            return app_src(body, ("assert(app:listen({ unix = %q }))\n%s"):format(sock, extra or ""))
+        end
+        local function get_c()
+            local r = moonlet.http.get("http://app/", { unix = sock, timeout = 2 })
+            return r and r.body
+        end
+        local host, _, path = serve(dir, src("v1"))
+        assert.same("v1", get_c())
+        write_file(path, src("v2", "error('boom')\n"))
+        assert.is_nil((host:reload()))
+        assert.same("v1", get_c())
+        write_file(path, src("v3"))
+        assert.is_true(host:reload())
+        assert.same("v3", get_c())
+        host:close()
+    end)
+
     it("does not hand an HTTPS server to new code that changes its tls (client_ca)", function()
         local dir = tmpdir()
         local certs = test.make_certs()
