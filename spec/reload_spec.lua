@@ -429,6 +429,21 @@ end)]]))
         host:close()
     end)
 
+    it("closes what a load opens when the host is closed while its top level waits", function()
+        local dir = tmpdir()
+        local sock = dir .. "/t.sock"
+        local host, _, path = serve(dir, app_src("v1"))
+        write_file(path, app_src("v2", ("moonlet.sleep(0.05)\n"
+            .. "assert(moonlet.tcp.listen({ unix = %q }, function(s) s:send('v2\\n') end))\n"):format(sock)))
+        local done, ok = false, nil
+        moonlet.spawn(function() ok = host:reload(); done = true end)
+        moonlet.sleep(0)
+        host:close()
+        assert(test.wait_until(function() return done end, 5))
+        assert.is_nil(ok)
+        assert.is_nil((moonlet.tcp.connect("unix:" .. sock)))
+    end)
+
     it("does not hand an HTTPS server to new code that changes its tls (client_ca)", function()
         local dir = tmpdir()
         local certs = test.make_certs()
