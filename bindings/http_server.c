@@ -1010,10 +1010,11 @@ static mlua_server_t *check_server(lua_State *L) {
   return *box;
 }
 
-/* syntax: port = server:port() */
+/* syntax: port, err = server:port() -- nil, "closed" once close or shutdown was called (hot
+ * reload hands over only a server that still listens: lua/moonlet/app.lua listen_key_of) */
 static int srv_port(lua_State *L) {
   mlua_server_t *s = check_server(L);
-  if (!s) return mlua_push_error(L, UV_EPIPE);
+  if (!s || s->stopping) return mlua_push_error(L, UV_EPIPE);
   lua_pushinteger(L, ml_server_port(s->srv, 0));
   return 1;
 }

@@ -278,12 +278,22 @@ static int l_dup(lua_State *L) {
   u->udp.data = u->timer.data = u;
   u->handles = 2;
   mlua_res_link(m, &u->res, udp_res_close);
+  /* uv_udp_open sets SO_REUSEADDR (SO_REUSEPORT on some systems) on the socket, which is the
+   * one o is bound with: any process could then bind its port too and take its datagrams. The
+   * options go back to what they were. */
+  int was[2] = {0, 0}, opt[2] = {SO_REUSEADDR, SO_REUSEPORT};
+  for (int i = 0; i < 2; i++) {
+    socklen_t len = sizeof was[i];
+    if (getsockopt(nfd, SOL_SOCKET, opt[i], &was[i], &len) < 0) was[i] = -1;
+  }
   r = uv_udp_open(&u->udp, nfd); /* which owns nfd from here on */
   if (r < 0) {
     close(nfd);
     udp_close(u);
     return push_err(L, r);
   }
+  for (int i = 0; i < 2; i++)
+    if (was[i] >= 0) setsockopt(nfd, SOL_SOCKET, opt[i], &was[i], sizeof was[i]);
   return push_udp(L, u);
 }
 

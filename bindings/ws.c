@@ -1633,6 +1633,17 @@ static int w_state(lua_State *L) {
   return 1;
 }
 
+/* syntax: t = ws:tls() -- a server-side ws over HTTPS: the client's certificate
+ * (mlua_push_tls_peer), for req.tls once the request's exchange is gone (lua/moonlet/ws.lua
+ * accept); nil on plain HTTP, on the client side, or once the connection is gone. Made on each
+ * call. */
+static int w_tls(lua_State *L) {
+  ws_t *ws = check_ws(L);
+  struct ml_tls_s *t = ws->c ? ml_conn_tls(ws->c) : NULL;
+  if (!t) return 0;
+  return mlua_push_tls_peer(L, t);
+}
+
 /* syntax: n, bytes = ws:queued() -- received messages not read yet */
 static int w_queued(lua_State *L) {
   ws_t *ws = check_ws(L);
@@ -1676,9 +1687,15 @@ static int l_utf8_valid(lua_State *L) {
 }
 
 void mlua_open_ws(lua_State *L, moonlet_t *m) {
-  static const luaL_Reg wm[] = {
-      {"receive", w_receive},       {"send", w_send},   {"ping", w_ping},     {"close", w_close},
-      {"close_info", w_close_info}, {"state", w_state}, {"queued", w_queued}, {NULL, NULL}};
+  static const luaL_Reg wm[] = {{"receive", w_receive},
+                                {"send", w_send},
+                                {"ping", w_ping},
+                                {"close", w_close},
+                                {"close_info", w_close_info},
+                                {"state", w_state},
+                                {"queued", w_queued},
+                                {"tls", w_tls},
+                                {NULL, NULL}};
   static const luaL_Reg fns[] = {{"ws_accept", l_accept},
                                  {"ws_connect", l_connect},
                                  {"utf8_valid", l_utf8_valid},

@@ -387,6 +387,31 @@ describe("HTTPS server with client certificates (mutual TLS)", function()
         assert.same({ 0, "false|nil|nil|nil" }, { curl(u) })
     end)
 
+    it("tells a WebSocket handler who the client is: req.tls after the upgrade", function()
+        local wapp = moonlet.app()
+        wapp:websocket("/ws", function(ws, req)
+            local t = req.tls
+            ws:send(("%s|%s"):format(tostring(t and t.client_verified), tostring(t and t.client_subject)))
+        end)
+        local s, p = assert(wapp:listen({ host = "127.0.0.1", port = 0,
+            tls = { cert = certs.cert, key = certs.key, client_ca = certs.ca, verify_client = "optional" } }))
+        test.defer(function() s:close() end)
+        local ws = assert(moonlet.ws.connect("wss://127.0.0.1:" .. p .. "/ws",
+                                             { timeout = 5, cafile = certs.ca }))
+        assert.same("false|nil", (ws:receive()))
+        ws:close()
+        -- with a certificate (moonlet.ws.connect sends none: the handshake by hand)
+        local sock = assert(moonlet.tcp.connect("127.0.0.1", p, { timeout = 5, tls = {
+            cafile = certs.ca, server_name = "127.0.0.1", cert = certs.client_cert,
+            key = certs.client_key } }))
+        assert(sock:send("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            .. "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"))
+        repeat local l = assert(sock:receive("*l")) until l == "" -- the 101's head
+        local head = assert(sock:receive(2))
+        assert.same("true|CN=alice,O=moonlet spec", (sock:receive(head:byte(2) % 128)))
+        sock:close()
+    end)
+
     it("gives the whole certificate as PEM, and nothing without client_ca or over plain HTTP", function()
         local pem = assert(moonlet.fs.read(certs.client_cert))
         local a = moonlet.app():get("/", function(req) return req.tls and req.tls.client_cert or "none" end)

@@ -382,6 +382,116 @@ end)]]))
         assert.is_nil(line("d.sock"))
     end)
 
+    it("listens anew where the old code closed its moonlet.tcp.listen server", function()
+        local dir = tmpdir()
+        local sock = dir .. "/a.sock"
+        local function tcp_src(body, extra)
+            return app_src(body, ("local srv = assert(moonlet.tcp.listen({ unix = %q }, "
+                                  .. "function(s) s:send(%q) end))\n%s")
+                                 :format(sock, body .. "\n", extra or ""))
+        end
+        local host, _, path = serve(dir, tcp_src("v1", "srv:close()\n"))
+        assert.is_nil((moonlet.tcp.connect("unix:" .. sock)))
+        write_file(path, tcp_src("v2", "assert(srv:port())\n")) -- was the closed one: nil, "closed"
+        assert.is_true(host:reload())
+        local s = assert(moonlet.tcp.connect("unix:" .. sock, nil, { timeout = 2 }))
+        assert.same("v2", s:receive("*l"))
+        s:close()
+        host:close()
+    end)
+
+    it("listens anew where the old app closed the server it listened with itself", function()
+        local dir = tmpdir()
+        local sock = dir .. "/c.sock"
+        local function src(body, extra)
+            return app_src(body, ("local srv = assert(app:listen({ unix = %q }))\n%s")
+                                 :format(sock, extra or ""))
+        end
+        local host, _, path = serve(dir, src("v1", "srv:close()\n"))
+        assert(test.wait_until(function()
+            return moonlet.http.get("http://app/", { unix = sock }) == nil
+        end, 5))
+        write_file(path, src("v2"))
+        assert.is_true(host:reload())
+        local r = moonlet.http.get("http://app/", { unix = sock, timeout = 2 })
+        assert.same("v2", r and r.body)
+        host:close()
+    end)
+
+    it("leaves the old app's server as it was when a load that took it fails", function()
+        local dir = tmpdir()
+        local sock = dir .. "/c.sock"
+        local function src(body, extra)
+            return app_src(body, ("assert(app:listen({ unix = %q }))\n%s"):format(sock, extra or ""))
+        end
+        local function get_c()
+            local r = moonlet.http.get("http://app/", { unix = sock, timeout = 2 })
+            return r and r.body
+        end
+        local host, _, path = serve(dir, src("v1"))
+        assert.same("v1", get_c())
+        write_file(path, src("v2", "error('boom')\n"))
+        assert.is_nil((host:reload()))
+        assert.same("v1", get_c())
+        write_file(path, src("v3"))
+        assert.is_true(host:reload())
+        assert.same("v3", get_c())
+        host:close()
+    end)
+
+    it("closes what a load opens when the host is closed while its top level waits", function()
+        local dir = tmpdir()
+        local sock = dir .. "/t.sock"
+        local host, _, path = serve(dir, app_src("v1"))
+        write_file(path, app_src("v2", ("moonlet.sleep(0.05)\n"
+            .. "assert(moonlet.tcp.listen({ unix = %q }, function(s) s:send('v2\\n') end))\n"):format(sock)))
+        local done, ok = false, nil
+        moonlet.spawn(function() ok = host:reload(); done = true end)
+        moonlet.sleep(0)
+        host:close()
+        assert(test.wait_until(function() return done end, 5))
+        assert.is_nil(ok)
+        assert.is_nil((moonlet.tcp.connect("unix:" .. sock)))
+    end)
+
+    it("does not hand an HTTPS server to new code that changes its tls (client_ca)", function()
+        local dir = tmpdir()
+        local certs = test.make_certs()
+        defer(function() test.remove_certs(certs) end)
+        local probe = assert(moonlet.tcp.listen({ port = 0 }, function() end))
+        local p = probe:port()
+        probe:close()
+        local function https_src(body, tls)
+            return app_src(body, ("assert(app:listen({ host = '127.0.0.1', port = %d, tls = %s }))\n")
+                                 :format(p, tls))
+        end
+        local function get_tls(cert, key)
+            local r, err = moonlet.http.get("https://127.0.0.1:" .. p .. "/",
+                { tls = { cafile = certs.ca, cert = cert, key = key }, timeout = 5 })
+            return r and r.body, err
+        end
+        local plain_tls = ("{ cert = %q, key = %q }"):format(certs.cert, certs.key)
+        local host, _, path = serve(dir, https_src("v1", plain_tls))
+        assert.same("v1", get_tls())
+        -- the new code requires client certificates: the old server (which asks for none) must
+        -- not serve it as if it did
+        write_file(path, https_src("v2", ("{ cert = %q, key = %q, client_ca = %q }")
+                                         :format(certs.cert, certs.key, certs.ca)))
+        local ok, err = host:reload()
+        if ok then
+            assert.same({ nil, "tls: handshake failed" }, { get_tls() })
+            assert.same("v2", get_tls(certs.client_cert, certs.client_key))
+        else
+            assert.truthy(err:find("tls", 1, true), err)
+            assert.same("v1", get_tls()) -- the old code goes on, as it was
+        end
+        -- the same tls options: handed over
+        write_file(path, https_src("v3", plain_tls))
+        assert.is_true(host:reload())
+        assert.same("v3", get_tls())
+        host:close()
+    end)
+
     it("hands a socket of moonlet.udp.bind to the new code's bind on its address", function()
         local dir = tmpdir()
         local function free_port()
@@ -430,6 +540,30 @@ end)
         host:close()
         again = assert(moonlet.udp.bind("127.0.0.1", p2))
         again:close()
+    end)
+
+    it("keeps nothing of 30 failed loads that listened before their error", function()
+        local dir = tmpdir()
+        local function failing(i)
+            return app_src("f" .. i, ('app.state = { big = string.rep("x", 1e5) .. tostring(app) }\n'
+                                      .. 'assert(app:listen({ unix = %q }))\nerror("boom")\n')
+                                     :format(dir .. "/f.sock"))
+        end
+        local host, port, path = serve(dir, app_src("v1"))
+        for i = 1, 3 do -- warm-up: caches, JIT traces
+            write_file(path, failing(i))
+            assert.is_nil((host:reload()))
+        end
+        settle()
+        local mem0 = collectgarbage("count")
+        for i = 1, 30 do
+            write_file(path, failing(i))
+            assert.is_nil((host:reload()))
+        end
+        assert.same("v1", get(port))
+        settle()
+        local grown = collectgarbage("count") - mem0
+        assert.truthy(grown < 256, ("grew by %.0f KiB"):format(grown)) -- 30 apps of 100 KB each: 3 MB
     end)
 
     it("returns to its memory baseline after 100 reloads", function()

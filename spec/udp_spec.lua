@@ -119,6 +119,30 @@ describe("moonlet.udp", function()
         assert.same({ nil, "address in use" }, { udp.bind("127.0.0.1", port) })
     end)
 
+    it("keeps a socket's port its own when hot reload duplicates it (core.udp_dup)", function()
+        local a = bind()
+        local _, port = a:getsockname()
+        local d = assert(require("moonlet.core").udp_dup(a))
+        defer(function() d:close() end)
+        -- another process binding the port with SO_REUSEADDR would share it (and its datagrams)
+        local p = assert(moonlet.process.spawn({ "/usr/bin/python3", "-c", ([[
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("127.0.0.1", %d))
+    print("bound")
+except OSError:
+    print("in use")
+]]):format(port) }))
+        assert.same("in use\n", p:read("*a"))
+        assert.same(0, p:wait())
+        -- and both objects receive on it
+        local c = bind()
+        assert(c:sendto("x", "127.0.0.1", port))
+        assert.same("x", (d:recvfrom(5)))
+    end)
+
     it("raises on misuse", function()
         local u = bind()
         assert.has_error(function() u:sendto(nil, "127.0.0.1", 9) end)

@@ -612,9 +612,22 @@ local LISTEN_OWN = { host = true, port = true, backlog = true, tls = true, check
 -- given) to that server. An app:listen of the new code on the same address takes that server,
 -- whose socket stays open (no connection refused, no "address in use"), rather than binding again;
 -- the reloader gives it the new app's dispatcher when the new app takes over (app.adopted), and
--- shuts down the old app's servers the new code did not take.
+-- shuts down the old app's servers the new code did not take. A server keeps the TLS context it
+-- was opened with: new code whose tls options differ (a client_ca added) cannot take it, and
+-- raises, so that the load fails and the old code goes on, rather than serve the new code with
+-- the old options (clients the new code refuses let in).
 _M.reusable = nil
 local listen_keys = setmetatable({}, { __mode = "k" }) -- server -> its address, as listened on
+local listen_tls = setmetatable({}, { __mode = "k" })  -- server -> its tls options (tls_key)
+
+-- the tls options of app:listen as one string: equal when they make the same TLS context
+local function tls_key(tls)
+    if type(tls) ~= "table" then return tostring(tls) end
+    local verify = tls.verify_client
+    if verify == nil or verify == true then verify = "on" elseif verify == false then verify = "off" end
+    return table.concat({ tostring(tls.cert), tostring(tls.key), tostring(tls.client_ca),
+                          tostring(verify) }, "\0")
+end
 
 local function listen_key(opts)
     if opts.unix then return "unix:" .. opts.unix end
@@ -623,9 +636,10 @@ local function listen_key(opts)
     return tostring(opts.host or "") .. ":" .. port
 end
 
--- syntax: key = app.listen_key_of(server) -- the address app:listen opened server on, or nil
+-- syntax: key = app.listen_key_of(server) -- the address app:listen opened server on, or nil (and
+-- nil once it was closed: the new code's app:listen there opens a server of its own)
 function _M.listen_key_of(server)
-    return listen_keys[server]
+    return server:port() ~= nil and listen_keys[server] or nil
 end
 
 function methods:listen(given)
@@ -666,6 +680,11 @@ function methods:listen(given)
     local reusable = key and _M.reusable
     local server = reusable and reusable[key]
     local port
+    local tkey = tls_key(opts.tls)
+    if server and listen_tls[server] ~= tkey then
+        error(("app:listen: the server on %s has other tls options: a hot reload cannot change"
+               .. " them (restart)"):format(key), 2)
+    end
     if server then
         reusable[key] = nil
         self.adopted = self.adopted or {}
@@ -678,6 +697,7 @@ function methods:listen(given)
         if load then load.opened[#load.opened + 1] = server end
     end
     listen_keys[server] = key
+    listen_tls[server] = tkey
     self.servers = self.servers or {}
     self.servers[#self.servers + 1] = server
     require("moonlet.shutdown").serve(self)

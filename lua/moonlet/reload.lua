@@ -171,6 +171,7 @@ end
 -- Runs the source into a new app. Returns the app, or nil, kind ("notfound", "error", "noapp"),
 -- message. package.loaded is left as the old code had it unless an app is returned.
 local function build(self)
+    self.closed_loading = nil
     local chunk, kind, err = compile(self)
     if not chunk then return nil, kind, err end
     local loaded = package.loaded
@@ -260,6 +261,9 @@ local function build(self)
     if ok and kind ~= "noapp" and old and app.reload_handler then
         local ok2, e = xpcall(app.reload_handler, app_traceback, old.state)
         if not ok2 then ok, app = false, "on_reload: " .. tostring(e) end
+    end
+    if ok and self.closed_loading then -- host:close() came while the top level waited: it undoes
+        ok, app = false, self:label() .. ": the host was closed during the load" -- all of the load
     end
     local mods = {}
     for name in pairs(loaded) do
@@ -465,7 +469,7 @@ function methods:load()
                                   n == 1 and "" or "s", (now() - t0) * 1000))
             end
             watch_files(self)
-        elseif had then
+        elseif had and not self.closed_loading then
             log(0, "reload of " .. self:label() .. " failed, the old code goes on serving: " .. err)
             watch_files(self) -- (a module it wanted and did not find: its creation reloads)
         end
@@ -508,6 +512,9 @@ end
 -- syntax: host:close() -- stops watching, closes the servers it listens with, cancels the tasks
 -- of its load
 function methods:close()
+    if self.loading then -- (build: the load fails, and none follows it)
+        self.closed_loading, self.again = true, false
+    end
     if self.tasks then
         task.cancel_owned(self.tasks)
         self.tasks = nil

@@ -44,6 +44,9 @@ local function run_all()
         end
     end
     for app in pairs(serving) do app_hooks(app, fns, seen) end
+    for _, list in pairs(pending) do
+        for app in pairs(list.apps or {}) do app_hooks(app, fns, seen) end
+    end
     if not fns[1] then return end
     local moonlet = require "moonlet"
     local ok, results, errors = pcall(moonlet.timeout, _M.LIMIT, moonlet.gather, fns)
@@ -102,7 +105,12 @@ function _M.end_load(prev)
 end
 
 function _M.keep(host)
-    if pending[host] then by_host[host] = pending[host] end
+    local load = pending[host]
+    if load then
+        by_host[host] = load
+        for app in pairs(load.apps or {}) do serving[app] = true end
+        load.apps = nil
+    end
     pending[host] = nil
 end
 
@@ -110,10 +118,16 @@ function _M.drop(host)
     pending[host] = nil
 end
 
--- An app starts serving (app:listen): its hooks run at shutdown.
+-- An app starts serving (app:listen): its hooks run at shutdown. One of a script's load under way
+-- serves once the load does (keep): a load that fails (drop) leaves nothing behind.
 function _M.serve(app)
     register()
-    serving[app] = true
+    if loading then
+        loading.apps = loading.apps or {}
+        loading.apps[app] = true
+    else
+        serving[app] = true
+    end
 end
 
 -- A hot reload put `new` in the place of `old` (lua/moonlet/reload.lua install): if old served,

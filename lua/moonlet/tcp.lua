@@ -571,10 +571,11 @@ function loading()
 end
 
 -- syntax: key = moonlet.tcp.listen_key_of(server) -- the address it listens on ("ip:port",
--- "unix:/path"), nil for port 0
+-- "unix:/path"), nil for port 0 and for a server closed since (server:close(): the new code's
+-- listen on its address opens a server of its own rather than take one that accepts nothing)
 function _M.listen_key_of(server)
     local b = boxes[server]
-    return b and b.key
+    return b and server:port() ~= nil and b.key or nil
 end
 
 -- syntax: moonlet.tcp.adopt(server, taken) -- the connections server accepts from now on run the

@@ -230,6 +230,7 @@ function gone_x:info() return self[1], self[2], self[3], self[4] end
 function gone_x:headers() return self.h end
 function gone_x:header(name) return self.h[name] end
 function gone_x:read() return nil, "closed" end
+function gone_x:tls() return self.ws:tls() end -- (req.tls: the connection's, while it is open)
 
 -- The headers an open WebSocket keeps for req.headers: all but the handshake's own, in a table of
 -- their size (an idle connection then holds a few hundred bytes less).
@@ -280,7 +281,7 @@ function _M.accept(req, opts)
     if h.cookie then local _ = req.cookies end -- read now, from every Cookie line, while there are lines
     local ud, ext = core.ws_accept(x, key, protocol, h["sec-websocket-extensions"], opts)
     if not ud then return nil, 500, "500 Internal Server Error\n" end
-    req._x = setmetatable({ version, keep_alive, peer, length, h = kept_headers(h) }, gone_mt)
+    req._x = setmetatable({ version, keep_alive, peer, length, h = kept_headers(h), ws = ud }, gone_mt)
     req.headers = nil -- rebuilt from the kept ones on first use
     return wrap(ud, protocol, ext)
 end
