@@ -156,8 +156,9 @@ static int worker_exited(sup_t *s, int i, int status, int *stopping) {
     sl->delay = RESTART_DELAY_MS; /* it served a while: its back-off is over */
   uint64_t due = sl->started + sl->delay;
   sl->restart_at = due > t ? due : t;
-  ml_log(s->log, ML_LOG_WARN, "workers: worker %d (pid %d) %s; starting it again in %.1f s", i,
-         (int)pid, how, (double)(sl->restart_at - t) / 1000);
+  ml_log(s->log, ML_LOG_WARN,
+         "workers: worker %d (pid %d) %s; starting it again in %.1f s (%.0f s after its start)", i,
+         (int)pid, how, (double)(sl->restart_at - t) / 1000, (double)sl->delay / 1000);
   return 0;
 }
 
