@@ -1584,15 +1584,19 @@ static int w_ping(lua_State *L) {
   return mlua_task_wait(L, t, wait_cancel, &ws->pinger);
 }
 
-/* syntax: ok = ws:close(code, reason) -- starts the close handshake (code 1000 by default); the
+/* syntax: ok = ws:close(code, reason) -- starts the close handshake (code 1000 by default; 1005
+ * without a reason: a close frame with no status, as a proxy passes on a peer's empty one); the
  * connection closes when the peer answers or after close_timeout; true when already closed */
 static int w_close(lua_State *L) {
   ws_t *ws = check_ws(L);
   int code = (int)luaL_optinteger(L, 2, ML_WS_CLOSE_NORMAL);
   size_t rlen = 0;
   const char *reason = luaL_optlstring(L, 3, "", &rlen);
-  if (!ml_ws_close_code_valid(code))
-    return luaL_argerror(L, 2, "close code must be 1000..1003, 1007..1014 or 3000..4999");
+  if (code == ML_WS_CLOSE_NO_STATUS) {
+    if (rlen) return luaL_argerror(L, 3, "a close frame without a code has no reason");
+  } else if (!ml_ws_close_code_valid(code)) {
+    return luaL_argerror(L, 2, "close code must be 1000..1003, 1005, 1007..1014 or 3000..4999");
+  }
   if (rlen > 123) return luaL_argerror(L, 3, "a close reason is at most 123 bytes");
   if (!ws->gone && !ws->close_sent && ws->phase == PH_OPEN && !ws->closing_transport) {
     if (!ws->close_code) {

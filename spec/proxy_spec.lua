@@ -1,7 +1,9 @@
 -- spec/proxy_spec.lua: moonlet.proxy, the reverse-proxy handler, between a client on a real socket
 -- and an upstream in this process (a moonlet app, or a raw moonlet.tcp server for what an app
 -- cannot send: hop-by-hop response headers). Covers the URL and headers sent on, bodies streamed
--- both ways, status codes, 502 and 504, and that a client going away closes the upstream request.
+-- both ways, status codes, 502 and 504, and that a client going away closes the upstream request;
+-- then WebSockets through it, against an upstream app:websocket (or a raw server that drops):
+-- messages, headers, subprotocols, closes both ways, drops, failures, size and order.
 local moonlet = require "moonlet"
 local core = require "moonlet.core"
 local test = require "moonlet.test"
@@ -359,6 +361,229 @@ describe("moonlet.proxy", function()
         assert.truthy(test.wait_until(function() return core.stats().tasks <= tasks0 end, 5))
     end)
 
+    describe("WebSocket", function()
+        -- An upstream WebSocket app on /ws/*: echoes every message with its kind, records what it
+        -- saw in `seen` (headers, target, subprotocol, close code and reason), and on a message
+        -- "close me" closes with 4002 "from upstream". A front proxying /api/* to it.
+        local function ws_pair(seen, proxy_opts)
+            local app = moonlet.app()
+            app:websocket("/ws/*rest", function(ws, req)
+                seen.headers, seen.target, seen.protocol = req.headers, req.target, ws.protocol
+                for msg, kind in ws:messages() do
+                    if msg == "close me" then
+                        ws:close(4002, "from upstream")
+                        break
+                    end
+                    assert(ws:send(msg, kind))
+                end
+                seen.code, seen.reason = ws.close_code, ws.close_reason
+            end, { protocols = { "v2.chat", "v1.chat" } })
+            local up = test.serving(app)
+            local opts = { upstream = "http://127.0.0.1:" .. up, strip_prefix = "/api" }
+            for k, v in pairs(proxy_opts or {}) do opts[k] = v end
+            return front(opts), up
+        end
+
+        it("relays text and binary both ways with the client's headers and subprotocol", function()
+            local seen = {}
+            local port = ws_pair(seen)
+            local c = assert(moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/ws/echo?room=a%2Fb", {
+                timeout = 5, protocols = { "v1.chat", "v2.chat" }, origin = "http://front.example",
+                headers = { Cookie = "sid=42", Authorization = "Bearer t",
+                            ["X-Forwarded-For"] = "203.0.113.9" },
+            }))
+            assert.equal("v2.chat", c.protocol) -- the upstream's choice, answered to the client
+            assert(c:send("héllo"))
+            assert.same({ "héllo", "text" }, { c:receive(5) })
+            assert(c:send("\0\1\2\255", "binary"))
+            assert.same({ "\0\1\2\255", "binary" }, { c:receive(5) })
+            local h = seen.headers
+            assert.equal("/ws/echo?room=a%2Fb", seen.target)
+            assert.equal("v2.chat", seen.protocol)
+            assert.same({ "sid=42", "Bearer t", "http://front.example", "203.0.113.9, 127.0.0.1", "http" },
+                        { h.cookie, h.authorization, h.origin, h["x-forwarded-for"], h["x-forwarded-proto"] })
+            assert.equal("127.0.0.1:" .. port, h["x-forwarded-host"])
+            c:close(1000)
+        end)
+
+        it("passes the client's Host on with preserve_host", function()
+            local seen = {}
+            local port, up = ws_pair(seen, { preserve_host = true })
+            local c = assert(moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/ws/h", { timeout = 5 }))
+            c:close(1000)
+            assert.truthy(test.wait_until(function() return seen.code end, 5))
+            assert.equal("127.0.0.1:" .. port, seen.headers.host)
+            assert.not_equal(port, up)
+        end)
+
+        it("passes a close with its code and reason on, both ways, and leaves nothing open", function()
+            local seen = {}
+            local port = ws_pair(seen)
+            local before = test.settled_stats() -- (the two servers listening)
+            local url = "ws://127.0.0.1:" .. port .. "/api/ws/x"
+            local c = assert(moonlet.ws.connect(url, { timeout = 5 }))
+            assert(c:send("ping"))
+            assert.equal("ping", c:receive(5))
+            c:close(4001, "from client")
+            assert.same({ nil, "closed" }, { c:receive(5) })
+            assert.truthy(test.wait_until(function() return seen.code end, 5))
+            assert.same({ 4001, "from client" }, { seen.code, seen.reason })
+            -- and from the upstream to the client
+            seen.code = nil
+            c = assert(moonlet.ws.connect(url, { timeout = 5 }))
+            assert(c:send("close me"))
+            assert.same({ nil, "closed" }, { c:receive(5) })
+            assert.same({ 4002, "from upstream" }, { c.close_code, c.close_reason })
+            -- a close frame without a code stays one
+            seen.code = nil
+            c = assert(moonlet.ws.connect(url, { timeout = 5 }))
+            c:close(1005)
+            assert.truthy(test.wait_until(function() return seen.code end, 5))
+            assert.same({ 1005, "" }, { seen.code, seen.reason })
+            assert.truthy(test.wait_until(function()
+                local now = core.stats()
+                return now.tasks <= before.tasks and now.handles <= before.handles
+            end, 5))
+            test.assert_baseline(before)
+        end)
+
+        it("closes the upstream leg with 1001 when the client drops its connection", function()
+            local seen = {}
+            local port = ws_pair(seen)
+            local before = test.settled_stats() -- (the two servers listening)
+            local sock = test.connect(port, 5)
+            assert(sock:send("GET /api/ws/drop HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                .. "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                .. "Sec-WebSocket-Version: 13\r\n\r\n"))
+            local resp = assert(test.read_response(sock))
+            assert.equal(101, resp.status)
+            assert.equal("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", resp.headers["sec-websocket-accept"])
+            assert.truthy(test.wait_until(function() return seen.target end, 5))
+            sock:close() -- no close frame: a drop
+            assert.truthy(test.wait_until(function() return seen.code end, 5))
+            assert.same({ 1001, "going away" }, { seen.code, seen.reason })
+            assert.truthy(test.wait_until(function()
+                local now = core.stats()
+                return now.tasks <= before.tasks and now.handles <= before.handles
+            end, 5))
+            test.assert_baseline(before)
+        end)
+
+        it("closes the client with 1014 when the upstream drops its connection", function()
+            -- an upstream that completes the handshake, then drops the TCP connection at a word
+            local drop = moonlet.event()
+            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    local key
+                    repeat
+                        local line = sock:receive("*l")
+                        key = key or (line and line:match("^[Ss]ec%-[Ww]eb[Ss]ocket%-[Kk]ey:%s*(%S+)"))
+                    until not line or line == ""
+                    local accept = core.base64_encode(moonlet.crypto.digest("sha1",
+                        key .. "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+                    sock:send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                        .. "Connection: Upgrade\r\nSec-WebSocket-Accept: " .. accept .. "\r\n\r\n")
+                    drop:wait(5)
+                    sock:close()
+                end))
+            test.defer(function() server:close() end)
+            local port = front("http://127.0.0.1:" .. server:port())
+            local c = assert(moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/x", { timeout = 5 }))
+            drop:set()
+            assert.same({ nil, "closed" }, { c:receive(5) })
+            assert.same({ 1014, "bad gateway" }, { c.close_code, c.close_reason })
+            -- an upstream whose 101 is wrong (its accept key): 502 before the client's upgrade
+            server:close()
+            server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    repeat local line = sock:receive("*l") until not line or line == ""
+                    sock:send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                        .. "Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n")
+                    sock:close()
+                end))
+            port = front("http://127.0.0.1:" .. server:port())
+            local err
+            c, err = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/x", { timeout = 5 })
+            assert.same({ nil, "handshake failed: status 502" }, { c, err })
+        end)
+
+        it("passes the code of an upstream handler that raised (1011) on", function()
+            local app = moonlet.app()
+            app:websocket("/boom", function(ws)
+                ws:receive(5)
+                error("boom")
+            end)
+            local port = front({ upstream = "http://127.0.0.1:" .. test.serving(app), strip_prefix = "/api" })
+            local c = assert(moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/boom", { timeout = 5 }))
+            assert(c:send("go"))
+            assert.same({ nil, "closed" }, { c:receive(5) })
+            assert.same({ 1011, "internal error" }, { c.close_code, c.close_reason })
+        end)
+
+        it("answers 502 when the upstream refuses the connection, and its 4xx to the handshake", function()
+            local c, err = moonlet.ws.connect("ws://127.0.0.1:" .. front("http://127.0.0.1:1") .. "/api/x",
+                                              { timeout = 5 })
+            assert.same({ nil, "handshake failed: status 502" }, { c, err })
+            local app = moonlet.app()
+            app:websocket("/ws", function() end, { origin = "http://good.example" })
+            local port = front({ upstream = "http://127.0.0.1:" .. test.serving(app), strip_prefix = "/api" })
+            c, err = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/ws",
+                                        { timeout = 5, origin = "http://evil.example" })
+            assert.same({ nil, "handshake failed: status 403" }, { c, err })
+            -- not a handshake: the route's usual answer, and nothing sent on
+            local resp = test.request(port, "GET", "/api/ws", { headers = { Upgrade = "websocket" } })
+            assert.equal(400, resp.status)
+        end)
+
+        it("answers 504 when the upstream does not finish the handshake within timeout", function()
+            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock) sock:receive("*a") end))
+            test.defer(function() server:close() end)
+            local port = front({ upstream = "http://127.0.0.1:" .. server:port(), timeout = 0.2 })
+            local c, err = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/x", { timeout = 5 })
+            assert.same({ nil, "handshake failed: status 504" }, { c, err })
+        end)
+
+        it("relays a 1 MiB message intact and a burst of messages in order", function()
+            local port = ws_pair({})
+            local c = assert(moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/ws/big",
+                                                { timeout = 5 }))
+            local parts = {}
+            for i = 1, 1024 * 1024 / 8 do parts[i] = ("%07x\n"):format(i) end
+            local big = table.concat(parts)
+            assert(c:send(big, "binary"))
+            local got, kind = c:receive(10)
+            assert.equal("binary", kind)
+            assert.equal(#big, #got)
+            assert.is_true(got == big)
+            local writer = moonlet.spawn(function()
+                for i = 1, 2000 do assert(c:send("m" .. i)) end
+            end)
+            for i = 1, 2000 do assert.equal("m" .. i, c:receive(10)) end
+            assert.is_true(writer:join(5))
+            c:close(1000)
+        end)
+
+        it("refuses a message over max_message from the client with 1009, passed on", function()
+            local seen = {}
+            local port = ws_pair(seen, { websocket = { max_message = 1000 } })
+            local c = assert(moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/ws/x",
+                                                { timeout = 5 }))
+            assert(c:send(("x"):rep(1001)))
+            assert.same({ nil, "closed" }, { c:receive(5) })
+            assert.equal(1009, c.close_code)
+            assert.truthy(test.wait_until(function() return seen.code end, 5))
+            assert.equal(1009, seen.code)
+        end)
+
+        it("sends an upgrade on as plain HTTP with websocket = false", function()
+            local seen = {}
+            local port = ws_pair(seen, { websocket = false })
+            local c, err = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/ws/x", { timeout = 5 })
+            assert.same({ nil, "handshake failed: status 426" }, { c, err })
+        end)
+    end)
+
     it("raises on misuse", function()
         assert.has_error(function() moonlet.proxy() end)
         assert.has_error(function() moonlet.proxy("ftp://127.0.0.1/") end)
@@ -366,5 +591,7 @@ describe("moonlet.proxy", function()
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", retries = 2 }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", strip_prefix = "api" }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", timeout = 0 }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", websocket = "yes" }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", websocket = { deflate = 1 } }) end)
     end)
 end)

@@ -310,6 +310,20 @@ describe("moonlet.ws messages", function()
         assert(ws:send({ a = 1 })) -- a table goes as JSON
         assert.same('{"a":1}', ws:receive(5))
     end)
+
+    it("closes with a frame without a code when asked for 1005 (what a proxy passes on)", function()
+        local port = serve(echo_app())
+        local sock = raw_ws(port)
+        assert(sock:send(frame(8, "")))
+        local f = assert(read_frame(sock))
+        assert.same({ 8, "" }, { f.opcode, f.payload }) -- the server echoes an empty close
+        local ws = connect(port)
+        assert.has_error(function() ws:close(1005, "a reason") end)
+        assert.has_error(function() ws:close(1006) end)
+        ws:close(1005)
+        assert.same({ nil, "closed" }, { ws:receive(5) })
+        assert.equal(1005, ws.close_code) -- the server's echo had no code either
+    end)
 end)
 
 -- -- control frames and keep-alive ---------------------------------------------------------------

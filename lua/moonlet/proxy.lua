@@ -9,6 +9,14 @@
 -- piece at a time through res:write, never held whole. Hop-by-hop headers (RFC 9110 7.6.1) stay on
 -- their own connection, both ways; the server frames the response itself (response.lua).
 --
+-- A WebSocket opening handshake (GET, Upgrade: websocket) is not sent on as HTTP: the proxy opens
+-- a WebSocket of its own to the upstream (ws:// or wss://, same path and query, the client's
+-- end-to-end headers and subprotocols) with moonlet.ws.connect, and only when that succeeds
+-- accepts the client's (with the subprotocol the upstream chose); then two relays pass messages
+-- on, one per direction (this handler's task, client to upstream, and a task it spawns). Each leg
+-- is a WebSocket of its own: pings, fragments, limits and the close handshake are its own; what
+-- crosses is whole messages and the close code and reason.
+--
 -- Ownership: the upstream response (stream = true) holds a pooled connection until its body has
 -- been read to the end or it is closed. Every way out of the handler closes it: the end of the
 -- body (it goes back to the pool), a client that went away (write fails: closed here), and a
@@ -17,6 +25,9 @@
 local core = require "moonlet.core"
 local http = require "moonlet.http_client"
 local abort = require("moonlet.response").abort
+local ws = require "moonlet.ws"
+local task = require "moonlet.task"
+local lift_deadline = require("moonlet.app").lift_deadline
 
 local lower, find, sub, match, gmatch = string.lower, string.find, string.sub, string.match,
     string.gmatch
@@ -36,7 +47,23 @@ local HOP = {
 local OWN_RESPONSE = { date = true, server = true, ["content-length"] = true }
 
 local OPTIONS = { upstream = true, strip_prefix = true, timeout = true, headers = true,
-                  preserve_host = true }
+                  preserve_host = true, websocket = true }
+
+-- The options of `websocket = { ... }`, given to both legs (docs/websocket.md).
+local WS_OPTIONS = { max_message = true, ping_interval = true, idle_timeout = true,
+                     close_timeout = true }
+
+-- Request headers each WebSocket leg negotiates itself (subprotocols are offered apart).
+local WS_OWN = { ["sec-websocket-key"] = true, ["sec-websocket-version"] = true,
+                 ["sec-websocket-extensions"] = true, ["sec-websocket-protocol"] = true,
+                 ["sec-websocket-accept"] = true }
+
+-- The close codes a peer can be told (others only describe what happened: 1005 no code, 1006 a
+-- drop, 1015 a TLS failure).
+local function sendable(code)
+    return code and ((code >= 1000 and code <= 1003) or (code >= 1007 and code <= 1014)
+        or (code >= 3000 and code <= 4999))
+end
 
 local function log_error(msg) core.log(0, msg) end
 
@@ -132,6 +159,85 @@ local function fail(res, what, err)
     return "502 Bad Gateway\n"
 end
 
+-- Passes the messages of `from` on to `to`, each as it came (text or binary), waiting on each send
+-- before the next receive (the backpressure of ws:send), until `from` has closed: `to` is then
+-- closed with its code and reason (no code: a close frame without one; a drop: `gone` and
+-- `why`). When a send fails `to` is closed already: its own relay passes its close on to `from`.
+local function relay(from, to, gone, why)
+    while true do
+        local msg, kind = from:receive()
+        if msg == nil then break end
+        if not to:send(msg, kind) then return end
+    end
+    local code, reason = from.close_code, from.close_reason
+    if code == 1005 then
+        to:close(1005)
+    elseif sendable(code) then
+        to:close(code, reason)
+    else
+        to:close(gone, why)
+    end
+end
+
+-- The spawned relay's body: a cancellation (the handler's, below) ends it quietly.
+local function relay_task(from, to, gone, why)
+    local ok, err = pcall(relay, from, to, gone, why)
+    if not ok and err ~= task.CANCELLED then error(err, 0) end
+end
+
+-- A WebSocket handshake: the upstream leg first (502/504 when it cannot be had, the upstream's
+-- status when it refused the handshake with a 4xx), then the client's, then the relays.
+local function handle_ws(p, req, res, url, what)
+    local status, body, refused = ws.refusal(req)
+    if status then return status, body, refused end
+    local headers = upstream_headers(req, p)
+    for name in pairs(headers) do
+        if WS_OWN[lower(name)] then headers[name] = nil end
+    end
+    local offered = {}
+    for proto in gmatch(req.headers["sec-websocket-protocol"] or "", "[^,%s]+") do
+        offered[#offered + 1] = proto
+    end
+    local o = p.websocket
+    local up, err = ws.connect(url, {
+        timeout = p.timeout, headers = headers, protocols = offered, max_message = o.max_message,
+        ping_interval = o.ping_interval, idle_timeout = o.idle_timeout,
+        close_timeout = o.close_timeout,
+    })
+    if not up then
+        local st = tonumber(match(err, "^handshake failed: status (4%d%d)$"))
+        if not st then return fail(res, what, err) end
+        res:type("text")
+        res:status(st)
+        return st .. " (the upstream's answer to the WebSocket handshake)\n"
+    end
+    local chosen = up.protocol
+    local down, st, b, h = ws.accept(req, {
+        protocols = function() return chosen end, max_message = o.max_message,
+        ping_interval = o.ping_interval, idle_timeout = o.idle_timeout,
+        close_timeout = o.close_timeout,
+    })
+    if not down then
+        up:close(1001, "going away")
+        return st, b, h
+    end
+    res._on_send = false -- the 101 went out without the app's headers, as for app:websocket
+    lift_deadline(res) -- a session outlives any request deadline
+    -- a client that drops is "going away"; an upstream that drops is the proxy's 1014 (Bad
+    -- Gateway: the WebSocket counterpart of 502)
+    local back = task.spawn(relay_task, up, down, 1014, "bad gateway")
+    local ok, e = pcall(function()
+        relay(down, up, 1001, "going away")
+        back:join()
+    end)
+    if not ok then -- cancelled (server shutdown): both legs close, the other relay ends
+        down:close(1001, "going away")
+        up:close(1001, "going away")
+        back:cancel()
+        error(e, 0)
+    end
+end
+
 local function handle(p, req, res)
     local x = res._x
     if x then x:cancel_on_hangup() end -- the client's FIN cancels the fetch (nginx's default)
@@ -148,6 +254,10 @@ local function handle(p, req, res)
     local url = p.base .. path .. (qs and "?" .. qs or "")
     local method = req.method
     local what = "moonlet.proxy: " .. method .. " " .. req.target .. " -> " .. p.upstream
+    if p.websocket and method == "GET" and req.headers.upgrade
+       and find(lower(req.headers.upgrade), "websocket", 1, true) then
+        return handle_ws(p, req, res, p.ws_base .. path .. (qs and "?" .. qs or ""), what)
+    end
     local headers = upstream_headers(req, p)
     local body
     local cl, te = tonumber(req:header("content-length")), req:header("transfer-encoding")
@@ -184,7 +294,8 @@ local function handle(p, req, res)
 end
 
 -- syntax: handler = proxy.handler(upstream_url | { upstream =, strip_prefix =, timeout =,
--- headers =, preserve_host = }) -- raises on a bad option
+-- headers =, preserve_host =, websocket = true | false | { max_message =, ping_interval =,
+-- idle_timeout =, close_timeout = } }) -- raises on a bad option
 function _M.handler(opts)
     if type(opts) == "string" then opts = { upstream = opts } end
     if type(opts) ~= "table" then
@@ -210,9 +321,20 @@ function _M.handler(opts)
     if opts.headers ~= nil and type(opts.headers) ~= "table" then
         error("moonlet.proxy: headers must be a table", 2)
     end
+    local wso = opts.websocket
+    if wso == nil or wso == true then wso = {} end
+    if wso ~= false and type(wso) ~= "table" then
+        error("moonlet.proxy: websocket must be true, false or a table of options", 2)
+    end
+    for k, v in pairs(wso or {}) do
+        if not WS_OPTIONS[k] then error("moonlet.proxy: unknown websocket option " .. tostring(k), 2) end
+        if type(v) ~= "number" then error("moonlet.proxy: websocket option " .. k .. " is a number", 2) end
+    end
+    local base = match(upstream, "^(.-)/*$")
     local p = {
-        upstream = upstream, base = match(upstream, "^(.-)/*$"), strip_prefix = strip ~= "" and strip or nil,
+        upstream = upstream, base = base, strip_prefix = strip ~= "" and strip or nil,
         timeout = t, headers = opts.headers, preserve_host = opts.preserve_host and true or false,
+        websocket = wso, ws_base = "ws" .. sub(base, 5), -- http://h → ws://h, https://h → wss://h
     }
     return function(req, res) return handle(p, req, res) end
 end

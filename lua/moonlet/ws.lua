@@ -147,7 +147,8 @@ function _M.connect(url, opts)
     if opts.origin then lines[#lines + 1] = "Origin: " .. no_ctl(opts.origin, "the origin") end
     if opts.headers then
         for k, v in pairs(opts.headers) do
-            lines[#lines + 1] = no_ctl(k, "a header name") .. ": " .. no_ctl(v, "a header value")
+            local line = no_ctl(k, "a header name") .. ": " .. no_ctl(v, "a header value")
+            if str_lower(k) == "host" then lines[2] = line else lines[#lines + 1] = line end
         end
     end
     local copts = {
@@ -248,38 +249,48 @@ local function kept_headers(h)
     return kept
 end
 
+-- syntax: status, body, headers = ws.refusal(req) -- nil when req is a well-formed opening
+-- handshake (RFC 6455 4.2.1), else the answer it gets (426 or 400); origin and subprotocol apart
+function _M.refusal(req)
+    local h = req.headers
+    local version, _, _, length = req._x:info()
+    if not has_token(h.upgrade, "websocket") then -- not a handshake: say what is spoken here
+        return 426, "426 Upgrade Required: this is a WebSocket endpoint\n", UPGRADE_HEADERS
+    end
+    -- a handshake that is not one of RFC 6455's (4.2.1: a GET (the route takes HEAD too), HTTP/1.1
+    -- or later, Connection listing Upgrade) is refused with 400, as 4.2.2 says; upgrading would
+    -- not make it one
+    if req.method ~= "GET" or version ~= "1.1" or not has_token(h.connection, "upgrade") then
+        return 400, "400 Bad Request: a WebSocket handshake is an HTTP/1.1 GET with "
+            .. "Connection: Upgrade\n"
+    end
+    if h["sec-websocket-version"] ~= "13" then
+        return 426, "426 Upgrade Required: WebSocket version 13 only\n", UPGRADE_HEADERS
+    end
+    local key = h["sec-websocket-key"]
+    if not key or #key ~= 24 or not str_find(key, "^[A-Za-z0-9+/]+==$") then
+        return 400, "400 Bad Request: missing or invalid Sec-WebSocket-Key\n"
+    end
+    if (length or 0) > 0 or h["transfer-encoding"] then
+        return 400, "400 Bad Request: a WebSocket handshake has no body\n"
+    end
+end
+local refusal = _M.refusal
+
 -- syntax: ws, status, body, headers = ws.accept(req, opts) -- validates the opening handshake of
 -- req and answers 101: the ws, or nil and the response to send instead (426, 400, 403)
 function _M.accept(req, opts)
     local x = req._x
     local h = req.headers -- read now: the request is gone once the connection is handed over
     local version, keep_alive, peer, length = x:info()
-    if not has_token(h.upgrade, "websocket") then -- not a handshake: say what is spoken here
-        return nil, 426, "426 Upgrade Required: this is a WebSocket endpoint\n", UPGRADE_HEADERS
-    end
-    -- a handshake that is not one of RFC 6455's (4.2.1: a GET (the route takes HEAD too), HTTP/1.1
-    -- or later, Connection listing Upgrade) is refused with 400, as 4.2.2 says; upgrading would
-    -- not make it one
-    if req.method ~= "GET" or version ~= "1.1" or not has_token(h.connection, "upgrade") then
-        return nil, 400, "400 Bad Request: a WebSocket handshake is an HTTP/1.1 GET with "
-            .. "Connection: Upgrade\n"
-    end
-    if h["sec-websocket-version"] ~= "13" then
-        return nil, 426, "426 Upgrade Required: WebSocket version 13 only\n", UPGRADE_HEADERS
-    end
-    local key = h["sec-websocket-key"]
-    if not key or #key ~= 24 or not str_find(key, "^[A-Za-z0-9+/]+==$") then
-        return nil, 400, "400 Bad Request: missing or invalid Sec-WebSocket-Key\n"
-    end
-    if (length or 0) > 0 or h["transfer-encoding"] then
-        return nil, 400, "400 Bad Request: a WebSocket handshake has no body\n"
-    end
+    local status, body, headers = refusal(req)
+    if status then return nil, status, body, headers end
     if not origin_ok(opts.origin, h.origin, req) then
         return nil, 403, "403 Forbidden: origin not allowed\n"
     end
     local protocol = choose_protocol(opts.protocols, h["sec-websocket-protocol"], req)
     if h.cookie then local _ = req.cookies end -- read now, from every Cookie line, while there are lines
-    local ud, ext = core.ws_accept(x, key, protocol, h["sec-websocket-extensions"], opts)
+    local ud, ext = core.ws_accept(x, h["sec-websocket-key"], protocol, h["sec-websocket-extensions"], opts)
     if not ud then return nil, 500, "500 Internal Server Error\n" end
     req._x = setmetatable({ version, keep_alive, peer, length, h = kept_headers(h), ws = ud }, gone_mt)
     req.headers = nil -- rebuilt from the kept ones on first use
