@@ -278,26 +278,21 @@ static int resolve(lua_State *L) {
   return lua_isfunction(L, -1) ? 1 : 0;
 }
 
-/* Gives back a task that was made but is not needed: it runs a function that returns at once, so
- * the scheduler puts it back in its pool like any task that ended. The function is made up front
- * (m->noop_ref): this runs after an out-of-memory error too, where allocating would panic. */
-static void release_unused(mlua_task_t *t) {
-  lua_settop(t->co, 0);
-  lua_rawgeti(t->co, LUA_REGISTRYINDEX, t->m->noop_ref);
-  t->done = NULL;
-  mlua_task_start(t, 0);
-}
-
-/* Pushes the named function on L. Returns 0, UV_ENOENT (no such function) or UV_ECANCELED (a
- * module on the way raised an error, logged). */
+/* Pushes the named function on L. Returns 0, UV_ENOENT (no such function), UV_ENOMEM (memory ran
+ * out while it was looked up or its module loaded) or UV_ECANCELED (a module on the way raised an
+ * error); both errors are logged. */
 static int push_function(moonlet_t *m, lua_State *L, const char *name) {
   lua_pushcfunction(L, resolve);
   lua_pushstring(L, name);
-  if (lua_pcall(L, 1, 1, 0) != 0) {
-    ml_log(&m->log, ML_LOG_ERROR, "%s: %s", name, lua_tostring(L, -1));
+  int st = lua_pcall(L, 1, 1, 0);
+  if (st != 0) {
+    const char *err = lua_tostring(L, -1);
+    /* (resolve passes a require's memory error on as a runtime error with the same message) */
+    int nomem = st == LUA_ERRMEM || (err && strcmp(err, "not enough memory") == 0);
+    ml_log(&m->log, ML_LOG_ERROR, "%s: %s", name, err ? err : "(error object is not a string)");
     lua_pop(L, 1);
     forget_failed_modules(L);
-    return UV_ECANCELED;
+    return nomem ? UV_ENOMEM : UV_ECANCELED;
   }
   if (!lua_isfunction(L, -1)) {
     lua_pop(L, 1);
@@ -340,6 +335,39 @@ static void collect_results(run_t *r, lua_State *co) {
   }
 }
 
+typedef struct {
+  moonlet_t *m;
+  const char *name;
+  const char *args; /* the argument letters */
+  size_t nargs;
+  va_list *ap;
+} call_args_t;
+
+/* mlua_task_push's push for moonlet_call: the function and the arguments, taken from *ap. Returns
+ * their count, or push_function's error. */
+static int push_call(lua_State *co, void *ud) {
+  call_args_t *a = ud;
+  int r = push_function(a->m, co, a->name);
+  if (r < 0) return r;
+  for (size_t i = 0; i < a->nargs; i++) {
+    switch (a->args[i]) {
+    case 'i': lua_pushinteger(co, va_arg(*a->ap, int)); break;
+    case 'd': lua_pushnumber(co, va_arg(*a->ap, double)); break;
+    case 'b': lua_pushboolean(co, va_arg(*a->ap, int)); break;
+    case 's': {
+      const char *s = va_arg(*a->ap, const char *);
+      if (s)
+        lua_pushstring(co, s);
+      else
+        lua_pushnil(co);
+      break;
+    }
+    case 'n': lua_pushnil(co); break;
+    }
+  }
+  return (int)a->nargs + 1;
+}
+
 int moonlet_call(moonlet_t *m, const char *name, const char *fmt, ...) {
   if (!name || !fmt) return UV_EINVAL;
   const char *args = fmt, *gt = strchr(fmt, '>');
@@ -351,37 +379,22 @@ int moonlet_call(moonlet_t *m, const char *name, const char *fmt, ...) {
   for (const char *p = res.types; *p; p++)
     if (!strchr("idbs", *p)) return UV_EINVAL;
   mlua_task_t *t = mlua_task_new(m);
-  lua_State *co = t->co;
-  int r = push_function(m, co, name);
-  if (r < 0) {
-    release_unused(t);
-    return r;
-  }
+  if (!t) return UV_ENOMEM;
   va_list ap;
   va_start(ap, fmt);
-  int pushed = 0;
-  for (size_t i = 0; i < nargs; i++) {
-    switch (args[i]) {
-    case 'i': lua_pushinteger(co, va_arg(ap, int)); break;
-    case 'd': lua_pushnumber(co, va_arg(ap, double)); break;
-    case 'b': lua_pushboolean(co, va_arg(ap, int)); break;
-    case 's': {
-      const char *s = va_arg(ap, const char *);
-      if (s)
-        lua_pushstring(co, s);
-      else
-        lua_pushnil(co);
-      break;
-    }
-    case 'n': lua_pushnil(co); break;
-    }
-    pushed++;
+  call_args_t ca = {m, name, args, nargs, &ap};
+  /* under lua_pcall: a name or an argument string that memory cannot hold fails the call */
+  int r = mlua_task_push(t, push_call, &ca);
+  if (r < 0) {
+    va_end(ap);
+    mlua_task_drop(t);
+    return r;
   }
   for (int i = 0; res.types[i]; i++)
     res.outs[i] = va_arg(ap, void *);
   va_end(ap);
   run_t run = {0, 0, name, collect_results, &res};
-  if (!run_task(t, pushed, &run)) return 1;
+  if (!run_task(t, r - 1, &run)) return 1;
   return run.ok ? 0 : UV_ECANCELED;
 }
 
@@ -437,6 +450,7 @@ static int run_reload_fn3(moonlet_t *m, const char *fn, const char *a1, const ch
                           const char *a3, app_result_t *a) {
   memset(a, 0, sizeof *a);
   mlua_task_t *t = mlua_task_new(m);
+  if (!t) return UV_ENOMEM;
   lua_State *co = t->co;
   int top = lua_gettop(co);
   fn_args_t fa = {m, fn, {a1, a2, a3}, 0};
@@ -444,7 +458,7 @@ static int run_reload_fn3(moonlet_t *m, const char *fn, const char *a1, const ch
   if (fa.r < 0 || n != 4) { /* (n == 2: nil, "not enough memory") */
     lua_settop(co, top);
     if (fa.r == UV_ENOENT) ml_log(&m->log, ML_LOG_ERROR, "%s: the framework is missing", fn);
-    release_unused(t);
+    mlua_task_drop(t);
     return fa.r < 0 ? fa.r : UV_ENOMEM;
   }
   run_t run = {0, 0, fn, collect_app, a};

@@ -43,7 +43,11 @@ static void on_change(ml_fswatch_t *fw, void *ud) {
   watch_t *w = ud;
   (void)fw;
   mlua_task_t *t = mlua_task_new(w->m);
-  lua_rawgeti(t->co, LUA_REGISTRYINDEX, w->fn_ref);
+  if (!t) { /* out of memory (the host's budget): this change is dropped, the next one runs */
+    ml_log(&w->m->log, ML_LOG_ERROR, "fswatch: out of memory: a change dropped");
+    return;
+  }
+  lua_rawgeti(t->co, LUA_REGISTRYINDEX, w->fn_ref); /* (allocates nothing) */
   mlua_task_start(t, 0);
 }
 

@@ -8,7 +8,8 @@
  * the server is freed.
  * - Each request runs its handler as a task: handler(exchange, method, target). The exchange is a
  *   userdata pinned from on_request until the task is released (after handler_done) by a copy in
- *   the first slot of the task's stack, under the handler's frame (sched.c, rule 2). x->c points
+ *   the first slot of the task's stack, under the handler's frame (sched.c, rule 2). When memory
+ *   runs out before the handler starts, the request is answered 503 (refuse_request). x->c points
  *   to the connection while the request is active; it is NULLed when the task ends (ml_conn_finish)
  *   or the connection closes (on_close), whichever comes first. Every method on an exchange without
  *   a connection returns nil, "closed".
@@ -101,20 +102,66 @@ static void handler_done(mlua_task_t *t, int ok, void *ud) {
   x->task = NULL; /* the task's stack lets go of x when the task is released, right after this */
 }
 
+typedef struct {
+  mlua_server_t *s;
+  const ml_request_t *r;
+  exchange_t *x;
+} request_start_t;
+
+/* Pushes the exchange, the handler and its arguments but the coroutine on a request's task. */
+static int push_request(lua_State *co, void *ud) {
+  request_start_t *a = ud;
+  moonlet_t *m = a->s->m;
+  a->x = lua_newuserdata(co, sizeof *a->x);
+  lua_rawgeti(co, LUA_REGISTRYINDEX, m->exchange_mt_ref); /* luaL_getmetatable without the name */
+  lua_setmetatable(co, -2);
+  lua_rawgeti(co, LUA_REGISTRYINDEX, a->s->handler_ref);
+  lua_pushvalue(co, -2);
+  lua_pushlstring(co, a->r->method, a->r->method_len);
+  lua_pushlstring(co, a->r->target, a->r->target_len);
+  return 5;
+}
+
+/* Memory ran out (the host's allocator budget) before the handler could start: the request is
+ * answered 503 and the connection closed after it (or at once when even that fails), and the
+ * server goes on. Nothing here allocates from Lua. */
+static void refuse_request(moonlet_t *m, ml_conn_t *c) {
+  static const char hdr[] = "Content-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n";
+  static const char body[] = "503 Service Unavailable\n";
+  ml_log(&m->log, ML_LOG_ERROR, "out of memory: a request answered 503");
+  ml_conn_set_close(c);
+  if (ml_conn_respond(c, 503, hdr, sizeof hdr - 1, body, sizeof body - 1) < 0) {
+    ml_conn_close(c, 0);
+  } else if (m->log.access) {
+    ml_conn_log_access(c, 503, sizeof body - 1, NULL);
+  }
+  ml_conn_finish(c);
+}
+
 static void on_request(ml_conn_t *c, void *ud) {
   mlua_server_t *s = ud;
   moonlet_t *m = s->m;
-  mlua_task_t *t = mlua_task_new(m);
-  lua_State *co = t->co;
-  const ml_request_t *r = ml_conn_request(c);
+  mlua_task_t *t = mlua_task_new(m); /* (a pooled task allocates nothing) */
   /* x is pinned while C points at it (the connection's data, x->c) by staying in the first slot of
    * its task's stack, under the handler's frame, where no Lua code can reach it: the task's
    * coroutine (pinned by its struct) keeps it from here until the task is released, which is after
-   * handler_done has unlinked it. No registry ref to take and give back on every request. */
-  exchange_t *x = lua_newuserdata(co, sizeof *x);
-  lua_rawgeti(co, LUA_REGISTRYINDEX, m->exchange_mt_ref); /* luaL_getmetatable without the name */
-  lua_setmetatable(co, -2);
-  lua_rawgeti(co, LUA_REGISTRYINDEX, s->handler_ref);
+   * handler_done has unlinked it. No registry ref to take and give back on every request.
+   * The pushes allocate (the exchange, the target): with a host's allocator, whose budget may run
+   * out, they run under mlua_task_push, since a memory error here would reach LuaJIT's panic and
+   * end the host. That protected call costs about 5% of a small request's instructions, so the
+   * default allocator (malloc, which does not fail short of the system running out) goes
+   * without. */
+  request_start_t a = {s, ml_conn_request(c), NULL};
+  int r = !t             ? UV_ENOMEM
+          : m->cfg.alloc ? mlua_task_push(t, push_request, &a)
+                         : push_request(t->co, &a);
+  if (r < 0) {
+    if (t) mlua_task_drop(t);
+    refuse_request(m, c);
+    return;
+  }
+  exchange_t *x = a.x; /* stack: x (the pin), handler, x, method, target */
+  lua_State *co = t->co;
   x->c = c;
   x->task = t;
   x->m = s->m;
@@ -128,12 +175,9 @@ static void on_request(ml_conn_t *c, void *ud) {
   /* The peer's address, read now while the socket is open: a client that resets the connection
    * is logged from on_close, after the handle closed. Once a connection (it is cached). */
   if (m->log.access) ml_conn_peer_name(c);
-  lua_pushvalue(co, -2); /* stack: x (the pin), handler, x, method, target, co */
   ml_conn_set_data(c, x);
-  lua_pushlstring(co, r->method, r->method_len);
-  lua_pushlstring(co, r->target, r->target_len);
   t->request = ++m->requests; /* app.lua reads it as core.running_request while the task runs */
-  lua_pushthread(co);
+  lua_pushthread(co);         /* (no allocation: a slot of the stack the pushes left room for) */
   t->done = handler_done;
   t->done_ud = x;
   mlua_task_start(t, 4);

@@ -347,7 +347,12 @@ void mlua_stop_drained(moonlet_t *m) {
   }
   m->stop_hook_ran = 1; /* a server listened to by a hook and closed again: no second run */
   mlua_task_t *t = mlua_task_new(m);
-  lua_rawgeti(t->co, LUA_REGISTRYINDEX, m->stop_hook_ref);
+  if (!t) { /* out of memory (the host's budget): the stop ends without its hooks */
+    ml_log(&m->log, ML_LOG_ERROR, "out of memory: the shutdown hooks cannot run");
+    uv_stop(m->loop);
+    return;
+  }
+  lua_rawgeti(t->co, LUA_REGISTRYINDEX, m->stop_hook_ref); /* (allocates nothing) */
   mlua_task_start(t, 0);
 }
 
@@ -552,11 +557,6 @@ moonlet_t *moonlet_from_lua(struct lua_State *L) {
   return m;
 }
 
-static int noop(lua_State *L) {
-  (void)L;
-  return 0;
-}
-
 /* lua_CFunction, run by lua_cpcall with the instance as light userdata: the libraries, the paths,
  * the registry entries and package.preload["moonlet.core"]. Everything it allocates is the Lua
  * state's, so lua_close undoes a half-done run. */
@@ -580,8 +580,6 @@ static int init_state(lua_State *L) {
   lua_getfield(L, -1, "traceback");
   m->traceback_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pop(L, 1);
-  lua_pushcfunction(L, noop);
-  m->noop_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   mlua_embed_read_sentinel(L);
   return 0;
 }
@@ -653,25 +651,40 @@ static void main_done(mlua_task_t *t, int ok, void *ud) {
   }
 }
 
-int moonlet_main(moonlet_t *m, int argc, char **argv) {
-  lua_State *L = m->L;
-  mlua_task_t *t = mlua_task_new(m);
-  lua_getglobal(t->co, "require");
-  lua_pushstring(t->co, "moonlet.cli");
-  if (lua_pcall(t->co, 1, 1, 0) != 0) {
-    ml_log(&m->log, ML_LOG_ERROR, "cannot load the framework: %s", lua_tostring(t->co, -1));
-    lua_settop(t->co, 0);
-    m->live_tasks--; /* never started */
-    m->exit_code = 1;
-    (void)L;
-    return 1;
+typedef struct {
+  moonlet_t *m;
+  int argc;
+  char **argv;
+} main_args_t;
+
+/* mlua_task_push's push for moonlet_main: moonlet.cli's main and the table of the arguments. */
+static int push_main(lua_State *co, void *ud) {
+  main_args_t *a = ud;
+  lua_getglobal(co, "require");
+  lua_pushstring(co, "moonlet.cli");
+  if (lua_pcall(co, 1, 1, 0) != 0) {
+    ml_log(&a->m->log, ML_LOG_ERROR, "cannot load the framework: %s", lua_tostring(co, -1));
+    return UV_EINVAL;
   }
-  lua_getfield(t->co, -1, "main");
-  lua_remove(t->co, -2);
-  lua_newtable(t->co);
-  for (int i = 0; i < argc; i++) {
-    lua_pushstring(t->co, argv[i]);
-    lua_rawseti(t->co, -2, i);
+  lua_getfield(co, -1, "main");
+  lua_remove(co, -2);
+  lua_newtable(co);
+  for (int i = 0; i < a->argc; i++) {
+    lua_pushstring(co, a->argv[i]);
+    lua_rawseti(co, -2, i);
+  }
+  return 2;
+}
+
+int moonlet_main(moonlet_t *m, int argc, char **argv) {
+  main_args_t a = {m, argc, argv};
+  mlua_task_t *t = mlua_task_new(m);
+  int r = t ? mlua_task_push(t, push_main, &a) : UV_ENOMEM;
+  if (r < 0) {
+    if (r == UV_ENOMEM) ml_log(&m->log, ML_LOG_ERROR, "cannot start: out of memory");
+    if (t) mlua_task_drop(t);
+    m->exit_code = 1;
+    return 1;
   }
   t->done = main_done;
   t->done_ud = m;

@@ -87,8 +87,7 @@ struct moonlet_s {
   int stop_hook_ref;      /* registry ref of the function core.on_stop set (LUA_NOREF: none) */
   int stop_hook_ran;      /* it was started, once per instance (mlua_stop_drained) */
   int traceback_ref;      /* registry ref of debug.traceback */
-  int noop_ref;           /* registry ref of a function that returns at once (made up front: a
-                             task is given back to the pool with it without allocating) */
+  int push_ref;           /* registry ref of mlua_task_push's protected function (sched.c) */
   int exchange_mt_ref;    /* registry ref of the request exchanges' metatable (http_server.c) */
   double requests;        /* requests started: the last one's mlua_task_t.request */
   double running_request; /* m->running's request, 0 when none: app.lua reads it through the FFI
@@ -123,7 +122,20 @@ struct moonlet_s {
 };
 
 /* sched.c */
+/* A task to start, its coroutine's stack empty; NULL when memory ran out (the host's allocator
+ * budget), with nothing taken. Safe to call outside any protected call (a libuv callback): a pooled
+ * task allocates nothing, and a new coroutine is made under lua_cpcall. */
 mlua_task_t *mlua_task_new(moonlet_t *m);
+/* Pushes a task's function and arguments before mlua_task_start: push(co, ud) runs on t->co under
+ * lua_pcall, so that a memory error raised while it allocates (a userdata, a string) unwinds to
+ * here instead of LuaJIT's panic, which would end the host. push returns >= 0 and leaves its values
+ * on co, or < 0 (an error of its own). Returns what push returned, or UV_ENOMEM when it raised; on
+ * any failure co's stack is as it was. A callback whose pushes cannot allocate (a registry ref's
+ * value, a light userdata) needs none of it. */
+int mlua_task_push(mlua_task_t *t, int (*push)(lua_State *co, void *ud), void *ud);
+/* Gives back a task mlua_task_new made that will not be started (its stack is cleared). Allocates
+ * nothing: a failed start calls it. */
+void mlua_task_drop(mlua_task_t *t);
 /* Starts a task: the function and its nargs arguments are on t->co. Returns after the first
  * yield or the end of the task (then `done` has run and t is back in the pool). */
 int mlua_task_start(mlua_task_t *t, int nargs); /* 1: it waits now, 0: it ended */

@@ -37,11 +37,31 @@ char mlua_cancel_key;
 
 #define POOL_MAX 256
 
+static void task_release(mlua_task_t *t, int reusable);
+
+/* Runs under lua_pcall on a task's coroutine (mlua_task_push): calls the push function given as
+ * light userdata and returns what it pushed. Made once (m->push_ref), so a call allocates nothing
+ * of its own: lua_cpcall would make a closure per call. */
+typedef struct {
+  int (*push)(lua_State *co, void *ud);
+  void *ud;
+  int r; /* what push returned */
+} task_push_t;
+
+static int task_push(lua_State *co) {
+  task_push_t *a = lua_touserdata(co, 1);
+  lua_pop(co, 1);
+  a->r = a->push(co, a->ud);
+  return a->r < 0 ? 0 : lua_gettop(co);
+}
+
 void mlua_sched_init(moonlet_t *m) {
   lua_State *L = m->L;
   lua_pushlightuserdata(L, &tasks_key);
   lua_newtable(L);
   lua_rawset(L, LUA_REGISTRYINDEX);
+  lua_pushcfunction(L, task_push);
+  m->push_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
 static void push_tasks(lua_State *L) {
@@ -49,6 +69,25 @@ static void push_tasks(lua_State *L) {
   lua_rawget(L, LUA_REGISTRYINDEX);
 }
 
+/* Runs under lua_cpcall on the main state with the new task as light userdata: makes its coroutine,
+ * pins it (t->co_ref) and records it in tasks. A memory error unwinds to that call; t->co_ref says
+ * whether the pin was taken. */
+static int new_coroutine(lua_State *L) {
+  mlua_task_t *t = lua_touserdata(L, 1);
+  lua_pop(L, 1);
+  push_tasks(L);
+  lua_State *co = lua_newthread(L);
+  lua_pushvalue(L, -1);
+  t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushlightuserdata(L, t);
+  lua_rawset(L, -3); /* tasks[co] = t */
+  t->co = co;
+  return 0;
+}
+
+/* A pooled task needs no allocation (the hot path: one per request). A new one is made under
+ * lua_cpcall: it is called from libuv callbacks, where a memory error raised with no protected
+ * call on the C stack would reach LuaJIT's panic and end the host. */
 mlua_task_t *mlua_task_new(moonlet_t *m) {
   mlua_task_t *t = m->free_tasks;
   if (t) {
@@ -57,15 +96,16 @@ mlua_task_t *mlua_task_new(moonlet_t *m) {
   } else {
     lua_State *L = m->L;
     t = calloc(1, sizeof *t);
-    if (!t) luaL_error(L, "moonlet: out of memory");
+    if (!t) return NULL;
     t->m = m;
-    push_tasks(L);
-    t->co = lua_newthread(L);
-    lua_pushvalue(L, -1);
-    t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    lua_pushlightuserdata(L, t);
-    lua_rawset(L, -3); /* tasks[co] = t */
-    lua_pop(L, 1);
+    t->co_ref = LUA_NOREF;
+    int top = lua_gettop(L);
+    if (lua_cpcall(L, new_coroutine, t) != 0) {
+      lua_settop(L, top);
+      if (t->co_ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, t->co_ref);
+      free(t);
+      return NULL;
+    }
   }
   t->done = NULL;
   t->done_ud = NULL;
@@ -76,6 +116,22 @@ mlua_task_t *mlua_task_new(moonlet_t *m) {
   m->live_tasks++;
   return t;
 }
+
+int mlua_task_push(mlua_task_t *t, int (*push)(lua_State *co, void *ud), void *ud) {
+  lua_State *co = t->co;
+  int top = lua_gettop(co);
+  task_push_t a = {push, ud, 0};
+  lua_rawgeti(co, LUA_REGISTRYINDEX, t->m->push_ref);
+  lua_pushlightuserdata(co, &a);
+  if (lua_pcall(co, 1, LUA_MULTRET, 0) != 0) {
+    lua_settop(co, top);
+    return UV_ENOMEM;
+  }
+  if (a.r < 0) lua_settop(co, top);
+  return a.r;
+}
+
+void mlua_task_drop(mlua_task_t *t) { task_release(t, 1); }
 
 mlua_task_t *mlua_task_at(lua_State *L, int idx) {
   if (idx < 0) idx = lua_gettop(L) + idx + 1;

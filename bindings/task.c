@@ -216,6 +216,7 @@ static int l_spawn(lua_State *L) {
                       MAX_NESTED_RUNS);
   int n = lua_gettop(L);
   mlua_task_t *t = mlua_task_new(m);
+  if (!t) return luaL_error(L, "not enough memory");
   lua_State *co = t->co;
   lua_xmove(L, co, n);
   lua_pushthread(co); /* kept on our (now empty) stack: t may be freed when start returns */

@@ -1123,6 +1123,19 @@ static void server_res_close(mlua_res_t *r) {
   server_close(srv); /* moonlet_free unlinked it */
 }
 
+typedef struct {
+  server_t *srv;
+  sock_t *s;
+} accepted_t;
+
+/* mlua_task_push's push for an accepted connection: the server's function and the socket's box. */
+static int push_accepted(lua_State *co, void *ud) {
+  accepted_t *a = ud;
+  lua_rawgeti(co, LUA_REGISTRYINDEX, a->srv->fn_ref);
+  push_box(co, a->s);
+  return 2;
+}
+
 static void on_connection(uv_stream_t *ls, int status) {
   server_t *srv = ls->data;
   moonlet_t *m = srv->m;
@@ -1139,9 +1152,14 @@ static void on_connection(uv_stream_t *ls, int status) {
   }
   s->accepted = 1;
   if (!s->is_unix) uv_tcp_nodelay(&s->io.tcp, 1);
+  accepted_t a = {srv, s};
   mlua_task_t *t = mlua_task_new(m);
-  lua_rawgeti(t->co, LUA_REGISTRYINDEX, srv->fn_ref);
-  push_box(t->co, s);
+  if (!t || mlua_task_push(t, push_accepted, &a) < 0) { /* out of memory: the connection closes */
+    if (t) mlua_task_drop(t);
+    ml_log(&m->log, ML_LOG_ERROR, "tcp server: out of memory: a connection closed");
+    sock_close(s); /* (a box the push made is NULLed: its __gc finds nothing to close) */
+    return;
+  }
   mlua_task_start(t, 1);
 }
 

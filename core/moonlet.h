@@ -205,7 +205,9 @@ void *moonlet_userdata(moonlet_t *m);
  *              a nil or non-string result)
  * Results are stored only when the function returned without waiting. Returns 0 (it returned),
  * 1 (it waits; it goes on in the loop and its results are dropped), UV_ENOENT (name is not a
- * function), UV_EINVAL (bad fmt), UV_ECANCELED (it raised an error: logged with its traceback). */
+ * function), UV_EINVAL (bad fmt), UV_ECANCELED (it raised an error: logged with its traceback),
+ * UV_ENOMEM (cfg.alloc refused memory before the function could start: the task, the name or an
+ * argument; nothing ran). */
 int moonlet_call(moonlet_t *m, const char *name, const char *fmt, ...);
 /* The instance's main Lua state, for what moonlet_call cannot do. The rules: use it on the loop
  * thread, between loop callbacks or inside a function Lua called; leave its stack as you found it;

@@ -1010,6 +1010,162 @@ static void test_load_out_of_memory(void) {
   CHECK_INT(bad, 0);
 }
 
+/* Instances whose budget runs out while they serve: for each point k (the budget spent k Lua
+ * allocations after the request or the call starts, which moves the failure through the C that
+ * starts a task, the handler, the response), the instance must not panic. What fails gets an answer
+ * (503, 500, a closed connection, UV_ENOMEM) and, once the budget is lifted, the same request
+ * succeeds. */
+#define OOM_POINTS 40
+
+static void test_http_out_of_memory(void) {
+  ctest_section("out of memory while requests arrive: 503 or a close, no panic, then 200 again");
+  logbuf_t lb;
+  moonlet_config_t cfg;
+  config(&cfg, &lb);
+  alloc_stats_t st = {0, 0};
+  cfg.alloc = tracked_alloc;
+  cfg.alloc_ud = &st;
+  fail_after = 0;
+  moonlet_t *m = moonlet_new(&cfg);
+  if (!CHECK(m != NULL)) return;
+  CHECK_INT(moonlet_load_string(m, "hello_app", HELLO_APP), 0);
+  int port = moonlet_listen(m, "127.0.0.1", 0);
+  req_t r = {0};
+  CHECK_STR(get_stepping(m, port, "/hello", &r), "hello from lua");
+  int refused = 0, bad = 0;
+  for (size_t k = 0; k < OOM_POINTS; k++) {
+    fail_after = st.calls + k; /* (st.calls > 0: never the 0 of "no budget") */
+    get_stepping(m, port, "/hello", &r);
+    fail_after = 0;
+    if (r.status == 503) refused++;
+    if (r.status != 200 && r.status != 503 && r.status != 500 && r.status != 0) bad++;
+    if (strcmp(get_stepping(m, port, "/hello", &r), "hello from lua") != 0) bad++;
+  }
+  CHECK(refused > 0);
+  CHECK_INT(bad, 0);
+  CHECK(strstr(lb.text, "out of memory: a request answered 503") != NULL);
+  moonlet_free(m);
+  tracked_release();
+}
+
+typedef struct {
+  int port;
+  moonlet_t *m;
+  char got[64]; /* what came back before the close */
+  atomic_int done;
+  pthread_t thread;
+} tcp_client_t;
+
+/* Sends "ping\n" on a new connection and reads until the peer closes. */
+static void *tcp_client_main(void *arg) {
+  tcp_client_t *c = arg;
+  c->got[0] = '\0';
+  int fd = send_open(c->port, "ping\n");
+  if (fd >= 0) {
+    struct timeval tv = {5, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    size_t got = 0;
+    ssize_t k;
+    while (got < sizeof c->got - 1 && (k = recv(fd, c->got + got, sizeof c->got - 1 - got, 0)) > 0)
+      got += (size_t)k;
+    c->got[got] = '\0';
+    close(fd);
+  }
+  atomic_store(&c->done, 1);
+  moonlet_post(c->m, noop_cb, NULL);
+  return NULL;
+}
+
+static const char *tcp_stepping(moonlet_t *m, tcp_client_t *c) {
+  c->m = m;
+  atomic_store(&c->done, 0);
+  pthread_create(&c->thread, NULL, tcp_client_main, c);
+  uint64_t end = now_ms() + WAIT_MS;
+  while (!atomic_load(&c->done) && now_ms() < end)
+    moonlet_step(m, 50);
+  pthread_join(c->thread, NULL);
+  return c->got;
+}
+
+static void test_tcp_out_of_memory(void) {
+  ctest_section("out of memory while a moonlet.tcp server accepts: a close, no panic, then served");
+  logbuf_t lb;
+  moonlet_config_t cfg;
+  config(&cfg, &lb);
+  alloc_stats_t st = {0, 0};
+  cfg.alloc = tracked_alloc;
+  cfg.alloc_ud = &st;
+  fail_after = 0;
+  moonlet_t *m = moonlet_new(&cfg);
+  if (!CHECK(m != NULL)) return;
+  tcp_client_t c = {.port =
+                        listen_from_lua(m,
+                                        "function listen_echo()\n"
+                                        "  local tcp = require 'moonlet.tcp'\n"
+                                        "  echo_server = tcp.listen({ port = 0 }, function(s)\n"
+                                        "    local line = s:receive('*l')\n"
+                                        "    if line then s:send('echo ' .. line .. '\\n') end\n"
+                                        "  end)\n"
+                                        "  return echo_server:port()\n"
+                                        "end",
+                                        "listen_echo")};
+  CHECK_STR(tcp_stepping(m, &c), "echo ping\n");
+  int closed = 0, bad = 0;
+  for (size_t k = 0; k < OOM_POINTS; k++) {
+    fail_after = st.calls + k;
+    tcp_stepping(m, &c);
+    fail_after = 0;
+    if (c.got[0] == '\0')
+      closed++;
+    else if (strcmp(c.got, "echo ping\n") != 0)
+      bad++;
+    if (strcmp(tcp_stepping(m, &c), "echo ping\n") != 0) bad++;
+  }
+  CHECK(closed > 0);
+  CHECK_INT(bad, 0);
+  CHECK(strstr(lb.text, "tcp server: out of memory: a connection closed") != NULL);
+  moonlet_free(m);
+  tracked_release();
+}
+
+static void test_call_out_of_memory(void) {
+  ctest_section("moonlet_call: memory running out gives UV_ENOMEM, no panic, then it works");
+  logbuf_t lb;
+  moonlet_config_t cfg;
+  config(&cfg, &lb);
+  alloc_stats_t st = {0, 0};
+  cfg.alloc = tracked_alloc;
+  cfg.alloc_ud = &st;
+  fail_after = 0;
+  moonlet_t *m = moonlet_new(&cfg);
+  if (!CHECK(m != NULL)) return;
+  CHECK_INT(luaL_dostring(moonlet_lua_state(m),
+                          "function tagged(s, n) return s .. '#' .. tostring(n) end"),
+            0);
+  static const char arg[] = "an argument string not interned yet";
+  int nomem = 0, bad = 0;
+  for (size_t k = 0; k < OOM_POINTS; k++) {
+    char *out = NULL;
+    fail_after = st.calls + k;
+    int r = moonlet_call(m, "tagged", "si>s", arg, (int)k, &out);
+    fail_after = 0;
+    if (r == UV_ENOMEM)
+      nomem++;
+    else if (r != 0 && r != UV_ECANCELED)
+      bad++;
+    free(out);
+    out = NULL;
+    if (moonlet_call(m, "tagged", "si>s", arg, 7, &out) != 0 || !out ||
+        strcmp(out, "an argument string not interned yet#7") != 0)
+      bad++;
+    free(out);
+  }
+  CHECK(nomem > 0);
+  CHECK_INT(bad, 0);
+  moonlet_free(m);
+  tracked_release();
+}
+
 /* Loads app, sends request on a connection it leaves open, steps until the handler has parked,
  * then frees the instance with the request in flight: nothing may crash (ASan checks the rest
  * under SANITIZE=1). */
@@ -1198,6 +1354,9 @@ int main(void) {
   test_allocator();
   test_new_out_of_memory();
   test_load_out_of_memory();
+  test_http_out_of_memory();
+  test_tcp_out_of_memory();
+  test_call_out_of_memory();
   test_free_in_flight();
   test_free_unpark_in_teardown();
   test_free_new_wait_in_teardown();
