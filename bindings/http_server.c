@@ -34,6 +34,7 @@
 
 #define EXCHANGE_MT "moonlet.exchange"
 #define SERVER_MT "moonlet.server"
+#define SERVER_TLS_MT "moonlet.server_tls"
 #define WRITE_HIGH_WATER (256 * 1024)
 
 struct mlua_server_s {
@@ -968,6 +969,29 @@ static int listen_tls(lua_State *L, ml_tls_ctx_t **out) {
   return 0;
 }
 
+/* syntax: ctx, err = core.server_tls(opts) -- the TLS context core.listen would make of opts.tls
+ * (false without opts.tls; nil and the error when a file does not load, raises on a malformed
+ * opts.tls), for server:set_tls. Hot reload makes it while the new code loads, so that a
+ * certificate that does not load fails the load, and gives it to the server when the new code
+ * serves. The userdata owns the context until server:set_tls takes it (its __gc frees it else). */
+static int l_server_tls(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  ml_tls_ctx_t **box = lua_newuserdata(L, sizeof *box);
+  *box = NULL;
+  luaL_getmetatable(L, SERVER_TLS_MT);
+  lua_setmetatable(L, -2);
+  if (listen_tls(L, box) < 0) return 2;
+  if (!*box) lua_pushboolean(L, 0);
+  return 1;
+}
+
+static int server_tls_gc(lua_State *L) {
+  ml_tls_ctx_t **box = luaL_checkudata(L, 1, SERVER_TLS_MT);
+  ml_tls_ctx_free(*box);
+  *box = NULL;
+  return 0;
+}
+
 static int l_listen(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -1074,6 +1098,24 @@ static int srv_set_handler(lua_State *L) {
   return 1;
 }
 
+/* syntax: ok, err = server:set_tls(ctx) -- the connections accepted from now on speak TLS with
+ * ctx (core.server_tls), or plain HTTP when ctx is false; those accepted before keep the session
+ * they have (it holds a reference on its own context: core/tls.c). The server takes ctx (a second
+ * server:set_tls of it raises); nil, "closed" on a closed server, which leaves ctx to its __gc. */
+static int srv_set_tls(lua_State *L) {
+  mlua_server_t *s = check_server(L);
+  ml_tls_ctx_t **box = NULL;
+  if (!(lua_type(L, 2) == LUA_TBOOLEAN && !lua_toboolean(L, 2))) {
+    box = luaL_checkudata(L, 2, SERVER_TLS_MT);
+    if (!*box) return luaL_error(L, "moonlet: this TLS context was given to a server already");
+  }
+  if (!s || s->stopping) return mlua_push_error(L, UV_EPIPE);
+  ml_server_set_tls(s->srv, box ? *box : NULL);
+  if (box) *box = NULL;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* syntax: server:close() -- stops accepting and closes every connection now */
 static int srv_close(lua_State *L) {
   mlua_server_t *s = check_server(L);
@@ -1170,11 +1212,17 @@ void mlua_open_http_server(lua_State *L, moonlet_t *m) {
                                 {"cancel_on_hangup", x_cancel_on_hangup},
                                 {"set_request_id", x_set_request_id},
                                 {NULL, NULL}};
-  static const luaL_Reg sm[] = {
-      {"port", srv_port},         {"set_handler", srv_set_handler}, {"close", srv_close},
-      {"shutdown", srv_shutdown}, {"connections", srv_connections}, {NULL, NULL}};
-  static const luaL_Reg fns[] = {
-      {"listen", l_listen}, {"server_stats", l_server_stats}, {NULL, NULL}};
+  static const luaL_Reg sm[] = {{"port", srv_port},
+                                {"set_handler", srv_set_handler},
+                                {"close", srv_close},
+                                {"shutdown", srv_shutdown},
+                                {"connections", srv_connections},
+                                {"set_tls", srv_set_tls},
+                                {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"listen", l_listen},
+                                 {"server_tls", l_server_tls},
+                                 {"server_stats", l_server_stats},
+                                 {NULL, NULL}};
   luaL_newmetatable(L, EXCHANGE_MT);
   lua_pushliteral(L, EXCHANGE_MT);
   lua_setfield(L, -2, "__name");
@@ -1191,6 +1239,12 @@ void mlua_open_http_server(lua_State *L, moonlet_t *m) {
   mlua_register(L, m, sm);
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, srv_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, SERVER_TLS_MT);
+  lua_pushliteral(L, SERVER_TLS_MT);
+  lua_setfield(L, -2, "__name");
+  lua_pushcfunction(L, server_tls_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
   mlua_register(L, m, fns);

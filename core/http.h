@@ -119,7 +119,10 @@ void ml_server_close(ml_server_t *s, void (*done)(ml_server_t *, void *), void *
 void ml_server_free(ml_server_t *s);
 /* Makes the server speak HTTPS: every connection accepted from now on is a TLS server session of
  * ctx (a server context: core/tls.h), whose handshake runs before any HTTP is parsed. The server
- * owns ctx from here and frees it in ml_server_free. */
+ * owns ctx from here and frees it in ml_server_free. Called again (hot reload's certificate
+ * rotation), it frees the context it had and uses ctx for the next connections (NULL: plain HTTP);
+ * the connections accepted before keep their session, which holds its own reference on the
+ * context it was made from (core/tls.c), so they finish with the old certificate. */
 void ml_server_set_tls(ml_server_t *s, ml_tls_ctx_t *ctx);
 unsigned ml_server_conn_count(const ml_server_t *s);
 /* What nginx's stub_status tells: connections accepted, handled (accepted and not refused at

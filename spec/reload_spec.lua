@@ -1,6 +1,7 @@
 -- spec/reload_spec.lua: hot reload (lua/moonlet/reload.lua, core/fswatch.c, bindings/fswatch.c):
 -- a reload host in this process (load, reload, keep the old code on errors, requests in flight,
--- state across reloads, modules next to the app, the file watcher, memory after 100 reloads), and
+-- state across reloads, modules next to the app, the file watcher, memory after 100 reloads, TLS
+-- certificates read again), and
 -- the `moonlet` command with --reload under steady load and with SIGHUP, as separate processes.
 -- Apps are written to a fresh directory per `it`; servers listen on port 0; every wait has a
 -- deadline (test.wait_until) and every `it` closes what it opened.
@@ -56,6 +57,40 @@ local function serve(dir, src, opts)
     local server, port = host:listen({ host = "127.0.0.1", port = 0 })
     assert(server, port)
     return host, port, path
+end
+
+-- Certificate rotation: renew(certs, org) writes a new key and a certificate for localhost with
+-- O=org signed by the spec's CA over certs.key and certs.cert (what certbot renew does to the
+-- files a server was started with); subject(port, certs) is the subject of the certificate a new
+-- TLS connection to port sees (nil and the error when the handshake fails).
+local function renew(certs, org)
+    local cmd = ("cd %s && openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+        .. " -keyout new.key -out new.csr -subj '/O=%s/CN=localhost'"
+        .. " -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1' && openssl x509 -req -in new.csr"
+        .. " -CA ca.pem -CAkey ca.key -CAcreateserial -out new.pem -days 2 -copy_extensions copy"
+        .. " && mv new.pem server.pem && mv new.key server.key"):format(certs.dir, org)
+    local ok = os.execute("(" .. cmd .. ") >/dev/null 2>&1")
+    assert(ok == true or ok == 0, "openssl failed")
+end
+
+local function subject(port, certs)
+    local sock, err = moonlet.tcp.connect("127.0.0.1", port, { tls = { cafile = certs.ca }, timeout = 5 })
+    if not sock then return nil, err end
+    local t = sock:peer_certificate()
+    sock:close()
+    return t and t.client_subject
+end
+
+-- GET / on a TLS socket kept open (keep-alive): the body
+local function https_get(sock)
+    assert(sock:send("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"))
+    local body
+    repeat
+        local line = assert(sock:receive("*l"))
+        local n = line:match("^[Cc]ontent%-[Ll]ength: *(%d+)")
+        if n then body = tonumber(n) end
+    until line == ""
+    return assert(sock:receive(body))
 end
 
 local function get(port, path)
@@ -454,41 +489,166 @@ end)]]))
         assert.is_nil((moonlet.tcp.connect("unix:" .. sock)))
     end)
 
-    it("does not hand an HTTPS server to new code that changes its tls (client_ca)", function()
-        local dir = tmpdir()
-        local certs = test.make_certs()
-        defer(function() test.remove_certs(certs) end)
+    -- a free port for a server the app listens with itself
+    local function free_tcp_port()
         local probe = assert(moonlet.tcp.listen({ port = 0 }, function() end))
         local p = probe:port()
         probe:close()
+        return p
+    end
+
+    it("hands an HTTPS server to new code that changes its tls: a client_ca added applies", function()
+        local dir = tmpdir()
+        local certs = test.make_certs()
+        defer(function() test.remove_certs(certs) end)
+        local p = free_tcp_port()
         local function https_src(body, tls)
             return app_src(body, ("assert(app:listen({ host = '127.0.0.1', port = %d, tls = %s }))\n")
                                  :format(p, tls))
         end
         local function get_tls(cert, key)
             local r, err = moonlet.http.get("https://127.0.0.1:" .. p .. "/",
-                { tls = { cafile = certs.ca, cert = cert, key = key }, timeout = 5 })
+                { tls = { cafile = certs.ca, cert = cert, key = key }, timeout = 5,
+                  pool_size = 0 }) -- (a new connection each: an open one keeps its session)
             return r and r.body, err
         end
         local plain_tls = ("{ cert = %q, key = %q }"):format(certs.cert, certs.key)
         local host, _, path = serve(dir, https_src("v1", plain_tls))
         assert.same("v1", get_tls())
-        -- the new code requires client certificates: the old server (which asks for none) must
-        -- not serve it as if it did
+        -- the new code requires client certificates: a client without one is refused from now on
         write_file(path, https_src("v2", ("{ cert = %q, key = %q, client_ca = %q }")
                                          :format(certs.cert, certs.key, certs.ca)))
-        local ok, err = host:reload()
-        if ok then
-            assert.same({ nil, "tls: handshake failed" }, { get_tls() })
-            assert.same("v2", get_tls(certs.client_cert, certs.client_key))
-        else
-            assert.truthy(err:find("tls", 1, true), err)
-            assert.same("v1", get_tls()) -- the old code goes on, as it was
-        end
-        -- the same tls options: handed over
+        assert.same({ true }, { host:reload() })
+        assert.same({ nil, "tls: handshake failed" }, { get_tls() })
+        assert.same("v2", get_tls(certs.client_cert, certs.client_key))
+        -- and dropped again: any client
         write_file(path, https_src("v3", plain_tls))
         assert.is_true(host:reload())
         assert.same("v3", get_tls())
+        host:close()
+    end)
+
+    it("rotates the certificate of an app:listen HTTPS server; one that does not load fails the"
+       .. " reload", function()
+        local dir = tmpdir()
+        local certs = test.make_certs()
+        defer(function() test.remove_certs(certs) end)
+        local p = free_tcp_port()
+        local src = app_src("v%d", ("assert(app:listen({ host = '127.0.0.1', port = %d,"
+            .. " tls = { cert = %q, key = %q } }))\n"):format(p, certs.cert, certs.key))
+        local host, _, path = serve(dir, src:format(1))
+        assert.same("CN=localhost", subject(p, certs))
+        local before = assert(moonlet.tcp.connect("127.0.0.1", p, { tls = { cafile = certs.ca } }))
+        defer(function() before:close() end)
+        assert.same("v1", https_get(before))
+        -- renewed files at the same paths, the same tls options: the reload reads them again
+        renew(certs, "renewed")
+        write_file(path, src:format(2))
+        assert.same({ true }, { host:reload() })
+        assert.same("CN=localhost,O=renewed", subject(p, certs))
+        -- the connection opened before keeps its session (and certificate), and gets the new code
+        assert.same("v2", https_get(before))
+        assert.same("CN=localhost", before:peer_certificate().client_subject)
+        -- a certificate file that does not load: the reload fails, naming it; the old code and
+        -- the old certificate go on
+        write_file(certs.cert, "not a certificate\n")
+        write_file(path, src:format(3))
+        local ok, err = host:reload()
+        assert.is_nil(ok)
+        assert.truthy(err:find("app:listen on 127.0.0.1:" .. p .. ": tls: cannot load certificate ("
+                               .. certs.cert .. ")", 1, true), err)
+        assert.same("CN=localhost,O=renewed", subject(p, certs))
+        assert.same("v2", https_get(before))
+        -- a key that is not the certificate's alike
+        renew(certs, "third")
+        os.execute(("cp %s/client.key %s"):format(certs.dir, certs.key))
+        ok, err = host:reload()
+        assert.is_nil(ok)
+        assert.truthy(err:find("tls: certificate and key do not match (" .. certs.cert .. ", "
+                               .. certs.key .. ")", 1, true), err)
+        assert.same("CN=localhost,O=renewed", subject(p, certs))
+        host:close()
+    end)
+
+    it("turns a server the app listens with itself from plain HTTP to HTTPS and back", function()
+        local dir = tmpdir()
+        local certs = test.make_certs()
+        defer(function() test.remove_certs(certs) end)
+        local p = free_tcp_port()
+        local plain_src = app_src("plain", ("assert(app:listen({ host = '127.0.0.1', port = %d }))\n")
+            :format(p))
+        local host, _, path = serve(dir, plain_src)
+        assert.same("plain", test.request(p, "GET", "/").body)
+        write_file(path, app_src("tls", ("assert(app:listen({ host = '127.0.0.1', port = %d,"
+            .. " tls = { cert = %q, key = %q } }))\n"):format(p, certs.cert, certs.key)))
+        assert.is_true(host:reload())
+        local r = assert(moonlet.http.get("https://127.0.0.1:" .. p .. "/", { tls = { cafile = certs.ca } }))
+        assert.same("tls", r.body)
+        write_file(path, plain_src)
+        assert.is_true(host:reload())
+        assert.same("plain", test.request(p, "GET", "/").body)
+        host:close()
+    end)
+
+    it("reads the certificate of the host's own HTTPS servers (host:listen) again on each reload",
+       function()
+        local dir = tmpdir()
+        local certs = test.make_certs()
+        defer(function() test.remove_certs(certs) end)
+        local path = dir .. "/app.lua"
+        write_file(path, app_src("v1"))
+        local host = reload.new({ path = path })
+        defer(function() host:close() end)
+        assert(host:load())
+        local _, p = assert(host:listen({ host = "127.0.0.1", port = 0,
+                                          tls = { cert = certs.cert, key = certs.key } }))
+        assert.same("CN=localhost", subject(p, certs))
+        local before = assert(moonlet.tcp.connect("127.0.0.1", p, { tls = { cafile = certs.ca } }))
+        defer(function() before:close() end)
+        assert.same("v1", https_get(before))
+        renew(certs, "renewed")
+        write_file(path, app_src("v2"))
+        assert.is_true(host:reload())
+        assert.same("CN=localhost,O=renewed", subject(p, certs))
+        assert.same("v2", https_get(before))
+        -- a key that does not load: the reload fails with the file, the old code and certificate
+        -- go on
+        write_file(certs.key, "not a key\n")
+        write_file(path, app_src("v3"))
+        local ok, err = host:reload()
+        assert.is_nil(ok)
+        assert.same(("https on 127.0.0.1:%d: tls: cannot load key (%s)"):format(p, certs.key), err)
+        assert.same("CN=localhost,O=renewed", subject(p, certs))
+        assert.same("v2", https_get(before))
+        host:close()
+    end)
+
+    it("reads the certificate of a moonlet.tcp.listen TLS server the new code takes again", function()
+        local dir = tmpdir()
+        local certs = test.make_certs()
+        defer(function() test.remove_certs(certs) end)
+        local p = free_tcp_port()
+        local src = app_src("v", ("assert(moonlet.tcp.listen({ port = %d, tls = { cert = %q, key = %q } },"
+            .. " function(s) s:send('%%s\\n') end))\n"):format(p, certs.cert, certs.key))
+        local host, _, path = serve(dir, src:format("t1"))
+        assert.same("CN=localhost", subject(p, certs))
+        renew(certs, "renewed")
+        write_file(path, src:format("t2"))
+        assert.is_true(host:reload())
+        assert.same("CN=localhost,O=renewed", subject(p, certs))
+        local sock = assert(moonlet.tcp.connect("127.0.0.1", p, { tls = { cafile = certs.ca } }))
+        assert.same("t2", sock:receive())
+        sock:close()
+        write_file(certs.cert, "not a certificate\n")
+        write_file(path, src:format("t3"))
+        local ok, err = host:reload()
+        assert.is_nil(ok)
+        assert.truthy(err:find(("moonlet.tcp.listen on 127.0.0.1:%d: tls: cannot load certificate (%s)")
+                               :format(p, certs.cert), 1, true), err)
+        sock = assert(moonlet.tcp.connect("127.0.0.1", p, { tls = { cafile = certs.ca } }))
+        assert.same("CN=localhost,O=renewed", sock:peer_certificate().client_subject)
+        assert.same("t2", sock:receive())
+        sock:close()
         host:close()
     end)
 
@@ -709,6 +869,41 @@ describe("moonlet --reload", function()
             return p:output():find(plain(path) .. ":" .. BROKEN_LINE .. ":")
         end, 5), p:output())
         assert.same("v2", get(port))
+        assert.truthy(p:signal("TERM"))
+        assert.same(0, p:wait())
+    end)
+
+    it("reads the --tls-cert and --tls-key files again on SIGHUP; a certificate that does not"
+       .. " load keeps the old one", function()
+        local dir = tmpdir()
+        local certs = test.make_certs()
+        defer(function() test.remove_certs(certs) end)
+        local path = dir .. "/app.lua"
+        write_file(path, app_src("v1"))
+        local p = start(("--port 0 --tls-cert %s --tls-key %s %s"):format(certs.cert, certs.key, path))
+        local port = test.wait_until(function()
+            return tonumber(p:output():match("on https://[^:]+:(%d+)"))
+        end, 10)
+        assert(port, p:output())
+        assert.same("CN=localhost", subject(port, certs))
+        local before = assert(moonlet.tcp.connect("127.0.0.1", port, { tls = { cafile = certs.ca } }))
+        defer(function() before:close() end)
+        assert.same("v1", https_get(before))
+        renew(certs, "renewed")
+        write_file(path, app_src("v2"))
+        assert.truthy(p:signal("HUP"))
+        assert(test.wait_until(function() return subject(port, certs) == "CN=localhost,O=renewed" end,
+                               5), p:output())
+        assert.same("v2", https_get(before)) -- open before: the new code, its old session
+        assert.same("CN=localhost", before:peer_certificate().client_subject)
+        write_file(certs.cert, "-----BEGIN CERTIFICATE-----\ntruncated\n")
+        write_file(path, app_src("v3"))
+        assert.truthy(p:signal("HUP"))
+        local want = ("the old code goes on serving: https on 127.0.0.1:%d: tls: cannot load"
+                      .. " certificate (%s)"):format(port, certs.cert)
+        assert(test.wait_until(function() return p:output():find(want, 1, true) end, 5), p:output())
+        assert.same("CN=localhost,O=renewed", subject(port, certs))
+        assert.same("v2", https_get(before))
         assert.truthy(p:signal("TERM"))
         assert.same(0, p:wait())
     end)

@@ -612,21 +612,25 @@ local LISTEN_OWN = { host = true, port = true, backlog = true, tls = true, check
 -- given) to that server. An app:listen of the new code on the same address takes that server,
 -- whose socket stays open (no connection refused, no "address in use"), rather than binding again;
 -- the reloader gives it the new app's dispatcher when the new app takes over (app.adopted), and
--- shuts down the old app's servers the new code did not take. A server keeps the TLS context it
--- was opened with: new code whose tls options differ (a client_ca added) cannot take it, and
--- raises, so that the load fails and the old code goes on, rather than serve the new code with
--- the old options (clients the new code refuses let in).
+-- shuts down the old app's servers the new code did not take. The new code's tls options are read
+-- again into a new TLS context as it listens (the certificate files too, even at the same paths:
+-- a renewed certificate), kept in _M.loading.tls until the new app serves, when it replaces the
+-- server's (server:set_tls: the connections open keep theirs). A file that does not load raises,
+-- so that the load fails and the old code goes on with the old certificate; tls given or dropped
+-- makes the next connections HTTPS or plain HTTP.
 _M.reusable = nil
 local listen_keys = setmetatable({}, { __mode = "k" }) -- server -> its address, as listened on
-local listen_tls = setmetatable({}, { __mode = "k" })  -- server -> its tls options (tls_key)
 
--- the tls options of app:listen as one string: equal when they make the same TLS context
-local function tls_key(tls)
-    if type(tls) ~= "table" then return tostring(tls) end
-    local verify = tls.verify_client
-    if verify == nil or verify == true then verify = "on" elseif verify == false then verify = "off" end
-    return table.concat({ tostring(tls.cert), tostring(tls.key), tostring(tls.client_ca),
-                          tostring(verify) }, "\0")
+-- syntax: ctx = app.server_tls(opts, where, level) -- a new TLS context of app:listen's opts.tls
+-- (false without one) for server:set_tls; raises "WHERE: tls: cannot load certificate (FILE)" when
+-- a file does not load, at level (nil: no position)
+function _M.server_tls(opts, where, level)
+    local ctx, err = core.server_tls(opts)
+    if ctx == nil then
+        error(("%s: %s"):format(where, require("moonlet.tcp").tls_failure(err, opts.tls)),
+              level and level + 1 or 0)
+    end
+    return ctx
 end
 
 local function listen_key(opts)
@@ -680,12 +684,10 @@ function methods:listen(given)
     local reusable = key and _M.reusable
     local server = reusable and reusable[key]
     local port
-    local tkey = tls_key(opts.tls)
-    if server and listen_tls[server] ~= tkey then
-        error(("app:listen: the server on %s has other tls options: a hot reload cannot change"
-               .. " them (restart)"):format(key), 2)
-    end
     if server then
+        local ctx = _M.server_tls(opts, "app:listen on " .. key, 2)
+        local load = _M.loading
+        if load then load.tls[server] = ctx end
         reusable[key] = nil
         self.adopted = self.adopted or {}
         self.adopted[server] = true
@@ -697,7 +699,6 @@ function methods:listen(given)
         if load then load.opened[#load.opened + 1] = server end
     end
     listen_keys[server] = key
-    listen_tls[server] = tkey
     self.servers = self.servers or {}
     self.servers[#self.servers + 1] = server
     require("moonlet.shutdown").serve(self)

@@ -14,6 +14,11 @@
 -- hosts whose directory holds it and grows their watch list. A reload requires such a module again
 -- after the new top level ran, so that a broken edit of it fails the reload as one of the app does.
 --
+-- TLS certificates are read again by each load, as nginx -s reload does: the servers the app
+-- takes over (app.lua, tcp.lua) and the host's own (host:listen, the command line's --tls-cert)
+-- get a new context made during the load (a file that does not load fails it), swapped in by
+-- install when the new app serves; open connections keep the session and context they have.
+--
 -- State across a reload: the old app's `app.state` (whatever table the app keeps there) is handed
 -- to the new app's app:on_reload(function(old_state) ... end) before the swap; an error there fails
 -- the reload like any other.
@@ -42,6 +47,7 @@ local current         -- the instance's host (reload.set_current)
 local path_users = {} -- package.path entry added for an app directory -> hosts using it
 local open_hosts = setmetatable({}, { __mode = "k" }) -- host -> true, until host:close()
 local add_searcher    -- (defined with the watcher, below)
+local host_tls        -- (defined with build, below)
 
 local function dirname(path)
     return path:match("^(.*)/[^/]*$") or "."
@@ -89,7 +95,8 @@ function _M.new(opts)
         error("moonlet.reload.new: wants { path = file } or { code = string }", 2)
     end
     local self = setmetatable({
-        servers = {}, own = {}, tcp_own = {}, udp_own = {}, modules = {}, lazy = {}, files = {},
+        servers = {}, listen_opts = setmetatable({}, { __mode = "k" }), own = {}, tcp_own = {},
+        udp_own = {}, modules = {}, lazy = {}, files = {},
         args = opts.args or {},
         debounce = opts.debounce or 0.05, reloads = 0,
     }, mt)
@@ -168,6 +175,25 @@ local function compile(self)
     return nil, "error", err
 end
 
+-- The TLS contexts of the servers host:listen opened with tls options (the command line's
+-- --tls-cert, --tls-key, --tls-client-ca), made again from their files into out[server] for install
+-- to swap in: a reload rotates the certificate as nginx -s reload does. Raises "https on ADDRESS:
+-- tls: cannot load certificate (FILE)" when one does not load, which fails the load.
+function host_tls(self, out)
+    for i = 1, #self.servers do
+        local s = self.servers[i]
+        local opts = self.listen_opts[s]
+        local port = opts and opts.tls and s:port()
+        if port then
+            local h = tostring(opts.host or "127.0.0.1")
+            local where = opts.unix and "https on unix:" .. opts.unix
+                or str_find(h, "unix:", 1, true) == 1 and "https on " .. h
+                or str_format("https on %s:%d", h, port)
+            out[s] = app_mod.server_tls(opts, where)
+        end
+    end
+end
+
 -- Runs the source into a new app. Returns the app, or nil, kind ("notfound", "error", "noapp"),
 -- message. package.loaded is left as the old code had it unless an app is returned.
 local function build(self)
@@ -207,7 +233,7 @@ local function build(self)
     -- udp.lua, "Hot reload"); the servers and sockets this load opens are closed if it fails
     local outer_loading = app_mod.loading
     local loading = { reusable = {}, taken = {}, own = {}, opened = {}, udp_reusable = {},
-                      udp_own = {} }
+                      udp_own = {}, tls = {} }
     local tcp, udp = package.loaded["moonlet.tcp"], package.loaded["moonlet.udp"]
     for i = 1, #self.tcp_own do
         local s = self.tcp_own[i]
@@ -261,6 +287,10 @@ local function build(self)
     if ok and kind ~= "noapp" and old and app.reload_handler then
         local ok2, e = xpcall(app.reload_handler, app_traceback, old.state)
         if not ok2 then ok, app = false, "on_reload: " .. tostring(e) end
+    end
+    if ok then -- the host's servers (the command line's --tls-cert): their files read again
+        local ok2, e = pcall(host_tls, self, loading.tls)
+        if not ok2 then ok, app = false, e end
     end
     if ok and self.closed_loading then -- host:close() came while the top level waited: it undoes
         ok, app = false, self:label() .. ": the host was closed during the load" -- all of the load
@@ -321,8 +351,13 @@ local function install(self, app, tasks, loading)
     app.adopted = nil
     if own[1] then
         local dispatch = app:dispatcher()
+        local tls = loading.tls
         for i = 1, #own do
-            if adopted[own[i]] then own[i]:set_handler(dispatch) end
+            local s = own[i]
+            if adopted[s] then
+                if tls[s] ~= nil then s:set_tls(tls[s]) end -- (the certificate read by this load)
+                s:set_handler(dispatch)
+            end
         end
     end
     for i = 1, #old_own do
@@ -361,7 +396,9 @@ local function install(self, app, tasks, loading)
     local dispatch = app:dispatcher()
     local alive = {}
     for i = 1, #servers do
-        if servers[i]:set_handler(dispatch) then alive[#alive + 1] = servers[i] end
+        local s = servers[i]
+        if loading.tls[s] then s:set_tls(loading.tls[s]) end -- (host_tls)
+        if s:set_handler(dispatch) then alive[#alive + 1] = s end
     end
     self.servers = alive
     local all = {}
@@ -491,6 +528,7 @@ function methods:listen(opts)
     local server, port = app:listen(opts)
     if not server then return nil, port end
     self.servers[#self.servers + 1] = server
+    self.listen_opts[server] = opts -- (its tls: made again by each reload, host_tls)
     return server, port
 end
 

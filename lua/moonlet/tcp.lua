@@ -121,7 +121,9 @@ local contexts = {}
 -- true (the default) requires one, "optional" lets a client without one through.
 local VERIFY_CLIENT = { [true] = true, on = true, optional = "optional", [false] = false, off = false }
 
-local function context(server, opts)
+-- fresh: a context of its own, not the cache's (a server's: its files are read again each time
+-- the server listens, so that a hot reload takes a renewed certificate)
+local function context(server, opts, fresh)
     local verify = opts.verify
     if verify == nil then verify = not server end
     local client_ca = server and opts.client_ca or nil
@@ -131,13 +133,30 @@ local function context(server, opts)
     end
     local key = concat({ server and "s" or "c", verify == "optional" and "o" or verify and "1" or "0",
         opts.cafile or "", opts.cert or "", opts.key or "", opts.alpn or "", client_ca or "" }, "\0")
-    local ctx = contexts[key]
+    local ctx = not fresh and contexts[key]
     if ctx then return ctx end
     local err
     ctx, err = core_tls_context(server, verify, opts.cafile, opts.cert, opts.key, opts.alpn, client_ca)
     if not ctx then return nil, err end
-    contexts[key] = ctx
+    if not fresh then contexts[key] = ctx end
     return ctx
+end
+
+-- syntax: msg = moonlet.tcp.tls_failure(err, tls) -- err ("tls: cannot load certificate") with the
+-- file of tls (a server's cert, key, client_ca) it is about, for a log line: "tls: cannot load
+-- certificate (/etc/tls/site.pem)"
+local FAILED_FILE = {
+    ["tls: cannot load certificate"] = { "cert" },
+    ["tls: cannot load key"] = { "key" }, ["tls: key needs a passphrase"] = { "key" },
+    ["tls: certificate and key do not match"] = { "cert", "key" },
+    ["tls: cannot load client CA file"] = { "client_ca" },
+}
+function _M.tls_failure(err, tls)
+    local fields = FAILED_FILE[err]
+    if not fields or type(tls) ~= "table" then return tostring(err) end
+    local files = {}
+    for i = 1, #fields do files[i] = tostring(tls[fields[i]]) end
+    return ("%s (%s)"):format(err, concat(files, ", "))
 end
 
 local function check_tls_opts(opts, level)
@@ -499,13 +518,7 @@ function _M.listen(opts, handler)
     local port = not path and check_port(opts.port or 0, "listen")
     local timeout = opts.timeout
     if timeout == nil then timeout = DEFAULT_TIMEOUT end
-    local ctx
-    if opts.tls then
-        local tls = check_tls_opts(opts.tls, 2)
-        local err
-        ctx, err = context(true, tls)
-        if not ctx then return nil, err end
-    end
+    local tls = opts.tls and check_tls_opts(opts.tls, 2)
     local addrs, err
     if not path then
         addrs, err = dns.resolve(host)
@@ -514,6 +527,16 @@ function _M.listen(opts, handler)
     local key = path and "unix:" .. path or port ~= 0 and addrs[1] .. ":" .. port or nil
     local load = loading()
     local old = key and load and load.reusable[key]
+    -- a context of its own: each listen reads the files again (a reload's new code, even with the
+    -- same paths, serves a renewed certificate)
+    local ctx
+    if tls then
+        ctx, err = context(true, tls, true)
+        if not ctx and old then -- (the old code's server would close: fail the load instead)
+            error(("moonlet.tcp.listen on %s: %s"):format(key, _M.tls_failure(err, tls)), 2)
+        end
+        if not ctx then return nil, err end
+    end
     if old then -- a reload's new code listens where the old code did: it takes that server
         load.reusable[key] = nil
         load.taken[old] = { handler = handler, ctx = ctx, timeout = timeout }
@@ -562,7 +585,8 @@ end
 -- While a load's top level runs, moonlet.app's loading is { reusable = { address = server of the
 -- old code }, taken = {}, own = {}, opened = {}, ... }: a moonlet.tcp.listen on an address the old code
 -- listened on takes that server (its socket stays open: no "address in use", no refused
--- connection) and its handler, TLS and timeout wait in taken until the new code serves (adopt);
+-- connection) and its handler, TLS context (made anew: the certificate files read again; one that
+-- does not load raises, failing the load) and timeout wait in taken until the new code serves (adopt);
 -- own lists the load's servers (held here: a server whose object the script dropped goes on
 -- listening, and must still be found), opened the new ones, closed if the load fails.
 function loading()
