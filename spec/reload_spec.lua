@@ -410,11 +410,18 @@ end)]]))
         assert.same("v5", line("d.sock"))
         TCP_SERVER:close() -- luacheck: ignore 113
         assert.is_nil(line("d.sock"))
-        write_file(path, tcp_src("v6", { "d.sock" }))
+        write_file(path, tcp_src("v6", { "d.sock" }, ("assert(app:listen({ unix = %q }))\n")
+                                                      :format(dir .. "/e.sock")))
         assert.is_true(host:reload())
         assert.same("v6", line("d.sock"))
-        host:close()
+        local function app_get()
+            local res = moonlet.http.get("http://app/", { unix = dir .. "/e.sock" })
+            return res and res.body
+        end
+        assert.same("v6", app_get())
+        host:close() -- closes them all: the app's own server too
         assert.is_nil(line("d.sock"))
+        assert(test.wait_until(function() return app_get() == nil end, 5))
     end)
 
     it("listens anew where the old code closed its moonlet.tcp.listen server", function()

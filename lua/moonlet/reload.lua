@@ -491,9 +491,16 @@ function methods:load()
         local t0 = now()
         local had = self.app ~= nil
         -- build catches the app's errors; one of its own (memory ran out) must not leave the host
-        -- "loading" for good, refusing every later load as busy
+        -- "loading" for good, refusing every later load as busy, nor leave moonlet.app's state of a
+        -- load in progress behind (later listens would count as this dead load's)
+        local outer_loading, outer_reusable = app_mod.loading, app_mod.reusable
         local ok, a, k, e = pcall(build, self)
-        if ok then app, kind, err = a, k, e else app, kind, err = nil, "error", tostring(a) end
+        if ok then
+            app, kind, err = a, k, e
+        else
+            app, kind, err = nil, "error", tostring(a)
+            app_mod.loading, app_mod.reusable = outer_loading, outer_reusable
+        end
         self.loading = false
         if app then
             install(self, app, kind, err)
@@ -563,6 +570,8 @@ function methods:close()
     end
     for i = 1, #self.servers do self.servers[i]:close() end
     self.servers = {}
+    close_servers(self.own) -- the app's own (app:listen), the moonlet.tcp and moonlet.udp ones
+    self.own = {}
     close_servers(self.tcp_own)
     close_servers(self.udp_own)
     self.tcp_own, self.udp_own = {}, {}
