@@ -234,6 +234,94 @@ describe("moonlet.proxy", function()
         assert.same({ 301, "/elsewhere" }, { resp.status, resp.headers.location })
     end)
 
+    describe("redirect", function()
+        -- An upstream whose /v2/go answers 302 to ?to= (its own base URL in front of a "@") with
+        -- the same in Refresh and Content-Location.
+        local function redirecting()
+            local base
+            base = upstream(function(app)
+                app:get("/*any", function(req, res)
+                    local to = req.query.to:gsub("^@", base)
+                    res:header("Refresh", "3; url=" .. to)
+                    res:header("Content-Location", to)
+                    return res:redirect(to, 302)
+                end)
+            end)
+            return base
+        end
+        local function go(port, to, host)
+            local resp = test.request(port, "GET", "/api/go?to=" .. require("moonlet.url").escape(to),
+                                      { headers = { Host = host or "front.example:8080" } })
+            assert.equal(302, resp.status)
+            return resp.headers.location, resp.headers.refresh, resp.headers["content-location"]
+        end
+
+        it("rewrites its own URLs to the client's (proxy_redirect default), no relative one", function()
+            local base = redirecting()
+            local port = front(base)
+            local there = "http://front.example:8080/api/there?x=1"
+            assert.same({ there, "3; url=" .. there, there }, { go(port, "@/api/there?x=1") })
+            assert.equal("http://front.example:8080", (go(port, "@")))
+            local other = "http://127.0.0.1:1" .. base:match(":(%d+)$") .. "/x" -- another port
+            assert.equal(other, (go(port, other)))
+            assert.equal("https://elsewhere.example/a", (go(port, "https://elsewhere.example/a")))
+            -- a relative one is left alone
+            assert.same({ "/elsewhere", "3; url=/elsewhere", "/elsewhere" }, { go(port, "/elsewhere") })
+        end)
+
+        it("puts strip_prefix back and takes the upstream's path off", function()
+            local base = redirecting()
+            local port = front({ upstream = base .. "/v2/", strip_prefix = "/api" })
+            assert.equal("http://front.example:8080/api/there", (go(port, "@/v2/there")))
+            assert.equal("http://front.example:8080/api", (go(port, "@/v2")))
+            assert.equal(base .. "/v22/x", (go(port, "@/v22/x"))) -- not under /v2
+            assert.equal(base .. "/x", (go(port, "@/x")))
+        end)
+
+        it("passes Location as it is with redirect = false", function()
+            local base = redirecting()
+            local port = front({ upstream = base, redirect = false })
+            assert.equal(base .. "/api/there", (go(port, "@/api/there")))
+        end)
+
+        it("maps explicit pairs, the longest prefix first, instead of the default", function()
+            local base = redirecting()
+            local port = front({ upstream = base, redirect = {
+                [base .. "/"] = "https://cdn.example/", [base .. "/api/deep/"] = "/deep/",
+            } })
+            assert.equal("https://cdn.example/a?b=1", (go(port, "@/a?b=1")))
+            assert.equal("/deep/x", (go(port, "@/api/deep/x")))
+            assert.same({ base, "3; url=" .. base, base }, { go(port, "@") }) -- no pair matches
+        end)
+    end)
+
+    it("rewrites the Domain and Path of Set-Cookie lines only when asked", function()
+        local base = upstream(function(app)
+            app:get("/c", function(_, res)
+                res:header("Set-Cookie", { "a=1; Domain=Upstream.Internal; Path=/v2/app; HttpOnly",
+                                           "b=2; path=/v2; domain=.upstream.internal",
+                                           "c=3; Path=/other; Domain=elsewhere.example" })
+                return "ok"
+            end)
+        end)
+        local cookies = function(port)
+            local sock = test.connect(port)
+            test.defer(function() sock:close() end)
+            assert(sock:send(test.format_request("GET", "/api/c")))
+            return read_head(sock).headers["set-cookie"]
+        end
+        assert.same({ "a=1; Domain=Upstream.Internal; Path=/v2/app; HttpOnly",
+                      "b=2; path=/v2; domain=.upstream.internal",
+                      "c=3; Path=/other; Domain=elsewhere.example" },
+                    cookies(front({ upstream = base, strip_prefix = "/api" })))
+        local port = front({ upstream = base, strip_prefix = "/api",
+                             cookie_domain = { ["upstream.internal"] = "front.example" },
+                             cookie_path = { ["/v2"] = "/api", ["/v2/app"] = "/app" } })
+        assert.same({ "a=1; Domain=front.example; Path=/app; HttpOnly",
+                      "b=2; path=/api; domain=.front.example",
+                      "c=3; Path=/other; Domain=elsewhere.example" }, cookies(port))
+    end)
+
     it("passes a 404 of the upstream", function()
         local app = moonlet.app()
         app:get("/only", function() return "x" end)
@@ -593,5 +681,9 @@ describe("moonlet.proxy", function()
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", timeout = 0 }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", websocket = "yes" }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", websocket = { deflate = 1 } }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", redirect = "default" }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", redirect = { ["/a"] = 1 } }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", cookie_path = "/" }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", cookie_domain = { a = 1 } }) end)
     end)
 end)

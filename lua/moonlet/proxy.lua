@@ -17,6 +17,10 @@
 -- is a WebSocket of its own: pings, fragments, limits and the close handshake are its own; what
 -- crosses is whole messages and the close code and reason.
 --
+-- An answer's Location, Content-Location and Refresh under the upstream's URL are rewritten to
+-- the client's view of it (nginx's proxy_redirect default), Set-Cookie's Domain= and Path= only
+-- when asked (proxy_cookie_domain, proxy_cookie_path): lua/moonlet/proxy_rewrite.lua.
+--
 -- Ownership: the upstream response (stream = true) holds a pooled connection until its body has
 -- been read to the end or it is closed. Every way out of the handler closes it: the end of the
 -- body (it goes back to the pool), a client that went away (write fails: closed here), and a
@@ -28,6 +32,7 @@ local abort = require("moonlet.response").abort
 local ws = require "moonlet.ws"
 local task = require "moonlet.task"
 local lift_deadline = require("moonlet.app").lift_deadline
+local rewrite = require "moonlet.proxy_rewrite"
 
 local lower, find, sub, match, gmatch = string.lower, string.find, string.sub, string.match,
     string.gmatch
@@ -47,7 +52,11 @@ local HOP = {
 local OWN_RESPONSE = { date = true, server = true, ["content-length"] = true }
 
 local OPTIONS = { upstream = true, strip_prefix = true, timeout = true, headers = true,
-                  preserve_host = true, websocket = true }
+                  preserve_host = true, websocket = true, redirect = true, cookie_domain = true,
+                  cookie_path = true }
+
+-- The response headers proxy_rewrite.redirect reads.
+local REDIRECT_HEADERS = { location = true, ["content-location"] = true, refresh = true }
 
 -- The options of `websocket = { ... }`, given to both legs (docs/websocket.md).
 local WS_OPTIONS = { max_message = true, ping_interval = true, idle_timeout = true,
@@ -121,13 +130,28 @@ local function upstream_headers(req, p)
     return out
 end
 
+-- A response header's value as the client gets it (see the top of the file); prefix: the part of
+-- the client's path that strip_prefix took off ("" when none).
+local function rewritten(p, req, prefix, name, value)
+    if REDIRECT_HEADERS[name] and p.redirect then
+        local host = req.host
+        local client = host and (req.scheme or "http") .. "://" .. host .. prefix or prefix
+        return rewrite.redirect(name, value, p.up, client, p.redirect ~= "default" and p.redirect or nil)
+    elseif name == "set-cookie" and (p.cookie_domain or p.cookie_path) then
+        return rewrite.cookies(value, p.cookie_domain, p.cookie_path)
+    end
+    return value
+end
+
 -- Copies the upstream response's end-to-end headers onto res; returns its Content-Length (a
 -- number) when the body's size is known and framed by it alone.
-local function copy_headers(up, res)
+local function copy_headers(p, req, prefix, up, res)
     local h = up.headers
     local listed = connection_tokens(h.connection)
     for name, value in pairs(h) do
-        if not hop_by_hop(name, listed) and not OWN_RESPONSE[name] then res:header(name, value) end
+        if not hop_by_hop(name, listed) and not OWN_RESPONSE[name] then
+            res:header(name, rewritten(p, req, prefix, name, value))
+        end
     end
     if h["transfer-encoding"] then return nil end
     local cl = h["content-length"]
@@ -242,11 +266,11 @@ local function handle(p, req, res)
     local x = res._x
     if x then x:cancel_on_hangup() end -- the client's FIN cancels the fetch (nginx's default)
     local path = raw_path(req)
-    local strip = p.strip_prefix
+    local strip, prefix = p.strip_prefix, ""
     if strip and sub(path, 1, #strip) == strip then
         local c = sub(path, #strip + 1, #strip + 1)
         if c == "" or c == "/" then
-            path = sub(path, #strip + 1)
+            path, prefix = sub(path, #strip + 1), strip
             if path == "" then path = "/" end
         end
     end
@@ -274,7 +298,7 @@ local function handle(p, req, res)
         if err then return fail(res, what, "response body: " .. err) end
     end
     res:status(up.status)
-    local length = copy_headers(up, res)
+    local length = copy_headers(p, req, prefix, up, res)
     if method == "HEAD" then -- no body; the upstream's length tells what a GET would get
         if length then res:header("Content-Length", length) end
         return ""
@@ -295,7 +319,8 @@ end
 
 -- syntax: handler = proxy.handler(upstream_url | { upstream =, strip_prefix =, timeout =,
 -- headers =, preserve_host =, websocket = true | false | { max_message =, ping_interval =,
--- idle_timeout =, close_timeout = } }) -- raises on a bad option
+-- idle_timeout =, close_timeout = }, redirect = true | false | { [from] = to },
+-- cookie_domain = { [from] = to }, cookie_path = { [from] = to } }) -- raises on a bad option
 function _M.handler(opts)
     if type(opts) == "string" then opts = { upstream = opts } end
     if type(opts) ~= "table" then
@@ -330,11 +355,21 @@ function _M.handler(opts)
         if not WS_OPTIONS[k] then error("moonlet.proxy: unknown websocket option " .. tostring(k), 2) end
         if type(v) ~= "number" then error("moonlet.proxy: websocket option " .. k .. " is a number", 2) end
     end
+    local redirect = opts.redirect
+    if redirect == nil or redirect == true then
+        redirect = "default"
+    elseif redirect ~= false then
+        redirect = rewrite.check_map(redirect, "redirect")
+    end
+    local cdomain, cpath = opts.cookie_domain, opts.cookie_path
+    if cdomain ~= nil then rewrite.check_map(cdomain, "cookie_domain") end
+    if cpath ~= nil then rewrite.check_map(cpath, "cookie_path") end
     local base = match(upstream, "^(.-)/*$")
     local p = {
         upstream = upstream, base = base, strip_prefix = strip ~= "" and strip or nil,
         timeout = t, headers = opts.headers, preserve_host = opts.preserve_host and true or false,
         websocket = wso, ws_base = "ws" .. sub(base, 5), -- http://h → ws://h, https://h → wss://h
+        redirect = redirect, up = rewrite.upstream(base), cookie_domain = cdomain, cookie_path = cpath,
     }
     return function(req, res) return handle(p, req, res) end
 end
