@@ -1014,10 +1014,11 @@ static int valid_header_value(const char *s) {
   return 1;
 }
 
-/* syntax: ws, extensions = core.ws_accept(x, key, protocol, offer, opts) -- answers 101 and turns
- * the request's connection into a WebSocket; protocol: the chosen subprotocol or nil; offer: the
- * Sec-WebSocket-Extensions header or nil; opts: max_message, ping_interval, idle_timeout,
- * close_timeout, fragment_size, deflate */
+/* syntax: ws, extensions = core.ws_accept(x, key, protocol, offer, opts, extra) -- answers 101 and
+ * turns the request's connection into a WebSocket; protocol: the chosen subprotocol or nil; offer:
+ * the Sec-WebSocket-Extensions header or nil; opts: max_message, ping_interval, idle_timeout,
+ * close_timeout, fragment_size, deflate; extra: more header lines for the 101, each ending in CRLF,
+ * or nil (ws.lua formats and checks them) */
 static int l_accept(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   size_t klen, olen = 0;
@@ -1050,8 +1051,16 @@ static int l_accept(lua_State *L) {
                       accept, protocol ? "Sec-WebSocket-Protocol: " : "", protocol ? protocol : "",
                       protocol ? "\r\n" : "", ext[0] ? "Sec-WebSocket-Extensions: " : "", ext,
                       ext[0] ? "\r\n" : "");
+  const char *head = hdrs;
+  size_t headlen = (size_t)hlen;
+  if (lua_type(L, 6) == LUA_TSTRING) { /* the extra lines: the 101 is then a Lua string */
+    lua_pushlstring(L, hdrs, headlen);
+    lua_pushvalue(L, 6);
+    lua_concat(L, 2);
+    head = lua_tolstring(L, -1, &headlen); /* (stays on the stack until we return) */
+  }
   int err = 0;
-  ml_conn_t *c = mlua_exchange_upgrade(L, 1, hdrs, (size_t)hlen, &srv_callbacks, ws, &err);
+  ml_conn_t *c = mlua_exchange_upgrade(L, 1, head, headlen, &srv_callbacks, ws, &err);
   if (!c) {
     ws_free(ws);
     return push_err(L, err);
@@ -1108,7 +1117,8 @@ static int has_token(const char *v, size_t n, const char *tok) {
 }
 
 /* The response head is in ws->io->head (up to its blank line, `hlen` bytes): checks it and resumes
- * the connecter with the box and a table of the response headers, or fails. */
+ * the connecter with the box and a table of the response headers (lower-case names; a repeated
+ * header's values joined with ", ", set-cookie's with "\n", as the HTTP client's), or fails. */
 static void handshake_done(ws_t *ws, size_t hlen) {
   const char *p = ws->io->head.p, *end = p + hlen;
   const char *eol = memchr(p, '\n', hlen);
@@ -1163,7 +1173,16 @@ static void handshake_done(ws_t *ws, size_t hlen) {
         for (size_t i = 0; i < k; i++)
           name[i] = (char)((line[i] >= 'A' && line[i] <= 'Z') ? line[i] + 32 : line[i]);
         lua_pushlstring(co, name, k);
-        lua_pushlstring(co, v, vl);
+        lua_pushvalue(co, -1);
+        lua_rawget(co, -3);
+        if (lua_isstring(co, -1)) { /* a repeat: old, separator, new */
+          lua_pushstring(co, header_is(name, k, "set-cookie") ? "\n" : ", ");
+          lua_pushlstring(co, v, vl);
+          lua_concat(co, 3);
+        } else {
+          lua_pop(co, 1);
+          lua_pushlstring(co, v, vl);
+        }
         lua_rawset(co, -3);
       }
     }

@@ -494,6 +494,32 @@ describe("moonlet.proxy", function()
             c:close(1000)
         end)
 
+        it("passes the upstream's 101 headers on but the handshake's own, cookies rewritten", function()
+            local app = moonlet.app()
+            app:websocket("/ws/*rest", function(ws) ws:send("hi") end, { headers = {
+                ["Set-Cookie"] = { "sid=1; Path=/ws", "pref=2; Domain=up.internal" },
+                ["X-Up"] = "yes", ["Cache-Control"] = "no-store",
+            } })
+            local up = test.serving(app)
+            local port = front({ upstream = "http://127.0.0.1:" .. up, strip_prefix = "/api",
+                                 cookie_path = { ["/ws"] = "/api/ws" },
+                                 cookie_domain = { ["up.internal"] = "front.example" } })
+            local sock = test.connect(port)
+            test.defer(function() sock:close() end)
+            assert(sock:send(test.format_request("GET", "/api/ws/x", { headers = {
+                Upgrade = "websocket", Connection = "Upgrade", ["Sec-WebSocket-Version"] = "13",
+                ["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ==" } })))
+            local head = read_head(sock)
+            local h = head.headers
+            assert.equal(101, head.status)
+            assert.same({ "sid=1; Path=/api/ws", "pref=2; Domain=front.example" }, h["set-cookie"])
+            assert.same({ { "yes" }, { "no-store" } }, { h["x-up"], h["cache-control"] })
+            assert.same({ { "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" }, { "websocket" }, { "Upgrade" } },
+                        { h["sec-websocket-accept"], h.upgrade, h.connection })
+            assert.equal(1, #h.date)
+            assert.equal(1, #h.server)
+        end)
+
         it("passes the client's Host on with preserve_host", function()
             local seen = {}
             local port, up = ws_pair(seen, { preserve_host = true })

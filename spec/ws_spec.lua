@@ -210,6 +210,23 @@ describe("moonlet.ws handshake", function()
         assert.same("none", ws2:receive(5))
     end)
 
+    it("adds the headers option to the 101, and connect gives the 101's headers, repeats joined", function()
+        local port = serve(function(app)
+            app:websocket("/h", function(ws) ws:send("hi") end, { headers = function(req)
+                return { ["Set-Cookie"] = { "a=1; Path=/", "b=" .. req.query.b }, ["X-One"] = "1\n2" }
+            end })
+            app:websocket("/bad", function() end, { headers = { ["Sec-WebSocket-Accept"] = "x" } })
+        end)
+        local ws, h = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/h?b=2", { timeout = 5 })
+        assert(ws, h)
+        finally(function() ws:close() end)
+        assert.same({ "a=1; Path=/\nb=2", "1, 2", "websocket" }, { h["set-cookie"], h["x-one"], h.upgrade })
+        assert.equal("hi", ws:receive(5))
+        local c, err = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/bad", { timeout = 5 })
+        assert.same({ nil, "handshake failed: status 500" }, { c, err }) -- the 101's own: misuse
+        assert.has_error(function() moonlet.app():websocket("/x", function() end, { headers = "X: 1" }) end)
+    end)
+
     it("passes the request to the handler: params, headers, peer", function()
         local port = serve(function(app)
             app:websocket("/room/:name", function(ws, req)

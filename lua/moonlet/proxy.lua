@@ -209,9 +209,25 @@ local function relay_task(from, to, gone, why)
     if not ok and err ~= task.CANCELLED then error(err, 0) end
 end
 
+-- The headers of the upstream's 101 for the client's: its end-to-end ones (a Set-Cookie), rewritten
+-- as an HTTP answer's are, but the handshake's own (each leg makes its own) and Date and Server.
+-- A name that is not a token or a value with a control character but "\n" (between Set-Cookie
+-- lines) is dropped: ws.accept would raise on it with the upstream leg open.
+local function ws_headers_back(p, req, prefix, h)
+    local out = {}
+    local listed = connection_tokens(h.connection)
+    for name, value in pairs(h) do
+        if not hop_by_hop(name, listed) and not OWN_RESPONSE[name] and sub(name, 1, 14) ~= "sec-websocket-"
+           and match(name, "^[%w!#$%%&'*+.^_`|~-]+$") and not find(value, "[%z\1-\8\11-\31\127]") then
+            out[name] = rewritten(p, req, prefix, name, value)
+        end
+    end
+    return out
+end
+
 -- A WebSocket handshake: the upstream leg first (502/504 when it cannot be had, the upstream's
 -- status when it refused the handshake with a 4xx), then the client's, then the relays.
-local function handle_ws(p, req, res, url, what)
+local function handle_ws(p, req, res, url, what, prefix)
     local status, body, refused = ws.refusal(req)
     if status then return status, body, refused end
     local headers = upstream_headers(req, p)
@@ -223,7 +239,7 @@ local function handle_ws(p, req, res, url, what)
         offered[#offered + 1] = proto
     end
     local o = p.websocket
-    local up, err = ws.connect(url, {
+    local up, err = ws.connect(url, { -- (err: the 101's headers when up)
         timeout = p.timeout, headers = headers, protocols = offered, max_message = o.max_message,
         ping_interval = o.ping_interval, idle_timeout = o.idle_timeout,
         close_timeout = o.close_timeout,
@@ -237,7 +253,8 @@ local function handle_ws(p, req, res, url, what)
     end
     local chosen = up.protocol
     local down, st, b, h = ws.accept(req, {
-        protocols = function() return chosen end, max_message = o.max_message,
+        protocols = function() return chosen end, headers = ws_headers_back(p, req, prefix, err),
+        max_message = o.max_message,
         ping_interval = o.ping_interval, idle_timeout = o.idle_timeout,
         close_timeout = o.close_timeout,
     })
@@ -280,7 +297,7 @@ local function handle(p, req, res)
     local what = "moonlet.proxy: " .. method .. " " .. req.target .. " -> " .. p.upstream
     if p.websocket and method == "GET" and req.headers.upgrade
        and find(lower(req.headers.upgrade), "websocket", 1, true) then
-        return handle_ws(p, req, res, p.ws_base .. path .. (qs and "?" .. qs or ""), what)
+        return handle_ws(p, req, res, p.ws_base .. path .. (qs and "?" .. qs or ""), what, prefix)
     end
     local headers = upstream_headers(req, p)
     local body

@@ -9,7 +9,8 @@ local trim = require("moonlet.url").trim -- linear: these headers come from the 
 
 local type, tostring, tonumber, pairs, ipairs = type, tostring, tonumber, pairs, ipairs
 local setmetatable = setmetatable
-local str_find, str_lower, str_match = string.find, string.lower, string.match
+local str_find, str_lower, str_match, str_gmatch, str_sub = string.find, string.lower, string.match,
+    string.gmatch, string.sub
 local concat = table.concat
 local traceback = debug.traceback
 
@@ -90,6 +91,10 @@ local function check_opts(opts, level)
     end
     if opts.unix ~= nil and (type(opts.unix) ~= "string" or opts.unix == "" or str_find(opts.unix, "%z")) then
         error("moonlet.ws: option unix is a socket path", level)
+    end
+    local hs = opts.headers
+    if hs ~= nil and type(hs) ~= "table" and type(hs) ~= "function" then
+        error("moonlet.ws: option headers is a table or a function", level)
     end
     local d = opts.deflate
     if d ~= nil and type(d) ~= "boolean" and type(d) ~= "table" then
@@ -277,6 +282,41 @@ function _M.refusal(req)
 end
 local refusal = _M.refusal
 
+-- The headers of a 101 the server writes itself: the handshake's, and those of a framing there is
+-- none of (no body follows a 101).
+local OWN_101 = { upgrade = true, connection = true, date = true, server = true,
+                  ["content-length"] = true, ["transfer-encoding"] = true }
+
+-- opts.headers (a table, or a function of req that gives one) as the 101's extra header lines, each
+-- ending in CRLF, or nil; a table value or a value with "\n" in it is one line for each (several
+-- Set-Cookie). Raises on a name that is not a token, one of OWN_101 or Sec-WebSocket-*, or a
+-- value with a control character.
+local function extra_headers(headers, req)
+    if type(headers) == "function" then headers = headers(req) end
+    if headers == nil then return nil end
+    if type(headers) ~= "table" then error("moonlet.ws: headers gave no table", 3) end
+    local out = {}
+    for name, value in pairs(headers) do
+        name = tostring(name)
+        local l = str_lower(name)
+        if not str_match(name, "^[%w!#$%%&'*+.^_`|~-]+$") then
+            error("moonlet.ws: bad header name " .. name, 3)
+        end
+        if OWN_101[l] or str_sub(l, 1, 14) == "sec-websocket-" then
+            error("moonlet.ws: the 101's own header " .. name .. " cannot be set", 3)
+        end
+        for _, v in ipairs(type(value) == "table" and value or { value }) do
+            for line in str_gmatch(tostring(v), "[^\n]+") do
+                if str_find(line, "[%z\1-\8\10-\31\127]") then
+                    error("moonlet.ws: header " .. name .. " holds a control character", 3)
+                end
+                out[#out + 1] = name .. ": " .. line .. "\r\n"
+            end
+        end
+    end
+    return out[1] and concat(out) or nil
+end
+
 -- syntax: ws, status, body, headers = ws.accept(req, opts) -- validates the opening handshake of
 -- req and answers 101: the ws, or nil and the response to send instead (426, 400, 403)
 function _M.accept(req, opts)
@@ -290,7 +330,9 @@ function _M.accept(req, opts)
     end
     local protocol = choose_protocol(opts.protocols, h["sec-websocket-protocol"], req)
     if h.cookie then local _ = req.cookies end -- read now, from every Cookie line, while there are lines
-    local ud, ext = core.ws_accept(x, h["sec-websocket-key"], protocol, h["sec-websocket-extensions"], opts)
+    local extra = extra_headers(opts.headers, req)
+    local ud, ext = core.ws_accept(x, h["sec-websocket-key"], protocol, h["sec-websocket-extensions"], opts,
+                                   extra)
     if not ud then return nil, 500, "500 Internal Server Error\n" end
     req._x = setmetatable({ version, keep_alive, peer, length, h = kept_headers(h), ws = ud }, gone_mt)
     req.headers = nil -- rebuilt from the kept ones on first use
