@@ -53,7 +53,10 @@ local OWN_RESPONSE = { date = true, server = true, ["content-length"] = true }
 
 local OPTIONS = { upstream = true, strip_prefix = true, timeout = true, headers = true,
                   preserve_host = true, websocket = true, redirect = true, cookie_domain = true,
-                  cookie_path = true }
+                  cookie_path = true, tls = true, real_ip = true }
+
+-- The options of `tls = { ... }`, for an https:// upstream (both the HTTP client's and ws.connect's).
+local TLS_OPTIONS = { cafile = "string", server_name = "string", verify = "boolean" }
 
 -- The response headers proxy_rewrite.redirect reads.
 local REDIRECT_HEADERS = { location = true, ["content-location"] = true, refresh = true }
@@ -116,6 +119,8 @@ local function upstream_headers(req, p)
     end
     out["x-forwarded-proto"] = req.scheme or nil
     out["x-forwarded-host"] = req.host
+    if p.real_ip then out["x-real-ip"] = req.ip end -- (nginx's $remote_addr: under moonlet.forwarded,
+                                                      -- the client's)
     if p.preserve_host then out.host = req.host end
     local extra = p.headers
     if extra then
@@ -239,10 +244,11 @@ local function handle_ws(p, req, res, url, what, prefix)
         offered[#offered + 1] = proto
     end
     local o = p.websocket
+    local tls = p.tls
     local up, err = ws.connect(url, { -- (err: the 101's headers when up)
-        timeout = p.timeout, headers = headers, protocols = offered, max_message = o.max_message,
-        ping_interval = o.ping_interval, idle_timeout = o.idle_timeout,
-        close_timeout = o.close_timeout,
+        cafile = tls.cafile, server_name = tls.server_name, verify = tls.verify, timeout = p.timeout,
+        headers = headers, protocols = offered, max_message = o.max_message,
+        ping_interval = o.ping_interval, idle_timeout = o.idle_timeout, close_timeout = o.close_timeout,
     })
     if not up then
         local st = tonumber(match(err, "^handshake failed: status (4%d%d)$"))
@@ -307,6 +313,7 @@ local function handle(p, req, res)
     local up, err = http.request({
         method = method, url = url, headers = headers, body = body, stream = true,
         user_agent = false, connect_timeout = t, send_timeout = t, read_timeout = t,
+        tls = p.http_tls, verify = p.tls.verify,
     })
     if not up then return fail(res, what, err) end
     local first -- (read before the head is copied: a body that fails at once is a 502 of its own)
@@ -337,7 +344,8 @@ end
 -- syntax: handler = proxy.handler(upstream_url | { upstream =, strip_prefix =, timeout =,
 -- headers =, preserve_host =, websocket = true | false | { max_message =, ping_interval =,
 -- idle_timeout =, close_timeout = }, redirect = true | false | { [from] = to },
--- cookie_domain = { [from] = to }, cookie_path = { [from] = to } }) -- raises on a bad option
+-- cookie_domain = { [from] = to }, cookie_path = { [from] = to }, tls = { cafile =, verify =,
+-- server_name = }, real_ip = false }) -- raises on a bad option
 function _M.handler(opts)
     if type(opts) == "string" then opts = { upstream = opts } end
     if type(opts) ~= "table" then
@@ -381,12 +389,22 @@ function _M.handler(opts)
     local cdomain, cpath = opts.cookie_domain, opts.cookie_path
     if cdomain ~= nil then rewrite.check_map(cdomain, "cookie_domain") end
     if cpath ~= nil then rewrite.check_map(cpath, "cookie_path") end
+    local tls = opts.tls or {}
+    if type(tls) ~= "table" then error("moonlet.proxy: tls must be a table", 2) end
+    for k, v in pairs(tls) do
+        if not TLS_OPTIONS[k] then error("moonlet.proxy: unknown tls option " .. tostring(k), 2) end
+        if type(v) ~= TLS_OPTIONS[k] then
+            error("moonlet.proxy: tls option " .. k .. " is a " .. TLS_OPTIONS[k], 2)
+        end
+    end
     local base = match(upstream, "^(.-)/*$")
     local p = {
         upstream = upstream, base = base, strip_prefix = strip ~= "" and strip or nil,
         timeout = t, headers = opts.headers, preserve_host = opts.preserve_host and true or false,
         websocket = wso, ws_base = "ws" .. sub(base, 5), -- http://h → ws://h, https://h → wss://h
         redirect = redirect, up = rewrite.upstream(base), cookie_domain = cdomain, cookie_path = cpath,
+        tls = tls, http_tls = { cafile = tls.cafile, server_name = tls.server_name },
+        real_ip = opts.real_ip and true or false,
     }
     return function(req, res) return handle(p, req, res) end
 end
