@@ -69,7 +69,7 @@ static void on_timeout(uv_timer_t *h) {
   lookup_t *d = h->data;
   mlua_task_t *t = d->task;
   lookup_abandon(d);
-  if (t) mlua_task_resume(t, push_err(t->co, UV_ETIMEDOUT));
+  if (t) mlua_task_resume(t, mlua_push_fail(d->m, t->co, mlua_err_string(UV_ETIMEDOUT), NULL));
 }
 
 static int addr_string(const struct sockaddr *sa, char *buf, size_t len) {
@@ -93,6 +93,35 @@ static int push_eai_error(lua_State *L, int status) {
   }
 }
 
+typedef struct {
+  int status;
+  struct addrinfo *res;
+} answer_t;
+
+/* A lookup's answer for mlua_push_result: the list of addresses, or nil, err. */
+static int push_answer(lua_State *L, void *ud) {
+  answer_t *a = ud;
+  if (a->status < 0) return push_eai_error(L, a->status);
+  lua_newtable(L);
+  int count = 0;
+  for (struct addrinfo *ai = a->res; ai; ai = ai->ai_next) {
+    char buf[64];
+    if (addr_string(ai->ai_addr, buf, sizeof buf) < 0) continue;
+    int dup = 0; /* one entry per address, whatever the socket types */
+    for (int i = 1; i <= count && !dup; i++) {
+      lua_rawgeti(L, -1, i);
+      dup = strcmp(lua_tostring(L, -1), buf) == 0;
+      lua_pop(L, 1);
+    }
+    if (dup) continue;
+    lua_pushstring(L, buf);
+    lua_rawseti(L, -2, ++count);
+  }
+  if (count > 0) return 1;
+  lua_pop(L, 1);
+  return push_err(L, UV_ENOENT);
+}
+
 static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
   lookup_t *d = req->data;
   mlua_task_t *t = d->task;
@@ -102,40 +131,14 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     d->linked = 0;
   }
   lookup_abandon(d);
+  int n = 0;
   if (t) {
-    lua_State *co = t->co;
-    int n;
-    if (status < 0) {
-      n = push_eai_error(co, status);
-    } else {
-      lua_newtable(co);
-      int count = 0;
-      for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-        char buf[64];
-        if (addr_string(ai->ai_addr, buf, sizeof buf) < 0) continue;
-        int dup = 0; /* one entry per address, whatever the socket types */
-        for (int i = 1; i <= count && !dup; i++) {
-          lua_rawgeti(co, -1, i);
-          dup = strcmp(lua_tostring(co, -1), buf) == 0;
-          lua_pop(co, 1);
-        }
-        if (dup) continue;
-        lua_pushstring(co, buf);
-        lua_rawseti(co, -2, ++count);
-      }
-      n = 1;
-      if (count == 0) {
-        lua_pop(co, 1);
-        n = push_err(co, UV_ENOENT);
-      }
-    }
-    if (res) uv_freeaddrinfo(res);
-    lookup_maybe_free(d);
-    mlua_task_resume(t, n);
-    return;
+    answer_t a = {status, res};
+    n = mlua_push_result(d->m, t->co, push_answer, &a);
   }
   if (res) uv_freeaddrinfo(res);
   lookup_maybe_free(d);
+  if (t) mlua_task_resume(t, n);
 }
 
 /* syntax: addrs, err = core.dns_resolve(name, family, timeout)

@@ -189,7 +189,7 @@ static void complete(fsop_t *op, int status) {
   int n = 0;
   if (t) {
     if (status < 0)
-      n = mlua_push_error(t->co, status);
+      n = mlua_push_error_to(op->m, t->co, status);
     else
       n = mlua_push_protected(op->m, t->co, push_result, op);
   }

@@ -194,7 +194,8 @@ static void x_cancel(mlua_task_t *t, void *wait) {
 
 /* -- Body ------------------------------------------------------------------------------------ */
 
-/* Pushes what a body read returns: a chunk, nil at the end, or nil, err. */
+/* Pushes what a body read returns: a chunk, nil at the end, or nil, err. The chunk is consumed
+ * once it is pushed: a push that raised (memory) leaves it buffered. */
 static int push_body(lua_State *L, exchange_t *x) {
   const char *data;
   size_t len;
@@ -213,12 +214,15 @@ static int push_body(lua_State *L, exchange_t *x) {
   return 2;
 }
 
+/* push_body for mlua_push_result: from on_body, on the reader's coroutine */
+static int push_body_cb(lua_State *L, void *ud) { return push_body(L, ud); }
+
 static void on_body(ml_conn_t *c, void *ud) {
   (void)ud;
   exchange_t *x = ml_conn_data(c);
   if (!x || x->wait != WAIT_BODY) return;
   x->wait = WAIT_NONE;
-  mlua_task_resume(x->task, push_body(x->task->co, x));
+  mlua_task_resume(x->task, mlua_push_result(x->m, x->task->co, push_body_cb, x));
 }
 
 /* syntax: chunk, err = x:read() -- a body chunk; nil at the end; yields while none is buffered */
@@ -568,7 +572,7 @@ static void file_done(ml_conn_t *c, int status, void *ud) {
   }
   x->wait = WAIT_NONE;
   lua_State *co = x->task->co;
-  int n = status < 0 ? mlua_push_error(co, status) : (lua_pushboolean(co, 1), 1);
+  int n = status < 0 ? mlua_push_error_to(x->m, co, status) : (lua_pushboolean(co, 1), 1);
   luaL_unref(L, LUA_REGISTRYINDEX, ref); /* x stays alive: the resumed task holds it */
   mlua_task_resume(x->task, n);
 }
@@ -769,7 +773,7 @@ static void on_close(ml_conn_t *c, void *ud) {
   int wait = x->wait;
   x->wait = WAIT_NONE;
   if (wait && wait != WAIT_FILE) { /* a file wait ends through file_done, which ran already */
-    mlua_task_resume(x->task, mlua_push_error(x->task->co, UV_EPIPE));
+    mlua_task_resume(x->task, mlua_push_error_to(x->m, x->task->co, UV_EPIPE));
   } else if (!wait) {
     /* The client is gone while the handler waits on something else (an upstream, a query, a
      * sleep): nobody will read its answer, so the task is cancelled there (moonlet.CANCELLED,

@@ -88,6 +88,7 @@ struct moonlet_s {
   int stop_hook_ran;      /* it was started, once per instance (mlua_stop_drained) */
   int traceback_ref;      /* registry ref of debug.traceback */
   int push_ref;           /* registry ref of mlua_task_push's protected function (sched.c) */
+  int protected_push_ref; /* registry ref of mlua_push_protected's protected function (sched.c) */
   int exchange_mt_ref;    /* registry ref of the request exchanges' metatable (http_server.c) */
   double requests;        /* requests started: the last one's mlua_task_t.request */
   double running_request; /* m->running's request, 0 when none: app.lua reads it through the FFI
@@ -161,11 +162,27 @@ void mlua_task_unwait(mlua_task_t *t);
 /* Pushes a wait's results on co (a task parked in a wait, about to be resumed) from a libuv
  * callback. No Lua frame protects a parked coroutine: a memory error raised while pushing on it
  * (a 1 GiB string LuaJIT cannot allocate) cannot be caught and ends the process (the panic
- * handler). So push(L, ud) runs under lua_cpcall on the main state, pushes its results there and
+ * handler). So push(L, ud) runs under lua_pcall on the main state, pushes its results there and
  * returns their count (it may raise); they are then moved to co, which needs no allocation but
  * co's stack growth for that many slots (a few: LUA_MINSTACK is there already). Returns the count;
  * when push raised, co gets nil, "not enough memory" (or the error's message) instead, and 2. */
 int mlua_push_protected(moonlet_t *m, lua_State *co, int (*push)(lua_State *L, void *ud), void *ud);
+/* What a libuv callback uses to push a wait's results on co: mlua_push_protected when the host
+ * gave the instance an allocator (cfg.alloc: a budget that may run out, and a memory error there
+ * would end the host), else push(co, ud) directly (malloc fails only when the system does, and the
+ * protected call costs a pcall per message: the hot paths, a WebSocket message, a body chunk, go
+ * without). push must raise nothing but memory errors. A result that failed is nil, "not enough
+ * memory": a caller that must know tests for the nil at -n. */
+static inline int mlua_push_result(moonlet_t *m, lua_State *co, int (*push)(lua_State *L, void *ud),
+                                   void *ud) {
+  return m->cfg.alloc ? mlua_push_protected(m, co, push, ud) : push(co, ud);
+}
+/* nil, msg (and detail when not NULL), pushed on co from a callback through mlua_push_result (the
+ * strings may be new to the state). Returns 2 or 3. */
+int mlua_push_fail(moonlet_t *m, lua_State *co, const char *msg, const char *detail);
+/* mlua_push_error's nil, message, code name, pushed on co from a callback so. Returns 3 (2 when
+ * memory ran out). */
+int mlua_push_error_to(moonlet_t *m, lua_State *co, int e);
 /* The timer delay of an I/O wait (a socket's receive, send or connect, a query, a pipe's
  * read) of ms milliseconds: at least 1. A 0 ms timer started in a timer callback is due at
  * once, and libuv (before 1.45) runs it in the same pass over the timers, before the loop polls: a

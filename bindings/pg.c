@@ -216,7 +216,7 @@ static void pgc_close(pgc_t *c) {
   set_broken(c, "closed");
   uv_close((uv_handle_t *)&c->timer, timer_closed);
   uv_close((uv_handle_t *)&c->drain_timer, timer_closed);
-  if (t) mlua_task_resume(t, mlua_push_error(t->co, UV_EPIPE));
+  if (t) mlua_task_resume(t, mlua_push_error_to(c->m, t->co, UV_EPIPE));
 }
 
 static void pgc_res_close(mlua_res_t *r) {
@@ -423,14 +423,26 @@ static void queue_notifies(pgc_t *c) {
   }
 }
 
-/* Pushes the oldest notification (channel, payload) on L; 0 when there is none. */
-static int pop_notify(lua_State *L, pgc_t *c) {
-  note_t *e = c->nhead;
-  if (!e) return 0;
-  c->nhead = e->next;
-  if (!c->nhead) c->ntail = NULL;
+static int push_notify(lua_State *L, void *ud) {
+  note_t *e = ud;
   lua_pushstring(L, e->channel);
   lua_pushstring(L, e->payload);
+  return 2;
+}
+
+/* push_broken on a waiter from a callback (mlua_push_result: the message may be new). */
+static int push_broken_cb(lua_State *L, void *ud) { return push_broken(L, ud); }
+
+/* Pushes the oldest notification (channel, payload) on L; 0 when there is none. From a callback
+ * (cb) it is pushed on the waiter through mlua_push_result, and stays queued when memory ran out
+ * (the waiter gets nil, "not enough memory"). */
+static int pop_notify(lua_State *L, pgc_t *c, int cb) {
+  note_t *e = c->nhead;
+  if (!e) return 0;
+  int n = cb ? mlua_push_result(c->m, L, push_notify, e) : push_notify(L, e);
+  if (lua_isnil(L, -n)) return n;
+  c->nhead = e->next;
+  if (!c->nhead) c->ntail = NULL;
   free(e->channel);
   free(e->payload);
   free(e);
@@ -441,24 +453,23 @@ static int pop_notify(lua_State *L, pgc_t *c) {
 static void fail_waiter(pgc_t *c) {
   if (!c->task) return;
   mlua_task_t *t = take_waiter(c);
-  mlua_task_resume(t, push_broken(t->co, c));
+  mlua_task_resume(t, mlua_push_result(c->m, t->co, push_broken_cb, c));
+}
+
+/* How the query ended, for mlua_push_protected (rows of any size, pushed from a callback). */
+static int push_answer(lua_State *L, void *ud) {
+  pgc_t *c = ud;
+  if (c->state == S_BROKEN) return push_broken(L, c);
+  if (c->timed_out) return mlua_push_error(L, UV_ETIMEDOUT);
+  if (c->error) return push_result_error(L, c->error);
+  if (c->mode == Q_DESCRIBE) return push_formats(L, c->result);
+  return push_rows(L, c->result, c->big);
 }
 
 /* Answers the query's waiter with how the query ended (the connection is idle or broken now). */
 static void answer_query(pgc_t *c) {
   mlua_task_t *t = take_waiter(c);
-  lua_State *co = t->co;
-  int n;
-  if (c->state == S_BROKEN)
-    n = push_broken(co, c);
-  else if (c->timed_out)
-    n = mlua_push_error(co, UV_ETIMEDOUT);
-  else if (c->error)
-    n = push_result_error(co, c->error);
-  else if (c->mode == Q_DESCRIBE)
-    n = push_formats(co, c->result);
-  else
-    n = push_rows(co, c->result, c->big);
+  int n = mlua_push_protected(c->m, t->co, push_answer, c);
   clear_results(c);
   c->timed_out = 0;
   mlua_task_resume(t, n);
@@ -560,7 +571,7 @@ static void read_results(pgc_t *c) {
   }
   if (c->wait == W_NOTIFY && c->nhead) {
     mlua_task_t *t = take_waiter(c);
-    mlua_task_resume(t, pop_notify(t->co, c));
+    mlua_task_resume(t, pop_notify(t->co, c, 1));
   }
 }
 
@@ -588,7 +599,7 @@ static void connect_step(pgc_t *c) {
   /* failed: the connection goes with the attempt, the connecter gets libpq's reason */
   mlua_task_t *t = take_waiter(c);
   set_broken(c, NULL);
-  int n = push_broken(t->co, c);
+  int n = mlua_push_result(c->m, t->co, push_broken_cb, c);
   pgc_close(c);
   mlua_task_resume(t, n);
 }
@@ -641,19 +652,19 @@ static void on_timer(uv_timer_t *h) {
     set_broken(c, "timeout"); /* the server did not stop in time: drop the connection */
     {
       mlua_task_t *t = take_waiter(c);
-      mlua_task_resume(t, mlua_push_error(t->co, UV_ETIMEDOUT));
+      mlua_task_resume(t, mlua_push_error_to(c->m, t->co, UV_ETIMEDOUT));
     }
     return;
   case W_CONNECT: {
     mlua_task_t *t = take_waiter(c);
     pgc_close(c);
-    mlua_task_resume(t, mlua_push_error(t->co, UV_ETIMEDOUT));
+    mlua_task_resume(t, mlua_push_error_to(c->m, t->co, UV_ETIMEDOUT));
     return;
   }
   case W_NOTIFY:
   case W_READY: {
     mlua_task_t *t = take_waiter(c);
-    mlua_task_resume(t, mlua_push_error(t->co, UV_ETIMEDOUT));
+    mlua_task_resume(t, mlua_push_error_to(c->m, t->co, UV_ETIMEDOUT));
     return;
   }
   default: return;
@@ -925,7 +936,7 @@ static int l_notification(lua_State *L) {
   pgc_t *c = check_conn(L);
   int64_t ms = to_ms(L, 2);
   if (!c) return mlua_push_error(L, UV_EPIPE);
-  int n = pop_notify(L, c);
+  int n = pop_notify(L, c, 0);
   if (n) return n;
   if (c->state == S_BROKEN) return push_broken(L, c);
   if (c->task) return busy(L);

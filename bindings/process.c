@@ -89,6 +89,12 @@ static int push_str(lua_State *L, const char *s) {
   return 2;
 }
 
+/* push_err on another task, a waiter a callback (or a close) wakes: through mlua_push_fail,
+ * protected under a host's allocator. Returns 2. */
+static int fail(proc_t *p, mlua_task_t *t, int e) {
+  return mlua_push_fail(p->m, t->co, mlua_err_string(e), NULL);
+}
+
 /* -- Life cycle ------------------------------------------------------------------------------- */
 
 static void handle_closed(uv_handle_t *h) {
@@ -165,7 +171,7 @@ static void proc_close(proc_t *p) {
   uv_close((uv_handle_t *)&p->ktimer, handle_closed);
   if (p->exited) proc_handle_close(p);
   for (int i = 0; i < 4; i++)
-    if (ts[i]) mlua_task_resume(ts[i], push_err(ts[i]->co, UV_EPIPE));
+    if (ts[i]) mlua_task_resume(ts[i], fail(p, ts[i], UV_EPIPE));
 }
 
 /* moonlet_free: nobody is resumed; a child still running is killed and reaped here. */
@@ -238,7 +244,7 @@ static void on_child_exit(uv_process_t *h, int64_t status, int term_signal) {
     return;
   }
   mlua_task_t *t = take_waiter(p);
-  if (t) mlua_task_resume(t, push_status(t->co, p));
+  if (t) mlua_task_resume(t, push_status(t->co, p)); /* (numbers: nothing to allocate) */
 }
 
 static void on_kill_timeout(uv_timer_t *h) {
@@ -251,7 +257,7 @@ static void on_kill_timeout(uv_timer_t *h) {
 static void on_wait_timeout(uv_timer_t *h) {
   proc_t *p = h->data;
   mlua_task_t *t = take_waiter(p);
-  if (t) mlua_task_resume(t, push_err(t->co, UV_ETIMEDOUT));
+  if (t) mlua_task_resume(t, fail(p, t, UV_ETIMEDOUT));
 }
 
 /* syntax: code, signal = p:wait(timeout) -- code is 128 + signal for a child a signal ended;
@@ -399,7 +405,7 @@ static void on_stream_timeout(uv_timer_t *h) {
   mlua_task_t *t = take_stream(s);
   if (!t) return;
   if (w == W_WRITE) stream_close(s);
-  mlua_task_resume(t, push_err(t->co, UV_ETIMEDOUT));
+  mlua_task_resume(t, fail(s->p, t, UV_ETIMEDOUT));
 }
 
 static stream_t *check_fd(lua_State *L, proc_t *p, int idx) {
@@ -502,7 +508,7 @@ static void on_write(uv_write_t *req, int status) {
   if (s->wait != W_WRITE) return;
   mlua_task_t *t = take_stream(s);
   if (status < 0) {
-    mlua_task_resume(t, push_err(t->co, status));
+    mlua_task_resume(t, fail(p, t, status));
     return;
   }
   lua_pushboolean(t->co, 1);
@@ -555,7 +561,7 @@ static int p_close_stdin(lua_State *L) {
   proc_t *p = check_proc(L);
   if (!p) return push_err(L, UV_EPIPE);
   mlua_task_t *t = stream_close(&p->io[0]);
-  if (t) mlua_task_resume(t, push_err(t->co, UV_EPIPE));
+  if (t) mlua_task_resume(t, fail(p, t, UV_EPIPE));
   lua_pushboolean(L, 1);
   return 1;
 }

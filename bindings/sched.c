@@ -5,7 +5,9 @@
  * 1. A task is resumed only by the callback of the one wait it is parked in. A wait records the
  * task, starts its source (timer, read, write, thread-pool work) and then `return lua_yield(L, 0)`;
  * its callback clears the record, stops the other sources of the same wait (I/O or timeout: exactly
- *    one wins), pushes the results on t->co and calls mlua_task_resume.
+ *    one wins), pushes the results on t->co and calls mlua_task_resume. Results that allocate (a
+ *    string, a table, a userdata) go through mlua_push_result or mlua_push_protected: a memory
+ *    error raised on a parked coroutine would reach LuaJIT's panic.
  * 2. A task is pinned (registry ref on its coroutine) for the life of its struct; anything a wait
  *    lends to C (a string given to uv_write, the object it waits on) is pinned by that wait and
  *    unpinned on every path: success, error, timeout, cancel, close. Whoever starts a task may
@@ -48,6 +50,8 @@ typedef struct {
   int r; /* what push returned */
 } task_push_t;
 
+static int protected_push(lua_State *L);
+
 static int task_push(lua_State *co) {
   task_push_t *a = lua_touserdata(co, 1);
   lua_pop(co, 1);
@@ -62,6 +66,8 @@ void mlua_sched_init(moonlet_t *m) {
   lua_rawset(L, LUA_REGISTRYINDEX);
   lua_pushcfunction(L, task_push);
   m->push_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushcfunction(L, protected_push);
+  m->protected_push_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
 static void push_tasks(lua_State *L) {
@@ -300,13 +306,15 @@ typedef struct {
   int n; /* results moved to co */
 } protected_push_t;
 
-/* Runs under lua_cpcall on the main state: a memory error raised here unwinds to that call. */
+/* Runs under lua_pcall on the main state (made once, m->protected_push_ref: lua_cpcall would make
+ * a closure per call): a memory error raised here unwinds to that call. */
 static int protected_push(lua_State *L) {
   protected_push_t *a = lua_touserdata(L, 1);
   lua_pop(L, 1);
   int n = a->push(L, a->ud);
-  /* lua_xmove does not grow the target's stack (a work job may return thousands of values) */
-  if (!lua_checkstack(a->co, n)) return luaL_error(L, "too many results");
+  /* lua_xmove does not grow the target's stack (a work job may return thousands of values); a
+   * few fit without (LUA_MINSTACK, as when pushed on co directly) */
+  if (n > LUA_MINSTACK && !lua_checkstack(a->co, n)) return luaL_error(L, "too many results");
   lua_xmove(L, a->co, n);
   a->n = n;
   return 0;
@@ -317,7 +325,9 @@ int mlua_push_protected(moonlet_t *m, lua_State *co, int (*push)(lua_State *L, v
   protected_push_t a = {co, push, ud, 0};
   lua_State *L = m->L;
   int top = lua_gettop(L);
-  if (lua_cpcall(L, protected_push, &a) == 0) return a.n;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->protected_push_ref);
+  lua_pushlightuserdata(L, &a);
+  if (lua_pcall(L, 1, 0, 0) == 0) return a.n;
   /* the error object (LuaJIT's "not enough memory" for LUA_ERRMEM) is interned already */
   lua_pushnil(co);
   lua_xmove(L, co, 1);
@@ -327,6 +337,28 @@ int mlua_push_protected(moonlet_t *m, lua_State *co, int (*push)(lua_State *L, v
   }
   lua_settop(L, top);
   return 2;
+}
+
+typedef struct {
+  const char *msg, *detail;
+} fail_t;
+
+static int push_fail(lua_State *L, void *ud) {
+  fail_t *a = ud;
+  lua_pushnil(L);
+  lua_pushstring(L, a->msg);
+  if (!a->detail) return 2;
+  lua_pushstring(L, a->detail);
+  return 3;
+}
+
+int mlua_push_fail(moonlet_t *m, lua_State *co, const char *msg, const char *detail) {
+  fail_t a = {msg, detail};
+  return mlua_push_result(m, co, push_fail, &a);
+}
+
+int mlua_push_error_to(moonlet_t *m, lua_State *co, int e) {
+  return mlua_push_fail(m, co, mlua_err_string(e), uv_err_name(e));
 }
 
 int mlua_task_start(mlua_task_t *t, int nargs) { return run(t, nargs); }

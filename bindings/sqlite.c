@@ -478,8 +478,11 @@ static void push_int(lua_State *L, int big, int64_t v) {
   }
 }
 
-/* Pushes the results of a finished job on co and returns their count. */
-static int push_results(lua_State *co, job_t *j) {
+/* Pushes the results of a finished job on co and returns their count. Runs under
+ * mlua_push_protected, on the main state (rows of any size, from a callback: memory running out
+ * gives the query nil, "not enough memory" instead of LuaJIT's panic). */
+static int push_results(lua_State *co, void *ud) {
+  job_t *j = ud;
   if (j->rc != SQLITE_OK) {
     lua_pushnil(co);
     lua_pushstring(co, j->err ? j->err : "error");
@@ -573,7 +576,7 @@ static void on_async(uv_async_t *h) {
     }
     mlua_task_t *t = j->task;
     j->task = NULL;
-    int n = t ? push_results(t->co, j) : 0;
+    int n = t ? mlua_push_protected(db->m, t->co, push_results, j) : 0;
     job_free(j);
     hold(db, -1);
     if (t) mlua_task_resume(t, n);

@@ -133,7 +133,7 @@ static void park_timeout(uv_timer_t *h) {
   park_t *p = h->data;
   mlua_task_t *t = p->task;
   park_end(p);
-  mlua_task_resume(t, mlua_push_error(t->co, UV_ETIMEDOUT));
+  mlua_task_resume(t, mlua_push_error_to(t->m, t->co, UV_ETIMEDOUT));
 }
 
 static void park_cancel(mlua_task_t *t, void *wait) {

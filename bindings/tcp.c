@@ -105,6 +105,12 @@ typedef struct sock_s {
   int tls_notified;                     /* the peer's close_notify came: its data ended whole */
 } sock_t;
 
+/* push_err on a waiter a callback (or a close) wakes, another task than the running one: through
+ * mlua_push_fail, protected under a host's allocator. */
+static int fail(sock_t *s, mlua_task_t *t, int e) {
+  return mlua_push_fail(s->m, t->co, mlua_err_string(e), NULL);
+}
+
 /* A write of TLS ciphertext (or of a handshake message): the bytes live in the request. */
 typedef struct {
   uv_write_t req;
@@ -225,9 +231,9 @@ static void sock_close(sock_t *s) {
     uv_close((uv_handle_t *)&s->rtimer, sock_closed);
   }
   uv_close((uv_handle_t *)&s->wtimer, sock_closed);
-  if (r) mlua_task_resume(r, push_err(r->co, UV_EPIPE));
+  if (r) mlua_task_resume(r, fail(s, r, UV_EPIPE));
   if (s->wtask) w = take_writer(s); /* after the reader ran: it may have cancelled the writer */
-  if (w) mlua_task_resume(w, push_err(w->co, UV_EPIPE));
+  if (w) mlua_task_resume(w, fail(s, w, UV_EPIPE));
 }
 
 static void sock_res_close(mlua_res_t *r) {
@@ -297,6 +303,13 @@ static int push_sock_error(lua_State *L, sock_t *s, int e) {
   return push_err(L, e);
 }
 
+/* push_sock_error so */
+static int sock_fail(sock_t *s, mlua_task_t *t, int e) {
+  if (e == UV_EPROTO && s->tls && ml_tls_error(s->tls))
+    return mlua_push_fail(s->m, t->co, ml_tls_error(s->tls), ml_tls_detail(s->tls));
+  return fail(s, t, e);
+}
+
 static int64_t to_ms(lua_State *L, int idx) {
   if (lua_isnoneornil(L, idx)) return -1;
   double secs = luaL_checknumber(L, idx);
@@ -337,7 +350,7 @@ static void on_rtimeout(uv_timer_t *h) {
   mlua_task_t *t = take_reader(s);
   if (!t) return;
   if (w == W_HANDSHAKE) sock_close(s); /* half a handshake cannot be resumed */
-  mlua_task_resume(t, push_err(t->co, UV_ETIMEDOUT));
+  mlua_task_resume(t, fail(s, t, UV_ETIMEDOUT));
 }
 
 static void on_wtimeout(uv_timer_t *h) {
@@ -346,7 +359,7 @@ static void on_wtimeout(uv_timer_t *h) {
   if (!t) return;
   s->cut = 1;
   sock_close(s); /* a connect or a write cannot be taken back */
-  mlua_task_resume(t, push_err(t->co, UV_ETIMEDOUT));
+  mlua_task_resume(t, fail(s, t, UV_ETIMEDOUT));
 }
 
 /* -- Connect -------------------------------------------------------------------------------------
@@ -365,7 +378,7 @@ static void on_connect(uv_connect_t *req, int status) {
     luaL_unref(L, LUA_REGISTRYINDEX, s->wref);
     s->wref = LUA_NOREF;
     sock_close(s);
-    mlua_task_resume(t, push_err(t->co, status));
+    mlua_task_resume(t, fail(s, t, status));
     return;
   }
   if (!s->is_unix) uv_tcp_nodelay(&s->io.tcp, 1);
@@ -438,7 +451,7 @@ static void on_write(uv_write_t *req, int status) {
   if (s->wwait != W_WRITE) return;
   mlua_task_t *t = take_writer(s);
   if (status < 0) {
-    mlua_task_resume(t, push_err(t->co, status));
+    mlua_task_resume(t, fail(s, t, status));
     return;
   }
   lua_pushboolean(t->co, 1);
@@ -473,7 +486,7 @@ static void on_tls_write(uv_write_t *req, int status) {
   if (notify != W_NOTIFY || s->wwait != W_WRITE) return;
   mlua_task_t *t = take_writer(s);
   if (status < 0) {
-    mlua_task_resume(t, push_err(t->co, status));
+    mlua_task_resume(t, fail(s, t, status));
     return;
   }
   lua_pushboolean(t->co, 1);
@@ -743,13 +756,8 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
       mlua_task_resume(t, 1);
     } else if (s->err || s->eof) {
       mlua_task_t *t = take_reader(s);
-      int nres = s->err ? push_sock_error(t->co, s, s->err) : 0;
-      if (!nres) { /* the peer closed during the handshake */
-        lua_pushnil(t->co);
-        lua_pushliteral(t->co, "tls: handshake failed");
-        lua_pushliteral(t->co, "closed");
-        nres = 3;
-      }
+      int nres = s->err ? sock_fail(s, t, s->err) /* the peer closed during the handshake: */
+                        : mlua_push_fail(s->m, t->co, "tls: handshake failed", "closed");
       sock_close(s);
       mlua_task_resume(t, nres);
     }
@@ -759,9 +767,11 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
     if (s->rwait == W_NONE && (s->rb.len >= READ_AHEAD_MAX || s->err || s->eof)) stop_reading(s);
     return;
   }
-  /* a short answer is pushed directly: the protected push allocates a C function per call */
-  int nres = s->rb.len < 65536 ? try_answer(s->rtask->co, s)
-                               : mlua_push_protected(s->m, s->rtask->co, push_answer, s);
+  /* a short answer is pushed directly (a pcall per read) but under a host's allocator, whose
+   * budget may run out */
+  int nres = s->rb.len < 65536 && !s->m->cfg.alloc
+                 ? try_answer(s->rtask->co, s)
+                 : mlua_push_protected(s->m, s->rtask->co, push_answer, s);
   if (nres == 0) return;
   mlua_task_t *t = take_reader(s);
   mlua_task_resume(t, nres);

@@ -57,6 +57,12 @@ typedef struct udp_s {
   char rbuf[65536];   /* one datagram */
 } udp_t;
 
+/* push_err's nil, message on a waiter from a callback (mlua_push_fail: protected under a host's
+ * allocator). Returns 2. */
+static int fail(udp_t *u, mlua_task_t *t, int e) {
+  return mlua_push_fail(u->m, t->co, mlua_err_string(e), NULL);
+}
+
 typedef struct {
   uv_udp_send_t req;
   char data[];
@@ -91,7 +97,7 @@ static void udp_close(udp_t *u) {
   if (u->path) ml_listen_unix_unlink(u->path, &u->id);
   uv_close((uv_handle_t *)&u->udp, udp_closed);
   uv_close((uv_handle_t *)&u->timer, udp_closed);
-  if (t) mlua_task_resume(t, push_err(t->co, UV_EPIPE));
+  if (t) mlua_task_resume(t, fail(u, t, UV_EPIPE));
 }
 
 static void udp_res_close(mlua_res_t *r) {
@@ -384,7 +390,22 @@ static int u_setpeername(lua_State *L) {
 static void on_timeout(uv_timer_t *h) {
   udp_t *u = h->data;
   mlua_task_t *t = take_waiter(u);
-  if (t) mlua_task_resume(t, push_err(t->co, UV_ETIMEDOUT));
+  if (t) mlua_task_resume(t, fail(u, t, UV_ETIMEDOUT));
+}
+
+typedef struct {
+  udp_t *u;
+  const char *data;
+  size_t len;
+  const struct sockaddr *addr;
+} datagram_t;
+
+/* A datagram and its sender, for mlua_push_result: when memory runs out the datagram is dropped
+ * and the receiver gets nil, "not enough memory". */
+static int push_datagram(lua_State *L, void *ud) {
+  datagram_t *d = ud;
+  lua_pushlstring(L, d->data, d->len);
+  return 1 + push_addr(L, d->u, d->addr);
 }
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
@@ -401,11 +422,11 @@ static void on_recv(uv_udp_t *h, ssize_t n, const uv_buf_t *buf, const struct so
   mlua_task_t *t = take_waiter(u);
   if (!t) return;
   if (n < 0) {
-    mlua_task_resume(t, push_err(t->co, (int)n));
+    mlua_task_resume(t, fail(u, t, (int)n));
     return;
   }
-  lua_pushlstring(t->co, buf->base, (size_t)n);
-  mlua_task_resume(t, 1 + push_addr(t->co, u, addr));
+  datagram_t d = {u, buf->base, (size_t)n, addr};
+  mlua_task_resume(t, mlua_push_result(u->m, t->co, push_datagram, &d));
 }
 
 /* syntax: data, host, port = u:recvfrom(timeout) -- or nil, "timeout" | "closed"; timeout in

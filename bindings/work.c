@@ -486,7 +486,7 @@ static void work_done(uv_work_t *req, int status) {
   if (t) {
     lua_State *co = t->co;
     if (status != 0) {
-      n = mlua_push_error(co, status);
+      n = mlua_push_error_to(j->m, co, status);
     } else {
       n = mlua_push_protected(j->m, co, push_results, j);
     }

@@ -162,6 +162,13 @@ static int push_err(lua_State *L, int e) {
   return 2;
 }
 
+/* nil, msg (or push_err's message for e) on a waiter a callback (or a close) wakes, another task
+ * than the running one: through mlua_push_fail, protected under a host's allocator. Returns 2. */
+static int fail_waiter(moonlet_t *m, mlua_task_t *t, int e, const char *msg) {
+  if (!msg) msg = e == UV_EAI_NONAME ? "host not found" : mlua_err_string(e);
+  return mlua_push_fail(m, t->co, msg, NULL);
+}
+
 /* -- Life cycle -------------------------------------------------------------------------------- */
 
 static void drop_output(ws_t *ws) {
@@ -271,13 +278,7 @@ static void resume_error(ws_t *ws, wait_t *w, int err, const char *msg) {
   mlua_task_t *t = take(w);
   if (!t || ws->dead) return;
   if (w->kind == WK_WRITE) free(w);
-  if (msg) {
-    lua_pushnil(t->co);
-    lua_pushstring(t->co, msg);
-    mlua_task_resume(t, 2);
-  } else {
-    mlua_task_resume(t, push_err(t->co, err));
-  }
+  mlua_task_resume(t, fail_waiter(ws->m, t, err, msg));
 }
 
 /* Resumes the writers parked before this call (true, or nil, "closed" when !ok); a writer that
@@ -296,7 +297,7 @@ static void wake_writers(ws_t *ws, int ok) {
       lua_pushboolean(t->co, 1);
       mlua_task_resume(t, 1);
     } else {
-      mlua_task_resume(t, push_err(t->co, UV_EPIPE));
+      mlua_task_resume(t, fail_waiter(ws->m, t, UV_EPIPE, NULL));
     }
   }
 }
@@ -762,15 +763,42 @@ static void push_kind(lua_State *L, int binary) {
     lua_pushliteral(L, "text");
 }
 
-/* Pops the oldest queued message onto L (data, kind); resumes reading below the low mark. */
-static int pop_message(lua_State *L, ws_t *ws) {
+typedef struct {
+  const char *data;
+  size_t len;
+  int binary;
+} message_t;
+
+static int push_message(lua_State *L, void *ud) {
+  message_t *a = ud;
+  lua_pushlstring(L, a->data, a->len);
+  push_kind(L, a->binary);
+  return 2;
+}
+
+/* Pushes a message (data, kind) on a reader's coroutine from a callback: under a host's allocator
+ * (or for a large message) through mlua_push_protected, so that memory running out gives the
+ * reader nil, "not enough memory" instead of LuaJIT's panic; a small one directly (the hot path:
+ * a pcall per message otherwise). Returns the count, negated when memory ran out. */
+static int deliver(ws_t *ws, lua_State *co, const char *data, size_t len, int binary) {
+  message_t a = {data, len, binary};
+  if (!ws->m->cfg.alloc && len < 65536) return push_message(co, &a);
+  int n = mlua_push_protected(ws->m, co, push_message, &a);
+  return lua_isnil(co, -n) ? -n : n;
+}
+
+/* Pops the oldest queued message onto L (data, kind); resumes reading below the low mark. From a
+ * callback (cb: L is a parked reader) it is pushed through deliver, and stays queued when memory
+ * ran out (the reader gets nil, "not enough memory"). */
+static int pop_message(lua_State *L, ws_t *ws, int cb) {
   msg_t *m = ws->qhead;
+  message_t a = {m->data, m->len, m->binary};
+  int n = cb ? deliver(ws, L, m->data, m->len, m->binary) : push_message(L, &a);
+  if (n < 0) return -n; /* (nil, "not enough memory") */
   ws->qhead = m->next;
   if (!ws->qhead) ws->qtail = NULL;
   ws->qbytes -= m->len;
   ws->qcount--;
-  lua_pushlstring(L, m->data, m->len);
-  push_kind(L, m->binary);
   free(m);
   if (ws->paused && ws->qbytes < RQ_HIGH / 2 && ws->qcount < RQ_MAX / 2) {
     ws->paused = 0;
@@ -800,8 +828,8 @@ static void on_peer_close(ws_t *ws, const ml_ws_event_t *ev) {
 /* Feeds received bytes to the parser and acts on each event; then resumes a reader or pinger
  * that can go on. Runs from a read callback only. */
 static void ws_input(ws_t *ws, const char *data, size_t len) {
-  int got_message = 0, got_pong = 0;
-  mlua_task_t *direct = NULL; /* the reader whose message is already on its stack */
+  int got_message = 0, got_pong = 0, ndirect = 0;
+  mlua_task_t *direct = NULL; /* the reader whose message (or nil, err) is already on its stack */
   ws->last_rx = uv_now(ws->m->loop);
   ws->pinged = 0;
   while (len > 0 && !ws->close_recv && !ws->failed && !ws->gone) {
@@ -814,9 +842,10 @@ static void ws_input(ws_t *ws, const char *data, size_t len) {
       got_message = 1;
       if (ws->reader.task && !ws->qhead && !direct && !ws->dead) {
         direct = take(&ws->reader);
-        lua_pushlstring(direct->co, ev.data, ev.len);
-        push_kind(direct->co, ev.opcode == ML_WS_OP_BINARY);
-        break;
+        ndirect = deliver(ws, direct->co, ev.data, ev.len, ev.opcode == ML_WS_OP_BINARY);
+        if (ndirect > 0) break;
+        ndirect = -ndirect; /* memory ran out: the reader gets nil, "not enough memory", the
+                               message queues for its next receive */
       }
       msg_t *m = malloc(sizeof *m + ev.len);
       if (!m) {
@@ -852,16 +881,16 @@ static void ws_input(ws_t *ws, const char *data, size_t len) {
   ka_arm(ws);
   if (direct) {
     wtimer_arm(ws);
-    mlua_task_resume(direct, 2);
+    mlua_task_resume(direct, ndirect);
   }
   if (ws->dead) return;
   if (ws->reader.task && (ws->qhead || input_ended(ws))) {
     mlua_task_t *t = take(&ws->reader);
     wtimer_arm(ws);
     if (ws->qhead) {
-      mlua_task_resume(t, pop_message(t->co, ws));
+      mlua_task_resume(t, pop_message(t->co, ws, 1));
     } else {
-      mlua_task_resume(t, push_err(t->co, UV_EPIPE));
+      mlua_task_resume(t, fail_waiter(ws->m, t, UV_EPIPE, NULL));
     }
   }
   (void)got_message;
@@ -1086,13 +1115,7 @@ static void connect_fail(ws_t *ws, int err, const char *msg) {
   take(&ws->io->connecter);
   transport_close(ws, 0);
   if (!t || ws->dead) return;
-  if (msg) {
-    lua_pushnil(t->co);
-    lua_pushstring(t->co, msg);
-    mlua_task_resume(t, 2);
-  } else {
-    mlua_task_resume(t, push_err(t->co, err));
-  }
+  mlua_task_resume(t, fail_waiter(ws->m, t, err, msg));
 }
 
 static int header_is(const char *name, size_t nlen, const char *lit) {
@@ -1116,6 +1139,55 @@ static int has_token(const char *v, size_t n, const char *tok) {
   return 0;
 }
 
+/* The connecter's results, for mlua_push_result: the box and a table of the response headers
+ * (names in lower case) of the head in ws->io->head (hlen bytes, to its blank line). The box is
+ * made last: once it is, nothing else can fail. */
+typedef struct {
+  ws_t *ws;
+  size_t hlen;
+} handshake_t;
+
+static int push_handshake(lua_State *L, void *ud) {
+  handshake_t *a = ud;
+  const char *p = a->ws->io->head.p, *end = p + a->hlen;
+  const char *line = memchr(p, '\n', a->hlen);
+  lua_newtable(L);
+  for (line = line ? line + 1 : end; line < end;) {
+    const char *le = memchr(line, '\n', (size_t)(end - line));
+    if (!le) le = end;
+    const char *lend = le > line && le[-1] == '\r' ? le - 1 : le;
+    const char *colon = memchr(line, ':', (size_t)(lend - line));
+    if (colon) {
+      const char *v = colon + 1;
+      while (v < lend && (*v == ' ' || *v == '\t'))
+        v++;
+      const char *ve = lend;
+      while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
+        ve--;
+      char name[64];
+      size_t nl = (size_t)(colon - line), k = nl < sizeof name ? nl : sizeof name - 1;
+      for (size_t i = 0; i < k; i++)
+        name[i] = (char)((line[i] >= 'A' && line[i] <= 'Z') ? line[i] + 32 : line[i]);
+      lua_pushlstring(L, name, k);
+      lua_pushvalue(L, -1);
+      lua_rawget(L, -3);
+      if (lua_isstring(L, -1)) { /* a repeat: old, separator, new */
+        lua_pushstring(L, header_is(name, k, "set-cookie") ? "\n" : ", ");
+        lua_pushlstring(L, v, (size_t)(ve - v));
+        lua_concat(L, 3);
+      } else {
+        lua_pop(L, 1);
+        lua_pushlstring(L, v, (size_t)(ve - v));
+      }
+      lua_rawset(L, -3);
+    }
+    line = le + 1;
+  }
+  push_box(L, a->ws);
+  lua_insert(L, -2); /* box, headers */
+  return 2;
+}
+
 /* The response head is in ws->io->head (up to its blank line, `hlen` bytes): checks it and resumes
  * the connecter with the box and a table of the response headers (lower-case names; a repeated
  * header's values joined with ", ", set-cookie's with "\n", as the HTTP client's), or fails. */
@@ -1135,7 +1207,6 @@ static void handshake_done(ws_t *ws, size_t hlen) {
   int ok_upgrade = 0, ok_conn = 0, ok_accept = 0, ext_state = 0;
   char expect[29];
   ml_ws_accept_key(ws->io->key, 24, expect);
-  if (co) lua_newtable(co);
   for (const char *line = eol + 1; line < end;) {
     const char *le = memchr(line, '\n', (size_t)(end - line));
     if (!le) le = end;
@@ -1167,24 +1238,6 @@ static void handshake_done(ws_t *ws, size_t hlen) {
           ext_state = d ? 1 : -1;
         }
       }
-      if (co) {
-        char name[64];
-        size_t k = nl < sizeof name ? nl : sizeof name - 1;
-        for (size_t i = 0; i < k; i++)
-          name[i] = (char)((line[i] >= 'A' && line[i] <= 'Z') ? line[i] + 32 : line[i]);
-        lua_pushlstring(co, name, k);
-        lua_pushvalue(co, -1);
-        lua_rawget(co, -3);
-        if (lua_isstring(co, -1)) { /* a repeat: old, separator, new */
-          lua_pushstring(co, header_is(name, k, "set-cookie") ? "\n" : ", ");
-          lua_pushlstring(co, v, vl);
-          lua_concat(co, 3);
-        } else {
-          lua_pop(co, 1);
-          lua_pushlstring(co, v, vl);
-        }
-        lua_rawset(co, -3);
-      }
     }
     line = le + 1;
   }
@@ -1194,8 +1247,14 @@ static void handshake_done(ws_t *ws, size_t hlen) {
                     : ext_state < 0 ? "handshake failed: extension not offered"
                                     : NULL;
   if (why) {
-    if (co) lua_pop(co, 1);
     connect_fail(ws, 0, why);
+    return;
+  }
+  handshake_t hs = {ws, hlen};
+  int n = co ? mlua_push_result(ws->m, co, push_handshake, &hs) : 0;
+  if (co && lua_isnil(co, -n)) { /* memory ran out: co has nil, "not enough memory" */
+    lua_pop(co, n);
+    connect_fail(ws, 0, "not enough memory");
     return;
   }
   ws->phase = PH_OPEN;
@@ -1213,8 +1272,6 @@ static void handshake_done(ws_t *ws, size_t hlen) {
     free(tail);
     return;
   }
-  push_box(co, ws);
-  lua_insert(co, -2); /* box, headers */
   if (tail) {
     ws_input(ws, tail, rest); /* nobody reads yet: the messages queue */
     free(tail);
@@ -1494,7 +1551,7 @@ static int w_receive(lua_State *L) {
     lua_pushliteral(L, "socket busy reading");
     return 2;
   }
-  if (ws->qhead) return pop_message(L, ws);
+  if (ws->qhead) return pop_message(L, ws, 0);
   if (input_ended(ws) || ws->phase != PH_OPEN) return push_closed(L);
   mlua_task_t *t = mlua_task_current(L);
   mlua_check_yieldable(L, t);
