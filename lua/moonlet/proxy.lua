@@ -79,16 +79,36 @@ end
 
 local function log_error(msg) core.log(0, msg) end
 
--- The lower-case names a Connection header lists (they are hop-by-hop too), or nil.
+-- The lower-case names a Connection header lists (they are hop-by-hop too), or nil. The sets are
+-- kept by value (bounded, read only): an upstream's "keep-alive" on every response is split once.
+local tokens_cache, tokens_count = {}, 0
 local function connection_tokens(value)
     if not value then return nil end
-    local t = {}
+    local t = tokens_cache[value]
+    if t then return t end
+    t = {}
     for tok in gmatch(value, "[^,%s]+") do t[lower(tok)] = true end
+    if tokens_count >= 64 then tokens_cache, tokens_count = {}, 0 end
+    tokens_count = tokens_count + 1
+    tokens_cache[value] = t
     return t
 end
 
 local function hop_by_hop(name, listed)
-    return HOP[name] or sub(name, 1, 6) == "proxy-" or (listed and listed[name]) or false
+    return HOP[name] or find(name, "proxy-", 1, true) == 1 or (listed and listed[name]) or false
+end
+
+-- The address of a peer "host:port" ("[v6]:port"), without the port; kept by peer (bounded): a
+-- keep-alive connection's requests all come from the same one.
+local addr_cache, addr_count = {}, 0
+local function peer_addr(peer)
+    local addr = addr_cache[peer]
+    if addr then return addr end
+    addr = match(peer, "^%[(.*)%]:%d+$") or match(peer, "^(.*):%d+$") or peer
+    if addr_count >= 1024 then addr_cache, addr_count = {}, 0 end
+    addr_count = addr_count + 1
+    addr_cache[peer] = addr
+    return addr
 end
 
 -- The raw path of the request (percent-encoding as the client sent it, so an encoded "/" stays
@@ -112,7 +132,7 @@ local function upstream_headers(req, p)
         if name ~= "host" and not hop_by_hop(name, listed) then out[name] = value end
     end
     local peer = req.peer
-    local addr = peer and (match(peer, "^%[(.*)%]:%d+$") or match(peer, "^(.*):%d+$") or peer)
+    local addr = peer and peer_addr(peer)
     if addr then
         local xff = out["x-forwarded-for"]
         out["x-forwarded-for"] = xff and xff .. ", " .. addr or addr
@@ -163,22 +183,41 @@ local function copy_headers(p, req, prefix, up, res)
     return cl and tonumber(cl) or nil
 end
 
+local core_running = core.running
+
 -- The body, piece by piece from the upstream to the client: nil at its end, or when the client
 -- went away (the upstream's connection is then closed); the error when the upstream broke off.
+-- It runs under the handler's pcall, and a JIT trace that begins inside it (where it waited, or at
+-- a hot function of the HTTP client it calls) cannot be recorded through the return to that pcall
+-- ("NYI: return to lower frame"): LuaJIT threw each such trace away, and the upstream's last read
+-- (its connection pooled) ran in the interpreter. So pump ends the trace with a C call just before
+-- it returns (as moonlet.task's wrappers do, lua/moonlet/task.lua): only the return is left to
+-- the interpreter (callgrind, GET /p/b of examples/bench_proxy.lua under wrk -c64: 78.6k -> 71.1k
+-- instructions a request).
 local function pump(up, res, first)
     local ok = res:write(first)
     while ok do
         local piece, err = up:read()
-        if not piece then return err end
+        if not piece then
+            core_running() -- (ends the trace, above)
+            return err
+        end
         ok = res:write(piece)
     end
     up:close() -- the client is gone: so is the upstream's connection
+    core_running()
+end
+
+-- What the error log names a request by: "moonlet.proxy: GET /api/x -> http://127.0.0.1:9000" (made
+-- only when there is something to log).
+local function what(p, req)
+    return "moonlet.proxy: " .. req.method .. " " .. req.target .. " -> " .. p.upstream
 end
 
 -- The answer when the upstream could not be reached or did not answer: 504 for a timeout, else
 -- 502 (nginx's), with a line in the error log naming the upstream.
-local function fail(res, what, err)
-    log_error(what .. ": " .. tostring(err))
+local function fail(p, req, res, err)
+    log_error(what(p, req) .. ": " .. tostring(err))
     res:type("text")
     if err == "timeout" or err == "response body: timeout" then
         res:status(504)
@@ -232,7 +271,7 @@ end
 
 -- A WebSocket handshake: the upstream leg first (502/504 when it cannot be had, the upstream's
 -- status when it refused the handshake with a 4xx), then the client's, then the relays.
-local function handle_ws(p, req, res, url, what, prefix)
+local function handle_ws(p, req, res, url, prefix)
     local status, body, refused = ws.refusal(req)
     if status then return status, body, refused end
     local headers = upstream_headers(req, p)
@@ -252,7 +291,7 @@ local function handle_ws(p, req, res, url, what, prefix)
     })
     if not up then
         local st = tonumber(match(err, "^handshake failed: status (4%d%d)$"))
-        if not st then return fail(res, what, err) end
+        if not st then return fail(p, req, res, err) end
         res:type("text")
         res:status(st)
         return st .. " (the upstream's answer to the WebSocket handshake)\n"
@@ -300,14 +339,14 @@ local function handle(p, req, res)
     local qs = req.query_string
     local url = p.base .. path .. (qs and "?" .. qs or "")
     local method = req.method
-    local what = "moonlet.proxy: " .. method .. " " .. req.target .. " -> " .. p.upstream
-    if p.websocket and method == "GET" and req.headers.upgrade
-       and find(lower(req.headers.upgrade), "websocket", 1, true) then
-        return handle_ws(p, req, res, p.ws_base .. path .. (qs and "?" .. qs or ""), what, prefix)
+    local rh = req.headers
+    local upgrade = rh.upgrade
+    if upgrade and p.websocket and method == "GET" and find(lower(upgrade), "websocket", 1, true) then
+        return handle_ws(p, req, res, p.ws_base .. path .. (qs and "?" .. qs or ""), prefix)
     end
     local headers = upstream_headers(req, p)
     local body
-    local cl, te = tonumber(req:header("content-length")), req:header("transfer-encoding")
+    local cl, te = tonumber(rh["content-length"]), rh["transfer-encoding"]
     if (cl and cl > 0) or te then body = req:chunks() end
     local t = p.timeout
     local up, err = http.request({
@@ -315,11 +354,11 @@ local function handle(p, req, res)
         user_agent = false, connect_timeout = t, send_timeout = t, read_timeout = t,
         tls = p.http_tls, verify = p.tls.verify,
     })
-    if not up then return fail(res, what, err) end
+    if not up then return fail(p, req, res, err) end
     local first -- (read before the head is copied: a body that fails at once is a 502 of its own)
     if method ~= "HEAD" then
         first, err = up:read()
-        if err then return fail(res, what, "response body: " .. err) end
+        if err then return fail(p, req, res, "response body: " .. err) end
     end
     res:status(up.status)
     local length = copy_headers(p, req, prefix, up, res)
@@ -336,7 +375,7 @@ local function handle(p, req, res)
         error(e, 0)
     end
     if e then -- the upstream broke off mid-body: a stream left unfinished is closed by the server
-        log_error(what .. ": response body: " .. e) -- (not ended as if whole); an abort raised
+        log_error(what(p, req) .. ": response body: " .. e) -- (not ended as if whole); an abort raised
         error(abort(502), 0)                          -- once streaming is not logged again
     end
 end
