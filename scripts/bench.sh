@@ -18,6 +18,8 @@
 # peers' run: hello latency, server CPU per fan-out; "only": alone; 0: skip it).
 # BENCH_LOG (1: hello with the access log on, moonlet beside nginx+lua, scripts/bench_access_log.sh,
 # after the equal-load section; "only": alone; 0: skip it).
+# BENCH_PROXY (1: moonlet.proxy beside nginx's proxy_pass, scripts/bench_proxy.sh, after the
+# access-log section: GET /p/b through each to peers.sh's upstream; "only": alone; 0: skip it).
 # Extra arguments are passed to peers.sh as they are (after ours, so they win: e.g. --conns 128).
 # Missing peer packages are installed with `peers.sh --install` (apt-get, needs root); peers that
 # still lack something are left out of the run with a warning.
@@ -387,6 +389,11 @@ if [ "${BENCH_LOG:-1}" = only ]; then
   exit 0
 fi
 
+if [ "${BENCH_PROXY:-1}" = only ]; then
+  BENCH_PEERS=$PEERS_SH sh scripts/bench_proxy.sh
+  exit 0
+fi
+
 if [ "${BENCH_WS:-1}" = only ]; then
   mkdir -p "${BENCH_RUN:-/tmp/moonlet-peers}" bench/results
   BENCH_RUN=${BENCH_RUN:-/tmp/moonlet-peers}
@@ -637,6 +644,9 @@ if [ "${BENCH_EQUAL:-1}" != 0 ]; then
 fi
 if [ "${BENCH_LOG:-1}" != 0 ]; then
   BENCH_PEERS=$PEERS_SH sh scripts/bench_access_log.sh || warn "the access-log section failed"
+fi
+if [ "${BENCH_PROXY:-1}" != 0 ]; then
+  BENCH_PEERS=$PEERS_SH sh scripts/bench_proxy.sh || warn "the reverse-proxy section failed"
 fi
 [ "${BENCH_WS:-1}" = 0 ] || ws_bench
 [ "${BENCH_DB:-1}" = 0 ] || db_bench

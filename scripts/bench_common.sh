@@ -1,7 +1,8 @@
 # scripts/bench_common.sh: what the side sections of `make bench` share (sourced, not run, by
-# scripts/bench_equal_load.sh and scripts/bench_access_log.sh): the checks of what they need,
-# BENCH_ROUNDS / BENCH_DURATION / BENCH_PEERS, a free port, peers.sh's nginx templates made into
-# configs as peers.sh makes them, and the one server under test at a time (SPID), stopped on exit.
+# scripts/bench_equal_load.sh, scripts/bench_access_log.sh and scripts/bench_proxy.sh): the checks
+# of what they need, BENCH_ROUNDS / BENCH_DURATION / BENCH_PEERS, a free port, peers.sh's nginx
+# templates made into configs as peers.sh makes them, and the one server under test at a time
+# (SPID), stopped on exit.
 # The including script sets NAME (for messages) and RUN_KIND (its scratch folder's prefix) first.
 
 die() { echo "$NAME: $*" >&2; exit 2; }
