@@ -1139,6 +1139,32 @@ static int has_token(const char *v, size_t n, const char *tok) {
   return 0;
 }
 
+/* The next header line of a response head: *line (advanced past it) up to `end`. Returns 1 with
+ * its name (*name, *nl bytes) and its value without the blanks around it (*v, *vl bytes), 0 for a
+ * line without a colon, -1 at the end. */
+static int next_header(const char **line, const char *end, const char **name, size_t *nl,
+                       const char **v, size_t *vl) {
+  const char *l = *line;
+  if (l >= end) return -1;
+  const char *le = memchr(l, '\n', (size_t)(end - l));
+  if (!le) le = end;
+  *line = le + 1;
+  const char *lend = le > l && le[-1] == '\r' ? le - 1 : le;
+  const char *colon = memchr(l, ':', (size_t)(lend - l));
+  if (!colon) return 0;
+  const char *b = colon + 1;
+  while (b < lend && (*b == ' ' || *b == '\t'))
+    b++;
+  const char *e = lend;
+  while (e > b && (e[-1] == ' ' || e[-1] == '\t'))
+    e--;
+  *name = l;
+  *nl = (size_t)(colon - l);
+  *v = b;
+  *vl = (size_t)(e - b);
+  return 1;
+}
+
 /* The connecter's results, for mlua_push_result: the box and a table of the response headers
  * (names in lower case) of the head in ws->io->head (hlen bytes, to its blank line). The box is
  * made last: once it is, nothing else can fail. */
@@ -1150,38 +1176,28 @@ typedef struct {
 static int push_handshake(lua_State *L, void *ud) {
   handshake_t *a = ud;
   const char *p = a->ws->io->head.p, *end = p + a->hlen;
-  const char *line = memchr(p, '\n', a->hlen);
+  const char *line = memchr(p, '\n', a->hlen), *hn, *v;
+  size_t nl, vl;
+  int r;
   lua_newtable(L);
-  for (line = line ? line + 1 : end; line < end;) {
-    const char *le = memchr(line, '\n', (size_t)(end - line));
-    if (!le) le = end;
-    const char *lend = le > line && le[-1] == '\r' ? le - 1 : le;
-    const char *colon = memchr(line, ':', (size_t)(lend - line));
-    if (colon) {
-      const char *v = colon + 1;
-      while (v < lend && (*v == ' ' || *v == '\t'))
-        v++;
-      const char *ve = lend;
-      while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
-        ve--;
-      char name[64];
-      size_t nl = (size_t)(colon - line), k = nl < sizeof name ? nl : sizeof name - 1;
-      for (size_t i = 0; i < k; i++)
-        name[i] = (char)((line[i] >= 'A' && line[i] <= 'Z') ? line[i] + 32 : line[i]);
-      lua_pushlstring(L, name, k);
-      lua_pushvalue(L, -1);
-      lua_rawget(L, -3);
-      if (lua_isstring(L, -1)) { /* a repeat: old, separator, new */
-        lua_pushstring(L, header_is(name, k, "set-cookie") ? "\n" : ", ");
-        lua_pushlstring(L, v, (size_t)(ve - v));
-        lua_concat(L, 3);
-      } else {
-        lua_pop(L, 1);
-        lua_pushlstring(L, v, (size_t)(ve - v));
-      }
-      lua_rawset(L, -3);
+  for (line = line ? line + 1 : end; (r = next_header(&line, end, &hn, &nl, &v, &vl)) >= 0;) {
+    if (r == 0) continue;
+    char name[64];
+    size_t k = nl < sizeof name ? nl : sizeof name - 1;
+    for (size_t i = 0; i < k; i++)
+      name[i] = (char)((hn[i] >= 'A' && hn[i] <= 'Z') ? hn[i] + 32 : hn[i]);
+    lua_pushlstring(L, name, k);
+    lua_pushvalue(L, -1);
+    lua_rawget(L, -3);
+    if (lua_isstring(L, -1)) { /* a repeat: old, separator, new */
+      lua_pushstring(L, header_is(name, k, "set-cookie") ? "\n" : ", ");
+      lua_pushlstring(L, v, vl);
+      lua_concat(L, 3);
+    } else {
+      lua_pop(L, 1);
+      lua_pushlstring(L, v, vl);
     }
-    line = le + 1;
+    lua_rawset(L, -3);
   }
   push_box(L, a->ws);
   lua_insert(L, -2); /* box, headers */
@@ -1207,39 +1223,29 @@ static void handshake_done(ws_t *ws, size_t hlen) {
   int ok_upgrade = 0, ok_conn = 0, ok_accept = 0, ext_state = 0;
   char expect[29];
   ml_ws_accept_key(ws->io->key, 24, expect);
-  for (const char *line = eol + 1; line < end;) {
-    const char *le = memchr(line, '\n', (size_t)(end - line));
-    if (!le) le = end;
-    const char *lend = le > line && le[-1] == '\r' ? le - 1 : le;
-    const char *colon = memchr(line, ':', (size_t)(lend - line));
-    if (colon) {
-      const char *v = colon + 1;
-      while (v < lend && (*v == ' ' || *v == '\t'))
-        v++;
-      const char *ve = lend;
-      while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
-        ve--;
-      size_t nl = (size_t)(colon - line), vl = (size_t)(ve - v);
-      if (header_is(line, nl, "upgrade"))
-        ok_upgrade = vl == 9 && strncasecmp(v, "websocket", 9) == 0;
-      else if (header_is(line, nl, "connection"))
-        ok_conn = has_token(v, vl, "upgrade");
-      else if (header_is(line, nl, "sec-websocket-accept"))
-        ok_accept = vl == 28 && memcmp(v, expect, 28) == 0;
-      else if (header_is(line, nl, "sec-websocket-extensions")) {
-        ml_ws_pmd_t agreed;
-        int r = ws->io->offered_deflate ? ml_ws_pmd_response(v, vl, &ws->io->offer, &agreed)
-                                        : UV_EPROTO;
-        if (r < 0)
-          ext_state = -1;
-        else if (r == 1 && ext_state == 0) {
-          ml_ws_deflate_t *d = ml_ws_deflate_new(&agreed, 0);
-          if (d) ml_ws_parser_set_deflate(&ws->parser, d);
-          ext_state = d ? 1 : -1;
-        }
+  const char *line = eol + 1, *hn, *v;
+  size_t nl, vl;
+  int r;
+  while ((r = next_header(&line, end, &hn, &nl, &v, &vl)) >= 0) {
+    if (r == 0) continue;
+    if (header_is(hn, nl, "upgrade"))
+      ok_upgrade = vl == 9 && strncasecmp(v, "websocket", 9) == 0;
+    else if (header_is(hn, nl, "connection"))
+      ok_conn = has_token(v, vl, "upgrade");
+    else if (header_is(hn, nl, "sec-websocket-accept"))
+      ok_accept = vl == 28 && memcmp(v, expect, 28) == 0;
+    else if (header_is(hn, nl, "sec-websocket-extensions")) {
+      ml_ws_pmd_t agreed;
+      int x =
+          ws->io->offered_deflate ? ml_ws_pmd_response(v, vl, &ws->io->offer, &agreed) : UV_EPROTO;
+      if (x < 0)
+        ext_state = -1;
+      else if (x == 1 && ext_state == 0) {
+        ml_ws_deflate_t *d = ml_ws_deflate_new(&agreed, 0);
+        if (d) ml_ws_parser_set_deflate(&ws->parser, d);
+        ext_state = d ? 1 : -1;
       }
     }
-    line = le + 1;
   }
   const char *why = !ok_upgrade     ? "handshake failed: no Upgrade: websocket"
                     : !ok_conn      ? "handshake failed: no Connection: upgrade"
