@@ -201,30 +201,25 @@ function _M.encode_uri(s)
     return (str_gsub(s, NOT_URI, function(c) return ("%%%02X"):format(c:byte()) end))
 end
 
--- The segments of path from pos on, after the n in segs. A tail call per segment, not a loop: the
--- router splits every request's path, and a loop inside the dispatcher's trace aborts it (LuaJIT
--- records no inner loop in a root trace), leaving each request to the interpreter.
-local function split_from(path, pos, len, segs, n)
-    local slash = str_find(path, "/", pos, true)
-    n = n + 1
-    if not slash then
-        segs[n] = str_sub(path, pos)
-        return segs
-    end
-    segs[n] = str_sub(path, pos, slash - 1)
-    pos = slash + 1
-    if pos > len then
-        segs[n + 1] = ""
-        return segs
-    end
-    return split_from(path, pos, len, segs, n)
-end
-
 -- syntax: segs = url.split_path(path) -- "/a/b/" -> { "a", "b", "" }
 function _M.split_path(path)
+    local segs, n, pos = {}, 0, 2
     local len = #path
-    if len < 2 then return {} end
-    return split_from(path, 2, len, {}, 0)
+    if len < 2 then return segs end
+    while true do
+        local slash = str_find(path, "/", pos, true)
+        n = n + 1
+        if not slash then
+            segs[n] = str_sub(path, pos)
+            return segs
+        end
+        segs[n] = str_sub(path, pos, slash - 1)
+        pos = slash + 1
+        if pos > len then
+            segs[n + 1] = ""
+            return segs
+        end
+    end
 end
 
 return _M
