@@ -54,6 +54,19 @@ describe("moonlet.router", function()
         assert.same({ path = "a/b/c.txt" }, params)
         _, params = r:match("GET", "/files/")
         assert.same({ path = "" }, params)
+        local deep = ("/x"):rep(3000)
+        _, params = r:match("GET", "/files" .. deep)
+        assert.same({ path = deep:sub(2) }, params)
+    end)
+
+    it("gives the same answers once LuaJIT has compiled the matching", function()
+        for i = 1, 300 do
+            local name, params = r:match("GET", "/users/" .. i .. "/posts/p" .. i)
+            assert.same("post", name())
+            assert.same({ id = tostring(i), post = "p" .. i }, params)
+            assert.is_nil((r:match("GET", "/users/" .. i .. "/posts")))
+            assert.same("user", (r:match("GET", "/users/" .. i))())
+        end
     end)
 
     it("serves HEAD with the GET handler", function()

@@ -35,6 +35,14 @@ describe("moonlet.url", function()
         assert.same({ "a", "b" }, url.split_path("/a/b"))
         assert.same({ "a", "" }, url.split_path("/a/"))
         assert.same({ "a", "", "b" }, url.split_path("/a//b"))
+        assert.same({ "", "" }, url.split_path("//"))
+        local many = {}
+        for i = 1, 5000 do many[i] = tostring(i) end -- (a long path splits whole)
+        assert.same(many, url.split_path("/" .. table.concat(many, "/")))
+        for _ = 1, 200 do -- the same answers once LuaJIT has compiled it
+            assert.same({ "users", "42" }, url.split_path("/users/42"))
+            assert.same({ "a", "b", "" }, url.split_path("/a/b/"))
+        end
     end)
 
     -- RFC 3986 5.4: every example, normal and abnormal, from the base "http://a/b/c/d;p?q"
