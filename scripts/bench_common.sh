@@ -42,6 +42,16 @@ stop_server() {
   SPID=""
 }
 
+# stop_all: the server, and the upstream a section started (its pid in UPID), if any
+UPID=""
+stop_all() {
+  stop_server
+  [ -n "$UPID" ] || return 0
+  kill "$UPID" 2>/dev/null || true
+  wait "$UPID" 2>/dev/null || true
+  UPID=""
+}
+
 wait_ok() {  # wait_ok NAME URL
   i=0
   while ! curl -sf "$2" > /dev/null 2>&1; do

@@ -34,14 +34,6 @@ UPORT=$(free_port)
 nginx_conf nginx_lua.conf.in nginx-lua "$NPORT" "$UPORT"
 nginx_conf nginx_upstream.conf.in upstream "$UPORT" "$UPORT"
 
-UPID=""
-stop_all() {
-  stop_server
-  [ -n "$UPID" ] || return 0
-  kill "$UPID" 2>/dev/null || true
-  wait "$UPID" 2>/dev/null || true
-  UPID=""
-}
 trap stop_all EXIT INT TERM
 
 # start_server PEER APP: starts it on CPU 0 and waits until it answers; sets SPID, PORT and WPID

@@ -55,14 +55,6 @@ http {
 NGX
 } > "$RUN/nginx-proxy.conf"
 
-UPID=""
-stop_all() {
-  stop_server
-  [ -n "$UPID" ] || return 0
-  kill "$UPID" 2>/dev/null || true
-  wait "$UPID" 2>/dev/null || true
-  UPID=""
-}
 trap stop_all EXIT INT TERM
 
 # start_server PEER PATH: on CPU 0, until PATH answers with the upstream's body; sets SPID, PORT
