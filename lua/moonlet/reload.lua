@@ -238,7 +238,7 @@ local function build(self)
     for i = 1, #self.tcp_own do
         local s = self.tcp_own[i]
         local key = tcp and tcp.listen_key_of(s)
-        if key and s:port() then loading.reusable[key] = s end -- (not one the old code closed)
+        if key then loading.reusable[key] = s end -- (nil for one the old code closed)
     end
     for i = 1, #self.udp_own do
         local u = self.udp_own[i]
