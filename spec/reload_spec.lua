@@ -659,6 +659,51 @@ end)]]))
         host:close()
     end)
 
+    it("reads a client certificate (sock:tls's cert and key) again on reload; kept when it fails", function()
+        local dir = tmpdir()
+        local certs = test.make_certs()
+        defer(function() test.remove_certs(certs) end)
+        -- a client certificate CN=name from the spec's CA at dir/c.pem, dir/c.key
+        local function client_cert(name)
+            local cmd = ("cd %s && openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+                .. " -keyout n.key -out n.csr -subj '/CN=%s' && openssl x509 -req -in n.csr -CA %s"
+                .. " -CAkey %s -CAcreateserial -out n.pem -days 2 && mv n.pem c.pem && mv n.key c.key")
+                :format(dir, name, certs.ca, certs.dir .. "/ca.key")
+            local ok = os.execute("(" .. cmd .. ") >/dev/null 2>&1")
+            assert(ok == true or ok == 0, "openssl failed")
+        end
+        -- a mutual-TLS server that answers with the subject of the client's certificate
+        local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0,
+            tls = { cert = certs.cert, key = certs.key, client_ca = certs.ca } }, function(s)
+                local t = s:peer_certificate()
+                s:send((t and t.client_subject or "none") .. "\n")
+            end))
+        defer(function() server:close() end)
+        client_cert("first")
+        local src = app_src("v", ([[
+app:get("/who", function()
+    local s, err = moonlet.tcp.connect("127.0.0.1", %d, { timeout = 5,
+        tls = { cafile = %q, cert = %q, key = %q } })
+    if not s then return 502, tostring(err) end
+    local line = s:receive()
+    s:close()
+    return "%%s " .. tostring(line)
+end)]]):format(server:port(), certs.ca, dir .. "/c.pem", dir .. "/c.key"))
+        local host, port, path = serve(dir, src:format("v1"))
+        assert.same("v1 CN=first", get(port, "/who"))
+        client_cert("second") -- renewed at the same paths
+        assert.same("v1 CN=first", get(port, "/who")) -- (cached until a reload)
+        write_file(path, src:format("v2"))
+        assert.is_true(host:reload())
+        assert.same("v2 CN=second", get(port, "/who"))
+        -- a load that fails gives the old code back the contexts it had
+        client_cert("third")
+        write_file(path, BROKEN)
+        assert.is_nil(host:reload())
+        assert.same("v2 CN=second", get(port, "/who"))
+        host:close()
+    end)
+
     it("hands a socket of moonlet.udp.bind to the new code's bind on its address", function()
         local dir = tmpdir()
         local function free_port()

@@ -17,7 +17,9 @@
 -- TLS certificates are read again by each load, as nginx -s reload does: the servers the app
 -- takes over (app.lua, tcp.lua) and the host's own (host:listen, the command line's --tls-cert)
 -- get a new context made during the load (a file that does not load fails it), swapped in by
--- install when the new app serves; open connections keep the session and context they have.
+-- install when the new app serves; open connections keep the session and context they have. The
+-- client side too: the new code starts with an empty cache of client contexts (sock:tls's cert,
+-- key and cafile, moonlet.http's, moonlet.proxy's), given back to the old code if the load fails.
 --
 -- State across a reload: the old app's `app.state` (whatever table the app keeps there) is handed
 -- to the new app's app:on_reload(function(old_state) ... end) before the swap; an error there fails
@@ -246,6 +248,8 @@ local function build(self)
         if key then loading.udp_reusable[key] = u end
     end
     app_mod.loading = loading
+    -- the client TLS contexts: made anew from their files by the new code (tcp.swap_tls_contexts)
+    local old_contexts = tcp and tcp.swap_tls_contexts({})
     local ok, app = xpcall(chunk, app_traceback, unpack(args, 1, args.n or #args))
     -- the modules the old code required later (in a handler, a task), which the new top level did
     -- not: required again now, so that a broken edit of one keeps the old code as one of the app
@@ -303,6 +307,7 @@ local function build(self)
     if not ok then
         task.cancel_owned(tasks)
         close_servers(loading.opened)
+        if tcp then tcp.swap_tls_contexts(old_contexts) end
         shutdown.drop(self)
         for name in pairs(mods) do loaded[name] = nil end -- what the new code half loaded
         for name, v in pairs(saved) do loaded[name] = v end -- the old code keeps its modules

@@ -114,7 +114,8 @@ function methods:receiveuntil(pattern, opts)
     end
 end
 
--- TLS contexts, one per set of options: loading the system CA store costs milliseconds.
+-- TLS contexts, one per set of options: loading the system CA store costs milliseconds. A reload
+-- starts the new code with an empty cache (swap_tls_contexts), so that it reads renewed files.
 local contexts = {}
 
 -- A server's client_ca asks each client for a certificate verified against it: verify_client
@@ -140,6 +141,17 @@ local function context(server, opts, fresh)
     if not ctx then return nil, err end
     if not fresh then contexts[key] = ctx end
     return ctx
+end
+
+-- syntax: old = tcp.swap_tls_contexts(cache) -- the cache of client TLS contexts (sock:tls,
+-- moonlet.http, moonlet.proxy) becomes `cache`; returns the one it replaces. A reload
+-- (lua/moonlet/reload.lua) gives its new code an empty one, so that a renewed client certificate,
+-- key or CA file is read again as nginx -s reload does, and puts the old one back if the load fails
+-- (the old code goes on with what it had). Connections open or pooled keep the context they have.
+function _M.swap_tls_contexts(cache)
+    local old = contexts
+    contexts = cache
+    return old
 end
 
 -- syntax: msg = moonlet.tcp.tls_failure(err, tls) -- err ("tls: cannot load certificate") with the
