@@ -54,45 +54,6 @@ static size_t check_pos(lua_State *L, int idx, size_t len) {
 
 /* -- Head ------------------------------------------------------------------------------------- */
 
-/* The end of the head at s[0, end): the first empty line (LF LF, or LF CR LF). Sets *stop (the
- * empty line: the header lines are s[0, *stop)), *after (the first byte after the head) and
- * *strict (the head ends in CRLF CRLF: then every line must end in CRLF). Returns 0 when no empty
- * line is there yet. */
-static int head_end(const char *s, const char *end, const char **stop, const char **after,
-                    int *strict) {
-  for (const char *p = s; p < end; p++) {
-    p = memchr(p, '\n', (size_t)(end - p));
-    if (!p || p + 1 >= end) return 0;
-    if (p[1] == '\n') {
-      *stop = p + 1;
-      *after = p + 2;
-    } else if (p[1] == '\r' && p + 2 < end && p[2] == '\n') {
-      *stop = p + 1;
-      *after = p + 3;
-    } else if (p + 2 >= end) {
-      return 0; /* the next byte may complete it */
-    } else {
-      continue;
-    }
-    *strict = p > s && p[-1] == '\r' && p[1] == '\r';
-    return 1;
-  }
-  return 0;
-}
-
-/* The line at `line` (inside a head, so an LF is found before stop): its end without the line end
- * in *le; returns the start of the next line, or NULL when a bare LF ends it in a strict head. */
-static const char *head_line(const char *line, const char *stop, int strict, const char **le) {
-  const char *nl = memchr(line, '\n', (size_t)(stop - line));
-  const char *e = nl;
-  if (e > line && e[-1] == '\r')
-    e--;
-  else if (strict)
-    return NULL;
-  *le = e;
-  return nl + 1;
-}
-
 /* The status line s[0, n): pushes reason and version and returns the status, or 0 (nothing
  * pushed) when the line is not "HTTP/d.d ddd[ reason]" with a status of 100 to 999. */
 static int status_line(lua_State *L, const char *s, size_t n) {
@@ -216,20 +177,50 @@ static int header_line(lua_State *L, int hidx, int last, const char *s, size_t n
   return 0;
 }
 
-/* Reads the header lines in [line, stop): checks them, fills the table at hidx unless hidx is 0
- * (it uses stack slot `last`), and collects ff. Returns 0, or -1 when one is malformed or there
- * are too many. */
-static int header_lines(lua_State *L, int hidx, int last, const char *line, const char *stop,
-                        int strict, frame_fields_t *ff) {
-  int count = 0, seen = 0;
-  const char *le;
-  while (line < stop) {
-    const char *next = head_line(line, stop, strict, &le);
-    if (!next || ++count > MAX_HEADERS) return -1;
-    if (header_line(L, hidx, last, line, (size_t)(le - line), &seen, ff) < 0) return -1;
-    line = next;
+/* Where the parts of a head are (scan_head). */
+typedef struct {
+  const char *status_end; /* the end of the status line, its line end excluded */
+  const char *stop;       /* the empty line */
+  const char *after;      /* the first byte after the head */
+} head_spans_t;
+
+/* The head at s[0, end) in one pass: each line is found once, each header line checked (and, when
+ * hidx is not 0, added to the table at hidx: see header_line) and the framing fields collected
+ * into ff (may be NULL) as it comes, until the empty line: LF LF, or LF CR LF. Returns 1 with *hd
+ * set, 0 when the bytes end before the empty line, -1 when the head is complete and malformed: a
+ * bad line, more than MAX_HEADERS, or a bare LF in a head that ends in CRLF CRLF (a "strict"
+ * head: whether a bare LF is allowed is known only at the end, so a line is judged once the head
+ * is all there; a head that ends in a bare-LF empty line is read with LF line ends, a CR before
+ * an LF dropped). */
+static int scan_head(lua_State *L, int hidx, int last, const char *s, const char *end,
+                     head_spans_t *hd, frame_fields_t *ff) {
+  const char *nl = memchr(s, '\n', (size_t)(end - s));
+  if (!nl) return 0;
+  int bare = !(nl > s && nl[-1] == '\r'), bad = 0, count = 0, seen = 0;
+  hd->status_end = bare ? nl : nl - 1;
+  for (;;) {
+    const char *q = nl + 1; /* the next line */
+    if (q >= end) return 0;
+    if (*q == '\n' || *q == '\r') {
+      if (*q == '\n' || (q + 1 < end && q[1] == '\n')) { /* the empty line */
+        hd->stop = q;
+        hd->after = q + (*q == '\n' ? 1 : 2);
+        int strict = nl > s && nl[-1] == '\r' && *q == '\r';
+        return bad || (strict && bare) ? -1 : 1;
+      }
+      if (q + 1 >= end) return 0; /* the next byte may complete it */
+    }
+    nl = memchr(q, '\n', (size_t)(end - q));
+    if (!nl) return 0;
+    const char *le = nl;
+    if (le > q && le[-1] == '\r')
+      le--;
+    else
+      bare = 1;
+    if (!bad &&
+        (++count > MAX_HEADERS || header_line(L, hidx, last, q, (size_t)(le - q), &seen, ff) < 0))
+      bad = 1;
   }
-  return 0;
 }
 
 /* Content-Length: digits, optionally repeated as a comma-separated list of the same number ("5, 5",
@@ -382,28 +373,26 @@ static int l_parse_head(lua_State *L) {
   const char *buf = luaL_checklstring(L, 1, &len);
   size_t pos = check_pos(L, 2, len);
   int head = lua_toboolean(L, 3);
-  const char *s = buf + pos, *stop, *after, *le;
-  int strict;
-  if (!head_end(s, buf + len, &stop, &after, &strict)) {
+  const char *s = buf + pos;
+  head_spans_t hd;
+  frame_fields_t ff = {{NULL, NULL, NULL}, {0, 0, 0}, 0};
+  int found = scan_head(L, 0, 0, s, buf + len, &hd, &ff);
+  if (!found) {
     size_t have = len - pos;
     if (have >= 5 && memcmp(s, "HTTP/", 5) != 0) return bad(L);
     if (have > MAX_HEAD) return bad(L);
     lua_pushboolean(L, 0);
     return 1;
   }
-  if ((size_t)(stop - s) > MAX_HEAD + 4) return bad(L);
-  const char *line = head_line(s, stop, strict, &le);
-  if (!line) return bad(L);
+  if ((size_t)(hd.stop - s) > MAX_HEAD + 4 || found < 0) return bad(L);
   lua_settop(L, 3);
-  int status = status_line(L, s, (size_t)(le - s)); /* pushes reason (4), version (5) */
+  int status = status_line(L, s, (size_t)(hd.status_end - s)); /* pushes reason (4), version (5) */
   if (!status) return bad(L);
   int http11 = s[5] == '1' && s[7] == '1';
-  frame_fields_t ff = {{NULL, NULL, NULL}, {0, 0, 0}, 0};
-  if (header_lines(L, 0, 0, line, stop, strict, &ff) < 0) return bad(L);
   if (ff.complex) {           /* the table now, and framing from its joined values */
     lua_createtable(L, 0, 8); /* 6 */
     lua_pushnil(L);           /* 7: the last field's name */
-    header_lines(L, 6, 7, line, stop, strict, NULL);
+    scan_head(L, 6, 7, s, buf + len, &hd, NULL);
     lua_pop(L, 1);
     fields_from_table(L, 6, &ff);
   } else {
@@ -411,7 +400,7 @@ static int l_parse_head(lua_State *L) {
   }
   lua_pushinteger(L, status);
   lua_replace(L, 3); /* status, reason, version, headers */
-  lua_pushinteger(L, (lua_Integer)(after - buf) + 1);
+  lua_pushinteger(L, (lua_Integer)(hd.after - buf) + 1);
   if (!framing(L, &ff, status, http11, head)) return bad(L);
   return 9;
 }
@@ -424,15 +413,11 @@ static int l_headers(lua_State *L) {
   size_t len;
   const char *buf = luaL_checklstring(L, 1, &len);
   size_t pos = check_pos(L, 2, len);
-  const char *s = buf + pos, *stop, *after, *le;
-  int strict;
-  if (!head_end(s, buf + len, &stop, &after, &strict)) return bad(L);
-  const char *line = head_line(s, stop, strict, &le);
-  if (!line) return bad(L);
+  head_spans_t hd;
   lua_settop(L, 2);
   lua_createtable(L, 0, 8); /* 3 */
   lua_pushnil(L);           /* 4 */
-  if (header_lines(L, 3, 4, line, stop, strict, NULL) < 0) return bad(L);
+  if (scan_head(L, 3, 4, buf + pos, buf + len, &hd, NULL) != 1) return bad(L);
   lua_pop(L, 1);
   return 1;
 }
