@@ -28,7 +28,12 @@
  *    NULL as nil, the arrays of these and of text-like types as tables (a NULL element as
  *    moonlet.pg.null), everything else (text, varchar, json, dates, ...) as its text. int8 and
  *    numeric come as their text instead when the connection's big_numbers mode (B_*) says so:
- *    always, or only when a double would lose a digit of them.
+ *    always, or only when a double would lose a digit of them. A connection made with a JSON
+ *    decoder (the pool's json option: moonlet.json.decode, pinned by a registry ref until the
+ *    connection closes) gives it json and jsonb values and the elements of json[] and jsonb[]; the
+ *    columns it applies to are found once per result (mlua_pg_json_type), so one without pays
+ *    no test per value (one per array element). A value the decoder refuses makes the query's
+ *    answer nil, err.
  * 6. Parameters go in text format, except a string holding a NUL or bytes that are not UTF-8:
  *    that one goes in binary format (its bytes as they are), so that bytea gets them whole and
  *    text gets the server's encoding error instead of a string cut at the NUL. A parameter that
@@ -89,6 +94,7 @@ struct pgc_s {
   int ref;     /* registry ref: the box, pinned while connecting */
   int state;   /* S_* */
   int big;     /* B_* (rule 5) */
+  int json;    /* registry ref of the JSON decoder (rule 5), or LUA_NOREF: json as its text */
   int linked, closed;
   mlua_task_t *task;     /* the waiter (rule 2) */
   int wait;              /* W_* of the waiter */
@@ -208,6 +214,8 @@ static void pgc_close(pgc_t *c) {
   if (c->closed) return;
   c->closed = 1;
   unpin(c);
+  if (c->json != LUA_NOREF) luaL_unref(c->m->L, LUA_REGISTRYINDEX, c->json);
+  c->json = LUA_NOREF;
   if (c->box) *c->box = NULL;
   c->box = NULL;
   if (c->linked) mlua_res_unlink(c->m, &c->res);
@@ -318,27 +326,40 @@ static void start_drain(pgc_t *c) {
 
 /* -- Results ---------------------------------------------------------------------------------- */
 
+/* The type column f of res is decoded as: its OID, or the pseudo type of a JSON column when the
+ * connection decodes JSON (pg_value.h). */
+static unsigned column_type(const PGresult *res, int f, int json) {
+  Oid t = PQftype(res, f);
+  return json ? mlua_pg_json_type(t) : t;
+}
+
 /* Pushes rows (an array of name = value tables), the affected row count and the command tag
- * ("COMMIT", or "ROLLBACK" when the server rolled an aborted transaction back instead). */
-static int push_rows(lua_State *L, const PGresult *res, int big) {
+ * ("COMMIT", or "ROLLBACK" when the server rolled an aborted transaction back instead). Raises
+ * when the JSON decoder (json: its registry ref, or LUA_NOREF) refuses a value (pg_value.h). */
+static int push_rows(lua_State *L, const PGresult *res, int big, int json) {
   int nrows = res ? PQntuples(res) : 0, nf = res ? PQnfields(res) : 0;
   lua_checkstack(L, nf + 8 + LUA_MINSTACK); /* a bytea's luaL_Buffer takes a few slots */
   lua_createtable(L, nrows, 0);
   int rows = lua_gettop(L);
-  Oid types[64];
+  int decode = json != LUA_NOREF && nrows > 0;
+  unsigned types[64];
   for (int f = 0; f < nf; f++) {
     lua_pushstring(L, PQfname(res, f));
-    if (f < 64) types[f] = PQftype(res, f);
+    if (f < 64) types[f] = column_type(res, f, decode);
   }
   lua_pushnil(L); /* the arrays' scratch (pg_value.h), made when an element needs it */
-  mlua_pg_scratch_t scratch = {lua_gettop(L), NULL, 0};
+  mlua_pg_decode_t d = {big, 0, {lua_gettop(L), NULL, 0}};
+  if (decode) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, json);
+    d.json = lua_gettop(L);
+  }
   for (int r = 0; r < nrows; r++) {
     lua_createtable(L, 0, nf);
     for (int f = 0; f < nf; f++) {
       if (PQgetisnull(res, r, f)) continue;
       lua_pushvalue(L, rows + 1 + f);
       mlua_pg_push_value(L, PQgetvalue(res, r, f), (size_t)PQgetlength(res, r, f),
-                         f < 64 ? types[f] : PQftype(res, f), big, &scratch);
+                         f < 64 ? types[f] : column_type(res, f, decode), &d);
       lua_rawset(L, -3);
     }
     lua_rawseti(L, rows, r + 1);
@@ -463,7 +484,7 @@ static int push_answer(lua_State *L, void *ud) {
   if (c->timed_out) return mlua_push_error(L, UV_ETIMEDOUT);
   if (c->error) return push_result_error(L, c->error);
   if (c->mode == Q_DESCRIBE) return push_formats(L, c->result);
-  return push_rows(L, c->result, c->big);
+  return push_rows(L, c->result, c->big, c->json);
 }
 
 /* Answers the query's waiter with how the query ended (the connection is idle or broken now). */
@@ -724,15 +745,17 @@ static void quiet_notice(void *arg, const char *message) {
   (void)message;
 }
 
-/* syntax: conn, err = core.pg_connect(conninfo, timeout, big_numbers) -- conninfo:
+/* syntax: conn, err = core.pg_connect(conninfo, timeout, big_numbers, json_decoder) -- conninfo:
  * "postgresql://..." or "host=... port=... dbname=..."; big_numbers: "number" (the default),
- * "string" or "auto" (rule 5) */
+ * "string" or "auto" (rule 5); json_decoder: nil (json as its text) or a function(text) that
+ * returns the value, or nil, err (moonlet.json.decode), given the json and jsonb values (rule 5) */
 static int l_connect(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   const char *info = luaL_checkstring(L, 1);
   int64_t ms = lua_isnoneornil(L, 2) ? 10000 : to_ms(L, 2);
   static const char *const bigs[] = {"number", "string", "auto", NULL};
   int big = luaL_checkoption(L, 3, "number", bigs);
+  if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TFUNCTION);
   mlua_task_t *t = mlua_task_current(L);
   mlua_check_yieldable(L, t);
   const char *why = ml_pq_load();
@@ -758,6 +781,11 @@ static int l_connect(lua_State *L) {
   c->m = m;
   c->conn = conn;
   c->big = big;
+  c->json = LUA_NOREF;
+  if (!lua_isnoneornil(L, 4)) {
+    lua_pushvalue(L, 4);
+    c->json = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
   c->fd = -1;
   c->ref = LUA_NOREF;
   c->state = S_CONNECTING;

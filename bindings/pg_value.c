@@ -11,6 +11,12 @@
  * or a space, or spells NULL in any case; an unquoted NULL (any case) is SQL NULL, which becomes
  * moonlet.pg.null (cjson.null, the NULL light userdata: a sequence cannot hold nil). Text that does
  * not parse as an array is pushed as it is, as before.
+ *
+ * json and jsonb come as their text unless the connection decodes JSON (the pool's json option):
+ * bindings/pg.c then maps those columns to the pseudo types T_JSON and T_JSON_ARRAY once per
+ * result, and each value (each element of a json[] or jsonb[], once unescaped) is given to the
+ * decoder, a Lua function (moonlet.json.decode) it keeps on the stack for the result. The decoder
+ * is the only Lua code that runs here; it does not yield.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -120,9 +126,13 @@ static void push_scalar(lua_State *L, const char *v, size_t len, unsigned type, 
 }
 
 /* The element type of the array types that come as tables, or 0 for the others (their text). The
- * text-like elements (25) come as their text, as their scalars do. */
+ * text-like elements (25) come as their text, as their scalars do. T_JSON is here too (its own
+ * "element"), so that mlua_pg_push_value finds it in the branch arrays take, with no test of its
+ * own for the other scalars. */
 static unsigned array_elem(unsigned type) {
   switch (type) {
+  case T_JSON:
+  case T_JSON_ARRAY: return T_JSON;
   case 1000: return 16;   /* bool[] */
   case 1001: return 17;   /* bytea[] */
   case 1005: return 21;   /* int2[] */
@@ -148,6 +158,26 @@ static unsigned array_elem(unsigned type) {
   }
 }
 
+unsigned mlua_pg_json_type(unsigned type) {
+  if (type == 114 || type == 3802) return T_JSON;       /* json, jsonb */
+  if (type == 199 || type == 3807) return T_JSON_ARRAY; /* json[], jsonb[] */
+  return type;
+}
+
+/* Pushes what the decoder at slot d->json makes of the JSON text v[0..len); raises "cannot decode
+ * json: " and its message when it refuses the text (it returns nil, err: cjson.safe). */
+static void push_json(lua_State *L, const char *v, size_t len, mlua_pg_decode_t *d) {
+  lua_pushvalue(L, d->json);
+  lua_pushlstring(L, v, len);
+  lua_call(L, 1, 2);
+  if (lua_isnil(L, -2)) {
+    const char *err = lua_tostring(L, -1);
+    lua_pushfstring(L, "cannot decode json: %s", err ? err : "?");
+    lua_error(L);
+  }
+  lua_pop(L, 1);
+}
+
 /* The scratch, at least `need` bytes (pg_value.h). */
 static char *scratch(lua_State *L, mlua_pg_scratch_t *s, size_t need) {
   if (need > s->cap) {
@@ -162,7 +192,7 @@ static char *scratch(lua_State *L, mlua_pg_scratch_t *s, size_t need) {
 /* Pushes the array element that starts at p (before end) and returns what follows it (past its
  * closing quote when quoted); NULL, pushing nothing, when there is no element there. */
 static const char *push_element(lua_State *L, const char *p, const char *end, unsigned elem,
-                                int big, mlua_pg_scratch_t *s) {
+                                mlua_pg_decode_t *d) {
   int quoted = *p == '"', escaped = 0;
   if (quoted) p++;
   const char *start = p;
@@ -186,7 +216,7 @@ static const char *push_element(lua_State *L, const char *p, const char *end, un
   }
   const char *v = start;
   if (escaped) { /* every \ in [start, p) has the character it escapes there too */
-    char *b = scratch(L, s, n + 1);
+    char *b = scratch(L, &d->scratch, n + 1);
     size_t k = 0;
     for (const char *q = start; q < p; q++) {
       if (*q == '\\') q++;
@@ -196,15 +226,17 @@ static const char *push_element(lua_State *L, const char *p, const char *end, un
     v = b;
     n = k;
   }
-  push_scalar(L, v, n, elem, big);
+  if (elem == T_JSON)
+    push_json(L, v, n, d);
+  else
+    push_scalar(L, v, n, elem, d->big);
   return quoted ? p + 1 : p;
 }
 
 /* Pushes the array whose text is v[0..len) as a table of its elements (nested ones for more
  * dimensions); returns 0, pushing nothing, when v is not an array's text. One pass, each element
  * appended to its level's table: linear in len. */
-static int push_array(lua_State *L, const char *v, size_t len, unsigned elem, int big,
-                      mlua_pg_scratch_t *s) {
+static int push_array(lua_State *L, const char *v, size_t len, unsigned elem, mlua_pg_decode_t *d) {
   const char *p = v, *end = v + len;
   if (p < end && *p == '[') { /* "[0:2]={...}": the bounds are dropped */
     const char *eq = memchr(p, '=', len);
@@ -224,7 +256,7 @@ static int push_array(lua_State *L, const char *v, size_t len, unsigned elem, in
       p++;
       item = p == end || *p != '}'; /* "{}": empty */
     } else if (item) {
-      p = push_element(L, p, end, elem, big, s);
+      p = push_element(L, p, end, elem, d);
       if (!p) break;
       lua_rawseti(L, -2, ++count[depth - 1]);
       item = 0;
@@ -246,9 +278,15 @@ static int push_array(lua_State *L, const char *v, size_t len, unsigned elem, in
   return 0;
 }
 
-void mlua_pg_push_value(lua_State *L, const char *v, size_t len, unsigned type, int big,
-                        mlua_pg_scratch_t *s) {
+void mlua_pg_push_value(lua_State *L, const char *v, size_t len, unsigned type,
+                        mlua_pg_decode_t *d) {
   unsigned elem = array_elem(type);
-  if (elem && push_array(L, v, len, elem, big, s)) return;
-  push_scalar(L, v, len, type, big);
+  if (elem) {
+    if (type == T_JSON) {
+      push_json(L, v, len, d);
+      return;
+    }
+    if (push_array(L, v, len, elem, d)) return;
+  }
+  push_scalar(L, v, len, type, d->big);
 }

@@ -1,7 +1,8 @@
 -- spec/pg_spec.lua: moonlet.pg against a private PostgreSQL server (initdb in a temporary
 -- directory, a free loopback port): typed results, errors, transactions, the pool's limits,
 -- cancellation and timeouts that stop the query on the server, reconnecting after a restart,
--- many tasks at once, LISTEN/NOTIFY, and that nothing is left behind.
+-- many tasks at once, LISTEN/NOTIFY, json and jsonb as text or (the json option) as Lua values,
+-- and that nothing is left behind.
 local moonlet = require "moonlet"
 local core = require "moonlet.core"
 local test = require "moonlet.test"
@@ -771,6 +772,170 @@ describe("moonlet.pg", function()
         -- the pool opens a new connection for the next call
         assert.same({ { one = 1 } }, db:query("SELECT 1 AS one"))
         assert.same({ open = 1, idle = 1, waiting = 0, size = 1 }, db:stats())
+    end)
+
+    -- -- JSON: the json option ------------------------------------------------------------------
+
+    it("keeps json and jsonb values and arrays as their text by default (json = false too)", function()
+        local sql = [[SELECT '{"a": [1, null]}'::json AS j, '{"a": [1, null]}'::jsonb AS jb,
+            'null'::jsonb AS jn, ARRAY['{"x": 1}'::jsonb, NULL] AS ja, ARRAY['1'::json] AS jj]]
+        local want = { { j = '{"a": [1, null]}', jb = '{"a": [1, null]}', jn = "null",
+                         ja = [[{"{\"x\": 1}",NULL}]], jj = "{1}" } }
+        assert.same(want, pool({ size = 1 }):query(sql))
+        assert.same(want, pool({ size = 1, json = false }):query(sql))
+    end)
+
+    it("decodes json and jsonb columns into Lua values with json = true: objects, arrays, nested",
+       function()
+        local db = pool({ size = 1, json = true })
+        assert.same({ { o = { a = 1, b = "two", c = true, d = false },
+                        a = { 1, 2.5, -3e3, "x", { 4, { 5 } } },
+                        n = { user = { name = "ann", tags = { "a", "b" }, address = { zip = "75001" } },
+                              list = { { id = 1 }, { id = 2 } } },
+                        s = "just a string", num = 42, t = true, e = {}, eo = {}, txt = "[1]" } },
+                    db:query([=[SELECT '{"a": 1, "b": "two", "c": true, "d": false}'::json AS o,
+                        '[1, 2.5, -3e3, "x", [4, [5]]]'::jsonb AS a,
+                        '{"user": {"name": "ann", "tags": ["a", "b"], "address": {"zip": "75001"}},
+                          "list": [{"id": 1}, {"id": 2}]}'::jsonb AS n,
+                        '"just a string"'::json AS s, '42'::jsonb AS num, 'true'::json AS t,
+                        '[]'::json AS e, '{}'::jsonb AS eo, '[1]'::text AS txt]=]))
+        -- a table column, read back through a prepared statement
+        assert(db:exec("DROP TABLE IF EXISTS docs; CREATE TABLE docs(id int, j json, jb jsonb)"))
+        assert(db:exec([[INSERT INTO docs VALUES (1, '{"k": [1, {"z": null}]}', '{"k": [1, {"z": null}]}')]]))
+        local row = assert(db:query("SELECT j, jb FROM docs WHERE id = $1", 1))[1]
+        assert.same({ k = { 1, { z = pg.null } } }, row.j)
+        assert.same(row.j, row.jb)
+    end)
+
+    it("gives JSON null as moonlet.pg.null and SQL NULL as nil", function()
+        local db = pool({ size = 1, json = true })
+        local r = assert(db:query([[SELECT 'null'::json AS jn, 'null'::jsonb AS jbn, NULL::json AS sn,
+            NULL::jsonb AS sbn, '{"a": null, "b": [null, 1]}'::jsonb AS inner_null]]))[1]
+        assert.equal(pg.null, r.jn)
+        assert.equal(pg.null, r.jbn)
+        assert.is_nil(r.sn)
+        assert.is_nil(r.sbn)
+        assert.same({ a = pg.null, b = { pg.null, 1 } }, r.inner_null)
+        assert.equal(require("moonlet.json").null, r.jn)
+    end)
+
+    it("decodes json as written and jsonb as the server normalized it", function()
+        local db = pool({ size = 1, json = true })
+        -- json keeps its text (spaces, key order, a duplicate key: the decoder keeps the last);
+        -- jsonb keeps the last duplicate too: both give the same Lua value
+        local r = assert(db:query([[SELECT '{ "b" : 1,  "a" : [ 1 , 2 ], "b": 3 }'::json AS j,
+            '{ "b" : 1,  "a" : [ 1 , 2 ], "b": 3 }'::jsonb AS jb,
+            '{ "b" : 1,  "a" : [ 1 , 2 ], "b": 3 }'::jsonb::text AS jb_text]]))[1]
+        assert.same({ a = { 1, 2 }, b = 3 }, r.j)
+        assert.same({ a = { 1, 2 }, b = 3 }, r.jb)
+        assert.equal('{"a": [1, 2], "b": 3}', r.jb_text) -- a cast to text still gives the text
+        -- numbers are doubles, as moonlet.json's: big_numbers does not reach inside a document
+        local n = assert(pool({ size = 1, json = true, big_numbers = "string" }):query(
+            [[SELECT '{"big": 9007199254740993, "d": 0.5}'::jsonb AS j, 7::int8 AS i]]))[1]
+        assert.same({ j = { big = 9007199254740992, d = 0.5 }, i = "7" }, n)
+    end)
+
+    it("decodes json[] and jsonb[] into arrays of values, SQL NULL elements as moonlet.pg.null",
+       function()
+        local db = pool({ size = 1, json = true })
+        local r = assert(db:query([=[SELECT ARRAY['{"a": 1}'::json, NULL, 'null', '[1, "x"]'] AS j,
+            ARRAY['{"q": "a \"quoted\", {braced} \\ value"}'::jsonb, NULL, '"NULL"', '2'] AS jb,
+            ARRAY[ARRAY['1'::jsonb, '{"b": [2]}'], ARRAY[NULL, 'true']::jsonb[]] AS two_d,
+            '{}'::jsonb[] AS empty, '[0:1]={"1","\"x\""}'::json[] AS bounded,
+            NULL::jsonb[] AS absent]=]))[1]
+        assert.same({ { a = 1 }, pg.null, pg.null, { 1, "x" } }, r.j)
+        assert.same({ { q = 'a "quoted", {braced} \\ value' }, pg.null, "NULL", 2 }, r.jb)
+        assert.same({ { 1, { b = { 2 } } }, { pg.null, true } }, r.two_d)
+        assert.same({}, r.empty)
+        assert.same({ 1, "x" }, r.bounded)
+        assert.is_nil(r.absent)
+        -- other arrays are as they were
+        assert.same({ { i = { 1, pg.null }, t = { "{}" } } },
+                    db:query([[SELECT ARRAY[1, NULL] AS i, ARRAY['{}'::text] AS t]]))
+    end)
+
+    it("decodes unicode: escapes in json, UTF-8 as it is in jsonb", function()
+        local db = pool({ size = 1, json = true })
+        local r = assert(db:query([[SELECT
+            '{"s": "\u00e9\u20ac\ud83d\ude00", "e": "a\"b\\c\nd\/"}'::json AS j,
+            '{"s": "é€😀", "k€y": "ü"}'::jsonb AS jb, ARRAY['"ñ, {ø}"'::jsonb] AS ja]]))[1]
+        assert.same({ s = "\195\169\226\130\172\240\159\152\128", e = 'a"b\\c\nd/' }, r.j)
+        assert.same({ s = "\195\169\226\130\172\240\159\152\128", ["k\226\130\172y"] = "\195\188" }, r.jb)
+        assert.same({ "\195\177, {\195\184}" }, r.ja)
+    end)
+
+    it("decodes JSON inside a transaction and through prepared statements", function()
+        local db = pool({ size = 1, json = true })
+        assert(db:exec("DROP TABLE IF EXISTS jdocs; CREATE TABLE jdocs(id int, doc jsonb)"))
+        local got = { db:transaction(function(tx)
+            assert(tx:exec("INSERT INTO jdocs VALUES ($1, $2)", 1, '{"n": 1, "tags": ["a"]}'))
+            assert(tx:exec("INSERT INTO jdocs VALUES ($1, $2)", 2, '{"n": 2, "tags": []}'))
+            local rows = assert(tx:query("SELECT id, doc FROM jdocs WHERE id >= $1 ORDER BY id", 1))
+            return rows, tx:query("SELECT doc->'tags' AS tags FROM jdocs WHERE id = $1", 1)
+        end) }
+        assert.same({ { { id = 1, doc = { n = 1, tags = { "a" } } }, { id = 2, doc = { n = 2, tags = {} } } },
+                      { { tags = { "a" } } } }, got)
+        -- the same statement again: prepared once on the connection, decoded every time
+        local sql = "SELECT doc FROM jdocs WHERE id = $1"
+        for id = 1, 2 do
+            assert.same({ { doc = { n = id, tags = id == 1 and { "a" } or {} } } }, db:query(sql, id))
+        end
+        assert.same({ { doc = { n = 1, tags = { "a" } } } }, db:query(sql, 1))
+        assert.same({ { n = 1 } }, db:query(
+            "SELECT count(*)::int AS n FROM pg_prepared_statements WHERE statement = $1", sql))
+    end)
+
+    it("answers nil, err for a value the decoder refuses (deeper than 1000), and goes on", function()
+        local db = pool({ size = 1, json = true })
+        local deep = "SELECT (repeat('[', 1001) || repeat(']', 1001))::jsonb AS deep"
+        local rows, err, code = db:query(deep)
+        assert.is_nil(rows)
+        assert.equal("cannot decode json: ", err:sub(1, 20))
+        assert.is_nil(code)
+        assert.same({ nil, err }, { db:query(
+            "SELECT ARRAY[(repeat('[', 1001) || repeat(']', 1001))::json] AS deep") })
+        -- the statement ran: its text is there with a cast, and the connection serves the next call
+        assert.equal(2002, #db:query("SELECT (" .. deep:sub(8, -9) .. ")::text AS t")[1].t)
+        local v, depth = db:query("SELECT (repeat('[', 1000) || repeat(']', 1000))::jsonb AS ok")[1].ok, 0
+        while type(v) == "table" do v, depth = v[1], depth + 1 end
+        assert.equal(1000, depth) -- 1000 levels decode
+        -- inside a transaction: the call's nil, err; the transaction commits what it did
+        assert(db:exec("DROP TABLE IF EXISTS jd; CREATE TABLE jd(x int)"))
+        local res = { db:transaction(function(tx)
+            assert(tx:exec("INSERT INTO jd VALUES (1)"))
+            local r, e = tx:query(deep)
+            assert.is_nil(r)
+            return e
+        end) }
+        assert.same({ err }, res)
+        assert.same({ { n = 1 } }, db:query("SELECT count(*)::int AS n FROM jd"))
+        assert.same({ open = 1, idle = 1, waiting = 0, size = 1 }, db:stats())
+    end)
+
+    it("sends moonlet.pg.json(value) as JSON text; a plain table is still an array", function()
+        local db = pool({ size = 1, json = true })
+        local doc = { name = 'q"uo\\te', list = { 1, 2, { x = pg.null } }, ["é"] = "ü" }
+        assert.same({ { d = doc, t = { "a", "b" } } },
+                    db:query("SELECT $1::jsonb AS d, $2::text[] AS t", pg.json(doc), { "a", "b" }))
+        -- as elements of a jsonb[] parameter, beside SQL NULL
+        assert.same({ { a = { { 1 }, pg.null, "x,}", pg.null } } },
+                    db:query("SELECT $1::jsonb[] AS a", { pg.json({ 1 }), pg.null, pg.json("x,}"),
+                                                          pg.json(pg.null) }))
+        -- JSON null is not SQL NULL
+        assert.same({ { is_null = false, j = pg.null } },
+                    db:query("SELECT $1::json IS NULL AS is_null, $1::json AS j", pg.json(pg.null)))
+        -- without the option, the text comes back
+        assert.same({ { d = '{"k": [1]}' } },
+                    pool({ size = 1 }):query("SELECT $1::jsonb AS d", pg.json({ k = { 1 } })))
+    end)
+
+    it("raises for a json option or a pg.json value it cannot use", function()
+        assert.has_error(function() pg.pool({ url = srv.url, json = "yes" }) end,
+                         "moonlet.pg.pool: json must be true or false")
+        assert.has_error(function() pg.json(nil) end,
+                         "moonlet.pg.json: expected a value (moonlet.pg.null for JSON null)")
+        local db = pool({ size = 1 })
+        assert.has_error(function() db:query("SELECT $1::json", pg.json({ f = print })) end)
     end)
 
     it("serves 200 tasks hammering one pool of 10", function()

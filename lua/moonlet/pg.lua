@@ -8,6 +8,10 @@
 -- straight to the first of them. A connection whose query was cancelled drains in C (the server
 -- is asked to cancel) and is waited for before its next use; one the server closed (a restart)
 -- is noticed while idle (or when acquire probes it) and replaced; a call is never sent twice.
+--
+-- JSON: with the pool's json option each connection is made with moonlet.json.decode, which C
+-- (bindings/pg_value.c) gives the json and jsonb values of results; pg.json(v) marks a parameter
+-- to send as JSON text (encoded here, with moonlet.json.encode), alone or as an array element.
 local core = require "moonlet.core"
 local task = require "moonlet.task"
 
@@ -22,9 +26,29 @@ local error, pcall, select, setmetatable, type, unpack, tostring = error, pcall,
 local remove, concat = table.remove, table.concat
 local byte, format, gsub = string.byte, string.format, string.gsub
 local floor, huge, tonumber = math.floor, math.huge, tonumber
-local null = require("moonlet.json").null
+local json = require "moonlet.json"
+local null, json_decode, json_encode = json.null, json.decode, json.encode
+local getmetatable = getmetatable
 
 local _M = { _VERSION = "0.1.0", null = null }
+
+-- A parameter marked by pg.json: { value }, sent as the JSON text of value.
+local json_param_mt = { __name = "moonlet.pg.json" }
+
+-- syntax: p = moonlet.pg.json(value) -- a parameter sent as value's JSON text (moonlet.json.encode),
+-- for a json or jsonb parameter (or an element of a json[] or jsonb[] one); a table passed as it is
+-- stays a PostgreSQL array
+function _M.json(value)
+    if value == nil then error("moonlet.pg.json: expected a value (moonlet.pg.null for JSON null)", 2) end
+    return setmetatable({ value }, json_param_mt)
+end
+
+-- The JSON text of a pg.json parameter; raises (misuse) when moonlet.json.encode refuses it.
+local function json_text(p)
+    local s, err = json_encode(p[1])
+    if not s then error("moonlet.pg.json: cannot encode the parameter: " .. tostring(err), 0) end
+    return s
+end
 
 local MAX_PREPARED = 256 -- statements prepared per connection; more run unprepared
 
@@ -40,7 +64,8 @@ end
 -- -- One connection: { c = core connection, stmts = { [sql] = { name, formats } }, nstmts }
 
 local function conn_open(pool)
-    local c, err = check(c_connect(pool.url, pool.connect_timeout, pool.big_numbers))
+    local c, err = check(c_connect(pool.url, pool.connect_timeout, pool.big_numbers,
+                                   pool.json and json_decode or nil))
     if not c then return nil, err end
     return { c = c, stmts = {}, nstmts = 0, pool = pool }
 end
@@ -56,8 +81,8 @@ local function hex_byte(c) return format("%02x", byte(c)) end
 
 -- Appends the array literal of t to out: elements quoted with their " and \ escaped (so commas,
 -- braces, quotes, backslashes, "NULL" and "" stay what they are), null (moonlet.pg.null) as
--- NULL, nested tables as sub-arrays; for a bytea[] parameter a string is its bytes in hex
--- ("\x00ff"), so every byte goes through whatever it holds.
+-- NULL, nested tables as sub-arrays, a pg.json value as its JSON text; for a bytea[] parameter a
+-- string is its bytes in hex ("\x00ff"), so every byte goes through whatever it holds.
 local function write_array(out, t, bytea, depth)
     if depth > 6 then error("moonlet.pg: an array parameter nested deeper than 6", 0) end
     out[#out + 1] = "{"
@@ -73,6 +98,8 @@ local function write_array(out, t, bytea, depth)
         local tv = type(v)
         if v == null then
             out[#out + 1] = "NULL"
+        elseif tv == "table" and getmetatable(v) == json_param_mt then
+            out[#out + 1] = '"' .. gsub(json_text(v), '[\\"]', "\\%0") .. '"'
         elseif tv == "table" then
             write_array(out, v, bytea, depth + 1)
         elseif tv == "string" then
@@ -102,13 +129,15 @@ local function write_array(out, t, bytea, depth)
     out[#out + 1] = "}"
 end
 
--- The parameters with each table written as an array literal; formats (core.pg_describe's)
--- says which are bytea[] ("a").
+-- The parameters with each table written as an array literal (a pg.json one as its JSON text);
+-- formats (core.pg_describe's) says which are bytea[] ("a").
 local function arrays(formats, ...)
     local args = pack(...)
     for i = 1, args.n do
         local v = args[i]
-        if type(v) == "table" and v ~= null then
+        if type(v) == "table" and getmetatable(v) == json_param_mt then
+            args[i] = json_text(v)
+        elseif type(v) == "table" and v ~= null then
             local out = {}
             write_array(out, v, formats and byte(formats, i) == 97, 1)
             args[i] = concat(out)
@@ -119,7 +148,7 @@ local function arrays(formats, ...)
     return unpack(args, 1, args.n)
 end
 
--- Has any of the parameters a table (an array, or moonlet.pg.null)?
+-- Has any of the parameters a table (an array, a pg.json value, or moonlet.pg.null)?
 local function has_table(...)
     for i = 1, select("#", ...) do
         if type((select(i, ...))) == "table" then return true end
@@ -214,7 +243,8 @@ end
 -- timeout (seconds a query may run before it is cancelled on the server, default 30; false: none),
 -- big_numbers (int8 and numeric values as "number", the default: beyond 2^53 or 15 digits they
 -- lose some; "string": always their text, every digit; "auto": their text only when a number
--- would lose a digit).
+-- would lose a digit), json (false, the default: json and jsonb values as their text; true: as
+-- the Lua values moonlet.json.decode makes of them, json[] and jsonb[] as tables of those).
 function _M.pool(opts)
     if type(opts) ~= "table" then error("moonlet.pg.pool: expected an options table", 2) end
     local url = opts.url or opts.conninfo
@@ -223,12 +253,15 @@ function _M.pool(opts)
     if big ~= "number" and big ~= "string" and big ~= "auto" then
         error('moonlet.pg.pool: big_numbers must be "number", "string" or "auto"', 2)
     end
+    if opts.json ~= nil and type(opts.json) ~= "boolean" then
+        error("moonlet.pg.pool: json must be true or false", 2)
+    end
     local timeout = opts.timeout
     if timeout == nil then timeout = 30 end
     return setmetatable({
         url = url, size = opts.size or 10, wait_timeout = opts.wait_timeout or 5,
         connect_timeout = opts.connect_timeout or 10, timeout = timeout or nil, big_numbers = big,
-        idle = {}, open = 0, waiters = {}, closed = false,
+        json = opts.json == true, idle = {}, open = 0, waiters = {}, closed = false,
     }, pool_mt)
 end
 
