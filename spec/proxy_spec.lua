@@ -733,6 +733,124 @@ describe("moonlet.proxy", function()
         assert.equal("203.0.113.9", h["x-real-ip"])
     end)
 
+    describe("several upstreams", function()
+        -- An upstream app answering its name to anything, counting the requests it had.
+        local function named(name)
+            local n = { count = 0 }
+            local app = moonlet.app()
+            app:any("/*", function()
+                n.count = n.count + 1
+                return name
+            end)
+            return "http://127.0.0.1:" .. test.serving(app), n
+        end
+        -- A raw upstream that counts its connections and closes each without an answer (after the
+        -- request head when had_request: it had the request).
+        local function closing(had_request)
+            local n = { count = 0 }
+            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    n.count = n.count + 1
+                    if had_request then
+                        repeat local line = sock:receive("*l") until not line or line == ""
+                    end
+                    sock:close()
+                end))
+            test.defer(function() server:close() end)
+            return "http://127.0.0.1:" .. server:port(), n
+        end
+        local function bodies(port, n, method, body)
+            local got = {}
+            for i = 1, n do
+                local resp = test.request(port, method or "GET", "/api/x", { body = body })
+                got[i] = resp.status .. " " .. resp.body
+            end
+            return got
+        end
+
+        it("takes them in turn", function()
+            local a = named("a")
+            local b = named("b")
+            local port = front({ upstream = { a, b }, strip_prefix = "/api" })
+            assert.same({ "200 a", "200 b", "200 a", "200 b" }, bodies(port, 4))
+        end)
+
+        it("goes on to the next after a failure and leaves the failed one out for fail_timeout", function()
+            local dead, seen = closing()
+            local b = named("b")
+            local port = front({ upstream = { dead, b }, fail_timeout = 0.3 })
+            assert.same({ "200 b", "200 b", "200 b", "200 b" }, bodies(port, 4))
+            assert.equal(1, seen.count) -- tried once, then left out
+            moonlet.sleep(0.35)
+            assert.same({ "200 b", "200 b" }, bodies(port, 2))
+            assert.equal(2, seen.count) -- tried again once fail_timeout had passed
+        end)
+
+        it("leaves one out after max_fails failures", function()
+            local dead, seen = closing()
+            local b = named("b")
+            local port = front({ upstream = { dead, b }, max_fails = 2 })
+            assert.same({ "200 b", "200 b", "200 b", "200 b", "200 b" }, bodies(port, 5))
+            assert.equal(2, seen.count)
+        end)
+
+        it("answers 502 when every one failed, then tries none until fail_timeout has passed", function()
+            local d1, s1 = closing()
+            local d2, s2 = closing()
+            local port = front({ upstream = { d1, d2 }, fail_timeout = 0.3 })
+            assert.same({ "502 502 Bad Gateway\n", "502 502 Bad Gateway\n" }, bodies(port, 2))
+            assert.same({ 1, 1 }, { s1.count, s2.count })
+            moonlet.sleep(0.35)
+            assert.same({ "502 502 Bad Gateway\n" }, bodies(port, 1))
+            assert.same({ 2, 2 }, { s1.count, s2.count })
+        end)
+
+        it("sends a POST that reached an upstream nowhere else; one refused goes on", function()
+            local got_it, seen = closing(true)
+            local b, nb = named("b")
+            local port = front({ upstream = { got_it, b } })
+            assert.same({ "502 502 Bad Gateway\n" }, bodies(port, 1, "POST", "data"))
+            assert.same({ 1, 0 }, { seen.count, nb.count })
+            port = front({ upstream = { "http://127.0.0.1:1", b } })
+            assert.same({ "200 b", "200 b" }, bodies(port, 2, "POST", "data"))
+            assert.equal(2, nb.count)
+        end)
+
+        it("tries no other with next_upstream = false", function()
+            local dead, seen = closing()
+            local b = named("b")
+            local port = front({ upstream = { dead, b }, next_upstream = false })
+            assert.same({ "502 502 Bad Gateway\n", "200 b", "200 b" }, bodies(port, 3))
+            assert.equal(1, seen.count)
+        end)
+
+        it("opens a WebSocket on the next upstream when one refuses the connection", function()
+            local app = moonlet.app()
+            app:websocket("/ws", function(ws)
+                for msg in ws:messages() do ws:send("up: " .. msg) end
+            end)
+            local up = test.serving(app)
+            local port = front({ upstream = { "http://127.0.0.1:1", "http://127.0.0.1:" .. up },
+                                 strip_prefix = "/api" })
+            for _ = 1, 2 do
+                local c = assert(moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/ws", { timeout = 5 }))
+                assert(c:send("hi"))
+                assert.equal("up: hi", (c:receive(5)))
+                c:close(1000)
+            end
+        end)
+
+        it("raises on a bad list or failure option", function()
+            assert.has_error(function() moonlet.proxy({ upstream = {} }) end)
+            assert.has_error(function() moonlet.proxy({ upstream = { "http://a", 5 } }) end)
+            assert.has_error(function() moonlet.proxy({ upstream = { "http://a", x = "http://b" } }) end)
+            assert.has_error(function() moonlet.proxy({ upstream = { "http://a", nil, "http://b" } }) end)
+            assert.has_error(function() moonlet.proxy({ upstream = "http://a", max_fails = -1 }) end)
+            assert.has_error(function() moonlet.proxy({ upstream = "http://a", max_fails = 1.5 }) end)
+            assert.has_error(function() moonlet.proxy({ upstream = "http://a", fail_timeout = 0 }) end)
+        end)
+    end)
+
     it("raises on misuse", function()
         assert.has_error(function() moonlet.proxy() end)
         assert.has_error(function() moonlet.proxy("ftp://127.0.0.1/") end)

@@ -17,6 +17,14 @@
 -- is a WebSocket of its own: pings, fragments, limits and the close handshake are its own; what
 -- crosses is whole messages and the close code and reason.
 --
+-- Several upstreams (upstream = { url, url, ... }, nginx's upstream block with its defaults) take
+-- the requests in turn (round robin). One that fails (no connection, an error or a timeout before
+-- its answer began) max_fails times within fail_timeout seconds is left out for fail_timeout
+-- seconds, and the request goes on to the next one when that is safe (nginx's proxy_next_upstream
+-- error timeout): a request whose body has not begun to go, and, for a method that is not
+-- idempotent, only when no connection was made (so the upstream saw nothing). With none left:
+-- 502, "no live upstreams". The peers' state is the handler's own (per process, per handler).
+--
 -- An answer's Location, Content-Location and Refresh under the upstream's URL are rewritten to
 -- the client's view of it (nginx's proxy_redirect default), Set-Cookie's Domain= and Path= only
 -- when asked (proxy_cookie_domain, proxy_cookie_path): lua/moonlet/proxy_rewrite.lua.
@@ -53,7 +61,17 @@ local OWN_RESPONSE = { date = true, server = true, ["content-length"] = true }
 
 local OPTIONS = { upstream = true, strip_prefix = true, timeout = true, headers = true,
                   preserve_host = true, websocket = true, redirect = true, cookie_domain = true,
-                  cookie_path = true, tls = true, real_ip = true }
+                  cookie_path = true, tls = true, real_ip = true, max_fails = true,
+                  fail_timeout = true, next_upstream = true }
+
+-- Methods a request of which may be sent again to the next upstream after any failure before the
+-- answer (RFC 9110 9.2.2); the others only when no connection was made.
+local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, TRACE = true, PUT = true,
+                     DELETE = true }
+
+-- The errors of a request that never reached an upstream (its connection was not made).
+local NOT_CONNECTED = { ["connection refused"] = true, ["not found"] = true,
+                        ["network unreachable"] = true, ["host unreachable"] = true }
 
 -- The options of `tls = { ... }`, for an https:// upstream (both the HTTP client's and ws.connect's).
 local TLS_OPTIONS = { cafile = "string", server_name = "string", verify = "boolean" }
@@ -155,13 +173,13 @@ local function upstream_headers(req, p)
     return out
 end
 
--- A response header's value as the client gets it (see the top of the file); prefix: the part of
--- the client's path that strip_prefix took off ("" when none).
-local function rewritten(p, req, prefix, name, value)
+-- A response header's value as the client gets it (see the top of the file); peer: the upstream
+-- that answered; prefix: the part of the client's path that strip_prefix took off ("" when none).
+local function rewritten(p, peer, req, prefix, name, value)
     if REDIRECT_HEADERS[name] and p.redirect then
         local host = req.host
         local client = host and (req.scheme or "http") .. "://" .. host .. prefix or prefix
-        return rewrite.redirect(name, value, p.up, client, p.redirect ~= "default" and p.redirect or nil)
+        return rewrite.redirect(name, value, peer.up, client, p.redirect ~= "default" and p.redirect or nil)
     elseif name == "set-cookie" and (p.cookie_domain or p.cookie_path) then
         return rewrite.cookies(value, p.cookie_domain, p.cookie_path)
     end
@@ -170,12 +188,12 @@ end
 
 -- Copies the upstream response's end-to-end headers onto res; returns its Content-Length (a
 -- number) when the body's size is known and framed by it alone.
-local function copy_headers(p, req, prefix, up, res)
+local function copy_headers(p, peer, req, prefix, up, res)
     local h = up.headers
     local listed = connection_tokens(h.connection)
     for name, value in pairs(h) do
         if not hop_by_hop(name, listed) and not OWN_RESPONSE[name] then
-            res:header(name, rewritten(p, req, prefix, name, value))
+            res:header(name, rewritten(p, peer, req, prefix, name, value))
         end
     end
     if h["transfer-encoding"] then return nil end
@@ -183,7 +201,7 @@ local function copy_headers(p, req, prefix, up, res)
     return cl and tonumber(cl) or nil
 end
 
-local core_running = core.running
+local core_running, core_now = core.running, core.now
 
 -- The body, piece by piece from the upstream to the client: nil at its end, or when the client
 -- went away (the upstream's connection is then closed); the error when the upstream broke off.
@@ -209,15 +227,15 @@ local function pump(up, res, first)
 end
 
 -- What the error log names a request by: "moonlet.proxy: GET /api/x -> http://127.0.0.1:9000" (made
--- only when there is something to log).
-local function what(p, req)
-    return "moonlet.proxy: " .. req.method .. " " .. req.target .. " -> " .. p.upstream
+-- only when there is something to log); peer: the upstream tried (nil when none was).
+local function what(peer, req)
+    return "moonlet.proxy: " .. req.method .. " " .. req.target .. " -> " .. (peer and peer.upstream or "")
 end
 
 -- The answer when the upstream could not be reached or did not answer: 504 for a timeout, else
 -- 502 (nginx's), with a line in the error log naming the upstream.
-local function fail(p, req, res, err)
-    log_error(what(p, req) .. ": " .. tostring(err))
+local function fail(peer, req, res, err)
+    log_error(what(peer, req) .. ": " .. tostring(err))
     res:type("text")
     if err == "timeout" or err == "response body: timeout" then
         res:status(504)
@@ -225,6 +243,80 @@ local function fail(p, req, res, err)
     end
     res:status(502)
     return "502 Bad Gateway\n"
+end
+
+-- -- Upstreams ---------------------------------------------------------------------------------
+-- p.peers: { upstream =, base =, ws_base =, up =, fails =, checked =, down_until = } each, taken in
+-- turn from p.rr. A peer is left out until down_until once it failed max_fails times with no more
+-- than fail_timeout seconds between one failure and the next; a success forgets its failures. A
+-- single upstream is never left out (nginx ignores max_fails for a lone server).
+
+-- The next peer in turn that is not left out at time t, or nil when every one is.
+local function pick(p, t)
+    local peers, n = p.peers, p.npeers
+    if n == 1 then return peers[1] end
+    for _ = 1, n do
+        local i = p.rr % n + 1
+        p.rr = i
+        local peer = peers[i]
+        if peer.down_until <= t then return peer end
+    end
+    return nil
+end
+
+local function failed(p, peer, t)
+    if p.npeers == 1 or p.max_fails == 0 then return end
+    if t - peer.checked > p.fail_timeout then peer.fails = 0 end
+    peer.fails = peer.fails + 1
+    peer.checked = t
+    if peer.fails >= p.max_fails then peer.down_until = t + p.fail_timeout end
+end
+
+local function succeeded(peer)
+    if peer.fails > 0 then peer.fails = 0 end
+end
+
+-- May a request that failed with err (before any answer) go on to the next upstream? started: its
+-- body began to go (a body is read once: it cannot be sent again).
+local function next_ok(p, method, err, started)
+    return p.next_upstream and not started and (IDEMPOTENT[method] or NOT_CONNECTED[err] or false)
+end
+
+-- The upstream's answer (stream = true) to the request sent to peer.base .. suffix: up, or nil, err.
+local function send(p, peer, method, suffix, headers, body)
+    local t = p.timeout
+    return http.request({
+        method = method, url = peer.base .. suffix, headers = headers, body = body, stream = true,
+        user_agent = false, connect_timeout = t, send_timeout = t, read_timeout = t,
+        tls = p.http_tls, verify = p.tls.verify,
+    })
+end
+
+-- With several upstreams: the answer of the first that gives one, in turn, each tried at most
+-- once; up, nil, peer or nil, err, peer (the last one tried; nil, "no live upstreams" when none was).
+local function send_next(p, req, method, suffix, headers, body)
+    local started = false
+    local b = body and function()
+        started = true
+        return body()
+    end
+    local err, peer
+    for _ = 1, p.npeers do
+        local cand = pick(p, core_now())
+        if not cand then break end
+        peer = cand
+        local up
+        up, err = send(p, peer, method, suffix, headers, b)
+        if up then
+            succeeded(peer)
+            return up, nil, peer
+        end
+        failed(p, peer, core_now())
+        if not next_ok(p, method, err, started) then return nil, err, peer end
+        log_error(what(peer, req) .. ": " .. tostring(err) .. " (trying the next upstream)")
+    end
+    if not peer then return nil, "no live upstreams", nil end
+    return nil, err, peer
 end
 
 -- Passes the messages of `from` on to `to`, each as it came (text or binary), waiting on each send
@@ -257,21 +349,22 @@ end
 -- as an HTTP answer's are, but the handshake's own (each leg makes its own) and Date and Server.
 -- A name that is not a token or a value with a control character but "\n" (between Set-Cookie
 -- lines) is dropped: ws.accept would raise on it with the upstream leg open.
-local function ws_headers_back(p, req, prefix, h)
+local function ws_headers_back(p, peer, req, prefix, h)
     local out = {}
     local listed = connection_tokens(h.connection)
     for name, value in pairs(h) do
         if not hop_by_hop(name, listed) and not OWN_RESPONSE[name] and sub(name, 1, 14) ~= "sec-websocket-"
            and match(name, "^[%w!#$%%&'*+.^_`|~-]+$") and not find(value, "[%z\1-\8\11-\31\127]") then
-            out[name] = rewritten(p, req, prefix, name, value)
+            out[name] = rewritten(p, peer, req, prefix, name, value)
         end
     end
     return out
 end
 
 -- A WebSocket handshake: the upstream leg first (502/504 when it cannot be had, the upstream's
--- status when it refused the handshake with a 4xx), then the client's, then the relays.
-local function handle_ws(p, req, res, url, prefix)
+-- status when it refused the handshake with a 4xx; with several upstreams, the next one after a
+-- failure), then the client's, then the relays. suffix: the path and query after the upstream's.
+local function handle_ws(p, req, res, suffix, prefix)
     local status, body, refused = ws.refusal(req)
     if status then return status, body, refused end
     local headers = upstream_headers(req, p)
@@ -284,21 +377,37 @@ local function handle_ws(p, req, res, url, prefix)
     end
     local o = p.websocket
     local tls = p.tls
-    local up, err = ws.connect(url, { -- (err: the 101's headers when up)
+    local wo = {
         cafile = tls.cafile, server_name = tls.server_name, verify = tls.verify, timeout = p.timeout,
         headers = headers, protocols = offered, max_message = o.max_message,
         ping_interval = o.ping_interval, idle_timeout = o.idle_timeout, close_timeout = o.close_timeout,
-    })
+    }
+    local up, err, peer, answered -- (err: the 101's headers when up)
+    for _ = 1, p.npeers do
+        local cand = pick(p, core_now())
+        if not cand then break end
+        peer = cand
+        up, err = ws.connect(peer.ws_base .. suffix, wo)
+        if up then
+            succeeded(peer)
+            break
+        end
+        answered = tonumber(match(err, "^handshake failed: status (4%d%d)$")) -- an answer, not a failure
+        if answered then break end
+        failed(p, peer, core_now())
+        if p.npeers == 1 or not next_ok(p, "GET", err, false) then break end
+        log_error(what(peer, req) .. ": " .. tostring(err) .. " (trying the next upstream)")
+    end
+    if not peer then return fail(nil, req, res, "no live upstreams") end
     if not up then
-        local st = tonumber(match(err, "^handshake failed: status (4%d%d)$"))
-        if not st then return fail(p, req, res, err) end
+        if not answered then return fail(peer, req, res, err) end
         res:type("text")
-        res:status(st)
-        return st .. " (the upstream's answer to the WebSocket handshake)\n"
+        res:status(answered)
+        return answered .. " (the upstream's answer to the WebSocket handshake)\n"
     end
     local chosen = up.protocol
     local down, st, b, h = ws.accept(req, {
-        protocols = function() return chosen end, headers = ws_headers_back(p, req, prefix, err),
+        protocols = function() return chosen end, headers = ws_headers_back(p, peer, req, prefix, err),
         max_message = o.max_message,
         ping_interval = o.ping_interval, idle_timeout = o.idle_timeout,
         close_timeout = o.close_timeout,
@@ -337,31 +446,32 @@ local function handle(p, req, res)
         end
     end
     local qs = req.query_string
-    local url = p.base .. path .. (qs and "?" .. qs or "")
+    local suffix = qs and path .. "?" .. qs or path
     local method = req.method
     local rh = req.headers
     local upgrade = rh.upgrade
     if upgrade and p.websocket and method == "GET" and find(lower(upgrade), "websocket", 1, true) then
-        return handle_ws(p, req, res, p.ws_base .. path .. (qs and "?" .. qs or ""), prefix)
+        return handle_ws(p, req, res, suffix, prefix)
     end
     local headers = upstream_headers(req, p)
     local body
     local cl, te = tonumber(rh["content-length"]), rh["transfer-encoding"]
     if (cl and cl > 0) or te then body = req:chunks() end
-    local t = p.timeout
-    local up, err = http.request({
-        method = method, url = url, headers = headers, body = body, stream = true,
-        user_agent = false, connect_timeout = t, send_timeout = t, read_timeout = t,
-        tls = p.http_tls, verify = p.tls.verify,
-    })
-    if not up then return fail(p, req, res, err) end
+    local up, err, peer
+    if p.npeers == 1 then -- (no loop on the usual path: LuaJIT's trace of the request goes on)
+        peer = p.peers[1]
+        up, err = send(p, peer, method, suffix, headers, body)
+    else
+        up, err, peer = send_next(p, req, method, suffix, headers, body)
+    end
+    if not up then return fail(peer, req, res, err) end
     local first -- (read before the head is copied: a body that fails at once is a 502 of its own)
     if method ~= "HEAD" then
         first, err = up:read()
-        if err then return fail(p, req, res, "response body: " .. err) end
+        if err then return fail(peer, req, res, "response body: " .. err) end
     end
     res:status(up.status)
-    local length = copy_headers(p, req, prefix, up, res)
+    local length = copy_headers(p, peer, req, prefix, up, res)
     if method == "HEAD" then -- no body; the upstream's length tells what a GET would get
         if length then res:header("Content-Length", length) end
         return ""
@@ -375,12 +485,13 @@ local function handle(p, req, res)
         error(e, 0)
     end
     if e then -- the upstream broke off mid-body: a stream left unfinished is closed by the server
-        log_error(what(p, req) .. ": response body: " .. e) -- (not ended as if whole); an abort raised
+        log_error(what(peer, req) .. ": response body: " .. e) -- (not ended as if whole); an abort raised
         error(abort(502), 0)                          -- once streaming is not logged again
     end
 end
 
--- syntax: handler = proxy.handler(upstream_url | { upstream =, strip_prefix =, timeout =,
+-- syntax: handler = proxy.handler(upstream_url | { upstream = url | { url, ... }, max_fails = 1,
+-- fail_timeout = 10, next_upstream = true, strip_prefix =, timeout =,
 -- headers =, preserve_host =, websocket = true | false | { max_message =, ping_interval =,
 -- idle_timeout =, close_timeout = }, redirect = true | false | { [from] = to },
 -- cookie_domain = { [from] = to }, cookie_path = { [from] = to }, tls = { cafile =, verify =,
@@ -393,11 +504,32 @@ function _M.handler(opts)
     for k in pairs(opts) do
         if not OPTIONS[k] then error("moonlet.proxy: unknown option " .. tostring(k), 2) end
     end
-    local upstream = opts.upstream
-    if type(upstream) ~= "string" or not match(upstream, "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]+[^?#]*$") then
-        error("moonlet.proxy: upstream must be an http:// or https:// URL without a query", 2)
+    local upstreams = opts.upstream
+    if type(upstreams) ~= "table" then upstreams = { upstreams } end
+    if upstreams[1] == nil then error("moonlet.proxy: upstream must list at least one URL", 2) end
+    local peers, n = {}, 0
+    for k, upstream in pairs(upstreams) do
+        n = n + 1
+        if type(k) ~= "number" then error("moonlet.proxy: upstream must be a URL or a list of URLs", 2) end
+        if type(upstream) ~= "string" or not match(upstream, "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]+[^?#]*$") then
+            error("moonlet.proxy: upstream must be an http:// or https:// URL without a query", 2)
+        end
+        if not http.parse_url(upstream) then error("moonlet.proxy: bad upstream URL " .. upstream, 2) end
+        local base = match(upstream, "^(.-)/*$")
+        peers[k] = { upstream = upstream, base = base, up = rewrite.upstream(base),
+                     ws_base = "ws" .. sub(base, 5), -- http://h → ws://h, https://h → wss://h
+                     fails = 0, checked = 0, down_until = 0 }
     end
-    if not http.parse_url(upstream) then error("moonlet.proxy: bad upstream URL " .. upstream, 2) end
+    for i = 1, n do -- (a list: keys 1 to n, no hole)
+        if not peers[i] then error("moonlet.proxy: upstream must be a URL or a list of URLs", 2) end
+    end
+    local max_fails, fail_timeout = opts.max_fails or 1, opts.fail_timeout or 10
+    if type(max_fails) ~= "number" or max_fails < 0 or max_fails % 1 ~= 0 then
+        error("moonlet.proxy: max_fails must be a whole number, 0 or more", 2)
+    end
+    if type(fail_timeout) ~= "number" or fail_timeout ~= fail_timeout or fail_timeout <= 0 then
+        error("moonlet.proxy: fail_timeout must be a number of seconds above 0", 2)
+    end
     local strip = opts.strip_prefix
     if strip ~= nil and (type(strip) ~= "string" or sub(strip, 1, 1) ~= "/") then
         error("moonlet.proxy: strip_prefix must be a path starting with /", 2)
@@ -436,12 +568,11 @@ function _M.handler(opts)
             error("moonlet.proxy: tls option " .. k .. " is a " .. TLS_OPTIONS[k], 2)
         end
     end
-    local base = match(upstream, "^(.-)/*$")
     local p = {
-        upstream = upstream, base = base, strip_prefix = strip ~= "" and strip or nil,
+        peers = peers, npeers = #peers, rr = 0, max_fails = max_fails, fail_timeout = fail_timeout,
+        next_upstream = opts.next_upstream ~= false, strip_prefix = strip ~= "" and strip or nil,
         timeout = t, headers = opts.headers, preserve_host = opts.preserve_host and true or false,
-        websocket = wso, ws_base = "ws" .. sub(base, 5), -- http://h → ws://h, https://h → wss://h
-        redirect = redirect, up = rewrite.upstream(base), cookie_domain = cdomain, cookie_path = cpath,
+        websocket = wso, redirect = redirect, cookie_domain = cdomain, cookie_path = cpath,
         tls = tls, http_tls = { cafile = tls.cafile, server_name = tls.server_name },
         real_ip = opts.real_ip and true or false,
     }
