@@ -3,7 +3,8 @@
 -- cannot send: hop-by-hop response headers). Covers the URL and headers sent on, bodies streamed
 -- both ways, status codes, 502 and 504, and that a client going away closes the upstream request;
 -- then WebSockets through it, against an upstream app:websocket (or a raw server that drops):
--- messages, headers, subprotocols, closes both ways, drops, failures, size and order.
+-- messages, headers, subprotocols, closes both ways, drops, failures, an upstream's refusal of the
+-- handshake passed on whole, size and order; and https:// upstreams (a CA, a client certificate).
 local moonlet = require "moonlet"
 local core = require "moonlet.core"
 local test = require "moonlet.test"
@@ -649,6 +650,68 @@ describe("moonlet.proxy", function()
             assert.equal(400, resp.status)
         end)
 
+        it("passes an upstream's refusal of the handshake on: status, end-to-end headers, body", function()
+            -- a raw upstream that answers each handshake otherwise than 101, its body in pieces:
+            -- chunked (with a trailer), by Content-Length, and to the close
+            local server
+            server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    local target = sock:receive("*l"):match("^GET (%S+)")
+                    repeat local line = sock:receive("*l") until not line or line == ""
+                    local head = "X-Hop: 1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: a=1; Path=/\r\n"
+                        .. "Set-Cookie: b=2\r\nLocation: http://127.0.0.1:" .. server:port()
+                        .. "/login?next=%2Fws\r\nContent-Type: text/plain\r\n"
+                        .. "WWW-Authenticate: Bearer realm=\"up\"\r\n"
+                    if target == "/chunked" then
+                        sock:send("HTTP/1.1 401 Unauthorized\r\nConnection: keep-alive, X-Hop\r\n" .. head
+                            .. "Transfer-Encoding: chunked\r\n\r\n6\r\nlog in\r\n")
+                        sock:send("7\r\n first\n\r\n0\r\nX-Trailer: t\r\n\r\n")
+                        sock:receive("*a") -- (a keep-alive answer: the proxy closes the connection)
+                    elseif target == "/length" then
+                        sock:send("HTTP/1.1 403 Forbidden\r\nConnection: X-Hop\r\n" .. head
+                            .. "Content-Length: 13\r\n\r\nnot ")
+                        sock:send("for you\n\n")
+                        sock:receive("*a")
+                    else
+                        sock:send("HTTP/1.1 404 Not Found\r\nConnection: close, X-Hop\r\n" .. head
+                            .. "\r\nno such ")
+                        sock:send("socket\n")
+                    end
+                    sock:close()
+                end))
+            test.defer(function() server:close() end)
+            local port = front({ upstream = "http://127.0.0.1:" .. server:port(), strip_prefix = "/api" })
+            for _, want in ipairs({ { "chunked", 401, "log in first\n" },
+                                    { "length", 403, "not for you\n\n" },
+                                    { "close", 404, "no such socket\n" } }) do
+                local sock = test.connect(port)
+                assert(sock:send(test.format_request("GET", "/api/" .. want[1], { headers = {
+                    Host = "front.example", Upgrade = "websocket", Connection = "Upgrade",
+                    ["Sec-WebSocket-Version"] = "13", ["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ==",
+                } })))
+                local head = read_head(sock)
+                local h = head.headers
+                assert.equal(want[2], head.status)
+                assert.same({ "a=1; Path=/", "b=2" }, h["set-cookie"]) -- each its own line
+                assert.same({ { "http://front.example/api/login?next=%2Fws" }, { 'Bearer realm="up"' },
+                              { "text/plain" } }, { h.location, h["www-authenticate"], h["content-type"] })
+                for _, name in ipairs({ "x-hop", "keep-alive", "upgrade", "transfer-encoding", "x-trailer",
+                                        "sec-websocket-accept" }) do
+                    assert.is_nil(h[name], name)
+                end
+                assert.same({ { tostring(#want[3]) }, 1, 1 }, { h["content-length"], #h.date, #h.server })
+                assert.equal(want[3], sock:receive(#want[3]))
+                sock:close()
+            end
+            -- moonlet.ws.connect tells the same answer
+            local c, err, answer = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/length",
+                                                      { timeout = 5 })
+            assert.same({ nil, "handshake failed: status 403" }, { c, err })
+            assert.same({ 403, "not for you\n\n", "text/plain", "a=1; Path=/\nb=2" },
+                        { answer.status, answer.body, answer.headers["content-type"],
+                          answer.headers["set-cookie"] })
+        end)
+
         it("answers 504 when the upstream does not finish the handshake within timeout", function()
             local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
                 function(sock) sock:receive("*a") end))
@@ -722,6 +785,46 @@ describe("moonlet.proxy", function()
         assert.equal("https /x", test.request(any, "GET", "/api/x").body)
     end)
 
+    it("presents tls.cert and tls.key to an upstream that requires a client certificate", function()
+        local certs = test.make_certs()
+        test.defer(function() test.remove_certs(certs) end)
+        local app = moonlet.app()
+        app:websocket("/ws", function(ws) for msg in ws:messages() do ws:send("up: " .. msg) end end)
+        app:get("/*any", function(req) return "client certificate " .. req.target end)
+        local up = test.serving(app, { tls = { cert = certs.cert, key = certs.key, client_ca = certs.ca,
+                                               verify_client = true } })
+        local function through(tls)
+            tls.cafile = certs.ca
+            local port = front({ upstream = "https://127.0.0.1:" .. up, strip_prefix = "/api", tls = tls })
+            local resp = test.request(port, "GET", "/api/x")
+            local c, err = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/ws", { timeout = 5 })
+            local echo = c and c:send("hi") and c:receive(5)
+            if c then c:close(1000) end
+            return { resp.status, resp.body, echo or err }
+        end
+        assert.same({ 200, "client certificate /x", "up: hi" },
+                    through({ cert = certs.client_cert, key = certs.client_key }))
+        -- none, or one of another CA: the upstream refuses the TLS handshake, 502 both ways
+        assert.same({ 502, "502 Bad Gateway\n", "handshake failed: status 502" }, through({}))
+        assert.same({ 502, "502 Bad Gateway\n", "handshake failed: status 502" },
+                    through({ cert = certs.other_client_cert, key = certs.other_client_key }))
+        -- a file that does not load: 502, and the log line names it
+        local lines, log = {}, core.log
+        core.log = function(level, msg) -- luacheck: ignore (the proxy logs through core.log)
+            lines[#lines + 1] = msg
+            return log(level, msg)
+        end
+        test.defer(function() core.log = log end) -- luacheck: ignore
+        local missing = certs.dir .. "/missing.pem"
+        assert.same({ 502, "502 Bad Gateway\n", "handshake failed: status 502" },
+                    through({ cert = missing, key = certs.client_key }))
+        core.log = log -- luacheck: ignore
+        assert.equal(2, #lines)
+        for _, line in ipairs(lines) do
+            assert.truthy(line:find("tls: cannot load certificate (" .. missing .. ")", 1, true), line)
+        end
+    end)
+
     it("sets X-Real-IP to req.ip with real_ip, else passes the client's on", function()
         local base = upstream()
         local port = front({ upstream = base, real_ip = true })
@@ -745,7 +848,9 @@ describe("moonlet.proxy", function()
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", redirect = "default" }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", redirect = { ["/a"] = 1 } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", cookie_path = "/" }) end)
-        assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { cert = "c.pem" } }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { key = "c.key" } }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { cert = true } }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { alpn = "h2" } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { verify = "no" } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", cookie_domain = { a = 1 } }) end)
     end)

@@ -12,10 +12,14 @@
 -- A WebSocket opening handshake (GET, Upgrade: websocket) is not sent on as HTTP: the proxy opens
 -- a WebSocket of its own to the upstream (ws:// or wss://, same path and query, the client's
 -- end-to-end headers and subprotocols) with moonlet.ws.connect, and only when that succeeds
--- accepts the client's (with the subprotocol the upstream chose); then two relays pass messages
--- on, one per direction (this handler's task, client to upstream, and a task it spawns). Each leg
--- is a WebSocket of its own: pings, fragments, limits and the close handshake are its own; what
--- crosses is whole messages and the close code and reason.
+-- accepts the client's (with the subprotocol the upstream chose; an upstream that answers other
+-- than 101 has that answer, status, headers and body, passed on as any other); then two relays
+-- pass messages on, one per direction (this handler's task, client to upstream, and a task it
+-- spawns). Each leg is a WebSocket of its own: pings, fragments, limits and the close handshake
+-- are its own; what crosses is whole messages and the close code and reason.
+--
+-- An https:// upstream is checked against tls.cafile (or the system's CAs); tls.cert and tls.key
+-- present a client certificate to it (nginx's proxy_ssl_certificate), on both kinds of legs.
 --
 -- An answer's Location, Content-Location and Refresh under the upstream's URL are rewritten to
 -- the client's view of it (nginx's proxy_redirect default), Set-Cookie's Domain= and Path= only
@@ -33,6 +37,7 @@ local ws = require "moonlet.ws"
 local task = require "moonlet.task"
 local lift_deadline = require("moonlet.app").lift_deadline
 local rewrite = require "moonlet.proxy_rewrite"
+local tls_failure = require("moonlet.tcp").tls_failure
 
 local lower, find, sub, match, gmatch = string.lower, string.find, string.sub, string.match,
     string.gmatch
@@ -56,7 +61,10 @@ local OPTIONS = { upstream = true, strip_prefix = true, timeout = true, headers 
                   cookie_path = true, tls = true, real_ip = true }
 
 -- The options of `tls = { ... }`, for an https:// upstream (both the HTTP client's and ws.connect's).
-local TLS_OPTIONS = { cafile = "string", server_name = "string", verify = "boolean" }
+-- cert and key: a client certificate (nginx's proxy_ssl_certificate, proxy_ssl_certificate_key;
+-- cert alone: a PEM file that holds both).
+local TLS_OPTIONS = { cafile = "string", server_name = "string", verify = "boolean", cert = "string",
+                      key = "string" }
 
 -- The response headers proxy_rewrite.redirect reads.
 local REDIRECT_HEADERS = { location = true, ["content-location"] = true, refresh = true }
@@ -215,9 +223,10 @@ local function what(p, req)
 end
 
 -- The answer when the upstream could not be reached or did not answer: 504 for a timeout, else
--- 502 (nginx's), with a line in the error log naming the upstream.
+-- 502 (nginx's), with a line in the error log naming the upstream (and the file of tls that did
+-- not load: "tls: cannot load certificate (client.pem)").
 local function fail(p, req, res, err)
-    log_error(what(p, req) .. ": " .. tostring(err))
+    log_error(what(p, req) .. ": " .. tls_failure(err, p.tls))
     res:type("text")
     if err == "timeout" or err == "response body: timeout" then
         res:status(504)
@@ -270,7 +279,7 @@ local function ws_headers_back(p, req, prefix, h)
 end
 
 -- A WebSocket handshake: the upstream leg first (502/504 when it cannot be had, the upstream's
--- status when it refused the handshake with a 4xx), then the client's, then the relays.
+-- answer, headers and body, when it refused the handshake), then the client's, then the relays.
 local function handle_ws(p, req, res, url, prefix)
     local status, body, refused = ws.refusal(req)
     if status then return status, body, refused end
@@ -284,17 +293,19 @@ local function handle_ws(p, req, res, url, prefix)
     end
     local o = p.websocket
     local tls = p.tls
-    local up, err = ws.connect(url, { -- (err: the 101's headers when up)
-        cafile = tls.cafile, server_name = tls.server_name, verify = tls.verify, timeout = p.timeout,
+    local up, err, answer = ws.connect(url, { -- (err: the 101's headers when up)
+        cafile = tls.cafile, server_name = tls.server_name, verify = tls.verify, cert = tls.cert,
+        key = tls.key, timeout = p.timeout,
         headers = headers, protocols = offered, max_message = o.max_message,
         ping_interval = o.ping_interval, idle_timeout = o.idle_timeout, close_timeout = o.close_timeout,
     })
     if not up then
-        local st = tonumber(match(err, "^handshake failed: status (4%d%d)$"))
-        if not st then return fail(p, req, res, err) end
-        res:type("text")
-        res:status(st)
-        return st .. " (the upstream's answer to the WebSocket handshake)\n"
+        if not answer then return fail(p, req, res, err) end
+        -- the upstream said no (401, 403, 404, a redirect): its answer goes to the client as any
+        -- other response of it would, and the client's handshake is not accepted
+        res:status(answer.status)
+        copy_headers(p, req, prefix, answer, res)
+        return answer.body
     end
     local chosen = up.protocol
     local down, st, b, h = ws.accept(req, {
@@ -384,7 +395,8 @@ end
 -- headers =, preserve_host =, websocket = true | false | { max_message =, ping_interval =,
 -- idle_timeout =, close_timeout = }, redirect = true | false | { [from] = to },
 -- cookie_domain = { [from] = to }, cookie_path = { [from] = to }, tls = { cafile =, verify =,
--- server_name = }, real_ip = false }) -- raises on a bad option
+-- server_name =, cert =, key = }, real_ip = false }) -- raises on a bad option; a cert or key file
+-- that does not load is a 502 of each request, logged with the file's name (as a cafile's)
 function _M.handler(opts)
     if type(opts) == "string" then opts = { upstream = opts } end
     if type(opts) ~= "table" then
@@ -436,13 +448,15 @@ function _M.handler(opts)
             error("moonlet.proxy: tls option " .. k .. " is a " .. TLS_OPTIONS[k], 2)
         end
     end
+    if tls.key and not tls.cert then error("moonlet.proxy: tls option key needs cert", 2) end
     local base = match(upstream, "^(.-)/*$")
     local p = {
         upstream = upstream, base = base, strip_prefix = strip ~= "" and strip or nil,
         timeout = t, headers = opts.headers, preserve_host = opts.preserve_host and true or false,
         websocket = wso, ws_base = "ws" .. sub(base, 5), -- http://h → ws://h, https://h → wss://h
         redirect = redirect, up = rewrite.upstream(base), cookie_domain = cdomain, cookie_path = cpath,
-        tls = tls, http_tls = { cafile = tls.cafile, server_name = tls.server_name },
+        tls = tls, http_tls = { cafile = tls.cafile, server_name = tls.server_name, cert = tls.cert,
+                              key = tls.key },
         real_ip = opts.real_ip and true or false,
     }
     return function(req, res) return handle(p, req, res) end

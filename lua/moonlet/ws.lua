@@ -92,6 +92,11 @@ local function check_opts(opts, level)
     if opts.unix ~= nil and (type(opts.unix) ~= "string" or opts.unix == "" or str_find(opts.unix, "%z")) then
         error("moonlet.ws: option unix is a socket path", level)
     end
+    for _, k in ipairs({ "cafile", "cert", "key", "server_name" }) do
+        if opts[k] ~= nil and type(opts[k]) ~= "string" then
+            error("moonlet.ws: option " .. k .. " is a string", level)
+        end
+    end
     local hs = opts.headers
     if hs ~= nil and type(hs) ~= "table" and type(hs) ~= "function" then
         error("moonlet.ws: option headers is a table or a function", level)
@@ -122,9 +127,12 @@ end
 -- elsewhere (a URL's percent-decoded bytes, a file) before it goes into one
 _M.valid_utf8 = core.utf8_valid
 
--- syntax: ws, err = moonlet.ws.connect(url, { timeout = 2, headers = {...}, protocols = {...},
---   origin = "...", deflate = true, verify = true, cafile = path, max_message = bytes,
---   unix = "/run/app.sock", ... }) -- unix: over that Unix domain socket (the URL gives the Host)
+-- syntax: ws, err, answer = moonlet.ws.connect(url, { timeout = 2, headers = {...},
+--   protocols = {...}, origin = "...", deflate = true, verify = true, cafile = path, cert = path,
+--   key = path, max_message = bytes, unix = "/run/app.sock", ... }) -- unix: over that Unix domain
+--   socket (the URL gives the Host); cert, key: a client certificate for wss://. A server that
+--   answers the handshake with another status than 101: nil, "handshake failed: status 403" and
+--   answer = { status =, headers =, body = } (headers as a 101's; a body of 1 MiB at most)
 function _M.connect(url, opts)
     opts = check_opts(opts, 3)
     if type(url) ~= "string" then error("moonlet.ws.connect: expected a URL", 2) end
@@ -158,13 +166,13 @@ function _M.connect(url, opts)
     end
     local copts = {
         timeout = opts.timeout, tls = tls, verify = opts.verify, cafile = opts.cafile,
-        server_name = opts.server_name or host, deflate = opts.deflate,
+        cert = opts.cert, key = opts.key, server_name = opts.server_name or host, deflate = opts.deflate,
         max_message = opts.max_message, ping_interval = opts.ping_interval,
         idle_timeout = opts.idle_timeout, close_timeout = opts.close_timeout,
         fragment_size = opts.fragment_size, unix = opts.unix,
     }
-    local ud, headers = check(core.ws_connect(host, port, concat(lines, "\r\n") .. "\r\n", copts))
-    if not ud then return nil, headers end
+    local ud, headers, refusal = check(core.ws_connect(host, port, concat(lines, "\r\n") .. "\r\n", copts))
+    if not ud then return nil, headers, refusal end
     local proto = headers["sec-websocket-protocol"]
     if proto then
         local ok = false
