@@ -5,7 +5,8 @@
  * core/tls.c for wss:// (a client certificate too). Both sides share the frame code of core/ws.c,
  * the received-message queue, the waits, keep-alive and the close handshake. A client whose
  * handshake is answered without 101 reads that answer's body too (PH_REFUSED, bounded) and gives
- * the connecter the whole answer.
+ * the connecter the whole answer. core.ws_accept_raw makes a server-side ws in raw mode: the
+ * upgraded connection's bytes as they come, no frames (moonlet.proxy's upgrade tunnel).
  *
  * Ownership:
  * - A ws_t is C memory, counted by `refs`: one for the Lua box (dropped by __gc), one for the
@@ -126,6 +127,8 @@ struct ws_s {
   int linked; /* in m->resources */
   int dead;   /* moonlet_free: resume nobody */
   int client;
+  int raw; /* a raw upgraded connection (core.ws_accept's opts.raw): bytes, no frames, no close
+              handshake, no keep-alive; what is received comes as "binary" messages */
   /* server transport */
   ml_conn_t *c; /* NULL once gone */
   int phase;    /* PH_* (a server-side ws is PH_OPEN from the start) */
@@ -528,6 +531,7 @@ static void transport_close(ws_t *ws, int graceful) {
 static int write_frame(ws_t *ws, int fin, int rsv1, int opcode, const char *data, size_t n) {
   uint8_t head[14], mask[4];
   int r;
+  if (ws->raw) return opcode < 8 ? t_write(ws, data, n) : 0; /* (the bytes as they are) */
   if (ws->client) {
     if ((r = ml_ws_random(mask, 4)) < 0) return r;
     ws->obuf.len = 0;
@@ -843,8 +847,16 @@ static void ws_input(ws_t *ws, const char *data, size_t len) {
   ws->last_rx = uv_now(ws->m->loop);
   ws->pinged = 0;
   while (len > 0 && !ws->close_recv && !ws->failed && !ws->gone) {
-    ml_ws_event_t ev;
-    size_t used = ml_ws_parse(&ws->parser, data, len, &ev);
+    ml_ws_event_t ev = {0};
+    size_t used = len;
+    if (ws->raw) { /* every read is a message of its own */
+      ev.type = ML_WS_EV_MESSAGE;
+      ev.opcode = ML_WS_OP_BINARY;
+      ev.data = data;
+      ev.len = len;
+    } else {
+      used = ml_ws_parse(&ws->parser, data, len, &ev);
+    }
     data += used;
     len -= used;
     switch (ev.type) {
@@ -951,6 +963,11 @@ static void srv_on_shutdown(ml_conn_t *c, void *ud) {
     ws->close_code = ML_WS_CLOSE_GOING_AWAY;
     set_reason(ws, why, sizeof why - 1);
   }
+  if (ws->raw) { /* no close frame: the connection ends once its output is out */
+    ws->close_sent = 1;
+    transport_close(ws, 1);
+    return;
+  }
   send_close(ws, ML_WS_CLOSE_GOING_AWAY, why, sizeof why - 1);
 }
 
@@ -990,7 +1007,7 @@ static void ws_res_close(mlua_res_t *r) {
 static void read_settings(lua_State *L, int idx, ws_t *ws) {
   size_t max_message = ML_WS_MAX_MESSAGE_DEFAULT;
   double ping = 30, idle = 75, close_to = 3;
-  if (lua_istable(L, idx)) {
+  if (idx && lua_istable(L, idx)) { /* (idx 0: the defaults) */
     lua_getfield(L, idx, "max_message");
     if (!lua_isnil(L, -1)) max_message = (size_t)luaL_checknumber(L, -1);
     lua_getfield(L, idx, "ping_interval");
@@ -1116,6 +1133,36 @@ static int l_accept(lua_State *L) {
     lua_pushnil(L);
   ka_arm(ws);
   return 2;
+}
+
+/* syntax: conn = core.ws_accept_raw(x, header_lines) -- answers the request of exchange x with a
+ * 101 of header_lines (each "Name: value\r\n", Upgrade and Connection among them) and hands its
+ * connection over as a raw byte stream (another protocol than WebSocket: moonlet.proxy's upgrade
+ * tunnel). The object is a ws in raw mode: receive gives the bytes as they come ("binary"), send
+ * writes bytes (yielding while more than WQ_HIGH are unsent), close ends the connection once its
+ * output is out; no frames, pings or close handshake. nil, err when the exchange cannot upgrade. */
+static int l_accept_raw(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  size_t hlen;
+  const char *head = luaL_checklstring(L, 2, &hlen);
+  ws_t *ws = ws_new(m, 0);
+  if (!ws) return luaL_error(L, "moonlet: out of memory");
+  read_settings(L, 0, ws);
+  ws->raw = 1;
+  ws->ping_interval = ws->idle_timeout = 0;
+  int err = 0;
+  ml_conn_t *c = mlua_exchange_upgrade(L, 1, head, hlen, &srv_callbacks, ws, &err);
+  if (!c) {
+    ws_free(ws);
+    return push_err(L, err);
+  }
+  ws->c = c;
+  ws->refs++; /* the connection's */
+  mlua_res_link(m, &ws->res, ws_res_close);
+  ws->linked = 1;
+  ws->phase = PH_OPEN;
+  push_box(L, ws);
+  return 1;
 }
 
 /* -- Client side ------------------------------------------------------------------------------ */
@@ -1870,7 +1917,11 @@ static int w_close(lua_State *L) {
     return luaL_argerror(L, 2, "close code must be 1000..1003, 1005, 1007..1014 or 3000..4999");
   }
   if (rlen > 123) return luaL_argerror(L, 3, "a close reason is at most 123 bytes");
-  if (!ws->gone && !ws->close_sent && ws->phase == PH_OPEN && !ws->closing_transport) {
+  if (ws->raw) { /* no close frame: the connection ends once its output is out */
+    if (!ws->close_code) ws->close_code = code;
+    ws->close_sent = 1;
+    transport_close(ws, 1);
+  } else if (!ws->gone && !ws->close_sent && ws->phase == PH_OPEN && !ws->closing_transport) {
     if (!ws->close_code) {
       ws->close_code = code;
       set_reason(ws, reason, rlen);
@@ -1973,6 +2024,7 @@ void mlua_open_ws(lua_State *L, moonlet_t *m) {
                                 {"tls", w_tls},
                                 {NULL, NULL}};
   static const luaL_Reg fns[] = {{"ws_accept", l_accept},
+                                 {"ws_accept_raw", l_accept_raw},
                                  {"ws_connect", l_connect},
                                  {"utf8_valid", l_utf8_valid},
                                  {NULL, NULL}};

@@ -4,7 +4,8 @@
 -- both ways, status codes, 502 and 504, and that a client going away closes the upstream request;
 -- then WebSockets through it, against an upstream app:websocket (or a raw server that drops):
 -- messages, headers, subprotocols, closes both ways, drops, failures, an upstream's refusal of the
--- handshake passed on whole, size and order; and https:// upstreams (a CA, a client certificate).
+-- handshake passed on whole, size and order; other Upgrades through a byte tunnel (both ways,
+-- closes, shutdown, a refusal); and https:// upstreams (a CA, a client certificate).
 local moonlet = require "moonlet"
 local core = require "moonlet.core"
 local test = require "moonlet.test"
@@ -761,6 +762,142 @@ describe("moonlet.proxy", function()
         end)
     end)
 
+    describe("Upgrade tunnel", function()
+        -- A raw upstream speaking a line protocol after "Upgrade: foo/1": it greets, answers each
+        -- line "up: <line>" ("big N": N bytes, "bye": a last line, then it closes), and records
+        -- the request's head and whether the front closed its side. /none answers 404 instead.
+        local function foo_upstream(seen)
+            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    seen.request = sock:receive("*l")
+                    seen.headers = {}
+                    while true do
+                        local line = sock:receive("*l")
+                        if not line or line == "" then break end
+                        local k, v = line:match("^([^:]+):%s*(.*)$")
+                        seen.headers[k:lower()] = v
+                    end
+                    if seen.request:find("/none", 1, true) then
+                        sock:send("HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\nX-Up: no\r\n\r\nnope\n")
+                        return sock:close()
+                    end
+                    sock:send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo/1\r\nConnection: Upgrade\r\n"
+                        .. "X-Up: yes\r\nSet-Cookie: t=1\r\nSet-Cookie: u=2\r\n\r\nhello from upstream\n")
+                    while true do
+                        local line = sock:receive("*l")
+                        if not line then break end
+                        local n = tonumber(line:match("^big (%d+)$"))
+                        if n then
+                            sock:send(("x"):rep(n))
+                        elseif line == "bye" then
+                            sock:send("so long\n")
+                            break
+                        else
+                            sock:send("up: " .. (#line > 100 and "#" .. #line or line) .. "\n")
+                        end
+                    end
+                    seen.closed = true
+                    sock:close()
+                end))
+            test.defer(function() server:close() end)
+            return "http://127.0.0.1:" .. server:port()
+        end
+
+        local function upgrade(port, path, extra)
+            local sock = test.connect(port)
+            test.defer(function() sock:close() end)
+            assert(sock:send("GET " .. path .. " HTTP/1.1\r\nHost: front.example\r\nConnection: Upgrade\r\n"
+                .. "Upgrade: foo/1\r\nX-Client: c\r\n\r\n" .. (extra or "")))
+            return sock, read_head(sock)
+        end
+
+        it("relays the bytes both ways after the upstream's 101, until the client closes", function()
+            local seen = {}
+            local port = front({ upstream = foo_upstream(seen), strip_prefix = "/api" })
+            local before = test.settled_stats()
+            local sock, head = upgrade(port, "/api/t?x=1", "early\n") -- (bytes right after the head)
+            local h = head.headers
+            assert.equal(101, head.status)
+            assert.same({ { "foo/1" }, { "Upgrade" }, { "yes" }, { "t=1", "u=2" } },
+                        { h.upgrade, h.connection, h["x-up"], h["set-cookie"] })
+            assert.same({ "GET /t?x=1 HTTP/1.1", "foo/1", "Upgrade", "c", "127.0.0.1" },
+                        { seen.request, seen.headers.upgrade, seen.headers.connection,
+                          seen.headers["x-client"], seen.headers["x-forwarded-for"] })
+            assert.equal("hello from upstream", sock:receive("*l"))
+            assert.equal("up: early", sock:receive("*l"))
+            assert(sock:send("ping 1\n"))
+            assert.equal("up: ping 1", sock:receive("*l"))
+            -- 4 MiB down and 2 MiB up, intact, through the backpressure of both legs
+            assert(sock:send("big 4194304\n"))
+            local big = assert(sock:receive(4194304))
+            assert.is_true(big == ("x"):rep(4194304))
+            assert(sock:send(("y"):rep(2 * 1024 * 1024) .. "\n"))
+            assert.equal("up: #2097152", sock:receive("*l"))
+            sock:close()
+            assert.truthy(test.wait_until(function() return seen.closed end, 5))
+            assert.truthy(test.wait_until(function()
+                local now = core.stats()
+                return now.tasks <= before.tasks and now.handles <= before.handles
+            end, 5))
+            test.assert_baseline(before)
+        end)
+
+        it("closes the client's connection after the upstream's last bytes when it closes", function()
+            local seen = {}
+            local port = front({ upstream = foo_upstream(seen), strip_prefix = "/api" })
+            local before = test.settled_stats()
+            local sock, head = upgrade(port, "/api/t")
+            assert.equal(101, head.status)
+            assert.equal("hello from upstream", sock:receive("*l"))
+            assert(sock:send("bye\n"))
+            assert.equal("so long", sock:receive("*l"))
+            assert.same({ nil, "closed", "" }, { sock:receive("*l") }) -- (nothing after the last line)
+            sock:close()
+            assert.truthy(test.wait_until(function()
+                local now = core.stats()
+                return now.tasks <= before.tasks and now.handles <= before.handles
+            end, 5))
+            test.assert_baseline(before)
+        end)
+
+        it("ends the tunnel when the server shuts down, leaving nothing open", function()
+            local seen = {}
+            local app = moonlet.app()
+            app:any("/api/*path", moonlet.proxy({ upstream = foo_upstream(seen), strip_prefix = "/api" }))
+            local before = test.settled_stats()
+            local server, port = test.serve(app)
+            local sock, head = upgrade(port, "/api/t")
+            assert.equal(101, head.status)
+            assert.equal("hello from upstream", sock:receive("*l"))
+            server:shutdown()
+            assert.same({ nil, "closed", "" }, { sock:receive("*l") }) -- (nothing after the last line)
+            sock:close()
+            assert.truthy(test.wait_until(function() return seen.closed end, 5))
+            sock:close()
+            server:close()
+            assert.truthy(test.wait_until(function()
+                local now = core.stats()
+                return now.tasks <= before.tasks and now.handles <= before.handles
+            end, 5))
+            test.assert_baseline(before)
+        end)
+
+        it("passes an answer other than 101 on as any other, and upgrade = false sends no Upgrade", function()
+            local seen = {}
+            local base = foo_upstream(seen)
+            local port = front({ upstream = base, strip_prefix = "/api" })
+            local sock, head = upgrade(port, "/api/none")
+            assert.same({ 404, { "no" }, "nope\n" }, { head.status, head.headers["x-up"], sock:receive(5) })
+            assert.equal("foo/1", seen.headers.upgrade)
+            -- upgrade = false: the request goes on as plain HTTP, without its Upgrade
+            seen.headers = nil
+            port = front({ upstream = base, strip_prefix = "/api", upgrade = false })
+            head = select(2, upgrade(port, "/api/none"))
+            assert.equal(404, head.status)
+            assert.is_nil(seen.headers.upgrade)
+        end)
+    end)
+
     it("proxies HTTP and WebSockets to an https:// upstream, checked against tls.cafile", function()
         local certs = test.make_certs()
         test.defer(function() test.remove_certs(certs) end)
@@ -851,6 +988,7 @@ describe("moonlet.proxy", function()
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { key = "c.key" } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { cert = true } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { alpn = "h2" } }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", upgrade = "yes" }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { verify = "no" } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", cookie_domain = { a = 1 } }) end)
     end)

@@ -18,6 +18,11 @@
 -- spawns). Each leg is a WebSocket of its own: pings, fragments, limits and the close handshake
 -- are its own; what crosses is whole messages and the close code and reason.
 --
+-- Any other Upgrade (Connection: Upgrade, Upgrade: foo/1; an HTTP/1.1 request without a body) is
+-- sent on with its Upgrade through the HTTP client; an answer other than 101 comes back as any
+-- other, a 101 goes to the client (ws.accept_raw takes its connection over as a byte stream) and
+-- the bytes are relayed both ways until either side closes (nginx's upgrade tunnel).
+--
 -- An https:// upstream is checked against tls.cafile (or the system's CAs); tls.cert and tls.key
 -- present a client certificate to it (nginx's proxy_ssl_certificate), on both kinds of legs.
 --
@@ -42,6 +47,7 @@ local tls_failure = require("moonlet.tcp").tls_failure
 local lower, find, sub, match, gmatch = string.lower, string.find, string.sub, string.match,
     string.gmatch
 local type, pairs, tostring, tonumber, pcall, error = type, pairs, tostring, tonumber, pcall, error
+local concat = table.concat
 
 local _M = {}
 
@@ -58,7 +64,7 @@ local OWN_RESPONSE = { date = true, server = true, ["content-length"] = true }
 
 local OPTIONS = { upstream = true, strip_prefix = true, timeout = true, headers = true,
                   preserve_host = true, websocket = true, redirect = true, cookie_domain = true,
-                  cookie_path = true, tls = true, real_ip = true }
+                  cookie_path = true, tls = true, real_ip = true, upgrade = true }
 
 -- The options of `tls = { ... }`, for an https:// upstream (both the HTTP client's and ws.connect's).
 -- cert and key: a client certificate (nginx's proxy_ssl_certificate, proxy_ssl_certificate_key;
@@ -335,38 +341,11 @@ local function handle_ws(p, req, res, url, prefix)
     end
 end
 
-local function handle(p, req, res)
-    local x = res._x
-    if x then x:cancel_on_hangup() end -- the client's FIN cancels the fetch (nginx's default)
-    local path = raw_path(req)
-    local strip, prefix = p.strip_prefix, ""
-    if strip and sub(path, 1, #strip) == strip then
-        local c = sub(path, #strip + 1, #strip + 1)
-        if c == "" or c == "/" then
-            path, prefix = sub(path, #strip + 1), strip
-            if path == "" then path = "/" end
-        end
-    end
-    local qs = req.query_string
-    local url = p.base .. path .. (qs and "?" .. qs or "")
+-- The upstream's response up (streamed) to the client: status, end-to-end headers, then the body
+-- piece by piece.
+local function pass_on(p, req, res, prefix, up)
     local method = req.method
-    local rh = req.headers
-    local upgrade = rh.upgrade
-    if upgrade and p.websocket and method == "GET" and find(lower(upgrade), "websocket", 1, true) then
-        return handle_ws(p, req, res, p.ws_base .. path .. (qs and "?" .. qs or ""), prefix)
-    end
-    local headers = upstream_headers(req, p)
-    local body
-    local cl, te = tonumber(rh["content-length"]), rh["transfer-encoding"]
-    if (cl and cl > 0) or te then body = req:chunks() end
-    local t = p.timeout
-    local up, err = http.request({
-        method = method, url = url, headers = headers, body = body, stream = true,
-        user_agent = false, connect_timeout = t, send_timeout = t, read_timeout = t,
-        tls = p.http_tls, verify = p.tls.verify,
-    })
-    if not up then return fail(p, req, res, err) end
-    local first -- (read before the head is copied: a body that fails at once is a 502 of its own)
+    local first, err -- (read before the head is copied: a body that fails at once is a 502 of its own)
     if method ~= "HEAD" then
         first, err = up:read()
         if err then return fail(p, req, res, "response body: " .. err) end
@@ -391,12 +370,127 @@ local function handle(p, req, res)
     end
 end
 
+-- The bytes of the upstream's side of a tunnel on to the client, until either ends; then the
+-- client's connection is closed (once what was written to it is out).
+local function tunnel_back(up, down)
+    while true do
+        local data = up:read()
+        if not data or not down:send(data, "binary") then break end
+    end
+    down:close()
+end
+
+-- The spawned half of a tunnel: a cancellation (the handler's, below) ends it quietly.
+local function tunnel_task(up, down)
+    local ok, err = pcall(tunnel_back, up, down)
+    if not ok and err ~= task.CANCELLED then error(err, 0) end
+end
+
+-- The 101's header lines for the client: the upstream's Upgrade, then its end-to-end headers as
+-- for any answer (ws_headers_back's checks: a name that is not a token or a value with a control
+-- character is dropped).
+local function upgrade_lines(p, req, prefix, h, upgrade)
+    local out = { "Upgrade: ", h.upgrade or upgrade, "\r\nConnection: Upgrade\r\n" }
+    local listed = connection_tokens(h.connection)
+    for name, value in pairs(h) do
+        if not hop_by_hop(name, listed) and not OWN_RESPONSE[name]
+           and match(name, "^[%w!#$%%&'*+.^_`|~-]+$") and not find(value, "[%z\1-\8\11-\31\127]") then
+            for line in gmatch(rewritten(p, req, prefix, name, value), "[^\n]+") do
+                out[#out + 1] = name .. ": " .. line .. "\r\n"
+            end
+        end
+    end
+    if find(out[2], "[%c]") then return nil end
+    return concat(out)
+end
+
+-- An Upgrade to another protocol than WebSocket (nginx's upgrade tunnel): the request goes on
+-- with its Upgrade; an answer other than 101 comes back as any other; a 101 is passed on and the
+-- bytes then go both ways as they come, client to upstream in this handler's task and upstream to
+-- client in one it spawns, until either side closes (or the upstream says nothing for timeout
+-- seconds, as nginx's proxy_read_timeout); then both connections close and both tasks end.
+local function handle_upgrade(p, req, res, url, prefix, upgrade)
+    local headers = upstream_headers(req, p)
+    headers.Upgrade, headers.Connection = upgrade, "Upgrade" -- (hop-by-hop: asked for again)
+    local t = p.timeout
+    local up, err = http.request({
+        method = req.method, url = url, headers = headers, stream = true, user_agent = false,
+        connect_timeout = t, send_timeout = t, read_timeout = t, tls = p.http_tls,
+        verify = p.tls.verify,
+    })
+    if not up then return fail(p, req, res, err) end
+    if up.status ~= 101 then return pass_on(p, req, res, prefix, up) end
+    local lines = upgrade_lines(p, req, prefix, up.headers, upgrade)
+    local down = lines and ws.accept_raw(req, lines)
+    if not down then
+        up:close()
+        return fail(p, req, res, lines and "the client's connection could not be upgraded"
+                                 or "bad Upgrade in the upstream's 101")
+    end
+    res._on_send = false -- the 101 went out without the app's headers, as for app:websocket
+    lift_deadline(res) -- a tunnel outlives any request deadline
+    local back = task.spawn(tunnel_task, up, down)
+    local ok, e = pcall(function()
+        while true do
+            local data = down:receive()
+            if not data or not up:send(data) then break end
+        end
+    end)
+    back:cancel() -- (false when it has ended: the upstream closed first)
+    up:close()
+    down:close()
+    if not ok then error(e, 0) end -- cancelled (server shutdown, the client gone)
+    back:join()
+end
+
+local function handle(p, req, res)
+    local x = res._x
+    if x then x:cancel_on_hangup() end -- the client's FIN cancels the fetch (nginx's default)
+    local path = raw_path(req)
+    local strip, prefix = p.strip_prefix, ""
+    if strip and sub(path, 1, #strip) == strip then
+        local c = sub(path, #strip + 1, #strip + 1)
+        if c == "" or c == "/" then
+            path, prefix = sub(path, #strip + 1), strip
+            if path == "" then path = "/" end
+        end
+    end
+    local qs = req.query_string
+    local url = p.base .. path .. (qs and "?" .. qs or "")
+    local method = req.method
+    local rh = req.headers
+    local upgrade = rh.upgrade
+    local cl, te = tonumber(rh["content-length"]), rh["transfer-encoding"]
+    if upgrade then
+        if find(lower(upgrade), "websocket", 1, true) then
+            if p.websocket and method == "GET" then
+                return handle_ws(p, req, res, p.ws_base .. path .. (qs and "?" .. qs or ""), prefix)
+            end
+        elseif p.upgrade and not te and (cl or 0) == 0 and (connection_tokens(rh.connection) or {}).upgrade
+               and (not x or x:info() == "1.1") then
+            return handle_upgrade(p, req, res, url, prefix, upgrade)
+        end
+    end
+    local headers = upstream_headers(req, p)
+    local body
+    if (cl and cl > 0) or te then body = req:chunks() end
+    local t = p.timeout
+    local up, err = http.request({
+        method = method, url = url, headers = headers, body = body, stream = true,
+        user_agent = false, connect_timeout = t, send_timeout = t, read_timeout = t,
+        tls = p.http_tls, verify = p.tls.verify,
+    })
+    if not up then return fail(p, req, res, err) end
+    return pass_on(p, req, res, prefix, up)
+end
+
 -- syntax: handler = proxy.handler(upstream_url | { upstream =, strip_prefix =, timeout =,
 -- headers =, preserve_host =, websocket = true | false | { max_message =, ping_interval =,
 -- idle_timeout =, close_timeout = }, redirect = true | false | { [from] = to },
 -- cookie_domain = { [from] = to }, cookie_path = { [from] = to }, tls = { cafile =, verify =,
--- server_name =, cert =, key = }, real_ip = false }) -- raises on a bad option; a cert or key file
--- that does not load is a 502 of each request, logged with the file's name (as a cafile's)
+-- server_name =, cert =, key = }, real_ip = false, upgrade = true }) -- raises on a bad option; a
+-- cert or key file that does not load is a 502 of each request, logged with the file's name (as a
+-- cafile's); upgrade = false sends an Upgrade other than WebSocket on as plain HTTP without it
 function _M.handler(opts)
     if type(opts) == "string" then opts = { upstream = opts } end
     if type(opts) ~= "table" then
@@ -449,6 +543,9 @@ function _M.handler(opts)
         end
     end
     if tls.key and not tls.cert then error("moonlet.proxy: tls option key needs cert", 2) end
+    if opts.upgrade ~= nil and type(opts.upgrade) ~= "boolean" then
+        error("moonlet.proxy: upgrade must be true or false", 2)
+    end
     local base = match(upstream, "^(.-)/*$")
     local p = {
         upstream = upstream, base = base, strip_prefix = strip ~= "" and strip or nil,
@@ -457,7 +554,7 @@ function _M.handler(opts)
         redirect = redirect, up = rewrite.upstream(base), cookie_domain = cdomain, cookie_path = cpath,
         tls = tls, http_tls = { cafile = tls.cafile, server_name = tls.server_name, cert = tls.cert,
                               key = tls.key },
-        real_ip = opts.real_ip and true or false,
+        real_ip = opts.real_ip and true or false, upgrade = opts.upgrade ~= false,
     }
     return function(req, res) return handle(p, req, res) end
 end

@@ -1,5 +1,6 @@
 -- lua/moonlet/ws.lua: WebSockets (RFC 6455) for handlers and clients: the ws object both sides share,
--- moonlet.ws.connect (ws:// and wss://), and the server handshake app:websocket uses (route()).
+-- moonlet.ws.connect (ws:// and wss://), and the server handshake app:websocket uses (route());
+-- ws.accept_raw hands a request's connection over as raw bytes instead (moonlet.proxy's tunnel).
 -- The frames, the queue, the waits and the close handshake live in C (bindings/ws.c over
 -- core/ws.c); this wraps the C object so that every wait passes through task.check (a cancelled
 -- task raises moonlet.CANCELLED) and ws.close_code / ws.close_reason read as fields.
@@ -345,6 +346,24 @@ function _M.accept(req, opts)
     req._x = setmetatable({ version, keep_alive, peer, length, h = kept_headers(h), ws = ud }, gone_mt)
     req.headers = nil -- rebuilt from the kept ones on first use
     return wrap(ud, protocol, ext)
+end
+
+-- syntax: conn, err = ws.accept_raw(req, header_lines) -- answers req with a 101 of header_lines
+-- (each "Name: value\r\n", Upgrade and Connection among them) and takes its connection over as a
+-- raw byte stream, for another protocol than WebSocket (moonlet.proxy's upgrade tunnel):
+-- conn:receive() gives the bytes as they come (nil, "closed" at the end), conn:send(bytes,
+-- "binary") writes them (waiting while 256 KiB are unsent), conn:close() ends the connection once
+-- its output is out; no frames, pings or close handshake. nil, err when req cannot be upgraded
+-- (a body, a response started, the connection closing).
+function _M.accept_raw(req, lines)
+    local x = req._x
+    local h = req.headers -- read now: the request is gone once the connection is handed over
+    local version, keep_alive, peer, length = x:info()
+    local ud, err = core.ws_accept_raw(x, lines)
+    if not ud then return nil, err end
+    req._x = setmetatable({ version, keep_alive, peer, length, h = kept_headers(h), ws = ud }, gone_mt)
+    req.headers = nil
+    return wrap(ud)
 end
 
 local CANCELLED = require("moonlet.task").CANCELLED
