@@ -240,6 +240,7 @@ describe("moonlet.ws handshake", function()
                 for i = 1, 4 do res:write(big .. i) end
             end)
         end)
+        local before = test.settled_stats() -- (the server listening)
         local c, err, answer = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/private", { timeout = 5 })
         assert.same({ nil, "handshake failed: status 401" }, { c, err })
         assert.same({ 401, 'Bearer realm="ws"', "log in first\n" },
@@ -250,6 +251,12 @@ describe("moonlet.ws handshake", function()
         assert.is_true(answer.body == big .. 1 .. big .. 2 .. big .. 3 .. big .. 4)
         c, err, answer = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/nowhere", { timeout = 5 })
         assert.same({ nil, "handshake failed: status 404", 404 }, { c, err, answer.status })
+        assert.truthy(test.wait_until(function() -- each connection closed, nothing left behind
+            local now = core.stats()
+            return now.tasks <= before.tasks and now.handles <= before.handles
+                and now.resources <= before.resources
+        end, 5))
+        test.assert_baseline(before)
     end)
 
     it("passes the request to the handler: params, headers, peer", function()
