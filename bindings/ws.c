@@ -2,8 +2,11 @@
  * lua/moonlet/ws.lua). The server side is made by core.ws_accept from a request's exchange once
  * app.lua has validated the handshake: the HTTP connection is handed over (ml_conn_upgrade) and
  * becomes the transport. The client side, core.ws_connect, runs over a uv_tcp_t of its own, with
- * core/tls.c for wss://. Both sides share the frame code of core/ws.c, the received-message queue,
- * the waits, keep-alive and the close handshake.
+ * core/tls.c for wss:// (a client certificate too). Both sides share the frame code of core/ws.c,
+ * the received-message queue, the waits, keep-alive and the close handshake. A client whose
+ * handshake is answered without 101 reads that answer's body too (PH_REFUSED, bounded) and gives
+ * the connecter the whole answer. core.ws_accept_raw makes a server-side ws in raw mode: the
+ * upgraded connection's bytes as they come, no frames (moonlet.proxy's upgrade tunnel).
  *
  * Ownership:
  * - A ws_t is C memory, counted by `refs`: one for the Lua box (dropped by __gc), one for the
@@ -41,10 +44,14 @@
 #define RQ_HIGH (1024 * 1024) /* reading pauses above this much received and unread */
 #define RQ_MAX 4096           /* ... or this many messages */
 #define CLIENT_RBUF (64 * 1024)
-#define HEAD_MAX (16 * 1024) /* a client's handshake response head */
-#define KEEP_BUF (64 * 1024) /* scratch buffers above this are freed after use */
+#define HEAD_MAX (16 * 1024)      /* a client's handshake response head */
+#define REFUSAL_MAX (1024 * 1024) /* the body of a handshake answered without 101 */
+#define KEEP_BUF (64 * 1024)      /* scratch buffers above this are freed after use */
 
-enum { PH_RESOLVE = 1, PH_CONNECT, PH_TLS, PH_HANDSHAKE, PH_OPEN };
+/* PH_REFUSED: the server answered the handshake with another status than 101; its body is read
+ * (to its framing's end, REFUSAL_MAX bytes at most) so that the caller gets the whole answer. */
+enum { PH_RESOLVE = 1, PH_CONNECT, PH_TLS, PH_HANDSHAKE, PH_OPEN, PH_REFUSED };
+enum { RB_NONE = 1, RB_LENGTH, RB_CHUNKED, RB_CLOSE }; /* how a refusal's body ends */
 enum { WK_READ = 1, WK_PING, WK_WRITE, WK_CONNECT };
 
 typedef struct msg_s {
@@ -98,6 +105,10 @@ typedef struct ws_io_s {
   ml_ws_pmd_t offer;
   int offered_deflate;
   wait_t connecter;
+  int refused;      /* PH_REFUSED: the answer's status */
+  int rmode;        /* ... RB_*: how its body ends */
+  size_t hlen;      /* ... its head's bytes in `head` (the body follows) */
+  size_t rlen;      /* ... RB_LENGTH: its Content-Length */
   union {           /* every stream call takes either (&io->tcp) */
     uv_tcp_t tcp;   /* a TCP connection, */
     uv_pipe_t pipe; /* or one to a Unix domain socket (opts.unix) */
@@ -116,6 +127,8 @@ struct ws_s {
   int linked; /* in m->resources */
   int dead;   /* moonlet_free: resume nobody */
   int client;
+  int raw; /* a raw upgraded connection (core.ws_accept's opts.raw): bytes, no frames, no close
+              handshake, no keep-alive; what is received comes as "binary" messages */
   /* server transport */
   ml_conn_t *c; /* NULL once gone */
   int phase;    /* PH_* (a server-side ws is PH_OPEN from the start) */
@@ -518,6 +531,7 @@ static void transport_close(ws_t *ws, int graceful) {
 static int write_frame(ws_t *ws, int fin, int rsv1, int opcode, const char *data, size_t n) {
   uint8_t head[14], mask[4];
   int r;
+  if (ws->raw) return opcode < 8 ? t_write(ws, data, n) : 0; /* (the bytes as they are) */
   if (ws->client) {
     if ((r = ml_ws_random(mask, 4)) < 0) return r;
     ws->obuf.len = 0;
@@ -833,8 +847,16 @@ static void ws_input(ws_t *ws, const char *data, size_t len) {
   ws->last_rx = uv_now(ws->m->loop);
   ws->pinged = 0;
   while (len > 0 && !ws->close_recv && !ws->failed && !ws->gone) {
-    ml_ws_event_t ev;
-    size_t used = ml_ws_parse(&ws->parser, data, len, &ev);
+    ml_ws_event_t ev = {0};
+    size_t used = len;
+    if (ws->raw) { /* every read is a message of its own */
+      ev.type = ML_WS_EV_MESSAGE;
+      ev.opcode = ML_WS_OP_BINARY;
+      ev.data = data;
+      ev.len = len;
+    } else {
+      used = ml_ws_parse(&ws->parser, data, len, &ev);
+    }
     data += used;
     len -= used;
     switch (ev.type) {
@@ -941,6 +963,11 @@ static void srv_on_shutdown(ml_conn_t *c, void *ud) {
     ws->close_code = ML_WS_CLOSE_GOING_AWAY;
     set_reason(ws, why, sizeof why - 1);
   }
+  if (ws->raw) { /* no close frame: the connection ends once its output is out */
+    ws->close_sent = 1;
+    transport_close(ws, 1);
+    return;
+  }
   send_close(ws, ML_WS_CLOSE_GOING_AWAY, why, sizeof why - 1);
 }
 
@@ -980,7 +1007,7 @@ static void ws_res_close(mlua_res_t *r) {
 static void read_settings(lua_State *L, int idx, ws_t *ws) {
   size_t max_message = ML_WS_MAX_MESSAGE_DEFAULT;
   double ping = 30, idle = 75, close_to = 3;
-  if (lua_istable(L, idx)) {
+  if (idx && lua_istable(L, idx)) { /* (idx 0: the defaults) */
     lua_getfield(L, idx, "max_message");
     if (!lua_isnil(L, -1)) max_message = (size_t)luaL_checknumber(L, -1);
     lua_getfield(L, idx, "ping_interval");
@@ -1108,6 +1135,36 @@ static int l_accept(lua_State *L) {
   return 2;
 }
 
+/* syntax: conn = core.ws_accept_raw(x, header_lines) -- answers the request of exchange x with a
+ * 101 of header_lines (each "Name: value\r\n", Upgrade and Connection among them) and hands its
+ * connection over as a raw byte stream (another protocol than WebSocket: moonlet.proxy's upgrade
+ * tunnel). The object is a ws in raw mode: receive gives the bytes as they come ("binary"), send
+ * writes bytes (yielding while more than WQ_HIGH are unsent), close ends the connection once its
+ * output is out; no frames, pings or close handshake. nil, err when the exchange cannot upgrade. */
+static int l_accept_raw(lua_State *L) {
+  moonlet_t *m = mlua_instance(L);
+  size_t hlen;
+  const char *head = luaL_checklstring(L, 2, &hlen);
+  ws_t *ws = ws_new(m, 0);
+  if (!ws) return luaL_error(L, "moonlet: out of memory");
+  read_settings(L, 0, ws);
+  ws->raw = 1;
+  ws->ping_interval = ws->idle_timeout = 0;
+  int err = 0;
+  ml_conn_t *c = mlua_exchange_upgrade(L, 1, head, hlen, &srv_callbacks, ws, &err);
+  if (!c) {
+    ws_free(ws);
+    return push_err(L, err);
+  }
+  ws->c = c;
+  ws->refs++; /* the connection's */
+  mlua_res_link(m, &ws->res, ws_res_close);
+  ws->linked = 1;
+  ws->phase = PH_OPEN;
+  push_box(L, ws);
+  return 1;
+}
+
 /* -- Client side ------------------------------------------------------------------------------ */
 
 static void connect_fail(ws_t *ws, int err, const char *msg) {
@@ -1173,10 +1230,10 @@ typedef struct {
   size_t hlen;
 } handshake_t;
 
-static int push_handshake(lua_State *L, void *ud) {
-  handshake_t *a = ud;
-  const char *p = a->ws->io->head.p, *end = p + a->hlen;
-  const char *line = memchr(p, '\n', a->hlen), *hn, *v;
+/* Pushes a table of the header lines of the response head p (hlen bytes). */
+static void push_head_headers(lua_State *L, const char *p, size_t hlen) {
+  const char *end = p + hlen;
+  const char *line = memchr(p, '\n', hlen), *hn, *v;
   size_t nl, vl;
   int r;
   lua_newtable(L);
@@ -1199,9 +1256,162 @@ static int push_handshake(lua_State *L, void *ud) {
     }
     lua_rawset(L, -3);
   }
+}
+
+static int push_handshake(lua_State *L, void *ud) {
+  handshake_t *a = ud;
+  push_head_headers(L, a->ws->io->head.p, a->hlen);
   push_box(L, a->ws);
   lua_insert(L, -2); /* box, headers */
   return 2;
+}
+
+/* -- A handshake answered without 101 ----------------------------------------------------------
+ * Not an error of the transport: the server said no (401, 403, 404, a redirect), and a proxy must
+ * pass its answer on whole. Its body is read as an HTTP/1.1 client would (RFC 9112 6.3: none for
+ * 1xx, 204 and 304; chunked when the last transfer coding is; Content-Length; else to the close),
+ * bounded by REFUSAL_MAX and by the connect timeout that still runs, then the connecter gets nil,
+ * "handshake failed: status N" and { status =, headers =, body = }. */
+
+/* Scans the chunked body at p (n bytes); out (room for n bytes, or NULL) gets its data. Returns
+ * the bytes it takes up to the end of its trailers, 0 when it is not all there yet, -1 when it is
+ * malformed; *outlen the data's length. */
+static long dechunk(const char *p, size_t n, char *out, size_t *outlen) {
+  size_t i = 0, o = 0;
+  for (;;) {
+    const char *le = memchr(p + i, '\n', n - i);
+    if (!le) return n - i > 1024 ? -1 : 0;
+    size_t size = 0, digits = 0;
+    for (const char *q = p + i; q < le && digits <= 12; q++, digits++) {
+      int c = *q, d = c >= '0' && c <= '9'   ? c - '0'
+                      : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                      : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                             : -1;
+      if (d < 0) break;
+      size = size * 16 + (size_t)d;
+    }
+    if (digits == 0 || digits > 12) return -1;
+    i = (size_t)(le - p) + 1;
+    if (size == 0) { /* trailers (dropped) to an empty line */
+      for (;;) {
+        le = memchr(p + i, '\n', n - i);
+        if (!le) return n - i > 16384 ? -1 : 0;
+        size_t ll = (size_t)(le - (p + i));
+        i = (size_t)(le - p) + 1;
+        if (ll == 0 || (ll == 1 && p[i - 2] == '\r')) {
+          *outlen = o;
+          return (long)i;
+        }
+      }
+    }
+    if (n - i < size + 2) return size > REFUSAL_MAX ? -1 : 0;
+    if (out) memcpy(out + o, p + i, size);
+    o += size;
+    i += size;
+    if (p[i] == '\r') i++;
+    if (p[i] != '\n') return -1;
+    i++;
+  }
+}
+
+typedef struct {
+  ws_t *ws;
+  const char *body;
+  size_t blen;
+} refusal_t;
+
+static int push_refusal(lua_State *L, void *ud) {
+  refusal_t *a = ud;
+  char msg[64];
+  snprintf(msg, sizeof msg, "handshake failed: status %d", a->ws->io->refused);
+  lua_pushnil(L);
+  lua_pushstring(L, msg);
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, a->ws->io->refused);
+  lua_setfield(L, -2, "status");
+  push_head_headers(L, a->ws->io->head.p, a->ws->io->hlen);
+  lua_setfield(L, -2, "headers");
+  lua_pushlstring(L, a->body, a->blen);
+  lua_setfield(L, -2, "body");
+  return 3;
+}
+
+/* The refusal's answer is complete when its body is (eof: the server closed its side): resumes
+ * the connecter with it and closes the transport; fails it when the body broke off. */
+static void refusal_check(ws_t *ws, int eof) {
+  ws_io_t *io = ws->io;
+  const char *b = io->head.p + io->hlen;
+  size_t have = io->head.len - io->hlen, blen = 0;
+  char *decoded = NULL;
+  if (io->rmode == RB_LENGTH) {
+    if (have < io->rlen) {
+      if (eof) connect_fail(ws, UV_EPIPE, NULL);
+      return;
+    }
+    blen = io->rlen;
+  } else if (io->rmode == RB_CHUNKED) {
+    size_t dlen = 0;
+    long r = dechunk(b, have, NULL, &dlen);
+    if (r == 0 && !eof) return;
+    if (r <= 0 || !(decoded = malloc(dlen + 1))) {
+      connect_fail(ws, r == 0 ? UV_EPIPE : 0, r < 0 ? "bad response" : NULL);
+      return;
+    }
+    dechunk(b, have, decoded, &dlen);
+    b = decoded;
+    blen = dlen;
+  } else if (io->rmode == RB_CLOSE) {
+    if (!eof) return;
+    blen = have;
+  }
+  mlua_task_t *t = io->connecter.task;
+  take(&io->connecter);
+  refusal_t a = {ws, b, blen};
+  int n = t && !ws->dead ? mlua_push_result(ws->m, t->co, push_refusal, &a) : 0;
+  free(decoded);
+  transport_close(ws, 0);
+  if (n) mlua_task_resume(t, n);
+}
+
+/* The head in io->head (hlen bytes) has status `status`, not 101: reads the body that follows. */
+static void refusal_start(ws_t *ws, int status, size_t hlen) {
+  ws_io_t *io = ws->io;
+  const char *p = io->head.p, *line = memchr(p, '\n', hlen) + 1, *hn, *v;
+  size_t nl, vl;
+  int r, chunked = -1, length = 0;
+  size_t cl = 0;
+  while ((r = next_header(&line, p + hlen, &hn, &nl, &v, &vl)) >= 0) {
+    if (r == 0) continue;
+    if (header_is(hn, nl, "transfer-encoding")) { /* the last coding decides */
+      while (vl && (v[vl - 1] == ',' || v[vl - 1] == ' ' || v[vl - 1] == '\t'))
+        vl--;
+      chunked = vl >= 7 && strncasecmp(v + vl - 7, "chunked", 7) == 0 &&
+                (vl == 7 || v[vl - 8] == ',' || v[vl - 8] == ' ' || v[vl - 8] == '\t');
+    } else if (header_is(hn, nl, "content-length")) {
+      size_t n = 0, i = 0;
+      while (i < vl && v[i] >= '0' && v[i] <= '9' && i < 16)
+        n = n * 10 + (size_t)(v[i++] - '0');
+      if (i == 0 || i != vl || (length && n != cl)) {
+        connect_fail(ws, 0, "bad response");
+        return;
+      }
+      cl = n;
+      length = 1;
+    }
+  }
+  io->refused = status;
+  io->hlen = hlen;
+  io->rmode = status < 200 || status == 204 || status == 304 ? RB_NONE
+              : chunked >= 0                                 ? (chunked ? RB_CHUNKED : RB_CLOSE)
+              : length                                       ? RB_LENGTH
+                                                             : RB_CLOSE;
+  io->rlen = cl;
+  if (io->rmode == RB_LENGTH && cl > REFUSAL_MAX) {
+    connect_fail(ws, 0, "handshake failed: answer too large");
+    return;
+  }
+  ws->phase = PH_REFUSED;
+  refusal_check(ws, 0);
 }
 
 /* The response head is in ws->io->head (up to its blank line, `hlen` bytes): checks it and resumes
@@ -1215,7 +1425,10 @@ static void handshake_done(ws_t *ws, size_t hlen) {
   if (status != 101) {
     char msg[64];
     snprintf(msg, sizeof msg, "handshake failed: status %d", status);
-    connect_fail(ws, 0, msg);
+    if (status >= 200 && status <= 999)
+      refusal_start(ws, status, hlen);
+    else
+      connect_fail(ws, 0, msg);
     return;
   }
   mlua_task_t *t = ws->io->connecter.task;
@@ -1292,6 +1505,20 @@ static void client_plain(ws_t *ws, const char *data, size_t n) {
     ws_input(ws, data, n);
     return;
   }
+  if (ws->phase == PH_REFUSED) {
+    if (ws->io->head.len - ws->io->hlen + n > REFUSAL_MAX + 16384) { /* (chunk framing) */
+      connect_fail(ws, 0, "handshake failed: answer too large");
+      return;
+    }
+    if (ml_ws_buf_reserve(&ws->io->head, n) < 0) {
+      connect_fail(ws, UV_ENOMEM, NULL);
+      return;
+    }
+    memcpy(ws->io->head.p + ws->io->head.len, data, n);
+    ws->io->head.len += n;
+    refusal_check(ws, 0);
+    return;
+  }
   if (ws->phase != PH_HANDSHAKE) return;
   size_t before = ws->io->head.len;
   if (ml_ws_buf_reserve(&ws->io->head, n) < 0) {
@@ -1341,7 +1568,9 @@ static void client_read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
   if (n < 0) {
     uv_read_stop(st);
     ws->io->reading = 0;
-    if (ws->phase != PH_OPEN)
+    if (ws->phase == PH_REFUSED && n == UV_EOF)
+      refusal_check(ws, 1);
+    else if (ws->phase != PH_OPEN)
       connect_fail(ws, n == UV_EOF ? UV_EPIPE : (int)n, NULL);
     else
       peer_eof(ws);
@@ -1367,7 +1596,9 @@ static void client_read_cb(uv_stream_t *st, ssize_t n, const uv_buf_t *buf) {
       continue;
     }
     if (k == 0) break;
-    if (ws->phase != PH_OPEN)
+    if (ws->phase == PH_REFUSED && !ml_tls_error(ws->io->tls))
+      refusal_check(ws, 1);
+    else if (ws->phase != PH_OPEN)
       connect_fail(ws, 0, ml_tls_error(ws->io->tls) ? ml_tls_error(ws->io->tls) : "closed");
     else
       peer_eof(ws);
@@ -1439,8 +1670,9 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 
 /* syntax: ws, headers = core.ws_connect(host, port, request_head, opts) -- request_head: the
  * request line and headers without the key, the extension offer and the blank line; opts:
- * timeout, tls, server_name, verify, cafile, deflate, unix (the path of a Unix domain socket to
- * connect to instead of host:port) and the settings of core.ws_accept */
+ * timeout, tls, server_name, verify, cafile, cert and key (a client certificate for wss://),
+ * deflate, unix (the path of a Unix domain socket to connect to instead of host:port) and the
+ * settings of core.ws_accept */
 static int l_connect(lua_State *L) {
   moonlet_t *m = mlua_instance(L);
   const char *host = luaL_checkstring(L, 1);
@@ -1450,7 +1682,7 @@ static int l_connect(lua_State *L) {
   int oi = 4;
   double timeout = 60;
   int use_tls = 0, verify = 1;
-  const char *cafile = NULL, *sni = NULL, *unix_path = NULL;
+  const char *cafile = NULL, *sni = NULL, *unix_path = NULL, *cert = NULL, *key = NULL;
   if (lua_istable(L, oi)) {
     lua_getfield(L, oi, "unix");
     unix_path = lua_tostring(L, -1);
@@ -1465,7 +1697,11 @@ static int l_connect(lua_State *L) {
     cafile = lua_tostring(L, -1);
     lua_getfield(L, oi, "server_name");
     sni = lua_tostring(L, -1);
-    lua_pop(L, 5); /* the strings stay alive in opts */
+    lua_getfield(L, oi, "cert");
+    cert = lua_tostring(L, -1);
+    lua_getfield(L, oi, "key");
+    key = lua_tostring(L, -1);
+    lua_pop(L, 7); /* the strings stay alive in opts */
   }
   mlua_task_t *t = mlua_task_current(L);
   mlua_check_yieldable(L, t);
@@ -1475,7 +1711,8 @@ static int l_connect(lua_State *L) {
   ws->io->port = port;
   ws->io->offered_deflate = read_deflate(L, oi, &ws->io->offer);
   if (use_tls) {
-    ml_tls_ctx_opts_t o = {.verify = verify, .cafile = cafile, .alpn = "http/1.1"};
+    ml_tls_ctx_opts_t o = {
+        .verify = verify, .cafile = cafile, .cert = cert, .key = key, .alpn = "http/1.1"};
     const char *err = NULL;
     if (ml_tls_ctx_new(&ws->io->tls_ctx, &o, &err) < 0) {
       ws_free(ws);
@@ -1680,7 +1917,11 @@ static int w_close(lua_State *L) {
     return luaL_argerror(L, 2, "close code must be 1000..1003, 1005, 1007..1014 or 3000..4999");
   }
   if (rlen > 123) return luaL_argerror(L, 3, "a close reason is at most 123 bytes");
-  if (!ws->gone && !ws->close_sent && ws->phase == PH_OPEN && !ws->closing_transport) {
+  if (ws->raw) { /* no close frame: the connection ends once its output is out */
+    if (!ws->close_code) ws->close_code = code;
+    ws->close_sent = 1;
+    transport_close(ws, 1);
+  } else if (!ws->gone && !ws->close_sent && ws->phase == PH_OPEN && !ws->closing_transport) {
     if (!ws->close_code) {
       ws->close_code = code;
       set_reason(ws, reason, rlen);
@@ -1783,6 +2024,7 @@ void mlua_open_ws(lua_State *L, moonlet_t *m) {
                                 {"tls", w_tls},
                                 {NULL, NULL}};
   static const luaL_Reg fns[] = {{"ws_accept", l_accept},
+                                 {"ws_accept_raw", l_accept_raw},
                                  {"ws_connect", l_connect},
                                  {"utf8_valid", l_utf8_valid},
                                  {NULL, NULL}};

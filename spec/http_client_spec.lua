@@ -507,17 +507,23 @@ describe("moonlet.http response parsing", function()
         assert.same({ nil, "too large" }, { http.get(up .. "/", { timeout = 5, max_body = 10 }) })
     end)
 
-    it("refuses a 101 the request did not ask for, and streams the new protocol of one it did", function()
+    it("refuses a 101 the request did not ask for, and speaks the new protocol of one it did", function()
         local base = raw_server(function(sock)
             read_request(sock)
             sock:send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\nfoo!")
-            sock:receive("*l") -- the switched connection stays open until the client closes it
+            local line = sock:receive("*l") -- the switched connection stays open until the client
+                                            -- closes it
+            if line then sock:send("got " .. line) end
+            sock:receive("*l")
         end)
         assert.same({ nil, "bad response" }, { http.get(base .. "/", { read_timeout = 2 }) })
         local res = assert(http.get(base .. "/", { stream = true, headers = { Upgrade = "foo",
                                                                                Connection = "Upgrade" } }))
         assert.same({ 101, "foo!" }, { res.status, res:read() })
+        assert.is_true(res:send("bar\n")) -- res:send: bytes of the new protocol to the server
+        assert.equal("got bar", res:read())
         res:close()
+        assert.same({ nil, "closed" }, { res:send("more") })
         assert.same(0, http.pool_stats().idle)
     end)
 

@@ -3,7 +3,9 @@
 -- cannot send: hop-by-hop response headers). Covers the URL and headers sent on, bodies streamed
 -- both ways, status codes, 502 and 504, and that a client going away closes the upstream request;
 -- then WebSockets through it, against an upstream app:websocket (or a raw server that drops):
--- messages, headers, subprotocols, closes both ways, drops, failures, size and order.
+-- messages, headers, subprotocols, closes both ways, drops, failures, an upstream's refusal of the
+-- handshake passed on whole, size and order; other Upgrades through a byte tunnel (both ways,
+-- closes, shutdown, a refusal); and https:// upstreams (a CA, a client certificate).
 local moonlet = require "moonlet"
 local core = require "moonlet.core"
 local test = require "moonlet.test"
@@ -649,6 +651,68 @@ describe("moonlet.proxy", function()
             assert.equal(400, resp.status)
         end)
 
+        it("passes an upstream's refusal of the handshake on: status, end-to-end headers, body", function()
+            -- a raw upstream that answers each handshake otherwise than 101, its body in pieces:
+            -- chunked (with a trailer), by Content-Length, and to the close
+            local server
+            server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    local target = sock:receive("*l"):match("^GET (%S+)")
+                    repeat local line = sock:receive("*l") until not line or line == ""
+                    local head = "X-Hop: 1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: a=1; Path=/\r\n"
+                        .. "Set-Cookie: b=2\r\nLocation: http://127.0.0.1:" .. server:port()
+                        .. "/login?next=%2Fws\r\nContent-Type: text/plain\r\n"
+                        .. "WWW-Authenticate: Bearer realm=\"up\"\r\n"
+                    if target == "/chunked" then
+                        sock:send("HTTP/1.1 401 Unauthorized\r\nConnection: keep-alive, X-Hop\r\n" .. head
+                            .. "Transfer-Encoding: chunked\r\n\r\n6\r\nlog in\r\n")
+                        sock:send("7\r\n first\n\r\n0\r\nX-Trailer: t\r\n\r\n")
+                        sock:receive("*a") -- (a keep-alive answer: the proxy closes the connection)
+                    elseif target == "/length" then
+                        sock:send("HTTP/1.1 403 Forbidden\r\nConnection: X-Hop\r\n" .. head
+                            .. "Content-Length: 13\r\n\r\nnot ")
+                        sock:send("for you\n\n")
+                        sock:receive("*a")
+                    else
+                        sock:send("HTTP/1.1 404 Not Found\r\nConnection: close, X-Hop\r\n" .. head
+                            .. "\r\nno such ")
+                        sock:send("socket\n")
+                    end
+                    sock:close()
+                end))
+            test.defer(function() server:close() end)
+            local port = front({ upstream = "http://127.0.0.1:" .. server:port(), strip_prefix = "/api" })
+            for _, want in ipairs({ { "chunked", 401, "log in first\n" },
+                                    { "length", 403, "not for you\n\n" },
+                                    { "close", 404, "no such socket\n" } }) do
+                local sock = test.connect(port)
+                assert(sock:send(test.format_request("GET", "/api/" .. want[1], { headers = {
+                    Host = "front.example", Upgrade = "websocket", Connection = "Upgrade",
+                    ["Sec-WebSocket-Version"] = "13", ["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ==",
+                } })))
+                local head = read_head(sock)
+                local h = head.headers
+                assert.equal(want[2], head.status)
+                assert.same({ "a=1; Path=/", "b=2" }, h["set-cookie"]) -- each its own line
+                assert.same({ { "http://front.example/api/login?next=%2Fws" }, { 'Bearer realm="up"' },
+                              { "text/plain" } }, { h.location, h["www-authenticate"], h["content-type"] })
+                for _, name in ipairs({ "x-hop", "keep-alive", "upgrade", "transfer-encoding", "x-trailer",
+                                        "sec-websocket-accept" }) do
+                    assert.is_nil(h[name], name)
+                end
+                assert.same({ { tostring(#want[3]) }, 1, 1 }, { h["content-length"], #h.date, #h.server })
+                assert.equal(want[3], sock:receive(#want[3]))
+                sock:close()
+            end
+            -- moonlet.ws.connect tells the same answer
+            local c, err, answer = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/length",
+                                                      { timeout = 5 })
+            assert.same({ nil, "handshake failed: status 403" }, { c, err })
+            assert.same({ 403, "not for you\n\n", "text/plain", "a=1; Path=/\nb=2" },
+                        { answer.status, answer.body, answer.headers["content-type"],
+                          answer.headers["set-cookie"] })
+        end)
+
         it("answers 504 when the upstream does not finish the handshake within timeout", function()
             local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
                 function(sock) sock:receive("*a") end))
@@ -698,6 +762,142 @@ describe("moonlet.proxy", function()
         end)
     end)
 
+    describe("Upgrade tunnel", function()
+        -- A raw upstream speaking a line protocol after "Upgrade: foo/1": it greets, answers each
+        -- line "up: <line>" ("big N": N bytes, "bye": a last line, then it closes), and records
+        -- the request's head and whether the front closed its side. /none answers 404 instead.
+        local function foo_upstream(seen)
+            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    seen.request = sock:receive("*l")
+                    seen.headers = {}
+                    while true do
+                        local line = sock:receive("*l")
+                        if not line or line == "" then break end
+                        local k, v = line:match("^([^:]+):%s*(.*)$")
+                        seen.headers[k:lower()] = v
+                    end
+                    if seen.request:find("/none", 1, true) then
+                        sock:send("HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\nX-Up: no\r\n\r\nnope\n")
+                        return sock:close()
+                    end
+                    sock:send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo/1\r\nConnection: Upgrade\r\n"
+                        .. "X-Up: yes\r\nSet-Cookie: t=1\r\nSet-Cookie: u=2\r\n\r\nhello from upstream\n")
+                    while true do
+                        local line = sock:receive("*l")
+                        if not line then break end
+                        local n = tonumber(line:match("^big (%d+)$"))
+                        if n then
+                            sock:send(("x"):rep(n))
+                        elseif line == "bye" then
+                            sock:send("so long\n")
+                            break
+                        else
+                            sock:send("up: " .. (#line > 100 and "#" .. #line or line) .. "\n")
+                        end
+                    end
+                    seen.closed = true
+                    sock:close()
+                end))
+            test.defer(function() server:close() end)
+            return "http://127.0.0.1:" .. server:port()
+        end
+
+        local function upgrade(port, path, extra)
+            local sock = test.connect(port)
+            test.defer(function() sock:close() end)
+            assert(sock:send("GET " .. path .. " HTTP/1.1\r\nHost: front.example\r\nConnection: Upgrade\r\n"
+                .. "Upgrade: foo/1\r\nX-Client: c\r\n\r\n" .. (extra or "")))
+            return sock, read_head(sock)
+        end
+
+        it("relays the bytes both ways after the upstream's 101, until the client closes", function()
+            local seen = {}
+            local port = front({ upstream = foo_upstream(seen), strip_prefix = "/api" })
+            local before = test.settled_stats()
+            local sock, head = upgrade(port, "/api/t?x=1", "early\n") -- (bytes right after the head)
+            local h = head.headers
+            assert.equal(101, head.status)
+            assert.same({ { "foo/1" }, { "Upgrade" }, { "yes" }, { "t=1", "u=2" } },
+                        { h.upgrade, h.connection, h["x-up"], h["set-cookie"] })
+            assert.same({ "GET /t?x=1 HTTP/1.1", "foo/1", "Upgrade", "c", "127.0.0.1" },
+                        { seen.request, seen.headers.upgrade, seen.headers.connection,
+                          seen.headers["x-client"], seen.headers["x-forwarded-for"] })
+            assert.equal("hello from upstream", sock:receive("*l"))
+            assert.equal("up: early", sock:receive("*l"))
+            assert(sock:send("ping 1\n"))
+            assert.equal("up: ping 1", sock:receive("*l"))
+            -- 4 MiB down and 2 MiB up, intact, through the backpressure of both legs
+            assert(sock:send("big 4194304\n"))
+            local big = assert(sock:receive(4194304))
+            assert.is_true(big == ("x"):rep(4194304))
+            assert(sock:send(("y"):rep(2 * 1024 * 1024) .. "\n"))
+            assert.equal("up: #2097152", sock:receive("*l"))
+            sock:close()
+            assert.truthy(test.wait_until(function() return seen.closed end, 5))
+            assert.truthy(test.wait_until(function()
+                local now = core.stats()
+                return now.tasks <= before.tasks and now.handles <= before.handles
+            end, 5))
+            test.assert_baseline(before)
+        end)
+
+        it("closes the client's connection after the upstream's last bytes when it closes", function()
+            local seen = {}
+            local port = front({ upstream = foo_upstream(seen), strip_prefix = "/api" })
+            local before = test.settled_stats()
+            local sock, head = upgrade(port, "/api/t")
+            assert.equal(101, head.status)
+            assert.equal("hello from upstream", sock:receive("*l"))
+            assert(sock:send("bye\n"))
+            assert.equal("so long", sock:receive("*l"))
+            assert.same({ nil, "closed", "" }, { sock:receive("*l") }) -- (nothing after the last line)
+            sock:close()
+            assert.truthy(test.wait_until(function()
+                local now = core.stats()
+                return now.tasks <= before.tasks and now.handles <= before.handles
+            end, 5))
+            test.assert_baseline(before)
+        end)
+
+        it("ends the tunnel when the server shuts down, leaving nothing open", function()
+            local seen = {}
+            local app = moonlet.app()
+            app:any("/api/*path", moonlet.proxy({ upstream = foo_upstream(seen), strip_prefix = "/api" }))
+            local before = test.settled_stats()
+            local server, port = test.serve(app)
+            local sock, head = upgrade(port, "/api/t")
+            assert.equal(101, head.status)
+            assert.equal("hello from upstream", sock:receive("*l"))
+            server:shutdown()
+            assert.same({ nil, "closed", "" }, { sock:receive("*l") }) -- (nothing after the last line)
+            sock:close()
+            assert.truthy(test.wait_until(function() return seen.closed end, 5))
+            sock:close()
+            server:close()
+            assert.truthy(test.wait_until(function()
+                local now = core.stats()
+                return now.tasks <= before.tasks and now.handles <= before.handles
+            end, 5))
+            test.assert_baseline(before)
+        end)
+
+        it("passes an answer other than 101 on as any other, and upgrade = false sends no Upgrade", function()
+            local seen = {}
+            local base = foo_upstream(seen)
+            local port = front({ upstream = base, strip_prefix = "/api" })
+            local sock, head = upgrade(port, "/api/none")
+            assert.same({ 404, { "no" }, "nope\n" }, { head.status, head.headers["x-up"], sock:receive(5) })
+            assert.equal("foo/1", seen.headers.upgrade)
+            -- upgrade = false: the request goes on as plain HTTP, without its Upgrade
+            seen.headers = nil
+            port = front({ upstream = base, strip_prefix = "/api", upgrade = false })
+            head = select(2, upgrade(port, "/api/none"))
+            assert.equal(404, head.status)
+            assert.is_nil(seen.headers.upgrade)
+        end)
+    end)
+
     it("proxies HTTP and WebSockets to an https:// upstream, checked against tls.cafile", function()
         local certs = test.make_certs()
         test.defer(function() test.remove_certs(certs) end)
@@ -720,6 +920,46 @@ describe("moonlet.proxy", function()
         assert.same({ nil, "handshake failed: status 502" }, { none, err })
         local any = front({ upstream = base, strip_prefix = "/api", tls = { verify = false } })
         assert.equal("https /x", test.request(any, "GET", "/api/x").body)
+    end)
+
+    it("presents tls.cert and tls.key to an upstream that requires a client certificate", function()
+        local certs = test.make_certs()
+        test.defer(function() test.remove_certs(certs) end)
+        local app = moonlet.app()
+        app:websocket("/ws", function(ws) for msg in ws:messages() do ws:send("up: " .. msg) end end)
+        app:get("/*any", function(req) return "client certificate " .. req.target end)
+        local up = test.serving(app, { tls = { cert = certs.cert, key = certs.key, client_ca = certs.ca,
+                                               verify_client = true } })
+        local function through(tls)
+            tls.cafile = certs.ca
+            local port = front({ upstream = "https://127.0.0.1:" .. up, strip_prefix = "/api", tls = tls })
+            local resp = test.request(port, "GET", "/api/x")
+            local c, err = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/ws", { timeout = 5 })
+            local echo = c and c:send("hi") and c:receive(5)
+            if c then c:close(1000) end
+            return { resp.status, resp.body, echo or err }
+        end
+        assert.same({ 200, "client certificate /x", "up: hi" },
+                    through({ cert = certs.client_cert, key = certs.client_key }))
+        -- none, or one of another CA: the upstream refuses the TLS handshake, 502 both ways
+        assert.same({ 502, "502 Bad Gateway\n", "handshake failed: status 502" }, through({}))
+        assert.same({ 502, "502 Bad Gateway\n", "handshake failed: status 502" },
+                    through({ cert = certs.other_client_cert, key = certs.other_client_key }))
+        -- a file that does not load: 502, and the log line names it
+        local lines, log = {}, core.log
+        core.log = function(level, msg) -- luacheck: ignore (the proxy logs through core.log)
+            lines[#lines + 1] = msg
+            return log(level, msg)
+        end
+        test.defer(function() core.log = log end) -- luacheck: ignore
+        local missing = certs.dir .. "/missing.pem"
+        assert.same({ 502, "502 Bad Gateway\n", "handshake failed: status 502" },
+                    through({ cert = missing, key = certs.client_key }))
+        core.log = log -- luacheck: ignore
+        assert.equal(2, #lines)
+        for _, line in ipairs(lines) do
+            assert.truthy(line:find("tls: cannot load certificate (" .. missing .. ")", 1, true), line)
+        end
     end)
 
     it("sets X-Real-IP to req.ip with real_ip, else passes the client's on", function()
@@ -863,7 +1103,10 @@ describe("moonlet.proxy", function()
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", redirect = "default" }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", redirect = { ["/a"] = 1 } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", cookie_path = "/" }) end)
-        assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { cert = "c.pem" } }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { key = "c.key" } }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { cert = true } }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { alpn = "h2" } }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = "http://x", upgrade = "yes" }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { verify = "no" } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", cookie_domain = { a = 1 } }) end)
     end)

@@ -1,8 +1,8 @@
 -- spec/ws_spec.lua: WebSockets over real sockets: moonlet's client against app:websocket for every
 -- requirement (echo 0 B..1 MiB, fragmentation, ping/pong, keep-alive, close codes both ways,
--- subprotocols, Origin, permessage-deflate, backpressure, cancellation), and hand-made frames over
--- raw TCP for what a well-behaved client never sends (unmasked frames, bad opcodes, fragmented or
--- long control frames, oversize messages, invalid UTF-8, bad close codes).
+-- subprotocols, Origin, refused handshakes, permessage-deflate, backpressure, cancellation), and
+-- hand-made frames over raw TCP for what a well-behaved client never sends (unmasked frames, bad
+-- opcodes, fragmented or long control frames, oversize messages, invalid UTF-8, bad close codes).
 local moonlet = require "moonlet"
 local core = require "moonlet.core"
 local test = require "moonlet.test"
@@ -225,6 +225,38 @@ describe("moonlet.ws handshake", function()
         local c, err = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/bad", { timeout = 5 })
         assert.same({ nil, "handshake failed: status 500" }, { c, err }) -- the 101's own: misuse
         assert.has_error(function() moonlet.app():websocket("/x", function() end, { headers = "X: 1" }) end)
+    end)
+
+    it("gives the whole answer of a server that refuses the handshake: status, headers, body", function()
+        local big = ("x"):rep(200 * 1024)
+        local port = serve(function(app)
+            app:get("/private", function(_, res)
+                res:status(401)
+                res:header("WWW-Authenticate", 'Bearer realm="ws"')
+                return "log in first\n"
+            end)
+            app:get("/big", function(_, res) -- streamed: a chunked body that comes in pieces
+                res:status(403)
+                for i = 1, 4 do res:write(big .. i) end
+            end)
+        end)
+        local before = test.settled_stats() -- (the server listening)
+        local c, err, answer = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/private", { timeout = 5 })
+        assert.same({ nil, "handshake failed: status 401" }, { c, err })
+        assert.same({ 401, 'Bearer realm="ws"', "log in first\n" },
+                    { answer.status, answer.headers["www-authenticate"], answer.body })
+        c, err, answer = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/big", { timeout = 5 })
+        assert.same({ nil, "handshake failed: status 403" }, { c, err })
+        assert.same({ 403, "chunked" }, { answer.status, answer.headers["transfer-encoding"] })
+        assert.is_true(answer.body == big .. 1 .. big .. 2 .. big .. 3 .. big .. 4)
+        c, err, answer = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/nowhere", { timeout = 5 })
+        assert.same({ nil, "handshake failed: status 404", 404 }, { c, err, answer.status })
+        assert.truthy(test.wait_until(function() -- each connection closed, nothing left behind
+            local now = core.stats()
+            return now.tasks <= before.tasks and now.handles <= before.handles
+                and now.resources <= before.resources
+        end, 5))
+        test.assert_baseline(before)
     end)
 
     it("passes the request to the handler: params, headers, peer", function()
@@ -820,10 +852,10 @@ describe("moonlet.ws.connect", function()
             app:get("/slow", function() moonlet.sleep(0.5) return "late" end)
         end)
         local p2 = serve(function() end)
-        local ws, err = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/plain", { timeout = 5 })
-        assert.same({ nil, "handshake failed: status 200" }, { ws, err })
-        assert.same({ nil, "handshake failed: status 404" },
-                    { moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/none", { timeout = 5 }) })
+        local ws, err, answer = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/plain", { timeout = 5 })
+        assert.same({ nil, "handshake failed: status 200", "no" }, { ws, err, answer.body })
+        ws, err, answer = moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/none", { timeout = 5 })
+        assert.same({ nil, "handshake failed: status 404", 404 }, { ws, err, answer.status })
         assert.same({ nil, "timeout" },
                     { moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/slow", { timeout = 0.1 }) })
         assert.has_error(function() moonlet.ws.connect("http://x/") end)

@@ -965,6 +965,16 @@ function res_methods:json()
     return v
 end
 
+-- syntax: ok, err = res:send(data) -- a 101 (an Upgrade the request asked for, stream = true):
+-- sends bytes of the new protocol to the server, whose bytes res:read() gives; one sender at a
+-- time, beside one reader. nil, "closed" once the connection is gone; raises on another response.
+function res_methods:send(data)
+    if self.status ~= 101 then error("moonlet.http: res:send is for a 101 response", 2) end
+    local conn = self._conn
+    if not conn then return nil, self._err or "closed" end
+    return sock_wait(conn, conn.send, data, conn.send_timeout)
+end
+
 -- syntax: res:close() -- drops the rest of a streamed body (its connection is closed, not pooled)
 function res_methods:close()
     if not self._done and not rawget(self, "body") then

@@ -12,10 +12,19 @@
 -- A WebSocket opening handshake (GET, Upgrade: websocket) is not sent on as HTTP: the proxy opens
 -- a WebSocket of its own to the upstream (ws:// or wss://, same path and query, the client's
 -- end-to-end headers and subprotocols) with moonlet.ws.connect, and only when that succeeds
--- accepts the client's (with the subprotocol the upstream chose); then two relays pass messages
--- on, one per direction (this handler's task, client to upstream, and a task it spawns). Each leg
--- is a WebSocket of its own: pings, fragments, limits and the close handshake are its own; what
--- crosses is whole messages and the close code and reason.
+-- accepts the client's (with the subprotocol the upstream chose; an upstream that answers other
+-- than 101 has that answer, status, headers and body, passed on as any other); then two relays
+-- pass messages on, one per direction (this handler's task, client to upstream, and a task it
+-- spawns). Each leg is a WebSocket of its own: pings, fragments, limits and the close handshake
+-- are its own; what crosses is whole messages and the close code and reason.
+--
+-- Any other Upgrade (Connection: Upgrade, Upgrade: foo/1; an HTTP/1.1 request without a body) is
+-- sent on with its Upgrade through the HTTP client; an answer other than 101 comes back as any
+-- other, a 101 goes to the client (ws.accept_raw takes its connection over as a byte stream) and
+-- the bytes are relayed both ways until either side closes (nginx's upgrade tunnel).
+--
+-- An https:// upstream is checked against tls.cafile (or the system's CAs); tls.cert and tls.key
+-- present a client certificate to it (nginx's proxy_ssl_certificate), on both kinds of legs.
 --
 -- Several upstreams (upstream = { url, url, ... }, nginx's upstream block with its defaults) take
 -- the requests in turn (round robin). One that fails (no connection, an error or a timeout before
@@ -41,10 +50,12 @@ local ws = require "moonlet.ws"
 local task = require "moonlet.task"
 local lift_deadline = require("moonlet.app").lift_deadline
 local rewrite = require "moonlet.proxy_rewrite"
+local tls_failure = require("moonlet.tcp").tls_failure
 
 local lower, find, sub, match, gmatch = string.lower, string.find, string.sub, string.match,
     string.gmatch
 local type, pairs, tostring, tonumber, pcall, error = type, pairs, tostring, tonumber, pcall, error
+local concat = table.concat
 
 local _M = {}
 
@@ -62,7 +73,7 @@ local OWN_RESPONSE = { date = true, server = true, ["content-length"] = true }
 local OPTIONS = { upstream = true, strip_prefix = true, timeout = true, headers = true,
                   preserve_host = true, websocket = true, redirect = true, cookie_domain = true,
                   cookie_path = true, tls = true, real_ip = true, max_fails = true,
-                  fail_timeout = true, next_upstream = true }
+                  fail_timeout = true, next_upstream = true, upgrade = true }
 
 -- Methods a request of which may be sent again to the next upstream after any failure before the
 -- answer (RFC 9110 9.2.2); the others only when no connection was made.
@@ -74,7 +85,10 @@ local NOT_CONNECTED = { ["connection refused"] = true, ["not found"] = true,
                         ["network unreachable"] = true, ["host unreachable"] = true }
 
 -- The options of `tls = { ... }`, for an https:// upstream (both the HTTP client's and ws.connect's).
-local TLS_OPTIONS = { cafile = "string", server_name = "string", verify = "boolean" }
+-- cert and key: a client certificate (nginx's proxy_ssl_certificate, proxy_ssl_certificate_key;
+-- cert alone: a PEM file that holds both).
+local TLS_OPTIONS = { cafile = "string", server_name = "string", verify = "boolean", cert = "string",
+                      key = "string" }
 
 -- The response headers proxy_rewrite.redirect reads.
 local REDIRECT_HEADERS = { location = true, ["content-location"] = true, refresh = true }
@@ -233,9 +247,10 @@ local function what(peer, req)
 end
 
 -- The answer when the upstream could not be reached or did not answer: 504 for a timeout, else
--- 502 (nginx's), with a line in the error log naming the upstream.
-local function fail(peer, req, res, err)
-    log_error(what(peer, req) .. ": " .. tostring(err))
+-- 502 (nginx's), with a line in the error log naming the upstream (and the file of tls that did
+-- not load: "tls: cannot load certificate (client.pem)"); peer: the upstream tried (nil: none was).
+local function fail(p, peer, req, res, err)
+    log_error(what(peer, req) .. ": " .. tls_failure(err, p.tls))
     res:type("text")
     if err == "timeout" or err == "response body: timeout" then
         res:status(504)
@@ -319,6 +334,16 @@ local function send_next(p, req, method, suffix, headers, body)
     return nil, err, peer
 end
 
+-- The upstream's answer to the request: up, nil, peer or nil, err, peer (send_next's).
+local function request_upstream(p, req, method, suffix, headers, body)
+    if p.npeers == 1 then -- (no loop on the usual path: LuaJIT's trace of the request goes on)
+        local peer = p.peers[1]
+        local up, err = send(p, peer, method, suffix, headers, body)
+        return up, err, peer
+    end
+    return send_next(p, req, method, suffix, headers, body)
+end
+
 -- Passes the messages of `from` on to `to`, each as it came (text or binary), waiting on each send
 -- before the next receive (the backpressure of ws:send), until `from` has closed: `to` is then
 -- closed with its code and reason (no code: a close frame without one; a drop: `gone` and
@@ -362,8 +387,9 @@ local function ws_headers_back(p, peer, req, prefix, h)
 end
 
 -- A WebSocket handshake: the upstream leg first (502/504 when it cannot be had, the upstream's
--- status when it refused the handshake with a 4xx; with several upstreams, the next one after a
--- failure), then the client's, then the relays. suffix: the path and query after the upstream's.
+-- answer, headers and body, when it refused the handshake; with several upstreams, the next one
+-- after a failure), then the client's, then the relays. suffix: the path and query after the
+-- upstream's.
 local function handle_ws(p, req, res, suffix, prefix)
     local status, body, refused = ws.refusal(req)
     if status then return status, body, refused end
@@ -378,32 +404,34 @@ local function handle_ws(p, req, res, suffix, prefix)
     local o = p.websocket
     local tls = p.tls
     local wo = {
-        cafile = tls.cafile, server_name = tls.server_name, verify = tls.verify, timeout = p.timeout,
+        cafile = tls.cafile, server_name = tls.server_name, verify = tls.verify, cert = tls.cert,
+        key = tls.key, timeout = p.timeout,
         headers = headers, protocols = offered, max_message = o.max_message,
         ping_interval = o.ping_interval, idle_timeout = o.idle_timeout, close_timeout = o.close_timeout,
     }
-    local up, err, peer, answered -- (err: the 101's headers when up)
+    local up, err, peer, answer -- (err: the 101's headers when up)
     for _ = 1, p.npeers do
         local cand = pick(p, core_now())
         if not cand then break end
         peer = cand
-        up, err = ws.connect(peer.ws_base .. suffix, wo)
+        up, err, answer = ws.connect(peer.ws_base .. suffix, wo)
         if up then
             succeeded(peer)
             break
         end
-        answered = tonumber(match(err, "^handshake failed: status (4%d%d)$")) -- an answer, not a failure
-        if answered then break end
+        if answer then break end -- the upstream's refusal: an answer, not a failure
         failed(p, peer, core_now())
         if p.npeers == 1 or not next_ok(p, "GET", err, false) then break end
         log_error(what(peer, req) .. ": " .. tostring(err) .. " (trying the next upstream)")
     end
-    if not peer then return fail(nil, req, res, "no live upstreams") end
+    if not peer then return fail(p, nil, req, res, "no live upstreams") end
     if not up then
-        if not answered then return fail(peer, req, res, err) end
-        res:type("text")
-        res:status(answered)
-        return answered .. " (the upstream's answer to the WebSocket handshake)\n"
+        if not answer then return fail(p, peer, req, res, err) end
+        -- the upstream said no (401, 403, 404, a redirect): its answer goes to the client as any
+        -- other response of it would, and the client's handshake is not accepted
+        res:status(answer.status)
+        copy_headers(p, peer, req, prefix, answer, res)
+        return answer.body
     end
     local chosen = up.protocol
     local down, st, b, h = ws.accept(req, {
@@ -433,42 +461,14 @@ local function handle_ws(p, req, res, suffix, prefix)
     end
 end
 
-local function handle(p, req, res)
-    local x = res._x
-    if x then x:cancel_on_hangup() end -- the client's FIN cancels the fetch (nginx's default)
-    local path = raw_path(req)
-    local strip, prefix = p.strip_prefix, ""
-    if strip and sub(path, 1, #strip) == strip then
-        local c = sub(path, #strip + 1, #strip + 1)
-        if c == "" or c == "/" then
-            path, prefix = sub(path, #strip + 1), strip
-            if path == "" then path = "/" end
-        end
-    end
-    local qs = req.query_string
-    local suffix = qs and path .. "?" .. qs or path
+-- The upstream's response up (streamed) from peer to the client: status, end-to-end headers, then
+-- the body piece by piece.
+local function pass_on(p, peer, req, res, prefix, up)
     local method = req.method
-    local rh = req.headers
-    local upgrade = rh.upgrade
-    if upgrade and p.websocket and method == "GET" and find(lower(upgrade), "websocket", 1, true) then
-        return handle_ws(p, req, res, suffix, prefix)
-    end
-    local headers = upstream_headers(req, p)
-    local body
-    local cl, te = tonumber(rh["content-length"]), rh["transfer-encoding"]
-    if (cl and cl > 0) or te then body = req:chunks() end
-    local up, err, peer
-    if p.npeers == 1 then -- (no loop on the usual path: LuaJIT's trace of the request goes on)
-        peer = p.peers[1]
-        up, err = send(p, peer, method, suffix, headers, body)
-    else
-        up, err, peer = send_next(p, req, method, suffix, headers, body)
-    end
-    if not up then return fail(peer, req, res, err) end
-    local first -- (read before the head is copied: a body that fails at once is a 502 of its own)
+    local first, err -- (read before the head is copied: a body that fails at once is a 502 of its own)
     if method ~= "HEAD" then
         first, err = up:read()
-        if err then return fail(peer, req, res, "response body: " .. err) end
+        if err then return fail(p, peer, req, res, "response body: " .. err) end
     end
     res:status(up.status)
     local length = copy_headers(p, peer, req, prefix, up, res)
@@ -490,12 +490,118 @@ local function handle(p, req, res)
     end
 end
 
+-- The bytes of the upstream's side of a tunnel on to the client, until either ends; then the
+-- client's connection is closed (once what was written to it is out).
+local function tunnel_back(up, down)
+    while true do
+        local data = up:read()
+        if not data or not down:send(data, "binary") then break end
+    end
+    down:close()
+end
+
+-- The spawned half of a tunnel: a cancellation (the handler's, below) ends it quietly.
+local function tunnel_task(up, down)
+    local ok, err = pcall(tunnel_back, up, down)
+    if not ok and err ~= task.CANCELLED then error(err, 0) end
+end
+
+-- The 101's header lines for the client: the upstream's Upgrade, then its end-to-end headers as
+-- for any answer (ws_headers_back's checks: a name that is not a token or a value with a control
+-- character is dropped).
+local function upgrade_lines(p, peer, req, prefix, h, upgrade)
+    local out = { "Upgrade: ", h.upgrade or upgrade, "\r\nConnection: Upgrade\r\n" }
+    local listed = connection_tokens(h.connection)
+    for name, value in pairs(h) do
+        if not hop_by_hop(name, listed) and not OWN_RESPONSE[name]
+           and match(name, "^[%w!#$%%&'*+.^_`|~-]+$") and not find(value, "[%z\1-\8\11-\31\127]") then
+            for line in gmatch(rewritten(p, peer, req, prefix, name, value), "[^\n]+") do
+                out[#out + 1] = name .. ": " .. line .. "\r\n"
+            end
+        end
+    end
+    if find(out[2], "[%c]") then return nil end
+    return concat(out)
+end
+
+-- An Upgrade to another protocol than WebSocket (nginx's upgrade tunnel): the request goes on
+-- with its Upgrade; an answer other than 101 comes back as any other; a 101 is passed on and the
+-- bytes then go both ways as they come, client to upstream in this handler's task and upstream to
+-- client in one it spawns, until either side closes (or the upstream says nothing for timeout
+-- seconds, as nginx's proxy_read_timeout); then both connections close and both tasks end.
+local function handle_upgrade(p, req, res, suffix, prefix, upgrade)
+    local headers = upstream_headers(req, p)
+    headers.Upgrade, headers.Connection = upgrade, "Upgrade" -- (hop-by-hop: asked for again)
+    local up, err, peer = request_upstream(p, req, req.method, suffix, headers, nil)
+    if not up then return fail(p, peer, req, res, err) end
+    if up.status ~= 101 then return pass_on(p, peer, req, res, prefix, up) end
+    local lines = upgrade_lines(p, peer, req, prefix, up.headers, upgrade)
+    local down = lines and ws.accept_raw(req, lines)
+    if not down then
+        up:close()
+        return fail(p, peer, req, res, lines and "the client's connection could not be upgraded"
+                                       or "bad Upgrade in the upstream's 101")
+    end
+    res._on_send = false -- the 101 went out without the app's headers, as for app:websocket
+    lift_deadline(res) -- a tunnel outlives any request deadline
+    local back = task.spawn(tunnel_task, up, down)
+    local ok, e = pcall(function()
+        while true do
+            local data = down:receive()
+            if not data or not up:send(data) then break end
+        end
+    end)
+    back:cancel() -- (false when it has ended: the upstream closed first)
+    up:close()
+    down:close()
+    if not ok then error(e, 0) end -- cancelled (server shutdown, the client gone)
+    back:join()
+end
+
+local function handle(p, req, res)
+    local x = res._x
+    if x then x:cancel_on_hangup() end -- the client's FIN cancels the fetch (nginx's default)
+    local path = raw_path(req)
+    local strip, prefix = p.strip_prefix, ""
+    if strip and sub(path, 1, #strip) == strip then
+        local c = sub(path, #strip + 1, #strip + 1)
+        if c == "" or c == "/" then
+            path, prefix = sub(path, #strip + 1), strip
+            if path == "" then path = "/" end
+        end
+    end
+    local qs = req.query_string
+    local suffix = qs and path .. "?" .. qs or path
+    local method = req.method
+    local rh = req.headers
+    local upgrade = rh.upgrade
+    local cl, te = tonumber(rh["content-length"]), rh["transfer-encoding"]
+    if upgrade then
+        if find(lower(upgrade), "websocket", 1, true) then
+            if p.websocket and method == "GET" then
+                return handle_ws(p, req, res, suffix, prefix)
+            end
+        elseif p.upgrade and not te and (cl or 0) == 0 and (connection_tokens(rh.connection) or {}).upgrade
+               and (not x or x:info() == "1.1") then
+            return handle_upgrade(p, req, res, suffix, prefix, upgrade)
+        end
+    end
+    local headers = upstream_headers(req, p)
+    local body
+    if (cl and cl > 0) or te then body = req:chunks() end
+    local up, err, peer = request_upstream(p, req, method, suffix, headers, body)
+    if not up then return fail(p, peer, req, res, err) end
+    return pass_on(p, peer, req, res, prefix, up)
+end
+
 -- syntax: handler = proxy.handler(upstream_url | { upstream = url | { url, ... }, max_fails = 1,
 -- fail_timeout = 10, next_upstream = true, strip_prefix =, timeout =,
 -- headers =, preserve_host =, websocket = true | false | { max_message =, ping_interval =,
 -- idle_timeout =, close_timeout = }, redirect = true | false | { [from] = to },
 -- cookie_domain = { [from] = to }, cookie_path = { [from] = to }, tls = { cafile =, verify =,
--- server_name = }, real_ip = false }) -- raises on a bad option
+-- server_name =, cert =, key = }, real_ip = false, upgrade = true }) -- raises on a bad option; a
+-- cert or key file that does not load is a 502 of each request, logged with the file's name (as a
+-- cafile's); upgrade = false sends an Upgrade other than WebSocket on as plain HTTP without it
 function _M.handler(opts)
     if type(opts) == "string" then opts = { upstream = opts } end
     if type(opts) ~= "table" then
@@ -568,13 +674,18 @@ function _M.handler(opts)
             error("moonlet.proxy: tls option " .. k .. " is a " .. TLS_OPTIONS[k], 2)
         end
     end
+    if tls.key and not tls.cert then error("moonlet.proxy: tls option key needs cert", 2) end
+    if opts.upgrade ~= nil and type(opts.upgrade) ~= "boolean" then
+        error("moonlet.proxy: upgrade must be true or false", 2)
+    end
     local p = {
         peers = peers, npeers = #peers, rr = 0, max_fails = max_fails, fail_timeout = fail_timeout,
         next_upstream = opts.next_upstream ~= false, strip_prefix = strip ~= "" and strip or nil,
         timeout = t, headers = opts.headers, preserve_host = opts.preserve_host and true or false,
         websocket = wso, redirect = redirect, cookie_domain = cdomain, cookie_path = cpath,
-        tls = tls, http_tls = { cafile = tls.cafile, server_name = tls.server_name },
-        real_ip = opts.real_ip and true or false,
+        tls = tls, http_tls = { cafile = tls.cafile, server_name = tls.server_name, cert = tls.cert,
+                              key = tls.key },
+        real_ip = opts.real_ip and true or false, upgrade = opts.upgrade ~= false,
     }
     return function(req, res) return handle(p, req, res) end
 end

@@ -1,5 +1,6 @@
 -- lua/moonlet/ws.lua: WebSockets (RFC 6455) for handlers and clients: the ws object both sides share,
--- moonlet.ws.connect (ws:// and wss://), and the server handshake app:websocket uses (route()).
+-- moonlet.ws.connect (ws:// and wss://), and the server handshake app:websocket uses (route());
+-- ws.accept_raw hands a request's connection over as raw bytes instead (moonlet.proxy's tunnel).
 -- The frames, the queue, the waits and the close handshake live in C (bindings/ws.c over
 -- core/ws.c); this wraps the C object so that every wait passes through task.check (a cancelled
 -- task raises moonlet.CANCELLED) and ws.close_code / ws.close_reason read as fields.
@@ -92,6 +93,11 @@ local function check_opts(opts, level)
     if opts.unix ~= nil and (type(opts.unix) ~= "string" or opts.unix == "" or str_find(opts.unix, "%z")) then
         error("moonlet.ws: option unix is a socket path", level)
     end
+    for _, k in ipairs({ "cafile", "cert", "key", "server_name" }) do
+        if opts[k] ~= nil and type(opts[k]) ~= "string" then
+            error("moonlet.ws: option " .. k .. " is a string", level)
+        end
+    end
     local hs = opts.headers
     if hs ~= nil and type(hs) ~= "table" and type(hs) ~= "function" then
         error("moonlet.ws: option headers is a table or a function", level)
@@ -122,9 +128,12 @@ end
 -- elsewhere (a URL's percent-decoded bytes, a file) before it goes into one
 _M.valid_utf8 = core.utf8_valid
 
--- syntax: ws, err = moonlet.ws.connect(url, { timeout = 2, headers = {...}, protocols = {...},
---   origin = "...", deflate = true, verify = true, cafile = path, max_message = bytes,
---   unix = "/run/app.sock", ... }) -- unix: over that Unix domain socket (the URL gives the Host)
+-- syntax: ws, err, answer = moonlet.ws.connect(url, { timeout = 2, headers = {...},
+--   protocols = {...}, origin = "...", deflate = true, verify = true, cafile = path, cert = path,
+--   key = path, max_message = bytes, unix = "/run/app.sock", ... }) -- unix: over that Unix domain
+--   socket (the URL gives the Host); cert, key: a client certificate for wss://. A server that
+--   answers the handshake with another status than 101: nil, "handshake failed: status 403" and
+--   answer = { status =, headers =, body = } (headers as a 101's; a body of 1 MiB at most)
 function _M.connect(url, opts)
     opts = check_opts(opts, 3)
     if type(url) ~= "string" then error("moonlet.ws.connect: expected a URL", 2) end
@@ -158,13 +167,13 @@ function _M.connect(url, opts)
     end
     local copts = {
         timeout = opts.timeout, tls = tls, verify = opts.verify, cafile = opts.cafile,
-        server_name = opts.server_name or host, deflate = opts.deflate,
+        cert = opts.cert, key = opts.key, server_name = opts.server_name or host, deflate = opts.deflate,
         max_message = opts.max_message, ping_interval = opts.ping_interval,
         idle_timeout = opts.idle_timeout, close_timeout = opts.close_timeout,
         fragment_size = opts.fragment_size, unix = opts.unix,
     }
-    local ud, headers = check(core.ws_connect(host, port, concat(lines, "\r\n") .. "\r\n", copts))
-    if not ud then return nil, headers end
+    local ud, headers, refusal = check(core.ws_connect(host, port, concat(lines, "\r\n") .. "\r\n", copts))
+    if not ud then return nil, headers, refusal end
     local proto = headers["sec-websocket-protocol"]
     if proto then
         local ok = false
@@ -337,6 +346,24 @@ function _M.accept(req, opts)
     req._x = setmetatable({ version, keep_alive, peer, length, h = kept_headers(h), ws = ud }, gone_mt)
     req.headers = nil -- rebuilt from the kept ones on first use
     return wrap(ud, protocol, ext)
+end
+
+-- syntax: conn, err = ws.accept_raw(req, header_lines) -- answers req with a 101 of header_lines
+-- (each "Name: value\r\n", Upgrade and Connection among them) and takes its connection over as a
+-- raw byte stream, for another protocol than WebSocket (moonlet.proxy's upgrade tunnel):
+-- conn:receive() gives the bytes as they come (nil, "closed" at the end), conn:send(bytes,
+-- "binary") writes them (waiting while 256 KiB are unsent), conn:close() ends the connection once
+-- its output is out; no frames, pings or close handshake. nil, err when req cannot be upgraded
+-- (a body, a response started, the connection closing).
+function _M.accept_raw(req, lines)
+    local x = req._x
+    local h = req.headers -- read now: the request is gone once the connection is handed over
+    local version, keep_alive, peer, length = x:info()
+    local ud, err = core.ws_accept_raw(x, lines)
+    if not ud then return nil, err end
+    req._x = setmetatable({ version, keep_alive, peer, length, h = kept_headers(h), ws = ud }, gone_mt)
+    req.headers = nil
+    return wrap(ud)
 end
 
 local CANCELLED = require("moonlet.task").CANCELLED
