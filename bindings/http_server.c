@@ -295,7 +295,7 @@ static const unsigned char tchar[256] = {
     ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
 };
 
-static int valid_token(const char *s, size_t n) {
+int mlua_valid_token(const char *s, size_t n) {
   if (n == 0) return 0;
   for (size_t i = 0; i < n; i++)
     if (!tchar[(unsigned char)s[i]]) return 0;
@@ -309,7 +309,7 @@ static int valid_token(const char *s, size_t n) {
 #define has_less(x, n) (((x)-ONES * (n)) & ~(x) & (ONES * 0x80))
 static int is_ctl(unsigned char ch) { return (ch < 32 && ch != '\t') || ch == 127; }
 
-static int valid_value(const char *s, size_t n) {
+int mlua_valid_value(const char *s, size_t n) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     uint64_t w;
@@ -335,7 +335,7 @@ static void hb_header(lua_State *L, hbuf_t *b, const char *name, size_t nlen, in
   } else {
     v = lua_tolstring(L, vidx, &vlen);
     if (!v) hb_fail(L, b, "moonlet: header %s: value must be a string or a number", name);
-    if (!valid_value(v, vlen))
+    if (!mlua_valid_value(v, vlen))
       hb_fail(L, b, "moonlet: header %s: value holds CR, LF or a control", name);
   }
   hb_reserve(L, b, nlen + vlen + 4);
@@ -425,7 +425,7 @@ static void format_headers(lua_State *L, hbuf_t *b, int ct, int hi) {
     size_t nlen;
     if (lua_type(L, -2) != LUA_TSTRING) hb_fail(L, b, "moonlet: header names are strings%s", "");
     const char *name = lua_tolstring(L, -2, &nlen);
-    if (!valid_token(name, nlen)) hb_fail(L, b, "moonlet: invalid header name %s", name);
+    if (!mlua_valid_token(name, nlen)) hb_fail(L, b, "moonlet: invalid header name %s", name);
     if (nlen >= 4 && nlen <= 17 && owned_header(L, b, name, nlen, lua_gettop(L))) {
       lua_pop(L, 1);
       continue;
