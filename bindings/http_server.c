@@ -657,6 +657,81 @@ static int x_headers(lua_State *L) {
   return 1;
 }
 
+/* Is the field h hop-by-hop (RFC 9110 7.6.1), never forwarded by a proxy: Connection, Keep-Alive,
+ * TE, Trailer, Transfer-Encoding, Upgrade, Expect (the server answers it itself), a Proxy-* field,
+ * or one a Connection field of r lists (tokens between commas and white space, any letter case)?
+ * lua/moonlet/proxy.lua's hop_by_hop, for names that are lower case already. */
+static int is_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); } /* Lua's %s */
+
+static int hop_by_hop(const ml_request_t *r, const ml_header_t *h) {
+  static const char *const hop[] = {"connection",        "keep-alive", "te",    "trailer",
+                                    "transfer-encoding", "upgrade",    "expect"};
+  size_t n = h->name_len;
+  for (size_t i = 0; i < sizeof hop / sizeof hop[0]; i++)
+    if (strlen(hop[i]) == n && memcmp(h->name, hop[i], n) == 0) return 1;
+  if (n >= 6 && memcmp(h->name, "proxy-", 6) == 0) return 1;
+  for (unsigned i = 0; i < r->nheaders; i++) {
+    const ml_header_t *c = &r->headers[i];
+    if (c->name_len != 10 || memcmp(c->name, "connection", 10) != 0) continue;
+    const char *v = c->value, *e = v + c->value_len;
+    while (v < e) {
+      while (v < e && (*v == ',' || is_space(*v)))
+        v++;
+      const char *t = v;
+      while (v < e && *v != ',' && !is_space(*v))
+        v++;
+      if ((size_t)(v - t) == n && n && strncasecmp(t, h->name, n) == 0) return 1;
+    }
+  }
+  return 0;
+}
+
+/* syntax: headers, upgrade, transfer_encoding = x:forward_headers()
+ * What moonlet.proxy sends on of the request's headers (lua/moonlet/proxy.lua upstream_headers):
+ * x:headers() without Host and the hop-by-hop fields (hop_by_hop), in one call rather than a
+ * Lua loop over req.headers (which aborted the JIT trace of every proxied request); and the
+ * Upgrade and Transfer-Encoding values it left out (nil: none), joined as x:headers() joins them.
+ */
+static int x_forward_headers(lua_State *L) {
+  exchange_t *x = check_x(L);
+  if (!x->c) return mlua_push_error(L, UV_EPIPE);
+  const ml_request_t *r = ml_conn_request(x->c);
+  lua_settop(L, 1);
+  lua_createtable(L, 0, (int)r->nheaders + 3); /* 2 (room for X-Forwarded-*) */
+  lua_pushnil(L);                              /* 3: Upgrade */
+  lua_pushnil(L);                              /* 4: Transfer-Encoding */
+  for (unsigned i = 0; i < r->nheaders; i++) {
+    const ml_header_t *h = &r->headers[i];
+    int into = 2;
+    if (h->name_len == 7 && memcmp(h->name, "upgrade", 7) == 0)
+      into = 3;
+    else if (h->name_len == 17 && memcmp(h->name, "transfer-encoding", 17) == 0)
+      into = 4;
+    else if ((h->name_len == 4 && memcmp(h->name, "host", 4) == 0) || hop_by_hop(r, h))
+      continue;
+    if (into == 2) {
+      lua_pushlstring(L, h->name, h->name_len);
+      lua_pushvalue(L, -1);
+      lua_rawget(L, 2);
+    } else {
+      lua_pushvalue(L, into);
+    }
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, h->value, h->value_len);
+    } else {
+      lua_pushstring(L, join_sep(h->name, h->name_len));
+      lua_pushlstring(L, h->value, h->value_len);
+      lua_concat(L, 3);
+    }
+    if (into == 2)
+      lua_rawset(L, 2);
+    else
+      lua_replace(L, into);
+  }
+  return 3;
+}
+
 /* syntax: value = x:header(lowercase_name) -- every line of that header, joined as in x:headers()
  * (join_sep); nothing when there is none */
 static int x_header(lua_State *L) {
@@ -1206,6 +1281,7 @@ void mlua_open_http_server(lua_State *L, moonlet_t *m) {
                                 {"finish", x_finish},
                                 {"send_file", x_send_file},
                                 {"headers", x_headers},
+                                {"forward_headers", x_forward_headers},
                                 {"header", x_header},
                                 {"info", x_info},
                                 {"tls", x_tls},
