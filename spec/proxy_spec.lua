@@ -768,6 +768,19 @@ describe("moonlet.proxy", function()
         assert.equal("203.0.113.9", h["x-real-ip"])
     end)
 
+    -- (req.peer and req.scheme are read from the exchange when nothing read them before)
+    it("sends the scheme moonlet.forwarded took from a trusted proxy, and the peer's address", function()
+        local base = upstream()
+        local app = moonlet.app()
+        app:use(moonlet.forwarded({ trusted = { "127.0.0.1" } }))
+        app:any("/api/*path", moonlet.proxy({ upstream = base, real_ip = true }))
+        local port = test.serving(app)
+        local h = moonlet.json.decode(test.request(port, "GET", "/api/h", { headers = {
+            ["X-Forwarded-For"] = "203.0.113.9", ["X-Forwarded-Proto"] = "https" } }).body).headers
+        assert.same({ "https", "203.0.113.9, 127.0.0.1", "203.0.113.9" },
+            { h["x-forwarded-proto"], h["x-forwarded-for"], h["x-real-ip"] })
+    end)
+
     describe("several upstreams", function()
         -- An upstream app answering its name to anything, counting the requests it had.
         local function named(name)
