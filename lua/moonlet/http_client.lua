@@ -638,7 +638,7 @@ end
 -- token (or not a string), 2, name for a value; nothing when all may. core.http_check_headers
 -- checks the usual table in one C call (a Lua loop here aborted the JIT trace of every request
 -- with headers, which then ran in the interpreter up to its first wait: callgrind, GET /p/b of
--- examples/bench_proxy.lua, 61k -> 52k instructions a request with the formatting below); a value
+-- examples/bench_proxy.lua, 61k -> 50k instructions a request with the formatting below); a value
 -- tostring turns into text (a table, a boolean, ...) is checked here.
 local c_check_headers = core.http_check_headers
 local function check_headers(headers)
