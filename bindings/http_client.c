@@ -22,8 +22,11 @@
  * which this client has always read, and its lenient flags are banned (STYLE.md).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
+#include "../core/numfmt.h"
 #include "mlua.h"
 
 #define MAX_LINE 16384   /* a chunk-size or trailer line */
@@ -520,9 +523,231 @@ malformed:
   return bad(L);
 }
 
+/* -- Request headers -------------------------------------------------------------------------- */
+/* A caller's header table: names are strings, each value a string or a number (or a list of them:
+ * the field is sent once for each). A value of any other type, or a number that has a metatable,
+ * becomes text through tostring, which may call a metamethod: these functions leave such a table
+ * to the client's Lua code (they answer so), and take the usual one in a single call, no Lua loop
+ * (a loop aborts the JIT trace it is met in, and the request that built the table then ran in the
+ * interpreter up to its first wait). Fields come in the order lua_next gives, pairs()'s order. */
+
+/* Each value of a field, as the client sends it. */
+enum { V_OK = 0, V_BAD = 1, V_LUA = 2 };
+
+/* The text of the value at idx (a string, or a number as tostring writes it) in *s, *n (num: room
+ * for a number's text); V_LUA when the client is to make it itself. */
+static int value_text(lua_State *L, int idx, char num[ML_NUMFMT_MAX], const char **s, size_t *n) {
+  int t = lua_type(L, idx);
+  if (t == LUA_TSTRING) {
+    *s = lua_tolstring(L, idx, n);
+    return V_OK;
+  }
+  if (t != LUA_TNUMBER) return V_LUA;
+  if (lua_getmetatable(L, idx)) { /* debug.setmetatable gave numbers a __tostring, maybe */
+    lua_pop(L, 1);
+    return V_LUA;
+  }
+  *n = ml_numfmt_g14(lua_tonumber(L, idx), num);
+  *s = num;
+  return *n ? V_OK : V_LUA;
+}
+
+/* The value at idx (absolute), or each item of a list there: V_OK, V_BAD (a control character),
+ * or V_LUA. */
+static int check_value(lua_State *L, int idx) {
+  char num[ML_NUMFMT_MAX];
+  const char *s;
+  size_t n;
+  if (!lua_istable(L, idx)) {
+    int r = value_text(L, idx, num, &s, &n);
+    return r != V_OK ? r : mlua_valid_value(s, n) ? V_OK : V_BAD;
+  }
+  for (int i = 1;; i++) { /* (ipairs: up to the first nil) */
+    lua_rawgeti(L, idx, i);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      return V_OK;
+    }
+    int r = value_text(L, lua_gettop(L), num, &s, &n);
+    if (r == V_OK && !mlua_valid_value(s, n)) r = V_BAD;
+    lua_pop(L, 1);
+    if (r != V_OK) return r;
+  }
+}
+
+/* syntax: kind, name = core.http_check_headers(headers)
+ * Nothing when every name of the table is a token and every value holds no control character but
+ * HT; else the first field that is not so: 1, name (a name that is not a token, or not a string),
+ * 2, name (a value), or 3 when a value is to be made text by tostring (the client checks the
+ * table in Lua). */
+static int l_check_headers(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  lua_pushnil(L);
+  while (lua_next(L, 1)) { /* key 2, value 3 */
+    size_t n = 0;
+    const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &n) : NULL;
+    int kind = 0, r;
+    if (!k || !mlua_valid_token(k, n))
+      kind = 1;
+    else if ((r = check_value(L, 3)) != V_OK)
+      kind = r == V_BAD ? 2 : 3;
+    lua_pop(L, 1);
+    if (kind) {
+      lua_pushinteger(L, kind);
+      lua_insert(L, 2);
+      return 2;
+    }
+  }
+  return 0;
+}
+
+/* The lower-case names build_request looks for, and the bit each one sets. */
+static const struct {
+  const char *name;
+  size_t len;
+} known_fields[] = {{"host", 4},
+                    {"user-agent", 10},
+                    {"content-length", 14},
+                    {"transfer-encoding", 17},
+                    {"accept-encoding", 15},
+                    {"connection", 10},
+                    {"authorization", 13},
+                    {"proxy-authorization", 19}};
+enum { K_HOST = 0, K_UA, K_CL, K_TE, K_AE, K_CONN, K_AUTH, K_PAUTH, K_COUNT };
+
+/* The header lines being written (the stack's buffer, or the heap's once they outgrow it). */
+typedef struct {
+  char *p;
+  size_t len, cap;
+  char stackbuf[1024];
+} lines_t;
+
+/* Appends "name: value\r\n"; 0, or -1 when out of memory. */
+static int add_line(lines_t *b, const char *k, size_t kn, const char *v, size_t vn) {
+  size_t need = b->len + kn + vn + 4;
+  if (need > b->cap) {
+    size_t cap = b->cap * 2;
+    while (cap < need)
+      cap *= 2;
+    char *p = b->p == b->stackbuf ? malloc(cap) : realloc(b->p, cap);
+    if (!p) return -1;
+    if (b->p == b->stackbuf) memcpy(p, b->stackbuf, b->len);
+    b->p = p;
+    b->cap = cap;
+  }
+  char *p = b->p + b->len;
+  memcpy(p, k, kn);
+  p += kn;
+  *p++ = ':';
+  *p++ = ' ';
+  memcpy(p, v, vn);
+  p += vn;
+  *p++ = '\r';
+  *p++ = '\n';
+  b->len = (size_t)(p - b->p);
+  return 0;
+}
+
+/* Appends the lines of the field name k (kn bytes) whose value is at idx (absolute): V_OK, or
+ * V_LUA (nothing appended then); -1 when out of memory. */
+static int add_field(lua_State *L, lines_t *b, const char *k, size_t kn, int idx) {
+  char num[ML_NUMFMT_MAX];
+  const char *s;
+  size_t n;
+  if (!lua_istable(L, idx)) {
+    int r = value_text(L, idx, num, &s, &n);
+    return r != V_OK ? r : add_line(b, k, kn, s, n);
+  }
+  size_t mark = b->len;
+  for (int i = 1;; i++) {
+    lua_rawgeti(L, idx, i);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      return V_OK;
+    }
+    int r = value_text(L, lua_gettop(L), num, &s, &n);
+    if (r == V_OK) r = add_line(b, k, kn, s, n);
+    lua_pop(L, 1);
+    if (r != V_OK) {
+      b->len = mark;
+      return r;
+    }
+  }
+}
+
+/* syntax: lines, cl, host, ua, te, ae, conn, auth, pauth, own_id =
+ *           core.http_format_headers(headers, id_name)
+ * The "Name: value\r\n" lines of a checked header table (names as the caller spelled them, a list
+ * once per item), what the head must not add again (whether it has a Host, User-Agent,
+ * Transfer-Encoding, Accept-Encoding, Connection, Authorization or Proxy-Authorization field, in
+ * any letter case), the value of its Content-Length field (as the table holds it; nil: none) and
+ * whether it has a field named id_name (lower case; may be nil). nil when a value is to be made
+ * text by tostring: the client formats that table in Lua. Raises when out of memory. */
+static int l_format_headers(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  size_t idn = 0;
+  const char *id = lua_isnoneornil(L, 2) ? NULL : luaL_checklstring(L, 2, &idn);
+  lua_settop(L, 2);
+  lua_pushnil(L); /* 3: the Content-Length value */
+  lines_t b = {.p = b.stackbuf, .len = 0, .cap = sizeof b.stackbuf};
+  int has[K_COUNT] = {0}, own_id = 0, r = V_OK;
+  lua_pushnil(L);
+  while (lua_next(L, 1)) { /* key 4, value 5 */
+    size_t kn;
+    const char *k = lua_tolstring(L, 4, &kn); /* a string: the table was checked */
+    for (int f = 0; f < K_COUNT; f++)
+      if (kn == known_fields[f].len && strncasecmp(k, known_fields[f].name, kn) == 0) {
+        has[f] = 1;
+        if (f == K_CL) {
+          lua_pushvalue(L, 5);
+          lua_replace(L, 3);
+        }
+        break;
+      }
+    if (id && kn == idn && strncasecmp(k, id, kn) == 0) own_id = 1;
+    r = add_field(L, &b, k, kn, 5);
+    lua_pop(L, 1);
+    if (r != V_OK) break;
+  }
+  if (r == V_OK) lua_pushlstring(L, b.p, b.len);
+  if (b.p != b.stackbuf) free(b.p);
+  if (r == V_LUA) return 0;
+  if (r < 0) return luaL_error(L, "moonlet.http: out of memory");
+  lua_pushvalue(L, 3);
+  for (int f = 0; f < K_COUNT; f++)
+    if (f != K_CL) lua_pushboolean(L, has[f]);
+  lua_pushboolean(L, own_id);
+  return 10;
+}
+
+/* syntax: value = core.http_header_named(headers, lname)
+ * The value of the first field (pairs()'s order) of a checked header table whose name is lname
+ * (lower case) in any letter case; nil when there is none. */
+static int l_header_named(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  size_t ln;
+  const char *lname = luaL_checklstring(L, 2, &ln);
+  lua_settop(L, 2);
+  lua_pushnil(L);
+  while (lua_next(L, 1)) {
+    size_t kn;
+    if (lua_type(L, 3) == LUA_TSTRING) {
+      const char *k = lua_tolstring(L, 3, &kn);
+      if (kn == ln && strncasecmp(k, lname, kn) == 0) return 1;
+    }
+    lua_pop(L, 1);
+  }
+  return 0;
+}
+
 void mlua_open_http_client(lua_State *L, moonlet_t *m) {
-  static const luaL_Reg fns[] = {
-      {"http_headers", l_headers}, {"http_dechunk", l_dechunk}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"http_headers", l_headers},
+                                 {"http_dechunk", l_dechunk},
+                                 {"http_check_headers", l_check_headers},
+                                 {"http_format_headers", l_format_headers},
+                                 {"http_header_named", l_header_named},
+                                 {NULL, NULL}};
   mlua_register(L, m, fns);
   lua_pushlightuserdata(L, m);
   lua_pushliteral(L, "OK");

@@ -295,7 +295,7 @@ static const unsigned char tchar[256] = {
     ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
 };
 
-static int valid_token(const char *s, size_t n) {
+int mlua_valid_token(const char *s, size_t n) {
   if (n == 0) return 0;
   for (size_t i = 0; i < n; i++)
     if (!tchar[(unsigned char)s[i]]) return 0;
@@ -309,7 +309,7 @@ static int valid_token(const char *s, size_t n) {
 #define has_less(x, n) (((x)-ONES * (n)) & ~(x) & (ONES * 0x80))
 static int is_ctl(unsigned char ch) { return (ch < 32 && ch != '\t') || ch == 127; }
 
-static int valid_value(const char *s, size_t n) {
+int mlua_valid_value(const char *s, size_t n) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     uint64_t w;
@@ -335,7 +335,7 @@ static void hb_header(lua_State *L, hbuf_t *b, const char *name, size_t nlen, in
   } else {
     v = lua_tolstring(L, vidx, &vlen);
     if (!v) hb_fail(L, b, "moonlet: header %s: value must be a string or a number", name);
-    if (!valid_value(v, vlen))
+    if (!mlua_valid_value(v, vlen))
       hb_fail(L, b, "moonlet: header %s: value holds CR, LF or a control", name);
   }
   hb_reserve(L, b, nlen + vlen + 4);
@@ -425,7 +425,7 @@ static void format_headers(lua_State *L, hbuf_t *b, int ct, int hi) {
     size_t nlen;
     if (lua_type(L, -2) != LUA_TSTRING) hb_fail(L, b, "moonlet: header names are strings%s", "");
     const char *name = lua_tolstring(L, -2, &nlen);
-    if (!valid_token(name, nlen)) hb_fail(L, b, "moonlet: invalid header name %s", name);
+    if (!mlua_valid_token(name, nlen)) hb_fail(L, b, "moonlet: invalid header name %s", name);
     if (nlen >= 4 && nlen <= 17 && owned_header(L, b, name, nlen, lua_gettop(L))) {
       lua_pop(L, 1);
       continue;
@@ -655,6 +655,81 @@ static int x_headers(lua_State *L) {
     lua_rawset(L, -3);
   }
   return 1;
+}
+
+/* Is the field h hop-by-hop (RFC 9110 7.6.1), never forwarded by a proxy: Connection, Keep-Alive,
+ * TE, Trailer, Transfer-Encoding, Upgrade, Expect (the server answers it itself), a Proxy-* field,
+ * or one a Connection field of r lists (tokens between commas and white space, any letter case)?
+ * lua/moonlet/proxy.lua's hop_by_hop, for names that are lower case already. */
+static int is_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); } /* Lua's %s */
+
+static int hop_by_hop(const ml_request_t *r, const ml_header_t *h) {
+  static const char *const hop[] = {"connection",        "keep-alive", "te",    "trailer",
+                                    "transfer-encoding", "upgrade",    "expect"};
+  size_t n = h->name_len;
+  for (size_t i = 0; i < sizeof hop / sizeof hop[0]; i++)
+    if (strlen(hop[i]) == n && memcmp(h->name, hop[i], n) == 0) return 1;
+  if (n >= 6 && memcmp(h->name, "proxy-", 6) == 0) return 1;
+  for (unsigned i = 0; i < r->nheaders; i++) {
+    const ml_header_t *c = &r->headers[i];
+    if (c->name_len != 10 || memcmp(c->name, "connection", 10) != 0) continue;
+    const char *v = c->value, *e = v + c->value_len;
+    while (v < e) {
+      while (v < e && (*v == ',' || is_space(*v)))
+        v++;
+      const char *t = v;
+      while (v < e && *v != ',' && !is_space(*v))
+        v++;
+      if ((size_t)(v - t) == n && n && strncasecmp(t, h->name, n) == 0) return 1;
+    }
+  }
+  return 0;
+}
+
+/* syntax: headers, upgrade, transfer_encoding = x:forward_headers()
+ * What moonlet.proxy sends on of the request's headers (lua/moonlet/proxy.lua upstream_headers):
+ * x:headers() without Host and the hop-by-hop fields (hop_by_hop), in one call rather than a
+ * Lua loop over req.headers (which aborted the JIT trace of every proxied request); and the
+ * Upgrade and Transfer-Encoding values it left out (nil: none), joined as x:headers() joins them.
+ */
+static int x_forward_headers(lua_State *L) {
+  exchange_t *x = check_x(L);
+  if (!x->c) return mlua_push_error(L, UV_EPIPE);
+  const ml_request_t *r = ml_conn_request(x->c);
+  lua_settop(L, 1);
+  lua_createtable(L, 0, (int)r->nheaders + 3); /* 2 (room for X-Forwarded-*) */
+  lua_pushnil(L);                              /* 3: Upgrade */
+  lua_pushnil(L);                              /* 4: Transfer-Encoding */
+  for (unsigned i = 0; i < r->nheaders; i++) {
+    const ml_header_t *h = &r->headers[i];
+    int into = 2;
+    if (h->name_len == 7 && memcmp(h->name, "upgrade", 7) == 0)
+      into = 3;
+    else if (h->name_len == 17 && memcmp(h->name, "transfer-encoding", 17) == 0)
+      into = 4;
+    else if ((h->name_len == 4 && memcmp(h->name, "host", 4) == 0) || hop_by_hop(r, h))
+      continue;
+    if (into == 2) {
+      lua_pushlstring(L, h->name, h->name_len);
+      lua_pushvalue(L, -1);
+      lua_rawget(L, 2);
+    } else {
+      lua_pushvalue(L, into);
+    }
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, h->value, h->value_len);
+    } else {
+      lua_pushstring(L, join_sep(h->name, h->name_len));
+      lua_pushlstring(L, h->value, h->value_len);
+      lua_concat(L, 3);
+    }
+    if (into == 2)
+      lua_rawset(L, 2);
+    else
+      lua_replace(L, into);
+  }
+  return 3;
 }
 
 /* syntax: value = x:header(lowercase_name) -- every line of that header, joined as in x:headers()
@@ -1206,6 +1281,7 @@ void mlua_open_http_server(lua_State *L, moonlet_t *m) {
                                 {"finish", x_finish},
                                 {"send_file", x_send_file},
                                 {"headers", x_headers},
+                                {"forward_headers", x_forward_headers},
                                 {"header", x_header},
                                 {"info", x_info},
                                 {"tls", x_tls},

@@ -239,6 +239,10 @@ size_t mlua_int64_text(lua_State *L, int idx, char buf[24], int *is_unsigned);
 struct ml_tls_s;
 int mlua_push_tls_peer(lua_State *L, const struct ml_tls_s *t);
 const char *mlua_err_string(int uv_err); /* "timeout", "closed", "connection refused", ... */
+/* http_server.c: a header name is a token (RFC 9110 5.6.2), a value holds no control character
+ * but HT (5.5); the server's response headers and the HTTP client's request headers alike */
+int mlua_valid_token(const char *s, size_t n);
+int mlua_valid_value(const char *s, size_t n);
 
 /* Module openers, one per file. */
 int luaopen_moonlet_core(lua_State *L);

@@ -1438,6 +1438,28 @@ describe("moonlet.http misuse", function()
         assert.same({ nil, "connection refused" }, { http.get("http://127.0.0.1:1/",
             { headers = { ["X!#$%&'*+-.^_`|~9"] = "a\tb c \195\169" } }) })
     end)
+
+    -- the usual values are checked and formatted in C (bindings/http_client.c), the others in Lua
+    it("sends numbers, lists and values tostring makes text of as tostring writes them", function()
+        local base = serve(function(app)
+            app:get("/h", function(req)
+                local h = req.headers
+                return { n = h["x-n"], f = h["x-f"], l = h["x-l"], t = h["x-t"], b = h["x-b"],
+                         cl = h["content-length"] }
+            end)
+        end)
+        local json = require "moonlet.json"
+        local named = setmetatable({}, { __tostring = function() return "named" end })
+        local res = assert(http.get(base .. "/h", { headers = { ["X-N"] = 42, ["X-F"] = 0.5,
+            ["X-L"] = { "a", 7 }, ["Content-Length"] = 0 } }))
+        assert.same({ n = "42", f = "0.5", l = "a, 7", cl = "0" }, json.decode(res.body))
+        res = assert(http.get(base .. "/h", { headers = { ["X-B"] = true, ["X-L"] = { named, "b" } } }))
+        assert.same({ b = "true", l = "named, b" }, json.decode(res.body))
+        local bad = setmetatable({}, { __tostring = function() return "a\r\nB: c" end })
+        assert.has_error(function()
+            http.get(base .. "/h", { headers = { ["X-T"] = { "ok", bad } } })
+        end, "moonlet.http: bad value of header X-T")
+    end)
 end)
 
 describe("moonlet.http over TLS", function()

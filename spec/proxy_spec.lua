@@ -115,6 +115,41 @@ describe("moonlet.proxy", function()
         assert.is_true(h.connection == nil or h.connection == "keep-alive") -- the client's own
     end)
 
+    -- (the headers as the client sent them are taken in C, x:forward_headers; the Lua loop when a
+    -- middleware made req.headers, which it may have changed)
+    it("joins repeated request headers and drops what several Connection lines name", function()
+        local base = upstream()
+        local port = front(base)
+        local sock = test.connect(port)
+        assert(sock:send("GET /api/h HTTP/1.1\r\nHost: f\r\nX-R: a\r\nX-R: b\r\nCookie: a=1\r\n"
+            .. "Cookie: b=2\r\nConnection: x-one\r\nConnection:\tX-Two ,close\r\nX-One: 1\r\n"
+            .. "x-two: 2\r\nX-Three: 3\r\nContent-Length: 2\r\n\r\nab"))
+        local resp = assert(test.read_response(sock))
+        sock:close()
+        local got = moonlet.json.decode(resp.body)
+        local h = got.headers
+        assert.same({ "a, b", "a=1; b=2", "3", "ab" }, { h["x-r"], h.cookie, h["x-three"], got.body })
+        assert.is_nil(h["x-one"])
+        assert.is_nil(h["x-two"])
+    end)
+
+    it("sends on the request headers a middleware changed", function()
+        local base = upstream()
+        local app = moonlet.app()
+        app:use(function(req, _, next)
+            req.headers["x-user"] = "bob"
+            req.headers["x-secret"] = nil
+            return next()
+        end)
+        app:any("/api/*path", moonlet.proxy(base))
+        local port = test.serving(app)
+        local resp = test.request(port, "GET", "/api/h",
+            { headers = { ["X-Secret"] = "s", ["X-Kept"] = "k" } })
+        local h = moonlet.json.decode(resp.body).headers
+        assert.same({ "bob", "k" }, { h["x-user"], h["x-kept"] })
+        assert.is_nil(h["x-secret"])
+    end)
+
     it("drops hop-by-hop response headers and keeps every Set-Cookie line", function()
         local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
             function(sock)
@@ -971,6 +1006,19 @@ describe("moonlet.proxy", function()
         h = moonlet.json.decode(test.request(front(base), "GET", "/api/h", { headers = {
             ["X-Real-IP"] = "203.0.113.9" } }).body).headers
         assert.equal("203.0.113.9", h["x-real-ip"])
+    end)
+
+    -- (req.peer and req.scheme are read from the exchange when nothing read them before)
+    it("sends the scheme moonlet.forwarded took from a trusted proxy, and the peer's address", function()
+        local base = upstream()
+        local app = moonlet.app()
+        app:use(moonlet.forwarded({ trusted = { "127.0.0.1" } }))
+        app:any("/api/*path", moonlet.proxy({ upstream = base, real_ip = true }))
+        local port = test.serving(app)
+        local h = moonlet.json.decode(test.request(port, "GET", "/api/h", { headers = {
+            ["X-Forwarded-For"] = "203.0.113.9", ["X-Forwarded-Proto"] = "https" } }).body).headers
+        assert.same({ "https", "203.0.113.9, 127.0.0.1", "203.0.113.9" },
+            { h["x-forwarded-proto"], h["x-forwarded-for"], h["x-real-ip"] })
     end)
 
     describe("several upstreams", function()

@@ -395,13 +395,12 @@ local function without(headers, drop)
     return copy
 end
 
--- The value of the header whose lower-case name is lname, under any spelling, or nil.
+-- The value of the header whose lower-case name is lname, under any spelling, or nil (the first in
+-- pairs()'s order; bindings/http_client.c, a C call rather than a loop: see build_request).
+local c_header_named = core.http_header_named
 local function header_named(headers, lname)
     if not headers then return nil end
-    for k, v in pairs(headers) do
-        if lower(k) == lname then return v end
-    end
-    return nil
+    return c_header_named(headers, lname)
 end
 
 -- -- Proxies ------------------------------------------------------------------------------------
@@ -635,6 +634,60 @@ local function bad_value(s)
     return find(s, "[%z\1-\8\10-\31\127]") ~= nil
 end
 
+-- The first field of headers (a table) that may not be sent: 1, name for a name that is not a
+-- token (or not a string), 2, name for a value; nothing when all may. core.http_check_headers
+-- checks the usual table in one C call (a Lua loop here aborted the JIT trace of every request
+-- with headers, which then ran in the interpreter up to its first wait: callgrind, GET /p/b of
+-- examples/bench_proxy.lua, 61k -> 50k instructions a request with the formatting below); a value
+-- tostring turns into text (a table, a boolean, ...) is checked here.
+local c_check_headers = core.http_check_headers
+local function check_headers(headers)
+    local kind, name = c_check_headers(headers)
+    if kind ~= 3 then return kind, name end
+    for k, v in pairs(headers) do
+        if type(k) ~= "string" or bad_name(k) then return 1, k end
+        if type(v) == "table" then
+            for _, x in ipairs(v) do
+                if bad_value(tostring(x)) then return 2, k end
+            end
+        elseif bad_value(tostring(v)) then
+            return 2, k
+        end
+    end
+end
+
+-- The header lines of headers (a checked table) and what build_request must not add again:
+-- core.http_format_headers in one C call (no loop in the trace of the request; see check_headers),
+-- or this loop for a table with a value tostring turns into text (the C function declines it).
+local format_headers = core.http_format_headers
+local function format_headers_lua(headers, id_name)
+    local parts, n = {}, 0
+    local cl, host, ua, te, ae, conn, auth, pauth, own_id
+    for k, v in pairs(headers) do
+        local lk = lower_name(k)
+        if lk == id_name then own_id = true end
+        if lk == "host" then host = true
+        elseif lk == "user-agent" then ua = true
+        elseif lk == "content-length" then cl = v
+        elseif lk == "transfer-encoding" then te = true
+        elseif lk == "accept-encoding" then ae = true
+        elseif lk == "connection" then conn = true
+        elseif lk == "authorization" then auth = true
+        elseif lk == "proxy-authorization" then pauth = true
+        end
+        if type(v) == "table" then
+            for _, x in ipairs(v) do
+                parts[n + 1], parts[n + 2], parts[n + 3], parts[n + 4] = k, ": ", tostring(x), "\r\n"
+                n = n + 4
+            end
+        else
+            parts[n + 1], parts[n + 2], parts[n + 3], parts[n + 4] = k, ": ", tostring(v), "\r\n"
+            n = n + 4
+        end
+    end
+    return concat(parts, "", 1, n), cl, host, ua, te, ae, conn, auth, pauth, own_id
+end
+
 -- The request head (and a small body appended) as one string; for a body made by a function,
 -- whether it is to be sent with chunked framing (it is unless the headers give a Content-Length)
 -- and that Content-Length.
@@ -656,30 +709,18 @@ local function build_request(method, u, target, headers, body, o, decompress, px
     local parts = { method, " ", px and u.scheme .. "://" .. u.hostport .. target or target, " HTTP/1.1\r\n" }
     local n = 4
     local has_host, has_ua, has_cl, has_te, has_ae, has_conn, has_auth, has_pauth
-    local id_name = id and lower_name(id_header)
     if headers then
-        for k, v in pairs(headers) do
-            local lk = lower_name(k)
-            if lk == id_name then id = nil end -- the call's own
-            if lk == "host" then has_host = true
-            elseif lk == "user-agent" then has_ua = true
-            elseif lk == "content-length" then has_cl = tonumber(type(v) == "table" and v[1] or v) or -1
-            elseif lk == "transfer-encoding" then has_te = true
-            elseif lk == "accept-encoding" then has_ae = true
-            elseif lk == "connection" then has_conn = true
-            elseif lk == "authorization" then has_auth = true
-            elseif lk == "proxy-authorization" then has_pauth = true
-            end
-            if type(v) == "table" then
-                for _, x in ipairs(v) do
-                    parts[n + 1], parts[n + 2], parts[n + 3], parts[n + 4] = k, ": ", tostring(x), "\r\n"
-                    n = n + 4
-                end
-            else
-                parts[n + 1], parts[n + 2], parts[n + 3], parts[n + 4] = k, ": ", tostring(v), "\r\n"
-                n = n + 4
-            end
+        local lines, cl, own_id
+        lines, cl, has_host, has_ua, has_te, has_ae, has_conn, has_auth, has_pauth, own_id =
+            format_headers(headers, id and lower_name(id_header))
+        if not lines then
+            lines, cl, has_host, has_ua, has_te, has_ae, has_conn, has_auth, has_pauth, own_id =
+                format_headers_lua(headers, id and lower_name(id_header))
         end
+        if own_id then id = nil end -- the call's own
+        if cl ~= nil then has_cl = tonumber(type(cl) == "table" and cl[1] or cl) or -1 end
+        n = n + 1
+        parts[n] = lines
     end
     if not has_host then
         parts[n + 1], parts[n + 2] = "Host: ", u.hostport .. "\r\n"
@@ -1307,20 +1348,9 @@ local function request(method, url, o, body, level)
         error("moonlet.http: headers must be a table", level)
     end
     if headers ~= nil then
-        for k, v in pairs(headers) do
-            if type(k) ~= "string" or bad_name(k) then
-                error("moonlet.http: bad header name " .. tostring(k), level)
-            end
-            if type(v) == "table" then
-                for _, x in ipairs(v) do
-                    if bad_value(tostring(x)) then
-                        error("moonlet.http: bad value of header " .. k, level)
-                    end
-                end
-            elseif bad_value(tostring(v)) then
-                error("moonlet.http: bad value of header " .. k, level)
-            end
-        end
+        local bad, k = check_headers(headers)
+        if bad == 1 then error("moonlet.http: bad header name " .. tostring(k), level) end
+        if bad == 2 then error("moonlet.http: bad value of header " .. k, level) end
     end
     local js, form = o.json, o.form
     if js ~= nil or form ~= nil then

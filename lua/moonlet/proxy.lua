@@ -54,7 +54,8 @@ local tls_failure = require("moonlet.tcp").tls_failure
 
 local lower, find, sub, match, gmatch = string.lower, string.find, string.sub, string.match,
     string.gmatch
-local type, pairs, tostring, tonumber, pcall, error = type, pairs, tostring, tonumber, pcall, error
+local type, pairs, tostring, tonumber, pcall, error, rawget = type, pairs, tostring, tonumber, pcall,
+    error, rawget
 local concat = table.concat
 
 local _M = {}
@@ -153,23 +154,36 @@ local function raw_path(req)
     return path
 end
 
--- The request headers for the upstream: the client's end-to-end ones, Host (the upstream's unless
--- preserve_host), X-Forwarded-For with the address this connection came from appended,
--- X-Forwarded-Proto and -Host, then the options' headers (false removes one).
-local function upstream_headers(req, p)
-    local out = {}
-    local h = req.headers
-    local listed = connection_tokens(h.connection)
-    for name, value in pairs(h) do
-        if name ~= "host" and not hop_by_hop(name, listed) then out[name] = value end
+-- The request headers for the upstream: the client's end-to-end ones (out: those already, made by
+-- x:forward_headers; else taken from req.headers here), Host (the upstream's unless preserve_host),
+-- X-Forwarded-For with the address this connection came from appended, X-Forwarded-Proto and
+-- -Host, then the options' headers (false removes one).
+local function upstream_headers(req, p, out)
+    if not out then
+        out = {}
+        local h = req.headers
+        local listed = connection_tokens(h.connection)
+        for name, value in pairs(h) do
+            if name ~= "host" and not hop_by_hop(name, listed) then out[name] = value end
+        end
     end
-    local peer = req.peer
+    -- req.peer and req.scheme as reading them gives them, but from one x:info() call when they
+    -- are not in req yet, not through request.lua's lazy fields: those set five more fields in
+    -- req, which then grows its table (callgrind, GET /p/b of examples/bench_proxy.lua: 46.1k ->
+    -- 44.0k instructions a request). (Reading req.peer fills req.scheme too, from the exchange:
+    -- the same here.)
+    local peer, scheme = rawget(req, "peer"), rawget(req, "scheme")
+    if peer == nil or scheme == nil then
+        local version, _, xpeer, _, xscheme = req._x:info()
+        if version == nil then xpeer, xscheme = false, false end -- (the connection is gone)
+        if peer == nil then peer, scheme = xpeer, xscheme else scheme = xscheme end
+    end
     local addr = peer and peer_addr(peer)
     if addr then
         local xff = out["x-forwarded-for"]
         out["x-forwarded-for"] = xff and xff .. ", " .. addr or addr
     end
-    out["x-forwarded-proto"] = req.scheme or nil
+    out["x-forwarded-proto"] = scheme or nil
     out["x-forwarded-host"] = req.host
     if p.real_ip then out["x-real-ip"] = req.ip end -- (nginx's $remote_addr: under moonlet.forwarded,
                                                       -- the client's)
@@ -573,20 +587,31 @@ local function handle(p, req, res)
     local qs = req.query_string
     local suffix = qs and path .. "?" .. qs or path
     local method = req.method
-    local rh = req.headers
-    local upgrade = rh.upgrade
-    local cl, te = tonumber(rh["content-length"]), rh["transfer-encoding"]
+    -- the client's end-to-end headers: made in C (x:forward_headers) from the request as it came,
+    -- unless req.headers was made (a middleware may have changed it): a Lua loop over it aborted
+    -- the JIT trace of every request (callgrind, GET /p/b of examples/bench_proxy.lua: 50.0k ->
+    -- 46.6k instructions a request)
+    local fwd, upgrade, te, cl
+    if x and rawget(req, "headers") == nil then fwd, upgrade, te = x:forward_headers() end
+    if fwd then
+        cl = fwd["content-length"]
+    else
+        local rh = req.headers
+        upgrade, te, cl = rh.upgrade, rh["transfer-encoding"], rh["content-length"]
+    end
+    cl = tonumber(cl)
     if upgrade then
         if find(lower(upgrade), "websocket", 1, true) then
             if p.websocket and method == "GET" then
                 return handle_ws(p, req, res, suffix, prefix)
             end
-        elseif p.upgrade and not te and (cl or 0) == 0 and (connection_tokens(rh.connection) or {}).upgrade
+        elseif p.upgrade and not te and (cl or 0) == 0
+               and (connection_tokens(req.headers.connection) or {}).upgrade
                and (not x or x:info() == "1.1") then
             return handle_upgrade(p, req, res, suffix, prefix, upgrade)
         end
     end
-    local headers = upstream_headers(req, p)
+    local headers = upstream_headers(req, p, fwd)
     local body
     if (cl and cl > 0) or te then body = req:chunks() end
     local up, err, peer = request_upstream(p, req, method, suffix, headers, body)
