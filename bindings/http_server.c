@@ -624,16 +624,27 @@ static int x_send_file(lua_State *L) {
 
 /* -- Request data ------------------------------------------------------------------------ */
 
-/* syntax: headers = x:headers() -- lower-case names; repeated headers joined with ", ", but Cookie
- * lines with "; ": they are one cookie list (RFC 9113 8.2.3, nginx's $http_cookie), and a comma
- * inside it would end up in a cookie's value */
 /* How repeated lines of a header join: ", ", but Cookie lines with "; ": they are one cookie list
  * (RFC 9113 8.2.3, nginx's $http_cookie), and a comma inside it would end up in a cookie's value.
- * The one rule for x:headers() and x:header(). */
+ * The one rule for x:headers(), x:forward_headers() and x:header(). */
 static const char *join_sep(const char *name, size_t n) {
   return n == 6 && memcmp(name, "cookie", 6) == 0 ? "; " : ", ";
 }
 
+/* Replaces the value on top of the stack (nil before the header's first line) with it joined with
+ * line h's value. */
+static void join_value(lua_State *L, const ml_header_t *h) {
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_pushlstring(L, h->value, h->value_len);
+  } else {
+    lua_pushstring(L, join_sep(h->name, h->name_len));
+    lua_pushlstring(L, h->value, h->value_len);
+    lua_concat(L, 3);
+  }
+}
+
+/* syntax: headers = x:headers() -- lower-case names; repeated headers joined (join_sep) */
 static int x_headers(lua_State *L) {
   exchange_t *x = check_x(L);
   if (!x->c) return mlua_push_error(L, UV_EPIPE);
@@ -644,14 +655,7 @@ static int x_headers(lua_State *L) {
     lua_pushlstring(L, h->name, h->name_len);
     lua_pushvalue(L, -1);
     lua_rawget(L, -3);
-    if (lua_isnil(L, -1)) {
-      lua_pop(L, 1);
-      lua_pushlstring(L, h->value, h->value_len);
-    } else {
-      lua_pushstring(L, join_sep(h->name, h->name_len));
-      lua_pushlstring(L, h->value, h->value_len);
-      lua_concat(L, 3);
-    }
+    join_value(L, h);
     lua_rawset(L, -3);
   }
   return 1;
@@ -716,14 +720,7 @@ static int x_forward_headers(lua_State *L) {
     } else {
       lua_pushvalue(L, into);
     }
-    if (lua_isnil(L, -1)) {
-      lua_pop(L, 1);
-      lua_pushlstring(L, h->value, h->value_len);
-    } else {
-      lua_pushstring(L, join_sep(h->name, h->name_len));
-      lua_pushlstring(L, h->value, h->value_len);
-      lua_concat(L, 3);
-    }
+    join_value(L, h);
     if (into == 2)
       lua_rawset(L, 2);
     else

@@ -1070,6 +1070,26 @@ static int valid_header_value(const char *s) {
   return 1;
 }
 
+/* Answers the request of exchange x (stack slot 1) with the 101 head[0, len) and takes its
+ * connection over for ws, which is open from then on: pushes its box and returns 1, or frees ws,
+ * pushes nil, err and returns 0 when the exchange cannot upgrade. */
+static int upgrade(lua_State *L, moonlet_t *m, ws_t *ws, const char *head, size_t len) {
+  int err = 0;
+  ml_conn_t *c = mlua_exchange_upgrade(L, 1, head, len, &srv_callbacks, ws, &err);
+  if (!c) {
+    ws_free(ws);
+    push_err(L, err);
+    return 0;
+  }
+  ws->c = c;
+  ws->refs++; /* the connection's */
+  mlua_res_link(m, &ws->res, ws_res_close);
+  ws->linked = 1;
+  ws->phase = PH_OPEN;
+  push_box(L, ws);
+  return 1;
+}
+
 /* syntax: ws, extensions = core.ws_accept(x, key, protocol, offer, opts, extra) -- answers 101 and
  * turns the request's connection into a WebSocket; protocol: the chosen subprotocol or nil; offer:
  * the Sec-WebSocket-Extensions header or nil; opts: max_message, ping_interval, idle_timeout,
@@ -1115,18 +1135,7 @@ static int l_accept(lua_State *L) {
     lua_concat(L, 2);
     head = lua_tolstring(L, -1, &headlen); /* (stays on the stack until we return) */
   }
-  int err = 0;
-  ml_conn_t *c = mlua_exchange_upgrade(L, 1, head, headlen, &srv_callbacks, ws, &err);
-  if (!c) {
-    ws_free(ws);
-    return push_err(L, err);
-  }
-  ws->c = c;
-  ws->refs++; /* the connection's */
-  mlua_res_link(m, &ws->res, ws_res_close);
-  ws->linked = 1;
-  ws->phase = PH_OPEN;
-  push_box(L, ws);
+  if (!upgrade(L, m, ws, head, headlen)) return 2; /* nil, err */
   if (ext[0])
     lua_pushstring(L, ext);
   else
@@ -1150,18 +1159,7 @@ static int l_accept_raw(lua_State *L) {
   read_settings(L, 0, ws);
   ws->raw = 1;
   ws->ping_interval = ws->idle_timeout = 0;
-  int err = 0;
-  ml_conn_t *c = mlua_exchange_upgrade(L, 1, head, hlen, &srv_callbacks, ws, &err);
-  if (!c) {
-    ws_free(ws);
-    return push_err(L, err);
-  }
-  ws->c = c;
-  ws->refs++; /* the connection's */
-  mlua_res_link(m, &ws->res, ws_res_close);
-  ws->linked = 1;
-  ws->phase = PH_OPEN;
-  push_box(L, ws);
+  if (!upgrade(L, m, ws, head, hlen)) return 2; /* nil, err */
   return 1;
 }
 
