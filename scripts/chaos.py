@@ -280,7 +280,8 @@ def misbehave_http(rng, port, path, method="GET", body=None):
         else:
             s.sendall(req.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n", 1))
             data = b""
-            while len(data) < 2_000_000:
+            end = time.time() + 3  # (a stream may never end: an SSE one sends a comment every 0.5 s)
+            while len(data) < 2_000_000 and time.time() < end:
                 b = s.recv(65536)
                 if not b:
                     break
