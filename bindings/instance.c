@@ -486,6 +486,16 @@ int luaopen_moonlet_core(lua_State *L) {
 
 static void on_signal(uv_signal_t *h, int signum) {
   moonlet_t *m = h->data;
+  if (m->tearing_down) { /* moonlet_free runs: everything is closing already */
+    if (m->teardown_waiting && (signum == SIGINT || signum == SIGTERM)) {
+      /* ... but waits for a thread-pool job (a work function that never returns): a second
+       * signal ends the process there, as "closes everything at once" says */
+      ml_log(&m->log, ML_LOG_WARN, "second signal: a thread-pool job still runs: exiting now");
+      signal(signum, SIG_DFL);
+      raise(signum);
+    }
+    return;
+  }
   if (signum == SIGUSR1) { /* nginx's reopen: logrotate moved the files */
     mlua_log_reopen(m);
     return;
@@ -751,9 +761,13 @@ void moonlet_stop(moonlet_t *m) {
   mlua_http_servers_stop(m);
 }
 
+static int is_signal_of(moonlet_t *m, uv_handle_t *h) {
+  return m->signals_on && (h == (uv_handle_t *)&m->sig_int || h == (uv_handle_t *)&m->sig_term ||
+                           h == (uv_handle_t *)&m->sig_hup || h == (uv_handle_t *)&m->sig_usr1);
+}
+
 static void close_walk(uv_handle_t *h, void *arg) {
-  (void)arg;
-  if (!uv_is_closing(h)) uv_close(h, NULL);
+  if (!uv_is_closing(h) && !is_signal_of(arg, h)) uv_close(h, NULL);
 }
 
 static void count_closing(uv_handle_t *h, void *arg) {
@@ -775,12 +789,9 @@ void moonlet_free(moonlet_t *m) {
    * parked task's cancel callback would touch, and a connection's on_close comes after them. */
   m->tearing_down = 1;
   mlua_http_servers_close(m);
-  if (m->signals_on) {
-    uv_close((uv_handle_t *)&m->sig_int, NULL);
-    uv_close((uv_handle_t *)&m->sig_term, NULL);
-    uv_close((uv_handle_t *)&m->sig_hup, NULL);
-    uv_close((uv_handle_t *)&m->sig_usr1, NULL);
-  }
+  /* The signal handles close last (below): closed, libuv puts back SIG_DFL, and a second SIGTERM
+   * while the rest is freed (a finalizer, the access log's last lines, the pid file) would end
+   * the process there. Until then on_signal ignores what comes (tearing_down). */
   while (m->resources) { /* each unlinks itself and frees from its close callback */
     mlua_res_t *r = m->resources;
     mlua_res_unlink(m, r);
@@ -792,9 +803,11 @@ void moonlet_free(moonlet_t *m) {
   for (int i = 0; i < 1000 && (m->servers || closing_count(m->loop) > 0); i++)
     uv_run(m->loop, UV_RUN_NOWAIT);
   if (m->owns_loop) {
-    uv_walk(m->loop, close_walk, NULL); /* what is left: timers of parked tasks, ... */
+    uv_walk(m->loop, close_walk, m); /* what is left: timers of parked tasks, ...; signals stay */
+    m->teardown_waiting = 1;
     for (int i = 0; i < 100 && uv_run(m->loop, UV_RUN_DEFAULT) != 0; i++) {
     } /* again when a close callback called uv_stop (a server of a stopping instance) */
+    m->teardown_waiting = 0;
   }
   mlua_task_t **tasks = mlua_sched_detach(m);
   lua_close(m->L); /* finalizers may still look at task structs: they are freed after */
@@ -807,6 +820,14 @@ void moonlet_free(moonlet_t *m) {
   remove_pid_file(m);
   free(m->pid_path);
   if (m->embed_on) uv_mutex_destroy(&m->post_lock);
+  if (m->signals_on) {
+    uv_close((uv_handle_t *)&m->sig_int, NULL);
+    uv_close((uv_handle_t *)&m->sig_term, NULL);
+    uv_close((uv_handle_t *)&m->sig_hup, NULL);
+    uv_close((uv_handle_t *)&m->sig_usr1, NULL);
+    for (int i = 0; i < 1000 && closing_count(m->loop) > 0; i++)
+      uv_run(m->loop, UV_RUN_NOWAIT);
+  }
   if (m->owns_loop) {
     int r = uv_loop_close(&m->own_loop);
     if (r < 0)

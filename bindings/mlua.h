@@ -81,6 +81,7 @@ struct moonlet_s {
   pid_t pid;            /* ... that wrote it (this one's id then) */
   int freeing;          /* moonlet_free is closing the Lua state: no task is resumed */
   int tearing_down;     /* moonlet_free has begun: no task is cancelled (waits are being freed) */
+  int teardown_waiting; /* moonlet_free runs its own loop until what the thread pool runs ends */
   int stopping;         /* moonlet_stop was called */
   int exit_code;
   int dispatch_ref;       /* registry ref of the framework's request dispatcher */
