@@ -169,7 +169,7 @@ bench: $(BUILD)/moonlet $(if $(SANFLAGS),,static)
 	@sh scripts/bench.sh
 
 lint: $(DEPS_OK)
-	luacheck lua apps examples spec
+	luacheck lua apps examples spec scripts
 	clang-format --dry-run -Werror core/*.[ch] bindings/*.[ch] cli/*.c
 
 clean:
