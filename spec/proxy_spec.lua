@@ -133,6 +133,26 @@ describe("moonlet.proxy", function()
         assert.is_nil(h["x-two"])
     end)
 
+    it("sends the body on when Connection names Content-Length, as when req.headers was made", function()
+        local base = upstream()
+        local app = moonlet.app()
+        app:use(function(req, _, next)
+            if req.path == "/lua" then local _ = req.headers end -- (the Lua loop, not x:forward_headers)
+            return next()
+        end)
+        app:any("/*path", moonlet.proxy(base))
+        local port = test.serving(app)
+        for _, path in ipairs({ "/c", "/lua" }) do
+            local sock = test.connect(port)
+            assert(sock:send("POST " .. path .. " HTTP/1.1\r\nHost: f\r\nConnection: content-length\r\n"
+                .. "Content-Length: 5\r\n\r\nhello"))
+            local resp = assert(test.read_response(sock))
+            sock:close()
+            assert.equal(200, resp.status)
+            assert.equal("hello", moonlet.json.decode(resp.body).body, path)
+        end
+    end)
+
     it("sends on the request headers a middleware changed", function()
         local base = upstream()
         local app = moonlet.app()

@@ -592,10 +592,8 @@ local function handle(p, req, res)
     -- the JIT trace of every request (callgrind, GET /p/b of examples/bench_proxy.lua: 50.0k ->
     -- 46.6k instructions a request)
     local fwd, upgrade, te, cl
-    if x and rawget(req, "headers") == nil then fwd, upgrade, te = x:forward_headers() end
-    if fwd then
-        cl = fwd["content-length"]
-    else
+    if x and rawget(req, "headers") == nil then fwd, upgrade, te, cl = x:forward_headers() end
+    if not fwd then
         local rh = req.headers
         upgrade, te, cl = rh.upgrade, rh["transfer-encoding"], rh["content-length"]
     end
