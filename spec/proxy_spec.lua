@@ -1124,6 +1124,34 @@ describe("moonlet.proxy", function()
             assert.equal(2, nb.count)
         end)
 
+        it("tries each at most once, whatever turns other requests took while it waited", function()
+            -- "a" holds its first connection until released, then closes it unanswered; it closes
+            -- any later one at once
+            local release, held = moonlet.event(), moonlet.event()
+            local na = { count = 0 }
+            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    na.count = na.count + 1
+                    if na.count == 1 then
+                        repeat local line = sock:receive("*l") until not line or line == ""
+                        held:set()
+                        release:wait(5)
+                    end
+                    sock:close()
+                end))
+            test.defer(function() release:set(); server:close() end)
+            local b = named("b")
+            local port = front({ upstream = { "http://127.0.0.1:" .. server:port(), b },
+                                 strip_prefix = "/api", max_fails = 0 })
+            local first = moonlet.spawn(function() return test.request(port, "GET", "/api/x") end)
+            assert.is_true(held:wait(5)) -- the first request waits on "a"
+            local second = test.request(port, "GET", "/api/x") -- "b"'s turn
+            assert.same({ 200, "b" }, { second.status, second.body })
+            release:set() -- "a" fails the first request: it goes on to "b", not to "a" again
+            local ok, resp = first:join()
+            assert.same({ true, 200, "b", 1 }, { ok, resp.status, resp.body, na.count })
+        end)
+
         it("tries no other with next_upstream = false", function()
             local dead, seen = closing()
             local b = named("b")
