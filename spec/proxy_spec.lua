@@ -1176,6 +1176,44 @@ describe("moonlet.proxy", function()
             end
         end)
 
+        it("opens a WebSocket on an upstream it has not tried, whatever turns others took", function()
+            local release, held = moonlet.event(), moonlet.event()
+            local na = { count = 0 }
+            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    na.count = na.count + 1
+                    if na.count == 1 then
+                        repeat local line = sock:receive("*l") until not line or line == ""
+                        held:set()
+                        release:wait(5)
+                    end
+                    sock:close()
+                end))
+            test.defer(function() release:set(); server:close() end)
+            local app = moonlet.app()
+            app:websocket("/ws", function(ws)
+                for msg in ws:messages() do ws:send("up: " .. msg) end
+            end)
+            local up = test.serving(app)
+            local port = front({ upstream = { "http://127.0.0.1:" .. server:port(),
+                                              "http://127.0.0.1:" .. up },
+                                 strip_prefix = "/api", max_fails = 0 })
+            local url = "ws://127.0.0.1:" .. port .. "/api/ws"
+            local first = moonlet.spawn(function()
+                local c = assert(moonlet.ws.connect(url, { timeout = 5 }))
+                assert(c:send("one"))
+                local got = c:receive(5)
+                c:close(1000)
+                return got
+            end)
+            assert.is_true(held:wait(5))
+            local c = assert(moonlet.ws.connect(url, { timeout = 5 }))
+            c:close(1000)
+            release:set()
+            assert.same({ true, "up: one" }, { first:join() })
+            assert.equal(1, na.count)
+        end)
+
         it("raises on a bad list or failure option", function()
             assert.has_error(function() moonlet.proxy({ upstream = {} }) end)
             assert.has_error(function() moonlet.proxy({ upstream = { "http://a", 5 } }) end)
