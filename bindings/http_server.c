@@ -690,11 +690,13 @@ static int hop_by_hop(const ml_request_t *r, const ml_header_t *h) {
   return 0;
 }
 
-/* syntax: headers, upgrade, transfer_encoding = x:forward_headers()
+/* syntax: headers, upgrade, transfer_encoding, content_length = x:forward_headers()
  * What moonlet.proxy sends on of the request's headers (lua/moonlet/proxy.lua upstream_headers):
  * x:headers() without Host and the hop-by-hop fields (hop_by_hop), in one call rather than a
  * Lua loop over req.headers (which aborted the JIT trace of every proxied request); and the
- * Upgrade and Transfer-Encoding values it left out (nil: none), joined as x:headers() joins them.
+ * Upgrade and Transfer-Encoding values it left out (nil: none), joined as x:headers() joins them;
+ * and the Content-Length value, whether or not a Connection field named it (the body is there
+ * all the same: it frames the request).
  */
 static int x_forward_headers(lua_State *L) {
   exchange_t *x = check_x(L);
@@ -704,9 +706,15 @@ static int x_forward_headers(lua_State *L) {
   lua_createtable(L, 0, (int)r->nheaders + 3); /* 2 (room for X-Forwarded-*) */
   lua_pushnil(L);                              /* 3: Upgrade */
   lua_pushnil(L);                              /* 4: Transfer-Encoding */
+  lua_pushnil(L);                              /* 5: Content-Length */
   for (unsigned i = 0; i < r->nheaders; i++) {
     const ml_header_t *h = &r->headers[i];
     int into = 2;
+    if (h->name_len == 14 && memcmp(h->name, "content-length", 14) == 0) {
+      lua_pushvalue(L, 5);
+      join_value(L, h);
+      lua_replace(L, 5);
+    }
     if (h->name_len == 7 && memcmp(h->name, "upgrade", 7) == 0)
       into = 3;
     else if (h->name_len == 17 && memcmp(h->name, "transfer-encoding", 17) == 0)
@@ -726,7 +734,7 @@ static int x_forward_headers(lua_State *L) {
     else
       lua_replace(L, into);
   }
-  return 3;
+  return 4;
 }
 
 /* syntax: value = x:header(lowercase_name) -- every line of that header, joined as in x:headers()

@@ -133,6 +133,26 @@ describe("moonlet.proxy", function()
         assert.is_nil(h["x-two"])
     end)
 
+    it("sends the body on when Connection names Content-Length, as when req.headers was made", function()
+        local base = upstream()
+        local app = moonlet.app()
+        app:use(function(req, _, next)
+            if req.path == "/lua" then local _ = req.headers end -- (the Lua loop, not x:forward_headers)
+            return next()
+        end)
+        app:any("/*path", moonlet.proxy(base))
+        local port = test.serving(app)
+        for _, path in ipairs({ "/c", "/lua" }) do
+            local sock = test.connect(port)
+            assert(sock:send("POST " .. path .. " HTTP/1.1\r\nHost: f\r\nConnection: content-length\r\n"
+                .. "Content-Length: 5\r\n\r\nhello"))
+            local resp = assert(test.read_response(sock))
+            sock:close()
+            assert.equal(200, resp.status)
+            assert.equal("hello", moonlet.json.decode(resp.body).body, path)
+        end
+    end)
+
     it("sends on the request headers a middleware changed", function()
         local base = upstream()
         local app = moonlet.app()
@@ -1104,6 +1124,34 @@ describe("moonlet.proxy", function()
             assert.equal(2, nb.count)
         end)
 
+        it("tries each at most once, whatever turns other requests took while it waited", function()
+            -- "a" holds its first connection until released, then closes it unanswered; it closes
+            -- any later one at once
+            local release, held = moonlet.event(), moonlet.event()
+            local na = { count = 0 }
+            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    na.count = na.count + 1
+                    if na.count == 1 then
+                        repeat local line = sock:receive("*l") until not line or line == ""
+                        held:set()
+                        release:wait(5)
+                    end
+                    sock:close()
+                end))
+            test.defer(function() release:set(); server:close() end)
+            local b = named("b")
+            local port = front({ upstream = { "http://127.0.0.1:" .. server:port(), b },
+                                 strip_prefix = "/api", max_fails = 0 })
+            local first = moonlet.spawn(function() return test.request(port, "GET", "/api/x") end)
+            assert.is_true(held:wait(5)) -- the first request waits on "a"
+            local second = test.request(port, "GET", "/api/x") -- "b"'s turn
+            assert.same({ 200, "b" }, { second.status, second.body })
+            release:set() -- "a" fails the first request: it goes on to "b", not to "a" again
+            local ok, resp = first:join()
+            assert.same({ true, 200, "b", 1 }, { ok, resp.status, resp.body, na.count })
+        end)
+
         it("tries no other with next_upstream = false", function()
             local dead, seen = closing()
             local b = named("b")
@@ -1126,6 +1174,44 @@ describe("moonlet.proxy", function()
                 assert.equal("up: hi", (c:receive(5)))
                 c:close(1000)
             end
+        end)
+
+        it("opens a WebSocket on an upstream it has not tried, whatever turns others took", function()
+            local release, held = moonlet.event(), moonlet.event()
+            local na = { count = 0 }
+            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    na.count = na.count + 1
+                    if na.count == 1 then
+                        repeat local line = sock:receive("*l") until not line or line == ""
+                        held:set()
+                        release:wait(5)
+                    end
+                    sock:close()
+                end))
+            test.defer(function() release:set(); server:close() end)
+            local app = moonlet.app()
+            app:websocket("/ws", function(ws)
+                for msg in ws:messages() do ws:send("up: " .. msg) end
+            end)
+            local up = test.serving(app)
+            local port = front({ upstream = { "http://127.0.0.1:" .. server:port(),
+                                              "http://127.0.0.1:" .. up },
+                                 strip_prefix = "/api", max_fails = 0 })
+            local url = "ws://127.0.0.1:" .. port .. "/api/ws"
+            local first = moonlet.spawn(function()
+                local c = assert(moonlet.ws.connect(url, { timeout = 5 }))
+                assert(c:send("one"))
+                local got = c:receive(5)
+                c:close(1000)
+                return got
+            end)
+            assert.is_true(held:wait(5))
+            local c = assert(moonlet.ws.connect(url, { timeout = 5 }))
+            c:close(1000)
+            release:set()
+            assert.same({ true, "up: one" }, { first:join() })
+            assert.equal(1, na.count)
         end)
 
         it("raises on a bad list or failure option", function()

@@ -280,15 +280,17 @@ end
 -- than fail_timeout seconds between one failure and the next; a success forgets its failures. A
 -- single upstream is never left out (nginx ignores max_fails for a lone server).
 
--- The next peer in turn that is not left out at time t, or nil when every one is.
-local function pick(p, t)
+-- The next peer in turn that is not left out at time t nor in tried (the peers this request tried
+-- already: p.rr is every request's, and others take turns while one waits on a peer), or nil when
+-- every one is.
+local function pick(p, t, tried)
     local peers, n = p.peers, p.npeers
     if n == 1 then return peers[1] end
     for _ = 1, n do
         local i = p.rr % n + 1
         p.rr = i
         local peer = peers[i]
-        if peer.down_until <= t then return peer end
+        if peer.down_until <= t and not (tried and tried[peer]) then return peer end
     end
     return nil
 end
@@ -329,9 +331,9 @@ local function send_next(p, req, method, suffix, headers, body)
         started = true
         return body()
     end
-    local err, peer
+    local err, peer, tried
     for _ = 1, p.npeers do
-        local cand = pick(p, core_now())
+        local cand = pick(p, core_now(), tried)
         if not cand then break end
         peer = cand
         local up
@@ -342,6 +344,8 @@ local function send_next(p, req, method, suffix, headers, body)
         end
         failed(p, peer, core_now())
         if not next_ok(p, method, err, started) then return nil, err, peer end
+        tried = tried or {}
+        tried[peer] = true
         log_error(what(peer, req) .. ": " .. tostring(err) .. " (trying the next upstream)")
     end
     if not peer then return nil, "no live upstreams", nil end
@@ -423,9 +427,9 @@ local function handle_ws(p, req, res, suffix, prefix)
         headers = headers, protocols = offered, max_message = o.max_message,
         ping_interval = o.ping_interval, idle_timeout = o.idle_timeout, close_timeout = o.close_timeout,
     }
-    local up, err, peer, answer -- (err: the 101's headers when up)
+    local up, err, peer, answer, tried -- (err: the 101's headers when up)
     for _ = 1, p.npeers do
-        local cand = pick(p, core_now())
+        local cand = pick(p, core_now(), tried)
         if not cand then break end
         peer = cand
         up, err, answer = ws.connect(peer.ws_base .. suffix, wo)
@@ -436,6 +440,8 @@ local function handle_ws(p, req, res, suffix, prefix)
         if answer then break end -- the upstream's refusal: an answer, not a failure
         failed(p, peer, core_now())
         if p.npeers == 1 or not next_ok(p, "GET", err, false) then break end
+        tried = tried or {}
+        tried[peer] = true
         log_error(what(peer, req) .. ": " .. tostring(err) .. " (trying the next upstream)")
     end
     if not peer then return fail(p, nil, req, res, "no live upstreams") end
@@ -592,10 +598,8 @@ local function handle(p, req, res)
     -- the JIT trace of every request (callgrind, GET /p/b of examples/bench_proxy.lua: 50.0k ->
     -- 46.6k instructions a request)
     local fwd, upgrade, te, cl
-    if x and rawget(req, "headers") == nil then fwd, upgrade, te = x:forward_headers() end
-    if fwd then
-        cl = fwd["content-length"]
-    else
+    if x and rawget(req, "headers") == nil then fwd, upgrade, te, cl = x:forward_headers() end
+    if not fwd then
         local rh = req.headers
         upgrade, te, cl = rh.upgrade, rh["transfer-encoding"], rh["content-length"]
     end
