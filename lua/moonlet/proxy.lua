@@ -323,33 +323,43 @@ local function send(p, peer, method, suffix, headers, body)
     })
 end
 
--- With several upstreams: the answer of the first that gives one, in turn, each tried at most
--- once; up, nil, peer or nil, err, peer (the last one tried; nil, "no live upstreams" when none was).
+-- Opens the request on the upstreams in turn, each at most once (nginx's proxy_next_upstream):
+-- open(peer) returns up (and what comes with it), nil, err (a failure: the peer is counted failed,
+-- and the next one tried when next_ok allows; started(), when given, tells whether the body began
+-- to go) or nil, err, answer (the upstream answered, a refusal: no failure, no next). Returns up,
+-- err, peer, answer; peer is the last one tried (nil, with "no live upstreams", when none was).
+local function from_peers(p, req, method, open, started)
+    local up, err, answer, peer, tried
+    for _ = 1, p.npeers do
+        local cand = pick(p, core_now(), tried)
+        if not cand then break end
+        peer = cand
+        up, err, answer = open(peer)
+        if up then
+            succeeded(peer)
+            break
+        end
+        if answer then break end
+        failed(p, peer, core_now())
+        if p.npeers == 1 or not next_ok(p, method, err, started and started()) then break end
+        tried = tried or {}
+        tried[peer] = true
+        log_error(what(peer, req) .. ": " .. tostring(err) .. " (trying the next upstream)")
+    end
+    if not peer then err = "no live upstreams" end
+    return up, err, peer, answer
+end
+
+-- With several upstreams: the answer of the first that gives one (from_peers); up, nil, peer or
+-- nil, err, peer.
 local function send_next(p, req, method, suffix, headers, body)
     local started = false
     local b = body and function()
         started = true
         return body()
     end
-    local err, peer, tried
-    for _ = 1, p.npeers do
-        local cand = pick(p, core_now(), tried)
-        if not cand then break end
-        peer = cand
-        local up
-        up, err = send(p, peer, method, suffix, headers, b)
-        if up then
-            succeeded(peer)
-            return up, nil, peer
-        end
-        failed(p, peer, core_now())
-        if not next_ok(p, method, err, started) then return nil, err, peer end
-        tried = tried or {}
-        tried[peer] = true
-        log_error(what(peer, req) .. ": " .. tostring(err) .. " (trying the next upstream)")
-    end
-    if not peer then return nil, "no live upstreams", nil end
-    return nil, err, peer
+    return from_peers(p, req, method, function(peer) return send(p, peer, method, suffix, headers, b) end,
+                      function() return started end)
 end
 
 -- The upstream's answer to the request: up, nil, peer or nil, err, peer (send_next's).
@@ -427,24 +437,10 @@ local function handle_ws(p, req, res, suffix, prefix)
         headers = headers, protocols = offered, max_message = o.max_message,
         ping_interval = o.ping_interval, idle_timeout = o.idle_timeout, close_timeout = o.close_timeout,
     }
-    local up, err, peer, answer, tried -- (err: the 101's headers when up)
-    for _ = 1, p.npeers do
-        local cand = pick(p, core_now(), tried)
-        if not cand then break end
-        peer = cand
-        up, err, answer = ws.connect(peer.ws_base .. suffix, wo)
-        if up then
-            succeeded(peer)
-            break
-        end
-        if answer then break end -- the upstream's refusal: an answer, not a failure
-        failed(p, peer, core_now())
-        if p.npeers == 1 or not next_ok(p, "GET", err, false) then break end
-        tried = tried or {}
-        tried[peer] = true
-        log_error(what(peer, req) .. ": " .. tostring(err) .. " (trying the next upstream)")
-    end
-    if not peer then return fail(p, nil, req, res, "no live upstreams") end
+    -- (err: the 101's headers when up; answer: the upstream's refusal of the handshake)
+    local up, err, peer, answer = from_peers(p, req, "GET",
+        function(peer) return ws.connect(peer.ws_base .. suffix, wo) end)
+    if not peer then return fail(p, nil, req, res, err) end
     if not up then
         if not answer then return fail(p, peer, req, res, err) end
         -- the upstream said no (401, 403, 404, a redirect): its answer goes to the client as any
