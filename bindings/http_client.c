@@ -27,6 +27,7 @@
 #include <strings.h>
 
 #include "../core/numfmt.h"
+#include "header_lines.h"
 #include "mlua.h"
 
 #define MAX_LINE 16384   /* a chunk-size or trailer line */
@@ -616,48 +617,15 @@ static const struct {
                     {"proxy-authorization", 19}};
 enum { K_HOST = 0, K_UA, K_CL, K_TE, K_AE, K_CONN, K_AUTH, K_PAUTH, K_COUNT };
 
-/* The header lines being written (the stack's buffer, or the heap's once they outgrow it). */
-typedef struct {
-  char *p;
-  size_t len, cap;
-  char stackbuf[1024];
-} lines_t;
-
-/* Appends "name: value\r\n"; 0, or -1 when out of memory. */
-static int add_line(lines_t *b, const char *k, size_t kn, const char *v, size_t vn) {
-  size_t need = b->len + kn + vn + 4;
-  if (need > b->cap) {
-    size_t cap = b->cap * 2;
-    while (cap < need)
-      cap *= 2;
-    char *p = b->p == b->stackbuf ? malloc(cap) : realloc(b->p, cap);
-    if (!p) return -1;
-    if (b->p == b->stackbuf) memcpy(p, b->stackbuf, b->len);
-    b->p = p;
-    b->cap = cap;
-  }
-  char *p = b->p + b->len;
-  memcpy(p, k, kn);
-  p += kn;
-  *p++ = ':';
-  *p++ = ' ';
-  memcpy(p, v, vn);
-  p += vn;
-  *p++ = '\r';
-  *p++ = '\n';
-  b->len = (size_t)(p - b->p);
-  return 0;
-}
-
 /* Appends the lines of the field name k (kn bytes) whose value is at idx (absolute): V_OK, or
  * V_LUA (nothing appended then); -1 when out of memory. */
-static int add_field(lua_State *L, lines_t *b, const char *k, size_t kn, int idx) {
+static int add_field(lua_State *L, mlua_lines_t *b, const char *k, size_t kn, int idx) {
   char num[ML_NUMFMT_MAX];
   const char *s;
   size_t n;
   if (!lua_istable(L, idx)) {
     int r = value_text(L, idx, num, &s, &n);
-    return r != V_OK ? r : add_line(b, k, kn, s, n);
+    return r != V_OK ? r : mlua_lines_add(b, k, kn, s, n);
   }
   size_t mark = b->len;
   for (int i = 1;; i++) {
@@ -667,7 +635,7 @@ static int add_field(lua_State *L, lines_t *b, const char *k, size_t kn, int idx
       return V_OK;
     }
     int r = value_text(L, lua_gettop(L), num, &s, &n);
-    if (r == V_OK) r = add_line(b, k, kn, s, n);
+    if (r == V_OK) r = mlua_lines_add(b, k, kn, s, n);
     lua_pop(L, 1);
     if (r != V_OK) {
       b->len = mark;
@@ -690,7 +658,8 @@ static int l_format_headers(lua_State *L) {
   const char *id = lua_isnoneornil(L, 2) ? NULL : luaL_checklstring(L, 2, &idn);
   lua_settop(L, 2);
   lua_pushnil(L); /* 3: the Content-Length value */
-  lines_t b = {.p = b.stackbuf, .len = 0, .cap = sizeof b.stackbuf};
+  mlua_lines_t b;
+  mlua_lines_init(&b);
   int has[K_COUNT] = {0}, own_id = 0, r = V_OK;
   lua_pushnil(L);
   while (lua_next(L, 1)) { /* key 4, value 5 */
@@ -711,7 +680,7 @@ static int l_format_headers(lua_State *L) {
     if (r != V_OK) break;
   }
   if (r == V_OK) lua_pushlstring(L, b.p, b.len);
-  if (b.p != b.stackbuf) free(b.p);
+  mlua_lines_free(&b);
   if (r == V_LUA) return 0;
   if (r < 0) return luaL_error(L, "moonlet.http: out of memory");
   lua_pushvalue(L, 3);

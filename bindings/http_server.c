@@ -30,6 +30,7 @@
 #include <sys/stat.h>
 
 #include "../core/numfmt.h"
+#include "header_lines.h"
 #include "mlua.h"
 
 #define EXCHANGE_MT "moonlet.exchange"
@@ -249,36 +250,16 @@ static int x_read(lua_State *L) {
  * its own: a handler's Content-Length sizes a stream, Connection: close closes after the response,
  * the rest is dropped); a handler's Server and Date replace the server's (ML_OWN_*). */
 typedef struct {
-  char *p;
-  size_t len, cap;
+  mlua_lines_t lines;
   int64_t content_length; /* the handler's Content-Length, or -1 */
   unsigned own;           /* ML_OWN_SERVER | ML_OWN_DATE: the handler gave these */
   int close;              /* the handler's Connection says close */
-  char stackbuf[2048];
 } hbuf_t;
 
-static void hb_free(hbuf_t *b) {
-  if (b->p != b->stackbuf) free(b->p);
-  b->p = b->stackbuf;
-}
-
-/* Raises msg (with one %s: name) after freeing what the buffer took from the heap. */
+/* Raises msg (with one %s: name) after freeing what the lines took from the heap. */
 static void hb_fail(lua_State *L, hbuf_t *b, const char *msg, const char *name) {
-  hb_free(b);
+  mlua_lines_free(&b->lines);
   luaL_error(L, msg, name);
-}
-
-/* Room for n more bytes; raises when out of memory. */
-static void hb_reserve(lua_State *L, hbuf_t *b, size_t n) {
-  if (b->len + n <= b->cap) return;
-  size_t cap = b->cap * 2;
-  while (cap < b->len + n)
-    cap *= 2;
-  char *p = b->p == b->stackbuf ? malloc(cap) : realloc(b->p, cap);
-  if (!p) hb_fail(L, b, "moonlet: out of memory%s", "");
-  if (b->p == b->stackbuf) memcpy(p, b->stackbuf, b->len);
-  b->p = p;
-  b->cap = cap;
 }
 
 /* RFC 9110's tchar: the bytes a header name (a token) may hold. */
@@ -338,17 +319,8 @@ static void hb_header(lua_State *L, hbuf_t *b, const char *name, size_t nlen, in
     if (!mlua_valid_value(v, vlen))
       hb_fail(L, b, "moonlet: header %s: value holds CR, LF or a control", name);
   }
-  hb_reserve(L, b, nlen + vlen + 4);
-  char *p = b->p + b->len;
-  memcpy(p, name, nlen);
-  p += nlen;
-  *p++ = ':';
-  *p++ = ' ';
-  memcpy(p, v, vlen);
-  p += vlen;
-  *p++ = '\r';
-  *p++ = '\n';
-  b->len = (size_t)(p - b->p);
+  if (mlua_lines_add(&b->lines, name, nlen, v, vlen) < 0)
+    hb_fail(L, b, "moonlet: out of memory%s", "");
 }
 
 static int name_is(const char *name, size_t nlen, const char *lower, size_t n) {
@@ -411,9 +383,7 @@ static int owned_header(lua_State *L, hbuf_t *b, const char *name, size_t nlen, 
  * value may be an array for repeated headers) as "Name: value\r\n" lines; raises on bad input.
  * The headers the server owns are noted in b, not written (owned_header). */
 static void format_headers(lua_State *L, hbuf_t *b, int ct, int hi) {
-  b->p = b->stackbuf;
-  b->len = 0;
-  b->cap = sizeof b->stackbuf;
+  mlua_lines_init(&b->lines);
   b->content_length = -1;
   b->own = 0;
   b->close = 0;
@@ -475,12 +445,12 @@ static int x_respond(lua_State *L) {
   int r;
   if (hb.content_length >= 0 && blen == 0 && ml_conn_request(x->c)->is_head) {
     /* a HEAD handler says how long the body would be: that length, and no body */
-    r = ml_conn_stream_start(x->c, status, hb.p, hb.len, hb.content_length);
+    r = ml_conn_stream_start(x->c, status, hb.lines.p, hb.lines.len, hb.content_length);
     if (r == 0) r = ml_conn_stream_end(x->c);
   } else { /* the length is the body's own */
-    r = ml_conn_respond(x->c, status, hb.p, hb.len, body, blen);
+    r = ml_conn_respond(x->c, status, hb.lines.p, hb.lines.len, body, blen);
   }
-  hb_free(&hb);
+  mlua_lines_free(&hb.lines);
   if (r == UV_EALREADY) return already_answered(L, x);
   if (r < 0) return mlua_push_error(L, r);
   x->status = status;
@@ -500,8 +470,8 @@ static int x_start(lua_State *L) {
   if (clen < 0) clen = hb.content_length; /* a handler's Content-Length: the stream's size */
   if (hb.close) ml_conn_set_close(x->c);
   ml_conn_own_headers(x->c, hb.own);
-  int r = ml_conn_stream_start(x->c, status, hb.p, hb.len, clen);
-  hb_free(&hb);
+  int r = ml_conn_stream_start(x->c, status, hb.lines.p, hb.lines.len, clen);
+  mlua_lines_free(&hb.lines);
   if (r == UV_EALREADY) return already_answered(L, x);
   if (r < 0) return mlua_push_error(L, r);
   x->status = status;
