@@ -899,6 +899,14 @@ describe("moonlet.pg", function()
         local v, depth = db:query("SELECT (repeat('[', 1000) || repeat(']', 1000))::jsonb AS ok")[1].ok, 0
         while type(v) == "table" do v, depth = v[1], depth + 1 end
         assert.equal(1000, depth) -- 1000 levels decode
+        -- a lone UTF-16 surrogate escape: the json type keeps it as written, the decoder refuses it
+        -- (there is no UTF-8 for it); the pair decodes
+        local lone = "SELECT '\"\\ud800\"'::json AS lone"
+        local lr, lerr = db:query(lone)
+        assert.is_nil(lr)
+        assert.matches("^cannot decode json: .*unicode escape", lerr)
+        assert.same({ { pair = "\240\159\152\128" } },
+                    db:query("SELECT '\"\\ud83d\\ude00\"'::json AS pair"))
         -- inside a transaction: the call's nil, err; the transaction commits what it did
         assert(db:exec("DROP TABLE IF EXISTS jd; CREATE TABLE jd(x int)"))
         local res = { db:transaction(function(tx)
