@@ -442,6 +442,34 @@ static int l_connect_unix(lua_State *L) {
   return wait_connect(L, t, s);
 }
 
+/* syntax: to = core.tcp_move(to, from) -- the connection of the socket object from goes into to,
+ * whose own is closed (an empty box), or into a new object when to is nil; from is left closed.
+ * sock:connect on a moonlet.tcp.connect socket reconnects the object the user holds this way, and
+ * moves a pooled connection out of it first (lua/moonlet/tcp.lua). Only an idle connection moves:
+ * no task waits on it (a parked task holds the struct, not the box, but its wait belongs to the
+ * object it was called on). */
+static int l_move(lua_State *L) {
+  sock_t **from = mlua_check_object(L, 2, SOCK_MT);
+  sock_t **to;
+  if (lua_isnil(L, 1)) {
+    to = lua_newuserdata(L, sizeof *to);
+    *to = NULL;
+    luaL_getmetatable(L, SOCK_MT);
+    lua_setmetatable(L, -2);
+  } else {
+    to = mlua_check_object(L, 1, SOCK_MT);
+    lua_settop(L, 1);
+  }
+  sock_t *s = *from;
+  if (*to) return luaL_error(L, "moonlet.tcp: moving a connection into an open socket");
+  if (!s || s->rtask || s->wtask)
+    return luaL_error(L, "moonlet.tcp: only an idle connection moves");
+  *from = NULL;
+  *to = s;
+  s->box = to;
+  return 1;
+}
+
 /* -- Send -------------------------------------------------------------------------------------- */
 
 static void on_write(uv_write_t *req, int status) {
@@ -1326,9 +1354,13 @@ void mlua_open_tcp(lua_State *L, moonlet_t *m) {
                                 {"closed_cleanly", s_closed_cleanly},
                                 {NULL, NULL}};
   static const luaL_Reg srvm[] = {{"port", srv_port}, {"close", srv_close}, {NULL, NULL}};
-  static const luaL_Reg fns[] = {{"tcp_connect", l_connect},       {"tcp_listen", l_listen},
-                                 {"unix_connect", l_connect_unix}, {"unix_listen", l_listen_unix},
-                                 {"tls_context", l_tls_context},   {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"tcp_connect", l_connect},
+                                 {"tcp_listen", l_listen},
+                                 {"unix_connect", l_connect_unix},
+                                 {"unix_listen", l_listen_unix},
+                                 {"tls_context", l_tls_context},
+                                 {"tcp_move", l_move},
+                                 {NULL, NULL}};
   luaL_newmetatable(L, SOCK_MT);
   lua_pushliteral(L, SOCK_MT);
   lua_setfield(L, -2, "__name");

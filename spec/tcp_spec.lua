@@ -658,6 +658,82 @@ describe("moonlet.tcp cosocket methods", function()
         assert.has_error(function() n:settimeout("5") end)
     end)
 
+    it("has the whole cosocket method set on moonlet.tcp.connect's sockets too", function()
+        local port = counting()
+        local c = connect(port)
+        for _, name in ipairs({ "connect", "sslhandshake", "send", "receive", "receiveuntil",
+                                "settimeout", "settimeouts", "setkeepalive", "getreusedtimes",
+                                "close" }) do
+            assert.is_function(c[name], name)
+            assert.is_function(tcp.socket()[name], name)
+        end
+    end)
+
+    it("connects a socket of moonlet.tcp.connect again: the object stays, its connection changes",
+       function()
+        -- each connection's server tells its number, then echoes
+        local accepted, ended = 0, 0
+        local _, port = serve(function(sock)
+            accepted = accepted + 1
+            sock:send("conn " .. accepted .. "\n")
+            line_echo(sock)
+            ended = ended + 1
+        end)
+        local _, other = serve(function(sock) sock:send("other\n"); line_echo(sock) end)
+        local c = connect(port)
+        assert.same("conn 1", c:receive("*l"))
+        -- while connected: the old connection is closed first (its server sees the end)
+        assert.same({ true }, { c:connect("127.0.0.1", port, { timeout = 5 }) })
+        assert.same("conn 2", c:receive("*l"))
+        assert.is_true(c:send("x\n"))
+        assert.same("echo: x", c:receive("*l"))
+        moonlet.sleep(0.05)
+        assert.same(1, ended)
+        assert.same({ 0 }, { c:getreusedtimes() })
+        -- after close
+        assert.same({ true }, { c:close() })
+        assert.same({ true }, { c:connect("127.0.0.1", port) })
+        assert.same("conn 3", c:receive("*l"))
+        -- after setkeepalive: the same host takes the pooled connection back (no new accept)
+        assert.same({ true }, { c:setkeepalive(10) })
+        assert.same({ nil, "closed" }, { c:send("y\n") })
+        assert.same({ true }, { c:connect("127.0.0.1", port) })
+        assert.same({ 1 }, { c:getreusedtimes() })
+        assert.is_true(c:send("y\n"))
+        assert.same("echo: y", c:receive("*l"))
+        assert.same(3, accepted)
+        -- pooled, then another host: the pooled connection stays in the pool for the next one
+        assert.same({ true }, { c:setkeepalive(10) })
+        assert.same({ true }, { c:connect("127.0.0.1", other) })
+        assert.same("other", c:receive("*l"))
+        assert.same(1, tcp.pool_stats().pools["127.0.0.1:" .. port])
+        local d = socket()
+        assert.same({ true }, { d:connect("127.0.0.1", port) })
+        assert.same({ 2 }, { d:getreusedtimes() })
+        assert.is_true(d:send("z\n"))
+        assert.same("echo: z", d:receive("*l"))
+        assert.same(3, accepted)
+        -- a connect that fails leaves the object closed (its old connection closed first)
+        local srv = assert(tcp.listen({ host = "127.0.0.1", port = 0 }, line_echo))
+        local dead = srv:port()
+        srv:close()
+        assert.same({ nil, "connection refused" }, { c:connect("127.0.0.1", dead, { timeout = 5 }) })
+        assert.same({ nil, "closed" }, { c:send("w\n") })
+        assert.same({ nil, "closed" }, { c:getreusedtimes() })
+        assert.same({ true }, { c:connect("127.0.0.1", other) })
+        assert.same("other", c:receive("*l"))
+        -- misuse raises; a server-side socket cannot connect
+        assert.has_error(function() c:connect("127.0.0.1", "x") end)
+        local refused
+        local _, srv_port = serve(function(sock)
+            refused = select(2, pcall(sock.connect, sock, "127.0.0.1", port))
+            sock:close()
+        end)
+        local e = connect(srv_port)
+        assert.same({ nil, "closed", "" }, { e:receive("*l") })
+        assert.matches("connect on a server%-side socket", refused)
+    end)
+
     it("pools connections with setkeepalive and counts reuses with getreusedtimes", function()
         local port, n = counting()
         local k = "127.0.0.1:" .. port

@@ -5,7 +5,8 @@
 -- certificate, key) are built once per set of options and shared. The OpenResty cosocket method
 -- set is here too: sock:sslhandshake, sock:setkeepalive (into moonlet.tcp_pool, shared with
 -- moonlet.ngx), sock:getreusedtimes, and moonlet.tcp.socket(), an unconnected object (a Lua table
--- holding the userdata once connected) with :connect. Timeouts are seconds throughout.
+-- holding the userdata once connected) with :connect; the userdata has :connect too (its box is
+-- given the new connection: core.tcp_move). Timeouts are seconds throughout.
 local core = require "moonlet.core"
 local task = require "moonlet.task"
 local dns = require "moonlet.dns"
@@ -415,6 +416,20 @@ for name in pairs(methods) do
     end
 end
 
+-- A connection for sock:connect: a live idle one of pool key when there is one (reused counts
+-- it), else a new one as moonlet.tcp.connect opens. s, or nil, err, detail.
+local function pooled_or_new(host, port, timeout, tls, key)
+    local s = pool_checkout(key)
+    if not s then return open(host, port, timeout, tls, key) end
+    reused[s] = (reused[s] or 0) + 1
+    names[s] = not unix_path(host) and host or nil
+    if tls and not tls_on[s] then
+        local ok, err, detail = s:tls(tls)
+        if not ok then return nil, err, detail end
+    end
+    return s
+end
+
 -- syntax: ok, err = sock:connect(host, port, { timeout =, tls = true | {...}, pool = name })
 -- Connects: a live idle connection of pool opts.pool (or "host:port") is taken when there is one
 -- (sock:getreusedtimes() counts), else a new one is opened as moonlet.tcp.connect does; timeout
@@ -428,21 +443,47 @@ function obj_methods:connect(host, port, opts)
         self._sock = nil
         old:close()
     end
-    local s = pool_checkout(key)
-    if s then
-        reused[s] = (reused[s] or 0) + 1
-        names[s] = not unix_path(host) and host or nil
-        if tls and not tls_on[s] then
-            local ok, err, detail = s:tls(tls)
-            if not ok then return nil, err, detail end
-        end
-    else
-        local err, detail
-        s, err, detail = open(host, port, timeout or self._ct or DEFAULT_TIMEOUT, tls, key)
-        if not s then return nil, err, detail end
-    end
+    local s, err, detail = pooled_or_new(host, port, timeout or self._ct or DEFAULT_TIMEOUT, tls, key)
+    if not s then return nil, err, detail end
     raw.settimeouts(s, self._ct, self._st, self._rt)
     self._sock = s
+    return true
+end
+
+-- The per-socket facts of tcp.lua go with a connection that moves from one object to another.
+local function forget(sock)
+    names[sock], keys[sock], reused[sock], tls_on[sock] = nil, nil, nil, nil
+end
+local function carry(to, from)
+    names[to], keys[to], reused[to], tls_on[to] = names[from], keys[from], reused[from], tls_on[from]
+    forget(from)
+end
+
+-- syntax: ok, err = sock:connect(host, port, opts) -- on a socket of moonlet.tcp.connect (the
+-- cosocket method set on every client socket): the same as moonlet.tcp.socket()'s :connect, and the
+-- object the caller holds stays the same (its connection is replaced: core.tcp_move). The one it
+-- held is closed first, or, when sock:setkeepalive put it in the pool, stays there (this object no
+-- longer stands for it). The timeouts are the connect's (opts.timeout, else 60 s), as
+-- moonlet.tcp.connect's. A server-side socket cannot connect.
+local move = core.tcp_move
+function methods:connect(host, port, opts)
+    if accepted[self] then error("moonlet.tcp: connect on a server-side socket", 2) end
+    local timeout, tls, key
+    port, timeout, tls, key = connect_args(host, port, opts, "sock:connect", 2)
+    if pooled[self] then
+        local kept = move(nil, self)
+        pool.replace(keys[self], self, kept)
+        carry(kept, self)
+    else
+        raw_close(self)
+        forget(self)
+    end
+    timeout = timeout or DEFAULT_TIMEOUT
+    local s, err, detail = pooled_or_new(host, port, timeout, tls, key)
+    if not s then return nil, err, detail end
+    move(self, s)
+    carry(self, s)
+    raw_settimeout(self, timeout)
     return true
 end
 

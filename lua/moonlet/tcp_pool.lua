@@ -83,6 +83,20 @@ function _M.put(key, sock, timeout, size)
     return true
 end
 
+-- syntax: pool.replace(key, old, new) -- the entry of idle socket old in pool key holds new instead
+-- (old's connection moved into new: sock:connect on a pooled moonlet.tcp.connect socket)
+function _M.replace(key, old, new)
+    local p = pools[key]
+    for i = 1, p and #p or 0 do
+        local e = p[i]
+        if e.sock == old then
+            e.sock = new
+            idle[old], idle[new] = nil, true
+            return
+        end
+    end
+end
+
 -- pool.idle: the set of sockets sitting in a pool (weak keys; read it, do not write it)
 _M.idle = idle
 
