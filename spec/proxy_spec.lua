@@ -350,6 +350,27 @@ describe("moonlet.proxy", function()
             assert.equal("/deep/x", (go(port, "@/api/deep/x")))
             assert.same({ base, "3; url=" .. base, base }, { go(port, "@") }) -- no pair matches
         end)
+
+        it("takes nginx's regexes (~, ~* without case): the first match replaces the whole URL",
+           function()
+            local base = redirecting()
+            local port = front({ upstream = base, redirect = {
+                ["~^(http://[^:]+):\\d+(/.+)$"] = "$1$2", -- nginx's own example: the port goes
+                ["~*/STATIC/(?<rest>.*)"] = "https://cdn.example/${rest}", -- a named group
+                [base .. "/plain/"] = "/p/", -- plain prefixes before the regexes
+            } })
+            local host = base:match("^http://([^:]+)")
+            assert.same({ "http://" .. host .. "/a/b?c=1", "3; url=http://" .. host .. "/a/b?c=1",
+                          "http://" .. host .. "/a/b?c=1" }, { go(port, "@/a/b?c=1") })
+            assert.equal("https://cdn.example/x.css", (go(port, "https://other.example/static/x.css")))
+            assert.equal("/p/x", (go(port, "@/plain/x")))
+            assert.equal("/relative", (go(port, "/relative"))) -- no match: as it was
+            -- in order, the first that matches wins (nginx's order of its directives)
+            local ordered = front({ upstream = base, redirect = {
+                { "~/first/", "/one" }, { "~/first/(.*)", "/two/$1" }, { base .. "/", "/three/" } } })
+            assert.equal("/one", (go(ordered, "@/first/x")))
+            assert.equal("/three/second", (go(ordered, "@/second")))
+        end)
     end)
 
     it("rewrites the Domain and Path of Set-Cookie lines only when asked", function()
@@ -377,6 +398,13 @@ describe("moonlet.proxy", function()
         assert.same({ "a=1; Domain=front.example; Path=/app; HttpOnly",
                       "b=2; path=/api; domain=.front.example",
                       "c=3; Path=/other; Domain=elsewhere.example" }, cookies(port))
+        -- nginx's regexes: the whole value replaced (a domain's leading dot kept, unseen)
+        port = front({ upstream = base, strip_prefix = "/api",
+                       cookie_domain = { ["~\\.(?P<sl>[-0-9a-z]+\\.[a-z]+)$"] = "$sl" },
+                       cookie_path = { { "~*^/V2/([^/]+)", "/api/$1" }, { "/", "/all/" } } })
+        assert.same({ "a=1; Domain=Upstream.Internal; Path=/api/app; HttpOnly",
+                      "b=2; path=/all/v2; domain=.upstream.internal",
+                      "c=3; Path=/all/other; Domain=elsewhere.example" }, cookies(port))
     end)
 
     it("passes a 404 of the upstream", function()
@@ -1237,6 +1265,12 @@ describe("moonlet.proxy", function()
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", redirect = "default" }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", redirect = { ["/a"] = 1 } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", cookie_path = "/" }) end)
+        local x = "http://x"
+        assert.has_error(function() moonlet.proxy({ upstream = x, redirect = { ["~("] = "/" } }) end,
+            "moonlet.proxy: redirect: bad regex ~(: pcre2_compile() failed: missing closing parenthesis")
+        assert.has_error(function() moonlet.proxy({ upstream = x, cookie_path = { ["~(a)"] = "$" } }) end)
+        assert.has_error(function() moonlet.proxy({ upstream = x, redirect = { { "/a", "/b" }, c = "/" } })
+                         end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { key = "c.key" } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { cert = true } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { alpn = "h2" } }) end)

@@ -689,8 +689,8 @@ function _M.handler(opts)
         redirect = rewrite.check_map(redirect, "redirect")
     end
     local cdomain, cpath = opts.cookie_domain, opts.cookie_path
-    if cdomain ~= nil then rewrite.check_map(cdomain, "cookie_domain") end
-    if cpath ~= nil then rewrite.check_map(cpath, "cookie_path") end
+    if cdomain ~= nil then cdomain = rewrite.check_map(cdomain, "cookie_domain") end
+    if cpath ~= nil then cpath = rewrite.check_map(cpath, "cookie_path") end
     local tls = opts.tls or {}
     if type(tls) ~= "table" then error("moonlet.proxy: tls must be a table", 2) end
     for k, v in pairs(tls) do

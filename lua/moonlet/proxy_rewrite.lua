@@ -3,11 +3,17 @@
 --   proxy_redirect default | from to   Location, Content-Location and Refresh's url=
 --   proxy_cookie_domain from to        the Domain= attribute of each Set-Cookie line
 --   proxy_cookie_path from to          the Path= attribute of each Set-Cookie line
--- Pure functions of strings, no state: proxy.lua checks the options once (check_map) and calls
--- these per header. A value that matches nothing comes back as it was, byte for byte.
+-- Pure functions of strings, no state: proxy.lua makes each option a list of rules once
+-- (check_map) and calls these per header. A value that matches nothing comes back as it was, byte
+-- for byte. A rule's from is a plain prefix (proxy_cookie_domain: the whole domain), or, written
+-- "~re" ("~*re": without case), a PCRE regex as nginx's: the first match anywhere in the value
+-- replaces the whole value with to, whose $1, ${1}, $name are the regex's groups.
+local core = require "moonlet.core"
+
 local lower, sub, match, gsub, gmatch, find = string.lower, string.sub, string.match, string.gsub,
     string.gmatch, string.find
-local type, pairs, error, concat = type, pairs, error, table.concat
+local type, pairs, error, concat, sort, tostring = type, pairs, error, table.concat, table.sort,
+    tostring
 
 local _M = {}
 
@@ -31,23 +37,28 @@ function _M.upstream(base)
     return { origin = origin, path = path }
 end
 
--- The longest key of map that begins s (a plain prefix, as nginx's static `from`), or nil.
-local function longest_prefix(map, s)
-    local best
-    for from in pairs(map) do
-        if sub(s, 1, #from) == from and (not best or #from > #best) then best = from end
+-- s rewritten by the first rule of rules that matches it (a plain from: a prefix of s, replaced;
+-- a regex: anywhere in s, the whole of s replaced), or nil when none does. same(from, s): the
+-- plain comparison instead of a prefix (cookie domains).
+local function first_rule(rules, s, same)
+    for i = 1, #rules do
+        local r = rules[i]
+        local rx = r.rx
+        if rx then
+            local out, n = rx:gsub(s, r.to, false)
+            if n and n > 0 then return out end
+        elseif same then
+            if same(r.from, s) then return r.to end
+        elseif sub(s, 1, #r.from) == r.from then
+            return r.to .. sub(s, #r.from + 1)
+        end
     end
-    return best
 end
 
 -- One URL: under the upstream's (at a path boundary: /v2 is not a prefix of /v22) it becomes
--- client .. the rest; else as it was. pairs: the explicit map instead, when given.
-local function rewrite_url(url, up, client, pairs_map)
-    if pairs_map then
-        local from = longest_prefix(pairs_map, url)
-        if from then return pairs_map[from] .. sub(url, #from + 1) end
-        return url
-    end
+-- client .. the rest; else as it was. rules: the explicit ones instead, when given.
+local function rewrite_url(url, up, client, rules)
+    if rules then return first_rule(rules, url) or url end
     local origin, rest = split_url(url)
     if origin ~= up.origin then return url end
     local path = up.path
@@ -60,26 +71,29 @@ local function rewrite_url(url, up, client, pairs_map)
     return out
 end
 
--- syntax: value = rewrite.redirect(name, value, up, client, pairs_map) -- name: "location",
+-- syntax: value = rewrite.redirect(name, value, up, client, rules) -- name: "location",
 -- "content-location" or "refresh" (its url=, any case, quoted or not); client: the client's view
--- of the upstream's base ("https://front.example/api"); pairs_map: `redirect = { [from] = to }`
-function _M.redirect(name, value, up, client, pairs_map)
-    if name ~= "refresh" then return rewrite_url(value, up, client, pairs_map) end
+-- of the upstream's base ("https://front.example/api"); rules: check_map's of `redirect = {...}`
+function _M.redirect(name, value, up, client, rules)
+    if name ~= "refresh" then return rewrite_url(value, up, client, rules) end
     local head, q, url = match(value, "^(.-[Uu][Rr][Ll]%s*=%s*)(['\"]?)(.*)$")
     if not head then return value end
     local tail = ""
     if q ~= "" and sub(url, -1) == q then url, tail = sub(url, 1, -2), q end
-    return head .. q .. rewrite_url(url, up, client, pairs_map) .. tail
+    return head .. q .. rewrite_url(url, up, client, rules) .. tail
 end
 
--- The new Domain= value of a cookie, or nil: compared without case and without a leading dot
--- (RFC 6265 5.2.3 ignores it); the dot is kept when the upstream wrote one.
-local function new_domain(map, v)
+-- Cookie domains are compared without case and without a leading dot (RFC 6265 5.2.3 ignores it)
+local function same_domain(from, bare)
+    return lower(match(from, "^%.?(.*)$")) == lower(bare)
+end
+
+-- The new Domain= value of a cookie, or nil: the dot is kept when the upstream wrote one (a
+-- regex sees the domain without it, as nginx's).
+local function new_domain(rules, v)
     local dot, bare = match(v, "^(%.?)(.*)$")
-    bare = lower(bare)
-    for from, to in pairs(map) do
-        if lower(match(from, "^%.?(.*)$")) == bare then return dot .. match(to, "^%.?(.*)$") end
-    end
+    local to = first_rule(rules, bare, same_domain)
+    if to then return dot .. match(to, "^%.?(.*)$") end
 end
 
 -- syntax: value = rewrite.cookies(value, domains, paths) -- each line of a Set-Cookie value (the
@@ -93,8 +107,7 @@ function _M.cookies(value, domains, paths)
             if key == "domain" and domains then
                 nv = new_domain(domains, v)
             elseif key == "path" and paths then
-                local from = longest_prefix(paths, v)
-                if from then nv = paths[from] .. sub(v, #from + 1) end
+                nv = first_rule(paths, v)
             end
             if nv then return sep .. k .. eq .. nv .. sp end
         end)
@@ -102,18 +115,53 @@ function _M.cookies(value, domains, paths)
     return concat(out, "\n")
 end
 
--- syntax: map = rewrite.check_map(value, what) -- a { [from] = to } table of strings, or raises
--- (at the caller of moonlet.proxy)
+-- A rule { from =, to =, rx = (a "~" from: compiled) }; raises at the caller of moonlet.proxy.
+local function rule(from, to, what)
+    if type(from) ~= "string" or from == "" or type(to) ~= "string" or find(to, "[%c]") then
+        error("moonlet.proxy: " .. what .. " maps strings to strings without control characters", 4)
+    end
+    local r = { from = from, to = to }
+    local nocase, re = match(from, "^~(%*?)(.+)$")
+    if re then
+        -- the value's whole length is matched, so that the whole of it is replaced: the lazy .*?
+        -- finds re's first match as an unanchored search does, and (?:) keeps re's groups' numbers
+        local rx, err = core.regex("^.*?(?:" .. re .. ").*\\z", nocase == "*" and "is" or "s")
+        if not rx then -- (PCRE's message quotes the pattern as wrapped above: the user's instead)
+            err = gsub(tostring(err), ' in ".*"$', "")
+            error("moonlet.proxy: " .. what .. ": bad regex " .. from .. ": " .. err, 4)
+        end
+        local _, _, terr = rx:gsub("", to, false)
+        if terr then error("moonlet.proxy: " .. what .. ": " .. terr .. ": " .. to, 4) end
+        r.rx = rx
+    end
+    return r
+end
+
+-- syntax: rules = rewrite.check_map(value, what) -- value: { [from] = to } (plain prefixes, the
+-- longest first, then the "~" regexes in the order of their text) or { { from, to }, ... } (in
+-- this order, the first match wins: nginx's order of its directives); raises (at the caller of
+-- moonlet.proxy) on anything else
 function _M.check_map(value, what)
     if type(value) ~= "table" then
-        error("moonlet.proxy: " .. what .. " must be a table { [from] = to }", 3)
+        error("moonlet.proxy: " .. what .. " must be a table { [from] = to } or { { from, to }, ... }", 3)
     end
-    for from, to in pairs(value) do
-        if type(from) ~= "string" or from == "" or type(to) ~= "string" or find(to, "[%c]") then
-            error("moonlet.proxy: " .. what .. " maps strings to strings without control characters", 3)
+    local rules = {}
+    if value[1] ~= nil then
+        for k, pair in pairs(value) do
+            if type(k) ~= "number" or type(pair) ~= "table" then
+                error("moonlet.proxy: " .. what .. " is either { [from] = to } or { { from, to }, ... }", 3)
+            end
         end
+        for i = 1, #value do rules[i] = rule(value[i][1], value[i][2], what) end
+        return rules
     end
-    return value
+    for from, to in pairs(value) do rules[#rules + 1] = rule(from, to, what) end
+    sort(rules, function(a, b)
+        if (a.rx == nil) ~= (b.rx == nil) then return a.rx == nil end
+        if a.rx or #a.from == #b.from then return a.from < b.from end
+        return #a.from > #b.from
+    end)
+    return rules
 end
 
 return _M
