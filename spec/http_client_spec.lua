@@ -527,6 +527,23 @@ describe("moonlet.http response parsing", function()
         assert.same(0, http.pool_stats().idle)
     end)
 
+    it("lets a 101's reads wait past read_timeout after res:settimeouts(nil, 0)", function()
+        local base = raw_server(function(sock)
+            read_request(sock)
+            sock:send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\n")
+            moonlet.sleep(0.3) -- (three of the request's read_timeout)
+            sock:send("late")
+            sock:receive("*l")
+        end)
+        local res = assert(http.get(base .. "/", { stream = true, read_timeout = 0.1, send_timeout = 2,
+                                                   headers = { Upgrade = "foo", Connection = "Upgrade" } }))
+        assert.has_error(function() res:settimeouts(-1) end)
+        assert.same({ 2, 0.1 }, { res:settimeouts(nil, 0) })
+        assert.same({ 101, "late" }, { res.status, res:read() })
+        res:close()
+        assert.same({}, { res:settimeouts(1, 1) }) -- (the connection is gone)
+    end)
+
     it("joins repeated (Set-Cookie by lines) and folded fields, frames by repeated equal lengths", function()
         local base = scripted_server({
             "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Fold: a\r\n  b\r\nContent-Length: 3\r\n"

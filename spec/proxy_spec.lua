@@ -5,7 +5,8 @@
 -- then WebSockets through it, against an upstream app:websocket (or a raw server that drops):
 -- messages, headers, subprotocols, closes both ways, drops, failures, an upstream's refusal of the
 -- handshake passed on whole, size and order; other Upgrades through a byte tunnel (both ways,
--- closes, shutdown, a refusal); and https:// upstreams (a CA, a client certificate).
+-- closes, shutdown, a refusal, the idle timeout either way); and https:// upstreams (a CA, a client
+-- certificate).
 local moonlet = require "moonlet"
 local core = require "moonlet.core"
 local test = require "moonlet.test"
@@ -978,6 +979,109 @@ describe("moonlet.proxy", function()
             head = select(2, upgrade(port, "/api/none"))
             assert.equal(404, head.status)
             assert.is_nil(seen.headers.upgrade)
+        end)
+
+        -- The tunnel's timeout is nginx's for an upgraded connection: it ends only when neither
+        -- direction carried a byte for timeout seconds. A raw upstream that answers 101, then on
+        -- /tick sends "t" every 0.1 s (seen.ticks of them), on /stall reads nothing until the front
+        -- closes, and otherwise counts the bytes it reads (seen.bytes); seen.closed once the front
+        -- closed its side.
+        local function quiet_upstream(seen)
+            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 10 },
+                function(sock)
+                    local request = sock:receive("*l")
+                    repeat local line = sock:receive("*l") until not line or line == ""
+                    sock:send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo/1\r\n"
+                        .. "Connection: Upgrade\r\n\r\n")
+                    seen.bytes, seen.ticks = 0, 0
+                    if request:find("/tick", 1, true) then
+                        for _ = 1, 10 do
+                            moonlet.sleep(0.1)
+                            if not sock:send("t") then break end
+                            seen.ticks = seen.ticks + 1
+                        end
+                    elseif request:find("/stall", 1, true) then
+                        -- (the front's sends fill the socket's buffers: its own send waits)
+                        while not seen.stop do moonlet.sleep(0.05) end
+                    end
+                    while sock:receive_any(65536) do seen.bytes = seen.bytes + 1 end
+                    seen.closed = true
+                    sock:close()
+                end))
+            test.defer(function() server:close() end)
+            return "http://127.0.0.1:" .. server:port()
+        end
+
+        it("keeps a tunnel open while only the client talks, past timeout", function()
+            local seen = {}
+            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.3 })
+            local sock, head = upgrade(port, "/api/count")
+            assert.equal(101, head.status)
+            for i = 1, 10 do -- (1 s: three timeouts over, the upstream silent all along)
+                moonlet.sleep(0.1)
+                assert.is_nil(seen.closed)
+                assert(sock:send("x"))
+                assert.truthy(test.wait_until(function() return seen.bytes == i end, 2))
+            end
+            assert.is_nil(seen.closed)
+        end)
+
+        it("keeps a tunnel open while only the upstream talks, past timeout", function()
+            local seen = {}
+            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.3 })
+            local sock, head = upgrade(port, "/api/tick")
+            assert.equal(101, head.status)
+            assert.equal(("t"):rep(10), sock:receive(10)) -- (1 s, the client silent all along)
+            assert.same({ 10, nil }, { seen.ticks, seen.closed })
+        end)
+
+        it("closes both sides once neither said anything for timeout, leaving nothing open", function()
+            local seen = {}
+            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.3 })
+            local before = test.settled_stats()
+            local sock, head = upgrade(port, "/api/idle")
+            assert.equal(101, head.status)
+            local t0 = core.now()
+            assert.same({ nil, "closed", "" }, { sock:receive(1) }) -- (the client's socket: 5 s)
+            assert.is_true(core.now() - t0 < 4)
+            assert.truthy(test.wait_until(function() return seen.closed end, 2))
+            sock:close()
+            assert.truthy(test.wait_until(function()
+                local now = core.stats()
+                return now.tasks <= before.tasks and now.handles <= before.handles
+            end, 5))
+            test.assert_baseline(before)
+            -- and the next tunnel through the same proxy works as the first did
+            seen.closed = nil
+            sock, head = upgrade(port, "/api/count")
+            assert.equal(101, head.status)
+            assert(sock:send("abc"))
+            assert.truthy(test.wait_until(function() return seen.bytes > 0 end, 2))
+            assert.same({ nil, "closed", "" }, { sock:receive(1) })
+            assert.truthy(test.wait_until(function() return seen.closed end, 2))
+        end)
+
+        it("ends a tunnel whose send to the upstream waited timeout seconds", function()
+            local seen = {}
+            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.3 })
+            local before = test.settled_stats()
+            local sock, head = upgrade(port, "/api/stall")
+            assert.equal(101, head.status)
+            local writer = moonlet.spawn(function() -- (until the front stops taking them)
+                local chunk = ("z"):rep(65536)
+                while sock:send(chunk) do end
+            end)
+            test.defer(function() writer:cancel() end)
+            assert.same({ nil, "closed", "" }, { sock:receive(1) }) -- (the client's socket: 5 s)
+            seen.stop = true
+            assert.truthy(test.wait_until(function() return seen.closed end, 2))
+            sock:close()
+            writer:join()
+            assert.truthy(test.wait_until(function()
+                local now = core.stats()
+                return now.tasks <= before.tasks and now.handles <= before.handles
+            end, 5))
+            test.assert_baseline(before)
         end)
     end)
 

@@ -1016,6 +1016,25 @@ function res_methods:send(data)
     return sock_wait(conn, conn.send, data, conn.send_timeout)
 end
 
+-- syntax: old_send, old_read = res:settimeouts(send_timeout, read_timeout) -- a streamed response's
+-- (a 101's): the seconds each later res:send or res:read may wait, in place of the request's (0: no
+-- limit; nil: unchanged; the request's timeout, its deadline, still bounds both); returns the
+-- timeouts it replaced, nothing once the connection is gone. moonlet.proxy's tunnel reads without
+-- a limit and watches both directions itself.
+function res_methods:settimeouts(send_timeout, read_timeout)
+    for _, v in pairs({ send_timeout or 0, read_timeout or 0 }) do
+        if type(v) ~= "number" or v ~= v or v < 0 then
+            error("moonlet.http: res:settimeouts: a timeout is a number of seconds, 0 or more", 2)
+        end
+    end
+    local conn = self._conn
+    if not conn then return end
+    local old_send, old_read = conn.send_timeout, conn.read_timeout
+    if send_timeout then conn.send_timeout = send_timeout end
+    if read_timeout then conn.read_timeout = read_timeout end
+    return old_send, old_read
+end
+
 -- syntax: res:close() -- drops the rest of a streamed body (its connection is closed, not pooled)
 function res_methods:close()
     if not self._done and not rawget(self, "body") then

@@ -21,7 +21,8 @@
 -- Any other Upgrade (Connection: Upgrade, Upgrade: foo/1; an HTTP/1.1 request without a body) is
 -- sent on with its Upgrade through the HTTP client; an answer other than 101 comes back as any
 -- other, a 101 goes to the client (ws.accept_raw takes its connection over as a byte stream) and
--- the bytes are relayed both ways until either side closes (nginx's upgrade tunnel).
+-- the bytes are relayed both ways until either side closes, or neither carried a byte for timeout
+-- seconds (nginx's upgrade tunnel).
 --
 -- An https:// upstream is checked against tls.cafile (or the system's CAs); tls.cert and tls.key
 -- present a client certificate to it (nginx's proxy_ssl_certificate), on both kinds of legs.
@@ -507,19 +508,49 @@ local function pass_on(p, peer, req, res, prefix, up)
 end
 
 -- The bytes of the upstream's side of a tunnel on to the client, until either ends; then the
--- client's connection is closed (once what was written to it is out).
-local function tunnel_back(up, down)
+-- client's connection is closed (once what was written to it is out). up's reads wait without a
+-- limit (handle_upgrade watches the tunnel's idleness); live.last is when a byte last went either
+-- way, set here after each read and each send.
+local function tunnel_back(up, down, live)
     while true do
         local data = up:read()
-        if not data or not down:send(data, "binary") then break end
+        if not data then break end
+        live.last = core_now()
+        if not down:send(data, "binary") then break end
+        live.last = core_now()
     end
     down:close()
 end
 
 -- The spawned half of a tunnel: a cancellation (the handler's, below) ends it quietly.
-local function tunnel_task(up, down)
-    local ok, err = pcall(tunnel_back, up, down)
+local function tunnel_task(up, down, live)
+    local ok, err = pcall(tunnel_back, up, down, live)
     if not ok and err ~= task.CANCELLED then error(err, 0) end
+end
+
+-- The client's side of a tunnel on to the upstream (in the handler's task), until either ends or
+-- neither direction carried a byte for t seconds: each wait on the client is bounded by what is
+-- left of t since live.last, and a wait that times out ends the tunnel only when the other
+-- direction did not move meanwhile (nginx re-arms proxy_read_timeout on any event of an upgraded
+-- connection, ngx_http_upstream_process_upgraded). A send to the upstream is bounded by its own
+-- timeout (nginx's proxy_send_timeout): one that times out closes up, which ends the other half.
+-- t: nil, no limit (a read_timeout of 0).
+local function tunnel_forth(up, down, live, t)
+    while true do
+        local left
+        if t then
+            left = live.last + t - core_now()
+            if left < 0.001 then left = 0.001 end -- (a wait that yields: never a busy loop)
+        end
+        local data, err = down:receive(left)
+        if data then
+            live.last = core_now()
+            if not up:send(data) then return end
+            live.last = core_now()
+        elseif err ~= "timeout" or core_now() - live.last >= t then
+            return
+        end
+    end
 end
 
 -- The 101's header lines for the client: the upstream's Upgrade, then its end-to-end headers as
@@ -543,8 +574,11 @@ end
 -- An Upgrade to another protocol than WebSocket (nginx's upgrade tunnel): the request goes on
 -- with its Upgrade; an answer other than 101 comes back as any other; a 101 is passed on and the
 -- bytes then go both ways as they come, client to upstream in this handler's task and upstream to
--- client in one it spawns, until either side closes (or the upstream says nothing for timeout
--- seconds, as nginx's proxy_read_timeout); then both connections close and both tasks end.
+-- client in one it spawns, until either side closes, or neither direction carried a byte for
+-- timeout seconds (nginx's proxy_read_timeout on an upgraded connection: any traffic, either way,
+-- keeps the tunnel open), or a send to the upstream waited timeout seconds (proxy_send_timeout);
+-- then both connections close and both tasks end. The handler's task watches the idleness (its
+-- waits on the client are bounded by it, tunnel_forth): no timer or task of its own.
 local function handle_upgrade(p, req, res, suffix, prefix, upgrade)
     local headers = upstream_headers(req, p)
     headers.Upgrade, headers.Connection = upgrade, "Upgrade" -- (hop-by-hop: asked for again)
@@ -560,13 +594,10 @@ local function handle_upgrade(p, req, res, suffix, prefix, upgrade)
     end
     res._on_send = false -- the 101 went out without the app's headers, as for app:websocket
     lift_deadline(res) -- a tunnel outlives any request deadline
-    local back = task.spawn(tunnel_task, up, down)
-    local ok, e = pcall(function()
-        while true do
-            local data = down:receive()
-            if not data or not up:send(data) then break end
-        end
-    end)
+    local _, t = up:settimeouts(nil, 0) -- (the 101's reads: the idle watch of tunnel_forth)
+    local live = { last = core_now() }
+    local back = task.spawn(tunnel_task, up, down, live)
+    local ok, e = pcall(tunnel_forth, up, down, live, t and t > 0 and t or nil)
     back:cancel() -- (false when it has ended: the upstream closed first)
     up:close()
     down:close()
