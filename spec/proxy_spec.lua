@@ -1014,10 +1014,10 @@ describe("moonlet.proxy", function()
 
         it("keeps a tunnel open while only the client talks, past timeout", function()
             local seen = {}
-            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.3 })
+            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.6 })
             local sock, head = upgrade(port, "/api/count")
             assert.equal(101, head.status)
-            for i = 1, 10 do -- (1 s: three timeouts over, the upstream silent all along)
+            for i = 1, 10 do -- (1 s: past timeout, the upstream silent all along)
                 moonlet.sleep(0.1)
                 assert.is_nil(seen.closed)
                 assert(sock:send("x"))
@@ -1028,7 +1028,7 @@ describe("moonlet.proxy", function()
 
         it("keeps a tunnel open while only the upstream talks, past timeout", function()
             local seen = {}
-            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.3 })
+            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.6 })
             local sock, head = upgrade(port, "/api/tick")
             assert.equal(101, head.status)
             assert.equal(("t"):rep(10), sock:receive(10)) -- (1 s, the client silent all along)
@@ -1037,7 +1037,7 @@ describe("moonlet.proxy", function()
 
         it("closes both sides once neither said anything for timeout, leaving nothing open", function()
             local seen = {}
-            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.3 })
+            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.6 })
             local before = test.settled_stats()
             local sock, head = upgrade(port, "/api/idle")
             assert.equal(101, head.status)
@@ -1063,7 +1063,7 @@ describe("moonlet.proxy", function()
 
         it("ends a tunnel whose send to the upstream waited timeout seconds", function()
             local seen = {}
-            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.3 })
+            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.6 })
             local before = test.settled_stats()
             local sock, head = upgrade(port, "/api/stall")
             assert.equal(101, head.status)
