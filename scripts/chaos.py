@@ -6,7 +6,8 @@ examples/proxy.lua, apps/chat/app.lua and scripts/chaos/waits.lua (every kind of
 deadlines), then hammers them with misbehaving clients, phase by phase and then all at once: requests cut
 off while being sent, clients that vanish before or in the middle of the response (FIN, or RST through
 SO_LINGER 0), streamed bodies cut off, WebSocket frames left half-sent, oversized frames, ping floods,
-WebSockets through the proxy closed on either side; meanwhile the upstream is killed and restarted and
+WebSockets and raw Upgrade tunnels through the proxy closed on either side or flooded without
+reading; meanwhile the upstream is killed and restarted and
 the servers are sent SIGHUP. After each phase every server must answer a normal request correctly, its
 open-fd count (less its keep-alive connections to the upstream) must come back to its baseline, and its
 stderr must hold no sanitizer report. At the end each server gets SIGTERM and must exit 0 with
@@ -386,6 +387,61 @@ def misbehave_ws(rng, port, path, text=lambda i: b"hello %d" % i):
     vanish(s, rng)
 
 
+def misbehave_tunnel(rng, port, path):
+    """an Upgrade: echo/1 tunnel through the proxy, echoed raw bytes, cut off at a random point"""
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo/1\r\n\r\n"
+                   % path).encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            b = s.recv(4096)
+            if not b:
+                raise OSError("closed during upgrade")
+            data += b
+        head, _, rest = data.partition(b"\r\n\r\n")
+        if b" 101 " not in head.split(b"\r\n")[0]:
+            count("tunnel:refused-" + head.split(b"\r\n")[0].decode()[9:12])
+            s.close()
+            return
+    except OSError:
+        count("tunnel:open-failed")
+        return
+    mode = rng.choice(["echo", "flood_no_read", "bye", "half_close", "vanish_mid"])
+    count("tunnel:" + mode)
+    try:
+        if mode == "echo":
+            for i in range(rng.randrange(1, 20)):
+                msg = b"m%d;" % i
+                s.sendall(msg)
+                got = rest
+                while len(got) < len(msg):
+                    b = s.recv(4096)
+                    if not b:
+                        raise OSError("closed")
+                    got += b
+                rest = got[len(msg):]
+        elif mode == "flood_no_read":  # both legs' backpressure: the client never reads
+            s.settimeout(0.2)
+            try:
+                for _ in range(rng.randrange(10, 200)):
+                    s.sendall(os.urandom(65536).replace(b"bye", b"xyz"))
+            except socket.timeout:
+                count("tunnel:flood-blocked")
+        elif mode == "bye":  # the upstream closes first
+            s.sendall(b"bye")
+            s.recv(4096)
+        elif mode == "half_close":
+            s.sendall(b"last words")
+            s.shutdown(socket.SHUT_WR)
+            time.sleep(rng.random() * 0.05)
+        elif mode == "vanish_mid":
+            s.sendall(os.urandom(rng.randrange(1, 300000)).replace(b"bye", b"xyz"))
+    except OSError:
+        count("client-oserror")
+    vanish(s, rng)
+
+
 # ---------------------------------------------------------------------------------------------
 # per-server workloads and checks
 
@@ -402,6 +458,8 @@ def work_proxy(rng, st):
         chunked_upload(rng, p, "/api/upload")
     elif r < 0.55:
         length_upload(rng, p, "/api/upload")
+    elif r < 0.7:
+        misbehave_tunnel(rng, p, "/api/tunnel")
     else:
         misbehave_ws(rng, p, "/api/echo")
 
@@ -449,6 +507,28 @@ def check_server(st, srv):
                 s.sendall(frame(8, struct.pack("!H", 1000)))
                 s.close()
                 body = data
+            if ok:  # and a raw upgrade tunnel
+                s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+                s.sendall(b"GET /api/tunnel HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                          b"Upgrade: echo/1\r\n\r\n")
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    b = s.recv(4096)
+                    if not b:
+                        break
+                    data += b
+                head, _, data = data.partition(b"\r\n\r\n")
+                ok = b" 101 " in head.split(b"\r\n")[0]
+                if ok:
+                    s.sendall(b"tunnel check")
+                    while len(data) < 12:
+                        b = s.recv(4096)
+                        if not b:
+                            break
+                        data += b
+                    ok = data == b"tunnel check"
+                s.close()
+                body = head + data
         elif srv is st.chat:
             s, buf = ws_open(srv.port, "/ws/check?nick=checker")
             op, data, buf = ws_read(s, buf)

@@ -1,7 +1,9 @@
 -- scripts/chaos/upstream.lua: the upstream of scripts/chaos.py (for examples/fanout.lua,
 -- examples/proxy.lua and waits.lua). /a /b /c answer 64, 1024 and 4096 bytes, one in ten after
 -- 0.2 to 1 s; /hello; /count?n= streams a line every 20 ms; /big streams 1 MiB; POST /upload
--- reads its body piece by piece; /echo is a WebSocket that echoes ("bye" ends it from this side).
+-- reads its body piece by piece; /echo is a WebSocket that echoes ("bye" ends it from this side);
+-- /tunnel answers an "Upgrade: echo/1" with a 101 and echoes raw bytes (moonlet.proxy's upgrade
+-- tunnel; "bye" ends it from this side).
 -- math.random is seeded from env CHAOS_SEED, so that a run can be repeated.
 local moonlet = require "moonlet"
 
@@ -48,6 +50,18 @@ app:websocket("/echo", function(ws)
         if msg == "bye" then return end
         ws:send(msg, kind)
     end
+end)
+
+app:get("/tunnel", function(req, res)
+    local conn = require("moonlet.ws").accept_raw(req, "Upgrade: echo/1\r\nConnection: Upgrade\r\n")
+    if not conn then return 400, "no upgrade\n" end
+    res._on_send = false -- (the 101 went out: as app:websocket's)
+    while true do
+        local data = conn:receive()
+        if not data or data:find("bye", 1, true) then break end
+        if not conn:send(data, "binary") then break end
+    end
+    conn:close()
 end)
 
 return app
