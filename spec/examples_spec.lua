@@ -360,3 +360,35 @@ describe("examples", function()
         ws:close()
     end)
 end)
+
+describe("examples and docs", function()
+    local fs = moonlet.fs
+
+    it("the README links every page of docs/", function()
+        local readme = assert(fs.read("README.md"))
+        local missing = {}
+        for _, name in ipairs(assert(fs.list("docs"))) do
+            if name:match("%.md$") and not readme:find("(docs/" .. name .. ")", 1, true) then
+                missing[#missing + 1] = name
+            end
+        end
+        table.sort(missing)
+        assert.same({}, missing)
+    end)
+
+    it("docs/examples.md names every example of examples/ and examples/embed/", function()
+        local page = assert(fs.read("docs/examples.md"))
+        local missing = {}
+        for _, dir in ipairs({ "examples", "examples/embed" }) do
+            for _, name in ipairs(assert(fs.list(dir))) do
+                if (dir == "examples" and name:match("%.lua$")) or name:match("%.c$") then
+                    if not page:find("`" .. name .. "`", 1, true) then
+                        missing[#missing + 1] = dir .. "/" .. name
+                    end
+                end
+            end
+        end
+        table.sort(missing)
+        assert.same({}, missing)
+    end)
+end)
