@@ -376,6 +376,25 @@ describe("examples and docs", function()
         assert.same({}, missing)
     end)
 
+    it("a README snippet headed with an example's name is that file's code", function()
+        local readme = assert(fs.read("README.md"))
+        -- the code without comments and blank lines, each line trimmed
+        local function code(text)
+            local lines = {}
+            for line in text:gmatch("[^\n]+") do
+                line = line:gsub("%s*%-%-.*$", ""):match("^%s*(.-)%s*$")
+                if line ~= "" then lines[#lines + 1] = line end
+            end
+            return table.concat(lines, "\n")
+        end
+        local checked = 0
+        for name, block in readme:gmatch("```lua\n%-%- (examples/[%w_/]+%.lua)[^\n]*\n(.-)```") do
+            assert.equal(code(assert(fs.read(name))), code(block), name)
+            checked = checked + 1
+        end
+        assert.truthy(checked >= 1, "no README snippet names its example")
+    end)
+
     it("docs/examples.md names every example of examples/ and examples/embed/", function()
         local page = assert(fs.read("docs/examples.md"))
         local missing = {}
