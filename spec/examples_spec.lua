@@ -376,8 +376,7 @@ describe("examples and docs", function()
         assert.same({}, missing)
     end)
 
-    it("a README snippet headed with an example's name is that file's code", function()
-        local readme = assert(fs.read("README.md"))
+    it("a snippet of the README or docs/ headed with an example's name is that file's code", function()
         -- the code without comments and blank lines, each line trimmed
         local function code(text)
             local lines = {}
@@ -387,12 +386,18 @@ describe("examples and docs", function()
             end
             return table.concat(lines, "\n")
         end
-        local checked = 0
-        for name, block in readme:gmatch("```lua\n%-%- (examples/[%w_/]+%.lua)[^\n]*\n(.-)```") do
-            assert.equal(code(assert(fs.read(name))), code(block), name)
-            checked = checked + 1
+        local pages, checked = { "README.md" }, 0
+        for _, name in ipairs(assert(fs.list("docs"))) do
+            if name:match("%.md$") then pages[#pages + 1] = "docs/" .. name end
         end
-        assert.truthy(checked >= 1, "no README snippet names its example")
+        for _, page in ipairs(pages) do
+            local text = assert(fs.read(page))
+            for name, block in text:gmatch("```lua\n%-%- (examples/[%w_/]+%.lua)[^\n]*\n(.-)```") do
+                assert.equal(code(assert(fs.read(name))), code(block), page .. ": " .. name)
+                checked = checked + 1
+            end
+        end
+        assert.truthy(checked >= 1, "no snippet names its example")
     end)
 
     it("docs/examples.md names every example of examples/ and examples/embed/", function()
