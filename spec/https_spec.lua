@@ -103,6 +103,9 @@ describe("HTTPS server", function()
         ws = assert(moonlet.ws.connect("wss://127.0.0.1:" .. port .. "/ws",
                                        { timeout = 5, tls = { verify = false } }))
         ws:close()
+        ws = assert(moonlet.ws.connect("wss://127.0.0.1:" .. port .. "/ws",
+                                       { timeout = 5, cafile = certs.ca, tls = true }))
+        ws:close()
         assert.has_error(function() moonlet.ws.connect("wss://127.0.0.1:1/ws", { tls = "yes" }) end,
                          "moonlet.ws: option tls is a table")
     end)

@@ -93,8 +93,11 @@ local function check_opts(opts, level)
     if opts.unix ~= nil and (type(opts.unix) ~= "string" or opts.unix == "" or str_find(opts.unix, "%z")) then
         error("moonlet.ws: option unix is a socket path", level)
     end
-    local t = opts.tls
-    if t ~= nil and type(t) ~= "table" then error("moonlet.ws: option tls is a table", level) end
+    local t = opts.tls -- a boolean is let through and changes nothing: the scheme says TLS or not
+    if t ~= nil and type(t) ~= "table" and type(t) ~= "boolean" then
+        error("moonlet.ws: option tls is a table", level)
+    end
+    if type(t) ~= "table" then t = nil end
     for _, k in ipairs({ "cafile", "cert", "key", "server_name" }) do
         if opts[k] ~= nil and type(opts[k]) ~= "string" then
             error("moonlet.ws: option " .. k .. " is a string", level)
@@ -174,7 +177,7 @@ function _M.connect(url, opts)
     end
     -- the TLS options top-level or in a tls table, as moonlet.http and moonlet.tcp take them; a
     -- top-level one wins
-    local t = opts.tls or {}
+    local t = type(opts.tls) == "table" and opts.tls or {}
     local function tls_opt(k)
         if opts[k] ~= nil then return opts[k] end
         return t[k]
