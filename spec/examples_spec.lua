@@ -360,3 +360,59 @@ describe("examples", function()
         ws:close()
     end)
 end)
+
+describe("examples and docs", function()
+    local fs = moonlet.fs
+
+    it("the README links every page of docs/", function()
+        local readme = assert(fs.read("README.md"))
+        local missing = {}
+        for _, name in ipairs(assert(fs.list("docs"))) do
+            if name:match("%.md$") and not readme:find("(docs/" .. name .. ")", 1, true) then
+                missing[#missing + 1] = name
+            end
+        end
+        table.sort(missing)
+        assert.same({}, missing)
+    end)
+
+    it("a snippet of the README or docs/ headed with an example's name is that file's code", function()
+        -- the code without comments and blank lines, each line trimmed
+        local function code(text)
+            local lines = {}
+            for line in text:gmatch("[^\n]+") do
+                line = line:gsub("%s*%-%-.*$", ""):match("^%s*(.-)%s*$")
+                if line ~= "" then lines[#lines + 1] = line end
+            end
+            return table.concat(lines, "\n")
+        end
+        local pages, checked = { "README.md" }, 0
+        for _, name in ipairs(assert(fs.list("docs"))) do
+            if name:match("%.md$") then pages[#pages + 1] = "docs/" .. name end
+        end
+        for _, page in ipairs(pages) do
+            local text = assert(fs.read(page))
+            for name, block in text:gmatch("```lua\n%-%- (examples/[%w_/]+%.lua)[^\n]*\n(.-)```") do
+                assert.equal(code(assert(fs.read(name))), code(block), page .. ": " .. name)
+                checked = checked + 1
+            end
+        end
+        assert.truthy(checked >= 1, "no snippet names its example")
+    end)
+
+    it("docs/examples.md names every example of examples/ and examples/embed/", function()
+        local page = assert(fs.read("docs/examples.md"))
+        local missing = {}
+        for _, dir in ipairs({ "examples", "examples/embed" }) do
+            for _, name in ipairs(assert(fs.list(dir))) do
+                if (dir == "examples" and name:match("%.lua$")) or name:match("%.c$") then
+                    if not page:find("`" .. name .. "`", 1, true) then
+                        missing[#missing + 1] = dir .. "/" .. name
+                    end
+                end
+            end
+        end
+        table.sort(missing)
+        assert.same({}, missing)
+    end)
+end)

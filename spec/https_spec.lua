@@ -92,6 +92,24 @@ describe("HTTPS server", function()
         ws:close()
     end)
 
+    it("takes moonlet.ws.connect's TLS options in a tls table too, as moonlet.http and tcp do", function()
+        local ws = assert(moonlet.ws.connect("wss://127.0.0.1:" .. port .. "/ws",
+                                             { timeout = 5, tls = { cafile = certs.ca } }))
+        assert(ws:send("hi"))
+        assert.same("echo: hi", (ws:receive()))
+        ws:close()
+        assert.same({ nil, "tls: certificate verify failed" },
+                    { moonlet.ws.connect("wss://127.0.0.1:" .. port .. "/ws", { timeout = 5 }) })
+        ws = assert(moonlet.ws.connect("wss://127.0.0.1:" .. port .. "/ws",
+                                       { timeout = 5, tls = { verify = false } }))
+        ws:close()
+        ws = assert(moonlet.ws.connect("wss://127.0.0.1:" .. port .. "/ws",
+                                       { timeout = 5, cafile = certs.ca, tls = true }))
+        ws:close()
+        assert.has_error(function() moonlet.ws.connect("wss://127.0.0.1:1/ws", { tls = "yes" }) end,
+                         "moonlet.ws: option tls is a table")
+    end)
+
     it("keeps the order of WebSocket frames that came in TLS records behind the upgrade", function()
         local sock = assert(moonlet.tcp.connect("127.0.0.1", port,
             { timeout = 5, tls = { cafile = certs.ca, server_name = "127.0.0.1" } }))

@@ -93,9 +93,17 @@ local function check_opts(opts, level)
     if opts.unix ~= nil and (type(opts.unix) ~= "string" or opts.unix == "" or str_find(opts.unix, "%z")) then
         error("moonlet.ws: option unix is a socket path", level)
     end
+    local t = opts.tls -- a boolean is let through and changes nothing: the scheme says TLS or not
+    if t ~= nil and type(t) ~= "table" and type(t) ~= "boolean" then
+        error("moonlet.ws: option tls is a table", level)
+    end
+    if type(t) ~= "table" then t = nil end
     for _, k in ipairs({ "cafile", "cert", "key", "server_name" }) do
         if opts[k] ~= nil and type(opts[k]) ~= "string" then
             error("moonlet.ws: option " .. k .. " is a string", level)
+        end
+        if t and t[k] ~= nil and type(t[k]) ~= "string" then
+            error("moonlet.ws: option tls." .. k .. " is a string", level)
         end
     end
     local hs = opts.headers
@@ -130,7 +138,9 @@ _M.valid_utf8 = core.utf8_valid
 
 -- syntax: ws, err, answer = moonlet.ws.connect(url, { timeout = 2, headers = {...},
 --   protocols = {...}, origin = "...", deflate = true, verify = true, cafile = path, cert = path,
---   key = path, max_message = bytes, unix = "/run/app.sock", ... }) -- unix: over that Unix domain
+--   key = path, max_message = bytes, unix = "/run/app.sock", ... }) -- verify, cafile, cert, key
+--   and server_name may also come in a tls table ({ tls = { cafile = path } }, as moonlet.http
+--   takes them); a top-level one wins. unix: over that Unix domain
 --   socket (the URL gives the Host); cert, key: a client certificate for wss://. A server that
 --   answers the handshake with another status than 101: nil, "handshake failed: status 403" and
 --   answer = { status =, headers =, body = } (headers as a 101's; a body of 1 MiB at most)
@@ -165,9 +175,17 @@ function _M.connect(url, opts)
             if str_lower(k) == "host" then lines[2] = line else lines[#lines + 1] = line end
         end
     end
+    -- the TLS options top-level or in a tls table, as moonlet.http and moonlet.tcp take them; a
+    -- top-level one wins
+    local t = type(opts.tls) == "table" and opts.tls or {}
+    local function tls_opt(k)
+        if opts[k] ~= nil then return opts[k] end
+        return t[k]
+    end
     local copts = {
-        timeout = opts.timeout, tls = tls, verify = opts.verify, cafile = opts.cafile,
-        cert = opts.cert, key = opts.key, server_name = opts.server_name or host, deflate = opts.deflate,
+        timeout = opts.timeout, tls = tls, verify = tls_opt("verify"), cafile = tls_opt("cafile"),
+        cert = tls_opt("cert"), key = tls_opt("key"), server_name = tls_opt("server_name") or host,
+        deflate = opts.deflate,
         max_message = opts.max_message, ping_interval = opts.ping_interval,
         idle_timeout = opts.idle_timeout, close_timeout = opts.close_timeout,
         fragment_size = opts.fragment_size, unix = opts.unix,
