@@ -69,6 +69,41 @@ describe("moonlet.router", function()
         end
     end)
 
+    it("leaves no loop in the caller's trace: matching a parameter, reading a short query", function()
+        -- a request's dispatcher runs both in its root trace: a loop there aborts the trace (an
+        -- inner loop in a root trace, or the loop unroll limit), and the request is interpreted
+        if not jit.status() then return pending("the JIT is off") end
+        local vmdef, jutil = require "jit.vmdef", require "jit.util"
+        local url = require "moonlet.url"
+        local mine = {
+            ["@" .. package.searchpath("moonlet.router", package.path)] = true,
+            ["@" .. package.searchpath("moonlet.url", package.path)] = true,
+        }
+        local found = {}
+        local function on_trace(what, _, func, pc, otr, oex)
+            if what ~= "abort" then return end
+            local fi = jutil.funcinfo(func, pc)
+            local fmt = vmdef.traceerr[otr]
+            if mine[fi.source] and (fmt == "inner loop in root trace"
+                                    or fmt == "loop unroll limit reached") then
+                found[#found + 1] = fi.source:match("[^/]*$") .. ":" .. fi.currentline .. ": "
+                    .. fmt:format(oex)
+            end
+        end
+        local function caller(i) -- hot: LuaJIT records it, and what it calls with it
+            local f, params = r:match("GET", "/users/" .. i .. "/posts/p" .. i)
+            local q = url.parse_query("q=" .. i .. "&page=2")
+            return f() == "post" and params.id == q.q and q.page == "2"
+        end
+        jit.attach(on_trace, "trace")
+        local ok, err = pcall(function()
+            for i = 1, 300 do assert(caller(i)) end
+        end)
+        jit.attach(on_trace)
+        assert(ok, err)
+        assert.same({}, found)
+    end)
+
     it("serves HEAD with the GET handler", function()
         assert.same("user", (r:match("HEAD", "/users/1"))())
     end)

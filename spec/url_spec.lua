@@ -28,6 +28,18 @@ describe("moonlet.url", function()
         assert.same({ a = "1", b = "x y", flag = "", [""] = "empty", c = "&" }, first)
         assert.same({ "1", "2" }, all.a)
         assert.same({}, (url.parse_query(nil)))
+        assert.same({ { a = "1", b = "2" }, { a = { "1" }, b = { "2" } }, true },
+                    { url.parse_query("a=1&&b=2&c=3", 2) })
+        assert.same({ { a = "1" }, { a = { "1" } } }, { url.parse_query("&a=1&", 2) })
+        local pairs_, want = {}, {}
+        for i = 1, 5000 do -- (a tail call per pair: no stack growth)
+            pairs_[i] = "k" .. i .. "=" .. i
+            want["k" .. i] = tostring(i)
+        end
+        assert.same(want, (url.parse_query(table.concat(pairs_, "&"))))
+        for _ = 1, 200 do -- the same answers once LuaJIT has compiled it
+            assert.same({ { q = "x y" }, { q = { "x y" } } }, { url.parse_query("q=x+y") })
+        end
     end)
 
     it("splits a path into segments", function()

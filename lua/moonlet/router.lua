@@ -61,29 +61,38 @@ local function pick(handlers, method)
     return handlers[method] or (method == "HEAD" and handlers.GET) or handlers["*"]
 end
 
-local function match_segs(rsegs, psegs)
-    local params
-    for i = 1, #rsegs do
-        local rs, ps = rsegs[i], psegs[i]
-        if rs.splat then
-            local rest = concat(psegs, "/", i)
-            params = params or {}
-            params[rs.splat] = unescape(rest)
-            return params
-        end
-        if ps == nil then return nil end
-        if rs.literal then
-            if rs.literal ~= ps and not (str_find(ps, "%", 1, true) and rs.literal == unescape(ps)) then
-                return nil
-            end
-        else
-            if ps == "" then return nil end
-            params = params or {}
-            params[rs.param] = unescape(ps)
-        end
+-- Route segments i..n against the path's; params so far. A tail call per segment rather than a
+-- loop, as url.split_path: the dispatcher's trace stays whole (no inner loop in a root trace).
+-- (A loop here is unrolled into that trace only after some aborts, "leaving loop in root trace",
+-- and not in every process: GET /users/42?q=x of examples/hello.lua took 18.5k-20.5k
+-- instructions with it, 18.3k-18.7k with the tail calls.)
+local function match_from(rsegs, psegs, i, n, params)
+    if i > n then
+        if #psegs ~= n then return nil end
+        return params or {}
     end
-    if #psegs ~= #rsegs then return nil end
-    return params or {}
+    local rs, ps = rsegs[i], psegs[i]
+    if rs.splat then
+        local rest = concat(psegs, "/", i)
+        params = params or {}
+        params[rs.splat] = unescape(rest)
+        return params
+    end
+    if ps == nil then return nil end
+    if rs.literal then
+        if rs.literal ~= ps and not (str_find(ps, "%", 1, true) and rs.literal == unescape(ps)) then
+            return nil
+        end
+    else
+        if ps == "" then return nil end
+        params = params or {}
+        params[rs.param] = unescape(ps)
+    end
+    return match_from(rsegs, psegs, i + 1, n, params)
+end
+
+local function match_segs(rsegs, psegs)
+    return match_from(rsegs, psegs, 1, #rsegs, nil)
 end
 
 -- The Allow header of the routes in found (their handler tables), methods in skip (a set of

@@ -51,13 +51,14 @@ end
 -- trace that begins at the resume, inside the xpcall. LuaJIT cannot record the return through a
 -- pcall that began before its trace ("NYI: return to lower frame") and throws the whole trace
 -- away: in a fan-out, everything from the resume to the end of the child (the HTTP client taking
--- the body and making the response) ran in the interpreter. The wrappers below end that trace with
--- a C call (LuaJIT starts a new one after it) just before the return, when the function waited:
--- then only the return is left to the interpreter (callgrind, examples/fanout.lua: 46.9k -> 42.4k
--- instructions per fan-out). A function that did not wait is in the same trace as the xpcall,
--- which LuaJIT records whole: no C call there. (The request dispatcher's xpcall has no such
--- wrapper: measured, the extra trace cost more than it saved, since the handler's own code after
--- a wait is short and what it calls is compiled in traces of its own.)
+-- the body and making the response) ran in the interpreter. call_packed (spawn's, any's) and
+-- gather_call (gather's) end that trace with a C call (LuaJIT starts a new one after it) just
+-- before the return, when the function waited: then only the return is left to the interpreter
+-- (callgrind, examples/fanout.lua: 46.9k -> 42.4k instructions per fan-out). A function that
+-- did not wait is in the same trace as the xpcall, which LuaJIT records whole: no C call there.
+-- (The request dispatcher's xpcall has no such wrapper: measured, the extra trace cost more than
+-- it saved, since the handler's own code after a wait is short and what it calls is compiled in
+-- traces of its own.)
 -- runs[0]: tasks run or resumed so far (bindings/sched.c), read in place through the FFI
 local runs = require("ffi").cast("const double *", core.runs)
 local core_running = core.running
@@ -73,14 +74,6 @@ local function call_packed(fn, ...)
     local r = pack(true, fn(...))
     end_trace_if_waited(r0)
     return r
-end
-
--- fn()'s first two results, under the caller's xpcall
-local function call_two(fn)
-    local r0 = runs[0]
-    local a, b = fn()
-    end_trace_if_waited(r0)
-    return a, b
 end
 
 -- The error handler of the functions spawn, gather and any run: a traceback, except for
@@ -211,20 +204,41 @@ local function start_child(s, run, k, fn)
     if co then s.cos[k] = co end
 end
 
--- Runs function k of a gather in its own task and records how it ended in g; the last one to end
--- wakes the gatherer when it is parked.
-local function gather_one(g, k, fn)
-    local ok, a, b = xpcall(call_two, task_traceback, fn)
-    if ok then
-        g.results[k] = a
-        if a == nil then g.errors[k] = b end
-    else
-        g.errors[k] = a == CANCELLED and "cancelled" or a
-    end
+-- Function k of gather g has ended: it forgets its coroutine, and the last one to end returns the
+-- gatherer's coroutine when it is parked (to be woken).
+local function child_ended(g, k)
     g.cos[k] = nil
     local left = g.left - 1
     g.left = left
-    if left == 0 and g.co then core.unpark(g.co, true) end
+    return left == 0 and g.co
+end
+
+-- fn, function k of gather g, under gather_one's xpcall. Its results are recorded and the
+-- gatherer woken in here, before the xpcall returns, not after it as call_packed's callers do:
+-- after a wait, the trace that begins at the resume then compiles that bookkeeping too and ends
+-- at a C call (the unpark, else core.running), so that only the returns are left to the
+-- interpreter (callgrind, examples/fanout.lua: 36.3k -> 35.5k instructions per fan-out, where
+-- gather_one's tail after the xpcall ran interpreted three times a request). The bookkeeping
+-- cannot raise (g is a plain table, co a parked coroutine): an error the xpcall catches is
+-- always fn's, and then gather_one does the bookkeeping instead.
+local function gather_call(g, k, fn)
+    local r0 = runs[0]
+    local a, b = fn()
+    g.results[k] = a
+    if a == nil then g.errors[k] = b end
+    local co = child_ended(g, k)
+    if co then core.unpark(co, true) else end_trace_if_waited(r0) end
+end
+
+-- Runs function k of a gather in its own task and records how it ended in g; the last one to end
+-- wakes the gatherer when it is parked.
+local function gather_one(g, k, fn)
+    local ok, err = xpcall(gather_call, task_traceback, g, k, fn)
+    if not ok then
+        g.errors[k] = err == CANCELLED and "cancelled" or err
+        local co = child_ended(g, k)
+        if co then core.unpark(co, true) end
+    end
 end
 
 -- Cancels the tasks whose coroutines are the values of cos (each removes itself as it ends).

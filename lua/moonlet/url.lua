@@ -69,38 +69,43 @@ function _M.encode_query(q)
     return table.concat(out, "&")
 end
 
+-- The pairs of qs from pos on (n read so far) into first and all. A tail call per pair, not a
+-- loop, as split_path: a handler's req.query parses inside the dispatcher's trace, and a loop
+-- there aborts it (an inner loop in a root trace, or the loop unroll limit). A long query or form
+-- body is still compiled: LuaJIT makes a loop of a hot function's tail calls to itself.
+local function query_from(qs, pos, len, n, max, first, all)
+    if pos > len then return first, all end
+    local amp = str_find(qs, "&", pos, true) or len + 1
+    local pair = str_sub(qs, pos, amp - 1)
+    if pair ~= "" then
+        n = n + 1
+        if max and n > max then return first, all, true end
+        local unescape = _M.unescape_form
+        local eq = str_find(pair, "=", 1, true)
+        local k, v
+        if eq then
+            k, v = unescape(str_sub(pair, 1, eq - 1)), unescape(str_sub(pair, eq + 1))
+        else
+            k, v = unescape(pair), ""
+        end
+        if first[k] == nil then
+            first[k] = v
+            all[k] = { v }
+        else
+            local list = all[k]
+            list[#list + 1] = v
+        end
+    end
+    return query_from(qs, amp + 1, len, n, max, first, all)
+end
+
 -- syntax: first, all, more = url.parse_query(qs, max) -- first[k] = first value; all[k] = every
 -- value, in order. With max, at most max pairs are read and `more` is true when there were others:
 -- a body may hold a million tiny pairs, each costing a string and a table (30 times its bytes).
 function _M.parse_query(qs, max)
     local first, all = {}, {}
     if not qs or qs == "" then return first, all end
-    local unescape = _M.unescape_form
-    local pos, len, n = 1, #qs, 0
-    while pos <= len do
-        local amp = str_find(qs, "&", pos, true) or len + 1
-        local pair = str_sub(qs, pos, amp - 1)
-        if pair ~= "" then
-            n = n + 1
-            if max and n > max then return first, all, true end
-            local eq = str_find(pair, "=", 1, true)
-            local k, v
-            if eq then
-                k, v = unescape(str_sub(pair, 1, eq - 1)), unescape(str_sub(pair, eq + 1))
-            else
-                k, v = unescape(pair), ""
-            end
-            if first[k] == nil then
-                first[k] = v
-                all[k] = { v }
-            else
-                local list = all[k]
-                list[#list + 1] = v
-            end
-        end
-        pos = amp + 1
-    end
-    return first, all
+    return query_from(qs, 1, #qs, 0, max, first, all)
 end
 
 -- -- References (RFC 3986 section 5) -----------------------------------------------------------
@@ -201,25 +206,30 @@ function _M.encode_uri(s)
     return (str_gsub(s, NOT_URI, function(c) return ("%%%02X"):format(c:byte()) end))
 end
 
+-- The segments of path from pos on, after the n in segs. A tail call per segment, not a loop: the
+-- router splits every request's path, and a loop inside the dispatcher's trace aborts it (LuaJIT
+-- records no inner loop in a root trace), leaving each request to the interpreter.
+local function split_from(path, pos, len, segs, n)
+    local slash = str_find(path, "/", pos, true)
+    n = n + 1
+    if not slash then
+        segs[n] = str_sub(path, pos)
+        return segs
+    end
+    segs[n] = str_sub(path, pos, slash - 1)
+    pos = slash + 1
+    if pos > len then
+        segs[n + 1] = ""
+        return segs
+    end
+    return split_from(path, pos, len, segs, n)
+end
+
 -- syntax: segs = url.split_path(path) -- "/a/b/" -> { "a", "b", "" }
 function _M.split_path(path)
-    local segs, n, pos = {}, 0, 2
     local len = #path
-    if len < 2 then return segs end
-    while true do
-        local slash = str_find(path, "/", pos, true)
-        n = n + 1
-        if not slash then
-            segs[n] = str_sub(path, pos)
-            return segs
-        end
-        segs[n] = str_sub(path, pos, slash - 1)
-        pos = slash + 1
-        if pos > len then
-            segs[n + 1] = ""
-            return segs
-        end
-    end
+    if len < 2 then return {} end
+    return split_from(path, 2, len, {}, 0)
 end
 
 return _M
