@@ -18,9 +18,11 @@
  *   task; nothing else resumes it.
  * - When the connection closes (reset, write error, server shutdown) while the handler task is
  *   parked in a wait of another object, on_close cancels the task (mlua_task_cancel: that wait's
- *   cancel callback undoes it first). A client's FIN alone is a half-close and the handler goes on,
- *   unless the server was made with check_client_abort or the exchange asked for it
- *   (x:cancel_on_hangup, which res:sse does): on_hangup cancels it the same way.
+ *   cancel callback undoes it first). A client's FIN alone may be a half-close: the handler goes on
+ *   (the core asks an HTTP/1.1 client with a 100 Continue whether it closed its socket, and a reset
+ *   closes the connection: on_close), unless the server was made with check_client_abort or the
+ *   exchange asked for it (x:cancel_on_hangup, which res:sse does): on_hangup cancels it the same
+ *   way.
  */
 #include <fcntl.h>
 #include <stdint.h>

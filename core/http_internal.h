@@ -69,6 +69,8 @@ struct ml_conn_s {
   uint64_t body_total;   /* body bytes received for this request */
   uint64_t header_start; /* uv_now at message begin */
   uint64_t activity;     /* uv_now at the last read or write progress */
+  uint64_t probe_at;     /* a FIN came while the handler runs: when to look for a reset, or 0 */
+  uint16_t probe_ms;     /* ... and the wait before the look after that one (ml__conn_probe) */
 
   /* unparsed input kept while the current request is handled (pipelining) */
   char *stash;
@@ -200,6 +202,7 @@ void ml__conn_error(ml_conn_t *c, int status, const char *why);
 /* The same with text (under 96 bytes) for the body instead of "400 Bad Request\n". */
 void ml__conn_error_body(ml_conn_t *c, int status, const char *why, const char *text);
 void ml__conn_timeout(ml_conn_t *c);
+void ml__conn_probe(ml_conn_t *c);
 void ml__conn_raw_data(ml_conn_t *c, const char *data, ssize_t n);
 
 #endif

@@ -284,7 +284,7 @@ static void prepare_cb(uv_prepare_t *h) {
  */
 
 /* The deadline of c's current state in loop milliseconds, or 0 when nothing times out. */
-static uint64_t conn_deadline(ml_conn_t *c) {
+static uint64_t state_deadline(ml_conn_t *c) {
   const ml_http_limits_t *lim = &c->srv->lim;
   uint64_t send_dl =
       c->write_queue > 0 && lim->send_timeout_ms ? c->activity + lim->send_timeout_ms : 0;
@@ -316,6 +316,14 @@ static uint64_t conn_deadline(ml_conn_t *c) {
   }
 }
 
+/* The state's deadline, or the next look for a half-closed client's reset when that comes first
+ * (ml__conn_probe). */
+static uint64_t conn_deadline(ml_conn_t *c) {
+  uint64_t dl = state_deadline(c);
+  if (c->probe_at && (!dl || c->probe_at < dl)) return c->probe_at;
+  return dl;
+}
+
 /* The delay to arm for deadline dl, capped at the shortest configured timeout. The timer is left
  * running across state changes, and a state entered later has a deadline at least that far away, so
  * the timer never fires after it (a connection armed for the keep-alive timeout would otherwise get
@@ -337,6 +345,10 @@ static void conn_timer_cb(uv_timer_t *t) {
   if (dl == 0) return; /* re-armed by the next state change */
   if (dl > now) {
     uv_timer_start(t, conn_timer_cb, conn_delay(c, dl, now), 0);
+    return;
+  }
+  if (dl == c->probe_at) {
+    ml__conn_probe(c);
     return;
   }
   ml__conn_timeout(c);

@@ -320,6 +320,39 @@ s.close()
         assert.same(0, p:wait(5))
     end)
 
+    -- Serves /wait (a gather of two 10 s sleeps) and sends its request from a client that then
+    -- closes its socket (close: a FIN, the socket gone); returns what the sleeps saw and the seconds
+    -- it took.
+    local function closing_client(request)
+        local rec, started = {}, moonlet.event()
+        local app = moonlet.app()
+        app:get("/wait", function()
+            started:set()
+            moonlet.gather({ a = sleeper(rec, "a"), b = sleeper(rec, "b") })
+            rec.after = true
+        end)
+        local server, port = test.serve(app)
+        defer(function() server:close() end)
+        local sock = assert(moonlet.tcp.connect("127.0.0.1", port, { timeout = 5 }))
+        assert(sock:send(request))
+        assert.is_true(started:wait(5))
+        local t0 = core.now()
+        sock:close()
+        test.wait_until(function() return rec.a ~= nil and rec.b ~= nil end, 3)
+        return rec, core.now() - t0
+    end
+
+    it("cancels it when the client closed its socket (a FIN): a 100 Continue finds it gone", function()
+        local rec, took = closing_client("GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert.same({ a = CANCELLED, b = CANCELLED }, rec)
+        assert.is_true(took < 3)
+    end)
+
+    it("lets an HTTP/1.0 handler finish after a FIN (no interim answer to ask with)", function()
+        local rec = closing_client("GET /wait HTTP/1.0\r\n\r\n")
+        assert.same({}, rec) -- (3 s of its 10: still sleeping)
+    end)
+
     -- Serves /wait (a gather of one 0.2 s sleep) with app options opts, runs the half-closing
     -- client against it until it exits; returns how the sleep ended and what the client read.
     local function half_close(opts)
@@ -350,7 +383,8 @@ s.close()
         function()
             local how, out = half_close()
             assert.same("slept", how)
-            assert.truthy(out:find("^HTTP/1.1 200"))
+            -- the 100 Continue that asked whether the client was still there, then the answer
+            assert.truthy(out:find("^HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), out)
             assert.truthy(out:find("answered after the FIN", 1, true))
             assert.truthy(out:lower():find("connection: close", 1, true))
         end)
