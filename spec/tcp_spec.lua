@@ -852,6 +852,26 @@ describe("moonlet.tcp cosocket methods", function()
         assert.has_error(function() v:sslhandshake(nil, 42) end)
     end)
 
+    it("takes the TLS options of a connect beside tls = true too, those in tls first", function()
+        local port = counting({ tls = { cert = cert, key = key } })
+        local c = connect(port, { timeout = 5, tls = true, cafile = ca, server_name = "localhost" })
+        assert.is_true(c:send("top\n"))
+        assert.same("echo: top", c:receive("*l"))
+        local s = socket()
+        assert.same({ true },
+                    { s:connect("127.0.0.1", port, { tls = {}, cafile = ca, server_name = "localhost" }) })
+        assert.is_true(s:send("obj\n"))
+        assert.same("echo: obj", s:receive("*l"))
+        -- tls's own win: a wrong name there fails whatever the top level says
+        local failed = "tls: certificate verify failed"
+        assert.same(failed, select(2, tcp.connect("127.0.0.1", port,
+            { timeout = 5, tls = { server_name = "wrong.test", cafile = ca }, server_name = "localhost" })))
+        -- and without the CA, the system store does not know the spec's
+        assert.same(failed, select(2, tcp.connect("127.0.0.1", port,
+            { timeout = 5, tls = true, server_name = "localhost" })))
+        assert.has_error(function() tcp.connect("127.0.0.1", port, { tls = true, cafile = 42 }) end)
+    end)
+
     it("leaks nothing over many pooled reuses and cancelled connects", function()
         local port, n = counting()
         -- the connections of the earlier tests wind down first (their handlers see EOF)

@@ -305,6 +305,27 @@ end
 
 -- Checks connect's arguments: port, timeout, tls options, pool key. A Unix socket ("unix:/path")
 -- takes no port: its options may come second, as in OpenResty's connect("unix:/path", opts).
+-- The client TLS options a connect may also give beside `tls` ({ tls = true, cafile = "ca.pem" },
+-- as moonlet.ws and moonlet.http take them): they were ignored there, and a certificate the
+-- caller trusted failed to verify.
+local TOP_LEVEL_TLS = { "server_name", "verify", "cafile", "cert", "key", "alpn" }
+
+-- opts.tls with the TLS options opts gives at its top level (those of tls win), or opts.tls itself
+local function with_top_level_tls(opts)
+    local t, merged = opts.tls, nil
+    for _, k in ipairs(TOP_LEVEL_TLS) do
+        if opts[k] ~= nil and (type(t) ~= "table" or t[k] == nil) then
+            if not merged then
+                merged = {}
+                if type(t) == "table" then for tk, tv in pairs(t) do merged[tk] = tv end end
+            end
+            merged[k] = opts[k]
+        end
+    end
+    if merged and type(t) ~= "table" and t ~= true then return t end -- (check_tls_opts refuses it)
+    return merged or t
+end
+
 local function connect_args(host, port, opts, fname, level)
     if type(host) ~= "string" then error("moonlet.tcp." .. fname .. ": expected a host", level + 1) end
     if unix_path(host) then
@@ -328,7 +349,7 @@ local function connect_args(host, port, opts, fname, level)
             end
             timeout = opts.timeout
         end
-        if opts.tls then tls = check_tls_opts(opts.tls, level + 1) end
+        if opts.tls then tls = check_tls_opts(with_top_level_tls(opts), level + 1) end
         if opts.pool ~= nil then
             if type(opts.pool) ~= "string" then
                 error("moonlet.tcp." .. fname .. ": pool must be a string", level + 1)
