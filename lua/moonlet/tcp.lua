@@ -306,8 +306,8 @@ end
 -- Checks connect's arguments: port, timeout, tls options, pool key. A Unix socket ("unix:/path")
 -- takes no port: its options may come second, as in OpenResty's connect("unix:/path", opts).
 -- The client TLS options a connect may also give beside `tls` ({ tls = true, cafile = "ca.pem" },
--- as moonlet.ws and moonlet.http take them): they were ignored there, and a certificate the
--- caller trusted failed to verify.
+-- as moonlet.ws.connect takes them): they were ignored there, and a certificate the caller
+-- trusted failed to verify.
 local TOP_LEVEL_TLS = { "server_name", "verify", "cafile", "cert", "key", "alpn" }
 
 -- opts.tls with the TLS options opts gives at its top level (those of tls win), or opts.tls itself
