@@ -151,6 +151,24 @@ function methods:allow(path, skip, extra)
     return allow_list(found, skip, extra)
 end
 
+-- The pattern routes dyn[i..n] against the path's segments, in order: the first that matches
+-- with a handler for method gives handler, params; else nil, found (found and the handler tables
+-- of the routes that matched for other methods). A tail call per route, as match_from: the
+-- routes' loop was an inner loop in the dispatcher's root trace in some processes (spec/
+-- router_spec.lua saw it under ASan, whose addresses change LuaJIT's hot counters).
+local function match_routes(dyn, i, n, psegs, method, found)
+    if i > n then return nil, found end
+    local route = dyn[i]
+    local params = match_segs(route.segs, psegs)
+    if params then
+        local h = pick(route.handlers, method)
+        if h then return h, params end
+        found = found or {}
+        found[#found + 1] = route.handlers
+    end
+    return match_routes(dyn, i + 1, n, psegs, method, found)
+end
+
 -- syntax: handler, params, allow = r:match(method, raw_path)
 -- handler and params on a match; nil, nil, "GET, HEAD" when the path exists for other methods only;
 -- nil when nothing matches.
@@ -165,17 +183,9 @@ function methods:match(method, path)
     end
     local dyn = self.dynamic
     if dyn[1] then
-        local psegs = split_path(path)
-        for i = 1, #dyn do
-            local route = dyn[i]
-            local params = match_segs(route.segs, psegs)
-            if params then
-                local h = pick(route.handlers, method)
-                if h then return h, params end
-                found = found or {}
-                found[#found + 1] = route.handlers
-            end
-        end
+        local h, params = match_routes(dyn, 1, #dyn, split_path(path), method, found)
+        if h then return h, params end
+        found = params -- (nil, found: see match_routes)
     end
     if found then return nil, nil, allow_list(found) end
     return nil
