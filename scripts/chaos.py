@@ -195,21 +195,33 @@ def frame(opcode, payload, fin=True, mask=True, declared=None):
     return head + key + bytes(c ^ key[i % 4] for i, c in enumerate(payload))
 
 
-def ws_open(port, path, timeout=5):
+def upgrade_open(port, path, headers, timeout=5):
+    """GET path with headers (an Upgrade); (socket, bytes behind the 101) or OSError("handshake: "
+    + the status line of another answer)"""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (path, key)).encode())
+    s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (path, headers)).encode())
     data = b""
     while b"\r\n\r\n" not in data:
         b = s.recv(4096)
         if not b:
+            s.close()
             raise OSError("closed during handshake")
         data += b
     head, _, rest = data.partition(b"\r\n\r\n")
     if b" 101 " not in head.split(b"\r\n")[0]:
+        s.close()
         raise OSError("handshake: " + head.split(b"\r\n")[0].decode())
     return s, rest
+
+
+def ws_open(port, path, timeout=5):
+    key = base64.b64encode(os.urandom(16)).decode()
+    return upgrade_open(port, path, "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                        "Sec-WebSocket-Version: 13\r\n" % key, timeout)
+
+
+def tunnel_open(port, path, timeout=5):
+    return upgrade_open(port, path, "Connection: Upgrade\r\nUpgrade: echo/1\r\n", timeout)
 
 
 def ws_read(s, buf):
@@ -390,22 +402,9 @@ def misbehave_ws(rng, port, path, text=lambda i: b"hello %d" % i):
 def misbehave_tunnel(rng, port, path):
     """an Upgrade: echo/1 tunnel through the proxy, echoed raw bytes, cut off at a random point"""
     try:
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo/1\r\n\r\n"
-                   % path).encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            b = s.recv(4096)
-            if not b:
-                raise OSError("closed during upgrade")
-            data += b
-        head, _, rest = data.partition(b"\r\n\r\n")
-        if b" 101 " not in head.split(b"\r\n")[0]:
-            count("tunnel:refused-" + head.split(b"\r\n")[0].decode()[9:12])
-            s.close()
-            return
-    except OSError:
-        count("tunnel:open-failed")
+        s, rest = tunnel_open(port, path)
+    except OSError as e:
+        count("tunnel:refused-" + str(e)[20:23] if str(e).startswith("handshake: ") else "tunnel:open-failed")
         return
     mode = rng.choice(["echo", "flood_no_read", "bye", "half_close", "vanish_mid"])
     count("tunnel:" + mode)
@@ -508,27 +507,16 @@ def check_server(st, srv):
                 s.close()
                 body = data
             if ok:  # and a raw upgrade tunnel
-                s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-                s.sendall(b"GET /api/tunnel HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                          b"Upgrade: echo/1\r\n\r\n")
-                data = b""
-                while b"\r\n\r\n" not in data:
+                s, data = tunnel_open(srv.port, "/api/tunnel", timeout=10)
+                s.sendall(b"tunnel check")
+                while len(data) < 12:
                     b = s.recv(4096)
                     if not b:
                         break
                     data += b
-                head, _, data = data.partition(b"\r\n\r\n")
-                ok = b" 101 " in head.split(b"\r\n")[0]
-                if ok:
-                    s.sendall(b"tunnel check")
-                    while len(data) < 12:
-                        b = s.recv(4096)
-                        if not b:
-                            break
-                        data += b
-                    ok = data == b"tunnel check"
+                ok = data == b"tunnel check"
                 s.close()
-                body = head + data
+                body = data
         elif srv is st.chat:
             s, buf = ws_open(srv.port, "/ws/check?nick=checker")
             op, data, buf = ws_read(s, buf)
