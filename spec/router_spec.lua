@@ -71,7 +71,9 @@ describe("moonlet.router", function()
 
     it("leaves no loop in the caller's trace: matching a parameter, reading a short query", function()
         -- a request's dispatcher runs both in its root trace: a loop there aborts the trace (an
-        -- inner loop in a root trace, or the loop unroll limit), and the request is interpreted
+        -- inner loop in a root trace), and the request is interpreted. (The loop unroll limit is
+        -- not checked: whether LuaJIT unrolls a tail recursion that far depends on the order in
+        -- which it records and on its hot counters, which differ from one process to the next.)
         if not jit.status() then return pending("the JIT is off") end
         local vmdef, jutil = require "jit.vmdef", require "jit.util"
         local url = require "moonlet.url"
@@ -84,8 +86,7 @@ describe("moonlet.router", function()
             if what ~= "abort" then return end
             local fi = jutil.funcinfo(func, pc)
             local fmt = vmdef.traceerr[otr]
-            if mine[fi.source] and (fmt == "inner loop in root trace"
-                                    or fmt == "loop unroll limit reached") then
+            if mine[fi.source] and fmt == "inner loop in root trace" then
                 found[#found + 1] = fi.source:match("[^/]*$") .. ":" .. fi.currentline .. ": "
                     .. fmt:format(oex)
             end
