@@ -267,7 +267,8 @@ def misbehave_http(rng, port, path, method="GET", body=None):
         req += "Content-Length: %d\r\n" % len(body)
     req = (req + "\r\n").encode() + (body or b"")
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    mode = rng.choice(["partial_req", "before_resp", "mid_resp", "full", "pipelined", "slow_read"])
+    mode = rng.choice(["partial_req", "before_resp", "mid_resp", "full", "pipelined", "slow_read",
+                       "half_close"])
     count("http:" + mode)
     try:
         if mode == "partial_req":
@@ -283,6 +284,21 @@ def misbehave_http(rng, port, path, method="GET", body=None):
             s.sendall(req * rng.randrange(2, 5))
             time.sleep(rng.random() * 0.05)
             s.recv(rng.randrange(1, 4096))
+        elif mode == "half_close":  # a FIN behind the request, then the answer read whole
+            s.sendall(req)
+            time.sleep(rng.random() * 0.03)
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            end = time.time() + 3
+            while time.time() < end:
+                b = s.recv(65536)
+                if not b:
+                    break
+                data += b
+            if data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):  # (asked whether it was gone)
+                count("http:half_close-100")
+                data = data[25:]
+            count("status:%s" % data[9:12].decode(errors="replace"))
         elif mode == "slow_read":
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.sendall(req)
