@@ -1375,6 +1375,17 @@ describe("moonlet.proxy", function()
         assert.has_error(function() moonlet.proxy({ upstream = x, cookie_path = { ["~(a)"] = "$" } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = x, redirect = { { "/a", "/b" }, c = "/" } })
                          end)
+        -- a list with a hole: its rules after the hole were dropped without a word, or an index
+        -- error came from inside proxy_rewrite.lua
+        local either = "moonlet.proxy: redirect is either { [from] = to } or { { from, to }, ... }"
+        assert.has_error(function()
+            moonlet.proxy({ upstream = x, redirect = { { "/a", "/b" }, [3] = { "/c", "/d" } } })
+        end, either)
+        assert.has_error(function()
+            moonlet.proxy({ upstream = x, redirect = { { "/a", "/b" }, nil, { "/c", "/d" } } })
+        end, either)
+        assert.has_error(function() moonlet.proxy({ upstream = x, redirect = { { "/a", "/b" }, [1.5] = {} } })
+                         end, either)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { key = "c.key" } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { cert = true } }) end)
         assert.has_error(function() moonlet.proxy({ upstream = "http://x", tls = { alpn = "h2" } }) end)

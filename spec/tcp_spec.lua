@@ -852,6 +852,29 @@ describe("moonlet.tcp cosocket methods", function()
         assert.has_error(function() v:sslhandshake(nil, 42) end)
     end)
 
+    it("answers a connect while another connect of the same socket waits with socket busy connecting",
+       function()
+        -- (the second one's connection opened beside the first: it moved in over the first's
+        -- and raised "moving a connection into an open socket", its connection left to the GC)
+        local port, n = counting()
+        local c = connect(port)
+        local first
+        local t = moonlet.spawn(function() first = { c:connect("localhost", port, { timeout = 5 }) } end)
+        assert.same({ nil, "socket busy connecting" }, { c:connect("localhost", port, { timeout = 5 }) })
+        t:join()
+        assert.same({ true }, first)
+        assert.is_true(c:send("a\n"))
+        assert.same("echo: a", c:receive("*l"))
+        assert.truthy(test.wait_until(function() return n.active == 1 end, 5))
+        -- a connect cancelled where it waits leaves the object free to connect again
+        local cancelled = moonlet.spawn(function() return c:connect("127.0.0.1", port, { timeout = 5 }) end)
+        assert.is_true(cancelled:cancel())
+        assert.same({ true }, { c:connect("127.0.0.1", port, { timeout = 5 }) })
+        assert.is_true(c:send("b\n"))
+        assert.same("echo: b", c:receive("*l"))
+        c:close()
+    end)
+
     it("takes the TLS options of a connect beside tls = true too, those in tls first", function()
         local port = counting({ tls = { cert = cert, key = key } })
         local c = connect(port, { timeout = 5, tls = true, cafile = ca, server_name = "localhost" })

@@ -147,10 +147,14 @@ function _M.check_map(value, what)
     end
     local rules = {}
     if value[1] ~= nil then
+        -- keys 1..#value and no other: a hole would leave #value short of the rules after it
+        local n, ok = 0, true
         for k, pair in pairs(value) do
-            if type(k) ~= "number" or type(pair) ~= "table" then
-                error("moonlet.proxy: " .. what .. " is either { [from] = to } or { { from, to }, ... }", 3)
-            end
+            n = n + 1
+            ok = ok and type(k) == "number" and k % 1 == 0 and k >= 1 and type(pair) == "table"
+        end
+        if not ok or n ~= #value then
+            error("moonlet.proxy: " .. what .. " is either { [from] = to } or { { from, to }, ... }", 3)
         end
         for i = 1, #value do rules[i] = rule(value[i][1], value[i][2], what) end
         return rules

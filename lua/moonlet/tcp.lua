@@ -485,12 +485,16 @@ end
 -- object the caller holds stays the same (its connection is replaced: core.tcp_move). The one it
 -- held is closed first, or, when sock:setkeepalive put it in the pool, stays there (this object no
 -- longer stands for it). The timeouts are the connect's (opts.timeout, else 60 s), as
--- moonlet.tcp.connect's. A server-side socket cannot connect.
+-- moonlet.tcp.connect's. A server-side socket cannot connect. While a connect waits, another one
+-- of the same object answers nil, "socket busy connecting" (as OpenResty's): the connection each
+-- opened would otherwise both go into the one object.
 local move = core.tcp_move
+local connecting = setmetatable({}, { __mode = "k" }) -- sockets whose sock:connect waits
 function methods:connect(host, port, opts)
     if accepted[self] then error("moonlet.tcp: connect on a server-side socket", 2) end
     local timeout, tls, key
     port, timeout, tls, key = connect_args(host, port, opts, "sock:connect", 2)
+    if connecting[self] then return nil, "socket busy connecting" end
     if pooled[self] then
         local kept = move(nil, self)
         pool.replace(keys[self], self, kept)
@@ -500,7 +504,10 @@ function methods:connect(host, port, opts)
         forget(self)
     end
     timeout = timeout or DEFAULT_TIMEOUT
-    local s, err, detail = pooled_or_new(host, port, timeout, tls, key)
+    connecting[self] = true
+    local ok, s, err, detail = pcall(pooled_or_new, host, port, timeout, tls, key)
+    connecting[self] = nil
+    if not ok then error(s, 0) end -- (a cancellation: moonlet.CANCELLED goes on)
     if not s then return nil, err, detail end
     move(self, s)
     carry(self, s)
