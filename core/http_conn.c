@@ -14,10 +14,11 @@
  * - Lenient parsing is never enabled: llhttp's strict defaults refuse what request smuggling needs.
  */
 #include <ctype.h>
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include "http_internal.h"
@@ -315,7 +316,7 @@ static void request_reset(ml_conn_t *c) {
   c->resp_started = c->resp_done = c->resp_chunked = c->resp_no_body = 0;
   c->continue_sent = c->body_error = c->body_event = c->want_writable = 0;
   c->stream_left = -1;
-  c->probe_at = 0;
+  c->probing = 0; /* (before a next message's header_start takes probe_at's place) */
   c->state = ML_CONN_IDLE;
 }
 
@@ -597,14 +598,15 @@ void ml__conn_run_stash(ml_conn_t *c) {
  * closed, a script that gave up). Only a write tells them apart: the kernel of a client that
  * closed answers it with a reset. An HTTP/1.1 client must take an interim 1xx it did not ask for
  * (RFC 9110 15.2), so the connection sends "100 Continue" and then looks for that reset (the
- * socket's pending error, client_reset) PROBE_FIRST_MS later, then at doubling waits up
+ * TCP state, client_reset) PROBE_FIRST_MS later, then at doubling waits up
  * to PROBE_MAX_MS, while the handler runs and has not begun its answer (that answer's own write
  * then finds the reset). A reset closes the connection, which cancels the handler where it waits,
  * children included (the server's on_close), as a reset during the request always did. HTTP/1.0
  * has no interim responses: a FIN stays a half-close there (check_client_abort decides). The
- * looks ride on the connection's one timer (conn_deadline gives probe_at). */
+ * looks ride on the connection's one timer (conn_deadline gives probe_at while probing). */
 #define PROBE_FIRST_MS 10
 #define PROBE_MAX_MS 1000
+#define PROBE_LAST_STEP 7 /* PROBE_FIRST_MS << 7 is past PROBE_MAX_MS */
 
 static void probe_start(ml_conn_t *c) {
   if (c->req.http_major != 1 || c->req.http_minor < 1 || c->upgraded || c->raw_cb) return;
@@ -612,26 +614,30 @@ static void probe_start(ml_conn_t *c) {
   ml__out_append(c->srv, c, cont, sizeof cont - 1);
   ml__conn_flush(c);
   if (c->closing) return;
-  c->probe_ms = PROBE_FIRST_MS;
+  c->probing = 1;
+  c->probe_step = 0;
   c->probe_at = uv_now(c->srv->loop) + PROBE_FIRST_MS;
   uv_timer_stop(&c->timer); /* (it may run for a later deadline: armed again for this one) */
   ml__conn_arm_timer(c);
 }
 
-/* Whether the client's kernel answered with a reset (the client closed its socket). A recv cannot
- * tell: once the FIN came it says 0 before it looks at the error; the socket's pending error
- * (EPIPE for a reset in CLOSE_WAIT) does. */
+/* Whether the client's kernel answered with a reset (the client closed its socket): the
+ * connection's TCP state is CLOSE. (A recv cannot tell, once the FIN came it says 0 first; nor can
+ * SO_ERROR, which also gives the soft error an ICMP unreachable leaves on a live connection.) A
+ * Unix domain socket has no TCP_INFO: there the 100's own write fails (EPIPE) when the peer is
+ * gone, and the write's error closes the connection. */
 static int client_reset(ml_conn_t *c) {
   uv_os_fd_t fd;
   if (uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0) return 0;
-  int err = 0;
-  socklen_t len = sizeof err;
-  return getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0;
+  struct tcp_info ti;
+  socklen_t len = sizeof ti;
+  if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) return 0;
+  return ti.tcpi_state == TCP_CLOSE;
 }
 
 /* The timer reached probe_at (see probe_start). */
 void ml__conn_probe(ml_conn_t *c) {
-  c->probe_at = 0;
+  c->probing = 0;
   if (c->closing || !c->req_active || c->resp_started) {
     ml__conn_arm_timer(c);
     return;
@@ -640,9 +646,10 @@ void ml__conn_probe(ml_conn_t *c) {
     ml_conn_close(c, 0); /* gone: on_close cancels the handler (499) */
     return;
   }
-  if (c->probe_ms < PROBE_MAX_MS)
-    c->probe_ms = c->probe_ms * 2 < PROBE_MAX_MS ? c->probe_ms * 2 : PROBE_MAX_MS;
-  c->probe_at = uv_now(c->srv->loop) + c->probe_ms;
+  if (c->probe_step < PROBE_LAST_STEP) c->probe_step++;
+  uint64_t wait = (uint64_t)PROBE_FIRST_MS << c->probe_step;
+  c->probing = 1;
+  c->probe_at = uv_now(c->srv->loop) + (wait < PROBE_MAX_MS ? wait : PROBE_MAX_MS);
   ml__conn_arm_timer(c);
 }
 

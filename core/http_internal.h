@@ -66,11 +66,12 @@ struct ml_conn_s {
   int error_status; /* status for an HPE_USER error (413, 414, 431) */
   char *body;       /* unread body bytes (malloc), body_len of body_cap */
   size_t body_len, body_cap;
-  uint64_t body_total;   /* body bytes received for this request */
-  uint64_t header_start; /* uv_now at message begin */
-  uint64_t activity;     /* uv_now at the last read or write progress */
-  uint64_t probe_at;     /* a FIN came while the handler runs: when to look for a reset, or 0 */
-  uint16_t probe_ms;     /* ... and the wait before the look after that one (ml__conn_probe) */
+  uint64_t body_total;     /* body bytes received for this request */
+  union {                  /* one at a time, by the connection's state: */
+    uint64_t header_start; /* a head is read (ML_CONN_HEADERS): uv_now at its message's begin */
+    uint64_t probe_at;     /* probing (a FIN while the handler runs): the next look for a reset */
+  };
+  uint64_t activity; /* uv_now at the last read or write progress */
 
   /* unparsed input kept while the current request is handled (pipelining) */
   char *stash;
@@ -89,6 +90,7 @@ struct ml_conn_s {
   size_t bad_line_len;        /* as sent, for the access log (see raw_request_line) */
   char last_byte;             /* the last byte given to llhttp_execute */
   uint8_t pause;              /* why llhttp paused: PAUSE_HEADERS or PAUSE_MESSAGE (http_conn.c) */
+  uint8_t probe_step;         /* probing: the looks so far (each waits twice the one before) */
   unsigned req_active : 1;    /* on_request ran, ml_conn_finish not yet */
   unsigned resp_started : 1;  /* a response head was written */
   unsigned resp_done : 1;     /* the response body is complete */
@@ -111,6 +113,7 @@ struct ml_conn_s {
   unsigned notified : 1;      /* on_close ran */
   unsigned skip_complete : 1; /* the next on_message_complete belongs to a body-less request */
   unsigned line_done : 1;     /* the request line was parsed whole (on_version_complete) */
+  unsigned probing : 1;       /* a FIN while the handler runs: looking for a reset (probe_at) */
   unsigned own_headers : 2;   /* ML_OWN_*: the next head's headers hold these (http_response.c) */
   ml_conn_t *ready_next;      /* the server's ready list: finished requests with stashed input */
 

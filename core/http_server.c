@@ -320,7 +320,7 @@ static uint64_t state_deadline(ml_conn_t *c) {
  * (ml__conn_probe). */
 static uint64_t conn_deadline(ml_conn_t *c) {
   uint64_t dl = state_deadline(c);
-  if (c->probe_at && (!dl || c->probe_at < dl)) return c->probe_at;
+  if (c->probing && (!dl || c->probe_at < dl)) return c->probe_at;
   return dl;
 }
 
@@ -347,7 +347,7 @@ static void conn_timer_cb(uv_timer_t *t) {
     uv_timer_start(t, conn_timer_cb, conn_delay(c, dl, now), 0);
     return;
   }
-  if (dl == c->probe_at) {
+  if (c->probing && dl == c->probe_at) {
     ml__conn_probe(c);
     return;
   }
