@@ -455,16 +455,22 @@ end
 -- Connects: a live idle connection of pool opts.pool (or "host:port") is taken when there is one
 -- (sock:getreusedtimes() counts), else a new one is opened as moonlet.tcp.connect does; timeout
 -- (else the connect timeout of settimeout(s)) bounds it. A connection the object held before is
--- closed first. true, or nil, err.
+-- closed first. true, or nil, err; nil, "socket busy connecting" while another connect of the
+-- object waits (as OpenResty's).
 function obj_methods:connect(host, port, opts)
     local timeout, tls, key
     port, timeout, tls, key = connect_args(host, port, opts, "socket:connect", 2)
+    if rawget(self, "_connecting") then return nil, "socket busy connecting" end
     local old = rawget(self, "_sock")
     if old then
         self._sock = nil
         old:close()
     end
-    local s, err, detail = pooled_or_new(host, port, timeout or self._ct or DEFAULT_TIMEOUT, tls, key)
+    self._connecting = true
+    local ok, s, err, detail = pcall(pooled_or_new, host, port, timeout or self._ct or DEFAULT_TIMEOUT,
+                                     tls, key)
+    self._connecting = nil
+    if not ok then error(s, 0) end -- (a cancellation: moonlet.CANCELLED goes on)
     if not s then return nil, err, detail end
     raw.settimeouts(s, self._ct, self._st, self._rt)
     self._sock = s
