@@ -298,6 +298,8 @@ def misbehave_http(rng, port, path, method="GET", body=None):
             if data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):  # (asked whether it was gone)
                 count("http:half_close-100")
                 data = data[25:]
+            if not data:  # (expected only through the proxy: a FIN cancels its fetch, as nginx's)
+                count("http:half_close-unanswered %s" % path)
             count("status:%s" % data[9:12].decode(errors="replace"))
         elif mode == "slow_read":
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
