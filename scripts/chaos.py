@@ -260,6 +260,19 @@ def vanish(s, rng):
 # ---------------------------------------------------------------------------------------------
 # misbehaving HTTP clients
 
+def read_answer(s):
+    """what the server sends until it closes, 2 MB or 3 s at most (a stream may never end: an SSE
+    one sends a comment every 0.5 s)"""
+    data = b""
+    end = time.time() + 3
+    while len(data) < 2_000_000 and time.time() < end:
+        b = s.recv(65536)
+        if not b:
+            break
+        data += b
+    return data
+
+
 def misbehave_http(rng, port, path, method="GET", body=None):
     """one request to port, cut off at a random point"""
     req = "%s %s HTTP/1.1\r\nHost: x\r\n" % (method, path)
@@ -288,13 +301,7 @@ def misbehave_http(rng, port, path, method="GET", body=None):
             s.sendall(req)
             time.sleep(rng.random() * 0.03)
             s.shutdown(socket.SHUT_WR)
-            data = b""
-            end = time.time() + 3
-            while time.time() < end:
-                b = s.recv(65536)
-                if not b:
-                    break
-                data += b
+            data = read_answer(s)
             if data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):  # (asked whether it was gone)
                 count("http:half_close-100")
                 data = data[25:]
@@ -310,13 +317,7 @@ def misbehave_http(rng, port, path, method="GET", body=None):
                 time.sleep(0.01)
         else:
             s.sendall(req.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n", 1))
-            data = b""
-            end = time.time() + 3  # (a stream may never end: an SSE one sends a comment every 0.5 s)
-            while len(data) < 2_000_000 and time.time() < end:
-                b = s.recv(65536)
-                if not b:
-                    break
-                data += b
+            data = read_answer(s)
             status = data[9:12].decode(errors="replace")
             count("status:%s" % status)
     except OSError:

@@ -293,7 +293,9 @@ describe("request deadlines", function()
 end)
 
 describe("a client that goes away", function()
-    it("cancels the handler it waited for, and the children of its gather", function()
+    -- Serves /wait: a gather of two 10 s sleeps (rec: how each ended), started set as it begins.
+    -- Returns rec, started, the port.
+    local function waiting_server()
         local rec, started = {}, moonlet.event()
         local app = moonlet.app()
         app:get("/wait", function()
@@ -303,6 +305,11 @@ describe("a client that goes away", function()
         end)
         local server, port = test.serve(app)
         defer(function() server:close() end)
+        return rec, started, port
+    end
+
+    it("cancels the handler it waited for, and the children of its gather", function()
+        local rec, started, port = waiting_server()
         -- a client that sends its request and then resets the connection (SO_LINGER 0)
         local p = assert(moonlet.process.spawn({ "/usr/bin/python3", "-c", ([[
 import socket, struct, sys
@@ -320,19 +327,10 @@ s.close()
         assert.same(0, p:wait(5))
     end)
 
-    -- Serves /wait (a gather of two 10 s sleeps) and sends its request from a client that then
-    -- closes its socket (close: a FIN, the socket gone); returns what the sleeps saw and the seconds
-    -- it took.
+    -- Sends a request for waiting_server's /wait from a client that then closes its socket
+    -- (close: a FIN, the socket gone); returns what the sleeps saw and the seconds it took.
     local function closing_client(request)
-        local rec, started = {}, moonlet.event()
-        local app = moonlet.app()
-        app:get("/wait", function()
-            started:set()
-            moonlet.gather({ a = sleeper(rec, "a"), b = sleeper(rec, "b") })
-            rec.after = true
-        end)
-        local server, port = test.serve(app)
-        defer(function() server:close() end)
+        local rec, started, port = waiting_server()
         local sock = assert(moonlet.tcp.connect("127.0.0.1", port, { timeout = 5 }))
         assert(sock:send(request))
         assert.is_true(started:wait(5))

@@ -31,6 +31,16 @@ local function front(opts, pattern)
 end
 
 -- Reads a response head from sock: status and headers (lower-case names, a list of values each).
+-- Waits until the tasks and handles are down to before's (test.settled_stats()), then checks the
+-- whole baseline.
+local function back_to(before)
+    assert.truthy(test.wait_until(function()
+        local now = core.stats()
+        return now.tasks <= before.tasks and now.handles <= before.handles
+    end, 5))
+    test.assert_baseline(before)
+end
+
 local function read_head(sock)
     local line = assert(sock:receive("*l"))
     local head = { status = tonumber(line:match("^HTTP/1%.%d (%d+)")), headers = {} }
@@ -640,11 +650,7 @@ describe("moonlet.proxy", function()
             c:close(1005)
             assert.truthy(test.wait_until(function() return seen.code end, 5))
             assert.same({ 1005, "" }, { seen.code, seen.reason })
-            assert.truthy(test.wait_until(function()
-                local now = core.stats()
-                return now.tasks <= before.tasks and now.handles <= before.handles
-            end, 5))
-            test.assert_baseline(before)
+            back_to(before)
         end)
 
         it("closes the upstream leg with 1001 when the client drops its connection", function()
@@ -662,11 +668,7 @@ describe("moonlet.proxy", function()
             sock:close() -- no close frame: a drop
             assert.truthy(test.wait_until(function() return seen.code end, 5))
             assert.same({ 1001, "going away" }, { seen.code, seen.reason })
-            assert.truthy(test.wait_until(function()
-                local now = core.stats()
-                return now.tasks <= before.tasks and now.handles <= before.handles
-            end, 5))
-            test.assert_baseline(before)
+            back_to(before)
         end)
 
         it("closes the client with 1014 when the upstream drops its connection", function()
@@ -919,11 +921,7 @@ describe("moonlet.proxy", function()
             assert.equal("up: #2097152", sock:receive("*l"))
             sock:close()
             assert.truthy(test.wait_until(function() return seen.closed end, 5))
-            assert.truthy(test.wait_until(function()
-                local now = core.stats()
-                return now.tasks <= before.tasks and now.handles <= before.handles
-            end, 5))
-            test.assert_baseline(before)
+            back_to(before)
         end)
 
         it("closes the client's connection after the upstream's last bytes when it closes", function()
@@ -937,11 +935,7 @@ describe("moonlet.proxy", function()
             assert.equal("so long", sock:receive("*l"))
             assert.same({ nil, "closed", "" }, { sock:receive("*l") }) -- (nothing after the last line)
             sock:close()
-            assert.truthy(test.wait_until(function()
-                local now = core.stats()
-                return now.tasks <= before.tasks and now.handles <= before.handles
-            end, 5))
-            test.assert_baseline(before)
+            back_to(before)
         end)
 
         it("ends the tunnel when the server shuts down, leaving nothing open", function()
@@ -959,11 +953,7 @@ describe("moonlet.proxy", function()
             assert.truthy(test.wait_until(function() return seen.closed end, 5))
             sock:close()
             server:close()
-            assert.truthy(test.wait_until(function()
-                local now = core.stats()
-                return now.tasks <= before.tasks and now.handles <= before.handles
-            end, 5))
-            test.assert_baseline(before)
+            back_to(before)
         end)
 
         it("passes an answer other than 101 on as any other, and upgrade = false sends no Upgrade", function()
@@ -1011,10 +1001,14 @@ describe("moonlet.proxy", function()
             test.defer(function() server:close() end)
             return "http://127.0.0.1:" .. server:port()
         end
+        -- A front to quiet_upstream(seen) with a timeout of 0.6 s: its port.
+        local function quiet_front(seen)
+            return front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.6 })
+        end
 
         it("keeps a tunnel open while only the client talks, past timeout", function()
             local seen = {}
-            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.6 })
+            local port = quiet_front(seen)
             local sock, head = upgrade(port, "/api/count")
             assert.equal(101, head.status)
             for i = 1, 10 do -- (1 s: past timeout, the upstream silent all along)
@@ -1028,7 +1022,7 @@ describe("moonlet.proxy", function()
 
         it("keeps a tunnel open while only the upstream talks, past timeout", function()
             local seen = {}
-            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.6 })
+            local port = quiet_front(seen)
             local sock, head = upgrade(port, "/api/tick")
             assert.equal(101, head.status)
             assert.equal(("t"):rep(10), sock:receive(10)) -- (1 s, the client silent all along)
@@ -1037,7 +1031,7 @@ describe("moonlet.proxy", function()
 
         it("closes both sides once neither said anything for timeout, leaving nothing open", function()
             local seen = {}
-            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.6 })
+            local port = quiet_front(seen)
             local before = test.settled_stats()
             local sock, head = upgrade(port, "/api/idle")
             assert.equal(101, head.status)
@@ -1046,11 +1040,7 @@ describe("moonlet.proxy", function()
             assert.is_true(core.now() - t0 < 4)
             assert.truthy(test.wait_until(function() return seen.closed end, 2))
             sock:close()
-            assert.truthy(test.wait_until(function()
-                local now = core.stats()
-                return now.tasks <= before.tasks and now.handles <= before.handles
-            end, 5))
-            test.assert_baseline(before)
+            back_to(before)
             -- and the next tunnel through the same proxy works as the first did
             seen.closed = nil
             sock, head = upgrade(port, "/api/count")
@@ -1063,7 +1053,7 @@ describe("moonlet.proxy", function()
 
         it("ends a tunnel whose send to the upstream waited timeout seconds", function()
             local seen = {}
-            local port = front({ upstream = quiet_upstream(seen), strip_prefix = "/api", timeout = 0.6 })
+            local port = quiet_front(seen)
             local before = test.settled_stats()
             local sock, head = upgrade(port, "/api/stall")
             assert.equal(101, head.status)
@@ -1077,11 +1067,7 @@ describe("moonlet.proxy", function()
             assert.truthy(test.wait_until(function() return seen.closed end, 2))
             sock:close()
             writer:join()
-            assert.truthy(test.wait_until(function()
-                local now = core.stats()
-                return now.tasks <= before.tasks and now.handles <= before.handles
-            end, 5))
-            test.assert_baseline(before)
+            back_to(before)
         end)
     end)
 
@@ -1199,6 +1185,31 @@ describe("moonlet.proxy", function()
             test.defer(function() server:close() end)
             return "http://127.0.0.1:" .. server:port(), n
         end
+        -- A raw upstream that holds its first connection, after the request head, until release is
+        -- set (held is set meanwhile), then closes it unanswered; it closes any later one at once.
+        local function holding()
+            local release, held, n = moonlet.event(), moonlet.event(), { count = 0 }
+            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
+                function(sock)
+                    n.count = n.count + 1
+                    if n.count == 1 then
+                        repeat local line = sock:receive("*l") until not line or line == ""
+                        held:set()
+                        release:wait(5)
+                    end
+                    sock:close()
+                end))
+            test.defer(function() release:set(); server:close() end)
+            return "http://127.0.0.1:" .. server:port(), release, held, n
+        end
+        -- An upstream WebSocket at /ws answering each message with "up: " .. it.
+        local function ws_echo()
+            local app = moonlet.app()
+            app:websocket("/ws", function(ws)
+                for msg in ws:messages() do ws:send("up: " .. msg) end
+            end)
+            return "http://127.0.0.1:" .. test.serving(app)
+        end
         local function bodies(port, n, method, body)
             local got = {}
             for i = 1, n do
@@ -1257,24 +1268,9 @@ describe("moonlet.proxy", function()
         end)
 
         it("tries each at most once, whatever turns other requests took while it waited", function()
-            -- "a" holds its first connection until released, then closes it unanswered; it closes
-            -- any later one at once
-            local release, held = moonlet.event(), moonlet.event()
-            local na = { count = 0 }
-            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
-                function(sock)
-                    na.count = na.count + 1
-                    if na.count == 1 then
-                        repeat local line = sock:receive("*l") until not line or line == ""
-                        held:set()
-                        release:wait(5)
-                    end
-                    sock:close()
-                end))
-            test.defer(function() release:set(); server:close() end)
+            local a, release, held, na = holding()
             local b = named("b")
-            local port = front({ upstream = { "http://127.0.0.1:" .. server:port(), b },
-                                 strip_prefix = "/api", max_fails = 0 })
+            local port = front({ upstream = { a, b }, strip_prefix = "/api", max_fails = 0 })
             local first = moonlet.spawn(function() return test.request(port, "GET", "/api/x") end)
             assert.is_true(held:wait(5)) -- the first request waits on "a"
             local second = test.request(port, "GET", "/api/x") -- "b"'s turn
@@ -1293,13 +1289,7 @@ describe("moonlet.proxy", function()
         end)
 
         it("opens a WebSocket on the next upstream when one refuses the connection", function()
-            local app = moonlet.app()
-            app:websocket("/ws", function(ws)
-                for msg in ws:messages() do ws:send("up: " .. msg) end
-            end)
-            local up = test.serving(app)
-            local port = front({ upstream = { "http://127.0.0.1:1", "http://127.0.0.1:" .. up },
-                                 strip_prefix = "/api" })
+            local port = front({ upstream = { "http://127.0.0.1:1", ws_echo() }, strip_prefix = "/api" })
             for _ = 1, 2 do
                 local c = assert(moonlet.ws.connect("ws://127.0.0.1:" .. port .. "/api/ws", { timeout = 5 }))
                 assert(c:send("hi"))
@@ -1309,27 +1299,8 @@ describe("moonlet.proxy", function()
         end)
 
         it("opens a WebSocket on an upstream it has not tried, whatever turns others took", function()
-            local release, held = moonlet.event(), moonlet.event()
-            local na = { count = 0 }
-            local server = assert(moonlet.tcp.listen({ host = "127.0.0.1", port = 0, timeout = 5 },
-                function(sock)
-                    na.count = na.count + 1
-                    if na.count == 1 then
-                        repeat local line = sock:receive("*l") until not line or line == ""
-                        held:set()
-                        release:wait(5)
-                    end
-                    sock:close()
-                end))
-            test.defer(function() release:set(); server:close() end)
-            local app = moonlet.app()
-            app:websocket("/ws", function(ws)
-                for msg in ws:messages() do ws:send("up: " .. msg) end
-            end)
-            local up = test.serving(app)
-            local port = front({ upstream = { "http://127.0.0.1:" .. server:port(),
-                                              "http://127.0.0.1:" .. up },
-                                 strip_prefix = "/api", max_fails = 0 })
+            local a, release, held, na = holding()
+            local port = front({ upstream = { a, ws_echo() }, strip_prefix = "/api", max_fails = 0 })
             local url = "ws://127.0.0.1:" .. port .. "/api/ws"
             local first = moonlet.spawn(function()
                 local c = assert(moonlet.ws.connect(url, { timeout = 5 }))

@@ -313,16 +313,16 @@ local TOP_LEVEL_TLS = { "server_name", "verify", "cafile", "cert", "key", "alpn"
 -- opts.tls with the TLS options opts gives at its top level (those of tls win), or opts.tls itself
 local function with_top_level_tls(opts)
     local t, merged = opts.tls, nil
+    if t ~= true and type(t) ~= "table" then return t end -- (check_tls_opts refuses it)
     for _, k in ipairs(TOP_LEVEL_TLS) do
-        if opts[k] ~= nil and (type(t) ~= "table" or t[k] == nil) then
+        if opts[k] ~= nil and (t == true or t[k] == nil) then
             if not merged then
                 merged = {}
-                if type(t) == "table" then for tk, tv in pairs(t) do merged[tk] = tv end end
+                if t ~= true then for tk, tv in pairs(t) do merged[tk] = tv end end
             end
             merged[k] = opts[k]
         end
     end
-    if merged and type(t) ~= "table" and t ~= true then return t end -- (check_tls_opts refuses it)
     return merged or t
 end
 
